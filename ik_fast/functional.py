@@ -1,0 +1,47 @@
+"""Functional entry point: one implicit point convolution given a lowered kernel program."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .backends import get_backend, resolve_backend
+from .graph import Graph, check_edge_inputs, check_node_features, prepare_graph
+from .program import KernelProgram
+
+__all__ = ["implicit_point_conv"]
+
+
+def implicit_point_conv(program: KernelProgram, x_src: Tensor, edge_index, edge_delta: Tensor,
+                        edge_attr: Optional[Tensor] = None, n_dst: Optional[int] = None,
+                        backend: Optional[str] = None):
+    """``out_i = sum_{e: j -> i} K(edge_delta_e, edge_attr_e) x_j`` for every receiver i (no bias).
+
+    Args:
+        program: the lowered kernel (:meth:`ImplicitKernel.program`).
+        x_src: source node features (N_src, C_in).
+        edge_index: (2, E) integer tensor, row 0 = source j, row 1 = receiver i; or a prepared :class:`Graph`.
+        edge_delta: (E, n) edge vectors (pos_j - pos_i by convention).
+        edge_attr: (E, A) edge attributes when the kernel has an attribute type.
+        n_dst: number of receivers (default: N_src).
+        backend: "reference", "torch", or "auto"/None ($IK_FAST_BACKEND, else the fastest available).
+
+    Returns:
+        (out (n_dst, C_out), batch statistics) — the statistics (one (mean, var) per batch-norm layer) are non-empty in
+        training mode, for the caller to update running statistics.
+    """
+    device, dtype = program.sigma.device, program.sigma.dtype
+    check_node_features(x_src, "x", program.in_size, device, dtype)
+    n_dst = x_src.shape[0] if n_dst is None else int(n_dst)
+    graph = edge_index if isinstance(edge_index, Graph) else prepare_graph(edge_index, x_src.shape[0], n_dst, device)
+    check_edge_inputs(program, edge_delta, edge_attr, graph.num_edges, device, dtype)
+    if program.needs_batch_stats and graph.num_edges < 2:
+        raise ValueError(f"in training mode the kernel's batch norm needs at least two edges for batch statistics, "
+                         f"got {graph.num_edges} (as torch.nn.BatchNorm1d with a batch of one); call .eval() or "
+                         f"build the layer with batch_norm=False")
+    if edge_attr is not None and program.attr_size == 0:
+        edge_attr = None
+    name = resolve_backend(backend, x_src.device)
+    return get_backend(name)(program, x_src, graph, edge_delta, edge_attr)

@@ -1,0 +1,337 @@
+"""ImplicitKernel: the G-equivariant MLP of an implicit steerable kernel, built from escnn, lowered to a program."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import numpy as np
+import torch
+from escnn import nn as enn
+
+from . import _groups
+from .program import BatchNorm, BlockPlan, Hidden, KernelProgram, Linear, build_plan
+
+__all__ = ["ImplicitKernel", "check_field_type"]
+
+_BASIS_TOL = 1e-4  # relative; escnn's float32 bases carry numerical noise below ~1e-5 of each element's maximum
+
+
+def check_field_type(value, name: str, gspace=None):
+    if not isinstance(value, enn.FieldType):
+        raise TypeError(f"{name} must be an escnn FieldType, got {type(value).__name__}")
+    if gspace is not None and value.gspace != gspace:
+        raise ValueError(f"{name} must live on the same gspace as in_type ({gspace}), got {value.gspace}")
+
+
+def _clean_(t: torch.Tensor, dims) -> None:
+    """Zero the float32 noise of an escnn basis in place, relative to each element's maximum over ``dims``."""
+    peak = t.abs().amax(dim=dims, keepdim=True)
+    t[t.abs() <= _BASIS_TOL * peak] = 0
+
+
+def _non_persistent(module: torch.nn.Module) -> None:
+    """Keep escnn's sampled bases out of state_dict (they are rebuilt from the field types)."""
+    for m in module.modules():
+        m._non_persistent_buffers_set.update(m._buffers.keys())
+
+
+def _field_groups(field_type):
+    """Index tensors (F, d) of the fields of each representation, grouped by representation name."""
+    groups = {}
+    pos = 0
+    for rep in field_type.representations:
+        groups.setdefault(rep.name, []).append(list(range(pos, pos + rep.size)))
+        pos += rep.size
+    return [torch.tensor(v, dtype=torch.long) for v in groups.values()]
+
+
+class _EquivariantLinear(torch.nn.Module):
+    """Parameters of an escnn ``Linear`` (same basis and initialisation), without its eval-mode buffers."""
+
+    def __init__(self, in_type, out_type, init_scheme: str, bias: bool = True):
+        super().__init__()
+        lin = enn.Linear(in_type, out_type, bias=bias, initialize=False)
+        self.expansion = lin.basisexpansion
+        for name, buf in list(self.expansion.named_buffers()):
+            if name.endswith("sampled_basis"):
+                _clean_(buf.data, dims=tuple(range(1, buf.dim())))
+        _non_persistent(self.expansion)
+        if init_scheme == "deltaorthonormal":
+            enn.init.deltaorthonormal_init(lin.weights.data, self.expansion)
+        else:
+            enn.init.generalized_he_init(lin.weights.data, self.expansion)
+        self.weights = torch.nn.Parameter(lin.weights.data.clone())
+        if lin.bias is not None:
+            self.bias = torch.nn.Parameter(lin.bias.data.clone())
+            be = lin.bias_expansion.clone()
+            _clean_(be, dims=(0,))
+            self.register_buffer("bias_expansion", be, persistent=False)
+        else:
+            self.bias = None
+            self.bias_expansion = None
+        self.shape = (out_type.size, in_type.size)
+
+    def expand(self):
+        w = self.expansion(self.weights).reshape(*self.shape)
+        b = None if self.bias is None else self.bias_expansion @ self.bias
+        return w, b
+
+    @torch.no_grad()
+    def structural_mask(self) -> torch.Tensor:
+        g = torch.Generator().manual_seed(0)
+        w = self.expansion(torch.randn(self.weights.shape, generator=g, dtype=self.weights.dtype,
+                                       device=self.weights.device)).reshape(*self.shape)
+        return w != 0
+
+    def set_plan(self, plan: Optional[BlockPlan]) -> None:
+        self._plan = plan
+
+    def plan(self) -> Optional[BlockPlan]:
+        return self._plan
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        if getattr(self, "_plan", None) is not None:
+            self._plan = self._plan.to(self.weights.device)
+        return out
+
+
+class _IIDBatchNormParams(torch.nn.Module):
+    """Parameters and running statistics of escnn's IIDBatchNorm1d on ``channels`` copies of ``rho``."""
+
+    def __init__(self, G, rho, channels: int, eps: float, momentum: float):
+        super().__init__()
+        triv = []
+        S = np.zeros((rho.size, rho.size))
+        p = 0
+        for irr in rho.irreps:
+            if G.irrep(*irr).is_trivial():
+                triv.append(p)
+                S[p, p] = 1.0
+            p += G.irrep(*irr).size
+        P = rho.change_of_basis @ S @ rho.change_of_basis_inv
+        Q = rho.change_of_basis[:, triv]
+        dt = torch.get_default_dtype()
+        self.register_buffer("avg", torch.tensor(P, dtype=dt), persistent=False)
+        self.register_buffer("bias_expansion", torch.tensor(Q, dtype=dt), persistent=False)
+        self.weight = torch.nn.Parameter(torch.ones(channels))
+        self.bias = torch.nn.Parameter(torch.zeros(channels, len(triv)))
+        self.register_buffer("running_mean", torch.zeros(channels, rho.size))
+        self.register_buffer("running_var", torch.ones(channels))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+        self.eps, self.momentum = eps, momentum
+
+    def lower(self, training: bool) -> BatchNorm:
+        return BatchNorm(training, self.eps, self.avg, self.weight, self.bias @ self.bias_expansion.t(),
+                         self.running_mean, self.running_var)
+
+    @torch.no_grad()
+    def update(self, mean: torch.Tensor, var: torch.Tensor) -> None:
+        m = self.momentum
+        self.running_mean.mul_(1 - m).add_(m * mean.to(self.running_mean.dtype))
+        self.running_var.mul_(1 - m).add_(m * var.to(self.running_var.dtype))
+        self.num_batches_tracked += 1
+
+
+class ImplicitKernel(torch.nn.Module):
+    r"""A G-steerable kernel parameterised by a G-equivariant MLP (Zhdanov, Hoffmann & Cesa, NeurIPS 2023).
+
+    ``K(d, a) = reshape(MLP([d, a])) * exp(-|d|^2 / 2 sigma^2) / sqrt(len(out_type))`` satisfies
+    ``K(g d, g a) = rho_out(g) K(d, a) rho_in(g)^T`` for every g in G, the fibergroup of ``in_type.gspace``.
+
+    Args:
+        in_type, out_type: escnn field types of the convolution's input and output, on the same gspace on R^2 or
+            R^3 (any subgroup of O(n) escnn offers; mixed representations allowed).
+        edge_attr_type: optional field type of G for per-edge attributes (bond types, distances, velocities).
+        n_layers: layers of the MLP (``n_layers - 1`` hidden layers).
+        n_channels: channels of each hidden layer.
+        init_scheme: ``"he"`` (generalised He) or ``"deltaorthonormal"``.
+        batch_norm: IIDBatchNorm1d after each hidden nonlinearity, as the research code does.
+        band_limit: hidden band limit L; default max frequency of out_type (x) in_type + 1.
+        grid: keyword arguments of ``G.grid`` to sample the Fourier nonlinearity on (e.g. ``{"type": "thomson",
+            "N": 300}`` on SO(3)); a finer grid makes the nonlinearity more equivariant.
+
+    Calling it on positions (E, n) and attributes (E, A) returns the kernels (E, out_type.size, in_type.size).
+    :meth:`program` returns the lowered :class:`~ik_fast.program.KernelProgram` that the backends evaluate.
+    """
+
+    def __init__(self, in_type, out_type, edge_attr_type=None, n_layers: int = 3, n_channels: int = 16,
+                 init_scheme: str = "he", batch_norm: bool = True, band_limit: Optional[int] = None,
+                 grid: Optional[dict] = None, bn_eps: float = 1e-5, bn_momentum: float = 0.1):
+        super().__init__()
+        check_field_type(in_type, "in_type")
+        check_field_type(out_type, "out_type", in_type.gspace)
+        gspace = in_type.gspace
+        if gspace.dimensionality not in (2, 3):
+            raise ValueError(f"in_type must live on a gspace on R^2 or R^3, got dimensionality {gspace.dimensionality}")
+        G = gspace.fibergroup
+        if edge_attr_type is not None:
+            check_field_type(edge_attr_type, "edge_attr_type")
+            if edge_attr_type.fibergroup != G:
+                raise ValueError(f"edge_attr_type must be a field type of {G.name}, got one of "
+                                 f"{edge_attr_type.fibergroup.name}")
+        if not isinstance(n_layers, int) or n_layers < 1:
+            raise ValueError(f"n_layers must be a positive integer, got {n_layers!r}")
+        if not isinstance(n_channels, int) or n_channels < 1:
+            raise ValueError(f"n_channels must be a positive integer, got {n_channels!r}")
+        if init_scheme not in ("he", "deltaorthonormal"):
+            raise ValueError(f"init_scheme must be 'he' or 'deltaorthonormal', got {init_scheme!r}")
+        if band_limit is not None and (not isinstance(band_limit, int) or band_limit < 0):
+            raise ValueError(f"band_limit must be a non-negative integer, got {band_limit!r}")
+
+        self.in_type, self.out_type, self.edge_attr_type = in_type, out_type, edge_attr_type
+        self.n_layers, self.n_channels, self.batch_norm = n_layers, n_channels, batch_norm
+        g0 = _groups.kernel_gspace(gspace)
+        attr_reps = list(edge_attr_type.representations) if edge_attr_type is not None else []
+        mlp_in = g0.type(gspace.basespace_action, *attr_reps)
+        products = {}  # escnn's tensor product is slow (Clebsch-Gordan through a disk cache): once per pair of types
+        for o in out_type.representations:
+            for i in in_type.representations:
+                if (o.name, i.name) not in products:
+                    products[(o.name, i.name)] = o.tensor(i)
+        pair_reps = [products[(o.name, i.name)] for o in out_type.representations for i in in_type.representations]
+        mlp_out = g0.type(*pair_reps)
+        fmax = _groups.max_frequency(G, pair_reps)
+        self.band_limit = band_limit if band_limit is not None else (None if fmax is None else fmax + 1)
+
+        linears = []
+        hidden_type = mlp_in
+        self.hidden_description = "none (a single Linear)"
+        if n_layers > 1:
+            needed = {irr for rep in (*mlp_in.representations, *pair_reps) for irr in rep.irreps}
+            spec = _groups.build_hidden(g0, needed, self.band_limit, n_channels, grid)
+            self.hidden_description = spec.description
+            rho = spec.hidden_type.representations[0]
+            self._rho_size = rho.size
+            if spec.A is not None:
+                self.register_buffer("act_A", spec.A.to(torch.get_default_dtype()), persistent=False)
+                self.register_buffer("act_Ainv", spec.Ainv.to(torch.get_default_dtype()), persistent=False)
+            else:
+                self.act_A = self.act_Ainv = None
+            bns = []
+            for _ in range(n_layers - 1):
+                linears.append(_EquivariantLinear(hidden_type, spec.hidden_type, init_scheme))
+                if batch_norm:
+                    bns.append(_IIDBatchNormParams(G, rho, n_channels, bn_eps, bn_momentum))
+                hidden_type = spec.hidden_type
+            self.bn = torch.nn.ModuleList(bns)
+        else:
+            self.bn = torch.nn.ModuleList()
+        linears.append(_EquivariantLinear(hidden_type, mlp_out, init_scheme))
+        self.mlp = torch.nn.ModuleList(linears)
+        self.sigma = torch.nn.Parameter(torch.tensor(0.5))
+        self.norm = 1.0 / math.sqrt(len(out_type))
+
+        # kernel layout of the last layer: entry (r, c) of K is MLP output kidx[r, c]
+        R, C = out_type.size, in_type.size
+        kidx = torch.empty(R, C, dtype=torch.long)
+        p = 0
+        o_off = 0
+        for o in out_type.representations:
+            i_off = 0
+            for i in in_type.representations:
+                blk = torch.arange(p, p + o.size * i.size).reshape(o.size, i.size)
+                kidx[o_off:o_off + o.size, i_off:i_off + i.size] = blk
+                p += o.size * i.size
+                i_off += i.size
+            o_off += o.size
+        self.register_buffer("kidx", kidx, persistent=False)
+        self._build_plans(hidden_type)
+        self._cache = None
+
+    # ------------------------------------------------------------------------------------------------------------
+    def _build_plans(self, last_hidden_type) -> None:
+        hid = self.n_layers > 1
+        d_h = self._rho_size if hid else last_hidden_type.size
+        c_h = self.n_channels if hid else 1
+        hidden_fields = torch.arange(c_h * d_h).reshape(c_h, d_h)
+        for k, lin in enumerate(self.mlp[:-1]):
+            mask = lin.structural_mask()
+            cols = [hidden_fields] if k > 0 else [torch.arange(mask.shape[1]).reshape(1, -1)]
+            lin.set_plan(build_plan(mask, [hidden_fields], cols))
+        last = self.mlp[-1]
+        R, C = self.out_type.size, self.in_type.size
+        mask = self._kernel_layout(last.structural_mask(), None)[0]  # (R, H * C)
+        rows = _field_groups(self.out_type)
+        cols = []
+        for g in _field_groups(self.in_type):  # (F_i, d_i) -> fields: input fields f, components (c, t, b)
+            idx = (hidden_fields[None, :, :, None] * C) + g[:, None, None, :]  # (F_i, c_h, d_h, d_i)
+            cols.append(idx.reshape(g.shape[0], -1))
+        last.set_plan(build_plan(mask, rows, cols))
+
+    def _kernel_layout(self, w: torch.Tensor, b: Optional[torch.Tensor]):
+        """MLP output order -> kernel layout: weight (R, H * C_in), bias (R * C_in,)."""
+        R, C = self.kidx.shape
+        wk = w[self.kidx]  # (R, C, H)
+        wk = wk.permute(0, 2, 1).reshape(R, -1)
+        bk = None if b is None else b[self.kidx].reshape(-1)
+        return wk, bk
+
+    def _cache_key(self):
+        ts = list(self.parameters()) + list(self.buffers())
+        return (self.training, torch.is_grad_enabled()) + tuple((t.data_ptr(), t._version, t.dtype) for t in ts)
+
+    def program(self) -> KernelProgram:
+        """Lower the MLP for one forward pass (cached while the module is in eval mode)."""
+        if not self.training and self._cache is not None and self._cache[0] == self._cache_key():
+            return self._cache[1]
+        hidden = []
+        for k, lin in enumerate(self.mlp[:-1]):
+            w, b = lin.expand()
+            plan = lin.plan()
+            linear = Linear(w, b, plan, plan.gather(w) if plan is not None else ())
+            bn = self.bn[k].lower(self.training) if self.batch_norm else None
+            hidden.append(Hidden(linear, self.n_channels, self._rho_size, self.act_A, self.act_Ainv, bn))
+        last = self.mlp[-1]
+        w, b = last.expand()
+        wk, bk = self._kernel_layout(w, b)
+        plan = last.plan()
+        final = Linear(wk, bk, plan, plan.gather(wk) if plan is not None else ())
+        attr = 0 if self.edge_attr_type is None else self.edge_attr_type.size
+        prog = KernelProgram(self.in_type.gspace.dimensionality, self.in_type.size, self.out_type.size, attr,
+                             tuple(hidden), final, self.sigma, self.norm, self.training)
+        if not self.training:
+            self._cache = (self._cache_key(), prog)
+        else:
+            self._cache = None
+        return prog
+
+    def train(self, mode: bool = True):
+        self._cache = None
+        return super().train(mode)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._cache = None
+        return super()._apply(fn, *args, **kwargs)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_cache"] = None
+        return state
+
+    @torch.no_grad()
+    def update_running_stats(self, stats) -> None:
+        """Update the batch norms' running statistics with the batch statistics a backend returned."""
+        for bn, (mean, var) in zip(self.bn, stats):
+            bn.update(mean, var)
+
+    def forward(self, pos: torch.Tensor, attr: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Kernels (E, out_type.size, in_type.size) at relative positions ``pos`` (E, n) with attributes ``attr``."""
+        from .graph import check_edge_inputs
+
+        prog = self.program()
+        check_edge_inputs(prog, pos, attr, pos.shape[0] if isinstance(pos, torch.Tensor) else None,
+                          self.sigma.device, self.sigma.dtype)
+        if prog.needs_batch_stats and pos.shape[0] < 2:
+            raise ValueError("in training mode the kernel's batch norm needs at least two positions for batch "
+                             f"statistics, got {pos.shape[0]} (call .eval() or pass batch_norm=False)")
+        h, stats = prog.trunk(pos, attr)
+        if stats:
+            self.update_running_stats(stats)
+        return prog.kernel_from_hidden(h, prog.shell(pos))
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_type.size}, out={self.out_type.size}, attr="
+                f"{0 if self.edge_attr_type is None else self.edge_attr_type.size}, n_layers={self.n_layers}, "
+                f"n_channels={self.n_channels}, band_limit={self.band_limit}, hidden: {self.hidden_description}")

@@ -1,0 +1,184 @@
+"""torch.nn layers: ImplicitPointConv (graphs and point clouds) and ImplicitConv (2D/3D grids)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from escnn import nn as enn
+
+from .functional import implicit_point_conv
+from .graph import prepare_graph
+from .kernel import ImplicitKernel, check_field_type
+
+__all__ = ["ImplicitPointConv", "ImplicitConv"]
+
+
+def _bias_expansion(out_type) -> Optional[torch.Tensor]:
+    """(out_type.size, #trivial irreps): maps a bias on the trivial irreps to the fields."""
+    G = out_type.fibergroup
+    cols = []
+    p = 0
+    for rep in out_type.representations:
+        q = 0
+        for irr in rep.irreps:
+            if G.irrep(*irr).is_trivial():
+                c = torch.zeros(out_type.size)
+                c[p:p + rep.size] = torch.tensor(rep.change_of_basis[:, q], dtype=c.dtype)
+                cols.append(c)
+            q += G.irrep(*irr).size
+        p += rep.size
+    return torch.stack(cols, 1) if cols else None
+
+
+class _ImplicitConvBase(torch.nn.Module):
+    def __init__(self, in_type, out_type, edge_attr_type, bias: bool, **kernel_kwargs):
+        super().__init__()
+        check_field_type(in_type, "in_type")
+        check_field_type(out_type, "out_type", in_type.gspace)
+        self.in_type, self.out_type = in_type, out_type
+        self.kernel = ImplicitKernel(in_type, out_type, edge_attr_type, **kernel_kwargs)
+        be = _bias_expansion(out_type) if bias else None
+        if be is not None:
+            self.register_buffer("bias_expansion", be, persistent=False)
+            self.bias = torch.nn.Parameter(torch.zeros(be.shape[1]))
+        else:
+            self.bias_expansion = None
+            self.bias = None
+
+    def expanded_bias(self) -> Optional[torch.Tensor]:
+        return None if self.bias is None else self.bias_expansion @ self.bias
+
+
+class ImplicitPointConv(_ImplicitConvBase):
+    r"""G-steerable point convolution with an implicit kernel: ``out_i = bias + sum_{e: j -> i} K(d_e, a_e) x_j``.
+
+    A drop-in for the research code's layer; the kernel options are those of :class:`ImplicitKernel`
+    (``band_limit``, ``grid``, ... may be passed as keywords). ``backend`` picks the algorithm ("auto", "torch",
+    "reference"); ``None`` reads $IK_FAST_BACKEND.
+
+    ``forward(x, edge_index, edge_delta=None, edge_attr=None, pos=None)``:
+
+    - ``x``: an escnn GeometricTensor of ``in_type`` whose coords are the positions, or a plain (N, in_type.size)
+      tensor with ``pos=`` (N, n); or a pair (source, receiver) of either for a bipartite graph (e.g. downsampling):
+      the receivers' features are not used, only their number and positions.
+    - ``edge_index``: (2, E), row 0 = source j, row 1 = receiver i (PyG convention).
+    - ``edge_delta``: (E, n), default ``pos[j] - pos[i]``.
+    - ``edge_attr``: (E, A) attributes of ``edge_attr_type``.
+
+    Returns the receivers' features in the container type of ``x`` (a GeometricTensor carries the receivers' coords).
+    """
+
+    def __init__(self, in_type, out_type, edge_attr_type=None, n_layers: int = 3, n_channels: int = 16,
+                 init_scheme: str = "he", batch_norm: bool = True, bias: bool = True, backend: Optional[str] = "auto",
+                 **kernel_kwargs):
+        super().__init__(in_type, out_type, edge_attr_type, bias, n_layers=n_layers, n_channels=n_channels,
+                         init_scheme=init_scheme, batch_norm=batch_norm, **kernel_kwargs)
+        if backend is not None:
+            from .backends import resolve_backend
+
+            if backend != "auto":
+                resolve_backend(backend, "cpu")  # validates the name now, not at the first call
+        self.backend = backend
+
+    def _unpack(self, x, name):
+        if isinstance(x, enn.GeometricTensor):
+            if x.type != self.in_type:
+                raise ValueError(f"{name} has field type {x.type} but the layer's in_type is {self.in_type}")
+            return x.tensor, x.coords, True
+        if isinstance(x, torch.Tensor):
+            return x, None, False
+        raise TypeError(f"{name} must be a GeometricTensor, a tensor, or a (source, receiver) pair of them, "
+                        f"got {type(x).__name__}")
+
+    def forward(self, x, edge_index, edge_delta=None, edge_attr=None, pos=None):
+        bipartite = isinstance(x, (tuple, list))
+        if bipartite:
+            if len(x) != 2:
+                raise ValueError(f"x as a pair must have two entries (source, receiver), got {len(x)}")
+            x_src, c_src, geo = self._unpack(x[0], "x[0]")
+            x_dst, c_dst, _ = self._unpack(x[1], "x[1]")
+        else:
+            x_src, c_src, geo = self._unpack(x, "x")
+            x_dst, c_dst = x_src, c_src
+        if pos is not None:
+            if isinstance(pos, (tuple, list)):
+                if len(pos) != 2:
+                    raise ValueError(f"pos as a pair must have two entries (source, receiver), got {len(pos)}")
+                c_src, c_dst = pos
+            else:
+                c_src = c_dst = pos
+        n = self.in_type.gspace.dimensionality
+        n_src, n_dst = x_src.shape[0], x_dst.shape[0]
+        prog = self.kernel.program()
+        for c, nm, rows in ((c_src, "pos", n_src), (c_dst, "pos (receivers)", n_dst)):
+            if c is not None:
+                if not isinstance(c, torch.Tensor) or c.dim() != 2 or c.shape != (rows, n):
+                    raise ValueError(f"{nm} must have shape ({rows}, {n}), got "
+                                     f"{tuple(c.shape) if isinstance(c, torch.Tensor) else type(c).__name__}")
+                if not bool(torch.isfinite(c).all()):
+                    raise ValueError(f"{nm} contains NaN or infinite values")
+        graph = prepare_graph(edge_index, n_src, n_dst, x_src.device if isinstance(x_src, torch.Tensor) else None)
+        if edge_delta is None:
+            if c_src is None or c_dst is None:
+                raise ValueError("edge_delta is required when no positions are given (pass pos= or a GeometricTensor "
+                                 "with coords)")
+            edge_delta = c_src[graph.src] - c_dst[graph.dst]
+        out, stats = implicit_point_conv(prog, x_src, graph, edge_delta, edge_attr, n_dst=n_dst, backend=self.backend)
+        if stats:
+            self.kernel.update_running_stats(stats)
+        b = self.expanded_bias()
+        if b is not None:
+            out = out + b
+        if geo:
+            return enn.GeometricTensor(out, self.out_type, coords=c_dst)
+        return out
+
+
+def kernel_grid(d: int, kernel_size: int) -> torch.Tensor:
+    """Points (kernel_size**d, d) of the filter, in escnn's orientation (x along the last array axis, y and z
+    inverted), scaled so that the outermost points are at distance 1 along each axis."""
+    idx = np.arange(kernel_size ** d)
+    origin = (kernel_size - 1) / 2
+    pts = np.stack([(idx // kernel_size ** j) % kernel_size - origin for j in range(d)], 1)
+    pts[:, 1:] *= -1
+    return torch.tensor(pts / max(kernel_size // 2, 1), dtype=torch.get_default_dtype())
+
+
+class ImplicitConv(_ImplicitConvBase):
+    r"""G-steerable convolution on a 2D/3D grid with an implicit kernel, sampled once on the k^n filter grid.
+
+    ``forward(x, attr=None)``: x is a GeometricTensor (B, in_type.size, *spatial); ``attr`` an optional attribute
+    vector (A,) of ``edge_attr_type`` shared by all filter points.
+    """
+
+    def __init__(self, in_type, out_type, kernel_size: int, edge_attr_type=None, n_layers: int = 3,
+                 n_channels: int = 16, init_scheme: str = "he", batch_norm: bool = True, bias: bool = True,
+                 padding: int = 0, stride: int = 1, dilation: int = 1, **kernel_kwargs):
+        super().__init__(in_type, out_type, edge_attr_type, bias, n_layers=n_layers, n_channels=n_channels,
+                         init_scheme=init_scheme, batch_norm=batch_norm, **kernel_kwargs)
+        if not isinstance(kernel_size, int) or kernel_size < 1:
+            raise ValueError(f"kernel_size must be a positive integer, got {kernel_size!r}")
+        self.d = in_type.gspace.dimensionality
+        self.kernel_size, self.padding, self.stride, self.dilation = kernel_size, padding, stride, dilation
+        self.register_buffer("grid", kernel_grid(self.d, kernel_size), persistent=False)
+
+    def filter(self, attr=None) -> torch.Tensor:
+        """The filter (C_out, C_in, k, ..., k)."""
+        a = None
+        if attr is not None:
+            if not isinstance(attr, torch.Tensor) or attr.dim() > 2 or (attr.dim() == 2 and attr.shape[0] != 1):
+                raise ValueError("attr must be one attribute vector of shape (A,) or (1, A)")
+            a = attr.reshape(1, -1).expand(self.grid.shape[0], -1)
+        k = self.kernel(self.grid, a)  # (k^n, C_out, C_in)
+        return k.permute(1, 2, 0).reshape(k.shape[1], k.shape[2], *([self.kernel_size] * self.d))
+
+    def forward(self, x, attr=None):
+        if not isinstance(x, enn.GeometricTensor) or x.type != self.in_type:
+            raise ValueError(f"x must be a GeometricTensor of the layer's in_type {self.in_type}")
+        conv = F.conv2d if self.d == 2 else F.conv3d
+        out = conv(x.tensor, self.filter(attr), self.expanded_bias(), stride=self.stride, padding=self.padding,
+                   dilation=self.dilation)
+        return enn.GeometricTensor(out, self.out_type)

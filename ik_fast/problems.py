@@ -1,0 +1,103 @@
+"""The one list of benchmark problems, shared by the benchmark suite, the command-line benchmark and the tests.
+
+Each :class:`Problem` is frozen: it names the field types, the kernel MLP and the graph. Configs P, M and H are those
+of the design notes; ``cpu`` is the foundation's CPU problem (16 fields of O(3) L <= 2, 144 dims, N=2048, k=16).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Dict, Optional
+
+import torch
+
+__all__ = ["Problem", "PROBLEMS", "get_problem", "build_layer", "build_inputs"]
+
+
+@dataclass(frozen=True)
+class Problem:
+    name: str
+    group: str = "O3"        # O(3) on R^3
+    L: int = 1               # fields: band-limited sphere representation up to L
+    fields: int = 8
+    n_layers: int = 3
+    channels: int = 8
+    n_attr: int = 4          # scalar edge attributes
+    nodes: int = 2048
+    k: int = 16
+    graph: str = "knn"       # "knn" (random geometric graph) or "qm9" (batches of real molecules)
+    molecules: int = 32
+    description: str = ""
+
+    def with_nodes(self, nodes: int) -> "Problem":
+        return replace(self, name=f"{self.name}@{nodes}", nodes=nodes)
+
+    @property
+    def field_dim(self) -> int:
+        return self.fields * (self.L + 1) ** 2
+
+    @property
+    def approx_edges(self) -> int:
+        return self.nodes * self.k
+
+
+PROBLEMS: Dict[str, Problem] = {p.name: p for p in [
+    Problem("cpu", L=2, fields=16, channels=16, nodes=2048, k=16,
+            description="foundation CPU problem: 16 x O(3) L<=2 (144 dims), MLP 3x16, 4 attrs, N=2048, k=16"),
+    Problem("P", L=1, fields=8, channels=8, graph="qm9", molecules=32, nodes=0, k=0,
+            description="QM9: 32 real molecules, all atom pairs, 8 x O(3) L<=1 (32 dims), MLP 3x8, 4 RBF attrs"),
+    Problem("M", L=1, fields=8, channels=8, nodes=32768, k=32,
+            description="M: 8 x O(3) L<=1 (32 dims), MLP 3x8, 4 attrs, N=32768, k=32 (~1M edges)"),
+    Problem("H", L=2, fields=16, channels=16, nodes=8192, k=24,
+            description="H: 16 x O(3) L<=2 (144 dims), MLP 3x16, 4 attrs, N=8192, k=24 (~197k edges)"),
+    Problem("tiny", L=1, fields=2, channels=4, nodes=64, k=8,
+            description="smoke test: 2 x O(3) L<=1, MLP 3x4, 4 attrs, N=64, k=8"),
+]}
+
+
+def get_problem(name: str) -> Problem:
+    base, _, nodes = name.partition("@")
+    if base not in PROBLEMS:
+        raise ValueError(f"unknown problem {name!r}; known: {sorted(PROBLEMS)}")
+    p = PROBLEMS[base]
+    return p.with_nodes(int(nodes)) if nodes else p
+
+
+def field_types(p: Problem):
+    from escnn import gspaces
+    from escnn import nn as enn
+
+    if p.group != "O3":
+        raise ValueError(f"problem group {p.group!r} is not supported")
+    gs = gspaces.flipRot3dOnR3()
+    G = gs.fibergroup
+    ft = enn.FieldType(gs, [G.bl_sphere_representation(L=p.L)] * p.fields)
+    attr = enn.FieldType(gs, [G.trivial_representation] * p.n_attr) if p.n_attr else None
+    return ft, attr
+
+
+def build_layer(p: Problem, backend: str = "auto", device="cpu", seed: int = 0):
+    """The ImplicitPointConv of a problem (same weights for the same seed, whatever the backend)."""
+    from .layers import ImplicitPointConv
+
+    ft, attr = field_types(p)
+    torch.manual_seed(seed)
+    return ImplicitPointConv(ft, ft, attr, n_layers=p.n_layers, n_channels=p.channels, backend=backend).to(device)
+
+
+def build_inputs(p: Problem, device="cpu", seed: int = 0, dtype: Optional[torch.dtype] = None):
+    """(x (N, C), pos (N, 3), edge_index (2, E), edge_attr (E, A)) of a problem."""
+    from .data import molecule_batch, qm9_molecules, random_geometric_graph
+
+    dtype = dtype or torch.get_default_dtype()
+    g = torch.Generator().manual_seed(seed)
+    if p.graph == "qm9":
+        pos, _, ei, attr = molecule_batch(qm9_molecules(p.molecules, start=seed * p.molecules), n_rbf=p.n_attr)
+    else:
+        pos, ei = random_geometric_graph(p.nodes, p.k, seed=seed)
+        d = pos[ei[0]] - pos[ei[1]]
+        attr = torch.cat([d.norm(dim=1, keepdim=True), torch.rand(ei.shape[1], p.n_attr - 1, generator=g)], 1)
+        attr = attr[:, :p.n_attr]
+    x = torch.randn(pos.shape[0], p.field_dim, generator=g)
+    cast = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
+    return cast(x), cast(pos), ei.to(device), cast(attr)

@@ -1,0 +1,253 @@
+"""Backends agree with the reference in forward and in every gradient, in train and eval mode."""
+
+import warnings
+
+import pytest
+import torch
+from conftest import TOL, field_types, get_gspace, rel, small_graph
+
+import ik_fast
+
+GROUPS = ["O3", "SO3", "Ih", "D4_R3", "SO2_R3", "full_cylinder", "O2", "C8"]
+
+
+def _setup(name, kind="mixed_attr", dtype=torch.float32, n=14, e=60, seed=0, n_channels=3, **kw):
+    gs = get_gspace(name)
+    in_t, out_t, attr_t = field_types(gs, kind)
+    torch.manual_seed(seed)
+    conv = ik_fast.ImplicitPointConv(in_t, out_t, attr_t, n_layers=3, n_channels=n_channels, **kw).to(dtype)
+    pos, ei = small_graph(n, e, gs.dimensionality, seed=seed, dtype=dtype)
+    x = torch.randn(n, in_t.size, dtype=dtype)
+    a = None if attr_t is None else torch.randn(e, attr_t.size, dtype=dtype)
+    return conv, pos, ei, x, a
+
+
+def _run(conv, backend, pos, ei, x, a, grads=True):
+    conv.backend = backend
+    conv.zero_grad()
+    x = x.clone().requires_grad_(grads)
+    pos = pos.clone().requires_grad_(grads)
+    a = None if a is None else a.clone().requires_grad_(grads)
+    out = conv(x, ei, edge_attr=a, pos=pos)
+    res = {"out": out.detach()}
+    if grads:
+        w = torch.randn_like(out, generator=torch.Generator().manual_seed(1))
+        (out * w).sum().backward()
+        res["x"], res["pos"] = x.grad, pos.grad
+        if a is not None:
+            res["attr"] = a.grad
+        for name, p in conv.named_parameters():
+            res[name] = p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+    return res
+
+
+def _compare(r1, r2, dtype):
+    tol = TOL[dtype]
+    for key in r1:
+        bound = tol["agree"] if key == "out" else tol["grad"]
+        if r1[key].norm() == 0:
+            assert r2[key].norm() <= bound, key
+            continue
+        assert rel(r2[key], r1[key]) <= bound, (key, rel(r2[key], r1[key]))
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("name", GROUPS)
+def test_torch_matches_reference(name, mode):
+    conv, pos, ei, x, a = _setup(name)
+    getattr(conv, mode)()
+    state = {k: v.clone() for k, v in conv.state_dict().items()}
+    ref = _run(conv, "reference", pos, ei, x, a)
+    conv.load_state_dict(state)  # same running statistics for both
+    got = _run(conv, "torch", pos, ei, x, a)
+    _compare(ref, got, torch.float32)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_torch_matches_reference_float64_uniform(mode):
+    conv, pos, ei, x, a = _setup("O3", "uniform_attr", torch.float64)
+    getattr(conv, mode)()
+    state = {k: v.clone() for k, v in conv.state_dict().items()}
+    ref = _run(conv, "reference", pos, ei, x, a)
+    conv.load_state_dict(state)
+    got = _run(conv, "torch", pos, ei, x, a)
+    _compare(ref, got, torch.float64)
+
+
+def test_running_stats_updated_identically():
+    conv, pos, ei, x, a = _setup("O3")
+    conv.train()
+    init = {k: v.clone() for k, v in conv.state_dict().items()}
+    _run(conv, "reference", pos, ei, x, a, grads=False)
+    after_ref = {k: v.clone() for k, v in conv.state_dict().items()}
+    conv.load_state_dict(init)
+    _run(conv, "torch", pos, ei, x, a, grads=False)
+    for k, v in conv.state_dict().items():
+        if "running" in k:
+            assert not torch.equal(v, init[k]), k
+            assert torch.allclose(v, after_ref[k], rtol=1e-5, atol=1e-6), k
+        if "num_batches" in k:
+            assert int(v) == int(init[k]) + 1
+
+
+def test_batch_stats_are_detached():
+    """escnn's IIDBatchNorm1d detaches the batch statistics: the gradient treats them as constants."""
+    conv, pos, ei, x, a = _setup("O3")
+    conv.train()
+    prog = conv.kernel.program()
+    d = torch.randn(40, 3)
+    h, stats = prog.trunk(d, torch.randn(40, conv.kernel.edge_attr_type.size))
+    for m, v in stats:
+        assert not m.requires_grad and not v.requires_grad
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_gradcheck_float64(backend):
+    conv, pos, ei, x, a = _setup("O3", "mixed_attr", torch.float64, n=6, e=14)
+    conv.eval()
+    conv.backend = backend
+
+    inputs = tuple(t.clone().requires_grad_() for t in (x, pos, a))
+    assert torch.autograd.gradcheck(lambda x, p, a: conv(x, ei, edge_attr=a, pos=p), inputs, eps=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_gradcheck_parameters(backend):
+    """d out / d (sigma, first and last Linear's escnn weights, batch-norm affine) by finite differences."""
+    conv, pos, ei, x, a = _setup("D4_R3", "mixed_attr", torch.float64, n=6, e=14, n_channels=2)
+    conv.eval()
+    conv.backend = backend
+    names = ["kernel.sigma", "kernel.mlp.0.weights", "kernel.mlp.2.weights", "kernel.bn.0.weight", "bias"]
+    params = dict(conv.named_parameters())
+    vals = tuple(params[n].detach().clone().requires_grad_() for n in names)
+
+    def f(*vs):
+        return torch.func.functional_call(conv, dict(zip(names, vs)), (x, ei), {"edge_attr": a, "pos": pos})
+
+    assert torch.autograd.gradcheck(f, vals, eps=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_forces_train(backend):
+    """A loss that contains the gradient of an energy with respect to positions (forces) trains: double backward."""
+    conv, pos, ei, x, a = _setup("O3", "uniform_attr", n=10, e=40)
+    conv.train()
+    conv.backend = backend
+    pos = pos.clone().requires_grad_()
+    out = conv(x, ei, edge_attr=a, pos=pos)
+    energy = out.square().sum()
+    forces = -torch.autograd.grad(energy, pos, create_graph=True)[0]
+    loss = forces.square().sum()
+    loss.backward()
+    grads = [p.grad for p in conv.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    assert sum(g.abs().sum() for g in grads) > 0
+
+
+def test_forces_agree_between_backends():
+    conv, pos, ei, x, a = _setup("O3", "uniform_attr", n=10, e=40)
+    conv.eval()
+    res = {}
+    for b in ("reference", "torch"):
+        conv.backend = b
+        conv.zero_grad()
+        p = pos.clone().requires_grad_()
+        out = conv(x, ei, edge_attr=a, pos=p)
+        f = torch.autograd.grad(out.square().sum(), p, create_graph=True)[0]
+        f.square().sum().backward()
+        res[b] = (f.detach(), conv.kernel.mlp[0].weights.grad.clone())
+    assert rel(res["torch"][0], res["reference"][0]) < 1e-4
+    assert rel(res["torch"][1], res["reference"][1]) < 1e-3
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_empty_graph_eval_returns_bias(backend):
+    conv, pos, ei, x, a = _setup("O3")
+    conv.eval()
+    conv.backend = backend
+    with torch.no_grad():
+        conv.bias.normal_()
+    out = conv(x, torch.zeros(2, 0, dtype=torch.long), edge_attr=a[:0], pos=pos)
+    assert torch.allclose(out, conv.expanded_bias().expand_as(out))
+
+
+@pytest.mark.parametrize("n_edges", [0, 1])
+def test_training_needs_two_edges(n_edges):
+    conv, pos, ei, x, a = _setup("O3")
+    conv.train()
+    with pytest.raises(ValueError, match="at least two edges"):
+        conv(x, ei[:, :n_edges], edge_attr=a[:n_edges], pos=pos)
+
+
+def test_isolated_nodes_duplicate_edges_and_skew():
+    conv, pos, _, x, a = _setup("O3", n=40)
+    # node 0 is a hub receiving from everyone, nodes 30..39 are isolated, edge (1 -> 2) appears three times
+    src = torch.cat([torch.arange(30), torch.tensor([1, 1, 1, 5, 6]), torch.randint(0, 30, (30,))])
+    dst = torch.cat([torch.zeros(30, dtype=torch.long), torch.tensor([2, 2, 2, 7, 7]), torch.randint(1, 30, (30,))])
+    ei = torch.stack([src, dst])
+    a = torch.randn(ei.shape[1], conv.kernel.edge_attr_type.size)
+    for mode in ("train", "eval"):
+        getattr(conv, mode)()
+        state = {k: v.clone() for k, v in conv.state_dict().items()}
+        ref = _run(conv, "reference", pos, ei, x, a)
+        conv.load_state_dict(state)
+        got = _run(conv, "torch", pos, ei, x, a)
+        _compare(ref, got, torch.float32)
+        assert torch.allclose(got["out"][30:], conv.expanded_bias().detach().expand(10, -1))
+
+
+def test_bipartite_downsampling():
+    conv, pos, ei, x, a = _setup("O3", n=20)
+    conv.eval()
+    idx = torch.arange(0, 20, 4)  # 5 receivers
+    src = torch.randint(0, 20, (30,))
+    dst = torch.randint(0, 5, (30,))
+    ei2 = torch.stack([src, dst])
+    a2 = torch.randn(30, a.shape[1])
+    outs = {}
+    for b in ("reference", "torch"):
+        conv.backend = b
+        outs[b] = conv((x, x[idx]), ei2, edge_attr=a2, pos=(pos, pos[idx]))
+    assert outs["torch"].shape == (5, conv.out_type.size)
+    assert rel(outs["torch"], outs["reference"]) < 1e-5
+    # explicit edge vectors give the same answer
+    d = pos[src] - pos[idx][dst]
+    again = conv((x, x[idx]), ei2, edge_delta=d, edge_attr=a2)
+    assert rel(again, outs["torch"]) < 1e-6
+
+
+def test_geometric_tensor_in_and_out():
+    from escnn import nn as enn
+
+    conv, pos, ei, x, a = _setup("O3")
+    conv.eval()
+    gt = enn.GeometricTensor(x, conv.in_type, coords=pos)
+    out = conv(gt, ei, edge_attr=a)
+    assert isinstance(out, enn.GeometricTensor) and out.type == conv.out_type
+    assert torch.equal(out.coords, pos)
+    assert torch.allclose(out.tensor, conv(x, ei, edge_attr=a, pos=pos))
+
+
+def test_backend_selection(monkeypatch):
+    assert set(ik_fast.available_backends()) >= {"reference", "torch"}
+    conv, pos, ei, x, a = _setup("C8")
+    conv.eval()
+    conv.backend = None
+    monkeypatch.setenv("IK_FAST_BACKEND", "reference")
+    r = conv(x, ei, edge_attr=a, pos=pos)
+    monkeypatch.setenv("IK_FAST_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="backend"):
+        conv(x, ei, edge_attr=a, pos=pos)
+    monkeypatch.delenv("IK_FAST_BACKEND")
+    conv.backend = "auto"
+    import ik_fast.backends as B
+
+    B._warned.clear()
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        out = conv(x, ei, edge_attr=a, pos=pos)
+        conv(x, ei, edge_attr=a, pos=pos)
+    assert sum("backend 'auto'" in str(m.message) for m in w) == 1
+    assert rel(out, r) < 1e-5
+    with pytest.raises(ValueError, match="backend"):
+        ik_fast.ImplicitPointConv(conv.in_type, conv.out_type, backend="nope")
