@@ -81,6 +81,7 @@ class HiddenSpec:
     A: Optional[torch.Tensor]     # (grid, rho_size) inverse Fourier transform, None for a pointwise ELU
     Ainv: Optional[torch.Tensor]  # (rho_size, grid) Fourier transform
     description: str
+    make_module: Any              # () -> the escnn module of the nonlinearity (for tests against escnn)
 
 
 def _circle_n(L: int) -> int:
@@ -100,7 +101,8 @@ def build_hidden(gspace0, needed_irreps, band_limit: Optional[int], channels: in
     if fam == "finite":
         rho = G.regular_representation
         htype = gspace0.type(*[rho] * channels)
-        return HiddenSpec(htype, rho.size, None, None, f"regular representation of {G.name} ({rho.size}), pointwise ELU")
+        return HiddenSpec(htype, rho.size, None, None, f"regular representation of {G.name} ({rho.size}), pointwise ELU",
+                          lambda: enn.ELU(htype))
 
     L = band_limit
     if fam == "SO3":
@@ -140,24 +142,30 @@ def _check_carried(G, rho, needed):
 def _quotient(gspace0, sg_id, base, needed, channels, grid, what) -> HiddenSpec:
     G = gspace0.fibergroup
     irreps = sorted(set(base) | needed)
+    def make():
+        return enn.QuotientFourierELU(gspace0, sg_id, channels, irreps=irreps, inplace=False, **grid)
+
     try:
-        act = enn.QuotientFourierELU(gspace0, sg_id, channels, irreps=irreps, inplace=False, **grid)
+        act = make()
     except Exception as exc:  # an irrep without vectors fixed by the subgroup
         raise ValueError(f"cannot build the quotient Fourier ELU of {G.name} on irreps {irreps}: {exc}") from exc
     rho = act.rho
     _check_carried(G, rho, needed)
     desc = f"{what}, irreps {irreps}, quotient Fourier ELU on {act.A.shape[0]} grid points"
-    return HiddenSpec(act.in_type, rho.size, act.A.detach().clone(), act.Ainv.detach().clone(), desc)
+    return HiddenSpec(act.in_type, rho.size, act.A.detach().clone(), act.Ainv.detach().clone(), desc, make)
 
 
 def _fourier(gspace0, base, needed, channels, grid) -> HiddenSpec:
     G = gspace0.fibergroup
     irreps = sorted(set(base) | needed, key=str)
-    act = enn.FourierELU(gspace0, channels, irreps=irreps, inplace=False, **grid)
+    def make():
+        return enn.FourierELU(gspace0, channels, irreps=irreps, inplace=False, **grid)
+
+    act = make()
     rho = act.rho
     _check_carried(G, rho, needed)
     desc = f"band-limited regular representation, irreps {irreps}, Fourier ELU on {act.A.shape[0]} grid points"
-    return HiddenSpec(act.in_type, rho.size, act.A.detach().clone(), act.Ainv.detach().clone(), desc)
+    return HiddenSpec(act.in_type, rho.size, act.A.detach().clone(), act.Ainv.detach().clone(), desc, make)
 
 
 def kernel_gspace(gspace):

@@ -10,6 +10,7 @@ import torch
 from escnn import nn as enn
 
 from . import _groups
+from ._serialize import reduce_module
 from .program import BatchNorm, BlockPlan, Hidden, KernelProgram, Linear, build_plan
 
 __all__ = ["ImplicitKernel", "check_field_type"]
@@ -51,7 +52,9 @@ class _EquivariantLinear(torch.nn.Module):
 
     def __init__(self, in_type, out_type, init_scheme: str, bias: bool = True):
         super().__init__()
-        lin = enn.Linear(in_type, out_type, bias=bias, initialize=False)
+        # recompute=True: private basis tensors. escnn otherwise shares one module per basis across all layers, so
+        # cleaning it, or .double() / .to() on one layer, would change every other layer built on the same basis
+        lin = enn.Linear(in_type, out_type, bias=bias, initialize=False, recompute=True)
         self.expansion = lin.basisexpansion
         for name, buf in list(self.expansion.named_buffers()):
             if name.endswith("sampled_basis"):
@@ -71,6 +74,7 @@ class _EquivariantLinear(torch.nn.Module):
             self.bias = None
             self.bias_expansion = None
         self.shape = (out_type.size, in_type.size)
+        self.in_type, self.out_type = in_type, out_type
 
     def expand(self):
         w = self.expansion(self.weights).reshape(*self.shape)
@@ -180,6 +184,9 @@ class ImplicitKernel(torch.nn.Module):
         if band_limit is not None and (not isinstance(band_limit, int) or band_limit < 0):
             raise ValueError(f"band_limit must be a non-negative integer, got {band_limit!r}")
 
+        self._ctor = ((in_type, out_type, edge_attr_type),
+                      dict(n_layers=n_layers, n_channels=n_channels, init_scheme=init_scheme, batch_norm=batch_norm,
+                           band_limit=band_limit, grid=grid, bn_eps=bn_eps, bn_momentum=bn_momentum))
         self.in_type, self.out_type, self.edge_attr_type = in_type, out_type, edge_attr_type
         self.n_layers, self.n_channels, self.batch_norm = n_layers, n_channels, batch_norm
         g0 = _groups.kernel_gspace(gspace)
@@ -202,6 +209,7 @@ class ImplicitKernel(torch.nn.Module):
             needed = {irr for rep in (*mlp_in.representations, *pair_reps) for irr in rep.irreps}
             spec = _groups.build_hidden(g0, needed, self.band_limit, n_channels, grid)
             self.hidden_description = spec.description
+            self.escnn_activation = spec.make_module
             rho = spec.hidden_type.representations[0]
             self._rho_size = rho.size
             if spec.A is not None:
@@ -272,9 +280,17 @@ class ImplicitKernel(torch.nn.Module):
         ts = list(self.parameters()) + list(self.buffers())
         return (self.training, torch.is_grad_enabled()) + tuple((t.data_ptr(), t._version, t.dtype) for t in ts)
 
+    def _cacheable(self) -> bool:
+        # A program built with autograd is part of one forward's graph: reusing it in the next forward would make a
+        # second backward fail, so only gradient-free programs are cached (eval mode under no_grad, or frozen).
+        if self.training:
+            return False
+        return not torch.is_grad_enabled() or not any(p.requires_grad for p in self.parameters())
+
     def program(self) -> KernelProgram:
-        """Lower the MLP for one forward pass (cached while the module is in eval mode)."""
-        if not self.training and self._cache is not None and self._cache[0] == self._cache_key():
+        """Lower the MLP for one forward pass (cached in eval mode when no gradient flows to the parameters)."""
+        cacheable = self._cacheable()
+        if cacheable and self._cache is not None and self._cache[0] == self._cache_key():
             return self._cache[1]
         hidden = []
         for k, lin in enumerate(self.mlp[:-1]):
@@ -291,10 +307,7 @@ class ImplicitKernel(torch.nn.Module):
         attr = 0 if self.edge_attr_type is None else self.edge_attr_type.size
         prog = KernelProgram(self.in_type.gspace.dimensionality, self.in_type.size, self.out_type.size, attr,
                              tuple(hidden), final, self.sigma, self.norm, self.training)
-        if not self.training:
-            self._cache = (self._cache_key(), prog)
-        else:
-            self._cache = None
+        self._cache = (self._cache_key(), prog) if cacheable else None
         return prog
 
     def train(self, mode: bool = True):
@@ -305,10 +318,8 @@ class ImplicitKernel(torch.nn.Module):
         self._cache = None
         return super()._apply(fn, *args, **kwargs)
 
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state["_cache"] = None
-        return state
+    def __reduce__(self):
+        return reduce_module(self, *self._ctor)
 
     @torch.no_grad()
     def update_running_stats(self, stats) -> None:

@@ -11,6 +11,7 @@ from escnn import nn as enn
 
 from .functional import implicit_point_conv
 from .graph import prepare_graph
+from ._serialize import reduce_module
 from .kernel import ImplicitKernel, check_field_type
 
 __all__ = ["ImplicitPointConv", "ImplicitConv"]
@@ -51,6 +52,9 @@ class _ImplicitConvBase(torch.nn.Module):
     def expanded_bias(self) -> Optional[torch.Tensor]:
         return None if self.bias is None else self.bias_expansion @ self.bias
 
+    def __reduce__(self):
+        return reduce_module(self, *self._ctor)
+
 
 class ImplicitPointConv(_ImplicitConvBase):
     r"""G-steerable point convolution with an implicit kernel: ``out_i = bias + sum_{e: j -> i} K(d_e, a_e) x_j``.
@@ -76,6 +80,9 @@ class ImplicitPointConv(_ImplicitConvBase):
                  **kernel_kwargs):
         super().__init__(in_type, out_type, edge_attr_type, bias, n_layers=n_layers, n_channels=n_channels,
                          init_scheme=init_scheme, batch_norm=batch_norm, **kernel_kwargs)
+        self._ctor = ((in_type, out_type, edge_attr_type),
+                      dict(n_layers=n_layers, n_channels=n_channels, init_scheme=init_scheme, batch_norm=batch_norm,
+                           bias=bias, backend=backend, **kernel_kwargs))
         if backend is not None:
             from .backends import resolve_backend
 
@@ -159,6 +166,9 @@ class ImplicitConv(_ImplicitConvBase):
                  padding: int = 0, stride: int = 1, dilation: int = 1, **kernel_kwargs):
         super().__init__(in_type, out_type, edge_attr_type, bias, n_layers=n_layers, n_channels=n_channels,
                          init_scheme=init_scheme, batch_norm=batch_norm, **kernel_kwargs)
+        self._ctor = ((in_type, out_type, kernel_size, edge_attr_type),
+                      dict(n_layers=n_layers, n_channels=n_channels, init_scheme=init_scheme, batch_norm=batch_norm,
+                           bias=bias, padding=padding, stride=stride, dilation=dilation, **kernel_kwargs))
         if not isinstance(kernel_size, int) or kernel_size < 1:
             raise ValueError(f"kernel_size must be a positive integer, got {kernel_size!r}")
         self.d = in_type.gspace.dimensionality

@@ -1,0 +1,145 @@
+"""Bad input gets a clear error that names the argument."""
+
+import pytest
+import torch
+from conftest import field_types, get_gspace, small_graph
+from escnn import nn as enn
+
+import ik_fast
+
+
+@pytest.fixture(scope="module")
+def conv():
+    gs = get_gspace("O3")
+    in_t, out_t, attr_t = field_types(gs, "uniform_attr")
+    return ik_fast.ImplicitPointConv(in_t, out_t, attr_t, n_layers=2, n_channels=2, backend="torch").eval()
+
+
+@pytest.fixture
+def data(conv):
+    pos, ei = small_graph(8, 20)
+    x = torch.randn(8, conv.in_type.size)
+    a = torch.randn(20, conv.kernel.edge_attr_type.size)
+    return x, ei, a, pos
+
+
+def test_constructor_errors():
+    gs = get_gspace("O3")
+    in_t, out_t, attr_t = field_types(gs, "uniform_attr")
+    with pytest.raises(TypeError, match="in_type"):
+        ik_fast.ImplicitPointConv("not a type", out_t)
+    other = field_types(get_gspace("SO3"), "uniform")[0]
+    with pytest.raises(ValueError, match="out_type"):
+        ik_fast.ImplicitPointConv(in_t, other)
+    with pytest.raises(ValueError, match="edge_attr_type"):
+        ik_fast.ImplicitPointConv(in_t, out_t, field_types(get_gspace("SO3"), "uniform_attr")[2])
+    with pytest.raises(ValueError, match="n_layers"):
+        ik_fast.ImplicitPointConv(in_t, out_t, n_layers=0)
+    with pytest.raises(ValueError, match="n_channels"):
+        ik_fast.ImplicitPointConv(in_t, out_t, n_channels=-1)
+    with pytest.raises(ValueError, match="init_scheme"):
+        ik_fast.ImplicitPointConv(in_t, out_t, init_scheme="xavier")
+    with pytest.raises(ValueError, match="backend"):
+        ik_fast.ImplicitPointConv(in_t, out_t, backend="cuda-magic")
+    with pytest.raises(ValueError, match="kernel_size"):
+        ik_fast.ImplicitConv(in_t, out_t, kernel_size=0)
+
+
+def test_wrong_field_type(conv, data):
+    x, ei, a, pos = data
+    other = enn.FieldType(conv.in_type.gspace, [conv.in_type.fibergroup.trivial_representation] * conv.in_type.size)
+    with pytest.raises(ValueError, match="field type"):
+        conv(enn.GeometricTensor(x, other, coords=pos), ei, edge_attr=a)
+
+
+def test_wrong_shapes(conv, data):
+    x, ei, a, pos = data
+    with pytest.raises(ValueError, match="x must have shape"):
+        conv(x[:, :-1], ei, edge_attr=a, pos=pos)
+    with pytest.raises(ValueError, match="edge_index must have shape"):
+        conv(x, ei[0], edge_attr=a, pos=pos)
+    with pytest.raises(ValueError, match="edge_index must have shape"):
+        conv(x, ei.t(), edge_attr=a, pos=pos)
+    with pytest.raises(ValueError, match="pos must have shape"):
+        conv(x, ei, edge_attr=a, pos=pos[:, :2])
+    with pytest.raises(ValueError, match="edge_attr must have shape"):
+        conv(x, ei, edge_attr=a[:-1], pos=pos)
+    with pytest.raises(ValueError, match="edge_delta must have shape"):
+        conv(x, ei, edge_delta=torch.randn(19, 3), edge_attr=a)
+    with pytest.raises(ValueError, match="edge_attr is required"):
+        conv(x, ei, pos=pos)
+    with pytest.raises(ValueError, match="edge_delta is required"):
+        conv(x, ei, edge_attr=a)
+
+
+def test_edge_index_values(conv, data):
+    x, ei, a, pos = data
+    bad = ei.clone()
+    bad[1, 3] = 8
+    with pytest.raises(ValueError, match=r"edge_index\[1\]"):
+        conv(x, bad, edge_attr=a, pos=pos)
+    bad = ei.clone()
+    bad[0, 0] = -1
+    with pytest.raises(ValueError, match="negative"):
+        conv(x, bad, edge_attr=a, pos=pos)
+    with pytest.raises(TypeError, match="integer"):
+        conv(x, ei.float(), edge_attr=a, pos=pos)
+    with pytest.raises(TypeError, match="edge_index"):
+        conv(x, ei.tolist(), edge_attr=a, pos=pos)
+
+
+def test_dtype_device_mismatch(conv, data):
+    x, ei, a, pos = data
+    with pytest.raises(TypeError, match="x has dtype"):
+        conv(x.double(), ei, edge_attr=a, pos=pos)
+    with pytest.raises(TypeError, match="edge_attr has dtype"):
+        conv(x, ei, edge_attr=a.double(), pos=pos)
+    with pytest.raises(TypeError, match="edge_delta has dtype"):
+        conv(x, ei, edge_attr=a, pos=pos.double())
+    meta = torch.device("meta")
+    with pytest.raises(ValueError, match="on meta"):
+        conv(x, ei.to(meta), edge_attr=a, pos=pos)
+
+
+def test_non_finite_inputs(conv, data):
+    x, ei, a, pos = data
+    p = pos.clone()
+    p[2, 1] = float("nan")
+    with pytest.raises(ValueError, match="pos contains NaN"):
+        conv(x, ei, edge_attr=a, pos=p)
+    p[2, 1] = float("inf")
+    with pytest.raises(ValueError, match="pos contains NaN or infinite"):
+        conv(x, ei, edge_attr=a, pos=p)
+    d = pos[ei[0]] - pos[ei[1]]
+    d[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="edge_delta contains NaN"):
+        conv(x, ei, edge_delta=d, edge_attr=a)
+    a2 = a.clone()
+    a2[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="edge_attr contains NaN"):
+        conv(x, ei, edge_attr=a2, pos=pos)
+
+
+def test_bad_containers(conv, data):
+    x, ei, a, pos = data
+    with pytest.raises(TypeError, match="x must be"):
+        conv(x.numpy(), ei, edge_attr=a, pos=pos)
+    with pytest.raises(ValueError, match="two entries"):
+        conv((x, x, x), ei, edge_attr=a, pos=pos)
+
+
+def test_kernel_call_errors(conv):
+    k = conv.kernel
+    with pytest.raises(ValueError, match="edge_delta must have shape"):
+        k(torch.randn(5, 2), torch.randn(5, k.edge_attr_type.size))
+    with pytest.raises(ValueError, match="edge_attr is required"):
+        k(torch.randn(5, 3))
+
+
+def test_unsupported_pseudo_irrep_raises_clear_error():
+    """A hidden field that cannot carry a needed irrep is an error, not a silent drop."""
+    from ik_fast import _groups
+
+    G = get_gspace("O3").fibergroup
+    with pytest.raises(ValueError, match=r"cannot carry the irreps \[\(1, 0\)\]"):
+        _groups._check_carried(G, G.bl_sphere_representation(L=1), {(1, 0)})
