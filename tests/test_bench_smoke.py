@@ -1,0 +1,42 @@
+"""A tiny smoke run of the benchmark harness (the full suite is not part of the tests)."""
+
+import json
+
+import pytest
+
+from ik_fast import bench
+from ik_fast.problems import PROBLEMS, get_problem
+
+
+@pytest.mark.parametrize("mode", bench.MODES)
+def test_measure_tiny(mode):
+    rec = bench.measure("tiny", "torch", mode, repeats=1, warmup=0)
+    assert rec["time_s"] > 0 and rec["flops"] > 0 and rec["edges"] == 64 * 8
+    assert rec["peak_rss_mb"] > 0
+
+
+def test_cli_child_process(tmp_path):
+    out = tmp_path / "r.json"
+    assert bench.main(["--problems", "tiny", "--providers", "reference,torch", "--modes", "train", "--repeats", "1",
+                       "--warmup", "0", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert {r["provider"] for r in data["records"]} == {"reference", "torch"}
+    assert all("error" not in r for r in data["records"]), data["records"]
+    assert data["environment"]["device_name"].startswith("CPU")
+
+
+def test_problem_list():
+    assert {"cpu", "P", "M", "H"} <= set(PROBLEMS)
+    assert get_problem("H").field_dim == 144 and get_problem("M").field_dim == 32
+    assert get_problem("M@1024").nodes == 1024
+    with pytest.raises(ValueError, match="unknown problem"):
+        get_problem("Q")
+
+
+def test_qm9_batch_is_real_data():
+    from ik_fast.data import molecule_batch, qm9_molecules
+
+    mols = qm9_molecules(3)
+    assert [m[0].shape[0] for m in mols] == [5, 4, 3]  # CH4, NH3, H2O: the first QM9 entries
+    pos, typ, ei, attr = molecule_batch(mols)
+    assert ei.shape[1] == 25 + 16 + 9 and attr.shape == (50, 4)
