@@ -32,7 +32,7 @@ import torch
 from escnn import gspaces, group
 from escnn import nn as enn
 
-__all__ = ["HiddenSpec", "irrep_frequency", "max_frequency", "build_hidden"]
+__all__ = ["HiddenSpec", "irrep_frequency", "max_frequency", "build_hidden", "instantiate_irreps"]
 
 
 def _family(G) -> str:
@@ -64,6 +64,18 @@ def irrep_frequency(G, irrep_id) -> Optional[int]:
         freqs = [f for f in freqs if f is not None]
         return max(freqs) if freqs else None
     return None
+
+
+def instantiate_irreps(G, K: int) -> None:
+    """Build every irrep of a product group up to frequency K: escnn decomposes tensor products of a direct product
+    numerically over the irreps it has instantiated and fails when a needed one is missing."""
+    if _family(G) != "product":
+        return
+    f1 = [irr.id for irr in G.G1.irreps()] if not G.G1.continuous else G.G1.bl_irreps(K)
+    f2 = [irr.id for irr in G.G2.irreps()] if not G.G2.continuous else G.G2.bl_irreps(K)
+    for a in f1:
+        for b in f2:
+            G.irrep(a, b)
 
 
 def max_frequency(G, reps) -> Optional[int]:

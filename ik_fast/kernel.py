@@ -192,6 +192,10 @@ class ImplicitKernel(torch.nn.Module):
         g0 = _groups.kernel_gspace(gspace)
         attr_reps = list(edge_attr_type.representations) if edge_attr_type is not None else []
         mlp_in = g0.type(gspace.basespace_action, *attr_reps)
+        reps = [*in_type.representations, *out_type.representations, *attr_reps, gspace.basespace_action]
+        fmax_io = _groups.max_frequency(G, reps)
+        if fmax_io is not None:
+            _groups.instantiate_irreps(G, 4 * fmax_io + 4 if band_limit is None else 2 * band_limit + 2)
         products = {}  # escnn's tensor product is slow (Clebsch-Gordan through a disk cache): once per pair of types
         for o in out_type.representations:
             for i in in_type.representations:

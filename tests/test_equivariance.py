@@ -85,13 +85,17 @@ def test_pseudoscalar_attribute_is_used():
 
 
 def test_pseudovector_part_of_kernel_is_produced():
-    """vector (x) vector contains a pseudovector (0, 1): the hidden field must carry it, so K has that component."""
+    """vector (x) vector contains a pseudovector (0, 1): the hidden field must carry it, so K has that component.
+
+    With the edge vector d alone that part vanishes by symmetry (no pseudovector function of one vector); with a
+    pseudoscalar attribute a it can be a * c(|d|) * d, which only a hidden field carrying (0, 1) produces."""
     gs = get_gspace("O3")
     G = gs.fibergroup
     from escnn import nn as enn
 
     vec = enn.FieldType(gs, [G.irrep(1, 1)])
-    k = ik_fast.ImplicitKernel(vec, vec, n_layers=3, n_channels=4, batch_norm=False).eval()
-    K = k(torch.randn(64, 3))
+    pseudo = enn.FieldType(gs, [G.irrep(1, 0)])
+    k = ik_fast.ImplicitKernel(vec, vec, pseudo, n_layers=3, n_channels=4, batch_norm=False).eval()
+    K = k(torch.randn(64, 3), torch.randn(64, 1))
     antisym = 0.5 * (K - K.transpose(1, 2))  # the (0, 1) part of a 3x3 kernel is its antisymmetric part
     assert antisym.norm() > 1e-3 * K.norm()
