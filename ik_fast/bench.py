@@ -31,9 +31,21 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+def _escnn_flops(layer, num_edges: int, mode: str) -> float:
+    """escnn's point convolution samples its basis and expands a dense filter for every edge: per edge, for each
+    block of fields, (#basis elements) x d_out x d_in multiply-adds per field pair, then the filter-vector product."""
+    R, C = layer.out_type.size, layer.in_type.size
+    n_pairs = len(layer.out_type) * len(layer.in_type)
+    expand = layer.weights.numel() * (R * C) / max(1, n_pairs)
+    fwd = num_edges * (expand + R * C)
+    return 2.0 * fwd if mode == "inference" else 6.0 * fwd
+
+
 def model_flops(layer, num_edges: int, num_receivers: int, provider: str, mode: str) -> float:
     """FLOPs (2 x multiply-adds) of the algorithm a provider runs; backward counted as twice the forward's GEMMs,
     plus the recomputation the torch backend does. An estimate from the shapes, not a hardware count."""
+    if provider == "escnn":
+        return _escnn_flops(layer, num_edges, mode)
     prog = layer.kernel.program()
     per_edge = 0
     for h in prog.hidden:
@@ -56,57 +68,115 @@ def model_flops(layer, num_edges: int, num_receivers: int, provider: str, mode: 
     return 2.0 * (3 * fwd + recompute)
 
 
-def measure(problem: str, provider: str, mode: str, repeats: int = 5, warmup: int = 1, device: str = "cpu",
-            dtype: str = "float32", seed: int = 0) -> Dict:
-    """Run one case in this process and return its record."""
+class _Timer:
+    """Wall clock on CPU; CUDA events on GPU."""
+
+    def __init__(self, device):
+        self.cuda = torch.device(device).type == "cuda"
+
+    def mark(self):
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            return ev
+        return time.perf_counter()
+
+    def elapsed(self, a, b) -> float:
+        if self.cuda:
+            b.synchronize()
+            return a.elapsed_time(b) / 1e3
+        return b - a
+
+
+def setup_case(problem: str, provider: str, mode: str, device: str = "cpu", dtype: str = "float32",
+               seed: int = 0):
+    """Build one case: returns ``(step, record)`` where ``step()`` runs one forward (and backward unless ``mode`` is
+    "inference") and returns the output, and ``record`` describes the case (sizes, model FLOPs)."""
+    from escnn import nn as enn
+
     from .graph import prepare_graph
-    from .problems import build_inputs, build_layer, get_problem
+    from .problems import build_escnn_layer, build_inputs, build_layer, field_types, get_problem
 
     p = get_problem(problem)
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     dt = getattr(torch, dtype)
     torch.manual_seed(seed)
     rec = {"problem": p.name, "provider": provider, "mode": mode, "device": device, "dtype": dtype,
            "description": p.description}
-    if provider == "escnn":
-        raise ValueError("the escnn provider joins with the benchmark suite (see the benchmarks issue)")
-    layer = build_layer(p, backend=provider, device=device, seed=seed).to(dt)
     x, pos, ei, attr = build_inputs(p, device=device, seed=seed, dtype=dt)
     rec["nodes"], rec["edges"] = int(x.shape[0]), int(ei.shape[1])
+    if provider == "escnn":
+        layer = build_escnn_layer(p, device=device, seed=seed).to(dt)
+        ft = field_types(p)[0]
+
+        def call(xs, ps, at):
+            return layer(enn.GeometricTensor(xs, ft, coords=ps), ei).tensor
+    else:
+        layer = build_layer(p, backend=provider, device=device, seed=seed).to(dt)
+
+        def call(xs, ps, at):
+            return layer(xs, ei, edge_attr=at, pos=ps)
     layer.train(mode == "train")
     g = prepare_graph(ei, x.shape[0], x.shape[0], x.device)
     rec["flops"] = model_flops(layer, g.num_edges, int((g.degree > 0).sum()), provider, mode)
+    grad = mode != "inference"
+
+    def step():
+        xs, ps, at = (t.clone().requires_grad_(grad) for t in (x, pos, attr))
+        if not grad:
+            with torch.no_grad():
+                return call(xs, ps, at)
+        out = call(xs, ps, at)
+        out.backward(torch.ones_like(out))
+        return out
+
+    step.call = call
+    step.inputs = (x, pos, attr)
+    return step, rec
+
+
+def measure(problem: str, provider: str, mode: str, repeats: int = 5, warmup: int = 1, device: str = "cpu",
+            dtype: str = "float32", seed: int = 0, budget_s: float = 120.0) -> Dict:
+    """Run one case in this process and return its record: median, 20th and 80th percentile of the step time
+    (forward and backward separately too), peak memory, achieved FLOP/s. Fewer repeats are made when they would
+    exceed ``budget_s`` (at least one after the warm-up)."""
+    step, rec = setup_case(problem, provider, mode, device, dtype, seed)
+    call, (x, pos, attr) = step.call, step.inputs
     rec["base_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+    timer = _Timer(device)
+    grad = mode != "inference"
     fwd_t, bwd_t = [], []
-    for it in range(warmup + repeats):
-        xs = x.clone().requires_grad_(mode != "inference")
-        ps = pos.clone().requires_grad_(mode != "inference")
-        at = attr.clone().requires_grad_(mode != "inference")
-        _sync(device)
-        t0 = time.perf_counter()
-        if mode == "inference":
-            with torch.no_grad():
-                out = layer(xs, ei, edge_attr=at, pos=ps)
-            _sync(device)
-            t1 = t2 = time.perf_counter()
-        else:
-            out = layer(xs, ei, edge_attr=at, pos=ps)
-            _sync(device)
-            t1 = time.perf_counter()
+    it = 0
+    while it < warmup + repeats:
+        xs, ps, at = (t.clone().requires_grad_(grad) for t in (x, pos, attr))
+        t0 = timer.mark()
+        if grad:
+            out = call(xs, ps, at)
+            t1 = timer.mark()
             out.backward(torch.ones_like(out))
-            _sync(device)
-            t2 = time.perf_counter()
+            t2 = timer.mark()
+        else:
+            with torch.no_grad():
+                out = call(xs, ps, at)
+            t1 = t2 = timer.mark()
+        f, b = timer.elapsed(t0, t1), timer.elapsed(t1, t2)
         if it >= warmup:
-            fwd_t.append(t1 - t0)
-            bwd_t.append(t2 - t1)
+            fwd_t.append(f)
+            bwd_t.append(b)
+        elif f + b > 0 and (f + b) * repeats > budget_s:
+            repeats = max(1, int(budget_s / (f + b)))
         del out
+        it += 1
     tot = sorted(f + b for f, b in zip(fwd_t, bwd_t))
     q = lambda v, f: v[min(len(v) - 1, int(round(f * (len(v) - 1))))]  # noqa: E731
     rec.update({
         "time_s": statistics.median(tot), "time_p20_s": q(tot, 0.2), "time_p80_s": q(tot, 0.8),
         "forward_s": statistics.median(fwd_t), "backward_s": statistics.median(bwd_t), "repeats": repeats,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "warmup": warmup, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     })
     rec["tflops_per_s"] = rec["flops"] / rec["time_s"] / 1e12
     if torch.device(device).type == "cuda":
@@ -179,8 +249,70 @@ def format_table(records: List[Dict]) -> str:
     return "\n".join(rows)
 
 
+def suites() -> Dict[str, Dict]:
+    """The named runs: ``cpu`` (the default; minutes on 2 cores) and ``gpu`` (configs P, M, H at full size, the
+    10^4..10^7-edge sweep, degree skew)."""
+    from .problems import sweep_problems
+
+    fused = [b for b in ("triton", "cuda") if b in _available()]
+    return {
+        "cpu": dict(problems=["P", "planar", "cpu", "skew", *sweep_problems("cpu")],
+                    providers=["escnn", "reference", "torch"], modes=["train", "inference"], device="cpu"),
+        "gpu": dict(problems=["P", "M", "H", "skew", *sweep_problems("gpu")],
+                    providers=["escnn", "reference", "torch", *fused], modes=["train", "inference"], device="cuda"),
+    }
+
+
+def _available():
+    from .backends import available_backends
+
+    return available_backends()
+
+
+def _progress(i: int, n: int, label: str, t0: float) -> None:
+    done = int(30 * i / max(n, 1))
+    el = time.time() - t0
+    eta = el / i * (n - i) if i else 0.0
+    print(f"\r[{'#' * done}{'.' * (30 - done)}] {i}/{n} {el:5.0f}s elapsed, ~{eta:4.0f}s left  {label:<40}",
+          end="", file=sys.stderr, flush=True)
+
+
+def run_cases(cases: List[Dict], timeout: float, budget_s: float = float("inf")) -> List[Dict]:
+    """Run cases in child processes with a progress bar. A provider that ran out of memory on a problem is not run
+    on larger sizes of the same sweep (recorded as such); no new case starts once ``budget_s`` is spent."""
+    records = []
+    oom = set()
+    t0 = time.time()
+    for i, case in enumerate(cases):
+        label = f"{case['problem']} {case['provider']} {case['mode']}"
+        _progress(i, len(cases), label, t0)
+        base = case["problem"].split("@")[0]
+        if (base, case["provider"], case["mode"]) in oom and "@" in case["problem"]:
+            records.append({**case, "error": "out of memory (at a smaller size)"})
+            continue
+        if time.time() - t0 > budget_s:
+            records.append({**case, "error": "skipped: time budget spent"})
+            continue
+        rec = run_child(case, timeout)
+        if rec.get("error", "").startswith("out of memory"):
+            oom.add((base, case["provider"], case["mode"]))
+        records.append(rec)
+    _progress(len(cases), len(cases), "done", t0)
+    print(file=sys.stderr)
+    return records
+
+
+def results_path(env: Dict, folder: str) -> str:
+    import re
+
+    slug = re.sub(r"[^a-z0-9]+", "-", env["device_name"].lower()).strip("-")[:40]
+    return os.path.join(folder, f"{slug}-{env['date']}.json")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m ik_fast.bench", description=__doc__.split("\n")[0])
+    ap.add_argument("--suite", choices=["cpu", "gpu"], default=None,
+                    help="a named run (problems, providers, modes); results go to benchmarks/results/")
     ap.add_argument("--problems", default="cpu")
     ap.add_argument("--providers", default="reference,torch")
     ap.add_argument("--modes", default="train")
@@ -188,28 +320,44 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--timeout", type=float, default=1800)
+    ap.add_argument("--timeout", type=float, default=1800, help="seconds per case")
+    ap.add_argument("--budget-s", type=float, default=float("inf"), help="start no case after this many seconds")
     ap.add_argument("--out", default=None, help="write the records and the environment as JSON")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
         case = json.loads(args.child)
-        print(json.dumps(measure(**case)))
+        try:
+            print(json.dumps(measure(**case)))
+        except torch.cuda.OutOfMemoryError:
+            print(json.dumps({**case, "error": "out of memory"}))
+        except RuntimeError as exc:
+            if "out of memory" not in str(exc).lower() and "not enough memory" not in str(exc).lower():
+                raise
+            print(json.dumps({**case, "error": "out of memory"}))
         return 0
-    cases = [dict(problem=p, provider=v, mode=m, repeats=args.repeats, warmup=args.warmup, device=args.device,
-                  dtype=args.dtype)
-             for p in args.problems.split(",") for m in args.modes.split(",") for v in args.providers.split(",")]
-    records = []
-    for i, case in enumerate(cases):
-        print(f"[{i + 1}/{len(cases)}] {case['problem']} {case['provider']} {case['mode']} ...", file=sys.stderr,
-              flush=True)
-        records.append(run_child(case, args.timeout))
-    table = format_table(records)
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump({"environment": environment(args.device), "records": records}, f, indent=1)
-    print(table)
+    if args.suite:
+        suite = suites()[args.suite]
+        problems, providers, modes, device = suite["problems"], suite["providers"], suite["modes"], suite["device"]
+    else:
+        problems, providers = args.problems.split(","), args.providers.split(",")
+        modes, device = args.modes.split(","), args.device
+    cases = [dict(problem=p, provider=v, mode=m, repeats=args.repeats, warmup=args.warmup, device=device,
+                  dtype=args.dtype) for p in problems for m in modes for v in providers]
+    records = run_cases(cases, args.timeout, args.budget_s)
+    env = environment(device)
+    out = args.out
+    if out is None and args.suite:
+        out = results_path(env, os.path.join(os.getcwd(), "benchmarks", "results"))
+    if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as f:
+            json.dump({"environment": env, "command": "python -m ik_fast.bench " + " ".join(argv or sys.argv[1:]),
+                       "records": records}, f, indent=1)
+        print(f"results: {out}", file=sys.stderr)
+    print(f"{env['device_name']}, torch {env['torch']}, {args.dtype}, matmul precision "
+          f"{env['float32_matmul_precision']}")
+    print(format_table(records))
     return 0
 
 

@@ -10,7 +10,7 @@ from typing import List, Tuple
 
 import torch
 
-__all__ = ["knn_graph", "random_geometric_graph", "qm9_molecules", "molecule_batch"]
+__all__ = ["knn_graph", "random_geometric_graph", "skewed_graph", "qm9_molecules", "molecule_batch"]
 
 
 def knn_graph(pos: torch.Tensor, k: int, block: int = 4096) -> torch.Tensor:
@@ -31,6 +31,28 @@ def random_geometric_graph(n: int, k: int, dim: int = 3, seed: int = 0) -> Tuple
     g = torch.Generator().manual_seed(seed)
     pos = torch.randn(n, dim, generator=g) * (n ** (1 / 3) / 2)
     return pos, knn_graph(pos, k)
+
+
+def skewed_graph(n: int, mean_degree: int, hub_degree: int = 10_000, seed: int = 0):
+    """Positions as :func:`random_geometric_graph`; in-degrees Zipf-distributed (mean about ``mean_degree``) plus
+    one hub receiving ``hub_degree`` edges; sources of each receiver are its nearest neighbours."""
+    g = torch.Generator().manual_seed(seed)
+    pos = torch.randn(n, 3, generator=g) * (n ** (1 / 3) / 2)
+    ranks = torch.arange(1, n + 1, dtype=torch.float64)
+    w = 1.0 / ranks
+    deg = torch.clamp((w / w.sum() * n * mean_degree).round().long(), min=1, max=min(n, hub_degree))
+    deg = deg[torch.randperm(n, generator=g)]
+    deg[0] = min(hub_degree, n)
+    src, dst = [], []
+    for s in range(0, n, 2048):
+        d = torch.cdist(pos[s:s + 2048], pos)
+        kmax = int(deg[s:s + 2048].max())
+        nb = d.topk(kmax, dim=1, largest=False).indices
+        for r in range(nb.shape[0]):
+            k = int(deg[s + r])
+            src.append(nb[r, :k])
+            dst.append(torch.full((k,), s + r, dtype=torch.long))
+    return pos, torch.stack([torch.cat(src), torch.cat(dst)])
 
 
 def _qm9_files() -> List[str]:

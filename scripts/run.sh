@@ -2,7 +2,7 @@
 # One entry point for users and CI:
 #   bash scripts/run.sh demo    # set up (first time) and run the demo: an O(3) layer on a QM9 molecule batch
 #   bash scripts/run.sh test    # set up (first time) and run the test suite
-#   bash scripts/run.sh bench   # set up and run the CPU benchmark (benchmarks/bench_cpu.py)
+#   bash scripts/run.sh bench   # set up and run the CPU benchmark suite, then plots and the README's results
 #   bash scripts/run.sh setup   # only set up
 # Setup makes .venv with a pinned CPU stack: torch, escnn without py3nj (no Fortran compiler needed; escnn falls
 # back to a numerical Clebsch-Gordan method) and NumPy 1 (lie_learn's wheel is built against it).
@@ -10,18 +10,19 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV=${IK_FAST_VENV:-.venv}
-STAMP="$VENV/.ik_fast-setup-v1"
+STAMP="$VENV/.ik_fast-setup-v2"
 
 setup() {
   if [ -f "$STAMP" ]; then return; fi
-  "$PY" -m venv "$VENV"
+  [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
   local pip="$VENV/bin/python -m pip --disable-pip-version-check -q"
   # torch first and pinned: an unpinned torch pulls a multi-GB CUDA build; 2.13.0 is the CPU build on local disk
   $pip install "torch==2.13.0"
   $pip install "numpy>=1.24,<2" "scipy>=1.10,<1.15" autograd joblib pymanopt requests
   $pip install --no-deps "escnn==1.0.11" "lie_learn==0.0.2"
   $pip install --no-deps "qm9pack==1.0.3"   # QM9 data only; its pandas requirement would pull NumPy 2
-  $pip install "pytest>=8" "pytest-benchmark>=4"
+  # escnn's R3PointConv (the benchmarks' escnn provider) needs torch_geometric; plots need matplotlib
+  $pip install "torch_geometric>=2.5,<2.9" "matplotlib>=3.7,<3.10" "pytest>=8" "pytest-benchmark>=4" "numpy<2"
   $pip install --no-deps --no-build-isolation -e .
   touch "$STAMP"
 }
@@ -34,6 +35,6 @@ case "$cmd" in
   setup) ;;
   demo)  exec "$VENV/bin/python" examples/demo.py "$@" ;;
   test)  exec "$VENV/bin/python" -m pytest tests -q "$@" ;;
-  bench) exec "$VENV/bin/python" benchmarks/bench_cpu.py "$@" ;;
+  bench) "$VENV/bin/python" -m ik_fast.bench --suite cpu "$@" && exec "$VENV/bin/python" benchmarks/report.py ;;
   *) echo "usage: bash scripts/run.sh {demo|test|bench|setup}" >&2; exit 2 ;;
 esac

@@ -8,11 +8,28 @@ from ik_fast import bench
 from ik_fast.problems import PROBLEMS, get_problem
 
 
+@pytest.mark.parametrize("provider", ["escnn", "reference", "torch"])
 @pytest.mark.parametrize("mode", bench.MODES)
-def test_measure_tiny(mode):
-    rec = bench.measure("tiny", "torch", mode, repeats=1, warmup=0)
+def test_measure_tiny(mode, provider):
+    rec = bench.measure("tiny", provider, mode, repeats=1, warmup=0)
     assert rec["time_s"] > 0 and rec["flops"] > 0 and rec["edges"] == 64 * 8
     assert rec["peak_rss_mb"] > 0
+
+
+def test_suites_share_the_problem_list():
+    from ik_fast.problems import get_problem
+
+    for suite in bench.suites().values():
+        for name in suite["problems"]:
+            get_problem(name)  # every suite problem comes from the one list
+
+
+def test_skewed_graph_has_a_hub():
+    from ik_fast.data import skewed_graph
+
+    pos, ei = skewed_graph(3000, 8, hub_degree=2000)
+    deg = ei[1].bincount(minlength=3000)
+    assert deg.max() == 2000 and deg.min() >= 1 and ei[0].max() < 3000
 
 
 def test_cli_child_process(tmp_path):

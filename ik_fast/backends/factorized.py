@@ -38,10 +38,11 @@ def _input_groups(program: KernelProgram, x):
     return out
 
 
-def _contract(program: KernelProgram, final, chunk, hs, s, x):
-    """Outputs (n_r, C_out) of a chunk's receivers from its edges' scaled hidden activations hs = s_e h_e, radial
-    factors s and source features x, in the chunk's edge order."""
+def _contract(program: KernelProgram, final, chunk, h, s, x):
+    """Outputs (n_r, C_out) of a chunk's receivers from its edges' hidden activations h, radial factors s and source
+    features x, in the chunk's edge order."""
     n_r, D = chunk.receivers.numel(), chunk.degree
+    hs = h * s[:, None]
     if chunk.slot is not None:
         hs = hs.new_zeros(n_r * D, hs.shape[1]).index_copy(0, chunk.slot, hs)
         x = x.new_zeros(n_r * D, x.shape[1]).index_copy(0, chunk.slot, x)
@@ -72,7 +73,7 @@ def _chunk_inference(program: KernelProgram, final, chunk, x_src, src, delta, at
     d = delta[chunk.eid]
     h, _, _ = program.trunk(d, None if attr is None else attr[chunk.eid], structured=True)
     s = program.shell(d)
-    return _contract(program, final, chunk, h * s[:, None], s, x_src[src[chunk.eid]])
+    return _contract(program, final, chunk, h, s, x_src[src[chunk.eid]])
 
 
 def implicit_conv_torch(program: KernelProgram, x_src, graph: Graph, delta, attr):
@@ -92,12 +93,12 @@ def implicit_conv_torch(program: KernelProgram, x_src, graph: Graph, delta, attr
         final = _final_layer(program, pending)
         s = program.shell(delta)
         sizes = [c.eid.numel() for c in chunks]
-        pieces = zip(chunks, (h * s[:, None]).split(sizes), s.split(sizes), x_src[graph.src[order]].split(sizes))
-        for chunk, hs_c, s_c, x_c in pieces:
+        pieces = zip(chunks, h.split(sizes), s.split(sizes), x_src[graph.src[order]].split(sizes))
+        for chunk, h_c, s_c, x_c in pieces:
             if grad:
-                ys.append(checkpoint(_contract, program, final, chunk, hs_c, s_c, x_c, use_reentrant=False))
+                ys.append(checkpoint(_contract, program, final, chunk, h_c, s_c, x_c, use_reentrant=False))
             else:
-                ys.append(_contract(program, final, chunk, hs_c, s_c, x_c))
+                ys.append(_contract(program, final, chunk, h_c, s_c, x_c))
     else:  # inference: the trunk too goes chunk by chunk; eval-mode batch norm is a fixed affine map
         last_bn = program.hidden[-1].bn if program.hidden else None
         final = _final_layer(program, None if last_bn is None else last_bn.affine(None))
