@@ -230,8 +230,10 @@ def run_child(case: Dict, timeout: float) -> Dict:
             return json.loads(line)
     err = res.stderr.strip().splitlines()
     msg = err[-1] if err else f"exit code {res.returncode}"
-    if "out of memory" in res.stderr.lower() or res.returncode in (-9, 137):
+    if "out of memory" in res.stderr.lower() or "not enough memory" in res.stderr.lower():
         msg = "out of memory"
+    elif res.returncode in (-9, 137):
+        msg = "killed by SIGKILL (the kernel's out-of-memory killer, most likely)"
     return {**case, "error": msg}
 
 
@@ -256,7 +258,7 @@ def suites() -> Dict[str, Dict]:
 
     fused = [b for b in ("triton", "cuda") if b in _available()]
     return {
-        "cpu": dict(problems=["P", "planar", "cpu", "skew", *sweep_problems("cpu")],
+        "cpu": dict(problems=["P", "planar", "cpu", "skew@4096", *sweep_problems("cpu")],
                     providers=["escnn", "reference", "torch"], modes=["train", "inference"], device="cpu"),
         "gpu": dict(problems=["P", "M", "H", "skew", *sweep_problems("gpu")],
                     providers=["escnn", "reference", "torch", *fused], modes=["train", "inference"], device="cuda"),
@@ -277,26 +279,36 @@ def _progress(i: int, n: int, label: str, t0: float) -> None:
           end="", file=sys.stderr, flush=True)
 
 
-def run_cases(cases: List[Dict], timeout: float, budget_s: float = float("inf")) -> List[Dict]:
+def _key(case: Dict):
+    return (case["problem"], case["provider"], case["mode"], case.get("device", "cpu"), case.get("dtype", "float32"))
+
+
+def run_cases(cases: List[Dict], timeout: float, budget_s: float = float("inf"), done: Dict = None,
+              on_record=None) -> List[Dict]:
     """Run cases in child processes with a progress bar. A provider that ran out of memory on a problem is not run
-    on larger sizes of the same sweep (recorded as such); no new case starts once ``budget_s`` is spent."""
+    on larger sizes of the same sweep (recorded as such); no new case starts once ``budget_s`` is spent. ``done``
+    maps case keys to records already measured (``--resume``); ``on_record`` sees each record as it arrives."""
     records = []
     oom = set()
+    done = done or {}
     t0 = time.time()
     for i, case in enumerate(cases):
         label = f"{case['problem']} {case['provider']} {case['mode']}"
         _progress(i, len(cases), label, t0)
         base = case["problem"].split("@")[0]
-        if (base, case["provider"], case["mode"]) in oom and "@" in case["problem"]:
-            records.append({**case, "error": "out of memory (at a smaller size)"})
-            continue
-        if time.time() - t0 > budget_s:
-            records.append({**case, "error": "skipped: time budget spent"})
-            continue
-        rec = run_child(case, timeout)
+        if _key(case) in done:
+            rec = done[_key(case)]
+        elif (base, case["provider"], case["mode"]) in oom and "@" in case["problem"]:
+            rec = {**case, "error": "out of memory (at a smaller size)"}
+        elif time.time() - t0 > budget_s:
+            rec = {**case, "error": "skipped: time budget spent"}
+        else:
+            rec = run_child(case, timeout)
         if rec.get("error", "").startswith("out of memory"):
             oom.add((base, case["provider"], case["mode"]))
         records.append(rec)
+        if on_record is not None:
+            on_record(records)
     _progress(len(cases), len(cases), "done", t0)
     print(file=sys.stderr)
     return records
@@ -320,9 +332,10 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--timeout", type=float, default=1800, help="seconds per case")
+    ap.add_argument("--timeout", type=float, default=600, help="seconds per case")
     ap.add_argument("--budget-s", type=float, default=float("inf"), help="start no case after this many seconds")
     ap.add_argument("--out", default=None, help="write the records and the environment as JSON")
+    ap.add_argument("--resume", action="store_true", help="keep the records already in the output file")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
@@ -344,16 +357,24 @@ def main(argv=None) -> int:
         modes, device = args.modes.split(","), args.device
     cases = [dict(problem=p, provider=v, mode=m, repeats=args.repeats, warmup=args.warmup, device=device,
                   dtype=args.dtype) for p in problems for m in modes for v in providers]
-    records = run_cases(cases, args.timeout, args.budget_s)
     env = environment(device)
     out = args.out
     if out is None and args.suite:
         out = results_path(env, os.path.join(os.getcwd(), "benchmarks", "results"))
+    done = {}
+    if args.resume and out and os.path.exists(out):
+        with open(out) as f:
+            done = {_key(r): r for r in json.load(f)["records"] if not r.get("error", "").startswith("skipped")}
+    command = "python -m ik_fast.bench " + " ".join(a for a in (argv or sys.argv[1:]) if a != "--resume")
+
+    def save(records):
+        if out:
+            os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+            with open(out, "w") as f:
+                json.dump({"environment": env, "command": command, "records": records}, f, indent=1)
+
+    records = run_cases(cases, args.timeout, args.budget_s, done, save)
     if out:
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        with open(out, "w") as f:
-            json.dump({"environment": env, "command": "python -m ik_fast.bench " + " ".join(argv or sys.argv[1:]),
-                       "records": records}, f, indent=1)
         print(f"results: {out}", file=sys.stderr)
     print(f"{env['device_name']}, torch {env['torch']}, {args.dtype}, matmul precision "
           f"{env['float32_matmul_precision']}")
