@@ -41,7 +41,8 @@ def plots(slug: str, data: dict) -> list:
 
     recs = [r for r in data["records"] if "error" not in r]
     made = []
-    sweep = [r for r in recs if "@" in r["problem"]]
+    is_sweep = lambda name: name.startswith(("M@", "H@"))  # noqa: E731
+    sweep = [r for r in recs if is_sweep(r["problem"])]
     if sweep:
         fig, axes = plt.subplots(2, 2, figsize=(11, 8))
         for col, base in enumerate(["M", "H"]):
@@ -67,7 +68,7 @@ def plots(slug: str, data: dict) -> list:
         fig.savefig(path, dpi=90)
         plt.close(fig)
         made.append(path)
-    fixed = sorted({r["problem"] for r in recs if "@" not in r["problem"]})
+    fixed = sorted({r["problem"] for r in recs if not is_sweep(r["problem"])})
     bars = []
     for prob in fixed:
         for mode in ("train", "inference"):

@@ -332,7 +332,7 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--timeout", type=float, default=600, help="seconds per case")
+    ap.add_argument("--timeout", type=float, default=240, help="seconds per case")
     ap.add_argument("--budget-s", type=float, default=float("inf"), help="start no case after this many seconds")
     ap.add_argument("--out", default=None, help="write the records and the environment as JSON")
     ap.add_argument("--resume", action="store_true", help="keep the records already in the output file")
@@ -364,7 +364,8 @@ def main(argv=None) -> int:
     done = {}
     if args.resume and out and os.path.exists(out):
         with open(out) as f:
-            done = {_key(r): r for r in json.load(f)["records"] if not r.get("error", "").startswith("skipped")}
+            done = {_key(r): r for r in json.load(f)["records"]  # results, not crashes, are kept
+                    if "error" not in r or r["error"].startswith(("out of memory", "timeout"))}
     command = "python -m ik_fast.bench " + " ".join(a for a in (argv or sys.argv[1:]) if a != "--resume")
 
     def save(records):

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 import csv
 import importlib.util
-import json
 import os
 from typing import List, Tuple
 
@@ -75,8 +75,10 @@ def qm9_molecules(count: int, start: int = 0) -> List[Tuple[torch.Tensor, torch.
         with open(path, newline="") as f:
             for row in csv.DictReader(f):
                 if seen >= start:
-                    pos = torch.tensor(json.loads(row["XYZ_Ang"]), dtype=torch.float64)
-                    els = json.loads(row["Elements"].replace("'", '"'))
+                    # Python literals, not JSON ("0." occurs); small numbers may be written the Mathematica way,
+                    # 1.2*^-6
+                    pos = torch.tensor(ast.literal_eval(row["XYZ_Ang"].replace("*^", "e")), dtype=torch.float64)
+                    els = ast.literal_eval(row["Elements"])
                     out.append((pos, torch.tensor([ELEMENTS.index(e) for e in els])))
                     if len(out) == count:
                         return out

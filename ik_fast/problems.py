@@ -39,7 +39,8 @@ class Problem:
 
     @property
     def field_dim(self) -> int:
-        return self.fields * ((self.L + 1) ** 2 if self.group == "O3" else 2 * self.L + 2)
+        """Size of the feature field: fields x (sphere type (L+1)^2 on O(3); band-limited regular 2 + 4L on O(2))."""
+        return self.fields * ((self.L + 1) ** 2 if self.group == "O3" else 2 + 4 * self.L)
 
     @property
     def approx_edges(self) -> int:
@@ -137,7 +138,10 @@ def build_inputs(p: Problem, device="cpu", seed: int = 0, dtype: Optional[torch.
     dtype = dtype or torch.get_default_dtype()
     g = torch.Generator().manual_seed(seed)
     if p.graph == "qm9":
-        pos, _, ei, attr = molecule_batch(qm9_molecules(p.molecules, start=seed * p.molecules), n_rbf=p.n_attr)
+        # from the middle of QM9, where molecules have the dataset's typical size (~18 atoms; the first entries are
+        # CH4, NH3, H2O, ...)
+        start = 60_000 + seed * p.molecules
+        pos, _, ei, attr = molecule_batch(qm9_molecules(p.molecules, start=start), n_rbf=p.n_attr)
     else:
         if p.graph == "skew":
             pos, ei = skewed_graph(p.nodes, p.k, seed=seed)

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from ik_fast import bench
 from ik_fast.problems import PROBLEMS, get_problem
@@ -50,6 +51,14 @@ def test_problem_list():
         get_problem("Q")
 
 
+def test_field_dims_match_the_field_types():
+    from ik_fast.problems import field_types
+
+    for name in ("cpu", "P", "planar", "tiny"):
+        p = get_problem(name)
+        assert field_types(p)[0].size == p.field_dim, name
+
+
 def test_qm9_batch_is_real_data():
     from ik_fast.data import molecule_batch, qm9_molecules
 
@@ -57,3 +66,5 @@ def test_qm9_batch_is_real_data():
     assert [m[0].shape[0] for m in mols] == [5, 4, 3]  # CH4, NH3, H2O: the first QM9 entries
     pos, typ, ei, attr = molecule_batch(mols)
     assert ei.shape[1] == 25 + 16 + 9 and attr.shape == (50, 4)
+    batch = qm9_molecules(32)  # problem P's batch, which has numbers written as 1.2*^-6
+    assert len(batch) == 32 and all(torch.isfinite(m[0]).all() for m in batch)
