@@ -33,12 +33,14 @@ def main() -> int:
 
     layer = build_layer(problem, backend="reference").eval()
     G = layer.in_type.fibergroup
-    ref = layer(x, ei, edge_attr=attr, pos=pos)
+    with torch.no_grad():
+        ref = layer(x, ei, edge_attr=attr, pos=pos)
     g = G.sample()
     rows = []
     for b in backends:
         layer.backend = b
-        out = layer(x, ei, edge_attr=attr, pos=pos)
+        with torch.no_grad():
+            out = layer(x, ei, edge_attr=attr, pos=pos)
         agree = float((out - ref).norm() / ref.norm())
         eq = equivariance_error(layer, g, pos, x, ei, attr)
         rec = run_child(dict(problem="P", provider=b, mode="train", repeats=5, warmup=1), timeout=900)
