@@ -27,9 +27,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
-import numpy as np
 import torch
-from escnn import gspaces, group
+from escnn import group, gspaces
 from escnn import nn as enn
 
 __all__ = ["HiddenSpec", "irrep_frequency", "max_frequency", "build_hidden", "instantiate_irreps"]

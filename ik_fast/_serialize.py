@@ -4,7 +4,7 @@ pickled as a recipe (how to rebuild their field types) plus their state_dict, an
 from __future__ import annotations
 
 import numpy as np
-from escnn import gspaces, group
+from escnn import group, gspaces
 from escnn import nn as enn
 
 __all__ = ["type_recipe", "type_from_recipe", "reduce_module"]

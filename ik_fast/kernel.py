@@ -263,7 +263,7 @@ class ImplicitKernel(torch.nn.Module):
             cols = [hidden_fields] if k > 0 else [torch.arange(mask.shape[1]).reshape(1, -1)]
             lin.set_plan(build_plan(mask, [hidden_fields], cols))
         last = self.mlp[-1]
-        R, C = self.out_type.size, self.in_type.size
+        C = self.in_type.size
         mask = self._kernel_layout(last.structural_mask(), None)[0]  # (R, H * C)
         rows = _field_groups(self.out_type)
         cols = []

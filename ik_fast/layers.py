@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from escnn import nn as enn
 
+from ._serialize import reduce_module
 from .functional import implicit_point_conv
 from .graph import prepare_graph
-from ._serialize import reduce_module
 from .kernel import ImplicitKernel, check_field_type
 
 __all__ = ["ImplicitPointConv", "ImplicitConv"]

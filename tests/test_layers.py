@@ -94,7 +94,6 @@ def _escnn_oracle(kernel, pos, attr):
     """The same MLP assembled from escnn's own modules with the same parameters: Linear, (Quotient)FourierELU or
     ELU, IIDBatchNorm1d."""
     seq = []
-    hid_type = None
     for k, lin in enumerate(kernel.mlp):
         e = enn.Linear(lin.in_type, lin.out_type, bias=True, initialize=False)
         with torch.no_grad():

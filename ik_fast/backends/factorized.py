@@ -34,7 +34,7 @@ def _input_groups(program: KernelProgram, x):
             xg = x.reshape(x.shape[0], f_i, d_i).transpose(1, 2)
         else:
             xg = x[:, g.t()]
-        out.append((xg.reshape(x.shape[0], -1), d_i, f_i))
+        out.append((xg.reshape(x.shape[0], -1), f_i))
     return out
 
 
@@ -53,7 +53,7 @@ def _contract(program: KernelProgram, final, chunk, h, s, x):
         y = torch.bmm(hsT, x).reshape(n_r, -1) @ final.weight.t()  # Z (n_r, H, C_in), flattened
     else:
         zs = []  # per field group, Z (n_r, H * d_i, F_i): component-major as the plan expects
-        for xg, d_i, f_i in _input_groups(program, x.reshape(n_r * D, -1)):
+        for xg, f_i in _input_groups(program, x.reshape(n_r * D, -1)):
             zs.append(torch.bmm(hsT, xg.reshape(n_r, D, -1)).reshape(n_r, -1, f_i))
         y = final.plan.merge(final.plan.apply_split(zs, final.blocks))
     if final.bias is not None:
