@@ -12,20 +12,23 @@ from typing import Callable, Dict, List
 import torch
 
 from .factorized import implicit_conv_torch
+from .fused import implicit_conv_triton, triton_available
 from .reference import implicit_conv_reference
 
 __all__ = ["available_backends", "get_backend", "resolve_backend", "BACKENDS"]
 
-BACKENDS: Dict[str, Callable] = {"reference": implicit_conv_reference, "torch": implicit_conv_torch}
-# "auto" prefers the first of these that runs on the device; fused backends are added here as they land
-_PREFERENCE = ("torch",)
-_FUSED_PLANNED = ("triton", "cuda")
+BACKENDS: Dict[str, Callable] = {"reference": implicit_conv_reference, "torch": implicit_conv_torch,
+                                  "triton": implicit_conv_triton}
+# "auto" prefers the first of these that runs on the device ("triton" only on CUDA: on CPU it is the interpreter)
+_PREFERENCE = ("triton", "torch")
+_FUSED = ("triton",)
 _warned = set()
 
 
 def available_backends(device=None) -> List[str]:
     """Names of the backends that run here (on ``device`` when given)."""
-    return [name for name in BACKENDS]
+    dev = torch.device("cuda" if device is None and torch.cuda.is_available() else (device or "cpu"))
+    return [name for name in BACKENDS if name != "triton" or triton_available(dev)]
 
 
 def resolve_backend(name, device) -> str:
@@ -36,13 +39,15 @@ def resolve_backend(name, device) -> str:
     if not isinstance(name, str):
         raise TypeError(f"backend must be a string, got {type(name).__name__}")
     if name == "auto":
-        avail = available_backends(device)
+        dev = torch.device(device)
+        avail = available_backends(dev) if dev.type == "cuda" else [n for n in BACKENDS if n not in _FUSED]
         choice = next(n for n in _PREFERENCE if n in avail)
-        key = (choice, torch.device(device).type)
-        if key not in _warned:
+        key = (choice, dev.type)
+        if choice not in _FUSED and key not in _warned:
             _warned.add(key)
-            warnings.warn(f"ik_fast: backend 'auto' uses '{choice}' on {torch.device(device).type}: no fused backend "
-                          f"({', '.join(_FUSED_PLANNED)}) is available in this build", RuntimeWarning, stacklevel=3)
+            why = "the fused kernels run on CUDA devices" if dev.type != "cuda" else "Triton is not installed"
+            warnings.warn(f"ik_fast: backend 'auto' uses '{choice}' on {dev.type}: {why}", RuntimeWarning,
+                          stacklevel=3)
         return choice
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {['auto'] + list(BACKENDS)}, got {name!r}")

@@ -1,0 +1,301 @@
+"""Fused Triton kernels of the implicit point convolution (the ``triton`` backend).
+
+One program takes a tile of ``BE`` consecutive edges of the receiver-sorted edge list (edge-balanced, so a hub of
+10^4 neighbours is spread over many programs and a node of degree 1 costs one lane). For its tile it
+
+1. evaluates the whole kernel MLP on chip: ``a_0 = [d, attr]``, ``a_k = act(a_{k-1} W_k + b_k)``, where ``act`` is the
+   Fourier ELU (per channel: ``ELU(y A^T) Ainv^T``, two small GEMMs on the (edge x channel, component) view of the tile)
+   or a pointwise ELU, and every batch norm is already folded into the Linear that follows it (host side);
+2. multiplies by the radial shell ``s = norm * exp(-coef |d|^2)``;
+3. contracts with the source features without forming a per-edge kernel (lever 1 of the design notes): for each input
+   component ``c``, ``Z_c = S^T (s a x_c)`` sums the tile's edges per receiver segment (``S`` the tile's one-hot
+   edge -> segment matrix, a GEMM), and ``out_seg += Z_c Wf[c]``. ``Z`` exists one (segments x hidden) slice at a time.
+
+Each tile writes one row per receiver *segment* (the part of a receiver's edge list inside the tile); the host sums
+the (rarely more than two) segments of a receiver deterministically. Nothing with one row per edge and a hidden or
+kernel dimension is written to global memory.
+
+The backward recomputes the trunk tile by tile (per layer, from the input) and writes only per-edge gradients of the
+inputs (``d``/attributes and the gathered source features, both (E, small)); parameter gradients are accumulated per
+program (a persistent grid of ``NPROG`` programs, each owning one accumulator row), which keeps the sum
+deterministic: the host adds the rows in a fixed order.
+
+The statistics kernel computes, for batch norm in training mode, per-component mean and sum of squared deviations
+of one hidden layer's activations over all edges (per program, merged with Chan's formula), recomputing the trunk up
+to that layer with the earlier batch norms already folded.
+
+Shapes are padded on the host to powers of two (at least 16, for ``tl.dot``): ``P0P`` the MLP input, ``CP x DP`` the
+hidden layer (``CP`` channels of ``DP`` components, channel-major; ``CP = 1`` for a pointwise ELU), ``GP`` the Fourier
+grid, ``CINP``/``RP`` the input/output features, ``BR`` the segments of a tile. ``PREC`` is ``"ieee"``, ``"tf32"``
+or ``"bf16"`` (bf16 operands, float32 accumulation).
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _mm(a, b, PREC: tl.constexpr):
+    if PREC == "bf16":
+        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+    else:
+        return tl.dot(a, b, input_precision=PREC)
+
+
+@triton.jit
+def _elu(u):
+    return tl.where(u > 0, u, tl.exp(tl.minimum(u, 0.0)) - 1.0)
+
+
+@triton.jit
+def _elu_grad(u):
+    return tl.where(u > 0, 1.0, tl.exp(tl.minimum(u, 0.0)))
+
+
+@triton.jit
+def _linear(a, w_ptr, b_ptr, K: tl.constexpr, N: tl.constexpr, PREC: tl.constexpr):
+    k = tl.arange(0, K)
+    n = tl.arange(0, N)
+    w = tl.load(w_ptr + k[:, None] * N + n[None, :])
+    b = tl.load(b_ptr + n)
+    return _mm(a, w.to(a.dtype), PREC) + b[None, :].to(a.dtype)
+
+
+@triton.jit
+def _act(y, at_ptr, ait_ptr, BE: tl.constexpr, CP: tl.constexpr, DP: tl.constexpr, GP: tl.constexpr,
+         FOURIER: tl.constexpr, PREC: tl.constexpr):
+    if FOURIER:
+        d = tl.arange(0, DP)
+        g = tl.arange(0, GP)
+        at = tl.load(at_ptr + d[:, None] * GP + g[None, :]).to(y.dtype)
+        ait = tl.load(ait_ptr + g[:, None] * DP + d[None, :]).to(y.dtype)
+        u = _mm(tl.reshape(y, (BE * CP, DP)), at, PREC)
+        v = _mm(_elu(u), ait, PREC)
+        return tl.reshape(v, (BE, CP * DP))
+    else:
+        return _elu(y)
+
+
+@triton.jit
+def _act_bwd(y, dv, at_ptr, ait_ptr, BE: tl.constexpr, CP: tl.constexpr, DP: tl.constexpr, GP: tl.constexpr,
+             FOURIER: tl.constexpr, PREC: tl.constexpr):
+    """Gradient with respect to the pre-activation y, given the gradient dv of act(y)."""
+    if FOURIER:
+        d = tl.arange(0, DP)
+        g = tl.arange(0, GP)
+        at = tl.load(at_ptr + d[:, None] * GP + g[None, :]).to(y.dtype)
+        ait = tl.load(ait_ptr + g[:, None] * DP + d[None, :]).to(y.dtype)
+        u = _mm(tl.reshape(y, (BE * CP, DP)), at, PREC)
+        du = _mm(tl.reshape(dv, (BE * CP, DP)), tl.trans(ait), PREC) * _elu_grad(u)
+        return tl.reshape(_mm(du, tl.trans(at), PREC), (BE, CP * DP))
+    else:
+        return dv * _elu_grad(y)
+
+
+@triton.jit
+def _forward_to(inp, w1, b1, wh, bh, at, ait, K: tl.constexpr, P0P: tl.constexpr, BE: tl.constexpr,
+                CP: tl.constexpr, DP: tl.constexpr, GP: tl.constexpr, FOURIER: tl.constexpr, PREC: tl.constexpr):
+    """(a_{K-1}, y_K): the input of layer K (1-based) and its pre-activation, recomputed from the MLP input."""
+    HP: tl.constexpr = CP * DP
+    y = _linear(inp, w1, b1, P0P, HP, PREC)
+    a = tl.zeros((BE, HP), dtype=inp.dtype)
+    for j in tl.static_range(1, K):  # layer j + 1 of the MLP
+        a = _act(y, at + (j - 1) * DP * GP, ait + (j - 1) * GP * DP, BE, CP, DP, GP, FOURIER, PREC)
+        y = _linear(a, wh + (j - 1) * HP * HP, bh + (j - 1) * HP, HP, HP, PREC)
+    return a, y
+
+
+@triton.jit
+def _trunk(inp, w1, b1, wh, bh, at, ait, NL: tl.constexpr, P0P: tl.constexpr, BE: tl.constexpr, CP: tl.constexpr,
+           DP: tl.constexpr, GP: tl.constexpr, FOURIER: tl.constexpr, PREC: tl.constexpr):
+    """a_NL, the last hidden activation before its (folded) batch norm; the input itself without hidden layers."""
+    if NL == 0:
+        return inp
+    else:
+        _, y = _forward_to(inp, w1, b1, wh, bh, at, ait, NL, P0P, BE, CP, DP, GP, FOURIER, PREC)
+        return _act(y, at + (NL - 1) * DP * GP, ait + (NL - 1) * GP * DP, BE, CP, DP, GP, FOURIER, PREC)
+
+
+@triton.jit
+def _load_tile(inp_ptr, coef_ptr, norm, t, E, P0: tl.constexpr, P0P: tl.constexpr, NDIM: tl.constexpr,
+               BE: tl.constexpr):
+    """Edge ids, validity mask, MLP input (BE, P0P) and radial factor s (BE,) of tile t (0 on padding lanes)."""
+    offs = t * BE + tl.arange(0, BE)
+    emask = offs < E
+    offs = offs.to(tl.int64)
+    p = tl.arange(0, P0P)
+    inp = tl.load(inp_ptr + offs[:, None] * P0 + p[None, :], mask=emask[:, None] & (p < P0)[None, :], other=0.0)
+    r2 = tl.sum(tl.where((p < NDIM)[None, :], inp * inp, 0.0), 1)
+    coef = tl.load(coef_ptr).to(inp.dtype)
+    s = tl.where(emask, tl.exp(-r2 * coef) * norm, 0.0)
+    return offs, emask, inp, s, r2, coef
+
+
+@triton.jit
+def _segments(loc_ptr, base_ptr, t, offs, emask, dtype, BR: tl.constexpr):
+    """One-hot edge -> segment matrix (BE, BR), the tile's first global segment and its number of segments."""
+    loc = tl.load(loc_ptr + offs, mask=emask, other=-1)
+    S = (loc[:, None] == tl.arange(0, BR)[None, :]).to(dtype)
+    base = tl.load(base_ptr + t).to(tl.int64)
+    nloc = tl.max(loc, 0) + 1
+    return S, base, nloc
+
+
+@triton.jit
+def fused_forward_kernel(x_ptr, inp_ptr, src_ptr, loc_ptr, base_ptr, w1, b1, wh, bh, at, ait, wf, bf, coef_ptr,
+                         out_ptr, E, norm,
+                         CIN: tl.constexpr, CINP: tl.constexpr, R: tl.constexpr, RP: tl.constexpr,
+                         P0: tl.constexpr, P0P: tl.constexpr, NDIM: tl.constexpr, NL: tl.constexpr,
+                         CP: tl.constexpr, DP: tl.constexpr, GP: tl.constexpr, FOURIER: tl.constexpr,
+                         HAS_BIAS: tl.constexpr, BE: tl.constexpr, BR: tl.constexpr, PREC: tl.constexpr):
+    HP: tl.constexpr = CP * DP
+    t = tl.program_id(0)
+    offs, emask, inp, s, _, _ = _load_tile(inp_ptr, coef_ptr, norm, t, E, P0, P0P, NDIM, BE)
+    S, base, nloc = _segments(loc_ptr, base_ptr, t, offs, emask, inp.dtype, BR)
+    ST = tl.trans(S)
+    hs = _trunk(inp, w1, b1, wh, bh, at, ait, NL, P0P, BE, CP, DP, GP, FOURIER, PREC) * s[:, None]
+    src = tl.load(src_ptr + offs, mask=emask, other=0).to(tl.int64)
+    hh = tl.arange(0, HP)
+    rr = tl.arange(0, RP)
+    acc = tl.zeros((BR, RP), dtype=inp.dtype)
+    for c in range(CIN):
+        xc = tl.load(x_ptr + src * CIN + c, mask=emask, other=0.0).to(inp.dtype)
+        z = _mm(ST, hs * xc[:, None], PREC)  # (BR, HP): this component's slice of Z, per segment
+        w = tl.load(wf + c * HP * R + hh[:, None] * R + rr[None, :], mask=(rr < R)[None, :], other=0.0)
+        acc += _mm(z, w.to(inp.dtype), PREC)
+    if HAS_BIAS:
+        cc = tl.arange(0, CINP)
+        xt = tl.load(x_ptr + src[:, None] * CIN + cc[None, :], mask=emask[:, None] & (cc < CIN)[None, :],
+                     other=0.0).to(inp.dtype)
+        zb = _mm(ST, xt * s[:, None], PREC)  # (BR, CINP)
+        bfw = tl.load(bf + cc[:, None] * R + rr[None, :], mask=(cc < CIN)[:, None] & (rr < R)[None, :], other=0.0)
+        acc += _mm(zb, bfw.to(inp.dtype), PREC)
+    seg = tl.arange(0, BR)
+    tl.store(out_ptr + (base + seg)[:, None] * R + rr[None, :], acc,
+             mask=(seg < nloc)[:, None] & (rr < R)[None, :])
+
+
+@triton.jit
+def fused_stats_kernel(inp_ptr, w1, b1, wh, bh, at, ait, coef_ptr, out_ptr, E, n_tiles,
+                       K: tl.constexpr, P0: tl.constexpr, P0P: tl.constexpr, NDIM: tl.constexpr, CP: tl.constexpr,
+                       DP: tl.constexpr, GP: tl.constexpr, FOURIER: tl.constexpr, BE: tl.constexpr,
+                       PREC: tl.constexpr):
+    """Per program: (count, mean (HP), M2 (HP)) of layer K's activation over its tiles -> out (NPROG, 1 + 2 HP)."""
+    HP: tl.constexpr = CP * DP
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    hh = tl.arange(0, HP)
+    dt = inp_ptr.dtype.element_ty
+    n_a = tl.sum(tl.zeros((BE,), dtype=dt), 0)
+    mean = tl.zeros((HP,), dtype=dt)
+    m2 = tl.zeros((HP,), dtype=dt)
+    for t in range(pid, n_tiles, nprog):
+        offs, emask, inp, _, _, _ = _load_tile(inp_ptr, coef_ptr, 1.0, t, E, P0, P0P, NDIM, BE)
+        a = _trunk(inp, w1, b1, wh, bh, at, ait, K, P0P, BE, CP, DP, GP, FOURIER, PREC)
+        n_b = tl.sum(emask.to(dt), 0)
+        mean_b = tl.sum(tl.where(emask[:, None], a, 0.0), 0) / n_b
+        dev = tl.where(emask[:, None], a - mean_b[None, :], 0.0)
+        m2_b = tl.sum(dev * dev, 0)
+        # Chan et al.'s pairwise merge of (count, mean, M2)
+        n = n_a + n_b
+        delta = mean_b - mean
+        mean = mean + delta * (n_b / n)
+        m2 = m2 + m2_b + delta * delta * (n_a * n_b / n)
+        n_a = n
+    row = out_ptr + pid * (1 + 2 * HP)
+    tl.store(row, n_a)
+    tl.store(row + 1 + hh, mean)
+    tl.store(row + 1 + HP + hh, m2)
+
+
+@triton.jit
+def _accumulate(ptr, offsets, value, mask):
+    """Read-modify-write of this program's own accumulator row (no other program touches it)."""
+    old = tl.load(ptr + offsets, mask=mask, other=0.0)
+    tl.store(ptr + offsets, old + value.to(old.dtype), mask=mask)
+
+
+@triton.jit
+def fused_backward_kernel(gseg_ptr, x_ptr, inp_ptr, src_ptr, loc_ptr, base_ptr, w1, b1, wh, bh, at, ait, wf, bf,
+                          coef_ptr, dxe_ptr, dinp_ptr, gw1, gb1, gwh, gbh, gwf, gbf, gcoef, E, n_tiles, norm,
+                          CIN: tl.constexpr, CINP: tl.constexpr, R: tl.constexpr, RP: tl.constexpr,
+                          P0: tl.constexpr, P0P: tl.constexpr, NDIM: tl.constexpr, NL: tl.constexpr,
+                          CP: tl.constexpr, DP: tl.constexpr, GP: tl.constexpr, FOURIER: tl.constexpr,
+                          HAS_BIAS: tl.constexpr, BE: tl.constexpr, BR: tl.constexpr, PREC: tl.constexpr,
+                          NH: tl.constexpr):
+    HP: tl.constexpr = CP * DP
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    hh = tl.arange(0, HP)
+    rr = tl.arange(0, RP)
+    cc = tl.arange(0, CINP)
+    pp = tl.arange(0, P0P)
+    seg = tl.arange(0, BR)
+    # this program's accumulator rows
+    gw1 = gw1 + pid * (P0P * HP)
+    gb1 = gb1 + pid * HP
+    gwh = gwh + pid * (NH * HP * HP)
+    gbh = gbh + pid * (NH * HP)
+    gwf = gwf + pid * (CIN * HP * R)
+    gbf = gbf + pid * (CIN * R)
+    gcoef_acc = tl.sum(tl.zeros((BE,), dtype=inp_ptr.dtype.element_ty), 0)
+    for t in range(pid, n_tiles, nprog):
+        offs, emask, inp, s, r2, coef = _load_tile(inp_ptr, coef_ptr, norm, t, E, P0, P0P, NDIM, BE)
+        S, base, nloc = _segments(loc_ptr, base_ptr, t, offs, emask, inp.dtype, BR)
+        g = tl.load(gseg_ptr + (base + seg)[:, None] * R + rr[None, :], mask=(seg < nloc)[:, None] & (rr < R)[None, :],
+                    other=0.0).to(inp.dtype)
+        de = _mm(S, g, PREC)  # (BE, RP): the output gradient of each edge's receiver
+        h = _trunk(inp, w1, b1, wh, bh, at, ait, NL, P0P, BE, CP, DP, GP, FOURIER, PREC)
+        src = tl.load(src_ptr + offs, mask=emask, other=0).to(tl.int64)
+        dh = tl.zeros((BE, HP), dtype=inp.dtype)
+        ds = tl.zeros((BE,), dtype=inp.dtype)
+        dx = tl.zeros((BE, CINP), dtype=inp.dtype)
+        for c in range(CIN):
+            xc = tl.load(x_ptr + src * CIN + c, mask=emask, other=0.0).to(inp.dtype)
+            wmask = (rr < R)[None, :]
+            w = tl.load(wf + c * HP * R + hh[:, None] * R + rr[None, :], mask=wmask, other=0.0).to(inp.dtype)
+            gc = _mm(de, tl.trans(w), PREC)  # (BE, HP): d out / d (s x_c h)
+            sx = s * xc
+            dh += gc * sx[:, None]
+            tc = tl.sum(gc * h, 1)
+            ds += tc * xc
+            dx += tl.where((cc == c)[None, :], (s * tc)[:, None], 0.0)
+            _accumulate(gwf + c * HP * R, hh[:, None] * R + rr[None, :], _mm(tl.trans(h * sx[:, None]), de, PREC),
+                        mask=wmask)
+        if HAS_BIAS:
+            xt = tl.load(x_ptr + src[:, None] * CIN + cc[None, :], mask=emask[:, None] & (cc < CIN)[None, :],
+                         other=0.0).to(inp.dtype)
+            bmask = (cc < CIN)[:, None] & (rr < R)[None, :]
+            bfw = tl.load(bf + cc[:, None] * R + rr[None, :], mask=bmask, other=0.0).to(inp.dtype)
+            gb = _mm(de, tl.trans(bfw), PREC)  # (BE, CINP)
+            dx += gb * s[:, None]
+            ds += tl.sum(gb * xt, 1)
+            _accumulate(gbf, cc[:, None] * R + rr[None, :], _mm(tl.trans(xt * s[:, None]), de, PREC), mask=bmask)
+        tl.store(dxe_ptr + offs[:, None] * CIN + cc[None, :], dx, mask=emask[:, None] & (cc < CIN)[None, :])
+        # radial shell s = norm * exp(-coef r^2)
+        dsr = ds * s
+        gcoef_acc += tl.sum(-dsr * r2, 0)
+        dinp = tl.where((pp < NDIM)[None, :], (-2.0 * coef * dsr)[:, None] * inp, 0.0)
+        # the MLP, layer by layer from the last, recomputing each layer's input and pre-activation
+        if NL == 0:
+            dinp += dh
+        else:
+            da = dh
+            for kk in tl.static_range(NL - 1):
+                k = NL - kk  # 1-based layer index, NL .. 2
+                a_prev, y = _forward_to(inp, w1, b1, wh, bh, at, ait, k, P0P, BE, CP, DP, GP, FOURIER, PREC)
+                dy = _act_bwd(y, da, at + (k - 1) * DP * GP, ait + (k - 1) * GP * DP, BE, CP, DP, GP, FOURIER, PREC)
+                _accumulate(gwh + (k - 2) * HP * HP, hh[:, None] * HP + hh[None, :], _mm(tl.trans(a_prev), dy, PREC),
+                            (hh < HP)[:, None] & (hh < HP)[None, :])
+                _accumulate(gbh + (k - 2) * HP, hh, tl.sum(dy, 0), hh < HP)
+                wk = tl.load(wh + (k - 2) * HP * HP + hh[:, None] * HP + hh[None, :]).to(inp.dtype)
+                da = _mm(dy, tl.trans(wk), PREC)
+            _, y1 = _forward_to(inp, w1, b1, wh, bh, at, ait, 1, P0P, BE, CP, DP, GP, FOURIER, PREC)
+            dy1 = _act_bwd(y1, da, at, ait, BE, CP, DP, GP, FOURIER, PREC)
+            _accumulate(gw1, pp[:, None] * HP + hh[None, :], _mm(tl.trans(inp), dy1, PREC),
+                        (pp < P0P)[:, None] & (hh < HP)[None, :])
+            _accumulate(gb1, hh, tl.sum(dy1, 0), hh < HP)
+            w1t = tl.load(w1 + pp[:, None] * HP + hh[None, :]).to(inp.dtype)
+            dinp += _mm(dy1, tl.trans(w1t), PREC)
+        tl.store(dinp_ptr + offs[:, None] * P0 + pp[None, :], dinp, mask=emask[:, None] & (pp < P0)[None, :])
+    tl.store(gcoef + pid, gcoef_acc)
