@@ -27,7 +27,7 @@ to that layer with the earlier batch norms already folded.
 Shapes are padded on the host to powers of two (at least 16, for ``tl.dot``): ``P0P`` the MLP input, ``CP x DP`` the
 hidden layer (``CP`` channels of ``DP`` components, channel-major; ``CP = 1`` for a pointwise ELU), ``GP`` the Fourier
 grid, ``CINP``/``RP`` the input/output features, ``BR`` the segments of a tile. ``PREC`` is ``"ieee"``, ``"tf32"``
-or ``"bf16"`` (bf16 operands, float32 accumulation).
+or ``"bf16"`` (bf16 operands, float32 accumulation; ``"bf16-emulated"`` the same in the interpreter).
 """
 
 import triton
@@ -38,6 +38,10 @@ import triton.language as tl
 def _mm(a, b, PREC: tl.constexpr):
     if PREC == "bf16":
         return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+    elif PREC == "bf16-emulated":
+        # the same arithmetic (a product of two bfloat16 numbers is exact in float32) for the Triton interpreter,
+        # whose bfloat16 dot is broken (Triton 3.9)
+        return tl.dot(a.to(tl.bfloat16).to(tl.float32), b.to(tl.bfloat16).to(tl.float32), input_precision="ieee")
     else:
         return tl.dot(a, b, input_precision=PREC)
 

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import pytest
 import torch
+
+# Without a GPU the Triton backend's tests run its kernels in the Triton interpreter (numpy, on CPU tensors). The flag
+# must be set before the kernels are imported (triton.jit reads it when it decorates them).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 warnings.filterwarnings("ignore", message=".*py3nj.*")
 

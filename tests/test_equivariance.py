@@ -32,7 +32,8 @@ def test_kernel_constraint(name, kind):
 
 
 @pytest.mark.parametrize("name", list(GSPACES))
-@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("backend", ["reference", "torch"] + [b for b in ["triton"]
+                                                              if b in ik_fast.available_backends("cpu")])
 def test_layer_equivariance(name, backend):
     gs = get_gspace(name)
     in_t, out_t, attr_t = field_types(gs, "mixed_attr")

@@ -36,7 +36,7 @@ from ..program import KernelProgram
 
 __all__ = ["implicit_conv_triton", "triton_available", "packed_conv_torch"]
 
-PREC_NAMES = ("ieee", "tf32", "bf16")
+PREC_NAMES = ("ieee", "tf32", "bf16", "bf16-emulated")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -291,27 +291,30 @@ def _common(x, inp, cfg):
 
 
 @torch.library.custom_op("ik_fast::fused_conv", mutates_args=())
-def fused_conv(x: Tensor, inp: Tensor, src: Tensor, loc: Tensor, base: Tensor, seg_recv: Tensor, w1: Tensor,
-               b1: Tensor, wh: Tensor, bh: Tensor, at: Tensor, ait: Tensor, wf: Tensor, bf: Tensor, coef: Tensor,
-               cfg: List[int], norm: float) -> Tensor:
-    """Per receiver segment, the sum over its edges of K(d_e, a_e) x_src (see the kernel module)."""
+def fused_conv(x: Tensor, inp: Tensor, src: Tensor, loc: Tensor, base: Tensor, seg_recv: Tensor, lengths: Tensor,
+               w1: Tensor, b1: Tensor, wh: Tensor, bh: Tensor, at: Tensor, ait: Tensor, wf: Tensor, bf: Tensor,
+               coef: Tensor, cfg: List[int], norm: float) -> Tensor:
+    """out (n_dst, R): per receiver, the sum over its edges of K(d_e, a_e) x_src (see the kernel module).
+
+    ``inp``, ``src``: MLP inputs and sources of the edges in receiver order; ``loc``, ``base``, ``seg_recv``,
+    ``lengths``: the tiling (see :class:`Tiling`)."""
     k, _, sizes = _common(x, inp, cfg)
     R = wf.shape[2]
-    out = x.new_empty(seg_recv.shape[0], R)
+    seg = x.new_zeros(seg_recv.shape[0], R)
     E = inp.shape[0]
     n_tiles = base.shape[0]
-    if E == 0:
-        return out
-    _kernels().fused_forward_kernel[(n_tiles,)](
-        x.contiguous(), inp.contiguous(), src, loc, base, w1.contiguous(), b1.contiguous(), wh.contiguous(),
-        bh.contiguous(), at.contiguous(), ait.contiguous(), wf.contiguous(), bf.contiguous(), coef, out, E, norm,
-        R=R, RP=_pow2(R), **sizes, **k)
-    return out
+    if E > 0:
+        _kernels().fused_forward_kernel[(n_tiles,)](
+            x.contiguous(), inp.contiguous(), src, loc, base, w1.contiguous(), b1.contiguous(), wh.contiguous(),
+            bh.contiguous(), at.contiguous(), ait.contiguous(), wf.contiguous(), bf.contiguous(), coef, seg, E, norm,
+            R=R, RP=_pow2(R), **sizes, **k)
+    # a receiver's segments are consecutive rows: a segmented sum, deterministic (no atomics)
+    return torch.segment_reduce(seg, "sum", lengths=lengths)
 
 
 @fused_conv.register_fake
-def _(x, inp, src, loc, base, seg_recv, w1, b1, wh, bh, at, ait, wf, bf, coef, cfg, norm):
-    return x.new_empty(seg_recv.shape[0], wf.shape[2])
+def _(x, inp, src, loc, base, seg_recv, lengths, w1, b1, wh, bh, at, ait, wf, bf, coef, cfg, norm):
+    return x.new_empty(lengths.shape[0], wf.shape[2])
 
 
 @torch.library.custom_op("ik_fast::fused_conv_bwd", mutates_args=())
@@ -368,12 +371,13 @@ def _(inp, w1, b1, wh, bh, at, ait, coef, n_tiles, cfg, layer):
 
 
 _GRAD_INPUTS = ("x", "inp", "w1", "b1", "wh", "bh", "wf", "bf", "coef")
-_ALL_INPUTS = ("x", "inp", "src", "loc", "base", "seg_recv", "w1", "b1", "wh", "bh", "at", "ait", "wf", "bf", "coef")
+_ALL_INPUTS = ("x", "inp", "src", "loc", "base", "seg_recv", "lengths", "w1", "b1", "wh", "bh", "at", "ait", "wf", "bf",
+               "coef")
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:15])
-    ctx.cfg, ctx.norm = inputs[15], inputs[16]
+    ctx.save_for_backward(*inputs[:16])
+    ctx.cfg, ctx.norm = inputs[16], inputs[17]
 
 
 def _backward(ctx, grad):
@@ -381,8 +385,9 @@ def _backward(ctx, grad):
     if torch.is_grad_enabled():  # create_graph=True: differentiate the plain-PyTorch form of the same computation
         grads = _backward_torch(saved, ctx.cfg, ctx.norm, grad)
     else:
-        args = [saved[n] for n in _ALL_INPUTS if n != "seg_recv"]
-        grads = dict(zip(_GRAD_INPUTS, fused_conv_bwd(grad, *args, ctx.cfg, ctx.norm)))
+        args = [saved[n] for n in _ALL_INPUTS if n not in ("seg_recv", "lengths")]
+        gseg = grad.index_select(0, saved["seg_recv"])  # each segment's rows of the output gradient
+        grads = dict(zip(_GRAD_INPUTS, fused_conv_bwd(gseg, *args, ctx.cfg, ctx.norm)))
     return tuple(grads.get(n) if ctx.needs_input_grad[i] else None for i, n in enumerate(_ALL_INPUTS)) + (None, None)
 
 
@@ -400,7 +405,7 @@ def _backward_torch(saved, cfg, norm, grad):
 fused_conv.register_autograd(_backward, setup_context=_setup_context)
 
 
-def packed_conv_torch(x, inp, src, loc, base, seg_recv, w1, b1, wh, bh, at, ait, wf, bf, coef, cfg, norm):
+def packed_conv_torch(x, inp, src, loc, base, seg_recv, lengths, w1, b1, wh, bh, at, ait, wf, bf, coef, cfg, norm):
     """``fused_conv`` in plain PyTorch, edge by edge (for double backward and tests; holds (E, hidden) tensors)."""
     k, _ = _unpack_cfg(cfg)
     E, P0 = inp.shape
@@ -425,7 +430,7 @@ def packed_conv_torch(x, inp, src, loc, base, seg_recv, w1, b1, wh, bh, at, ait,
     msg = torch.einsum("eh,ec,chr->er", h * s[:, None], xe, wf)
     if k["HAS_BIAS"]:
         msg = msg + (xe * s[:, None]) @ bf
-    return msg.new_zeros(seg_recv.shape[0], wf.shape[2]).index_add(0, segid, msg)
+    return msg.new_zeros(lengths.shape[0], wf.shape[2]).index_add(0, seg_recv[segid], msg)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -436,7 +441,7 @@ def _precision(dtype, device) -> int:
         return 0
     dev = torch.device(device).type
     if torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) == torch.bfloat16:
-        return 2
+        return 3 if dev == "cpu" else 2
     return 0 if torch.get_float32_matmul_precision() == "highest" else 1
 
 
@@ -489,7 +494,6 @@ def implicit_conv_triton(program: KernelProgram, x_src, graph: Graph, delta, att
     p = pack(program, stats, x_src.dtype, x_src.device)
     w1, b1, wh, bh, at, ait, wf, bf, coef = p.tensors
     per_program = w1.numel() + b1.numel() + wh.numel() + bh.numel() + wf.numel() + bf.numel() + 1
-    seg = fused_conv(x_src.contiguous(), inp, tiles.src, tiles.loc, tiles.base, tiles.seg_recv, *p.tensors,
-                     cfg_of(per_program), float(program.norm))
-    out = torch.segment_reduce(seg, "sum", lengths=tiles.lengths)
+    out = fused_conv(x_src.contiguous(), inp, tiles.src, tiles.loc, tiles.base, tiles.seg_recv, tiles.lengths,
+                     *p.tensors, cfg_of(per_program), float(program.norm))
     return out, stats
