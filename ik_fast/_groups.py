@@ -112,8 +112,8 @@ def build_hidden(gspace0, needed_irreps, band_limit: Optional[int], channels: in
     if fam == "finite":
         rho = G.regular_representation
         htype = gspace0.type(*[rho] * channels)
-        return HiddenSpec(htype, rho.size, None, None, f"regular representation of {G.name} ({rho.size}), pointwise ELU",
-                          lambda: enn.ELU(htype))
+        return HiddenSpec(htype, rho.size, None, None,
+                          f"regular representation of {G.name} ({rho.size}), pointwise ELU", lambda: enn.ELU(htype))
 
     L = band_limit
     if fam == "SO3":

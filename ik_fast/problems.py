@@ -57,7 +57,8 @@ PROBLEMS: Dict[str, Problem] = {p.name: p for p in [
     Problem("H", L=2, fields=16, channels=16, nodes=8192, k=24,
             description="H: 16 x O(3) L<=2 (144 dims), MLP 3x16, 4 attrs, N=8192, k=24 (~197k edges)"),
     Problem("skew", L=1, fields=8, channels=8, nodes=16384, k=16, graph="skew",
-            description="degree skew: M's fields, 16384 nodes, one hub receiving 10^4 edges, Zipf in-degrees (mean 16)"),
+            description="degree skew: M's fields, 16384 nodes, one hub receiving 10^4 edges, Zipf in-degrees "
+                        "(mean 16)"),
     Problem("planar", group="O2", L=1, fields=8, channels=8, nodes=4096, k=16,
             description="2D: 8 x O(2) band-limited regular L<=1 (32 dims), MLP 3x8, 4 attrs, N=4096, k=16"),
     Problem("tiny", L=1, fields=2, channels=4, nodes=64, k=8,

@@ -256,6 +256,8 @@ class _FourierELU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, A, Ainv = ctx.saved_tensors
+        # the backward runs outside autocast: compute in the dtype the forward saw (bfloat16 under autocast)
+        A, Ainv, grad = A.to(x.dtype), Ainv.to(x.dtype), grad.to(x.dtype)
         parts = []
         for s in range(0, x.shape[0], _FourierELU.CHUNK):
             u = x[s:s + _FourierELU.CHUNK] @ A.t()

@@ -47,6 +47,17 @@ def _mm(a, b, PREC: tl.constexpr):
 
 
 @triton.jit
+def _seg_mm(a, b, PREC: tl.constexpr):
+    """A GEMM with a one-hot operand (a segmented sum): exact operands, so it keeps float32 inputs in bf16 modes."""
+    if PREC == "bf16":
+        return tl.dot(a, b, input_precision="tf32")
+    elif PREC == "bf16-emulated":
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision=PREC)
+
+
+@triton.jit
 def _elu(u):
     return tl.where(u > 0, u, tl.exp(tl.minimum(u, 0.0)) - 1.0)
 
@@ -164,14 +175,14 @@ def fused_forward_kernel(x_ptr, inp_ptr, src_ptr, loc_ptr, base_ptr, w1, b1, wh,
     acc = tl.zeros((BR, RP), dtype=inp.dtype)
     for c in range(CIN):
         xc = tl.load(x_ptr + src * CIN + c, mask=emask, other=0.0).to(inp.dtype)
-        z = _mm(ST, hs * xc[:, None], PREC)  # (BR, HP): this component's slice of Z, per segment
+        z = _seg_mm(ST, hs * xc[:, None], PREC)  # (BR, HP): this component's slice of Z, per segment
         w = tl.load(wf + c * HP * R + hh[:, None] * R + rr[None, :], mask=(rr < R)[None, :], other=0.0)
         acc += _mm(z, w.to(inp.dtype), PREC)
     if HAS_BIAS:
         cc = tl.arange(0, CINP)
         xt = tl.load(x_ptr + src[:, None] * CIN + cc[None, :], mask=emask[:, None] & (cc < CIN)[None, :],
                      other=0.0).to(inp.dtype)
-        zb = _mm(ST, xt * s[:, None], PREC)  # (BR, CINP)
+        zb = _seg_mm(ST, xt * s[:, None], PREC)  # (BR, CINP)
         bfw = tl.load(bf + cc[:, None] * R + rr[None, :], mask=(cc < CIN)[:, None] & (rr < R)[None, :], other=0.0)
         acc += _mm(zb, bfw.to(inp.dtype), PREC)
     seg = tl.arange(0, BR)
@@ -248,7 +259,7 @@ def fused_backward_kernel(gseg_ptr, x_ptr, inp_ptr, src_ptr, loc_ptr, base_ptr, 
         S, base, nloc = _segments(loc_ptr, base_ptr, t, offs, emask, inp.dtype, BR)
         g = tl.load(gseg_ptr + (base + seg)[:, None] * R + rr[None, :], mask=(seg < nloc)[:, None] & (rr < R)[None, :],
                     other=0.0).to(inp.dtype)
-        de = _mm(S, g, PREC)  # (BE, RP): the output gradient of each edge's receiver
+        de = _seg_mm(S, g, PREC)  # (BE, RP): the output gradient of each edge's receiver
         h = _trunk(inp, w1, b1, wh, bh, at, ait, NL, P0P, BE, CP, DP, GP, FOURIER, PREC)
         src = tl.load(src_ptr + offs, mask=emask, other=0).to(tl.int64)
         dh = tl.zeros((BE, HP), dtype=inp.dtype)

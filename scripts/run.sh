@@ -5,12 +5,12 @@
 #   bash scripts/run.sh bench   # set up and run the CPU benchmark suite, then plots and the README's results
 #   bash scripts/run.sh setup   # only set up
 # Setup makes .venv with a pinned CPU stack: torch, escnn without py3nj (no Fortran compiler needed; escnn falls
-# back to a numerical Clebsch-Gordan method) and NumPy 1 (lie_learn's wheel is built against it).
+# back to a numerical Clebsch-Gordan method), NumPy 1 (lie_learn's wheel is built against it) and Triton.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV=${IK_FAST_VENV:-.venv}
-STAMP="$VENV/.ik_fast-setup-v2"
+STAMP="$VENV/.ik_fast-setup-v3"
 
 setup() {
   if [ -f "$STAMP" ]; then return; fi
@@ -23,6 +23,8 @@ setup() {
   $pip install --no-deps "qm9pack==1.0.3"   # QM9 data only; its pandas requirement would pull NumPy 2
   # escnn's R3PointConv (the benchmarks' escnn provider) needs torch_geometric; plots need matplotlib
   $pip install "torch_geometric>=2.5,<2.9" "matplotlib>=3.7,<3.10" "pytest>=8" "pytest-benchmark>=4" "numpy<2"
+  # the fused backend's kernels; without a GPU the tests run them in Triton's interpreter (TRITON_INTERPRET=1)
+  $pip install "triton>=3.6,<3.10"
   $pip install --no-deps --no-build-isolation -e .
   touch "$STAMP"
 }

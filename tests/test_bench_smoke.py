@@ -9,12 +9,14 @@ from ik_fast import bench
 from ik_fast.problems import PROBLEMS, get_problem
 
 
-@pytest.mark.parametrize("provider", ["escnn", "reference", "torch"])
+@pytest.mark.parametrize("provider", ["escnn", "reference", "torch", "triton"])
 @pytest.mark.parametrize("mode", bench.MODES)
 def test_measure_tiny(mode, provider):
+    if provider == "triton" and "triton" not in bench._available():
+        pytest.skip("Triton not available")
     rec = bench.measure("tiny", provider, mode, repeats=1, warmup=0)
     assert rec["time_s"] > 0 and rec["flops"] > 0 and rec["edges"] == 64 * 8
-    assert rec["peak_rss_mb"] > 0
+    assert rec["peak_rss_mb"] > 0 and rec["warmup_s"] > 0
 
 
 def test_suites_share_the_problem_list():

@@ -44,3 +44,114 @@ def test_cuda_equivariance():
     x = torch.randn(50, in_t.size, device="cuda")
     a = torch.randn(400, attr_t.size, device="cuda")
     ik_fast.assert_equivariant(conv, pos, x, ei, a, n_samples=3, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the fused Triton backend, natively on the GPU (on CPU the same checks run in the interpreter: test_triton.py)
+# ---------------------------------------------------------------------------------------------------------------
+def _triton_or_skip():
+    if "triton" not in ik_fast.available_backends("cuda"):
+        pytest.skip("Triton not importable")
+
+
+def _layer_and_graph(name="O3", n=400, e=6000, channels=4, dtype=torch.float32, seed=0):
+    gs = get_gspace(name)
+    in_t, out_t, attr_t = field_types(gs, "mixed_attr")
+    torch.manual_seed(seed)
+    conv = ik_fast.ImplicitPointConv(in_t, out_t, attr_t, n_layers=3, n_channels=channels).to("cuda", dtype)
+    pos = torch.randn(n, gs.dimensionality, device="cuda", dtype=dtype)
+    ei = torch.randint(0, n, (2, e), device="cuda")
+    x = torch.randn(n, in_t.size, device="cuda", dtype=dtype)
+    a = torch.randn(e, attr_t.size, device="cuda", dtype=dtype)
+    return conv, pos, ei, x, a
+
+
+def _fwd_bwd(conv, backend, pos, ei, x, a):
+    conv.backend = backend
+    conv.zero_grad()
+    xs, ps = x.clone().requires_grad_(), pos.clone().requires_grad_()
+    out = conv(xs, ei, edge_attr=a, pos=ps)
+    (out * torch.linspace(-1, 1, out.numel(), device="cuda", dtype=out.dtype).reshape(out.shape)).sum().backward()
+    return [out.detach(), xs.grad, ps.grad] + [p.grad.clone() for p in conv.parameters() if p.grad is not None]
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("name", ["O3", "SO3", "Ih", "O2", "C8", "full_cylinder"])
+def test_triton_matches_reference_on_cuda(name, mode):
+    _triton_or_skip()
+    conv, pos, ei, x, a = _layer_and_graph(name, dtype=torch.float64)
+    getattr(conv, mode)()
+    state = {k: v.clone() for k, v in conv.state_dict().items()}
+    ref = _fwd_bwd(conv, "reference", pos, ei, x, a)
+    conv.load_state_dict(state)
+    got = _fwd_bwd(conv, "triton", pos, ei, x, a)
+    for r, g in zip(ref, got):
+        assert rel(g, r) < 1e-9
+
+
+def test_triton_float32_tf32_bf16_errors_on_cuda():
+    _triton_or_skip()
+    conv, pos, ei, x, a = _layer_and_graph("O3", dtype=torch.float64)
+    conv.eval().backend = "triton"
+    with torch.no_grad():
+        ref = conv(x, ei, edge_attr=a, pos=pos)
+        c32 = conv.float()
+        args, kw = (x.float(), ei), dict(edge_attr=a.float(), pos=pos.float())
+        old = torch.get_float32_matmul_precision()
+        try:
+            torch.set_float32_matmul_precision("highest")
+            e32 = rel(c32(*args, **kw).double(), ref)
+            torch.set_float32_matmul_precision("high")
+            etf = rel(c32(*args, **kw).double(), ref)
+        finally:
+            torch.set_float32_matmul_precision(old)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            ebf = rel(c32(*args, **kw).double(), ref)
+    print(f"relative error vs float64: float32 {e32:.2e}, tf32 {etf:.2e}, bf16 {ebf:.2e}")
+    assert e32 < 1e-5 and etf < 1e-2 and ebf < 1e-1
+
+
+def test_triton_never_allocates_edges_times_hidden():
+    """Peak memory of a training step stays far below one (E x hidden) float32 tensor."""
+    _triton_or_skip()
+    conv, pos, ei, x, a = _layer_and_graph("O3", n=20000, e=400_000, channels=8)
+    conv.train()
+    hidden = conv.kernel.program().hidden_size
+    conv.backend = "triton"
+    _fwd_bwd(conv, "triton", pos, ei, x, a)  # warm-up: compilation, graph preparation
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    _fwd_bwd(conv, "triton", pos, ei, x, a)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    one_hidden = ei.shape[1] * hidden * 4
+    assert extra < one_hidden / 4, (extra, one_hidden)
+
+
+def test_triton_deterministic_and_compiles_on_cuda():
+    _triton_or_skip()
+    conv, pos, ei, x, a = _layer_and_graph("O3")
+    conv.train()
+    torch.use_deterministic_algorithms(True)
+    try:
+        g1 = _fwd_bwd(conv, "triton", pos, ei, x, a)
+        g2 = _fwd_bwd(conv, "triton", pos, ei, x, a)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for u, v in zip(g1, g2):
+        assert torch.equal(u, v)
+    from ik_fast.backends import fused
+    from ik_fast.graph import prepare_graph
+
+    prog = conv.eval().kernel.program()
+    g = prepare_graph(ei, x.shape[0], x.shape[0])
+    t = fused.tiling(g)
+    lay = fused.layout(prog)
+    p = fused.pack(prog, [], x.dtype, x.device)
+    inp = prog.mlp_input(pos[ei[0]] - pos[ei[1]], a)[t.perm].contiguous()
+    cfg = [lay.NDIM, lay.NL, lay.CP, lay.DP, lay.GP, int(lay.FOURIER), int(p.has_bias), t.BE, t.BR, 0, 64]
+    args = (x, inp, t.src, t.loc, t.base, t.seg_recv, t.lengths, *p.tensors, cfg, float(prog.norm))
+    eager = fused.fused_conv(*args)
+    compiled = torch.compile(lambda *a: fused.fused_conv(*a), fullgraph=True)(*args)
+    assert rel(compiled, eager) < 1e-6

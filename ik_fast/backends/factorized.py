@@ -104,4 +104,4 @@ def implicit_conv_torch(program: KernelProgram, x_src, graph: Graph, delta, attr
         final = _final_layer(program, None if last_bn is None else last_bn.affine(None))
         ys = [_chunk_inference(program, final, chunk, x_src, graph.src, delta, attr) for chunk in chunks]
     recv = torch.cat([c.receivers for c in chunks])
-    return out.index_copy(0, recv, torch.cat(ys)), stats
+    return out.index_copy(0, recv, torch.cat(ys).to(out.dtype)), stats  # (bfloat16 under autocast)

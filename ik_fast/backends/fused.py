@@ -226,7 +226,9 @@ def _pack_hidden(program: KernelProgram, lay: Layout, layers, dtype, device):
     wh = torch.zeros(nh, HP, HP, dtype=dtype, device=device)
     bh = torch.zeros(nh, HP, dtype=dtype, device=device)
     for k, (w, b) in enumerate(layers):
-        b = _zeros_bias(w) if b is None else b
+        # (under autocast the lowered program may hold bfloat16 tensors: the kernels take float32/float64 buffers)
+        w = w.to(dtype)
+        b = _zeros_bias(w) if b is None else b.to(dtype)
         if k == 0:
             w1 = w1.index_put((torch.arange(P0, device=device)[:, None], hm[None, :]), w.t())
             b1 = b1.index_put((hm,), b)
@@ -258,10 +260,10 @@ def pack(program: KernelProgram, stats, dtype, device) -> Packed:
     w1, b1, wh, bh, at, ait = _pack_hidden(program, lay, layers, dtype, device)
     C_in, R = program.in_size, program.out_size
     wfin, bfin = _fold_into(program.final.weight, program.final.bias, pending, inner=C_in)
-    w3 = wfin.reshape(R, -1, C_in).permute(2, 1, 0)  # (C_in, H, R)
+    w3 = wfin.to(dtype).reshape(R, -1, C_in).permute(2, 1, 0)  # (C_in, H, R)
     wf = _scatter_hidden(w3, lay)
     has_bias = bfin is not None
-    bf = bfin.reshape(R, C_in).t().contiguous() if has_bias else wfin.new_zeros(C_in, R)
+    bf = bfin.to(dtype).reshape(R, C_in).t().contiguous() if has_bias else w3.new_zeros(C_in, R)
     coef = (0.5 / (program.sigma * program.sigma)).reshape(1).to(dtype)
     return Packed((w1, b1, wh, bh, at, ait, wf.contiguous(), bf, coef), has_bias)
 
@@ -469,7 +471,7 @@ def _batch_stats(program: KernelProgram, lay: Layout, inp, tiles: Tiling, cfg_of
             C, D = layer.channels, layer.dim
             mu = mu[lay.hmap].reshape(C, D)
             var = (M2[lay.hmap] / (inp.shape[0] - 1)).reshape(C, D)
-            stats.append((mu @ layer.bn.avg.t(), var.mean(-1)))
+            stats.append((mu @ layer.bn.avg.t().to(mu.dtype), var.mean(-1)))
     return stats
 
 

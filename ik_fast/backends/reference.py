@@ -34,5 +34,5 @@ def implicit_conv_reference(program: KernelProgram, x_src, graph: Graph, delta, 
     for start in range(0, E, step):
         sl = slice(start, start + step)
         msg, stats = _messages(program, x_src, graph, delta, attr, sl)
-        out = out.index_add(0, graph.dst[sl], msg)
+        out = out.index_add(0, graph.dst[sl], msg.to(out.dtype))  # (bfloat16 under autocast)
     return out, stats
