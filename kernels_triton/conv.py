@@ -24,10 +24,11 @@ The statistics kernel computes, for batch norm in training mode, per-component m
 of one hidden layer's activations over all edges (per program, merged with Chan's formula), recomputing the trunk up
 to that layer with the earlier batch norms already folded.
 
-Shapes are padded on the host to powers of two (at least 16, for ``tl.dot``): ``P0P`` the MLP input, ``CP x DP`` the
-hidden layer (``CP`` channels of ``DP`` components, channel-major; ``CP = 1`` for a pointwise ELU), ``GP`` the Fourier
-grid, ``CINP``/``RP`` the input/output features, ``BR`` the segments of a tile. ``PREC`` is ``"ieee"``, ``"tf32"``
-or ``"bf16"`` (bf16 operands, float32 accumulation; ``"bf16-emulated"`` the same in the interpreter).
+Edge and tile counts are not specialised on (one compilation serves every graph size). Shapes are padded on the host
+to powers of two (at least 16, for ``tl.dot``): ``P0P`` the MLP input, ``CP x DP`` the hidden layer (``CP`` channels
+of ``DP`` components, channel-major; ``CP = 1`` for a pointwise ELU), ``GP`` the Fourier grid, ``CINP``/``RP`` the
+input/output features, ``BR`` the segments of a tile. ``PREC`` is ``"ieee"``, ``"tf32"`` or ``"bf16"`` (bf16
+operands, float32 accumulation; ``"bf16-emulated"`` the same in the interpreter).
 """
 
 import triton
@@ -156,7 +157,7 @@ def _segments(loc_ptr, base_ptr, t, offs, emask, dtype, BR: tl.constexpr):
     return S, base, nloc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["E"])
 def fused_forward_kernel(x_ptr, inp_ptr, src_ptr, loc_ptr, base_ptr, w1, b1, wh, bh, at, ait, wf, bf, coef_ptr,
                          out_ptr, E, norm,
                          CIN: tl.constexpr, CINP: tl.constexpr, R: tl.constexpr, RP: tl.constexpr,
@@ -190,7 +191,7 @@ def fused_forward_kernel(x_ptr, inp_ptr, src_ptr, loc_ptr, base_ptr, w1, b1, wh,
              mask=(seg < nloc)[:, None] & (rr < R)[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["E", "n_tiles"])
 def fused_stats_kernel(inp_ptr, w1, b1, wh, bh, at, ait, coef_ptr, out_ptr, E, n_tiles,
                        K: tl.constexpr, P0: tl.constexpr, P0P: tl.constexpr, NDIM: tl.constexpr, CP: tl.constexpr,
                        DP: tl.constexpr, GP: tl.constexpr, FOURIER: tl.constexpr, BE: tl.constexpr,
@@ -230,7 +231,7 @@ def _accumulate(ptr, offsets, value, mask):
     tl.store(ptr + offsets, old + value.to(old.dtype), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["E", "n_tiles"])
 def fused_backward_kernel(gseg_ptr, x_ptr, inp_ptr, src_ptr, loc_ptr, base_ptr, w1, b1, wh, bh, at, ait, wf, bf,
                           coef_ptr, dxe_ptr, dinp_ptr, gw1, gb1, gwh, gbh, gwf, gbf, gcoef, E, n_tiles, norm,
                           CIN: tl.constexpr, CINP: tl.constexpr, R: tl.constexpr, RP: tl.constexpr,
