@@ -7,9 +7,15 @@ One program takes a tile of ``BE`` consecutive edges of the receiver-sorted edge
    Fourier ELU (per channel: ``ELU(y A^T) Ainv^T``, two small GEMMs on the (edge x channel, component) view of the tile)
    or a pointwise ELU, and every batch norm is already folded into the Linear that follows it (host side);
 2. multiplies by the radial shell ``s = norm * exp(-coef |d|^2)``;
-3. contracts with the source features without forming a per-edge kernel (lever 1 of the design notes): for each input
-   component ``c``, ``Z_c = S^T (s a x_c)`` sums the tile's edges per receiver segment (``S`` the tile's one-hot
-   edge -> segment matrix, a GEMM), and ``out_seg += Z_c Wf[c]``. ``Z`` exists one (segments x hidden) slice at a time.
+3. contracts with the source features without forming a per-edge kernel (lever 1 of the design notes): for each
+   block of ``GW`` hidden units and each input component ``c``, ``Z = S^T (s a_block x_c)`` sums the tile's edges per
+   receiver segment (``S`` the tile's one-hot edge -> segment matrix, a GEMM), and ``out_seg += Z Wf[c, block]``.
+   ``Z`` exists one (segments x GW) slice at a time.
+
+Every GEMM works on blocks of ``GW`` hidden units (the host picks ``GW`` so that no operand exceeds 64 KB in float32),
+so wide hidden layers compile to the same small tiles. Register tiles cannot be sliced in Triton: a block is taken
+out of (and put back into) the (BE, NG, GW) view of a tile by a masked sum (``_group``, ``_add_group``), which costs
+BE x hidden additions per block, against BE x GW x GW multiply-adds for the GEMM it feeds.
 
 Each tile writes one row per receiver *segment* (the part of a receiver's edge list inside the tile); the host sums
 the (rarely more than two) segments of a receiver deterministically. Nothing with one row per edge and a hidden or
@@ -69,67 +75,139 @@ def _elu_grad(u):
 
 
 @triton.jit
-def _linear(a, w_ptr, b_ptr, K: tl.constexpr, N: tl.constexpr, PREC: tl.constexpr):
-    k = tl.arange(0, K)
-    n = tl.arange(0, N)
-    w = tl.load(w_ptr + k[:, None] * N + n[None, :])
+def _group(v3, g, NG: tl.constexpr):
+    """Group g (BE, GW) of a (BE, NG, GW) register tile: register tiles cannot be sliced, so a masked sum."""
+    return tl.sum(tl.where((tl.arange(0, NG) == g)[None, :, None], v3, 0.0), 1)
+
+
+@triton.jit
+def _add_group(v3, blk, g, NG: tl.constexpr):
+    """v3 with blk (BE, GW) added into group g."""
+    return v3 + tl.where((tl.arange(0, NG) == g)[None, :, None], blk[:, None, :], 0.0)
+
+
+@triton.jit
+def _linear_in(inp, w_ptr, b_ptr, P0P: tl.constexpr, HP: tl.constexpr, PREC: tl.constexpr):
+    """The first Linear: the MLP input (BE, P0P) is narrow, so its weight (P0P, HP) is one GEMM operand."""
+    k = tl.arange(0, P0P)
+    n = tl.arange(0, HP)
+    w = tl.load(w_ptr + k[:, None] * HP + n[None, :])
     b = tl.load(b_ptr + n)
-    return _mm(a, w.to(a.dtype), PREC) + b[None, :].to(a.dtype)
+    return _mm(inp, w.to(inp.dtype), PREC) + b[None, :].to(inp.dtype)
+
+
+@triton.jit
+def _linear_hh(a, w_ptr, b_ptr, BE: tl.constexpr, HP: tl.constexpr, GW: tl.constexpr, PREC: tl.constexpr):
+    """A hidden -> hidden Linear (weight (HP, HP) row-major as x @ W) in (GW x GW) blocks, so that no GEMM operand
+    is larger than one block whatever the hidden width."""
+    NG: tl.constexpr = HP // GW
+    a3 = tl.reshape(a, (BE, NG, GW))
+    k = tl.arange(0, GW)
+    y3 = tl.zeros((BE, NG, GW), dtype=a.dtype)
+    for gi in range(NG):
+        ag = _group(a3, gi, NG)
+        for go in range(NG):
+            w = tl.load(w_ptr + (gi * GW + k)[:, None] * HP + (go * GW + k)[None, :]).to(a.dtype)
+            y3 = _add_group(y3, _mm(ag, w, PREC), go, NG)
+    b = tl.load(b_ptr + tl.arange(0, HP)).to(a.dtype)
+    return tl.reshape(y3, (BE, HP)) + b[None, :]
+
+
+@triton.jit
+def _linear_hh_bwd(a, dy, w_ptr, gw_ptr, BE: tl.constexpr, HP: tl.constexpr, GW: tl.constexpr, PREC: tl.constexpr):
+    """Backward of :func:`_linear_hh`: returns d a, and adds a^T dy to this program's weight-gradient row."""
+    NG: tl.constexpr = HP // GW
+    a3 = tl.reshape(a, (BE, NG, GW))
+    dy3 = tl.reshape(dy, (BE, NG, GW))
+    k = tl.arange(0, GW)
+    da3 = tl.zeros((BE, NG, GW), dtype=a.dtype)
+    for go in range(NG):
+        dyg = _group(dy3, go, NG)
+        for gi in range(NG):
+            offs = (gi * GW + k)[:, None] * HP + (go * GW + k)[None, :]
+            w = tl.load(w_ptr + offs).to(a.dtype)
+            da3 = _add_group(da3, _mm(dyg, tl.trans(w), PREC), gi, NG)
+            _accumulate(gw_ptr, offs, _mm(tl.trans(_group(a3, gi, NG)), dyg, PREC), offs >= 0)
+    return tl.reshape(da3, (BE, HP))
+
+
+@triton.jit
+def _felu(y, at, ait, BE: tl.constexpr, G: tl.constexpr, DP: tl.constexpr, PREC: tl.constexpr):
+    """Fourier ELU of a group of G channels (BE, G * DP): ELU(y A^T) Ainv^T per channel, on the (edge x channel,
+    component) view."""
+    u = _mm(tl.reshape(y, (BE * G, DP)), at, PREC)
+    return tl.reshape(_mm(_elu(u), ait, PREC), (BE, G * DP))
+
+
+@triton.jit
+def _load_fourier(at_ptr, ait_ptr, DP: tl.constexpr, GP: tl.constexpr, dtype):
+    d = tl.arange(0, DP)
+    g = tl.arange(0, GP)
+    at = tl.load(at_ptr + d[:, None] * GP + g[None, :]).to(dtype)
+    ait = tl.load(ait_ptr + g[:, None] * DP + d[None, :]).to(dtype)
+    return at, ait
 
 
 @triton.jit
 def _act(y, at_ptr, ait_ptr, BE: tl.constexpr, CP: tl.constexpr, DP: tl.constexpr, GP: tl.constexpr,
-         FOURIER: tl.constexpr, PREC: tl.constexpr):
+         GW: tl.constexpr, FOURIER: tl.constexpr, PREC: tl.constexpr):
     if FOURIER:
-        d = tl.arange(0, DP)
-        g = tl.arange(0, GP)
-        at = tl.load(at_ptr + d[:, None] * GP + g[None, :]).to(y.dtype)
-        ait = tl.load(ait_ptr + g[:, None] * DP + d[None, :]).to(y.dtype)
-        u = _mm(tl.reshape(y, (BE * CP, DP)), at, PREC)
-        v = _mm(_elu(u), ait, PREC)
-        return tl.reshape(v, (BE, CP * DP))
+        HP: tl.constexpr = CP * DP
+        NG: tl.constexpr = HP // GW
+        at, ait = _load_fourier(at_ptr, ait_ptr, DP, GP, y.dtype)
+        y3 = tl.reshape(y, (BE, NG, GW))
+        v3 = tl.zeros((BE, NG, GW), dtype=y.dtype)
+        for g in range(NG):
+            v3 = _add_group(v3, _felu(_group(y3, g, NG), at, ait, BE, GW // DP, DP, PREC), g, NG)
+        return tl.reshape(v3, (BE, HP))
     else:
         return _elu(y)
 
 
 @triton.jit
 def _act_bwd(y, dv, at_ptr, ait_ptr, BE: tl.constexpr, CP: tl.constexpr, DP: tl.constexpr, GP: tl.constexpr,
-             FOURIER: tl.constexpr, PREC: tl.constexpr):
+             GW: tl.constexpr, FOURIER: tl.constexpr, PREC: tl.constexpr):
     """Gradient with respect to the pre-activation y, given the gradient dv of act(y)."""
     if FOURIER:
-        d = tl.arange(0, DP)
-        g = tl.arange(0, GP)
-        at = tl.load(at_ptr + d[:, None] * GP + g[None, :]).to(y.dtype)
-        ait = tl.load(ait_ptr + g[:, None] * DP + d[None, :]).to(y.dtype)
-        u = _mm(tl.reshape(y, (BE * CP, DP)), at, PREC)
-        du = _mm(tl.reshape(dv, (BE * CP, DP)), tl.trans(ait), PREC) * _elu_grad(u)
-        return tl.reshape(_mm(du, tl.trans(at), PREC), (BE, CP * DP))
+        HP: tl.constexpr = CP * DP
+        NG: tl.constexpr = HP // GW
+        G: tl.constexpr = GW // DP
+        at, ait = _load_fourier(at_ptr, ait_ptr, DP, GP, y.dtype)
+        y3 = tl.reshape(y, (BE, NG, GW))
+        dv3 = tl.reshape(dv, (BE, NG, GW))
+        dy3 = tl.zeros((BE, NG, GW), dtype=y.dtype)
+        for g in range(NG):
+            u = _mm(tl.reshape(_group(y3, g, NG), (BE * G, DP)), at, PREC)
+            du = _mm(tl.reshape(_group(dv3, g, NG), (BE * G, DP)), tl.trans(ait), PREC) * _elu_grad(u)
+            dy3 = _add_group(dy3, tl.reshape(_mm(du, tl.trans(at), PREC), (BE, GW)), g, NG)
+        return tl.reshape(dy3, (BE, HP))
     else:
         return dv * _elu_grad(y)
 
 
 @triton.jit
 def _forward_to(inp, w1, b1, wh, bh, at, ait, K: tl.constexpr, P0P: tl.constexpr, BE: tl.constexpr,
-                CP: tl.constexpr, DP: tl.constexpr, GP: tl.constexpr, FOURIER: tl.constexpr, PREC: tl.constexpr):
+                CP: tl.constexpr, DP: tl.constexpr, GP: tl.constexpr, GW: tl.constexpr, FOURIER: tl.constexpr,
+                PREC: tl.constexpr):
     """(a_{K-1}, y_K): the input of layer K (1-based) and its pre-activation, recomputed from the MLP input."""
     HP: tl.constexpr = CP * DP
-    y = _linear(inp, w1, b1, P0P, HP, PREC)
+    y = _linear_in(inp, w1, b1, P0P, HP, PREC)
     a = tl.zeros((BE, HP), dtype=inp.dtype)
     for j in tl.static_range(1, K):  # layer j + 1 of the MLP
-        a = _act(y, at + (j - 1) * DP * GP, ait + (j - 1) * GP * DP, BE, CP, DP, GP, FOURIER, PREC)
-        y = _linear(a, wh + (j - 1) * HP * HP, bh + (j - 1) * HP, HP, HP, PREC)
+        a = _act(y, at + (j - 1) * DP * GP, ait + (j - 1) * GP * DP, BE, CP, DP, GP, GW, FOURIER, PREC)
+        y = _linear_hh(a, wh + (j - 1) * HP * HP, bh + (j - 1) * HP, BE, HP, GW, PREC)
     return a, y
 
 
 @triton.jit
 def _trunk(inp, w1, b1, wh, bh, at, ait, NL: tl.constexpr, P0P: tl.constexpr, BE: tl.constexpr, CP: tl.constexpr,
-           DP: tl.constexpr, GP: tl.constexpr, FOURIER: tl.constexpr, PREC: tl.constexpr):
+           DP: tl.constexpr, GP: tl.constexpr, GW: tl.constexpr, FOURIER: tl.constexpr, PREC: tl.constexpr):
     """a_NL, the last hidden activation before its (folded) batch norm; the input itself without hidden layers."""
     if NL == 0:
         return inp
     else:
-        _, y = _forward_to(inp, w1, b1, wh, bh, at, ait, NL, P0P, BE, CP, DP, GP, FOURIER, PREC)
-        return _act(y, at + (NL - 1) * DP * GP, ait + (NL - 1) * GP * DP, BE, CP, DP, GP, FOURIER, PREC)
+        _, y = _forward_to(inp, w1, b1, wh, bh, at, ait, NL, P0P, BE, CP, DP, GP, GW, FOURIER, PREC)
+        return _act(y, at + (NL - 1) * DP * GP, ait + (NL - 1) * GP * DP, BE, CP, DP, GP, GW, FOURIER, PREC)
 
 
 @triton.jit
@@ -157,28 +235,41 @@ def _segments(loc_ptr, base_ptr, t, offs, emask, dtype, BR: tl.constexpr):
     return S, base, nloc
 
 
+@triton.jit
+def _accumulate(ptr, offsets, value, mask):
+    """Read-modify-write of this program's own accumulator row (no other program touches it)."""
+    old = tl.load(ptr + offsets, mask=mask, other=0.0)
+    tl.store(ptr + offsets, old + value.to(old.dtype), mask=mask)
+
+
 @triton.jit(do_not_specialize=["E"])
 def fused_forward_kernel(x_ptr, inp_ptr, src_ptr, loc_ptr, base_ptr, w1, b1, wh, bh, at, ait, wf, bf, coef_ptr,
                          out_ptr, E, norm,
                          CIN: tl.constexpr, CINP: tl.constexpr, R: tl.constexpr, RP: tl.constexpr,
                          P0: tl.constexpr, P0P: tl.constexpr, NDIM: tl.constexpr, NL: tl.constexpr,
-                         CP: tl.constexpr, DP: tl.constexpr, GP: tl.constexpr, FOURIER: tl.constexpr,
-                         HAS_BIAS: tl.constexpr, BE: tl.constexpr, BR: tl.constexpr, PREC: tl.constexpr):
+                         CP: tl.constexpr, DP: tl.constexpr, GP: tl.constexpr, GW: tl.constexpr,
+                         FOURIER: tl.constexpr, HAS_BIAS: tl.constexpr, BE: tl.constexpr, BR: tl.constexpr,
+                         PREC: tl.constexpr):
     HP: tl.constexpr = CP * DP
+    NG: tl.constexpr = HP // GW
     t = tl.program_id(0)
     offs, emask, inp, s, _, _ = _load_tile(inp_ptr, coef_ptr, norm, t, E, P0, P0P, NDIM, BE)
     S, base, nloc = _segments(loc_ptr, base_ptr, t, offs, emask, inp.dtype, BR)
     ST = tl.trans(S)
-    hs = _trunk(inp, w1, b1, wh, bh, at, ait, NL, P0P, BE, CP, DP, GP, FOURIER, PREC) * s[:, None]
+    hs = _trunk(inp, w1, b1, wh, bh, at, ait, NL, P0P, BE, CP, DP, GP, GW, FOURIER, PREC) * s[:, None]
+    hs3 = tl.reshape(hs, (BE, NG, GW))
     src = tl.load(src_ptr + offs, mask=emask, other=0).to(tl.int64)
-    hh = tl.arange(0, HP)
+    kk = tl.arange(0, GW)
     rr = tl.arange(0, RP)
     acc = tl.zeros((BR, RP), dtype=inp.dtype)
-    for c in range(CIN):
-        xc = tl.load(x_ptr + src * CIN + c, mask=emask, other=0.0).to(inp.dtype)
-        z = _seg_mm(ST, hs * xc[:, None], PREC)  # (BR, HP): this component's slice of Z, per segment
-        w = tl.load(wf + c * HP * R + hh[:, None] * R + rr[None, :], mask=(rr < R)[None, :], other=0.0)
-        acc += _mm(z, w.to(inp.dtype), PREC)
+    for g in range(NG):  # hidden blocks x input components: Z is contracted one (segments x GW) slice at a time
+        hg = _group(hs3, g, NG)
+        for c in range(CIN):
+            xc = tl.load(x_ptr + src * CIN + c, mask=emask, other=0.0).to(inp.dtype)
+            z = _seg_mm(ST, hg * xc[:, None], PREC)  # (BR, GW): sum of s h x_c per segment
+            w = tl.load(wf + c * HP * R + (g * GW + kk)[:, None] * R + rr[None, :], mask=(rr < R)[None, :],
+                        other=0.0)
+            acc += _mm(z, w.to(inp.dtype), PREC)
     if HAS_BIAS:
         cc = tl.arange(0, CINP)
         xt = tl.load(x_ptr + src[:, None] * CIN + cc[None, :], mask=emask[:, None] & (cc < CIN)[None, :],
@@ -194,8 +285,8 @@ def fused_forward_kernel(x_ptr, inp_ptr, src_ptr, loc_ptr, base_ptr, w1, b1, wh,
 @triton.jit(do_not_specialize=["E", "n_tiles"])
 def fused_stats_kernel(inp_ptr, w1, b1, wh, bh, at, ait, coef_ptr, out_ptr, E, n_tiles,
                        K: tl.constexpr, P0: tl.constexpr, P0P: tl.constexpr, NDIM: tl.constexpr, CP: tl.constexpr,
-                       DP: tl.constexpr, GP: tl.constexpr, FOURIER: tl.constexpr, BE: tl.constexpr,
-                       PREC: tl.constexpr):
+                       DP: tl.constexpr, GP: tl.constexpr, GW: tl.constexpr, FOURIER: tl.constexpr,
+                       BE: tl.constexpr, PREC: tl.constexpr):
     """Per program: (count, mean (HP), M2 (HP)) of layer K's activation over its tiles -> out (NPROG, 1 + 2 HP)."""
     HP: tl.constexpr = CP * DP
     pid = tl.program_id(0)
@@ -207,7 +298,7 @@ def fused_stats_kernel(inp_ptr, w1, b1, wh, bh, at, ait, coef_ptr, out_ptr, E, n
     m2 = tl.zeros((HP,), dtype=dt)
     for t in range(pid, n_tiles, nprog):
         offs, emask, inp, _, _, _ = _load_tile(inp_ptr, coef_ptr, 1.0, t, E, P0, P0P, NDIM, BE)
-        a = _trunk(inp, w1, b1, wh, bh, at, ait, K, P0P, BE, CP, DP, GP, FOURIER, PREC)
+        a = _trunk(inp, w1, b1, wh, bh, at, ait, K, P0P, BE, CP, DP, GP, GW, FOURIER, PREC)
         n_b = tl.sum(emask.to(dt), 0)
         mean_b = tl.sum(tl.where(emask[:, None], a, 0.0), 0) / n_b
         dev = tl.where(emask[:, None], a - mean_b[None, :], 0.0)
@@ -224,25 +315,20 @@ def fused_stats_kernel(inp_ptr, w1, b1, wh, bh, at, ait, coef_ptr, out_ptr, E, n
     tl.store(row + 1 + HP + hh, m2)
 
 
-@triton.jit
-def _accumulate(ptr, offsets, value, mask):
-    """Read-modify-write of this program's own accumulator row (no other program touches it)."""
-    old = tl.load(ptr + offsets, mask=mask, other=0.0)
-    tl.store(ptr + offsets, old + value.to(old.dtype), mask=mask)
-
-
 @triton.jit(do_not_specialize=["E", "n_tiles"])
 def fused_backward_kernel(gseg_ptr, x_ptr, inp_ptr, src_ptr, loc_ptr, base_ptr, w1, b1, wh, bh, at, ait, wf, bf,
                           coef_ptr, dxe_ptr, dinp_ptr, gw1, gb1, gwh, gbh, gwf, gbf, gcoef, E, n_tiles, norm,
                           CIN: tl.constexpr, CINP: tl.constexpr, R: tl.constexpr, RP: tl.constexpr,
                           P0: tl.constexpr, P0P: tl.constexpr, NDIM: tl.constexpr, NL: tl.constexpr,
-                          CP: tl.constexpr, DP: tl.constexpr, GP: tl.constexpr, FOURIER: tl.constexpr,
-                          HAS_BIAS: tl.constexpr, BE: tl.constexpr, BR: tl.constexpr, PREC: tl.constexpr,
-                          NH: tl.constexpr):
+                          CP: tl.constexpr, DP: tl.constexpr, GP: tl.constexpr, GW: tl.constexpr,
+                          FOURIER: tl.constexpr, HAS_BIAS: tl.constexpr, BE: tl.constexpr, BR: tl.constexpr,
+                          PREC: tl.constexpr, NH: tl.constexpr):
     HP: tl.constexpr = CP * DP
+    NG: tl.constexpr = HP // GW
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     hh = tl.arange(0, HP)
+    kk = tl.arange(0, GW)
     rr = tl.arange(0, RP)
     cc = tl.arange(0, CINP)
     pp = tl.arange(0, P0P)
@@ -261,23 +347,29 @@ def fused_backward_kernel(gseg_ptr, x_ptr, inp_ptr, src_ptr, loc_ptr, base_ptr, 
         g = tl.load(gseg_ptr + (base + seg)[:, None] * R + rr[None, :], mask=(seg < nloc)[:, None] & (rr < R)[None, :],
                     other=0.0).to(inp.dtype)
         de = _seg_mm(S, g, PREC)  # (BE, RP): the output gradient of each edge's receiver
-        h = _trunk(inp, w1, b1, wh, bh, at, ait, NL, P0P, BE, CP, DP, GP, FOURIER, PREC)
+        h3 = tl.reshape(_trunk(inp, w1, b1, wh, bh, at, ait, NL, P0P, BE, CP, DP, GP, GW, FOURIER, PREC),
+                        (BE, NG, GW))
         src = tl.load(src_ptr + offs, mask=emask, other=0).to(tl.int64)
-        dh = tl.zeros((BE, HP), dtype=inp.dtype)
+        dh3 = tl.zeros((BE, NG, GW), dtype=inp.dtype)
         ds = tl.zeros((BE,), dtype=inp.dtype)
         dx = tl.zeros((BE, CINP), dtype=inp.dtype)
-        for c in range(CIN):
-            xc = tl.load(x_ptr + src * CIN + c, mask=emask, other=0.0).to(inp.dtype)
-            wmask = (rr < R)[None, :]
-            w = tl.load(wf + c * HP * R + hh[:, None] * R + rr[None, :], mask=wmask, other=0.0).to(inp.dtype)
-            gc = _mm(de, tl.trans(w), PREC)  # (BE, HP): d out / d (s x_c h)
-            sx = s * xc
-            dh += gc * sx[:, None]
-            tc = tl.sum(gc * h, 1)
-            ds += tc * xc
-            dx += tl.where((cc == c)[None, :], (s * tc)[:, None], 0.0)
-            _accumulate(gwf + c * HP * R, hh[:, None] * R + rr[None, :], _mm(tl.trans(h * sx[:, None]), de, PREC),
-                        mask=wmask)
+        wmask = (kk >= 0)[:, None] & (rr < R)[None, :]
+        for gg in range(NG):
+            hg = _group(h3, gg, NG)
+            dhg = tl.zeros((BE, GW), dtype=inp.dtype)
+            for c in range(CIN):
+                xc = tl.load(x_ptr + src * CIN + c, mask=emask, other=0.0).to(inp.dtype)
+                woffs = c * HP * R + (gg * GW + kk)[:, None] * R + rr[None, :]
+                w = tl.load(wf + woffs, mask=wmask, other=0.0).to(inp.dtype)
+                gc = _mm(de, tl.trans(w), PREC)  # (BE, GW): d out / d (s x_c h) on this block
+                sx = s * xc
+                dhg += gc * sx[:, None]
+                tc = tl.sum(gc * hg, 1)
+                ds += tc * xc
+                dx += tl.where((cc == c)[None, :], (s * tc)[:, None], 0.0)
+                _accumulate(gwf, woffs, _mm(tl.trans(hg * sx[:, None]), de, PREC), wmask)
+            dh3 = _add_group(dh3, dhg, gg, NG)
+        dh = tl.reshape(dh3, (BE, HP))
         if HAS_BIAS:
             xt = tl.load(x_ptr + src[:, None] * CIN + cc[None, :], mask=emask[:, None] & (cc < CIN)[None, :],
                          other=0.0).to(inp.dtype)
@@ -286,7 +378,7 @@ def fused_backward_kernel(gseg_ptr, x_ptr, inp_ptr, src_ptr, loc_ptr, base_ptr, 
             gb = _mm(de, tl.trans(bfw), PREC)  # (BE, CINP)
             dx += gb * s[:, None]
             ds += tl.sum(gb * xt, 1)
-            _accumulate(gbf, cc[:, None] * R + rr[None, :], _mm(tl.trans(xt * s[:, None]), de, PREC), mask=bmask)
+            _accumulate(gbf, cc[:, None] * R + rr[None, :], _mm(tl.trans(xt * s[:, None]), de, PREC), bmask)
         tl.store(dxe_ptr + offs[:, None] * CIN + cc[None, :], dx, mask=emask[:, None] & (cc < CIN)[None, :])
         # radial shell s = norm * exp(-coef r^2)
         dsr = ds * s
@@ -297,17 +389,15 @@ def fused_backward_kernel(gseg_ptr, x_ptr, inp_ptr, src_ptr, loc_ptr, base_ptr, 
             dinp += dh
         else:
             da = dh
-            for kk in tl.static_range(NL - 1):
-                k = NL - kk  # 1-based layer index, NL .. 2
-                a_prev, y = _forward_to(inp, w1, b1, wh, bh, at, ait, k, P0P, BE, CP, DP, GP, FOURIER, PREC)
-                dy = _act_bwd(y, da, at + (k - 1) * DP * GP, ait + (k - 1) * GP * DP, BE, CP, DP, GP, FOURIER, PREC)
-                _accumulate(gwh + (k - 2) * HP * HP, hh[:, None] * HP + hh[None, :], _mm(tl.trans(a_prev), dy, PREC),
-                            (hh < HP)[:, None] & (hh < HP)[None, :])
+            for kl in tl.static_range(NL - 1):
+                k = NL - kl  # 1-based layer index, NL .. 2
+                a_prev, y = _forward_to(inp, w1, b1, wh, bh, at, ait, k, P0P, BE, CP, DP, GP, GW, FOURIER, PREC)
+                dy = _act_bwd(y, da, at + (k - 1) * DP * GP, ait + (k - 1) * GP * DP, BE, CP, DP, GP, GW, FOURIER,
+                              PREC)
                 _accumulate(gbh + (k - 2) * HP, hh, tl.sum(dy, 0), hh < HP)
-                wk = tl.load(wh + (k - 2) * HP * HP + hh[:, None] * HP + hh[None, :]).to(inp.dtype)
-                da = _mm(dy, tl.trans(wk), PREC)
-            _, y1 = _forward_to(inp, w1, b1, wh, bh, at, ait, 1, P0P, BE, CP, DP, GP, FOURIER, PREC)
-            dy1 = _act_bwd(y1, da, at, ait, BE, CP, DP, GP, FOURIER, PREC)
+                da = _linear_hh_bwd(a_prev, dy, wh + (k - 2) * HP * HP, gwh + (k - 2) * HP * HP, BE, HP, GW, PREC)
+            _, y1 = _forward_to(inp, w1, b1, wh, bh, at, ait, 1, P0P, BE, CP, DP, GP, GW, FOURIER, PREC)
+            dy1 = _act_bwd(y1, da, at, ait, BE, CP, DP, GP, GW, FOURIER, PREC)
             _accumulate(gw1, pp[:, None] * HP + hh[None, :], _mm(tl.trans(inp), dy1, PREC),
                         (pp < P0P)[:, None] & (hh < HP)[None, :])
             _accumulate(gb1, hh, tl.sum(dy1, 0), hh < HP)

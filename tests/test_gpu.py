@@ -150,7 +150,7 @@ def test_triton_deterministic_and_compiles_on_cuda():
     lay = fused.layout(prog)
     p = fused.pack(prog, [], x.dtype, x.device)
     inp = prog.mlp_input(pos[ei[0]] - pos[ei[1]], a)[t.perm].contiguous()
-    cfg = [lay.NDIM, lay.NL, lay.CP, lay.DP, lay.GP, int(lay.FOURIER), int(p.has_bias), t.BE, t.BR, 0, 64]
+    cfg = fused.make_cfg(lay, p.has_bias, t, 0, 64)
     args = (x, inp, t.src, t.loc, t.base, t.seg_recv, t.lengths, *p.tensors, cfg, float(prog.norm))
     eager = fused.fused_conv(*args)
     compiled = torch.compile(lambda *a: fused.fused_conv(*a), fullgraph=True)(*args)

@@ -41,7 +41,7 @@ def _op_args(conv, pos, ei, x, a, prec=0):
     lay = fused.layout(prog)
     inp = prog.mlp_input(pos[ei[0]] - pos[ei[1]], a)[t.perm].contiguous()
     p = fused.pack(prog, [], x.dtype, x.device)
-    cfg = [lay.NDIM, lay.NL, lay.CP, lay.DP, lay.GP, int(lay.FOURIER), int(p.has_bias), t.BE, t.BR, prec, 2]
+    cfg = fused.make_cfg(lay, p.has_bias, t, prec, 2)
     leaf = [q.detach().requires_grad_(i not in (4, 5)) for i, q in enumerate(p.tensors)]  # A, Ainv are constants
     return (x.detach().requires_grad_(), inp.detach().requires_grad_(), t.src, t.loc, t.base, t.seg_recv, t.lengths,
             *leaf, cfg, float(prog.norm))

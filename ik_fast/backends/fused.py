@@ -152,12 +152,24 @@ class Layout:
     CP: int
     DP: int
     GP: int
+    GW: int            # width of the hidden blocks the GEMMs work on (a multiple of DP dividing CP * DP)
     FOURIER: bool
     hmap: Tensor       # (H,) padded column of each hidden unit
 
     @property
     def HP(self) -> int:
         return self.CP * self.DP
+
+
+# no GEMM operand above this many elements (64 KB in float32: a fraction of a multiprocessor's shared memory)
+OPERAND_BUDGET = 16384
+
+
+def _block_width(DP: int, HP: int, RP: int) -> int:
+    gw = DP
+    while 2 * gw <= HP and 2 * gw * max(2 * gw, RP) <= OPERAND_BUDGET:
+        gw *= 2
+    return gw
 
 
 def layout(program: KernelProgram) -> Layout:
@@ -168,20 +180,24 @@ def layout(program: KernelProgram) -> Layout:
     P0 = program.dim + program.attr_size
     P0P = _pow2(P0)
     NL = len(program.hidden)
+    RP = _pow2(program.out_size)
     if NL == 0:
-        lay = Layout(program.dim, P0, P0P, 0, 1, P0P, 16, False, torch.arange(P0, device=dev))
+        CP, DP, GP, fourier, hmap = 1, P0P, 16, False, torch.arange(P0, device=dev)
     else:
         last = program.hidden[-1]
         C, D = last.channels, last.dim
         if any(h.channels != C or h.dim != D or (h.A is None) != (last.A is None) for h in program.hidden):
             raise NotImplementedError("backend 'triton' needs every hidden layer of the kernel MLP to have the same "
                                       "field type (as ImplicitKernel builds them)")
-        if last.A is not None:
+        fourier = last.A is not None
+        if fourier:  # channel-major, each channel padded to DP components (the Fourier ELU's GEMM view)
             CP, DP, GP = _pow2(C, 1), _pow2(D), _pow2(last.A.shape[0])
             hmap = (torch.arange(C, device=dev)[:, None] * DP + torch.arange(D, device=dev)[None, :]).reshape(-1)
-            lay = Layout(program.dim, P0, P0P, NL, CP, DP, GP, True, hmap)
-        else:
-            lay = Layout(program.dim, P0, P0P, NL, 1, _pow2(C * D), 16, False, torch.arange(C * D, device=dev))
+        else:  # a pointwise ELU: any split of the padded width will do
+            total = _pow2(C * D)
+            DP = min(total, 64)
+            CP, GP, hmap = total // DP, 16, torch.arange(C * D, device=dev)
+    lay = Layout(program.dim, P0, P0P, NL, CP, DP, GP, _block_width(DP, CP * DP, RP), fourier, hmap)
     cache[dev] = lay
     return lay
 
@@ -279,11 +295,18 @@ def _scatter_hidden(w3: Tensor, lay: Layout) -> Tensor:
 # the ops
 # ----------------------------------------------------------------------------------------------------------------
 # cfg (a list of ints, so that the ops' schema stays fixed):
-#   [NDIM, NL, CP, DP, GP, FOURIER, HAS_BIAS, BE, BR, PREC, NPROG]
+#   [NDIM, NL, CP, DP, GP, GW, FOURIER, HAS_BIAS, BE, BR, PREC, NPROG]
+def make_cfg(lay: Layout, has_bias: bool, tiles: Tiling, prec: int, nprog: int) -> List[int]:
+    """The ops' integer configuration for a layout, a tiling, a precision (index into PREC_NAMES) and a number of
+    persistent programs."""
+    return [lay.NDIM, lay.NL, lay.CP, lay.DP, lay.GP, lay.GW, int(lay.FOURIER), int(has_bias), tiles.BE, tiles.BR,
+            int(prec), int(nprog)]
+
+
 def _unpack_cfg(cfg):
-    NDIM, NL, CP, DP, GP, FOURIER, HAS_BIAS, BE, BR, PREC, NPROG = cfg
-    return dict(NDIM=NDIM, NL=NL, CP=CP, DP=DP, GP=GP, FOURIER=bool(FOURIER), HAS_BIAS=bool(HAS_BIAS), BE=BE, BR=BR,
-                PREC=PREC_NAMES[PREC]), NPROG
+    NDIM, NL, CP, DP, GP, GW, FOURIER, HAS_BIAS, BE, BR, PREC, NPROG = cfg
+    return dict(NDIM=NDIM, NL=NL, CP=CP, DP=DP, GP=GP, GW=GW, FOURIER=bool(FOURIER), HAS_BIAS=bool(HAS_BIAS), BE=BE,
+                BR=BR, PREC=PREC_NAMES[PREC]), NPROG
 
 
 def _common(x, inp, cfg):
@@ -362,7 +385,7 @@ def fused_stats(inp: Tensor, w1: Tensor, b1: Tensor, wh: Tensor, bh: Tensor, at:
     _kernels().fused_stats_kernel[(nprog,)](
         inp.contiguous(), w1.contiguous(), b1.contiguous(), wh.contiguous(), bh.contiguous(), at.contiguous(),
         ait.contiguous(), coef, out, inp.shape[0], n_tiles, K=layer, P0=P0, P0P=_pow2(P0), NDIM=k["NDIM"],
-        CP=k["CP"], DP=k["DP"], GP=k["GP"], FOURIER=k["FOURIER"], BE=k["BE"], PREC=k["PREC"])
+        CP=k["CP"], DP=k["DP"], GP=k["GP"], GW=k["GW"], FOURIER=k["FOURIER"], BE=k["BE"], PREC=k["PREC"])
     return out
 
 
@@ -488,10 +511,8 @@ def implicit_conv_triton(program: KernelProgram, x_src, graph: Graph, delta, att
 
     def cfg_of(per_program_floats):
         nprog = _num_programs(tiles.n_tiles, x_src.device, per_program_floats)
-        return [lay.NDIM, lay.NL, lay.CP, lay.DP, lay.GP, int(lay.FOURIER), int(packed_has_bias), tiles.BE, tiles.BR,
-                prec, nprog]
+        return make_cfg(lay, program.final.bias is not None, tiles, prec, nprog)
 
-    packed_has_bias = program.final.bias is not None
     stats = _batch_stats(program, lay, inp, tiles, cfg_of) if program.needs_batch_stats else []
     p = pack(program, stats, x_src.dtype, x_src.device)
     w1, b1, wh, bh, at, ait, wf, bf, coef = p.tensors
