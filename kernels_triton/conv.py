@@ -249,7 +249,7 @@ def fused_forward_kernel(x_ptr, inp_ptr, src_ptr, loc_ptr, base_ptr, w1, b1, wh,
                          P0: tl.constexpr, P0P: tl.constexpr, NDIM: tl.constexpr, NL: tl.constexpr,
                          CP: tl.constexpr, DP: tl.constexpr, GP: tl.constexpr, GW: tl.constexpr,
                          FOURIER: tl.constexpr, HAS_BIAS: tl.constexpr, BE: tl.constexpr, BR: tl.constexpr,
-                         PREC: tl.constexpr):
+                         PREC: tl.constexpr, CB: tl.constexpr):
     HP: tl.constexpr = CP * DP
     NG: tl.constexpr = HP // GW
     t = tl.program_id(0)
@@ -270,13 +270,16 @@ def fused_forward_kernel(x_ptr, inp_ptr, src_ptr, loc_ptr, base_ptr, w1, b1, wh,
             w = tl.load(wf + c * HP * R + (g * GW + kk)[:, None] * R + rr[None, :], mask=(rr < R)[None, :],
                         other=0.0)
             acc += _mm(z, w.to(inp.dtype), PREC)
-    if HAS_BIAS:
-        cc = tl.arange(0, CINP)
-        xt = tl.load(x_ptr + src[:, None] * CIN + cc[None, :], mask=emask[:, None] & (cc < CIN)[None, :],
-                     other=0.0).to(inp.dtype)
-        zb = _seg_mm(ST, xt * s[:, None], PREC)  # (BR, CINP)
-        bfw = tl.load(bf + cc[:, None] * R + rr[None, :], mask=(cc < CIN)[:, None] & (rr < R)[None, :], other=0.0)
-        acc += _mm(zb, bfw.to(inp.dtype), PREC)
+    if HAS_BIAS:  # B' z with z = sum of s x per segment, in blocks of CB input components
+        cb = tl.arange(0, CB)
+        for c0 in range(0, CINP, CB):
+            cc = c0 + cb
+            xt = tl.load(x_ptr + src[:, None] * CIN + cc[None, :], mask=emask[:, None] & (cc < CIN)[None, :],
+                         other=0.0).to(inp.dtype)
+            zb = _seg_mm(ST, xt * s[:, None], PREC)  # (BR, CB)
+            bfw = tl.load(bf + cc[:, None] * R + rr[None, :], mask=(cc < CIN)[:, None] & (rr < R)[None, :],
+                          other=0.0)
+            acc += _mm(zb, bfw.to(inp.dtype), PREC)
     seg = tl.arange(0, BR)
     tl.store(out_ptr + (base + seg)[:, None] * R + rr[None, :], acc,
              mask=(seg < nloc)[:, None] & (rr < R)[None, :])
@@ -322,7 +325,7 @@ def fused_backward_kernel(gseg_ptr, x_ptr, inp_ptr, src_ptr, loc_ptr, base_ptr, 
                           P0: tl.constexpr, P0P: tl.constexpr, NDIM: tl.constexpr, NL: tl.constexpr,
                           CP: tl.constexpr, DP: tl.constexpr, GP: tl.constexpr, GW: tl.constexpr,
                           FOURIER: tl.constexpr, HAS_BIAS: tl.constexpr, BE: tl.constexpr, BR: tl.constexpr,
-                          PREC: tl.constexpr, NH: tl.constexpr):
+                          PREC: tl.constexpr, NH: tl.constexpr, CB: tl.constexpr):
     HP: tl.constexpr = CP * DP
     NG: tl.constexpr = HP // GW
     pid = tl.program_id(0)
@@ -371,14 +374,20 @@ def fused_backward_kernel(gseg_ptr, x_ptr, inp_ptr, src_ptr, loc_ptr, base_ptr, 
             dh3 = _add_group(dh3, dhg, gg, NG)
         dh = tl.reshape(dh3, (BE, HP))
         if HAS_BIAS:
-            xt = tl.load(x_ptr + src[:, None] * CIN + cc[None, :], mask=emask[:, None] & (cc < CIN)[None, :],
-                         other=0.0).to(inp.dtype)
-            bmask = (cc < CIN)[:, None] & (rr < R)[None, :]
-            bfw = tl.load(bf + cc[:, None] * R + rr[None, :], mask=bmask, other=0.0).to(inp.dtype)
-            gb = _mm(de, tl.trans(bfw), PREC)  # (BE, CINP)
-            dx += gb * s[:, None]
-            ds += tl.sum(gb * xt, 1)
-            _accumulate(gbf, cc[:, None] * R + rr[None, :], _mm(tl.trans(xt * s[:, None]), de, PREC), bmask)
+            NCB: tl.constexpr = CINP // CB
+            dx3 = tl.reshape(dx, (BE, NCB, CB))
+            cb = tl.arange(0, CB)
+            for ib in range(NCB):
+                cbi = ib * CB + cb
+                xt = tl.load(x_ptr + src[:, None] * CIN + cbi[None, :], mask=emask[:, None] & (cbi < CIN)[None, :],
+                             other=0.0).to(inp.dtype)
+                bmask = (cbi < CIN)[:, None] & (rr < R)[None, :]
+                bfw = tl.load(bf + cbi[:, None] * R + rr[None, :], mask=bmask, other=0.0).to(inp.dtype)
+                gb = _mm(de, tl.trans(bfw), PREC)  # (BE, CB)
+                dx3 = _add_group(dx3, gb * s[:, None], ib, NCB)
+                ds += tl.sum(gb * xt, 1)
+                _accumulate(gbf, cbi[:, None] * R + rr[None, :], _mm(tl.trans(xt * s[:, None]), de, PREC), bmask)
+            dx = tl.reshape(dx3, (BE, CINP))
         tl.store(dxe_ptr + offs[:, None] * CIN + cc[None, :], dx, mask=emask[:, None] & (cc < CIN)[None, :])
         # radial shell s = norm * exp(-coef r^2)
         dsr = ds * s

@@ -165,6 +165,34 @@ def test_variants_match_torch_backend(case):
             assert rel(f, r) < 1e-9, case
 
 
+def test_wide_features_span_several_blocks():
+    """More than 16 input components (the bias term goes in blocks of 16) and a hidden layer wider than one GEMM
+    block (NG > 1), against the reference in float64, forward and gradients, training mode."""
+    gs = get_gspace("O3")
+    G = gs.fibergroup
+    sphere = G.bl_sphere_representation(L=1)
+    in_t = gs.type(*[sphere] * 5 + [G.irrep(1, 0)])  # 21 components (5 x 4 + a pseudoscalar)
+    out_t = gs.type(*[sphere] * 2 + [G.irrep(0, 0)] * 3)
+    attr_t = gs.type(G.irrep(0, 0), G.irrep(1, 1))
+    torch.manual_seed(0)
+    conv = ik_fast.ImplicitPointConv(in_t, out_t, attr_t, n_layers=3, n_channels=6).double().train()
+    lay = fused.layout(conv.kernel.program())
+    assert lay.HP // lay.GW > 1 and in_t.size > 16
+    pos, ei, x, a = _inputs(conv, gs, attr_t, n=12, e=50)
+    state = {k: v.clone() for k, v in conv.state_dict().items()}
+    res = {}
+    for b in ("reference", "triton"):
+        conv.load_state_dict(state)
+        conv.backend = b
+        conv.zero_grad()
+        xg = x.clone().requires_grad_()
+        out = conv(xg, ei, edge_attr=a, pos=pos)
+        (out * torch.cos(torch.arange(out.numel(), dtype=out.dtype)).reshape(out.shape)).sum().backward()
+        res[b] = [out.detach(), xg.grad] + [p.grad for p in conv.parameters() if p.grad is not None]
+    for r, f in zip(res["reference"], res["triton"]):
+        assert rel(f, r) < 1e-9
+
+
 def test_hub_spread_over_many_tiles_and_wide_tiles(monkeypatch):
     """A receiver with 150 in-edges spans ~10 tiles (segments summed on the host); tiles of 32 edges over degree-1
     receivers have 32 segments each (BR = 32)."""
@@ -178,7 +206,7 @@ def test_hub_spread_over_many_tiles_and_wide_tiles(monkeypatch):
     x = torch.randn(n, conv.in_type.size, dtype=torch.float64)
     a = torch.randn(ei.shape[1], attr_t.size, dtype=torch.float64)
     for be in (16, 32):
-        monkeypatch.setattr(fused, "_tile_size", lambda device, be=be: be)
+        monkeypatch.setattr(fused, "_tile_size", lambda device, hidden=0, be=be: be)
         outs = {}
         for b in ("torch", "triton"):
             conv.backend = b

@@ -96,8 +96,12 @@ class Tiling:
     BR: int
 
 
-def _tile_size(device) -> int:
-    return 32 if torch.device(device).type == "cuda" else 16
+def _tile_size(device, hidden: int = 0) -> int:
+    """Edges per tile: 32 on GPUs (16 when the padded hidden width is above 512, to bound the register tiles); 16 in
+    the interpreter."""
+    if torch.device(device).type != "cuda":
+        return 16
+    return 32 if hidden <= 512 else 16
 
 
 def tiling(graph: Graph, BE: Optional[int] = None) -> Tiling:
@@ -312,7 +316,7 @@ def _unpack_cfg(cfg):
 def _common(x, inp, cfg):
     k, nprog = _unpack_cfg(cfg)
     P0 = inp.shape[1]
-    return k, nprog, dict(CIN=x.shape[1], CINP=_pow2(x.shape[1]), P0=P0, P0P=_pow2(P0))
+    return k, nprog, dict(CIN=x.shape[1], CINP=_pow2(x.shape[1]), P0=P0, P0P=_pow2(P0), CB=16)
 
 
 @torch.library.custom_op("ik_fast::fused_conv", mutates_args=())
@@ -505,7 +509,7 @@ def implicit_conv_triton(program: KernelProgram, x_src, graph: Graph, delta, att
     if graph.num_edges == 0:
         return x_src.new_zeros(graph.n_dst, out_size), []
     lay = layout(program)
-    tiles = tiling(graph)
+    tiles = tiling(graph, _tile_size(x_src.device, lay.HP))
     inp = program.mlp_input(delta, attr)[tiles.perm].contiguous()
     prec = _precision(x_src.dtype, x_src.device)
 
