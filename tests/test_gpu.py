@@ -112,21 +112,25 @@ def test_triton_float32_tf32_bf16_errors_on_cuda():
 
 
 def test_triton_never_allocates_edges_times_hidden():
-    """Peak memory of a training step stays far below one (E x hidden) float32 tensor."""
+    """A training step's peak memory grows with the edge count by far less than one (E x hidden) float32 tensor per
+    edge: only (E x small) tensors (edge inputs, their gradients, the tiling) scale with E. The fixed part (weights,
+    the per-program gradient accumulators) does not depend on E."""
     _triton_or_skip()
-    conv, pos, ei, x, a = _layer_and_graph("O3", n=20000, e=400_000, channels=8)
-    conv.train()
+    extra = {}
+    for e in (200_000, 400_000):
+        conv, pos, ei, x, a = _layer_and_graph("O3", n=20000, e=e, channels=8)
+        conv.train()
+        _fwd_bwd(conv, "triton", pos, ei, x, a)  # warm-up: compilation, graph preparation (cached per graph)
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        _fwd_bwd(conv, "triton", pos, ei, x, a)
+        torch.cuda.synchronize()
+        extra[e] = torch.cuda.max_memory_allocated() - base
     hidden = conv.kernel.program().hidden_size
-    conv.backend = "triton"
-    _fwd_bwd(conv, "triton", pos, ei, x, a)  # warm-up: compilation, graph preparation
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    _fwd_bwd(conv, "triton", pos, ei, x, a)
-    torch.cuda.synchronize()
-    extra = torch.cuda.max_memory_allocated() - base
-    one_hidden = ei.shape[1] * hidden * 4
-    assert extra < one_hidden / 4, (extra, one_hidden)
+    per_edge = (extra[400_000] - extra[200_000]) / 200_000
+    print(f"peak memory per edge {per_edge:.0f} B; one hidden row is {hidden * 4} B")
+    assert per_edge < hidden * 4 / 2, (per_edge, hidden)
 
 
 def test_triton_deterministic_and_compiles_on_cuda():
