@@ -166,11 +166,13 @@ def setup_case(problem: str, provider: str, mode: str, device: str = "cpu", dtyp
 
 
 def measure(problem: str, provider: str, mode: str, repeats: int = 5, warmup: int = 1, device: str = "cpu",
-            dtype: str = "float32", seed: int = 0, budget_s: float = 120.0) -> Dict:
+            dtype: str = "float32", seed: int = 0, budget_s: float = 120.0, precision: str = "highest") -> Dict:
     """Run one case in this process and return its record: median, 20th and 80th percentile of the step time
     (forward and backward separately too), peak memory, achieved FLOP/s. Fewer repeats are made when they would
     exceed ``budget_s`` (at least one after the warm-up)."""
+    torch.set_float32_matmul_precision(precision)  # "highest": IEEE float32; "high": TF32 (every provider alike)
     step, rec = setup_case(problem, provider, mode, device, dtype, seed)
+    rec["precision"] = precision
     call, (x, pos, attr) = step.call, step.inputs
     rec["base_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if torch.device(device).type == "cuda":
@@ -314,7 +316,8 @@ def _progress(i: int, n: int, label: str, t0: float) -> None:
 
 
 def _key(case: Dict):
-    return (case["problem"], case["provider"], case["mode"], case.get("device", "cpu"), case.get("dtype", "float32"))
+    return (case["problem"], case["provider"], case["mode"], case.get("device", "cpu"), case.get("dtype", "float32"),
+            case.get("precision", "highest"))
 
 
 def run_cases(cases: List[Dict], timeout: float, budget_s: float = float("inf"), done: Dict = None,
@@ -366,6 +369,8 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--precision", choices=["highest", "high"], default="highest",
+                    help="torch.set_float32_matmul_precision for every case: highest = IEEE float32, high = TF32")
     ap.add_argument("--timeout", type=float, default=240, help="seconds per case")
     ap.add_argument("--budget-s", type=float, default=float("inf"), help="start no case after this many seconds")
     ap.add_argument("--out", default=None, help="write the records and the environment as JSON")
@@ -390,11 +395,14 @@ def main(argv=None) -> int:
         problems, providers = args.problems.split(","), args.providers.split(",")
         modes, device = args.modes.split(","), args.device
     cases = [dict(problem=p, provider=v, mode=m, repeats=args.repeats, warmup=args.warmup, device=device,
-                  dtype=args.dtype) for p in problems for m in modes for v in providers]
+                  dtype=args.dtype, precision=args.precision) for p in problems for m in modes for v in providers]
+    torch.set_float32_matmul_precision(args.precision)
     env = environment(device)
     out = args.out
     if out is None and args.suite:
         out = results_path(env, os.path.join(os.getcwd(), "benchmarks", "results"))
+        if args.precision != "highest":
+            out = out.replace(".json", "-tf32.json")
     done = {}
     if args.resume and out and os.path.exists(out):
         with open(out) as f:
