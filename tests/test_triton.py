@@ -220,6 +220,15 @@ def test_hub_spread_over_many_tiles_and_wide_tiles(monkeypatch):
     assert t.BR == 32 and int(t.lengths[0]) >= 5
 
 
+def test_unsupported_dtype_is_a_clear_error():
+    conv, gs, attr_t = _conv(dtype=torch.bfloat16)
+    conv.eval()
+    pos, ei, x, a = _inputs(conv, gs, attr_t, dtype=torch.bfloat16)
+    conv.backend = "triton"
+    with pytest.raises(TypeError, match="float32 or float64"):
+        conv(x, ei, edge_attr=a, pos=pos)
+
+
 def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
     conv, gs, attr_t = _conv(dtype=torch.float32)
     conv.eval()

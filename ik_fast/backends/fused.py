@@ -505,6 +505,9 @@ def _batch_stats(program: KernelProgram, lay: Layout, inp, tiles: Tiling, cfg_of
 def implicit_conv_triton(program: KernelProgram, x_src, graph: Graph, delta, attr):
     """Same contract as :func:`~ik_fast.backends.reference.implicit_conv_reference`."""
     _require(x_src.device)
+    if x_src.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"backend 'triton' computes in float32 or float64 (bfloat16 through torch.autocast), but the "
+                        f"layer and its inputs are {x_src.dtype}; use backend='torch' for other dtypes")
     out_size = program.out_size
     if graph.num_edges == 0:
         return x_src.new_zeros(graph.n_dst, out_size), []
