@@ -52,6 +52,13 @@ def test_opcheck():
     conv.eval()
     args = _op_args(conv, *_inputs(conv, gs, attr_t))
     torch.library.opcheck(fused.fused_conv, args)
+    # the backward and statistics ops on their own (plain tensors, no autograd through them)
+    plain = [a.detach() if torch.is_tensor(a) else a for a in args]
+    x, inp, src, loc, base, seg_recv, lengths, w1, b1, wh, bh, at, ait, wf, bf, coef, cfg, norm = plain
+    grad = torch.randn(seg_recv.shape[0], wf.shape[2], dtype=x.dtype)
+    torch.library.opcheck(fused.fused_conv_bwd, (grad, x, inp, src, loc, base, w1, b1, wh, bh, at, ait, wf, bf, coef,
+                                                 cfg, norm))
+    torch.library.opcheck(fused.fused_stats, (inp, w1, b1, wh, bh, at, ait, coef, base.shape[0], cfg, 2))
 
 
 def test_op_matches_its_pytorch_form_in_forward_and_backward():
