@@ -48,7 +48,7 @@ def model_flops(layer, num_edges: int, num_receivers: int, provider: str, mode: 
         return _escnn_flops(layer, num_edges, mode)
     prog = layer.kernel.program()
     if provider == "triton":
-        return _triton_flops(prog, num_edges, mode)
+        return _triton_flops(prog, num_edges, num_receivers, mode)
     per_edge = 0
     for h in prog.hidden:
         lin = h.linear
@@ -70,7 +70,7 @@ def model_flops(layer, num_edges: int, num_receivers: int, provider: str, mode: 
     return 2.0 * (3 * fwd + recompute)
 
 
-def _triton_flops(prog, num_edges: int, mode: str, BE: int = 32, BR: int = 16) -> float:
+def _triton_flops(prog, num_edges: int, num_receivers: int, mode: str, BE: int = 32, BR: int = 16) -> float:
     """FLOPs of the fused kernels as they run: padded dense GEMMs per edge tile (``BR`` segments of a tile of ``BE``
     edges; 16 is the usual case when the mean degree is above 2), trunk recomputation in backward and the statistics
     passes of training mode."""
@@ -93,7 +93,9 @@ def _triton_flops(prog, num_edges: int, mode: str, BE: int = 32, BR: int = 16) -
     # backward: trunk, then per layer from the last its recomputation (layers(k)) and two GEMMs as large as its own,
     # and the contraction's gradient (three GEMMs per component against the forward's two)
     bwd = num_edges * (layers(NL) + sum(layers(k) + 2 * (layers(k) - layers(k - 1)) for k in range(1, NL + 1)))
-    bwd += num_edges * C * HP * RP * 2 + num_edges / BE * BE * BR * RP
+    # the contraction's gradient: d h per component and block, Z of the segments, and the host GEMM Z^T d out
+    n_seg = num_receivers + num_edges / BE
+    bwd += num_edges * C * HP * (RP + BR) + num_edges * BR * RP + n_seg * C * HP * R
     return 2.0 * (stats + fwd + bwd)
 
 

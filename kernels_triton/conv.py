@@ -22,9 +22,11 @@ the (rarely more than two) segments of a receiver deterministically. Nothing wit
 kernel dimension is written to global memory.
 
 The backward recomputes the trunk tile by tile (per layer, from the input) and writes only per-edge gradients of the
-inputs (``d``/attributes and the gathered source features, both (E, small)); parameter gradients are accumulated per
-program (a persistent grid of ``NPROG`` programs, each owning one accumulator row), which keeps the sum
-deterministic: the host adds the rows in a fixed order.
+inputs (``d``/attributes and the gathered source features, both (E, small)); the small parameter gradients are
+accumulated per program (a persistent grid of ``NPROG`` programs, each owning one accumulator row), which keeps the sum
+deterministic: the host adds the rows in a fixed order. The last layer's weight gradient is ``sum_i Z_i (x) dout_i``
+over receivers: the kernel writes the Z rows of its tiles' segments for one chunk of tiles at a time (bounded memory)
+and the host contracts each chunk with the output gradient in one GEMM.
 
 The statistics kernel computes, for batch norm in training mode, per-component mean and sum of squared deviations
 of one hidden layer's activations over all edges (per program, merged with Chan's formula), recomputing the trunk up
@@ -318,9 +320,9 @@ def fused_stats_kernel(inp_ptr, w1, b1, wh, bh, at, ait, coef_ptr, out_ptr, E, n
     tl.store(row + 1 + HP + hh, m2)
 
 
-@triton.jit(do_not_specialize=["E", "n_tiles"])
+@triton.jit(do_not_specialize=["E", "t0", "t1", "seg0"])
 def fused_backward_kernel(gseg_ptr, x_ptr, inp_ptr, src_ptr, loc_ptr, base_ptr, w1, b1, wh, bh, at, ait, wf, bf,
-                          coef_ptr, dxe_ptr, dinp_ptr, gw1, gb1, gwh, gbh, gwf, gbf, gcoef, E, n_tiles, norm,
+                          coef_ptr, dxe_ptr, dinp_ptr, gw1, gb1, gwh, gbh, z_ptr, gbf, gcoef, E, t0, t1, seg0, norm,
                           CIN: tl.constexpr, CINP: tl.constexpr, R: tl.constexpr, RP: tl.constexpr,
                           P0: tl.constexpr, P0P: tl.constexpr, NDIM: tl.constexpr, NL: tl.constexpr,
                           CP: tl.constexpr, DP: tl.constexpr, GP: tl.constexpr, GW: tl.constexpr,
@@ -341,12 +343,14 @@ def fused_backward_kernel(gseg_ptr, x_ptr, inp_ptr, src_ptr, loc_ptr, base_ptr, 
     gb1 = gb1 + pid * HP
     gwh = gwh + pid * (NH * HP * HP)
     gbh = gbh + pid * (NH * HP)
-    gwf = gwf + pid * (CIN * HP * R)
     gbf = gbf + pid * (CIN * R)
     gcoef_acc = tl.sum(tl.zeros((BE,), dtype=inp_ptr.dtype.element_ty), 0)
-    for t in range(pid, n_tiles, nprog):
+    for t in range(t0 + pid, t1, nprog):
         offs, emask, inp, s, r2, coef = _load_tile(inp_ptr, coef_ptr, norm, t, E, P0, P0P, NDIM, BE)
         S, base, nloc = _segments(loc_ptr, base_ptr, t, offs, emask, inp.dtype, BR)
+        ST = tl.trans(S)
+        zrow = z_ptr + (base - seg0 + seg)[:, None] * (CIN * HP)  # this tile's segments' rows of the Z chunk
+        zmask = (seg < nloc)[:, None] & (kk >= 0)[None, :]
         g = tl.load(gseg_ptr + (base + seg)[:, None] * R + rr[None, :], mask=(seg < nloc)[:, None] & (rr < R)[None, :],
                     other=0.0).to(inp.dtype)
         de = _seg_mm(S, g, PREC)  # (BE, RP): the output gradient of each edge's receiver
@@ -370,7 +374,9 @@ def fused_backward_kernel(gseg_ptr, x_ptr, inp_ptr, src_ptr, loc_ptr, base_ptr, 
                 tc = tl.sum(gc * hg, 1)
                 ds += tc * xc
                 dx += tl.where((cc == c)[None, :], (s * tc)[:, None], 0.0)
-                _accumulate(gwf, woffs, _mm(tl.trans(hg * sx[:, None]), de, PREC), wmask)
+                # Z of the segments for the last layer's weight gradient, dWf = Z^T (d out) over receivers: written
+                # per chunk of tiles and contracted by the host (a per-tile update of dWf would move all of it)
+                tl.store(zrow + c * HP + gg * GW + kk[None, :], _seg_mm(ST, hg * sx[:, None], PREC), mask=zmask)
             dh3 = _add_group(dh3, dhg, gg, NG)
         dh = tl.reshape(dh3, (BE, HP))
         if HAS_BIAS:
@@ -413,4 +419,4 @@ def fused_backward_kernel(gseg_ptr, x_ptr, inp_ptr, src_ptr, loc_ptr, base_ptr, 
             w1t = tl.load(w1 + pp[:, None] * HP + hh[None, :]).to(inp.dtype)
             dinp += _mm(dy1, tl.trans(w1t), PREC)
         tl.store(dinp_ptr + offs[:, None] * P0 + pp[None, :], dinp, mask=emask[:, None] & (pp < P0)[None, :])
-    tl.store(gcoef + pid, gcoef_acc)
+    tl.store(gcoef + pid, tl.load(gcoef + pid) + gcoef_acc)  # (one launch per chunk of tiles: accumulate)

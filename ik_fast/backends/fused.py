@@ -350,27 +350,48 @@ def _(x, inp, src, loc, base, seg_recv, lengths, w1, b1, wh, bh, at, ait, wf, bf
 def fused_conv_bwd(grad: Tensor, x: Tensor, inp: Tensor, src: Tensor, loc: Tensor, base: Tensor, w1: Tensor,
                    b1: Tensor, wh: Tensor, bh: Tensor, at: Tensor, ait: Tensor, wf: Tensor, bf: Tensor, coef: Tensor,
                    cfg: List[int], norm: float) -> List[Tensor]:
-    """Gradients of (grad * fused_conv(...)).sum() for x, inp, w1, b1, wh, bh, wf, bf, coef."""
+    """Gradients of (grad * fused_conv(...)).sum() for x, inp, w1, b1, wh, bh, wf, bf, coef; ``grad`` per segment."""
     k, nprog, sizes = _common(x, inp, cfg)
     R = wf.shape[2]
     E = inp.shape[0]
-    n_tiles = base.shape[0]
     CIN, P0P, HP = sizes["CIN"], sizes["P0P"], k["CP"] * k["DP"]
     nh = wh.shape[0]
     acc = lambda *shape: x.new_zeros(nprog, *shape)  # noqa: E731
-    gw1, gb1, gwh, gbh = acc(P0P, HP), acc(HP), acc(nh, HP, HP), acc(nh, HP)
-    gwf, gbf, gcoef = acc(CIN, HP, R), acc(CIN, R), acc()
+    gw1, gb1, gwh, gbh, gbf, gcoef = acc(P0P, HP), acc(HP), acc(nh, HP, HP), acc(nh, HP), acc(CIN, R), acc()
+    gwf = x.new_zeros(CIN * HP, R)
     dxe = x.new_zeros(E, CIN)
     dinp = torch.zeros_like(inp)
     if E > 0:
-        _kernels().fused_backward_kernel[(nprog,)](
-            grad.contiguous(), x.contiguous(), inp.contiguous(), src, loc, base, w1.contiguous(), b1.contiguous(),
-            wh.contiguous(), bh.contiguous(), at.contiguous(), ait.contiguous(), wf.contiguous(), bf.contiguous(), coef,
-            dxe, dinp, gw1, gb1, gwh, gbh, gwf, gbf, gcoef, E, n_tiles, norm,
-            R=R, RP=_pow2(R), NH=nh, **sizes, **k)
+        n_seg = grad.shape[0]
+        for t0, t1, s0, s1 in _z_chunks(base, n_seg, CIN * HP):
+            z = x.new_empty(s1 - s0, CIN * HP)
+            _kernels().fused_backward_kernel[(min(nprog, t1 - t0),)](
+                grad.contiguous(), x.contiguous(), inp.contiguous(), src, loc, base, w1.contiguous(), b1.contiguous(),
+                wh.contiguous(), bh.contiguous(), at.contiguous(), ait.contiguous(), wf.contiguous(),
+                bf.contiguous(), coef, dxe, dinp, gw1, gb1, gwh, gbh, z, gbf, gcoef, E, t0, t1, s0, norm,
+                R=R, RP=_pow2(R), NH=nh, **sizes, **k)
+            gwf.addmm_(z.t(), grad[s0:s1].to(z.dtype))  # sum over the chunk's segments of Z (x) d out
     dx = torch.zeros_like(x).index_add_(0, src, dxe)
-    return [dx, dinp, gw1.sum(0), gb1.sum(0), gwh.sum(0), gbh.sum(0), gwf.sum(0), gbf.sum(0),
+    return [dx, dinp, gw1.sum(0), gb1.sum(0), gwh.sum(0), gbh.sum(0), gwf.reshape(CIN, HP, R), gbf.sum(0),
             gcoef.sum(0).reshape(1)]
+
+
+Z_CHUNK_BUDGET = 2**26  # floats of Z per chunk of tiles in the backward (256 MB in float32)
+
+
+def _z_chunks(base: Tensor, n_seg: int, row: int):
+    """Ranges (t0, t1, seg0, seg1) of tiles whose segments' Z rows (``row`` floats each) fit the chunk budget."""
+    starts = base.tolist() + [n_seg]
+    cap = max(1, Z_CHUNK_BUDGET // max(1, row))
+    out, t0 = [], 0
+    n_tiles = len(starts) - 1
+    while t0 < n_tiles:
+        t1 = t0 + 1
+        while t1 < n_tiles and starts[t1 + 1] - starts[t0] <= cap:
+            t1 += 1
+        out.append((t0, t1, starts[t0], starts[t1]))
+        t0 = t1
+    return out
 
 
 @fused_conv_bwd.register_fake
@@ -523,7 +544,7 @@ def implicit_conv_triton(program: KernelProgram, x_src, graph: Graph, delta, att
     stats = _batch_stats(program, lay, inp, tiles, cfg_of) if program.needs_batch_stats else []
     p = pack(program, stats, x_src.dtype, x_src.device)
     w1, b1, wh, bh, at, ait, wf, bf, coef = p.tensors
-    per_program = w1.numel() + b1.numel() + wh.numel() + bh.numel() + wf.numel() + bf.numel() + 1
+    per_program = w1.numel() + b1.numel() + wh.numel() + bh.numel() + bf.numel() + 1
     out = fused_conv(x_src.contiguous(), inp, tiles.src, tiles.loc, tiles.base, tiles.seg_recv, tiles.lengths,
                      *p.tensors, cfg_of(per_program), float(program.norm))
     return out, stats
