@@ -15,9 +15,11 @@ Host side of the fused path:
 * **precision**: float64 runs in IEEE arithmetic; float32 follows ``torch.get_float32_matmul_precision()`` ("highest"
   -> IEEE, otherwise TF32); under ``torch.autocast(dtype=torch.bfloat16)`` the GEMM operands are bfloat16 and
   accumulation stays float32.
-* **determinism**: the forward has no atomics; parameter gradients are summed per program and then over programs in
-  a fixed order; the gradient to the source features goes through ``index_add``, which PyTorch makes deterministic
-  under ``torch.use_deterministic_algorithms(True)``.
+* **backward memory**: the last layer's weight gradient is ``sum_i Z_i (x) dout_i``; the backward kernel writes the Z
+  rows of its segments one chunk of tiles at a time (``Z_CHUNK_BUDGET``) and each chunk is contracted in one GEMM.
+* **determinism**: the forward has no atomics; the small parameter gradients are summed per program and then over
+  programs in a fixed order, the last layer's chunk by chunk; the gradient to the source features goes through
+  ``index_add``, which PyTorch makes deterministic under ``torch.use_deterministic_algorithms(True)``.
 """
 
 from __future__ import annotations
