@@ -405,8 +405,9 @@ def fused_backward_kernel(gseg_ptr, x_ptr, inp_ptr, src_ptr, loc_ptr, base_ptr, 
         else:
             da = dh
             for kl in tl.static_range(NL - 1):
-                k = NL - kl  # 1-based layer index, NL .. 2
-                a_prev, y = _forward_to(inp, w1, b1, wh, bh, at, ait, k, P0P, BE, CP, DP, GP, GW, FOURIER, PREC)
+                k = NL - kl  # 1-based layer index, NL .. 2 (a runtime value: constexprs cannot be rebound per step)
+                a_prev, y = _forward_to(inp, w1, b1, wh, bh, at, ait, NL - kl, P0P, BE, CP, DP, GP, GW, FOURIER,
+                                        PREC)
                 dy = _act_bwd(y, da, at + (k - 1) * DP * GP, ait + (k - 1) * GP * DP, BE, CP, DP, GP, GW, FOURIER,
                               PREC)
                 _accumulate(gbh + (k - 2) * HP, hh, tl.sum(dy, 0), hh < HP)
