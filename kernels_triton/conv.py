@@ -292,32 +292,36 @@ def fused_stats_kernel(inp_ptr, w1, b1, wh, bh, at, ait, coef_ptr, out_ptr, E, n
                        K: tl.constexpr, P0: tl.constexpr, P0P: tl.constexpr, NDIM: tl.constexpr, CP: tl.constexpr,
                        DP: tl.constexpr, GP: tl.constexpr, GW: tl.constexpr, FOURIER: tl.constexpr,
                        BE: tl.constexpr, PREC: tl.constexpr):
-    """Per program: (count, mean (HP), M2 (HP)) of layer K's activation over its tiles -> out (NPROG, 1 + 2 HP)."""
+    """Per program: (count, mean (HP), M2 (HP)) of layer K's activation over its tiles -> out (NPROG, 1 + 2 HP).
+
+    The running moments live in the program's own output row (zeros at the start) and are merged block by block of
+    GW columns (Chan et al.'s pairwise formula), so that only one block's statistics are in registers at a time."""
     HP: tl.constexpr = CP * DP
+    NG: tl.constexpr = HP // GW
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    hh = tl.arange(0, HP)
+    kk = tl.arange(0, GW)
     dt = inp_ptr.dtype.element_ty
+    row = out_ptr + pid * (1 + 2 * HP)
     n_a = tl.sum(tl.zeros((BE,), dtype=dt), 0)
-    mean = tl.zeros((HP,), dtype=dt)
-    m2 = tl.zeros((HP,), dtype=dt)
     for t in range(pid, n_tiles, nprog):
         offs, emask, inp, _, _, _ = _load_tile(inp_ptr, coef_ptr, 1.0, t, E, P0, P0P, NDIM, BE)
-        a = _trunk(inp, w1, b1, wh, bh, at, ait, K, P0P, BE, CP, DP, GP, GW, FOURIER, PREC)
+        a3 = tl.reshape(_trunk(inp, w1, b1, wh, bh, at, ait, K, P0P, BE, CP, DP, GP, GW, FOURIER, PREC), (BE, NG, GW))
         n_b = tl.sum(emask.to(dt), 0)
-        mean_b = tl.sum(tl.where(emask[:, None], a, 0.0), 0) / n_b
-        dev = tl.where(emask[:, None], a - mean_b[None, :], 0.0)
-        m2_b = tl.sum(dev * dev, 0)
-        # Chan et al.'s pairwise merge of (count, mean, M2)
         n = n_a + n_b
-        delta = mean_b - mean
-        mean = mean + delta * (n_b / n)
-        m2 = m2 + m2_b + delta * delta * (n_a * n_b / n)
+        for g in range(NG):
+            ag = _group(a3, g, NG)
+            mean_b = tl.sum(tl.where(emask[:, None], ag, 0.0), 0) / n_b
+            dev = tl.where(emask[:, None], ag - mean_b[None, :], 0.0)
+            m2_b = tl.sum(dev * dev, 0)
+            cols = 1 + g * GW + kk
+            mean = tl.load(row + cols)
+            m2 = tl.load(row + HP + cols)
+            delta = mean_b - mean
+            tl.store(row + cols, mean + delta * (n_b / n))
+            tl.store(row + HP + cols, m2 + m2_b + delta * delta * (n_a * n_b / n))
         n_a = n
-    row = out_ptr + pid * (1 + 2 * HP)
     tl.store(row, n_a)
-    tl.store(row + 1 + hh, mean)
-    tl.store(row + 1 + HP + hh, m2)
 
 
 @triton.jit(do_not_specialize=["E", "t0", "t1", "seg0"])

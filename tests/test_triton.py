@@ -58,7 +58,7 @@ def test_opcheck():
     grad = torch.randn(seg_recv.shape[0], wf.shape[2], dtype=x.dtype)
     torch.library.opcheck(fused.fused_conv_bwd, (grad, x, inp, src, loc, base, w1, b1, wh, bh, at, ait, wf, bf, coef,
                                                  cfg, norm))
-    torch.library.opcheck(fused.fused_stats, (inp, w1, b1, wh, bh, at, ait, coef, base.shape[0], cfg, 2))
+    torch.library.opcheck(fused.fused_stats, (inp, w1, b1, wh, bh, at, ait, coef, cfg, 2))
 
 
 def test_op_matches_its_pytorch_form_in_forward_and_backward():

@@ -401,23 +401,27 @@ def _(grad, x, inp, src, loc, base, w1, b1, wh, bh, at, ait, wf, bf, coef, cfg, 
     return [torch.empty_like(t) for t in (x, inp, w1, b1, wh, bh, wf, bf, coef)]
 
 
+STATS_TILE = 16  # edges per tile of the statistics kernel (its column reductions are the shared-memory-hungry part)
+
+
 @torch.library.custom_op("ik_fast::fused_stats", mutates_args=())
 def fused_stats(inp: Tensor, w1: Tensor, b1: Tensor, wh: Tensor, bh: Tensor, at: Tensor, ait: Tensor, coef: Tensor,
-                n_tiles: int, cfg: List[int], layer: int) -> Tensor:
+                cfg: List[int], layer: int) -> Tensor:
     """(NPROG, 1 + 2 HP): per program, count, mean and M2 of hidden layer ``layer``'s activation over its tiles."""
     k, nprog = _unpack_cfg(cfg)
     HP = k["CP"] * k["DP"]
     out = inp.new_zeros(nprog, 1 + 2 * HP)
-    P0 = inp.shape[1]
+    E, P0 = inp.shape
     _kernels().fused_stats_kernel[(nprog,)](
         inp.contiguous(), w1.contiguous(), b1.contiguous(), wh.contiguous(), bh.contiguous(), at.contiguous(),
-        ait.contiguous(), coef, out, inp.shape[0], n_tiles, K=layer, P0=P0, P0P=_pow2(P0), NDIM=k["NDIM"],
-        CP=k["CP"], DP=k["DP"], GP=k["GP"], GW=k["GW"], FOURIER=k["FOURIER"], BE=k["BE"], PREC=k["PREC"])
+        ait.contiguous(), coef, out, E, (E + STATS_TILE - 1) // STATS_TILE, K=layer, P0=P0, P0P=_pow2(P0),
+        NDIM=k["NDIM"], CP=k["CP"], DP=k["DP"], GP=k["GP"], GW=k["GW"], FOURIER=k["FOURIER"], BE=STATS_TILE,
+        PREC=k["PREC"])
     return out
 
 
 @fused_stats.register_fake
-def _(inp, w1, b1, wh, bh, at, ait, coef, n_tiles, cfg, layer):
+def _(inp, w1, b1, wh, bh, at, ait, coef, cfg, layer):
     _, nprog = _unpack_cfg(cfg)
     return inp.new_empty(nprog, 1 + 2 * cfg[2] * cfg[3])
 
@@ -508,7 +512,7 @@ def _batch_stats(program: KernelProgram, lay: Layout, inp, tiles: Tiling, cfg_of
             w1, b1, wh, bh, at, ait = _pack_hidden(program, lay, [(w.detach(), None if b is None else b.detach())
                                                                  for w, b in layers], inp.dtype, inp.device)
             coef = inp.new_zeros(1)
-            parts = fused_stats(inp, w1, b1, wh, bh, at, ait, coef, tiles.n_tiles, cfg_of(1 + 2 * lay.HP), k)
+            parts = fused_stats(inp, w1, b1, wh, bh, at, ait, coef, cfg_of(1 + 2 * lay.HP), k)
             count, mean, m2 = parts[:, 0], parts[:, 1:1 + lay.HP], parts[:, 1 + lay.HP:]
             # merge the programs' partial moments (Chan et al.), in a fixed order
             n_a, mu, M2 = count[0], mean[0], m2[0]
