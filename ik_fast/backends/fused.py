@@ -167,8 +167,8 @@ class Layout:
         return self.CP * self.DP
 
 
-# no GEMM operand above this many elements (64 KB in float32: a fraction of a multiprocessor's shared memory)
-OPERAND_BUDGET = 16384
+# no GEMM operand above this many elements (32 KB in float32): TF32 and bf16 dots stage more in shared memory
+OPERAND_BUDGET = 8192
 
 
 def _block_width(DP: int, HP: int, RP: int) -> int:
