@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["BlockPlan", "Linear", "BatchNorm", "Hidden", "KernelProgram", "build_plan"]
+__all__ = ["BlockPlan", "Linear", "BatchNorm", "Hidden", "KernelProgram", "PackedProgram", "build_plan"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -179,15 +179,17 @@ class Linear:
         y = self.plan.apply(x, self.blocks)
         return y if self.bias is None else y + self.bias
 
-    def fold(self, scale: Tensor, shift: Tensor, inner: int = 1) -> "Linear":
+    def fold(self, scale: Tensor, shift: Tensor, inner: int = 1, gather: bool = True) -> "Linear":
         """This Linear applied after the affine map ``h -> h * scale + shift`` on its input (scale, shift (H,)),
-        where each input column index is ``h * inner + k`` (``inner`` > 1 for the kernel-layout last layer)."""
+        where each input column index is ``h * inner + k`` (``inner`` > 1 for the kernel-layout last layer).
+        ``gather=False`` skips re-gathering the block plan's weights (for consumers of the dense weight only)."""
         R = self.weight.shape[0]
         w3 = self.weight.reshape(R, -1, inner)
         weight = (w3 * scale[None, :, None]).reshape(R, -1)
         extra = torch.einsum("rhk,h->rk", w3, shift).reshape(-1)
         bias = extra if self.bias is None else self.bias + extra
-        return Linear(weight, bias, self.plan, self.plan.gather(weight) if self.plan is not None else ())
+        plan = self.plan if gather else None
+        return Linear(weight, bias, plan, plan.gather(weight) if plan is not None else ())
 
 
 @dataclass(frozen=True)
@@ -217,9 +219,16 @@ class BatchNorm:
             flat = h.reshape(E, -1)
             ones = flat.new_ones(1, E)
             mu = (ones @ flat) / E
-            var = (ones @ (flat - mu).square()) / (E - 1)
-            mu, var = mu.reshape(h.shape[1:]), var.reshape(h.shape[1:])
-            return mu @ self.avg.t(), var.mean(-1)
+            m2 = ones @ (flat - mu).square()
+            return self.finish(torch.cat([mu, m2]), E)
+
+    def finish(self, moments: Tensor, count: int) -> Tuple[Tensor, Tensor]:
+        """Batch statistics (mean (C, d), var (C,)) from per-component moments (2, C * d) — column means and sums
+        of squared deviations — over ``count`` edges (the statistics finish of every backend)."""
+        C = self.running_var.shape[0]
+        mu = moments[0].reshape(C, -1).to(self.avg.dtype)
+        var = (moments[1] / (count - 1)).reshape(C, -1).to(self.avg.dtype)
+        return mu @ self.avg.t(), var.mean(-1)
 
     def affine(self, stats: Optional[Tuple[Tensor, Tensor]]) -> Tuple[Tensor, Tensor]:
         """(scale, shift), each (C * d,), such that the batch norm is h -> h * scale + shift."""
@@ -284,6 +293,28 @@ class Hidden:
         if self.A is None:
             return F.elu(x)
         return _FourierELU.apply(x, self.A, self.Ainv)
+
+
+@dataclass(frozen=True)
+class PackedProgram:
+    """The lowered program as the fused ops take it (see :mod:`ik_fast.ops`): every batch norm folded, dense,
+    unpadded. Hidden layer k: ``h_k = act_k(h_{k-1} weights[k]^T + biases[k])`` with the Fourier ELU on
+    ``fourier[k]`` (G, D) / ``fourier_inv[k]`` (D, G), or a pointwise ELU where those are empty; ``final_weight``
+    (R, H, C_in), ``final_bias`` (R, C_in); ``coef`` (1,) = 1 / (2 sigma^2); ``ndim`` leading input columns are d."""
+
+    weights: List[Tensor]
+    biases: List[Tensor]
+    fourier: List[Tensor]
+    fourier_inv: List[Tensor]
+    final_weight: Tensor
+    final_bias: Tensor
+    coef: Tensor
+    norm: float
+    ndim: int
+
+    def args(self) -> tuple:
+        return (self.weights, self.biases, self.fourier, self.fourier_inv, self.final_weight, self.final_bias,
+                self.coef, self.norm, self.ndim)
 
 
 @dataclass(frozen=True)
@@ -369,6 +400,43 @@ class KernelProgram:
         if structured:
             return h, used, pending
         return h, used
+
+    def folded(self, stats: Sequence, upto: Optional[int] = None) -> Tuple[List[Linear], Optional[Tuple]]:
+        """Hidden Linears 1..``upto`` (all by default) with the batch norm before each folded in, and the affine map
+        ``(scale, shift)`` of the batch norm after layer ``upto`` (None when it has none, or, in training, when its
+        statistics are not in ``stats`` yet). The one place that fixes the fold order for the fused backends; the
+        arithmetic is :meth:`Linear.fold`, as in :meth:`trunk`."""
+        upto = len(self.hidden) if upto is None else upto
+        out, pending, k = [], None, 0
+        for layer in self.hidden[:upto]:
+            out.append(layer.linear if pending is None else layer.linear.fold(*pending, gather=False))
+            pending = None
+            if layer.bn is not None:
+                if not self.training or k < len(stats):
+                    pending = layer.bn.affine(stats[k] if self.training else None)
+                k += 1
+        return out, pending
+
+    def packed(self, stats: Sequence, dtype: torch.dtype, upto: Optional[int] = None) -> "PackedProgram":
+        """The program as the fused ops take it (:mod:`ik_fast.ops`): batch norms folded with ``stats``, dense,
+        unpadded, in ``dtype``; differentiable with respect to the escnn parameters. With ``upto``, only hidden
+        layers 1..upto (for the statistics of layer ``upto``; the final layer is then left unfolded)."""
+        linears, pending = self.folded(stats, upto)
+        final = self.final
+        if upto is None and pending is not None:
+            final = final.fold(*pending, inner=self.in_size, gather=False)
+        R, C = self.out_size, self.in_size
+        weights = [lin.weight.to(dtype) for lin in linears]
+        biases = [lin.weight.new_zeros(lin.weight.shape[0], dtype=dtype) if lin.bias is None else lin.bias.to(dtype)
+                  for lin in linears]
+        empty = self.sigma.new_zeros(0, 0, dtype=dtype)
+        layers = self.hidden[:len(linears)]
+        fourier = [empty if h.A is None else h.A.detach().to(dtype) for h in layers]
+        fourier_inv = [empty if h.A is None else h.Ainv.detach().to(dtype) for h in layers]
+        fw = final.weight.to(dtype).reshape(R, -1, C)
+        fb = fw.new_zeros(R, C) if final.bias is None else final.bias.to(dtype).reshape(R, C)
+        coef = (0.5 / (self.sigma * self.sigma)).reshape(1).to(dtype)
+        return PackedProgram(weights, biases, fourier, fourier_inv, fw, fb, coef, float(self.norm), self.dim)
 
     def kernel_from_hidden(self, h: Tensor, shell: Tensor) -> Tensor:
         """Dense per-edge kernels (E, R, C_in) from hidden activations (the reference algorithm)."""

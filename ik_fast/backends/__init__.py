@@ -11,24 +11,33 @@ from typing import Callable, Dict, List
 
 import torch
 
+from .. import ops
 from .factorized import implicit_conv_torch
-from .fused import implicit_conv_triton, triton_available
+from .fused import TRITON, implicit_conv_triton
 from .reference import implicit_conv_reference
 
-__all__ = ["available_backends", "get_backend", "resolve_backend", "BACKENDS"]
+__all__ = ["available_backends", "get_backend", "resolve_backend", "unavailable_reason", "BACKENDS"]
 
 BACKENDS: Dict[str, Callable] = {"reference": implicit_conv_reference, "torch": implicit_conv_torch,
-                                  "triton": implicit_conv_triton}
-# "auto" prefers the first of these that runs on the device ("triton" only on CUDA: on CPU it is the interpreter)
-_PREFERENCE = ("triton", "torch")
-_FUSED = ("triton",)
+                                  TRITON: implicit_conv_triton}
+_FUSED = (TRITON,)
+# "auto" picks a fused backend on a device only where a committed benchmark (benchmarks/results/) measured it faster
+# than "torch" on that kind of device. No GPU has run the fused kernels yet, so today "auto" is "torch" everywhere.
+_MEASURED_FASTER: Dict[str, tuple] = {"cuda": (), "cpu": ()}
 _warned = set()
+
+
+def unavailable_reason(name: str, device) -> str:
+    """Why backend ``name`` does not run on ``device`` ("" when it does)."""
+    if name not in _FUSED:
+        return ""
+    return ops.status(name, str(torch.device(device))) or ""
 
 
 def available_backends(device=None) -> List[str]:
     """Names of the backends that run here (on ``device`` when given)."""
     dev = torch.device("cuda" if device is None and torch.cuda.is_available() else (device or "cpu"))
-    return [name for name in BACKENDS if name != "triton" or triton_available(dev)]
+    return [name for name in BACKENDS if not unavailable_reason(name, dev)]
 
 
 def resolve_backend(name, device) -> str:
@@ -40,13 +49,14 @@ def resolve_backend(name, device) -> str:
         raise TypeError(f"backend must be a string, got {type(name).__name__}")
     if name == "auto":
         dev = torch.device(device)
-        avail = available_backends(dev) if dev.type == "cuda" else [n for n in BACKENDS if n not in _FUSED]
-        choice = next(n for n in _PREFERENCE if n in avail)
+        fast = [n for n in _MEASURED_FASTER.get(dev.type, ()) if not unavailable_reason(n, dev)]
+        choice = fast[0] if fast else "torch"
         key = (choice, dev.type)
-        if choice not in _FUSED and key not in _warned:
+        if not fast and key not in _warned:
             _warned.add(key)
-            why = "the fused kernels run on CUDA devices" if dev.type != "cuda" else "Triton is not installed"
-            warnings.warn(f"ik_fast: backend 'auto' uses '{choice}' on {dev.type}: {why}", RuntimeWarning,
+            unmeasured = "runs here, but no committed benchmark measured it faster than 'torch' on this device"
+            reasons = "; ".join(f"{n}: {unavailable_reason(n, dev) or unmeasured}" for n in _FUSED)
+            warnings.warn(f"ik_fast: backend 'auto' uses 'torch' on {dev.type} ({reasons})", RuntimeWarning,
                           stacklevel=3)
         return choice
     if name not in BACKENDS:

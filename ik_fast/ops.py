@@ -1,0 +1,273 @@
+"""The op layer: the stages of the fused computation as registered PyTorch ops, defined once for every backend.
+
+A fused backend evaluates the implicit convolution without materialising per-edge kernels. Whatever its kernels
+(Triton today, C++/CUDA next), it implements the same stages, whose schemas, fake (meta) implementations and
+autograd formulas live here and nowhere else:
+
+``conv(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, final_weight, final_bias, coef, norm, ndim)``
+    ``out`` (n_dst, R): for every receiver i, ``sum_{e in rowptr[i]:rowptr[i+1]} K_e x[src_e]`` with
+    ``K_e = norm * exp(-coef |d_e|^2) * (W_F . h_e + B_F)`` and ``h_e`` the trunk of the kernel MLP on
+    ``inp_e = [d_e, a_e]`` (``d_e`` its first ``ndim`` columns). Edges come in receiver order (the graph's CSR:
+    ``rowptr`` (n_dst + 1,), ``src`` (E,)).
+``conv_backward(grad, <the inputs of conv>) -> [dx, dinp, *dweights, *dbiases, dfinal_weight, dfinal_bias, dcoef]``
+    The vector-Jacobian product of ``conv`` (the Fourier matrices are constants and get no gradient).
+``trunk_moments(inp, weights, biases, fourier, fourier_inv) -> (2, H_k)``
+    Column means and sums of squared deviations of the last given layer's activation over all edges: the batch
+    statistics of the batch norm after that layer (the program finishes them, :meth:`BatchNorm.finish`).
+
+The tensors are those of the lowered program, with every batch norm already folded (:meth:`KernelProgram.packed`),
+dense and unpadded: hidden layer ``k`` is ``h_k = act_k(h_{k-1} W_k^T + b_k)`` with ``W_k`` (H_k, H_{k-1}); ``act_k``
+is the Fourier ELU ``ELU(y A_k^T) A_k^+^T`` on each channel of ``D_k = A_k.shape[1]`` components (``fourier[k]`` = A_k
+(G, D), ``fourier_inv[k]`` = A_k^+ (D, G)) or a pointwise ELU when ``fourier[k]`` is empty; ``final_weight`` W_F
+(R, H, C_in), ``final_bias`` B_F (R, C_in) (zeros without bias), ``coef`` = 1 / (2 sigma^2) (shape (1,)).
+No tile size, precision mode or other implementation detail appears in a schema: each implementation picks its own.
+
+**Several implementations on one device.** Triton and native CUDA both run on CUDA tensors (and Triton's interpreter
+and native C++ both on CPU), so a dispatch key cannot choose between them. Decision: *one op per implementation,
+generated from one definition*. :func:`define` instantiates the schemas above as ``ik_fast::<impl>_conv``,
+``ik_fast::<impl>_conv_backward`` and ``ik_fast::<impl>_trunk_moments``, and registers their fakes and autograd
+(written once, below) for that implementation. The implementation then only adds kernels per dispatch key, from
+Python (``torch.library.register_kernel``) or C++ (``TORCH_LIBRARY_IMPL(ik_fast, CUDA, m)`` for the same names; the
+schemas stay here). An implementation argument in the schema was the alternative; separate ops keep each
+implementation visible to the profiler, to ``torch.compile`` and to ``opcheck`` on its own, and an unavailable
+implementation cannot be reached by a mistyped argument.
+
+**Autograd** is registered on the forward op (its backward is the ``conv_backward`` op) and on the backward op, so a
+double backward (forces) goes through registered ops. The backward op's own derivative differentiates
+:func:`conv_reference_form`, the plain-PyTorch statement of the op, whose memory is that of the reference backend
+(one (E, R, C_in) kernel tensor; never (E, H, C_in)).
+
+**Availability.** :func:`register_implementation` takes a loader; :func:`status` imports it once and keeps the reason
+of a failure (the exception text), which ``ik_fast.available_backends`` and the ``auto`` warning report.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .program import PackedProgram
+
+__all__ = ["define", "register_implementation", "status", "implementation_names", "conv", "trunk_moments",
+           "conv_reference_form", "PackedProgram"]
+
+_LIB = torch.library.Library("ik_fast", "FRAGMENT")
+
+_PROGRAM = ("Tensor[] weights, Tensor[] biases, Tensor[] fourier, Tensor[] fourier_inv, Tensor final_weight, "
+            "Tensor final_bias, Tensor coef, float norm, int ndim")
+SCHEMAS = {
+    "conv": f"(Tensor x, Tensor inp, Tensor src, Tensor rowptr, {_PROGRAM}) -> Tensor",
+    "conv_backward": f"(Tensor grad, Tensor x, Tensor inp, Tensor src, Tensor rowptr, {_PROGRAM}) -> Tensor[]",
+    "trunk_moments": ("(Tensor inp, Tensor[] weights, Tensor[] biases, Tensor[] fourier, Tensor[] fourier_inv) "
+                      "-> Tensor"),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the ops' semantics in plain PyTorch
+# ----------------------------------------------------------------------------------------------------------------
+def _act(y: Tensor, A: Tensor, Ainv: Tensor) -> Tensor:
+    if A.numel() == 0:
+        return F.elu(y)
+    D = A.shape[1]
+    u = y.reshape(y.shape[0], -1, D) @ A.t()
+    return (F.elu(u) @ Ainv.t()).reshape(y.shape[0], -1)
+
+
+def trunk_reference_form(inp, weights, biases, fourier, fourier_inv) -> Tensor:
+    """The activation of the last given hidden layer (the input itself without layers)."""
+    h = inp
+    for w, b, A, Ainv in zip(weights, biases, fourier, fourier_inv):
+        h = _act(h @ w.t() + b, A.to(h.dtype), Ainv.to(h.dtype))
+    return h
+
+
+def receivers(rowptr: Tensor, num_edges: int) -> Tensor:
+    """Receiver of each edge (E,) from the CSR row pointer, without a host synchronisation."""
+    n_dst = rowptr.shape[0] - 1
+    return torch.repeat_interleave(torch.arange(n_dst, device=rowptr.device), rowptr.diff(),
+                                   output_size=num_edges)
+
+
+def conv_reference_form(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, final_weight, final_bias, coef,
+                        norm, ndim) -> Tensor:
+    """``conv`` as plain differentiable PyTorch (per-edge kernels, the reference backend's memory)."""
+    E = inp.shape[0]
+    R, H, C = final_weight.shape
+    h = trunk_reference_form(inp, weights, biases, fourier, fourier_inv)
+    s = torch.exp(-coef * inp[:, :ndim].square().sum(1)) * norm
+    k = (h @ final_weight.permute(1, 0, 2).reshape(H, R * C) + final_bias.reshape(-1)) * s[:, None]
+    msg = torch.bmm(k.reshape(E, R, C), x[src].unsqueeze(-1)).squeeze(-1)
+    return msg.new_zeros(rowptr.shape[0] - 1, R).index_add(0, receivers(rowptr, E), msg)
+
+# ----------------------------------------------------------------------------------------------------------------
+# fakes and autograd, written once for every implementation
+# ----------------------------------------------------------------------------------------------------------------
+def _fake_conv(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, final_weight, final_bias, coef, norm,
+               ndim):
+    return x.new_empty(rowptr.shape[0] - 1, final_weight.shape[0])
+
+
+def _fake_conv_backward(grad, x, inp, src, rowptr, weights, biases, fourier, fourier_inv, final_weight, final_bias,
+                        coef, norm, ndim):
+    return [torch.empty_like(t) for t in (x, inp, *weights, *biases, final_weight, final_bias, coef)]
+
+
+def _fake_trunk_moments(inp, weights, biases, fourier, fourier_inv):
+    return inp.new_empty(2, weights[-1].shape[0] if weights else inp.shape[1])
+
+
+_CONV_ARGS = ("x", "inp", "src", "rowptr", "weights", "biases", "fourier", "fourier_inv", "final_weight",
+              "final_bias", "coef", "norm", "ndim")
+
+
+def _split_grads(flat: Sequence[Optional[Tensor]], n_layers: int) -> dict:
+    """[dx, dinp, *dweights, *dbiases, dfinal_weight, dfinal_bias, dcoef] -> by argument name."""
+    L = n_layers
+    return dict(x=flat[0], inp=flat[1], weights=list(flat[2:2 + L]), biases=list(flat[2 + L:2 + 2 * L]),
+                final_weight=flat[2 + 2 * L], final_bias=flat[3 + 2 * L], coef=flat[4 + 2 * L])
+
+
+def _conv_setup_context(ctx, inputs, output):
+    tensors = [t for t in inputs if isinstance(t, Tensor)]
+    ctx.n_layers = len(inputs[4])
+    ctx.save_for_backward(*tensors, *inputs[4], *inputs[5], *inputs[6], *inputs[7])
+    ctx.norm, ctx.ndim = inputs[11], inputs[12]
+
+
+def _saved_conv_inputs(ctx) -> list:
+    t = ctx.saved_tensors
+    x, inp, src, rowptr, final_weight, final_bias, coef = t[:7]
+    L = ctx.n_layers
+    lists = [list(t[7 + i * L:7 + (i + 1) * L]) for i in range(4)]
+    return [x, inp, src, rowptr, *lists, final_weight, final_bias, coef, ctx.norm, ctx.ndim]
+
+
+def _conv_backward_formula(impl: str):
+    def backward(ctx, grad):
+        flat = _op(impl, "conv_backward")(grad.contiguous(), *_saved_conv_inputs(ctx))
+        g = _split_grads(flat, ctx.n_layers)
+        L = ctx.n_layers
+        return (g["x"], g["inp"], None, None, g["weights"], g["biases"], [None] * L, [None] * L, g["final_weight"],
+                g["final_bias"], g["coef"], None, None)
+    return backward
+
+
+def _bwd_setup_context(ctx, inputs, output):
+    grad, rest = inputs[0], inputs[1:]
+    ctx.n_layers = len(rest[4])
+    ctx.norm, ctx.ndim = rest[11], rest[12]
+    tensors = [t for t in rest if isinstance(t, Tensor)]
+    ctx.save_for_backward(*tensors, *rest[4], *rest[5], *rest[6], *rest[7], grad)
+
+
+def _double_backward(ctx, grads):
+    """Derivative of the backward op: the plain-PyTorch form of conv, differentiated twice."""
+    saved = ctx.saved_tensors
+    grad = saved[-1]
+    ctx_tensors = saved[:-1]
+
+    class _View:  # what _saved_conv_inputs reads
+        saved_tensors = ctx_tensors
+        n_layers = ctx.n_layers
+        norm = ctx.norm
+        ndim = ctx.ndim
+
+    args = _saved_conv_inputs(_View)
+    L = ctx.n_layers
+    with torch.enable_grad():
+        x, inp = args[0].detach().requires_grad_(), args[1].detach().requires_grad_()
+        ws = [w.detach().requires_grad_() for w in args[4]]
+        bs = [b.detach().requires_grad_() for b in args[5]]
+        fw, fb, coef = (t.detach().requires_grad_() for t in args[8:11])
+        g0 = grad.detach().requires_grad_()
+        leaves = [x, inp, *ws, *bs, fw, fb, coef]
+        out = conv_reference_form(x, inp, args[2], args[3], ws, bs, args[6], args[7], fw, fb, coef, ctx.norm,
+                                  ctx.ndim)
+        first = torch.autograd.grad(out, leaves, g0, create_graph=True, allow_unused=True)
+        pairs = [(f, v) for f, v in zip(first, grads) if f is not None and v is not None]
+        if not pairs:
+            second = [None] * (len(leaves) + 1)
+        else:
+            total = sum((f * v).sum() for f, v in pairs)
+            second = torch.autograd.grad(total, [g0, *leaves], allow_unused=True)
+    dgrad, rest = second[0], second[1:]
+    g = _split_grads(list(rest), L)
+    return (dgrad, g["x"], g["inp"], None, None, g["weights"], g["biases"], [None] * L, [None] * L,
+            g["final_weight"], g["final_bias"], g["coef"], None, None)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# implementations
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class _Impl:
+    loader: Callable[[], object]      # imports the module that registers the kernels; raises when unavailable
+    runs_on: Callable[[torch.device], Optional[str]]  # None when it runs on the device, else the reason
+
+
+_IMPLS: Dict[str, _Impl] = {}
+
+
+@functools.lru_cache(maxsize=None)
+def define(impl: str) -> None:
+    """Define ``ik_fast::<impl>_conv``, ``..._conv_backward`` and ``..._trunk_moments`` with their fakes and
+    autograd. Idempotent; the implementation registers its kernels afterwards."""
+    for stage, schema in SCHEMAS.items():
+        _LIB.define(f"{impl}_{stage}{schema}")
+    torch.library.register_fake(f"ik_fast::{impl}_conv", _fake_conv, lib=_LIB)
+    torch.library.register_fake(f"ik_fast::{impl}_conv_backward", _fake_conv_backward, lib=_LIB)
+    torch.library.register_fake(f"ik_fast::{impl}_trunk_moments", _fake_trunk_moments, lib=_LIB)
+    torch.library.register_autograd(f"ik_fast::{impl}_conv", _conv_backward_formula(impl),
+                                    setup_context=_conv_setup_context, lib=_LIB)
+    torch.library.register_autograd(f"ik_fast::{impl}_conv_backward", _double_backward,
+                                    setup_context=_bwd_setup_context, lib=_LIB)
+
+
+def register_implementation(impl: str, loader: Callable[[], object],
+                            runs_on: Callable[[torch.device], Optional[str]]) -> None:
+    """Declare an implementation of the stages: ``loader`` imports its kernels (and raises if it cannot),
+    ``runs_on(device)`` says why it does not run on a device (None when it does)."""
+    define(impl)
+    _IMPLS[impl] = _Impl(loader, runs_on)
+
+
+def implementation_names() -> List[str]:
+    return list(_IMPLS)
+
+
+@functools.lru_cache(maxsize=None)
+def _load(impl: str) -> Optional[str]:
+    try:
+        _IMPLS[impl].loader()
+    except Exception as e:  # ImportError, a toolkit that fails to initialise, a failed build: keep the reason
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def status(impl: str, device: str = "cpu") -> Optional[str]:
+    """None when implementation ``impl`` runs on ``device``, else the reason it does not."""
+    if impl not in _IMPLS:
+        return f"no implementation named {impl!r} (known: {implementation_names()})"
+    why = _load(impl)
+    if why is not None:
+        return f"its kernels failed to load ({why})"
+    return _IMPLS[impl].runs_on(torch.device(device))
+
+
+def _op(impl: str, stage: str):
+    return getattr(torch.ops.ik_fast, f"{impl}_{stage}")
+
+
+def conv(impl: str, x: Tensor, inp: Tensor, src: Tensor, rowptr: Tensor, program: PackedProgram) -> Tensor:
+    return _op(impl, "conv")(x, inp, src, rowptr, *program.args())
+
+
+def trunk_moments(impl: str, inp: Tensor, program: PackedProgram, upto: int) -> Tensor:
+    return _op(impl, "trunk_moments")(inp, program.weights[:upto], program.biases[:upto], program.fourier[:upto],
+                                      program.fourier_inv[:upto])

@@ -1,0 +1,345 @@
+"""The Triton implementation of the op layer's stages (:mod:`ik_fast.ops`): ``ik_fast::triton_conv``,
+``ik_fast::triton_conv_backward`` and ``ik_fast::triton_trunk_moments``, launching the kernels of :mod:`.conv`.
+
+Everything Triton-specific happens here, behind the neutral schemas:
+
+* **layout**: the op's dense, unpadded program tensors are padded to the kernels' power-of-two tiles (hidden layer as
+  ``CP`` channels of ``DP`` components, channel-major; the Fourier grid to ``GP``; see :mod:`.conv`);
+* **tiling**: the receiver-sorted edges (the op's CSR) are cut into tiles of ``BE`` edges; a *segment* is the part of
+  one receiver's edge list inside one tile. The forward kernel writes one row per segment and a receiver's rows are
+  summed with ``torch.segment_reduce`` (deterministic, no atomics). The tiling is built with tensor code and cached per
+  ``rowptr`` tensor, so a step on a cached graph does not synchronise with the host;
+* **precision**: float64 in IEEE arithmetic; float32 follows ``torch.get_float32_matmul_precision()`` ("highest" ->
+  IEEE, otherwise TF32); under ``torch.autocast(dtype=torch.bfloat16)`` bfloat16 operands with float32 accumulation;
+* **backward memory**: the last layer's weight gradient is ``sum_i Z_i (x) dout_i``; the backward kernel writes the Z
+  rows of its segments one chunk of tiles at a time (``Z_CHUNK_BUDGET``) and each chunk is contracted in one GEMM;
+* **determinism**: per-program accumulators summed in a fixed order, the statistics merged with tensor code in a fixed
+  order, the gradient to the source features through ``index_add`` (deterministic under
+  ``torch.use_deterministic_algorithms(True)``).
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+from dataclasses import dataclass
+from typing import List, Tuple
+
+import torch
+from torch import Tensor
+
+from ik_fast.ops import receivers
+
+from . import conv as K
+
+PREC_NAMES = ("ieee", "tf32", "bf16", "bf16-emulated")
+OPERAND_BUDGET = 8192  # no GEMM operand above this many elements (32 KB in float32)
+Z_CHUNK_BUDGET = 2**26  # floats of Z per chunk of tiles in the backward (256 MB in float32)
+STATS_TILE = 16  # edges per tile of the statistics kernel
+
+
+def _pow2(n: int, lo: int = 16) -> int:
+    return max(lo, 1 << max(0, int(n) - 1).bit_length())
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def runs_on(device: torch.device):
+    """None when the kernels run on ``device``, else why not."""
+    if device.type == "cuda":
+        return None if torch.cuda.is_available() else "CUDA is not available"
+    if device.type == "cpu":
+        return None if interpreting() else ("the Triton kernels run on CUDA devices (on CPU tensors only under "
+                                            "TRITON_INTERPRET=1, Triton's interpreter, for tests)")
+    return f"the Triton kernels do not run on {device.type} devices"
+
+
+def precision(dtype, device) -> int:
+    """Index into PREC_NAMES for a dtype on a device under the current PyTorch switches."""
+    if dtype == torch.float64:
+        return 0
+    dev = torch.device(device).type
+    if torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) == torch.bfloat16:
+        return 3 if dev == "cpu" else 2
+    return 0 if torch.get_float32_matmul_precision() == "highest" else 1
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# layout: the op's dense tensors -> the kernels' padded ones
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Layout:
+    NDIM: int
+    P0: int
+    P0P: int
+    NL: int
+    CP: int
+    DP: int
+    GP: int
+    GW: int            # width of the hidden blocks the GEMMs work on (a multiple of DP dividing CP * DP)
+    FOURIER: bool
+    hmap: Tensor       # (H,) padded column of each hidden unit
+
+    @property
+    def HP(self) -> int:
+        return self.CP * self.DP
+
+
+def _block_width(DP: int, HP: int, RP: int) -> int:
+    gw = DP
+    while 2 * gw <= HP and 2 * gw * max(2 * gw, RP) <= OPERAND_BUDGET:
+        gw *= 2
+    return gw
+
+
+def layout(inp: Tensor, weights, fourier, R: int, ndim: int) -> Layout:
+    dev = inp.device
+    P0 = inp.shape[1]
+    NL = len(weights)
+    if NL == 0:
+        CP, DP, GP, fourier_act, hmap = 1, _pow2(P0), 16, False, torch.arange(P0, device=dev)
+    else:
+        H = weights[-1].shape[0]
+        fourier_act = fourier[-1].numel() > 0
+        if any(w.shape[0] != H or (A.numel() > 0) != fourier_act for w, A in zip(weights, fourier)) or \
+                (fourier_act and any(A.shape != fourier[-1].shape for A in fourier)):
+            raise NotImplementedError("backend 'triton' needs every hidden layer of the kernel MLP to have the same "
+                                      "field type (as ImplicitKernel builds them)")
+        if fourier_act:  # channel-major, each channel padded to DP components (the Fourier ELU's GEMM view)
+            G, D = fourier[-1].shape
+            C = H // D
+            CP, DP, GP = _pow2(C, 1), _pow2(D), _pow2(G)
+            hmap = (torch.arange(C, device=dev)[:, None] * DP + torch.arange(D, device=dev)[None, :]).reshape(-1)
+        else:  # a pointwise ELU: any split of the padded width will do
+            total = _pow2(H)
+            DP = min(total, 64)
+            CP, GP, hmap = total // DP, 16, torch.arange(H, device=dev)
+    return Layout(ndim, P0, _pow2(P0), NL, CP, DP, GP, _block_width(DP, CP * DP, _pow2(R)), fourier_act, hmap)
+
+
+def pad_hidden(lay: Layout, weights, biases, fourier, fourier_inv, dtype):
+    """(w1 (P0P, HP), b1 (HP,), wh (NH, HP, HP), bh (NH, HP), at (NL, DP, GP), ait (NL, GP, DP)): x @ W layout."""
+    dev = lay.hmap.device
+    HP, hm = lay.HP, lay.hmap
+    nh = max(lay.NL - 1, 1)
+    w1 = torch.zeros(lay.P0P, HP, dtype=dtype, device=dev)
+    b1 = torch.zeros(HP, dtype=dtype, device=dev)
+    wh = torch.zeros(nh, HP, HP, dtype=dtype, device=dev)
+    bh = torch.zeros(nh, HP, dtype=dtype, device=dev)
+    for k, (w, b) in enumerate(zip(weights, biases)):
+        if k == 0:
+            w1[:lay.P0, hm] = w.t().to(dtype)
+            b1[hm] = b.to(dtype)
+        else:
+            wh[k - 1, hm[:, None], hm[None, :]] = w.t().to(dtype)
+            bh[k - 1, hm] = b.to(dtype)
+    na = max(lay.NL, 1)
+    at = torch.zeros(na, lay.DP, lay.GP, dtype=dtype, device=dev)
+    ait = torch.zeros(na, lay.GP, lay.DP, dtype=dtype, device=dev)
+    if lay.FOURIER:
+        for k, (A, Ainv) in enumerate(zip(fourier, fourier_inv)):
+            G, D = A.shape
+            at[k, :D, :G] = A.t().to(dtype)
+            ait[k, :G, :D] = Ainv.t().to(dtype)
+    return w1, b1, wh, bh, at, ait
+
+
+def pad_final(lay: Layout, final_weight, final_bias, dtype):
+    """wf (C_in, HP, R) and bf (C_in, R)."""
+    R, H, C = final_weight.shape
+    wf = final_weight.new_zeros(C, lay.HP, R, dtype=dtype)
+    wf[:, lay.hmap, :] = final_weight.permute(2, 1, 0).to(dtype)
+    return wf, final_bias.t().to(dtype).contiguous()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# tiling, cached per CSR
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Tiling:
+    loc: Tensor        # (E,) int32 segment of each edge within its tile
+    base: Tensor       # (n_tiles,) int32 global index of each tile's first segment
+    seg_recv: Tensor   # (n_seg,) receiver of each segment (non-decreasing)
+    lengths: Tensor    # (n_dst,) segments per receiver
+    n_tiles: int
+    BE: int
+    BR: int
+    chunks: Tuple[Tuple[int, int, int, int], ...]  # the backward's (t0, t1, seg0, seg1) for one Z row size
+    z_row: int
+
+
+_TILINGS: dict = {}  # id(rowptr) -> (weak reference to rowptr, {key: Tiling})
+
+
+def tile_size(device, hidden: int = 0) -> int:
+    """Edges per tile: 32 on GPUs (16 when the padded hidden width is above 512, to bound the register tiles); 16 in
+    the interpreter."""
+    if torch.device(device).type != "cuda":
+        return 16
+    return 32 if hidden <= 512 else 16
+
+
+def tiling(rowptr: Tensor, num_edges: int, BE: int, z_row: int) -> Tiling:
+    """Edge-balanced tiles of ``BE`` edges over the receiver-sorted edges; cached per ``rowptr`` tensor (the graph's
+    CSR), so that only a new graph pays the host synchronisations of its plan."""
+    ident = id(rowptr)
+    ref, per = _TILINGS.get(ident, (None, None))
+    if ref is None or ref() is not rowptr:
+        per = {}
+        _TILINGS[ident] = (weakref.ref(rowptr, lambda _: _TILINGS.pop(ident, None)), per)
+    key = (BE, z_row, rowptr._version)
+    if key in per:
+        return per[key]
+    E = num_edges
+    dst = receivers(rowptr, E)
+    pos = torch.arange(E, device=dst.device)
+    tile = pos // BE
+    new = torch.ones(E, dtype=torch.bool, device=dst.device)
+    if E > 1:
+        new[1:] = (dst[1:] != dst[:-1]) | (tile[1:] != tile[:-1])
+    segid = torch.cumsum(new.long(), 0) - 1
+    base = segid[::BE]
+    loc = segid - base[tile]
+    BR = _pow2(int(loc.max()) + 1) if E else 16
+    seg_recv = dst[new]
+    n_tiles = (E + BE - 1) // BE
+    t = Tiling(loc.to(torch.int32).contiguous(), base.to(torch.int32).contiguous(), seg_recv,
+               torch.bincount(seg_recv, minlength=rowptr.shape[0] - 1), n_tiles, BE, BR,
+               _z_chunks(base, int(seg_recv.shape[0]), z_row), z_row)
+    per.clear()
+    per[key] = t
+    return t
+
+
+def _z_chunks(base: Tensor, n_seg: int, row: int):
+    """Ranges (t0, t1, seg0, seg1) of tiles whose segments' Z rows (``row`` floats each) fit the chunk budget."""
+    starts = torch.cat([base.cpu(), torch.tensor([n_seg])])
+    cap = max(1, Z_CHUNK_BUDGET // max(1, row))
+    n_tiles = starts.numel() - 1
+    out, t0 = [], 0
+    while t0 < n_tiles:
+        # the last tile t1 - 1 whose segments still fit after those of t0 (at least one tile per chunk)
+        t1 = int(torch.searchsorted(starts, starts[t0] + cap, right=True)) - 1
+        t1 = min(max(t1, t0 + 1), n_tiles)
+        out.append((t0, t1, int(starts[t0]), int(starts[t1])))
+        t0 = t1
+    return tuple(out)
+
+
+def num_programs(n_tiles: int, device, per_program_floats: int) -> int:
+    """Persistent programs of the backward and statistics kernels (each owns an accumulator row)."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        sms = torch.cuda.get_device_properties(dev).multi_processor_count
+        budget = 2**28  # floats of accumulators (1 GiB in float32)
+        n = min(4 * sms, max(1, budget // max(1, per_program_floats)))
+    else:
+        n = 4
+    return max(1, min(n, n_tiles))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the stages
+# ----------------------------------------------------------------------------------------------------------------
+def _setup(x, inp, rowptr, weights, biases, fourier, fourier_inv, final_weight, final_bias, coef, ndim):
+    dtype = x.dtype
+    R, _, C = final_weight.shape
+    lay = layout(inp, weights, fourier, R, ndim)
+    tiles = tiling(rowptr, inp.shape[0], tile_size(x.device, lay.HP), C * lay.HP)
+    hidden = pad_hidden(lay, weights, biases, fourier, fourier_inv, dtype)
+    wf, bf = pad_final(lay, final_weight, final_bias, dtype)
+    consts = dict(NDIM=ndim, NL=lay.NL, CP=lay.CP, DP=lay.DP, GP=lay.GP, GW=lay.GW, FOURIER=lay.FOURIER,
+                  HAS_BIAS=True, BE=tiles.BE, BR=tiles.BR,
+                  PREC=PREC_NAMES[precision(dtype, x.device)], CIN=C, CINP=_pow2(C), P0=lay.P0, P0P=lay.P0P,
+                  CB=16, R=R, RP=_pow2(R))
+    return lay, tiles, hidden, wf, bf, coef.to(dtype).reshape(1).contiguous(), consts
+
+
+def conv(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, final_weight, final_bias, coef, norm, ndim):
+    R = final_weight.shape[0]
+    n_dst = rowptr.shape[0] - 1
+    E = inp.shape[0]
+    if E == 0:
+        return x.new_zeros(n_dst, R)
+    lay, tiles, hidden, wf, bf, coef, k = _setup(x, inp, rowptr, weights, biases, fourier, fourier_inv,
+                                                 final_weight, final_bias, coef, ndim)
+    seg = x.new_zeros(tiles.seg_recv.shape[0], R)
+    K.fused_forward_kernel[(tiles.n_tiles,)](
+        x.contiguous(), inp.contiguous(), src.contiguous(), tiles.loc, tiles.base, *hidden, wf, bf, coef, seg, E,
+        float(norm), **k)
+    # a receiver's segments are consecutive rows: a segmented sum, deterministic (no atomics)
+    return torch.segment_reduce(seg, "sum", lengths=tiles.lengths)
+
+
+def conv_backward(grad, x, inp, src, rowptr, weights, biases, fourier, fourier_inv, final_weight, final_bias, coef,
+                  norm, ndim) -> List[Tensor]:
+    R, H, C = final_weight.shape
+    E = inp.shape[0]
+    zeros = [torch.zeros_like(t) for t in (x, inp, *weights, *biases, final_weight, final_bias, coef)]
+    if E == 0:
+        return zeros
+    lay, tiles, hidden, wf, bf, coefp, k = _setup(x, inp, rowptr, weights, biases, fourier, fourier_inv,
+                                                  final_weight, final_bias, coef, ndim)
+    w1, b1, wh, bh, at, ait = hidden
+    HP, P0P, nh = lay.HP, lay.P0P, wh.shape[0]
+    per_program = w1.numel() + b1.numel() + wh.numel() + bh.numel() + bf.numel() + 1
+    nprog = num_programs(tiles.n_tiles, x.device, per_program)
+    acc = lambda *shape: x.new_zeros(nprog, *shape)  # noqa: E731
+    gw1, gb1, gwh, gbh, gbf, gcoef = acc(P0P, HP), acc(HP), acc(nh, HP, HP), acc(nh, HP), acc(C, R), acc()
+    gwf = x.new_zeros(C * HP, R)
+    dxe = x.new_zeros(E, C)
+    dinp = torch.zeros_like(inp)
+    gseg = grad.index_select(0, tiles.seg_recv).contiguous()  # each segment's row of the output gradient
+    for t0, t1, s0, s1 in tiles.chunks:
+        z = x.new_empty(s1 - s0, C * HP)
+        K.fused_backward_kernel[(min(nprog, t1 - t0),)](
+            gseg, x.contiguous(), inp.contiguous(), src.contiguous(), tiles.loc, tiles.base, *hidden, wf, bf, coefp,
+            dxe, dinp, gw1, gb1, gwh, gbh, z, gbf, gcoef, E, t0, t1, s0, float(norm), NH=nh, **k)
+        gwf.addmm_(z.t(), gseg[s0:s1].to(z.dtype))  # sum over the chunk's segments of Z (x) d out
+    dx = torch.zeros_like(x).index_add_(0, src, dxe)
+    hm = lay.hmap
+    gw1, gb1, gwh, gbh = gw1.sum(0), gb1.sum(0), gwh.sum(0), gbh.sum(0)
+    dweights = [gw1[:lay.P0, hm].t()] + [gwh[j][hm][:, hm].t() for j in range(len(weights) - 1)]
+    dbiases = [gb1[hm]] + [gbh[j][hm] for j in range(len(weights) - 1)]
+    if not weights:  # no hidden layer: the input is the hidden activation
+        dweights, dbiases = [], []
+    dfw = gwf.reshape(C, HP, R)[:, hm, :].permute(2, 1, 0)
+    dfb = gbf.sum(0).t()
+    dweights = [w.to(weights[0].dtype).contiguous() for w in dweights]
+    dbiases = [b.to(weights[0].dtype).contiguous() for b in dbiases]
+    return [dx, dinp, *dweights, *dbiases, dfw.to(final_weight.dtype).contiguous(),
+            dfb.to(final_bias.dtype).contiguous(), gcoef.sum(0).reshape(1).to(coef.dtype)]
+
+
+def trunk_moments(inp, weights, biases, fourier, fourier_inv):
+    E = inp.shape[0]
+    lay = layout(inp, weights, fourier, 1, 0)
+    if E == 0:
+        return inp.new_zeros(2, len(lay.hmap))
+    w1, b1, wh, bh, at, ait = pad_hidden(lay, weights, biases, fourier, fourier_inv, inp.dtype)
+    HP = lay.HP
+    n_tiles = (E + STATS_TILE - 1) // STATS_TILE
+    nprog = num_programs(n_tiles, inp.device, 1 + 2 * HP)
+    parts = inp.new_zeros(nprog, 1 + 2 * HP)
+    K.fused_stats_kernel[(nprog,)](
+        inp.contiguous(), w1, b1, wh, bh, at, ait, inp.new_zeros(1), parts, E, n_tiles, K=lay.NL, P0=lay.P0,
+        P0P=lay.P0P, NDIM=0, CP=lay.CP, DP=lay.DP, GP=lay.GP, GW=lay.GW, FOURIER=lay.FOURIER, BE=STATS_TILE,
+        PREC=PREC_NAMES[precision(inp.dtype, inp.device)])
+    # merge the programs' partial moments (Chan et al.) with tensor code, in a fixed order
+    count, mean, m2 = parts[:, :1], parts[:, 1:1 + HP], parts[:, 1 + HP:]
+    total = mean * count
+    mu = total.sum(0) / E
+    M2 = (m2 + count * (mean - mu).square()).sum(0)
+    return torch.stack([mu[lay.hmap], M2[lay.hmap]])
+
+
+def _register():
+    for key in ("CPU", "CUDA"):
+        torch.library.register_kernel("ik_fast::triton_conv", key.lower(), conv)
+        torch.library.register_kernel("ik_fast::triton_conv_backward", key.lower(), conv_backward)
+        torch.library.register_kernel("ik_fast::triton_trunk_moments", key.lower(), trunk_moments)
+
+
+_register()
