@@ -145,17 +145,12 @@ def test_triton_deterministic_and_compiles_on_cuda():
         torch.use_deterministic_algorithms(False)
     for u, v in zip(g1, g2):
         assert torch.equal(u, v)
-    from ik_fast.backends import fused
     from ik_fast.graph import prepare_graph
 
     prog = conv.eval().kernel.program()
     g = prepare_graph(ei, x.shape[0], x.shape[0])
-    t = fused.tiling(g)
-    lay = fused.layout(prog)
-    p = fused.pack(prog, [], x.dtype, x.device)
-    inp = prog.mlp_input(pos[ei[0]] - pos[ei[1]], a)[t.perm].contiguous()
-    cfg = fused.make_cfg(lay, p.has_bias, t, 0, 64)
-    args = (x, inp, t.src, t.loc, t.base, t.seg_recv, t.lengths, *p.tensors, cfg, float(prog.norm))
-    eager = fused.fused_conv(*args)
-    compiled = torch.compile(lambda *a: fused.fused_conv(*a), fullgraph=True)(*args)
+    inp = prog.mlp_input(pos[ei[0]] - pos[ei[1]], a)[g.perm].contiguous()
+    args = (x, inp, g.src[g.perm].contiguous(), g.rowptr, *prog.packed([], x.dtype).args())
+    eager = torch.ops.ik_fast.triton_conv(*args)
+    compiled = torch.compile(lambda *a: torch.ops.ik_fast.triton_conv(*a), fullgraph=True)(*args)
     assert rel(compiled, eager) < 1e-6
