@@ -276,3 +276,33 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
         conv(x, ei, edge_attr=a, pos=pos)
     assert "triton" not in ik_fast.available_backends("cpu")
     assert ik_fast.backends.resolve_backend("auto", "cpu") == "torch"
+
+
+def test_failed_implementation_keeps_its_reason():
+    def broken():
+        raise ImportError("libfoo.so: cannot open shared object file")
+
+    ops.register_implementation("broken_impl_for_test", broken, lambda device: None)
+    why = ops.status("broken_impl_for_test", "cpu")
+    assert "ImportError" in why and "libfoo.so" in why
+    assert ops.status("no_such_impl", "cpu").startswith("no implementation named")
+
+
+def test_auto_uses_torch_until_a_gpu_benchmark_shows_a_fused_backend_faster():
+    import ik_fast.backends as B
+
+    B._warned.clear()
+    with pytest.warns(RuntimeWarning, match="'auto' uses 'torch' on cuda .*triton: "):
+        assert B.resolve_backend("auto", "cuda") == "torch"
+    assert B.resolve_backend("auto", "cpu") == "torch"
+
+
+def test_float16_falls_back_to_torch_with_a_warning():
+    conv, gs, attr_t = _conv(dtype=torch.float16, n_channels=1)
+    conv.eval()
+    pos, ei, x, a = _inputs(conv, gs, attr_t, dtype=torch.float16)
+    conv.backend = "triton"
+    with pytest.warns(RuntimeWarning, match="no float16 path; using 'torch'"):
+        out = conv(x, ei, edge_attr=a, pos=pos)
+    conv.backend = "torch"
+    assert torch.equal(out, conv(x, ei, edge_attr=a, pos=pos))
