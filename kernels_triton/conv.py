@@ -57,13 +57,13 @@ def _mm(a, b, PREC: tl.constexpr):
 
 @triton.jit
 def _seg_mm(a, b, PREC: tl.constexpr):
-    """A GEMM with a one-hot operand (a segmented sum): exact operands, so it keeps float32 inputs in bf16 modes."""
-    if PREC == "bf16":
-        return tl.dot(a, b, input_precision="tf32")
-    elif PREC == "bf16-emulated":
+    """A GEMM with a one-hot operand (a segmented sum, an exact gather/scatter): the data operand must not be
+    rounded. IEEE keeps it exact; in the tensor-core modes 3xTF32 (the operand split into a TF32 head and tail) keeps
+    it to float32 accuracy, where a plain TF32 or bf16 dot would round it to 10 or 7 mantissa bits."""
+    if PREC == "ieee" or PREC == "bf16-emulated":
         return tl.dot(a, b, input_precision="ieee")
     else:
-        return tl.dot(a, b, input_precision=PREC)
+        return tl.dot(a, b, input_precision="tf32x3")
 
 
 @triton.jit
