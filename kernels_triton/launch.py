@@ -214,18 +214,18 @@ def tiling(rowptr: Tensor, num_edges: int, BE: int, z_row: int) -> Tiling:
 
 
 def _z_chunks(base: Tensor, n_seg: int, row: int):
-    """Ranges (t0, t1, seg0, seg1) of tiles whose segments' Z rows (``row`` floats each) fit the chunk budget."""
-    starts = torch.cat([base.cpu(), torch.tensor([n_seg])])
+    """Ranges (t0, t1, seg0, seg1) of tiles for the backward's Z chunks: the tiles whose first segment falls in the
+    same window of ``cap`` segments (``row`` floats of Z each, ``cap`` rows within the chunk budget) form one chunk,
+    which then holds at most ``cap`` + BE - 1 rows. Built with tensor code and one transfer to the host."""
     cap = max(1, Z_CHUNK_BUDGET // max(1, row))
-    n_tiles = starts.numel() - 1
-    out, t0 = [], 0
-    while t0 < n_tiles:
-        # the last tile t1 - 1 whose segments still fit after those of t0 (at least one tile per chunk)
-        t1 = int(torch.searchsorted(starts, starts[t0] + cap, right=True)) - 1
-        t1 = min(max(t1, t0 + 1), n_tiles)
-        out.append((t0, t1, int(starts[t0]), int(starts[t1])))
-        t0 = t1
-    return tuple(out)
+    window = base.long() // cap
+    first = torch.ones_like(window, dtype=torch.bool)
+    first[1:] = window[1:] != window[:-1]
+    t0 = torch.nonzero(first).flatten()
+    t1 = torch.cat([t0[1:], t0.new_tensor([base.numel()])])
+    s_all = torch.cat([base.long(), base.new_tensor([n_seg]).long()])
+    bounds = torch.stack([t0, t1, s_all[t0], s_all[t1]], 1).cpu().tolist()
+    return tuple(tuple(b) for b in bounds)
 
 
 def num_programs(n_tiles: int, device, per_program_floats: int) -> int:
