@@ -47,6 +47,41 @@ def _field_groups(field_type):
     return [torch.tensor(v, dtype=torch.long) for v in groups.values()]
 
 
+def _expansion_map(expansion, shape):
+    """The linear map of an escnn ``BlocksBasisExpansion`` as sorted sparse entries: ``W.flatten()[rows] =
+    segment_sum(weights[cols] * values, lengths)``. Built once from escnn's sampled (cleaned) bases and its field
+    bookkeeping, so a forward pass expands a weight in a few operators instead of one Python-level block loop
+    (with host synchronisations) per representation pair."""
+    from escnn.nn.modules.basismanager import retrieve_indices
+
+    _, in_pos, _ = retrieve_indices(expansion._in_reprs)
+    _, out_pos, _ = retrieve_indices(expansion._out_reprs)
+    n_in = shape[1]
+    targets, cols, vals = [], [], []
+    for io_pair in expansion._representations_pairs:
+        basis = getattr(expansion, f"block_expansion_{expansion._escape_pair(io_pair)}").sampled_basis
+        basis = basis.detach().reshape(basis.shape[0], basis.shape[1], basis.shape[2]).cpu()  # (n_b, o, i), S = 1
+        n_b, o, i = basis.shape
+        rows_p = out_pos[io_pair[1]].reshape(-1, o)   # (out_count, o) positions of the output fields
+        cols_p = in_pos[io_pair[0]].reshape(-1, i)    # (in_count, i)
+        n_out, n_inp = rows_p.shape[0], cols_p.shape[0]
+        beta, a, b = torch.nonzero(basis, as_tuple=True)
+        f = torch.arange(n_out)[:, None, None]
+        g = torch.arange(n_inp)[None, :, None]
+        start = expansion._weights_ranges[io_pair][0]
+        targets.append((rows_p[f, a] * n_in + cols_p[g, b]).reshape(-1))
+        cols.append((start + (f * n_inp + g) * n_b + beta).reshape(-1))
+        vals.append(basis[beta, a, b].expand(n_out, n_inp, -1).reshape(-1))
+    if not targets:
+        e = torch.zeros(0, dtype=torch.long)
+        return e, e, torch.zeros(0), e
+    targets, cols, vals = torch.cat(targets), torch.cat(cols), torch.cat(vals)
+    order = torch.argsort(targets, stable=True)
+    targets, cols, vals = targets[order], cols[order], vals[order]
+    rows, lengths = torch.unique_consecutive(targets, return_counts=True)
+    return cols, vals, rows, lengths
+
+
 class _EquivariantLinear(torch.nn.Module):
     """Parameters of an escnn ``Linear`` (same basis and initialisation), without its eval-mode buffers."""
 
@@ -75,9 +110,17 @@ class _EquivariantLinear(torch.nn.Module):
             self.bias_expansion = None
         self.shape = (out_type.size, in_type.size)
         self.in_type, self.out_type = in_type, out_type
+        cols, vals, rows, lengths = _expansion_map(self.expansion, self.shape)
+        dt = self.weights.dtype
+        for name, t in (("map_cols", cols), ("map_values", vals.to(dt)), ("map_rows", rows),
+                        ("map_lengths", lengths)):
+            self.register_buffer(name, t, persistent=False)
 
     def expand(self):
-        w = self.expansion(self.weights).reshape(*self.shape)
+        """(W (out, in), b (out,) or None) from the parameters: W through the precomputed expansion map."""
+        contrib = self.weights.index_select(0, self.map_cols) * self.map_values.to(self.weights.dtype)
+        flat = torch.segment_reduce(contrib, "sum", lengths=self.map_lengths, unsafe=True)  # (lengths built here)
+        w = contrib.new_zeros(self.shape[0] * self.shape[1]).index_copy(0, self.map_rows, flat).reshape(*self.shape)
         b = None if self.bias is None else self.bias_expansion @ self.bias
         return w, b
 
@@ -300,14 +343,14 @@ class ImplicitKernel(torch.nn.Module):
         for k, lin in enumerate(self.mlp[:-1]):
             w, b = lin.expand()
             plan = lin.plan()
-            linear = Linear(w, b, plan, plan.gather(w) if plan is not None else ())
+            linear = Linear(w, b, plan)
             bn = self.bn[k].lower(self.training) if self.batch_norm else None
             hidden.append(Hidden(linear, self.n_channels, self._rho_size, self.act_A, self.act_Ainv, bn))
         last = self.mlp[-1]
         w, b = last.expand()
         wk, bk = self._kernel_layout(w, b)
         plan = last.plan()
-        final = Linear(wk, bk, plan, plan.gather(wk) if plan is not None else ())
+        final = Linear(wk, bk, plan)
         attr = 0 if self.edge_attr_type is None else self.edge_attr_type.size
         prog = KernelProgram(self.in_type.gspace.dimensionality, self.in_type.size, self.out_type.size, attr,
                              tuple(hidden), final, self.sigma, self.norm, self.training)

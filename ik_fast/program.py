@@ -160,12 +160,27 @@ def build_plan(mask: Tensor, row_groups: Sequence[Tensor], col_groups: Sequence[
 # ----------------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Linear:
-    """y = x W^T + b, with W (out, in) dense and, optionally, its block plan and gathered blocks."""
+    """y = x W^T + b, with W (out, in) dense and, optionally, its block plan. The plan's gathered weights
+    (:attr:`blocks`) are built on first use, so a consumer of the dense weight alone (the fused ops) never pays for
+    them."""
 
     weight: Tensor
     bias: Optional[Tensor]
     plan: Optional[BlockPlan] = None
-    blocks: Tuple[Tensor, ...] = ()
+
+    @property
+    def blocks(self) -> Tuple[Tensor, ...]:
+        cached = self.__dict__.get("_blocks")
+        if cached is None:
+            cached = self.plan.gather(self.weight) if self.plan is not None else ()
+            object.__setattr__(self, "_blocks", cached)
+        return cached
+
+    def with_blocks(self) -> "Linear":
+        """Self, with :attr:`blocks` gathered now (before a checkpointed region that reads them: recomputation
+        must see the same operations as the first pass)."""
+        self.blocks  # noqa: B018
+        return self
 
     def dense(self, x: Tensor) -> Tensor:
         # x @ W^T with W^T materialised: autograd then forms the weight gradient as x^T @ grad, a GEMM shape that
@@ -182,14 +197,13 @@ class Linear:
     def fold(self, scale: Tensor, shift: Tensor, inner: int = 1, gather: bool = True) -> "Linear":
         """This Linear applied after the affine map ``h -> h * scale + shift`` on its input (scale, shift (H,)),
         where each input column index is ``h * inner + k`` (``inner`` > 1 for the kernel-layout last layer).
-        ``gather=False`` skips re-gathering the block plan's weights (for consumers of the dense weight only)."""
+        ``gather=False`` drops the block plan (for consumers of the dense weight only)."""
         R = self.weight.shape[0]
         w3 = self.weight.reshape(R, -1, inner)
         weight = (w3 * scale[None, :, None]).reshape(R, -1)
         extra = torch.einsum("rhk,h->rk", w3, shift).reshape(-1)
         bias = extra if self.bias is None else self.bias + extra
-        plan = self.plan if gather else None
-        return Linear(weight, bias, plan, plan.gather(weight) if plan is not None else ())
+        return Linear(weight, bias, self.plan if gather else None)
 
 
 @dataclass(frozen=True)

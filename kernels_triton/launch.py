@@ -20,12 +20,14 @@ Everything Triton-specific happens here, behind the neutral schemas:
 
 from __future__ import annotations
 
+import functools
 import os
 import weakref
 from dataclasses import dataclass
 from typing import List, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ik_fast.ops import receivers
@@ -80,11 +82,45 @@ class Layout:
     GP: int
     GW: int            # width of the hidden blocks the GEMMs work on (a multiple of DP dividing CP * DP)
     FOURIER: bool
-    hmap: Tensor       # (H,) padded column of each hidden unit
+    C: int             # the hidden width H as C real channels of D components, padded to PC x PD = HP
+    D: int
+    PC: int
+    PD: int
 
     @property
     def HP(self) -> int:
         return self.CP * self.DP
+
+
+@functools.lru_cache(maxsize=256)
+def _hidden_index(lay: "Layout", device: str) -> Tensor:
+    """(H,) padded position of each real hidden unit."""
+    c = torch.arange(lay.C, device=device)[:, None] * lay.PD
+    return (c + torch.arange(lay.D, device=device)[None, :]).reshape(-1)
+
+
+@functools.lru_cache(maxsize=256)
+def _scatter_index(lay: "Layout", device: str, lead: int, rows: int, rows_padded: int, hidden_rows: bool,
+                   cols: int, cols_padded: int, hidden_cols: bool) -> Tensor:
+    """Flat positions in a (lead, rows_padded, cols_padded) buffer of the entries of a (lead, rows, cols) tensor;
+    a dimension flagged ``hidden_*`` is the hidden width (padded channel by channel), else padded at its end."""
+    hm = _hidden_index(lay, device)
+    r = hm if hidden_rows else torch.arange(rows, device=device)
+    c = hm if hidden_cols else torch.arange(cols, device=device)
+    k = torch.arange(lead, device=device)
+    return ((k[:, None, None] * rows_padded + r[None, :, None]) * cols_padded + c[None, None, :]).reshape(-1)
+
+
+def _scatter(t: Tensor, lay: "Layout", padded: Tuple[int, int, int], hidden: Tuple[bool, bool]) -> Tensor:
+    """t (lead, rows, cols) -> zeros of shape ``padded`` with t's entries at their padded positions (one scatter)."""
+    lead, rows, cols = t.shape
+    idx = _scatter_index(lay, str(t.device), lead, rows, padded[1], hidden[0], cols, padded[2], hidden[1])
+    return t.new_zeros(padded[0] * padded[1] * padded[2]).index_copy(0, idx, t.reshape(-1)).reshape(padded)
+
+
+def unpad_h(t: Tensor, dim: int, lay: "Layout") -> Tensor:
+    """The real hidden units of dimension ``dim`` of a padded tensor."""
+    return t.index_select(dim, _hidden_index(lay, str(t.device)))
 
 
 def _block_width(DP: int, HP: int, RP: int) -> int:
@@ -95,11 +131,11 @@ def _block_width(DP: int, HP: int, RP: int) -> int:
 
 
 def layout(inp: Tensor, weights, fourier, R: int, ndim: int) -> Layout:
-    dev = inp.device
     P0 = inp.shape[1]
     NL = len(weights)
     if NL == 0:
-        CP, DP, GP, fourier_act, hmap = 1, _pow2(P0), 16, False, torch.arange(P0, device=dev)
+        CP, DP, GP, fourier_act = 1, _pow2(P0), 16, False
+        real = (1, P0, 1, DP)
     else:
         H = weights[-1].shape[0]
         fourier_act = fourier[-1].numel() > 0
@@ -111,46 +147,46 @@ def layout(inp: Tensor, weights, fourier, R: int, ndim: int) -> Layout:
             G, D = fourier[-1].shape
             C = H // D
             CP, DP, GP = _pow2(C, 1), _pow2(D), _pow2(G)
-            hmap = (torch.arange(C, device=dev)[:, None] * DP + torch.arange(D, device=dev)[None, :]).reshape(-1)
+            real = (C, D, CP, DP)
         else:  # a pointwise ELU: any split of the padded width will do
             total = _pow2(H)
             DP = min(total, 64)
-            CP, GP, hmap = total // DP, 16, torch.arange(H, device=dev)
-    return Layout(ndim, P0, _pow2(P0), NL, CP, DP, GP, _block_width(DP, CP * DP, _pow2(R)), fourier_act, hmap)
+            CP, GP = total // DP, 16
+            real = (1, H, 1, total)
+    return Layout(ndim, P0, _pow2(P0), NL, CP, DP, GP, _block_width(DP, CP * DP, _pow2(R)), fourier_act, *real)
 
 
-def pad_hidden(lay: Layout, weights, biases, fourier, fourier_inv, dtype):
-    """(w1 (P0P, HP), b1 (HP,), wh (NH, HP, HP), bh (NH, HP), at (NL, DP, GP), ait (NL, GP, DP)): x @ W layout."""
-    dev = lay.hmap.device
-    HP, hm = lay.HP, lay.hmap
-    nh = max(lay.NL - 1, 1)
-    w1 = torch.zeros(lay.P0P, HP, dtype=dtype, device=dev)
-    b1 = torch.zeros(HP, dtype=dtype, device=dev)
-    wh = torch.zeros(nh, HP, HP, dtype=dtype, device=dev)
-    bh = torch.zeros(nh, HP, dtype=dtype, device=dev)
-    for k, (w, b) in enumerate(zip(weights, biases)):
-        if k == 0:
-            w1[:lay.P0, hm] = w.t().to(dtype)
-            b1[hm] = b.to(dtype)
-        else:
-            wh[k - 1, hm[:, None], hm[None, :]] = w.t().to(dtype)
-            bh[k - 1, hm] = b.to(dtype)
-    na = max(lay.NL, 1)
-    at = torch.zeros(na, lay.DP, lay.GP, dtype=dtype, device=dev)
-    ait = torch.zeros(na, lay.GP, lay.DP, dtype=dtype, device=dev)
+def pad_hidden(lay: Layout, weights, biases, fourier, fourier_inv, dtype, device):
+    """(w1 (P0P, HP), b1 (HP,), wh (NH, HP, HP), bh (NH, HP), at (NL, DP, GP), ait (NL, GP, DP)): x @ W layout,
+    each built with one scatter of the stacked real entries."""
+    HP, NL = lay.HP, lay.NL
+    nh = max(NL - 1, 1)
+    z = lambda *shape: torch.zeros(*shape, dtype=dtype, device=device)  # noqa: E731
+    if NL == 0:
+        w1, b1 = z(lay.P0P, HP), z(HP)
+    else:
+        w1 = _scatter(weights[0].t().to(dtype)[None], lay, (1, lay.P0P, HP), (False, True))[0]
+        b1 = _scatter(biases[0].to(dtype)[None, None], lay, (1, 1, HP), (False, True)).reshape(HP)
+    if NL > 1:
+        wh = _scatter(torch.stack(weights[1:]).to(dtype).transpose(1, 2), lay, (nh, HP, HP), (True, True))
+        bh = _scatter(torch.stack(biases[1:]).to(dtype)[:, None], lay, (nh, 1, HP), (False, True)).reshape(nh, HP)
+    else:
+        wh, bh = z(nh, HP, HP), z(nh, HP)
     if lay.FOURIER:
-        for k, (A, Ainv) in enumerate(zip(fourier, fourier_inv)):
-            G, D = A.shape
-            at[k, :D, :G] = A.t().to(dtype)
-            ait[k, :G, :D] = Ainv.t().to(dtype)
+        A = torch.stack(fourier).to(dtype)  # (NL, G, D)
+        Ainv = torch.stack(fourier_inv).to(dtype)  # (NL, D, G)
+        at = F.pad(A.transpose(1, 2), (0, lay.GP - A.shape[1], 0, lay.DP - A.shape[2]))
+        ait = F.pad(Ainv.transpose(1, 2), (0, lay.DP - A.shape[2], 0, lay.GP - A.shape[1]))
+    else:
+        na = max(NL, 1)
+        at, ait = z(na, lay.DP, lay.GP), z(na, lay.GP, lay.DP)
     return w1, b1, wh, bh, at, ait
 
 
 def pad_final(lay: Layout, final_weight, final_bias, dtype):
     """wf (C_in, HP, R) and bf (C_in, R)."""
-    R, H, C = final_weight.shape
-    wf = final_weight.new_zeros(C, lay.HP, R, dtype=dtype)
-    wf[:, lay.hmap, :] = final_weight.permute(2, 1, 0).to(dtype)
+    R, _, C = final_weight.shape
+    wf = _scatter(final_weight.permute(2, 1, 0).to(dtype), lay, (C, lay.HP, R), (True, False))
     return wf, final_bias.t().to(dtype).contiguous()
 
 
@@ -248,7 +284,7 @@ def _setup(x, inp, rowptr, weights, biases, fourier, fourier_inv, final_weight, 
     R, _, C = final_weight.shape
     lay = layout(inp, weights, fourier, R, ndim)
     tiles = tiling(rowptr, inp.shape[0], tile_size(x.device, lay.HP), C * lay.HP)
-    hidden = pad_hidden(lay, weights, biases, fourier, fourier_inv, dtype)
+    hidden = pad_hidden(lay, weights, biases, fourier, fourier_inv, dtype, x.device)
     wf, bf = pad_final(lay, final_weight, final_bias, dtype)
     consts = dict(NDIM=ndim, NL=lay.NL, CP=lay.CP, DP=lay.DP, GP=lay.GP, GW=lay.GW, FOURIER=lay.FOURIER,
                   HAS_BIAS=True, BE=tiles.BE, BR=tiles.BR,
@@ -270,7 +306,7 @@ def conv(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, final_weigh
         x.contiguous(), inp.contiguous(), src.contiguous(), tiles.loc, tiles.base, *hidden, wf, bf, coef, seg, E,
         float(norm), **k)
     # a receiver's segments are consecutive rows: a segmented sum, deterministic (no atomics)
-    return torch.segment_reduce(seg, "sum", lengths=tiles.lengths)
+    return torch.segment_reduce(seg, "sum", lengths=tiles.lengths, unsafe=True)  # (lengths from the tiling)
 
 
 def conv_backward(grad, x, inp, src, rowptr, weights, biases, fourier, fourier_inv, final_weight, final_bias, coef,
@@ -299,13 +335,14 @@ def conv_backward(grad, x, inp, src, rowptr, weights, biases, fourier, fourier_i
             dxe, dinp, gw1, gb1, gwh, gbh, z, gbf, gcoef, E, t0, t1, s0, float(norm), NH=nh, **k)
         gwf.addmm_(z.t(), gseg[s0:s1].to(z.dtype))  # sum over the chunk's segments of Z (x) d out
     dx = torch.zeros_like(x).index_add_(0, src, dxe)
-    hm = lay.hmap
     gw1, gb1, gwh, gbh = gw1.sum(0), gb1.sum(0), gwh.sum(0), gbh.sum(0)
-    dweights = [gw1[:lay.P0, hm].t()] + [gwh[j][hm][:, hm].t() for j in range(len(weights) - 1)]
-    dbiases = [gb1[hm]] + [gbh[j][hm] for j in range(len(weights) - 1)]
-    if not weights:  # no hidden layer: the input is the hidden activation
-        dweights, dbiases = [], []
-    dfw = gwf.reshape(C, HP, R)[:, hm, :].permute(2, 1, 0)
+    dweights, dbiases = [], []
+    if weights:  # (without hidden layers the input is the hidden activation)
+        gwh_real = unpad_h(unpad_h(gwh, 1, lay), 2, lay).transpose(1, 2)  # (x @ W layout -> (out, in))
+        gbh_real = unpad_h(gbh, 1, lay)
+        dweights = [unpad_h(gw1[:lay.P0], 1, lay).t()] + list(gwh_real[:len(weights) - 1])
+        dbiases = [unpad_h(gb1, 0, lay)] + list(gbh_real[:len(weights) - 1])
+    dfw = unpad_h(gwf.reshape(C, HP, R), 1, lay).permute(2, 1, 0)
     dfb = gbf.sum(0).t()
     dweights = [w.to(weights[0].dtype).contiguous() for w in dweights]
     dbiases = [b.to(weights[0].dtype).contiguous() for b in dbiases]
@@ -317,8 +354,8 @@ def trunk_moments(inp, weights, biases, fourier, fourier_inv):
     E = inp.shape[0]
     lay = layout(inp, weights, fourier, 1, 0)
     if E == 0:
-        return inp.new_zeros(2, len(lay.hmap))
-    w1, b1, wh, bh, at, ait = pad_hidden(lay, weights, biases, fourier, fourier_inv, inp.dtype)
+        return inp.new_zeros(2, lay.C * lay.D)
+    w1, b1, wh, bh, at, ait = pad_hidden(lay, weights, biases, fourier, fourier_inv, inp.dtype, inp.device)
     HP = lay.HP
     n_tiles = (E + STATS_TILE - 1) // STATS_TILE
     nprog = num_programs(n_tiles, inp.device, 1 + 2 * HP)
@@ -332,7 +369,7 @@ def trunk_moments(inp, weights, biases, fourier, fourier_inv):
     total = mean * count
     mu = total.sum(0) / E
     M2 = (m2 + count * (mean - mu).square()).sum(0)
-    return torch.stack([mu[lay.hmap], M2[lay.hmap]])
+    return unpad_h(torch.stack([mu, M2]), 1, lay)
 
 
 def _register():

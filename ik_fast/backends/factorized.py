@@ -65,8 +65,8 @@ def _contract(program: KernelProgram, final, chunk, h, s, x):
 def _final_layer(program: KernelProgram, pending):
     """The last Linear, with the last hidden layer's batch norm folded in."""
     if pending is None:
-        return program.final
-    return program.final.fold(*pending, inner=program.in_size)
+        return program.final.with_blocks()
+    return program.final.fold(*pending, inner=program.in_size).with_blocks()
 
 
 def _chunk_inference(program: KernelProgram, final, chunk, x_src, src, delta, attr):
