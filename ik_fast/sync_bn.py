@@ -4,8 +4,8 @@
 :func:`convert_sync_batchnorm` swaps both kinds in a model for versions whose training statistics are the statistics
 of the union of all processes' batches:
 
-- ``torch.nn.BatchNorm1d`` -> :class:`SyncBatchNorm1d`: sums, sums of squares and counts all-reduced with the
-  differentiable ``torch.distributed.nn.functional.all_reduce``, so gradients flow through the statistics as in
+- ``torch.nn.BatchNorm1d`` -> :class:`SyncBatchNorm1d`: sums, sums of squares and counts all-reduced by a
+  differentiable all-reduce (its backward all-reduces the gradient), so gradients flow through the statistics as in
   ``torch.nn.SyncBatchNorm``;
 - ``escnn.nn.IIDBatchNorm1d`` -> :class:`SyncIIDBatchNorm1d`: escnn detaches its statistics from the gradient, so
   they are all-reduced without autograd.
@@ -28,6 +28,22 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over processes; the gradient of every process's input is the sum of all processes' output gradients."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = x.clone()
+        dist.all_reduce(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g.clone()
+        dist.all_reduce(g)
+        return g
+
+
 class SyncBatchNorm1d(torch.nn.BatchNorm1d):
     """``BatchNorm1d`` on (N, C) inputs whose training statistics cover every process's batch."""
 
@@ -36,11 +52,9 @@ class SyncBatchNorm1d(torch.nn.BatchNorm1d):
             return super().forward(x)
         if x.dim() != 2:
             raise ValueError(f"SyncBatchNorm1d expects (N, C) inputs, got shape {tuple(x.shape)}")
-        from torch.distributed.nn.functional import all_reduce
-
         C = x.shape[1]
         n = x.new_full((1,), float(x.shape[0]))
-        packed = all_reduce(torch.cat([n, x.sum(0), (x * x).sum(0)]))
+        packed = _AllReduceSum.apply(torch.cat([n, x.sum(0), (x * x).sum(0)]))
         N = packed[0]
         mean = packed[1:1 + C] / N
         var = (packed[1 + C:] / N - mean * mean).clamp(min=0)

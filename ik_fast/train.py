@@ -41,7 +41,7 @@ QM9_DEFAULT = dict(gspace="o3", num_layers=4, num_features=8, num_inv_features=3
                    kernel_channels=8, cutoff=2.0, batch_size=32, epochs=100, n_train=None, n_val=None, n_test=None,
                    lr=1e-3, edge_attrs="bond", threads=None)
 NBODY_QUICK = dict(gspace="o3", num_layers=2, num_features=4, L=1, kernel_layers=2, kernel_channels=4,
-                   batch_size=20, epochs=3, n_train=600, n_val=200, n_test=200, lr=5e-3, threads=1)
+                   batch_size=20, epochs=8, n_train=600, n_val=200, n_test=200, lr=5e-3, threads=1)
 NBODY_DEFAULT = dict(gspace="o3", num_layers=3, num_features=8, L=1, kernel_layers=3, kernel_channels=8,
                      batch_size=100, epochs=100, n_train=3000, n_val=2000, n_test=2000, lr=5e-4, threads=None)
 

@@ -71,7 +71,7 @@ def test_nbody_train(tmp_path):
 @needs_qm9
 def test_torchrun_two_gloo_processes(tmp_path):
     """Two processes with gloo, a few steps on different shards: DDP keeps the parameters identical."""
-    log = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+    log = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                 "-m", "ik_fast.train", "qm9", "--limit", "150", "--n-train", "32", "--n-val", "12", "--n-test", "12",
                 "--batch-size", "4", "--steps", "3", "--sync-bn", "--out", str(tmp_path / "ddp"), *TINY], tmp_path)
     m = re.search(r"max difference across 2 processes: parameters ([0-9.e+-]+), batch-norm running statistics "
