@@ -22,7 +22,6 @@ import ast
 import re
 from typing import Dict, List, Optional
 
-import numpy as np
 import torch
 from escnn import nn as enn
 
@@ -63,7 +62,7 @@ def _solve(lin, W: torch.Tensor, b: Optional[torch.Tensor], name: str, tol: floa
 
 
 def _permutation(irreps_from: List[tuple], irreps_to: List[tuple], G) -> torch.Tensor:
-    """(dim_to, dim_from) 0/1 matrix placing each irrep's components of ``irreps_from`` at its place in ``irreps_to``."""
+    """(dim_to, dim_from) 0/1 matrix moving each irrep's components from ``irreps_from`` to ``irreps_to``."""
     def offsets(irs):
         out, p = {}, 0
         for irr in irs:

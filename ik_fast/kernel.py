@@ -224,7 +224,8 @@ class ImplicitKernel(torch.nn.Module):
                 lost = sorted(needed - set(spec.hidden_type.representations[0].irreps), key=str)
                 if lost:
                     warnings.warn(f"hidden='paper': the research code's hidden field of {G.name} lacks the irreps "
-                                  f"{lost}; the kernel's components on them are zero (as in the research code)")
+                                  f"{lost}; the kernel's components on them are zero (as in the research code)",
+                                  stacklevel=2)
             self.hidden_description = spec.description
             self.escnn_activation = spec.make_module
             rho = spec.hidden_type.representations[0]

@@ -38,7 +38,8 @@ def build_gspace(name: str):
 
 
 def field_activation(gspace, L: int, channels: int, grid: Optional[dict] = None) -> enn.EquivariantModule:
-    """The group's ELU on ``channels`` band-limited fields (frequencies < ``L``... up to ``L``, as the research code):
+    """The group's ELU on ``channels`` fields of band limit ``L`` (frequencies 0..L, as the research code's
+    ``get_elu``):
 
     - SO(3), O(3): quotient Fourier ELU on the sphere (fields of ``bl_sphere_representation(L)``), icosahedral grid;
     - SO(2), O(2): Fourier ELU on ``N`` rotations (N = 40 if L = 3 else 125, as the research code);
@@ -108,7 +109,7 @@ def _scatter_mean(x: torch.Tensor, index: torch.Tensor, n: int) -> torch.Tensor:
 
 
 class _ResidualBlock(torch.nn.Module):
-    def __init__(self, act_factory, edge_attr_type, kernel_kwargs, sync_bn: bool = False):
+    def __init__(self, act_factory, edge_attr_type, kernel_kwargs):
         super().__init__()
         self.act1, self.act2 = act_factory(), act_factory()
         t_in, t_out = self.act1.out_type, self.act1.in_type

@@ -442,7 +442,8 @@ def _run_nbody(args, d: Dist) -> int:
         return const, lin
 
     b_const, b_lin = baselines(sets["val"])
-    _log(d, f"N-body: 5 charged particles, predict positions after {args.horizon} steps ({float(sets['val']['dt']):.2f} "
+    span = float(sets["val"]["dt"])
+    _log(d, f"N-body: 5 charged particles, predict positions after {args.horizon} steps ({span:.2f} "
             f"time units); train {args.n_train}, val {args.n_val}, test {args.n_test} systems; val baselines: constant "
             f"position MSE {b_const:.4f}, position + velocity x time MSE {b_lin:.4f}")
     torch.manual_seed(args.seed)
