@@ -1,7 +1,7 @@
 """The edge-attribute ablation at a reduced budget: the QM9 quick preset with no attributes, bond attributes and
 atom-type attributes (same split, seed and budget), then a Markdown table and a plot of the validation curves.
 
-    python examples/qm9_ablation.py [--out runs/ablation] [--plot-only] [trainer options, e.g. --seed 1]
+    python examples/qm9_ablation.py [--out build/runs/ablation] [--plot-only] [trainer options, e.g. --seed 1]
 """
 
 import json
@@ -13,7 +13,7 @@ KINDS = ("none", "bond", "atom")
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    out = "runs/ablation"
+    out = "build/runs/ablation"
     if "--out" in argv:
         i = argv.index("--out")
         out = argv[i + 1]

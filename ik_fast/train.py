@@ -197,7 +197,7 @@ def _common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=10, help="linear warm-up steps before the cosine decay")
     p.add_argument("--seed", type=int, default=0, help="seed of the split, the initialisation and the order")
     p.add_argument("--backend", default="auto", help="ik_fast backend: auto, torch, reference")
-    p.add_argument("--out", default=None, help="output folder (default runs/<task>)")
+    p.add_argument("--out", default=None, help="output folder (default build/runs/<task>, git-ignored)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
     p.add_argument("--sync-bn", dest="sync_bn", action="store_true",
                    help="synchronise the batch statistics of the model's batch norms across processes")
@@ -276,7 +276,7 @@ def _run_qm9(args, d: Dist) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    out = args.out or os.path.join("runs", f"qm9_{args.target}")
+    out = args.out or os.path.join("build", "runs", f"qm9_{args.target}")
     if d.main:
         os.makedirs(out, exist_ok=True)
     t_start = time.time()
@@ -429,7 +429,7 @@ def _run_nbody(args, d: Dist) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    out = args.out or os.path.join("runs", "nbody")
+    out = args.out or os.path.join("build", "runs", "nbody")
     if d.main:
         os.makedirs(out, exist_ok=True)
     t_start = time.time()
