@@ -24,6 +24,28 @@ def _env(tmp_path):
     return env
 
 
+@pytest.fixture
+def in_process(tmp_path, monkeypatch, capsys):
+    """Run ``python -m ik_fast.train ...`` in this process (no interpreter start-up); returns its stdout."""
+    from ik_fast.train import main
+
+    monkeypatch.setenv("IK_FAST_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    threads = torch.get_num_threads()
+
+    def run(args):
+        capsys.readouterr()
+        try:
+            rc = main(args)
+        finally:
+            torch.set_num_threads(threads)
+        out = capsys.readouterr().out
+        assert rc == 0, out
+        return out
+
+    return run
+
+
 def _run(cmd, tmp_path, timeout=300):
     r = subprocess.run(cmd, cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -31,11 +53,11 @@ def _run(cmd, tmp_path, timeout=300):
 
 
 @needs_qm9
-def test_qm9_train_and_resume(tmp_path):
+def test_qm9_train_and_resume(tmp_path, in_process):
     out = tmp_path / "run"
-    args = [sys.executable, "-m", "ik_fast.train", "qm9", "--limit", "150", "--n-train", "32", "--n-val", "12",
-            "--n-test", "12", "--batch-size", "8", "--out", str(out), *TINY]
-    log = _run(args + ["--epochs", "1"], tmp_path)
+    args = ["qm9", "--limit", "150", "--n-train", "32", "--n-val", "12", "--n-test", "12", "--batch-size", "8",
+            "--out", str(out), *TINY]
+    log = in_process(args + ["--epochs", "1"])
     last = log.strip().splitlines()[-1]
     m = re.fullmatch(r"val_mae_meV=([0-9.]+) baseline_meV=([0-9.]+)", last)
     assert m, last
@@ -45,25 +67,27 @@ def test_qm9_train_and_resume(tmp_path):
     assert ck["step"] == 4 and ck["epoch"] == 1 and ck["config"]["target"] == "homo"
     res = json.loads((out / "history.json").read_text())
     assert res["val_mae"] == pytest.approx(float(m.group(1)), abs=0.06)
-    log2 = _run(args + ["--epochs", "2", "--resume"], tmp_path)
+    log2 = in_process(args + ["--epochs", "2", "--resume"])
     assert "resumed from" in log2 and "epoch 2: step 8" in log2 and "epoch 1:" not in log2
     assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 8
 
 
-def test_train_errors(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "ik_fast.train", "qm9", "--batch-size", "0"], cwd=tmp_path,
-                       env=_env(tmp_path), capture_output=True, text=True, timeout=120)
-    assert r.returncode != 0 and "--batch-size" in r.stderr
-    r = subprocess.run([sys.executable, "-m", "ik_fast.train", "qm10"], cwd=tmp_path, env=_env(tmp_path),
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and "qm9|nbody" in r.stderr
+def test_train_errors(capsys):
+    from ik_fast.train import main
+
+    with pytest.raises(SystemExit, match="--batch-size must be positive"):
+        main(["qm9", "--batch-size", "0"])
+    assert main(["qm10"]) == 2 and "qm9|nbody" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["qm9", "--edge-attrs", "bonds"])
+    assert "invalid choice" in capsys.readouterr().err
 
 
-def test_nbody_train(tmp_path):
-    log = _run([sys.executable, "-m", "ik_fast.train", "nbody", "--n-train", "20", "--n-val", "10", "--n-test", "10",
-                "--batch-size", "10", "--epochs", "1", "--horizon", "100", "--num-layers", "1", "--num-features",
-                "2", "--kernel-layers", "2", "--kernel-channels", "2", "--backend", "reference", "--no-progress",
-                "--out", str(tmp_path / "nb")], tmp_path)
+def test_nbody_train(tmp_path, in_process):
+    log = in_process(["nbody", "--n-train", "20", "--n-val", "10", "--n-test", "10", "--batch-size", "10",
+                      "--epochs", "1", "--horizon", "100", "--num-layers", "1", "--num-features", "2",
+                      "--kernel-layers", "2", "--kernel-channels", "2", "--backend", "reference", "--no-progress",
+                      "--out", str(tmp_path / "nb")])
     m = re.fullmatch(r"val_mse=([0-9.]+) baseline_mse=([0-9.]+)", log.strip().splitlines()[-1])
     assert m and float(m.group(2)) > 0
 
