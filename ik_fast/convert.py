@@ -12,8 +12,13 @@
   ik_fast's basis coefficients re-solved by least squares (exact: ik_fast's space of equivariant maps contains the
   permuted matrix; the residual is checked);
 - the Fourier nonlinearity: the research code's sampling matrices ``A`` and ``Ainv`` (its grid and its inverse), with
-  the same permutation, replace the layer's (they are not part of ik_fast's state dict, so the converted layer keeps
-  them in memory only; save the layer with ``torch.save(layer)`` or convert again after loading).
+  the same permutation, replace the layer's. They are not part of ik_fast's state dict (nor of a pickled layer,
+  which is rebuilt from its constructor arguments): after loading a saved converted layer, convert again from the
+  research state dict, unless the layer was built on the research grid (then the matrices agree anyway).
+
+Tested against the research code's outputs on SO(3) (band limits 1 and 2) and O(3) (vector fields); other groups
+go through the same steps, and the least-squares residual check raises if the research layer's input representation
+differs from ik_fast's (e.g. O(2) on R^2 with escnn's default reflection axis, see "Semantics" in the README).
 """
 
 from __future__ import annotations
@@ -128,7 +133,7 @@ def from_research_state_dict(state_dict: Dict[str, torch.Tensor], layer, tol: fl
             sg = (False, -1) if isinstance(G, SO3) else (False, False, -1)
             act_r = enn.QuotientFourierELU(g0, sg, C, irr_r, type="ico")
         else:
-            act_r = enn.FourierELU(g0, C, irr_r, type="regular", N=8)
+            act_r = enn.FourierELU(g0, C, irr_r, type="regular", N=40 if kern.band_limit == 3 else 125)
         hid_r = act_r.in_type
         if hid_r.size != C * D_r:
             raise ValueError(f"the research hidden field has {C * D_r} dims but n_channels={C} x {D_r} expected")
@@ -166,8 +171,7 @@ def from_research_state_dict(state_dict: Dict[str, torch.Tensor], layer, tol: fl
         if k < n_lin - 1:
             W = Pi @ W
             b = None if b is None else Pi @ b
-        if k == n_lin - 1:
-            W, b = _final_layout(kern, W, b)
+        # the last layer outputs the pairs (o, i) of Hom(F_in, F_out) in the same order in both codes
         _solve(kern.mlp[k], W, b, f"{pre}weights", tol)
     # batch norms and the Fourier nonlinearity
     if hidden:
@@ -179,15 +183,13 @@ def from_research_state_dict(state_dict: Dict[str, torch.Tensor], layer, tol: fl
                 kern.act_Ainv = (P @ Ainv.double()).to(dt)
             for k, bn in enumerate(kern.bn):
                 pre = f"{_PREFIX}{3 * k + 2}."
-                found = {n.split("_")[-1]: v for n, v in sd.items() if n.startswith(pre) and not
-                         n.endswith("num_batches_tracked")}
                 names = {n[len(pre):] for n in sd if n.startswith(pre)}
                 rm = [sd[pre + n] for n in names if n.endswith("running_mean")]
                 rv = [sd[pre + n] for n in names if n.endswith("running_var")]
                 wt = [sd[pre + n] for n in names if n.endswith("_weight")]
                 bs = [sd[pre + n] for n in names if n.endswith("_bias")]
                 if not (rm and rv and wt and bs):
-                    raise ValueError(f"state_dict lacks the batch norm {pre}* (found {sorted(found)})")
+                    raise ValueError(f"state_dict lacks the batch norm {pre}* (found {sorted(names)})")
                 bn.running_mean.copy_((rm[0].double() @ P.T).to(dt))
                 bn.running_var.copy_(rv[0].reshape(-1).to(dt))
                 bn.weight.copy_(wt[0].reshape(-1).to(dt))
@@ -203,8 +205,3 @@ def from_research_state_dict(state_dict: Dict[str, torch.Tensor], layer, tol: fl
                                  f"{None if layer.bias is None else tuple(layer.bias.shape)}")
             layer.bias.copy_(sd["bias"].to(dt))
     return layer
-
-
-def _final_layout(kern, W, b):
-    """The research MLP's last layer outputs the pairs (o, i) in the same order as ik_fast's: nothing to permute."""
-    return W, b
