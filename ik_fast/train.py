@@ -11,7 +11,8 @@ MAE after every epoch and the test MAE at the end, in the paper's units (meV for
 MAE of predicting the training mean. Each run writes ``<out>/checkpoint.pt`` (state dicts + config + history, after
 every epoch; ``--resume`` continues from it), ``<out>/history.json`` and ``<out>/learning_curve.png``.
 
-Under torchrun every process trains on its shard of each epoch (``DistributedSampler``; ``--batch-size`` molecules
+One process trains on the GPU when there is one (``IK_FAST_TRAIN_DEVICE=cpu`` keeps it on the CPU; not measured:
+no GPU was available to the session that wrote this). Under torchrun every process trains on its shard of each epoch (``DistributedSampler``; ``--batch-size`` molecules
 per process), gradients are averaged by DDP, only rank 0 prints and writes files, and the validation/test MAEs are
 summed over all processes' shards. Batch norms under DDP: see ``--sync-bn`` and the README section "Multi-process
 training".
@@ -66,8 +67,8 @@ class Dist:
                 dist.init_process_group("nccl")
             else:
                 dist.init_process_group("gloo")
-        elif torch.cuda.is_available() and os.environ.get("IK_FAST_TRAIN_DEVICE", "") == "cuda":
-            self.device = torch.device("cuda")
+        elif torch.cuda.is_available() and os.environ.get("IK_FAST_TRAIN_DEVICE", "cuda") == "cuda":
+            self.device = torch.device("cuda")  # IK_FAST_TRAIN_DEVICE=cpu keeps a single process on the CPU
 
     @property
     def main(self) -> bool:
