@@ -13,9 +13,9 @@ every epoch; ``--resume`` continues from it), ``<out>/history.json`` and ``<out>
 
 One process trains on the GPU when there is one (``IK_FAST_TRAIN_DEVICE=cpu`` keeps it on the CPU; not measured:
 no GPU was available to the session that wrote this). Under torchrun every process trains on its shard of each
-epoch (``DistributedSampler``; ``--batch-size`` molecules per process), gradients are averaged by DDP, only rank 0 prints and writes files, and the validation/test MAEs are
-summed over all processes' shards. Batch norms under DDP: see ``--sync-bn`` and the README section "Multi-process
-training".
+epoch (``DistributedSampler``; ``--batch-size`` molecules per process), gradients are averaged by DDP, only rank 0
+prints and writes files, and the validation/test errors are summed over all processes' shards. Batch norms under DDP:
+see ``--sync-bn`` and the README section "Multi-process training".
 """
 
 from __future__ import annotations
