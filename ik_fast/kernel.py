@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Optional
 
 import numpy as np
@@ -198,6 +199,9 @@ class ImplicitKernel(torch.nn.Module):
         band_limit: hidden band limit L; default max frequency of out_type (x) in_type + 1.
         grid: keyword arguments of ``G.grid`` to sample the Fourier nonlinearity on (e.g. ``{"type": "thomson",
             "N": 300}`` on SO(3)); a finer grid makes the nonlinearity more equivariant.
+        hidden: ``"full"`` (default): the hidden field carries every irrep the inputs, attributes and outputs need;
+            ``"paper"``: exactly the research code's band-limited hidden field (for loading its checkpoints with
+            :func:`ik_fast.convert.from_research_state_dict`); warns naming the irreps the output then cannot get.
 
     Calling it on positions (E, n) and attributes (E, A) returns the kernels (E, out_type.size, in_type.size).
     :meth:`program` returns the lowered :class:`~ik_fast.program.KernelProgram` that the backends evaluate.
@@ -205,8 +209,11 @@ class ImplicitKernel(torch.nn.Module):
 
     def __init__(self, in_type, out_type, edge_attr_type=None, n_layers: int = 3, n_channels: int = 16,
                  init_scheme: str = "he", batch_norm: bool = True, band_limit: Optional[int] = None,
-                 grid: Optional[dict] = None, bn_eps: float = 1e-5, bn_momentum: float = 0.1):
+                 grid: Optional[dict] = None, bn_eps: float = 1e-5, bn_momentum: float = 0.1,
+                 hidden: str = "full"):
         super().__init__()
+        if hidden not in ("full", "paper"):
+            raise ValueError(f"hidden must be 'full' or 'paper', got {hidden!r}")
         check_field_type(in_type, "in_type")
         check_field_type(out_type, "out_type", in_type.gspace)
         gspace = in_type.gspace
@@ -229,7 +236,8 @@ class ImplicitKernel(torch.nn.Module):
 
         self._ctor = ((in_type, out_type, edge_attr_type),
                       dict(n_layers=n_layers, n_channels=n_channels, init_scheme=init_scheme, batch_norm=batch_norm,
-                           band_limit=band_limit, grid=grid, bn_eps=bn_eps, bn_momentum=bn_momentum))
+                           band_limit=band_limit, grid=grid, bn_eps=bn_eps, bn_momentum=bn_momentum,
+                           hidden=hidden))
         self.in_type, self.out_type, self.edge_attr_type = in_type, out_type, edge_attr_type
         self.n_layers, self.n_channels, self.batch_norm = n_layers, n_channels, batch_norm
         g0 = _groups.kernel_gspace(gspace)
@@ -254,7 +262,13 @@ class ImplicitKernel(torch.nn.Module):
         self.hidden_description = "none (a single Linear)"
         if n_layers > 1:
             needed = {irr for rep in (*mlp_in.representations, *pair_reps) for irr in rep.irreps}
-            spec = _groups.build_hidden(g0, needed, self.band_limit, n_channels, grid)
+            spec = _groups.build_hidden(g0, set() if hidden == "paper" else needed, self.band_limit, n_channels, grid)
+            if hidden == "paper":
+                lost = sorted(needed - set(spec.hidden_type.representations[0].irreps), key=str)
+                if lost:
+                    warnings.warn(f"hidden='paper': the research code's hidden field of {G.name} lacks the irreps "
+                                  f"{lost}; the kernel's components on them are zero (as in the research code)",
+                                  stacklevel=2)
             self.hidden_description = spec.description
             self.escnn_activation = spec.make_module
             rho = spec.hidden_type.representations[0]

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One entry point for users and CI:
-#   bash scripts/run.sh demo    # set up (first time) and run the demo: an O(3) layer on a QM9 molecule batch
+#   bash scripts/run.sh demo    # set up (first time) and run the demo: train the O(3) QM9 model's quick preset
 #   bash scripts/run.sh test    # set up (first time) and run the test suite
 #   bash scripts/run.sh bench   # set up and run the CPU benchmark suite, then plots and the README's results
 #   bash scripts/run.sh setup   # only set up
@@ -23,6 +23,7 @@ setup() {
   $pip install --no-deps "qm9pack==1.0.3"   # QM9 data only; its pandas requirement would pull NumPy 2
   # escnn's R3PointConv (the benchmarks' escnn provider) needs torch_geometric; plots need matplotlib
   $pip install "torch_geometric>=2.5,<2.9" "matplotlib>=3.7,<3.10" "pytest>=8" "pytest-benchmark>=4" "numpy<2"
+  $pip install "tqdm>=4.60"   # the trainer's progress bar (python -m ik_fast.train)
   # the fused backend's kernels; without a GPU the tests run them in Triton's interpreter (TRITON_INTERPRET=1)
   $pip install "triton>=3.6,<3.10"
   $pip install --no-deps --no-build-isolation -e .

@@ -1,0 +1,555 @@
+"""Training on real QM9 molecules and on the charged-particle N-body task.
+
+    python -m ik_fast.train qm9 --target homo [--quick] [--epochs E] [--steps S] [--edge-attrs none|bond|atom] ...
+    python -m ik_fast.train nbody [--quick] ...
+    torchrun --nproc_per_node 2 -m ik_fast.train qm9 --quick      # DistributedDataParallel (gloo on CPU, NCCL on GPU)
+
+QM9: fixed train/validation/test split by ``--seed`` (the research code's proportions; ``--n-train`` etc. take
+subsets of the same split), targets standardised with the training mean and standard deviation, L1 loss, AdamW with
+a cosine schedule (linear warm-up), gradient clipping, a tqdm progress bar with loss and throughput, the validation
+MAE after every epoch and the test MAE at the end, in the paper's units (meV for HOMO/LUMO/gap). The baseline is the
+MAE of predicting the training mean. Each run writes ``<out>/checkpoint.pt`` (state dicts + config + history, after
+every epoch; ``--resume`` continues from it), ``<out>/history.json`` and ``<out>/learning_curve.png``.
+
+One process trains on the GPU when there is one (``IK_FAST_TRAIN_DEVICE=cpu`` keeps it on the CPU; not measured:
+no GPU was available to the session that wrote this). Under torchrun every process trains on its shard of each
+epoch (``DistributedSampler``; ``--batch-size`` molecules per process), gradients are averaged by DDP, only rank 0
+prints and writes files, and the validation/test errors are summed over all processes' shards. Batch norms under DDP:
+see ``--sync-bn`` and the README section "Multi-process training".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+import warnings
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+
+warnings.filterwarnings("ignore", message=".*py3nj.*")
+warnings.filterwarnings("ignore", module="escnn.group.groups.so3group")
+
+QM9_QUICK = dict(gspace="o3", num_layers=1, num_features=8, num_inv_features=32, L=1, kernel_layers=2,
+                 kernel_channels=8, cutoff=1.6, batch_size=16, epochs=2, n_train=1024, n_val=256, n_test=512,
+                 lr=3e-3, edge_attrs="bond", threads=1)
+QM9_DEFAULT = dict(gspace="o3", num_layers=4, num_features=8, num_inv_features=32, L=1, kernel_layers=3,
+                   kernel_channels=8, cutoff=2.0, batch_size=32, epochs=100, n_train=None, n_val=None, n_test=None,
+                   lr=1e-3, edge_attrs="bond", threads=None)
+NBODY_QUICK = dict(gspace="o3", num_layers=2, num_features=4, L=1, kernel_layers=2, kernel_channels=4,
+                   batch_size=20, epochs=8, n_train=600, n_val=200, n_test=200, lr=5e-3, threads=1)
+NBODY_DEFAULT = dict(gspace="o3", num_layers=3, num_features=8, L=1, kernel_layers=3, kernel_channels=8,
+                     batch_size=100, epochs=100, n_train=3000, n_val=2000, n_test=2000, lr=5e-4, threads=None)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# distributed helpers
+class Dist:
+    """The process group if launched by torchrun (WORLD_SIZE > 1), else a single process."""
+
+    def __init__(self):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.enabled = self.world > 1
+        self.device = torch.device("cpu")
+        if self.enabled:
+            import torch.distributed as dist
+
+            if torch.cuda.is_available():
+                self.device = torch.device("cuda", self.local_rank)
+                torch.cuda.set_device(self.device)
+                dist.init_process_group("nccl")
+            else:
+                dist.init_process_group("gloo")
+        elif torch.cuda.is_available() and os.environ.get("IK_FAST_TRAIN_DEVICE", "cuda") == "cuda":
+            self.device = torch.device("cuda")  # IK_FAST_TRAIN_DEVICE=cpu keeps a single process on the CPU
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def all_sum(self, values: List[float]) -> List[float]:
+        if not self.enabled:
+            return list(values)
+        import torch.distributed as dist
+
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def barrier(self) -> None:
+        if self.enabled:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.enabled:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _replica_report(model: torch.nn.Module, d: Dist) -> str:
+    """Largest difference between this process's and rank 0's parameters, and buffers (running statistics)."""
+    import torch.distributed as dist
+
+    out = []
+    for name, tensors in (("parameters", [p for p in model.parameters()]),
+                          ("batch-norm running statistics", [b for n, b in model.named_buffers()
+                                                             if "running" in n])):
+        flat = torch.cat([t.detach().reshape(-1).double() for t in tensors])
+        ref = flat.clone()
+        dist.broadcast(ref, 0)
+        diff = (flat - ref).abs().max().reshape(1)
+        dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+        out.append(f"{name} {float(diff):.3g}")
+    return f"max difference across {d.world} processes: " + ", ".join(out)
+
+
+def _log(d: Dist, *a) -> None:
+    if d.main:
+        print(*a, flush=True)
+
+
+def _cosine(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _save_plot(history: Dict, path: str, title: str, unit: str, baseline: Optional[float],
+               extra: Optional[Dict[str, float]] = None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if history["train_step"]:
+        s = np.asarray(history["train_step"])
+        v = np.asarray(history["train_metric"])
+        k = max(1, len(v) // 30)
+        sm = np.convolve(v, np.ones(k) / k, mode="valid")
+        ax.plot(s[k - 1:], sm, label=f"train (running mean of {k} steps)", alpha=0.7)
+    ax.plot(history["val_step"], history["val_metric"], "o-", label="validation")
+    if baseline is not None:
+        ax.axhline(baseline, color="k", ls="--", label="baseline")
+    for name, val in (extra or {}).items():
+        ax.axhline(val, color="gray", ls=":", label=name)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(unit)
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _wrap_ddp(model: torch.nn.Module, d: Dist, sync_bn: bool):
+    if sync_bn:
+        from .sync_bn import convert_sync_batchnorm
+
+        model = convert_sync_batchnorm(model)
+    if not d.enabled:
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def _apply_preset(args, quick: Dict, default: Dict) -> None:
+    preset = quick if args.quick else default
+    for k, v in preset.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+
+
+def _common_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true", help="small preset that runs in a few minutes on 2 CPU cores")
+    p.add_argument("--gspace", choices=["o3", "so3", "so2", "o2", "ico", "trivial"], default=None)
+    p.add_argument("--num-layers", dest="num_layers", type=int, default=None)
+    p.add_argument("--num-features", dest="num_features", type=int, default=None)
+    p.add_argument("--L", type=int, default=None, help="band limit of the features")
+    p.add_argument("--kernel-layers", dest="kernel_layers", type=int, default=None)
+    p.add_argument("--kernel-channels", dest="kernel_channels", type=int, default=None)
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=None)
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--steps", type=int, default=None, help="stop after this many optimizer steps in all")
+    p.add_argument("--n-train", dest="n_train", type=int, default=None)
+    p.add_argument("--n-val", dest="n_val", type=int, default=None)
+    p.add_argument("--n-test", dest="n_test", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--weight-decay", dest="weight_decay", type=float, default=1e-4)
+    p.add_argument("--clip", type=float, default=10.0, help="gradient-norm clipping threshold")
+    p.add_argument("--warmup", type=int, default=10, help="linear warm-up steps before the cosine decay")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split, the initialisation and the order")
+    p.add_argument("--backend", default="auto", help="ik_fast backend: auto, torch, reference")
+    p.add_argument("--out", default=None, help="output folder (default build/runs/<task>, git-ignored)")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    p.add_argument("--sync-bn", dest="sync_bn", action="store_true",
+                   help="synchronise the batch statistics of the model's batch norms across processes")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads per process (--quick: 1; measured: with 2 threads on a loaded 2-core "
+                        "machine OpenMP spins and a quick run used 10x the CPU time)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm progress bar")
+
+
+def _check_args(args) -> None:
+    for name in ("num_layers", "num_features", "L", "kernel_layers", "kernel_channels", "batch_size", "epochs"):
+        v = getattr(args, name)
+        if v is not None and v < (0 if name in ("num_layers", "L") else 1):
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be positive, got {v}")
+    if args.steps is not None and args.steps < 1:
+        raise SystemExit(f"error: --steps must be positive, got {args.steps}")
+
+
+def _optim(model, args, total_steps: int):
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine(s, total_steps, min(args.warmup, total_steps)))
+    return opt, sched
+
+
+def _load_checkpoint(path: str, model, opt, sched, d: Dist):
+    ck = torch.load(path, map_location=d.device, weights_only=False)
+    (model.module if hasattr(model, "module") else model).load_state_dict(ck["model"])
+    opt.load_state_dict(ck["optimizer"])
+    sched.load_state_dict(ck["scheduler"])
+    return ck
+
+
+def _save_checkpoint(path: str, model, opt, sched, config: Dict, epoch: int, step: int, history: Dict,
+                     extra: Dict) -> None:
+    m = model.module if hasattr(model, "module") else model
+    tmp = path + ".tmp"
+    torch.save(dict(model=m.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(), config=config,
+                    epoch=epoch, step=step, history=history, **extra), tmp)
+    os.replace(tmp, path)
+
+
+def _progress(total: int, enabled: bool, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, disable=not enabled, desc=desc, dynamic_ncols=True, file=sys.stderr,
+                mininterval=1.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def train_qm9(argv: List[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m ik_fast.train qm9", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    from .qm9 import EDGE_ATTRS, TARGETS
+
+    p.add_argument("--target", default="homo", choices=sorted(TARGETS))
+    p.add_argument("--edge-attrs", dest="edge_attrs", choices=EDGE_ATTRS, default=None)
+    p.add_argument("--num-inv-features", dest="num_inv_features", type=int, default=None)
+    p.add_argument("--cutoff", type=float, default=None, help="radius graph cutoff in Angstrom")
+    p.add_argument("--limit", type=int, default=None, help="use only the first LIMIT molecules of QM9 (tests)")
+    _common_args(p)
+    args = p.parse_args(argv)
+    _apply_preset(args, QM9_QUICK, QM9_DEFAULT)
+    _check_args(args)
+    d = Dist()
+    try:
+        return _run_qm9(args, d)
+    finally:
+        d.close()
+
+
+def _run_qm9(args, d: Dist) -> int:
+    from torch.utils.data import DistributedSampler
+
+    from .models import QM9Model, build_gspace
+    from .qm9 import TARGETS, collate, edge_attr_size, load_qm9, qm9_splits
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = args.out or os.path.join("build", "runs", f"qm9_{args.target}")
+    if d.main:
+        os.makedirs(out, exist_ok=True)
+    t_start = time.time()
+    if d.enabled and not d.main:
+        d.barrier()  # rank 0 parses QM9 and writes the cache first
+    data = load_qm9(args.limit)
+    if d.enabled and d.main:
+        d.barrier()
+    splits = qm9_splits(len(data), args.seed, args.n_train, args.n_val, args.n_test)
+    unit = TARGETS[args.target][2]
+    y = data.targets[args.target]
+    mean, std = float(y[splits["train"]].mean()), float(y[splits["train"]].std())
+    baseline = float(np.abs(y[splits["val"]] - mean).mean())
+    baseline_test = float(np.abs(y[splits["test"]] - mean).mean())
+    _log(d, f"QM9 {args.target} ({unit}): {len(data)} molecules; train {len(splits['train'])}, val "
+            f"{len(splits['val'])}, test {len(splits['test'])} (seed {args.seed}); training mean {mean:.1f}, std "
+            f"{std:.1f}; baseline (training mean) val MAE {baseline:.1f} {unit}")
+
+    torch.manual_seed(args.seed)
+    A = edge_attr_size(args.edge_attrs)
+    model = QM9Model(build_gspace(args.gspace), num_layers=args.num_layers, num_features=args.num_features,
+                     num_inv_features=args.num_inv_features, L=args.L, edge_attr_size=A,
+                     kernel_n_layers=args.kernel_layers, kernel_n_channels=args.kernel_channels,
+                     backend=args.backend).to(d.device)
+    n_params = sum(p.numel() for p in model.parameters())
+    _log(d, f"model: {args.gspace} gspace, {args.num_layers} residual blocks, {args.num_features} fields L<={args.L}, "
+            f"kernel MLP {args.kernel_layers} x {args.kernel_channels}, edge attributes {args.edge_attrs} ({A}), "
+            f"cutoff {args.cutoff} A, {n_params} parameters, backend {args.backend}, {d.world} process(es), "
+            f"{torch.get_num_threads()} thread(s) each")
+    config = {k: v for k, v in vars(args).items()}
+    config.update(task="qm9", target_mean=mean, target_std=std)
+    ddp_model = _wrap_ddp(model, d, args.sync_bn)
+    core = ddp_model.module if d.enabled else ddp_model
+
+    sampler = DistributedSampler(range(len(splits["train"])), num_replicas=d.world, rank=d.rank, shuffle=True,
+                                 seed=args.seed, drop_last=True)
+    steps_per_epoch = len(sampler) // args.batch_size
+    if steps_per_epoch < 1:
+        raise SystemExit(f"error: --batch-size {args.batch_size} is larger than each process's share of the "
+                         f"training set ({len(sampler)} molecules)")
+    total = steps_per_epoch * args.epochs
+    if args.steps is not None:
+        total = min(total, args.steps)
+    epochs = math.ceil(total / steps_per_epoch)
+    opt, sched = _optim(ddp_model, args, total)
+    ckpt = os.path.join(out, "checkpoint.pt")
+    history = dict(train_step=[], train_metric=[], val_step=[], val_metric=[], epoch_time=[])
+    step, start_epoch = 0, 0
+    if args.resume:
+        if not os.path.exists(ckpt):
+            raise SystemExit(f"error: --resume given but {ckpt} does not exist")
+        ck = _load_checkpoint(ckpt, ddp_model, opt, sched, d)
+        step, start_epoch, history = ck["step"], ck["epoch"], ck["history"]
+        _log(d, f"resumed from {ckpt}: epoch {start_epoch}, step {step}")
+    ck_kw = dict(cutoff=args.cutoff, edge_attrs=args.edge_attrs)
+
+    def evaluate(indices) -> float:
+        core.eval()
+        part = indices[d.rank::d.world]
+        err, n = 0.0, 0
+        with torch.no_grad():
+            for s in range(0, len(part), 128):
+                b = collate(data, part[s:s + 128], args.target, **ck_kw).to(d.device)
+                pred = core(b.x, b.pos, b.edge_index, b.edge_attr, b.batch, b.n_graphs) * std + mean
+                err += float((pred - b.y).abs().sum())
+                n += b.n_graphs
+        err, n = d.all_sum([err, n])
+        return err / n
+
+    val_mae = history["val_metric"][-1] if history["val_metric"] else float("nan")
+    train_idx = splits["train"]
+    for epoch in range(start_epoch, epochs):
+        if step >= total:
+            break
+        ddp_model.train()
+        sampler.set_epoch(epoch)
+        order = np.fromiter(iter(sampler), dtype=np.int64)
+        n_steps = min(steps_per_epoch, total - step)
+        bar = _progress(n_steps, d.main and args.progress, f"epoch {epoch + 1}/{epochs}")
+        t0 = time.time()
+        mols = 0
+        for k in range(n_steps):
+            b = collate(data, train_idx[order[k * args.batch_size:(k + 1) * args.batch_size]], args.target,
+                        **ck_kw).to(d.device)
+            pred = ddp_model(b.x, b.pos, b.edge_index, b.edge_attr, b.batch, b.n_graphs)
+            loss = (pred - (b.y - mean) / std).abs().mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(ddp_model.parameters(), args.clip)
+            opt.step()
+            sched.step()
+            step += 1
+            mols += b.n_graphs * d.world
+            mae = loss.item() * std
+            history["train_step"].append(step)
+            history["train_metric"].append(mae)
+            bar.set_postfix_str(f"loss {loss.item():.3f} MAE {mae:.0f} {unit} {mols / (time.time() - t0):.1f} mol/s")
+            bar.update(1)
+        bar.close()
+        val_mae = evaluate(splits["val"])
+        history["val_step"].append(step)
+        history["val_metric"].append(val_mae)
+        history["epoch_time"].append(time.time() - t0)
+        _log(d, f"epoch {epoch + 1}: step {step}, train MAE (last 10 steps) "
+                f"{np.mean(history['train_metric'][-10:]):.1f} {unit}, val MAE {val_mae:.1f} {unit} "
+                f"({val_mae / baseline:.3f} of baseline), {time.time() - t0:.1f} s")
+        if d.main:
+            _save_checkpoint(ckpt, ddp_model, opt, sched, config, epoch + 1, step, history,
+                             dict(baseline=baseline))
+            _save_plot(history, os.path.join(out, "learning_curve.png"),
+                       f"QM9 {args.target}: {args.gspace}, edge attributes {args.edge_attrs}", f"MAE ({unit})",
+                       baseline)
+    if d.enabled:
+        _log(d, _replica_report(core, d))
+    test_mae = evaluate(splits["test"])
+    wall = time.time() - t_start
+    if d.main:
+        res = dict(val_mae=val_mae, test_mae=test_mae, baseline_val=baseline, baseline_test=baseline_test,
+                   steps=step, wall_s=wall, peak_rss_mb=_peak_rss_mb(), world=d.world, history=history,
+                   config=config)
+        with open(os.path.join(out, "history.json"), "w") as f:
+            json.dump(res, f, indent=1)
+    _log(d, f"test MAE {test_mae:.1f} {unit} (baseline {baseline_test:.1f}); {step} steps, {wall:.0f} s wall, "
+            f"peak RSS {_peak_rss_mb():.0f} MB (rank 0); outputs in {out}/")
+    _log(d, f"val_mae_meV={val_mae:.1f} baseline_meV={baseline:.1f}" if unit == "meV"
+         else f"val_mae={val_mae:.4g} baseline={baseline:.4g}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def train_nbody(argv: List[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m ik_fast.train nbody")
+    p.add_argument("--horizon", type=int, default=1000, help="simulation steps between input and target")
+    _common_args(p)
+    args = p.parse_args(argv)
+    _apply_preset(args, NBODY_QUICK, NBODY_DEFAULT)
+    _check_args(args)
+    d = Dist()
+    try:
+        return _run_nbody(args, d)
+    finally:
+        d.close()
+
+
+def _run_nbody(args, d: Dist) -> int:
+    from torch.utils.data import DistributedSampler
+
+    from .models import NBodyModel, build_gspace
+    from .nbody import nbody_dataset, nbody_graph
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = args.out or os.path.join("build", "runs", "nbody")
+    if d.main:
+        os.makedirs(out, exist_ok=True)
+    t_start = time.time()
+    sets = {k: nbody_dataset(n, horizon=args.horizon, seed=args.seed * 3 + i)
+            for i, (k, n) in enumerate((("train", args.n_train), ("val", args.n_val), ("test", args.n_test)))}
+
+    def baselines(s):
+        const = float(((s["target"] - s["pos"]) ** 2).mean())
+        lin = float(((s["target"] - s["pos"] - s["vel"] * s["dt"]) ** 2).mean())
+        return const, lin
+
+    b_const, b_lin = baselines(sets["val"])
+    span = float(sets["val"]["dt"])
+    _log(d, f"N-body: 5 charged particles, predict positions after {args.horizon} steps ({span:.2f} "
+            f"time units); train {args.n_train}, val {args.n_val}, test {args.n_test} systems; val baselines: constant "
+            f"position MSE {b_const:.4f}, position + velocity x time MSE {b_lin:.4f}")
+    torch.manual_seed(args.seed)
+    model = NBodyModel(build_gspace(args.gspace), num_layers=args.num_layers, num_features=args.num_features, L=args.L,
+                       kernel_n_layers=args.kernel_layers, kernel_n_channels=args.kernel_channels,
+                       backend=args.backend).to(d.device)
+    _log(d, f"model: {args.gspace}, {args.num_layers} layers of {args.num_features} fields L<={args.L}, kernel MLP "
+            f"{args.kernel_layers} x {args.kernel_channels}, {sum(p.numel() for p in model.parameters())} parameters")
+    config = dict(vars(args), task="nbody")
+    ddp_model = _wrap_ddp(model, d, args.sync_bn)
+    core = ddp_model.module if d.enabled else ddp_model
+    sampler = DistributedSampler(range(args.n_train), num_replicas=d.world, rank=d.rank, shuffle=True,
+                                 seed=args.seed, drop_last=True)
+    steps_per_epoch = len(sampler) // args.batch_size
+    if steps_per_epoch < 1:
+        raise SystemExit(f"error: --batch-size {args.batch_size} is larger than each process's share of the "
+                         f"training set ({len(sampler)} systems)")
+    total = steps_per_epoch * args.epochs if args.steps is None else min(args.steps, steps_per_epoch * args.epochs)
+    epochs = math.ceil(total / steps_per_epoch)
+    opt, sched = _optim(ddp_model, args, total)
+    ckpt = os.path.join(out, "checkpoint.pt")
+    history = dict(train_step=[], train_metric=[], val_step=[], val_metric=[], epoch_time=[])
+    step, start_epoch = 0, 0
+    if args.resume:
+        if not os.path.exists(ckpt):
+            raise SystemExit(f"error: --resume given but {ckpt} does not exist")
+        ck = _load_checkpoint(ckpt, ddp_model, opt, sched, d)
+        step, start_epoch, history = ck["step"], ck["epoch"], ck["history"]
+
+    def batch(s, idx):
+        g = nbody_graph(len(idx))
+        return (s["pos"][idx].reshape(-1, 3), s["vel"][idx].reshape(-1, 3), s["charge"][idx].reshape(-1),
+                s["target"][idx].reshape(-1, 3), g)
+
+    def evaluate(s) -> float:
+        core.eval()
+        idx = np.arange(len(s["pos"]))[d.rank::d.world]
+        err, n = 0.0, 0
+        with torch.no_grad():
+            for k in range(0, len(idx), 100):
+                pos, vel, q, tgt, g = batch(s, idx[k:k + 100])
+                err += float(((core(pos, vel, q, g) - tgt) ** 2).sum())
+                n += tgt.numel()
+        err, n = d.all_sum([err, n])
+        return err / n
+
+    val_mse = float("nan")
+    for epoch in range(start_epoch, epochs):
+        if step >= total:
+            break
+        ddp_model.train()
+        sampler.set_epoch(epoch)
+        order = np.fromiter(iter(sampler), dtype=np.int64)
+        n_steps = min(steps_per_epoch, total - step)
+        bar = _progress(n_steps, d.main and args.progress, f"epoch {epoch + 1}/{epochs}")
+        t0 = time.time()
+        for k in range(n_steps):
+            pos, vel, q, tgt, g = batch(sets["train"], order[k * args.batch_size:(k + 1) * args.batch_size])
+            loss = ((ddp_model(pos, vel, q, g) - tgt) ** 2).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(ddp_model.parameters(), args.clip)
+            opt.step()
+            sched.step()
+            step += 1
+            history["train_step"].append(step)
+            history["train_metric"].append(loss.item())
+            bar.set_postfix_str(f"MSE {loss.item():.4f} "
+                                f"{(k + 1) * args.batch_size * d.world / (time.time() - t0):.1f} systems/s")
+            bar.update(1)
+        bar.close()
+        val_mse = evaluate(sets["val"])
+        history["val_step"].append(step)
+        history["val_metric"].append(val_mse)
+        history["epoch_time"].append(time.time() - t0)
+        _log(d, f"epoch {epoch + 1}: step {step}, val MSE {val_mse:.4f} ({val_mse / b_const:.3f} of the constant "
+                f"baseline), {time.time() - t0:.1f} s")
+        if d.main:
+            _save_checkpoint(ckpt, ddp_model, opt, sched, config, epoch + 1, step, history, {})
+            _save_plot(history, os.path.join(out, "learning_curve.png"), "N-body: position after the horizon", "MSE",
+                       b_const, {"position + velocity x time": b_lin})
+    if d.enabled:
+        _log(d, _replica_report(core, d))
+    test_mse = evaluate(sets["test"])
+    wall = time.time() - t_start
+    if d.main:
+        with open(os.path.join(out, "history.json"), "w") as f:
+            json.dump(dict(val_mse=val_mse, test_mse=test_mse, baseline_const=b_const, baseline_linear=b_lin,
+                           steps=step, wall_s=wall, peak_rss_mb=_peak_rss_mb(), history=history, config=config),
+                      f, indent=1)
+    _log(d, f"test MSE {test_mse:.4f}; position + velocity x time baseline (val) {b_lin:.4f}; {step} steps, "
+            f"{wall:.0f} s wall, peak RSS {_peak_rss_mb():.0f} MB (rank 0)")
+    _log(d, f"val_mse={val_mse:.4f} baseline_mse={b_const:.4f}")
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    tasks = {"qm9": train_qm9, "nbody": train_nbody}
+    if not argv or argv[0] not in tasks:
+        print("usage: python -m ik_fast.train {qm9|nbody} [options]   (--help after the task for options)",
+              file=sys.stderr)
+        return 2
+    return tasks[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
