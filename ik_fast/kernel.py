@@ -170,9 +170,11 @@ class _IIDBatchNormParams(torch.nn.Module):
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
         self.eps, self.momentum = eps, momentum
 
+    sync_stats = False  # set by ik_fast.sync_bn.convert_sync_batchnorm: statistics over every process's edges
+
     def lower(self, training: bool) -> BatchNorm:
         return BatchNorm(training, self.eps, self.avg, self.weight, self.bias @ self.bias_expansion.t(),
-                         self.running_mean, self.running_var)
+                         self.running_mean, self.running_var, self.sync_stats)
 
     @torch.no_grad()
     def update(self, mean: torch.Tensor, var: torch.Tensor) -> None:

@@ -221,6 +221,7 @@ class BatchNorm:
     shift: Tensor          # (channels, dim) expanded learnable bias
     running_mean: Tensor   # (channels, dim)
     running_var: Tensor    # (channels,)
+    sync: bool = False     # statistics over every process's edges (torch.distributed), see :meth:`finish`
 
     def batch_stats(self, h: Tensor) -> Tuple[Tensor, Tensor]:
         """(mean (C, d), var (C,)) of h (E, C, d), as escnn's ``_estimate_stats``, detached.
@@ -239,6 +240,8 @@ class BatchNorm:
     def finish(self, moments: Tensor, count: int) -> Tuple[Tensor, Tensor]:
         """Batch statistics (mean (C, d), var (C,)) from per-component moments (2, C * d) — column means and sums
         of squared deviations — over ``count`` edges (the statistics finish of every backend)."""
+        if self.sync:
+            moments, count = _all_reduce_moments(moments, count)
         C = self.running_var.shape[0]
         mu = moments[0].reshape(C, -1).to(self.avg.dtype)
         var = (moments[1] / (count - 1)).reshape(C, -1).to(self.avg.dtype)
@@ -255,6 +258,24 @@ class BatchNorm:
         mean, var = stats if self.training else (self.running_mean, self.running_var)
         factor = self.scale / torch.sqrt(var + self.eps)
         return (h - mean) * factor[:, None] + self.shift
+
+
+def _all_reduce_moments(moments: Tensor, count: int) -> Tuple[Tensor, int]:
+    """Moments (2, K) over ``count`` local edges -> the moments of the union of every process's edges (one
+    all-reduce of counts, sums and sums of squares; a no-op without an initialised process group)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return moments, count
+    n = moments.new_full((1,), float(count))
+    mean, m2 = moments[0], moments[1]
+    packed = torch.cat([n, n * mean, m2 + n * mean * mean])
+    dist.all_reduce(packed)
+    K = mean.shape[0]
+    N = packed[0]
+    mu = packed[1:1 + K] / N
+    M2 = (packed[1 + K:] - N * mu * mu).clamp_min(0)
+    return torch.stack([mu, M2]), int(N.item())
 
 
 class _FourierELU(torch.autograd.Function):

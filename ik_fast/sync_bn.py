@@ -10,9 +10,10 @@ of the union of all processes' batches:
 - ``escnn.nn.IIDBatchNorm1d`` -> :class:`SyncIIDBatchNorm1d`: escnn detaches its statistics from the gradient, so
   they are all-reduced without autograd.
 
-Not covered: the batch norms inside the implicit kernels' MLPs (``ImplicitKernel.bn``), whose statistics the
-backends compute over the edges of each process's own batch (see the README, "Multi-process training").
-Without an initialised process group (or with one process) both behave exactly like the modules they replace.
+The batch norms inside the implicit kernels' MLPs (``ImplicitKernel.bn``) are switched to synchronised statistics
+too: every backend finishes its batch statistics in :meth:`ik_fast.program.BatchNorm.finish`, which then all-reduces
+the per-process moments (detached, as escnn's).
+Without an initialised process group (or with one process) all behave exactly like the modules they replace.
 """
 
 from __future__ import annotations
@@ -98,8 +99,13 @@ class SyncIIDBatchNorm1d(enn.IIDBatchNorm1d):
 
 def convert_sync_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
     """Swap (in place) every ``torch.nn.BatchNorm1d`` and ``escnn.nn.IIDBatchNorm1d`` of ``module`` for its
-    synchronised version (same parameters and buffers); returns ``module``."""
+    synchronised version (same parameters and buffers), and makes the implicit kernels' batch norms synchronise their
+    statistics; returns ``module``."""
+    from .kernel import _IIDBatchNormParams
+
     for m in module.modules():
+        if isinstance(m, _IIDBatchNormParams):
+            m.sync_stats = True
         if type(m) is torch.nn.BatchNorm1d:
             m.__class__ = SyncBatchNorm1d
         elif type(m) is enn.IIDBatchNorm1d:

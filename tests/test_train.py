@@ -125,6 +125,21 @@ def _sync_bn_worker(rank, world, init_file, result_file):
     y = bn(xl)
     (y ** 3).sum().backward()
     fy = iid(enn.GeometricTensor(f[rank::world], ft)).tensor
+    # an implicit layer whose kernel MLP normalises over the union of both processes' edges
+    import ik_fast
+    from ik_fast.sync_bn import convert_sync_batchnorm
+
+    gs3 = gspaces.flipRot3dOnR3()
+    ft3 = enn.FieldType(gs3, [gs3.fibergroup.bl_sphere_representation(L=1)])
+    torch.manual_seed(1)
+    conv = ik_fast.ImplicitPointConv(ft3, ft3, n_layers=3, n_channels=2, backend="torch")
+    ref_conv = ik_fast.ImplicitPointConv(ft3, ft3, n_layers=3, n_channels=2, backend="torch")
+    ref_conv.load_state_dict(conv.state_dict())
+    convert_sync_batchnorm(conv)
+    pos, xs = torch.randn(12, 3), torch.randn(12, ft3.size)
+    ei = torch.randint(0, 12, (2, 60))
+    conv(xs, ei[:, rank::world], pos=pos)  # each process: half of the edges
+    ref_conv(xs, ei, pos=pos)              # one process: all of them
     # the same on one process with the whole batch
     ref_bn = torch.nn.BatchNorm1d(3)
     xr = x.clone().requires_grad_(True)
@@ -136,7 +151,10 @@ def _sync_bn_worker(rank, world, init_file, result_file):
                 running_var=float((bn.running_var - ref_bn.running_var).abs().max()),
                 iid=float((fy - fr[rank::world]).abs().max()),
                 iid_running=max(float((a - b).abs().max()) for a, b in zip(iid.buffers(), ref_iid.buffers())
-                                if a.dtype.is_floating_point))
+                                if a.dtype.is_floating_point),
+                kernel_running=max(float((a - b).abs().max()) for (n, a), b in
+                                   zip(conv.kernel.bn.named_buffers(), ref_conv.kernel.bn.buffers())
+                                   if n.endswith(("running_mean", "running_var"))))
     torch.save(errs, f"{result_file}.{rank}")
     dist.destroy_process_group()
 
