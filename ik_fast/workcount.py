@@ -29,8 +29,11 @@ anyway).
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import importlib
+import json
+import sys
 import os
 import pkgutil
 import time
@@ -41,7 +44,7 @@ from typing import Dict, List, Optional
 import torch
 
 __all__ = ["floor_terms", "program_sizes", "floor_per_edge", "interpreting", "DotCounter", "triton_kernels",
-           "profile_step", "count_step", "slope", "graph_sizes", "work_table", "GEMM_OPS"]
+           "profile_step", "count_step", "slope", "graph_sizes", "work_table", "GEMM_OPS", "main"]
 
 # profiler events whose FLOPs are GEMMs (with_flops also reports aten::mul / aten::add, which are not multiply-adds
 # of a GEMM and are left out)
@@ -286,26 +289,52 @@ def _problem(name: str):
     return p
 
 
-def count_step(problem: str, provider: str = "triton", seed: int = 0, steps: int = 2,
+def _train_step(p, provider: str, seed: int, dtype: str):
+    """``step()``: one training step (forward, backward with every gradient) of ``provider`` on problem ``p``. The
+    layer gets a fresh copy of the edge index, so its first call prepares a new graph (the graph cache is per tensor)
+    and later calls reuse it."""
+    from .problems import build_inputs, build_layer
+
+    if provider == "escnn":
+        from .bench import setup_case
+        step, rec = setup_case(p.name, provider, "train", device="cpu", dtype=dtype, seed=seed)
+        step.nodes, step.edges, step.program = rec["nodes"], rec["edges"], None
+        with contextlib.suppress(ValueError):
+            step.program = build_layer(p, backend="torch", seed=seed).kernel.program()
+        return step
+    dt = getattr(torch, dtype)
+    x, pos, ei, attr = build_inputs(p, seed=seed, dtype=dt)
+    layer = build_layer(p, backend=provider, seed=seed).to(dt)
+    layer.train(True)
+    edge_index = ei.clone()
+
+    def step():
+        xs, ps, at = (t.clone().requires_grad_(True) for t in (x, pos, attr))
+        out = layer(xs, edge_index, edge_attr=at, pos=ps)
+        out.backward(torch.ones_like(out))
+        return out
+
+    step.nodes, step.edges = int(x.shape[0]), int(ei.shape[1])
+    step.program = layer.kernel.program()
+    return step
+
+
+def count_step(problem: str, provider: str = "triton", seed: int = 0, steps: int = 1,
                dtype: str = "float32") -> Dict[str, object]:
     """One training step (forward + backward, training mode, so batch statistics included) of ``provider`` on
-    ``problem`` (``"M@40"``, ``"P#2"``, ...), counted. ``steps`` > 1 runs the step again on the same inputs (a cached
-    graph) and reports its aten count as ``aten_ops_cached``; the work is that of the first step."""
+    ``problem`` (``"M@40"``, ``"P#2"``, ...), on a graph the layer has not seen (graph preparation included),
+    counted. ``steps`` > 1 runs the step again on the same inputs (a cached graph) and reports its aten count as
+    ``aten_ops_cached``; the work is that of the first step."""
     from . import problems as _problems
-    from .bench import setup_case
 
     p = _problem(problem)
     if p.name not in _problems.PROBLEMS:  # make the variant known to setup_case
         _problems.PROBLEMS.setdefault(p.name, p)
     if provider == "triton" and not interpreting():
         raise RuntimeError("counting the triton provider needs TRITON_INTERPRET=1 (set before importing triton)")
-    step, rec = setup_case(p.name, provider, "train", device="cpu", dtype=dtype, seed=seed)
-    layer_prog = None
-    with contextlib.suppress(Exception):
-        from .problems import build_layer
-        layer_prog = build_layer(p, backend="torch", seed=seed).kernel.program()
-    out = {"problem": p.name, "provider": provider, "nodes": rec["nodes"], "edges": rec["edges"],
-           "model_flops": rec.get("flops")}
+    step = _train_step(p, provider, seed, dtype)
+    out = {"problem": p.name, "provider": provider, "nodes": step.nodes, "edges": step.edges}
+    layer_prog = step.program
     t = time.perf_counter()
     with DotCounter() as dots:
         prof = profile_step(step)
@@ -313,7 +342,8 @@ def count_step(problem: str, provider: str = "triton", seed: int = 0, steps: int
     out.update(dot_macs=dots.macs, host_gemm_macs=prof["host_gemm_macs"],
                macs=dots.macs + prof["host_gemm_macs"], aten_ops=prof["aten_ops"],
                aten_ops_in_interpreter=prof["aten_ops_in_interpreter"], kernels=dots.summary(),
-               host_gemm_macs_per_op=prof["host_gemm_macs_per_op"], aten_top=dict(list(prof["aten_per_op"].items())[:12]))
+               host_gemm_macs_per_op=prof["host_gemm_macs_per_op"],
+               aten_top=dict(list(prof["aten_per_op"].items())[:12]))
     for _ in range(1, steps):
         with DotCounter() as again:
             prof2 = profile_step(step)
@@ -350,3 +380,77 @@ def work_table(rows: List[Dict]) -> str:
                      f"{r.get('floor_per_edge', 0):,} | {r.get('ratio_to_floor', float('nan')):.2f}× | "
                      f"{r['aten_ops'][0]:,} / {r['aten_ops'][1]:,} |")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# command line (benchmarks/count_work.py; ik_fast.bench --work runs it in a child under the interpreter)
+# ----------------------------------------------------------------------------------------------------------------
+ATEN_MAX = 600
+ATEN_SPREAD = 0.10
+RATIO_MAX = 2.0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m ik_fast.workcount",
+                                 description="the work of one training step per edge against the structured floor "
+                                             "(TRITON_INTERPRET=1 for the triton provider; see "
+                                             "benchmarks/count_work.py)")
+    ap.add_argument("--problems", default="M,H")
+    ap.add_argument("--backend", default="triton", help="providers of ik_fast.bench, comma separated")
+    ap.add_argument("--sizes", default=None,
+                    help="two graphs per problem instead of the defaults, e.g. 'M@40,M@80;H@32,H@64'")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cached", action="store_true",
+                    help="also run a second step on the same (cached) graph and report its aten count")
+    ap.add_argument("--json", default=None, help="write every count (per kernel too) to this file")
+    ap.add_argument("--check", action="store_true",
+                    help=f"exit 1 unless the slope is at most {RATIO_MAX}x the floor and the aten counts are within "
+                         f"{ATEN_SPREAD:.0%} of each other and at most {ATEN_MAX}")
+    args = ap.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0") and "triton" in args.backend:
+        sys.exit("the triton provider is counted in Triton's interpreter: run with TRITON_INTERPRET=1 (the default)")
+    sizes = {}
+    if args.sizes:
+        for part in args.sizes.split(";"):
+            pair = part.split(",")
+            sizes[pair[0].partition("@")[0].partition("#")[0]] = pair
+    records, rows, failed = [], [], False
+    for problem in args.problems.split(","):
+        pair = sizes.get(problem) or graph_sizes(problem)
+        for provider in args.backend.split(","):
+            steps = []
+            for name in pair:
+                t = time.time()
+                r = count_step(name, provider, seed=args.seed, steps=2 if args.cached else 1)
+                print(f"# {name} {provider}: {r['edges']:,} edges, {r['macs']:,} MACs "
+                      f"(tl.dot {r['dot_macs']:,}, host GEMM {r['host_gemm_macs']:,}), {r['aten_ops']} aten ops "
+                      f"({r.get('aten_ops_cached', '-')} on the cached graph), {time.time() - t:.0f} s",
+                      file=sys.stderr, flush=True)
+                for k, v in r["kernels"].items():
+                    print(f"#   {k}: {v['launches']} launches, {v['programs']} programs, {v['dots']} dots, "
+                          f"{v['macs']:,} MACs", file=sys.stderr)
+                steps.append(r)
+            s = slope(*steps)
+            row = {"problem": problem, "provider": provider, **s}
+            row["ok"] = bool(s.get("ratio_to_floor", 0) <= RATIO_MAX and s["aten_spread"] <= ATEN_SPREAD
+                             and max(s["aten_ops"]) <= ATEN_MAX)
+            failed |= not row["ok"]
+            rows.append(row)
+            records.append({"problem": problem, "provider": provider, "slope": s, "steps": steps})
+    print(work_table(rows))
+    for r in records:
+        f = r["steps"][0].get("floor")
+        if f and r["provider"] == records[0]["provider"]:
+            print(f"{r['problem']}: C={f['C']} D={f['D']} G={f['G']} C_in={f['C_in']} n_layers={f['n_layers']} "
+                  f"-> floor {f['floor']:,} MACs/edge (felu {f['felu']:,}, trunk {f['trunk']:,}, fwd {f['fwd']:,})")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"command": "python -m ik_fast.workcount " + " ".join(argv or sys.argv[1:]),
+                       "interpreter": os.environ.get("TRITON_INTERPRET"), "records": records, "rows": rows}, fh,
+                      indent=1, default=str)
+    return 1 if args.check and failed else 0
+
+
+
+if __name__ == "__main__":
+    sys.exit(main())
