@@ -5,7 +5,8 @@
 Kernels are discovered, not listed: for each problem and precision, one training step (forward + backward, training
 mode) runs in Triton's interpreter (a child process with ``TRITON_INTERPRET=1``) on a small graph of the problem's
 full degree, and every launch of a ``@triton.jit`` kernel is captured with its argument types and constexpr values
-(``ik_fast.workcount.DotCounter(keep_args=True)``). Each distinct (kernel, signature, constexprs) is then compiled by
+(``ik_fast.workcount.DotCounter(keep_args=True)``). The launches are recorded, not run (``--execute`` runs them), since
+the host derives launch parameters from the graph and the program, not from kernel results. Each distinct (kernel, signature, constexprs) is then compiled by
 Triton's own pipeline down to a cubin (Triton ships ptxas) for ``sm_<arch>``, and its registers, stack (local memory
 per thread: spills) and shared memory are read from the cubin, with the compile time. One JSON record per compiled
 kernel: ``{"kernel", "problem", "precision", "registers", "stack_bytes", "shared_bytes", "compile_s", ...}``.
@@ -70,7 +71,7 @@ def _jsonable(v):
     return str(v)
 
 
-def capture(problem: str, precision: str, graphs) -> list:
+def capture(problem: str, precision: str, graphs, execute: bool = False) -> list:
     """Launch configurations of one training step per graph: [{kernel, module, qualname, signature, constexprs,
     launches}], deduplicated."""
     import contextlib
@@ -89,7 +90,7 @@ def capture(problem: str, precision: str, graphs) -> list:
         _problems.PROBLEMS.setdefault(p.name, p)
         step, _ = setup_case(p.name, "triton", "train", device="cpu", dtype="float32")
         amp = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
-        with workcount.DotCounter(keep_args=True, profile_ranges=False) as dc, amp:
+        with workcount.DotCounter(keep_args=True, profile_ranges=False, execute=execute) as dc, amp:
             step()
         for rec in dc.records:
             fn = rec["fn"].fn
@@ -116,16 +117,16 @@ def capture(problem: str, precision: str, graphs) -> list:
     return list(seen.values())
 
 
-def _capture_child(problem: str, precision: str, graphs) -> list:
+def _capture_child(problem: str, precision: str, graphs, execute: bool = False) -> list:
     env = dict(os.environ, TRITON_INTERPRET="1", IK_FAST_TARGET_DEVICE="cuda")
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("PYTHONWARNINGS", "ignore::UserWarning:escnn.group.groups.so3group")
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         out = f.name
     try:
-        res = subprocess.run([sys.executable, os.path.abspath(__file__), "--capture-child", problem, "--precision",
-                              precision, "--graphs", ",".join(graphs), "--json", out], env=env, capture_output=True,
-                             text=True)
+        cmd = [sys.executable, os.path.abspath(__file__), "--capture-child", problem, "--precision", precision,
+               "--graphs", ",".join(graphs), "--json", out] + (["--execute"] if execute else [])
+        res = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if res.returncode != 0:
             raise RuntimeError(f"capture of {problem} {precision} failed:\n{res.stderr[-3000:]}")
         with open(out) as f:
@@ -208,13 +209,15 @@ def main(argv=None) -> int:
     ap.add_argument("--max-stack", type=int, default=None,
                     help=f"exit 1 if a kernel's stack exceeds this (B/thread) or shared memory {SHARED_LIMIT} B")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--execute", action="store_true",
+                    help="run the kernels during the capture (slow); by default launches are recorded, not run")
     ap.add_argument("--capture-child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--list", action="store_true", help="print the captured launch configurations and stop")
     args = ap.parse_args(argv)
 
     if args.capture_child:
         with open(args.json, "w") as f:
-            json.dump(capture(args.capture_child, args.precision, args.graphs.split(",")), f)
+            json.dump(capture(args.capture_child, args.precision, args.graphs.split(","), args.execute), f)
         return 0
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         sys.exit("unset TRITON_INTERPRET: this compiles the kernels (the capture runs the interpreter in a child)")
@@ -242,7 +245,7 @@ def main(argv=None) -> int:
                 sys.exit(f"--precision: one of {PRECISIONS}, got {precision!r}")
             overrides = {n: v for p, n, v in scoped if p in (None, precision)}
             t = time.time()
-            cfgs = _variants(_capture_child(problem, precision, graphs), overrides)
+            cfgs = _variants(_capture_child(problem, precision, graphs, args.execute), overrides)
             print(f"<!-- {problem} {precision}: {len(cfgs)} launch configurations captured on {graphs} in "
                   f"{time.time() - t:.0f} s -->", flush=True)
             if args.kernels:

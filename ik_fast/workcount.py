@@ -105,10 +105,13 @@ class DotCounter:
     multiply-adds at the padded block shapes, while Triton's interpreter runs them.
 
     ``records`` keeps one entry per launch (kernel, module, grid, bound arguments when ``keep_args``) for tools that
-    need the launch configurations (``benchmarks/compile_check.py``)."""
+    need the launch configurations (``benchmarks/compile_check.py``). ``execute=False`` records the launches without
+    running the kernels (their outputs are left as they are: only for capturing launch configurations, which the host
+    derives from the graph and the program, not from kernel results)."""
 
-    def __init__(self, keep_args: bool = False, profile_ranges: bool = True):
+    def __init__(self, keep_args: bool = False, profile_ranges: bool = True, execute: bool = True):
         self.keep_args = keep_args
+        self.execute = execute
         self.profile_ranges = profile_ranges
         self.kernels: Dict[str, Dict[str, int]] = defaultdict(lambda: {"launches": 0, "programs": 0, "dots": 0,
                                                                        "macs": 0, "seconds": 0.0})
@@ -174,6 +177,8 @@ class DotCounter:
                 import inspect
                 bound = inspect.signature(fn).bind(*args, **kwargs)
                 counter.records.append({"kernel": name, "fn": fn_self, "grid": g, "args": dict(bound.arguments)})
+            if not counter.execute:
+                return None
             counter._current.append(name)
             t = time.perf_counter()
             ctx = (torch.profiler.record_function(LAUNCH_PREFIX + fn.__name__) if counter.profile_ranges
@@ -320,11 +325,12 @@ def _train_step(p, provider: str, seed: int, dtype: str):
 
 
 def count_step(problem: str, provider: str = "triton", seed: int = 0, steps: int = 1,
-               dtype: str = "float32") -> Dict[str, object]:
+               dtype: str = "float32", execute: bool = True) -> Dict[str, object]:
     """One training step (forward + backward, training mode, so batch statistics included) of ``provider`` on
     ``problem`` (``"M@40"``, ``"P#2"``, ...), on a graph the layer has not seen (graph preparation included),
     counted. ``steps`` > 1 runs the step again on the same inputs (a cached graph) and reports its aten count as
-    ``aten_ops_cached``; the work is that of the first step."""
+    ``aten_ops_cached``; the work is that of the first step. ``execute=False`` records the Triton launches without
+    running them: the aten count of the host side in seconds, but no tl.dot count (and kernel outputs left unset)."""
     from . import problems as _problems
 
     p = _problem(problem)
@@ -336,7 +342,7 @@ def count_step(problem: str, provider: str = "triton", seed: int = 0, steps: int
     out = {"problem": p.name, "provider": provider, "nodes": step.nodes, "edges": step.edges}
     layer_prog = step.program
     t = time.perf_counter()
-    with DotCounter() as dots:
+    with DotCounter(execute=execute) as dots:
         prof = profile_step(step)
     out["seconds"] = time.perf_counter() - t
     out.update(dot_macs=dots.macs, host_gemm_macs=prof["host_gemm_macs"],
@@ -345,10 +351,12 @@ def count_step(problem: str, provider: str = "triton", seed: int = 0, steps: int
                host_gemm_macs_per_op=prof["host_gemm_macs_per_op"],
                aten_top=dict(list(prof["aten_per_op"].items())[:12]))
     for _ in range(1, steps):
-        with DotCounter() as again:
+        with DotCounter(execute=execute) as again:
             prof2 = profile_step(step)
         out["aten_ops_cached"] = prof2["aten_ops"]
         out["macs_cached"] = again.macs + prof2["host_gemm_macs"]
+    if not execute:
+        out["dot_macs"] = out["macs"] = None
     if layer_prog is not None:
         out["floor"] = floor_per_edge(layer_prog)
     return out
@@ -359,9 +367,10 @@ def slope(small: Dict, large: Dict) -> Dict[str, float]:
     dE = large["edges"] - small["edges"]
     res = {"edges": (small["edges"], large["edges"]), "aten_ops": (small["aten_ops"], large["aten_ops"])}
     for key in ("macs", "dot_macs", "host_gemm_macs"):
-        res[key + "_per_edge"] = (large[key] - small[key]) / dE if dE else float("nan")
+        counted = small[key] is not None and large[key] is not None
+        res[key + "_per_edge"] = (large[key] - small[key]) / dE if dE and counted else None
     fl = small.get("floor")
-    if fl:
+    if fl and res["macs_per_edge"] is not None:
         res["floor_per_edge"] = fl["floor"]
         res["ratio_to_floor"] = res["macs_per_edge"] / fl["floor"]
     a, b = small["aten_ops"], large["aten_ops"]
@@ -374,10 +383,15 @@ def work_table(rows: List[Dict]) -> str:
     head = ("| problem | provider | edges | counted MACs / edge (slope) | tl.dot | host GEMM | structured floor / edge "
             "| ratio | aten ops per step |\n|---|---|---|---|---|---|---|---|---|")
     lines = [head]
+
+    def n(v):
+        return "–" if v is None else f"{v:,.0f}"
+
     for r in rows:
         lines.append(f"| {r['problem']} | {r['provider']} | {r['edges'][0]:,} → {r['edges'][1]:,} | "
-                     f"{r['macs_per_edge']:,.0f} | {r['dot_macs_per_edge']:,.0f} | {r['host_gemm_macs_per_edge']:,.0f} | "
-                     f"{r.get('floor_per_edge', 0):,} | {r.get('ratio_to_floor', float('nan')):.2f}× | "
+                     f"{n(r['macs_per_edge'])} | {n(r['dot_macs_per_edge'])} | {n(r['host_gemm_macs_per_edge'])} | "
+                     f"{n(r.get('floor_per_edge'))} | "
+                     f"{'–' if r.get('ratio_to_floor') is None else format(r['ratio_to_floor'], '.2f') + '×'} | "
                      f"{r['aten_ops'][0]:,} / {r['aten_ops'][1]:,} |")
     return "\n".join(lines)
 
@@ -400,6 +414,8 @@ def main(argv=None) -> int:
     ap.add_argument("--sizes", default=None,
                     help="two graphs per problem instead of the defaults, e.g. 'M@40,M@80;H@32,H@64'")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--aten-only", action="store_true",
+                    help="record the Triton launches without running them: aten counts in seconds, no work count")
     ap.add_argument("--cached", action="store_true",
                     help="also run a second step on the same (cached) graph and report its aten count")
     ap.add_argument("--json", default=None, help="write every count (per kernel too) to this file")
@@ -421,9 +437,10 @@ def main(argv=None) -> int:
             steps = []
             for name in pair:
                 t = time.time()
-                r = count_step(name, provider, seed=args.seed, steps=2 if args.cached else 1)
-                print(f"# {name} {provider}: {r['edges']:,} edges, {r['macs']:,} MACs "
-                      f"(tl.dot {r['dot_macs']:,}, host GEMM {r['host_gemm_macs']:,}), {r['aten_ops']} aten ops "
+                r = count_step(name, provider, seed=args.seed, steps=2 if args.cached else 1,
+                               execute=not args.aten_only)
+                print(f"# {name} {provider}: {r['edges']:,} edges, {r['macs'] or 0:,} MACs "
+                      f"(tl.dot {r['dot_macs'] or 0:,}, host GEMM {r['host_gemm_macs']:,}), {r['aten_ops']} aten ops "
                       f"({r.get('aten_ops_cached', '-')} on the cached graph), {time.time() - t:.0f} s",
                       file=sys.stderr, flush=True)
                 for k, v in r["kernels"].items():
@@ -432,7 +449,7 @@ def main(argv=None) -> int:
                 steps.append(r)
             s = slope(*steps)
             row = {"problem": problem, "provider": provider, **s}
-            row["ok"] = bool(s.get("ratio_to_floor", 0) <= RATIO_MAX and s["aten_spread"] <= ATEN_SPREAD
+            row["ok"] = bool((s.get("ratio_to_floor") or 0) <= RATIO_MAX and s["aten_spread"] <= ATEN_SPREAD
                              and max(s["aten_ops"]) <= ATEN_MAX)
             failed |= not row["ok"]
             rows.append(row)
