@@ -254,10 +254,15 @@ def main(argv=None) -> int:
                 for c in cfgs:
                     print(json.dumps(c))
                 continue
-            # constexprs shared by every configuration of a kernel are not repeated in the table
+            # the table shows the constexprs that differ between configurations of a kernel, those set with --set,
+            # and the usual tile / precision names; the JSON has them all
+            varying = {}
+            for cfg in cfgs:
+                for k, v in cfg["constexprs"].items():
+                    varying.setdefault((cfg["kernel"], k), set()).add(json.dumps(v))
             for cfg in cfgs:
                 brief = {k: v for k, v in cfg["constexprs"].items()
-                         if k in overrides or k in ("BE", "BR", "BLOCK", "PREC")}
+                         if k in overrides or k in ("BE", "BR", "PREC") or len(varying[(cfg["kernel"], k)]) > 1}
                 rec = {"kernel": cfg["kernel"], "problem": problem, "precision": precision,
                        "module": cfg["module"], "constexprs": cfg["constexprs"], "signature": cfg["signature"],
                        "graphs": cfg["graphs"], "arch": args.arch}
