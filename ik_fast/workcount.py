@@ -460,11 +460,15 @@ def main(argv=None) -> int:
         if f and r["provider"] == records[0]["provider"]:
             print(f"{r['problem']}: C={f['C']} D={f['D']} G={f['G']} C_in={f['C_in']} n_layers={f['n_layers']} "
                   f"-> floor {f['floor']:,} MACs/edge (felu {f['felu']:,}, trunk {f['trunk']:,}, fwd {f['fwd']:,})")
+    launched = {k for r in records for s in r["steps"] for k in s["kernels"]}
+    jitted = sorted(triton_kernels())
+    print(f"Triton kernels launched: {sorted(launched) or 'none'}; jitted functions of ik_fast.kernels_triton never "
+          f"launched (helpers, or kernels this step does not use): {len(set(jitted) - launched)}")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"command": "python -m ik_fast.workcount " + " ".join(argv or sys.argv[1:]),
-                       "interpreter": os.environ.get("TRITON_INTERPRET"), "records": records, "rows": rows}, fh,
-                      indent=1, default=str)
+                       "interpreter": os.environ.get("TRITON_INTERPRET"), "records": records, "rows": rows,
+                       "launched": sorted(launched), "jit_functions": jitted}, fh, indent=1, default=str)
     return 1 if args.check and failed else 0
 
 
