@@ -3,6 +3,14 @@
 ``python -m ik_fast.bench --problems cpu --providers reference,torch --modes train`` runs every case in a child
 process (so that each has its own peak resident set on CPU), prints a table and writes JSON with ``--out``.
 
+Work: each record carries ``flops``, a *model* of the FLOPs (2 x multiply-adds) the provider's algorithm runs (from
+the shapes; for ``triton``, a model of the padded kernels), used for the achieved FLOP/s, and ``floor_macs``, the
+structured floor of issue 8 for the record's edges (``ik_fast.workcount``). ``--work`` instead *counts* the
+multiply-adds each provider executes in one training step (every ``tl.dot`` at its padded shape in Triton's
+interpreter, host GEMMs from torch.profiler) on two small graphs of each problem's full degree, and prints their
+per-edge slope next to the floor (``python -m ik_fast.bench --work --problems P,M,H --providers
+reference,torch,triton``; each problem in a child process under ``TRITON_INTERPRET=1``).
+
 Modes: ``train`` / ``eval`` — forward + backward (gradients for the node features, positions, attributes and all
 parameters) with the module in training / eval mode; ``inference`` — eval mode under ``torch.no_grad()``.
 """
@@ -71,7 +79,7 @@ def model_flops(layer, num_edges: int, num_receivers: int, provider: str, mode: 
 
 
 def _triton_flops(prog, num_edges: int, num_receivers: int, mode: str, BE: int = 32, BR: int = 16) -> float:
-    """FLOPs of the fused kernels as they run: padded dense GEMMs per edge tile (``BR`` segments of a tile of ``BE``
+    """Modelled FLOPs of the first (v1) fused kernels, not a count (``--work`` counts them): padded dense GEMMs per edge tile (``BR`` segments of a tile of ``BE``
     edges; 16 is the usual case when the mean degree is above 2), trunk recomputation in backward and the statistics
     passes of training mode."""
     from .backends.fused import _pow2, layout
@@ -97,6 +105,45 @@ def _triton_flops(prog, num_edges: int, num_receivers: int, mode: str, BE: int =
     n_seg = num_receivers + num_edges / BE
     bwd += num_edges * C * HP * (RP + BR) + num_edges * BR * RP + n_seg * C * HP * R
     return 2.0 * (stats + fwd + bwd)
+
+
+def _floor_macs(p, num_edges: int, mode: str, seed: int = 0, layer=None):
+    """The structured floor (issue 8) of one step on ``num_edges`` edges, in multiply-adds: the training step's floor
+    per edge (forward, backward, statistics), or the forward's for inference. None when the layer has no floor."""
+    from .problems import build_layer
+    from .workcount import floor_per_edge
+
+    try:
+        f = floor_per_edge((layer or build_layer(p, backend="torch", seed=seed)).kernel.program())
+    except ValueError:
+        return None
+    return num_edges * (f["fwd"] if mode == "inference" else f["floor"])
+
+
+def count_work(problems: List[str], providers: List[str], timeout: float = 3600.0) -> List[Dict]:
+    """Counted work per edge of one training step for each problem and provider (``python -m ik_fast.workcount`` in a
+    child process under Triton's interpreter): rows of :func:`ik_fast.workcount.slope` with problem and provider."""
+    import tempfile
+
+    rows = []
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    for problem in problems:
+        with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+            out = f.name
+        try:
+            cmd = [sys.executable, "-m", "ik_fast.workcount", "--problems", problem, "--backend", ",".join(providers),
+                   "--json", out]
+            res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+            if res.returncode != 0:
+                rows.append({"problem": problem, "error": res.stderr[-2000:]})
+                continue
+            with open(out) as f:
+                rows += json.load(f)["rows"]
+        except subprocess.TimeoutExpired:
+            rows.append({"problem": problem, "error": f"timeout after {timeout:.0f} s"})
+        finally:
+            os.unlink(out)
+    return rows
 
 
 class _Timer:
@@ -151,6 +198,8 @@ def setup_case(problem: str, provider: str, mode: str, device: str = "cpu", dtyp
     layer.train(mode == "train")
     g = prepare_graph(ei, x.shape[0], x.shape[0], x.device)
     rec["flops"] = model_flops(layer, g.num_edges, int((g.degree > 0).sum()), provider, mode)
+    rec["flops_source"] = "model"
+    rec["floor_macs"] = _floor_macs(p, g.num_edges, mode, seed, None if provider == "escnn" else layer)
     grad = mode != "inference"
 
     def step():
@@ -377,8 +426,25 @@ def main(argv=None) -> int:
     ap.add_argument("--budget-s", type=float, default=float("inf"), help="start no case after this many seconds")
     ap.add_argument("--out", default=None, help="write the records and the environment as JSON")
     ap.add_argument("--resume", action="store_true", help="keep the records already in the output file")
+    ap.add_argument("--work", action="store_true",
+                    help="count the multiply-adds each provider executes per edge (interpreter, small graphs) against "
+                         "the structured floor, instead of timing")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.work:
+        from .workcount import work_table
+
+        rows = count_work(args.problems.split(","), args.providers.split(","), timeout=args.timeout * 15)
+        good = [r for r in rows if "error" not in r]
+        print(work_table(good))
+        for r in rows:
+            if "error" in r:
+                print(f"{r['problem']}: {r['error']}", file=sys.stderr)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump({"command": "python -m ik_fast.bench " + " ".join(argv or sys.argv[1:]), "work": rows}, f,
+                          indent=1, default=str)
+        return 1 if len(good) < len(rows) else 0
     if args.child:
         case = json.loads(args.child)
         try:
