@@ -5,11 +5,12 @@
 Kernels are discovered, not listed: for each problem and precision, one training step (forward + backward, training
 mode) runs in Triton's interpreter (a child process with ``TRITON_INTERPRET=1``) on a small graph of the problem's
 full degree, and every launch of a ``@triton.jit`` kernel is captured with its argument types and constexpr values
-(``ik_fast.workcount.DotCounter(keep_args=True)``). The launches are recorded, not run (``--execute`` runs them), since
-the host derives launch parameters from the graph and the program, not from kernel results. Each distinct (kernel, signature, constexprs) is then compiled by
-Triton's own pipeline down to a cubin (Triton ships ptxas) for ``sm_<arch>``, and its registers, stack (local memory
-per thread: spills) and shared memory are read from the cubin, with the compile time. One JSON record per compiled
-kernel: ``{"kernel", "problem", "precision", "registers", "stack_bytes", "shared_bytes", "compile_s", ...}``.
+(``ik_fast.workcount.DotCounter(keep_args=True)``). The launches are recorded, not run (``--execute`` runs them),
+since the host derives launch parameters from the graph and the program, not from kernel results. Each distinct
+(kernel, signature, constexprs) is then compiled by Triton's own pipeline down to a cubin (Triton ships ptxas) for
+``sm_<arch>``, and its registers, stack (local memory per thread: spills) and shared memory are read from the cubin,
+with the compile time. One JSON record per compiled kernel: ``{"kernel", "problem", "precision", "registers",
+"stack_bytes", "shared_bytes", "compile_s", ...}``.
 
 ``--max-stack N`` makes the exit status non-zero when a kernel's stack exceeds N bytes per thread, its shared memory
 exceeds the H100/H200 limit (227 KB = 232448 B), or a compile fails.
@@ -79,9 +80,9 @@ def capture(problem: str, precision: str, graphs, execute: bool = False) -> list
 
     import torch
 
+    from ik_fast import problems as _problems
     from ik_fast import workcount
     from ik_fast.bench import setup_case
-    from ik_fast import problems as _problems
 
     torch.set_float32_matmul_precision("high" if precision == "tf32" else "highest")
     seen = {}

@@ -79,12 +79,15 @@ def model_flops(layer, num_edges: int, num_receivers: int, provider: str, mode: 
 
 
 def _triton_flops(prog, num_edges: int, num_receivers: int, mode: str, BE: int = 32, BR: int = 16) -> float:
-    """Modelled FLOPs of the first (v1) fused kernels, not a count (``--work`` counts them): padded dense GEMMs per edge tile (``BR`` segments of a tile of ``BE``
-    edges; 16 is the usual case when the mean degree is above 2), trunk recomputation in backward and the statistics
+    """Modelled FLOPs of the first (v1) fused kernels, not a count (``--work`` counts them): padded dense GEMMs per
+    edge tile (``BR`` segments of a tile of ``BE`` edges; 16 is the usual case when the mean degree is above 2),
+    trunk recomputation in backward and the statistics
     passes of training mode."""
-    from .backends.fused import _pow2, layout
+    from .kernels_triton.launch import _pow2, layout
 
-    lay = layout(prog)
+    packed = prog.packed([], prog.sigma.dtype)
+    lay = layout(prog.sigma.new_empty(0, prog.dim + prog.attr_size), packed.weights, packed.fourier, prog.out_size,
+                 prog.dim)
     HP, P0P, CP, DP, GP, NL = lay.HP, lay.P0P, lay.CP, lay.DP, lay.GP, lay.NL
     C, R = prog.in_size, prog.out_size
     RP, CINP = _pow2(R), _pow2(C)

@@ -33,13 +33,13 @@ import argparse
 import contextlib
 import importlib
 import json
-import sys
 import os
 import pkgutil
+import sys
 import time
 from collections import defaultdict
 from dataclasses import replace
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 
@@ -218,7 +218,7 @@ def triton_kernels(package: str = "ik_fast.kernels_triton") -> Dict[str, object]
             continue
     found = {}
     for mod in mods:
-        for attr, obj in vars(mod).items():
+        for obj in vars(mod).values():
             fn = getattr(obj, "fn", None)
             if fn is None or not callable(fn) or not hasattr(obj, "arg_names"):
                 continue
