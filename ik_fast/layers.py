@@ -130,11 +130,12 @@ class ImplicitPointConv(_ImplicitConvBase):
         n = self.in_type.gspace.dimensionality
         n_src, n_dst = x_src.shape[0], x_dst.shape[0]
         if edge_delta is None and (c_src is None or c_dst is None):
-            if geo:
-                raise ValueError("x is a GeometricTensor without coords: build it with coords= (the node positions, "
-                                 f"(N, {n})), or pass pos= or edge_delta=")
             raise ValueError("edge_delta is required when no positions are given (pass pos= or a GeometricTensor "
                              "with coords)")
+        if geo and c_dst is None:
+            raise ValueError("x[1] (the receivers) has no coords, so the output GeometricTensor would have none: pass "
+                             "the receivers as a GeometricTensor with coords, or pos=(source, receiver) positions, "
+                             "or plain tensors to get a plain tensor back")
         if torch.compiler.is_compiling():
             out, stats = self._forward_compiled(x_src, edge_index, c_src, c_dst, edge_delta, edge_attr, n_dst)
         else:
