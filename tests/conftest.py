@@ -113,10 +113,10 @@ def rel(a, b):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked ``soak`` or ``slow`` run only when selected with -m (e.g. ``pytest -m soak``)."""
+    """Tests marked ``soak``, ``slow`` or ``install`` run only when selected with -m (e.g. ``pytest -m soak``)."""
     if config.getoption("markexpr"):
         return
-    skip = pytest.mark.skip(reason="marked soak/slow: select with -m soak or -m slow")
+    skip = pytest.mark.skip(reason="marked soak/slow/install: select with -m")
     for item in items:
-        if "soak" in item.keywords or "slow" in item.keywords:
+        if any(m in item.keywords for m in ("soak", "slow", "install")):
             item.add_marker(skip)
