@@ -148,8 +148,7 @@ def _make_chunks(g: Graph, hidden: int, in_size: int) -> ChunkPlan:
     shift[order, 0] = first - g.rowptr[order]
     shift[order, 1] = rel_q * D_sorted - g.rowptr[order]
     p = torch.arange(g.num_edges, device=device)
-    dst_sorted = torch.repeat_interleave(torch.arange(g.n_dst, device=device), deg)
-    sh = shift[dst_sorted]  # (E, 2)
+    sh = torch.repeat_interleave(shift, deg, dim=0)  # (E, 2): each CSR position's receiver's shifts
     new_pos = p + sh[:, 0]
     eid = torch.empty_like(p).index_copy_(0, new_pos, g.perm)
     slot = torch.empty_like(p).index_copy_(0, new_pos, p + sh[:, 1])
