@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["Graph", "Chunk", "ChunkPlan", "prepare_graph", "check_edge_inputs", "check_node_features",
-           "check_positions", "padded_degrees"]
+           "check_positions", "padded_degrees", "check_int32_extents", "INT32_LIMIT"]
 
 # edges per chunk of the factorised backend; bounds the per-chunk activations (E_chunk x hidden) and Z (n_r x H x C)
 EDGE_BUDGET = 1024
@@ -211,6 +211,19 @@ def prepare_graph(edge_index: Tensor, n_src: int, n_dst: int, device=None) -> Gr
     except TypeError:  # tensors that cannot be weakly referenced are simply not cached
         pass
     return g
+
+
+INT32_LIMIT = 2**31 - 1
+
+
+def check_int32_extents(where: str, **extents: int) -> None:
+    """For kernels that address buffers with 32-bit offsets: every buffer extent (number of elements, or largest
+    offset + 1) must be at most 2^31 - 1. Raises a ValueError naming the buffer otherwise; the torch and reference
+    backends index with int64 throughout and need no such check."""
+    for name, n in extents.items():
+        if int(n) > INT32_LIMIT:
+            raise ValueError(f"{where}: {name} needs {int(n):,} elements, more than the 2^31 - 1 = {INT32_LIMIT:,} "
+                             f"that 32-bit offsets address; split the graph into parts or use backend='torch'")
 
 
 def _check_float(t: Tensor, name: str, shape: tuple, device, dtype, finite: bool = True) -> None:

@@ -12,7 +12,7 @@ from escnn import nn as enn
 
 import ik_fast
 from ik_fast.data import knn_graph
-from ik_fast.graph import padded_degrees, prepare_graph
+from ik_fast.graph import INT32_LIMIT, check_int32_extents, padded_degrees, prepare_graph
 
 
 def _types(attr=True):
@@ -206,6 +206,16 @@ def test_index_arithmetic_past_2_31():
     p = padded_degrees(d)
     assert p.dtype == torch.int64
     assert p.tolist() == [2**31, 2**31, 5 * 2**29, 7 * 2**30, 5 * 2**38]
+
+
+def test_int32_extent_guard():
+    """The guard for 32-bit-offset kernels: extents up to 2^31 - 1 pass, one more raises naming the buffer."""
+    check_int32_extents("fused", z_rows=INT32_LIMIT, edges=10)
+    with pytest.raises(ValueError, match=r"fused: z_rows needs 2,147,483,648 elements"):
+        check_int32_extents("fused", edges=10, z_rows=INT32_LIMIT + 1)
+    # the products that feed such extents, in Python ints, do not wrap: 2^20 rows x 2^12 floats
+    with pytest.raises(ValueError, match="hidden_x_rows"):
+        check_int32_extents("fused", hidden_x_rows=(2**20) * (2**12))
 
 
 def test_repeated_runs_are_bitwise_equal():
