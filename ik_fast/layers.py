@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from escnn import nn as enn
 
-from ._serialize import reduce_module
 from . import _opaque
+from ._serialize import reduce_module
 from .functional import implicit_point_conv
 from .graph import check_node_features, check_positions, prepare_graph
 from .kernel import ImplicitKernel, check_field_type
@@ -177,9 +177,9 @@ class ImplicitPointConv(_ImplicitConvBase):
         if edge_delta is not None:
             c_src = c_dst = None
         n_stats = _opaque.stats_size(k)
-        out, flat = torch.ops.ik_fast.eager_conv(_opaque.kernel_tensors(self._op_slots), x_src, edge_index, c_src, c_dst,
-                                                 edge_delta, edge_attr, n_dst, self._op_key, k.training, name,
-                                                 self.out_type.size, n_stats)
+        tensors = _opaque.kernel_tensors(self._op_slots)
+        out, flat = torch.ops.ik_fast.eager_conv(tensors, x_src, edge_index, c_src, c_dst, edge_delta, edge_attr, n_dst,
+                                                 self._op_key, k.training, name, self.out_type.size, n_stats)
         return out, (_opaque.unflatten_stats(k, flat) if n_stats else [])
 
 
