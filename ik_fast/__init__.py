@@ -1,5 +1,6 @@
 """ik_fast: fast implicit steerable convolutions for escnn (Zhdanov, Hoffmann & Cesa, NeurIPS 2023)."""
 
+from ._version import __version__
 from .backends import available_backends
 from .functional import implicit_point_conv
 from .graph import prepare_graph
@@ -8,9 +9,8 @@ from .layers import ImplicitConv, ImplicitPointConv
 from .program import KernelProgram
 from .testing import assert_equivariant
 
-__version__ = "0.1.0"
-
 __all__ = [
+    "__version__",
     "ImplicitKernel",
     "ImplicitPointConv",
     "ImplicitConv",

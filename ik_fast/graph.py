@@ -10,7 +10,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["Graph", "Chunk", "prepare_graph", "check_edge_inputs", "check_node_features"]
+__all__ = ["Graph", "Chunk", "ChunkPlan", "prepare_graph", "check_edge_inputs", "check_node_features",
+           "check_positions", "padded_degrees", "check_int32_extents", "INT32_LIMIT"]
 
 # edges per chunk of the factorised backend; bounds the per-chunk activations (E_chunk x hidden) and Z (n_r x H x C)
 EDGE_BUDGET = 1024
@@ -55,51 +56,109 @@ class Graph:
             cache[key] = _make_chunks(self, hidden, in_size)
         return cache[key]
 
-
     def chunk_order(self, hidden: int, in_size: int) -> Tensor:
         """All edge ids, chunk after chunk (each chunk's ``eid`` in turn)."""
-        key = ("order", hidden, in_size)
-        cache = self.__dict__.setdefault("_chunk_cache", {})
-        if key not in cache:
-            chunks = self.chunks(hidden, in_size)
-            cache[key] = torch.cat([c.eid for c in chunks]) if chunks else self.src.new_zeros(0)
-        return cache[key]
+        return self.chunks(hidden, in_size).eid
 
 
 def _ladder(d: int) -> int:
-    """Padded degree for a receiver of degree d: at most 25% padding."""
-    if d <= 8:
-        return d
-    p = 1 << (d.bit_length() - 1)
-    for m in (p, p * 5 // 4, p * 3 // 2, p * 7 // 4, 2 * p):
-        if m >= d:
-            return m
-    return 2 * p
+    """Padded degree for a receiver of degree d: at most 25% padding (scalar version of :func:`padded_degrees`)."""
+    return int(padded_degrees(torch.tensor([d]))[0])
 
 
-def _make_chunks(g: Graph, hidden: int, in_size: int):
-    deg = g.degree.cpu()
-    if g.num_edges == 0:
-        return ()
+def padded_degrees(deg: Tensor) -> Tensor:
+    """Padded degree of every receiver (int64): d itself up to 8, else the smallest of p, 5p/4, 3p/2, 7p/4, 2p
+    (p the largest power of two <= d) that is >= d, so padding is at most 25%."""
+    deg = deg.long()
+    p = torch.ones_like(deg)
+    big = deg > 8
+    if bool(big.any()):
+        p = torch.where(big, torch.exp2(torch.floor(torch.log2(deg.clamp(min=1).double()))).long(), p)
+        # log2 in float64 is exact at powers of two; repair any rounding below them
+        p = torch.where(big & (2 * p <= deg), 2 * p, p)
+        p = torch.where(big & (p > deg), p // 2, p)
+    cand = torch.stack([p, p * 5 // 4, p * 3 // 2, p * 7 // 4, 2 * p], 1)
+    first = (cand >= deg[:, None]).to(torch.int8).argmax(1)
+    return torch.where(big, cand.gather(1, first[:, None]).squeeze(1), deg)
+
+
+class ChunkPlan:
+    """The torch backend's chunks, built with vectorised tensor code and materialised as views on access.
+
+    Receivers with edges are ordered by (padded degree, id); within a padded degree ``D`` they go ``per`` at a time
+    (``per`` from the edge and Z budgets). ``eid`` holds every edge id in that order; chunk k covers
+    ``eid[edge_start[k]:edge_start[k + 1]]`` and ``receivers[recv_start[k]:recv_start[k + 1]]``. Only the bucket
+    sizes (at most a few dozen distinct padded degrees) are looped over in Python, never the chunks or receivers.
+    """
+
+    def __init__(self, receivers, eid, slot, degree, recv_start, edge_start, full):
+        self.receivers, self.eid, self.slot = receivers, eid, slot
+        self._degree, self._recv_start, self._edge_start, self._full = degree, recv_start, edge_start, full
+
+    def __len__(self) -> int:
+        return len(self._degree)
+
+    def __getitem__(self, k: int) -> Chunk:
+        if k < 0:
+            k += len(self)
+        r0, r1 = self._recv_start[k], self._recv_start[k + 1]
+        e0, e1 = self._edge_start[k], self._edge_start[k + 1]
+        D = self._degree[k]
+        slot = None if self._full[k] else self.slot[e0:e1]
+        return Chunk(self.receivers[r0:r1], D, self.eid[e0:e1], slot)
+
+    def __iter__(self):
+        return (self[k] for k in range(len(self)))
+
+    def __bool__(self) -> bool:
+        return len(self) > 0
+
+    def sizes(self):
+        """Edges per chunk, in order."""
+        return [b - a for a, b in zip(self._edge_start[:-1], self._edge_start[1:])]
+
+
+def _make_chunks(g: Graph, hidden: int, in_size: int) -> ChunkPlan:
+    """Vectorised: a few passes over the edges (one gather, two scatters), the rest per receiver or per bucket."""
     device = g.src.device
-    padded = torch.tensor([_ladder(int(d)) for d in deg.tolist()], dtype=torch.long)
-    rowptr = g.rowptr.cpu()
-    perm = g.perm.cpu()
-    chunks = []
-    for D in torch.unique(padded[deg > 0]).tolist():
-        recv = torch.nonzero((padded == D) & (deg > 0)).flatten()
-        per = max(1, min(EDGE_BUDGET // D, Z_BUDGET // max(1, hidden * in_size)))
-        for start in range(0, recv.numel(), per):
-            r = recv[start:start + per]
-            d = deg[r]
-            starts = rowptr[r]
-            # positions within each receiver's edge list
-            within = torch.arange(int(d.sum())) - torch.repeat_interleave(torch.cumsum(d, 0) - d, d)
-            owner = torch.repeat_interleave(torch.arange(r.numel()), d)
-            eid = perm[torch.repeat_interleave(starts, d) + within]
-            slot = None if bool((d == D).all()) else owner * D + within
-            chunks.append(Chunk(r.to(device), D, eid.to(device), None if slot is None else slot.to(device)))
-    return tuple(chunks)
+    deg = g.degree
+    padded = padded_degrees(deg)
+    active = torch.nonzero(deg > 0).flatten()
+    # receivers by (padded degree, id): the id is the tie-break because the sort is stable and `active` ascending
+    order = active[torch.argsort(padded[active], stable=True)]
+    D_sorted, d_sorted = padded[order], deg[order]
+    Ds, counts = torch.unique_consecutive(D_sorted, return_counts=True)
+    budget_per = Z_BUDGET // max(1, hidden * in_size)
+    per = torch.clamp(torch.minimum(EDGE_BUDGET // Ds, torch.full_like(Ds, budget_per)), min=1)
+    # position q of each receiver inside its bucket; a receiver starts a chunk when q % per == 0
+    bucket_start = torch.cumsum(counts, 0) - counts
+    q = torch.arange(order.numel(), device=device) - torch.repeat_interleave(bucket_start, counts)
+    starts = torch.nonzero(q % torch.repeat_interleave(per, counts) == 0).flatten()
+    n_chunks = starts.numel()
+    recv_start = torch.cat([starts, starts.new_tensor([order.numel()])])
+    cum = torch.cumsum(d_sorted, 0)
+    first = cum - d_sorted  # each receiver's first position in the new edge order
+    edge_start = torch.cat([first.new_zeros(1), cum])[recv_start]
+    is_start = torch.zeros(order.numel(), dtype=torch.long, device=device)
+    is_start[starts] = 1
+    rel_q = q - q[starts][torch.cumsum(is_start, 0) - 1]  # receiver's row in its chunk
+    # per receiver (by id): the shift from its receiver-sorted (CSR) position p to its new position, and the shift
+    # from p to its slot in the chunk's padded layout (row * D + position in the receiver's list)
+    shift = torch.zeros(g.n_dst, 2, dtype=torch.long, device=device)
+    shift[order, 0] = first - g.rowptr[order]
+    shift[order, 1] = rel_q * D_sorted - g.rowptr[order]
+    p = torch.arange(g.num_edges, device=device)
+    sh = torch.repeat_interleave(shift, deg, dim=0)  # (E, 2): each CSR position's receiver's shifts
+    new_pos = p + sh[:, 0]
+    eid = torch.empty_like(p).index_copy_(0, new_pos, g.perm)
+    slot = torch.empty_like(p).index_copy_(0, new_pos, p + sh[:, 1])
+    chunk_D = D_sorted[starts]
+    n_rows = recv_start[1:] - recv_start[:-1]
+    full = (edge_start[1:] - edge_start[:-1]) == n_rows * chunk_D
+    # one device-to-host copy of the per-chunk scalars (a few numbers per chunk, no per-chunk tensor work)
+    meta = torch.stack([chunk_D, full.long()]).cpu().tolist() if n_chunks else [[], []]
+    return ChunkPlan(order, eid, slot, meta[0], recv_start.cpu().tolist(), edge_start.cpu().tolist(),
+                     [bool(f) for f in meta[1]])
 
 
 _CACHE: "OrderedDict[tuple, Tuple[weakref.ref, Graph]]" = OrderedDict()
@@ -129,8 +188,9 @@ def prepare_graph(edge_index: Tensor, n_src: int, n_dst: int, device=None) -> Gr
     ei = edge_index.long()
     E = ei.shape[1]
     if E > 0:
-        lo = int(ei.min())
-        hi_src, hi_dst = int(ei[0].max()), int(ei[1].max())
+        mins, maxs = torch.aminmax(ei, dim=1)
+        lo = int(mins.min())
+        hi_src, hi_dst = maxs.tolist()
         if lo < 0:
             raise ValueError(f"edge_index has negative entries (min {lo})")
         if hi_src >= n_src:
@@ -138,7 +198,8 @@ def prepare_graph(edge_index: Tensor, n_src: int, n_dst: int, device=None) -> Gr
         if hi_dst >= n_dst:
             raise ValueError(f"edge_index[1] (receivers) has entry {hi_dst} but there are only {n_dst} receiver nodes")
     src, dst = ei[0].contiguous(), ei[1].contiguous()
-    perm = torch.argsort(dst, stable=True)
+    # a stable sort of 32-bit keys is ~1.7x faster than of 64-bit ones on CPU
+    perm = torch.argsort(dst.int() if n_dst <= 2**31 - 1 else dst, stable=True)
     degree = torch.bincount(dst, minlength=n_dst)
     rowptr = torch.zeros(n_dst + 1, dtype=torch.long, device=ei.device)
     rowptr[1:] = torch.cumsum(degree, 0)
@@ -150,6 +211,19 @@ def prepare_graph(edge_index: Tensor, n_src: int, n_dst: int, device=None) -> Gr
     except TypeError:  # tensors that cannot be weakly referenced are simply not cached
         pass
     return g
+
+
+INT32_LIMIT = 2**31 - 1
+
+
+def check_int32_extents(where: str, **extents: int) -> None:
+    """For kernels that address buffers with 32-bit offsets: every buffer extent (number of elements, or largest
+    offset + 1) must be at most 2^31 - 1. Raises a ValueError naming the buffer otherwise; the torch and reference
+    backends index with int64 throughout and need no such check."""
+    for name, n in extents.items():
+        if int(n) > INT32_LIMIT:
+            raise ValueError(f"{where}: {name} needs {int(n):,} elements, more than the 2^31 - 1 = {INT32_LIMIT:,} "
+                             f"that 32-bit offsets address; split the graph into parts or use backend='torch'")
 
 
 def _check_float(t: Tensor, name: str, shape: tuple, device, dtype, finite: bool = True) -> None:
@@ -167,7 +241,19 @@ def _check_float(t: Tensor, name: str, shape: tuple, device, dtype, finite: bool
 
 
 def check_node_features(x: Tensor, name: str, size: int, device, dtype) -> None:
+    if isinstance(x, Tensor) and x.dim() == 3:
+        raise ValueError(f"{name} must have shape (N, {size}) (one graph; batch several graphs into one by offsetting "
+                         f"their node indices), got a batched tensor of shape {tuple(x.shape)}")
     _check_float(x, name, (None, size), device, dtype, finite=False)
+
+
+def check_positions(pos, name: str, rows: int, dim: int) -> None:
+    """Positions (rows, dim), finite."""
+    if not isinstance(pos, Tensor) or pos.dim() != 2 or tuple(pos.shape) != (rows, dim):
+        got = tuple(pos.shape) if isinstance(pos, Tensor) else type(pos).__name__
+        raise ValueError(f"{name} must have shape ({rows}, {dim}), got {got}")
+    if pos.numel() and not bool(torch.isfinite(pos).all()):
+        raise ValueError(f"{name} contains NaN or infinite values")
 
 
 def check_edge_inputs(program, edge_delta: Tensor, edge_attr: Optional[Tensor], num_edges: Optional[int],

@@ -9,9 +9,10 @@ import torch
 import torch.nn.functional as F
 from escnn import nn as enn
 
+from . import _opaque
 from ._serialize import reduce_module
 from .functional import implicit_point_conv
-from .graph import prepare_graph
+from .graph import check_node_features, check_positions, prepare_graph
 from .kernel import ImplicitKernel, check_field_type
 
 __all__ = ["ImplicitPointConv", "ImplicitConv"]
@@ -89,13 +90,22 @@ class ImplicitPointConv(_ImplicitConvBase):
             if backend != "auto":
                 resolve_backend(backend, "cpu")  # validates the name now, not at the first call
         self.backend = backend
+        self._op_key = _opaque.register_kernel(self.kernel)
+        self._op_slots = _opaque.tensor_slots(self.kernel)
 
     def _unpack(self, x, name):
         if isinstance(x, enn.GeometricTensor):
             if x.type != self.in_type:
                 raise ValueError(f"{name} has field type {x.type} but the layer's in_type is {self.in_type}")
+            if x.tensor.dim() != 2:
+                raise ValueError(f"{name} must be a GeometricTensor of shape (N, {self.in_type.size}) with coords "
+                                 f"(N, n), got shape {tuple(x.tensor.shape)}")
             return x.tensor, x.coords, True
         if isinstance(x, torch.Tensor):
+            if x.dim() == 3:
+                raise ValueError(f"{name} must have shape (N, {self.in_type.size}), got a batched tensor of shape "
+                                 f"{tuple(x.shape)}: batch several graphs into one graph (concatenate the nodes and "
+                                 f"offset each graph's edge_index by the nodes before it)")
             return x, None, False
         raise TypeError(f"{name} must be a GeometricTensor, a tensor, or a (source, receiver) pair of them, "
                         f"got {type(x).__name__}")
@@ -119,21 +129,26 @@ class ImplicitPointConv(_ImplicitConvBase):
                 c_src = c_dst = pos
         n = self.in_type.gspace.dimensionality
         n_src, n_dst = x_src.shape[0], x_dst.shape[0]
-        prog = self.kernel.program()
-        for c, nm, rows in ((c_src, "pos", n_src), (c_dst, "pos (receivers)", n_dst)):
-            if c is not None:
-                if not isinstance(c, torch.Tensor) or c.dim() != 2 or c.shape != (rows, n):
-                    raise ValueError(f"{nm} must have shape ({rows}, {n}), got "
-                                     f"{tuple(c.shape) if isinstance(c, torch.Tensor) else type(c).__name__}")
-                if not bool(torch.isfinite(c).all()):
-                    raise ValueError(f"{nm} contains NaN or infinite values")
-        graph = prepare_graph(edge_index, n_src, n_dst, x_src.device if isinstance(x_src, torch.Tensor) else None)
-        if edge_delta is None:
-            if c_src is None or c_dst is None:
-                raise ValueError("edge_delta is required when no positions are given (pass pos= or a GeometricTensor "
-                                 "with coords)")
-            edge_delta = c_src[graph.src] - c_dst[graph.dst]
-        out, stats = implicit_point_conv(prog, x_src, graph, edge_delta, edge_attr, n_dst=n_dst, backend=self.backend)
+        if edge_delta is None and (c_src is None or c_dst is None):
+            raise ValueError("edge_delta is required when no positions are given (pass pos= or a GeometricTensor "
+                             "with coords)")
+        if geo and c_dst is None:
+            raise ValueError("x[1] (the receivers) has no coords, so the output GeometricTensor would have none: pass "
+                             "the receivers as a GeometricTensor with coords, or pos=(source, receiver) positions, "
+                             "or plain tensors to get a plain tensor back")
+        if torch.compiler.is_compiling():
+            out, stats = self._forward_compiled(x_src, edge_index, c_src, c_dst, edge_delta, edge_attr, n_dst)
+        else:
+            prog = self.kernel.program()
+            for c, nm, rows in ((c_src, "pos", n_src), (c_dst, "pos (receivers)", n_dst)):
+                if c is not None:
+                    check_positions(c, nm, rows, n)
+            graph = prepare_graph(edge_index, n_src, n_dst,
+                                  x_src.device if isinstance(x_src, torch.Tensor) else None)
+            if edge_delta is None:
+                edge_delta = c_src[graph.src] - c_dst[graph.dst]
+            out, stats = implicit_point_conv(prog, x_src, graph, edge_delta, edge_attr, n_dst=n_dst,
+                                             backend=self.backend)
         if stats:
             self.kernel.update_running_stats(stats)
         b = self.expanded_bias()
@@ -142,6 +157,30 @@ class ImplicitPointConv(_ImplicitConvBase):
         if geo:
             return enn.GeometricTensor(out, self.out_type, coords=c_dst)
         return out
+
+    def _forward_compiled(self, x_src, edge_index, c_src, c_dst, edge_delta, edge_attr, n_dst):
+        """Inside torch.compile: escnn's weight expansion, the data-dependent graph preparation, the value checks and
+        the eager backends run in the registered op ``ik_fast::eager_conv`` (see :mod:`ik_fast._opaque`); shapes,
+        dtypes and devices are checked here, where they are known while tracing."""
+        from .backends import resolve_backend
+
+        k = self.kernel
+        device, dtype = k.sigma.device, k.sigma.dtype
+        check_node_features(x_src, "x", self.in_type.size, device, dtype)
+        name = resolve_backend(self.backend, device)
+        if name not in ("torch", "reference"):  # the fused backends trace through their own registered ops
+            prog = k.program()
+            graph = prepare_graph(edge_index, x_src.shape[0], n_dst, device)
+            if edge_delta is None:
+                edge_delta = c_src[graph.src] - c_dst[graph.dst]
+            return implicit_point_conv(prog, x_src, graph, edge_delta, edge_attr, n_dst=n_dst, backend=name)
+        if edge_delta is not None:
+            c_src = c_dst = None
+        n_stats = _opaque.stats_size(k)
+        tensors = _opaque.kernel_tensors(self._op_slots)
+        out, flat = torch.ops.ik_fast.eager_conv(tensors, x_src, edge_index, c_src, c_dst, edge_delta, edge_attr, n_dst,
+                                                 self._op_key, k.training, name, self.out_type.size, n_stats)
+        return out, (_opaque.unflatten_stats(k, flat) if n_stats else [])
 
 
 def kernel_grid(d: int, kernel_size: int) -> torch.Tensor:

@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV=${IK_FAST_VENV:-.venv}
-STAMP="$VENV/.ik_fast-setup-v3"
+STAMP="$VENV/.ik_fast-setup-v4"
 
 setup() {
   if [ -f "$STAMP" ]; then return; fi
@@ -22,7 +22,7 @@ setup() {
   $pip install --no-deps "escnn==1.0.11" "lie_learn==0.0.2"
   $pip install --no-deps "qm9pack==1.0.3"   # QM9 data only; its pandas requirement would pull NumPy 2
   # escnn's R3PointConv (the benchmarks' escnn provider) needs torch_geometric; plots need matplotlib
-  $pip install "torch_geometric>=2.5,<2.9" "matplotlib>=3.7,<3.10" "pytest>=8" "pytest-benchmark>=4" "numpy<2"
+  $pip install "torch_geometric>=2.5,<2.9" "matplotlib>=3.7,<3.10" "pytest>=8" "pytest-benchmark>=4" "hypothesis>=6" "numpy<2"
   $pip install "tqdm>=4.60"   # the trainer's progress bar (python -m ik_fast.train)
   # the fused backend's kernels; without a GPU the tests run them in Triton's interpreter (TRITON_INTERPRET=1)
   $pip install "triton>=3.6,<3.10"

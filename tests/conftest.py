@@ -110,3 +110,13 @@ def small_graph(n_nodes=12, n_edges=40, dim=3, seed=0, dtype=torch.float32):
 
 def rel(a, b):
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``soak``, ``slow`` or ``install`` run only when selected with -m (e.g. ``pytest -m soak``)."""
+    if config.getoption("markexpr"):
+        return
+    skip = pytest.mark.skip(reason="marked soak/slow/install: select with -m")
+    for item in items:
+        if any(m in item.keywords for m in ("soak", "slow", "install")):
+            item.add_marker(skip)

@@ -92,7 +92,7 @@ def implicit_conv_torch(program: KernelProgram, x_src, graph: Graph, delta, attr
         h, stats, pending = program.trunk(delta, attr, structured=True)
         final = _final_layer(program, pending)
         s = program.shell(delta)
-        sizes = [c.eid.numel() for c in chunks]
+        sizes = chunks.sizes()
         pieces = zip(chunks, h.split(sizes), s.split(sizes), x_src[graph.src[order]].split(sizes))
         for chunk, h_c, s_c, x_c in pieces:
             if grad:
@@ -103,5 +103,5 @@ def implicit_conv_torch(program: KernelProgram, x_src, graph: Graph, delta, attr
         last_bn = program.hidden[-1].bn if program.hidden else None
         final = _final_layer(program, None if last_bn is None else last_bn.affine(None))
         ys = [_chunk_inference(program, final, chunk, x_src, graph.src, delta, attr) for chunk in chunks]
-    recv = torch.cat([c.receivers for c in chunks])
+    recv = chunks.receivers  # every receiver with edges, chunk after chunk
     return out.index_copy(0, recv, torch.cat(ys).to(out.dtype)), stats  # (bfloat16 under autocast)
