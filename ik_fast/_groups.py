@@ -5,8 +5,8 @@ This is the only place that knows which subgroup of O(n) a gspace carries. The t
 =======================  ===================  ================================  ===============================
 group (escnn class)      frequency of irrep   hidden field per channel          nonlinearity and default grid
 =======================  ===================  ================================  ===============================
-SO(3)                    l                    sphere S^2 = SO(3)/SO(2), l < L   quotient Fourier ELU, 60-pt ico
-O(3)                     l                    S^2 x {+-1} = O(3)/SO(2), l < L   quotient Fourier ELU, 120-pt ico
+SO(3)                    l                    sphere S^2 = SO(3)/SO(2), l <= L  quotient Fourier ELU, 60m-pt ico orbits
+O(3)                     l                    S^2 x {+-1} = O(3)/SO(2), l <= L  quotient Fourier ELU, 120m-pt ico orbits
 SO(2) (R^2, R^3 axis)    k                    regular, k < L                    Fourier ELU, N regular rotations
 O(2) (R^2, cone)         k                    regular, k < L                    Fourier ELU, N rotations x 2 flips
 cylinder C2 x SO(2)/O(2) k of the 2nd factor  regular of the product, k < L     Fourier ELU, 2 x N (x 2) elements
@@ -16,7 +16,9 @@ finite (C_N, D_N, I,     --                   regular representation            
 =======================  ===================  ================================  ===============================
 
 L is the hidden band limit: (max frequency of Hom(F_in, F_out) = F_out (x) F_in) + 1, as in the paper, unless the
-user passes ``band_limit``. The default N for the circle is the research code's: 40 when L = 3, else 125.
+user passes ``band_limit``. The default N for the circle is the research code's: 40 when L = 3, else 125. On the
+sphere the default grid is the union of the fewest (m) generic icosahedral orbits whose sampling matrix has full column
+rank and condition number <= MAX_GRID_CONDITION (m = 1 up to L = 5); ``grid="paper"`` gives the research code's grids.
 On O(3) the research code keeps only the "sphere" irreps (l % 2, l); every other irrep that the inputs, attributes
 or outputs need (a pseudoscalar attribute, the pseudovector part of vector (x) vector) is added to the hidden field,
 which the quotient by SO(2) allows. Any irrep that still cannot be carried raises ``ValueError``.
