@@ -199,8 +199,11 @@ class ImplicitKernel(torch.nn.Module):
         init_scheme: ``"he"`` (generalised He) or ``"deltaorthonormal"``.
         batch_norm: IIDBatchNorm1d after each hidden nonlinearity, as the research code does.
         band_limit: hidden band limit L; default max frequency of out_type (x) in_type + 1.
-        grid: keyword arguments of ``G.grid`` to sample the Fourier nonlinearity on (e.g. ``{"type": "thomson",
-            "N": 300}`` on SO(3)); a finer grid makes the nonlinearity more equivariant.
+        grid: sampling grid of the Fourier nonlinearity. ``None``: the smallest well-conditioned default grid (the
+            sampling matrix has full column rank and condition number <= 100, checked here; on SO(3)/O(3) unions of
+            icosahedral orbits, so the icosahedral group is an exact symmetry); ``"paper"``: the research code's
+            grids; or keyword arguments of ``G.grid`` (e.g. ``{"type": "thomson", "N": 300}`` on SO(3)), a finer grid
+            making the nonlinearity more equivariant. A rank-deficient or ill-conditioned non-default grid warns.
         hidden: ``"full"`` (default): the hidden field carries every irrep the inputs, attributes and outputs need;
             ``"paper"``: exactly the research code's band-limited hidden field (for loading its checkpoints with
             :func:`ik_fast.convert.from_research_state_dict`); warns naming the irreps the output then cannot get.
@@ -235,6 +238,8 @@ class ImplicitKernel(torch.nn.Module):
             raise ValueError(f"init_scheme must be 'he' or 'deltaorthonormal', got {init_scheme!r}")
         if band_limit is not None and (not isinstance(band_limit, int) or band_limit < 0):
             raise ValueError(f"band_limit must be a non-negative integer, got {band_limit!r}")
+        if grid is not None and grid != "paper" and not isinstance(grid, dict):
+            raise ValueError(f"grid must be None, 'paper' or a dict of keyword arguments of G.grid, got {grid!r}")
 
         self._ctor = ((in_type, out_type, edge_attr_type),
                       dict(n_layers=n_layers, n_channels=n_channels, init_scheme=init_scheme, batch_norm=batch_norm,
@@ -242,13 +247,13 @@ class ImplicitKernel(torch.nn.Module):
                            hidden=hidden))
         self.in_type, self.out_type, self.edge_attr_type = in_type, out_type, edge_attr_type
         self.n_layers, self.n_channels, self.batch_norm = n_layers, n_channels, batch_norm
-        g0 = _groups.kernel_gspace(gspace)
         attr_reps = list(edge_attr_type.representations) if edge_attr_type is not None else []
-        mlp_in = g0.type(gspace.basespace_action, *attr_reps)
         reps = [*in_type.representations, *out_type.representations, *attr_reps, gspace.basespace_action]
         fmax_io = _groups.max_frequency(G, reps)
-        if fmax_io is not None:
+        if fmax_io is not None:  # before anything decomposes a representation (escnn needs the irreps to exist)
             _groups.instantiate_irreps(G, 4 * fmax_io + 4 if band_limit is None else 2 * band_limit + 2)
+        g0 = _groups.kernel_gspace(gspace)
+        mlp_in = g0.type(gspace.basespace_action, *attr_reps)
         products = {}  # escnn's tensor product is slow (Clebsch-Gordan through a disk cache): once per pair of types
         for o in out_type.representations:
             for i in in_type.representations:
@@ -261,6 +266,10 @@ class ImplicitKernel(torch.nn.Module):
 
         linears = []
         hidden_type = mlp_in
+        # elements of G under which the kernel is exactly equivariant (the nonlinearity's grid maps onto itself):
+        # every element without a Fourier nonlinearity, the grid's symmetry group with one (ik_fast.testing uses them)
+        self.grid_symmetries = list(G.testing_elements()) if not G.continuous else [G.identity]
+        self.grid_quality = (None, None)
         self.hidden_description = "none (a single Linear)"
         if n_layers > 1:
             needed = {irr for rep in (*mlp_in.representations, *pair_reps) for irr in rep.irreps}
@@ -273,6 +282,8 @@ class ImplicitKernel(torch.nn.Module):
                                   stacklevel=2)
             self.hidden_description = spec.description
             self.escnn_activation = spec.make_module
+            self.grid_symmetries = spec.grid_symmetries
+            self.grid_quality = (spec.grid_rank, spec.grid_condition)
             rho = spec.hidden_type.representations[0]
             self._rho_size = rho.size
             if spec.A is not None:

@@ -18,16 +18,12 @@ warnings.filterwarnings("ignore", message=".*py3nj.*")
 from escnn import gspaces  # noqa: E402
 from escnn import nn as enn  # noqa: E402
 
-# Relative-error tolerances by dtype. "exact": backends agreeing with each other or with escnn, and equivariance of
-# exactly equivariant nonlinearities (finite groups, regular-representation ELU).
-TOL = {
-    torch.float32: {"agree": 2e-5, "grad": 1e-4, "exact_equiv": 1e-5},
-    torch.float64: {"agree": 1e-10, "grad": 1e-9, "exact_equiv": 1e-6},
-}
-# The Fourier ELU on a continuous group samples on a finite grid and is only approximately equivariant. These bounds
-# hold the sampling error measured on the default grids (the research code measured 1.6e-3 for SO(3) and 1.8e-4 for
-# SO(2) in float64); see README "Equivariance".
-FOURIER_EQUIV = 3e-2
+from ik_fast.testing import tolerance  # noqa: E402
+
+# The tolerance table lives in ik_fast.testing (tolerance(kind, dtype, family, backend)); TOL is its dtype view for
+# the backend-agreement tests: "agree" (outputs), "grad" (gradients), "exact_equiv" (exact elements).
+TOL = {dt: {"agree": tolerance("forward", dt), "grad": tolerance("backward", dt), "exact_equiv": tolerance("exact", dt)}
+       for dt in (torch.float32, torch.float64)}
 
 # name -> (gspace builder, exact?)   — exact: finite group, pointwise ELU on the regular representation
 GSPACES = {

@@ -4,9 +4,10 @@ import warnings
 
 import pytest
 import torch
-from conftest import TOL, field_types, get_gspace, rel, small_graph
+from conftest import TOL, field_types, get_gspace, rel
 
 import ik_fast
+from ik_fast.testing import kernel_graph, randomize_
 
 GROUPS = ["O3", "SO3", "Ih", "D4_R3", "SO2_R3", "full_cylinder", "O2", "C8"]
 # the fast backends, each checked against the reference; "triton" runs in the Triton interpreter without a GPU
@@ -17,11 +18,11 @@ def _setup(name, kind="mixed_attr", dtype=torch.float32, n=14, e=60, seed=0, n_c
     gs = get_gspace(name)
     in_t, out_t, attr_t = field_types(gs, kind)
     torch.manual_seed(seed)
-    conv = ik_fast.ImplicitPointConv(in_t, out_t, attr_t, n_layers=3, n_channels=n_channels, **kw).to(dtype)
-    pos, ei = small_graph(n, e, gs.dimensionality, seed=seed, dtype=dtype)
-    x = torch.randn(n, in_t.size, dtype=dtype)
-    a = None if attr_t is None else torch.randn(e, attr_t.size, dtype=dtype)
-    return conv, pos, ei, x, a
+    conv = ik_fast.ImplicitPointConv(in_t, out_t, attr_t, n_layers=3, n_channels=n_channels, **kw)
+    conv = randomize_(conv, seed).to(dtype)  # random biases, batch-norm parameters and running statistics
+    # about e edges inside the radial shell (k nearest neighbours, a quarter of the nodes with a self-loop)
+    g = kernel_graph(conv, n_nodes=n, k=max(1, round(0.75 * e / n)), seed=seed, dtype=dtype)
+    return conv, g.pos, g.edge_index, g.x, g.edge_attr
 
 
 def _run(conv, backend, pos, ei, x, a, grads=True):
