@@ -13,6 +13,8 @@ from ik_fast import ops
 from ik_fast.graph import prepare_graph
 
 pytest.importorskip("triton")
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 from ik_fast.kernels_triton import launch  # noqa: E402
 
 pytestmark = pytest.mark.skipif("triton" not in ik_fast.available_backends("cpu"),
@@ -161,18 +163,66 @@ def test_precision_follows_pytorch_switches():
         assert launch.PREC_NAMES[launch.precision(torch.float32, "cpu")].startswith("bf16")
 
 
-def test_backward_is_deterministic():
+def _grid_in_reverse(monkeypatch):
+    """Make Triton's interpreter run every launch's programs in reverse order (it runs them one after another, in
+    order, so a determinism test that never changes the order cannot fail). Returns a counter of reversed grids."""
+    import builtins
+    import sys
+
+    from triton.runtime import interpreter
+
+    grid_call = interpreter.GridExecutor.__call__.__code__
+    reversed_grids = []
+
+    def grid_range(*args):
+        r = builtins.range(*args)
+        if sys._getframe(1).f_code is grid_call:
+            reversed_grids.append(len(r))
+            return r[::-1]
+        return r
+
+    monkeypatch.setattr(interpreter, "range", grid_range, raising=False)
+    return reversed_grids
+
+
+@triton.jit
+def _order_dependent_sum(x_ptr, out_ptr):
+    tl.atomic_add(out_ptr, tl.load(x_ptr + tl.program_id(0)))
+
+
+def test_reversed_program_order_is_visible_to_an_order_dependent_kernel(monkeypatch):
+    """The harness of the determinism test can fail: float atomics summed in the other order give other bits."""
+    x = torch.tensor([1e8, 1.0, -1e8, 1.0], dtype=torch.float32)
+    out = torch.zeros(1, dtype=torch.float32)
+    _order_dependent_sum[(4,)](x, out)
+    _grid_in_reverse(monkeypatch)
+    out_rev = torch.zeros(1, dtype=torch.float32)
+    _order_dependent_sum[(4,)](x, out_rev)
+    assert float(out) == 1.0 and float(out_rev) == 0.0
+
+
+def test_training_step_is_bitwise_deterministic_whatever_the_program_order(monkeypatch):
+    """Forward, statistics and backward: the same bits when every kernel's programs run in reverse order (no atomics,
+    per-program accumulators summed in a fixed order)."""
     conv, gs, attr_t = _conv(dtype=torch.float32)
     conv.train()
     conv.backend = "triton"
-    pos, ei, x, a = _inputs(conv, gs, attr_t, dtype=torch.float32)
-    grads = []
-    for _ in range(2):
+    pos, ei, x, a = _inputs(conv, gs, attr_t, n=14, e=90, dtype=torch.float32)
+    state = {k: v.clone() for k, v in conv.state_dict().items()}
+
+    def step():
+        conv.load_state_dict(state)
         conv.zero_grad()
         xg = x.clone().requires_grad_()
-        conv(xg, ei, edge_attr=a, pos=pos).square().sum().backward()
-        grads.append([xg.grad.clone()] + [p.grad.clone() for p in conv.parameters() if p.grad is not None])
-    for g1, g2 in zip(*grads):
+        out = conv(xg, ei, edge_attr=a, pos=pos)
+        out.square().sum().backward()
+        return [out.detach(), xg.grad] + [p.grad.clone() for p in conv.parameters() if p.grad is not None]
+
+    first = step()
+    reversed_grids = _grid_in_reverse(monkeypatch)
+    second = step()
+    assert len(reversed_grids) >= 3 and max(reversed_grids) > 1  # forward, statistics and backward ran reversed
+    for g1, g2 in zip(first, second):
         assert torch.equal(g1, g2)
 
 
