@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ik_fast.graph import check_int32_extents
 from ik_fast.ops import receivers
 
 from . import conv as K
@@ -220,6 +221,8 @@ def tile_size(device, hidden: int = 0) -> int:
 def tiling(rowptr: Tensor, num_edges: int, BE: int, z_row: int) -> Tiling:
     """Edge-balanced tiles of ``BE`` edges over the receiver-sorted edges; cached per ``rowptr`` tensor (the graph's
     CSR), so that only a new graph pays the host synchronisations of its plan."""
+    # the tiling's segment indices (loc, base) are int32: every edge index must fit
+    check_int32_extents("backend 'triton'", edges=num_edges)
     ident = id(rowptr)
     ref, per = _TILINGS.get(ident, (None, None))
     if ref is None or ref() is not rowptr:

@@ -307,6 +307,12 @@ def test_hub_spread_over_many_tiles_and_wide_tiles(monkeypatch):
     assert t.BR == 32 and int(t.lengths[0]) >= 5 and len(t.chunks) == t.n_tiles
 
 
+def test_int32_segment_offsets_refuse_graphs_beyond_2_31_edges():
+    rowptr = torch.tensor([0, 3])
+    with pytest.raises(ValueError, match=r"backend 'triton': edges needs 2,147,483,648 elements"):
+        launch.tiling(rowptr, 2**31, 16, 1)
+
+
 def test_unsupported_dtype_is_a_clear_error():
     conv, gs, attr_t = _conv(dtype=torch.bfloat16)
     conv.eval()
