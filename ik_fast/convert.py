@@ -158,10 +158,17 @@ def from_research_state_dict(state_dict: Dict[str, torch.Tensor], layer, tol: fl
         if ref.weights.shape != sd[pre + "weights"].shape:
             raise ValueError(f"{pre}weights has shape {tuple(sd[pre + 'weights'].shape)} but the research layer "
                              f"rebuilt from this layer's types expects {tuple(ref.weights.shape)}")
+        # the research layer's own sampled basis and bias expansion (buffers of its state dict) with its weights:
+        # escnn's bases are not unique (without py3nj its Clebsch-Gordan coefficients are computed numerically and
+        # cached per environment), so the coefficients only mean something in the basis they were trained in
+        own = {k[len(pre):]: v for k, v in sd.items() if k.startswith(pre)}
+        wanted = ref.state_dict()
         with torch.no_grad():
-            ref.weights.copy_(sd[pre + "weights"])
-            if ref.bias is not None:
-                ref.bias.copy_(sd[pre + "bias"])
+            for name, t in wanted.items():
+                if name in own and own[name].shape == t.shape:
+                    t.copy_(own[name])
+                elif name in ("weights", "bias"):
+                    raise ValueError(f"state_dict lacks {pre}{name} of shape {tuple(t.shape)}")
         ref.eval()
         W, b = ref.export().weight.detach().double(), None
         if ref.bias is not None:
