@@ -16,7 +16,7 @@ from escnn import gspaces
 from escnn import nn as enn
 from escnn.group import O2, O3, SO2, SO3, CyclicGroup, DihedralGroup
 
-from .layers import ImplicitPointConv
+from .layers import ImplicitPointConv, _bias_expansion
 
 __all__ = ["field_activation", "QM9Model", "NBodyModel", "build_gspace", "GSPACES"]
 
@@ -73,20 +73,10 @@ def field_activation(gspace, L: int, channels: int, grid: Optional[dict] = None)
 
 def _trivial_expansion(field_type) -> torch.Tensor:
     """(field_type.size, #trivial irreps): places one scalar on each trivial irrep of each field (invariant)."""
-    G = field_type.fibergroup
-    cols, p = [], 0
-    for rep in field_type.representations:
-        q = 0
-        for irr in rep.irreps:
-            if G.irrep(*irr).is_trivial():
-                c = torch.zeros(field_type.size)
-                c[p:p + rep.size] = torch.tensor(rep.change_of_basis[:, q], dtype=c.dtype)
-                cols.append(c)
-            q += G.irrep(*irr).size
-        p += rep.size
-    if not cols:
+    emb = _bias_expansion(field_type)
+    if emb is None:
         raise ValueError(f"the field type {field_type} has no trivial irrep to embed scalars into")
-    return torch.stack(cols, 1)
+    return emb
 
 
 class _ScalarEmbedding(torch.nn.Module):

@@ -223,6 +223,33 @@ def _optim(model, args, total_steps: int):
     return opt, sched
 
 
+def _setup_training(model, args, d: Dist, n_train: int, what: str, out: str):
+    """DDP wrapping, the distributed sampler, the step budget, optimiser and schedule, and the state resumed from
+    ``out``'s checkpoint with ``--resume``: what the QM9 and N-body trainers share."""
+    from torch.utils.data import DistributedSampler
+
+    ddp_model = _wrap_ddp(model, d, args.sync_bn)
+    core = ddp_model.module if d.enabled else ddp_model
+    sampler = DistributedSampler(range(n_train), num_replicas=d.world, rank=d.rank, shuffle=True, seed=args.seed,
+                                 drop_last=True)
+    steps_per_epoch = len(sampler) // args.batch_size
+    if steps_per_epoch < 1:
+        raise SystemExit(f"error: --batch-size {args.batch_size} is larger than each process's share of the "
+                         f"training set ({len(sampler)} {what})")
+    total = steps_per_epoch * args.epochs if args.steps is None else min(args.steps, steps_per_epoch * args.epochs)
+    epochs = math.ceil(total / steps_per_epoch)
+    opt, sched = _optim(ddp_model, args, total)
+    ckpt = os.path.join(out, "checkpoint.pt")
+    history = dict(train_step=[], train_metric=[], val_step=[], val_metric=[], epoch_time=[])
+    step, start_epoch = 0, 0
+    if args.resume:
+        if not os.path.exists(ckpt):
+            raise SystemExit(f"error: --resume given but {ckpt} does not exist")
+        ck = _load_checkpoint(ckpt, ddp_model, opt, sched, d)
+        step, start_epoch, history = ck["step"], ck["epoch"], ck["history"]
+    return ddp_model, core, sampler, steps_per_epoch, total, epochs, opt, sched, ckpt, history, step, start_epoch
+
+
 def _load_checkpoint(path: str, model, opt, sched, d: Dist):
     ck = torch.load(path, map_location=d.device, weights_only=False)
     (model.module if hasattr(model, "module") else model).load_state_dict(ck["model"])
@@ -270,7 +297,6 @@ def train_qm9(argv: List[str]) -> int:
 
 
 def _run_qm9(args, d: Dist) -> int:
-    from torch.utils.data import DistributedSampler
 
     from .models import QM9Model, build_gspace
     from .qm9 import TARGETS, collate, edge_attr_size, load_qm9, qm9_splits
@@ -309,28 +335,9 @@ def _run_qm9(args, d: Dist) -> int:
             f"{torch.get_num_threads()} thread(s) each")
     config = {k: v for k, v in vars(args).items()}
     config.update(task="qm9", target_mean=mean, target_std=std)
-    ddp_model = _wrap_ddp(model, d, args.sync_bn)
-    core = ddp_model.module if d.enabled else ddp_model
-
-    sampler = DistributedSampler(range(len(splits["train"])), num_replicas=d.world, rank=d.rank, shuffle=True,
-                                 seed=args.seed, drop_last=True)
-    steps_per_epoch = len(sampler) // args.batch_size
-    if steps_per_epoch < 1:
-        raise SystemExit(f"error: --batch-size {args.batch_size} is larger than each process's share of the "
-                         f"training set ({len(sampler)} molecules)")
-    total = steps_per_epoch * args.epochs
-    if args.steps is not None:
-        total = min(total, args.steps)
-    epochs = math.ceil(total / steps_per_epoch)
-    opt, sched = _optim(ddp_model, args, total)
-    ckpt = os.path.join(out, "checkpoint.pt")
-    history = dict(train_step=[], train_metric=[], val_step=[], val_metric=[], epoch_time=[])
-    step, start_epoch = 0, 0
+    (ddp_model, core, sampler, steps_per_epoch, total, epochs, opt, sched, ckpt, history, step,
+     start_epoch) = _setup_training(model, args, d, len(splits["train"]), "molecules", out)
     if args.resume:
-        if not os.path.exists(ckpt):
-            raise SystemExit(f"error: --resume given but {ckpt} does not exist")
-        ck = _load_checkpoint(ckpt, ddp_model, opt, sched, d)
-        step, start_epoch, history = ck["step"], ck["epoch"], ck["history"]
         _log(d, f"resumed from {ckpt}: epoch {start_epoch}, step {step}")
     ck_kw = dict(cutoff=args.cutoff, edge_attrs=args.edge_attrs)
 
@@ -423,7 +430,6 @@ def train_nbody(argv: List[str]) -> int:
 
 
 def _run_nbody(args, d: Dist) -> int:
-    from torch.utils.data import DistributedSampler
 
     from .models import NBodyModel, build_gspace
     from .nbody import nbody_dataset, nbody_graph
@@ -454,25 +460,8 @@ def _run_nbody(args, d: Dist) -> int:
     _log(d, f"model: {args.gspace}, {args.num_layers} layers of {args.num_features} fields L<={args.L}, kernel MLP "
             f"{args.kernel_layers} x {args.kernel_channels}, {sum(p.numel() for p in model.parameters())} parameters")
     config = dict(vars(args), task="nbody")
-    ddp_model = _wrap_ddp(model, d, args.sync_bn)
-    core = ddp_model.module if d.enabled else ddp_model
-    sampler = DistributedSampler(range(args.n_train), num_replicas=d.world, rank=d.rank, shuffle=True,
-                                 seed=args.seed, drop_last=True)
-    steps_per_epoch = len(sampler) // args.batch_size
-    if steps_per_epoch < 1:
-        raise SystemExit(f"error: --batch-size {args.batch_size} is larger than each process's share of the "
-                         f"training set ({len(sampler)} systems)")
-    total = steps_per_epoch * args.epochs if args.steps is None else min(args.steps, steps_per_epoch * args.epochs)
-    epochs = math.ceil(total / steps_per_epoch)
-    opt, sched = _optim(ddp_model, args, total)
-    ckpt = os.path.join(out, "checkpoint.pt")
-    history = dict(train_step=[], train_metric=[], val_step=[], val_metric=[], epoch_time=[])
-    step, start_epoch = 0, 0
-    if args.resume:
-        if not os.path.exists(ckpt):
-            raise SystemExit(f"error: --resume given but {ckpt} does not exist")
-        ck = _load_checkpoint(ckpt, ddp_model, opt, sched, d)
-        step, start_epoch, history = ck["step"], ck["epoch"], ck["history"]
+    (ddp_model, core, sampler, steps_per_epoch, total, epochs, opt, sched, ckpt, history, step,
+     start_epoch) = _setup_training(model, args, d, args.n_train, "systems", out)
 
     def batch(s, idx):
         g = nbody_graph(len(idx))
