@@ -24,6 +24,7 @@ differs from ik_fast's (e.g. O(2) on R^2 with escnn's default reflection axis, s
 from __future__ import annotations
 
 import ast
+import copy
 import re
 from typing import Dict, List, Optional
 
@@ -154,7 +155,10 @@ def from_research_state_dict(state_dict: Dict[str, torch.Tensor], layer, tol: fl
             raise ValueError(f"state_dict lacks {pre}weights")
         t_in = in_r if k == 0 else hid_r
         t_out = hid_r if k < n_lin - 1 else kern.mlp[-1].out_type
-        ref = enn.Linear(t_in, t_out, bias=(pre + "bias") in sd, initialize=False)
+        # a private copy: escnn shares the expansion modules (and their sampled-basis buffers) of equal bases between
+        # all its Linear layers (a module-level cache), so writing the research basis into them in place would change
+        # every escnn Linear built afterwards on these types in this process
+        ref = copy.deepcopy(enn.Linear(t_in, t_out, bias=(pre + "bias") in sd, initialize=False))
         if ref.weights.shape != sd[pre + "weights"].shape:
             raise ValueError(f"{pre}weights has shape {tuple(sd[pre + 'weights'].shape)} but the research layer "
                              f"rebuilt from this layer's types expects {tuple(ref.weights.shape)}")

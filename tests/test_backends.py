@@ -34,7 +34,8 @@ def _run(conv, backend, pos, ei, x, a, grads=True):
     out = conv(x, ei, edge_attr=a, pos=pos)
     res = {"out": out.detach()}
     if grads:
-        w = torch.randn_like(out, generator=torch.Generator().manual_seed(1))
+        # drawn in float32 whatever the dtype, so that a float64 run weights its outputs the same
+        w = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out)
         (out * w).sum().backward()
         res["x"], res["pos"] = x.grad, pos.grad
         if a is not None:
@@ -44,14 +45,38 @@ def _run(conv, backend, pos, ei, x, a, grads=True):
     return res
 
 
-def _compare(r1, r2, dtype):
+def _compare(r1, r2, dtype, exact=None):
+    """r2 agrees with r1 (the reference) within the tolerance table's bounds. A sum with cancellation (the gradient
+    of a scalar such as sigma over every edge and output) can miss a fixed relative bound in float32 whichever
+    backend computes it: where ``exact`` (a callable giving the float64 reference run) is given, such a key passes
+    only if the backend is within 2x of the float32 reference's own error against float64."""
     tol = TOL[dtype]
     for key in r1:
         bound = tol["agree"] if key == "out" else tol["grad"]
         if r1[key].norm() == 0:
             assert r2[key].norm() <= bound, key
             continue
-        assert rel(r2[key], r1[key]) <= bound, (key, rel(r2[key], r1[key]))
+        err = rel(r2[key], r1[key])
+        if err > bound and exact is not None:
+            r64 = exact()[key]
+            own = rel(r1[key].double(), r64)
+            assert rel(r2[key].double(), r64) <= max(bound, 2 * own), (key, err, own)
+            continue
+        assert err <= bound, (key, err)
+
+
+def _exact_run(conv, state, pos, ei, x, a):
+    """A lazily computed float64 reference run of ``conv`` from ``state`` (for :func:`_compare`)."""
+    memo = {}
+
+    def run():
+        if "r" not in memo:
+            import copy
+            c64 = copy.deepcopy(conv).double()
+            c64.load_state_dict(state)
+            memo["r"] = _run(c64, "reference", pos.double(), ei, x.double(), None if a is None else a.double())
+        return memo["r"]
+    return run
 
 
 @pytest.mark.parametrize("backend", FAST)
@@ -64,7 +89,7 @@ def test_backend_matches_reference(name, mode, backend):
     ref = _run(conv, "reference", pos, ei, x, a)
     conv.load_state_dict(state)  # same running statistics for both
     got = _run(conv, backend, pos, ei, x, a)
-    _compare(ref, got, torch.float32)
+    _compare(ref, got, torch.float32, exact=_exact_run(conv, state, pos, ei, x, a))
 
 
 @pytest.mark.parametrize("backend", FAST)

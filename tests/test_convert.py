@@ -67,6 +67,20 @@ def test_research_fixture(name, kw):
         assert err < 1e-5, err
 
 
+def test_conversion_leaves_escnn_bases_alone():
+    """escnn shares the sampled bases of its Linear layers through a module-level cache: converting must not write
+    the research basis into it (it did, and every escnn Linear built afterwards on the same types changed)."""
+    fx = torch.load(os.path.join(HERE, "research_so3_L1.pt"), weights_only=False)
+    layer = _layer(fx)
+    t_in, t_out = layer.kernel.mlp[-1].in_type, layer.kernel.mlp[-1].out_type
+    before = {k: v.clone() for k, v in enn.Linear(t_in, t_out, initialize=False).state_dict().items()}
+    from_research_state_dict(fx["state_dict"], layer)
+    after = enn.Linear(t_in, t_out, initialize=False).state_dict()
+    assert before.keys() == after.keys()
+    for k in before:
+        assert torch.equal(before[k], after[k]), k
+
+
 def test_convert_errors():
     fx = torch.load(os.path.join(HERE, "research_so3_L1.pt"), weights_only=False)
     with pytest.raises(ValueError, match="state_dict"):
