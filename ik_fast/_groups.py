@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 from typing import Any, List, Optional, Tuple
 
 import numpy as np
-
 import torch
 from escnn import group, gspaces
 from escnn import nn as enn

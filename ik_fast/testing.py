@@ -19,7 +19,7 @@ batch-norm affine parameter and running statistic a non-trivial value, so that a
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, List, Optional, Tuple, Union
+from typing import Iterable, Optional, Tuple, Union
 
 import torch
 

@@ -15,8 +15,7 @@ from escnn import nn as enn
 
 import ik_fast
 from ik_fast import _groups
-from ik_fast.testing import (check_equivariance, equivariance_error, group_family, kernel_graph, randomize_,
-                             tolerance)
+from ik_fast.testing import check_equivariance, equivariance_error, group_family, kernel_graph, randomize_, tolerance
 
 KINDS = ["uniform", "mixed", "uniform_attr", "mixed_attr"]
 
@@ -157,7 +156,8 @@ def test_o2_small_maximum_frequency_from_the_issue():
 GRID_GROUPS = {"SO3": lambda: gspaces.rot3dOnR3(), "O3": lambda: gspaces.flipRot3dOnR3(),
                "SO2": lambda: gspaces.rot2dOnR2(-1), "O2": lambda: gspaces.flipRot2dOnR2(-1),
                "SO2_R3": lambda: gspaces.rot2dOnR3(-1), "cone_O2": lambda: gspaces.conicalOnR3(-1),
-               "cylinder": lambda: gspaces.cylindricalOnR3(-1), "full_cylinder": lambda: gspaces.fullCylindricalOnR3(-1)}
+               "cylinder": lambda: gspaces.cylindricalOnR3(-1),
+               "full_cylinder": lambda: gspaces.fullCylindricalOnR3(-1)}
 
 
 GRID_CASES = [("SO3", 5), ("SO3", 6), ("O3", 5), ("O3", 6), ("SO2", 3), ("SO2", 6), ("O2", 6), ("full_cylinder", 6)]
