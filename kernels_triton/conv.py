@@ -1,42 +1,31 @@
-"""Fused Triton kernels of the implicit point convolution (the ``triton`` backend).
+"""Trunk kernels of the fused Triton backend: the kernel MLP per tile of edges (the contraction with the source
+features is :mod:`.contract`, per receiver block).
 
-One program takes a tile of ``BE`` consecutive edges of the receiver-sorted edge list (edge-balanced, so a hub of
-10^4 neighbours is spread over many programs and a node of degree 1 costs one lane). For its tile it
+One program takes a tile of ``BE`` consecutive edges of the receiver-sorted edge list and evaluates the MLP on chip:
+``a_0 = [d, attr]``, ``a_k = act(a_{k-1} W_k + b_k)``, where ``act`` is the Fourier ELU (per channel:
+``ELU(y A^T) Ainv^T``, two small GEMMs on the (edge x channel, component) view of the tile) or a pointwise ELU, and
+every batch norm is already folded into the Linear that follows it (host side). Kernels:
 
-1. evaluates the whole kernel MLP on chip: ``a_0 = [d, attr]``, ``a_k = act(a_{k-1} W_k + b_k)``, where ``act`` is the
-   Fourier ELU (per channel: ``ELU(y A^T) Ainv^T``, two small GEMMs on the (edge x channel, component) view of the tile)
-   or a pointwise ELU, and every batch norm is already folded into the Linear that follows it (host side);
-2. multiplies by the radial shell ``s = norm * exp(-coef |d|^2)``;
-3. contracts with the source features without forming a per-edge kernel (lever 1 of the design notes): for each
-   block of ``GW`` hidden units and each input component ``c``, ``Z = S^T (s a_block x_c)`` sums the tile's edges per
-   receiver segment (``S`` the tile's one-hot edge -> segment matrix, a GEMM), and ``out_seg += Z Wf[c, block]``.
-   ``Z`` exists one (segments x GW) slice at a time.
+* :func:`trunk_forward_kernel`: ``hs = s h`` (the last activation times the radial shell ``s = norm exp(-coef |d|^2)``)
+  written in the compact hidden layout (E, HC) that the contraction reads, and ``s``;
+* :func:`fused_stats_kernel`: for batch norm in training mode, per-component mean and sum of squared deviations of
+  one hidden layer's activations (per persistent program, merged with Chan's formula), the trunk recomputed up to that
+  layer with the earlier batch norms folded;
+* :func:`trunk_backward_kernel`: from ``d hs`` (written by the contraction's backward), the gradients of the MLP
+  input and of the trunk's parameters, recomputing the trunk layer by layer from the input; parameter gradients are
+  accumulated per program (a persistent grid, one accumulator row each): deterministic, the host adds the rows in a
+  fixed order.
 
-Every GEMM works on blocks of ``GW`` hidden units (the host picks ``GW`` so that no operand exceeds 64 KB in float32),
-so wide hidden layers compile to the same small tiles. Register tiles cannot be sliced in Triton: a block is taken
-out of (and put back into) the (BE, NG, GW) view of a tile by a masked sum (``_group``, ``_add_group``), which costs
-BE x hidden additions per block, against BE x GW x GW multiply-adds for the GEMM it feeds.
+Every hidden GEMM works on blocks of ``GW`` hidden units (the host picks ``GW`` so that no operand exceeds 32 KB in
+float32). Register tiles cannot be sliced in Triton: a block is taken out of (and put back into) the (BE, NG, GW) view
+of a tile by a masked sum (``_group``, ``_add_group``). (Still v1 here: the hidden Linears are dense padded GEMMs and
+the backward recomputes; see issue 8.)
 
-Each tile writes one row per receiver *segment* (the part of a receiver's edge list inside the tile); the host sums
-the (rarely more than two) segments of a receiver deterministically. Nothing with one row per edge and a hidden or
-kernel dimension is written to global memory.
-
-The backward recomputes the trunk tile by tile (per layer, from the input) and writes only per-edge gradients of the
-inputs (``d``/attributes and the gathered source features, both (E, small)); the small parameter gradients are
-accumulated per program (a persistent grid of ``NPROG`` programs, each owning one accumulator row), which keeps the sum
-deterministic: the host adds the rows in a fixed order. The last layer's weight gradient is ``sum_i Z_i (x) dout_i``
-over receivers: the kernel writes the Z rows of its tiles' segments for one chunk of tiles at a time (bounded memory)
-and the host contracts each chunk with the output gradient in one GEMM.
-
-The statistics kernel computes, for batch norm in training mode, per-component mean and sum of squared deviations
-of one hidden layer's activations over all edges (per program, merged with Chan's formula), recomputing the trunk up
-to that layer with the earlier batch norms already folded.
-
-Edge and tile counts are not specialised on (one compilation serves every graph size). Shapes are padded on the host
-to powers of two (at least 16, for ``tl.dot``): ``P0P`` the MLP input, ``CP x DP`` the hidden layer (``CP`` channels
-of ``DP`` components, channel-major; ``CP = 1`` for a pointwise ELU), ``GP`` the Fourier grid, ``CINP``/``RP`` the
-input/output features, ``BR`` the segments of a tile. ``PREC`` is ``"ieee"``, ``"tf32"`` or ``"bf16"`` (bf16
-operands, float32 accumulation; ``"bf16-emulated"`` the same in the interpreter).
+Edge and tile counts are not specialised on (one compilation serves every graph size); edge offsets are int64. Shapes
+are padded on the host to powers of two (at least 16, for ``tl.dot``): ``P0P`` the MLP input, ``CP x DP`` the hidden
+layer (``CP`` channels of ``DP`` components, channel-major; ``CP = 1`` for a pointwise ELU), ``GP`` the Fourier grid.
+``PREC`` is ``"ieee"``, ``"tf32"`` or ``"bf16"`` (bf16 operands, float32 accumulation; ``"bf16-emulated"`` the same
+in the interpreter).
 """
 
 import triton
@@ -53,17 +42,6 @@ def _mm(a, b, PREC: tl.constexpr):
         return tl.dot(a.to(tl.bfloat16).to(tl.float32), b.to(tl.bfloat16).to(tl.float32), input_precision="ieee")
     else:
         return tl.dot(a, b, input_precision=PREC)
-
-
-@triton.jit
-def _seg_mm(a, b, PREC: tl.constexpr):
-    """A GEMM with a one-hot operand (a segmented sum, an exact gather/scatter): the data operand must not be
-    rounded. IEEE keeps it exact; in the tensor-core modes 3xTF32 (the operand split into a TF32 head and tail) keeps
-    it to float32 accuracy, where a plain TF32 or bf16 dot would round it to 10 or 7 mantissa bits."""
-    if PREC == "ieee" or PREC == "bf16-emulated":
-        return tl.dot(a, b, input_precision="ieee")
-    else:
-        return tl.dot(a, b, input_precision="tf32x3")
 
 
 @triton.jit
@@ -216,9 +194,8 @@ def _trunk(inp, w1, b1, wh, bh, at, ait, NL: tl.constexpr, P0P: tl.constexpr, BE
 def _load_tile(inp_ptr, coef_ptr, norm, t, E, P0: tl.constexpr, P0P: tl.constexpr, NDIM: tl.constexpr,
                BE: tl.constexpr):
     """Edge ids, validity mask, MLP input (BE, P0P) and radial factor s (BE,) of tile t (0 on padding lanes)."""
-    offs = t * BE + tl.arange(0, BE)
+    offs = (t + tl.zeros((BE,), dtype=tl.int64)) * BE + tl.arange(0, BE)  # int64: no overflow past 2^31
     emask = offs < E
-    offs = offs.to(tl.int64)
     p = tl.arange(0, P0P)
     inp = tl.load(inp_ptr + offs[:, None] * P0 + p[None, :], mask=emask[:, None] & (p < P0)[None, :], other=0.0)
     r2 = tl.sum(tl.where((p < NDIM)[None, :], inp * inp, 0.0), 1)
@@ -228,63 +205,35 @@ def _load_tile(inp_ptr, coef_ptr, norm, t, E, P0: tl.constexpr, P0P: tl.constexp
 
 
 @triton.jit
-def _segments(loc_ptr, base_ptr, t, offs, emask, dtype, BR: tl.constexpr):
-    """One-hot edge -> segment matrix (BE, BR), the tile's first global segment and its number of segments."""
-    loc = tl.load(loc_ptr + offs, mask=emask, other=-1)
-    S = (loc[:, None] == tl.arange(0, BR)[None, :]).to(dtype)
-    base = tl.load(base_ptr + t).to(tl.int64)
-    nloc = tl.max(loc, 0) + 1
-    return S, base, nloc
-
-
-@triton.jit
 def _accumulate(ptr, offsets, value, mask):
     """Read-modify-write of this program's own accumulator row (no other program touches it)."""
     old = tl.load(ptr + offsets, mask=mask, other=0.0)
     tl.store(ptr + offsets, old + value.to(old.dtype), mask=mask)
 
 
-@triton.jit(do_not_specialize=["E"])
-def fused_forward_kernel(x_ptr, inp_ptr, src_ptr, loc_ptr, base_ptr, w1, b1, wh, bh, at, ait, wf, bf, coef_ptr,
-                         out_ptr, E, norm,
-                         CIN: tl.constexpr, CINP: tl.constexpr, R: tl.constexpr, RP: tl.constexpr,
-                         P0: tl.constexpr, P0P: tl.constexpr, NDIM: tl.constexpr, NL: tl.constexpr,
-                         CP: tl.constexpr, DP: tl.constexpr, GP: tl.constexpr, GW: tl.constexpr,
-                         FOURIER: tl.constexpr, HAS_BIAS: tl.constexpr, BE: tl.constexpr, BR: tl.constexpr,
-                         PREC: tl.constexpr, CB: tl.constexpr):
+@triton.jit
+def _compact_columns(HP: tl.constexpr, PD: tl.constexpr, C: tl.constexpr, D: tl.constexpr):
+    """Column of each padded hidden unit (HP,) in the compact (C * D) layout, and whether it is a real unit."""
+    j = tl.arange(0, HP)
+    ch = j // PD
+    d = j % PD
+    return ch * D + d, (ch < C) & (d < D)
+
+
+@triton.jit(do_not_specialize=["E", "HC"])
+def trunk_forward_kernel(inp_ptr, w1, b1, wh, bh, at, ait, coef_ptr, hs_ptr, s_ptr, E, HC, norm,
+                         P0: tl.constexpr, P0P: tl.constexpr, NDIM: tl.constexpr, NL: tl.constexpr, CP: tl.constexpr,
+                         DP: tl.constexpr, GP: tl.constexpr, GW: tl.constexpr, FOURIER: tl.constexpr,
+                         C: tl.constexpr, D: tl.constexpr, PD: tl.constexpr, BE: tl.constexpr, PREC: tl.constexpr):
+    """The MLP trunk of a tile of BE edges, times the radial shell: hs (E, HC) = s h in the compact hidden layout
+    (unit c * D + d; columns from C * D on stay as they are, zero), and s (E,)."""
     HP: tl.constexpr = CP * DP
-    NG: tl.constexpr = HP // GW
     t = tl.program_id(0)
     offs, emask, inp, s, _, _ = _load_tile(inp_ptr, coef_ptr, norm, t, E, P0, P0P, NDIM, BE)
-    S, base, nloc = _segments(loc_ptr, base_ptr, t, offs, emask, inp.dtype, BR)
-    ST = tl.trans(S)
     hs = _trunk(inp, w1, b1, wh, bh, at, ait, NL, P0P, BE, CP, DP, GP, GW, FOURIER, PREC) * s[:, None]
-    hs3 = tl.reshape(hs, (BE, NG, GW))
-    src = tl.load(src_ptr + offs, mask=emask, other=0).to(tl.int64)
-    kk = tl.arange(0, GW)
-    rr = tl.arange(0, RP)
-    acc = tl.zeros((BR, RP), dtype=inp.dtype)
-    for g in range(NG):  # hidden blocks x input components: Z is contracted one (segments x GW) slice at a time
-        hg = _group(hs3, g, NG)
-        for c in range(CIN):
-            xc = tl.load(x_ptr + src * CIN + c, mask=emask, other=0.0).to(inp.dtype)
-            z = _seg_mm(ST, hg * xc[:, None], PREC)  # (BR, GW): sum of s h x_c per segment
-            w = tl.load(wf + c * HP * R + (g * GW + kk)[:, None] * R + rr[None, :], mask=(rr < R)[None, :],
-                        other=0.0)
-            acc += _mm(z, w.to(inp.dtype), PREC)
-    if HAS_BIAS:  # B' z with z = sum of s x per segment, in blocks of CB input components
-        cb = tl.arange(0, CB)
-        for c0 in range(0, CINP, CB):
-            cc = c0 + cb
-            xt = tl.load(x_ptr + src[:, None] * CIN + cc[None, :], mask=emask[:, None] & (cc < CIN)[None, :],
-                         other=0.0).to(inp.dtype)
-            zb = _seg_mm(ST, xt * s[:, None], PREC)  # (BR, CB)
-            bfw = tl.load(bf + cc[:, None] * R + rr[None, :], mask=(cc < CIN)[:, None] & (rr < R)[None, :],
-                          other=0.0)
-            acc += _mm(zb, bfw.to(inp.dtype), PREC)
-    seg = tl.arange(0, BR)
-    tl.store(out_ptr + (base + seg)[:, None] * R + rr[None, :], acc,
-             mask=(seg < nloc)[:, None] & (rr < R)[None, :])
+    col, real = _compact_columns(HP, PD, C, D)
+    tl.store(hs_ptr + offs[:, None] * HC + col[None, :], hs, mask=emask[:, None] & real[None, :])
+    tl.store(s_ptr + offs, s, mask=emask)
 
 
 @triton.jit(do_not_specialize=["E", "n_tiles"])
@@ -324,81 +273,33 @@ def fused_stats_kernel(inp_ptr, w1, b1, wh, bh, at, ait, coef_ptr, out_ptr, E, n
     tl.store(row, n_a)
 
 
-@triton.jit(do_not_specialize=["E", "t0", "t1", "seg0"])
-def fused_backward_kernel(gseg_ptr, x_ptr, inp_ptr, src_ptr, loc_ptr, base_ptr, w1, b1, wh, bh, at, ait, wf, bf,
-                          coef_ptr, dxe_ptr, dinp_ptr, gw1, gb1, gwh, gbh, z_ptr, gbf, gcoef, E, t0, t1, seg0, norm,
-                          CIN: tl.constexpr, CINP: tl.constexpr, R: tl.constexpr, RP: tl.constexpr,
-                          P0: tl.constexpr, P0P: tl.constexpr, NDIM: tl.constexpr, NL: tl.constexpr,
-                          CP: tl.constexpr, DP: tl.constexpr, GP: tl.constexpr, GW: tl.constexpr,
-                          FOURIER: tl.constexpr, HAS_BIAS: tl.constexpr, BE: tl.constexpr, BR: tl.constexpr,
-                          PREC: tl.constexpr, NH: tl.constexpr, CB: tl.constexpr):
+@triton.jit(do_not_specialize=["E", "HC", "n_tiles"])
+def trunk_backward_kernel(dhs_ptr, dsb_ptr, inp_ptr, w1, b1, wh, bh, at, ait, coef_ptr, dinp_ptr, gw1, gb1, gwh, gbh,
+                          gcoef, E, HC, n_tiles, norm, P0: tl.constexpr, P0P: tl.constexpr, NDIM: tl.constexpr,
+                          NL: tl.constexpr, CP: tl.constexpr, DP: tl.constexpr, GP: tl.constexpr, GW: tl.constexpr,
+                          FOURIER: tl.constexpr, C: tl.constexpr, D: tl.constexpr, PD: tl.constexpr,
+                          BE: tl.constexpr, PREC: tl.constexpr, NH: tl.constexpr):
+    """Backward of :func:`trunk_forward_kernel` given d hs (E, HC, compact) and the bias term's d s (E,): d of the MLP
+    input (E, P0) and the trunk's parameter gradients, accumulated per program (a persistent grid, one accumulator
+    row per program: deterministic, the host adds the rows in a fixed order). The trunk is recomputed layer by layer
+    from the input."""
     HP: tl.constexpr = CP * DP
-    NG: tl.constexpr = HP // GW
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     hh = tl.arange(0, HP)
-    kk = tl.arange(0, GW)
-    rr = tl.arange(0, RP)
-    cc = tl.arange(0, CINP)
     pp = tl.arange(0, P0P)
-    seg = tl.arange(0, BR)
-    # this program's accumulator rows
+    col, real = _compact_columns(HP, PD, C, D)
     gw1 = gw1 + pid * (P0P * HP)
     gb1 = gb1 + pid * HP
     gwh = gwh + pid * (NH * HP * HP)
     gbh = gbh + pid * (NH * HP)
-    gbf = gbf + pid * (CIN * R)
     gcoef_acc = tl.sum(tl.zeros((BE,), dtype=inp_ptr.dtype.element_ty), 0)
-    for t in range(t0 + pid, t1, nprog):
+    for t in range(pid, n_tiles, nprog):
         offs, emask, inp, s, r2, coef = _load_tile(inp_ptr, coef_ptr, norm, t, E, P0, P0P, NDIM, BE)
-        S, base, nloc = _segments(loc_ptr, base_ptr, t, offs, emask, inp.dtype, BR)
-        ST = tl.trans(S)
-        zrow = z_ptr + (base - seg0 + seg)[:, None] * (CIN * HP)  # this tile's segments' rows of the Z chunk
-        zmask = (seg < nloc)[:, None] & (kk >= 0)[None, :]
-        g = tl.load(gseg_ptr + (base + seg)[:, None] * R + rr[None, :], mask=(seg < nloc)[:, None] & (rr < R)[None, :],
-                    other=0.0).to(inp.dtype)
-        de = _seg_mm(S, g, PREC)  # (BE, RP): the output gradient of each edge's receiver
-        h3 = tl.reshape(_trunk(inp, w1, b1, wh, bh, at, ait, NL, P0P, BE, CP, DP, GP, GW, FOURIER, PREC),
-                        (BE, NG, GW))
-        src = tl.load(src_ptr + offs, mask=emask, other=0).to(tl.int64)
-        dh3 = tl.zeros((BE, NG, GW), dtype=inp.dtype)
-        ds = tl.zeros((BE,), dtype=inp.dtype)
-        dx = tl.zeros((BE, CINP), dtype=inp.dtype)
-        wmask = (kk >= 0)[:, None] & (rr < R)[None, :]
-        for gg in range(NG):
-            hg = _group(h3, gg, NG)
-            dhg = tl.zeros((BE, GW), dtype=inp.dtype)
-            for c in range(CIN):
-                xc = tl.load(x_ptr + src * CIN + c, mask=emask, other=0.0).to(inp.dtype)
-                woffs = c * HP * R + (gg * GW + kk)[:, None] * R + rr[None, :]
-                w = tl.load(wf + woffs, mask=wmask, other=0.0).to(inp.dtype)
-                gc = _mm(de, tl.trans(w), PREC)  # (BE, GW): d out / d (s x_c h) on this block
-                sx = s * xc
-                dhg += gc * sx[:, None]
-                tc = tl.sum(gc * hg, 1)
-                ds += tc * xc
-                dx += tl.where((cc == c)[None, :], (s * tc)[:, None], 0.0)
-                # Z of the segments for the last layer's weight gradient, dWf = Z^T (d out) over receivers: written
-                # per chunk of tiles and contracted by the host (a per-tile update of dWf would move all of it)
-                tl.store(zrow + c * HP + gg * GW + kk[None, :], _seg_mm(ST, hg * sx[:, None], PREC), mask=zmask)
-            dh3 = _add_group(dh3, dhg, gg, NG)
-        dh = tl.reshape(dh3, (BE, HP))
-        if HAS_BIAS:
-            NCB: tl.constexpr = CINP // CB
-            dx3 = tl.reshape(dx, (BE, NCB, CB))
-            cb = tl.arange(0, CB)
-            for ib in range(NCB):
-                cbi = ib * CB + cb
-                xt = tl.load(x_ptr + src[:, None] * CIN + cbi[None, :], mask=emask[:, None] & (cbi < CIN)[None, :],
-                             other=0.0).to(inp.dtype)
-                bmask = (cbi < CIN)[:, None] & (rr < R)[None, :]
-                bfw = tl.load(bf + cbi[:, None] * R + rr[None, :], mask=bmask, other=0.0).to(inp.dtype)
-                gb = _mm(de, tl.trans(bfw), PREC)  # (BE, CB)
-                dx3 = _add_group(dx3, gb * s[:, None], ib, NCB)
-                ds += tl.sum(gb * xt, 1)
-                _accumulate(gbf, cbi[:, None] * R + rr[None, :], _mm(tl.trans(xt * s[:, None]), de, PREC), bmask)
-            dx = tl.reshape(dx3, (BE, CINP))
-        tl.store(dxe_ptr + offs[:, None] * CIN + cc[None, :], dx, mask=emask[:, None] & (cc < CIN)[None, :])
+        dhs = tl.load(dhs_ptr + offs[:, None] * HC + col[None, :], mask=emask[:, None] & real[None, :], other=0.0)
+        h = _trunk(inp, w1, b1, wh, bh, at, ait, NL, P0P, BE, CP, DP, GP, GW, FOURIER, PREC)
+        ds = tl.sum(dhs * h, 1) + tl.load(dsb_ptr + offs, mask=emask, other=0.0)
+        dh = dhs * s[:, None]
         # radial shell s = norm * exp(-coef r^2)
         dsr = ds * s
         gcoef_acc += tl.sum(-dsr * r2, 0)
@@ -424,4 +325,4 @@ def fused_backward_kernel(gseg_ptr, x_ptr, inp_ptr, src_ptr, loc_ptr, base_ptr, 
             w1t = tl.load(w1 + pp[:, None] * HP + hh[None, :]).to(inp.dtype)
             dinp += _mm(dy1, tl.trans(w1t), PREC)
         tl.store(dinp_ptr + offs[:, None] * P0 + pp[None, :], dinp, mask=emask[:, None] & (pp < P0)[None, :])
-    tl.store(gcoef + pid, tl.load(gcoef + pid) + gcoef_acc)  # (one launch per chunk of tiles: accumulate)
+    tl.store(gcoef + pid, gcoef_acc)

@@ -1,18 +1,19 @@
 """The Triton implementation of the op layer's stages (:mod:`ik_fast.ops`): ``ik_fast::triton_conv``,
-``ik_fast::triton_conv_backward`` and ``ik_fast::triton_trunk_moments``, launching the kernels of :mod:`.conv`.
+``ik_fast::triton_conv_backward`` and ``ik_fast::triton_trunk_moments``, launching the kernels of :mod:`.conv` and
+:mod:`.contract`.
 
 Everything Triton-specific happens here, behind the neutral schemas:
 
 * **layout**: the op's dense, unpadded program tensors are padded to the kernels' power-of-two tiles (hidden layer as
   ``CP`` channels of ``DP`` components, channel-major; the Fourier grid to ``GP``; see :mod:`.conv`);
-* **tiling**: the receiver-sorted edges (the op's CSR) are cut into tiles of ``BE`` edges; a *segment* is the part of
-  one receiver's edge list inside one tile. The forward kernel writes one row per segment and a receiver's rows are
-  summed with ``torch.segment_reduce`` (deterministic, no atomics). The tiling is built with tensor code and cached per
-  ``rowptr`` tensor, so a step on a cached graph does not synchronise with the host;
+* **stages**: the trunk per tile of edges writes ``hs = s h`` (E, H) once (:mod:`.conv`); the contraction reads it
+  per block of 16 receivers through the op's CSR (:mod:`.contract`). No plan is built per graph: the receiver blocks
+  are ``rowptr`` itself, so a step does not synchronise with the host;
 * **precision**: float64 in IEEE arithmetic; float32 follows ``torch.get_float32_matmul_precision()`` ("highest" ->
   IEEE, otherwise TF32); under ``torch.autocast(dtype=torch.bfloat16)`` bfloat16 operands with float32 accumulation;
-* **backward memory**: the last layer's weight gradient is ``sum_i Z_i (x) dout_i``; the backward kernel writes the Z
-  rows of its segments one chunk of tiles at a time (``Z_CHUNK_BUDGET``) and each chunk is contracted in one GEMM;
+* **backward**: the contraction's backward gives ``d hs`` (E, H), the per-edge gradient of the gathered features and
+  the bias term's ``d s``; W''s gradient is summed per (hidden block, input block) over splits of the receivers; the
+  trunk's backward then runs per tile;
 * **determinism**: per-program accumulators summed in a fixed order, the statistics merged with tensor code in a fixed
   order, the gradient to the source features through ``index_add`` (deterministic under
   ``torch.use_deterministic_algorithms(True)``).
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import functools
 import os
-import weakref
 from dataclasses import dataclass
 from typing import List, Tuple
 
@@ -30,14 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ik_fast.graph import check_int32_extents
-from ik_fast.ops import receivers
-
+from . import contract as K2
 from . import conv as K
 
 PREC_NAMES = ("ieee", "tf32", "bf16", "bf16-emulated")
 OPERAND_BUDGET = 8192  # no GEMM operand above this many elements (32 KB in float32)
-Z_CHUNK_BUDGET = 2**26  # floats of Z per chunk of tiles in the backward (256 MB in float32)
 STATS_TILE = 16  # edges per tile of the statistics kernel
 
 
@@ -184,87 +181,31 @@ def pad_hidden(lay: Layout, weights, biases, fourier, fourier_inv, dtype, device
     return w1, b1, wh, bh, at, ait
 
 
-def pad_final(lay: Layout, final_weight, final_bias, dtype):
-    """wf (C_in, HP, R) and bf (C_in, R)."""
-    R, _, C = final_weight.shape
-    wf = _scatter(final_weight.permute(2, 1, 0).to(dtype), lay, (C, lay.HP, R), (True, False))
-    return wf, final_bias.t().to(dtype).contiguous()
+def pad_final(final_weight, final_bias, dtype):
+    """W' (HC, CINC, RC) and B' (CINC, RC): the last layer as the contraction kernels read it, each dimension
+    zero-padded to a multiple of 16 (the compact hidden units in the program's order)."""
+    R, H, C = final_weight.shape
+    wf = F.pad(final_weight.to(dtype).permute(1, 2, 0), (0, _ceil(R) - R, 0, _ceil(C) - C, 0, _ceil(H) - H))
+    bf = F.pad(final_bias.to(dtype).t(), (0, _ceil(R) - R, 0, _ceil(C) - C))
+    return wf.contiguous(), bf.contiguous()
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# tiling, cached per CSR
+# tiles and blocks
 # ----------------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Tiling:
-    loc: Tensor        # (E,) int32 segment of each edge within its tile
-    base: Tensor       # (n_tiles,) int32 global index of each tile's first segment
-    seg_recv: Tensor   # (n_seg,) receiver of each segment (non-decreasing)
-    lengths: Tensor    # (n_dst,) segments per receiver
-    n_tiles: int
-    BE: int
-    BR: int
-    chunks: Tuple[Tuple[int, int, int, int], ...]  # the backward's (t0, t1, seg0, seg1) for one Z row size
-    z_row: int
+BLOCK = 16  # receivers per contraction program, edges per chunk of a receiver, and the H / C_in / R blocks of W'
 
 
-_TILINGS: dict = {}  # id(rowptr) -> (weak reference to rowptr, {key: Tiling})
+def _ceil(n: int, m: int = BLOCK) -> int:
+    return max(m, -(-int(n) // m) * m)
 
 
 def tile_size(device, hidden: int = 0) -> int:
-    """Edges per tile: 32 on GPUs (16 when the padded hidden width is above 512, to bound the register tiles); 16 in
-    the interpreter."""
+    """Edges per tile of the trunk kernels: 32 on GPUs (16 when the padded hidden width is above 512, to bound the
+    register tiles); 16 in the interpreter."""
     if torch.device(device).type != "cuda":
         return 16
     return 32 if hidden <= 512 else 16
-
-
-def tiling(rowptr: Tensor, num_edges: int, BE: int, z_row: int) -> Tiling:
-    """Edge-balanced tiles of ``BE`` edges over the receiver-sorted edges; cached per ``rowptr`` tensor (the graph's
-    CSR), so that only a new graph pays the host synchronisations of its plan."""
-    # the tiling's segment indices (loc, base) are int32: every edge index must fit
-    check_int32_extents("backend 'triton'", edges=num_edges)
-    ident = id(rowptr)
-    ref, per = _TILINGS.get(ident, (None, None))
-    if ref is None or ref() is not rowptr:
-        per = {}
-        _TILINGS[ident] = (weakref.ref(rowptr, lambda _: _TILINGS.pop(ident, None)), per)
-    key = (BE, z_row, rowptr._version)
-    if key in per:
-        return per[key]
-    E = num_edges
-    dst = receivers(rowptr, E)
-    pos = torch.arange(E, device=dst.device)
-    tile = pos // BE
-    new = torch.ones(E, dtype=torch.bool, device=dst.device)
-    if E > 1:
-        new[1:] = (dst[1:] != dst[:-1]) | (tile[1:] != tile[:-1])
-    segid = torch.cumsum(new.long(), 0) - 1
-    base = segid[::BE]
-    loc = segid - base[tile]
-    BR = _pow2(int(loc.max()) + 1) if E else 16
-    seg_recv = dst[new]
-    n_tiles = (E + BE - 1) // BE
-    t = Tiling(loc.to(torch.int32).contiguous(), base.to(torch.int32).contiguous(), seg_recv,
-               torch.bincount(seg_recv, minlength=rowptr.shape[0] - 1), n_tiles, BE, BR,
-               _z_chunks(base, int(seg_recv.shape[0]), z_row), z_row)
-    per.clear()
-    per[key] = t
-    return t
-
-
-def _z_chunks(base: Tensor, n_seg: int, row: int):
-    """Ranges (t0, t1, seg0, seg1) of tiles for the backward's Z chunks: the tiles whose first segment falls in the
-    same window of ``cap`` segments (``row`` floats of Z each, ``cap`` rows within the chunk budget) form one chunk,
-    which then holds at most ``cap`` + BE - 1 rows. Built with tensor code and one transfer to the host."""
-    cap = max(1, Z_CHUNK_BUDGET // max(1, row))
-    window = base.long() // cap
-    first = torch.ones_like(window, dtype=torch.bool)
-    first[1:] = window[1:] != window[:-1]
-    t0 = torch.nonzero(first).flatten()
-    t1 = torch.cat([t0[1:], t0.new_tensor([base.numel()])])
-    s_all = torch.cat([base.long(), base.new_tensor([n_seg]).long()])
-    bounds = torch.stack([t0, t1, s_all[t0], s_all[t1]], 1).cpu().tolist()
-    return tuple(tuple(b) for b in bounds)
 
 
 def num_programs(n_tiles: int, device, per_program_floats: int) -> int:
@@ -279,64 +220,99 @@ def num_programs(n_tiles: int, device, per_program_floats: int) -> int:
     return max(1, min(n, n_tiles))
 
 
+def wgrad_splits(n_blocks: int, n_wblocks: int, w_floats: int, device) -> int:
+    """Receiver splits of the W' gradient kernel: enough programs to fill the device, each split one partial sum of
+    W' (bounded memory)."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        want = -(-4 * torch.cuda.get_device_properties(dev).multi_processor_count // max(1, n_wblocks))
+        n = min(want, max(1, 2**28 // max(1, w_floats)))
+    else:
+        n = 2
+    return max(1, min(n, n_blocks))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # the stages
 # ----------------------------------------------------------------------------------------------------------------
-def _setup(x, inp, rowptr, weights, biases, fourier, fourier_inv, final_weight, final_bias, coef, ndim):
+def _setup(x, inp, weights, biases, fourier, fourier_inv, final_weight, final_bias, coef, ndim):
     dtype = x.dtype
     R, _, C = final_weight.shape
     lay = layout(inp, weights, fourier, R, ndim)
-    tiles = tiling(rowptr, inp.shape[0], tile_size(x.device, lay.HP), C * lay.HP)
     hidden = pad_hidden(lay, weights, biases, fourier, fourier_inv, dtype, x.device)
-    wf, bf = pad_final(lay, final_weight, final_bias, dtype)
-    consts = dict(NDIM=ndim, NL=lay.NL, CP=lay.CP, DP=lay.DP, GP=lay.GP, GW=lay.GW, FOURIER=lay.FOURIER,
-                  HAS_BIAS=True, BE=tiles.BE, BR=tiles.BR,
-                  PREC=PREC_NAMES[precision(dtype, x.device)], CIN=C, CINP=_pow2(C), P0=lay.P0, P0P=lay.P0P,
-                  CB=16, R=R, RP=_pow2(R))
-    return lay, tiles, hidden, wf, bf, coef.to(dtype).reshape(1).contiguous(), consts
+    wf, bf = pad_final(final_weight, final_bias, dtype)
+    prec = PREC_NAMES[precision(dtype, x.device)]
+    trunk = dict(P0=lay.P0, P0P=lay.P0P, NDIM=ndim, NL=lay.NL, CP=lay.CP, DP=lay.DP, GP=lay.GP, GW=lay.GW,
+                 FOURIER=lay.FOURIER, C=lay.C, D=lay.D, PD=lay.PD, BE=tile_size(x.device, lay.HP), PREC=prec)
+    blocks = dict(BN=BLOCK, KP=BLOCK, HB=BLOCK, CB=BLOCK, RB=BLOCK, PREC=prec)
+    sizes = (_ceil(lay.C * lay.D), C, _ceil(C), R, _ceil(R))  # HC, CIN, CINC, R, RC
+    return lay, hidden, wf, bf, coef.to(dtype).reshape(1).contiguous(), trunk, blocks, sizes
+
+
+def _trunk_forward(inp, hidden, coef, norm, HC, trunk):
+    """hs = s h (E, HC) in the compact hidden layout, and s (E,)."""
+    E = inp.shape[0]
+    hs = inp.new_zeros(E, HC)
+    s = inp.new_empty(E)
+    K.trunk_forward_kernel[(-(-E // trunk["BE"]),)](inp, *hidden, coef, hs, s, E, HC, float(norm), **trunk)
+    return hs, s
 
 
 def conv(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, final_weight, final_bias, coef, norm, ndim):
     R = final_weight.shape[0]
     n_dst = rowptr.shape[0] - 1
     E = inp.shape[0]
+    out = x.new_zeros(n_dst, R)
     if E == 0:
-        return x.new_zeros(n_dst, R)
-    lay, tiles, hidden, wf, bf, coef, k = _setup(x, inp, rowptr, weights, biases, fourier, fourier_inv,
-                                                 final_weight, final_bias, coef, ndim)
-    seg = x.new_zeros(tiles.seg_recv.shape[0], R)
-    K.fused_forward_kernel[(tiles.n_tiles,)](
-        x.contiguous(), inp.contiguous(), src.contiguous(), tiles.loc, tiles.base, *hidden, wf, bf, coef, seg, E,
-        float(norm), **k)
-    # a receiver's segments are consecutive rows: a segmented sum, deterministic (no atomics)
-    return torch.segment_reduce(seg, "sum", lengths=tiles.lengths, unsafe=True)  # (lengths from the tiling)
+        return out
+    lay, hidden, wf, bf, coef, trunk, blocks, sizes = _setup(x, inp.contiguous(), weights, biases, fourier,
+                                                              fourier_inv, final_weight, final_bias, coef, ndim)
+    hs, s = _trunk_forward(inp.contiguous(), hidden, coef, norm, sizes[0], trunk)
+    K2.contract_forward_kernel[(-(-n_dst // BLOCK),)](hs, s, x.contiguous(), src.contiguous(), rowptr, wf, bf, out,
+                                                      n_dst, *sizes, **blocks)
+    return out
 
 
 def conv_backward(grad, x, inp, src, rowptr, weights, biases, fourier, fourier_inv, final_weight, final_bias, coef,
                   norm, ndim) -> List[Tensor]:
     R, H, C = final_weight.shape
     E = inp.shape[0]
+    n_dst = rowptr.shape[0] - 1
     zeros = [torch.zeros_like(t) for t in (x, inp, *weights, *biases, final_weight, final_bias, coef)]
     if E == 0:
         return zeros
-    lay, tiles, hidden, wf, bf, coefp, k = _setup(x, inp, rowptr, weights, biases, fourier, fourier_inv,
-                                                  final_weight, final_bias, coef, ndim)
+    x, inp, src = x.contiguous(), inp.contiguous(), src.contiguous()
+    lay, hidden, wf, bf, coefp, trunk, blocks, sizes = _setup(x, inp, weights, biases, fourier, fourier_inv,
+                                                              final_weight, final_bias, coef, ndim)
+    HC, _, CINC, _, RC = sizes
+    grad = grad.to(x.dtype).contiguous()
+    hs, s = _trunk_forward(inp, hidden, coefp, norm, HC, trunk)
+    # the contraction: d hs, d x per edge and the bias term's d s, per receiver block ...
+    dhs = x.new_zeros(E, HC)
+    dxe = x.new_zeros(E, C)
+    dsb = x.new_zeros(E)
+    n_blocks = -(-n_dst // BLOCK)
+    K2.contract_backward_kernel[(n_blocks,)](grad, hs, s, x, src, rowptr, wf, bf, dhs, dxe, dsb, n_dst, *sizes,
+                                             **blocks)
+    # ... and dW', dB' per (hidden block, input block), in splits of the receivers summed in a fixed order
+    n_wblocks = (HC // BLOCK) * (CINC // BLOCK)
+    nsplit = wgrad_splits(n_blocks, n_wblocks, wf.numel(), x.device)
+    dwf = x.new_zeros(nsplit, *wf.shape)
+    dbf = x.new_zeros(nsplit, *bf.shape)
+    K2.contract_wgrad_kernel[(n_wblocks, nsplit)](grad, hs, s, x, src, rowptr, dwf, dbf, n_dst, n_blocks, *sizes,
+                                                  **blocks)
+    del hs
+    # the trunk's backward, per tile, with per-program parameter-gradient rows
     w1, b1, wh, bh, at, ait = hidden
     HP, P0P, nh = lay.HP, lay.P0P, wh.shape[0]
-    per_program = w1.numel() + b1.numel() + wh.numel() + bh.numel() + bf.numel() + 1
-    nprog = num_programs(tiles.n_tiles, x.device, per_program)
+    n_tiles = -(-E // trunk["BE"])
+    per_program = w1.numel() + b1.numel() + wh.numel() + bh.numel() + 1
+    nprog = num_programs(n_tiles, x.device, per_program)
     acc = lambda *shape: x.new_zeros(nprog, *shape)  # noqa: E731
-    gw1, gb1, gwh, gbh, gbf, gcoef = acc(P0P, HP), acc(HP), acc(nh, HP, HP), acc(nh, HP), acc(C, R), acc()
-    gwf = x.new_zeros(C * HP, R)
-    dxe = x.new_zeros(E, C)
+    gw1, gb1, gwh, gbh, gcoef = acc(P0P, HP), acc(HP), acc(nh, HP, HP), acc(nh, HP), acc()
     dinp = torch.zeros_like(inp)
-    gseg = grad.index_select(0, tiles.seg_recv).contiguous()  # each segment's row of the output gradient
-    for t0, t1, s0, s1 in tiles.chunks:
-        z = x.new_empty(s1 - s0, C * HP)
-        K.fused_backward_kernel[(min(nprog, t1 - t0),)](
-            gseg, x.contiguous(), inp.contiguous(), src.contiguous(), tiles.loc, tiles.base, *hidden, wf, bf, coefp,
-            dxe, dinp, gw1, gb1, gwh, gbh, z, gbf, gcoef, E, t0, t1, s0, float(norm), NH=nh, **k)
-        gwf.addmm_(z.t(), gseg[s0:s1].to(z.dtype))  # sum over the chunk's segments of Z (x) d out
+    K.trunk_backward_kernel[(nprog,)](dhs, dsb, inp, *hidden, coefp, dinp, gw1, gb1, gwh, gbh, gcoef, E, HC, n_tiles,
+                                      float(norm), NH=nh, **trunk)
     dx = torch.zeros_like(x).index_add_(0, src, dxe)
     gw1, gb1, gwh, gbh = gw1.sum(0), gb1.sum(0), gwh.sum(0), gbh.sum(0)
     dweights, dbiases = [], []
@@ -345,8 +321,8 @@ def conv_backward(grad, x, inp, src, rowptr, weights, biases, fourier, fourier_i
         gbh_real = unpad_h(gbh, 1, lay)
         dweights = [unpad_h(gw1[:lay.P0], 1, lay).t()] + list(gwh_real[:len(weights) - 1])
         dbiases = [unpad_h(gb1, 0, lay)] + list(gbh_real[:len(weights) - 1])
-    dfw = unpad_h(gwf.reshape(C, HP, R), 1, lay).permute(2, 1, 0)
-    dfb = gbf.sum(0).t()
+    dfw = dwf.sum(0)[:H, :C, :R].permute(2, 0, 1)
+    dfb = dbf.sum(0)[:C, :R].t()
     dweights = [w.to(weights[0].dtype).contiguous() for w in dweights]
     dbiases = [b.to(weights[0].dtype).contiguous() for b in dbiases]
     return [dx, dinp, *dweights, *dbiases, dfw.to(final_weight.dtype).contiguous(),
