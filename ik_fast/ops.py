@@ -16,7 +16,9 @@ autograd formulas live here and nowhere else:
     statistics of the batch norm after that layer (the program finishes them, :meth:`BatchNorm.finish`).
 
 The tensors are those of the lowered program, with every batch norm already folded (:meth:`KernelProgram.packed`),
-dense and unpadded: hidden layer ``k`` is ``h_k = act_k(h_{k-1} W_k^T + b_k)`` with ``W_k`` (H_k, H_{k-1}); ``act_k``
+unpadded: hidden layer ``k`` is ``h_k = act_k(h_{k-1} W_k^T + b_k)`` with ``W_k`` (H_k, H_{k-1}), or (D, C, C) for a
+Linear that only mixes the channels' equal components (:func:`linear_reference_form`; a structure the program knows
+from its block plan and states through the shape, never found from the data); ``act_k``
 is the Fourier ELU ``ELU(y A_k^T) A_k^+^T`` on each channel of ``D_k = A_k.shape[1]`` components (``fourier[k]`` = A_k
 (G, D), ``fourier_inv[k]`` = A_k^+ (D, G)) or a pointwise ELU when ``fourier[k]`` is empty; ``final_weight`` W_F
 (R, H, C_in), ``final_bias`` B_F (R, C_in) (zeros without bias), ``coef`` = 1 / (2 sigma^2) (shape (1,)).
@@ -79,11 +81,26 @@ def _act(y: Tensor, A: Tensor, Ainv: Tensor) -> Tensor:
     return (F.elu(u) @ Ainv.t()).reshape(y.shape[0], -1)
 
 
+def linear_reference_form(h: Tensor, w: Tensor, b: Tensor) -> Tensor:
+    """``h W^T + b`` for a dense W (H_out, H_in), or for a componentwise one (D, C_out, C_in) on the channel-major
+    (C_in, D) view of h: ``y[:, c, a] = sum_c' W[a, c, c'] h[:, c', a]``."""
+    if w.dim() == 2:
+        return h @ w.t() + b
+    D, C_out, C_in = w.shape
+    y = torch.bmm(h.reshape(-1, C_in, D).permute(2, 0, 1), w.transpose(1, 2))  # (D, E, C_out)
+    return y.permute(1, 2, 0).reshape(h.shape[0], C_out * D) + b
+
+
+def hidden_width(w: Tensor) -> int:
+    """H_out of a hidden Linear's weight, dense or componentwise."""
+    return w.shape[0] if w.dim() == 2 else w.shape[0] * w.shape[1]
+
+
 def trunk_reference_form(inp, weights, biases, fourier, fourier_inv) -> Tensor:
     """The activation of the last given hidden layer (the input itself without layers)."""
     h = inp
     for w, b, A, Ainv in zip(weights, biases, fourier, fourier_inv):
-        h = _act(h @ w.t() + b, A.to(h.dtype), Ainv.to(h.dtype))
+        h = _act(linear_reference_form(h, w, b), A.to(h.dtype), Ainv.to(h.dtype))
     return h
 
 
@@ -119,7 +136,7 @@ def _fake_conv_backward(grad, x, inp, src, rowptr, weights, biases, fourier, fou
 
 
 def _fake_trunk_moments(inp, weights, biases, fourier, fourier_inv):
-    return inp.new_empty(2, weights[-1].shape[0] if weights else inp.shape[1])
+    return inp.new_empty(2, hidden_width(weights[-1]) if weights else inp.shape[1])
 
 
 _CONV_ARGS = ("x", "inp", "src", "rowptr", "weights", "biases", "fourier", "fourier_inv", "final_weight",

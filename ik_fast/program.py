@@ -48,6 +48,9 @@ class BlockPlan:
     out_index: Optional[Tensor]  # (R,) position of each row in cat(group outputs, [zero]); None if the identity
     shape: Tuple[int, int]
     contiguous: Tuple[bool, ...]  # col group g is arange(F_in * d_in).reshape(F_in, d_in)
+    # (F, d) when the matrix only mixes equal components of F fields of one representation of size d,
+    # W[(f, a), (f', a')] = 0 unless a = a' (each irrep of the field once and of real type: O(3), SO(3), ...)
+    componentwise: Optional[Tuple[int, int]] = None
 
     @property
     def macs_per_row(self) -> int:
@@ -111,7 +114,7 @@ class BlockPlan:
         mv = lambda t: None if t is None else t.to(device)  # noqa: E731
         return BlockPlan(tuple(mv(c) for c in self.col_groups), tuple(mv(r) for r in self.rows),
                          tuple(tuple((g, mv(c), mv(v)) for g, c, v in terms) for terms in self.terms),
-                         mv(self.out_index), self.shape, self.contiguous)
+                         mv(self.out_index), self.shape, self.contiguous, self.componentwise)
 
 
 def build_plan(mask: Tensor, row_groups: Sequence[Tensor], col_groups: Sequence[Tensor],
@@ -149,7 +152,15 @@ def build_plan(mask: Tensor, row_groups: Sequence[Tensor], col_groups: Sequence[
     if pos == R and bool((out_index == torch.arange(R)).all()):
         out_index = None
     contiguous = tuple(cg.numel() == C and bool((cg.reshape(-1) == torch.arange(C)).all()) for cg in col_groups)
-    plan = BlockPlan(tuple(col_groups), tuple(rows_out), tuple(terms_out), out_index, (R, C), contiguous)
+    componentwise = None
+    if len(rows_out) == 1 and len(col_groups) == 1 and len(terms_out[0]) == 1 and out_index is None \
+            and contiguous[0] and tuple(col_groups[0].shape) == tuple(rows_out[0].shape):
+        f, d = rows_out[0].shape
+        _, comp, valid = terms_out[0][0]
+        if comp.shape == (d, 1) and bool((comp[:, 0] == torch.arange(d)).all()) and bool(valid.all()):
+            componentwise = (int(f), int(d))
+    plan = BlockPlan(tuple(col_groups), tuple(rows_out), tuple(terms_out), out_index, (R, C), contiguous,
+                     componentwise)
     if not rows_out or plan.macs_per_row * min_saving > R * C:
         return None
     return plan
@@ -332,8 +343,10 @@ class Hidden:
 
 @dataclass(frozen=True)
 class PackedProgram:
-    """The lowered program as the fused ops take it (see :mod:`ik_fast.ops`): every batch norm folded, dense,
-    unpadded. Hidden layer k: ``h_k = act_k(h_{k-1} weights[k]^T + biases[k])`` with the Fourier ELU on
+    """The lowered program as the fused ops take it (see :mod:`ik_fast.ops`): every batch norm folded, unpadded.
+    Hidden layer k: ``h_k = act_k(h_{k-1} weights[k]^T + biases[k])`` (``weights[k]`` (H_k, H_{k-1}), dense; or
+    (D, C, C) where the Linear only mixes the C channels' equal components (:attr:`BlockPlan.componentwise`):
+    ``y[:, c, a] = sum_c' weights[k][a, c, c'] h[:, c', a]`` on the channel-major (C, D) view) with the Fourier ELU on
     ``fourier[k]`` (G, D) / ``fourier_inv[k]`` (D, G), or a pointwise ELU where those are empty; ``final_weight``
     (R, H, C_in), ``final_bias`` (R, C_in); ``coef`` (1,) = 1 / (2 sigma^2); ``ndim`` leading input columns are d."""
 
@@ -461,11 +474,18 @@ class KernelProgram:
         if upto is None and pending is not None:
             final = final.fold(*pending, inner=self.in_size, gather=False)
         R, C = self.out_size, self.in_size
-        weights = [lin.weight.to(dtype) for lin in linears]
+        layers = self.hidden[:len(linears)]
+        weights = []
+        for k, (lin, layer) in enumerate(zip(linears, layers)):
+            w = lin.weight.to(dtype)
+            cw = None if k == 0 or layer.linear.plan is None else layer.linear.plan.componentwise
+            if cw is not None:  # (D, C_out, C_in): the per-component channel mixing, the only non-zeros of W
+                f, d = cw
+                w = torch.diagonal(w.reshape(f, d, f, d), dim1=1, dim2=3).permute(2, 0, 1).contiguous()
+            weights.append(w)
         biases = [lin.weight.new_zeros(lin.weight.shape[0], dtype=dtype) if lin.bias is None else lin.bias.to(dtype)
                   for lin in linears]
         empty = self.sigma.new_zeros(0, 0, dtype=dtype)
-        layers = self.hidden[:len(linears)]
         fourier = [empty if h.A is None else h.A.detach().to(dtype) for h in layers]
         fourier_inv = [empty if h.A is None else h.Ainv.detach().to(dtype) for h in layers]
         fw = final.weight.to(dtype).reshape(R, -1, C)

@@ -112,6 +112,110 @@ def _linear_hh_bwd(a, dy, w_ptr, gw_ptr, BE: tl.constexpr, HP: tl.constexpr, GW:
 
 
 @triton.jit
+def _pad_k(x, F: tl.constexpr):
+    """x (B, M, n) -> (B, M, n F) with x[..., c] at c F and zeros between (tl.dot needs K and N of 16 or more; a
+    componentwise Linear of C < 16 channels is padded this way, not by widening the hidden layout)."""
+    if F >= 2:
+        x = tl.reshape(tl.join(x, tl.zeros_like(x)), (x.shape[0], x.shape[1], 2 * x.shape[2]))
+    if F >= 4:
+        x = tl.reshape(tl.join(x, tl.zeros_like(x)), (x.shape[0], x.shape[1], 2 * x.shape[2]))
+    if F >= 8:
+        x = tl.reshape(tl.join(x, tl.zeros_like(x)), (x.shape[0], x.shape[1], 2 * x.shape[2]))
+    if F >= 16:
+        x = tl.reshape(tl.join(x, tl.zeros_like(x)), (x.shape[0], x.shape[1], 2 * x.shape[2]))
+    return x
+
+
+@triton.jit
+def _unpad_k(x, F: tl.constexpr):
+    """Inverse of :func:`_pad_k`: (B, M, n F) -> (B, M, n), the columns at multiples of F."""
+    if F >= 2:
+        x, _ = tl.split(tl.reshape(x, (x.shape[0], x.shape[1], x.shape[2] // 2, 2)))
+    if F >= 4:
+        x, _ = tl.split(tl.reshape(x, (x.shape[0], x.shape[1], x.shape[2] // 2, 2)))
+    if F >= 8:
+        x, _ = tl.split(tl.reshape(x, (x.shape[0], x.shape[1], x.shape[2] // 2, 2)))
+    if F >= 16:
+        x, _ = tl.split(tl.reshape(x, (x.shape[0], x.shape[1], x.shape[2] // 2, 2)))
+    return x
+
+
+@triton.jit
+def _by_component(a, BE: tl.constexpr, CP: tl.constexpr, DP: tl.constexpr, F: tl.constexpr):
+    """(BE, CP * DP) channel-major -> (DP, BE, CP * F): the batched-dot view of a componentwise Linear."""
+    return _pad_k(tl.permute(tl.reshape(a, (BE, CP, DP)), (2, 0, 1)), F)
+
+
+@triton.jit
+def _from_component(y, BE: tl.constexpr, CP: tl.constexpr, DP: tl.constexpr, F: tl.constexpr):
+    """Inverse of :func:`_by_component`."""
+    return tl.reshape(tl.permute(_unpad_k(y, F), (1, 2, 0)), (BE, CP * DP))
+
+
+@triton.jit
+def _load_cw(w_ptr, DP: tl.constexpr, KC: tl.constexpr):
+    d = tl.arange(0, DP)
+    k = tl.arange(0, KC)
+    return tl.load(w_ptr + d[:, None, None] * (KC * KC) + k[None, :, None] * KC + k[None, None, :])
+
+
+@triton.jit
+def _linear_cw(a, w_ptr, b_ptr, BE: tl.constexpr, CP: tl.constexpr, DP: tl.constexpr, F: tl.constexpr,
+               PREC: tl.constexpr):
+    """A componentwise hidden Linear (lever 2: the hidden Linears through their structure): component d of every
+    output channel mixes component d of the input channels, one (CP F x CP F) block per component (weight
+    (DP, CP F, CP F), x @ W layout, channel c at row/column c F): a dot batched over the components, CP^2 DP
+    multiply-adds per edge (padded), against (CP DP)^2 for the dense Linear."""
+    w = _load_cw(w_ptr, DP, CP * F).to(a.dtype)
+    y = _from_component(_mm(_by_component(a, BE, CP, DP, F), w, PREC), BE, CP, DP, F)
+    b = tl.load(b_ptr + tl.arange(0, CP * DP)).to(a.dtype)
+    return y + b[None, :]
+
+
+@triton.jit
+def _linear_cw_bwd(a, dy, w_ptr, gw_ptr, BE: tl.constexpr, CP: tl.constexpr, DP: tl.constexpr, F: tl.constexpr,
+                   PREC: tl.constexpr):
+    """Backward of :func:`_linear_cw`: returns d a, and adds a^T dy (per component) to this program's row."""
+    KC: tl.constexpr = CP * F
+    w = _load_cw(w_ptr, DP, KC).to(a.dtype)
+    dyc = _by_component(dy, BE, CP, DP, F)
+    da = _from_component(_mm(dyc, tl.permute(w, (0, 2, 1)), PREC), BE, CP, DP, F)
+    d = tl.arange(0, DP)
+    k = tl.arange(0, KC)
+    offs = d[:, None, None] * (KC * KC) + k[None, :, None] * KC + k[None, None, :]
+    _accumulate(gw_ptr, offs, _mm(tl.permute(_by_component(a, BE, CP, DP, F), (0, 2, 1)), dyc, PREC), offs >= 0)
+    return da
+
+
+@triton.jit
+def _linear_hidden(a, w_ptr, b_ptr, BE: tl.constexpr, CP: tl.constexpr, DP: tl.constexpr, GW: tl.constexpr,
+                   CWF: tl.constexpr, PREC: tl.constexpr):
+    """Hidden Linear: componentwise when CWF > 0 (F = CWF), else dense in GW blocks."""
+    if CWF > 0:
+        return _linear_cw(a, w_ptr, b_ptr, BE, CP, DP, CWF, PREC)
+    else:
+        return _linear_hh(a, w_ptr, b_ptr, BE, CP * DP, GW, PREC)
+
+
+@triton.jit
+def _linear_hidden_bwd(a, dy, w_ptr, gw_ptr, BE: tl.constexpr, CP: tl.constexpr, DP: tl.constexpr,
+                       GW: tl.constexpr, CWF: tl.constexpr, PREC: tl.constexpr):
+    if CWF > 0:
+        return _linear_cw_bwd(a, dy, w_ptr, gw_ptr, BE, CP, DP, CWF, PREC)
+    else:
+        return _linear_hh_bwd(a, dy, w_ptr, gw_ptr, BE, CP * DP, GW, PREC)
+
+
+@triton.jit
+def _wstride(CP: tl.constexpr, DP: tl.constexpr, CWF: tl.constexpr):
+    """Elements of one hidden Linear's weight as the kernels read it."""
+    if CWF > 0:
+        return DP * CP * CWF * CP * CWF
+    else:
+        return CP * DP * CP * DP
+
+
+@triton.jit
 def _felu(y, at, ait, BE: tl.constexpr, G: tl.constexpr, DP: tl.constexpr, PREC: tl.constexpr):
     """Fourier ELU of a group of G channels (BE, G * DP): ELU(y A^T) Ainv^T per channel, on the (edge x channel,
     component) view."""
@@ -168,25 +272,26 @@ def _act_bwd(y, dv, at_ptr, ait_ptr, BE: tl.constexpr, CP: tl.constexpr, DP: tl.
 @triton.jit
 def _forward_to(inp, w1, b1, wh, bh, at, ait, K: tl.constexpr, P0P: tl.constexpr, BE: tl.constexpr,
                 CP: tl.constexpr, DP: tl.constexpr, GP: tl.constexpr, GW: tl.constexpr, FOURIER: tl.constexpr,
-                PREC: tl.constexpr):
+                PREC: tl.constexpr, CWF: tl.constexpr):
     """(a_{K-1}, y_K): the input of layer K (1-based) and its pre-activation, recomputed from the MLP input."""
     HP: tl.constexpr = CP * DP
     y = _linear_in(inp, w1, b1, P0P, HP, PREC)
     a = tl.zeros((BE, HP), dtype=inp.dtype)
     for j in tl.static_range(1, K):  # layer j + 1 of the MLP
         a = _act(y, at + (j - 1) * DP * GP, ait + (j - 1) * GP * DP, BE, CP, DP, GP, GW, FOURIER, PREC)
-        y = _linear_hh(a, wh + (j - 1) * HP * HP, bh + (j - 1) * HP, BE, HP, GW, PREC)
+        y = _linear_hidden(a, wh + (j - 1) * _wstride(CP, DP, CWF), bh + (j - 1) * HP, BE, CP, DP, GW, CWF, PREC)
     return a, y
 
 
 @triton.jit
 def _trunk(inp, w1, b1, wh, bh, at, ait, NL: tl.constexpr, P0P: tl.constexpr, BE: tl.constexpr, CP: tl.constexpr,
-           DP: tl.constexpr, GP: tl.constexpr, GW: tl.constexpr, FOURIER: tl.constexpr, PREC: tl.constexpr):
+           DP: tl.constexpr, GP: tl.constexpr, GW: tl.constexpr, FOURIER: tl.constexpr, PREC: tl.constexpr,
+           CWF: tl.constexpr):
     """a_NL, the last hidden activation before its (folded) batch norm; the input itself without hidden layers."""
     if NL == 0:
         return inp
     else:
-        _, y = _forward_to(inp, w1, b1, wh, bh, at, ait, NL, P0P, BE, CP, DP, GP, GW, FOURIER, PREC)
+        _, y = _forward_to(inp, w1, b1, wh, bh, at, ait, NL, P0P, BE, CP, DP, GP, GW, FOURIER, PREC, CWF)
         return _act(y, at + (NL - 1) * DP * GP, ait + (NL - 1) * GP * DP, BE, CP, DP, GP, GW, FOURIER, PREC)
 
 
@@ -224,13 +329,14 @@ def _compact_columns(HP: tl.constexpr, PD: tl.constexpr, C: tl.constexpr, D: tl.
 def trunk_forward_kernel(inp_ptr, w1, b1, wh, bh, at, ait, coef_ptr, hs_ptr, s_ptr, E, HC, norm,
                          P0: tl.constexpr, P0P: tl.constexpr, NDIM: tl.constexpr, NL: tl.constexpr, CP: tl.constexpr,
                          DP: tl.constexpr, GP: tl.constexpr, GW: tl.constexpr, FOURIER: tl.constexpr,
-                         C: tl.constexpr, D: tl.constexpr, PD: tl.constexpr, BE: tl.constexpr, PREC: tl.constexpr):
+                         C: tl.constexpr, D: tl.constexpr, PD: tl.constexpr, BE: tl.constexpr, PREC: tl.constexpr,
+                         CWF: tl.constexpr):
     """The MLP trunk of a tile of BE edges, times the radial shell: hs (E, HC) = s h in the compact hidden layout
     (unit c * D + d; columns from C * D on stay as they are, zero), and s (E,)."""
     HP: tl.constexpr = CP * DP
     t = tl.program_id(0)
     offs, emask, inp, s, _, _ = _load_tile(inp_ptr, coef_ptr, norm, t, E, P0, P0P, NDIM, BE)
-    hs = _trunk(inp, w1, b1, wh, bh, at, ait, NL, P0P, BE, CP, DP, GP, GW, FOURIER, PREC) * s[:, None]
+    hs = _trunk(inp, w1, b1, wh, bh, at, ait, NL, P0P, BE, CP, DP, GP, GW, FOURIER, PREC, CWF) * s[:, None]
     col, real = _compact_columns(HP, PD, C, D)
     tl.store(hs_ptr + offs[:, None] * HC + col[None, :], hs, mask=emask[:, None] & real[None, :])
     tl.store(s_ptr + offs, s, mask=emask)
@@ -240,7 +346,7 @@ def trunk_forward_kernel(inp_ptr, w1, b1, wh, bh, at, ait, coef_ptr, hs_ptr, s_p
 def fused_stats_kernel(inp_ptr, w1, b1, wh, bh, at, ait, coef_ptr, out_ptr, E, n_tiles,
                        K: tl.constexpr, P0: tl.constexpr, P0P: tl.constexpr, NDIM: tl.constexpr, CP: tl.constexpr,
                        DP: tl.constexpr, GP: tl.constexpr, GW: tl.constexpr, FOURIER: tl.constexpr,
-                       BE: tl.constexpr, PREC: tl.constexpr):
+                       BE: tl.constexpr, PREC: tl.constexpr, CWF: tl.constexpr):
     """Per program: (count, mean (HP), M2 (HP)) of layer K's activation over its tiles -> out (NPROG, 1 + 2 HP).
 
     The running moments live in the program's own output row (zeros at the start) and are merged block by block of
@@ -255,7 +361,8 @@ def fused_stats_kernel(inp_ptr, w1, b1, wh, bh, at, ait, coef_ptr, out_ptr, E, n
     n_a = tl.sum(tl.zeros((BE,), dtype=dt), 0)
     for t in range(pid, n_tiles, nprog):
         offs, emask, inp, _, _, _ = _load_tile(inp_ptr, coef_ptr, 1.0, t, E, P0, P0P, NDIM, BE)
-        a3 = tl.reshape(_trunk(inp, w1, b1, wh, bh, at, ait, K, P0P, BE, CP, DP, GP, GW, FOURIER, PREC), (BE, NG, GW))
+        a = _trunk(inp, w1, b1, wh, bh, at, ait, K, P0P, BE, CP, DP, GP, GW, FOURIER, PREC, CWF)
+        a3 = tl.reshape(a, (BE, NG, GW))
         n_b = tl.sum(emask.to(dt), 0)
         n = n_a + n_b
         for g in range(NG):
@@ -278,7 +385,7 @@ def trunk_backward_kernel(dhs_ptr, dsb_ptr, inp_ptr, w1, b1, wh, bh, at, ait, co
                           gcoef, E, HC, n_tiles, norm, P0: tl.constexpr, P0P: tl.constexpr, NDIM: tl.constexpr,
                           NL: tl.constexpr, CP: tl.constexpr, DP: tl.constexpr, GP: tl.constexpr, GW: tl.constexpr,
                           FOURIER: tl.constexpr, C: tl.constexpr, D: tl.constexpr, PD: tl.constexpr,
-                          BE: tl.constexpr, PREC: tl.constexpr, NH: tl.constexpr):
+                          BE: tl.constexpr, PREC: tl.constexpr, NH: tl.constexpr, CWF: tl.constexpr):
     """Backward of :func:`trunk_forward_kernel` given d hs (E, HC, compact) and the bias term's d s (E,): d of the MLP
     input (E, P0) and the trunk's parameter gradients, accumulated per program (a persistent grid, one accumulator
     row per program: deterministic, the host adds the rows in a fixed order). The trunk is recomputed layer by layer
@@ -291,13 +398,13 @@ def trunk_backward_kernel(dhs_ptr, dsb_ptr, inp_ptr, w1, b1, wh, bh, at, ait, co
     col, real = _compact_columns(HP, PD, C, D)
     gw1 = gw1 + pid * (P0P * HP)
     gb1 = gb1 + pid * HP
-    gwh = gwh + pid * (NH * HP * HP)
+    gwh = gwh + pid * (NH * _wstride(CP, DP, CWF))
     gbh = gbh + pid * (NH * HP)
     gcoef_acc = tl.sum(tl.zeros((BE,), dtype=inp_ptr.dtype.element_ty), 0)
     for t in range(pid, n_tiles, nprog):
         offs, emask, inp, s, r2, coef = _load_tile(inp_ptr, coef_ptr, norm, t, E, P0, P0P, NDIM, BE)
         dhs = tl.load(dhs_ptr + offs[:, None] * HC + col[None, :], mask=emask[:, None] & real[None, :], other=0.0)
-        h = _trunk(inp, w1, b1, wh, bh, at, ait, NL, P0P, BE, CP, DP, GP, GW, FOURIER, PREC)
+        h = _trunk(inp, w1, b1, wh, bh, at, ait, NL, P0P, BE, CP, DP, GP, GW, FOURIER, PREC, CWF)
         ds = tl.sum(dhs * h, 1) + tl.load(dsb_ptr + offs, mask=emask, other=0.0)
         dh = dhs * s[:, None]
         # radial shell s = norm * exp(-coef r^2)
@@ -312,12 +419,13 @@ def trunk_backward_kernel(dhs_ptr, dsb_ptr, inp_ptr, w1, b1, wh, bh, at, ait, co
             for kl in tl.static_range(NL - 1):
                 k = NL - kl  # 1-based layer index, NL .. 2 (a runtime value: constexprs cannot be rebound per step)
                 a_prev, y = _forward_to(inp, w1, b1, wh, bh, at, ait, NL - kl, P0P, BE, CP, DP, GP, GW, FOURIER,
-                                        PREC)
+                                        PREC, CWF)
                 dy = _act_bwd(y, da, at + (k - 1) * DP * GP, ait + (k - 1) * GP * DP, BE, CP, DP, GP, GW, FOURIER,
                               PREC)
                 _accumulate(gbh + (k - 2) * HP, hh, tl.sum(dy, 0), hh < HP)
-                da = _linear_hh_bwd(a_prev, dy, wh + (k - 2) * HP * HP, gwh + (k - 2) * HP * HP, BE, HP, GW, PREC)
-            _, y1 = _forward_to(inp, w1, b1, wh, bh, at, ait, 1, P0P, BE, CP, DP, GP, GW, FOURIER, PREC)
+                ws = _wstride(CP, DP, CWF)
+                da = _linear_hidden_bwd(a_prev, dy, wh + (k - 2) * ws, gwh + (k - 2) * ws, BE, CP, DP, GW, CWF, PREC)
+            _, y1 = _forward_to(inp, w1, b1, wh, bh, at, ait, 1, P0P, BE, CP, DP, GP, GW, FOURIER, PREC, CWF)
             dy1 = _act_bwd(y1, da, at, ait, BE, CP, DP, GP, GW, FOURIER, PREC)
             _accumulate(gw1, pp[:, None] * HP + hh[None, :], _mm(tl.trans(inp), dy1, PREC),
                         (pp < P0P)[:, None] & (hh < HP)[None, :])

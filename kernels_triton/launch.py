@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ik_fast.ops import hidden_width
+
 from . import contract as K2
 from . import conv as K
 
@@ -84,6 +86,7 @@ class Layout:
     D: int
     PC: int
     PD: int
+    CWF: int = 0       # componentwise hidden Linears (weights (D, C, C)): the channel padding factor F (CP F >= 16)
 
     @property
     def HP(self) -> int:
@@ -135,9 +138,9 @@ def layout(inp: Tensor, weights, fourier, R: int, ndim: int) -> Layout:
         CP, DP, GP, fourier_act = 1, _pow2(P0), 16, False
         real = (1, P0, 1, DP)
     else:
-        H = weights[-1].shape[0]
+        H = hidden_width(weights[-1])
         fourier_act = fourier[-1].numel() > 0
-        if any(w.shape[0] != H or (A.numel() > 0) != fourier_act for w, A in zip(weights, fourier)) or \
+        if any(hidden_width(w) != H or (A.numel() > 0) != fourier_act for w, A in zip(weights, fourier)) or \
                 (fourier_act and any(A.shape != fourier[-1].shape for A in fourier)):
             raise NotImplementedError("backend 'triton' needs every hidden layer of the kernel MLP to have the same "
                                       "field type (as ImplicitKernel builds them)")
@@ -151,7 +154,35 @@ def layout(inp: Tensor, weights, fourier, R: int, ndim: int) -> Layout:
             DP = min(total, 64)
             CP, GP = total // DP, 16
             real = (1, H, 1, total)
-    return Layout(ndim, P0, _pow2(P0), NL, CP, DP, GP, _block_width(DP, CP * DP, _pow2(R)), fourier_act, *real)
+    cwf = 0
+    if NL > 1 and all(w.dim() == 3 for w in weights[1:]):
+        cwf = max(1, 16 // CP)
+    return Layout(ndim, P0, _pow2(P0), NL, CP, DP, GP, _block_width(DP, CP * DP, _pow2(R)), fourier_act, *real, cwf)
+
+
+def dense_weight(w: Tensor) -> Tensor:
+    """A componentwise weight (D, C_out, C_in) as the dense (C_out D, C_in D) matrix (channel-major)."""
+    if w.dim() == 2:
+        return w
+    D, Co, Ci = w.shape
+    return torch.diag_embed(w.permute(1, 2, 0)).permute(0, 2, 1, 3).reshape(Co * D, Ci * D)
+
+
+def componentwise_grad(g: Tensor, like: Tensor) -> Tensor:
+    """The gradient of a dense weight (C_out D, C_in D) restricted to a componentwise one shaped like ``like``."""
+    if like.dim() == 2:
+        return g
+    D, Co, Ci = like.shape
+    return torch.diagonal(g.reshape(Co, D, Ci, D), dim1=1, dim2=3).permute(2, 0, 1)
+
+
+def kernel_weights(weights, fourier):
+    """The hidden weights the kernels take: componentwise ones stay so only with a Fourier nonlinearity (the
+    channel-major layout their batched dot needs); otherwise dense."""
+    fourier_act = bool(fourier) and fourier[-1].numel() > 0
+    if fourier_act and len(weights) > 1 and all(w.dim() == 3 for w in weights[1:]):
+        return list(weights)
+    return [dense_weight(w) for w in weights]
 
 
 def pad_hidden(lay: Layout, weights, biases, fourier, fourier_inv, dtype, device):
@@ -165,7 +196,15 @@ def pad_hidden(lay: Layout, weights, biases, fourier, fourier_inv, dtype, device
     else:
         w1 = _scatter(weights[0].t().to(dtype)[None], lay, (1, lay.P0P, HP), (False, True))[0]
         b1 = _scatter(biases[0].to(dtype)[None, None], lay, (1, 1, HP), (False, True)).reshape(HP)
-    if NL > 1:
+    if NL > 1 and lay.CWF:
+        # (NH, DP, KC, KC), x @ W per component: wh[k, d, ci F, co F] = W_k[d, co, ci]
+        KC = lay.CP * lay.CWF
+        wh = z(nh, lay.DP, KC, KC)
+        d = torch.arange(lay.D, device=device)[:, None, None]
+        c = torch.arange(lay.C, device=device) * lay.CWF
+        wh[:, d, c[None, :, None], c[None, None, :]] = torch.stack(weights[1:]).to(dtype).transpose(2, 3)
+        bh = _scatter(torch.stack(biases[1:]).to(dtype)[:, None], lay, (nh, 1, HP), (False, True)).reshape(nh, HP)
+    elif NL > 1:
         wh = _scatter(torch.stack(weights[1:]).to(dtype).transpose(1, 2), lay, (nh, HP, HP), (True, True))
         bh = _scatter(torch.stack(biases[1:]).to(dtype)[:, None], lay, (nh, 1, HP), (False, True)).reshape(nh, HP)
     else:
@@ -238,12 +277,14 @@ def wgrad_splits(n_blocks: int, n_wblocks: int, w_floats: int, device) -> int:
 def _setup(x, inp, weights, biases, fourier, fourier_inv, final_weight, final_bias, coef, ndim):
     dtype = x.dtype
     R, _, C = final_weight.shape
+    weights = kernel_weights(weights, fourier)
     lay = layout(inp, weights, fourier, R, ndim)
     hidden = pad_hidden(lay, weights, biases, fourier, fourier_inv, dtype, x.device)
     wf, bf = pad_final(final_weight, final_bias, dtype)
     prec = PREC_NAMES[precision(dtype, x.device)]
     trunk = dict(P0=lay.P0, P0P=lay.P0P, NDIM=ndim, NL=lay.NL, CP=lay.CP, DP=lay.DP, GP=lay.GP, GW=lay.GW,
-                 FOURIER=lay.FOURIER, C=lay.C, D=lay.D, PD=lay.PD, BE=tile_size(x.device, lay.HP), PREC=prec)
+                 FOURIER=lay.FOURIER, C=lay.C, D=lay.D, PD=lay.PD, BE=tile_size(x.device, lay.HP), PREC=prec,
+                 CWF=lay.CWF)
     blocks = dict(BN=BLOCK, KP=BLOCK, HB=BLOCK, CB=BLOCK, RB=BLOCK, PREC=prec)
     sizes = (_ceil(lay.C * lay.D), C, _ceil(C), R, _ceil(R))  # HC, CIN, CINC, R, RC
     return lay, hidden, wf, bf, coef.to(dtype).reshape(1).contiguous(), trunk, blocks, sizes
@@ -309,7 +350,7 @@ def conv_backward(grad, x, inp, src, rowptr, weights, biases, fourier, fourier_i
     per_program = w1.numel() + b1.numel() + wh.numel() + bh.numel() + 1
     nprog = num_programs(n_tiles, x.device, per_program)
     acc = lambda *shape: x.new_zeros(nprog, *shape)  # noqa: E731
-    gw1, gb1, gwh, gbh, gcoef = acc(P0P, HP), acc(HP), acc(nh, HP, HP), acc(nh, HP), acc()
+    gw1, gb1, gwh, gbh, gcoef = acc(P0P, HP), acc(HP), acc(*wh.shape), acc(nh, HP), acc()
     dinp = torch.zeros_like(inp)
     K.trunk_backward_kernel[(nprog,)](dhs, dsb, inp, *hidden, coefp, dinp, gw1, gb1, gwh, gbh, gcoef, E, HC, n_tiles,
                                       float(norm), NH=nh, **trunk)
@@ -317,9 +358,16 @@ def conv_backward(grad, x, inp, src, rowptr, weights, biases, fourier, fourier_i
     gw1, gb1, gwh, gbh = gw1.sum(0), gb1.sum(0), gwh.sum(0), gbh.sum(0)
     dweights, dbiases = [], []
     if weights:  # (without hidden layers the input is the hidden activation)
-        gwh_real = unpad_h(unpad_h(gwh, 1, lay), 2, lay).transpose(1, 2)  # (x @ W layout -> (out, in))
+        if lay.CWF:  # (NH, DP, KC, KC) at channels c F -> (NH, D, C_out, C_in)
+            c = torch.arange(lay.C, device=x.device) * lay.CWF
+            gwh_real = gwh[:, :lay.D][:, :, c][:, :, :, c].transpose(2, 3)
+        else:
+            gwh_real = unpad_h(unpad_h(gwh, 1, lay), 2, lay).transpose(1, 2)  # (x @ W layout -> (out, in))
         gbh_real = unpad_h(gbh, 1, lay)
-        dweights = [unpad_h(gw1[:lay.P0], 1, lay).t()] + list(gwh_real[:len(weights) - 1])
+        hidden_grads = list(gwh_real[:len(weights) - 1])
+        if not lay.CWF:  # dense kernels; a componentwise weight gets the gradient of its non-zeros
+            hidden_grads = [componentwise_grad(g, w) for g, w in zip(hidden_grads, weights[1:])]
+        dweights = [unpad_h(gw1[:lay.P0], 1, lay).t()] + hidden_grads
         dbiases = [unpad_h(gb1, 0, lay)] + list(gbh_real[:len(weights) - 1])
     dfw = dwf.sum(0)[:H, :C, :R].permute(2, 0, 1)
     dfb = dbf.sum(0)[:C, :R].t()
@@ -331,6 +379,7 @@ def conv_backward(grad, x, inp, src, rowptr, weights, biases, fourier, fourier_i
 
 def trunk_moments(inp, weights, biases, fourier, fourier_inv):
     E = inp.shape[0]
+    weights = kernel_weights(weights, fourier)
     lay = layout(inp, weights, fourier, 1, 0)
     if E == 0:
         return inp.new_zeros(2, lay.C * lay.D)
@@ -342,7 +391,7 @@ def trunk_moments(inp, weights, biases, fourier, fourier_inv):
     K.fused_stats_kernel[(nprog,)](
         inp.contiguous(), w1, b1, wh, bh, at, ait, inp.new_zeros(1), parts, E, n_tiles, K=lay.NL, P0=lay.P0,
         P0P=lay.P0P, NDIM=0, CP=lay.CP, DP=lay.DP, GP=lay.GP, GW=lay.GW, FOURIER=lay.FOURIER, BE=STATS_TILE,
-        PREC=PREC_NAMES[precision(inp.dtype, inp.device)])
+        PREC=PREC_NAMES[precision(inp.dtype, inp.device)], CWF=lay.CWF)
     # merge the programs' partial moments (Chan et al.) with tensor code, in a fixed order
     count, mean, m2 = parts[:, :1], parts[:, 1:1 + HP], parts[:, 1 + HP:]
     total = mean * count
