@@ -13,10 +13,13 @@ rows of W' for all ``BN`` receivers (one (BN, HB * CB) x (HB * CB, RB) dot per o
 once per receiver block instead of once per edge tile. Everything is blocked by 16 (the smallest ``tl.dot``), so the
 padding of H, C_in and R is at most 15 columns each (not to the next power of two).
 
-The backward has two kernels:
+The backward has three kernels:
 
-* :func:`contract_backward_kernel`, per receiver block: dZ_i = dout_i . W'^T one block at a time, then per edge
-  ``d hs_e = dZ_i x_e`` and ``d x_e = dZ_i^T hs_e`` (batched dots), and from the bias term ``d s_e`` and ``d x_e``;
+* :func:`contract_dhs_kernel`, per receiver block: dZ_i = dout_i . W'^T one block at a time, then per edge
+  ``d hs_e = dZ_i x_e`` (batched dots) and the bias term's ``d s_e``; it needs neither hs nor s, so it runs first and
+  the trunk's backward (which recomputes h anyway) writes hs and s for the next two;
+* :func:`contract_dx_kernel`, per receiver block: dZ again (cheap next to the trunk it saves recomputing) and
+  ``d x_e = dZ_i^T hs_e + s_e d zb_i``;
 * :func:`contract_wgrad_kernel`, per (hidden block, input block) of W' and per split of the receivers:
   dW' = sum_i vec(Z_i) (x) dout_i with Z recomputed; each program owns its block of one split's partial sum, so no
   two programs write the same memory (deterministic; the host adds the splits in a fixed order).
@@ -122,45 +125,76 @@ def contract_forward_kernel(hs_ptr, s_ptr, x_ptr, src_ptr, rowptr_ptr, wf_ptr, b
             _rmw(out_ptr, i[:, None] * R + r[None, :], _mm(zb, b, PREC), imask[:, None] & (r < R)[None, :])
 
 
+@triton.jit
+def _dz_block(g_ptr, wf_ptr, i, imask, hb, cb, CINC, R, RC, BN: tl.constexpr, HB: tl.constexpr, CB: tl.constexpr,
+              RB: tl.constexpr, PREC: tl.constexpr):
+    """dZ block (BN, HB, CB) = dout . W'^T on the block's rows of W'."""
+    dt = wf_ptr.dtype.element_ty
+    dz = tl.zeros((BN, HB * CB), dtype=dt)
+    for rb in range(0, RC, RB):
+        r = rb + tl.arange(0, RB)
+        g = tl.load(g_ptr + i[:, None] * R + r[None, :], mask=imask[:, None] & (r < R)[None, :], other=0.0)
+        dz += _mm(g.to(dt), tl.trans(_w_block(wf_ptr, hb, cb, rb, CINC, RC, HB, CB, RB)), PREC)
+    return tl.reshape(dz, (BN, HB, CB))
+
+
+@triton.jit
+def _dzb_block(g_ptr, bf_ptr, i, imask, cb, R, RC, BN: tl.constexpr, CB: tl.constexpr, RB: tl.constexpr,
+               PREC: tl.constexpr):
+    """d zb block (BN, CB) = dout . B'^T."""
+    dt = bf_ptr.dtype.element_ty
+    c = cb + tl.arange(0, CB)
+    dzb = tl.zeros((BN, CB), dtype=dt)
+    for rb in range(0, RC, RB):
+        r = rb + tl.arange(0, RB)
+        g = tl.load(g_ptr + i[:, None] * R + r[None, :], mask=imask[:, None] & (r < R)[None, :], other=0.0)
+        dzb += _mm(g.to(dt), tl.trans(tl.load(bf_ptr + c[:, None] * RC + r[None, :])), PREC)
+    return dzb
+
+
 @triton.jit(do_not_specialize=["n_dst", "HC", "CIN", "CINC", "R", "RC"])
-def contract_backward_kernel(g_ptr, hs_ptr, s_ptr, x_ptr, src_ptr, rowptr_ptr, wf_ptr, bf_ptr, dhs_ptr, dxe_ptr,
-                             ds_ptr, n_dst, HC, CIN, CINC, R, RC, BN: tl.constexpr, KP: tl.constexpr,
-                             HB: tl.constexpr, CB: tl.constexpr, RB: tl.constexpr, PREC: tl.constexpr):
-    """Given dout (n_dst, R): d hs (E, HC), d x per edge (E, C_in) and the bias term's d s (E,); all zero on entry."""
+def contract_dhs_kernel(g_ptr, x_ptr, src_ptr, rowptr_ptr, wf_ptr, bf_ptr, dhs_ptr, ds_ptr, n_dst, HC, CIN, CINC, R,
+                        RC, BN: tl.constexpr, KP: tl.constexpr, HB: tl.constexpr, CB: tl.constexpr, RB: tl.constexpr,
+                        PREC: tl.constexpr):
+    """Given dout (n_dst, R): d hs_e = dZ_i x_e (E, HC) and the bias term's d s_e = d zb_i . x_e (E,), zero on entry.
+    Needs neither hs nor s: it runs before the trunk's backward, which recomputes hs."""
     i, imask, start, deg, nmax = _receivers(rowptr_ptr, tl.program_id(0), n_dst, BN)
-    dt = hs_ptr.dtype.element_ty
     for hb in range(0, HC, HB):
         h = hb + tl.arange(0, HB)
         for cb in range(0, CINC, CB):
-            c = cb + tl.arange(0, CB)
-            dz = tl.zeros((BN, HB * CB), dtype=dt)  # dZ block = dout . W'^T
-            for rb in range(0, RC, RB):
-                r = rb + tl.arange(0, RB)
-                g = tl.load(g_ptr + i[:, None] * R + r[None, :], mask=imask[:, None] & (r < R)[None, :], other=0.0)
-                dz += _mm(g.to(dt), tl.trans(_w_block(wf_ptr, hb, cb, rb, CINC, RC, HB, CB, RB)), PREC)
-            dz3 = tl.reshape(dz, (BN, HB, CB))
+            dzt = tl.permute(_dz_block(g_ptr, wf_ptr, i, imask, hb, cb, CINC, R, RC, BN, HB, CB, RB, PREC), (0, 2, 1))
+            for t0 in range(0, nmax, KP):
+                e, emask = _edges(start, deg, t0, KP)
+                xt = _load_x(x_ptr, src_ptr, e, emask, cb, CIN, CB)
+                _rmw(dhs_ptr, e[:, :, None] * HC + h[None, None, :], _mm(xt, dzt, PREC), emask[:, :, None])
+    for cb in range(0, CINC, CB):
+        dzb = _dzb_block(g_ptr, bf_ptr, i, imask, cb, R, RC, BN, CB, RB, PREC)
+        for t0 in range(0, nmax, KP):
+            e, emask = _edges(start, deg, t0, KP)
+            xt = _load_x(x_ptr, src_ptr, e, emask, cb, CIN, CB)
+            _rmw(ds_ptr, e, tl.sum(xt * dzb[:, None, :], 2), emask)
+
+
+@triton.jit(do_not_specialize=["n_dst", "HC", "CIN", "CINC", "R", "RC"])
+def contract_dx_kernel(g_ptr, hs_ptr, s_ptr, rowptr_ptr, wf_ptr, bf_ptr, dxe_ptr, n_dst, HC, CIN, CINC, R, RC,
+                       BN: tl.constexpr, KP: tl.constexpr, HB: tl.constexpr, CB: tl.constexpr, RB: tl.constexpr,
+                       PREC: tl.constexpr):
+    """Given dout (n_dst, R): the gradient of each edge's gathered source features, d x_e = dZ_i^T hs_e + s_e d zb_i
+    (E, C_in), zero on entry (the host adds it into the sources)."""
+    i, imask, start, deg, nmax = _receivers(rowptr_ptr, tl.program_id(0), n_dst, BN)
+    for cb in range(0, CINC, CB):
+        c = cb + tl.arange(0, CB)
+        for hb in range(0, HC, HB):
+            dz = _dz_block(g_ptr, wf_ptr, i, imask, hb, cb, CINC, R, RC, BN, HB, CB, RB, PREC)
             for t0 in range(0, nmax, KP):
                 e, emask = _edges(start, deg, t0, KP)
                 a = _load_hs(hs_ptr, e, emask, hb, HC, HB)
-                xt = _load_x(x_ptr, src_ptr, e, emask, cb, CIN, CB)
-                _rmw(dhs_ptr, e[:, :, None] * HC + h[None, None, :], _mm(xt, tl.permute(dz3, (0, 2, 1)), PREC),
-                     emask[:, :, None])
-                _rmw(dxe_ptr, e[:, :, None] * CIN + c[None, None, :], _mm(a, dz3, PREC),
+                _rmw(dxe_ptr, e[:, :, None] * CIN + c[None, None, :], _mm(a, dz, PREC),
                      emask[:, :, None] & (c < CIN)[None, None, :])
-    # the bias term: d zb = dout . B'^T; d s_e = d zb . x_e, d x_e += s_e d zb
-    for cb in range(0, CINC, CB):
-        c = cb + tl.arange(0, CB)
-        dzb = tl.zeros((BN, CB), dtype=dt)
-        for rb in range(0, RC, RB):
-            r = rb + tl.arange(0, RB)
-            g = tl.load(g_ptr + i[:, None] * R + r[None, :], mask=imask[:, None] & (r < R)[None, :], other=0.0)
-            b = tl.load(bf_ptr + c[:, None] * RC + r[None, :])
-            dzb += _mm(g.to(dt), tl.trans(b), PREC)
+        dzb = _dzb_block(g_ptr, bf_ptr, i, imask, cb, R, RC, BN, CB, RB, PREC)
         for t0 in range(0, nmax, KP):
             e, emask = _edges(start, deg, t0, KP)
             s = tl.load(s_ptr + e, mask=emask, other=0.0)
-            xt = _load_x(x_ptr, src_ptr, e, emask, cb, CIN, CB)
-            _rmw(ds_ptr, e, tl.sum(xt * dzb[:, None, :], 2), emask)
             _rmw(dxe_ptr, e[:, :, None] * CIN + c[None, None, :], s[:, :, None] * dzb[:, None, :],
                  emask[:, :, None] & (c < CIN)[None, None, :])
 

@@ -327,23 +327,12 @@ def conv_backward(grad, x, inp, src, rowptr, weights, biases, fourier, fourier_i
                                                               final_weight, final_bias, coef, ndim)
     HC, _, CINC, _, RC = sizes
     grad = grad.to(x.dtype).contiguous()
-    hs, s = _trunk_forward(inp, hidden, coefp, norm, HC, trunk)
-    # the contraction: d hs, d x per edge and the bias term's d s, per receiver block ...
-    dhs = x.new_zeros(E, HC)
-    dxe = x.new_zeros(E, C)
-    dsb = x.new_zeros(E)
     n_blocks = -(-n_dst // BLOCK)
-    K2.contract_backward_kernel[(n_blocks,)](grad, hs, s, x, src, rowptr, wf, bf, dhs, dxe, dsb, n_dst, *sizes,
-                                             **blocks)
-    # ... and dW', dB' per (hidden block, input block), in splits of the receivers summed in a fixed order
-    n_wblocks = (HC // BLOCK) * (CINC // BLOCK)
-    nsplit = wgrad_splits(n_blocks, n_wblocks, wf.numel(), x.device)
-    dwf = x.new_zeros(nsplit, *wf.shape)
-    dbf = x.new_zeros(nsplit, *bf.shape)
-    K2.contract_wgrad_kernel[(n_wblocks, nsplit)](grad, hs, s, x, src, rowptr, dwf, dbf, n_dst, n_blocks, *sizes,
-                                                  **blocks)
-    del hs
-    # the trunk's backward, per tile, with per-program parameter-gradient rows
+    # 1. the contraction's d hs and the bias term's d s, per receiver block (no trunk needed)
+    dhs = x.new_zeros(E, HC)
+    dsb = x.new_zeros(E)
+    K2.contract_dhs_kernel[(n_blocks,)](grad, x, src, rowptr, wf, bf, dhs, dsb, n_dst, *sizes, **blocks)
+    # 2. the trunk's backward per tile (per-program parameter-gradient rows); it leaves hs = s h in dhs's place, and s
     w1, b1, wh, bh, at, ait = hidden
     HP, P0P, nh = lay.HP, lay.P0P, wh.shape[0]
     n_tiles = -(-E // trunk["BE"])
@@ -352,8 +341,21 @@ def conv_backward(grad, x, inp, src, rowptr, weights, biases, fourier, fourier_i
     acc = lambda *shape: x.new_zeros(nprog, *shape)  # noqa: E731
     gw1, gb1, gwh, gbh, gcoef = acc(P0P, HP), acc(HP), acc(*wh.shape), acc(nh, HP), acc()
     dinp = torch.zeros_like(inp)
-    K.trunk_backward_kernel[(nprog,)](dhs, dsb, inp, *hidden, coefp, dinp, gw1, gb1, gwh, gbh, gcoef, E, HC, n_tiles,
-                                      float(norm), NH=nh, **trunk)
+    s = x.new_empty(E)
+    K.trunk_backward_kernel[(nprog,)](dhs, dsb, s, inp, *hidden, coefp, dinp, gw1, gb1, gwh, gbh, gcoef, E, HC,
+                                      n_tiles, float(norm), NH=nh, **trunk)
+    hs = dhs
+    # 3. d x per edge, per receiver block ...
+    dxe = x.new_zeros(E, C)
+    K2.contract_dx_kernel[(n_blocks,)](grad, hs, s, rowptr, wf, bf, dxe, n_dst, *sizes, **blocks)
+    # 4. ... and dW', dB' per (hidden block, input block), in splits of the receivers summed in a fixed order
+    n_wblocks = (HC // BLOCK) * (CINC // BLOCK)
+    nsplit = wgrad_splits(n_blocks, n_wblocks, wf.numel(), x.device)
+    dwf = x.new_zeros(nsplit, *wf.shape)
+    dbf = x.new_zeros(nsplit, *bf.shape)
+    K2.contract_wgrad_kernel[(n_wblocks, nsplit)](grad, hs, s, x, src, rowptr, dwf, dbf, n_dst, n_blocks, *sizes,
+                                                  **blocks)
+    del hs, dhs
     dx = torch.zeros_like(x).index_add_(0, src, dxe)
     gw1, gb1, gwh, gbh = gw1.sum(0), gb1.sum(0), gwh.sum(0), gbh.sum(0)
     dweights, dbiases = [], []
