@@ -4,16 +4,21 @@ A fused backend evaluates the implicit convolution without materialising per-edg
 (Triton today, C++/CUDA next), it implements the same stages, whose schemas, fake (meta) implementations and
 autograd formulas live here and nowhere else:
 
-``conv(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, final_weight, final_bias, coef, norm, ndim)``
+``conv(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, final_weight, final_bias, coef, norm, ndim,
+hidden)``
     ``out`` (n_dst, R): for every receiver i, ``sum_{e in rowptr[i]:rowptr[i+1]} K_e x[src_e]`` with
     ``K_e = norm * exp(-coef |d_e|^2) * (W_F . h_e + B_F)`` and ``h_e`` the trunk of the kernel MLP on
     ``inp_e = [d_e, a_e]`` (``d_e`` its first ``ndim`` columns). Edges come in receiver order (the graph's CSR:
     ``rowptr`` (n_dst + 1,), ``src`` (E,)).
 ``conv_backward(grad, <the inputs of conv>) -> [dx, dinp, *dweights, *dbiases, dfinal_weight, dfinal_bias, dcoef]``
     The vector-Jacobian product of ``conv`` (the Fourier matrices are constants and get no gradient).
-``trunk_moments(inp, weights, biases, fourier, fourier_inv) -> (2, H_k)``
+``trunk_moments(inp, weights, biases, fourier, fourier_inv, with_activation=False) -> ((2, H_k), (E, H_k))``
     Column means and sums of squared deviations of the last given layer's activation over all edges: the batch
-    statistics of the batch norm after that layer (the program finishes them, :meth:`BatchNorm.finish`).
+    statistics of the batch norm after that layer (the program finishes them, :meth:`BatchNorm.finish`); with
+    ``with_activation`` also the activation itself (else an empty tensor). In training the statistics of the last
+    hidden layer are computed from the same activation that ``conv`` contracts (its batch norm is folded into the
+    final Linear), so ``conv`` takes it back as ``hidden`` (optional, never differentiated, must be the activation of
+    the given program on ``inp``) instead of evaluating the trunk a second time.
 
 The tensors are those of the lowered program, with every batch norm already folded (:meth:`KernelProgram.packed`),
 unpadded: hidden layer ``k`` is ``h_k = act_k(h_{k-1} W_k^T + b_k)`` with ``W_k`` (H_k, H_{k-1}), or (D, C, C) for a
@@ -63,10 +68,10 @@ _LIB = torch.library.Library("ik_fast", "FRAGMENT")
 _PROGRAM = ("Tensor[] weights, Tensor[] biases, Tensor[] fourier, Tensor[] fourier_inv, Tensor final_weight, "
             "Tensor final_bias, Tensor coef, float norm, int ndim")
 SCHEMAS = {
-    "conv": f"(Tensor x, Tensor inp, Tensor src, Tensor rowptr, {_PROGRAM}) -> Tensor",
+    "conv": f"(Tensor x, Tensor inp, Tensor src, Tensor rowptr, {_PROGRAM}, Tensor? hidden) -> Tensor",
     "conv_backward": f"(Tensor grad, Tensor x, Tensor inp, Tensor src, Tensor rowptr, {_PROGRAM}) -> Tensor[]",
-    "trunk_moments": ("(Tensor inp, Tensor[] weights, Tensor[] biases, Tensor[] fourier, Tensor[] fourier_inv) "
-                      "-> Tensor"),
+    "trunk_moments": ("(Tensor inp, Tensor[] weights, Tensor[] biases, Tensor[] fourier, Tensor[] fourier_inv, "
+                      "bool with_activation=False) -> (Tensor, Tensor)"),
 }
 
 
@@ -112,8 +117,9 @@ def receivers(rowptr: Tensor, num_edges: int) -> Tensor:
 
 
 def conv_reference_form(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, final_weight, final_bias, coef,
-                        norm, ndim) -> Tensor:
-    """``conv`` as plain differentiable PyTorch (per-edge kernels, the reference backend's memory)."""
+                        norm, ndim, hidden=None) -> Tensor:
+    """``conv`` as plain differentiable PyTorch (per-edge kernels, the reference backend's memory). ``hidden`` is
+    ignored: it only spares an implementation recomputing the trunk (see the module docstring)."""
     E = inp.shape[0]
     R, H, C = final_weight.shape
     h = trunk_reference_form(inp, weights, biases, fourier, fourier_inv)
@@ -126,7 +132,7 @@ def conv_reference_form(x, inp, src, rowptr, weights, biases, fourier, fourier_i
 # fakes and autograd, written once for every implementation
 # ----------------------------------------------------------------------------------------------------------------
 def _fake_conv(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, final_weight, final_bias, coef, norm,
-               ndim):
+               ndim, hidden=None):
     return x.new_empty(rowptr.shape[0] - 1, final_weight.shape[0])
 
 
@@ -135,8 +141,9 @@ def _fake_conv_backward(grad, x, inp, src, rowptr, weights, biases, fourier, fou
     return [torch.empty_like(t) for t in (x, inp, *weights, *biases, final_weight, final_bias, coef)]
 
 
-def _fake_trunk_moments(inp, weights, biases, fourier, fourier_inv):
-    return inp.new_empty(2, hidden_width(weights[-1]) if weights else inp.shape[1])
+def _fake_trunk_moments(inp, weights, biases, fourier, fourier_inv, with_activation=False):
+    H = hidden_width(weights[-1]) if weights else inp.shape[1]
+    return inp.new_empty(2, H), inp.new_empty(inp.shape[0] if with_activation else 0, H)
 
 
 _CONV_ARGS = ("x", "inp", "src", "rowptr", "weights", "biases", "fourier", "fourier_inv", "final_weight",
@@ -151,7 +158,8 @@ def _split_grads(flat: Sequence[Optional[Tensor]], n_layers: int) -> dict:
 
 
 def _conv_setup_context(ctx, inputs, output):
-    tensors = [t for t in inputs if isinstance(t, Tensor)]
+    # (``hidden``, the 14th input, is not saved: the backward recomputes the trunk, keeping one (E, H) tensor alive)
+    tensors = [t for t in inputs[:13] if isinstance(t, Tensor)]
     ctx.n_layers = len(inputs[4])
     ctx.save_for_backward(*tensors, *inputs[4], *inputs[5], *inputs[6], *inputs[7])
     ctx.norm, ctx.ndim = inputs[11], inputs[12]
@@ -171,7 +179,7 @@ def _conv_backward_formula(impl: str):
         g = _split_grads(flat, ctx.n_layers)
         L = ctx.n_layers
         return (g["x"], g["inp"], None, None, g["weights"], g["biases"], [None] * L, [None] * L, g["final_weight"],
-                g["final_bias"], g["coef"], None, None)
+                g["final_bias"], g["coef"], None, None, None)
     return backward
 
 
@@ -281,10 +289,12 @@ def _op(impl: str, stage: str):
     return getattr(torch.ops.ik_fast, f"{impl}_{stage}")
 
 
-def conv(impl: str, x: Tensor, inp: Tensor, src: Tensor, rowptr: Tensor, program: PackedProgram) -> Tensor:
-    return _op(impl, "conv")(x, inp, src, rowptr, *program.args())
+def conv(impl: str, x: Tensor, inp: Tensor, src: Tensor, rowptr: Tensor, program: PackedProgram,
+         hidden: Optional[Tensor] = None) -> Tensor:
+    return _op(impl, "conv")(x, inp, src, rowptr, *program.args(), hidden)
 
 
-def trunk_moments(impl: str, inp: Tensor, program: PackedProgram, upto: int) -> Tensor:
+def trunk_moments(impl: str, inp: Tensor, program: PackedProgram, upto: int, with_activation: bool = False):
+    """(moments (2, H_k), the activation (E, H_k) when ``with_activation`` else an empty tensor)."""
     return _op(impl, "trunk_moments")(inp, program.weights[:upto], program.biases[:upto], program.fourier[:upto],
-                                      program.fourier_inv[:upto])
+                                      program.fourier_inv[:upto], with_activation)

@@ -54,10 +54,12 @@ def _edges(start, deg, t0, KP: tl.constexpr):
 
 
 @triton.jit
-def _load_hs(hs_ptr, e, emask, hb, HC, HB: tl.constexpr):
-    """hs (BN, KP, HB): hidden block ``hb`` of the chunk's edges."""
-    h = hb + tl.arange(0, HB)
-    return tl.load(hs_ptr + e[:, :, None] * HC + h[None, None, :], mask=emask[:, :, None], other=0.0)
+def _load_hs(h_ptr, s_ptr, e, emask, hb, H, HB: tl.constexpr):
+    """hs = s h (BN, KP, HB): hidden block ``hb`` of the chunk's edges (h (E, H), s (E,))."""
+    hh = hb + tl.arange(0, HB)
+    h = tl.load(h_ptr + e[:, :, None] * H + hh[None, None, :], mask=emask[:, :, None] & (hh < H)[None, None, :],
+                other=0.0)
+    return h * tl.load(s_ptr + e, mask=emask, other=0.0)[:, :, None]
 
 
 @triton.jit
@@ -70,13 +72,13 @@ def _load_x(x_ptr, src_ptr, e, emask, cb, CIN, CB: tl.constexpr):
 
 
 @triton.jit
-def _z_block(hs_ptr, x_ptr, src_ptr, start, deg, nmax, hb, cb, HC, CIN, BN: tl.constexpr, KP: tl.constexpr,
+def _z_block(h_ptr, s_ptr, x_ptr, src_ptr, start, deg, nmax, hb, cb, H, CIN, BN: tl.constexpr, KP: tl.constexpr,
              HB: tl.constexpr, CB: tl.constexpr, PREC: tl.constexpr):
     """Z block (BN, HB * CB) of the receivers: sum over their edges of hs (x) x, one chunk of KP edges at a time."""
-    z = tl.zeros((BN, HB, CB), dtype=hs_ptr.dtype.element_ty)
+    z = tl.zeros((BN, HB, CB), dtype=h_ptr.dtype.element_ty)
     for t0 in range(0, nmax, KP):
         e, emask = _edges(start, deg, t0, KP)
-        a = _load_hs(hs_ptr, e, emask, hb, HC, HB)
+        a = _load_hs(h_ptr, s_ptr, e, emask, hb, H, HB)
         xt = _load_x(x_ptr, src_ptr, e, emask, cb, CIN, CB)
         z += _mm(tl.permute(a, (0, 2, 1)), xt, PREC)
     return tl.reshape(z, (BN, HB * CB))
@@ -98,22 +100,22 @@ def _rmw(ptr, offs, value, mask):
     tl.store(ptr + offs, old + value.to(old.dtype), mask=mask)
 
 
-@triton.jit(do_not_specialize=["n_dst", "HC", "CIN", "CINC", "R", "RC"])
-def contract_forward_kernel(hs_ptr, s_ptr, x_ptr, src_ptr, rowptr_ptr, wf_ptr, bf_ptr, out_ptr, n_dst, HC, CIN, CINC,
-                            R, RC, BN: tl.constexpr, KP: tl.constexpr, HB: tl.constexpr, CB: tl.constexpr,
+@triton.jit(do_not_specialize=["n_dst", "H", "HC", "CIN", "CINC", "R", "RC"])
+def contract_forward_kernel(h_ptr, s_ptr, x_ptr, src_ptr, rowptr_ptr, wf_ptr, bf_ptr, out_ptr, n_dst, H, HC, CIN,
+                            CINC, R, RC, BN: tl.constexpr, KP: tl.constexpr, HB: tl.constexpr, CB: tl.constexpr,
                             RB: tl.constexpr, PREC: tl.constexpr):
-    """out (n_dst, R), zero on entry."""
+    """out (n_dst, R), zero on entry; h (E, H) the last hidden activation, s (E,) the radial shell."""
     i, imask, start, deg, nmax = _receivers(rowptr_ptr, tl.program_id(0), n_dst, BN)
     for hb in range(0, HC, HB):
         for cb in range(0, CINC, CB):
-            z = _z_block(hs_ptr, x_ptr, src_ptr, start, deg, nmax, hb, cb, HC, CIN, BN, KP, HB, CB, PREC)
+            z = _z_block(h_ptr, s_ptr, x_ptr, src_ptr, start, deg, nmax, hb, cb, H, CIN, BN, KP, HB, CB, PREC)
             for rb in range(0, RC, RB):
                 r = rb + tl.arange(0, RB)
                 o = _mm(z, _w_block(wf_ptr, hb, cb, rb, CINC, RC, HB, CB, RB), PREC)
                 _rmw(out_ptr, i[:, None] * R + r[None, :], o, imask[:, None] & (r < R)[None, :])
     # the bias term: zb = sum_e s_e x_e per receiver, times B'
     for cb in range(0, CINC, CB):
-        zb = tl.zeros((BN, CB), dtype=hs_ptr.dtype.element_ty)
+        zb = tl.zeros((BN, CB), dtype=h_ptr.dtype.element_ty)
         for t0 in range(0, nmax, KP):
             e, emask = _edges(start, deg, t0, KP)
             s = tl.load(s_ptr + e, mask=emask, other=0.0)
@@ -152,11 +154,11 @@ def _dzb_block(g_ptr, bf_ptr, i, imask, cb, R, RC, BN: tl.constexpr, CB: tl.cons
     return dzb
 
 
-@triton.jit(do_not_specialize=["n_dst", "HC", "CIN", "CINC", "R", "RC"])
-def contract_dhs_kernel(g_ptr, x_ptr, src_ptr, rowptr_ptr, wf_ptr, bf_ptr, dhs_ptr, ds_ptr, n_dst, HC, CIN, CINC, R,
-                        RC, BN: tl.constexpr, KP: tl.constexpr, HB: tl.constexpr, CB: tl.constexpr, RB: tl.constexpr,
-                        PREC: tl.constexpr):
-    """Given dout (n_dst, R): d hs_e = dZ_i x_e (E, HC) and the bias term's d s_e = d zb_i . x_e (E,), zero on entry.
+@triton.jit(do_not_specialize=["n_dst", "H", "HC", "CIN", "CINC", "R", "RC"])
+def contract_dhs_kernel(g_ptr, x_ptr, src_ptr, rowptr_ptr, wf_ptr, bf_ptr, dhs_ptr, ds_ptr, n_dst, H, HC, CIN, CINC,
+                        R, RC, BN: tl.constexpr, KP: tl.constexpr, HB: tl.constexpr, CB: tl.constexpr,
+                        RB: tl.constexpr, PREC: tl.constexpr):
+    """Given dout (n_dst, R): d hs_e = dZ_i x_e (E, H) and the bias term's d s_e = d zb_i . x_e (E,), zero on entry.
     Needs neither hs nor s: it runs before the trunk's backward, which recomputes hs."""
     i, imask, start, deg, nmax = _receivers(rowptr_ptr, tl.program_id(0), n_dst, BN)
     for hb in range(0, HC, HB):
@@ -166,7 +168,8 @@ def contract_dhs_kernel(g_ptr, x_ptr, src_ptr, rowptr_ptr, wf_ptr, bf_ptr, dhs_p
             for t0 in range(0, nmax, KP):
                 e, emask = _edges(start, deg, t0, KP)
                 xt = _load_x(x_ptr, src_ptr, e, emask, cb, CIN, CB)
-                _rmw(dhs_ptr, e[:, :, None] * HC + h[None, None, :], _mm(xt, dzt, PREC), emask[:, :, None])
+                _rmw(dhs_ptr, e[:, :, None] * H + h[None, None, :], _mm(xt, dzt, PREC),
+                     emask[:, :, None] & (h < H)[None, None, :])
     for cb in range(0, CINC, CB):
         dzb = _dzb_block(g_ptr, bf_ptr, i, imask, cb, R, RC, BN, CB, RB, PREC)
         for t0 in range(0, nmax, KP):
@@ -175,8 +178,8 @@ def contract_dhs_kernel(g_ptr, x_ptr, src_ptr, rowptr_ptr, wf_ptr, bf_ptr, dhs_p
             _rmw(ds_ptr, e, tl.sum(xt * dzb[:, None, :], 2), emask)
 
 
-@triton.jit(do_not_specialize=["n_dst", "HC", "CIN", "CINC", "R", "RC"])
-def contract_dx_kernel(g_ptr, hs_ptr, s_ptr, rowptr_ptr, wf_ptr, bf_ptr, dxe_ptr, n_dst, HC, CIN, CINC, R, RC,
+@triton.jit(do_not_specialize=["n_dst", "H", "HC", "CIN", "CINC", "R", "RC"])
+def contract_dx_kernel(g_ptr, h_ptr, s_ptr, rowptr_ptr, wf_ptr, bf_ptr, dxe_ptr, n_dst, H, HC, CIN, CINC, R, RC,
                        BN: tl.constexpr, KP: tl.constexpr, HB: tl.constexpr, CB: tl.constexpr, RB: tl.constexpr,
                        PREC: tl.constexpr):
     """Given dout (n_dst, R): the gradient of each edge's gathered source features, d x_e = dZ_i^T hs_e + s_e d zb_i
@@ -188,7 +191,7 @@ def contract_dx_kernel(g_ptr, hs_ptr, s_ptr, rowptr_ptr, wf_ptr, bf_ptr, dxe_ptr
             dz = _dz_block(g_ptr, wf_ptr, i, imask, hb, cb, CINC, R, RC, BN, HB, CB, RB, PREC)
             for t0 in range(0, nmax, KP):
                 e, emask = _edges(start, deg, t0, KP)
-                a = _load_hs(hs_ptr, e, emask, hb, HC, HB)
+                a = _load_hs(h_ptr, s_ptr, e, emask, hb, H, HB)
                 _rmw(dxe_ptr, e[:, :, None] * CIN + c[None, None, :], _mm(a, dz, PREC),
                      emask[:, :, None] & (c < CIN)[None, None, :])
         dzb = _dzb_block(g_ptr, bf_ptr, i, imask, cb, R, RC, BN, CB, RB, PREC)
@@ -199,8 +202,8 @@ def contract_dx_kernel(g_ptr, hs_ptr, s_ptr, rowptr_ptr, wf_ptr, bf_ptr, dxe_ptr
                  emask[:, :, None] & (c < CIN)[None, None, :])
 
 
-@triton.jit(do_not_specialize=["n_dst", "n_blocks", "HC", "CIN", "CINC", "R", "RC"])
-def contract_wgrad_kernel(g_ptr, hs_ptr, s_ptr, x_ptr, src_ptr, rowptr_ptr, dwf_ptr, dbf_ptr, n_dst, n_blocks, HC,
+@triton.jit(do_not_specialize=["n_dst", "n_blocks", "H", "HC", "CIN", "CINC", "R", "RC"])
+def contract_wgrad_kernel(g_ptr, h_ptr, s_ptr, x_ptr, src_ptr, rowptr_ptr, dwf_ptr, dbf_ptr, n_dst, n_blocks, H, HC,
                           CIN, CINC, R, RC, BN: tl.constexpr, KP: tl.constexpr, HB: tl.constexpr, CB: tl.constexpr,
                           RB: tl.constexpr, PREC: tl.constexpr):
     """Partial sums over one split of the receiver blocks: dW' (NSPLIT, HC, CINC, RC) and dB' (NSPLIT, CINC, RC), the
@@ -215,10 +218,10 @@ def contract_wgrad_kernel(g_ptr, hs_ptr, s_ptr, x_ptr, src_ptr, rowptr_ptr, dwf_
     h = hb + tl.arange(0, HB)
     c = cb + tl.arange(0, CB)
     rows = tl.reshape(h[:, None] * CINC + c[None, :], (HB * CB,)).to(tl.int64)
-    dt = hs_ptr.dtype.element_ty
+    dt = h_ptr.dtype.element_ty
     for blk in range(split, n_blocks, nsplit):
         i, imask, start, deg, nmax = _receivers(rowptr_ptr, blk, n_dst, BN)
-        z = _z_block(hs_ptr, x_ptr, src_ptr, start, deg, nmax, hb, cb, HC, CIN, BN, KP, HB, CB, PREC)
+        z = _z_block(h_ptr, s_ptr, x_ptr, src_ptr, start, deg, nmax, hb, cb, H, CIN, BN, KP, HB, CB, PREC)
         zt = tl.trans(z)  # (HB * CB, BN)
         for rb in range(0, RC, RB):
             r = rb + tl.arange(0, RB)

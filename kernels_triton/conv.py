@@ -6,11 +6,12 @@ One program takes a tile of ``BE`` consecutive edges of the receiver-sorted edge
 ``ELU(y A^T) Ainv^T``, two small GEMMs on the (edge x channel, component) view of the tile) or a pointwise ELU, and
 every batch norm is already folded into the Linear that follows it (host side). Kernels:
 
-* :func:`trunk_forward_kernel`: ``hs = s h`` (the last activation times the radial shell ``s = norm exp(-coef |d|^2)``)
-  written in the compact hidden layout (E, HC) that the contraction reads, and ``s``;
+* :func:`trunk_forward_kernel`: the last activation ``h`` in the compact hidden layout (E, H) that the contraction
+  reads, and the radial shell ``s = norm exp(-coef |d|^2)``;
 * :func:`fused_stats_kernel`: for batch norm in training mode, per-component mean and sum of squared deviations of
   one hidden layer's activations (per persistent program, merged with Chan's formula), the trunk recomputed up to that
-  layer with the earlier batch norms folded;
+  layer with the earlier batch norms folded; for the last layer it also writes the activation, which the forward's
+  contraction then reads instead of evaluating the trunk again;
 * :func:`trunk_backward_kernel`: from ``d hs`` (written by the contraction's backward), the gradients of the MLP
   input and of the trunk's parameters, recomputing the trunk layer by layer from the input; parameter gradients are
   accumulated per program (a persistent grid, one accumulator row each): deterministic, the host adds the rows in a
@@ -325,29 +326,31 @@ def _compact_columns(HP: tl.constexpr, PD: tl.constexpr, C: tl.constexpr, D: tl.
     return ch * D + d, (ch < C) & (d < D)
 
 
-@triton.jit(do_not_specialize=["E", "HC"])
-def trunk_forward_kernel(inp_ptr, w1, b1, wh, bh, at, ait, coef_ptr, hs_ptr, s_ptr, E, HC, norm,
+@triton.jit(do_not_specialize=["E"])
+def trunk_forward_kernel(inp_ptr, w1, b1, wh, bh, at, ait, coef_ptr, h_ptr, s_ptr, E, norm,
                          P0: tl.constexpr, P0P: tl.constexpr, NDIM: tl.constexpr, NL: tl.constexpr, CP: tl.constexpr,
                          DP: tl.constexpr, GP: tl.constexpr, GW: tl.constexpr, FOURIER: tl.constexpr,
                          C: tl.constexpr, D: tl.constexpr, PD: tl.constexpr, BE: tl.constexpr, PREC: tl.constexpr,
                          CWF: tl.constexpr):
-    """The MLP trunk of a tile of BE edges, times the radial shell: hs (E, HC) = s h in the compact hidden layout
-    (unit c * D + d; columns from C * D on stay as they are, zero), and s (E,)."""
+    """The MLP trunk of a tile of BE edges: h (E, C * D), the last activation in the compact layout (unit c * D + d),
+    and the radial shell s (E,)."""
     HP: tl.constexpr = CP * DP
     t = tl.program_id(0)
     offs, emask, inp, s, _, _ = _load_tile(inp_ptr, coef_ptr, norm, t, E, P0, P0P, NDIM, BE)
-    hs = _trunk(inp, w1, b1, wh, bh, at, ait, NL, P0P, BE, CP, DP, GP, GW, FOURIER, PREC, CWF) * s[:, None]
+    h = _trunk(inp, w1, b1, wh, bh, at, ait, NL, P0P, BE, CP, DP, GP, GW, FOURIER, PREC, CWF)
     col, real = _compact_columns(HP, PD, C, D)
-    tl.store(hs_ptr + offs[:, None] * HC + col[None, :], hs, mask=emask[:, None] & real[None, :])
+    tl.store(h_ptr + offs[:, None] * (C * D) + col[None, :], h, mask=emask[:, None] & real[None, :])
     tl.store(s_ptr + offs, s, mask=emask)
 
 
 @triton.jit(do_not_specialize=["E", "n_tiles"])
-def fused_stats_kernel(inp_ptr, w1, b1, wh, bh, at, ait, coef_ptr, out_ptr, E, n_tiles,
+def fused_stats_kernel(inp_ptr, w1, b1, wh, bh, at, ait, coef_ptr, out_ptr, act_ptr, E, n_tiles,
                        K: tl.constexpr, P0: tl.constexpr, P0P: tl.constexpr, NDIM: tl.constexpr, CP: tl.constexpr,
                        DP: tl.constexpr, GP: tl.constexpr, GW: tl.constexpr, FOURIER: tl.constexpr,
-                       BE: tl.constexpr, PREC: tl.constexpr, CWF: tl.constexpr):
-    """Per program: (count, mean (HP), M2 (HP)) of layer K's activation over its tiles -> out (NPROG, 1 + 2 HP).
+                       BE: tl.constexpr, PREC: tl.constexpr, CWF: tl.constexpr, C: tl.constexpr, D: tl.constexpr,
+                       PD: tl.constexpr, WRITE: tl.constexpr):
+    """Per program: (count, mean (HP), M2 (HP)) of layer K's activation over its tiles -> out (NPROG, 1 + 2 HP); with
+    WRITE also the activation itself, act (E, C * D) in the compact layout.
 
     The running moments live in the program's own output row (zeros at the start) and are merged block by block of
     GW columns (Chan et al.'s pairwise formula), so that only one block's statistics are in registers at a time."""
@@ -362,6 +365,9 @@ def fused_stats_kernel(inp_ptr, w1, b1, wh, bh, at, ait, coef_ptr, out_ptr, E, n
     for t in range(pid, n_tiles, nprog):
         offs, emask, inp, _, _, _ = _load_tile(inp_ptr, coef_ptr, 1.0, t, E, P0, P0P, NDIM, BE)
         a = _trunk(inp, w1, b1, wh, bh, at, ait, K, P0P, BE, CP, DP, GP, GW, FOURIER, PREC, CWF)
+        if WRITE:
+            col, real = _compact_columns(HP, PD, C, D)
+            tl.store(act_ptr + offs[:, None] * (C * D) + col[None, :], a, mask=emask[:, None] & real[None, :])
         a3 = tl.reshape(a, (BE, NG, GW))
         n_b = tl.sum(emask.to(dt), 0)
         n = n_a + n_b
@@ -404,17 +410,17 @@ def _act_and_bwd(y, dv, at_ptr, ait_ptr, BE: tl.constexpr, CP: tl.constexpr, DP:
         return _elu(y), dv * _elu_grad(y)
 
 
-@triton.jit(do_not_specialize=["E", "HC", "n_tiles"])
+@triton.jit(do_not_specialize=["E", "n_tiles"])
 def trunk_backward_kernel(dhs_ptr, dsb_ptr, s_ptr, inp_ptr, w1, b1, wh, bh, at, ait, coef_ptr, dinp_ptr, gw1, gb1,
-                          gwh, gbh, gcoef, E, HC, n_tiles, norm, P0: tl.constexpr, P0P: tl.constexpr,
+                          gwh, gbh, gcoef, E, n_tiles, norm, P0: tl.constexpr, P0P: tl.constexpr,
                           NDIM: tl.constexpr, NL: tl.constexpr, CP: tl.constexpr, DP: tl.constexpr,
                           GP: tl.constexpr, GW: tl.constexpr, FOURIER: tl.constexpr, C: tl.constexpr,
                           D: tl.constexpr, PD: tl.constexpr, BE: tl.constexpr, PREC: tl.constexpr, NH: tl.constexpr,
                           CWF: tl.constexpr):
-    """Backward of :func:`trunk_forward_kernel` given d hs (E, HC, compact) and the bias term's d s (E,): d of the MLP
+    """Backward of :func:`trunk_forward_kernel` given d hs (E, C D, compact) and the bias term's d s (E,): d of the MLP
     input (E, P0) and the trunk's parameter gradients, accumulated per program (a persistent grid, one accumulator
     row per program: deterministic, the host adds the rows in a fixed order). The trunk is recomputed layer by layer
-    from the input, once per layer; on the way it writes ``hs = s h`` over ``d hs`` (each tile reads its rows
+    from the input, once per layer; on the way it writes ``h`` over ``d hs`` (each tile reads its rows
     before writing them) and ``s``, which the contraction's remaining backward kernels read, so no separate forward
     pass of the trunk is needed."""
     HP: tl.constexpr = CP * DP
@@ -431,7 +437,7 @@ def trunk_backward_kernel(dhs_ptr, dsb_ptr, s_ptr, inp_ptr, w1, b1, wh, bh, at, 
     for t in range(pid, n_tiles, nprog):
         offs, emask, inp, s, r2, coef = _load_tile(inp_ptr, coef_ptr, norm, t, E, P0, P0P, NDIM, BE)
         hmask = emask[:, None] & real[None, :]
-        dhs = tl.load(dhs_ptr + offs[:, None] * HC + col[None, :], mask=hmask, other=0.0)
+        dhs = tl.load(dhs_ptr + offs[:, None] * (C * D) + col[None, :], mask=hmask, other=0.0)
         dh = dhs * s[:, None]
         if NL == 0:
             h = inp
@@ -440,7 +446,7 @@ def trunk_backward_kernel(dhs_ptr, dsb_ptr, s_ptr, inp_ptr, w1, b1, wh, bh, at, 
             a_prev, y = _forward_to(inp, w1, b1, wh, bh, at, ait, NL, P0P, BE, CP, DP, GP, GW, FOURIER, PREC, CWF)
             h, dy = _act_and_bwd(y, dh, at + (NL - 1) * DP * GP, ait + (NL - 1) * GP * DP, BE, CP, DP, GP, GW,
                                  FOURIER, PREC)
-        tl.store(dhs_ptr + offs[:, None] * HC + col[None, :], h * s[:, None], mask=hmask)
+        tl.store(dhs_ptr + offs[:, None] * (C * D) + col[None, :], h, mask=hmask)
         tl.store(s_ptr + offs, s, mask=emask)
         ds = tl.sum(dhs * h, 1) + tl.load(dsb_ptr + offs, mask=emask, other=0.0)
         # radial shell s = norm * exp(-coef r^2)

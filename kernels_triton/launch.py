@@ -286,30 +286,37 @@ def _setup(x, inp, weights, biases, fourier, fourier_inv, final_weight, final_bi
                  FOURIER=lay.FOURIER, C=lay.C, D=lay.D, PD=lay.PD, BE=tile_size(x.device, lay.HP), PREC=prec,
                  CWF=lay.CWF)
     blocks = dict(BN=BLOCK, KP=BLOCK, HB=BLOCK, CB=BLOCK, RB=BLOCK, PREC=prec)
-    sizes = (_ceil(lay.C * lay.D), C, _ceil(C), R, _ceil(R))  # HC, CIN, CINC, R, RC
+    H = lay.C * lay.D
+    sizes = (H, _ceil(H), C, _ceil(C), R, _ceil(R))  # H, HC, CIN, CINC, R, RC
     return lay, hidden, wf, bf, coef.to(dtype).reshape(1).contiguous(), trunk, blocks, sizes
 
 
-def _trunk_forward(inp, hidden, coef, norm, HC, trunk):
-    """hs = s h (E, HC) in the compact hidden layout, and s (E,)."""
+def _trunk_forward(inp, hidden, coef, norm, H, trunk):
+    """h (E, H), the last hidden activation in the compact layout, and the radial shell s (E,)."""
     E = inp.shape[0]
-    hs = inp.new_zeros(E, HC)
+    h = inp.new_empty(E, H)
     s = inp.new_empty(E)
-    K.trunk_forward_kernel[(-(-E // trunk["BE"]),)](inp, *hidden, coef, hs, s, E, HC, float(norm), **trunk)
-    return hs, s
+    K.trunk_forward_kernel[(-(-E // trunk["BE"]),)](inp, *hidden, coef, h, s, E, float(norm), **trunk)
+    return h, s
 
 
-def conv(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, final_weight, final_bias, coef, norm, ndim):
+def conv(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, final_weight, final_bias, coef, norm, ndim,
+         hidden=None):
     R = final_weight.shape[0]
     n_dst = rowptr.shape[0] - 1
     E = inp.shape[0]
     out = x.new_zeros(n_dst, R)
     if E == 0:
         return out
-    lay, hidden, wf, bf, coef, trunk, blocks, sizes = _setup(x, inp.contiguous(), weights, biases, fourier,
-                                                              fourier_inv, final_weight, final_bias, coef, ndim)
-    hs, s = _trunk_forward(inp.contiguous(), hidden, coef, norm, sizes[0], trunk)
-    K2.contract_forward_kernel[(-(-n_dst // BLOCK),)](hs, s, x.contiguous(), src.contiguous(), rowptr, wf, bf, out,
+    inp = inp.contiguous()
+    lay, mlp, wf, bf, coefp, trunk, blocks, sizes = _setup(x, inp, weights, biases, fourier, fourier_inv,
+                                                           final_weight, final_bias, coef, ndim)
+    if hidden is None:
+        h, s = _trunk_forward(inp, mlp, coefp, norm, sizes[0], trunk)
+    else:  # the activation from the statistics pass of the last layer: only the radial shell is left to compute
+        h = hidden.to(x.dtype).contiguous()
+        s = torch.exp(-coefp * inp[:, :ndim].square().sum(1)) * norm
+    K2.contract_forward_kernel[(-(-n_dst // BLOCK),)](h, s, x.contiguous(), src.contiguous(), rowptr, wf, bf, out,
                                                       n_dst, *sizes, **blocks)
     return out
 
@@ -325,14 +332,14 @@ def conv_backward(grad, x, inp, src, rowptr, weights, biases, fourier, fourier_i
     x, inp, src = x.contiguous(), inp.contiguous(), src.contiguous()
     lay, hidden, wf, bf, coefp, trunk, blocks, sizes = _setup(x, inp, weights, biases, fourier, fourier_inv,
                                                               final_weight, final_bias, coef, ndim)
-    HC, _, CINC, _, RC = sizes
+    H_, HC, _, CINC, _, RC = sizes
     grad = grad.to(x.dtype).contiguous()
     n_blocks = -(-n_dst // BLOCK)
     # 1. the contraction's d hs and the bias term's d s, per receiver block (no trunk needed)
-    dhs = x.new_zeros(E, HC)
+    dhs = x.new_zeros(E, H_)
     dsb = x.new_zeros(E)
     K2.contract_dhs_kernel[(n_blocks,)](grad, x, src, rowptr, wf, bf, dhs, dsb, n_dst, *sizes, **blocks)
-    # 2. the trunk's backward per tile (per-program parameter-gradient rows); it leaves hs = s h in dhs's place, and s
+    # 2. the trunk's backward per tile (per-program parameter-gradient rows); it leaves h in dhs's place, and s
     w1, b1, wh, bh, at, ait = hidden
     HP, P0P, nh = lay.HP, lay.P0P, wh.shape[0]
     n_tiles = -(-E // trunk["BE"])
@@ -342,9 +349,9 @@ def conv_backward(grad, x, inp, src, rowptr, weights, biases, fourier, fourier_i
     gw1, gb1, gwh, gbh, gcoef = acc(P0P, HP), acc(HP), acc(*wh.shape), acc(nh, HP), acc()
     dinp = torch.zeros_like(inp)
     s = x.new_empty(E)
-    K.trunk_backward_kernel[(nprog,)](dhs, dsb, s, inp, *hidden, coefp, dinp, gw1, gb1, gwh, gbh, gcoef, E, HC,
-                                      n_tiles, float(norm), NH=nh, **trunk)
-    hs = dhs
+    K.trunk_backward_kernel[(nprog,)](dhs, dsb, s, inp, *hidden, coefp, dinp, gw1, gb1, gwh, gbh, gcoef, E, n_tiles,
+                                      float(norm), NH=nh, **trunk)
+    hs = dhs  # now h
     # 3. d x per edge, per receiver block ...
     dxe = x.new_zeros(E, C)
     K2.contract_dx_kernel[(n_blocks,)](grad, hs, s, rowptr, wf, bf, dxe, n_dst, *sizes, **blocks)
@@ -379,27 +386,30 @@ def conv_backward(grad, x, inp, src, rowptr, weights, biases, fourier, fourier_i
             dfb.to(final_bias.dtype).contiguous(), gcoef.sum(0).reshape(1).to(coef.dtype)]
 
 
-def trunk_moments(inp, weights, biases, fourier, fourier_inv):
+def trunk_moments(inp, weights, biases, fourier, fourier_inv, with_activation=False):
     E = inp.shape[0]
     weights = kernel_weights(weights, fourier)
     lay = layout(inp, weights, fourier, 1, 0)
+    H = lay.C * lay.D
+    act = inp.new_empty(E if with_activation else 0, H)
     if E == 0:
-        return inp.new_zeros(2, lay.C * lay.D)
+        return inp.new_zeros(2, H), act
     w1, b1, wh, bh, at, ait = pad_hidden(lay, weights, biases, fourier, fourier_inv, inp.dtype, inp.device)
     HP = lay.HP
     n_tiles = (E + STATS_TILE - 1) // STATS_TILE
     nprog = num_programs(n_tiles, inp.device, 1 + 2 * HP)
     parts = inp.new_zeros(nprog, 1 + 2 * HP)
     K.fused_stats_kernel[(nprog,)](
-        inp.contiguous(), w1, b1, wh, bh, at, ait, inp.new_zeros(1), parts, E, n_tiles, K=lay.NL, P0=lay.P0,
+        inp.contiguous(), w1, b1, wh, bh, at, ait, inp.new_zeros(1), parts, act, E, n_tiles, K=lay.NL, P0=lay.P0,
         P0P=lay.P0P, NDIM=0, CP=lay.CP, DP=lay.DP, GP=lay.GP, GW=lay.GW, FOURIER=lay.FOURIER, BE=STATS_TILE,
-        PREC=PREC_NAMES[precision(inp.dtype, inp.device)], CWF=lay.CWF)
+        PREC=PREC_NAMES[precision(inp.dtype, inp.device)], CWF=lay.CWF, C=lay.C, D=lay.D, PD=lay.PD,
+        WRITE=bool(with_activation))
     # merge the programs' partial moments (Chan et al.) with tensor code, in a fixed order
     count, mean, m2 = parts[:, :1], parts[:, 1:1 + HP], parts[:, 1 + HP:]
     total = mean * count
     mu = total.sum(0) / E
     M2 = (m2 + count * (mean - mu).square()).sum(0)
-    return unpad_h(torch.stack([mu, M2]), 1, lay)
+    return unpad_h(torch.stack([mu, M2]), 1, lay), act
 
 
 def _register():

@@ -150,7 +150,7 @@ def test_triton_deterministic_and_compiles_on_cuda():
     prog = conv.eval().kernel.program()
     g = prepare_graph(ei, x.shape[0], x.shape[0])
     inp = prog.mlp_input(pos[ei[0]] - pos[ei[1]], a)[g.perm].contiguous()
-    args = (x, inp, g.src[g.perm].contiguous(), g.rowptr, *prog.packed([], x.dtype).args())
+    args = (x, inp, g.src[g.perm].contiguous(), g.rowptr, *prog.packed([], x.dtype).args(), None)
     eager = torch.ops.ik_fast.triton_conv(*args)
     compiled = torch.compile(lambda *a: torch.ops.ik_fast.triton_conv(*a), fullgraph=True)(*args)
     assert rel(compiled, eager) < 1e-6

@@ -47,7 +47,7 @@ def _op_args(conv, pos, ei, x, a):
     leaf = lambda t: t.detach().clone().requires_grad_()  # noqa: E731
     return (leaf(x), leaf(inp), g.src[g.perm].contiguous(), g.rowptr, [leaf(w) for w in p.weights],
             [leaf(b) for b in p.biases], p.fourier, p.fourier_inv, leaf(p.final_weight), leaf(p.final_bias),
-            leaf(p.coef), p.norm, p.ndim)
+            leaf(p.coef), p.norm, p.ndim, None)
 
 
 def _leaves(args):
@@ -64,9 +64,15 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.ik_fast.triton_conv, args)
     # the backward op, with autograd through it (double backward), and the statistics op on plain tensors
     grad = torch.randn(args[3].shape[0] - 1, args[8].shape[0], dtype=args[0].dtype, requires_grad=True)
-    torch.library.opcheck(torch.ops.ik_fast.triton_conv_backward, (grad, *args))
+    torch.library.opcheck(torch.ops.ik_fast.triton_conv_backward, (grad, *args[:13]))
     plain = [t.detach() for t in args[4]], [t.detach() for t in args[5]]
-    torch.library.opcheck(torch.ops.ik_fast.triton_trunk_moments, (args[1].detach(), *plain, args[6], args[7]))
+    for with_act in (False, True):
+        torch.library.opcheck(torch.ops.ik_fast.triton_trunk_moments,
+                              (args[1].detach(), *plain, args[6], args[7], with_act))
+    # conv given the last activation (as the statistics pass returns it) instead of evaluating the trunk
+    _, act = ops.trunk_moments("triton", args[1].detach(), ops.PackedProgram(*plain, args[6], args[7], *args[8:13]),
+                               len(args[4]), with_activation=True)
+    torch.library.opcheck(torch.ops.ik_fast.triton_conv, (*args[:13], act))
 
 
 def test_op_matches_its_statement_in_forward_backward_and_double_backward():
@@ -98,10 +104,12 @@ def test_moments_match_the_trunk():
     prog = conv.kernel.program()
     inp = prog.mlp_input(pos[ei[0]] - pos[ei[1]], a)
     p = prog.packed([], x.dtype, upto=1)
-    m = ops.trunk_moments("triton", inp, p, 1)
+    m, act = ops.trunk_moments("triton", inp, p, 1, with_activation=True)
     h = ops.trunk_reference_form(inp, p.weights, p.biases, p.fourier, p.fourier_inv)
     assert rel(m[0], h.mean(0)) < 1e-12
     assert rel(m[1], (h - h.mean(0)).square().sum(0)) < 1e-12
+    assert rel(act, h) < 1e-12
+    assert ops.trunk_moments("triton", inp, p, 1)[1].numel() == 0
 
 
 def test_torch_compile_fullgraph_dynamic_edges():

@@ -6,9 +6,10 @@ does what every implementation shares, on the lowered program and the prepared g
 1. the MLP inputs ``[d, a]`` and the sources in receiver order (the graph's CSR);
 2. in training, the batch statistics layer after layer: ``trunk_moments`` of layer k with the batch norms before it
    folded (:meth:`KernelProgram.packed` with ``upto=k``), finished by :meth:`BatchNorm.finish`, detached (escnn's
-   rule);
-3. ``conv`` on the program with every batch norm folded; its autograd (registered on the op) reaches escnn's
-   parameters through the differentiable packing.
+   rule); the last layer's pass also returns its activation;
+3. ``conv`` on the program with every batch norm folded (and, in training, that activation, so the trunk is not
+   evaluated again); its autograd (registered on the op) reaches escnn's parameters through the differentiable
+   packing.
 """
 
 from __future__ import annotations
@@ -66,15 +67,19 @@ def implicit_conv_fused(impl: str, program: KernelProgram, x_src, graph: Graph, 
     inp = program.mlp_input(delta, attr)[graph.perm].to(dtype).contiguous()
     src = _receiver_order(graph)
     stats = []
+    hidden = None
     if program.needs_batch_stats:
         with torch.no_grad():
+            last = len(program.hidden)
             for k, layer in enumerate(program.hidden, start=1):
                 if layer.bn is None:
                     continue
                 packed = program.packed(stats, dtype, upto=k)
-                moments = ops.trunk_moments(impl, inp, packed, k)
+                # the last layer's statistics pass also gives the activation that conv contracts
+                moments, act = ops.trunk_moments(impl, inp, packed, k, with_activation=k == last)
                 stats.append(layer.bn.finish(moments, graph.num_edges))
-    out = ops.conv(impl, x_src.contiguous(), inp, src, graph.rowptr, program.packed(stats, dtype))
+                hidden = act if k == last else None
+    out = ops.conv(impl, x_src.contiguous(), inp, src, graph.rowptr, program.packed(stats, dtype), hidden)
     return out, stats
 
 
