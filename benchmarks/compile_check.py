@@ -108,10 +108,11 @@ def capture(problem: str, precision: str, graphs, execute: bool = False) -> list
                         raise TypeError(f"{rec['kernel']}: argument {arg} of type {type(v).__name__} has no signature "
                                         f"type here")
                     sig[arg] = t
-            key = json.dumps([rec["kernel"], sig, const], sort_keys=True)
+            opts = {k: _jsonable(v) for k, v in rec.get("options", {}).items()}
+            key = json.dumps([rec["kernel"], sig, const, opts], sort_keys=True)
             if key not in seen:
                 seen[key] = {"kernel": fn.__name__, "module": fn.__module__, "qualname": fn.__qualname__,
-                             "signature": sig, "constexprs": const, "launches": 0, "graphs": []}
+                             "signature": sig, "constexprs": const, "options": opts, "launches": 0, "graphs": []}
             seen[key]["launches"] += 1
             if name not in seen[key]["graphs"]:
                 seen[key]["graphs"].append(name)
@@ -169,7 +170,8 @@ def compile_one(cfg: dict, arch: int):
     sig = {name: ("constexpr" if name in cfg["constexprs"] else cfg["signature"][name]) for name in fn.arg_names}
     consts = {(fn.arg_names.index(k),): v for k, v in cfg["constexprs"].items()}
     src = ASTSource(fn=fn, signature=sig, constexprs=consts)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32))
+    # the launch's own options (num_warps, ...), as the host passes them on a GPU
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(cfg.get("options") or {}))
 
 
 def _variants(cfgs: list, overrides: dict) -> list:
@@ -264,9 +266,10 @@ def main(argv=None) -> int:
             for cfg in cfgs:
                 brief = {k: v for k, v in cfg["constexprs"].items()
                          if k in overrides or k in ("BE", "BR", "PREC") or len(varying[(cfg["kernel"], k)]) > 1}
+                brief.update(cfg.get("options") or {})
                 rec = {"kernel": cfg["kernel"], "problem": problem, "precision": precision,
                        "module": cfg["module"], "constexprs": cfg["constexprs"], "signature": cfg["signature"],
-                       "graphs": cfg["graphs"], "arch": args.arch}
+                       "options": cfg.get("options") or {}, "graphs": cfg["graphs"], "arch": args.arch}
                 t = time.time()
                 try:
                     k = compile_one(cfg, args.arch)

@@ -51,6 +51,7 @@ __all__ = ["floor_terms", "program_sizes", "floor_per_edge", "interpreting", "Do
 GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm", "aten::conv1d", "aten::conv2d",
             "aten::conv3d", "aten::convolution", "aten::_convolution")
 LAUNCH_PREFIX = "triton::"
+LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")  # compile options a launch may pass
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -168,15 +169,17 @@ class DotCounter:
             g = grid
             if callable(g):
                 import inspect
-                g = g(inspect.getcallargs(fn, *args, **kwargs))
+                g = g(inspect.getcallargs(fn, *args, **{k: v for k, v in kwargs.items() if k not in LAUNCH_OPTIONS}))
             g = tuple(int(v) for v in g) + (1,) * (3 - len(g))
             k = counter.kernels[name]
             k["launches"] += 1
             k["programs"] += g[0] * g[1] * g[2]
             if counter.keep_args:
                 import inspect
-                bound = inspect.signature(fn).bind(*args, **kwargs)
-                counter.records.append({"kernel": name, "fn": fn_self, "grid": g, "args": dict(bound.arguments)})
+                opts = {k: kwargs[k] for k in LAUNCH_OPTIONS if k in kwargs}
+                bound = inspect.signature(fn).bind(*args, **{k: v for k, v in kwargs.items() if k not in opts})
+                counter.records.append({"kernel": name, "fn": fn_self, "grid": g, "args": dict(bound.arguments),
+                                        "options": opts})
             if not counter.execute:
                 return None
             counter._current.append(name)

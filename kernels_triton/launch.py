@@ -239,12 +239,28 @@ def _ceil(n: int, m: int = BLOCK) -> int:
     return max(m, -(-int(n) // m) * m)
 
 
+def target(device) -> str:
+    """The device type the launch parameters are chosen for: the tensors' own, or ``cuda`` for CPU tensors under
+    ``IK_FAST_TARGET_DEVICE=cuda`` (the interpreter then runs the GPU's choices: benchmarks/compile_check.py)."""
+    dev = torch.device(device).type
+    if dev == "cpu" and os.environ.get("IK_FAST_TARGET_DEVICE") == "cuda":
+        return "cuda"
+    return dev
+
+
 def tile_size(device, hidden: int = 0) -> int:
     """Edges per tile of the trunk kernels: 32 on GPUs (16 when the padded hidden width is above 512, to bound the
     register tiles); 16 in the interpreter."""
-    if torch.device(device).type != "cuda":
+    if target(device) != "cuda":
         return 16
     return 32 if hidden <= 512 else 16
+
+
+def warps(kind: str, hidden: int) -> int:
+    """Warps per program: more threads share the register tiles of the wide kernels (no spills)."""
+    if kind == "contract":
+        return 8
+    return 4 if hidden <= 256 else 8 if hidden <= 512 else 16
 
 
 def num_programs(n_tiles: int, device, per_program_floats: int) -> int:
@@ -296,7 +312,8 @@ def _trunk_forward(inp, hidden, coef, norm, H, trunk):
     E = inp.shape[0]
     h = inp.new_empty(E, H)
     s = inp.new_empty(E)
-    K.trunk_forward_kernel[(-(-E // trunk["BE"]),)](inp, *hidden, coef, h, s, E, float(norm), **trunk)
+    K.trunk_forward_kernel[(-(-E // trunk["BE"]),)](inp, *hidden, coef, h, s, E, float(norm),
+                                                     num_warps=warps("trunk", trunk["CP"] * trunk["DP"]), **trunk)
     return h, s
 
 
@@ -317,7 +334,7 @@ def conv(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, final_weigh
         h = hidden.to(x.dtype).contiguous()
         s = torch.exp(-coefp * inp[:, :ndim].square().sum(1)) * norm
     K2.contract_forward_kernel[(-(-n_dst // BLOCK),)](h, s, x.contiguous(), src.contiguous(), rowptr, wf, bf, out,
-                                                      n_dst, *sizes, **blocks)
+                                                      n_dst, *sizes, num_warps=warps("contract", 0), **blocks)
     return out
 
 
@@ -338,7 +355,8 @@ def conv_backward(grad, x, inp, src, rowptr, weights, biases, fourier, fourier_i
     # 1. the contraction's d hs and the bias term's d s, per receiver block (no trunk needed)
     dhs = x.new_zeros(E, H_)
     dsb = x.new_zeros(E)
-    K2.contract_dhs_kernel[(n_blocks,)](grad, x, src, rowptr, wf, bf, dhs, dsb, n_dst, *sizes, **blocks)
+    K2.contract_dhs_kernel[(n_blocks,)](grad, x, src, rowptr, wf, bf, dhs, dsb, n_dst, *sizes,
+                                        num_warps=warps("contract", 0), **blocks)
     # 2. the trunk's backward per tile (per-program parameter-gradient rows); it leaves h in dhs's place, and s
     w1, b1, wh, bh, at, ait = hidden
     HP, P0P, nh = lay.HP, lay.P0P, wh.shape[0]
@@ -350,18 +368,19 @@ def conv_backward(grad, x, inp, src, rowptr, weights, biases, fourier, fourier_i
     dinp = torch.zeros_like(inp)
     s = x.new_empty(E)
     K.trunk_backward_kernel[(nprog,)](dhs, dsb, s, inp, *hidden, coefp, dinp, gw1, gb1, gwh, gbh, gcoef, E, n_tiles,
-                                      float(norm), NH=nh, **trunk)
+                                      float(norm), NH=nh, num_warps=warps("trunk", 2 * HP), **trunk)
     hs = dhs  # now h
     # 3. d x per edge, per receiver block ...
     dxe = x.new_zeros(E, C)
-    K2.contract_dx_kernel[(n_blocks,)](grad, hs, s, rowptr, wf, bf, dxe, n_dst, *sizes, **blocks)
+    K2.contract_dx_kernel[(n_blocks,)](grad, hs, s, rowptr, wf, bf, dxe, n_dst, *sizes,
+                                       num_warps=warps("contract", 0), **blocks)
     # 4. ... and dW', dB' per (hidden block, input block), in splits of the receivers summed in a fixed order
     n_wblocks = (HC // BLOCK) * (CINC // BLOCK)
     nsplit = wgrad_splits(n_blocks, n_wblocks, wf.numel(), x.device)
     dwf = x.new_zeros(nsplit, *wf.shape)
     dbf = x.new_zeros(nsplit, *bf.shape)
     K2.contract_wgrad_kernel[(n_wblocks, nsplit)](grad, hs, s, x, src, rowptr, dwf, dbf, n_dst, n_blocks, *sizes,
-                                                  **blocks)
+                                                  num_warps=warps("contract", 0), **blocks)
     del hs, dhs
     dx = torch.zeros_like(x).index_add_(0, src, dxe)
     gw1, gb1, gwh, gbh = gw1.sum(0), gb1.sum(0), gwh.sum(0), gbh.sum(0)
@@ -403,7 +422,7 @@ def trunk_moments(inp, weights, biases, fourier, fourier_inv, with_activation=Fa
         inp.contiguous(), w1, b1, wh, bh, at, ait, inp.new_zeros(1), parts, act, E, n_tiles, K=lay.NL, P0=lay.P0,
         P0P=lay.P0P, NDIM=0, CP=lay.CP, DP=lay.DP, GP=lay.GP, GW=lay.GW, FOURIER=lay.FOURIER, BE=STATS_TILE,
         PREC=PREC_NAMES[precision(inp.dtype, inp.device)], CWF=lay.CWF, C=lay.C, D=lay.D, PD=lay.PD,
-        WRITE=bool(with_activation))
+        WRITE=bool(with_activation), num_warps=warps("trunk", HP))
     # merge the programs' partial moments (Chan et al.) with tensor code, in a fixed order
     count, mean, m2 = parts[:, :1], parts[:, 1:1 + HP], parts[:, 1 + HP:]
     total = mean * count
