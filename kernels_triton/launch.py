@@ -260,6 +260,8 @@ def warps(kind: str, hidden: int) -> int:
     """Warps per program: more threads share the register tiles of the wide kernels (no spills)."""
     if kind == "contract":
         return 8
+    if kind == "trunk_backward":  # the most live tiles (input, activations and their gradients of two layers)
+        return 8 if hidden <= 128 else 16
     return 4 if hidden <= 256 else 8 if hidden <= 512 else 16
 
 
@@ -360,7 +362,7 @@ def conv_backward(grad, x, inp, src, rowptr, weights, biases, fourier, fourier_i
     # 2. the trunk's backward per tile (per-program parameter-gradient rows); it leaves h in dhs's place, and s
     w1, b1, wh, bh, at, ait = hidden
     HP, P0P, nh = lay.HP, lay.P0P, wh.shape[0]
-    n_tiles = -(-E // trunk["BE"])
+    n_tiles = -(-E // 16)
     per_program = w1.numel() + b1.numel() + wh.numel() + bh.numel() + 1
     nprog = num_programs(n_tiles, x.device, per_program)
     acc = lambda *shape: x.new_zeros(nprog, *shape)  # noqa: E731
@@ -368,7 +370,8 @@ def conv_backward(grad, x, inp, src, rowptr, weights, biases, fourier, fourier_i
     dinp = torch.zeros_like(inp)
     s = x.new_empty(E)
     K.trunk_backward_kernel[(nprog,)](dhs, dsb, s, inp, *hidden, coefp, dinp, gw1, gb1, gwh, gbh, gcoef, E, n_tiles,
-                                      float(norm), NH=nh, num_warps=warps("trunk", 2 * HP), **trunk)
+                                      float(norm), NH=nh, num_warps=warps("trunk_backward", HP),
+                                      **dict(trunk, BE=16))  # (16-edge tiles: the register tiles of the backward)
     hs = dhs  # now h
     # 3. d x per edge, per receiver block ...
     dxe = x.new_zeros(E, C)
