@@ -112,9 +112,10 @@ def test_triton_float32_tf32_bf16_errors_on_cuda():
 
 
 def test_triton_never_allocates_edges_times_hidden():
-    """A training step's peak memory grows with the edge count by far less than one (E x hidden) float32 tensor per
-    edge: only (E x small) tensors (edge inputs, their gradients, the tiling) scale with E. The fixed part (weights,
-    the per-program gradient accumulators) does not depend on E."""
+    """A training step's peak memory grows with the edge count by one (E x hidden) float32 tensor at most, never two
+    (issue 8's bound): the v2 kernels keep the last hidden activation (forward) or its gradient (backward), one at a
+    time, besides (E x small) tensors (edge inputs, their gradients). The fixed part (weights, the per-program
+    gradient accumulators) does not depend on E."""
     _triton_or_skip()
     extra = {}
     for e in (200_000, 400_000):
@@ -130,7 +131,7 @@ def test_triton_never_allocates_edges_times_hidden():
     hidden = conv.kernel.program().hidden_size
     per_edge = (extra[400_000] - extra[200_000]) / 200_000
     print(f"peak memory per edge {per_edge:.0f} B; one hidden row is {hidden * 4} B")
-    assert per_edge < hidden * 4 / 2, (per_edge, hidden)
+    assert per_edge < hidden * 4 * 1.5, (per_edge, hidden)
 
 
 def test_triton_deterministic_and_compiles_on_cuda():
