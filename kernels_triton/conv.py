@@ -297,10 +297,16 @@ def _trunk(inp, w1, b1, wh, bh, at, ait, NL: tl.constexpr, P0P: tl.constexpr, BE
 
 
 @triton.jit
+def _tile_edges(t, BE: tl.constexpr):
+    """Edge ids (BE,) of tile t, in int64 (no overflow past 2^31 edges or elements)."""
+    return (t + tl.zeros((BE,), dtype=tl.int64)) * BE + tl.arange(0, BE)
+
+
+@triton.jit
 def _load_tile(inp_ptr, coef_ptr, norm, t, E, P0: tl.constexpr, P0P: tl.constexpr, NDIM: tl.constexpr,
                BE: tl.constexpr):
     """Edge ids, validity mask, MLP input (BE, P0P) and radial factor s (BE,) of tile t (0 on padding lanes)."""
-    offs = (t + tl.zeros((BE,), dtype=tl.int64)) * BE + tl.arange(0, BE)  # int64: no overflow past 2^31
+    offs = _tile_edges(t, BE)
     emask = offs < E
     p = tl.arange(0, P0P)
     inp = tl.load(inp_ptr + offs[:, None] * P0 + p[None, :], mask=emask[:, None] & (p < P0)[None, :], other=0.0)

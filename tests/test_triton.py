@@ -15,6 +15,8 @@ from ik_fast.graph import prepare_graph
 pytest.importorskip("triton")
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
+from ik_fast.kernels_triton import contract as KK  # noqa: E402
+from ik_fast.kernels_triton import conv as KC  # noqa: E402
 from ik_fast.kernels_triton import launch  # noqa: E402
 
 pytestmark = pytest.mark.skipif("triton" not in ik_fast.available_backends("cpu"),
@@ -309,6 +311,35 @@ def test_hub_over_many_edge_chunks_and_tile_sizes(monkeypatch):
             outs[b] = [out.detach(), xg.grad] + [p.grad for p in conv.parameters() if p.grad is not None]
         for r, f in zip(outs["torch"], outs["triton"]):
             assert rel(f, r) < 1e-10
+
+
+@triton.jit
+def _offsets_probe(out_ptr, rowptr_ptr, t, HC, CINC, RC, BE: tl.constexpr, BN: tl.constexpr):
+    """The kernels' own index arithmetic, stored instead of dereferenced: trunk tile edges and their (E, H) row
+    offsets, a receiver block's edge ids and their row offsets."""
+    offs = KC._tile_edges(t, BE)
+    tl.store(out_ptr + tl.arange(0, BE), offs)
+    tl.store(out_ptr + BE + tl.arange(0, BE), offs * 1024)  # a row offset into an (E, 1024) buffer
+    i, imask, start, deg, nmax = KK._receivers(rowptr_ptr, 0, 1, BN)
+    e, emask = KK._edges(start, deg, 0, BN)
+    tl.store(out_ptr + 2 * BE + tl.arange(0, BN), tl.sum(tl.where(emask, e, 0), 0))
+    tl.store(out_ptr + 2 * BE + BN + tl.arange(0, BN), tl.sum(tl.where(emask, e * HC, 0), 0))
+
+
+def test_index_arithmetic_is_int64_past_2_31():
+    """Offsets past 2^31 elements stay exact (the kernels compute edge ids and row offsets in int64): a tile whose
+    edges start at 2^31, their rows of a 1,024-wide buffer, and a receiver whose edges start at 3 x 2^31."""
+    BE, BN = 16, 16
+    big = 3 * 2**31
+    rowptr = torch.tensor([big, big + 5] + [big + 5] * BN, dtype=torch.int64)
+    out = torch.zeros(2 * BE + 2 * BN, dtype=torch.int64)
+    _offsets_probe[(1,)](out, rowptr, 2**31 // BE, 1024, 16, 16, BE=BE, BN=BN)
+    first = torch.arange(BE, dtype=torch.int64) + 2**31
+    assert torch.equal(out[:BE], first)
+    assert torch.equal(out[BE:2 * BE], first * 1024)
+    k = torch.arange(BN, dtype=torch.int64)
+    assert torch.equal(out[2 * BE:2 * BE + BN], torch.where(k < 5, big + k, 0))  # receiver 0 has 5 edges
+    assert torch.equal(out[2 * BE + BN:], torch.where(k < 5, (big + k) * 1024, 0))
 
 
 def test_unsupported_dtype_is_a_clear_error():
