@@ -79,10 +79,11 @@ def model_flops(layer, num_edges: int, num_receivers: int, provider: str, mode: 
 
 
 def _triton_flops(prog, num_edges: int, num_receivers: int, mode: str, BE: int = 32, BR: int = 16) -> float:
-    """Modelled FLOPs of the first (v1) fused kernels, not a count (``--work`` counts them): padded dense GEMMs per
-    edge tile (``BR`` segments of a tile of ``BE`` edges; 16 is the usual case when the mean degree is above 2),
-    trunk recomputation in backward and the statistics
-    passes of training mode."""
+    """Modelled FLOPs of the first (v1) fused kernels, not a count: padded dense GEMMs per edge tile (``BR`` segments
+    of a tile of ``BE`` edges; 16 is the usual case when the mean degree is above 2), trunk recomputation in backward
+    and the statistics passes of training mode. Stale since the v2 kernels (contraction per receiver block,
+    componentwise hidden Linears, one trunk pass per direction), which execute fewer: ``--work`` counts what runs
+    (M: 1.84x the floor against this model's v1 6x); records label this column ``flops_source: "model"``."""
     from .kernels_triton.launch import _pow2, layout
 
     packed = prog.packed([], prog.sigma.dtype)
