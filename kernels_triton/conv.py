@@ -250,9 +250,10 @@ def _act(y, at_ptr, ait_ptr, BE: tl.constexpr, CP: tl.constexpr, DP: tl.constexp
 
 
 @triton.jit
-def _act_bwd(y, dv, at_ptr, ait_ptr, BE: tl.constexpr, CP: tl.constexpr, DP: tl.constexpr, GP: tl.constexpr,
-             GW: tl.constexpr, FOURIER: tl.constexpr, PREC: tl.constexpr):
-    """Gradient with respect to the pre-activation y, given the gradient dv of act(y)."""
+def _act_and_bwd(y, dv, at_ptr, ait_ptr, BE: tl.constexpr, CP: tl.constexpr, DP: tl.constexpr, GP: tl.constexpr,
+                 GW: tl.constexpr, FOURIER: tl.constexpr, PREC: tl.constexpr, WITH_ACT: tl.constexpr):
+    """(act(y) when WITH_ACT else zeros, d y) given the gradient dv of act(y): the Fourier ELU's grid values
+    ``u = y A^T`` are computed once for both (four GEMMs per block instead of five; three without the activation)."""
     if FOURIER:
         HP: tl.constexpr = CP * DP
         NG: tl.constexpr = HP // GW
@@ -260,14 +261,25 @@ def _act_bwd(y, dv, at_ptr, ait_ptr, BE: tl.constexpr, CP: tl.constexpr, DP: tl.
         at, ait = _load_fourier(at_ptr, ait_ptr, DP, GP, y.dtype)
         y3 = tl.reshape(y, (BE, NG, GW))
         dv3 = tl.reshape(dv, (BE, NG, GW))
+        v3 = tl.zeros((BE, NG, GW), dtype=y.dtype)
         dy3 = tl.zeros((BE, NG, GW), dtype=y.dtype)
         for g in range(NG):
             u = _mm(tl.reshape(_group(y3, g, NG), (BE * G, DP)), at, PREC)
+            if WITH_ACT:
+                v3 = _add_group(v3, tl.reshape(_mm(_elu(u), ait, PREC), (BE, GW)), g, NG)
             du = _mm(tl.reshape(_group(dv3, g, NG), (BE * G, DP)), tl.trans(ait), PREC) * _elu_grad(u)
             dy3 = _add_group(dy3, tl.reshape(_mm(du, tl.trans(at), PREC), (BE, GW)), g, NG)
-        return tl.reshape(dy3, (BE, HP))
+        return tl.reshape(v3, (BE, HP)), tl.reshape(dy3, (BE, HP))
     else:
-        return dv * _elu_grad(y)
+        return _elu(y), dv * _elu_grad(y)
+
+
+@triton.jit
+def _act_bwd(y, dv, at_ptr, ait_ptr, BE: tl.constexpr, CP: tl.constexpr, DP: tl.constexpr, GP: tl.constexpr,
+             GW: tl.constexpr, FOURIER: tl.constexpr, PREC: tl.constexpr):
+    """Gradient with respect to the pre-activation y, given the gradient dv of act(y)."""
+    _, dy = _act_and_bwd(y, dv, at_ptr, ait_ptr, BE, CP, DP, GP, GW, FOURIER, PREC, False)
+    return dy
 
 
 @triton.jit
@@ -392,30 +404,6 @@ def fused_stats_kernel(inp_ptr, w1, b1, wh, bh, at, ait, coef_ptr, out_ptr, act_
     tl.store(row, n_a)
 
 
-@triton.jit
-def _act_and_bwd(y, dv, at_ptr, ait_ptr, BE: tl.constexpr, CP: tl.constexpr, DP: tl.constexpr, GP: tl.constexpr,
-                 GW: tl.constexpr, FOURIER: tl.constexpr, PREC: tl.constexpr):
-    """(act(y), d y) given the gradient dv of act(y): the Fourier ELU's grid values ``u = y A^T`` computed once for
-    both (four GEMMs per block instead of five)."""
-    if FOURIER:
-        HP: tl.constexpr = CP * DP
-        NG: tl.constexpr = HP // GW
-        G: tl.constexpr = GW // DP
-        at, ait = _load_fourier(at_ptr, ait_ptr, DP, GP, y.dtype)
-        y3 = tl.reshape(y, (BE, NG, GW))
-        dv3 = tl.reshape(dv, (BE, NG, GW))
-        v3 = tl.zeros((BE, NG, GW), dtype=y.dtype)
-        dy3 = tl.zeros((BE, NG, GW), dtype=y.dtype)
-        for g in range(NG):
-            u = _mm(tl.reshape(_group(y3, g, NG), (BE * G, DP)), at, PREC)
-            v3 = _add_group(v3, tl.reshape(_mm(_elu(u), ait, PREC), (BE, GW)), g, NG)
-            du = _mm(tl.reshape(_group(dv3, g, NG), (BE * G, DP)), tl.trans(ait), PREC) * _elu_grad(u)
-            dy3 = _add_group(dy3, tl.reshape(_mm(du, tl.trans(at), PREC), (BE, GW)), g, NG)
-        return tl.reshape(v3, (BE, HP)), tl.reshape(dy3, (BE, HP))
-    else:
-        return _elu(y), dv * _elu_grad(y)
-
-
 @triton.jit(do_not_specialize=["E", "n_tiles"])
 def trunk_backward_kernel(dhs_ptr, dsb_ptr, s_ptr, inp_ptr, w1, b1, wh, bh, at, ait, coef_ptr, dinp_ptr, gw1, gb1,
                           gwh, gbh, gcoef, E, n_tiles, norm, P0: tl.constexpr, P0P: tl.constexpr,
@@ -451,7 +439,7 @@ def trunk_backward_kernel(dhs_ptr, dsb_ptr, s_ptr, inp_ptr, w1, b1, wh, bh, at, 
             # the last layer: its input and pre-activation, then the activation and its backward together
             a_prev, y = _forward_to(inp, w1, b1, wh, bh, at, ait, NL, P0P, BE, CP, DP, GP, GW, FOURIER, PREC, CWF)
             h, dy = _act_and_bwd(y, dh, at + (NL - 1) * DP * GP, ait + (NL - 1) * GP * DP, BE, CP, DP, GP, GW,
-                                 FOURIER, PREC)
+                                 FOURIER, PREC, True)
         tl.store(dhs_ptr + offs[:, None] * (C * D) + col[None, :], h, mask=hmask)
         tl.store(s_ptr + offs, s, mask=emask)
         ds = tl.sum(dhs * h, 1) + tl.load(dsb_ptr + offs, mask=emask, other=0.0)

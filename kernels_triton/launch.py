@@ -38,6 +38,7 @@ from . import conv as K
 PREC_NAMES = ("ieee", "tf32", "bf16", "bf16-emulated")
 OPERAND_BUDGET = 8192  # no GEMM operand above this many elements (32 KB in float32)
 STATS_TILE = 16  # edges per tile of the statistics kernel
+BACKWARD_TILE = 16  # edges per tile of the trunk's backward (its register tiles are the largest)
 
 
 def _pow2(n: int, lo: int = 16) -> int:
@@ -362,7 +363,7 @@ def conv_backward(grad, x, inp, src, rowptr, weights, biases, fourier, fourier_i
     # 2. the trunk's backward per tile (per-program parameter-gradient rows); it leaves h in dhs's place, and s
     w1, b1, wh, bh, at, ait = hidden
     HP, P0P, nh = lay.HP, lay.P0P, wh.shape[0]
-    n_tiles = -(-E // 16)
+    n_tiles = -(-E // BACKWARD_TILE)
     per_program = w1.numel() + b1.numel() + wh.numel() + bh.numel() + 1
     nprog = num_programs(n_tiles, x.device, per_program)
     acc = lambda *shape: x.new_zeros(nprog, *shape)  # noqa: E731
@@ -371,7 +372,7 @@ def conv_backward(grad, x, inp, src, rowptr, weights, biases, fourier, fourier_i
     s = x.new_empty(E)
     K.trunk_backward_kernel[(nprog,)](dhs, dsb, s, inp, *hidden, coefp, dinp, gw1, gb1, gwh, gbh, gcoef, E, n_tiles,
                                       float(norm), NH=nh, num_warps=warps("trunk_backward", HP),
-                                      **dict(trunk, BE=16))  # (16-edge tiles: the register tiles of the backward)
+                                      **dict(trunk, BE=BACKWARD_TILE))
     hs = dhs  # now h
     # 3. d x per edge, per receiver block ...
     dxe = x.new_zeros(E, C)

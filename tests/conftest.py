@@ -97,6 +97,19 @@ def _seed():
     yield
 
 
+def so2_layer(n_layers):
+    """A small ImplicitPointConv of SO(2) on R^2 (two scalar and two frequency-1 fields, two scalar attributes, torch
+    backend, seed 0): cheap enough for torch.compile and for soak tests."""
+    import ik_fast
+
+    gs = gspaces.rot2dOnR2(-1, maximum_frequency=4)
+    G = gs.fibergroup
+    ft = enn.FieldType(gs, [G.irrep(0), G.irrep(1)] * 2)
+    at = enn.FieldType(gs, [G.trivial_representation] * 2)
+    torch.manual_seed(0)
+    return ik_fast.ImplicitPointConv(ft, ft, at, n_layers=n_layers, n_channels=4, backend="torch")
+
+
 def small_graph(n_nodes=12, n_edges=40, dim=3, seed=0, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
     pos = torch.randn(n_nodes, dim, generator=g, dtype=dtype)

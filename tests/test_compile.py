@@ -3,21 +3,13 @@ of different sizes and matches eager in the output, every gradient and the runni
 
 import pytest
 import torch
-from conftest import TOL, rel
-from escnn import gspaces
-from escnn import nn as enn
+from conftest import TOL, rel, so2_layer
 
-import ik_fast
 from ik_fast.data import knn_graph
 
 
 def _layer():
-    gs = gspaces.rot2dOnR2(-1, maximum_frequency=4)
-    G = gs.fibergroup
-    ft = enn.FieldType(gs, [G.irrep(0), G.irrep(1)] * 2)
-    at = enn.FieldType(gs, [G.trivial_representation] * 2)
-    torch.manual_seed(0)
-    return ik_fast.ImplicitPointConv(ft, ft, at, n_layers=2, n_channels=4, backend="torch").double()
+    return so2_layer(n_layers=2).double()
 
 
 def _graph(n, k, seed, c):

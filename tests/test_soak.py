@@ -6,10 +6,8 @@ import os
 
 import pytest
 import torch
-from escnn import gspaces
-from escnn import nn as enn
+from conftest import so2_layer
 
-import ik_fast
 from ik_fast.data import knn_graph
 
 STEPS = int(os.environ.get("IK_FAST_SOAK_STEPS", "1000"))
@@ -23,12 +21,7 @@ def _rss_bytes() -> int:
 @pytest.mark.soak
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs /proc (Linux)")
 def test_soak_training_on_new_graphs():
-    gs = gspaces.rot2dOnR2(-1, maximum_frequency=4)
-    G = gs.fibergroup
-    ft = enn.FieldType(gs, [G.irrep(0), G.irrep(1)] * 2)
-    at = enn.FieldType(gs, [G.trivial_representation] * 2)
-    torch.manual_seed(0)
-    layer = ik_fast.ImplicitPointConv(ft, ft, at, n_layers=3, n_channels=4, backend="torch")
+    layer = so2_layer(n_layers=3)
     opt = torch.optim.Adam(layer.parameters(), lr=1e-3)
     gen = torch.Generator().manual_seed(0)
     warmup = max(STEPS // 10, 1)
@@ -37,7 +30,7 @@ def test_soak_training_on_new_graphs():
         n = int(torch.randint(40, 120, (1,), generator=gen))
         pos = torch.randn(n, 2, generator=gen) * 0.5
         ei = knn_graph(pos, int(torch.randint(4, 12, (1,), generator=gen)))
-        x = torch.randn(n, ft.size, generator=gen)
+        x = torch.randn(n, layer.in_type.size, generator=gen)
         a = torch.randn(ei.shape[1], 2, generator=gen)
         loss = layer(x, ei, edge_attr=a, pos=pos).square().mean()
         opt.zero_grad()
