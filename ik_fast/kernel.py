@@ -335,6 +335,9 @@ class ImplicitKernel(torch.nn.Module):
         last = self.mlp[-1]
         C = self.in_type.size
         mask = self._kernel_layout(last.structural_mask(), None)[0]  # (R, H * C)
+        # the fused ops' view of the same structure, (R, H, C); kept on the CPU (not a buffer: never moved) so that
+        # a backend can plan from it without a device synchronisation
+        self._final_mask = mask.reshape(mask.shape[0], -1, C).cpu()
         rows = _field_groups(self.out_type)
         cols = []
         for g in _field_groups(self.in_type):  # (F_i, d_i) -> fields: input fields f, components (c, t, b)
@@ -380,7 +383,8 @@ class ImplicitKernel(torch.nn.Module):
         final = Linear(wk, bk, plan)
         attr = 0 if self.edge_attr_type is None else self.edge_attr_type.size
         prog = KernelProgram(self.in_type.gspace.dimensionality, self.in_type.size, self.out_type.size, attr,
-                             tuple(hidden), final, self.sigma, self.norm, self.training)
+                             tuple(hidden), final, self.sigma, self.norm, self.training,
+                             final_mask=self._final_mask)
         self._cache = (self._cache_key(), prog) if cacheable else None
         return prog
 

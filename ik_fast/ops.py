@@ -5,7 +5,7 @@ A fused backend evaluates the implicit convolution without materialising per-edg
 autograd formulas live here and nowhere else:
 
 ``conv(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, final_weight, final_bias, coef, norm, ndim,
-hidden)``
+final_mask, hidden)``
     ``out`` (n_dst, R): for every receiver i, ``sum_{e in rowptr[i]:rowptr[i+1]} K_e x[src_e]`` with
     ``K_e = norm * exp(-coef |d_e|^2) * (W_F . h_e + B_F)`` and ``h_e`` the trunk of the kernel MLP on
     ``inp_e = [d_e, a_e]`` (``d_e`` its first ``ndim`` columns). Edges come in receiver order (the graph's CSR:
@@ -27,6 +27,13 @@ from its block plan and states through the shape, never found from the data); ``
 is the Fourier ELU ``ELU(y A_k^T) A_k^+^T`` on each channel of ``D_k = A_k.shape[1]`` components (``fourier[k]`` = A_k
 (G, D), ``fourier_inv[k]`` = A_k^+ (D, G)) or a pointwise ELU when ``fourier[k]`` is empty; ``final_weight`` W_F
 (R, H, C_in), ``final_bias`` B_F (R, C_in) (zeros without bias), ``coef`` = 1 / (2 sigma^2) (shape (1,)).
+``final_mask`` (optional, bool (R, H, C_in), on the CPU) is W_F's *structure*: the op computes with
+``W_F * final_mask``, so entries outside the mask are ignored and get a zero gradient. For an equivariant layer it is
+the structural non-zero pattern of the last Linear (the program knows it from its basis, :class:`KernelProgram`), so
+nothing changes numerically, and an implementation may skip everything outside it (the Triton one contracts only the
+non-zero 16 x 16 x 16 blocks of W_F, 6% of them at config H). It lives on the CPU so that an implementation can plan
+from it without synchronising with the device; being a structural constant, the implementation may cache that plan
+for the tensor.
 No tile size, precision mode or other implementation detail appears in a schema: each implementation picks its own.
 
 **Several implementations on one device.** Triton and native CUDA both run on CUDA tensors (and Triton's interpreter
@@ -66,7 +73,7 @@ __all__ = ["define", "register_implementation", "status", "implementation_names"
 _LIB = torch.library.Library("ik_fast", "FRAGMENT")
 
 _PROGRAM = ("Tensor[] weights, Tensor[] biases, Tensor[] fourier, Tensor[] fourier_inv, Tensor final_weight, "
-            "Tensor final_bias, Tensor coef, float norm, int ndim")
+            "Tensor final_bias, Tensor coef, float norm, int ndim, Tensor? final_mask")
 SCHEMAS = {
     "conv": f"(Tensor x, Tensor inp, Tensor src, Tensor rowptr, {_PROGRAM}, Tensor? hidden) -> Tensor",
     "conv_backward": f"(Tensor grad, Tensor x, Tensor inp, Tensor src, Tensor rowptr, {_PROGRAM}) -> Tensor[]",
@@ -117,11 +124,13 @@ def receivers(rowptr: Tensor, num_edges: int) -> Tensor:
 
 
 def conv_reference_form(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, final_weight, final_bias, coef,
-                        norm, ndim, hidden=None) -> Tensor:
+                        norm, ndim, final_mask=None, hidden=None) -> Tensor:
     """``conv`` as plain differentiable PyTorch (per-edge kernels, the reference backend's memory). ``hidden`` is
     ignored: it only spares an implementation recomputing the trunk (see the module docstring)."""
     E = inp.shape[0]
     R, H, C = final_weight.shape
+    if final_mask is not None:
+        final_weight = final_weight * final_mask.to(final_weight.device)
     h = trunk_reference_form(inp, weights, biases, fourier, fourier_inv)
     s = torch.exp(-coef * inp[:, :ndim].square().sum(1)) * norm
     k = (h @ final_weight.permute(1, 0, 2).reshape(H, R * C) + final_bias.reshape(-1)) * s[:, None]
@@ -132,12 +141,12 @@ def conv_reference_form(x, inp, src, rowptr, weights, biases, fourier, fourier_i
 # fakes and autograd, written once for every implementation
 # ----------------------------------------------------------------------------------------------------------------
 def _fake_conv(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, final_weight, final_bias, coef, norm,
-               ndim, hidden=None):
+               ndim, final_mask=None, hidden=None):
     return x.new_empty(rowptr.shape[0] - 1, final_weight.shape[0])
 
 
 def _fake_conv_backward(grad, x, inp, src, rowptr, weights, biases, fourier, fourier_inv, final_weight, final_bias,
-                        coef, norm, ndim):
+                        coef, norm, ndim, final_mask=None):
     return [torch.empty_like(t) for t in (x, inp, *weights, *biases, final_weight, final_bias, coef)]
 
 
@@ -147,7 +156,7 @@ def _fake_trunk_moments(inp, weights, biases, fourier, fourier_inv, with_activat
 
 
 _CONV_ARGS = ("x", "inp", "src", "rowptr", "weights", "biases", "fourier", "fourier_inv", "final_weight",
-              "final_bias", "coef", "norm", "ndim")
+              "final_bias", "coef", "norm", "ndim", "final_mask")
 
 
 def _split_grads(flat: Sequence[Optional[Tensor]], n_layers: int) -> dict:
@@ -157,12 +166,20 @@ def _split_grads(flat: Sequence[Optional[Tensor]], n_layers: int) -> dict:
                 final_weight=flat[2 + 2 * L], final_bias=flat[3 + 2 * L], coef=flat[4 + 2 * L])
 
 
-def _conv_setup_context(ctx, inputs, output):
-    # (``hidden``, the 14th input, is not saved: the backward recomputes the trunk, keeping one (E, H) tensor alive)
+def _save_conv_inputs(ctx, inputs, *extra) -> None:
+    """Save conv's inputs (``hidden``, the last one, is not saved: the backward recomputes the trunk, keeping one
+    (E, H) tensor alive)."""
     tensors = [t for t in inputs[:13] if isinstance(t, Tensor)]
+    mask = inputs[13]
     ctx.n_layers = len(inputs[4])
-    ctx.save_for_backward(*tensors, *inputs[4], *inputs[5], *inputs[6], *inputs[7])
+    ctx.has_mask = mask is not None
+    ctx.save_for_backward(*tensors, *inputs[4], *inputs[5], *inputs[6], *inputs[7], *([mask] if ctx.has_mask else []),
+                          *extra)
     ctx.norm, ctx.ndim = inputs[11], inputs[12]
+
+
+def _conv_setup_context(ctx, inputs, output):
+    _save_conv_inputs(ctx, inputs)
 
 
 def _saved_conv_inputs(ctx) -> list:
@@ -170,7 +187,8 @@ def _saved_conv_inputs(ctx) -> list:
     x, inp, src, rowptr, final_weight, final_bias, coef = t[:7]
     L = ctx.n_layers
     lists = [list(t[7 + i * L:7 + (i + 1) * L]) for i in range(4)]
-    return [x, inp, src, rowptr, *lists, final_weight, final_bias, coef, ctx.norm, ctx.ndim]
+    mask = t[7 + 4 * L] if ctx.has_mask else None
+    return [x, inp, src, rowptr, *lists, final_weight, final_bias, coef, ctx.norm, ctx.ndim, mask]
 
 
 def _conv_backward_formula(impl: str):
@@ -179,16 +197,12 @@ def _conv_backward_formula(impl: str):
         g = _split_grads(flat, ctx.n_layers)
         L = ctx.n_layers
         return (g["x"], g["inp"], None, None, g["weights"], g["biases"], [None] * L, [None] * L, g["final_weight"],
-                g["final_bias"], g["coef"], None, None, None)
+                g["final_bias"], g["coef"], None, None, None, None)
     return backward
 
 
 def _bwd_setup_context(ctx, inputs, output):
-    grad, rest = inputs[0], inputs[1:]
-    ctx.n_layers = len(rest[4])
-    ctx.norm, ctx.ndim = rest[11], rest[12]
-    tensors = [t for t in rest if isinstance(t, Tensor)]
-    ctx.save_for_backward(*tensors, *rest[4], *rest[5], *rest[6], *rest[7], grad)
+    _save_conv_inputs(ctx, inputs[1:], inputs[0])
 
 
 def _double_backward(ctx, grads):
@@ -200,6 +214,7 @@ def _double_backward(ctx, grads):
     class _View:  # what _saved_conv_inputs reads
         saved_tensors = ctx_tensors
         n_layers = ctx.n_layers
+        has_mask = ctx.has_mask
         norm = ctx.norm
         ndim = ctx.ndim
 
@@ -213,7 +228,7 @@ def _double_backward(ctx, grads):
         g0 = grad.detach().requires_grad_()
         leaves = [x, inp, *ws, *bs, fw, fb, coef]
         out = conv_reference_form(x, inp, args[2], args[3], ws, bs, args[6], args[7], fw, fb, coef, ctx.norm,
-                                  ctx.ndim)
+                                  ctx.ndim, args[13])
         first = torch.autograd.grad(out, leaves, g0, create_graph=True, allow_unused=True)
         pairs = [(f, v) for f, v in zip(first, grads) if f is not None and v is not None]
         if not pairs:
@@ -224,7 +239,7 @@ def _double_backward(ctx, grads):
     dgrad, rest = second[0], second[1:]
     g = _split_grads(list(rest), L)
     return (dgrad, g["x"], g["inp"], None, None, g["weights"], g["biases"], [None] * L, [None] * L,
-            g["final_weight"], g["final_bias"], g["coef"], None, None)
+            g["final_weight"], g["final_bias"], g["coef"], None, None, None)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -348,7 +348,8 @@ class PackedProgram:
     (D, C, C) where the Linear only mixes the C channels' equal components (:attr:`BlockPlan.componentwise`):
     ``y[:, c, a] = sum_c' weights[k][a, c, c'] h[:, c', a]`` on the channel-major (C, D) view) with the Fourier ELU on
     ``fourier[k]`` (G, D) / ``fourier_inv[k]`` (D, G), or a pointwise ELU where those are empty; ``final_weight``
-    (R, H, C_in), ``final_bias`` (R, C_in); ``coef`` (1,) = 1 / (2 sigma^2); ``ndim`` leading input columns are d."""
+    (R, H, C_in), ``final_bias`` (R, C_in); ``coef`` (1,) = 1 / (2 sigma^2); ``ndim`` leading input columns are d;
+    ``final_mask`` the structure of ``final_weight`` (see :mod:`ik_fast.ops`), or None."""
 
     weights: List[Tensor]
     biases: List[Tensor]
@@ -359,10 +360,11 @@ class PackedProgram:
     coef: Tensor
     norm: float
     ndim: int
+    final_mask: Optional[Tensor] = None  # bool (R, H, C_in) on the CPU: final_weight's structural non-zeros
 
     def args(self) -> tuple:
         return (self.weights, self.biases, self.fourier, self.fourier_inv, self.final_weight, self.final_bias,
-                self.coef, self.norm, self.ndim)
+                self.coef, self.norm, self.ndim, self.final_mask)
 
 
 @dataclass(frozen=True)
@@ -379,6 +381,8 @@ class KernelProgram:
     norm: float                   # 1 / sqrt(number of output fields)
     training: bool
     meta: dict = field(default_factory=dict, compare=False)
+    # bool (R, H, C_in) on the CPU: where the last Linear's weight (kernel layout) can be non-zero, from its basis
+    final_mask: Optional[Tensor] = field(default=None, compare=False)
 
     @property
     def hidden_size(self) -> int:
@@ -491,7 +495,8 @@ class KernelProgram:
         fw = final.weight.to(dtype).reshape(R, -1, C)
         fb = fw.new_zeros(R, C) if final.bias is None else final.bias.to(dtype).reshape(R, C)
         coef = (0.5 / (self.sigma * self.sigma)).reshape(1).to(dtype)
-        return PackedProgram(weights, biases, fourier, fourier_inv, fw, fb, coef, float(self.norm), self.dim)
+        return PackedProgram(weights, biases, fourier, fourier_inv, fw, fb, coef, float(self.norm), self.dim,
+                             self.final_mask if upto is None else None)
 
     def kernel_from_hidden(self, h: Tensor, shell: Tensor) -> Tensor:
         """Dense per-edge kernels (E, R, C_in) from hidden activations (the reference algorithm)."""

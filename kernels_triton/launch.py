@@ -34,6 +34,7 @@ from ik_fast.ops import hidden_width
 
 from . import contract as K2
 from . import conv as K
+from .blocks import blocks
 
 PREC_NAMES = ("ieee", "tf32", "bf16", "bf16-emulated")
 OPERAND_BUDGET = 8192  # no GEMM operand above this many elements (32 KB in float32)
@@ -221,15 +222,6 @@ def pad_hidden(lay: Layout, weights, biases, fourier, fourier_inv, dtype, device
     return w1, b1, wh, bh, at, ait
 
 
-def pad_final(final_weight, final_bias, dtype):
-    """W' (HC, CINC, RC) and B' (CINC, RC): the last layer as the contraction kernels read it, each dimension
-    zero-padded to a multiple of 16 (the compact hidden units in the program's order)."""
-    R, H, C = final_weight.shape
-    wf = F.pad(final_weight.to(dtype).permute(1, 2, 0), (0, _ceil(R) - R, 0, _ceil(C) - C, 0, _ceil(H) - H))
-    bf = F.pad(final_bias.to(dtype).t(), (0, _ceil(R) - R, 0, _ceil(C) - C))
-    return wf.contiguous(), bf.contiguous()
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # tiles and blocks
 # ----------------------------------------------------------------------------------------------------------------
@@ -293,21 +285,23 @@ def wgrad_splits(n_blocks: int, n_wblocks: int, w_floats: int, device) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 # the stages
 # ----------------------------------------------------------------------------------------------------------------
-def _setup(x, inp, weights, biases, fourier, fourier_inv, final_weight, final_bias, coef, ndim):
+def _setup(x, inp, weights, biases, fourier, fourier_inv, final_weight, final_bias, coef, ndim, final_mask):
     dtype = x.dtype
-    R, _, C = final_weight.shape
+    R, H, C = final_weight.shape
     weights = kernel_weights(weights, fourier)
     lay = layout(inp, weights, fourier, R, ndim)
     hidden = pad_hidden(lay, weights, biases, fourier, fourier_inv, dtype, x.device)
-    wf, bf = pad_final(final_weight, final_bias, dtype)
+    plan = blocks(final_mask, final_weight.shape, lay.D, x.device)
+    wc, bf = plan.gather_weight(final_weight, dtype), plan.gather_bias(final_bias, dtype)
     prec = PREC_NAMES[precision(dtype, x.device)]
     trunk = dict(P0=lay.P0, P0P=lay.P0P, NDIM=ndim, NL=lay.NL, CP=lay.CP, DP=lay.DP, GP=lay.GP, GW=lay.GW,
                  FOURIER=lay.FOURIER, C=lay.C, D=lay.D, PD=lay.PD, BE=tile_size(x.device, lay.HP), PREC=prec,
                  CWF=lay.CWF)
-    blocks = dict(BN=BLOCK, KP=BLOCK, HB=BLOCK, CB=BLOCK, RB=BLOCK, PREC=prec)
-    H = lay.C * lay.D
-    sizes = (H, _ceil(H), C, _ceil(C), R, _ceil(R))  # H, HC, CIN, CINC, R, RC
-    return lay, hidden, wf, bf, coef.to(dtype).reshape(1).contiguous(), trunk, blocks, sizes
+    consts = dict(BN=BLOCK, KP=BLOCK, HB=BLOCK, CB=BLOCK, RB=BLOCK, PREC=prec)
+    # the plan's tensors and sizes, in the contraction kernels' argument order
+    walk = (plan.pairs, plan.pair_ptr, plan.blk_r, plan.perm_h, plan.perm_c, plan.perm_r)
+    sizes = (H, C, _ceil(C), R, _ceil(R))  # H, CIN, CINC, R, RC
+    return lay, hidden, plan, wc, bf, coef.to(dtype).reshape(1).contiguous(), trunk, consts, walk, sizes
 
 
 def _trunk_forward(inp, hidden, coef, norm, H, trunk):
@@ -321,7 +315,7 @@ def _trunk_forward(inp, hidden, coef, norm, H, trunk):
 
 
 def conv(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, final_weight, final_bias, coef, norm, ndim,
-         hidden=None):
+         final_mask=None, hidden=None):
     R = final_weight.shape[0]
     n_dst = rowptr.shape[0] - 1
     E = inp.shape[0]
@@ -329,20 +323,21 @@ def conv(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, final_weigh
     if E == 0:
         return out
     inp = inp.contiguous()
-    lay, mlp, wf, bf, coefp, trunk, blocks, sizes = _setup(x, inp, weights, biases, fourier, fourier_inv,
-                                                           final_weight, final_bias, coef, ndim)
+    lay, mlp, plan, wc, bf, coefp, trunk, consts, walk, sizes = _setup(
+        x, inp, weights, biases, fourier, fourier_inv, final_weight, final_bias, coef, ndim, final_mask)
     if hidden is None:
         h, s = _trunk_forward(inp, mlp, coefp, norm, sizes[0], trunk)
     else:  # the activation from the statistics pass of the last layer: only the radial shell is left to compute
         h = hidden.to(x.dtype).contiguous()
         s = torch.exp(-coefp * inp[:, :ndim].square().sum(1)) * norm
-    K2.contract_forward_kernel[(-(-n_dst // BLOCK),)](h, s, x.contiguous(), src.contiguous(), rowptr, wf, bf, out,
-                                                      n_dst, *sizes, num_warps=warps("contract", 0), **blocks)
+    K2.contract_forward_kernel[(-(-n_dst // BLOCK),)](h, s, x.contiguous(), src.contiguous(), rowptr, wc, bf, out,
+                                                      *walk, n_dst, plan.n_pairs, *sizes,
+                                                      num_warps=warps("contract", 0), **consts)
     return out
 
 
 def conv_backward(grad, x, inp, src, rowptr, weights, biases, fourier, fourier_inv, final_weight, final_bias, coef,
-                  norm, ndim) -> List[Tensor]:
+                  norm, ndim, final_mask=None) -> List[Tensor]:
     R, H, C = final_weight.shape
     E = inp.shape[0]
     n_dst = rowptr.shape[0] - 1
@@ -350,16 +345,15 @@ def conv_backward(grad, x, inp, src, rowptr, weights, biases, fourier, fourier_i
     if E == 0:
         return zeros
     x, inp, src = x.contiguous(), inp.contiguous(), src.contiguous()
-    lay, hidden, wf, bf, coefp, trunk, blocks, sizes = _setup(x, inp, weights, biases, fourier, fourier_inv,
-                                                              final_weight, final_bias, coef, ndim)
-    H_, HC, _, CINC, _, RC = sizes
+    lay, hidden, plan, wc, bf, coefp, trunk, consts, walk, sizes = _setup(
+        x, inp, weights, biases, fourier, fourier_inv, final_weight, final_bias, coef, ndim, final_mask)
     grad = grad.to(x.dtype).contiguous()
     n_blocks = -(-n_dst // BLOCK)
     # 1. the contraction's d hs and the bias term's d s, per receiver block (no trunk needed)
-    dhs = x.new_zeros(E, H_)
+    dhs = x.new_zeros(E, H)
     dsb = x.new_zeros(E)
-    K2.contract_dhs_kernel[(n_blocks,)](grad, x, src, rowptr, wf, bf, dhs, dsb, n_dst, *sizes,
-                                        num_warps=warps("contract", 0), **blocks)
+    K2.contract_dhs_kernel[(n_blocks,)](grad, x, src, rowptr, wc, bf, dhs, dsb, *walk, n_dst, plan.n_pairs, *sizes,
+                                        num_warps=warps("contract", 0), **consts)
     # 2. the trunk's backward per tile (per-program parameter-gradient rows); it leaves h in dhs's place, and s
     w1, b1, wh, bh, at, ait = hidden
     HP, P0P, nh = lay.HP, lay.P0P, wh.shape[0]
@@ -376,15 +370,16 @@ def conv_backward(grad, x, inp, src, rowptr, weights, biases, fourier, fourier_i
     hs = dhs  # now h
     # 3. d x per edge, per receiver block ...
     dxe = x.new_zeros(E, C)
-    K2.contract_dx_kernel[(n_blocks,)](grad, hs, s, rowptr, wf, bf, dxe, n_dst, *sizes,
-                                       num_warps=warps("contract", 0), **blocks)
-    # 4. ... and dW', dB' per (hidden block, input block), in splits of the receivers summed in a fixed order
-    n_wblocks = (HC // BLOCK) * (CINC // BLOCK)
-    nsplit = wgrad_splits(n_blocks, n_wblocks, wf.numel(), x.device)
-    dwf = x.new_zeros(nsplit, *wf.shape)
+    K2.contract_dx_kernel[(n_blocks,)](grad, hs, s, rowptr, wc, bf, dxe, *walk, n_dst, plan.n_pairs, *sizes,
+                                       num_warps=warps("contract", 0), **consts)
+    # 4. ... and dW', dB' per pair of the plan (and per input block), in splits of the receivers summed in a fixed
+    # order
+    nsplit = wgrad_splits(n_blocks, plan.n_pairs + plan.n_cblocks, wc.numel(), x.device)
+    dwc = x.new_zeros(nsplit, *wc.shape)
     dbf = x.new_zeros(nsplit, *bf.shape)
-    K2.contract_wgrad_kernel[(n_wblocks, nsplit)](grad, hs, s, x, src, rowptr, dwf, dbf, n_dst, n_blocks, *sizes,
-                                                  num_warps=warps("contract", 0), **blocks)
+    K2.contract_wgrad_kernel[(plan.n_pairs + plan.n_cblocks, nsplit)](
+        grad, hs, s, x, src, rowptr, dwc, dbf, *walk, n_dst, n_blocks, plan.n_pairs, max(plan.n_blocks, 1), *sizes,
+        num_warps=warps("contract", 0), **consts)
     del hs, dhs
     dx = torch.zeros_like(x).index_add_(0, src, dxe)
     gw1, gb1, gwh, gbh = gw1.sum(0), gb1.sum(0), gwh.sum(0), gbh.sum(0)
@@ -401,12 +396,12 @@ def conv_backward(grad, x, inp, src, rowptr, weights, biases, fourier, fourier_i
             hidden_grads = [componentwise_grad(g, w) for g, w in zip(hidden_grads, weights[1:])]
         dweights = [unpad_h(gw1[:lay.P0], 1, lay).t()] + hidden_grads
         dbiases = [unpad_h(gb1, 0, lay)] + list(gbh_real[:len(weights) - 1])
-    dfw = dwf.sum(0)[:H, :C, :R].permute(2, 0, 1)
-    dfb = dbf.sum(0)[:C, :R].t()
+    dfw = plan.scatter_weight_grad(dwc.sum(0), (R, H, C))
+    dfb = plan.scatter_bias_grad(dbf.sum(0), (R, C))
     dweights = [w.to(weights[0].dtype).contiguous() for w in dweights]
     dbiases = [b.to(weights[0].dtype).contiguous() for b in dbiases]
-    return [dx, dinp, *dweights, *dbiases, dfw.to(final_weight.dtype).contiguous(),
-            dfb.to(final_bias.dtype).contiguous(), gcoef.sum(0).reshape(1).to(coef.dtype)]
+    return [dx, dinp, *dweights, *dbiases, dfw.to(final_weight.dtype), dfb.to(final_bias.dtype),
+            gcoef.sum(0).reshape(1).to(coef.dtype)]
 
 
 def trunk_moments(inp, weights, biases, fourier, fourier_inv, with_activation=False):

@@ -49,7 +49,7 @@ def _op_args(conv, pos, ei, x, a):
     leaf = lambda t: t.detach().clone().requires_grad_()  # noqa: E731
     return (leaf(x), leaf(inp), g.src[g.perm].contiguous(), g.rowptr, [leaf(w) for w in p.weights],
             [leaf(b) for b in p.biases], p.fourier, p.fourier_inv, leaf(p.final_weight), leaf(p.final_bias),
-            leaf(p.coef), p.norm, p.ndim, None)
+            leaf(p.coef), p.norm, p.ndim, p.final_mask, None)
 
 
 def _leaves(args):
@@ -66,15 +66,15 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.ik_fast.triton_conv, args)
     # the backward op, with autograd through it (double backward), and the statistics op on plain tensors
     grad = torch.randn(args[3].shape[0] - 1, args[8].shape[0], dtype=args[0].dtype, requires_grad=True)
-    torch.library.opcheck(torch.ops.ik_fast.triton_conv_backward, (grad, *args[:13]))
+    torch.library.opcheck(torch.ops.ik_fast.triton_conv_backward, (grad, *args[:14]))
     plain = [t.detach() for t in args[4]], [t.detach() for t in args[5]]
     for with_act in (False, True):
         torch.library.opcheck(torch.ops.ik_fast.triton_trunk_moments,
                               (args[1].detach(), *plain, args[6], args[7], with_act))
     # conv given the last activation (as the statistics pass returns it) instead of evaluating the trunk
-    _, act = ops.trunk_moments("triton", args[1].detach(), ops.PackedProgram(*plain, args[6], args[7], *args[8:13]),
+    _, act = ops.trunk_moments("triton", args[1].detach(), ops.PackedProgram(*plain, args[6], args[7], *args[8:14]),
                                len(args[4]), with_activation=True)
-    torch.library.opcheck(torch.ops.ik_fast.triton_conv, (*args[:13], act))
+    torch.library.opcheck(torch.ops.ik_fast.triton_conv, (*args[:14], act))
 
 
 def test_op_matches_its_statement_in_forward_backward_and_double_backward():

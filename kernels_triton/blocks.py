@@ -1,0 +1,189 @@
+"""The block structure of the last layer's weight W' (R, H, C_in) that the contraction kernels (:mod:`.contract`) walk.
+
+An equivariant W' is structurally sparse (6% of its entries at config H, 9% at M: most (output, hidden, input)
+component triples are forbidden by the selection rules), and the sparsity is shared by whole field groups. Ordered
+well, its 16 x 16 x 16 blocks are about as sparse as its entries (H: 244 of 4,131 blocks), so the contraction does
+only the work of the non-zero blocks:
+
+* hidden units in component-major order (component a of every channel together: a componentwise hidden layer gives
+  all channels of a component one pattern), or, where that makes fewer blocks, with units of identical pattern moved
+  together;
+* inputs and outputs grouped by their pattern (the components of one irrep type across fields), groups in
+  lexicographic order of their patterns;
+* the non-zero blocks listed per (hidden block, input block) *pair*: a pair's Z block is formed once per receiver
+  block and contracted with every output block of the pair's list.
+
+The plan is computed on the host from the op's ``final_mask`` (a CPU tensor: no device synchronisation) with NumPy,
+so building it dispatches no PyTorch operator, and is cached per mask tensor (a structural constant of the layer).
+Without a mask every block is listed (a dense W').
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
+
+B = 16  # the block edge: hidden, input and output blocks of W' and the smallest tl.dot
+
+
+def _ceil(n: int) -> int:
+    return max(B, -(-int(n) // B) * B)
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """The non-zero 16^3 blocks of W' in the permuted order, as the contraction kernels read them (all int32).
+
+    ``perm_h`` (HC,), ``perm_c`` (CINC,), ``perm_r`` (RC,): the original index at each permuted position (padding
+    positions hold 0 and are masked by the true sizes); ``pairs`` (NP, 2): the (hidden, input) block offsets that
+    have a non-zero block; ``pair_ptr`` (NP + 1,): each pair's range in ``blk_r``, the output block offsets;
+    ``w_src`` / ``w_dst`` (nnz,) int64: flat positions in W' (R, H, C_in) and in the compact block tensor
+    (NB, 16 * 16, 16) of its structural non-zeros (one gather builds the blocks, one scatter returns the gradient);
+    ``b_src`` / ``b_dst`` (R C_in,) int64 likewise for B' (R, C_in) and its permuted, padded form (CINC, RC).
+    """
+
+    perm_h: Tensor
+    perm_c: Tensor
+    perm_r: Tensor
+    pairs: Tensor
+    pair_ptr: Tensor
+    blk_r: Tensor
+    w_src: Tensor
+    w_dst: Tensor
+    b_src: Tensor
+    b_dst: Tensor
+    n_pairs: int
+    n_blocks: int
+    n_cblocks: int
+
+    def gather_weight(self, final_weight: Tensor, dtype) -> Tensor:
+        """The compact blocks (NB, 256, 16) of W' (entries outside the structure are zero)."""
+        flat = final_weight.reshape(-1).to(dtype)
+        out = flat.new_zeros(max(self.n_blocks, 1), B * B, B)  # (one zero block when there is none: a valid pointer)
+        return out.view(-1).index_copy_(0, self.w_dst, flat.index_select(0, self.w_src)).view(out.shape)
+
+    def scatter_weight_grad(self, blocks: Tensor, shape) -> Tensor:
+        """The gradient of W' (R, H, C_in) from that of its compact blocks (zero outside the structure)."""
+        out = blocks.new_zeros(shape[0] * shape[1] * shape[2])
+        return out.index_copy_(0, self.w_src, blocks.reshape(-1).index_select(0, self.w_dst)).view(shape)
+
+    def gather_bias(self, final_bias: Tensor, dtype) -> Tensor:
+        """B' permuted and padded, (CINC, RC) (x @ B layout)."""
+        flat = final_bias.reshape(-1).to(dtype)
+        out = flat.new_zeros(self.perm_c.shape[0] * self.perm_r.shape[0])
+        return out.index_copy_(0, self.b_dst, flat.index_select(0, self.b_src)).reshape(self.perm_c.shape[0], -1)
+
+    def scatter_bias_grad(self, grad: Tensor, shape) -> Tensor:
+        """The gradient of B' (R, C_in) from that of its permuted, padded form (CINC, RC)."""
+        out = grad.new_zeros(shape[0] * shape[1])
+        return out.index_copy_(0, self.b_src, grad.reshape(-1).index_select(0, self.b_dst)).reshape(shape)
+
+
+def _group_order(rows: np.ndarray, first: Optional[np.ndarray] = None) -> np.ndarray:
+    """Indices ordered by pattern group: rows (n, m) bool; equal rows stay together, groups in lexicographic order of
+    their pattern (or, with ``first``, by the smallest ``first`` of their members), members in index order (or by
+    ``first``)."""
+    packed = np.packbits(rows, axis=1)
+    _, inverse = np.unique(packed, axis=0, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    own = np.arange(rows.shape[0]) if first is None else first
+    if first is not None:  # a group's rank: its first member in the given order
+        lead = np.full(inverse.max() + 1, np.iinfo(np.int64).max)
+        np.minimum.at(lead, inverse, first)
+        inverse = lead[inverse]
+    return np.lexsort((own, inverse))
+
+
+def _padded(perm: np.ndarray) -> np.ndarray:
+    out = np.zeros(_ceil(perm.shape[0]), dtype=np.int32)
+    out[:perm.shape[0]] = perm
+    return out
+
+
+def build(mask: np.ndarray, D: int) -> dict:
+    """The plan of :class:`Blocks` (as NumPy arrays) for a structural mask (R, H, C_in) and hidden channels of D
+    components (channel-major, H = C D)."""
+    R, H, C = mask.shape
+    cm = np.arange(H).reshape(-1, D).T.reshape(-1)  # component-major order of the hidden units
+    rank = np.empty(H, dtype=np.int64)
+    rank[cm] = np.arange(H)
+    pc = _group_order(mask.transpose(2, 0, 1).reshape(C, -1))
+    pr = _group_order(mask.reshape(R, -1))
+    HC, CC, RC = _ceil(H), _ceil(C), _ceil(R)
+    best = None
+    # hidden orders: component-major, or pattern groups in component-major order (fewest blocks wins)
+    for ph in (cm, _group_order(mask.transpose(1, 0, 2).reshape(H, -1), first=rank)):
+        m = np.zeros((RC, HC, CC), dtype=bool)
+        m[:R, :H, :C] = mask[pr][:, ph][:, :, pc]
+        blk = m.reshape(RC // B, B, HC // B, B, CC // B, B).any(axis=(1, 3, 5))  # (nr, nh, nc)
+        if best is None or blk.sum() < best[2].sum():
+            best = (ph, m, blk)
+    ph, m, blk = best
+    pair_any = blk.any(0)
+    hb, cb = np.nonzero(pair_any)  # row-major: hidden block outer, input block inner
+    pairs = np.stack([hb * B, cb * B], 1).astype(np.int32).reshape(-1, 2)
+    counts = blk[:, hb, cb].sum(0)
+    pair_ptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+    rb = [np.nonzero(blk[:, h, c])[0] for h, c in zip(hb, cb)]
+    blk_r = (np.concatenate(rb) * B).astype(np.int32) if rb else np.zeros(0, dtype=np.int32)
+    nb = int(blk_r.shape[0])
+    if nb * B ** 3 >= 2 ** 31:  # the kernels index the compact blocks in int32
+        raise ValueError(f"the last layer's weight has {nb} non-zero blocks of {B}^3; at most {2 ** 31 // B ** 3 - 1} "
+                         f"are supported")
+    # compact blocks (NB, HB, CB, RB): for block q of pair (h0, c0) and output block r0, entry (i, j, k) is W'[pr[r0 +
+    # k], ph[h0 + i], pc[c0 + j]] where that is inside W' and structurally non-zero
+    q_h = np.repeat(pairs[:, 0], counts).astype(np.int64)
+    q_c = np.repeat(pairs[:, 1], counts).astype(np.int64)
+    i = q_h[:, None, None, None] + np.arange(B)[None, :, None, None]
+    j = q_c[:, None, None, None] + np.arange(B)[None, None, :, None]
+    k = blk_r.astype(np.int64)[:, None, None, None] + np.arange(B)[None, None, None, :]
+    i, j, k = np.broadcast_arrays(i, j, k)
+    valid = m[k, i, j]
+    ph_, pc_, pr_ = _padded(ph), _padded(pc), _padded(pr)
+    w_src = (pr_[k[valid]].astype(np.int64) * H + ph_[i[valid]]) * C + pc_[j[valid]]
+    w_dst = np.nonzero(valid.reshape(-1))[0]
+    cc, rr = np.meshgrid(np.arange(C), np.arange(R), indexing="ij")  # the bias (C_in, R) at permuted positions
+    b_src = pr[rr].astype(np.int64).reshape(-1) * C + pc[cc].reshape(-1)
+    b_dst = (cc * RC + rr).reshape(-1).astype(np.int64)
+    return dict(perm_h=ph_, perm_c=pc_, perm_r=pr_, pairs=pairs, pair_ptr=pair_ptr, blk_r=blk_r, w_src=w_src,
+                w_dst=w_dst, b_src=b_src, b_dst=b_dst, n_pairs=int(pairs.shape[0]), n_blocks=nb, n_cblocks=CC // B)
+
+
+def _to_device(plan: dict, device) -> Blocks:
+    t = {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) if isinstance(v, np.ndarray) else v
+         for k, v in plan.items()}
+    return Blocks(**t)
+
+
+_BY_MASK: "WeakIdKeyDictionary" = WeakIdKeyDictionary()
+
+
+@functools.lru_cache(maxsize=64)
+def _dense(R: int, H: int, C: int, D: int, device: str) -> Blocks:
+    return _to_device(build(np.ones((R, H, C), dtype=bool), D), device)
+
+
+def blocks(final_mask: Optional[Tensor], shape, D: int, device) -> Blocks:
+    """The block plan of W' of ``shape`` (R, H, C_in) on ``device``, for the op's structural mask (None: dense);
+    cached per mask tensor, device and D."""
+    R, H, C = (int(n) for n in shape)
+    dev = str(torch.device(device))
+    if final_mask is None:
+        return _dense(R, H, C, D, dev)
+    if tuple(final_mask.shape) != (R, H, C):
+        raise ValueError(f"final_mask has shape {tuple(final_mask.shape)}, but final_weight is {(R, H, C)}")
+    if final_mask.device.type != "cpu":
+        raise ValueError(f"final_mask must be a CPU tensor (it is planned on the host), got {final_mask.device}")
+    per = _BY_MASK.get(final_mask)
+    if per is None:
+        per = _BY_MASK[final_mask] = {}
+    key = (dev, D, final_mask._version)
+    if key not in per:
+        per[key] = _to_device(build(final_mask.numpy().astype(bool, copy=False), D), dev)
+    return per[key]
