@@ -22,12 +22,13 @@ Everything Triton-specific happens here, behind the neutral schemas:
 from __future__ import annotations
 
 import functools
+import math
 import os
 from dataclasses import dataclass
 from typing import List, Tuple
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ik_fast.ops import hidden_width
@@ -95,37 +96,6 @@ class Layout:
         return self.CP * self.DP
 
 
-@functools.lru_cache(maxsize=256)
-def _hidden_index(lay: "Layout", device: str) -> Tensor:
-    """(H,) padded position of each real hidden unit."""
-    c = torch.arange(lay.C, device=device)[:, None] * lay.PD
-    return (c + torch.arange(lay.D, device=device)[None, :]).reshape(-1)
-
-
-@functools.lru_cache(maxsize=256)
-def _scatter_index(lay: "Layout", device: str, lead: int, rows: int, rows_padded: int, hidden_rows: bool,
-                   cols: int, cols_padded: int, hidden_cols: bool) -> Tensor:
-    """Flat positions in a (lead, rows_padded, cols_padded) buffer of the entries of a (lead, rows, cols) tensor;
-    a dimension flagged ``hidden_*`` is the hidden width (padded channel by channel), else padded at its end."""
-    hm = _hidden_index(lay, device)
-    r = hm if hidden_rows else torch.arange(rows, device=device)
-    c = hm if hidden_cols else torch.arange(cols, device=device)
-    k = torch.arange(lead, device=device)
-    return ((k[:, None, None] * rows_padded + r[None, :, None]) * cols_padded + c[None, None, :]).reshape(-1)
-
-
-def _scatter(t: Tensor, lay: "Layout", padded: Tuple[int, int, int], hidden: Tuple[bool, bool]) -> Tensor:
-    """t (lead, rows, cols) -> zeros of shape ``padded`` with t's entries at their padded positions (one scatter)."""
-    lead, rows, cols = t.shape
-    idx = _scatter_index(lay, str(t.device), lead, rows, padded[1], hidden[0], cols, padded[2], hidden[1])
-    return t.new_zeros(padded[0] * padded[1] * padded[2]).index_copy(0, idx, t.reshape(-1)).reshape(padded)
-
-
-def unpad_h(t: Tensor, dim: int, lay: "Layout") -> Tensor:
-    """The real hidden units of dimension ``dim`` of a padded tensor."""
-    return t.index_select(dim, _hidden_index(lay, str(t.device)))
-
-
 def _block_width(DP: int, HP: int, RP: int) -> int:
     gw = DP
     while 2 * gw <= HP and 2 * gw * max(2 * gw, RP) <= OPERAND_BUDGET:
@@ -157,69 +127,116 @@ def layout(inp: Tensor, weights, fourier, R: int, ndim: int) -> Layout:
             CP, GP = total // DP, 16
             real = (1, H, 1, total)
     cwf = 0
-    if NL > 1 and all(w.dim() == 3 for w in weights[1:]):
-        cwf = max(1, 16 // CP)
+    if fourier_act and NL > 1 and all(w.dim() == 3 for w in weights[1:]):
+        cwf = max(1, 16 // CP)  # componentwise kernels (their batched dot needs the channel-major Fourier layout)
     return Layout(ndim, P0, _pow2(P0), NL, CP, DP, GP, _block_width(DP, CP * DP, _pow2(R)), fourier_act, *real, cwf)
 
 
-def dense_weight(w: Tensor) -> Tensor:
-    """A componentwise weight (D, C_out, C_in) as the dense (C_out D, C_in D) matrix (channel-major)."""
-    if w.dim() == 2:
-        return w
-    D, Co, Ci = w.shape
-    return torch.diag_embed(w.permute(1, 2, 0)).permute(0, 2, 1, 3).reshape(Co * D, Ci * D)
+@dataclass(frozen=True)
+class Packing:
+    """How the op's unpadded hidden-layer tensors become the kernels' padded ones, as index tensors built once per
+    layout (with NumPy: no PyTorch operator), so that a call pads with one gather and unpads gradients with one.
+
+    The padded buffer is ``[w1 (P0P, HP) | b1 (HP,) | wh (NH, ...) | bh (NH, HP) | at (NA, DP, GP) | ait (NA, GP,
+    DP)]`` (x @ W layouts; ``wh`` (NH, DP, KC, KC) per component for componentwise kernels, else (NH, HP, HP)); the
+    sources are the op's weights, biases, Fourier matrices and their inverses, flattened and concatenated, with one
+    zero appended. ``src`` (buffer size,): source position of each buffer entry (the appended zero for padding);
+    ``pos``: per weight, then per bias, the buffer position of each of its entries, so a gradient of the buffer's
+    first four parts gives each weight's and bias's gradient with one index_select; ``hidden`` (H,): padded
+    position of each real hidden unit."""
+
+    src: Tensor
+    pos: Tuple[Tensor, ...]
+    hidden: Tensor
+    shapes: Tuple[Tuple[int, ...], ...]    # of w1, b1, wh, bh, at, ait
+    trainable: Tuple[Tuple[int, ...], ...]  # shapes of the weights, then the biases
+
+    def pad(self, weights, biases, fourier, fourier_inv, dtype, device) -> List[Tensor]:
+        parts = [t.reshape(-1) for t in (*weights, *biases, *fourier, *fourier_inv)]
+        if not parts:  # no hidden layer: every kernel weight is zero
+            return [torch.zeros(sh, dtype=dtype, device=device) for sh in self.shapes]
+        flat = torch.cat(parts + [parts[0].new_zeros(1)]).index_select(0, self.src)
+        if flat.dtype != dtype:
+            flat = flat.to(dtype)
+        sizes = [math.prod(sh) for sh in self.shapes]
+        return [t.view(sh) for t, sh in zip(flat.split(sizes), self.shapes)]
+
+    def unpad_grads(self, grads: List[Tensor]) -> List[Tensor]:
+        """Gradients of w1, b1, wh, bh (padded) -> those of the op's weights and biases (in their order), one gather
+        each (separate tensors: an op's outputs must not alias each other)."""
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        return [flat.index_select(0, p).view(sh) for p, sh in zip(self.pos, self.trainable)]
 
 
-def componentwise_grad(g: Tensor, like: Tensor) -> Tensor:
-    """The gradient of a dense weight (C_out D, C_in D) restricted to a componentwise one shaped like ``like``."""
-    if like.dim() == 2:
-        return g
-    D, Co, Ci = like.shape
-    return torch.diagonal(g.reshape(Co, D, Ci, D), dim1=1, dim2=3).permute(2, 0, 1)
+def _shape(t: Tensor) -> Tuple[int, ...]:
+    return tuple(int(n) for n in t.shape)
 
 
-def kernel_weights(weights, fourier):
-    """The hidden weights the kernels take: componentwise ones stay so only with a Fourier nonlinearity (the
-    channel-major layout their batched dot needs); otherwise dense."""
-    fourier_act = bool(fourier) and fourier[-1].numel() > 0
-    if fourier_act and len(weights) > 1 and all(w.dim() == 3 for w in weights[1:]):
-        return list(weights)
-    return [dense_weight(w) for w in weights]
+def packing(lay: Layout, weights, biases, fourier, fourier_inv, device) -> Packing:
+    shapes = tuple(tuple(_shape(t) for t in group) for group in (weights, biases, fourier, fourier_inv))
+    return _packing(lay, shapes, str(torch.device(device)))
 
 
-def pad_hidden(lay: Layout, weights, biases, fourier, fourier_inv, dtype, device):
-    """(w1 (P0P, HP), b1 (HP,), wh (NH, HP, HP), bh (NH, HP), at (NL, DP, GP), ait (NL, GP, DP)): x @ W layout,
-    each built with one scatter of the stacked real entries."""
-    HP, NL = lay.HP, lay.NL
+@functools.lru_cache(maxsize=256)
+def _packing(lay: Layout, shapes, device: str) -> Packing:
+    wsh, bsh, ash, aish = shapes
+    NL, HP, DP, GP, P0, P0P = lay.NL, lay.HP, lay.DP, lay.GP, lay.P0, lay.P0P
+    H = lay.C * lay.D
+    hm = (np.arange(H) // lay.D) * lay.PD + np.arange(H) % lay.D  # padded position of each hidden unit
     nh = max(NL - 1, 1)
-    z = lambda *shape: torch.zeros(*shape, dtype=dtype, device=device)  # noqa: E731
-    if NL == 0:
-        w1, b1 = z(lay.P0P, HP), z(HP)
-    else:
-        w1 = _scatter(weights[0].t().to(dtype)[None], lay, (1, lay.P0P, HP), (False, True))[0]
-        b1 = _scatter(biases[0].to(dtype)[None, None], lay, (1, 1, HP), (False, True)).reshape(HP)
-    if NL > 1 and lay.CWF:
-        # (NH, DP, KC, KC), x @ W per component: wh[k, d, ci F, co F] = W_k[d, co, ci]
-        KC = lay.CP * lay.CWF
-        wh = z(nh, lay.DP, KC, KC)
-        d = torch.arange(lay.D, device=device)[:, None, None]
-        c = torch.arange(lay.C, device=device) * lay.CWF
-        wh[:, d, c[None, :, None], c[None, None, :]] = torch.stack(weights[1:]).to(dtype).transpose(2, 3)
-        bh = _scatter(torch.stack(biases[1:]).to(dtype)[:, None], lay, (nh, 1, HP), (False, True)).reshape(nh, HP)
-    elif NL > 1:
-        wh = _scatter(torch.stack(weights[1:]).to(dtype).transpose(1, 2), lay, (nh, HP, HP), (True, True))
-        bh = _scatter(torch.stack(biases[1:]).to(dtype)[:, None], lay, (nh, 1, HP), (False, True)).reshape(nh, HP)
-    else:
-        wh, bh = z(nh, HP, HP), z(nh, HP)
+    na = max(NL, 1)
+    KC = lay.CP * lay.CWF
+    wh_shape = (nh, DP, KC, KC) if lay.CWF else (nh, HP, HP)
+    out_shapes = ((P0P, HP), (HP,), wh_shape, (nh, HP), (na, DP, GP), (na, GP, DP))
+    base = np.cumsum([0] + [math.prod(sh) for sh in out_shapes])
+    src_sizes = [math.prod(sh) for group in shapes for sh in group]
+    src_off = np.cumsum([0] + src_sizes)
+    n_src = int(src_off[-1])
+    buf = np.full(int(base[-1]), n_src, dtype=np.int64)  # every entry the appended zero, unless written below
+    pos = np.empty(sum(math.prod(sh) for sh in (*wsh, *bsh)), dtype=np.int64)
+    w_off = src_off[:NL]
+    b_off = src_off[NL:2 * NL]
+    a_off = src_off[2 * NL:3 * NL]
+    ai_off = src_off[3 * NL:4 * NL]
+    t_off = np.cumsum([0] + [math.prod(sh) for sh in (*wsh, *bsh)])
+
+    def put(src_start: int, dst: np.ndarray, trainable: int = -1):
+        idx = src_start + np.arange(dst.size)
+        buf[dst.reshape(-1)] = idx
+        if trainable >= 0:
+            pos[t_off[trainable] + np.arange(dst.size)] = dst.reshape(-1)
+
+    if NL > 0:
+        if len(wsh[0]) != 2:
+            raise ValueError(f"the first hidden Linear's weight must be dense (H, P0), got {wsh[0]}")
+        j, p = np.meshgrid(np.arange(H), np.arange(P0), indexing="ij")  # W1[j, p] -> w1[p, hm[j]]
+        put(w_off[0], base[0] + p * HP + hm[j], 0)
+        put(b_off[0], base[1] + hm, NL)
+    for k in range(1, NL):
+        sh = wsh[k]
+        if len(sh) == 3 and lay.CWF:  # W[d, co, ci] -> wh[k-1, d, ci F, co F]
+            d, co, ci = np.meshgrid(*(np.arange(n) for n in sh), indexing="ij")
+            F_ = lay.CWF
+            dst = base[2] + (k - 1) * DP * KC * KC + (d * KC + ci * F_) * KC + co * F_
+        elif len(sh) == 3:  # componentwise, in the dense layout: W[d, co, ci] is entry (co D + d, ci D + d)
+            d, co, ci = np.meshgrid(*(np.arange(n) for n in sh), indexing="ij")
+            D = sh[0]
+            dst = base[2] + (k - 1) * HP * HP + hm[ci * D + d] * HP + hm[co * D + d]
+        else:  # W[jo, ji] -> wh[k-1, hm[ji], hm[jo]]
+            jo, ji = np.meshgrid(np.arange(sh[0]), np.arange(sh[1]), indexing="ij")
+            dst = base[2] + (k - 1) * HP * HP + hm[ji] * HP + hm[jo]
+        put(w_off[k], dst, k)
+        put(b_off[k], base[3] + (k - 1) * HP + hm, NL + k)
     if lay.FOURIER:
-        A = torch.stack(fourier).to(dtype)  # (NL, G, D)
-        Ainv = torch.stack(fourier_inv).to(dtype)  # (NL, D, G)
-        at = F.pad(A.transpose(1, 2), (0, lay.GP - A.shape[1], 0, lay.DP - A.shape[2]))
-        ait = F.pad(Ainv.transpose(1, 2), (0, lay.DP - A.shape[2], 0, lay.GP - A.shape[1]))
-    else:
-        na = max(NL, 1)
-        at, ait = z(na, lay.DP, lay.GP), z(na, lay.GP, lay.DP)
-    return w1, b1, wh, bh, at, ait
+        for k in range(NL):
+            G, D = ash[k]
+            g, a = np.meshgrid(np.arange(G), np.arange(D), indexing="ij")  # A[g, a] -> at[k, a, g]
+            put(a_off[k], base[4] + k * DP * GP + a * GP + g)
+            a, g = np.meshgrid(np.arange(D), np.arange(G), indexing="ij")  # Ainv[a, g] -> ait[k, g, a]
+            put(ai_off[k], base[5] + k * GP * DP + g * DP + a)
+    tens = lambda a: torch.from_numpy(a) if device == "cpu" else torch.from_numpy(a).to(device)  # noqa: E731
+    per = tuple(tens(pos[t_off[i]:t_off[i + 1]].copy()) for i in range(len(t_off) - 1))
+    return Packing(tens(buf), per, tens(hm), out_shapes, tuple(wsh) + tuple(bsh))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -288,9 +305,9 @@ def wgrad_splits(n_blocks: int, n_wblocks: int, w_floats: int, device) -> int:
 def _setup(x, inp, weights, biases, fourier, fourier_inv, final_weight, final_bias, coef, ndim, final_mask):
     dtype = x.dtype
     R, H, C = final_weight.shape
-    weights = kernel_weights(weights, fourier)
     lay = layout(inp, weights, fourier, R, ndim)
-    hidden = pad_hidden(lay, weights, biases, fourier, fourier_inv, dtype, x.device)
+    pack = packing(lay, weights, biases, fourier, fourier_inv, x.device)
+    hidden = pack.pad(weights, biases, fourier, fourier_inv, dtype, x.device)
     plan = blocks(final_mask, final_weight.shape, lay.D, x.device)
     wc, bf = plan.gather_weight(final_weight, dtype), plan.gather_bias(final_bias, dtype)
     prec = PREC_NAMES[precision(dtype, x.device)]
@@ -301,7 +318,7 @@ def _setup(x, inp, weights, biases, fourier, fourier_inv, final_weight, final_bi
     # the plan's tensors and sizes, in the contraction kernels' argument order
     walk = (plan.pairs, plan.pair_ptr, plan.blk_r, plan.perm_h, plan.perm_c, plan.perm_r)
     sizes = (H, C, _ceil(C), R, _ceil(R))  # H, CIN, CINC, R, RC
-    return lay, hidden, plan, wc, bf, coef.to(dtype).reshape(1).contiguous(), trunk, consts, walk, sizes
+    return lay, pack, hidden, plan, wc, bf, coef.to(dtype).reshape(1), trunk, consts, walk, sizes
 
 
 def _trunk_forward(inp, hidden, coef, norm, H, trunk):
@@ -323,7 +340,7 @@ def conv(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, final_weigh
     if E == 0:
         return out
     inp = inp.contiguous()
-    lay, mlp, plan, wc, bf, coefp, trunk, consts, walk, sizes = _setup(
+    lay, _, mlp, plan, wc, bf, coefp, trunk, consts, walk, sizes = _setup(
         x, inp, weights, biases, fourier, fourier_inv, final_weight, final_bias, coef, ndim, final_mask)
     if hidden is None:
         h, s = _trunk_forward(inp, mlp, coefp, norm, sizes[0], trunk)
@@ -345,7 +362,7 @@ def conv_backward(grad, x, inp, src, rowptr, weights, biases, fourier, fourier_i
     if E == 0:
         return zeros
     x, inp, src = x.contiguous(), inp.contiguous(), src.contiguous()
-    lay, hidden, plan, wc, bf, coefp, trunk, consts, walk, sizes = _setup(
+    lay, pack, hidden, plan, wc, bf, coefp, trunk, consts, walk, sizes = _setup(
         x, inp, weights, biases, fourier, fourier_inv, final_weight, final_bias, coef, ndim, final_mask)
     grad = grad.to(x.dtype).contiguous()
     n_blocks = -(-n_dst // BLOCK)
@@ -382,37 +399,25 @@ def conv_backward(grad, x, inp, src, rowptr, weights, biases, fourier, fourier_i
         num_warps=warps("contract", 0), **consts)
     del hs, dhs
     dx = torch.zeros_like(x).index_add_(0, src, dxe)
-    gw1, gb1, gwh, gbh = gw1.sum(0), gb1.sum(0), gwh.sum(0), gbh.sum(0)
-    dweights, dbiases = [], []
-    if weights:  # (without hidden layers the input is the hidden activation)
-        if lay.CWF:  # (NH, DP, KC, KC) at channels c F -> (NH, D, C_out, C_in)
-            c = torch.arange(lay.C, device=x.device) * lay.CWF
-            gwh_real = gwh[:, :lay.D][:, :, c][:, :, :, c].transpose(2, 3)
-        else:
-            gwh_real = unpad_h(unpad_h(gwh, 1, lay), 2, lay).transpose(1, 2)  # (x @ W layout -> (out, in))
-        gbh_real = unpad_h(gbh, 1, lay)
-        hidden_grads = list(gwh_real[:len(weights) - 1])
-        if not lay.CWF:  # dense kernels; a componentwise weight gets the gradient of its non-zeros
-            hidden_grads = [componentwise_grad(g, w) for g, w in zip(hidden_grads, weights[1:])]
-        dweights = [unpad_h(gw1[:lay.P0], 1, lay).t()] + hidden_grads
-        dbiases = [unpad_h(gb1, 0, lay)] + list(gbh_real[:len(weights) - 1])
+    # the hidden parameters' gradients: the programs' rows summed, then unpadded with one gather
+    grads = pack.unpad_grads([gw1.sum(0), gb1.sum(0), gwh.sum(0), gbh.sum(0)]) if weights else []
+    dweights, dbiases = grads[:len(weights)], grads[len(weights):]
     dfw = plan.scatter_weight_grad(dwc.sum(0), (R, H, C))
     dfb = plan.scatter_bias_grad(dbf.sum(0), (R, C))
-    dweights = [w.to(weights[0].dtype).contiguous() for w in dweights]
-    dbiases = [b.to(weights[0].dtype).contiguous() for b in dbiases]
-    return [dx, dinp, *dweights, *dbiases, dfw.to(final_weight.dtype), dfb.to(final_bias.dtype),
-            gcoef.sum(0).reshape(1).to(coef.dtype)]
+    out = [dx, dinp, *dweights, *dbiases, dfw, dfb, gcoef.sum(0).reshape(1)]
+    like = [x, inp, *weights, *biases, final_weight, final_bias, coef]
+    return [g if g.dtype == t.dtype else g.to(t.dtype) for g, t in zip(out, like)]
 
 
 def trunk_moments(inp, weights, biases, fourier, fourier_inv, with_activation=False):
     E = inp.shape[0]
-    weights = kernel_weights(weights, fourier)
     lay = layout(inp, weights, fourier, 1, 0)
     H = lay.C * lay.D
     act = inp.new_empty(E if with_activation else 0, H)
     if E == 0:
         return inp.new_zeros(2, H), act
-    w1, b1, wh, bh, at, ait = pad_hidden(lay, weights, biases, fourier, fourier_inv, inp.dtype, inp.device)
+    pack = packing(lay, weights, biases, fourier, fourier_inv, inp.device)
+    w1, b1, wh, bh, at, ait = pack.pad(weights, biases, fourier, fourier_inv, inp.dtype, inp.device)
     HP = lay.HP
     n_tiles = (E + STATS_TILE - 1) // STATS_TILE
     nprog = num_programs(n_tiles, inp.device, 1 + 2 * HP)
@@ -427,7 +432,7 @@ def trunk_moments(inp, weights, biases, fourier, fourier_inv, with_activation=Fa
     total = mean * count
     mu = total.sum(0) / E
     M2 = (m2 + count * (mean - mu).square()).sum(0)
-    return unpad_h(torch.stack([mu, M2]), 1, lay), act
+    return torch.stack([mu, M2]).index_select(1, pack.hidden), act
 
 
 def _register():
