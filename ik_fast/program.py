@@ -212,7 +212,8 @@ class Linear:
         R = self.weight.shape[0]
         w3 = self.weight.reshape(R, -1, inner)
         weight = (w3 * scale[None, :, None]).reshape(R, -1)
-        extra = torch.einsum("rhk,h->rk", w3, shift).reshape(-1)
+        extra = (w3.reshape(R, -1) @ shift) if inner == 1 else torch.matmul(shift, w3).reshape(-1)  # (einsum: 3x
+        # the operators)
         bias = extra if self.bias is None else self.bias + extra
         return Linear(weight, bias, self.plan if gather else None)
 
@@ -367,6 +368,11 @@ class PackedProgram:
                 self.coef, self.norm, self.ndim, self.final_mask)
 
 
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t.to(dtype)`` without an operator when it already is."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 @dataclass(frozen=True)
 class KernelProgram:
     """The implicit kernel of one forward pass, lowered to plain tensors. See the module docstring."""
@@ -459,15 +465,28 @@ class KernelProgram:
         statistics are not in ``stats`` yet). The one place that fixes the fold order for the fused backends; the
         arithmetic is :meth:`Linear.fold`, as in :meth:`trunk`."""
         upto = len(self.hidden) if upto is None else upto
-        out, pending, k = [], None, 0
-        for layer in self.hidden[:upto]:
-            out.append(layer.linear if pending is None else layer.linear.fold(*pending, gather=False))
+        out, pending, src, k = [], None, None, 0
+        for i, layer in enumerate(self.hidden[:upto]):
+            out.append(layer.linear if pending is None else
+                       self._memo(("fold", i), src, layer.linear.fold, *pending, gather=False))
             pending = None
             if layer.bn is not None:
                 if not self.training or k < len(stats):
-                    pending = layer.bn.affine(stats[k] if self.training else None)
+                    src = stats[k] if self.training else None
+                    pending = self._memo(("affine", k), src, layer.bn.affine, src)
                 k += 1
         return out, pending
+
+    def _memo(self, key, src, make, *args, **kwargs):
+        """``make(*args, **kwargs)``, computed once per program for the statistics object ``src``: the fused
+        backends ask for the program once per batch-norm layer (:meth:`packed` with ``upto``), and the earlier
+        layers' folds and affine maps do not change in between."""
+        memo = self.__dict__.setdefault("_memo_cache", {})
+        key = (key, torch.is_grad_enabled())  # (a result made without autograd has no gradient)
+        hit = memo.get(key)
+        if hit is None or hit[0] is not src:
+            hit = memo[key] = (src, make(*args, **kwargs))
+        return hit[1]
 
     def packed(self, stats: Sequence, dtype: torch.dtype, upto: Optional[int] = None) -> "PackedProgram":
         """The program as the fused ops take it (:mod:`ik_fast.ops`): batch norms folded with ``stats``, dense,
@@ -479,22 +498,26 @@ class KernelProgram:
             final = final.fold(*pending, inner=self.in_size, gather=False)
         R, C = self.out_size, self.in_size
         layers = self.hidden[:len(linears)]
-        weights = []
-        for k, (lin, layer) in enumerate(zip(linears, layers)):
-            w = lin.weight.to(dtype)
+        def weight(k, lin, layer):
+            w = _as(lin.weight, dtype)
             cw = None if k == 0 or layer.linear.plan is None else layer.linear.plan.componentwise
             if cw is not None:  # (D, C_out, C_in): the per-component channel mixing, the only non-zeros of W
                 f, d = cw
                 w = torch.diagonal(w.reshape(f, d, f, d), dim1=1, dim2=3).permute(2, 0, 1).contiguous()
-            weights.append(w)
-        biases = [lin.weight.new_zeros(lin.weight.shape[0], dtype=dtype) if lin.bias is None else lin.bias.to(dtype)
-                  for lin in linears]
-        empty = self.sigma.new_zeros(0, 0, dtype=dtype)
-        fourier = [empty if h.A is None else h.A.detach().to(dtype) for h in layers]
-        fourier_inv = [empty if h.A is None else h.Ainv.detach().to(dtype) for h in layers]
-        fw = final.weight.to(dtype).reshape(R, -1, C)
-        fb = fw.new_zeros(R, C) if final.bias is None else final.bias.to(dtype).reshape(R, C)
-        coef = (0.5 / (self.sigma * self.sigma)).reshape(1).to(dtype)
+            bias = lin.weight.new_zeros(lin.weight.shape[0], dtype=dtype) if lin.bias is None else _as(lin.bias, dtype)
+            return w, bias
+
+        pairs = [self._memo(("packed", k, dtype), lin, weight, k, lin, layer)
+                 for k, (lin, layer) in enumerate(zip(linears, layers))]
+        weights, biases = [w for w, _ in pairs], [b for _, b in pairs]
+        constants = self._memo(("fourier", dtype), None, lambda: (
+            [self.sigma.new_zeros(0, 0, dtype=dtype) if h.A is None else _as(h.A.detach(), dtype) for h in self.hidden],
+            [self.sigma.new_zeros(0, 0, dtype=dtype) if h.A is None else _as(h.Ainv.detach(), dtype)
+             for h in self.hidden]))
+        fourier, fourier_inv = constants[0][:len(layers)], constants[1][:len(layers)]
+        fw = _as(final.weight, dtype).reshape(R, -1, C)
+        fb = fw.new_zeros(R, C) if final.bias is None else _as(final.bias, dtype).reshape(R, C)
+        coef = self._memo(("coef", dtype), None, lambda: _as((0.5 / (self.sigma * self.sigma)).reshape(1), dtype))
         return PackedProgram(weights, biases, fourier, fourier_inv, fw, fb, coef, float(self.norm), self.dim,
                              self.final_mask if upto is None else None)
 

@@ -155,10 +155,11 @@ def build(mask: np.ndarray, D: int) -> dict:
                 w_dst=w_dst, b_src=b_src, b_dst=b_dst, n_pairs=int(pairs.shape[0]), n_blocks=nb, n_cblocks=CC // B)
 
 
-def _to_device(plan: dict, device) -> Blocks:
-    t = {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) if isinstance(v, np.ndarray) else v
-         for k, v in plan.items()}
-    return Blocks(**t)
+def _to_device(plan: dict, device: str) -> Blocks:
+    def tens(v):
+        t = torch.from_numpy(np.ascontiguousarray(v))
+        return t if device == "cpu" else t.to(device)
+    return Blocks(**{k: tens(v) if isinstance(v, np.ndarray) else v for k, v in plan.items()})
 
 
 _BY_MASK: "WeakIdKeyDictionary" = WeakIdKeyDictionary()

@@ -358,9 +358,8 @@ def conv_backward(grad, x, inp, src, rowptr, weights, biases, fourier, fourier_i
     R, H, C = final_weight.shape
     E = inp.shape[0]
     n_dst = rowptr.shape[0] - 1
-    zeros = [torch.zeros_like(t) for t in (x, inp, *weights, *biases, final_weight, final_bias, coef)]
     if E == 0:
-        return zeros
+        return [torch.zeros_like(t) for t in (x, inp, *weights, *biases, final_weight, final_bias, coef)]
     x, inp, src = x.contiguous(), inp.contiguous(), src.contiguous()
     lay, pack, hidden, plan, wc, bf, coefp, trunk, consts, walk, sizes = _setup(
         x, inp, weights, biases, fourier, fourier_inv, final_weight, final_bias, coef, ndim, final_mask)

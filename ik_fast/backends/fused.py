@@ -69,16 +69,17 @@ def implicit_conv_fused(impl: str, program: KernelProgram, x_src, graph: Graph, 
     stats = []
     hidden = None
     if program.needs_batch_stats:
-        with torch.no_grad():
-            last = len(program.hidden)
-            for k, layer in enumerate(program.hidden, start=1):
-                if layer.bn is None:
-                    continue
-                packed = program.packed(stats, dtype, upto=k)
+        last = len(program.hidden)
+        for k, layer in enumerate(program.hidden, start=1):
+            if layer.bn is None:
+                continue
+            # packed with autograd on: the program memoises the folds, and conv's packing below reuses them
+            packed = program.packed(stats, dtype, upto=k)
+            with torch.no_grad():
                 # the last layer's statistics pass also gives the activation that conv contracts
                 moments, act = ops.trunk_moments(impl, inp, packed, k, with_activation=k == last)
                 stats.append(layer.bn.finish(moments, graph.num_edges))
-                hidden = act if k == last else None
+            hidden = act if k == last else None
     out = ops.conv(impl, x_src.contiguous(), inp, src, graph.rowptr, program.packed(stats, dtype), hidden)
     return out, stats
 
