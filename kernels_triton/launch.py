@@ -30,6 +30,7 @@ from typing import List, Tuple
 import numpy as np
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ik_fast.ops import hidden_width
 
@@ -41,6 +42,18 @@ PREC_NAMES = ("ieee", "tf32", "bf16", "bf16-emulated")
 OPERAND_BUDGET = 8192  # no GEMM operand above this many elements (32 KB in float32)
 STATS_TILE = 16  # edges per tile of the statistics kernel
 BACKWARD_TILE = 16  # edges per tile of the trunk's backward (its register tiles are the largest)
+
+
+def _c(t: Tensor) -> Tensor:
+    """``t.contiguous()`` without an operator when it already is (host operators per step are counted)."""
+    return t if t.is_contiguous() else t.contiguous()
+
+
+@functools.lru_cache(maxsize=32)
+def _zero(dtype: torch.dtype, device: str) -> Tensor:
+    """A cached one-element zero (made without an operator on the CPU)."""
+    z = torch.from_numpy(np.zeros(1)).to(dtype)
+    return z if device == "cpu" else z.to(device)
 
 
 def _pow2(n: int, lo: int = 16) -> int:
@@ -152,10 +165,11 @@ class Packing:
     trainable: Tuple[Tuple[int, ...], ...]  # shapes of the weights, then the biases
 
     def pad(self, weights, biases, fourier, fourier_inv, dtype, device) -> List[Tensor]:
-        parts = [t.reshape(-1) for t in (*weights, *biases, *fourier, *fourier_inv)]
+        tensors = (*weights, *biases, *fourier, *fourier_inv)
+        parts = [t.view(-1) if t.is_contiguous() else t.reshape(-1) for t in tensors]
         if not parts:  # no hidden layer: every kernel weight is zero
             return [torch.zeros(sh, dtype=dtype, device=device) for sh in self.shapes]
-        flat = torch.cat(parts + [parts[0].new_zeros(1)]).index_select(0, self.src)
+        flat = torch.cat(parts + [_zero(parts[0].dtype, str(parts[0].device))]).index_select(0, self.src)
         if flat.dtype != dtype:
             flat = flat.to(dtype)
         sizes = [math.prod(sh) for sh in self.shapes]
@@ -302,7 +316,25 @@ def wgrad_splits(n_blocks: int, n_wblocks: int, w_floats: int, device) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 # the stages
 # ----------------------------------------------------------------------------------------------------------------
+_SETUPS: "WeakIdKeyDictionary" = WeakIdKeyDictionary()
+
+
 def _setup(x, inp, weights, biases, fourier, fourier_inv, final_weight, final_bias, coef, ndim, final_mask):
+    """The kernels' padded tensors and launch constants for one call. The forward's are kept (per final weight tensor,
+    while it lives) for the backward of the same inputs: identical tensors (by identity and version), dtype,
+    precision and device, so the backward does not pad again."""
+    args = (*weights, *biases, *fourier, *fourier_inv, final_weight, final_bias, coef)
+    key = (tuple((id(t), t._version) for t in args), x.dtype, str(x.device), precision(x.dtype, x.device),
+           inp.shape[1], ndim, id(final_mask))
+    hit = _SETUPS.get(final_weight)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    out = _make_setup(x, inp, weights, biases, fourier, fourier_inv, final_weight, final_bias, coef, ndim, final_mask)
+    _SETUPS[final_weight] = (key, out)
+    return out
+
+
+def _make_setup(x, inp, weights, biases, fourier, fourier_inv, final_weight, final_bias, coef, ndim, final_mask):
     dtype = x.dtype
     R, H, C = final_weight.shape
     lay = layout(inp, weights, fourier, R, ndim)
@@ -318,7 +350,8 @@ def _setup(x, inp, weights, biases, fourier, fourier_inv, final_weight, final_bi
     # the plan's tensors and sizes, in the contraction kernels' argument order
     walk = (plan.pairs, plan.pair_ptr, plan.blk_r, plan.perm_h, plan.perm_c, plan.perm_r)
     sizes = (H, C, _ceil(C), R, _ceil(R))  # H, CIN, CINC, R, RC
-    return lay, pack, hidden, plan, wc, bf, coef.to(dtype).reshape(1), trunk, consts, walk, sizes
+    coef = coef if coef.dtype == dtype and coef.dim() == 1 else coef.to(dtype).reshape(1)
+    return lay, pack, hidden, plan, wc, bf, coef, trunk, consts, walk, sizes
 
 
 def _trunk_forward(inp, hidden, coef, norm, H, trunk):
@@ -339,15 +372,15 @@ def conv(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, final_weigh
     out = x.new_zeros(n_dst, R)
     if E == 0:
         return out
-    inp = inp.contiguous()
+    inp = _c(inp)
     lay, _, mlp, plan, wc, bf, coefp, trunk, consts, walk, sizes = _setup(
         x, inp, weights, biases, fourier, fourier_inv, final_weight, final_bias, coef, ndim, final_mask)
     if hidden is None:
         h, s = _trunk_forward(inp, mlp, coefp, norm, sizes[0], trunk)
     else:  # the activation from the statistics pass of the last layer: only the radial shell is left to compute
-        h = hidden.to(x.dtype).contiguous()
+        h = _c(hidden if hidden.dtype == x.dtype else hidden.to(x.dtype))
         s = torch.exp(-coefp * inp[:, :ndim].square().sum(1)) * norm
-    K2.contract_forward_kernel[(-(-n_dst // BLOCK),)](h, s, x.contiguous(), src.contiguous(), rowptr, wc, bf, out,
+    K2.contract_forward_kernel[(-(-n_dst // BLOCK),)](h, s, _c(x), _c(src), rowptr, wc, bf, out,
                                                       *walk, n_dst, plan.n_pairs, *sizes,
                                                       num_warps=warps("contract", 0), **consts)
     return out
@@ -360,10 +393,10 @@ def conv_backward(grad, x, inp, src, rowptr, weights, biases, fourier, fourier_i
     n_dst = rowptr.shape[0] - 1
     if E == 0:
         return [torch.zeros_like(t) for t in (x, inp, *weights, *biases, final_weight, final_bias, coef)]
-    x, inp, src = x.contiguous(), inp.contiguous(), src.contiguous()
+    x, inp, src = _c(x), _c(inp), _c(src)
     lay, pack, hidden, plan, wc, bf, coefp, trunk, consts, walk, sizes = _setup(
         x, inp, weights, biases, fourier, fourier_inv, final_weight, final_bias, coef, ndim, final_mask)
-    grad = grad.to(x.dtype).contiguous()
+    grad = _c(grad if grad.dtype == x.dtype else grad.to(x.dtype))
     n_blocks = -(-n_dst // BLOCK)
     # 1. the contraction's d hs and the bias term's d s, per receiver block (no trunk needed)
     dhs = x.new_zeros(E, H)
@@ -422,14 +455,13 @@ def trunk_moments(inp, weights, biases, fourier, fourier_inv, with_activation=Fa
     nprog = num_programs(n_tiles, inp.device, 1 + 2 * HP)
     parts = inp.new_zeros(nprog, 1 + 2 * HP)
     K.fused_stats_kernel[(nprog,)](
-        inp.contiguous(), w1, b1, wh, bh, at, ait, inp.new_zeros(1), parts, act, E, n_tiles, K=lay.NL, P0=lay.P0,
-        P0P=lay.P0P, NDIM=0, CP=lay.CP, DP=lay.DP, GP=lay.GP, GW=lay.GW, FOURIER=lay.FOURIER, BE=STATS_TILE,
+        _c(inp), w1, b1, wh, bh, at, ait, _zero(inp.dtype, str(inp.device)), parts, act, E, n_tiles, K=lay.NL,
+        P0=lay.P0, P0P=lay.P0P, NDIM=0, CP=lay.CP, DP=lay.DP, GP=lay.GP, GW=lay.GW, FOURIER=lay.FOURIER, BE=STATS_TILE,
         PREC=PREC_NAMES[precision(inp.dtype, inp.device)], CWF=lay.CWF, C=lay.C, D=lay.D, PD=lay.PD,
         WRITE=bool(with_activation), num_warps=warps("trunk", HP))
     # merge the programs' partial moments (Chan et al.) with tensor code, in a fixed order
-    count, mean, m2 = parts[:, :1], parts[:, 1:1 + HP], parts[:, 1 + HP:]
-    total = mean * count
-    mu = total.sum(0) / E
+    count, mean, m2 = parts.split([1, HP, HP], 1)
+    mu = (mean * count).sum(0) / E
     M2 = (m2 + count * (mean - mu).square()).sum(0)
     return torch.stack([mu, M2]).index_select(1, pack.hidden), act
 
