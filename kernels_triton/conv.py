@@ -13,14 +13,14 @@ every batch norm is already folded into the Linear that follows it (host side). 
   layer with the earlier batch norms folded; for the last layer it also writes the activation, which the forward's
   contraction then reads instead of evaluating the trunk again;
 * :func:`trunk_backward_kernel`: from ``d hs`` (written by the contraction's backward), the gradients of the MLP
-  input and of the trunk's parameters, recomputing the trunk layer by layer from the input; parameter gradients are
-  accumulated per program (a persistent grid, one accumulator row each): deterministic, the host adds the rows in a
-  fixed order.
+  input and of the trunk's parameters; parameter gradients are accumulated per program (a persistent grid, one
+  accumulator row each): deterministic, the host adds the rows in a fixed order. It keeps no whole tile in registers:
+  each layer's activations and gradients go through a small per-program scratch in global memory, a block at a time.
 
 Every hidden GEMM works on blocks of ``GW`` hidden units (the host picks ``GW`` so that no operand exceeds 32 KB in
-float32). Register tiles cannot be sliced in Triton: a block is taken out of (and put back into) the (BE, NG, GW) view
-of a tile by a masked sum (``_group``, ``_add_group``). (Still v1 here: the hidden Linears are dense padded GEMMs and
-the backward recomputes; see issue 8.)
+float32). Register tiles cannot be sliced in Triton: in the forward kernels a block is taken out of (and put back
+into) the (BE, NG, GW) view of a tile by a masked sum (``_group``, ``_add_group``); the backward loads and stores
+blocks of its scratch instead.
 
 Edge and tile counts are not specialised on (one compilation serves every graph size); edge offsets are int64. Shapes
 are padded on the host to powers of two (at least 16, for ``tl.dot``): ``P0P`` the MLP input, ``CP x DP`` the hidden
@@ -332,12 +332,16 @@ def fused_stats_kernel(inp_ptr, w1, b1, wh, bh, at, ait, coef_ptr, out_ptr, act_
 # ----------------------------------------------------------------------------------------------------------------
 # the trunk's backward: block by block through a per-program scratch
 # ----------------------------------------------------------------------------------------------------------------
-# A (BE, HP) register tile of the widest trunks is as large as a program's whole register file, so the backward
-# keeps none: every layer's activation lives in the program's own scratch, NL tiles of (BE, HP) in global memory
-# (``scr``: slots 0 .. NL-2 hold a_1 .. a_{NL-1}, then their gradients; slot NL-1 the pre-activation y_k of the layer
-# at hand, then its gradient), written and read back a block at a time (a few KB, from L1/L2). A stage reads what the
-# previous one wrote, possibly from other threads: ``tl.debug_barrier()`` (a CTA barrier, which also orders the
-# CTA's global memory accesses) sits between them, and between a block's loads and its stores in place.
+# A (BE, HP) register tile of the widest trunks (16 x 1,024 floats at H) is as large as a program's whole register
+# file, and the backward needs several (activations and gradients of two layers): kept in registers they spilled
+# 1-5.7 KB per thread on sm_90. So the backward keeps none: every layer's activation lives in the program's own
+# scratch, NL tiles of (BE, HP) in global memory (``scr``: slots 0 .. NL-2 hold a_1 .. a_{NL-1}, then their
+# gradients; slot NL-1 the pre-activation y_k of the layer at hand, then its gradient), written and read back a block
+# at a time (a few KB, from L1/L2). A stage reads what the previous one wrote, possibly from other threads:
+# ``tl.debug_barrier()`` (a CTA barrier, which also orders the CTA's global memory accesses) sits between them, and
+# between a block's loads and its stores in place. The Fourier matrices (DP, GP) are half a tile at H themselves:
+# the Fourier ELU's GEMMs run on chunks of the grid (the same multiply-adds, in K / N pieces), the componentwise
+# Linear on chunks of components. Compiled for sm_90 at 8 warps: at most 48 B of stack per thread (200 B at BE = 32).
 CW_CHUNK = tl.constexpr(1024)  # elements of one operand block of the componentwise Linear (DC components at a time)
 FOURIER_CHUNK = tl.constexpr(32)  # grid points of the Fourier ELU at a time
 
