@@ -529,7 +529,8 @@ def trunk_backward_kernel(dhs_ptr, dsb_ptr, s_ptr, inp_ptr, w1, b1, wh, bh, at, 
     scratch ``scr_ptr`` (NPROG, NL, BE, HP) (see above): the forward stores a_1 .. a_{NL-1} and y_NL; the last layer
     gives h, d s and dy_NL; each hidden Linear's backward turns a_k into d a_k in place, y_k is recomputed from
     a_{k-1} (y_1 from the input, per block) and turned into dy_k. The GEMMs are those of a forward and a backward
-    pass plus one recomputed hidden Linear per layer below the last (the first Linear per block)."""
+    pass plus the recomputed y_1 .. y_{NL-1} (for NL = 2 only the narrow first Linear: the same multiply-adds as
+    before the scratch, which recomputed the trunk up to each layer)."""
     HP: tl.constexpr = CP * DP
     NG: tl.constexpr = HP // GW
     TILE: tl.constexpr = BE * HP
