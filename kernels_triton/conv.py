@@ -13,14 +13,14 @@ every batch norm is already folded into the Linear that follows it (host side). 
   layer with the earlier batch norms folded; for the last layer it also writes the activation, which the forward's
   contraction then reads instead of evaluating the trunk again;
 * :func:`trunk_backward_kernel`: from ``d hs`` (written by the contraction's backward), the gradients of the MLP
-  input and of the trunk's parameters, recomputing the trunk layer by layer from the input; parameter gradients are
-  accumulated per program (a persistent grid, one accumulator row each): deterministic, the host adds the rows in a
-  fixed order.
+  input and of the trunk's parameters; parameter gradients are accumulated per program (a persistent grid, one
+  accumulator row each): deterministic, the host adds the rows in a fixed order. It keeps no whole tile in registers:
+  each layer's activations and gradients go through a small per-program scratch in global memory, a block at a time.
 
 Every hidden GEMM works on blocks of ``GW`` hidden units (the host picks ``GW`` so that no operand exceeds 32 KB in
-float32). Register tiles cannot be sliced in Triton: a block is taken out of (and put back into) the (BE, NG, GW) view
-of a tile by a masked sum (``_group``, ``_add_group``). (Still v1 here: the hidden Linears are dense padded GEMMs and
-the backward recomputes; see issue 8.)
+float32). Register tiles cannot be sliced in Triton: in the forward kernels a block is taken out of (and put back
+into) the (BE, NG, GW) view of a tile by a masked sum (``_group``, ``_add_group``); the backward loads and stores
+blocks of its scratch instead.
 
 Edge and tile counts are not specialised on (one compilation serves every graph size); edge offsets are int64. Shapes
 are padded on the host to powers of two (at least 16, for ``tl.dot``): ``P0P`` the MLP input, ``CP x DP`` the hidden
@@ -95,24 +95,6 @@ def _linear_hh(a, w_ptr, b_ptr, BE: tl.constexpr, HP: tl.constexpr, GW: tl.const
 
 
 @triton.jit
-def _linear_hh_bwd(a, dy, w_ptr, gw_ptr, BE: tl.constexpr, HP: tl.constexpr, GW: tl.constexpr, PREC: tl.constexpr):
-    """Backward of :func:`_linear_hh`: returns d a, and adds a^T dy to this program's weight-gradient row."""
-    NG: tl.constexpr = HP // GW
-    a3 = tl.reshape(a, (BE, NG, GW))
-    dy3 = tl.reshape(dy, (BE, NG, GW))
-    k = tl.arange(0, GW)
-    da3 = tl.zeros((BE, NG, GW), dtype=a.dtype)
-    for go in range(NG):
-        dyg = _group(dy3, go, NG)
-        for gi in range(NG):
-            offs = (gi * GW + k)[:, None] * HP + (go * GW + k)[None, :]
-            w = tl.load(w_ptr + offs).to(a.dtype)
-            da3 = _add_group(da3, _mm(dyg, tl.trans(w), PREC), gi, NG)
-            _accumulate(gw_ptr, offs, _mm(tl.trans(_group(a3, gi, NG)), dyg, PREC), offs >= 0)
-    return tl.reshape(da3, (BE, HP))
-
-
-@triton.jit
 def _pad_k(x, F: tl.constexpr):
     """x (B, M, n) -> (B, M, n F) with x[..., c] at c F and zeros between (tl.dot needs K and N of 16 or more; a
     componentwise Linear of C < 16 channels is padded this way, not by widening the hidden layout)."""
@@ -174,21 +156,6 @@ def _linear_cw(a, w_ptr, b_ptr, BE: tl.constexpr, CP: tl.constexpr, DP: tl.const
 
 
 @triton.jit
-def _linear_cw_bwd(a, dy, w_ptr, gw_ptr, BE: tl.constexpr, CP: tl.constexpr, DP: tl.constexpr, F: tl.constexpr,
-                   PREC: tl.constexpr):
-    """Backward of :func:`_linear_cw`: returns d a, and adds a^T dy (per component) to this program's row."""
-    KC: tl.constexpr = CP * F
-    w = _load_cw(w_ptr, DP, KC).to(a.dtype)
-    dyc = _by_component(dy, BE, CP, DP, F)
-    da = _from_component(_mm(dyc, tl.permute(w, (0, 2, 1)), PREC), BE, CP, DP, F)
-    d = tl.arange(0, DP)
-    k = tl.arange(0, KC)
-    offs = d[:, None, None] * (KC * KC) + k[None, :, None] * KC + k[None, None, :]
-    _accumulate(gw_ptr, offs, _mm(tl.permute(_by_component(a, BE, CP, DP, F), (0, 2, 1)), dyc, PREC), offs >= 0)
-    return da
-
-
-@triton.jit
 def _linear_hidden(a, w_ptr, b_ptr, BE: tl.constexpr, CP: tl.constexpr, DP: tl.constexpr, GW: tl.constexpr,
                    CWF: tl.constexpr, PREC: tl.constexpr):
     """Hidden Linear: componentwise when CWF > 0 (F = CWF), else dense in GW blocks."""
@@ -196,15 +163,6 @@ def _linear_hidden(a, w_ptr, b_ptr, BE: tl.constexpr, CP: tl.constexpr, DP: tl.c
         return _linear_cw(a, w_ptr, b_ptr, BE, CP, DP, CWF, PREC)
     else:
         return _linear_hh(a, w_ptr, b_ptr, BE, CP * DP, GW, PREC)
-
-
-@triton.jit
-def _linear_hidden_bwd(a, dy, w_ptr, gw_ptr, BE: tl.constexpr, CP: tl.constexpr, DP: tl.constexpr,
-                       GW: tl.constexpr, CWF: tl.constexpr, PREC: tl.constexpr):
-    if CWF > 0:
-        return _linear_cw_bwd(a, dy, w_ptr, gw_ptr, BE, CP, DP, CWF, PREC)
-    else:
-        return _linear_hh_bwd(a, dy, w_ptr, gw_ptr, BE, CP * DP, GW, PREC)
 
 
 @triton.jit
@@ -247,39 +205,6 @@ def _act(y, at_ptr, ait_ptr, BE: tl.constexpr, CP: tl.constexpr, DP: tl.constexp
         return tl.reshape(v3, (BE, HP))
     else:
         return _elu(y)
-
-
-@triton.jit
-def _act_and_bwd(y, dv, at_ptr, ait_ptr, BE: tl.constexpr, CP: tl.constexpr, DP: tl.constexpr, GP: tl.constexpr,
-                 GW: tl.constexpr, FOURIER: tl.constexpr, PREC: tl.constexpr, WITH_ACT: tl.constexpr):
-    """(act(y) when WITH_ACT else zeros, d y) given the gradient dv of act(y): the Fourier ELU's grid values
-    ``u = y A^T`` are computed once for both (four GEMMs per block instead of five; three without the activation)."""
-    if FOURIER:
-        HP: tl.constexpr = CP * DP
-        NG: tl.constexpr = HP // GW
-        G: tl.constexpr = GW // DP
-        at, ait = _load_fourier(at_ptr, ait_ptr, DP, GP, y.dtype)
-        y3 = tl.reshape(y, (BE, NG, GW))
-        dv3 = tl.reshape(dv, (BE, NG, GW))
-        v3 = tl.zeros((BE, NG, GW), dtype=y.dtype)
-        dy3 = tl.zeros((BE, NG, GW), dtype=y.dtype)
-        for g in range(NG):
-            u = _mm(tl.reshape(_group(y3, g, NG), (BE * G, DP)), at, PREC)
-            if WITH_ACT:
-                v3 = _add_group(v3, tl.reshape(_mm(_elu(u), ait, PREC), (BE, GW)), g, NG)
-            du = _mm(tl.reshape(_group(dv3, g, NG), (BE * G, DP)), tl.trans(ait), PREC) * _elu_grad(u)
-            dy3 = _add_group(dy3, tl.reshape(_mm(du, tl.trans(at), PREC), (BE, GW)), g, NG)
-        return tl.reshape(v3, (BE, HP)), tl.reshape(dy3, (BE, HP))
-    else:
-        return _elu(y), dv * _elu_grad(y)
-
-
-@triton.jit
-def _act_bwd(y, dv, at_ptr, ait_ptr, BE: tl.constexpr, CP: tl.constexpr, DP: tl.constexpr, GP: tl.constexpr,
-             GW: tl.constexpr, FOURIER: tl.constexpr, PREC: tl.constexpr):
-    """Gradient with respect to the pre-activation y, given the gradient dv of act(y)."""
-    _, dy = _act_and_bwd(y, dv, at_ptr, ait_ptr, BE, CP, DP, GP, GW, FOURIER, PREC, False)
-    return dy
 
 
 @triton.jit
@@ -404,73 +329,314 @@ def fused_stats_kernel(inp_ptr, w1, b1, wh, bh, at, ait, coef_ptr, out_ptr, act_
     tl.store(row, n_a)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# the trunk's backward: block by block through a per-program scratch
+# ----------------------------------------------------------------------------------------------------------------
+# A (BE, HP) register tile of the widest trunks (16 x 1,024 floats at H) is as large as a program's whole register
+# file, and the backward needs several (activations and gradients of two layers): kept in registers they spilled
+# 1-5.7 KB per thread on sm_90. So the backward keeps none: every layer's activation lives in the program's own
+# scratch, NL tiles of (BE, HP) in global memory (``scr``: slots 0 .. NL-2 hold a_1 .. a_{NL-1}, then their
+# gradients; slot NL-1 the pre-activation y_k of the layer at hand, then its gradient), written and read back a block
+# at a time (a few KB, from L1/L2). A stage reads what the previous one wrote, possibly from other threads:
+# ``tl.debug_barrier()`` (a CTA barrier, which also orders the CTA's global memory accesses) sits between them, and
+# between a block's loads and its stores in place. The Fourier matrices (DP, GP) are half a tile at H themselves:
+# the Fourier ELU's GEMMs run on chunks of the grid (the same multiply-adds, in K / N pieces), the componentwise
+# Linear on chunks of components. Compiled for sm_90 at 8 warps: at most 48 B of stack per thread (200 B at BE = 32).
+CW_CHUNK = tl.constexpr(1024)  # elements of one operand block of the componentwise Linear (DC components at a time)
+FOURIER_CHUNK = tl.constexpr(32)  # grid points of the Fourier ELU at a time
+
+
+@triton.jit
+def _blk(g, BE: tl.constexpr, HP: tl.constexpr, GW: tl.constexpr):
+    """Offsets (BE, GW) of hidden block g in a (BE, HP) scratch tile."""
+    return tl.arange(0, BE)[:, None] * HP + (g * GW + tl.arange(0, GW))[None, :]
+
+
+@triton.jit
+def _linear_in_blk(inp, w_ptr, b_ptr, g, P0P: tl.constexpr, HP: tl.constexpr, GW: tl.constexpr, PREC: tl.constexpr):
+    """Block g (BE, GW) of the first Linear."""
+    k = tl.arange(0, P0P)
+    n = g * GW + tl.arange(0, GW)
+    w = tl.load(w_ptr + k[:, None] * HP + n[None, :])
+    b = tl.load(b_ptr + n)
+    return _mm(inp, w.to(inp.dtype), PREC) + b[None, :].to(inp.dtype)
+
+
+@triton.jit
+def _linear_in_bwd_blk(inp, dy, g, w_ptr, gw_ptr, gb_ptr, P0P: tl.constexpr, HP: tl.constexpr, GW: tl.constexpr,
+                       PREC: tl.constexpr):
+    """Backward of block g of the first Linear: adds inp^T dy and the bias gradient to this program's rows, returns the
+    block's part of d inp (BE, P0P)."""
+    k = tl.arange(0, P0P)
+    n = g * GW + tl.arange(0, GW)
+    offs = k[:, None] * HP + n[None, :]
+    _accumulate(gw_ptr, offs, _mm(tl.trans(inp), dy, PREC), offs >= 0)
+    _accumulate(gb_ptr, n, tl.sum(dy, 0), n >= 0)
+    w = tl.load(w_ptr + offs).to(inp.dtype)
+    return _mm(dy, tl.trans(w), PREC)
+
+
+@triton.jit
+def _fourier_chunk(at_ptr, ait_ptr, c0, DP: tl.constexpr, GP: tl.constexpr, GC: tl.constexpr, dtype):
+    """Grid points c0 .. c0 + GC of a layer's Fourier matrices: A^T (DP, GC) and Ainv^T (GC, DP)."""
+    d = tl.arange(0, DP)
+    g = c0 + tl.arange(0, GC)
+    at = tl.load(at_ptr + d[:, None] * GP + g[None, :]).to(dtype)
+    ait = tl.load(ait_ptr + g[:, None] * DP + d[None, :]).to(dtype)
+    return at, ait
+
+
+@triton.jit
+def _act_blk(y, at_ptr, ait_ptr, BE: tl.constexpr, GW: tl.constexpr, DP: tl.constexpr, GP: tl.constexpr,
+             FOURIER: tl.constexpr, PREC: tl.constexpr):
+    """The activation of one block (BE, GW) of whole channels; the Fourier ELU GC grid points at a time (the same
+    GEMMs, in K / N chunks: no operand of a whole grid in registers)."""
+    if FOURIER:
+        G: tl.constexpr = GW // DP
+        GC: tl.constexpr = min(GP, FOURIER_CHUNK)
+        y2 = tl.reshape(y, (BE * G, DP))
+        v = tl.zeros((BE * G, DP), dtype=y.dtype)
+        for c0 in range(0, GP, GC):
+            at, ait = _fourier_chunk(at_ptr, ait_ptr, c0, DP, GP, GC, y.dtype)
+            v += _mm(_elu(_mm(y2, at, PREC)), ait, PREC)
+        return tl.reshape(v, (BE, GW))
+    else:
+        return _elu(y)
+
+
+@triton.jit
+def _act_bwd_blk(y, dv, at_ptr, ait_ptr, BE: tl.constexpr, GW: tl.constexpr, DP: tl.constexpr, GP: tl.constexpr,
+                 FOURIER: tl.constexpr, PREC: tl.constexpr, WITH_ACT: tl.constexpr):
+    """(act(y) when WITH_ACT else zeros, d y) of one block (BE, GW) given the gradient dv of act(y): the Fourier ELU's
+    grid values ``u = y A^T`` are computed once for both (four GEMMs instead of five; three without the activation),
+    GC grid points at a time."""
+    if FOURIER:
+        G: tl.constexpr = GW // DP
+        GC: tl.constexpr = min(GP, FOURIER_CHUNK)
+        y2 = tl.reshape(y, (BE * G, DP))
+        dv2 = tl.reshape(dv, (BE * G, DP))
+        v = tl.zeros((BE * G, DP), dtype=y.dtype)
+        dy = tl.zeros((BE * G, DP), dtype=y.dtype)
+        for c0 in range(0, GP, GC):
+            at, ait = _fourier_chunk(at_ptr, ait_ptr, c0, DP, GP, GC, y.dtype)
+            u = _mm(y2, at, PREC)
+            if WITH_ACT:
+                v += _mm(_elu(u), ait, PREC)
+            du = _mm(dv2, tl.trans(ait), PREC) * _elu_grad(u)
+            dy += _mm(du, tl.trans(at), PREC)
+        return tl.reshape(v, (BE, GW)), tl.reshape(dy, (BE, GW))
+    else:
+        return _elu(y), dv * _elu_grad(y)
+
+
+@triton.jit
+def _cw_view(c0, BE: tl.constexpr, CP: tl.constexpr, DP: tl.constexpr, F: tl.constexpr, DC: tl.constexpr):
+    """Components c0 .. c0 + DC of every channel of a (BE, CP DP) tile in the batched-dot view of a componentwise
+    Linear, (DC, BE, CP F) with channel c at column c F: offsets into the tile, and the mask of the real columns."""
+    d = c0 + tl.arange(0, DC)
+    e = tl.arange(0, BE)
+    k = tl.arange(0, CP * F)
+    offs = d[:, None, None] + e[None, :, None] * (CP * DP) + (k // F)[None, None, :] * DP
+    real = (k % F == 0)[None, None, :] & (e >= 0)[None, :, None] & (d >= 0)[:, None, None]
+    return offs, real
+
+
+@triton.jit
+def _cw_weight(c0, DC: tl.constexpr, KC: tl.constexpr):
+    """Offsets (DC, KC, KC) of components c0 .. c0 + DC of a componentwise weight (DP, KC, KC)."""
+    d = c0 + tl.arange(0, DC)
+    k = tl.arange(0, KC)
+    return d[:, None, None] * (KC * KC) + k[None, :, None] * KC + k[None, None, :]
+
+
+@triton.jit
+def _linear_scr(src, dst, w_ptr, b_ptr, BE: tl.constexpr, CP: tl.constexpr, DP: tl.constexpr, GW: tl.constexpr,
+                CWF: tl.constexpr, PREC: tl.constexpr):
+    """dst = src W + b for two (BE, HP) scratch tiles: componentwise DC components at a time (CWF > 0), else dense in
+    (GW x GW) blocks."""
+    HP: tl.constexpr = CP * DP
+    if CWF > 0:
+        KC: tl.constexpr = CP * CWF
+        DC: tl.constexpr = max(1, min(DP, CW_CHUNK // (BE * KC)))
+        for c0 in range(0, DP, DC):
+            offs, real = _cw_view(c0, BE, CP, DP, CWF, DC)
+            a = tl.load(src + offs, mask=real, other=0.0)
+            w = tl.load(w_ptr + _cw_weight(c0, DC, KC)).to(a.dtype)
+            b = tl.load(b_ptr + (offs % HP), mask=real, other=0.0).to(a.dtype)
+            tl.store(dst + offs, _mm(a, w, PREC) + b, mask=real)
+    else:
+        NG: tl.constexpr = HP // GW
+        k = tl.arange(0, GW)
+        for go in range(NG):
+            y = tl.zeros((BE, GW), dtype=src.dtype.element_ty)
+            for gi in range(NG):
+                a = tl.load(src + _blk(gi, BE, HP, GW))
+                w = tl.load(w_ptr + (gi * GW + k)[:, None] * HP + (go * GW + k)[None, :]).to(a.dtype)
+                y += _mm(a, w, PREC)
+            b = tl.load(b_ptr + go * GW + k).to(y.dtype)
+            tl.store(dst + _blk(go, BE, HP, GW), y + b[None, :])
+
+
+@triton.jit
+def _linear_bwd_scr(a_src, dy_src, w_ptr, gw_ptr, BE: tl.constexpr, CP: tl.constexpr, DP: tl.constexpr,
+                    GW: tl.constexpr, CWF: tl.constexpr, PREC: tl.constexpr):
+    """Backward of :func:`_linear_scr`: d a (= dy W^T) over a in its own tile, and a^T dy added to this program's
+    weight-gradient row."""
+    HP: tl.constexpr = CP * DP
+    if CWF > 0:
+        KC: tl.constexpr = CP * CWF
+        DC: tl.constexpr = max(1, min(DP, CW_CHUNK // (BE * KC)))
+        for c0 in range(0, DP, DC):
+            offs, real = _cw_view(c0, BE, CP, DP, CWF, DC)
+            a = tl.load(a_src + offs, mask=real, other=0.0)
+            dy = tl.load(dy_src + offs, mask=real, other=0.0)
+            woffs = _cw_weight(c0, DC, KC)
+            w = tl.load(w_ptr + woffs).to(a.dtype)
+            da = _mm(dy, tl.permute(w, (0, 2, 1)), PREC)
+            _accumulate(gw_ptr, woffs, _mm(tl.permute(a, (0, 2, 1)), dy, PREC), woffs >= 0)
+            tl.debug_barrier()
+            tl.store(a_src + offs, da, mask=real)
+    else:
+        NG: tl.constexpr = HP // GW
+        k = tl.arange(0, GW)
+        for gi in range(NG):
+            a = tl.load(a_src + _blk(gi, BE, HP, GW))
+            da = tl.zeros((BE, GW), dtype=a.dtype)
+            for go in range(NG):
+                dy = tl.load(dy_src + _blk(go, BE, HP, GW))
+                woffs = (gi * GW + k)[:, None] * HP + (go * GW + k)[None, :]
+                w = tl.load(w_ptr + woffs).to(a.dtype)
+                da += _mm(dy, tl.trans(w), PREC)
+                _accumulate(gw_ptr, woffs, _mm(tl.trans(a), dy, PREC), woffs >= 0)
+            tl.debug_barrier()
+            tl.store(a_src + _blk(gi, BE, HP, GW), da)
+
+
 @triton.jit(do_not_specialize=["E", "n_tiles"])
 def trunk_backward_kernel(dhs_ptr, dsb_ptr, s_ptr, inp_ptr, w1, b1, wh, bh, at, ait, coef_ptr, dinp_ptr, gw1, gb1,
-                          gwh, gbh, gcoef, E, n_tiles, norm, P0: tl.constexpr, P0P: tl.constexpr,
+                          gwh, gbh, gcoef, scr_ptr, E, n_tiles, norm, P0: tl.constexpr, P0P: tl.constexpr,
                           NDIM: tl.constexpr, NL: tl.constexpr, CP: tl.constexpr, DP: tl.constexpr,
                           GP: tl.constexpr, GW: tl.constexpr, FOURIER: tl.constexpr, C: tl.constexpr,
                           D: tl.constexpr, PD: tl.constexpr, BE: tl.constexpr, PREC: tl.constexpr, NH: tl.constexpr,
                           CWF: tl.constexpr):
     """Backward of :func:`trunk_forward_kernel` given d hs (E, C D, compact) and the bias term's d s (E,): d of the MLP
     input (E, P0) and the trunk's parameter gradients, accumulated per program (a persistent grid, one accumulator
-    row per program: deterministic, the host adds the rows in a fixed order). The trunk is recomputed layer by layer
-    from the input, once per layer; on the way it writes ``h`` over ``d hs`` (each tile reads its rows
-    before writing them) and ``s``, which the contraction's remaining backward kernels read, so no separate forward
-    pass of the trunk is needed."""
+    row per program: deterministic, the host adds the rows in a fixed order). On the way it writes ``h`` over ``d hs``
+    (each block of a tile read before it is written) and ``s``, which the contraction's remaining backward kernels
+    read, so no separate forward pass of the trunk is needed.
+
+    Per tile, a block of GW hidden units (or DC components of a componentwise Linear) at a time, through the program's
+    scratch ``scr_ptr`` (NPROG, NL, BE, HP) (see above): the forward stores a_1 .. a_{NL-1} and y_NL; the last layer
+    gives h, d s and dy_NL; each hidden Linear's backward turns a_k into d a_k in place, y_k is recomputed from
+    a_{k-1} (y_1 from the input, per block) and turned into dy_k. The GEMMs are those of a forward and a backward
+    pass plus the recomputed y_1 .. y_{NL-1} (for NL = 2 only the narrow first Linear: the same multiply-adds as
+    before the scratch, which recomputed the trunk up to each layer)."""
     HP: tl.constexpr = CP * DP
+    NG: tl.constexpr = HP // GW
+    TILE: tl.constexpr = BE * HP
+    WS: tl.constexpr = _wstride(CP, DP, CWF)
+    FG: tl.constexpr = DP * GP  # elements of one layer's Fourier matrix
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    hh = tl.arange(0, HP)
+    dt = inp_ptr.dtype.element_ty
+    gg = tl.arange(0, GW)
     pp = tl.arange(0, P0P)
-    col, real = _compact_columns(HP, PD, C, D)
     gw1 = gw1 + pid * (P0P * HP)
     gb1 = gb1 + pid * HP
-    gwh = gwh + pid * (NH * _wstride(CP, DP, CWF))
+    gwh = gwh + pid * (NH * WS)
     gbh = gbh + pid * (NH * HP)
-    gcoef_acc = tl.sum(tl.zeros((BE,), dtype=inp_ptr.dtype.element_ty), 0)
+    scr = scr_ptr + pid.to(tl.int64) * (max(NL, 1) * TILE)
+    ys = scr + (NL - 1) * TILE  # the slot of y_k / dy_k
+    gcoef_acc = tl.sum(tl.zeros((BE,), dtype=dt), 0)
     for t in range(pid, n_tiles, nprog):
         offs, emask, inp, s, r2, coef = _load_tile(inp_ptr, coef_ptr, norm, t, E, P0, P0P, NDIM, BE)
-        hmask = emask[:, None] & real[None, :]
-        dhs = tl.load(dhs_ptr + offs[:, None] * (C * D) + col[None, :], mask=hmask, other=0.0)
-        dh = dhs * s[:, None]
-        if NL == 0:
-            h = inp
+        if NL == 0:  # h is the input itself (HP = P0P): one small tile
+            col, real = _compact_columns(HP, PD, C, D)
+            hmask = emask[:, None] & real[None, :]
+            dhs = tl.load(dhs_ptr + offs[:, None] * (C * D) + col[None, :], mask=hmask, other=0.0)
+            tl.debug_barrier()
+            tl.store(dhs_ptr + offs[:, None] * (C * D) + col[None, :], inp, mask=hmask)
+            ds = tl.sum(dhs * inp, 1)
+            dmlp = dhs * s[:, None]
         else:
-            # the last layer: its input and pre-activation, then the activation and its backward together
-            a_prev, y = _forward_to(inp, w1, b1, wh, bh, at, ait, NL, P0P, BE, CP, DP, GP, GW, FOURIER, PREC, CWF)
-            h, dy = _act_and_bwd(y, dh, at + (NL - 1) * DP * GP, ait + (NL - 1) * GP * DP, BE, CP, DP, GP, GW,
-                                 FOURIER, PREC, True)
-        tl.store(dhs_ptr + offs[:, None] * (C * D) + col[None, :], h, mask=hmask)
+            tl.debug_barrier()  # the previous tile is done with the scratch
+            # forward: a_1 .. a_{NL-1} into slots 0 .. NL-2, y_NL into the last slot
+            if NL > 1:
+                for g in range(NG):
+                    y1 = _linear_in_blk(inp, w1, b1, g, P0P, HP, GW, PREC)
+                    tl.store(scr + _blk(g, BE, HP, GW), _act_blk(y1, at, ait, BE, GW, DP, GP, FOURIER, PREC))
+                for k in range(1, NL - 1):  # a_{k+1} = act(y_{k+1}), y_{k+1} = a_k W_k + b_k (hidden Linear k)
+                    tl.debug_barrier()
+                    _linear_scr(scr + (k - 1) * TILE, ys, wh + (k - 1) * WS, bh + (k - 1) * HP, BE, CP, DP, GW, CWF,
+                                PREC)
+                    tl.debug_barrier()
+                    atk, aitk = at + k * FG, ait + k * FG
+                    for g in range(NG):
+                        blk = _blk(g, BE, HP, GW)
+                        tl.store(scr + k * TILE + blk, _act_blk(tl.load(ys + blk), atk, aitk, BE, GW, DP, GP, FOURIER,
+                                                                PREC))
+                tl.debug_barrier()
+                _linear_scr(scr + (NL - 2) * TILE, ys, wh + (NL - 2) * WS, bh + (NL - 2) * HP, BE, CP, DP, GW, CWF,
+                            PREC)
+                tl.debug_barrier()
+            # the last layer, block by block: h (over d hs), d s and dy_NL (into the last slot; for a single layer
+            # straight into the first Linear's gradients)
+            atl, aitl = at + (NL - 1) * FG, ait + (NL - 1) * FG
+            ds = tl.zeros((BE,), dtype=dt)
+            dmlp = tl.zeros((BE, P0P), dtype=dt)
+            for g in range(NG):
+                j = g * GW + gg  # the block's hidden units, and their columns of d hs / h
+                col = j // PD * D + j % PD
+                real = (j // PD < C) & (j % PD < D)
+                hoffs = offs[:, None] * (C * D) + col[None, :]
+                hmask = emask[:, None] & real[None, :]
+                dhs = tl.load(dhs_ptr + hoffs, mask=hmask, other=0.0)
+                if NL == 1:
+                    y = _linear_in_blk(inp, w1, b1, g, P0P, HP, GW, PREC)
+                else:
+                    y = tl.load(ys + _blk(g, BE, HP, GW))
+                h, dy = _act_bwd_blk(y, dhs * s[:, None], atl, aitl, BE, GW, DP, GP, FOURIER, PREC, True)
+                ds += tl.sum(dhs * h, 1)
+                tl.debug_barrier()
+                tl.store(dhs_ptr + hoffs, h, mask=hmask)
+                if NL == 1:
+                    dmlp += _linear_in_bwd_blk(inp, dy, g, w1, gw1, gb1, P0P, HP, GW, PREC)
+                else:
+                    _accumulate(gbh + (NL - 2) * HP, j, tl.sum(dy, 0), j >= 0)
+                    tl.store(ys + _blk(g, BE, HP, GW), dy)
+            if NL > 1:
+                # hidden layers NL-1 .. 2: d a_k = dy_{k+1} W_k^T (in a_k's slot), then dy_k from the recomputed y_k
+                for kk in range(0, NL - 2):
+                    k = NL - 1 - kk
+                    tl.debug_barrier()
+                    _linear_bwd_scr(scr + (k - 1) * TILE, ys, wh + (k - 1) * WS, gwh + (k - 1) * WS, BE, CP, DP, GW,
+                                    CWF, PREC)
+                    tl.debug_barrier()
+                    _linear_scr(scr + (k - 2) * TILE, ys, wh + (k - 2) * WS, bh + (k - 2) * HP, BE, CP, DP, GW, CWF,
+                                PREC)
+                    tl.debug_barrier()
+                    atk, aitk = at + (k - 1) * FG, ait + (k - 1) * FG
+                    for g in range(NG):
+                        blk = _blk(g, BE, HP, GW)
+                        da = tl.load(scr + (k - 1) * TILE + blk)
+                        _, dy = _act_bwd_blk(tl.load(ys + blk), da, atk, aitk, BE, GW, DP, GP, FOURIER, PREC, False)
+                        _accumulate(gbh + (k - 2) * HP, g * GW + gg, tl.sum(dy, 0), gg >= 0)
+                        tl.debug_barrier()
+                        tl.store(ys + blk, dy)
+                # the first hidden Linear's backward, then layer 1 per block from y_1 recomputed from the input
+                tl.debug_barrier()
+                _linear_bwd_scr(scr, ys, wh, gwh, BE, CP, DP, GW, CWF, PREC)
+                tl.debug_barrier()
+                for g in range(NG):
+                    y1 = _linear_in_blk(inp, w1, b1, g, P0P, HP, GW, PREC)
+                    da = tl.load(scr + _blk(g, BE, HP, GW))
+                    _, dy = _act_bwd_blk(y1, da, at, ait, BE, GW, DP, GP, FOURIER, PREC, False)
+                    dmlp += _linear_in_bwd_blk(inp, dy, g, w1, gw1, gb1, P0P, HP, GW, PREC)
         tl.store(s_ptr + offs, s, mask=emask)
-        ds = tl.sum(dhs * h, 1) + tl.load(dsb_ptr + offs, mask=emask, other=0.0)
+        ds += tl.load(dsb_ptr + offs, mask=emask, other=0.0)
         # radial shell s = norm * exp(-coef r^2)
         dsr = ds * s
         gcoef_acc += tl.sum(-dsr * r2, 0)
-        dinp = tl.where((pp < NDIM)[None, :], (-2.0 * coef * dsr)[:, None] * inp, 0.0)
-        # the MLP, layer by layer from the last, recomputing each lower layer's input and pre-activation
-        if NL == 0:
-            dinp += dh
-        else:
-            da = dh
-            for kl in tl.static_range(NL - 1):
-                k = NL - kl  # 1-based layer index, NL .. 2 (a runtime value: constexprs cannot be rebound per step)
-                if kl > 0:
-                    a_prev, y = _forward_to(inp, w1, b1, wh, bh, at, ait, NL - kl, P0P, BE, CP, DP, GP, GW, FOURIER,
-                                            PREC, CWF)
-                    dy = _act_bwd(y, da, at + (k - 1) * DP * GP, ait + (k - 1) * GP * DP, BE, CP, DP, GP, GW,
-                                  FOURIER, PREC)
-                _accumulate(gbh + (k - 2) * HP, hh, tl.sum(dy, 0), hh < HP)
-                ws = _wstride(CP, DP, CWF)
-                da = _linear_hidden_bwd(a_prev, dy, wh + (k - 2) * ws, gwh + (k - 2) * ws, BE, CP, DP, GW, CWF, PREC)
-            if NL > 1:
-                _, y1 = _forward_to(inp, w1, b1, wh, bh, at, ait, 1, P0P, BE, CP, DP, GP, GW, FOURIER, PREC, CWF)
-                dy1 = _act_bwd(y1, da, at, ait, BE, CP, DP, GP, GW, FOURIER, PREC)
-            else:
-                dy1 = dy
-            _accumulate(gw1, pp[:, None] * HP + hh[None, :], _mm(tl.trans(inp), dy1, PREC),
-                        (pp < P0P)[:, None] & (hh < HP)[None, :])
-            _accumulate(gb1, hh, tl.sum(dy1, 0), hh < HP)
-            w1t = tl.load(w1 + pp[:, None] * HP + hh[None, :]).to(inp.dtype)
-            dinp += _mm(dy1, tl.trans(w1t), PREC)
+        dinp = tl.where((pp < NDIM)[None, :], (-2.0 * coef * dsr)[:, None] * inp, 0.0) + dmlp
         tl.store(dinp_ptr + offs[:, None] * P0 + pp[None, :], dinp, mask=emask[:, None] & (pp < P0)[None, :])
     tl.store(gcoef + pid, gcoef_acc)

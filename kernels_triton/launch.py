@@ -284,8 +284,8 @@ def warps(kind: str, hidden: int) -> int:
     """Warps per program: more threads share the register tiles of the wide kernels (no spills)."""
     if kind == "contract":
         return 8
-    if kind == "trunk_backward":  # the most live tiles (input, activations and their gradients of two layers)
-        return 8 if hidden <= 128 else 16
+    if kind == "trunk_backward":  # blocks of a tile through its scratch, Fourier grid chunks: no wide tile live
+        return 8
     return 4 if hidden <= 256 else 8 if hidden <= 512 else 16
 
 
@@ -413,8 +413,9 @@ def conv_backward(grad, x, inp, src, rowptr, weights, biases, fourier, fourier_i
     gw1, gb1, gwh, gbh, gcoef = acc(P0P, HP), acc(HP), acc(*wh.shape), acc(nh, HP), acc()
     dinp = torch.zeros_like(inp)
     s = x.new_empty(E)
-    K.trunk_backward_kernel[(nprog,)](dhs, dsb, s, inp, *hidden, coefp, dinp, gw1, gb1, gwh, gbh, gcoef, E, n_tiles,
-                                      float(norm), NH=nh, num_warps=warps("trunk_backward", HP),
+    scratch = x.new_empty(nprog, max(lay.NL, 1), BACKWARD_TILE, HP)  # per-program staging of the trunk's layers
+    K.trunk_backward_kernel[(nprog,)](dhs, dsb, s, inp, *hidden, coefp, dinp, gw1, gb1, gwh, gbh, gcoef, scratch, E,
+                                      n_tiles, float(norm), NH=nh, num_warps=warps("trunk_backward", HP),
                                       **dict(trunk, BE=BACKWARD_TILE))
     hs = dhs  # now h
     # 3. d x per edge, per receiver block ...
