@@ -513,17 +513,18 @@ def _linear_bwd_scr(a_src, dy_src, w_ptr, gw_ptr, BE: tl.constexpr, CP: tl.const
 
 
 @triton.jit(do_not_specialize=["E", "n_tiles"])
-def trunk_backward_kernel(dhs_ptr, dsb_ptr, s_ptr, inp_ptr, w1, b1, wh, bh, at, ait, coef_ptr, dinp_ptr, gw1, gb1,
-                          gwh, gbh, gcoef, scr_ptr, E, n_tiles, norm, P0: tl.constexpr, P0P: tl.constexpr,
+def trunk_backward_kernel(dhs_ptr, dsb_ptr, s_ptr, inp_ptr, w1, b1, wh, bh, at, ait, coef_ptr, dinp_ptr, acc_ptr,
+                          scr_ptr, E, n_tiles, norm, P0: tl.constexpr, P0P: tl.constexpr,
                           NDIM: tl.constexpr, NL: tl.constexpr, CP: tl.constexpr, DP: tl.constexpr,
                           GP: tl.constexpr, GW: tl.constexpr, FOURIER: tl.constexpr, C: tl.constexpr,
                           D: tl.constexpr, PD: tl.constexpr, BE: tl.constexpr, PREC: tl.constexpr, NH: tl.constexpr,
                           CWF: tl.constexpr):
     """Backward of :func:`trunk_forward_kernel` given d hs (E, C D, compact) and the bias term's d s (E,): d of the MLP
     input (E, P0) and the trunk's parameter gradients, accumulated per program (a persistent grid, one accumulator
-    row per program: deterministic, the host adds the rows in a fixed order). On the way it writes ``h`` over ``d hs``
-    (each block of a tile read before it is written) and ``s``, which the contraction's remaining backward kernels
-    read, so no separate forward pass of the trunk is needed.
+    row per program: deterministic, the host adds the rows in a fixed order). A row of ``acc_ptr`` is laid out as the
+    padded parameters, ``[w1 (P0P, HP) | b1 (HP,) | wh (NH, WS) | bh (NH, HP) | coef (1,)]``. On the way it writes
+    ``h`` over ``d hs`` (each block of a tile read before it is written) and ``s``, which the contraction's remaining
+    backward kernels read, so no separate forward pass of the trunk is needed.
 
     Per tile, a block of GW hidden units (or DC components of a componentwise Linear) at a time, through the program's
     scratch ``scr_ptr`` (NPROG, NL, BE, HP) (see above): the forward stores a_1 .. a_{NL-1} and y_NL; the last layer
@@ -541,10 +542,11 @@ def trunk_backward_kernel(dhs_ptr, dsb_ptr, s_ptr, inp_ptr, w1, b1, wh, bh, at, 
     dt = inp_ptr.dtype.element_ty
     gg = tl.arange(0, GW)
     pp = tl.arange(0, P0P)
-    gw1 = gw1 + pid * (P0P * HP)
-    gb1 = gb1 + pid * HP
-    gwh = gwh + pid * (NH * WS)
-    gbh = gbh + pid * (NH * HP)
+    gw1 = acc_ptr + pid.to(tl.int64) * (P0P * HP + HP + NH * WS + NH * HP + 1)
+    gb1 = gw1 + P0P * HP
+    gwh = gb1 + HP
+    gbh = gwh + NH * WS
+    gcoef = gbh + NH * HP
     scr = scr_ptr + pid.to(tl.int64) * (max(NL, 1) * TILE)
     ys = scr + (NL - 1) * TILE  # the slot of y_k / dy_k
     gcoef_acc = tl.sum(tl.zeros((BE,), dtype=dt), 0)
@@ -639,4 +641,4 @@ def trunk_backward_kernel(dhs_ptr, dsb_ptr, s_ptr, inp_ptr, w1, b1, wh, bh, at, 
         gcoef_acc += tl.sum(-dsr * r2, 0)
         dinp = tl.where((pp < NDIM)[None, :], (-2.0 * coef * dsr)[:, None] * inp, 0.0) + dmlp
         tl.store(dinp_ptr + offs[:, None] * P0 + pp[None, :], dinp, mask=emask[:, None] & (pp < P0)[None, :])
-    tl.store(gcoef + pid, gcoef_acc)
+    tl.store(gcoef, gcoef_acc)

@@ -175,10 +175,10 @@ class Packing:
         sizes = [math.prod(sh) for sh in self.shapes]
         return [t.view(sh) for t, sh in zip(flat.split(sizes), self.shapes)]
 
-    def unpad_grads(self, grads: List[Tensor]) -> List[Tensor]:
-        """Gradients of w1, b1, wh, bh (padded) -> those of the op's weights and biases (in their order), one gather
-        each (separate tensors: an op's outputs must not alias each other)."""
-        flat = torch.cat([g.reshape(-1) for g in grads])
+    def unpad_grads(self, flat: Tensor) -> List[Tensor]:
+        """The gradient of the padded buffer's first four parts (w1, b1, wh, bh; flat, anything may follow) -> those
+        of the op's weights and biases (in their order), one gather each (separate tensors: an op's outputs must not
+        alias each other)."""
         return [flat.index_select(0, p).view(sh) for p, sh in zip(self.pos, self.trainable)]
 
 
@@ -405,17 +405,16 @@ def conv_backward(grad, x, inp, src, rowptr, weights, biases, fourier, fourier_i
                                         num_warps=warps("contract", 0), **consts)
     # 2. the trunk's backward per tile (per-program parameter-gradient rows); it leaves h in dhs's place, and s
     w1, b1, wh, bh, at, ait = hidden
-    HP, P0P, nh = lay.HP, lay.P0P, wh.shape[0]
+    HP, nh = lay.HP, wh.shape[0]
     n_tiles = -(-E // BACKWARD_TILE)
     per_program = w1.numel() + b1.numel() + wh.numel() + bh.numel() + 1
     nprog = num_programs(n_tiles, x.device, per_program)
-    acc = lambda *shape: x.new_zeros(nprog, *shape)  # noqa: E731
-    gw1, gb1, gwh, gbh, gcoef = acc(P0P, HP), acc(HP), acc(*wh.shape), acc(nh, HP), acc()
+    acc = x.new_zeros(nprog, per_program)  # a row per program: the padded parameters' gradients, then coef's
     dinp = torch.zeros_like(inp)
     s = x.new_empty(E)
     scratch = x.new_empty(nprog, max(lay.NL, 1), BACKWARD_TILE, HP)  # per-program staging of the trunk's layers
-    K.trunk_backward_kernel[(nprog,)](dhs, dsb, s, inp, *hidden, coefp, dinp, gw1, gb1, gwh, gbh, gcoef, scratch, E,
-                                      n_tiles, float(norm), NH=nh, num_warps=warps("trunk_backward", HP),
+    K.trunk_backward_kernel[(nprog,)](dhs, dsb, s, inp, *hidden, coefp, dinp, acc, scratch, E, n_tiles, float(norm),
+                                      NH=nh, num_warps=warps("trunk_backward", HP),
                                       **dict(trunk, BE=BACKWARD_TILE))
     hs = dhs  # now h
     # 3. d x per edge, per receiver block ...
@@ -433,11 +432,12 @@ def conv_backward(grad, x, inp, src, rowptr, weights, biases, fourier, fourier_i
     del hs, dhs
     dx = torch.zeros_like(x).index_add_(0, src, dxe)
     # the hidden parameters' gradients: the programs' rows summed, then unpadded with one gather
-    grads = pack.unpad_grads([gw1.sum(0), gb1.sum(0), gwh.sum(0), gbh.sum(0)]) if weights else []
+    acc = acc.sum(0)
+    grads = pack.unpad_grads(acc) if weights else []
     dweights, dbiases = grads[:len(weights)], grads[len(weights):]
     dfw = plan.scatter_weight_grad(dwc.sum(0), (R, H, C))
     dfb = plan.scatter_bias_grad(dbf.sum(0), (R, C))
-    out = [dx, dinp, *dweights, *dbiases, dfw, dfb, gcoef.sum(0).reshape(1)]
+    out = [dx, dinp, *dweights, *dbiases, dfw, dfb, acc[-1:].clone()]  # (outputs are not views)
     like = [x, inp, *weights, *biases, final_weight, final_bias, coef]
     return [g if g.dtype == t.dtype else g.to(t.dtype) for g, t in zip(out, like)]
 

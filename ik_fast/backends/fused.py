@@ -64,7 +64,9 @@ def implicit_conv_fused(impl: str, program: KernelProgram, x_src, graph: Graph, 
     if graph.num_edges == 0:
         return x_src.new_zeros(graph.n_dst, program.out_size), []
     dtype = x_src.dtype
-    inp = program.mlp_input(delta, attr)[graph.perm].to(dtype).contiguous()
+    inp = program.mlp_input(delta, attr)[graph.perm]  # (a gather: contiguous)
+    if inp.dtype != dtype:
+        inp = inp.to(dtype)
     src = _receiver_order(graph)
     stats = []
     hidden = None
@@ -80,7 +82,8 @@ def implicit_conv_fused(impl: str, program: KernelProgram, x_src, graph: Graph, 
                 moments, act = ops.trunk_moments(impl, inp, packed, k, with_activation=k == last)
                 stats.append(layer.bn.finish(moments, graph.num_edges))
             hidden = act if k == last else None
-    out = ops.conv(impl, x_src.contiguous(), inp, src, graph.rowptr, program.packed(stats, dtype), hidden)
+    x_src = x_src if x_src.is_contiguous() else x_src.contiguous()
+    out = ops.conv(impl, x_src, inp, src, graph.rowptr, program.packed(stats, dtype), hidden)
     return out, stats
 
 
