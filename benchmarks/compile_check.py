@@ -73,8 +73,8 @@ def _jsonable(v):
 
 
 def capture(problem: str, precision: str, graphs, execute: bool = False) -> list:
-    """Launch configurations of one training step per graph: [{kernel, module, qualname, signature, constexprs,
-    launches}], deduplicated."""
+    """Launch configurations of one training step and one eval-mode step per graph: [{kernel, module, qualname,
+    signature, constexprs, launches}], deduplicated."""
     import contextlib
     import inspect
 
@@ -86,36 +86,40 @@ def capture(problem: str, precision: str, graphs, execute: bool = False) -> list
 
     torch.set_float32_matmul_precision("high" if precision == "tf32" else "highest")
     seen = {}
+    records = []
     for name in graphs:
         p = workcount._problem(name)
         _problems.PROBLEMS.setdefault(p.name, p)
-        step, _ = setup_case(p.name, "triton", "train", device="cpu", dtype="float32")
-        amp = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
-        with workcount.DotCounter(keep_args=True, profile_ranges=False, execute=execute) as dc, amp:
-            step()
-        for rec in dc.records:
-            fn = rec["fn"].fn
-            ann = inspect.get_annotations(fn)
-            sig, const = {}, {}
-            for arg in rec["fn"].arg_names:
-                v = rec["args"].get(arg, inspect.signature(fn).parameters[arg].default)
-                is_const = "constexpr" in str(ann.get(arg, "")) or v is None
-                if is_const:
-                    const[arg] = _jsonable(v)
-                else:
-                    t = _arg_type(v)
-                    if t is None:
-                        raise TypeError(f"{rec['kernel']}: argument {arg} of type {type(v).__name__} has no signature "
-                                        f"type here")
-                    sig[arg] = t
-            opts = {k: _jsonable(v) for k, v in rec.get("options", {}).items()}
-            key = json.dumps([rec["kernel"], sig, const, opts], sort_keys=True)
-            if key not in seen:
-                seen[key] = {"kernel": fn.__name__, "module": fn.__module__, "qualname": fn.__qualname__,
-                             "signature": sig, "constexprs": const, "options": opts, "launches": 0, "graphs": []}
-            seen[key]["launches"] += 1
-            if name not in seen[key]["graphs"]:
-                seen[key]["graphs"].append(name)
+        # a training step (statistics, contraction, backward) and an eval-mode one (the forward trunk kernel)
+        for mode in ("train", "eval"):
+            step, _ = setup_case(p.name, "triton", mode, device="cpu", dtype="float32")
+            amp = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+            with workcount.DotCounter(keep_args=True, profile_ranges=False, execute=execute) as dc, amp:
+                step()
+            records += [(name, rec) for rec in dc.records]
+    for name, rec in records:
+        fn = rec["fn"].fn
+        ann = inspect.get_annotations(fn)
+        sig, const = {}, {}
+        for arg in rec["fn"].arg_names:
+            v = rec["args"].get(arg, inspect.signature(fn).parameters[arg].default)
+            is_const = "constexpr" in str(ann.get(arg, "")) or v is None
+            if is_const:
+                const[arg] = _jsonable(v)
+            else:
+                t = _arg_type(v)
+                if t is None:
+                    raise TypeError(f"{rec['kernel']}: argument {arg} of type {type(v).__name__} has no signature "
+                                    f"type here")
+                sig[arg] = t
+        opts = {k: _jsonable(v) for k, v in rec.get("options", {}).items()}
+        key = json.dumps([rec["kernel"], sig, const, opts], sort_keys=True)
+        if key not in seen:
+            seen[key] = {"kernel": fn.__name__, "module": fn.__module__, "qualname": fn.__qualname__,
+                         "signature": sig, "constexprs": const, "options": opts, "launches": 0, "graphs": []}
+        seen[key]["launches"] += 1
+        if name not in seen[key]["graphs"]:
+            seen[key]["graphs"].append(name)
     return list(seen.values())
 
 

@@ -273,17 +273,17 @@ def target(device) -> str:
 
 
 def tile_size(device, hidden: int = 0) -> int:
-    """Edges per tile of the trunk kernels: 32 on GPUs (16 when the padded hidden width is above 512, to bound the
-    register tiles); 16 in the interpreter."""
-    if target(device) != "cuda":
-        return 16
-    return 32 if hidden <= 512 else 16
+    """Edges per tile of the forward trunk kernel: 16 (32-edge tiles spill at config M in IEEE float32 on sm_90:
+    10,416 B per thread with 4 warps, 1,864 B with 8; benchmarks/compile_check.py)."""
+    return 16
 
 
 def warps(kind: str, hidden: int) -> int:
     """Warps per program: more threads share the register tiles of the wide kernels (no spills)."""
     if kind == "contract":
         return 8
+    if kind == "trunk_forward":  # (4 warps spill 600 B at M in IEEE float32; 8 spill nothing)
+        return 8 if hidden <= 512 else 16
     if kind == "trunk_backward":  # blocks of a tile through its scratch, Fourier grid chunks: no wide tile live
         return 8
     return 4 if hidden <= 256 else 8 if hidden <= 512 else 16
@@ -359,8 +359,8 @@ def _trunk_forward(inp, hidden, coef, norm, H, trunk):
     E = inp.shape[0]
     h = inp.new_empty(E, H)
     s = inp.new_empty(E)
-    K.trunk_forward_kernel[(-(-E // trunk["BE"]),)](inp, *hidden, coef, h, s, E, float(norm),
-                                                     num_warps=warps("trunk", trunk["CP"] * trunk["DP"]), **trunk)
+    nw = warps("trunk_forward", trunk["CP"] * trunk["DP"])
+    K.trunk_forward_kernel[(-(-E // trunk["BE"]),)](inp, *hidden, coef, h, s, E, float(norm), num_warps=nw, **trunk)
     return h, s
 
 
