@@ -64,7 +64,8 @@ class Blocks:
 
     def gather_weight(self, final_weight: Tensor, dtype) -> Tensor:
         """The compact blocks (NB, 256, 16) of W' (entries outside the structure are zero)."""
-        flat = final_weight.reshape(-1).to(dtype)
+        flat = final_weight.view(-1) if final_weight.is_contiguous() else final_weight.reshape(-1)
+        flat = flat if flat.dtype == dtype else flat.to(dtype)
         out = flat.new_zeros(max(self.n_blocks, 1), B * B, B)  # (one zero block when there is none: a valid pointer)
         return out.view(-1).index_copy_(0, self.w_dst, flat.index_select(0, self.w_src)).view(out.shape)
 
@@ -75,7 +76,8 @@ class Blocks:
 
     def gather_bias(self, final_bias: Tensor, dtype) -> Tensor:
         """B' permuted and padded, (CINC, RC) (x @ B layout)."""
-        flat = final_bias.reshape(-1).to(dtype)
+        flat = final_bias.view(-1) if final_bias.is_contiguous() else final_bias.reshape(-1)
+        flat = flat if flat.dtype == dtype else flat.to(dtype)
         out = flat.new_zeros(self.perm_c.shape[0] * self.perm_r.shape[0])
         return out.index_copy_(0, self.b_dst, flat.index_select(0, self.b_src)).reshape(self.perm_c.shape[0], -1)
 

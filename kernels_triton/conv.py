@@ -512,6 +512,33 @@ def _linear_bwd_scr(a_src, dy_src, w_ptr, gw_ptr, BE: tl.constexpr, CP: tl.const
             tl.store(a_src + _blk(gi, BE, HP, GW), da)
 
 
+@triton.jit(do_not_specialize=["n_prog", "H", "HP"])
+def stats_merge_kernel(parts_ptr, hidden_ptr, out_ptr, n_prog, H, HP, BH: tl.constexpr):
+    """The per-program moments of :func:`fused_stats_kernel` (NPROG, 1 + 2 HP) merged with Chan et al.'s pairwise
+    formula in program order (deterministic) into out (2, H): column means and sums of squared deviations of the real
+    hidden units (``hidden_ptr``: each one's padded column), for units ``pid * BH ..``."""
+    j = tl.program_id(0) * BH + tl.arange(0, BH)
+    jm = j < H
+    col = tl.load(hidden_ptr + j, mask=jm, other=0).to(tl.int64)
+    dt = parts_ptr.dtype.element_ty
+    n_a = tl.sum(tl.zeros((BH,), dtype=dt), 0)
+    mean = tl.zeros((BH,), dtype=dt)
+    m2 = tl.zeros((BH,), dtype=dt)
+    for p in range(0, n_prog):
+        row = parts_ptr + p * (1 + 2 * HP)
+        n_b = tl.load(row)
+        mean_b = tl.load(row + 1 + col, mask=jm, other=0.0)
+        m2_b = tl.load(row + 1 + HP + col, mask=jm, other=0.0)
+        n = n_a + n_b
+        w = tl.where(n > 0, n_b / tl.maximum(n, 1.0), 0.0)
+        delta = mean_b - mean
+        mean = mean + delta * w
+        m2 = m2 + m2_b + delta * delta * (n_a * w)
+        n_a = n
+    tl.store(out_ptr + j, mean, mask=jm)
+    tl.store(out_ptr + H + j, m2, mask=jm)
+
+
 @triton.jit(do_not_specialize=["E", "n_tiles"])
 def trunk_backward_kernel(dhs_ptr, dsb_ptr, s_ptr, inp_ptr, w1, b1, wh, bh, at, ait, coef_ptr, dinp_ptr, acc_ptr,
                           scr_ptr, E, n_tiles, norm, P0: tl.constexpr, P0P: tl.constexpr,

@@ -460,11 +460,10 @@ def trunk_moments(inp, weights, biases, fourier, fourier_inv, with_activation=Fa
         P0=lay.P0, P0P=lay.P0P, NDIM=0, CP=lay.CP, DP=lay.DP, GP=lay.GP, GW=lay.GW, FOURIER=lay.FOURIER, BE=STATS_TILE,
         PREC=PREC_NAMES[precision(inp.dtype, inp.device)], CWF=lay.CWF, C=lay.C, D=lay.D, PD=lay.PD,
         WRITE=bool(with_activation), num_warps=warps("trunk", HP))
-    # merge the programs' partial moments (Chan et al.) with tensor code, in a fixed order
-    count, mean, m2 = parts.split([1, HP, HP], 1)
-    mu = (mean * count).sum(0) / E
-    M2 = (m2 + count * (mean - mu).square()).sum(0)
-    return torch.stack([mu, M2]).index_select(1, pack.hidden), act
+    # merge the programs' partial moments (Chan et al.), in program order, straight into the real hidden units
+    moments = inp.new_empty(2, H)
+    K.stats_merge_kernel[(-(-H // 128),)](parts, pack.hidden, moments, nprog, H, HP, BH=128, num_warps=4)
+    return moments, act
 
 
 def _register():
