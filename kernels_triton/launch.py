@@ -398,18 +398,21 @@ def conv_backward(grad, x, inp, src, rowptr, weights, biases, fourier, fourier_i
         x, inp, weights, biases, fourier, fourier_inv, final_weight, final_bias, coef, ndim, final_mask)
     grad = _c(grad if grad.dtype == x.dtype else grad.to(x.dtype))
     n_blocks = -(-n_dst // BLOCK)
-    # 1. the contraction's d hs and the bias term's d s, per receiver block (no trunk needed)
-    dhs = x.new_zeros(E, H)
-    dsb = x.new_zeros(E)
-    K2.contract_dhs_kernel[(n_blocks,)](grad, x, src, rowptr, wc, bf, dhs, dsb, *walk, n_dst, plan.n_pairs, *sizes,
-                                        num_warps=warps("contract", 0), **consts)
-    # 2. the trunk's backward per tile (per-program parameter-gradient rows); it leaves h in dhs's place, and s
     w1, b1, wh, bh, at, ait = hidden
     HP, nh = lay.HP, wh.shape[0]
     n_tiles = -(-E // BACKWARD_TILE)
     per_program = w1.numel() + b1.numel() + wh.numel() + bh.numel() + 1
     nprog = num_programs(n_tiles, x.device, per_program)
-    acc = x.new_zeros(nprog, per_program)  # a row per program: the padded parameters' gradients, then coef's
+    nsplit = wgrad_splits(n_blocks, plan.n_pairs + plan.n_cblocks, wc.numel(), x.device)
+    # every zero-initialised buffer of the backward in one allocation
+    shapes = [(E, H), (E,), (nprog, per_program), (E, C), (nsplit, *wc.shape), (nsplit, *bf.shape)]
+    zeros = x.new_zeros(sum(math.prod(sh) for sh in shapes)).split([math.prod(sh) for sh in shapes])
+    dhs, dsb, acc, dxe, dwc, dbf = (z.view(sh) for z, sh in zip(zeros, shapes))
+    # 1. the contraction's d hs and the bias term's d s, per receiver block (no trunk needed)
+    K2.contract_dhs_kernel[(n_blocks,)](grad, x, src, rowptr, wc, bf, dhs, dsb, *walk, n_dst, plan.n_pairs, *sizes,
+                                        num_warps=warps("contract", 0), **consts)
+    # 2. the trunk's backward per tile (per-program parameter-gradient rows in acc, laid out as the padded
+    # parameters, then coef's); it leaves h in dhs's place, and s
     dinp = torch.zeros_like(inp)
     s = x.new_empty(E)
     scratch = x.new_empty(nprog, max(lay.NL, 1), BACKWARD_TILE, HP)  # per-program staging of the trunk's layers
@@ -418,14 +421,10 @@ def conv_backward(grad, x, inp, src, rowptr, weights, biases, fourier, fourier_i
                                       **dict(trunk, BE=BACKWARD_TILE))
     hs = dhs  # now h
     # 3. d x per edge, per receiver block ...
-    dxe = x.new_zeros(E, C)
     K2.contract_dx_kernel[(n_blocks,)](grad, hs, s, rowptr, wc, bf, dxe, *walk, n_dst, plan.n_pairs, *sizes,
                                        num_warps=warps("contract", 0), **consts)
     # 4. ... and dW', dB' per pair of the plan (and per input block), in splits of the receivers summed in a fixed
     # order
-    nsplit = wgrad_splits(n_blocks, plan.n_pairs + plan.n_cblocks, wc.numel(), x.device)
-    dwc = x.new_zeros(nsplit, *wc.shape)
-    dbf = x.new_zeros(nsplit, *bf.shape)
     K2.contract_wgrad_kernel[(plan.n_pairs + plan.n_cblocks, nsplit)](
         grad, hs, s, x, src, rowptr, dwc, dbf, *walk, n_dst, n_blocks, plan.n_pairs, max(plan.n_blocks, 1), *sizes,
         num_warps=warps("contract", 0), **consts)
