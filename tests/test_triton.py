@@ -99,6 +99,57 @@ def test_op_matches_its_statement_in_forward_backward_and_double_backward():
         assert (a is None and b is None) or rel(a, b) < 1e-10
 
 
+def test_block_plan_covers_exactly_the_structure():
+    """W''s block plan (kernels_triton/blocks.py): its compact blocks hold exactly the structural entries at their
+    permuted positions (a round trip through gather and scatter is the identity on masked weights), the blocks are
+    few for an equivariant layer, and without a mask every block is listed."""
+    from ik_fast.kernels_triton import blocks as KB
+
+    conv, _, _ = _conv("O3", "mixed_attr")
+    kern = conv.kernel
+    mask = kern._final_mask
+    R, H, C = mask.shape
+    plan = KB.blocks(mask, mask.shape, kern._rho_size, "cpu")
+    assert plan is KB.blocks(mask, mask.shape, kern._rho_size, "cpu")  # cached per mask tensor
+    W = torch.randn(R, H, C, dtype=torch.float64)
+    back = plan.scatter_weight_grad(plan.gather_weight(W, torch.float64), (R, H, C))
+    assert torch.equal(back, W * mask)  # entries outside the structure are never read
+    B = torch.randn(R, C, dtype=torch.float64)
+    assert torch.equal(plan.scatter_bias_grad(plan.gather_bias(B, torch.float64), (R, C)), B)
+    dense = KB.blocks(None, (R, H, C), kern._rho_size, "cpu")
+    n = lambda k: -(-k // 16)  # noqa: E731
+    assert dense.n_blocks == n(R) * n(H) * n(C) and plan.n_blocks < dense.n_blocks
+    for p in (plan.perm_h[:H], plan.perm_c[:C], plan.perm_r[:R]):
+        assert torch.equal(p.sort().values, torch.arange(p.numel(), dtype=p.dtype))
+    with pytest.raises(ValueError, match="final_mask has shape"):
+        KB.blocks(mask[:, :1], mask.shape, kern._rho_size, "cpu")
+
+
+def test_final_mask_semantics_on_a_weight_outside_the_structure():
+    """The op computes with final_weight * final_mask: given a weight that is non-zero everywhere, the output and
+    every gradient match the op's plain statement (which masks), W''s gradient is zero outside the mask, and without
+    a mask the whole dense weight is used."""
+    conv, gs, attr_t = _conv("O3", "mixed_attr")
+    conv.eval()
+    args = list(_op_args(conv, *_inputs(conv, gs, attr_t, n=12, e=50)))
+    mask = args[13]
+    assert mask is not None and not bool(mask.all())
+    args[8] = torch.randn_like(args[8]).requires_grad_()  # not structurally zero outside the mask
+    for m in (mask, None):
+        args[13] = m
+        out = torch.ops.ik_fast.triton_conv(*args)
+        ref = ops.conv_reference_form(*args)
+        assert rel(out, ref) < 1e-12
+        w = torch.randn_like(out)
+        g1 = torch.autograd.grad((out * w).sum(), args[8])[0]
+        g2 = torch.autograd.grad((ref * w).sum(), args[8])[0]
+        assert rel(g1, g2) < 1e-11
+        if m is not None:
+            assert bool((g1[~m] == 0).all())
+        else:
+            assert bool((g1[~mask] != 0).any())
+
+
 def test_moments_match_the_trunk():
     conv, gs, attr_t = _conv("SO3", "mixed_attr")
     conv.train()
