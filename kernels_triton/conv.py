@@ -512,6 +512,15 @@ def _linear_bwd_scr(a_src, dy_src, w_ptr, gw_ptr, BE: tl.constexpr, CP: tl.const
             tl.store(a_src + _blk(gi, BE, HP, GW), da)
 
 
+@triton.jit(do_not_specialize=["E"])
+def shell_kernel(inp_ptr, coef_ptr, s_ptr, E, norm, P0: tl.constexpr, P0P: tl.constexpr, NDIM: tl.constexpr,
+                 BE: tl.constexpr):
+    """The radial shell s = norm exp(-coef |d|^2) (E,) of a tile of edges (in training the contraction gets h from
+    the statistics pass, and only s is left to compute)."""
+    offs, emask, _, s, _, _ = _load_tile(inp_ptr, coef_ptr, norm, tl.program_id(0), E, P0, P0P, NDIM, BE)
+    tl.store(s_ptr + offs, s, mask=emask)
+
+
 @triton.jit(do_not_specialize=["n_prog", "H", "HP"])
 def stats_merge_kernel(parts_ptr, hidden_ptr, out_ptr, n_prog, H, HP, BH: tl.constexpr):
     """The per-program moments of :func:`fused_stats_kernel` (NPROG, 1 + 2 HP) merged with Chan et al.'s pairwise

@@ -379,7 +379,9 @@ def conv(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, final_weigh
         h, s = _trunk_forward(inp, mlp, coefp, norm, sizes[0], trunk)
     else:  # the activation from the statistics pass of the last layer: only the radial shell is left to compute
         h = _c(hidden if hidden.dtype == x.dtype else hidden.to(x.dtype))
-        s = torch.exp(-coefp * inp[:, :ndim].square().sum(1)) * norm
+        s = inp.new_empty(E)
+        K.shell_kernel[(-(-E // 128),)](inp, coefp, s, E, float(norm), P0=lay.P0, P0P=lay.P0P, NDIM=ndim, BE=128,
+                                       num_warps=4)
     K2.contract_forward_kernel[(-(-n_dst // BLOCK),)](h, s, _c(x), _c(src), rowptr, wc, bf, out,
                                                       *walk, n_dst, plan.n_pairs, *sizes,
                                                       num_warps=warps("contract", 0), **consts)
