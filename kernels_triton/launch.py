@@ -164,16 +164,19 @@ class Packing:
     shapes: Tuple[Tuple[int, ...], ...]    # of w1, b1, wh, bh, at, ait
     trainable: Tuple[Tuple[int, ...], ...]  # shapes of the weights, then the biases
 
-    def pad(self, weights, biases, fourier, fourier_inv, dtype, device) -> List[Tensor]:
+    def pad(self, weights, biases, fourier, fourier_inv, dtype, device) -> Tensor:
+        """The padded buffer (flat; the kernels find its parts, conv._params)."""
         tensors = (*weights, *biases, *fourier, *fourier_inv)
         parts = [t.view(-1) if t.is_contiguous() else t.reshape(-1) for t in tensors]
         if not parts:  # no hidden layer: every kernel weight is zero
-            return [torch.zeros(sh, dtype=dtype, device=device) for sh in self.shapes]
+            return torch.zeros(self.src.shape[0], dtype=dtype, device=device)
         flat = torch.cat(parts + [_zero(parts[0].dtype, str(parts[0].device))]).index_select(0, self.src)
-        if flat.dtype != dtype:
-            flat = flat.to(dtype)
-        sizes = [math.prod(sh) for sh in self.shapes]
-        return [t.view(sh) for t, sh in zip(flat.split(sizes), self.shapes)]
+        return flat if flat.dtype == dtype else flat.to(dtype)
+
+    @property
+    def gradient_size(self) -> int:
+        """Elements of the buffer's trainable part (w1, b1, wh, bh)."""
+        return sum(math.prod(sh) for sh in self.shapes[:4])
 
     def unpad_grads(self, flat: Tensor) -> List[Tensor]:
         """The gradient of the padded buffer's first four parts (w1, b1, wh, bh; flat, anything may follow) -> those
@@ -360,7 +363,7 @@ def _trunk_forward(inp, hidden, coef, norm, H, trunk):
     h = inp.new_empty(E, H)
     s = inp.new_empty(E)
     nw = warps("trunk_forward", trunk["CP"] * trunk["DP"])
-    K.trunk_forward_kernel[(-(-E // trunk["BE"]),)](inp, *hidden, coef, h, s, E, float(norm), num_warps=nw, **trunk)
+    K.trunk_forward_kernel[(-(-E // trunk["BE"]),)](inp, hidden, coef, h, s, E, float(norm), num_warps=nw, **trunk)
     return h, s
 
 
@@ -400,10 +403,9 @@ def conv_backward(grad, x, inp, src, rowptr, weights, biases, fourier, fourier_i
         x, inp, weights, biases, fourier, fourier_inv, final_weight, final_bias, coef, ndim, final_mask)
     grad = _c(grad if grad.dtype == x.dtype else grad.to(x.dtype))
     n_blocks = -(-n_dst // BLOCK)
-    w1, b1, wh, bh, at, ait = hidden
-    HP, nh = lay.HP, wh.shape[0]
+    HP, nh = lay.HP, pack.shapes[2][0]
     n_tiles = -(-E // BACKWARD_TILE)
-    per_program = w1.numel() + b1.numel() + wh.numel() + bh.numel() + 1
+    per_program = pack.gradient_size + 1
     nprog = num_programs(n_tiles, x.device, per_program)
     nsplit = wgrad_splits(n_blocks, plan.n_pairs + plan.n_cblocks, wc.numel(), x.device)
     # every zero-initialised buffer of the backward in one allocation
@@ -418,7 +420,7 @@ def conv_backward(grad, x, inp, src, rowptr, weights, biases, fourier, fourier_i
     dinp = torch.zeros_like(inp)
     s = x.new_empty(E)
     scratch = x.new_empty(nprog, max(lay.NL, 1), BACKWARD_TILE, HP)  # per-program staging of the trunk's layers
-    K.trunk_backward_kernel[(nprog,)](dhs, dsb, s, inp, *hidden, coefp, dinp, acc, scratch, E, n_tiles, float(norm),
+    K.trunk_backward_kernel[(nprog,)](dhs, dsb, s, inp, hidden, coefp, dinp, acc, scratch, E, n_tiles, float(norm),
                                       NH=nh, num_warps=warps("trunk_backward", HP),
                                       **dict(trunk, BE=BACKWARD_TILE))
     hs = dhs  # now h
@@ -451,13 +453,13 @@ def trunk_moments(inp, weights, biases, fourier, fourier_inv, with_activation=Fa
     if E == 0:
         return inp.new_zeros(2, H), act
     pack = packing(lay, weights, biases, fourier, fourier_inv, inp.device)
-    w1, b1, wh, bh, at, ait = pack.pad(weights, biases, fourier, fourier_inv, inp.dtype, inp.device)
+    prm = pack.pad(weights, biases, fourier, fourier_inv, inp.dtype, inp.device)
     HP = lay.HP
     n_tiles = (E + STATS_TILE - 1) // STATS_TILE
     nprog = num_programs(n_tiles, inp.device, 1 + 2 * HP)
     parts = inp.new_zeros(nprog, 1 + 2 * HP)
     K.fused_stats_kernel[(nprog,)](
-        _c(inp), w1, b1, wh, bh, at, ait, _zero(inp.dtype, str(inp.device)), parts, act, E, n_tiles, K=lay.NL,
+        _c(inp), prm, _zero(inp.dtype, str(inp.device)), parts, act, E, n_tiles, K=lay.NL,
         P0=lay.P0, P0P=lay.P0P, NDIM=0, CP=lay.CP, DP=lay.DP, GP=lay.GP, GW=lay.GW, FOURIER=lay.FOURIER, BE=STATS_TILE,
         PREC=PREC_NAMES[precision(inp.dtype, inp.device)], CWF=lay.CWF, C=lay.C, D=lay.D, PD=lay.PD,
         WRITE=bool(with_activation), num_warps=warps("trunk", HP))
