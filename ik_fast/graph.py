@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -236,8 +237,15 @@ def _check_float(t: Tensor, name: str, shape: tuple, device, dtype, finite: bool
         raise ValueError(f"{name} is on {t.device} but the layer's parameters are on {device}")
     if t.dtype != dtype:
         raise TypeError(f"{name} has dtype {t.dtype} but the layer's parameters are {dtype}")
-    if finite and t.numel() and not bool(torch.isfinite(t).all()):
+    if finite and not all_finite(t):
         raise ValueError(f"{name} contains NaN or infinite values")
+
+
+def all_finite(t: Tensor) -> bool:
+    """Whether every element of ``t`` is finite, in one reduction and one read on the host (5 operators, against 17
+    for ``torch.isfinite(t).all()``): a NaN or an infinity makes the sum non-finite, and only a sum of finite values
+    that overflows needs the element-wise check."""
+    return t.numel() == 0 or math.isfinite(t.sum().item()) or bool(torch.isfinite(t).all())
 
 
 def check_node_features(x: Tensor, name: str, size: int, device, dtype) -> None:
@@ -247,12 +255,12 @@ def check_node_features(x: Tensor, name: str, size: int, device, dtype) -> None:
     _check_float(x, name, (None, size), device, dtype, finite=False)
 
 
-def check_positions(pos, name: str, rows: int, dim: int) -> None:
-    """Positions (rows, dim), finite."""
+def check_positions(pos, name: str, rows: int, dim: int, finite: bool = True) -> None:
+    """Positions (rows, dim), finite (``finite=False``: the caller has checked the values of this tensor already)."""
     if not isinstance(pos, Tensor) or pos.dim() != 2 or tuple(pos.shape) != (rows, dim):
         got = tuple(pos.shape) if isinstance(pos, Tensor) else type(pos).__name__
         raise ValueError(f"{name} must have shape ({rows}, {dim}), got {got}")
-    if pos.numel() and not bool(torch.isfinite(pos).all()):
+    if finite and not all_finite(pos):
         raise ValueError(f"{name} contains NaN or infinite values")
 
 

@@ -140,9 +140,11 @@ class ImplicitPointConv(_ImplicitConvBase):
             out, stats = self._forward_compiled(x_src, edge_index, c_src, c_dst, edge_delta, edge_attr, n_dst)
         else:
             prog = self.kernel.program()
-            for c, nm, rows in ((c_src, "pos", n_src), (c_dst, "pos (receivers)", n_dst)):
+            # the values of one tensor given for both sides are checked once
+            for c, nm, rows, finite in ((c_src, "pos", n_src, True),
+                                        (c_dst, "pos (receivers)", n_dst, c_dst is not c_src)):
                 if c is not None:
-                    check_positions(c, nm, rows, n)
+                    check_positions(c, nm, rows, n, finite)
             graph = prepare_graph(edge_index, n_src, n_dst,
                                   x_src.device if isinstance(x_src, torch.Tensor) else None)
             if edge_delta is None:
