@@ -189,9 +189,9 @@ def prepare_graph(edge_index: Tensor, n_src: int, n_dst: int, device=None) -> Gr
     ei = edge_index.long()
     E = ei.shape[1]
     if E > 0:
-        mins, maxs = torch.aminmax(ei, dim=1)
-        lo = int(mins.min())
-        hi_src, hi_dst = maxs.tolist()
+        # (one read on the host: amin and amax take 5 operators, aminmax 9 and its min and item 5 more)
+        min_src, min_dst, hi_src, hi_dst = torch.cat([ei.amin(1), ei.amax(1)]).tolist()
+        lo = min(min_src, min_dst)
         if lo < 0:
             raise ValueError(f"edge_index has negative entries (min {lo})")
         if hi_src >= n_src:
@@ -200,10 +200,11 @@ def prepare_graph(edge_index: Tensor, n_src: int, n_dst: int, device=None) -> Gr
             raise ValueError(f"edge_index[1] (receivers) has entry {hi_dst} but there are only {n_dst} receiver nodes")
     src, dst = ei[0].contiguous(), ei[1].contiguous()
     # a stable sort of 32-bit keys is ~1.7x faster than of 64-bit ones on CPU
-    perm = torch.argsort(dst.int() if n_dst <= 2**31 - 1 else dst, stable=True)
-    degree = torch.bincount(dst, minlength=n_dst)
-    rowptr = torch.zeros(n_dst + 1, dtype=torch.long, device=ei.device)
-    rowptr[1:] = torch.cumsum(degree, 0)
+    keys, perm = torch.sort(dst.int() if n_dst <= 2**31 - 1 else dst, stable=True)
+    # the CSR from the sorted receivers: rowptr[i] = #edges into receivers < i (19 operators, against 27 for
+    # bincount, zeros, cumsum and a slice assignment)
+    rowptr = torch.searchsorted(keys, torch.arange(n_dst + 1, dtype=keys.dtype, device=ei.device))
+    degree = rowptr[1:] - rowptr[:-1]
     g = Graph(src, dst, int(n_src), int(n_dst), perm, rowptr, degree)
     try:
         _CACHE[key] = (weakref.ref(edge_index), g)

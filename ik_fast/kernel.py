@@ -169,6 +169,8 @@ class _IIDBatchNormParams(torch.nn.Module):
         self.register_buffer("running_var", torch.ones(channels))
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
         self.eps, self.momentum = eps, momentum
+        for v in (eps, momentum, 1 - momentum):  # the 0-d factors of finish and update, made now rather than in a pass
+            scalar(v, dt)
 
     sync_stats = False  # set by ik_fast.sync_bn.convert_sync_batchnorm: statistics over every process's edges
 
@@ -176,8 +178,14 @@ class _IIDBatchNormParams(torch.nn.Module):
         """The program's batch norm; ``shift``: the expanded bias when the caller has it (the kernel's one map)."""
         if shift is None:
             shift = self.bias @ self.bias_expansion.t()
+        avg_t = None  # the view avg.t(), made once per avg tensor (three operators a pass), not while compiling
+        if not torch.compiler.is_compiling():
+            avg_t = self.__dict__.get("_avg_t")
+            if avg_t is None or avg_t[0] is not self.avg:
+                avg_t = self.__dict__["_avg_t"] = (self.avg, self.avg.t())
+            avg_t = avg_t[1]
         return BatchNorm(training, self.eps, self.avg, self.weight, shift, self.running_mean, self.running_var,
-                         self.sync_stats)
+                         self.sync_stats, avg_t)
 
     @torch.no_grad()
     def update(self, mean: torch.Tensor, var: torch.Tensor) -> None:

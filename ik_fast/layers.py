@@ -51,7 +51,7 @@ class _ImplicitConvBase(torch.nn.Module):
             self.bias = None
 
     def expanded_bias(self) -> Optional[torch.Tensor]:
-        return None if self.bias is None else self.bias_expansion @ self.bias
+        return None if self.bias is None else torch.mv(self.bias_expansion, self.bias)  # (= the matmul, 1 op fewer)
 
     def __reduce__(self):
         return reduce_module(self, *self._ctor)

@@ -544,7 +544,7 @@ class KernelProgram:
         constants = self._memo(("fourier", dtype), None, lambda: (
             [self._constant(h.A, dtype) for h in self.hidden], [self._constant(h.Ainv, dtype) for h in self.hidden]))
         fourier, fourier_inv = constants[0][:n], constants[1][:n]
-        fw, fb = self._memo(("final", dtype, upto is None), src, self._pack_final,
+        fw, fb = self._memo(("final", dtype, upto is None), src if upto is None else None, self._pack_final,
                             pending if upto is None else None, dtype)
         coef = self._memo(("coef", dtype), None, self._coef, dtype)
         return PackedProgram(weights, biases, fourier, fourier_inv, fw, fb, coef, float(self.norm), self.dim,
