@@ -83,6 +83,40 @@ def _expansion_map(expansion, shape):
     return cols, vals, rows, lengths
 
 
+class _Expand(torch.autograd.Function):
+    """``segment_sum(cat(sources)[cols] * values, lengths)``, the kernel's one expansion map applied to its learnable
+    tensors, split into the pieces of the given shapes. The backward is the chain autograd forms for these operators
+    (the pieces' gradients concatenated, each entry's target's gradient times its value, accumulated per source
+    column with index_add in entry order, split per source), in one node instead of one per operator and piece
+    (their narrows and views cost ~70 operators a pass); it is built of differentiable operators, so double backward
+    works."""
+
+    @staticmethod
+    def forward(ctx, cols, values, lengths, targets, shapes, *srcs):
+        ctx.set_materialize_grads(False)
+        src = torch.cat([t if t.dim() == 1 else t.view(-1) if t.is_contiguous() else t.reshape(-1) for t in srcs])
+        ctx.save_for_backward(cols, values, targets)
+        ctx.src_shapes, ctx.shapes = [t.shape for t in srcs], shapes
+        flat = torch.segment_reduce(src.index_select(0, cols) * values, "sum", lengths=lengths, unsafe=True)
+        parts = torch.split(flat, [_numel(s) for s in shapes])
+        return tuple(p if len(s) == 1 else p.view(s) for p, s in zip(parts, shapes))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        cols, values, targets = ctx.saved_tensors
+        ref = next(g for g in grads if g is not None)
+        grad = torch.cat([ref.new_zeros(_numel(s)) if g is None else g.view(-1) if g.is_contiguous()
+                          else g.reshape(-1) for g, s in zip(grads, ctx.shapes)])
+        contrib = grad.index_select(0, targets) * values
+        g = grad.new_zeros(sum(_numel(s) for s in ctx.src_shapes)).index_add(0, cols, contrib)
+        parts = torch.split(g, [_numel(s) for s in ctx.src_shapes])
+        return (None,) * 5 + tuple(p if len(s) == 1 else p.view(s) for p, s in zip(parts, ctx.src_shapes))
+
+
+def _numel(shape) -> int:
+    return int(np.prod(shape))
+
+
 class _EquivariantLinear(torch.nn.Module):
     """Parameters of an escnn ``Linear`` (same basis and initialisation), without its eval-mode buffers."""
 
@@ -438,16 +472,15 @@ class ImplicitKernel(torch.nn.Module):
         self.register_buffer("expand_cols", torch.cat(cols)[order], persistent=False)
         self.register_buffer("expand_values", torch.cat(vals)[order].to(dt), persistent=False)
         self.register_buffer("expand_lengths", torch.bincount(t, minlength=total[0]), persistent=False)
+        self.register_buffer("expand_targets", t[order], persistent=False)
         self._pieces = pieces
 
     def _expand_all(self) -> dict:
         """Every lowered tensor of :meth:`_build_expansion`, by key (differentiable)."""
         srcs = self._sources()
-        src = torch.cat([t.view(-1) if t.dim() != 1 else t for t in srcs])
-        contrib = src.index_select(0, self.expand_cols) * _as(self.expand_values, src.dtype)
-        flat = torch.segment_reduce(contrib, "sum", lengths=self.expand_lengths, unsafe=True)
-        parts = torch.split(flat, [int(np.prod(shape)) for _, shape in self._pieces])
-        return {key: p if len(shape) == 1 else p.view(shape) for (key, shape), p in zip(self._pieces, parts)}
+        parts = _Expand.apply(self.expand_cols, _as(self.expand_values, srcs[0].dtype), self.expand_lengths,
+                              self.expand_targets, tuple(shape for _, shape in self._pieces), *srcs)
+        return {key: p for (key, _), p in zip(self._pieces, parts)}
 
     def _kernel_layout(self, w: torch.Tensor, b: Optional[torch.Tensor]):
         """MLP output order -> kernel layout: weight (R, H * C_in), bias (R * C_in,)."""
