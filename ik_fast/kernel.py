@@ -104,7 +104,9 @@ class _Expand(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         cols, values, targets = ctx.saved_tensors
-        ref = next(g for g in grads if g is not None)
+        ref = next((g for g in grads if g is not None), None)
+        if ref is None:
+            return (None,) * (5 + len(ctx.src_shapes))
         grad = torch.cat([ref.new_zeros(_numel(s)) if g is None else g.view(-1) if g.is_contiguous()
                           else g.reshape(-1) for g, s in zip(grads, ctx.shapes)])
         contrib = grad.index_select(0, targets) * values
