@@ -156,7 +156,12 @@ def eager_conv_bwd(grad: Tensor, tensors: List[Tensor], x: Tensor, edge_index: T
         diff = [t for t in leaves if t.requires_grad]
         grads = torch.autograd.grad(out, diff, grad.to(out.dtype), allow_unused=True, materialize_grads=True)
     g = iter(grads)
-    return [next(g).contiguous() if t.requires_grad else torch.zeros_like(t) for t in leaves]
+    # (an op's outputs must not alias each other: gradients may be views of one buffer, see kernel._Expand)
+    return [_own(next(g)) if t.requires_grad else torch.zeros_like(t) for t in leaves]
+
+
+def _own(t: Tensor) -> Tensor:
+    return t.clone(memory_format=torch.contiguous_format) if t._base is not None else t.contiguous()
 
 
 @eager_conv_bwd.register_fake

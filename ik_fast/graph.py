@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -188,9 +189,9 @@ def prepare_graph(edge_index: Tensor, n_src: int, n_dst: int, device=None) -> Gr
     ei = edge_index.long()
     E = ei.shape[1]
     if E > 0:
-        mins, maxs = torch.aminmax(ei, dim=1)
-        lo = int(mins.min())
-        hi_src, hi_dst = maxs.tolist()
+        # (one read on the host: amin and amax take 5 operators, aminmax 9 and its min and item 5 more)
+        min_src, min_dst, hi_src, hi_dst = torch.cat([ei.amin(1), ei.amax(1)]).tolist()
+        lo = min(min_src, min_dst)
         if lo < 0:
             raise ValueError(f"edge_index has negative entries (min {lo})")
         if hi_src >= n_src:
@@ -199,10 +200,11 @@ def prepare_graph(edge_index: Tensor, n_src: int, n_dst: int, device=None) -> Gr
             raise ValueError(f"edge_index[1] (receivers) has entry {hi_dst} but there are only {n_dst} receiver nodes")
     src, dst = ei[0].contiguous(), ei[1].contiguous()
     # a stable sort of 32-bit keys is ~1.7x faster than of 64-bit ones on CPU
-    perm = torch.argsort(dst.int() if n_dst <= 2**31 - 1 else dst, stable=True)
-    degree = torch.bincount(dst, minlength=n_dst)
-    rowptr = torch.zeros(n_dst + 1, dtype=torch.long, device=ei.device)
-    rowptr[1:] = torch.cumsum(degree, 0)
+    keys, perm = torch.sort(dst.int() if n_dst <= 2**31 - 1 else dst, stable=True)
+    # the CSR from the sorted receivers: rowptr[i] = #edges into receivers < i (19 operators, against 27 for
+    # bincount, zeros, cumsum and a slice assignment)
+    rowptr = torch.searchsorted(keys, torch.arange(n_dst + 1, dtype=keys.dtype, device=ei.device))
+    degree = rowptr[1:] - rowptr[:-1]
     g = Graph(src, dst, int(n_src), int(n_dst), perm, rowptr, degree)
     try:
         _CACHE[key] = (weakref.ref(edge_index), g)
@@ -236,8 +238,15 @@ def _check_float(t: Tensor, name: str, shape: tuple, device, dtype, finite: bool
         raise ValueError(f"{name} is on {t.device} but the layer's parameters are on {device}")
     if t.dtype != dtype:
         raise TypeError(f"{name} has dtype {t.dtype} but the layer's parameters are {dtype}")
-    if finite and t.numel() and not bool(torch.isfinite(t).all()):
+    if finite and not all_finite(t):
         raise ValueError(f"{name} contains NaN or infinite values")
+
+
+def all_finite(t: Tensor) -> bool:
+    """Whether every element of ``t`` is finite, in one reduction and one read on the host (5 operators, against 17
+    for ``torch.isfinite(t).all()``): a NaN or an infinity makes the sum non-finite, and only a sum of finite values
+    that overflows needs the element-wise check."""
+    return t.numel() == 0 or math.isfinite(t.sum().item()) or bool(torch.isfinite(t).all())
 
 
 def check_node_features(x: Tensor, name: str, size: int, device, dtype) -> None:
@@ -247,12 +256,12 @@ def check_node_features(x: Tensor, name: str, size: int, device, dtype) -> None:
     _check_float(x, name, (None, size), device, dtype, finite=False)
 
 
-def check_positions(pos, name: str, rows: int, dim: int) -> None:
-    """Positions (rows, dim), finite."""
+def check_positions(pos, name: str, rows: int, dim: int, finite: bool = True) -> None:
+    """Positions (rows, dim), finite (``finite=False``: the caller has checked the values of this tensor already)."""
     if not isinstance(pos, Tensor) or pos.dim() != 2 or tuple(pos.shape) != (rows, dim):
         got = tuple(pos.shape) if isinstance(pos, Tensor) else type(pos).__name__
         raise ValueError(f"{name} must have shape ({rows}, {dim}), got {got}")
-    if pos.numel() and not bool(torch.isfinite(pos).all()):
+    if finite and not all_finite(pos):
         raise ValueError(f"{name} contains NaN or infinite values")
 
 

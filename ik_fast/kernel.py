@@ -12,7 +12,7 @@ from escnn import nn as enn
 
 from . import _groups
 from ._serialize import reduce_module
-from .program import BatchNorm, BlockPlan, Hidden, KernelProgram, Linear, build_plan
+from .program import BatchNorm, BlockPlan, Hidden, KernelProgram, Linear, _as, build_plan, scalar
 
 __all__ = ["ImplicitKernel", "check_field_type"]
 
@@ -81,6 +81,42 @@ def _expansion_map(expansion, shape):
     targets, cols, vals = targets[order], cols[order], vals[order]
     rows, lengths = torch.unique_consecutive(targets, return_counts=True)
     return cols, vals, rows, lengths
+
+
+class _Expand(torch.autograd.Function):
+    """``segment_sum(cat(sources)[cols] * values, lengths)``, the kernel's one expansion map applied to its learnable
+    tensors, split into the pieces of the given shapes. The backward is the chain autograd forms for these operators
+    (the pieces' gradients concatenated, each entry's target's gradient times its value, accumulated per source
+    column with index_add in entry order, split per source), in one node instead of one per operator and piece
+    (their narrows and views cost ~70 operators a pass); it is built of differentiable operators, so double backward
+    works."""
+
+    @staticmethod
+    def forward(ctx, cols, values, lengths, targets, shapes, *srcs):
+        ctx.set_materialize_grads(False)
+        src = torch.cat([t if t.dim() == 1 else t.view(-1) if t.is_contiguous() else t.reshape(-1) for t in srcs])
+        ctx.save_for_backward(cols, values, targets)
+        ctx.src_shapes, ctx.shapes = [t.shape for t in srcs], shapes
+        flat = torch.segment_reduce(src.index_select(0, cols) * values, "sum", lengths=lengths, unsafe=True)
+        parts = torch.split(flat, [_numel(s) for s in shapes])
+        return tuple(p if len(s) == 1 else p.view(s) for p, s in zip(parts, shapes))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        cols, values, targets = ctx.saved_tensors
+        ref = next((g for g in grads if g is not None), None)
+        if ref is None:
+            return (None,) * (5 + len(ctx.src_shapes))
+        grad = torch.cat([ref.new_zeros(_numel(s)) if g is None else g.view(-1) if g.is_contiguous()
+                          else g.reshape(-1) for g, s in zip(grads, ctx.shapes)])
+        contrib = grad.index_select(0, targets) * values
+        g = grad.new_zeros(sum(_numel(s) for s in ctx.src_shapes)).index_add(0, cols, contrib)
+        parts = torch.split(g, [_numel(s) for s in ctx.src_shapes])
+        return (None,) * 5 + tuple(p if len(s) == 1 else p.view(s) for p, s in zip(parts, ctx.src_shapes))
+
+
+def _numel(shape) -> int:
+    return int(np.prod(shape))
 
 
 class _EquivariantLinear(torch.nn.Module):
@@ -169,18 +205,31 @@ class _IIDBatchNormParams(torch.nn.Module):
         self.register_buffer("running_var", torch.ones(channels))
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
         self.eps, self.momentum = eps, momentum
+        for v in (eps, momentum, 1 - momentum):  # the 0-d factors of finish and update, made now rather than in a pass
+            scalar(v, dt)
 
     sync_stats = False  # set by ik_fast.sync_bn.convert_sync_batchnorm: statistics over every process's edges
 
-    def lower(self, training: bool) -> BatchNorm:
-        return BatchNorm(training, self.eps, self.avg, self.weight, self.bias @ self.bias_expansion.t(),
-                         self.running_mean, self.running_var, self.sync_stats)
+    def lower(self, training: bool, shift: Optional[torch.Tensor] = None) -> BatchNorm:
+        """The program's batch norm; ``shift``: the expanded bias when the caller has it (the kernel's one map)."""
+        if shift is None:
+            shift = self.bias @ self.bias_expansion.t()
+        avg_t = None  # the view avg.t(), made once per avg tensor (three operators a pass), not while compiling
+        if not torch.compiler.is_compiling():
+            avg_t = self.__dict__.get("_avg_t")
+            if avg_t is None or avg_t[0] is not self.avg:
+                avg_t = self.__dict__["_avg_t"] = (self.avg, self.avg.t())
+            avg_t = avg_t[1]
+        return BatchNorm(training, self.eps, self.avg, self.weight, shift, self.running_mean, self.running_var,
+                         self.sync_stats, avg_t)
 
     @torch.no_grad()
     def update(self, mean: torch.Tensor, var: torch.Tensor) -> None:
+        """``running = (1 - m) running + m batch``, the factors as 0-d tensors (the same products as with Python
+        numbers, without an operator that wraps each number)."""
         m = self.momentum
-        self.running_mean.mul_(1 - m).add_(m * mean.to(self.running_mean.dtype))
-        self.running_var.mul_(1 - m).add_(m * var.to(self.running_var.dtype))
+        for run, new in ((self.running_mean, mean), (self.running_var, var)):
+            run.mul_(scalar(1 - m, run.dtype)).add_(_as(new, run.dtype).mul(scalar(m, run.dtype)))
         self.num_batches_tracked += 1
 
 
@@ -320,6 +369,7 @@ class ImplicitKernel(torch.nn.Module):
             o_off += o.size
         self.register_buffer("kidx", kidx, persistent=False)
         self._build_plans(hidden_type)
+        self._build_expansion()
         self._cache = None
 
     # ------------------------------------------------------------------------------------------------------------
@@ -345,6 +395,95 @@ class ImplicitKernel(torch.nn.Module):
             cols.append(idx.reshape(g.shape[0], -1))
         last.set_plan(build_plan(mask, rows, cols))
 
+    def _sources(self):
+        """The learnable tensors that :meth:`_build_expansion`'s map reads, in its order: each Linear's weights and
+        bias, then each batch norm's bias."""
+        out = []
+        for lin in self.mlp:
+            out.append(lin.weights)
+            if lin.bias is not None:
+                out.append(lin.bias)
+        for bn in self.bn:
+            out.append(bn.bias)
+        return out
+
+    def _build_expansion(self) -> None:
+        """One sparse linear map from every learnable tensor of the MLP (:meth:`_sources`, concatenated) to every
+        tensor that a forward pass lowers them to: each Linear's dense weight and its bias (the last Linear's in the
+        kernel layout), each componentwise hidden Linear's (D, C, C) channel mixing as well (the fused ops' form,
+        :attr:`BlockPlan.componentwise`), and each batch norm's expanded shift. A forward pass then lowers the whole MLP
+        in four operators (cat, index_select, mul, segment_reduce) and one split, instead of one expansion (and
+        layout gathers) per tensor. The entries of one target keep the order of the per-Linear map, and targets
+        without an entry are empty segments (sum 0), so every value is the sum the per-Linear expansion forms."""
+        targets, cols, vals, pieces = [], [], [], []
+        total = [0, 0]  # (target offset, source offset)
+
+        def piece(key, shape):
+            pieces.append((key, tuple(shape)))
+            total[0] += int(np.prod(shape))
+            return total[0] - int(np.prod(shape))
+
+        def add(t, c, v, base):
+            targets.append(t.reshape(-1) + base)
+            cols.append(c.reshape(-1) + total[1])
+            vals.append(v.reshape(-1).to(torch.float64))
+
+        R, C = self.kidx.shape
+        inv = torch.empty(R * C, dtype=torch.long)  # MLP output row -> kernel position r * C + c
+        inv[self.kidx.reshape(-1)] = torch.arange(R * C)
+        last = len(self.mlp) - 1
+        for k, lin in enumerate(self.mlp):
+            mc, mv, mr, ml = lin.map_cols, lin.map_values.detach().cpu(), lin.map_rows, lin.map_lengths
+            flat = torch.repeat_interleave(mr, ml)  # target of each entry, (out * in) layout
+            row, col = flat // lin.shape[1], flat % lin.shape[1]
+            if k < last:
+                base = piece(("w", k), lin.shape)
+                add(flat, mc, mv, base)
+                cw = None if k == 0 or lin.plan() is None else lin.plan().componentwise
+                if cw is not None:  # P[a, c, c'] = W[c * d + a, c' * d + a]
+                    f, d = cw
+                    assert bool((row % d == col % d).all())
+                    base = piece(("cw", k), (d, f, f))
+                    add((row % d) * f * f + (row // d) * f + col // d, mc, mv, base)
+            else:
+                H = lin.shape[1]
+                base = piece(("w", k), (R, H * C))
+                pos = inv[row]
+                add((pos // C) * (H * C) + col * C + pos % C, mc, mv, base)
+                if self.batch_norm and k > 0:  # (R * C_in, H) as well: the last batch norm's shift folds through it
+                    base = piece(("wt", k), (R * C, H))
+                    add(pos * H + col, mc, mv, base)
+            total[1] += lin.weights.numel()
+            if lin.bias is not None:
+                be = lin.bias_expansion.detach().cpu()
+                i, j = torch.nonzero(be, as_tuple=True)
+                base = piece(("b", k), (be.shape[0],))
+                add(i if k < last else inv[i], j, be[i, j], base)
+                total[1] += lin.bias.numel()
+        for k, bn in enumerate(self.bn):
+            Q = bn.bias_expansion.detach().cpu()  # (d, T): shift[c, a] = sum_t bias[c, t] Q[a, t]
+            ch, T = bn.bias.shape
+            a, t = torch.nonzero(Q, as_tuple=True)
+            c = torch.arange(ch)[:, None]
+            base = piece(("shift", k), (ch, Q.shape[0]))
+            add(c * Q.shape[0] + a, c * T + t, Q[a, t].expand(ch, -1), base)
+            total[1] += bn.bias.numel()
+        t = torch.cat(targets)
+        order = torch.argsort(t, stable=True)
+        dt = torch.get_default_dtype()
+        self.register_buffer("expand_cols", torch.cat(cols)[order], persistent=False)
+        self.register_buffer("expand_values", torch.cat(vals)[order].to(dt), persistent=False)
+        self.register_buffer("expand_lengths", torch.bincount(t, minlength=total[0]), persistent=False)
+        self.register_buffer("expand_targets", t[order], persistent=False)
+        self._pieces = pieces
+
+    def _expand_all(self) -> dict:
+        """Every lowered tensor of :meth:`_build_expansion`, by key (differentiable)."""
+        srcs = self._sources()
+        parts = _Expand.apply(self.expand_cols, _as(self.expand_values, srcs[0].dtype), self.expand_lengths,
+                              self.expand_targets, tuple(shape for _, shape in self._pieces), *srcs)
+        return {key: p for (key, _), p in zip(self._pieces, parts)}
+
     def _kernel_layout(self, w: torch.Tensor, b: Optional[torch.Tensor]):
         """MLP output order -> kernel layout: weight (R, H * C_in), bias (R * C_in,)."""
         R, C = self.kidx.shape
@@ -369,18 +508,14 @@ class ImplicitKernel(torch.nn.Module):
         cacheable = self._cacheable()
         if cacheable and self._cache is not None and self._cache[0] == self._cache_key():
             return self._cache[1]
+        ex = self._expand_all()
         hidden = []
         for k, lin in enumerate(self.mlp[:-1]):
-            w, b = lin.expand()
-            plan = lin.plan()
-            linear = Linear(w, b, plan)
-            bn = self.bn[k].lower(self.training) if self.batch_norm else None
+            linear = Linear(ex[("w", k)], ex.get(("b", k)), lin.plan(), ex.get(("cw", k)))
+            bn = self.bn[k].lower(self.training, ex[("shift", k)]) if self.batch_norm else None
             hidden.append(Hidden(linear, self.n_channels, self._rho_size, self.act_A, self.act_Ainv, bn))
-        last = self.mlp[-1]
-        w, b = last.expand()
-        wk, bk = self._kernel_layout(w, b)
-        plan = last.plan()
-        final = Linear(wk, bk, plan)
+        last = len(self.mlp) - 1
+        final = Linear(ex[("w", last)], ex.get(("b", last)), self.mlp[last].plan(), ex.get(("wt", last)))
         attr = 0 if self.edge_attr_type is None else self.edge_attr_type.size
         prog = KernelProgram(self.in_type.gspace.dimensionality, self.in_type.size, self.out_type.size, attr,
                              tuple(hidden), final, self.sigma, self.norm, self.training,

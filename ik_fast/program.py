@@ -178,6 +178,10 @@ class Linear:
     weight: Tensor
     bias: Optional[Tensor]
     plan: Optional[BlockPlan] = None
+    # other layouts of the weight, when the lowering has them: of a componentwise hidden Linear, (D, C_out, C_in) =
+    # W[c * D + a, c' * D + a], the fused ops' form (else :meth:`KernelProgram.packed` takes W's diagonals); of the
+    # last Linear (kernel layout (R, H * C_in)), W as (R * C_in, H) (else a transposed copy where it is needed)
+    cw: Optional[Tensor] = None
 
     @property
     def blocks(self) -> Tuple[Tensor, ...]:
@@ -234,6 +238,7 @@ class BatchNorm:
     running_mean: Tensor   # (channels, dim)
     running_var: Tensor    # (channels,)
     sync: bool = False     # statistics over every process's edges (torch.distributed), see :meth:`finish`
+    avg_t: Optional[Tensor] = None  # avg.t(), when the lowering keeps that view across passes
 
     def batch_stats(self, h: Tensor) -> Tuple[Tensor, Tensor]:
         """(mean (C, d), var (C,)) of h (E, C, d), as escnn's ``_estimate_stats``, detached.
@@ -255,15 +260,22 @@ class BatchNorm:
         if self.sync:
             moments, count = _all_reduce_moments(moments, count)
         C = self.running_var.shape[0]
-        mu = moments[0].reshape(C, -1).to(self.avg.dtype)
-        var = (moments[1] / (count - 1)).reshape(C, -1).to(self.avg.dtype)
-        return mu @ self.avg.t(), var.mean(-1)
+        m = moments.view(2, C, -1) if moments.is_contiguous() else moments.reshape(2, C, -1)
+        dt = self.avg.dtype
+        avg_t = self.avg.t() if self.avg_t is None else self.avg_t
+        var = _as(m[1] / scalar(count - 1, m.dtype), dt)
+        return torch.mm(_as(m[0], dt), avg_t), var.mean(-1)
+
+    def factors(self, stats: Optional[Tuple[Tensor, Tensor]]) -> Tuple[Tensor, Tensor]:
+        """(factor (C,), shift (C, d)) such that the batch norm is h[:, c, a] -> h[:, c, a] * factor[c] + shift[c, a]
+        (the statistics of the batch in training, the running ones in eval mode)."""
+        mean, var = stats if self.training else (self.running_mean, self.running_var)
+        factor = self.scale / torch.sqrt(var + scalar(self.eps, var.dtype))
+        return factor, self.shift - mean * factor.view(-1, 1)
 
     def affine(self, stats: Optional[Tuple[Tensor, Tensor]]) -> Tuple[Tensor, Tensor]:
         """(scale, shift), each (C * d,), such that the batch norm is h -> h * scale + shift."""
-        mean, var = stats if self.training else (self.running_mean, self.running_var)
-        factor = self.scale / torch.sqrt(var + self.eps)
-        shift = self.shift - mean * factor[:, None]
+        factor, shift = self.factors(stats)
         return factor[:, None].expand_as(shift).reshape(-1), shift.reshape(-1)
 
     def __call__(self, h: Tensor, stats: Optional[Tuple[Tensor, Tensor]]) -> Tensor:
@@ -371,6 +383,25 @@ class PackedProgram:
 def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
     """``t.to(dtype)`` without an operator when it already is."""
     return t if t.dtype == dtype else t.to(dtype)
+
+
+_SCALARS: dict = {}
+
+
+def scalar(value, dtype: torch.dtype):
+    """``value`` as a 0-d CPU tensor of ``dtype``, made once. Arithmetic with it gives what arithmetic with the Python
+    number gives (both are CPU scalars of the operation, in its dtype), but the profiler records one operator where
+    the number costs five (wrapping it into a tensor and converting that). While torch.compile traces, the number
+    itself (a traced graph should not capture tensors made on the side)."""
+    if torch.compiler.is_compiling():
+        return value
+    key = (value, dtype)
+    t = _SCALARS.get(key)
+    if t is None:
+        if len(_SCALARS) > 1024:  # values such as edge counts vary from graph to graph
+            _SCALARS.clear()
+        t = _SCALARS[key] = torch.tensor(value, dtype=dtype)
+    return t
 
 
 @dataclass(frozen=True)
@@ -491,35 +522,89 @@ class KernelProgram:
     def packed(self, stats: Sequence, dtype: torch.dtype, upto: Optional[int] = None) -> "PackedProgram":
         """The program as the fused ops take it (:mod:`ik_fast.ops`): batch norms folded with ``stats``, dense,
         unpadded, in ``dtype``; differentiable with respect to the escnn parameters. With ``upto``, only hidden
-        layers 1..upto (for the statistics of layer ``upto``; the final layer is then left unfolded)."""
-        linears, pending = self.folded(stats, upto)
-        final = self.final
-        if upto is None and pending is not None:
-            final = final.fold(*pending, inner=self.in_size, gather=False)
-        R, C = self.out_size, self.in_size
-        layers = self.hidden[:len(linears)]
-        def weight(k, lin, layer):
-            w = _as(lin.weight, dtype)
-            cw = None if k == 0 or layer.linear.plan is None else layer.linear.plan.componentwise
-            if cw is not None:  # (D, C_out, C_in): the per-component channel mixing, the only non-zeros of W
-                f, d = cw
-                w = torch.diagonal(w.reshape(f, d, f, d), dim1=1, dim2=3).permute(2, 0, 1).contiguous()
-            bias = lin.weight.new_zeros(lin.weight.shape[0], dtype=dtype) if lin.bias is None else _as(lin.bias, dtype)
-            return w, bias
+        layers 1..upto (for the statistics of layer ``upto``; the final layer is then left unfolded).
 
-        pairs = [self._memo(("packed", k, dtype), lin, weight, k, lin, layer)
-                 for k, (lin, layer) in enumerate(zip(linears, layers))]
-        weights, biases = [w for w, _ in pairs], [b for _, b in pairs]
+        The folds are those of :meth:`folded` and :meth:`Linear.fold`, with the same products and sums, written on
+        the per-channel factors of :meth:`BatchNorm.factors` (no per-component scale is materialised) and on the
+        componentwise weights the lowering made (:attr:`Linear.cw`); each piece is memoised per statistics object,
+        so the passes of one forward (one per batch-norm layer, then conv) build it once."""
+        n = len(self.hidden) if upto is None else upto
+        weights, biases = [], []
+        pending, src, j = None, None, 0  # (factor, shift) of the batch norm before layer k, its statistics, its index
+        for k, layer in enumerate(self.hidden[:n]):
+            w, b = self._memo(("layer", k, dtype), src, self._pack_hidden, k, layer.linear, pending, dtype)
+            weights.append(w)
+            biases.append(b)
+            pending = None
+            if layer.bn is not None:
+                if not self.training or j < len(stats):
+                    src = stats[j] if self.training else None
+                    pending = self._memo(("factors", j), src, layer.bn.factors, src)
+                j += 1
         constants = self._memo(("fourier", dtype), None, lambda: (
-            [self.sigma.new_zeros(0, 0, dtype=dtype) if h.A is None else _as(h.A.detach(), dtype) for h in self.hidden],
-            [self.sigma.new_zeros(0, 0, dtype=dtype) if h.A is None else _as(h.Ainv.detach(), dtype)
-             for h in self.hidden]))
-        fourier, fourier_inv = constants[0][:len(layers)], constants[1][:len(layers)]
-        fw = _as(final.weight, dtype).reshape(R, -1, C)
-        fb = fw.new_zeros(R, C) if final.bias is None else _as(final.bias, dtype).reshape(R, C)
-        coef = self._memo(("coef", dtype), None, lambda: _as((0.5 / (self.sigma * self.sigma)).reshape(1), dtype))
+            [self._constant(h.A, dtype) for h in self.hidden], [self._constant(h.Ainv, dtype) for h in self.hidden]))
+        fourier, fourier_inv = constants[0][:n], constants[1][:n]
+        fw, fb = self._memo(("final", dtype, upto is None), src if upto is None else None, self._pack_final,
+                            pending if upto is None else None, dtype)
+        coef = self._memo(("coef", dtype), None, self._coef, dtype)
         return PackedProgram(weights, biases, fourier, fourier_inv, fw, fb, coef, float(self.norm), self.dim,
                              self.final_mask if upto is None else None)
+
+    def _pack_hidden(self, k: int, lin: Linear, pending: Optional[Tuple[Tensor, Tensor]], dtype: torch.dtype):
+        """(weight, bias) of hidden layer k for the fused ops, the batch norm before it (``pending``) folded in."""
+        R = lin.weight.shape[0]
+        cwf = None if k == 0 or lin.plan is None else lin.plan.componentwise
+        if cwf is not None:  # (D, C_out, C_in): the per-component channel mixing, the only non-zeros of W
+            w = lin.cw
+            if w is None:
+                f, d = cwf
+                w = torch.diagonal(lin.weight.reshape(f, d, f, d), dim1=1, dim2=3).permute(2, 0, 1).contiguous()
+            if pending is not None:
+                w = w * pending[0]  # input channel c' scaled by factor[c']
+        elif pending is not None:
+            w = (lin.weight.view(R, pending[0].shape[0], -1) * pending[0].view(-1, 1)).view(R, -1)
+        else:
+            w = lin.weight
+        bias = lin.bias
+        if pending is not None:
+            extra = torch.mv(lin.weight, pending[1].view(-1))
+            bias = extra if bias is None else bias + extra
+        bias = lin.weight.new_zeros(R, dtype=dtype) if bias is None else _as(bias, dtype)
+        return _as(w, dtype), bias
+
+    def _pack_final(self, pending: Optional[Tuple[Tensor, Tensor]], dtype: torch.dtype):
+        """(weight (R, H, C_in), bias (R, C_in)) of the last Linear, the last batch norm (``pending``) folded in."""
+        R, C, H = self.out_size, self.in_size, self.hidden_size
+        w3 = self.final.weight.view(R, H, C)
+        fw, fb = w3, self.final.bias
+        if pending is not None:
+            factor, shift = pending
+            fw = (w3.view(R, factor.shape[0], -1, C) * factor.view(-1, 1, 1)).view(R, H, C)
+            extra = self._final_shift(shift.view(H), w3)
+            fb = extra if fb is None else fb + extra
+        fw = _as(fw, dtype)
+        return fw, (fw.new_zeros(R, C) if fb is None else _as(fb, dtype).view(R, C))
+
+    def _final_shift(self, shift: Tensor, w3: Tensor) -> Tensor:
+        """``torch.matmul(shift, w3).reshape(-1)`` (shift (H,), w3 (R, H, C)) with the operations matmul picks: with
+        autograd on shift, one GEMV on the transposed weight (R * C, H), a copy unless the lowering made that layout
+        (:attr:`Linear.cw` of the last Linear); otherwise one batched product on the expanded row."""
+        R, H, C = w3.shape
+        if shift.requires_grad:
+            wt = self.final.cw if self.final.cw is not None else w3.mT.reshape(R * C, H)
+            return torch.mv(wt, shift)
+        return torch.bmm(shift.view(1, 1, H).expand(R, 1, H), w3).view(R * C)
+
+    def _constant(self, t: Optional[Tensor], dtype: torch.dtype) -> Tensor:
+        if t is None:
+            return self.sigma.new_zeros(0, 0, dtype=dtype)
+        return _as(t.detach() if t.requires_grad else t, dtype)
+
+    def _coef(self, dtype: torch.dtype) -> Tensor:
+        """(1,) 1 / (2 sigma^2): the value (and gradient) of 0.5 / sigma^2, which torch evaluates as 0.5 / x =
+        reciprocal(x) * 0.5; scaling by two is exact, so reciprocal(x + x) rounds the same."""
+        s2 = self.sigma * self.sigma
+        return _as(torch.reciprocal(s2 + s2).view(1), dtype)
 
     def kernel_from_hidden(self, h: Tensor, shell: Tensor) -> Tensor:
         """Dense per-edge kernels (E, R, C_in) from hidden activations (the reference algorithm)."""
