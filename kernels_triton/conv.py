@@ -166,19 +166,18 @@ def _linear_hidden(a, w_ptr, b_ptr, BE: tl.constexpr, CP: tl.constexpr, DP: tl.c
 
 
 @triton.jit
-def _params(prm, NL: tl.constexpr, P0P: tl.constexpr, CP: tl.constexpr, DP: tl.constexpr, GP: tl.constexpr,
+def _params(prm, fou, NL: tl.constexpr, P0P: tl.constexpr, CP: tl.constexpr, DP: tl.constexpr, GP: tl.constexpr,
             CWF: tl.constexpr):
-    """Pointers to w1, b1, wh, bh, at, ait in the one padded parameter buffer the host builds (launch.Packing):
-    ``[w1 (P0P, HP) | b1 (HP,) | wh (NH, WS) | bh (NH, HP) | at (NA, DP, GP) | ait (NA, GP, DP)]``, NH = max(NL - 1,
-    1), NA = max(NL, 1)."""
+    """Pointers to w1, b1, wh, bh in the padded parameter buffer the host builds (launch.Packing), ``[w1 (P0P, HP) |
+    b1 (HP,) | wh (NH, WS) | bh (NH, HP)]``, and to at, ait in its constant Fourier buffer ``[at (NA, DP, GP) | ait
+    (NA, GP, DP)]``; NH = max(NL - 1, 1), NA = max(NL, 1)."""
     HP: tl.constexpr = CP * DP
     NH: tl.constexpr = max(NL - 1, 1)
     NA: tl.constexpr = max(NL, 1)
     b1 = prm + P0P * HP
     wh = b1 + HP
     bh = wh + NH * _wstride(CP, DP, CWF)
-    at = bh + NH * HP
-    return prm, b1, wh, bh, at, at + NA * DP * GP
+    return prm, b1, wh, bh, fou, fou + NA * DP * GP
 
 
 @triton.jit
@@ -286,7 +285,7 @@ def _compact_columns(HP: tl.constexpr, PD: tl.constexpr, C: tl.constexpr, D: tl.
 
 
 @triton.jit(do_not_specialize=["E"])
-def trunk_forward_kernel(inp_ptr, prm_ptr, coef_ptr, h_ptr, s_ptr, E, norm,
+def trunk_forward_kernel(inp_ptr, prm_ptr, fou_ptr, coef_ptr, h_ptr, s_ptr, E, norm,
                          P0: tl.constexpr, P0P: tl.constexpr, NDIM: tl.constexpr, NL: tl.constexpr, CP: tl.constexpr,
                          DP: tl.constexpr, GP: tl.constexpr, GW: tl.constexpr, FOURIER: tl.constexpr,
                          C: tl.constexpr, D: tl.constexpr, PD: tl.constexpr, BE: tl.constexpr, PREC: tl.constexpr,
@@ -296,7 +295,7 @@ def trunk_forward_kernel(inp_ptr, prm_ptr, coef_ptr, h_ptr, s_ptr, E, norm,
     HP: tl.constexpr = CP * DP
     t = tl.program_id(0)
     offs, emask, inp, s, _, _ = _load_tile(inp_ptr, coef_ptr, norm, t, E, P0, P0P, NDIM, BE)
-    w1, b1, wh, bh, at, ait = _params(prm_ptr, NL, P0P, CP, DP, GP, CWF)
+    w1, b1, wh, bh, at, ait = _params(prm_ptr, fou_ptr, NL, P0P, CP, DP, GP, CWF)
     h = _trunk(inp, w1, b1, wh, bh, at, ait, NL, P0P, BE, CP, DP, GP, GW, FOURIER, PREC, CWF)
     col, real = _compact_columns(HP, PD, C, D)
     tl.store(h_ptr + offs[:, None] * (C * D) + col[None, :], h, mask=emask[:, None] & real[None, :])
@@ -304,7 +303,7 @@ def trunk_forward_kernel(inp_ptr, prm_ptr, coef_ptr, h_ptr, s_ptr, E, norm,
 
 
 @triton.jit(do_not_specialize=["E", "n_tiles"])
-def fused_stats_kernel(inp_ptr, prm_ptr, coef_ptr, out_ptr, act_ptr, E, n_tiles,
+def fused_stats_kernel(inp_ptr, prm_ptr, fou_ptr, coef_ptr, out_ptr, act_ptr, E, n_tiles,
                        K: tl.constexpr, P0: tl.constexpr, P0P: tl.constexpr, NDIM: tl.constexpr, CP: tl.constexpr,
                        DP: tl.constexpr, GP: tl.constexpr, GW: tl.constexpr, FOURIER: tl.constexpr,
                        BE: tl.constexpr, PREC: tl.constexpr, CWF: tl.constexpr, C: tl.constexpr, D: tl.constexpr,
@@ -321,7 +320,7 @@ def fused_stats_kernel(inp_ptr, prm_ptr, coef_ptr, out_ptr, act_ptr, E, n_tiles,
     kk = tl.arange(0, GW)
     dt = inp_ptr.dtype.element_ty
     row = out_ptr + pid * (1 + 2 * HP)
-    w1, b1, wh, bh, at, ait = _params(prm_ptr, K, P0P, CP, DP, GP, CWF)
+    w1, b1, wh, bh, at, ait = _params(prm_ptr, fou_ptr, K, P0P, CP, DP, GP, CWF)
     n_a = tl.sum(tl.zeros((BE,), dtype=dt), 0)
     for t in range(pid, n_tiles, nprog):
         offs, emask, inp, _, _, _ = _load_tile(inp_ptr, coef_ptr, 1.0, t, E, P0, P0P, NDIM, BE)
@@ -567,7 +566,7 @@ def stats_merge_kernel(parts_ptr, hidden_ptr, out_ptr, n_prog, H, HP, BH: tl.con
 
 
 @triton.jit(do_not_specialize=["E", "n_tiles"])
-def trunk_backward_kernel(dhs_ptr, dsb_ptr, s_ptr, inp_ptr, prm_ptr, coef_ptr, dinp_ptr, acc_ptr,
+def trunk_backward_kernel(dhs_ptr, dsb_ptr, s_ptr, inp_ptr, prm_ptr, fou_ptr, coef_ptr, dinp_ptr, acc_ptr,
                           scr_ptr, E, n_tiles, norm, P0: tl.constexpr, P0P: tl.constexpr,
                           NDIM: tl.constexpr, NL: tl.constexpr, CP: tl.constexpr, DP: tl.constexpr,
                           GP: tl.constexpr, GW: tl.constexpr, FOURIER: tl.constexpr, C: tl.constexpr,
@@ -593,7 +592,7 @@ def trunk_backward_kernel(dhs_ptr, dsb_ptr, s_ptr, inp_ptr, prm_ptr, coef_ptr, d
     FG: tl.constexpr = DP * GP  # elements of one layer's Fourier matrix
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    w1, b1, wh, bh, at, ait = _params(prm_ptr, NL, P0P, CP, DP, GP, CWF)
+    w1, b1, wh, bh, at, ait = _params(prm_ptr, fou_ptr, NL, P0P, CP, DP, GP, CWF)
     dt = inp_ptr.dtype.element_ty
     gg = tl.arange(0, GW)
     pp = tl.arange(0, P0P)

@@ -49,6 +49,16 @@ def _c(t: Tensor) -> Tensor:
     return t if t.is_contiguous() else t.contiguous()
 
 
+_FOURIER: "WeakIdKeyDictionary" = WeakIdKeyDictionary()
+
+
+@functools.lru_cache(maxsize=32)
+def _zeros(n: int, dtype: torch.dtype, device: str) -> Tensor:
+    """Cached zeros (n,) (read-only use)."""
+    z = torch.from_numpy(np.zeros(n)).to(dtype)
+    return z if device == "cpu" else z.to(device)
+
+
 @functools.lru_cache(maxsize=32)
 def _zero(dtype: torch.dtype, device: str) -> Tensor:
     """A cached one-element zero (made without an operator on the CPU)."""
@@ -158,20 +168,36 @@ class Packing:
     first four parts gives each weight's and bias's gradient with one index_select; ``hidden`` (H,): padded
     position of each real hidden unit."""
 
-    src: Tensor
+    src: Tensor                             # the trainable part [w1 | b1 | wh | bh]
+    fsrc: Tensor                            # the constant part [at | ait]
     pos: Tuple[Tensor, ...]
     hidden: Tensor
     shapes: Tuple[Tuple[int, ...], ...]    # of w1, b1, wh, bh, at, ait
     trainable: Tuple[Tuple[int, ...], ...]  # shapes of the weights, then the biases
 
-    def pad(self, weights, biases, fourier, fourier_inv, dtype, device) -> Tensor:
-        """The padded buffer (flat; the kernels find its parts, conv._params)."""
-        tensors = (*weights, *biases, *fourier, *fourier_inv)
-        parts = [t.view(-1) if t.is_contiguous() else t.reshape(-1) for t in tensors]
+    def pad(self, weights, biases, dtype, device) -> Tensor:
+        """The trainable part of the padded buffer, flat (the kernels find its parts, conv._params)."""
+        parts = [t.view(-1) if t.is_contiguous() else t.reshape(-1) for t in (*weights, *biases)]
         if not parts:  # no hidden layer: every kernel weight is zero
             return torch.zeros(self.src.shape[0], dtype=dtype, device=device)
         flat = torch.cat(parts + [_zero(parts[0].dtype, str(parts[0].device))]).index_select(0, self.src)
         return flat if flat.dtype == dtype else flat.to(dtype)
+
+    def pad_fourier(self, fourier, fourier_inv, dtype, device) -> Tensor:
+        """The constant part [at | ait], kept per Fourier tensor (identity and version) while it lives: the program
+        passes the same constant matrices to every call."""
+        tensors = (*fourier, *fourier_inv)
+        key = (tuple((id(t), t._version) for t in tensors), dtype, str(device), self.fsrc.shape[0])
+        hit = _FOURIER.get(tensors[0]) if tensors else None
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        parts = [t.reshape(-1) for t in tensors if t.numel()]
+        if not parts:  # pointwise ELUs: the matrices are not read
+            return _zeros(self.fsrc.shape[0], dtype, str(torch.device(device)))
+        flat = torch.cat(parts + [_zero(parts[0].dtype, str(parts[0].device))]).index_select(0, self.fsrc)
+        flat = flat if flat.dtype == dtype else flat.to(dtype)
+        _FOURIER[tensors[0]] = (key, flat)
+        return flat
 
     @property
     def gradient_size(self) -> int:
@@ -253,7 +279,13 @@ def _packing(lay: Layout, shapes, device: str) -> Packing:
             put(ai_off[k], base[5] + k * GP * DP + g * DP + a)
     tens = lambda a: torch.from_numpy(a) if device == "cpu" else torch.from_numpy(a).to(device)  # noqa: E731
     per = tuple(tens(pos[t_off[i]:t_off[i + 1]].copy()) for i in range(len(t_off) - 1))
-    return Packing(tens(buf), per, tens(hm), out_shapes, tuple(wsh) + tuple(bsh))
+    # two buffers: the trainable part (sources: weights and biases, then a zero) and the constant Fourier part
+    # (sources: the matrices, then a zero)
+    n_wb = int(a_off[0]) if NL else 0
+    wsrc = buf[:base[4]].copy()
+    wsrc[wsrc == n_src] = n_wb
+    fsrc = buf[base[4]:] - n_wb
+    return Packing(tens(wsrc), tens(fsrc), per, tens(hm), out_shapes, tuple(wsh) + tuple(bsh))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -342,7 +374,7 @@ def _make_setup(x, inp, weights, biases, fourier, fourier_inv, final_weight, fin
     R, H, C = final_weight.shape
     lay = layout(inp, weights, fourier, R, ndim)
     pack = packing(lay, weights, biases, fourier, fourier_inv, x.device)
-    hidden = pack.pad(weights, biases, fourier, fourier_inv, dtype, x.device)
+    hidden = (pack.pad(weights, biases, dtype, x.device), pack.pad_fourier(fourier, fourier_inv, dtype, x.device))
     plan = blocks(final_mask, final_weight.shape, lay.D, x.device)
     wc, bf = plan.gather_weight(final_weight, dtype), plan.gather_bias(final_bias, dtype)
     prec = PREC_NAMES[precision(dtype, x.device)]
@@ -363,7 +395,7 @@ def _trunk_forward(inp, hidden, coef, norm, H, trunk):
     h = inp.new_empty(E, H)
     s = inp.new_empty(E)
     nw = warps("trunk_forward", trunk["CP"] * trunk["DP"])
-    K.trunk_forward_kernel[(-(-E // trunk["BE"]),)](inp, hidden, coef, h, s, E, float(norm), num_warps=nw, **trunk)
+    K.trunk_forward_kernel[(-(-E // trunk["BE"]),)](inp, *hidden, coef, h, s, E, float(norm), num_warps=nw, **trunk)
     return h, s
 
 
@@ -420,7 +452,7 @@ def conv_backward(grad, x, inp, src, rowptr, weights, biases, fourier, fourier_i
     dinp = torch.zeros_like(inp)
     s = x.new_empty(E)
     scratch = x.new_empty(nprog, max(lay.NL, 1), BACKWARD_TILE, HP)  # per-program staging of the trunk's layers
-    K.trunk_backward_kernel[(nprog,)](dhs, dsb, s, inp, hidden, coefp, dinp, acc, scratch, E, n_tiles, float(norm),
+    K.trunk_backward_kernel[(nprog,)](dhs, dsb, s, inp, *hidden, coefp, dinp, acc, scratch, E, n_tiles, float(norm),
                                       NH=nh, num_warps=warps("trunk_backward", HP),
                                       **dict(trunk, BE=BACKWARD_TILE))
     hs = dhs  # now h
@@ -453,13 +485,14 @@ def trunk_moments(inp, weights, biases, fourier, fourier_inv, with_activation=Fa
     if E == 0:
         return inp.new_zeros(2, H), act
     pack = packing(lay, weights, biases, fourier, fourier_inv, inp.device)
-    prm = pack.pad(weights, biases, fourier, fourier_inv, inp.dtype, inp.device)
+    prm = pack.pad(weights, biases, inp.dtype, inp.device)
+    fou = pack.pad_fourier(fourier, fourier_inv, inp.dtype, inp.device)
     HP = lay.HP
     n_tiles = (E + STATS_TILE - 1) // STATS_TILE
     nprog = num_programs(n_tiles, inp.device, 1 + 2 * HP)
     parts = inp.new_zeros(nprog, 1 + 2 * HP)
     K.fused_stats_kernel[(nprog,)](
-        _c(inp), prm, _zero(inp.dtype, str(inp.device)), parts, act, E, n_tiles, K=lay.NL,
+        _c(inp), prm, fou, _zero(inp.dtype, str(inp.device)), parts, act, E, n_tiles, K=lay.NL,
         P0=lay.P0, P0P=lay.P0P, NDIM=0, CP=lay.CP, DP=lay.DP, GP=lay.GP, GW=lay.GW, FOURIER=lay.FOURIER, BE=STATS_TILE,
         PREC=PREC_NAMES[precision(inp.dtype, inp.device)], CWF=lay.CWF, C=lay.C, D=lay.D, PD=lay.PD,
         WRITE=bool(with_activation), num_warps=warps("trunk", HP))
