@@ -44,8 +44,10 @@ class Blocks:
     positions hold 0 and are masked by the true sizes); ``pairs`` (NP, 2): the (hidden, input) block offsets that
     have a non-zero block; ``pair_ptr`` (NP + 1,): each pair's range in ``blk_r``, the output block offsets;
     ``w_src`` / ``w_dst`` (nnz,) int64: flat positions in W' (R, H, C_in) and in the compact block tensor
-    (NB, 16 * 16, 16) of its structural non-zeros (one gather builds the blocks, one scatter returns the gradient);
-    ``b_src`` / ``b_dst`` (R C_in,) int64 likewise for B' (R, C_in) and its permuted, padded form (CINC, RC).
+    (NB, 16 * 16, 16) of its structural non-zeros (the gradient's partial sums are put back with them);
+    ``b_src`` / ``b_dst`` (R C_in,) int64 likewise for B' (R, C_in) and its permuted, padded form (CINC, RC);
+    ``w_idx`` (NB 16^3,) and ``b_idx`` (CINC RC,): the same maps as the kernels read them, the flat position in W'
+    (B') of each entry of the compact blocks (the padded bias), -1 where it is structurally zero or padding.
     """
 
     perm_h: Tensor
@@ -56,35 +58,13 @@ class Blocks:
     blk_r: Tensor
     w_src: Tensor
     w_dst: Tensor
+    w_idx: Tensor
     b_src: Tensor
     b_dst: Tensor
+    b_idx: Tensor
     n_pairs: int
     n_blocks: int
     n_cblocks: int
-
-    def gather_weight(self, final_weight: Tensor, dtype) -> Tensor:
-        """The compact blocks (NB, 256, 16) of W' (entries outside the structure are zero)."""
-        flat = final_weight.view(-1) if final_weight.is_contiguous() else final_weight.reshape(-1)
-        flat = flat if flat.dtype == dtype else flat.to(dtype)
-        out = flat.new_zeros(max(self.n_blocks, 1), B * B, B)  # (one zero block when there is none: a valid pointer)
-        return out.view(-1).index_copy_(0, self.w_dst, flat.index_select(0, self.w_src)).view(out.shape)
-
-    def scatter_weight_grad(self, blocks: Tensor, shape) -> Tensor:
-        """The gradient of W' (R, H, C_in) from that of its compact blocks (zero outside the structure)."""
-        out = blocks.new_zeros(shape[0] * shape[1] * shape[2])
-        return out.index_copy_(0, self.w_src, blocks.reshape(-1).index_select(0, self.w_dst)).view(shape)
-
-    def gather_bias(self, final_bias: Tensor, dtype) -> Tensor:
-        """B' permuted and padded, (CINC, RC) (x @ B layout)."""
-        flat = final_bias.view(-1) if final_bias.is_contiguous() else final_bias.reshape(-1)
-        flat = flat if flat.dtype == dtype else flat.to(dtype)
-        out = flat.new_zeros(self.perm_c.shape[0] * self.perm_r.shape[0])
-        return out.index_copy_(0, self.b_dst, flat.index_select(0, self.b_src)).reshape(self.perm_c.shape[0], -1)
-
-    def scatter_bias_grad(self, grad: Tensor, shape) -> Tensor:
-        """The gradient of B' (R, C_in) from that of its permuted, padded form (CINC, RC)."""
-        out = grad.new_zeros(shape[0] * shape[1])
-        return out.index_copy_(0, self.b_src, grad.reshape(-1).index_select(0, self.b_dst)).reshape(shape)
 
 
 def _group_order(rows: np.ndarray, first: Optional[np.ndarray] = None) -> np.ndarray:
@@ -150,11 +130,18 @@ def build(mask: np.ndarray, D: int) -> dict:
     ph_, pc_, pr_ = _padded(ph), _padded(pc), _padded(pr)
     w_src = (pr_[k[valid]].astype(np.int64) * H + ph_[i[valid]]) * C + pc_[j[valid]]
     w_dst = np.nonzero(valid.reshape(-1))[0]
+    w_idx = np.full(valid.size, -1, dtype=np.int64)  # the kernels' view: flat position in W' per compact entry
+    w_idx[w_dst] = w_src
     cc, rr = np.meshgrid(np.arange(C), np.arange(R), indexing="ij")  # the bias (C_in, R) at permuted positions
     b_src = pr[rr].astype(np.int64).reshape(-1) * C + pc[cc].reshape(-1)
     b_dst = (cc * RC + rr).reshape(-1).astype(np.int64)
+    b_idx = np.full(CC * RC, -1, dtype=np.int64)
+    b_idx[b_dst] = b_src
+    if nb == 0:  # one all-padding block, so that the kernels get a valid pointer
+        w_idx = np.full(B ** 3, -1, dtype=np.int64)
     return dict(perm_h=ph_, perm_c=pc_, perm_r=pr_, pairs=pairs, pair_ptr=pair_ptr, blk_r=blk_r, w_src=w_src,
-                w_dst=w_dst, b_src=b_src, b_dst=b_dst, n_pairs=int(pairs.shape[0]), n_blocks=nb, n_cblocks=CC // B)
+                w_dst=w_dst, w_idx=w_idx, b_src=b_src, b_dst=b_dst, b_idx=b_idx, n_pairs=int(pairs.shape[0]),
+                n_blocks=nb, n_cblocks=CC // B)
 
 
 def _to_device(plan: dict, device: str) -> Blocks:

@@ -103,10 +103,22 @@ def _pair(pairs_ptr, pair_ptr, perm_h, perm_c, p, H, CIN, HB: tl.constexpr, CB: 
 
 
 @triton.jit
-def _w_block(wc_ptr, q, HB: tl.constexpr, CB: tl.constexpr, RB: tl.constexpr):
-    """Block ``q`` of the compact W' (NB, HB * CB, RB) (NB HB CB RB < 2^31, checked by the host)."""
+def _w_block(wc_ptr, wi_ptr, q, HB: tl.constexpr, CB: tl.constexpr, RB: tl.constexpr):
+    """Block ``q`` (HB * CB, RB) of W' in the plan's order, read from W' (R, H, C_in) through the plan's index of it
+    (``wi_ptr`` (NB, HB * CB, RB): the flat position in W' of each entry, -1 outside the structure; NB HB CB RB <
+    2^31, checked by the host)."""
     rows = tl.arange(0, HB * CB)
-    return tl.load(wc_ptr + q * (HB * CB * RB) + rows[:, None] * RB + tl.arange(0, RB)[None, :])
+    idx = tl.load(wi_ptr + q * (HB * CB * RB) + rows[:, None] * RB + tl.arange(0, RB)[None, :])
+    return tl.load(wc_ptr + idx, mask=idx >= 0, other=0.0)
+
+
+@triton.jit
+def _b_block(bf_ptr, bi_ptr, cb, rb, RC, CB: tl.constexpr, RB: tl.constexpr):
+    """B' (CB, RB) at permuted input positions cb.. and output positions rb.., read from B' (R, C_in) through the
+    plan's index (``bi_ptr`` (CINC, RC): flat position in B', -1 for padding)."""
+    c = cb + tl.arange(0, CB)
+    idx = tl.load(bi_ptr + c[:, None] * RC + (rb + tl.arange(0, RB))[None, :])
+    return tl.load(bf_ptr + idx, mask=idx >= 0, other=0.0)
 
 
 @triton.jit
@@ -136,7 +148,8 @@ def _load_g(g_ptr, i, imask, rcol, rval, R, dt):
 
 
 @triton.jit(do_not_specialize=["n_dst", "n_pairs", "H", "CIN", "CINC", "R", "RC"])
-def contract_forward_kernel(h_ptr, s_ptr, x_ptr, src_ptr, rowptr_ptr, wc_ptr, bf_ptr, out_ptr, pairs_ptr, pair_ptr,
+def contract_forward_kernel(h_ptr, s_ptr, x_ptr, src_ptr, rowptr_ptr, wc_ptr, wi_ptr, bf_ptr, bi_ptr, out_ptr,
+                            pairs_ptr, pair_ptr,
                             blk_r, perm_h, perm_c, perm_r, n_dst, n_pairs, H, CIN, CINC, R, RC, BN: tl.constexpr,
                             KP: tl.constexpr, HB: tl.constexpr, CB: tl.constexpr, RB: tl.constexpr,
                             PREC: tl.constexpr):
@@ -149,21 +162,20 @@ def contract_forward_kernel(h_ptr, s_ptr, x_ptr, src_ptr, rowptr_ptr, wc_ptr, bf
                      PREC)
         for q in range(q0, q1):
             rcol, rval = _cols(perm_r, tl.load(blk_r + q), R, RB)
-            o = _mm(z, _w_block(wc_ptr, q, HB, CB, RB), PREC)
+            o = _mm(z, _w_block(wc_ptr, wi_ptr, q, HB, CB, RB), PREC)
             _rmw(out_ptr, i[:, None] * R + rcol[None, :], o, imask[:, None] & rval[None, :])
     # the bias term: zb = sum_e s_e x_e per receiver, times B'
     for cb in range(0, CINC, CB):
         ccol, cval = _cols(perm_c, cb, CIN, CB)
         zb = _zb(s_ptr, x_ptr, src_ptr, start, deg, nmax, ccol, cval, CIN, BN, KP, CB, h_ptr.dtype.element_ty)
-        c = cb + tl.arange(0, CB)
         for rb in range(0, RC, RB):
             rcol, rval = _cols(perm_r, rb, R, RB)
-            b = tl.load(bf_ptr + c[:, None] * RC + (rb + tl.arange(0, RB))[None, :])
+            b = _b_block(bf_ptr, bi_ptr, cb, rb, RC, CB, RB)
             _rmw(out_ptr, i[:, None] * R + rcol[None, :], _mm(zb, b, PREC), imask[:, None] & rval[None, :])
 
 
 @triton.jit
-def _dz_block(g_ptr, wc_ptr, blk_r, perm_r, i, imask, q0, q1, R, BN: tl.constexpr, HB: tl.constexpr,
+def _dz_block(g_ptr, wc_ptr, wi_ptr, blk_r, perm_r, i, imask, q0, q1, R, BN: tl.constexpr, HB: tl.constexpr,
               CB: tl.constexpr, RB: tl.constexpr, PREC: tl.constexpr):
     """dZ block (BN, HB, CB) = dout . W'^T over the pair's W' blocks q0 .. q1."""
     dt = wc_ptr.dtype.element_ty
@@ -171,26 +183,26 @@ def _dz_block(g_ptr, wc_ptr, blk_r, perm_r, i, imask, q0, q1, R, BN: tl.constexp
     for q in range(q0, q1):
         rcol, rval = _cols(perm_r, tl.load(blk_r + q), R, RB)
         g = _load_g(g_ptr, i, imask, rcol, rval, R, dt)
-        dz += _mm(g, tl.trans(_w_block(wc_ptr, q, HB, CB, RB)), PREC)
+        dz += _mm(g, tl.trans(_w_block(wc_ptr, wi_ptr, q, HB, CB, RB)), PREC)
     return tl.reshape(dz, (BN, HB, CB))
 
 
 @triton.jit
-def _dzb_block(g_ptr, bf_ptr, perm_r, i, imask, cb, R, RC, BN: tl.constexpr, CB: tl.constexpr, RB: tl.constexpr,
+def _dzb_block(g_ptr, bf_ptr, bi_ptr, perm_r, i, imask, cb, R, RC, BN: tl.constexpr, CB: tl.constexpr, RB: tl.constexpr,
                PREC: tl.constexpr):
     """d zb block (BN, CB) = dout . B'^T on permuted input positions cb .. cb + CB."""
     dt = bf_ptr.dtype.element_ty
-    c = cb + tl.arange(0, CB)
     dzb = tl.zeros((BN, CB), dtype=dt)
     for rb in range(0, RC, RB):
         rcol, rval = _cols(perm_r, rb, R, RB)
         g = _load_g(g_ptr, i, imask, rcol, rval, R, dt)
-        dzb += _mm(g, tl.trans(tl.load(bf_ptr + c[:, None] * RC + (rb + tl.arange(0, RB))[None, :])), PREC)
+        dzb += _mm(g, tl.trans(_b_block(bf_ptr, bi_ptr, cb, rb, RC, CB, RB)), PREC)
     return dzb
 
 
 @triton.jit(do_not_specialize=["n_dst", "n_pairs", "H", "CIN", "CINC", "R", "RC"])
-def contract_dhs_kernel(g_ptr, x_ptr, src_ptr, rowptr_ptr, wc_ptr, bf_ptr, dhs_ptr, ds_ptr, pairs_ptr, pair_ptr,
+def contract_dhs_kernel(g_ptr, x_ptr, src_ptr, rowptr_ptr, wc_ptr, wi_ptr, bf_ptr, bi_ptr, dhs_ptr, ds_ptr, pairs_ptr,
+                        pair_ptr,
                         blk_r, perm_h, perm_c, perm_r, n_dst, n_pairs, H, CIN, CINC, R, RC, BN: tl.constexpr,
                         KP: tl.constexpr, HB: tl.constexpr, CB: tl.constexpr, RB: tl.constexpr, PREC: tl.constexpr):
     """Given dout (n_dst, R): d hs_e = dZ_i x_e (E, H) and the bias term's d s_e = d zb_i . x_e (E,), zero on entry.
@@ -198,7 +210,7 @@ def contract_dhs_kernel(g_ptr, x_ptr, src_ptr, rowptr_ptr, wc_ptr, bf_ptr, dhs_p
     i, imask, start, deg, nmax = _receivers(rowptr_ptr, tl.program_id(0), n_dst, BN)
     for p in range(0, n_pairs):
         hcol, hval, ccol, cval, q0, q1 = _pair(pairs_ptr, pair_ptr, perm_h, perm_c, p, H, CIN, HB, CB)
-        dzt = tl.permute(_dz_block(g_ptr, wc_ptr, blk_r, perm_r, i, imask, q0, q1, R, BN, HB, CB, RB, PREC),
+        dzt = tl.permute(_dz_block(g_ptr, wc_ptr, wi_ptr, blk_r, perm_r, i, imask, q0, q1, R, BN, HB, CB, RB, PREC),
                          (0, 2, 1))
         for t0 in range(0, nmax, KP):
             e, emask = _edges(start, deg, t0, KP)
@@ -207,7 +219,7 @@ def contract_dhs_kernel(g_ptr, x_ptr, src_ptr, rowptr_ptr, wc_ptr, bf_ptr, dhs_p
                  emask[:, :, None] & hval[None, None, :])
     for cb in range(0, CINC, CB):
         ccol, cval = _cols(perm_c, cb, CIN, CB)
-        dzb = _dzb_block(g_ptr, bf_ptr, perm_r, i, imask, cb, R, RC, BN, CB, RB, PREC)
+        dzb = _dzb_block(g_ptr, bf_ptr, bi_ptr, perm_r, i, imask, cb, R, RC, BN, CB, RB, PREC)
         for t0 in range(0, nmax, KP):
             e, emask = _edges(start, deg, t0, KP)
             xt = _load_x(x_ptr, src_ptr, e, emask, ccol, cval, CIN)
@@ -215,7 +227,8 @@ def contract_dhs_kernel(g_ptr, x_ptr, src_ptr, rowptr_ptr, wc_ptr, bf_ptr, dhs_p
 
 
 @triton.jit(do_not_specialize=["n_dst", "n_pairs", "H", "CIN", "CINC", "R", "RC"])
-def contract_dx_kernel(g_ptr, h_ptr, s_ptr, rowptr_ptr, wc_ptr, bf_ptr, dxe_ptr, pairs_ptr, pair_ptr, blk_r, perm_h,
+def contract_dx_kernel(g_ptr, h_ptr, s_ptr, rowptr_ptr, wc_ptr, wi_ptr, bf_ptr, bi_ptr, dxe_ptr, pairs_ptr, pair_ptr,
+                       blk_r, perm_h,
                        perm_c, perm_r, n_dst, n_pairs, H, CIN, CINC, R, RC, BN: tl.constexpr, KP: tl.constexpr,
                        HB: tl.constexpr, CB: tl.constexpr, RB: tl.constexpr, PREC: tl.constexpr):
     """Given dout (n_dst, R): the gradient of each edge's gathered source features, d x_e = dZ_i^T hs_e + s_e d zb_i
@@ -223,7 +236,7 @@ def contract_dx_kernel(g_ptr, h_ptr, s_ptr, rowptr_ptr, wc_ptr, bf_ptr, dxe_ptr,
     i, imask, start, deg, nmax = _receivers(rowptr_ptr, tl.program_id(0), n_dst, BN)
     for p in range(0, n_pairs):
         hcol, hval, ccol, cval, q0, q1 = _pair(pairs_ptr, pair_ptr, perm_h, perm_c, p, H, CIN, HB, CB)
-        dz = _dz_block(g_ptr, wc_ptr, blk_r, perm_r, i, imask, q0, q1, R, BN, HB, CB, RB, PREC)
+        dz = _dz_block(g_ptr, wc_ptr, wi_ptr, blk_r, perm_r, i, imask, q0, q1, R, BN, HB, CB, RB, PREC)
         for t0 in range(0, nmax, KP):
             e, emask = _edges(start, deg, t0, KP)
             a = _load_hs(h_ptr, s_ptr, e, emask, hcol, hval, H)
@@ -231,7 +244,7 @@ def contract_dx_kernel(g_ptr, h_ptr, s_ptr, rowptr_ptr, wc_ptr, bf_ptr, dxe_ptr,
                  emask[:, :, None] & cval[None, None, :])
     for cb in range(0, CINC, CB):
         ccol, cval = _cols(perm_c, cb, CIN, CB)
-        dzb = _dzb_block(g_ptr, bf_ptr, perm_r, i, imask, cb, R, RC, BN, CB, RB, PREC)
+        dzb = _dzb_block(g_ptr, bf_ptr, bi_ptr, perm_r, i, imask, cb, R, RC, BN, CB, RB, PREC)
         for t0 in range(0, nmax, KP):
             e, emask = _edges(start, deg, t0, KP)
             s = tl.load(s_ptr + e, mask=emask, other=0.0)
@@ -277,3 +290,17 @@ def contract_wgrad_kernel(g_ptr, h_ptr, s_ptr, x_ptr, src_ptr, rowptr_ptr, dwc_p
                 g = _load_g(g_ptr, i, imask, rcol, rval, R, dt)
                 r = rb + tl.arange(0, RB)
                 _rmw(dbf, c[:, None] * RC + r[None, :], _mm(zbt, g, PREC), c[:, None] >= 0)
+
+
+@triton.jit(do_not_specialize=["n", "nsplit", "stride"])
+def split_sum_scatter_kernel(part_ptr, src_ptr, dst_ptr, out_ptr, n, nsplit, stride, BV: tl.constexpr):
+    """out[dst[v]] = sum over splits s (in order) of part[s * stride + src[v]], for v < n: the W' (or B') gradient's
+    partial sums in the plan's order added and put back into W''s own layout (nsplit * stride < 2^31: the host's
+    split count bounds it)."""
+    v = tl.program_id(0) * BV + tl.arange(0, BV)
+    m = v < n
+    src = tl.load(src_ptr + v, mask=m, other=0)
+    acc = tl.zeros((BV,), dtype=part_ptr.dtype.element_ty)
+    for s in range(0, nsplit):
+        acc += tl.load(part_ptr + s * stride + src, mask=m, other=0.0)
+    tl.store(out_ptr + tl.load(dst_ptr + v, mask=m, other=0), acc, mask=m)

@@ -376,7 +376,9 @@ def _make_setup(x, inp, weights, biases, fourier, fourier_inv, final_weight, fin
     pack = packing(lay, weights, biases, fourier, fourier_inv, x.device)
     hidden = (pack.pad(weights, biases, dtype, x.device), pack.pad_fourier(fourier, fourier_inv, dtype, x.device))
     plan = blocks(final_mask, final_weight.shape, lay.D, x.device)
-    wc, bf = plan.gather_weight(final_weight, dtype), plan.gather_bias(final_bias, dtype)
+    # W' and B' as they are: the kernels read them through the plan's indices
+    wc = _c(final_weight if final_weight.dtype == dtype else final_weight.to(dtype))
+    bf = _c(final_bias if final_bias.dtype == dtype else final_bias.to(dtype))
     prec = PREC_NAMES[precision(dtype, x.device)]
     trunk = dict(P0=lay.P0, P0P=lay.P0P, NDIM=ndim, NL=lay.NL, CP=lay.CP, DP=lay.DP, GP=lay.GP, GW=lay.GW,
                  FOURIER=lay.FOURIER, C=lay.C, D=lay.D, PD=lay.PD, BE=tile_size(x.device, lay.HP), PREC=prec,
@@ -384,6 +386,7 @@ def _make_setup(x, inp, weights, biases, fourier, fourier_inv, final_weight, fin
     consts = dict(BN=BLOCK, KP=BLOCK, HB=BLOCK, CB=BLOCK, RB=BLOCK, PREC=prec)
     # the plan's tensors and sizes, in the contraction kernels' argument order
     walk = (plan.pairs, plan.pair_ptr, plan.blk_r, plan.perm_h, plan.perm_c, plan.perm_r)
+    wc, bf = (wc, plan.w_idx), (bf, plan.b_idx)  # (tensor, index) pairs in the kernels' argument order
     sizes = (H, C, _ceil(C), R, _ceil(R))  # H, CIN, CINC, R, RC
     coef = coef if coef.dtype == dtype and coef.dim() == 1 else coef.to(dtype).reshape(1)
     return lay, pack, hidden, plan, wc, bf, coef, trunk, consts, walk, sizes
@@ -417,7 +420,7 @@ def conv(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, final_weigh
         s = inp.new_empty(E)
         K.shell_kernel[(-(-E // 128),)](inp, coefp, s, E, float(norm), P0=lay.P0, P0P=lay.P0P, NDIM=ndim, BE=128,
                                        num_warps=4)
-    K2.contract_forward_kernel[(-(-n_dst // BLOCK),)](h, s, _c(x), _c(src), rowptr, wc, bf, out,
+    K2.contract_forward_kernel[(-(-n_dst // BLOCK),)](h, s, _c(x), _c(src), rowptr, *wc, *bf, out,
                                                       *walk, n_dst, plan.n_pairs, *sizes,
                                                       num_warps=warps("contract", 0), **consts)
     return out
@@ -439,13 +442,14 @@ def conv_backward(grad, x, inp, src, rowptr, weights, biases, fourier, fourier_i
     n_tiles = -(-E // BACKWARD_TILE)
     per_program = pack.gradient_size + 1
     nprog = num_programs(n_tiles, x.device, per_program)
-    nsplit = wgrad_splits(n_blocks, plan.n_pairs + plan.n_cblocks, wc.numel(), x.device)
+    w_floats, b_floats = plan.w_idx.shape[0], plan.b_idx.shape[0]
+    nsplit = wgrad_splits(n_blocks, plan.n_pairs + plan.n_cblocks, w_floats, x.device)
     # every zero-initialised buffer of the backward in one allocation
-    shapes = [(E, H), (E,), (nprog, per_program), (E, C), (nsplit, *wc.shape), (nsplit, *bf.shape)]
+    shapes = [(E, H), (E,), (nprog, per_program), (E, C), (nsplit, w_floats), (nsplit, b_floats)]
     zeros = x.new_zeros(sum(math.prod(sh) for sh in shapes)).split([math.prod(sh) for sh in shapes])
     dhs, dsb, acc, dxe, dwc, dbf = (z.view(sh) for z, sh in zip(zeros, shapes))
     # 1. the contraction's d hs and the bias term's d s, per receiver block (no trunk needed)
-    K2.contract_dhs_kernel[(n_blocks,)](grad, x, src, rowptr, wc, bf, dhs, dsb, *walk, n_dst, plan.n_pairs, *sizes,
+    K2.contract_dhs_kernel[(n_blocks,)](grad, x, src, rowptr, *wc, *bf, dhs, dsb, *walk, n_dst, plan.n_pairs, *sizes,
                                         num_warps=warps("contract", 0), **consts)
     # 2. the trunk's backward per tile (per-program parameter-gradient rows in acc, laid out as the padded
     # parameters, then coef's); it leaves h in dhs's place, and s
@@ -457,7 +461,7 @@ def conv_backward(grad, x, inp, src, rowptr, weights, biases, fourier, fourier_i
                                       **dict(trunk, BE=BACKWARD_TILE))
     hs = dhs  # now h
     # 3. d x per edge, per receiver block ...
-    K2.contract_dx_kernel[(n_blocks,)](grad, hs, s, rowptr, wc, bf, dxe, *walk, n_dst, plan.n_pairs, *sizes,
+    K2.contract_dx_kernel[(n_blocks,)](grad, hs, s, rowptr, *wc, *bf, dxe, *walk, n_dst, plan.n_pairs, *sizes,
                                        num_warps=warps("contract", 0), **consts)
     # 4. ... and dW', dB' per pair of the plan (and per input block), in splits of the receivers summed in a fixed
     # order
@@ -470,8 +474,14 @@ def conv_backward(grad, x, inp, src, rowptr, weights, biases, fourier, fourier_i
     acc = acc.sum(0)
     grads = pack.unpad_grads(acc) if weights else []
     dweights, dbiases = grads[:len(weights)], grads[len(weights):]
-    dfw = plan.scatter_weight_grad(dwc.sum(0), (R, H, C))
-    dfb = plan.scatter_bias_grad(dbf.sum(0), (R, C))
+    # W''s and B''s gradients: the splits' partial sums added (in order) and put back in their own layout (zero
+    # outside the structure)
+    dfw, dfb = x.new_zeros(R, H, C), x.new_zeros(R, C)
+    for part, srcs, dsts, out, n in ((dwc, plan.w_dst, plan.w_src, dfw, w_floats), (dbf, plan.b_dst, plan.b_src, dfb,
+                                                                                      b_floats)):
+        if srcs.shape[0]:
+            K2.split_sum_scatter_kernel[(-(-srcs.shape[0] // 1024),)](part, srcs, dsts, out, srcs.shape[0], nsplit, n,
+                                                                       BV=1024, num_warps=4)
     out = [dx, dinp, *dweights, *dbiases, dfw, dfb, acc[-1:].clone()]  # (outputs are not views)
     like = [x, inp, *weights, *biases, final_weight, final_bias, coef]
     return [g if g.dtype == t.dtype else g.to(t.dtype) for g, t in zip(out, like)]

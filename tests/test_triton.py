@@ -111,11 +111,14 @@ def test_block_plan_covers_exactly_the_structure():
     R, H, C = mask.shape
     plan = KB.blocks(mask, mask.shape, kern._rho_size, "cpu")
     assert plan is KB.blocks(mask, mask.shape, kern._rho_size, "cpu")  # cached per mask tensor
-    W = torch.randn(R, H, C, dtype=torch.float64)
-    back = plan.scatter_weight_grad(plan.gather_weight(W, torch.float64), (R, H, C))
-    assert torch.equal(back, W * mask)  # entries outside the structure are never read
-    B = torch.randn(R, C, dtype=torch.float64)
-    assert torch.equal(plan.scatter_bias_grad(plan.gather_bias(B, torch.float64), (R, C)), B)
+    W = torch.randn(R, H, C, dtype=torch.float64).reshape(-1)
+    compact = torch.where(plan.w_idx >= 0, W[plan.w_idx.clamp(min=0)], 0.0)  # what the kernels read
+    back = torch.zeros_like(W).index_copy_(0, plan.w_src, compact[plan.w_dst])  # how the gradient goes back
+    assert torch.equal(back, W * mask.reshape(-1))  # entries outside the structure are never read
+    assert int((plan.w_idx >= 0).sum()) == int(mask.sum())
+    B = torch.randn(R * C, dtype=torch.float64)
+    padded = torch.where(plan.b_idx >= 0, B[plan.b_idx.clamp(min=0)], 0.0)
+    assert torch.equal(torch.zeros_like(B).index_copy_(0, plan.b_src, padded[plan.b_dst]), B)
     dense = KB.blocks(None, (R, H, C), kern._rho_size, "cpu")
     n = lambda k: -(-k // 16)  # noqa: E731
     assert dense.n_blocks == n(R) * n(H) * n(C) and plan.n_blocks < dense.n_blocks
