@@ -588,7 +588,8 @@ def trunk_backward_kernel(dhs_ptr, dsb_ptr, s_ptr, inp_ptr, prm_ptr, fou_ptr, co
     HP: tl.constexpr = CP * DP
     NG: tl.constexpr = HP // GW
     TILE: tl.constexpr = BE * HP
-    WS: tl.constexpr = _wstride(CP, DP, CWF)
+    # (plain constexpr arithmetic: Triton 3.6 does not fold a jit helper's result into a constexpr)
+    WS: tl.constexpr = DP * (CP * CWF) * (CP * CWF) if CWF > 0 else HP * HP  # = _wstride(CP, DP, CWF)
     FG: tl.constexpr = DP * GP  # elements of one layer's Fourier matrix
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
