@@ -490,24 +490,6 @@ class KernelProgram:
             return h, used, pending
         return h, used
 
-    def folded(self, stats: Sequence, upto: Optional[int] = None) -> Tuple[List[Linear], Optional[Tuple]]:
-        """Hidden Linears 1..``upto`` (all by default) with the batch norm before each folded in, and the affine map
-        ``(scale, shift)`` of the batch norm after layer ``upto`` (None when it has none, or, in training, when its
-        statistics are not in ``stats`` yet). The one place that fixes the fold order for the fused backends; the
-        arithmetic is :meth:`Linear.fold`, as in :meth:`trunk`."""
-        upto = len(self.hidden) if upto is None else upto
-        out, pending, src, k = [], None, None, 0
-        for i, layer in enumerate(self.hidden[:upto]):
-            out.append(layer.linear if pending is None else
-                       self._memo(("fold", i), src, layer.linear.fold, *pending, gather=False))
-            pending = None
-            if layer.bn is not None:
-                if not self.training or k < len(stats):
-                    src = stats[k] if self.training else None
-                    pending = self._memo(("affine", k), src, layer.bn.affine, src)
-                k += 1
-        return out, pending
-
     def _memo(self, key, src, make, *args, **kwargs):
         """``make(*args, **kwargs)``, computed once per program for the statistics object ``src``: the fused
         backends ask for the program once per batch-norm layer (:meth:`packed` with ``upto``), and the earlier
@@ -524,10 +506,11 @@ class KernelProgram:
         unpadded, in ``dtype``; differentiable with respect to the escnn parameters. With ``upto``, only hidden
         layers 1..upto (for the statistics of layer ``upto``; the final layer is then left unfolded).
 
-        The folds are those of :meth:`folded` and :meth:`Linear.fold`, with the same products and sums, written on
-        the per-channel factors of :meth:`BatchNorm.factors` (no per-component scale is materialised) and on the
-        componentwise weights the lowering made (:attr:`Linear.cw`); each piece is memoised per statistics object,
-        so the passes of one forward (one per batch-norm layer, then conv) build it once."""
+        The fold order is that of :meth:`trunk` (each batch norm into the Linear after it) and the arithmetic that of
+        :meth:`Linear.fold`, with the same products and sums, written on the per-channel factors of
+        :meth:`BatchNorm.factors` (no per-component scale is materialised) and on the componentwise weights the
+        lowering made (:attr:`Linear.cw`); each piece is memoised per statistics object, so the passes of one forward
+        (one per batch-norm layer, then conv) build it once."""
         n = len(self.hidden) if upto is None else upto
         weights, biases = [], []
         pending, src, j = None, None, 0  # (factor, shift) of the batch norm before layer k, its statistics, its index
