@@ -1,0 +1,804 @@
+// The op layer's stages (ik_fast/ops.py) on CPU tensors: conv, conv_backward and trunk_moments of implementation
+// "native", registered for the CPU dispatch key.
+//
+// Algorithm (design notes, levers 1-3). Receivers (the CSR rows) are cut into work items of about 4 tiles of edges;
+// threads claim items dynamically (one parallel region per stage, no barrier per item), so a thread that loses its
+// core to another process delays only the item it holds. Per item, edges go through the trunk in tiles of t edges
+// (t chosen so a tile's Fourier-sampled activation, G*C*t numbers, stays within L2), feature-major (H x t):
+//   trunk      every Linear one GEMM (componentwise: one per component), every Fourier ELU two GEMMs through the
+//              G grid points with the ELU in between (vectorised expm1), all on the tile;
+//   contract   Z_i = sum_e s_e h_e (x) x_src(e), only on the blocks of the last Linear's plan (plan_for): per pair
+//              a (nh x nc) block per receiver, accumulated by a small outer-product loop;
+//   weight     out_i = W' vec(Z_i) + B' z_i as one GEMM per pair over the item's receivers (W' gathered into the
+//              plan's dense blocks once per call).
+// The backward recomputes the trunk per tile (nothing per edge is kept between forward and backward), forms
+// dZ_i = W'^T dout_i per pair, and goes back through the contraction and the trunk; weight gradients accumulate
+// per thread and are summed at the end; dx accumulates per thread over source nodes. Nothing of size E x R x C_in,
+// E x H x C_in or E x G x C exists: per thread, memory is a few tiles' buffers plus one item's Z.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <tuple>
+#include <vector>
+
+#include "blas.h"
+#include "program.h"
+
+namespace ik_fast {
+namespace cpu {
+
+namespace {
+
+using at::Tensor;
+using at::TensorList;
+
+// ----------------------------------------------------------------------------------------------------------------
+// elementwise
+// ----------------------------------------------------------------------------------------------------------------
+template <typename T>
+void elu_inplace(T* p, int64_t n) {
+  using Vec = at::vec::Vectorized<T>;
+  int64_t i = 0;
+  const Vec zero(T(0));
+  for (; i + Vec::size() <= n; i += Vec::size()) {
+    Vec u = Vec::loadu(p + i);
+    Vec::blendv(u.expm1(), u, u > zero).store(p + i);
+  }
+  for (; i < n; ++i) p[i] = p[i] > T(0) ? p[i] : std::expm1(p[i]);
+}
+
+// g *= ELU'(u), from the ELU's output v (v > 0 iff u > 0; ELU'(u) = v + 1 for u <= 0)
+template <typename T>
+void elu_grad_inplace(T* g, const T* v, int64_t n) {
+  using Vec = at::vec::Vectorized<T>;
+  int64_t i = 0;
+  const Vec zero(T(0)), one(T(1));
+  for (; i + Vec::size() <= n; i += Vec::size()) {
+    Vec vv = Vec::loadu(v + i);
+    Vec d = Vec::blendv(vv + one, one, vv > zero);
+    (Vec::loadu(g + i) * d).store(g + i);
+  }
+  for (; i < n; ++i) g[i] *= v[i] > T(0) ? T(1) : v[i] + T(1);
+}
+
+// ----------------------------------------------------------------------------------------------------------------
+// work distribution
+// ----------------------------------------------------------------------------------------------------------------
+// fn(item, thread) for every item, items claimed dynamically by the threads of one parallel region
+template <typename F>
+void run_items(int64_t n_items, const F& fn) {
+  if (n_items <= 0) return;
+  std::atomic<int64_t> next{0};
+  const int64_t nt = std::min<int64_t>(at::get_num_threads(), n_items);
+  at::parallel_for(0, nt, 1, [&](int64_t b, int64_t e) {
+    for (int64_t tid = b; tid < e; ++tid) {
+      for (int64_t i = next++; i < n_items; i = next++) fn(i, tid);
+    }
+  });
+}
+
+struct Item {
+  int64_t r0, r1;  // receivers
+  int64_t e0, e1;  // their edges
+};
+
+// receivers in runs of at most `ew` edges and `nrw` receivers (a receiver of higher degree alone)
+std::vector<Item> make_items(const int64_t* rp, int64_t n_dst, int64_t ew, int64_t nrw) {
+  std::vector<Item> items;
+  int64_t r = 0;
+  while (r < n_dst) {
+    Item it{r, r, rp[r], rp[r]};
+    while (it.r1 < n_dst && it.r1 - it.r0 < nrw &&
+           (it.r1 == it.r0 || rp[it.r1 + 1] - it.e0 <= ew)) {
+      ++it.r1;
+    }
+    it.e1 = rp[it.r1];
+    items.push_back(it);
+    r = it.r1;
+  }
+  return items;
+}
+
+int64_t tile_edges(int64_t max_rows) {
+  int64_t t = 65536 / std::max<int64_t>(1, max_rows);
+  t = std::max<int64_t>(8, std::min<int64_t>(256, t));
+  return t & ~int64_t(7);
+}
+
+// ----------------------------------------------------------------------------------------------------------------
+// the trunk on a tile
+// ----------------------------------------------------------------------------------------------------------------
+template <typename T>
+struct TrunkTile {
+  std::vector<std::vector<T>> X;  // X[k]: input of layer k (hin x t); X[L]: the last activation
+  std::vector<std::vector<T>> V;  // V[k]: Fourier ELU output on the grid (G*C x t)
+  std::vector<T> Y, dA, dB;       // scratch
+};
+
+template <typename T>
+T* grow(std::vector<T>& v, int64_t n) {
+  if (static_cast<int64_t>(v.size()) < n) v.resize(n);
+  return v.data();
+}
+
+// the trunk of t edges, inputs inp[0:t] (rows of n_in, ld n_in); fills S.X and S.V
+template <typename T>
+void trunk_forward(const Trunk<T>& tr, const T* inp, int64_t ld_inp, int64_t t, TrunkTile<T>& S) {
+  const int64_t L = static_cast<int64_t>(tr.layers.size());
+  S.X.resize(L + 1);
+  S.V.resize(L);
+  T* x0 = grow(S.X[0], tr.n_in * t);
+  for (int64_t i = 0; i < tr.n_in; ++i) {
+    const int64_t col = tr.in_perm[i];
+    for (int64_t e = 0; e < t; ++e) x0[i * t + e] = inp[e * ld_inp + col];
+  }
+  for (int64_t k = 0; k < L; ++k) {
+    const Layer<T>& l = tr.layers[k];
+    const T* x = S.X[k].data();
+    T* out = grow(S.X[k + 1], l.hout * t);
+    T* y = l.G > 0 ? grow(S.Y, l.hout * t) : out;
+    if (l.cw) {
+      for (int64_t a = 0; a < l.D; ++a)
+        gemm<T>(false, false, l.cout, t, l.cin, T(1), l.W.data() + a * l.cout * l.cin, l.cin, x + a * l.cin * t, t,
+                T(0), y + a * l.cout * t, t);
+    } else {
+      gemm<T>(false, false, l.hout, t, l.hin, T(1), l.W.data(), l.hin, x, t, T(0), y, t);
+    }
+    for (int64_t i = 0; i < l.hout; ++i) {
+      const T bi = l.b[i];
+      T* row = y + i * t;
+      for (int64_t e = 0; e < t; ++e) row[e] += bi;
+    }
+    if (l.G > 0) {
+      const int64_t ct = l.C * t;
+      T* v = grow(S.V[k], l.G * ct);
+      gemm<T>(false, false, l.G, ct, l.Df, T(1), l.A.data(), l.Df, y, ct, T(0), v, ct);
+      elu_inplace(v, l.G * ct);
+      gemm<T>(false, false, l.Df, ct, l.G, T(1), l.Ainv.data(), l.G, v, ct, T(0), out, ct);
+    } else {
+      elu_inplace(out, l.hout * t);
+    }
+  }
+}
+
+// per-thread gradient accumulators of the trunk, in the tile layout
+template <typename T>
+struct TrunkGrads {
+  std::vector<std::vector<T>> dW, db;
+  void init(const Trunk<T>& tr) {
+    if (!dW.empty() || tr.layers.empty()) return;
+    for (const auto& l : tr.layers) {
+      dW.emplace_back(l.W.size(), T(0));
+      db.emplace_back(l.hout, T(0));
+    }
+  }
+};
+
+// back through the trunk of a tile (S from trunk_forward): dact (width x t) is consumed; d(inp) (n_in x t, layout
+// order) is left in the returned buffer
+template <typename T>
+T* trunk_backward(const Trunk<T>& tr, TrunkTile<T>& S, T* dact, int64_t t, TrunkGrads<T>& G) {
+  const int64_t L = static_cast<int64_t>(tr.layers.size());
+  G.init(tr);
+  T* d = dact;
+  for (int64_t k = L - 1; k >= 0; --k) {
+    const Layer<T>& l = tr.layers[k];
+    T* dy;
+    if (l.G > 0) {
+      const int64_t ct = l.C * t;
+      T* dv = grow(S.Y, l.G * ct);
+      gemm<T>(true, false, l.G, ct, l.Df, T(1), l.Ainv.data(), l.G, d, ct, T(0), dv, ct);
+      elu_grad_inplace(dv, S.V[k].data(), l.G * ct);
+      dy = d;  // (Df x C t) = hout x t, overwrites d
+      gemm<T>(true, false, l.Df, ct, l.G, T(1), l.A.data(), l.Df, dv, ct, T(0), dy, ct);
+    } else {
+      elu_grad_inplace(d, S.X[k + 1].data(), l.hout * t);
+      dy = d;
+    }
+    T* db = G.db[k].data();
+    for (int64_t i = 0; i < l.hout; ++i) {
+      const T* row = dy + i * t;
+      T s = T(0);
+      for (int64_t e = 0; e < t; ++e) s += row[e];
+      db[i] += s;
+    }
+    const T* x = S.X[k].data();
+    std::vector<T>& nb = (d == S.dA.data()) ? S.dB : S.dA;
+    T* dx = grow(nb, l.hin * t);
+    if (l.cw) {
+      for (int64_t a = 0; a < l.D; ++a) {
+        const T* dya = dy + a * l.cout * t;
+        gemm<T>(false, true, l.cout, l.cin, t, T(1), dya, t, x + a * l.cin * t, t, T(1),
+                G.dW[k].data() + a * l.cout * l.cin, l.cin);
+        gemm<T>(true, false, l.cin, t, l.cout, T(1), l.W.data() + a * l.cout * l.cin, l.cin, dya, t, T(0),
+                dx + a * l.cin * t, t);
+      }
+    } else {
+      gemm<T>(false, true, l.hout, l.hin, t, T(1), dy, t, x, t, T(1), G.dW[k].data(), l.hin);
+      gemm<T>(true, false, l.hin, t, l.hout, T(1), l.W.data(), l.hin, dy, t, T(0), dx, t);
+    }
+    d = dx;
+  }
+  return d;
+}
+
+// the trunk's gradients in the op's layout (weights as given: dense channel-major or componentwise)
+template <typename T>
+void trunk_grads_out(const Trunk<T>& tr, const TrunkGrads<T>& G, TensorList weights, TensorList biases,
+                     std::vector<Tensor>& out) {
+  const int64_t L = static_cast<int64_t>(tr.layers.size());
+  auto opt = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  std::vector<Tensor> dws, dbs;
+  for (int64_t k = 0; k < L; ++k) {
+    const Layer<T>& l = tr.layers[k];
+    Tensor dw = at::zeros(weights[k].sizes(), opt);
+    Tensor db = at::zeros({l.hout}, opt);
+    if (!G.dW.empty()) {
+      T* pw = dw.data_ptr<T>();
+      if (l.cw) {
+        std::copy(G.dW[k].begin(), G.dW[k].end(), pw);
+      } else {
+        const auto& in_perm = k == 0 ? tr.in_perm : tr.layers[k - 1].out_perm;
+        for (int64_t i = 0; i < l.hout; ++i)
+          for (int64_t j = 0; j < l.hin; ++j) pw[l.out_perm[i] * l.hin + in_perm[j]] = G.dW[k][i * l.hin + j];
+      }
+      T* pb = db.data_ptr<T>();
+      for (int64_t i = 0; i < l.hout; ++i) pb[l.out_perm[i]] = G.db[k][i];
+    }
+    dws.push_back(dw.to(weights[k].scalar_type()));
+    dbs.push_back(db.view(biases[k].sizes()).to(biases[k].scalar_type()));
+  }
+  out.insert(out.end(), dws.begin(), dws.end());
+  out.insert(out.end(), dbs.begin(), dbs.end());
+}
+
+template <typename T>
+void sum_into(std::vector<T>& acc, const std::vector<T>& v) {
+  if (v.empty()) return;
+  if (acc.empty()) acc.assign(v.size(), T(0));
+  for (size_t i = 0; i < v.size(); ++i) acc[i] += v[i];
+}
+
+// ----------------------------------------------------------------------------------------------------------------
+// the contraction's small loops (per pair, per receiver)
+// ----------------------------------------------------------------------------------------------------------------
+// Z (nh x nc) += sum_{e in [ea, eb)} hs[:, e] (x) xq[e, :]
+template <typename T>
+inline void z_accum(T* __restrict Z, const T* __restrict hs, int64_t ldh, const T* __restrict xq, int64_t ldq,
+                    int64_t ea, int64_t eb, int64_t nh, int64_t nc) {
+  for (int64_t i = 0; i < nh; ++i) {
+    T* __restrict zi = Z + i * nc;
+    const T* hrow = hs + i * ldh;
+    for (int64_t e = ea; e < eb; ++e) {
+      const T a = hrow[e];
+      const T* __restrict xr = xq + e * ldq;
+#pragma omp simd
+      for (int64_t j = 0; j < nc; ++j) zi[j] += a * xr[j];
+    }
+  }
+}
+
+// dhs[:, e] += dZ xq[e, :], dxq[e, :] += dZ^T hs[:, e] for e in [ea, eb)
+template <typename T>
+inline void z_backward(const T* __restrict dZ, const T* __restrict hs, T* __restrict dhs, int64_t ldh,
+                       const T* __restrict xq, T* __restrict dxq, int64_t ldq, int64_t ea, int64_t eb, int64_t nh,
+                       int64_t nc) {
+  for (int64_t e = ea; e < eb; ++e) {
+    const T* __restrict xr = xq + e * ldq;
+    T* __restrict dxr = dxq + e * ldq;
+    for (int64_t i = 0; i < nh; ++i) {
+      const T* __restrict dzi = dZ + i * nc;
+      const T a = hs[i * ldh + e];
+      T acc = T(0);
+#pragma omp simd reduction(+ : acc)
+      for (int64_t j = 0; j < nc; ++j) {
+        acc += dzi[j] * xr[j];
+        dxr[j] += a * dzi[j];
+      }
+      dhs[i * ldh + e] += acc;
+    }
+  }
+}
+
+// ----------------------------------------------------------------------------------------------------------------
+// conv: shared state of a call
+// ----------------------------------------------------------------------------------------------------------------
+template <typename T>
+struct Conv {
+  Trunk<T> tr;
+  std::shared_ptr<const Plan> plan;
+  std::vector<T> B;    // packed W' (the plan's dense blocks)
+  std::vector<T> Bb;   // B' (R x C)
+  std::vector<int64_t> act_row;  // plan position -> row of the last activation (tile layout)
+  const T* x = nullptr;
+  const T* inp = nullptr;
+  const int64_t* src = nullptr;
+  const int64_t* rp = nullptr;
+  int64_t n_in = 0, C = 0, R = 0, ndim = 0, t = 0;
+  T coef = 0, norm = 1;
+  int64_t P() const { return static_cast<int64_t>(plan->hidden.size()); }
+};
+
+// per-thread buffers of the contraction
+template <typename T>
+struct ConvTile {
+  TrunkTile<T> trunk;
+  std::vector<T> s, d2, hp, hs, dhs, dact, Z, z, dZ, dz, out, tmp, dg, dxe;
+  std::vector<std::vector<T>> xq, dxq;
+};
+
+// edges [c0, c1) of an item: radial factors, plan-ordered activations hp and hs = s * hp, and permuted sources
+template <typename T>
+void load_chunk(const Conv<T>& cv, ConvTile<T>& W, int64_t c0, int64_t c1, const T* hidden, int64_t ld_hidden) {
+  const int64_t t = c1 - c0, P = cv.P();
+  T* s = grow(W.s, t);
+  T* d2 = grow(W.d2, t);
+  for (int64_t e = 0; e < t; ++e) {
+    const T* row = cv.inp + (c0 + e) * cv.n_in;
+    T r2 = T(0);
+    for (int64_t k = 0; k < cv.ndim; ++k) r2 += row[k] * row[k];
+    d2[e] = r2;
+    s[e] = cv.norm * std::exp(-cv.coef * r2);
+  }
+  T* hp = grow(W.hp, P * t);
+  T* hs = grow(W.hs, P * t);
+  if (hidden != nullptr) {
+    for (int64_t i = 0; i < P; ++i) {
+      const int64_t h = cv.plan->hidden[i];
+      for (int64_t e = 0; e < t; ++e) hp[i * t + e] = hidden[(c0 + e) * ld_hidden + h];
+    }
+  } else {
+    trunk_forward(cv.tr, cv.inp + c0 * cv.n_in, cv.n_in, t, W.trunk);
+    const T* act = W.trunk.X.back().data();
+    for (int64_t i = 0; i < P; ++i) std::copy(act + cv.act_row[i] * t, act + (cv.act_row[i] + 1) * t, hp + i * t);
+  }
+  for (int64_t i = 0; i < P; ++i)
+    for (int64_t e = 0; e < t; ++e) hs[i * t + e] = hp[i * t + e] * s[e];
+  const auto& perms = cv.plan->perms;
+  W.xq.resize(perms.size());
+  for (size_t q = 0; q < perms.size(); ++q) {
+    const int64_t nq = static_cast<int64_t>(perms[q].size());
+    T* xq = grow(W.xq[q], t * nq);
+    for (int64_t e = 0; e < t; ++e) {
+      const T* xr = cv.x + cv.src[c0 + e] * cv.C;
+      for (int64_t j = 0; j < nq; ++j) xq[e * nq + j] = xr[perms[q][j]];
+    }
+  }
+}
+
+// Z and z of an item's receivers from the chunk [c0, c1) loaded in W
+template <typename T>
+void accumulate_z(const Conv<T>& cv, ConvTile<T>& W, const Item& it, int64_t c0, int64_t c1) {
+  const int64_t t = c1 - c0, zs = cv.plan->zsize;
+  for (const Pair& p : cv.plan->pairs) {
+    const int64_t ldq = static_cast<int64_t>(cv.plan->perms[p.q].size());
+    const T* xq = W.xq[p.q].data() + p.coff;
+    const T* hs = W.hs.data() + p.hoff * t;
+    for (int64_t r = it.r0; r < it.r1; ++r) {
+      const int64_t ea = std::max(cv.rp[r], c0) - c0, eb = std::min(cv.rp[r + 1], c1) - c0;
+      if (ea >= eb) continue;
+      z_accum(W.Z.data() + (r - it.r0) * zs + p.zoff, hs, t, xq, ldq, ea, eb, p.nh, p.nc);
+    }
+  }
+  for (int64_t r = it.r0; r < it.r1; ++r) {
+    const int64_t ea = std::max(cv.rp[r], c0) - c0, eb = std::min(cv.rp[r + 1], c1) - c0;
+    T* zr = W.z.data() + (r - it.r0) * cv.C;
+    for (int64_t e = ea; e < eb; ++e) {
+      const T* xr = cv.x + cv.src[c0 + e] * cv.C;
+      const T se = W.s[e];
+      for (int64_t c = 0; c < cv.C; ++c) zr[c] += se * xr[c];
+    }
+  }
+}
+
+template <typename T>
+Conv<T> make_conv(const Tensor& x, const Tensor& inp, const Tensor& src, const Tensor& rowptr, TensorList weights,
+                  TensorList biases, TensorList fourier, TensorList fourier_inv, const Tensor& final_weight,
+                  const Tensor& final_bias, const Tensor& coef, double norm, int64_t ndim,
+                  const c10::optional<Tensor>& final_mask) {
+  Conv<T> cv;
+  const int64_t E = inp.size(0);
+  TORCH_CHECK(x.dim() == 2, "ik_fast native: x must be (n_src, C_in), got shape ", x.sizes());
+  TORCH_CHECK(inp.dim() == 2, "ik_fast native: inp must be (E, n_in), got shape ", inp.sizes());
+  TORCH_CHECK(src.dim() == 1 && src.size(0) == E, "ik_fast native: src must be (E,) = (", E, ",), got shape ",
+              src.sizes());
+  TORCH_CHECK(src.scalar_type() == at::kLong && rowptr.scalar_type() == at::kLong,
+              "ik_fast native: src and rowptr must be int64, got ", src.scalar_type(), " and ", rowptr.scalar_type());
+  TORCH_CHECK(rowptr.dim() == 1 && rowptr.size(0) >= 1, "ik_fast native: rowptr must be (n_dst + 1,), got shape ",
+              rowptr.sizes());
+  TORCH_CHECK(final_weight.dim() == 3, "ik_fast native: final_weight must be (R, H, C_in), got shape ",
+              final_weight.sizes());
+  cv.R = final_weight.size(0);
+  cv.C = final_weight.size(2);
+  TORCH_CHECK(x.size(1) == cv.C, "ik_fast native: x has ", x.size(1), " columns but final_weight expects C_in = ",
+              cv.C);
+  TORCH_CHECK(final_bias.numel() == cv.R * cv.C, "ik_fast native: final_bias must be (R, C_in) = (", cv.R, ", ",
+              cv.C, "), got shape ", final_bias.sizes());
+  TORCH_CHECK(coef.numel() == 1, "ik_fast native: coef must have one element, got shape ", coef.sizes());
+  TORCH_CHECK(ndim >= 0 && ndim <= inp.size(1), "ik_fast native: ndim = ", ndim, " is outside [0, ", inp.size(1),
+              "]");
+  for (const Tensor* t : {&x, &inp, &src, &rowptr, &final_weight, &final_bias, &coef})
+    TORCH_CHECK(t->device().is_cpu(), "ik_fast native: the CPU kernels got a tensor on ", t->device());
+  cv.n_in = inp.size(1);
+  cv.ndim = ndim;
+  cv.tr = make_trunk<T>(cv.n_in, weights, biases, fourier, fourier_inv);
+  const int64_t H = final_weight.size(1);
+  TORCH_CHECK(cv.tr.width() == H, "ik_fast native: final_weight has H = ", H, " hidden units but the trunk gives ",
+              cv.tr.width());
+  cv.plan = plan_for(final_mask, cv.R, H, cv.C);
+  // the last activation's layout row of each plan position
+  std::vector<int64_t> row_of(H);
+  const auto& lp = cv.tr.last_perm();
+  for (int64_t i = 0; i < H; ++i) row_of[lp[i]] = i;
+  for (int64_t h : cv.plan->hidden) cv.act_row.push_back(row_of[h]);
+  Tensor fw = final_weight.to(c10::CppTypeToScalarType<T>::value).contiguous();
+  const T* pw = fw.data_ptr<T>();
+  cv.B.resize(cv.plan->widx.size());
+  for (size_t i = 0; i < cv.B.size(); ++i) cv.B[i] = pw[cv.plan->widx[i]];
+  Tensor fb = final_bias.to(c10::CppTypeToScalarType<T>::value).contiguous();
+  cv.Bb.assign(fb.data_ptr<T>(), fb.data_ptr<T>() + cv.R * cv.C);
+  cv.coef = coef.to(at::kDouble).item<double>();
+  cv.norm = static_cast<T>(norm);
+  cv.t = tile_edges(std::max(cv.tr.max_rows(), cv.P()));
+  return cv;
+}
+
+template <typename T>
+std::vector<Item> conv_items(const Conv<T>& cv, int64_t n_dst) {
+  const int64_t nrw = std::max<int64_t>(1, std::min<int64_t>(64, (int64_t(1) << 20) / std::max<int64_t>(
+                                                                                          1, cv.plan->zsize)));
+  return make_items(cv.rp, n_dst, 4 * cv.t, nrw);
+}
+
+template <typename T>
+Tensor conv_impl(const Tensor& x_, const Tensor& inp_, const Tensor& src_, const Tensor& rowptr_, TensorList weights,
+                 TensorList biases, TensorList fourier, TensorList fourier_inv, const Tensor& final_weight,
+                 const Tensor& final_bias, const Tensor& coef, double norm, int64_t ndim,
+                 const c10::optional<Tensor>& final_mask, const c10::optional<Tensor>& hidden_) {
+  const auto dt = c10::CppTypeToScalarType<T>::value;
+  Tensor x = x_.contiguous(), inp = inp_.to(dt).contiguous(), src = src_.contiguous(), rowptr = rowptr_.contiguous();
+  Conv<T> cv = make_conv<T>(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, final_weight, final_bias,
+                            coef, norm, ndim, final_mask);
+  const int64_t n_dst = rowptr.size(0) - 1, E = inp.size(0);
+  Tensor out = at::zeros({n_dst, cv.R}, x.options());
+  if (E == 0 || n_dst == 0) return out;
+  Tensor hidden;
+  if (hidden_.has_value() && hidden_->defined()) {
+    hidden = hidden_->to(dt).contiguous();
+    TORCH_CHECK(hidden.dim() == 2 && hidden.size(0) == E && hidden.size(1) == cv.tr.width(),
+                "ik_fast native: hidden must be (E, H) = (", E, ", ", cv.tr.width(), "), got shape ", hidden.sizes());
+  }
+  cv.x = x.data_ptr<T>();
+  cv.inp = inp.data_ptr<T>();
+  cv.src = src.data_ptr<int64_t>();
+  cv.rp = rowptr.data_ptr<int64_t>();
+  const T* ph = hidden.defined() ? hidden.data_ptr<T>() : nullptr;
+  const int64_t H = cv.tr.width();
+  const auto items = conv_items(cv, n_dst);
+  const int64_t nt = at::get_num_threads();
+  std::vector<ConvTile<T>> tiles(nt);
+  T* po = out.data_ptr<T>();
+  const int64_t zs = cv.plan->zsize, R = cv.R, C = cv.C;
+  run_items(static_cast<int64_t>(items.size()), [&](int64_t ii, int64_t tid) {
+    const Item& it = items[ii];
+    if (it.e0 == it.e1) return;
+    ConvTile<T>& W = tiles[tid];
+    const int64_t nr = it.r1 - it.r0;
+    std::fill_n(grow(W.Z, nr * zs), nr * zs, T(0));
+    std::fill_n(grow(W.z, nr * C), nr * C, T(0));
+    for (int64_t c0 = it.e0; c0 < it.e1; c0 += cv.t) {
+      const int64_t c1 = std::min(it.e1, c0 + cv.t);
+      load_chunk(cv, W, c0, c1, ph, H);
+      accumulate_z(cv, W, it, c0, c1);
+    }
+    T* o = po + it.r0 * R;  // rows of this item only: written by this thread alone
+    for (const Pair& p : cv.plan->pairs) {
+      const int64_t K = p.nh * p.nc;
+      T* tmp = grow(W.tmp, nr * p.nr);
+      gemm<T>(false, true, nr, p.nr, K, T(1), W.Z.data() + p.zoff, zs, cv.B.data() + p.boff, K, T(0), tmp, p.nr);
+      const int64_t* rows = cv.plan->rows.data() + p.roff;
+      for (int64_t r = 0; r < nr; ++r)
+        for (int64_t j = 0; j < p.nr; ++j) o[r * R + rows[j]] += tmp[r * p.nr + j];
+    }
+    gemm<T>(false, true, nr, R, C, T(1), W.z.data(), C, cv.Bb.data(), C, T(1), o, R);
+  });
+  return out;
+}
+
+// ----------------------------------------------------------------------------------------------------------------
+// conv_backward
+// ----------------------------------------------------------------------------------------------------------------
+template <typename T>
+struct ConvGrads {
+  TrunkGrads<T> trunk;
+  std::vector<T> dB, dBb, dx;
+  double dcoef = 0;
+  bool used = false;
+};
+
+template <typename T>
+std::vector<Tensor> conv_backward_impl(const Tensor& grad_, const Tensor& x_, const Tensor& inp_, const Tensor& src_,
+                                       const Tensor& rowptr_, TensorList weights, TensorList biases,
+                                       TensorList fourier, TensorList fourier_inv, const Tensor& final_weight,
+                                       const Tensor& final_bias, const Tensor& coef, double norm, int64_t ndim,
+                                       const c10::optional<Tensor>& final_mask) {
+  const auto dt = c10::CppTypeToScalarType<T>::value;
+  Tensor x = x_.contiguous(), inp = inp_.to(dt).contiguous(), src = src_.contiguous(), rowptr = rowptr_.contiguous();
+  Conv<T> cv = make_conv<T>(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, final_weight, final_bias,
+                            coef, norm, ndim, final_mask);
+  const int64_t n_dst = rowptr.size(0) - 1, E = inp.size(0), n_src = x.size(0);
+  const int64_t R = cv.R, C = cv.C, zs = cv.plan->zsize, P = cv.P(), H = cv.tr.width();
+  TORCH_CHECK(grad_.dim() == 2 && grad_.size(0) == n_dst && grad_.size(1) == R,
+              "ik_fast native: grad must be (n_dst, R) = (", n_dst, ", ", R, "), got shape ", grad_.sizes());
+  Tensor grad = grad_.to(dt).contiguous();
+  cv.x = x.data_ptr<T>();
+  cv.inp = inp.data_ptr<T>();
+  cv.src = src.data_ptr<int64_t>();
+  cv.rp = rowptr.data_ptr<int64_t>();
+  const T* pg = grad.data_ptr<T>();
+  Tensor dinp = at::zeros({E, cv.n_in}, inp.options());
+  T* pdi = dinp.data_ptr<T>();
+  const int64_t nt = at::get_num_threads();
+  std::vector<ConvTile<T>> tiles(nt);
+  std::vector<ConvGrads<T>> acc(nt);
+  const auto items = E > 0 ? conv_items(cv, n_dst) : std::vector<Item>{};
+  const T minus2coef = T(-2) * cv.coef;
+  run_items(static_cast<int64_t>(items.size()), [&](int64_t ii, int64_t tid) {
+    const Item& it = items[ii];
+    if (it.e0 == it.e1) return;
+    ConvTile<T>& W = tiles[tid];
+    ConvGrads<T>& A = acc[tid];
+    if (!A.used) {
+      A.used = true;
+      A.dB.assign(cv.B.size(), T(0));
+      A.dBb.assign(R * C, T(0));
+      A.dx.assign(n_src * C, T(0));
+      A.trunk.init(cv.tr);
+    }
+    const int64_t nr = it.r1 - it.r0;
+    const T* dout = pg + it.r0 * R;
+    // dZ_i = W'^T dout_i per pair, dz_i = B'^T dout_i
+    T* dZ = grow(W.dZ, nr * zs);
+    for (const Pair& p : cv.plan->pairs) {
+      const int64_t K = p.nh * p.nc;
+      T* dg = grow(W.dg, nr * p.nr);
+      const int64_t* rows = cv.plan->rows.data() + p.roff;
+      for (int64_t r = 0; r < nr; ++r)
+        for (int64_t j = 0; j < p.nr; ++j) dg[r * p.nr + j] = dout[r * R + rows[j]];
+      gemm<T>(false, false, nr, K, p.nr, T(1), dg, p.nr, cv.B.data() + p.boff, K, T(0), dZ + p.zoff, zs);
+    }
+    T* dz = grow(W.dz, nr * C);
+    gemm<T>(false, false, nr, C, R, T(1), dout, R, cv.Bb.data(), C, T(0), dz, C);
+    // sweep 1: Z and z of the item (for dW' and dB'); one chunk keeps its tile for sweep 2
+    std::fill_n(grow(W.Z, nr * zs), nr * zs, T(0));
+    std::fill_n(grow(W.z, nr * C), nr * C, T(0));
+    const bool one_chunk = it.e1 - it.e0 <= cv.t;
+    for (int64_t c0 = it.e0; c0 < it.e1; c0 += cv.t) {
+      const int64_t c1 = std::min(it.e1, c0 + cv.t);
+      load_chunk<T>(cv, W, c0, c1, nullptr, 0);
+      accumulate_z(cv, W, it, c0, c1);
+    }
+    for (const Pair& p : cv.plan->pairs) {
+      const int64_t K = p.nh * p.nc;
+      T* dg = grow(W.dg, nr * p.nr);
+      const int64_t* rows = cv.plan->rows.data() + p.roff;
+      for (int64_t r = 0; r < nr; ++r)
+        for (int64_t j = 0; j < p.nr; ++j) dg[r * p.nr + j] = dout[r * R + rows[j]];
+      gemm<T>(true, false, p.nr, K, nr, T(1), dg, p.nr, W.Z.data() + p.zoff, zs, T(1), A.dB.data() + p.boff, K);
+    }
+    gemm<T>(true, false, R, C, nr, T(1), dout, R, W.z.data(), C, T(1), A.dBb.data(), C);
+    // sweep 2: back through the contraction and the trunk, chunk by chunk
+    for (int64_t c0 = it.e0; c0 < it.e1; c0 += cv.t) {
+      const int64_t c1 = std::min(it.e1, c0 + cv.t), t = c1 - c0;
+      if (!one_chunk) load_chunk<T>(cv, W, c0, c1, nullptr, 0);
+      T* dhs = grow(W.dhs, P * t);
+      std::fill_n(dhs, P * t, T(0));
+      const auto& perms = cv.plan->perms;
+      W.dxq.resize(perms.size());
+      for (size_t q = 0; q < perms.size(); ++q) {
+        const int64_t n = t * static_cast<int64_t>(perms[q].size());
+        std::fill_n(grow(W.dxq[q], n), n, T(0));
+      }
+      for (const Pair& p : cv.plan->pairs) {
+        const int64_t ldq = static_cast<int64_t>(perms[p.q].size());
+        for (int64_t r = it.r0; r < it.r1; ++r) {
+          const int64_t ea = std::max(cv.rp[r], c0) - c0, eb = std::min(cv.rp[r + 1], c1) - c0;
+          if (ea >= eb) continue;
+          z_backward(dZ + (r - it.r0) * zs + p.zoff, W.hs.data() + p.hoff * t, dhs + p.hoff * t, t,
+                     W.xq[p.q].data() + p.coff, W.dxq[p.q].data() + p.coff, ldq, ea, eb, p.nh, p.nc);
+        }
+      }
+      // per edge: dx_src, ds -> d(d) and dcoef
+      T* dxe = grow(W.dxe, C);
+      const T* s = W.s.data();
+      for (int64_t r = it.r0; r < it.r1; ++r) {
+        const int64_t ea = std::max(cv.rp[r], c0) - c0, eb = std::min(cv.rp[r + 1], c1) - c0;
+        const T* dzr = dz + (r - it.r0) * C;
+        for (int64_t e = ea; e < eb; ++e) {
+          const T* xr = cv.x + cv.src[c0 + e] * C;
+          T ds = T(0);
+          for (int64_t c = 0; c < C; ++c) {
+            dxe[c] = s[e] * dzr[c];
+            ds += xr[c] * dzr[c];
+          }
+          for (size_t q = 0; q < perms.size(); ++q) {
+            const int64_t nq = static_cast<int64_t>(perms[q].size());
+            const T* dq = W.dxq[q].data() + e * nq;
+            for (int64_t j = 0; j < nq; ++j) dxe[perms[q][j]] += dq[j];
+          }
+          for (int64_t i = 0; i < P; ++i) ds += dhs[i * t + e] * W.hp[i * t + e];
+          T* dxs = A.dx.data() + cv.src[c0 + e] * C;
+          for (int64_t c = 0; c < C; ++c) dxs[c] += dxe[c];
+          // s = norm exp(-coef |d|^2): ds/dd = -2 coef d s, ds/dcoef = -|d|^2 s
+          const T g = ds * s[e];
+          A.dcoef -= static_cast<double>(g * W.d2[e]);
+          T* di = pdi + (c0 + e) * cv.n_in;
+          const T* row = cv.inp + (c0 + e) * cv.n_in;
+          for (int64_t k = 0; k < cv.ndim; ++k) di[k] += minus2coef * g * row[k];
+        }
+      }
+      // d(last activation) = s * dhs in the tile layout, then back through the trunk
+      T* dact = grow(W.dact, H * t);
+      std::fill_n(dact, H * t, T(0));
+      for (int64_t i = 0; i < P; ++i) {
+        T* drow = dact + cv.act_row[i] * t;
+        const T* dh = dhs + i * t;
+        for (int64_t e = 0; e < t; ++e) drow[e] = dh[e] * s[e];
+      }
+      const T* d0 = cv.tr.layers.empty() ? dact : trunk_backward(cv.tr, W.trunk, dact, t, A.trunk);
+      for (int64_t i = 0; i < cv.n_in; ++i) {
+        const int64_t col = cv.tr.in_perm[i];
+        for (int64_t e = 0; e < t; ++e) pdi[(c0 + e) * cv.n_in + col] += d0[i * t + e];
+      }
+    }
+  });
+  // sum the threads' accumulators in thread order
+  ConvGrads<T> tot;
+  tot.trunk.init(cv.tr);
+  std::vector<T> dB(cv.B.size(), T(0)), dBb(R * C, T(0));
+  Tensor dx = at::zeros({n_src, C}, x.options());
+  T* pdx = dx.data_ptr<T>();
+  double dcoef = 0;
+  for (auto& a : acc) {
+    if (!a.used) continue;
+    for (size_t k = 0; k < a.trunk.dW.size(); ++k) {
+      sum_into(tot.trunk.dW[k], a.trunk.dW[k]);
+      sum_into(tot.trunk.db[k], a.trunk.db[k]);
+    }
+    for (size_t i = 0; i < dB.size(); ++i) dB[i] += a.dB[i];
+    for (int64_t i = 0; i < R * C; ++i) dBb[i] += a.dBb[i];
+    for (int64_t i = 0; i < n_src * C; ++i) pdx[i] += a.dx[i];
+    dcoef += a.dcoef;
+  }
+  std::vector<Tensor> out{dx.to(x_.scalar_type()), dinp.to(inp_.scalar_type())};
+  trunk_grads_out(cv.tr, tot.trunk, weights, biases, out);
+  Tensor dfw = at::zeros(final_weight.sizes(), x.options());
+  T* pfw = dfw.data_ptr<T>();
+  for (size_t i = 0; i < dB.size(); ++i) pfw[cv.plan->widx[i]] = dB[i];
+  out.push_back(dfw.to(final_weight.scalar_type()));
+  Tensor dfb = at::from_blob(dBb.data(), {R * C}, x.options()).clone().view(final_bias.sizes());
+  out.push_back(dfb.to(final_bias.scalar_type()));
+  out.push_back(at::full(coef.sizes(), dcoef, x.options()).to(coef.scalar_type()));
+  return out;
+}
+
+// ----------------------------------------------------------------------------------------------------------------
+// trunk_moments
+// ----------------------------------------------------------------------------------------------------------------
+template <typename T>
+std::tuple<Tensor, Tensor> trunk_moments_impl(const Tensor& inp_, TensorList weights, TensorList biases,
+                                              TensorList fourier, TensorList fourier_inv, bool with_activation) {
+  const auto dt = c10::CppTypeToScalarType<T>::value;
+  TORCH_CHECK(inp_.dim() == 2, "ik_fast native: inp must be (E, n_in), got shape ", inp_.sizes());
+  TORCH_CHECK(inp_.device().is_cpu(), "ik_fast native: the CPU kernels got inp on ", inp_.device());
+  Tensor inp = inp_.to(dt).contiguous();
+  const int64_t E = inp.size(0), n_in = inp.size(1);
+  Trunk<T> tr = make_trunk<T>(n_in, weights, biases, fourier, fourier_inv);
+  const int64_t H = tr.width();
+  const int64_t t = tile_edges(tr.max_rows());
+  const int64_t n_tiles = (E + t - 1) / t;
+  Tensor act = at::empty({with_activation ? E : 0, H}, inp.options());
+  T* pa = with_activation ? act.data_ptr<T>() : nullptr;
+  const T* pi = inp.data_ptr<T>();
+  std::vector<double> part(n_tiles * 2 * H);  // per tile: mean, sum of squared deviations (tile layout)
+  std::vector<TrunkTile<T>> tiles(at::get_num_threads());
+  const auto& lp = tr.last_perm();
+  run_items(n_tiles, [&](int64_t i, int64_t tid) {
+    const int64_t e0 = i * t, n = std::min(E, e0 + t) - e0;
+    TrunkTile<T>& S = tiles[tid];
+    trunk_forward(tr, pi + e0 * n_in, n_in, n, S);
+    const T* h = S.X.back().data();
+    double* mean = part.data() + i * 2 * H;
+    double* m2 = mean + H;
+    for (int64_t r = 0; r < H; ++r) {
+      const T* row = h + r * n;
+      double sm = 0;
+      for (int64_t e = 0; e < n; ++e) sm += row[e];
+      const double mu = sm / n;
+      double ss = 0;
+      for (int64_t e = 0; e < n; ++e) ss += (row[e] - mu) * (row[e] - mu);
+      mean[r] = mu;
+      m2[r] = ss;
+    }
+    if (pa != nullptr)
+      for (int64_t r = 0; r < H; ++r)
+        for (int64_t e = 0; e < n; ++e) pa[(e0 + e) * H + lp[r]] = h[r * n + e];
+  });
+  // merge the tiles in order (Chan et al.): deterministic whatever thread ran which tile
+  Tensor mom = at::zeros({2, H}, inp.options());
+  T* pm = mom.data_ptr<T>();
+  std::vector<double> mean(H, 0.0), m2(H, 0.0);
+  double n_a = 0;
+  for (int64_t i = 0; i < n_tiles; ++i) {
+    const double n_b = static_cast<double>(std::min(E, (i + 1) * t) - i * t), n = n_a + n_b;
+    const double* mb = part.data() + i * 2 * H;
+    for (int64_t r = 0; r < H; ++r) {
+      const double delta = mb[r] - mean[r];
+      mean[r] += delta * n_b / n;
+      m2[r] += mb[H + r] + delta * delta * n_a * n_b / n;
+    }
+    n_a = n;
+  }
+  for (int64_t r = 0; r < H; ++r) {
+    pm[lp[r]] = static_cast<T>(mean[r]);
+    pm[H + lp[r]] = static_cast<T>(m2[r]);
+  }
+  return {mom.to(inp_.scalar_type()), act.to(inp_.scalar_type())};
+}
+
+// ----------------------------------------------------------------------------------------------------------------
+// dispatch on dtype
+// ----------------------------------------------------------------------------------------------------------------
+void check_dtype(const Tensor& t, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble,
+              "ik_fast native: ", name, " must be float32 or float64, got ", t.scalar_type());
+}
+
+Tensor conv_cpu(const Tensor& x, const Tensor& inp, const Tensor& src, const Tensor& rowptr, TensorList weights,
+                TensorList biases, TensorList fourier, TensorList fourier_inv, const Tensor& final_weight,
+                const Tensor& final_bias, const Tensor& coef, double norm, int64_t ndim,
+                const c10::optional<Tensor>& final_mask, const c10::optional<Tensor>& hidden) {
+  check_dtype(x, "x");
+  if (x.scalar_type() == at::kDouble)
+    return conv_impl<double>(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, final_weight, final_bias,
+                             coef, norm, ndim, final_mask, hidden);
+  return conv_impl<float>(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, final_weight, final_bias, coef,
+                          norm, ndim, final_mask, hidden);
+}
+
+std::vector<Tensor> conv_backward_cpu(const Tensor& grad, const Tensor& x, const Tensor& inp, const Tensor& src,
+                                      const Tensor& rowptr, TensorList weights, TensorList biases,
+                                      TensorList fourier, TensorList fourier_inv, const Tensor& final_weight,
+                                      const Tensor& final_bias, const Tensor& coef, double norm, int64_t ndim,
+                                      const c10::optional<Tensor>& final_mask) {
+  check_dtype(x, "x");
+  if (x.scalar_type() == at::kDouble)
+    return conv_backward_impl<double>(grad, x, inp, src, rowptr, weights, biases, fourier, fourier_inv, final_weight,
+                                      final_bias, coef, norm, ndim, final_mask);
+  return conv_backward_impl<float>(grad, x, inp, src, rowptr, weights, biases, fourier, fourier_inv, final_weight,
+                                   final_bias, coef, norm, ndim, final_mask);
+}
+
+std::tuple<Tensor, Tensor> trunk_moments_cpu(const Tensor& inp, TensorList weights, TensorList biases,
+                                             TensorList fourier, TensorList fourier_inv, bool with_activation) {
+  check_dtype(inp, "inp");
+  if (inp.scalar_type() == at::kDouble)
+    return trunk_moments_impl<double>(inp, weights, biases, fourier, fourier_inv, with_activation);
+  return trunk_moments_impl<float>(inp, weights, biases, fourier, fourier_inv, with_activation);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ik_fast, CPU, m) {
+  m.impl("native_conv", &conv_cpu);
+  m.impl("native_conv_backward", &conv_backward_cpu);
+  m.impl("native_trunk_moments", &trunk_moments_cpu);
+}
+
+}  // namespace cpu
+}  // namespace ik_fast

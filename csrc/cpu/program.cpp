@@ -1,0 +1,317 @@
+#include "program.h"
+
+#include <algorithm>
+#include <cstring>
+#include <list>
+#include <map>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+
+namespace ik_fast {
+namespace cpu {
+
+namespace {
+
+template <typename T>
+std::vector<T> to_vec(const at::Tensor& t) {
+  at::Tensor c = t.to(at::kCPU, c10::CppTypeToScalarType<T>::value).contiguous();
+  return std::vector<T>(c.data_ptr<T>(), c.data_ptr<T>() + c.numel());
+}
+
+// component-major order on `D` components: position a*C + c -> channel-major unit c*D + a
+std::vector<int64_t> component_major(int64_t H, int64_t D) {
+  std::vector<int64_t> p(H);
+  const int64_t C = H / D;
+  for (int64_t a = 0; a < D; ++a)
+    for (int64_t c = 0; c < C; ++c) p[a * C + c] = c * D + a;
+  return p;
+}
+
+}  // namespace
+
+template <typename T>
+int64_t Trunk<T>::max_rows() const {
+  int64_t m = n_in;
+  for (const auto& l : layers) m = std::max({m, l.hout, l.fourier_rows()});
+  return m;
+}
+
+template <typename T>
+Trunk<T> make_trunk(int64_t n_in, at::TensorList weights, at::TensorList biases, at::TensorList fourier,
+                    at::TensorList fourier_inv) {
+  const int64_t L = static_cast<int64_t>(weights.size());
+  TORCH_CHECK(static_cast<int64_t>(biases.size()) == L && static_cast<int64_t>(fourier.size()) == L &&
+                  static_cast<int64_t>(fourier_inv.size()) == L,
+              "ik_fast native: weights, biases, fourier and fourier_inv must have one entry per hidden layer, got ",
+              L, ", ", biases.size(), ", ", fourier.size(), ", ", fourier_inv.size());
+  Trunk<T> tr;
+  tr.n_in = n_in;
+  // the component count of each layer's output layout (1: channel-major order kept)
+  std::vector<int64_t> Dl(L + 1, 1);  // Dl[k + 1]: output of layer k; Dl[0]: the input
+  auto cw = [&](int64_t k) { return weights[k].dim() == 3; };
+  for (int64_t k = 0; k < L; ++k) {
+    const at::Tensor& w = weights[k];
+    TORCH_CHECK(w.dim() == 2 || w.dim() == 3, "ik_fast native: weights[", k,
+                "] must be (H_out, H_in) or componentwise (D, C_out, C_in), got shape ", w.sizes());
+    if (fourier[k].numel() > 0) {
+      TORCH_CHECK(fourier[k].dim() == 2, "ik_fast native: fourier[", k, "] must be (G, D), got ", fourier[k].sizes());
+      Dl[k + 1] = fourier[k].size(1);
+    } else if (cw(k)) {
+      Dl[k + 1] = w.size(0);
+    } else if (k + 1 < L && cw(k + 1)) {
+      Dl[k + 1] = weights[k + 1].size(0);
+    }
+  }
+  if (L > 0 && cw(0)) Dl[0] = weights[0].size(0);
+  int64_t hin = n_in;
+  TORCH_CHECK(hin % Dl[0] == 0, "ik_fast native: weights[0] is componentwise on ", Dl[0],
+              " components but the input has ", hin, " columns");
+  tr.in_perm = component_major(hin, Dl[0]);
+  for (int64_t k = 0; k < L; ++k) {
+    const at::Tensor& w = weights[k];
+    Layer<T> l;
+    l.cw = cw(k);
+    l.hin = hin;
+    if (l.cw) {
+      l.D = w.size(0);
+      l.cout = w.size(1);
+      l.cin = w.size(2);
+      l.hout = l.D * l.cout;
+      TORCH_CHECK(l.D * l.cin == hin, "ik_fast native: weights[", k, "] is componentwise ", w.sizes(),
+                  " but its input has ", hin, " units");
+      TORCH_CHECK(Dl[k] == l.D && Dl[k + 1] == l.D, "ik_fast native: weights[", k, "] mixes ", l.D,
+                  " components but the layers around it use ", Dl[k], " and ", Dl[k + 1],
+                  " (a layout this implementation does not support)");
+      l.W = to_vec<T>(w);
+    } else {
+      l.hout = w.size(0);
+      l.cout = l.hout;
+      l.cin = hin;
+      TORCH_CHECK(w.size(1) == hin, "ik_fast native: weights[", k, "] has ", w.size(1), " input columns, expected ",
+                  hin);
+    }
+    TORCH_CHECK(l.hout % Dl[k + 1] == 0, "ik_fast native: layer ", k, " has ", l.hout,
+                " units, not a multiple of its ", Dl[k + 1], " components");
+    l.out_perm = component_major(l.hout, Dl[k + 1]);
+    const auto& in_perm = k == 0 ? tr.in_perm : tr.layers.back().out_perm;
+    if (!l.cw) {
+      std::vector<T> wd = to_vec<T>(w);
+      l.W.resize(l.hout * hin);
+      for (int64_t i = 0; i < l.hout; ++i)
+        for (int64_t j = 0; j < hin; ++j) l.W[i * hin + j] = wd[l.out_perm[i] * hin + in_perm[j]];
+    }
+    TORCH_CHECK(biases[k].numel() == l.hout, "ik_fast native: biases[", k, "] must have ", l.hout,
+                " entries, got shape ", biases[k].sizes());
+    std::vector<T> bd = to_vec<T>(biases[k]);
+    l.b.resize(l.hout);
+    for (int64_t i = 0; i < l.hout; ++i) l.b[i] = bd[l.out_perm[i]];
+    if (fourier[k].numel() > 0) {
+      l.G = fourier[k].size(0);
+      l.Df = fourier[k].size(1);
+      TORCH_CHECK(fourier_inv[k].dim() == 2 && fourier_inv[k].size(0) == l.Df && fourier_inv[k].size(1) == l.G,
+                  "ik_fast native: fourier_inv[", k, "] must be (", l.Df, ", ", l.G, "), got ",
+                  fourier_inv[k].sizes());
+      TORCH_CHECK(l.hout % l.Df == 0, "ik_fast native: layer ", k, " has ", l.hout, " units, not a multiple of ",
+                  "the ", l.Df, " components of fourier[", k, "]");
+      l.C = l.hout / l.Df;
+      l.A = to_vec<T>(fourier[k]);
+      l.Ainv = to_vec<T>(fourier_inv[k]);
+    }
+    hin = l.hout;
+    tr.layers.push_back(std::move(l));
+  }
+  return tr;
+}
+
+template Trunk<float> make_trunk<float>(int64_t, at::TensorList, at::TensorList, at::TensorList, at::TensorList);
+template Trunk<double> make_trunk<double>(int64_t, at::TensorList, at::TensorList, at::TensorList, at::TensorList);
+template int64_t Trunk<float>::max_rows() const;
+template int64_t Trunk<double>::max_rows() const;
+
+// ----------------------------------------------------------------------------------------------------------------
+// block plan
+// ----------------------------------------------------------------------------------------------------------------
+namespace {
+
+uint64_t hash_bytes(const uint8_t* p, int64_t n, int64_t stride = 1, uint64_t h = 1469598103934665603ull) {
+  if (stride == 1) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+      uint64_t w;
+      std::memcpy(&w, p + i, 8);
+      h = (h ^ w) * 1099511628211ull;
+      h ^= h >> 29;
+    }
+    for (; i < n; ++i) h = (h ^ p[i]) * 1099511628211ull;
+    return h;
+  }
+  for (int64_t i = 0; i < n; ++i) h = (h ^ p[i * stride]) * 1099511628211ull;
+  return h;
+}
+
+std::shared_ptr<Plan> build_plan(const uint8_t* m, int64_t R, int64_t H, int64_t C) {
+  auto plan = std::make_shared<Plan>();
+  plan->R = R;
+  plan->H = H;
+  plan->C = C;
+  const int64_t HC = H * C;
+  // hidden groups: equal (R x C) slices
+  auto slice_eq = [&](int64_t h1, int64_t h2) {
+    for (int64_t r = 0; r < R; ++r)
+      if (std::memcmp(m + r * HC + h1 * C, m + r * HC + h2 * C, C) != 0) return false;
+    return true;
+  };
+  std::unordered_map<uint64_t, std::vector<int64_t>> by_hash;  // hash -> representatives
+  std::vector<std::vector<int64_t>> groups;
+  std::vector<int64_t> rep;
+  for (int64_t h = 0; h < H; ++h) {
+    uint64_t hh = 1469598103934665603ull;
+    bool any = false;
+    for (int64_t r = 0; r < R; ++r) {
+      hh = hash_bytes(m + r * HC + h * C, C, 1, hh);
+      if (!any)
+        for (int64_t c = 0; c < C; ++c) any |= m[r * HC + h * C + c] != 0;
+    }
+    if (!any) continue;  // reaches no output
+    auto& cands = by_hash[hh];
+    int64_t found = -1;
+    for (int64_t g : cands)
+      if (slice_eq(rep[g], h)) {
+        found = g;
+        break;
+      }
+    if (found < 0) {
+      found = static_cast<int64_t>(groups.size());
+      groups.emplace_back();
+      rep.push_back(h);
+      cands.push_back(found);
+    }
+    groups[found].push_back(h);
+  }
+  std::map<std::vector<int64_t>, int64_t> perm_index;
+  int64_t hoff = 0, zoff = 0, boff = 0;
+  for (size_t g = 0; g < groups.size(); ++g) {
+    const int64_t h0 = rep[g];
+    // column groups of this hidden group: equal row patterns over r
+    std::unordered_map<uint64_t, std::vector<int64_t>> col_hash;
+    std::vector<std::vector<int64_t>> cgroups;
+    auto col_eq = [&](int64_t c1, int64_t c2) {
+      for (int64_t r = 0; r < R; ++r)
+        if (m[r * HC + h0 * C + c1] != m[r * HC + h0 * C + c2]) return false;
+      return true;
+    };
+    for (int64_t c = 0; c < C; ++c) {
+      bool any = false;
+      for (int64_t r = 0; r < R && !any; ++r) any = m[r * HC + h0 * C + c] != 0;
+      if (!any) continue;
+      uint64_t ch = hash_bytes(m + h0 * C + c, R, HC);
+      auto& cands = col_hash[ch];
+      int64_t found = -1;
+      for (int64_t cg : cands)
+        if (col_eq(cgroups[cg][0], c)) {
+          found = cg;
+          break;
+        }
+      if (found < 0) {
+        found = static_cast<int64_t>(cgroups.size());
+        cgroups.emplace_back();
+        cands.push_back(found);
+      }
+      cgroups[found].push_back(c);
+    }
+    std::vector<int64_t> perm;
+    for (const auto& cg : cgroups) perm.insert(perm.end(), cg.begin(), cg.end());
+    auto it = perm_index.find(perm);
+    int64_t q;
+    if (it == perm_index.end()) {
+      q = static_cast<int64_t>(plan->perms.size());
+      perm_index.emplace(perm, q);
+      plan->perms.push_back(perm);
+    } else {
+      q = it->second;
+    }
+    const int64_t nh = static_cast<int64_t>(groups[g].size());
+    int64_t coff = 0;
+    for (const auto& cg : cgroups) {
+      Pair p;
+      p.hoff = hoff;
+      p.nh = nh;
+      p.q = q;
+      p.coff = coff;
+      p.nc = static_cast<int64_t>(cg.size());
+      p.roff = static_cast<int64_t>(plan->rows.size());
+      for (int64_t r = 0; r < R; ++r)
+        if (m[r * HC + h0 * C + cg[0]]) plan->rows.push_back(r);
+      p.nr = static_cast<int64_t>(plan->rows.size()) - p.roff;
+      p.zoff = zoff;
+      p.boff = boff;
+      for (int64_t ri = 0; ri < p.nr; ++ri) {
+        const int64_t r = plan->rows[p.roff + ri];
+        for (int64_t hi = 0; hi < nh; ++hi)
+          for (int64_t ci = 0; ci < p.nc; ++ci) plan->widx.push_back(r * HC + groups[g][hi] * C + cg[ci]);
+      }
+      zoff += nh * p.nc;
+      boff += p.nr * nh * p.nc;
+      coff += p.nc;
+      plan->pairs.push_back(p);
+    }
+    plan->hidden.insert(plan->hidden.end(), groups[g].begin(), groups[g].end());
+    hoff += nh;
+  }
+  plan->zsize = zoff;
+  return plan;
+}
+
+struct CacheEntry {
+  uint64_t hash;
+  std::vector<int64_t> sizes;
+  std::vector<uint8_t> bytes;
+  std::shared_ptr<const Plan> plan;
+};
+
+std::mutex cache_mutex;
+std::list<CacheEntry> cache;  // most recent first
+constexpr size_t kCacheSize = 16;
+
+}  // namespace
+
+std::shared_ptr<const Plan> plan_for(const c10::optional<at::Tensor>& mask, int64_t R, int64_t H, int64_t C) {
+  std::vector<uint8_t> ones;
+  const uint8_t* m;
+  at::Tensor mc;
+  if (mask.has_value() && mask->defined()) {
+    TORCH_CHECK(mask->device().is_cpu(), "ik_fast native: final_mask must be a CPU tensor, got one on ",
+                mask->device());
+    TORCH_CHECK(mask->scalar_type() == at::kBool, "ik_fast native: final_mask must be bool, got ",
+                mask->scalar_type());
+    TORCH_CHECK(mask->dim() == 3 && mask->size(0) == R && mask->size(1) == H && mask->size(2) == C,
+                "ik_fast native: final_mask must have final_weight's shape (", R, ", ", H, ", ", C, "), got ",
+                mask->sizes());
+    mc = mask->contiguous();
+    m = reinterpret_cast<const uint8_t*>(mc.data_ptr<bool>());
+  } else {
+    ones.assign(R * H * C, 1);
+    m = ones.data();
+  }
+  const int64_t n = R * H * C;
+  const uint64_t h = hash_bytes(m, n);
+  std::vector<int64_t> sizes{R, H, C};
+  {
+    std::lock_guard<std::mutex> lock(cache_mutex);
+    for (auto it = cache.begin(); it != cache.end(); ++it) {
+      if (it->hash == h && it->sizes == sizes && std::memcmp(it->bytes.data(), m, n) == 0) {
+        cache.splice(cache.begin(), cache, it);
+        return cache.front().plan;
+      }
+    }
+  }
+  auto plan = build_plan(m, R, H, C);
+  std::lock_guard<std::mutex> lock(cache_mutex);
+  cache.push_front(CacheEntry{h, sizes, std::vector<uint8_t>(m, m + n), plan});
+  if (cache.size() > kCacheSize) cache.pop_back();
+  return plan;
+}
+
+}  // namespace cpu
+}  // namespace ik_fast

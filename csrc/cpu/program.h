@@ -1,0 +1,74 @@
+// The lowered kernel program as the CPU kernels use it: the op layer's tensors (ik_fast/ops.py) checked, converted to
+// the compute dtype and put in the tile layout, and the block plan of the last Linear's structural mask.
+//
+// Tile layout. A tile of t edges keeps every activation feature-major, (H x t) with the edges along the rows, so the
+// GEMMs of the trunk run over C*t columns at once. The rows of hidden layer k are in *component-major* order
+// (position a*C + c holds the channel-major unit c*D + a) when the layer has a Fourier ELU or a componentwise Linear
+// on D components: then the Fourier ELU of all channels is two GEMMs, (G x D)(D x C t) and back, and a componentwise
+// Linear is D GEMMs of (C_out x C_in)(C_in x t) on contiguous rows. Dense Linears take their weights with rows and
+// columns permuted into these orders (once per call; the weights are small).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+namespace ik_fast {
+namespace cpu {
+
+template <typename T>
+struct Layer {
+  bool cw = false;         // componentwise weight (D, C_out, C_in)
+  int64_t hin = 0, hout = 0;
+  int64_t D = 1, cout = 0, cin = 0;  // componentwise dims (D = 1, cout = hout, cin = hin when dense)
+  int64_t G = 0, Df = 1, C = 0;      // Fourier ELU: grid points, components, channels (G = 0: pointwise ELU)
+  std::vector<T> W, b;               // W in the tile layout: dense (hout x hin), componentwise (D, cout, cin)
+  std::vector<T> A, Ainv;            // (G x Df), (Df x G)
+  std::vector<int64_t> out_perm;     // layout position -> channel-major unit (size hout)
+  int64_t fourier_rows() const { return G * C; }
+};
+
+template <typename T>
+struct Trunk {
+  int64_t n_in = 0;
+  std::vector<int64_t> in_perm;  // layout position of the input rows -> input column
+  std::vector<Layer<T>> layers;
+  int64_t width() const { return layers.empty() ? n_in : layers.back().hout; }
+  // layout position -> channel-major unit of the last activation
+  const std::vector<int64_t>& last_perm() const { return layers.empty() ? in_perm : layers.back().out_perm; }
+  int64_t max_rows() const;  // the widest per-edge buffer of a layer (for the tile size)
+};
+
+// Parses and checks weights/biases/fourier/fourier_inv (names in errors are the op's argument names).
+template <typename T>
+Trunk<T> make_trunk(int64_t n_in, at::TensorList weights, at::TensorList biases, at::TensorList fourier,
+                    at::TensorList fourier_inv);
+
+// The block plan of W' (R, H, C) from its structural mask: hidden units with the same (R x C) pattern form a group;
+// within a group, input columns with the same row pattern form a column group; each (group, column group) with a
+// non-empty row set is a *pair*, whose block W'[rows, group, columns] is dense. Everything outside the pairs is zero.
+struct Pair {
+  int64_t hoff, nh;   // hidden rows [hoff, hoff + nh) in plan order
+  int64_t q, coff, nc;  // columns [coff, coff + nc) of column permutation q
+  int64_t roff, nr;   // output rows rows[roff : roff + nr]
+  int64_t zoff;       // offset of its (nh x nc) block in a receiver's Z
+  int64_t boff;       // offset of its (nr x nh*nc) block in the packed W'
+};
+
+struct Plan {
+  int64_t R = 0, H = 0, C = 0;
+  std::vector<int64_t> hidden;               // plan position -> hidden unit (units that reach some output)
+  std::vector<std::vector<int64_t>> perms;   // distinct column permutations (lists of input columns)
+  std::vector<Pair> pairs;
+  std::vector<int64_t> rows;
+  std::vector<int64_t> widx;  // packed W' slot -> flat index r*H*C + h*C + c
+  int64_t zsize = 0;
+};
+
+// The plan of a mask (cached by content); of the all-ones mask when `mask` is undefined.
+std::shared_ptr<const Plan> plan_for(const c10::optional<at::Tensor>& mask, int64_t R, int64_t H, int64_t C);
+
+}  // namespace cpu
+}  // namespace ik_fast
