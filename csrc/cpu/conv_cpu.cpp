@@ -22,6 +22,11 @@
 
 #include <algorithm>
 #include <atomic>
+#include <type_traits>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
 #include <cmath>
 #include <tuple>
 #include <vector>
@@ -40,10 +45,40 @@ using at::TensorList;
 // ----------------------------------------------------------------------------------------------------------------
 // elementwise
 // ----------------------------------------------------------------------------------------------------------------
+#if defined(__AVX2__) && defined(__FMA__)
+// ELU of 8 floats: u where u > 0 (or NaN), else expm1(u) = 2^n expm1(r) + (2^n - 1) with u = n ln2 + r,
+// |r| <= ln2 / 2, and expm1(r) by its Taylor polynomial to r^7 (relative error < 2e-8, below float32's 6e-8);
+// accurate near 0, where exp(u) - 1 would cancel. Sleef's expm1 (ATen's) costs several times more.
+inline __m256 elu8(__m256 u) {
+  const __m256 zero = _mm256_setzero_ps();
+  __m256 v = _mm256_min_ps(_mm256_max_ps(u, _mm256_set1_ps(-87.0f)), zero);
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(v, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), v);  // ln2 in two parts (Cody-Waite)
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.0f / 5040.0f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 720.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r);
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  const __m256 two_n = _mm256_castsi256_ps(e);
+  const __m256 res = _mm256_fmadd_ps(two_n, p, _mm256_sub_ps(two_n, _mm256_set1_ps(1.0f)));
+  return _mm256_blendv_ps(res, u, _mm256_cmp_ps(u, zero, _CMP_NLE_UQ));
+}
+#endif
+
 template <typename T>
 void elu_inplace(T* p, int64_t n) {
-  using Vec = at::vec::Vectorized<T>;
   int64_t i = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  if constexpr (std::is_same_v<T, float>) {
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(p + i, elu8(_mm256_loadu_ps(p + i)));
+  }
+#endif
+  using Vec = at::vec::Vectorized<T>;
   const Vec zero(T(0));
   for (; i + Vec::size() <= n; i += Vec::size()) {
     Vec u = Vec::loadu(p + i);
@@ -267,41 +302,73 @@ void sum_into(std::vector<T>& acc, const std::vector<T>& v) {
 // ----------------------------------------------------------------------------------------------------------------
 // the contraction's small loops (per pair, per receiver)
 // ----------------------------------------------------------------------------------------------------------------
-// Z (nh x nc) += sum_{e in [ea, eb)} hs[:, e] (x) xq[e, :]
+// C (m x n, ldc) += A B with A (m x k) read as scalars at A[i * sam + kk * sak] and B (k x n, ldb), both B and C
+// contiguous along n: register blocks of 4 rows x 2 vectors. The contraction's three small products are all of
+// this form (Z^T += X^T H_s, dH_s += X dZ^T, dX += H_s dZ), with every size of the order of 16.
 template <typename T>
-inline void z_accum(T* __restrict Z, const T* __restrict hs, int64_t ldh, const T* __restrict xq, int64_t ldq,
-                    int64_t ea, int64_t eb, int64_t nh, int64_t nc) {
-  for (int64_t i = 0; i < nh; ++i) {
-    T* __restrict zi = Z + i * nc;
-    const T* hrow = hs + i * ldh;
-    for (int64_t e = ea; e < eb; ++e) {
-      const T a = hrow[e];
-      const T* __restrict xr = xq + e * ldq;
-#pragma omp simd
-      for (int64_t j = 0; j < nc; ++j) zi[j] += a * xr[j];
+inline void mk_gemm(int64_t m, int64_t n, int64_t k, const T* __restrict A, int64_t sam, int64_t sak,
+                    const T* __restrict B, int64_t ldb, T* __restrict C, int64_t ldc) {
+  using Vec = at::vec::Vectorized<T>;
+  constexpr int64_t V = Vec::size();
+  int64_t j = 0;
+  for (; j + 2 * V <= n; j += 2 * V) {
+    int64_t i = 0;
+    for (; i + 4 <= m; i += 4) {
+      T* c = C + i * ldc + j;
+      Vec c00 = Vec::loadu(c), c01 = Vec::loadu(c + V);
+      Vec c10 = Vec::loadu(c + ldc), c11 = Vec::loadu(c + ldc + V);
+      Vec c20 = Vec::loadu(c + 2 * ldc), c21 = Vec::loadu(c + 2 * ldc + V);
+      Vec c30 = Vec::loadu(c + 3 * ldc), c31 = Vec::loadu(c + 3 * ldc + V);
+      const T* a = A + i * sam;
+      for (int64_t kk = 0; kk < k; ++kk) {
+        const T* bb = B + kk * ldb + j;
+        const Vec b0 = Vec::loadu(bb), b1 = Vec::loadu(bb + V);
+        const T* ak = a + kk * sak;
+        const Vec a0(ak[0]), a1(ak[sam]), a2(ak[2 * sam]), a3(ak[3 * sam]);
+        c00 = at::vec::fmadd(a0, b0, c00);
+        c01 = at::vec::fmadd(a0, b1, c01);
+        c10 = at::vec::fmadd(a1, b0, c10);
+        c11 = at::vec::fmadd(a1, b1, c11);
+        c20 = at::vec::fmadd(a2, b0, c20);
+        c21 = at::vec::fmadd(a2, b1, c21);
+        c30 = at::vec::fmadd(a3, b0, c30);
+        c31 = at::vec::fmadd(a3, b1, c31);
+      }
+      c00.store(c);
+      c01.store(c + V);
+      c10.store(c + ldc);
+      c11.store(c + ldc + V);
+      c20.store(c + 2 * ldc);
+      c21.store(c + 2 * ldc + V);
+      c30.store(c + 3 * ldc);
+      c31.store(c + 3 * ldc + V);
+    }
+    for (; i < m; ++i) {
+      T* c = C + i * ldc + j;
+      Vec c0 = Vec::loadu(c), c1 = Vec::loadu(c + V);
+      for (int64_t kk = 0; kk < k; ++kk) {
+        const Vec a0(A[i * sam + kk * sak]);
+        c0 = at::vec::fmadd(a0, Vec::loadu(B + kk * ldb + j), c0);
+        c1 = at::vec::fmadd(a0, Vec::loadu(B + kk * ldb + j + V), c1);
+      }
+      c0.store(c);
+      c1.store(c + V);
     }
   }
-}
-
-// dhs[:, e] += dZ xq[e, :], dxq[e, :] += dZ^T hs[:, e] for e in [ea, eb)
-template <typename T>
-inline void z_backward(const T* __restrict dZ, const T* __restrict hs, T* __restrict dhs, int64_t ldh,
-                       const T* __restrict xq, T* __restrict dxq, int64_t ldq, int64_t ea, int64_t eb, int64_t nh,
-                       int64_t nc) {
-  for (int64_t e = ea; e < eb; ++e) {
-    const T* __restrict xr = xq + e * ldq;
-    T* __restrict dxr = dxq + e * ldq;
-    for (int64_t i = 0; i < nh; ++i) {
-      const T* __restrict dzi = dZ + i * nc;
-      const T a = hs[i * ldh + e];
-      T acc = T(0);
-#pragma omp simd reduction(+ : acc)
-      for (int64_t j = 0; j < nc; ++j) {
-        acc += dzi[j] * xr[j];
-        dxr[j] += a * dzi[j];
-      }
-      dhs[i * ldh + e] += acc;
+  for (; j + V <= n; j += V) {
+    for (int64_t i = 0; i < m; ++i) {
+      T* c = C + i * ldc + j;
+      Vec c0 = Vec::loadu(c);
+      for (int64_t kk = 0; kk < k; ++kk) c0 = at::vec::fmadd(Vec(A[i * sam + kk * sak]), Vec::loadu(B + kk * ldb + j), c0);
+      c0.store(c);
     }
+  }
+  if (j < n) {
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t kk = 0; kk < k; ++kk) {
+        const T a = A[i * sam + kk * sak];
+        for (int64_t jj = j; jj < n; ++jj) C[i * ldc + jj] += a * B[kk * ldb + jj];
+      }
   }
 }
 
@@ -326,15 +393,25 @@ struct Conv {
 
 // per-thread buffers of the contraction
 template <typename T>
-struct ConvTile {
+// what a chunk of an item's edges keeps between the sweeps of the backward
+struct Chunk {
   TrunkTile<T> trunk;
-  std::vector<T> s, d2, hp, hs, dhs, dact, Z, z, dZ, dz, out, tmp, dg, dxe;
-  std::vector<std::vector<T>> xq, dxq;
+  std::vector<T> s, d2, hp, hs, hsf;  // hp, hs edge-major (t x P); hsf = hs feature-major (P x t)
+  std::vector<std::vector<T>> xq;     // per column permutation, (t x len)
+};
+
+constexpr int64_t kKeepChunks = 4;  // chunks of an item kept from the backward's first sweep to its second
+
+template <typename T>
+struct ConvTile {
+  std::vector<Chunk<T>> chunks;
+  std::vector<T> dhs, dact, Z, z, dZ, dz, out, tmp, dg, dxe;
+  std::vector<std::vector<T>> dxq;  // per column permutation, feature-major (len x t)
 };
 
 // edges [c0, c1) of an item: radial factors, plan-ordered activations hp and hs = s * hp, and permuted sources
 template <typename T>
-void load_chunk(const Conv<T>& cv, ConvTile<T>& W, int64_t c0, int64_t c1, const T* hidden, int64_t ld_hidden) {
+void load_chunk(const Conv<T>& cv, Chunk<T>& W, int64_t c0, int64_t c1, const T* hidden, int64_t ld_hidden) {
   const int64_t t = c1 - c0, P = cv.P();
   T* s = grow(W.s, t);
   T* d2 = grow(W.d2, t);
@@ -345,20 +422,25 @@ void load_chunk(const Conv<T>& cv, ConvTile<T>& W, int64_t c0, int64_t c1, const
     d2[e] = r2;
     s[e] = cv.norm * std::exp(-cv.coef * r2);
   }
-  T* hp = grow(W.hp, P * t);
+  T* hp = grow(W.hp, P * t);  // (t x P), edge-major
   T* hs = grow(W.hs, P * t);
+  const int64_t* hid = cv.plan->hidden.data();
   if (hidden != nullptr) {
-    for (int64_t i = 0; i < P; ++i) {
-      const int64_t h = cv.plan->hidden[i];
-      for (int64_t e = 0; e < t; ++e) hp[i * t + e] = hidden[(c0 + e) * ld_hidden + h];
+    for (int64_t e = 0; e < t; ++e) {
+      const T* row = hidden + (c0 + e) * ld_hidden;
+      for (int64_t i = 0; i < P; ++i) hp[e * P + i] = row[hid[i]];
     }
   } else {
     trunk_forward(cv.tr, cv.inp + c0 * cv.n_in, cv.n_in, t, W.trunk);
     const T* act = W.trunk.X.back().data();
-    for (int64_t i = 0; i < P; ++i) std::copy(act + cv.act_row[i] * t, act + (cv.act_row[i] + 1) * t, hp + i * t);
+    for (int64_t i = 0; i < P; ++i) {
+      const T* row = act + cv.act_row[i] * t;
+      for (int64_t e = 0; e < t; ++e) hp[e * P + i] = row[e];
+    }
   }
-  for (int64_t i = 0; i < P; ++i)
-    for (int64_t e = 0; e < t; ++e) hs[i * t + e] = hp[i * t + e] * s[e];
+  T* hsf = grow(W.hsf, P * t);
+  for (int64_t e = 0; e < t; ++e)
+    for (int64_t i = 0; i < P; ++i) hsf[i * t + e] = hs[e * P + i] = hp[e * P + i] * s[e];
   const auto& perms = cv.plan->perms;
   W.xq.resize(perms.size());
   for (size_t q = 0; q < perms.size(); ++q) {
@@ -373,21 +455,22 @@ void load_chunk(const Conv<T>& cv, ConvTile<T>& W, int64_t c0, int64_t c1, const
 
 // Z and z of an item's receivers from the chunk [c0, c1) loaded in W
 template <typename T>
-void accumulate_z(const Conv<T>& cv, ConvTile<T>& W, const Item& it, int64_t c0, int64_t c1) {
-  const int64_t t = c1 - c0, zs = cv.plan->zsize;
-  for (const Pair& p : cv.plan->pairs) {
-    const int64_t ldq = static_cast<int64_t>(cv.plan->perms[p.q].size());
-    const T* xq = W.xq[p.q].data() + p.coff;
-    const T* hs = W.hs.data() + p.hoff * t;
+void accumulate_z(const Conv<T>& cv, const Chunk<T>& W, T* Z, T* z, const Item& it, int64_t c0, int64_t c1) {
+  const int64_t zs = cv.plan->zsize, P = cv.P();
+  for (const Group& g : cv.plan->groups) {
+    const int64_t lq = static_cast<int64_t>(cv.plan->perms[g.q].size());
+    const T* xq = W.xq[g.q].data();
     for (int64_t r = it.r0; r < it.r1; ++r) {
       const int64_t ea = std::max(cv.rp[r], c0) - c0, eb = std::min(cv.rp[r + 1], c1) - c0;
       if (ea >= eb) continue;
-      z_accum(W.Z.data() + (r - it.r0) * zs + p.zoff, hs, t, xq, ldq, ea, eb, p.nh, p.nc);
+      // Z_g^T (lq x nh) += X_q^T (lq x deg) H_s (deg x nh)
+      mk_gemm<T>(lq, g.nh, eb - ea, xq + ea * lq, 1, lq, W.hs.data() + ea * P + g.hoff, P,
+                 Z + (r - it.r0) * zs + g.zoff, g.nh);
     }
   }
   for (int64_t r = it.r0; r < it.r1; ++r) {
     const int64_t ea = std::max(cv.rp[r], c0) - c0, eb = std::min(cv.rp[r + 1], c1) - c0;
-    T* zr = W.z.data() + (r - it.r0) * cv.C;
+    T* zr = z + (r - it.r0) * cv.C;
     for (int64_t e = ea; e < eb; ++e) {
       const T* xr = cv.x + cv.src[c0 + e] * cv.C;
       const T se = W.s[e];
@@ -491,10 +574,11 @@ Tensor conv_impl(const Tensor& x_, const Tensor& inp_, const Tensor& src_, const
     const int64_t nr = it.r1 - it.r0;
     std::fill_n(grow(W.Z, nr * zs), nr * zs, T(0));
     std::fill_n(grow(W.z, nr * C), nr * C, T(0));
+    W.chunks.resize(1);
     for (int64_t c0 = it.e0; c0 < it.e1; c0 += cv.t) {
       const int64_t c1 = std::min(it.e1, c0 + cv.t);
-      load_chunk(cv, W, c0, c1, ph, H);
-      accumulate_z(cv, W, it, c0, c1);
+      load_chunk(cv, W.chunks[0], c0, c1, ph, H);
+      accumulate_z(cv, W.chunks[0], W.Z.data(), W.z.data(), it, c0, c1);
     }
     T* o = po + it.r0 * R;  // rows of this item only: written by this thread alone
     for (const Pair& p : cv.plan->pairs) {
@@ -577,11 +661,15 @@ std::vector<Tensor> conv_backward_impl(const Tensor& grad_, const Tensor& x_, co
     // sweep 1: Z and z of the item (for dW' and dB'); one chunk keeps its tile for sweep 2
     std::fill_n(grow(W.Z, nr * zs), nr * zs, T(0));
     std::fill_n(grow(W.z, nr * C), nr * C, T(0));
-    const bool one_chunk = it.e1 - it.e0 <= cv.t;
-    for (int64_t c0 = it.e0; c0 < it.e1; c0 += cv.t) {
-      const int64_t c1 = std::min(it.e1, c0 + cv.t);
-      load_chunk<T>(cv, W, c0, c1, nullptr, 0);
-      accumulate_z(cv, W, it, c0, c1);
+    // an item of up to kKeepChunks chunks keeps them for sweep 2; a longer one (a hub) recomputes its trunk there
+    const int64_t n_chunks = (it.e1 - it.e0 + cv.t - 1) / cv.t;
+    const bool keep = n_chunks <= kKeepChunks;
+    W.chunks.resize(std::max<int64_t>(W.chunks.size(), keep ? n_chunks : 1));
+    for (int64_t k = 0; k < n_chunks; ++k) {
+      const int64_t c0 = it.e0 + k * cv.t, c1 = std::min(it.e1, c0 + cv.t);
+      Chunk<T>& ch = W.chunks[keep ? k : 0];
+      load_chunk<T>(cv, ch, c0, c1, nullptr, 0);
+      accumulate_z(cv, ch, W.Z.data(), W.z.data(), it, c0, c1);
     }
     for (const Pair& p : cv.plan->pairs) {
       const int64_t K = p.nh * p.nc;
@@ -593,9 +681,10 @@ std::vector<Tensor> conv_backward_impl(const Tensor& grad_, const Tensor& x_, co
     }
     gemm<T>(true, false, R, C, nr, T(1), dout, R, W.z.data(), C, T(1), A.dBb.data(), C);
     // sweep 2: back through the contraction and the trunk, chunk by chunk
-    for (int64_t c0 = it.e0; c0 < it.e1; c0 += cv.t) {
-      const int64_t c1 = std::min(it.e1, c0 + cv.t), t = c1 - c0;
-      if (!one_chunk) load_chunk<T>(cv, W, c0, c1, nullptr, 0);
+    for (int64_t k = 0; k < n_chunks; ++k) {
+      const int64_t c0 = it.e0 + k * cv.t, c1 = std::min(it.e1, c0 + cv.t), t = c1 - c0;
+      Chunk<T>& ch = W.chunks[keep ? k : 0];
+      if (!keep) load_chunk<T>(cv, ch, c0, c1, nullptr, 0);
       T* dhs = grow(W.dhs, P * t);
       std::fill_n(dhs, P * t, T(0));
       const auto& perms = cv.plan->perms;
@@ -604,18 +693,22 @@ std::vector<Tensor> conv_backward_impl(const Tensor& grad_, const Tensor& x_, co
         const int64_t n = t * static_cast<int64_t>(perms[q].size());
         std::fill_n(grow(W.dxq[q], n), n, T(0));
       }
-      for (const Pair& p : cv.plan->pairs) {
-        const int64_t ldq = static_cast<int64_t>(perms[p.q].size());
+      for (const Group& g : cv.plan->groups) {
+        const int64_t lq = static_cast<int64_t>(perms[g.q].size());
         for (int64_t r = it.r0; r < it.r1; ++r) {
           const int64_t ea = std::max(cv.rp[r], c0) - c0, eb = std::min(cv.rp[r + 1], c1) - c0;
           if (ea >= eb) continue;
-          z_backward(dZ + (r - it.r0) * zs + p.zoff, W.hs.data() + p.hoff * t, dhs + p.hoff * t, t,
-                     W.xq[p.q].data() + p.coff, W.dxq[p.q].data() + p.coff, ldq, ea, eb, p.nh, p.nc);
+          const int64_t deg = eb - ea;
+          // dH_s (deg x nh) += X_q (deg x lq) dZ_g^T (lq x nh)
+          const T* dZg = dZ + (r - it.r0) * zs + g.zoff;  // dZ_g^T (lq x nh)
+          mk_gemm<T>(deg, g.nh, lq, ch.xq[g.q].data() + ea * lq, lq, 1, dZg, g.nh, dhs + ea * P + g.hoff, P);
+          // dX_q^T (lq x deg) += dZ_g^T (lq x nh) H_s^T (nh x deg), all feature-major
+          mk_gemm<T>(lq, deg, g.nh, dZg, g.nh, 1, ch.hsf.data() + g.hoff * t + ea, t, W.dxq[g.q].data() + ea, t);
         }
       }
       // per edge: dx_src, ds -> d(d) and dcoef
       T* dxe = grow(W.dxe, C);
-      const T* s = W.s.data();
+      const T* s = ch.s.data();
       for (int64_t r = it.r0; r < it.r1; ++r) {
         const int64_t ea = std::max(cv.rp[r], c0) - c0, eb = std::min(cv.rp[r + 1], c1) - c0;
         const T* dzr = dz + (r - it.r0) * C;
@@ -628,15 +721,15 @@ std::vector<Tensor> conv_backward_impl(const Tensor& grad_, const Tensor& x_, co
           }
           for (size_t q = 0; q < perms.size(); ++q) {
             const int64_t nq = static_cast<int64_t>(perms[q].size());
-            const T* dq = W.dxq[q].data() + e * nq;
-            for (int64_t j = 0; j < nq; ++j) dxe[perms[q][j]] += dq[j];
+            const T* dq = W.dxq[q].data() + e;
+            for (int64_t j = 0; j < nq; ++j) dxe[perms[q][j]] += dq[j * t];
           }
-          for (int64_t i = 0; i < P; ++i) ds += dhs[i * t + e] * W.hp[i * t + e];
+          for (int64_t i = 0; i < P; ++i) ds += dhs[e * P + i] * ch.hp[e * P + i];
           T* dxs = A.dx.data() + cv.src[c0 + e] * C;
           for (int64_t c = 0; c < C; ++c) dxs[c] += dxe[c];
           // s = norm exp(-coef |d|^2): ds/dd = -2 coef d s, ds/dcoef = -|d|^2 s
           const T g = ds * s[e];
-          A.dcoef -= static_cast<double>(g * W.d2[e]);
+          A.dcoef -= static_cast<double>(g * ch.d2[e]);
           T* di = pdi + (c0 + e) * cv.n_in;
           const T* row = cv.inp + (c0 + e) * cv.n_in;
           for (int64_t k = 0; k < cv.ndim; ++k) di[k] += minus2coef * g * row[k];
@@ -647,10 +740,9 @@ std::vector<Tensor> conv_backward_impl(const Tensor& grad_, const Tensor& x_, co
       std::fill_n(dact, H * t, T(0));
       for (int64_t i = 0; i < P; ++i) {
         T* drow = dact + cv.act_row[i] * t;
-        const T* dh = dhs + i * t;
-        for (int64_t e = 0; e < t; ++e) drow[e] = dh[e] * s[e];
+        for (int64_t e = 0; e < t; ++e) drow[e] = dhs[e * P + i] * s[e];
       }
-      const T* d0 = cv.tr.layers.empty() ? dact : trunk_backward(cv.tr, W.trunk, dact, t, A.trunk);
+      const T* d0 = cv.tr.layers.empty() ? dact : trunk_backward(cv.tr, ch.trunk, dact, t, A.trunk);
       for (int64_t i = 0; i < cv.n_in; ++i) {
         const int64_t col = cv.tr.in_perm[i];
         for (int64_t e = 0; e < t; ++e) pdi[(c0 + e) * cv.n_in + col] += d0[i * t + e];

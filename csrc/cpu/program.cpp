@@ -232,9 +232,11 @@ std::shared_ptr<Plan> build_plan(const uint8_t* m, int64_t R, int64_t H, int64_t
       q = it->second;
     }
     const int64_t nh = static_cast<int64_t>(groups[g].size());
+    plan->groups.push_back(Group{hoff, nh, q, zoff});
     int64_t coff = 0;
     for (const auto& cg : cgroups) {
       Pair p;
+      p.g = static_cast<int64_t>(g);
       p.hoff = hoff;
       p.nh = nh;
       p.q = q;
@@ -244,18 +246,18 @@ std::shared_ptr<Plan> build_plan(const uint8_t* m, int64_t R, int64_t H, int64_t
       for (int64_t r = 0; r < R; ++r)
         if (m[r * HC + h0 * C + cg[0]]) plan->rows.push_back(r);
       p.nr = static_cast<int64_t>(plan->rows.size()) - p.roff;
-      p.zoff = zoff;
+      p.zoff = zoff + coff * nh;
       p.boff = boff;
       for (int64_t ri = 0; ri < p.nr; ++ri) {
         const int64_t r = plan->rows[p.roff + ri];
-        for (int64_t hi = 0; hi < nh; ++hi)
-          for (int64_t ci = 0; ci < p.nc; ++ci) plan->widx.push_back(r * HC + groups[g][hi] * C + cg[ci]);
+        for (int64_t ci = 0; ci < p.nc; ++ci)
+          for (int64_t hi = 0; hi < nh; ++hi) plan->widx.push_back(r * HC + groups[g][hi] * C + cg[ci]);
       }
-      zoff += nh * p.nc;
       boff += p.nr * nh * p.nc;
       coff += p.nc;
       plan->pairs.push_back(p);
     }
+    zoff += coff * nh;
     plan->hidden.insert(plan->hidden.end(), groups[g].begin(), groups[g].end());
     hoff += nh;
   }

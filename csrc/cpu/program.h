@@ -49,12 +49,22 @@ Trunk<T> make_trunk(int64_t n_in, at::TensorList weights, at::TensorList biases,
 // The block plan of W' (R, H, C) from its structural mask: hidden units with the same (R x C) pattern form a group;
 // within a group, input columns with the same row pattern form a column group; each (group, column group) with a
 // non-empty row set is a *pair*, whose block W'[rows, group, columns] is dense. Everything outside the pairs is zero.
+//
+// A receiver's Z is stored per group, transposed: group g's block is (n_cols x nh) (its columns in permutation q's
+// order, then its hidden units), so that every pair's (nc x nh) block is contiguous.
 struct Pair {
-  int64_t hoff, nh;   // hidden rows [hoff, hoff + nh) in plan order
+  int64_t g;            // its hidden group
+  int64_t hoff, nh;     // hidden rows [hoff, hoff + nh) in plan order
   int64_t q, coff, nc;  // columns [coff, coff + nc) of column permutation q
-  int64_t roff, nr;   // output rows rows[roff : roff + nr]
-  int64_t zoff;       // offset of its (nh x nc) block in a receiver's Z
-  int64_t boff;       // offset of its (nr x nh*nc) block in the packed W'
+  int64_t roff, nr;     // output rows rows[roff : roff + nr]
+  int64_t zoff;         // offset of its (nc x nh) block in a receiver's Z
+  int64_t boff;         // offset of its (nr x nc*nh) block in the packed W'
+};
+
+struct Group {
+  int64_t hoff, nh;  // hidden rows [hoff, hoff + nh) in plan order
+  int64_t q;         // its column permutation (all its columns, pair after pair)
+  int64_t zoff;      // offset of its (len(perms[q]) x nh) block in a receiver's Z
 };
 
 struct Plan {
@@ -62,8 +72,9 @@ struct Plan {
   std::vector<int64_t> hidden;               // plan position -> hidden unit (units that reach some output)
   std::vector<std::vector<int64_t>> perms;   // distinct column permutations (lists of input columns)
   std::vector<Pair> pairs;
+  std::vector<Group> groups;
   std::vector<int64_t> rows;
-  std::vector<int64_t> widx;  // packed W' slot -> flat index r*H*C + h*C + c
+  std::vector<int64_t> widx;  // packed W' slot -> flat index r*H*C + h*C + c (pair by pair, (nr, nc, nh))
   int64_t zsize = 0;
 };
 
