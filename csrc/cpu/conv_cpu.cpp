@@ -305,35 +305,45 @@ void sum_into(std::vector<T>& acc, const std::vector<T>& v) {
 // C (m x n, ldc) += A B with A (m x k) read as scalars at A[i * sam + kk * sak] and B (k x n, ldb), both B and C
 // contiguous along n: register blocks of 4 rows x 2 vectors. The contraction's three small products are all of
 // this form (Z^T += X^T H_s, dH_s += X dZ^T, dX += H_s dZ), with every size of the order of 16.
+// one column block of mk_gemm: C[:, j:j+w] += A B[:, j:j+w] for w <= 2V, B's block contiguous along n with ldb
 template <typename T>
-inline void mk_gemm(int64_t m, int64_t n, int64_t k, const T* __restrict A, int64_t sam, int64_t sak,
-                    const T* __restrict B, int64_t ldb, T* __restrict C, int64_t ldc) {
+inline void mk_block(int64_t m, int64_t w, int64_t k, const T* __restrict A, int64_t sam, int64_t sak,
+                     const T* __restrict B, int64_t ldb, T* __restrict C, int64_t ldc) {
   using Vec = at::vec::Vectorized<T>;
   constexpr int64_t V = Vec::size();
-  int64_t j = 0;
-  for (; j + 2 * V <= n; j += 2 * V) {
-    int64_t i = 0;
-    for (; i + 4 <= m; i += 4) {
-      T* c = C + i * ldc + j;
-      Vec c00 = Vec::loadu(c), c01 = Vec::loadu(c + V);
-      Vec c10 = Vec::loadu(c + ldc), c11 = Vec::loadu(c + ldc + V);
-      Vec c20 = Vec::loadu(c + 2 * ldc), c21 = Vec::loadu(c + 2 * ldc + V);
-      Vec c30 = Vec::loadu(c + 3 * ldc), c31 = Vec::loadu(c + 3 * ldc + V);
-      const T* a = A + i * sam;
-      for (int64_t kk = 0; kk < k; ++kk) {
-        const T* bb = B + kk * ldb + j;
-        const Vec b0 = Vec::loadu(bb), b1 = Vec::loadu(bb + V);
-        const T* ak = a + kk * sak;
-        const Vec a0(ak[0]), a1(ak[sam]), a2(ak[2 * sam]), a3(ak[3 * sam]);
-        c00 = at::vec::fmadd(a0, b0, c00);
-        c01 = at::vec::fmadd(a0, b1, c01);
-        c10 = at::vec::fmadd(a1, b0, c10);
-        c11 = at::vec::fmadd(a1, b1, c11);
-        c20 = at::vec::fmadd(a2, b0, c20);
-        c21 = at::vec::fmadd(a2, b1, c21);
-        c30 = at::vec::fmadd(a3, b0, c30);
-        c31 = at::vec::fmadd(a3, b1, c31);
-      }
+  const bool full = w == 2 * V;
+  const int64_t w0 = std::min<int64_t>(w, V), w1 = std::max<int64_t>(0, w - V);
+  auto ld = [&](const T* p, int64_t n) { return n == V ? Vec::loadu(p) : Vec::loadu(p, n); };
+  auto st = [&](const Vec& v, T* p, int64_t n) {
+    if (n == V) {
+      v.store(p);
+    } else if (n > 0) {
+      v.store(p, n);
+    }
+  };
+  int64_t i = 0;
+  for (; i + 4 <= m; i += 4) {
+    T* c = C + i * ldc;
+    Vec c00 = ld(c, w0), c01 = w1 ? ld(c + V, w1) : Vec(T(0));
+    Vec c10 = ld(c + ldc, w0), c11 = w1 ? ld(c + ldc + V, w1) : Vec(T(0));
+    Vec c20 = ld(c + 2 * ldc, w0), c21 = w1 ? ld(c + 2 * ldc + V, w1) : Vec(T(0));
+    Vec c30 = ld(c + 3 * ldc, w0), c31 = w1 ? ld(c + 3 * ldc + V, w1) : Vec(T(0));
+    const T* a = A + i * sam;
+    for (int64_t kk = 0; kk < k; ++kk) {
+      const T* bb = B + kk * ldb;
+      const Vec b0 = Vec::loadu(bb), b1 = Vec::loadu(bb + V);
+      const T* ak = a + kk * sak;
+      const Vec a0(ak[0]), a1(ak[sam]), a2(ak[2 * sam]), a3(ak[3 * sam]);
+      c00 = at::vec::fmadd(a0, b0, c00);
+      c01 = at::vec::fmadd(a0, b1, c01);
+      c10 = at::vec::fmadd(a1, b0, c10);
+      c11 = at::vec::fmadd(a1, b1, c11);
+      c20 = at::vec::fmadd(a2, b0, c20);
+      c21 = at::vec::fmadd(a2, b1, c21);
+      c30 = at::vec::fmadd(a3, b0, c30);
+      c31 = at::vec::fmadd(a3, b1, c31);
+    }
+    if (full) {
       c00.store(c);
       c01.store(c + V);
       c10.store(c + ldc);
@@ -342,33 +352,52 @@ inline void mk_gemm(int64_t m, int64_t n, int64_t k, const T* __restrict A, int6
       c21.store(c + 2 * ldc + V);
       c30.store(c + 3 * ldc);
       c31.store(c + 3 * ldc + V);
-    }
-    for (; i < m; ++i) {
-      T* c = C + i * ldc + j;
-      Vec c0 = Vec::loadu(c), c1 = Vec::loadu(c + V);
-      for (int64_t kk = 0; kk < k; ++kk) {
-        const Vec a0(A[i * sam + kk * sak]);
-        c0 = at::vec::fmadd(a0, Vec::loadu(B + kk * ldb + j), c0);
-        c1 = at::vec::fmadd(a0, Vec::loadu(B + kk * ldb + j + V), c1);
-      }
-      c0.store(c);
-      c1.store(c + V);
+    } else {
+      st(c00, c, w0);
+      st(c01, c + V, w1);
+      st(c10, c + ldc, w0);
+      st(c11, c + ldc + V, w1);
+      st(c20, c + 2 * ldc, w0);
+      st(c21, c + 2 * ldc + V, w1);
+      st(c30, c + 3 * ldc, w0);
+      st(c31, c + 3 * ldc + V, w1);
     }
   }
-  for (; j + V <= n; j += V) {
-    for (int64_t i = 0; i < m; ++i) {
-      T* c = C + i * ldc + j;
-      Vec c0 = Vec::loadu(c);
-      for (int64_t kk = 0; kk < k; ++kk) c0 = at::vec::fmadd(Vec(A[i * sam + kk * sak]), Vec::loadu(B + kk * ldb + j), c0);
-      c0.store(c);
+  for (; i < m; ++i) {
+    T* c = C + i * ldc;
+    Vec c0 = ld(c, w0), c1 = w1 ? ld(c + V, w1) : Vec(T(0));
+    for (int64_t kk = 0; kk < k; ++kk) {
+      const Vec a0(A[i * sam + kk * sak]);
+      c0 = at::vec::fmadd(a0, Vec::loadu(B + kk * ldb), c0);
+      c1 = at::vec::fmadd(a0, Vec::loadu(B + kk * ldb + V), c1);
     }
+    st(c0, c, w0);
+    st(c1, c + V, w1);
   }
+}
+
+// C (m x n, ldc) += A B with A (m x k) read as scalars at A[i * sam + kk * sak] and B (k x n, ldb), both B and C
+// contiguous along n: register blocks of 4 rows x 2 vectors. The contraction's small products are all of this form
+// (Z^T += X^T H_s, dH_s += X dZ^T, dX^T += dZ^T H_s^T, and W' against Z), with sizes of the order of 16 to 300. The
+// last column block, narrower than 2 vectors, runs on a zero-padded copy of B's columns.
+template <typename T>
+inline void mk_gemm(int64_t m, int64_t n, int64_t k, const T* __restrict A, int64_t sam, int64_t sak,
+                    const T* __restrict B, int64_t ldb, T* __restrict C, int64_t ldc) {
+  using Vec = at::vec::Vectorized<T>;
+  constexpr int64_t V = Vec::size();
+  if (m <= 0 || n <= 0 || k <= 0) return;
+  int64_t j = 0;
+  for (; j + 2 * V <= n; j += 2 * V) mk_block<T>(m, 2 * V, k, A, sam, sak, B + j, ldb, C + j, ldc);
   if (j < n) {
-    for (int64_t i = 0; i < m; ++i)
-      for (int64_t kk = 0; kk < k; ++kk) {
-        const T a = A[i * sam + kk * sak];
-        for (int64_t jj = j; jj < n; ++jj) C[i * ldc + jj] += a * B[kk * ldb + jj];
-      }
+    const int64_t w = n - j;
+    thread_local std::vector<T> pad;
+    if (static_cast<int64_t>(pad.size()) < k * 2 * V) pad.resize(k * 2 * V);
+    for (int64_t kk = 0; kk < k; ++kk) {
+      T* row = pad.data() + kk * 2 * V;
+      std::copy(B + kk * ldb + j, B + kk * ldb + n, row);
+      std::fill(row + w, row + 2 * V, T(0));
+    }
+    mk_block<T>(m, w, k, A, sam, sak, pad.data(), 2 * V, C + j, ldc);
   }
 }
 
@@ -567,6 +596,12 @@ Tensor conv_impl(const Tensor& x_, const Tensor& inp_, const Tensor& src_, const
   std::vector<ConvTile<T>> tiles(nt);
   T* po = out.data_ptr<T>();
   const int64_t zs = cv.plan->zsize, R = cv.R, C = cv.C;
+  std::vector<T> BT(cv.B.size());  // every pair's block of W' transposed, (K x nr)
+  for (const Pair& p : cv.plan->pairs) {
+    const int64_t K = p.nh * p.nc;
+    for (int64_t ri = 0; ri < p.nr; ++ri)
+      for (int64_t k = 0; k < K; ++k) BT[p.boff + k * p.nr + ri] = cv.B[p.boff + ri * K + k];
+  }
   run_items(static_cast<int64_t>(items.size()), [&](int64_t ii, int64_t tid) {
     const Item& it = items[ii];
     if (it.e0 == it.e1) return;
@@ -584,7 +619,10 @@ Tensor conv_impl(const Tensor& x_, const Tensor& inp_, const Tensor& src_, const
     for (const Pair& p : cv.plan->pairs) {
       const int64_t K = p.nh * p.nc;
       T* tmp = grow(W.tmp, nr * p.nr);
-      gemm<T>(false, true, nr, p.nr, K, T(1), W.Z.data() + p.zoff, zs, cv.B.data() + p.boff, K, T(0), tmp, p.nr);
+      // out_p (nr x p.nr) = Z_p (nr x K) W'_p^T: the small kernel on the transposed block (BLAS would repack W'_p
+      // for every item)
+      std::fill_n(tmp, nr * p.nr, T(0));
+      mk_gemm<T>(nr, p.nr, K, W.Z.data() + p.zoff, zs, 1, BT.data() + p.boff, p.nr, tmp, p.nr);
       const int64_t* rows = cv.plan->rows.data() + p.roff;
       for (int64_t r = 0; r < nr; ++r)
         for (int64_t j = 0; j < p.nr; ++j) o[r * R + rows[j]] += tmp[r * p.nr + j];
@@ -654,7 +692,8 @@ std::vector<Tensor> conv_backward_impl(const Tensor& grad_, const Tensor& x_, co
       const int64_t* rows = cv.plan->rows.data() + p.roff;
       for (int64_t r = 0; r < nr; ++r)
         for (int64_t j = 0; j < p.nr; ++j) dg[r * p.nr + j] = dout[r * R + rows[j]];
-      gemm<T>(false, false, nr, K, p.nr, T(1), dg, p.nr, cv.B.data() + p.boff, K, T(0), dZ + p.zoff, zs);
+      for (int64_t r = 0; r < nr; ++r) std::fill_n(dZ + r * zs + p.zoff, K, T(0));
+      mk_gemm<T>(nr, K, p.nr, dg, p.nr, 1, cv.B.data() + p.boff, K, dZ + p.zoff, zs);
     }
     T* dz = grow(W.dz, nr * C);
     gemm<T>(false, false, nr, C, R, T(1), dout, R, cv.Bb.data(), C, T(0), dz, C);
@@ -677,7 +716,7 @@ std::vector<Tensor> conv_backward_impl(const Tensor& grad_, const Tensor& x_, co
       const int64_t* rows = cv.plan->rows.data() + p.roff;
       for (int64_t r = 0; r < nr; ++r)
         for (int64_t j = 0; j < p.nr; ++j) dg[r * p.nr + j] = dout[r * R + rows[j]];
-      gemm<T>(true, false, p.nr, K, nr, T(1), dg, p.nr, W.Z.data() + p.zoff, zs, T(1), A.dB.data() + p.boff, K);
+      mk_gemm<T>(p.nr, K, nr, dg, 1, p.nr, W.Z.data() + p.zoff, zs, A.dB.data() + p.boff, K);
     }
     gemm<T>(true, false, R, C, nr, T(1), dout, R, W.z.data(), C, T(1), A.dBb.data(), C);
     // sweep 2: back through the contraction and the trunk, chunk by chunk
