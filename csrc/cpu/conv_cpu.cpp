@@ -636,7 +636,7 @@ Tensor conv_impl(const Tensor& x_, const Tensor& inp_, const Tensor& src_, const
 // conv_backward
 // ----------------------------------------------------------------------------------------------------------------
 template <typename T>
-struct ConvGrads {
+struct alignas(64) ConvGrads {  // one per thread, on its own cache lines
   TrunkGrads<T> trunk;
   std::vector<T> dB, dBb, dx;
   double dcoef = 0;
@@ -684,6 +684,7 @@ std::vector<Tensor> conv_backward_impl(const Tensor& grad_, const Tensor& x_, co
     }
     const int64_t nr = it.r1 - it.r0;
     const T* dout = pg + it.r0 * R;
+    double dcoef = 0;  // this item's share of dcoef (summed locally: the threads' accumulators share no line)
     // dZ_i = W'^T dout_i per pair, dz_i = B'^T dout_i
     T* dZ = grow(W.dZ, nr * zs);
     for (const Pair& p : cv.plan->pairs) {
@@ -768,7 +769,7 @@ std::vector<Tensor> conv_backward_impl(const Tensor& grad_, const Tensor& x_, co
           for (int64_t c = 0; c < C; ++c) dxs[c] += dxe[c];
           // s = norm exp(-coef |d|^2): ds/dd = -2 coef d s, ds/dcoef = -|d|^2 s
           const T g = ds * s[e];
-          A.dcoef -= static_cast<double>(g * ch.d2[e]);
+          dcoef -= static_cast<double>(g * ch.d2[e]);
           T* di = pdi + (c0 + e) * cv.n_in;
           const T* row = cv.inp + (c0 + e) * cv.n_in;
           for (int64_t k = 0; k < cv.ndim; ++k) di[k] += minus2coef * g * row[k];
@@ -787,6 +788,7 @@ std::vector<Tensor> conv_backward_impl(const Tensor& grad_, const Tensor& x_, co
         for (int64_t e = 0; e < t; ++e) pdi[(c0 + e) * cv.n_in + col] += d0[i * t + e];
       }
     }
+    A.dcoef += dcoef;
   });
   // sum the threads' accumulators in thread order
   ConvGrads<T> tot;
