@@ -347,19 +347,21 @@ def suites() -> Dict[str, Dict]:
     10^4..10^7-edge sweep, degree skew)."""
     from .problems import sweep_problems
 
-    fused = [b for b in ("triton", "cuda") if b in _available()]
+    fused = [b for b in ("triton", "native") if b in _available()]
+    native_cpu = ["native"] if "native" in _available("cpu") else []
     return {
-        "cpu": dict(problems=["P", "planar", "cpu", "skew@4096", *sweep_problems("cpu")],
-                    providers=["escnn", "reference", "torch"], modes=["train", "inference"], device="cpu"),
+        "cpu": dict(problems=["P", "qm9-400", "planar", "cpu", "skew@4096", *sweep_problems("cpu")],
+                    providers=["escnn", "reference", "torch", *native_cpu], modes=["train", "inference"],
+                    device="cpu"),
         "gpu": dict(problems=["P", "M", "H", "skew", *sweep_problems("gpu")],
                     providers=["escnn", "reference", "torch", *fused], modes=["train", "inference"], device="cuda"),
     }
 
 
-def _available():
+def _available(device=None):
     from .backends import available_backends
 
-    return available_backends()
+    return available_backends(device)
 
 
 def _progress(i: int, n: int, label: str, t0: float) -> None:
