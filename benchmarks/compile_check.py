@@ -24,6 +24,21 @@ constexpr values where a kernel has that constexpr (e.g. ``--set BE=16,32`` for 
 ``--graphs`` adds graphs (e.g. ``skew@64``) whose launches are captured too.
 This catches what the interpreter cannot (code the compiler rejects, shared memory, spills) before any GPU time is
 spent. It measures nothing about speed.
+
+**The native CUDA kernels** (``csrc/cuda/*.cu``)::
+
+    python benchmarks/compile_check.py --cuda [--arch 90,80] [--json OUT.json] [--sources a.cu,b.cu]
+
+compiles every ``.cu`` file with nvcc, compile only (``-c``), once per architecture, with the flags of the extension's
+build (``ik_fast/_build.py``), the defines torch's ``CUDAExtension`` adds and torch's include paths (the CPU wheel
+ships the ATen/c10 CUDA headers; ``-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE`` stands in for the one generated header it
+lacks), and reads ``-Xptxas -v``: one record per kernel (entry function) and architecture, ``{"kernel", "mangled",
+"file", "arch", "registers", "spill_stores", "spill_loads", "stack_bytes", "shared_bytes", "constant_bytes"}``. Exit
+status 1 on any spill (in a kernel or a device function it calls that was not inlined), any compile error, or shared
+memory over the sm_90 limit. nvcc: ``$CUDA_HOME/bin/nvcc``, else the PATH's, else ``/usr/local/cuda/bin/nvcc``.
+Headers that need the CUDA math libraries' own headers (``ATen/cuda/CUDAContext.h`` includes cublas_v2.h and
+cusparse.h) compile only where those are installed; ``c10/cuda/CUDAStream.h``, ``CUDAGuard.h``, ``CUDAException.h``,
+``ATen/ATen.h``, ``torch/library.h``, ``mma.h``, ``cuda_bf16.h`` and ``cub`` need only the toolkit.
 """
 
 from __future__ import annotations
@@ -202,10 +217,152 @@ def _parse_value(s: str):
     return {"True": True, "False": False, "None": None}.get(s, s)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# the native CUDA kernels: nvcc + ptxas -v
+# ----------------------------------------------------------------------------------------------------------------
+def _build_module():
+    """ik_fast/_build.py by path (the extension's sources and flags; without importing the package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_ik_fast_build", os.path.join(ROOT, "ik_fast", "_build.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _nvcc() -> str:
+    import shutil
+
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    for cand in ([os.path.join(home, "bin", "nvcc")] if home else []) + [shutil.which("nvcc") or "",
+                                                                          "/usr/local/cuda/bin/nvcc"]:
+        if cand and os.path.isfile(cand):
+            return cand
+    raise FileNotFoundError("nvcc not found (set CUDA_HOME, or put nvcc on the PATH)")
+
+
+def nvcc_command(nvcc: str, src: str, obj: str, arches: list) -> list:
+    """The compile-only nvcc command of one .cu file for the given architectures (one host compilation), as the
+    extension's build compiles it (torch.utils.cpp_extension's CUDAExtension defines and includes,
+    ik_fast/_build.py's flags)."""
+    import sysconfig
+
+    import torch
+    from torch.utils import cpp_extension
+
+    _build = _build_module()
+    root = os.path.join(ROOT, "csrc")
+    incs = cpp_extension.include_paths("cpu") + [sysconfig.get_path("include"), root]
+    cuda_inc = os.path.join(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))), "include")
+    if os.path.isdir(cuda_inc):
+        incs.append(cuda_inc)
+    defines = ["-DTORCH_EXTENSION_NAME=_C", "-DTORCH_API_INCLUDE_EXTENSION_H",
+               f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}", *cpp_extension.COMMON_NVCC_FLAGS]
+    torch_inc = cpp_extension.include_paths("cpu")[0]
+    if not os.path.exists(os.path.join(torch_inc, "c10", "cuda", "impl", "cuda_cmake_macros.h")):
+        defines.append("-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE")  # a CPU wheel: torch's own switch for that header
+    flags = [f for f in _build.nvcc_flags(root) if not f.startswith("-gencode")]
+    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in arches]
+    return [nvcc, "-c", src, "-o", obj, "-std=c++20", *gencode, "-Xptxas", "-v",
+            "--compiler-options", "-fPIC", *defines, *flags, *[f"-I{i}" for i in incs]]
+
+
+def _demangle(names: list) -> dict:
+    import shutil
+
+    tool = shutil.which("cu++filt") or shutil.which("c++filt")
+    if not names or tool is None:
+        return {n: n for n in names}
+    out = subprocess.run([tool], input="\n".join(names), capture_output=True, text=True).stdout.splitlines()
+    return dict(zip(names, out)) if len(out) == len(names) else {n: n for n in names}
+
+
+def parse_ptxas(text: str) -> list:
+    """ptxas -v output -> one dict per function: {"mangled", "entry", "arch", "registers", "stack_bytes",
+    "spill_stores", "spill_loads", "shared_bytes", "constant_bytes"}."""
+    funcs, cur, arch = {}, None, None
+    for line in text.splitlines():
+        m = re.search(r"Compiling entry function '([^']+)' for '(sm_\w+)'", line)
+        if m:
+            arch = m.group(2)  # the architecture of the functions that follow
+            funcs.setdefault((m.group(1), arch), {"mangled": m.group(1), "arch": arch})["entry"] = True
+            continue
+        m = re.search(r"Function properties for (\S+)", line)
+        if m:
+            cur = funcs.setdefault((m.group(1), arch), {"mangled": m.group(1), "arch": arch, "entry": False})
+            continue
+        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m and cur is not None:
+            cur.update(stack_bytes=int(m.group(1)), spill_stores=int(m.group(2)), spill_loads=int(m.group(3)))
+            continue
+        m = re.search(r"Used (\d+) registers", line)
+        if m and cur is not None:
+            cur["registers"] = int(m.group(1))
+            sm = re.search(r"(\d+) bytes smem", line)
+            cur["shared_bytes"] = int(sm.group(1)) if sm else 0
+            cm = re.findall(r"(\d+) bytes cmem\[\d+\]", line)
+            cur["constant_bytes"] = sum(int(c) for c in cm)
+    for f in funcs.values():
+        for k in ("registers", "stack_bytes", "spill_stores", "spill_loads", "shared_bytes"):
+            f.setdefault(k, 0)
+    return list(funcs.values())
+
+
+def cuda_check(sources: list, arches: list, json_out=None) -> int:
+    """Compile each .cu for each architecture; print a table, write the records; 1 on a spill or a failure."""
+    nvcc = _nvcc()
+    version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1]
+    print(f"{nvcc}: {version}", flush=True)
+    if not sources:
+        print("no .cu files to compile", flush=True)
+    print("| file | arch | kernel | registers | spill stores / loads (B) | stack (B) | shared (B) |")
+    print("|---|---|---|---|---|---|---|", flush=True)
+    records, failures = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for src in sources:
+            cmd = nvcc_command(nvcc, src, os.path.join(tmp, "k.o"), arches)
+            t = time.time()
+            res = subprocess.run(cmd, capture_output=True, text=True)
+            rel = os.path.relpath(src, ROOT)
+            if res.returncode != 0:
+                err = "\n".join(ln for ln in (res.stderr + res.stdout).splitlines() if "error" in ln.lower())
+                failures.append(f"{rel}: compile failed\n{err or res.stderr[-3000:]}")
+                records.append({"file": rel, "arch": ",".join(f"sm_{a}" for a in arches),
+                                "error": err or res.stderr[-3000:]})
+                print(f"| {rel} | {','.join(f'sm_{a}' for a in arches)} | compile failed | | | | |", flush=True)
+                continue
+            funcs = parse_ptxas(res.stderr + res.stdout)
+            names = _demangle([f["mangled"] for f in funcs])
+            for f in funcs:
+                rec = {"kernel": names[f["mangled"]], "file": rel, "compile_s": round(time.time() - t, 1), **f}
+                records.append(rec)
+                spill = rec["spill_stores"] or rec["spill_loads"]
+                if spill:
+                    failures.append(f"{rel} {rec['arch']}: {rec['kernel']} spills {rec['spill_stores']} B / "
+                                    f"{rec['spill_loads']} B")
+                if rec["shared_bytes"] > SHARED_LIMIT:
+                    failures.append(f"{rel} {rec['arch']}: {rec['kernel']} uses {rec['shared_bytes']} B of shared "
+                                    f"memory (limit {SHARED_LIMIT})")
+                kind = "" if f["entry"] else " (device function)"
+                print(f"| {rel} | {rec['arch']} | `{rec['kernel'][:90]}`{kind} | {rec['registers']} | "
+                      f"{rec['spill_stores']} / {rec['spill_loads']}{' **spills**' if spill else ''} | "
+                      f"{rec['stack_bytes']} | {rec['shared_bytes']:,} |", flush=True)
+    if json_out:
+        with open(json_out, "w") as f:
+            json.dump({"nvcc": version, "arches": [f"sm_{a}" for a in arches], "shared_limit": SHARED_LIMIT,
+                       "records": records, "failures": failures}, f, indent=1)
+    for msg in failures:
+        print(msg, file=sys.stderr)
+    n_kernels = sum(1 for r in records if r.get("entry"))
+    print(f"{len(sources)} .cu files, {n_kernels} kernels x architectures, {len(failures)} failures", flush=True)
+    return 1 if failures else 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--problems", default="M,H")
-    ap.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200)")
+    ap.add_argument("--arch", default="90", help="compute capability x 10 (90: H100/H200); with --cuda a "
+                    "comma-separated list (e.g. 90,80)")
     ap.add_argument("--precision", default="ieee", help="comma-separated: ieee, tf32, bf16")
     ap.add_argument("--graphs", default=None, help="graphs to capture launches on (default: the problem's smaller "
                     "count_work graph); extra graphs after a '+', e.g. '+skew@64'")
@@ -220,7 +377,17 @@ def main(argv=None) -> int:
                     help="run the kernels during the capture (slow); by default launches are recorded, not run")
     ap.add_argument("--capture-child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--list", action="store_true", help="print the captured launch configurations and stop")
+    ap.add_argument("--cuda", action="store_true",
+                    help="compile the native CUDA kernels (csrc/cuda/*.cu) with nvcc instead, one record per kernel "
+                         "and architecture; exit 1 on any spill or compile error")
+    ap.add_argument("--sources", default=None, help="with --cuda: comma-separated .cu files (default csrc/cuda/*.cu)")
     args = ap.parse_args(argv)
+
+    if args.cuda:
+        arches = [int(a) for a in str(args.arch).split(",")]
+        srcs = args.sources.split(",") if args.sources else _build_module().cuda_sources(os.path.join(ROOT, "csrc"))
+        return cuda_check([os.path.abspath(s) for s in srcs], arches, args.json)
+    args.arch = int(args.arch)
 
     if args.capture_child:
         with open(args.json, "w") as f:

@@ -25,7 +25,8 @@ def implicit_point_conv(program: KernelProgram, x_src: Tensor, edge_index, edge_
         edge_delta: (E, n) edge vectors (pos_j - pos_i by convention).
         edge_attr: (E, A) edge attributes when the kernel has an attribute type.
         n_dst: number of receivers (default: N_src).
-        backend: "reference", "torch", or "auto"/None ($IK_FAST_BACKEND, else the fastest available).
+        backend: "reference", "torch", "triton", "native", or "auto"/None ($IK_FAST_BACKEND, else the fastest
+            available for this device and graph size: :func:`ik_fast.backends.resolve_backend`).
 
     Returns:
         (out (n_dst, C_out), batch statistics) — the statistics (one (mean, var) per batch-norm layer) are non-empty in
@@ -42,5 +43,5 @@ def implicit_point_conv(program: KernelProgram, x_src: Tensor, edge_index, edge_
                          f"build the layer with batch_norm=False")
     if edge_attr is not None and program.attr_size == 0:
         edge_attr = None
-    name = resolve_backend(backend, x_src.device)
+    name = resolve_backend(backend, x_src.device, graph.num_edges)
     return get_backend(name)(program, x_src, graph, edge_delta, edge_attr)

@@ -52,6 +52,9 @@ PROBLEMS: Dict[str, Problem] = {p.name: p for p in [
             description="foundation CPU problem: 16 x O(3) L<=2 (144 dims), MLP 3x16, 4 attrs, N=2048, k=16"),
     Problem("P", L=1, fields=8, channels=8, graph="qm9", molecules=32, nodes=0, k=0,
             description="QM9: 32 real molecules, all atom pairs, 8 x O(3) L<=1 (32 dims), MLP 3x8, 4 RBF attrs"),
+    Problem("qm9-400", L=1, fields=8, channels=8, graph="qm9", molecules=1, nodes=0, k=0,
+            description="QM9: one molecule (20 atoms, 400 edges: all atom pairs), P's layer; the small-graph case "
+                        "where 'torch' is slower than 'reference'"),
     Problem("M", L=1, fields=8, channels=8, nodes=32768, k=32,
             description="M: 8 x O(3) L<=1 (32 dims), MLP 3x8, 4 attrs, N=32768, k=32 (~1M edges)"),
     Problem("H", L=2, fields=16, channels=16, nodes=8192, k=24,

@@ -5,12 +5,13 @@
 #   bash scripts/run.sh bench   # set up and run the CPU benchmark suite, then plots and the README's results
 #   bash scripts/run.sh setup   # only set up
 # Setup makes .venv with a pinned CPU stack: torch, escnn without py3nj (no Fortran compiler needed; escnn falls
-# back to a numerical Clebsch-Gordan method), NumPy 1 (lie_learn's wheel is built against it) and Triton.
+# back to a numerical Clebsch-Gordan method), NumPy 1 (lie_learn's wheel is built against it) and Triton, then installs
+# ik_fast in place, which builds its native extension (csrc/ -> ik_fast/_C*.so; a C++ compiler and ninja, minutes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV=${IK_FAST_VENV:-.venv}
-STAMP="$VENV/.ik_fast-setup-v4"
+STAMP="$VENV/.ik_fast-setup-v5"
 
 setup() {
   if [ -f "$STAMP" ]; then return; fi
@@ -26,6 +27,8 @@ setup() {
   $pip install "tqdm>=4.60"   # the trainer's progress bar (python -m ik_fast.train)
   # the fused backend's kernels; without a GPU the tests run them in Triton's interpreter (TRITON_INTERPRET=1)
   $pip install "triton>=3.6,<3.10"
+  # the native extension: torch.utils.cpp_extension builds it with ninja; setuptools builds it in place (editable)
+  $pip install ninja "setuptools>=64" wheel
   $pip install --no-deps --no-build-isolation -e .
   touch "$STAMP"
 }

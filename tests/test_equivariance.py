@@ -37,7 +37,7 @@ def test_kernel_constraint(name, kind):
 
 
 @pytest.mark.parametrize("name", list(GSPACES))
-@pytest.mark.parametrize("backend", ["reference", "torch"] + [b for b in ["triton"]
+@pytest.mark.parametrize("backend", ["reference", "torch"] + [b for b in ["triton", "native"]
                                                               if b in ik_fast.available_backends("cpu")])
 def test_layer_equivariance(name, backend):
     gs = get_gspace(name)

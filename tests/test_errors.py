@@ -4,8 +4,11 @@ import pytest
 import torch
 from conftest import field_types, get_gspace, small_graph
 from escnn import nn as enn
+from test_native import _conv, _inputs, _op_args, needs_native
 
 import ik_fast
+
+ERRORS = (RuntimeError, ValueError, TypeError, IndexError)  # what TORCH_CHECK and its variants raise
 
 
 @pytest.fixture(scope="module")
@@ -143,3 +146,82 @@ def test_unsupported_pseudo_irrep_raises_clear_error():
     G = get_gspace("O3").fibergroup
     with pytest.raises(ValueError, match=r"cannot carry the irreps \[\(1, 0\)\]"):
         _groups._check_carried(G, G.bl_sphere_representation(L=1), {(1, 0)})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the native backend: through the layer (checked in Python before any kernel) and through the raw ops (its kernels'
+# own checks, TORCH_CHECK)
+# ----------------------------------------------------------------------------------------------------------------
+@needs_native
+def test_layer_errors_name_the_argument():
+    conv, gs, attr_t = _conv("O3", "mixed_attr", dtype=torch.float32, backend="native")
+    conv.eval()
+    pos, ei, x, a = _inputs(conv, gs, attr_t, dtype=torch.float32)
+    with pytest.raises(ValueError, match="x must have shape"):
+        conv(x[:, :-1], ei, edge_attr=a, pos=pos)
+    bad = ei.clone()
+    bad[1, 3] = x.shape[0]
+    with pytest.raises(ValueError, match=r"edge_index\[1\]"):
+        conv(x, bad, edge_attr=a, pos=pos)
+    with pytest.raises(ValueError, match="edge_attr must have shape"):
+        conv(x, ei, edge_attr=a[:-1], pos=pos)
+    p = pos.clone()
+    p[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="pos contains NaN"):
+        conv(x, ei, edge_attr=a, pos=p)
+    with pytest.raises(TypeError, match="x has dtype"):
+        conv(x.double(), ei, edge_attr=a, pos=pos)
+
+
+def _bad_args():
+    """(argument name, a function that breaks a copy of the op's arguments)."""
+    def setitem(i, f):
+        def g(args):
+            args[i] = f(args)
+        return g
+
+    return [
+        ("x", setitem(0, lambda a: a[0][:, :-1])),                              # columns != final_weight's C_in
+        ("x", setitem(0, lambda a: a[0].float())),                              # dtype != the program's
+        ("inp", setitem(1, lambda a: a[1][:, :-1])),                            # width != first weight's H_in
+        ("src", setitem(2, lambda a: a[2][:-1])),                               # length != inp's rows
+        ("src", setitem(2, lambda a: a[2].int())),                              # not int64
+        ("rowptr", setitem(3, lambda a: a[3][:-1].clone().fill_(0))),           # does not end at E
+        ("biases", setitem(5, lambda a: a[5][:-1])),                            # one list shorter
+        ("final_weight", setitem(8, lambda a: a[8][:, :-1])),                   # H != last hidden width
+        ("final_bias", setitem(9, lambda a: a[9][:-1])),                        # R != final_weight's
+        ("final_mask", setitem(13, lambda a: a[13][:, :1])),                    # shape != final_weight's
+        ("hidden", setitem(14, lambda a: torch.zeros(3, 2, dtype=a[0].dtype))),  # shape != (E, H)
+    ]
+
+
+@needs_native
+@pytest.mark.parametrize("which", range(11))
+def test_raw_op_errors_name_the_argument(which):
+    """The kernels check what Python does not (they are reachable as torch.ops.ik_fast.native_*): each faulty
+    argument gives an error (a TORCH_CHECK) whose message names it, instead of a crash or a wrong result."""
+    name, breaker = _bad_args()[which]
+    conv, gs, attr_t = _conv()
+    conv.eval()
+    args = _op_args(conv, *_inputs(conv, gs, attr_t), grad=False)
+    breaker(args)
+    with pytest.raises(ERRORS, match=rf"\b{name}\b"):
+        torch.ops.ik_fast.native_conv(*args)
+    if name != "hidden":
+        grad = torch.randn(args[3].shape[0] - 1, args[8].shape[0], dtype=torch.float64)
+        with pytest.raises(ERRORS, match=rf"\b{name}\b"):
+            torch.ops.ik_fast.native_conv_backward(grad, *args[:14])
+
+
+@needs_native
+def test_raw_moments_op_errors_name_the_argument():
+    conv, gs, attr_t = _conv()
+    conv.train()
+    args = _op_args(conv, *_inputs(conv, gs, attr_t), grad=False)
+    inp, ws, bs, A, Ai = args[1], args[4], args[5], args[6], args[7]
+    with pytest.raises(ERRORS, match=r"\binp\b"):
+        torch.ops.ik_fast.native_trunk_moments(inp[:, :-1], ws, bs, A, Ai, False)
+    with pytest.raises(ERRORS, match=r"\bbiases\b"):
+        torch.ops.ik_fast.native_trunk_moments(inp, ws, bs[:-1], A, Ai, False)
+    with pytest.raises(ERRORS, match=r"\bweights\b"):
+        torch.ops.ik_fast.native_trunk_moments(inp, [w.float() for w in ws], bs, A, Ai, False)

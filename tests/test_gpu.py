@@ -155,3 +155,82 @@ def test_triton_deterministic_and_compiles_on_cuda():
     eager = torch.ops.ik_fast.triton_conv(*args)
     compiled = torch.compile(lambda *a: torch.ops.ik_fast.triton_conv(*a), fullgraph=True)(*args)
     assert rel(compiled, eager) < 1e-6
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the native backend's CUDA kernels (csrc/cuda), natively on the GPU (on CPU its C++ kernels: test_native.py)
+# ---------------------------------------------------------------------------------------------------------------
+def _native_or_skip():
+    if "native" not in ik_fast.available_backends("cuda"):
+        from ik_fast import ops
+
+        pytest.skip(f"native CUDA kernels unavailable: {ops.status('native', 'cuda')}")
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("name", ["O3", "SO3", "Ih", "O2", "C8", "full_cylinder"])
+def test_native_matches_reference_on_cuda(name, mode):
+    _native_or_skip()
+    conv, pos, ei, x, a = _layer_and_graph(name, dtype=torch.float64)
+    getattr(conv, mode)()
+    state = {k: v.clone() for k, v in conv.state_dict().items()}
+    ref = _fwd_bwd(conv, "reference", pos, ei, x, a)
+    conv.load_state_dict(state)
+    got = _fwd_bwd(conv, "native", pos, ei, x, a)
+    for r, g in zip(ref, got):
+        assert rel(g, r) < 1e-10
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_native_float32_within_1e_5_on_cuda(mode):
+    """IEEE float32 ("highest") within 1e-5 relative of the float64 reference, forward and every gradient; TF32 and
+    bf16 coarser but bounded."""
+    _native_or_skip()
+    conv, pos, ei, x, a = _layer_and_graph("O3", dtype=torch.float64)
+    getattr(conv, mode)()
+    state = {k: v.clone() for k, v in conv.state_dict().items()}
+    ref = _fwd_bwd(conv, "reference", pos, ei, x, a)
+    c32 = conv.float()
+    c32.load_state_dict(state)
+    old = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        got = _fwd_bwd(c32, "native", pos.float(), ei, x.float(), a.float())
+        errs = [rel(g.double(), r) for g, r in zip(got, ref)]
+        torch.set_float32_matmul_precision("high")
+        c32.load_state_dict(state)
+        etf = rel(_fwd_bwd(c32, "native", pos.float(), ei, x.float(), a.float())[0].double(), ref[0])
+    finally:
+        torch.set_float32_matmul_precision(old)
+    print(f"native float32 errors {max(errs):.2e}, tf32 forward {etf:.2e}")
+    assert max(errs) < 1e-5 and etf < 1e-2
+
+
+def test_native_double_backward_deterministic_and_compiles_on_cuda():
+    _native_or_skip()
+    conv, pos, ei, x, a = _layer_and_graph("O3")
+    conv.train()
+    torch.use_deterministic_algorithms(True)
+    try:
+        g1 = _fwd_bwd(conv, "native", pos, ei, x, a)
+        g2 = _fwd_bwd(conv, "native", pos, ei, x, a)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for u, v in zip(g1, g2):
+        assert torch.equal(u, v)
+    conv.eval().backend = "native"
+    p = pos.clone().requires_grad_()
+    out = conv(x, ei, edge_attr=a, pos=p)
+    forces = torch.autograd.grad(out.square().sum(), p, create_graph=True)[0]
+    forces.square().sum().backward()
+    assert all(torch.isfinite(q.grad).all() for q in conv.parameters() if q.grad is not None)
+    from ik_fast.graph import prepare_graph
+
+    prog = conv.kernel.program()
+    g = prepare_graph(ei, x.shape[0], x.shape[0])
+    inp = prog.mlp_input(pos[ei[0]] - pos[ei[1]], a)[g.perm].contiguous()
+    args = (x, inp, g.src[g.perm].contiguous(), g.rowptr, *prog.packed([], x.dtype).args(), None)
+    eager = torch.ops.ik_fast.native_conv(*args)
+    compiled = torch.compile(lambda *a: torch.ops.ik_fast.native_conv(*a), fullgraph=True)(*args)
+    assert rel(compiled, eager) < 1e-6
+    torch.library.opcheck(torch.ops.ik_fast.native_conv, args)

@@ -414,7 +414,7 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
     with pytest.raises(RuntimeError, match="backend 'triton' does not run here: .*run on CUDA devices"):
         conv(x, ei, edge_attr=a, pos=pos)
     assert "triton" not in ik_fast.available_backends("cpu")
-    assert ik_fast.backends.resolve_backend("auto", "cpu") == "torch"
+    assert ik_fast.backends.resolve_backend("auto", "cpu") in ("torch", "native")  # never triton on CPU
 
 
 def test_failed_implementation_keeps_its_reason():
@@ -433,7 +433,8 @@ def test_auto_uses_torch_until_a_gpu_benchmark_shows_a_fused_backend_faster():
     B._warned.clear()
     with pytest.warns(RuntimeWarning, match="'auto' uses 'torch' on cuda .*triton: "):
         assert B.resolve_backend("auto", "cuda") == "torch"
-    assert B.resolve_backend("auto", "cpu") == "torch"
+    assert B.resolve_backend("auto", "cpu") == ("native" if "native" in ik_fast.available_backends("cpu")
+                                                else "torch")
 
 
 def test_float16_falls_back_to_torch_with_a_warning():

@@ -7,23 +7,32 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 
 from .. import ops
 from .factorized import implicit_conv_torch
 from .fused import TRITON, implicit_conv_triton
+from .native import NATIVE, implicit_conv_native
 from .reference import implicit_conv_reference
 
-__all__ = ["available_backends", "get_backend", "resolve_backend", "unavailable_reason", "BACKENDS"]
+__all__ = ["available_backends", "get_backend", "resolve_backend", "unavailable_reason", "BACKENDS",
+           "CPU_SMALL_GRAPH_EDGES"]
 
 BACKENDS: Dict[str, Callable] = {"reference": implicit_conv_reference, "torch": implicit_conv_torch,
-                                  TRITON: implicit_conv_triton}
-_FUSED = (TRITON,)
+                                  TRITON: implicit_conv_triton, NATIVE: implicit_conv_native}
+_FUSED = (TRITON, NATIVE)
 # "auto" picks a fused backend on a device only where a committed benchmark (benchmarks/results/) measured it faster
-# than "torch" on that kind of device. No GPU has run the fused kernels yet, so today "auto" is "torch" everywhere.
-_MEASURED_FASTER: Dict[str, tuple] = {"cuda": (), "cpu": ()}
+# than "torch" on that kind of device. CPU: "native" (the C++ kernels), measured faster than "torch" (and than
+# "reference") on every problem of the committed CPU benchmark. CUDA: no GPU has run the fused kernels yet (neither
+# Triton's nor the native CUDA ones), so "auto" never picks them there.
+_MEASURED_FASTER: Dict[str, tuple] = {"cuda": (), "cpu": (NATIVE,)}
+# Without a fused backend, "auto" on CPU picks "reference" for graphs of fewer edges than this and "torch" otherwise:
+# on small graphs "torch" pays for many small operators and is slower than "reference" (python -m ik_fast.bench
+# --problems qm9-400,... --providers reference,torch; see the README's "Backends"). Only where the edge count is
+# known when the backend is chosen (an eager call; inside torch.compile the choice does not depend on the size).
+CPU_SMALL_GRAPH_EDGES = 2000
 _warned = set()
 
 
@@ -40,9 +49,11 @@ def available_backends(device=None) -> List[str]:
     return [name for name in BACKENDS if not unavailable_reason(name, dev)]
 
 
-def resolve_backend(name, device) -> str:
-    """The backend to run: ``name``, else $IK_FAST_BACKEND, else "auto" (the fastest available, warning once
-    when it falls back from a fused backend)."""
+def resolve_backend(name, device, num_edges: Optional[int] = None) -> str:
+    """The backend to run: ``name``, else $IK_FAST_BACKEND, else "auto": the first fused backend measured faster
+    than "torch" on the device that runs here, else "torch" — on CPU "reference" for graphs of fewer than
+    :data:`CPU_SMALL_GRAPH_EDGES` edges when ``num_edges`` is given. Warns once per device type when "auto" falls
+    back from the fused backends, saying why each was not taken."""
     if name is None:
         name = os.environ.get("IK_FAST_BACKEND", "auto")
     if not isinstance(name, str):
@@ -50,13 +61,16 @@ def resolve_backend(name, device) -> str:
     if name == "auto":
         dev = torch.device(device)
         fast = [n for n in _MEASURED_FASTER.get(dev.type, ()) if not unavailable_reason(n, dev)]
-        choice = fast[0] if fast else "torch"
-        key = (choice, dev.type)
-        if not fast and key not in _warned:
-            _warned.add(key)
+        if fast:
+            return fast[0]
+        small = dev.type == "cpu" and num_edges is not None and num_edges < CPU_SMALL_GRAPH_EDGES
+        choice = "reference" if small else "torch"
+        if dev.type not in _warned:
+            _warned.add(dev.type)
             unmeasured = "runs here, but no committed benchmark measured it faster than 'torch' on this device"
             reasons = "; ".join(f"{n}: {unavailable_reason(n, dev) or unmeasured}" for n in _FUSED)
-            warnings.warn(f"ik_fast: backend 'auto' uses 'torch' on {dev.type} ({reasons})", RuntimeWarning,
+            rule = f" ('reference' below {CPU_SMALL_GRAPH_EDGES} edges)" if dev.type == "cpu" else ""
+            warnings.warn(f"ik_fast: backend 'auto' uses 'torch' on {dev.type}{rule} ({reasons})", RuntimeWarning,
                           stacklevel=3)
         return choice
     if name not in BACKENDS:
