@@ -117,6 +117,13 @@ void run_items(int64_t n_items, const F& fn) {
   });
 }
 
+// per-thread buffers, kept from call to call (the pool's threads persist): a small graph's call allocates nothing
+template <typename S>
+S& scratch() {
+  static thread_local S s;
+  return s;
+}
+
 struct Item {
   int64_t r0, r1;  // receivers
   int64_t e0, e1;  // their edges
@@ -592,8 +599,6 @@ Tensor conv_impl(const Tensor& x_, const Tensor& inp_, const Tensor& src_, const
   const T* ph = hidden.defined() ? hidden.data_ptr<T>() : nullptr;
   const int64_t H = cv.tr.width();
   const auto items = conv_items(cv, n_dst);
-  const int64_t nt = at::get_num_threads();
-  std::vector<ConvTile<T>> tiles(nt);
   T* po = out.data_ptr<T>();
   const int64_t zs = cv.plan->zsize, R = cv.R, C = cv.C;
   std::vector<T> BT(cv.B.size());  // every pair's block of W' transposed, (K x nr)
@@ -605,7 +610,7 @@ Tensor conv_impl(const Tensor& x_, const Tensor& inp_, const Tensor& src_, const
   run_items(static_cast<int64_t>(items.size()), [&](int64_t ii, int64_t tid) {
     const Item& it = items[ii];
     if (it.e0 == it.e1) return;
-    ConvTile<T>& W = tiles[tid];
+    ConvTile<T>& W = scratch<ConvTile<T>>();
     const int64_t nr = it.r1 - it.r0;
     std::fill_n(grow(W.Z, nr * zs), nr * zs, T(0));
     std::fill_n(grow(W.z, nr * C), nr * C, T(0));
@@ -666,14 +671,13 @@ std::vector<Tensor> conv_backward_impl(const Tensor& grad_, const Tensor& x_, co
   Tensor dinp = at::zeros({E, cv.n_in}, inp.options());
   T* pdi = dinp.data_ptr<T>();
   const int64_t nt = at::get_num_threads();
-  std::vector<ConvTile<T>> tiles(nt);
   std::vector<ConvGrads<T>> acc(nt);
   const auto items = E > 0 ? conv_items(cv, n_dst) : std::vector<Item>{};
   const T minus2coef = T(-2) * cv.coef;
   run_items(static_cast<int64_t>(items.size()), [&](int64_t ii, int64_t tid) {
     const Item& it = items[ii];
     if (it.e0 == it.e1) return;
-    ConvTile<T>& W = tiles[tid];
+    ConvTile<T>& W = scratch<ConvTile<T>>();
     ConvGrads<T>& A = acc[tid];
     if (!A.used) {
       A.used = true;
@@ -839,11 +843,10 @@ std::tuple<Tensor, Tensor> trunk_moments_impl(const Tensor& inp_, TensorList wei
   T* pa = with_activation ? act.data_ptr<T>() : nullptr;
   const T* pi = inp.data_ptr<T>();
   std::vector<double> part(n_tiles * 2 * H);  // per tile: mean, sum of squared deviations (tile layout)
-  std::vector<TrunkTile<T>> tiles(at::get_num_threads());
   const auto& lp = tr.last_perm();
   run_items(n_tiles, [&](int64_t i, int64_t tid) {
     const int64_t e0 = i * t, n = std::min(E, e0 + t) - e0;
-    TrunkTile<T>& S = tiles[tid];
+    TrunkTile<T>& S = scratch<TrunkTile<T>>();
     trunk_forward(tr, pi + e0 * n_in, n_in, n, S);
     const T* h = S.X.back().data();
     double* mean = part.data() + i * 2 * H;
@@ -858,9 +861,11 @@ std::tuple<Tensor, Tensor> trunk_moments_impl(const Tensor& inp_, TensorList wei
       mean[r] = mu;
       m2[r] = ss;
     }
-    if (pa != nullptr)
-      for (int64_t r = 0; r < H; ++r)
-        for (int64_t e = 0; e < n; ++e) pa[(e0 + e) * H + lp[r]] = h[r * n + e];
+    if (pa != nullptr)  // row by row of the output (the tile, read across, stays in cache)
+      for (int64_t e = 0; e < n; ++e) {
+        T* row = pa + (e0 + e) * H;
+        for (int64_t r = 0; r < H; ++r) row[lp[r]] = h[r * n + e];
+      }
   });
   // merge the tiles in order (Chan et al.): deterministic whatever thread ran which tile
   Tensor mom = at::zeros({2, H}, inp.options());
