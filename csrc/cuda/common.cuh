@@ -22,6 +22,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <cstdint>
+#include <type_traits>
 #include <string>
 #include <vector>
 
@@ -105,6 +106,109 @@ __device__ __forceinline__ void block_mm(int nb, int M, int N, int K, const T* A
   }
 }
 
+// The TF32 tensor-core variant of block_mm (float only, sm_80+): each warp takes 16 x 16 tiles of (batch, M, N) in
+// turn and accumulates them over K with mma.sync.m16n8k8 (two n8 halves sharing the A fragment), operands rounded
+// to TF32 (cvt.rna) and products accumulated in float32. Operands are read element by element through aoff / boff
+// (no ldmatrix), in the fragment layout of the PTX ISA for .tf32 (g = lane / 4, t = lane % 4):
+//   A (16 x 8, row):  a0 (g, t), a1 (g + 8, t), a2 (g, t + 4), a3 (g + 8, t + 4)
+//   B (8 x 8, col):   b0 (k = t, n = g), b1 (k = t + 4, n = g)
+//   C (16 x 8):       c0 (g, 2t), c1 (g, 2t + 1), c2 (g + 8, 2t), c3 (g + 8, 2t + 1)
+// k >= K reads as zero in both operands; rows / columns past M / N read row / column 0 and are not stored. The loops
+// are warp-uniform (mma.sync needs the whole warp). Same store contract as block_mm.
+__device__ __forceinline__ uint32_t to_tf32(float x) {
+  uint32_t r;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  r = __float_as_uint(x);
+  __trap();  // the extension is built for sm_80 and newer only
+#else
+  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
+#endif
+  return r;
+}
+
+__device__ __forceinline__ void mma_tf32(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                         uint32_t b0, uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __trap();
+#else
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#endif
+}
+
+template <typename AOff, typename BOff, typename Store>
+__device__ __forceinline__ void block_mm_tf32(int nb, int M, int N, int K, const float* A, AOff aoff, int aks,
+                                              const float* __restrict__ B, BOff boff, int bks, Store store) {
+  const int lane = threadIdx.x & 31;
+  const int g = lane >> 2;
+  const int t = lane & 3;
+  const int mt = (M + 15) / 16;
+  const int nt = (N + 15) / 16;
+  const int total = nb * mt * nt;
+  for (int w = threadIdx.x >> 5; w < total; w += blockDim.x >> 5) {
+    const int ni = w % nt;
+    const int rest = w / nt;
+    const int mi = rest % mt;
+    const int bi = rest / mt;
+    const int r0 = mi * 16 + g;
+    const int r1 = r0 + 8;
+    const int ao0 = aoff(bi, r0 < M ? r0 : 0);
+    const int ao1 = aoff(bi, r1 < M ? r1 : 0);
+    int bo[2];
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const int n = ni * 16 + 8 * j + g;
+      bo[j] = boff(bi, n < N ? n : 0);
+    }
+    float acc[2][4];
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) acc[j][q] = 0.f;
+    for (int k0 = 0; k0 < K; k0 += 8) {
+      const int ka = k0 + t;
+      const int kb = ka + 4;
+      const bool va = ka < K;
+      const bool vb = kb < K;
+      const uint32_t a0 = to_tf32(va ? A[ao0 + ka * aks] : 0.f);
+      const uint32_t a1 = to_tf32(va ? A[ao1 + ka * aks] : 0.f);
+      const uint32_t a2 = to_tf32(vb ? A[ao0 + kb * aks] : 0.f);
+      const uint32_t a3 = to_tf32(vb ? A[ao1 + kb * aks] : 0.f);
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const uint32_t b0 = to_tf32(va ? B[bo[j] + ka * bks] : 0.f);
+        const uint32_t b1 = to_tf32(vb ? B[bo[j] + kb * bks] : 0.f);
+        mma_tf32(acc[j], a0, a1, a2, a3, b0, b1);
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const int c0 = ni * 16 + 8 * j + 2 * t;
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const int m = q < 2 ? r0 : r1;
+        const int n = c0 + (q & 1);
+        if (m < M && n < N) store(bi, m, n, acc[j][q]);
+      }
+    }
+  }
+}
+
+// block_mm in IEEE FFMA (TC = false, any T) or on TF32 tensor cores (TC = true, T = float).
+template <bool TC, int TM, int TN, typename T, typename AOff, typename BOff, typename Store>
+__device__ __forceinline__ void mm(int nb, int M, int N, int K, const T* A, AOff aoff, int aks,
+                                   const T* __restrict__ B, BOff boff, int bks, Store store) {
+  if constexpr (TC) {
+    static_assert(std::is_same<T, float>::value, "the TF32 path is for float32 operands");
+    block_mm_tf32(nb, M, N, K, A, aoff, aks, B, boff, bks, store);
+  } else {
+    block_mm<TM, TN>(nb, M, N, K, A, aoff, aks, B, boff, bks, store);
+  }
+}
+
 // One hidden layer of the kernel MLP as the trunk kernels read it (pointers into tensors the host prepared in the
 // compute dtype, contiguous):
 //   w     dense (cw_d == 0): W^T (hin, hout) row-major; componentwise (cw_d = D > 0): (D, cin, cout), i.e. the op's
@@ -144,11 +248,29 @@ struct TrunkArgs {
 // ------------------------------------------------------------------------------------------------------------------
 // host helpers
 // ------------------------------------------------------------------------------------------------------------------
+// f(std::true_type) for float when tc (the TF32 kernels), else f(std::false_type) (IEEE FFMA in T).
+template <typename T, typename F>
+inline void dispatch_tc(bool tc, F&& f) {
+  if constexpr (std::is_same<T, float>::value) {
+    if (tc) {
+      f(std::true_type{});
+      return;
+    }
+  }
+  f(std::false_type{});
+}
+
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // The compute dtype: float64 stays float64, everything else (float32, and bf16 / half inputs) computes in float32.
 inline at::ScalarType compute_dtype(const at::Tensor& t) {
   return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Whether float32 GEMMs of the custom kernels may use TF32 tensor cores: PyTorch's own switch for matmuls,
+// torch.set_float32_matmul_precision ("highest" -> IEEE FFMA; "high" / "medium" -> TF32).
+inline bool use_tf32(at::ScalarType st) {
+  return st == at::kFloat && at::globalContext().float32MatmulPrecision() != at::Float32MatmulPrecision::HIGHEST;
 }
 
 // t in dtype st, contiguous, on t's device (no copy when it already is).

@@ -37,18 +37,23 @@
 //     (u = y A^T and du recomputed per chunk in shared memory, 3 (be, H|1) tiles + scratch) or the pointwise ELU's;
 //     dW_k = dy_k^T a_{k-1}, db_k = sum_e dy_k, da_{k-1} = dy_k W_k through ATen (cuBLAS mm / bmm for componentwise
 //     weights): deterministic weight gradients, no atomics.
-//  4. d inp = da_0 + the radial term (-2 coef s_e ds_e d_e on the first ndim columns); d coef = -sum_e s_e ds_e |d_e|^2;
+//  4. d inp = da_0 + the radial term (-2 coef s_e ds_e d_e on the first ndim columns);
+//     d coef = -sum_e s_e ds_e |d_e|^2;
 //     dW_F = dW_aug[:, :H C] * mask (zero outside the structure), dB_F = dW_aug[:, H C:].
 //
 // trunk_moments(inp, ...): step 2 of the forward (writing the activation), then column mean and sum of squared
 // deviations with ATen (deterministic).
 //
-// PRECISION: the custom kernels compute in IEEE FFMA in the compute dtype (float64 inputs in float64; float32 in
-// float32; bf16 / half inputs are computed in float32 and the results cast back). No tensor-core path in the custom
-// kernels yet: under torch.set_float32_matmul_precision("high") they still compute in IEEE float32 (more accurate
-// than TF32, and slower). The cuBLAS GEMMs (contraction with W_aug, trunk weight gradients) are ATen calls and so
-// follow PyTorch's own switches (TF32 when allowed by float32MatmulPrecision / allow_tf32).
-//
+// PRECISION: float64 inputs compute in float64 (IEEE FFMA throughout). float32 inputs follow PyTorch's matmul switch,
+// at::globalContext().float32MatmulPrecision() (torch.set_float32_matmul_precision):
+//   "highest" (the default): every custom-kernel GEMM in IEEE float32 FFMA (block_mm, 4 x 4 / 2 x 2 register tiles);
+//   "high" / "medium": the trunk's GEMMs (Linears, both Fourier GEMMs forward and backward) and the per-edge
+//     backward's two GEMMs on TF32 tensor cores (mma.sync.m16n8k8, operands rounded with cvt.rna, float32
+//     accumulation; block_mm_tf32 in common.cuh). The ELU, the Z kernel (a rank-1 update per edge) and every
+//     reduction stay IEEE float32.
+// The cuBLAS GEMMs (contraction with W_aug, the trunk's weight gradients) are ATen calls and follow the same switch
+// through ATen. bf16 / half inputs are computed in float32 (under the same switch) and the results cast back; there is
+// no bf16-operand path.
 // INPUT LAYOUT ASSUMPTIONS (not checked on the device, which would need a synchronisation): rowptr is
 // non-decreasing with rowptr[0] = 0 and rowptr[n_dst] = E; every src entry lies in [0, x.size(0)). rowptr and src
 // may be int32 or int64 (converted to int64). Tensors may be non-contiguous (copied).
@@ -139,7 +144,7 @@ __global__ void __launch_bounds__(kZThreads)
 // Per-edge backward of the contraction for one tile of <= te edges of one receiver i (receivers r0 .. r1 - 1 of the
 // chunk, dZ (nr, H + 1, C) their gradient of Z). Writes dh (E, H) = s_e G_e[:H] and ds (E,) for the tile's edges,
 // and adds s_e dZ_i^T [h_e, 1] into dx[src_e] atomically.
-template <typename T>
+template <typename T, bool TC>
 __global__ void __launch_bounds__(kEdgeThreads)
     ik_contract_edge_backward_kernel(const T* __restrict__ dZ, const T* __restrict__ h, const T* __restrict__ s,
                                      const T* __restrict__ x, const int64_t* __restrict__ src,
@@ -197,7 +202,7 @@ __global__ void __launch_bounds__(kEdgeThreads)
     }
     __syncthreads();
     // G (ne x hc) = xs (ne x C) . dz^T (C x hc): dh and the ds partial sums
-    block_mm<2, 2>(
+    mm<TC, 2, 2>(
         1, ne, hc, C, xs, [=](int, int m) { return m * ldc; }, 1, dz, [=](int, int n) { return n * ldc; }, 1,
         [=](int, int m, int n, T v) {
           const int j = j0 + n;
@@ -205,7 +210,7 @@ __global__ void __launch_bounds__(kEdgeThreads)
           atomicAdd(dsa + m, v * hr[m * ldh + n]);
         });
     // dx accumulator (ne x C) += hr (ne x hc) . dz (hc x C)
-    block_mm<2, 2>(
+    mm<TC, 2, 2>(
         1, ne, C, hc, hr, [=](int, int m) { return m * ldh; }, 1, dz, [=](int, int n) { return n; }, ldc,
         [=](int, int m, int n, T v) { dxa[m * ldc + n] += v; });
   }
@@ -368,15 +373,15 @@ int edge_tile(int64_t C, size_t elem) {
   return te;
 }
 
-template <typename T>
+template <typename T, bool TC>
 void launch_edge_backward(const ConvInputs& c, const at::Tensor& dZ, const at::Tensor& h, const at::Tensor& s,
                           const at::Tensor& tile_ptr, at::Tensor& dh, at::Tensor& ds, at::Tensor& dx, int64_t r0,
                           int64_t nr, int te) {
   const size_t smem = edge_smem(te, c.C, sizeof(T));
-  allow_smem(ik_contract_edge_backward_kernel<T>, smem);
+  allow_smem(ik_contract_edge_backward_kernel<T, TC>, smem);
   // at most one partial tile per receiver: E / te + nr tiles bound the chunk's
   const int64_t blocks = ceil_div(c.E, te) + nr;
-  ik_contract_edge_backward_kernel<T><<<static_cast<unsigned>(blocks), kEdgeThreads, smem,
+  ik_contract_edge_backward_kernel<T, TC><<<static_cast<unsigned>(blocks), kEdgeThreads, smem,
                                         current_stream()>>>(
       dZ.data_ptr<T>(), h.data_ptr<T>(), s.data_ptr<T>(), c.x.data_ptr<T>(), c.src.data_ptr<int64_t>(),
       c.rowptr.data_ptr<int64_t>(), tile_ptr.data_ptr<int64_t>(), dh.data_ptr<T>(), ds.data_ptr<T>(),
@@ -455,6 +460,7 @@ std::vector<at::Tensor> native_conv_backward_cuda(
     std::tie(r2, s) = radial(c, norm);
     const at::Tensor W = waug(c);
     const size_t elem = c.st == at::kDouble ? 8 : 4;
+    const bool tc = use_tf32(c.st);
     const int te = edge_tile(c.C, elem);
     // tiles of te edges per receiver, and their prefix sum (on the device: no synchronisation)
     const at::Tensor deg = c.rowptr.narrow(0, 1, c.n_dst) - c.rowptr.narrow(0, 0, c.n_dst);
@@ -472,7 +478,9 @@ std::vector<at::Tensor> native_conv_backward_cuda(
       dW.addmm_(gc.t(), Zc);   // dW_aug += grad_c^T Z_c
       at::mm_out(Zc, gc, W);   // dZ_c = grad_c W_aug (over Z, which is consumed)
       AT_DISPATCH_FLOATING_TYPES(c.st, "ik_contract_edge_backward", [&] {
-        launch_edge_backward<scalar_t>(c, Zc, h, s, tile_ptr, dh, ds, dx, r0, n, te);
+        dispatch_tc<scalar_t>(tc, [&](auto tcv) {
+          launch_edge_backward<scalar_t, decltype(tcv)::value>(c, Zc, h, s, tile_ptr, dh, ds, dx, r0, n, te);
+        });
       });
     }
     // the trunk's backward from dh, then the radial shell s = norm exp(-coef r2)

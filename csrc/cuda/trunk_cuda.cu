@@ -29,14 +29,14 @@ namespace ik_fast_cuda {
 // ------------------------------------------------------------------------------------------------------------------
 
 // Y = X W^T + b on the tile (rows 0 .. be-1, row stride ld).
-template <typename T>
+template <bool TC, typename T>
 __device__ __forceinline__ void linear_tile(const LayerDesc<T>& L, const T* X, T* Y, int be, int ld) {
   const T* __restrict__ w = L.w;
   const T* __restrict__ b = L.b;
   const int hin = L.hin;
   const int hout = L.hout;
   if (L.cw_d == 0) {
-    block_mm<4, 4>(
+    mm<TC, 4, 4>(
         1, be, hout, hin, X, [=](int, int m) { return m * ld; }, 1, w, [=](int, int n) { return n; }, hout,
         [=](int, int m, int n, T v) { Y[m * ld + n] = v + b[n]; });
   } else {
@@ -44,7 +44,7 @@ __device__ __forceinline__ void linear_tile(const LayerDesc<T>& L, const T* X, T
     const int D = L.cw_d;
     const int cin = hin / D;
     const int cout = hout / D;
-    block_mm<4, 4>(
+    mm<TC, 4, 4>(
         D, be, cout, cin, X, [=](int a, int m) { return m * ld + a; }, D, w,
         [=](int a, int n) { return a * cin * cout + n; }, cout,
         [=](int a, int m, int n, T v) { Y[m * ld + n * D + a] = v + b[n * D + a]; });
@@ -52,7 +52,7 @@ __device__ __forceinline__ void linear_tile(const LayerDesc<T>& L, const T* X, T
 }
 
 // X = FourierELU(Y) per channel of fd components: X_c = elu(Y_c A^T) (A^+)^T, through the scratch U.
-template <typename T>
+template <bool TC, typename T>
 __device__ __forceinline__ void fourier_elu_tile(const LayerDesc<T>& L, const T* Y, T* X, T* U, int be, int ld,
                                                  int gc, int su) {
   const T* __restrict__ at = L.at;
@@ -67,7 +67,7 @@ __device__ __forceinline__ void fourier_elu_tile(const LayerDesc<T>& L, const T*
     for (int g0 = 0; g0 < G; g0 += gc) {
       const int gcc = min(gc, G - g0);
       // U (mc x gcc) = elu(Y_rows (mc x fd) . A^T[:, g0 .. g0 + gcc])
-      block_mm<4, 4>(
+      mm<TC, 4, 4>(
           1, mc, gcc, fd, Y,
           [=](int, int m) {
             const int r = m0 + m;
@@ -76,7 +76,7 @@ __device__ __forceinline__ void fourier_elu_tile(const LayerDesc<T>& L, const T*
           1, at, [=](int, int n) { return g0 + n; }, G, [=](int, int m, int n, T v) { U[m * gc + n] = elu(v); });
       __syncthreads();
       // X_rows (mc x fd) (+)= U (mc x gcc) . (A^+)^T[g0 .. g0 + gcc, :]
-      block_mm<4, 4>(
+      mm<TC, 4, 4>(
           1, mc, fd, gcc, U, [=](int, int m) { return m * gc; }, 1, ainvt, [=](int, int n) { return g0 * fd + n; },
           fd, [=](int, int m, int n, T v) {
             const int r = m0 + m;
@@ -111,7 +111,7 @@ __device__ __forceinline__ void load_rows(T* S, int ld, const T* __restrict__ in
 // ------------------------------------------------------------------------------------------------------------------
 // kernels
 // ------------------------------------------------------------------------------------------------------------------
-template <typename T>
+template <typename T, bool TC>
 __global__ void __launch_bounds__(kTrunkThreads) ik_trunk_forward_kernel(const __grid_constant__ TrunkArgs<T> a) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* X = reinterpret_cast<T*>(smem_raw);
@@ -124,12 +124,12 @@ __global__ void __launch_bounds__(kTrunkThreads) ik_trunk_forward_kernel(const _
   int width = a.hin0;
   for (int k = 0; k < a.nl; ++k) {
     const LayerDesc<T>& L = a.layer[k];
-    linear_tile(L, X, Y, a.be, a.ld);
+    linear_tile<TC>(L, X, Y, a.be, a.ld);
     __syncthreads();
     width = L.hout;
     if (L.save_y != nullptr) store_rows(Y, a.ld, L.save_y, e0, ne, width);
     if (L.fd > 0) {
-      fourier_elu_tile(L, Y, X, U, a.be, a.ld, a.gc, a.su);  // ends with a barrier
+      fourier_elu_tile<TC>(L, Y, X, U, a.be, a.ld, a.gc, a.su);  // ends with a barrier
     } else {
       for (int idx = threadIdx.x; idx < a.be * width; idx += blockDim.x) {
         const int e = idx / width;
@@ -144,7 +144,7 @@ __global__ void __launch_bounds__(kTrunkThreads) ik_trunk_forward_kernel(const _
 }
 
 // dy (E, H) of a Fourier ELU of fd-component channels given its input y and the gradient da of its output.
-template <typename T>
+template <typename T, bool TC>
 __global__ void __launch_bounds__(kTrunkThreads)
     ik_fourier_elu_backward_kernel(const T* __restrict__ y, const T* __restrict__ da, T* __restrict__ dy,
                                    const T* __restrict__ at, const T* __restrict__ ainv, const T* __restrict__ A,
@@ -171,17 +171,17 @@ __global__ void __launch_bounds__(kTrunkThreads)
     for (int g0 = 0; g0 < G; g0 += gc) {
       const int gcc = min(gc, G - g0);
       // U = Y_rows A^T[:, chunk]   (the grid values u)
-      block_mm<4, 4>(
+      mm<TC, 4, 4>(
           1, mc, gcc, fd, Yt, row, 1, at, [=](int, int n) { return g0 + n; }, G,
           [=](int, int m, int n, T v) { U[m * gc + n] = v; });
       __syncthreads();
       // U = (dA_rows A^+[:, chunk]) * elu'(u)   (d u; each entry read and written by its owner)
-      block_mm<4, 4>(
+      mm<TC, 4, 4>(
           1, mc, gcc, fd, dAt, row, 1, ainv, [=](int, int n) { return g0 + n; }, G,
           [=](int, int m, int n, T v) { U[m * gc + n] = v * elu_grad(U[m * gc + n]); });
       __syncthreads();
       // dY_rows (+)= U A[chunk, :]
-      block_mm<4, 4>(
+      mm<TC, 4, 4>(
           1, mc, fd, gcc, U, [=](int, int m) { return m * gc; }, 1, A, [=](int, int n) { return g0 * fd + n; }, fd,
           [=](int, int m, int n, T v) {
             const int r = m0 + m;
@@ -224,7 +224,7 @@ int pick_tile(F bytes_for, const char* what) {
   return be;
 }
 
-template <typename T>
+template <typename T, bool TC>
 void launch_trunk_group(const at::Tensor& in, at::Tensor& out, const std::vector<TrunkLayer>& layers, size_t k0,
                         size_t k1, std::vector<at::Tensor>* ys, std::vector<at::Tensor>* as) {
   TrunkArgs<T> a{};
@@ -260,14 +260,14 @@ void launch_trunk_group(const at::Tensor& in, at::Tensor& out, const std::vector
   a.be = pick_tile(bytes, "trunk forward");
   a.su = su_for(a.be);
   const size_t smem = bytes(a.be);
-  allow_smem(ik_trunk_forward_kernel<T>, smem);
+  allow_smem(ik_trunk_forward_kernel<T, TC>, smem);
   const int64_t blocks = ceil_div(E, a.be);
-  ik_trunk_forward_kernel<T><<<static_cast<unsigned>(blocks), kTrunkThreads, smem,
+  ik_trunk_forward_kernel<T, TC><<<static_cast<unsigned>(blocks), kTrunkThreads, smem,
                                current_stream()>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <typename T>
+template <typename T, bool TC>
 void launch_act_backward(const TrunkLayer& t, const at::Tensor& y, const at::Tensor& da, at::Tensor& dy) {
   const int64_t E = y.size(0);
   const int64_t H = t.hout;
@@ -286,8 +286,8 @@ void launch_act_backward(const TrunkLayer& t, const at::Tensor& y, const at::Ten
   auto bytes = [&](int be) { return (3 * static_cast<size_t>(be) * ld + su_for(be)) * sizeof(T); };
   const int be = pick_tile(bytes, "Fourier ELU backward");
   const size_t smem = bytes(be);
-  allow_smem(ik_fourier_elu_backward_kernel<T>, smem);
-  ik_fourier_elu_backward_kernel<T><<<static_cast<unsigned>(ceil_div(E, be)), kTrunkThreads, smem, stream>>>(
+  allow_smem(ik_fourier_elu_backward_kernel<T, TC>, smem);
+  ik_fourier_elu_backward_kernel<T, TC><<<static_cast<unsigned>(ceil_div(E, be)), kTrunkThreads, smem, stream>>>(
       y.data_ptr<T>(), da.data_ptr<T>(), dy.data_ptr<T>(), t.At.data_ptr<T>(), t.Ainv.data_ptr<T>(),
       t.A.data_ptr<T>(), E, static_cast<int>(H), static_cast<int>(t.fd), static_cast<int>(t.g), be, ld, kGridChunk,
       su_for(be));
@@ -301,7 +301,8 @@ std::vector<TrunkLayer> prepare_trunk(at::TensorList weights, at::TensorList bia
                                       const at::Device& dev, int64_t* h_last) {
   const size_t L = weights.size();
   TORCH_CHECK(biases.size() == L && fourier.size() == L && fourier_inv.size() == L,
-              "ik_fast native CUDA: weights, biases, fourier and fourier_inv must have one entry per hidden layer, got ",
+              "ik_fast native CUDA: weights, biases, fourier and fourier_inv must have one entry per hidden layer, "
+              "got ",
               L, ", ", biases.size(), ", ", fourier.size(), ", ", fourier_inv.size());
   std::vector<TrunkLayer> out;
   out.reserve(L);
@@ -365,6 +366,7 @@ at::Tensor trunk_forward(const at::Tensor& inp, const std::vector<TrunkLayer>& l
                          std::vector<at::Tensor>* as) {
   const int64_t E = inp.size(0);
   if (layers.empty()) return inp;
+  const bool tc = use_tf32(inp.scalar_type());
   if (ys != nullptr) {
     ys->clear();
     as->clear();
@@ -381,7 +383,9 @@ at::Tensor trunk_forward(const at::Tensor& inp, const std::vector<TrunkLayer>& l
                                                             : at::empty({E, layers[k1 - 1].hout}, inp.options());
     if (E > 0) {
       AT_DISPATCH_FLOATING_TYPES(inp.scalar_type(), "ik_trunk_forward", [&] {
-        launch_trunk_group<scalar_t>(cur, out, layers, k0, k1, ys, as);
+        dispatch_tc<scalar_t>(tc, [&](auto tcv) {
+          launch_trunk_group<scalar_t, decltype(tcv)::value>(cur, out, layers, k0, k1, ys, as);
+        });
       });
     }
     cur = out;
@@ -396,14 +400,18 @@ at::Tensor trunk_backward(const at::Tensor& inp, const std::vector<TrunkLayer>& 
   dweights->assign(L, at::Tensor());
   dbiases->assign(L, at::Tensor());
   const int64_t E = inp.size(0);
+  const bool tc = use_tf32(inp.scalar_type());
   at::Tensor da = dh;  // gradient of the current layer's activation
   for (size_t kk = 0; kk < L; ++kk) {
     const size_t k = L - 1 - kk;
     const TrunkLayer& t = layers[k];
     at::Tensor dy = at::empty_like(da);
     if (E > 0) {
-      AT_DISPATCH_FLOATING_TYPES(inp.scalar_type(), "ik_act_backward",
-                                 [&] { launch_act_backward<scalar_t>(t, ys[k], da, dy); });
+      AT_DISPATCH_FLOATING_TYPES(inp.scalar_type(), "ik_act_backward", [&] {
+        dispatch_tc<scalar_t>(tc, [&](auto tcv) {
+          launch_act_backward<scalar_t, decltype(tcv)::value>(t, ys[k], da, dy);
+        });
+      });
     }
     const at::Tensor& ain = k == 0 ? inp : as[k - 1];  // the layer's input (E, hin)
     (*dbiases)[k] = dy.sum(0);

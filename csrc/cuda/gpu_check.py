@@ -1,0 +1,115 @@
+"""On a machine with a GPU: JIT-build the CUDA sources of this folder (torch.utils.cpp_extension.load, ninja) and check
+ik_fast::native_conv / native_conv_backward / native_trunk_moments against the op layer's plain-PyTorch statement
+(ik_fast.ops.conv_reference_form), float64 and float32, on the random programs of emulate_check.py and on corner
+cases (no edges, isolated receivers, degree skew, the ``hidden`` argument). Prints one line per case; exit status 1
+on any failure. A stop-gap until the package's build (setup.py) and test suite cover the native backend::
+
+    python csrc/cuda/gpu_check.py            # (about a minute of compilation, then seconds)
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+from torch.utils.cpp_extension import load
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+from emulate_check import random_case  # noqa: E402
+
+from ik_fast import ops  # noqa: E402
+
+
+def build():
+    ops.define("native")
+    load(name="ik_fast_native_cuda_check", sources=[os.path.join(HERE, f) for f in ("conv_cuda.cu", "trunk_cuda.cu")],
+         extra_cuda_cflags=["-O3", "--expt-relaxed-constexpr", "-Xptxas=-v"], is_python_module=False, verbose=False)
+
+
+def to(args, dtype, device="cuda"):
+    out = []
+    for a in args:
+        if isinstance(a, list):
+            out.append([t.detach().to(device, dtype).requires_grad_(t.requires_grad) for t in a])
+        elif torch.is_tensor(a) and a.dtype == torch.bool:
+            out.append(a)  # final_mask stays on the CPU
+        elif torch.is_tensor(a) and a.is_floating_point():
+            out.append(a.detach().to(device, dtype).requires_grad_(a.requires_grad))
+        elif torch.is_tensor(a):
+            out.append(a.to(device))
+        else:
+            out.append(a)
+    return out
+
+
+def leaves(args):
+    return [args[0], args[1], *args[4], *args[5], args[8], args[9], args[10]]
+
+
+def rel(a, b):
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30)) if b.numel() else 0.0
+
+
+def check(name, args64, dtype, tol, hidden=False):
+    args = to(args64, dtype)
+    ref_args = to(args64, torch.float64)
+    extra = [None]
+    if hidden:
+        _, act = torch.ops.ik_fast.native_trunk_moments(args[1].detach(), [w.detach() for w in args[4]],
+                                                        [b.detach() for b in args[5]], args[6], args[7], True)
+        extra = [act]
+        h = ops.trunk_reference_form(ref_args[1], ref_args[4], ref_args[5], ref_args[6], ref_args[7])
+        assert rel(act.double(), h) < tol, "trunk_moments activation"
+    out = torch.ops.ik_fast.native_conv(*args, *extra)
+    ref = ops.conv_reference_form(*ref_args)
+    errs = {"forward": rel(out.double(), ref)}
+    g = torch.randn_like(ref)
+    ours = torch.autograd.grad(out, leaves(args), g.to(dtype), allow_unused=True)
+    theirs = torch.autograd.grad(ref, leaves(ref_args), g, allow_unused=True)
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        if b is None:
+            b = torch.zeros_like(leaves(ref_args)[i])
+        if a is None:
+            a = torch.zeros_like(b)
+        errs[f"grad{i}"] = rel(a.double(), b)
+    worst = max(errs.values())
+    print(f"{name:45s} {str(dtype):14s} worst {worst:.1e} {'ok' if worst < tol else 'FAIL ' + str(errs)}")
+    return worst < tol
+
+
+def main():
+    build()
+    fourier_cw = [("dense", 12, (10, 3)), ("cw", (3, 4), (10, 3))]
+    cases = [
+        ("fourier, dense + componentwise, mask", random_case(0, fourier_cw)),
+        ("pointwise, dense + dense", random_case(2, [("dense", 7, None), ("dense", 9, None)])),
+        ("mixed, 3 layers", random_case(3, [("dense", 8, (40, 4)), ("cw", (4, 2), (40, 4)), ("dense", 6, None)])),
+        ("no hidden layer", random_case(4, [])),
+        ("skew and isolated receivers", random_case(6, fourier_cw, degrees=[0, 10000, 0, 3, 0, 33, 1])),
+        ("wide (H = 816, C = 144, G = 120)",
+         random_case(7, [("dense", 816, (120, 51)), ("cw", (51, 16), (120, 51))], C=144, R=144, n_src=50,
+                     degrees=[24] * 40)),
+        ("no edges", random_case(8, fourier_cw, degrees=[0, 0, 0])),
+    ]
+    ok = True
+    for name, args in cases:
+        ok &= check(name, args, torch.float64, 1e-10)
+        ok &= check(name, args, torch.float32, 1e-4)
+    ok &= check("hidden given (statistics pass)", cases[0][1], torch.float64, 1e-10, hidden=True)
+    # trunk_moments against the trunk
+    args = to(cases[2][1], torch.float64)
+    m, act = torch.ops.ik_fast.native_trunk_moments(args[1].detach(), [w.detach() for w in args[4]],
+                                                    [b.detach() for b in args[5]], args[6], args[7], False)
+    h = ops.trunk_reference_form(args[1].detach(), args[4], args[5], args[6], args[7]).detach()
+    e = max(rel(m[0], h.mean(0)), rel(m[1], (h - h.mean(0)).square().sum(0)))
+    print(f"{'trunk_moments':45s} {'torch.float64':14s} worst {e:.1e} {'ok' if e < 1e-10 else 'FAIL'}")
+    ok &= e < 1e-10 and act.shape[0] == 0
+    print("all ok" if ok else "FAILURES")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
