@@ -31,8 +31,13 @@ def odd(n):
     return n | 1
 
 
+TC = False  # emulate the TF32 path's tiling (block_mm_tf32) instead of block_mm's (in exact arithmetic)
+
+
 def block_mm(nb, M, N, K, A, aoff, aks, B, boff, bks, store):
     """common.cuh's block_mm, vectorised: C[bi, m, n] = sum_k A[aoff(bi, m) + k aks] B[boff(bi, n) + k bks]."""
+    if TC:
+        return block_mm_tf32(nb, M, N, K, A, aoff, aks, B, boff, bks, store)
     k = np.arange(K)
     for bi in range(nb):
         ao = np.array([aoff(bi, m) for m in range(M)], dtype=np.int64)
@@ -43,6 +48,52 @@ def block_mm(nb, M, N, K, A, aoff, aks, B, boff, bks, store):
         C = A[ia] @ B[ib] if K > 0 else np.zeros((M, N))
         m, n = np.meshgrid(np.arange(M), np.arange(N), indexing="ij")
         store(bi, m.reshape(-1), n.reshape(-1), C.reshape(-1))
+
+
+def block_mm_tf32(nb, M, N, K, A, aoff, aks, B, boff, bks, store):
+    """common.cuh's block_mm_tf32, lane by lane: the loads each lane makes, placed into the m16n8k8 fragments by the
+    PTX ISA's .tf32 layout (a0 (g, t), a1 (g + 8, t), a2 (g, t + 4), a3 (g + 8, t + 4); b0 (t, g), b1 (t + 4, g);
+    c0 (g, 2t), c1 (g, 2t + 1), c2 (g + 8, 2t), c3 (g + 8, 2t + 1)), multiplied exactly (no TF32 rounding)."""
+    mt, nt = -(-M // 16), -(-N // 16)
+    for w in range(nb * mt * nt):  # (the warps' tiles, in any order)
+        ni, rest = w % nt, w // nt
+        mi, bi = rest % mt, rest // mt
+        acc = np.zeros((2, 16, 8))
+        for k0 in range(0, K, 8):
+            fa = np.zeros((16, 8))
+            fb = np.zeros((2, 8, 8))
+            for lane in range(32):
+                g, t = lane >> 2, lane & 3
+                r0, r1 = mi * 16 + g, mi * 16 + g + 8
+                ao0, ao1 = aoff(bi, r0 if r0 < M else 0), aoff(bi, r1 if r1 < M else 0)
+                ka, kb = k0 + t, k0 + t + 4
+                va, vb = ka < K, kb < K
+                fa[g, t] = A[ao0 + ka * aks] if va else 0.0
+                fa[g + 8, t] = A[ao1 + ka * aks] if va else 0.0
+                fa[g, t + 4] = A[ao0 + kb * aks] if vb else 0.0
+                fa[g + 8, t + 4] = A[ao1 + kb * aks] if vb else 0.0
+                for j in range(2):
+                    n = ni * 16 + 8 * j + g
+                    bo = boff(bi, n if n < N else 0)
+                    fb[j, t, g] = B[bo + ka * bks] if va else 0.0
+                    fb[j, t + 4, g] = B[bo + kb * bks] if vb else 0.0
+            for j in range(2):
+                acc[j] += fa @ fb[j]
+        ms, ns, vs = [], [], []
+        for lane in range(32):
+            g, t = lane >> 2, lane & 3
+            r0 = mi * 16 + g
+            for j in range(2):
+                c0 = ni * 16 + 8 * j + 2 * t
+                for q, (fm, fn) in enumerate(((g, 2 * t), (g, 2 * t + 1), (g + 8, 2 * t), (g + 8, 2 * t + 1))):
+                    m, n = (r0 if q < 2 else r0 + 8), c0 + (q & 1)
+                    assert (m - mi * 16, n - ni * 16 - 8 * j) == (fm, fn)
+                    if m < M and n < N:
+                        ms.append(m)
+                        ns.append(n)
+                        vs.append(acc[j, fm, fn])
+        if ms:
+            store(bi, np.array(ms), np.array(ns), np.array(vs))
 
 
 def elu(u):
@@ -334,7 +385,7 @@ def conv_inputs(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, fw, 
     W = torch.cat([w, fb.detach().unsqueeze(1)], 1).reshape(R, (H + 1) * C).numpy()
     inpn = inp.detach().numpy()
     r2 = (inpn[:, :ndim] ** 2).sum(1)
-    s = np.exp(-float(coef) * r2) * norm
+    s = np.exp(-float(coef.detach()) * r2) * norm
     return layers, H, R, C, W, inpn, r2, s
 
 
@@ -382,7 +433,7 @@ def conv_backward(grad, x, inp, src, rowptr, weights, biases, fourier, fourier_i
     wds = ds * s
     dcoef = -(wds * r2).sum()
     dinp = dinp.copy()
-    dinp[:, :ndim] += inpn[:, :ndim] * wds[:, None] * (-2.0 * float(coef))
+    dinp[:, :ndim] += inpn[:, :ndim] * wds[:, None] * (-2.0 * float(coef.detach()))
     dfw = dW[:, :H * C].reshape(R, H, C)
     if mask is not None:
         dfw = dfw * mask.numpy()
@@ -455,6 +506,16 @@ def check(name, args, nr):
 
 
 def main():
+    global TC
+    ok = True
+    for TC in (False, True):
+        print("block GEMMs as", "block_mm_tf32 (TF32 path's tiling, exact arithmetic)" if TC else "block_mm (IEEE path)")
+        ok &= cases()
+    print("all ok" if ok else "FAILURES")
+    return 0 if ok else 1
+
+
+def cases():
     ok = True
     fourier_cw = [("dense", 12, (10, 3)), ("cw", (3, 4), (10, 3))]  # H = 12: 4 channels of 3 components
     ok &= check("fourier, dense + componentwise, mask", random_case(0, fourier_cw), nr=4)
@@ -471,8 +532,7 @@ def main():
     ok &= check("several tiles of every kind",
                 random_case(7, [("dense", 70, (70, 7)), ("cw", (7, 10), (70, 7))], C=40, R=3,
                             degrees=[20, 0, 35, 2]), nr=3)
-    print("all ok" if ok else "FAILURES")
-    return 0 if ok else 1
+    return ok
 
 
 if __name__ == "__main__":
