@@ -30,9 +30,10 @@
 //     (cuBLAS, into Z's buffer); then ik_contract_edge_backward_kernel, one block per tile of <= te edges of ONE
 //     receiver (tiles listed by a device-side prefix sum over ceil(deg / te): a receiver with 10^4 edges spreads
 //     over many blocks; the grid is an upper bound, blocks past the chunk's tiles exit), dZ_i read once per tile:
-//       G_e = dZ_i x_e            -> dh_e = s_e G_e[:H] (written), ds_e = G_e . [h_e, 1] (written)
-//       dx_src(e) += s_e dZ_i^T [h_e, 1]                      (atomicAdd into dx: not deterministic)
-//     shared memory: te (C|1) x 2 + 32 (C|1) + te 33 + 2 te     (x tile, dx accumulator, dZ rows, h rows)
+//       G_e = dZ_i x_e (written, E (H + 1)),  dxe_e = s_e dZ_i^T [h_e, 1] (written, E C)
+//     no atomics: each output element has one writer; then with ATen: ds_e = G_e . [h_e, 1], dh_e = s_e G_e[:H],
+//     dx = index_add_(src, dxe) (deterministic under torch.use_deterministic_algorithms).
+//     shared memory: te (C|1) x 2 + 32 (C|1) + te 33   (x tile, dx accumulator, dZ rows, h rows)
 //  3. trunk backward layer by layer (trunk_cuda.cu): dy_k from (y_k, da_k) by ik_fourier_elu_backward_kernel
 //     (u = y A^T and du recomputed per chunk in shared memory, 3 (be, H|1) tiles + scratch) or the pointwise ELU's;
 //     dW_k = dy_k^T a_{k-1}, db_k = sum_e dy_k, da_{k-1} = dy_k W_k through ATen (cuBLAS mm / bmm for componentwise
@@ -142,14 +143,17 @@ __global__ void __launch_bounds__(kZThreads)
 }
 
 // Per-edge backward of the contraction for one tile of <= te edges of one receiver i (receivers r0 .. r1 - 1 of the
-// chunk, dZ (nr, H + 1, C) their gradient of Z). Writes dh (E, H) = s_e G_e[:H] and ds (E,) for the tile's edges,
-// and adds s_e dZ_i^T [h_e, 1] into dx[src_e] atomically.
+// chunk, dZ (nr, H + 1, C) their gradient of Z). For each edge e of the tile, with G_e = dZ_i x_src(e) (H + 1,):
+//   dG (E, H)  <- G_e[:H]                          (the host scales it by s_e and reduces it with h_e for ds_e)
+//   gz (E,)    <- G_e[H]
+//   dxe (E, C) <- s_e dZ_i^T [h_e, 1]              (the host adds it into dx[src_e] with index_add_)
+// Every output element is written by exactly one thread of one block: no atomics, deterministic.
 template <typename T, bool TC>
 __global__ void __launch_bounds__(kEdgeThreads)
     ik_contract_edge_backward_kernel(const T* __restrict__ dZ, const T* __restrict__ h, const T* __restrict__ s,
                                      const T* __restrict__ x, const int64_t* __restrict__ src,
                                      const int64_t* __restrict__ rowptr, const int64_t* __restrict__ tile_ptr,
-                                     T* __restrict__ dh, T* __restrict__ ds, T* __restrict__ dx, int64_t r0,
+                                     T* __restrict__ dG, T* __restrict__ gz, T* __restrict__ dxe, int64_t r0,
                                      int64_t r1, int H, int C, int te, int hb) {
   const int64_t t = tile_ptr[r0] + blockIdx.x;
   if (t >= tile_ptr[r1]) return;  // past the chunk's tiles (the grid is an upper bound): the whole block leaves
@@ -174,22 +178,16 @@ __global__ void __launch_bounds__(kEdgeThreads)
   T* dxa = xs + te * ldc;                  // (te, ldc) dx accumulator
   T* dz = dxa + te * ldc;                  // (hb, ldc) rows of dZ_i
   T* hr = dz + hb * ldc;                   // (te, ldh) rows of [h_e, 1]
-  T* sv = hr + te * ldh;                   // (te,)
-  T* dsa = sv + te;                        // (te,)
   for (int idx = threadIdx.x; idx < ne * C; idx += blockDim.x) {
     const int k = idx / C;
     const int c = idx - k * C;
     xs[k * ldc + c] = x[src[eb + k] * C + c];
     dxa[k * ldc + c] = T(0);
   }
-  for (int k = threadIdx.x; k < ne; k += blockDim.x) {
-    sv[k] = s[eb + k];
-    dsa[k] = T(0);
-  }
   const T* dZi = dZ + (i - r0) * static_cast<int64_t>(H + 1) * C;
   for (int j0 = 0; j0 < H + 1; j0 += hb) {
     const int hc = min(hb, H + 1 - j0);
-    __syncthreads();  // the previous rows are consumed (and, the first time, xs / sv are written)
+    __syncthreads();  // the previous rows are consumed (and, the first time, xs / dxa are written)
     for (int idx = threadIdx.x; idx < hc * C; idx += blockDim.x) {
       const int j = idx / C;
       const int c = idx - j * C;
@@ -201,13 +199,15 @@ __global__ void __launch_bounds__(kEdgeThreads)
       hr[k * ldh + j] = j0 + j < H ? h[(eb + k) * H + j0 + j] : T(1);
     }
     __syncthreads();
-    // G (ne x hc) = xs (ne x C) . dz^T (C x hc): dh and the ds partial sums
+    // G (ne x hc) = xs (ne x C) . dz^T (C x hc)
     mm<TC, 2, 2>(
         1, ne, hc, C, xs, [=](int, int m) { return m * ldc; }, 1, dz, [=](int, int n) { return n * ldc; }, 1,
         [=](int, int m, int n, T v) {
           const int j = j0 + n;
-          if (j < H) dh[(eb + m) * H + j] = sv[m] * v;
-          atomicAdd(dsa + m, v * hr[m * ldh + n]);
+          if (j < H)
+            dG[(eb + m) * H + j] = v;
+          else
+            gz[eb + m] = v;
         });
     // dx accumulator (ne x C) += hr (ne x hc) . dz (hc x C)
     mm<TC, 2, 2>(
@@ -218,9 +218,8 @@ __global__ void __launch_bounds__(kEdgeThreads)
   for (int idx = threadIdx.x; idx < ne * C; idx += blockDim.x) {
     const int k = idx / C;
     const int c = idx - k * C;
-    atomicAdd(dx + src[eb + k] * C + c, sv[k] * dxa[k * ldc + c]);
+    dxe[(eb + k) * C + c] = s[eb + k] * dxa[k * ldc + c];
   }
-  for (int k = threadIdx.x; k < ne; k += blockDim.x) ds[eb + k] = dsa[k];
 }
 
 // ------------------------------------------------------------------------------------------------------------------
@@ -361,7 +360,7 @@ void launch_z(const ConvInputs& c, const at::Tensor& h, const at::Tensor& s, at:
 
 size_t edge_smem(int te, int64_t C, size_t elem) {
   const size_t ldc = static_cast<size_t>(C | 1), ldh = static_cast<size_t>(kEdgeRows | 1);
-  return (2 * te * ldc + kEdgeRows * ldc + te * ldh + 2 * te) * elem;
+  return (2 * te * ldc + kEdgeRows * ldc + te * ldh) * elem;
 }
 
 int edge_tile(int64_t C, size_t elem) {
@@ -375,7 +374,7 @@ int edge_tile(int64_t C, size_t elem) {
 
 template <typename T, bool TC>
 void launch_edge_backward(const ConvInputs& c, const at::Tensor& dZ, const at::Tensor& h, const at::Tensor& s,
-                          const at::Tensor& tile_ptr, at::Tensor& dh, at::Tensor& ds, at::Tensor& dx, int64_t r0,
+                          const at::Tensor& tile_ptr, at::Tensor& dG, at::Tensor& gz, at::Tensor& dxe, int64_t r0,
                           int64_t nr, int te) {
   const size_t smem = edge_smem(te, c.C, sizeof(T));
   allow_smem(ik_contract_edge_backward_kernel<T, TC>, smem);
@@ -384,8 +383,8 @@ void launch_edge_backward(const ConvInputs& c, const at::Tensor& dZ, const at::T
   ik_contract_edge_backward_kernel<T, TC><<<static_cast<unsigned>(blocks), kEdgeThreads, smem,
                                         current_stream()>>>(
       dZ.data_ptr<T>(), h.data_ptr<T>(), s.data_ptr<T>(), c.x.data_ptr<T>(), c.src.data_ptr<int64_t>(),
-      c.rowptr.data_ptr<int64_t>(), tile_ptr.data_ptr<int64_t>(), dh.data_ptr<T>(), ds.data_ptr<T>(),
-      dx.data_ptr<T>(), r0, r0 + nr, static_cast<int>(c.H), static_cast<int>(c.C), te, kEdgeRows);
+      c.rowptr.data_ptr<int64_t>(), tile_ptr.data_ptr<int64_t>(), dG.data_ptr<T>(), gz.data_ptr<T>(),
+      dxe.data_ptr<T>(), r0, r0 + nr, static_cast<int>(c.H), static_cast<int>(c.C), te, kEdgeRows);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -466,8 +465,10 @@ std::vector<at::Tensor> native_conv_backward_cuda(
     const at::Tensor deg = c.rowptr.narrow(0, 1, c.n_dst) - c.rowptr.narrow(0, 0, c.n_dst);
     const at::Tensor tile_ptr =
         at::cat({at::zeros({1}, c.rowptr.options()), at::floor_divide(deg + (te - 1), te).cumsum(0)}).contiguous();
-    at::Tensor dh = at::zeros({c.E, c.H}, c.x.options());
-    at::Tensor ds = at::zeros({c.E}, c.x.options());
+    // the edge kernel's outputs (every element written by one thread; zeros for edges outside rowptr's range)
+    at::Tensor dh = at::zeros({c.E, c.H}, c.x.options());  // G[:, :H], then s G[:, :H]
+    at::Tensor ds = at::zeros({c.E}, c.x.options());       // G[:, H], then ds
+    at::Tensor dxe = at::zeros({c.E, c.C}, c.x.options());
     const int64_t nr = chunk_receivers(c);
     at::Tensor Z = at::empty({nr, (c.H + 1) * c.C}, c.x.options());
     for (int64_t r0 = 0; r0 < c.n_dst; r0 += nr) {
@@ -479,10 +480,15 @@ std::vector<at::Tensor> native_conv_backward_cuda(
       at::mm_out(Zc, gc, W);   // dZ_c = grad_c W_aug (over Z, which is consumed)
       AT_DISPATCH_FLOATING_TYPES(c.st, "ik_contract_edge_backward", [&] {
         dispatch_tc<scalar_t>(tc, [&](auto tcv) {
-          launch_edge_backward<scalar_t, decltype(tcv)::value>(c, Zc, h, s, tile_ptr, dh, ds, dx, r0, n, te);
+          launch_edge_backward<scalar_t, decltype(tcv)::value>(c, Zc, h, s, tile_ptr, dh, ds, dxe, r0, n, te);
         });
       });
     }
+    // ds_e = G_e . [h_e, 1], dh_e = s_e G_e[:H], dx[src_e] += dxe_e (deterministic under
+    // torch.use_deterministic_algorithms, as index_add_ is)
+    ds.add_((dh * h).sum(1));
+    dh.mul_(s.unsqueeze(1));
+    dx.index_add_(0, c.src, dxe);
     // the trunk's backward from dh, then the radial shell s = norm exp(-coef r2)
     dinp = trunk_backward(c.inp, c.layers, ys, as, dh, &dweights, &dbiases);
     const at::Tensor wds = ds * s;
