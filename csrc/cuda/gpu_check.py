@@ -5,6 +5,8 @@ cases (no edges, isolated receivers, degree skew, the ``hidden`` argument). Prin
 on any failure. A stop-gap until the package's build (setup.py) and test suite cover the native backend::
 
     python csrc/cuda/gpu_check.py            # (about a minute of compilation, then seconds)
+    IK_GPU_CHECK_DRY=1 python csrc/cuda/gpu_check.py   # no GPU: the script's own plumbing, with the reference in
+                                                       # place of the native ops, on the CPU
 """
 
 from __future__ import annotations
@@ -23,13 +25,45 @@ from emulate_check import random_case  # noqa: E402
 from ik_fast import ops  # noqa: E402
 
 
+DRY = os.environ.get("IK_GPU_CHECK_DRY", "0") not in ("", "0")
+DEVICE = "cpu" if DRY else "cuda"
+
+
+def reference(*args):
+    """ops.conv_reference_form, extended to graphs without edges (all zeros; its reshapes need an edge)."""
+    if args[1].shape[0] == 0:
+        zero = sum(t.sum() * 0 for t in leaves(args) if t.requires_grad)
+        return args[0].new_zeros(args[3].shape[0] - 1, args[8].shape[0]) + zero
+    return ops.conv_reference_form(*args)
+
+
+class _Reference:
+    """Stand-ins for the native ops in a dry run: the op layer's plain-PyTorch statements."""
+
+    @staticmethod
+    def native_conv(*args):
+        return reference(*args[:14])
+
+    @staticmethod
+    def native_trunk_moments(inp, weights, biases, fourier, fourier_inv, with_activation=False):
+        h = ops.trunk_reference_form(inp, weights, biases, fourier, fourier_inv)
+        m = torch.stack([h.mean(0), (h - h.mean(0)).square().sum(0)])
+        return m, (h if with_activation else h.new_empty(0, h.shape[1]))
+
+
+def native():
+    return _Reference if DRY else torch.ops.ik_fast
+
+
 def build():
+    if DRY:
+        return
     ops.define("native")
     load(name="ik_fast_native_cuda_check", sources=[os.path.join(HERE, f) for f in ("conv_cuda.cu", "trunk_cuda.cu")],
          extra_cuda_cflags=["-O3", "--expt-relaxed-constexpr", "-Xptxas=-v"], is_python_module=False, verbose=False)
 
 
-def to(args, dtype, device="cuda"):
+def to(args, dtype, device=DEVICE):
     out = []
     for a in args:
         if isinstance(a, list):
@@ -50,6 +84,7 @@ def leaves(args):
 
 
 def rel(a, b):
+    a, b = a.detach(), b.detach()
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30)) if b.numel() else 0.0
 
 
@@ -58,13 +93,13 @@ def check(name, args64, dtype, tol, hidden=False):
     ref_args = to(args64, torch.float64)
     extra = [None]
     if hidden:
-        _, act = torch.ops.ik_fast.native_trunk_moments(args[1].detach(), [w.detach() for w in args[4]],
+        _, act = native().native_trunk_moments(args[1].detach(), [w.detach() for w in args[4]],
                                                         [b.detach() for b in args[5]], args[6], args[7], True)
         extra = [act]
         h = ops.trunk_reference_form(ref_args[1], ref_args[4], ref_args[5], ref_args[6], ref_args[7])
         assert rel(act.double(), h) < tol, "trunk_moments activation"
-    out = torch.ops.ik_fast.native_conv(*args, *extra)
-    ref = ops.conv_reference_form(*ref_args)
+    out = native().native_conv(*args, *extra)
+    ref = reference(*ref_args)
     errs = {"forward": rel(out.double(), ref)}
     g = torch.randn_like(ref)
     ours = torch.autograd.grad(out, leaves(args), g.to(dtype), allow_unused=True)
@@ -98,10 +133,17 @@ def main():
     for name, args in cases:
         ok &= check(name, args, torch.float64, 1e-10)
         ok &= check(name, args, torch.float32, 1e-4)
+    # the TF32 kernels (tensor cores; a wrong fragment layout would give O(1) errors, TF32 rounding ~1e-3)
+    torch.set_float32_matmul_precision("high")
+    try:
+        for name, args in cases:
+            ok &= check(name + " [tf32]", args, torch.float32, 1e-2)
+    finally:
+        torch.set_float32_matmul_precision("highest")
     ok &= check("hidden given (statistics pass)", cases[0][1], torch.float64, 1e-10, hidden=True)
     # trunk_moments against the trunk
     args = to(cases[2][1], torch.float64)
-    m, act = torch.ops.ik_fast.native_trunk_moments(args[1].detach(), [w.detach() for w in args[4]],
+    m, act = native().native_trunk_moments(args[1].detach(), [w.detach() for w in args[4]],
                                                     [b.detach() for b in args[5]], args[6], args[7], False)
     h = ops.trunk_reference_form(args[1].detach(), args[4], args[5], args[6], args[7]).detach()
     e = max(rel(m[0], h.mean(0)), rel(m[1], (h - h.mean(0)).square().sum(0)))
