@@ -267,11 +267,10 @@ inline at::ScalarType compute_dtype(const at::Tensor& t) {
   return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// Whether float32 GEMMs of the custom kernels may use TF32 tensor cores: PyTorch's own switch for matmuls,
-// torch.set_float32_matmul_precision ("highest" -> IEEE FFMA; "high" / "medium" -> TF32).
-inline bool use_tf32(at::ScalarType st) {
-  return st == at::kFloat && at::globalContext().float32MatmulPrecision() != at::Float32MatmulPrecision::HIGHEST;
-}
+// Whether float32 GEMMs of the custom kernels may use TF32 tensor cores: the switch ATen's own cuBLAS matmuls read,
+// allowTF32CuBLAS() (torch.set_float32_matmul_precision "highest" -> IEEE FFMA; "high" / "medium" -> TF32; the newer
+// torch.backends.cuda.matmul.fp32_precision likewise), so the custom kernels and the cuBLAS GEMMs of one call agree.
+inline bool use_tf32(at::ScalarType st) { return st == at::kFloat && at::globalContext().allowTF32CuBLAS(); }
 
 // t in dtype st, contiguous, on t's device (no copy when it already is).
 inline at::Tensor prep(const at::Tensor& t, at::ScalarType st) { return t.to(st).contiguous(); }

@@ -5,7 +5,7 @@
 // =====================================================================================================================
 // ALGORITHM (E edges in receiver order, CSR rowptr (n_dst + 1); H hidden units of the last layer, C = C_in, R outputs;
 // sizes in elements of the compute dtype T = float32 or float64; "tile" = be edges, be <= 16 picked per call so that
-// the shared memory fits the device)
+// two blocks fit a multiprocessor's shared memory (down to be = 4; below that, one block))
 //
 // Forward, conv(x, inp, ...):
 //  1. radial shell s_e = norm exp(-coef |d_e|^2)                          ATen, (E,)
@@ -13,7 +13,8 @@
 //     layer (Linear, then Fourier / pointwise ELU) in shared memory -> h (E, H) written once. The Fourier ELU's
 //     sampled values u = y A^T (E, C_k, G) exist only per chunk (<= 256 rows x 32 grid points) in shared memory.
 //       shared memory per block: 2 be (Hmax | 1) + 32 min(be C_k, 256)   (X / Y tiles + Fourier scratch)
-//       e.g. H config (H = 816, C_k = 16, fp32, be = 16): 104.6 KB + 32 KB
+//       e.g. config M (H = 152, C_k = 8, fp32): be = 16, 19.6 KB + 16 KB; config H (H = 816, C_k = 16, fp32):
+//       be = 8, 52.3 KB + 16 KB (three blocks per SM on sm_90)
 //     Skipped when the caller passes `hidden` (the statistics pass's activation).
 //  3. contraction once per receiver (lever 1), receivers in chunks of nr (Z of a chunk <= 256 MB):
 //       Z_i = sum_{e -> i} s_e [h_e, 1] (x) x_src(e)        ((H + 1) x C per receiver; row H is z_i = sum s_e x_e)
@@ -45,8 +46,8 @@
 // trunk_moments(inp, ...): step 2 of the forward (writing the activation), then column mean and sum of squared
 // deviations with ATen (deterministic).
 //
-// PRECISION: float64 inputs compute in float64 (IEEE FFMA throughout). float32 inputs follow PyTorch's matmul switch,
-// at::globalContext().float32MatmulPrecision() (torch.set_float32_matmul_precision):
+// PRECISION: float64 inputs compute in float64 (IEEE FFMA throughout). float32 inputs follow PyTorch's matmul switch
+// as ATen's cuBLAS matmuls read it, at::globalContext().allowTF32CuBLAS() (torch.set_float32_matmul_precision):
 //   "highest" (the default): every custom-kernel GEMM in IEEE float32 FFMA (block_mm, 4 x 4 / 2 x 2 register tiles);
 //   "high" / "medium": the trunk's GEMMs (Linears, both Fourier GEMMs forward and backward) and the per-edge
 //     backward's two GEMMs on TF32 tensor cores (mma.sync.m16n8k8, operands rounded with cvt.rna, float32

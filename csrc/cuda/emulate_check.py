@@ -106,6 +106,8 @@ def elu_grad(u):
 
 def pick_tile(bytes_for):
     be = 16
+    while be > 4 and bytes_for(be) > SMEM_LIMIT // 2 - 1024:
+        be //= 2
     while be > 1 and bytes_for(be) > SMEM_LIMIT:
         be //= 2
     assert bytes_for(be) <= SMEM_LIMIT

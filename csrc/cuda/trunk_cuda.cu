@@ -212,11 +212,15 @@ constexpr int kMaxScratchRows = 256;  // rows (edge, channel) of the Fourier scr
 
 int odd(int64_t n) { return static_cast<int>(n | 1); }
 
-// Edges per tile: the largest power of two <= 16 whose shared memory fits the device.
+// Edges per tile: the largest power of two <= 16 with which two blocks fit in a multiprocessor's shared memory (so that
+// the wide trunks, e.g. H = 816, still run two or more blocks of 8 warps per SM), but no fewer than 4 edges for that;
+// below 4 edges, the largest tile that fits at all.
 template <typename F>
 int pick_tile(F bytes_for, const char* what) {
   const size_t limit = max_smem_optin();
+  const size_t half = limit / 2 > 1024 ? limit / 2 - 1024 : limit / 2;  // (the runtime reserves 1 KB per block)
   int be = 16;
+  while (be > 4 && bytes_for(be) > half) be /= 2;
   while (be > 1 && bytes_for(be) > limit) be /= 2;
   TORCH_CHECK(bytes_for(be) <= limit, "ik_fast native CUDA: the ", what, " needs ", bytes_for(be),
               " bytes of shared memory for one edge, more than the device's ", limit,
