@@ -5,8 +5,10 @@ No GPU was available when the kernels were written, so this is how their *index 
 were checked: every shared-memory tile is a NumPy array of exactly the size the host code allocates (an index out of
 range raises), every ``block_mm`` call is replayed with the same ``aoff`` / ``boff`` / strides / store, and the host
 steps (receiver chunks, tile prefix sums and the binary search, the augmented W', the trunk's backward through
-ATen-equivalent calls, the radial term) are repeated. What it cannot check: races and barriers, the device's own
-arithmetic, launch configuration, anything CUDA-runtime. Run (float64, a few seconds)::
+ATen-equivalent calls, the radial term) are repeated, through both tilings of the block GEMMs (IEEE register tiles
+and the TF32 path's warp fragments, in exact arithmetic). What it cannot check: races and barriers, the device's own
+arithmetic (TF32 rounding included), launch configuration, anything CUDA-runtime. Run with ik_fast importable (float64,
+about half a minute)::
 
     python csrc/cuda/emulate_check.py
 """
