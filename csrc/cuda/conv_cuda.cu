@@ -21,7 +21,7 @@
 //       out_i = W_aug vec(Z_i),  W_aug = [W_F * mask | B_F] as (R, (H + 1) C)
 //     Z per chunk by ik_contract_z_kernel (one block per receiver x 64 x 32 tile of Z, edges staged 16 at a time in
 //     shared memory: 16 (64 + 32) elements static; degree skew costs one block's loop, isolated receivers write
-//     zeros), then one cuBLAS GEMM per chunk (at::mm_out into the chunk's rows of out). Global memory: h (E H),
+//     zeros), then one GEMM per chunk (cuBLAS via ATen, into the chunk's rows of out). Global memory: h (E H),
 //     Z chunk (nr (H + 1) C), W_aug (R (H + 1) C). Never per-edge kernels (E, R, C) nor (E, C_k, G) activations.
 //
 // Backward, conv_backward(grad, ...):
@@ -63,8 +63,11 @@
 //     backward's two GEMMs on TF32 tensor cores (mma.sync.m16n8k8, operands rounded with cvt.rna, float32
 //     accumulation; block_mm_tf32 in common.cuh). The ELU, the Z kernel (a rank-1 update per edge) and every
 //     reduction stay IEEE float32.
-// The cuBLAS GEMMs (contraction with W_aug, the trunk's weight gradients) are ATen calls and follow the same switch
-// through ATen. bf16 / half inputs are computed in float32 (under the same switch) and the results cast back; there is
+// The plain GEMMs (contraction with W_aug, the trunk's weight gradients; gemm_cuda.h) are cuBLAS through ATen and
+// follow the same switch; under torch.use_deterministic_algorithms(True) (where ATen refuses cuBLAS without
+// CUBLAS_WORKSPACE_CONFIG) they run in ik_gemm_kernel instead, IEEE FFMA, bit-reproducible. With no atomics anywhere
+// (the gradient to x goes through index_add_), the backward is then deterministic.
+// bf16 / half inputs are computed in float32 (under the same switch) and the results cast back; there is
 // no bf16-operand path.
 //
 // INPUT LAYOUT ASSUMPTIONS (not checked on the device, which would need a synchronisation): rowptr is
@@ -72,6 +75,7 @@
 // may be int32 or int64 (converted to int64). Tensors may be non-contiguous (copied).
 // =====================================================================================================================
 #include "common.cuh"
+#include "gemm_cuda.h"
 #include "trunk_cuda.h"
 
 #include <torch/library.h>
@@ -432,7 +436,7 @@ at::Tensor native_conv_cuda(const at::Tensor& x, const at::Tensor& inp, const at
     at::Tensor Zc = Z.narrow(0, 0, n);
     AT_DISPATCH_FLOATING_TYPES(c.st, "ik_contract_z", [&] { launch_z<scalar_t>(c, h, s, Zc, r0, n); });
     at::Tensor o = out.narrow(0, r0, n);
-    at::mm_out(o, Zc, W.t());
+    gemm_into(o, Zc, W.t(), false);
   }
   return out.to(x.scalar_type());
 }
@@ -488,8 +492,8 @@ std::vector<at::Tensor> native_conv_backward_cuda(
       at::Tensor Zc = Z.narrow(0, 0, n);
       const at::Tensor gc = g.narrow(0, r0, n);
       AT_DISPATCH_FLOATING_TYPES(c.st, "ik_contract_z", [&] { launch_z<scalar_t>(c, h, s, Zc, r0, n); });
-      dW.addmm_(gc.t(), Zc);   // dW_aug += grad_c^T Z_c
-      at::mm_out(Zc, gc, W);   // dZ_c = grad_c W_aug (over Z, which is consumed)
+      gemm_into(dW, gc.t(), Zc, true);  // dW_aug += grad_c^T Z_c
+      gemm_into(Zc, gc, W, false);      // dZ_c = grad_c W_aug (over Z, which is consumed)
       AT_DISPATCH_FLOATING_TYPES(c.st, "ik_contract_edge_backward", [&] {
         dispatch_tc<scalar_t>(tc, [&](auto tcv) {
           launch_edge_backward<scalar_t, decltype(tcv)::value>(c, Zc, h, s, tile_ptr, dh, ds, dxe, r0, n, te);

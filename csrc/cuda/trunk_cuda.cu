@@ -18,6 +18,7 @@
 //                                     rows and grid points: U = Y A^T, P = (dA A^+) * elu'(U) (in U), dY += P A.
 //   ik_elu_backward_kernel<T>         pointwise ELU's backward, elementwise.
 #include "common.cuh"
+#include "gemm_cuda.h"
 #include "trunk_cuda.h"
 
 #include <algorithm>
@@ -420,15 +421,15 @@ at::Tensor trunk_backward(const at::Tensor& inp, const std::vector<TrunkLayer>& 
     const at::Tensor& ain = k == 0 ? inp : as[k - 1];  // the layer's input (E, hin)
     (*dbiases)[k] = dy.sum(0);
     if (t.cw_d == 0) {
-      (*dweights)[k] = at::mm(dy.t(), ain);  // (hout, hin)
-      da = at::mm(dy, t.w);                  // (E, hin)
+      (*dweights)[k] = gemm(dy.t(), ain);  // (hout, hin)
+      da = gemm(dy, t.w);                  // (E, hin)
     } else {
       const int64_t D = t.cw_d, cout = t.hout / D, cin = t.hin / D;
       const at::Tensor dyv = dy.view({E, cout, D});
       // dW[a, co, ci] = sum_e dy[e, co D + a] ain[e, ci D + a]
-      (*dweights)[k] = at::bmm(dyv.permute({2, 1, 0}), ain.view({E, cin, D}).permute({2, 0, 1}));
+      (*dweights)[k] = gemm(dyv.permute({2, 1, 0}), ain.view({E, cin, D}).permute({2, 0, 1}));
       // da[e, ci D + a] = sum_co dy[e, co D + a] W[a, co, ci]
-      da = at::bmm(dyv.permute({2, 0, 1}), t.w).permute({1, 2, 0}).reshape({E, t.hin});
+      da = gemm(dyv.permute({2, 0, 1}), t.w).permute({1, 2, 0}).reshape({E, t.hin});
     }
   }
   return da;
