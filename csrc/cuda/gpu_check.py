@@ -140,6 +140,20 @@ def main():
             ok &= check(name + " [tf32]", args, torch.float32, 1e-2)
     finally:
         torch.set_float32_matmul_precision("highest")
+    # determinism: under torch.use_deterministic_algorithms(True) two backward passes agree bitwise (the GEMMs then
+    # run in the extension's own kernel, the gradient to x through index_add_)
+    args = to(cases[0][1], torch.float32)
+    torch.use_deterministic_algorithms(True)
+    try:
+        runs = []
+        for _ in range(2):
+            out = native().native_conv(*args, None)
+            runs.append(torch.autograd.grad(out.square().sum(), leaves(args), allow_unused=True))
+    finally:
+        torch.use_deterministic_algorithms(False)
+    same = all((a is None and b is None) or torch.equal(a, b) for a, b in zip(*runs))
+    print(f"{'deterministic backward (bitwise, twice)':45s} {'torch.float32':14s} {'ok' if same else 'FAIL'}")
+    ok &= same
     ok &= check("hidden given (statistics pass)", cases[0][1], torch.float64, 1e-10, hidden=True)
     # trunk_moments against the trunk
     args = to(cases[2][1], torch.float64)
