@@ -1,0 +1,311 @@
+// Shared pieces of ik_fast's CUDA kernels (csrc/cuda/*.cu): the block-level small-GEMM helper every stage is written
+// with, the ELU, the layer descriptors of the trunk, and host-side helpers (checks, dtype, shared-memory opt-in).
+//
+// Everything here is plain CUDA C++ (no tensor-core instructions): the custom kernels compute in IEEE FFMA in the
+// tensors' own dtype (float32 or float64). See conv_cuda.cu's header for the algorithm and the precision paths.
+#pragma once
+
+// Only ATen and c10's CUDA headers: ATen/cuda/CUDAContext.h would pull in cuBLAS / cuSPARSE / cuSOLVER headers,
+// which a bare CUDA toolkit (and so a compile-only CI with the CPU wheel of torch) does not have.
+// c10::cuda::getCurrentCUDAStream is the function at::cuda::getCurrentCUDAStream names.
+// The CPU wheel of torch ships c10/cuda's headers but not the configured c10/cuda/impl/cuda_cmake_macros.h (it only
+// matters for Windows DLL exports): compile against either wheel.
+#if defined(__has_include)
+#if !__has_include(<c10/cuda/impl/cuda_cmake_macros.h>) && !defined(C10_CUDA_NO_CMAKE_CONFIGURE_FILE)
+#define C10_CUDA_NO_CMAKE_CONFIGURE_FILE
+#endif
+#endif
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <cstdint>
+#include <type_traits>
+#include <string>
+#include <vector>
+
+namespace ik_fast_cuda {
+
+// Threads per block of the trunk kernels and of the per-edge contraction backward. The GEMM helper below strides
+// its micro-tiles over whatever blockDim.x is, so this is a tuning constant, not a correctness one.
+constexpr int kTrunkThreads = 256;
+constexpr int kEdgeThreads = 256;
+// Receiver-block tile of the Z kernel: 16 x 8 threads, each a 4 x 4 micro-tile of Z (hidden x input).
+constexpr int kZThreadsH = 16;
+constexpr int kZThreadsC = 8;
+constexpr int kZThreads = kZThreadsH * kZThreadsC;
+constexpr int kZTileH = 4 * kZThreadsH;  // 64 hidden rows of Z (the augmented row H included)
+constexpr int kZTileC = 4 * kZThreadsC;  // 32 input columns
+constexpr int kZEdges = 16;              // edges staged in shared memory per step
+// Layers one trunk launch evaluates (the host chains launches for deeper MLPs).
+constexpr int kMaxLayers = 16;
+
+// ELU with alpha = 1, as torch.nn.functional.elu (which uses expm1 below zero), and its derivative.
+template <typename T>
+__device__ __forceinline__ T elu(T u) {
+  return u > T(0) ? u : expm1(u);
+}
+template <typename T>
+__device__ __forceinline__ T elu_grad(T u) {
+  return u > T(0) ? T(1) : exp(u);
+}
+
+// C (M x N) = A (M x K) . B (K x N), batched over nb independent products, computed by the whole block: each thread
+// takes TM x TN micro-tiles of (batch, M, N) in turn (N fastest, so that a warp's B loads are consecutive when B's
+// columns are) and accumulates over K in registers, then hands every element to store(batch, m, n, value).
+//
+//   A[batch, m, k] = A[aoff(batch, m) + k * aks]     (A is usually a shared-memory tile)
+//   B[batch, k, n] = B[boff(batch, n) + k * bks]     (global weights, or a shared-memory tile)
+//
+// Rows m >= M and columns n >= N of a micro-tile read row / column 0 instead (always valid memory: M, N >= 1) and
+// are never stored. Each (batch, m, n) is stored by exactly one thread, so store may read-modify-write its target.
+// No barrier inside: the caller synchronises before the operands are written and after C is complete.
+template <int TM, int TN, typename T, typename AOff, typename BOff, typename Store>
+__device__ __forceinline__ void block_mm(int nb, int M, int N, int K, const T* A, AOff aoff, int aks,
+                                         const T* __restrict__ B, BOff boff, int bks, Store store) {
+  const int mt = (M + TM - 1) / TM;
+  const int nt = (N + TN - 1) / TN;
+  const int total = nb * mt * nt;
+  for (int w = threadIdx.x; w < total; w += blockDim.x) {
+    const int ni = w % nt;
+    const int rest = w / nt;
+    const int mi = rest % mt;
+    const int bi = rest / mt;
+    const int m0 = mi * TM;
+    const int n0 = ni * TN;
+    int ao[TM];
+    int bo[TN];
+#pragma unroll
+    for (int i = 0; i < TM; ++i) ao[i] = aoff(bi, m0 + i < M ? m0 + i : 0);
+#pragma unroll
+    for (int j = 0; j < TN; ++j) bo[j] = boff(bi, n0 + j < N ? n0 + j : 0);
+    T acc[TM][TN];
+#pragma unroll
+    for (int i = 0; i < TM; ++i)
+#pragma unroll
+      for (int j = 0; j < TN; ++j) acc[i][j] = T(0);
+    for (int k = 0; k < K; ++k) {
+      T av[TM];
+      T bv[TN];
+#pragma unroll
+      for (int i = 0; i < TM; ++i) av[i] = A[ao[i] + k * aks];
+#pragma unroll
+      for (int j = 0; j < TN; ++j) bv[j] = B[bo[j] + k * bks];
+#pragma unroll
+      for (int i = 0; i < TM; ++i)
+#pragma unroll
+        for (int j = 0; j < TN; ++j) acc[i][j] = fma(av[i], bv[j], acc[i][j]);
+    }
+#pragma unroll
+    for (int i = 0; i < TM; ++i)
+#pragma unroll
+      for (int j = 0; j < TN; ++j)
+        if (m0 + i < M && n0 + j < N) store(bi, m0 + i, n0 + j, acc[i][j]);
+  }
+}
+
+// The TF32 tensor-core variant of block_mm (float only, sm_80+): each warp takes 16 x 16 tiles of (batch, M, N) in
+// turn and accumulates them over K with mma.sync.m16n8k8 (two n8 halves sharing the A fragment), operands rounded
+// to TF32 (cvt.rna) and products accumulated in float32. Operands are read element by element through aoff / boff
+// (no ldmatrix), in the fragment layout of the PTX ISA for .tf32 (g = lane / 4, t = lane % 4):
+//   A (16 x 8, row):  a0 (g, t), a1 (g + 8, t), a2 (g, t + 4), a3 (g + 8, t + 4)
+//   B (8 x 8, col):   b0 (k = t, n = g), b1 (k = t + 4, n = g)
+//   C (16 x 8):       c0 (g, 2t), c1 (g, 2t + 1), c2 (g + 8, 2t), c3 (g + 8, 2t + 1)
+// k >= K reads as zero in both operands; rows / columns past M / N read row / column 0 and are not stored. The loops
+// are warp-uniform (mma.sync needs the whole warp). Same store contract as block_mm.
+__device__ __forceinline__ uint32_t to_tf32(float x) {
+  uint32_t r;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  r = __float_as_uint(x);
+  __trap();  // the extension is built for sm_80 and newer only
+#else
+  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
+#endif
+  return r;
+}
+
+__device__ __forceinline__ void mma_tf32(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                         uint32_t b0, uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __trap();
+#else
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#endif
+}
+
+template <typename AOff, typename BOff, typename Store>
+__device__ __forceinline__ void block_mm_tf32(int nb, int M, int N, int K, const float* A, AOff aoff, int aks,
+                                              const float* __restrict__ B, BOff boff, int bks, Store store) {
+  const int lane = threadIdx.x & 31;
+  const int g = lane >> 2;
+  const int t = lane & 3;
+  const int mt = (M + 15) / 16;
+  const int nt = (N + 15) / 16;
+  const int total = nb * mt * nt;
+  for (int w = threadIdx.x >> 5; w < total; w += blockDim.x >> 5) {
+    const int ni = w % nt;
+    const int rest = w / nt;
+    const int mi = rest % mt;
+    const int bi = rest / mt;
+    const int r0 = mi * 16 + g;
+    const int r1 = r0 + 8;
+    const int ao0 = aoff(bi, r0 < M ? r0 : 0);
+    const int ao1 = aoff(bi, r1 < M ? r1 : 0);
+    int bo[2];
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const int n = ni * 16 + 8 * j + g;
+      bo[j] = boff(bi, n < N ? n : 0);
+    }
+    float acc[2][4];
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) acc[j][q] = 0.f;
+    for (int k0 = 0; k0 < K; k0 += 8) {
+      const int ka = k0 + t;
+      const int kb = ka + 4;
+      const bool va = ka < K;
+      const bool vb = kb < K;
+      const uint32_t a0 = to_tf32(va ? A[ao0 + ka * aks] : 0.f);
+      const uint32_t a1 = to_tf32(va ? A[ao1 + ka * aks] : 0.f);
+      const uint32_t a2 = to_tf32(vb ? A[ao0 + kb * aks] : 0.f);
+      const uint32_t a3 = to_tf32(vb ? A[ao1 + kb * aks] : 0.f);
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const uint32_t b0 = to_tf32(va ? B[bo[j] + ka * bks] : 0.f);
+        const uint32_t b1 = to_tf32(vb ? B[bo[j] + kb * bks] : 0.f);
+        mma_tf32(acc[j], a0, a1, a2, a3, b0, b1);
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const int c0 = ni * 16 + 8 * j + 2 * t;
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const int m = q < 2 ? r0 : r1;
+        const int n = c0 + (q & 1);
+        if (m < M && n < N) store(bi, m, n, acc[j][q]);
+      }
+    }
+  }
+}
+
+// block_mm in IEEE FFMA (TC = false, any T) or on TF32 tensor cores (TC = true, T = float).
+template <bool TC, int TM, int TN, typename T, typename AOff, typename BOff, typename Store>
+__device__ __forceinline__ void mm(int nb, int M, int N, int K, const T* A, AOff aoff, int aks,
+                                   const T* __restrict__ B, BOff boff, int bks, Store store) {
+  if constexpr (TC) {
+    static_assert(std::is_same<T, float>::value, "the TF32 path is for float32 operands");
+    block_mm_tf32(nb, M, N, K, A, aoff, aks, B, boff, bks, store);
+  } else {
+    block_mm<TM, TN>(nb, M, N, K, A, aoff, aks, B, boff, bks, store);
+  }
+}
+
+// One hidden layer of the kernel MLP as the trunk kernels read it (pointers into tensors the host prepared in the
+// compute dtype, contiguous):
+//   w     dense (cw_d == 0): W^T (hin, hout) row-major; componentwise (cw_d = D > 0): (D, cin, cout), i.e. the op's
+//         (D, cout, cin) weight with its last two dimensions swapped (cin = hin / D, cout = hout / D)
+//   b     (hout,)
+//   at    Fourier ELU (fd > 0): A^T (fd, g); ainvt: (A^+)^T (g, fd); unused for a pointwise ELU (fd == 0)
+//   save_y, save_a: when not null, the layer's pre-activation y and activation a are written there, (E, hout)
+template <typename T>
+struct LayerDesc {
+  const T* w;
+  const T* b;
+  const T* at;
+  const T* ainvt;
+  T* save_y;
+  T* save_a;
+  int hin;
+  int hout;
+  int cw_d;
+  int fd;
+  int g;
+};
+
+template <typename T>
+struct TrunkArgs {
+  LayerDesc<T> layer[kMaxLayers];
+  const T* in;   // (E, hin0) the MLP input (or the activation of the previous launch's last layer)
+  T* out;        // (E, hout of the last layer)
+  int64_t E;
+  int nl;        // layers in this launch, 1 .. kMaxLayers
+  int hin0;
+  int be;        // edges per tile (block)
+  int ld;        // row stride of the shared-memory tiles (>= every width, odd)
+  int gc;        // grid points of the Fourier ELU per chunk
+  int su;        // elements of the Fourier scratch (>= gc)
+};
+
+// ------------------------------------------------------------------------------------------------------------------
+// host helpers
+// ------------------------------------------------------------------------------------------------------------------
+// f(std::true_type) for float when tc (the TF32 kernels), else f(std::false_type) (IEEE FFMA in T).
+template <typename T, typename F>
+inline void dispatch_tc(bool tc, F&& f) {
+  if constexpr (std::is_same<T, float>::value) {
+    if (tc) {
+      f(std::true_type{});
+      return;
+    }
+  }
+  f(std::false_type{});
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// The compute dtype: float64 stays float64, everything else (float32, and bf16 / half inputs) computes in float32.
+inline at::ScalarType compute_dtype(const at::Tensor& t) {
+  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Whether float32 GEMMs of the custom kernels may use TF32 tensor cores: the switch ATen's own cuBLAS matmuls read,
+// allowTF32CuBLAS() (torch.set_float32_matmul_precision "highest" -> IEEE FFMA; "high" / "medium" -> TF32; the newer
+// torch.backends.cuda.matmul.fp32_precision likewise), so the custom kernels and the cuBLAS GEMMs of one call agree.
+inline bool use_tf32(at::ScalarType st) { return st == at::kFloat && at::globalContext().allowTF32CuBLAS(); }
+
+// t in dtype st, contiguous, on t's device (no copy when it already is).
+inline at::Tensor prep(const at::Tensor& t, at::ScalarType st) { return t.to(st).contiguous(); }
+
+inline void check_cuda(const at::Tensor& t, const char* name, const at::Device& dev) {
+  TORCH_CHECK(t.device() == dev, "ik_fast native CUDA: ", name, " must be on ", dev, ", got ", t.device());
+}
+
+inline void check_float(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), "ik_fast native CUDA: ", name,
+              " must be a floating-point tensor, got ", t.scalar_type());
+}
+
+// Opt a kernel into dynamic shared memory above 48 KB (required by the runtime beyond the default), and check the
+// device allows that much.
+template <typename Kernel>
+inline void allow_smem(Kernel kernel, size_t bytes) {
+  if (bytes > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+  }
+}
+
+// Shared memory a block may opt into on the current device (227 KB on sm_90, 163 KB on sm_80), cached per device.
+inline size_t max_smem_optin() {
+  static int cached[64] = {0};
+  const int dev = c10::cuda::current_device();
+  if (dev < 0 || dev >= 64) return 48 * 1024;
+  if (cached[dev] == 0) {
+    int v = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+    cached[dev] = v;
+  }
+  return static_cast<size_t>(cached[dev]);
+}
+
+inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+}  // namespace ik_fast_cuda

@@ -1,0 +1,544 @@
+"""A CPU emulation of the CUDA kernels in this folder, block by block, with the kernels' own index expressions, checked
+against the op layer's plain-PyTorch statement (ik_fast.ops.conv_reference_form and autograd).
+
+No GPU was available when the kernels were written, so this is how their *index arithmetic and host orchestration*
+were checked: every shared-memory tile is a NumPy array of exactly the size the host code allocates (an index out of
+range raises), every ``block_mm`` call is replayed with the same ``aoff`` / ``boff`` / strides / store, and the host
+steps (receiver chunks, tile prefix sums and the binary search, the augmented W', the trunk's backward through
+ATen-equivalent calls, the radial term) are repeated, through both tilings of the block GEMMs (IEEE register tiles
+and the TF32 path's warp fragments, in exact arithmetic). What it cannot check: races and barriers, the device's own
+arithmetic (TF32 rounding included), launch configuration, anything CUDA-runtime. Run with ik_fast importable (float64,
+about half a minute)::
+
+    python csrc/cuda/emulate_check.py
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import torch
+
+from ik_fast import ops
+
+# the kernels' constants (common.cuh / trunk_cuda.cu / conv_cuda.cu)
+Z_TILE_H, Z_TILE_C, Z_EDGES = 64, 32, 16
+GRID_CHUNK, MAX_SCRATCH_ROWS = 32, 256
+EDGE_ROWS = 32
+SMEM_LIMIT = 227 * 1024
+
+
+def odd(n):
+    return n | 1
+
+
+TC = False  # emulate the TF32 path's tiling (block_mm_tf32) instead of block_mm's (in exact arithmetic)
+
+
+def block_mm(nb, M, N, K, A, aoff, aks, B, boff, bks, store):
+    """common.cuh's block_mm, vectorised: C[bi, m, n] = sum_k A[aoff(bi, m) + k aks] B[boff(bi, n) + k bks]."""
+    if TC:
+        return block_mm_tf32(nb, M, N, K, A, aoff, aks, B, boff, bks, store)
+    k = np.arange(K)
+    for bi in range(nb):
+        ao = np.array([aoff(bi, m) for m in range(M)], dtype=np.int64)
+        bo = np.array([boff(bi, n) for n in range(N)], dtype=np.int64)
+        ia = ao[:, None] + k[None, :] * aks
+        ib = bo[None, :] + k[:, None] * bks
+        assert (ia >= 0).all() and (ib >= 0).all()
+        C = A[ia] @ B[ib] if K > 0 else np.zeros((M, N))
+        m, n = np.meshgrid(np.arange(M), np.arange(N), indexing="ij")
+        store(bi, m.reshape(-1), n.reshape(-1), C.reshape(-1))
+
+
+def block_mm_tf32(nb, M, N, K, A, aoff, aks, B, boff, bks, store):
+    """common.cuh's block_mm_tf32, lane by lane: the loads each lane makes, placed into the m16n8k8 fragments by the
+    PTX ISA's .tf32 layout (a0 (g, t), a1 (g + 8, t), a2 (g, t + 4), a3 (g + 8, t + 4); b0 (t, g), b1 (t + 4, g);
+    c0 (g, 2t), c1 (g, 2t + 1), c2 (g + 8, 2t), c3 (g + 8, 2t + 1)), multiplied exactly (no TF32 rounding)."""
+    mt, nt = -(-M // 16), -(-N // 16)
+    for w in range(nb * mt * nt):  # (the warps' tiles, in any order)
+        ni, rest = w % nt, w // nt
+        mi, bi = rest % mt, rest // mt
+        acc = np.zeros((2, 16, 8))
+        for k0 in range(0, K, 8):
+            fa = np.zeros((16, 8))
+            fb = np.zeros((2, 8, 8))
+            for lane in range(32):
+                g, t = lane >> 2, lane & 3
+                r0, r1 = mi * 16 + g, mi * 16 + g + 8
+                ao0, ao1 = aoff(bi, r0 if r0 < M else 0), aoff(bi, r1 if r1 < M else 0)
+                ka, kb = k0 + t, k0 + t + 4
+                va, vb = ka < K, kb < K
+                fa[g, t] = A[ao0 + ka * aks] if va else 0.0
+                fa[g + 8, t] = A[ao1 + ka * aks] if va else 0.0
+                fa[g, t + 4] = A[ao0 + kb * aks] if vb else 0.0
+                fa[g + 8, t + 4] = A[ao1 + kb * aks] if vb else 0.0
+                for j in range(2):
+                    n = ni * 16 + 8 * j + g
+                    bo = boff(bi, n if n < N else 0)
+                    fb[j, t, g] = B[bo + ka * bks] if va else 0.0
+                    fb[j, t + 4, g] = B[bo + kb * bks] if vb else 0.0
+            for j in range(2):
+                acc[j] += fa @ fb[j]
+        ms, ns, vs = [], [], []
+        for lane in range(32):
+            g, t = lane >> 2, lane & 3
+            r0 = mi * 16 + g
+            for j in range(2):
+                c0 = ni * 16 + 8 * j + 2 * t
+                for q, (fm, fn) in enumerate(((g, 2 * t), (g, 2 * t + 1), (g + 8, 2 * t), (g + 8, 2 * t + 1))):
+                    m, n = (r0 if q < 2 else r0 + 8), c0 + (q & 1)
+                    assert (m - mi * 16, n - ni * 16 - 8 * j) == (fm, fn)
+                    if m < M and n < N:
+                        ms.append(m)
+                        ns.append(n)
+                        vs.append(acc[j, fm, fn])
+        if ms:
+            store(bi, np.array(ms), np.array(ns), np.array(vs))
+
+
+def elu(u):
+    return np.where(u > 0, u, np.expm1(np.minimum(u, 0)))
+
+
+def elu_grad(u):
+    return np.where(u > 0, 1.0, np.exp(np.minimum(u, 0)))
+
+
+def pick_tile(bytes_for):
+    be = 16
+    while be > 4 and bytes_for(be) > SMEM_LIMIT // 2 - 1024:
+        be //= 2
+    while be > 1 and bytes_for(be) > SMEM_LIMIT:
+        be //= 2
+    assert bytes_for(be) <= SMEM_LIMIT
+    return be
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# trunk_cuda.cu
+# ------------------------------------------------------------------------------------------------------------------
+def prepare_trunk(weights, biases, fourier, fourier_inv, p0):
+    layers, hin = [], p0
+    for w, b, A, Ai in zip(weights, biases, fourier, fourier_inv):
+        w = w.detach().numpy()
+        t = dict(w=w, b=b.detach().numpy().copy(), hin=hin, cw_d=0, fd=0, g=0)
+        if w.ndim == 2:
+            t["hout"] = w.shape[0]
+            t["wk"] = np.ascontiguousarray(w.T).reshape(-1)
+        else:
+            t["cw_d"] = w.shape[0]
+            t["hout"] = w.shape[0] * w.shape[1]
+            t["wk"] = np.ascontiguousarray(w.transpose(0, 2, 1)).reshape(-1)
+        if A.numel():
+            A, Ai = A.numpy(), Ai.numpy()
+            t.update(g=A.shape[0], fd=A.shape[1], A=A.reshape(-1).copy(), Ainv=Ai.reshape(-1).copy(),
+                     At=np.ascontiguousarray(A.T).reshape(-1), Ainvt=np.ascontiguousarray(Ai.T).reshape(-1))
+        hin = t["hout"]
+        layers.append(t)
+    return layers, hin
+
+
+def linear_tile(L, X, Y, be, ld):
+    w, b, hin, hout = L["wk"], L["b"], L["hin"], L["hout"]
+    if L["cw_d"] == 0:
+        def st(bi, m, n, v):
+            Y[m * ld + n] = v + b[n]
+        block_mm(1, be, hout, hin, X, lambda bi, m: m * ld, 1, w, lambda bi, n: n, hout, st)
+    else:
+        D = L["cw_d"]
+        cin, cout = hin // D, hout // D
+
+        def st(a, m, n, v):
+            Y[m * ld + n * D + a] = v + b[n * D + a]
+        block_mm(D, be, cout, cin, X, lambda a, m: m * ld + a, D, w, lambda a, n: a * cin * cout + n, cout, st)
+
+
+def fourier_elu_tile(L, Y, X, U, be, ld, gc, su):
+    at, ainvt, fd, G = L["At"], L["Ainvt"], L["fd"], L["g"]
+    C = L["hout"] // fd
+    M = be * C
+    mr = su // gc
+    for m0 in range(0, M, mr):
+        mc = min(mr, M - m0)
+        row = lambda bi, m, m0=m0: ((m0 + m) // C) * ld + ((m0 + m) % C) * fd  # noqa: E731
+        for g0 in range(0, G, gc):
+            gcc = min(gc, G - g0)
+
+            def st1(bi, m, n, v):
+                U[m * gc + n] = elu(v)
+            block_mm(1, mc, gcc, fd, Y, row, 1, at, lambda bi, n, g0=g0: g0 + n, G, st1)
+
+            def st2(bi, m, n, v, m0=m0, g0=g0):
+                r = m0 + m
+                p = (r // C) * ld + (r % C) * fd + n
+                X[p] = (0.0 if g0 == 0 else X[p]) + v
+            block_mm(1, mc, fd, gcc, U, lambda bi, m: m * gc, 1, ainvt, lambda bi, n, g0=g0: g0 * fd + n, fd, st2)
+
+
+def trunk_forward_kernel(inp, layers, out, saves, be, ld, gc, su):
+    E, hin0 = inp.shape
+    inp = inp.reshape(-1)
+    for blk in range(-(-E // be)):
+        X, Y, U = np.zeros(be * ld), np.zeros(be * ld), np.zeros(su)
+        e0 = blk * be
+        ne = min(be, E - e0)
+        for idx in range(be * hin0):
+            e, p = divmod(idx, hin0)
+            X[e * ld + p] = inp[(e0 + e) * hin0 + p] if e < ne else 0.0
+        width = hin0
+        for k, L in enumerate(layers):
+            linear_tile(L, X, Y, be, ld)
+            width = L["hout"]
+            if saves is not None:
+                saves[0][k][e0:e0 + ne] = Y.reshape(be, ld)[:ne, :width]
+            if L["fd"] > 0:
+                fourier_elu_tile(L, Y, X, U, be, ld, gc, su)
+            else:
+                Xv, Yv = X.reshape(be, ld), Y.reshape(be, ld)
+                Xv[:, :width] = elu(Yv[:, :width])
+            if saves is not None and k + 1 < len(layers):
+                saves[1][k][e0:e0 + ne] = X.reshape(be, ld)[:ne, :width]
+        out[e0:e0 + ne] = X.reshape(be, ld)[:ne, :width]
+
+
+def trunk_forward(inp, layers, save=False):
+    E = inp.shape[0]
+    if not layers:
+        return inp, None
+    hmax = max([inp.shape[1]] + [L["hout"] for L in layers])
+    rows = max([1] + [L["hout"] // L["fd"] for L in layers if L["fd"] > 0])
+    ld = odd(hmax)
+    su_for = lambda be: GRID_CHUNK * min(be * rows, MAX_SCRATCH_ROWS)  # noqa: E731
+    be = pick_tile(lambda be: (2 * be * ld + su_for(be)) * 8)
+    saves = ([np.zeros((E, L["hout"])) for L in layers], [np.zeros((E, L["hout"])) for L in layers]) if save else None
+    out = np.zeros((E, layers[-1]["hout"]))
+    trunk_forward_kernel(inp, layers, out, saves, be, ld, GRID_CHUNK, su_for(be))
+    if save:
+        saves[1][-1] = out
+    return out, saves
+
+
+def fourier_backward_kernel(y, da, L):
+    E, H = y.shape
+    fd, G = L["fd"], L["g"]
+    ld = odd(H)
+    rows = H // fd
+    su_for = lambda be: GRID_CHUNK * min(be * rows, MAX_SCRATCH_ROWS)  # noqa: E731
+    be = pick_tile(lambda be: (3 * be * ld + su_for(be)) * 8)
+    gc, su = GRID_CHUNK, su_for(be)
+    at, ainv, A = L["At"], L["Ainv"], L["A"]
+    dy = np.zeros_like(y)
+    for blk in range(-(-E // be)):
+        e0 = blk * be
+        ne = min(be, E - e0)
+        Yt, dAt, dYt, U = np.zeros(be * ld), np.zeros(be * ld), np.zeros(be * ld), np.zeros(su)
+        Yt.reshape(be, ld)[:ne, :H] = y[e0:e0 + ne]
+        dAt.reshape(be, ld)[:ne, :H] = da[e0:e0 + ne]
+        C = H // fd
+        M = be * C
+        mr = su // gc
+        for m0 in range(0, M, mr):
+            mc = min(mr, M - m0)
+            row = lambda bi, m, m0=m0: ((m0 + m) // C) * ld + ((m0 + m) % C) * fd  # noqa: E731
+            for g0 in range(0, G, gc):
+                gcc = min(gc, G - g0)
+
+                def s1(bi, m, n, v):
+                    U[m * gc + n] = v
+                block_mm(1, mc, gcc, fd, Yt, row, 1, at, lambda bi, n, g0=g0: g0 + n, G, s1)
+
+                def s2(bi, m, n, v):
+                    U[m * gc + n] = v * elu_grad(U[m * gc + n])
+                block_mm(1, mc, gcc, fd, dAt, row, 1, ainv, lambda bi, n, g0=g0: g0 + n, G, s2)
+
+                def s3(bi, m, n, v, m0=m0, g0=g0):
+                    r = m0 + m
+                    p = (r // C) * ld + (r % C) * fd + n
+                    dYt[p] = (0.0 if g0 == 0 else dYt[p]) + v
+                block_mm(1, mc, fd, gcc, U, lambda bi, m: m * gc, 1, A, lambda bi, n, g0=g0: g0 * fd + n, fd, s3)
+        dy[e0:e0 + ne] = dYt.reshape(be, ld)[:ne, :H]
+    return dy
+
+
+def trunk_backward(inp, layers, ys, as_, dh):
+    """trunk_cuda.cu's trunk_backward with torch in place of ATen."""
+    dws, dbs = [None] * len(layers), [None] * len(layers)
+    da = torch.from_numpy(dh)
+    E = inp.shape[0]
+    for k in reversed(range(len(layers))):
+        L = layers[k]
+        if L["fd"] > 0:
+            dy = torch.from_numpy(fourier_backward_kernel(ys[k], da.numpy(), L))
+        else:
+            dy = da * torch.from_numpy(elu_grad(ys[k]))
+        ain = torch.from_numpy(inp if k == 0 else as_[k - 1])
+        dbs[k] = dy.sum(0)
+        w = torch.from_numpy(L["w"])
+        if L["cw_d"] == 0:
+            dws[k] = dy.t() @ ain
+            da = dy @ w
+        else:
+            D = L["cw_d"]
+            cout, cin = L["hout"] // D, L["hin"] // D
+            dyv = dy.view(E, cout, D)
+            dws[k] = torch.bmm(dyv.permute(2, 1, 0), ain.view(E, cin, D).permute(2, 0, 1))
+            da = torch.bmm(dyv.permute(2, 0, 1), w).permute(1, 2, 0).reshape(E, L["hin"])
+    return da.numpy(), dws, dbs
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# conv_cuda.cu
+# ------------------------------------------------------------------------------------------------------------------
+def z_kernel(h, s, x, src, rowptr, Z, r0, nr, H, C):
+    h, x = h.reshape(-1), x.reshape(-1)
+    for bx in range(nr):
+        i = r0 + bx
+        for by in range(-(-(H + 1) // Z_TILE_H)):
+            for bz in range(-(-C // Z_TILE_C)):
+                h0, c0 = by * Z_TILE_H, bz * Z_TILE_C
+                acc = np.zeros((Z_TILE_H, Z_TILE_C))
+                for eb in range(rowptr[i], rowptr[i + 1], Z_EDGES):
+                    nk = min(Z_EDGES, rowptr[i + 1] - eb)
+                    hs = np.zeros((Z_EDGES, Z_TILE_H))
+                    xs = np.zeros((Z_EDGES, Z_TILE_C))
+                    for k in range(nk):
+                        e = eb + k
+                        for j in range(Z_TILE_H):
+                            hh = h0 + j
+                            hs[k, j] = s[e] * h[e * H + hh] if hh < H else (s[e] if hh == H else 0.0)
+                        for j in range(Z_TILE_C):
+                            if c0 + j < C:
+                                xs[k, j] = x[src[e] * C + c0 + j]
+                    acc += hs.T @ xs
+                Zi = Z[bx]
+                for a in range(Z_TILE_H):
+                    for b in range(Z_TILE_C):
+                        if h0 + a <= H and c0 + b < C:
+                            Zi[(h0 + a) * C + c0 + b] = acc[a, b]
+
+
+def edge_smem(te, C):
+    ldc, ldh = odd(C), odd(EDGE_ROWS)
+    return (2 * te * ldc + EDGE_ROWS * ldc + te * ldh) * 8
+
+
+def edge_tile(C):
+    te = 32
+    while te > 1 and (edge_smem(te, C) > 96 * 1024 or edge_smem(te, C) > SMEM_LIMIT):
+        te //= 2
+    return te
+
+
+def edge_kernel(dZ, h, s, x, src, rowptr, tile_ptr, dG, gz, dxe, r0, r1, H, C, te, hb, n_blocks):
+    h, x, dGf, dxef = h.reshape(-1), x.reshape(-1), dG.reshape(-1), dxe.reshape(-1)
+    seen = 0
+    for bx in range(n_blocks):
+        t = tile_ptr[r0] + bx
+        if t >= tile_ptr[r1]:
+            continue
+        seen += 1
+        lo, hi = r0, r1 - 1
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if tile_ptr[mid] <= t:
+                lo = mid
+            else:
+                hi = mid - 1
+        i = lo
+        eb = rowptr[i] + (t - tile_ptr[i]) * te
+        ne = min(te, rowptr[i + 1] - eb)
+        assert ne >= 1
+        ldc, ldh = C | 1, hb | 1
+        xs, dxa, dz, hr = np.zeros(te * ldc), np.zeros(te * ldc), np.zeros(hb * ldc), np.zeros(te * ldh)
+        for k in range(ne):
+            xs[k * ldc:k * ldc + C] = x[src[eb + k] * C:src[eb + k] * C + C]
+        dZi = dZ[i - r0]
+        for j0 in range(0, H + 1, hb):
+            hc = min(hb, H + 1 - j0)
+            for j in range(hc):
+                dz[j * ldc:j * ldc + C] = dZi[(j0 + j) * C:(j0 + j) * C + C]
+            for k in range(ne):
+                for j in range(hc):
+                    hr[k * ldh + j] = h[(eb + k) * H + j0 + j] if j0 + j < H else 1.0
+
+            def st1(bi, m, n, v, j0=j0, eb=eb):
+                j = j0 + n
+                sel = j < H
+                dGf[(eb + m[sel]) * H + j[sel]] = v[sel]
+                gz[eb + m[~sel]] = v[~sel]
+            block_mm(1, ne, hc, C, xs, lambda bi, m: m * ldc, 1, dz, lambda bi, n: n * ldc, 1, st1)
+
+            def st2(bi, m, n, v):
+                dxa[m * ldc + n] += v
+            block_mm(1, ne, C, hc, hr, lambda bi, m: m * ldh, 1, dz, lambda bi, n: n, ldc, st2)
+        for k in range(ne):
+            for c in range(C):
+                dxef[(eb + k) * C + c] = s[eb + k] * dxa[k * ldc + c]
+    return seen
+
+
+def conv_inputs(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, fw, fb, coef, norm, ndim, mask):
+    layers, H = prepare_trunk(weights, biases, fourier, fourier_inv, inp.shape[1])
+    w = fw.detach() * mask if mask is not None else fw.detach()
+    R, _, C = fw.shape
+    W = torch.cat([w, fb.detach().unsqueeze(1)], 1).reshape(R, (H + 1) * C).numpy()
+    inpn = inp.detach().numpy()
+    r2 = (inpn[:, :ndim] ** 2).sum(1)
+    s = np.exp(-float(coef.detach()) * r2) * norm
+    return layers, H, R, C, W, inpn, r2, s
+
+
+def conv(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, fw, fb, coef, norm, ndim, mask, nr):
+    layers, H, R, C, W, inpn, r2, s = conv_inputs(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, fw, fb,
+                                                  coef, norm, ndim, mask)
+    n_dst = rowptr.shape[0] - 1
+    h, _ = trunk_forward(inpn, layers)
+    out = np.zeros((n_dst, R))
+    for r0 in range(0, n_dst, nr):
+        n = min(nr, n_dst - r0)
+        Z = np.zeros((n, (H + 1) * C))
+        z_kernel(h, s, x.detach().numpy(), src.numpy(), rowptr.numpy(), Z, r0, n, H, C)
+        out[r0:r0 + n] = Z @ W.T
+    return out
+
+
+def conv_backward(grad, x, inp, src, rowptr, weights, biases, fourier, fourier_inv, fw, fb, coef, norm, ndim, mask,
+                  nr):
+    layers, H, R, C, W, inpn, r2, s = conv_inputs(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, fw, fb,
+                                                  coef, norm, ndim, mask)
+    E, n_dst = inp.shape[0], rowptr.shape[0] - 1
+    xn, srcn, rp = x.detach().numpy(), src.numpy(), rowptr.numpy()
+    h, saves = trunk_forward(inpn, layers, save=True)
+    te = edge_tile(C)
+    deg = rp[1:] - rp[:-1]
+    tile_ptr = np.concatenate([[0], np.cumsum((deg + te - 1) // te)])
+    dh, ds, dxe = np.zeros((E, H)), np.zeros(E), np.zeros((E, C))
+    dW = np.zeros((R, (H + 1) * C))
+    g = grad.detach().numpy()
+    tiles = 0
+    for r0 in range(0, n_dst, nr):
+        n = min(nr, n_dst - r0)
+        Z = np.zeros((n, (H + 1) * C))
+        z_kernel(h, s, xn, srcn, rp, Z, r0, n, H, C)
+        dW += g[r0:r0 + n].T @ Z
+        dZ = g[r0:r0 + n] @ W
+        tiles += edge_kernel(dZ, h, s, xn, srcn, rp, tile_ptr, dh, ds, dxe, r0, r0 + n, H, C, te, EDGE_ROWS,
+                             -(-E // te) + n)
+    assert tiles == tile_ptr[-1], (tiles, tile_ptr[-1])
+    ds = ds + (dh * h).sum(1)
+    dh = dh * s[:, None]
+    dx = np.zeros_like(xn)
+    np.add.at(dx, srcn, dxe)
+    if layers:
+        dinp, dws, dbs = trunk_backward(inpn, layers, saves[0], saves[1], dh)
+    else:
+        dinp, dws, dbs = dh, [], []
+    wds = ds * s
+    dcoef = -(wds * r2).sum()
+    dinp = dinp.copy()
+    dinp[:, :ndim] += inpn[:, :ndim] * wds[:, None] * (-2.0 * float(coef.detach()))
+    dfw = dW[:, :H * C].reshape(R, H, C)
+    if mask is not None:
+        dfw = dfw * mask.numpy()
+    return [dx, dinp, *[d.numpy() for d in dws], *[d.numpy() for d in dbs], dfw, dW[:, H * C:], np.array([dcoef])]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# a random program and graph
+# ------------------------------------------------------------------------------------------------------------------
+def random_case(seed, spec, P0=5, ndim=3, C=6, R=5, n_src=9, n_dst=11, degrees=None, with_mask=True):
+    """spec: per hidden layer (kind, width args, fourier (G, D) or None); kind "dense" (H_out) or "cw" (D, C_out)."""
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    weights, biases, fourier, fourier_inv = [], [], [], []
+    hin = P0
+    for kind, shape, four in spec:
+        if kind == "dense":
+            w = rnd(shape, hin) / hin ** 0.5
+            hout = shape
+        else:
+            D, co = shape
+            w = rnd(D, co, hin // D) / (hin // D) ** 0.5
+            hout = D * co
+        weights.append(w.requires_grad_())
+        biases.append((0.3 * rnd(hout)).requires_grad_())
+        if four is None:
+            fourier.append(torch.zeros(0, dtype=torch.float64))
+            fourier_inv.append(torch.zeros(0, dtype=torch.float64))
+        else:
+            G, D = four
+            A = rnd(G, D) / D ** 0.5
+            fourier.append(A)
+            fourier_inv.append(torch.linalg.pinv(A))
+        hin = hout
+    H = hin
+    if degrees is None:
+        degrees = torch.randint(0, 6, (n_dst,), generator=g)
+    else:
+        degrees = torch.as_tensor(degrees)
+        n_dst = degrees.shape[0]
+    E = int(degrees.sum())
+    rowptr = torch.cat([torch.zeros(1, dtype=torch.long), degrees.cumsum(0)])
+    src = torch.randint(0, n_src, (E,), generator=g)
+    x = rnd(n_src, C).requires_grad_()
+    inp = rnd(E, P0).requires_grad_()
+    fw = rnd(R, H, C).requires_grad_()
+    fb = rnd(R, C).requires_grad_()
+    coef = torch.tensor([0.7], dtype=torch.float64, requires_grad=True)
+    mask = (torch.rand(R, H, C, generator=g) < 0.4) if with_mask else None
+    return [x, inp, src, rowptr, weights, biases, fourier, fourier_inv, fw, fb, coef, 0.5, ndim, mask]
+
+
+def check(name, args, nr):
+    ref = ops.conv_reference_form(*args)
+    out = conv(*args, nr=nr)
+    err = float(np.abs(out - ref.detach().numpy()).max() / max(1e-30, float(ref.detach().abs().max())))
+    grad = torch.randn(ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    leaves = [args[0], args[1], *args[4], *args[5], args[8], args[9], args[10]]
+    ref_g = torch.autograd.grad(ref, leaves, grad, allow_unused=True)
+    ours = conv_backward(grad, *args, nr=nr)
+    errs = []
+    for a, b in zip(ours, ref_g):
+        b = torch.zeros_like(leaves[len(errs)]) if b is None else b
+        scale = max(1e-30, float(b.abs().max()))
+        errs.append(float(np.abs(a.reshape(b.shape) - b.detach().numpy()).max()) / scale if b.numel() else 0.0)
+    worst = max([err] + errs)
+    print(f"{name:40s} forward {err:.1e}  gradients max {max(errs) if errs else 0:.1e}  "
+          f"{'ok' if worst < 1e-10 else 'FAIL'}")
+    return worst < 1e-10
+
+
+def main():
+    global TC
+    ok = True
+    for TC in (False, True):
+        print("block GEMMs as", "block_mm_tf32 (TF32 path's tiling, exact arithmetic)" if TC else "block_mm (IEEE path)")
+        ok &= cases()
+    print("all ok" if ok else "FAILURES")
+    return 0 if ok else 1
+
+
+def cases():
+    ok = True
+    fourier_cw = [("dense", 12, (10, 3)), ("cw", (3, 4), (10, 3))]  # H = 12: 4 channels of 3 components
+    ok &= check("fourier, dense + componentwise, mask", random_case(0, fourier_cw), nr=4)
+    ok &= check("fourier, no mask, one chunk", random_case(1, fourier_cw, with_mask=False), nr=100)
+    ok &= check("pointwise, dense + dense", random_case(2, [("dense", 7, None), ("dense", 9, None)]), nr=3)
+    ok &= check("mixed: fourier then pointwise, 3 layers",
+                random_case(3, [("dense", 8, (40, 4)), ("cw", (4, 2), (40, 4)), ("dense", 6, None)]), nr=5)
+    ok &= check("no hidden layer", random_case(4, []), nr=2)
+    ok &= check("ndim = 0", random_case(5, fourier_cw, ndim=0), nr=4)
+    ok &= check("skew (one receiver with 70 edges), isolated",
+                random_case(6, fourier_cw, degrees=[0, 70, 0, 3, 0, 33, 1]), nr=2)
+    # wide enough that the tiles, Fourier chunks and Z tiles have several pieces: H = 70 hidden (> 64 Z rows),
+    # C = 40 inputs (> 32 Z columns), G = 70 grid points (> 32 per chunk)
+    ok &= check("several tiles of every kind",
+                random_case(7, [("dense", 70, (70, 7)), ("cw", (7, 10), (70, 7))], C=40, R=3,
+                            degrees=[20, 0, 35, 2]), nr=3)
+    return ok
+
+
+if __name__ == "__main__":
+    sys.exit(main())

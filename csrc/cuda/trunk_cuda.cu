@@ -1,0 +1,438 @@
+// The trunk of the kernel MLP on CUDA: the fused forward per tile of edges, the Fourier ELU's backward per tile, and
+// the host code around them (layer preparation, the backward's Linear gradients through ATen / cuBLAS, and
+// ik_fast::native_trunk_moments). The algorithm and memory per stage are described in conv_cuda.cu's header.
+//
+// Kernels:
+//   ik_trunk_forward_kernel<T>        one block per tile of `be` edges; every layer of (up to kMaxLayers of) the MLP
+//                                     on chip: two (be, ld) shared-memory tiles X (activation) and Y
+//                                     (pre-activation) and a Fourier scratch U (su elements). Per layer:
+//                                       Linear X -> Y   dense: one block GEMM (be x hin) . W^T (hin x hout)
+//                                                       componentwise: D block GEMMs (be x cin) . W_a^T batched
+//                                                       over the component a, on the channel-major tile
+//                                       act    Y -> X   Fourier ELU: the tile viewed as (be * C, fd) rows (one per
+//                                                       edge and channel); per chunk of rows and of gc grid points
+//                                                       U = elu(Y_rows A^T[:, chunk]) (in U, never in global memory),
+//                                                       X_rows += U (A^+)^T[chunk, :]; pointwise ELU elementwise.
+//                                     Writes h (E, H_L), and, for the backward, each layer's y and a.
+//   ik_fourier_elu_backward_kernel<T> one block per tile: dY of a Fourier ELU from the saved Y and dA, per chunk of
+//                                     rows and grid points: U = Y A^T, P = (dA A^+) * elu'(U) (in U), dY += P A.
+//   ik_elu_backward_kernel<T>         pointwise ELU's backward, elementwise.
+#include "common.cuh"
+#include "gemm_cuda.h"
+#include "trunk_cuda.h"
+
+#include <algorithm>
+
+namespace ik_fast_cuda {
+
+// ------------------------------------------------------------------------------------------------------------------
+// device stages (the caller synchronises between them)
+// ------------------------------------------------------------------------------------------------------------------
+
+// Y = X W^T + b on the tile (rows 0 .. be-1, row stride ld).
+template <bool TC, typename T>
+__device__ __forceinline__ void linear_tile(const LayerDesc<T>& L, const T* X, T* Y, int be, int ld) {
+  const T* __restrict__ w = L.w;
+  const T* __restrict__ b = L.b;
+  const int hin = L.hin;
+  const int hout = L.hout;
+  if (L.cw_d == 0) {
+    mm<TC, 4, 4>(
+        1, be, hout, hin, X, [=](int, int m) { return m * ld; }, 1, w, [=](int, int n) { return n; }, hout,
+        [=](int, int m, int n, T v) { Y[m * ld + n] = v + b[n]; });
+  } else {
+    // y[e, co D + a] = sum_ci W[a, co, ci] x[e, ci D + a]: batch a, rows e, columns co, reduction ci
+    const int D = L.cw_d;
+    const int cin = hin / D;
+    const int cout = hout / D;
+    mm<TC, 4, 4>(
+        D, be, cout, cin, X, [=](int a, int m) { return m * ld + a; }, D, w,
+        [=](int a, int n) { return a * cin * cout + n; }, cout,
+        [=](int a, int m, int n, T v) { Y[m * ld + n * D + a] = v + b[n * D + a]; });
+  }
+}
+
+// X = FourierELU(Y) per channel of fd components: X_c = elu(Y_c A^T) (A^+)^T, through the scratch U.
+template <bool TC, typename T>
+__device__ __forceinline__ void fourier_elu_tile(const LayerDesc<T>& L, const T* Y, T* X, T* U, int be, int ld,
+                                                 int gc, int su) {
+  const T* __restrict__ at = L.at;
+  const T* __restrict__ ainvt = L.ainvt;
+  const int fd = L.fd;
+  const int G = L.g;
+  const int C = L.hout / fd;
+  const int M = be * C;
+  const int mr = su / gc;  // rows per chunk (>= 1: the host sizes su >= gc)
+  for (int m0 = 0; m0 < M; m0 += mr) {
+    const int mc = min(mr, M - m0);
+    for (int g0 = 0; g0 < G; g0 += gc) {
+      const int gcc = min(gc, G - g0);
+      // U (mc x gcc) = elu(Y_rows (mc x fd) . A^T[:, g0 .. g0 + gcc])
+      mm<TC, 4, 4>(
+          1, mc, gcc, fd, Y,
+          [=](int, int m) {
+            const int r = m0 + m;
+            return (r / C) * ld + (r % C) * fd;
+          },
+          1, at, [=](int, int n) { return g0 + n; }, G, [=](int, int m, int n, T v) { U[m * gc + n] = elu(v); });
+      __syncthreads();
+      // X_rows (mc x fd) (+)= U (mc x gcc) . (A^+)^T[g0 .. g0 + gcc, :]
+      mm<TC, 4, 4>(
+          1, mc, fd, gcc, U, [=](int, int m) { return m * gc; }, 1, ainvt, [=](int, int n) { return g0 * fd + n; },
+          fd, [=](int, int m, int n, T v) {
+            const int r = m0 + m;
+            T* p = X + (r / C) * ld + (r % C) * fd + n;
+            *p = (g0 == 0 ? T(0) : *p) + v;
+          });
+      __syncthreads();
+    }
+  }
+}
+
+// rows 0 .. ne-1 of a shared-memory tile -> global (E, width) rows e0 ..
+template <typename T>
+__device__ __forceinline__ void store_rows(const T* S, int ld, T* out, int64_t e0, int ne, int width) {
+  for (int idx = threadIdx.x; idx < ne * width; idx += blockDim.x) {
+    const int e = idx / width;
+    const int j = idx - e * width;
+    out[(e0 + e) * width + j] = S[e * ld + j];
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void load_rows(T* S, int ld, const T* __restrict__ in, int64_t e0, int ne, int be,
+                                          int width) {
+  for (int idx = threadIdx.x; idx < be * width; idx += blockDim.x) {
+    const int e = idx / width;
+    const int j = idx - e * width;
+    S[e * ld + j] = e < ne ? in[(e0 + e) * width + j] : T(0);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------------------------
+// kernels
+// ------------------------------------------------------------------------------------------------------------------
+template <typename T, bool TC>
+__global__ void __launch_bounds__(kTrunkThreads) ik_trunk_forward_kernel(const __grid_constant__ TrunkArgs<T> a) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* X = reinterpret_cast<T*>(smem_raw);
+  T* Y = X + a.be * a.ld;
+  T* U = Y + a.be * a.ld;
+  const int64_t e0 = static_cast<int64_t>(blockIdx.x) * a.be;
+  const int ne = static_cast<int>(min(static_cast<int64_t>(a.be), a.E - e0));
+  load_rows(X, a.ld, a.in, e0, ne, a.be, a.hin0);  // padding rows are zeros (computed on, never stored)
+  __syncthreads();
+  int width = a.hin0;
+  for (int k = 0; k < a.nl; ++k) {
+    const LayerDesc<T>& L = a.layer[k];
+    linear_tile<TC>(L, X, Y, a.be, a.ld);
+    __syncthreads();
+    width = L.hout;
+    if (L.save_y != nullptr) store_rows(Y, a.ld, L.save_y, e0, ne, width);
+    if (L.fd > 0) {
+      fourier_elu_tile<TC>(L, Y, X, U, a.be, a.ld, a.gc, a.su);  // ends with a barrier
+    } else {
+      for (int idx = threadIdx.x; idx < a.be * width; idx += blockDim.x) {
+        const int e = idx / width;
+        const int j = idx - e * width;
+        X[e * a.ld + j] = elu(Y[e * a.ld + j]);
+      }
+      __syncthreads();
+    }
+    if (L.save_a != nullptr) store_rows(X, a.ld, L.save_a, e0, ne, width);
+  }
+  store_rows(X, a.ld, a.out, e0, ne, width);
+}
+
+// dy (E, H) of a Fourier ELU of fd-component channels given its input y and the gradient da of its output.
+template <typename T, bool TC>
+__global__ void __launch_bounds__(kTrunkThreads)
+    ik_fourier_elu_backward_kernel(const T* __restrict__ y, const T* __restrict__ da, T* __restrict__ dy,
+                                   const T* __restrict__ at, const T* __restrict__ ainv, const T* __restrict__ A,
+                                   int64_t E, int H, int fd, int G, int be, int ld, int gc, int su) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* Yt = reinterpret_cast<T*>(smem_raw);
+  T* dAt = Yt + be * ld;
+  T* dYt = dAt + be * ld;
+  T* U = dYt + be * ld;
+  const int64_t e0 = static_cast<int64_t>(blockIdx.x) * be;
+  const int ne = static_cast<int>(min(static_cast<int64_t>(be), E - e0));
+  load_rows(Yt, ld, y, e0, ne, be, H);
+  load_rows(dAt, ld, da, e0, ne, be, H);
+  __syncthreads();
+  const int C = H / fd;
+  const int M = be * C;
+  const int mr = su / gc;
+  for (int m0 = 0; m0 < M; m0 += mr) {
+    const int mc = min(mr, M - m0);
+    auto row = [=](int, int m) {
+      const int r = m0 + m;
+      return (r / C) * ld + (r % C) * fd;
+    };
+    for (int g0 = 0; g0 < G; g0 += gc) {
+      const int gcc = min(gc, G - g0);
+      // U = Y_rows A^T[:, chunk]   (the grid values u)
+      mm<TC, 4, 4>(
+          1, mc, gcc, fd, Yt, row, 1, at, [=](int, int n) { return g0 + n; }, G,
+          [=](int, int m, int n, T v) { U[m * gc + n] = v; });
+      __syncthreads();
+      // U = (dA_rows A^+[:, chunk]) * elu'(u)   (d u; each entry read and written by its owner)
+      mm<TC, 4, 4>(
+          1, mc, gcc, fd, dAt, row, 1, ainv, [=](int, int n) { return g0 + n; }, G,
+          [=](int, int m, int n, T v) { U[m * gc + n] = v * elu_grad(U[m * gc + n]); });
+      __syncthreads();
+      // dY_rows (+)= U A[chunk, :]
+      mm<TC, 4, 4>(
+          1, mc, fd, gcc, U, [=](int, int m) { return m * gc; }, 1, A, [=](int, int n) { return g0 * fd + n; }, fd,
+          [=](int, int m, int n, T v) {
+            const int r = m0 + m;
+            T* p = dYt + (r / C) * ld + (r % C) * fd + n;
+            *p = (g0 == 0 ? T(0) : *p) + v;
+          });
+      __syncthreads();
+    }
+  }
+  store_rows(dYt, ld, dy, e0, ne, H);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(256)
+    ik_elu_backward_kernel(const T* __restrict__ y, const T* __restrict__ da, T* __restrict__ dy, int64_t n) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    dy[i] = da[i] * elu_grad(y[i]);
+}
+
+// ------------------------------------------------------------------------------------------------------------------
+// host
+// ------------------------------------------------------------------------------------------------------------------
+namespace {
+
+constexpr int kGridChunk = 32;       // grid points of the Fourier ELU per chunk (gc)
+constexpr int kMaxScratchRows = 256;  // rows (edge, channel) of the Fourier scratch per chunk
+
+int odd(int64_t n) { return static_cast<int>(n | 1); }
+
+// Edges per tile: the largest power of two <= 16 with which two blocks fit in a multiprocessor's shared memory (so that
+// the wide trunks, e.g. H = 816, still run two or more blocks of 8 warps per SM), but no fewer than 4 edges for that;
+// below 4 edges, the largest tile that fits at all.
+template <typename F>
+int pick_tile(F bytes_for, const char* what) {
+  const size_t limit = max_smem_optin();
+  const size_t half = limit / 2 > 1024 ? limit / 2 - 1024 : limit / 2;  // (the runtime reserves 1 KB per block)
+  int be = 16;
+  while (be > 4 && bytes_for(be) > half) be /= 2;
+  while (be > 1 && bytes_for(be) > limit) be /= 2;
+  TORCH_CHECK(bytes_for(be) <= limit, "ik_fast native CUDA: the ", what, " needs ", bytes_for(be),
+              " bytes of shared memory for one edge, more than the device's ", limit,
+              " (hidden layers too wide for this implementation)");
+  return be;
+}
+
+template <typename T, bool TC>
+void launch_trunk_group(const at::Tensor& in, at::Tensor& out, const std::vector<TrunkLayer>& layers, size_t k0,
+                        size_t k1, std::vector<at::Tensor>* ys, std::vector<at::Tensor>* as) {
+  TrunkArgs<T> a{};
+  const int64_t E = in.size(0);
+  int64_t hmax = in.size(1);
+  int64_t rows = 1;  // (edge, channel) rows per edge of the widest Fourier layer
+  for (size_t k = k0; k < k1; ++k) {
+    const TrunkLayer& t = layers[k];
+    LayerDesc<T>& L = a.layer[k - k0];
+    L.w = t.wk.data_ptr<T>();
+    L.b = t.b.data_ptr<T>();
+    L.at = t.fd > 0 ? t.At.data_ptr<T>() : nullptr;
+    L.ainvt = t.fd > 0 ? t.Ainvt.data_ptr<T>() : nullptr;
+    L.save_y = ys != nullptr ? (*ys)[k].data_ptr<T>() : nullptr;
+    L.save_a = (as != nullptr && k + 1 < layers.size()) ? (*as)[k].data_ptr<T>() : nullptr;
+    L.hin = static_cast<int>(t.hin);
+    L.hout = static_cast<int>(t.hout);
+    L.cw_d = static_cast<int>(t.cw_d);
+    L.fd = static_cast<int>(t.fd);
+    L.g = static_cast<int>(t.g);
+    hmax = std::max(hmax, t.hout);
+    if (t.fd > 0) rows = std::max(rows, t.hout / t.fd);
+  }
+  a.in = in.data_ptr<T>();
+  a.out = out.data_ptr<T>();
+  a.E = E;
+  a.nl = static_cast<int>(k1 - k0);
+  a.hin0 = static_cast<int>(in.size(1));
+  a.ld = odd(hmax);
+  a.gc = kGridChunk;
+  auto su_for = [&](int be) { return kGridChunk * static_cast<int>(std::min<int64_t>(be * rows, kMaxScratchRows)); };
+  auto bytes = [&](int be) { return (2 * static_cast<size_t>(be) * a.ld + su_for(be)) * sizeof(T); };
+  a.be = pick_tile(bytes, "trunk forward");
+  a.su = su_for(a.be);
+  const size_t smem = bytes(a.be);
+  allow_smem(ik_trunk_forward_kernel<T, TC>, smem);
+  const int64_t blocks = ceil_div(E, a.be);
+  ik_trunk_forward_kernel<T, TC><<<static_cast<unsigned>(blocks), kTrunkThreads, smem,
+                               current_stream()>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, bool TC>
+void launch_act_backward(const TrunkLayer& t, const at::Tensor& y, const at::Tensor& da, at::Tensor& dy) {
+  const int64_t E = y.size(0);
+  const int64_t H = t.hout;
+  auto stream = current_stream();
+  if (t.fd == 0) {
+    const int64_t n = E * H;
+    const int64_t blocks = std::min<int64_t>(ceil_div(n, 256), 65535 * 8);
+    ik_elu_backward_kernel<T><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(
+        y.data_ptr<T>(), da.data_ptr<T>(), dy.data_ptr<T>(), n);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+  const int ld = odd(H);
+  const int64_t rows = H / t.fd;
+  auto su_for = [&](int be) { return kGridChunk * static_cast<int>(std::min<int64_t>(be * rows, kMaxScratchRows)); };
+  auto bytes = [&](int be) { return (3 * static_cast<size_t>(be) * ld + su_for(be)) * sizeof(T); };
+  const int be = pick_tile(bytes, "Fourier ELU backward");
+  const size_t smem = bytes(be);
+  allow_smem(ik_fourier_elu_backward_kernel<T, TC>, smem);
+  ik_fourier_elu_backward_kernel<T, TC><<<static_cast<unsigned>(ceil_div(E, be)), kTrunkThreads, smem, stream>>>(
+      y.data_ptr<T>(), da.data_ptr<T>(), dy.data_ptr<T>(), t.At.data_ptr<T>(), t.Ainv.data_ptr<T>(),
+      t.A.data_ptr<T>(), E, static_cast<int>(H), static_cast<int>(t.fd), static_cast<int>(t.g), be, ld, kGridChunk,
+      su_for(be));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+std::vector<TrunkLayer> prepare_trunk(at::TensorList weights, at::TensorList biases, at::TensorList fourier,
+                                      at::TensorList fourier_inv, int64_t p0, at::ScalarType st,
+                                      const at::Device& dev, int64_t* h_last) {
+  const size_t L = weights.size();
+  TORCH_CHECK(biases.size() == L && fourier.size() == L && fourier_inv.size() == L,
+              "ik_fast native CUDA: weights, biases, fourier and fourier_inv must have one entry per hidden layer, "
+              "got ",
+              L, ", ", biases.size(), ", ", fourier.size(), ", ", fourier_inv.size());
+  std::vector<TrunkLayer> out;
+  out.reserve(L);
+  int64_t hin = p0;
+  for (size_t k = 0; k < L; ++k) {
+    const std::string wn = "weights[" + std::to_string(k) + "]";
+    const std::string bn = "biases[" + std::to_string(k) + "]";
+    const std::string fn = "fourier[" + std::to_string(k) + "]";
+    const std::string in = "fourier_inv[" + std::to_string(k) + "]";
+    check_cuda(weights[k], wn.c_str(), dev);
+    check_cuda(biases[k], bn.c_str(), dev);
+    check_float(weights[k], wn.c_str());
+    check_float(biases[k], bn.c_str());
+    TrunkLayer t;
+    t.w = prep(weights[k], st);
+    t.hin = hin;
+    if (t.w.dim() == 2) {
+      TORCH_CHECK(t.w.size(1) == hin, "ik_fast native CUDA: ", wn, " has shape ", t.w.sizes(), ", expected (H_", k + 1,
+                  ", ", hin, ")");
+      t.hout = t.w.size(0);
+      t.wk = t.w.t().contiguous();
+    } else {
+      TORCH_CHECK(t.w.dim() == 3, "ik_fast native CUDA: ", wn, " must be 2-D (dense) or 3-D (componentwise), got ",
+                  t.w.sizes());
+      t.cw_d = t.w.size(0);
+      TORCH_CHECK(t.cw_d > 0 && t.w.size(2) * t.cw_d == hin, "ik_fast native CUDA: componentwise ", wn, " has shape ",
+                  t.w.sizes(), ", which does not act on the ", hin, " units of the layer before (D * C_in)");
+      t.hout = t.w.size(0) * t.w.size(1);
+      t.wk = t.w.transpose(1, 2).contiguous();
+    }
+    TORCH_CHECK(t.hout > 0, "ik_fast native CUDA: ", wn, " has no output units");
+    TORCH_CHECK(biases[k].dim() == 1 && biases[k].size(0) == t.hout, "ik_fast native CUDA: ", bn, " has shape ",
+                biases[k].sizes(), ", expected (", t.hout, ",)");
+    t.b = prep(biases[k], st);
+    if (fourier[k].numel() > 0) {
+      check_cuda(fourier[k], fn.c_str(), dev);
+      check_cuda(fourier_inv[k], in.c_str(), dev);
+      check_float(fourier[k], fn.c_str());
+      check_float(fourier_inv[k], in.c_str());
+      TORCH_CHECK(fourier[k].dim() == 2, "ik_fast native CUDA: ", fn, " must be (G, D), got ", fourier[k].sizes());
+      t.g = fourier[k].size(0);
+      t.fd = fourier[k].size(1);
+      TORCH_CHECK(t.g > 0 && t.fd > 0 && t.hout % t.fd == 0, "ik_fast native CUDA: ", fn, " has shape ",
+                  fourier[k].sizes(), ": the layer's ", t.hout, " units are not whole channels of D components");
+      TORCH_CHECK(fourier_inv[k].dim() == 2 && fourier_inv[k].size(0) == t.fd && fourier_inv[k].size(1) == t.g,
+                  "ik_fast native CUDA: ", in, " has shape ", fourier_inv[k].sizes(), ", expected (", t.fd, ", ", t.g,
+                  ")");
+      t.A = prep(fourier[k], st);
+      t.Ainv = prep(fourier_inv[k], st);
+      t.At = t.A.t().contiguous();
+      t.Ainvt = t.Ainv.t().contiguous();
+    }
+    hin = t.hout;
+    out.push_back(std::move(t));
+  }
+  *h_last = hin;
+  return out;
+}
+
+at::Tensor trunk_forward(const at::Tensor& inp, const std::vector<TrunkLayer>& layers, std::vector<at::Tensor>* ys,
+                         std::vector<at::Tensor>* as) {
+  const int64_t E = inp.size(0);
+  if (layers.empty()) return inp;
+  const bool tc = use_tf32(inp.scalar_type());
+  if (ys != nullptr) {
+    ys->clear();
+    as->clear();
+    for (const TrunkLayer& t : layers) {
+      ys->push_back(at::empty({E, t.hout}, inp.options()));
+      as->push_back(at::empty({E, t.hout}, inp.options()));
+    }
+  }
+  at::Tensor cur = inp;
+  for (size_t k0 = 0; k0 < layers.size(); k0 += kMaxLayers) {
+    const size_t k1 = std::min(layers.size(), k0 + kMaxLayers);
+    // the last layer's activation goes straight into as.back() when saving
+    at::Tensor out = (as != nullptr && k1 == layers.size()) ? as->back()
+                                                            : at::empty({E, layers[k1 - 1].hout}, inp.options());
+    if (E > 0) {
+      AT_DISPATCH_FLOATING_TYPES(inp.scalar_type(), "ik_trunk_forward", [&] {
+        dispatch_tc<scalar_t>(tc, [&](auto tcv) {
+          launch_trunk_group<scalar_t, decltype(tcv)::value>(cur, out, layers, k0, k1, ys, as);
+        });
+      });
+    }
+    cur = out;
+  }
+  return cur;
+}
+
+at::Tensor trunk_backward(const at::Tensor& inp, const std::vector<TrunkLayer>& layers,
+                          const std::vector<at::Tensor>& ys, const std::vector<at::Tensor>& as, at::Tensor dh,
+                          std::vector<at::Tensor>* dweights, std::vector<at::Tensor>* dbiases) {
+  const size_t L = layers.size();
+  dweights->assign(L, at::Tensor());
+  dbiases->assign(L, at::Tensor());
+  const int64_t E = inp.size(0);
+  const bool tc = use_tf32(inp.scalar_type());
+  at::Tensor da = dh;  // gradient of the current layer's activation
+  for (size_t kk = 0; kk < L; ++kk) {
+    const size_t k = L - 1 - kk;
+    const TrunkLayer& t = layers[k];
+    at::Tensor dy = at::empty_like(da);
+    if (E > 0) {
+      AT_DISPATCH_FLOATING_TYPES(inp.scalar_type(), "ik_act_backward", [&] {
+        dispatch_tc<scalar_t>(tc, [&](auto tcv) {
+          launch_act_backward<scalar_t, decltype(tcv)::value>(t, ys[k], da, dy);
+        });
+      });
+    }
+    const at::Tensor& ain = k == 0 ? inp : as[k - 1];  // the layer's input (E, hin)
+    (*dbiases)[k] = dy.sum(0);
+    if (t.cw_d == 0) {
+      (*dweights)[k] = gemm(dy.t(), ain);  // (hout, hin)
+      da = gemm(dy, t.w);                  // (E, hin)
+    } else {
+      const int64_t D = t.cw_d, cout = t.hout / D, cin = t.hin / D;
+      const at::Tensor dyv = dy.view({E, cout, D});
+      // dW[a, co, ci] = sum_e dy[e, co D + a] ain[e, ci D + a]
+      (*dweights)[k] = gemm(dyv.permute({2, 1, 0}), ain.view({E, cin, D}).permute({2, 0, 1}));
+      // da[e, ci D + a] = sum_co dy[e, co D + a] W[a, co, ci]
+      da = gemm(dyv.permute({2, 0, 1}), t.w).permute({1, 2, 0}).reshape({E, t.hin});
+    }
+  }
+  return da;
+}
+
+}  // namespace ik_fast_cuda
