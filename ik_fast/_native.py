@@ -111,9 +111,17 @@ def _jit(root: str):
     return mod
 
 
+_OPS = ("native_conv", "native_conv_backward", "native_trunk_moments")
+
+
+def _missing_kernels(key: str) -> list:
+    """The native ops without a kernel for dispatch key ``key`` ("CPU", "CUDA")."""
+    return [op for op in _OPS if not torch._C._dispatch_has_kernel_for_dispatch_key(f"ik_fast::{op}", key)]
+
+
 def load():
     """The extension's module, loading it once (its import registers the kernels). Raises with the reason when it
-    is neither prebuilt nor compilable here."""
+    is neither prebuilt nor compilable here, or registers no CPU kernel for one of the ops."""
     global _MODULE
     with _LOCK:
         if _MODULE is not None:
@@ -128,7 +136,11 @@ def load():
             except Exception as e:
                 raise RuntimeError(f"{why}; {e}") from None
         _MODULE = mod
-        return mod
+    missing = _missing_kernels("CPU")
+    if missing:
+        raise RuntimeError(f"the native extension ({mod.__file__}) registers no CPU kernel for {', '.join(missing)} "
+                           f"(csrc/cpu/*.cpp: TORCH_LIBRARY_IMPL(ik_fast, CPU, m))")
+    return mod
 
 
 def module():
@@ -145,5 +157,8 @@ def runs_on(device: torch.device) -> Optional[str]:
         if not mod.cuda_built():
             return ("the native extension was built without its CUDA part (a CPU build of torch, no nvcc, or "
                     "IK_FAST_BUILD_CUDA=0); rebuild with a CUDA build of torch and nvcc")
+        missing = _missing_kernels("CUDA")
+        if missing:
+            return f"the native extension registers no CUDA kernel for {', '.join(missing)} (csrc/cuda/*.cu)"
         return None
     return f"the native kernels run on CPU and CUDA devices, not {device.type}"

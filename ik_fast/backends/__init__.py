@@ -28,11 +28,16 @@ _FUSED = (TRITON, NATIVE)
 # "reference") on every problem of the committed CPU benchmark. CUDA: no GPU has run the fused kernels yet (neither
 # Triton's nor the native CUDA ones), so "auto" never picks them there.
 _MEASURED_FASTER: Dict[str, tuple] = {"cuda": (), "cpu": (NATIVE,)}
-# Without a fused backend, "auto" on CPU picks "reference" for graphs of fewer edges than this and "torch" otherwise:
-# on small graphs "torch" pays for many small operators and is slower than "reference" (python -m ik_fast.bench
-# --problems qm9-400,... --providers reference,torch; see the README's "Backends"). Only where the edge count is
-# known when the backend is chosen (an eager call; inside torch.compile the choice does not depend on the size).
-CPU_SMALL_GRAPH_EDGES = 2000
+# Without a fused backend, "auto" on CPU picks "reference" for graphs of fewer edges than this and "torch" otherwise.
+# On small graphs "torch" pays for many small operators (one checkpointed chunk of receivers after another), which
+# costs most with 2 threads on a busy machine: the native issue measured it at 0.39x "reference" on a 400-edge QM9
+# batch; here (2026-11-28, 2 shared cores at load 3-5, python -m ik_fast.bench problem qm9-400 and QM9 batches of
+# 2-32 molecules) its median train step at 400 edges was 3.7x reference's with 2 threads, 0.7x with 1 thread, and from
+# ~1,600 edges on it was at most ~1x. The bound stays below the smallest other benchmark problem, H@104 (2,496 edges of
+# a 144-dim layer, where "torch" is 5x faster than "reference"), and above one or two molecules (400 / 841 edges).
+# Applied only where the edge count is known when the backend is chosen (an eager call; inside torch.compile the
+# choice does not depend on the size).
+CPU_SMALL_GRAPH_EDGES = 1000
 _warned = set()
 
 
