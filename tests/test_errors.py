@@ -173,16 +173,8 @@ def test_layer_errors_name_the_argument():
         conv(x.double(), ei, edge_attr=a, pos=pos)
 
 
-# Checks the CPU kernels do not make yet (csrc/cpu, 2026-11-28): strict, so that the marker goes when the check comes
-_NO_CHECK_YET = {
-    "dtype": "csrc/cpu converts every tensor to x's dtype instead of checking that they agree (the fakes promise "
-             "gradients in each input's own dtype)",
-    "rowptr": "csrc/cpu does not check rowptr[0] == 0 and rowptr[-1] == E (values past E read out of bounds)",
-}
-
-
 def _bad_args():
-    """(argument name, a function that breaks a copy of the op's arguments, why the kernels pass it today or None)."""
+    """(argument name, a function that breaks a copy of the op's arguments)."""
     def setitem(i, f):
         def g(args):
             args[i] = f(args)
@@ -201,19 +193,16 @@ def _bad_args():
         ("final_mask", setitem(13, lambda a: a[13][:, :1])),                    # shape != final_weight's
         ("hidden", setitem(14, lambda a: torch.zeros(3, 2, dtype=a[0].dtype))),  # shape != (E, H)
     ]
-    return [(name, f, _NO_CHECK_YET["dtype"] if i == 1 else _NO_CHECK_YET["rowptr"] if name == "rowptr" else None)
-            for i, (name, f) in enumerate(cases)]
+    return [(name, f) for name, f in cases]
 
 
 @needs_native
 @pytest.mark.parametrize("which", range(11))
-def test_raw_op_errors_name_the_argument(which, request):
+def test_raw_op_errors_name_the_argument(which):
     """The kernels check what Python does not (they are reachable as torch.ops.ik_fast.native_*): each faulty
     argument gives an error (a TORCH_CHECK) whose message names it (or, for a mismatch between two arguments, the
     other one), instead of a crash, a silent conversion or a wrong result."""
-    name, breaker, no_check = _bad_args()[which]
-    if no_check:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=no_check))
+    name, breaker = _bad_args()[which]
     conv, gs, attr_t = _conv()
     conv.eval()
     args = _op_args(conv, *_inputs(conv, gs, attr_t), grad=False)
@@ -239,7 +228,6 @@ def test_raw_moments_op_errors_name_the_argument():
 
 
 @needs_native
-@pytest.mark.xfail(strict=True, reason=_NO_CHECK_YET["dtype"])
 def test_raw_moments_op_checks_dtypes():
     conv, gs, attr_t = _conv()
     conv.train()

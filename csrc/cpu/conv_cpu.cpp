@@ -22,6 +22,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <string>
 #include <type_traits>
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -515,6 +516,22 @@ void accumulate_z(const Conv<T>& cv, const Chunk<T>& W, T* Z, T* z, const Item& 
   }
 }
 
+// every floating argument in the compute dtype (the gradients keep their inputs' dtypes, so none is converted)
+void check_same_dtype(const Tensor& x, const Tensor& inp, TensorList weights, TensorList biases,
+                      const Tensor& final_weight, const Tensor& final_bias, const Tensor& coef) {
+  const auto dt = x.scalar_type();
+  auto check = [&](const Tensor& t, const std::string& name) {
+    TORCH_CHECK(t.scalar_type() == dt, "ik_fast native: ", name, " must have x's dtype ", dt, ", got ",
+                t.scalar_type());
+  };
+  if (inp.defined()) check(inp, "inp");
+  for (size_t k = 0; k < weights.size(); ++k) check(weights[k], "weights[" + std::to_string(k) + "]");
+  for (size_t k = 0; k < biases.size(); ++k) check(biases[k], "biases[" + std::to_string(k) + "]");
+  if (final_weight.defined()) check(final_weight, "final_weight");
+  if (final_bias.defined()) check(final_bias, "final_bias");
+  if (coef.defined()) check(coef, "coef");
+}
+
 template <typename T>
 Conv<T> make_conv(const Tensor& x, const Tensor& inp, const Tensor& src, const Tensor& rowptr, TensorList weights,
                   TensorList biases, TensorList fourier, TensorList fourier_inv, const Tensor& final_weight,
@@ -543,6 +560,20 @@ Conv<T> make_conv(const Tensor& x, const Tensor& inp, const Tensor& src, const T
               "]");
   for (const Tensor* t : {&x, &inp, &src, &rowptr, &final_weight, &final_bias, &coef})
     TORCH_CHECK(t->device().is_cpu(), "ik_fast native: the CPU kernels got a tensor on ", t->device());
+  check_same_dtype(x, inp, weights, biases, final_weight, final_bias, coef);
+  {  // the CSR: every edge of a receiver row, sources inside x (the kernels index with them unchecked)
+    const int64_t* rp = rowptr.data_ptr<int64_t>();
+    const int64_t n = rowptr.size(0) - 1;
+    TORCH_CHECK(rp[0] == 0 && rp[n] == E, "ik_fast native: rowptr must start at 0 and end at E = ", E, ", got ",
+                rp[0], " and ", rp[n]);
+    for (int64_t i = 0; i < n; ++i)
+      TORCH_CHECK(rp[i] <= rp[i + 1], "ik_fast native: rowptr must be non-decreasing (row ", i, ")");
+    const int64_t* ps = src.data_ptr<int64_t>();
+    const int64_t n_src = x.size(0);
+    int64_t bad = 0;
+    for (int64_t e = 0; e < E; ++e) bad += (ps[e] < 0) | (ps[e] >= n_src);
+    TORCH_CHECK(bad == 0, "ik_fast native: src has ", bad, " entries outside [0, n_src = ", n_src, ")");
+  }
   cv.n_in = inp.size(1);
   cv.ndim = ndim;
   cv.tr = make_trunk<T>(cv.n_in, weights, biases, fourier, fourier_inv);
@@ -588,7 +619,9 @@ Tensor conv_impl(const Tensor& x_, const Tensor& inp_, const Tensor& src_, const
   if (E == 0 || n_dst == 0) return out;
   Tensor hidden;
   if (hidden_.has_value() && hidden_->defined()) {
-    hidden = hidden_->to(dt).contiguous();
+    TORCH_CHECK(hidden_->scalar_type() == dt, "ik_fast native: hidden must have x's dtype ", dt, ", got ",
+                hidden_->scalar_type());
+    hidden = hidden_->contiguous();
     TORCH_CHECK(hidden.dim() == 2 && hidden.size(0) == E && hidden.size(1) == cv.tr.width(),
                 "ik_fast native: hidden must be (E, H) = (", E, ", ", cv.tr.width(), "), got shape ", hidden.sizes());
   }
@@ -662,7 +695,9 @@ std::vector<Tensor> conv_backward_impl(const Tensor& grad_, const Tensor& x_, co
   const int64_t R = cv.R, C = cv.C, zs = cv.plan->zsize, P = cv.P(), H = cv.tr.width();
   TORCH_CHECK(grad_.dim() == 2 && grad_.size(0) == n_dst && grad_.size(1) == R,
               "ik_fast native: grad must be (n_dst, R) = (", n_dst, ", ", R, "), got shape ", grad_.sizes());
-  Tensor grad = grad_.to(dt).contiguous();
+  TORCH_CHECK(grad_.scalar_type() == dt, "ik_fast native: grad must have x's dtype ", dt, ", got ",
+              grad_.scalar_type());
+  Tensor grad = grad_.contiguous();
   cv.x = x.data_ptr<T>();
   cv.inp = inp.data_ptr<T>();
   cv.src = src.data_ptr<int64_t>();
@@ -833,6 +868,7 @@ std::tuple<Tensor, Tensor> trunk_moments_impl(const Tensor& inp_, TensorList wei
   const auto dt = c10::CppTypeToScalarType<T>::value;
   TORCH_CHECK(inp_.dim() == 2, "ik_fast native: inp must be (E, n_in), got shape ", inp_.sizes());
   TORCH_CHECK(inp_.device().is_cpu(), "ik_fast native: the CPU kernels got inp on ", inp_.device());
+  check_same_dtype(inp_, Tensor(), weights, biases, Tensor(), Tensor(), Tensor());
   Tensor inp = inp_.to(dt).contiguous();
   const int64_t E = inp.size(0), n_in = inp.size(1);
   Trunk<T> tr = make_trunk<T>(n_in, weights, biases, fourier, fourier_inv);
