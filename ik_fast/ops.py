@@ -309,7 +309,9 @@ def conv(impl: str, x: Tensor, inp: Tensor, src: Tensor, rowptr: Tensor, program
     return _op(impl, "conv")(x, inp, src, rowptr, *program.args(), hidden)
 
 
-def trunk_moments(impl: str, inp: Tensor, program: PackedProgram, upto: int, with_activation: bool = False):
-    """(moments (2, H_k), the activation (E, H_k) when ``with_activation`` else an empty tensor)."""
-    return _op(impl, "trunk_moments")(inp, program.weights[:upto], program.biases[:upto], program.fourier[:upto],
-                                      program.fourier_inv[:upto], with_activation)
+def trunk_moments(impl: str, inp: Tensor, program: PackedProgram, upto: int, with_activation: bool = False,
+                  start: int = 0):
+    """(moments (2, H_k), the activation (E, H_k) when ``with_activation`` else an empty tensor) of hidden layer
+    ``upto``; with ``start``, ``inp`` is the activation of hidden layer ``start`` and only the layers after it run."""
+    return _op(impl, "trunk_moments")(inp, program.weights[start:upto], program.biases[start:upto],
+                                      program.fourier[start:upto], program.fourier_inv[start:upto], with_activation)

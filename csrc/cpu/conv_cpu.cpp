@@ -677,8 +677,10 @@ Tensor conv_impl(const Tensor& x_, const Tensor& inp_, const Tensor& src_, const
 // ----------------------------------------------------------------------------------------------------------------
 // conv_backward
 // ----------------------------------------------------------------------------------------------------------------
+constexpr int64_t kSlots = 8;  // gradient accumulators of the backward (see conv_backward_impl)
+
 template <typename T>
-struct alignas(64) ConvGrads {  // one per thread, on its own cache lines
+struct alignas(64) ConvGrads {  // one per slot, on its own cache lines
   TrunkGrads<T> trunk;
   std::vector<T> dB, dBb, dx;
   double dcoef = 0;
@@ -709,15 +711,18 @@ std::vector<Tensor> conv_backward_impl(const Tensor& grad_, const Tensor& x_, co
   const T* pg = grad.data_ptr<T>();
   Tensor dinp = at::zeros({E, cv.n_in}, inp.options());
   T* pdi = dinp.data_ptr<T>();
-  const int64_t nt = at::get_num_threads();
-  std::vector<ConvGrads<T>> acc(nt);
   const auto items = E > 0 ? conv_items(cv, n_dst) : std::vector<Item>{};
+  const int64_t n_items = static_cast<int64_t>(items.size());
+  // The gradients accumulate per slot, a fixed run of items summed in item order, and the slots are summed in slot
+  // order: the threads claim slots, but which thread ran a slot does not change a bit of the result, whatever the
+  // thread count (kSlots, not the thread count, fixes the summation order).
+  const int64_t n_slots = std::min<int64_t>(kSlots, n_items);
+  std::vector<ConvGrads<T>> acc(n_slots);
   const T minus2coef = T(-2) * cv.coef;
-  run_items(static_cast<int64_t>(items.size()), [&](int64_t ii, int64_t tid) {
+  auto item_backward = [&](int64_t ii, ConvGrads<T>& A) {
     const Item& it = items[ii];
     if (it.e0 == it.e1) return;
     ConvTile<T>& W = scratch<ConvTile<T>>();
-    ConvGrads<T>& A = acc[tid];
     if (!A.used) {
       A.used = true;
       A.dB.assign(cv.B.size(), T(0));
@@ -832,8 +837,11 @@ std::vector<Tensor> conv_backward_impl(const Tensor& grad_, const Tensor& x_, co
       }
     }
     A.dcoef += dcoef;
+  };
+  run_items(n_slots, [&](int64_t sl, int64_t) {
+    for (int64_t ii = sl * n_items / n_slots; ii < (sl + 1) * n_items / n_slots; ++ii) item_backward(ii, acc[sl]);
   });
-  // sum the threads' accumulators in thread order
+  // sum the slots' accumulators in slot order
   ConvGrads<T> tot;
   tot.trunk.init(cv.tr);
   std::vector<T> dB(cv.B.size(), T(0)), dBb(R * C, T(0));

@@ -22,9 +22,14 @@ from .. import ops
 from ..graph import Graph
 from ..program import KernelProgram
 
-__all__ = ["implicit_conv_fused", "fused_backend", "triton_available", "TRITON"]
+__all__ = ["implicit_conv_fused", "fused_backend", "triton_available", "TRITON", "CHAINED_STATISTICS"]
 
 TRITON = "triton"
+# Implementations whose statistics pass of layer k starts from pass k-1's activation (E x H_{k-1}, kept until pass
+# k) instead of the MLP input: one trunk layer less per batch-norm layer after the first. "native" (CPU: the trunk is
+# its largest cost, and memory holds the activation); "triton" re-evaluates from the input (its kernels take the
+# narrow MLP input and keep GPU memory at one activation).
+CHAINED_STATISTICS = {"native"}
 
 
 def _load_triton():
@@ -72,15 +77,24 @@ def implicit_conv_fused(impl: str, program: KernelProgram, x_src, graph: Graph, 
     hidden = None
     if program.needs_batch_stats:
         last = len(program.hidden)
+        chain = impl in CHAINED_STATISTICS
+        prev, prev_act = 0, None
         for k, layer in enumerate(program.hidden, start=1):
             if layer.bn is None:
                 continue
             # packed with autograd on: the program memoises the folds, and conv's packing below reuses them
             packed = program.packed(stats, dtype, upto=k)
             with torch.no_grad():
-                # the last layer's statistics pass also gives the activation that conv contracts
-                moments, act = ops.trunk_moments(impl, inp, packed, k, with_activation=k == last)
+                # the last layer's statistics pass also gives the activation that conv contracts; a chaining
+                # implementation starts each pass from the previous one's activation (the layers before it are the
+                # same in both packings: a batch norm folds into the Linear after it)
+                keep = k == last or chain
+                if chain and prev_act is not None:
+                    moments, act = ops.trunk_moments(impl, prev_act, packed, k, with_activation=keep, start=prev)
+                else:
+                    moments, act = ops.trunk_moments(impl, inp, packed, k, with_activation=keep)
                 stats.append(layer.bn.finish(moments, graph.num_edges))
+            prev, prev_act = k, (act if chain else None)
             hidden = act if k == last else None
     x_src = x_src if x_src.is_contiguous() else x_src.contiguous()
     out = ops.conv(impl, x_src, inp, src, graph.rowptr, program.packed(stats, dtype), hidden)
