@@ -86,17 +86,17 @@ def _expansion_map(expansion, shape):
 class _Expand(torch.autograd.Function):
     """``segment_sum(cat(sources)[cols] * values, lengths)``, the kernel's one expansion map applied to its learnable
     tensors, split into the pieces of the given shapes. The backward is the chain autograd forms for these operators
-    (the pieces' gradients concatenated, each entry's target's gradient times its value, accumulated per source
-    column with index_add in entry order, split per source), in one node instead of one per operator and piece
+    (each entry's target's gradient, read from its piece's gradient, times its value, accumulated per source column
+    with index_add in entry order, split per source), in one node instead of one per operator and piece
     (their narrows and views cost ~70 operators a pass); it is built of differentiable operators, so double backward
     works."""
 
     @staticmethod
-    def forward(ctx, cols, values, lengths, targets, shapes, *srcs):
+    def forward(ctx, cols, values, lengths, targets, shapes, bounds, *srcs):
         ctx.set_materialize_grads(False)
         src = torch.cat([t if t.dim() == 1 else t.view(-1) if t.is_contiguous() else t.reshape(-1) for t in srcs])
         ctx.save_for_backward(cols, values, targets)
-        ctx.src_shapes, ctx.shapes = [t.shape for t in srcs], shapes
+        ctx.src_shapes, ctx.shapes, ctx.entry_bounds = [t.shape for t in srcs], shapes, bounds
         contrib = src.index_select(0, cols) * values
         if contrib.device.type == "cpu":
             # the same sums in the same order; segment_reduce's CPU kernel loops over every (mostly empty) segment
@@ -112,17 +112,29 @@ class _Expand(torch.autograd.Function):
         cols, values, targets = ctx.saved_tensors
         ref = next((g for g in grads if g is not None), None)
         if ref is None:
-            return (None,) * (5 + len(ctx.src_shapes))
-        grad = torch.cat([ref.new_zeros(_numel(s)) if g is None else g.view(-1) if g.is_contiguous()
-                          else g.reshape(-1) for g, s in zip(grads, ctx.shapes)])
-        contrib = grad.index_select(0, targets) * values
-        g = grad.new_zeros(sum(_numel(s) for s in ctx.src_shapes)).index_add(0, cols, contrib)
+            return (None,) * (6 + len(ctx.src_shapes))
+        # each entry's target's gradient, read from its piece's gradient (the entries are sorted by target, so a
+        # piece's entries are one run of them): no concatenation of the pieces' gradients, which at problem `cpu`
+        # are 35M numbers (the dense final weight twice) for 2M entries
+        bounds = ctx.entry_bounds  # (first entry, first target) of each piece, then (entries, targets)
+        contrib = []
+        for i, g in enumerate(grads):
+            (lo, start), (hi, _) = bounds[i], bounds[i + 1]
+            if hi == lo:
+                continue
+            if g is None:
+                contrib.append(ref.new_zeros(hi - lo))
+            else:
+                flat = g.view(-1) if g.is_contiguous() else g.reshape(-1)
+                contrib.append(flat.index_select(0, targets[lo:hi] - start))
+        contrib = (torch.cat(contrib) if len(contrib) > 1 else contrib[0]) * values
+        g = ref.new_zeros(sum(_numel(s) for s in ctx.src_shapes)).index_add(0, cols, contrib)
         parts = torch.split(g, [_numel(s) for s in ctx.src_shapes])
-        return (None,) * 5 + tuple(p if len(s) == 1 else p.view(s) for p, s in zip(parts, ctx.src_shapes))
+        return (None,) * 6 + tuple(p if len(s) == 1 else p.view(s) for p, s in zip(parts, ctx.src_shapes))
 
 
 def _numel(shape) -> int:
-    return int(np.prod(shape))
+    return math.prod(shape)
 
 
 class _EquivariantLinear(torch.nn.Module):
@@ -482,12 +494,17 @@ class ImplicitKernel(torch.nn.Module):
         self.register_buffer("expand_lengths", torch.bincount(t, minlength=total[0]), persistent=False)
         self.register_buffer("expand_targets", t[order], persistent=False)
         self._pieces = pieces
+        # (first entry, first target) of each piece and the totals: a piece's entries are one run of the sorted ones
+        starts = torch.tensor([0] + [_numel(shape) for _, shape in pieces]).cumsum(0)
+        first = torch.searchsorted(self.expand_targets, starts)
+        self._entry_bounds = tuple(zip(first.tolist(), starts.tolist()))
 
     def _expand_all(self) -> dict:
         """Every lowered tensor of :meth:`_build_expansion`, by key (differentiable)."""
         srcs = self._sources()
         parts = _Expand.apply(self.expand_cols, _as(self.expand_values, srcs[0].dtype), self.expand_lengths,
-                              self.expand_targets, tuple(shape for _, shape in self._pieces), *srcs)
+                              self.expand_targets, tuple(shape for _, shape in self._pieces), self._entry_bounds,
+                              *srcs)
         return {key: p for (key, _), p in zip(self._pieces, parts)}
 
     def _kernel_layout(self, w: torch.Tensor, b: Optional[torch.Tensor]):
