@@ -10,15 +10,28 @@ final_mask, hidden)``
     ``K_e = norm * exp(-coef |d_e|^2) * (W_F . h_e + B_F)`` and ``h_e`` the trunk of the kernel MLP on
     ``inp_e = [d_e, a_e]`` (``d_e`` its first ``ndim`` columns). Edges come in receiver order (the graph's CSR:
     ``rowptr`` (n_dst + 1,), ``src`` (E,)).
-``conv_backward(grad, <the inputs of conv>) -> [dx, dinp, *dweights, *dbiases, dfinal_weight, dfinal_bias, dcoef]``
+``conv_backward(grad, <the inputs of conv but hidden>) -> [dx, dinp, *dweights, *dbiases, dfinal_weight,
+dfinal_bias, dcoef]``
     The vector-Jacobian product of ``conv`` (the Fourier matrices are constants and get no gradient).
-``trunk_moments(inp, weights, biases, fourier, fourier_inv, with_activation=False) -> ((2, H_k), (E, H_k))``
+``trunk_moments(inp, weights, biases, fourier, fourier_inv, with_activation=False, with_grid=False) -> ((2, H_k),
+(E, H_k), (G_k, C_k, E))``
     Column means and sums of squared deviations of the last given layer's activation over all edges: the batch
     statistics of the batch norm after that layer (the program finishes them, :meth:`BatchNorm.finish`); with
     ``with_activation`` also the activation itself (else an empty tensor). In training the statistics of the last
     hidden layer are computed from the same activation that ``conv`` contracts (its batch norm is folded into the
     final Linear), so ``conv`` takes it back as ``hidden`` (optional, never differentiated, must be the activation of
-    the given program on ``inp``) instead of evaluating the trunk a second time.
+    the given program on ``inp``) instead of evaluating the trunk a second time. With ``with_grid`` also the last
+    layer's Fourier ELU output on its grid, ``ELU(y_k A_k^T)``, as (G_k, C_k, E) (grid point, channel, edge); empty
+    for a pointwise layer (its activation is its ELU output). An implementation that does not keep grids raises
+    ``NotImplementedError`` when asked for one (the host asks only those that do).
+
+**The tape** (``conv``'s and ``conv_backward``'s optional ``tape``, never differentiated): ``[act_1, grid_1, ...,
+act_L, grid_L]``, every hidden layer's activation and grid as ``trunk_moments(..., with_activation=True,
+with_grid=True)`` gives them for the same program (the statistics passes of training compute them anyway). It is
+what the backward of the trunk reads, so an implementation given one may skip re-evaluating the trunk in
+``conv_backward``; the result is the same with or without it (to rounding), and an implementation may ignore it.
+It costs memory (E x (H_k + G_k C_k) per layer, kept from the forward to the backward), so the host passes one
+only to implementations that use it and only within a budget (:data:`ik_fast.backends.fused.TAPE_LIMIT_BYTES`).
 
 The tensors are those of the lowered program, with every batch norm already folded (:meth:`KernelProgram.packed`),
 unpadded: hidden layer ``k`` is ``h_k = act_k(h_{k-1} W_k^T + b_k)`` with ``W_k`` (H_k, H_{k-1}), or (D, C, C) for a
@@ -75,10 +88,12 @@ _LIB = torch.library.Library("ik_fast", "FRAGMENT")
 _PROGRAM = ("Tensor[] weights, Tensor[] biases, Tensor[] fourier, Tensor[] fourier_inv, Tensor final_weight, "
             "Tensor final_bias, Tensor coef, float norm, int ndim, Tensor? final_mask")
 SCHEMAS = {
-    "conv": f"(Tensor x, Tensor inp, Tensor src, Tensor rowptr, {_PROGRAM}, Tensor? hidden) -> Tensor",
-    "conv_backward": f"(Tensor grad, Tensor x, Tensor inp, Tensor src, Tensor rowptr, {_PROGRAM}) -> Tensor[]",
+    "conv": f"(Tensor x, Tensor inp, Tensor src, Tensor rowptr, {_PROGRAM}, Tensor? hidden, Tensor[]? tape=None) "
+            "-> Tensor",
+    "conv_backward": (f"(Tensor grad, Tensor x, Tensor inp, Tensor src, Tensor rowptr, {_PROGRAM}, "
+                      "Tensor[]? tape=None) -> Tensor[]"),
     "trunk_moments": ("(Tensor inp, Tensor[] weights, Tensor[] biases, Tensor[] fourier, Tensor[] fourier_inv, "
-                      "bool with_activation=False) -> (Tensor, Tensor)"),
+                      "bool with_activation=False, bool with_grid=False) -> (Tensor, Tensor, Tensor)"),
 }
 
 
@@ -141,18 +156,27 @@ def conv_reference_form(x, inp, src, rowptr, weights, biases, fourier, fourier_i
 # fakes and autograd, written once for every implementation
 # ----------------------------------------------------------------------------------------------------------------
 def _fake_conv(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, final_weight, final_bias, coef, norm,
-               ndim, final_mask=None, hidden=None):
+               ndim, final_mask=None, hidden=None, tape=None):
     return x.new_empty(rowptr.shape[0] - 1, final_weight.shape[0])
 
 
 def _fake_conv_backward(grad, x, inp, src, rowptr, weights, biases, fourier, fourier_inv, final_weight, final_bias,
-                        coef, norm, ndim, final_mask=None):
+                        coef, norm, ndim, final_mask=None, tape=None):
     return [torch.empty_like(t) for t in (x, inp, *weights, *biases, final_weight, final_bias, coef)]
 
 
-def _fake_trunk_moments(inp, weights, biases, fourier, fourier_inv, with_activation=False):
+def grid_shape(fourier: Sequence[Tensor], H: int, E: int) -> tuple:
+    """Shape of ``trunk_moments``' grid output: (G, C, E) for a Fourier ELU last layer, else empty."""
+    if not fourier or fourier[-1].numel() == 0:
+        return (0,)
+    G, D = fourier[-1].shape
+    return (G, H // D, E)
+
+
+def _fake_trunk_moments(inp, weights, biases, fourier, fourier_inv, with_activation=False, with_grid=False):
     H = hidden_width(weights[-1]) if weights else inp.shape[1]
-    return inp.new_empty(2, H), inp.new_empty(inp.shape[0] if with_activation else 0, H)
+    grid = grid_shape(fourier, H, inp.shape[0]) if with_grid else (0,)
+    return inp.new_empty(2, H), inp.new_empty(inp.shape[0] if with_activation else 0, H), inp.new_empty(grid)
 
 
 _CONV_ARGS = ("x", "inp", "src", "rowptr", "weights", "biases", "fourier", "fourier_inv", "final_weight",
@@ -166,29 +190,42 @@ def _split_grads(flat: Sequence[Optional[Tensor]], n_layers: int) -> dict:
                 final_weight=flat[2 + 2 * L], final_bias=flat[3 + 2 * L], coef=flat[4 + 2 * L])
 
 
-def _save_conv_inputs(ctx, inputs, *extra) -> None:
-    """Save conv's inputs (``hidden``, the last one, is not saved: the backward recomputes the trunk, keeping one
-    (E, H) tensor alive)."""
+def _save_conv_inputs(ctx, inputs, tape, *extra) -> None:
+    """Save conv's inputs and its tape (``hidden`` is not saved: without a tape the backward recomputes the trunk,
+    keeping one (E, H) tensor less alive; with one, the tape holds it)."""
     tensors = [t for t in inputs[:13] if isinstance(t, Tensor)]
     mask = inputs[13]
     ctx.n_layers = len(inputs[4])
     ctx.has_mask = mask is not None
+    ctx.tape_given = tape is not None  # (autograd wants a list of Nones back for a list)
+    tape = list(tape) if tape else []
+    ctx.n_tape = len(tape)
     ctx.save_for_backward(*tensors, *inputs[4], *inputs[5], *inputs[6], *inputs[7], *([mask] if ctx.has_mask else []),
-                          *extra)
+                          *tape, *extra)
     ctx.norm, ctx.ndim = inputs[11], inputs[12]
 
 
+def _no_grads(ctx) -> tuple:
+    """The tape's gradient: none, in the structure it was given (a list of Nones for a list; nothing when it was not
+    given: the dispatcher leaves a trailing default argument out of the inputs autograd sees)."""
+    return ([None] * ctx.n_tape,) if ctx.tape_given else ()
+
+
 def _conv_setup_context(ctx, inputs, output):
-    _save_conv_inputs(ctx, inputs)
+    _save_conv_inputs(ctx, inputs, inputs[15] if len(inputs) > 15 else None)
 
 
 def _saved_conv_inputs(ctx) -> list:
+    """conv_backward's arguments after ``grad``: conv's inputs but ``hidden``, then the tape (None without one)."""
     t = ctx.saved_tensors
     x, inp, src, rowptr, final_weight, final_bias, coef = t[:7]
     L = ctx.n_layers
     lists = [list(t[7 + i * L:7 + (i + 1) * L]) for i in range(4)]
-    mask = t[7 + 4 * L] if ctx.has_mask else None
-    return [x, inp, src, rowptr, *lists, final_weight, final_bias, coef, ctx.norm, ctx.ndim, mask]
+    m = 7 + 4 * L
+    mask = t[m] if ctx.has_mask else None
+    m += int(ctx.has_mask)
+    tape = list(t[m:m + ctx.n_tape]) if ctx.n_tape else None
+    return [x, inp, src, rowptr, *lists, final_weight, final_bias, coef, ctx.norm, ctx.ndim, mask, tape]
 
 
 def _conv_backward_formula(impl: str):
@@ -197,12 +234,12 @@ def _conv_backward_formula(impl: str):
         g = _split_grads(flat, ctx.n_layers)
         L = ctx.n_layers
         return (g["x"], g["inp"], None, None, g["weights"], g["biases"], [None] * L, [None] * L, g["final_weight"],
-                g["final_bias"], g["coef"], None, None, None, None)
+                g["final_bias"], g["coef"], None, None, None, None) + _no_grads(ctx)
     return backward
 
 
 def _bwd_setup_context(ctx, inputs, output):
-    _save_conv_inputs(ctx, inputs[1:], inputs[0])
+    _save_conv_inputs(ctx, inputs[1:15], inputs[15] if len(inputs) > 15 else None, inputs[0])
 
 
 def _double_backward(ctx, grads):
@@ -215,6 +252,7 @@ def _double_backward(ctx, grads):
         saved_tensors = ctx_tensors
         n_layers = ctx.n_layers
         has_mask = ctx.has_mask
+        n_tape = ctx.n_tape
         norm = ctx.norm
         ndim = ctx.ndim
 
@@ -239,7 +277,7 @@ def _double_backward(ctx, grads):
     dgrad, rest = second[0], second[1:]
     g = _split_grads(list(rest), L)
     return (dgrad, g["x"], g["inp"], None, None, g["weights"], g["biases"], [None] * L, [None] * L,
-            g["final_weight"], g["final_bias"], g["coef"], None, None, None)
+            g["final_weight"], g["final_bias"], g["coef"], None, None, None) + _no_grads(ctx)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -304,14 +342,52 @@ def _op(impl: str, stage: str):
     return getattr(torch.ops.ik_fast, f"{impl}_{stage}")
 
 
+class _EagerConv(torch.autograd.Function):
+    """``conv`` with autograd in eager mode: the op called below autograd, its inputs saved and its backward the
+    ``conv_backward`` op, exactly as the op's registered autograd does (the same functions). The registered path
+    flattens and rebuilds every nested list of arguments with pytree in Python on each call and in the backward
+    (0.5 ms a training step, a twentieth of one at 400 edges); this one takes the lists flat. ``torch.compile`` and
+    direct calls of the op keep the registered autograd (see :func:`conv`); a double backward goes through the
+    ``conv_backward`` op's own registered derivative, called here with autograd on."""
+
+    @staticmethod
+    def forward(ctx, impl, L, n_tape, x, inp, src, rowptr, final_weight, final_bias, coef, norm, ndim, final_mask,
+                hidden, *flat):
+        lists = [list(flat[i * L:(i + 1) * L]) for i in range(4)]
+        tape = list(flat[4 * L:4 * L + n_tape]) if n_tape >= 0 else None
+        inputs = [x, inp, src, rowptr, *lists, final_weight, final_bias, coef, norm, ndim, final_mask, hidden, tape]
+        out = _op(impl, "conv")(*inputs)
+        _save_conv_inputs(ctx, inputs, tape)
+        ctx.impl = impl
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        flat = _op(ctx.impl, "conv_backward")(grad.contiguous(), *_saved_conv_inputs(ctx))
+        g = _split_grads(flat, ctx.n_layers)
+        L = ctx.n_layers
+        return (None, None, None, g["x"], g["inp"], None, None, g["final_weight"], g["final_bias"], g["coef"], None,
+                None, None, None, *g["weights"], *g["biases"], *([None] * (2 * L + max(ctx.n_tape, 0))))
+
+
 def conv(impl: str, x: Tensor, inp: Tensor, src: Tensor, rowptr: Tensor, program: PackedProgram,
-         hidden: Optional[Tensor] = None) -> Tensor:
-    return _op(impl, "conv")(x, inp, src, rowptr, *program.args(), hidden)
+         hidden: Optional[Tensor] = None, tape: Optional[List[Tensor]] = None) -> Tensor:
+    args = (x, inp, src, rowptr, *program.args(), hidden, tape)
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return _op(impl, "conv")(*args)
+    L = len(program.weights)
+    return _EagerConv.apply(impl, L, -1 if tape is None else len(tape), x, inp, src, rowptr, program.final_weight,
+                            program.final_bias, program.coef, program.norm, program.ndim, program.final_mask, hidden,
+                            *program.weights, *program.biases, *program.fourier, *program.fourier_inv,
+                            *(tape or ()))
 
 
 def trunk_moments(impl: str, inp: Tensor, program: PackedProgram, upto: int, with_activation: bool = False,
-                  start: int = 0):
+                  start: int = 0, with_grid: bool = False):
     """(moments (2, H_k), the activation (E, H_k) when ``with_activation`` else an empty tensor) of hidden layer
-    ``upto``; with ``start``, ``inp`` is the activation of hidden layer ``start`` and only the layers after it run."""
-    return _op(impl, "trunk_moments")(inp, program.weights[start:upto], program.biases[start:upto],
-                                      program.fourier[start:upto], program.fourier_inv[start:upto], with_activation)
+    ``upto``, and with ``with_grid`` its grid as a third element (see the module docstring); with ``start``, ``inp``
+    is the activation of hidden layer ``start`` and only the layers after it run."""
+    out = _op(impl, "trunk_moments")(inp, program.weights[start:upto], program.biases[start:upto],
+                                     program.fourier[start:upto], program.fourier_inv[start:upto], with_activation,
+                                     with_grid)
+    return tuple(out) if with_grid else tuple(out[:2])

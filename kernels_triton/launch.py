@@ -403,7 +403,7 @@ def _trunk_forward(inp, hidden, coef, norm, H, trunk):
 
 
 def conv(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, final_weight, final_bias, coef, norm, ndim,
-         final_mask=None, hidden=None):
+         final_mask=None, hidden=None, tape=None):
     R = final_weight.shape[0]
     n_dst = rowptr.shape[0] - 1
     E = inp.shape[0]
@@ -427,7 +427,8 @@ def conv(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, final_weigh
 
 
 def conv_backward(grad, x, inp, src, rowptr, weights, biases, fourier, fourier_inv, final_weight, final_bias, coef,
-                  norm, ndim, final_mask=None) -> List[Tensor]:
+                  norm, ndim, final_mask=None, tape=None) -> List[Tensor]:
+    # a tape (ik_fast.ops) is not used: the kernels re-evaluate the trunk from the narrow MLP input
     R, H, C = final_weight.shape
     E = inp.shape[0]
     n_dst = rowptr.shape[0] - 1
@@ -487,13 +488,16 @@ def conv_backward(grad, x, inp, src, rowptr, weights, biases, fourier, fourier_i
     return [g if g.dtype == t.dtype else g.to(t.dtype) for g, t in zip(out, like)]
 
 
-def trunk_moments(inp, weights, biases, fourier, fourier_inv, with_activation=False):
+def trunk_moments(inp, weights, biases, fourier, fourier_inv, with_activation=False, with_grid=False):
+    if with_grid:
+        raise NotImplementedError("backend 'triton' keeps no Fourier grids (the tape of ik_fast.ops)")
     E = inp.shape[0]
     lay = layout(inp, weights, fourier, 1, 0)
     H = lay.C * lay.D
     act = inp.new_empty(E if with_activation else 0, H)
+    grid = inp.new_empty(0)
     if E == 0:
-        return inp.new_zeros(2, H), act
+        return inp.new_zeros(2, H), act, grid
     pack = packing(lay, weights, biases, fourier, fourier_inv, inp.device)
     prm = pack.pad(weights, biases, inp.dtype, inp.device)
     fou = pack.pad_fourier(fourier, fourier_inv, inp.dtype, inp.device)
@@ -509,7 +513,7 @@ def trunk_moments(inp, weights, biases, fourier, fourier_inv, with_activation=Fa
     # merge the programs' partial moments (Chan et al.), in program order, straight into the real hidden units
     moments = inp.new_empty(2, H)
     K.stats_merge_kernel[(-(-H // 128),)](parts, pack.hidden, moments, nprog, H, HP, BH=128, num_warps=4)
-    return moments, act
+    return moments, act, grid
 
 
 def _register():

@@ -234,3 +234,27 @@ def test_raw_moments_op_checks_dtypes():
     args = _op_args(conv, *_inputs(conv, gs, attr_t), grad=False)
     with pytest.raises(ERRORS, match=r"\bweights\b"):
         torch.ops.ik_fast.native_trunk_moments(args[1], [w.float() for w in args[4]], args[5], args[6], args[7], False)
+
+
+@needs_native
+def test_raw_op_tape_errors_name_the_tape():
+    """A tape (ik_fast.ops) of the wrong length, shape or dtype is an error naming it, in conv and conv_backward."""
+    conv, gs, attr_t = _conv()
+    conv.train()
+    args = _op_args(conv, *_inputs(conv, gs, attr_t), grad=False)
+    inp, p = args[1], args[4:8]
+    L = len(p[0])
+    tape = []
+    for k in range(1, L + 1):
+        _, act, grid = torch.ops.ik_fast.native_trunk_moments(inp, p[0][:k], p[1][:k], p[2][:k], p[3][:k], True, True)
+        tape += [act, grid]
+    grad = torch.randn(args[3].shape[0] - 1, args[8].shape[0], dtype=torch.float64)
+    bad = {"length": tape[:-1], "activation shape": [tape[0][:-1]] + tape[1:],
+           "grid shape": tape[:1] + [tape[1][:, :, :-1]] + tape[2:], "dtype": [t.float() for t in tape]}
+    for what, t in bad.items():
+        with pytest.raises(ERRORS, match=r"\btape\b"):
+            torch.ops.ik_fast.native_conv_backward(grad, *args[:14], t)
+            pytest.fail(f"a tape with the wrong {what} passed conv_backward")
+        with pytest.raises(ERRORS, match=r"\btape\b"):
+            torch.ops.ik_fast.native_conv(*args[:15], t)
+            pytest.fail(f"a tape with the wrong {what} passed conv")

@@ -250,6 +250,97 @@ def test_moments_match_the_trunk(upto):
     assert ops.trunk_moments("native", inp, p, upto)[1].numel() == 0
 
 
+@needs_native
+@pytest.mark.parametrize("upto", [1, 2])
+def test_grid_matches_its_statement(upto):
+    """trunk_moments' grid (the tape's): ELU(y A^T) of the last layer, as (G, C, E)."""
+    conv, gs, attr_t = _conv("O3", "mixed_attr", n_channels=3)
+    conv.train()
+    pos, ei, x, a = _inputs(conv, gs, attr_t, n=12, e=70)
+    prog = conv.kernel.program()
+    inp = prog.mlp_input(pos[ei[0]] - pos[ei[1]], a)
+    p = prog.packed([], x.dtype, upto=upto)
+    m, act, grid = ops.trunk_moments("native", inp, p, upto, with_activation=True, with_grid=True)
+    h = ops.trunk_reference_form(inp, p.weights[:upto - 1], p.biases[:upto - 1], p.fourier[:upto - 1],
+                                 p.fourier_inv[:upto - 1])
+    y = ops.linear_reference_form(h, p.weights[upto - 1], p.biases[upto - 1])
+    A = p.fourier[upto - 1]
+    u = torch.nn.functional.elu(y.reshape(y.shape[0], -1, A.shape[1]) @ A.t())  # (E, C, G)
+    assert grid.shape == ops.grid_shape(p.fourier[:upto], act.shape[1], inp.shape[0])
+    assert rel(grid, u.permute(2, 1, 0)) < 1e-12
+    assert ops.trunk_moments("native", inp, p, upto, with_grid=False)[1].numel() == 0
+
+
+@needs_native
+@pytest.mark.parametrize("name", ["O3", "Oh"])  # Fourier ELUs; pointwise ELUs (Oh's hidden field)
+def test_tape_matches_recomputation_and_reference(monkeypatch, name):
+    """Training with a tape of activations and grids, of activations only (grids re-evaluated), and without one
+    (the trunk re-evaluated): the same numbers, and those of the reference, forward and every gradient; the host
+    passes a tape of the expected form."""
+    from ik_fast.backends import fused
+
+    conv, gs, attr_t = _conv(name, "mixed_attr", n_channels=3)
+    conv.train()
+    pos, ei, x, a = _inputs(conv, gs, attr_t, n=20, e=150)
+    state = {k: v.clone() for k, v in conv.state_dict().items()}
+    ref = _layer_step(conv, "reference", pos, ei, x, a)
+    seen = []
+    real_conv = ops.conv
+
+    def spy(impl, x, inp, src, rowptr, program, hidden=None, tape=None):
+        seen.append(None if tape is None else [t.numel() > 0 for t in tape])
+        return real_conv(impl, x, inp, src, rowptr, program, hidden, tape)
+
+    monkeypatch.setattr(ops, "conv", spy)
+    res = {}
+    for case, (acts, grids) in {"grids": (1 << 40, 1 << 40), "acts": (1 << 40, -1), "none": (-1, -1)}.items():
+        monkeypatch.setattr(fused, "TAPE_LIMIT_BYTES", acts)
+        monkeypatch.setattr(fused, "TAPE_GRID_LIMIT_BYTES", grids)
+        conv.load_state_dict(state)
+        res[case] = _layer_step(conv, "native", pos, ei, x, a)
+    L = len(conv.kernel.program().hidden)
+    pointwise = name == "Oh"
+    assert seen == [[True, not pointwise] * L, [True, False] * L, None]
+    for case, got in res.items():
+        for i, (g, r) in enumerate(zip(got, ref)):
+            assert rel(g, r) < 1e-10 or r.norm() == g.norm() == 0, (case, i)
+        for i, (g, r) in enumerate(zip(got, res["none"])):
+            assert rel(g, r) < 1e-13 or r.norm() == g.norm() == 0, (case, i)
+
+
+@needs_native
+def test_tape_through_the_raw_ops_and_double_backward():
+    """conv_backward with a tape built by trunk_moments gives what it gives without one; the tape gets no gradient,
+    and a double backward through a taped conv matches the untaped one."""
+    conv, gs, attr_t = _conv("SO3", "mixed_attr")
+    conv.train()
+    pos, ei, x, a = _inputs(conv, gs, attr_t, n=12, e=70)
+    args = _op_args(conv, pos, ei, x, a)
+    inp, p = args[1].detach(), args[4:8]
+    tape = []
+    for k in range(1, len(p[0]) + 1):
+        _, act, grid = torch.ops.ik_fast.native_trunk_moments(inp, [w.detach() for w in p[0][:k]],
+                                                              [b.detach() for b in p[1][:k]], p[2][:k], p[3][:k],
+                                                              True, True)
+        tape += [act, grid]
+    grad = torch.randn(args[3].shape[0] - 1, args[8].shape[0], dtype=torch.float64)
+    plain = [t.detach() if torch.is_tensor(t) else [u.detach() for u in t] if isinstance(t, list) else t
+             for t in args[:14]]
+    with_tape = torch.ops.ik_fast.native_conv_backward(grad, *plain, tape)
+    without = torch.ops.ik_fast.native_conv_backward(grad, *plain)
+    for u, v in zip(with_tape, without):
+        assert rel(u, v) < 1e-13 or u.norm() == v.norm() == 0
+    firsts = {}
+    for name, t in (("tape", tape), ("none", None)):
+        out = ops.conv("native", args[0], args[1], args[2], args[3], ops.PackedProgram(*args[4:14]), tape[-2], t)
+        leaves = _leaves(args)
+        g1 = torch.autograd.grad((out * out).sum(), leaves, create_graph=True)
+        g2 = torch.autograd.grad(sum((g * g).sum() for g in g1), leaves)
+        firsts[name] = [*g1, *g2]
+    for u, v in zip(firsts["tape"], firsts["none"]):
+        assert rel(u, v) < 1e-12 or u.norm() == v.norm() == 0
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # numbers: float32 and float64 against the reference, threads, determinism, corner cases
 # ----------------------------------------------------------------------------------------------------------------

@@ -11,10 +11,12 @@
 //              a (nh x nc) block per receiver, accumulated by a small outer-product loop;
 //   weight     out_i = W' vec(Z_i) + B' z_i as one GEMM per pair over the item's receivers (W' gathered into the
 //              plan's dense blocks once per call).
-// The backward recomputes the trunk per tile (nothing per edge is kept between forward and backward), forms
-// dZ_i = W'^T dout_i per pair, and goes back through the contraction and the trunk; weight gradients accumulate
-// per thread and are summed at the end; dx accumulates per thread over source nodes. Nothing of size E x R x C_in,
-// E x H x C_in or E x G x C exists: per thread, memory is a few tiles' buffers plus one item's Z.
+// The backward reads the trunk's tiles from the tape when the host passes one (ik_fast/ops.py: the statistics passes'
+// activations, and their Fourier grids on small graphs; a grid not in the tape is re-evaluated from the layer's input,
+// half the layer's forward work) and otherwise recomputes the trunk per tile; it forms dZ_i = W'^T dout_i per pair,
+// and goes back through the contraction and the trunk; weight gradients accumulate in fixed slots summed in order;
+// dx accumulates per slot over source nodes. Nothing of size E x R x C_in or E x H x C_in exists, nor E x G x C beyond
+// the grids of a tape: per thread, memory is a few tiles' buffers plus one item's Z.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
@@ -31,6 +33,10 @@
 #include <cmath>
 #include <tuple>
 #include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include "blas.h"
 #include "program.h"
@@ -100,6 +106,33 @@ void elu_grad_inplace(T* g, const T* v, int64_t n) {
     (Vec::loadu(g + i) * d).store(g + i);
   }
   for (; i < n; ++i) g[i] *= v[i] > T(0) ? T(1) : v[i] + T(1);
+}
+
+// ----------------------------------------------------------------------------------------------------------------
+// large outputs
+// ----------------------------------------------------------------------------------------------------------------
+// An uninitialised tensor whose pages, when it is large, the kernel is asked to back with huge pages (Linux,
+// transparent huge pages in "madvise" mode or "always"). Each step allocates its large outputs afresh (the activation
+// and grids of the statistics passes, the weight gradients), and with 4 KB pages their first touch costs more than
+// the kernels' writes: measured on the 2-core machine, 90 ms to fill 252 MB freshly allocated against 13 ms for the
+// same memory touched before, and 23-31 ms with huge pages. An advice only: where it is refused, nothing changes.
+Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& opt) {
+  Tensor t = at::empty(sizes, opt);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(1) << 21;
+  const uintptr_t p = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t end = p + static_cast<uintptr_t>(t.nbytes());
+  const uintptr_t a = (p + kHuge - 1) & ~(kHuge - 1);
+  if (t.nbytes() >= 4 * kHuge && end > a + kHuge) madvise(reinterpret_cast<void*>(a), (end - a) & ~(kHuge - 1),
+                                                          MADV_HUGEPAGE);
+#endif
+  return t;
+}
+
+Tensor zeros_large(at::IntArrayRef sizes, const at::TensorOptions& opt) {
+  Tensor t = empty_large(sizes, opt);
+  t.zero_();
+  return t;
 }
 
 // ----------------------------------------------------------------------------------------------------------------
@@ -173,42 +206,133 @@ T* grow(std::vector<T>& v, int64_t n) {
   return v.data();
 }
 
+// y = W x + b of layer l on a tile (x: hin x t, y: hout x t, both in the tile layout)
+template <typename T>
+void layer_linear(const Layer<T>& l, const T* x, int64_t t, T* y) {
+  if (l.cw) {
+    for (int64_t a = 0; a < l.D; ++a)
+      gemm<T>(false, false, l.cout, t, l.cin, T(1), l.W.data() + a * l.cout * l.cin, l.cin, x + a * l.cin * t, t,
+              T(0), y + a * l.cout * t, t);
+  } else {
+    gemm<T>(false, false, l.hout, t, l.hin, T(1), l.W.data(), l.hin, x, t, T(0), y, t);
+  }
+  for (int64_t i = 0; i < l.hout; ++i) {
+    const T bi = l.b[i];
+    T* row = y + i * t;
+    for (int64_t e = 0; e < t; ++e) row[e] += bi;
+  }
+}
+
+// the Fourier ELU's grid of a tile, v = ELU(A y) (G x C t), from y (Df x C t)
+template <typename T>
+void layer_grid(const Layer<T>& l, const T* y, int64_t t, std::vector<T>& V) {
+  const int64_t ct = l.C * t;
+  T* v = grow(V, l.G * ct);
+  gemm<T>(false, false, l.G, ct, l.Df, T(1), l.A.data(), l.Df, y, ct, T(0), v, ct);
+  elu_inplace(v, l.G * ct);
+}
+
+// rows of the MLP input in the tile layout: x0 (n_in x t) from inp[0:t] (rows of ld_inp)
+template <typename T>
+void load_input(const Trunk<T>& tr, const T* inp, int64_t ld_inp, int64_t t, TrunkTile<T>& S) {
+  T* x0 = grow(S.X[0], tr.n_in * t);
+  for (int64_t i = 0; i < tr.n_in; ++i) {
+    const int64_t col = tr.in_perm[i];
+    for (int64_t e = 0; e < t; ++e) x0[i * t + e] = inp[e * ld_inp + col];
+  }
+}
+
 // the trunk of t edges, inputs inp[0:t] (rows of n_in, ld n_in); fills S.X and S.V
 template <typename T>
 void trunk_forward(const Trunk<T>& tr, const T* inp, int64_t ld_inp, int64_t t, TrunkTile<T>& S) {
   const int64_t L = static_cast<int64_t>(tr.layers.size());
   S.X.resize(L + 1);
   S.V.resize(L);
-  T* x0 = grow(S.X[0], tr.n_in * t);
-  for (int64_t i = 0; i < tr.n_in; ++i) {
-    const int64_t col = tr.in_perm[i];
-    for (int64_t e = 0; e < t; ++e) x0[i * t + e] = inp[e * ld_inp + col];
-  }
+  load_input(tr, inp, ld_inp, t, S);
   for (int64_t k = 0; k < L; ++k) {
     const Layer<T>& l = tr.layers[k];
-    const T* x = S.X[k].data();
     T* out = grow(S.X[k + 1], l.hout * t);
     T* y = l.G > 0 ? grow(S.Y, l.hout * t) : out;
-    if (l.cw) {
-      for (int64_t a = 0; a < l.D; ++a)
-        gemm<T>(false, false, l.cout, t, l.cin, T(1), l.W.data() + a * l.cout * l.cin, l.cin, x + a * l.cin * t, t,
-                T(0), y + a * l.cout * t, t);
-    } else {
-      gemm<T>(false, false, l.hout, t, l.hin, T(1), l.W.data(), l.hin, x, t, T(0), y, t);
-    }
-    for (int64_t i = 0; i < l.hout; ++i) {
-      const T bi = l.b[i];
-      T* row = y + i * t;
-      for (int64_t e = 0; e < t; ++e) row[e] += bi;
-    }
+    layer_linear(l, S.X[k].data(), t, y);
     if (l.G > 0) {
       const int64_t ct = l.C * t;
-      T* v = grow(S.V[k], l.G * ct);
-      gemm<T>(false, false, l.G, ct, l.Df, T(1), l.A.data(), l.Df, y, ct, T(0), v, ct);
-      elu_inplace(v, l.G * ct);
-      gemm<T>(false, false, l.Df, ct, l.G, T(1), l.Ainv.data(), l.G, v, ct, T(0), out, ct);
+      layer_grid(l, y, t, S.V[k]);
+      gemm<T>(false, false, l.Df, ct, l.G, T(1), l.Ainv.data(), l.G, S.V[k].data(), ct, T(0), out, ct);
     } else {
       elu_inplace(out, l.hout * t);
+    }
+  }
+}
+
+// the checked tape of ik_fast/ops.py: per hidden layer its activation (E, H_k) and, for a Fourier ELU, its grid
+// (G, C, E); empty when the caller passed none
+template <typename T>
+struct Tape {
+  std::vector<const T*> act, grid;
+  int64_t E = 0;
+  bool empty() const { return act.empty(); }
+};
+
+template <typename T>
+Tape<T> check_tape(const Trunk<T>& tr, const c10::optional<TensorList>& tape, int64_t E, std::vector<Tensor>& keep) {
+  Tape<T> tp;
+  if (!tape.has_value() || tape->empty() || tr.layers.empty()) return tp;
+  const int64_t L = static_cast<int64_t>(tr.layers.size());
+  TORCH_CHECK(static_cast<int64_t>(tape->size()) == 2 * L, "ik_fast native: tape must hold 2 tensors per hidden layer "
+              "(activation, grid) = ", 2 * L, ", got ", tape->size());
+  const auto dt = c10::CppTypeToScalarType<T>::value;
+  tp.E = E;
+  for (int64_t k = 0; k < L; ++k) {
+    const Layer<T>& l = tr.layers[k];
+    const Tensor& a = (*tape)[2 * k];
+    const Tensor& g = (*tape)[2 * k + 1];
+    TORCH_CHECK(a.scalar_type() == dt && g.scalar_type() == dt, "ik_fast native: tape[", 2 * k, "] and tape[",
+                2 * k + 1, "] must have x's dtype ", dt, ", got ", a.scalar_type(), " and ", g.scalar_type());
+    TORCH_CHECK(a.device().is_cpu() && g.device().is_cpu(), "ik_fast native: the CPU kernels got a tape on ",
+                a.device(), " / ", g.device());
+    TORCH_CHECK(a.dim() == 2 && a.size(0) == E && a.size(1) == l.hout, "ik_fast native: tape[", 2 * k,
+                "] must be hidden layer ", k + 1, "'s activation (E, H) = (", E, ", ", l.hout, "), got shape ",
+                a.sizes());
+    if (l.G > 0 && g.numel() > 0) {
+      TORCH_CHECK(g.dim() == 3 && g.size(0) == l.G && g.size(1) == l.C && g.size(2) == E, "ik_fast native: tape[",
+                  2 * k + 1, "] must be hidden layer ", k + 1, "'s grid (G, C, E) = (", l.G, ", ", l.C, ", ", E,
+                  ") or empty, got shape ", g.sizes());
+    } else if (l.G == 0) {
+      TORCH_CHECK(g.numel() == 0, "ik_fast native: tape[", 2 * k + 1, "] must be empty (hidden layer ", k + 1,
+                  " has a pointwise ELU), got shape ", g.sizes());
+    }
+    keep.push_back(a.contiguous());
+    tp.act.push_back(keep.back().data_ptr<T>());
+    keep.push_back(g.contiguous());
+    tp.grid.push_back(l.G > 0 && g.numel() > 0 ? keep.back().data_ptr<T>() : nullptr);
+  }
+  return tp;
+}
+
+// S as trunk_forward would leave it for edges [e0, e0 + t), from the tape: the activations read, the grids read
+// where the tape has them, else re-evaluated from the layer's input (its Linear and the first GEMM of its Fourier ELU:
+// half of the layer's forward work, the other half, back from the grid, is the activation read)
+template <typename T>
+void trunk_from_tape(const Trunk<T>& tr, const Tape<T>& tp, const T* inp, int64_t ld_inp, int64_t e0, int64_t t,
+                     TrunkTile<T>& S) {
+  const int64_t L = static_cast<int64_t>(tr.layers.size());
+  S.X.resize(L + 1);
+  S.V.resize(L);
+  load_input(tr, inp, ld_inp, t, S);
+  for (int64_t k = 0; k < L; ++k) {
+    const Layer<T>& l = tr.layers[k];
+    T* x = grow(S.X[k + 1], l.hout * t);
+    const T* a = tp.act[k] + e0 * l.hout;
+    for (int64_t e = 0; e < t; ++e)
+      for (int64_t i = 0; i < l.hout; ++i) x[i * t + e] = a[e * l.hout + l.out_perm[i]];
+    if (l.G == 0) continue;
+    if (tp.grid[k] != nullptr) {
+      T* v = grow(S.V[k], l.G * l.C * t);
+      for (int64_t r = 0; r < l.G * l.C; ++r) std::copy_n(tp.grid[k] + r * tp.E + e0, t, v + r * t);
+    } else {
+      T* y = grow(S.Y, l.hout * t);
+      layer_linear(l, S.X[k].data(), t, y);
+      layer_grid(l, y, t, S.V[k]);
     }
   }
 }
@@ -452,7 +576,8 @@ struct ConvTile {
 
 // edges [c0, c1) of an item: radial factors, plan-ordered activations hp and hs = s * hp, and permuted sources
 template <typename T>
-void load_chunk(const Conv<T>& cv, Chunk<T>& W, int64_t c0, int64_t c1, const T* hidden, int64_t ld_hidden) {
+void load_chunk(const Conv<T>& cv, Chunk<T>& W, int64_t c0, int64_t c1, const T* hidden, int64_t ld_hidden,
+                const Tape<T>* tape = nullptr) {
   const int64_t t = c1 - c0, P = cv.P();
   T* s = grow(W.s, t);
   T* d2 = grow(W.d2, t);
@@ -472,7 +597,11 @@ void load_chunk(const Conv<T>& cv, Chunk<T>& W, int64_t c0, int64_t c1, const T*
       for (int64_t i = 0; i < P; ++i) hp[e * P + i] = row[hid[i]];
     }
   } else {
-    trunk_forward(cv.tr, cv.inp + c0 * cv.n_in, cv.n_in, t, W.trunk);
+    if (tape != nullptr && !tape->empty()) {
+      trunk_from_tape(cv.tr, *tape, cv.inp + c0 * cv.n_in, cv.n_in, c0, t, W.trunk);
+    } else {
+      trunk_forward(cv.tr, cv.inp + c0 * cv.n_in, cv.n_in, t, W.trunk);
+    }
     const T* act = W.trunk.X.back().data();
     for (int64_t i = 0; i < P; ++i) {
       const T* row = act + cv.act_row[i] * t;
@@ -613,7 +742,8 @@ template <typename T>
 Tensor conv_impl(const Tensor& x_, const Tensor& inp_, const Tensor& src_, const Tensor& rowptr_, TensorList weights,
                  TensorList biases, TensorList fourier, TensorList fourier_inv, const Tensor& final_weight,
                  const Tensor& final_bias, const Tensor& coef, double norm, int64_t ndim,
-                 const c10::optional<Tensor>& final_mask, const c10::optional<Tensor>& hidden_) {
+                 const c10::optional<Tensor>& final_mask, const c10::optional<Tensor>& hidden_,
+                 const c10::optional<TensorList>& tape) {
   const auto dt = c10::CppTypeToScalarType<T>::value;
   Tensor x = x_.contiguous(), inp = inp_.to(dt).contiguous(), src = src_.contiguous(), rowptr = rowptr_.contiguous();
   Conv<T> cv = make_conv<T>(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, final_weight, final_bias,
@@ -622,6 +752,9 @@ Tensor conv_impl(const Tensor& x_, const Tensor& inp_, const Tensor& src_, const
   Tensor out = at::zeros({n_dst, cv.R}, x.options());
   if (E == 0 || n_dst == 0) return out;
   Tensor hidden;
+  std::vector<Tensor> tape_keep;
+  const Tape<T> tp = check_tape(cv.tr, tape, E, tape_keep);
+  if (!(hidden_.has_value() && hidden_->defined()) && !tp.empty()) hidden = tape_keep[tape_keep.size() - 2];
   if (hidden_.has_value() && hidden_->defined()) {
     TORCH_CHECK(hidden_->scalar_type() == dt, "ik_fast native: hidden must have x's dtype ", dt, ", got ",
                 hidden_->scalar_type());
@@ -692,7 +825,8 @@ std::vector<Tensor> conv_backward_impl(const Tensor& grad_, const Tensor& x_, co
                                        const Tensor& rowptr_, TensorList weights, TensorList biases,
                                        TensorList fourier, TensorList fourier_inv, const Tensor& final_weight,
                                        const Tensor& final_bias, const Tensor& coef, double norm, int64_t ndim,
-                                       const c10::optional<Tensor>& final_mask) {
+                                       const c10::optional<Tensor>& final_mask,
+                                       const c10::optional<TensorList>& tape) {
   const auto dt = c10::CppTypeToScalarType<T>::value;
   Tensor x = x_.contiguous(), inp = inp_.to(dt).contiguous(), src = src_.contiguous(), rowptr = rowptr_.contiguous();
   Conv<T> cv = make_conv<T>(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, final_weight, final_bias,
@@ -709,7 +843,9 @@ std::vector<Tensor> conv_backward_impl(const Tensor& grad_, const Tensor& x_, co
   cv.src = src.data_ptr<int64_t>();
   cv.rp = rowptr.data_ptr<int64_t>();
   const T* pg = grad.data_ptr<T>();
-  Tensor dinp = at::zeros({E, cv.n_in}, inp.options());
+  std::vector<Tensor> tape_keep;
+  const Tape<T> tp = check_tape(cv.tr, tape, E, tape_keep);
+  Tensor dinp = zeros_large({E, cv.n_in}, inp.options());
   T* pdi = dinp.data_ptr<T>();
   const auto items = E > 0 ? conv_items(cv, n_dst) : std::vector<Item>{};
   const int64_t n_items = static_cast<int64_t>(items.size());
@@ -756,7 +892,7 @@ std::vector<Tensor> conv_backward_impl(const Tensor& grad_, const Tensor& x_, co
     for (int64_t k = 0; k < n_chunks; ++k) {
       const int64_t c0 = it.e0 + k * cv.t, c1 = std::min(it.e1, c0 + cv.t);
       Chunk<T>& ch = W.chunks[keep ? k : 0];
-      load_chunk<T>(cv, ch, c0, c1, nullptr, 0);
+      load_chunk<T>(cv, ch, c0, c1, nullptr, 0, &tp);
       accumulate_z(cv, ch, W.Z.data(), W.z.data(), it, c0, c1);
     }
     for (const Pair& p : cv.plan->pairs) {
@@ -772,7 +908,7 @@ std::vector<Tensor> conv_backward_impl(const Tensor& grad_, const Tensor& x_, co
     for (int64_t k = 0; k < n_chunks; ++k) {
       const int64_t c0 = it.e0 + k * cv.t, c1 = std::min(it.e1, c0 + cv.t), t = c1 - c0;
       Chunk<T>& ch = W.chunks[keep ? k : 0];
-      if (!keep) load_chunk<T>(cv, ch, c0, c1, nullptr, 0);
+      if (!keep) load_chunk<T>(cv, ch, c0, c1, nullptr, 0, &tp);
       T* dhs = grow(W.dhs, P * t);
       std::fill_n(dhs, P * t, T(0));
       const auto& perms = cv.plan->perms;
@@ -845,7 +981,7 @@ std::vector<Tensor> conv_backward_impl(const Tensor& grad_, const Tensor& x_, co
   ConvGrads<T> tot;
   tot.trunk.init(cv.tr);
   std::vector<T> dB(cv.B.size(), T(0)), dBb(R * C, T(0));
-  Tensor dx = at::zeros({n_src, C}, x.options());
+  Tensor dx = zeros_large({n_src, C}, x.options());
   T* pdx = dx.data_ptr<T>();
   double dcoef = 0;
   for (auto& a : acc) {
@@ -861,7 +997,7 @@ std::vector<Tensor> conv_backward_impl(const Tensor& grad_, const Tensor& x_, co
   }
   std::vector<Tensor> out{dx.to(x_.scalar_type()), dinp.to(inp_.scalar_type())};
   trunk_grads_out(cv.tr, tot.trunk, weights, biases, out);
-  Tensor dfw = at::zeros(final_weight.sizes(), x.options());
+  Tensor dfw = zeros_large(final_weight.sizes(), x.options());
   T* pfw = dfw.data_ptr<T>();
   for (size_t i = 0; i < dB.size(); ++i) pfw[cv.plan->widx[i]] = dB[i];
   out.push_back(dfw.to(final_weight.scalar_type()));
@@ -875,8 +1011,9 @@ std::vector<Tensor> conv_backward_impl(const Tensor& grad_, const Tensor& x_, co
 // trunk_moments
 // ----------------------------------------------------------------------------------------------------------------
 template <typename T>
-std::tuple<Tensor, Tensor> trunk_moments_impl(const Tensor& inp_, TensorList weights, TensorList biases,
-                                              TensorList fourier, TensorList fourier_inv, bool with_activation) {
+std::tuple<Tensor, Tensor, Tensor> trunk_moments_impl(const Tensor& inp_, TensorList weights, TensorList biases,
+                                                      TensorList fourier, TensorList fourier_inv,
+                                                      bool with_activation, bool with_grid) {
   const auto dt = c10::CppTypeToScalarType<T>::value;
   TORCH_CHECK(inp_.dim() == 2, "ik_fast native: inp must be (E, n_in), got shape ", inp_.sizes());
   TORCH_CHECK(inp_.device().is_cpu(), "ik_fast native: the CPU kernels got inp on ", inp_.device());
@@ -887,8 +1024,13 @@ std::tuple<Tensor, Tensor> trunk_moments_impl(const Tensor& inp_, TensorList wei
   const int64_t H = tr.width();
   const int64_t t = tile_edges(tr.max_rows(), E);
   const int64_t n_tiles = (E + t - 1) / t;
-  Tensor act = at::empty({with_activation ? E : 0, H}, inp.options());
+  Tensor act = empty_large({with_activation ? E : 0, H}, inp.options());
   T* pa = with_activation ? act.data_ptr<T>() : nullptr;
+  // the last layer's grid (G, C, E): the ELU output its tiles hold anyway (see ops.py, "the tape")
+  const bool grid_out = with_grid && !tr.layers.empty() && tr.layers.back().G > 0;
+  Tensor grid = grid_out ? empty_large({tr.layers.back().G, tr.layers.back().C, E}, inp.options())
+                         : at::empty({0}, inp.options());
+  T* pgrid = grid_out ? grid.data_ptr<T>() : nullptr;
   const T* pi = inp.data_ptr<T>();
   std::vector<double> part(n_tiles * 2 * H);  // per tile: mean, sum of squared deviations (tile layout)
   const auto& lp = tr.last_perm();
@@ -914,6 +1056,11 @@ std::tuple<Tensor, Tensor> trunk_moments_impl(const Tensor& inp_, TensorList wei
         T* row = pa + (e0 + e) * H;
         for (int64_t r = 0; r < H; ++r) row[lp[r]] = h[r * n + e];
       }
+    if (pgrid != nullptr) {
+      const Layer<T>& l = tr.layers.back();
+      const T* v = S.V.back().data();
+      for (int64_t r = 0; r < l.G * l.C; ++r) std::copy_n(v + r * n, n, pgrid + r * E + e0);
+    }
   });
   // merge the tiles in order (Chan et al.): deterministic whatever thread ran which tile
   Tensor mom = at::zeros({2, H}, inp.options());
@@ -934,7 +1081,7 @@ std::tuple<Tensor, Tensor> trunk_moments_impl(const Tensor& inp_, TensorList wei
     pm[lp[r]] = static_cast<T>(mean[r]);
     pm[H + lp[r]] = static_cast<T>(m2[r]);
   }
-  return {mom.to(inp_.scalar_type()), act.to(inp_.scalar_type())};
+  return {mom.to(inp_.scalar_type()), act.to(inp_.scalar_type()), grid.to(inp_.scalar_type())};
 }
 
 // ----------------------------------------------------------------------------------------------------------------
@@ -948,34 +1095,36 @@ void check_dtype(const Tensor& t, const char* name) {
 Tensor conv_cpu(const Tensor& x, const Tensor& inp, const Tensor& src, const Tensor& rowptr, TensorList weights,
                 TensorList biases, TensorList fourier, TensorList fourier_inv, const Tensor& final_weight,
                 const Tensor& final_bias, const Tensor& coef, double norm, int64_t ndim,
-                const c10::optional<Tensor>& final_mask, const c10::optional<Tensor>& hidden) {
+                const c10::optional<Tensor>& final_mask, const c10::optional<Tensor>& hidden,
+                c10::optional<TensorList> tape) {
   check_dtype(x, "x");
   if (x.scalar_type() == at::kDouble)
     return conv_impl<double>(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, final_weight, final_bias,
-                             coef, norm, ndim, final_mask, hidden);
+                             coef, norm, ndim, final_mask, hidden, tape);
   return conv_impl<float>(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, final_weight, final_bias, coef,
-                          norm, ndim, final_mask, hidden);
+                          norm, ndim, final_mask, hidden, tape);
 }
 
 std::vector<Tensor> conv_backward_cpu(const Tensor& grad, const Tensor& x, const Tensor& inp, const Tensor& src,
                                       const Tensor& rowptr, TensorList weights, TensorList biases,
                                       TensorList fourier, TensorList fourier_inv, const Tensor& final_weight,
                                       const Tensor& final_bias, const Tensor& coef, double norm, int64_t ndim,
-                                      const c10::optional<Tensor>& final_mask) {
+                                      const c10::optional<Tensor>& final_mask, c10::optional<TensorList> tape) {
   check_dtype(x, "x");
   if (x.scalar_type() == at::kDouble)
     return conv_backward_impl<double>(grad, x, inp, src, rowptr, weights, biases, fourier, fourier_inv, final_weight,
-                                      final_bias, coef, norm, ndim, final_mask);
+                                      final_bias, coef, norm, ndim, final_mask, tape);
   return conv_backward_impl<float>(grad, x, inp, src, rowptr, weights, biases, fourier, fourier_inv, final_weight,
-                                   final_bias, coef, norm, ndim, final_mask);
+                                   final_bias, coef, norm, ndim, final_mask, tape);
 }
 
-std::tuple<Tensor, Tensor> trunk_moments_cpu(const Tensor& inp, TensorList weights, TensorList biases,
-                                             TensorList fourier, TensorList fourier_inv, bool with_activation) {
+std::tuple<Tensor, Tensor, Tensor> trunk_moments_cpu(const Tensor& inp, TensorList weights, TensorList biases,
+                                                     TensorList fourier, TensorList fourier_inv, bool with_activation,
+                                                     bool with_grid) {
   check_dtype(inp, "inp");
   if (inp.scalar_type() == at::kDouble)
-    return trunk_moments_impl<double>(inp, weights, biases, fourier, fourier_inv, with_activation);
-  return trunk_moments_impl<float>(inp, weights, biases, fourier, fourier_inv, with_activation);
+    return trunk_moments_impl<double>(inp, weights, biases, fourier, fourier_inv, with_activation, with_grid);
+  return trunk_moments_impl<float>(inp, weights, biases, fourier, fourier_inv, with_activation, with_grid);
 }
 
 }  // namespace

@@ -410,7 +410,8 @@ at::Tensor native_conv_cuda(const at::Tensor& x, const at::Tensor& inp, const at
                             const at::Tensor& rowptr, at::TensorList weights, at::TensorList biases,
                             at::TensorList fourier, at::TensorList fourier_inv, const at::Tensor& final_weight,
                             const at::Tensor& final_bias, const at::Tensor& coef, double norm, int64_t ndim,
-                            const std::optional<at::Tensor>& final_mask, const std::optional<at::Tensor>& hidden) {
+                            const std::optional<at::Tensor>& final_mask, const std::optional<at::Tensor>& hidden,
+                            std::optional<at::TensorList> /*tape: not used, see native_conv_backward_cuda*/) {
   const c10::cuda::CUDAGuard guard(x.device());
   ConvInputs c = check_conv(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, final_weight, final_bias,
                             coef, ndim, final_mask);
@@ -445,7 +446,9 @@ std::vector<at::Tensor> native_conv_backward_cuda(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& inp, const at::Tensor& src,
     const at::Tensor& rowptr, at::TensorList weights, at::TensorList biases, at::TensorList fourier,
     at::TensorList fourier_inv, const at::Tensor& final_weight, const at::Tensor& final_bias, const at::Tensor& coef,
-    double norm, int64_t ndim, const std::optional<at::Tensor>& final_mask) {
+    double norm, int64_t ndim, const std::optional<at::Tensor>& final_mask,
+    std::optional<at::TensorList> /*tape*/) {
+  // a tape (ik_fast/ops.py) is not used: the backward re-evaluates the trunk (GPU memory holds no per-layer grids)
   const c10::cuda::CUDAGuard guard(x.device());
   ConvInputs c = check_conv(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, final_weight, final_bias,
                             coef, ndim, final_mask);
@@ -528,9 +531,13 @@ std::vector<at::Tensor> native_conv_backward_cuda(
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> native_trunk_moments_cuda(const at::Tensor& inp, at::TensorList weights,
-                                                             at::TensorList biases, at::TensorList fourier,
-                                                             at::TensorList fourier_inv, bool with_activation) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> native_trunk_moments_cuda(const at::Tensor& inp,
+                                                                         at::TensorList weights,
+                                                                         at::TensorList biases,
+                                                                         at::TensorList fourier,
+                                                                         at::TensorList fourier_inv,
+                                                                         bool with_activation, bool with_grid) {
+  TORCH_CHECK_NOT_IMPLEMENTED(!with_grid, "ik_fast native CUDA keeps no Fourier grids (the tape of ik_fast.ops)");
   TORCH_CHECK(inp.device().is_cuda(), "ik_fast native CUDA: inp must be a CUDA tensor, got ", inp.device());
   check_float(inp, "inp");
   TORCH_CHECK(inp.dim() == 2, "ik_fast native CUDA: inp must be (E, P0), got ", inp.sizes());
@@ -542,7 +549,7 @@ std::tuple<at::Tensor, at::Tensor> native_trunk_moments_cuda(const at::Tensor& i
   const int64_t E = inp.size(0);
   const at::Tensor x = prep(inp, st);
   if (E == 0) {
-    return {at::zeros({2, H}, inp.options()), at::empty({0, H}, inp.options())};
+    return {at::zeros({2, H}, inp.options()), at::empty({0, H}, inp.options()), at::empty({0}, inp.options())};
   }
   at::Tensor h = trunk_forward(x, layers, nullptr, nullptr);
   const at::Tensor mean = h.mean(0);
@@ -555,7 +562,7 @@ std::tuple<at::Tensor, at::Tensor> native_trunk_moments_cuda(const at::Tensor& i
   } else {
     act = at::empty({0, H}, inp.options());
   }
-  return {moments, act};
+  return {moments, act, at::empty({0}, inp.options())};
 }
 
 }  // namespace ik_fast_cuda

@@ -45,10 +45,10 @@ class _Reference:
         return reference(*args[:14])
 
     @staticmethod
-    def native_trunk_moments(inp, weights, biases, fourier, fourier_inv, with_activation=False):
+    def native_trunk_moments(inp, weights, biases, fourier, fourier_inv, with_activation=False, with_grid=False):
         h = ops.trunk_reference_form(inp, weights, biases, fourier, fourier_inv)
         m = torch.stack([h.mean(0), (h - h.mean(0)).square().sum(0)])
-        return m, (h if with_activation else h.new_empty(0, h.shape[1]))
+        return m, (h if with_activation else h.new_empty(0, h.shape[1])), h.new_empty(0)
 
 
 def native():
@@ -93,8 +93,8 @@ def check(name, args64, dtype, tol, hidden=False):
     ref_args = to(args64, torch.float64)
     extra = [None]
     if hidden:
-        _, act = native().native_trunk_moments(args[1].detach(), [w.detach() for w in args[4]],
-                                                        [b.detach() for b in args[5]], args[6], args[7], True)
+        _, act, _ = native().native_trunk_moments(args[1].detach(), [w.detach() for w in args[4]],
+                                                           [b.detach() for b in args[5]], args[6], args[7], True)
         extra = [act]
         h = ops.trunk_reference_form(ref_args[1], ref_args[4], ref_args[5], ref_args[6], ref_args[7])
         assert rel(act.double(), h) < tol, "trunk_moments activation"
@@ -157,8 +157,8 @@ def main():
     ok &= check("hidden given (statistics pass)", cases[0][1], torch.float64, 1e-10, hidden=True)
     # trunk_moments against the trunk
     args = to(cases[2][1], torch.float64)
-    m, act = native().native_trunk_moments(args[1].detach(), [w.detach() for w in args[4]],
-                                                    [b.detach() for b in args[5]], args[6], args[7], False)
+    m, act, _ = native().native_trunk_moments(args[1].detach(), [w.detach() for w in args[4]],
+                                                       [b.detach() for b in args[5]], args[6], args[7], False)
     h = ops.trunk_reference_form(args[1].detach(), args[4], args[5], args[6], args[7]).detach()
     e = max(rel(m[0], h.mean(0)), rel(m[1], (h - h.mean(0)).square().sum(0)))
     print(f"{'trunk_moments':45s} {'torch.float64':14s} worst {e:.1e} {'ok' if e < 1e-10 else 'FAIL'}")

@@ -8,8 +8,9 @@ does what every implementation shares, on the lowered program and the prepared g
    folded (:meth:`KernelProgram.packed` with ``upto=k``), finished by :meth:`BatchNorm.finish`, detached (escnn's
    rule); the last layer's pass also returns its activation;
 3. ``conv`` on the program with every batch norm folded (and, in training, that activation, so the trunk is not
-   evaluated again); its autograd (registered on the op) reaches escnn's parameters through the differentiable
-   packing.
+   evaluated again, and for the implementations in :data:`TAPED` the tape: every pass's activation and, within a
+   budget, its Fourier grid, so that the backward does not evaluate the trunk again either); its autograd
+   (:func:`ik_fast.ops.conv`) reaches escnn's parameters through the differentiable packing.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from .. import ops
 from ..graph import Graph
 from ..program import KernelProgram
 
-__all__ = ["implicit_conv_fused", "fused_backend", "triton_available", "TRITON", "CHAINED_STATISTICS"]
+__all__ = ["implicit_conv_fused", "fused_backend", "triton_available", "TRITON", "CHAINED_STATISTICS", "TAPED",
+           "TAPE_LIMIT_BYTES", "TAPE_GRID_LIMIT_BYTES"]
 
 TRITON = "triton"
 # Implementations whose statistics pass of layer k starts from pass k-1's activation (E x H_{k-1}, kept until pass
@@ -30,6 +32,27 @@ TRITON = "triton"
 # its largest cost, and memory holds the activation); "triton" re-evaluates from the input (its kernels take the
 # narrow MLP input and keep GPU memory at one activation).
 CHAINED_STATISTICS = {"native"}
+# Implementations (by device type) that take a tape (see :mod:`ik_fast.ops`): every hidden layer's activation, and
+# its Fourier grid when small, from the statistics passes, kept to the backward so that it does not evaluate the trunk
+# again. Native C++ on CPU: the trunk's re-evaluation is a third of its backward, and host memory holds the tape.
+TAPED = {("native", "cpu")}
+# The most bytes of activations a tape keeps alive to the backward (those of the last layer are kept anyway); above
+# it, no tape. 1 GiB: problem `cpu` (32,768 edges, 144 dims) keeps 107 MB more.
+TAPE_LIMIT_BYTES = 1 << 30
+# The most bytes of Fourier grids (G C numbers an edge and layer, 6x the activation at problem P) a tape takes; above
+# it, the backward re-evaluates each grid from the layer's input (half the layer's forward work) rather than write
+# and read the grids through memory: 16 MiB, about what stays in the caches between the passes and the backward
+# (measured on 2 cores: grids at problem P, 100 MB, cost more in page faults and memory traffic than they save).
+TAPE_GRID_LIMIT_BYTES = 16 << 20
+
+
+def _tape_plan(program: KernelProgram, num_edges: int, dtype: torch.dtype):
+    """(whether to tape, whether the tape takes the grids)."""
+    size = torch.empty(0, dtype=dtype).element_size() * num_edges
+    acts = sum(layer.linear.weight.shape[0] for layer in program.hidden[:-1]) * size
+    grids = sum(0 if h.A is None or h.A.numel() == 0 else h.A.shape[0] * (h.linear.weight.shape[0] // h.A.shape[1])
+                for h in program.hidden) * size
+    return acts <= TAPE_LIMIT_BYTES, grids <= TAPE_GRID_LIMIT_BYTES
 
 
 def _load_triton():
@@ -75,9 +98,17 @@ def implicit_conv_fused(impl: str, program: KernelProgram, x_src, graph: Graph, 
     src = _receiver_order(graph)
     stats = []
     hidden = None
+    tape = None
     if program.needs_batch_stats:
         last = len(program.hidden)
         chain = impl in CHAINED_STATISTICS
+        # a tape needs every layer to be a pass of its own (a batch norm after each hidden layer, as in every
+        # ImplicitKernel with batch norms) and the chained passes
+        taped, grids = False, False
+        if chain and (impl, x_src.device.type) in TAPED and all(h.bn is not None for h in program.hidden):
+            taped, grids = _tape_plan(program, graph.num_edges, dtype)
+            grids = grids and taped
+        tape = [] if taped else None
         prev, prev_act = 0, None
         for k, layer in enumerate(program.hidden, start=1):
             if layer.bn is None:
@@ -89,15 +120,17 @@ def implicit_conv_fused(impl: str, program: KernelProgram, x_src, graph: Graph, 
                 # implementation starts each pass from the previous one's activation (the layers before it are the
                 # same in both packings: a batch norm folds into the Linear after it)
                 keep = k == last or chain
-                if chain and prev_act is not None:
-                    moments, act = ops.trunk_moments(impl, prev_act, packed, k, with_activation=keep, start=prev)
-                else:
-                    moments, act = ops.trunk_moments(impl, inp, packed, k, with_activation=keep)
+                start_from = (prev_act, prev) if chain and prev_act is not None else (inp, 0)
+                res = ops.trunk_moments(impl, start_from[0], packed, k, with_activation=keep, start=start_from[1],
+                                        with_grid=grids)
+                moments, act = res[0], res[1]
+                if taped:
+                    tape += [act, res[2] if grids else act.new_empty(0)]
                 stats.append(layer.bn.finish(moments, graph.num_edges))
             prev, prev_act = k, (act if chain else None)
             hidden = act if k == last else None
     x_src = x_src if x_src.is_contiguous() else x_src.contiguous()
-    out = ops.conv(impl, x_src, inp, src, graph.rowptr, program.packed(stats, dtype), hidden)
+    out = ops.conv(impl, x_src, inp, src, graph.rowptr, program.packed(stats, dtype), hidden, tape)
     return out, stats
 
 
