@@ -228,10 +228,14 @@ def _saved_conv_inputs(ctx) -> list:
     return [x, inp, src, rowptr, *lists, final_weight, final_bias, coef, ctx.norm, ctx.ndim, mask, tape]
 
 
+def _conv_grads(impl: str, ctx, grad) -> dict:
+    """conv's gradients by argument name: the conv_backward op on what the forward saved."""
+    return _split_grads(_op(impl, "conv_backward")(grad.contiguous(), *_saved_conv_inputs(ctx)), ctx.n_layers)
+
+
 def _conv_backward_formula(impl: str):
     def backward(ctx, grad):
-        flat = _op(impl, "conv_backward")(grad.contiguous(), *_saved_conv_inputs(ctx))
-        g = _split_grads(flat, ctx.n_layers)
+        g = _conv_grads(impl, ctx, grad)
         L = ctx.n_layers
         return (g["x"], g["inp"], None, None, g["weights"], g["biases"], [None] * L, [None] * L, g["final_weight"],
                 g["final_bias"], g["coef"], None, None, None, None) + _no_grads(ctx)
@@ -363,8 +367,7 @@ class _EagerConv(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        flat = _op(ctx.impl, "conv_backward")(grad.contiguous(), *_saved_conv_inputs(ctx))
-        g = _split_grads(flat, ctx.n_layers)
+        g = _conv_grads(ctx.impl, ctx, grad)
         L = ctx.n_layers
         return (None, None, None, g["x"], g["inp"], None, None, g["final_weight"], g["final_bias"], g["coef"], None,
                 None, None, None, *g["weights"], *g["biases"], *([None] * (2 * L + max(ctx.n_tape, 0))))
