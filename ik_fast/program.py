@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["BlockPlan", "Linear", "BatchNorm", "Hidden", "KernelProgram", "PackedProgram", "build_plan"]
+__all__ = ["BlockPlan", "Linear", "BatchNorm", "Hidden", "KernelProgram", "PackedProgram", "build_plan", "Deferred",
+           "DeferredLinear", "DeferredBatchNorm"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -178,9 +179,8 @@ class Linear:
     weight: Tensor
     bias: Optional[Tensor]
     plan: Optional[BlockPlan] = None
-    # other layouts of the weight, when the lowering has them: of a componentwise hidden Linear, (D, C_out, C_in) =
-    # W[c * D + a, c' * D + a], the fused ops' form (else :meth:`KernelProgram.packed` takes W's diagonals); of the
-    # last Linear (kernel layout (R, H * C_in)), W as (R * C_in, H) (else a transposed copy where it is needed)
+    # of a componentwise hidden Linear, when the lowering has it: (D, C_out, C_in) = W[c * D + a, c' * D + a], the
+    # fused ops' form (else :meth:`KernelProgram.packed` takes W's diagonals)
     cw: Optional[Tensor] = None
 
     @property
@@ -266,12 +266,17 @@ class BatchNorm:
         var = _as(m[1] / scalar(count - 1, m.dtype), dt)
         return torch.mm(_as(m[0], dt), avg_t), var.mean(-1)
 
-    def factors(self, stats: Optional[Tuple[Tensor, Tensor]]) -> Tuple[Tensor, Tensor]:
+    def statistics(self, stats: Optional[Tuple[Tensor, Tensor]]) -> Tuple[Tensor, Tensor]:
+        """(mean (C, d), var (C,)) it normalises with: the batch's ``stats`` in training, the running ones in eval."""
+        return stats if self.training else (self.running_mean, self.running_var)
+
+    def factors(self, stats: Optional[Tuple[Tensor, Tensor]], shift: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         """(factor (C,), shift (C, d)) such that the batch norm is h[:, c, a] -> h[:, c, a] * factor[c] + shift[c, a]
-        (the statistics of the batch in training, the running ones in eval mode)."""
-        mean, var = stats if self.training else (self.running_mean, self.running_var)
+        (the statistics of the batch in training, the running ones in eval mode); ``shift``: the expanded learnable
+        shift to use instead of :attr:`shift` (the same values, from another lowering)."""
+        mean, var = self.statistics(stats)
         factor = self.scale / torch.sqrt(var + scalar(self.eps, var.dtype))
-        return factor, self.shift - mean * factor.view(-1, 1)
+        return factor, (self.shift if shift is None else shift) - mean * factor.view(-1, 1)
 
     def affine(self, stats: Optional[Tuple[Tensor, Tensor]]) -> Tuple[Tensor, Tensor]:
         """(scale, shift), each (C * d,), such that the batch norm is h -> h * scale + shift."""
@@ -282,6 +287,50 @@ class BatchNorm:
         mean, var = stats if self.training else (self.running_mean, self.running_var)
         factor = self.scale / torch.sqrt(var + self.eps)
         return (h - mean) * factor[:, None] + self.shift
+
+
+class Deferred:
+    """The lowered tensors of one program, made on first use: ``make()`` returns them by key (the keys of
+    :meth:`KernelProgram.parts`). An :class:`~ik_fast.ImplicitKernel`'s program defers its expansion so that a fused
+    backend, which packs from the learnable tensors (:mod:`ik_fast.packing`), never pays for it."""
+
+    def __init__(self, make):
+        self._make, self._parts = make, None
+
+    def parts(self) -> dict:
+        if self._parts is None:
+            self._parts = self._make()
+        return self._parts
+
+    def __call__(self, key) -> Optional[Tensor]:
+        return self.parts().get(key)
+
+
+class DeferredLinear(Linear):
+    """A :class:`Linear` whose weight, bias and componentwise form are ``parts(("w", k))``, ``("b", k)``,
+    ``("cw", k)`` of a :class:`Deferred`, read on first use."""
+
+    def __init__(self, parts: Deferred, k: int, plan: Optional[BlockPlan]):
+        object.__setattr__(self, "_parts", parts)
+        object.__setattr__(self, "_k", k)
+        object.__setattr__(self, "plan", plan)
+
+    weight = property(lambda self: self._parts(("w", self._k)))
+    bias = property(lambda self: self._parts(("b", self._k)))
+    cw = property(lambda self: self._parts(("cw", self._k)))
+
+
+class DeferredBatchNorm(BatchNorm):
+    """A :class:`BatchNorm` whose expanded shift is ``parts(key)`` of a :class:`Deferred`, read on first use."""
+
+    def __init__(self, parts: Deferred, key, training: bool, eps: float, avg: Tensor, scale: Tensor,
+                 running_mean: Tensor, running_var: Tensor, sync: bool = False, avg_t: Optional[Tensor] = None):
+        for name, value in (("_parts", parts), ("_key", key), ("training", training), ("eps", eps), ("avg", avg),
+                            ("scale", scale), ("running_mean", running_mean), ("running_var", running_var),
+                            ("sync", sync), ("avg_t", avg_t)):
+            object.__setattr__(self, name, value)
+
+    shift = property(lambda self: self._parts(self._key))
 
 
 def _all_reduce_moments(moments: Tensor, count: int) -> Tuple[Tensor, int]:
@@ -420,6 +469,8 @@ class KernelProgram:
     meta: dict = field(default_factory=dict, compare=False)
     # bool (R, H, C_in) on the CPU: where the last Linear's weight (kernel layout) can be non-zero, from its basis
     final_mask: Optional[Tensor] = field(default=None, compare=False)
+    # how to pack straight from the kernel's learnable tensors (:class:`ik_fast.packing.SourcePacking`), or None
+    packing: Optional[object] = field(default=None, compare=False)
 
     @property
     def hidden_size(self) -> int:
@@ -504,79 +555,132 @@ class KernelProgram:
     def packed(self, stats: Sequence, dtype: torch.dtype, upto: Optional[int] = None) -> "PackedProgram":
         """The program as the fused ops take it (:mod:`ik_fast.ops`): batch norms folded with ``stats``, dense,
         unpadded, in ``dtype``; differentiable with respect to the escnn parameters. With ``upto``, only hidden
-        layers 1..upto (for the statistics of layer ``upto``; the final layer is then left unfolded).
+        layers 1..upto (for the statistics of layer ``upto``; the final weight and bias are then empty).
 
         The fold order is that of :meth:`trunk` (each batch norm into the Linear after it) and the arithmetic that of
-        :meth:`Linear.fold`, with the same products and sums, written on the per-channel factors of
-        :meth:`BatchNorm.factors` (no per-component scale is materialised) and on the componentwise weights the
-        lowering made (:attr:`Linear.cw`); each piece is memoised per statistics object, so the passes of one forward
-        (one per batch-norm layer, then conv) build it once."""
-        n = len(self.hidden) if upto is None else upto
-        weights, biases = [], []
-        pending, src, j = None, None, 0  # (factor, shift) of the batch norm before layer k, its statistics, its index
-        for k, layer in enumerate(self.hidden[:n]):
-            w, b = self._memo(("layer", k, dtype), src, self._pack_hidden, k, layer.linear, pending, dtype)
-            weights.append(w)
-            biases.append(b)
-            pending = None
+        :meth:`Linear.fold`, written on the per-channel factors of :meth:`BatchNorm.factors` (no per-component scale
+        is materialised) and on the componentwise weights the lowering made (:attr:`Linear.cw`); each piece is
+        memoised per statistics object, so the passes of one forward (one per batch-norm layer, then conv) build it
+        once.
+
+        A program lowered with :attr:`packing` (an :class:`ImplicitKernel`'s, outside torch.compile) packs straight
+        from the kernel's learnable tensors, the whole packing one autograd node (:mod:`ik_fast.packing`); otherwise
+        the operators below run with autograd recording each."""
+        if self.packing is not None and not torch.compiler.is_compiling():
+            return self.packing.packed(self, stats, dtype, upto)
+        return self.packed_from(self.parts(), stats, dtype, upto, "program")
+
+    def parts(self) -> dict:
+        """The learnable tensors the packing reads, by key: ``("w", k)`` each Linear's weight (the last in kernel
+        layout (R, H * C_in)), ``("cw", k)`` a componentwise hidden Linear's (D, C, C) form, ``("b", k)`` each bias,
+        ``("shift", k)`` each batch norm's expanded shift (k: the hidden layer's index; the last Linear's is
+        ``len(hidden)``); absent keys have no tensor."""
+        out = {}
+        for k, layer in enumerate(self.hidden):
+            out[("w", k)], out[("cw", k)], out[("b", k)] = layer.linear.weight, layer.linear.cw, layer.linear.bias
+            if layer.bn is not None:
+                out[("shift", k)] = layer.bn.shift
+        L = len(self.hidden)
+        out[("w", L)], out[("b", L)] = self.final.weight, self.final.bias
+        return {k: v for k, v in out.items() if v is not None}
+
+    def componentwise(self, k: int) -> bool:
+        """Whether hidden layer k's Linear takes the (D, C, C) form in the fused ops."""
+        plan = self.hidden[k].linear.plan
+        return k > 0 and plan is not None and plan.componentwise is not None
+
+    def pendings(self, stats: Sequence, parts: dict, tag) -> list:
+        """Per hidden layer, what its batch norm folds into the next Linear: (factor (C,), shift (C, d)), or None (no
+        batch norm, or no statistics for it in training), with the shifts of ``parts``; memoised per statistics
+        object under ``tag``."""
+        out, j = [], 0
+        for k, layer in enumerate(self.hidden):
+            p = None
             if layer.bn is not None:
                 if not self.training or j < len(stats):
                     src = stats[j] if self.training else None
-                    pending = self._memo(("factors", j), src, layer.bn.factors, src)
+                    p = self._memo(("factors", tag, k), src, layer.bn.factors, src, parts[("shift", k)])
                 j += 1
-        constants = self._memo(("fourier", dtype), None, lambda: (
-            [self._constant(h.A, dtype) for h in self.hidden], [self._constant(h.Ainv, dtype) for h in self.hidden]))
-        fourier, fourier_inv = constants[0][:n], constants[1][:n]
-        fw, fb = self._memo(("final", dtype, upto is None), src if upto is None else None, self._pack_final,
-                            pending if upto is None else None, dtype)
-        coef = self._memo(("coef", dtype), None, self._coef, dtype)
-        return PackedProgram(weights, biases, fourier, fourier_inv, fw, fb, coef, float(self.norm), self.dim,
+            out.append(p)
+        return out
+
+    def packed_from(self, parts: dict, stats: Sequence, dtype: torch.dtype, upto: Optional[int], tag,
+                    final=None) -> PackedProgram:
+        """:meth:`packed` of the learnable tensors ``parts`` (see :meth:`parts`), memoised under ``tag``; ``final``:
+        ``(parts, pending, dtype) -> (weight, bias)`` of the last Linear in place of :meth:`_pack_final`."""
+        n = len(self.hidden) if upto is None else upto
+        weights, biases = [], []
+        pend = self.pendings(stats, parts, tag)
+        for k in range(n):
+            p = pend[k - 1] if k > 0 else None
+            src = None if p is None else self._memo_src(stats, k - 1)
+            w, b = self._memo(("layer", tag, k, dtype), src, self._pack_hidden, k, parts, p, dtype)
+            weights.append(w)
+            biases.append(b)
+        fourier, fourier_inv = self._fourier(dtype)
+        if upto is None:
+            L = len(self.hidden)
+            p = pend[L - 1] if L > 0 else None
+            src = None if p is None else self._memo_src(stats, L - 1)
+            fw, fb = self._memo(("final", tag, dtype), src, final or self._pack_final, parts, p, dtype)
+        else:  # a statistics pass's program: the trunk's layers only (trunk_moments reads no more)
+            fw = fb = self._memo(("empty", dtype), None, self.sigma.new_zeros, 0, dtype=dtype)
+        coef = self._memo(("coef", tag, dtype), None, self._coef, dtype)
+        return PackedProgram(weights, biases, fourier[:n], fourier_inv[:n], fw, fb, coef, float(self.norm), self.dim,
                              self.final_mask if upto is None else None)
 
-    def _pack_hidden(self, k: int, lin: Linear, pending: Optional[Tuple[Tensor, Tensor]], dtype: torch.dtype):
+    def _memo_src(self, stats: Sequence, k: int):
+        """The object whose identity a fold with hidden layer k's batch norm is memoised on: its statistics in
+        training (a new object each forward), None in eval mode (the running statistics)."""
+        if not self.training:
+            return None
+        j = sum(1 for h in self.hidden[:k] if h.bn is not None)
+        return stats[j]
+
+    def _fourier(self, dtype: torch.dtype):
+        return self._memo(("fourier", dtype), None, lambda: (
+            [self._constant(h.A, dtype) for h in self.hidden], [self._constant(h.Ainv, dtype) for h in self.hidden]))
+
+    def _pack_hidden(self, k: int, parts: dict, pending: Optional[Tuple[Tensor, Tensor]], dtype: torch.dtype):
         """(weight, bias) of hidden layer k for the fused ops, the batch norm before it (``pending``) folded in."""
-        R = lin.weight.shape[0]
-        cwf = None if k == 0 or lin.plan is None else lin.plan.componentwise
-        if cwf is not None:  # (D, C_out, C_in): the per-component channel mixing, the only non-zeros of W
-            w = lin.cw
+        layer = self.hidden[k]
+        R = layer.channels * layer.dim
+        W, bias = parts.get(("w", k)), parts.get(("b", k))
+        extra = None
+        if self.componentwise(k):  # (D, C_out, C_in): the per-component channel mixing, the only non-zeros of W
+            w = parts.get(("cw", k))
             if w is None:
-                f, d = cwf
-                w = torch.diagonal(lin.weight.reshape(f, d, f, d), dim1=1, dim2=3).permute(2, 0, 1).contiguous()
+                f, d = layer.linear.plan.componentwise
+                w = torch.diagonal(W.reshape(f, d, f, d), dim1=1, dim2=3).permute(2, 0, 1).contiguous()
             if pending is not None:
+                # W s on the channel-major (C, D) layout: sum_c' w[a, c, c'] s[c', a] (the non-zeros of W's rows)
+                D, C = w.shape[0], w.shape[1]
+                extra = torch.bmm(w, pending[1].t().unsqueeze(2)).view(D, C).t().reshape(-1)
                 w = w * pending[0]  # input channel c' scaled by factor[c']
         elif pending is not None:
-            w = (lin.weight.view(R, pending[0].shape[0], -1) * pending[0].view(-1, 1)).view(R, -1)
+            w = (W.view(R, pending[0].shape[0], -1) * pending[0].view(-1, 1)).view(R, -1)
+            extra = torch.mv(W, pending[1].view(-1))
         else:
-            w = lin.weight
-        bias = lin.bias
-        if pending is not None:
-            extra = torch.mv(lin.weight, pending[1].view(-1))
+            w = W
+        if extra is not None:
             bias = extra if bias is None else bias + extra
-        bias = lin.weight.new_zeros(R, dtype=dtype) if bias is None else _as(bias, dtype)
+        bias = self.sigma.new_zeros(R, dtype=dtype) if bias is None else _as(bias, dtype)
         return _as(w, dtype), bias
 
-    def _pack_final(self, pending: Optional[Tuple[Tensor, Tensor]], dtype: torch.dtype):
+    def _pack_final(self, parts: dict, pending: Optional[Tuple[Tensor, Tensor]], dtype: torch.dtype):
         """(weight (R, H, C_in), bias (R, C_in)) of the last Linear, the last batch norm (``pending``) folded in."""
         R, C, H = self.out_size, self.in_size, self.hidden_size
-        w3 = self.final.weight.view(R, H, C)
-        fw, fb = w3, self.final.bias
+        L = len(self.hidden)
+        w3 = parts[("w", L)].view(R, H, C)
+        fw, fb = w3, parts.get(("b", L))
         if pending is not None:
             factor, shift = pending
             fw = (w3.view(R, factor.shape[0], -1, C) * factor.view(-1, 1, 1)).view(R, H, C)
-            extra = self._final_shift(shift.view(H), w3)
+            # sum_h shift[h] w3[r, h, c] as one batched product on the expanded row (matmul's choice for this shape)
+            extra = torch.bmm(shift.view(1, 1, H).expand(R, 1, H), w3).view(R * C)
             fb = extra if fb is None else fb + extra
         fw = _as(fw, dtype)
         return fw, (fw.new_zeros(R, C) if fb is None else _as(fb, dtype).view(R, C))
-
-    def _final_shift(self, shift: Tensor, w3: Tensor) -> Tensor:
-        """``torch.matmul(shift, w3).reshape(-1)`` (shift (H,), w3 (R, H, C)) with the operations matmul picks: with
-        autograd on shift, one GEMV on the transposed weight (R * C, H), a copy unless the lowering made that layout
-        (:attr:`Linear.cw` of the last Linear); otherwise one batched product on the expanded row."""
-        R, H, C = w3.shape
-        if shift.requires_grad:
-            wt = self.final.cw if self.final.cw is not None else w3.mT.reshape(R * C, H)
-            return torch.mv(wt, shift)
-        return torch.bmm(shift.view(1, 1, H).expand(R, 1, H), w3).view(R * C)
 
     def _constant(self, t: Optional[Tensor], dtype: torch.dtype) -> Tensor:
         if t is None:

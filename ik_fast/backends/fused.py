@@ -51,9 +51,8 @@ TAPE_GRID_LIMIT_BYTES = 16 << 20
 def _tape_plan(program: KernelProgram, num_edges: int, dtype: torch.dtype):
     """(whether to tape, whether the tape takes the grids)."""
     size = dtype.itemsize * num_edges
-    acts = sum(layer.linear.weight.shape[0] for layer in program.hidden[:-1]) * size
-    grids = sum(0 if h.A is None or h.A.numel() == 0 else h.A.shape[0] * (h.linear.weight.shape[0] // h.A.shape[1])
-                for h in program.hidden) * size
+    acts = sum(h.channels * h.dim for h in program.hidden[:-1]) * size
+    grids = sum(0 if h.A is None or h.A.numel() == 0 else h.A.shape[0] * h.channels for h in program.hidden) * size
     return acts <= TAPE_LIMIT_BYTES, grids <= TAPE_GRID_LIMIT_BYTES
 
 
@@ -115,9 +114,9 @@ def implicit_conv_fused(impl: str, program: KernelProgram, x_src, graph: Graph, 
         for k, layer in enumerate(program.hidden, start=1):
             if layer.bn is None:
                 continue
-            # packed with autograd on: the program memoises the folds, and conv's packing below reuses them
-            packed = program.packed(stats, dtype, upto=k)
             with torch.no_grad():
+                # the program memoises the folds (without autograd), and conv's packing below reuses them
+                packed = program.packed(stats, dtype, upto=k)
                 # the last layer's statistics pass also gives the activation that conv contracts; a chaining
                 # implementation starts each pass from the previous one's activation (the layers before it are the
                 # same in both packings: a batch norm folds into the Linear after it)

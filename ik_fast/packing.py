@@ -1,0 +1,268 @@
+"""The fused ops' program straight from an :class:`~ik_fast.ImplicitKernel`'s learnable tensors, as one autograd node.
+
+:meth:`KernelProgram.packed` gives the fused ops (:mod:`ik_fast.ops`) the program with every batch norm folded. Built
+from the lowered program's own tensors, that is two stages of autograd: the kernel's expansion map (escnn's bases
+applied to every learnable tensor, one node) and the folds (about sixty operators, each its own node). On a
+400-edge graph their backward was a fifth of a native training step, all of it host overhead.
+
+:class:`SourcePacking` packs from the learnable tensors instead: the expansion of only the tensors the fused ops read
+(:class:`PackingMap`: not the dense hidden weights that a componentwise Linear's (D, C, C) form replaces, and the last
+Linear's weight as its entries, never dense), without autograd, then the folds of :meth:`KernelProgram.packed_from`
+(the same code as the plain path; the last layer's from its entries), and one autograd node, :class:`_FromSources`,
+whose backward is the vector-Jacobian product written out: the folds' (a handful of products; the last layer's as
+gathers and index_adds over its entries), then the expansion's transpose, one gather and one index_add over its
+entries. A double backward differentiates the plain path's operators instead. The passes of one forward share the
+expansion and the folds (memoised per program). The lowered program defers its own dense expansion (the reference's)
+until something reads it (:class:`~ik_fast.program.Deferred`), so a fused backend never makes it.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+__all__ = ["PackingMap", "SourcePacking"]
+
+
+class PackingMap:
+    """The part of a kernel's expansion map (:meth:`ImplicitKernel._build_expansion`) that the fused ops read, as flat
+    sorted entries: ``target += sources[col] * value``. The small pieces (hidden Linears, biases, batch-norm shifts)
+    land on a compact dense layout (``pieces``: (key, shape, offset)); the last Linear's weight, (R, H, C_in) with a
+    few percent of it structural, stays a list of entries with each one's target ``t`` = (r H + h) C_in + c, its
+    hidden unit ``h``, channel ``h // D`` and kernel position ``r C_in + c``: its folds and their gradients are
+    gathers and index_adds over the entries, never a pass over the dense weight. Built once per device and dtype."""
+
+    def __init__(self, kernel_pieces, bounds, cols: Tensor, values: Tensor, targets: Tensor, keep, final_key,
+                 layout: Tuple[int, int, int, int], dtype):
+        R, H, C, D = layout
+        sel_cols, sel_vals, sel_tgt, pieces = [], [], [], []
+        offset = 0
+        self.final = None
+        for i, (key, shape) in enumerate(kernel_pieces):
+            if key not in keep and key != final_key:
+                continue
+            (lo, start), (hi, _) = bounds[i], bounds[i + 1]
+            if key == final_key:
+                t = targets[lo:hi] - start
+                h = (t // C) % H
+                self.final = (cols[lo:hi], values[lo:hi].to(dtype), t, h, h // D, (t // (H * C)) * C + t % C)
+                continue
+            sel_cols.append(cols[lo:hi])
+            sel_vals.append(values[lo:hi])
+            sel_tgt.append(targets[lo:hi] - start + offset)
+            pieces.append((key, tuple(shape), offset))
+            offset += _numel(shape)
+        self.cols = torch.cat(sel_cols)
+        self.values = torch.cat(sel_vals).to(dtype)
+        self.targets = torch.cat(sel_tgt)
+        self.pieces = pieces
+        self.size = offset
+        self.layout = layout
+        self.bias_key = ("b", final_key[1])
+        # the transpose's entries: the small pieces', then the final weight's
+        self.all_cols = torch.cat([self.cols, self.final[0]])
+        self.all_values = torch.cat([self.values, self.final[1]])
+
+    def expand(self, sources: Sequence[Tensor]) -> Dict[tuple, Tensor]:
+        """The small pieces by key, and under ``"final"`` the final weight's entries' products (no autograd: the
+        caller's mode)."""
+        src = torch.cat([t.reshape(-1) for t in sources])
+        flat = src.new_zeros(self.size).index_add_(0, self.targets, src.index_select(0, self.cols) * self.values)
+        out = {key: flat[off:off + _numel(shape)].view(shape) for key, shape, off in self.pieces}
+        out["final"] = src.index_select(0, self.final[0]) * self.final[1]
+        return out
+
+    def final_weight(self, parts: dict, pending, dtype):
+        """(weight (R, H, C_in), bias (R, C_in)) of the last Linear from its entries, the last batch norm's
+        (factor, shift) folded in: ``W[t] f[channel]`` and ``B + sum_h s[h] W[:, h, :]``, summed entry by entry."""
+        R, H, C, _ = self.layout
+        contrib, (_, _, t, h, ch, rc) = parts["final"], self.final
+        b = parts.get(self.bias_key)
+        if pending is None:
+            w = contrib.new_zeros(R * H * C).index_add_(0, t, contrib)
+            return w.view(R, H, C), (contrib.new_zeros(R, C) if b is None else b.view(R, C))
+        f, s = pending
+        w = contrib.new_zeros(R * H * C).index_add_(0, t, contrib * f.index_select(0, ch))
+        extra = contrib.new_zeros(R * C).index_add_(0, rc, contrib * s.reshape(-1).index_select(0, h))
+        return w.view(R, H, C), (extra if b is None else b + extra).view(R, C)
+
+    def transpose(self, grads: Dict[tuple, Optional[Tensor]], final: Optional[Tensor],
+                  sources: Sequence[Tensor]) -> List[Tensor]:
+        """The expansion's vector-Jacobian product: each source's gradient from the small pieces' gradients (None:
+        zero) and the final weight's entries' (None: zero)."""
+        ref = sources[0]
+        flat = torch.cat([ref.new_zeros(_numel(shape)) if grads.get(key) is None else grads[key].reshape(-1)
+                          for key, shape, _ in self.pieces])
+        ge = flat.index_select(0, self.targets)
+        ge = torch.cat([ge, ref.new_zeros(self.final[0].shape[0]) if final is None else final])
+        g = ref.new_zeros(sum(t.numel() for t in sources)).index_add_(0, self.all_cols, ge * self.all_values)
+        return [p.view_as(t) for p, t in zip(torch.split(g, [t.numel() for t in sources]), sources)]
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+class SourcePacking:
+    """What :meth:`KernelProgram.packed` needs to pack one program from its kernel's learnable tensors: the map,
+    the tensors it reads (``sources``, in the map's column order), each batch norm's scale and sigma. Without
+    autograd the packing is plain tensors; with autograd, one :class:`_FromSources` node (a statistics pass's packing
+    with autograd on, and a packing in another dtype, take the plain path)."""
+
+    def __init__(self, pmap: PackingMap, sources: List[Tensor], scales: List[Optional[Tensor]], sigma: Tensor):
+        self.map, self.sources, self.scales, self.sigma = pmap, sources, scales, sigma
+
+    def inputs(self) -> list:
+        return [self.sigma, *[s for s in self.scales if s is not None], *self.sources]
+
+    def expanded(self, program) -> Dict[tuple, Tensor]:
+        with torch.no_grad():
+            return program._memo(("expanded",), None, self.map.expand, self.sources)
+
+    def packed(self, program, stats: Sequence, dtype: torch.dtype, upto: Optional[int]):
+        if self.sigma.dtype != dtype:  # the plain path converts
+            return program.packed_from(program.parts(), stats, dtype, upto, "program")
+        grad = torch.is_grad_enabled() and any(t.requires_grad for t in self.inputs())
+        if not grad:
+            return program.packed_from(self.expanded(program), stats, dtype, upto, "packing", self.map.final_weight)
+        if upto is not None:  # a statistics pass's packing, differentiable: the plain operators
+            return program.packed_from(program.parts(), stats, dtype, upto, "program")
+        from .program import PackedProgram
+
+        L = len(program.hidden)
+        outs = _FromSources.apply(self, program, stats, dtype, *self.inputs())
+        fourier, fourier_inv = program._fourier(dtype)
+        return PackedProgram(list(outs[:L]), list(outs[L:2 * L]), fourier, fourier_inv, outs[2 * L],
+                             outs[2 * L + 1], outs[2 * L + 2], float(program.norm), program.dim,
+                             program.final_mask)
+
+
+class _FromSources(torch.autograd.Function):
+    """Learnable tensors (sigma, the batch norms' scales, the expansion's sources) -> the packed program's weights,
+    biases, final weight and bias, coef. See the module docstring; the statistics are constants (escnn's rule).
+
+    The folds' vector-Jacobian product, for a batch norm (factor f = scale / sqrt(var + eps), shift
+    s = shift_bn - mean f) folded into the Linear after it (weight W on the channel-major input: ``W f``, ``b + W s``):
+    ``dW = dW' f + db' s^T``, ``df = sum dW' W`` over all but the input channel, ``ds = W^T db'``, then
+    ``dshift_bn = ds`` and ``dscale = (df - sum_a ds mean) / sqrt(var + eps)``; coef = 1 / (2 sigma^2) gives
+    ``dsigma = -4 sigma coef^2 dcoef``."""
+
+    @staticmethod
+    def forward(ctx, packing, program, stats, dtype, *inputs):
+        ctx.set_materialize_grads(False)
+        parts = packing.expanded(program)
+        p = program.packed_from(parts, stats, dtype, None, "packing", packing.map.final_weight)
+        ctx.packing, ctx.program, ctx.stats, ctx.dtype, ctx.parts = packing, program, stats, dtype, parts
+        ctx.coef = p.coef
+        ctx.save_for_backward(*inputs)
+        # fresh tensor objects: the memoised ones belong to the program (and autograd marks what a forward returns)
+        return tuple(t.detach() for t in (*p.weights, *p.biases, p.final_weight, p.final_bias, p.coef))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        prog, packing = ctx.program, ctx.packing
+        inputs = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            return (None,) * 4 + _plain_vjp(prog, ctx.stats, ctx.dtype, inputs, grads)
+        L = len(prog.hidden)
+        parts = ctx.parts
+        pend = prog.pendings(ctx.stats, parts, "packing")
+        g_parts: Dict[tuple, Tensor] = {}
+        g_factor: List[Optional[Tensor]] = [None] * L
+        g_shift: List[Optional[Tensor]] = [None] * L
+
+        def add(key, g):
+            g_parts[key] = g if key not in g_parts else g_parts[key] + g
+
+        for k in range(L):
+            p = pend[k - 1] if k > 0 else None
+            gw, gb = grads[k], grads[L + k]
+            if gb is not None and ("b", k) in parts:
+                add(("b", k), gb)
+            if prog.componentwise(k):
+                CW = parts[("cw", k)]  # (D, C_out, C_in): w = CW f[c_in]; b += sum_c' CW[a, c, c'] s[c', a]
+                if gw is not None:
+                    add(("cw", k), gw if p is None else gw * p[0])
+                    if p is not None:
+                        g_factor[k - 1] = (gw * CW).sum((0, 1))
+                if gb is not None and p is not None:
+                    D, C = CW.shape[0], CW.shape[1]
+                    gbv = gb.view(C, D).t()  # (D, C_out)
+                    add(("cw", k), gbv.unsqueeze(2) * p[1].t().unsqueeze(1))
+                    g_shift[k - 1] = torch.bmm(CW.transpose(1, 2), gbv.unsqueeze(2)).view(D, -1).t()
+            else:
+                W = parts[("w", k)]  # (R, C_in * d): w = W f[c_in]; b += W s
+                if gw is not None:
+                    if p is None:
+                        add(("w", k), gw)
+                    else:
+                        R, C = W.shape[0], p[0].shape[0]
+                        gv = gw.view(R, C, -1)
+                        add(("w", k), (gv * p[0].view(-1, 1)).view(R, -1))
+                        g_factor[k - 1] = (gv * W.view(R, C, -1)).sum((0, 2))
+                if gb is not None and p is not None:
+                    add(("w", k), torch.outer(gb, p[1].reshape(-1)))
+                    g_shift[k - 1] = torch.mv(W.t(), gb).view_as(p[1])
+        contrib, (_, _, t, h, ch, rc) = parts["final"], packing.map.final
+        p = pend[L - 1] if L > 0 else None
+        gfw, gfb, gcoef = grads[2 * L], grads[2 * L + 1], grads[2 * L + 2]
+        g_final = None  # the final weight's entries'
+        if gfw is not None:  # w[t] = sum of its entries' contrib, times f[channel]
+            gfw_e = gfw.reshape(-1).index_select(0, t)
+            if p is None:
+                g_final = gfw_e
+            else:
+                g_final = gfw_e * p[0].index_select(0, ch)
+                g_factor[L - 1] = p[0].new_zeros(p[0].shape[0]).index_add_(0, ch, gfw_e * contrib)
+        if gfb is not None:
+            if ("b", L) in parts:
+                add(("b", L), gfb.reshape(-1))
+            if p is not None:  # b[rc] += sum of its entries' contrib times s[h]
+                gfb_e = gfb.reshape(-1).index_select(0, rc)
+                gs = gfb_e * p[1].reshape(-1).index_select(0, h)
+                g_final = gs if g_final is None else g_final + gs
+                g_shift[L - 1] = p[1].new_zeros(p[1].numel()).index_add_(0, h, gfb_e * contrib).view_as(p[1])
+        g_scales, j = [], 0
+        for k, layer in enumerate(prog.hidden):
+            if layer.bn is None:
+                continue
+            gf, gs = (g_factor[k], g_shift[k]) if pend[k] is not None else (None, None)
+            if gf is not None or gs is not None:
+                mean, var = layer.bn.statistics(ctx.stats[j] if prog.training else None)
+            if gs is not None:  # s = shift_bn - mean f
+                add(("shift", k), gs)
+                extra = -(gs * mean).sum(1)
+                gf = extra if gf is None else gf + extra
+            if gf is not None:  # f = scale / sqrt(var + eps)
+                gf = gf / torch.sqrt(var + layer.bn.eps)
+            g_scales.append(gf)
+            j += 1
+        g_sigma = None
+        if gcoef is not None:  # coef = 1 / (2 sigma^2)
+            c = ctx.coef
+            g_sigma = (gcoef * c * c).sum().neg() * (4 * inputs[0])
+        g_src = packing.map.transpose(g_parts, g_final, inputs[1 + len(g_scales):])
+        out = [g_sigma, *g_scales, *g_src]
+        return (None,) * 4 + tuple(g if t.requires_grad else None for g, t in zip(out, inputs))
+
+
+def _plain_vjp(prog, stats, dtype, inputs, grads) -> tuple:
+    """:class:`_FromSources`'s vector-Jacobian product through the plain path's operators (differentiable, for a
+    double backward): the program's own lowering of the same learnable tensors, differentiated."""
+    with torch.enable_grad():
+        p = prog.packed_from(prog.parts(), stats, dtype, None, "program")
+    outs = (*p.weights, *p.biases, p.final_weight, p.final_bias, p.coef)
+    pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
+    need = [i for i, t in enumerate(inputs) if t.requires_grad]
+    res: List[Optional[Tensor]] = [None] * len(inputs)
+    if pairs and need:
+        got = torch.autograd.grad([o for o, _ in pairs], [inputs[i] for i in need], [g for _, g in pairs],
+                                  create_graph=True, allow_unused=True)
+        for i, g in zip(need, got):
+            res[i] = g
+    return tuple(res)

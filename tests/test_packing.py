@@ -1,0 +1,126 @@
+"""The fused ops' packing straight from the kernel's learnable tensors (ik_fast/packing.py: one autograd node with a
+written-out vector-Jacobian product) against the plain path (the program's own expansion and the folds' operators,
+differentiated by autograd): the same packed tensors and the same gradients for every learnable tensor, in training
+(batch statistics) and eval mode (running ones), for dense and componentwise hidden Linears, with and without batch
+norms, one to four layers; its double backward; and that a fused backend's program never expands the
+dense lowering it does not read."""
+
+import pytest
+import torch
+from conftest import field_types, get_gspace, rel
+
+import ik_fast
+from ik_fast import testing
+
+CASES = [  # (gspace, field kind, layer options)
+    ("O3", "mixed_attr", {}),
+    ("SO3", "uniform", dict(n_layers=2)),
+    ("Oh", "mixed", {}),
+    ("D6", "mixed_attr", dict(n_layers=4)),
+    ("SO2", "uniform_attr", dict(batch_norm=False)),
+    ("cylinder", "mixed", dict(n_layers=1)),
+    ("Ih", "uniform", dict(bias=False)),
+]
+
+
+def _layer(name, kind, kw):
+    gs = get_gspace(name)
+    in_t, out_t, attr_t = field_types(gs, kind)
+    torch.manual_seed(0)
+    conv = ik_fast.ImplicitPointConv(in_t, out_t, attr_t, n_channels=3, **kw).double()
+    testing.randomize_(conv)
+    return conv
+
+
+def _stats(prog):
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(h.channels, h.dim, generator=g, dtype=torch.float64),
+             torch.rand(h.channels, generator=g, dtype=torch.float64) + 0.5)
+            for h in prog.hidden if h.bn is not None] if prog.training else []
+
+
+def _outputs(p):
+    return [*p.weights, *p.biases, p.final_weight, p.final_bias, p.coef]
+
+
+def _packings(conv, mode):
+    conv.train(mode == "train")
+    prog = conv.kernel.program()
+    stats = _stats(prog)
+    fast = prog.packed(stats, torch.float64)
+    plain = prog.packed_from(prog.parts(), stats, torch.float64, None, "program")
+    return conv, prog, fast, plain
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("name,kind,kw", CASES)
+def test_packing_matches_the_plain_path(name, kind, kw, mode):
+    conv, prog, fast, plain = _packings(_layer(name, kind, kw), mode)
+    assert prog.packing is not None
+    params = [p for p in conv.parameters() if p.requires_grad]
+    g = torch.Generator().manual_seed(2)
+    seeds = [torch.randn(o.shape, generator=g, dtype=o.dtype) for o in _outputs(plain)]
+    grads = []
+    for outs in (_outputs(fast), _outputs(plain)):
+        loss = sum((o * s).sum() for o, s in zip(outs, seeds) if o.requires_grad)
+        grads.append(torch.autograd.grad(loss, params, allow_unused=True, retain_graph=True))
+    for a, b in zip(_outputs(fast), _outputs(plain)):
+        assert a.shape == b.shape
+        assert rel(a, b) < 1e-12
+    for p, a, b in zip(params, *grads):
+        assert (a is None) == (b is None), p.shape
+        if a is not None:
+            assert rel(a, b) < 1e-12, p.shape
+    # the packing is one autograd node over the learnable tensors
+    assert type(fast.final_weight.grad_fn).__name__ == "_FromSourcesBackward"
+
+
+@pytest.mark.parametrize("name,kind,kw", [CASES[0], CASES[3]])
+def test_packing_double_backward(name, kind, kw):
+    conv, prog, fast, plain = _packings(_layer(name, kind, kw), "train")
+    params = [p for p in conv.parameters() if p.requires_grad]
+    g = torch.Generator().manual_seed(3)
+    seeds = [torch.randn(o.shape, generator=g, dtype=o.dtype) for o in _outputs(plain)]
+    second = []
+    for outs in (_outputs(fast), _outputs(plain)):
+        loss = sum((o * s).sum() + (o * o).sum() for o, s in zip(outs, seeds) if o.requires_grad)
+        first = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True, retain_graph=True)
+        total = sum((f * f).sum() for f in first if f is not None)
+        second.append(torch.autograd.grad(total, params, allow_unused=True, retain_graph=True))
+    for a, b in zip(*second):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert rel(a, b) < 1e-10
+
+
+def test_fused_backend_does_not_expand_the_dense_lowering():
+    """The program defers its expansion (the reference's dense weights): a training step of a fused backend packs
+    from the learnable tensors only; reading a weight of the program expands it then."""
+    from ik_fast.program import Deferred
+
+    made = []
+    orig = Deferred.parts
+
+    def parts(self):
+        if self._parts is None:
+            made.append(1)
+        return orig(self)
+
+    conv = _layer("O3", "mixed_attr", {})
+    g = torch.Generator().manual_seed(4)
+    pos = torch.randn(12, 3, generator=g, dtype=torch.float64)
+    ei = torch.randint(0, 12, (2, 60), generator=g)
+    x = torch.randn(12, conv.in_type.size, generator=g, dtype=torch.float64)
+    a = torch.randn(60, conv.kernel.edge_attr_type.size, generator=g, dtype=torch.float64)
+    conv.train()
+    Deferred.parts = parts
+    try:
+        if ik_fast.ops.status("native", "cpu") is None:
+            conv.backend = "native"
+            conv(x, ei, edge_attr=a, pos=pos).sum().backward()
+            assert not made
+        prog = conv.kernel.program()
+        prog.hidden[0].linear.weight  # noqa: B018
+        assert made
+    finally:
+        Deferred.parts = orig
