@@ -221,10 +221,12 @@ def setup_case(problem: str, provider: str, mode: str, device: str = "cpu", dtyp
 
 
 def measure(problem: str, provider: str, mode: str, repeats: int = 5, warmup: int = 1, device: str = "cpu",
-            dtype: str = "float32", seed: int = 0, budget_s: float = 120.0, precision: str = "highest") -> Dict:
+            dtype: str = "float32", seed: int = 0, budget_s: float = 120.0, precision: str = "highest",
+            min_time_s: float = 1.0, max_repeats: int = 500) -> Dict:
     """Run one case in this process and return its record: median, 20th and 80th percentile of the step time
     (forward and backward separately too), peak memory, achieved FLOP/s. Fewer repeats are made when they would
-    exceed ``budget_s`` (at least one after the warm-up)."""
+    exceed ``budget_s`` (at least one after the warm-up); more when ``repeats`` steps take less than ``min_time_s``
+    (steps of milliseconds: their median over a second of them, at most ``max_repeats``, not over a handful)."""
     torch.set_float32_matmul_precision(precision)  # "highest": IEEE float32; "high": TF32 (every provider alike)
     step, rec = setup_case(problem, provider, mode, device, dtype, seed)
     rec["precision"] = precision
@@ -255,6 +257,8 @@ def measure(problem: str, provider: str, mode: str, repeats: int = 5, warmup: in
         if it >= warmup:
             fwd_t.append(f)
             bwd_t.append(b)
+            if it + 1 == warmup + repeats and repeats < max_repeats and sum(fwd_t) + sum(bwd_t) < min_time_s:
+                repeats += 1
         elif f + b > 0 and (f + b) * repeats > budget_s:
             repeats = max(1, int(budget_s / (f + b)))
         del out
@@ -455,6 +459,8 @@ def main(argv=None) -> int:
     ap.add_argument("--modes", default="train")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--min-time", type=float, default=1.0,
+                    help="seconds of timed steps at least: more than --repeats where they take less (fast cases)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--precision", choices=["highest", "high"], default="highest",
@@ -506,8 +512,9 @@ def main(argv=None) -> int:
     else:
         problems, providers = args.problems.split(","), args.providers.split(",")
         modes, device = args.modes.split(","), args.device
-    cases = [dict(problem=p, provider=v, mode=m, repeats=args.repeats, warmup=args.warmup, device=device,
-                  dtype=args.dtype, precision=args.precision) for p in problems for m in modes for v in providers]
+    cases = [dict(problem=p, provider=v, mode=m, repeats=args.repeats, warmup=args.warmup, min_time_s=args.min_time,
+                  device=device, dtype=args.dtype, precision=args.precision)
+             for p in problems for m in modes for v in providers]
     torch.set_float32_matmul_precision(args.precision)
     env = environment(device)
     out = args.out

@@ -14,7 +14,7 @@ from ik_fast.problems import PROBLEMS, get_problem
 def test_measure_tiny(mode, provider):
     if provider == "triton" and "triton" not in bench._available():
         pytest.skip("Triton not available")
-    rec = bench.measure("tiny", provider, mode, repeats=1, warmup=0)
+    rec = bench.measure("tiny", provider, mode, repeats=1, warmup=0, min_time_s=0)
     assert rec["time_s"] > 0 and rec["flops"] > 0 and rec["edges"] == 64 * 8
     assert rec["peak_rss_mb"] > 0 and rec["warmup_s"] > 0
 
@@ -38,7 +38,7 @@ def test_skewed_graph_has_a_hub():
 def test_cli_child_process(tmp_path):
     out = tmp_path / "r.json"
     assert bench.main(["--problems", "tiny", "--providers", "reference,torch", "--modes", "train", "--repeats", "1",
-                       "--warmup", "0", "--out", str(out)]) == 0
+                       "--warmup", "0", "--min-time", "0", "--out", str(out)]) == 0
     data = json.loads(out.read_text())
     assert {r["provider"] for r in data["records"]} == {"reference", "torch"}
     assert all("error" not in r for r in data["records"]), data["records"]
