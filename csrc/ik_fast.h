@@ -33,4 +33,21 @@ using at::Tensor;
 using at::TensorList;
 using OptTensor = std::optional<at::Tensor>;
 
+// The host packing's entry passes (csrc/cpu/packing_cpu.cpp; module functions, see ik_fast/packing.py)
+namespace cpu {
+std::vector<at::Tensor> pack_expand(const at::Tensor& src, const at::Tensor& cols, const at::Tensor& vals,
+                                    const at::Tensor& tgt, int64_t size, const at::Tensor& fcols,
+                                    const at::Tensor& fvals);
+std::vector<at::Tensor> pack_final(const at::Tensor& contrib, const at::Tensor& t, const at::Tensor& h,
+                                   const at::Tensor& ch, const at::Tensor& rc, const OptTensor& factor,
+                                   const OptTensor& shift, const OptTensor& bias, int64_t R, int64_t H, int64_t C,
+                                   int64_t channels);
+std::vector<at::Tensor> pack_final_vjp(const OptTensor& gfw, const OptTensor& gfb, const at::Tensor& contrib,
+                                       const at::Tensor& t, const at::Tensor& h, const at::Tensor& ch,
+                                       const at::Tensor& rc, const OptTensor& factor, const OptTensor& shift,
+                                       int64_t R, int64_t H, int64_t C, int64_t channels);
+at::Tensor pack_transpose(const at::Tensor& flat, const at::Tensor& tgt, const OptTensor& gfinal,
+                          const at::Tensor& cols, const at::Tensor& vals, int64_t S);
+}  // namespace cpu
+
 }  // namespace ik_fast

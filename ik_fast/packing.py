@@ -69,17 +69,28 @@ class PackingMap:
         """The small pieces by key, and under ``"final"`` the final weight's entries' products (no autograd: the
         caller's mode)."""
         src = torch.cat([t.reshape(-1) for t in sources])
-        flat = src.new_zeros(self.size).index_add_(0, self.targets, src.index_select(0, self.cols) * self.values)
+        fast = _native_passes(src)
+        if fast is not None:
+            flat, contrib = fast.pack_expand(src, self.cols, self.values, self.targets, self.size, self.final[0],
+                                             self.final[1])
+        else:
+            flat = src.new_zeros(self.size).index_add_(0, self.targets, src.index_select(0, self.cols) * self.values)
+            contrib = src.index_select(0, self.final[0]) * self.final[1]
         out = {key: flat[off:off + _numel(shape)].view(shape) for key, shape, off in self.pieces}
-        out["final"] = src.index_select(0, self.final[0]) * self.final[1]
+        out["final"] = contrib
         return out
 
     def final_weight(self, parts: dict, pending, dtype):
         """(weight (R, H, C_in), bias (R, C_in)) of the last Linear from its entries, the last batch norm's
         (factor, shift) folded in: ``W[t] f[channel]`` and ``B + sum_h s[h] W[:, h, :]``, summed entry by entry."""
-        R, H, C, _ = self.layout
+        R, H, C, D = self.layout
         contrib, (_, _, t, h, ch, rc) = parts["final"], self.final
         b = parts.get(self.bias_key)
+        fast = _native_passes(contrib)
+        if fast is not None:
+            f, s = (None, None) if pending is None else (pending[0].contiguous(), pending[1].contiguous())
+            w, fb = fast.pack_final(contrib, t, h, ch, rc, f, s, b, R, H, C, H // D)
+            return w, fb
         if pending is None:
             w = contrib.new_zeros(R * H * C).index_add_(0, t, contrib)
             return w.view(R, H, C), (contrib.new_zeros(R, C) if b is None else b.view(R, C))
@@ -95,6 +106,11 @@ class PackingMap:
         ref = sources[0]
         flat = torch.cat([ref.new_zeros(_numel(shape)) if grads.get(key) is None else grads[key].reshape(-1)
                           for key, shape, _ in self.pieces])
+        fast = _native_passes(flat)
+        if fast is not None:
+            g = fast.pack_transpose(flat, self.targets, None if final is None else final.contiguous(), self.all_cols,
+                                    self.all_values, sum(t.numel() for t in sources))
+            return [p.view_as(t) for p, t in zip(torch.split(g, [t.numel() for t in sources]), sources)]
         ge = flat.index_select(0, self.targets)
         ge = torch.cat([ge, ref.new_zeros(self.final[0].shape[0]) if final is None else final])
         g = ref.new_zeros(sum(t.numel() for t in sources)).index_add_(0, self.all_cols, ge * self.all_values)
@@ -106,6 +122,20 @@ def _numel(shape) -> int:
     for s in shape:
         n *= s
     return n
+
+
+# The native extension's fused passes over the entries (csrc/cpu/packing_cpu.cpp) on CPU tensors when it is loaded;
+# False: always the PyTorch form below them (what they compute, and the path off the CPU)
+NATIVE_PASSES = True
+
+
+def _native_passes(t: Tensor):
+    """The native module when its packing passes apply to ``t``, else None."""
+    if not NATIVE_PASSES or t.device.type != "cpu" or t.dtype not in (torch.float32, torch.float64):
+        return None
+    from . import _native
+
+    return _native.module()
 
 
 class SourcePacking:
@@ -212,6 +242,21 @@ class _FromSources(torch.autograd.Function):
         p = pend[L - 1] if L > 0 else None
         gfw, gfb, gcoef = grads[2 * L], grads[2 * L + 1], grads[2 * L + 2]
         g_final = None  # the final weight's entries'
+        fast = _native_passes(contrib)
+        if fast is not None:
+            if gfb is not None and ("b", L) in parts:
+                add(("b", L), gfb.reshape(-1))
+            R, H, C, D = packing.map.layout
+            f, s = (None, None) if p is None else (p[0].contiguous(), p[1].contiguous())
+            g_final, gf, gs = fast.pack_final_vjp(None if gfw is None else gfw.contiguous(),
+                                                  None if gfb is None else gfb.contiguous(), contrib, t, h, ch, rc, f,
+                                                  s, R, H, C, H // D)
+            if gfw is None and (gfb is None or p is None):
+                g_final = None
+            if p is not None:
+                g_factor[L - 1] = gf if gf.numel() else None
+                g_shift[L - 1] = gs.view_as(p[1]) if gs.numel() else None
+            gfw = gfb = None  # done
         if gfw is not None:  # w[t] = sum of its entries' contrib, times f[channel]
             gfw_e = gfw.reshape(-1).index_select(0, t)
             if p is None:

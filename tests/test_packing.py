@@ -3,14 +3,15 @@ written-out vector-Jacobian product) against the plain path (the program's own e
 differentiated by autograd): the same packed tensors and the same gradients for every learnable tensor, in training
 (batch statistics) and eval mode (running ones), for dense and componentwise hidden Linears, with and without batch
 norms, one to four layers; its double backward; and that a fused backend's program never expands the
-dense lowering it does not read."""
+dense lowering it does not read. Both forms of the entry passes: the native extension's C++ loops and their PyTorch
+statement."""
 
 import pytest
 import torch
 from conftest import field_types, get_gspace, rel
 
 import ik_fast
-from ik_fast import testing
+from ik_fast import packing, testing
 
 CASES = [  # (gspace, field kind, layer options)
     ("O3", "mixed_attr", {}),
@@ -52,9 +53,18 @@ def _packings(conv, mode):
     return conv, prog, fast, plain
 
 
+@pytest.fixture(params=["native", "torch"])
+def passes(request, monkeypatch):
+    """The entry passes of the packing: the native extension's (CPU, when it loads) or their PyTorch form."""
+    if request.param == "native" and ik_fast.ops.status("native", "cpu") is not None:
+        pytest.skip("native extension unavailable")
+    monkeypatch.setattr(packing, "NATIVE_PASSES", request.param == "native")
+    return request.param
+
+
 @pytest.mark.parametrize("mode", ["train", "eval"])
 @pytest.mark.parametrize("name,kind,kw", CASES)
-def test_packing_matches_the_plain_path(name, kind, kw, mode):
+def test_packing_matches_the_plain_path(name, kind, kw, mode, passes):
     conv, prog, fast, plain = _packings(_layer(name, kind, kw), mode)
     assert prog.packing is not None
     params = [p for p in conv.parameters() if p.requires_grad]
@@ -76,7 +86,7 @@ def test_packing_matches_the_plain_path(name, kind, kw, mode):
 
 
 @pytest.mark.parametrize("name,kind,kw", [CASES[0], CASES[3]])
-def test_packing_double_backward(name, kind, kw):
+def test_packing_double_backward(name, kind, kw, passes):
     conv, prog, fast, plain = _packings(_layer(name, kind, kw), "train")
     params = [p for p in conv.parameters() if p.requires_grad]
     g = torch.Generator().manual_seed(3)
