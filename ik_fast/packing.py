@@ -129,13 +129,16 @@ def _numel(shape) -> int:
 NATIVE_PASSES = True
 
 
+_FLOATS = (torch.float32, torch.float64)
+
+
 def _native_passes(t: Tensor):
     """The native module when its packing passes apply to ``t``, else None."""
-    if not NATIVE_PASSES or t.device.type != "cpu" or t.dtype not in (torch.float32, torch.float64):
+    if not NATIVE_PASSES or t.is_cuda or t.dtype not in _FLOATS or t.device.type != "cpu":
         return None
-    from . import _native
+    from ._native import module
 
-    return _native.module()
+    return module()
 
 
 class SourcePacking:
