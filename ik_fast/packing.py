@@ -18,6 +18,7 @@ until something reads it (:class:`~ik_fast.program.Deferred`), so a fused backen
 
 from __future__ import annotations
 
+import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -53,7 +54,7 @@ class PackingMap:
             sel_vals.append(values[lo:hi])
             sel_tgt.append(targets[lo:hi] - start + offset)
             pieces.append((key, tuple(shape), offset))
-            offset += _numel(shape)
+            offset += math.prod(shape)
         self.cols = torch.cat(sel_cols)
         self.values = torch.cat(sel_vals).to(dtype)
         self.targets = torch.cat(sel_tgt)
@@ -76,7 +77,7 @@ class PackingMap:
         else:
             flat = src.new_zeros(self.size).index_add_(0, self.targets, src.index_select(0, self.cols) * self.values)
             contrib = src.index_select(0, self.final[0]) * self.final[1]
-        out = {key: flat[off:off + _numel(shape)].view(shape) for key, shape, off in self.pieces}
+        out = {key: flat[off:off + math.prod(shape)].view(shape) for key, shape, off in self.pieces}
         out["final"] = contrib
         return out
 
@@ -99,29 +100,53 @@ class PackingMap:
         extra = contrib.new_zeros(R * C).index_add_(0, rc, contrib * s.reshape(-1).index_select(0, h))
         return w.view(R, H, C), (extra if b is None else b + extra).view(R, C)
 
+    def final_vjp(self, contrib: Tensor, pending, gfw: Optional[Tensor], gfb: Optional[Tensor]):
+        """:meth:`final_weight`'s vector-Jacobian product given the gradients of the weight and bias (None: zero):
+        (the gradient of each entry's product, of the factor, of the shift; None where it is zero)."""
+        R, H, C, D = self.layout
+        _, _, t, h, ch, rc = self.final
+        fast = _native_passes(contrib)
+        if fast is not None:
+            f, s = (None, None) if pending is None else (pending[0].contiguous(), pending[1].contiguous())
+            g, gf, gs = fast.pack_final_vjp(None if gfw is None else gfw.contiguous(),
+                                            None if gfb is None else gfb.contiguous(), contrib, t, h, ch, rc, f, s,
+                                            R, H, C, H // D)
+            if gfw is None and (gfb is None or pending is None):
+                g = None
+            return g, (gf if gf.numel() else None), (gs.view_as(s) if gs.numel() else None)
+        g = gf = gs = None
+        if gfw is not None:  # w[t] = sum of its entries' contrib, times f[channel]
+            gfw_e = gfw.reshape(-1).index_select(0, t)
+            if pending is None:
+                g = gfw_e
+            else:
+                g = gfw_e * pending[0].index_select(0, ch)
+                gf = pending[0].new_zeros(pending[0].shape[0]).index_add_(0, ch, gfw_e * contrib)
+        if gfb is not None and pending is not None:  # b[rc] += sum of its entries' contrib times s[h]
+            s = pending[1]
+            gfb_e = gfb.reshape(-1).index_select(0, rc)
+            gb = gfb_e * s.reshape(-1).index_select(0, h)
+            g = gb if g is None else g + gb
+            gs = s.new_zeros(s.numel()).index_add_(0, h, gfb_e * contrib).view_as(s)
+        return g, gf, gs
+
     def transpose(self, grads: Dict[tuple, Optional[Tensor]], final: Optional[Tensor],
                   sources: Sequence[Tensor]) -> List[Tensor]:
         """The expansion's vector-Jacobian product: each source's gradient from the small pieces' gradients (None:
         zero) and the final weight's entries' (None: zero)."""
         ref = sources[0]
-        flat = torch.cat([ref.new_zeros(_numel(shape)) if grads.get(key) is None else grads[key].reshape(-1)
+        flat = torch.cat([ref.new_zeros(math.prod(shape)) if grads.get(key) is None else grads[key].reshape(-1)
                           for key, shape, _ in self.pieces])
+        sizes = [t.numel() for t in sources]
         fast = _native_passes(flat)
         if fast is not None:
             g = fast.pack_transpose(flat, self.targets, None if final is None else final.contiguous(), self.all_cols,
-                                    self.all_values, sum(t.numel() for t in sources))
-            return [p.view_as(t) for p, t in zip(torch.split(g, [t.numel() for t in sources]), sources)]
-        ge = flat.index_select(0, self.targets)
-        ge = torch.cat([ge, ref.new_zeros(self.final[0].shape[0]) if final is None else final])
-        g = ref.new_zeros(sum(t.numel() for t in sources)).index_add_(0, self.all_cols, ge * self.all_values)
-        return [p.view_as(t) for p, t in zip(torch.split(g, [t.numel() for t in sources]), sources)]
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
+                                    self.all_values, sum(sizes))
+        else:
+            ge = flat.index_select(0, self.targets)
+            ge = torch.cat([ge, ref.new_zeros(self.final[0].shape[0]) if final is None else final])
+            g = ref.new_zeros(sum(sizes)).index_add_(0, self.all_cols, ge * self.all_values)
+        return [p.view_as(t) for p, t in zip(torch.split(g, sizes), sources)]
 
 
 # The native extension's fused passes over the entries (csrc/cpu/packing_cpu.cpp) on CPU tensors when it is loaded;
@@ -241,40 +266,13 @@ class _FromSources(torch.autograd.Function):
                 if gb is not None and p is not None:
                     add(("w", k), torch.outer(gb, p[1].reshape(-1)))
                     g_shift[k - 1] = torch.mv(W.t(), gb).view_as(p[1])
-        contrib, (_, _, t, h, ch, rc) = parts["final"], packing.map.final
         p = pend[L - 1] if L > 0 else None
         gfw, gfb, gcoef = grads[2 * L], grads[2 * L + 1], grads[2 * L + 2]
-        g_final = None  # the final weight's entries'
-        fast = _native_passes(contrib)
-        if fast is not None:
-            if gfb is not None and ("b", L) in parts:
-                add(("b", L), gfb.reshape(-1))
-            R, H, C, D = packing.map.layout
-            f, s = (None, None) if p is None else (p[0].contiguous(), p[1].contiguous())
-            g_final, gf, gs = fast.pack_final_vjp(None if gfw is None else gfw.contiguous(),
-                                                  None if gfb is None else gfb.contiguous(), contrib, t, h, ch, rc, f,
-                                                  s, R, H, C, H // D)
-            if gfw is None and (gfb is None or p is None):
-                g_final = None
-            if p is not None:
-                g_factor[L - 1] = gf if gf.numel() else None
-                g_shift[L - 1] = gs.view_as(p[1]) if gs.numel() else None
-            gfw = gfb = None  # done
-        if gfw is not None:  # w[t] = sum of its entries' contrib, times f[channel]
-            gfw_e = gfw.reshape(-1).index_select(0, t)
-            if p is None:
-                g_final = gfw_e
-            else:
-                g_final = gfw_e * p[0].index_select(0, ch)
-                g_factor[L - 1] = p[0].new_zeros(p[0].shape[0]).index_add_(0, ch, gfw_e * contrib)
-        if gfb is not None:
-            if ("b", L) in parts:
-                add(("b", L), gfb.reshape(-1))
-            if p is not None:  # b[rc] += sum of its entries' contrib times s[h]
-                gfb_e = gfb.reshape(-1).index_select(0, rc)
-                gs = gfb_e * p[1].reshape(-1).index_select(0, h)
-                g_final = gs if g_final is None else g_final + gs
-                g_shift[L - 1] = p[1].new_zeros(p[1].numel()).index_add_(0, h, gfb_e * contrib).view_as(p[1])
+        if gfb is not None and ("b", L) in parts:
+            add(("b", L), gfb.reshape(-1))
+        g_final, gf, gs = packing.map.final_vjp(parts["final"], p, gfw, gfb)  # the final weight's entries'
+        if p is not None:
+            g_factor[L - 1], g_shift[L - 1] = gf, gs
         g_scales, j = [], 0
         for k, layer in enumerate(prog.hidden):
             if layer.bn is None:
