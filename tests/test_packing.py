@@ -134,3 +134,31 @@ def test_fused_backend_does_not_expand_the_dense_lowering():
         assert made
     finally:
         Deferred.parts = orig
+
+
+def test_native_passes_reject_indices_out_of_range():
+    """The C++ entry passes check every index against its range before the loops that use it unchecked: a negative
+    one or one past the end is an error naming the index vector, never a read or write outside the tensors."""
+    if ik_fast.ops.status("native", "cpu") is not None:
+        pytest.skip("native extension unavailable")
+    from ik_fast._native import module
+
+    m = module()
+    src = torch.randn(10)
+    ok = torch.tensor([0, 3, 9])
+    vals = torch.ones(3)
+    m.pack_expand(src, ok, vals, torch.tensor([0, 1, 4]), 5, ok, vals)  # in range: runs
+    for bad in (torch.tensor([0, -1, 2]), torch.tensor([0, 10, 2])):
+        with pytest.raises(RuntimeError, match="cols has an index outside"):
+            m.pack_expand(src, bad, vals, torch.tensor([0, 1, 4]), 5, ok, vals)
+    with pytest.raises(RuntimeError, match="targets has an index outside"):
+        m.pack_expand(src, ok, vals, torch.tensor([0, 1, 5]), 5, ok, vals)
+    # the final weight's entries: t in [0, R H C), h in [0, H), ch in [0, channels), rc in [0, R C)
+    R, H, C, D = 2, 4, 3, 2
+    contrib = torch.randn(3)
+    t, h, ch, rc = torch.tensor([0, 5, 23]), torch.tensor([0, 1, 3]), torch.tensor([0, 0, 1]), torch.tensor([0, 2, 5])
+    m.pack_final(contrib, t, h, ch, rc, None, None, None, R, H, C, H // D)
+    with pytest.raises(RuntimeError, match="t has an index outside"):
+        m.pack_final(contrib, torch.tensor([0, 5, 24]), h, ch, rc, None, None, None, R, H, C, H // D)
+    with pytest.raises(RuntimeError, match="rc has an index outside"):
+        m.pack_final_vjp(None, None, contrib, t, h, ch, torch.tensor([-3, 2, 5]), None, None, R, H, C, H // D)

@@ -31,6 +31,7 @@
 #include <immintrin.h>
 #endif
 #include <cmath>
+#include <cstring>
 #include <tuple>
 #include <vector>
 
@@ -129,9 +130,15 @@ Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& opt) {
   return t;
 }
 
+// zeros; below 4 MB filled by the calling thread (at::zeros fills from 32768 elements up in a parallel region, whose
+// fork and join cost more than a memset of that size)
 Tensor zeros_large(at::IntArrayRef sizes, const at::TensorOptions& opt) {
   Tensor t = empty_large(sizes, opt);
-  t.zero_();
+  if (t.nbytes() >= (size_t(1) << 22)) {
+    t.zero_();
+  } else if (t.nbytes() > 0) {
+    std::memset(t.data_ptr(), 0, t.nbytes());
+  }
   return t;
 }
 
@@ -197,6 +204,8 @@ template <typename T>
 struct TrunkTile {
   std::vector<std::vector<T>> X;  // X[k]: input of layer k (hin x t); X[L]: the last activation
   std::vector<std::vector<T>> V;  // V[k]: Fourier ELU output on the grid (G*C x t)
+  std::vector<const T*> Vp;       // Vp[k]: where the backward reads layer k's grid, rows of Vld[k]: V[k], or the tape's
+  std::vector<int64_t> Vld;
   std::vector<T> Y, dA, dB;       // scratch
 };
 
@@ -223,13 +232,21 @@ void layer_linear(const Layer<T>& l, const T* x, int64_t t, T* y) {
   }
 }
 
-// the Fourier ELU's grid of a tile, v = ELU(A y) (G x C t), from y (Df x C t)
+// the Fourier ELU's grid of a tile, v = ELU(A y) (G x C t), from y (Df x C t); with out, each of its G*C rows also
+// written to out (rows of ld_out), in the ELU's pass (the tape's grid, see trunk_moments)
 template <typename T>
-void layer_grid(const Layer<T>& l, const T* y, int64_t t, std::vector<T>& V) {
+void layer_grid(const Layer<T>& l, const T* y, int64_t t, std::vector<T>& V, T* out = nullptr, int64_t ld_out = 0) {
   const int64_t ct = l.C * t;
   T* v = grow(V, l.G * ct);
   gemm<T>(false, false, l.G, ct, l.Df, T(1), l.A.data(), l.Df, y, ct, T(0), v, ct);
-  elu_inplace(v, l.G * ct);
+  if (out == nullptr) {
+    elu_inplace(v, l.G * ct);
+    return;
+  }
+  for (int64_t r = 0; r < l.G * l.C; ++r) {
+    elu_inplace(v + r * t, t);
+    std::copy_n(v + r * t, t, out + r * ld_out);
+  }
 }
 
 // rows of the MLP input in the tile layout: x0 (n_in x t) from inp[0:t] (rows of ld_inp)
@@ -242,12 +259,16 @@ void load_input(const Trunk<T>& tr, const T* inp, int64_t ld_inp, int64_t t, Tru
   }
 }
 
-// the trunk of t edges, inputs inp[0:t] (rows of n_in, ld n_in); fills S.X and S.V
+// the trunk of t edges, inputs inp[0:t] (rows of n_in, ld n_in); fills S.X and S.V; with grid_out, the last layer's
+// grid is also written there (rows G*C of ld_grid)
 template <typename T>
-void trunk_forward(const Trunk<T>& tr, const T* inp, int64_t ld_inp, int64_t t, TrunkTile<T>& S) {
+void trunk_forward(const Trunk<T>& tr, const T* inp, int64_t ld_inp, int64_t t, TrunkTile<T>& S,
+                   T* grid_out = nullptr, int64_t ld_grid = 0) {
   const int64_t L = static_cast<int64_t>(tr.layers.size());
   S.X.resize(L + 1);
   S.V.resize(L);
+  S.Vp.assign(L, nullptr);
+  S.Vld.assign(L, t);
   load_input(tr, inp, ld_inp, t, S);
   for (int64_t k = 0; k < L; ++k) {
     const Layer<T>& l = tr.layers[k];
@@ -256,7 +277,8 @@ void trunk_forward(const Trunk<T>& tr, const T* inp, int64_t ld_inp, int64_t t, 
     layer_linear(l, S.X[k].data(), t, y);
     if (l.G > 0) {
       const int64_t ct = l.C * t;
-      layer_grid(l, y, t, S.V[k]);
+      layer_grid(l, y, t, S.V[k], k + 1 == L ? grid_out : nullptr, ld_grid);
+      S.Vp[k] = S.V[k].data();
       gemm<T>(false, false, l.Df, ct, l.G, T(1), l.Ainv.data(), l.G, S.V[k].data(), ct, T(0), out, ct);
     } else {
       elu_inplace(out, l.hout * t);
@@ -318,6 +340,8 @@ void trunk_from_tape(const Trunk<T>& tr, const Tape<T>& tp, const T* inp, int64_
   const int64_t L = static_cast<int64_t>(tr.layers.size());
   S.X.resize(L + 1);
   S.V.resize(L);
+  S.Vp.assign(L, nullptr);
+  S.Vld.assign(L, t);
   load_input(tr, inp, ld_inp, t, S);
   for (int64_t k = 0; k < L; ++k) {
     const Layer<T>& l = tr.layers[k];
@@ -326,14 +350,37 @@ void trunk_from_tape(const Trunk<T>& tr, const Tape<T>& tp, const T* inp, int64_
     for (int64_t e = 0; e < t; ++e)
       for (int64_t i = 0; i < l.hout; ++i) x[i * t + e] = a[e * l.hout + l.out_perm[i]];
     if (l.G == 0) continue;
-    if (tp.grid[k] != nullptr) {
-      T* v = grow(S.V[k], l.G * l.C * t);
-      for (int64_t r = 0; r < l.G * l.C; ++r) std::copy_n(tp.grid[k] + r * tp.E + e0, t, v + r * t);
+    if (tp.grid[k] != nullptr) {  // read where it is (trunk_backward reads it once)
+      S.Vp[k] = tp.grid[k] + e0;
+      S.Vld[k] = tp.E;
     } else {
       T* y = grow(S.Y, l.hout * t);
       layer_linear(l, S.X[k].data(), t, y);
       layer_grid(l, y, t, S.V[k]);
+      S.Vp[k] = S.V[k].data();
+      S.Vld[k] = t;
     }
+  }
+}
+
+// g (rows x t) *= ELU'(u), from the ELU's output v (rows of ld_v): the tape's grid, read where it lies, or the tile's.
+// The tape's rows are a few cache lines each, ld_v apart and out of cache (written by the forward), too short for the
+// hardware prefetcher to follow: each row's lines are requested kAhead rows before they are read.
+template <typename T>
+void elu_grad_rows(T* g, const T* v, int64_t rows, int64_t t, int64_t ld_v) {
+  if (ld_v == t) {
+    elu_grad_inplace(g, v, rows * t);
+    return;
+  }
+  constexpr int64_t kAhead = 6;
+  constexpr int64_t kLine = 64 / sizeof(T);
+  for (int64_t r = 0; r < rows; ++r) {
+    if (r + kAhead < rows) {
+      const T* next = v + (r + kAhead) * ld_v;
+      for (int64_t e = 0; e < t; e += kLine) __builtin_prefetch(next + e);
+      __builtin_prefetch(next + t - 1);
+    }
+    elu_grad_inplace(g + r * t, v + r * ld_v, t);
   }
 }
 
@@ -364,7 +411,7 @@ T* trunk_backward(const Trunk<T>& tr, TrunkTile<T>& S, T* dact, int64_t t, Trunk
       const int64_t ct = l.C * t;
       T* dv = grow(S.Y, l.G * ct);
       gemm<T>(true, false, l.G, ct, l.Df, T(1), l.Ainv.data(), l.G, d, ct, T(0), dv, ct);
-      elu_grad_inplace(dv, S.V[k].data(), l.G * ct);
+      elu_grad_rows(dv, S.Vp[k], l.G * l.C, t, S.Vld[k]);
       dy = d;  // (Df x C t) = hout x t, overwrites d
       gemm<T>(true, false, l.Df, ct, l.G, T(1), l.A.data(), l.Df, dv, ct, T(0), dy, ct);
     } else {
@@ -1010,6 +1057,27 @@ std::vector<Tensor> conv_backward_impl(const Tensor& grad_, const Tensor& x_, co
 // ----------------------------------------------------------------------------------------------------------------
 // trunk_moments
 // ----------------------------------------------------------------------------------------------------------------
+// sum over a row of x (kSquares false) or of (x - mu)^2 (true), in double, in kLanes interleaved partial sums added
+// in a fixed order at the end: independent chains, which the compiler vectorises (one running sum waits out the
+// latency of every addition: a fifth of a statistics pass at 400 edges)
+constexpr int64_t kLanes = 8;
+
+template <bool kSquares, typename T>
+double lane_sum(const T* x, int64_t n, double mu = 0.0) {
+  auto term = [mu](T v) {
+    const double d = static_cast<double>(v) - mu;
+    return kSquares ? d * d : d;
+  };
+  double acc[kLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t e = 0;
+  for (; e + kLanes <= n; e += kLanes)
+    for (int64_t j = 0; j < kLanes; ++j) acc[j] += term(x[e + j]);
+  for (; e < n; ++e) acc[0] += term(x[e]);
+  double s = 0;
+  for (int64_t j = 0; j < kLanes; ++j) s += acc[j];
+  return s;
+}
+
 template <typename T>
 std::tuple<Tensor, Tensor, Tensor> trunk_moments_impl(const Tensor& inp_, TensorList weights, TensorList biases,
                                                       TensorList fourier, TensorList fourier_inv,
@@ -1037,30 +1105,20 @@ std::tuple<Tensor, Tensor, Tensor> trunk_moments_impl(const Tensor& inp_, Tensor
   run_items(n_tiles, [&](int64_t i, int64_t tid) {
     const int64_t e0 = i * t, n = std::min(E, e0 + t) - e0;
     TrunkTile<T>& S = scratch<TrunkTile<T>>();
-    trunk_forward(tr, pi + e0 * n_in, n_in, n, S);
+    trunk_forward(tr, pi + e0 * n_in, n_in, n, S, pgrid == nullptr ? nullptr : pgrid + e0, E);
     const T* h = S.X.back().data();
     double* mean = part.data() + i * 2 * H;
     double* m2 = mean + H;
     for (int64_t r = 0; r < H; ++r) {
       const T* row = h + r * n;
-      double sm = 0;
-      for (int64_t e = 0; e < n; ++e) sm += row[e];
-      const double mu = sm / n;
-      double ss = 0;
-      for (int64_t e = 0; e < n; ++e) ss += (row[e] - mu) * (row[e] - mu);
-      mean[r] = mu;
-      m2[r] = ss;
+      mean[r] = lane_sum<false>(row, n) / n;
+      m2[r] = lane_sum<true>(row, n, mean[r]);
     }
     if (pa != nullptr)  // row by row of the output (the tile, read across, stays in cache)
       for (int64_t e = 0; e < n; ++e) {
         T* row = pa + (e0 + e) * H;
         for (int64_t r = 0; r < H; ++r) row[lp[r]] = h[r * n + e];
       }
-    if (pgrid != nullptr) {
-      const Layer<T>& l = tr.layers.back();
-      const T* v = S.V.back().data();
-      for (int64_t r = 0; r < l.G * l.C; ++r) std::copy_n(v + r * n, n, pgrid + r * E + e0);
-    }
   });
   // merge the tiles in order (Chan et al.): deterministic whatever thread ran which tile
   Tensor mom = at::zeros({2, H}, inp.options());
