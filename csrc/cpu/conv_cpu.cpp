@@ -110,6 +110,26 @@ void elu_grad_inplace(T* g, const T* v, int64_t n) {
 }
 
 // ----------------------------------------------------------------------------------------------------------------
+// reductions along a row
+// ----------------------------------------------------------------------------------------------------------------
+// sum of term(e) over e < n in kLanes interleaved partial sums, added in a fixed order at the end: independent chains,
+// which the compiler vectorises (one running sum waits out the latency of every addition: a fifth of a statistics
+// pass at 400 edges). Acc: double for the batch statistics, T for the gradients' sums over a tile's edges.
+constexpr int64_t kLanes = 8;
+
+template <typename Acc, typename F>
+Acc lane_sum(int64_t n, const F& term) {
+  Acc acc[kLanes] = {};
+  int64_t e = 0;
+  for (; e + kLanes <= n; e += kLanes)
+    for (int64_t j = 0; j < kLanes; ++j) acc[j] += term(e + j);
+  for (; e < n; ++e) acc[0] += term(e);
+  Acc s = 0;
+  for (int64_t j = 0; j < kLanes; ++j) s += acc[j];
+  return s;
+}
+
+// ----------------------------------------------------------------------------------------------------------------
 // large outputs
 // ----------------------------------------------------------------------------------------------------------------
 // An uninitialised tensor whose pages, when it is large, the kernel is asked to back with huge pages (Linux,
@@ -215,16 +235,21 @@ T* grow(std::vector<T>& v, int64_t n) {
   return v.data();
 }
 
+template <typename T>
+inline void mk_gemm(int64_t m, int64_t n, int64_t k, const T* __restrict A, int64_t sam, int64_t sak,
+                    const T* __restrict B, int64_t ldb, T* __restrict C, int64_t ldc);
+
 // y = W x + b of layer l on a tile (x: hin x t, y: hout x t, both in the tile layout)
 template <typename T>
 void layer_linear(const Layer<T>& l, const T* x, int64_t t, T* y) {
-  if (l.cw) {
+  if (l.cw) {  // D products of (C_out x C_in) by (C_in x t): too small for a BLAS call each; onto the bias
+    for (int64_t i = 0; i < l.hout; ++i) std::fill_n(y + i * t, t, l.b[i]);
     for (int64_t a = 0; a < l.D; ++a)
-      gemm<T>(false, false, l.cout, t, l.cin, T(1), l.W.data() + a * l.cout * l.cin, l.cin, x + a * l.cin * t, t,
-              T(0), y + a * l.cout * t, t);
-  } else {
-    gemm<T>(false, false, l.hout, t, l.hin, T(1), l.W.data(), l.hin, x, t, T(0), y, t);
+      mk_gemm<T>(l.cout, t, l.cin, l.W.data() + a * l.cout * l.cin, l.cin, 1, x + a * l.cin * t, t,
+                 y + a * l.cout * t, t);
+    return;
   }
+  gemm<T>(false, false, l.hout, t, l.hin, T(1), l.W.data(), l.hin, x, t, T(0), y, t);
   for (int64_t i = 0; i < l.hout; ++i) {
     const T bi = l.b[i];
     T* row = y + i * t;
@@ -421,20 +446,24 @@ T* trunk_backward(const Trunk<T>& tr, TrunkTile<T>& S, T* dact, int64_t t, Trunk
     T* db = G.db[k].data();
     for (int64_t i = 0; i < l.hout; ++i) {
       const T* row = dy + i * t;
-      T s = T(0);
-      for (int64_t e = 0; e < t; ++e) s += row[e];
-      db[i] += s;
+      db[i] += lane_sum<T>(t, [row](int64_t e) { return row[e]; });
     }
     const T* x = S.X[k].data();
     std::vector<T>& nb = (d == S.dA.data()) ? S.dB : S.dA;
     T* dx = grow(nb, l.hin * t);
-    if (l.cw) {
+    if (l.cw) {  // per component: dW_a += dy_a x_a^T (C_out x C_in dot products over the tile), dx_a = W_a^T dy_a
+      std::fill_n(dx, l.hin * t, T(0));
       for (int64_t a = 0; a < l.D; ++a) {
         const T* dya = dy + a * l.cout * t;
-        gemm<T>(false, true, l.cout, l.cin, t, T(1), dya, t, x + a * l.cin * t, t, T(1),
-                G.dW[k].data() + a * l.cout * l.cin, l.cin);
-        gemm<T>(true, false, l.cin, t, l.cout, T(1), l.W.data() + a * l.cout * l.cin, l.cin, dya, t, T(0),
-                dx + a * l.cin * t, t);
+        const T* xa = x + a * l.cin * t;
+        T* dW = G.dW[k].data() + a * l.cout * l.cin;
+        for (int64_t i = 0; i < l.cout; ++i)
+          for (int64_t j = 0; j < l.cin; ++j) {
+            const T* u = dya + i * t;
+            const T* v = xa + j * t;
+            dW[i * l.cin + j] += lane_sum<T>(t, [u, v](int64_t e) { return u[e] * v[e]; });
+          }
+        mk_gemm<T>(l.cin, t, l.cout, l.W.data() + a * l.cout * l.cin, 1, l.cin, dya, t, dx + a * l.cin * t, t);
       }
     } else {
       gemm<T>(false, true, l.hout, l.hin, t, T(1), dy, t, x, t, T(1), G.dW[k].data(), l.hin);
@@ -1057,27 +1086,6 @@ std::vector<Tensor> conv_backward_impl(const Tensor& grad_, const Tensor& x_, co
 // ----------------------------------------------------------------------------------------------------------------
 // trunk_moments
 // ----------------------------------------------------------------------------------------------------------------
-// sum over a row of x (kSquares false) or of (x - mu)^2 (true), in double, in kLanes interleaved partial sums added
-// in a fixed order at the end: independent chains, which the compiler vectorises (one running sum waits out the
-// latency of every addition: a fifth of a statistics pass at 400 edges)
-constexpr int64_t kLanes = 8;
-
-template <bool kSquares, typename T>
-double lane_sum(const T* x, int64_t n, double mu = 0.0) {
-  auto term = [mu](T v) {
-    const double d = static_cast<double>(v) - mu;
-    return kSquares ? d * d : d;
-  };
-  double acc[kLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t e = 0;
-  for (; e + kLanes <= n; e += kLanes)
-    for (int64_t j = 0; j < kLanes; ++j) acc[j] += term(x[e + j]);
-  for (; e < n; ++e) acc[0] += term(x[e]);
-  double s = 0;
-  for (int64_t j = 0; j < kLanes; ++j) s += acc[j];
-  return s;
-}
-
 template <typename T>
 std::tuple<Tensor, Tensor, Tensor> trunk_moments_impl(const Tensor& inp_, TensorList weights, TensorList biases,
                                                       TensorList fourier, TensorList fourier_inv,
@@ -1111,8 +1119,12 @@ std::tuple<Tensor, Tensor, Tensor> trunk_moments_impl(const Tensor& inp_, Tensor
     double* m2 = mean + H;
     for (int64_t r = 0; r < H; ++r) {
       const T* row = h + r * n;
-      mean[r] = lane_sum<false>(row, n) / n;
-      m2[r] = lane_sum<true>(row, n, mean[r]);
+      const double mu = lane_sum<double>(n, [row](int64_t e) { return static_cast<double>(row[e]); }) / n;
+      mean[r] = mu;
+      m2[r] = lane_sum<double>(n, [row, mu](int64_t e) {
+        const double d = static_cast<double>(row[e]) - mu;
+        return d * d;
+      });
     }
     if (pa != nullptr)  // row by row of the output (the tile, read across, stays in cache)
       for (int64_t e = 0; e < n; ++e) {
