@@ -54,6 +54,27 @@ void check_final(const at::Tensor& t, const at::Tensor& h, const at::Tensor& ch,
   check_range(rc, R * C, "rc");
 }
 
+// out[i] += v for a sequence of (i, v): the values of consecutive equal i summed in a register, each run added to
+// out[i] once (flush() after the last)
+template <typename T>
+struct RunSum {
+  T* out;
+  int64_t cur = -1;
+  T acc = T(0);
+  explicit RunSum(T* o) : out(o) {}
+  void add(int64_t i, T v) {
+    if (i != cur) {
+      flush();
+      cur = i;
+    }
+    acc += v;
+  }
+  void flush() {
+    if (cur >= 0) out[cur] += acc;
+    acc = T(0);
+  }
+};
+
 template <typename T>
 const T* ptr_or_null(const OptTensor& t, int64_t n, const char* name) {
   if (!t.has_value() || !t->defined()) return nullptr;
@@ -139,20 +160,26 @@ std::vector<at::Tensor> final_vjp_impl(const OptTensor& gfw, const OptTensor& gf
   T* oe = ge.data_ptr<T>();
   T* of = gf.data_ptr<T>();
   T* os = gs.data_ptr<T>();
+  // the factor's and shift's sums run over channel ch and hidden unit h, which stay the same over long runs of
+  // consecutive entries (they are sorted by target, h within r): each run is summed in a register and added once,
+  // not through memory entry after entry (a store-to-load chain that was most of this pass)
+  RunSum<T> sum_f(of), sum_s(os);
   for (int64_t e = 0; e < nf; ++e) {
     T g = T(0);
     if (gw) {
       const T d = gw[pt[e]];
       g = f ? d * f[pc[e]] : d;
-      if (f) of[pc[e]] += d * w[e];
+      if (f) sum_f.add(pc[e], d * w[e]);
     }
     if (gb && s) {
       const T d = gb[pr[e]];
       g += d * s[ph[e]];
-      os[ph[e]] += d * w[e];
+      sum_s.add(ph[e], d * w[e]);
     }
     oe[e] = g;
   }
+  sum_f.flush();
+  sum_s.flush();
   return {ge, gf, gs};
 }
 
