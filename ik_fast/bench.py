@@ -412,6 +412,39 @@ def run_cases(cases: List[Dict], timeout: float, budget_s: float = float("inf"),
     return records
 
 
+def run_rounds(cases: List[Dict], rounds: int, timeout: float, budget_s: float = float("inf"), done: Dict = None,
+               on_record=None) -> List[Dict]:
+    """:func:`run_cases` ``rounds`` times over the whole list, round after round, so that the providers of a problem
+    are measured minutes apart in every round rather than once each in one stretch: on a machine whose speed drifts
+    (this project's 2-core VM: +-20% from minute to minute), the drift then falls on every provider alike. Each case's
+    record is that of its median round (the lower median for an even count), with ``rounds_time_s``, every round's
+    time in order, and ``time_s`` their median."""
+    if rounds <= 1:
+        return run_cases(cases, timeout, budget_s, done, on_record)
+    done = done or {}
+    todo = [c for c in cases if _key(c) not in done]
+    per_round = []
+    for r in range(rounds):
+        print(f"round {r + 1} of {rounds}", file=sys.stderr)
+        per_round.append(run_cases(todo, timeout, budget_s))
+    merged = {}
+    for i, case in enumerate(todo):
+        recs = [rr[i] for rr in per_round]
+        ok = [rec for rec in recs if "error" not in rec]
+        if not ok:
+            merged[_key(case)] = recs[0]
+            continue
+        times = [rec["time_s"] for rec in ok]
+        rec = dict(sorted(ok, key=lambda x: x["time_s"])[(len(ok) - 1) // 2])
+        rec["rounds_time_s"] = times
+        rec["time_s"] = statistics.median(times)
+        merged[_key(case)] = rec
+    records = [done[_key(c)] if _key(c) in done else merged[_key(c)] for c in cases]
+    if on_record is not None:
+        on_record(records)
+    return records
+
+
 def results_path(env: Dict, folder: str) -> str:
     import re
 
@@ -461,6 +494,9 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--min-time", type=float, default=1.0,
                     help="seconds of timed steps at least: more than --repeats where they take less (fast cases)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="measure every case this many times, round after round over the whole list (providers "
+                         "interleaved in time); report each case's median round")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--precision", choices=["highest", "high"], default="highest",
@@ -535,7 +571,7 @@ def main(argv=None) -> int:
             with open(out, "w") as f:
                 json.dump({"environment": env, "command": command, "records": records}, f, indent=1)
 
-    records = run_cases(cases, args.timeout, args.budget_s, done, save)
+    records = run_rounds(cases, args.rounds, args.timeout, args.budget_s, done, save)
     if out:
         print(f"results: {out}", file=sys.stderr)
     print(f"{env['device_name']}, torch {env['torch']}, {args.dtype}, matmul precision "

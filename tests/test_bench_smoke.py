@@ -70,3 +70,21 @@ def test_qm9_batch_is_real_data():
     assert ei.shape[1] == 25 + 16 + 9 and attr.shape == (50, 4)
     batch = qm9_molecules(32)  # problem P's batch, which has numbers written as 1.2*^-6
     assert len(batch) == 32 and all(torch.isfinite(m[0]).all() for m in batch)
+
+
+def test_cli_rounds_interleave_and_take_the_median(tmp_path, monkeypatch):
+    """--rounds N runs the whole case list N times, round after round, and reports each case's median round with
+    every round's time."""
+    order, fake = [], iter([3.0, 1.0, 2.0, 6.0, 4.0, 5.0])
+
+    def child(case, timeout):
+        order.append(case["provider"])
+        return {**case, "time_s": next(fake), "round_marker": len(order)}
+
+    monkeypatch.setattr(bench, "run_child", child)
+    cases = [dict(problem="tiny", provider=p, mode="train") for p in ("reference", "torch")]
+    recs = bench.run_rounds(cases, 3, timeout=10)
+    assert order == ["reference", "torch"] * 3  # interleaved, not three of one then three of the other
+    assert [r["rounds_time_s"] for r in recs] == [[3.0, 2.0, 4.0], [1.0, 6.0, 5.0]]
+    assert [r["time_s"] for r in recs] == [3.0, 5.0]
+    assert [r["round_marker"] for r in recs] == [1, 6]  # the fields of the median round itself
