@@ -5,8 +5,9 @@
 // threads claim items dynamically (one parallel region per stage, no barrier per item), so a thread that loses its
 // core to another process delays only the item it holds. Per item, edges go through the trunk in tiles of t edges
 // (t chosen so a tile's Fourier-sampled activation, G*C*t numbers, stays within L2), feature-major (H x t):
-//   trunk      every Linear one GEMM (componentwise: one per component), every Fourier ELU two GEMMs through the
-//              G grid points with the ELU in between (vectorised expm1), all on the tile;
+//   trunk      every Linear one GEMM (componentwise: the small kernel below per component, too small for a BLAS
+//              call), every Fourier ELU two GEMMs through the G grid points with the ELU in between (vectorised
+//              expm1), all on the tile; the batch statistics of a tile in interleaved double sums;
 //   contract   Z_i = sum_e s_e h_e (x) x_src(e), only on the blocks of the last Linear's plan (plan_for): per pair
 //              a (nh x nc) block per receiver, accumulated by a small outer-product loop;
 //   weight     out_i = W' vec(Z_i) + B' z_i as one GEMM per pair over the item's receivers (W' gathered into the
