@@ -23,6 +23,7 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include <cstring>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -35,6 +36,18 @@ using OptTensor = std::optional<at::Tensor>;
 
 // The host packing's entry passes (csrc/cpu/packing_cpu.cpp; module functions, see ik_fast/packing.py)
 namespace cpu {
+// t zeroed in place and returned; below 4 MB by the calling thread: Tensor::zero_ fills from 32768 elements up in a
+// parallel region, whose fork and join cost more than a memset of that size (measured at 400 edges: the (R, H, C)
+// final weight's parallel fill took about half of pack_final)
+inline at::Tensor zero_filled(at::Tensor t) {
+  if (t.nbytes() >= (size_t(1) << 22)) {
+    t.zero_();
+  } else if (t.nbytes() > 0) {
+    std::memset(t.data_ptr(), 0, t.nbytes());
+  }
+  return t;
+}
+
 std::vector<at::Tensor> pack_expand(const at::Tensor& src, const at::Tensor& cols, const at::Tensor& vals,
                                     const at::Tensor& tgt, int64_t size, const at::Tensor& fcols,
                                     const at::Tensor& fvals);

@@ -32,7 +32,6 @@
 #include <immintrin.h>
 #endif
 #include <cmath>
-#include <cstring>
 #include <tuple>
 #include <vector>
 
@@ -40,6 +39,7 @@
 #include <sys/mman.h>
 #endif
 
+#include "../ik_fast.h"
 #include "blas.h"
 #include "program.h"
 
@@ -151,16 +151,8 @@ Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& opt) {
   return t;
 }
 
-// zeros; below 4 MB filled by the calling thread (at::zeros fills from 32768 elements up in a parallel region, whose
-// fork and join cost more than a memset of that size)
 Tensor zeros_large(at::IntArrayRef sizes, const at::TensorOptions& opt) {
-  Tensor t = empty_large(sizes, opt);
-  if (t.nbytes() >= (size_t(1) << 22)) {
-    t.zero_();
-  } else if (t.nbytes() > 0) {
-    std::memset(t.data_ptr(), 0, t.nbytes());
-  }
-  return t;
+  return zero_filled(empty_large(sizes, opt));
 }
 
 // ----------------------------------------------------------------------------------------------------------------
@@ -389,25 +381,14 @@ void trunk_from_tape(const Trunk<T>& tr, const Tape<T>& tp, const T* inp, int64_
   }
 }
 
-// g (rows x t) *= ELU'(u), from the ELU's output v (rows of ld_v): the tape's grid, read where it lies, or the tile's.
-// The tape's rows are a few cache lines each, ld_v apart and out of cache (written by the forward), too short for the
-// hardware prefetcher to follow: each row's lines are requested kAhead rows before they are read.
+// g (rows x t) *= ELU'(u), from the ELU's output v (rows of ld_v): the tape's grid, read where it lies, or the tile's
 template <typename T>
 void elu_grad_rows(T* g, const T* v, int64_t rows, int64_t t, int64_t ld_v) {
   if (ld_v == t) {
     elu_grad_inplace(g, v, rows * t);
     return;
   }
-  constexpr int64_t kAhead = 6;
-  constexpr int64_t kLine = 64 / sizeof(T);
-  for (int64_t r = 0; r < rows; ++r) {
-    if (r + kAhead < rows) {
-      const T* next = v + (r + kAhead) * ld_v;
-      for (int64_t e = 0; e < t; e += kLine) __builtin_prefetch(next + e);
-      __builtin_prefetch(next + t - 1);
-    }
-    elu_grad_inplace(g + r * t, v + r * ld_v, t);
-  }
+  for (int64_t r = 0; r < rows; ++r) elu_grad_inplace(g + r * t, v + r * ld_v, t);
 }
 
 // per-thread gradient accumulators of the trunk, in the tile layout

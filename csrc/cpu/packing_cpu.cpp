@@ -7,7 +7,6 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
-#include <cstring>
 #include <vector>
 
 #include "../ik_fast.h"
@@ -33,17 +32,8 @@ void check_range(const at::Tensor& idx, int64_t n, const char* name) {
   TORCH_CHECK(bad == 0, "ik_fast packing: ", name, " has an index outside [0, ", n, ")");
 }
 
-// zeros, filled by the calling thread below 4 MB: at::zeros fills from 32768 elements up in a parallel region, whose
-// fork and join cost more than a memset of that size (measured at 400 edges: the (R, H, C) final weight's parallel
-// fill took about half of pack_final); a larger output (a wide layer's final weight) keeps the parallel fill
 at::Tensor zeros_here(at::IntArrayRef sizes, const at::TensorOptions& opt) {
-  at::Tensor t = at::empty(sizes, opt);
-  if (t.nbytes() >= (size_t(1) << 22)) {
-    t.zero_();
-  } else if (t.nbytes() > 0) {
-    std::memset(t.data_ptr(), 0, t.nbytes());
-  }
-  return t;
+  return zero_filled(at::empty(sizes, opt));
 }
 
 void check_final(const at::Tensor& t, const at::Tensor& h, const at::Tensor& ch, const at::Tensor& rc, int64_t R,
