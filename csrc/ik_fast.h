@@ -48,19 +48,30 @@ inline at::Tensor zero_filled(at::Tensor t) {
   return t;
 }
 
-std::vector<at::Tensor> pack_expand(const at::Tensor& src, const at::Tensor& cols, const at::Tensor& vals,
-                                    const at::Tensor& tgt, int64_t size, const at::Tensor& fcols,
-                                    const at::Tensor& fvals);
+std::vector<at::Tensor> pack_expand(const std::vector<at::Tensor>& sources, const at::Tensor& cols,
+                                    const at::Tensor& vals, const at::Tensor& tgt, int64_t size,
+                                    const at::Tensor& fcols, const at::Tensor& fvals,
+                                    const std::vector<std::vector<int64_t>>& shapes,
+                                    const std::vector<int64_t>& offsets);
 std::vector<at::Tensor> pack_final(const at::Tensor& contrib, const at::Tensor& t, const at::Tensor& h,
                                    const at::Tensor& ch, const at::Tensor& rc, const OptTensor& factor,
                                    const OptTensor& shift, const OptTensor& bias, int64_t R, int64_t H, int64_t C,
                                    int64_t channels);
-std::vector<at::Tensor> pack_final_vjp(const OptTensor& gfw, const OptTensor& gfb, const at::Tensor& contrib,
-                                       const at::Tensor& t, const at::Tensor& h, const at::Tensor& ch,
-                                       const at::Tensor& rc, const OptTensor& factor, const OptTensor& shift,
-                                       int64_t R, int64_t H, int64_t C, int64_t channels);
-at::Tensor pack_transpose(const at::Tensor& flat, const at::Tensor& tgt, const OptTensor& gfinal,
-                          const at::Tensor& cols, const at::Tensor& vals, int64_t S);
+std::vector<at::Tensor> pack_bn(const at::Tensor& moments, int64_t count, const at::Tensor& avg,
+                                const at::Tensor& scale, const at::Tensor& shift, double eps);
+std::vector<at::Tensor> pack_fold(const at::Tensor& W, const OptTensor& bias, const at::Tensor& factor,
+                                  const at::Tensor& shift, bool componentwise);
+std::vector<at::Tensor> pack_vjp(const std::vector<OptTensor>& grads, const std::vector<at::Tensor>& weights,
+                                 const std::vector<int64_t>& componentwise, const std::vector<OptTensor>& factors,
+                                 const std::vector<OptTensor>& shifts, const std::vector<OptTensor>& means,
+                                 const std::vector<OptTensor>& vars, const std::vector<double>& eps,
+                                 const std::vector<int64_t>& bn_layers, const std::vector<int64_t>& off_w,
+                                 const std::vector<int64_t>& off_b, const std::vector<int64_t>& off_shift,
+                                 int64_t flat_size, const at::Tensor& contrib, const at::Tensor& t,
+                                 const at::Tensor& h, const at::Tensor& ch, const at::Tensor& rc, int64_t R, int64_t H,
+                                 int64_t C, int64_t channels, const at::Tensor& tgt, const at::Tensor& cols,
+                                 const at::Tensor& vals, const std::vector<std::vector<int64_t>>& shapes,
+                                 const at::Tensor& coef, const at::Tensor& sigma);
 }  // namespace cpu
 
 }  // namespace ik_fast

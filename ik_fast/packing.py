@@ -59,6 +59,10 @@ class PackingMap:
         self.values = torch.cat(sel_vals).to(dtype)
         self.targets = torch.cat(sel_tgt)
         self.pieces = pieces
+        self.offsets = {key: off for key, _, off in pieces}  # the flat offset of each small piece
+        self._keys = [key for key, _, _ in pieces]
+        self._shapes = [list(shape) for _, shape, _ in pieces]
+        self._offsets = [off for _, _, off in pieces]
         self.size = offset
         self.layout = layout
         self.bias_key = ("b", final_key[1])
@@ -69,15 +73,16 @@ class PackingMap:
     def expand(self, sources: Sequence[Tensor]) -> Dict[tuple, Tensor]:
         """The small pieces by key, and under ``"final"`` the final weight's entries' products (no autograd: the
         caller's mode)."""
-        src = torch.cat([t.reshape(-1) for t in sources])
-        fast = _native_passes(src)
-        if fast is not None:
-            flat, contrib = fast.pack_expand(src, self.cols, self.values, self.targets, self.size, self.final[0],
-                                             self.final[1])
+        fast = _native_passes(sources[0])
+        if fast is not None:  # the same sums, the pieces as views of one flat tensor
+            *views, contrib = fast.pack_expand(list(sources), self.cols, self.values, self.targets, self.size,
+                                               self.final[0], self.final[1], self._shapes, self._offsets)
+            out = dict(zip(self._keys, views))
         else:
+            src = torch.cat([t.reshape(-1) for t in sources])
             flat = src.new_zeros(self.size).index_add_(0, self.targets, src.index_select(0, self.cols) * self.values)
             contrib = src.index_select(0, self.final[0]) * self.final[1]
-        out = {key: flat[off:off + math.prod(shape)].view(shape) for key, shape, off in self.pieces}
+            out = {key: flat[off:off + math.prod(shape)].view(shape) for key, shape, off in self.pieces}
         out["final"] = contrib
         return out
 
@@ -105,15 +110,6 @@ class PackingMap:
         (the gradient of each entry's product, of the factor, of the shift; None where it is zero)."""
         R, H, C, D = self.layout
         _, _, t, h, ch, rc = self.final
-        fast = _native_passes(contrib)
-        if fast is not None:
-            f, s = (None, None) if pending is None else (pending[0].contiguous(), pending[1].contiguous())
-            g, gf, gs = fast.pack_final_vjp(None if gfw is None else gfw.contiguous(),
-                                            None if gfb is None else gfb.contiguous(), contrib, t, h, ch, rc, f, s,
-                                            R, H, C, H // D)
-            if gfw is None and (gfb is None or pending is None):
-                g = None
-            return g, (gf if gf.numel() else None), (gs.view_as(s) if gs.numel() else None)
         g = gf = gs = None
         if gfw is not None:  # w[t] = sum of its entries' contrib, times f[channel]
             gfw_e = gfw.reshape(-1).index_select(0, t)
@@ -138,14 +134,9 @@ class PackingMap:
         flat = torch.cat([ref.new_zeros(math.prod(shape)) if grads.get(key) is None else grads[key].reshape(-1)
                           for key, shape, _ in self.pieces])
         sizes = [t.numel() for t in sources]
-        fast = _native_passes(flat)
-        if fast is not None:
-            g = fast.pack_transpose(flat, self.targets, None if final is None else final.contiguous(), self.all_cols,
-                                    self.all_values, sum(sizes))
-        else:
-            ge = flat.index_select(0, self.targets)
-            ge = torch.cat([ge, ref.new_zeros(self.final[0].shape[0]) if final is None else final])
-            g = ref.new_zeros(sum(sizes)).index_add_(0, self.all_cols, ge * self.all_values)
+        ge = flat.index_select(0, self.targets)
+        ge = torch.cat([ge, ref.new_zeros(self.final[0].shape[0]) if final is None else final])
+        g = ref.new_zeros(sum(sizes)).index_add_(0, self.all_cols, ge * self.all_values)
         return [p.view_as(t) for p, t in zip(torch.split(g, sizes), sources)]
 
 
@@ -181,6 +172,24 @@ class SourcePacking:
     def expanded(self, program) -> Dict[tuple, Tensor]:
         with torch.no_grad():
             return program._memo(("expanded",), None, self.map.expand, self.sources)
+
+    def finish(self, program, k: int, moments: Tensor, count: int):
+        """Hidden layer k's batch statistics from a statistics pass's moments through the native extension, or None
+        where it does not apply (then :meth:`BatchNorm.finish`): with them it makes the fold's (factor, shift) that
+        :meth:`KernelProgram.pendings` would make next (one call in place of about twenty operators), memoised
+        for it."""
+        bn = program.hidden[k].bn
+        fast = _native_passes(moments)
+        dt = moments.dtype
+        if fast is None or bn.sync or self.sigma.dtype != dt or bn.avg.dtype != dt or bn.scale.dtype != dt:
+            return None
+        shift = self.expanded(program).get(("shift", k))
+        if shift is None or not (moments.is_contiguous() and bn.avg.is_contiguous()):
+            return None
+        mean, var, factor, fshift = fast.pack_bn(moments, count, bn.avg, bn.scale, shift, bn.eps)
+        stats = (mean, var)
+        program._memo_put(("factors", "packing", k), stats, (factor, fshift))
+        return stats
 
     def packed(self, program, stats: Sequence, dtype: torch.dtype, upto: Optional[int]):
         if self.sigma.dtype != dtype:  # the plain path converts
@@ -230,6 +239,9 @@ class _FromSources(torch.autograd.Function):
         L = len(prog.hidden)
         parts = ctx.parts
         pend = prog.pendings(ctx.stats, parts, "packing")
+        fast = _native_passes(parts["final"])
+        if fast is not None:
+            return (None,) * 4 + _native_vjp(fast, ctx, pend, grads)
         g_parts: Dict[tuple, Tensor] = {}
         g_factor: List[Optional[Tensor]] = [None] * L
         g_shift: List[Optional[Tensor]] = [None] * L
@@ -295,6 +307,46 @@ class _FromSources(torch.autograd.Function):
         g_src = packing.map.transpose(g_parts, g_final, inputs[1 + len(g_scales):])
         out = [g_sigma, *g_scales, *g_src]
         return (None,) * 4 + tuple(g if t.requires_grad else None for g, t in zip(out, inputs))
+
+
+def _native_vjp(fast, ctx, pend, grads) -> tuple:
+    """:class:`_FromSources`'s backward below, in one call of the native extension (``pack_vjp``: the same sums)."""
+    prog, m, parts, stats = ctx.program, ctx.packing.map, ctx.parts, ctx.stats
+    inputs = ctx.saved_tensors
+    off = m.offsets
+    L = len(prog.hidden)
+    weights, cw, factors, shifts, means, variances, eps, bn_layers, off_w, off_b, off_shift = ([] for _ in range(11))
+    j = 0
+    for k, layer in enumerate(prog.hidden):
+        c = prog.componentwise(k)
+        key = ("cw", k) if c else ("w", k)
+        weights.append(parts[key])
+        cw.append(int(c))
+        p = pend[k]
+        factors.append(None if p is None else p[0])
+        shifts.append(None if p is None else p[1])
+        mean = var = None
+        if layer.bn is not None:
+            bn_layers.append(k)
+            if p is not None:
+                mean, var = layer.bn.statistics(stats[j] if prog.training else None)
+            j += 1
+        means.append(mean)
+        variances.append(var)
+        eps.append(0.0 if layer.bn is None else float(layer.bn.eps))
+        off_w.append(off.get(key, -1))
+        off_b.append(off.get(("b", k), -1))
+        off_shift.append(off.get(("shift", k), -1))
+    off_b.append(off.get(("b", L), -1))
+    R, H, C, D = m.layout
+    _, _, t, h, ch, rc = m.final
+    sources = inputs[1 + len(bn_layers):]
+    res = fast.pack_vjp(list(grads), weights, cw, factors, shifts, means, variances, eps, bn_layers, off_w, off_b,
+                        off_shift, m.size, parts["final"], t, h, ch, rc, R, H, C, H // D, m.targets, m.all_cols,
+                        m.all_values, [list(x.shape) for x in sources], ctx.coef, inputs[0])
+    n = len(sources)
+    out = [res[n], *res[n + 1:], *res[:n]]  # sigma, the scales, the sources
+    return tuple(x if t.requires_grad else None for x, t in zip(out, inputs))
 
 
 def _plain_vjp(prog, stats, dtype, inputs, grads) -> tuple:

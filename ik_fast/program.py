@@ -429,6 +429,26 @@ class PackedProgram:
                 self.coef, self.norm, self.ndim, self.final_mask)
 
 
+def _native_fold(program, k: int, parts: dict, pending, dtype) -> Optional[Tuple[Tensor, Tensor]]:
+    """:meth:`KernelProgram._pack_hidden`'s fold of ``pending`` into hidden layer k's Linear in one call of the native
+    extension (``pack_fold``: the same products and sums) where it applies (CPU tensors of ``dtype``, no autograd);
+    else None."""
+    from .packing import _native_passes
+
+    c = program.componentwise(k)
+    w, bias = parts.get(("cw", k) if c else ("w", k)), parts.get(("b", k))
+    if w is None or w.dtype != dtype or (bias is not None and bias.dtype != dtype):
+        return None
+    fast = _native_passes(w)
+    factor, shift = pending
+    if fast is None or factor.dtype != dtype or shift.dtype != dtype:
+        return None
+    if not (w.is_contiguous() and shift.is_contiguous() and (bias is None or bias.is_contiguous())):
+        return None
+    wf, b = fast.pack_fold(w, bias, factor, shift, c)
+    return wf, b
+
+
 def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
     """``t.to(dtype)`` without an operator when it already is."""
     return t if t.dtype == dtype else t.to(dtype)
@@ -552,6 +572,19 @@ class KernelProgram:
             hit = memo[key] = (src, make(*args, **kwargs))
         return hit[1]
 
+    def _memo_put(self, key, src, value) -> None:
+        """Give :meth:`_memo` the result ``value`` for ``key`` and ``src`` (made without autograd) before it asks."""
+        self.__dict__.setdefault("_memo_cache", {})[(key, False)] = (src, value)
+
+    def finish_stats(self, k: int, moments: Tensor, count: int) -> Tuple[Tensor, Tensor]:
+        """Hidden layer k's batch statistics from a statistics pass's moments (:meth:`BatchNorm.finish`); a program
+        that packs from its kernel's learnable tensors finishes them with the fold (:meth:`SourcePacking.finish`)."""
+        if self.packing is not None and not torch.compiler.is_compiling():
+            st = self.packing.finish(self, k, moments, count)
+            if st is not None:
+                return st
+        return self.hidden[k].bn.finish(moments, count)
+
     def packed(self, stats: Sequence, dtype: torch.dtype, upto: Optional[int] = None) -> "PackedProgram":
         """The program as the fused ops take it (:mod:`ik_fast.ops`): batch norms folded with ``stats``, dense,
         unpadded, in ``dtype``; differentiable with respect to the escnn parameters. With ``upto``, only hidden
@@ -647,6 +680,10 @@ class KernelProgram:
         R = layer.channels * layer.dim
         W, bias = parts.get(("w", k)), parts.get(("b", k))
         extra = None
+        if pending is not None and not torch.is_grad_enabled():
+            fast = _native_fold(self, k, parts, pending, dtype)
+            if fast is not None:
+                return fast
         if self.componentwise(k):  # (D, C_out, C_in): the per-component channel mixing, the only non-zeros of W
             w = parts.get(("cw", k))
             if w is None:

@@ -85,6 +85,31 @@ def test_packing_matches_the_plain_path(name, kind, kw, mode, passes):
     assert type(fast.final_weight.grad_fn).__name__ == "_FromSourcesBackward"
 
 
+@pytest.mark.parametrize("name,kind,kw", CASES)
+def test_finished_statistics_and_their_fold(name, kind, kw, passes):
+    """A statistics pass's moments finished by the program (the native extension's pack_bn, which also makes the
+    fold's factor and shift for the next packing) against BatchNorm.finish and BatchNorm.factors."""
+    conv = _layer(name, kind, kw).train()
+    prog = conv.kernel.program()
+    g = torch.Generator().manual_seed(5)
+    stats = []
+    for k, h in enumerate(prog.hidden):
+        if h.bn is None:
+            continue
+        moments = torch.randn(2, h.channels * h.dim, generator=g, dtype=torch.float64)
+        moments[1] = moments[1].abs() * 40
+        got = prog.finish_stats(k, moments, 41)
+        want = h.bn.finish(moments, 41)
+        for a, b in zip(got, want):
+            assert a.shape == b.shape and rel(a, b) < 1e-13
+        stats.append(got)
+    # the packing with them: the folds made from the memoised factors equal the plain path's
+    fast = prog.packed(stats, torch.float64)
+    plain = prog.packed_from(prog.parts(), stats, torch.float64, None, "program")
+    for a, b in zip(_outputs(fast), _outputs(plain)):
+        assert rel(a, b) < 1e-12
+
+
 @pytest.mark.parametrize("name,kind,kw", [CASES[0], CASES[3]])
 def test_packing_double_backward(name, kind, kw, passes):
     conv, prog, fast, plain = _packings(_layer(name, kind, kw), "train")
@@ -147,12 +172,15 @@ def test_native_passes_reject_indices_out_of_range():
     src = torch.randn(10)
     ok = torch.tensor([0, 3, 9])
     vals = torch.ones(3)
-    m.pack_expand(src, ok, vals, torch.tensor([0, 1, 4]), 5, ok, vals)  # in range: runs
+    pieces = ([[5]], [0])
+    m.pack_expand([src], ok, vals, torch.tensor([0, 1, 4]), 5, ok, vals, *pieces)  # in range: runs
     for bad in (torch.tensor([0, -1, 2]), torch.tensor([0, 10, 2])):
         with pytest.raises(RuntimeError, match="cols has an index outside"):
-            m.pack_expand(src, bad, vals, torch.tensor([0, 1, 4]), 5, ok, vals)
+            m.pack_expand([src], bad, vals, torch.tensor([0, 1, 4]), 5, ok, vals, *pieces)
     with pytest.raises(RuntimeError, match="targets has an index outside"):
-        m.pack_expand(src, ok, vals, torch.tensor([0, 1, 5]), 5, ok, vals)
+        m.pack_expand([src], ok, vals, torch.tensor([0, 1, 5]), 5, ok, vals, *pieces)
+    with pytest.raises(RuntimeError, match="piece 0 outside"):
+        m.pack_expand([src], ok, vals, torch.tensor([0, 1, 4]), 5, ok, vals, [[6]], [0])
     # the final weight's entries: t in [0, R H C), h in [0, H), ch in [0, channels), rc in [0, R C)
     R, H, C, D = 2, 4, 3, 2
     contrib = torch.randn(3)
@@ -160,5 +188,14 @@ def test_native_passes_reject_indices_out_of_range():
     m.pack_final(contrib, t, h, ch, rc, None, None, None, R, H, C, H // D)
     with pytest.raises(RuntimeError, match="t has an index outside"):
         m.pack_final(contrib, torch.tensor([0, 5, 24]), h, ch, rc, None, None, None, R, H, C, H // D)
+    # the whole backward (no hidden layer: the final fold, then the transpose over 10 sources)
+    grads, sigma = [torch.randn(R, H, C), None, None], torch.ones(1)
+    vjp = (grads, [], [], [], [], [], [], [], [], [], [-1], [], 0, contrib)
+    tail = (R, H, C, H // D, torch.zeros(0, dtype=torch.long), ok, vals, [[10]], sigma, sigma)
+    (g, g_sigma) = m.pack_vjp(*vjp, t, h, ch, rc, *tail)
+    assert g.shape == (10,) and g_sigma is None
     with pytest.raises(RuntimeError, match="rc has an index outside"):
-        m.pack_final_vjp(None, None, contrib, t, h, ch, torch.tensor([-3, 2, 5]), None, None, R, H, C, H // D)
+        m.pack_vjp(*vjp, t, h, ch, torch.tensor([-3, 2, 5]), *tail)
+    with pytest.raises(RuntimeError, match="cols has an index outside"):
+        m.pack_vjp(*vjp, t, h, ch, rc, R, H, C, H // D, torch.zeros(0, dtype=torch.long), ok, vals, [[9]], sigma,
+                   sigma)

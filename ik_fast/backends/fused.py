@@ -127,7 +127,7 @@ def implicit_conv_fused(impl: str, program: KernelProgram, x_src, graph: Graph, 
                 moments, act = res[0], res[1]
                 if taped:
                     tape += [act, res[2] if grids else act.new_empty(0)]
-                stats.append(layer.bn.finish(moments, graph.num_edges))
+                stats.append(program.finish_stats(k - 1, moments, graph.num_edges))
             prev, prev_act = k, (act if chain else None)
             hidden = act if k == last else None
     x_src = x_src if x_src.is_contiguous() else x_src.contiguous()
