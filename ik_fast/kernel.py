@@ -602,22 +602,9 @@ class ImplicitKernel(torch.nn.Module):
 
     @torch.no_grad()
     def update_running_stats(self, stats) -> None:
-        """Update the batch norms' running statistics with the batch statistics a backend returned: those of one
-        momentum together (torch._foreach_*: three operators for all, not five per batch norm; the same products)."""
-        if torch.compiler.is_compiling():
-            for bn, (mean, var) in zip(self.bn, stats):
-                bn.update(mean, var)
-            return
-        groups: dict = {}
+        """Update the batch norms' running statistics with the batch statistics a backend returned."""
         for bn, (mean, var) in zip(self.bn, stats):
-            runs, news, counts = groups.setdefault(bn.momentum, ([], [], []))
-            runs += [bn.running_mean, bn.running_var]
-            news += [_as(mean, bn.running_mean.dtype), _as(var, bn.running_var.dtype)]
-            counts.append(bn.num_batches_tracked)
-        for m, (runs, news, counts) in groups.items():
-            torch._foreach_mul_(runs, 1 - m)
-            torch._foreach_add_(runs, torch._foreach_mul(news, m))
-            torch._foreach_add_(counts, 1)
+            bn.update(mean, var)
 
     def forward(self, pos: torch.Tensor, attr: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Kernels (E, out_type.size, in_type.size) at relative positions ``pos`` (E, n) with attributes ``attr``."""
