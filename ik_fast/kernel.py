@@ -575,12 +575,14 @@ class ImplicitKernel(torch.nn.Module):
         if not deferred or torch.compiler.is_compiling():
             ex.parts()
         hidden = []
-        for k, lin in enumerate(self.mlp[:-1]):
-            bn = self.bn[k].lower(self.training, deferred=(ex, ("shift", k))) if self.batch_norm else None
+        # (lists, not slices and indexing of the ModuleLists: a slice builds a new ModuleList each forward)
+        mlp, bns = list(self.mlp), list(self.bn)
+        for k, lin in enumerate(mlp[:-1]):
+            bn = bns[k].lower(self.training, deferred=(ex, ("shift", k))) if self.batch_norm else None
             hidden.append(Hidden(DeferredLinear(ex, k, lin.plan()), self.n_channels, self._rho_size, self.act_A,
                                  self.act_Ainv, bn))
-        last = len(self.mlp) - 1
-        final = DeferredLinear(ex, last, self.mlp[last].plan())
+        last = len(mlp) - 1
+        final = DeferredLinear(ex, last, mlp[last].plan())
         attr = 0 if self.edge_attr_type is None else self.edge_attr_type.size
         prog = KernelProgram(self.in_type.gspace.dimensionality, self.in_type.size, self.out_type.size, attr,
                              tuple(hidden), final, self.sigma, self.norm, self.training,

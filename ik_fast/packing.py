@@ -11,7 +11,11 @@ Linear's weight as its entries, never dense), without autograd, then the folds o
 (the same code as the plain path; the last layer's from its entries), and one autograd node, :class:`_FromSources`,
 whose backward is the vector-Jacobian product written out: the folds' (a handful of products; the last layer's as
 gathers and index_adds over its entries), then the expansion's transpose, one gather and one index_add over its
-entries. A double backward differentiates the plain path's operators instead. The passes of one forward share the
+entries. On CPU with the native extension loaded, the passes over the entries, each statistics pass's finish with the
+fold it feeds (:meth:`SourcePacking.finish`), the hidden folds and the whole backward are C++ calls (``pack_*`` of
+``csrc/cpu/packing_cpu.cpp``: the same sums; the PyTorch form stays the statement the tests compare with, and runs
+off the CPU or with :data:`NATIVE_PASSES` off). A double backward differentiates the plain path's operators instead.
+The passes of one forward share the
 expansion and the folds (memoised per program). The lowered program defers its own dense expansion (the reference's)
 until something reads it (:class:`~ik_fast.program.Deferred`), so a fused backend never makes it.
 """
