@@ -4,6 +4,7 @@ pickled as a recipe (how to rebuild their field types) plus their state_dict, an
 from __future__ import annotations
 
 import numpy as np
+import torch
 from escnn import group, gspaces
 from escnn import nn as enn
 
@@ -97,6 +98,12 @@ def reduce_module(module, args, kwargs):
 
 def _restore(cls, args, kwargs, state, training):
     module = cls(*[_decode(a) for a in args], **{k: _decode(v) for k, v in kwargs.items()})
+    # rebuilt in the default dtype on the CPU: moved first to where the saved parameters are (their dtype and device,
+    # after any torch.load map_location), so that loading them neither rounds float64 to float32 nor leaves a CUDA
+    # layer's copy (copy.deepcopy, an EMA model) on the CPU; the buffers the constructor derives follow with them
+    ref = next((v for v in state.values() if isinstance(v, torch.Tensor) and v.is_floating_point()), None)
+    if ref is not None:
+        module.to(device=ref.device, dtype=ref.dtype)
     module.load_state_dict(state)
     module.train(training)
     return module

@@ -1,6 +1,7 @@
 """Module behaviour: state_dict and pickle round trips, caching, dtype/device moves, the lowering against escnn,
 block plans against dense matrices, and the grid convolution."""
 
+import copy
 import io
 import pickle
 
@@ -10,6 +11,7 @@ from conftest import field_types, get_gspace, rel, small_graph
 from escnn import nn as enn
 
 import ik_fast
+from ik_fast import testing
 
 
 def _conv(name="O3", kind="mixed_attr", **kw):
@@ -78,6 +80,22 @@ def test_pickle_and_torch_save_round_trip():
     buf.seek(0)
     c3 = torch.load(buf, weights_only=False)
     assert rel(c3(x, ei, edge_attr=a, pos=pos), out) < 1e-6
+
+
+def test_copies_keep_dtype_and_values():
+    """copy.deepcopy and pickle rebuild the layer from its recipe: a float64 layer stays float64 with the same values
+    (not rounded through the constructor's float32 parameters) and gives the same output."""
+    conv = _conv("D4_R3").double()
+    testing.randomize_(conv)
+    conv.eval()
+    x, ei, a, pos = (t.double() if t.is_floating_point() else t for t in _inputs(conv))
+    out = conv(x, ei, edge_attr=a, pos=pos)
+    for c2 in (copy.deepcopy(conv), pickle.loads(pickle.dumps(conv))):
+        assert {t.dtype for t in c2.parameters()} == {torch.float64}
+        assert all(b.dtype == b0.dtype for b, b0 in zip(c2.buffers(), conv.buffers()))
+        for p, p0 in zip(c2.parameters(), conv.parameters()):
+            assert torch.equal(p, p0)
+        assert rel(c2(x, ei, edge_attr=a, pos=pos), out) < 1e-14
 
 
 def test_to_double_invalidates_cache():
