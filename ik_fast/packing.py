@@ -15,9 +15,9 @@ entries. On CPU with the native extension loaded, the passes over the entries, e
 fold it feeds (:meth:`SourcePacking.finish`), the hidden folds and the whole backward are C++ calls (``pack_*`` of
 ``csrc/cpu/packing_cpu.cpp``: the same sums; the PyTorch form stays the statement the tests compare with, and runs
 off the CPU or with :data:`NATIVE_PASSES` off). A double backward differentiates the plain path's operators instead.
-The passes of one forward share the
-expansion and the folds (memoised per program). The lowered program defers its own dense expansion (the reference's)
-until something reads it (:class:`~ik_fast.program.Deferred`), so a fused backend never makes it.
+The passes of one forward share the expansion and the folds (memoised per program). The lowered program defers its
+own dense expansion (the reference's) until something reads it (:class:`~ik_fast.program.Deferred`), so a fused
+backend never makes it.
 """
 
 from __future__ import annotations

@@ -445,8 +445,7 @@ def _native_fold(program, k: int, parts: dict, pending, dtype) -> Optional[Tuple
         return None
     if not (w.is_contiguous() and shift.is_contiguous() and (bias is None or bias.is_contiguous())):
         return None
-    wf, b = fast.pack_fold(w, bias, factor, shift, c)
-    return wf, b
+    return tuple(fast.pack_fold(w, bias, factor, shift, c))
 
 
 def _as(t: Tensor, dtype: torch.dtype) -> Tensor:

@@ -68,12 +68,20 @@ struct RunSum {
   }
 };
 
+// a tensor's contiguous numbers of type T, checked to be n of them
+template <typename T>
+const T* numbers(const at::Tensor& t, int64_t n, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.is_contiguous() && t.scalar_type() == c10::CppTypeToScalarType<T>::value &&
+                  t.numel() == n,
+              "ik_fast packing: ", name, " must be a contiguous CPU tensor of ", n, " numbers of the packing's dtype");
+  return t.data_ptr<T>();
+}
+
+// the same, or nullptr for an absent tensor
 template <typename T>
 const T* ptr_or_null(const OptTensor& t, int64_t n, const char* name) {
   if (!t.has_value() || !t->defined()) return nullptr;
-  TORCH_CHECK(t->is_contiguous() && t->numel() == n, "ik_fast packing: ", name, " must be contiguous with ", n,
-              " numbers");
-  return t->data_ptr<T>();
+  return numbers<T>(*t, n, name);
 }
 
 template <typename T>
@@ -197,21 +205,6 @@ at::Tensor transpose_impl(const at::Tensor& flat, const at::Tensor& tgt, const O
   return out;
 }
 
-// a tensor's contiguous numbers of type T, checked to be n of them
-template <typename T>
-const T* numbers(const at::Tensor& t, int64_t n, const char* name) {
-  TORCH_CHECK(t.device().is_cpu() && t.is_contiguous() && t.scalar_type() == c10::CppTypeToScalarType<T>::value &&
-                  t.numel() == n,
-              "ik_fast packing: ", name, " must be a contiguous CPU tensor of ", n, " numbers of the packing's dtype");
-  return t.data_ptr<T>();
-}
-
-template <typename T>
-const T* numbers_or_null(const OptTensor& t, int64_t n, const char* name) {
-  if (!t.has_value() || !t->defined()) return nullptr;
-  return numbers<T>(*t, n, name);
-}
-
 template <typename T>
 std::vector<at::Tensor> bn_impl(const at::Tensor& moments, int64_t count, const at::Tensor& avg,
                                 const at::Tensor& scale, const at::Tensor& shift, double eps) {
@@ -257,7 +250,7 @@ std::vector<at::Tensor> fold_impl(const at::Tensor& W, const OptTensor& bias, co
     const int64_t D = W.size(0), Co = W.size(1);
     const T* pw = numbers<T>(W, D * Co * Ci, "weight");
     const T* s = numbers<T>(shift, Ci * D, "shift");
-    const T* b = numbers_or_null<T>(bias, Co * D, "bias");
+    const T* b = ptr_or_null<T>(bias, Co * D, "bias");
     at::Tensor out_b = at::empty({Co * D}, W.options());
     T* ob = out_b.data_ptr<T>();
     for (int64_t a = 0; a < D; ++a)
@@ -276,7 +269,7 @@ std::vector<at::Tensor> fold_impl(const at::Tensor& W, const OptTensor& bias, co
   const int64_t R = W.size(0), Q = W.size(1), d = Q / Ci;
   const T* pw = numbers<T>(W, R * Q, "weight");
   const T* s = numbers<T>(shift, Q, "shift");
-  const T* b = numbers_or_null<T>(bias, R, "bias");
+  const T* b = ptr_or_null<T>(bias, R, "bias");
   at::Tensor out_b = at::empty({R}, W.options());
   T* ob = out_b.data_ptr<T>();
   for (int64_t r = 0; r < R; ++r) {
