@@ -18,6 +18,9 @@ import shutil
 import sys
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
+
+SOURCE_SUFFIXES = (".cpp", ".h", ".cu", ".cuh", ".md")
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -61,5 +64,21 @@ def _extensions():
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 
 
+class BuildPyWithSources(build_py):
+    """Also copies csrc/'s sources into the built package as ``ik_fast/csrc``, where the first-use build finds them
+    (``ik_fast/_build.py`` ``source_root``) when the wheel was built without the extension."""
+
+    def run(self):
+        super().run()
+        root = os.path.join(ROOT, "csrc")
+        for dirpath, _, files in os.walk(root):
+            for f in sorted(files):
+                if f.endswith(SOURCE_SUFFIXES):
+                    src = os.path.join(dirpath, f)
+                    dst = os.path.join(self.build_lib, "ik_fast", "csrc", os.path.relpath(src, root))
+                    self.mkpath(os.path.dirname(dst))
+                    self.copy_file(src, dst)
+
+
 ext_modules, cmdclass = _extensions()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+setup(ext_modules=ext_modules, cmdclass={"build_py": BuildPyWithSources, **cmdclass})

@@ -100,7 +100,7 @@ def test_op_matches_its_statement_in_forward_backward_and_double_backward():
 
 
 def test_block_plan_covers_exactly_the_structure():
-    """W''s block plan (kernels_triton/blocks.py): its compact blocks hold exactly the structural entries at their
+    """W''s block plan (ik_fast/kernels_triton/blocks.py): its compact blocks hold exactly the structural entries at their
     permuted positions (a round trip through gather and scatter is the identity on masked weights), the blocks are
     few for an equivariant layer, and without a mask every block is listed."""
     from ik_fast.kernels_triton import blocks as KB
