@@ -1,148 +1,523 @@
-"""Plots and the README's results section, generated from the latest results file of each device.
+"""Tables and plots from the measurement records in ``benchmarks/results/`` (schema: ``ik_fast/records.py``).
 
-    python benchmarks/report.py            # writes benchmarks/results/<device>-*.png and updates README.md
+    python benchmarks/report.py                 # every section as Markdown on stdout
+    python benchmarks/report.py timing          # one section: timing, spread, compile, precision, work, summary
+    python benchmarks/report.py --plots DIR     # also write the timing plots (PNG) into DIR
+    python benchmarks/report.py --readme        # README.md's block between the results markers := the summary
 
-Per device: time vs edges and peak memory vs edges (log-log) for the M and H sweeps, per provider and mode, and a
-bar chart of the torch backend's speedups over `reference` and escnn on the fixed problems.
+The documentation's benchmark pages are made from these sections when the site is built (``docs/hooks.py``), so a
+figure on a page always comes from a record, and every row names the commit that measured it. Timing tables take the
+newest record of each (device, problem, provider, mode, precision, metric); records of a repeat series
+(``extra.series``) are shown apart, as the spread of repeated runs.
 """
 
 from __future__ import annotations
 
+import argparse
 import glob
+import importlib.util
 import json
 import os
 import re
+import sys
 from collections import defaultdict
+from typing import Dict, Iterable, List, Optional, Tuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
 RESULTS = os.path.join(HERE, "results")
-README = os.path.join(os.path.dirname(HERE), "README.md")
+README = os.path.join(ROOT, "README.md")
 START, END = "<!-- results:start -->", "<!-- results:end -->"
+SECTIONS = ("summary", "timing", "spread", "compile", "precision", "work")
 
 
-def latest_per_device():
-    files = defaultdict(list)
-    for path in glob.glob(os.path.join(RESULTS, "*.json")):
-        m = re.match(r"(.+)-(\d{4}-\d{2}-\d{2})\.json$", os.path.basename(path))
-        if m:
-            files[m.group(1)].append((m.group(2), path))
-    return {slug: max(v)[1] for slug, v in sorted(files.items())}
+def _records_module():
+    """ik_fast/records.py loaded by path: the report needs neither torch nor escnn."""
+    spec = importlib.util.spec_from_file_location("_ik_fast_records", os.path.join(ROOT, "ik_fast", "records.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
-def _mem(r):
-    return r.get("peak_gpu_mb", r.get("peak_rss_mb"))
+records = _records_module()
 
 
-def plots(slug: str, data: dict) -> list:
+def result_files(root: str = RESULTS) -> List[str]:
+    """Every file under ``root`` (each must be a results file; the tests check that)."""
+    return sorted(p for p in glob.glob(os.path.join(root, "**", "*"), recursive=True) if os.path.isfile(p))
+
+
+def load_all(root: str = RESULTS) -> List[Dict]:
+    """Every record under ``root``, each with ``_file`` (its path relative to the repository) added."""
+    out = []
+    for path in result_files(root):
+        for r in records.load(path):
+            out.append({**r, "_file": os.path.relpath(path, ROOT)})
+    return out
+
+
+def newest(recs: Iterable[Dict], key=("device", "problem", "provider", "mode", "precision", "metric")) -> List[Dict]:
+    """The newest record (by date, then file name) per key; device compared by name."""
+    best: Dict[Tuple, Dict] = {}
+    for r in recs:
+        k = tuple(r["device"]["name"] if f == "device" else r[f] for f in key)
+        if k not in best or (r["date"], r["_file"]) >= (best[k]["date"], best[k]["_file"]):
+            best[k] = r
+    return list(best.values())
+
+
+def check_tree(root: str = RESULTS) -> List[str]:
+    """What in ``root`` breaks the layout ``<kind>/<device slug>/<name>.json`` of results files whose records follow
+    the schema and each name a commit (40 hex digits, and one in this repository's history when that is at hand)."""
+    problems = []
+    known = _known_commits()
+    for path in result_files(root):
+        rel = os.path.relpath(path, root)
+        parts = rel.split(os.sep)
+        if len(parts) != 3 or not parts[2].endswith(".json"):
+            problems.append(f"{rel}: not <kind>/<device slug>/<name>.json")
+            continue
+        try:
+            recs = records.load(path)
+        except (ValueError, json.JSONDecodeError) as e:
+            problems.append(f"{rel}: {e}")
+            continue
+        if not recs:
+            problems.append(f"{rel}: no records")
+        for i, r in enumerate(recs):
+            where = f"{rel}: records[{i}]"
+            if r["kind"] != parts[0]:
+                problems.append(f"{where}: kind {r['kind']!r} in the folder {parts[0]!r}")
+            if records.device_slug(r) != parts[1]:
+                problems.append(f"{where}: device {r['device']['name']!r} in the folder {parts[1]!r}")
+            if r["commit"] == "unknown":
+                problems.append(f"{where}: names no commit")
+            elif known is not None and r["commit"] not in known:
+                problems.append(f"{where}: commit {r['commit'][:12]} is not in this repository's history")
+    return problems
+
+
+def _known_commits() -> Optional[set]:
+    """Every commit of this checkout's history, or None outside a full git checkout."""
+    import subprocess
+
+    try:
+        shallow = subprocess.run(["git", "rev-parse", "--is-shallow-repository"], cwd=ROOT, capture_output=True,
+                                 text=True, timeout=30)
+        if shallow.returncode != 0 or shallow.stdout.strip() != "false":
+            return None
+        out = subprocess.run(["git", "rev-list", "--all"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return set(out.stdout.split()) if out.returncode == 0 else None
+
+
+# ----------------------------------------------------------------------------------------------------- formatting
+
+
+def _g(v: Optional[float], digits: int = 3) -> str:
+    if v is None:
+        return ""
+    if v == 0:
+        return "0"
+    if abs(v) >= 1000:
+        return f"{v:,.0f}"
+    return f"{v:.{digits}g}"
+
+
+def _commit(r: Dict) -> str:
+    return r["commit"][:7] + ("*" if r["dirty"] else "")
+
+
+def _table(head: List[str], rows: List[List[str]]) -> str:
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(out)
+
+
+def _problem_order(problem: str) -> Tuple:
+    """Fixed problems first (by name), then the sweeps by family and size."""
+    m = re.match(r"([A-Za-z0-9-]+?)@(\d+)$", problem)
+    return (1, m.group(1), int(m.group(2))) if m else (0, problem, 0)
+
+
+def _stack(r: Dict) -> str:
+    s = r["stack"]
+    parts = [f"{k} {s[k]}" for k in ("torch", "triton", "escnn", "numpy", "cuda", "python") if s.get(k)]
+    return ", ".join(parts)
+
+
+def _provenance_note(recs: List[Dict]) -> str:
+    """One line per distinct (commit, date, file) behind a table."""
+    seen = {}
+    for r in recs:
+        seen.setdefault((r["commit"], r["dirty"], r["date"], r["_file"]), r)
+    lines = []
+    for (commit, dirty, date, path), r in sorted(seen.items(), key=lambda kv: (kv[0][2], kv[0][3])):
+        how = r["extra"].get("commit_recovered")
+        lines.append(f"- `{commit[:7]}`{' (dirty)' if dirty else ''}, {date}, {r['device']['name']}; {_stack(r)}; "
+                     f"`{path}`" + (f" — commit recovered as {how}" if how else ""))
+    return "\n".join(lines)
+
+
+DIRTY = ("A `*` after a commit: the working tree differed from it, or (older records) whether it did was not "
+         "recorded.")
+
+
+# ----------------------------------------------------------------------------------------------------- timing
+
+
+def _timing(recs: List[Dict]) -> Dict[str, List[Dict]]:
+    """Newest step-time and peak-memory records per device (series excluded)."""
+    by_dev = defaultdict(list)
+    for r in newest(r for r in recs if r["kind"] == "timing" and "series" not in r["extra"]):
+        by_dev[r["device"]["name"]].append(r)
+    return dict(sorted(by_dev.items()))
+
+
+def _cases(dev_recs: List[Dict]):
+    """{(problem, mode, provider, precision): {metric: record}} of one device."""
+    cases = defaultdict(dict)
+    for r in dev_recs:
+        cases[(r["problem"], r["mode"], r["provider"], r["precision"])][r["metric"]] = r
+    return cases
+
+
+def _edges(case: Dict) -> Optional[int]:
+    for r in case.values():
+        if r["extra"].get("edges") is not None:
+            return r["extra"]["edges"]
+    return None
+
+
+def timing_section(recs: List[Dict], plot_dir: Optional[str] = None, plot_prefix: str = "") -> str:
+    """Per device: the plots (when ``plot_dir``) and one row per (problem, mode, provider)."""
+    out = []
+    for dev, dev_recs in _timing(recs).items():
+        cases = _cases(dev_recs)
+        out.append(f"### {dev}\n")
+        if plot_dir is not None:
+            for path, _ in plots(dev, cases, plot_dir):
+                out.append(f"![{os.path.basename(path)}]({plot_prefix}{os.path.basename(path)})\n")
+        rows = []
+        for (problem, mode, provider, prec), m in sorted(cases.items(),
+                                                         key=lambda kv: (_problem_order(kv[0][0]), kv[0][1] != "train",
+                                                                         kv[0][1], kv[0][2], kv[0][3])):
+            t, mem = m.get("step_time"), m.get("peak_memory")
+            if t is None:
+                continue
+            if t["value"] is None:
+                time = f"failed: {t.get('error', '')}"
+                split = ""
+            else:
+                sp = t["spread"] or {}
+                time = _g(t["value"]) + (f" [{_g(sp['p20'])}–{_g(sp['p80'])}]" if "p20" in sp else "")
+                ex = t["extra"]
+                split = f"{_g(ex['forward_s'])} / {_g(ex['backward_s'])}" if "forward_s" in ex else ""
+            edges = _edges(m)
+            rows.append([problem, f"{edges:,}" if edges else "", mode, provider, prec, time, split,
+                         _g(mem["value"]) if mem and mem["value"] is not None else "", _commit(t), t["date"]])
+        out.append(_table(["problem", "edges", "mode", "provider", "precision", "time (s) median [p20–p80]",
+                           "forward / backward (s)", "peak memory (MB)", "commit", "date"], rows))
+        out.append("\nMeasured by:\n\n" + _provenance_note(dev_recs) + "\n")
+    return "\n".join(out) + "\n" + DIRTY + "\n" if out else "No timing records.\n"
+
+
+def summary_section(recs: List[Dict]) -> str:
+    """Training step per fixed problem and provider, with each provider's speedup over ``reference``."""
+    out = []
+    for dev, dev_recs in _timing(recs).items():
+        cases = _cases(dev_recs)
+        providers = sorted({p for (_, mode, p, _), m in cases.items() if mode == "train"})
+        rows = []
+        problems = sorted({k[0] for k in cases if "@" not in k[0]}, key=_problem_order)
+        for problem in problems:
+            times = {p: m["step_time"] for (pr, mode, p, _), m in cases.items()
+                     if pr == problem and mode == "train" and "step_time" in m}
+            if not times:
+                continue
+            ref = times.get("reference")
+            cells = []
+            for p in providers:
+                r = times.get(p)
+                if r is None:
+                    cells.append("")
+                elif r["value"] is None:
+                    cells.append("failed")
+                else:
+                    ratio = (f" ({ref['value'] / r['value']:.1f}×)" if ref and ref["value"] and p != "reference"
+                             else "")
+                    cells.append(f"{_g(r['value'])}{ratio}")
+            commits = sorted({_commit(r) for r in times.values()})
+            edges = _edges({p: r for p, r in times.items()})
+            rows.append([f"`{problem}`", f"{edges:,}" if edges else ""] + cells + [", ".join(commits)])
+        out.append(f"Training step (forward + backward, s; in brackets the speedup over `reference`), {dev}:\n")
+        out.append(_table(["problem", "edges", *[f"`{p}`" for p in providers], "commits"], rows) + "\n")
+    return "\n".join(out) if out else "No timing records.\n"
+
+
+def spread_section(recs: List[Dict]) -> str:
+    """Repeat series: each run's step time per provider and the ratio of the first provider to the last."""
+    series = defaultdict(list)
+    for r in recs:
+        if r["kind"] == "timing" and "series" in r["extra"] and r["metric"] == "step_time":
+            series[(r["device"]["name"], r["problem"], r["mode"], r["extra"]["series"])].append(r)
+    out = []
+    for (dev, problem, mode, text), rs in sorted(series.items()):
+        providers = sorted({r["provider"] for r in rs}, key=lambda p: (p != "reference", p))
+        runs = sorted({r["extra"]["run"] for r in rs})
+        rows = []
+        for run in runs:
+            t = {r["provider"]: r["value"] for r in rs if r["extra"]["run"] == run}
+            ratio = [f"{t[providers[0]] / t[p]:.2f}×" for p in providers[1:] if t.get(p)]
+            rows.append([run, *[_g(t.get(p)) for p in providers], *ratio])
+        out.append(f"`{problem}`, {mode}, {dev}: {text}; commit `{_commit(rs[0])}`, {rs[0]['date']}.\n")
+        out.append(_table(["run", *[f"`{p}` (s)" for p in providers],
+                           *[f"`{providers[0]}` / `{p}`" for p in providers[1:]]], rows) + "\n")
+    return "\n".join(out) if out else "No repeat series.\n"
+
+
+def plots(dev: str, cases: Dict, plot_dir: str) -> List[Tuple[str, List[str]]]:
+    """Time and peak memory against edges for the sweeps, and each provider's speedup over ``reference`` on every
+    problem, for every provider in the records (one colour per provider). Returns (path, providers drawn) per plot."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    recs = [r for r in data["records"] if "error" not in r]
+    os.makedirs(plot_dir, exist_ok=True)
+    slug = re.sub(r"[^a-z0-9]+", "-", dev.lower()).strip("-")
+    providers = sorted({k[2] for k in cases})
+    colour = {p: f"C{i}" for i, p in enumerate(providers)}
     made = []
-    is_sweep = lambda name: name.startswith(("M@", "H@"))  # noqa: E731
-    sweep = [r for r in recs if is_sweep(r["problem"])]
-    if sweep:
-        fig, axes = plt.subplots(2, 2, figsize=(11, 8))
-        for col, base in enumerate(["M", "H"]):
-            for row, (key, label) in enumerate([("time_s", "time (s)"), ("mem", "peak memory (MB)")]):
+    drawn = set()
+    sizes = defaultdict(set)
+    for k in cases:
+        if "@" in k[0]:
+            sizes[k[0].split("@")[0]].add(k[0])
+    families = sorted(f for f, ps in sizes.items() if len(ps) > 1)  # a sweep: two sizes or more
+    if families:
+        fig, axes = plt.subplots(2, len(families), figsize=(5.5 * len(families), 8), squeeze=False)
+        for col, fam in enumerate(families):
+            for row, (metric, label) in enumerate((("step_time", "time (s)"), ("peak_memory", "peak memory (MB)"))):
                 ax = axes[row][col]
-                for prov in sorted({r["provider"] for r in sweep}):
+                for p in providers:
                     for mode, style in (("train", "-o"), ("inference", "--s")):
-                        pts = sorted((r["edges"], r["time_s"] if key == "time_s" else _mem(r)) for r in sweep
-                                     if r["problem"].startswith(base + "@") and r["provider"] == prov
-                                     and r["mode"] == mode)
+                        pts = sorted((_edges(m), m[metric]["value"]) for (pr, md, pv, _), m in cases.items()
+                                     if pr.startswith(fam + "@") and pv == p and md == mode and metric in m
+                                     and m[metric]["value"] is not None and _edges(m))
                         if pts:
-                            ax.plot(*zip(*pts), style, label=f"{prov} ({mode})")
+                            ax.plot(*zip(*pts), style, color=colour[p], label=f"{p} ({mode})")
+                            drawn.add(p)
                 ax.set_xscale("log")
                 ax.set_yscale("log")
                 ax.set_xlabel("edges")
                 ax.set_ylabel(label)
-                ax.set_title(f"config {base}: {label}")
+                ax.set_title(f"{fam}: {label}")
                 ax.grid(True, which="both", alpha=0.3)
                 ax.legend(fontsize=7)
-        fig.suptitle(data["environment"]["device_name"])
+        fig.suptitle(f"{dev}: newest record of each case")
         fig.tight_layout()
-        path = os.path.join(RESULTS, f"{slug}-sweep.png")
-        fig.savefig(path, dpi=90)
+        path = os.path.join(plot_dir, f"{slug}-sweep.png")
+        fig.savefig(path, dpi=80)
         plt.close(fig)
-        made.append(path)
-    fixed = sorted({r["problem"] for r in recs if not is_sweep(r["problem"])})
-    bars = []
-    for prob in fixed:
-        for mode in ("train", "inference"):
-            by = {r["provider"]: r for r in recs if r["problem"] == prob and r["mode"] == mode}
-            if "torch" in by:
-                for base in ("reference", "escnn"):
-                    if base in by:
-                        bars.append((f"{prob}\n{mode}", base, by[base]["time_s"] / by["torch"]["time_s"]))
+        made.append((path, sorted(drawn)))
+    bars = []  # (label, provider, speedup over reference)
+    for (problem, mode, p, _), m in sorted(cases.items(), key=lambda kv: (_problem_order(kv[0][0]), kv[0][1])):
+        ref = cases.get((problem, mode, "reference", _))
+        if p == "reference" or ref is None or "step_time" not in m or "step_time" not in ref:
+            continue
+        a, b = ref["step_time"]["value"], m["step_time"]["value"]
+        if a and b:
+            bars.append((f"{problem}\n{mode}", p, a / b))
     if bars:
-        fig, ax = plt.subplots(figsize=(max(6, len(bars) * 0.55), 4))
-        labels = sorted({b[0] for b in bars}, key=lambda s: [x for x, _, _ in bars].index(s))
-        for j, base in enumerate(("reference", "escnn")):
-            xs = [labels.index(lbl) + (j - 0.5) * 0.38 for lbl, b, _ in bars if b == base]
-            ys = [v for _, b, v in bars if b == base]
-            ax.bar(xs, ys, width=0.38, label=f"torch vs {base}")
+        labels = list(dict.fromkeys(b[0] for b in bars))
+        others = [p for p in providers if any(b[1] == p for b in bars)]
+        width = 0.8 / len(others)
+        fig, ax = plt.subplots(figsize=(max(7, len(labels) * 0.8), 4.5))
+        for j, p in enumerate(others):
+            xs = [labels.index(lbl) + (j - (len(others) - 1) / 2) * width for lbl, q, _ in bars if q == p]
+            ax.bar(xs, [v for _, q, v in bars if q == p], width=width, color=colour[p], label=p)
         ax.axhline(1, color="k", lw=0.8)
-        ax.set_xticks(range(len(labels)), labels, fontsize=8)
+        ax.set_xticks(range(len(labels)), labels, fontsize=7)
         ax.set_yscale("log")
-        ax.set_ylabel("speedup (x)")
-        ax.set_title(f"ik_fast torch backend speedup — {data['environment']['device_name']}")
-        ax.legend()
+        ax.set_ylabel("speedup over reference (×)")
+        ax.set_title(f"{dev}: speedup over the reference backend (newest record of each case)")
+        ax.legend(fontsize=8)
         fig.tight_layout()
-        path = os.path.join(RESULTS, f"{slug}-speedup.png")
-        fig.savefig(path, dpi=90)
+        path = os.path.join(plot_dir, f"{slug}-speedup.png")
+        fig.savefig(path, dpi=80)
         plt.close(fig)
-        made.append(path)
+        made.append((path, ["reference", *others]))
     return made
 
 
-def table(data: dict) -> str:
-    rows = ["| problem | edges | mode | provider | time (s) median [p20–p80] | fwd / bwd (s) | peak mem (MB) | "
-            "model GFLOP/s |", "|---|---|---|---|---|---|---|---|"]
-    for r in data["records"]:
-        if "error" in r:
-            rows.append(f"| {r['problem']} | | {r['mode']} | {r['provider']} | {r['error']} | | | |")
+# ----------------------------------------------------------------------------------------------------- compile
+
+
+def _variant(group: List[Dict]) -> Dict[int, str]:
+    """Per entry of one kernel, the constexprs that tell it apart from the same kernel's other launches of the same
+    problem and precision (e.g. the statistics kernel of layer 1 and of layer 2)."""
+    by = defaultdict(list)
+    for r in group:
+        by[(r["problem"], r["precision"])].append(r)
+    keys = set()
+    for rs in by.values():
+        cs = [r["extra"].get("constexprs", {}) for r in rs]
+        keys |= {k for k in set().union(*cs) if len({json.dumps(c.get(k)) for c in cs}) > 1}
+    return {r["extra"]["entry"]: ", ".join(f"{k}={r['extra']['constexprs'].get(k)}" for k in sorted(keys))
+            for r in group if "constexprs" in r["extra"]}
+
+
+def compile_section(recs: List[Dict]) -> str:
+    """Per toolchain (results file): registers / stack (B per thread) / shared memory (B) of every kernel."""
+    comp = [r for r in recs if r["kind"] == "compile"]
+    out = []
+    for path in sorted({r["_file"] for r in comp}):
+        rs = [r for r in comp if r["_file"] == path]
+        entries = defaultdict(dict)
+        for r in rs:
+            entries[r["extra"]["entry"]][r["metric"]] = r
+        if rs[0]["provider"] == "triton":
+            full = [m["registers"] for m in entries.values()]
+            variants = {}
+            for kernel in {r["extra"]["kernel"] for r in full}:
+                variants.update(_variant([r for r in full if r["extra"]["kernel"] == kernel]))
+            precs = [p for p in ("ieee", "tf32", "bf16") if any(r["precision"] == p for r in full)]
+            problems = sorted({r["problem"] for r in full}, key=_problem_order)
+            cells = defaultdict(dict)
+            for e, m in entries.items():
+                reg = m["registers"]
+                row = (reg["extra"]["kernel"], variants.get(e, ""), reg["extra"].get("num_warps"))
+                cells[row][(reg["problem"], reg["precision"])] = (
+                    f"{_g(reg['value'])}/{_g(m['stack_bytes']['value'])}/{_g(m['shared_bytes']['value'])}")
+            rows = []
+            for (kernel, variant, warps), c in sorted(cells.items()):
+                name = f"`{kernel}`" + (f" ({variant})" if variant else "") + f", {warps} warps"
+                rows.append([name] + [" · ".join(c.get((pb, p), "–") for p in precs) for pb in problems])
+            toolchain = f"Triton {rs[0]['stack']['triton']}"
+            out.append(f"#### {toolchain}, {rs[0]['device']['name']}\n")
+            out.append(f"Registers / stack (B per thread) / shared memory (B), {' · '.join(precs)}:\n")
+            out.append(_table(["kernel", *problems], rows))
+        else:
+            rows = []
+            for e, m in sorted(entries.items()):
+                reg = m["registers"]
+                rows.append([f"`{reg['problem']}`", reg["extra"].get("file", ""),
+                             *[_g(m[k]["value"]) if k in m else "" for k in
+                               ("registers", "stack_bytes", "spill_stores", "spill_loads", "shared_bytes")]])
+            out.append(f"#### {rs[0]['provider']} CUDA kernels ({rs[0]['stack'].get('cuda')}), "
+                       f"{rs[0]['device']['name']}\n")
+            out.append(_table(["kernel", "file", "registers", "stack (B)", "spill stores (B)", "spill loads (B)",
+                               "shared memory (B)"], rows))
+        out.append("\nMeasured by:\n\n" + _provenance_note(rs) + "\n")
+    return "\n".join(out) + "\n" + DIRTY + "\n" if out else "No compile records.\n"
+
+
+# ----------------------------------------------------------------------------------------------------- precision
+
+
+def precision_section(recs: List[Dict]) -> str:
+    """Relative error of the output / the gradient to x / the gradient to the kernel's parameters."""
+    prec = newest(r for r in recs if r["kind"] == "precision")
+    if not prec:
+        return "No precision records.\n"
+    out = []
+    for (dev, problem), rs in sorted(_group(prec, lambda r: (r["device"]["name"], r["problem"])).items()):
+        cols = sorted({(r["precision"], r["mode"]) for r in rs}, key=lambda c: (c[0] != "ieee", c[0], c[1] != "train"))
+        rows = []
+        for provider in sorted({r["provider"] for r in rs}, key=lambda p: (p == "reference", p)):
+            row = [f"`{provider}`"]
+            for p, mode in cols:
+                v = {r["metric"]: r["value"] for r in rs if (r["provider"], r["precision"], r["mode"]) ==
+                     (provider, p, mode)}
+                row.append(" / ".join(f"{v[k]:.1e}" if k in v else "–" for k in
+                                      ("rel_error_out", "rel_error_grad_x", "rel_error_grad_params")))
+            rows.append(row)
+        out.append(f"Problem `{problem}`, {dev}; relative error of the output / the gradient to x / the gradient to "
+                   f"the kernel's parameters against {rs[0]['extra'].get('against', 'float64')}:\n")
+        out.append(_table(["backend", *[f"{p}, {m}" for p, m in cols]], rows))
+        out.append("\nMeasured by:\n\n" + _provenance_note(rs) + "\n")
+    return "\n".join(out) + "\n" + DIRTY + "\n"
+
+
+def _group(rs, key):
+    out = defaultdict(list)
+    for r in rs:
+        out[key(r)].append(r)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------- work
+
+
+def work_section(recs: List[Dict]) -> str:
+    """Counted multiply-adds per edge of a training step against the structured floor, and aten events per step."""
+    work = newest(r for r in recs if r["kind"] == "work")
+    if not work:
+        return "No work records.\n"
+    rows = []
+    cases = _group(work, lambda r: (r["problem"], r["provider"]))
+    for (problem, provider), rs in sorted(cases.items(), key=lambda kv: (_problem_order(kv[0][0]), kv[0][1])):
+        m = {r["metric"]: r for r in rs}
+        macs, aten = m.get("macs_per_edge"), m.get("aten_ops")
+        if macs is None:
             continue
-        rows.append(f"| {r['problem']} | {r['edges']:,} | {r['mode']} | {r['provider']} | {r['time_s']:.3g} "
-                    f"[{r['time_p20_s']:.3g}–{r['time_p80_s']:.3g}] | {r['forward_s']:.3g} / {r['backward_s']:.3g} "
-                    f"| {_mem(r):,.0f} | {r['tflops_per_s'] * 1e3:.2f} |")
-    return "\n".join(rows)
+        ex = macs["extra"]
+        edges = " → ".join(f"{e:,}" for e in ex["edges"])
+        counts = " / ".join(str(v) for v in aten["extra"]["aten_ops_at_edges"].values()) if aten else ""
+        rows.append([problem, f"`{provider}`", edges, f"{macs['value']:,.0f}", f"{ex['floor_per_edge']:,}",
+                     f"{macs['value'] / ex['floor_per_edge']:.2f}×", counts, _commit(macs)])
+    out = [_table(["problem", "provider", "edges", "counted MACs / edge", "floor / edge", "ratio",
+                   "aten events per step", "commit"], rows)]
+    out.append("\nMeasured by:\n\n" + _provenance_note(work) + "\n")
+    return "\n".join(out) + "\n" + DIRTY + "\n"
 
 
-def section() -> str:
-    out = [START]
-    for slug, path in latest_per_device().items():
-        with open(path) as f:
-            data = json.load(f)
-        env = data["environment"]
-        made = plots(slug, data)
-        rel = os.path.relpath(path, os.path.dirname(README))
-        out.append(f"### {env['device_name']} — {env['date']}\n")
-        out.append(f"torch {env['torch']}, escnn {env['escnn']}, NumPy {env['numpy']}, {env['threads']} threads, "
-                   f"float32 (matmul precision `{env['float32_matmul_precision']}`). Reproduce: "
-                   f"`{data.get('command', 'python -m ik_fast.bench')}`; raw records: `{rel}`.\n")
-        for m in made:
-            out.append(f"![{os.path.basename(m)}]({os.path.relpath(m, os.path.dirname(README))})\n")
-        out.append(table(data) + "\n")
-    out.append(END)
-    return "\n".join(out)
+# ----------------------------------------------------------------------------------------------------- entry
 
 
-def main() -> int:
-    with open(README) as f:
+def render(section: str, recs: Optional[List[Dict]] = None, plot_dir: Optional[str] = None,
+           plot_prefix: str = "") -> str:
+    """One section's Markdown (``SECTIONS``)."""
+    recs = load_all() if recs is None else recs
+    if section == "timing":
+        return timing_section(recs, plot_dir, plot_prefix)
+    fn = {"summary": summary_section, "spread": spread_section, "compile": compile_section,
+          "precision": precision_section, "work": work_section}.get(section)
+    if fn is None:
+        raise ValueError(f"unknown section {section!r}; one of {SECTIONS}")
+    return fn(recs)
+
+
+def update_readme(path: str = README) -> None:
+    """Replace the README's block between the results markers by the summary (appended when absent)."""
+    with open(path) as f:
         text = f.read()
-    new = section()
+    block = f"{START}\n{render('summary')}\n{END}"
     if START in text and END in text:
-        text = text[:text.index(START)] + new + text[text.index(END) + len(END):]
+        text = text[: text.index(START)] + block + text[text.index(END) + len(END):]
     else:
-        text = text.rstrip() + "\n\n" + new + "\n"
-    with open(README, "w") as f:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    with open(path, "w") as f:
         f.write(text)
-    print(f"README results section updated from {len(latest_per_device())} device(s)")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("sections", nargs="*", choices=[[], *SECTIONS], help="sections to print (default: all)")
+    ap.add_argument("--plots", metavar="DIR", help="write the timing plots into DIR")
+    ap.add_argument("--readme", action="store_true", help="update README.md's results block with the summary")
+    args = ap.parse_args(argv)
+    if args.readme:
+        update_readme()
+        print("README.md results block updated")
+        return 0
+    recs = load_all()
+    for s in args.sections or SECTIONS:
+        print(f"## {s}\n\n{render(s, recs, args.plots)}")
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())
