@@ -1,7 +1,7 @@
 """Tables and plots from the measurement records in ``benchmarks/results/`` (schema: ``ik_fast/records.py``).
 
     python benchmarks/report.py                 # every section as Markdown on stdout
-    python benchmarks/report.py timing          # one section: timing, spread, compile, precision, work, summary
+    python benchmarks/report.py timing          # one section (SECTIONS: summary, timing, spread, compile, ...)
     python benchmarks/report.py --plots DIR     # also write the timing plots (PNG) into DIR
     python benchmarks/report.py --readme        # README.md's block between the results markers := the summary
 
@@ -28,7 +28,7 @@ ROOT = os.path.dirname(HERE)
 RESULTS = os.path.join(HERE, "results")
 README = os.path.join(ROOT, "README.md")
 START, END = "<!-- results:start -->", "<!-- results:end -->"
-SECTIONS = ("summary", "timing", "spread", "compile", "precision", "work")
+SECTIONS = ("summary", "timing", "spread", "compile", "precision", "work", "equivariance", "training")
 
 
 def _records_module():
@@ -56,11 +56,14 @@ def load_all(root: str = RESULTS) -> List[Dict]:
     return out
 
 
-def newest(recs: Iterable[Dict], key=("device", "problem", "provider", "mode", "precision", "metric")) -> List[Dict]:
-    """The newest record (by date, then file name) per key; device compared by name."""
+def newest(recs: Iterable[Dict], key=("device", "problem", "provider", "mode", "precision", "metric"),
+           extra_key: Tuple[str, ...] = ()) -> List[Dict]:
+    """The newest record (by date, then file name) per key (and the ``extra`` fields ``extra_key``); device compared
+    by name."""
     best: Dict[Tuple, Dict] = {}
     for r in recs:
         k = tuple(r["device"]["name"] if f == "device" else r[f] for f in key)
+        k += tuple(json.dumps(r["extra"].get(f)) for f in extra_key)
         if k not in best or (r["date"], r["_file"]) >= (best[k]["date"], best[k]["_file"]):
             best[k] = r
     return list(best.values())
@@ -474,6 +477,67 @@ def work_section(recs: List[Dict]) -> str:
     return "\n".join(out) + "\n" + DIRTY + "\n"
 
 
+# ----------------------------------------------------------------------------------------------------- equivariance
+
+
+def equivariance_section(recs: List[Dict]) -> str:
+    """Largest relative equivariance error per group, on random and on exact elements, and per sampling grid."""
+    eq = newest((r for r in recs if r["kind"] == "equivariance"), extra_key=("grid",))
+    if not eq:
+        return "No equivariance records.\n"
+    groups = _group([r for r in eq if "grid" not in r["extra"]], lambda r: (r["problem"], r["precision"]))
+    rows = []
+    for (problem, prec), rs in groups.items():
+        m = {r["metric"]: r for r in rs}
+        rnd, exact = m.get("rel_error_random_elements"), m.get("rel_error_exact_elements")
+        rows.append([rs[0]["extra"].get("group", ""), f"`{problem}`", prec, f"{rnd['value']:.1e}" if rnd else "–",
+                     f"{exact['value']:.1e}" if exact else "–", _commit(rs[0])])
+    out = [_table(["group", "gspace", "precision", "random elements", "exact elements", "commit"], rows)]
+    grids = [r for r in eq if "grid" in r["extra"]]
+    if grids:
+        rows = [[f"`{r['extra']['grid']}`", r["extra"].get("grid_elements", ""),
+                 f"{r['spread']['min']:.1e}–{r['spread']['max']:.1e}" if r["spread"] else f"{r['value']:.1e}",
+                 _commit(r)] for r in grids]
+        out.append(f"\nSampling grids, problem `{grids[0]['problem']}` ({grids[0]['extra'].get('command', '')}), "
+                   f"{grids[0]['precision']}, random elements, range over seeds:\n")
+        out.append(_table(["grid", "G", "error", "commit"], rows))
+    out.append("\nMeasured by:\n\n" + _provenance_note(eq) + "\n")
+    return "\n".join(out) + "\n" + DIRTY + "\n"
+
+
+# ----------------------------------------------------------------------------------------------------- training
+
+
+def training_section(recs: List[Dict]) -> str:
+    """Validation error against the baseline, and cost, of the trainer's runs."""
+    tr = newest(r for r in recs if r["kind"] == "training")
+    if not tr:
+        return "No training records.\n"
+    rows, cost, other = [], [], []
+    for r in sorted(tr, key=lambda r: (r["problem"], r["provider"], r["metric"])):
+        ex = r["extra"]
+        if r["metric"] in ("val_mae", "val_mse"):
+            test = ex.get("test_mae", ex.get("test_mse"))
+            rows.append([f"`{r['problem']}`", f"`{r['provider']}`", r["metric"], f"{_g(r['value'], 4)}" + (f" {r['unit']}" if r["unit"] != "1" else ""),
+                         _g(ex.get("baseline"), 4), f"{r['value'] / ex['baseline']:.2f}" if ex.get("baseline") else "",
+                         _g(test, 4) if test is not None else "", _g(ex.get("test_baseline"), 4), _commit(r)])
+        elif r["metric"] == "cpu_time":
+            cost.append([f"`{r['provider']}`", f"{_g(r['value'])} s", f"{ex.get('peak_rss_mib', '')} MiB",
+                         f"{ex.get('wall_s', '')} s", _g(ex.get("val_mae"), 4), _commit(r)])
+        else:
+            other.append(f"- `{r['problem']}`: {r['metric']} = {_g(r['value'])} ({ex.get('what', '')}; "
+                         f"`{ex.get('command', '')}`), commit `{_commit(r)}`")
+    out = [_table(["run", "backend", "metric", "value", "baseline", "value / baseline", "test", "test baseline",
+                   "commit"], rows)]
+    if cost:
+        out.append(f"\nCost of one quick QM9 run ({tr[0]['device']['name']}):\n")
+        out.append(_table(["backend", "CPU time (user)", "peak RSS", "wall", "val MAE (meV)", "commit"], cost))
+    if other:
+        out.append("\n" + "\n".join(other))
+    out.append("\nMeasured by:\n\n" + _provenance_note(tr) + "\n")
+    return "\n".join(out) + "\n" + DIRTY + "\n"
+
+
 # ----------------------------------------------------------------------------------------------------- entry
 
 
@@ -484,7 +548,8 @@ def render(section: str, recs: Optional[List[Dict]] = None, plot_dir: Optional[s
     if section == "timing":
         return timing_section(recs, plot_dir, plot_prefix)
     fn = {"summary": summary_section, "spread": spread_section, "compile": compile_section,
-          "precision": precision_section, "work": work_section}.get(section)
+          "precision": precision_section, "work": work_section, "equivariance": equivariance_section,
+          "training": training_section}.get(section)
     if fn is None:
         raise ValueError(f"unknown section {section!r}; one of {SECTIONS}")
     return fn(recs)
