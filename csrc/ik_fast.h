@@ -37,8 +37,7 @@ using OptTensor = std::optional<at::Tensor>;
 // The host packing's entry passes (csrc/cpu/packing_cpu.cpp; module functions, see ik_fast/packing.py)
 namespace cpu {
 // t zeroed in place and returned; below 4 MB by the calling thread: Tensor::zero_ fills from 32768 elements up in a
-// parallel region, whose fork and join cost more than a memset of that size (measured at 400 edges: the (R, H, C)
-// final weight's parallel fill took about half of pack_final)
+// parallel region, whose fork and join cost more than a memset of that size on small graphs
 inline at::Tensor zero_filled(at::Tensor t) {
   if (t.nbytes() >= (size_t(1) << 22)) {
     t.zero_();

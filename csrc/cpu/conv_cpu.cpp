@@ -1,7 +1,7 @@
 // The op layer's stages (ik_fast/ops.py) on CPU tensors: conv, conv_backward and trunk_moments of implementation
 // "native", registered for the CPU dispatch key.
 //
-// Algorithm (design notes, levers 1-3). Receivers (the CSR rows) are cut into work items of about 4 tiles of edges;
+// Algorithm (docs/design.md). Receivers (the CSR rows) are cut into work items of about 4 tiles of edges;
 // threads claim items dynamically (one parallel region per stage, no barrier per item), so a thread that loses its
 // core to another process delays only the item it holds. Per item, edges go through the trunk in tiles of t edges
 // (t chosen so a tile's Fourier-sampled activation, G*C*t numbers, stays within L2), feature-major (H x t):
@@ -135,9 +135,8 @@ Acc lane_sum(int64_t n, const F& term) {
 // ----------------------------------------------------------------------------------------------------------------
 // An uninitialised tensor whose pages, when it is large, the kernel is asked to back with huge pages (Linux,
 // transparent huge pages in "madvise" mode or "always"). Each step allocates its large outputs afresh (the activation
-// and grids of the statistics passes, the weight gradients), and with 4 KB pages their first touch costs more than
-// the kernels' writes: measured on the 2-core machine, 90 ms to fill 252 MB freshly allocated against 13 ms for the
-// same memory touched before, and 23-31 ms with huge pages. An advice only: where it is refused, nothing changes.
+// and grids of the statistics passes, the weight gradients), and with 4 KB pages their first touch (page faults)
+// costs more than the kernels' writes. An advice only: where it is refused, nothing changes.
 Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& opt) {
   Tensor t = at::empty(sizes, opt);
 #if defined(__linux__) && defined(MADV_HUGEPAGE)

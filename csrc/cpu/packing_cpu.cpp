@@ -1,6 +1,6 @@
 // The host side's packing of the fused ops' program (ik_fast/packing.py) on CPU tensors: the passes over the
-// expansion's entries that PyTorch would run as a dozen gathers, products and index_adds (each a few tens of
-// microseconds on a 400-edge graph, where the whole training step is a few milliseconds), fused into one loop each;
+// expansion's entries that PyTorch would run as a dozen gathers, products and index_adds (on a small graph each
+// operator's dispatch costs more than its arithmetic), fused into one loop each;
 // a statistics pass's finish with the batch-norm fold it feeds (pack_bn), a hidden fold (pack_fold), and the whole
 // backward of the packing's autograd node (pack_vjp), each one call in place of tens of Python-dispatched operators.
 // The same sums as the PyTorch form in ik_fast/packing.py and ik_fast/program.py (its fallback off the CPU and the

@@ -16,7 +16,7 @@
 //       e.g. config M (H = 152, C_k = 8, fp32): be = 16, 19.6 KB + 16 KB; config H (H = 816, C_k = 16, fp32):
 //       be = 8, 52.3 KB + 16 KB (three blocks per SM on sm_90)
 //     Skipped when the caller passes `hidden` (the statistics pass's activation).
-//  3. contraction once per receiver (lever 1), receivers in chunks of nr (Z of a chunk <= 256 MB):
+//  3. contraction once per receiver, receivers in chunks of nr (Z of a chunk <= 256 MB):
 //       Z_i = sum_{e -> i} s_e [h_e, 1] (x) x_src(e)        ((H + 1) x C per receiver; row H is z_i = sum s_e x_e)
 //       out_i = W_aug vec(Z_i),  W_aug = [W_F * mask | B_F] as (R, (H + 1) C)
 //     Z per chunk by ik_contract_z_kernel (one block per receiver x 64 x 32 tile of Z, edges staged 16 at a time in
@@ -46,7 +46,7 @@
 //  + E C (dxe) + nr (H + 1) C (Z / dZ chunk, <= 256 MB) + 2 R (H + 1) C (W_aug, dW_aug); at config H (float32,
 //  197k edges) about 2.6 GB + 0.7 GB + 0.1 GB + 0.25 GB + 0.14 GB.
 //
-// WHERE THIS DIFFERS FROM THE ISSUE'S FULLY FUSED DESIGN (first version; correctness first):
+// WHERE THIS DIFFERS FROM A FULLY FUSED DESIGN (first version; correctness first):
 //  - Z goes through global memory in bounded receiver chunks so that W_aug is applied by cuBLAS (dense: the block
 //    sparsity of final_mask is not exploited; the mask only zeroes W_F and its gradient).
 //  - The trunk's backward is layer by layer through global (E, H_k) tensors and cuBLAS, not fused per tile.
