@@ -18,7 +18,8 @@
 
 Tested against the research code's outputs on SO(3) (band limits 1 and 2) and O(3) (vector fields); other groups
 go through the same steps, and the least-squares residual check raises if the research layer's input representation
-differs from ik_fast's (e.g. O(2) on R^2 with escnn's default reflection axis, see "Semantics" in the README).
+differs from ik_fast's (e.g. O(2) on R^2 with escnn's default reflection axis: ik_fast feeds the position with the
+gspace's own action on the base space, see docs/semantics.md).
 """
 
 from __future__ import annotations

@@ -56,7 +56,7 @@ def radius_graph(pos: torch.Tensor, cutoff: float, batch: Optional[torch.Tensor]
 
 
 def random_geometric_graph(n: int, k: int, dim: int = 3, seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Positions normal with std n^(1/3)/2 and their k-NN graph, as in the design notes."""
+    """Positions normal with std n^(1/3)/2 (a density that does not change with n) and their k-NN graph."""
     g = torch.Generator().manual_seed(seed)
     pos = torch.randn(n, dim, generator=g) * (n ** (1 / 3) / 2)
     return pos, knn_graph(pos, k)

@@ -1,68 +1,55 @@
 """The op layer: the stages of the fused computation as registered PyTorch ops, defined once for every backend.
 
 A fused backend evaluates the implicit convolution without materialising per-edge kernels. Whatever its kernels
-(Triton today, C++/CUDA next), it implements the same stages, whose schemas, fake (meta) implementations and
-autograd formulas live here and nowhere else:
+(Triton, C++ or CUDA), it implements the same stages, whose schemas, fake (meta) implementations and autograd formulas
+live here and nowhere else:
 
 ``conv(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, final_weight, final_bias, coef, norm, ndim,
-final_mask, hidden)``
-    ``out`` (n_dst, R): for every receiver i, ``sum_{e in rowptr[i]:rowptr[i+1]} K_e x[src_e]`` with
+final_mask, hidden, tape) -> out`` (n_dst, R)
+    For every receiver i, ``sum_{e in rowptr[i]:rowptr[i+1]} K_e x[src_e]`` with
     ``K_e = norm * exp(-coef |d_e|^2) * (W_F . h_e + B_F)`` and ``h_e`` the trunk of the kernel MLP on
     ``inp_e = [d_e, a_e]`` (``d_e`` its first ``ndim`` columns). Edges come in receiver order (the graph's CSR:
-    ``rowptr`` (n_dst + 1,), ``src`` (E,)).
+    ``rowptr`` (n_dst + 1,), ``src`` (E,)). ``hidden`` (optional, never differentiated) is the last hidden
+    activation of this program on ``inp``, given by the statistics pass, so that the trunk is not evaluated twice.
 ``conv_backward(grad, <the inputs of conv but hidden>) -> [dx, dinp, *dweights, *dbiases, dfinal_weight,
 dfinal_bias, dcoef]``
     The vector-Jacobian product of ``conv`` (the Fourier matrices are constants and get no gradient).
 ``trunk_moments(inp, weights, biases, fourier, fourier_inv, with_activation=False, with_grid=False) -> ((2, H_k),
 (E, H_k), (G_k, C_k, E))``
-    Column means and sums of squared deviations of the last given layer's activation over all edges: the batch
-    statistics of the batch norm after that layer (the program finishes them, :meth:`BatchNorm.finish`); with
-    ``with_activation`` also the activation itself (else an empty tensor). In training the statistics of the last
-    hidden layer are computed from the same activation that ``conv`` contracts (its batch norm is folded into the
-    final Linear), so ``conv`` takes it back as ``hidden`` (optional, never differentiated, must be the activation of
-    the given program on ``inp``) instead of evaluating the trunk a second time. With ``with_grid`` also the last
-    layer's Fourier ELU output on its grid, ``ELU(y_k A_k^T)``, as (G_k, C_k, E) (grid point, channel, edge); empty
-    for a pointwise layer (its activation is its ELU output). An implementation that does not keep grids raises
-    ``NotImplementedError`` when asked for one (the host asks only those that do).
+    Column means and sums of squared deviations of the last given layer's activation over all edges (the batch
+    statistics of the batch norm after that layer; the program finishes them, :meth:`BatchNorm.finish`); with
+    ``with_activation`` also the activation, with ``with_grid`` also its Fourier ELU output on the grid,
+    ``ELU(y_k A_k^T)`` (empty otherwise, and for a pointwise layer). An implementation that keeps no grids raises
+    ``NotImplementedError`` when asked for one.
 
-**The tape** (``conv``'s and ``conv_backward``'s optional ``tape``, never differentiated): ``[act_1, grid_1, ...,
-act_L, grid_L]``, every hidden layer's activation and grid as ``trunk_moments(..., with_activation=True,
-with_grid=True)`` gives them for the same program (the statistics passes of training compute them anyway). It is
-what the backward of the trunk reads, so an implementation given one may skip re-evaluating the trunk in
-``conv_backward``; the result is the same with or without it (to rounding), and an implementation may ignore it.
-It costs memory (E x (H_k + G_k C_k) per layer, kept from the forward to the backward), so the host passes one
-only to implementations that use it and only within a budget (:data:`ik_fast.backends.fused.TAPE_LIMIT_BYTES`).
+**The tensors** are the lowered program's with every batch norm folded (:meth:`KernelProgram.packed`), unpadded:
+hidden layer ``k`` is ``h_k = act_k(h_{k-1} W_k^T + b_k)`` with ``W_k`` (H_k, H_{k-1}), or (D, C, C) for a Linear
+that only mixes the channels' equal components (:func:`linear_reference_form`: the program states that structure
+through the shape; it is never found from the data); ``act_k`` is the Fourier ELU ``ELU(y A_k^T) A_k^+^T`` on each
+channel of ``D_k = A_k.shape[1]`` components (``fourier[k]`` = A_k (G, D), ``fourier_inv[k]`` = A_k^+ (D, G)) or a
+pointwise ELU when ``fourier[k]`` is empty; ``final_weight`` W_F (R, H, C_in), ``final_bias`` B_F (R, C_in) (zeros
+without bias), ``coef`` = 1 / (2 sigma^2) (shape (1,)). ``final_mask`` (optional, bool (R, H, C_in), on the CPU) is
+W_F's structure: the op computes with ``W_F * final_mask``, so entries outside it are ignored and get a zero gradient.
+For an equivariant layer it is the last Linear's structural non-zero pattern, so nothing changes numerically and an
+implementation may skip everything outside it; on the CPU it can be planned without a device sync, and the plan
+cached for the tensor. No tile size, precision mode or other implementation detail appears in a schema.
 
-The tensors are those of the lowered program, with every batch norm already folded (:meth:`KernelProgram.packed`),
-unpadded: hidden layer ``k`` is ``h_k = act_k(h_{k-1} W_k^T + b_k)`` with ``W_k`` (H_k, H_{k-1}), or (D, C, C) for a
-Linear that only mixes the channels' equal components (:func:`linear_reference_form`; a structure the program knows
-from its block plan and states through the shape, never found from the data); ``act_k``
-is the Fourier ELU ``ELU(y A_k^T) A_k^+^T`` on each channel of ``D_k = A_k.shape[1]`` components (``fourier[k]`` = A_k
-(G, D), ``fourier_inv[k]`` = A_k^+ (D, G)) or a pointwise ELU when ``fourier[k]`` is empty; ``final_weight`` W_F
-(R, H, C_in), ``final_bias`` B_F (R, C_in) (zeros without bias), ``coef`` = 1 / (2 sigma^2) (shape (1,)).
-``final_mask`` (optional, bool (R, H, C_in), on the CPU) is W_F's *structure*: the op computes with
-``W_F * final_mask``, so entries outside the mask are ignored and get a zero gradient. For an equivariant layer it is
-the structural non-zero pattern of the last Linear (the program knows it from its basis, :class:`KernelProgram`), so
-nothing changes numerically, and an implementation may skip everything outside it (the Triton one contracts only the
-non-zero 16 x 16 x 16 blocks of W_F, 6% of them at config H). It lives on the CPU so that an implementation can plan
-from it without synchronising with the device; being a structural constant, the implementation may cache that plan
-for the tensor.
-No tile size, precision mode or other implementation detail appears in a schema: each implementation picks its own.
+**The tape** (optional, never differentiated): ``[act_1, grid_1, ..., act_L, grid_L]``, every hidden layer's
+activation and grid as ``trunk_moments(..., with_activation=True, with_grid=True)`` gives them (the statistics passes
+of training compute them anyway). An implementation may read it in ``conv_backward`` instead of evaluating the trunk
+again, or ignore it; the result is the same to rounding. It holds E x (H_k + G_k C_k) numbers per layer from the
+forward to the backward, so the host passes one only to implementations that use it and within
+:data:`ik_fast.backends.fused.TAPE_LIMIT_BYTES`.
 
-**Several implementations on one device.** Triton and native CUDA both run on CUDA tensors (and Triton's interpreter
-and native C++ both on CPU), so a dispatch key cannot choose between them. Decision: *one op per implementation,
-generated from one definition*. :func:`define` instantiates the schemas above as ``ik_fast::<impl>_conv``,
-``ik_fast::<impl>_conv_backward`` and ``ik_fast::<impl>_trunk_moments``, and registers their fakes and autograd
-(written once, below) for that implementation. The implementation then only adds kernels per dispatch key, from
-Python (``torch.library.register_kernel``) or C++ (``TORCH_LIBRARY_IMPL(ik_fast, CUDA, m)`` for the same names; the
-schemas stay here). An implementation argument in the schema was the alternative; separate ops keep each
-implementation visible to the profiler, to ``torch.compile`` and to ``opcheck`` on its own, and an unavailable
-implementation cannot be reached by a mistyped argument.
+**One op per implementation.** Several implementations run on one device (Triton and native CUDA on CUDA tensors),
+so :func:`define` instantiates the schemas as ``ik_fast::<impl>_conv``, ``ik_fast::<impl>_conv_backward`` and
+``ik_fast::<impl>_trunk_moments`` with their fakes and autograd; the implementation adds kernels per dispatch key,
+from Python (``torch.library.register_kernel``) or C++ (``TORCH_LIBRARY_IMPL(ik_fast, CUDA, m)``).
 
-**Autograd** is registered on the forward op (its backward is the ``conv_backward`` op) and on the backward op, so a
-double backward (forces) goes through registered ops. The backward op's own derivative differentiates
-:func:`conv_reference_form`, the plain-PyTorch statement of the op, whose memory is that of the reference backend
-(one (E, R, C_in) kernel tensor; never (E, H, C_in)).
+**Autograd** is registered on the forward op (its backward is ``conv_backward``) and on the backward op, so a double
+backward (forces) goes through registered ops; the backward op's derivative differentiates :func:`conv_reference_form`,
+the op's plain-PyTorch statement (the reference backend's memory: one (E, R, C_in) kernel tensor, never
+(E, H, C_in)).
 
 **Availability.** :func:`register_implementation` takes a loader; :func:`status` imports it once and keeps the reason
 of a failure (the exception text), which ``ik_fast.available_backends`` and the ``auto`` warning report.

@@ -1,8 +1,10 @@
 """The lowered kernel program: everything a backend needs to evaluate an implicit kernel, and nothing from escnn.
 
 :class:`~ik_fast.ImplicitKernel` lowers its escnn MLP into a :class:`KernelProgram` once per forward pass (cached in
-eval mode). The program is a frozen tree of plain tensors, differentiable with respect to the escnn parameters it
-was expanded from. Its semantics, for an edge with vector ``d`` (E, n) and attributes ``a`` (E, A)::
+eval mode). The program is a frozen dataclass of plain tensors, differentiable with respect to the escnn parameters
+it was expanded from; an :class:`~ik_fast.ImplicitKernel`'s program expands its dense tensors only when something reads
+them (:class:`Deferred`), carries how to pack the fused ops' inputs straight from the learnable tensors (``packing``),
+and memoises its folds (``meta``). Its semantics, for an edge with vector ``d`` (E, n) and attributes ``a`` (E, A)::
 
     h_0 = [d, a]
     h_k = BN_k(ELU_Fourier(W_k h_{k-1} + b_k))            k = 1 .. len(hidden)
@@ -11,8 +13,9 @@ was expanded from. Its semantics, for an edge with vector ``d`` (E, n) and attri
 where ``ELU_Fourier(x) = Ainv ELU(A x)`` channel by channel (a plain ELU when ``A`` is None), ``BN_k`` is escnn's
 IIDBatchNorm1d, and ``W_K`` (R, H, C_in) is the last Linear laid out as the kernel: K[r, c] = sum_h W_K[r, h, c] h[h].
 
-Block structure (lever 2 of the design notes): each Linear keeps its dense expansion (for the reference) and, where it
-pays, a :class:`BlockPlan` that groups the structurally non-zero entries into small dense GEMMs.
+Block structure: each Linear keeps its dense expansion (for the reference) and, where it pays, a :class:`BlockPlan`
+that groups the structurally non-zero entries into small dense GEMMs (escnn's expanded matrices are mostly structural
+zeros).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ __all__ = ["BlockPlan", "Linear", "BatchNorm", "Hidden", "KernelProgram", "Packe
 # ----------------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class BlockPlan:
-    """Structure of a structurally sparse (R, C) matrix ``W`` as batched dense GEMMs (lever 2).
+    """Structure of a structurally sparse (R, C) matrix ``W`` as batched dense GEMMs.
 
     Inputs come in field groups: ``col_groups[g]`` (F_in, d_in) holds the columns of the fields of one representation
     (their components along dim 1). Outputs likewise: ``rows[r]`` (F_out, d_out). Fields of one representation share a

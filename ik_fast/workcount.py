@@ -15,9 +15,9 @@ Kernels are found by their launches, not by name: every launch of an interpreted
 module) is recorded with its grid, and :func:`triton_kernels` lists the jitted functions of the modules
 ``ik_fast.kernels_triton.*`` so that a kernel never launched by the step shows up too.
 
-The structured floor (design notes §8; issue 8) per edge of one training step, with C channels of D hidden components,
-G grid points, ``n_layers`` layers (``n_layers - 1`` hidden layers) and C_in input components, read from the lowered
-program (:class:`ik_fast.program.KernelProgram`), not from the problem's name::
+The structured floor (docs/design.md, "The work model") per edge of one training step, with C channels of D hidden
+components, G grid points, ``n_layers`` layers (``n_layers - 1`` hidden layers) and C_in input components, read from
+the lowered program (:class:`ik_fast.program.KernelProgram`), not from the problem's name::
 
     felu = 2 C D G;  trunk = (n_layers-1) felu + (n_layers-2) C^2 D + 8 C D;  fwd = trunk + C D C_in
     floor = 3 fwd + trunk
@@ -58,7 +58,8 @@ LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")  # compile o
 # the structured floor
 # ----------------------------------------------------------------------------------------------------------------
 def floor_terms(C: int, D: int, G: int, C_in: int, n_layers: int) -> Dict[str, int]:
-    """The issue's floor per edge, term by term (multiply-adds)."""
+    """The structured floor per edge, term by term (multiply-adds): the structured algorithm's forward (Fourier ELUs,
+    componentwise hidden Linears, the last layer's contraction) and a backward of twice the forward's work."""
     felu = 2 * C * D * G
     trunk = (n_layers - 1) * felu + (n_layers - 2) * C * C * D + 8 * C * D
     fwd = trunk + C * D * C_in

@@ -145,7 +145,7 @@ def _load_cw(w_ptr, DP: tl.constexpr, KC: tl.constexpr):
 @triton.jit
 def _linear_cw(a, w_ptr, b_ptr, BE: tl.constexpr, CP: tl.constexpr, DP: tl.constexpr, F: tl.constexpr,
                PREC: tl.constexpr):
-    """A componentwise hidden Linear (lever 2: the hidden Linears through their structure): component d of every
+    """A componentwise hidden Linear (a hidden Linear through its block structure): component d of every
     output channel mixes component d of the input channels, one (CP F x CP F) block per component (weight
     (DP, CP F, CP F), x @ W layout, channel c at row/column c F): a dot batched over the components, CP^2 DP
     multiply-adds per edge (padded), against (CP DP)^2 for the dense Linear."""
