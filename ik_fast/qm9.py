@@ -92,7 +92,7 @@ def default_cache_dir() -> str:
 
 
 def load_qm9(limit: Optional[int] = None, cache_dir: Optional[str] = None) -> QM9Data:
-    """Every QM9 molecule of qm9pack (130,831), or the first ``limit``; parsed once (about 6 s) and cached as
+    """Every QM9 molecule of qm9pack (130,831), or the first ``limit``; parsed once and cached as
     ``<cache_dir>/qm9_v1[_N].npz`` (default ``build/`` beside the package, or $IK_FAST_CACHE)."""
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be a positive number of molecules, got {limit}")

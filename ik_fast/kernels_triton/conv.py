@@ -350,15 +350,15 @@ def fused_stats_kernel(inp_ptr, prm_ptr, fou_ptr, coef_ptr, out_ptr, act_ptr, E,
 # the trunk's backward: block by block through a per-program scratch
 # ----------------------------------------------------------------------------------------------------------------
 # A (BE, HP) register tile of the widest trunks (16 x 1,024 floats at H) is as large as a program's whole register
-# file, and the backward needs several (activations and gradients of two layers): kept in registers they spilled
-# 1-5.7 KB per thread on sm_90. So the backward keeps none: every layer's activation lives in the program's own
+# file, and the backward needs several (activations and gradients of two layers): kept in registers they spill to
+# local memory on sm_90. So the backward keeps none: every layer's activation lives in the program's own
 # scratch, NL tiles of (BE, HP) in global memory (``scr``: slots 0 .. NL-2 hold a_1 .. a_{NL-1}, then their
 # gradients; slot NL-1 the pre-activation y_k of the layer at hand, then its gradient), written and read back a block
 # at a time (a few KB, from L1/L2). A stage reads what the previous one wrote, possibly from other threads:
 # ``tl.debug_barrier()`` (a CTA barrier, which also orders the CTA's global memory accesses) sits between them, and
 # between a block's loads and its stores in place. The Fourier matrices (DP, GP) are half a tile at H themselves:
 # the Fourier ELU's GEMMs run on chunks of the grid (the same multiply-adds, in K / N pieces), the componentwise
-# Linear on chunks of components. Compiled for sm_90 at 8 warps: at most 48 B of stack per thread (200 B at BE = 32).
+# Linear on chunks of components. benchmarks/compile_check.py reports what stack remains per thread (compile records).
 CW_CHUNK = tl.constexpr(1024)  # elements of one operand block of the componentwise Linear (DC components at a time)
 FOURIER_CHUNK = tl.constexpr(32)  # grid points of the Fourier ELU at a time
 
@@ -583,8 +583,7 @@ def trunk_backward_kernel(dhs_ptr, dsb_ptr, s_ptr, inp_ptr, prm_ptr, fou_ptr, co
     scratch ``scr_ptr`` (NPROG, NL, BE, HP) (see above): the forward stores a_1 .. a_{NL-1} and y_NL; the last layer
     gives h, d s and dy_NL; each hidden Linear's backward turns a_k into d a_k in place, y_k is recomputed from
     a_{k-1} (y_1 from the input, per block) and turned into dy_k. The GEMMs are those of a forward and a backward
-    pass plus the recomputed y_1 .. y_{NL-1} (for NL = 2 only the narrow first Linear: the same multiply-adds as
-    before the scratch, which recomputed the trunk up to each layer)."""
+    pass plus the recomputed y_1 .. y_{NL-1} (for NL = 2 only the narrow first Linear)."""
     HP: tl.constexpr = CP * DP
     NG: tl.constexpr = HP // GW
     TILE: tl.constexpr = BE * HP

@@ -308,8 +308,8 @@ def target(device) -> str:
 
 
 def tile_size(device, hidden: int = 0) -> int:
-    """Edges per tile of the forward trunk kernel: 16 (32-edge tiles spill at config M in IEEE float32 on sm_90:
-    10,416 B per thread with 4 warps, 1,864 B with 8; benchmarks/compile_check.py)."""
+    """Edges per tile of the forward trunk kernel: 16 (32-edge tiles spill at config M in IEEE float32 on sm_90,
+    with 4 or 8 warps; benchmarks/compile_check.py)."""
     return 16
 
 
@@ -317,7 +317,7 @@ def warps(kind: str, hidden: int) -> int:
     """Warps per program: more threads share the register tiles of the wide kernels (no spills)."""
     if kind == "contract":
         return 8
-    if kind == "trunk_forward":  # (4 warps spill 600 B at M in IEEE float32; 8 spill nothing)
+    if kind == "trunk_forward":  # 4 warps spill at M in IEEE float32 on sm_90; 8 do not
         return 8 if hidden <= 512 else 16
     if kind == "trunk_backward":  # blocks of a tile through its scratch, Fourier grid chunks: no wide tile live
         return 8
