@@ -26,6 +26,11 @@ which the quotient by SO(2) allows. Any irrep that still cannot be carried raise
 
 from __future__ import annotations
 
+import builtins
+import contextlib
+import logging
+import sys
+import threading
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, List, Optional, Tuple
@@ -36,7 +41,97 @@ from escnn import group, gspaces
 from escnn import nn as enn
 
 __all__ = ["HiddenSpec", "irrep_frequency", "max_frequency", "build_hidden", "instantiate_irreps",
-           "sampling_quality", "MAX_GRID_CONDITION"]
+           "sampling_quality", "MAX_GRID_CONDITION", "escnn_build"]
+
+# escnn's debug output while ik_fast builds a kernel (see escnn_build): `logging.getLogger("ik_fast.escnn")` at
+# DEBUG level shows it
+log = logging.getLogger("ik_fast.escnn")
+
+
+def _escnn_print(*args, sep=" ", end="\n", file=None, flush=False):
+    """escnn's ``print`` inside :func:`escnn_build`: what it writes to stdout (debug lines such as ``O(2) (1, 0)
+    (1, 1) (1, 1) 4``: a Clebsch-Gordan system that needed more random samples than the group has generators) goes
+    to the ``ik_fast.escnn`` logger at DEBUG level; output to another file is printed as usual."""
+    if file is not None and file is not sys.stdout:
+        builtins.print(*args, sep=sep, end=end, file=file, flush=flush)
+    else:
+        log.debug("escnn: %s", sep.join(str(a) for a in args))
+
+
+def sylvester_constraint(rho_1, rho_2):
+    """escnn's Sylvester constraint (``escnn.group._numerical.build_sylvester_constraint``: the rows
+    ``kron(I, rho_1(g)) - kron(rho_2(g)^T, I)`` of every sample g, stacked) computed with dense arrays in one pass.
+
+    escnn builds it with ``scipy.sparse.kronsum`` per sample and its callers densify it at once; for the small
+    irreps of a Clebsch-Gordan system (sizes 1-2 on O(2)) the sparse constructors' overhead was 80% of building the
+    first O(2) layer (11.8 of 14.7 s). The values are bit for bit escnn's (every zero is +0.0, as
+    ``todense()`` gives), so the numerical solutions, and what escnn caches on disk, are unchanged."""
+    from scipy import sparse
+
+    assert len(rho_1) == len(rho_2) and len(rho_1) > 0
+    a = np.stack([np.asarray(r) for r in rho_1])  # (S, d1, d1)
+    b = np.stack([np.asarray(r) for r in rho_2])  # (S, d2, d2)
+    S, d1, d2 = a.shape[0], a.shape[1], b.shape[1]
+    dt = np.result_type(a.dtype, b.dtype)  # scipy's kronsum: identities of the operands' common type
+    # row (i, k), column (j, l): delta_ij a[k, l] - b[j, i] delta_kl   (i, j < d2; k, l < d1)
+    c = np.einsum("ij,skl->sikjl", np.eye(d2, dtype=dt), a) - np.einsum("sji,kl->sikjl", b, np.eye(d1, dtype=dt))
+    c = c.reshape(S * d2 * d1, d2 * d1)
+    c[c == 0] = 0.0  # no -0.0: scipy drops zero entries and sums x + (-x) to +0.0
+    return sparse.csc_matrix(c)
+
+
+_scope_lock = threading.Lock()
+_scope_depth = 0
+_scope_saved: list = []
+
+
+def _escnn_patches():
+    """(module, name, replacement) of what :func:`escnn_build` substitutes; only names that escnn has, in the form
+    this was written for (escnn 1.0.11), so that another escnn version is left as it is."""
+    try:
+        from escnn.group import _clebsh_gordan as cg
+        from escnn.group import _numerical as num
+    except ImportError:
+        return []
+    out = []
+    if callable(getattr(cg, "_clebsh_gordan_tensor", None)):
+        out.append((cg, "print", _escnn_print))
+    original = getattr(num, "build_sylvester_constraint", None)
+    if callable(original) and getattr(original, "__module__", None) == num.__name__:
+        for mod in (num, cg):
+            if getattr(mod, "build_sylvester_constraint", None) is original:
+                out.append((mod, "build_sylvester_constraint", sylvester_constraint))
+    return out
+
+
+@contextlib.contextmanager
+def escnn_build():
+    """While ik_fast builds a kernel with escnn: escnn's debug prints go to the ``ik_fast.escnn`` logger (DEBUG)
+    instead of stdout, and escnn's numerical Clebsch-Gordan solver builds its constraint matrices densely
+    (:func:`sylvester_constraint`, same values). Warnings are untouched. Re-entrant and thread-safe: the substitutions
+    are made by the outermost scope and undone when the last one exits."""
+    global _scope_depth
+    with _scope_lock:
+        if _scope_depth == 0:
+            for mod, name, repl in _escnn_patches():
+                _scope_saved.append((mod, name, mod.__dict__.get(name, _MISSING)))
+                setattr(mod, name, repl)
+        _scope_depth += 1
+    try:
+        yield
+    finally:
+        with _scope_lock:
+            _scope_depth -= 1
+            if _scope_depth == 0:
+                while _scope_saved:
+                    mod, name, old = _scope_saved.pop()
+                    if old is _MISSING:
+                        delattr(mod, name)
+                    else:
+                        setattr(mod, name, old)
+
+
+_MISSING = object()
 
 
 def _family(G) -> str:
