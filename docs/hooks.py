@@ -1,6 +1,7 @@
 """MkDocs hooks: the pages made from the repository when the site is built.
 
-- API reference: one page per name of ``ik_fast.__all__`` (read from ``ik_fast/__init__.py`` without importing it)
+- API reference: one page per name of ``ik_fast.__all__`` (read from ``ik_fast/__init__.py`` without importing it,
+  rendered from the module that defines the name)
   and one per public module in ``MODULES``, each rendered by mkdocstrings from the docstrings; the nav lists them.
 - Benchmarks: a line ``<!-- report:SECTION -->`` in a page is replaced by that section of ``benchmarks/report.py``
   (tables from the records in ``benchmarks/results/``), and the timing plots are drawn into ``plots/``.
@@ -23,14 +24,41 @@ MARKER = re.compile(r"^<!-- report:(\w+) -->$", re.M)
 _state = {}
 
 
-def public_names():
-    """``ik_fast.__all__`` as written in ``ik_fast/__init__.py``, without the dunder names."""
+def _exports():
+    """{public name: defining module} of ``ik_fast.__all__`` (dunder names left out), read from
+    ``ik_fast/__init__.py`` without importing it: its ``from .module import name`` lines and the literal
+    assignments (e.g. a ``{name: module}`` table of lazily imported names) that ``__all__`` is built from."""
     with open(os.path.join(ROOT, "ik_fast", "__init__.py")) as f:
         tree = ast.parse(f.read())
+    where, literals, names = {}, {}, None
     for node in tree.body:
-        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "__all__" for t in node.targets):
-            return [n for n in ast.literal_eval(node.value) if not n.startswith("__")]
-    raise RuntimeError("ik_fast/__init__.py defines no __all__")
+        if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
+            for alias in node.names:
+                where[alias.asname or alias.name] = node.module
+        elif isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            target = node.targets[0].id
+            if target == "__all__":
+                names = eval(compile(ast.Expression(node.value), "ik_fast/__init__.py", "eval"),  # noqa: S307
+                             {"__builtins__": {}}, dict(literals))
+            else:
+                try:
+                    literals[target] = ast.literal_eval(node.value)
+                except ValueError:
+                    pass
+    if names is None:
+        raise RuntimeError("ik_fast/__init__.py defines no __all__")
+    for value in literals.values():  # a {name: submodule} table of lazy exports
+        if isinstance(value, dict):
+            where.update({k: v for k, v in value.items() if isinstance(v, str) and k not in where})
+    missing = [n for n in names if not n.startswith("__") and n not in where]
+    if missing:
+        raise RuntimeError(f"cannot tell which module defines {missing} from ik_fast/__init__.py")
+    return {n: f"ik_fast.{where[n]}" for n in names if not n.startswith("__")}
+
+
+def public_names():
+    """``ik_fast.__all__`` without the dunder names."""
+    return list(_exports())
 
 
 def _report():
@@ -42,8 +70,9 @@ def _report():
 
 def _api_pages():
     pages = {"api/index.md": _api_index()}
-    for name in public_names():
-        pages[f"api/{name}.md"] = f"::: ik_fast.{name}\n    options:\n      heading_level: 1\n"
+    for name, module in _exports().items():
+        pages[f"api/{name}.md"] = (f"::: {module}.{name}\n    options:\n      heading_level: 1\n"
+                                   f"      heading: ik_fast.{name}\n\nDefined in `{module}`.\n")
     for mod in MODULES:
         pages[f"api/{mod}.md"] = f"::: {mod}\n    options:\n      heading_level: 1\n"
     return pages
