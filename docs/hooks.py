@@ -15,8 +15,6 @@ import os
 import re
 import tempfile
 
-from mkdocs.structure.files import File
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODULES = ["ik_fast.models", "ik_fast.nbody", "ik_fast.data", "ik_fast.qm9", "ik_fast.convert", "ik_fast.sync_bn",
            "ik_fast.testing", "ik_fast.backends", "ik_fast.ops", "ik_fast.problems", "ik_fast.records"]
@@ -99,6 +97,8 @@ def on_config(config):
 
 
 def on_files(files, config):
+    from mkdocs.structure.files import File
+
     for path, text in _api_pages().items():
         files.append(File.generated(config, path, content=text))
     report = _report()

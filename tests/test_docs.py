@@ -3,6 +3,7 @@ page points outside the repository or to the project's issue tracker."""
 
 import contextlib
 import glob
+import importlib.util
 import io
 import os
 import re
@@ -46,3 +47,19 @@ def test_pages_stay_inside_the_repository():
                     if pattern.search(line):
                         found.append(f"{os.path.relpath(path, ROOT)}:{n}: {what}: {line.strip()[:100]}")
     assert found == []
+
+
+def test_api_reference_has_a_page_for_every_public_name():
+    """The docs' hook finds every name of ik_fast.__all__ (and where it is defined) without importing the package."""
+    import ik_fast
+
+    spec = importlib.util.spec_from_file_location("_ik_fast_docs_hooks", os.path.join(DOCS, "hooks.py"))
+    hooks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hooks)
+    public = [n for n in ik_fast.__all__ if not n.startswith("__")]
+    assert {"ImplicitPointConv", "ImplicitConv", "ImplicitKernel"} <= set(public)
+    exports = hooks._exports()
+    assert list(exports) == public
+    for name, module in exports.items():
+        assert getattr(importlib.import_module(module), name) is getattr(ik_fast, name), name
+        assert f"api/{name}.md" in hooks._api_pages()
