@@ -31,7 +31,8 @@ __all__ = ["FAMILIES", "group_family", "tolerance", "KernelGraph", "kernel_graph
 # ----------------------------------------------------------------------------------------------------------------
 FAMILIES = ("finite", "SO2", "SO3")
 
-# Relative errors. "forward"/"backward": a backend against the reference (outputs / every gradient), any group.
+# Relative errors. "forward"/"backward"/"double_backward": an implementation against the reference or the ops' plain
+# statement (outputs / every gradient / the gradients of a gradient), any group.
 # "exact": equivariance on exact elements (finite groups; grid symmetries of continuous groups).
 # "equivariance": equivariance on random elements, per family (for "finite" the same as "exact").
 # The equivariance bounds are 2-3x the largest error measured on the correct layer (README, "Equivariance").
@@ -40,6 +41,8 @@ _TABLE = {
     ("backward", torch.float32): 1e-4,
     ("forward", torch.float64): 1e-10,
     ("backward", torch.float64): 1e-9,
+    ("double_backward", torch.float32): 3e-4,
+    ("double_backward", torch.float64): 1e-9,
     ("exact", torch.float32): 3e-6,    # measured at most 1.0e-6 (I_h)
     ("exact", torch.float64): 4e-7,    # measured at most 1.5e-7 (C_8 on R^2)
     ("equivariance", torch.float32, "SO2"): 3e-4,   # measured at most 1.2e-4 (O(2) on R^2)
@@ -50,7 +53,7 @@ _TABLE = {
 # Per-backend entries that differ from the table above: {(backend, kind, dtype[, family]): bound}.
 _BACKEND = {}
 
-_KINDS = ("forward", "backward", "exact", "equivariance")
+_KINDS = ("forward", "backward", "double_backward", "exact", "equivariance")
 
 
 def group_family(obj) -> str:
@@ -75,6 +78,7 @@ def tolerance(kind: str, dtype: torch.dtype, family: Optional[str] = None, backe
 
     Args:
         kind: ``"forward"`` (a backend's output against the reference), ``"backward"`` (its gradients),
+            ``"double_backward"`` (the gradients of a gradient),
             ``"exact"`` (equivariance on exact elements) or ``"equivariance"`` (on random elements, per family).
         dtype: ``torch.float32`` or ``torch.float64``.
         family: ``"finite"``, ``"SO2"`` or ``"SO3"`` (see :func:`group_family`); needed for ``"equivariance"``.

@@ -1,0 +1,477 @@
+"""The conformance suite of the op layer: every registered implementation of the ops (``ik_fast::<impl>_conv``,
+``_conv_backward``, ``_trunk_moments``), on every device it runs on here, against the ops' plain-PyTorch statement
+(:func:`ik_fast.ops.conv_reference_form`, :func:`~ik_fast.ops.trunk_reference_form`) and, through the layer, against
+the ``reference`` backend.
+
+What an implementation promises, tested here once for all of them: the statement in forward, every gradient and
+double backward; the mask semantics of ``final_weight``; the statistics op; the tape (the same numbers with and
+without one); graphs without edges, receivers without edges and hubs; float32 against float64; dtype errors; the
+registration (``opcheck``, ``torch.compile`` with one compilation for several edge counts); bitwise determinism of a
+training step. Every bound comes from the tolerance table (:func:`ik_fast.testing.tolerance`).
+
+What is particular to one implementation (its build and loader, its thread pool, its tiling and precision switches)
+stays in its own file (``test_native.py``, ``test_triton.py``). Implementations that do not run here skip with their
+reason; ``IK_FAST_REQUIRE_NATIVE=1`` (CI) turns native's skip on CPU into a failure."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from typing import List, Optional
+
+import pytest
+import torch
+from conftest import field_types, get_gspace, rel, small_graph
+
+import ik_fast
+from ik_fast import ops
+from ik_fast.backends.fused import CHAINED_STATISTICS
+from ik_fast.graph import prepare_graph
+from ik_fast.testing import tolerance
+
+REQUIRE_NATIVE = os.environ.get("IK_FAST_REQUIRE_NATIVE", "") == "1"
+# the implementations the package declares (a test may register others at run time)
+IMPLEMENTATIONS = [name for name in ik_fast.backends.BACKENDS if name in ops.implementation_names()]
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _params():
+    out = []
+    for impl in IMPLEMENTATIONS:
+        for device in DEVICES:
+            why = ops.status(impl, device)
+            required = REQUIRE_NATIVE and impl == "native" and device == "cpu"
+            marks = [] if why is None or required else [pytest.mark.skip(reason=f"{impl} on {device}: {why}")]
+            out.append(pytest.param(impl, device, id=f"{impl}-{device}", marks=marks))
+    return out
+
+
+IMPL = pytest.mark.parametrize("impl,device", _params())
+# group cases: Fourier ELUs on the sphere and on the circle, a finite group's pointwise ELU, mixed and uniform types
+CASES = [("O3", "mixed_attr"), ("O2", "mixed"), ("Ih", "uniform_attr"), ("SO2_R3", "mixed_attr")]
+F64 = torch.float64
+
+
+def _tol(kind, dtype, impl):
+    return tolerance(kind, dtype, backend=impl)
+
+
+def _close(got, want, bound) -> bool:
+    return (got is None and want is None) or rel(got, want) <= bound or float(want.norm()) == float(got.norm()) == 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the ops' inputs for a layer and a graph, built the way the fused backends build them
+# ----------------------------------------------------------------------------------------------------------------
+def _layer(name="O3", kind="mixed_attr", dtype=F64, device="cpu", n_layers=3, n_channels=2, **kw):
+    gs = get_gspace(name)
+    in_t, out_t, attr_t = field_types(gs, kind)
+    torch.manual_seed(0)
+    conv = ik_fast.ImplicitPointConv(in_t, out_t, attr_t, n_layers=n_layers, n_channels=n_channels, **kw)
+    return ik_fast.testing.randomize_(conv).to(device=device, dtype=dtype), gs, attr_t
+
+
+def _graph(conv, gs, attr_t, n=12, e=50, dtype=F64, device="cpu", seed=0):
+    pos, ei = small_graph(n, e, gs.dimensionality, seed=seed, dtype=dtype)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(n, conv.in_type.size, generator=g, dtype=dtype)
+    a = None if attr_t is None else torch.randn(e, attr_t.size, generator=g, dtype=dtype)
+    mv = lambda t: None if t is None else t.to(device)  # noqa: E731
+    return mv(pos), mv(ei), mv(x), mv(a)
+
+
+@dataclass
+class OpInputs:
+    """``conv``'s inputs as the fused host builds them: the program of a layer (every batch norm folded with the
+    running statistics, as in eval mode) on a prepared graph."""
+
+    x: torch.Tensor
+    inp: torch.Tensor
+    src: torch.Tensor
+    rowptr: torch.Tensor
+    program: ops.PackedProgram
+
+    @classmethod
+    def of(cls, conv, pos, ei, x, a, grad=True) -> "OpInputs":
+        prog = conv.kernel.program()
+        g = prepare_graph(ei, x.shape[0], x.shape[0], x.device)
+        inp = prog.mlp_input(pos[g.src] - pos[g.dst], a)[g.perm].contiguous()
+        with torch.no_grad():
+            p = prog.packed([], x.dtype)
+        leaf = (lambda t: t.detach().clone().requires_grad_()) if grad else (lambda t: t.detach().clone())  # noqa
+        p = replace(p, weights=[leaf(w) for w in p.weights], biases=[leaf(b) for b in p.biases],
+                    final_weight=leaf(p.final_weight), final_bias=leaf(p.final_bias), coef=leaf(p.coef))
+        return cls(leaf(x), leaf(inp), g.src[g.perm].contiguous(), g.rowptr, p)
+
+    def args(self, hidden=None, tape=None) -> list:
+        """The op's positional arguments (the one place that knows their order)."""
+        return [self.x, self.inp, self.src, self.rowptr, *self.program.args(), hidden, tape]
+
+    def leaves(self) -> List[torch.Tensor]:
+        p = self.program
+        return [t for t in (self.x, self.inp, *p.weights, *p.biases, p.final_weight, p.final_bias, p.coef)
+                if t.requires_grad]
+
+    def detached(self) -> list:
+        """The arguments of ``conv_backward`` after ``grad`` (no hidden), without autograd."""
+        d = lambda t: t.detach() if torch.is_tensor(t) else [u.detach() for u in t] if isinstance(t, list) else t  # noqa
+        return [d(t) for t in self.args()[:-2]]
+
+    def out_shape(self):
+        return (self.rowptr.shape[0] - 1, self.program.final_weight.shape[0])
+
+
+def _op(impl, stage):
+    return getattr(torch.ops.ik_fast, f"{impl}_{stage}")
+
+
+def _statement(inputs: OpInputs):
+    return ops.conv_reference_form(*inputs.args()[:-1])
+
+
+def _grads(out, leaves, w, create_graph=False):
+    return torch.autograd.grad((out * w).sum(), leaves, create_graph=create_graph, allow_unused=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the op against its statement
+# ----------------------------------------------------------------------------------------------------------------
+@IMPL
+@pytest.mark.parametrize("name,kind", CASES)
+def test_op_matches_its_statement_in_forward_backward_and_double_backward(impl, device, name, kind):
+    conv, gs, attr_t = _layer(name, kind, device=device)
+    conv.eval()
+    inputs = OpInputs.of(conv, *_graph(conv, gs, attr_t, device=device))
+    out = _op(impl, "conv")(*inputs.args())
+    ref = _statement(inputs)
+    assert rel(out, ref) <= _tol("forward", F64, impl)
+    w = torch.randn_like(out)
+    leaves = inputs.leaves()
+    g1 = _grads(out, leaves, w, create_graph=True)
+    g2 = _grads(ref, leaves, w, create_graph=True)
+    for i, (a, b) in enumerate(zip(g1, g2)):
+        assert _close(a, b, _tol("backward", F64, impl)), i
+    v = [torch.randn_like(g) for g in g1]
+    s1 = torch.autograd.grad(sum((g * u).sum() for g, u in zip(g1, v)), leaves, allow_unused=True)
+    s2 = torch.autograd.grad(sum((g * u).sum() for g, u in zip(g2, v)), leaves, allow_unused=True)
+    for i, (a, b) in enumerate(zip(s1, s2)):
+        assert _close(a, b, _tol("double_backward", F64, impl)), i
+
+
+@IMPL
+def test_final_mask_semantics_on_a_weight_outside_the_structure(impl, device):
+    """The op computes with ``final_weight * final_mask``: W''s gradient is zero outside the mask; without a mask the
+    whole dense weight is used."""
+    conv, gs, attr_t = _layer(device=device)
+    conv.eval()
+    inputs = OpInputs.of(conv, *_graph(conv, gs, attr_t, device=device))
+    mask = inputs.program.final_mask
+    assert mask is not None and not bool(mask.all())
+    W = torch.randn_like(inputs.program.final_weight).requires_grad_()
+    for m in (mask, None):
+        inputs.program = replace(inputs.program, final_weight=W, final_mask=m)
+        out = _op(impl, "conv")(*inputs.args())
+        ref = _statement(inputs)
+        assert rel(out, ref) <= _tol("forward", F64, impl)
+        w = torch.randn_like(out)
+        g1, = torch.autograd.grad((out * w).sum(), W)
+        g2, = torch.autograd.grad((ref * w).sum(), W)
+        assert rel(g1, g2) <= _tol("backward", F64, impl)
+        if m is not None:
+            assert bool((g1[~m.to(g1.device)] == 0).all())
+        else:
+            assert bool((g1[~mask.to(g1.device)] != 0).any())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the statistics op and the tape
+# ----------------------------------------------------------------------------------------------------------------
+def _trunk_inputs(device, name="SO3", n_channels=2):
+    conv, gs, attr_t = _layer(name, "mixed_attr", device=device, n_channels=n_channels)
+    conv.train()
+    pos, ei, x, a = _graph(conv, gs, attr_t, n=12, e=70, device=device)
+    prog = conv.kernel.program()
+    inp = prog.mlp_input(pos[ei[0]] - pos[ei[1]], a)
+    with torch.no_grad():
+        return conv, inp, prog.packed([], x.dtype)
+
+
+@IMPL
+@pytest.mark.parametrize("upto", [1, 2])
+def test_moments_and_activation_match_the_trunk(impl, device, upto):
+    _, inp, p = _trunk_inputs(device)
+    m, act = ops.trunk_moments(impl, inp, p, upto, with_activation=True)
+    h = ops.trunk_reference_form(inp, p.weights[:upto], p.biases[:upto], p.fourier[:upto], p.fourier_inv[:upto])
+    bound = _tol("forward", F64, impl)
+    assert rel(m[0], h.mean(0)) <= bound
+    assert rel(m[1], (h - h.mean(0)).square().sum(0)) <= bound
+    assert rel(act, h) <= bound
+    assert ops.trunk_moments(impl, inp, p, upto)[1].numel() == 0
+    if upto > 1 and impl in CHAINED_STATISTICS:  # from the previous layer's activation (chained statistics passes)
+        prev = ops.trunk_reference_form(inp, p.weights[:upto - 1], p.biases[:upto - 1], p.fourier[:upto - 1],
+                                        p.fourier_inv[:upto - 1])
+        m2, act2 = ops.trunk_moments(impl, prev, p, upto, with_activation=True, start=upto - 1)
+        assert rel(act2, h) <= bound and rel(m2[1], m[1]) <= bound
+
+
+def _grids_or_none(impl, inp, p, upto):
+    """trunk_moments' grid output, or None where the implementation keeps no grids (it must say so)."""
+    try:
+        return ops.trunk_moments(impl, inp, p, upto, with_activation=True, with_grid=True)
+    except NotImplementedError as e:
+        assert "grid" in str(e)
+        return None
+
+
+@IMPL
+@pytest.mark.parametrize("upto", [1, 2])
+def test_grid_matches_its_statement(impl, device, upto):
+    """The grid output (the tape's): ELU(y A^T) of the last layer, as (G, C, E); an implementation without grids
+    raises NotImplementedError saying so."""
+    _, inp, p = _trunk_inputs(device, "O3", n_channels=3)
+    res = _grids_or_none(impl, inp, p, upto)
+    if res is None:
+        return
+    _, act, grid = res
+    h = ops.trunk_reference_form(inp, p.weights[:upto - 1], p.biases[:upto - 1], p.fourier[:upto - 1],
+                                 p.fourier_inv[:upto - 1])
+    y = ops.linear_reference_form(h, p.weights[upto - 1], p.biases[upto - 1])
+    A = p.fourier[upto - 1]
+    u = torch.nn.functional.elu(y.reshape(y.shape[0], -1, A.shape[1]) @ A.t())  # (E, C, G)
+    assert tuple(grid.shape) == ops.grid_shape(p.fourier[:upto], act.shape[1], inp.shape[0])
+    assert rel(grid, u.permute(2, 1, 0)) <= _tol("forward", F64, impl)
+
+
+@IMPL
+def test_tape_gives_what_recomputation_gives(impl, device):
+    """conv and conv_backward given a tape (every layer's activation, and its grid where the implementation keeps
+    them) give what they give without one; a double backward through a taped conv matches the untaped one."""
+    conv, gs, attr_t = _layer("SO3", device=device)
+    conv.train()
+    inputs = OpInputs.of(conv, *_graph(conv, gs, attr_t, n=12, e=70, device=device))
+    p = inputs.program
+    plain = replace(p, weights=[w.detach() for w in p.weights], biases=[b.detach() for b in p.biases])
+    tape = []
+    for k in range(1, len(p.weights) + 1):
+        res = _grids_or_none(impl, inputs.inp.detach(), plain, k)
+        if res is None:
+            _, act = ops.trunk_moments(impl, inputs.inp.detach(), plain, k, with_activation=True)
+            tape += [act, act.new_empty(0)]
+        else:
+            tape += [res[1], res[2]]
+    grad = torch.randn(inputs.out_shape(), dtype=F64, device=device)
+    with_tape = _op(impl, "conv_backward")(grad, *inputs.detached(), tape)
+    without = _op(impl, "conv_backward")(grad, *inputs.detached())
+    bound = _tol("backward", F64, impl)
+    for u, v in zip(with_tape, without):
+        assert _close(u, v, bound)
+    second = {}
+    for name, t in (("tape", tape), ("none", None)):
+        out = ops.conv(impl, inputs.x, inputs.inp, inputs.src, inputs.rowptr, p, tape[-2], t)
+        leaves = inputs.leaves()
+        g1 = torch.autograd.grad((out * out).sum(), leaves, create_graph=True)
+        second[name] = [*g1, *torch.autograd.grad(sum((g * g).sum() for g in g1), leaves)]
+    for u, v in zip(second["tape"], second["none"]):
+        assert _close(u, v, _tol("double_backward", F64, impl))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# through the layer, against the reference backend
+# ----------------------------------------------------------------------------------------------------------------
+def _layer_step(conv, backend, pos, ei, x, a):
+    conv.backend = backend
+    conv.zero_grad()
+    xg, pg = x.clone().requires_grad_(), pos.clone().requires_grad_()
+    ag = None if a is None else a.clone().requires_grad_()
+    out = conv(xg, ei, edge_attr=ag, pos=pg)
+    w = torch.cos(torch.arange(out.numel(), dtype=out.dtype, device=out.device)).reshape(out.shape)
+    (out * w).sum().backward()
+    res = [out.detach(), xg.grad, pg.grad] + ([] if a is None else [ag.grad])
+    return res + [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in conv.parameters()]
+
+
+def _agree(conv, impl, pos, ei, x, a, dtype=F64):
+    """A training or eval step of ``impl`` against the reference backend from the same state (buffers included)."""
+    state = {k: v.clone() for k, v in conv.state_dict().items()}
+    ref = _layer_step(conv, "reference", pos, ei, x, a)
+    ref_state = {k: v.clone() for k, v in conv.state_dict().items()}
+    conv.load_state_dict(state)
+    got = _layer_step(conv, impl, pos, ei, x, a)
+    for i, (g, r) in enumerate(zip(got, ref)):
+        assert _close(g, r, _tol("forward" if i == 0 else "backward", dtype, impl)), i
+    for k, v in conv.state_dict().items():  # running statistics updated identically
+        assert _close(v.double(), ref_state[k].double(), _tol("forward", dtype, impl)), k
+
+
+VARIANTS = {"one_layer": dict(n_layers=1), "no_bias": dict(bias=False), "no_attr": dict(kind="mixed"),
+            "pointwise": dict(name="Oh"), "planar": dict(name="SO2"), "no_batch_norm": dict(batch_norm=False),
+            "four_layers": dict(n_layers=4)}
+
+
+@IMPL
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_layer_variants_match_the_reference(impl, device, variant, mode):
+    conv, gs, attr_t = _layer(device=device, **VARIANTS[variant])
+    getattr(conv, mode)()
+    _agree(conv, impl, *_graph(conv, gs, attr_t, device=device))
+
+
+@IMPL
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_hub_receivers_without_edges_and_wide_features(impl, device, mode):
+    """Wide features (21 input components, 6 channels), a receiver with 150 in-edges beside receivers with 0 and 1
+    in-edges, and 40 nodes receiving nothing (their output is the bias alone)."""
+    gs = get_gspace("O3")
+    G = gs.fibergroup
+    sphere = G.bl_sphere_representation(L=1)
+    in_t = gs.type(*[sphere] * 5 + [G.irrep(1, 0)])
+    out_t = gs.type(*[sphere] * 2 + [G.irrep(0, 0)] * 3)
+    attr_t = gs.type(G.irrep(0, 0), G.irrep(1, 1))
+    torch.manual_seed(0)
+    conv = ik_fast.ImplicitPointConv(in_t, out_t, attr_t, n_layers=3, n_channels=6)
+    conv = ik_fast.testing.randomize_(conv).to(device=device, dtype=F64)
+    getattr(conv, mode)()
+    n = 200
+    g = torch.Generator().manual_seed(0)
+    pos = torch.randn(n, 3, generator=g, dtype=F64)
+    hub = torch.stack([torch.arange(1, 151), torch.zeros(150, dtype=torch.long)])
+    single = torch.stack([torch.arange(0, 60), torch.arange(100, 160)])
+    ei = torch.cat([hub, single], 1)
+    x = torch.randn(n, in_t.size, generator=g, dtype=F64)
+    a = torch.randn(ei.shape[1], attr_t.size, generator=g, dtype=F64)
+    args = [t.to(device) for t in (pos, ei, x, a)]
+    _agree(conv, impl, *args)
+    conv.backend = impl
+    with torch.no_grad():
+        out = conv(args[2], args[1], edge_attr=args[3], pos=args[0])
+    assert torch.equal(out[160:], conv.expanded_bias().expand(40, -1))
+
+
+@IMPL
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("name", ["O3", "SO2", "Oh"])
+def test_float32_against_the_float64_reference(impl, device, name, mode):
+    """float32 within the table's float32 bounds of the float64 reference, forward and every gradient — or, where a
+    sum with cancellation puts even the float32 reference further off, within twice that reference's error."""
+    conv, gs, attr_t = _layer(name, device=device, n_channels=3)
+    getattr(conv, mode)()
+    pos, ei, x, a = _graph(conv, gs, attr_t, n=16, e=80, device=device)
+    state = {k: v.clone() for k, v in conv.state_dict().items()}
+    ref = _layer_step(conv, "reference", pos, ei, x, a)
+    c32 = conv.float()
+    args32 = (pos.float(), ei, x.float(), a.float())
+    c32.load_state_dict(state)
+    got = _layer_step(c32, impl, *args32)
+    c32.load_state_dict(state)
+    own = _layer_step(c32, "reference", *args32)
+    for i, (g, r, o) in enumerate(zip(got, ref, own)):
+        if float(r.norm()) == float(g.norm()) == 0:
+            continue
+        err = rel(g.double(), r)
+        assert err <= _tol("forward" if i == 0 else "backward", torch.float32, impl) or \
+            err <= 2 * rel(o.double(), r), (i, err)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# corner cases and errors
+# ----------------------------------------------------------------------------------------------------------------
+@IMPL
+def test_empty_graph_through_the_raw_ops(impl, device):
+    """No edges: conv returns zeros (n_dst, R), its backward zeros of the inputs' shapes, and the statistics op an
+    empty activation."""
+    conv, gs, attr_t = _layer(device=device)
+    conv.eval()
+    inputs = OpInputs.of(conv, *_graph(conv, gs, attr_t, device=device), grad=False)
+    inputs.inp, inputs.src = inputs.inp[:0], inputs.src[:0]
+    inputs.rowptr = torch.zeros_like(inputs.rowptr)
+    out = _op(impl, "conv")(*inputs.args())
+    assert tuple(out.shape) == inputs.out_shape() and not out.any()
+    grads = _op(impl, "conv_backward")(torch.randn_like(out), *inputs.detached())
+    assert all(not g.any() for g in grads)
+    assert grads[1].shape == inputs.inp.shape
+    _, act = ops.trunk_moments(impl, inputs.inp, inputs.program, 1, with_activation=True)
+    assert act.shape[0] == 0
+
+
+@IMPL
+def test_unsupported_dtype_is_a_clear_error(impl, device):
+    conv, gs, attr_t = _layer(dtype=torch.bfloat16, device=device)
+    conv.eval()
+    pos, ei, x, a = _graph(conv, gs, attr_t, dtype=torch.bfloat16, device=device)
+    conv.backend = impl
+    with pytest.raises(TypeError, match="float32 or float64"):
+        conv(x, ei, edge_attr=a, pos=pos)
+
+
+@IMPL
+def test_float16_falls_back_to_torch_with_a_warning(impl, device):
+    conv, gs, attr_t = _layer(dtype=torch.float16, device=device, n_channels=1)
+    conv.eval()
+    pos, ei, x, a = _graph(conv, gs, attr_t, dtype=torch.float16, device=device)
+    conv.backend = impl
+    with pytest.warns(RuntimeWarning, match="no float16 path; using 'torch'"):
+        out = conv(x, ei, edge_attr=a, pos=pos)
+    conv.backend = "torch"
+    assert torch.equal(out, conv(x, ei, edge_attr=a, pos=pos))
+
+
+@IMPL
+def test_training_step_is_bitwise_deterministic(impl, device):
+    """Two training steps from the same state give the same bits (receiver-sorted reductions, no atomics)."""
+    conv, gs, attr_t = _layer(dtype=torch.float32, device=device, n_channels=3)
+    conv.train()
+    pos, ei, x, a = _graph(conv, gs, attr_t, n=20, e=300, dtype=torch.float32, device=device)
+    state = {k: v.clone() for k, v in conv.state_dict().items()}
+    runs = []
+    for _ in range(2):
+        conv.load_state_dict(state)
+        runs.append(_layer_step(conv, impl, pos, ei, x, a))
+    for u, v in zip(*runs):
+        assert torch.equal(u, v)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the registration: opcheck and torch.compile
+# ----------------------------------------------------------------------------------------------------------------
+@IMPL
+def test_opcheck(impl, device):
+    conv, gs, attr_t = _layer(device=device)
+    conv.eval()
+    inputs = OpInputs.of(conv, *_graph(conv, gs, attr_t, device=device))
+    torch.library.opcheck(_op(impl, "conv"), inputs.args())
+    grad = torch.randn(inputs.out_shape(), dtype=F64, device=device, requires_grad=True)
+    torch.library.opcheck(_op(impl, "conv_backward"), (grad, *inputs.args()[:-2]))
+    p = inputs.program
+    plain = [w.detach() for w in p.weights], [b.detach() for b in p.biases]
+    for with_act in (False, True):
+        torch.library.opcheck(_op(impl, "trunk_moments"), (inputs.inp.detach(), *plain, p.fourier, p.fourier_inv,
+                                                           with_act))
+    _, act = ops.trunk_moments(impl, inputs.inp.detach(), p, len(p.weights), with_activation=True)
+    torch.library.opcheck(_op(impl, "conv"), inputs.args(hidden=act))
+
+
+@IMPL
+def test_ops_compile_fullgraph_with_one_compilation_for_several_edge_counts(impl, device):
+    """The op traces without graph breaks, and its fake kernel serves every edge count without recompiling."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    conv, gs, attr_t = _layer(dtype=torch.float32, device=device)
+    conv.eval()
+    cnt = CompileCounterWithBackend("aot_eager")
+
+    def step(*args):
+        return _op(impl, "conv")(*args).square().sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend=cnt, fullgraph=True, dynamic=True)
+    frames = []
+    for e in (61, 73):  # (edge counts unlike any hidden size, so that duck sizing does not tie them)
+        inputs = OpInputs.of(conv, *_graph(conv, gs, attr_t, e=e, dtype=torch.float32, device=device, seed=e))
+        args = inputs.args()
+        loss = compiled(*args)
+        assert rel(loss, step(*args)) <= _tol("forward", torch.float32, impl)
+        loss.backward()
+        assert inputs.x.grad is not None and bool(torch.isfinite(inputs.x.grad).all())
+        frames.append(cnt.frame_count)
+    assert frames[0] >= 1 and frames[1] == frames[0]
