@@ -1,7 +1,13 @@
 """Benchmark harness: time, peak memory and FLOPs of one layer on the shared problems (``ik_fast.problems``).
 
 ``python -m ik_fast.bench --problems cpu --providers reference,torch --modes train`` runs every case in a child
-process (so that each has its own peak resident set on CPU), prints a table and writes JSON with ``--out``.
+process (so that each has its own peak resident set on CPU), prints a table and writes the records
+(:mod:`ik_fast.records`: one ``step_time`` and one ``peak_memory`` record per case, each with the commit, the device
+and the stack's versions) to ``benchmarks/results/timing/<device>/<date>-<name>.json``, rewritten after every case, and
+to the same path under ``--copy-to`` (e.g. a folder that a lent GPU machine returns). ``--budget-s`` bounds the whole
+run: a case still running when it is spent is stopped (its child killed) and recorded as such, and the cases not
+started are recorded as skipped. Problems whose data is not installed (QM9 needs ``qm9pack``) are recorded as
+skipped with the reason.
 
 Work: each record carries ``flops``, a *model* of the FLOPs (2 x multiply-adds) the provider's algorithm runs (from
 the shapes; for ``triton``, a model of the padded kernels), used for the achieved FLOP/s, and ``floor_macs``, the
@@ -13,30 +19,48 @@ reference,torch,triton``; each problem in a child process under ``TRITON_INTERPR
 
 Modes: ``train`` / ``eval`` — forward + backward (gradients for the node features, positions, attributes and all
 parameters) with the module in training / eval mode; ``inference`` — eval mode under ``torch.no_grad()``.
+
+torch and escnn are imported only where a case is built or measured: ``--help`` answers at once.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
+import importlib.util
 import json
 import os
-import platform
 import resource
+import signal
 import statistics
 import subprocess
 import sys
 import time
-from typing import Dict, List
-
-import torch
+from typing import Dict, List, Optional
 
 MODES = ("train", "eval", "inference")
+# torch.set_float32_matmul_precision's names and the records' names for them (float32 cases)
+PRECISIONS = {"highest": "ieee", "high": "tf32"}
+_PRECISION_ALIASES = {"highest": "highest", "ieee": "highest", "high": "high", "tf32": "high"}
+PRECOMPILE_PRECISIONS = ("highest", "high", "bf16")
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _sync(device):
+    import torch
+
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
+
+
+def problem_unavailable(name: str) -> Optional[str]:
+    """Why problem ``name`` cannot be built here (its data is not installed), else None. Raises ValueError for an
+    unknown name."""
+    from .problems import get_problem
+
+    p = get_problem(name.partition("#")[0])
+    if p.graph == "qm9" and importlib.util.find_spec("qm9pack") is None:
+        return "needs the QM9 data of the qm9pack package (pip install --no-deps qm9pack), which is not installed"
+    return None
 
 
 def _escnn_flops(layer, num_edges: int, mode: str) -> float:
@@ -154,10 +178,14 @@ class _Timer:
     """Wall clock on CPU; CUDA events on GPU."""
 
     def __init__(self, device):
+        import torch
+
         self.cuda = torch.device(device).type == "cuda"
 
     def mark(self):
         if self.cuda:
+            import torch
+
             ev = torch.cuda.Event(enable_timing=True)
             ev.record()
             return ev
@@ -174,6 +202,7 @@ def setup_case(problem: str, provider: str, mode: str, device: str = "cpu", dtyp
                seed: int = 0):
     """Build one case: returns ``(step, record)`` where ``step()`` runs one forward (and backward unless ``mode`` is
     "inference") and returns the output, and ``record`` describes the case (sizes, model FLOPs)."""
+    import torch
     from escnn import nn as enn
 
     from .graph import prepare_graph
@@ -227,6 +256,8 @@ def measure(problem: str, provider: str, mode: str, repeats: int = 5, warmup: in
     (forward and backward separately too), peak memory, achieved FLOP/s. Fewer repeats are made when they would
     exceed ``budget_s`` (at least one after the warm-up); more when ``repeats`` steps take less than ``min_time_s``
     (steps of milliseconds: their median over a second of them, at most ``max_repeats``, not over a handful)."""
+    import torch
+
     torch.set_float32_matmul_precision(precision)  # "highest": IEEE float32; "high": TF32 (every provider alike)
     step, rec = setup_case(problem, provider, mode, device, dtype, seed)
     rec["precision"] = precision
@@ -276,55 +307,49 @@ def measure(problem: str, provider: str, mode: str, repeats: int = 5, warmup: in
     return rec
 
 
-def environment(device: str = "cpu") -> Dict:
-    import escnn
-    import numpy
+_CHILD = None  # the case's child process now running (killed with its process group when this process is stopped)
 
-    env = {
-        "date": _dt.date.today().isoformat(), "python": platform.python_version(), "torch": torch.__version__,
-        "numpy": numpy.__version__, "escnn": getattr(escnn, "__version__", "?"),
-        "float32_matmul_precision": torch.get_float32_matmul_precision(), "threads": torch.get_num_threads(),
-        "cpu": _cpu_name(), "cores": os.cpu_count(),
-    }
+
+def _kill_group(proc) -> None:
     try:
-        import triton
-
-        env["triton"] = triton.__version__
-    except ImportError:
-        env["triton"] = None
-    if torch.device(device).type == "cuda":
-        env["device_name"] = torch.cuda.get_device_name()
-    else:
-        env["device_name"] = f"CPU: {env['cpu']} ({env['cores']} cores)"
-    return env
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
         pass
-    return platform.processor() or "unknown"
+
+
+def _stop_child(signum, frame):
+    """SIGTERM (e.g. from ``timeout``): kill the running case with its process group, then exit."""
+    if _CHILD is not None:
+        _kill_group(_CHILD)
+    raise SystemExit(128 + signum)
 
 
 def run_child(case: Dict, timeout: float) -> Dict:
-    """Run one case in a fresh interpreter (its own peak RSS); failures come back as records with an error."""
+    """Run one case in a fresh interpreter (its own peak RSS) in its own process group; failures come back as
+    records with an error. After ``timeout`` seconds the child and everything it started are killed."""
+    global _CHILD
     cmd = [sys.executable, "-m", "ik_fast.bench", "--child", json.dumps(case)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    _CHILD = proc
     try:
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        stdout, stderr = proc.communicate(timeout=max(timeout, 0.001))
     except subprocess.TimeoutExpired:
+        _kill_group(proc)
+        proc.communicate()
         return {**case, "error": f"timeout after {timeout:.0f} s"}
-    for line in reversed(res.stdout.splitlines()):
+    except BaseException:
+        _kill_group(proc)
+        raise
+    finally:
+        _CHILD = None
+    for line in reversed(stdout.splitlines()):
         if line.startswith("{"):
             return json.loads(line)
-    err = res.stderr.strip().splitlines()
-    msg = err[-1] if err else f"exit code {res.returncode}"
-    if "out of memory" in res.stderr.lower() or "not enough memory" in res.stderr.lower():
+    err = [ln for ln in stderr.strip().splitlines() if ln.strip()]
+    msg = err[-1] if err else f"exit code {proc.returncode}"
+    if "out of memory" in stderr.lower() or "not enough memory" in stderr.lower():
         msg = "out of memory"
-    elif res.returncode in (-9, 137):
+    elif proc.returncode in (-9, 137):
         msg = "killed by SIGKILL (the kernel's out-of-memory killer, most likely)"
     return {**case, "error": msg}
 
@@ -382,26 +407,38 @@ def _key(case: Dict):
 
 
 def run_cases(cases: List[Dict], timeout: float, budget_s: float = float("inf"), done: Dict = None,
-              on_record=None) -> List[Dict]:
+              on_record=None, start: Optional[float] = None) -> List[Dict]:
     """Run cases in child processes with a progress bar. A provider that ran out of memory on a problem is not run
-    on larger sizes of the same sweep (recorded as such); no new case starts once ``budget_s`` is spent. ``done``
-    maps case keys to records already measured (``--resume``); ``on_record`` sees each record as it arrives."""
+    on larger sizes of the same sweep (recorded as such); a problem whose data is missing is recorded as skipped.
+    ``budget_s`` bounds the whole list from ``start`` (default: now): a case still running when it is spent is
+    stopped, and no case starts after it. ``done`` maps case keys to records already measured (``--resume``);
+    ``on_record`` sees the list of records after each case."""
     records = []
     oom = set()
     done = done or {}
     t0 = time.time()
+    deadline = (t0 if start is None else start) + budget_s
+    unavailable = {}
     for i, case in enumerate(cases):
         label = f"{case['problem']} {case['provider']} {case['mode']}"
         _progress(i, len(cases), label, t0)
         base = case["problem"].split("@")[0]
+        if case["problem"] not in unavailable:
+            unavailable[case["problem"]] = problem_unavailable(case["problem"])
+        left = deadline - time.time()
         if _key(case) in done:
             rec = done[_key(case)]
+        elif unavailable[case["problem"]]:
+            rec = {**case, "error": f"skipped: {unavailable[case['problem']]}"}
         elif (base, case["provider"], case["mode"]) in oom and "@" in case["problem"]:
             rec = {**case, "error": "out of memory (at a smaller size)"}
-        elif time.time() - t0 > budget_s:
-            rec = {**case, "error": "skipped: time budget spent"}
+        elif left <= 0:
+            rec = {**case, "error": f"skipped: the time budget ({budget_s:.0f} s) was spent"}
         else:
-            rec = run_child(case, timeout)
+            limit = min(timeout, left)
+            rec = run_child(case, limit)
+            if limit < timeout and rec.get("error", "").startswith("timeout"):
+                rec["error"] = f"stopped after {limit:.0f} s: the time budget ({budget_s:.0f} s) was spent"
         if rec.get("error", "").startswith("out of memory"):
             oom.add((base, case["provider"], case["mode"]))
         records.append(rec)
@@ -418,15 +455,16 @@ def run_rounds(cases: List[Dict], rounds: int, timeout: float, budget_s: float =
     are measured minutes apart in every round rather than once each in one stretch: on a machine whose speed drifts
     (this project's 2-core VM: +-20% from minute to minute), the drift then falls on every provider alike. Each case's
     record is that of its median round (the lower median for an even count), with ``rounds_time_s``, every round's
-    time in order, and ``time_s`` their median."""
+    time in order, and ``time_s`` their median. ``budget_s`` bounds all rounds together."""
     if rounds <= 1:
         return run_cases(cases, timeout, budget_s, done, on_record)
+    start = time.time()
     done = done or {}
     todo = [c for c in cases if _key(c) not in done]
     per_round = []
     for r in range(rounds):
         print(f"round {r + 1} of {rounds}", file=sys.stderr)
-        per_round.append(run_cases(todo, timeout, budget_s))
+        per_round.append(run_cases(todo, timeout, budget_s, start=start))
     merged = {}
     for i, case in enumerate(todo):
         recs = [rr[i] for rr in per_round]
@@ -445,93 +483,237 @@ def run_rounds(cases: List[Dict], rounds: int, timeout: float, budget_s: float =
     return records
 
 
-def results_path(env: Dict, folder: str) -> str:
-    import re
+# ----------------------------------------------------------------------------------------------------------------
+# results files (ik_fast.records)
+# ----------------------------------------------------------------------------------------------------------------
+_EXTRA = ("description", "device", "dtype", "nodes", "edges", "flops", "flops_source", "floor_macs", "tflops_per_s",
+          "forward_s", "backward_s", "warmup_s", "repeats", "warmup", "base_rss_mb", "peak_rss_mb", "peak_gpu_mb",
+          "rounds_time_s", "timeout")
 
-    slug = re.sub(r"[^a-z0-9]+", "-", env["device_name"].lower()).strip("-")[:40]
-    return os.path.join(folder, f"{slug}-{env['date']}.json")
+
+def record_precision(case: Dict) -> str:
+    """The records' ``precision`` of a case: ``ieee`` / ``tf32`` for float32 (the matmul precision), else the
+    dtype (``float64``, ``bfloat16``)."""
+    dtype = case.get("dtype", "float32")
+    if dtype != "float32":
+        return dtype
+    return PRECISIONS.get(case.get("precision", "highest"), case.get("precision", "highest"))
 
 
-def precompile(problems, device: str = "cuda", provider: str = "triton",
-               precisions=("highest", "high", "bf16")) -> list:
+def case_records(rec: Dict, prov: Dict, command: str) -> List[Dict]:
+    """The schema records of one case's result: ``step_time`` (median, with p20 / p80 and the sample count as its
+    spread) and ``peak_memory`` (the CUDA caching allocator's peak on a GPU, the peak resident set on CPU); a case
+    without a result gives one ``step_time`` record with its error."""
+    from . import records
+
+    extra = {k: rec[k] for k in _EXTRA if k in rec}
+    extra.update(matmul_precision=rec.get("precision", "highest"), command=command)
+    common = dict(kind="timing", problem=rec["problem"], provider=rec["provider"], mode=rec["mode"],
+                  precision=record_precision(rec), prov=prov)
+    if "error" in rec:
+        return [records.record(metric="step_time", value=None, unit="s", error=rec["error"], extra=extra, **common)]
+    spread = {"p20": rec["time_p20_s"], "p80": rec["time_p80_s"], "n": rec["repeats"]}
+    out = [records.record(metric="step_time", value=rec["time_s"], unit="s", spread=spread, extra=extra, **common)]
+    gpu = "peak_gpu_mb" in rec
+    out.append(records.record(metric="peak_memory", value=rec["peak_gpu_mb"] if gpu else rec["peak_rss_mb"],
+                              unit="MB", extra={**extra, "memory": "cuda max_memory_allocated" if gpu else "peak RSS"},
+                              **common))
+    return out
+
+
+def results_root() -> str:
+    """``benchmarks/results`` of the checkout this package is in, else of the working directory."""
+    if os.path.isdir(os.path.join(_ROOT, "benchmarks")):
+        return os.path.join(_ROOT, "benchmarks", "results")
+    return os.path.join(os.getcwd(), "benchmarks", "results")
+
+
+def results_path(kind: str, name: str, prov: Dict, root: Optional[str] = None) -> str:
+    """``<root>/<kind>/<device slug>/<date>-<name>.json`` (root: :func:`results_root`)."""
+    from . import records
+
+    return os.path.join(root or results_root(), kind, records.device_slug(prov), f"{prov['date'][:10]}-{name}.json")
+
+
+def write_results(path: str, recs: List[Dict], copy_to: Optional[str] = None, root: Optional[str] = None) -> str:
+    """Write a results file (atomically) and, with ``copy_to``, the same file under that folder at the same path
+    relative to the results root (or by its name when it lies elsewhere). Returns ``path``."""
+    from . import records
+
+    records.write(path, recs)
+    if copy_to:
+        rel = os.path.relpath(os.path.abspath(path), os.path.abspath(root or results_root()))
+        if rel.startswith(".."):
+            rel = os.path.basename(path)
+        records.write(os.path.join(copy_to, rel), recs)
+    return path
+
+
+def precompile(problems, device: str = "cuda", provider: str = "triton", precisions=PRECOMPILE_PRECISIONS,
+               budget_s: float = float("inf"), on_result=None) -> list:
     """Compile every kernel ``provider`` launches for each problem before anything is timed: a training step and an
     eval-mode step on a small graph of the problem's sizes (its kernels do not specialise on the graph's size) in
-    IEEE float32, TF32 and bf16 autocast. Fills Triton's on-disk cache, which the timed runs (child processes)
-    then hit. Returns [(problem, precision, mode, seconds)]."""
+    IEEE float32, TF32 and bf16 autocast (``precisions``). Fills Triton's on-disk cache, which the timed runs (child
+    processes) then hit. A step that fails is reported and the next one runs; none starts after ``budget_s``.
+    Returns [(problem, precision, mode, seconds or None, error or None)]; ``on_result`` sees the list after each."""
     import contextlib
+
+    import torch
 
     from . import problems as _problems
     from .workcount import _problem, graph_sizes
 
     out = []
+    t0 = time.time()
+
+    def add(row):
+        out.append(row)
+        if on_result is not None:
+            on_result(out)
+
     for problem in problems:
-        small = _problem(graph_sizes(problem)[0])
-        _problems.PROBLEMS.setdefault(small.name, small)
+        why = problem_unavailable(problem)
         for prec in precisions:
             for mode in ("train", "eval"):
+                if why:
+                    add((problem, prec, mode, None, f"skipped: {why}"))
+                    continue
+                if time.time() - t0 > budget_s:
+                    add((problem, prec, mode, None, f"skipped: the time budget ({budget_s:.0f} s) was spent"))
+                    continue
+                small = _problem(graph_sizes(problem)[0])
+                _problems.PROBLEMS.setdefault(small.name, small)
                 t = time.perf_counter()
                 torch.set_float32_matmul_precision("high" if prec == "high" else "highest")
                 amp = torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if prec == "bf16" \
                     else contextlib.nullcontext()
-                step, _ = setup_case(small.name, provider, mode, device=device, dtype="float32")
-                with amp:
-                    step()
-                if device.startswith("cuda"):
-                    torch.cuda.synchronize()
-                out.append((problem, prec, mode, time.perf_counter() - t))
+                try:
+                    step, _ = setup_case(small.name, provider, mode, device=device, dtype="float32")
+                    with amp:
+                        step()
+                    _sync(device)
+                except Exception as exc:  # reported, and the next configuration still compiles
+                    add((problem, prec, mode, None, _last_line(exc)))
+                    continue
+                add((problem, prec, mode, time.perf_counter() - t, None))
     torch.set_float32_matmul_precision("highest")
     return out
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m ik_fast.bench", description=__doc__.split("\n")[0])
+def _last_line(exc: BaseException) -> str:
+    lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
+    return f"{type(exc).__name__}: {lines[-1] if lines else ''}"
+
+
+def _problem_help() -> str:
+    from .problems import PROBLEMS, SWEEPS, sweep_problems
+
+    rows = [f"  {name:<8} {p.description}" for name, p in PROBLEMS.items()]
+    sweeps = "; ".join(f"{kind}: {','.join(sweep_problems(kind))}" for kind in SWEEPS)
+    return ("problems (--problems, comma separated; NAME@N: the problem's fields and degree on N nodes):\n"
+            + "\n".join(rows) + f"\nedge sweeps (SWEEPS): {sweeps}")
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m ik_fast.bench", description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_problem_help())
     ap.add_argument("--suite", choices=["cpu", "gpu"], default=None,
-                    help="a named run (problems, providers, modes); results go to benchmarks/results/")
-    ap.add_argument("--problems", default="cpu")
-    ap.add_argument("--providers", default="reference,torch")
-    ap.add_argument("--modes", default="train")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--warmup", type=int, default=1)
+                    help="a named run (its problems, providers, modes and device replace those options): cpu = the "
+                         "CPU problems and sweep; gpu = P, M, H, skew and the 10^4..10^7-edge sweep on CUDA")
+    ap.add_argument("--problems", default="cpu", help="comma-separated problem names (listed below)")
+    ap.add_argument("--providers", default="reference,torch",
+                    help="comma separated: escnn (escnn's own point convolution) or an ik_fast backend: reference, "
+                         "torch, triton, native")
+    ap.add_argument("--modes", default="train", help=f"comma separated, of {', '.join(MODES)}")
+    ap.add_argument("--repeats", type=int, default=3, help="timed steps per case (after --warmup)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed steps before the timed ones (the first compiles)")
     ap.add_argument("--min-time", type=float, default=1.0,
                     help="seconds of timed steps at least: more than --repeats where they take less (fast cases)")
     ap.add_argument("--rounds", type=int, default=1,
                     help="measure every case this many times, round after round over the whole list (providers "
                          "interleaved in time); report each case's median round")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--precision", choices=["highest", "high"], default="highest",
-                    help="torch.set_float32_matmul_precision for every case: highest = IEEE float32, high = TF32")
-    ap.add_argument("--timeout", type=float, default=240, help="seconds per case")
-    ap.add_argument("--budget-s", type=float, default=float("inf"), help="start no case after this many seconds")
-    ap.add_argument("--out", default=None, help="write the records and the environment as JSON")
+    ap.add_argument("--device", default="cpu", help="torch device of the cases: cpu, cuda, cuda:1, ...")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"],
+                    help="dtype of the layer and its inputs")
+    ap.add_argument("--precision", default=None,
+                    help="torch.set_float32_matmul_precision, comma separated for several passes over the cases: "
+                         "highest (= ieee: IEEE float32, the default) and/or high (= tf32: TF32, every provider "
+                         "alike); with --precompile: which of highest, high, bf16 to compile (default all three)")
+    ap.add_argument("--timeout", type=float, default=240, help="seconds per case: its child is killed after that")
+    ap.add_argument("--budget-s", type=float, default=float("inf"),
+                    help="seconds for the whole run: a case still running then is stopped (its child killed) and "
+                         "no case starts after it; each is recorded as such")
+    ap.add_argument("--name", default=None,
+                    help="results file name: benchmarks/results/<kind>/<device>/<date>-NAME.json (default: the "
+                         "suite's name, else bench / precompile / work)")
+    ap.add_argument("--out", default=None, help="write the results file here instead (the records schema)")
+    ap.add_argument("--copy-to", default=None,
+                    help="also write every results file, whenever it is rewritten, under this folder (at its path "
+                         "relative to benchmarks/results)")
+    ap.add_argument("--no-save", action="store_true", help="write no results file (print the table only)")
     ap.add_argument("--resume", action="store_true", help="keep the records already in the output file")
     ap.add_argument("--work", action="store_true",
                     help="count the multiply-adds each provider executes per edge (interpreter, small graphs) against "
                          "the structured floor, instead of timing")
     ap.add_argument("--precompile", action="store_true",
                     help="only compile every Triton kernel of the problems (train and eval, IEEE/TF32/bf16) on the "
-                         "device, filling Triton's cache before a timed run")
+                         "device, filling Triton's cache before a timed run; records each step's seconds")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
-    if args.precompile:
-        for problem, prec, mode, sec in precompile(args.problems.split(","), device=args.device):
-            print(f"precompiled {problem} {prec} {mode}: {sec:.1f} s", flush=True)
-        return 0
-    if args.work:
-        from .workcount import work_table
+    return ap
 
-        rows = count_work(args.problems.split(","), args.providers.split(","), timeout=args.timeout * 15)
-        good = [r for r in rows if "error" not in r]
-        print(work_table(good))
-        for r in rows:
-            if "error" in r:
-                print(f"{r['problem']}: {r['error']}", file=sys.stderr)
-        if args.out:
-            with open(args.out, "w") as f:
-                json.dump({"command": "python -m ik_fast.bench " + " ".join(argv or sys.argv[1:]), "work": rows}, f,
-                          indent=1, default=str)
-        return 1 if len(good) < len(rows) else 0
+
+def _split(value: str, option: str) -> List[str]:
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    if not items:
+        raise SystemExit(f"python -m ik_fast.bench: error: {option} is empty")
+    return items
+
+
+def _check(args, ap) -> None:
+    """Refuse bad values with a message naming the option."""
+    from .problems import get_problem
+
     if args.child:
+        return
+    for name in ("repeats", "rounds"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.warmup < 0:
+        ap.error(f"--warmup must be 0 or more, got {args.warmup}")
+    for name in ("timeout", "budget_s"):
+        if not getattr(args, name) > 0:
+            ap.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in _split(args.problems, "--problems"):
+        try:
+            get_problem(name)
+        except ValueError as exc:
+            ap.error(f"--problems: {exc}")
+    if not args.precompile and not args.work:
+        bad = [m for m in _split(args.modes, "--modes") if m not in MODES]
+        if bad:
+            ap.error(f"--modes: unknown mode(s) {bad}; known: {list(MODES)}")
+    if args.precision is not None:
+        known = set(PRECOMPILE_PRECISIONS) | {"ieee", "tf32"} if args.precompile else set(_PRECISION_ALIASES)
+        bad = [p for p in _split(args.precision, "--precision") if p not in known]
+        if bad:
+            ap.error(f"--precision: unknown value(s) {bad}; known: {sorted(known)}")
+
+
+def _results_file(args, kind: str, default_name: str, prov: Dict) -> Optional[str]:
+    if args.no_save:
+        return None
+    return args.out or results_path(kind, args.name or default_name, prov)
+
+
+def main(argv=None) -> int:
+    ap = _parser()
+    args = ap.parse_args(argv)
+    _check(args, ap)
+    command = "python -m ik_fast.bench " + " ".join(a for a in (sys.argv[1:] if argv is None else argv)
+                                                      if a != "--resume")
+    if args.child:
+        import torch
+
         case = json.loads(args.child)
         try:
             print(json.dumps(measure(**case)))
@@ -542,41 +724,103 @@ def main(argv=None) -> int:
                 raise
             print(json.dumps({**case, "error": "out of memory"}))
         return 0
+    signal.signal(signal.SIGTERM, _stop_child)
+    from . import records
+
+    if args.precompile:
+        precs = [{"ieee": "highest", "tf32": "high"}.get(p, p) for p in _split(args.precision, "--precision")] \
+            if args.precision else list(PRECOMPILE_PRECISIONS)
+        prov = records.provenance(args.device)
+        out = _results_file(args, "compile", "precompile", prov)
+
+        def save(rows):
+            recs = [records.record("compile", problem, "triton", "first_step_time", sec, "s", mode=mode,
+                                   precision=PRECISIONS.get(prec, prec), error=err, prov=prov,
+                                   extra={"what": "a first step on a small graph of the problem (Triton compiles)",
+                                          "command": command})
+                    for problem, prec, mode, sec, err in rows]
+            if out:
+                write_results(out, recs, args.copy_to)
+
+        rows = precompile(_split(args.problems, "--problems"), device=args.device, precisions=precs,
+                          budget_s=args.budget_s, on_result=save)
+        for problem, prec, mode, sec, err in rows:
+            print(f"precompiled {problem} {prec} {mode}: " + (f"{sec:.1f} s" if err is None else err), flush=True)
+        if out:
+            print(f"results: {out}", file=sys.stderr)
+        return 0 if all(err is None or err.startswith("skipped") for *_, err in rows) else 1
+    if args.work:
+        from .workcount import work_table
+
+        rows = count_work(_split(args.problems, "--problems"), _split(args.providers, "--providers"),
+                          timeout=args.timeout * 15)
+        good = [r for r in rows if "error" not in r]
+        print(work_table(good))
+        for r in rows:
+            if "error" in r:
+                print(f"{r['problem']}: {r['error']}", file=sys.stderr)
+        prov = records.provenance("cpu")
+        out = _results_file(args, "work", "work", prov)
+        if out:
+            recs = []
+            for r in rows:
+                extra = {k: v for k, v in r.items() if k not in ("problem", "provider", "error", "macs_per_edge")}
+                recs.append(records.record("work", r["problem"], r.get("provider", ",".join(args.providers.split(","))),
+                                           "macs_per_edge", r.get("macs_per_edge"), "count", mode="train",
+                                           error=r.get("error") or (None if r.get("macs_per_edge") is not None
+                                                                    else "not counted"),
+                                           extra={**extra, "command": command}, prov=prov))
+            write_results(out, recs, args.copy_to)
+            print(f"results: {out}", file=sys.stderr)
+        return 1 if len(good) < len(rows) else 0
+    import torch
+
     if args.suite:
         suite = suites()[args.suite]
         problems, providers, modes, device = suite["problems"], suite["providers"], suite["modes"], suite["device"]
     else:
-        problems, providers = args.problems.split(","), args.providers.split(",")
-        modes, device = args.modes.split(","), args.device
+        problems, providers = _split(args.problems, "--problems"), _split(args.providers, "--providers")
+        modes, device = _split(args.modes, "--modes"), args.device
+    precisions = [_PRECISION_ALIASES[p] for p in _split(args.precision or "highest", "--precision")]
     cases = [dict(problem=p, provider=v, mode=m, repeats=args.repeats, warmup=args.warmup, min_time_s=args.min_time,
-                  device=device, dtype=args.dtype, precision=args.precision)
-             for p in problems for m in modes for v in providers]
-    torch.set_float32_matmul_precision(args.precision)
-    env = environment(device)
-    out = args.out
-    if out is None and args.suite:
-        out = results_path(env, os.path.join(os.getcwd(), "benchmarks", "results"))
-        if args.precision != "highest":
-            out = out.replace(".json", "-tf32.json")
-    done = {}
+                  device=device, dtype=args.dtype, precision=prec)
+             for prec in precisions for p in problems for m in modes for v in providers]
+    prov = records.provenance(device)
+    out = _results_file(args, "timing", args.suite or "bench", prov)
+    done = {}  # case key -> its records in the file (--resume)
     if args.resume and out and os.path.exists(out):
-        with open(out) as f:
-            done = {_key(r): r for r in json.load(f)["records"]  # results, not crashes, are kept
-                    if "error" not in r or r["error"].startswith(("out of memory", "timeout"))}
-    command = "python -m ik_fast.bench " + " ".join(a for a in (argv or sys.argv[1:]) if a != "--resume")
+        groups = {}
+        for r in records.load(out):
+            x = r["extra"]
+            key = (r["problem"], r["provider"], r["mode"], x.get("device", "cpu"), x.get("dtype", "float32"),
+                   x.get("matmul_precision", "highest"))
+            groups.setdefault(key, []).append(r)
+        for key, rs in groups.items():  # results, not crashes, are kept
+            step = [r for r in rs if r["metric"] == "step_time"]
+            if step and (step[0].get("error") is None or step[0]["error"].startswith(("out of memory", "timeout"))):
+                done[key] = rs
 
-    def save(records):
-        if out:
-            os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-            with open(out, "w") as f:
-                json.dump({"environment": env, "command": command, "records": records}, f, indent=1)
+    def save(recs):
+        if not out:
+            return
+        by_key = {_key(r): r for r in recs}
+        flat = []
+        for c in cases:
+            k = _key(c)
+            if k in done:
+                flat += done[k]
+            elif k in by_key:
+                flat += case_records(by_key[k], prov, command)
+        write_results(out, flat, args.copy_to)
 
-    records = run_rounds(cases, args.rounds, args.timeout, args.budget_s, done, save)
+    todo = [c for c in cases if _key(c) not in done]
+    recs = run_rounds(todo, args.rounds, args.timeout, args.budget_s, None, save)
+    save(recs)
     if out:
         print(f"results: {out}", file=sys.stderr)
-    print(f"{env['device_name']}, torch {env['torch']}, {args.dtype}, matmul precision "
-          f"{env['float32_matmul_precision']}")
-    print(format_table(records))
+    print(f"{prov['device']['name']}, torch {torch.__version__}, {args.dtype}, matmul precision "
+          f"{', '.join(precisions)}")
+    print(format_table(recs))
     return 0
 
 

@@ -307,7 +307,14 @@ def register_implementation(impl: str, loader: Callable[[], object],
     _IMPLS[impl] = _Impl(loader, runs_on)
 
 
+def _declare_implementations() -> None:
+    """Import the backends, which declare the implementations (``register_implementation``): ``import ik_fast``
+    loads its names on first use, so a caller that imported only this module still sees every implementation."""
+    from . import backends  # noqa: F401
+
+
 def implementation_names() -> List[str]:
+    _declare_implementations()
     return list(_IMPLS)
 
 
@@ -322,6 +329,7 @@ def _load(impl: str) -> Optional[str]:
 
 def status(impl: str, device: str = "cpu") -> Optional[str]:
     """None when implementation ``impl`` runs on ``device``, else the reason it does not."""
+    _declare_implementations()
     if impl not in _IMPLS:
         return f"no implementation named {impl!r} (known: {implementation_names()})"
     why = _load(impl)

@@ -7,9 +7,13 @@ of the design notes; ``cpu`` is the foundation's CPU problem (16 fields of O(3) 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Dict, Optional
+from typing import TYPE_CHECKING, Dict, Optional
 
-import torch
+if TYPE_CHECKING:
+    import torch
+
+# torch and escnn are imported inside the functions that build layers and graphs: the problem list itself (names,
+# sizes, descriptions) imports in milliseconds, for the command-line tools' help
 
 __all__ = ["Problem", "PROBLEMS", "SWEEPS", "get_problem", "sweep_problems", "build_layer", "build_escnn_layer",
            "build_inputs"]
@@ -114,6 +118,8 @@ def field_types(p: Problem):
 
 def build_layer(p: Problem, backend: str = "auto", device="cpu", seed: int = 0):
     """The ImplicitPointConv of a problem (same weights for the same seed, whatever the backend)."""
+    import torch
+
     from .layers import ImplicitPointConv
 
     ft, attr = field_types(p)
@@ -124,6 +130,7 @@ def build_layer(p: Problem, backend: str = "auto", device="cpu", seed: int = 0):
 def build_escnn_layer(p: Problem, device="cpu", seed: int = 0):
     """escnn's analytic point convolution (R3PointConv / R2PointConv) on the same field types, with a receptive
     field matching the problem's graph (rings up to the 90th percentile of the edge length); no edge attributes."""
+    import torch
     from escnn import nn as enn
 
     ft, _ = field_types(p)
@@ -137,6 +144,8 @@ def build_escnn_layer(p: Problem, device="cpu", seed: int = 0):
 
 def build_inputs(p: Problem, device="cpu", seed: int = 0, dtype: Optional[torch.dtype] = None):
     """(x (N, C), pos (N, 3), edge_index (2, E), edge_attr (E, A)) of a problem."""
+    import torch
+
     from .data import molecule_batch, qm9_molecules, random_geometric_graph, skewed_graph
 
     dtype = dtype or torch.get_default_dtype()
