@@ -28,7 +28,8 @@ ROOT = os.path.dirname(HERE)
 RESULTS = os.path.join(HERE, "results")
 README = os.path.join(ROOT, "README.md")
 START, END = "<!-- results:start -->", "<!-- results:end -->"
-SECTIONS = ("summary", "timing", "spread", "compile", "precision", "work", "equivariance", "training")
+SECTIONS = ("summary", "timing", "spread", "threads", "compile_timing", "compile", "precision", "work", "equivariance",
+            "training", "tests")
 
 
 def _records_module():
@@ -263,7 +264,7 @@ def spread_section(recs: List[Dict]) -> str:
     """Repeat series: each run's step time per provider and the ratio of the first provider to the last."""
     series = defaultdict(list)
     for r in recs:
-        if r["kind"] == "timing" and "series" in r["extra"] and r["metric"] == "step_time":
+        if r["kind"] == "timing" and "run" in r["extra"] and r["metric"] == "step_time":
             series[(r["device"]["name"], r["problem"], r["mode"], r["extra"]["series"])].append(r)
     out = []
     for (dev, problem, mode, text), rs in sorted(series.items()):
@@ -278,6 +279,67 @@ def spread_section(recs: List[Dict]) -> str:
         out.append(_table(["run", *[f"`{p}` (s)" for p in providers],
                            *[f"`{providers[0]}` / `{p}`" for p in providers[1:]]], rows) + "\n")
     return "\n".join(out) if out else "No repeat series.\n"
+
+
+def threads_section(recs: List[Dict]) -> str:
+    """Step time by thread count on a quiet and on a busy machine (series "threads on a shared machine")."""
+    rs = [r for r in recs if r["kind"] == "timing" and r["extra"].get("series") == "threads on a shared machine"]
+    if not rs:
+        return "No thread-count records.\n"
+    rows = []
+    for (problem, provider), group in sorted(_group(rs, lambda r: (r["problem"], r["provider"])).items()):
+        t = {(r["extra"]["condition"], r["extra"]["threads"]): r["value"] for r in group}
+        rows.append([f"`{problem}`", f"`{provider}`", *[_g(t.get(k)) for k in
+                                                       (("quiet", 1), ("quiet", 2), ("busy", 1), ("busy", 2))],
+                     _commit(group[0])])
+    out = [f"{rs[0]['extra'].get('what', '')}; training step (s), {rs[0]['device']['name']}:\n",
+           _table(["problem", "provider", "quiet, 1 thread", "quiet, 2 threads", "busy, 1 thread", "busy, 2 threads",
+                   "commit"], rows)]
+    out.append("\nMeasured by:\n\n" + _provenance_note(rs) + "\n")
+    return "\n".join(out) + "\n" + DIRTY + "\n"
+
+
+def compile_timing_section(recs: List[Dict]) -> str:
+    """torch.compile: eager step, first compiled call, a second graph size, compiled step; and graph preparation."""
+    rs = [r for r in recs if r["kind"] == "timing" and r["extra"].get("series") in ("torch.compile",
+                                                                                   "graph preparation")]
+    if not rs:
+        return "No torch.compile records.\n"
+    out = []
+    comp = [r for r in rs if r["extra"]["series"] == "torch.compile"]
+    rows = []
+    for (problem, provider), group in sorted(_group(comp, lambda r: (r["problem"], r["provider"])).items()):
+        m = {r["metric"]: r for r in group}
+        eager, step = m.get("eager_step_time"), m.get("compiled_step_time")
+        ratio = f" (eager ÷ compiled = {eager['value'] / step['value']:.2f})" if eager and step else ""
+        rows.append([f"`{problem}`", f"`{provider}`", f"{group[0]['extra'].get('edges', ''):,}",
+                     *[_g(m[k]["value"]) if k in m else "" for k in ("eager_step_time", "compile_first_call_time",
+                                                                       "compile_second_graph_time")],
+                     (_g(step["value"]) + ratio) if step else "", _commit(group[0])])
+    if rows:
+        out.append(f"Training step (s), {comp[0]['device']['name']}, {comp[0]['extra'].get('load', '')}:\n")
+        out.append(_table(["problem", "backend", "edges", "eager step", "first compiled call (compile + step)",
+                           "second graph (1.5× edges)", "compiled step", "commit"], rows))
+    for r in (r for r in rs if r["extra"]["series"] == "graph preparation"):
+        sp = r["spread"] or {}
+        lo, hi = _g(sp.get("min", r["value"])), _g(sp.get("max", r["value"]))
+        out.append(f"\nGraph preparation, {r['problem']}: {lo}–{hi} s "
+                   f"({r['extra'].get('what', '')}; the process's CPU time {r['extra'].get('process_cpu_time_s')} s; "
+                   f"{r['extra'].get('load', '')}), commit `{_commit(r)}`.")
+    out.append("\nMeasured by:\n\n" + _provenance_note(rs) + "\n")
+    return "\n".join(out) + "\n" + DIRTY + "\n"
+
+
+def tests_section(recs: List[Dict]) -> str:
+    """Figures measured by the test suite's long tests (soak, slow, install)."""
+    rs = newest(r for r in recs if r["kind"] == "test")
+    if not rs:
+        return "No test records.\n"
+    rows = [[f"`{r['problem']}`", r["extra"].get("what", ""), r["metric"], f"{_g(r['value'])} {r['unit']}",
+             _commit(r), r["date"]] for r in sorted(rs, key=lambda r: r["problem"])]
+    out = [_table(["test", "what", "metric", "value", "commit", "date"], rows)]
+    out.append("\nMeasured by:\n\n" + _provenance_note(rs) + "\n")
+    return "\n".join(out) + "\n" + DIRTY + "\n"
 
 
 def plots(dev: str, cases: Dict, plot_dir: str) -> List[Tuple[str, List[str]]]:
@@ -404,7 +466,7 @@ def compile_section(recs: List[Dict]) -> str:
             out.append(_table(["kernel", *problems], rows))
         else:
             rows = []
-            for e, m in sorted(entries.items()):
+            for _, m in sorted(entries.items()):
                 reg = m["registers"]
                 rows.append([f"`{reg['problem']}`", reg["extra"].get("file", ""),
                              *[_g(m[k]["value"]) if k in m else "" for k in
@@ -518,7 +580,8 @@ def training_section(recs: List[Dict]) -> str:
         ex = r["extra"]
         if r["metric"] in ("val_mae", "val_mse"):
             test = ex.get("test_mae", ex.get("test_mse"))
-            rows.append([f"`{r['problem']}`", f"`{r['provider']}`", r["metric"], f"{_g(r['value'], 4)}" + (f" {r['unit']}" if r["unit"] != "1" else ""),
+            value = f"{_g(r['value'], 4)}" + (f" {r['unit']}" if r["unit"] != "1" else "")
+            rows.append([f"`{r['problem']}`", f"`{r['provider']}`", r["metric"], value,
                          _g(ex.get("baseline"), 4), f"{r['value'] / ex['baseline']:.2f}" if ex.get("baseline") else "",
                          _g(test, 4) if test is not None else "", _g(ex.get("test_baseline"), 4), _commit(r)])
         elif r["metric"] == "cpu_time":
@@ -549,7 +612,8 @@ def render(section: str, recs: Optional[List[Dict]] = None, plot_dir: Optional[s
         return timing_section(recs, plot_dir, plot_prefix)
     fn = {"summary": summary_section, "spread": spread_section, "compile": compile_section,
           "precision": precision_section, "work": work_section, "equivariance": equivariance_section,
-          "training": training_section}.get(section)
+          "training": training_section, "threads": threads_section, "compile_timing": compile_timing_section,
+          "tests": tests_section}.get(section)
     if fn is None:
         raise ValueError(f"unknown section {section!r}; one of {SECTIONS}")
     return fn(recs)
