@@ -10,7 +10,7 @@ from conftest import field_types, get_gspace, rel, small_graph
 
 import ik_fast
 from ik_fast import ops
-from ik_fast.graph import prepare_graph
+from ik_fast.testing import tolerance
 
 pytest.importorskip("triton")
 import triton  # noqa: E402
@@ -36,67 +36,6 @@ def _inputs(conv, gs, attr_t, n=10, e=40, dtype=torch.float64, seed=0):
     x = torch.randn(n, conv.in_type.size, dtype=dtype)
     a = None if attr_t is None else torch.randn(e, attr_t.size, dtype=dtype)
     return pos, ei, x, a
-
-
-def _op_args(conv, pos, ei, x, a):
-    """The triton_conv op's arguments for a layer and a graph, as the fused backend builds them (leaves that
-    require gradients where the op has one)."""
-    prog = conv.kernel.program()
-    n = x.shape[0]
-    g = prepare_graph(ei, n, n)
-    inp = prog.mlp_input(pos[ei[0]] - pos[ei[1]], a)[g.perm].contiguous()
-    p = prog.packed([], x.dtype)
-    leaf = lambda t: t.detach().clone().requires_grad_()  # noqa: E731
-    return (leaf(x), leaf(inp), g.src[g.perm].contiguous(), g.rowptr, [leaf(w) for w in p.weights],
-            [leaf(b) for b in p.biases], p.fourier, p.fourier_inv, leaf(p.final_weight), leaf(p.final_bias),
-            leaf(p.coef), p.norm, p.ndim, p.final_mask, None)
-
-
-def _leaves(args):
-    flat = []
-    for t in args:
-        flat.extend(t if isinstance(t, list) else [t])
-    return [t for t in flat if torch.is_tensor(t) and t.requires_grad]
-
-
-def test_opcheck():
-    conv, gs, attr_t = _conv()
-    conv.eval()
-    args = _op_args(conv, *_inputs(conv, gs, attr_t))
-    torch.library.opcheck(torch.ops.ik_fast.triton_conv, args)
-    # the backward op, with autograd through it (double backward), and the statistics op on plain tensors
-    grad = torch.randn(args[3].shape[0] - 1, args[8].shape[0], dtype=args[0].dtype, requires_grad=True)
-    torch.library.opcheck(torch.ops.ik_fast.triton_conv_backward, (grad, *args[:14]))
-    plain = [t.detach() for t in args[4]], [t.detach() for t in args[5]]
-    for with_act in (False, True):
-        torch.library.opcheck(torch.ops.ik_fast.triton_trunk_moments,
-                              (args[1].detach(), *plain, args[6], args[7], with_act))
-    # conv given the last activation (as the statistics pass returns it) instead of evaluating the trunk
-    _, act = ops.trunk_moments("triton", args[1].detach(), ops.PackedProgram(*plain, args[6], args[7], *args[8:14]),
-                               len(args[4]), with_activation=True)
-    torch.library.opcheck(torch.ops.ik_fast.triton_conv, (*args[:14], act))
-
-
-def test_op_matches_its_statement_in_forward_backward_and_double_backward():
-    """triton_conv against ops.conv_reference_form (the op's semantics in plain PyTorch): forward, every gradient,
-    and a double backward through the registered backward op."""
-    conv, gs, attr_t = _conv("O2", "mixed")
-    conv.eval()
-    args = _op_args(conv, *_inputs(conv, gs, attr_t, n=12, e=50))
-    out = torch.ops.ik_fast.triton_conv(*args)
-    ref = ops.conv_reference_form(*args)
-    assert rel(out, ref) < 1e-12
-    w = torch.randn_like(out)
-    leaves = _leaves(args)
-    g1 = torch.autograd.grad((out * w).sum(), leaves, create_graph=True)
-    g2 = torch.autograd.grad((ref * w).sum(), leaves, create_graph=True)
-    for a, b in zip(g1, g2):
-        assert rel(a, b) < 1e-11
-    v = [torch.randn_like(g) for g in g1]
-    s1 = torch.autograd.grad(sum((g * u).sum() for g, u in zip(g1, v)), leaves, allow_unused=True)
-    s2 = torch.autograd.grad(sum((g * u).sum() for g, u in zip(g2, v)), leaves, allow_unused=True)
-    for a, b in zip(s1, s2):
-        assert (a is None and b is None) or rel(a, b) < 1e-10
 
 
 def test_block_plan_covers_exactly_the_structure():
@@ -128,74 +67,6 @@ def test_block_plan_covers_exactly_the_structure():
         KB.blocks(mask[:, :1], mask.shape, kern._rho_size, "cpu")
 
 
-def test_final_mask_semantics_on_a_weight_outside_the_structure():
-    """The op computes with final_weight * final_mask: given a weight that is non-zero everywhere, the output and
-    every gradient match the op's plain statement (which masks), W''s gradient is zero outside the mask, and without
-    a mask the whole dense weight is used."""
-    conv, gs, attr_t = _conv("O3", "mixed_attr")
-    conv.eval()
-    args = list(_op_args(conv, *_inputs(conv, gs, attr_t, n=12, e=50)))
-    mask = args[13]
-    assert mask is not None and not bool(mask.all())
-    args[8] = torch.randn_like(args[8]).requires_grad_()  # not structurally zero outside the mask
-    for m in (mask, None):
-        args[13] = m
-        out = torch.ops.ik_fast.triton_conv(*args)
-        ref = ops.conv_reference_form(*args)
-        assert rel(out, ref) < 1e-12
-        w = torch.randn_like(out)
-        g1 = torch.autograd.grad((out * w).sum(), args[8])[0]
-        g2 = torch.autograd.grad((ref * w).sum(), args[8])[0]
-        assert rel(g1, g2) < 1e-11
-        if m is not None:
-            assert bool((g1[~m] == 0).all())
-        else:
-            assert bool((g1[~mask] != 0).any())
-
-
-def test_moments_match_the_trunk():
-    conv, gs, attr_t = _conv("SO3", "mixed_attr")
-    conv.train()
-    pos, ei, x, a = _inputs(conv, gs, attr_t, n=12, e=70)
-    prog = conv.kernel.program()
-    inp = prog.mlp_input(pos[ei[0]] - pos[ei[1]], a)
-    p = prog.packed([], x.dtype, upto=1)
-    m, act = ops.trunk_moments("triton", inp, p, 1, with_activation=True)
-    h = ops.trunk_reference_form(inp, p.weights, p.biases, p.fourier, p.fourier_inv)
-    assert rel(m[0], h.mean(0)) < 1e-12
-    assert rel(m[1], (h - h.mean(0)).square().sum(0)) < 1e-12
-    assert rel(act, h) < 1e-12
-    assert ops.trunk_moments("triton", inp, p, 1)[1].numel() == 0
-    # the tape's grids are native's (ik_fast.ops): Triton says so rather than return something else
-    with pytest.raises(NotImplementedError, match="grids"):
-        ops.trunk_moments("triton", inp, p, 1, with_grid=True)
-
-
-def test_torch_compile_fullgraph_dynamic_edges():
-    """The op traces without graph breaks, and its fake kernel serves every edge count without recompiling."""
-    from torch._dynamo.testing import CompileCounterWithBackend
-
-    conv, gs, attr_t = _conv(dtype=torch.float32)
-    conv.eval()
-    cnt = CompileCounterWithBackend("aot_eager")
-
-    def step(*args):
-        out = torch.ops.ik_fast.triton_conv(*args)
-        return out.square().sum()
-
-    torch._dynamo.reset()
-    compiled = torch.compile(step, backend=cnt, fullgraph=True, dynamic=True)
-    frames = []
-    for e in (61, 73):  # (edge counts unlike any hidden size, so that duck sizing does not tie them)
-        args = _op_args(conv, *_inputs(conv, gs, attr_t, n=12, e=e, dtype=torch.float32, seed=e))
-        loss = compiled(*args)
-        assert torch.allclose(loss, step(*args), rtol=1e-5)
-        loss.backward()
-        assert args[0].grad is not None and torch.isfinite(args[0].grad).all()
-        frames.append(cnt.frame_count)
-    assert frames[0] >= 1 and frames[1] == frames[0]  # the second edge count reused the first compilation
-
-
 def test_float32_and_bfloat16_errors_against_float64():
     conv, gs, attr_t = _conv("O3", "mixed_attr", n_channels=3)
     conv.eval()
@@ -211,8 +82,9 @@ def test_float32_and_bfloat16_errors_against_float64():
             out16 = c32(*args32, **kw)
     assert out32.dtype == torch.float32 and out16.dtype == torch.float32
     e32, e16 = rel(out32.double(), ref), rel(out16.double(), ref)
-    assert e32 < 1e-5
-    assert 1e-4 < e16 < 1e-1  # bfloat16 operands: visibly coarser than float32, still the same layer
+    assert e32 <= tolerance("forward", torch.float32)
+    # bfloat16 operands: visibly coarser than float32, still the same layer
+    assert tolerance("forward", torch.float32) < e16 <= tolerance("forward", torch.bfloat16)
 
 
 def test_precision_follows_pytorch_switches():
@@ -293,28 +165,6 @@ def test_training_step_is_bitwise_deterministic_whatever_the_program_order(monke
         assert torch.equal(g1, g2)
 
 
-@pytest.mark.parametrize("case", ["one_layer", "no_bias", "no_attr", "pointwise", "planar"])
-def test_variants_match_torch_backend(case):
-    kw = {"one_layer": dict(n_layers=1), "no_bias": dict(bias=False), "no_attr": dict(kind="mixed"),
-          "pointwise": dict(name="Oh"), "planar": dict(name="SO2")}[case]
-    conv, gs, attr_t = _conv(**kw)
-    pos, ei, x, a = _inputs(conv, gs, attr_t)
-    for mode in ("train", "eval"):
-        getattr(conv, mode)()
-        state = {k: v.clone() for k, v in conv.state_dict().items()}
-        res = {}
-        for b in ("torch", "triton"):
-            conv.load_state_dict(state)
-            conv.backend = b
-            conv.zero_grad()
-            xg, pg = x.clone().requires_grad_(), pos.clone().requires_grad_()
-            out = conv(xg, ei, edge_attr=a, pos=pg)
-            (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)).sum().backward()
-            res[b] = [out.detach(), xg.grad, pg.grad] + [p.grad for p in conv.parameters() if p.grad is not None]
-        for r, f in zip(res["torch"], res["triton"]):
-            assert rel(f, r) < 1e-9, case
-
-
 def test_wide_features_span_several_blocks():
     """More than 16 input components (the bias term goes in blocks of 16) and a hidden layer wider than one GEMM
     block (NG > 1), against the reference in float64, forward and gradients, training mode."""
@@ -341,7 +191,7 @@ def test_wide_features_span_several_blocks():
         (out * torch.cos(torch.arange(out.numel(), dtype=out.dtype)).reshape(out.shape)).sum().backward()
         res[b] = [out.detach(), xg.grad] + [p.grad for p in conv.parameters() if p.grad is not None]
     for r, f in zip(res["reference"], res["triton"]):
-        assert rel(f, r) < 1e-9
+        assert rel(f, r) <= tolerance("backward", torch.float64)
 
 
 def test_hub_over_many_edge_chunks_and_tile_sizes(monkeypatch):
@@ -367,7 +217,7 @@ def test_hub_over_many_edge_chunks_and_tile_sizes(monkeypatch):
             out.square().sum().backward()
             outs[b] = [out.detach(), xg.grad] + [p.grad for p in conv.parameters() if p.grad is not None]
         for r, f in zip(outs["torch"], outs["triton"]):
-            assert rel(f, r) < 1e-10
+            assert rel(f, r) <= tolerance("backward", torch.float64)
 
 
 @triton.jit
@@ -397,15 +247,6 @@ def test_index_arithmetic_is_int64_past_2_31():
     k = torch.arange(BN, dtype=torch.int64)
     assert torch.equal(out[2 * BE:2 * BE + BN], torch.where(k < 5, big + k, 0))  # receiver 0 has 5 edges
     assert torch.equal(out[2 * BE + BN:], torch.where(k < 5, (big + k) * 1024, 0))
-
-
-def test_unsupported_dtype_is_a_clear_error():
-    conv, gs, attr_t = _conv(dtype=torch.bfloat16)
-    conv.eval()
-    pos, ei, x, a = _inputs(conv, gs, attr_t, dtype=torch.bfloat16)
-    conv.backend = "triton"
-    with pytest.raises(TypeError, match="float32 or float64"):
-        conv(x, ei, edge_attr=a, pos=pos)
 
 
 def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
@@ -438,14 +279,3 @@ def test_auto_uses_torch_until_a_gpu_benchmark_shows_a_fused_backend_faster():
         assert B.resolve_backend("auto", "cuda") == "torch"
     assert B.resolve_backend("auto", "cpu") == ("native" if "native" in ik_fast.available_backends("cpu")
                                                 else "torch")
-
-
-def test_float16_falls_back_to_torch_with_a_warning():
-    conv, gs, attr_t = _conv(dtype=torch.float16, n_channels=1)
-    conv.eval()
-    pos, ei, x, a = _inputs(conv, gs, attr_t, dtype=torch.float16)
-    conv.backend = "triton"
-    with pytest.warns(RuntimeWarning, match="no float16 path; using 'torch'"):
-        out = conv(x, ei, edge_attr=a, pos=pos)
-    conv.backend = "torch"
-    assert torch.equal(out, conv(x, ei, edge_attr=a, pos=pos))
