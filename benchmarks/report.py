@@ -220,7 +220,7 @@ def timing_section(recs: List[Dict], plot_dir: Optional[str] = None, plot_prefix
                 split = f"{_g(ex['forward_s'])} / {_g(ex['backward_s'])}" if "forward_s" in ex else ""
             edges = _edges(m)
             rows.append([problem, f"{edges:,}" if edges else "", mode, provider, prec, time, split,
-                         _g(mem["value"]) if mem and mem["value"] is not None else "", _commit(t), t["date"]])
+                         _g(mem["value"]) if mem and mem["value"] is not None else "", _commit(t), t["date"][:10]])
         out.append(_table(["problem", "edges", "mode", "provider", "precision", "time (s) median [p20–p80]",
                            "forward / backward (s)", "peak memory (MB)", "commit", "date"], rows))
         out.append("\nMeasured by:\n\n" + _provenance_note(dev_recs) + "\n")
@@ -336,7 +336,7 @@ def tests_section(recs: List[Dict]) -> str:
     if not rs:
         return "No test records.\n"
     rows = [[f"`{r['problem']}`", r["extra"].get("what", ""), r["metric"], f"{_g(r['value'])} {r['unit']}",
-             _commit(r), r["date"]] for r in sorted(rs, key=lambda r: r["problem"])]
+             _commit(r), r["date"][:10]] for r in sorted(rs, key=lambda r: r["problem"])]
     out = [_table(["test", "what", "metric", "value", "commit", "date"], rows)]
     out.append("\nMeasured by:\n\n" + _provenance_note(rs) + "\n")
     return "\n".join(out) + "\n" + DIRTY + "\n"
@@ -436,8 +436,17 @@ def _variant(group: List[Dict]) -> Dict[int, str]:
 
 def compile_section(recs: List[Dict]) -> str:
     """Per toolchain (results file): registers / stack (B per thread) / shared memory (B) of every kernel."""
-    comp = [r for r in recs if r["kind"] == "compile"]
+    comp = [r for r in recs if r["kind"] == "compile" and "entry" in r["extra"]]
     out = []
+    first = newest(r for r in recs if r["kind"] == "compile" and "entry" not in r["extra"])
+    if first:  # python -m ik_fast.bench --precompile: one step's time per problem, precision and mode
+        rows = [[f"`{r['problem']}`", f"`{r['provider']}`", r["precision"], r["mode"], r["metric"],
+                 _g(r["value"]) if r["value"] is not None else f"failed: {r.get('error', '')}", _commit(r)]
+                for r in sorted(first, key=lambda r: (r["device"]["name"], _problem_order(r["problem"]),
+                                                      r["precision"], r["mode"]))]
+        out.append(f"#### Compilation steps, {first[0]['device']['name']}\n")
+        out.append(_table(["problem", "provider", "precision", "mode", "metric", "value (s)", "commit"], rows))
+        out.append("\nMeasured by:\n\n" + _provenance_note(first) + "\n")
     for path in sorted({r["_file"] for r in comp}):
         rs = [r for r in comp if r["_file"] == path]
         entries = defaultdict(dict)
@@ -529,10 +538,19 @@ def work_section(recs: List[Dict]) -> str:
         if macs is None:
             continue
         ex = macs["extra"]
-        edges = " → ".join(f"{e:,}" for e in ex["edges"])
-        counts = " / ".join(str(v) for v in aten["extra"]["aten_ops_at_edges"].values()) if aten else ""
-        rows.append([problem, f"`{provider}`", edges, f"{macs['value']:,.0f}", f"{ex['floor_per_edge']:,}",
-                     f"{macs['value'] / ex['floor_per_edge']:.2f}×", counts, _commit(macs)])
+        edges = ex.get("edges", [])
+        edges = " → ".join(f"{e:,}" for e in edges) if isinstance(edges, list) else f"{edges:,}"
+        if aten:
+            counts = " / ".join(str(v) for v in aten["extra"]["aten_ops_at_edges"].values())
+        else:
+            counts = " / ".join(str(v) for v in ex.get("aten_ops", []))
+        floor = ex.get("floor_per_edge")
+        if macs["value"] is None:
+            rows.append([problem, f"`{provider}`", edges, f"not counted: {macs.get('error', '')}", "", "", counts,
+                         _commit(macs)])
+            continue
+        rows.append([problem, f"`{provider}`", edges, f"{macs['value']:,.0f}", f"{floor:,}" if floor else "",
+                     f"{macs['value'] / floor:.2f}×" if floor else "", counts, _commit(macs)])
     out = [_table(["problem", "provider", "edges", "counted MACs / edge", "floor / edge", "ratio",
                    "aten events per step", "commit"], rows)]
     out.append("\nMeasured by:\n\n" + _provenance_note(work) + "\n")
