@@ -2,8 +2,8 @@
 
 :meth:`KernelProgram.packed` gives the fused ops (:mod:`ik_fast.ops`) the program with every batch norm folded. Built
 from the lowered program's own tensors, that is two stages of autograd: the kernel's expansion map (escnn's bases
-applied to every learnable tensor, one node) and the folds (about sixty operators, each its own node). On a
-400-edge graph their backward was a fifth of a native training step, all of it host overhead.
+applied to every learnable tensor, one node) and the folds (about sixty operators, each its own node): on a small
+graph their backward, all of it host overhead, is a large part of a native training step.
 
 :class:`SourcePacking` packs from the learnable tensors instead: the expansion of only the tensors the fused ops read
 (:class:`PackingMap`: not the dense hidden weights that a componentwise Linear's (D, C, C) form replaces, and the last
