@@ -249,11 +249,25 @@ def all_finite(t: Tensor) -> bool:
     return t.numel() == 0 or math.isfinite(t.sum().item()) or bool(torch.isfinite(t).all())
 
 
-def check_node_features(x: Tensor, name: str, size: int, device, dtype) -> None:
+def check_node_features(x: Tensor, name: str, size: int, device, dtype, finite: bool = True) -> None:
+    """Node features (N, size) on the layer's device and dtype, and finite: a NaN or an infinity raises a
+    ``ValueError`` naming ``name`` and the first bad entry (``finite=False``: shape, device and dtype only).
+
+    PyTorch's and escnn's layers (``torch.nn.Linear``, escnn's ``R3PointConv``) pass non-finite values through; ik_fast
+    rejects them, as it rejects non-finite positions, ``edge_delta`` and ``edge_attr``: one node's NaN reaches every
+    receiver it feeds (a convolution cannot mask it: NaN * 0 and inf * 0 are NaN) and, through a batch norm after
+    the layer, every feature of the batch and the running statistics, far from its cause. The check is one
+    reduction and one read on the host (:func:`all_finite`). While ``torch.compile`` traces, the values are not read
+    here (that would break the graph): the callers check them where the data is eager (the registered ops
+    ``ik_fast::eager_conv`` and ``ik_fast::graph_csr``)."""
     if isinstance(x, Tensor) and x.dim() == 3:
         raise ValueError(f"{name} must have shape (N, {size}) (one graph; batch several graphs into one by offsetting "
                          f"their node indices), got a batched tensor of shape {tuple(x.shape)}")
     _check_float(x, name, (None, size), device, dtype, finite=False)
+    if finite and not torch.compiler.is_compiling() and not all_finite(x):
+        node, channel = (~torch.isfinite(x)).nonzero()[0].tolist()
+        raise ValueError(f"{name} contains NaN or infinite values (first at node {node}, channel {channel}: "
+                         f"{x[node, channel].item()})")
 
 
 def check_positions(pos, name: str, rows: int, dim: int, finite: bool = True) -> None:

@@ -140,6 +140,8 @@ class ImplicitPointConv(_ImplicitConvBase):
             out, stats = self._forward_compiled(x_src, edge_index, c_src, c_dst, edge_delta, edge_attr, n_dst)
         else:
             prog = self.kernel.program()
+            if bipartite:  # named as passed (implicit_point_conv checks it too, as "x")
+                check_node_features(x_src, "x[0]", self.in_type.size, self.kernel.sigma.device, self.kernel.sigma.dtype)
             # the values of one tensor given for both sides are checked once
             for c, nm, rows, finite in ((c_src, "pos", n_src, True),
                                         (c_dst, "pos (receivers)", n_dst, c_dst is not c_src)):

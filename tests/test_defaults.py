@@ -113,3 +113,79 @@ def test_stable_order_is_torchs():
 
     keys = torch.randint(0, 50, (5000,))
     assert torch.equal(_stable_order(keys), torch.argsort(keys, stable=True))
+
+
+# ---- non-finite node features: rejected on every backend, eager and compiled, naming the argument ----
+
+EAGER = ["auto", *ik_fast.available_backends("cpu")]
+
+
+def _small_layer(backend):
+    from escnn import gspaces, nn as enn
+
+    gs = gspaces.rot2dOnR2(4)
+    ft = enn.FieldType(gs, [gs.fibergroup.regular_representation] * 2)
+    torch.manual_seed(0)
+    conv = ik_fast.ImplicitPointConv(ft, ft, n_layers=2, n_channels=2, backend=backend)
+    g = torch.Generator().manual_seed(0)
+    pos, x = torch.randn(10, 2, generator=g), torch.randn(10, ft.size, generator=g)
+    edge_index = torch.randint(0, 10, (2, 40), generator=g)
+    return conv, ft, x, pos, edge_index
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("backend", EAGER)
+def test_nonfinite_node_features_rejected(backend, bad):
+    from escnn import nn as enn
+
+    conv, ft, x, pos, ei = _small_layer(backend)
+    x[3, 5] = bad
+    msg = rf"^x contains NaN or infinite values \(first at node 3, channel 5: {bad}\)$"
+    with pytest.raises(ValueError, match=msg):
+        conv(x, ei, pos=pos)
+    with pytest.raises(ValueError, match=msg):
+        conv(enn.GeometricTensor(x, ft, coords=pos), ei)
+    with pytest.raises(ValueError, match=msg):  # the functional form names its argument x as well
+        ik_fast.implicit_point_conv(conv.kernel.program(), x, ei, pos[ei[0]] - pos[ei[1]], backend=backend)
+
+
+@pytest.mark.parametrize("backend", EAGER)
+def test_bipartite_source_features_named_x0_receivers_unread(backend):
+    conv, ft, x, pos, ei = _small_layer(backend)
+    recv, pos_r = x[:4].clone(), pos[:4]
+    ei = torch.stack([ei[0], ei[1] % 4])
+    recv[1, 2] = float("nan")  # the receivers' features are not read (only their number and positions)
+    assert torch.isfinite(conv((x, recv), ei, pos=(pos, pos_r))).all()
+    x[7, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"^x\[0\] contains NaN or infinite values \(first at node 7, channel 0"):
+        conv((x, recv), ei, pos=(pos, pos_r))
+
+
+def test_large_finite_node_features_pass():
+    # the sum overflows to inf in float32: the check then looks at the elements, which are finite
+    conv, ft, x, pos, ei = _small_layer("reference")
+    x[:] = 3e38
+    conv.eval()(x, ei, pos=pos)
+
+
+def _compilable(backend) -> bool:
+    """Whether this tree compiles ``backend`` in ImplicitPointConv: "torch" and "reference" as one registered op;
+    the fused backends (and "auto", which picks "native" on CPU) with the traced graph preparation."""
+    from ik_fast.backends import resolve_backend
+
+    if resolve_backend(backend, "cpu") in ("torch", "reference"):
+        return True
+    return hasattr(torch.ops.ik_fast, "graph_csr")
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])  # the two routes: traced graph op / one registered op
+def test_nonfinite_node_features_rejected_compiled(backend):
+    if not _compilable(backend):
+        pytest.skip(f"backend {backend!r} is not compiled by this tree")
+    conv, ft, x, pos, ei = _small_layer(backend)
+    conv.eval()
+    compiled = torch.compile(conv, fullgraph=True, dynamic=True)
+    torch.testing.assert_close(compiled(x, ei, pos=pos), conv(x, ei, pos=pos))
+    x[3, 5] = float("nan")
+    with pytest.raises(ValueError, match=r"^x contains NaN or infinite values"):
+        compiled(x, ei, pos=pos)
