@@ -25,8 +25,10 @@ def implicit_point_conv(program: KernelProgram, x_src: Tensor, edge_index, edge_
         edge_delta: (E, n) edge vectors (pos_j - pos_i by convention).
         edge_attr: (E, A) edge attributes when the kernel has an attribute type.
         n_dst: number of receivers (default: N_src).
-        backend: "reference", "torch", "triton", "native", or "auto"/None ($IK_FAST_BACKEND, else the fastest
-            available for this device and graph size: :func:`ik_fast.backends.resolve_backend`).
+        backend: "auto" (the fastest available for this device and graph size:
+            :func:`ik_fast.backends.resolve_backend`), one of the registry ``ik_fast.backends.BACKENDS``
+            ("reference", "torch", "triton", "native"; described in :class:`~ik_fast.ImplicitPointConv`), or None
+            ($IK_FAST_BACKEND, else "auto"). ``ik_fast.available_backends()`` lists those that run here.
 
     Returns:
         (out (n_dst, C_out), batch statistics) — the statistics (one (mean, var) per batch-norm layer) are non-empty in

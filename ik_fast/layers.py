@@ -61,8 +61,19 @@ class ImplicitPointConv(_ImplicitConvBase):
     r"""G-steerable point convolution with an implicit kernel: ``out_i = bias + sum_{e: j -> i} K(d_e, a_e) x_j``.
 
     A drop-in for the research code's layer; the kernel options are those of :class:`ImplicitKernel`
-    (``band_limit``, ``grid``, ... may be passed as keywords). ``backend`` picks the algorithm ("auto", "torch",
-    "reference"); ``None`` reads $IK_FAST_BACKEND.
+    (``band_limit``, ``grid``, ... may be passed as keywords).
+
+    ``backend``, the algorithm that evaluates the convolution (the registry ``ik_fast.backends.BACKENDS``; README
+    "Backends"); ``ik_fast.available_backends()`` lists those that run here:
+
+    - ``"auto"`` (default): the fastest one measured on the call's device among those that run there
+      (:func:`ik_fast.backends.resolve_backend`; on CPU ``"native"`` where its extension is built);
+    - ``"reference"``: the research code's algorithm, a kernel per edge (the tests' oracle);
+    - ``"torch"``: the factorised algorithm in plain PyTorch, no per-edge kernel;
+    - ``"triton"``: fused Triton kernels (CUDA devices; needs ``triton``);
+    - ``"native"``: ik_fast's C++ (CPU) and CUDA kernels, the extension ``ik_fast._C`` (built at install or on
+      first use);
+    - ``None``: $IK_FAST_BACKEND, else ``"auto"``.
 
     ``forward(x, edge_index, edge_delta=None, edge_attr=None, pos=None)``:
 
@@ -74,6 +85,8 @@ class ImplicitPointConv(_ImplicitConvBase):
     - ``edge_attr``: (E, A) attributes of ``edge_attr_type``.
 
     Returns the receivers' features in the container type of ``x`` (a GeometricTensor carries the receivers' coords).
+    A NaN or an infinity in the source features, the positions, ``edge_delta`` or ``edge_attr`` raises a
+    ``ValueError`` naming the argument (why, unlike ``torch.nn`` layers: :func:`ik_fast.graph.check_node_features`).
     """
 
     def __init__(self, in_type, out_type, edge_attr_type=None, n_layers: int = 3, n_channels: int = 16,

@@ -189,3 +189,27 @@ def test_nonfinite_node_features_rejected_compiled(backend):
     x[3, 5] = float("nan")
     with pytest.raises(ValueError, match=r"^x contains NaN or infinite values"):
         compiled(x, ei, pos=pos)
+
+
+# ---- the backend list in the docstrings is the registry's ----
+
+
+def _quoted_names(text: str) -> set:
+    import re
+
+    return set(re.findall(r'"([a-z_]+)"', text))
+
+
+def test_docstrings_list_every_registered_backend():
+    import inspect
+
+    from ik_fast.backends import BACKENDS
+
+    want = set(BACKENDS) | {"auto"}
+    layer = inspect.getdoc(ik_fast.ImplicitPointConv)
+    para = layer[layer.index("``backend``"):layer.index("``forward(")]
+    assert _quoted_names(para) == want, para
+    func = inspect.getdoc(ik_fast.implicit_point_conv)
+    arg = func[func.index("backend:"):func.index("Returns:")]
+    assert _quoted_names(arg) == want, arg
+    assert "available_backends()" in para and "available_backends()" in arg
