@@ -130,30 +130,73 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _save_plot(history: Dict, path: str, title: str, unit: str, baseline: Optional[float],
-               extra: Optional[Dict[str, float]] = None) -> None:
+# the learning curve's y axis is logarithmic when its values span more than this ratio (N-body: the first steps' MSE
+# is ~100x the final one, and a linear axis squashed validation and both baselines into one line at the bottom)
+LOG_SCALE_RATIO = 10.0
+
+
+def learning_curve_figure(history: Dict, title: str, unit: str, baseline: Optional[float],
+                          extra: Optional[Dict[str, float]] = None, baseline_label: str = "baseline"):
+    """The learning curve's matplotlib figure: the training metric (running mean), the validation metric after each
+    epoch and the baselines as horizontal lines. When the plotted values are positive and span more than
+    :data:`LOG_SCALE_RATIO`, the axis is logarithmic and a second panel shows the validation curve against the
+    baselines on a linear axis of their own range, where they would otherwise overlap."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    lines = ([(baseline_label, baseline, dict(color="k", ls="--"))] if baseline is not None else []) + \
+        [(name, val, dict(color="gray", ls=":")) for name, val in (extra or {}).items()]
+    train = None
     if history["train_step"]:
         s = np.asarray(history["train_step"])
-        v = np.asarray(history["train_metric"])
+        v = np.asarray(history["train_metric"], dtype=float)
         k = max(1, len(v) // 30)
-        sm = np.convolve(v, np.ones(k) / k, mode="valid")
-        ax.plot(s[k - 1:], sm, label=f"train (running mean of {k} steps)", alpha=0.7)
-    ax.plot(history["val_step"], history["val_metric"], "o-", label="validation")
-    if baseline is not None:
-        ax.axhline(baseline, color="k", ls="--", label="baseline")
-    for name, val in (extra or {}).items():
-        ax.axhline(val, color="gray", ls=":", label=name)
+        train = (s[k - 1:], np.convolve(v, np.ones(k) / k, mode="valid"), k)
+    val_step, val = list(history["val_step"]), np.asarray(history["val_metric"], dtype=float)
+    values = np.concatenate([train[1] if train else np.zeros(0), val, [x for _, x, _ in lines]])
+    values = values[np.isfinite(values)]
+    log = values.size > 0 and bool((values > 0).all()) and values.max() > LOG_SCALE_RATIO * values.min()
+    fig, axes = plt.subplots(1, 2 if log else 1, figsize=(11, 4) if log else (6, 4), squeeze=False)
+    ax = axes[0, 0]
+    if train:
+        ax.plot(train[0], train[1], label=f"train (running mean of {train[2]} steps)", alpha=0.7)
+    ax.plot(val_step, val, "o-", label="validation")
+    for name, y, style in lines:
+        ax.axhline(y, label=name, **style)
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel(unit)
-    ax.set_title(title)
+    ax.set_ylabel(unit + (" (log scale)" if log else ""))
+    if log:
+        ax.set_yscale("log")
+        ax.set_title("all steps")
+        zoom = axes[0, 1]
+        zoom.plot(val_step, val, "o-", color="C1", label="validation")
+        for name, y, style in lines:
+            zoom.axhline(y, label=name, **style)
+        band = np.concatenate([val, [y for _, y, _ in lines]])
+        band = band[np.isfinite(band)]
+        if band.size:
+            lo, hi = band.min(), band.max()
+            pad = 0.1 * (hi - lo) if hi > lo else 0.1 * abs(hi) or 1.0
+            zoom.set_ylim(lo - pad, hi + pad)
+        zoom.set_xlabel("optimizer step")
+        zoom.set_ylabel(unit)
+        zoom.set_title("validation and baselines")
+        zoom.legend()
+        fig.suptitle(title)
+    else:
+        ax.set_title(title)
     ax.legend()
     fig.tight_layout()
+    return fig
+
+
+def _save_plot(history: Dict, path: str, title: str, unit: str, baseline: Optional[float],
+               extra: Optional[Dict[str, float]] = None, baseline_label: str = "baseline") -> None:
+    import matplotlib.pyplot as plt
+
+    fig = learning_curve_figure(history, title, unit, baseline, extra, baseline_label)
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
@@ -514,7 +557,7 @@ def _run_nbody(args, d: Dist) -> int:
         if d.main:
             _save_checkpoint(ckpt, ddp_model, opt, sched, config, epoch + 1, step, history, {})
             _save_plot(history, os.path.join(out, "learning_curve.png"), "N-body: position after the horizon", "MSE",
-                       b_const, {"position + velocity x time": b_lin})
+                       b_const, {"position + velocity x time": b_lin}, baseline_label="baseline (constant position)")
     if d.enabled:
         _log(d, _replica_report(core, d))
     test_mse = evaluate(sets["test"])

@@ -4,6 +4,8 @@ the docstrings, non-finite node features."""
 from __future__ import annotations
 
 import logging
+import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -45,10 +47,8 @@ def test_escnn_debug_print_goes_to_the_logger(capsys, caplog):
 
 def test_escnn_build_leaves_warnings_and_other_files_alone(capsys):
     with pytest.warns(UserWarning, match="a real warning"), _groups.escnn_build():
-        import warnings
-
-        warnings.warn("a real warning", UserWarning)
-        _groups._escnn_print("to stderr", file=__import__("sys").stderr)
+        warnings.warn("a real warning", UserWarning, stacklevel=1)
+        _groups._escnn_print("to stderr", file=sys.stderr)
     assert "to stderr" in capsys.readouterr().err
 
 
@@ -91,7 +91,8 @@ def test_clebsh_gordan_coefficients_unchanged(J, l, j):
 
 
 def test_kernel_is_built_inside_the_scope(monkeypatch):
-    from escnn import gspaces, nn as enn
+    from escnn import gspaces
+    from escnn import nn as enn
 
     seen = []
     real = _groups.instantiate_irreps
@@ -121,7 +122,8 @@ EAGER = ["auto", *ik_fast.available_backends("cpu")]
 
 
 def _small_layer(backend):
-    from escnn import gspaces, nn as enn
+    from escnn import gspaces
+    from escnn import nn as enn
 
     gs = gspaces.rot2dOnR2(4)
     ft = enn.FieldType(gs, [gs.fibergroup.regular_representation] * 2)
@@ -213,3 +215,36 @@ def test_docstrings_list_every_registered_backend():
     arg = func[func.index("backend:"):func.index("Returns:")]
     assert _quoted_names(arg) == want, arg
     assert "available_backends()" in para and "available_backends()" in arg
+
+
+# ---- the learning curve's axes ----
+
+
+def _history(train, val):
+    return dict(train_step=list(range(1, len(train) + 1)), train_metric=list(train),
+                val_step=[len(train) * (i + 1) // len(val) for i in range(len(val))], val_metric=list(val))
+
+
+def test_learning_curve_log_scale_and_zoom_where_curves_overlap():
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from ik_fast.train import learning_curve_figure
+
+    # N-body-like: the first steps' MSE ~100x the last; validation between the two baselines' neighbourhood
+    train = np.geomspace(30, 0.18, 240)
+    fig = learning_curve_figure(_history(train, [0.57, 0.27, 0.2, 0.19, 0.18]), "N-body", "MSE", 0.496,
+                                {"position + velocity x time": 0.24})
+    try:
+        full, zoom = fig.axes
+        assert full.get_yscale() == "log" and zoom.get_yscale() == "linear"
+        lo, hi = zoom.get_ylim()
+        assert lo < 0.18 and 0.57 < hi < 1.0  # the zoom spans validation and baselines, not the training transient
+    finally:
+        plt.close(fig)
+    # QM9-like: values within a factor of 3, one linear panel as before
+    fig = learning_curve_figure(_history(np.linspace(580, 300, 128), [420, 342]), "QM9", "MAE (meV)", 463.4)
+    try:
+        assert len(fig.axes) == 1 and fig.axes[0].get_yscale() == "linear"
+    finally:
+        plt.close(fig)
