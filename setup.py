@@ -2,8 +2,10 @@
 at build time (``pip install --no-build-isolation``, as scripts/run.sh and the README's set-up do, after torch).
 
 - CPU part (``csrc/module.cpp``, ``csrc/cpu/*.cpp``) wherever a C++ compiler exists (``$CXX``, else ``c++``);
-- CUDA part (``csrc/cuda/*.cu``, sm_80 and sm_90) when torch is a CUDA build and its CUDA toolkit is found, or when
-  ``IK_FAST_BUILD_CUDA=1``; ``IK_FAST_BUILD_CUDA=0`` builds the CPU part only;
+- CUDA part (``csrc/cuda/*.cu``, sm_80 and sm_90) where ``_build.cuda_decision`` finds it can be built: a CUDA build
+  of torch, nvcc of its CUDA major version, and a test link against libcudart and torch's CUDA libraries (else the
+  CPU part alone, with the reason printed); ``IK_FAST_BUILD_CUDA=1`` requires it (stops at once, with the reason, when
+  it cannot be built), ``IK_FAST_BUILD_CUDA=0`` builds the CPU part only;
 - ``IK_FAST_CPU_FLAGS`` overrides the CPU vector ISA flags (default ``-mavx2 -mfma`` where supported);
 - ``IK_FAST_BUILD_EXT=0`` builds no extension.
 
@@ -50,7 +52,11 @@ def _extensions():
         print(f"ik_fast: no C++ compiler ({cxx!r} not found), no native extension", file=sys.stderr)
         return [], {}
     root = os.path.join(ROOT, "csrc")
-    with_cuda = build.want_cuda(root)
+    try:
+        decision = build.cuda_decision(root)  # a test link, not a guess: a CUDA torch that cannot link CUDA here
+    except build.CudaBuildError as e:  # IK_FAST_BUILD_CUDA=1 that cannot be honoured: stop now, not after nvcc
+        raise SystemExit(f"ik_fast: {e}") from None
+    with_cuda = decision.build
     rel = lambda paths: [os.path.relpath(p, ROOT) for p in paths]  # noqa: E731  (setuptools wants relative paths)
     kwargs = dict(name="ik_fast._C", sources=rel(build.sources(root, with_cuda)), include_dirs=[root],
                   extra_link_args=build.ld_flags())
@@ -59,8 +65,9 @@ def _extensions():
                                                                         "nvcc": build.nvcc_flags(root)})
     else:
         ext = cpp_extension.CppExtension(**kwargs, extra_compile_args={"cxx": build.cxx_flags(False, root)})
-    print(f"ik_fast: building ik_fast._C ({'CPU + CUDA' if with_cuda else 'CPU'}; "
-          f"flags {' '.join(build.cxx_flags(with_cuda))})", file=sys.stderr)
+    print(f"ik_fast: building ik_fast._C ({'CPU + CUDA' if with_cuda else 'CPU'}, {build.estimate(with_cuda)}; "
+          f"flags {' '.join(build.cxx_flags(with_cuda))}); CUDA part {'built' if with_cuda else 'skipped'}: "
+          f"{decision.reason}", file=sys.stderr)
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 
 

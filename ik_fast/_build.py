@@ -8,9 +8,12 @@ file by path: this module imports only the standard library at the top, and torc
 Environment variables (read at build time; the JIT build folds them into its cache key):
 
 ``IK_FAST_BUILD_CUDA``
-    ``0``: CPU part only. ``1``: build the CUDA part (``csrc/cuda/*.cu``) whatever is detected (fails clearly without
-    a CUDA build of torch and nvcc). Unset: the CUDA part is built when torch is a CUDA build and its CUDA toolkit
-    (``CUDA_HOME``, or nvcc on the PATH) is found.
+    ``0``: CPU part only. ``1``: the CUDA part (``csrc/cuda/*.cu``) too, or a :class:`CudaBuildError` at once saying
+    why it cannot be built here (before minutes of compiling). Unset: the CUDA part is built where it can be, as
+    :func:`cuda_decision` checks — a CUDA build of torch, nvcc at ``$CUDA_HOME/bin/nvcc`` (``CUDA_HOME`` as torch finds
+    it: the variable, else the folder above the ``nvcc`` on the PATH, else ``/usr/local/cuda``) of torch's CUDA major
+    version, and a test link with exactly the libraries the extension links (``-lcudart`` from ``$CUDA_HOME/lib64``,
+    torch's ``-lc10_cuda -ltorch_cuda``); else the CPU part alone, with the reason. A GPU is not needed to build.
 ``IK_FAST_CPU_FLAGS``
     The compiler's vector ISA flags for the CPU kernels, replacing the default (``-mavx2 -mfma`` plus ATen's
     ``-DCPU_CAPABILITY_AVX2`` when the build machine's CPU and compiler support them, else nothing). ``""`` gives a
@@ -24,16 +27,24 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import re
 import shlex
 import shutil
 import subprocess
 import tempfile
-from typing import Dict, List, Optional
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
-__all__ = ["source_root", "sources", "source_hash", "want_cuda", "cpu_isa_flags", "cxx_flags", "nvcc_flags",
-           "ld_flags", "CUDA_ARCHS"]
+__all__ = ["source_root", "sources", "source_hash", "cuda_decision", "CudaDecision", "CudaBuildError", "want_cuda",
+           "cuda_fingerprint", "error_lines", "estimate", "cpu_isa_flags", "cxx_flags", "nvcc_flags", "ld_flags",
+           "CUDA_ARCHS", "BUILD_SECONDS"]
 
 CUDA_ARCHS = (80, 90)  # A100, H100/H200
+# Wall-clock seconds of a whole build from an empty cache, measured on this project's 2-core VM while other jobs shared
+# it (load average 5-8; a quiet machine is faster, and more cores are faster: ninja compiles the sources in parallel):
+# "cpu", module.cpp + cpu/*.cpp: 206 s (torch 2.13.0+cpu) and 284 s (torch 2.14.1+cu130, CUDA part skipped);
+# "cuda", the same plus cuda/*.cu for sm_80 and sm_90: 674 s (torch 2.14.1+cu130, nvcc 13.0). README "The native
+# extension". The first-use message states these as its estimate.
+BUILD_SECONDS = {"cpu": 245, "cuda": 674}
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -92,17 +103,202 @@ def _env_flag(name: str) -> Optional[bool]:
     raise ValueError(f"{name} must be 0 or 1 (or unset), got {os.environ[name]!r}")
 
 
-def want_cuda(root: Optional[str] = None) -> bool:
-    """Whether to build the CUDA part (see the module docstring). Imports torch."""
-    forced = _env_flag("IK_FAST_BUILD_CUDA")
-    if forced is not None:
-        return forced
-    if root is not None and not cuda_sources(root):
-        return False
+class CudaBuildError(RuntimeError):
+    """``IK_FAST_BUILD_CUDA=1``, but the CUDA part cannot be built here; the message says why."""
+
+
+class CudaDecision(NamedTuple):
+    """Whether the build includes the CUDA part, and why (one sentence, for messages). (A NamedTuple, not a
+    dataclass: setup.py executes this file without registering it as a module, which dataclasses need.)"""
+
+    build: bool
+    reason: str
+
+
+def _cxx_cmd() -> List[str]:
+    return shlex.split(_cxx())
+
+
+def error_lines(text: str, n: int = 25) -> str:
+    """The compiler's and linker's own diagnostics in a failed build's output (``error:``, ``fatal error``,
+    ``/usr/bin/ld: cannot find -lcudart``, ``undefined reference``, ninja's ``FAILED: <target>``), without the
+    command lines; the last ``n`` lines of the output when none is recognised."""
+    text = re.sub(r"^Error building extension '[^']*': ", "", text)  # torch's prefix to ninja's first line
+    lines = [ln.rstrip() for ln in text.splitlines() if ln.strip()]
+    compilers = {"c++", "g++", "gcc", "cc", "clang", "clang++", "nvcc"} | {os.path.basename(c) for c in _cxx_cmd()[:1]}
+    keep = []
+    for ln in lines:
+        first = ln.strip().split(" ", 1)[0]
+        if re.match(r"^\[\d+/\d+\] ", ln) or os.path.basename(first) in compilers or len(ln) > 2000:
+            continue  # ninja's progress lines and the commands themselves
+        if ln.startswith("FAILED:") or _DIAG.search(ln):
+            keep.append(ln)
+    return "\n".join((keep or lines)[-n:])
+
+
+_DIAG = re.compile(r"error|fatal|cannot find|undefined (reference|symbol)|multiple definition|no such file|"
+                   r"ld returned|\bld(\.\w+)?: ", re.I)
+
+
+def _torch_cuda() -> Optional[str]:
     import torch
+
+    return torch.version.cuda
+
+
+def _cuda_home() -> Tuple[Optional[str], str]:
+    """torch's CUDA_HOME (what its build will use) and how torch found it."""
     from torch.utils import cpp_extension
 
-    return bool(torch.version.cuda) and cpp_extension.CUDA_HOME is not None
+    home = cpp_extension.CUDA_HOME
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            return home, f"${var}"
+    nvcc = shutil.which("nvcc")
+    if nvcc is not None:
+        return home, f"torch's guess from the nvcc on the PATH, {nvcc}"
+    return home, "torch's default"
+
+
+def _nvcc(home: str) -> List[str]:
+    return shlex.split(os.environ["PYTORCH_NVCC"]) if os.environ.get("PYTORCH_NVCC") else [
+        os.path.join(home, "bin", "nvcc")]
+
+
+def _nvcc_version(nvcc: List[str]) -> Tuple[Optional[str], str]:
+    """(``"13.0"``, output) from ``nvcc --version``; (None, why) when it does not run."""
+    try:
+        res = subprocess.run([*nvcc, "--version"], capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return None, f"{type(e).__name__}: {e}"
+    m = re.search(r"release (\d+\.\d+)", res.stdout)
+    if res.returncode != 0 or m is None:
+        return None, error_lines(res.stdout + res.stderr, 5) or f"exit status {res.returncode}"
+    return m.group(1), res.stdout
+
+
+def _cuda_link_flags() -> List[str]:
+    """The libraries a CUDA extension links (as torch.utils.cpp_extension links them) plus :func:`ld_flags`."""
+    from torch.utils import cpp_extension
+
+    lib_dirs = cpp_extension.library_paths("cuda")  # torch/lib, then $CUDA_HOME/lib64 (or lib)
+    return ([f"-L{d}" for d in lib_dirs] + ["-lc10", "-lc10_cuda", "-ltorch_cpu", "-ltorch_cuda", "-ltorch",
+                                            "-ltorch_python", "-lcudart"] + ld_flags())
+
+
+def _link_probe(flags: List[str]) -> Tuple[bool, str]:
+    """Link an empty shared object with ``flags`` (a fraction of a second): (True, "") or (False, the linker's
+    output)."""
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "probe.cpp")
+        with open(src, "w") as f:
+            f.write("int ik_fast_link_probe() { return 0; }\n")
+        cmd = [*_cxx_cmd(), "-shared", "-fPIC", src, "-o", os.path.join(d, "probe.so"), *flags]
+        try:
+            res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            return False, f"{type(e).__name__}: {e}"
+    return res.returncode == 0, res.stdout + res.stderr
+
+
+def _toolkits_with_cudart() -> List[str]:
+    """CUDA toolkits in the usual places whose lib64 has a linkable libcudart (for the hint in a reason)."""
+    found = []
+    for cand in ["/usr/local/cuda"] + sorted(d for d in (os.path.join("/usr/local", x) for x in _ls("/usr/local"))
+                                             if os.path.basename(d).startswith("cuda-")):
+        for lib in ("lib64", "lib"):
+            if any(os.path.exists(os.path.join(cand, lib, f)) for f in ("libcudart.so", "libcudart.a")):
+                found.append(cand)
+                break
+    return found
+
+
+def _ls(d: str) -> List[str]:
+    try:
+        return os.listdir(d)
+    except OSError:
+        return []
+
+
+def _cuda_blocker() -> Tuple[Optional[str], str]:
+    """(None, what was found) where the CUDA part can be built and linked here, else (the reason it cannot, "")."""
+    torch_cuda = _torch_cuda()
+    if not torch_cuda:
+        import torch
+
+        return f"torch {torch.__version__} is a CPU build", ""
+    home, how = _cuda_home()
+    if home is None:
+        return (f"torch is a CUDA {torch_cuda} build, but no CUDA toolkit was found (no nvcc on the PATH, CUDA_HOME "
+                f"unset, no /usr/local/cuda)"), ""
+    where = f"CUDA_HOME={home} ({how})"
+    nvcc = _nvcc(home)
+    if shutil.which(nvcc[0]) is None:
+        return f"{where} has no nvcc ({nvcc[0]} is not an executable)", ""
+    version, out = _nvcc_version(nvcc)
+    if version is None:
+        return f"{where}: {' '.join(nvcc)} --version fails: {out}", ""
+    if version.split(".")[0] != torch_cuda.split(".")[0]:
+        return (f"{where}: nvcc is CUDA {version}, torch was built with CUDA {torch_cuda} (the major versions must "
+                f"match)"), ""
+    ok, out = _link_probe(_cuda_link_flags())
+    if not ok:
+        hint = [t for t in _toolkits_with_cudart() if os.path.realpath(t) != os.path.realpath(home)]
+        return (f"linking against CUDA fails with {where}:\n{error_lines(out)}"
+                + (f"\n(set CUDA_HOME to a toolkit with a linkable libcudart, e.g. CUDA_HOME={hint[0]})" if hint
+                   else "")), ""
+    return None, f"torch is a CUDA {torch_cuda} build and {where} has nvcc {version} and links"
+
+
+def cuda_decision(root: Optional[str] = None) -> CudaDecision:
+    """Whether to build the CUDA part, and why (see the module docstring). Imports torch; unless
+    ``IK_FAST_BUILD_CUDA=0`` or torch is a CPU build, runs ``nvcc --version`` and a test link (well under a second).
+    Raises :class:`CudaBuildError` when ``IK_FAST_BUILD_CUDA=1`` and the CUDA part cannot be built here."""
+    forced = _env_flag("IK_FAST_BUILD_CUDA")
+    if forced is False:
+        return CudaDecision(False, "IK_FAST_BUILD_CUDA=0")
+    if root is not None and not cuda_sources(root):
+        why = f"{root} has no cuda/*.cu sources"
+    else:
+        why, found = _cuda_blocker()
+        if why is None:
+            return CudaDecision(True, found + ("; IK_FAST_BUILD_CUDA=1" if forced else ""))
+    if forced:
+        raise CudaBuildError(f"IK_FAST_BUILD_CUDA=1, but the CUDA part cannot be built here: {why}")
+    return CudaDecision(False, why)
+
+
+def want_cuda(root: Optional[str] = None) -> bool:
+    """``cuda_decision(root).build``."""
+    return cuda_decision(root).build
+
+
+def cuda_fingerprint() -> List[object]:
+    """What :func:`cuda_decision` depends on, cheaply (no subprocess): the first-use build's cache key includes it, so
+    a cached build is reused without re-deciding while none of it changes, and rebuilt when one does (a toolkit
+    installed, CUDA_HOME set, ...)."""
+    forced = os.environ.get("IK_FAST_BUILD_CUDA", "").strip().lower()
+    torch_cuda = _torch_cuda()
+    if not torch_cuda or forced in ("0", "false", "no", "off"):
+        return [forced, torch_cuda]
+    from torch.utils import cpp_extension
+
+    home = cpp_extension.CUDA_HOME
+    paths = ([] if home is None else [_nvcc(home)[0]] + cpp_extension.library_paths("cuda")[1:])
+    stats = []
+    for p in paths:
+        try:
+            st = os.stat(p)
+            stats.append([p, st.st_mtime_ns, st.st_size])
+        except OSError:
+            stats.append([p, None])
+    return [forced, torch_cuda, home, os.environ.get("PYTORCH_NVCC"), _cxx(), stats]
+
+
+def estimate(with_cuda: bool) -> str:
+    """The measured build time, for messages."""
+    sec = BUILD_SECONDS["cuda" if with_cuda else "cpu"]
+    return f"about {round(sec / 60)} minutes on 2 cores, less on more"
 
 
 def _cxx() -> str:
@@ -178,8 +374,9 @@ def ld_flags() -> List[str]:
 
 
 def describe() -> Dict[str, object]:
-    """The build configuration this machine would use (for messages and the JIT cache key)."""
+    """The build configuration this machine would use (for messages)."""
     root = source_root()
-    cuda = want_cuda(root)
-    return {"root": root, "with_cuda": cuda, "cxx": _cxx(), "cxx_flags": cxx_flags(cuda, root),
-            "nvcc_flags": nvcc_flags(root) if cuda else [], "ld_flags": ld_flags()}
+    cuda = cuda_decision(root)
+    return {"root": root, "with_cuda": cuda.build, "cuda_reason": cuda.reason, "cxx": _cxx(),
+            "cxx_flags": cxx_flags(cuda.build, root), "nvcc_flags": nvcc_flags(root) if cuda.build else [],
+            "ld_flags": ld_flags()}

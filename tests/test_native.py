@@ -10,14 +10,17 @@ that is a failure stating the loader's reason."""
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
 from conftest import field_types, get_gspace, rel, small_graph
+from torch.utils import cpp_extension as _cpp_ext
 
 import ik_fast
+import ik_fast.backends  # noqa: F401  (registers the native implementation before WHY asks for its status)
 from ik_fast import _build, _native, ops
 from ik_fast.graph import prepare_graph
 
@@ -115,6 +118,7 @@ def test_build_flags_are_shared_and_overridable(monkeypatch):
     monkeypatch.setenv("IK_FAST_BUILD_CUDA", "0")
     assert not _build.want_cuda()
     monkeypatch.setenv("IK_FAST_BUILD_CUDA", "1")
+    monkeypatch.setattr(_build, "_cuda_blocker", lambda: (None, "a toolkit that links"))
     assert _build.want_cuda()
     monkeypatch.setenv("IK_FAST_BUILD_CUDA", "maybe")
     with pytest.raises(ValueError, match="IK_FAST_BUILD_CUDA"):
@@ -126,6 +130,236 @@ def test_build_flags_are_shared_and_overridable(monkeypatch):
     root = _build.source_root()
     assert root is not None and os.path.basename(_build.sources(root, False)[0]) == "module.cpp"
     assert all(s.endswith(".cpp") for s in _build.sources(root, False))
+
+
+def _fake_toolkit(tmp_path, release="13.0", libs=()):
+    """A CUDA_HOME with a bin/nvcc that reports ``release`` and, in lib64, an empty shared library per name in
+    ``libs`` (linked for real by the decision's test link)."""
+    home = tmp_path / "cuda"
+    (home / "bin").mkdir(parents=True)
+    (home / "lib64").mkdir()
+    nvcc = home / "bin" / "nvcc"
+    nvcc.write_text(f"#!/bin/sh\necho 'nvcc: NVIDIA (R) Cuda compiler driver'\necho 'Cuda compilation tools, "
+                    f"release {release}, V{release}.0'\n")
+    nvcc.chmod(0o755)
+    for name in libs:
+        src = tmp_path / f"{name}.cpp"
+        src.write_text(f"int {name}_stub() {{ return 0; }}\n")
+        subprocess.run(["c++", "-shared", "-fPIC", str(src), "-o", str(home / "lib64" / f"lib{name}.so")], check=True)
+    return home
+
+
+def _as_cuda_torch(monkeypatch, home, how="torch's guess from the nvcc on the PATH, /somewhere/bin/nvcc",
+                   lib="ik_fast_test_cudart"):
+    """Make _build see a CUDA 13.0 build of torch whose CUDA_HOME is ``home`` and whose CUDA link needs
+    ``-l<lib>`` from ``home``/lib64 (the real torch here is a CPU build, without libc10_cuda to link)."""
+    monkeypatch.delenv("IK_FAST_BUILD_CUDA", raising=False)
+    monkeypatch.delenv("PYTORCH_NVCC", raising=False)
+    monkeypatch.setattr(_build, "_torch_cuda", lambda: "13.0")
+    monkeypatch.setattr(_build, "_cuda_home", lambda: (None if home is None else str(home), how))
+    monkeypatch.setattr(_build, "_cuda_link_flags", lambda: [f"-L{home}/lib64", f"-l{lib}"])
+
+
+@pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler to link with")
+def test_cuda_torch_that_cannot_link_cuda_builds_the_cpu_part_and_says_why(monkeypatch, tmp_path):
+    """A CUDA build of torch with nvcc but no runtime library to link: the CPU part alone, the reason carrying the
+    linker's own line (a real link, of an empty object, against the missing library); IK_FAST_BUILD_CUDA=1 raises
+    with it instead of compiling."""
+    home = _fake_toolkit(tmp_path)
+    _as_cuda_torch(monkeypatch, home)
+    d = _build.cuda_decision(_build.source_root())
+    assert not d.build
+    assert "linking against CUDA fails" in d.reason and f"CUDA_HOME={home}" in d.reason
+    assert "cannot find -lik_fast_test_cudart" in d.reason, d.reason
+    assert "torch's guess from the nvcc on the PATH" in d.reason
+    monkeypatch.setenv("IK_FAST_BUILD_CUDA", "1")
+    with pytest.raises(_build.CudaBuildError, match="(?s)IK_FAST_BUILD_CUDA=1.*cannot find -lik_fast_test_cudart"):
+        _build.cuda_decision(_build.source_root())
+    monkeypatch.setenv("IK_FAST_BUILD_CUDA", "0")  # decided without nvcc or a test link
+    monkeypatch.setattr(_build, "_link_probe", lambda flags: pytest.fail("IK_FAST_BUILD_CUDA=0 must not probe"))
+    assert _build.cuda_decision(_build.source_root()) == (False, "IK_FAST_BUILD_CUDA=0")
+
+
+@pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler to link with")
+def test_cuda_torch_with_a_toolkit_that_links_builds_the_cuda_part(monkeypatch, tmp_path):
+    """The same CUDA_HOME once the library is there: the CUDA part is built (no GPU needed), forced or not."""
+    home = _fake_toolkit(tmp_path, libs=["ik_fast_test_cudart"])
+    _as_cuda_torch(monkeypatch, home, how="$CUDA_HOME")
+    d = _build.cuda_decision(_build.source_root())
+    assert d.build and "CUDA 13.0 build" in d.reason and "nvcc 13.0" in d.reason and "links" in d.reason, d
+    monkeypatch.setenv("IK_FAST_BUILD_CUDA", "1")
+    assert _build.cuda_decision(_build.source_root()).build
+
+
+def test_cuda_decision_reasons_without_a_test_link(monkeypatch, tmp_path):
+    """No toolkit, no nvcc in CUDA_HOME, nvcc of another CUDA major version, a CPU build of torch, no .cu sources:
+    the CPU part, each with its reason, decided before any test link."""
+    monkeypatch.setattr(_build, "_link_probe", lambda flags: pytest.fail("decided before the test link"))
+    _as_cuda_torch(monkeypatch, None)
+    d = _build.cuda_decision(_build.source_root())
+    assert not d.build and "no CUDA toolkit was found" in d.reason
+    empty = tmp_path / "empty-cuda"
+    empty.mkdir()
+    _as_cuda_torch(monkeypatch, empty)
+    d = _build.cuda_decision(_build.source_root())
+    assert not d.build and "has no nvcc" in d.reason and str(empty) in d.reason
+    _as_cuda_torch(monkeypatch, _fake_toolkit(tmp_path, release="12.8"))
+    d = _build.cuda_decision(_build.source_root())
+    assert not d.build and "nvcc is CUDA 12.8, torch was built with CUDA 13.0" in d.reason
+    monkeypatch.setenv("IK_FAST_BUILD_CUDA", "1")
+    with pytest.raises(_build.CudaBuildError, match="12.8"):
+        _build.cuda_decision(_build.source_root())
+    monkeypatch.delenv("IK_FAST_BUILD_CUDA")
+    monkeypatch.setattr(_build, "_torch_cuda", lambda: None)
+    d = _build.cuda_decision(_build.source_root())
+    assert not d.build and d.reason == f"torch {torch.__version__} is a CPU build"
+    no_cu = tmp_path / "csrc"
+    no_cu.mkdir()
+    assert _build.cuda_decision(str(no_cu)) == (False, f"{no_cu} has no cuda/*.cu sources")
+
+
+def test_cuda_fingerprint_follows_what_the_decision_reads(monkeypatch, tmp_path):
+    """The first-use cache key holds the decision's inputs: a library added to CUDA_HOME, CUDA_HOME itself or
+    IK_FAST_BUILD_CUDA change it (a rebuild that decides again); nothing changes it between two processes."""
+    from torch.utils import cpp_extension
+
+    home = _fake_toolkit(tmp_path)
+    monkeypatch.delenv("IK_FAST_BUILD_CUDA", raising=False)
+    monkeypatch.setattr(_build, "_torch_cuda", lambda: "13.0")
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(home))
+    monkeypatch.setattr(cpp_extension, "library_paths", lambda device_type="cpu": ["/torch/lib", str(home / "lib64")])
+    a = _build.cuda_fingerprint()
+    assert a == _build.cuda_fingerprint()
+    os.utime(home / "lib64", ns=(0, 0))
+    b = _build.cuda_fingerprint()
+    (home / "lib64" / "libcudart.so").write_text("")
+    assert _build.cuda_fingerprint() != b
+    monkeypatch.setenv("IK_FAST_BUILD_CUDA", "1")
+    assert _build.cuda_fingerprint() != a
+    monkeypatch.setenv("IK_FAST_BUILD_CUDA", "0")
+    assert _build.cuda_fingerprint() == ["0", "13.0"]
+    monkeypatch.setattr(_build, "_torch_cuda", lambda: None)
+    monkeypatch.delenv("IK_FAST_BUILD_CUDA")
+    assert _build.cuda_fingerprint() == ["", None]
+
+
+_NINJA_LOG = """Error building extension 'ik_fast_native': [1/4] c++ -MMD -MF module.o.d \
+-DTORCH_EXTENSION_NAME=ik_fast_native -I/x/csrc -isystem /venv/torch/include -fPIC -std=c++20 -O3 -fopenmp \
+-c /x/csrc/module.cpp -o module.o
+[2/4] c++ -MMD -MF conv_cpu.o.d -c /x/csrc/cpu/conv_cpu.cpp -o conv_cpu.o -Wno-error=unused
+[3/4] c++ -MMD -MF errors.o.d -c /x/csrc/cpu/errors.cpp -o errors.o
+[4/4] c++ module.o conv_cpu.o errors.o -shared -fopenmp -L/venv/torch/lib -lc10 -lc10_cuda -ltorch_cuda \
+-L/usr/local/lib -lcudart -o ik_fast_native.so
+FAILED: ik_fast_native.so
+c++ module.o conv_cpu.o errors.o -shared -fopenmp -L/venv/torch/lib -lc10 -lc10_cuda -ltorch_cuda \
+-L/usr/local/lib -lcudart -o ik_fast_native.so
+/usr/bin/ld: cannot find -lcudart: No such file or directory
+collect2: error: ld returned 1 exit status
+ninja: build stopped: subcommand failed.
+"""
+
+
+def test_error_lines_are_the_compilers_and_linkers_own():
+    """A failed build's message keeps the linker's cause (not only collect2's summary) and ninja's failed target,
+    not the command lines (which name files and flags such as errors.cpp and -Wno-error)."""
+    out = _build.error_lines(_NINJA_LOG)
+    assert out.splitlines() == ["FAILED: ik_fast_native.so",
+                                "/usr/bin/ld: cannot find -lcudart: No such file or directory",
+                                "collect2: error: ld returned 1 exit status"], out
+    compile_log = ("[1/2] c++ -c /x/csrc/cpu/zz.cpp -o zz.o\nFAILED: zz.o\nc++ -c /x/csrc/cpu/zz.cpp -o zz.o\n"
+                   "/x/csrc/cpu/zz.cpp:1:12: error: expected ')' before '{' token\n    1 | int broken( {\n"
+                   "ninja: build stopped: subcommand failed.\n")
+    assert _build.error_lines(compile_log).splitlines() == [
+        "FAILED: zz.o", "/x/csrc/cpu/zz.cpp:1:12: error: expected ')' before '{' token"]
+    assert _build.error_lines("something\nwent wrong\n", n=1) == "went wrong"  # unrecognised: the last lines
+
+
+# A source tree standing in for csrc/ in the first-use build tests: a plain CPython module (compiles in about a second,
+# unlike the real sources), whose cuda_built() says whether -DIK_FAST_WITH_CUDA was given. Each test names it anew:
+# torch's JIT loader renames a module loaded twice under one name in a process.
+_TINY_MODULE = r"""
+#include <Python.h>
+static PyObject* cuda_built(PyObject*, PyObject*) {
+#ifdef IK_FAST_WITH_CUDA
+  Py_RETURN_TRUE;
+#else
+  Py_RETURN_FALSE;
+#endif
+}
+static PyMethodDef methods[] = {{"cuda_built", cuda_built, METH_NOARGS, ""}, {nullptr, nullptr, 0, nullptr}};
+static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, "NAME", nullptr, -1, methods};
+PyMODINIT_FUNC PyInit_NAME(void) { return PyModule_Create(&def); }
+"""
+needs_compiler = pytest.mark.skipif(shutil.which("c++") is None or not _cpp_ext.is_ninja_available(),
+                                    reason="no C++ compiler or no ninja")
+
+
+def _tiny_first_use(monkeypatch, tmp_path, name):
+    """_native._jit set up on a tiny source tree (with a cuda/*.cu file), a CUDA torch as _build sees it, whose
+    CUDA_HOME has nvcc but not the library the CUDA link needs, and an empty cache. Returns the source root."""
+    root = tmp_path / "csrc"
+    (root / "cpu").mkdir(parents=True)
+    (root / "cuda").mkdir()
+    (root / "module.cpp").write_text(_TINY_MODULE.replace("NAME", name))
+    (root / "cuda" / "k.cu").write_text("__global__ void k() {}\n")
+    _as_cuda_torch(monkeypatch, _fake_toolkit(tmp_path))
+    monkeypatch.setenv("IK_FAST_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(_native, "_JIT_NAME", name)
+    monkeypatch.setattr(_native, "_INFO", {})
+    return str(root)
+
+
+@needs_compiler
+def test_first_use_build_on_a_cuda_torch_that_cannot_link_cuda(monkeypatch, tmp_path, capfd):
+    """The first-use build itself (torch.utils.cpp_extension.load, ninja, the real compiler and linker) on a CUDA
+    torch whose CUDA_HOME has nvcc but no runtime library: the CPU part is built and loads, the message says why the
+    CUDA part was skipped with the linker's line, the build has no CUDA compile or link, and the next load finds it in
+    the cache without deciding again."""
+    root = _tiny_first_use(monkeypatch, tmp_path, "ik_fast_tiny_cpu_part")
+    mod = _native._jit(root)
+    built = _native.info()
+    assert built["how"] == "compiled" and built["with_cuda"] is False and mod.cuda_built() is False
+    assert "cannot find -lik_fast_test_cudart" in built["cuda_reason"]
+    err = capfd.readouterr().err
+    assert "compiling the native extension's CPU part" in err and "CUDA part skipped: linking against CUDA fails" in err
+    assert "cannot find -lik_fast_test_cudart" in err and "minutes on 2 cores" in err
+    ninja = next((tmp_path / "cache").glob("*/build.ninja")).read_text()
+    assert "nvcc" not in ninja and "k.cu" not in ninja and "cudart" not in ninja and "IK_FAST_WITH_CUDA" not in ninja
+    monkeypatch.setattr(_build, "cuda_decision", lambda root: pytest.fail("a cached build must not decide again"))
+    monkeypatch.setattr(_native, "_INFO", {})
+    assert _native._jit(root).cuda_built() is False
+    cached = _native.info()
+    assert cached["how"] == "cached" and cached["path"] == built["path"]
+    assert cached["cuda_reason"] == built["cuda_reason"]
+    assert "compiling" not in capfd.readouterr().err
+
+
+@needs_compiler
+def test_forced_cuda_build_that_cannot_link_fails_at_once_with_the_linkers_message(monkeypatch, tmp_path):
+    """IK_FAST_BUILD_CUDA=1 where CUDA cannot be linked: an error naming the cause in the linker's words, before
+    anything is compiled (the real build would spend minutes in nvcc first)."""
+    root = _tiny_first_use(monkeypatch, tmp_path, "ik_fast_tiny_forced")
+    monkeypatch.setenv("IK_FAST_BUILD_CUDA", "1")
+    with pytest.raises(_build.CudaBuildError) as e:
+        _native._jit(root)
+    msg = str(e.value)
+    assert "IK_FAST_BUILD_CUDA=1, but the CUDA part cannot be built here" in msg
+    assert "cannot find -lik_fast_test_cudart" in msg, msg
+    assert not list((tmp_path / "cache").glob("*/*.o")) and not list((tmp_path / "cache").glob("*/build.ninja"))
+
+
+@needs_compiler
+def test_failed_link_reports_the_linkers_own_lines(monkeypatch, tmp_path):
+    """A build whose link fails (a library that does not exist) raises with the linker's cause and ninja's failed
+    target, not only collect2's summary."""
+    root = _tiny_first_use(monkeypatch, tmp_path, "ik_fast_tiny_link_error")
+    monkeypatch.setattr(_build, "ld_flags", lambda: ["-fopenmp", "-lik_fast_no_such_library"])
+    with pytest.raises(RuntimeError) as e:
+        _native._jit(root)
+    msg = str(e.value)
+    assert "compiling the native extension's CPU part" in msg and "failed" in msg
+    assert "cannot find -lik_fast_no_such_library" in msg, msg
+    assert "FAILED: ik_fast_tiny_link_error.so" in msg and "collect2: error: ld returned 1 exit status" in msg
 
 
 _NO_COMPILER = r"""
@@ -165,7 +399,6 @@ def test_missing_compiler_is_a_clear_reason(tmp_path):
 @pytest.mark.slow
 def test_compile_error_is_a_clear_reason(tmp_path):
     """A source that does not compile: the reason names the compiler's error line. (Compiles module.cpp: minutes.)"""
-    import shutil
 
     src = tmp_path / "csrc"
     shutil.copytree(_build.source_root(), src)
