@@ -4,9 +4,17 @@
 #   bash scripts/run.sh test    # set up (first time) and run the test suite
 #   bash scripts/run.sh bench   # set up and run the CPU benchmark suite, then plots and the README's results
 #   bash scripts/run.sh setup   # only set up
-# Setup makes .venv with a pinned CPU stack: torch, escnn without py3nj (no Fortran compiler needed; escnn falls
-# back to a numerical Clebsch-Gordan method), NumPy 1 (lie_learn's wheel is built against it) and Triton, then installs
-# ik_fast in place, which builds its native extension (csrc/ -> ik_fast/_C*.so; a C++ compiler and ninja, minutes).
+# Setup makes .venv with a pinned CPU stack: torch 2.13.0's CPU build, escnn without py3nj (no Fortran compiler
+# needed; escnn falls back to a numerical Clebsch-Gordan method), NumPy 1 (lie_learn's wheel is built against it) and
+# Triton, then installs ik_fast in place, which builds its native extension (csrc/ -> ik_fast/_C*.so, CPU part; a C++
+# compiler and ninja; 206-284 s measured on 2 busy cores).
+# Where torch comes from: `torch==2.13.0` with PyTorch's CPU index (https://download.pytorch.org/whl/cpu) as an extra
+# index, so that pip takes torch-2.13.0+cpu (a local version, which pip prefers to PyPI's 2.13.0): 0.76 GB installed,
+# the whole .venv about 2.7 GB. On this project's machines, where download.pytorch.org does not resolve, pip finds
+# the same wheel in its configured local wheels (and skips that index at once: PIP_RETRIES=0). Without either (no
+# access to PyTorch's index, no local wheel) the same pin resolves to PyPI's torch 2.13.0, which on Linux x86_64 is
+# the CUDA build with its nvidia-* libraries: several GB of downloads (torch 2.14.1+cu130's came to about 3 GB of
+# wheels and a 5.7 GB venv here); it runs on the CPU too, and setup says so.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -17,8 +25,14 @@ setup() {
   if [ -f "$STAMP" ]; then return; fi
   [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
   local pip="$VENV/bin/python -m pip --disable-pip-version-check -q"
-  # torch first and pinned: an unpinned torch pulls a multi-GB CUDA build; 2.13.0 is the CPU build on local disk
-  $pip install "torch==2.13.0"
+  # torch first and pinned (an unpinned torch pulls a multi-GB CUDA build), its CPU build (see the top of this file)
+  if "$PY" -c "import socket; socket.getaddrinfo('download.pytorch.org', 443)" 2>/dev/null; then
+    $pip install "torch==2.13.0" --extra-index-url https://download.pytorch.org/whl/cpu
+  else
+    PIP_RETRIES=0 $pip install "torch==2.13.0" --extra-index-url https://download.pytorch.org/whl/cpu
+  fi
+  "$VENV/bin/python" -c "import torch, sys; torch.version.cuda and print('run.sh: note: torch', torch.__version__,
+    'is the CUDA build (PyTorch CPU index not reachable); it works on the CPU too', file=sys.stderr)"
   $pip install "numpy>=1.24,<2" "scipy>=1.10,<1.15" autograd joblib pymanopt requests
   $pip install --no-deps "escnn==1.0.11" "lie_learn==0.0.2"
   $pip install --no-deps "qm9pack==1.0.3"   # QM9 data only; its pandas requirement would pull NumPy 2
