@@ -16,9 +16,17 @@ from __future__ import annotations
 import argparse
 import sys
 
+_DESCRIPTION = """Build the native extension now instead of at its first use: import a current prebuilt ik_fast._C, else
+compile csrc/ into the first-use cache ($IK_FAST_CACHE, default ~/.cache/ik_fast) or find it there; print what was
+built, where, in how long, and whether the CUDA part is in it and why. IK_FAST_BUILD_CUDA=1 requires the CUDA part
+(fails at once with the reason where it cannot be built), IK_FAST_BUILD_CUDA=0 skips it; IK_FAST_CPU_FLAGS and CXX
+as for every build (README "The native extension"). Exit status 1, with the build's own error lines, when the CPU
+part cannot be built or loaded. Run it outside a source checkout, or as python -P -m ik_fast.build, to build for the
+installed package rather than for the checkout's ik_fast/ in the current folder."""
+
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m ik_fast.build", description=__doc__.split("\n\n")[1],
+    ap = argparse.ArgumentParser(prog="python -m ik_fast.build", description=_DESCRIPTION,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rebuild", action="store_true",
                     help="compile again even when the first-use cache holds this configuration")

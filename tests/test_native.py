@@ -362,6 +362,29 @@ def test_failed_link_reports_the_linkers_own_lines(monkeypatch, tmp_path):
     assert "FAILED: ik_fast_tiny_link_error.so" in msg and "collect2: error: ld returned 1 exit status" in msg
 
 
+@needs_native
+def test_build_command_reports_what_it_built(monkeypatch, capsys):
+    """python -m ik_fast.build: what was built, where, and why the CUDA part is in or out; exit status 1 with the
+    build's own lines when it fails."""
+    from ik_fast import build
+
+    assert build.main([]) == 0
+    out = capsys.readouterr().out
+    info = _native.info()
+    assert "ik_fast.build: native extension, CPU" in out and info["path"] in out
+    assert info["how"] in ("prebuilt", "cached", "compiled") and "OpenMP on" in out
+    if info["cuda_reason"]:
+        assert f"CUDA part skipped: {info['cuda_reason']}" in out or f"CUDA part built: {info['cuda_reason']}" in out
+
+    def failing(rebuild=False):
+        raise RuntimeError("compiling ... failed:\n/usr/bin/ld: cannot find -lcudart: No such file or directory")
+
+    monkeypatch.setattr(_native, "load", failing)
+    assert build.main([]) == 1
+    err = capsys.readouterr().err
+    assert "not available" in err and "cannot find -lcudart" in err
+
+
 _NO_COMPILER = r"""
 import warnings
 import ik_fast._native as N
