@@ -32,7 +32,7 @@ def main(argv=None) -> int:
                     help="compile again even when the first-use cache holds this configuration")
     args = ap.parse_args(argv)
 
-    from . import _native
+    from . import _build, _native
     from .backends import native as _registers_the_op_schemas  # noqa: F401  (the module's kernels need them)
 
     try:
@@ -41,6 +41,15 @@ def main(argv=None) -> int:
         print(f"ik_fast.build: the native extension is not available:\n{e}", file=sys.stderr)
         return 1
     info = _native.info()
+    if _build._env_flag("IK_FAST_BUILD_CUDA") and not mod.cuda_built():  # only a prebuilt module gets here
+        try:
+            _build.cuda_decision(_build.source_root())
+            why = "the CUDA part can be built here: reinstall ik_fast (setup.py builds it) or remove that module"
+        except _build.CudaBuildError as e:
+            why = str(e)
+        print(f"ik_fast.build: IK_FAST_BUILD_CUDA=1, but the extension in use ({info.get('how')}, {info.get('path')}) "
+              f"has no CUDA part; {why}", file=sys.stderr)
+        return 1
     parts = "CPU and CUDA parts" if mod.cuda_built() else "CPU part only"
     how = {"prebuilt": "prebuilt by setup.py at install (current with the sources)",
            "cached": f"found in the first-use cache (compiled earlier in {info.get('seconds')} s)",

@@ -384,6 +384,18 @@ def test_build_command_reports_what_it_built(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "not available" in err and "cannot find -lcudart" in err
 
+    class CpuOnly:  # a prebuilt module without the CUDA part, where IK_FAST_BUILD_CUDA=1 asks for it
+        cuda_built = staticmethod(lambda: False)
+
+    monkeypatch.setattr(_native, "load", lambda rebuild=False: CpuOnly)
+    monkeypatch.setattr(_native, "info", lambda: {"how": "prebuilt", "path": "/x/_C.so"})
+    monkeypatch.setattr(_build, "_cuda_blocker", lambda: ("torch 9.9 is a CPU build", ""))
+    monkeypatch.setenv("IK_FAST_BUILD_CUDA", "1")
+    assert build.main([]) == 1
+    err = capsys.readouterr().err
+    assert "IK_FAST_BUILD_CUDA=1, but the extension in use (prebuilt, /x/_C.so) has no CUDA part" in err
+    assert "torch 9.9 is a CPU build" in err
+
 
 _NO_COMPILER = r"""
 import warnings
