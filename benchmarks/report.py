@@ -434,6 +434,10 @@ def _variant(group: List[Dict]) -> Dict[int, str]:
             for r in group if "constexprs" in r["extra"]}
 
 
+MMA_NOTE = ("the HMMA / HGMMA / ... instructions in the kernel's SASS, each counted once where it appears in the code "
+            "(a static count, not how often they run).")
+
+
 def compile_section(recs: List[Dict]) -> str:
     """Per toolchain (results file): registers / stack (B per thread) / shared memory (B) of every kernel."""
     comp = [r for r in recs if r["kind"] == "compile" and "entry" in r["extra"]]
@@ -447,43 +451,72 @@ def compile_section(recs: List[Dict]) -> str:
         out.append(f"#### Compilation steps, {first[0]['device']['name']}\n")
         out.append(_table(["problem", "provider", "precision", "mode", "metric", "value (s)", "commit"], rows))
         out.append("\nMeasured by:\n\n" + _provenance_note(first) + "\n")
-    for path in sorted({r["_file"] for r in comp}):
-        rs = [r for r in comp if r["_file"] == path]
+    for path, dev in sorted({(r["_file"], r["device"]["name"]) for r in comp}):
+        rs = [r for r in comp if r["_file"] == path and r["device"]["name"] == dev]
         entries = defaultdict(dict)
         for r in rs:
             entries[r["extra"]["entry"]][r["metric"]] = r
+        has = {r["metric"] for r in rs if r["value"] is not None}
         if rs[0]["provider"] == "triton":
-            full = [m["registers"] for m in entries.values()]
+            full = [m["registers"] for m in entries.values() if "registers" in m]
             variants = {}
             for kernel in {r["extra"]["kernel"] for r in full}:
                 variants.update(_variant([r for r in full if r["extra"]["kernel"] == kernel]))
             precs = [p for p in ("ieee", "tf32", "bf16") if any(r["precision"] == p for r in full)]
             problems = sorted({r["problem"] for r in full}, key=_problem_order)
+            fields = [k for k in ("registers", "stack_bytes", "shared_bytes", "mma_instructions") if k in has]
             cells = defaultdict(dict)
             for e, m in entries.items():
-                reg = m["registers"]
+                reg = m.get("registers")
+                if reg is None:
+                    continue
                 row = (reg["extra"]["kernel"], variants.get(e, ""), reg["extra"].get("num_warps"))
-                cells[row][(reg["problem"], reg["precision"])] = (
-                    f"{_g(reg['value'])}/{_g(m['stack_bytes']['value'])}/{_g(m['shared_bytes']['value'])}")
+                if reg["value"] is None:
+                    cell = "failed"
+                else:
+                    cell = "/".join(_g(m[k]["value"]) if k in m and m[k]["value"] is not None else "?" for k in fields)
+                    spills = [m[k]["value"] or 0 if k in m else 0 for k in ("spill_stores", "spill_loads")]
+                    cell += f" (spills: {_g(spills[0])} B stored / {_g(spills[1])} B loaded)" if any(spills) else ""
+                cells[row][(reg["problem"], reg["precision"])] = cell
             rows = []
-            for (kernel, variant, warps), c in sorted(cells.items()):
+            for (kernel, variant, warps), c in sorted(cells.items(), key=lambda kv: (*kv[0][:2], kv[0][2] or 0)):
                 name = f"`{kernel}`" + (f" ({variant})" if variant else "") + f", {warps} warps"
                 rows.append([name] + [" · ".join(c.get((pb, p), "–") for p in precs) for pb in problems])
-            toolchain = f"Triton {rs[0]['stack']['triton']}"
-            out.append(f"#### {toolchain}, {rs[0]['device']['name']}\n")
-            out.append(f"Registers / stack (B per thread) / shared memory (B), {' · '.join(precs)}:\n")
+            ptxas = rs[0]["stack"].get("cuda")
+            toolchain = f"Triton {rs[0]['stack']['triton']}" + (f" ({ptxas})" if ptxas else "")
+            names = {"registers": "registers", "stack_bytes": "stack (B per thread)",
+                     "shared_bytes": "shared memory (B)", "mma_instructions": "tensor-core instructions"}
+            out.append(f"#### {toolchain}, {dev}\n")
+            head = " / ".join(names[k] for k in fields)
+            out.append(f"{head[0].upper() + head[1:]}, {' · '.join(precs)}:\n")
             out.append(_table(["kernel", *problems], rows))
+            failed = [r for r in full if r["value"] is None]
+            out += [f"\n- `{r['extra']['kernel']}` ({r['problem']}, {r['precision']}) failed: "
+                    f"{' '.join(r.get('error', '').split())[:300]}" for r in failed]
         else:
             rows = []
+            cols = [k for k in ("registers", "stack_bytes", "spill_stores", "spill_loads", "shared_bytes",
+                                "mma_instructions") if k in has] or ["registers"]
             for _, m in sorted(entries.items()):
-                reg = m["registers"]
-                rows.append([f"`{reg['problem']}`", reg["extra"].get("file", ""),
-                             *[_g(m[k]["value"]) if k in m else "" for k in
-                               ("registers", "stack_bytes", "spill_stores", "spill_loads", "shared_bytes")]])
-            out.append(f"#### {rs[0]['provider']} CUDA kernels ({rs[0]['stack'].get('cuda')}), "
-                       f"{rs[0]['device']['name']}\n")
-            out.append(_table(["kernel", "file", "registers", "stack (B)", "spill stores (B)", "spill loads (B)",
-                               "shared memory (B)"], rows))
+                reg = m.get("registers")
+                if reg is None:
+                    continue
+                name = f"`{reg['problem']}`" + ("" if reg["extra"].get("entry_function", True) else
+                                                " (device function)")
+                if reg["value"] is None:
+                    error = " ".join(reg.get("error", "").split())[:200]
+                    rows.append([name, reg["extra"].get("file", ""), f"failed: {error}",
+                                 *[""] * (len(cols) - 1)])
+                    continue
+                rows.append([name, reg["extra"].get("file", ""),
+                             *[_g(m[k]["value"]) if k in m and m[k]["value"] is not None else "" for k in cols]])
+            names = {"registers": "registers", "stack_bytes": "stack (B)", "spill_stores": "spill stores (B)",
+                     "spill_loads": "spill loads (B)", "shared_bytes": "shared memory (B)",
+                     "mma_instructions": "tensor-core instructions"}
+            out.append(f"#### {rs[0]['provider']} CUDA kernels ({rs[0]['stack'].get('cuda')}), {dev}\n")
+            out.append(_table(["kernel", "file", *[names[k] for k in cols]], rows))
+        if "mma_instructions" in has:
+            out.append("\nTensor-core instructions: " + MMA_NOTE)
         out.append("\nMeasured by:\n\n" + _provenance_note(rs) + "\n")
     return "\n".join(out) + "\n" + DIRTY + "\n" if out else "No compile records.\n"
 
