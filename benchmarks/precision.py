@@ -10,12 +10,18 @@ same layer in float64 with the ``reference`` backend; reported are the relative 
 and of the gradients to the node features and to the kernel MLP's parameters (all of them, concatenated). This is
 the measurement that decides whether a faster mode (e.g. 3xTF32) may serve ``"highest"``: its errors must stay within
 2x of IEEE float32's. It measures no speed.
+
+``--json OUT.json`` writes the records (``ik_fast/records.py``, kind ``precision``; rewritten after every case), and
+``--name NAME`` also ``benchmarks/results/precision/<device>/<date>-NAME.json``: per backend (the record's provider),
+float32 mode (its precision: ``ieee``, ``tf32``, ``bf16``) and training / eval mode (its mode), the metrics
+``rel_error_out``, ``rel_error_grad_x`` and ``rel_error_grad_params`` (unit ``1``). On CPU under the interpreter
+(``TRITON_INTERPRET=1``) the device is named ``<CPU> (<n> threads), Triton interpreter``. A case that raises gives its
+three records without a value and with the error, and the exit status 1.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -49,7 +55,13 @@ def _run(layer, x, ei, attr, pos, w, mode: str, device: str):
     return out.detach(), xs.grad.detach(), grads
 
 
-def measure(problem: str, backends, modes, device: str, seed: int = 0):
+METRICS = (("rel_error_out", "out"), ("rel_error_grad_x", "grad_x"), ("rel_error_grad_params", "grad_params"))
+AGAINST = "float64 evaluation of the same layer (reference backend)"
+
+
+def measure(problem: str, backends, modes, device: str, seed: int = 0, on_result=None):
+    """One dict per (training, backend, mode): the three relative errors, or ``error`` where the case raised;
+    ``on_result`` sees each as it is made."""
     import torch
 
     from ik_fast.problems import build_inputs, build_layer, get_problem
@@ -68,18 +80,53 @@ def measure(problem: str, backends, modes, device: str, seed: int = 0):
             for mode in modes:
                 if mode == "tf32" and device != "cuda":
                     continue  # TF32 exists on tensor cores only
-                layer = build_layer(p, backend=backend, seed=seed).to(device=device, dtype=torch.float32)
-                layer.train(training)
+                r = {"problem": problem, "backend": backend, "mode": mode, "training": training, "device": device,
+                     "edges": int(ei.shape[1]), "nodes": int(x.shape[0])}
                 t = time.perf_counter()
-                out, gx, gp = _run(layer, x.float(), ei, attr.float(), pos.float(), w, mode, device)
-                records.append({"problem": problem, "backend": backend, "mode": mode,
-                                "training": training, "device": device, "edges": int(ei.shape[1]),
-                                "out": _rel(out, ref[0]), "grad_x": _rel(gx, ref[1]), "grad_params": _rel(gp, ref[2]),
-                                "seconds": time.perf_counter() - t})
-                r = records[-1]
-                print(f"{problem} {backend:9s} {mode:5s} {'train' if training else 'eval ':5s} out {r['out']:.2e} "
-                      f"grad_x {r['grad_x']:.2e} grad_params {r['grad_params']:.2e}", flush=True)
+                try:
+                    layer = build_layer(p, backend=backend, seed=seed).to(device=device, dtype=torch.float32)
+                    layer.train(training)
+                    out, gx, gp = _run(layer, x.float(), ei, attr.float(), pos.float(), w, mode, device)
+                    r.update(out=_rel(out, ref[0]), grad_x=_rel(gx, ref[1]), grad_params=_rel(gp, ref[2]))
+                except Exception as exc:  # record it and go on: the other cases still tell something
+                    r["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300] if str(exc) else ''}"
+                r["seconds"] = time.perf_counter() - t
+                records.append(r)
+                if "error" in r:
+                    print(f"{problem} {backend:9s} {mode:5s} {'train' if training else 'eval ':5s} failed: "
+                          f"{r['error']}", flush=True)
+                else:
+                    print(f"{problem} {backend:9s} {mode:5s} {'train' if training else 'eval ':5s} out {r['out']:.2e} "
+                          f"grad_x {r['grad_x']:.2e} grad_params {r['grad_params']:.2e}", flush=True)
+                if on_result is not None:
+                    on_result(records)
     return records
+
+
+def provenance(device: str) -> dict:
+    """The records' provenance; on CPU under Triton's interpreter (``TRITON_INTERPRET=1``), the device says so."""
+    from ik_fast import records
+
+    prov = records.provenance(device)
+    if prov["device"]["type"] == "cpu" and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        prov = dict(prov, device={**prov["device"], "name": prov["device"]["name"] + ", Triton interpreter"})
+    return prov
+
+
+def to_records(rows, prov: dict, command: str, seed: int) -> list:
+    """The schema records of :func:`measure`'s dicts: three per case (each without a value where the case failed)."""
+    from ik_fast import records
+
+    out = []
+    for r in rows:
+        extra = {"edges": r["edges"], "nodes": r["nodes"], "seconds": round(r["seconds"], 3), "against": AGAINST,
+                 "interpreter": os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"), "seed": seed,
+                 "command": command}
+        for metric, key in METRICS:
+            out.append(records.record("precision", r["problem"], r["backend"], metric, r.get(key), "1",
+                                      mode="train" if r["training"] else "eval", precision=r["mode"],
+                                      extra=extra, error=r.get("error"), prov=prov))
+    return out
 
 
 def main(argv=None) -> int:
@@ -89,18 +136,29 @@ def main(argv=None) -> int:
     ap.add_argument("--modes", default="ieee,tf32,bf16")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--json", default=None, help="write the records (ik_fast/records.py, kind precision) here")
+    ap.add_argument("--name", default=None,
+                    help="also write them to benchmarks/results/precision/<device>/<date>-NAME.json")
     args = ap.parse_args(argv)
-    import torch
+    from ik_fast import records
 
-    recs = measure(args.problem, args.backends.split(","), args.modes.split(","), args.device, args.seed)
-    if args.json:
-        dev = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
-        with open(args.json, "w") as fh:
-            json.dump({"command": "python benchmarks/precision.py " + " ".join(argv or sys.argv[1:]),
-                       "device_name": dev, "torch": torch.__version__,
-                       "interpreter": os.environ.get("TRITON_INTERPRET"), "records": recs}, fh, indent=1)
-    return 0
+    backends, modes = args.backends.split(","), args.modes.split(",")
+    command = "python benchmarks/precision.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    prov = provenance(args.device)
+    paths = [args.json] if args.json else []
+    if args.name:
+        paths.append(os.path.join(ROOT, "benchmarks", "results", "precision", records.device_slug(prov),
+                                  f"{prov['date'][:10]}-{args.name}.json"))
+
+    def save(rows):
+        recs = to_records(rows, prov, command, args.seed)
+        for path in paths:
+            records.write(path, recs)
+
+    rows = measure(args.problem, backends, modes, args.device, args.seed, on_result=save if paths else None)
+    for path in paths:
+        print(f"records: {path}", file=sys.stderr)
+    return 1 if any("error" in r for r in rows) else 0
 
 
 if __name__ == "__main__":

@@ -491,8 +491,9 @@ def compile_section(recs: List[Dict]) -> str:
             out.append(f"{head[0].upper() + head[1:]}, {' · '.join(precs)}:\n")
             out.append(_table(["kernel", *problems], rows))
             failed = [r for r in full if r["value"] is None]
-            out += [f"\n- `{r['extra']['kernel']}` ({r['problem']}, {r['precision']}) failed: "
-                    f"{' '.join(r.get('error', '').split())[:300]}" for r in failed]
+            if failed:
+                out.append("\n" + "\n".join(f"- `{r['extra']['kernel']}` ({r['problem']}, {r['precision']}) failed: "
+                                            f"{' '.join(r.get('error', '').split())[:300]}" for r in failed))
         else:
             rows = []
             cols = [k for k in ("registers", "stack_bytes", "spill_stores", "spill_loads", "shared_bytes",
@@ -536,14 +537,18 @@ def precision_section(recs: List[Dict]) -> str:
         for provider in sorted({r["provider"] for r in rs}, key=lambda p: (p == "reference", p)):
             row = [f"`{provider}`"]
             for p, mode in cols:
-                v = {r["metric"]: r["value"] for r in rs if (r["provider"], r["precision"], r["mode"]) ==
-                     (provider, p, mode)}
-                row.append(" / ".join(f"{v[k]:.1e}" if k in v else "–" for k in
+                v = {r["metric"]: r for r in rs if (r["provider"], r["precision"], r["mode"]) == (provider, p, mode)}
+                row.append(" / ".join("–" if k not in v else "failed" if v[k]["value"] is None else
+                                      f"{v[k]['value']:.1e}" for k in
                                       ("rel_error_out", "rel_error_grad_x", "rel_error_grad_params")))
             rows.append(row)
+        failed = {(r["provider"], r["precision"], r["mode"]): r.get("error", "") for r in rs if r["value"] is None}
         out.append(f"Problem `{problem}`, {dev}; relative error of the output / the gradient to x / the gradient to "
                    f"the kernel's parameters against {rs[0]['extra'].get('against', 'float64')}:\n")
         out.append(_table(["backend", *[f"{p}, {m}" for p, m in cols]], rows))
+        if failed:
+            out.append("\n" + "\n".join(f"- `{pv}`, {p}, {m} failed: {' '.join(err.split())[:300]}"
+                                        for (pv, p, m), err in sorted(failed.items())))
         out.append("\nMeasured by:\n\n" + _provenance_note(rs) + "\n")
     return "\n".join(out) + "\n" + DIRTY + "\n"
 
