@@ -565,7 +565,13 @@ def _group(rs, key):
 
 def work_section(recs: List[Dict]) -> str:
     """Counted multiply-adds per edge of a training step against the structured floor, and aten events per step."""
-    work = newest(r for r in recs if r["kind"] == "work")
+    # counts do not depend on the machine: the newest per problem, provider and metric, whatever the device; a count
+    # (a value) before a run that counted none (e.g. --aten-only)
+    key = ("problem", "provider", "mode", "metric")
+    work = newest((r for r in recs if r["kind"] == "work" and r["value"] is not None), key)
+    have = {tuple(r[f] for f in key) for r in work}
+    work += [r for r in newest((r for r in recs if r["kind"] == "work" and r["value"] is None), key)
+             if tuple(r[f] for f in key) not in have]
     if not work:
         return "No work records.\n"
     rows = []

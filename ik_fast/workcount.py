@@ -25,6 +25,12 @@ the lowered program (:class:`ik_fast.program.KernelProgram`), not from the probl
 The per-edge *slope* between two graphs of the same degree (:func:`slope`) removes per-step constants (weight
 gradients, statistics merges, W' contractions per receiver block when the receiver count scales with the edges
 anyway).
+
+``python -m ik_fast.workcount --json OUT.json`` (and ``benchmarks/count_work.py``) writes the counts as records
+(:mod:`ik_fast.records`, kind ``work``; :func:`work_records`), per problem and provider: ``macs_per_edge`` (the slope,
+with the floor, the ratio and both graphs' counts per kernel in ``extra``; no value under ``--aten-only``),
+``aten_ops`` (the smaller graph's count, both graphs' in ``extra.aten_ops_at_edges``) and, with ``--cached``,
+``aten_ops_cached``. Under the interpreter the device is named ``<CPU> (<n> threads), Triton interpreter``.
 """
 
 from __future__ import annotations
@@ -32,7 +38,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
-import json
 import os
 import pkgutil
 import sys
@@ -44,7 +49,8 @@ from typing import Dict, List
 import torch
 
 __all__ = ["floor_terms", "program_sizes", "floor_per_edge", "interpreting", "DotCounter", "triton_kernels",
-           "profile_step", "count_step", "slope", "graph_sizes", "work_table", "GEMM_OPS", "main"]
+           "profile_step", "count_step", "slope", "graph_sizes", "work_table", "work_records", "slope_rows",
+           "GEMM_OPS", "main"]
 
 # profiler events whose FLOPs are GEMMs (with_flops also reports aten::mul / aten::add, which are not multiply-adds
 # of a GEMM and are left out)
@@ -400,6 +406,80 @@ def work_table(rows: List[Dict]) -> str:
     return "\n".join(lines)
 
 
+MACS_WHAT = "multiply-adds per edge of one training step: the slope between two graphs"
+ATEN_WHAT = "aten:: events of one training step on a new graph (nested included)"
+
+
+def _step_details(step: Dict) -> Dict[str, object]:
+    keep = ("problem", "nodes", "edges", "macs", "dot_macs", "host_gemm_macs", "aten_ops", "aten_ops_in_interpreter",
+            "aten_ops_cached", "macs_cached", "kernels", "host_gemm_macs_per_op", "seconds")
+    out = {k: step[k] for k in keep if k in step}
+    if step.get("macs") is None:
+        out.pop("macs_cached", None)  # launches recorded, not run: host GEMMs alone, not the step's work
+    return out
+
+
+def work_records(problem: str, provider: str, s: Dict, steps: List[Dict], prov: Dict, command: str,
+                 execute: bool = True, ok=None) -> List[Dict]:
+    """The records (:mod:`ik_fast.records`, kind ``work``) of one problem and provider: :func:`slope` ``s`` of the
+    counted ``steps`` (:func:`count_step` of the two graphs); ``ok``: whether they pass ``--check``'s bounds."""
+    from . import records
+
+    edges = list(s["edges"])
+    common = dict(mode="train", precision="ieee", prov=prov)
+    fl = steps[0].get("floor")
+    extra = {"edges": edges, "nodes": [st["nodes"] for st in steps], "graphs": [st["problem"] for st in steps],
+             "floor_per_edge": s.get("floor_per_edge"), "ratio_to_floor": s.get("ratio_to_floor"),
+             "dot_macs_per_edge": s["dot_macs_per_edge"], "host_gemm_macs_per_edge": s["host_gemm_macs_per_edge"],
+             "floor": fl, "steps": [_step_details(st) for st in steps], "what": MACS_WHAT, "command": command}
+    if ok is not None:
+        extra["ok"] = ok
+        extra["check"] = (f"slope at most {RATIO_MAX}x the floor, aten counts within {ATEN_SPREAD:.0%} of each other "
+                          f"and at most {ATEN_MAX}")
+    error = None
+    if s["macs_per_edge"] is None:
+        error = "run with --aten-only (the Triton launches recorded, not run)" if not execute else "no count"
+    out = [records.record("work", problem, provider, "macs_per_edge", s["macs_per_edge"], "MAC", extra=extra,
+                          error=error, **common)]
+    aten = {"edges": edges[0], "aten_ops_at_edges": {str(e): a for e, a in zip(edges, s["aten_ops"])},
+            "aten_spread": s["aten_spread"], "aten_ops_in_interpreter": [st["aten_ops_in_interpreter"] for st in steps],
+            "aten_top": [st.get("aten_top", {}) for st in steps], "what": ATEN_WHAT, "command": command}
+    out.append(records.record("work", problem, provider, "aten_ops", s["aten_ops"][0], "count", extra=aten, **common))
+    if all("aten_ops_cached" in st for st in steps):
+        counts = {str(e): st["aten_ops_cached"] for e, st in zip(edges, steps)}
+        cached = {"edges": edges[0], "aten_ops_at_edges": counts, "command": command,
+                  "what": "aten:: events of a second training step on the same (cached) graph"}
+        out.append(records.record("work", problem, provider, "aten_ops_cached", steps[0]["aten_ops_cached"], "count",
+                                  extra=cached, **common))
+    return out
+
+
+def slope_rows(recs: List[Dict]) -> List[Dict]:
+    """The :func:`slope` rows (problem, provider, macs_per_edge and the slope's fields) of ``work`` records written by
+    :func:`work_records`."""
+    rows = []
+    for r in recs:
+        if r["kind"] == "work" and r["metric"] == "macs_per_edge":
+            aten = next((a for a in recs if a["metric"] == "aten_ops" and (a["problem"], a["provider"]) ==
+                         (r["problem"], r["provider"])), None)
+            row = {"problem": r["problem"], "provider": r["provider"], **r["extra"], "macs_per_edge": r["value"]}
+            if aten is not None:
+                row["aten_ops"] = list(aten["extra"]["aten_ops_at_edges"].values())
+                row["aten_spread"] = aten["extra"]["aten_spread"]
+            rows.append(row)
+    return rows
+
+
+def provenance() -> Dict[str, object]:
+    """The provenance of a count on this CPU; under the interpreter, the device says so."""
+    from . import records
+
+    prov = records.provenance("cpu")
+    if interpreting():
+        prov = dict(prov, device={**prov["device"], "name": prov["device"]["name"] + ", Triton interpreter"})
+    return prov
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # command line (benchmarks/count_work.py; ik_fast.bench --work runs it in a child under the interpreter)
 # ----------------------------------------------------------------------------------------------------------------
@@ -422,7 +502,10 @@ def main(argv=None) -> int:
                     help="record the Triton launches without running them: aten counts in seconds, no work count")
     ap.add_argument("--cached", action="store_true",
                     help="also run a second step on the same (cached) graph and report its aten count")
-    ap.add_argument("--json", default=None, help="write every count (per kernel too) to this file")
+    ap.add_argument("--json", default=None,
+                    help="write the records (ik_fast/records.py, kind work; per kernel counts too) to this file")
+    ap.add_argument("--name", default=None,
+                    help="also write them to benchmarks/results/work/<device>/<date>-NAME.json")
     ap.add_argument("--check", action="store_true",
                     help=f"exit 1 unless the slope is at most {RATIO_MAX}x the floor and the aten counts are within "
                          f"{ATEN_SPREAD:.0%} of each other and at most {ATEN_MAX}")
@@ -434,7 +517,12 @@ def main(argv=None) -> int:
         for part in args.sizes.split(";"):
             pair = part.split(",")
             sizes[pair[0].partition("@")[0].partition("#")[0]] = pair
-    records, rows, failed = [], [], False
+    if argv is None and sys.argv[0].endswith(".py"):  # benchmarks/count_work.py
+        command = " ".join(["python", os.path.relpath(sys.argv[0]), *sys.argv[1:]])
+    else:
+        command = "python -m ik_fast.workcount " + " ".join(sys.argv[1:] if argv is None else argv)
+    prov = provenance() if args.json or args.name else None
+    records, rows, recs, failed = [], [], [], False
     for problem in args.problems.split(","):
         pair = sizes.get(problem) or graph_sizes(problem)
         for provider in args.backend.split(","):
@@ -458,6 +546,10 @@ def main(argv=None) -> int:
             failed |= not row["ok"]
             rows.append(row)
             records.append({"problem": problem, "provider": provider, "slope": s, "steps": steps})
+            if prov is not None:
+                recs += work_records(problem, provider, s, steps, prov, command, execute=not args.aten_only,
+                                     ok=row["ok"])
+                _save(recs, args.json, args.name)
     print(work_table(rows))
     for r in records:
         f = r["steps"][0].get("floor")
@@ -468,12 +560,21 @@ def main(argv=None) -> int:
     jitted = sorted(triton_kernels())
     print(f"Triton kernels launched: {sorted(launched) or 'none'}; jitted functions of ik_fast.kernels_triton never "
           f"launched (helpers, or kernels this step does not use): {len(set(jitted) - launched)}")
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"command": "python -m ik_fast.workcount " + " ".join(argv or sys.argv[1:]),
-                       "interpreter": os.environ.get("TRITON_INTERPRET"), "records": records, "rows": rows,
-                       "launched": sorted(launched), "jit_functions": jitted}, fh, indent=1, default=str)
+    for path in _save(recs, args.json, args.name) if prov is not None else []:
+        print(f"records: {path}", file=sys.stderr)
     return 1 if args.check and failed else 0
+
+
+def _save(recs: List[Dict], json_out, name) -> List[str]:
+    from . import records
+
+    paths = [json_out] if json_out else []
+    if name and recs:
+        root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "results")
+        paths.append(os.path.join(root, "work", records.device_slug(recs[0]), f"{recs[0]['date'][:10]}-{name}.json"))
+    for path in paths:
+        records.write(path, recs)
+    return paths
 
 
 
