@@ -81,3 +81,92 @@ def test_plots_draw_every_cpu_provider(tmp_path):
         speedup = [p for p in made if p.endswith("-speedup.png")]
         assert speedup and os.path.getsize(speedup[0]) > 0
         assert set(made[speedup[0]]) == {r["provider"] for r in dev_recs}, dev
+
+
+# ----------------------------------------------------------------------------------------------------- the writers
+# Each measurement tool writes this schema; the report renders what it writes.
+
+
+def _bench_module(name):
+    spec = importlib.util.spec_from_file_location(f"_ik_fast_{name}", os.path.join(ROOT, "benchmarks", f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _loaded(path):
+    return [{**r, "_file": os.path.basename(str(path))} for r in report.records.load(str(path))]
+
+
+PTXAS = """ptxas info    : Compiling entry function '_ZN12ik_fast_cuda1kIfEEvPKT_' for 'sm_90'
+ptxas info    : Function properties for _ZN12ik_fast_cuda1kIfEEvPKT_
+    8 bytes stack frame, 4 bytes spill stores, 4 bytes spill loads
+ptxas info    : Used 63 registers, used 1 barriers, 6144 bytes smem, 400 bytes cmem[0]
+"""
+SASS = """
+Fatbin elf code:
+================
+arch = sm_90
+
+\tcode for sm_90
+\t\tFunction : _ZN12ik_fast_cuda1kIfEEvPKT_
+        /*0000*/                   LDC R1, c[0x0][0x28] ;                        /* 0x00000a00ff017b82 */
+        /*0010*/                   HMMA.1684.F32.TF32 R24, R160, R4, R24 ;        /* 0x000000040418723c */
+        /*0020*/              @!P0 HMMA.1684.F32.TF32 R28, R160, R6, R28 ;        /* 0x000000060418723c */
+        /*0030*/                   FFMA R2, R3, R4, R2 ;                          /* 0x0000000403027223 */
+"""
+
+
+def test_compile_check_records_of_a_native_kernel_follow_the_schema_and_render():
+    cc = _bench_module("compile_check")
+    (f,) = cc.parse_ptxas(PTXAS)
+    assert (f["registers"], f["stack_bytes"], f["spill_stores"], f["shared_bytes"]) == (63, 8, 4, 6144)
+    mma = cc.parse_sass(SASS)[("sm_90", f["mangled"])]
+    assert mma == {"HMMA.1684.F32.TF32": 2}  # the predicated one too; FFMA is no tensor-core instruction
+    prov = cc.arch_provenance(report.records.provenance("cpu"), 90, "nvcc 13.0")
+    ident = {"kernel": "k<float>", "entry": 0, "file": "csrc/cuda/x.cu", "arch": "sm_90", "entry_function": True}
+    values = {k: f[k] for k in ("registers", "stack_bytes", "spill_stores", "spill_loads", "shared_bytes")}
+    recs = cc.kernel_records(prov, "k<float>", "native", values, ident, {"signature": "void k<float>()"}, mma=mma)
+    recs += cc.kernel_records(prov, "csrc/cuda/y.cu", "native", {}, {**ident, "entry": 6}, {}, error="compile failed")
+    for r in recs:
+        report.records.validate_record(r)
+    assert report.records.device_slug(recs[0]) == "sm-90"
+    assert {r["metric"]: r["value"] for r in recs[:6]}["mma_instructions"] == 2
+    text = report.render("compile", [{**r, "_file": "x.json"} for r in recs])
+    assert "| `k<float>` | csrc/cuda/x.cu | 63 | 8 | 4 | 4 | 6,144 | 2 |" in text, text
+    assert "failed: compile failed" in text
+
+
+def test_precision_writes_records_and_the_report_renders_them(tmp_path):
+    prec = _bench_module("precision")
+    out = tmp_path / "precision.json"
+    assert prec.main(["--problem", "tiny", "--backends", "torch", "--modes", "ieee", "--json", str(out)]) == 0
+    recs = _loaded(out)
+    assert sorted((r["mode"], r["metric"]) for r in recs) == sorted(
+        (m, k) for m in ("train", "eval") for k in ("rel_error_out", "rel_error_grad_x", "rel_error_grad_params"))
+    assert all(r["kind"] == "precision" and r["precision"] == "ieee" and 0 < r["value"] < 1e-4 for r in recs)
+    assert "| `torch` | " in report.render("precision", recs)
+
+
+def test_precision_records_a_failing_case_without_a_value(tmp_path):
+    prec = _bench_module("precision")
+    out = tmp_path / "precision.json"
+    assert prec.main(["--problem", "tiny", "--backends", "no-such-backend", "--modes", "ieee", "--json",
+                      str(out)]) == 1
+    recs = _loaded(out)
+    assert recs and all(r["value"] is None and "no-such-backend" in r["error"] for r in recs)
+
+
+def test_workcount_writes_records_and_the_report_renders_them(tmp_path):
+    from ik_fast import workcount
+
+    out = tmp_path / "work.json"
+    assert workcount.main(["--problems", "tiny", "--backend", "torch", "--cached", "--json", str(out)]) == 0
+    recs = _loaded(out)
+    m = {r["metric"]: r for r in recs}
+    assert set(m) == {"macs_per_edge", "aten_ops", "aten_ops_cached"}
+    assert all(r["kind"] == "work" and r["provider"] == "torch" and r["mode"] == "train" for r in recs)
+    assert m["macs_per_edge"]["value"] > 0 and m["macs_per_edge"]["extra"]["floor_per_edge"] > 0
+    assert workcount.slope_rows(recs)[0]["macs_per_edge"] == m["macs_per_edge"]["value"]
+    row = next(line for line in report.render("work", recs).splitlines() if line.startswith("| tiny |"))
+    assert f"{m['macs_per_edge']['value']:,.0f}" in row and f"{m['aten_ops']['value']:.0f} /" in row
