@@ -130,6 +130,18 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _save_record(out: str, d: Dist, problem: str, backend: str, metric: str, value: float, unit: str,
+                 extra: Dict) -> None:
+    """``<out>/records.json``: the run's validation error as a measurement record (:mod:`ik_fast.records`, kind
+    ``training``), ready for ``benchmarks/results/training/<device>/`` and ``benchmarks/report.py``."""
+    from . import records
+
+    precision = {"highest": "ieee", "high": "tf32", "medium": "bf16"}.get(torch.get_float32_matmul_precision(), "")
+    rec = records.record("training", problem, backend, metric, value, unit, mode="train", precision=precision,
+                         extra={**extra, "world": d.world}, device=str(d.device))
+    records.write(os.path.join(out, "records.json"), [rec])
+
+
 # the learning curve's y axis is logarithmic when its values span more than this ratio (N-body: the first steps' MSE
 # is ~100x the final one, and a linear axis squashed validation and both baselines into one line at the bottom)
 LOG_SCALE_RATIO = 10.0
@@ -450,6 +462,10 @@ def _run_qm9(args, d: Dist) -> int:
                    config=config)
         with open(os.path.join(out, "history.json"), "w") as f:
             json.dump(res, f, indent=1)
+        _save_record(out, d, f"qm9-{args.target}" + ("-quick" if args.quick else ""), args.backend, "val_mae",
+                     val_mae, unit, dict(baseline=baseline, test_mae=test_mae, test_baseline=baseline_test,
+                                         baseline_is="the training mean", seed=args.seed, steps=step,
+                                         wall_s=round(wall, 1), peak_rss_mb=round(_peak_rss_mb()), config=config))
     _log(d, f"test MAE {test_mae:.1f} {unit} (baseline {baseline_test:.1f}); {step} steps, {wall:.0f} s wall, "
             f"peak RSS {_peak_rss_mb():.0f} MB (rank 0); outputs in {out}/")
     _log(d, f"val_mae_meV={val_mae:.1f} baseline_meV={baseline:.1f}" if unit == "meV"
@@ -567,6 +583,10 @@ def _run_nbody(args, d: Dist) -> int:
             json.dump(dict(val_mse=val_mse, test_mse=test_mse, baseline_const=b_const, baseline_linear=b_lin,
                            steps=step, wall_s=wall, peak_rss_mb=_peak_rss_mb(), history=history, config=config),
                       f, indent=1)
+        _save_record(out, d, "nbody" + ("-quick" if args.quick else ""), args.backend, "val_mse", val_mse, "1",
+                     dict(baseline=b_const, test_mse=test_mse, baseline_is="the constant-position prediction",
+                          baseline_linear=b_lin, seed=args.seed, steps=step, wall_s=round(wall, 1),
+                          peak_rss_mb=round(_peak_rss_mb()), config=config))
     _log(d, f"test MSE {test_mse:.4f}; position + velocity x time baseline (val) {b_lin:.4f}; {step} steps, "
             f"{wall:.0f} s wall, peak RSS {_peak_rss_mb():.0f} MB (rank 0)")
     _log(d, f"val_mse={val_mse:.4f} baseline_mse={b_const:.4f}")

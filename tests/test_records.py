@@ -170,3 +170,18 @@ def test_workcount_writes_records_and_the_report_renders_them(tmp_path):
     assert workcount.slope_rows(recs)[0]["macs_per_edge"] == m["macs_per_edge"]["value"]
     row = next(line for line in report.render("work", recs).splitlines() if line.startswith("| tiny |"))
     assert f"{m['macs_per_edge']['value']:,.0f}" in row and f"{m['aten_ops']['value']:.0f} /" in row
+
+
+def test_trainer_writes_a_training_record_the_report_renders(tmp_path):
+    from ik_fast.train import main
+
+    out = tmp_path / "nb"
+    assert main(["nbody", "--n-train", "10", "--n-val", "5", "--n-test", "5", "--batch-size", "5", "--epochs", "1",
+                 "--horizon", "20", "--num-layers", "1", "--num-features", "2", "--kernel-layers", "2",
+                 "--kernel-channels", "2", "--backend", "reference", "--no-progress", "--out", str(out)]) == 0
+    (rec,) = _loaded(out / "records.json")
+    hist = json.loads((out / "history.json").read_text())
+    assert (rec["kind"], rec["problem"], rec["provider"], rec["metric"]) == ("training", "nbody", "reference", "val_mse")
+    assert rec["value"] == hist["val_mse"] and rec["extra"]["baseline"] == hist["baseline_const"]
+    row = next(line for line in report.render("training", [rec]).splitlines() if line.startswith("| `nbody`"))
+    assert f"{rec['value'] / hist['baseline_const']:.2f}" in row
