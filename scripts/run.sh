@@ -31,7 +31,7 @@ setup() {
   else
     PIP_RETRIES=0 $pip install "torch==2.13.0" --extra-index-url https://download.pytorch.org/whl/cpu
   fi
-  "$VENV/bin/python" -c "import torch, sys; torch.version.cuda and print('run.sh: note: torch', torch.__version__,
+  "$VENV/bin/python" -W ignore -c "import torch, sys; torch.version.cuda and print('run.sh: note: torch', torch.__version__,
     'is the CUDA build (PyTorch CPU index not reachable); it works on the CPU too', file=sys.stderr)"
   $pip install "numpy>=1.24,<2" "scipy>=1.10,<1.15" autograd joblib pymanopt requests
   $pip install --no-deps "escnn==1.0.11" "lie_learn==0.0.2"
