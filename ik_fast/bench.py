@@ -43,6 +43,7 @@ PRECISIONS = {"highest": "ieee", "high": "tf32"}
 _PRECISION_ALIASES = {"highest": "highest", "ieee": "highest", "high": "high", "tf32": "high"}
 PRECOMPILE_PRECISIONS = ("highest", "high", "bf16")
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_T0 = time.time()  # about when this process started (this module imports nothing heavy): --budget-s counts from it
 
 
 def _sync(device):
@@ -148,10 +149,15 @@ def _floor_macs(p, num_edges: int, mode: str, seed: int = 0, layer=None):
     return num_edges * (f["fwd"] if mode == "inference" else f["floor"])
 
 
-def count_work(problems: List[str], providers: List[str], timeout: float = 3600.0) -> List[Dict]:
+def count_work(problems: List[str], providers: List[str], timeout: float = 3600.0, out_records=None) -> List[Dict]:
     """Counted work per edge of one training step for each problem and provider (``python -m ik_fast.workcount`` in a
-    child process under Triton's interpreter): rows of :func:`ik_fast.workcount.slope` with problem and provider."""
+    child process under Triton's interpreter): rows of :func:`ik_fast.workcount.slope` with problem and provider, or
+    ``{"problem", "error"}`` for a problem whose count failed. The children's ``work`` records are appended to
+    ``out_records`` when given."""
     import tempfile
+
+    from . import records
+    from .workcount import slope_rows
 
     rows = []
     env = dict(os.environ, TRITON_INTERPRET="1")
@@ -165,8 +171,10 @@ def count_work(problems: List[str], providers: List[str], timeout: float = 3600.
             if res.returncode != 0:
                 rows.append({"problem": problem, "error": res.stderr[-2000:]})
                 continue
-            with open(out) as f:
-                rows += json.load(f)["rows"]
+            recs = records.load(out)
+            rows += slope_rows(recs)
+            if out_records is not None:
+                out_records += recs
         except subprocess.TimeoutExpired:
             rows.append({"problem": problem, "error": f"timeout after {timeout:.0f} s"})
         finally:
@@ -450,15 +458,16 @@ def run_cases(cases: List[Dict], timeout: float, budget_s: float = float("inf"),
 
 
 def run_rounds(cases: List[Dict], rounds: int, timeout: float, budget_s: float = float("inf"), done: Dict = None,
-               on_record=None) -> List[Dict]:
+               on_record=None, start: Optional[float] = None) -> List[Dict]:
     """:func:`run_cases` ``rounds`` times over the whole list, round after round, so that the providers of a problem
     are measured minutes apart in every round rather than once each in one stretch: on a machine whose speed drifts
     (this project's 2-core VM: +-20% from minute to minute), the drift then falls on every provider alike. Each case's
     record is that of its median round (the lower median for an even count), with ``rounds_time_s``, every round's
-    time in order, and ``time_s`` their median. ``budget_s`` bounds all rounds together."""
+    time in order, and ``time_s`` their median. ``budget_s`` bounds all rounds together, from ``start`` (default:
+    now)."""
     if rounds <= 1:
-        return run_cases(cases, timeout, budget_s, done, on_record)
-    start = time.time()
+        return run_cases(cases, timeout, budget_s, done, on_record, start)
+    start = time.time() if start is None else start
     done = done or {}
     todo = [c for c in cases if _key(c) not in done]
     per_round = []
@@ -522,7 +531,10 @@ def case_records(rec: Dict, prov: Dict, command: str) -> List[Dict]:
 
 
 def results_root() -> str:
-    """``benchmarks/results`` of the checkout this package is in, else of the working directory."""
+    """$IK_FAST_RESULTS_DIR when set, else ``benchmarks/results`` of the checkout this package is in, else of the
+    working directory."""
+    if os.environ.get("IK_FAST_RESULTS_DIR"):
+        return os.path.abspath(os.environ["IK_FAST_RESULTS_DIR"])
     if os.path.isdir(os.path.join(_ROOT, "benchmarks")):
         return os.path.join(_ROOT, "benchmarks", "results")
     return os.path.join(os.getcwd(), "benchmarks", "results")
@@ -641,8 +653,8 @@ def _parser() -> argparse.ArgumentParser:
                          "alike); with --precompile: which of highest, high, bf16 to compile (default all three)")
     ap.add_argument("--timeout", type=float, default=240, help="seconds per case: its child is killed after that")
     ap.add_argument("--budget-s", type=float, default=float("inf"),
-                    help="seconds for the whole run: a case still running then is stopped (its child killed) and "
-                         "no case starts after it; each is recorded as such")
+                    help="seconds for the whole run, from this process's start: a case still running then is stopped "
+                         "(its child killed) and no case starts after it; each is recorded as such")
     ap.add_argument("--name", default=None,
                     help="results file name: benchmarks/results/<kind>/<device>/<date>-NAME.json (default: the "
                          "suite's name, else bench / precompile / work)")
@@ -706,6 +718,7 @@ def _results_file(args, kind: str, default_name: str, prov: Dict) -> Optional[st
 
 
 def main(argv=None) -> int:
+    start = _T0 if argv is None else time.time()  # the command line's budget counts from the process's start
     ap = _parser()
     args = ap.parse_args(argv)
     _check(args, ap)
@@ -743,7 +756,7 @@ def main(argv=None) -> int:
                 write_results(out, recs, args.copy_to)
 
         rows = precompile(_split(args.problems, "--problems"), device=args.device, precisions=precs,
-                          budget_s=args.budget_s, on_result=save)
+                          budget_s=args.budget_s - (time.time() - start), on_result=save)
         for problem, prec, mode, sec, err in rows:
             print(f"precompiled {problem} {prec} {mode}: " + (f"{sec:.1f} s" if err is None else err), flush=True)
         if out:
@@ -752,24 +765,16 @@ def main(argv=None) -> int:
     if args.work:
         from .workcount import work_table
 
+        recs = []
         rows = count_work(_split(args.problems, "--problems"), _split(args.providers, "--providers"),
-                          timeout=args.timeout * 15)
+                          timeout=args.timeout * 15, out_records=recs)
         good = [r for r in rows if "error" not in r]
         print(work_table(good))
         for r in rows:
             if "error" in r:
                 print(f"{r['problem']}: {r['error']}", file=sys.stderr)
-        prov = records.provenance("cpu")
-        out = _results_file(args, "work", "work", prov)
+        out = _results_file(args, "work", "work", recs[0]) if recs else None
         if out:
-            recs = []
-            for r in rows:
-                extra = {k: v for k, v in r.items() if k not in ("problem", "provider", "error", "macs_per_edge")}
-                recs.append(records.record("work", r["problem"], r.get("provider", ",".join(args.providers.split(","))),
-                                           "macs_per_edge", r.get("macs_per_edge"), "count", mode="train",
-                                           error=r.get("error") or (None if r.get("macs_per_edge") is not None
-                                                                    else "not counted"),
-                                           extra={**extra, "command": command}, prov=prov))
             write_results(out, recs, args.copy_to)
             print(f"results: {out}", file=sys.stderr)
         return 1 if len(good) < len(rows) else 0
@@ -814,7 +819,7 @@ def main(argv=None) -> int:
         write_results(out, flat, args.copy_to)
 
     todo = [c for c in cases if _key(c) not in done]
-    recs = run_rounds(todo, args.rounds, args.timeout, args.budget_s, None, save)
+    recs = run_rounds(todo, args.rounds, args.timeout, args.budget_s, None, save, start=start)
     save(recs)
     if out:
         print(f"results: {out}", file=sys.stderr)

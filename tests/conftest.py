@@ -129,3 +129,32 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if any(m in item.keywords for m in ("soak", "slow", "install")):
             item.add_marker(skip)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The device of the tests marked gpu, and the time limits of benchmarks/run_gpu.sh (environment variables)
+# ---------------------------------------------------------------------------------------------------------------
+def _gpu_test_device():
+    """$IK_FAST_TEST_DEVICE when set (``cpu``: ``run_gpu.sh --rehearse`` runs the gpu-marked tests on the CPU, at
+    their small rehearsal sizes, Triton in its interpreter), else ``cuda`` where there is a GPU, else None (the
+    gpu-marked tests are then skipped)."""
+    dev = os.environ.get("IK_FAST_TEST_DEVICE", "").strip()
+    if not dev:
+        return "cuda" if torch.cuda.is_available() else None
+    if dev != "cpu" and dev != "cuda" and not dev.startswith("cuda:"):
+        raise pytest.UsageError(f"IK_FAST_TEST_DEVICE must be cpu, cuda or cuda:N, got {dev!r}")
+    return dev
+
+
+GPU_TEST_DEVICE = _gpu_test_device()
+
+
+# IK_FAST_TEST_TIMEOUT (seconds per test), IK_FAST_TEST_DEADLINE (no test starts after it), IK_FAST_TEST_PROGRESS (a
+# log of the tests started and done): benchmarks/run_gpu.sh's limits, in tests/_time_limits.py
+import _time_limits  # noqa: E402
+
+pytest_runtest_protocol = _time_limits.pytest_runtest_protocol
+pytest_runtest_setup = _time_limits.pytest_runtest_setup
+pytest_runtest_call = _time_limits.pytest_runtest_call
+pytest_runtest_teardown = _time_limits.pytest_runtest_teardown
+pytest_runtest_logreport = _time_limits.pytest_runtest_logreport

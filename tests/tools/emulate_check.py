@@ -1,4 +1,4 @@
-"""A CPU emulation of the CUDA kernels in this folder, block by block, with the kernels' own index expressions, checked
+"""A CPU emulation of the CUDA kernels of csrc/cuda, block by block, with the kernels' own index expressions, checked
 against the op layer's plain-PyTorch statement (ik_fast.ops.conv_reference_form and autograd).
 
 No GPU was available when the kernels were written, so this is how their *index arithmetic and host orchestration*
@@ -10,7 +10,7 @@ and the TF32 path's warp fragments, in exact arithmetic). What it cannot check: 
 arithmetic (TF32 rounding included), launch configuration, anything CUDA-runtime. Run with ik_fast importable (float64,
 about half a minute)::
 
-    python csrc/cuda/emulate_check.py
+    PYTHONPATH=. python tests/tools/emulate_check.py
 """
 
 from __future__ import annotations

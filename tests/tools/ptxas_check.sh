@@ -3,11 +3,14 @@
 # ships the headers) and print one line per kernel from ptxas -v: kernel, arch, registers, spill stores / loads
 # (bytes), stack frame (bytes), static shared memory (bytes). Exits 1 if any kernel spills or uses a stack frame.
 #
-#   csrc/cuda/ptxas_check.sh [arch ...]          (default: sm_90 sm_80; PYTHON=python3, NVCC=nvcc, STD=c++17)
+#   tests/tools/ptxas_check.sh [arch ...]        (default: sm_90 sm_80; PYTHON=python3, NVCC=nvcc, STD=c++17)
+#
+# (benchmarks/compile_check.py --cuda, which CI runs, compiles the same files with the package's own flags and writes
+# compile records; this script is the quick look at ptxas's own per-kernel lines.)
 #
 # torch >= 2.14 needs STD=c++20 (ATen's own check); dynamic shared memory is sized at launch and is not in the table.
 set -euo pipefail
-here="$(cd "$(dirname "$0")" && pwd)"
+here="$(cd "$(dirname "$0")/../../csrc/cuda" && pwd)"
 PYTHON="${PYTHON:-python3}"
 NVCC="${NVCC:-nvcc}"
 STD="${STD:-c++17}"
