@@ -7,7 +7,7 @@
 # Setup makes .venv with a pinned CPU stack: torch 2.13.0's CPU build, escnn without py3nj (no Fortran compiler
 # needed; escnn falls back to a numerical Clebsch-Gordan method), NumPy 1 (lie_learn's wheel is built against it) and
 # Triton, then installs ik_fast in place, which builds its native extension (csrc/ -> ik_fast/_C*.so, CPU part; a C++
-# compiler and ninja; 206-284 s measured on 2 busy cores).
+# compiler and ninja; 134-284 s measured on 2 busy cores).
 # Where torch comes from: `torch==2.13.0` with PyTorch's CPU index (https://download.pytorch.org/whl/cpu) as an extra
 # index, so that pip takes torch-2.13.0+cpu (a local version, which pip prefers to PyPI's 2.13.0): 0.76 GB installed,
 # the whole .venv about 2.7 GB. On this project's machines, where download.pytorch.org does not resolve, pip finds
