@@ -1,14 +1,17 @@
-"""The eager backends (``torch``, ``reference``) as one registered op, so that ``torch.compile`` can trace a layer.
+"""The eager backends (``torch``, ``reference``) as one registered op, so that ``torch.compile`` can trace a layer that
+runs them.
 
-Two parts of a forward pass cannot be traced with dynamic shapes and ``fullgraph=True``: graph preparation (the index
-and value checks, the receiver sort, the CSR and the torch backend's chunk plan all depend on the data) and escnn's
-weight expansion (it slices its filter with index values held in tensors). Inside a compiled region
-:class:`~ik_fast.ImplicitPointConv` therefore calls ``torch.ops.ik_fast.eager_conv``: the compiler sees one op with a
-fake kernel (output (n_dst, C_out) and the flat batch statistics), and the op runs the kernel's lowering, graph
-preparation, the checks and the backend eagerly, whatever the edge count. The kernel's parameters and buffers are the
-op's inputs (substituted into the module with ``torch.func.functional_call``), so gradients reach them through the
-op's registered backward: a second op that recomputes the forward under autograd and returns the gradient of every
-input (one more forward per step; double backward is not offered through this path).
+Their code cannot be traced with dynamic shapes and ``fullgraph=True``: the torch backend's chunk plan (how many
+chunks, of which padded degree) depends on the graph's degrees, and the reference's Fourier ELU and inference go over
+edge chunks in Python loops whose length depends on the edge count. (The fused backends are traced through their own
+registered ops instead, with the data-dependent part of graph preparation in ``ik_fast::graph_csr``: see
+``ImplicitPointConv._forward_compiled``.) Inside a compiled region :class:`~ik_fast.ImplicitPointConv` on these two
+backends therefore calls ``torch.ops.ik_fast.eager_conv``: the compiler sees one op with a fake kernel (output
+(n_dst, C_out) and the flat batch statistics), and the op runs the kernel's lowering, graph preparation, the checks
+and the backend eagerly, whatever the edge count. The kernel's parameters and buffers are the op's inputs
+(substituted into the module with ``torch.func.functional_call``), so gradients reach them through the op's
+registered backward: a second op that recomputes the forward under autograd and returns the gradient of every input
+(one more forward per step; double backward is not offered through this path).
 
 The op finds the layer's kernel (for its structure: block plans, sizes) through a registry keyed by an integer that
 each layer gets at construction.

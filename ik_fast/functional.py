@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from torch import Tensor
 
-from .backends import get_backend, resolve_backend
+from .backends import compiled_backend, get_backend, resolve_backend
 from .graph import Graph, check_edge_inputs, check_node_features, prepare_graph
 from .program import KernelProgram
 
@@ -36,14 +37,23 @@ def implicit_point_conv(program: KernelProgram, x_src: Tensor, edge_index, edge_
     """
     device, dtype = program.sigma.device, program.sigma.dtype
     check_node_features(x_src, "x", program.in_size, device, dtype)
-    n_dst = x_src.shape[0] if n_dst is None else int(n_dst)
-    graph = edge_index if isinstance(edge_index, Graph) else prepare_graph(edge_index, x_src.shape[0], n_dst, device)
-    check_edge_inputs(program, edge_delta, edge_attr, graph.num_edges, device, dtype)
+    compiling = torch.compiler.is_compiling()
+    n_dst = x_src.shape[0] if n_dst is None else (n_dst if compiling else int(n_dst))
+    if isinstance(edge_index, Graph):
+        graph = edge_index
+    else:  # (inside torch.compile the values are checked in the graph preparation's op)
+        finite = [(nm, t) for nm, t in (("x", x_src), ("edge_delta", edge_delta), ("edge_attr", edge_attr))
+                  if compiling and isinstance(t, Tensor)]
+        graph = prepare_graph(edge_index, x_src.shape[0], n_dst, device, finite=finite)
+    check_edge_inputs(program, edge_delta, edge_attr, graph.num_edges, device, dtype, finite=not compiling)
     if program.needs_batch_stats and graph.num_edges < 2:
         raise ValueError(f"in training mode the kernel's batch norm needs at least two edges for batch statistics, "
                          f"got {graph.num_edges} (as torch.nn.BatchNorm1d with a batch of one); call .eval() or "
                          f"build the layer with batch_norm=False")
     if edge_attr is not None and program.attr_size == 0:
         edge_attr = None
-    name = resolve_backend(backend, x_src.device, graph.num_edges)
+    if compiling:
+        name = compiled_backend(backend, str(device), dtype, traced=True)
+    else:
+        name = resolve_backend(backend, x_src.device, graph.num_edges)
     return get_backend(name)(program, x_src, graph, edge_delta, edge_attr)

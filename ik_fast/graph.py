@@ -6,7 +6,7 @@ import math
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -166,20 +166,22 @@ _CACHE: "OrderedDict[tuple, Tuple[weakref.ref, Graph]]" = OrderedDict()
 _CACHE_SIZE = 16
 
 
-def prepare_graph(edge_index: Tensor, n_src: int, n_dst: int, device=None) -> Graph:
+def prepare_graph(edge_index: Tensor, n_src: int, n_dst: int, device=None,
+                  finite: Sequence[Tuple[str, Optional[Tensor]]] = ()) -> Graph:
     """Validate ``edge_index`` (2, E) (row 0 = source j, row 1 = receiver i) and build its CSR.
 
     The result is cached for the same tensor object (same version) and sizes, so a graph reused across layers or
-    steps is prepared once.
+    steps is prepared once. ``finite``: (name, tensor) pairs whose values are checked to be finite first (None
+    entries are skipped).
+
+    Inside ``torch.compile`` the checks of values and the receiver sort run in the registered op
+    ``ik_fast::graph_csr`` (they depend on the data; its outputs' sizes follow from ``edge_index``'s shape and
+    ``n_dst``, so one compiled graph serves every edge count), the rest is traced; the result is then not cached.
     """
-    if not isinstance(edge_index, Tensor):
-        raise TypeError(f"edge_index must be a torch.Tensor of shape (2, E), got {type(edge_index).__name__}")
-    if edge_index.dim() != 2 or edge_index.shape[0] != 2:
-        raise ValueError(f"edge_index must have shape (2, E), got {tuple(edge_index.shape)}")
-    if edge_index.dtype.is_floating_point or edge_index.dtype.is_complex or edge_index.dtype == torch.bool:
-        raise TypeError(f"edge_index must be an integer tensor, got dtype {edge_index.dtype}")
-    if device is not None and edge_index.device != torch.device(device):
-        raise ValueError(f"edge_index is on {edge_index.device} but the node features are on {device}")
+    _check_edge_index(edge_index, device)
+    if torch.compiler.is_compiling():
+        return _traced_graph(edge_index, n_src, n_dst, finite)
+    _check_finite(finite)
     key = (edge_index.data_ptr(), edge_index._version, tuple(edge_index.shape), str(edge_index.device),
            edge_index.dtype, int(n_src), int(n_dst))
     hit = _CACHE.get(key)
@@ -213,6 +215,50 @@ def prepare_graph(edge_index: Tensor, n_src: int, n_dst: int, device=None) -> Gr
     except TypeError:  # tensors that cannot be weakly referenced are simply not cached
         pass
     return g
+
+
+def _check_edge_index(edge_index, device) -> None:
+    """What :func:`prepare_graph` checks of ``edge_index`` without reading its values."""
+    if not isinstance(edge_index, Tensor):
+        raise TypeError(f"edge_index must be a torch.Tensor of shape (2, E), got {type(edge_index).__name__}")
+    if edge_index.dim() != 2 or edge_index.shape[0] != 2:
+        raise ValueError(f"edge_index must have shape (2, E), got {tuple(edge_index.shape)}")
+    if edge_index.dtype.is_floating_point or edge_index.dtype.is_complex or edge_index.dtype == torch.bool:
+        raise TypeError(f"edge_index must be an integer tensor, got dtype {edge_index.dtype}")
+    if device is not None and edge_index.device != torch.device(device):
+        raise ValueError(f"edge_index is on {edge_index.device} but the node features are on {device}")
+
+
+def _check_finite(finite) -> None:
+    for name, t in finite:
+        if t is not None and not all_finite(t):
+            raise ValueError(f"{name} contains NaN or infinite values")
+
+
+@torch.library.custom_op("ik_fast::graph_csr", mutates_args=())
+def graph_csr(edge_index: Tensor, n_src: int, n_dst: int, finite: List[Tensor], names: str) -> Tuple[Tensor, Tensor]:
+    """(perm (E,), rowptr (n_dst + 1,)) of :func:`prepare_graph` (int64), after its checks of the values of
+    ``edge_index`` and of the tensors ``finite`` (named by the lines of ``names``): the part of graph preparation
+    that depends on the data, as one op for ``torch.compile``."""
+    _check_finite(zip(names.split("\n"), finite))
+    g = prepare_graph(edge_index, n_src, n_dst)
+    # (an op's outputs are its own: the cached graph keeps its tensors)
+    return g.perm.clone(), g.rowptr.clone()
+
+
+@graph_csr.register_fake
+def _(edge_index, n_src, n_dst, finite, names):
+    return (edge_index.new_empty(edge_index.shape[1], dtype=torch.long),
+            edge_index.new_empty(n_dst + 1, dtype=torch.long))
+
+
+def _traced_graph(edge_index: Tensor, n_src, n_dst, finite) -> Graph:
+    """:func:`prepare_graph` while torch.compile traces: the sort and the checks in ``ik_fast::graph_csr``."""
+    given = [(name, t) for name, t in finite if t is not None]
+    perm, rowptr = torch.ops.ik_fast.graph_csr(edge_index, n_src, n_dst, [t.detach() for _, t in given],
+                                               "\n".join(name for name, _ in given))
+    ei = edge_index.long()
+    return Graph(ei[0], ei[1], n_src, n_dst, perm, rowptr, rowptr[1:] - rowptr[:-1])
 
 
 INT32_LIMIT = 2**31 - 1
@@ -280,13 +326,14 @@ def check_positions(pos, name: str, rows: int, dim: int, finite: bool = True) ->
 
 
 def check_edge_inputs(program, edge_delta: Tensor, edge_attr: Optional[Tensor], num_edges: Optional[int],
-                      device, dtype) -> None:
-    """Validate per-edge vectors (E, n) and attributes (E, A) against a kernel program."""
-    _check_float(edge_delta, "edge_delta", (num_edges, program.dim), device, dtype)
+                      device, dtype, finite: bool = True) -> None:
+    """Validate per-edge vectors (E, n) and attributes (E, A) against a kernel program (``finite=False``: their
+    shapes, dtypes and devices only)."""
+    _check_float(edge_delta, "edge_delta", (num_edges, program.dim), device, dtype, finite)
     if program.attr_size:
         if edge_attr is None:
             raise ValueError(f"edge_attr is required: the kernel was built with an edge_attr_type of size "
                              f"{program.attr_size}")
-        _check_float(edge_attr, "edge_attr", (num_edges, program.attr_size), device, dtype)
+        _check_float(edge_attr, "edge_attr", (num_edges, program.attr_size), device, dtype, finite)
     elif edge_attr is not None and edge_attr.numel() and edge_attr.shape[-1] != 0:
         raise ValueError("edge_attr was given but the kernel was built without an edge_attr_type")

@@ -563,8 +563,9 @@ class ImplicitKernel(torch.nn.Module):
 
     def _cacheable(self) -> bool:
         # A program built with autograd is part of one forward's graph: reusing it in the next forward would make a
-        # second backward fail, so only gradient-free programs are cached (eval mode under no_grad, or frozen).
-        if self.training:
+        # second backward fail, so only gradient-free programs are cached (eval mode under no_grad, or frozen). Never
+        # while torch.compile traces: a traced program's tensors exist in that graph only.
+        if self.training or torch.compiler.is_compiling():
             return False
         return not torch.is_grad_enabled() or not any(p.requires_grad for p in self.parameters())
 

@@ -176,18 +176,41 @@ class ImplicitPointConv(_ImplicitConvBase):
         return out
 
     def _forward_compiled(self, x_src, edge_index, c_src, c_dst, edge_delta, edge_attr, n_dst):
-        """Inside torch.compile: escnn's weight expansion, the data-dependent graph preparation, the value checks and
-        the eager backends run in the registered op ``ik_fast::eager_conv`` (see :mod:`ik_fast._opaque`); shapes,
-        dtypes and devices are checked here, where they are known while tracing."""
-        from .backends import resolve_backend
+        """Inside torch.compile. The backend is resolved when the call is traced
+        (:func:`ik_fast.backends.compiled_backend`: the native loader and the availability checks are not traced).
+
+        The fused backends ("native", "triton") are traced through their registered ops: the kernel's lowering and
+        packing in plain PyTorch, the data-dependent part of graph preparation (the checks of the inputs' values:
+        edge_index, positions, edge inputs; and the receiver sort) in the registered op ``ik_fast::graph_csr``
+        (:func:`ik_fast.graph.prepare_graph`), then the host of :mod:`ik_fast.backends.fused` (statistics passes,
+        ``conv``). The compiled step does the work of the eager one, and a double backward goes through the ops'
+        registered derivatives wherever the compiled graph's backward allows one (with Dynamo's graph run by autograd,
+        ``backend="eager"``; AOTAutograd's compiled backward has none, whatever the model).
+
+        "torch" and "reference" cannot be traced (:data:`ik_fast.backends.TRACEABLE`: "torch"'s chunk plan, how many
+        chunks of which padded degree, depends on the graph's degrees; the reference's Fourier ELU and inference go
+        over edge chunks in Python loops whose length depends on the edge count) and run in the registered op
+        ``ik_fast::eager_conv`` (see :mod:`ik_fast._opaque`), which recomputes the forward in its backward and has no
+        double backward. Shapes, dtypes and devices are checked here, where they are known while tracing."""
+        from .backends import FUSED, compiled_backend
 
         k = self.kernel
         device, dtype = k.sigma.device, k.sigma.dtype
         check_node_features(x_src, "x", self.in_type.size, device, dtype)
-        name = resolve_backend(self.backend, device)
-        if name not in ("torch", "reference"):  # the fused backends trace through their own registered ops
+        name = compiled_backend(self.backend, str(device), dtype)
+        if name in FUSED:
             prog = k.program()
-            graph = prepare_graph(edge_index, x_src.shape[0], n_dst, device)
+            n, n_src = self.in_type.gspace.dimensionality, x_src.shape[0]
+            finite = [("x", x_src)]  # values checked in the graph op (check_node_features does not while tracing)
+            for c, nm, rows, check in ((c_src, "pos", n_src, True),
+                                       (c_dst, "pos (receivers)", n_dst, c_dst is not c_src)):
+                if c is not None:
+                    check_positions(c, nm, rows, n, finite=False)
+                    if check:
+                        finite.append((nm, c))
+            finite += [(nm, t) for nm, t in (("edge_delta", edge_delta), ("edge_attr", edge_attr))
+                       if isinstance(t, torch.Tensor)]
+            graph = prepare_graph(edge_index, n_src, n_dst, device, finite=finite)
             if edge_delta is None:
                 edge_delta = c_src[graph.src] - c_dst[graph.dst]
             return implicit_point_conv(prog, x_src, graph, edge_delta, edge_attr, n_dst=n_dst, backend=name)

@@ -153,8 +153,10 @@ _FLOATS = (torch.float32, torch.float64)
 
 
 def _native_passes(t: Tensor):
-    """The native module when its packing passes apply to ``t``, else None."""
-    if not NATIVE_PASSES or t.is_cuda or t.dtype not in _FLOATS or t.device.type != "cpu":
+    """The native module when its packing passes apply to ``t``, else None (also while torch.compile traces: they are
+    not registered ops, and the PyTorch form traces)."""
+    if not NATIVE_PASSES or t.is_cuda or t.dtype not in _FLOATS or t.device.type != "cpu" or \
+            torch.compiler.is_compiling():
         return None
     from ._native import module
 

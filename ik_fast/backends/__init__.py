@@ -17,12 +17,19 @@ from .fused import TRITON, implicit_conv_triton
 from .native import NATIVE, implicit_conv_native
 from .reference import implicit_conv_reference
 
-__all__ = ["available_backends", "get_backend", "resolve_backend", "unavailable_reason", "BACKENDS",
-           "CPU_SMALL_GRAPH_EDGES"]
+__all__ = ["available_backends", "get_backend", "resolve_backend", "compiled_backend", "unavailable_reason",
+           "BACKENDS", "FUSED", "TRACEABLE", "CPU_SMALL_GRAPH_EDGES"]
 
 BACKENDS: Dict[str, Callable] = {"reference": implicit_conv_reference, "torch": implicit_conv_torch,
                                   TRITON: implicit_conv_triton, NATIVE: implicit_conv_native}
-_FUSED = (TRITON, NATIVE)
+FUSED = (TRITON, NATIVE)
+_FUSED = FUSED
+# The backends whose code torch.compile traces (with fullgraph=True and dynamic shapes): the fused ones, whose work is
+# in registered ops. Why the others are not:
+_UNTRACEABLE = {"torch": "its chunk plan, how many chunks of which padded degree, depends on the graph's degrees",
+                "reference": "its Fourier ELU and its inference go over edge chunks in Python loops whose length "
+                             "depends on the edge count"}
+TRACEABLE = tuple(n for n in BACKENDS if n not in _UNTRACEABLE)
 # "auto" picks a fused backend on a device only where a committed benchmark (benchmarks/results/) measured it faster
 # than "torch" on that kind of device. CPU: "native" (the C++ kernels), measured faster than "torch" (and than
 # "reference") on every problem of the committed CPU benchmark. CUDA: no GPU has run the fused kernels yet (neither
@@ -81,6 +88,52 @@ def resolve_backend(name, device, num_edges: Optional[int] = None) -> str:
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {['auto'] + list(BACKENDS)}, got {name!r}")
     return name
+
+
+def _compile_error(message: str) -> Exception:
+    """An error that torch.compile passes on as it is (Dynamo wraps any other exception raised while it traces into
+    an internal error)."""
+    try:
+        from torch._dynamo.exc import UserError, UserErrorType
+
+        return UserError(UserErrorType.INVALID_INPUT, message)
+    except (ImportError, AttributeError):  # pragma: no cover (another torch)
+        return RuntimeError(message)
+
+
+@torch.compiler.assume_constant_result
+def compiled_backend(name, device: str, dtype: torch.dtype, traced: bool = False) -> str:
+    """The backend that runs a layer's call inside ``torch.compile``: :func:`resolve_backend` without the edge count
+    (unknown while tracing), checked to run on ``device`` for ``dtype`` (the fused backends have no float16 path:
+    "torch" then, with the warning eager calls give).
+
+    Dynamo calls it while tracing and takes its result as a constant, so the native loader (a lock, perhaps a build),
+    the availability checks, $IK_FAST_BACKEND and "auto"'s warning run as plain Python, once per compilation; the
+    result is not guarded (setting $IK_FAST_BACKEND later does not recompile a compiled layer). A backend that does
+    not run here raises at compile time, naming the backend and what runs instead; so does one that cannot be
+    traced (:data:`TRACEABLE`) when ``traced`` (the caller traces the backend's code itself, as
+    :func:`ik_fast.implicit_point_conv` does; :class:`ik_fast.ImplicitPointConv` runs the others as one op)."""
+    try:
+        chosen = resolve_backend(name, device)
+    except (TypeError, ValueError) as e:
+        raise _compile_error(str(e)) from None
+    why = unavailable_reason(chosen, device)
+    if why:
+        others = [n for n in available_backends(device) if n != chosen]
+        raise _compile_error(f"backend {chosen!r} does not run here ({why}); use one of {others} (or 'auto')")
+    if chosen in FUSED and dtype not in (torch.float32, torch.float64):
+        if dtype == torch.float16:
+            warnings.warn(f"ik_fast: backend {chosen!r} has no float16 path; using 'torch' for this call",
+                          RuntimeWarning, stacklevel=2)
+            return "torch"
+        raise _compile_error(f"backend {chosen!r} computes in float32 or float64, but the layer is {dtype}; use "
+                             f"backend='torch' for other dtypes")
+    if traced and chosen not in TRACEABLE:
+        raise _compile_error(
+            f"backend {chosen!r} cannot be traced by torch.compile ({_UNTRACEABLE[chosen]}); compile an "
+            f"ik_fast.ImplicitPointConv instead (it runs {chosen!r} as one registered op), or use one of "
+            f"{[n for n in TRACEABLE if not unavailable_reason(n, device)]}")
+    return chosen
 
 
 def get_backend(name: str) -> Callable:

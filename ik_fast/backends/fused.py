@@ -75,6 +75,8 @@ def triton_available(device) -> bool:
 
 def _receiver_order(graph: Graph):
     """Sources in receiver order, cached on the graph."""
+    if torch.compiler.is_compiling():  # (a graph prepared while tracing lives for one call)
+        return graph.src[graph.perm]
     cache = graph.__dict__.setdefault("_chunk_cache", {})
     if "src_by_receiver" not in cache:
         cache["src_by_receiver"] = graph.src[graph.perm].contiguous()
@@ -84,7 +86,8 @@ def _receiver_order(graph: Graph):
 def implicit_conv_fused(impl: str, program: KernelProgram, x_src, graph: Graph, delta, attr):
     """Same contract as :func:`~ik_fast.backends.reference.implicit_conv_reference`, through implementation
     ``impl`` of the op layer."""
-    why = ops.status(impl, str(x_src.device))
+    # (inside torch.compile the backend was checked when the call was traced: ik_fast.backends.compiled_backend)
+    why = None if torch.compiler.is_compiling() else ops.status(impl, str(x_src.device))
     if why is not None:
         raise RuntimeError(f"backend {impl!r} does not run here: {why}")
     if x_src.dtype not in (torch.float32, torch.float64):
