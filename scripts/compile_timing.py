@@ -1,6 +1,6 @@
-"""Compile time and compiled vs eager training-step time of ImplicitPointConv on the torch backend (CPU).
+"""Compile time and compiled vs eager training-step time of ImplicitPointConv on one backend (CPU).
 
-    python scripts/compile_timing.py [problem ...]     (default: tiny M@256)
+    python scripts/compile_timing.py [--backend NAME] [problem ...]     (default: torch; tiny M@256)
 
 One training step = forward, a scalar loss, backward. The compiled module is torch.compile(layer, fullgraph=True,
 dynamic=True); its first call includes compilation (reported as compile time, forward+backward); a second graph of
@@ -33,10 +33,10 @@ def median_time(f, args, n=10):
     return statistics.median(ts)
 
 
-def main(names):
+def main(names, backend="torch"):
     for name in names:
         p = get_problem(name)
-        layer = build_layer(p, backend="torch").train()
+        layer = build_layer(p, backend=backend).train()
         x, pos, ei, a = build_inputs(p)
         x2, pos2, ei2, a2 = build_inputs(p.with_nodes(int(p.nodes * 1.5)), seed=1)
         args = (x, ei, a, pos)
@@ -55,10 +55,14 @@ def main(names):
         recompiled = torch._dynamo.utils.counters["stats"]["unique_graphs"] - frames
         step(comp, *args)
         compiled = median_time(comp, args)
-        print(f"{name}: {ei.shape[1]} edges; eager step {eager * 1e3:.0f} ms; compiled: first call (compile + step) "
+        print(f"{name} ({backend}): {ei.shape[1]} edges; eager step {eager * 1e3:.0f} ms; compiled: first call (compile + step) "
               f"{first:.1f} s, second graph ({ei2.shape[1]} edges) {second:.2f} s with {recompiled} recompilations, "
               f"step {compiled * 1e3:.0f} ms ({eager / compiled:.2f}x eager)", flush=True)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or ["tiny", "M@256"])
+    args = sys.argv[1:]
+    backend = "torch"
+    if args[:1] == ["--backend"]:
+        backend, args = args[1], args[2:]
+    main(args or ["tiny", "M@256"], backend)
