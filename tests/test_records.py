@@ -185,3 +185,22 @@ def test_trainer_writes_a_training_record_the_report_renders(tmp_path):
     assert rec["value"] == hist["val_mse"] and rec["extra"]["baseline"] == hist["baseline_const"]
     row = next(line for line in report.render("training", [rec]).splitlines() if line.startswith("| `nbody`"))
     assert f"{rec['value'] / hist['baseline_const']:.2f}" in row
+
+
+def test_measure_tolerances_writes_equivariance_records_the_report_renders(tmp_path):
+    spec = importlib.util.spec_from_file_location("_ik_fast_measure_tolerances",
+                                                  os.path.join(ROOT, "scripts", "measure_tolerances.py"))
+    mt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mt)
+    out = tmp_path / "eq.json"
+    mt.main(["--seeds", "1", "--groups", "C8", "--json", str(out)])
+    recs = _loaded(out)
+    # a finite group: exact elements only, per dtype; named by the escnn call, as the migrated records are
+    assert sorted((r["problem"], r["precision"], r["metric"]) for r in recs) == [
+        ("rot2dOnR2(8)", p, "rel_error_exact_elements") for p in ("float32", "float64")]
+    assert all(r["kind"] == "equivariance" and 0 <= r["value"] < 1e-4 for r in recs)
+    assert "| `rot2dOnR2(8)` | float64 | – |" in report.render("equivariance", recs)
+    grid = mt.grid_records([{"grid": "paper", "grid_label": "paper", "G": 120, "quality": [34, 4.2], "seed": s,
+                             "exact": 1e-8, "random": v} for s, v in ((0, 2e-3), (1, 9e-3))], "cmd")
+    assert grid[0]["value"] == 9e-3 and grid[0]["spread"] == {"min": 2e-3, "max": 9e-3, "n": 2}
+    assert "| `paper` | 120 | 2.0e-03–9.0e-03 |" in report.render("equivariance", [{**grid[0], "_file": "g.json"}])
