@@ -181,7 +181,8 @@ def test_trainer_writes_a_training_record_the_report_renders(tmp_path):
                  "--kernel-channels", "2", "--backend", "reference", "--no-progress", "--out", str(out)]) == 0
     (rec,) = _loaded(out / "records.json")
     hist = json.loads((out / "history.json").read_text())
-    assert (rec["kind"], rec["problem"], rec["provider"], rec["metric"]) == ("training", "nbody", "reference", "val_mse")
+    assert (rec["kind"], rec["problem"], rec["provider"], rec["metric"]) == ("training", "nbody", "reference",
+                                                                             "val_mse")
     assert rec["value"] == hist["val_mse"] and rec["extra"]["baseline"] == hist["baseline_const"]
     row = next(line for line in report.render("training", [rec]).splitlines() if line.startswith("| `nbody`"))
     assert f"{rec['value'] / hist['baseline_const']:.2f}" in row
