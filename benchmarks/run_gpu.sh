@@ -53,12 +53,12 @@ rehearsal_venv() {
   if [ ! -f "$venv/.complete" ]; then
     echo "run_gpu.sh: making a venv of the dependencies (not the project) in $venv" >&2
     t0=$(date +%s)
-    rm -rf "$venv" && "$base" -m venv "$venv" || return 1
-    local pip="$venv/bin/python -m pip --disable-pip-version-check -q"
-    local IFS='|'
+    rm -rf "$venv" && "$base" -m venv "$venv" >&2 || return 1
+    local pip=("$venv/bin/python" -m pip --disable-pip-version-check -q) req
+    IFS='|' read -r -a req <<< "$reqs"
     # torch first and pinned (an unpinned one pulls a multi-GB CUDA build); escnn without py3nj (a Fortran build)
-    $pip install "torch==2.13.0" && $pip install $reqs && $pip install --no-deps "escnn==1.0.11" "lie_learn==0.0.2" \
-      || return 1
+    { "${pip[@]}" install "torch==2.13.0" && "${pip[@]}" install "${req[@]}" &&
+      "${pip[@]}" install --no-deps "escnn==1.0.11" "lie_learn==0.0.2"; } >&2 || return 1
     touch "$venv/.complete"
     echo "run_gpu.sh: the venv took $(( $(date +%s) - t0 )) s" >&2
   fi
