@@ -97,7 +97,7 @@ else
   SWEEP=$("$PY" -c 'from ik_fast.problems import sweep_problems; print(",".join(sweep_problems("gpu")))' || echo M@313),P
   PRECOMPILE=M,H
   PER_TEST=60 PER_CASE=90 REPEATS=5
-  SHARES="35 50 55"
+  SHARES="45 60 65"           # the first-use CPU+CUDA build took 674 s on 2 cores here: 16 cores there, 7 files
 fi
 PROVIDERS=reference,torch,triton,native,escnn
 mkdir -p "$OUT/logs" "$OUT/results" || exit 1

@@ -146,27 +146,33 @@ def test_native_matches_reference_on_cuda(name, mode):
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_native_float32_within_1e_5_on_cuda(mode):
-    """IEEE float32 ("highest") within 1e-5 relative of the float64 reference, forward and every gradient; TF32 and
-    bf16 coarser but bounded."""
+    """IEEE float32 ("highest") within 1e-5 relative of the float64 reference, forward and every gradient — or, for
+    a gradient that cancels (small against its terms, where float32 itself cannot reach 1e-5), within 4x the error of
+    the reference backend's own float32 computation; TF32 coarser but bounded."""
     _native_or_skip()
     conv, pos, ei, x, a = _layer_and_graph("O3", dtype=torch.float64)
     getattr(conv, mode)()
     state = {k: v.clone() for k, v in conv.state_dict().items()}
     ref = _fwd_bwd(conv, "reference", pos, ei, x, a)
     c32 = conv.float()
-    c32.load_state_dict(state)
     old = torch.get_float32_matmul_precision()
     try:
         torch.set_float32_matmul_precision("highest")
-        got = _fwd_bwd(c32, "native", pos.float(), ei, x.float(), a.float())
-        errs = [rel(g.double(), r) for g, r in zip(got, ref)]
+        c32.load_state_dict(state)
+        own = [rel(g.double(), r) for g, r in zip(_fwd_bwd(c32, "reference", pos.float(), ei, x.float(), a.float()),
+                                                   ref)]
+        c32.load_state_dict(state)
+        errs = [rel(g.double(), r) for g, r in zip(_fwd_bwd(c32, "native", pos.float(), ei, x.float(), a.float()),
+                                                    ref)]
         torch.set_float32_matmul_precision("high")
         c32.load_state_dict(state)
         etf = rel(_fwd_bwd(c32, "native", pos.float(), ei, x.float(), a.float())[0].double(), ref[0])
     finally:
         torch.set_float32_matmul_precision(old)
-    print(f"native float32 errors {max(errs):.2e}, tf32 forward {etf:.2e}")
-    assert max(errs) < 1e-5 and etf < 1e-2
+    print(f"native float32 errors {max(errs):.2e} (the reference's own in float32: {max(own):.2e}), "
+          f"tf32 forward {etf:.2e}")
+    bad = [(i, e, o) for i, (e, o) in enumerate(zip(errs, own)) if not e < max(1e-5, 4 * o)]
+    assert not bad and etf < 1e-2, bad
 
 
 @functools.lru_cache(maxsize=None)
