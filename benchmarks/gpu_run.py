@@ -65,10 +65,12 @@ def versions(args) -> int:
     import torch
 
     import ik_fast
-    from ik_fast import records
+    from ik_fast import bench
 
     print(f"ik_fast          {ik_fast.__version__} from {os.path.dirname(ik_fast.__file__)}")
     print(f"torch CUDA       {torch.version.cuda}, available: {torch.cuda.is_available()}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print(f"WARNING: the run measures {args.device}, which this torch cannot use: every CUDA step will fail")
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             p = torch.cuda.get_device_properties(i)
@@ -79,7 +81,7 @@ def versions(args) -> int:
         print(_run(["nvidia-smi"]))
     for var in ("TRITON_INTERPRET", "IK_FAST_CACHE", "IK_FAST_TEST_DEVICE", "PYTHONPATH", "CUDA_HOME"):
         print(f"${var} = {os.environ.get(var)!r}")
-    prov = records.provenance(args.device)
+    prov = bench.provenance(args.device)
     print(f"records: commit {prov['commit']} (dirty: {prov['dirty']}), device {prov['device']}, "
           f"stack {prov['stack']}")
     if prov["commit"] == "unknown":
@@ -91,9 +93,9 @@ def build(args) -> int:
     """Time the native extension's loading as the package does it on first use (prebuilt or compiled now)."""
     import torch  # noqa: F401  (imported before the clock starts: the build, not torch's import, is timed)
 
-    from ik_fast import _native, ops, records
+    from ik_fast import _native, bench, ops, records
 
-    prov = records.provenance(args.device)
+    prov = bench.provenance(args.device)
     err = io.StringIO()
     t0 = time.perf_counter()
     with contextlib.redirect_stderr(err):
@@ -149,10 +151,10 @@ def _read_progress(path):
 
 def tests(args) -> int:
     """pytest in a child process, again on the tests not yet run when one dies in a hung test."""
-    from ik_fast import records
+    from ik_fast import bench, records
 
     os.makedirs(args.out_dir, exist_ok=True)
-    prov = records.provenance(args.device)
+    prov = bench.provenance(args.device)
     env = dict(os.environ, IK_FAST_TEST_TIMEOUT=str(args.per_test), IK_FAST_TEST_DEADLINE=str(args.deadline))
     outcomes, hung, ran = {}, [], []
     attempt, rc = 0, 0
@@ -217,14 +219,13 @@ def table(args) -> int:
     from ik_fast import records
 
     recs = []
-    for folder in args.folders:
-        for dirpath, _, files in os.walk(folder):
-            for f in sorted(files):
-                if f.endswith(".json"):
-                    try:
-                        recs += records.load(os.path.join(dirpath, f))
-                    except (ValueError, OSError) as exc:
-                        print(f"{os.path.join(dirpath, f)}: {exc}")
+    paths = [os.path.join(d, f) for folder in args.folders for d, _, fs in os.walk(folder) for f in fs
+             if f.endswith(".json")]
+    for path in sorted(paths, key=os.path.getmtime):  # in the order the run wrote them
+        try:
+            recs += records.load(path)
+        except (ValueError, OSError) as exc:
+            print(f"{path}: {exc}")
     if not recs:
         print("no results files")
         return 1
@@ -249,30 +250,51 @@ def table(args) -> int:
     pre = [r for r in recs if r["kind"] == "compile" and r["metric"] == "first_step_time"]
     if pre:
         ok = [r for r in pre if r["value"] is not None]
+        failed = [f"{r['problem']} {r['precision']} {r['mode']}: {r['error'][:100]}" for r in pre
+                  if r["value"] is None and not r["error"].startswith("skipped")]
         print(f"precompile: {len(ok)} of {len(pre)} steps, {sum(r['value'] for r in ok):.0f} s"
-              + "".join(f"; {r['problem']} {r['precision']} {r['mode']}: {r['error'][:80]}" for r in pre
-                        if r["value"] is None and not r["error"].startswith("skipped")))
+              + (f"; failed: {'; '.join(failed[:2])}" + (f" (and {len(failed) - 2} more)" if len(failed) > 2 else "")
+                 if failed else ""))
     steps = [r for r in recs if r["kind"] == "timing" and r["metric"] == "step_time"]
     if steps:
-        mem = {(r["problem"], r["precision"], r["provider"], r["mode"]): r["value"] for r in recs
-               if r["kind"] == "timing" and r["metric"] == "peak_memory"}
-        torch_t = {(r["problem"], r["precision"], r["mode"]): r["value"] for r in steps
-                   if r["provider"] == "torch" and r["value"]}
-        print("| problem | precision | mode | provider | edges | step (ms) | vs torch | peak MB |")
-        print("|---|---|---|---|---|---|---|---|")
-        for r in steps:
-            k = (r["problem"], r["precision"], r["mode"])
-            if r["value"] is None:
-                print(f"| {r['problem']} | {r['precision']} | {r['mode']} | {r['provider']} | | "
-                      f"{r['error'][:70]} | | |")
-                continue
-            ref = torch_t.get(k)
-            speedup = f"{ref / r['value']:.2f}x" if ref else ""
-            m = mem.get((r["problem"], r["precision"], r["provider"], r["mode"]))
-            peak = "" if m is None else f"{m:,.0f}"
-            print(f"| {r['problem']} | {r['precision']} | {r['mode']} | {r['provider']} | "
-                  f"{r['extra'].get('edges', 0):,} | {r['value'] * 1e3:.2f} | {speedup} | {peak} |")
+        _timing_table(steps, recs)
     return 0
+
+
+def _short(error: str) -> str:
+    for key, word in (("out of memory", "oom"), ("stopped", "stopped"), ("skipped", "skipped"),
+                      ("timeout", "timeout")):
+        if error.startswith(key) or error.startswith(f"{key} "):
+            return word
+    return "error"
+
+
+def _timing_table(steps, recs) -> None:
+    """One row per problem, precision and mode; one column per provider: the step time (ms), or why there is none."""
+    providers = list(dict.fromkeys(r["provider"] for r in steps))
+    rows = {}
+    for r in steps:
+        rows.setdefault((r["problem"], r["precision"], r["mode"]), {})[r["provider"]] = r
+    print("training step time (ms) per provider, or why there is none:")
+    print(f"| problem | precision | mode | edges | {' | '.join(providers)} |")
+    print("|---|---|---|---|" + "---|" * len(providers))
+    errors = {}
+    for (problem, prec, mode), by in rows.items():
+        edges = next((r["extra"].get("edges") for r in by.values() if r["extra"].get("edges")), None)
+        cells = []
+        for p in providers:
+            r = by.get(p)
+            if r is None:
+                cells.append("")
+            elif r["value"] is None:
+                cells.append(_short(r["error"]))
+                if cells[-1] == "error":
+                    errors.setdefault(r["error"][:160], []).append(f"{problem}/{prec}/{p}")
+            else:
+                cells.append(f"{r['value'] * 1e3:.2f}")
+        print(f"| {problem} | {prec} | {mode} | {'' if edges is None else f'{edges:,}'} | {' | '.join(cells)} |")
+    for msg, where in list(errors.items())[:5]:
+        print(f"  error in {len(where)} case(s), e.g. {where[0]}: {msg}")
 
 
 def main(argv=None) -> int:

@@ -53,6 +53,19 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+def provenance(device: str = "cpu") -> Dict:
+    """:func:`ik_fast.records.provenance` of ``device``; where CUDA is named but cannot be used (a CPU build of torch,
+    no driver), the records still get written: the device is then ``cuda`` named by the reason."""
+    from . import records
+
+    try:
+        return records.provenance(device)
+    except (AssertionError, RuntimeError) as exc:  # torch.cuda's own errors when CUDA cannot initialise
+        prov = records.provenance("cpu")
+        prov["device"] = {"type": "cuda", "name": f"CUDA unavailable: {exc}"}
+        return prov
+
+
 def problem_unavailable(name: str) -> Optional[str]:
     """Why problem ``name`` cannot be built here (its data is not installed), else None. Raises ValueError for an
     unknown name."""
@@ -743,7 +756,7 @@ def main(argv=None) -> int:
     if args.precompile:
         precs = [{"ieee": "highest", "tf32": "high"}.get(p, p) for p in _split(args.precision, "--precision")] \
             if args.precision else list(PRECOMPILE_PRECISIONS)
-        prov = records.provenance(args.device)
+        prov = provenance(args.device)
         out = _results_file(args, "compile", "precompile", prov)
 
         def save(rows):
@@ -790,7 +803,7 @@ def main(argv=None) -> int:
     cases = [dict(problem=p, provider=v, mode=m, repeats=args.repeats, warmup=args.warmup, min_time_s=args.min_time,
                   device=device, dtype=args.dtype, precision=prec)
              for prec in precisions for p in problems for m in modes for v in providers]
-    prov = records.provenance(device)
+    prov = provenance(device)
     out = _results_file(args, "timing", args.suite or "bench", prov)
     done = {}  # case key -> its records in the file (--resume)
     if args.resume and out and os.path.exists(out):

@@ -153,3 +153,14 @@ def test_cli_rounds_interleave_and_take_the_median(tmp_path, monkeypatch):
     assert [r["rounds_time_s"] for r in recs] == [[3.0, 2.0, 4.0], [1.0, 6.0, 5.0]]
     assert [r["time_s"] for r in recs] == [3.0, 5.0]
     assert [r["round_marker"] for r in recs] == [1, 6]  # the fields of the median round itself
+
+
+def test_records_of_a_cuda_run_without_cuda_name_the_reason():
+    """Where CUDA is asked for but cannot be used, the results files are still written, their device saying why."""
+    if torch.cuda.is_available():
+        pytest.skip("CUDA works here")
+    prov = bench.provenance("cuda")
+    assert prov["device"]["type"] == "cuda" and prov["device"]["name"].startswith("CUDA unavailable: ")
+    from ik_fast import records
+
+    records.record("timing", "tiny", "torch", "step_time", None, "s", error="no CUDA", prov=prov)  # validates
