@@ -43,9 +43,11 @@ def _extensions():
         import torch  # noqa: F401
         from torch.utils import cpp_extension
     except ImportError:
-        print("ik_fast: torch is not importable at build time, so the native extension is not built now (it is "
-              "compiled on first use; install torch first and use --no-build-isolation to build it here)",
-              file=sys.stderr)
+        print(
+            "ik_fast: torch is not importable at build time, so the native extension is not built now (it is "
+            "compiled on first use; install torch first and use --no-build-isolation to build it here)",
+            file=sys.stderr,
+        )
         return [], {}
     cxx = os.environ.get("CXX", "c++")
     if shutil.which(cxx) is None:
@@ -58,16 +60,24 @@ def _extensions():
         raise SystemExit(f"ik_fast: {e}") from None
     with_cuda = decision.build
     rel = lambda paths: [os.path.relpath(p, ROOT) for p in paths]  # noqa: E731  (setuptools wants relative paths)
-    kwargs = dict(name="ik_fast._C", sources=rel(build.sources(root, with_cuda)), include_dirs=[root],
-                  extra_link_args=build.ld_flags())
+    kwargs = dict(
+        name="ik_fast._C",
+        sources=rel(build.sources(root, with_cuda)),
+        include_dirs=[root],
+        extra_link_args=build.ld_flags(),
+    )
     if with_cuda:
-        ext = cpp_extension.CUDAExtension(**kwargs, extra_compile_args={"cxx": build.cxx_flags(True, root),
-                                                                        "nvcc": build.nvcc_flags(root)})
+        ext = cpp_extension.CUDAExtension(
+            **kwargs, extra_compile_args={"cxx": build.cxx_flags(True, root), "nvcc": build.nvcc_flags(root)}
+        )
     else:
         ext = cpp_extension.CppExtension(**kwargs, extra_compile_args={"cxx": build.cxx_flags(False, root)})
-    print(f"ik_fast: building ik_fast._C ({'CPU + CUDA' if with_cuda else 'CPU'}, {build.estimate(with_cuda)}; "
-          f"flags {' '.join(build.cxx_flags(with_cuda))}); CUDA part {'built' if with_cuda else 'skipped'}: "
-          f"{decision.reason}", file=sys.stderr)
+    print(
+        f"ik_fast: building ik_fast._C ({'CPU + CUDA' if with_cuda else 'CPU'}, {build.estimate(with_cuda)}; "
+        f"flags {' '.join(build.cxx_flags(with_cuda))}); CUDA part {'built' if with_cuda else 'skipped'}: "
+        f"{decision.reason}",
+        file=sys.stderr,
+    )
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 
 

@@ -74,9 +74,18 @@ sys.path.insert(0, ROOT)
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 SHARED_LIMIT = 232448  # bytes of shared memory per block on sm_90 (227 KB)
 PRECISIONS = ("ieee", "tf32", "bf16")
-_DTYPES = {"torch.float32": "fp32", "torch.float64": "fp64", "torch.float16": "fp16", "torch.bfloat16": "bf16",
-           "torch.int64": "i64", "torch.int32": "i32", "torch.int16": "i16", "torch.int8": "i8", "torch.uint8": "u8",
-           "torch.bool": "i1"}
+_DTYPES = {
+    "torch.float32": "fp32",
+    "torch.float64": "fp64",
+    "torch.float16": "fp16",
+    "torch.bfloat16": "bf16",
+    "torch.int64": "i64",
+    "torch.int32": "i32",
+    "torch.int16": "i16",
+    "torch.int8": "i8",
+    "torch.uint8": "u8",
+    "torch.bool": "i1",
+}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -91,7 +100,7 @@ def _arg_type(v):
     if isinstance(v, bool):
         return "i1"
     if isinstance(v, int):
-        return "i32" if -2**31 <= v < 2**31 else "i64"
+        return "i32" if -(2**31) <= v < 2**31 else "i64"
     if isinstance(v, float):
         return "fp32"
     return None
@@ -140,14 +149,23 @@ def capture(problem: str, precision: str, graphs, execute: bool = False) -> list
             else:
                 t = _arg_type(v)
                 if t is None:
-                    raise TypeError(f"{rec['kernel']}: argument {arg} of type {type(v).__name__} has no signature "
-                                    f"type here")
+                    raise TypeError(
+                        f"{rec['kernel']}: argument {arg} of type {type(v).__name__} has no signature type here"
+                    )
                 sig[arg] = t
         opts = {k: _jsonable(v) for k, v in rec.get("options", {}).items()}
         key = json.dumps([rec["kernel"], sig, const, opts], sort_keys=True)
         if key not in seen:
-            seen[key] = {"kernel": fn.__name__, "module": fn.__module__, "qualname": fn.__qualname__,
-                         "signature": sig, "constexprs": const, "options": opts, "launches": 0, "graphs": []}
+            seen[key] = {
+                "kernel": fn.__name__,
+                "module": fn.__module__,
+                "qualname": fn.__qualname__,
+                "signature": sig,
+                "constexprs": const,
+                "options": opts,
+                "launches": 0,
+                "graphs": [],
+            }
         seen[key]["launches"] += 1
         if name not in seen[key]["graphs"]:
             seen[key]["graphs"].append(name)
@@ -161,8 +179,18 @@ def _capture_child(problem: str, precision: str, graphs, execute: bool = False) 
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         out = f.name
     try:
-        cmd = [sys.executable, os.path.abspath(__file__), "--capture-child", problem, "--precision", precision,
-               "--graphs", ",".join(graphs), "--json", out] + (["--execute"] if execute else [])
+        cmd = [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--capture-child",
+            problem,
+            "--precision",
+            precision,
+            "--graphs",
+            ",".join(graphs),
+            "--json",
+            out,
+        ] + (["--execute"] if execute else [])
         res = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if res.returncode != 0:
             raise RuntimeError(f"capture of {problem} {precision} failed:\n{res.stderr[-3000:]}")
@@ -339,8 +367,14 @@ def sass_mma(path: str, tool: str = None) -> dict:
     return parse_sass(res.stdout)
 
 
-UNITS = {"registers": "count", "stack_bytes": "B", "spill_stores": "B", "spill_loads": "B", "shared_bytes": "B",
-         "mma_instructions": "count"}
+UNITS = {
+    "registers": "count",
+    "stack_bytes": "B",
+    "spill_stores": "B",
+    "spill_loads": "B",
+    "shared_bytes": "B",
+    "mma_instructions": "count",
+}
 MMA_WHAT = "tensor-core instructions in the kernel's SASS (static count: each HMMA / HGMMA / ... once)"
 
 
@@ -351,12 +385,24 @@ def _sm(arch) -> str:
 def arch_provenance(prov: dict, arch, cuda=None) -> dict:
     """The provenance of a compile for ``arch``: the device is the architecture (nothing ran on one), the stack's
     ``cuda`` the toolkit that compiled."""
-    return dict(prov, device={"type": "cuda", "name": f"{_sm(arch)} (compiled only, not run)"},
-                stack=dict(prov["stack"], cuda=cuda))
+    return dict(
+        prov,
+        device={"type": "cuda", "name": f"{_sm(arch)} (compiled only, not run)"},
+        stack=dict(prov["stack"], cuda=cuda),
+    )
 
 
-def kernel_records(prov: dict, problem: str, provider: str, values: dict, ident: dict, details: dict,
-                   precision: str = "", mma=None, error=None) -> list:
+def kernel_records(
+    prov: dict,
+    problem: str,
+    provider: str,
+    values: dict,
+    ident: dict,
+    details: dict,
+    precision: str = "",
+    mma=None,
+    error=None,
+) -> list:
     """The records of one kernel compiled for one architecture: one per metric of ``values`` (see UNITS) and a
     ``mma_instructions`` one from ``mma`` (a Counter by opcode, or an error string); ``ident`` goes into every
     record's extra, ``details`` into the registers record's. A compile that failed (``error``): one registers record
@@ -364,16 +410,28 @@ def kernel_records(prov: dict, problem: str, provider: str, values: dict, ident:
     from ik_fast import records
 
     def rec(metric, value, extra, err=None):
-        return records.record("compile", problem, provider, metric, value, UNITS[metric], precision=precision,
-                              extra=extra, error=err, prov=prov)
+        return records.record(
+            "compile",
+            problem,
+            provider,
+            metric,
+            value,
+            UNITS[metric],
+            precision=precision,
+            extra=extra,
+            error=err,
+            prov=prov,
+        )
 
     if error is not None:
         return [rec("registers", None, {**ident, **details}, error)]
-    out = [rec(m, values[m], {**ident, **details} if m == "registers" else dict(ident))
-           for m in UNITS if m in values]
+    out = [rec(m, values[m], {**ident, **details} if m == "registers" else dict(ident)) for m in UNITS if m in values]
     if isinstance(mma, Counter):
-        out.append(rec("mma_instructions", sum(mma.values()), {**ident, "opcodes": dict(sorted(mma.items())),
-                                                               "what": MMA_WHAT}))
+        out.append(
+            rec(
+                "mma_instructions", sum(mma.values()), {**ident, "opcodes": dict(sorted(mma.items())), "what": MMA_WHAT}
+            )
+        )
     elif mma is not None:
         out.append(rec("mma_instructions", None, {**ident, "what": MMA_WHAT}, f"SASS not read: {mma}"))
     return out
@@ -413,8 +471,10 @@ def _nvcc() -> str:
     import shutil
 
     home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    for cand in ([os.path.join(home, "bin", "nvcc")] if home else []) + [shutil.which("nvcc") or "",
-                                                                          "/usr/local/cuda/bin/nvcc"]:
+    for cand in ([os.path.join(home, "bin", "nvcc")] if home else []) + [
+        shutil.which("nvcc") or "",
+        "/usr/local/cuda/bin/nvcc",
+    ]:
         if cand and os.path.isfile(cand):
             return cand
     raise FileNotFoundError("nvcc not found (set CUDA_HOME, or put nvcc on the PATH)")
@@ -435,15 +495,33 @@ def nvcc_command(nvcc: str, src: str, obj: str, arches: list) -> list:
     cuda_inc = os.path.join(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))), "include")
     if os.path.isdir(cuda_inc):
         incs.append(cuda_inc)
-    defines = ["-DTORCH_EXTENSION_NAME=_C", "-DTORCH_API_INCLUDE_EXTENSION_H",
-               f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}", *cpp_extension.COMMON_NVCC_FLAGS]
+    defines = [
+        "-DTORCH_EXTENSION_NAME=_C",
+        "-DTORCH_API_INCLUDE_EXTENSION_H",
+        f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+        *cpp_extension.COMMON_NVCC_FLAGS,
+    ]
     torch_inc = cpp_extension.include_paths("cpu")[0]
     if not os.path.exists(os.path.join(torch_inc, "c10", "cuda", "impl", "cuda_cmake_macros.h")):
         defines.append("-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE")  # a CPU wheel: torch's own switch for that header
     flags = [f for f in _build.nvcc_flags(root) if not f.startswith("-gencode")]
     gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in arches]
-    return [nvcc, "-c", src, "-o", obj, "-std=c++20", *gencode, "-Xptxas", "-v",
-            "--compiler-options", "-fPIC", *defines, *flags, *[f"-I{i}" for i in incs]]
+    return [
+        nvcc,
+        "-c",
+        src,
+        "-o",
+        obj,
+        "-std=c++20",
+        *gencode,
+        "-Xptxas",
+        "-v",
+        "--compiler-options",
+        "-fPIC",
+        *defines,
+        *flags,
+        *[f"-I{i}" for i in incs],
+    ]
 
 
 def _demangle(names: list) -> dict:
@@ -508,11 +586,17 @@ def cuda_check(sources: list, arches: list, json_out=None, name=None, command: s
         print("no .cu files to compile", flush=True)
     base = _records.provenance("cpu")
     provs = {_sm(a): arch_provenance(base, a, f"nvcc {release}") for a in arches}
-    common = {"host": base["device"]["name"], "nvcc": f"{release} ({version})", "shared_limit": SHARED_LIMIT,
-              "command": command}
+    common = {
+        "host": base["device"]["name"],
+        "nvcc": f"{release} ({version})",
+        "shared_limit": SHARED_LIMIT,
+        "command": command,
+    }
     tool = _cuobjdump()
-    print("| file | arch | kernel | registers | spill stores / loads (B) | stack (B) | shared (B) | tensor-core "
-          "instructions |")
+    print(
+        "| file | arch | kernel | registers | spill stores / loads (B) | stack (B) | shared (B) | tensor-core "
+        "instructions |"
+    )
     print("|---|---|---|---|---|---|---|---|", flush=True)
     recs, failures, n_kernels = [], [], 0
     with tempfile.TemporaryDirectory() as tmp:
@@ -527,9 +611,15 @@ def cuda_check(sources: list, arches: list, json_out=None, name=None, command: s
                 err = err or res.stderr[-3000:]
                 failures.append(f"{rel}: compile failed\n{err}")
                 for a in arches:
-                    recs += kernel_records(provs[_sm(a)], rel, "native", {}, {"kernel": rel, "entry": len(recs),
-                                                                             "file": rel, "arch": _sm(a)},
-                                           common, error=f"compile failed: {err}")
+                    recs += kernel_records(
+                        provs[_sm(a)],
+                        rel,
+                        "native",
+                        {},
+                        {"kernel": rel, "entry": len(recs), "file": rel, "arch": _sm(a)},
+                        common,
+                        error=f"compile failed: {err}",
+                    )
                 print(f"| {rel} | {','.join(_sm(a) for a in arches)} | compile failed | | | | | |", flush=True)
                 save_records(recs, json_out, name)
                 continue
@@ -542,29 +632,42 @@ def cuda_check(sources: list, arches: list, json_out=None, name=None, command: s
                 sass = f"{type(exc).__name__}: {exc}"
             for f in funcs:
                 kernel = _short_name(names[f["mangled"]])
-                ident = {"kernel": kernel, "entry": len(recs), "file": rel, "arch": f["arch"],
-                         "entry_function": f["entry"]}
-                details = {"signature": names[f["mangled"]], "mangled": f["mangled"], "compile_s": seconds,
-                           "constant_bytes": f.get("constant_bytes", 0), **common}
+                ident = {
+                    "kernel": kernel,
+                    "entry": len(recs),
+                    "file": rel,
+                    "arch": f["arch"],
+                    "entry_function": f["entry"],
+                }
+                details = {
+                    "signature": names[f["mangled"]],
+                    "mangled": f["mangled"],
+                    "compile_s": seconds,
+                    "constant_bytes": f.get("constant_bytes", 0),
+                    **common,
+                }
                 mma = None
                 if f["entry"]:  # a device function that was not inlined has no SASS section of its own
                     mma = sass if isinstance(sass, str) else sass.get((f["arch"], f["mangled"]), Counter())
                     n_kernels += 1
-                values = {k: f[k] for k in ("registers", "stack_bytes", "spill_stores", "spill_loads",
-                                            "shared_bytes")}
+                values = {k: f[k] for k in ("registers", "stack_bytes", "spill_stores", "spill_loads", "shared_bytes")}
                 recs += kernel_records(provs[f["arch"]], kernel, "native", values, ident, details, mma=mma)
                 spill = f["spill_stores"] or f["spill_loads"]
                 if spill:
-                    failures.append(f"{rel} {f['arch']}: {kernel} spills {f['spill_stores']} B / "
-                                    f"{f['spill_loads']} B")
+                    failures.append(f"{rel} {f['arch']}: {kernel} spills {f['spill_stores']} B / {f['spill_loads']} B")
                 if f["shared_bytes"] > SHARED_LIMIT:
-                    failures.append(f"{rel} {f['arch']}: {kernel} uses {f['shared_bytes']} B of shared "
-                                    f"memory (limit {SHARED_LIMIT})")
+                    failures.append(
+                        f"{rel} {f['arch']}: {kernel} uses {f['shared_bytes']} B of shared "
+                        f"memory (limit {SHARED_LIMIT})"
+                    )
                 kind = "" if f["entry"] else " (device function)"
                 tc = "" if mma is None else (sum(mma.values()) if isinstance(mma, Counter) else "?")
-                print(f"| {rel} | {f['arch']} | `{names[f['mangled']][:90]}`{kind} | {f['registers']} | "
-                      f"{f['spill_stores']} / {f['spill_loads']}{' **spills**' if spill else ''} | "
-                      f"{f['stack_bytes']} | {f['shared_bytes']:,} | {tc} |", flush=True)
+                print(
+                    f"| {rel} | {f['arch']} | `{names[f['mangled']][:90]}`{kind} | {f['registers']} | "
+                    f"{f['spill_stores']} / {f['spill_loads']}{' **spills**' if spill else ''} | "
+                    f"{f['stack_bytes']} | {f['shared_bytes']:,} | {tc} |",
+                    flush=True,
+                )
             save_records(recs, json_out, name)
     for msg in failures:
         print(msg, file=sys.stderr)
@@ -577,35 +680,64 @@ def cuda_check(sources: list, arches: list, json_out=None, name=None, command: s
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--problems", default="M,H")
-    ap.add_argument("--arch", default=None, help="compute capabilities x 10, comma-separated (90: H100/H200, 80: "
-                    "A100); default 90, with --cuda the extension's (ik_fast._build.CUDA_ARCHS)")
+    ap.add_argument(
+        "--arch",
+        default=None,
+        help="compute capabilities x 10, comma-separated (90: H100/H200, 80: "
+        "A100); default 90, with --cuda the extension's (ik_fast._build.CUDA_ARCHS)",
+    )
     ap.add_argument("--precision", default="ieee", help="comma-separated: ieee, tf32, bf16")
-    ap.add_argument("--graphs", default=None, help="graphs to capture launches on (default: the problem's smaller "
-                    "count_work graph); extra graphs after a '+', e.g. '+skew@64'")
-    ap.add_argument("--set", action="append", default=[], metavar="[PRECISION:]NAME=V1,V2",
-                    help="replace a captured constexpr's value by each of these (kernels that have it; only for that "
-                         "precision with a prefix, e.g. 'bf16:PREC=bf16')")
+    ap.add_argument(
+        "--graphs",
+        default=None,
+        help="graphs to capture launches on (default: the problem's smaller "
+        "count_work graph); extra graphs after a '+', e.g. '+skew@64'",
+    )
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="[PRECISION:]NAME=V1,V2",
+        help="replace a captured constexpr's value by each of these (kernels that have it; only for that "
+        "precision with a prefix, e.g. 'bf16:PREC=bf16')",
+    )
     ap.add_argument("--kernels", default=None, help="compile only kernels whose name contains one of these")
-    ap.add_argument("--max-stack", type=int, default=None,
-                    help=f"exit 1 if a kernel's stack exceeds this (B/thread) or shared memory {SHARED_LIMIT} B")
+    ap.add_argument(
+        "--max-stack",
+        type=int,
+        default=None,
+        help=f"exit 1 if a kernel's stack exceeds this (B/thread) or shared memory {SHARED_LIMIT} B",
+    )
     ap.add_argument("--json", default=None, help="write the records (ik_fast/records.py, kind compile) to this file")
-    ap.add_argument("--name", default=None, help="also write them to benchmarks/results/compile/sm-<arch>/"
-                    "<date>-NAME.json, one file per architecture")
-    ap.add_argument("--execute", action="store_true",
-                    help="run the kernels during the capture (slow); by default launches are recorded, not run")
+    ap.add_argument(
+        "--name",
+        default=None,
+        help="also write them to benchmarks/results/compile/sm-<arch>/<date>-NAME.json, one file per architecture",
+    )
+    ap.add_argument(
+        "--execute",
+        action="store_true",
+        help="run the kernels during the capture (slow); by default launches are recorded, not run",
+    )
     ap.add_argument("--capture-child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--list", action="store_true", help="print the captured launch configurations and stop")
-    ap.add_argument("--cuda", action="store_true",
-                    help="compile the native CUDA kernels (csrc/cuda/*.cu) with nvcc instead, one record per kernel "
-                         "and architecture; exit 1 on any spill or compile error")
+    ap.add_argument(
+        "--cuda",
+        action="store_true",
+        help="compile the native CUDA kernels (csrc/cuda/*.cu) with nvcc instead, one record per kernel "
+        "and architecture; exit 1 on any spill or compile error",
+    )
     ap.add_argument("--sources", default=None, help="with --cuda: comma-separated .cu files (default csrc/cuda/*.cu)")
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore", message=".*py3nj.*")  # escnn's, when the records read its version
 
     command = "python benchmarks/compile_check.py " + " ".join(sys.argv[1:] if argv is None else argv)
     if args.cuda:
-        arches = ([int(a) for a in str(args.arch).split(",")] if args.arch
-                  else sorted(_build_module().CUDA_ARCHS, reverse=True))
+        arches = (
+            [int(a) for a in str(args.arch).split(",")]
+            if args.arch
+            else sorted(_build_module().CUDA_ARCHS, reverse=True)
+        )
         srcs = args.sources.split(",") if args.sources else _build_module().cuda_sources(os.path.join(ROOT, "csrc"))
         return cuda_check([os.path.abspath(s) for s in srcs], arches, args.json, args.name, command)
     arches = [int(a) for a in str(args.arch or "90").split(",")]
@@ -631,11 +763,17 @@ def main(argv=None) -> int:
     ptxas = {a: _ptxas_version(a) for a in arches}
     base = _records.provenance("cpu")
     provs = {a: arch_provenance(base, a, f"ptxas {ptxas[a]}" if ptxas[a] else None) for a in arches}
-    common = {"host": base["device"]["name"], "max_stack": args.max_stack, "shared_limit": SHARED_LIMIT,
-              "command": command}
+    common = {
+        "host": base["device"]["name"],
+        "max_stack": args.max_stack,
+        "shared_limit": SHARED_LIMIT,
+        "command": command,
+    }
     print(f"triton {triton.__version__}; " + ", ".join(f"{_sm(a)}: ptxas {ptxas[a]}" for a in arches), flush=True)
-    print("| problem | precision | arch | kernel | constexprs | compile (s) | registers | stack (B/thread) | spills "
-          "(B) | shared (B) | tensor-core instructions |")
+    print(
+        "| problem | precision | arch | kernel | constexprs | compile (s) | registers | stack (B/thread) | spills "
+        "(B) | shared (B) | tensor-core instructions |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
     recs, failed = [], False
     for problem in args.problems.split(","):
@@ -649,8 +787,11 @@ def main(argv=None) -> int:
             overrides = {n: v for p, n, v in scoped if p in (None, precision)}
             t = time.time()
             cfgs = _variants(_capture_child(problem, precision, graphs, args.execute), overrides)
-            print(f"<!-- {problem} {precision}: {len(cfgs)} launch configurations captured on {graphs} in "
-                  f"{time.time() - t:.0f} s -->", flush=True)
+            print(
+                f"<!-- {problem} {precision}: {len(cfgs)} launch configurations captured on {graphs} in "
+                f"{time.time() - t:.0f} s -->",
+                flush=True,
+            )
             if args.kernels:
                 cfgs = [c for c in cfgs if any(k in c["kernel"] for k in args.kernels.split(","))]
             if args.list:
@@ -664,50 +805,79 @@ def main(argv=None) -> int:
                 for k, v in cfg["constexprs"].items():
                     varying.setdefault((cfg["kernel"], k), set()).add(json.dumps(v))
             for cfg, arch in itertools.product(cfgs, arches):
-                brief = {k: v for k, v in cfg["constexprs"].items()
-                         if k in overrides or k in ("BE", "BR", "PREC") or len(varying[(cfg["kernel"], k)]) > 1}
+                brief = {
+                    k: v
+                    for k, v in cfg["constexprs"].items()
+                    if k in overrides or k in ("BE", "BR", "PREC") or len(varying[(cfg["kernel"], k)]) > 1
+                }
                 brief.update(cfg.get("options") or {})
                 opts = cfg.get("options") or {}
-                ident = {"kernel": cfg["kernel"], "entry": len(recs), "num_warps": opts.get("num_warps"),
-                         "arch": _sm(arch)}
-                details = {"module": cfg["module"], "constexprs": cfg["constexprs"], "signature": cfg["signature"],
-                           "options": opts, "graphs": cfg["graphs"], "triton": triton.__version__,
-                           "ptxas": ptxas[arch], **common}
+                ident = {
+                    "kernel": cfg["kernel"],
+                    "entry": len(recs),
+                    "num_warps": opts.get("num_warps"),
+                    "arch": _sm(arch),
+                }
+                details = {
+                    "module": cfg["module"],
+                    "constexprs": cfg["constexprs"],
+                    "signature": cfg["signature"],
+                    "options": opts,
+                    "graphs": cfg["graphs"],
+                    "triton": triton.__version__,
+                    "ptxas": ptxas[arch],
+                    **common,
+                }
                 t = time.time()
                 try:
                     k, log = compile_one(cfg, arch)
                     details["compile_s"] = round(time.time() - t, 1)
                     res = _resources(k)
-                    values = {"registers": res.get("registers"), "stack_bytes": res.get("stack_bytes"),
-                              "shared_bytes": int(k.metadata.shared), **_spills(log)}
+                    values = {
+                        "registers": res.get("registers"),
+                        "stack_bytes": res.get("stack_bytes"),
+                        "shared_bytes": int(k.metadata.shared),
+                        **_spills(log),
+                    }
                     values = {m: v for m, v in values.items() if v is not None}
                     details["local_bytes"] = res.get("local_bytes")
                     try:
                         mma = _cubin_mma(k)
                     except (OSError, RuntimeError, subprocess.TimeoutExpired) as exc:
                         mma = f"{type(exc).__name__}: {exc}"
-                    bad = (values["shared_bytes"] > SHARED_LIMIT or
-                           (args.max_stack is not None and values.get("stack_bytes", 0) > args.max_stack))
+                    bad = values["shared_bytes"] > SHARED_LIMIT or (
+                        args.max_stack is not None and values.get("stack_bytes", 0) > args.max_stack
+                    )
                     details["ok"] = not bad
                     failed |= bad
                     recs += kernel_records(provs[arch], problem, "triton", values, ident, details, precision, mma)
-                    spill = (f"{values['spill_stores']} / {values['spill_loads']}" if "spill_stores" in values
-                             else "?" if spills else "")
+                    spill = (
+                        f"{values['spill_stores']} / {values['spill_loads']}"
+                        if "spill_stores" in values
+                        else "?"
+                        if spills
+                        else ""
+                    )
                     tc = sum(mma.values()) if isinstance(mma, Counter) else "?"
-                    print(f"| {problem} | {precision} | {_sm(arch)} | {cfg['kernel']} | {brief} | "
-                          f"{details['compile_s']:.0f} | {values.get('registers', '?')} | "
-                          f"{values.get('stack_bytes', '?'):,} | {spill} | {values['shared_bytes']:,} | {tc} |"
-                          + ("" if not bad else " **over the limit**"), flush=True)
+                    print(
+                        f"| {problem} | {precision} | {_sm(arch)} | {cfg['kernel']} | {brief} | "
+                        f"{details['compile_s']:.0f} | {values.get('registers', '?')} | "
+                        f"{values.get('stack_bytes', '?'):,} | {spill} | {values['shared_bytes']:,} | {tc} |"
+                        + ("" if not bad else " **over the limit**"),
+                        flush=True,
+                    )
                 except Exception as exc:  # report and go on: the point is to see every failure at once
                     failed = True
                     cause = exc.__cause__ if exc.__cause__ is not None else exc
                     msg = str(cause).splitlines()[-1][:200] if str(cause) else ""
                     details.update(compile_s=round(time.time() - t, 1), ok=False)
                     error = f"{type(cause).__name__}: {msg}"
-                    recs += kernel_records(provs[arch], problem, "triton", {}, ident, details, precision,
-                                           error=error)
-                    print(f"| {problem} | {precision} | {_sm(arch)} | {cfg['kernel']} | {brief} | failed after "
-                          f"{details['compile_s']:.0f} s: {error} | | | | | |", flush=True)
+                    recs += kernel_records(provs[arch], problem, "triton", {}, ident, details, precision, error=error)
+                    print(
+                        f"| {problem} | {precision} | {_sm(arch)} | {cfg['kernel']} | {brief} | failed after "
+                        f"{details['compile_s']:.0f} s: {error} | | | | | |",
+                        flush=True,
+                    )
                 save_records(recs, args.json, args.name)
     for path in save_records(recs, args.json, args.name) if recs else []:
         print(f"records: {path}", file=sys.stderr)

@@ -51,8 +51,18 @@ def versions(args) -> int:
     import importlib.metadata as md
 
     print(f"python {platform.python_version()} ({sys.executable}), {platform.platform()}")
-    for pkg in ("torch", "triton", "numpy", "scipy", "escnn", "lie_learn", "torch_geometric", "pytest", "ninja",
-                "qm9pack"):
+    for pkg in (
+        "torch",
+        "triton",
+        "numpy",
+        "scipy",
+        "escnn",
+        "lie_learn",
+        "torch_geometric",
+        "pytest",
+        "ninja",
+        "qm9pack",
+    ):
         try:
             version = md.version(pkg)
         except md.PackageNotFoundError:
@@ -82,8 +92,7 @@ def versions(args) -> int:
     for var in ("TRITON_INTERPRET", "IK_FAST_CACHE", "IK_FAST_TEST_DEVICE", "PYTHONPATH", "CUDA_HOME"):
         print(f"${var} = {os.environ.get(var)!r}")
     prov = bench.provenance(args.device)
-    print(f"records: commit {prov['commit']} (dirty: {prov['dirty']}), device {prov['device']}, "
-          f"stack {prov['stack']}")
+    print(f"records: commit {prov['commit']} (dirty: {prov['dirty']}), device {prov['device']}, stack {prov['stack']}")
     if prov["commit"] == "unknown":
         print("WARNING: no commit (no .git here and IK_FAST_COMMIT unset): the records will say 'unknown'")
     return 0
@@ -104,18 +113,34 @@ def build(args) -> int:
     sys.stderr.write(err.getvalue())
     mod = _native.module()
     compiled_now = "compiling the native extension" in err.getvalue()
-    extra = {"device": args.device, "seconds_until_failure": None if why is None else seconds,
-             "module": getattr(mod, "__file__", None),
-             "how": ("prebuilt ik_fast._C" if mod is not None and mod.__name__.endswith("._C") else
-                     "first-use build, compiled now" if compiled_now else
-                     "first-use build, from its cache" if mod is not None else "not loaded"),
-             "cuda_part": bool(mod.cuda_built()) if mod is not None and hasattr(mod, "cuda_built") else None}
-    rec = records.record("compile", "csrc", "native", "build_time", None if why else seconds, "s", prov=prov,
-                         error=why, extra=extra)
+    extra = {
+        "device": args.device,
+        "seconds_until_failure": None if why is None else seconds,
+        "module": getattr(mod, "__file__", None),
+        "how": (
+            "prebuilt ik_fast._C"
+            if mod is not None and mod.__name__.endswith("._C")
+            else "first-use build, compiled now"
+            if compiled_now
+            else "first-use build, from its cache"
+            if mod is not None
+            else "not loaded"
+        ),
+        "cuda_part": bool(mod.cuda_built()) if mod is not None and hasattr(mod, "cuda_built") else None,
+    }
+    rec = records.record(
+        "compile", "csrc", "native", "build_time", None if why else seconds, "s", prov=prov, error=why, extra=extra
+    )
     _write("compile", "native-build", [rec], prov, args)
-    print(f"native on {args.device}: " + (f"ready after {seconds:.1f} s ({extra['how']}; CUDA part: "
-                                          f"{extra['cuda_part']})" if why is None else f"FAILED after {seconds:.1f} s: "
-                                          f"{why}"), flush=True)
+    print(
+        f"native on {args.device}: "
+        + (
+            f"ready after {seconds:.1f} s ({extra['how']}; CUDA part: {extra['cuda_part']})"
+            if why is None
+            else f"FAILED after {seconds:.1f} s: {why}"
+        ),
+        flush=True,
+    )
     return 0 if why is None else 1
 
 
@@ -162,8 +187,16 @@ def tests(args) -> int:
         attempt += 1
         progress = os.path.join(args.out_dir, f"progress-{attempt}.jsonl")
         junit = os.path.join(args.out_dir, "gpu-tests.xml" if attempt == 1 else f"gpu-tests-{attempt}.xml")
-        cmd = [sys.executable, "-m", "pytest", *args.pytest_args, "-p", "no:cacheprovider", f"--junitxml={junit}",
-               *[f"--deselect={n}" for n in ran]]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pytest",
+            *args.pytest_args,
+            "-p",
+            "no:cacheprovider",
+            f"--junitxml={junit}",
+            *[f"--deselect={n}" for n in ran],
+        ]
         print(f"$ {' '.join(cmd)}", flush=True)
         env["IK_FAST_TEST_PROGRESS"] = progress
         proc = subprocess.Popen(cmd, env=env, start_new_session=True)
@@ -194,16 +227,29 @@ def tests(args) -> int:
                 print(f"the stacks when the process was ended:\n{f.read()}", flush=True)
         for nid in died_in:
             hung.append(nid)
-            outcomes[nid] = {"outcome": "hung", "duration": None,
-                             "message": f"the test did not return within its limit and the grace period after it: "
-                                        f"its pytest process was ended (exit status {rc}); the stacks are in the log"}
+            outcomes[nid] = {
+                "outcome": "hung",
+                "duration": None,
+                "message": f"the test did not return within its limit and the grace period after it: "
+                f"its pytest process was ended (exit status {rc}); the stacks are in the log",
+            }
         print(f"pytest ended in {', '.join(died_in)} (exit status {rc}); running the tests not yet run", flush=True)
         if time.time() >= args.deadline or attempt >= 5:
             break
-    recs = [records.record("test", nid, "pytest", "duration", t["duration"], "s", prov=prov,
-                           error=None if t["duration"] is not None else t["message"],
-                           extra={"outcome": t["outcome"], "message": t["message"][-2000:], "device": args.device})
-            for nid, t in outcomes.items()]
+    recs = [
+        records.record(
+            "test",
+            nid,
+            "pytest",
+            "duration",
+            t["duration"],
+            "s",
+            prov=prov,
+            error=None if t["duration"] is not None else t["message"],
+            extra={"outcome": t["outcome"], "message": t["message"][-2000:], "device": args.device},
+        )
+        for nid, t in outcomes.items()
+    ]
     if recs:
         _write("test", args.name, recs, prov, args)
     counts = {}
@@ -219,8 +265,9 @@ def table(args) -> int:
     from ik_fast import records
 
     recs = []
-    paths = [os.path.join(d, f) for folder in args.folders for d, _, fs in os.walk(folder) for f in fs
-             if f.endswith(".json")]
+    paths = [
+        os.path.join(d, f) for folder in args.folders for d, _, fs in os.walk(folder) for f in fs if f.endswith(".json")
+    ]
     for path in sorted(paths, key=os.path.getmtime):  # in the order the run wrote them
         try:
             recs += records.load(path)
@@ -230,13 +277,18 @@ def table(args) -> int:
         print("no results files")
         return 1
     r0 = recs[0]
-    print(f"{r0['device']['name']} | commit {r0['commit'][:12]}{' (dirty)' if r0['dirty'] else ''} | "
-          + ", ".join(f"{k} {v}" for k, v in r0["stack"].items() if v))
+    print(
+        f"{r0['device']['name']} | commit {r0['commit'][:12]}{' (dirty)' if r0['dirty'] else ''} | "
+        + ", ".join(f"{k} {v}" for k, v in r0["stack"].items() if v)
+    )
     for r in recs:
         if r["kind"] == "compile" and r["metric"] == "build_time":
             how = r["extra"].get("how")
-            print(f"native build: {r['value']:.1f} s ({how}; CUDA part: {r['extra'].get('cuda_part')})"
-                  if r["value"] is not None else f"native build FAILED: {r['error'][:300]}")
+            print(
+                f"native build: {r['value']:.1f} s ({how}; CUDA part: {r['extra'].get('cuda_part')})"
+                if r["value"] is not None
+                else f"native build FAILED: {r['error'][:300]}"
+            )
     tests_ = [r for r in recs if r["kind"] == "test"]
     if tests_:
         counts = {}
@@ -250,11 +302,19 @@ def table(args) -> int:
     pre = [r for r in recs if r["kind"] == "compile" and r["metric"] == "first_step_time"]
     if pre:
         ok = [r for r in pre if r["value"] is not None]
-        failed = [f"{r['problem']} {r['precision']} {r['mode']}: {r['error'][:100]}" for r in pre
-                  if r["value"] is None and not r["error"].startswith("skipped")]
-        print(f"precompile: {len(ok)} of {len(pre)} steps, {sum(r['value'] for r in ok):.0f} s"
-              + (f"; failed: {'; '.join(failed[:2])}" + (f" (and {len(failed) - 2} more)" if len(failed) > 2 else "")
-                 if failed else ""))
+        failed = [
+            f"{r['problem']} {r['precision']} {r['mode']}: {r['error'][:100]}"
+            for r in pre
+            if r["value"] is None and not r["error"].startswith("skipped")
+        ]
+        print(
+            f"precompile: {len(ok)} of {len(pre)} steps, {sum(r['value'] for r in ok):.0f} s"
+            + (
+                f"; failed: {'; '.join(failed[:2])}" + (f" (and {len(failed) - 2} more)" if len(failed) > 2 else "")
+                if failed
+                else ""
+            )
+        )
     steps = [r for r in recs if r["kind"] == "timing" and r["metric"] == "step_time"]
     if steps:
         _timing_table(steps, recs)
@@ -262,8 +322,7 @@ def table(args) -> int:
 
 
 def _short(error: str) -> str:
-    for key, word in (("out of memory", "oom"), ("stopped", "stopped"), ("skipped", "skipped"),
-                      ("timeout", "timeout")):
+    for key, word in (("out of memory", "oom"), ("stopped", "stopped"), ("skipped", "skipped"), ("timeout", "timeout")):
         if error.startswith(key) or error.startswith(f"{key} "):
             return word
     return "error"
@@ -304,9 +363,11 @@ def main(argv=None) -> int:
     def common(p, results=True):
         p.add_argument("--device", default="cuda", help="the device measured: cuda, or cpu in the rehearsal")
         if results:
-            p.add_argument("--results", default=None,
-                           help="the results root (default: the checkout's benchmarks/results, or "
-                                "$IK_FAST_RESULTS_DIR)")
+            p.add_argument(
+                "--results",
+                default=None,
+                help="the results root (default: the checkout's benchmarks/results, or $IK_FAST_RESULTS_DIR)",
+            )
             p.add_argument("--copy-to", default=None, help="also write every results file under this folder")
 
     common(sub.add_parser("versions", help="print the device and the stack's versions"), results=False)
@@ -314,8 +375,9 @@ def main(argv=None) -> int:
     t = sub.add_parser("tests", help="pytest with time limits; test records and junit XML")
     common(t)
     t.add_argument("--per-test", type=float, required=True, help="seconds per test (IK_FAST_TEST_TIMEOUT)")
-    t.add_argument("--deadline", type=float, required=True,
-                   help="Unix time after which no test starts (IK_FAST_TEST_DEADLINE)")
+    t.add_argument(
+        "--deadline", type=float, required=True, help="Unix time after which no test starts (IK_FAST_TEST_DEADLINE)"
+    )
     t.add_argument("--out-dir", required=True, help="folder of the junit XML and progress files")
     t.add_argument("--name", default="gpu-tests", help="results file name (<date>-NAME.json)")
     t.add_argument("pytest_args", nargs=argparse.REMAINDER, help="pytest's arguments, after --")

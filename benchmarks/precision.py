@@ -69,8 +69,12 @@ def measure(problem: str, backends, modes, device: str, seed: int = 0, on_result
     p = get_problem(problem)
     x, pos, ei, attr = build_inputs(p, seed=seed, dtype=torch.float64)
     x, pos, ei, attr = (t.to(device) for t in (x, pos, ei, attr))
-    w = torch.randn(x.shape[0], build_layer(p, backend="reference", seed=seed).out_type.size,
-                    generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64).to(device)
+    w = torch.randn(
+        x.shape[0],
+        build_layer(p, backend="reference", seed=seed).out_type.size,
+        generator=torch.Generator().manual_seed(seed + 1),
+        dtype=torch.float64,
+    ).to(device)
     records = []
     for training in (True, False):
         ref_layer = build_layer(p, backend="reference", seed=seed).to(device=device, dtype=torch.float64)
@@ -80,8 +84,15 @@ def measure(problem: str, backends, modes, device: str, seed: int = 0, on_result
             for mode in modes:
                 if mode == "tf32" and device != "cuda":
                     continue  # TF32 exists on tensor cores only
-                r = {"problem": problem, "backend": backend, "mode": mode, "training": training, "device": device,
-                     "edges": int(ei.shape[1]), "nodes": int(x.shape[0])}
+                r = {
+                    "problem": problem,
+                    "backend": backend,
+                    "mode": mode,
+                    "training": training,
+                    "device": device,
+                    "edges": int(ei.shape[1]),
+                    "nodes": int(x.shape[0]),
+                }
                 t = time.perf_counter()
                 try:
                     layer = build_layer(p, backend=backend, seed=seed).to(device=device, dtype=torch.float32)
@@ -93,11 +104,16 @@ def measure(problem: str, backends, modes, device: str, seed: int = 0, on_result
                 r["seconds"] = time.perf_counter() - t
                 records.append(r)
                 if "error" in r:
-                    print(f"{problem} {backend:9s} {mode:5s} {'train' if training else 'eval ':5s} failed: "
-                          f"{r['error']}", flush=True)
+                    print(
+                        f"{problem} {backend:9s} {mode:5s} {'train' if training else 'eval ':5s} failed: {r['error']}",
+                        flush=True,
+                    )
                 else:
-                    print(f"{problem} {backend:9s} {mode:5s} {'train' if training else 'eval ':5s} out {r['out']:.2e} "
-                          f"grad_x {r['grad_x']:.2e} grad_params {r['grad_params']:.2e}", flush=True)
+                    print(
+                        f"{problem} {backend:9s} {mode:5s} {'train' if training else 'eval ':5s} out {r['out']:.2e} "
+                        f"grad_x {r['grad_x']:.2e} grad_params {r['grad_params']:.2e}",
+                        flush=True,
+                    )
                 if on_result is not None:
                     on_result(records)
     return records
@@ -119,13 +135,31 @@ def to_records(rows, prov: dict, command: str, seed: int) -> list:
 
     out = []
     for r in rows:
-        extra = {"edges": r["edges"], "nodes": r["nodes"], "seconds": round(r["seconds"], 3), "against": AGAINST,
-                 "interpreter": os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"), "seed": seed,
-                 "command": command}
+        extra = {
+            "edges": r["edges"],
+            "nodes": r["nodes"],
+            "seconds": round(r["seconds"], 3),
+            "against": AGAINST,
+            "interpreter": os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"),
+            "seed": seed,
+            "command": command,
+        }
         for metric, key in METRICS:
-            out.append(records.record("precision", r["problem"], r["backend"], metric, r.get(key), "1",
-                                      mode="train" if r["training"] else "eval", precision=r["mode"],
-                                      extra=extra, error=r.get("error"), prov=prov))
+            out.append(
+                records.record(
+                    "precision",
+                    r["problem"],
+                    r["backend"],
+                    metric,
+                    r.get(key),
+                    "1",
+                    mode="train" if r["training"] else "eval",
+                    precision=r["mode"],
+                    extra=extra,
+                    error=r.get("error"),
+                    prov=prov,
+                )
+            )
     return out
 
 
@@ -137,8 +171,9 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None, help="write the records (ik_fast/records.py, kind precision) here")
-    ap.add_argument("--name", default=None,
-                    help="also write them to benchmarks/results/precision/<device>/<date>-NAME.json")
+    ap.add_argument(
+        "--name", default=None, help="also write them to benchmarks/results/precision/<device>/<date>-NAME.json"
+    )
     args = ap.parse_args(argv)
     from ik_fast import records
 
@@ -147,8 +182,16 @@ def main(argv=None) -> int:
     prov = provenance(args.device)
     paths = [args.json] if args.json else []
     if args.name:
-        paths.append(os.path.join(ROOT, "benchmarks", "results", "precision", records.device_slug(prov),
-                                  f"{prov['date'][:10]}-{args.name}.json"))
+        paths.append(
+            os.path.join(
+                ROOT,
+                "benchmarks",
+                "results",
+                "precision",
+                records.device_slug(prov),
+                f"{prov['date'][:10]}-{args.name}.json",
+            )
+        )
 
     def save(rows):
         recs = to_records(rows, prov, command, args.seed)

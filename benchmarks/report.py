@@ -28,8 +28,19 @@ ROOT = os.path.dirname(HERE)
 RESULTS = os.path.join(HERE, "results")
 README = os.path.join(ROOT, "README.md")
 START, END = "<!-- results:start -->", "<!-- results:end -->"
-SECTIONS = ("summary", "timing", "spread", "threads", "compile_timing", "compile", "precision", "work", "equivariance",
-            "training", "tests")
+SECTIONS = (
+    "summary",
+    "timing",
+    "spread",
+    "threads",
+    "compile_timing",
+    "compile",
+    "precision",
+    "work",
+    "equivariance",
+    "training",
+    "tests",
+)
 
 
 def _records_module():
@@ -57,8 +68,11 @@ def load_all(root: str = RESULTS) -> List[Dict]:
     return out
 
 
-def newest(recs: Iterable[Dict], key=("device", "problem", "provider", "mode", "precision", "metric"),
-           extra_key: Tuple[str, ...] = ()) -> List[Dict]:
+def newest(
+    recs: Iterable[Dict],
+    key=("device", "problem", "provider", "mode", "precision", "metric"),
+    extra_key: Tuple[str, ...] = (),
+) -> List[Dict]:
     """The newest record (by date, then file name) per key (and the ``extra`` fields ``extra_key``); device compared
     by name."""
     best: Dict[Tuple, Dict] = {}
@@ -106,8 +120,9 @@ def _known_commits() -> Optional[set]:
     import subprocess
 
     try:
-        shallow = subprocess.run(["git", "rev-parse", "--is-shallow-repository"], cwd=ROOT, capture_output=True,
-                                 text=True, timeout=30)
+        shallow = subprocess.run(
+            ["git", "rev-parse", "--is-shallow-repository"], cwd=ROOT, capture_output=True, text=True, timeout=30
+        )
         if shallow.returncode != 0 or shallow.stdout.strip() != "false":
             return None
         out = subprocess.run(["git", "rev-list", "--all"], cwd=ROOT, capture_output=True, text=True, timeout=60)
@@ -159,13 +174,14 @@ def _provenance_note(recs: List[Dict]) -> str:
     lines = []
     for (commit, dirty, date, path), r in sorted(seen.items(), key=lambda kv: (kv[0][2], kv[0][3])):
         how = r["extra"].get("commit_recovered")
-        lines.append(f"- `{commit[:7]}`{' (dirty)' if dirty else ''}, {date}, {r['device']['name']}; {_stack(r)}; "
-                     f"`{path}`" + (f" — commit recovered as {how}" if how else ""))
+        lines.append(
+            f"- `{commit[:7]}`{' (dirty)' if dirty else ''}, {date}, {r['device']['name']}; {_stack(r)}; "
+            f"`{path}`" + (f" — commit recovered as {how}" if how else "")
+        )
     return "\n".join(lines)
 
 
-DIRTY = ("A `*` after a commit: the working tree differed from it, or (older records) whether it did was not "
-         "recorded.")
+DIRTY = "A `*` after a commit: the working tree differed from it, or (older records) whether it did was not recorded."
 
 
 # ----------------------------------------------------------------------------------------------------- timing
@@ -204,9 +220,9 @@ def timing_section(recs: List[Dict], plot_dir: Optional[str] = None, plot_prefix
             for path, _ in plots(dev, cases, plot_dir):
                 out.append(f"![{os.path.basename(path)}]({plot_prefix}{os.path.basename(path)})\n")
         rows = []
-        for (problem, mode, provider, prec), m in sorted(cases.items(),
-                                                         key=lambda kv: (_problem_order(kv[0][0]), kv[0][1] != "train",
-                                                                         kv[0][1], kv[0][2], kv[0][3])):
+        for (problem, mode, provider, prec), m in sorted(
+            cases.items(), key=lambda kv: (_problem_order(kv[0][0]), kv[0][1] != "train", kv[0][1], kv[0][2], kv[0][3])
+        ):
             t, mem = m.get("step_time"), m.get("peak_memory")
             if t is None:
                 continue
@@ -219,10 +235,37 @@ def timing_section(recs: List[Dict], plot_dir: Optional[str] = None, plot_prefix
                 ex = t["extra"]
                 split = f"{_g(ex['forward_s'])} / {_g(ex['backward_s'])}" if "forward_s" in ex else ""
             edges = _edges(m)
-            rows.append([problem, f"{edges:,}" if edges else "", mode, provider, prec, time, split,
-                         _g(mem["value"]) if mem and mem["value"] is not None else "", _commit(t), t["date"][:10]])
-        out.append(_table(["problem", "edges", "mode", "provider", "precision", "time (s) median [p20–p80]",
-                           "forward / backward (s)", "peak memory (MB)", "commit", "date"], rows))
+            rows.append(
+                [
+                    problem,
+                    f"{edges:,}" if edges else "",
+                    mode,
+                    provider,
+                    prec,
+                    time,
+                    split,
+                    _g(mem["value"]) if mem and mem["value"] is not None else "",
+                    _commit(t),
+                    t["date"][:10],
+                ]
+            )
+        out.append(
+            _table(
+                [
+                    "problem",
+                    "edges",
+                    "mode",
+                    "provider",
+                    "precision",
+                    "time (s) median [p20–p80]",
+                    "forward / backward (s)",
+                    "peak memory (MB)",
+                    "commit",
+                    "date",
+                ],
+                rows,
+            )
+        )
         out.append("\nMeasured by:\n\n" + _provenance_note(dev_recs) + "\n")
     return "\n".join(out) + "\n" + DIRTY + "\n" if out else "No timing records.\n"
 
@@ -236,8 +279,11 @@ def summary_section(recs: List[Dict]) -> str:
         rows = []
         problems = sorted({k[0] for k in cases if "@" not in k[0]}, key=_problem_order)
         for problem in problems:
-            times = {p: m["step_time"] for (pr, mode, p, _), m in cases.items()
-                     if pr == problem and mode == "train" and "step_time" in m}
+            times = {
+                p: m["step_time"]
+                for (pr, mode, p, _), m in cases.items()
+                if pr == problem and mode == "train" and "step_time" in m
+            }
             if not times:
                 continue
             ref = times.get("reference")
@@ -249,8 +295,7 @@ def summary_section(recs: List[Dict]) -> str:
                 elif r["value"] is None:
                     cells.append("failed")
                 else:
-                    ratio = (f" ({ref['value'] / r['value']:.1f}×)" if ref and ref["value"] and p != "reference"
-                             else "")
+                    ratio = f" ({ref['value'] / r['value']:.1f}×)" if ref and ref["value"] and p != "reference" else ""
                     cells.append(f"{_g(r['value'])}{ratio}")
             commits = sorted({_commit(r) for r in times.values()})
             edges = _edges({p: r for p, r in times.items()})
@@ -276,8 +321,12 @@ def spread_section(recs: List[Dict]) -> str:
             ratio = [f"{t[providers[0]] / t[p]:.2f}×" for p in providers[1:] if t.get(p)]
             rows.append([run, *[_g(t.get(p)) for p in providers], *ratio])
         out.append(f"`{problem}`, {mode}, {dev}: {text}; commit `{_commit(rs[0])}`, {rs[0]['date']}.\n")
-        out.append(_table(["run", *[f"`{p}` (s)" for p in providers],
-                           *[f"`{providers[0]}` / `{p}`" for p in providers[1:]]], rows) + "\n")
+        out.append(
+            _table(
+                ["run", *[f"`{p}` (s)" for p in providers], *[f"`{providers[0]}` / `{p}`" for p in providers[1:]]], rows
+            )
+            + "\n"
+        )
     return "\n".join(out) if out else "No repeat series.\n"
 
 
@@ -289,20 +338,38 @@ def threads_section(recs: List[Dict]) -> str:
     rows = []
     for (problem, provider), group in sorted(_group(rs, lambda r: (r["problem"], r["provider"])).items()):
         t = {(r["extra"]["condition"], r["extra"]["threads"]): r["value"] for r in group}
-        rows.append([f"`{problem}`", f"`{provider}`", *[_g(t.get(k)) for k in
-                                                       (("quiet", 1), ("quiet", 2), ("busy", 1), ("busy", 2))],
-                     _commit(group[0])])
-    out = [f"{rs[0]['extra'].get('what', '')}; training step (s), {rs[0]['device']['name']}:\n",
-           _table(["problem", "provider", "quiet, 1 thread", "quiet, 2 threads", "busy, 1 thread", "busy, 2 threads",
-                   "commit"], rows)]
+        rows.append(
+            [
+                f"`{problem}`",
+                f"`{provider}`",
+                *[_g(t.get(k)) for k in (("quiet", 1), ("quiet", 2), ("busy", 1), ("busy", 2))],
+                _commit(group[0]),
+            ]
+        )
+    out = [
+        f"{rs[0]['extra'].get('what', '')}; training step (s), {rs[0]['device']['name']}:\n",
+        _table(
+            [
+                "problem",
+                "provider",
+                "quiet, 1 thread",
+                "quiet, 2 threads",
+                "busy, 1 thread",
+                "busy, 2 threads",
+                "commit",
+            ],
+            rows,
+        ),
+    ]
     out.append("\nMeasured by:\n\n" + _provenance_note(rs) + "\n")
     return "\n".join(out) + "\n" + DIRTY + "\n"
 
 
 def compile_timing_section(recs: List[Dict]) -> str:
     """torch.compile: eager step, first compiled call, a second graph size, compiled step; and graph preparation."""
-    rs = [r for r in recs if r["kind"] == "timing" and r["extra"].get("series") in ("torch.compile",
-                                                                                   "graph preparation")]
+    rs = [
+        r for r in recs if r["kind"] == "timing" and r["extra"].get("series") in ("torch.compile", "graph preparation")
+    ]
     if not rs:
         return "No torch.compile records.\n"
     out = []
@@ -312,20 +379,44 @@ def compile_timing_section(recs: List[Dict]) -> str:
         m = {r["metric"]: r for r in group}
         eager, step = m.get("eager_step_time"), m.get("compiled_step_time")
         ratio = f" (eager ÷ compiled = {eager['value'] / step['value']:.2f})" if eager and step else ""
-        rows.append([f"`{problem}`", f"`{provider}`", f"{group[0]['extra'].get('edges', ''):,}",
-                     *[_g(m[k]["value"]) if k in m else "" for k in ("eager_step_time", "compile_first_call_time",
-                                                                       "compile_second_graph_time")],
-                     (_g(step["value"]) + ratio) if step else "", _commit(group[0])])
+        rows.append(
+            [
+                f"`{problem}`",
+                f"`{provider}`",
+                f"{group[0]['extra'].get('edges', ''):,}",
+                *[
+                    _g(m[k]["value"]) if k in m else ""
+                    for k in ("eager_step_time", "compile_first_call_time", "compile_second_graph_time")
+                ],
+                (_g(step["value"]) + ratio) if step else "",
+                _commit(group[0]),
+            ]
+        )
     if rows:
         out.append(f"Training step (s), {comp[0]['device']['name']}, {comp[0]['extra'].get('load', '')}:\n")
-        out.append(_table(["problem", "backend", "edges", "eager step", "first compiled call (compile + step)",
-                           "second graph (1.5× edges)", "compiled step", "commit"], rows))
+        out.append(
+            _table(
+                [
+                    "problem",
+                    "backend",
+                    "edges",
+                    "eager step",
+                    "first compiled call (compile + step)",
+                    "second graph (1.5× edges)",
+                    "compiled step",
+                    "commit",
+                ],
+                rows,
+            )
+        )
     for r in (r for r in rs if r["extra"]["series"] == "graph preparation"):
         sp = r["spread"] or {}
         lo, hi = _g(sp.get("min", r["value"])), _g(sp.get("max", r["value"]))
-        out.append(f"\nGraph preparation, {r['problem']}: {lo}–{hi} s "
-                   f"({r['extra'].get('what', '')}; the process's CPU time {r['extra'].get('process_cpu_time_s')} s; "
-                   f"{r['extra'].get('load', '')}), commit `{_commit(r)}`.")
+        out.append(
+            f"\nGraph preparation, {r['problem']}: {lo}–{hi} s "
+            f"({r['extra'].get('what', '')}; the process's CPU time {r['extra'].get('process_cpu_time_s')} s; "
+            f"{r['extra'].get('load', '')}), commit `{_commit(r)}`."
+        )
     out.append("\nMeasured by:\n\n" + _provenance_note(rs) + "\n")
     return "\n".join(out) + "\n" + DIRTY + "\n"
 
@@ -335,8 +426,17 @@ def tests_section(recs: List[Dict]) -> str:
     rs = newest(r for r in recs if r["kind"] == "test")
     if not rs:
         return "No test records.\n"
-    rows = [[f"`{r['problem']}`", r["extra"].get("what", ""), r["metric"], f"{_g(r['value'])} {r['unit']}",
-             _commit(r), r["date"][:10]] for r in sorted(rs, key=lambda r: r["problem"])]
+    rows = [
+        [
+            f"`{r['problem']}`",
+            r["extra"].get("what", ""),
+            r["metric"],
+            f"{_g(r['value'])} {r['unit']}",
+            _commit(r),
+            r["date"][:10],
+        ]
+        for r in sorted(rs, key=lambda r: r["problem"])
+    ]
     out = [_table(["test", "what", "metric", "value", "commit", "date"], rows)]
     out.append("\nMeasured by:\n\n" + _provenance_note(rs) + "\n")
     return "\n".join(out) + "\n" + DIRTY + "\n"
@@ -368,9 +468,16 @@ def plots(dev: str, cases: Dict, plot_dir: str) -> List[Tuple[str, List[str]]]:
                 ax = axes[row][col]
                 for p in providers:
                     for mode, style in (("train", "-o"), ("inference", "--s")):
-                        pts = sorted((_edges(m), m[metric]["value"]) for (pr, md, pv, _), m in cases.items()
-                                     if pr.startswith(fam + "@") and pv == p and md == mode and metric in m
-                                     and m[metric]["value"] is not None and _edges(m))
+                        pts = sorted(
+                            (_edges(m), m[metric]["value"])
+                            for (pr, md, pv, _), m in cases.items()
+                            if pr.startswith(fam + "@")
+                            and pv == p
+                            and md == mode
+                            and metric in m
+                            and m[metric]["value"] is not None
+                            and _edges(m)
+                        )
                         if pts:
                             ax.plot(*zip(*pts), style, color=colour[p], label=f"{p} ({mode})")
                             drawn.add(p)
@@ -430,12 +537,17 @@ def _variant(group: List[Dict]) -> Dict[int, str]:
     for rs in by.values():
         cs = [r["extra"].get("constexprs", {}) for r in rs]
         keys |= {k for k in set().union(*cs) if len({json.dumps(c.get(k)) for c in cs}) > 1}
-    return {r["extra"]["entry"]: ", ".join(f"{k}={r['extra']['constexprs'].get(k)}" for k in sorted(keys))
-            for r in group if "constexprs" in r["extra"]}
+    return {
+        r["extra"]["entry"]: ", ".join(f"{k}={r['extra']['constexprs'].get(k)}" for k in sorted(keys))
+        for r in group
+        if "constexprs" in r["extra"]
+    }
 
 
-MMA_NOTE = ("the HMMA / HGMMA / ... instructions in the kernel's SASS, each counted once where it appears in the code "
-            "(a static count, not how often they run).")
+MMA_NOTE = (
+    "the HMMA / HGMMA / ... instructions in the kernel's SASS, each counted once where it appears in the code "
+    "(a static count, not how often they run)."
+)
 
 
 def compile_section(recs: List[Dict]) -> str:
@@ -444,10 +556,20 @@ def compile_section(recs: List[Dict]) -> str:
     out = []
     first = newest(r for r in recs if r["kind"] == "compile" and "entry" not in r["extra"])
     if first:  # python -m ik_fast.bench --precompile: one step's time per problem, precision and mode
-        rows = [[f"`{r['problem']}`", f"`{r['provider']}`", r["precision"], r["mode"], r["metric"],
-                 _g(r["value"]) if r["value"] is not None else f"failed: {r.get('error', '')}", _commit(r)]
-                for r in sorted(first, key=lambda r: (r["device"]["name"], _problem_order(r["problem"]),
-                                                      r["precision"], r["mode"]))]
+        rows = [
+            [
+                f"`{r['problem']}`",
+                f"`{r['provider']}`",
+                r["precision"],
+                r["mode"],
+                r["metric"],
+                _g(r["value"]) if r["value"] is not None else f"failed: {r.get('error', '')}",
+                _commit(r),
+            ]
+            for r in sorted(
+                first, key=lambda r: (r["device"]["name"], _problem_order(r["problem"]), r["precision"], r["mode"])
+            )
+        ]
         out.append(f"#### Compilation steps, {first[0]['device']['name']}\n")
         out.append(_table(["problem", "provider", "precision", "mode", "metric", "value (s)", "commit"], rows))
         out.append("\nMeasured by:\n\n" + _provenance_note(first) + "\n")
@@ -484,36 +606,59 @@ def compile_section(recs: List[Dict]) -> str:
                 rows.append([name] + [" · ".join(c.get((pb, p), "–") for p in precs) for pb in problems])
             ptxas = rs[0]["stack"].get("cuda")
             toolchain = f"Triton {rs[0]['stack']['triton']}" + (f" ({ptxas})" if ptxas else "")
-            names = {"registers": "registers", "stack_bytes": "stack (B per thread)",
-                     "shared_bytes": "shared memory (B)", "mma_instructions": "tensor-core instructions"}
+            names = {
+                "registers": "registers",
+                "stack_bytes": "stack (B per thread)",
+                "shared_bytes": "shared memory (B)",
+                "mma_instructions": "tensor-core instructions",
+            }
             out.append(f"#### {toolchain}, {dev}\n")
             head = " / ".join(names[k] for k in fields)
             out.append(f"{head[0].upper() + head[1:]}, {' · '.join(precs)}:\n")
             out.append(_table(["kernel", *problems], rows))
             failed = [r for r in full if r["value"] is None]
             if failed:
-                out.append("\n" + "\n".join(f"- `{r['extra']['kernel']}` ({r['problem']}, {r['precision']}) failed: "
-                                            f"{' '.join(r.get('error', '').split())[:300]}" for r in failed))
+                out.append(
+                    "\n"
+                    + "\n".join(
+                        f"- `{r['extra']['kernel']}` ({r['problem']}, {r['precision']}) failed: "
+                        f"{' '.join(r.get('error', '').split())[:300]}"
+                        for r in failed
+                    )
+                )
         else:
             rows = []
-            cols = [k for k in ("registers", "stack_bytes", "spill_stores", "spill_loads", "shared_bytes",
-                                "mma_instructions") if k in has] or ["registers"]
+            cols = [
+                k
+                for k in ("registers", "stack_bytes", "spill_stores", "spill_loads", "shared_bytes", "mma_instructions")
+                if k in has
+            ] or ["registers"]
             for _, m in sorted(entries.items()):
                 reg = m.get("registers")
                 if reg is None:
                     continue
-                name = f"`{reg['problem']}`" + ("" if reg["extra"].get("entry_function", True) else
-                                                " (device function)")
+                name = f"`{reg['problem']}`" + (
+                    "" if reg["extra"].get("entry_function", True) else " (device function)"
+                )
                 if reg["value"] is None:
                     error = " ".join(reg.get("error", "").split())[:200]
-                    rows.append([name, reg["extra"].get("file", ""), f"failed: {error}",
-                                 *[""] * (len(cols) - 1)])
+                    rows.append([name, reg["extra"].get("file", ""), f"failed: {error}", *[""] * (len(cols) - 1)])
                     continue
-                rows.append([name, reg["extra"].get("file", ""),
-                             *[_g(m[k]["value"]) if k in m and m[k]["value"] is not None else "" for k in cols]])
-            names = {"registers": "registers", "stack_bytes": "stack (B)", "spill_stores": "spill stores (B)",
-                     "spill_loads": "spill loads (B)", "shared_bytes": "shared memory (B)",
-                     "mma_instructions": "tensor-core instructions"}
+                rows.append(
+                    [
+                        name,
+                        reg["extra"].get("file", ""),
+                        *[_g(m[k]["value"]) if k in m and m[k]["value"] is not None else "" for k in cols],
+                    ]
+                )
+            names = {
+                "registers": "registers",
+                "stack_bytes": "stack (B)",
+                "spill_stores": "spill stores (B)",
+                "spill_loads": "spill loads (B)",
+                "shared_bytes": "shared memory (B)",
+                "mma_instructions": "tensor-core instructions",
+            }
             out.append(f"#### {rs[0]['provider']} CUDA kernels ({rs[0]['stack'].get('cuda')}), {dev}\n")
             out.append(_table(["kernel", "file", *[names[k] for k in cols]], rows))
         if "mma_instructions" in has:
@@ -538,17 +683,27 @@ def precision_section(recs: List[Dict]) -> str:
             row = [f"`{provider}`"]
             for p, mode in cols:
                 v = {r["metric"]: r for r in rs if (r["provider"], r["precision"], r["mode"]) == (provider, p, mode)}
-                row.append(" / ".join("–" if k not in v else "failed" if v[k]["value"] is None else
-                                      f"{v[k]['value']:.1e}" for k in
-                                      ("rel_error_out", "rel_error_grad_x", "rel_error_grad_params")))
+                row.append(
+                    " / ".join(
+                        "–" if k not in v else "failed" if v[k]["value"] is None else f"{v[k]['value']:.1e}"
+                        for k in ("rel_error_out", "rel_error_grad_x", "rel_error_grad_params")
+                    )
+                )
             rows.append(row)
         failed = {(r["provider"], r["precision"], r["mode"]): r.get("error", "") for r in rs if r["value"] is None}
-        out.append(f"Problem `{problem}`, {dev}; relative error of the output / the gradient to x / the gradient to "
-                   f"the kernel's parameters against {rs[0]['extra'].get('against', 'float64')}:\n")
+        out.append(
+            f"Problem `{problem}`, {dev}; relative error of the output / the gradient to x / the gradient to "
+            f"the kernel's parameters against {rs[0]['extra'].get('against', 'float64')}:\n"
+        )
         out.append(_table(["backend", *[f"{p}, {m}" for p, m in cols]], rows))
         if failed:
-            out.append("\n" + "\n".join(f"- `{pv}`, {p}, {m} failed: {' '.join(err.split())[:300]}"
-                                        for (pv, p, m), err in sorted(failed.items())))
+            out.append(
+                "\n"
+                + "\n".join(
+                    f"- `{pv}`, {p}, {m} failed: {' '.join(err.split())[:300]}"
+                    for (pv, p, m), err in sorted(failed.items())
+                )
+            )
         out.append("\nMeasured by:\n\n" + _provenance_note(rs) + "\n")
     return "\n".join(out) + "\n" + DIRTY + "\n"
 
@@ -570,8 +725,11 @@ def work_section(recs: List[Dict]) -> str:
     key = ("problem", "provider", "mode", "metric")
     work = newest((r for r in recs if r["kind"] == "work" and r["value"] is not None), key)
     have = {tuple(r[f] for f in key) for r in work}
-    work += [r for r in newest((r for r in recs if r["kind"] == "work" and r["value"] is None), key)
-             if tuple(r[f] for f in key) not in have]
+    work += [
+        r
+        for r in newest((r for r in recs if r["kind"] == "work" and r["value"] is None), key)
+        if tuple(r[f] for f in key) not in have
+    ]
     if not work:
         return "No work records.\n"
     rows = []
@@ -590,13 +748,46 @@ def work_section(recs: List[Dict]) -> str:
             counts = " / ".join(str(v) for v in ex.get("aten_ops", []))
         floor = ex.get("floor_per_edge")
         if macs["value"] is None:
-            rows.append([problem, f"`{provider}`", edges, f"not counted: {macs.get('error', '')}", "", "", counts,
-                         _commit(macs)])
+            rows.append(
+                [
+                    problem,
+                    f"`{provider}`",
+                    edges,
+                    f"not counted: {macs.get('error', '')}",
+                    "",
+                    "",
+                    counts,
+                    _commit(macs),
+                ]
+            )
             continue
-        rows.append([problem, f"`{provider}`", edges, f"{macs['value']:,.0f}", f"{floor:,}" if floor else "",
-                     f"{macs['value'] / floor:.2f}×" if floor else "", counts, _commit(macs)])
-    out = [_table(["problem", "provider", "edges", "counted MACs / edge", "floor / edge", "ratio",
-                   "aten events per step", "commit"], rows)]
+        rows.append(
+            [
+                problem,
+                f"`{provider}`",
+                edges,
+                f"{macs['value']:,.0f}",
+                f"{floor:,}" if floor else "",
+                f"{macs['value'] / floor:.2f}×" if floor else "",
+                counts,
+                _commit(macs),
+            ]
+        )
+    out = [
+        _table(
+            [
+                "problem",
+                "provider",
+                "edges",
+                "counted MACs / edge",
+                "floor / edge",
+                "ratio",
+                "aten events per step",
+                "commit",
+            ],
+            rows,
+        )
+    ]
     out.append("\nMeasured by:\n\n" + _provenance_note(work) + "\n")
     return "\n".join(out) + "\n" + DIRTY + "\n"
 
@@ -614,17 +805,33 @@ def equivariance_section(recs: List[Dict]) -> str:
     for (problem, prec), rs in groups.items():
         m = {r["metric"]: r for r in rs}
         rnd, exact = m.get("rel_error_random_elements"), m.get("rel_error_exact_elements")
-        rows.append([rs[0]["extra"].get("group", ""), f"`{problem}`", prec, f"{rnd['value']:.1e}" if rnd else "–",
-                     f"{exact['value']:.1e}" if exact else "–", _commit(rs[0])])
+        rows.append(
+            [
+                rs[0]["extra"].get("group", ""),
+                f"`{problem}`",
+                prec,
+                f"{rnd['value']:.1e}" if rnd else "–",
+                f"{exact['value']:.1e}" if exact else "–",
+                _commit(rs[0]),
+            ]
+        )
     head = ["group", "gspace", "precision", "random elements", "exact elements", "commit"]
     out = [_table(head, rows)] if rows else []  # a file of grid records alone has none
     grids = [r for r in eq if "grid" in r["extra"]]
     if grids:
-        rows = [[f"`{r['extra']['grid']}`", r["extra"].get("grid_elements", ""),
-                 f"{r['spread']['min']:.1e}–{r['spread']['max']:.1e}" if r["spread"] else f"{r['value']:.1e}",
-                 _commit(r)] for r in grids]
-        out.append(f"\nSampling grids, problem `{grids[0]['problem']}` ({grids[0]['extra'].get('command', '')}), "
-                   f"{grids[0]['precision']}, random elements, range over seeds:\n")
+        rows = [
+            [
+                f"`{r['extra']['grid']}`",
+                r["extra"].get("grid_elements", ""),
+                f"{r['spread']['min']:.1e}–{r['spread']['max']:.1e}" if r["spread"] else f"{r['value']:.1e}",
+                _commit(r),
+            ]
+            for r in grids
+        ]
+        out.append(
+            f"\nSampling grids, problem `{grids[0]['problem']}` ({grids[0]['extra'].get('command', '')}), "
+            f"{grids[0]['precision']}, random elements, range over seeds:\n"
+        )
         out.append(_table(["grid", "G", "error", "commit"], rows))
     out.append("\nMeasured by:\n\n" + _provenance_note(eq) + "\n")
     return "\n".join(out) + "\n" + DIRTY + "\n"
@@ -644,17 +851,41 @@ def training_section(recs: List[Dict]) -> str:
         if r["metric"] in ("val_mae", "val_mse"):
             test = ex.get("test_mae", ex.get("test_mse"))
             value = f"{_g(r['value'], 4)}" + (f" {r['unit']}" if r["unit"] != "1" else "")
-            rows.append([f"`{r['problem']}`", f"`{r['provider']}`", r["metric"], value,
-                         _g(ex.get("baseline"), 4), f"{r['value'] / ex['baseline']:.2f}" if ex.get("baseline") else "",
-                         _g(test, 4) if test is not None else "", _g(ex.get("test_baseline"), 4), _commit(r)])
+            rows.append(
+                [
+                    f"`{r['problem']}`",
+                    f"`{r['provider']}`",
+                    r["metric"],
+                    value,
+                    _g(ex.get("baseline"), 4),
+                    f"{r['value'] / ex['baseline']:.2f}" if ex.get("baseline") else "",
+                    _g(test, 4) if test is not None else "",
+                    _g(ex.get("test_baseline"), 4),
+                    _commit(r),
+                ]
+            )
         elif r["metric"] == "cpu_time":
-            cost.append([f"`{r['provider']}`", f"{_g(r['value'])} s", f"{ex.get('peak_rss_mib', '')} MiB",
-                         f"{ex.get('wall_s', '')} s", _g(ex.get("val_mae"), 4), _commit(r)])
+            cost.append(
+                [
+                    f"`{r['provider']}`",
+                    f"{_g(r['value'])} s",
+                    f"{ex.get('peak_rss_mib', '')} MiB",
+                    f"{ex.get('wall_s', '')} s",
+                    _g(ex.get("val_mae"), 4),
+                    _commit(r),
+                ]
+            )
         else:
-            other.append(f"- `{r['problem']}`: {r['metric']} = {_g(r['value'])} ({ex.get('what', '')}; "
-                         f"`{ex.get('command', '')}`), commit `{_commit(r)}`")
-    out = [_table(["run", "backend", "metric", "value", "baseline", "value / baseline", "test", "test baseline",
-                   "commit"], rows)]
+            other.append(
+                f"- `{r['problem']}`: {r['metric']} = {_g(r['value'])} ({ex.get('what', '')}; "
+                f"`{ex.get('command', '')}`), commit `{_commit(r)}`"
+            )
+    out = [
+        _table(
+            ["run", "backend", "metric", "value", "baseline", "value / baseline", "test", "test baseline", "commit"],
+            rows,
+        )
+    ]
     if cost:
         out.append(f"\nCost of one quick QM9 run ({tr[0]['device']['name']}):\n")
         out.append(_table(["backend", "CPU time (user)", "peak RSS", "wall", "val MAE (meV)", "commit"], cost))
@@ -667,16 +898,25 @@ def training_section(recs: List[Dict]) -> str:
 # ----------------------------------------------------------------------------------------------------- entry
 
 
-def render(section: str, recs: Optional[List[Dict]] = None, plot_dir: Optional[str] = None,
-           plot_prefix: str = "") -> str:
+def render(
+    section: str, recs: Optional[List[Dict]] = None, plot_dir: Optional[str] = None, plot_prefix: str = ""
+) -> str:
     """One section's Markdown (``SECTIONS``)."""
     recs = load_all() if recs is None else recs
     if section == "timing":
         return timing_section(recs, plot_dir, plot_prefix)
-    fn = {"summary": summary_section, "spread": spread_section, "compile": compile_section,
-          "precision": precision_section, "work": work_section, "equivariance": equivariance_section,
-          "training": training_section, "threads": threads_section, "compile_timing": compile_timing_section,
-          "tests": tests_section}.get(section)
+    fn = {
+        "summary": summary_section,
+        "spread": spread_section,
+        "compile": compile_section,
+        "precision": precision_section,
+        "work": work_section,
+        "equivariance": equivariance_section,
+        "training": training_section,
+        "threads": threads_section,
+        "compile_timing": compile_timing_section,
+        "tests": tests_section,
+    }.get(section)
     if fn is None:
         raise ValueError(f"unknown section {section!r}; one of {SECTIONS}")
     return fn(recs)
@@ -688,7 +928,7 @@ def update_readme(path: str = README) -> None:
         text = f.read()
     block = f"{START}\n{render('summary')}\n{END}"
     if START in text and END in text:
-        text = text[: text.index(START)] + block + text[text.index(END) + len(END):]
+        text = text[: text.index(START)] + block + text[text.index(END) + len(END) :]
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     with open(path, "w") as f:

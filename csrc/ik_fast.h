@@ -66,9 +66,9 @@ std::vector<at::Tensor> pack_vjp(const std::vector<OptTensor>& grads, const std:
                                  const std::vector<OptTensor>& vars, const std::vector<double>& eps,
                                  const std::vector<int64_t>& bn_layers, const std::vector<int64_t>& off_w,
                                  const std::vector<int64_t>& off_b, const std::vector<int64_t>& off_shift,
-                                 int64_t flat_size, const at::Tensor& contrib, const at::Tensor& t,
-                                 const at::Tensor& h, const at::Tensor& ch, const at::Tensor& rc, int64_t R, int64_t H,
-                                 int64_t C, int64_t channels, const at::Tensor& tgt, const at::Tensor& cols,
+                                 int64_t flat_size, const at::Tensor& contrib, const at::Tensor& t, const at::Tensor& h,
+                                 const at::Tensor& ch, const at::Tensor& rc, int64_t R, int64_t H, int64_t C,
+                                 int64_t channels, const at::Tensor& tgt, const at::Tensor& cols,
                                  const at::Tensor& vals, const std::vector<std::vector<int64_t>>& shapes,
                                  const at::Tensor& coef, const at::Tensor& sigma);
 }  // namespace cpu

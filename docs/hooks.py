@@ -16,8 +16,19 @@ import re
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODULES = ["ik_fast.models", "ik_fast.nbody", "ik_fast.data", "ik_fast.qm9", "ik_fast.convert", "ik_fast.sync_bn",
-           "ik_fast.testing", "ik_fast.backends", "ik_fast.ops", "ik_fast.problems", "ik_fast.records"]
+MODULES = [
+    "ik_fast.models",
+    "ik_fast.nbody",
+    "ik_fast.data",
+    "ik_fast.qm9",
+    "ik_fast.convert",
+    "ik_fast.sync_bn",
+    "ik_fast.testing",
+    "ik_fast.backends",
+    "ik_fast.ops",
+    "ik_fast.problems",
+    "ik_fast.records",
+]
 MARKER = re.compile(r"^<!-- report:(\w+) -->$", re.M)
 _state = {}
 
@@ -36,8 +47,11 @@ def _exports():
         elif isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
             target = node.targets[0].id
             if target == "__all__":
-                names = eval(compile(ast.Expression(node.value), "ik_fast/__init__.py", "eval"),  # noqa: S307
-                             {"__builtins__": {}}, dict(literals))
+                names = eval(
+                    compile(ast.Expression(node.value), "ik_fast/__init__.py", "eval"),  # noqa: S307
+                    {"__builtins__": {}},
+                    dict(literals),
+                )
             else:
                 try:
                     literals[target] = ast.literal_eval(node.value)
@@ -69,8 +83,10 @@ def _report():
 def _api_pages():
     pages = {"api/index.md": _api_index()}
     for name, module in _exports().items():
-        pages[f"api/{name}.md"] = (f"::: {module}.{name}\n    options:\n      heading_level: 1\n"
-                                   f"      heading: ik_fast.{name}\n\nDefined in `{module}`.\n")
+        pages[f"api/{name}.md"] = (
+            f"::: {module}.{name}\n    options:\n      heading_level: 1\n"
+            f"      heading: ik_fast.{name}\n\nDefined in `{module}`.\n"
+        )
     for mod in MODULES:
         pages[f"api/{mod}.md"] = f"::: {mod}\n    options:\n      heading_level: 1\n"
     return pages
@@ -79,9 +95,11 @@ def _api_pages():
 def _api_index():
     names = "\n".join(f"- [`ik_fast.{n}`]({n}.md)" for n in public_names())
     mods = "\n".join(f"- [`{m}`]({m}.md)" for m in MODULES)
-    return ("# API reference\n\nGenerated from the docstrings. The package's public names (`ik_fast.__all__`; "
-            "`ik_fast.__version__` is the version string, defined once in `ik_fast/_version.py`):\n\n"
-            f"{names}\n\nModules:\n\n{mods}\n")
+    return (
+        "# API reference\n\nGenerated from the docstrings. The package's public names (`ik_fast.__all__`; "
+        "`ik_fast.__version__` is the version string, defined once in `ik_fast/_version.py`):\n\n"
+        f"{names}\n\nModules:\n\n{mods}\n"
+    )
 
 
 def on_config(config):
@@ -104,8 +122,10 @@ def on_files(files, config):
     report = _report()
     recs = report.load_all()
     with tempfile.TemporaryDirectory() as tmp:
-        sections = {s: report.render(s, recs, plot_dir=tmp if s == "timing" else None, plot_prefix="plots/")
-                    for s in report.SECTIONS}
+        sections = {
+            s: report.render(s, recs, plot_dir=tmp if s == "timing" else None, plot_prefix="plots/")
+            for s in report.SECTIONS
+        }
         for name in sorted(os.listdir(tmp)):
             with open(os.path.join(tmp, name), "rb") as f:
                 files.append(File.generated(config, f"plots/{name}", content=f.read()))

@@ -38,9 +38,11 @@ def compare_layers() -> int:
     torch.manual_seed(0)
     problem = get_problem("P")
     x, pos, ei, attr = build_inputs(problem)
-    print(f"QM9 batch: {problem.molecules} molecules, {x.shape[0]} atoms, {ei.shape[1]} edges; "
-          f"field type {problem.fields} x O(3) sphere L<={problem.L} ({x.shape[1]} dims), MLP "
-          f"{problem.n_layers} x {problem.channels}, {problem.n_attr} RBF edge attributes")
+    print(
+        f"QM9 batch: {problem.molecules} molecules, {x.shape[0]} atoms, {ei.shape[1]} edges; "
+        f"field type {problem.fields} x O(3) sphere L<={problem.L} ({x.shape[1]} dims), MLP "
+        f"{problem.n_layers} x {problem.channels}, {problem.n_attr} RBF edge attributes"
+    )
     backends = ik_fast.available_backends()
     print(f"backends available here: {', '.join(backends)}\n")
 
@@ -60,14 +62,26 @@ def compare_layers() -> int:
         if "error" in rec:
             rows.append((b, rec["error"], "", "", agree, eq))
             continue
-        rows.append((b, f"{rec['time_s'] * 1e3:.1f}", f"{rec['forward_s'] * 1e3:.1f} / {rec['backward_s'] * 1e3:.1f}",
-                     f"{rec['peak_rss_mb']:.0f}", agree, eq))
-    print(f"{'backend':<10} {'fwd+bwd ms':>11} {'fwd / bwd ms':>15} {'peak RSS MB':>12} {'vs reference':>13} "
-          f"{'equiv. error':>13}")
+        rows.append(
+            (
+                b,
+                f"{rec['time_s'] * 1e3:.1f}",
+                f"{rec['forward_s'] * 1e3:.1f} / {rec['backward_s'] * 1e3:.1f}",
+                f"{rec['peak_rss_mb']:.0f}",
+                agree,
+                eq,
+            )
+        )
+    print(
+        f"{'backend':<10} {'fwd+bwd ms':>11} {'fwd / bwd ms':>15} {'peak RSS MB':>12} {'vs reference':>13} "
+        f"{'equiv. error':>13}"
+    )
     for b, t, fb, mem, agree, eq in rows:
         print(f"{b:<10} {t:>11} {fb:>15} {mem:>12} {agree:>13.1e} {eq:>13.1e}")
-    print(f"\n(training mode, float32, {torch.get_num_threads()} threads; equivariance error: relative, one random "
-          f"element of O(3); the Fourier ELU samples on a finite grid, so it is approximate on continuous groups)")
+    print(
+        f"\n(training mode, float32, {torch.get_num_threads()} threads; equivariance error: relative, one random "
+        f"element of O(3); the Fourier ELU samples on a finite grid, so it is approximate on continuous groups)"
+    )
     return 0
 
 

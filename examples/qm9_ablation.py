@@ -17,7 +17,7 @@ def main(argv=None) -> int:
     if "--out" in argv:
         i = argv.index("--out")
         out = argv[i + 1]
-        del argv[i:i + 2]
+        del argv[i : i + 2]
     plot_only = "--plot-only" in argv
     argv = [a for a in argv if a != "--plot-only"]
     if not plot_only:
@@ -31,8 +31,10 @@ def main(argv=None) -> int:
     print("| edge attributes | val MAE (meV) | test MAE (meV) | val / baseline | wall (s) | peak RSS (MB) |")
     print("|---|---|---|---|---|---|")
     for k, r in res.items():
-        print(f"| {k} | {r['val_mae']:.1f} | {r['test_mae']:.1f} | {r['val_mae'] / r['baseline_val']:.3f} | "
-              f"{r['wall_s']:.0f} | {r['peak_rss_mb']:.0f} |")
+        print(
+            f"| {k} | {r['val_mae']:.1f} | {r['test_mae']:.1f} | {r['val_mae'] / r['baseline_val']:.3f} | "
+            f"{r['wall_s']:.0f} | {r['peak_rss_mb']:.0f} |"
+        )
     r0 = next(iter(res.values()))
     print(f"baseline (training mean): val {r0['baseline_val']:.1f} meV, test {r0['baseline_test']:.1f} meV")
     import matplotlib

@@ -34,9 +34,24 @@ import subprocess
 import tempfile
 from typing import Dict, List, NamedTuple, Optional, Tuple
 
-__all__ = ["source_root", "sources", "source_hash", "cuda_decision", "CudaDecision", "CudaBuildError", "want_cuda",
-           "cuda_fingerprint", "error_lines", "estimate", "cpu_isa_flags", "cxx_flags", "nvcc_flags", "ld_flags",
-           "CUDA_ARCHS", "BUILD_SECONDS"]
+__all__ = [
+    "source_root",
+    "sources",
+    "source_hash",
+    "cuda_decision",
+    "CudaDecision",
+    "CudaBuildError",
+    "want_cuda",
+    "cuda_fingerprint",
+    "error_lines",
+    "estimate",
+    "cpu_isa_flags",
+    "cxx_flags",
+    "nvcc_flags",
+    "ld_flags",
+    "CUDA_ARCHS",
+    "BUILD_SECONDS",
+]
 
 CUDA_ARCHS = (80, 90)  # A100, H100/H200
 # Wall-clock seconds of a whole build from an empty cache (fewest, most), measured on this project's 2-core VM while
@@ -136,8 +151,11 @@ def error_lines(text: str, n: int = 25) -> str:
     return "\n".join((keep or lines)[-n:])
 
 
-_DIAG = re.compile(r"error|fatal|cannot find|undefined (reference|symbol)|multiple definition|no such file|"
-                   r"ld returned|\bld(\.\w+)?: ", re.I)
+_DIAG = re.compile(
+    r"error|fatal|cannot find|undefined (reference|symbol)|multiple definition|no such file|"
+    r"ld returned|\bld(\.\w+)?: ",
+    re.I,
+)
 
 
 def _torch_cuda() -> Optional[str]:
@@ -161,8 +179,11 @@ def _cuda_home() -> Tuple[Optional[str], str]:
 
 
 def _nvcc(home: str) -> List[str]:
-    return shlex.split(os.environ["PYTORCH_NVCC"]) if os.environ.get("PYTORCH_NVCC") else [
-        os.path.join(home, "bin", "nvcc")]
+    return (
+        shlex.split(os.environ["PYTORCH_NVCC"])
+        if os.environ.get("PYTORCH_NVCC")
+        else [os.path.join(home, "bin", "nvcc")]
+    )
 
 
 def _nvcc_version(nvcc: List[str]) -> Tuple[Optional[str], str]:
@@ -182,8 +203,11 @@ def _cuda_link_flags() -> List[str]:
     from torch.utils import cpp_extension
 
     lib_dirs = cpp_extension.library_paths("cuda")  # torch/lib, then $CUDA_HOME/lib64 (or lib)
-    return ([f"-L{d}" for d in lib_dirs] + ["-lc10", "-lc10_cuda", "-ltorch_cpu", "-ltorch_cuda", "-ltorch",
-                                            "-ltorch_python", "-lcudart"] + ld_flags())
+    return (
+        [f"-L{d}" for d in lib_dirs]
+        + ["-lc10", "-lc10_cuda", "-ltorch_cpu", "-ltorch_cuda", "-ltorch", "-ltorch_python", "-lcudart"]
+        + ld_flags()
+    )
 
 
 def _link_probe(flags: List[str]) -> Tuple[bool, str]:
@@ -204,8 +228,9 @@ def _link_probe(flags: List[str]) -> Tuple[bool, str]:
 def _toolkits_with_cudart() -> List[str]:
     """CUDA toolkits in the usual places whose lib64 has a linkable libcudart (for the hint in a reason)."""
     found = []
-    for cand in ["/usr/local/cuda"] + sorted(d for d in (os.path.join("/usr/local", x) for x in _ls("/usr/local"))
-                                             if os.path.basename(d).startswith("cuda-")):
+    for cand in ["/usr/local/cuda"] + sorted(
+        d for d in (os.path.join("/usr/local", x) for x in _ls("/usr/local")) if os.path.basename(d).startswith("cuda-")
+    ):
         for lib in ("lib64", "lib"):
             if any(os.path.exists(os.path.join(cand, lib, f)) for f in ("libcudart.so", "libcudart.a")):
                 found.append(cand)
@@ -229,8 +254,10 @@ def _cuda_blocker() -> Tuple[Optional[str], str]:
         return f"torch {torch.__version__} is a CPU build", ""
     home, how = _cuda_home()
     if home is None:
-        return (f"torch is a CUDA {torch_cuda} build, but no CUDA toolkit was found (no nvcc on the PATH, CUDA_HOME "
-                f"unset, no /usr/local/cuda)"), ""
+        return (
+            f"torch is a CUDA {torch_cuda} build, but no CUDA toolkit was found (no nvcc on the PATH, CUDA_HOME "
+            f"unset, no /usr/local/cuda)"
+        ), ""
     where = f"CUDA_HOME={home} ({how})"
     nvcc = _nvcc(home)
     if shutil.which(nvcc[0]) is None:
@@ -239,14 +266,16 @@ def _cuda_blocker() -> Tuple[Optional[str], str]:
     if version is None:
         return f"{where}: {' '.join(nvcc)} --version fails: {out}", ""
     if version.split(".")[0] != torch_cuda.split(".")[0]:
-        return (f"{where}: nvcc is CUDA {version}, torch was built with CUDA {torch_cuda} (the major versions must "
-                f"match)"), ""
+        return (
+            f"{where}: nvcc is CUDA {version}, torch was built with CUDA {torch_cuda} (the major versions must match)"
+        ), ""
     ok, out = _link_probe(_cuda_link_flags())
     if not ok:
         hint = [t for t in _toolkits_with_cudart() if os.path.realpath(t) != os.path.realpath(home)]
-        return (f"linking against CUDA fails with {where}:\n{error_lines(out)}"
-                + (f"\n(set CUDA_HOME to a toolkit with a linkable libcudart, e.g. CUDA_HOME={hint[0]})" if hint
-                   else "")), ""
+        return (
+            f"linking against CUDA fails with {where}:\n{error_lines(out)}"
+            + (f"\n(set CUDA_HOME to a toolkit with a linkable libcudart, e.g. CUDA_HOME={hint[0]})" if hint else "")
+        ), ""
     return None, f"torch is a CUDA {torch_cuda} build and {where} has nvcc {version} and links"
 
 
@@ -284,7 +313,7 @@ def cuda_fingerprint() -> List[object]:
     from torch.utils import cpp_extension
 
     home = cpp_extension.CUDA_HOME
-    paths = ([] if home is None else [_nvcc(home)[0]] + cpp_extension.library_paths("cuda")[1:])
+    paths = [] if home is None else [_nvcc(home)[0]] + cpp_extension.library_paths("cuda")[1:]
     stats = []
     for p in paths:
         try:
@@ -324,11 +353,14 @@ def _compiler_accepts(flags: List[str]) -> bool:
     with tempfile.TemporaryDirectory() as d:
         src = os.path.join(d, "t.cpp")
         with open(src, "w") as f:
-            f.write("#include <immintrin.h>\nint main(){__m256 a=_mm256_set1_ps(1.f);"
-                    "a=_mm256_fmadd_ps(a,a,a);return (int)_mm256_cvtss_f32(a);}\n")
+            f.write(
+                "#include <immintrin.h>\nint main(){__m256 a=_mm256_set1_ps(1.f);"
+                "a=_mm256_fmadd_ps(a,a,a);return (int)_mm256_cvtss_f32(a);}\n"
+            )
         try:
-            res = subprocess.run([cxx, *flags, "-c", src, "-o", os.path.join(d, "t.o")], capture_output=True,
-                                 timeout=60)
+            res = subprocess.run(
+                [cxx, *flags, "-c", src, "-o", os.path.join(d, "t.o")], capture_output=True, timeout=60
+            )
         except (OSError, subprocess.TimeoutExpired):
             return False
     return res.returncode == 0
@@ -377,6 +409,12 @@ def describe() -> Dict[str, object]:
     """The build configuration this machine would use (for messages)."""
     root = source_root()
     cuda = cuda_decision(root)
-    return {"root": root, "with_cuda": cuda.build, "cuda_reason": cuda.reason, "cxx": _cxx(),
-            "cxx_flags": cxx_flags(cuda.build, root), "nvcc_flags": nvcc_flags(root) if cuda.build else [],
-            "ld_flags": ld_flags()}
+    return {
+        "root": root,
+        "with_cuda": cuda.build,
+        "cuda_reason": cuda.reason,
+        "cxx": _cxx(),
+        "cxx_flags": cxx_flags(cuda.build, root),
+        "nvcc_flags": nvcc_flags(root) if cuda.build else [],
+        "ld_flags": ld_flags(),
+    }

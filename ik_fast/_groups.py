@@ -40,8 +40,16 @@ import torch
 from escnn import group, gspaces
 from escnn import nn as enn
 
-__all__ = ["HiddenSpec", "irrep_frequency", "max_frequency", "build_hidden", "instantiate_irreps",
-           "sampling_quality", "MAX_GRID_CONDITION", "escnn_build"]
+__all__ = [
+    "HiddenSpec",
+    "irrep_frequency",
+    "max_frequency",
+    "build_hidden",
+    "instantiate_irreps",
+    "sampling_quality",
+    "MAX_GRID_CONDITION",
+    "escnn_build",
+]
 
 # escnn's debug output while ik_fast builds a kernel (see escnn_build): `logging.getLogger("ik_fast.escnn")` at
 # DEBUG level shows it
@@ -158,8 +166,10 @@ def irrep_frequency(G, irrep_id) -> Optional[int]:
     if fam in ("O3", "O2"):
         return int(irrep_id[1])
     if fam == "product":
-        freqs = [irrep_frequency(G.G1, irrep_id[0]) if G.G1.continuous else None,
-                 irrep_frequency(G.G2, irrep_id[1]) if G.G2.continuous else None]
+        freqs = [
+            irrep_frequency(G.G1, irrep_id[0]) if G.G1.continuous else None,
+            irrep_frequency(G.G2, irrep_id[1]) if G.G2.continuous else None,
+        ]
         freqs = [f for f in freqs if f is not None]
         return max(freqs) if freqs else None
     return None
@@ -210,12 +220,12 @@ def max_frequency(G, reps) -> Optional[int]:
 class HiddenSpec:
     """What the MLP's hidden layers use: the field type of one layer and the nonlinearity's sampling matrices."""
 
-    hidden_type: Any          # escnn FieldType on no_base_space(G): channels x rho
+    hidden_type: Any  # escnn FieldType on no_base_space(G): channels x rho
     rho_size: int
-    A: Optional[torch.Tensor]     # (grid, rho_size) inverse Fourier transform, None for a pointwise ELU
+    A: Optional[torch.Tensor]  # (grid, rho_size) inverse Fourier transform, None for a pointwise ELU
     Ainv: Optional[torch.Tensor]  # (rho_size, grid) Fourier transform
     description: str
-    make_module: Any              # () -> the escnn module of the nonlinearity (for tests against escnn)
+    make_module: Any  # () -> the escnn module of the nonlinearity (for tests against escnn)
     grid_symmetries: List[Any] = field(default_factory=list)  # elements of G under which the ELU is exact
     grid_rank: Optional[int] = None
     grid_condition: Optional[float] = None
@@ -243,8 +253,7 @@ def _circle_n(L: int) -> int:
     return 40 if L == 3 else 125
 
 
-def build_hidden(gspace0, needed_irreps, band_limit: Optional[int], channels: int,
-                 grid=None) -> HiddenSpec:
+def build_hidden(gspace0, needed_irreps, band_limit: Optional[int], channels: int, grid=None) -> HiddenSpec:
     """Hidden field type and nonlinearity for the group of ``gspace0`` (a ``no_base_space`` gspace).
 
     ``needed_irreps``: ids of every irrep of the MLP's input and output, which the hidden field must carry.
@@ -257,9 +266,15 @@ def build_hidden(gspace0, needed_irreps, band_limit: Optional[int], channels: in
     if fam == "finite":
         rho = G.regular_representation
         htype = gspace0.type(*[rho] * channels)
-        return HiddenSpec(htype, rho.size, None, None,
-                          f"regular representation of {G.name} ({rho.size}), pointwise ELU", lambda: enn.ELU(htype),
-                          list(G.elements))
+        return HiddenSpec(
+            htype,
+            rho.size,
+            None,
+            None,
+            f"regular representation of {G.name} ({rho.size}), pointwise ELU",
+            lambda: enn.ELU(htype),
+            list(G.elements),
+        )
 
     L = band_limit
     user = grid if isinstance(grid, dict) else None
@@ -271,11 +286,13 @@ def build_hidden(gspace0, needed_irreps, band_limit: Optional[int], channels: in
         irreps = sorted(set(base) | needed)
         symmetries = G.grid("ico")  # the icosahedral group (I for SO(3), I x {+-1} for O(3))
         if user is not None or grid == "paper":
-            return _quotient(gspace0, sg, irreps, needed, channels, user or {"type": "ico"}, what, symmetries,
-                             strict=False)
+            return _quotient(
+                gspace0, sg, irreps, needed, channels, user or {"type": "ico"}, what, symmetries, strict=False
+            )
         for m in range(1, 9):  # unions of m generic orbits of the icosahedral group: 60 m (SO(3)), 120 m (O(3))
-            spec = _quotient(gspace0, sg, irreps, needed, channels, {"grid": _ico_orbits(G, m)}, what, symmetries,
-                             strict=None)
+            spec = _quotient(
+                gspace0, sg, irreps, needed, channels, {"grid": _ico_orbits(G, m)}, what, symmetries, strict=None
+            )
             if spec is not None:
                 return spec
         raise ValueError(f"no well-conditioned default grid for {G.name} at band_limit={L}; pass grid= explicitly")
@@ -287,8 +304,12 @@ def build_hidden(gspace0, needed_irreps, band_limit: Optional[int], channels: in
     f1 = _factor_irreps(G.G1, L)
     f2 = _factor_irreps(G.G2, L)
     base = [G.irrep(a, b).id for a in f1 for b in f2]
-    kw = user or {"G1_type": "regular", "G1_N": _circle_n(L) if G.G1.continuous else G.G1.order(),
-                  "G2_type": "regular", "G2_N": _circle_n(L) if G.G2.continuous else G.G2.order()}
+    kw = user or {
+        "G1_type": "regular",
+        "G1_N": _circle_n(L) if G.G1.continuous else G.G1.order(),
+        "G2_type": "regular",
+        "G2_N": _circle_n(L) if G.G2.continuous else G.G2.order(),
+    }
     return _fourier(gspace0, base, needed, channels, kw, strict=user is None and grid != "paper")
 
 
@@ -304,7 +325,8 @@ def _check_carried(G, rho, needed):
     if missing:
         raise ValueError(
             f"the hidden field of the kernel MLP for {G.name} cannot carry the irreps {missing} that the inputs, "
-            f"attributes or outputs need; pass a larger band_limit or other field types")
+            f"attributes or outputs need; pass a larger band_limit or other field types"
+        )
 
 
 _ICO_POINTS = {}
@@ -398,9 +420,11 @@ def _grid_spec(G, act, needed, what_desc, candidates, strict) -> Optional[Hidden
     A = act.A.detach().double().numpy()
     rank, cond = sampling_quality(A)
     if not cond <= MAX_GRID_CONDITION:
-        msg = (f"the sampling grid of the Fourier ELU for {G.name} ({A.shape[0]} points) gives a sampling matrix of "
-               f"rank {rank} for a hidden field of dimension {A.shape[1]} (condition number {cond:.3g} > "
-               f"{MAX_GRID_CONDITION:g}): the nonlinearity loses part of the hidden field; pass a larger grid=")
+        msg = (
+            f"the sampling grid of the Fourier ELU for {G.name} ({A.shape[0]} points) gives a sampling matrix of "
+            f"rank {rank} for a hidden field of dimension {A.shape[1]} (condition number {cond:.3g} > "
+            f"{MAX_GRID_CONDITION:g}): the nonlinearity loses part of the hidden field; pass a larger grid="
+        )
         if strict is None:
             return None
         if strict:
@@ -408,8 +432,9 @@ def _grid_spec(G, act, needed, what_desc, candidates, strict) -> Optional[Hidden
         warnings.warn(msg, stacklevel=4)
     sym = _exact_symmetries(rho, A, candidates)
     desc = f"{what_desc}, {A.shape[0]} grid points (rank {rank}, condition {cond:.3g})"
-    return HiddenSpec(act.in_type, rho.size, act.A.detach().clone(), act.Ainv.detach().clone(), desc, None, sym,
-                      rank, cond)
+    return HiddenSpec(
+        act.in_type, rho.size, act.A.detach().clone(), act.Ainv.detach().clone(), desc, None, sym, rank, cond
+    )
 
 
 def _quotient(gspace0, sg_id, irreps, needed, channels, grid, what, candidates, strict) -> Optional[HiddenSpec]:
@@ -437,8 +462,14 @@ def _fourier(gspace0, base, needed, channels, grid, strict) -> HiddenSpec:
 
     act = make()
     candidates = G.grid(**grid)
-    spec = _grid_spec(G, act, needed, f"band-limited regular representation, irreps {irreps}, Fourier ELU",
-                      candidates, True if strict else False)
+    spec = _grid_spec(
+        G,
+        act,
+        needed,
+        f"band-limited regular representation, irreps {irreps}, Fourier ELU",
+        candidates,
+        True if strict else False,
+    )
     spec.make_module = make
     return spec
 

@@ -93,8 +93,18 @@ def _jit(root: str, rebuild: bool = False):
     cflags = _build.cxx_flags(False, root)
     ldflags = _build.ld_flags()
     cxx = os.environ.get("CXX", "c++")
-    key = json.dumps([torch.__version__, sys.version, _build.source_hash(root), cflags, _build.nvcc_flags(root),
-                      ldflags, cxx, _build.cuda_fingerprint()])
+    key = json.dumps(
+        [
+            torch.__version__,
+            sys.version,
+            _build.source_hash(root),
+            cflags,
+            _build.nvcc_flags(root),
+            ldflags,
+            cxx,
+            _build.cuda_fingerprint(),
+        ]
+    )
     tag = f"{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}"
     build_dir = os.path.join(cache_dir(), f"{tag}-{hashlib.sha256(key.encode()).hexdigest()[:16]}")
     so = os.path.join(build_dir, f"{_JIT_NAME}.so")
@@ -103,12 +113,19 @@ def _jit(root: str, rebuild: bool = False):
         spec = importlib.util.spec_from_file_location(_JIT_NAME, so)  # built before by this configuration: no ninja
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
-        _INFO.update(how="cached", path=so, with_cuda=rec.get("with_cuda"), cuda_reason=rec.get("cuda_reason"),
-                     seconds=rec.get("seconds"))
+        _INFO.update(
+            how="cached",
+            path=so,
+            with_cuda=rec.get("with_cuda"),
+            cuda_reason=rec.get("cuda_reason"),
+            seconds=rec.get("seconds"),
+        )
         return mod
     if shutil.which(cxx) is None:
-        raise RuntimeError(f"no C++ compiler: {cxx!r} (the CXX environment variable, else c++) is not on the PATH; "
-                           f"install one (e.g. g++) or a prebuilt ik_fast")
+        raise RuntimeError(
+            f"no C++ compiler: {cxx!r} (the CXX environment variable, else c++) is not on the PATH; "
+            f"install one (e.g. g++) or a prebuilt ik_fast"
+        )
     if not cpp_extension.is_ninja_available():
         raise RuntimeError("ninja is not installed (pip install ninja): torch.utils.cpp_extension needs it")
     decision = _build.cuda_decision(root)  # raises CudaBuildError when IK_FAST_BUILD_CUDA=1 cannot be honoured
@@ -121,18 +138,30 @@ def _jit(root: str, rebuild: bool = False):
     if os.path.exists(os.path.join(build_dir, "ok")):
         os.remove(os.path.join(build_dir, "ok"))
     part = "CPU and CUDA parts" if with_cuda else "CPU part"
-    print(f"ik_fast: compiling the native extension's {part} into {build_dir} (once; "
-          f"{_build.estimate(with_cuda)}; `python -m ik_fast.build` does it ahead of time). CUDA part "
-          f"{'built' if with_cuda else 'skipped'}: {decision.reason}", file=sys.stderr)
+    print(
+        f"ik_fast: compiling the native extension's {part} into {build_dir} (once; "
+        f"{_build.estimate(with_cuda)}; `python -m ik_fast.build` does it ahead of time). CUDA part "
+        f"{'built' if with_cuda else 'skipped'}: {decision.reason}",
+        file=sys.stderr,
+    )
     t0 = time.perf_counter()
     try:
-        mod = cpp_extension.load(_JIT_NAME, _build.sources(root, with_cuda), extra_cflags=cflags,
-                                 extra_cuda_cflags=_build.nvcc_flags(root) if with_cuda else [], extra_ldflags=ldflags,
-                                 extra_include_paths=[root], build_directory=build_dir, with_cuda=with_cuda,
-                                 verbose=False)
+        mod = cpp_extension.load(
+            _JIT_NAME,
+            _build.sources(root, with_cuda),
+            extra_cflags=cflags,
+            extra_cuda_cflags=_build.nvcc_flags(root) if with_cuda else [],
+            extra_ldflags=ldflags,
+            extra_include_paths=[root],
+            build_directory=build_dir,
+            with_cuda=with_cuda,
+            verbose=False,
+        )
     except Exception as e:
-        raise RuntimeError(f"compiling the native extension's {part} from {root} in {build_dir} failed "
-                           f"({type(e).__name__}):\n{_build.error_lines(str(e))}") from None
+        raise RuntimeError(
+            f"compiling the native extension's {part} from {root} in {build_dir} failed "
+            f"({type(e).__name__}):\n{_build.error_lines(str(e))}"
+        ) from None
     seconds = round(time.perf_counter() - t0, 1)
     with open(os.path.join(build_dir, "ok"), "w") as f:
         json.dump({"key": key, "with_cuda": with_cuda, "cuda_reason": decision.reason, "seconds": seconds}, f)
@@ -166,13 +195,16 @@ def load(rebuild: bool = False):
             except Exception as e:
                 raise RuntimeError(f"{why}; {e}") from None
         else:
-            _INFO.update(how="prebuilt", path=mod.__file__, with_cuda=bool(mod.cuda_built()), cuda_reason=None,
-                         seconds=None)
+            _INFO.update(
+                how="prebuilt", path=mod.__file__, with_cuda=bool(mod.cuda_built()), cuda_reason=None, seconds=None
+            )
         _MODULE = mod
     missing = _missing_kernels("CPU")
     if missing:
-        raise RuntimeError(f"the native extension ({mod.__file__}) registers no CPU kernel for {', '.join(missing)} "
-                           f"(csrc/cpu/*.cpp: TORCH_LIBRARY_IMPL(ik_fast, CPU, m))")
+        raise RuntimeError(
+            f"the native extension ({mod.__file__}) registers no CPU kernel for {', '.join(missing)} "
+            f"(csrc/cpu/*.cpp: TORCH_LIBRARY_IMPL(ik_fast, CPU, m))"
+        )
     return mod
 
 
@@ -197,9 +229,11 @@ def runs_on(device: torch.device) -> Optional[str]:
         mod = load()
         if not mod.cuda_built():
             why = _INFO.get("cuda_reason") or "a CPU build of torch, no usable CUDA toolkit, or IK_FAST_BUILD_CUDA=0"
-            return (f"the native extension was built without its CUDA part ({why}); rebuild it with a CUDA build of "
-                    f"torch and a CUDA toolkit (IK_FAST_BUILD_CUDA=1 python -m ik_fast.build --rebuild says what is "
-                    f"missing)")
+            return (
+                f"the native extension was built without its CUDA part ({why}); rebuild it with a CUDA build of "
+                f"torch and a CUDA toolkit (IK_FAST_BUILD_CUDA=1 python -m ik_fast.build --rebuild says what is "
+                f"missing)"
+            )
         missing = _missing_kernels("CUDA")
         if missing:
             return f"the native extension registers no CUDA kernel for {', '.join(missing)} (csrc/cuda/*.cu)"

@@ -66,8 +66,7 @@ def tensor_slots(kernel) -> Tuple[Tuple[torch.nn.Module, str], ...]:
     for prefix, mod in kernel.named_modules():
         slots += [(prefix, mod, n) for n, _ in mod.named_buffers(recurse=False)]
     buffers = {f"{p}.{n}" if p else n: (m, n) for p, m, n in slots}
-    return tuple(params[n] for n, _ in kernel.named_parameters()) + \
-        tuple(buffers[n] for n, _ in kernel.named_buffers())
+    return tuple(params[n] for n, _ in kernel.named_parameters()) + tuple(buffers[n] for n, _ in kernel.named_buffers())
 
 
 def kernel_tensors(slots) -> List[Tensor]:
@@ -88,7 +87,7 @@ def unflatten_stats(kernel, flat: Tensor) -> List[Tuple[Tensor, Tensor]]:
     p = 0
     for bn in kernel.bn:
         m, v = bn.running_mean.numel(), bn.running_var.numel()
-        out.append((flat[p:p + m].reshape(bn.running_mean.shape), flat[p + m:p + m + v]))
+        out.append((flat[p : p + m].reshape(bn.running_mean.shape), flat[p + m : p + m + v]))
         p += m + v
     return out
 
@@ -122,9 +121,21 @@ def _forward(tensors, x, edge_index, pos_src, pos_dst, delta, attr, n_dst, key, 
 
 
 @torch.library.custom_op("ik_fast::eager_conv", mutates_args=())
-def eager_conv(tensors: List[Tensor], x: Tensor, edge_index: Tensor, pos_src: Optional[Tensor],
-               pos_dst: Optional[Tensor], delta: Optional[Tensor], attr: Optional[Tensor], n_dst: int, key: int,
-               training: bool, backend: str, out_size: int, n_stats: int) -> Tuple[Tensor, Tensor]:
+def eager_conv(
+    tensors: List[Tensor],
+    x: Tensor,
+    edge_index: Tensor,
+    pos_src: Optional[Tensor],
+    pos_dst: Optional[Tensor],
+    delta: Optional[Tensor],
+    attr: Optional[Tensor],
+    n_dst: int,
+    key: int,
+    training: bool,
+    backend: str,
+    out_size: int,
+    n_stats: int,
+) -> Tuple[Tensor, Tensor]:
     """(out (n_dst, out_size), flat batch statistics (n_stats,)) of the layer registered under ``key``."""
     with torch.no_grad():
         out, stats = _forward(tensors, x, edge_index, pos_src, pos_dst, delta, attr, n_dst, key, training, backend)
@@ -141,16 +152,28 @@ def _inputs(tensors, x, pos_src, pos_dst, delta, attr):
 
 
 @torch.library.custom_op("ik_fast::eager_conv_bwd", mutates_args=())
-def eager_conv_bwd(grad: Tensor, tensors: List[Tensor], x: Tensor, edge_index: Tensor, pos_src: Optional[Tensor],
-                   pos_dst: Optional[Tensor], delta: Optional[Tensor], attr: Optional[Tensor], n_dst: int, key: int,
-                   training: bool, backend: str) -> List[Tensor]:
+def eager_conv_bwd(
+    grad: Tensor,
+    tensors: List[Tensor],
+    x: Tensor,
+    edge_index: Tensor,
+    pos_src: Optional[Tensor],
+    pos_dst: Optional[Tensor],
+    delta: Optional[Tensor],
+    attr: Optional[Tensor],
+    n_dst: int,
+    key: int,
+    training: bool,
+    backend: str,
+) -> List[Tensor]:
     """Gradients of every floating input of :func:`eager_conv` (program tensors, x, then the optional inputs that
     were given), by recomputing the forward under autograd."""
     # an op's implementation runs below the autograd dispatch key: put autograd back for the recomputation
     exclude = torch._C._dispatch_tls_local_exclude_set().remove(torch._C.DispatchKey.AutogradFunctionality)
     with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude), torch.enable_grad():
-        leaves = [t.detach().requires_grad_(t.is_floating_point()) for t in
-                  _inputs(tensors, x, pos_src, pos_dst, delta, attr)]
+        leaves = [
+            t.detach().requires_grad_(t.is_floating_point()) for t in _inputs(tensors, x, pos_src, pos_dst, delta, attr)
+        ]
         it = iter(leaves)
         t2 = [next(it) for _ in tensors]
         x2 = next(it)
@@ -182,8 +205,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out, grad_stats):
     saved = list(ctx.saved_tensors)
-    tensors, x, edge_index = saved[:ctx.n_params], saved[ctx.n_params], saved[ctx.n_params + 1]
-    rest = iter(saved[ctx.n_params + 2:])
+    tensors, x, edge_index = saved[: ctx.n_params], saved[ctx.n_params], saved[ctx.n_params + 1]
+    rest = iter(saved[ctx.n_params + 2 :])
     opt = [next(rest) if p else None for p in ctx.present]
     grads = eager_conv_bwd(grad_out.contiguous(), tensors, x, edge_index, *opt, *ctx.args)
     g = iter(grads)

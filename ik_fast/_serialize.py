@@ -92,8 +92,10 @@ def reduce_module(module, args, kwargs):
     """``__reduce__`` for a module built as ``type(module)(*args, **kwargs)``: field types travel as recipes, the
     parameters and buffers as the state_dict."""
     state = {k: v.detach().clone() for k, v in module.state_dict().items()}
-    return (_restore, (type(module), [_encode(a) for a in args], {k: _encode(v) for k, v in kwargs.items()}, state,
-                       module.training))
+    return (
+        _restore,
+        (type(module), [_encode(a) for a in args], {k: _encode(v) for k, v in kwargs.items()}, state, module.training),
+    )
 
 
 def _restore(cls, args, kwargs, state, training):

@@ -125,8 +125,9 @@ def _triton_flops(prog, num_edges: int, num_receivers: int, mode: str, BE: int =
     from .kernels_triton.launch import _pow2, layout
 
     packed = prog.packed([], prog.sigma.dtype)
-    lay = layout(prog.sigma.new_empty(0, prog.dim + prog.attr_size), packed.weights, packed.fourier, prog.out_size,
-                 prog.dim)
+    lay = layout(
+        prog.sigma.new_empty(0, prog.dim + prog.attr_size), packed.weights, packed.fourier, prog.out_size, prog.dim
+    )
     HP, P0P, CP, DP, GP, NL = lay.HP, lay.P0P, lay.CP, lay.DP, lay.GP, lay.NL
     C, R = prog.in_size, prog.out_size
     RP, CINP = _pow2(R), _pow2(C)
@@ -178,8 +179,17 @@ def count_work(problems: List[str], providers: List[str], timeout: float = 3600.
         with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
             out = f.name
         try:
-            cmd = [sys.executable, "-m", "ik_fast.workcount", "--problems", problem, "--backend", ",".join(providers),
-                   "--json", out]
+            cmd = [
+                sys.executable,
+                "-m",
+                "ik_fast.workcount",
+                "--problems",
+                problem,
+                "--backend",
+                ",".join(providers),
+                "--json",
+                out,
+            ]
             res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
             if res.returncode != 0:
                 rows.append({"problem": problem, "error": res.stderr[-2000:]})
@@ -219,8 +229,7 @@ class _Timer:
         return b - a
 
 
-def setup_case(problem: str, provider: str, mode: str, device: str = "cpu", dtype: str = "float32",
-               seed: int = 0):
+def setup_case(problem: str, provider: str, mode: str, device: str = "cpu", dtype: str = "float32", seed: int = 0):
     """Build one case: returns ``(step, record)`` where ``step()`` runs one forward (and backward unless ``mode`` is
     "inference") and returns the output, and ``record`` describes the case (sizes, model FLOPs)."""
     import torch
@@ -234,8 +243,14 @@ def setup_case(problem: str, provider: str, mode: str, device: str = "cpu", dtyp
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     dt = getattr(torch, dtype)
     torch.manual_seed(seed)
-    rec = {"problem": p.name, "provider": provider, "mode": mode, "device": device, "dtype": dtype,
-           "description": p.description}
+    rec = {
+        "problem": p.name,
+        "provider": provider,
+        "mode": mode,
+        "device": device,
+        "dtype": dtype,
+        "description": p.description,
+    }
     x, pos, ei, attr = build_inputs(p, device=device, seed=seed, dtype=dt)
     rec["nodes"], rec["edges"] = int(x.shape[0]), int(ei.shape[1])
     if provider == "escnn":
@@ -249,6 +264,7 @@ def setup_case(problem: str, provider: str, mode: str, device: str = "cpu", dtyp
 
         def call(xs, ps, at):
             return layer(xs, ei, edge_attr=at, pos=ps)
+
     layer.train(mode == "train")
     g = prepare_graph(ei, x.shape[0], x.shape[0], x.device)
     rec["flops"] = model_flops(layer, g.num_edges, int((g.degree > 0).sum()), provider, mode)
@@ -270,9 +286,20 @@ def setup_case(problem: str, provider: str, mode: str, device: str = "cpu", dtyp
     return step, rec
 
 
-def measure(problem: str, provider: str, mode: str, repeats: int = 5, warmup: int = 1, device: str = "cpu",
-            dtype: str = "float32", seed: int = 0, budget_s: float = 120.0, precision: str = "highest",
-            min_time_s: float = 1.0, max_repeats: int = 500) -> Dict:
+def measure(
+    problem: str,
+    provider: str,
+    mode: str,
+    repeats: int = 5,
+    warmup: int = 1,
+    device: str = "cpu",
+    dtype: str = "float32",
+    seed: int = 0,
+    budget_s: float = 120.0,
+    precision: str = "highest",
+    min_time_s: float = 1.0,
+    max_repeats: int = 500,
+) -> Dict:
     """Run one case in this process and return its record: median, 20th and 80th percentile of the step time
     (forward and backward separately too), peak memory, achieved FLOP/s. Fewer repeats are made when they would
     exceed ``budget_s`` (at least one after the warm-up); more when ``repeats`` steps take less than ``min_time_s``
@@ -317,11 +344,18 @@ def measure(problem: str, provider: str, mode: str, repeats: int = 5, warmup: in
         it += 1
     tot = sorted(f + b for f, b in zip(fwd_t, bwd_t))
     q = lambda v, f: v[min(len(v) - 1, int(round(f * (len(v) - 1))))]  # noqa: E731
-    rec.update({
-        "time_s": statistics.median(tot), "time_p20_s": q(tot, 0.2), "time_p80_s": q(tot, 0.8),
-        "forward_s": statistics.median(fwd_t), "backward_s": statistics.median(bwd_t), "repeats": repeats,
-        "warmup": warmup, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-    })
+    rec.update(
+        {
+            "time_s": statistics.median(tot),
+            "time_p20_s": q(tot, 0.2),
+            "time_p80_s": q(tot, 0.8),
+            "forward_s": statistics.median(fwd_t),
+            "backward_s": statistics.median(bwd_t),
+            "repeats": repeats,
+            "warmup": warmup,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        }
+    )
     rec["tflops_per_s"] = rec["flops"] / rec["time_s"] / 1e12
     if torch.device(device).type == "cuda":
         rec["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
@@ -377,9 +411,11 @@ def run_child(case: Dict, timeout: float) -> Dict:
 
 def format_table(records: List[Dict]) -> str:
     mem = "peak GPU memory (MB)" if any("peak_gpu_mb" in r for r in records) else "peak RSS (MB)"
-    rows = [f"| problem | provider | mode | edges | time (s) [p20-p80] | fwd / bwd (s) | {mem} | GFLOP/s | "
-            f"first step (s) |",
-            "|---|---|---|---|---|---|---|---|---|"]
+    rows = [
+        f"| problem | provider | mode | edges | time (s) [p20-p80] | fwd / bwd (s) | {mem} | GFLOP/s | "
+        f"first step (s) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in records:
         if "error" in r:
             rows.append(f"| {r['problem']} | {r['provider']} | {r['mode']} | | {r['error']} | | | | |")
@@ -388,7 +424,8 @@ def format_table(records: List[Dict]) -> str:
         rows.append(
             f"| {r['problem']} | {r['provider']} | {r['mode']} | {r['edges']:,} | {r['time_s']:.3f} "
             f"[{r['time_p20_s']:.3f}-{r['time_p80_s']:.3f}] | {r['forward_s']:.3f} / {r['backward_s']:.3f} | "
-            f"{r.get('peak_gpu_mb', r['peak_rss_mb']):,.0f} | {r['tflops_per_s'] * 1e3:.1f} | {warm} |")
+            f"{r.get('peak_gpu_mb', r['peak_rss_mb']):,.0f} | {r['tflops_per_s'] * 1e3:.1f} | {warm} |"
+        )
     return "\n".join(rows)
 
 
@@ -400,11 +437,18 @@ def suites() -> Dict[str, Dict]:
     fused = [b for b in ("triton", "native") if b in _available()]
     native_cpu = ["native"] if "native" in _available("cpu") else []
     return {
-        "cpu": dict(problems=["P", "qm9-400", "planar", "cpu", "skew@4096", *sweep_problems("cpu")],
-                    providers=["escnn", "reference", "torch", *native_cpu], modes=["train", "inference"],
-                    device="cpu"),
-        "gpu": dict(problems=["P", "M", "H", "skew", *sweep_problems("gpu")],
-                    providers=["escnn", "reference", "torch", *fused], modes=["train", "inference"], device="cuda"),
+        "cpu": dict(
+            problems=["P", "qm9-400", "planar", "cpu", "skew@4096", *sweep_problems("cpu")],
+            providers=["escnn", "reference", "torch", *native_cpu],
+            modes=["train", "inference"],
+            device="cpu",
+        ),
+        "gpu": dict(
+            problems=["P", "M", "H", "skew", *sweep_problems("gpu")],
+            providers=["escnn", "reference", "torch", *fused],
+            modes=["train", "inference"],
+            device="cuda",
+        ),
     }
 
 
@@ -418,17 +462,33 @@ def _progress(i: int, n: int, label: str, t0: float) -> None:
     done = int(30 * i / max(n, 1))
     el = time.time() - t0
     eta = el / i * (n - i) if i else 0.0
-    print(f"\r[{'#' * done}{'.' * (30 - done)}] {i}/{n} {el:5.0f}s elapsed, ~{eta:4.0f}s left  {label:<40}",
-          end="", file=sys.stderr, flush=True)
+    print(
+        f"\r[{'#' * done}{'.' * (30 - done)}] {i}/{n} {el:5.0f}s elapsed, ~{eta:4.0f}s left  {label:<40}",
+        end="",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def _key(case: Dict):
-    return (case["problem"], case["provider"], case["mode"], case.get("device", "cpu"), case.get("dtype", "float32"),
-            case.get("precision", "highest"))
+    return (
+        case["problem"],
+        case["provider"],
+        case["mode"],
+        case.get("device", "cpu"),
+        case.get("dtype", "float32"),
+        case.get("precision", "highest"),
+    )
 
 
-def run_cases(cases: List[Dict], timeout: float, budget_s: float = float("inf"), done: Dict = None,
-              on_record=None, start: Optional[float] = None) -> List[Dict]:
+def run_cases(
+    cases: List[Dict],
+    timeout: float,
+    budget_s: float = float("inf"),
+    done: Dict = None,
+    on_record=None,
+    start: Optional[float] = None,
+) -> List[Dict]:
     """Run cases in child processes with a progress bar. A provider that ran out of memory on a problem is not run
     on larger sizes of the same sweep (recorded as such); a problem whose data is missing is recorded as skipped.
     ``budget_s`` bounds the whole list from ``start`` (default: now): a case still running when it is spent is
@@ -470,8 +530,15 @@ def run_cases(cases: List[Dict], timeout: float, budget_s: float = float("inf"),
     return records
 
 
-def run_rounds(cases: List[Dict], rounds: int, timeout: float, budget_s: float = float("inf"), done: Dict = None,
-               on_record=None, start: Optional[float] = None) -> List[Dict]:
+def run_rounds(
+    cases: List[Dict],
+    rounds: int,
+    timeout: float,
+    budget_s: float = float("inf"),
+    done: Dict = None,
+    on_record=None,
+    start: Optional[float] = None,
+) -> List[Dict]:
     """:func:`run_cases` ``rounds`` times over the whole list, round after round, so that the providers of a problem
     are measured minutes apart in every round rather than once each in one stretch: on a machine whose speed drifts
     (this project's 2-core VM: +-20% from minute to minute), the drift then falls on every provider alike. Each case's
@@ -508,9 +575,27 @@ def run_rounds(cases: List[Dict], rounds: int, timeout: float, budget_s: float =
 # ----------------------------------------------------------------------------------------------------------------
 # results files (ik_fast.records)
 # ----------------------------------------------------------------------------------------------------------------
-_EXTRA = ("description", "device", "dtype", "nodes", "edges", "flops", "flops_source", "floor_macs", "tflops_per_s",
-          "forward_s", "backward_s", "warmup_s", "repeats", "warmup", "base_rss_mb", "peak_rss_mb", "peak_gpu_mb",
-          "rounds_time_s", "timeout")
+_EXTRA = (
+    "description",
+    "device",
+    "dtype",
+    "nodes",
+    "edges",
+    "flops",
+    "flops_source",
+    "floor_macs",
+    "tflops_per_s",
+    "forward_s",
+    "backward_s",
+    "warmup_s",
+    "repeats",
+    "warmup",
+    "base_rss_mb",
+    "peak_rss_mb",
+    "peak_gpu_mb",
+    "rounds_time_s",
+    "timeout",
+)
 
 
 def record_precision(case: Dict) -> str:
@@ -530,16 +615,28 @@ def case_records(rec: Dict, prov: Dict, command: str) -> List[Dict]:
 
     extra = {k: rec[k] for k in _EXTRA if k in rec}
     extra.update(matmul_precision=rec.get("precision", "highest"), command=command)
-    common = dict(kind="timing", problem=rec["problem"], provider=rec["provider"], mode=rec["mode"],
-                  precision=record_precision(rec), prov=prov)
+    common = dict(
+        kind="timing",
+        problem=rec["problem"],
+        provider=rec["provider"],
+        mode=rec["mode"],
+        precision=record_precision(rec),
+        prov=prov,
+    )
     if "error" in rec:
         return [records.record(metric="step_time", value=None, unit="s", error=rec["error"], extra=extra, **common)]
     spread = {"p20": rec["time_p20_s"], "p80": rec["time_p80_s"], "n": rec["repeats"]}
     out = [records.record(metric="step_time", value=rec["time_s"], unit="s", spread=spread, extra=extra, **common)]
     gpu = "peak_gpu_mb" in rec
-    out.append(records.record(metric="peak_memory", value=rec["peak_gpu_mb"] if gpu else rec["peak_rss_mb"],
-                              unit="MB", extra={**extra, "memory": "cuda max_memory_allocated" if gpu else "peak RSS"},
-                              **common))
+    out.append(
+        records.record(
+            metric="peak_memory",
+            value=rec["peak_gpu_mb"] if gpu else rec["peak_rss_mb"],
+            unit="MB",
+            extra={**extra, "memory": "cuda max_memory_allocated" if gpu else "peak RSS"},
+            **common,
+        )
+    )
     return out
 
 
@@ -574,8 +671,14 @@ def write_results(path: str, recs: List[Dict], copy_to: Optional[str] = None, ro
     return path
 
 
-def precompile(problems, device: str = "cuda", provider: str = "triton", precisions=PRECOMPILE_PRECISIONS,
-               budget_s: float = float("inf"), on_result=None) -> list:
+def precompile(
+    problems,
+    device: str = "cuda",
+    provider: str = "triton",
+    precisions=PRECOMPILE_PRECISIONS,
+    budget_s: float = float("inf"),
+    on_result=None,
+) -> list:
     """Compile every kernel ``provider`` launches for each problem before anything is timed: a training step and an
     eval-mode step on a small graph of the problem's sizes (its kernels do not specialise on the graph's size) in
     IEEE float32, TF32 and bf16 autocast (``precisions``). Fills Triton's on-disk cache, which the timed runs (child
@@ -610,8 +713,11 @@ def precompile(problems, device: str = "cuda", provider: str = "triton", precisi
                 _problems.PROBLEMS.setdefault(small.name, small)
                 t = time.perf_counter()
                 torch.set_float32_matmul_precision("high" if prec == "high" else "highest")
-                amp = torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if prec == "bf16" \
+                amp = (
+                    torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+                    if prec == "bf16"
                     else contextlib.nullcontext()
+                )
                 try:
                     step, _ = setup_case(small.name, provider, mode, device=device, dtype="float32")
                     with amp:
@@ -635,54 +741,99 @@ def _problem_help() -> str:
 
     rows = [f"  {name:<8} {p.description}" for name, p in PROBLEMS.items()]
     sweeps = "; ".join(f"{kind}: {','.join(sweep_problems(kind))}" for kind in SWEEPS)
-    return ("problems (--problems, comma separated; NAME@N: the problem's fields and degree on N nodes):\n"
-            + "\n".join(rows) + f"\nedge sweeps (SWEEPS): {sweeps}")
+    return (
+        "problems (--problems, comma separated; NAME@N: the problem's fields and degree on N nodes):\n"
+        + "\n".join(rows)
+        + f"\nedge sweeps (SWEEPS): {sweeps}"
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m ik_fast.bench", description=__doc__.split("\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_problem_help())
-    ap.add_argument("--suite", choices=["cpu", "gpu"], default=None,
-                    help="a named run (its problems, providers, modes and device replace those options): cpu = the "
-                         "CPU problems and sweep; gpu = P, M, H, skew and the 10^4..10^7-edge sweep on CUDA")
+    ap = argparse.ArgumentParser(
+        prog="python -m ik_fast.bench",
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_problem_help(),
+    )
+    ap.add_argument(
+        "--suite",
+        choices=["cpu", "gpu"],
+        default=None,
+        help="a named run (its problems, providers, modes and device replace those options): cpu = the "
+        "CPU problems and sweep; gpu = P, M, H, skew and the 10^4..10^7-edge sweep on CUDA",
+    )
     ap.add_argument("--problems", default="cpu", help="comma-separated problem names (listed below)")
-    ap.add_argument("--providers", default="reference,torch",
-                    help="comma separated: escnn (escnn's own point convolution) or an ik_fast backend: reference, "
-                         "torch, triton, native")
+    ap.add_argument(
+        "--providers",
+        default="reference,torch",
+        help="comma separated: escnn (escnn's own point convolution) or an ik_fast backend: reference, "
+        "torch, triton, native",
+    )
     ap.add_argument("--modes", default="train", help=f"comma separated, of {', '.join(MODES)}")
     ap.add_argument("--repeats", type=int, default=3, help="timed steps per case (after --warmup)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps before the timed ones (the first compiles)")
-    ap.add_argument("--min-time", type=float, default=1.0,
-                    help="seconds of timed steps at least: more than --repeats where they take less (fast cases)")
-    ap.add_argument("--rounds", type=int, default=1,
-                    help="measure every case this many times, round after round over the whole list (providers "
-                         "interleaved in time); report each case's median round")
+    ap.add_argument(
+        "--min-time",
+        type=float,
+        default=1.0,
+        help="seconds of timed steps at least: more than --repeats where they take less (fast cases)",
+    )
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="measure every case this many times, round after round over the whole list (providers "
+        "interleaved in time); report each case's median round",
+    )
     ap.add_argument("--device", default="cpu", help="torch device of the cases: cpu, cuda, cuda:1, ...")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"],
-                    help="dtype of the layer and its inputs")
-    ap.add_argument("--precision", default=None,
-                    help="torch.set_float32_matmul_precision, comma separated for several passes over the cases: "
-                         "highest (= ieee: IEEE float32, the default) and/or high (= tf32: TF32, every provider "
-                         "alike); with --precompile: which of highest, high, bf16 to compile (default all three)")
+    ap.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "float64", "bfloat16"],
+        help="dtype of the layer and its inputs",
+    )
+    ap.add_argument(
+        "--precision",
+        default=None,
+        help="torch.set_float32_matmul_precision, comma separated for several passes over the cases: "
+        "highest (= ieee: IEEE float32, the default) and/or high (= tf32: TF32, every provider "
+        "alike); with --precompile: which of highest, high, bf16 to compile (default all three)",
+    )
     ap.add_argument("--timeout", type=float, default=240, help="seconds per case: its child is killed after that")
-    ap.add_argument("--budget-s", type=float, default=float("inf"),
-                    help="seconds for the whole run, from this process's start: a case still running then is stopped "
-                         "(its child killed) and no case starts after it; each is recorded as such")
-    ap.add_argument("--name", default=None,
-                    help="results file name: benchmarks/results/<kind>/<device>/<date>-NAME.json (default: the "
-                         "suite's name, else bench / precompile / work)")
+    ap.add_argument(
+        "--budget-s",
+        type=float,
+        default=float("inf"),
+        help="seconds for the whole run, from this process's start: a case still running then is stopped "
+        "(its child killed) and no case starts after it; each is recorded as such",
+    )
+    ap.add_argument(
+        "--name",
+        default=None,
+        help="results file name: benchmarks/results/<kind>/<device>/<date>-NAME.json (default: the "
+        "suite's name, else bench / precompile / work)",
+    )
     ap.add_argument("--out", default=None, help="write the results file here instead (the records schema)")
-    ap.add_argument("--copy-to", default=None,
-                    help="also write every results file, whenever it is rewritten, under this folder (at its path "
-                         "relative to benchmarks/results)")
+    ap.add_argument(
+        "--copy-to",
+        default=None,
+        help="also write every results file, whenever it is rewritten, under this folder (at its path "
+        "relative to benchmarks/results)",
+    )
     ap.add_argument("--no-save", action="store_true", help="write no results file (print the table only)")
     ap.add_argument("--resume", action="store_true", help="keep the records already in the output file")
-    ap.add_argument("--work", action="store_true",
-                    help="count the multiply-adds each provider executes per edge (interpreter, small graphs) against "
-                         "the structured floor, instead of timing")
-    ap.add_argument("--precompile", action="store_true",
-                    help="only compile every Triton kernel of the problems (train and eval, IEEE/TF32/bf16) on the "
-                         "device, filling Triton's cache before a timed run; records each step's seconds")
+    ap.add_argument(
+        "--work",
+        action="store_true",
+        help="count the multiply-adds each provider executes per edge (interpreter, small graphs) against "
+        "the structured floor, instead of timing",
+    )
+    ap.add_argument(
+        "--precompile",
+        action="store_true",
+        help="only compile every Triton kernel of the problems (train and eval, IEEE/TF32/bf16) on the "
+        "device, filling Triton's cache before a timed run; records each step's seconds",
+    )
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     return ap
 
@@ -735,8 +886,9 @@ def main(argv=None) -> int:
     ap = _parser()
     args = ap.parse_args(argv)
     _check(args, ap)
-    command = "python -m ik_fast.bench " + " ".join(a for a in (sys.argv[1:] if argv is None else argv)
-                                                      if a != "--resume")
+    command = "python -m ik_fast.bench " + " ".join(
+        a for a in (sys.argv[1:] if argv is None else argv) if a != "--resume"
+    )
     if args.child:
         import torch
 
@@ -754,22 +906,44 @@ def main(argv=None) -> int:
     from . import records
 
     if args.precompile:
-        precs = [{"ieee": "highest", "tf32": "high"}.get(p, p) for p in _split(args.precision, "--precision")] \
-            if args.precision else list(PRECOMPILE_PRECISIONS)
+        precs = (
+            [{"ieee": "highest", "tf32": "high"}.get(p, p) for p in _split(args.precision, "--precision")]
+            if args.precision
+            else list(PRECOMPILE_PRECISIONS)
+        )
         prov = provenance(args.device)
         out = _results_file(args, "compile", "precompile", prov)
 
         def save(rows):
-            recs = [records.record("compile", problem, "triton", "first_step_time", sec, "s", mode=mode,
-                                   precision=PRECISIONS.get(prec, prec), error=err, prov=prov,
-                                   extra={"what": "a first step on a small graph of the problem (Triton compiles)",
-                                          "command": command})
-                    for problem, prec, mode, sec, err in rows]
+            recs = [
+                records.record(
+                    "compile",
+                    problem,
+                    "triton",
+                    "first_step_time",
+                    sec,
+                    "s",
+                    mode=mode,
+                    precision=PRECISIONS.get(prec, prec),
+                    error=err,
+                    prov=prov,
+                    extra={
+                        "what": "a first step on a small graph of the problem (Triton compiles)",
+                        "command": command,
+                    },
+                )
+                for problem, prec, mode, sec, err in rows
+            ]
             if out:
                 write_results(out, recs, args.copy_to)
 
-        rows = precompile(_split(args.problems, "--problems"), device=args.device, precisions=precs,
-                          budget_s=args.budget_s - (time.time() - start), on_result=save)
+        rows = precompile(
+            _split(args.problems, "--problems"),
+            device=args.device,
+            precisions=precs,
+            budget_s=args.budget_s - (time.time() - start),
+            on_result=save,
+        )
         for problem, prec, mode, sec, err in rows:
             print(f"precompiled {problem} {prec} {mode}: " + (f"{sec:.1f} s" if err is None else err), flush=True)
         if out:
@@ -779,8 +953,12 @@ def main(argv=None) -> int:
         from .workcount import work_table
 
         recs = []
-        rows = count_work(_split(args.problems, "--problems"), _split(args.providers, "--providers"),
-                          timeout=args.timeout * 15, out_records=recs)
+        rows = count_work(
+            _split(args.problems, "--problems"),
+            _split(args.providers, "--providers"),
+            timeout=args.timeout * 15,
+            out_records=recs,
+        )
         good = [r for r in rows if "error" not in r]
         print(work_table(good))
         for r in rows:
@@ -800,9 +978,23 @@ def main(argv=None) -> int:
         problems, providers = _split(args.problems, "--problems"), _split(args.providers, "--providers")
         modes, device = _split(args.modes, "--modes"), args.device
     precisions = [_PRECISION_ALIASES[p] for p in _split(args.precision or "highest", "--precision")]
-    cases = [dict(problem=p, provider=v, mode=m, repeats=args.repeats, warmup=args.warmup, min_time_s=args.min_time,
-                  device=device, dtype=args.dtype, precision=prec)
-             for prec in precisions for p in problems for m in modes for v in providers]
+    cases = [
+        dict(
+            problem=p,
+            provider=v,
+            mode=m,
+            repeats=args.repeats,
+            warmup=args.warmup,
+            min_time_s=args.min_time,
+            device=device,
+            dtype=args.dtype,
+            precision=prec,
+        )
+        for prec in precisions
+        for p in problems
+        for m in modes
+        for v in providers
+    ]
     prov = provenance(device)
     out = _results_file(args, "timing", args.suite or "bench", prov)
     done = {}  # case key -> its records in the file (--resume)
@@ -810,8 +1002,14 @@ def main(argv=None) -> int:
         groups = {}
         for r in records.load(out):
             x = r["extra"]
-            key = (r["problem"], r["provider"], r["mode"], x.get("device", "cpu"), x.get("dtype", "float32"),
-                   x.get("matmul_precision", "highest"))
+            key = (
+                r["problem"],
+                r["provider"],
+                r["mode"],
+                x.get("device", "cpu"),
+                x.get("dtype", "float32"),
+                x.get("matmul_precision", "highest"),
+            )
             groups.setdefault(key, []).append(r)
         for key, rs in groups.items():  # results, not crashes, are kept
             step = [r for r in rs if r["metric"] == "step_time"]
@@ -836,8 +1034,9 @@ def main(argv=None) -> int:
     save(recs)
     if out:
         print(f"results: {out}", file=sys.stderr)
-    print(f"{prov['device']['name']}, torch {torch.__version__}, {args.dtype}, matmul precision "
-          f"{', '.join(precisions)}")
+    print(
+        f"{prov['device']['name']}, torch {torch.__version__}, {args.dtype}, matmul precision {', '.join(precisions)}"
+    )
     print(format_table(recs))
     return 0
 

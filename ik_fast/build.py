@@ -26,10 +26,12 @@ installed package rather than for the checkout's ik_fast/ in the current folder.
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m ik_fast.build", description=_DESCRIPTION,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rebuild", action="store_true",
-                    help="compile again even when the first-use cache holds this configuration")
+    ap = argparse.ArgumentParser(
+        prog="python -m ik_fast.build", description=_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--rebuild", action="store_true", help="compile again even when the first-use cache holds this configuration"
+    )
     args = ap.parse_args(argv)
 
     from . import _build, _native
@@ -47,21 +49,28 @@ def main(argv=None) -> int:
             why = "the CUDA part can be built here: reinstall ik_fast (setup.py builds it) or remove that module"
         except _build.CudaBuildError as e:
             why = str(e)
-        print(f"ik_fast.build: IK_FAST_BUILD_CUDA=1, but the extension in use ({info.get('how')}, {info.get('path')}) "
-              f"has no CUDA part; {why}", file=sys.stderr)
+        print(
+            f"ik_fast.build: IK_FAST_BUILD_CUDA=1, but the extension in use ({info.get('how')}, {info.get('path')}) "
+            f"has no CUDA part; {why}",
+            file=sys.stderr,
+        )
         return 1
     parts = "CPU and CUDA parts" if mod.cuda_built() else "CPU part only"
-    how = {"prebuilt": "prebuilt by setup.py at install (current with the sources)",
-           "cached": f"found in the first-use cache (compiled earlier in {info.get('seconds')} s)",
-           "compiled": f"compiled now in {info.get('seconds')} s"}.get(info.get("how"), info.get("how"))
+    how = {
+        "prebuilt": "prebuilt by setup.py at install (current with the sources)",
+        "cached": f"found in the first-use cache (compiled earlier in {info.get('seconds')} s)",
+        "compiled": f"compiled now in {info.get('seconds')} s",
+    }.get(info.get("how"), info.get("how"))
     print(f"ik_fast.build: native extension, {parts}: {info.get('path')}")
     print(f"  {how}")
     if args.rebuild and info.get("how") == "prebuilt":
         print("  (--rebuild applies to the first-use cache; a prebuilt ik_fast._C is rebuilt by reinstalling)")
     if info.get("cuda_reason"):
         print(f"  CUDA part {'built' if mod.cuda_built() else 'skipped'}: {info['cuda_reason']}")
-    print(f"  OpenMP {'on' if mod.openmp() else 'off'}, CPU vector ISA {mod.cpu_capability()}, "
-          f"{mod.num_threads()} threads")
+    print(
+        f"  OpenMP {'on' if mod.openmp() else 'off'}, CPU vector ISA {mod.cpu_capability()}, "
+        f"{mod.num_threads()} threads"
+    )
     return 0
 
 

@@ -57,8 +57,10 @@ def _solve(lin, W: torch.Tensor, b: Optional[torch.Tensor], name: str, tol: floa
         theta = torch.linalg.lstsq(B, W.reshape(-1, 1).double()).solution.reshape(-1)
         res = float((B @ theta - W.reshape(-1).double()).norm() / W.double().norm().clamp(min=1e-30))
         if res > tol:
-            raise ValueError(f"{name}: the research weights are not representable in this layer's basis (relative "
-                             f"residual {res:.2e}); build the layer with the research code's field types and MLP sizes")
+            raise ValueError(
+                f"{name}: the research weights are not representable in this layer's basis (relative "
+                f"residual {res:.2e}); build the layer with the research code's field types and MLP sizes"
+            )
         lin.weights.copy_(theta.to(lin.weights.dtype))
         if b is not None:
             if lin.bias is None:
@@ -70,6 +72,7 @@ def _solve(lin, W: torch.Tensor, b: Optional[torch.Tensor], name: str, tol: floa
 
 def _permutation(irreps_from: List[tuple], irreps_to: List[tuple], G) -> torch.Tensor:
     """(dim_to, dim_from) 0/1 matrix moving each irrep's components from ``irreps_from`` to ``irreps_to``."""
+
     def offsets(irs):
         out, p = {}, 0
         for irr in irs:
@@ -82,11 +85,13 @@ def _permutation(irreps_from: List[tuple], irreps_to: List[tuple], G) -> torch.T
     P = torch.zeros(d_to, d_from, dtype=torch.float64)
     for irr, starts in o_from.items():
         if irr not in o_to or len(o_to[irr]) < len(starts):
-            raise ValueError(f"this layer's hidden field lacks the irrep {irr} of the research layer's hidden field "
-                             f"(build it with hidden='paper' or a band_limit that covers it)")
+            raise ValueError(
+                f"this layer's hidden field lacks the irrep {irr} of the research layer's hidden field "
+                f"(build it with hidden='paper' or a band_limit that covers it)"
+            )
         s = G.irrep(*irr).size
         for a, b in zip(starts, o_to[irr]):
-            P[b:b + s, a:a + s] = torch.eye(s, dtype=torch.float64)
+            P[b : b + s, a : a + s] = torch.eye(s, dtype=torch.float64)
     return P
 
 
@@ -101,16 +106,20 @@ def from_research_state_dict(state_dict: Dict[str, torch.Tensor], layer, tol: fl
     if not isinstance(layer, ImplicitPointConv):
         raise TypeError(f"layer must be an ik_fast.ImplicitPointConv, got {type(layer).__name__}")
     if not isinstance(state_dict, dict) or "implicit_kernel.shell_width" not in state_dict:
-        raise ValueError("state_dict must be the state dict of one research ImplicitPointConv (no key "
-                         "'implicit_kernel.shell_width')")
+        raise ValueError(
+            "state_dict must be the state dict of one research ImplicitPointConv (no key 'implicit_kernel.shell_width')"
+        )
     kern = layer.kernel
     sd = state_dict
     n_lin = len(kern.mlp)
-    lin_keys = sorted({int(k[len(_PREFIX):].split(".")[0]) for k in sd if k.startswith(_PREFIX)
-                       and k.endswith(".weights")})
+    lin_keys = sorted(
+        {int(k[len(_PREFIX) :].split(".")[0]) for k in sd if k.startswith(_PREFIX) and k.endswith(".weights")}
+    )
     if lin_keys != [3 * k for k in range(n_lin)]:
-        raise ValueError(f"state_dict has Linear layers {lin_keys} in its kernel MLP but the layer has {n_lin} "
-                         f"(n_layers={kern.n_layers}); expected {[3 * k for k in range(n_lin)]}")
+        raise ValueError(
+            f"state_dict has Linear layers {lin_keys} in its kernel MLP but the layer has {n_lin} "
+            f"(n_layers={kern.n_layers}); expected {[3 * k for k in range(n_lin)]}"
+        )
     G = kern.in_type.fibergroup
     dt = kern.sigma.dtype
     hidden = n_lin > 1
@@ -120,12 +129,11 @@ def from_research_state_dict(state_dict: Dict[str, torch.Tensor], layer, tol: fl
             raise ValueError("cannot find the research hidden field's irreps in the state dict's keys")
         rho_i = kern.mlp[0].out_type.representations[0]
         irr_i = list(rho_i.irreps)
-        P = _permutation(irr_r, irr_i, G)                       # (D_i, D_r)
+        P = _permutation(irr_r, irr_i, G)  # (D_i, D_r)
         C = kern.n_channels
         D_r = P.shape[1]
         if kern.mlp[0].out_type.size != C * P.shape[0]:
-            raise ValueError(f"the layer's hidden width {kern.mlp[0].out_type.size} is not n_channels x "
-                             f"{P.shape[0]}")
+            raise ValueError(f"the layer's hidden width {kern.mlp[0].out_type.size} is not n_channels x {P.shape[0]}")
         Pi = torch.kron(torch.eye(C, dtype=torch.float64), P)  # channel-major fields
         # the research layer's hidden type, to expand its weights with its own basis
         from escnn.group import O3, SO3
@@ -161,12 +169,14 @@ def from_research_state_dict(state_dict: Dict[str, torch.Tensor], layer, tol: fl
         # every escnn Linear built afterwards on these types in this process
         ref = copy.deepcopy(enn.Linear(t_in, t_out, bias=(pre + "bias") in sd, initialize=False))
         if ref.weights.shape != sd[pre + "weights"].shape:
-            raise ValueError(f"{pre}weights has shape {tuple(sd[pre + 'weights'].shape)} but the research layer "
-                             f"rebuilt from this layer's types expects {tuple(ref.weights.shape)}")
+            raise ValueError(
+                f"{pre}weights has shape {tuple(sd[pre + 'weights'].shape)} but the research layer "
+                f"rebuilt from this layer's types expects {tuple(ref.weights.shape)}"
+            )
         # the research layer's own sampled basis and bias expansion (buffers of its state dict) with its weights:
         # escnn's bases are not unique (without py3nj its Clebsch-Gordan coefficients are computed numerically and
         # cached per environment), so the coefficients only mean something in the basis they were trained in
-        own = {k[len(pre):]: v for k, v in sd.items() if k.startswith(pre)}
+        own = {k[len(pre) :]: v for k, v in sd.items() if k.startswith(pre)}
         wanted = ref.state_dict()
         with torch.no_grad():
             for name, t in wanted.items():
@@ -195,7 +205,7 @@ def from_research_state_dict(state_dict: Dict[str, torch.Tensor], layer, tol: fl
                 kern.act_Ainv = (P @ Ainv.double()).to(dt)
             for k, bn in enumerate(kern.bn):
                 pre = f"{_PREFIX}{3 * k + 2}."
-                names = {n[len(pre):] for n in sd if n.startswith(pre)}
+                names = {n[len(pre) :] for n in sd if n.startswith(pre)}
                 rm = [sd[pre + n] for n in names if n.endswith("running_mean")]
                 rv = [sd[pre + n] for n in names if n.endswith("running_var")]
                 wt = [sd[pre + n] for n in names if n.endswith("_weight")]
@@ -213,7 +223,9 @@ def from_research_state_dict(state_dict: Dict[str, torch.Tensor], layer, tol: fl
         kern.sigma.copy_(sd["implicit_kernel.shell_width"].reshape(()).to(dt))
         if "bias" in sd:
             if layer.bias is None or layer.bias.shape != sd["bias"].shape:
-                raise ValueError(f"state_dict's bias has shape {tuple(sd['bias'].shape)} but the layer's is "
-                                 f"{None if layer.bias is None else tuple(layer.bias.shape)}")
+                raise ValueError(
+                    f"state_dict's bias has shape {tuple(sd['bias'].shape)} but the layer's is "
+                    f"{None if layer.bias is None else tuple(layer.bias.shape)}"
+                )
             layer.bias.copy_(sd["bias"].to(dt))
     return layer

@@ -33,16 +33,20 @@ def knn_graph(pos: torch.Tensor, k: int) -> torch.Tensor:
     return torch.stack([nb.reshape(-1), dst]).to(pos.device)
 
 
-def radius_graph(pos: torch.Tensor, cutoff: float, batch: Optional[torch.Tensor] = None,
-                 self_loops: bool = True) -> torch.Tensor:
+def radius_graph(
+    pos: torch.Tensor, cutoff: float, batch: Optional[torch.Tensor] = None, self_loops: bool = True
+) -> torch.Tensor:
     """edge_index (2, E) of every ordered pair of nodes closer than ``cutoff`` (both directions), restricted to pairs
     in the same graph when ``batch`` (N,) gives each node's graph, with self-loops unless ``self_loops=False``.
     Edges are sorted by (receiver, source). A k-d tree pair query (``scipy.spatial.cKDTree.query_pairs``)."""
     if not cutoff > 0:
         raise ValueError(f"cutoff must be positive, got {cutoff!r}")
     n = pos.shape[0]
-    pairs = cKDTree(_tree_points(pos)).query_pairs(r=float(cutoff), output_type="ndarray") if n else \
-        np.zeros((0, 2), dtype=np.int64)
+    pairs = (
+        cKDTree(_tree_points(pos)).query_pairs(r=float(cutoff), output_type="ndarray")
+        if n
+        else np.zeros((0, 2), dtype=np.int64)
+    )
     pairs = torch.from_numpy(pairs.astype(np.int64)).reshape(-1, 2)
     if batch is not None:
         b = batch.cpu()

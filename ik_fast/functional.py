@@ -14,9 +14,15 @@ from .program import KernelProgram
 __all__ = ["implicit_point_conv"]
 
 
-def implicit_point_conv(program: KernelProgram, x_src: Tensor, edge_index, edge_delta: Tensor,
-                        edge_attr: Optional[Tensor] = None, n_dst: Optional[int] = None,
-                        backend: Optional[str] = None):
+def implicit_point_conv(
+    program: KernelProgram,
+    x_src: Tensor,
+    edge_index,
+    edge_delta: Tensor,
+    edge_attr: Optional[Tensor] = None,
+    n_dst: Optional[int] = None,
+    backend: Optional[str] = None,
+):
     """``out_i = sum_{e: j -> i} K(edge_delta_e, edge_attr_e) x_j`` for every receiver i (no bias).
 
     Args:
@@ -42,14 +48,19 @@ def implicit_point_conv(program: KernelProgram, x_src: Tensor, edge_index, edge_
     if isinstance(edge_index, Graph):
         graph = edge_index
     else:  # (inside torch.compile the values are checked in the graph preparation's op)
-        finite = [(nm, t) for nm, t in (("x", x_src), ("edge_delta", edge_delta), ("edge_attr", edge_attr))
-                  if compiling and isinstance(t, Tensor)]
+        finite = [
+            (nm, t)
+            for nm, t in (("x", x_src), ("edge_delta", edge_delta), ("edge_attr", edge_attr))
+            if compiling and isinstance(t, Tensor)
+        ]
         graph = prepare_graph(edge_index, x_src.shape[0], n_dst, device, finite=finite)
     check_edge_inputs(program, edge_delta, edge_attr, graph.num_edges, device, dtype, finite=not compiling)
     if program.needs_batch_stats and graph.num_edges < 2:
-        raise ValueError(f"in training mode the kernel's batch norm needs at least two edges for batch statistics, "
-                         f"got {graph.num_edges} (as torch.nn.BatchNorm1d with a batch of one); call .eval() or "
-                         f"build the layer with batch_norm=False")
+        raise ValueError(
+            f"in training mode the kernel's batch norm needs at least two edges for batch statistics, "
+            f"got {graph.num_edges} (as torch.nn.BatchNorm1d with a batch of one); call .eval() or "
+            f"build the layer with batch_norm=False"
+        )
     if edge_attr is not None and program.attr_size == 0:
         edge_attr = None
     if compiling:

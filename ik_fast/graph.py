@@ -11,8 +11,18 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["Graph", "Chunk", "ChunkPlan", "prepare_graph", "check_edge_inputs", "check_node_features",
-           "check_positions", "padded_degrees", "check_int32_extents", "INT32_LIMIT"]
+__all__ = [
+    "Graph",
+    "Chunk",
+    "ChunkPlan",
+    "prepare_graph",
+    "check_edge_inputs",
+    "check_node_features",
+    "check_positions",
+    "padded_degrees",
+    "check_int32_extents",
+    "INT32_LIMIT",
+]
 
 # edges per chunk of the factorised backend; bounds the per-chunk activations (E_chunk x hidden) and Z (n_r x H x C)
 EDGE_BUDGET = 1024
@@ -41,9 +51,9 @@ class Graph:
     dst: Tensor
     n_src: int
     n_dst: int
-    perm: Tensor      # (E,) edge ids sorted by receiver (stable)
-    rowptr: Tensor    # (n_dst + 1,)
-    degree: Tensor    # (n_dst,)
+    perm: Tensor  # (E,) edge ids sorted by receiver (stable)
+    rowptr: Tensor  # (n_dst + 1,)
+    degree: Tensor  # (n_dst,)
 
     @property
     def num_edges(self) -> int:
@@ -158,16 +168,18 @@ def _make_chunks(g: Graph, hidden: int, in_size: int) -> ChunkPlan:
     full = (edge_start[1:] - edge_start[:-1]) == n_rows * chunk_D
     # one device-to-host copy of the per-chunk scalars (a few numbers per chunk, no per-chunk tensor work)
     meta = torch.stack([chunk_D, full.long()]).cpu().tolist() if n_chunks else [[], []]
-    return ChunkPlan(order, eid, slot, meta[0], recv_start.cpu().tolist(), edge_start.cpu().tolist(),
-                     [bool(f) for f in meta[1]])
+    return ChunkPlan(
+        order, eid, slot, meta[0], recv_start.cpu().tolist(), edge_start.cpu().tolist(), [bool(f) for f in meta[1]]
+    )
 
 
 _CACHE: "OrderedDict[tuple, Tuple[weakref.ref, Graph]]" = OrderedDict()
 _CACHE_SIZE = 16
 
 
-def prepare_graph(edge_index: Tensor, n_src: int, n_dst: int, device=None,
-                  finite: Sequence[Tuple[str, Optional[Tensor]]] = ()) -> Graph:
+def prepare_graph(
+    edge_index: Tensor, n_src: int, n_dst: int, device=None, finite: Sequence[Tuple[str, Optional[Tensor]]] = ()
+) -> Graph:
     """Validate ``edge_index`` (2, E) (row 0 = source j, row 1 = receiver i) and build its CSR.
 
     The result is cached for the same tensor object (same version) and sizes, so a graph reused across layers or
@@ -182,8 +194,15 @@ def prepare_graph(edge_index: Tensor, n_src: int, n_dst: int, device=None,
     if torch.compiler.is_compiling():
         return _traced_graph(edge_index, n_src, n_dst, finite)
     _check_finite(finite)
-    key = (edge_index.data_ptr(), edge_index._version, tuple(edge_index.shape), str(edge_index.device),
-           edge_index.dtype, int(n_src), int(n_dst))
+    key = (
+        edge_index.data_ptr(),
+        edge_index._version,
+        tuple(edge_index.shape),
+        str(edge_index.device),
+        edge_index.dtype,
+        int(n_src),
+        int(n_dst),
+    )
     hit = _CACHE.get(key)
     if hit is not None and hit[0]() is edge_index:
         _CACHE.move_to_end(key)
@@ -248,15 +267,18 @@ def graph_csr(edge_index: Tensor, n_src: int, n_dst: int, finite: List[Tensor], 
 
 @graph_csr.register_fake
 def _(edge_index, n_src, n_dst, finite, names):
-    return (edge_index.new_empty(edge_index.shape[1], dtype=torch.long),
-            edge_index.new_empty(n_dst + 1, dtype=torch.long))
+    return (
+        edge_index.new_empty(edge_index.shape[1], dtype=torch.long),
+        edge_index.new_empty(n_dst + 1, dtype=torch.long),
+    )
 
 
 def _traced_graph(edge_index: Tensor, n_src, n_dst, finite) -> Graph:
     """:func:`prepare_graph` while torch.compile traces: the sort and the checks in ``ik_fast::graph_csr``."""
     given = [(name, t) for name, t in finite if t is not None]
-    perm, rowptr = torch.ops.ik_fast.graph_csr(edge_index, n_src, n_dst, [t.detach() for _, t in given],
-                                               "\n".join(name for name, _ in given))
+    perm, rowptr = torch.ops.ik_fast.graph_csr(
+        edge_index, n_src, n_dst, [t.detach() for _, t in given], "\n".join(name for name, _ in given)
+    )
     ei = edge_index.long()
     return Graph(ei[0], ei[1], n_src, n_dst, perm, rowptr, rowptr[1:] - rowptr[:-1])
 
@@ -270,8 +292,10 @@ def check_int32_extents(where: str, **extents: int) -> None:
     backends index with int64 throughout and need no such check."""
     for name, n in extents.items():
         if int(n) > INT32_LIMIT:
-            raise ValueError(f"{where}: {name} needs {int(n):,} elements, more than the 2^31 - 1 = {INT32_LIMIT:,} "
-                             f"that 32-bit offsets address; split the graph into parts or use backend='torch'")
+            raise ValueError(
+                f"{where}: {name} needs {int(n):,} elements, more than the 2^31 - 1 = {INT32_LIMIT:,} "
+                f"that 32-bit offsets address; split the graph into parts or use backend='torch'"
+            )
 
 
 def _check_float(t: Tensor, name: str, shape: tuple, device, dtype, finite: bool = True) -> None:
@@ -307,13 +331,17 @@ def check_node_features(x: Tensor, name: str, size: int, device, dtype, finite: 
     here (that would break the graph): the callers check them where the data is eager (the registered ops
     ``ik_fast::eager_conv`` and ``ik_fast::graph_csr``)."""
     if isinstance(x, Tensor) and x.dim() == 3:
-        raise ValueError(f"{name} must have shape (N, {size}) (one graph; batch several graphs into one by offsetting "
-                         f"their node indices), got a batched tensor of shape {tuple(x.shape)}")
+        raise ValueError(
+            f"{name} must have shape (N, {size}) (one graph; batch several graphs into one by offsetting "
+            f"their node indices), got a batched tensor of shape {tuple(x.shape)}"
+        )
     _check_float(x, name, (None, size), device, dtype, finite=False)
     if finite and not torch.compiler.is_compiling() and not all_finite(x):
         node, channel = (~torch.isfinite(x)).nonzero()[0].tolist()
-        raise ValueError(f"{name} contains NaN or infinite values (first at node {node}, channel {channel}: "
-                         f"{x[node, channel].item()})")
+        raise ValueError(
+            f"{name} contains NaN or infinite values (first at node {node}, channel {channel}: "
+            f"{x[node, channel].item()})"
+        )
 
 
 def check_positions(pos, name: str, rows: int, dim: int, finite: bool = True) -> None:
@@ -325,15 +353,23 @@ def check_positions(pos, name: str, rows: int, dim: int, finite: bool = True) ->
         raise ValueError(f"{name} contains NaN or infinite values")
 
 
-def check_edge_inputs(program, edge_delta: Tensor, edge_attr: Optional[Tensor], num_edges: Optional[int],
-                      device, dtype, finite: bool = True) -> None:
+def check_edge_inputs(
+    program,
+    edge_delta: Tensor,
+    edge_attr: Optional[Tensor],
+    num_edges: Optional[int],
+    device,
+    dtype,
+    finite: bool = True,
+) -> None:
     """Validate per-edge vectors (E, n) and attributes (E, A) against a kernel program (``finite=False``: their
     shapes, dtypes and devices only)."""
     _check_float(edge_delta, "edge_delta", (num_edges, program.dim), device, dtype, finite)
     if program.attr_size:
         if edge_attr is None:
-            raise ValueError(f"edge_attr is required: the kernel was built with an edge_attr_type of size "
-                             f"{program.attr_size}")
+            raise ValueError(
+                f"edge_attr is required: the kernel was built with an edge_attr_type of size {program.attr_size}"
+            )
         _check_float(edge_attr, "edge_attr", (num_edges, program.attr_size), device, dtype, finite)
     elif edge_attr is not None and edge_attr.numel() and edge_attr.shape[-1] != 0:
         raise ValueError("edge_attr was given but the kernel was built without an edge_attr_type")

@@ -82,8 +82,8 @@ def _expansion_map(expansion, shape):
         basis = getattr(expansion, f"block_expansion_{expansion._escape_pair(io_pair)}").sampled_basis
         basis = basis.detach().reshape(basis.shape[0], basis.shape[1], basis.shape[2]).cpu()  # (n_b, o, i), S = 1
         n_b, o, i = basis.shape
-        rows_p = out_pos[io_pair[1]].reshape(-1, o)   # (out_count, o) positions of the output fields
-        cols_p = in_pos[io_pair[0]].reshape(-1, i)    # (in_count, i)
+        rows_p = out_pos[io_pair[1]].reshape(-1, o)  # (out_count, o) positions of the output fields
+        cols_p = in_pos[io_pair[0]].reshape(-1, i)  # (in_count, i)
         n_out, n_inp = rows_p.shape[0], cols_p.shape[0]
         beta, a, b = torch.nonzero(basis, as_tuple=True)
         f = torch.arange(n_out)[:, None, None]
@@ -186,8 +186,7 @@ class _EquivariantLinear(torch.nn.Module):
         self.in_type, self.out_type = in_type, out_type
         cols, vals, rows, lengths = _expansion_map(self.expansion, self.shape)
         dt = self.weights.dtype
-        for name, t in (("map_cols", cols), ("map_values", vals.to(dt)), ("map_rows", rows),
-                        ("map_lengths", lengths)):
+        for name, t in (("map_cols", cols), ("map_values", vals.to(dt)), ("map_rows", rows), ("map_lengths", lengths)):
             self.register_buffer(name, t, persistent=False)
 
     def expand(self):
@@ -201,8 +200,9 @@ class _EquivariantLinear(torch.nn.Module):
     @torch.no_grad()
     def structural_mask(self) -> torch.Tensor:
         g = torch.Generator().manual_seed(0)
-        w = self.expansion(torch.randn(self.weights.shape, generator=g, dtype=self.weights.dtype,
-                                       device=self.weights.device)).reshape(*self.shape)
+        w = self.expansion(
+            torch.randn(self.weights.shape, generator=g, dtype=self.weights.dtype, device=self.weights.device)
+        ).reshape(*self.shape)
         return w != 0
 
     def set_plan(self, plan: Optional[BlockPlan]) -> None:
@@ -257,12 +257,30 @@ class _IIDBatchNormParams(torch.nn.Module):
                 avg_t = self.__dict__["_avg_t"] = (self.avg, self.avg.t())
             avg_t = avg_t[1]
         if deferred is not None:
-            return DeferredBatchNorm(*deferred, training, self.eps, self.avg, self.weight, self.running_mean,
-                                     self.running_var, self.sync_stats, avg_t)
+            return DeferredBatchNorm(
+                *deferred,
+                training,
+                self.eps,
+                self.avg,
+                self.weight,
+                self.running_mean,
+                self.running_var,
+                self.sync_stats,
+                avg_t,
+            )
         if shift is None:
             shift = self.bias @ self.bias_expansion.t()
-        return BatchNorm(training, self.eps, self.avg, self.weight, shift, self.running_mean, self.running_var,
-                         self.sync_stats, avg_t)
+        return BatchNorm(
+            training,
+            self.eps,
+            self.avg,
+            self.weight,
+            shift,
+            self.running_mean,
+            self.running_var,
+            self.sync_stats,
+            avg_t,
+        )
 
     @torch.no_grad()
     def update(self, mean: torch.Tensor, var: torch.Tensor) -> None:
@@ -303,10 +321,21 @@ class ImplicitKernel(torch.nn.Module):
     """
 
     @_groups.escnn_build()  # escnn's debug prints to a logger, its Clebsch-Gordan constraints built faster
-    def __init__(self, in_type, out_type, edge_attr_type=None, n_layers: int = 3, n_channels: int = 16,
-                 init_scheme: str = "he", batch_norm: bool = True, band_limit: Optional[int] = None,
-                 grid: Optional[dict] = None, bn_eps: float = 1e-5, bn_momentum: float = 0.1,
-                 hidden: str = "full"):
+    def __init__(
+        self,
+        in_type,
+        out_type,
+        edge_attr_type=None,
+        n_layers: int = 3,
+        n_channels: int = 16,
+        init_scheme: str = "he",
+        batch_norm: bool = True,
+        band_limit: Optional[int] = None,
+        grid: Optional[dict] = None,
+        bn_eps: float = 1e-5,
+        bn_momentum: float = 0.1,
+        hidden: str = "full",
+    ):
         super().__init__()
         if hidden not in ("full", "paper"):
             raise ValueError(f"hidden must be 'full' or 'paper', got {hidden!r}")
@@ -319,8 +348,9 @@ class ImplicitKernel(torch.nn.Module):
         if edge_attr_type is not None:
             check_field_type(edge_attr_type, "edge_attr_type")
             if edge_attr_type.fibergroup != G:
-                raise ValueError(f"edge_attr_type must be a field type of {G.name}, got one of "
-                                 f"{edge_attr_type.fibergroup.name}")
+                raise ValueError(
+                    f"edge_attr_type must be a field type of {G.name}, got one of {edge_attr_type.fibergroup.name}"
+                )
         if not isinstance(n_layers, int) or n_layers < 1:
             raise ValueError(f"n_layers must be a positive integer, got {n_layers!r}")
         if not isinstance(n_channels, int) or n_channels < 1:
@@ -332,10 +362,20 @@ class ImplicitKernel(torch.nn.Module):
         if grid is not None and grid != "paper" and not isinstance(grid, dict):
             raise ValueError(f"grid must be None, 'paper' or a dict of keyword arguments of G.grid, got {grid!r}")
 
-        self._ctor = ((in_type, out_type, edge_attr_type),
-                      dict(n_layers=n_layers, n_channels=n_channels, init_scheme=init_scheme, batch_norm=batch_norm,
-                           band_limit=band_limit, grid=grid, bn_eps=bn_eps, bn_momentum=bn_momentum,
-                           hidden=hidden))
+        self._ctor = (
+            (in_type, out_type, edge_attr_type),
+            dict(
+                n_layers=n_layers,
+                n_channels=n_channels,
+                init_scheme=init_scheme,
+                batch_norm=batch_norm,
+                band_limit=band_limit,
+                grid=grid,
+                bn_eps=bn_eps,
+                bn_momentum=bn_momentum,
+                hidden=hidden,
+            ),
+        )
         self.in_type, self.out_type, self.edge_attr_type = in_type, out_type, edge_attr_type
         self.n_layers, self.n_channels, self.batch_norm = n_layers, n_channels, batch_norm
         attr_reps = list(edge_attr_type.representations) if edge_attr_type is not None else []
@@ -368,9 +408,11 @@ class ImplicitKernel(torch.nn.Module):
             if hidden == "paper":
                 lost = sorted(needed - set(spec.hidden_type.representations[0].irreps), key=str)
                 if lost:
-                    warnings.warn(f"hidden='paper': the research code's hidden field of {G.name} lacks the irreps "
-                                  f"{lost}; the kernel's components on them are zero (as in the research code)",
-                                  stacklevel=2)
+                    warnings.warn(
+                        f"hidden='paper': the research code's hidden field of {G.name} lacks the irreps "
+                        f"{lost}; the kernel's components on them are zero (as in the research code)",
+                        stacklevel=2,
+                    )
             self.hidden_description = spec.description
             self.escnn_activation = spec.make_module
             self.grid_symmetries = spec.grid_symmetries
@@ -405,7 +447,7 @@ class ImplicitKernel(torch.nn.Module):
             i_off = 0
             for i in in_type.representations:
                 blk = torch.arange(p, p + o.size * i.size).reshape(o.size, i.size)
-                kidx[o_off:o_off + o.size, i_off:i_off + i.size] = blk
+                kidx[o_off : o_off + o.size, i_off : i_off + i.size] = blk
                 p += o.size * i.size
                 i_off += i.size
             o_off += o.size
@@ -523,9 +565,15 @@ class ImplicitKernel(torch.nn.Module):
     def _expand_all(self) -> dict:
         """Every lowered tensor of :meth:`_build_expansion`, by key (differentiable)."""
         srcs = self._sources()
-        parts = _Expand.apply(self.expand_cols, _as(self.expand_values, srcs[0].dtype), self.expand_lengths,
-                              self.expand_targets, tuple(shape for _, shape in self._pieces), self._entry_bounds,
-                              *srcs)
+        parts = _Expand.apply(
+            self.expand_cols,
+            _as(self.expand_values, srcs[0].dtype),
+            self.expand_lengths,
+            self.expand_targets,
+            tuple(shape for _, shape in self._pieces),
+            self._entry_bounds,
+            *srcs,
+        )
         return {key: p for (key, _), p in zip(self._pieces, parts)}
 
     def _source_packing(self) -> SourcePacking:
@@ -544,9 +592,20 @@ class ImplicitKernel(torch.nn.Module):
             R, C = self.kidx.shape
             H = self.mlp[L].shape[1]
             D = self._rho_size if self.n_layers > 1 else H
-            pmap = self.__dict__["_packing_map"] = (key, PackingMap(
-                self._pieces, self._entry_bounds, self.expand_cols, self.expand_values, self.expand_targets, keep,
-                ("w", L), (R, H, C, D), srcs[0].dtype))
+            pmap = self.__dict__["_packing_map"] = (
+                key,
+                PackingMap(
+                    self._pieces,
+                    self._entry_bounds,
+                    self.expand_cols,
+                    self.expand_values,
+                    self.expand_targets,
+                    keep,
+                    ("w", L),
+                    (R, H, C, D),
+                    srcs[0].dtype,
+                ),
+            )
         return SourcePacking(pmap[1], srcs, [bn.weight for bn in self.bn], self.sigma)
 
     def _kernel_layout(self, w: torch.Tensor, b: Optional[torch.Tensor]):
@@ -588,14 +647,27 @@ class ImplicitKernel(torch.nn.Module):
         mlp, bns = list(self.mlp), list(self.bn)
         for k, lin in enumerate(mlp[:-1]):
             bn = bns[k].lower(self.training, deferred=(ex, ("shift", k))) if self.batch_norm else None
-            hidden.append(Hidden(DeferredLinear(ex, k, lin.plan()), self.n_channels, self._rho_size, self.act_A,
-                                 self.act_Ainv, bn))
+            hidden.append(
+                Hidden(
+                    DeferredLinear(ex, k, lin.plan()), self.n_channels, self._rho_size, self.act_A, self.act_Ainv, bn
+                )
+            )
         last = len(mlp) - 1
         final = DeferredLinear(ex, last, mlp[last].plan())
         attr = 0 if self.edge_attr_type is None else self.edge_attr_type.size
-        prog = KernelProgram(self.in_type.gspace.dimensionality, self.in_type.size, self.out_type.size, attr,
-                             tuple(hidden), final, self.sigma, self.norm, self.training,
-                             final_mask=self._final_mask, packing=self._source_packing())
+        prog = KernelProgram(
+            self.in_type.gspace.dimensionality,
+            self.in_type.size,
+            self.out_type.size,
+            attr,
+            tuple(hidden),
+            final,
+            self.sigma,
+            self.norm,
+            self.training,
+            final_mask=self._final_mask,
+            packing=self._source_packing(),
+        )
         self._cache = (self._cache_key(), prog) if cacheable else None
         return prog
 
@@ -622,17 +694,27 @@ class ImplicitKernel(torch.nn.Module):
         from .graph import check_edge_inputs
 
         prog = self.program()
-        check_edge_inputs(prog, pos, attr, pos.shape[0] if isinstance(pos, torch.Tensor) else None,
-                          self.sigma.device, self.sigma.dtype)
+        check_edge_inputs(
+            prog,
+            pos,
+            attr,
+            pos.shape[0] if isinstance(pos, torch.Tensor) else None,
+            self.sigma.device,
+            self.sigma.dtype,
+        )
         if prog.needs_batch_stats and pos.shape[0] < 2:
-            raise ValueError("in training mode the kernel's batch norm needs at least two positions for batch "
-                             f"statistics, got {pos.shape[0]} (call .eval() or pass batch_norm=False)")
+            raise ValueError(
+                "in training mode the kernel's batch norm needs at least two positions for batch "
+                f"statistics, got {pos.shape[0]} (call .eval() or pass batch_norm=False)"
+            )
         h, stats = prog.trunk(pos, attr)
         if stats:
             self.update_running_stats(stats)
         return prog.kernel_from_hidden(h, prog.shell(pos))
 
     def extra_repr(self) -> str:
-        return (f"in={self.in_type.size}, out={self.out_type.size}, attr="
-                f"{0 if self.edge_attr_type is None else self.edge_attr_type.size}, n_layers={self.n_layers}, "
-                f"n_channels={self.n_channels}, band_limit={self.band_limit}, hidden: {self.hidden_description}")
+        return (
+            f"in={self.in_type.size}, out={self.out_type.size}, attr="
+            f"{0 if self.edge_attr_type is None else self.edge_attr_type.size}, n_layers={self.n_layers}, "
+            f"n_channels={self.n_channels}, band_limit={self.band_limit}, hidden: {self.hidden_description}"
+        )

@@ -28,7 +28,7 @@ def _bias_expansion(out_type) -> Optional[torch.Tensor]:
         for irr in rep.irreps:
             if G.irrep(*irr).is_trivial():
                 c = torch.zeros(out_type.size)
-                c[p:p + rep.size] = torch.tensor(rep.change_of_basis[:, q], dtype=c.dtype)
+                c[p : p + rep.size] = torch.tensor(rep.change_of_basis[:, q], dtype=c.dtype)
                 cols.append(c)
             q += G.irrep(*irr).size
         p += rep.size
@@ -89,14 +89,42 @@ class ImplicitPointConv(_ImplicitConvBase):
     ``ValueError`` naming the argument (why, unlike ``torch.nn`` layers: :func:`ik_fast.graph.check_node_features`).
     """
 
-    def __init__(self, in_type, out_type, edge_attr_type=None, n_layers: int = 3, n_channels: int = 16,
-                 init_scheme: str = "he", batch_norm: bool = True, bias: bool = True, backend: Optional[str] = "auto",
-                 **kernel_kwargs):
-        super().__init__(in_type, out_type, edge_attr_type, bias, n_layers=n_layers, n_channels=n_channels,
-                         init_scheme=init_scheme, batch_norm=batch_norm, **kernel_kwargs)
-        self._ctor = ((in_type, out_type, edge_attr_type),
-                      dict(n_layers=n_layers, n_channels=n_channels, init_scheme=init_scheme, batch_norm=batch_norm,
-                           bias=bias, backend=backend, **kernel_kwargs))
+    def __init__(
+        self,
+        in_type,
+        out_type,
+        edge_attr_type=None,
+        n_layers: int = 3,
+        n_channels: int = 16,
+        init_scheme: str = "he",
+        batch_norm: bool = True,
+        bias: bool = True,
+        backend: Optional[str] = "auto",
+        **kernel_kwargs,
+    ):
+        super().__init__(
+            in_type,
+            out_type,
+            edge_attr_type,
+            bias,
+            n_layers=n_layers,
+            n_channels=n_channels,
+            init_scheme=init_scheme,
+            batch_norm=batch_norm,
+            **kernel_kwargs,
+        )
+        self._ctor = (
+            (in_type, out_type, edge_attr_type),
+            dict(
+                n_layers=n_layers,
+                n_channels=n_channels,
+                init_scheme=init_scheme,
+                batch_norm=batch_norm,
+                bias=bias,
+                backend=backend,
+                **kernel_kwargs,
+            ),
+        )
         if backend is not None:
             from .backends import resolve_backend
 
@@ -111,17 +139,22 @@ class ImplicitPointConv(_ImplicitConvBase):
             if x.type != self.in_type:
                 raise ValueError(f"{name} has field type {x.type} but the layer's in_type is {self.in_type}")
             if x.tensor.dim() != 2:
-                raise ValueError(f"{name} must be a GeometricTensor of shape (N, {self.in_type.size}) with coords "
-                                 f"(N, n), got shape {tuple(x.tensor.shape)}")
+                raise ValueError(
+                    f"{name} must be a GeometricTensor of shape (N, {self.in_type.size}) with coords "
+                    f"(N, n), got shape {tuple(x.tensor.shape)}"
+                )
             return x.tensor, x.coords, True
         if isinstance(x, torch.Tensor):
             if x.dim() == 3:
-                raise ValueError(f"{name} must have shape (N, {self.in_type.size}), got a batched tensor of shape "
-                                 f"{tuple(x.shape)}: batch several graphs into one graph (concatenate the nodes and "
-                                 f"offset each graph's edge_index by the nodes before it)")
+                raise ValueError(
+                    f"{name} must have shape (N, {self.in_type.size}), got a batched tensor of shape "
+                    f"{tuple(x.shape)}: batch several graphs into one graph (concatenate the nodes and "
+                    f"offset each graph's edge_index by the nodes before it)"
+                )
             return x, None, False
-        raise TypeError(f"{name} must be a GeometricTensor, a tensor, or a (source, receiver) pair of them, "
-                        f"got {type(x).__name__}")
+        raise TypeError(
+            f"{name} must be a GeometricTensor, a tensor, or a (source, receiver) pair of them, got {type(x).__name__}"
+        )
 
     def forward(self, x, edge_index, edge_delta=None, edge_attr=None, pos=None):
         bipartite = isinstance(x, (tuple, list))
@@ -143,12 +176,15 @@ class ImplicitPointConv(_ImplicitConvBase):
         n = self.in_type.gspace.dimensionality
         n_src, n_dst = x_src.shape[0], x_dst.shape[0]
         if edge_delta is None and (c_src is None or c_dst is None):
-            raise ValueError("edge_delta is required when no positions are given (pass pos= or a GeometricTensor "
-                             "with coords)")
+            raise ValueError(
+                "edge_delta is required when no positions are given (pass pos= or a GeometricTensor with coords)"
+            )
         if geo and c_dst is None:
-            raise ValueError("x[1] (the receivers) has no coords, so the output GeometricTensor would have none: pass "
-                             "the receivers as a GeometricTensor with coords, or pos=(source, receiver) positions, "
-                             "or plain tensors to get a plain tensor back")
+            raise ValueError(
+                "x[1] (the receivers) has no coords, so the output GeometricTensor would have none: pass "
+                "the receivers as a GeometricTensor with coords, or pos=(source, receiver) positions, "
+                "or plain tensors to get a plain tensor back"
+            )
         if torch.compiler.is_compiling():
             out, stats = self._forward_compiled(x_src, edge_index, c_src, c_dst, edge_delta, edge_attr, n_dst)
         else:
@@ -156,16 +192,18 @@ class ImplicitPointConv(_ImplicitConvBase):
             if bipartite:  # named as passed (implicit_point_conv checks it too, as "x")
                 check_node_features(x_src, "x[0]", self.in_type.size, self.kernel.sigma.device, self.kernel.sigma.dtype)
             # the values of one tensor given for both sides are checked once
-            for c, nm, rows, finite in ((c_src, "pos", n_src, True),
-                                        (c_dst, "pos (receivers)", n_dst, c_dst is not c_src)):
+            for c, nm, rows, finite in (
+                (c_src, "pos", n_src, True),
+                (c_dst, "pos (receivers)", n_dst, c_dst is not c_src),
+            ):
                 if c is not None:
                     check_positions(c, nm, rows, n, finite)
-            graph = prepare_graph(edge_index, n_src, n_dst,
-                                  x_src.device if isinstance(x_src, torch.Tensor) else None)
+            graph = prepare_graph(edge_index, n_src, n_dst, x_src.device if isinstance(x_src, torch.Tensor) else None)
             if edge_delta is None:
                 edge_delta = c_src[graph.src] - c_dst[graph.dst]
-            out, stats = implicit_point_conv(prog, x_src, graph, edge_delta, edge_attr, n_dst=n_dst,
-                                             backend=self.backend)
+            out, stats = implicit_point_conv(
+                prog, x_src, graph, edge_delta, edge_attr, n_dst=n_dst, backend=self.backend
+            )
         if stats:
             self.kernel.update_running_stats(stats)
         b = self.expanded_bias()
@@ -202,14 +240,19 @@ class ImplicitPointConv(_ImplicitConvBase):
             prog = k.program()
             n, n_src = self.in_type.gspace.dimensionality, x_src.shape[0]
             finite = [("x", x_src)]  # values checked in the graph op (check_node_features does not while tracing)
-            for c, nm, rows, check in ((c_src, "pos", n_src, True),
-                                       (c_dst, "pos (receivers)", n_dst, c_dst is not c_src)):
+            for c, nm, rows, check in (
+                (c_src, "pos", n_src, True),
+                (c_dst, "pos (receivers)", n_dst, c_dst is not c_src),
+            ):
                 if c is not None:
                     check_positions(c, nm, rows, n, finite=False)
                     if check:
                         finite.append((nm, c))
-            finite += [(nm, t) for nm, t in (("edge_delta", edge_delta), ("edge_attr", edge_attr))
-                       if isinstance(t, torch.Tensor)]
+            finite += [
+                (nm, t)
+                for nm, t in (("edge_delta", edge_delta), ("edge_attr", edge_attr))
+                if isinstance(t, torch.Tensor)
+            ]
             graph = prepare_graph(edge_index, n_src, n_dst, device, finite=finite)
             if edge_delta is None:
                 edge_delta = c_src[graph.src] - c_dst[graph.dst]
@@ -218,17 +261,30 @@ class ImplicitPointConv(_ImplicitConvBase):
             c_src = c_dst = None
         n_stats = _opaque.stats_size(k)
         tensors = _opaque.kernel_tensors(self._op_slots)
-        out, flat = torch.ops.ik_fast.eager_conv(tensors, x_src, edge_index, c_src, c_dst, edge_delta, edge_attr, n_dst,
-                                                 self._op_key, k.training, name, self.out_type.size, n_stats)
+        out, flat = torch.ops.ik_fast.eager_conv(
+            tensors,
+            x_src,
+            edge_index,
+            c_src,
+            c_dst,
+            edge_delta,
+            edge_attr,
+            n_dst,
+            self._op_key,
+            k.training,
+            name,
+            self.out_type.size,
+            n_stats,
+        )
         return out, (_opaque.unflatten_stats(k, flat) if n_stats else [])
 
 
 def kernel_grid(d: int, kernel_size: int) -> torch.Tensor:
     """Points (kernel_size**d, d) of the filter, in escnn's orientation (x along the last array axis, y and z
     inverted), scaled so that the outermost points are at distance 1 along each axis."""
-    idx = np.arange(kernel_size ** d)
+    idx = np.arange(kernel_size**d)
     origin = (kernel_size - 1) / 2
-    pts = np.stack([(idx // kernel_size ** j) % kernel_size - origin for j in range(d)], 1)
+    pts = np.stack([(idx // kernel_size**j) % kernel_size - origin for j in range(d)], 1)
     pts[:, 1:] *= -1
     return torch.tensor(pts / max(kernel_size // 2, 1), dtype=torch.get_default_dtype())
 
@@ -240,14 +296,47 @@ class ImplicitConv(_ImplicitConvBase):
     vector (A,) of ``edge_attr_type`` shared by all filter points.
     """
 
-    def __init__(self, in_type, out_type, kernel_size: int, edge_attr_type=None, n_layers: int = 3,
-                 n_channels: int = 16, init_scheme: str = "he", batch_norm: bool = True, bias: bool = True,
-                 padding: int = 0, stride: int = 1, dilation: int = 1, **kernel_kwargs):
-        super().__init__(in_type, out_type, edge_attr_type, bias, n_layers=n_layers, n_channels=n_channels,
-                         init_scheme=init_scheme, batch_norm=batch_norm, **kernel_kwargs)
-        self._ctor = ((in_type, out_type, kernel_size, edge_attr_type),
-                      dict(n_layers=n_layers, n_channels=n_channels, init_scheme=init_scheme, batch_norm=batch_norm,
-                           bias=bias, padding=padding, stride=stride, dilation=dilation, **kernel_kwargs))
+    def __init__(
+        self,
+        in_type,
+        out_type,
+        kernel_size: int,
+        edge_attr_type=None,
+        n_layers: int = 3,
+        n_channels: int = 16,
+        init_scheme: str = "he",
+        batch_norm: bool = True,
+        bias: bool = True,
+        padding: int = 0,
+        stride: int = 1,
+        dilation: int = 1,
+        **kernel_kwargs,
+    ):
+        super().__init__(
+            in_type,
+            out_type,
+            edge_attr_type,
+            bias,
+            n_layers=n_layers,
+            n_channels=n_channels,
+            init_scheme=init_scheme,
+            batch_norm=batch_norm,
+            **kernel_kwargs,
+        )
+        self._ctor = (
+            (in_type, out_type, kernel_size, edge_attr_type),
+            dict(
+                n_layers=n_layers,
+                n_channels=n_channels,
+                init_scheme=init_scheme,
+                batch_norm=batch_norm,
+                bias=bias,
+                padding=padding,
+                stride=stride,
+                dilation=dilation,
+                **kernel_kwargs,
+            ),
+        )
         if not isinstance(kernel_size, int) or kernel_size < 1:
             raise ValueError(f"kernel_size must be a positive integer, got {kernel_size!r}")
         self.d = in_type.gspace.dimensionality
@@ -268,6 +357,12 @@ class ImplicitConv(_ImplicitConvBase):
         if not isinstance(x, enn.GeometricTensor) or x.type != self.in_type:
             raise ValueError(f"x must be a GeometricTensor of the layer's in_type {self.in_type}")
         conv = F.conv2d if self.d == 2 else F.conv3d
-        out = conv(x.tensor, self.filter(attr), self.expanded_bias(), stride=self.stride, padding=self.padding,
-                   dilation=self.dilation)
+        out = conv(
+            x.tensor,
+            self.filter(attr),
+            self.expanded_bias(),
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+        )
         return enn.GeometricTensor(out, self.out_type)

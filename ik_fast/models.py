@@ -133,24 +133,45 @@ class QM9Model(torch.nn.Module):
     returns one scalar per graph, (n_graphs,).
     """
 
-    def __init__(self, gspace=None, num_layers: int = 4, num_features: int = 8, num_inv_features: int = 32,
-                 L: int = 1, edge_attr_size: int = 4, kernel_n_layers: int = 3, kernel_n_channels: int = 8,
-                 n_atom_types: int = 5, backend: Optional[str] = "auto", grid: Optional[dict] = None,
-                 **kernel_kwargs):
+    def __init__(
+        self,
+        gspace=None,
+        num_layers: int = 4,
+        num_features: int = 8,
+        num_inv_features: int = 32,
+        L: int = 1,
+        edge_attr_size: int = 4,
+        kernel_n_layers: int = 3,
+        kernel_n_channels: int = 8,
+        n_atom_types: int = 5,
+        backend: Optional[str] = "auto",
+        grid: Optional[dict] = None,
+        **kernel_kwargs,
+    ):
         super().__init__()
         gspace = gspace if gspace is not None else gspaces.flipRot3dOnR3()
         for name, v in (("num_layers", num_layers), ("edge_attr_size", edge_attr_size)):
             if v < 0:
                 raise ValueError(f"{name} must be >= 0, got {v}")
-        for name, v in (("num_features", num_features), ("num_inv_features", num_inv_features),
-                        ("n_atom_types", n_atom_types)):
+        for name, v in (
+            ("num_features", num_features),
+            ("num_inv_features", num_inv_features),
+            ("n_atom_types", n_atom_types),
+        ):
             if v < 1:
                 raise ValueError(f"{name} must be >= 1, got {v}")
         self.gspace = gspace
         G = gspace.fibergroup
-        self.config = dict(num_layers=num_layers, num_features=num_features, num_inv_features=num_inv_features,
-                           L=L, edge_attr_size=edge_attr_size, kernel_n_layers=kernel_n_layers,
-                           kernel_n_channels=kernel_n_channels, n_atom_types=n_atom_types)
+        self.config = dict(
+            num_layers=num_layers,
+            num_features=num_features,
+            num_inv_features=num_inv_features,
+            L=L,
+            edge_attr_size=edge_attr_size,
+            kernel_n_layers=kernel_n_layers,
+            kernel_n_channels=kernel_n_channels,
+            n_atom_types=n_atom_types,
+        )
 
         def act():
             return field_activation(gspace, L, num_features, grid)
@@ -159,15 +180,21 @@ class QM9Model(torch.nn.Module):
         self.feat_type = self.act0.in_type
         self.n_atom_types = n_atom_types
         self.embed = _ScalarEmbedding(n_atom_types, self.act0.in_type)
-        self.edge_attr_type = (enn.FieldType(gspace, [G.trivial_representation] * edge_attr_size)
-                               if edge_attr_size else None)
+        self.edge_attr_type = (
+            enn.FieldType(gspace, [G.trivial_representation] * edge_attr_size) if edge_attr_size else None
+        )
         kk = dict(n_layers=kernel_n_layers, n_channels=kernel_n_channels, backend=backend, **kernel_kwargs)
         self.blocks = torch.nn.ModuleList([_ResidualBlock(act, self.edge_attr_type, kk) for _ in range(num_layers)])
         self.inv_type = enn.FieldType(gspace, [G.trivial_representation] * num_inv_features)
         self.invariant = ImplicitPointConv(self.act0.out_type, self.inv_type, self.edge_attr_type, **kk)
         self.head = torch.nn.Sequential(
-            torch.nn.BatchNorm1d(num_inv_features), torch.nn.ELU(), torch.nn.Linear(num_inv_features, num_inv_features),
-            torch.nn.BatchNorm1d(num_inv_features), torch.nn.ELU(), torch.nn.Linear(num_inv_features, 1))
+            torch.nn.BatchNorm1d(num_inv_features),
+            torch.nn.ELU(),
+            torch.nn.Linear(num_inv_features, num_inv_features),
+            torch.nn.BatchNorm1d(num_inv_features),
+            torch.nn.ELU(),
+            torch.nn.Linear(num_inv_features, 1),
+        )
 
     def set_backend(self, backend: Optional[str]) -> None:
         for m in self.modules():
@@ -178,8 +205,10 @@ class QM9Model(torch.nn.Module):
         if x.dim() != 2 or x.shape[1] != self.n_atom_types:
             raise ValueError(f"x must have shape (N, {self.n_atom_types}), got {tuple(x.shape)}")
         if (edge_attr is None) != (self.edge_attr_type is None):
-            raise ValueError(f"edge_attr must be {'None' if self.edge_attr_type is None else 'given'}: the model was "
-                             f"built with edge_attr_size={self.config['edge_attr_size']}")
+            raise ValueError(
+                f"edge_attr must be {'None' if self.edge_attr_type is None else 'given'}: the model was "
+                f"built with edge_attr_size={self.config['edge_attr_size']}"
+            )
         h = self.act0(self.embed(x, pos))
         for blk in self.blocks:
             h = blk(h, edge_index, edge_attr)
@@ -198,9 +227,18 @@ class NBodyModel(torch.nn.Module):
     convolution to one vector field; the output is the displacement, added to the input position.
     """
 
-    def __init__(self, gspace=None, num_layers: int = 3, num_features: int = 8, L: int = 1,
-                 kernel_n_layers: int = 2, kernel_n_channels: int = 8, backend: Optional[str] = "auto",
-                 grid: Optional[dict] = None, **kernel_kwargs):
+    def __init__(
+        self,
+        gspace=None,
+        num_layers: int = 3,
+        num_features: int = 8,
+        L: int = 1,
+        kernel_n_layers: int = 2,
+        kernel_n_channels: int = 8,
+        backend: Optional[str] = "auto",
+        grid: Optional[dict] = None,
+        **kernel_kwargs,
+    ):
         super().__init__()
         gspace = gspace if gspace is not None else gspaces.flipRot3dOnR3()
         if num_layers < 1:
@@ -216,8 +254,11 @@ class NBodyModel(torch.nn.Module):
         self.acts = torch.nn.ModuleList([field_activation(gspace, L, num_features, grid) for _ in range(num_layers)])
         feat_in, feat_out = self.acts[0].out_type, self.acts[0].in_type
         self.convs = torch.nn.ModuleList(
-            [ImplicitPointConv(self.in_type if i == 0 else feat_in, feat_out, self.edge_attr_type, **kk)
-             for i in range(num_layers)])
+            [
+                ImplicitPointConv(self.in_type if i == 0 else feat_in, feat_out, self.edge_attr_type, **kk)
+                for i in range(num_layers)
+            ]
+        )
         self.bns = torch.nn.ModuleList([enn.IIDBatchNorm1d(feat_out) for _ in range(num_layers)])
         self.readout = ImplicitPointConv(feat_in, self.out_type, self.edge_attr_type, **kk)
         # the velocity passes straight to the displacement through a learnable gain (an equivariant linear map)

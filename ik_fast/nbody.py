@@ -15,8 +15,15 @@ import torch
 __all__ = ["simulate", "nbody_dataset", "nbody_graph"]
 
 
-def simulate(pos: torch.Tensor, vel: torch.Tensor, charge: torch.Tensor, steps: int, dt: float = 1e-3,
-             max_force: float = 50.0, softening: float = 0.05):
+def simulate(
+    pos: torch.Tensor,
+    vel: torch.Tensor,
+    charge: torch.Tensor,
+    steps: int,
+    dt: float = 1e-3,
+    max_force: float = 50.0,
+    softening: float = 0.05,
+):
     """Integrate ``steps`` steps of size ``dt``. pos, vel (B, n, 3), charge (B, n). Returns (pos, vel) at the end.
 
     Force on particle i: ``sum_j q_i q_j (x_i - x_j) / (|x_i - x_j|^2 + softening^2)^(3/2)``, its norm clipped at
@@ -26,9 +33,9 @@ def simulate(pos: torch.Tensor, vel: torch.Tensor, charge: torch.Tensor, steps: 
     x, v = pos.double().clone(), vel.double().clone()
     qq = (charge[:, :, None] * charge[:, None, :]).double()
     for _ in range(steps):
-        diff = x[:, :, None, :] - x[:, None, :, :]                      # (B, n, n, 3): x_i - x_j
-        r2 = (diff ** 2).sum(-1) + softening ** 2
-        f = (qq / r2 ** 1.5)[..., None] * diff
+        diff = x[:, :, None, :] - x[:, None, :, :]  # (B, n, n, 3): x_i - x_j
+        r2 = (diff**2).sum(-1) + softening**2
+        f = (qq / r2**1.5)[..., None] * diff
         f = f.sum(2)
         norm = f.norm(dim=-1, keepdim=True)
         f = f * torch.clamp(max_force / norm.clamp(min=1e-12), max=1.0)
@@ -37,8 +44,16 @@ def simulate(pos: torch.Tensor, vel: torch.Tensor, charge: torch.Tensor, steps: 
     return x.to(pos.dtype), v.to(vel.dtype)
 
 
-def nbody_dataset(n_systems: int, n_particles: int = 5, horizon: int = 1000, dt: float = 1e-3, seed: int = 0,
-                  burn_in: int = 100, loc_std: float = 0.5, vel_std: float = 0.5) -> Dict[str, torch.Tensor]:
+def nbody_dataset(
+    n_systems: int,
+    n_particles: int = 5,
+    horizon: int = 1000,
+    dt: float = 1e-3,
+    seed: int = 0,
+    burn_in: int = 100,
+    loc_std: float = 0.5,
+    vel_std: float = 0.5,
+) -> Dict[str, torch.Tensor]:
     """``n_systems`` independent systems: dict with pos, vel (S, n, 3) after ``burn_in`` steps, charge (S, n),
     target (S, n, 3) = positions ``horizon`` steps later, and dt (the time span, ``horizon * dt``)."""
     if n_systems < 1:
@@ -50,8 +65,9 @@ def nbody_dataset(n_systems: int, n_particles: int = 5, horizon: int = 1000, dt:
     pos, vel = simulate(pos, vel, charge, burn_in, dt)
     target, _ = simulate(pos, vel, charge, horizon, dt)
     f = torch.get_default_dtype()
-    return dict(pos=pos.to(f), vel=vel.to(f), charge=charge.to(f), target=target.to(f),
-                dt=torch.tensor(horizon * dt, dtype=f))
+    return dict(
+        pos=pos.to(f), vel=vel.to(f), charge=charge.to(f), target=target.to(f), dt=torch.tensor(horizon * dt, dtype=f)
+    )
 
 
 def nbody_graph(n_systems: int, n_particles: int = 5) -> torch.Tensor:

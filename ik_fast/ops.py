@@ -67,20 +67,33 @@ from torch import Tensor
 
 from .program import PackedProgram
 
-__all__ = ["define", "register_implementation", "status", "implementation_names", "conv", "trunk_moments",
-           "conv_reference_form", "PackedProgram"]
+__all__ = [
+    "define",
+    "register_implementation",
+    "status",
+    "implementation_names",
+    "conv",
+    "trunk_moments",
+    "conv_reference_form",
+    "PackedProgram",
+]
 
 _LIB = torch.library.Library("ik_fast", "FRAGMENT")
 
-_PROGRAM = ("Tensor[] weights, Tensor[] biases, Tensor[] fourier, Tensor[] fourier_inv, Tensor final_weight, "
-            "Tensor final_bias, Tensor coef, float norm, int ndim, Tensor? final_mask")
+_PROGRAM = (
+    "Tensor[] weights, Tensor[] biases, Tensor[] fourier, Tensor[] fourier_inv, Tensor final_weight, "
+    "Tensor final_bias, Tensor coef, float norm, int ndim, Tensor? final_mask"
+)
 SCHEMAS = {
     "conv": f"(Tensor x, Tensor inp, Tensor src, Tensor rowptr, {_PROGRAM}, Tensor? hidden, Tensor[]? tape=None) "
-            "-> Tensor",
-    "conv_backward": (f"(Tensor grad, Tensor x, Tensor inp, Tensor src, Tensor rowptr, {_PROGRAM}, "
-                      "Tensor[]? tape=None) -> Tensor[]"),
-    "trunk_moments": ("(Tensor inp, Tensor[] weights, Tensor[] biases, Tensor[] fourier, Tensor[] fourier_inv, "
-                      "bool with_activation=False, bool with_grid=False) -> (Tensor, Tensor, Tensor)"),
+    "-> Tensor",
+    "conv_backward": (
+        f"(Tensor grad, Tensor x, Tensor inp, Tensor src, Tensor rowptr, {_PROGRAM}, Tensor[]? tape=None) -> Tensor[]"
+    ),
+    "trunk_moments": (
+        "(Tensor inp, Tensor[] weights, Tensor[] biases, Tensor[] fourier, Tensor[] fourier_inv, "
+        "bool with_activation=False, bool with_grid=False) -> (Tensor, Tensor, Tensor)"
+    ),
 }
 
 
@@ -121,12 +134,26 @@ def trunk_reference_form(inp, weights, biases, fourier, fourier_inv) -> Tensor:
 def receivers(rowptr: Tensor, num_edges: int) -> Tensor:
     """Receiver of each edge (E,) from the CSR row pointer, without a host synchronisation."""
     n_dst = rowptr.shape[0] - 1
-    return torch.repeat_interleave(torch.arange(n_dst, device=rowptr.device), rowptr.diff(),
-                                   output_size=num_edges)
+    return torch.repeat_interleave(torch.arange(n_dst, device=rowptr.device), rowptr.diff(), output_size=num_edges)
 
 
-def conv_reference_form(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, final_weight, final_bias, coef,
-                        norm, ndim, final_mask=None, hidden=None) -> Tensor:
+def conv_reference_form(
+    x,
+    inp,
+    src,
+    rowptr,
+    weights,
+    biases,
+    fourier,
+    fourier_inv,
+    final_weight,
+    final_bias,
+    coef,
+    norm,
+    ndim,
+    final_mask=None,
+    hidden=None,
+) -> Tensor:
     """``conv`` as plain differentiable PyTorch (per-edge kernels, the reference backend's memory). ``hidden`` is
     ignored: it only spares an implementation recomputing the trunk (see the module docstring)."""
     E = inp.shape[0]
@@ -139,16 +166,49 @@ def conv_reference_form(x, inp, src, rowptr, weights, biases, fourier, fourier_i
     msg = torch.bmm(k.reshape(E, R, C), x[src].unsqueeze(-1)).squeeze(-1)
     return msg.new_zeros(rowptr.shape[0] - 1, R).index_add(0, receivers(rowptr, E), msg)
 
+
 # ----------------------------------------------------------------------------------------------------------------
 # fakes and autograd, written once for every implementation
 # ----------------------------------------------------------------------------------------------------------------
-def _fake_conv(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, final_weight, final_bias, coef, norm,
-               ndim, final_mask=None, hidden=None, tape=None):
+def _fake_conv(
+    x,
+    inp,
+    src,
+    rowptr,
+    weights,
+    biases,
+    fourier,
+    fourier_inv,
+    final_weight,
+    final_bias,
+    coef,
+    norm,
+    ndim,
+    final_mask=None,
+    hidden=None,
+    tape=None,
+):
     return x.new_empty(rowptr.shape[0] - 1, final_weight.shape[0])
 
 
-def _fake_conv_backward(grad, x, inp, src, rowptr, weights, biases, fourier, fourier_inv, final_weight, final_bias,
-                        coef, norm, ndim, final_mask=None, tape=None):
+def _fake_conv_backward(
+    grad,
+    x,
+    inp,
+    src,
+    rowptr,
+    weights,
+    biases,
+    fourier,
+    fourier_inv,
+    final_weight,
+    final_bias,
+    coef,
+    norm,
+    ndim,
+    final_mask=None,
+    tape=None,
+):
     return [torch.empty_like(t) for t in (x, inp, *weights, *biases, final_weight, final_bias, coef)]
 
 
@@ -166,15 +226,36 @@ def _fake_trunk_moments(inp, weights, biases, fourier, fourier_inv, with_activat
     return inp.new_empty(2, H), inp.new_empty(inp.shape[0] if with_activation else 0, H), inp.new_empty(grid)
 
 
-_CONV_ARGS = ("x", "inp", "src", "rowptr", "weights", "biases", "fourier", "fourier_inv", "final_weight",
-              "final_bias", "coef", "norm", "ndim", "final_mask")
+_CONV_ARGS = (
+    "x",
+    "inp",
+    "src",
+    "rowptr",
+    "weights",
+    "biases",
+    "fourier",
+    "fourier_inv",
+    "final_weight",
+    "final_bias",
+    "coef",
+    "norm",
+    "ndim",
+    "final_mask",
+)
 
 
 def _split_grads(flat: Sequence[Optional[Tensor]], n_layers: int) -> dict:
     """[dx, dinp, *dweights, *dbiases, dfinal_weight, dfinal_bias, dcoef] -> by argument name."""
     L = n_layers
-    return dict(x=flat[0], inp=flat[1], weights=list(flat[2:2 + L]), biases=list(flat[2 + L:2 + 2 * L]),
-                final_weight=flat[2 + 2 * L], final_bias=flat[3 + 2 * L], coef=flat[4 + 2 * L])
+    return dict(
+        x=flat[0],
+        inp=flat[1],
+        weights=list(flat[2 : 2 + L]),
+        biases=list(flat[2 + L : 2 + 2 * L]),
+        final_weight=flat[2 + 2 * L],
+        final_bias=flat[3 + 2 * L],
+        coef=flat[4 + 2 * L],
+    )
 
 
 def _save_conv_inputs(ctx, inputs, tape, *extra) -> None:
@@ -187,8 +268,9 @@ def _save_conv_inputs(ctx, inputs, tape, *extra) -> None:
     ctx.tape_given = tape is not None  # (autograd wants a list of Nones back for a list)
     tape = list(tape) if tape else []
     ctx.n_tape = len(tape)
-    ctx.save_for_backward(*tensors, *inputs[4], *inputs[5], *inputs[6], *inputs[7], *([mask] if ctx.has_mask else []),
-                          *tape, *extra)
+    ctx.save_for_backward(
+        *tensors, *inputs[4], *inputs[5], *inputs[6], *inputs[7], *([mask] if ctx.has_mask else []), *tape, *extra
+    )
     ctx.norm, ctx.ndim = inputs[11], inputs[12]
 
 
@@ -207,26 +289,43 @@ def _saved_conv_inputs(ctx) -> list:
     t = ctx.saved_tensors
     x, inp, src, rowptr, final_weight, final_bias, coef = t[:7]
     L = ctx.n_layers
-    lists = [list(t[7 + i * L:7 + (i + 1) * L]) for i in range(4)]
+    lists = [list(t[7 + i * L : 7 + (i + 1) * L]) for i in range(4)]
     m = 7 + 4 * L
     mask = t[m] if ctx.has_mask else None
     m += int(ctx.has_mask)
-    tape = list(t[m:m + ctx.n_tape]) if ctx.n_tape else None
+    tape = list(t[m : m + ctx.n_tape]) if ctx.n_tape else None
     return [x, inp, src, rowptr, *lists, final_weight, final_bias, coef, ctx.norm, ctx.ndim, mask, tape]
 
 
 def _conv_grads(impl: str, ctx, grad) -> dict:
     """conv's gradients by argument name: the conv_backward op on what the forward saved."""
-    return _split_grads(_below_autograd(_op(impl, "conv_backward"), grad.contiguous(), *_saved_conv_inputs(ctx)),
-                        ctx.n_layers)
+    return _split_grads(
+        _below_autograd(_op(impl, "conv_backward"), grad.contiguous(), *_saved_conv_inputs(ctx)), ctx.n_layers
+    )
 
 
 def _conv_backward_formula(impl: str):
     def backward(ctx, grad):
         g = _conv_grads(impl, ctx, grad)
         L = ctx.n_layers
-        return (g["x"], g["inp"], None, None, g["weights"], g["biases"], [None] * L, [None] * L, g["final_weight"],
-                g["final_bias"], g["coef"], None, None, None, None) + _no_grads(ctx)
+        return (
+            g["x"],
+            g["inp"],
+            None,
+            None,
+            g["weights"],
+            g["biases"],
+            [None] * L,
+            [None] * L,
+            g["final_weight"],
+            g["final_bias"],
+            g["coef"],
+            None,
+            None,
+            None,
+            None,
+        ) + _no_grads(ctx)
+
     return backward
 
 
@@ -257,8 +356,9 @@ def _double_backward(ctx, grads):
         fw, fb, coef = (t.detach().requires_grad_() for t in args[8:11])
         g0 = grad.detach().requires_grad_()
         leaves = [x, inp, *ws, *bs, fw, fb, coef]
-        out = conv_reference_form(x, inp, args[2], args[3], ws, bs, args[6], args[7], fw, fb, coef, ctx.norm,
-                                  ctx.ndim, args[13])
+        out = conv_reference_form(
+            x, inp, args[2], args[3], ws, bs, args[6], args[7], fw, fb, coef, ctx.norm, ctx.ndim, args[13]
+        )
         first = torch.autograd.grad(out, leaves, g0, create_graph=True, allow_unused=True)
         pairs = [(f, v) for f, v in zip(first, grads) if f is not None and v is not None]
         if not pairs:
@@ -268,8 +368,23 @@ def _double_backward(ctx, grads):
             second = torch.autograd.grad(total, [g0, *leaves], allow_unused=True)
     dgrad, rest = second[0], second[1:]
     g = _split_grads(list(rest), L)
-    return (dgrad, g["x"], g["inp"], None, None, g["weights"], g["biases"], [None] * L, [None] * L,
-            g["final_weight"], g["final_bias"], g["coef"], None, None, None) + _no_grads(ctx)
+    return (
+        dgrad,
+        g["x"],
+        g["inp"],
+        None,
+        None,
+        g["weights"],
+        g["biases"],
+        [None] * L,
+        [None] * L,
+        g["final_weight"],
+        g["final_bias"],
+        g["coef"],
+        None,
+        None,
+        None,
+    ) + _no_grads(ctx)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -277,7 +392,7 @@ def _double_backward(ctx, grads):
 # ----------------------------------------------------------------------------------------------------------------
 @dataclass
 class _Impl:
-    loader: Callable[[], object]      # imports the module that registers the kernels; raises when unavailable
+    loader: Callable[[], object]  # imports the module that registers the kernels; raises when unavailable
     runs_on: Callable[[torch.device], Optional[str]]  # None when it runs on the device, else the reason
 
 
@@ -293,14 +408,17 @@ def define(impl: str) -> None:
     torch.library.register_fake(f"ik_fast::{impl}_conv", _fake_conv, lib=_LIB)
     torch.library.register_fake(f"ik_fast::{impl}_conv_backward", _fake_conv_backward, lib=_LIB)
     torch.library.register_fake(f"ik_fast::{impl}_trunk_moments", _fake_trunk_moments, lib=_LIB)
-    torch.library.register_autograd(f"ik_fast::{impl}_conv", _conv_backward_formula(impl),
-                                    setup_context=_conv_setup_context, lib=_LIB)
-    torch.library.register_autograd(f"ik_fast::{impl}_conv_backward", _double_backward,
-                                    setup_context=_bwd_setup_context, lib=_LIB)
+    torch.library.register_autograd(
+        f"ik_fast::{impl}_conv", _conv_backward_formula(impl), setup_context=_conv_setup_context, lib=_LIB
+    )
+    torch.library.register_autograd(
+        f"ik_fast::{impl}_conv_backward", _double_backward, setup_context=_bwd_setup_context, lib=_LIB
+    )
 
 
-def register_implementation(impl: str, loader: Callable[[], object],
-                            runs_on: Callable[[torch.device], Optional[str]]) -> None:
+def register_implementation(
+    impl: str, loader: Callable[[], object], runs_on: Callable[[torch.device], Optional[str]]
+) -> None:
     """Declare an implementation of the stages: ``loader`` imports its kernels (and raises if it cannot),
     ``runs_on(device)`` says why it does not run on a device (None when it does)."""
     define(impl)
@@ -364,10 +482,11 @@ class _EagerConv(torch.autograd.Function):
     ``conv_backward`` op's own registered derivative, called here with autograd on."""
 
     @staticmethod
-    def forward(ctx, impl, L, n_tape, x, inp, src, rowptr, final_weight, final_bias, coef, norm, ndim, final_mask,
-                hidden, *flat):
-        lists = [list(flat[i * L:(i + 1) * L]) for i in range(4)]
-        tape = list(flat[4 * L:4 * L + n_tape]) if n_tape >= 0 else None
+    def forward(
+        ctx, impl, L, n_tape, x, inp, src, rowptr, final_weight, final_bias, coef, norm, ndim, final_mask, hidden, *flat
+    ):
+        lists = [list(flat[i * L : (i + 1) * L]) for i in range(4)]
+        tape = list(flat[4 * L : 4 * L + n_tape]) if n_tape >= 0 else None
         inputs = [x, inp, src, rowptr, *lists, final_weight, final_bias, coef, norm, ndim, final_mask, hidden, tape]
         out = _below_autograd(_op(impl, "conv"), *inputs)
         _save_conv_inputs(ctx, inputs, tape)
@@ -378,28 +497,83 @@ class _EagerConv(torch.autograd.Function):
     def backward(ctx, grad):
         g = _conv_grads(ctx.impl, ctx, grad)
         L = ctx.n_layers
-        return (None, None, None, g["x"], g["inp"], None, None, g["final_weight"], g["final_bias"], g["coef"], None,
-                None, None, None, *g["weights"], *g["biases"], *([None] * (2 * L + max(ctx.n_tape, 0))))
+        return (
+            None,
+            None,
+            None,
+            g["x"],
+            g["inp"],
+            None,
+            None,
+            g["final_weight"],
+            g["final_bias"],
+            g["coef"],
+            None,
+            None,
+            None,
+            None,
+            *g["weights"],
+            *g["biases"],
+            *([None] * (2 * L + max(ctx.n_tape, 0))),
+        )
 
 
-def conv(impl: str, x: Tensor, inp: Tensor, src: Tensor, rowptr: Tensor, program: PackedProgram,
-         hidden: Optional[Tensor] = None, tape: Optional[List[Tensor]] = None) -> Tensor:
+def conv(
+    impl: str,
+    x: Tensor,
+    inp: Tensor,
+    src: Tensor,
+    rowptr: Tensor,
+    program: PackedProgram,
+    hidden: Optional[Tensor] = None,
+    tape: Optional[List[Tensor]] = None,
+) -> Tensor:
     args = (x, inp, src, rowptr, *program.args(), hidden, tape)
     if not torch.is_grad_enabled() or torch.compiler.is_compiling():
         return _op(impl, "conv")(*args)
     L = len(program.weights)
-    return _EagerConv.apply(impl, L, -1 if tape is None else len(tape), x, inp, src, rowptr, program.final_weight,
-                            program.final_bias, program.coef, program.norm, program.ndim, program.final_mask, hidden,
-                            *program.weights, *program.biases, *program.fourier, *program.fourier_inv,
-                            *(tape or ()))
+    return _EagerConv.apply(
+        impl,
+        L,
+        -1 if tape is None else len(tape),
+        x,
+        inp,
+        src,
+        rowptr,
+        program.final_weight,
+        program.final_bias,
+        program.coef,
+        program.norm,
+        program.ndim,
+        program.final_mask,
+        hidden,
+        *program.weights,
+        *program.biases,
+        *program.fourier,
+        *program.fourier_inv,
+        *(tape or ()),
+    )
 
 
-def trunk_moments(impl: str, inp: Tensor, program: PackedProgram, upto: int, with_activation: bool = False,
-                  start: int = 0, with_grid: bool = False):
+def trunk_moments(
+    impl: str,
+    inp: Tensor,
+    program: PackedProgram,
+    upto: int,
+    with_activation: bool = False,
+    start: int = 0,
+    with_grid: bool = False,
+):
     """(moments (2, H_k), the activation (E, H_k) when ``with_activation`` else an empty tensor) of hidden layer
     ``upto``, and with ``with_grid`` its grid as a third element (see the module docstring); with ``start``, ``inp``
     is the activation of hidden layer ``start`` and only the layers after it run."""
-    out = _op(impl, "trunk_moments")(inp, program.weights[start:upto], program.biases[start:upto],
-                                     program.fourier[start:upto], program.fourier_inv[start:upto], with_activation,
-                                     with_grid)
+    out = _op(impl, "trunk_moments")(
+        inp,
+        program.weights[start:upto],
+        program.biases[start:upto],
+        program.fourier[start:upto],
+        program.fourier_inv[start:upto],
+        with_activation,
+        with_grid,
+    )
     return tuple(out) if with_grid else tuple(out[:2])

@@ -39,8 +39,18 @@ class PackingMap:
     hidden unit ``h``, channel ``h // D`` and kernel position ``r C_in + c``: its folds and their gradients are
     gathers and index_adds over the entries, never a pass over the dense weight. Built once per device and dtype."""
 
-    def __init__(self, kernel_pieces, bounds, cols: Tensor, values: Tensor, targets: Tensor, keep, final_key,
-                 layout: Tuple[int, int, int, int], dtype):
+    def __init__(
+        self,
+        kernel_pieces,
+        bounds,
+        cols: Tensor,
+        values: Tensor,
+        targets: Tensor,
+        keep,
+        final_key,
+        layout: Tuple[int, int, int, int],
+        dtype,
+    ):
         R, H, C, D = layout
         sel_cols, sel_vals, sel_tgt, pieces = [], [], [], []
         offset = 0
@@ -79,14 +89,23 @@ class PackingMap:
         caller's mode)."""
         fast = _native_passes(sources[0])
         if fast is not None:  # the same sums, the pieces as views of one flat tensor
-            *views, contrib = fast.pack_expand(list(sources), self.cols, self.values, self.targets, self.size,
-                                               self.final[0], self.final[1], self._shapes, self._offsets)
+            *views, contrib = fast.pack_expand(
+                list(sources),
+                self.cols,
+                self.values,
+                self.targets,
+                self.size,
+                self.final[0],
+                self.final[1],
+                self._shapes,
+                self._offsets,
+            )
             out = dict(zip(self._keys, views))
         else:
             src = torch.cat([t.reshape(-1) for t in sources])
             flat = src.new_zeros(self.size).index_add_(0, self.targets, src.index_select(0, self.cols) * self.values)
             contrib = src.index_select(0, self.final[0]) * self.final[1]
-            out = {key: flat[off:off + math.prod(shape)].view(shape) for key, shape, off in self.pieces}
+            out = {key: flat[off : off + math.prod(shape)].view(shape) for key, shape, off in self.pieces}
         out["final"] = contrib
         return out
 
@@ -130,13 +149,18 @@ class PackingMap:
             gs = s.new_zeros(s.numel()).index_add_(0, h, gfb_e * contrib).view_as(s)
         return g, gf, gs
 
-    def transpose(self, grads: Dict[tuple, Optional[Tensor]], final: Optional[Tensor],
-                  sources: Sequence[Tensor]) -> List[Tensor]:
+    def transpose(
+        self, grads: Dict[tuple, Optional[Tensor]], final: Optional[Tensor], sources: Sequence[Tensor]
+    ) -> List[Tensor]:
         """The expansion's vector-Jacobian product: each source's gradient from the small pieces' gradients (None:
         zero) and the final weight's entries' (None: zero)."""
         ref = sources[0]
-        flat = torch.cat([ref.new_zeros(math.prod(shape)) if grads.get(key) is None else grads[key].reshape(-1)
-                          for key, shape, _ in self.pieces])
+        flat = torch.cat(
+            [
+                ref.new_zeros(math.prod(shape)) if grads.get(key) is None else grads[key].reshape(-1)
+                for key, shape, _ in self.pieces
+            ]
+        )
         sizes = [t.numel() for t in sources]
         ge = flat.index_select(0, self.targets)
         ge = torch.cat([ge, ref.new_zeros(self.final[0].shape[0]) if final is None else final])
@@ -155,8 +179,13 @@ _FLOATS = (torch.float32, torch.float64)
 def _native_passes(t: Tensor):
     """The native module when its packing passes apply to ``t``, else None (also while torch.compile traces: they are
     not registered ops, and the PyTorch form traces)."""
-    if not NATIVE_PASSES or t.is_cuda or t.dtype not in _FLOATS or t.device.type != "cpu" or \
-            torch.compiler.is_compiling():
+    if (
+        not NATIVE_PASSES
+        or t.is_cuda
+        or t.dtype not in _FLOATS
+        or t.device.type != "cpu"
+        or torch.compiler.is_compiling()
+    ):
         return None
     from ._native import module
 
@@ -210,9 +239,18 @@ class SourcePacking:
         L = len(program.hidden)
         outs = _FromSources.apply(self, program, stats, dtype, *self.inputs())
         fourier, fourier_inv = program._fourier(dtype)
-        return PackedProgram(list(outs[:L]), list(outs[L:2 * L]), fourier, fourier_inv, outs[2 * L],
-                             outs[2 * L + 1], outs[2 * L + 2], float(program.norm), program.dim,
-                             program.final_mask)
+        return PackedProgram(
+            list(outs[:L]),
+            list(outs[L : 2 * L]),
+            fourier,
+            fourier_inv,
+            outs[2 * L],
+            outs[2 * L + 1],
+            outs[2 * L + 2],
+            float(program.norm),
+            program.dim,
+            program.final_mask,
+        )
 
 
 class _FromSources(torch.autograd.Function):
@@ -310,7 +348,7 @@ class _FromSources(torch.autograd.Function):
         if gcoef is not None:  # coef = 1 / (2 sigma^2)
             c = ctx.coef
             g_sigma = (gcoef * c * c).sum().neg() * (4 * inputs[0])
-        g_src = packing.map.transpose(g_parts, g_final, inputs[1 + len(g_scales):])
+        g_src = packing.map.transpose(g_parts, g_final, inputs[1 + len(g_scales) :])
         out = [g_sigma, *g_scales, *g_src]
         return (None,) * 4 + tuple(g if t.requires_grad else None for g, t in zip(out, inputs))
 
@@ -346,12 +384,39 @@ def _native_vjp(fast, ctx, pend, grads) -> tuple:
     off_b.append(off.get(("b", L), -1))
     R, H, C, D = m.layout
     _, _, t, h, ch, rc = m.final
-    sources = inputs[1 + len(bn_layers):]
-    res = fast.pack_vjp(list(grads), weights, cw, factors, shifts, means, variances, eps, bn_layers, off_w, off_b,
-                        off_shift, m.size, parts["final"], t, h, ch, rc, R, H, C, H // D, m.targets, m.all_cols,
-                        m.all_values, [list(x.shape) for x in sources], ctx.coef, inputs[0])
+    sources = inputs[1 + len(bn_layers) :]
+    res = fast.pack_vjp(
+        list(grads),
+        weights,
+        cw,
+        factors,
+        shifts,
+        means,
+        variances,
+        eps,
+        bn_layers,
+        off_w,
+        off_b,
+        off_shift,
+        m.size,
+        parts["final"],
+        t,
+        h,
+        ch,
+        rc,
+        R,
+        H,
+        C,
+        H // D,
+        m.targets,
+        m.all_cols,
+        m.all_values,
+        [list(x.shape) for x in sources],
+        ctx.coef,
+        inputs[0],
+    )
     n = len(sources)
-    out = [res[n], *res[n + 1:], *res[:n]]  # sigma, the scales, the sources
+    out = [res[n], *res[n + 1 :], *res[:n]]  # sigma, the scales, the sources
     return tuple(x if t.requires_grad else None for x, t in zip(out, inputs))
 
 
@@ -365,8 +430,13 @@ def _plain_vjp(prog, stats, dtype, inputs, grads) -> tuple:
     need = [i for i, t in enumerate(inputs) if t.requires_grad]
     res: List[Optional[Tensor]] = [None] * len(inputs)
     if pairs and need:
-        got = torch.autograd.grad([o for o, _ in pairs], [inputs[i] for i in need], [g for _, g in pairs],
-                                  create_graph=True, allow_unused=True)
+        got = torch.autograd.grad(
+            [o for o, _ in pairs],
+            [inputs[i] for i in need],
+            [g for _, g in pairs],
+            create_graph=True,
+            allow_unused=True,
+        )
         for i, g in zip(need, got):
             res[i] = g
     return tuple(res)

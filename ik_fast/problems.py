@@ -15,22 +15,30 @@ if TYPE_CHECKING:
 # torch and escnn are imported inside the functions that build layers and graphs: the problem list itself (names,
 # sizes, descriptions) imports in milliseconds, for the command-line tools' help
 
-__all__ = ["Problem", "PROBLEMS", "SWEEPS", "get_problem", "sweep_problems", "build_layer", "build_escnn_layer",
-           "build_inputs"]
+__all__ = [
+    "Problem",
+    "PROBLEMS",
+    "SWEEPS",
+    "get_problem",
+    "sweep_problems",
+    "build_layer",
+    "build_escnn_layer",
+    "build_inputs",
+]
 
 
 @dataclass(frozen=True)
 class Problem:
     name: str
-    group: str = "O3"        # "O3": O(3) on R^3; "O2": O(2) on R^2
-    L: int = 1               # fields: band-limited sphere representation up to L
+    group: str = "O3"  # "O3": O(3) on R^3; "O2": O(2) on R^2
+    L: int = 1  # fields: band-limited sphere representation up to L
     fields: int = 8
     n_layers: int = 3
     channels: int = 8
-    n_attr: int = 4          # scalar edge attributes
+    n_attr: int = 4  # scalar edge attributes
     nodes: int = 2048
     k: int = 16
-    graph: str = "knn"       # "knn" (random geometric graph), "qm9" (batches of real molecules), "skew" (hubs)
+    graph: str = "knn"  # "knn" (random geometric graph), "qm9" (batches of real molecules), "skew" (hubs)
     molecules: int = 32
     description: str = ""
 
@@ -51,33 +59,99 @@ class Problem:
         return self.nodes * self.k
 
 
-PROBLEMS: Dict[str, Problem] = {p.name: p for p in [
-    Problem("cpu", L=2, fields=16, channels=16, nodes=2048, k=16,
-            description="foundation CPU problem: 16 x O(3) L<=2 (144 dims), MLP 3x16, 4 attrs, N=2048, k=16"),
-    Problem("P", L=1, fields=8, channels=8, graph="qm9", molecules=32, nodes=0, k=0,
-            description="QM9: 32 real molecules, all atom pairs, 8 x O(3) L<=1 (32 dims), MLP 3x8, 4 RBF attrs"),
-    Problem("qm9-400", L=1, fields=8, channels=8, graph="qm9", molecules=1, nodes=0, k=0,
+PROBLEMS: Dict[str, Problem] = {
+    p.name: p
+    for p in [
+        Problem(
+            "cpu",
+            L=2,
+            fields=16,
+            channels=16,
+            nodes=2048,
+            k=16,
+            description="foundation CPU problem: 16 x O(3) L<=2 (144 dims), MLP 3x16, 4 attrs, N=2048, k=16",
+        ),
+        Problem(
+            "P",
+            L=1,
+            fields=8,
+            channels=8,
+            graph="qm9",
+            molecules=32,
+            nodes=0,
+            k=0,
+            description="QM9: 32 real molecules, all atom pairs, 8 x O(3) L<=1 (32 dims), MLP 3x8, 4 RBF attrs",
+        ),
+        Problem(
+            "qm9-400",
+            L=1,
+            fields=8,
+            channels=8,
+            graph="qm9",
+            molecules=1,
+            nodes=0,
+            k=0,
             description="QM9: one molecule (20 atoms, 400 edges: all atom pairs), P's layer; the small-graph case "
-                        "where 'torch' is slower than 'reference'"),
-    Problem("M", L=1, fields=8, channels=8, nodes=32768, k=32,
-            description="M: 8 x O(3) L<=1 (32 dims), MLP 3x8, 4 attrs, N=32768, k=32 (~1M edges)"),
-    Problem("H", L=2, fields=16, channels=16, nodes=8192, k=24,
-            description="H: 16 x O(3) L<=2 (144 dims), MLP 3x16, 4 attrs, N=8192, k=24 (~197k edges)"),
-    Problem("skew", L=1, fields=8, channels=8, nodes=16384, k=16, graph="skew",
-            description="degree skew: M's fields, 16384 nodes, one hub receiving 10^4 edges, Zipf in-degrees "
-                        "(mean 16)"),
-    Problem("planar", group="O2", L=1, fields=8, channels=8, nodes=4096, k=16,
-            description="2D: 8 x O(2) band-limited regular L<=1 (32 dims), MLP 3x8, 4 attrs, N=4096, k=16"),
-    Problem("tiny", L=1, fields=2, channels=4, nodes=64, k=8,
-            description="smoke test: 2 x O(3) L<=1, MLP 3x4, 4 attrs, N=64, k=8"),
-]}
+            "where 'torch' is slower than 'reference'",
+        ),
+        Problem(
+            "M",
+            L=1,
+            fields=8,
+            channels=8,
+            nodes=32768,
+            k=32,
+            description="M: 8 x O(3) L<=1 (32 dims), MLP 3x8, 4 attrs, N=32768, k=32 (~1M edges)",
+        ),
+        Problem(
+            "H",
+            L=2,
+            fields=16,
+            channels=16,
+            nodes=8192,
+            k=24,
+            description="H: 16 x O(3) L<=2 (144 dims), MLP 3x16, 4 attrs, N=8192, k=24 (~197k edges)",
+        ),
+        Problem(
+            "skew",
+            L=1,
+            fields=8,
+            channels=8,
+            nodes=16384,
+            k=16,
+            graph="skew",
+            description="degree skew: M's fields, 16384 nodes, one hub receiving 10^4 edges, Zipf in-degrees (mean 16)",
+        ),
+        Problem(
+            "planar",
+            group="O2",
+            L=1,
+            fields=8,
+            channels=8,
+            nodes=4096,
+            k=16,
+            description="2D: 8 x O(2) band-limited regular L<=1 (32 dims), MLP 3x8, 4 attrs, N=4096, k=16",
+        ),
+        Problem(
+            "tiny",
+            L=1,
+            fields=2,
+            channels=4,
+            nodes=64,
+            k=8,
+            description="smoke test: 2 x O(3) L<=1, MLP 3x4, 4 attrs, N=64, k=8",
+        ),
+    ]
+}
 
 # Edge sweeps of configs M and H: target edge counts; nodes = edges / k. The CPU default is small enough to finish
 # in minutes on 2 cores; the GPU sweep goes past the point where `reference` and escnn run out of memory.
 SWEEPS = {
     "cpu": {"M": [10_000, 30_000, 100_000], "H": [2_500, 10_000]},
-    "gpu": {"M": [10_000, 30_000, 100_000, 300_000, 1_000_000, 3_000_000, 10_000_000],
-            "H": [10_000, 30_000, 100_000, 300_000, 1_000_000, 3_000_000, 10_000_000]},
+    "gpu": {
+        "M": [10_000, 30_000, 100_000, 300_000, 1_000_000, 3_000_000, 10_000_000],
+        "H": [10_000, 30_000, 100_000, 300_000, 1_000_000, 3_000_000, 10_000_000],
+    },
 }
 
 
@@ -162,7 +236,7 @@ def build_inputs(p: Problem, device="cpu", seed: int = 0, dtype: Optional[torch.
             pos, ei = random_geometric_graph(p.nodes, p.k, dim=p.dim, seed=seed)
         d = pos[ei[0]] - pos[ei[1]]
         attr = torch.cat([d.norm(dim=1, keepdim=True), torch.rand(ei.shape[1], p.n_attr - 1, generator=g)], 1)
-        attr = attr[:, :p.n_attr]
+        attr = attr[:, : p.n_attr]
     x = torch.randn(pos.shape[0], p.field_dim, generator=g)
     cast = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
     return cast(x), cast(pos), ei.to(device), cast(attr)

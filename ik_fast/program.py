@@ -27,8 +27,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["BlockPlan", "Linear", "BatchNorm", "Hidden", "KernelProgram", "PackedProgram", "build_plan", "Deferred",
-           "DeferredLinear", "DeferredBatchNorm"]
+__all__ = [
+    "BlockPlan",
+    "Linear",
+    "BatchNorm",
+    "Hidden",
+    "KernelProgram",
+    "PackedProgram",
+    "build_plan",
+    "Deferred",
+    "DeferredLinear",
+    "DeferredBatchNorm",
+]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -59,8 +69,13 @@ class BlockPlan:
     @property
     def macs_per_row(self) -> int:
         """Multiply-adds per input row of the structured product (the dense one costs R * C)."""
-        return int(sum(comp.numel() * self.col_groups[g].shape[0] * rows.shape[0]
-                       for rows, terms in zip(self.rows, self.terms) for g, comp, _ in terms))
+        return int(
+            sum(
+                comp.numel() * self.col_groups[g].shape[0] * rows.shape[0]
+                for rows, terms in zip(self.rows, self.terms)
+                for g, comp, _ in terms
+            )
+        )
 
     def gather(self, weight: Tensor) -> Tuple[Tensor, ...]:
         """Per row group, the (d_out, L, F_out) weights of its batched GEMM, gathered from the dense ``weight``."""
@@ -116,13 +131,20 @@ class BlockPlan:
 
     def to(self, device) -> "BlockPlan":
         mv = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return BlockPlan(tuple(mv(c) for c in self.col_groups), tuple(mv(r) for r in self.rows),
-                         tuple(tuple((g, mv(c), mv(v)) for g, c, v in terms) for terms in self.terms),
-                         mv(self.out_index), self.shape, self.contiguous, self.componentwise)
+        return BlockPlan(
+            tuple(mv(c) for c in self.col_groups),
+            tuple(mv(r) for r in self.rows),
+            tuple(tuple((g, mv(c), mv(v)) for g, c, v in terms) for terms in self.terms),
+            mv(self.out_index),
+            self.shape,
+            self.contiguous,
+            self.componentwise,
+        )
 
 
-def build_plan(mask: Tensor, row_groups: Sequence[Tensor], col_groups: Sequence[Tensor],
-               min_saving: float = 2.0) -> Optional[BlockPlan]:
+def build_plan(
+    mask: Tensor, row_groups: Sequence[Tensor], col_groups: Sequence[Tensor], min_saving: float = 2.0
+) -> Optional[BlockPlan]:
     """Plan for a matrix whose structural non-zeros are ``mask`` (R, C).
 
     ``row_groups``: index tensors (F_out, d_out) of output rows, one per field type (the fields of a group share a
@@ -157,14 +179,19 @@ def build_plan(mask: Tensor, row_groups: Sequence[Tensor], col_groups: Sequence[
         out_index = None
     contiguous = tuple(cg.numel() == C and bool((cg.reshape(-1) == torch.arange(C)).all()) for cg in col_groups)
     componentwise = None
-    if len(rows_out) == 1 and len(col_groups) == 1 and len(terms_out[0]) == 1 and out_index is None \
-            and contiguous[0] and tuple(col_groups[0].shape) == tuple(rows_out[0].shape):
+    if (
+        len(rows_out) == 1
+        and len(col_groups) == 1
+        and len(terms_out[0]) == 1
+        and out_index is None
+        and contiguous[0]
+        and tuple(col_groups[0].shape) == tuple(rows_out[0].shape)
+    ):
         f, d = rows_out[0].shape
         _, comp, valid = terms_out[0][0]
         if comp.shape == (d, 1) and bool((comp[:, 0] == torch.arange(d)).all()) and bool(valid.all()):
             componentwise = (int(f), int(d))
-    plan = BlockPlan(tuple(col_groups), tuple(rows_out), tuple(terms_out), out_index, (R, C), contiguous,
-                     componentwise)
+    plan = BlockPlan(tuple(col_groups), tuple(rows_out), tuple(terms_out), out_index, (R, C), contiguous, componentwise)
     if not rows_out or plan.macs_per_row * min_saving > R * C:
         return None
     return plan
@@ -235,12 +262,12 @@ class BatchNorm:
 
     training: bool
     eps: float
-    avg: Tensor            # (dim, dim) projection onto the trivial irreps of the field
-    scale: Tensor          # (channels,) learnable weight
-    shift: Tensor          # (channels, dim) expanded learnable bias
-    running_mean: Tensor   # (channels, dim)
-    running_var: Tensor    # (channels,)
-    sync: bool = False     # statistics over every process's edges (torch.distributed), see :meth:`finish`
+    avg: Tensor  # (dim, dim) projection onto the trivial irreps of the field
+    scale: Tensor  # (channels,) learnable weight
+    shift: Tensor  # (channels, dim) expanded learnable bias
+    running_mean: Tensor  # (channels, dim)
+    running_var: Tensor  # (channels,)
+    sync: bool = False  # statistics over every process's edges (torch.distributed), see :meth:`finish`
     avg_t: Optional[Tensor] = None  # avg.t(), when the lowering keeps that view across passes
 
     def batch_stats(self, h: Tensor) -> Tuple[Tensor, Tensor]:
@@ -326,11 +353,31 @@ class DeferredLinear(Linear):
 class DeferredBatchNorm(BatchNorm):
     """A :class:`BatchNorm` whose expanded shift is ``parts(key)`` of a :class:`Deferred`, read on first use."""
 
-    def __init__(self, parts: Deferred, key, training: bool, eps: float, avg: Tensor, scale: Tensor,
-                 running_mean: Tensor, running_var: Tensor, sync: bool = False, avg_t: Optional[Tensor] = None):
-        for name, value in (("_parts", parts), ("_key", key), ("training", training), ("eps", eps), ("avg", avg),
-                            ("scale", scale), ("running_mean", running_mean), ("running_var", running_var),
-                            ("sync", sync), ("avg_t", avg_t)):
+    def __init__(
+        self,
+        parts: Deferred,
+        key,
+        training: bool,
+        eps: float,
+        avg: Tensor,
+        scale: Tensor,
+        running_mean: Tensor,
+        running_var: Tensor,
+        sync: bool = False,
+        avg_t: Optional[Tensor] = None,
+    ):
+        for name, value in (
+            ("_parts", parts),
+            ("_key", key),
+            ("training", training),
+            ("eps", eps),
+            ("avg", avg),
+            ("scale", scale),
+            ("running_mean", running_mean),
+            ("running_var", running_var),
+            ("sync", sync),
+            ("avg_t", avg_t),
+        ):
             object.__setattr__(self, name, value)
 
     shift = property(lambda self: self._parts(self._key))
@@ -349,8 +396,8 @@ def _all_reduce_moments(moments: Tensor, count: int) -> Tuple[Tensor, int]:
     dist.all_reduce(packed)
     K = mean.shape[0]
     N = packed[0]
-    mu = packed[1:1 + K] / N
-    M2 = (packed[1 + K:] - N * mu * mu).clamp_min(0)
+    mu = packed[1 : 1 + K] / N
+    M2 = (packed[1 + K :] - N * mu * mu).clamp_min(0)
     return torch.stack([mu, M2]), int(N.item())
 
 
@@ -370,7 +417,7 @@ class _FourierELU(torch.autograd.Function):
             return F.elu(x @ A.t(), inplace=True) @ Ainv.t()
         out = x.new_empty(*x.shape[:-1], Ainv.shape[0])
         for s in range(0, x.shape[0], n):
-            torch.matmul(F.elu(x[s:s + n] @ A.t(), inplace=True), Ainv.t(), out=out[s:s + n])
+            torch.matmul(F.elu(x[s : s + n] @ A.t(), inplace=True), Ainv.t(), out=out[s : s + n])
         return out
 
     @staticmethod
@@ -380,8 +427,8 @@ class _FourierELU(torch.autograd.Function):
         A, Ainv, grad = A.to(x.dtype), Ainv.to(x.dtype), grad.to(x.dtype)
         parts = []
         for s in range(0, x.shape[0], _FourierELU.CHUNK):
-            u = x[s:s + _FourierELU.CHUNK] @ A.t()
-            g = grad[s:s + _FourierELU.CHUNK] @ Ainv
+            u = x[s : s + _FourierELU.CHUNK] @ A.t()
+            g = grad[s : s + _FourierELU.CHUNK] @ Ainv
             g = torch.ops.aten.elu_backward(g, 1.0, 1, 1, False, u)  # g * ELU'(u), itself differentiable
             parts.append(g @ A)
         return (parts[0] if len(parts) == 1 else torch.cat(parts)), None, None
@@ -394,8 +441,8 @@ class Hidden:
     linear: Linear
     channels: int
     dim: int
-    A: Optional[Tensor]      # (grid, dim)
-    Ainv: Optional[Tensor]   # (dim, grid)
+    A: Optional[Tensor]  # (grid, dim)
+    Ainv: Optional[Tensor]  # (dim, grid)
     bn: Optional[BatchNorm]
 
     def activate(self, x: Tensor) -> Tensor:
@@ -428,8 +475,18 @@ class PackedProgram:
     final_mask: Optional[Tensor] = None  # bool (R, H, C_in) on the CPU: final_weight's structural non-zeros
 
     def args(self) -> tuple:
-        return (self.weights, self.biases, self.fourier, self.fourier_inv, self.final_weight, self.final_bias,
-                self.coef, self.norm, self.ndim, self.final_mask)
+        return (
+            self.weights,
+            self.biases,
+            self.fourier,
+            self.fourier_inv,
+            self.final_weight,
+            self.final_bias,
+            self.coef,
+            self.norm,
+            self.ndim,
+            self.final_mask,
+        )
 
 
 def _native_fold(program, k: int, parts: dict, pending, dtype) -> Optional[Tuple[Tensor, Tensor]]:
@@ -479,14 +536,14 @@ def scalar(value, dtype: torch.dtype):
 class KernelProgram:
     """The implicit kernel of one forward pass, lowered to plain tensors. See the module docstring."""
 
-    dim: int                      # n, the dimension of the base space (2 or 3)
-    in_size: int                  # C_in = in_type.size
-    out_size: int                 # R = out_type.size
-    attr_size: int                # A = edge_attr_type.size (0 without attributes)
+    dim: int  # n, the dimension of the base space (2 or 3)
+    in_size: int  # C_in = in_type.size
+    out_size: int  # R = out_type.size
+    attr_size: int  # A = edge_attr_type.size (0 without attributes)
     hidden: Tuple[Hidden, ...]
-    final: Linear                 # weight (R, H * C_in), bias (R * C_in,) or None; kernel layout
-    sigma: Tensor                 # () learnable width of the radial shell
-    norm: float                   # 1 / sqrt(number of output fields)
+    final: Linear  # weight (R, H * C_in), bias (R * C_in,) or None; kernel layout
+    sigma: Tensor  # () learnable width of the radial shell
+    norm: float  # 1 / sqrt(number of output fields)
     training: bool
     meta: dict = field(default_factory=dict, compare=False)
     # bool (R, H, C_in) on the CPU: where the last Linear's weight (kernel layout) can be non-zero, from its basis
@@ -524,8 +581,7 @@ class KernelProgram:
     def mlp_input(self, delta: Tensor, attr: Optional[Tensor]) -> Tensor:
         return delta if attr is None or attr.shape[1] == 0 else torch.cat([delta, attr], 1)
 
-    def trunk(self, delta: Tensor, attr: Optional[Tensor], stats: Optional[Sequence] = None,
-              structured: bool = False):
+    def trunk(self, delta: Tensor, attr: Optional[Tensor], stats: Optional[Sequence] = None, structured: bool = False):
         """Hidden activations of the MLP (everything before the last Linear) and the batch statistics used.
 
         ``stats``: precomputed batch statistics, one per batch-norm layer (training only); when None in training,
@@ -639,8 +695,9 @@ class KernelProgram:
             out.append(p)
         return out
 
-    def packed_from(self, parts: dict, stats: Sequence, dtype: torch.dtype, upto: Optional[int], tag,
-                    final=None) -> PackedProgram:
+    def packed_from(
+        self, parts: dict, stats: Sequence, dtype: torch.dtype, upto: Optional[int], tag, final=None
+    ) -> PackedProgram:
         """:meth:`packed` of the learnable tensors ``parts`` (see :meth:`parts`), memoised under ``tag``; ``final``:
         ``(parts, pending, dtype) -> (weight, bias)`` of the last Linear in place of :meth:`_pack_final`."""
         n = len(self.hidden) if upto is None else upto
@@ -661,8 +718,18 @@ class KernelProgram:
         else:  # a statistics pass's program: the trunk's layers only (trunk_moments reads no more)
             fw = fb = self._memo(("empty", dtype), None, self.sigma.new_zeros, 0, dtype=dtype)
         coef = self._memo(("coef", tag, dtype), None, self._coef, dtype)
-        return PackedProgram(weights, biases, fourier[:n], fourier_inv[:n], fw, fb, coef, float(self.norm), self.dim,
-                             self.final_mask if upto is None else None)
+        return PackedProgram(
+            weights,
+            biases,
+            fourier[:n],
+            fourier_inv[:n],
+            fw,
+            fb,
+            coef,
+            float(self.norm),
+            self.dim,
+            self.final_mask if upto is None else None,
+        )
 
     def _memo_src(self, stats: Sequence, k: int):
         """The object whose identity a fold with hidden layer k's batch norm is memoised on: its statistics in
@@ -673,8 +740,14 @@ class KernelProgram:
         return stats[j]
 
     def _fourier(self, dtype: torch.dtype):
-        return self._memo(("fourier", dtype), None, lambda: (
-            [self._constant(h.A, dtype) for h in self.hidden], [self._constant(h.Ainv, dtype) for h in self.hidden]))
+        return self._memo(
+            ("fourier", dtype),
+            None,
+            lambda: (
+                [self._constant(h.A, dtype) for h in self.hidden],
+                [self._constant(h.Ainv, dtype) for h in self.hidden],
+            ),
+        )
 
     def _pack_hidden(self, k: int, parts: dict, pending: Optional[Tuple[Tensor, Tensor]], dtype: torch.dtype):
         """(weight, bias) of hidden layer k for the fused ops, the batch norm before it (``pending``) folded in."""

@@ -17,8 +17,17 @@ import torch
 
 from .data import ELEMENTS, _qm9_files, radius_graph
 
-__all__ = ["QM9Data", "load_qm9", "qm9_splits", "QM9Batch", "qm9_batches", "collate", "EDGE_ATTRS",
-           "edge_attr_size", "TARGETS"]
+__all__ = [
+    "QM9Data",
+    "load_qm9",
+    "qm9_splits",
+    "QM9Batch",
+    "qm9_batches",
+    "collate",
+    "EDGE_ATTRS",
+    "edge_attr_size",
+    "TARGETS",
+]
 
 HARTREE_MEV = 27211.386245988
 # target name -> (CSV column, factor to the paper's unit, unit)
@@ -42,8 +51,8 @@ _CACHE_VERSION = 1
 class QM9Data:
     """All molecules as flat arrays: molecule m has atoms ``offsets[m]:offsets[m+1]``."""
 
-    pos: np.ndarray      # (atoms, 3) float32, Angstrom
-    z: np.ndarray        # (atoms,) int8, index into ELEMENTS
+    pos: np.ndarray  # (atoms, 3) float32, Angstrom
+    z: np.ndarray  # (atoms,) int8, index into ELEMENTS
     offsets: np.ndarray  # (molecules + 1,) int64
     targets: Dict[str, np.ndarray]  # name -> (molecules,) float64 in the paper's units
 
@@ -83,8 +92,9 @@ def _parse_csvs(limit: Optional[int]) -> QM9Data:
             break
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     targets = {k: np.asarray(v) * TARGETS[k][1] for k, v in cols.items()}
-    return QM9Data(np.concatenate(pos).astype(np.float32), np.concatenate([np.asarray(a, np.int8) for a in z]),
-                   offsets, targets)
+    return QM9Data(
+        np.concatenate(pos).astype(np.float32), np.concatenate([np.asarray(a, np.int8) for a in z]), offsets, targets
+    )
 
 
 def default_cache_dir() -> str:
@@ -110,15 +120,16 @@ def load_qm9(limit: Optional[int] = None, cache_dir: Optional[str] = None) -> QM
     return data
 
 
-def qm9_splits(n: int, seed: int = 0, n_train: Optional[int] = None, n_val: Optional[int] = None,
-               n_test: Optional[int] = None) -> Dict[str, np.ndarray]:
+def qm9_splits(
+    n: int, seed: int = 0, n_train: Optional[int] = None, n_val: Optional[int] = None, n_test: Optional[int] = None
+) -> Dict[str, np.ndarray]:
     """A fixed random split of ``range(n)`` by ``seed``: by default the research code's proportions (100,000 of
     130,831 for training, 10% for testing, the rest for validation), scaled to ``n``. Smaller ``n_*`` take the first
     indices of each part, so a reduced budget uses subsets of the same split."""
     perm = np.random.default_rng(seed).permutation(n)
     tr = int(round(n * 100_000 / 130_831))
     te = int(0.1 * n)
-    parts = {"train": perm[:tr], "val": perm[tr:n - te], "test": perm[n - te:]}
+    parts = {"train": perm[:tr], "val": perm[tr : n - te], "test": perm[n - te :]}
     for k, m in (("train", n_train), ("val", n_val), ("test", n_test)):
         if m is not None:
             if m < 1 or m > len(parts[k]):
@@ -135,22 +146,29 @@ def edge_attr_size(kind: str) -> int:
 
 @dataclass
 class QM9Batch:
-    x: torch.Tensor           # (N, 5) one-hot atom types
-    pos: torch.Tensor         # (N, 3), scaled by 1 / pos_scale
+    x: torch.Tensor  # (N, 5) one-hot atom types
+    pos: torch.Tensor  # (N, 3), scaled by 1 / pos_scale
     edge_index: torch.Tensor  # (2, E), source -> receiver
     edge_attr: Optional[torch.Tensor]  # (E, A) or None
-    batch: torch.Tensor       # (N,) molecule of each atom
-    y: torch.Tensor           # (B,) target in the paper's units
+    batch: torch.Tensor  # (N,) molecule of each atom
+    y: torch.Tensor  # (B,) target in the paper's units
     n_graphs: int
 
     def to(self, device) -> "QM9Batch":
-        return QM9Batch(self.x.to(device), self.pos.to(device), self.edge_index.to(device),
-                        None if self.edge_attr is None else self.edge_attr.to(device), self.batch.to(device),
-                        self.y.to(device), self.n_graphs)
+        return QM9Batch(
+            self.x.to(device),
+            self.pos.to(device),
+            self.edge_index.to(device),
+            None if self.edge_attr is None else self.edge_attr.to(device),
+            self.batch.to(device),
+            self.y.to(device),
+            self.n_graphs,
+        )
 
 
-def collate(data: QM9Data, idx, target: str, cutoff: float = 2.0, edge_attrs: str = "bond",
-            pos_scale: float = 1.7415) -> QM9Batch:
+def collate(
+    data: QM9Data, idx, target: str, cutoff: float = 2.0, edge_attrs: str = "bond", pos_scale: float = 1.7415
+) -> QM9Batch:
     """Disjoint union of the molecules ``idx``: a radius graph per molecule (every ordered pair of distinct atoms
     within ``cutoff`` Angstrom, :func:`ik_fast.data.radius_graph`) and edge attributes of kind ``edge_attrs``:
 
@@ -184,7 +202,7 @@ def collate(data: QM9Data, idx, target: str, cutoff: float = 2.0, edge_attrs: st
         r = torch.from_numpy(COVALENT_RADII.astype(np.float32))
         bonded = (dist < 1.2 * (r[z[src]] + r[z[dst]])).float()
         centres = torch.tensor([1.0, 1.5, 2.0])
-        rbf = torch.exp(-((dist[:, None] - centres) ** 2) / (2 * 0.25 ** 2))
+        rbf = torch.exp(-((dist[:, None] - centres) ** 2) / (2 * 0.25**2))
         attr = torch.cat([bonded[:, None], rbf], 1)
     else:
         eye = torch.eye(len(ELEMENTS))
@@ -194,14 +212,21 @@ def collate(data: QM9Data, idx, target: str, cutoff: float = 2.0, edge_attrs: st
     return QM9Batch(x, pos / pos_scale, torch.stack([src, dst]), attr, batch, y, len(idx))
 
 
-def qm9_batches(data: QM9Data, indices: np.ndarray, batch_size: int, target: str, shuffle: bool,
-                generator: Optional[np.random.Generator] = None, **collate_kwargs) -> Iterator[QM9Batch]:
+def qm9_batches(
+    data: QM9Data,
+    indices: np.ndarray,
+    batch_size: int,
+    target: str,
+    shuffle: bool,
+    generator: Optional[np.random.Generator] = None,
+    **collate_kwargs,
+) -> Iterator[QM9Batch]:
     """Batches of ``batch_size`` molecules from ``indices`` (shuffled with ``generator`` when ``shuffle``)."""
     order = np.asarray(indices)
     if shuffle:
         order = order[(generator or np.random.default_rng()).permutation(len(order))]
     for s in range(0, len(order), batch_size):
-        yield collate(data, order[s:s + batch_size], target, **collate_kwargs)
+        yield collate(data, order[s : s + batch_size], target, **collate_kwargs)
 
 
 def split_sizes(splits: Dict[str, np.ndarray]) -> List[str]:

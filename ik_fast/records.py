@@ -43,8 +43,23 @@ __all__ = ["SCHEMA", "KINDS", "provenance", "record", "write", "load", "validate
 
 SCHEMA = "ik_fast-results/1"
 KINDS = ("timing", "compile", "work", "precision", "training", "equivariance", "test")
-_FIELDS = ("kind", "commit", "dirty", "date", "device", "stack", "problem", "provider", "mode", "precision", "metric",
-           "value", "unit", "spread", "extra")
+_FIELDS = (
+    "kind",
+    "commit",
+    "dirty",
+    "date",
+    "device",
+    "stack",
+    "problem",
+    "provider",
+    "mode",
+    "precision",
+    "metric",
+    "value",
+    "unit",
+    "spread",
+    "extra",
+)
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -94,10 +109,21 @@ def provenance(device: str = "cpu") -> Dict[str, object]:
         name = torch.cuda.get_device_name(dev)
     else:
         name = f"{_cpu_name()} ({torch.get_num_threads()} threads)"
-    stack = {"python": platform.python_version(), "torch": torch.__version__, "triton": _version("triton"),
-             "escnn": _version("escnn"), "numpy": _version("numpy"), "cuda": torch.version.cuda}
-    return {"commit": commit, "dirty": dirty, "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "device": {"type": dev.type, "name": name}, "stack": stack}
+    stack = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "escnn": _version("escnn"),
+        "numpy": _version("numpy"),
+        "cuda": torch.version.cuda,
+    }
+    return {
+        "commit": commit,
+        "dirty": dirty,
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "device": {"type": dev.type, "name": name},
+        "stack": stack,
+    }
 
 
 def device_slug(prov: Dict[str, object]) -> str:
@@ -110,14 +136,37 @@ def device_slug(prov: Dict[str, object]) -> str:
     return slug if dev["type"] == "cuda" else f"cpu-{slug}".replace("cpu-cpu", "cpu")
 
 
-def record(kind: str, problem: str, provider: str, metric: str, value, unit: str, *, mode: str = "",
-           precision: str = "", spread: Optional[Dict[str, float]] = None, extra: Optional[Dict] = None,
-           error: Optional[str] = None, prov: Optional[Dict[str, object]] = None, device: str = "cpu") -> Dict:
+def record(
+    kind: str,
+    problem: str,
+    provider: str,
+    metric: str,
+    value,
+    unit: str,
+    *,
+    mode: str = "",
+    precision: str = "",
+    spread: Optional[Dict[str, float]] = None,
+    extra: Optional[Dict] = None,
+    error: Optional[str] = None,
+    prov: Optional[Dict[str, object]] = None,
+    device: str = "cpu",
+) -> Dict:
     """One record; ``prov`` (from :func:`provenance`, computed once per run) else the provenance now."""
     prov = prov or provenance(device)
-    rec = {"kind": kind, **{k: prov[k] for k in ("commit", "dirty", "date", "device", "stack")}, "problem": problem,
-           "provider": provider, "mode": mode, "precision": precision, "metric": metric,
-           "value": None if value is None else float(value), "unit": unit, "spread": spread, "extra": extra or {}}
+    rec = {
+        "kind": kind,
+        **{k: prov[k] for k in ("commit", "dirty", "date", "device", "stack")},
+        "problem": problem,
+        "provider": provider,
+        "mode": mode,
+        "precision": precision,
+        "metric": metric,
+        "value": None if value is None else float(value),
+        "unit": unit,
+        "spread": spread,
+        "extra": extra or {},
+    }
     if error is not None:
         rec["error"] = str(error)
     validate_record(rec)
@@ -158,28 +207,49 @@ def validate_record(rec: Dict, where: str = "record") -> None:
         raise ValueError(f"{where} has unknown field(s) {sorted(extra)} (free-form details go under 'extra')")
     checks = [
         ("kind", rec["kind"] in KINDS, f"one of {KINDS}"),
-        ("commit", isinstance(rec["commit"], str) and (rec["commit"] == "unknown" or
-                                                       (len(rec["commit"]) == 40 and
-                                                        all(c in "0123456789abcdef" for c in rec["commit"]))),
-         "40 hex digits or 'unknown'"),
+        (
+            "commit",
+            isinstance(rec["commit"], str)
+            and (
+                rec["commit"] == "unknown"
+                or (len(rec["commit"]) == 40 and all(c in "0123456789abcdef" for c in rec["commit"]))
+            ),
+            "40 hex digits or 'unknown'",
+        ),
         ("dirty", isinstance(rec["dirty"], bool), "a boolean"),
         ("date", isinstance(rec["date"], str) and _is_date(rec["date"]), "an ISO 8601 date"),
-        ("device", isinstance(rec["device"], dict) and rec["device"].get("type") in ("cpu", "cuda")
-         and isinstance(rec["device"].get("name"), str) and rec["device"]["name"] != "",
-         "{'type': 'cpu'|'cuda', 'name': str}"),
-        ("stack", isinstance(rec["stack"], dict) and isinstance(rec["stack"].get("torch"), str)
-         and isinstance(rec["stack"].get("python"), str), "an object with at least 'python' and 'torch'"),
+        (
+            "device",
+            isinstance(rec["device"], dict)
+            and rec["device"].get("type") in ("cpu", "cuda")
+            and isinstance(rec["device"].get("name"), str)
+            and rec["device"]["name"] != "",
+            "{'type': 'cpu'|'cuda', 'name': str}",
+        ),
+        (
+            "stack",
+            isinstance(rec["stack"], dict)
+            and isinstance(rec["stack"].get("torch"), str)
+            and isinstance(rec["stack"].get("python"), str),
+            "an object with at least 'python' and 'torch'",
+        ),
         ("problem", isinstance(rec["problem"], str) and rec["problem"] != "", "a non-empty string"),
         ("provider", isinstance(rec["provider"], str) and rec["provider"] != "", "a non-empty string"),
         ("mode", isinstance(rec["mode"], str), "a string"),
         ("precision", isinstance(rec["precision"], str), "a string"),
         ("metric", isinstance(rec["metric"], str) and rec["metric"] != "", "a non-empty string"),
-        ("value", rec["value"] is None or (isinstance(rec["value"], (int, float)) and not isinstance(rec["value"], bool)),
-         "a number or null"),
+        (
+            "value",
+            rec["value"] is None or (isinstance(rec["value"], (int, float)) and not isinstance(rec["value"], bool)),
+            "a number or null",
+        ),
         ("unit", isinstance(rec["unit"], str), "a string"),
-        ("spread", rec["spread"] is None or (isinstance(rec["spread"], dict) and
-                                             all(isinstance(v, (int, float)) for v in rec["spread"].values())),
-         "null or an object of numbers"),
+        (
+            "spread",
+            rec["spread"] is None
+            or (isinstance(rec["spread"], dict) and all(isinstance(v, (int, float)) for v in rec["spread"].values())),
+            "null or an object of numbers",
+        ),
         ("extra", isinstance(rec["extra"], dict), "an object"),
     ]
     for field, ok, want in checks:

@@ -57,8 +57,8 @@ class SyncBatchNorm1d(torch.nn.BatchNorm1d):
         n = x.new_full((1,), float(x.shape[0]))
         packed = _AllReduceSum.apply(torch.cat([n, x.sum(0), (x * x).sum(0)]))
         N = packed[0]
-        mean = packed[1:1 + C] / N
-        var = (packed[1 + C:] / N - mean * mean).clamp(min=0)
+        mean = packed[1 : 1 + C] / N
+        var = (packed[1 + C :] / N - mean * mean).clamp(min=0)
         if self.track_running_stats:
             with torch.no_grad():
                 m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked + 1)
@@ -80,16 +80,17 @@ class SyncIIDBatchNorm1d(enn.IIDBatchNorm1d):
         agg_axes = (0,) + tuple(range(3, len(slice.shape)))
         x = slice.detach()
         n_local = x.numel() // (x.shape[1] * x.shape[2])
-        packed = torch.cat([x.new_full((1,), float(n_local)), x.sum(dim=agg_axes).reshape(-1),
-                            (x * x).sum(dim=agg_axes).reshape(-1)])
+        packed = torch.cat(
+            [x.new_full((1,), float(n_local)), x.sum(dim=agg_axes).reshape(-1), (x * x).sum(dim=agg_axes).reshape(-1)]
+        )
         dist.all_reduce(packed)
         N = packed[0]
         k = x.shape[1] * x.shape[2]
-        mean = (packed[1:1 + k] / N).reshape(x.shape[1], x.shape[2])        # per field and component
-        sq = (packed[1 + k:] / N).reshape(x.shape[1], x.shape[2])
+        mean = (packed[1 : 1 + k] / N).reshape(x.shape[1], x.shape[2])  # per field and component
+        sq = (packed[1 + k :] / N).reshape(x.shape[1], x.shape[2])
         if self._has_trivial[name]:
             P = getattr(self, f"{self._escape_name(name)}_avg")
-            means = mean @ P.t()                                             # projection on the trivial irreps
+            means = mean @ P.t()  # projection on the trivial irreps
         else:
             means = None
         # unbiased variance per component (a shift by the means does not change it), averaged over the components

@@ -24,8 +24,20 @@ from typing import Iterable, Optional, Tuple, Union
 
 import torch
 
-__all__ = ["FAMILIES", "group_family", "tolerance", "KernelGraph", "kernel_graph", "randomize_", "rep_matrix",
-           "basespace_matrix", "equivariance_error", "exact_elements", "check_equivariance", "assert_equivariant"]
+__all__ = [
+    "FAMILIES",
+    "group_family",
+    "tolerance",
+    "KernelGraph",
+    "kernel_graph",
+    "randomize_",
+    "rep_matrix",
+    "basespace_matrix",
+    "equivariance_error",
+    "exact_elements",
+    "check_equivariance",
+    "assert_equivariant",
+]
 
 # ----------------------------------------------------------------------------------------------------------------
 # the tolerance table
@@ -46,11 +58,11 @@ _TABLE = {
     ("double_backward", torch.float32): 3e-4,
     ("double_backward", torch.float64): 1e-9,
     ("forward", torch.bfloat16): 1e-1,  # bf16 operands under autocast: about 2x the largest measured (triton, eval)
-    ("exact", torch.float32): 3e-6,    # (I_h)
-    ("exact", torch.float64): 4e-7,    # (C_8 on R^2)
-    ("equivariance", torch.float32, "SO2"): 3e-4,   # (O(2) on R^2)
+    ("exact", torch.float32): 3e-6,  # (I_h)
+    ("exact", torch.float64): 4e-7,  # (C_8 on R^2)
+    ("equivariance", torch.float32, "SO2"): 3e-4,  # (O(2) on R^2)
     ("equivariance", torch.float64, "SO2"): 3e-4,
-    ("equivariance", torch.float32, "SO3"): 1e-2,   # (SO(3))
+    ("equivariance", torch.float32, "SO3"): 1e-2,  # (SO(3))
     ("equivariance", torch.float64, "SO3"): 1e-2,
 }
 # Per-backend entries that differ from the table above: {(backend, kind, dtype[, family]): bound}.
@@ -60,7 +72,7 @@ _KINDS = ("forward", "backward", "double_backward", "exact", "equivariance")
 
 
 def group_family(obj) -> str:
-    """"finite", "SO2" (SO(2), O(2), cylinders: a circle factor) or "SO3" (SO(3), O(3)) for a group, a gspace,
+    """ "finite", "SO2" (SO(2), O(2), cylinders: a circle factor) or "SO3" (SO(3), O(3)) for a group, a gspace,
     a field type, an :class:`~ik_fast.ImplicitKernel` or a layer."""
     from escnn import group
 
@@ -109,9 +121,9 @@ def tolerance(kind: str, dtype: torch.dtype, family: Optional[str] = None, backe
 # ----------------------------------------------------------------------------------------------------------------
 @dataclass
 class KernelGraph:
-    pos: torch.Tensor          # (N, n)
-    x: torch.Tensor            # (N, C_in)
-    edge_index: torch.Tensor   # (2, E), row 0 = source
+    pos: torch.Tensor  # (N, n)
+    x: torch.Tensor  # (N, C_in)
+    edge_index: torch.Tensor  # (2, E), row 0 = source
     edge_attr: Optional[torch.Tensor]  # (E, A)
 
     @property
@@ -119,8 +131,15 @@ class KernelGraph:
         return self.pos[self.edge_index[0]] - self.pos[self.edge_index[1]]
 
 
-def kernel_graph(module, n_nodes: int = 12, k: int = 4, seed: int = 0, dtype: torch.dtype = torch.float64,
-                 median_length: float = 0.6, self_loops: float = 0.25) -> KernelGraph:
+def kernel_graph(
+    module,
+    n_nodes: int = 12,
+    k: int = 4,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float64,
+    median_length: float = 0.6,
+    self_loops: float = 0.25,
+) -> KernelGraph:
     """A random geometric graph whose edges exercise the kernel of ``module`` (a layer or an ImplicitKernel).
 
     Every node receives from its ``k`` nearest other nodes; positions are scaled so that the median edge length is
@@ -171,8 +190,9 @@ def randomize_(module, seed: int = 0):
         normal_(bn.bias, 0.3)
         mean = torch.randn(bn.running_mean.shape, generator=g, dtype=torch.float64).to(bn.running_mean.dtype)
         bn.running_mean.copy_(0.3 * mean @ bn.avg.t().to(mean.dtype))
-        bn.running_var.copy_(0.5 + torch.rand(bn.running_var.shape, generator=g, dtype=torch.float64)
-                             .to(bn.running_var.dtype))
+        bn.running_var.copy_(
+            0.5 + torch.rand(bn.running_var.shape, generator=g, dtype=torch.float64).to(bn.running_var.dtype)
+        )
     return module
 
 
@@ -241,8 +261,14 @@ def _inputs(graph, module):
     return graph
 
 
-def check_equivariance(module, graph: Union[KernelGraph, Tuple], n_exact: int = 4, n_random: int = 3,
-                       seed: int = 0, backend: Optional[str] = None) -> dict:
+def check_equivariance(
+    module,
+    graph: Union[KernelGraph, Tuple],
+    n_exact: int = 4,
+    n_random: int = 3,
+    seed: int = 0,
+    backend: Optional[str] = None,
+) -> dict:
     """The suite's equivariance check. Measures the relative error on exact elements (see :func:`exact_elements`)
     and on ``n_random`` random elements (continuous groups) and compares them with :func:`tolerance`.
 
@@ -255,8 +281,12 @@ def check_equivariance(module, graph: Union[KernelGraph, Tuple], n_exact: int = 
     G = kern.in_type.fibergroup
     fam = group_family(G)
     dtype = pos.dtype
-    res = {"exact": None, "random": None, "exact_bound": tolerance("exact", dtype, backend=backend),
-           "random_bound": tolerance("equivariance", dtype, fam, backend=backend)}
+    res = {
+        "exact": None,
+        "random": None,
+        "exact_bound": tolerance("exact", dtype, backend=backend),
+        "random_bound": tolerance("equivariance", dtype, fam, backend=backend),
+    }
     ex = exact_elements(module, n_exact, seed)
     if ex:
         res["exact"] = max(equivariance_error(module, g, pos, x, ei, attr) for g in ex)
@@ -272,13 +302,22 @@ def check_equivariance(module, graph: Union[KernelGraph, Tuple], n_exact: int = 
             np.random.set_state(np_state)
             torch.random.set_rng_state(state)
         res["random"] = max(equivariance_error(module, g, pos, x, ei, attr) for g in rnd)
-    res["passed"] = ((res["exact"] is None or res["exact"] <= res["exact_bound"])
-                     and (res["random"] is None or res["random"] <= res["random_bound"]))
+    res["passed"] = (res["exact"] is None or res["exact"] <= res["exact_bound"]) and (
+        res["random"] is None or res["random"] <= res["random_bound"]
+    )
     return res
 
 
-def assert_equivariant(module, pos, x=None, edge_index=None, edge_attr=None, elements: Optional[Iterable] = None,
-                       n_samples: int = 5, rtol: float = 1e-5) -> float:
+def assert_equivariant(
+    module,
+    pos,
+    x=None,
+    edge_index=None,
+    edge_attr=None,
+    elements: Optional[Iterable] = None,
+    n_samples: int = 5,
+    rtol: float = 1e-5,
+) -> float:
     """Check equivariance on ``elements`` (default: ``n_samples`` random elements of the group); returns the
     largest relative error and raises AssertionError when it exceeds ``rtol``."""
     kern = getattr(module, "kernel", module)

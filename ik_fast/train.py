@@ -35,16 +35,72 @@ import torch
 warnings.filterwarnings("ignore", message=".*py3nj.*")
 warnings.filterwarnings("ignore", module="escnn.group.groups.so3group")
 
-QM9_QUICK = dict(gspace="o3", num_layers=1, num_features=8, num_inv_features=32, L=1, kernel_layers=2,
-                 kernel_channels=8, cutoff=1.6, batch_size=16, epochs=2, n_train=1024, n_val=256, n_test=512,
-                 lr=3e-3, edge_attrs="bond", threads=1)
-QM9_DEFAULT = dict(gspace="o3", num_layers=4, num_features=8, num_inv_features=32, L=1, kernel_layers=3,
-                   kernel_channels=8, cutoff=2.0, batch_size=32, epochs=100, n_train=None, n_val=None, n_test=None,
-                   lr=1e-3, edge_attrs="bond", threads=None)
-NBODY_QUICK = dict(gspace="o3", num_layers=2, num_features=4, L=1, kernel_layers=2, kernel_channels=4,
-                   batch_size=20, epochs=8, n_train=600, n_val=200, n_test=200, lr=5e-3, threads=1)
-NBODY_DEFAULT = dict(gspace="o3", num_layers=3, num_features=8, L=1, kernel_layers=3, kernel_channels=8,
-                     batch_size=100, epochs=100, n_train=3000, n_val=2000, n_test=2000, lr=5e-4, threads=None)
+QM9_QUICK = dict(
+    gspace="o3",
+    num_layers=1,
+    num_features=8,
+    num_inv_features=32,
+    L=1,
+    kernel_layers=2,
+    kernel_channels=8,
+    cutoff=1.6,
+    batch_size=16,
+    epochs=2,
+    n_train=1024,
+    n_val=256,
+    n_test=512,
+    lr=3e-3,
+    edge_attrs="bond",
+    threads=1,
+)
+QM9_DEFAULT = dict(
+    gspace="o3",
+    num_layers=4,
+    num_features=8,
+    num_inv_features=32,
+    L=1,
+    kernel_layers=3,
+    kernel_channels=8,
+    cutoff=2.0,
+    batch_size=32,
+    epochs=100,
+    n_train=None,
+    n_val=None,
+    n_test=None,
+    lr=1e-3,
+    edge_attrs="bond",
+    threads=None,
+)
+NBODY_QUICK = dict(
+    gspace="o3",
+    num_layers=2,
+    num_features=4,
+    L=1,
+    kernel_layers=2,
+    kernel_channels=4,
+    batch_size=20,
+    epochs=8,
+    n_train=600,
+    n_val=200,
+    n_test=200,
+    lr=5e-3,
+    threads=1,
+)
+NBODY_DEFAULT = dict(
+    gspace="o3",
+    num_layers=3,
+    num_features=8,
+    L=1,
+    kernel_layers=3,
+    kernel_channels=8,
+    batch_size=100,
+    epochs=100,
+    n_train=3000,
+    n_val=2000,
+    n_test=2000,
+    lr=5e-4,
+    threads=None,
+)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -101,9 +157,10 @@ def _replica_report(model: torch.nn.Module, d: Dist) -> str:
     import torch.distributed as dist
 
     out = []
-    for name, tensors in (("parameters", [p for p in model.parameters()]),
-                          ("batch-norm running statistics", [b for n, b in model.named_buffers()
-                                                             if "running" in n])):
+    for name, tensors in (
+        ("parameters", [p for p in model.parameters()]),
+        ("batch-norm running statistics", [b for n, b in model.named_buffers() if "running" in n]),
+    ):
         flat = torch.cat([t.detach().reshape(-1).double() for t in tensors])
         ref = flat.clone()
         dist.broadcast(ref, 0)
@@ -130,15 +187,26 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _save_record(out: str, d: Dist, problem: str, backend: str, metric: str, value: float, unit: str,
-                 extra: Dict) -> None:
+def _save_record(
+    out: str, d: Dist, problem: str, backend: str, metric: str, value: float, unit: str, extra: Dict
+) -> None:
     """``<out>/records.json``: the run's validation error as a measurement record (:mod:`ik_fast.records`, kind
     ``training``), ready for ``benchmarks/results/training/<device>/`` and ``benchmarks/report.py``."""
     from . import records
 
     precision = {"highest": "ieee", "high": "tf32", "medium": "bf16"}.get(torch.get_float32_matmul_precision(), "")
-    rec = records.record("training", problem, backend, metric, value, unit, mode="train", precision=precision,
-                         extra={**extra, "world": d.world}, device=str(d.device))
+    rec = records.record(
+        "training",
+        problem,
+        backend,
+        metric,
+        value,
+        unit,
+        mode="train",
+        precision=precision,
+        extra={**extra, "world": d.world},
+        device=str(d.device),
+    )
     records.write(os.path.join(out, "records.json"), [rec])
 
 
@@ -147,8 +215,14 @@ def _save_record(out: str, d: Dist, problem: str, backend: str, metric: str, val
 LOG_SCALE_RATIO = 10.0
 
 
-def learning_curve_figure(history: Dict, title: str, unit: str, baseline: Optional[float],
-                          extra: Optional[Dict[str, float]] = None, baseline_label: str = "baseline"):
+def learning_curve_figure(
+    history: Dict,
+    title: str,
+    unit: str,
+    baseline: Optional[float],
+    extra: Optional[Dict[str, float]] = None,
+    baseline_label: str = "baseline",
+):
     """The learning curve's matplotlib figure: the training metric (running mean), the validation metric after each
     epoch and the baselines as horizontal lines. When the plotted values are positive and span more than
     :data:`LOG_SCALE_RATIO`, the axis is logarithmic and a second panel shows the validation curve against the
@@ -158,14 +232,15 @@ def learning_curve_figure(history: Dict, title: str, unit: str, baseline: Option
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lines = ([(baseline_label, baseline, dict(color="k", ls="--"))] if baseline is not None else []) + \
-        [(name, val, dict(color="gray", ls=":")) for name, val in (extra or {}).items()]
+    lines = ([(baseline_label, baseline, dict(color="k", ls="--"))] if baseline is not None else []) + [
+        (name, val, dict(color="gray", ls=":")) for name, val in (extra or {}).items()
+    ]
     train = None
     if history["train_step"]:
         s = np.asarray(history["train_step"])
         v = np.asarray(history["train_metric"], dtype=float)
         k = max(1, len(v) // 30)
-        train = (s[k - 1:], np.convolve(v, np.ones(k) / k, mode="valid"), k)
+        train = (s[k - 1 :], np.convolve(v, np.ones(k) / k, mode="valid"), k)
     val_step, val = list(history["val_step"]), np.asarray(history["val_metric"], dtype=float)
     values = np.concatenate([train[1] if train else np.zeros(0), val, [x for _, x, _ in lines]])
     values = values[np.isfinite(values)]
@@ -204,8 +279,15 @@ def learning_curve_figure(history: Dict, title: str, unit: str, baseline: Option
     return fig
 
 
-def _save_plot(history: Dict, path: str, title: str, unit: str, baseline: Optional[float],
-               extra: Optional[Dict[str, float]] = None, baseline_label: str = "baseline") -> None:
+def _save_plot(
+    history: Dict,
+    path: str,
+    title: str,
+    unit: str,
+    baseline: Optional[float],
+    extra: Optional[Dict[str, float]] = None,
+    baseline_label: str = "baseline",
+) -> None:
     import matplotlib.pyplot as plt
 
     fig = learning_curve_figure(history, title, unit, baseline, extra, baseline_label)
@@ -255,11 +337,19 @@ def _common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="auto", help="ik_fast backend: auto, torch, reference")
     p.add_argument("--out", default=None, help="output folder (default build/runs/<task>, git-ignored)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
-    p.add_argument("--sync-bn", dest="sync_bn", action="store_true",
-                   help="synchronise the batch statistics of the model's batch norms across processes")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads per process (--quick: 1; measured: with 2 threads on a loaded 2-core "
-                        "machine OpenMP spins and a quick run used 10x the CPU time)")
+    p.add_argument(
+        "--sync-bn",
+        dest="sync_bn",
+        action="store_true",
+        help="synchronise the batch statistics of the model's batch norms across processes",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads per process (--quick: 1; measured: with 2 threads on a loaded 2-core "
+        "machine OpenMP spins and a quick run used 10x the CPU time)",
+    )
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm progress bar")
 
 
@@ -285,12 +375,15 @@ def _setup_training(model, args, d: Dist, n_train: int, what: str, out: str):
 
     ddp_model = _wrap_ddp(model, d, args.sync_bn)
     core = ddp_model.module if d.enabled else ddp_model
-    sampler = DistributedSampler(range(n_train), num_replicas=d.world, rank=d.rank, shuffle=True, seed=args.seed,
-                                 drop_last=True)
+    sampler = DistributedSampler(
+        range(n_train), num_replicas=d.world, rank=d.rank, shuffle=True, seed=args.seed, drop_last=True
+    )
     steps_per_epoch = len(sampler) // args.batch_size
     if steps_per_epoch < 1:
-        raise SystemExit(f"error: --batch-size {args.batch_size} is larger than each process's share of the "
-                         f"training set ({len(sampler)} {what})")
+        raise SystemExit(
+            f"error: --batch-size {args.batch_size} is larger than each process's share of the "
+            f"training set ({len(sampler)} {what})"
+        )
     total = steps_per_epoch * args.epochs if args.steps is None else min(args.steps, steps_per_epoch * args.epochs)
     epochs = math.ceil(total / steps_per_epoch)
     opt, sched = _optim(ddp_model, args, total)
@@ -313,26 +406,38 @@ def _load_checkpoint(path: str, model, opt, sched, d: Dist):
     return ck
 
 
-def _save_checkpoint(path: str, model, opt, sched, config: Dict, epoch: int, step: int, history: Dict,
-                     extra: Dict) -> None:
+def _save_checkpoint(
+    path: str, model, opt, sched, config: Dict, epoch: int, step: int, history: Dict, extra: Dict
+) -> None:
     m = model.module if hasattr(model, "module") else model
     tmp = path + ".tmp"
-    torch.save(dict(model=m.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(), config=config,
-                    epoch=epoch, step=step, history=history, **extra), tmp)
+    torch.save(
+        dict(
+            model=m.state_dict(),
+            optimizer=opt.state_dict(),
+            scheduler=sched.state_dict(),
+            config=config,
+            epoch=epoch,
+            step=step,
+            history=history,
+            **extra,
+        ),
+        tmp,
+    )
     os.replace(tmp, path)
 
 
 def _progress(total: int, enabled: bool, desc: str):
     from tqdm import tqdm
 
-    return tqdm(total=total, disable=not enabled, desc=desc, dynamic_ncols=True, file=sys.stderr,
-                mininterval=1.0)
+    return tqdm(total=total, disable=not enabled, desc=desc, dynamic_ncols=True, file=sys.stderr, mininterval=1.0)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 def train_qm9(argv: List[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m ik_fast.train qm9", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m ik_fast.train qm9", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     from .qm9 import EDGE_ATTRS, TARGETS
 
     p.add_argument("--target", default="homo", choices=sorted(TARGETS))
@@ -373,36 +478,50 @@ def _run_qm9(args, d: Dist) -> int:
     mean, std = float(y[splits["train"]].mean()), float(y[splits["train"]].std())
     baseline = float(np.abs(y[splits["val"]] - mean).mean())
     baseline_test = float(np.abs(y[splits["test"]] - mean).mean())
-    _log(d, f"QM9 {args.target} ({unit}): {len(data)} molecules; train {len(splits['train'])}, val "
-            f"{len(splits['val'])}, test {len(splits['test'])} (seed {args.seed}); training mean {mean:.1f}, std "
-            f"{std:.1f}; baseline (training mean) val MAE {baseline:.1f} {unit}")
+    _log(
+        d,
+        f"QM9 {args.target} ({unit}): {len(data)} molecules; train {len(splits['train'])}, val "
+        f"{len(splits['val'])}, test {len(splits['test'])} (seed {args.seed}); training mean {mean:.1f}, std "
+        f"{std:.1f}; baseline (training mean) val MAE {baseline:.1f} {unit}",
+    )
 
     torch.manual_seed(args.seed)
     A = edge_attr_size(args.edge_attrs)
-    model = QM9Model(build_gspace(args.gspace), num_layers=args.num_layers, num_features=args.num_features,
-                     num_inv_features=args.num_inv_features, L=args.L, edge_attr_size=A,
-                     kernel_n_layers=args.kernel_layers, kernel_n_channels=args.kernel_channels,
-                     backend=args.backend).to(d.device)
+    model = QM9Model(
+        build_gspace(args.gspace),
+        num_layers=args.num_layers,
+        num_features=args.num_features,
+        num_inv_features=args.num_inv_features,
+        L=args.L,
+        edge_attr_size=A,
+        kernel_n_layers=args.kernel_layers,
+        kernel_n_channels=args.kernel_channels,
+        backend=args.backend,
+    ).to(d.device)
     n_params = sum(p.numel() for p in model.parameters())
-    _log(d, f"model: {args.gspace} gspace, {args.num_layers} residual blocks, {args.num_features} fields L<={args.L}, "
-            f"kernel MLP {args.kernel_layers} x {args.kernel_channels}, edge attributes {args.edge_attrs} ({A}), "
-            f"cutoff {args.cutoff} A, {n_params} parameters, backend {args.backend}, {d.world} process(es), "
-            f"{torch.get_num_threads()} thread(s) each")
+    _log(
+        d,
+        f"model: {args.gspace} gspace, {args.num_layers} residual blocks, {args.num_features} fields L<={args.L}, "
+        f"kernel MLP {args.kernel_layers} x {args.kernel_channels}, edge attributes {args.edge_attrs} ({A}), "
+        f"cutoff {args.cutoff} A, {n_params} parameters, backend {args.backend}, {d.world} process(es), "
+        f"{torch.get_num_threads()} thread(s) each",
+    )
     config = {k: v for k, v in vars(args).items()}
     config.update(task="qm9", target_mean=mean, target_std=std)
-    (ddp_model, core, sampler, steps_per_epoch, total, epochs, opt, sched, ckpt, history, step,
-     start_epoch) = _setup_training(model, args, d, len(splits["train"]), "molecules", out)
+    (ddp_model, core, sampler, steps_per_epoch, total, epochs, opt, sched, ckpt, history, step, start_epoch) = (
+        _setup_training(model, args, d, len(splits["train"]), "molecules", out)
+    )
     if args.resume:
         _log(d, f"resumed from {ckpt}: epoch {start_epoch}, step {step}")
     ck_kw = dict(cutoff=args.cutoff, edge_attrs=args.edge_attrs)
 
     def evaluate(indices) -> float:
         core.eval()
-        part = indices[d.rank::d.world]
+        part = indices[d.rank :: d.world]
         err, n = 0.0, 0
         with torch.no_grad():
             for s in range(0, len(part), 128):
-                b = collate(data, part[s:s + 128], args.target, **ck_kw).to(d.device)
+                b = collate(data, part[s : s + 128], args.target, **ck_kw).to(d.device)
                 pred = core(b.x, b.pos, b.edge_index, b.edge_attr, b.batch, b.n_graphs) * std + mean
                 err += float((pred - b.y).abs().sum())
                 n += b.n_graphs
@@ -422,8 +541,9 @@ def _run_qm9(args, d: Dist) -> int:
         t0 = time.time()
         mols = 0
         for k in range(n_steps):
-            b = collate(data, train_idx[order[k * args.batch_size:(k + 1) * args.batch_size]], args.target,
-                        **ck_kw).to(d.device)
+            b = collate(
+                data, train_idx[order[k * args.batch_size : (k + 1) * args.batch_size]], args.target, **ck_kw
+            ).to(d.device)
             pred = ddp_model(b.x, b.pos, b.edge_index, b.edge_attr, b.batch, b.n_graphs)
             loss = (pred - (b.y - mean) / std).abs().mean()
             opt.zero_grad(set_to_none=True)
@@ -443,33 +563,71 @@ def _run_qm9(args, d: Dist) -> int:
         history["val_step"].append(step)
         history["val_metric"].append(val_mae)
         history["epoch_time"].append(time.time() - t0)
-        _log(d, f"epoch {epoch + 1}: step {step}, train MAE (last 10 steps) "
-                f"{np.mean(history['train_metric'][-10:]):.1f} {unit}, val MAE {val_mae:.1f} {unit} "
-                f"({val_mae / baseline:.3f} of baseline), {time.time() - t0:.1f} s")
+        _log(
+            d,
+            f"epoch {epoch + 1}: step {step}, train MAE (last 10 steps) "
+            f"{np.mean(history['train_metric'][-10:]):.1f} {unit}, val MAE {val_mae:.1f} {unit} "
+            f"({val_mae / baseline:.3f} of baseline), {time.time() - t0:.1f} s",
+        )
         if d.main:
-            _save_checkpoint(ckpt, ddp_model, opt, sched, config, epoch + 1, step, history,
-                             dict(baseline=baseline))
-            _save_plot(history, os.path.join(out, "learning_curve.png"),
-                       f"QM9 {args.target}: {args.gspace}, edge attributes {args.edge_attrs}", f"MAE ({unit})",
-                       baseline)
+            _save_checkpoint(ckpt, ddp_model, opt, sched, config, epoch + 1, step, history, dict(baseline=baseline))
+            _save_plot(
+                history,
+                os.path.join(out, "learning_curve.png"),
+                f"QM9 {args.target}: {args.gspace}, edge attributes {args.edge_attrs}",
+                f"MAE ({unit})",
+                baseline,
+            )
     if d.enabled:
         _log(d, _replica_report(core, d))
     test_mae = evaluate(splits["test"])
     wall = time.time() - t_start
     if d.main:
-        res = dict(val_mae=val_mae, test_mae=test_mae, baseline_val=baseline, baseline_test=baseline_test,
-                   steps=step, wall_s=wall, peak_rss_mb=_peak_rss_mb(), world=d.world, history=history,
-                   config=config)
+        res = dict(
+            val_mae=val_mae,
+            test_mae=test_mae,
+            baseline_val=baseline,
+            baseline_test=baseline_test,
+            steps=step,
+            wall_s=wall,
+            peak_rss_mb=_peak_rss_mb(),
+            world=d.world,
+            history=history,
+            config=config,
+        )
         with open(os.path.join(out, "history.json"), "w") as f:
             json.dump(res, f, indent=1)
-        _save_record(out, d, f"qm9-{args.target}" + ("-quick" if args.quick else ""), args.backend, "val_mae",
-                     val_mae, unit, dict(baseline=baseline, test_mae=test_mae, test_baseline=baseline_test,
-                                         baseline_is="the training mean", seed=args.seed, steps=step,
-                                         wall_s=round(wall, 1), peak_rss_mb=round(_peak_rss_mb()), config=config))
-    _log(d, f"test MAE {test_mae:.1f} {unit} (baseline {baseline_test:.1f}); {step} steps, {wall:.0f} s wall, "
-            f"peak RSS {_peak_rss_mb():.0f} MB (rank 0); outputs in {out}/")
-    _log(d, f"val_mae_meV={val_mae:.1f} baseline_meV={baseline:.1f}" if unit == "meV"
-         else f"val_mae={val_mae:.4g} baseline={baseline:.4g}")
+        _save_record(
+            out,
+            d,
+            f"qm9-{args.target}" + ("-quick" if args.quick else ""),
+            args.backend,
+            "val_mae",
+            val_mae,
+            unit,
+            dict(
+                baseline=baseline,
+                test_mae=test_mae,
+                test_baseline=baseline_test,
+                baseline_is="the training mean",
+                seed=args.seed,
+                steps=step,
+                wall_s=round(wall, 1),
+                peak_rss_mb=round(_peak_rss_mb()),
+                config=config,
+            ),
+        )
+    _log(
+        d,
+        f"test MAE {test_mae:.1f} {unit} (baseline {baseline_test:.1f}); {step} steps, {wall:.0f} s wall, "
+        f"peak RSS {_peak_rss_mb():.0f} MB (rank 0); outputs in {out}/",
+    )
+    _log(
+        d,
+        f"val_mae_meV={val_mae:.1f} baseline_meV={baseline:.1f}"
+        if unit == "meV"
+        else f"val_mae={val_mae:.4g} baseline={baseline:.4g}",
+    )
     return 0
 
 
@@ -499,8 +657,10 @@ def _run_nbody(args, d: Dist) -> int:
     if d.main:
         os.makedirs(out, exist_ok=True)
     t_start = time.time()
-    sets = {k: nbody_dataset(n, horizon=args.horizon, seed=args.seed * 3 + i)
-            for i, (k, n) in enumerate((("train", args.n_train), ("val", args.n_val), ("test", args.n_test)))}
+    sets = {
+        k: nbody_dataset(n, horizon=args.horizon, seed=args.seed * 3 + i)
+        for i, (k, n) in enumerate((("train", args.n_train), ("val", args.n_val), ("test", args.n_test)))
+    }
 
     def baselines(s):
         const = float(((s["target"] - s["pos"]) ** 2).mean())
@@ -509,31 +669,49 @@ def _run_nbody(args, d: Dist) -> int:
 
     b_const, b_lin = baselines(sets["val"])
     span = float(sets["val"]["dt"])
-    _log(d, f"N-body: 5 charged particles, predict positions after {args.horizon} steps ({span:.2f} "
-            f"time units); train {args.n_train}, val {args.n_val}, test {args.n_test} systems; val baselines: constant "
-            f"position MSE {b_const:.4f}, position + velocity x time MSE {b_lin:.4f}")
+    _log(
+        d,
+        f"N-body: 5 charged particles, predict positions after {args.horizon} steps ({span:.2f} "
+        f"time units); train {args.n_train}, val {args.n_val}, test {args.n_test} systems; val baselines: constant "
+        f"position MSE {b_const:.4f}, position + velocity x time MSE {b_lin:.4f}",
+    )
     torch.manual_seed(args.seed)
-    model = NBodyModel(build_gspace(args.gspace), num_layers=args.num_layers, num_features=args.num_features, L=args.L,
-                       kernel_n_layers=args.kernel_layers, kernel_n_channels=args.kernel_channels,
-                       backend=args.backend).to(d.device)
-    _log(d, f"model: {args.gspace}, {args.num_layers} layers of {args.num_features} fields L<={args.L}, kernel MLP "
-            f"{args.kernel_layers} x {args.kernel_channels}, {sum(p.numel() for p in model.parameters())} parameters")
+    model = NBodyModel(
+        build_gspace(args.gspace),
+        num_layers=args.num_layers,
+        num_features=args.num_features,
+        L=args.L,
+        kernel_n_layers=args.kernel_layers,
+        kernel_n_channels=args.kernel_channels,
+        backend=args.backend,
+    ).to(d.device)
+    _log(
+        d,
+        f"model: {args.gspace}, {args.num_layers} layers of {args.num_features} fields L<={args.L}, kernel MLP "
+        f"{args.kernel_layers} x {args.kernel_channels}, {sum(p.numel() for p in model.parameters())} parameters",
+    )
     config = dict(vars(args), task="nbody")
-    (ddp_model, core, sampler, steps_per_epoch, total, epochs, opt, sched, ckpt, history, step,
-     start_epoch) = _setup_training(model, args, d, args.n_train, "systems", out)
+    (ddp_model, core, sampler, steps_per_epoch, total, epochs, opt, sched, ckpt, history, step, start_epoch) = (
+        _setup_training(model, args, d, args.n_train, "systems", out)
+    )
 
     def batch(s, idx):
         g = nbody_graph(len(idx))
-        return (s["pos"][idx].reshape(-1, 3), s["vel"][idx].reshape(-1, 3), s["charge"][idx].reshape(-1),
-                s["target"][idx].reshape(-1, 3), g)
+        return (
+            s["pos"][idx].reshape(-1, 3),
+            s["vel"][idx].reshape(-1, 3),
+            s["charge"][idx].reshape(-1),
+            s["target"][idx].reshape(-1, 3),
+            g,
+        )
 
     def evaluate(s) -> float:
         core.eval()
-        idx = np.arange(len(s["pos"]))[d.rank::d.world]
+        idx = np.arange(len(s["pos"]))[d.rank :: d.world]
         err, n = 0.0, 0
         with torch.no_grad():
             for k in range(0, len(idx), 100):
-                pos, vel, q, tgt, g = batch(s, idx[k:k + 100])
+                pos, vel, q, tgt, g = batch(s, idx[k : k + 100])
                 err += float(((core(pos, vel, q, g) - tgt) ** 2).sum())
                 n += tgt.numel()
         err, n = d.all_sum([err, n])
@@ -550,7 +728,7 @@ def _run_nbody(args, d: Dist) -> int:
         bar = _progress(n_steps, d.main and args.progress, f"epoch {epoch + 1}/{epochs}")
         t0 = time.time()
         for k in range(n_steps):
-            pos, vel, q, tgt, g = batch(sets["train"], order[k * args.batch_size:(k + 1) * args.batch_size])
+            pos, vel, q, tgt, g = batch(sets["train"], order[k * args.batch_size : (k + 1) * args.batch_size])
             loss = ((ddp_model(pos, vel, q, g) - tgt) ** 2).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -560,35 +738,77 @@ def _run_nbody(args, d: Dist) -> int:
             step += 1
             history["train_step"].append(step)
             history["train_metric"].append(loss.item())
-            bar.set_postfix_str(f"MSE {loss.item():.4f} "
-                                f"{(k + 1) * args.batch_size * d.world / (time.time() - t0):.1f} systems/s")
+            bar.set_postfix_str(
+                f"MSE {loss.item():.4f} {(k + 1) * args.batch_size * d.world / (time.time() - t0):.1f} systems/s"
+            )
             bar.update(1)
         bar.close()
         val_mse = evaluate(sets["val"])
         history["val_step"].append(step)
         history["val_metric"].append(val_mse)
         history["epoch_time"].append(time.time() - t0)
-        _log(d, f"epoch {epoch + 1}: step {step}, val MSE {val_mse:.4f} ({val_mse / b_const:.3f} of the constant "
-                f"baseline), {time.time() - t0:.1f} s")
+        _log(
+            d,
+            f"epoch {epoch + 1}: step {step}, val MSE {val_mse:.4f} ({val_mse / b_const:.3f} of the constant "
+            f"baseline), {time.time() - t0:.1f} s",
+        )
         if d.main:
             _save_checkpoint(ckpt, ddp_model, opt, sched, config, epoch + 1, step, history, {})
-            _save_plot(history, os.path.join(out, "learning_curve.png"), "N-body: position after the horizon", "MSE",
-                       b_const, {"position + velocity x time": b_lin}, baseline_label="baseline (constant position)")
+            _save_plot(
+                history,
+                os.path.join(out, "learning_curve.png"),
+                "N-body: position after the horizon",
+                "MSE",
+                b_const,
+                {"position + velocity x time": b_lin},
+                baseline_label="baseline (constant position)",
+            )
     if d.enabled:
         _log(d, _replica_report(core, d))
     test_mse = evaluate(sets["test"])
     wall = time.time() - t_start
     if d.main:
         with open(os.path.join(out, "history.json"), "w") as f:
-            json.dump(dict(val_mse=val_mse, test_mse=test_mse, baseline_const=b_const, baseline_linear=b_lin,
-                           steps=step, wall_s=wall, peak_rss_mb=_peak_rss_mb(), history=history, config=config),
-                      f, indent=1)
-        _save_record(out, d, "nbody" + ("-quick" if args.quick else ""), args.backend, "val_mse", val_mse, "1",
-                     dict(baseline=b_const, test_mse=test_mse, baseline_is="the constant-position prediction",
-                          baseline_linear=b_lin, seed=args.seed, steps=step, wall_s=round(wall, 1),
-                          peak_rss_mb=round(_peak_rss_mb()), config=config))
-    _log(d, f"test MSE {test_mse:.4f}; position + velocity x time baseline (val) {b_lin:.4f}; {step} steps, "
-            f"{wall:.0f} s wall, peak RSS {_peak_rss_mb():.0f} MB (rank 0)")
+            json.dump(
+                dict(
+                    val_mse=val_mse,
+                    test_mse=test_mse,
+                    baseline_const=b_const,
+                    baseline_linear=b_lin,
+                    steps=step,
+                    wall_s=wall,
+                    peak_rss_mb=_peak_rss_mb(),
+                    history=history,
+                    config=config,
+                ),
+                f,
+                indent=1,
+            )
+        _save_record(
+            out,
+            d,
+            "nbody" + ("-quick" if args.quick else ""),
+            args.backend,
+            "val_mse",
+            val_mse,
+            "1",
+            dict(
+                baseline=b_const,
+                test_mse=test_mse,
+                baseline_is="the constant-position prediction",
+                baseline_linear=b_lin,
+                seed=args.seed,
+                steps=step,
+                wall_s=round(wall, 1),
+                peak_rss_mb=round(_peak_rss_mb()),
+                config=config,
+            ),
+        )
+    _log(
+        d,
+        f"test MSE {test_mse:.4f}; position + velocity x time baseline (val) {b_lin:.4f}; {step} steps, "
+        f"{wall:.0f} s wall, peak RSS {_peak_rss_mb():.0f} MB (rank 0)",
+    )
     _log(d, f"val_mse={val_mse:.4f} baseline_mse={b_const:.4f}")
     return 0
 
@@ -597,8 +817,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     tasks = {"qm9": train_qm9, "nbody": train_nbody}
     if not argv or argv[0] not in tasks:
-        print("usage: python -m ik_fast.train {qm9|nbody} [options]   (--help after the task for options)",
-              file=sys.stderr)
+        print(
+            "usage: python -m ik_fast.train {qm9|nbody} [options]   (--help after the task for options)",
+            file=sys.stderr,
+        )
         return 2
     return tasks[argv[0]](argv[1:])
 

@@ -48,14 +48,38 @@ from typing import Dict, List
 
 import torch
 
-__all__ = ["floor_terms", "program_sizes", "floor_per_edge", "interpreting", "DotCounter", "triton_kernels",
-           "profile_step", "count_step", "slope", "graph_sizes", "work_table", "work_records", "slope_rows",
-           "GEMM_OPS", "main"]
+__all__ = [
+    "floor_terms",
+    "program_sizes",
+    "floor_per_edge",
+    "interpreting",
+    "DotCounter",
+    "triton_kernels",
+    "profile_step",
+    "count_step",
+    "slope",
+    "graph_sizes",
+    "work_table",
+    "work_records",
+    "slope_rows",
+    "GEMM_OPS",
+    "main",
+]
 
 # profiler events whose FLOPs are GEMMs (with_flops also reports aten::mul / aten::add, which are not multiply-adds
 # of a GEMM and are left out)
-GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm", "aten::conv1d", "aten::conv2d",
-            "aten::conv3d", "aten::convolution", "aten::_convolution")
+GEMM_OPS = (
+    "aten::mm",
+    "aten::addmm",
+    "aten::bmm",
+    "aten::baddbmm",
+    "aten::addbmm",
+    "aten::conv1d",
+    "aten::conv2d",
+    "aten::conv3d",
+    "aten::convolution",
+    "aten::_convolution",
+)
 LAUNCH_PREFIX = "triton::"
 LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")  # compile options a launch may pass
 
@@ -83,8 +107,13 @@ def program_sizes(program) -> Dict[str, int]:
     if len(shapes) != 1:
         raise ValueError(f"hidden layers of different sizes {sorted(shapes)}: the floor formula assumes one size")
     G = 0 if last.A is None else int(last.A.shape[0])
-    return {"C": int(last.channels), "D": int(last.dim), "G": G, "C_in": int(program.in_size),
-            "n_layers": len(program.hidden) + 1}
+    return {
+        "C": int(last.channels),
+        "D": int(last.dim),
+        "G": G,
+        "C_in": int(program.in_size),
+        "n_layers": len(program.hidden) + 1,
+    }
 
 
 def floor_per_edge(program) -> Dict[str, int]:
@@ -121,8 +150,9 @@ class DotCounter:
         self.keep_args = keep_args
         self.execute = execute
         self.profile_ranges = profile_ranges
-        self.kernels: Dict[str, Dict[str, int]] = defaultdict(lambda: {"launches": 0, "programs": 0, "dots": 0,
-                                                                       "macs": 0, "seconds": 0.0})
+        self.kernels: Dict[str, Dict[str, int]] = defaultdict(
+            lambda: {"launches": 0, "programs": 0, "dots": 0, "macs": 0, "seconds": 0.0}
+        )
         self.dot_shapes: Dict[str, Dict[tuple, int]] = defaultdict(lambda: defaultdict(int))
         self.records: List[dict] = []
         self._current: List[str] = []
@@ -134,8 +164,9 @@ class DotCounter:
 
     def __enter__(self):
         if not interpreting():
-            raise RuntimeError("DotCounter counts tl.dot in Triton's interpreter: set TRITON_INTERPRET=1 before "
-                               "triton is imported")
+            raise RuntimeError(
+                "DotCounter counts tl.dot in Triton's interpreter: set TRITON_INTERPRET=1 before triton is imported"
+            )
         from triton.runtime import interpreter as ti
 
         counter = self
@@ -176,6 +207,7 @@ class DotCounter:
             g = grid
             if callable(g):
                 import inspect
+
                 g = g(inspect.getcallargs(fn, *args, **{k: v for k, v in kwargs.items() if k not in LAUNCH_OPTIONS}))
             g = tuple(int(v) for v in g) + (1,) * (3 - len(g))
             k = counter.kernels[name]
@@ -183,16 +215,21 @@ class DotCounter:
             k["programs"] += g[0] * g[1] * g[2]
             if counter.keep_args:
                 import inspect
+
                 opts = {k: kwargs[k] for k in LAUNCH_OPTIONS if k in kwargs}
                 bound = inspect.signature(fn).bind(*args, **{k: v for k, v in kwargs.items() if k not in opts})
-                counter.records.append({"kernel": name, "fn": fn_self, "grid": g, "args": dict(bound.arguments),
-                                        "options": opts})
+                counter.records.append(
+                    {"kernel": name, "fn": fn_self, "grid": g, "args": dict(bound.arguments), "options": opts}
+                )
             if not counter.execute:
                 return None
             counter._current.append(name)
             t = time.perf_counter()
-            ctx = (torch.profiler.record_function(LAUNCH_PREFIX + fn.__name__) if counter.profile_ranges
-                   else contextlib.nullcontext())
+            ctx = (
+                torch.profiler.record_function(LAUNCH_PREFIX + fn.__name__)
+                if counter.profile_ranges
+                else contextlib.nullcontext()
+            )
             try:
                 with ctx:
                     return orig_run(fn_self, *args, grid=grid, warmup=warmup, **kwargs)
@@ -274,9 +311,13 @@ def profile_step(fn) -> Dict[str, object]:
         if ev.name in GEMM_OPS and ev.flops:
             gemm_flops += ev.flops
             gemm_per_op[ev.name] += ev.flops // 2
-    return {"aten_ops": aten, "aten_ops_in_interpreter": aten_in_launch, "host_gemm_macs": gemm_flops // 2,
-            "aten_per_op": dict(sorted(per_op.items(), key=lambda kv: -kv[1])),
-            "host_gemm_macs_per_op": dict(gemm_per_op)}
+    return {
+        "aten_ops": aten,
+        "aten_ops_in_interpreter": aten_in_launch,
+        "host_gemm_macs": gemm_flops // 2,
+        "aten_per_op": dict(sorted(per_op.items(), key=lambda kv: -kv[1])),
+        "host_gemm_macs_per_op": dict(gemm_per_op),
+    }
 
 
 def graph_sizes(problem: str) -> List[str]:
@@ -312,6 +353,7 @@ def _train_step(p, provider: str, seed: int, dtype: str):
 
     if provider == "escnn":
         from .bench import setup_case
+
         step, rec = setup_case(p.name, provider, "train", device="cpu", dtype=dtype, seed=seed)
         step.nodes, step.edges, step.program = rec["nodes"], rec["edges"], None
         with contextlib.suppress(ValueError):
@@ -334,8 +376,9 @@ def _train_step(p, provider: str, seed: int, dtype: str):
     return step
 
 
-def count_step(problem: str, provider: str = "triton", seed: int = 0, steps: int = 1,
-               dtype: str = "float32", execute: bool = True) -> Dict[str, object]:
+def count_step(
+    problem: str, provider: str = "triton", seed: int = 0, steps: int = 1, dtype: str = "float32", execute: bool = True
+) -> Dict[str, object]:
     """One training step (forward + backward, training mode, so batch statistics included) of ``provider`` on
     ``problem`` (``"M@40"``, ``"P#2"``, ...), on a graph the layer has not seen (graph preparation included),
     counted. ``steps`` > 1 runs the step again on the same inputs (a cached graph) and reports its aten count as
@@ -355,11 +398,16 @@ def count_step(problem: str, provider: str = "triton", seed: int = 0, steps: int
     with DotCounter(execute=execute) as dots:
         prof = profile_step(step)
     out["seconds"] = time.perf_counter() - t
-    out.update(dot_macs=dots.macs, host_gemm_macs=prof["host_gemm_macs"],
-               macs=dots.macs + prof["host_gemm_macs"], aten_ops=prof["aten_ops"],
-               aten_ops_in_interpreter=prof["aten_ops_in_interpreter"], kernels=dots.summary(),
-               host_gemm_macs_per_op=prof["host_gemm_macs_per_op"],
-               aten_top=dict(list(prof["aten_per_op"].items())[:12]))
+    out.update(
+        dot_macs=dots.macs,
+        host_gemm_macs=prof["host_gemm_macs"],
+        macs=dots.macs + prof["host_gemm_macs"],
+        aten_ops=prof["aten_ops"],
+        aten_ops_in_interpreter=prof["aten_ops_in_interpreter"],
+        kernels=dots.summary(),
+        host_gemm_macs_per_op=prof["host_gemm_macs_per_op"],
+        aten_top=dict(list(prof["aten_per_op"].items())[:12]),
+    )
     for _ in range(1, steps):
         with DotCounter(execute=execute) as again:
             prof2 = profile_step(step)
@@ -390,19 +438,23 @@ def slope(small: Dict, large: Dict) -> Dict[str, float]:
 
 def work_table(rows: List[Dict]) -> str:
     """Markdown table of :func:`slope` results (``rows``: dicts with problem, provider and the slope fields)."""
-    head = ("| problem | provider | edges | counted MACs / edge (slope) | tl.dot | host GEMM | structured floor / edge "
-            "| ratio | aten ops per step |\n|---|---|---|---|---|---|---|---|---|")
+    head = (
+        "| problem | provider | edges | counted MACs / edge (slope) | tl.dot | host GEMM | structured floor / edge "
+        "| ratio | aten ops per step |\n|---|---|---|---|---|---|---|---|---|"
+    )
     lines = [head]
 
     def n(v):
         return "–" if v is None else f"{v:,.0f}"
 
     for r in rows:
-        lines.append(f"| {r['problem']} | {r['provider']} | {r['edges'][0]:,} → {r['edges'][1]:,} | "
-                     f"{n(r['macs_per_edge'])} | {n(r['dot_macs_per_edge'])} | {n(r['host_gemm_macs_per_edge'])} | "
-                     f"{n(r.get('floor_per_edge'))} | "
-                     f"{'–' if r.get('ratio_to_floor') is None else format(r['ratio_to_floor'], '.2f') + '×'} | "
-                     f"{r['aten_ops'][0]:,} / {r['aten_ops'][1]:,} |")
+        lines.append(
+            f"| {r['problem']} | {r['provider']} | {r['edges'][0]:,} → {r['edges'][1]:,} | "
+            f"{n(r['macs_per_edge'])} | {n(r['dot_macs_per_edge'])} | {n(r['host_gemm_macs_per_edge'])} | "
+            f"{n(r.get('floor_per_edge'))} | "
+            f"{'–' if r.get('ratio_to_floor') is None else format(r['ratio_to_floor'], '.2f') + '×'} | "
+            f"{r['aten_ops'][0]:,} / {r['aten_ops'][1]:,} |"
+        )
     return "\n".join(lines)
 
 
@@ -411,16 +463,30 @@ ATEN_WHAT = "aten:: events of one training step on a new graph (nested included)
 
 
 def _step_details(step: Dict) -> Dict[str, object]:
-    keep = ("problem", "nodes", "edges", "macs", "dot_macs", "host_gemm_macs", "aten_ops", "aten_ops_in_interpreter",
-            "aten_ops_cached", "macs_cached", "kernels", "host_gemm_macs_per_op", "seconds")
+    keep = (
+        "problem",
+        "nodes",
+        "edges",
+        "macs",
+        "dot_macs",
+        "host_gemm_macs",
+        "aten_ops",
+        "aten_ops_in_interpreter",
+        "aten_ops_cached",
+        "macs_cached",
+        "kernels",
+        "host_gemm_macs_per_op",
+        "seconds",
+    )
     out = {k: step[k] for k in keep if k in step}
     if step.get("macs") is None:
         out.pop("macs_cached", None)  # launches recorded, not run: host GEMMs alone, not the step's work
     return out
 
 
-def work_records(problem: str, provider: str, s: Dict, steps: List[Dict], prov: Dict, command: str,
-                 execute: bool = True, ok=None) -> List[Dict]:
+def work_records(
+    problem: str, provider: str, s: Dict, steps: List[Dict], prov: Dict, command: str, execute: bool = True, ok=None
+) -> List[Dict]:
     """The records (:mod:`ik_fast.records`, kind ``work``) of one problem and provider: :func:`slope` ``s`` of the
     counted ``steps`` (:func:`count_step` of the two graphs); ``ok``: whether they pass ``--check``'s bounds."""
     from . import records
@@ -428,29 +494,63 @@ def work_records(problem: str, provider: str, s: Dict, steps: List[Dict], prov: 
     edges = list(s["edges"])
     common = dict(mode="train", precision="ieee", prov=prov)
     fl = steps[0].get("floor")
-    extra = {"edges": edges, "nodes": [st["nodes"] for st in steps], "graphs": [st["problem"] for st in steps],
-             "floor_per_edge": s.get("floor_per_edge"), "ratio_to_floor": s.get("ratio_to_floor"),
-             "dot_macs_per_edge": s["dot_macs_per_edge"], "host_gemm_macs_per_edge": s["host_gemm_macs_per_edge"],
-             "floor": fl, "steps": [_step_details(st) for st in steps], "what": MACS_WHAT, "command": command}
+    extra = {
+        "edges": edges,
+        "nodes": [st["nodes"] for st in steps],
+        "graphs": [st["problem"] for st in steps],
+        "floor_per_edge": s.get("floor_per_edge"),
+        "ratio_to_floor": s.get("ratio_to_floor"),
+        "dot_macs_per_edge": s["dot_macs_per_edge"],
+        "host_gemm_macs_per_edge": s["host_gemm_macs_per_edge"],
+        "floor": fl,
+        "steps": [_step_details(st) for st in steps],
+        "what": MACS_WHAT,
+        "command": command,
+    }
     if ok is not None:
         extra["ok"] = ok
-        extra["check"] = (f"slope at most {RATIO_MAX}x the floor, aten counts within {ATEN_SPREAD:.0%} of each other "
-                          f"and at most {ATEN_MAX}")
+        extra["check"] = (
+            f"slope at most {RATIO_MAX}x the floor, aten counts within {ATEN_SPREAD:.0%} of each other "
+            f"and at most {ATEN_MAX}"
+        )
     error = None
     if s["macs_per_edge"] is None:
         error = "run with --aten-only (the Triton launches recorded, not run)" if not execute else "no count"
-    out = [records.record("work", problem, provider, "macs_per_edge", s["macs_per_edge"], "MAC", extra=extra,
-                          error=error, **common)]
-    aten = {"edges": edges[0], "aten_ops_at_edges": {str(e): a for e, a in zip(edges, s["aten_ops"])},
-            "aten_spread": s["aten_spread"], "aten_ops_in_interpreter": [st["aten_ops_in_interpreter"] for st in steps],
-            "aten_top": [st.get("aten_top", {}) for st in steps], "what": ATEN_WHAT, "command": command}
+    out = [
+        records.record(
+            "work", problem, provider, "macs_per_edge", s["macs_per_edge"], "MAC", extra=extra, error=error, **common
+        )
+    ]
+    aten = {
+        "edges": edges[0],
+        "aten_ops_at_edges": {str(e): a for e, a in zip(edges, s["aten_ops"])},
+        "aten_spread": s["aten_spread"],
+        "aten_ops_in_interpreter": [st["aten_ops_in_interpreter"] for st in steps],
+        "aten_top": [st.get("aten_top", {}) for st in steps],
+        "what": ATEN_WHAT,
+        "command": command,
+    }
     out.append(records.record("work", problem, provider, "aten_ops", s["aten_ops"][0], "count", extra=aten, **common))
     if all("aten_ops_cached" in st for st in steps):
         counts = {str(e): st["aten_ops_cached"] for e, st in zip(edges, steps)}
-        cached = {"edges": edges[0], "aten_ops_at_edges": counts, "command": command,
-                  "what": "aten:: events of a second training step on the same (cached) graph"}
-        out.append(records.record("work", problem, provider, "aten_ops_cached", steps[0]["aten_ops_cached"], "count",
-                                  extra=cached, **common))
+        cached = {
+            "edges": edges[0],
+            "aten_ops_at_edges": counts,
+            "command": command,
+            "what": "aten:: events of a second training step on the same (cached) graph",
+        }
+        out.append(
+            records.record(
+                "work",
+                problem,
+                provider,
+                "aten_ops_cached",
+                steps[0]["aten_ops_cached"],
+                "count",
+                extra=cached,
+                **common,
+            )
+        )
     return out
 
 
@@ -460,8 +560,14 @@ def slope_rows(recs: List[Dict]) -> List[Dict]:
     rows = []
     for r in recs:
         if r["kind"] == "work" and r["metric"] == "macs_per_edge":
-            aten = next((a for a in recs if a["metric"] == "aten_ops" and (a["problem"], a["provider"]) ==
-                         (r["problem"], r["provider"])), None)
+            aten = next(
+                (
+                    a
+                    for a in recs
+                    if a["metric"] == "aten_ops" and (a["problem"], a["provider"]) == (r["problem"], r["provider"])
+                ),
+                None,
+            )
             row = {"problem": r["problem"], "provider": r["provider"], **r["extra"], "macs_per_edge": r["value"]}
             if aten is not None:
                 row["aten_ops"] = list(aten["extra"]["aten_ops_at_edges"].values())
@@ -489,26 +595,40 @@ RATIO_MAX = 2.0
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m ik_fast.workcount",
-                                 description="the work of one training step per edge against the structured floor "
-                                             "(TRITON_INTERPRET=1 for the triton provider; see "
-                                             "benchmarks/count_work.py)")
+    ap = argparse.ArgumentParser(
+        prog="python -m ik_fast.workcount",
+        description="the work of one training step per edge against the structured floor "
+        "(TRITON_INTERPRET=1 for the triton provider; see "
+        "benchmarks/count_work.py)",
+    )
     ap.add_argument("--problems", default="M,H")
     ap.add_argument("--backend", default="triton", help="providers of ik_fast.bench, comma separated")
-    ap.add_argument("--sizes", default=None,
-                    help="two graphs per problem instead of the defaults, e.g. 'M@40,M@80;H@32,H@64'")
+    ap.add_argument(
+        "--sizes", default=None, help="two graphs per problem instead of the defaults, e.g. 'M@40,M@80;H@32,H@64'"
+    )
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--aten-only", action="store_true",
-                    help="record the Triton launches without running them: aten counts in seconds, no work count")
-    ap.add_argument("--cached", action="store_true",
-                    help="also run a second step on the same (cached) graph and report its aten count")
-    ap.add_argument("--json", default=None,
-                    help="write the records (ik_fast/records.py, kind work; per kernel counts too) to this file")
-    ap.add_argument("--name", default=None,
-                    help="also write them to benchmarks/results/work/<device>/<date>-NAME.json")
-    ap.add_argument("--check", action="store_true",
-                    help=f"exit 1 unless the slope is at most {RATIO_MAX}x the floor and the aten counts are within "
-                         f"{ATEN_SPREAD:.0%} of each other and at most {ATEN_MAX}")
+    ap.add_argument(
+        "--aten-only",
+        action="store_true",
+        help="record the Triton launches without running them: aten counts in seconds, no work count",
+    )
+    ap.add_argument(
+        "--cached",
+        action="store_true",
+        help="also run a second step on the same (cached) graph and report its aten count",
+    )
+    ap.add_argument(
+        "--json",
+        default=None,
+        help="write the records (ik_fast/records.py, kind work; per kernel counts too) to this file",
+    )
+    ap.add_argument("--name", default=None, help="also write them to benchmarks/results/work/<device>/<date>-NAME.json")
+    ap.add_argument(
+        "--check",
+        action="store_true",
+        help=f"exit 1 unless the slope is at most {RATIO_MAX}x the floor and the aten counts are within "
+        f"{ATEN_SPREAD:.0%} of each other and at most {ATEN_MAX}",
+    )
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") in ("", "0") and "triton" in args.backend:
         sys.exit("the triton provider is counted in Triton's interpreter: run with TRITON_INTERPRET=1 (the default)")
@@ -529,37 +649,52 @@ def main(argv=None) -> int:
             steps = []
             for name in pair:
                 t = time.time()
-                r = count_step(name, provider, seed=args.seed, steps=2 if args.cached else 1,
-                               execute=not args.aten_only)
-                print(f"# {name} {provider}: {r['edges']:,} edges, {r['macs'] or 0:,} MACs "
-                      f"(tl.dot {r['dot_macs'] or 0:,}, host GEMM {r['host_gemm_macs']:,}), {r['aten_ops']} aten ops "
-                      f"({r.get('aten_ops_cached', '-')} on the cached graph), {time.time() - t:.0f} s",
-                      file=sys.stderr, flush=True)
+                r = count_step(
+                    name, provider, seed=args.seed, steps=2 if args.cached else 1, execute=not args.aten_only
+                )
+                print(
+                    f"# {name} {provider}: {r['edges']:,} edges, {r['macs'] or 0:,} MACs "
+                    f"(tl.dot {r['dot_macs'] or 0:,}, host GEMM {r['host_gemm_macs']:,}), {r['aten_ops']} aten ops "
+                    f"({r.get('aten_ops_cached', '-')} on the cached graph), {time.time() - t:.0f} s",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 for k, v in r["kernels"].items():
-                    print(f"#   {k}: {v['launches']} launches, {v['programs']} programs, {v['dots']} dots, "
-                          f"{v['macs']:,} MACs", file=sys.stderr)
+                    print(
+                        f"#   {k}: {v['launches']} launches, {v['programs']} programs, {v['dots']} dots, "
+                        f"{v['macs']:,} MACs",
+                        file=sys.stderr,
+                    )
                 steps.append(r)
             s = slope(*steps)
             row = {"problem": problem, "provider": provider, **s}
-            row["ok"] = bool((s.get("ratio_to_floor") or 0) <= RATIO_MAX and s["aten_spread"] <= ATEN_SPREAD
-                             and max(s["aten_ops"]) <= ATEN_MAX)
+            row["ok"] = bool(
+                (s.get("ratio_to_floor") or 0) <= RATIO_MAX
+                and s["aten_spread"] <= ATEN_SPREAD
+                and max(s["aten_ops"]) <= ATEN_MAX
+            )
             failed |= not row["ok"]
             rows.append(row)
             records.append({"problem": problem, "provider": provider, "slope": s, "steps": steps})
             if prov is not None:
-                recs += work_records(problem, provider, s, steps, prov, command, execute=not args.aten_only,
-                                     ok=row["ok"])
+                recs += work_records(
+                    problem, provider, s, steps, prov, command, execute=not args.aten_only, ok=row["ok"]
+                )
                 _save(recs, args.json, args.name)
     print(work_table(rows))
     for r in records:
         f = r["steps"][0].get("floor")
         if f and r["provider"] == records[0]["provider"]:
-            print(f"{r['problem']}: C={f['C']} D={f['D']} G={f['G']} C_in={f['C_in']} n_layers={f['n_layers']} "
-                  f"-> floor {f['floor']:,} MACs/edge (felu {f['felu']:,}, trunk {f['trunk']:,}, fwd {f['fwd']:,})")
+            print(
+                f"{r['problem']}: C={f['C']} D={f['D']} G={f['G']} C_in={f['C_in']} n_layers={f['n_layers']} "
+                f"-> floor {f['floor']:,} MACs/edge (felu {f['felu']:,}, trunk {f['trunk']:,}, fwd {f['fwd']:,})"
+            )
     launched = {k for r in records for s in r["steps"] for k in s["kernels"]}
     jitted = sorted(triton_kernels())
-    print(f"Triton kernels launched: {sorted(launched) or 'none'}; jitted functions of ik_fast.kernels_triton never "
-          f"launched (helpers, or kernels this step does not use): {len(set(jitted) - launched)}")
+    print(
+        f"Triton kernels launched: {sorted(launched) or 'none'}; jitted functions of ik_fast.kernels_triton never "
+        f"launched (helpers, or kernels this step does not use): {len(set(jitted) - launched)}"
+    )
     for path in _save(recs, args.json, args.name) if prov is not None else []:
         print(f"records: {path}", file=sys.stderr)
     return 1 if args.check and failed else 0
@@ -575,7 +710,6 @@ def _save(recs: List[Dict], json_out, name) -> List[str]:
     for path in paths:
         records.write(path, recs)
     return paths
-
 
 
 if __name__ == "__main__":

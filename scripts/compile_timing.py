@@ -55,9 +55,13 @@ def main(names, backend="torch"):
         recompiled = torch._dynamo.utils.counters["stats"]["unique_graphs"] - frames
         step(comp, *args)
         compiled = median_time(comp, args)
-        print(f"{name} ({backend}): {ei.shape[1]} edges; eager step {eager * 1e3:.0f} ms; compiled: first call (compile + step) "
-              f"{first:.1f} s, second graph ({ei2.shape[1]} edges) {second:.2f} s with {recompiled} recompilations, "
-              f"step {compiled * 1e3:.0f} ms ({eager / compiled:.2f}x eager)", flush=True)
+        print(
+            f"{name} ({backend}): {ei.shape[1]} edges; eager step {eager * 1e3:.0f} ms; compiled: first call "
+            f"(compile + step) {first:.1f} s, second graph ({ei2.shape[1]} edges) {second:.2f} s with "
+            f"{recompiled} recompilations, "
+            f"step {compiled * 1e3:.0f} ms ({eager / compiled:.2f}x eager)",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -63,11 +63,25 @@ def errors(seeds, groups, kind):
                     state = {k: v.clone() for k, v in conv.state_dict().items()}
                     r = check_equivariance(conv, graph, n_exact=8, n_random=8, seed=seed)
                     conv.load_state_dict(state)
-                    rows.append({"gspace": name, "escnn": builder(name), "group": gs.fibergroup.name,
-                                 "family": group_family(gs), "seed": seed, "dtype": str(dtype).split(".")[-1],
-                                 "mode": mode, "exact": r["exact"], "random": r["random"]})
-                    print(json.dumps({k: rows[-1][k] for k in ("gspace", "family", "seed", "dtype", "mode", "exact",
-                                                                "random")}), flush=True)
+                    rows.append(
+                        {
+                            "gspace": name,
+                            "escnn": builder(name),
+                            "group": gs.fibergroup.name,
+                            "family": group_family(gs),
+                            "seed": seed,
+                            "dtype": str(dtype).split(".")[-1],
+                            "mode": mode,
+                            "exact": r["exact"],
+                            "random": r["random"],
+                        }
+                    )
+                    print(
+                        json.dumps(
+                            {k: rows[-1][k] for k in ("gspace", "family", "seed", "dtype", "mode", "exact", "random")}
+                        ),
+                        flush=True,
+                    )
     return rows
 
 
@@ -84,20 +98,39 @@ def error_records(rows, kind, seeds, command):
 
     prov = records.provenance("cpu")
     out = []
-    for (name, dtype) in dict.fromkeys((r["gspace"], r["dtype"]) for r in rows):
+    for name, dtype in dict.fromkeys((r["gspace"], r["dtype"]) for r in rows):
         rs = [r for r in rows if (r["gspace"], r["dtype"]) == (name, dtype)]
         for metric, key in (("rel_error_random_elements", "random"), ("rel_error_exact_elements", "exact")):
-            per_seed = [max((r[key] for r in rs if r["seed"] == s and r[key] is not None), default=None)
-                        for s in range(seeds)]
+            per_seed = [
+                max((r[key] for r in rs if r["seed"] == s and r[key] is not None), default=None) for s in range(seeds)
+            ]
             value, spread = _worst(per_seed)
             if value is None:
                 continue  # a finite group has no random elements, a group without exact elements none of those
-            out.append(records.record(
-                "equivariance", rs[0]["escnn"], "torch", metric, value, "1", mode="train+eval", precision=dtype,
-                spread=spread, prov=prov,
-                extra={"group": rs[0]["group"], "gspace": name, "family": rs[0]["family"], "seeds": seeds,
-                       "elements": 8, "layer": f"field_types(gs, {kind!r}) of tests/conftest.py, MLP 3 x 3, random "
-                       "biases and batch-norm statistics, 12-node test graph", "command": command}))
+            out.append(
+                records.record(
+                    "equivariance",
+                    rs[0]["escnn"],
+                    "torch",
+                    metric,
+                    value,
+                    "1",
+                    mode="train+eval",
+                    precision=dtype,
+                    spread=spread,
+                    prov=prov,
+                    extra={
+                        "group": rs[0]["group"],
+                        "gspace": name,
+                        "family": rs[0]["family"],
+                        "seeds": seeds,
+                        "elements": 8,
+                        "layer": f"field_types(gs, {kind!r}) of tests/conftest.py, MLP 3 x 3, random "
+                        "biases and batch-norm statistics, 12-node test graph",
+                        "command": command,
+                    },
+                )
+            )
     return out
 
 
@@ -121,16 +154,27 @@ def o3_mixed(seeds=3):
             t = time.time()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                conv = ik_fast.ImplicitPointConv(in_t, out_t, attr_t, n_layers=3, n_channels=8, grid=grid,
-                                                 backend="torch")
+                conv = ik_fast.ImplicitPointConv(
+                    in_t, out_t, attr_t, n_layers=3, n_channels=8, grid=grid, backend="torch"
+                )
             built = time.time() - t
             conv = randomize_(conv, seed).double().eval()
             graph = kernel_graph(conv, n_nodes=32, k=8, seed=seed)
             r = check_equivariance(conv, graph, n_exact=8, n_random=8, seed=seed)
             label = "default" if grid is None else grid if isinstance(grid, str) else f"{grid['type']}-{grid['N']}"
-            rows.append({"case": "o3_mixed", "grid": str(grid), "grid_label": label, "G": conv.kernel.act_A.shape[0],
-                         "quality": conv.kernel.grid_quality, "seed": seed, "exact": r["exact"],
-                         "random": r["random"], "build_s": round(built, 1)})
+            rows.append(
+                {
+                    "case": "o3_mixed",
+                    "grid": str(grid),
+                    "grid_label": label,
+                    "G": conv.kernel.act_A.shape[0],
+                    "quality": conv.kernel.grid_quality,
+                    "seed": seed,
+                    "exact": r["exact"],
+                    "random": r["random"],
+                    "build_s": round(built, 1),
+                }
+            )
             print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -144,12 +188,29 @@ def grid_records(rows, command):
         rs = [r for r in rows if r["grid"] == grid]
         value, spread = _worst([r["random"] for r in rs])
         label = rs[0]["grid_label"]
-        out.append(records.record(
-            "equivariance", "O3-mixed", "torch", "rel_error_random_elements", value, "1", mode="eval",
-            precision="float64", spread=spread, prov=prov,
-            extra={"grid": label, "grid_elements": rs[0]["G"], "grid_quality": rs[0]["quality"], "seeds": len(rs),
-                   "elements": 8, "command": command + " (O(3): scalar, vector and frequency-2 fields in; vector, "
-                   "scalar, pseudoscalar out; scalar and vector attributes; MLP 3 x 8)"}))
+        out.append(
+            records.record(
+                "equivariance",
+                "O3-mixed",
+                "torch",
+                "rel_error_random_elements",
+                value,
+                "1",
+                mode="eval",
+                precision="float64",
+                spread=spread,
+                prov=prov,
+                extra={
+                    "grid": label,
+                    "grid_elements": rs[0]["G"],
+                    "grid_quality": rs[0]["quality"],
+                    "seeds": len(rs),
+                    "elements": 8,
+                    "command": command + " (O(3): scalar, vector and frequency-2 fields in; vector, "
+                    "scalar, pseudoscalar out; scalar and vector attributes; MLP 3 x 8)",
+                },
+            )
+        )
     return out
 
 
@@ -158,8 +219,9 @@ def main(argv=None):
     ap.add_argument("--seeds", type=int, default=None, help="seeds per case (default 10; 3 with --o3-mixed)")
     ap.add_argument("--groups", default=",".join(GSPACES))
     ap.add_argument("--kind", default="mixed_attr")
-    ap.add_argument("--o3-mixed", dest="o3_mixed", action="store_true",
-                    help="the O(3) mixed case on three sampling grids instead")
+    ap.add_argument(
+        "--o3-mixed", dest="o3_mixed", action="store_true", help="the O(3) mixed case on three sampling grids instead"
+    )
     ap.add_argument("--json", default=None, help="also write the records (kind equivariance) to this file")
     args = ap.parse_args(argv)
     command = " ".join([COMMAND, *(sys.argv[1:] if argv is None else argv)])

@@ -27,8 +27,14 @@ import time
 
 import pytest
 
-__all__ = ["TimeLimitExceeded", "pytest_runtest_protocol", "pytest_runtest_setup", "pytest_runtest_call",
-           "pytest_runtest_teardown", "pytest_runtest_logreport"]
+__all__ = [
+    "TimeLimitExceeded",
+    "pytest_runtest_protocol",
+    "pytest_runtest_setup",
+    "pytest_runtest_call",
+    "pytest_runtest_teardown",
+    "pytest_runtest_logreport",
+]
 
 
 def _seconds(name):
@@ -65,8 +71,10 @@ def _on_alarm(signum, frame):
         signal.setitimer(signal.ITIMER_REAL, 0.2)
         return
     _in_test["over"] = True
-    raise TimeLimitExceeded(f"{_in_test['id']} ran past its time limit of {_in_test['limit']:.0f} s "
-                            f"(IK_FAST_TEST_TIMEOUT / IK_FAST_TEST_DEADLINE)")
+    raise TimeLimitExceeded(
+        f"{_in_test['id']} ran past its time limit of {_in_test['limit']:.0f} s "
+        f"(IK_FAST_TEST_TIMEOUT / IK_FAST_TEST_DEADLINE)"
+    )
 
 
 def _progress(event, nodeid, **fields):
@@ -82,8 +90,9 @@ def pytest_runtest_logreport(report):
             message = report.longreprtext[-3000:]
         elif report.skipped and isinstance(report.longrepr, tuple):
             message = str(report.longrepr[2])
-        _progress("report", report.nodeid, when=report.when, outcome=report.outcome, duration=report.duration,
-                  message=message)
+        _progress(
+            "report", report.nodeid, when=report.when, outcome=report.outcome, duration=report.duration, message=message
+        )
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -93,8 +102,9 @@ def pytest_runtest_protocol(item, nextitem):
         yield
         _progress("done", item.nodeid)
         return
-    limits = [t for t in (_TEST_TIMEOUT, None if _TEST_DEADLINE is None else _TEST_DEADLINE - time.time())
-              if t is not None]
+    limits = [
+        t for t in (_TEST_TIMEOUT, None if _TEST_DEADLINE is None else _TEST_DEADLINE - time.time()) if t is not None
+    ]
     limit = max(1.0, min(limits))
     _in_test.update(id=item.nodeid, limit=limit, over=False)
     old = signal.signal(signal.SIGALRM, _on_alarm)

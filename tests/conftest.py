@@ -22,8 +22,10 @@ from ik_fast.testing import tolerance  # noqa: E402
 
 # The tolerance table lives in ik_fast.testing (tolerance(kind, dtype, family, backend)); TOL is its dtype view for
 # the backend-agreement tests: "agree" (outputs), "grad" (gradients), "exact_equiv" (exact elements).
-TOL = {dt: {"agree": tolerance("forward", dt), "grad": tolerance("backward", dt), "exact_equiv": tolerance("exact", dt)}
-       for dt in (torch.float32, torch.float64)}
+TOL = {
+    dt: {"agree": tolerance("forward", dt), "grad": tolerance("backward", dt), "exact_equiv": tolerance("exact", dt)}
+    for dt in (torch.float32, torch.float64)
+}
 
 # name -> (gspace builder, exact?)   — exact: finite group, pointwise ELU on the regular representation
 GSPACES = {

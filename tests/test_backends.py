@@ -76,10 +76,12 @@ def _exact_run(conv, state, pos, ei, x, a):
     def run():
         if "r" not in memo:
             import copy
+
             c64 = copy.deepcopy(conv).double()
             c64.load_state_dict(state)
             memo["r"] = _run(c64, "reference", pos.double(), ei, x.double(), None if a is None else a.double())
         return memo["r"]
+
     return run
 
 

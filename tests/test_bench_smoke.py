@@ -41,12 +41,34 @@ def test_cli_child_process(tmp_path):
     from ik_fast import records
 
     out, copy = tmp_path / "r.json", tmp_path / "copy"
-    assert bench.main(["--problems", "tiny", "--providers", "reference,torch", "--modes", "train", "--repeats", "1",
-                       "--warmup", "0", "--min-time", "0", "--out", str(out), "--copy-to", str(copy)]) == 0
+    assert (
+        bench.main(
+            [
+                "--problems",
+                "tiny",
+                "--providers",
+                "reference,torch",
+                "--modes",
+                "train",
+                "--repeats",
+                "1",
+                "--warmup",
+                "0",
+                "--min-time",
+                "0",
+                "--out",
+                str(out),
+                "--copy-to",
+                str(copy),
+            ]
+        )
+        == 0
+    )
     recs = records.load(str(out))
     assert records.load(str(copy / "r.json")) == recs
-    assert {(r["provider"], r["metric"]) for r in recs} == {(p, m) for p in ("reference", "torch")
-                                                           for m in ("step_time", "peak_memory")}
+    assert {(r["provider"], r["metric"]) for r in recs} == {
+        (p, m) for p in ("reference", "torch") for m in ("step_time", "peak_memory")
+    }
     assert all(r.get("error") is None and r["value"] > 0 for r in recs), recs
     assert all(r["device"]["type"] == "cpu" and r["precision"] == "ieee" and r["kind"] == "timing" for r in recs)
     assert all(r["extra"]["edges"] == 64 * 8 for r in recs)
@@ -58,14 +80,37 @@ def test_cli_budget_stops_a_running_case_and_skips_the_rest(tmp_path, monkeypatc
     out = tmp_path / "r.json"
     t = time.time()
     # a layer step far beyond the budget: the 'cpu' problem in Triton's interpreter takes minutes
-    assert bench.main(["--problems", "cpu", "--providers", "triton,reference", "--modes", "train", "--repeats", "1",
-                       "--warmup", "0", "--min-time", "0", "--budget-s", "4", "--out", str(out)]) == 0
+    assert (
+        bench.main(
+            [
+                "--problems",
+                "cpu",
+                "--providers",
+                "triton,reference",
+                "--modes",
+                "train",
+                "--repeats",
+                "1",
+                "--warmup",
+                "0",
+                "--min-time",
+                "0",
+                "--budget-s",
+                "4",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert time.time() - t < 60
     from ik_fast import records
 
     recs = records.load(str(out))
     assert [(r["provider"], r["error"].split(":")[0].split(" after")[0]) for r in recs] == [
-        ("triton", "stopped"), ("reference", "skipped")]
+        ("triton", "stopped"),
+        ("reference", "skipped"),
+    ]
     assert recs[0]["value"] is None and "time budget (4 s)" in recs[0]["error"]
 
 
@@ -75,17 +120,23 @@ def test_cli_skips_a_problem_whose_data_is_missing(tmp_path, monkeypatch):
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "qm9pack" else real(name, *a))
-    cases = [dict(problem=p, provider="reference", mode="train", repeats=1, warmup=0, min_time_s=0)
-             for p in ("qm9-400", "tiny")]
+    cases = [
+        dict(problem=p, provider="reference", mode="train", repeats=1, warmup=0, min_time_s=0)
+        for p in ("qm9-400", "tiny")
+    ]
     recs = bench.run_cases(cases, timeout=600)
     assert recs[0]["error"].startswith("skipped: needs the QM9 data of the qm9pack package")
     assert "error" not in recs[1] and recs[1]["time_s"] > 0
 
 
 def test_cli_rejects_bad_options_naming_them(capsys):
-    for argv, name in [(["--problems", "nope"], "--problems"), (["--modes", "walk"], "--modes"),
-                       (["--precision", "medium"], "--precision"), (["--budget-s", "0"], "--budget-s"),
-                       (["--repeats", "0"], "--repeats")]:
+    for argv, name in [
+        (["--problems", "nope"], "--problems"),
+        (["--modes", "walk"], "--modes"),
+        (["--precision", "medium"], "--precision"),
+        (["--budget-s", "0"], "--budget-s"),
+        (["--repeats", "0"], "--repeats"),
+    ]:
         with pytest.raises(SystemExit):
             bench.main(argv)
         assert name in capsys.readouterr().err, argv
@@ -98,8 +149,12 @@ def test_help_is_fast_and_lists_every_problem():
     import sys
 
     t = time.time()
-    res = subprocess.run([sys.executable, "-X", "importtime", "-m", "ik_fast.bench", "--help"], capture_output=True,
-                         text=True, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "ik_fast.bench", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 0, res.stderr
     imported = {ln.split("|")[-1].strip() for ln in res.stderr.splitlines() if ln.startswith("import time:")}
     assert not {"torch", "escnn", "numpy"} & imported, sorted({"torch", "escnn", "numpy"} & imported)

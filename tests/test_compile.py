@@ -32,8 +32,7 @@ def _graph(n, k, seed, c):
     g = torch.Generator().manual_seed(seed)
     pos = (torch.randn(n, 2, generator=g) * 0.4).double()
     ei = knn_graph(pos, k)
-    return (torch.randn(n, c, generator=g).double(), pos, ei,
-            torch.randn(ei.shape[1], 2, generator=g).double())
+    return (torch.randn(n, c, generator=g).double(), pos, ei, torch.randn(ei.shape[1], 2, generator=g).double())
 
 
 GRAPHS = ((14, 3), (17, 4))  # two edge counts (42 and 68) and node counts; small for Triton's interpreter
@@ -91,8 +90,10 @@ def test_compiled_inference_matches_eager(backend):
     with torch.no_grad():
         for n, k in GRAPHS:
             x, pos, ei, a = _graph(n, k, n + 1, eager.in_type.size)
-            assert rel(compiled(x, ei, edge_attr=a, pos=pos), eager(x, ei, edge_attr=a, pos=pos)) <= \
-                TOL[torch.float64]["agree"]
+            assert (
+                rel(compiled(x, ei, edge_attr=a, pos=pos), eager(x, ei, edge_attr=a, pos=pos))
+                <= TOL[torch.float64]["agree"]
+            )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -127,13 +128,19 @@ def test_compile_error_names_an_unavailable_backend(monkeypatch):
     import ik_fast.backends as backends
 
     real = backends.unavailable_reason
-    monkeypatch.setattr(backends, "unavailable_reason",
-                        lambda name, device: "no kernels (test)" if name == "native" else real(name, device))
+    monkeypatch.setattr(
+        backends,
+        "unavailable_reason",
+        lambda name, device: "no kernels (test)" if name == "native" else real(name, device),
+    )
     torch._dynamo.reset()
     compiled = torch.compile(_layer("native").eval(), fullgraph=True, dynamic=True)
     x, pos, ei, a = _graph(12, 3, 0, compiled.in_type.size)
-    with pytest.raises(RuntimeError, match=r"backend 'native' does not run here \(no kernels \(test\)\); use one of "
-                                           r"\[.*'torch'") as err:
+    with pytest.raises(
+        RuntimeError,
+        match=r"backend 'native' does not run here \(no kernels \(test\)\); use one of "
+        r"\[.*'torch'",
+    ) as err:
         compiled(x, ei, edge_attr=a, pos=pos)
     assert not isinstance(err.value, torch._dynamo.exc.InternalTorchDynamoError)
 
@@ -150,8 +157,10 @@ def test_functional_compile_names_an_untraceable_backend(backend):
         return ik_fast.implicit_point_conv(prog, x, ei, pos[ei[0]] - pos[ei[1]], a, backend=backend)[0]
 
     torch._dynamo.reset()
-    with pytest.raises(RuntimeError, match=f"backend '{backend}' cannot be traced by torch.compile .*compile an "
-                                           f"ik_fast.ImplicitPointConv instead") as err:
+    with pytest.raises(
+        RuntimeError,
+        match=f"backend '{backend}' cannot be traced by torch.compile .*compile an ik_fast.ImplicitPointConv instead",
+    ) as err:
         torch.compile(step, fullgraph=True, dynamic=True)(x, ei, a, pos)
     assert not isinstance(err.value, torch._dynamo.exc.InternalTorchDynamoError)
 
@@ -167,8 +176,10 @@ def test_functional_compile_fused_matches_eager(backend):
 
     torch._dynamo.reset()
     with torch.no_grad():
-        assert rel(torch.compile(step, fullgraph=True, dynamic=True)(x, ei, a, pos), step(x, ei, a, pos)) <= \
-            TOL[torch.float64]["agree"]
+        assert (
+            rel(torch.compile(step, fullgraph=True, dynamic=True)(x, ei, a, pos), step(x, ei, a, pos))
+            <= TOL[torch.float64]["agree"]
+        )
 
 
 def _op_calls(fn):
@@ -228,10 +239,16 @@ def test_native_opcheck():
     torch.library.opcheck(torch.ops.ik_fast.native_conv_backward, (grad, *args[:14]))
     plain = [t.detach() for t in args[4]], [t.detach() for t in args[5]]
     for with_act in (False, True):
-        torch.library.opcheck(torch.ops.ik_fast.native_trunk_moments,
-                              (args[1].detach(), *plain, args[6], args[7], with_act))
-    _, act = ops.trunk_moments("native", args[1].detach(), ops.PackedProgram(*plain, args[6], args[7], *args[8:14]),
-                               len(args[4]), with_activation=True)
+        torch.library.opcheck(
+            torch.ops.ik_fast.native_trunk_moments, (args[1].detach(), *plain, args[6], args[7], with_act)
+        )
+    _, act = ops.trunk_moments(
+        "native",
+        args[1].detach(),
+        ops.PackedProgram(*plain, args[6], args[7], *args[8:14]),
+        len(args[4]),
+        with_activation=True,
+    )
     torch.library.opcheck(torch.ops.ik_fast.native_conv, (*args[:14], act))
 
 

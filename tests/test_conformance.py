@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, replace
-from typing import List, Optional
+from typing import List
 
 import pytest
 import torch
@@ -99,8 +99,14 @@ class OpInputs:
         with torch.no_grad():
             p = prog.packed([], x.dtype)
         leaf = (lambda t: t.detach().clone().requires_grad_()) if grad else (lambda t: t.detach().clone())  # noqa
-        p = replace(p, weights=[leaf(w) for w in p.weights], biases=[leaf(b) for b in p.biases],
-                    final_weight=leaf(p.final_weight), final_bias=leaf(p.final_bias), coef=leaf(p.coef))
+        p = replace(
+            p,
+            weights=[leaf(w) for w in p.weights],
+            biases=[leaf(b) for b in p.biases],
+            final_weight=leaf(p.final_weight),
+            final_bias=leaf(p.final_bias),
+            coef=leaf(p.coef),
+        )
         return cls(leaf(x), leaf(inp), g.src[g.perm].contiguous(), g.rowptr, p)
 
     def args(self, hidden=None, tape=None) -> list:
@@ -109,8 +115,11 @@ class OpInputs:
 
     def leaves(self) -> List[torch.Tensor]:
         p = self.program
-        return [t for t in (self.x, self.inp, *p.weights, *p.biases, p.final_weight, p.final_bias, p.coef)
-                if t.requires_grad]
+        return [
+            t
+            for t in (self.x, self.inp, *p.weights, *p.biases, p.final_weight, p.final_bias, p.coef)
+            if t.requires_grad
+        ]
 
     def detached(self) -> list:
         """The arguments of ``conv_backward`` after ``grad`` (no hidden), without autograd."""
@@ -174,8 +183,8 @@ def test_final_mask_semantics_on_a_weight_outside_the_structure(impl, device):
         ref = _statement(inputs)
         assert rel(out, ref) <= _tol("forward", F64, impl)
         w = torch.randn_like(out)
-        g1, = torch.autograd.grad((out * w).sum(), W)
-        g2, = torch.autograd.grad((ref * w).sum(), W)
+        (g1,) = torch.autograd.grad((out * w).sum(), W)
+        (g2,) = torch.autograd.grad((ref * w).sum(), W)
         assert rel(g1, g2) <= _tol("backward", F64, impl)
         if m is not None:
             assert bool((g1[~m.to(g1.device)] == 0).all())
@@ -208,8 +217,9 @@ def test_moments_and_activation_match_the_trunk(impl, device, upto):
     assert rel(act, h) <= bound
     assert ops.trunk_moments(impl, inp, p, upto)[1].numel() == 0
     if upto > 1 and impl in CHAINED_STATISTICS:  # from the previous layer's activation (chained statistics passes)
-        prev = ops.trunk_reference_form(inp, p.weights[:upto - 1], p.biases[:upto - 1], p.fourier[:upto - 1],
-                                        p.fourier_inv[:upto - 1])
+        prev = ops.trunk_reference_form(
+            inp, p.weights[: upto - 1], p.biases[: upto - 1], p.fourier[: upto - 1], p.fourier_inv[: upto - 1]
+        )
         m2, act2 = ops.trunk_moments(impl, prev, p, upto, with_activation=True, start=upto - 1)
         assert rel(act2, h) <= bound and rel(m2[1], m[1]) <= bound
 
@@ -233,8 +243,9 @@ def test_grid_matches_its_statement(impl, device, upto):
     if res is None:
         return
     _, act, grid = res
-    h = ops.trunk_reference_form(inp, p.weights[:upto - 1], p.biases[:upto - 1], p.fourier[:upto - 1],
-                                 p.fourier_inv[:upto - 1])
+    h = ops.trunk_reference_form(
+        inp, p.weights[: upto - 1], p.biases[: upto - 1], p.fourier[: upto - 1], p.fourier_inv[: upto - 1]
+    )
     y = ops.linear_reference_form(h, p.weights[upto - 1], p.biases[upto - 1])
     A = p.fourier[upto - 1]
     u = torch.nn.functional.elu(y.reshape(y.shape[0], -1, A.shape[1]) @ A.t())  # (E, C, G)
@@ -303,9 +314,15 @@ def _agree(conv, impl, pos, ei, x, a, dtype=F64):
         assert _close(v.double(), ref_state[k].double(), _tol("forward", dtype, impl)), k
 
 
-VARIANTS = {"one_layer": dict(n_layers=1), "no_bias": dict(bias=False), "no_attr": dict(kind="mixed"),
-            "pointwise": dict(name="Oh"), "planar": dict(name="SO2"), "no_batch_norm": dict(batch_norm=False),
-            "four_layers": dict(n_layers=4)}
+VARIANTS = {
+    "one_layer": dict(n_layers=1),
+    "no_bias": dict(bias=False),
+    "no_attr": dict(kind="mixed"),
+    "pointwise": dict(name="Oh"),
+    "planar": dict(name="SO2"),
+    "no_batch_norm": dict(batch_norm=False),
+    "four_layers": dict(n_layers=4),
+}
 
 
 @IMPL
@@ -369,8 +386,10 @@ def test_float32_against_the_float64_reference(impl, device, name, mode):
         if float(r.norm()) == float(g.norm()) == 0:
             continue
         err = rel(g.double(), r)
-        assert err <= _tol("forward" if i == 0 else "backward", torch.float32, impl) or \
-            err <= 2 * rel(o.double(), r), (i, err)
+        assert err <= _tol("forward" if i == 0 else "backward", torch.float32, impl) or err <= 2 * rel(o.double(), r), (
+            i,
+            err,
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -445,8 +464,9 @@ def test_opcheck(impl, device):
     p = inputs.program
     plain = [w.detach() for w in p.weights], [b.detach() for b in p.biases]
     for with_act in (False, True):
-        torch.library.opcheck(_op(impl, "trunk_moments"), (inputs.inp.detach(), *plain, p.fourier, p.fourier_inv,
-                                                           with_act))
+        torch.library.opcheck(
+            _op(impl, "trunk_moments"), (inputs.inp.detach(), *plain, p.fourier, p.fourier_inv, with_act)
+        )
     _, act = ops.trunk_moments(impl, inputs.inp.detach(), p, len(p.weights), with_activation=True)
     torch.library.opcheck(_op(impl, "conv"), inputs.args(hidden=act))
 

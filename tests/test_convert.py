@@ -19,20 +19,21 @@ def _layer(fx, **kw):
     spec = fx["spec"]
     gs = gspaces.rot3dOnR3() if spec["group"] == "SO(3)" else gspaces.flipRot3dOnR3()
     G = gs.fibergroup
-    rep = G.irrep(1, 1) if spec["rep"] == "irrep_1,1" else G.bl_sphere_representation(L=1 if "1" in spec["rep"]
-                                                                                     else 2)
+    rep = G.irrep(1, 1) if spec["rep"] == "irrep_1,1" else G.bl_sphere_representation(L=1 if "1" in spec["rep"] else 2)
     if spec["rep"] not in ("irrep_1,1",):
         L = int(spec["rep"].split("_")[-1][-1]) if spec["rep"][-1].isdigit() else 1
         rep = G.bl_sphere_representation(L=L)
     assert rep.name == spec["rep"], (rep.name, spec["rep"])
     ft = enn.FieldType(gs, [rep] * spec["n_fields"])
     at = enn.FieldType(gs, [G.trivial_representation] * spec["n_attr"])
-    return ik_fast.ImplicitPointConv(ft, ft, at, n_layers=spec["n_layers"], n_channels=spec["n_channels"],
-                                     backend="reference", **kw)
+    return ik_fast.ImplicitPointConv(
+        ft, ft, at, n_layers=spec["n_layers"], n_channels=spec["n_channels"], backend="reference", **kw
+    )
 
 
-@pytest.mark.parametrize("name,kw", [("so3_L1", {}), ("so3_L2", {}), ("o3_vector", {"hidden": "paper"}),
-                                     ("o3_vector", {})])
+@pytest.mark.parametrize(
+    "name,kw", [("so3_L1", {}), ("so3_L2", {}), ("o3_vector", {"hidden": "paper"}), ("o3_vector", {})]
+)
 def test_research_fixture(name, kw):
     fx = torch.load(os.path.join(HERE, f"research_{name}.pt"), weights_only=False)
     with warnings.catch_warnings(record=True) as rec:

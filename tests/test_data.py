@@ -27,8 +27,9 @@ def test_radius_graph_cuts_at_the_cutoff_within_each_graph():
 
 def test_molecule_batch_cutoff_cuts_edges():
     g = torch.Generator().manual_seed(2)
-    mols = [(torch.randn(n, 3, generator=g, dtype=torch.float64) * 2, torch.zeros(n, dtype=torch.long))
-            for n in (9, 14)]
+    mols = [
+        (torch.randn(n, 3, generator=g, dtype=torch.float64) * 2, torch.zeros(n, dtype=torch.long)) for n in (9, 14)
+    ]
     pos, _, ei_all, attr_all = molecule_batch(mols)
     assert ei_all.shape[1] == 9 * 9 + 14 * 14  # no cutoff: every pair of each molecule
     pos, _, ei, attr = molecule_batch(mols, cutoff=2.0)

@@ -79,8 +79,9 @@ def test_dense_sylvester_constraint_is_escnns_bit_for_bit(d1, d2):
     assert np.array_equal(np.signbit(ours), np.signbit(theirs))
 
 
-@pytest.mark.parametrize("J,l,j", [((1, 1), (1, 1), (1, 2)), ((1, 1), (1, 2), (1, 1)), ((1, 0), (1, 3), (1, 3)),
-                                   ((0, 0), (1, 0), (0, 0))])
+@pytest.mark.parametrize(
+    "J,l,j", [((1, 1), (1, 1), (1, 2)), ((1, 1), (1, 2), (1, 1)), ((1, 0), (1, 3), (1, 3)), ((0, 0), (1, 0), (0, 0))]
+)
 def test_clebsh_gordan_coefficients_unchanged(J, l, j):
     _o2()
     for seed in (0, 2):
@@ -209,10 +210,10 @@ def test_docstrings_list_every_registered_backend():
 
     want = set(BACKENDS) | {"auto"}
     layer = inspect.getdoc(ik_fast.ImplicitPointConv)
-    para = layer[layer.index("``backend``"):layer.index("``forward(")]
+    para = layer[layer.index("``backend``") : layer.index("``forward(")]
     assert _quoted_names(para) == want, para
     func = inspect.getdoc(ik_fast.implicit_point_conv)
-    arg = func[func.index("backend:"):func.index("Returns:")]
+    arg = func[func.index("backend:") : func.index("Returns:")]
     assert _quoted_names(arg) == want, arg
     assert "available_backends()" in para and "available_backends()" in arg
 
@@ -221,8 +222,12 @@ def test_docstrings_list_every_registered_backend():
 
 
 def _history(train, val):
-    return dict(train_step=list(range(1, len(train) + 1)), train_metric=list(train),
-                val_step=[len(train) * (i + 1) // len(val) for i in range(len(val))], val_metric=list(val))
+    return dict(
+        train_step=list(range(1, len(train) + 1)),
+        train_metric=list(train),
+        val_step=[len(train) * (i + 1) // len(val) for i in range(len(val))],
+        val_metric=list(val),
+    )
 
 
 def test_learning_curve_log_scale_and_zoom_where_curves_overlap():
@@ -233,8 +238,9 @@ def test_learning_curve_log_scale_and_zoom_where_curves_overlap():
 
     # N-body-like: the first steps' MSE ~100x the last; validation between the two baselines' neighbourhood
     train = np.geomspace(30, 0.18, 240)
-    fig = learning_curve_figure(_history(train, [0.57, 0.27, 0.2, 0.19, 0.18]), "N-body", "MSE", 0.496,
-                                {"position + velocity x time": 0.24})
+    fig = learning_curve_figure(
+        _history(train, [0.57, 0.27, 0.2, 0.19, 0.18]), "N-body", "MSE", 0.496, {"position + velocity x time": 0.24}
+    )
     try:
         full, zoom = fig.axes
         assert full.get_yscale() == "log" and zoom.get_yscale() == "linear"

@@ -37,8 +37,9 @@ def test_kernel_constraint(name, kind):
 
 
 @pytest.mark.parametrize("name", list(GSPACES))
-@pytest.mark.parametrize("backend", ["reference", "torch"] + [b for b in ["triton", "native"]
-                                                              if b in ik_fast.available_backends("cpu")])
+@pytest.mark.parametrize(
+    "backend", ["reference", "torch"] + [b for b in ["triton", "native"] if b in ik_fast.available_backends("cpu")]
+)
 def test_layer_equivariance(name, backend):
     gs = get_gspace(name)
     in_t, out_t, attr_t = field_types(gs, "mixed_attr")
@@ -153,11 +154,16 @@ def test_o2_small_maximum_frequency_from_the_issue():
     _assert_passes(check_equivariance(k, kernel_graph(k, n_nodes=8, k=2), n_exact=2, n_random=1))
 
 
-GRID_GROUPS = {"SO3": lambda: gspaces.rot3dOnR3(), "O3": lambda: gspaces.flipRot3dOnR3(),
-               "SO2": lambda: gspaces.rot2dOnR2(-1), "O2": lambda: gspaces.flipRot2dOnR2(-1),
-               "SO2_R3": lambda: gspaces.rot2dOnR3(-1), "cone_O2": lambda: gspaces.conicalOnR3(-1),
-               "cylinder": lambda: gspaces.cylindricalOnR3(-1),
-               "full_cylinder": lambda: gspaces.fullCylindricalOnR3(-1)}
+GRID_GROUPS = {
+    "SO3": lambda: gspaces.rot3dOnR3(),
+    "O3": lambda: gspaces.flipRot3dOnR3(),
+    "SO2": lambda: gspaces.rot2dOnR2(-1),
+    "O2": lambda: gspaces.flipRot2dOnR2(-1),
+    "SO2_R3": lambda: gspaces.rot2dOnR3(-1),
+    "cone_O2": lambda: gspaces.conicalOnR3(-1),
+    "cylinder": lambda: gspaces.cylindricalOnR3(-1),
+    "full_cylinder": lambda: gspaces.fullCylindricalOnR3(-1),
+}
 
 
 GRID_CASES = [("SO3", 5), ("SO3", 6), ("O3", 5), ("O3", 6), ("SO2", 3), ("SO2", 6), ("O2", 6), ("full_cylinder", 6)]
@@ -228,8 +234,14 @@ def test_pseudovector_part_of_kernel_is_produced():
 
 
 def test_group_family():
-    assert [group_family(get_gspace(n)) for n in ("O3", "SO3", "O2", "cylinder", "Ih", "trivial_R3")] == \
-        ["SO3", "SO3", "SO2", "SO2", "finite", "finite"]
+    assert [group_family(get_gspace(n)) for n in ("O3", "SO3", "O2", "cylinder", "Ih", "trivial_R3")] == [
+        "SO3",
+        "SO3",
+        "SO2",
+        "SO2",
+        "finite",
+        "finite",
+    ]
     assert np.isclose(tolerance("equivariance", torch.float64, "finite"), tolerance("exact", torch.float64))
     with pytest.raises(ValueError, match="family"):
         tolerance("equivariance", torch.float64)

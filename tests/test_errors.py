@@ -175,22 +175,24 @@ def test_layer_errors_name_the_argument():
 
 def _bad_args():
     """(argument name, a function that breaks a copy of the op's arguments)."""
+
     def setitem(i, f):
         def g(args):
             args[i] = f(args)
+
         return g
 
     cases = [
-        ("x", setitem(0, lambda a: a[0][:, :-1])),                              # columns != final_weight's C_in
-        ("x", setitem(0, lambda a: a[0].float())),                              # dtype != the program's
-        (r"inp|weights\[0\]", setitem(1, lambda a: a[1][:, :-1])),            # width != first weight's H_in
-        ("src", setitem(2, lambda a: a[2][:-1])),                               # length != inp's rows
-        ("src", setitem(2, lambda a: a[2].int())),                              # not int64
-        ("rowptr", setitem(3, lambda a: a[3][:-1].clone().fill_(0))),           # does not end at E
-        ("biases", setitem(5, lambda a: a[5][:-1])),                            # one list shorter
-        ("final_weight", setitem(8, lambda a: a[8][:, :-1])),                   # H != last hidden width
-        ("final_bias", setitem(9, lambda a: a[9][:-1])),                        # R != final_weight's
-        ("final_mask", setitem(13, lambda a: a[13][:, :1])),                    # shape != final_weight's
+        ("x", setitem(0, lambda a: a[0][:, :-1])),  # columns != final_weight's C_in
+        ("x", setitem(0, lambda a: a[0].float())),  # dtype != the program's
+        (r"inp|weights\[0\]", setitem(1, lambda a: a[1][:, :-1])),  # width != first weight's H_in
+        ("src", setitem(2, lambda a: a[2][:-1])),  # length != inp's rows
+        ("src", setitem(2, lambda a: a[2].int())),  # not int64
+        ("rowptr", setitem(3, lambda a: a[3][:-1].clone().fill_(0))),  # does not end at E
+        ("biases", setitem(5, lambda a: a[5][:-1])),  # one list shorter
+        ("final_weight", setitem(8, lambda a: a[8][:, :-1])),  # H != last hidden width
+        ("final_bias", setitem(9, lambda a: a[9][:-1])),  # R != final_weight's
+        ("final_mask", setitem(13, lambda a: a[13][:, :1])),  # shape != final_weight's
         ("hidden", setitem(14, lambda a: torch.zeros(3, 2, dtype=a[0].dtype))),  # shape != (E, H)
     ]
     return [(name, f) for name, f in cases]
@@ -249,8 +251,12 @@ def test_raw_op_tape_errors_name_the_tape():
         _, act, grid = torch.ops.ik_fast.native_trunk_moments(inp, p[0][:k], p[1][:k], p[2][:k], p[3][:k], True, True)
         tape += [act, grid]
     grad = torch.randn(args[3].shape[0] - 1, args[8].shape[0], dtype=torch.float64)
-    bad = {"length": tape[:-1], "activation shape": [tape[0][:-1]] + tape[1:],
-           "grid shape": tape[:1] + [tape[1][:, :, :-1]] + tape[2:], "dtype": [t.float() for t in tape]}
+    bad = {
+        "length": tape[:-1],
+        "activation shape": [tape[0][:-1]] + tape[1:],
+        "grid shape": tape[:1] + [tape[1][:, :, :-1]] + tape[2:],
+        "dtype": [t.float() for t in tape],
+    }
     for what, t in bad.items():
         with pytest.raises(ERRORS, match=r"\btape\b"):
             torch.ops.ik_fast.native_conv_backward(grad, *args[:14], t)

@@ -14,6 +14,7 @@ import ik_fast
 hypothesis = pytest.importorskip("hypothesis")
 st = hypothesis.strategies
 
+
 @functools.lru_cache(maxsize=None)
 def _layer(backend):
     gs = gspaces.rot2dOnR2(-1, maximum_frequency=4)
@@ -26,11 +27,23 @@ def _layer(backend):
 
 # one fault per case (or none): the argument its error must name
 FAULTS = {
-    "none": None, "ei_dtype": "edge_index", "ei_shape": "edge_index", "ei_negative": "edge_index",
-    "ei_src_range": r"edge_index\[0\]", "ei_dst_range": r"edge_index\[1\]", "x_dtype": "x", "x_width": "x",
-    "x_batched": "x", "pos_rows": "pos", "pos_nonfinite": "pos", "delta_rows": "edge_delta",
-    "delta_nonfinite": "edge_delta", "attr_missing": "edge_attr", "attr_width": "edge_attr",
-    "attr_nonfinite": "edge_attr", "attr_dtype": "edge_attr",
+    "none": None,
+    "ei_dtype": "edge_index",
+    "ei_shape": "edge_index",
+    "ei_negative": "edge_index",
+    "ei_src_range": r"edge_index\[0\]",
+    "ei_dst_range": r"edge_index\[1\]",
+    "x_dtype": "x",
+    "x_width": "x",
+    "x_batched": "x",
+    "pos_rows": "pos",
+    "pos_nonfinite": "pos",
+    "delta_rows": "edge_delta",
+    "delta_nonfinite": "edge_delta",
+    "attr_missing": "edge_attr",
+    "attr_width": "edge_attr",
+    "attr_nonfinite": "edge_attr",
+    "attr_dtype": "edge_attr",
 }
 BAD = [float("nan"), float("inf"), float("-inf")]
 
@@ -43,24 +56,33 @@ def cases(draw):
     floats = st.floats(-2, 2, width=32)
 
     def values(rows, cols):
-        return torch.tensor(draw(st.lists(floats, min_size=rows * cols, max_size=rows * cols)),
-                            dtype=torch.float32).reshape(rows, cols)
+        return torch.tensor(
+            draw(st.lists(floats, min_size=rows * cols, max_size=rows * cols)), dtype=torch.float32
+        ).reshape(rows, cols)
 
     def poison(t):
         if t.numel():
             t.view(-1)[draw(st.integers(0, t.numel() - 1))] = draw(st.sampled_from(BAD))
         return t
 
-    ei = torch.tensor(draw(st.lists(st.integers(0, n - 1), min_size=2 * e, max_size=2 * e)),
-                      dtype=torch.long).reshape(2, e)
+    ei = torch.tensor(draw(st.lists(st.integers(0, n - 1), min_size=2 * e, max_size=2 * e)), dtype=torch.long).reshape(
+        2, e
+    )
     if fault == "ei_negative":
         ei[draw(st.integers(0, 1)), draw(st.integers(0, e - 1))] = -draw(st.integers(1, 3))
     elif fault == "ei_src_range":
         ei[0, draw(st.integers(0, e - 1))] = n + draw(st.integers(0, 3))
     elif fault == "ei_dst_range":
         ei[1, draw(st.integers(0, e - 1))] = n + draw(st.integers(0, 3))
-    ei = ei.to(draw(st.sampled_from([torch.int64, torch.int32, torch.int16, torch.uint8] if fault != "ei_negative"
-                                    else [torch.int64, torch.int32])))
+    ei = ei.to(
+        draw(
+            st.sampled_from(
+                [torch.int64, torch.int32, torch.int16, torch.uint8]
+                if fault != "ei_negative"
+                else [torch.int64, torch.int32]
+            )
+        )
+    )
     if fault == "ei_dtype":
         ei = ei.to(draw(st.sampled_from([torch.float32, torch.float64, torch.bool])))
     elif fault == "ei_shape":
@@ -100,12 +122,21 @@ def cases(draw):
         expect = None  # nothing to poison
     if fault == "ei_shape" and e == 2 and ei.shape == (2, 2):
         expect = None  # the transpose of a (2, 2) edge_index is a valid edge_index
-    return dict(x=x, edge_index=ei, pos=pos, edge_delta=delta, edge_attr=attr, expect=expect,
-                backend=draw(st.sampled_from(["torch", "reference"])), train=draw(st.booleans()))
+    return dict(
+        x=x,
+        edge_index=ei,
+        pos=pos,
+        edge_delta=delta,
+        edge_attr=attr,
+        expect=expect,
+        backend=draw(st.sampled_from(["torch", "reference"])),
+        train=draw(st.booleans()),
+    )
 
 
-@hypothesis.settings(max_examples=80, derandomize=True, deadline=None, database=None,
-                     suppress_health_check=list(hypothesis.HealthCheck))
+@hypothesis.settings(
+    max_examples=80, derandomize=True, deadline=None, database=None, suppress_health_check=list(hypothesis.HealthCheck)
+)
 @hypothesis.given(cases())
 def test_fuzz_boundary(case):
     layer = _layer(case.pop("backend")).train(case.pop("train"))

@@ -15,10 +15,14 @@ import ik_fast
 
 DEV = GPU_TEST_DEVICE or "cuda"
 ON_CUDA = torch.device(DEV).type == "cuda"
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(GPU_TEST_DEVICE is None,
-                                 reason="needs a CUDA device (IK_FAST_TEST_DEVICE=cpu runs these tests on the CPU at "
-                                        "small sizes: the rehearsal of benchmarks/run_gpu.sh)")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(
+        GPU_TEST_DEVICE is None,
+        reason="needs a CUDA device (IK_FAST_TEST_DEVICE=cpu runs these tests on the CPU at "
+        "small sizes: the rehearsal of benchmarks/run_gpu.sh)",
+    ),
+]
 
 
 def size(cuda, rehearsal):
@@ -62,8 +66,9 @@ def _fwd_bwd(conv, backend, pos, ei, x, a):
     xs, ps = x.clone().requires_grad_(), pos.clone().requires_grad_()
     out = conv(xs, ei, edge_attr=a, pos=ps)
     (out * torch.linspace(-1, 1, out.numel(), device=out.device, dtype=out.dtype).reshape(out.shape)).sum().backward()
-    return [out.detach()] + [torch.zeros_like(p) if p.grad is None else p.grad.clone()
-                             for p in (xs, ps, *conv.parameters())]
+    return [out.detach()] + [
+        torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in (xs, ps, *conv.parameters())
+    ]
 
 
 def _agree(conv, backend, pos, ei, x, a, tol, other="reference"):
@@ -159,18 +164,20 @@ def test_native_float32_within_1e_5_on_cuda(mode):
     try:
         torch.set_float32_matmul_precision("highest")
         c32.load_state_dict(state)
-        own = [rel(g.double(), r) for g, r in zip(_fwd_bwd(c32, "reference", pos.float(), ei, x.float(), a.float()),
-                                                   ref)]
+        own = [
+            rel(g.double(), r) for g, r in zip(_fwd_bwd(c32, "reference", pos.float(), ei, x.float(), a.float()), ref)
+        ]
         c32.load_state_dict(state)
-        errs = [rel(g.double(), r) for g, r in zip(_fwd_bwd(c32, "native", pos.float(), ei, x.float(), a.float()),
-                                                    ref)]
+        errs = [rel(g.double(), r) for g, r in zip(_fwd_bwd(c32, "native", pos.float(), ei, x.float(), a.float()), ref)]
         torch.set_float32_matmul_precision("high")
         c32.load_state_dict(state)
         etf = rel(_fwd_bwd(c32, "native", pos.float(), ei, x.float(), a.float())[0].double(), ref[0])
     finally:
         torch.set_float32_matmul_precision(old)
-    print(f"native float32 errors {max(errs):.2e} (the reference's own in float32: {max(own):.2e}), "
-          f"tf32 forward {etf:.2e}")
+    print(
+        f"native float32 errors {max(errs):.2e} (the reference's own in float32: {max(own):.2e}), "
+        f"tf32 forward {etf:.2e}"
+    )
     bad = [(i, e, o) for i, (e, o) in enumerate(zip(errs, own)) if not e < max(1e-5, 4 * o)]
     assert not bad and etf < 1e-2, bad
 

@@ -40,23 +40,36 @@ def _env(**extra):
 
 
 def test_checkout_on_pythonpath_imports_every_module_and_collects_the_gpu_tests(tmp_path):
-    res = subprocess.run([sys.executable, "-c", _CHECKOUT, ROOT], cwd=tmp_path, capture_output=True, text=True,
-                         env=_env(PYTHONPATH=ROOT), timeout=600)
+    res = subprocess.run(
+        [sys.executable, "-c", _CHECKOUT, ROOT],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=_env(PYTHONPATH=ROOT),
+        timeout=600,
+    )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     mods = next(ln for ln in res.stdout.splitlines() if ln.startswith("IMPORTED")).split()[1:]
-    assert {"ik_fast.backends", "ik_fast.kernels_triton", "ik_fast.kernels_triton.launch", "ik_fast.bench",
-            "ik_fast.records"} <= set(mods), mods
+    assert {
+        "ik_fast.backends",
+        "ik_fast.kernels_triton",
+        "ik_fast.kernels_triton.launch",
+        "ik_fast.bench",
+        "ik_fast.records",
+    } <= set(mods), mods
     assert "tests/test_gpu.py::test_native_matches_reference_on_cuda[O3-train]" in res.stdout
 
 
 def _write_tests(folder, body):
     """A test folder whose conftest loads only the time-limit hooks (no escnn: the child starts in a second)."""
     folder.mkdir()
-    (folder / "conftest.py").write_text(textwrap.dedent(f"""
+    (folder / "conftest.py").write_text(
+        textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {TESTS!r})
         from _time_limits import *  # noqa
-        """))
+        """)
+    )
     (folder / "test_limits.py").write_text(textwrap.dedent(body))
 
 
@@ -84,24 +97,35 @@ def test_per_test_limit_fails_a_slow_test_and_the_next_one_runs(tmp_path):
     _write_tests(tmp_path / "t", _BODY)
     progress = tmp_path / "progress.jsonl"
     t = time.time()
-    res = subprocess.run([sys.executable, "-m", "pytest", str(tmp_path / "t"), "-q", "-p", "no:cacheprovider",
-                          "-k", "not hangs"], cwd=tmp_path, capture_output=True, text=True, timeout=120,
-                         env=_env(IK_FAST_TEST_TIMEOUT="2", IK_FAST_TEST_PROGRESS=str(progress)))
+    res = subprocess.run(
+        [sys.executable, "-m", "pytest", str(tmp_path / "t"), "-q", "-p", "no:cacheprovider", "-k", "not hangs"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=_env(IK_FAST_TEST_TIMEOUT="2", IK_FAST_TEST_PROGRESS=str(progress)),
+    )
     assert time.time() - t < 40
     assert res.returncode == 1, res.stdout
     assert "TimeLimitExceeded" in res.stdout and "ran past its time limit of 2 s" in res.stdout
     assert "1 failed, 1 passed" in res.stdout
     events = [json.loads(ln) for ln in progress.read_text().splitlines()]
-    calls = {e["nodeid"].split("::")[-1]: e["outcome"] for e in events if e["event"] == "report" and
-             e["when"] == "call"}
+    calls = {
+        e["nodeid"].split("::")[-1]: e["outcome"] for e in events if e["event"] == "report" and e["when"] == "call"
+    }
     assert calls == {"test_slow": "failed", "test_after": "passed"}
 
 
 def test_deadline_skips_the_tests_not_started(tmp_path):
     _write_tests(tmp_path / "t", _BODY)
-    res = subprocess.run([sys.executable, "-m", "pytest", str(tmp_path / "t"), "-q", "-rs", "-p", "no:cacheprovider"],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=120,
-                         env=_env(IK_FAST_TEST_DEADLINE=str(time.time() - 1)))
+    res = subprocess.run(
+        [sys.executable, "-m", "pytest", str(tmp_path / "t"), "-q", "-rs", "-p", "no:cacheprovider"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=_env(IK_FAST_TEST_DEADLINE=str(time.time() - 1)),
+    )
     assert res.returncode == 0, res.stdout
     assert "3 skipped" in res.stdout and "the time for tests (IK_FAST_TEST_DEADLINE) was spent" in res.stdout
 
@@ -111,11 +135,35 @@ def test_tests_step_goes_on_past_a_test_hung_in_native_code(tmp_path):
     runs the tests not yet run in a new process and records every test, the hung one as such."""
     _write_tests(tmp_path / "t", _BODY)
     t = time.time()
-    res = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_run.py"), "tests", "--device", "cpu",
-                          "--per-test", "2", "--deadline", str(time.time() + 120), "--out-dir", str(tmp_path / "out"),
-                          "--results", str(tmp_path / "results"), "--name", "limits", "--", str(tmp_path / "t"),
-                          "-q", "-k", "not slow"],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=300, env=_env(PYTHONPATH=ROOT))
+    res = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "benchmarks", "gpu_run.py"),
+            "tests",
+            "--device",
+            "cpu",
+            "--per-test",
+            "2",
+            "--deadline",
+            str(time.time() + 120),
+            "--out-dir",
+            str(tmp_path / "out"),
+            "--results",
+            str(tmp_path / "results"),
+            "--name",
+            "limits",
+            "--",
+            str(tmp_path / "t"),
+            "-q",
+            "-k",
+            "not slow",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=_env(PYTHONPATH=ROOT),
+    )
     assert time.time() - t < 120
     assert res.returncode == 1, res.stdout + res.stderr  # a hung test is a failure of the step
     assert "Timeout" in res.stderr or "Timeout" in res.stdout  # faulthandler's stacks

@@ -89,8 +89,9 @@ def test_several_graphs_in_one_batch():
     with torch.no_grad():
         y1 = layer(x1, e1, edge_attr=a1, pos=p1)
         y2 = layer(x2, e2, edge_attr=a2, pos=p2)
-        y = layer(torch.cat([x1, x2]), torch.cat([e1, e2 + 25], 1), edge_attr=torch.cat([a1, a2]),
-                  pos=torch.cat([p1, p2]))
+        y = layer(
+            torch.cat([x1, x2]), torch.cat([e1, e2 + 25], 1), edge_attr=torch.cat([a1, a2]), pos=torch.cat([p1, p2])
+        )
     tol = TOL[torch.float64]["agree"]
     assert rel(y[:25], y1) <= tol and rel(y[25:], y2) <= tol
 
@@ -141,8 +142,7 @@ def test_grid_conv_stride_and_dilation(stride, dilation):
     """Stride subsamples the stride-1 output; dilation equals a stride-1 convolution with the dilated filter."""
     ft, _ = _types(attr=False)
     torch.manual_seed(0)
-    conv = ik_fast.ImplicitConv(ft, ft, 3, n_layers=2, n_channels=4, padding=2, stride=stride,
-                                dilation=dilation).eval()
+    conv = ik_fast.ImplicitConv(ft, ft, 3, n_layers=2, n_channels=4, padding=2, stride=stride, dilation=dilation).eval()
     base = ik_fast.ImplicitConv(ft, ft, 3, n_layers=2, n_channels=4, padding=2).eval()
     base.load_state_dict(conv.state_dict())
     x = enn.GeometricTensor(torch.randn(2, ft.size, 13, 11), ft)
@@ -249,5 +249,7 @@ def test_a_million_edges():
     y, gx = _run(layer, x, pos, ei, a)
     dt = time.perf_counter() - t
     assert torch.isfinite(y).all() and torch.isfinite(gx).all()
-    print(f"\n10^6 edges ({ei.shape[1]}): training step {dt:.1f} s, peak RSS "
-          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GB")
+    print(
+        f"\n10^6 edges ({ei.shape[1]}): training step {dt:.1f} s, peak RSS "
+        f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GB"
+    )

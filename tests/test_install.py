@@ -35,8 +35,13 @@ def test_readme_install_recipe_in_a_fresh_venv(tmp_path):
     recipe = _readme_recipe()
     env = dict(os.environ, PYTHON=_base_python())
     env.pop("IK_FAST_CACHE", None)
-    r = subprocess.run(["bash", os.path.join(ROOT, "scripts", "check_install.sh"), str(tmp_path / "venv")],
-                       capture_output=True, text=True, env=env, timeout=3600)
+    r = subprocess.run(
+        ["bash", os.path.join(ROOT, "scripts", "check_install.sh"), str(tmp_path / "venv")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=3600,
+    )
     print(r.stdout[-6000:])
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     ran = r.stdout.split("----- recipe -----\n", 1)[1].split("\n----- end of recipe -----", 1)[0]
@@ -47,8 +52,13 @@ def test_readme_install_recipe_in_a_fresh_venv(tmp_path):
 @pytest.mark.install
 def test_cuda_torch_without_cuda_libraries_builds_the_cpu_part(tmp_path):
     venv = os.environ.get("IK_FAST_CUDA_TORCH_VENV") or str(tmp_path / "venv")
-    r = subprocess.run(["bash", os.path.join(ROOT, "scripts", "check_cuda_torch.sh"), venv], capture_output=True,
-                       text=True, env=dict(os.environ, PYTHON=_base_python()), timeout=3600)
+    r = subprocess.run(
+        ["bash", os.path.join(ROOT, "scripts", "check_cuda_torch.sh"), venv],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHON=_base_python()),
+        timeout=3600,
+    )
     print(r.stdout[-6000:])
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     assert "OK: CUDA torch without CUDA libraries" in r.stdout

@@ -153,8 +153,11 @@ def test_lowering_matches_escnn_modules(name, mode):
     pos = torch.randn(30, gs.dimensionality)
     a = torch.randn(30, attr_t.size)
     expect = _escnn_oracle(k, pos, a)
-    got = k(pos, a) if mode == "eval" else k.program().kernel_from_hidden(k.program().trunk(pos, a)[0],
-                                                                          k.program().shell(pos))
+    got = (
+        k(pos, a)
+        if mode == "eval"
+        else k.program().kernel_from_hidden(k.program().trunk(pos, a)[0], k.program().shell(pos))
+    )
     # escnn's raw float32 bases carry noise up to ~1e-5 that ik_fast zeroes; beyond that the two must agree
     assert rel(got.detach(), expect.detach()) < 2e-4
 

@@ -72,8 +72,16 @@ def test_qm9_model_invariant(qm9_small, gs_name, kind):
     the geometry's equivariance would fail this."""
     torch.manual_seed(0)
     gs = {"o3": gspaces.flipRot3dOnR3, "so3": gspaces.rot3dOnR3, "trivial": gspaces.trivialOnR3}[gs_name]()
-    m = QM9Model(gs, num_layers=1, num_features=2, num_inv_features=4, edge_attr_size=edge_attr_size(kind),
-                 kernel_n_layers=2, kernel_n_channels=2, backend="reference")
+    m = QM9Model(
+        gs,
+        num_layers=1,
+        num_features=2,
+        num_inv_features=4,
+        edge_attr_size=edge_attr_size(kind),
+        kernel_n_layers=2,
+        kernel_n_channels=2,
+        backend="reference",
+    )
     b = collate(qm9_small, np.arange(40, 46), "homo", cutoff=2.0, edge_attrs=kind)
     m.train()
     out = m(b.x, b.pos, b.edge_index, b.edge_attr, b.batch, b.n_graphs)
@@ -97,11 +105,23 @@ def test_qm9_model_errors():
         QM9Model(num_features=0)
     m = QM9Model(num_layers=0, num_features=2, num_inv_features=2, edge_attr_size=0, kernel_n_layers=1)
     with pytest.raises(ValueError, match="edge_attr"):
-        m(torch.zeros(3, 5), torch.zeros(3, 3), torch.zeros(2, 1, dtype=torch.long), torch.zeros(1, 4),
-          torch.zeros(3, dtype=torch.long), 1)
+        m(
+            torch.zeros(3, 5),
+            torch.zeros(3, 3),
+            torch.zeros(2, 1, dtype=torch.long),
+            torch.zeros(1, 4),
+            torch.zeros(3, dtype=torch.long),
+            1,
+        )
     with pytest.raises(ValueError, match="x must have shape"):
-        m(torch.zeros(3, 4), torch.zeros(3, 3), torch.zeros(2, 1, dtype=torch.long), None,
-          torch.zeros(3, dtype=torch.long), 1)
+        m(
+            torch.zeros(3, 4),
+            torch.zeros(3, 3),
+            torch.zeros(2, 1, dtype=torch.long),
+            None,
+            torch.zeros(3, dtype=torch.long),
+            1,
+        )
 
 
 def test_field_activation_groups():

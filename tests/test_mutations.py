@@ -16,8 +16,15 @@ from ik_fast.program import Hidden, KernelProgram
 from ik_fast.testing import check_equivariance, kernel_graph, randomize_
 
 FAMILIES = {"SO3": "O3", "SO2": "O2", "finite": "D6"}
-MUTATIONS = ["none", "bias_expansion", "anisotropic_shell", "additive_term", "wrong_position_rep",
-             "pseudoscalar_as_scalar", "pointwise_elu_on_fourier"]
+MUTATIONS = [
+    "none",
+    "bias_expansion",
+    "anisotropic_shell",
+    "additive_term",
+    "wrong_position_rep",
+    "pseudoscalar_as_scalar",
+    "pointwise_elu_on_fourier",
+]
 
 
 def _odd_scalar_index(attr_t):
@@ -74,6 +81,7 @@ def _mutate(mutation, name, monkeypatch):
             scale = torch.ones(delta.shape[1], dtype=delta.dtype)
             scale[0] = 1 / 1.02
             return orig(self, delta * scale)
+
         monkeypatch.setattr(KernelProgram, "shell", shell)
     elif mutation == "additive_term":  # out + 1e-3 * rms(out) * a fixed pattern (not equivariant)
         forward = conv.forward
@@ -82,6 +90,7 @@ def _mutate(mutation, name, monkeypatch):
             out = forward(*args, **kwargs)
             v = torch.randn(out.shape, generator=torch.Generator().manual_seed(2), dtype=out.dtype)
             return out + 1e-3 * out.detach().square().mean().sqrt() * v
+
         monkeypatch.setattr(conv, "forward", mutated)
     elif mutation == "wrong_position_rep":  # d enters the MLP through a reflection the group does not commute with
         orig = KernelProgram.mlp_input
@@ -90,6 +99,7 @@ def _mutate(mutation, name, monkeypatch):
             M = torch.eye(delta.shape[1], dtype=delta.dtype)
             M[0, 0] = -1
             return orig(self, delta @ M, attr)
+
         monkeypatch.setattr(KernelProgram, "mlp_input", mlp_input)
     elif mutation == "pointwise_elu_on_fourier":  # ELU applied to the Fourier coefficients, not to the samples
         if not G.continuous:
@@ -97,6 +107,7 @@ def _mutate(mutation, name, monkeypatch):
 
         def activate(self, x):
             return F.elu(x.reshape(x.shape[0], self.channels, self.dim))
+
         monkeypatch.setattr(Hidden, "activate", activate)
     return conv
 

@@ -54,9 +54,23 @@ def _op_args(conv, pos, ei, x, a, grad=True):
     inp = prog.mlp_input(pos[ei[0]] - pos[ei[1]], a)[g.perm].contiguous()
     p = prog.packed([], x.dtype)
     leaf = (lambda t: t.detach().clone().requires_grad_()) if grad else (lambda t: t.detach().clone())  # noqa: E731
-    return [leaf(x), leaf(inp), g.src[g.perm].contiguous(), g.rowptr, [leaf(w) for w in p.weights],
-            [leaf(b) for b in p.biases], p.fourier, p.fourier_inv, leaf(p.final_weight), leaf(p.final_bias),
-            leaf(p.coef), p.norm, p.ndim, p.final_mask, None]
+    return [
+        leaf(x),
+        leaf(inp),
+        g.src[g.perm].contiguous(),
+        g.rowptr,
+        [leaf(w) for w in p.weights],
+        [leaf(b) for b in p.biases],
+        p.fourier,
+        p.fourier_inv,
+        leaf(p.final_weight),
+        leaf(p.final_bias),
+        leaf(p.coef),
+        p.norm,
+        p.ndim,
+        p.final_mask,
+        None,
+    ]
 
 
 def _leaves(args):
@@ -139,8 +153,10 @@ def _fake_toolkit(tmp_path, release="13.0", libs=()):
     (home / "bin").mkdir(parents=True)
     (home / "lib64").mkdir()
     nvcc = home / "bin" / "nvcc"
-    nvcc.write_text(f"#!/bin/sh\necho 'nvcc: NVIDIA (R) Cuda compiler driver'\necho 'Cuda compilation tools, "
-                    f"release {release}, V{release}.0'\n")
+    nvcc.write_text(
+        f"#!/bin/sh\necho 'nvcc: NVIDIA (R) Cuda compiler driver'\necho 'Cuda compilation tools, "
+        f"release {release}, V{release}.0'\n"
+    )
     nvcc.chmod(0o755)
     for name in libs:
         src = tmp_path / f"{name}.cpp"
@@ -149,8 +165,9 @@ def _fake_toolkit(tmp_path, release="13.0", libs=()):
     return home
 
 
-def _as_cuda_torch(monkeypatch, home, how="torch's guess from the nvcc on the PATH, /somewhere/bin/nvcc",
-                   lib="ik_fast_test_cudart"):
+def _as_cuda_torch(
+    monkeypatch, home, how="torch's guess from the nvcc on the PATH, /somewhere/bin/nvcc", lib="ik_fast_test_cudart"
+):
     """Make _build see a CUDA 13.0 build of torch whose CUDA_HOME is ``home`` and whose CUDA link needs
     ``-l<lib>`` from ``home``/lib64 (the real torch here is a CPU build, without libc10_cuda to link)."""
     monkeypatch.delenv("IK_FAST_BUILD_CUDA", raising=False)
@@ -263,14 +280,20 @@ def test_error_lines_are_the_compilers_and_linkers_own():
     """A failed build's message keeps the linker's cause (not only collect2's summary) and ninja's failed target,
     not the command lines (which name files and flags such as errors.cpp and -Wno-error)."""
     out = _build.error_lines(_NINJA_LOG)
-    assert out.splitlines() == ["FAILED: ik_fast_native.so",
-                                "/usr/bin/ld: cannot find -lcudart: No such file or directory",
-                                "collect2: error: ld returned 1 exit status"], out
-    compile_log = ("[1/2] c++ -c /x/csrc/cpu/zz.cpp -o zz.o\nFAILED: zz.o\nc++ -c /x/csrc/cpu/zz.cpp -o zz.o\n"
-                   "/x/csrc/cpu/zz.cpp:1:12: error: expected ')' before '{' token\n    1 | int broken( {\n"
-                   "ninja: build stopped: subcommand failed.\n")
+    assert out.splitlines() == [
+        "FAILED: ik_fast_native.so",
+        "/usr/bin/ld: cannot find -lcudart: No such file or directory",
+        "collect2: error: ld returned 1 exit status",
+    ], out
+    compile_log = (
+        "[1/2] c++ -c /x/csrc/cpu/zz.cpp -o zz.o\nFAILED: zz.o\nc++ -c /x/csrc/cpu/zz.cpp -o zz.o\n"
+        "/x/csrc/cpu/zz.cpp:1:12: error: expected ')' before '{' token\n    1 | int broken( {\n"
+        "ninja: build stopped: subcommand failed.\n"
+    )
     assert _build.error_lines(compile_log).splitlines() == [
-        "FAILED: zz.o", "/x/csrc/cpu/zz.cpp:1:12: error: expected ')' before '{' token"]
+        "FAILED: zz.o",
+        "/x/csrc/cpu/zz.cpp:1:12: error: expected ')' before '{' token",
+    ]
     assert _build.error_lines("something\nwent wrong\n", n=1) == "went wrong"  # unrecognised: the last lines
 
 
@@ -290,8 +313,9 @@ static PyMethodDef methods[] = {{"cuda_built", cuda_built, METH_NOARGS, ""}, {nu
 static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, "NAME", nullptr, -1, methods};
 PyMODINIT_FUNC PyInit_NAME(void) { return PyModule_Create(&def); }
 """
-needs_compiler = pytest.mark.skipif(shutil.which("c++") is None or not _cpp_ext.is_ninja_available(),
-                                    reason="no C++ compiler or no ninja")
+needs_compiler = pytest.mark.skipif(
+    shutil.which("c++") is None or not _cpp_ext.is_ninja_available(), reason="no C++ compiler or no ninja"
+)
 
 
 def _tiny_first_use(monkeypatch, tmp_path, name):
@@ -418,8 +442,13 @@ print("WARN:", " | ".join(str(m.message) for m in w))
 def test_missing_compiler_is_a_clear_reason(tmp_path):
     """Without a prebuilt module and without a compiler, "native" is unavailable with the reason stated (in
     ops.status, and in "auto"'s warning), and "auto" falls back by size. A fresh process with an empty cache."""
-    env = dict(os.environ, CXX=str(tmp_path / "no-such-c++"), IK_FAST_CACHE=str(tmp_path / "cache"),
-               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), PYTHONWARNINGS="ignore")
+    env = dict(
+        os.environ,
+        CXX=str(tmp_path / "no-such-c++"),
+        IK_FAST_CACHE=str(tmp_path / "cache"),
+        PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        PYTHONWARNINGS="ignore",
+    )
     res = subprocess.run([sys.executable, "-c", _NO_COMPILER], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     out = dict(line.split(": ", 1) for line in res.stdout.splitlines() if re.match(r"^[A-Z]+: ", line))
@@ -438,12 +467,18 @@ def test_compile_error_is_a_clear_reason(tmp_path):
     src = tmp_path / "csrc"
     shutil.copytree(_build.source_root(), src)
     (src / "cpu" / "zz_broken.cpp").write_text("int broken( { return 0; }\n")
-    code = ("import ik_fast._native as N, ik_fast._build as Bd\n"
-            f"Bd.source_root = lambda: {str(src)!r}\n"
-            "N._prebuilt = lambda root: (None, 'hidden')\n"
-            "from ik_fast import ops\nprint('WHY:', ops.status('native', 'cpu'))\n")
-    env = dict(os.environ, IK_FAST_CACHE=str(tmp_path / "cache"), PYTHONWARNINGS="ignore",
-               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    code = (
+        "import ik_fast._native as N, ik_fast._build as Bd\n"
+        f"Bd.source_root = lambda: {str(src)!r}\n"
+        "N._prebuilt = lambda root: (None, 'hidden')\n"
+        "from ik_fast import ops\nprint('WHY:', ops.status('native', 'cpu'))\n"
+    )
+    env = dict(
+        os.environ,
+        IK_FAST_CACHE=str(tmp_path / "cache"),
+        PYTHONWARNINGS="ignore",
+        PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=1200)
     why = res.stdout.split("WHY: ", 1)[1]
     assert "compiling" in why and "failed" in why and "zz_broken.cpp" in why, why
@@ -529,8 +564,9 @@ def test_grid_matches_its_statement(upto):
     inp = prog.mlp_input(pos[ei[0]] - pos[ei[1]], a)
     p = prog.packed([], x.dtype, upto=upto)
     m, act, grid = ops.trunk_moments("native", inp, p, upto, with_activation=True, with_grid=True)
-    h = ops.trunk_reference_form(inp, p.weights[:upto - 1], p.biases[:upto - 1], p.fourier[:upto - 1],
-                                 p.fourier_inv[:upto - 1])
+    h = ops.trunk_reference_form(
+        inp, p.weights[: upto - 1], p.biases[: upto - 1], p.fourier[: upto - 1], p.fourier_inv[: upto - 1]
+    )
     y = ops.linear_reference_form(h, p.weights[upto - 1], p.biases[upto - 1])
     A = p.fourier[upto - 1]
     u = torch.nn.functional.elu(y.reshape(y.shape[0], -1, A.shape[1]) @ A.t())  # (E, C, G)
@@ -587,13 +623,14 @@ def test_tape_through_the_raw_ops_and_double_backward():
     inp, p = args[1].detach(), args[4:8]
     tape = []
     for k in range(1, len(p[0]) + 1):
-        _, act, grid = torch.ops.ik_fast.native_trunk_moments(inp, [w.detach() for w in p[0][:k]],
-                                                              [b.detach() for b in p[1][:k]], p[2][:k], p[3][:k],
-                                                              True, True)
+        _, act, grid = torch.ops.ik_fast.native_trunk_moments(
+            inp, [w.detach() for w in p[0][:k]], [b.detach() for b in p[1][:k]], p[2][:k], p[3][:k], True, True
+        )
         tape += [act, grid]
     grad = torch.randn(args[3].shape[0] - 1, args[8].shape[0], dtype=torch.float64)
-    plain = [t.detach() if torch.is_tensor(t) else [u.detach() for u in t] if isinstance(t, list) else t
-             for t in args[:14]]
+    plain = [
+        t.detach() if torch.is_tensor(t) else [u.detach() for u in t] if isinstance(t, list) else t for t in args[:14]
+    ]
     with_tape = torch.ops.ik_fast.native_conv_backward(grad, *plain, tape)
     without = torch.ops.ik_fast.native_conv_backward(grad, *plain)
     for u, v in zip(with_tape, without):
@@ -665,8 +702,14 @@ def test_one_thread_and_two_agree_and_runs_are_deterministic():
 @needs_native
 @pytest.mark.parametrize("case", ["one_layer", "no_bias", "no_attr", "pointwise", "planar", "no_batch_norm"])
 def test_variants_match_reference(case):
-    kw = {"one_layer": dict(n_layers=1), "no_bias": dict(bias=False), "no_attr": dict(kind="mixed"),
-          "pointwise": dict(name="Oh"), "planar": dict(name="SO2"), "no_batch_norm": dict(batch_norm=False)}[case]
+    kw = {
+        "one_layer": dict(n_layers=1),
+        "no_bias": dict(bias=False),
+        "no_attr": dict(kind="mixed"),
+        "pointwise": dict(name="Oh"),
+        "planar": dict(name="SO2"),
+        "no_batch_norm": dict(batch_norm=False),
+    }[case]
     conv, gs, attr_t = _conv(**kw)
     pos, ei, x, a = _inputs(conv, gs, attr_t)
     for mode in ("train", "eval"):
@@ -784,8 +827,9 @@ def test_auto_without_native_picks_reference_on_small_graphs(monkeypatch):
     pos, ei, x, a = _inputs(conv, gs, attr_t, dtype=torch.float32)
     seen = []
     for name in ("reference", "torch"):
-        monkeypatch.setitem(B.BACKENDS, name, (lambda f, n: lambda *args: seen.append(n) or f(*args))(
-            B.BACKENDS[name], name))
+        monkeypatch.setitem(
+            B.BACKENDS, name, (lambda f, n: lambda *args: seen.append(n) or f(*args))(B.BACKENDS[name], name)
+        )
     conv.backend = "auto"
     conv(x, ei, edge_attr=a, pos=pos)
     assert seen == ["reference"]

@@ -35,9 +35,18 @@ def _layer(name, kind, kw):
 
 def _stats(prog):
     g = torch.Generator().manual_seed(1)
-    return [(torch.randn(h.channels, h.dim, generator=g, dtype=torch.float64),
-             torch.rand(h.channels, generator=g, dtype=torch.float64) + 0.5)
-            for h in prog.hidden if h.bn is not None] if prog.training else []
+    return (
+        [
+            (
+                torch.randn(h.channels, h.dim, generator=g, dtype=torch.float64),
+                torch.rand(h.channels, generator=g, dtype=torch.float64) + 0.5,
+            )
+            for h in prog.hidden
+            if h.bn is not None
+        ]
+        if prog.training
+        else []
+    )
 
 
 def _outputs(p):
@@ -197,5 +206,4 @@ def test_native_passes_reject_indices_out_of_range():
     with pytest.raises(RuntimeError, match="rc has an index outside"):
         m.pack_vjp(*vjp, t, h, ch, torch.tensor([-3, 2, 5]), *tail)
     with pytest.raises(RuntimeError, match="cols has an index outside"):
-        m.pack_vjp(*vjp, t, h, ch, rc, R, H, C, H // D, torch.zeros(0, dtype=torch.long), ok, vals, [[9]], sigma,
-                   sigma)
+        m.pack_vjp(*vjp, t, h, ch, rc, R, H, C, H // D, torch.zeros(0, dtype=torch.long), ok, vals, [[9]], sigma, sigma)

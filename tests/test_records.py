@@ -26,19 +26,35 @@ def test_every_results_file_follows_the_schema_and_names_its_commit():
 
 
 def _good_record():
-    return {"kind": "timing", "commit": "0" * 40, "dirty": False, "date": "2026-12-01T00:00:00+00:00",
-            "device": {"type": "cpu", "name": "Some CPU (2 threads)"},
-            "stack": {"python": "3.11.7", "torch": "2.13.0"}, "problem": "P", "provider": "native", "mode": "train",
-            "precision": "ieee", "metric": "step_time", "value": 0.1, "unit": "s", "spread": None, "extra": {}}
+    return {
+        "kind": "timing",
+        "commit": "0" * 40,
+        "dirty": False,
+        "date": "2026-12-01T00:00:00+00:00",
+        "device": {"type": "cpu", "name": "Some CPU (2 threads)"},
+        "stack": {"python": "3.11.7", "torch": "2.13.0"},
+        "problem": "P",
+        "provider": "native",
+        "mode": "train",
+        "precision": "ieee",
+        "metric": "step_time",
+        "value": 0.1,
+        "unit": "s",
+        "spread": None,
+        "extra": {},
+    }
 
 
-@pytest.mark.parametrize("breakage, message", [
-    (lambda r: r.update(commit="unknown"), "names no commit"),
-    (lambda r: r.pop("dirty"), "lacks the field"),
-    (lambda r: r.update(kind="work"), "in the folder 'timing'"),
-    (lambda r: r["device"].update(name="Another CPU"), "in the folder"),
-    (lambda r: r.update(value=None), "no value and no 'error'"),
-])
+@pytest.mark.parametrize(
+    "breakage, message",
+    [
+        (lambda r: r.update(commit="unknown"), "names no commit"),
+        (lambda r: r.pop("dirty"), "lacks the field"),
+        (lambda r: r.update(kind="work"), "in the folder 'timing'"),
+        (lambda r: r["device"].update(name="Another CPU"), "in the folder"),
+        (lambda r: r.update(value=None), "no value and no 'error'"),
+    ],
+)
 def test_check_tree_finds_a_broken_record(tmp_path, monkeypatch, breakage, message):
     rec = _good_record()
     folder = tmp_path / "timing" / "cpu-some-cpu"
@@ -143,7 +159,8 @@ def test_precision_writes_records_and_the_report_renders_them(tmp_path):
     assert prec.main(["--problem", "tiny", "--backends", "torch", "--modes", "ieee", "--json", str(out)]) == 0
     recs = _loaded(out)
     assert sorted((r["mode"], r["metric"]) for r in recs) == sorted(
-        (m, k) for m in ("train", "eval") for k in ("rel_error_out", "rel_error_grad_x", "rel_error_grad_params"))
+        (m, k) for m in ("train", "eval") for k in ("rel_error_out", "rel_error_grad_x", "rel_error_grad_params")
+    )
     assert all(r["kind"] == "precision" and r["precision"] == "ieee" and 0 < r["value"] < 1e-4 for r in recs)
     assert "| `torch` | " in report.render("precision", recs)
 
@@ -151,8 +168,7 @@ def test_precision_writes_records_and_the_report_renders_them(tmp_path):
 def test_precision_records_a_failing_case_without_a_value(tmp_path):
     prec = _bench_module("precision")
     out = tmp_path / "precision.json"
-    assert prec.main(["--problem", "tiny", "--backends", "no-such-backend", "--modes", "ieee", "--json",
-                      str(out)]) == 1
+    assert prec.main(["--problem", "tiny", "--backends", "no-such-backend", "--modes", "ieee", "--json", str(out)]) == 1
     recs = _loaded(out)
     assert recs and all(r["value"] is None and "no-such-backend" in r["error"] for r in recs)
 
@@ -176,21 +192,56 @@ def test_trainer_writes_a_training_record_the_report_renders(tmp_path):
     from ik_fast.train import main
 
     out = tmp_path / "nb"
-    assert main(["nbody", "--n-train", "10", "--n-val", "5", "--n-test", "5", "--batch-size", "5", "--epochs", "1",
-                 "--horizon", "20", "--num-layers", "1", "--num-features", "2", "--kernel-layers", "2",
-                 "--kernel-channels", "2", "--backend", "reference", "--no-progress", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "nbody",
+                "--n-train",
+                "10",
+                "--n-val",
+                "5",
+                "--n-test",
+                "5",
+                "--batch-size",
+                "5",
+                "--epochs",
+                "1",
+                "--horizon",
+                "20",
+                "--num-layers",
+                "1",
+                "--num-features",
+                "2",
+                "--kernel-layers",
+                "2",
+                "--kernel-channels",
+                "2",
+                "--backend",
+                "reference",
+                "--no-progress",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     (rec,) = _loaded(out / "records.json")
     hist = json.loads((out / "history.json").read_text())
-    assert (rec["kind"], rec["problem"], rec["provider"], rec["metric"]) == ("training", "nbody", "reference",
-                                                                             "val_mse")
+    assert (rec["kind"], rec["problem"], rec["provider"], rec["metric"]) == (
+        "training",
+        "nbody",
+        "reference",
+        "val_mse",
+    )
     assert rec["value"] == hist["val_mse"] and rec["extra"]["baseline"] == hist["baseline_const"]
     row = next(line for line in report.render("training", [rec]).splitlines() if line.startswith("| `nbody`"))
     assert f"{rec['value'] / hist['baseline_const']:.2f}" in row
 
 
 def test_measure_tolerances_writes_equivariance_records_the_report_renders(tmp_path):
-    spec = importlib.util.spec_from_file_location("_ik_fast_measure_tolerances",
-                                                  os.path.join(ROOT, "scripts", "measure_tolerances.py"))
+    spec = importlib.util.spec_from_file_location(
+        "_ik_fast_measure_tolerances", os.path.join(ROOT, "scripts", "measure_tolerances.py")
+    )
     mt = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mt)
     out = tmp_path / "eq.json"
@@ -198,10 +249,24 @@ def test_measure_tolerances_writes_equivariance_records_the_report_renders(tmp_p
     recs = _loaded(out)
     # a finite group: exact elements only, per dtype; named by the escnn call, as the migrated records are
     assert sorted((r["problem"], r["precision"], r["metric"]) for r in recs) == [
-        ("rot2dOnR2(8)", p, "rel_error_exact_elements") for p in ("float32", "float64")]
+        ("rot2dOnR2(8)", p, "rel_error_exact_elements") for p in ("float32", "float64")
+    ]
     assert all(r["kind"] == "equivariance" and 0 <= r["value"] < 1e-4 for r in recs)
     assert "| `rot2dOnR2(8)` | float64 | – |" in report.render("equivariance", recs)
-    grid = mt.grid_records([{"grid": "paper", "grid_label": "paper", "G": 120, "quality": [34, 4.2], "seed": s,
-                             "exact": 1e-8, "random": v} for s, v in ((0, 2e-3), (1, 9e-3))], "cmd")
+    grid = mt.grid_records(
+        [
+            {
+                "grid": "paper",
+                "grid_label": "paper",
+                "G": 120,
+                "quality": [34, 4.2],
+                "seed": s,
+                "exact": 1e-8,
+                "random": v,
+            }
+            for s, v in ((0, 2e-3), (1, 9e-3))
+        ],
+        "cmd",
+    )
     assert grid[0]["value"] == 9e-3 and grid[0]["spread"] == {"min": 2e-3, "max": 9e-3, "n": 2}
     assert "| `paper` | 120 | 2.0e-03–9.0e-03 |" in report.render("equivariance", [{**grid[0], "_file": "g.json"}])

@@ -41,6 +41,8 @@ def test_soak_training_on_new_graphs():
             gc.collect()
             rss.append(_rss_bytes())
     growth = max(rss) / rss[0] - 1
-    print(f"\nsoak: {STEPS} steps, RSS after warm-up {rss[0] / 2**20:.1f} MB, max {max(rss) / 2**20:.1f} MB, "
-          f"growth {100 * growth:.2f}%")
+    print(
+        f"\nsoak: {STEPS} steps, RSS after warm-up {rss[0] / 2**20:.1f} MB, max {max(rss) / 2**20:.1f} MB, "
+        f"growth {100 * growth:.2f}%"
+    )
     assert growth <= 0.05

@@ -12,14 +12,32 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--num-layers", "0", "--num-features", "2", "--num-inv-features", "4", "--kernel-layers", "2",
-        "--kernel-channels", "2", "--backend", "reference", "--no-progress", "--threads", "1"]
+TINY = [
+    "--num-layers",
+    "0",
+    "--num-features",
+    "2",
+    "--num-inv-features",
+    "4",
+    "--kernel-layers",
+    "2",
+    "--kernel-channels",
+    "2",
+    "--backend",
+    "reference",
+    "--no-progress",
+    "--threads",
+    "1",
+]
 needs_qm9 = pytest.mark.skipif(importlib.util.find_spec("qm9pack") is None, reason="QM9 needs qm9pack")
 
 
 def _env(tmp_path):
-    env = dict(os.environ, IK_FAST_CACHE=str(tmp_path / "cache"),
-               PYTHONWARNINGS="ignore::UserWarning:escnn.group.groups.so3group")
+    env = dict(
+        os.environ,
+        IK_FAST_CACHE=str(tmp_path / "cache"),
+        PYTHONWARNINGS="ignore::UserWarning:escnn.group.groups.so3group",
+    )
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     return env
 
@@ -55,8 +73,22 @@ def _run(cmd, tmp_path, timeout=300):
 @needs_qm9
 def test_qm9_train_and_resume(tmp_path, in_process):
     out = tmp_path / "run"
-    args = ["qm9", "--limit", "150", "--n-train", "32", "--n-val", "12", "--n-test", "12", "--batch-size", "8",
-            "--out", str(out), *TINY]
+    args = [
+        "qm9",
+        "--limit",
+        "150",
+        "--n-train",
+        "32",
+        "--n-val",
+        "12",
+        "--n-test",
+        "12",
+        "--batch-size",
+        "8",
+        "--out",
+        str(out),
+        *TINY,
+    ]
     log = in_process(args + ["--epochs", "1"])
     last = log.strip().splitlines()[-1]
     m = re.fullmatch(r"val_mae_meV=([0-9.]+) baseline_meV=([0-9.]+)", last)
@@ -84,10 +116,36 @@ def test_train_errors(capsys):
 
 
 def test_nbody_train(tmp_path, in_process):
-    log = in_process(["nbody", "--n-train", "20", "--n-val", "10", "--n-test", "10", "--batch-size", "10",
-                      "--epochs", "1", "--horizon", "100", "--num-layers", "1", "--num-features", "2",
-                      "--kernel-layers", "2", "--kernel-channels", "2", "--backend", "reference", "--no-progress",
-                      "--out", str(tmp_path / "nb")])
+    log = in_process(
+        [
+            "nbody",
+            "--n-train",
+            "20",
+            "--n-val",
+            "10",
+            "--n-test",
+            "10",
+            "--batch-size",
+            "10",
+            "--epochs",
+            "1",
+            "--horizon",
+            "100",
+            "--num-layers",
+            "1",
+            "--num-features",
+            "2",
+            "--kernel-layers",
+            "2",
+            "--kernel-channels",
+            "2",
+            "--backend",
+            "reference",
+            "--no-progress",
+            "--out",
+            str(tmp_path / "nb"),
+        ]
+    )
     m = re.fullmatch(r"val_mse=([0-9.]+) baseline_mse=([0-9.]+)", log.strip().splitlines()[-1])
     assert m and float(m.group(2)) > 0
 
@@ -95,11 +153,41 @@ def test_nbody_train(tmp_path, in_process):
 @needs_qm9
 def test_torchrun_two_gloo_processes(tmp_path):
     """Two processes with gloo, a few steps on different shards: DDP keeps the parameters identical."""
-    log = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                "-m", "ik_fast.train", "qm9", "--limit", "150", "--n-train", "32", "--n-val", "12", "--n-test", "12",
-                "--batch-size", "4", "--steps", "3", "--sync-bn", "--out", str(tmp_path / "ddp"), *TINY], tmp_path)
-    m = re.search(r"max difference across 2 processes: parameters ([0-9.e+-]+), batch-norm running statistics "
-                  r"([0-9.e+-]+)", log)
+    log = _run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "ik_fast.train",
+            "qm9",
+            "--limit",
+            "150",
+            "--n-train",
+            "32",
+            "--n-val",
+            "12",
+            "--n-test",
+            "12",
+            "--batch-size",
+            "4",
+            "--steps",
+            "3",
+            "--sync-bn",
+            "--out",
+            str(tmp_path / "ddp"),
+            *TINY,
+        ],
+        tmp_path,
+    )
+    m = re.search(
+        r"max difference across 2 processes: parameters ([0-9.e+-]+), batch-norm running statistics "
+        r"([0-9.e+-]+)",
+        log,
+    )
     assert m, log
     assert float(m.group(1)) == 0.0
     assert "2 process(es)" in log and re.search(r"val_mae_meV=[0-9.]+ baseline_meV=[0-9.]+\s*$", log)
@@ -114,7 +202,7 @@ def _sync_bn_worker(rank, world, init_file, result_file):
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.manual_seed(0)
-    x = torch.randn(10, 3) * 2 + 1                     # the union batch; rank r holds rows r::2 (5 rows each)
+    x = torch.randn(10, 3) * 2 + 1  # the union batch; rank r holds rows r::2 (5 rows each)
     gs = gspaces.no_base_space(gspaces.flipRot3dOnR3().fibergroup)
     G = gs.fibergroup
     ft = enn.FieldType(gs, [G.bl_sphere_representation(L=1)] * 2)
@@ -123,7 +211,7 @@ def _sync_bn_worker(rank, world, init_file, result_file):
     iid = SyncIIDBatchNorm1d(ft)
     xl = x[rank::world].clone().requires_grad_(True)
     y = bn(xl)
-    (y ** 3).sum().backward()
+    (y**3).sum().backward()
     fy = iid(enn.GeometricTensor(f[rank::world], ft)).tensor
     # an implicit layer whose kernel MLP normalises over the union of both processes' edges
     import ik_fast
@@ -139,22 +227,28 @@ def _sync_bn_worker(rank, world, init_file, result_file):
     pos, xs = torch.randn(12, 3), torch.randn(12, ft3.size)
     ei = torch.randint(0, 12, (2, 60))
     conv(xs, ei[:, rank::world], pos=pos)  # each process: half of the edges
-    ref_conv(xs, ei, pos=pos)              # one process: all of them
+    ref_conv(xs, ei, pos=pos)  # one process: all of them
     # the same on one process with the whole batch
     ref_bn = torch.nn.BatchNorm1d(3)
     xr = x.clone().requires_grad_(True)
     yr = ref_bn(xr)
-    (yr ** 3).sum().backward()
+    (yr**3).sum().backward()
     ref_iid = enn.IIDBatchNorm1d(ft)
     fr = ref_iid(enn.GeometricTensor(f, ft)).tensor
-    errs = dict(bn=float((y - yr[rank::world]).abs().max()), grad=float((xl.grad - xr.grad[rank::world]).abs().max()),
-                running_var=float((bn.running_var - ref_bn.running_var).abs().max()),
-                iid=float((fy - fr[rank::world]).abs().max()),
-                iid_running=max(float((a - b).abs().max()) for a, b in zip(iid.buffers(), ref_iid.buffers())
-                                if a.dtype.is_floating_point),
-                kernel_running=max(float((a - b).abs().max()) for (n, a), b in
-                                   zip(conv.kernel.bn.named_buffers(), ref_conv.kernel.bn.buffers())
-                                   if n.endswith(("running_mean", "running_var"))))
+    errs = dict(
+        bn=float((y - yr[rank::world]).abs().max()),
+        grad=float((xl.grad - xr.grad[rank::world]).abs().max()),
+        running_var=float((bn.running_var - ref_bn.running_var).abs().max()),
+        iid=float((fy - fr[rank::world]).abs().max()),
+        iid_running=max(
+            float((a - b).abs().max()) for a, b in zip(iid.buffers(), ref_iid.buffers()) if a.dtype.is_floating_point
+        ),
+        kernel_running=max(
+            float((a - b).abs().max())
+            for (n, a), b in zip(conv.kernel.bn.named_buffers(), ref_conv.kernel.bn.buffers())
+            if n.endswith(("running_mean", "running_var"))
+        ),
+    )
     torch.save(errs, f"{result_file}.{rank}")
     dist.destroy_process_group()
 

@@ -15,12 +15,14 @@ from ik_fast.testing import tolerance
 pytest.importorskip("triton")
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
+
 from ik_fast.kernels_triton import contract as KK  # noqa: E402
 from ik_fast.kernels_triton import conv as KC  # noqa: E402
 from ik_fast.kernels_triton import launch  # noqa: E402
 
-pytestmark = pytest.mark.skipif("triton" not in ik_fast.available_backends("cpu"),
-                                reason="Triton not importable or TRITON_INTERPRET not set")
+pytestmark = pytest.mark.skipif(
+    "triton" not in ik_fast.available_backends("cpu"), reason="Triton not importable or TRITON_INTERPRET not set"
+)
 
 
 def _conv(name="O3", kind="mixed_attr", dtype=torch.float64, n_layers=3, n_channels=2, **kw):
@@ -39,7 +41,7 @@ def _inputs(conv, gs, attr_t, n=10, e=40, dtype=torch.float64, seed=0):
 
 
 def test_block_plan_covers_exactly_the_structure():
-    """W''s block plan (ik_fast/kernels_triton/blocks.py): its compact blocks hold exactly the structural entries at their
+    """W''s block plan (kernels_triton/blocks.py): its compact blocks hold exactly the structural entries at their
     permuted positions (a round trip through gather and scatter is the identity on masked weights), the blocks are
     few for an equivariant layer, and without a mask every block is listed."""
     from ik_fast.kernels_triton import blocks as KB
@@ -243,10 +245,10 @@ def test_index_arithmetic_is_int64_past_2_31():
     _offsets_probe[(1,)](out, rowptr, 2**31 // BE, 1024, 16, 16, BE=BE, BN=BN)
     first = torch.arange(BE, dtype=torch.int64) + 2**31
     assert torch.equal(out[:BE], first)
-    assert torch.equal(out[BE:2 * BE], first * 1024)
+    assert torch.equal(out[BE : 2 * BE], first * 1024)
     k = torch.arange(BN, dtype=torch.int64)
-    assert torch.equal(out[2 * BE:2 * BE + BN], torch.where(k < 5, big + k, 0))  # receiver 0 has 5 edges
-    assert torch.equal(out[2 * BE + BN:], torch.where(k < 5, (big + k) * 1024, 0))
+    assert torch.equal(out[2 * BE : 2 * BE + BN], torch.where(k < 5, big + k, 0))  # receiver 0 has 5 edges
+    assert torch.equal(out[2 * BE + BN :], torch.where(k < 5, (big + k) * 1024, 0))
 
 
 def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
@@ -277,5 +279,4 @@ def test_auto_uses_torch_until_a_gpu_benchmark_shows_a_fused_backend_faster():
     B._warned.clear()
     with pytest.warns(RuntimeWarning, match="'auto' uses 'torch' on cuda .*triton: "):
         assert B.resolve_backend("auto", "cuda") == "torch"
-    assert B.resolve_backend("auto", "cpu") == ("native" if "native" in ik_fast.available_backends("cpu")
-                                                else "torch")
+    assert B.resolve_backend("auto", "cpu") == ("native" if "native" in ik_fast.available_backends("cpu") else "torch")

@@ -22,8 +22,13 @@ def test_floor_reads_the_program():
     prog = build_layer(get_problem("tiny"), backend="torch").kernel.program()
     f = floor_per_edge(prog)
     h = prog.hidden[-1]
-    assert (f["C"], f["D"], f["G"], f["C_in"], f["n_layers"]) == (h.channels, h.dim, h.A.shape[0], prog.in_size,
-                                                                 len(prog.hidden) + 1)
+    assert (f["C"], f["D"], f["G"], f["C_in"], f["n_layers"]) == (
+        h.channels,
+        h.dim,
+        h.A.shape[0],
+        prog.in_size,
+        len(prog.hidden) + 1,
+    )
     assert f["floor"] == floor_terms(f["C"], f["D"], f["G"], f["C_in"], f["n_layers"])["floor"]
 
 
@@ -41,6 +46,7 @@ except Exception:  # pragma: no cover - triton is an optional dependency
     triton = None
 
 if triton is not None and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+
     @triton.jit
     def _one_dot(a_ptr, b_ptr, c_ptr, n, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
         pid = tl.program_id(0)
@@ -64,7 +70,7 @@ def test_dot_counter_counts_padded_shape():
     c = torch.zeros(3, 16, 32)
     with DotCounter() as dc:
         _one_dot[(3,)](a, b, c, 5, BM=16, BN=32, BK=16)
-    (name, rec), = dc.summary().items()
+    ((name, rec),) = dc.summary().items()
     assert name.endswith("._one_dot"), name
     assert (rec["launches"], rec["programs"], rec["dots"], rec["macs"]) == (1, 3, 3, 3 * 16 * 32 * 16)
     assert torch.allclose(c[1, :5, :3], a @ b, atol=1e-5)

@@ -9,8 +9,8 @@
 
 extern "C" {
 void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
-            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
-            const int* ldc) __attribute__((weak));
+            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c, const int* ldc)
+    __attribute__((weak));
 void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
             const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
             const int* ldc) __attribute__((weak));
@@ -19,7 +19,9 @@ void dgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 namespace ik_fast {
 namespace cpu {
 
-inline bool blas_linked() { return sgemm_ != nullptr && dgemm_ != nullptr; }
+inline bool blas_linked() {
+  return sgemm_ != nullptr && dgemm_ != nullptr;
+}
 
 template <typename T>
 void gemm_fallback(bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alpha, const T* A, int64_t lda, const T* B,
@@ -41,8 +43,8 @@ void gemm_fallback(bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alpha, c
 // C (m x n, ldc) = alpha * op(A) op(B) + beta * C, every matrix row-major; op(A) is m x k (A is k x m when ta),
 // op(B) is k x n (B is n x k when tb). beta == 0 overwrites C (NaNs in C do not propagate).
 template <typename T>
-void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alpha, const T* A, int64_t lda, const T* B,
-          int64_t ldb, T beta, T* C, int64_t ldc) {
+void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alpha, const T* A, int64_t lda, const T* B, int64_t ldb,
+          T beta, T* C, int64_t ldc) {
   if (m <= 0 || n <= 0) return;
   if (k <= 0) {
     for (int64_t i = 0; i < m; ++i)

@@ -144,8 +144,8 @@ Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& opt) {
   const uintptr_t p = reinterpret_cast<uintptr_t>(t.data_ptr());
   const uintptr_t end = p + static_cast<uintptr_t>(t.nbytes());
   const uintptr_t a = (p + kHuge - 1) & ~(kHuge - 1);
-  if (t.nbytes() >= 4 * kHuge && end > a + kHuge) madvise(reinterpret_cast<void*>(a), (end - a) & ~(kHuge - 1),
-                                                          MADV_HUGEPAGE);
+  if (t.nbytes() >= 4 * kHuge && end > a + kHuge)
+    madvise(reinterpret_cast<void*>(a), (end - a) & ~(kHuge - 1), MADV_HUGEPAGE);
 #endif
   return t;
 }
@@ -188,8 +188,7 @@ std::vector<Item> make_items(const int64_t* rp, int64_t n_dst, int64_t ew, int64
   int64_t r = 0;
   while (r < n_dst) {
     Item it{r, r, rp[r], rp[r]};
-    while (it.r1 < n_dst && it.r1 - it.r0 < nrw &&
-           (it.r1 == it.r0 || rp[it.r1 + 1] - it.e0 <= ew)) {
+    while (it.r1 < n_dst && it.r1 - it.r0 < nrw && (it.r1 == it.r0 || rp[it.r1 + 1] - it.e0 <= ew)) {
       ++it.r1;
     }
     it.e1 = rp[it.r1];
@@ -216,9 +215,9 @@ template <typename T>
 struct TrunkTile {
   std::vector<std::vector<T>> X;  // X[k]: input of layer k (hin x t); X[L]: the last activation
   std::vector<std::vector<T>> V;  // V[k]: Fourier ELU output on the grid (G*C x t)
-  std::vector<const T*> Vp;       // Vp[k]: where the backward reads layer k's grid, rows of Vld[k]: V[k], or the tape's
+  std::vector<const T*> Vp;  // Vp[k]: where the backward reads layer k's grid, rows of Vld[k]: V[k], or the tape's
   std::vector<int64_t> Vld;
-  std::vector<T> Y, dA, dB;       // scratch
+  std::vector<T> Y, dA, dB;  // scratch
 };
 
 template <typename T>
@@ -237,8 +236,8 @@ void layer_linear(const Layer<T>& l, const T* x, int64_t t, T* y) {
   if (l.cw) {  // D products of (C_out x C_in) by (C_in x t): too small for a BLAS call each; onto the bias
     for (int64_t i = 0; i < l.hout; ++i) std::fill_n(y + i * t, t, l.b[i]);
     for (int64_t a = 0; a < l.D; ++a)
-      mk_gemm<T>(l.cout, t, l.cin, l.W.data() + a * l.cout * l.cin, l.cin, 1, x + a * l.cin * t, t,
-                 y + a * l.cout * t, t);
+      mk_gemm<T>(l.cout, t, l.cin, l.W.data() + a * l.cout * l.cin, l.cin, 1, x + a * l.cin * t, t, y + a * l.cout * t,
+                 t);
     return;
   }
   gemm<T>(false, false, l.hout, t, l.hin, T(1), l.W.data(), l.hin, x, t, T(0), y, t);
@@ -279,8 +278,8 @@ void load_input(const Trunk<T>& tr, const T* inp, int64_t ld_inp, int64_t t, Tru
 // the trunk of t edges, inputs inp[0:t] (rows of n_in, ld n_in); fills S.X and S.V; with grid_out, the last layer's
 // grid is also written there (rows G*C of ld_grid)
 template <typename T>
-void trunk_forward(const Trunk<T>& tr, const T* inp, int64_t ld_inp, int64_t t, TrunkTile<T>& S,
-                   T* grid_out = nullptr, int64_t ld_grid = 0) {
+void trunk_forward(const Trunk<T>& tr, const T* inp, int64_t ld_inp, int64_t t, TrunkTile<T>& S, T* grid_out = nullptr,
+                   int64_t ld_grid = 0) {
   const int64_t L = static_cast<int64_t>(tr.layers.size());
   S.X.resize(L + 1);
   S.V.resize(L);
@@ -317,8 +316,10 @@ Tape<T> check_tape(const Trunk<T>& tr, const c10::optional<TensorList>& tape, in
   Tape<T> tp;
   if (!tape.has_value() || tape->empty() || tr.layers.empty()) return tp;
   const int64_t L = static_cast<int64_t>(tr.layers.size());
-  TORCH_CHECK(static_cast<int64_t>(tape->size()) == 2 * L, "ik_fast native: tape must hold 2 tensors per hidden layer "
-              "(activation, grid) = ", 2 * L, ", got ", tape->size());
+  TORCH_CHECK(static_cast<int64_t>(tape->size()) == 2 * L,
+              "ik_fast native: tape must hold 2 tensors per hidden layer "
+              "(activation, grid) = ",
+              2 * L, ", got ", tape->size());
   const auto dt = c10::CppTypeToScalarType<T>::value;
   tp.E = E;
   for (int64_t k = 0; k < L; ++k) {
@@ -601,8 +602,8 @@ template <typename T>
 struct Conv {
   Trunk<T> tr;
   std::shared_ptr<const Plan> plan;
-  std::vector<T> B;    // packed W' (the plan's dense blocks)
-  std::vector<T> Bb;   // B' (R x C)
+  std::vector<T> B;  // packed W' (the plan's dense blocks)
+  std::vector<T> Bb;  // B' (R x C)
   std::vector<int64_t> act_row;  // plan position -> row of the last activation (tile layout)
   const T* x = nullptr;
   const T* inp = nullptr;
@@ -619,7 +620,7 @@ template <typename T>
 struct Chunk {
   TrunkTile<T> trunk;
   std::vector<T> s, d2, hp, hs, hsf;  // hp, hs edge-major (t x P); hsf = hs feature-major (P x t)
-  std::vector<std::vector<T>> xq;     // per column permutation, (t x len)
+  std::vector<std::vector<T>> xq;  // per column permutation, (t x len)
 };
 
 constexpr int64_t kKeepChunks = 4;  // chunks of an item kept from the backward's first sweep to its second
@@ -741,21 +742,20 @@ Conv<T> make_conv(const Tensor& x, const Tensor& inp, const Tensor& src, const T
               final_weight.sizes());
   cv.R = final_weight.size(0);
   cv.C = final_weight.size(2);
-  TORCH_CHECK(x.size(1) == cv.C, "ik_fast native: x has ", x.size(1), " columns but final_weight expects C_in = ",
-              cv.C);
-  TORCH_CHECK(final_bias.numel() == cv.R * cv.C, "ik_fast native: final_bias must be (R, C_in) = (", cv.R, ", ",
-              cv.C, "), got shape ", final_bias.sizes());
+  TORCH_CHECK(x.size(1) == cv.C, "ik_fast native: x has ", x.size(1),
+              " columns but final_weight expects C_in = ", cv.C);
+  TORCH_CHECK(final_bias.numel() == cv.R * cv.C, "ik_fast native: final_bias must be (R, C_in) = (", cv.R, ", ", cv.C,
+              "), got shape ", final_bias.sizes());
   TORCH_CHECK(coef.numel() == 1, "ik_fast native: coef must have one element, got shape ", coef.sizes());
-  TORCH_CHECK(ndim >= 0 && ndim <= inp.size(1), "ik_fast native: ndim = ", ndim, " is outside [0, ", inp.size(1),
-              "]");
+  TORCH_CHECK(ndim >= 0 && ndim <= inp.size(1), "ik_fast native: ndim = ", ndim, " is outside [0, ", inp.size(1), "]");
   for (const Tensor* t : {&x, &inp, &src, &rowptr, &final_weight, &final_bias, &coef})
     TORCH_CHECK(t->device().is_cpu(), "ik_fast native: the CPU kernels got a tensor on ", t->device());
   check_same_dtype(x, inp, weights, biases, final_weight, final_bias, coef);
   {  // the CSR: every edge of a receiver row, sources inside x (the kernels index with them unchecked)
     const int64_t* rp = rowptr.data_ptr<int64_t>();
     const int64_t n = rowptr.size(0) - 1;
-    TORCH_CHECK(rp[0] == 0 && rp[n] == E, "ik_fast native: rowptr must start at 0 and end at E = ", E, ", got ",
-                rp[0], " and ", rp[n]);
+    TORCH_CHECK(rp[0] == 0 && rp[n] == E, "ik_fast native: rowptr must start at 0 and end at E = ", E, ", got ", rp[0],
+                " and ", rp[n]);
     for (int64_t i = 0; i < n; ++i)
       TORCH_CHECK(rp[i] <= rp[i + 1], "ik_fast native: rowptr must be non-decreasing (row ", i, ")");
     const int64_t* ps = src.data_ptr<int64_t>();
@@ -790,8 +790,8 @@ Conv<T> make_conv(const Tensor& x, const Tensor& inp, const Tensor& src, const T
 
 template <typename T>
 std::vector<Item> conv_items(const Conv<T>& cv, int64_t n_dst) {
-  const int64_t nrw = std::max<int64_t>(1, std::min<int64_t>(64, (int64_t(1) << 20) / std::max<int64_t>(
-                                                                                          1, cv.plan->zsize)));
+  const int64_t nrw =
+      std::max<int64_t>(1, std::min<int64_t>(64, (int64_t(1) << 20) / std::max<int64_t>(1, cv.plan->zsize)));
   return make_items(cv.rp, n_dst, 4 * cv.t, nrw);
 }
 
@@ -803,8 +803,8 @@ Tensor conv_impl(const Tensor& x_, const Tensor& inp_, const Tensor& src_, const
                  const c10::optional<TensorList>& tape) {
   const auto dt = c10::CppTypeToScalarType<T>::value;
   Tensor x = x_.contiguous(), inp = inp_.to(dt).contiguous(), src = src_.contiguous(), rowptr = rowptr_.contiguous();
-  Conv<T> cv = make_conv<T>(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, final_weight, final_bias,
-                            coef, norm, ndim, final_mask);
+  Conv<T> cv = make_conv<T>(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, final_weight, final_bias, coef,
+                            norm, ndim, final_mask);
   const int64_t n_dst = rowptr.size(0) - 1, E = inp.size(0);
   Tensor out = at::zeros({n_dst, cv.R}, x.options());
   if (E == 0 || n_dst == 0) return out;
@@ -879,15 +879,14 @@ struct alignas(64) ConvGrads {  // one per slot, on its own cache lines
 
 template <typename T>
 std::vector<Tensor> conv_backward_impl(const Tensor& grad_, const Tensor& x_, const Tensor& inp_, const Tensor& src_,
-                                       const Tensor& rowptr_, TensorList weights, TensorList biases,
-                                       TensorList fourier, TensorList fourier_inv, const Tensor& final_weight,
-                                       const Tensor& final_bias, const Tensor& coef, double norm, int64_t ndim,
-                                       const c10::optional<Tensor>& final_mask,
-                                       const c10::optional<TensorList>& tape) {
+                                       const Tensor& rowptr_, TensorList weights, TensorList biases, TensorList fourier,
+                                       TensorList fourier_inv, const Tensor& final_weight, const Tensor& final_bias,
+                                       const Tensor& coef, double norm, int64_t ndim,
+                                       const c10::optional<Tensor>& final_mask, const c10::optional<TensorList>& tape) {
   const auto dt = c10::CppTypeToScalarType<T>::value;
   Tensor x = x_.contiguous(), inp = inp_.to(dt).contiguous(), src = src_.contiguous(), rowptr = rowptr_.contiguous();
-  Conv<T> cv = make_conv<T>(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, final_weight, final_bias,
-                            coef, norm, ndim, final_mask);
+  Conv<T> cv = make_conv<T>(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, final_weight, final_bias, coef,
+                            norm, ndim, final_mask);
   const int64_t n_dst = rowptr.size(0) - 1, E = inp.size(0), n_src = x.size(0);
   const int64_t R = cv.R, C = cv.C, zs = cv.plan->zsize, P = cv.P(), H = cv.tr.width();
   TORCH_CHECK(grad_.dim() == 2 && grad_.size(0) == n_dst && grad_.size(1) == R,
@@ -1069,8 +1068,8 @@ std::vector<Tensor> conv_backward_impl(const Tensor& grad_, const Tensor& x_, co
 // ----------------------------------------------------------------------------------------------------------------
 template <typename T>
 std::tuple<Tensor, Tensor, Tensor> trunk_moments_impl(const Tensor& inp_, TensorList weights, TensorList biases,
-                                                      TensorList fourier, TensorList fourier_inv,
-                                                      bool with_activation, bool with_grid) {
+                                                      TensorList fourier, TensorList fourier_inv, bool with_activation,
+                                                      bool with_grid) {
   const auto dt = c10::CppTypeToScalarType<T>::value;
   TORCH_CHECK(inp_.dim() == 2, "ik_fast native: inp must be (E, n_in), got shape ", inp_.sizes());
   TORCH_CHECK(inp_.device().is_cpu(), "ik_fast native: the CPU kernels got inp on ", inp_.device());
@@ -1139,8 +1138,8 @@ std::tuple<Tensor, Tensor, Tensor> trunk_moments_impl(const Tensor& inp_, Tensor
 // dispatch on dtype
 // ----------------------------------------------------------------------------------------------------------------
 void check_dtype(const Tensor& t, const char* name) {
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble,
-              "ik_fast native: ", name, " must be float32 or float64, got ", t.scalar_type());
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, "ik_fast native: ", name,
+              " must be float32 or float64, got ", t.scalar_type());
 }
 
 Tensor conv_cpu(const Tensor& x, const Tensor& inp, const Tensor& src, const Tensor& rowptr, TensorList weights,
@@ -1150,16 +1149,16 @@ Tensor conv_cpu(const Tensor& x, const Tensor& inp, const Tensor& src, const Ten
                 c10::optional<TensorList> tape) {
   check_dtype(x, "x");
   if (x.scalar_type() == at::kDouble)
-    return conv_impl<double>(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, final_weight, final_bias,
-                             coef, norm, ndim, final_mask, hidden, tape);
+    return conv_impl<double>(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, final_weight, final_bias, coef,
+                             norm, ndim, final_mask, hidden, tape);
   return conv_impl<float>(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, final_weight, final_bias, coef,
                           norm, ndim, final_mask, hidden, tape);
 }
 
 std::vector<Tensor> conv_backward_cpu(const Tensor& grad, const Tensor& x, const Tensor& inp, const Tensor& src,
-                                      const Tensor& rowptr, TensorList weights, TensorList biases,
-                                      TensorList fourier, TensorList fourier_inv, const Tensor& final_weight,
-                                      const Tensor& final_bias, const Tensor& coef, double norm, int64_t ndim,
+                                      const Tensor& rowptr, TensorList weights, TensorList biases, TensorList fourier,
+                                      TensorList fourier_inv, const Tensor& final_weight, const Tensor& final_bias,
+                                      const Tensor& coef, double norm, int64_t ndim,
                                       const c10::optional<Tensor>& final_mask, c10::optional<TensorList> tape) {
   check_dtype(x, "x");
   if (x.scalar_type() == at::kDouble)

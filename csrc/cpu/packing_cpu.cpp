@@ -20,9 +20,9 @@ namespace cpu {
 namespace {
 
 void check_index(const at::Tensor& t, const char* name, int64_t n) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kLong && t.dim() == 1 && t.is_contiguous() &&
-                  t.numel() == n,
-              "ik_fast packing: ", name, " must be a contiguous int64 CPU vector of ", n, " entries");
+  TORCH_CHECK(
+      t.device().is_cpu() && t.scalar_type() == at::kLong && t.dim() == 1 && t.is_contiguous() && t.numel() == n,
+      "ik_fast packing: ", name, " must be a contiguous int64 CPU vector of ", n, " entries");
 }
 
 // every index in [0, n): one pass before the loops that use them (which then run without a branch per entry); an OR of
@@ -144,8 +144,8 @@ std::vector<at::Tensor> final_impl(const at::Tensor& contrib, const at::Tensor& 
 template <typename T>
 std::vector<at::Tensor> final_vjp_impl(const OptTensor& gfw, const OptTensor& gfb, const at::Tensor& contrib,
                                        const at::Tensor& t, const at::Tensor& h, const at::Tensor& ch,
-                                       const at::Tensor& rc, const OptTensor& factor, const OptTensor& shift,
-                                       int64_t R, int64_t H, int64_t C, int64_t channels) {
+                                       const at::Tensor& rc, const OptTensor& factor, const OptTensor& shift, int64_t R,
+                                       int64_t H, int64_t C, int64_t channels) {
   const int64_t nf = contrib.numel();
   const T* gw = ptr_or_null<T>(gfw, R * H * C, "gfw");
   const T* gb = ptr_or_null<T>(gfb, R * C, "gfb");
@@ -293,9 +293,9 @@ std::vector<at::Tensor> vjp_impl(const std::vector<OptTensor>& grads, const std:
                                  const std::vector<OptTensor>& vars, const std::vector<double>& eps,
                                  const std::vector<int64_t>& bn_layers, const std::vector<int64_t>& off_w,
                                  const std::vector<int64_t>& off_b, const std::vector<int64_t>& off_shift,
-                                 int64_t flat_size, const at::Tensor& contrib, const at::Tensor& t,
-                                 const at::Tensor& h, const at::Tensor& ch, const at::Tensor& rc, int64_t R, int64_t H,
-                                 int64_t C, int64_t channels, const at::Tensor& tgt, const at::Tensor& cols,
+                                 int64_t flat_size, const at::Tensor& contrib, const at::Tensor& t, const at::Tensor& h,
+                                 const at::Tensor& ch, const at::Tensor& rc, int64_t R, int64_t H, int64_t C,
+                                 int64_t channels, const at::Tensor& tgt, const at::Tensor& cols,
                                  const at::Tensor& vals, int64_t S, const at::Tensor& coef, const at::Tensor& sigma) {
   const int64_t L = static_cast<int64_t>(weights.size());
   TORCH_CHECK(static_cast<int64_t>(grads.size()) == 2 * L + 3 && componentwise.size() == weights.size() &&
@@ -407,9 +407,9 @@ std::vector<at::Tensor> vjp_impl(const std::vector<OptTensor>& grads, const std:
     lf = factors[L - 1]->contiguous();
     ls = shifts[L - 1]->contiguous();
   }
-  auto fin = final_vjp_impl<T>(gfw.defined() ? OptTensor(gfw) : OptTensor(),
-                               gfb.defined() ? OptTensor(gfb) : OptTensor(), contrib, t, h, ch, rc, lf, ls, R, H, C,
-                               channels);
+  auto fin =
+      final_vjp_impl<T>(gfw.defined() ? OptTensor(gfw) : OptTensor(), gfb.defined() ? OptTensor(gfb) : OptTensor(),
+                        contrib, t, h, ch, rc, lf, ls, R, H, C, channels);
   const bool final_used = gfw.defined() || (gfb.defined() && pend_last);
   if (pend_last) {
     if (fin[1].numel()) gfac[L - 1] = fin[1];
@@ -464,9 +464,9 @@ std::vector<at::Tensor> vjp_impl(const std::vector<OptTensor>& grads, const std:
 }
 
 void check_float(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu() && t.is_contiguous() &&
-                  (t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble),
-              "ik_fast packing: ", name, " must be a contiguous float32 or float64 CPU tensor");
+  TORCH_CHECK(
+      t.device().is_cpu() && t.is_contiguous() && (t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble),
+      "ik_fast packing: ", name, " must be a contiguous float32 or float64 CPU tensor");
 }
 
 // the learnable tensors the expansion reads, concatenated flat in their order (its columns index that)
@@ -561,9 +561,9 @@ std::vector<at::Tensor> pack_vjp(const std::vector<OptTensor>& grads, const std:
                                  const std::vector<OptTensor>& vars, const std::vector<double>& eps,
                                  const std::vector<int64_t>& bn_layers, const std::vector<int64_t>& off_w,
                                  const std::vector<int64_t>& off_b, const std::vector<int64_t>& off_shift,
-                                 int64_t flat_size, const at::Tensor& contrib, const at::Tensor& t,
-                                 const at::Tensor& h, const at::Tensor& ch, const at::Tensor& rc, int64_t R, int64_t H,
-                                 int64_t C, int64_t channels, const at::Tensor& tgt, const at::Tensor& cols,
+                                 int64_t flat_size, const at::Tensor& contrib, const at::Tensor& t, const at::Tensor& h,
+                                 const at::Tensor& ch, const at::Tensor& rc, int64_t R, int64_t H, int64_t C,
+                                 int64_t channels, const at::Tensor& tgt, const at::Tensor& cols,
                                  const at::Tensor& vals, const std::vector<std::vector<int64_t>>& shapes,
                                  const at::Tensor& coef, const at::Tensor& sigma) {
   check_float(contrib, "contrib");
@@ -574,14 +574,13 @@ std::vector<at::Tensor> pack_vjp(const std::vector<OptTensor>& grads, const std:
                   cols.numel() >= tgt.numel(),
               "ik_fast packing: values must match the entries and the packing's dtype");
   const int64_t S = total_numel(shapes);
-  std::vector<at::Tensor> res =
-      contrib.scalar_type() == at::kDouble
-          ? vjp_impl<double>(grads, weights, componentwise, factors, shifts, means, vars, eps, bn_layers, off_w, off_b,
-                             off_shift, flat_size, contrib, t, h, ch, rc, R, H, C, channels, tgt, cols, vals, S, coef,
-                             sigma)
-          : vjp_impl<float>(grads, weights, componentwise, factors, shifts, means, vars, eps, bn_layers, off_w, off_b,
-                            off_shift, flat_size, contrib, t, h, ch, rc, R, H, C, channels, tgt, cols, vals, S, coef,
-                            sigma);
+  std::vector<at::Tensor> res = contrib.scalar_type() == at::kDouble
+                                    ? vjp_impl<double>(grads, weights, componentwise, factors, shifts, means, vars, eps,
+                                                       bn_layers, off_w, off_b, off_shift, flat_size, contrib, t, h, ch,
+                                                       rc, R, H, C, channels, tgt, cols, vals, S, coef, sigma)
+                                    : vjp_impl<float>(grads, weights, componentwise, factors, shifts, means, vars, eps,
+                                                      bn_layers, off_w, off_b, off_shift, flat_size, contrib, t, h, ch,
+                                                      rc, R, H, C, channels, tgt, cols, vals, S, coef, sigma);
   // each source's gradient (a view of the flat one), then sigma's, then each batch norm's scale's
   std::vector<at::Tensor> out = split_shaped(res[0], shapes);
   out.insert(out.end(), res.begin() + 1, res.end());

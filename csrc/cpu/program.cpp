@@ -43,8 +43,8 @@ Trunk<T> make_trunk(int64_t n_in, at::TensorList weights, at::TensorList biases,
   const int64_t L = static_cast<int64_t>(weights.size());
   TORCH_CHECK(static_cast<int64_t>(biases.size()) == L && static_cast<int64_t>(fourier.size()) == L &&
                   static_cast<int64_t>(fourier_inv.size()) == L,
-              "ik_fast native: weights, biases, fourier and fourier_inv must have one entry per hidden layer, got ",
-              L, ", ", biases.size(), ", ", fourier.size(), ", ", fourier_inv.size());
+              "ik_fast native: weights, biases, fourier and fourier_inv must have one entry per hidden layer, got ", L,
+              ", ", biases.size(), ", ", fourier.size(), ", ", fourier_inv.size());
   Trunk<T> tr;
   tr.n_in = n_in;
   // the component count of each layer's output layout (1: channel-major order kept)
@@ -91,8 +91,8 @@ Trunk<T> make_trunk(int64_t n_in, at::TensorList weights, at::TensorList biases,
       TORCH_CHECK(w.size(1) == hin, "ik_fast native: weights[", k, "] has ", w.size(1), " input columns, expected ",
                   hin);
     }
-    TORCH_CHECK(l.hout % Dl[k + 1] == 0, "ik_fast native: layer ", k, " has ", l.hout,
-                " units, not a multiple of its ", Dl[k + 1], " components");
+    TORCH_CHECK(l.hout % Dl[k + 1] == 0, "ik_fast native: layer ", k, " has ", l.hout, " units, not a multiple of its ",
+                Dl[k + 1], " components");
     l.out_perm = component_major(l.hout, Dl[k + 1]);
     const auto& in_perm = k == 0 ? tr.in_perm : tr.layers.back().out_perm;
     if (!l.cw) {
@@ -110,8 +110,7 @@ Trunk<T> make_trunk(int64_t n_in, at::TensorList weights, at::TensorList biases,
       l.G = fourier[k].size(0);
       l.Df = fourier[k].size(1);
       TORCH_CHECK(fourier_inv[k].dim() == 2 && fourier_inv[k].size(0) == l.Df && fourier_inv[k].size(1) == l.G,
-                  "ik_fast native: fourier_inv[", k, "] must be (", l.Df, ", ", l.G, "), got ",
-                  fourier_inv[k].sizes());
+                  "ik_fast native: fourier_inv[", k, "] must be (", l.Df, ", ", l.G, "), got ", fourier_inv[k].sizes());
       TORCH_CHECK(l.hout % l.Df == 0, "ik_fast native: layer ", k, " has ", l.hout, " units, not a multiple of ",
                   "the ", l.Df, " components of fourier[", k, "]");
       l.C = l.hout / l.Df;
@@ -285,8 +284,7 @@ std::shared_ptr<const Plan> plan_for(const c10::optional<at::Tensor>& mask, int6
   if (mask.has_value() && mask->defined()) {
     TORCH_CHECK(mask->device().is_cpu(), "ik_fast native: final_mask must be a CPU tensor, got one on ",
                 mask->device());
-    TORCH_CHECK(mask->scalar_type() == at::kBool, "ik_fast native: final_mask must be bool, got ",
-                mask->scalar_type());
+    TORCH_CHECK(mask->scalar_type() == at::kBool, "ik_fast native: final_mask must be bool, got ", mask->scalar_type());
     TORCH_CHECK(mask->dim() == 3 && mask->size(0) == R && mask->size(1) == H && mask->size(2) == C,
                 "ik_fast native: final_mask must have final_weight's shape (", R, ", ", H, ", ", C, "), got ",
                 mask->sizes());

@@ -22,8 +22,8 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <cstdint>
-#include <type_traits>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace ik_fast_cuda {
@@ -126,8 +126,8 @@ __device__ __forceinline__ uint32_t to_tf32(float x) {
   return r;
 }
 
-__device__ __forceinline__ void mma_tf32(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                         uint32_t b0, uint32_t b1) {
+__device__ __forceinline__ void mma_tf32(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
+                                         uint32_t b1) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
   __trap();
 #else
@@ -199,8 +199,8 @@ __device__ __forceinline__ void block_mm_tf32(int nb, int M, int N, int K, const
 
 // block_mm in IEEE FFMA (TC = false, any T) or on TF32 tensor cores (TC = true, T = float).
 template <bool TC, int TM, int TN, typename T, typename AOff, typename BOff, typename Store>
-__device__ __forceinline__ void mm(int nb, int M, int N, int K, const T* A, AOff aoff, int aks,
-                                   const T* __restrict__ B, BOff boff, int bks, Store store) {
+__device__ __forceinline__ void mm(int nb, int M, int N, int K, const T* A, AOff aoff, int aks, const T* __restrict__ B,
+                                   BOff boff, int bks, Store store) {
   if constexpr (TC) {
     static_assert(std::is_same<T, float>::value, "the TF32 path is for float32 operands");
     block_mm_tf32(nb, M, N, K, A, aoff, aks, B, boff, bks, store);
@@ -260,7 +260,9 @@ inline void dispatch_tc(bool tc, F&& f) {
   f(std::false_type{});
 }
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline int64_t ceil_div(int64_t a, int64_t b) {
+  return (a + b - 1) / b;
+}
 
 // The compute dtype: float64 stays float64, everything else (float32, and bf16 / half inputs) computes in float32.
 inline at::ScalarType compute_dtype(const at::Tensor& t) {
@@ -270,10 +272,14 @@ inline at::ScalarType compute_dtype(const at::Tensor& t) {
 // Whether float32 GEMMs of the custom kernels may use TF32 tensor cores: the switch ATen's own cuBLAS matmuls read,
 // allowTF32CuBLAS() (torch.set_float32_matmul_precision "highest" -> IEEE FFMA; "high" / "medium" -> TF32; the newer
 // torch.backends.cuda.matmul.fp32_precision likewise), so the custom kernels and the cuBLAS GEMMs of one call agree.
-inline bool use_tf32(at::ScalarType st) { return st == at::kFloat && at::globalContext().allowTF32CuBLAS(); }
+inline bool use_tf32(at::ScalarType st) {
+  return st == at::kFloat && at::globalContext().allowTF32CuBLAS();
+}
 
 // t in dtype st, contiguous, on t's device (no copy when it already is).
-inline at::Tensor prep(const at::Tensor& t, at::ScalarType st) { return t.to(st).contiguous(); }
+inline at::Tensor prep(const at::Tensor& t, at::ScalarType st) {
+  return t.to(st).contiguous();
+}
 
 inline void check_cuda(const at::Tensor& t, const char* name, const at::Device& dev) {
   TORCH_CHECK(t.device() == dev, "ik_fast native CUDA: ", name, " must be on ", dev, ", got ", t.device());
@@ -306,6 +312,8 @@ inline size_t max_smem_optin() {
   return static_cast<size_t>(cached[dev]);
 }
 
-inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+inline cudaStream_t current_stream() {
+  return c10::cuda::getCurrentCUDAStream().stream();
+}
 
 }  // namespace ik_fast_cuda

@@ -191,9 +191,9 @@ __global__ void __launch_bounds__(kEdgeThreads)
   const int ldc = C | 1;  // odd row strides: the micro-tiles' rows fall into different banks
   const int ldh = hb | 1;
   T* xs = reinterpret_cast<T*>(smem_raw);  // (te, ldc) source features
-  T* dxa = xs + te * ldc;                  // (te, ldc) dx accumulator
-  T* dz = dxa + te * ldc;                  // (hb, ldc) rows of dZ_i
-  T* hr = dz + hb * ldc;                   // (te, ldh) rows of [h_e, 1]
+  T* dxa = xs + te * ldc;  // (te, ldc) dx accumulator
+  T* dz = dxa + te * ldc;  // (hb, ldc) rows of dZ_i
+  T* hr = dz + hb * ldc;  // (te, ldh) rows of [h_e, 1]
   for (int idx = threadIdx.x; idx < ne * C; idx += blockDim.x) {
     const int k = idx / C;
     const int c = idx - k * C;
@@ -244,7 +244,7 @@ __global__ void __launch_bounds__(kEdgeThreads)
 namespace {
 
 constexpr size_t kZChunkBytes = size_t(256) << 20;  // Z of one receiver chunk
-constexpr int kEdgeRows = 32;                        // rows of dZ_i per step of the edge backward (hb)
+constexpr int kEdgeRows = 32;  // rows of dZ_i per step of the edge backward (hb)
 
 // The mask on the device, per mask tensor (identity and version) and device: the mask is a structural constant of
 // the layer, so it is copied once, not per call. A few entries; each holds its CPU tensor (so the key stays valid).
@@ -279,9 +279,9 @@ struct ConvInputs {
 };
 
 ConvInputs check_conv(const at::Tensor& x, const at::Tensor& inp, const at::Tensor& src, const at::Tensor& rowptr,
-                      at::TensorList weights, at::TensorList biases, at::TensorList fourier,
-                      at::TensorList fourier_inv, const at::Tensor& final_weight, const at::Tensor& final_bias,
-                      const at::Tensor& coef, int64_t ndim, const std::optional<at::Tensor>& final_mask) {
+                      at::TensorList weights, at::TensorList biases, at::TensorList fourier, at::TensorList fourier_inv,
+                      const at::Tensor& final_weight, const at::Tensor& final_bias, const at::Tensor& coef,
+                      int64_t ndim, const std::optional<at::Tensor>& final_mask) {
   const at::Device dev = x.device();
   TORCH_CHECK(dev.is_cuda(), "ik_fast native CUDA: x must be a CUDA tensor, got ", dev);
   check_float(x, "x");
@@ -297,8 +297,8 @@ ConvInputs check_conv(const at::Tensor& x, const at::Tensor& inp, const at::Tens
   check_float(coef, "coef");
   TORCH_CHECK(x.dim() == 2, "ik_fast native CUDA: x must be (n_src, C_in), got ", x.sizes());
   TORCH_CHECK(inp.dim() == 2, "ik_fast native CUDA: inp must be (E, P0), got ", inp.sizes());
-  TORCH_CHECK(src.dim() == 1 && src.size(0) == inp.size(0), "ik_fast native CUDA: src must be (E,) = (",
-              inp.size(0), ",), got ", src.sizes());
+  TORCH_CHECK(src.dim() == 1 && src.size(0) == inp.size(0), "ik_fast native CUDA: src must be (E,) = (", inp.size(0),
+              ",), got ", src.sizes());
   TORCH_CHECK(src.scalar_type() == at::kLong || src.scalar_type() == at::kInt,
               "ik_fast native CUDA: src must be int64 or int32, got ", src.scalar_type());
   TORCH_CHECK(rowptr.dim() == 1 && rowptr.size(0) >= 1, "ik_fast native CUDA: rowptr must be (n_dst + 1,), got ",
@@ -307,15 +307,15 @@ ConvInputs check_conv(const at::Tensor& x, const at::Tensor& inp, const at::Tens
               "ik_fast native CUDA: rowptr must be int64 or int32, got ", rowptr.scalar_type());
   TORCH_CHECK(final_weight.dim() == 3, "ik_fast native CUDA: final_weight must be (R, H, C_in), got ",
               final_weight.sizes());
-  TORCH_CHECK(final_weight.size(2) == x.size(1), "ik_fast native CUDA: final_weight has C_in = ",
-              final_weight.size(2), " but x has ", x.size(1), " features");
-  TORCH_CHECK(final_bias.dim() == 2 && final_bias.size(0) == final_weight.size(0) &&
-                  final_bias.size(1) == final_weight.size(2),
-              "ik_fast native CUDA: final_bias must be (R, C_in) = (", final_weight.size(0), ", ",
-              final_weight.size(2), "), got ", final_bias.sizes());
+  TORCH_CHECK(final_weight.size(2) == x.size(1), "ik_fast native CUDA: final_weight has C_in = ", final_weight.size(2),
+              " but x has ", x.size(1), " features");
+  TORCH_CHECK(
+      final_bias.dim() == 2 && final_bias.size(0) == final_weight.size(0) && final_bias.size(1) == final_weight.size(2),
+      "ik_fast native CUDA: final_bias must be (R, C_in) = (", final_weight.size(0), ", ", final_weight.size(2),
+      "), got ", final_bias.sizes());
   TORCH_CHECK(coef.numel() == 1, "ik_fast native CUDA: coef must have one element, got ", coef.sizes());
-  TORCH_CHECK(ndim >= 0 && ndim <= inp.size(1), "ik_fast native CUDA: ndim = ", ndim, " is not in [0, ",
-              inp.size(1), "] (the MLP input's width)");
+  TORCH_CHECK(ndim >= 0 && ndim <= inp.size(1), "ik_fast native CUDA: ndim = ", ndim, " is not in [0, ", inp.size(1),
+              "] (the MLP input's width)");
   ConvInputs c;
   c.st = compute_dtype(x);
   c.E = inp.size(0);
@@ -396,25 +396,24 @@ void launch_edge_backward(const ConvInputs& c, const at::Tensor& dZ, const at::T
   allow_smem(ik_contract_edge_backward_kernel<T, TC>, smem);
   // at most one partial tile per receiver: E / te + nr tiles bound the chunk's
   const int64_t blocks = ceil_div(c.E, te) + nr;
-  ik_contract_edge_backward_kernel<T, TC><<<static_cast<unsigned>(blocks), kEdgeThreads, smem,
-                                        current_stream()>>>(
+  ik_contract_edge_backward_kernel<T, TC><<<static_cast<unsigned>(blocks), kEdgeThreads, smem, current_stream()>>>(
       dZ.data_ptr<T>(), h.data_ptr<T>(), s.data_ptr<T>(), c.x.data_ptr<T>(), c.src.data_ptr<int64_t>(),
-      c.rowptr.data_ptr<int64_t>(), tile_ptr.data_ptr<int64_t>(), dG.data_ptr<T>(), gz.data_ptr<T>(),
-      dxe.data_ptr<T>(), r0, r0 + nr, static_cast<int>(c.H), static_cast<int>(c.C), te, kEdgeRows);
+      c.rowptr.data_ptr<int64_t>(), tile_ptr.data_ptr<int64_t>(), dG.data_ptr<T>(), gz.data_ptr<T>(), dxe.data_ptr<T>(),
+      r0, r0 + nr, static_cast<int>(c.H), static_cast<int>(c.C), te, kEdgeRows);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace
 
-at::Tensor native_conv_cuda(const at::Tensor& x, const at::Tensor& inp, const at::Tensor& src,
-                            const at::Tensor& rowptr, at::TensorList weights, at::TensorList biases,
-                            at::TensorList fourier, at::TensorList fourier_inv, const at::Tensor& final_weight,
-                            const at::Tensor& final_bias, const at::Tensor& coef, double norm, int64_t ndim,
+at::Tensor native_conv_cuda(const at::Tensor& x, const at::Tensor& inp, const at::Tensor& src, const at::Tensor& rowptr,
+                            at::TensorList weights, at::TensorList biases, at::TensorList fourier,
+                            at::TensorList fourier_inv, const at::Tensor& final_weight, const at::Tensor& final_bias,
+                            const at::Tensor& coef, double norm, int64_t ndim,
                             const std::optional<at::Tensor>& final_mask, const std::optional<at::Tensor>& hidden,
                             std::optional<at::TensorList> /*tape: not used, see native_conv_backward_cuda*/) {
   const c10::cuda::CUDAGuard guard(x.device());
-  ConvInputs c = check_conv(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, final_weight, final_bias,
-                            coef, ndim, final_mask);
+  ConvInputs c = check_conv(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, final_weight, final_bias, coef,
+                            ndim, final_mask);
   at::Tensor out = at::zeros({c.n_dst, c.R}, c.x.options());
   if (c.E == 0 || c.n_dst == 0 || c.R == 0 || c.C == 0) return out.to(x.scalar_type());
   at::Tensor h;
@@ -442,16 +441,17 @@ at::Tensor native_conv_cuda(const at::Tensor& x, const at::Tensor& inp, const at
   return out.to(x.scalar_type());
 }
 
-std::vector<at::Tensor> native_conv_backward_cuda(
-    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& inp, const at::Tensor& src,
-    const at::Tensor& rowptr, at::TensorList weights, at::TensorList biases, at::TensorList fourier,
-    at::TensorList fourier_inv, const at::Tensor& final_weight, const at::Tensor& final_bias, const at::Tensor& coef,
-    double norm, int64_t ndim, const std::optional<at::Tensor>& final_mask,
-    std::optional<at::TensorList> /*tape*/) {
+std::vector<at::Tensor> native_conv_backward_cuda(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& inp,
+                                                  const at::Tensor& src, const at::Tensor& rowptr,
+                                                  at::TensorList weights, at::TensorList biases, at::TensorList fourier,
+                                                  at::TensorList fourier_inv, const at::Tensor& final_weight,
+                                                  const at::Tensor& final_bias, const at::Tensor& coef, double norm,
+                                                  int64_t ndim, const std::optional<at::Tensor>& final_mask,
+                                                  std::optional<at::TensorList> /*tape*/) {
   // a tape (ik_fast/ops.py) is not used: the backward re-evaluates the trunk (GPU memory holds no per-layer grids)
   const c10::cuda::CUDAGuard guard(x.device());
-  ConvInputs c = check_conv(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, final_weight, final_bias,
-                            coef, ndim, final_mask);
+  ConvInputs c = check_conv(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, final_weight, final_bias, coef,
+                            ndim, final_mask);
   check_cuda(grad, "grad", x.device());
   check_float(grad, "grad");
   TORCH_CHECK(grad.dim() == 2 && grad.size(0) == c.n_dst && grad.size(1) == c.R,
@@ -486,7 +486,7 @@ std::vector<at::Tensor> native_conv_backward_cuda(
         at::cat({at::zeros({1}, c.rowptr.options()), at::floor_divide(deg + (te - 1), te).cumsum(0)}).contiguous();
     // the edge kernel's outputs (every element written by one thread; zeros for edges outside rowptr's range)
     at::Tensor dh = at::zeros({c.E, c.H}, c.x.options());  // G[:, :H], then s G[:, :H]
-    at::Tensor ds = at::zeros({c.E}, c.x.options());       // G[:, H], then ds
+    at::Tensor ds = at::zeros({c.E}, c.x.options());  // G[:, H], then ds
     at::Tensor dxe = at::zeros({c.E, c.C}, c.x.options());
     const int64_t nr = chunk_receivers(c);
     at::Tensor Z = at::empty({nr, (c.H + 1) * c.C}, c.x.options());
@@ -496,7 +496,7 @@ std::vector<at::Tensor> native_conv_backward_cuda(
       const at::Tensor gc = g.narrow(0, r0, n);
       AT_DISPATCH_FLOATING_TYPES(c.st, "ik_contract_z", [&] { launch_z<scalar_t>(c, h, s, Zc, r0, n); });
       gemm_into(dW, gc.t(), Zc, true);  // dW_aug += grad_c^T Z_c
-      gemm_into(Zc, gc, W, false);      // dZ_c = grad_c W_aug (over Z, which is consumed)
+      gemm_into(Zc, gc, W, false);  // dZ_c = grad_c W_aug (over Z, which is consumed)
       AT_DISPATCH_FLOATING_TYPES(c.st, "ik_contract_edge_backward", [&] {
         dispatch_tc<scalar_t>(tc, [&](auto tcv) {
           launch_edge_backward<scalar_t, decltype(tcv)::value>(c, Zc, h, s, tile_ptr, dh, ds, dxe, r0, n, te);
@@ -531,10 +531,8 @@ std::vector<at::Tensor> native_conv_backward_cuda(
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> native_trunk_moments_cuda(const at::Tensor& inp,
-                                                                         at::TensorList weights,
-                                                                         at::TensorList biases,
-                                                                         at::TensorList fourier,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> native_trunk_moments_cuda(const at::Tensor& inp, at::TensorList weights,
+                                                                         at::TensorList biases, at::TensorList fourier,
                                                                          at::TensorList fourier_inv,
                                                                          bool with_activation, bool with_grid) {
   TORCH_CHECK_NOT_IMPLEMENTED(!with_grid, "ik_fast native CUDA keeps no Fourier grids (the tape of ik_fast.ops)");

@@ -16,9 +16,9 @@ constexpr int kGemmThreads = 256;  // 16 x 16 threads, 4 x 4 outputs each
 
 template <typename T>
 __global__ void __launch_bounds__(kGemmThreads)
-    ik_gemm_kernel(const T* __restrict__ A, int64_t sab, int64_t sam, int64_t sak, const T* __restrict__ B,
-                   int64_t sbb, int64_t sbk, int64_t sbn, T* __restrict__ C, int64_t scb, int64_t scm, int64_t scn,
-                   int M, int N, int K, bool accumulate) {
+    ik_gemm_kernel(const T* __restrict__ A, int64_t sab, int64_t sam, int64_t sak, const T* __restrict__ B, int64_t sbb,
+                   int64_t sbk, int64_t sbn, T* __restrict__ C, int64_t scb, int64_t scm, int64_t scn, int M, int N,
+                   int K, bool accumulate) {
   __shared__ T As[kGemmK][kGemmTile + 1];  // [k][m]
   __shared__ T Bs[kGemmK][kGemmTile + 1];  // [k][n]
   const int64_t b = blockIdx.z;
@@ -94,10 +94,10 @@ void gemm_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool a
   const int d = batched ? 1 : 0;
   const int64_t nb = batched ? out.size(0) : 1;
   const int64_t M = out.size(d), N = out.size(d + 1), K = a.size(d + 1);
-  TORCH_CHECK(a.size(d) == M && b.size(d) == K && b.size(d + 1) == N &&
-                  (!batched || (a.size(0) == nb && b.size(0) == nb)),
-              "ik_fast native CUDA: internal GEMM operands of mismatched shapes ", a.sizes(), " . ", b.sizes(), " -> ",
-              out.sizes());
+  TORCH_CHECK(
+      a.size(d) == M && b.size(d) == K && b.size(d + 1) == N && (!batched || (a.size(0) == nb && b.size(0) == nb)),
+      "ik_fast native CUDA: internal GEMM operands of mismatched shapes ", a.sizes(), " . ", b.sizes(), " -> ",
+      out.sizes());
   if (M == 0 || N == 0 || nb == 0) return;
   TORCH_CHECK(M < (int64_t(1) << 31) && N < (int64_t(1) << 31) && K < (int64_t(1) << 31) && nb <= 65535 &&
                   ceil_div(N, kGemmTile) <= 65535,

@@ -54,8 +54,8 @@ __device__ __forceinline__ void linear_tile(const LayerDesc<T>& L, const T* X, T
 
 // X = FourierELU(Y) per channel of fd components: X_c = elu(Y_c A^T) (A^+)^T, through the scratch U.
 template <bool TC, typename T>
-__device__ __forceinline__ void fourier_elu_tile(const LayerDesc<T>& L, const T* Y, T* X, T* U, int be, int ld,
-                                                 int gc, int su) {
+__device__ __forceinline__ void fourier_elu_tile(const LayerDesc<T>& L, const T* Y, T* X, T* U, int be, int ld, int gc,
+                                                 int su) {
   const T* __restrict__ at = L.at;
   const T* __restrict__ ainvt = L.ainvt;
   const int fd = L.fd;
@@ -78,8 +78,8 @@ __device__ __forceinline__ void fourier_elu_tile(const LayerDesc<T>& L, const T*
       __syncthreads();
       // X_rows (mc x fd) (+)= U (mc x gcc) . (A^+)^T[g0 .. g0 + gcc, :]
       mm<TC, 4, 4>(
-          1, mc, fd, gcc, U, [=](int, int m) { return m * gc; }, 1, ainvt, [=](int, int n) { return g0 * fd + n; },
-          fd, [=](int, int m, int n, T v) {
+          1, mc, fd, gcc, U, [=](int, int m) { return m * gc; }, 1, ainvt, [=](int, int n) { return g0 * fd + n; }, fd,
+          [=](int, int m, int n, T v) {
             const int r = m0 + m;
             T* p = X + (r / C) * ld + (r % C) * fd + n;
             *p = (g0 == 0 ? T(0) : *p) + v;
@@ -211,7 +211,9 @@ namespace {
 constexpr int kGridChunk = 32;       // grid points of the Fourier ELU per chunk (gc)
 constexpr int kMaxScratchRows = 256;  // rows (edge, channel) of the Fourier scratch per chunk
 
-int odd(int64_t n) { return static_cast<int>(n | 1); }
+int odd(int64_t n) {
+  return static_cast<int>(n | 1);
+}
 
 // Edges per tile: the largest power of two <= 16 with which two blocks fit in a multiprocessor's shared memory (so that
 // the wide trunks, e.g. H = 816, still run two or more blocks of 8 warps per SM), but no fewer than 4 edges for that;
@@ -267,8 +269,7 @@ void launch_trunk_group(const at::Tensor& in, at::Tensor& out, const std::vector
   const size_t smem = bytes(a.be);
   allow_smem(ik_trunk_forward_kernel<T, TC>, smem);
   const int64_t blocks = ceil_div(E, a.be);
-  ik_trunk_forward_kernel<T, TC><<<static_cast<unsigned>(blocks), kTrunkThreads, smem,
-                               current_stream()>>>(a);
+  ik_trunk_forward_kernel<T, TC><<<static_cast<unsigned>(blocks), kTrunkThreads, smem, current_stream()>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -280,8 +281,8 @@ void launch_act_backward(const TrunkLayer& t, const at::Tensor& y, const at::Ten
   if (t.fd == 0) {
     const int64_t n = E * H;
     const int64_t blocks = std::min<int64_t>(ceil_div(n, 256), 65535 * 8);
-    ik_elu_backward_kernel<T><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(
-        y.data_ptr<T>(), da.data_ptr<T>(), dy.data_ptr<T>(), n);
+    ik_elu_backward_kernel<T>
+        <<<static_cast<unsigned>(blocks), 256, 0, stream>>>(y.data_ptr<T>(), da.data_ptr<T>(), dy.data_ptr<T>(), n);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }
@@ -293,17 +294,16 @@ void launch_act_backward(const TrunkLayer& t, const at::Tensor& y, const at::Ten
   const size_t smem = bytes(be);
   allow_smem(ik_fourier_elu_backward_kernel<T, TC>, smem);
   ik_fourier_elu_backward_kernel<T, TC><<<static_cast<unsigned>(ceil_div(E, be)), kTrunkThreads, smem, stream>>>(
-      y.data_ptr<T>(), da.data_ptr<T>(), dy.data_ptr<T>(), t.At.data_ptr<T>(), t.Ainv.data_ptr<T>(),
-      t.A.data_ptr<T>(), E, static_cast<int>(H), static_cast<int>(t.fd), static_cast<int>(t.g), be, ld, kGridChunk,
-      su_for(be));
+      y.data_ptr<T>(), da.data_ptr<T>(), dy.data_ptr<T>(), t.At.data_ptr<T>(), t.Ainv.data_ptr<T>(), t.A.data_ptr<T>(),
+      E, static_cast<int>(H), static_cast<int>(t.fd), static_cast<int>(t.g), be, ld, kGridChunk, su_for(be));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace
 
 std::vector<TrunkLayer> prepare_trunk(at::TensorList weights, at::TensorList biases, at::TensorList fourier,
-                                      at::TensorList fourier_inv, int64_t p0, at::ScalarType st,
-                                      const at::Device& dev, int64_t* h_last) {
+                                      at::TensorList fourier_inv, int64_t p0, at::ScalarType st, const at::Device& dev,
+                                      int64_t* h_last) {
   const size_t L = weights.size();
   TORCH_CHECK(biases.size() == L && fourier.size() == L && fourier_inv.size() == L,
               "ik_fast native CUDA: weights, biases, fourier and fourier_inv must have one entry per hidden layer, "
@@ -384,8 +384,8 @@ at::Tensor trunk_forward(const at::Tensor& inp, const std::vector<TrunkLayer>& l
   for (size_t k0 = 0; k0 < layers.size(); k0 += kMaxLayers) {
     const size_t k1 = std::min(layers.size(), k0 + kMaxLayers);
     // the last layer's activation goes straight into as.back() when saving
-    at::Tensor out = (as != nullptr && k1 == layers.size()) ? as->back()
-                                                            : at::empty({E, layers[k1 - 1].hout}, inp.options());
+    at::Tensor out =
+        (as != nullptr && k1 == layers.size()) ? as->back() : at::empty({E, layers[k1 - 1].hout}, inp.options());
     if (E > 0) {
       AT_DISPATCH_FLOATING_TYPES(inp.scalar_type(), "ik_trunk_forward", [&] {
         dispatch_tc<scalar_t>(tc, [&](auto tcv) {
@@ -413,9 +413,8 @@ at::Tensor trunk_backward(const at::Tensor& inp, const std::vector<TrunkLayer>& 
     at::Tensor dy = at::empty_like(da);
     if (E > 0) {
       AT_DISPATCH_FLOATING_TYPES(inp.scalar_type(), "ik_act_backward", [&] {
-        dispatch_tc<scalar_t>(tc, [&](auto tcv) {
-          launch_act_backward<scalar_t, decltype(tcv)::value>(t, ys[k], da, dy);
-        });
+        dispatch_tc<scalar_t>(tc,
+                              [&](auto tcv) { launch_act_backward<scalar_t, decltype(tcv)::value>(t, ys[k], da, dy); });
       });
     }
     const at::Tensor& ain = k == 0 ? inp : as[k - 1];  // the layer's input (E, hin)

@@ -24,8 +24,8 @@ struct TrunkLayer {
 // Checks the hidden layers of a program against the MLP input width p0 and converts them (names the argument in
 // every error). Returns the layers; *h_last is the width of the last activation (p0 without layers).
 std::vector<TrunkLayer> prepare_trunk(at::TensorList weights, at::TensorList biases, at::TensorList fourier,
-                                      at::TensorList fourier_inv, int64_t p0, at::ScalarType st,
-                                      const at::Device& dev, int64_t* h_last);
+                                      at::TensorList fourier_inv, int64_t p0, at::ScalarType st, const at::Device& dev,
+                                      int64_t* h_last);
 
 // The last activation h (E, H_L) of the trunk on inp (E, p0) (inp itself, contiguous, without layers). With saves,
 // ys[k] / as[k] receive every layer's pre-activation and activation (as.back() is h).

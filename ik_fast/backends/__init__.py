@@ -17,18 +17,33 @@ from .fused import TRITON, implicit_conv_triton
 from .native import NATIVE, implicit_conv_native
 from .reference import implicit_conv_reference
 
-__all__ = ["available_backends", "get_backend", "resolve_backend", "compiled_backend", "unavailable_reason",
-           "BACKENDS", "FUSED", "TRACEABLE", "CPU_SMALL_GRAPH_EDGES"]
+__all__ = [
+    "available_backends",
+    "get_backend",
+    "resolve_backend",
+    "compiled_backend",
+    "unavailable_reason",
+    "BACKENDS",
+    "FUSED",
+    "TRACEABLE",
+    "CPU_SMALL_GRAPH_EDGES",
+]
 
-BACKENDS: Dict[str, Callable] = {"reference": implicit_conv_reference, "torch": implicit_conv_torch,
-                                  TRITON: implicit_conv_triton, NATIVE: implicit_conv_native}
+BACKENDS: Dict[str, Callable] = {
+    "reference": implicit_conv_reference,
+    "torch": implicit_conv_torch,
+    TRITON: implicit_conv_triton,
+    NATIVE: implicit_conv_native,
+}
 FUSED = (TRITON, NATIVE)
 _FUSED = FUSED
 # The backends whose code torch.compile traces (with fullgraph=True and dynamic shapes): the fused ones, whose work is
 # in registered ops. Why the others are not:
-_UNTRACEABLE = {"torch": "its chunk plan, how many chunks of which padded degree, depends on the graph's degrees",
-                "reference": "its Fourier ELU and its inference go over edge chunks in Python loops whose length "
-                             "depends on the edge count"}
+_UNTRACEABLE = {
+    "torch": "its chunk plan, how many chunks of which padded degree, depends on the graph's degrees",
+    "reference": "its Fourier ELU and its inference go over edge chunks in Python loops whose length "
+    "depends on the edge count",
+}
 TRACEABLE = tuple(n for n in BACKENDS if n not in _UNTRACEABLE)
 # "auto" picks a fused backend on a device only where a committed benchmark (benchmarks/results/) measured it faster
 # than "torch" on that kind of device. CPU: "native" (the C++ kernels), measured faster than "torch" (and than
@@ -82,8 +97,9 @@ def resolve_backend(name, device, num_edges: Optional[int] = None) -> str:
             unmeasured = "runs here, but no committed benchmark measured it faster than 'torch' on this device"
             reasons = "; ".join(f"{n}: {unavailable_reason(n, dev) or unmeasured}" for n in _FUSED)
             rule = f" ('reference' below {CPU_SMALL_GRAPH_EDGES} edges)" if dev.type == "cpu" else ""
-            warnings.warn(f"ik_fast: backend 'auto' uses 'torch' on {dev.type}{rule} ({reasons})", RuntimeWarning,
-                          stacklevel=3)
+            warnings.warn(
+                f"ik_fast: backend 'auto' uses 'torch' on {dev.type}{rule} ({reasons})", RuntimeWarning, stacklevel=3
+            )
         return choice
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {['auto'] + list(BACKENDS)}, got {name!r}")
@@ -123,16 +139,22 @@ def compiled_backend(name, device: str, dtype: torch.dtype, traced: bool = False
         raise _compile_error(f"backend {chosen!r} does not run here ({why}); use one of {others} (or 'auto')")
     if chosen in FUSED and dtype not in (torch.float32, torch.float64):
         if dtype == torch.float16:
-            warnings.warn(f"ik_fast: backend {chosen!r} has no float16 path; using 'torch' for this call",
-                          RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"ik_fast: backend {chosen!r} has no float16 path; using 'torch' for this call",
+                RuntimeWarning,
+                stacklevel=2,
+            )
             return "torch"
-        raise _compile_error(f"backend {chosen!r} computes in float32 or float64, but the layer is {dtype}; use "
-                             f"backend='torch' for other dtypes")
+        raise _compile_error(
+            f"backend {chosen!r} computes in float32 or float64, but the layer is {dtype}; use "
+            f"backend='torch' for other dtypes"
+        )
     if traced and chosen not in TRACEABLE:
         raise _compile_error(
             f"backend {chosen!r} cannot be traced by torch.compile ({_UNTRACEABLE[chosen]}); compile an "
             f"ik_fast.ImplicitPointConv instead (it runs {chosen!r} as one registered op), or use one of "
-            f"{[n for n in TRACEABLE if not unavailable_reason(n, device)]}")
+            f"{[n for n in TRACEABLE if not unavailable_reason(n, device)]}"
+        )
     return chosen
 
 

@@ -23,8 +23,16 @@ from .. import ops
 from ..graph import Graph
 from ..program import KernelProgram
 
-__all__ = ["implicit_conv_fused", "fused_backend", "triton_available", "TRITON", "CHAINED_STATISTICS", "TAPED",
-           "TAPE_LIMIT_BYTES", "TAPE_GRID_LIMIT_BYTES"]
+__all__ = [
+    "implicit_conv_fused",
+    "fused_backend",
+    "triton_available",
+    "TRITON",
+    "CHAINED_STATISTICS",
+    "TAPED",
+    "TAPE_LIMIT_BYTES",
+    "TAPE_GRID_LIMIT_BYTES",
+]
 
 TRITON = "triton"
 # Implementations whose statistics pass of layer k starts from pass k-1's activation (E x H_{k-1}, kept until pass
@@ -62,6 +70,7 @@ def _load_triton():
 
 def _triton_runs_on(device: torch.device):
     from ik_fast.kernels_triton import launch
+
     return launch.runs_on(device)
 
 
@@ -91,8 +100,10 @@ def implicit_conv_fused(impl: str, program: KernelProgram, x_src, graph: Graph, 
     if why is not None:
         raise RuntimeError(f"backend {impl!r} does not run here: {why}")
     if x_src.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"backend {impl!r} computes in float32 or float64 (bfloat16 through torch.autocast), but the "
-                        f"layer and its inputs are {x_src.dtype}; use backend='torch' for other dtypes")
+        raise TypeError(
+            f"backend {impl!r} computes in float32 or float64 (bfloat16 through torch.autocast), but the "
+            f"layer and its inputs are {x_src.dtype}; use backend='torch' for other dtypes"
+        )
     if graph.num_edges == 0:
         return x_src.new_zeros(graph.n_dst, program.out_size), []
     dtype = x_src.dtype
@@ -125,8 +136,9 @@ def implicit_conv_fused(impl: str, program: KernelProgram, x_src, graph: Graph, 
                 # same in both packings: a batch norm folds into the Linear after it)
                 keep = k == last or chain
                 start_from = (prev_act, prev) if chain and prev_act is not None else (inp, 0)
-                res = ops.trunk_moments(impl, start_from[0], packed, k, with_activation=keep, start=start_from[1],
-                                        with_grid=grids)
+                res = ops.trunk_moments(
+                    impl, start_from[0], packed, k, with_activation=keep, start=start_from[1], with_grid=grids
+                )
                 moments, act = res[0], res[1]
                 if taped:
                     tape += [act, res[2] if grids else act.new_empty(0)]
@@ -140,13 +152,19 @@ def implicit_conv_fused(impl: str, program: KernelProgram, x_src, graph: Graph, 
 
 def fused_backend(impl: str):
     """The backend function of implementation ``impl``."""
+
     def backend(program, x_src, graph, delta, attr):
         if x_src.dtype == torch.float16:
-            warnings.warn(f"ik_fast: backend {impl!r} has no float16 path; using 'torch' for this call",
-                          RuntimeWarning, stacklevel=4)
+            warnings.warn(
+                f"ik_fast: backend {impl!r} has no float16 path; using 'torch' for this call",
+                RuntimeWarning,
+                stacklevel=4,
+            )
             from .factorized import implicit_conv_torch
+
             return implicit_conv_torch(program, x_src, graph, delta, attr)
         return implicit_conv_fused(impl, program, x_src, graph, delta, attr)
+
     backend.__name__ = f"implicit_conv_{impl}"
     return backend
 

@@ -84,7 +84,7 @@ def _group_order(rows: np.ndarray, first: Optional[np.ndarray] = None) -> np.nda
 
 def _padded(perm: np.ndarray) -> np.ndarray:
     out = np.zeros(_ceil(perm.shape[0]), dtype=np.int32)
-    out[:perm.shape[0]] = perm
+    out[: perm.shape[0]] = perm
     return out
 
 
@@ -115,9 +115,10 @@ def build(mask: np.ndarray, D: int) -> dict:
     rb = [np.nonzero(blk[:, h, c])[0] for h, c in zip(hb, cb)]
     blk_r = (np.concatenate(rb) * B).astype(np.int32) if rb else np.zeros(0, dtype=np.int32)
     nb = int(blk_r.shape[0])
-    if nb * B ** 3 >= 2 ** 31:  # the kernels index the compact blocks in int32
-        raise ValueError(f"the last layer's weight has {nb} non-zero blocks of {B}^3; at most {2 ** 31 // B ** 3 - 1} "
-                         f"are supported")
+    if nb * B**3 >= 2**31:  # the kernels index the compact blocks in int32
+        raise ValueError(
+            f"the last layer's weight has {nb} non-zero blocks of {B}^3; at most {2**31 // B**3 - 1} are supported"
+        )
     # compact blocks (NB, HB, CB, RB): for block q of pair (h0, c0) and output block r0, entry (i, j, k) is W'[pr[r0 +
     # k], ph[h0 + i], pc[c0 + j]] where that is inside W' and structurally non-zero
     q_h = np.repeat(pairs[:, 0], counts).astype(np.int64)
@@ -138,16 +139,31 @@ def build(mask: np.ndarray, D: int) -> dict:
     b_idx = np.full(CC * RC, -1, dtype=np.int64)
     b_idx[b_dst] = b_src
     if nb == 0:  # one all-padding block, so that the kernels get a valid pointer
-        w_idx = np.full(B ** 3, -1, dtype=np.int64)
-    return dict(perm_h=ph_, perm_c=pc_, perm_r=pr_, pairs=pairs, pair_ptr=pair_ptr, blk_r=blk_r, w_src=w_src,
-                w_dst=w_dst, w_idx=w_idx, b_src=b_src, b_dst=b_dst, b_idx=b_idx, n_pairs=int(pairs.shape[0]),
-                n_blocks=nb, n_cblocks=CC // B)
+        w_idx = np.full(B**3, -1, dtype=np.int64)
+    return dict(
+        perm_h=ph_,
+        perm_c=pc_,
+        perm_r=pr_,
+        pairs=pairs,
+        pair_ptr=pair_ptr,
+        blk_r=blk_r,
+        w_src=w_src,
+        w_dst=w_dst,
+        w_idx=w_idx,
+        b_src=b_src,
+        b_dst=b_dst,
+        b_idx=b_idx,
+        n_pairs=int(pairs.shape[0]),
+        n_blocks=nb,
+        n_cblocks=CC // B,
+    )
 
 
 def _to_device(plan: dict, device: str) -> Blocks:
     def tens(v):
         t = torch.from_numpy(np.ascontiguousarray(v))
         return t if device == "cpu" else t.to(device)
+
     return Blocks(**{k: tens(v) if isinstance(v, np.ndarray) else v for k, v in plan.items()})
 
 

@@ -66,8 +66,9 @@ def _cols(perm_ptr, b, n, NB: tl.constexpr):
 @triton.jit
 def _load_hs(h_ptr, s_ptr, e, emask, hcol, hval, H):
     """hs = s h (BN, KP, HB): hidden columns ``hcol`` of the chunk's edges (h (E, H), s (E,))."""
-    h = tl.load(h_ptr + e[:, :, None] * H + hcol[None, None, :], mask=emask[:, :, None] & hval[None, None, :],
-                other=0.0)
+    h = tl.load(
+        h_ptr + e[:, :, None] * H + hcol[None, None, :], mask=emask[:, :, None] & hval[None, None, :], other=0.0
+    )
     return h * tl.load(s_ptr + e, mask=emask, other=0.0)[:, :, None]
 
 
@@ -75,13 +76,32 @@ def _load_hs(h_ptr, s_ptr, e, emask, hcol, hval, H):
 def _load_x(x_ptr, src_ptr, e, emask, ccol, cval, CIN):
     """Gathered source features (BN, KP, CB): input columns ``ccol`` of the chunk's edges."""
     sr = tl.load(src_ptr + e, mask=emask, other=0).to(tl.int64)
-    return tl.load(x_ptr + sr[:, :, None] * CIN + ccol[None, None, :],
-                   mask=emask[:, :, None] & cval[None, None, :], other=0.0)
+    return tl.load(
+        x_ptr + sr[:, :, None] * CIN + ccol[None, None, :], mask=emask[:, :, None] & cval[None, None, :], other=0.0
+    )
 
 
 @triton.jit
-def _z_block(h_ptr, s_ptr, x_ptr, src_ptr, start, deg, nmax, hcol, hval, ccol, cval, H, CIN, BN: tl.constexpr,
-             KP: tl.constexpr, HB: tl.constexpr, CB: tl.constexpr, PREC: tl.constexpr):
+def _z_block(
+    h_ptr,
+    s_ptr,
+    x_ptr,
+    src_ptr,
+    start,
+    deg,
+    nmax,
+    hcol,
+    hval,
+    ccol,
+    cval,
+    H,
+    CIN,
+    BN: tl.constexpr,
+    KP: tl.constexpr,
+    HB: tl.constexpr,
+    CB: tl.constexpr,
+    PREC: tl.constexpr,
+):
     """Z block (BN, HB * CB) of the receivers: sum over their edges of hs (x) x, one chunk of KP edges at a time."""
     z = tl.zeros((BN, HB, CB), dtype=h_ptr.dtype.element_ty)
     for t0 in range(0, nmax, KP):
@@ -129,8 +149,9 @@ def _rmw(ptr, offs, value, mask):
 
 
 @triton.jit
-def _zb(s_ptr, x_ptr, src_ptr, start, deg, nmax, ccol, cval, CIN, BN: tl.constexpr, KP: tl.constexpr,
-        CB: tl.constexpr, dt):
+def _zb(
+    s_ptr, x_ptr, src_ptr, start, deg, nmax, ccol, cval, CIN, BN: tl.constexpr, KP: tl.constexpr, CB: tl.constexpr, dt
+):
     """The bias term's zb = sum_e s_e x_e (BN, CB) on input columns ``ccol``."""
     zb = tl.zeros((BN, CB), dtype=dt)
     for t0 in range(0, nmax, KP):
@@ -148,18 +169,45 @@ def _load_g(g_ptr, i, imask, rcol, rval, R, dt):
 
 
 @triton.jit(do_not_specialize=["n_dst", "n_pairs", "H", "CIN", "CINC", "R", "RC"])
-def contract_forward_kernel(h_ptr, s_ptr, x_ptr, src_ptr, rowptr_ptr, wc_ptr, wi_ptr, bf_ptr, bi_ptr, out_ptr,
-                            pairs_ptr, pair_ptr,
-                            blk_r, perm_h, perm_c, perm_r, n_dst, n_pairs, H, CIN, CINC, R, RC, BN: tl.constexpr,
-                            KP: tl.constexpr, HB: tl.constexpr, CB: tl.constexpr, RB: tl.constexpr,
-                            PREC: tl.constexpr):
+def contract_forward_kernel(
+    h_ptr,
+    s_ptr,
+    x_ptr,
+    src_ptr,
+    rowptr_ptr,
+    wc_ptr,
+    wi_ptr,
+    bf_ptr,
+    bi_ptr,
+    out_ptr,
+    pairs_ptr,
+    pair_ptr,
+    blk_r,
+    perm_h,
+    perm_c,
+    perm_r,
+    n_dst,
+    n_pairs,
+    H,
+    CIN,
+    CINC,
+    R,
+    RC,
+    BN: tl.constexpr,
+    KP: tl.constexpr,
+    HB: tl.constexpr,
+    CB: tl.constexpr,
+    RB: tl.constexpr,
+    PREC: tl.constexpr,
+):
     """out (n_dst, R), zero on entry; h (E, H) the last hidden activation, s (E,) the radial shell; W' as the compact
     blocks of its plan (wc), B' permuted and padded (bf (CINC, RC))."""
     i, imask, start, deg, nmax = _receivers(rowptr_ptr, tl.program_id(0), n_dst, BN)
     for p in range(0, n_pairs):
         hcol, hval, ccol, cval, q0, q1 = _pair(pairs_ptr, pair_ptr, perm_h, perm_c, p, H, CIN, HB, CB)
-        z = _z_block(h_ptr, s_ptr, x_ptr, src_ptr, start, deg, nmax, hcol, hval, ccol, cval, H, CIN, BN, KP, HB, CB,
-                     PREC)
+        z = _z_block(
+            h_ptr, s_ptr, x_ptr, src_ptr, start, deg, nmax, hcol, hval, ccol, cval, H, CIN, BN, KP, HB, CB, PREC
+        )
         for q in range(q0, q1):
             rcol, rval = _cols(perm_r, tl.load(blk_r + q), R, RB)
             o = _mm(z, _w_block(wc_ptr, wi_ptr, q, HB, CB, RB), PREC)
@@ -175,8 +223,23 @@ def contract_forward_kernel(h_ptr, s_ptr, x_ptr, src_ptr, rowptr_ptr, wc_ptr, wi
 
 
 @triton.jit
-def _dz_block(g_ptr, wc_ptr, wi_ptr, blk_r, perm_r, i, imask, q0, q1, R, BN: tl.constexpr, HB: tl.constexpr,
-              CB: tl.constexpr, RB: tl.constexpr, PREC: tl.constexpr):
+def _dz_block(
+    g_ptr,
+    wc_ptr,
+    wi_ptr,
+    blk_r,
+    perm_r,
+    i,
+    imask,
+    q0,
+    q1,
+    R,
+    BN: tl.constexpr,
+    HB: tl.constexpr,
+    CB: tl.constexpr,
+    RB: tl.constexpr,
+    PREC: tl.constexpr,
+):
     """dZ block (BN, HB, CB) = dout . W'^T over the pair's W' blocks q0 .. q1."""
     dt = wc_ptr.dtype.element_ty
     dz = tl.zeros((BN, HB * CB), dtype=dt)
@@ -188,8 +251,21 @@ def _dz_block(g_ptr, wc_ptr, wi_ptr, blk_r, perm_r, i, imask, q0, q1, R, BN: tl.
 
 
 @triton.jit
-def _dzb_block(g_ptr, bf_ptr, bi_ptr, perm_r, i, imask, cb, R, RC, BN: tl.constexpr, CB: tl.constexpr, RB: tl.constexpr,
-               PREC: tl.constexpr):
+def _dzb_block(
+    g_ptr,
+    bf_ptr,
+    bi_ptr,
+    perm_r,
+    i,
+    imask,
+    cb,
+    R,
+    RC,
+    BN: tl.constexpr,
+    CB: tl.constexpr,
+    RB: tl.constexpr,
+    PREC: tl.constexpr,
+):
     """d zb block (BN, CB) = dout . B'^T on permuted input positions cb .. cb + CB."""
     dt = bf_ptr.dtype.element_ty
     dzb = tl.zeros((BN, CB), dtype=dt)
@@ -201,22 +277,54 @@ def _dzb_block(g_ptr, bf_ptr, bi_ptr, perm_r, i, imask, cb, R, RC, BN: tl.conste
 
 
 @triton.jit(do_not_specialize=["n_dst", "n_pairs", "H", "CIN", "CINC", "R", "RC"])
-def contract_dhs_kernel(g_ptr, x_ptr, src_ptr, rowptr_ptr, wc_ptr, wi_ptr, bf_ptr, bi_ptr, dhs_ptr, ds_ptr, pairs_ptr,
-                        pair_ptr,
-                        blk_r, perm_h, perm_c, perm_r, n_dst, n_pairs, H, CIN, CINC, R, RC, BN: tl.constexpr,
-                        KP: tl.constexpr, HB: tl.constexpr, CB: tl.constexpr, RB: tl.constexpr, PREC: tl.constexpr):
+def contract_dhs_kernel(
+    g_ptr,
+    x_ptr,
+    src_ptr,
+    rowptr_ptr,
+    wc_ptr,
+    wi_ptr,
+    bf_ptr,
+    bi_ptr,
+    dhs_ptr,
+    ds_ptr,
+    pairs_ptr,
+    pair_ptr,
+    blk_r,
+    perm_h,
+    perm_c,
+    perm_r,
+    n_dst,
+    n_pairs,
+    H,
+    CIN,
+    CINC,
+    R,
+    RC,
+    BN: tl.constexpr,
+    KP: tl.constexpr,
+    HB: tl.constexpr,
+    CB: tl.constexpr,
+    RB: tl.constexpr,
+    PREC: tl.constexpr,
+):
     """Given dout (n_dst, R): d hs_e = dZ_i x_e (E, H) and the bias term's d s_e = d zb_i . x_e (E,), zero on entry.
     Needs neither hs nor s: it runs before the trunk's backward, which recomputes hs."""
     i, imask, start, deg, nmax = _receivers(rowptr_ptr, tl.program_id(0), n_dst, BN)
     for p in range(0, n_pairs):
         hcol, hval, ccol, cval, q0, q1 = _pair(pairs_ptr, pair_ptr, perm_h, perm_c, p, H, CIN, HB, CB)
-        dzt = tl.permute(_dz_block(g_ptr, wc_ptr, wi_ptr, blk_r, perm_r, i, imask, q0, q1, R, BN, HB, CB, RB, PREC),
-                         (0, 2, 1))
+        dzt = tl.permute(
+            _dz_block(g_ptr, wc_ptr, wi_ptr, blk_r, perm_r, i, imask, q0, q1, R, BN, HB, CB, RB, PREC), (0, 2, 1)
+        )
         for t0 in range(0, nmax, KP):
             e, emask = _edges(start, deg, t0, KP)
             xt = _load_x(x_ptr, src_ptr, e, emask, ccol, cval, CIN)
-            _rmw(dhs_ptr, e[:, :, None] * H + hcol[None, None, :], _mm(xt, dzt, PREC),
-                 emask[:, :, None] & hval[None, None, :])
+            _rmw(
+                dhs_ptr,
+                e[:, :, None] * H + hcol[None, None, :],
+                _mm(xt, dzt, PREC),
+                emask[:, :, None] & hval[None, None, :],
+            )
     for cb in range(0, CINC, CB):
         ccol, cval = _cols(perm_c, cb, CIN, CB)
         dzb = _dzb_block(g_ptr, bf_ptr, bi_ptr, perm_r, i, imask, cb, R, RC, BN, CB, RB, PREC)
@@ -227,10 +335,36 @@ def contract_dhs_kernel(g_ptr, x_ptr, src_ptr, rowptr_ptr, wc_ptr, wi_ptr, bf_pt
 
 
 @triton.jit(do_not_specialize=["n_dst", "n_pairs", "H", "CIN", "CINC", "R", "RC"])
-def contract_dx_kernel(g_ptr, h_ptr, s_ptr, rowptr_ptr, wc_ptr, wi_ptr, bf_ptr, bi_ptr, dxe_ptr, pairs_ptr, pair_ptr,
-                       blk_r, perm_h,
-                       perm_c, perm_r, n_dst, n_pairs, H, CIN, CINC, R, RC, BN: tl.constexpr, KP: tl.constexpr,
-                       HB: tl.constexpr, CB: tl.constexpr, RB: tl.constexpr, PREC: tl.constexpr):
+def contract_dx_kernel(
+    g_ptr,
+    h_ptr,
+    s_ptr,
+    rowptr_ptr,
+    wc_ptr,
+    wi_ptr,
+    bf_ptr,
+    bi_ptr,
+    dxe_ptr,
+    pairs_ptr,
+    pair_ptr,
+    blk_r,
+    perm_h,
+    perm_c,
+    perm_r,
+    n_dst,
+    n_pairs,
+    H,
+    CIN,
+    CINC,
+    R,
+    RC,
+    BN: tl.constexpr,
+    KP: tl.constexpr,
+    HB: tl.constexpr,
+    CB: tl.constexpr,
+    RB: tl.constexpr,
+    PREC: tl.constexpr,
+):
     """Given dout (n_dst, R): the gradient of each edge's gathered source features, d x_e = dZ_i^T hs_e + s_e d zb_i
     (E, C_in), zero on entry (the host adds it into the sources)."""
     i, imask, start, deg, nmax = _receivers(rowptr_ptr, tl.program_id(0), n_dst, BN)
@@ -240,23 +374,58 @@ def contract_dx_kernel(g_ptr, h_ptr, s_ptr, rowptr_ptr, wc_ptr, wi_ptr, bf_ptr, 
         for t0 in range(0, nmax, KP):
             e, emask = _edges(start, deg, t0, KP)
             a = _load_hs(h_ptr, s_ptr, e, emask, hcol, hval, H)
-            _rmw(dxe_ptr, e[:, :, None] * CIN + ccol[None, None, :], _mm(a, dz, PREC),
-                 emask[:, :, None] & cval[None, None, :])
+            _rmw(
+                dxe_ptr,
+                e[:, :, None] * CIN + ccol[None, None, :],
+                _mm(a, dz, PREC),
+                emask[:, :, None] & cval[None, None, :],
+            )
     for cb in range(0, CINC, CB):
         ccol, cval = _cols(perm_c, cb, CIN, CB)
         dzb = _dzb_block(g_ptr, bf_ptr, bi_ptr, perm_r, i, imask, cb, R, RC, BN, CB, RB, PREC)
         for t0 in range(0, nmax, KP):
             e, emask = _edges(start, deg, t0, KP)
             s = tl.load(s_ptr + e, mask=emask, other=0.0)
-            _rmw(dxe_ptr, e[:, :, None] * CIN + ccol[None, None, :], s[:, :, None] * dzb[:, None, :],
-                 emask[:, :, None] & cval[None, None, :])
+            _rmw(
+                dxe_ptr,
+                e[:, :, None] * CIN + ccol[None, None, :],
+                s[:, :, None] * dzb[:, None, :],
+                emask[:, :, None] & cval[None, None, :],
+            )
 
 
 @triton.jit(do_not_specialize=["n_dst", "n_blocks", "n_pairs", "NB", "H", "CIN", "CINC", "R", "RC"])
-def contract_wgrad_kernel(g_ptr, h_ptr, s_ptr, x_ptr, src_ptr, rowptr_ptr, dwc_ptr, dbf_ptr, pairs_ptr, pair_ptr,
-                          blk_r, perm_h, perm_c, perm_r, n_dst, n_blocks, n_pairs, NB, H, CIN, CINC, R, RC,
-                          BN: tl.constexpr, KP: tl.constexpr, HB: tl.constexpr, CB: tl.constexpr, RB: tl.constexpr,
-                          PREC: tl.constexpr):
+def contract_wgrad_kernel(
+    g_ptr,
+    h_ptr,
+    s_ptr,
+    x_ptr,
+    src_ptr,
+    rowptr_ptr,
+    dwc_ptr,
+    dbf_ptr,
+    pairs_ptr,
+    pair_ptr,
+    blk_r,
+    perm_h,
+    perm_c,
+    perm_r,
+    n_dst,
+    n_blocks,
+    n_pairs,
+    NB,
+    H,
+    CIN,
+    CINC,
+    R,
+    RC,
+    BN: tl.constexpr,
+    KP: tl.constexpr,
+    HB: tl.constexpr,
+    CB: tl.constexpr,
+    RB: tl.constexpr,
+    PREC: tl.constexpr,
+):
     """Partial sums over one split (axis 1) of the receiver blocks: program p < n_pairs (axis 0) owns the W' blocks of
     pair p in dW' (NSPLIT, NB, HB * CB, RB); program n_pairs + j owns input block j of dB' (NSPLIT, CINC, RC) (x @ B
     layout, permuted). Zero on entry."""
@@ -270,13 +439,20 @@ def contract_wgrad_kernel(g_ptr, h_ptr, s_ptr, x_ptr, src_ptr, rowptr_ptr, dwc_p
         rows = tl.arange(0, HB * CB)
         for blk in range(split, n_blocks, nsplit):
             i, imask, start, deg, nmax = _receivers(rowptr_ptr, blk, n_dst, BN)
-            zt = tl.trans(_z_block(h_ptr, s_ptr, x_ptr, src_ptr, start, deg, nmax, hcol, hval, ccol, cval, H, CIN,
-                                   BN, KP, HB, CB, PREC))  # (HB * CB, BN)
+            zt = tl.trans(
+                _z_block(
+                    h_ptr, s_ptr, x_ptr, src_ptr, start, deg, nmax, hcol, hval, ccol, cval, H, CIN, BN, KP, HB, CB, PREC
+                )
+            )  # (HB * CB, BN)
             for q in range(q0, q1):
                 rcol, rval = _cols(perm_r, tl.load(blk_r + q), R, RB)
                 g = _load_g(g_ptr, i, imask, rcol, rval, R, dt)
-                _rmw(dwc, q * (HB * CB * RB) + rows[:, None] * RB + tl.arange(0, RB)[None, :],
-                     _mm(zt, g, PREC), rows[:, None] >= 0)
+                _rmw(
+                    dwc,
+                    q * (HB * CB * RB) + rows[:, None] * RB + tl.arange(0, RB)[None, :],
+                    _mm(zt, g, PREC),
+                    rows[:, None] >= 0,
+                )
     else:  # the bias weight's gradient for one input block: sum_i zb_i (x) dout_i
         cb = (pid - n_pairs) * CB
         ccol, cval = _cols(perm_c, cb, CIN, CB)

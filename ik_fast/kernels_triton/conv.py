@@ -143,8 +143,9 @@ def _load_cw(w_ptr, DP: tl.constexpr, KC: tl.constexpr):
 
 
 @triton.jit
-def _linear_cw(a, w_ptr, b_ptr, BE: tl.constexpr, CP: tl.constexpr, DP: tl.constexpr, F: tl.constexpr,
-               PREC: tl.constexpr):
+def _linear_cw(
+    a, w_ptr, b_ptr, BE: tl.constexpr, CP: tl.constexpr, DP: tl.constexpr, F: tl.constexpr, PREC: tl.constexpr
+):
     """A componentwise hidden Linear (a hidden Linear through its block structure): component d of every
     output channel mixes component d of the input channels, one (CP F x CP F) block per component (weight
     (DP, CP F, CP F), x @ W layout, channel c at row/column c F): a dot batched over the components, CP^2 DP
@@ -156,8 +157,17 @@ def _linear_cw(a, w_ptr, b_ptr, BE: tl.constexpr, CP: tl.constexpr, DP: tl.const
 
 
 @triton.jit
-def _linear_hidden(a, w_ptr, b_ptr, BE: tl.constexpr, CP: tl.constexpr, DP: tl.constexpr, GW: tl.constexpr,
-                   CWF: tl.constexpr, PREC: tl.constexpr):
+def _linear_hidden(
+    a,
+    w_ptr,
+    b_ptr,
+    BE: tl.constexpr,
+    CP: tl.constexpr,
+    DP: tl.constexpr,
+    GW: tl.constexpr,
+    CWF: tl.constexpr,
+    PREC: tl.constexpr,
+):
     """Hidden Linear: componentwise when CWF > 0 (F = CWF), else dense in GW blocks."""
     if CWF > 0:
         return _linear_cw(a, w_ptr, b_ptr, BE, CP, DP, CWF, PREC)
@@ -166,8 +176,16 @@ def _linear_hidden(a, w_ptr, b_ptr, BE: tl.constexpr, CP: tl.constexpr, DP: tl.c
 
 
 @triton.jit
-def _params(prm, fou, NL: tl.constexpr, P0P: tl.constexpr, CP: tl.constexpr, DP: tl.constexpr, GP: tl.constexpr,
-            CWF: tl.constexpr):
+def _params(
+    prm,
+    fou,
+    NL: tl.constexpr,
+    P0P: tl.constexpr,
+    CP: tl.constexpr,
+    DP: tl.constexpr,
+    GP: tl.constexpr,
+    CWF: tl.constexpr,
+):
     """Pointers to w1, b1, wh, bh in the padded parameter buffer the host builds (launch.Packing), ``[w1 (P0P, HP) |
     b1 (HP,) | wh (NH, WS) | bh (NH, HP)]``, and to at, ait in its constant Fourier buffer ``[at (NA, DP, GP) | ait
     (NA, GP, DP)]``; NH = max(NL - 1, 1), NA = max(NL, 1)."""
@@ -207,8 +225,18 @@ def _load_fourier(at_ptr, ait_ptr, DP: tl.constexpr, GP: tl.constexpr, dtype):
 
 
 @triton.jit
-def _act(y, at_ptr, ait_ptr, BE: tl.constexpr, CP: tl.constexpr, DP: tl.constexpr, GP: tl.constexpr,
-         GW: tl.constexpr, FOURIER: tl.constexpr, PREC: tl.constexpr):
+def _act(
+    y,
+    at_ptr,
+    ait_ptr,
+    BE: tl.constexpr,
+    CP: tl.constexpr,
+    DP: tl.constexpr,
+    GP: tl.constexpr,
+    GW: tl.constexpr,
+    FOURIER: tl.constexpr,
+    PREC: tl.constexpr,
+):
     if FOURIER:
         HP: tl.constexpr = CP * DP
         NG: tl.constexpr = HP // GW
@@ -223,9 +251,25 @@ def _act(y, at_ptr, ait_ptr, BE: tl.constexpr, CP: tl.constexpr, DP: tl.constexp
 
 
 @triton.jit
-def _forward_to(inp, w1, b1, wh, bh, at, ait, K: tl.constexpr, P0P: tl.constexpr, BE: tl.constexpr,
-                CP: tl.constexpr, DP: tl.constexpr, GP: tl.constexpr, GW: tl.constexpr, FOURIER: tl.constexpr,
-                PREC: tl.constexpr, CWF: tl.constexpr):
+def _forward_to(
+    inp,
+    w1,
+    b1,
+    wh,
+    bh,
+    at,
+    ait,
+    K: tl.constexpr,
+    P0P: tl.constexpr,
+    BE: tl.constexpr,
+    CP: tl.constexpr,
+    DP: tl.constexpr,
+    GP: tl.constexpr,
+    GW: tl.constexpr,
+    FOURIER: tl.constexpr,
+    PREC: tl.constexpr,
+    CWF: tl.constexpr,
+):
     """(a_{K-1}, y_K): the input of layer K (1-based) and its pre-activation, recomputed from the MLP input."""
     HP: tl.constexpr = CP * DP
     y = _linear_in(inp, w1, b1, P0P, HP, PREC)
@@ -237,9 +281,25 @@ def _forward_to(inp, w1, b1, wh, bh, at, ait, K: tl.constexpr, P0P: tl.constexpr
 
 
 @triton.jit
-def _trunk(inp, w1, b1, wh, bh, at, ait, NL: tl.constexpr, P0P: tl.constexpr, BE: tl.constexpr, CP: tl.constexpr,
-           DP: tl.constexpr, GP: tl.constexpr, GW: tl.constexpr, FOURIER: tl.constexpr, PREC: tl.constexpr,
-           CWF: tl.constexpr):
+def _trunk(
+    inp,
+    w1,
+    b1,
+    wh,
+    bh,
+    at,
+    ait,
+    NL: tl.constexpr,
+    P0P: tl.constexpr,
+    BE: tl.constexpr,
+    CP: tl.constexpr,
+    DP: tl.constexpr,
+    GP: tl.constexpr,
+    GW: tl.constexpr,
+    FOURIER: tl.constexpr,
+    PREC: tl.constexpr,
+    CWF: tl.constexpr,
+):
     """a_NL, the last hidden activation before its (folded) batch norm; the input itself without hidden layers."""
     if NL == 0:
         return inp
@@ -255,8 +315,9 @@ def _tile_edges(t, BE: tl.constexpr):
 
 
 @triton.jit
-def _load_tile(inp_ptr, coef_ptr, norm, t, E, P0: tl.constexpr, P0P: tl.constexpr, NDIM: tl.constexpr,
-               BE: tl.constexpr):
+def _load_tile(
+    inp_ptr, coef_ptr, norm, t, E, P0: tl.constexpr, P0P: tl.constexpr, NDIM: tl.constexpr, BE: tl.constexpr
+):
     """Edge ids, validity mask, MLP input (BE, P0P) and radial factor s (BE,) of tile t (0 on padding lanes)."""
     offs = _tile_edges(t, BE)
     emask = offs < E
@@ -285,11 +346,31 @@ def _compact_columns(HP: tl.constexpr, PD: tl.constexpr, C: tl.constexpr, D: tl.
 
 
 @triton.jit(do_not_specialize=["E"])
-def trunk_forward_kernel(inp_ptr, prm_ptr, fou_ptr, coef_ptr, h_ptr, s_ptr, E, norm,
-                         P0: tl.constexpr, P0P: tl.constexpr, NDIM: tl.constexpr, NL: tl.constexpr, CP: tl.constexpr,
-                         DP: tl.constexpr, GP: tl.constexpr, GW: tl.constexpr, FOURIER: tl.constexpr,
-                         C: tl.constexpr, D: tl.constexpr, PD: tl.constexpr, BE: tl.constexpr, PREC: tl.constexpr,
-                         CWF: tl.constexpr):
+def trunk_forward_kernel(
+    inp_ptr,
+    prm_ptr,
+    fou_ptr,
+    coef_ptr,
+    h_ptr,
+    s_ptr,
+    E,
+    norm,
+    P0: tl.constexpr,
+    P0P: tl.constexpr,
+    NDIM: tl.constexpr,
+    NL: tl.constexpr,
+    CP: tl.constexpr,
+    DP: tl.constexpr,
+    GP: tl.constexpr,
+    GW: tl.constexpr,
+    FOURIER: tl.constexpr,
+    C: tl.constexpr,
+    D: tl.constexpr,
+    PD: tl.constexpr,
+    BE: tl.constexpr,
+    PREC: tl.constexpr,
+    CWF: tl.constexpr,
+):
     """The MLP trunk of a tile of BE edges: h (E, C * D), the last activation in the compact layout (unit c * D + d),
     and the radial shell s (E,)."""
     HP: tl.constexpr = CP * DP
@@ -303,11 +384,32 @@ def trunk_forward_kernel(inp_ptr, prm_ptr, fou_ptr, coef_ptr, h_ptr, s_ptr, E, n
 
 
 @triton.jit(do_not_specialize=["E", "n_tiles"])
-def fused_stats_kernel(inp_ptr, prm_ptr, fou_ptr, coef_ptr, out_ptr, act_ptr, E, n_tiles,
-                       K: tl.constexpr, P0: tl.constexpr, P0P: tl.constexpr, NDIM: tl.constexpr, CP: tl.constexpr,
-                       DP: tl.constexpr, GP: tl.constexpr, GW: tl.constexpr, FOURIER: tl.constexpr,
-                       BE: tl.constexpr, PREC: tl.constexpr, CWF: tl.constexpr, C: tl.constexpr, D: tl.constexpr,
-                       PD: tl.constexpr, WRITE: tl.constexpr):
+def fused_stats_kernel(
+    inp_ptr,
+    prm_ptr,
+    fou_ptr,
+    coef_ptr,
+    out_ptr,
+    act_ptr,
+    E,
+    n_tiles,
+    K: tl.constexpr,
+    P0: tl.constexpr,
+    P0P: tl.constexpr,
+    NDIM: tl.constexpr,
+    CP: tl.constexpr,
+    DP: tl.constexpr,
+    GP: tl.constexpr,
+    GW: tl.constexpr,
+    FOURIER: tl.constexpr,
+    BE: tl.constexpr,
+    PREC: tl.constexpr,
+    CWF: tl.constexpr,
+    C: tl.constexpr,
+    D: tl.constexpr,
+    PD: tl.constexpr,
+    WRITE: tl.constexpr,
+):
     """Per program: (count, mean (HP), M2 (HP)) of layer K's activation over its tiles -> out (NPROG, 1 + 2 HP); with
     WRITE also the activation itself, act (E, C * D) in the compact layout.
 
@@ -380,8 +482,9 @@ def _linear_in_blk(inp, w_ptr, b_ptr, g, P0P: tl.constexpr, HP: tl.constexpr, GW
 
 
 @triton.jit
-def _linear_in_bwd_blk(inp, dy, g, w_ptr, gw_ptr, gb_ptr, P0P: tl.constexpr, HP: tl.constexpr, GW: tl.constexpr,
-                       PREC: tl.constexpr):
+def _linear_in_bwd_blk(
+    inp, dy, g, w_ptr, gw_ptr, gb_ptr, P0P: tl.constexpr, HP: tl.constexpr, GW: tl.constexpr, PREC: tl.constexpr
+):
     """Backward of block g of the first Linear: adds inp^T dy and the bias gradient to this program's rows, returns the
     block's part of d inp (BE, P0P)."""
     k = tl.arange(0, P0P)
@@ -404,8 +507,17 @@ def _fourier_chunk(at_ptr, ait_ptr, c0, DP: tl.constexpr, GP: tl.constexpr, GC: 
 
 
 @triton.jit
-def _act_blk(y, at_ptr, ait_ptr, BE: tl.constexpr, GW: tl.constexpr, DP: tl.constexpr, GP: tl.constexpr,
-             FOURIER: tl.constexpr, PREC: tl.constexpr):
+def _act_blk(
+    y,
+    at_ptr,
+    ait_ptr,
+    BE: tl.constexpr,
+    GW: tl.constexpr,
+    DP: tl.constexpr,
+    GP: tl.constexpr,
+    FOURIER: tl.constexpr,
+    PREC: tl.constexpr,
+):
     """The activation of one block (BE, GW) of whole channels; the Fourier ELU GC grid points at a time (the same
     GEMMs, in K / N chunks: no operand of a whole grid in registers)."""
     if FOURIER:
@@ -422,8 +534,19 @@ def _act_blk(y, at_ptr, ait_ptr, BE: tl.constexpr, GW: tl.constexpr, DP: tl.cons
 
 
 @triton.jit
-def _act_bwd_blk(y, dv, at_ptr, ait_ptr, BE: tl.constexpr, GW: tl.constexpr, DP: tl.constexpr, GP: tl.constexpr,
-                 FOURIER: tl.constexpr, PREC: tl.constexpr, WITH_ACT: tl.constexpr):
+def _act_bwd_blk(
+    y,
+    dv,
+    at_ptr,
+    ait_ptr,
+    BE: tl.constexpr,
+    GW: tl.constexpr,
+    DP: tl.constexpr,
+    GP: tl.constexpr,
+    FOURIER: tl.constexpr,
+    PREC: tl.constexpr,
+    WITH_ACT: tl.constexpr,
+):
     """(act(y) when WITH_ACT else zeros, d y) of one block (BE, GW) given the gradient dv of act(y): the Fourier ELU's
     grid values ``u = y A^T`` are computed once for both (four GEMMs instead of five; three without the activation),
     GC grid points at a time."""
@@ -467,8 +590,18 @@ def _cw_weight(c0, DC: tl.constexpr, KC: tl.constexpr):
 
 
 @triton.jit
-def _linear_scr(src, dst, w_ptr, b_ptr, BE: tl.constexpr, CP: tl.constexpr, DP: tl.constexpr, GW: tl.constexpr,
-                CWF: tl.constexpr, PREC: tl.constexpr):
+def _linear_scr(
+    src,
+    dst,
+    w_ptr,
+    b_ptr,
+    BE: tl.constexpr,
+    CP: tl.constexpr,
+    DP: tl.constexpr,
+    GW: tl.constexpr,
+    CWF: tl.constexpr,
+    PREC: tl.constexpr,
+):
     """dst = src W + b for two (BE, HP) scratch tiles: componentwise DC components at a time (CWF > 0), else dense in
     (GW x GW) blocks."""
     HP: tl.constexpr = CP * DP
@@ -495,8 +628,18 @@ def _linear_scr(src, dst, w_ptr, b_ptr, BE: tl.constexpr, CP: tl.constexpr, DP: 
 
 
 @triton.jit
-def _linear_bwd_scr(a_src, dy_src, w_ptr, gw_ptr, BE: tl.constexpr, CP: tl.constexpr, DP: tl.constexpr,
-                    GW: tl.constexpr, CWF: tl.constexpr, PREC: tl.constexpr):
+def _linear_bwd_scr(
+    a_src,
+    dy_src,
+    w_ptr,
+    gw_ptr,
+    BE: tl.constexpr,
+    CP: tl.constexpr,
+    DP: tl.constexpr,
+    GW: tl.constexpr,
+    CWF: tl.constexpr,
+    PREC: tl.constexpr,
+):
     """Backward of :func:`_linear_scr`: d a (= dy W^T) over a in its own tile, and a^T dy added to this program's
     weight-gradient row."""
     HP: tl.constexpr = CP * DP
@@ -530,8 +673,9 @@ def _linear_bwd_scr(a_src, dy_src, w_ptr, gw_ptr, BE: tl.constexpr, CP: tl.const
 
 
 @triton.jit(do_not_specialize=["E"])
-def shell_kernel(inp_ptr, coef_ptr, s_ptr, E, norm, P0: tl.constexpr, P0P: tl.constexpr, NDIM: tl.constexpr,
-                 BE: tl.constexpr):
+def shell_kernel(
+    inp_ptr, coef_ptr, s_ptr, E, norm, P0: tl.constexpr, P0P: tl.constexpr, NDIM: tl.constexpr, BE: tl.constexpr
+):
     """The radial shell s = norm exp(-coef |d|^2) (E,) of a tile of edges (in training the contraction gets h from
     the statistics pass, and only s is left to compute)."""
     offs, emask, _, s, _, _ = _load_tile(inp_ptr, coef_ptr, norm, tl.program_id(0), E, P0, P0P, NDIM, BE)
@@ -566,12 +710,37 @@ def stats_merge_kernel(parts_ptr, hidden_ptr, out_ptr, n_prog, H, HP, BH: tl.con
 
 
 @triton.jit(do_not_specialize=["E", "n_tiles"])
-def trunk_backward_kernel(dhs_ptr, dsb_ptr, s_ptr, inp_ptr, prm_ptr, fou_ptr, coef_ptr, dinp_ptr, acc_ptr,
-                          scr_ptr, E, n_tiles, norm, P0: tl.constexpr, P0P: tl.constexpr,
-                          NDIM: tl.constexpr, NL: tl.constexpr, CP: tl.constexpr, DP: tl.constexpr,
-                          GP: tl.constexpr, GW: tl.constexpr, FOURIER: tl.constexpr, C: tl.constexpr,
-                          D: tl.constexpr, PD: tl.constexpr, BE: tl.constexpr, PREC: tl.constexpr, NH: tl.constexpr,
-                          CWF: tl.constexpr):
+def trunk_backward_kernel(
+    dhs_ptr,
+    dsb_ptr,
+    s_ptr,
+    inp_ptr,
+    prm_ptr,
+    fou_ptr,
+    coef_ptr,
+    dinp_ptr,
+    acc_ptr,
+    scr_ptr,
+    E,
+    n_tiles,
+    norm,
+    P0: tl.constexpr,
+    P0P: tl.constexpr,
+    NDIM: tl.constexpr,
+    NL: tl.constexpr,
+    CP: tl.constexpr,
+    DP: tl.constexpr,
+    GP: tl.constexpr,
+    GW: tl.constexpr,
+    FOURIER: tl.constexpr,
+    C: tl.constexpr,
+    D: tl.constexpr,
+    PD: tl.constexpr,
+    BE: tl.constexpr,
+    PREC: tl.constexpr,
+    NH: tl.constexpr,
+    CWF: tl.constexpr,
+):
     """Backward of :func:`trunk_forward_kernel` given d hs (E, C D, compact) and the bias term's d s (E,): d of the MLP
     input (E, P0) and the trunk's parameter gradients, accumulated per program (a persistent grid, one accumulator
     row per program: deterministic, the host adds the rows in a fixed order). A row of ``acc_ptr`` is laid out as the
@@ -623,17 +792,20 @@ def trunk_backward_kernel(dhs_ptr, dsb_ptr, s_ptr, inp_ptr, prm_ptr, fou_ptr, co
                     tl.store(scr + _blk(g, BE, HP, GW), _act_blk(y1, at, ait, BE, GW, DP, GP, FOURIER, PREC))
                 for k in range(1, NL - 1):  # a_{k+1} = act(y_{k+1}), y_{k+1} = a_k W_k + b_k (hidden Linear k)
                     tl.debug_barrier()
-                    _linear_scr(scr + (k - 1) * TILE, ys, wh + (k - 1) * WS, bh + (k - 1) * HP, BE, CP, DP, GW, CWF,
-                                PREC)
+                    _linear_scr(
+                        scr + (k - 1) * TILE, ys, wh + (k - 1) * WS, bh + (k - 1) * HP, BE, CP, DP, GW, CWF, PREC
+                    )
                     tl.debug_barrier()
                     atk, aitk = at + k * FG, ait + k * FG
                     for g in range(NG):
                         blk = _blk(g, BE, HP, GW)
-                        tl.store(scr + k * TILE + blk, _act_blk(tl.load(ys + blk), atk, aitk, BE, GW, DP, GP, FOURIER,
-                                                                PREC))
+                        tl.store(
+                            scr + k * TILE + blk, _act_blk(tl.load(ys + blk), atk, aitk, BE, GW, DP, GP, FOURIER, PREC)
+                        )
                 tl.debug_barrier()
-                _linear_scr(scr + (NL - 2) * TILE, ys, wh + (NL - 2) * WS, bh + (NL - 2) * HP, BE, CP, DP, GW, CWF,
-                            PREC)
+                _linear_scr(
+                    scr + (NL - 2) * TILE, ys, wh + (NL - 2) * WS, bh + (NL - 2) * HP, BE, CP, DP, GW, CWF, PREC
+                )
                 tl.debug_barrier()
             # the last layer, block by block: h (over d hs), d s and dy_NL (into the last slot; for a single layer
             # straight into the first Linear's gradients)
@@ -665,11 +837,13 @@ def trunk_backward_kernel(dhs_ptr, dsb_ptr, s_ptr, inp_ptr, prm_ptr, fou_ptr, co
                 for kk in range(0, NL - 2):
                     k = NL - 1 - kk
                     tl.debug_barrier()
-                    _linear_bwd_scr(scr + (k - 1) * TILE, ys, wh + (k - 1) * WS, gwh + (k - 1) * WS, BE, CP, DP, GW,
-                                    CWF, PREC)
+                    _linear_bwd_scr(
+                        scr + (k - 1) * TILE, ys, wh + (k - 1) * WS, gwh + (k - 1) * WS, BE, CP, DP, GW, CWF, PREC
+                    )
                     tl.debug_barrier()
-                    _linear_scr(scr + (k - 2) * TILE, ys, wh + (k - 2) * WS, bh + (k - 2) * HP, BE, CP, DP, GW, CWF,
-                                PREC)
+                    _linear_scr(
+                        scr + (k - 2) * TILE, ys, wh + (k - 2) * WS, bh + (k - 2) * HP, BE, CP, DP, GW, CWF, PREC
+                    )
                     tl.debug_barrier()
                     atk, aitk = at + (k - 1) * FG, ait + (k - 1) * FG
                     for g in range(NG):

@@ -79,8 +79,14 @@ def runs_on(device: torch.device):
     if device.type == "cuda":
         return None if torch.cuda.is_available() else "CUDA is not available"
     if device.type == "cpu":
-        return None if interpreting() else ("the Triton kernels run on CUDA devices (on CPU tensors only under "
-                                            "TRITON_INTERPRET=1, Triton's interpreter, for tests)")
+        return (
+            None
+            if interpreting()
+            else (
+                "the Triton kernels run on CUDA devices (on CPU tensors only under "
+                "TRITON_INTERPRET=1, Triton's interpreter, for tests)"
+            )
+        )
     return f"the Triton kernels do not run on {device.type} devices"
 
 
@@ -106,13 +112,13 @@ class Layout:
     CP: int
     DP: int
     GP: int
-    GW: int            # width of the hidden blocks the GEMMs work on (a multiple of DP dividing CP * DP)
+    GW: int  # width of the hidden blocks the GEMMs work on (a multiple of DP dividing CP * DP)
     FOURIER: bool
-    C: int             # the hidden width H as C real channels of D components, padded to PC x PD = HP
+    C: int  # the hidden width H as C real channels of D components, padded to PC x PD = HP
     D: int
     PC: int
     PD: int
-    CWF: int = 0       # componentwise hidden Linears (weights (D, C, C)): the channel padding factor F (CP F >= 16)
+    CWF: int = 0  # componentwise hidden Linears (weights (D, C, C)): the channel padding factor F (CP F >= 16)
 
     @property
     def HP(self) -> int:
@@ -135,10 +141,13 @@ def layout(inp: Tensor, weights, fourier, R: int, ndim: int) -> Layout:
     else:
         H = hidden_width(weights[-1])
         fourier_act = fourier[-1].numel() > 0
-        if any(hidden_width(w) != H or (A.numel() > 0) != fourier_act for w, A in zip(weights, fourier)) or \
-                (fourier_act and any(A.shape != fourier[-1].shape for A in fourier)):
-            raise NotImplementedError("backend 'triton' needs every hidden layer of the kernel MLP to have the same "
-                                      "field type (as ImplicitKernel builds them)")
+        if any(hidden_width(w) != H or (A.numel() > 0) != fourier_act for w, A in zip(weights, fourier)) or (
+            fourier_act and any(A.shape != fourier[-1].shape for A in fourier)
+        ):
+            raise NotImplementedError(
+                "backend 'triton' needs every hidden layer of the kernel MLP to have the same "
+                "field type (as ImplicitKernel builds them)"
+            )
         if fourier_act:  # channel-major, each channel padded to DP components (the Fourier ELU's GEMM view)
             G, D = fourier[-1].shape
             C = H // D
@@ -168,11 +177,11 @@ class Packing:
     first four parts gives each weight's and bias's gradient with one index_select; ``hidden`` (H,): padded
     position of each real hidden unit."""
 
-    src: Tensor                             # the trainable part [w1 | b1 | wh | bh]
-    fsrc: Tensor                            # the constant part [at | ait]
+    src: Tensor  # the trainable part [w1 | b1 | wh | bh]
+    fsrc: Tensor  # the constant part [at | ait]
     pos: Tuple[Tensor, ...]
     hidden: Tensor
-    shapes: Tuple[Tuple[int, ...], ...]    # of w1, b1, wh, bh, at, ait
+    shapes: Tuple[Tuple[int, ...], ...]  # of w1, b1, wh, bh, at, ait
     trainable: Tuple[Tuple[int, ...], ...]  # shapes of the weights, then the biases
 
     def pad(self, weights, biases, dtype, device) -> Tensor:
@@ -238,9 +247,9 @@ def _packing(lay: Layout, shapes, device: str) -> Packing:
     buf = np.full(int(base[-1]), n_src, dtype=np.int64)  # every entry the appended zero, unless written below
     pos = np.empty(sum(math.prod(sh) for sh in (*wsh, *bsh)), dtype=np.int64)
     w_off = src_off[:NL]
-    b_off = src_off[NL:2 * NL]
-    a_off = src_off[2 * NL:3 * NL]
-    ai_off = src_off[3 * NL:4 * NL]
+    b_off = src_off[NL : 2 * NL]
+    a_off = src_off[2 * NL : 3 * NL]
+    ai_off = src_off[3 * NL : 4 * NL]
     t_off = np.cumsum([0] + [math.prod(sh) for sh in (*wsh, *bsh)])
 
     def put(src_start: int, dst: np.ndarray, trainable: int = -1):
@@ -278,13 +287,13 @@ def _packing(lay: Layout, shapes, device: str) -> Packing:
             a, g = np.meshgrid(np.arange(D), np.arange(G), indexing="ij")  # Ainv[a, g] -> ait[k, g, a]
             put(ai_off[k], base[5] + k * GP * DP + g * DP + a)
     tens = lambda a: torch.from_numpy(a) if device == "cpu" else torch.from_numpy(a).to(device)  # noqa: E731
-    per = tuple(tens(pos[t_off[i]:t_off[i + 1]].copy()) for i in range(len(t_off) - 1))
+    per = tuple(tens(pos[t_off[i] : t_off[i + 1]].copy()) for i in range(len(t_off) - 1))
     # two buffers: the trainable part (sources: weights and biases, then a zero) and the constant Fourier part
     # (sources: the matrices, then a zero)
     n_wb = int(a_off[0]) if NL else 0
-    wsrc = buf[:base[4]].copy()
+    wsrc = buf[: base[4]].copy()
     wsrc[wsrc == n_src] = n_wb
-    fsrc = buf[base[4]:] - n_wb
+    fsrc = buf[base[4] :] - n_wb
     return Packing(tens(wsrc), tens(fsrc), per, tens(hm), out_shapes, tuple(wsh) + tuple(bsh))
 
 
@@ -359,8 +368,15 @@ def _setup(x, inp, weights, biases, fourier, fourier_inv, final_weight, final_bi
     while it lives) for the backward of the same inputs: identical tensors (by identity and version), dtype,
     precision and device, so the backward does not pad again."""
     args = (*weights, *biases, *fourier, *fourier_inv, final_weight, final_bias, coef)
-    key = (tuple((id(t), t._version) for t in args), x.dtype, str(x.device), precision(x.dtype, x.device),
-           inp.shape[1], ndim, id(final_mask))
+    key = (
+        tuple((id(t), t._version) for t in args),
+        x.dtype,
+        str(x.device),
+        precision(x.dtype, x.device),
+        inp.shape[1],
+        ndim,
+        id(final_mask),
+    )
     hit = _SETUPS.get(final_weight)
     if hit is not None and hit[0] == key:
         return hit[1]
@@ -380,9 +396,23 @@ def _make_setup(x, inp, weights, biases, fourier, fourier_inv, final_weight, fin
     wc = _c(final_weight if final_weight.dtype == dtype else final_weight.to(dtype))
     bf = _c(final_bias if final_bias.dtype == dtype else final_bias.to(dtype))
     prec = PREC_NAMES[precision(dtype, x.device)]
-    trunk = dict(P0=lay.P0, P0P=lay.P0P, NDIM=ndim, NL=lay.NL, CP=lay.CP, DP=lay.DP, GP=lay.GP, GW=lay.GW,
-                 FOURIER=lay.FOURIER, C=lay.C, D=lay.D, PD=lay.PD, BE=tile_size(x.device, lay.HP), PREC=prec,
-                 CWF=lay.CWF)
+    trunk = dict(
+        P0=lay.P0,
+        P0P=lay.P0P,
+        NDIM=ndim,
+        NL=lay.NL,
+        CP=lay.CP,
+        DP=lay.DP,
+        GP=lay.GP,
+        GW=lay.GW,
+        FOURIER=lay.FOURIER,
+        C=lay.C,
+        D=lay.D,
+        PD=lay.PD,
+        BE=tile_size(x.device, lay.HP),
+        PREC=prec,
+        CWF=lay.CWF,
+    )
     consts = dict(BN=BLOCK, KP=BLOCK, HB=BLOCK, CB=BLOCK, RB=BLOCK, PREC=prec)
     # the plan's tensors and sizes, in the contraction kernels' argument order
     walk = (plan.pairs, plan.pair_ptr, plan.blk_r, plan.perm_h, plan.perm_c, plan.perm_r)
@@ -402,8 +432,24 @@ def _trunk_forward(inp, hidden, coef, norm, H, trunk):
     return h, s
 
 
-def conv(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, final_weight, final_bias, coef, norm, ndim,
-         final_mask=None, hidden=None, tape=None):
+def conv(
+    x,
+    inp,
+    src,
+    rowptr,
+    weights,
+    biases,
+    fourier,
+    fourier_inv,
+    final_weight,
+    final_bias,
+    coef,
+    norm,
+    ndim,
+    final_mask=None,
+    hidden=None,
+    tape=None,
+):
     R = final_weight.shape[0]
     n_dst = rowptr.shape[0] - 1
     E = inp.shape[0]
@@ -412,22 +458,53 @@ def conv(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, final_weigh
         return out
     inp = _c(inp)
     lay, _, mlp, plan, wc, bf, coefp, trunk, consts, walk, sizes = _setup(
-        x, inp, weights, biases, fourier, fourier_inv, final_weight, final_bias, coef, ndim, final_mask)
+        x, inp, weights, biases, fourier, fourier_inv, final_weight, final_bias, coef, ndim, final_mask
+    )
     if hidden is None:
         h, s = _trunk_forward(inp, mlp, coefp, norm, sizes[0], trunk)
     else:  # the activation from the statistics pass of the last layer: only the radial shell is left to compute
         h = _c(hidden if hidden.dtype == x.dtype else hidden.to(x.dtype))
         s = inp.new_empty(E)
-        K.shell_kernel[(-(-E // 128),)](inp, coefp, s, E, float(norm), P0=lay.P0, P0P=lay.P0P, NDIM=ndim, BE=128,
-                                       num_warps=4)
-    K2.contract_forward_kernel[(-(-n_dst // BLOCK),)](h, s, _c(x), _c(src), rowptr, *wc, *bf, out,
-                                                      *walk, n_dst, plan.n_pairs, *sizes,
-                                                      num_warps=warps("contract", 0), **consts)
+        K.shell_kernel[(-(-E // 128),)](
+            inp, coefp, s, E, float(norm), P0=lay.P0, P0P=lay.P0P, NDIM=ndim, BE=128, num_warps=4
+        )
+    K2.contract_forward_kernel[(-(-n_dst // BLOCK),)](
+        h,
+        s,
+        _c(x),
+        _c(src),
+        rowptr,
+        *wc,
+        *bf,
+        out,
+        *walk,
+        n_dst,
+        plan.n_pairs,
+        *sizes,
+        num_warps=warps("contract", 0),
+        **consts,
+    )
     return out
 
 
-def conv_backward(grad, x, inp, src, rowptr, weights, biases, fourier, fourier_inv, final_weight, final_bias, coef,
-                  norm, ndim, final_mask=None, tape=None) -> List[Tensor]:
+def conv_backward(
+    grad,
+    x,
+    inp,
+    src,
+    rowptr,
+    weights,
+    biases,
+    fourier,
+    fourier_inv,
+    final_weight,
+    final_bias,
+    coef,
+    norm,
+    ndim,
+    final_mask=None,
+    tape=None,
+) -> List[Tensor]:
     # a tape (ik_fast.ops) is not used: the kernels re-evaluate the trunk from the narrow MLP input
     R, H, C = final_weight.shape
     E = inp.shape[0]
@@ -436,7 +513,8 @@ def conv_backward(grad, x, inp, src, rowptr, weights, biases, fourier, fourier_i
         return [torch.zeros_like(t) for t in (x, inp, *weights, *biases, final_weight, final_bias, coef)]
     x, inp, src = _c(x), _c(inp), _c(src)
     lay, pack, hidden, plan, wc, bf, coefp, trunk, consts, walk, sizes = _setup(
-        x, inp, weights, biases, fourier, fourier_inv, final_weight, final_bias, coef, ndim, final_mask)
+        x, inp, weights, biases, fourier, fourier_inv, final_weight, final_bias, coef, ndim, final_mask
+    )
     grad = _c(grad if grad.dtype == x.dtype else grad.to(x.dtype))
     n_blocks = -(-n_dst // BLOCK)
     HP, nh = lay.HP, pack.shapes[2][0]
@@ -450,39 +528,86 @@ def conv_backward(grad, x, inp, src, rowptr, weights, biases, fourier, fourier_i
     zeros = x.new_zeros(sum(math.prod(sh) for sh in shapes)).split([math.prod(sh) for sh in shapes])
     dhs, dsb, acc, dxe, dwc, dbf = (z.view(sh) for z, sh in zip(zeros, shapes))
     # 1. the contraction's d hs and the bias term's d s, per receiver block (no trunk needed)
-    K2.contract_dhs_kernel[(n_blocks,)](grad, x, src, rowptr, *wc, *bf, dhs, dsb, *walk, n_dst, plan.n_pairs, *sizes,
-                                        num_warps=warps("contract", 0), **consts)
+    K2.contract_dhs_kernel[(n_blocks,)](
+        grad,
+        x,
+        src,
+        rowptr,
+        *wc,
+        *bf,
+        dhs,
+        dsb,
+        *walk,
+        n_dst,
+        plan.n_pairs,
+        *sizes,
+        num_warps=warps("contract", 0),
+        **consts,
+    )
     # 2. the trunk's backward per tile (per-program parameter-gradient rows in acc, laid out as the padded
     # parameters, then coef's); it leaves h in dhs's place, and s
     dinp = torch.zeros_like(inp)
     s = x.new_empty(E)
     scratch = x.new_empty(nprog, max(lay.NL, 1), BACKWARD_TILE, HP)  # per-program staging of the trunk's layers
-    K.trunk_backward_kernel[(nprog,)](dhs, dsb, s, inp, *hidden, coefp, dinp, acc, scratch, E, n_tiles, float(norm),
-                                      NH=nh, num_warps=warps("trunk_backward", HP),
-                                      **dict(trunk, BE=BACKWARD_TILE))
+    K.trunk_backward_kernel[(nprog,)](
+        dhs,
+        dsb,
+        s,
+        inp,
+        *hidden,
+        coefp,
+        dinp,
+        acc,
+        scratch,
+        E,
+        n_tiles,
+        float(norm),
+        NH=nh,
+        num_warps=warps("trunk_backward", HP),
+        **dict(trunk, BE=BACKWARD_TILE),
+    )
     hs = dhs  # now h
     # 3. d x per edge, per receiver block ...
-    K2.contract_dx_kernel[(n_blocks,)](grad, hs, s, rowptr, *wc, *bf, dxe, *walk, n_dst, plan.n_pairs, *sizes,
-                                       num_warps=warps("contract", 0), **consts)
+    K2.contract_dx_kernel[(n_blocks,)](
+        grad, hs, s, rowptr, *wc, *bf, dxe, *walk, n_dst, plan.n_pairs, *sizes, num_warps=warps("contract", 0), **consts
+    )
     # 4. ... and dW', dB' per pair of the plan (and per input block), in splits of the receivers summed in a fixed
     # order
     K2.contract_wgrad_kernel[(plan.n_pairs + plan.n_cblocks, nsplit)](
-        grad, hs, s, x, src, rowptr, dwc, dbf, *walk, n_dst, n_blocks, plan.n_pairs, max(plan.n_blocks, 1), *sizes,
-        num_warps=warps("contract", 0), **consts)
+        grad,
+        hs,
+        s,
+        x,
+        src,
+        rowptr,
+        dwc,
+        dbf,
+        *walk,
+        n_dst,
+        n_blocks,
+        plan.n_pairs,
+        max(plan.n_blocks, 1),
+        *sizes,
+        num_warps=warps("contract", 0),
+        **consts,
+    )
     del hs, dhs
     dx = torch.zeros_like(x).index_add_(0, src, dxe)
     # the hidden parameters' gradients: the programs' rows summed, then unpadded with one gather
     acc = acc.sum(0)
     grads = pack.unpad_grads(acc) if weights else []
-    dweights, dbiases = grads[:len(weights)], grads[len(weights):]
+    dweights, dbiases = grads[: len(weights)], grads[len(weights) :]
     # W''s and B''s gradients: the splits' partial sums added (in order) and put back in their own layout (zero
     # outside the structure)
     dfw, dfb = x.new_zeros(R, H, C), x.new_zeros(R, C)
-    for part, srcs, dsts, out, n in ((dwc, plan.w_dst, plan.w_src, dfw, w_floats), (dbf, plan.b_dst, plan.b_src, dfb,
-                                                                                      b_floats)):
+    for part, srcs, dsts, out, n in (
+        (dwc, plan.w_dst, plan.w_src, dfw, w_floats),
+        (dbf, plan.b_dst, plan.b_src, dfb, b_floats),
+    ):
         if srcs.shape[0]:
-            K2.split_sum_scatter_kernel[(-(-srcs.shape[0] // 1024),)](part, srcs, dsts, out, srcs.shape[0], nsplit, n,
-                                                                       BV=1024, num_warps=4)
+            K2.split_sum_scatter_kernel[(-(-srcs.shape[0] // 1024),)](
+                part, srcs, dsts, out, srcs.shape[0], nsplit, n, BV=1024, num_warps=4
+            )
     out = [dx, dinp, *dweights, *dbiases, dfw, dfb, acc[-1:].clone()]  # (outputs are not views)
     like = [x, inp, *weights, *biases, final_weight, final_bias, coef]
     return [g if g.dtype == t.dtype else g.to(t.dtype) for g, t in zip(out, like)]
@@ -506,10 +631,32 @@ def trunk_moments(inp, weights, biases, fourier, fourier_inv, with_activation=Fa
     nprog = num_programs(n_tiles, inp.device, 1 + 2 * HP)
     parts = inp.new_zeros(nprog, 1 + 2 * HP)
     K.fused_stats_kernel[(nprog,)](
-        _c(inp), prm, fou, _zero(inp.dtype, str(inp.device)), parts, act, E, n_tiles, K=lay.NL,
-        P0=lay.P0, P0P=lay.P0P, NDIM=0, CP=lay.CP, DP=lay.DP, GP=lay.GP, GW=lay.GW, FOURIER=lay.FOURIER, BE=STATS_TILE,
-        PREC=PREC_NAMES[precision(inp.dtype, inp.device)], CWF=lay.CWF, C=lay.C, D=lay.D, PD=lay.PD,
-        WRITE=bool(with_activation), num_warps=warps("trunk", HP))
+        _c(inp),
+        prm,
+        fou,
+        _zero(inp.dtype, str(inp.device)),
+        parts,
+        act,
+        E,
+        n_tiles,
+        K=lay.NL,
+        P0=lay.P0,
+        P0P=lay.P0P,
+        NDIM=0,
+        CP=lay.CP,
+        DP=lay.DP,
+        GP=lay.GP,
+        GW=lay.GW,
+        FOURIER=lay.FOURIER,
+        BE=STATS_TILE,
+        PREC=PREC_NAMES[precision(inp.dtype, inp.device)],
+        CWF=lay.CWF,
+        C=lay.C,
+        D=lay.D,
+        PD=lay.PD,
+        WRITE=bool(with_activation),
+        num_warps=warps("trunk", HP),
+    )
     # merge the programs' partial moments (Chan et al.), in program order, straight into the real hidden units
     moments = inp.new_empty(2, H)
     K.stats_merge_kernel[(-(-H // 128),)](parts, pack.hidden, moments, nprog, H, HP, BH=128, num_warps=4)

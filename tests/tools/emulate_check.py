@@ -133,8 +133,14 @@ def prepare_trunk(weights, biases, fourier, fourier_inv, p0):
             t["wk"] = np.ascontiguousarray(w.transpose(0, 2, 1)).reshape(-1)
         if A.numel():
             A, Ai = A.numpy(), Ai.numpy()
-            t.update(g=A.shape[0], fd=A.shape[1], A=A.reshape(-1).copy(), Ainv=Ai.reshape(-1).copy(),
-                     At=np.ascontiguousarray(A.T).reshape(-1), Ainvt=np.ascontiguousarray(Ai.T).reshape(-1))
+            t.update(
+                g=A.shape[0],
+                fd=A.shape[1],
+                A=A.reshape(-1).copy(),
+                Ainv=Ai.reshape(-1).copy(),
+                At=np.ascontiguousarray(A.T).reshape(-1),
+                Ainvt=np.ascontiguousarray(Ai.T).reshape(-1),
+            )
         hin = t["hout"]
         layers.append(t)
     return layers, hin
@@ -143,8 +149,10 @@ def prepare_trunk(weights, biases, fourier, fourier_inv, p0):
 def linear_tile(L, X, Y, be, ld):
     w, b, hin, hout = L["wk"], L["b"], L["hin"], L["hout"]
     if L["cw_d"] == 0:
+
         def st(bi, m, n, v):
             Y[m * ld + n] = v + b[n]
+
         block_mm(1, be, hout, hin, X, lambda bi, m: m * ld, 1, w, lambda bi, n: n, hout, st)
     else:
         D = L["cw_d"]
@@ -152,6 +160,7 @@ def linear_tile(L, X, Y, be, ld):
 
         def st(a, m, n, v):
             Y[m * ld + n * D + a] = v + b[n * D + a]
+
         block_mm(D, be, cout, cin, X, lambda a, m: m * ld + a, D, w, lambda a, n: a * cin * cout + n, cout, st)
 
 
@@ -168,12 +177,14 @@ def fourier_elu_tile(L, Y, X, U, be, ld, gc, su):
 
             def st1(bi, m, n, v):
                 U[m * gc + n] = elu(v)
+
             block_mm(1, mc, gcc, fd, Y, row, 1, at, lambda bi, n, g0=g0: g0 + n, G, st1)
 
             def st2(bi, m, n, v, m0=m0, g0=g0):
                 r = m0 + m
                 p = (r // C) * ld + (r % C) * fd + n
                 X[p] = (0.0 if g0 == 0 else X[p]) + v
+
             block_mm(1, mc, fd, gcc, U, lambda bi, m: m * gc, 1, ainvt, lambda bi, n, g0=g0: g0 * fd + n, fd, st2)
 
 
@@ -192,15 +203,15 @@ def trunk_forward_kernel(inp, layers, out, saves, be, ld, gc, su):
             linear_tile(L, X, Y, be, ld)
             width = L["hout"]
             if saves is not None:
-                saves[0][k][e0:e0 + ne] = Y.reshape(be, ld)[:ne, :width]
+                saves[0][k][e0 : e0 + ne] = Y.reshape(be, ld)[:ne, :width]
             if L["fd"] > 0:
                 fourier_elu_tile(L, Y, X, U, be, ld, gc, su)
             else:
                 Xv, Yv = X.reshape(be, ld), Y.reshape(be, ld)
                 Xv[:, :width] = elu(Yv[:, :width])
             if saves is not None and k + 1 < len(layers):
-                saves[1][k][e0:e0 + ne] = X.reshape(be, ld)[:ne, :width]
-        out[e0:e0 + ne] = X.reshape(be, ld)[:ne, :width]
+                saves[1][k][e0 : e0 + ne] = X.reshape(be, ld)[:ne, :width]
+        out[e0 : e0 + ne] = X.reshape(be, ld)[:ne, :width]
 
 
 def trunk_forward(inp, layers, save=False):
@@ -234,8 +245,8 @@ def fourier_backward_kernel(y, da, L):
         e0 = blk * be
         ne = min(be, E - e0)
         Yt, dAt, dYt, U = np.zeros(be * ld), np.zeros(be * ld), np.zeros(be * ld), np.zeros(su)
-        Yt.reshape(be, ld)[:ne, :H] = y[e0:e0 + ne]
-        dAt.reshape(be, ld)[:ne, :H] = da[e0:e0 + ne]
+        Yt.reshape(be, ld)[:ne, :H] = y[e0 : e0 + ne]
+        dAt.reshape(be, ld)[:ne, :H] = da[e0 : e0 + ne]
         C = H // fd
         M = be * C
         mr = su // gc
@@ -247,18 +258,21 @@ def fourier_backward_kernel(y, da, L):
 
                 def s1(bi, m, n, v):
                     U[m * gc + n] = v
+
                 block_mm(1, mc, gcc, fd, Yt, row, 1, at, lambda bi, n, g0=g0: g0 + n, G, s1)
 
                 def s2(bi, m, n, v):
                     U[m * gc + n] = v * elu_grad(U[m * gc + n])
+
                 block_mm(1, mc, gcc, fd, dAt, row, 1, ainv, lambda bi, n, g0=g0: g0 + n, G, s2)
 
                 def s3(bi, m, n, v, m0=m0, g0=g0):
                     r = m0 + m
                     p = (r // C) * ld + (r % C) * fd + n
                     dYt[p] = (0.0 if g0 == 0 else dYt[p]) + v
+
                 block_mm(1, mc, fd, gcc, U, lambda bi, m: m * gc, 1, A, lambda bi, n, g0=g0: g0 * fd + n, fd, s3)
-        dy[e0:e0 + ne] = dYt.reshape(be, ld)[:ne, :H]
+        dy[e0 : e0 + ne] = dYt.reshape(be, ld)[:ne, :H]
     return dy
 
 
@@ -353,12 +367,12 @@ def edge_kernel(dZ, h, s, x, src, rowptr, tile_ptr, dG, gz, dxe, r0, r1, H, C, t
         ldc, ldh = C | 1, hb | 1
         xs, dxa, dz, hr = np.zeros(te * ldc), np.zeros(te * ldc), np.zeros(hb * ldc), np.zeros(te * ldh)
         for k in range(ne):
-            xs[k * ldc:k * ldc + C] = x[src[eb + k] * C:src[eb + k] * C + C]
+            xs[k * ldc : k * ldc + C] = x[src[eb + k] * C : src[eb + k] * C + C]
         dZi = dZ[i - r0]
         for j0 in range(0, H + 1, hb):
             hc = min(hb, H + 1 - j0)
             for j in range(hc):
-                dz[j * ldc:j * ldc + C] = dZi[(j0 + j) * C:(j0 + j) * C + C]
+                dz[j * ldc : j * ldc + C] = dZi[(j0 + j) * C : (j0 + j) * C + C]
             for k in range(ne):
                 for j in range(hc):
                     hr[k * ldh + j] = h[(eb + k) * H + j0 + j] if j0 + j < H else 1.0
@@ -368,10 +382,12 @@ def edge_kernel(dZ, h, s, x, src, rowptr, tile_ptr, dG, gz, dxe, r0, r1, H, C, t
                 sel = j < H
                 dGf[(eb + m[sel]) * H + j[sel]] = v[sel]
                 gz[eb + m[~sel]] = v[~sel]
+
             block_mm(1, ne, hc, C, xs, lambda bi, m: m * ldc, 1, dz, lambda bi, n: n * ldc, 1, st1)
 
             def st2(bi, m, n, v):
                 dxa[m * ldc + n] += v
+
             block_mm(1, ne, C, hc, hr, lambda bi, m: m * ldh, 1, dz, lambda bi, n: n, ldc, st2)
         for k in range(ne):
             for c in range(C):
@@ -391,8 +407,9 @@ def conv_inputs(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, fw, 
 
 
 def conv(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, fw, fb, coef, norm, ndim, mask, nr):
-    layers, H, R, C, W, inpn, r2, s = conv_inputs(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, fw, fb,
-                                                  coef, norm, ndim, mask)
+    layers, H, R, C, W, inpn, r2, s = conv_inputs(
+        x, inp, src, rowptr, weights, biases, fourier, fourier_inv, fw, fb, coef, norm, ndim, mask
+    )
     n_dst = rowptr.shape[0] - 1
     h, _ = trunk_forward(inpn, layers)
     out = np.zeros((n_dst, R))
@@ -400,14 +417,14 @@ def conv(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, fw, fb, coe
         n = min(nr, n_dst - r0)
         Z = np.zeros((n, (H + 1) * C))
         z_kernel(h, s, x.detach().numpy(), src.numpy(), rowptr.numpy(), Z, r0, n, H, C)
-        out[r0:r0 + n] = Z @ W.T
+        out[r0 : r0 + n] = Z @ W.T
     return out
 
 
-def conv_backward(grad, x, inp, src, rowptr, weights, biases, fourier, fourier_inv, fw, fb, coef, norm, ndim, mask,
-                  nr):
-    layers, H, R, C, W, inpn, r2, s = conv_inputs(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, fw, fb,
-                                                  coef, norm, ndim, mask)
+def conv_backward(grad, x, inp, src, rowptr, weights, biases, fourier, fourier_inv, fw, fb, coef, norm, ndim, mask, nr):
+    layers, H, R, C, W, inpn, r2, s = conv_inputs(
+        x, inp, src, rowptr, weights, biases, fourier, fourier_inv, fw, fb, coef, norm, ndim, mask
+    )
     E, n_dst = inp.shape[0], rowptr.shape[0] - 1
     xn, srcn, rp = x.detach().numpy(), src.numpy(), rowptr.numpy()
     h, saves = trunk_forward(inpn, layers, save=True)
@@ -422,10 +439,11 @@ def conv_backward(grad, x, inp, src, rowptr, weights, biases, fourier, fourier_i
         n = min(nr, n_dst - r0)
         Z = np.zeros((n, (H + 1) * C))
         z_kernel(h, s, xn, srcn, rp, Z, r0, n, H, C)
-        dW += g[r0:r0 + n].T @ Z
-        dZ = g[r0:r0 + n] @ W
-        tiles += edge_kernel(dZ, h, s, xn, srcn, rp, tile_ptr, dh, ds, dxe, r0, r0 + n, H, C, te, EDGE_ROWS,
-                             -(-E // te) + n)
+        dW += g[r0 : r0 + n].T @ Z
+        dZ = g[r0 : r0 + n] @ W
+        tiles += edge_kernel(
+            dZ, h, s, xn, srcn, rp, tile_ptr, dh, ds, dxe, r0, r0 + n, H, C, te, EDGE_ROWS, -(-E // te) + n
+        )
     assert tiles == tile_ptr[-1], (tiles, tile_ptr[-1])
     ds = ds + (dh * h).sum(1)
     dh = dh * s[:, None]
@@ -439,10 +457,10 @@ def conv_backward(grad, x, inp, src, rowptr, weights, biases, fourier, fourier_i
     dcoef = -(wds * r2).sum()
     dinp = dinp.copy()
     dinp[:, :ndim] += inpn[:, :ndim] * wds[:, None] * (-2.0 * float(coef.detach()))
-    dfw = dW[:, :H * C].reshape(R, H, C)
+    dfw = dW[:, : H * C].reshape(R, H, C)
     if mask is not None:
         dfw = dfw * mask.numpy()
-    return [dx, dinp, *[d.numpy() for d in dws], *[d.numpy() for d in dbs], dfw, dW[:, H * C:], np.array([dcoef])]
+    return [dx, dinp, *[d.numpy() for d in dws], *[d.numpy() for d in dbs], dfw, dW[:, H * C :], np.array([dcoef])]
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -456,7 +474,7 @@ def random_case(seed, spec, P0=5, ndim=3, C=6, R=5, n_src=9, n_dst=11, degrees=N
     hin = P0
     for kind, shape, four in spec:
         if kind == "dense":
-            w = rnd(shape, hin) / hin ** 0.5
+            w = rnd(shape, hin) / hin**0.5
             hout = shape
         else:
             D, co = shape
@@ -469,7 +487,7 @@ def random_case(seed, spec, P0=5, ndim=3, C=6, R=5, n_src=9, n_dst=11, degrees=N
             fourier_inv.append(torch.zeros(0, dtype=torch.float64))
         else:
             G, D = four
-            A = rnd(G, D) / D ** 0.5
+            A = rnd(G, D) / D**0.5
             fourier.append(A)
             fourier_inv.append(torch.linalg.pinv(A))
         hin = hout
@@ -505,8 +523,10 @@ def check(name, args, nr):
         scale = max(1e-30, float(b.abs().max()))
         errs.append(float(np.abs(a.reshape(b.shape) - b.detach().numpy()).max()) / scale if b.numel() else 0.0)
     worst = max([err] + errs)
-    print(f"{name:40s} forward {err:.1e}  gradients max {max(errs) if errs else 0:.1e}  "
-          f"{'ok' if worst < 1e-10 else 'FAIL'}")
+    print(
+        f"{name:40s} forward {err:.1e}  gradients max {max(errs) if errs else 0:.1e}  "
+        f"{'ok' if worst < 1e-10 else 'FAIL'}"
+    )
     return worst < 1e-10
 
 
@@ -514,7 +534,8 @@ def main():
     global TC
     ok = True
     for TC in (False, True):
-        print("block GEMMs as", "block_mm_tf32 (TF32 path's tiling, exact arithmetic)" if TC else "block_mm (IEEE path)")
+        path = "block_mm_tf32 (TF32 path's tiling, exact arithmetic)" if TC else "block_mm (IEEE path)"
+        print("block GEMMs as", path)
         ok &= cases()
     print("all ok" if ok else "FAILURES")
     return 0 if ok else 1
@@ -526,17 +547,23 @@ def cases():
     ok &= check("fourier, dense + componentwise, mask", random_case(0, fourier_cw), nr=4)
     ok &= check("fourier, no mask, one chunk", random_case(1, fourier_cw, with_mask=False), nr=100)
     ok &= check("pointwise, dense + dense", random_case(2, [("dense", 7, None), ("dense", 9, None)]), nr=3)
-    ok &= check("mixed: fourier then pointwise, 3 layers",
-                random_case(3, [("dense", 8, (40, 4)), ("cw", (4, 2), (40, 4)), ("dense", 6, None)]), nr=5)
+    ok &= check(
+        "mixed: fourier then pointwise, 3 layers",
+        random_case(3, [("dense", 8, (40, 4)), ("cw", (4, 2), (40, 4)), ("dense", 6, None)]),
+        nr=5,
+    )
     ok &= check("no hidden layer", random_case(4, []), nr=2)
     ok &= check("ndim = 0", random_case(5, fourier_cw, ndim=0), nr=4)
-    ok &= check("skew (one receiver with 70 edges), isolated",
-                random_case(6, fourier_cw, degrees=[0, 70, 0, 3, 0, 33, 1]), nr=2)
+    ok &= check(
+        "skew (one receiver with 70 edges), isolated", random_case(6, fourier_cw, degrees=[0, 70, 0, 3, 0, 33, 1]), nr=2
+    )
     # wide enough that the tiles, Fourier chunks and Z tiles have several pieces: H = 70 hidden (> 64 Z rows),
     # C = 40 inputs (> 32 Z columns), G = 70 grid points (> 32 per chunk)
-    ok &= check("several tiles of every kind",
-                random_case(7, [("dense", 70, (70, 7)), ("cw", (7, 10), (70, 7))], C=40, R=3,
-                            degrees=[20, 0, 35, 2]), nr=3)
+    ok &= check(
+        "several tiles of every kind",
+        random_case(7, [("dense", 70, (70, 7)), ("cw", (7, 10), (70, 7))], C=40, R=3, degrees=[20, 0, 35, 2]),
+        nr=3,
+    )
     return ok
 
 
