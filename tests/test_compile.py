@@ -2,17 +2,14 @@
 (fullgraph, dynamic shapes) serves graphs of different sizes and matches eager in the output, every gradient and the
 running statistics; the data-dependent checks still run and name the argument; a backend that does not run, or that
 cannot be traced, is a clear error at compile time. The fused backends are traced through their registered ops: the
-compiled step calls them as often as the eager one, and a double backward goes through them. The native backend's
-registered ops (``ik_fast::native_*``): opcheck, and torch.compile(fullgraph=True) with one compilation for several
-edge counts."""
+compiled step calls them as often as the eager one, and a double backward goes through them. (Each implementation's
+registered ops on their own, opcheck and compiled: tests/test_conformance.py.)"""
 
 import pytest
 import torch
 from conftest import TOL, rel, so2_layer
-from test_native import _conv, _inputs, _op_args, needs_native
 
 import ik_fast
-from ik_fast import ops
 from ik_fast.backends import FUSED
 from ik_fast.data import knn_graph
 from ik_fast.testing import tolerance
@@ -227,51 +224,3 @@ def test_compiled_fused_double_backward(backend):
         out.append((g.detach(), h))
     assert rel(out[1][0], out[0][0]) <= TOL[torch.float64]["grad"]
     assert rel(out[1][1], out[0][1]) <= tolerance("double_backward", torch.float64)
-
-
-@needs_native
-def test_native_opcheck():
-    conv, gs, attr_t = _conv()
-    conv.eval()
-    args = _op_args(conv, *_inputs(conv, gs, attr_t))
-    torch.library.opcheck(torch.ops.ik_fast.native_conv, args)
-    grad = torch.randn(args[3].shape[0] - 1, args[8].shape[0], dtype=args[0].dtype, requires_grad=True)
-    torch.library.opcheck(torch.ops.ik_fast.native_conv_backward, (grad, *args[:14]))
-    plain = [t.detach() for t in args[4]], [t.detach() for t in args[5]]
-    for with_act in (False, True):
-        torch.library.opcheck(
-            torch.ops.ik_fast.native_trunk_moments, (args[1].detach(), *plain, args[6], args[7], with_act)
-        )
-    _, act = ops.trunk_moments(
-        "native",
-        args[1].detach(),
-        ops.PackedProgram(*plain, args[6], args[7], *args[8:14]),
-        len(args[4]),
-        with_activation=True,
-    )
-    torch.library.opcheck(torch.ops.ik_fast.native_conv, (*args[:14], act))
-
-
-@needs_native
-def test_native_ops_compile_fullgraph_dynamic_edges():
-    """The op traces without graph breaks, and its fake kernel serves every edge count without recompiling."""
-    from torch._dynamo.testing import CompileCounterWithBackend
-
-    conv, gs, attr_t = _conv(dtype=torch.float32)
-    conv.eval()
-    cnt = CompileCounterWithBackend("aot_eager")
-
-    def step(*args):
-        return torch.ops.ik_fast.native_conv(*args).square().sum()
-
-    torch._dynamo.reset()
-    compiled = torch.compile(step, backend=cnt, fullgraph=True, dynamic=True)
-    frames = []
-    for e in (61, 73):
-        args = _op_args(conv, *_inputs(conv, gs, attr_t, n=12, e=e, dtype=torch.float32, seed=e))
-        loss = compiled(*args)
-        assert torch.allclose(loss, step(*args), rtol=1e-5)
-        loss.backward()
-        assert args[0].grad is not None and torch.isfinite(args[0].grad).all()
-        frames.append(cnt.frame_count)
-    assert frames[0] >= 1 and frames[1] == frames[0]
