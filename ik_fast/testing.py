@@ -57,6 +57,8 @@ _TABLE = {
     ("backward", torch.float64): 1e-9,
     ("double_backward", torch.float32): 3e-4,
     ("double_backward", torch.float64): 1e-9,
+    ("reorder", torch.float32): 1e-5,  # one implementation against itself in another summation order (threads, tape)
+    ("reorder", torch.float64): 1e-12,
     ("forward", torch.bfloat16): 1e-1,  # bf16 operands under autocast: about 2x the largest measured (triton, eval)
     ("exact", torch.float32): 3e-6,  # (I_h)
     ("exact", torch.float64): 4e-7,  # (C_8 on R^2)
@@ -68,7 +70,7 @@ _TABLE = {
 # Per-backend entries that differ from the table above: {(backend, kind, dtype[, family]): bound}.
 _BACKEND = {}
 
-_KINDS = ("forward", "backward", "double_backward", "exact", "equivariance")
+_KINDS = ("forward", "backward", "double_backward", "reorder", "exact", "equivariance")
 
 
 def group_family(obj) -> str:
@@ -93,7 +95,8 @@ def tolerance(kind: str, dtype: torch.dtype, family: Optional[str] = None, backe
 
     Args:
         kind: ``"forward"`` (a backend's output against the reference), ``"backward"`` (its gradients),
-            ``"double_backward"`` (the gradients of a gradient),
+            ``"double_backward"`` (the gradients of a gradient), ``"reorder"`` (an implementation against itself
+            with another summation order: thread count, tape or recomputation),
             ``"exact"`` (equivariance on exact elements) or ``"equivariance"`` (on random elements, per family).
         dtype: ``torch.float32`` or ``torch.float64``.
         family: ``"finite"``, ``"SO2"`` or ``"SO3"`` (see :func:`group_family`); needed for ``"equivariance"``.
