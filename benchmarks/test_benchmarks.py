@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from ik_fast.backends import available_backends as bench_backends
+from ik_fast.backends import FUSED, available_backends
 from ik_fast.bench import setup_case
 from ik_fast.problems import sweep_problems
 
@@ -19,7 +19,8 @@ GPU = os.environ.get("IK_FAST_BENCH") == "gpu" and torch.cuda.is_available()
 DEVICE = "cuda" if GPU else "cpu"
 DEFAULT = ["P", "M", "H", "skew", *sweep_problems("gpu")] if GPU else ["P", "planar", *sweep_problems("cpu")]
 PROBLEMS = os.environ.get("IK_FAST_BENCH_PROBLEMS", ",".join(DEFAULT)).split(",")
-PROVIDERS = ["escnn", "reference", "torch"] + (["triton"] if GPU and "triton" in bench_backends() else [])
+# the baselines and every declared implementation of the ops that runs on the device
+PROVIDERS = ["escnn", "reference", "torch"] + [b for b in FUSED if b in available_backends(DEVICE)]
 
 
 @pytest.mark.parametrize("mode", ["train", "inference"])

@@ -432,14 +432,17 @@ def format_table(records: List[Dict]) -> str:
 def suites() -> Dict[str, Dict]:
     """The named runs: ``cpu`` (the default; minutes on 2 cores) and ``gpu`` (configs P, M, H at full size, the
     10^4..10^7-edge sweep, degree skew)."""
+    from .backends import FUSED
     from .problems import sweep_problems
 
-    fused = [b for b in ("triton", "native") if b in _available()]
-    native_cpu = ["native"] if "native" in _available("cpu") else []
+    # every declared implementation of the ops that runs on the suite's device (Triton on CPU only in its
+    # interpreter, under TRITON_INTERPRET=1: not a benchmark)
+    fused = [b for b in FUSED if b in _available("cuda")]
+    fused_cpu = [b for b in FUSED if b in _available("cpu")]
     return {
         "cpu": dict(
             problems=["P", "qm9-400", "planar", "cpu", "skew@4096", *sweep_problems("cpu")],
-            providers=["escnn", "reference", "torch", *native_cpu],
+            providers=["escnn", "reference", "torch", *fused_cpu],
             modes=["train", "inference"],
             device="cpu",
         ),

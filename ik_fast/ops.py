@@ -59,7 +59,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -69,7 +69,10 @@ from .program import PackedProgram
 
 __all__ = [
     "define",
+    "Implementation",
     "register_implementation",
+    "implementations",
+    "implementation",
     "status",
     "implementation_names",
     "conv",
@@ -390,13 +393,31 @@ def _double_backward(ctx, grads):
 # ----------------------------------------------------------------------------------------------------------------
 # implementations
 # ----------------------------------------------------------------------------------------------------------------
-@dataclass
-class _Impl:
-    loader: Callable[[], object]  # imports the module that registers the kernels; raises when unavailable
-    runs_on: Callable[[torch.device], Optional[str]]  # None when it runs on the device, else the reason
+@dataclass(frozen=True)
+class Implementation:
+    """One implementation of the ops, declared once in its own room (``ik_fast/kernels_triton/__init__.py``,
+    ``ik_fast/backends/native.py``); the op layer, :mod:`ik_fast.backends` (``available_backends``, ``"auto"``), the
+    shared fused host, the tests and the benchmarks read it from :func:`implementations`.
+
+    ``load`` imports the kernels (they register themselves for ``ik_fast::<name>_*``) and raises when they cannot be
+    loaded; ``runs_on(device)`` is None where they run on ``device``, else the reason. Capabilities the shared host
+    uses: ``chained_statistics`` (``trunk_moments`` with ``start`` > 0: a statistics pass from the previous pass's
+    activation), ``tape_devices`` (device types where ``conv`` uses a tape, bounded by
+    :data:`ik_fast.backends.fused.TAPE_LIMIT_BYTES`) and ``grids`` (``trunk_moments(..., with_grid=True)``).
+    ``measured_faster_on``: device types where a committed benchmark (``benchmarks/results/``) measured it faster than
+    the ``"torch"`` backend, which is where ``"auto"`` picks it."""
+
+    name: str
+    load: Callable[[], object]
+    runs_on: Callable[[torch.device], Optional[str]]
+    summary: str = ""
+    chained_statistics: bool = False
+    tape_devices: Tuple[str, ...] = ()
+    grids: bool = False
+    measured_faster_on: Tuple[str, ...] = ()
 
 
-_IMPLS: Dict[str, _Impl] = {}
+_IMPLS: Dict[str, Implementation] = {}
 
 
 @functools.lru_cache(maxsize=None)
@@ -416,30 +437,44 @@ def define(impl: str) -> None:
     )
 
 
-def register_implementation(
-    impl: str, loader: Callable[[], object], runs_on: Callable[[torch.device], Optional[str]]
-) -> None:
-    """Declare an implementation of the stages: ``loader`` imports its kernels (and raises if it cannot),
-    ``runs_on(device)`` says why it does not run on a device (None when it does)."""
-    define(impl)
-    _IMPLS[impl] = _Impl(loader, runs_on)
+def register_implementation(decl: Implementation) -> Implementation:
+    """Define the ops of ``decl.name`` and record the declaration (the kernels are loaded on first use, by
+    :func:`status`). Returns ``decl``."""
+    if not isinstance(decl, Implementation):
+        raise TypeError(f"register_implementation takes an ik_fast.ops.Implementation, got {type(decl).__name__}")
+    define(decl.name)
+    _IMPLS[decl.name] = decl
+    return decl
 
 
 def _declare_implementations() -> None:
-    """Import the backends, which declare the implementations (``register_implementation``): ``import ik_fast``
-    loads its names on first use, so a caller that imported only this module still sees every implementation."""
+    """Import the backends, which import the rooms that declare the implementations: ``import ik_fast`` loads its
+    names on first use, so a caller that imported only this module still sees every implementation."""
     from . import backends  # noqa: F401
 
 
-def implementation_names() -> List[str]:
+def implementations() -> List[Implementation]:
+    """Every declared implementation, in declaration order."""
     _declare_implementations()
-    return list(_IMPLS)
+    return list(_IMPLS.values())
+
+
+def implementation(name: str) -> Implementation:
+    """The declaration of implementation ``name``."""
+    _declare_implementations()
+    if name not in _IMPLS:
+        raise ValueError(f"no implementation named {name!r} (known: {list(_IMPLS)})")
+    return _IMPLS[name]
+
+
+def implementation_names() -> List[str]:
+    return [d.name for d in implementations()]
 
 
 @functools.lru_cache(maxsize=None)
 def _load(impl: str) -> Optional[str]:
     try:
-        _IMPLS[impl].loader()
+        _IMPLS[impl].load()
     except Exception as e:  # ImportError, a toolkit that fails to initialise, a failed build: keep the reason
         return f"{type(e).__name__}: {e}"
     return None

@@ -25,13 +25,13 @@ from conftest import field_types, get_gspace, rel, small_graph
 
 import ik_fast
 from ik_fast import ops
-from ik_fast.backends.fused import CHAINED_STATISTICS
+from ik_fast.backends import FUSED
 from ik_fast.graph import prepare_graph
 from ik_fast.testing import tolerance
 
 REQUIRE_NATIVE = os.environ.get("IK_FAST_REQUIRE_NATIVE", "") == "1"
-# the implementations the package declares (a test may register others at run time)
-IMPLEMENTATIONS = [name for name in ik_fast.backends.BACKENDS if name in ops.implementation_names()]
+# the implementations the package declares (ik_fast.ops.Implementation; a test may register others at run time)
+IMPLEMENTATIONS = list(FUSED)
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
@@ -216,7 +216,7 @@ def test_moments_and_activation_match_the_trunk(impl, device, upto):
     assert rel(m[1], (h - h.mean(0)).square().sum(0)) <= bound
     assert rel(act, h) <= bound
     assert ops.trunk_moments(impl, inp, p, upto)[1].numel() == 0
-    if upto > 1 and impl in CHAINED_STATISTICS:  # from the previous layer's activation (chained statistics passes)
+    if upto > 1 and ops.implementation(impl).chained_statistics:  # from the previous layer's activation
         prev = ops.trunk_reference_form(
             inp, p.weights[: upto - 1], p.biases[: upto - 1], p.fourier[: upto - 1], p.fourier_inv[: upto - 1]
         )
@@ -225,12 +225,12 @@ def test_moments_and_activation_match_the_trunk(impl, device, upto):
 
 
 def _grids_or_none(impl, inp, p, upto):
-    """trunk_moments' grid output, or None where the implementation keeps no grids (it must say so)."""
-    try:
+    """trunk_moments' grid output, or None where the implementation declares no grids (and then says so)."""
+    if ops.implementation(impl).grids:
         return ops.trunk_moments(impl, inp, p, upto, with_activation=True, with_grid=True)
-    except NotImplementedError as e:
-        assert "grid" in str(e)
-        return None
+    with pytest.raises(NotImplementedError, match="grid"):
+        ops.trunk_moments(impl, inp, p, upto, with_activation=True, with_grid=True)
+    return None
 
 
 @IMPL

@@ -267,7 +267,7 @@ def test_failed_implementation_keeps_its_reason():
     def broken():
         raise ImportError("libfoo.so: cannot open shared object file")
 
-    ops.register_implementation("broken_impl_for_test", broken, lambda device: None)
+    ops.register_implementation(ops.Implementation("broken_impl_for_test", broken, lambda device: None))
     why = ops.status("broken_impl_for_test", "cpu")
     assert "ImportError" in why and "libfoo.so" in why
     assert ops.status("no_such_impl", "cpu").startswith("no implementation named")

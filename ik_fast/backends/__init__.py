@@ -11,10 +11,10 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from .. import ops
+from .. import kernels_triton, ops
+from . import native
 from .factorized import implicit_conv_torch
-from .fused import TRITON, implicit_conv_triton
-from .native import NATIVE, implicit_conv_native
+from .fused import fused_backend
 from .reference import implicit_conv_reference
 
 __all__ = [
@@ -29,13 +29,17 @@ __all__ = [
     "CPU_SMALL_GRAPH_EDGES",
 ]
 
+# The rooms that declare an implementation of the ops (ik_fast.ops.Implementation), imported above for their
+# declarations; adding an implementation adds its room here (CONTRIBUTING.md).
+_DECLARATIONS = (kernels_triton.DECLARATION, native.DECLARATION)
+# the eager backends (plain PyTorch, no op implementation), then every implementation of the ops through the shared
+# fused host
 BACKENDS: Dict[str, Callable] = {
     "reference": implicit_conv_reference,
     "torch": implicit_conv_torch,
-    TRITON: implicit_conv_triton,
-    NATIVE: implicit_conv_native,
+    **{d.name: fused_backend(d.name) for d in _DECLARATIONS},
 }
-FUSED = (TRITON, NATIVE)
+FUSED = tuple(d.name for d in _DECLARATIONS)
 _FUSED = FUSED
 # The backends whose code torch.compile traces (with fullgraph=True and dynamic shapes): the fused ones, whose work is
 # in registered ops. Why the others are not:
@@ -46,10 +50,10 @@ _UNTRACEABLE = {
 }
 TRACEABLE = tuple(n for n in BACKENDS if n not in _UNTRACEABLE)
 # "auto" picks a fused backend on a device only where a committed benchmark (benchmarks/results/) measured it faster
-# than "torch" on that kind of device. CPU: "native" (the C++ kernels), measured faster than "torch" (and than
-# "reference") on every problem of the committed CPU benchmark. CUDA: no GPU has run the fused kernels yet (neither
-# Triton's nor the native CUDA ones), so "auto" never picks them there.
-_MEASURED_FASTER: Dict[str, tuple] = {"cuda": (), "cpu": (NATIVE,)}
+# than "torch" on that kind of device: each implementation declares where (Implementation.measured_faster_on).
+_MEASURED_FASTER: Dict[str, tuple] = {
+    dev: tuple(d.name for d in _DECLARATIONS if dev in d.measured_faster_on) for dev in ("cpu", "cuda")
+}
 # Without a fused backend, "auto" on CPU picks "reference" for graphs of fewer edges than this and "torch" otherwise.
 # On small graphs "torch" pays for many small operators (one checkpointed chunk of receivers after another), which
 # costs most with 2 threads on a busy machine: the native issue measured it at 0.39x "reference" on a 400-edge QM9

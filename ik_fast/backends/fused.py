@@ -1,6 +1,7 @@
 """The host side of every fused backend: the program through the op layer's stages (:mod:`ik_fast.ops`).
 
-A fused backend is an implementation of the ops (``"triton"``: :mod:`ik_fast.kernels_triton.launch`). This module
+A fused backend is an implementation of the ops, declared in its own room (:class:`ik_fast.ops.Implementation`:
+``"triton"`` in :mod:`ik_fast.kernels_triton`, ``"native"`` in :mod:`ik_fast.backends.native`). This module
 does what every implementation shares, on the lowered program and the prepared graph:
 
 1. the MLP inputs ``[d, a]`` and the sources in receiver order (the graph's CSR);
@@ -8,8 +9,8 @@ does what every implementation shares, on the lowered program and the prepared g
    folded (:meth:`KernelProgram.packed` with ``upto=k``), finished by :meth:`BatchNorm.finish`, detached (escnn's
    rule); the last layer's pass also returns its activation;
 3. ``conv`` on the program with every batch norm folded (and, in training, that activation, so the trunk is not
-   evaluated again, and for the implementations in :data:`TAPED` the tape: every pass's activation and, within a
-   budget, its Fourier grid, so that the backward does not evaluate the trunk again either); its autograd
+   evaluated again, and for the implementations that declare a tape on the device the tape: every pass's activation
+   and, within a budget, its Fourier grid, so that the backward does not evaluate the trunk again either); its autograd
    (:func:`ik_fast.ops.conv`) reaches escnn's parameters through the differentiable packing.
 """
 
@@ -26,24 +27,10 @@ from ..program import KernelProgram
 __all__ = [
     "implicit_conv_fused",
     "fused_backend",
-    "triton_available",
-    "TRITON",
-    "CHAINED_STATISTICS",
-    "TAPED",
     "TAPE_LIMIT_BYTES",
     "TAPE_GRID_LIMIT_BYTES",
 ]
 
-TRITON = "triton"
-# Implementations whose statistics pass of layer k starts from pass k-1's activation (E x H_{k-1}, kept until pass
-# k) instead of the MLP input: one trunk layer less per batch-norm layer after the first. "native" (CPU: the trunk is
-# its largest cost, and memory holds the activation); "triton" re-evaluates from the input (its kernels take the
-# narrow MLP input and keep GPU memory at one activation).
-CHAINED_STATISTICS = {"native"}
-# Implementations (by device type) that take a tape (see :mod:`ik_fast.ops`): every hidden layer's activation, and
-# its Fourier grid when small, from the statistics passes, kept to the backward so that it does not evaluate the trunk
-# again. Native C++ on CPU: the trunk's re-evaluation is a third of its backward, and host memory holds the tape.
-TAPED = {("native", "cpu")}
 # The most bytes of activations a tape keeps alive to the backward (those of the last layer are kept anyway); above
 # it, no tape. 256 MiB: problem `cpu` (32,768 edges, 144 dims) keeps 107 MB more (its backward op measured 1.43 s
 # against 1.49 s without, interleaved runs on 2 threads); config H (197k edges, 643 MB) goes without: the saving
@@ -62,24 +49,6 @@ def _tape_plan(program: KernelProgram, num_edges: int, dtype: torch.dtype):
     acts = sum(h.channels * h.dim for h in program.hidden[:-1]) * size
     grids = sum(0 if h.A is None or h.A.numel() == 0 else h.A.shape[0] * h.channels for h in program.hidden) * size
     return acts <= TAPE_LIMIT_BYTES, grids <= TAPE_GRID_LIMIT_BYTES
-
-
-def _load_triton():
-    from ik_fast.kernels_triton import launch  # noqa: F401  (registers the kernels)
-
-
-def _triton_runs_on(device: torch.device):
-    from ik_fast.kernels_triton import launch
-
-    return launch.runs_on(device)
-
-
-ops.register_implementation(TRITON, _load_triton, _triton_runs_on)
-
-
-def triton_available(device) -> bool:
-    """Whether the Triton kernels run on ``device``: CUDA with Triton installed, or CPU under ``TRITON_INTERPRET=1``."""
-    return ops.status(TRITON, str(torch.device(device))) is None
 
 
 def _receiver_order(graph: Graph):
@@ -116,13 +85,14 @@ def implicit_conv_fused(impl: str, program: KernelProgram, x_src, graph: Graph, 
     tape = None
     if program.needs_batch_stats:
         last = len(program.hidden)
-        chain = impl in CHAINED_STATISTICS
+        decl = ops.implementation(impl)
+        chain = decl.chained_statistics
         # a tape needs every layer to be a pass of its own (a batch norm after each hidden layer, as in every
         # ImplicitKernel with batch norms) and the chained passes
         taped, grids = False, False
-        if chain and (impl, x_src.device.type) in TAPED and all(h.bn is not None for h in program.hidden):
+        if chain and x_src.device.type in decl.tape_devices and all(h.bn is not None for h in program.hidden):
             taped, grids = _tape_plan(program, graph.num_edges, dtype)
-            grids = grids and taped
+            grids = grids and taped and decl.grids
         tape = [] if taped else None
         prev, prev_act = 0, None
         for k, layer in enumerate(program.hidden, start=1):
@@ -167,6 +137,3 @@ def fused_backend(impl: str):
 
     backend.__name__ = f"implicit_conv_{impl}"
     return backend
-
-
-implicit_conv_triton = fused_backend(TRITON)

@@ -1,6 +1,37 @@
 """The ``"triton"`` implementation of the op layer (:mod:`ik_fast.ops`): fused Triton kernels and their launchers.
 
 ``conv`` (the trunk kernels), ``contract`` (the per-receiver contraction), ``blocks`` (W''s block plan) and ``launch``
-(padding, precision and the registration of the kernels for the ``ik_fast::triton_*`` ops). Importing ``launch``
-needs Triton; without a GPU the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, CPU tensors).
+(padding, precision and the registration of the kernels for the ``ik_fast::triton_*`` ops). Importing this package
+declares the implementation (:data:`DECLARATION`); its kernels are imported on first use, which needs Triton. Without
+a GPU they run in Triton's interpreter (``TRITON_INTERPRET=1``, CPU tensors).
 """
+
+from __future__ import annotations
+
+import torch
+
+from .. import ops
+
+__all__ = ["DECLARATION"]
+
+
+def _load() -> None:
+    from . import launch  # noqa: F401  (registers the kernels)
+
+
+def _runs_on(device: torch.device):
+    from . import launch
+
+    return launch.runs_on(device)
+
+
+# The statistics passes start from the MLP input (the kernels take the narrow input and keep GPU memory at one
+# activation), no tape, no grids; no GPU has measured it faster than "torch" yet.
+DECLARATION = ops.register_implementation(
+    ops.Implementation(
+        name="triton",
+        load=_load,
+        runs_on=_runs_on,
+        summary="fused Triton kernels (CUDA; CPU only in Triton's interpreter)",
+    )
+)
