@@ -5,6 +5,9 @@
   and one per public module in ``MODULES``, each rendered by mkdocstrings from the docstrings; the nav lists them.
 - Benchmarks: a line ``<!-- report:SECTION -->`` in a page is replaced by that section of ``benchmarks/report.py``
   (tables from the records in ``benchmarks/results/``), and the timing plots are drawn into ``plots/``.
+- Text shared with the README: a line ``<!-- include-readme: NAME -->`` in a page is replaced by the fenced block that
+  follows README.md's marker line ``<!-- NAME -->`` (or ``<!-- NAME: a note -->``), e.g. the quickstart and the
+  install recipe, which tests read from the README; so the site's copies cannot drift from what is tested.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ MODULES = [
     "ik_fast.records",
 ]
 MARKER = re.compile(r"^<!-- report:(\w+) -->$", re.M)
+README = os.path.join(ROOT, "README.md")
+INCLUDE = re.compile(r"^<!-- include-readme: ([\w-]+) -->$", re.M)
 _state = {}
 
 
@@ -66,6 +71,24 @@ def _exports():
     if missing:
         raise RuntimeError(f"cannot tell which module defines {missing} from ik_fast/__init__.py")
     return {n: f"ik_fast.{where[n]}" for n in names if not n.startswith("__")}
+
+
+def readme_block(name: str, text: str = None) -> str:
+    """The fenced block (fences included) right after README.md's marker line ``<!-- NAME -->`` or
+    ``<!-- NAME: note -->``; a ``ValueError`` when there is none."""
+    if text is None:
+        with open(README) as f:
+            text = f.read()
+    pattern = r"^<!-- " + re.escape(name) + r"(?::[^\n]*)? -->\n(```[^\n]*\n.*?^```)$"
+    m = re.search(pattern, text, re.M | re.S)
+    if m is None:
+        raise ValueError(f"README.md has no fenced block right after a '<!-- {name} -->' marker line")
+    return m.group(1)
+
+
+def include_readme(markdown: str) -> str:
+    """``markdown`` with every ``<!-- include-readme: NAME -->`` line replaced by the README's block NAME."""
+    return INCLUDE.sub(lambda m: readme_block(m.group(1)), markdown)
 
 
 def public_names():
@@ -111,6 +134,7 @@ def on_config(config):
             entry = {"API reference": api}
         nav.append(entry)
     config["nav"] = nav
+    config["watch"].append(README)  # mkdocs serve: the included README blocks reload too
     return config
 
 
@@ -140,4 +164,4 @@ def on_page_markdown(markdown, page, config, files):
             raise ValueError(f"{page.file.src_uri}: unknown report section {name!r}")
         return _state["sections"][name]
 
-    return MARKER.sub(sub, markdown)
+    return MARKER.sub(sub, include_readme(markdown))
