@@ -1,6 +1,6 @@
 """The documentation: the getting-started page's Python code runs as printed (the test reads the page as the site
-build makes it, the README's included blocks in place), the included blocks are the README's, and no page points
-outside the repository or to the project's issue tracker."""
+build makes it, the README's included blocks in place), the included blocks are the README's, and no page (nor the
+README) points outside the repository or to the project's issue tracker."""
 
 import contextlib
 import glob
@@ -85,7 +85,7 @@ OUTSIDE = [
 def test_pages_stay_inside_the_repository():
     found = []
     pages = sorted(glob.glob(os.path.join(DOCS, "**", "*.md"), recursive=True))
-    for path in pages:
+    for path in pages + [README, os.path.join(ROOT, "CHANGELOG.md")]:
         with open(path) as f:
             for n, line in enumerate(f, 1):
                 for pattern, what in OUTSIDE:
