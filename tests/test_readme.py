@@ -1,8 +1,10 @@
 """The README's quickstart, run verbatim: the code block after the ``<!-- quickstart: ... -->`` marker, its output
-compared with the block after ``<!-- quickstart-output -->`` (the test and the README read the same text)."""
+compared with the block after ``<!-- quickstart-output -->`` (the test and the README read the same text). And the
+README's results table: the summary that ``benchmarks/report.py`` renders from the newest records, not typed."""
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import re
 from pathlib import Path
@@ -41,3 +43,18 @@ def test_quickstart_runs_verbatim_and_prints_what_the_readme_shows(capsys):
                 assert g == w, (got, want)
     err = _shape(printed[-1])[1][0]
     assert 0 <= err <= 3e-2
+
+
+def test_results_block_is_the_reports_summary_of_the_newest_records():
+    """The block between the results markers is exactly what ``python benchmarks/report.py --readme`` writes from
+    ``benchmarks/results/`` now: a new record, or a hand edit, fails here until the report rewrites the block."""
+    path = README.parent / "benchmarks" / "report.py"
+    spec = importlib.util.spec_from_file_location("_ik_fast_report", path)
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    text = README.read_text()
+    assert text.count(report.START) == 1 and text.count(report.END) == 1, "README.md needs one results block"
+    block = text[text.index(report.START) : text.index(report.END) + len(report.END)]
+    expected = f"{report.START}\n{report.render('summary')}\n{report.END}"
+    assert block == expected, "README.md's results block is stale: run python benchmarks/report.py --readme"
+    assert "commits |" in block  # the table names the commits that measured its figures
