@@ -271,7 +271,8 @@ def timing_section(recs: List[Dict], plot_dir: Optional[str] = None, plot_prefix
 
 
 def summary_section(recs: List[Dict]) -> str:
-    """Training step per fixed problem and provider, with each provider's speedup over ``reference``."""
+    """Training step per fixed problem and provider, each figure with the commit that measured it, and the speedup
+    over ``reference`` where both figures come from one run (the same commit and day)."""
     out = []
     for dev, dev_recs in _timing(recs).items():
         cases = _cases(dev_recs)
@@ -293,15 +294,19 @@ def summary_section(recs: List[Dict]) -> str:
                 if r is None:
                     cells.append("")
                 elif r["value"] is None:
-                    cells.append("failed")
+                    cells.append(f"failed `{_commit(r)}`")
                 else:
-                    ratio = f" ({ref['value'] / r['value']:.1f}×)" if ref and ref["value"] and p != "reference" else ""
-                    cells.append(f"{_g(r['value'])}{ratio}")
-            commits = sorted({_commit(r) for r in times.values()})
+                    same_run = ref and ref["value"] and (_commit(ref), ref["date"][:10]) == (_commit(r), r["date"][:10])
+                    ratio = f" ({ref['value'] / r['value']:.1f}×)" if same_run and p != "reference" else ""
+                    cells.append(f"{_g(r['value'])}{ratio} `{_commit(r)}`")
             edges = _edges({p: r for p, r in times.items()})
-            rows.append([f"`{problem}`", f"{edges:,}" if edges else ""] + cells + [", ".join(commits)])
-        out.append(f"Training step (forward + backward, s; in brackets the speedup over `reference`), {dev}:\n")
-        out.append(_table(["problem", "edges", *[f"`{p}`" for p in providers], "commits"], rows) + "\n")
+            rows.append([f"`{problem}`", f"{edges:,}" if edges else ""] + cells)
+        out.append(
+            f"Training step (forward + backward, s), {dev}; each figure with the commit that measured it (`*`: the "
+            "tree had uncommitted changes or did not record it), in brackets the speedup over `reference` measured "
+            "in the same run:\n"
+        )
+        out.append(_table(["problem", "edges", *[f"`{p}`" for p in providers]], rows) + "\n")
     return "\n".join(out) if out else "No timing records.\n"
 
 

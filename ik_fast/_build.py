@@ -57,8 +57,8 @@ CUDA_ARCHS = (80, 90)  # A100, H100/H200
 # Wall-clock seconds of a whole build from an empty cache (fewest, most), measured on this project's 2-core VM while
 # other jobs shared it (load average 4-8; more cores are faster: ninja compiles the sources in parallel): "cpu",
 # module.cpp + cpu/*.cpp: 206 s (torch 2.13.0+cpu), 284 s and 134 s (torch 2.14.1+cu130, CUDA part skipped); "cuda",
-# the same plus cuda/*.cu for sm_80 and sm_90: 674 s (torch 2.14.1+cu130, nvcc 13.0, measured once). README "The
-# native extension". The first-use message states these as its estimate.
+# the same plus cuda/*.cu for sm_80 and sm_90: 674 s (torch 2.14.1+cu130, nvcc 13.0, measured once). The docs'
+# getting-started page ("The native extension") quotes them; the first-use message states these as its estimate.
 BUILD_SECONDS = {"cpu": (134, 284), "cuda": (674, 674)}
 _HERE = os.path.dirname(os.path.abspath(__file__))
 

@@ -1,6 +1,6 @@
 """Per-group choices of the implicit kernel's MLP: band limit, hidden representation, nonlinearity, grid.
 
-This is the only place that knows which subgroup of O(n) a gspace carries. The table (also in the README):
+This is the only place that knows which subgroup of O(n) a gspace carries. The table (also in the docs' semantics page):
 
 =======================  ===================  ================================  ===============================
 group (escnn class)      frequency of irrep   hidden field per channel          nonlinearity and default grid
@@ -257,8 +257,8 @@ def build_hidden(gspace0, needed_irreps, band_limit: Optional[int], channels: in
     """Hidden field type and nonlinearity for the group of ``gspace0`` (a ``no_base_space`` gspace).
 
     ``needed_irreps``: ids of every irrep of the MLP's input and output, which the hidden field must carry.
-    ``grid``: None (the default grid: the smallest well-conditioned one, see the README), ``"paper"`` (the research
-    code's grids) or keyword arguments for ``G.grid`` to sample the Fourier nonlinearity on another grid.
+    ``grid``: None (the default grid: the smallest well-conditioned one, see the docs' semantics page), ``"paper"``
+    (the research code's grids) or keyword arguments for ``G.grid`` to sample the Fourier nonlinearity on another grid.
     """
     G = gspace0.fibergroup
     fam = _family(G)

@@ -4,8 +4,8 @@ Does what the first use of the ``"native"`` backend would do (:mod:`ik_fast._nat
 ``ik_fast._C`` (built by ``setup.py`` at install), else compiles ``csrc/`` into the first-use cache
 (``$IK_FAST_CACHE``, default ``~/.cache/ik_fast``) or finds it there, and prints what it built, where, in how long, and
 whether the CUDA part is in it and why. The same environment variables apply (``IK_FAST_BUILD_CUDA``,
-``IK_FAST_CPU_FLAGS``, ``CXX``, ``IK_FAST_CACHE``; README "The native extension"). Exit status 0 when the CPU part
-loads, 1 with the build's own error lines when it does not.
+``IK_FAST_CPU_FLAGS``, ``CXX``, ``IK_FAST_CACHE``; docs/getting-started.md, "The native extension"). Exit status 0
+when the CPU part loads, 1 with the build's own error lines when it does not.
 
 Run it outside a source checkout to build for the installed package (``python -m`` puts the current folder first on
 the path, so inside a checkout it builds the checkout's ``csrc/``; ``python -P -m ik_fast.build`` does not).
@@ -20,9 +20,9 @@ _DESCRIPTION = """Build the native extension now instead of at its first use: im
 compile csrc/ into the first-use cache ($IK_FAST_CACHE, default ~/.cache/ik_fast) or find it there; print what was
 built, where, in how long, and whether the CUDA part is in it and why. IK_FAST_BUILD_CUDA=1 requires the CUDA part
 (fails at once with the reason where it cannot be built), IK_FAST_BUILD_CUDA=0 skips it; IK_FAST_CPU_FLAGS and CXX
-as for every build (README "The native extension"). Exit status 1, with the build's own error lines, when the CPU
-part cannot be built or loaded. Run it outside a source checkout, or as python -P -m ik_fast.build, to build for the
-installed package rather than for the checkout's ik_fast/ in the current folder."""
+as for every build (docs/getting-started.md, "The native extension"). Exit status 1, with the build's own error
+lines, when the CPU part cannot be built or loaded. Run it outside a source checkout, or as python -P -m
+ik_fast.build, to build for the installed package rather than for the checkout's ik_fast/ in the current folder."""
 
 
 def main(argv=None) -> int:

@@ -63,8 +63,8 @@ class ImplicitPointConv(_ImplicitConvBase):
     A drop-in for the research code's layer; the kernel options are those of :class:`ImplicitKernel`
     (``band_limit``, ``grid``, ... may be passed as keywords).
 
-    ``backend``, the algorithm that evaluates the convolution (the registry ``ik_fast.backends.BACKENDS``; README
-    "Backends"); ``ik_fast.available_backends()`` lists those that run here:
+    ``backend``, the algorithm that evaluates the convolution (the registry ``ik_fast.backends.BACKENDS``; the docs'
+    backends page); ``ik_fast.available_backends()`` lists those that run here:
 
     - ``"auto"`` (default): the fastest one measured on the call's device among those that run there
       (:func:`ik_fast.backends.resolve_backend`; on CPU ``"native"`` where its extension is built);

@@ -15,7 +15,7 @@ One process trains on the GPU when there is one (``IK_FAST_TRAIN_DEVICE=cpu`` ke
 no GPU was available to the session that wrote this). Under torchrun every process trains on its shard of each
 epoch (``DistributedSampler``; ``--batch-size`` molecules per process), gradients are averaged by DDP, only rank 0
 prints and writes files, and the validation/test errors are summed over all processes' shards. Batch norms under DDP:
-see ``--sync-bn`` and the README section "Multi-process training".
+see ``--sync-bn`` and the docs' training page, "Multi-process training".
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Measure the equivariance error of the correct layer over many seeds, per gspace and dtype, to set the bounds of
-ik_fast.testing's tolerance table (README, "Equivariance"). One-off; not part of CI.
+ik_fast.testing's tolerance table (the docs' equivariance page). One-off; not part of CI.
 
     PYTHONPATH=. python scripts/measure_tolerances.py --seeds 10 [--json OUT.json] > errors.jsonl
     PYTHONPATH=. python scripts/measure_tolerances.py --o3-mixed [--seeds 3] [--json OUT.json]

@@ -2,7 +2,7 @@
 # One entry point for users and CI:
 #   bash scripts/run.sh demo    # set up (first time) and run the demo: train the O(3) QM9 model's quick preset
 #   bash scripts/run.sh test    # set up (first time) and run the test suite
-#   bash scripts/run.sh bench   # set up and run the CPU benchmark suite, then plots and the README's results
+#   bash scripts/run.sh bench   # set up and run the CPU benchmark suite, then the report of every record (python benchmarks/report.py --readme updates the README's results table)
 #   bash scripts/run.sh setup   # only set up
 # Setup makes .venv with a pinned CPU stack: torch 2.13.0's CPU build, escnn without py3nj (no Fortran compiler
 # needed; escnn falls back to a numerical Clebsch-Gordan method), NumPy 1 (lie_learn's wheel is built against it) and
