@@ -12,6 +12,9 @@ import torch
 # must be set before the kernels are imported (triton.jit reads it when it decorates them).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# cuBLAS's workspace for PyTorch's deterministic mode (the conformance suite's determinism test), set before the
+# first CUDA call
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 warnings.filterwarnings("ignore", message=".*py3nj.*")
 
@@ -123,9 +126,23 @@ def rel(a, b):
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
+@pytest.hookimpl(tryfirst=True)  # before -m selects
 def pytest_collection_modifyitems(config, items):
-    """Tests marked ``soak``, ``slow`` or ``install`` run only when selected with -m (e.g. ``pytest -m soak``)."""
-    if config.getoption("markexpr"):
+    """Tests marked ``soak``, ``slow`` or ``install`` run only when selected with -m (e.g. ``pytest -m soak``).
+
+    The GPU run's selection (``-m gpu``): in its CPU rehearsal (``IK_FAST_TEST_DEVICE=cpu``) the tests a module's
+    ``rehearsed(item)`` picks (test_conformance's CPU stand-ins for its CUDA cases) are marked ``gpu``; and the tests
+    of the Triton backend run last (the first call of each configuration compiles), so that a GPU run cut short by its
+    time limit has the most answers."""
+    markexpr = config.getoption("markexpr")
+    if GPU_TEST_DEVICE == "cpu":
+        for item in items:
+            picks = getattr(item.module, "rehearsed", None)
+            if picks is not None and picks(item):
+                item.add_marker(pytest.mark.gpu)
+    if markexpr:
+        if GPU_TEST_DEVICE is not None and "gpu" in markexpr:
+            items.sort(key=lambda item: "triton" in item.name)  # (stable: the files' order otherwise)
         return
     skip = pytest.mark.skip(reason="marked soak/slow/install: select with -m")
     for item in items:

@@ -1,5 +1,6 @@
 """What benchmarks/run_gpu.sh relies on, checked on CPU: the package from a source checkout on PYTHONPATH (not
-installed) imports every module and collects the GPU tests; the per-test time limit and deadline of
+installed) imports every module and collects the GPU tests as the GPU run selects them (``-m gpu`` under
+``IK_FAST_TEST_DEVICE=cuda``: the conformance suite's CUDA cases among them); the per-test time limit and deadline of
 tests/_time_limits.py; the tests step of benchmarks/gpu_run.py going on past a test that hangs in native code.
 (The whole script is rehearsed by ``bash benchmarks/run_gpu.sh --rehearse``, which .ci/run runs.)"""
 
@@ -9,6 +10,8 @@ import subprocess
 import sys
 import textwrap
 import time
+
+from ik_fast.backends import FUSED
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.join(ROOT, "tests")
@@ -45,7 +48,7 @@ def test_checkout_on_pythonpath_imports_every_module_and_collects_the_gpu_tests(
         cwd=tmp_path,
         capture_output=True,
         text=True,
-        env=_env(PYTHONPATH=ROOT),
+        env=_env(PYTHONPATH=ROOT, IK_FAST_TEST_DEVICE="cuda"),  # (collected, not run: no CUDA needed)
         timeout=600,
     )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -57,7 +60,40 @@ def test_checkout_on_pythonpath_imports_every_module_and_collects_the_gpu_tests(
         "ik_fast.bench",
         "ik_fast.records",
     } <= set(mods), mods
-    assert "tests/test_gpu.py::test_native_matches_reference_on_cuda[O3-train]" in res.stdout
+    collected = set(res.stdout.split())
+    assert "tests/test_gpu.py::test_corner_cases_match_reference_on_cuda[native-wide-tf32]" in collected
+    # the conformance suite on CUDA, every case of it, for every declared implementation; none of its CPU cases
+    conformance = {t for t in collected if t.startswith("tests/test_conformance.py::")}
+    for impl in FUSED:
+        assert f"tests/test_conformance.py::test_opcheck[{impl}-cuda]" in conformance
+        assert f"tests/test_conformance.py::test_layer_variants_match_the_reference[eval-four_layers-{impl}-cuda]" in (
+            conformance
+        )
+    assert conformance and all(t.endswith("-cuda]") for t in conformance), sorted(conformance)[:5]
+
+
+def test_the_rehearsal_runs_each_conformance_test_once_per_implementation():
+    """``-m gpu`` under ``IK_FAST_TEST_DEVICE=cpu`` (the rehearsal's selection) takes, of the conformance suite, one CPU
+    case of each test for each implementation (test_conformance.rehearsed), but the ones it leaves to native."""
+    import re
+
+    import test_conformance as tc
+
+    res = subprocess.run(
+        [sys.executable, "-m", "pytest", "tests/test_conformance.py", "-m", "gpu", "--collect-only", "-q"]
+        + ["-p", "no:cacheprovider"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=_env(IK_FAST_TEST_DEVICE="cpu"),
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    ids = [line for line in res.stdout.split() if line.startswith("tests/test_conformance.py::")]
+    got = sorted((i.split("::")[1].split("[")[0], re.search(r"[\[-](\w+)-cpu\]$", i).group(1)) for i in ids)
+    tests = [name for name in dir(tc) if name.startswith("test_")]
+    expected = sorted((t, impl) for t in tests for impl in tc.IMPLEMENTATIONS if (t, impl) not in tc._NOT_REHEARSED)
+    assert got == expected, ids
 
 
 def _write_tests(folder, body):
