@@ -11,6 +11,7 @@ from escnn import nn as enn
 
 import ik_fast
 from ik_fast.convert import from_research_state_dict
+from ik_fast.testing import tolerance
 
 HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "research")
 
@@ -47,12 +48,13 @@ def test_research_fixture(name, kw):
     layer.eval()
     with torch.no_grad():
         y = layer(*args, **kw2)
+    bound = tolerance("research", torch.float32)
     err = float((y - fx["y_eval"]).norm() / fx["y_eval"].norm())
-    assert err < 1e-5, err
+    assert err <= bound, err
     layer.backend = "torch"  # the factorised backend reads the same converted parameters
     with torch.no_grad():
         err = float((layer(*args, **kw2) - fx["y_eval"]).norm() / fx["y_eval"].norm())
-    assert err < 1e-5, err
+    assert err <= bound, err
     # training mode: batch statistics over the call's edges (this also updates the running statistics, so last)
     layer.backend = "reference"
     layer.train()
@@ -65,7 +67,7 @@ def test_research_fixture(name, kw):
         # code's, which is why hidden="paper" exists. Eval mode (running statistics) is exact, as checked above.
         assert err > 1e-3, err
     else:
-        assert err < 1e-5, err
+        assert err <= bound, err
 
 
 def test_conversion_leaves_escnn_bases_alone():

@@ -13,6 +13,7 @@ from escnn import nn as enn
 import ik_fast
 from ik_fast.data import knn_graph
 from ik_fast.graph import INT32_LIMIT, check_int32_extents, padded_degrees, prepare_graph
+from ik_fast.testing import tolerance
 
 
 def _types(attr=True):
@@ -152,10 +153,11 @@ def test_grid_conv_stride_and_dilation(stride, dilation):
         wd = w.new_zeros(*w.shape[:2], 2 * dilation + 1, 2 * dilation + 1)
         wd[..., ::dilation, ::dilation] = w
         full = F.conv2d(x.tensor, wd, conv.expanded_bias(), padding=2)
-    assert torch.allclose(y, full[..., ::stride, ::stride], rtol=1e-5, atol=1e-5)
+    # the same filter in another summation order (a strided or dilated convolution against a dense one)
+    assert rel(y, full[..., ::stride, ::stride]) <= tolerance("reorder", torch.float32)
     if dilation == 1:
         with torch.no_grad():
-            assert torch.allclose(y, base(x).tensor[..., ::stride, ::stride], rtol=1e-5, atol=1e-5)
+            assert rel(y, base(x).tensor[..., ::stride, ::stride]) <= tolerance("reorder", torch.float32)
 
 
 def test_torch_backend_under_autocast():
@@ -168,7 +170,7 @@ def test_torch_backend_under_autocast():
         y = layer(xg, ei, edge_attr=a, pos=pos)
     y.float().square().sum().backward()
     assert torch.isfinite(xg.grad).all()
-    assert rel(y.float(), y32) < 5e-2  # bf16 has an 8-bit mantissa (relative step 7.8e-3)
+    assert rel(y.float(), y32) <= tolerance("forward", torch.bfloat16, backend="torch")
 
 
 def test_export_of_a_model_using_the_layer():

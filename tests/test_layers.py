@@ -12,6 +12,7 @@ from escnn import nn as enn
 
 import ik_fast
 from ik_fast import testing
+from ik_fast.testing import tolerance
 
 
 def _conv(name="O3", kind="mixed_attr", **kw):
@@ -43,7 +44,7 @@ def test_state_dict_round_trip_and_cache_invalidation():
     c2.load_state_dict(c1.state_dict())
     after = c2(x, ei, edge_attr=a, pos=pos)
     expected = c1(x, ei, edge_attr=a, pos=pos)
-    assert rel(after, expected) < 1e-6 and rel(before, expected) > 1e-3
+    assert torch.equal(after, expected) and rel(before, expected) > 1e-3
 
 
 def test_eval_program_is_cached_and_follows_updates():
@@ -74,12 +75,12 @@ def test_pickle_and_torch_save_round_trip():
     for blob in (pickle.dumps(conv),):
         c2 = pickle.loads(blob)
         assert not c2.training
-        assert rel(c2(x, ei, edge_attr=a, pos=pos), out) < 1e-6
+        assert torch.equal(c2(x, ei, edge_attr=a, pos=pos), out)
     buf = io.BytesIO()
     torch.save(conv, buf)
     buf.seek(0)
     c3 = torch.load(buf, weights_only=False)
-    assert rel(c3(x, ei, edge_attr=a, pos=pos), out) < 1e-6
+    assert torch.equal(c3(x, ei, edge_attr=a, pos=pos), out)
 
 
 def test_copies_keep_dtype_and_values():
@@ -95,7 +96,7 @@ def test_copies_keep_dtype_and_values():
         assert all(b.dtype == b0.dtype for b, b0 in zip(c2.buffers(), conv.buffers()))
         for p, p0 in zip(c2.parameters(), conv.parameters()):
             assert torch.equal(p, p0)
-        assert rel(c2(x, ei, edge_attr=a, pos=pos), out) < 1e-14
+        assert torch.equal(c2(x, ei, edge_attr=a, pos=pos), out)
 
 
 def test_to_double_invalidates_cache():
@@ -105,7 +106,7 @@ def test_to_double_invalidates_cache():
     conv.double()
     out64 = conv(x.double(), ei, edge_attr=a.double(), pos=pos.double())
     assert out64.dtype == torch.float64
-    assert rel(out64.float(), out32) < 1e-4
+    assert rel(out64.float(), out32) <= tolerance("forward", torch.float32)
 
 
 def _escnn_oracle(kernel, pos, attr):
@@ -158,8 +159,9 @@ def test_lowering_matches_escnn_modules(name, mode):
         if mode == "eval"
         else k.program().kernel_from_hidden(k.program().trunk(pos, a)[0], k.program().shell(pos))
     )
-    # escnn's raw float32 bases carry noise up to ~1e-5 that ik_fast zeroes; beyond that the two must agree
-    assert rel(got.detach(), expect.detach()) < 2e-4
+    # escnn's raw float32 bases carry noise that ik_fast zeroes (3.3e-7 the largest difference measured, I_h): the two
+    # agree as a backend agrees with the reference
+    assert rel(got.detach(), expect.detach()) <= tolerance("forward", torch.float32)
 
 
 @pytest.mark.parametrize("name", ["O3", "Ih", "SO2", "full_cylinder"])
@@ -172,7 +174,7 @@ def test_block_plans_equal_dense(name):
         if lin.plan is None:
             continue
         x = torch.randn(7, lin.weight.shape[1])
-        assert rel(lin.plan.apply(x, lin.blocks), x @ lin.weight.t()) < 1e-6
+        assert rel(lin.plan.apply(x, lin.blocks), x @ lin.weight.t()) <= tolerance("reorder", torch.float32)
         density = (lin.weight != 0).float().mean()
         assert lin.plan.macs_per_row <= lin.weight.numel() / 2, (density, lin.plan.macs_per_row)
 
@@ -202,7 +204,7 @@ def test_grid_conv_equivariance_2d():
     out = conv(x)
     for g in G.elements:
         err = rel(conv(x.transform(g)).tensor, out.transform(g).tensor)
-        assert err < 1e-5, (g, err)
+        assert err <= tolerance("exact", torch.float32), (g, err)
 
 
 def test_grid_conv_equivariance_3d():
@@ -215,7 +217,7 @@ def test_grid_conv_equivariance_3d():
     x = enn.GeometricTensor(torch.randn(1, ft.size, 5, 5, 5), ft)
     out = conv(x)
     for g in list(G.elements)[:8]:
-        assert rel(conv(x.transform(g)).tensor, out.transform(g).tensor) < 1e-5
+        assert rel(conv(x.transform(g)).tensor, out.transform(g).tensor) <= tolerance("exact", torch.float32)
 
 
 def test_grid_conv_with_attributes_and_training():

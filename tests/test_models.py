@@ -10,6 +10,7 @@ from escnn import gspaces
 from ik_fast.models import NBodyModel, QM9Model, field_activation
 from ik_fast.nbody import nbody_dataset, nbody_graph, simulate
 from ik_fast.qm9 import collate, edge_attr_size, load_qm9, qm9_splits
+from ik_fast.testing import group_family, tolerance
 
 if importlib.util.find_spec("qm9pack") is None:  # its __init__ needs pkg_resources: look it up without importing
     pytest.skip("QM9 needs the qm9pack package", allow_module_level=True)
@@ -96,7 +97,7 @@ def test_qm9_model_invariant(qm9_small, gs_name, kind):
         # a rigid change that is not a symmetry (anisotropic scaling) must change the output
         y2 = m(b.x, b.pos * torch.tensor([1.0, 1.3, 0.8]), b.edge_index, b.edge_attr, b.batch, b.n_graphs)
     scale = (y0 - y0.mean()).abs().max()  # the spread between molecules (an untrained model adds a large offset)
-    assert float((y1 - y0).abs().max() / scale) < 3e-2
+    assert float((y1 - y0).abs().max() / scale) <= tolerance("equivariance", y0.dtype, group_family(gs))
     assert float((y2 - y0).abs().max() / scale) > 5e-2
 
 
@@ -141,8 +142,9 @@ def test_simulation_physics():
     assert float(x_att[0, 1, 0] - x_att[0, 0, 0]) < 1.0 < float(x_rep[0, 1, 0] - x_rep[0, 0, 0])
     far = torch.tensor([[[-500.0, 0, 0], [500.0, 0, 0]]], dtype=torch.float64)
     v = torch.tensor([[[0.0, 1.0, 0.0], [0.0, 0.0, 2.0]]], dtype=torch.float64)
-    x, _ = simulate(far, v, torch.tensor([[1.0, 1.0]]), 1000)
-    assert torch.allclose(x, far + v, atol=1e-4)
+    x, _ = simulate(far, v, torch.tensor([[1.0, 1.0]]), 1000)  # (time 1000 steps x 1e-3 = 1)
+    pull = 1 / 1000**2  # their repulsion at distance 1000: in time 1 it moves each by pull / 2
+    assert float((x - (far + v)).abs().max()) <= pull
     s = nbody_dataset(4, horizon=50, seed=1)
     assert s["pos"].shape == (4, 5, 3) and s["charge"].abs().eq(1).all()
     assert torch.equal(nbody_dataset(4, horizon=50, seed=1)["target"], s["target"])
@@ -166,4 +168,4 @@ def test_nbody_model_equivariant():
         y0 = m(pos, vel, q, g_idx)
         y1 = m(pos @ R.T, vel @ R.T, q, g_idx)
     err = (y1 - y0 @ R.T).norm() / y0.norm()
-    assert float(err) < 3e-2
+    assert float(err) <= tolerance("equivariance", y0.dtype, group_family(gs))

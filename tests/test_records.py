@@ -6,6 +6,9 @@ import json
 import os
 
 import pytest
+import torch
+
+from ik_fast.testing import tolerance
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -161,7 +164,10 @@ def test_precision_writes_records_and_the_report_renders_them(tmp_path):
     assert sorted((r["mode"], r["metric"]) for r in recs) == sorted(
         (m, k) for m in ("train", "eval") for k in ("rel_error_out", "rel_error_grad_x", "rel_error_grad_params")
     )
-    assert all(r["kind"] == "precision" and r["precision"] == "ieee" and 0 < r["value"] < 1e-4 for r in recs)
+    for r in recs:  # float32 against float64: the output and the gradients within the table's bounds
+        kind = "forward" if r["metric"] == "rel_error_out" else "backward"
+        assert r["kind"] == "precision" and r["precision"] == "ieee", r
+        assert 0 < r["value"] <= tolerance(kind, torch.float32, backend=r["provider"]), r
     assert "| `torch` | " in report.render("precision", recs)
 
 
@@ -251,7 +257,8 @@ def test_measure_tolerances_writes_equivariance_records_the_report_renders(tmp_p
     assert sorted((r["problem"], r["precision"], r["metric"]) for r in recs) == [
         ("rot2dOnR2(8)", p, "rel_error_exact_elements") for p in ("float32", "float64")
     ]
-    assert all(r["kind"] == "equivariance" and 0 <= r["value"] < 1e-4 for r in recs)
+    assert all(r["kind"] == "equivariance" for r in recs)
+    assert all(0 <= r["value"] <= tolerance("exact", getattr(torch, r["precision"])) for r in recs), recs
     assert "| `rot2dOnR2(8)` | float64 | – |" in report.render("equivariance", recs)
     grid = mt.grid_records(
         [

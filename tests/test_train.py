@@ -11,6 +11,8 @@ import sys
 import pytest
 import torch
 
+from ik_fast.testing import tolerance
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [
     "--num-layers",
@@ -259,4 +261,5 @@ def test_sync_batchnorm_matches_union_batch(tmp_path):
     mp.spawn(_sync_bn_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "res")), nprocs=2, join=True)
     for r in range(2):
         errs = torch.load(f"{tmp_path / 'res'}.{r}")
-        assert all(v < 1e-5 for v in errs.values()), (r, errs)
+        # the statistics of both processes' edges summed in another order than on one process (values of order 1)
+        assert all(v <= tolerance("reorder", torch.float32) for v in errs.values()), (r, errs)

@@ -5,7 +5,9 @@ import os
 
 import pytest
 import torch
+from conftest import rel
 
+from ik_fast.testing import tolerance
 from ik_fast.workcount import floor_terms, profile_step
 
 
@@ -73,7 +75,7 @@ def test_dot_counter_counts_padded_shape():
     ((name, rec),) = dc.summary().items()
     assert name.endswith("._one_dot"), name
     assert (rec["launches"], rec["programs"], rec["dots"], rec["macs"]) == (1, 3, 3, 3 * 16 * 32 * 16)
-    assert torch.allclose(c[1, :5, :3], a @ b, atol=1e-5)
+    assert rel(c[1, :5, :3], a @ b) <= tolerance("reorder", torch.float32)
     # outside the context nothing is counted any more
     _one_dot[(1,)](a, b, c, 5, BM=16, BN=32, BK=16)
     assert dc.macs == 3 * 16 * 32 * 16
