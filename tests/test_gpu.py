@@ -78,18 +78,6 @@ def _fwd_bwd(conv, backend, pos, ei, x, a):
 PRECISIONS = {"float64": (F64, "highest"), "ieee": (torch.float32, "highest"), "tf32": (torch.float32, "high")}
 
 
-def _step_at(conv, backend, precision, pos, ei, x, a):
-    """A training or eval step (output and every gradient) of a copy of ``conv`` in ``precision``."""
-    dtype, matmul = PRECISIONS[precision]
-    c = copy.deepcopy(conv).to(dtype)
-    old = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(matmul)
-    try:
-        return _fwd_bwd(c, backend, pos.to(dtype), ei, x.to(dtype), a.to(dtype))
-    finally:
-        torch.set_float32_matmul_precision(old)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # the torch backend and equivariance on the device
 # ---------------------------------------------------------------------------------------------------------------
@@ -188,6 +176,26 @@ def _corner_case(case):
     return conv, pos.to(DEV), ei.to(DEV), x.to(DEV), a.to(DEV)
 
 
+def _corner_step(case, mode, backend, precision):
+    """A training or eval step (output and every gradient) of a copy of a corner case's layer, in ``precision``."""
+    conv, pos, ei, x, a = _corner_case(case)
+    dtype, matmul = PRECISIONS[precision]
+    conv = copy.deepcopy(conv).to(dtype)
+    getattr(conv, mode)()
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(matmul)
+    try:
+        return _fwd_bwd(conv, backend, pos.to(dtype), ei, x.to(dtype), a.to(dtype))
+    finally:
+        torch.set_float32_matmul_precision(old)
+
+
+@functools.lru_cache(maxsize=None)
+def _reference_step(case, mode, precision):
+    """The reference backend's step of a corner case (the same for every implementation: computed once)."""
+    return _corner_step(case, mode, "reference", precision)
+
+
 @pytest.mark.parametrize("precision", list(PRECISIONS))
 @pytest.mark.parametrize("case", ["no_hidden_layer", "hub_and_isolated_receivers", "wide", "no_edges"])
 @pytest.mark.parametrize("impl", FUSED)
@@ -203,17 +211,14 @@ def test_corner_cases_match_reference_on_cuda(impl, case, precision):
         pytest.skip("rehearsal: the wide layer runs the other cases' code at H's width, 15 s a step on CPU")
     if not ON_CUDA and impl == "triton" and precision != "ieee":
         pytest.skip("rehearsal: one precision in Triton's interpreter")
-    conv, pos, ei, x, a = _corner_case(case)
-    conv = copy.deepcopy(conv)
     dtype = PRECISIONS[precision][0]
     # (train mode needs two edges for the batch statistics: a graph without edges is an eval-mode case)
     for mode in ("eval",) if case == "no_edges" else ("train", "eval"):
-        getattr(conv, mode)()
-        ref = _step_at(conv, "reference", "float64", pos, ei, x, a)
-        got = _step_at(conv, impl, precision, pos, ei, x, a)
+        ref = _reference_step(case, mode, "float64")
+        got = _corner_step(case, mode, impl, precision)
         own = [0.0] * len(ref)
         if precision != "float64":
-            own = [rel(o.double(), r) for o, r in zip(_step_at(conv, "reference", precision, pos, ei, x, a), ref)]
+            own = [rel(o.double(), r) for o, r in zip(_reference_step(case, mode, precision), ref)]
         assert len(got) == len(ref)
         errs = []
         for i, (r, g) in enumerate(zip(ref, got)):
@@ -227,7 +232,7 @@ def test_corner_cases_match_reference_on_cuda(impl, case, precision):
             assert err <= bound or r.norm() == g.norm() == 0, (mode, i, err, bound)
         print(f"{impl} {case} {precision} {mode}: largest error {max(errs):.2e}, the reference's own {max(own):.2e}")
         if case == "no_edges" and mode == "eval":
-            bias = conv.expanded_bias().detach().expand_as(ref[0])
+            bias = _corner_case(case)[0].expanded_bias().detach().expand_as(ref[0])
             assert rel(got[0].double(), bias) <= tolerance("forward", dtype, backend=impl)
 
 
