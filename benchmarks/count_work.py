@@ -1,4 +1,4 @@
-"""Count the work of one training step and compare its growth per edge with the structured floor (issue 8).
+"""Count the work of one training step and compare its growth per edge with the structured floor.
 
     python benchmarks/count_work.py --problems M,H --backend triton --json out.json
 
@@ -8,7 +8,7 @@ included) runs on two graphs of the problem's full degree (``ik_fast.workcount.g
 while it runs (``ik_fast.workcount``): every ``tl.dot`` at its padded block shape per program instance, every host
 GEMM from torch.profiler's FLOPs, and the ``aten::`` events of the step. Reported: the per-edge slope of the counted
 multiply-adds between the two graphs, its ratio to the structured floor read from the layer as built, and the aten
-event count at both sizes (issue 8: the same within 10% whatever the edge count, at most 600).
+event count at both sizes (the bound: the same within 10% whatever the edge count, at most 600).
 
 Any provider of ``ik_fast.bench`` can be counted (``--backend torch,reference``): for providers without Triton
 kernels the count is the host GEMMs alone. The interpreter runs the kernels with the tile sizes the host picks for CPU

@@ -1,4 +1,4 @@
-"""Error of each backend's float32 modes against a float64 evaluation of the same layer (issue 8, item 4).
+"""Error of each backend's float32 modes against a float64 evaluation of the same layer.
 
     TRITON_INTERPRET=1 python benchmarks/precision.py --problem tiny --backends triton,torch,reference \
         --modes ieee,bf16 --json OUT.json        # on CPU (the Triton kernels in the interpreter)

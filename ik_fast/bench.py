@@ -11,7 +11,7 @@ skipped with the reason.
 
 Work: each record carries ``flops``, a *model* of the FLOPs (2 x multiply-adds) the provider's algorithm runs (from
 the shapes; for ``triton``, a model of the padded kernels), used for the achieved FLOP/s, and ``floor_macs``, the
-structured floor of issue 8 for the record's edges (``ik_fast.workcount``). ``--work`` instead *counts* the
+structured floor (the docs' design page) for the record's edges (``ik_fast.workcount``). ``--work`` instead *counts* the
 multiply-adds each provider executes in one training step (every ``tl.dot`` at its padded shape in Triton's
 interpreter, host GEMMs from torch.profiler) on two small graphs of each problem's full degree, and prints their
 per-edge slope next to the floor (``python -m ik_fast.bench --work --problems P,M,H --providers
@@ -151,7 +151,7 @@ def _triton_flops(prog, num_edges: int, num_receivers: int, mode: str, BE: int =
 
 
 def _floor_macs(p, num_edges: int, mode: str, seed: int = 0, layer=None):
-    """The structured floor (issue 8) of one step on ``num_edges`` edges, in multiply-adds: the training step's floor
+    """The structured floor of one step on ``num_edges`` edges, in multiply-adds: the training step's floor
     per edge (forward, backward, statistics), or the forward's for inference. None when the layer has no floor."""
     from .problems import build_layer
     from .workcount import floor_per_edge

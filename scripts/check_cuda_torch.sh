@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The first-use native build with a CUDA build of torch on a machine that cannot link CUDA (issue 21): in a venv with
+# The first-use native build with a CUDA build of torch on a machine that cannot link CUDA: in a venv with
 # torch==2.14.1 (pip's default Linux wheel, a CUDA 13 build: ~5.7 GB in the venv; on this machine from local disk,
 # minutes; elsewhere a multi-GB download) and ik_fast installed from a wheel (no prebuilt extension), with CUDA_HOME
 # set to a CUDA "toolkit" that has nvcc but no runtime libraries (bin/nvcc only, a link to the machine's nvcc), and an

@@ -135,7 +135,7 @@ def error_records(rows, kind, seeds, command):
 
 
 def o3_mixed(seeds=3):
-    """The O(3) mixed case of issue 10 in float64: scalar, vector and frequency-2 fields in; vector, scalar and
+    """The O(3) mixed case in float64: scalar, vector and frequency-2 fields in; vector, scalar and
     pseudoscalar out; scalar and vector attributes. Default grid vs grid="paper" vs a 400-point Thomson grid."""
     import time
 

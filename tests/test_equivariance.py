@@ -146,7 +146,7 @@ def test_every_gspace_constructor(ctor, max_freq):
     _assert_passes(check_equivariance(k, graph, n_exact=2, n_random=1))
 
 
-def test_o2_small_maximum_frequency_from_the_issue():
+def test_o2_small_maximum_frequency():
     gs = gspaces.flipRot2dOnR2(N=-1, maximum_frequency=4)
     G = gs.fibergroup
     ft = enn.FieldType(gs, [G.irrep(0, 0), G.irrep(1, 1), G.irrep(1, 2)])

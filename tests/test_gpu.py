@@ -264,7 +264,7 @@ def test_bfloat16_autocast_within_a_factor_of_the_references_own_error(impl):
 # ---------------------------------------------------------------------------------------------------------------
 def test_triton_never_allocates_edges_times_hidden():
     """A training step's peak memory grows with the edge count by one (E x hidden) float32 tensor at most, never two
-    (issue 8's bound): the v2 kernels keep the last hidden activation (forward) or its gradient (backward), one at a
+    (the design bound): the kernels keep the last hidden activation (forward) or its gradient (backward), one at a
     time, besides (E x small) tensors (edge inputs, their gradients). The fixed part (weights, the per-program
     gradient accumulators) does not depend on E."""
     if not ON_CUDA:

@@ -1,5 +1,5 @@
 """The work counter (ik_fast.workcount): tl.dot counted at its padded shape in Triton's interpreter, host GEMMs and
-aten events from torch.profiler, and the structured floor of issue 8."""
+aten events from torch.profiler, and the structured floor."""
 
 import os
 
@@ -11,8 +11,8 @@ from ik_fast.testing import tolerance
 from ik_fast.workcount import floor_terms, profile_step
 
 
-def test_floor_matches_the_issue():
-    # issue 8's worked numbers: M (C=8, D=19, G=120, C_in=32) and H (C=16, D=51, G=120, C_in=144), 3 layers
+def test_floor_matches_the_worked_numbers():
+    # the floor's worked numbers (docs, design page): M (C=8, D=19, G=120, C_in=32) and H (C=16, D=51, G=120, C_in=144), 3 layers
     assert floor_terms(8, 19, 120, 32, 3)["floor"] == 316_160
     assert floor_terms(16, 51, 120, 144, 3)["floor"] == 1_997_568
 

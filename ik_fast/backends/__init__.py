@@ -54,15 +54,11 @@ TRACEABLE = tuple(n for n in BACKENDS if n not in _UNTRACEABLE)
 _MEASURED_FASTER: Dict[str, tuple] = {
     dev: tuple(d.name for d in _DECLARATIONS if dev in d.measured_faster_on) for dev in ("cpu", "cuda")
 }
-# Without a fused backend, "auto" on CPU picks "reference" for graphs of fewer edges than this and "torch" otherwise.
-# On small graphs "torch" pays for many small operators (one checkpointed chunk of receivers after another), which
-# costs most with 2 threads on a busy machine: the native issue measured it at 0.39x "reference" on a 400-edge QM9
-# batch; here (2026-11-28, 2 shared cores at load 3-5, python -m ik_fast.bench problem qm9-400 and QM9 batches of
-# 2-32 molecules) its median train step at 400 edges was 3.7x reference's with 2 threads, 0.7x with 1 thread, and from
-# ~1,600 edges on it was at most ~1x. The bound stays below the smallest other benchmark problem, H@104 (2,496 edges of
-# a 144-dim layer, where "torch" is 5x faster than "reference"), and above one or two molecules (400 / 841 edges).
-# Applied only where the edge count is known when the backend is chosen (an eager call; inside torch.compile the
-# choice does not depend on the size).
+# Without a fused backend, "auto" on CPU picks "reference" for graphs of fewer edges than this and "torch" otherwise:
+# on small graphs "torch" pays for many small operators (one checkpointed chunk of receivers after another) and was
+# measured slower than "reference" (docs, benchmarks page); the bound stays below the smallest other benchmark problem
+# and above one or two QM9 molecules (400 / 841 edges). Applied only where the edge count is known when the backend is
+# chosen (an eager call; inside torch.compile the choice does not depend on the size).
 CPU_SMALL_GRAPH_EDGES = 1000
 _warned = set()
 
