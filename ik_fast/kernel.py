@@ -165,6 +165,13 @@ class _EquivariantLinear(torch.nn.Module):
         # cleaning it, or .double() / .to() on one layer, would change every other layer built on the same basis
         lin = enn.Linear(in_type, out_type, bias=bias, initialize=False, recompute=True)
         self.expansion = lin.basisexpansion
+        if self.expansion.dimension() == 0:
+            raise ValueError(
+                f"the kernel MLP has a Linear layer without parameters: no equivariant linear map exists from "
+                f"{in_type} to {out_type} (escnn's basis between them is empty), so the kernel would be zero; with "
+                f"n_layers=1 the MLP is that one Linear from the edge vector (and attributes) to the kernel: use "
+                f"n_layers >= 2, whose hidden field carries every irrep the kernel needs, or other field types"
+            )
         for name, buf in list(self.expansion.named_buffers()):
             if name.endswith("sampled_basis"):
                 _clean_(buf.data, dims=tuple(range(1, buf.dim())))

@@ -148,6 +148,18 @@ def test_unsupported_pseudo_irrep_raises_clear_error():
         _groups._check_carried(G, G.bl_sphere_representation(L=1), {(1, 0)})
 
 
+def test_kernel_without_parameters_is_a_clear_error():
+    """One layer from the edge vector (O(2)'s standard representation) straight to a kernel between fields of that
+    representation: no equivariant Linear exists (escnn's basis is empty). A clear error naming n_layers, not an
+    IndexError from inside escnn; with a hidden layer the same types work."""
+    gs = get_gspace("O2")
+    G = gs.fibergroup
+    ft = enn.FieldType(gs, [G.irrep(1, 1)] * 2)
+    with pytest.raises(ValueError, match=r"no equivariant linear map exists .* n_layers >= 2"):
+        ik_fast.ImplicitKernel(ft, ft, n_layers=1)
+    assert ik_fast.ImplicitKernel(ft, ft, n_layers=2, n_channels=1) is not None
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # the native backend: through the layer (checked in Python before any kernel) and through the raw ops (its kernels'
 # own checks, TORCH_CHECK)
