@@ -12,7 +12,8 @@ from ik_fast.workcount import floor_terms, profile_step
 
 
 def test_floor_matches_the_worked_numbers():
-    # the floor's worked numbers (docs, design page): M (C=8, D=19, G=120, C_in=32) and H (C=16, D=51, G=120, C_in=144), 3 layers
+    # the floor's worked numbers (docs, design page), 3 layers: M (C=8, D=19, G=120, C_in=32) and
+    # H (C=16, D=51, G=120, C_in=144)
     assert floor_terms(8, 19, 120, 32, 3)["floor"] == 316_160
     assert floor_terms(16, 51, 120, 144, 3)["floor"] == 1_997_568
 
