@@ -41,7 +41,7 @@ class _Lower(torch.nn.Module):
         self.kernel = kernel
 
     def forward(self):
-        return self.kernel.program(deferred=False)  # expanded while the substituted tensors are in place
+        return self.kernel.program()  # (expanded now, while the substituted tensors are in place)
 
 
 def register_kernel(kernel) -> int:

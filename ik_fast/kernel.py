@@ -12,19 +12,7 @@ from escnn import nn as enn
 
 from . import _groups
 from ._serialize import reduce_module
-from .packing import PackingMap, SourcePacking
-from .program import (
-    BatchNorm,
-    BlockPlan,
-    Deferred,
-    DeferredBatchNorm,
-    DeferredLinear,
-    Hidden,
-    KernelProgram,
-    _as,
-    build_plan,
-    scalar,
-)
+from .program import BatchNorm, BlockPlan, Hidden, KernelProgram, Linear, _as, build_plan, scalar
 
 __all__ = ["ImplicitKernel", "check_field_type"]
 
@@ -196,14 +184,6 @@ class _EquivariantLinear(torch.nn.Module):
         for name, t in (("map_cols", cols), ("map_values", vals.to(dt)), ("map_rows", rows), ("map_lengths", lengths)):
             self.register_buffer(name, t, persistent=False)
 
-    def expand(self):
-        """(W (out, in), b (out,) or None) from the parameters: W through the precomputed expansion map."""
-        contrib = self.weights.index_select(0, self.map_cols) * self.map_values.to(self.weights.dtype)
-        flat = torch.segment_reduce(contrib, "sum", lengths=self.map_lengths, unsafe=True)  # (lengths built here)
-        w = contrib.new_zeros(self.shape[0] * self.shape[1]).index_copy(0, self.map_rows, flat).reshape(*self.shape)
-        b = None if self.bias is None else self.bias_expansion @ self.bias
-        return w, b
-
     @torch.no_grad()
     def structural_mask(self) -> torch.Tensor:
         g = torch.Generator().manual_seed(0)
@@ -254,39 +234,10 @@ class _IIDBatchNormParams(torch.nn.Module):
 
     sync_stats = False  # set by ik_fast.sync_bn.convert_sync_batchnorm: statistics over every process's edges
 
-    def lower(self, training: bool, shift: Optional[torch.Tensor] = None, deferred=None) -> BatchNorm:
-        """The program's batch norm; ``shift``: the expanded bias when the caller has it (the kernel's one map), or
-        ``deferred`` = (:class:`Deferred`, key) where it is made on first use."""
-        avg_t = None  # the view avg.t(), made once per avg tensor (three operators a pass), not while compiling
-        if not torch.compiler.is_compiling():
-            avg_t = self.__dict__.get("_avg_t")
-            if avg_t is None or avg_t[0] is not self.avg:
-                avg_t = self.__dict__["_avg_t"] = (self.avg, self.avg.t())
-            avg_t = avg_t[1]
-        if deferred is not None:
-            return DeferredBatchNorm(
-                *deferred,
-                training,
-                self.eps,
-                self.avg,
-                self.weight,
-                self.running_mean,
-                self.running_var,
-                self.sync_stats,
-                avg_t,
-            )
-        if shift is None:
-            shift = self.bias @ self.bias_expansion.t()
+    def lower(self, training: bool, shift: torch.Tensor) -> BatchNorm:
+        """The program's batch norm, with the expanded bias ``shift`` (C, d) (the kernel's one expansion map)."""
         return BatchNorm(
-            training,
-            self.eps,
-            self.avg,
-            self.weight,
-            shift,
-            self.running_mean,
-            self.running_var,
-            self.sync_stats,
-            avg_t,
+            training, self.eps, self.avg, self.weight, shift, self.running_mean, self.running_var, self.sync_stats
         )
 
     @torch.no_grad()
@@ -583,38 +534,6 @@ class ImplicitKernel(torch.nn.Module):
         )
         return {key: p for (key, _), p in zip(self._pieces, parts)}
 
-    def _source_packing(self) -> SourcePacking:
-        """How the fused ops' packing reads this kernel's learnable tensors (:mod:`ik_fast.packing`); the map of the
-        pieces they need is built once per device and dtype."""
-        srcs = self._sources()
-        key = (srcs[0].device, srcs[0].dtype)
-        pmap = self.__dict__.get("_packing_map")
-        if pmap is None or pmap[0] != key:
-            L = len(self.mlp) - 1
-            keep = {("b", L)}
-            for k, lin in enumerate(self.mlp[:-1]):
-                plan = lin.plan()
-                cw = k > 0 and plan is not None and plan.componentwise is not None
-                keep |= {("cw" if cw else "w", k), ("b", k), ("shift", k)}
-            R, C = self.kidx.shape
-            H = self.mlp[L].shape[1]
-            D = self._rho_size if self.n_layers > 1 else H
-            pmap = self.__dict__["_packing_map"] = (
-                key,
-                PackingMap(
-                    self._pieces,
-                    self._entry_bounds,
-                    self.expand_cols,
-                    self.expand_values,
-                    self.expand_targets,
-                    keep,
-                    ("w", L),
-                    (R, H, C, D),
-                    srcs[0].dtype,
-                ),
-            )
-        return SourcePacking(pmap[1], srcs, [bn.weight for bn in self.bn], self.sigma)
-
     def _kernel_layout(self, w: torch.Tensor, b: Optional[torch.Tensor]):
         """MLP output order -> kernel layout: weight (R, H * C_in), bias (R * C_in,)."""
         R, C = self.kidx.shape
@@ -635,32 +554,22 @@ class ImplicitKernel(torch.nn.Module):
             return False
         return not torch.is_grad_enabled() or not any(p.requires_grad for p in self.parameters())
 
-    def program(self, deferred: bool = True) -> KernelProgram:
-        """Lower the MLP for one forward pass (cached in eval mode when no gradient flows to the parameters).
-
-        The program's lowered tensors (dense weights, biases, shifts: the reference's) are expanded from the
-        parameters when first read, or now with ``deferred=False`` (for a caller that substitutes the parameters only
-        while this runs, as ``torch.func.functional_call`` does)."""
+    def program(self) -> KernelProgram:
+        """Lower the MLP for one forward pass (cached in eval mode when no gradient flows to the parameters): every
+        lowered tensor from the parameters through the kernel's one expansion map (one autograd node)."""
         cacheable = self._cacheable()
         if cacheable and self._cache is not None and self._cache[0] == self._cache_key():
             return self._cache[1]
-        # the expansion is made when a tensor of the program is first read (the fused backends pack from the learnable
-        # tensors, self._source_packing(), and never read them); inside torch.compile, now
-        ex = Deferred(self._expand_all)
-        if not deferred or torch.compiler.is_compiling():
-            ex.parts()
+        ex = self._expand_all()
         hidden = []
         # (lists, not slices and indexing of the ModuleLists: a slice builds a new ModuleList each forward)
         mlp, bns = list(self.mlp), list(self.bn)
         for k, lin in enumerate(mlp[:-1]):
-            bn = bns[k].lower(self.training, deferred=(ex, ("shift", k))) if self.batch_norm else None
-            hidden.append(
-                Hidden(
-                    DeferredLinear(ex, k, lin.plan()), self.n_channels, self._rho_size, self.act_A, self.act_Ainv, bn
-                )
-            )
+            bn = bns[k].lower(self.training, ex[("shift", k)]) if self.batch_norm else None
+            linear = Linear(ex[("w", k)], ex.get(("b", k)), lin.plan(), ex.get(("cw", k)))
+            hidden.append(Hidden(linear, self.n_channels, self._rho_size, self.act_A, self.act_Ainv, bn))
         last = len(mlp) - 1
-        final = DeferredLinear(ex, last, mlp[last].plan())
+        final = Linear(ex[("w", last)], ex.get(("b", last)), mlp[last].plan())
         attr = 0 if self.edge_attr_type is None else self.edge_attr_type.size
         prog = KernelProgram(
             self.in_type.gspace.dimensionality,
@@ -673,7 +582,6 @@ class ImplicitKernel(torch.nn.Module):
             self.norm,
             self.training,
             final_mask=self._final_mask,
-            packing=self._source_packing(),
         )
         self._cache = (self._cache_key(), prog) if cacheable else None
         return prog
@@ -684,7 +592,6 @@ class ImplicitKernel(torch.nn.Module):
 
     def _apply(self, fn, *args, **kwargs):
         self._cache = None
-        self.__dict__.pop("_packing_map", None)
         return super()._apply(fn, *args, **kwargs)
 
     def __reduce__(self):
@@ -714,10 +621,10 @@ class ImplicitKernel(torch.nn.Module):
                 "in training mode the kernel's batch norm needs at least two positions for batch "
                 f"statistics, got {pos.shape[0]} (call .eval() or pass batch_norm=False)"
             )
-        h, stats = prog.trunk(pos, attr)
+        kernels, stats = prog.kernels(pos, attr)
         if stats:
             self.update_running_stats(stats)
-        return prog.kernel_from_hidden(h, prog.shell(pos))
+        return kernels
 
     def extra_repr(self) -> str:
         return (

@@ -2,43 +2,55 @@
 
 A fused backend evaluates the implicit convolution without materialising per-edge kernels. Whatever its kernels
 (Triton, C++ or CUDA), it implements the same stages, whose schemas, fake (meta) implementations and autograd formulas
-live here and nowhere else:
+live here and nowhere else. The ops take the kernel MLP **as written**: nothing is folded on the host.
 
-``conv(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, final_weight, final_bias, coef, norm, ndim,
-final_mask, hidden, tape) -> out`` (n_dst, R)
+``conv(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, bn_factor, bn_shift, final_weight, final_bias,
+coef, norm, ndim, final_mask, hidden, tape) -> out`` (n_dst, R)
     For every receiver i, ``sum_{e in rowptr[i]:rowptr[i+1]} K_e x[src_e]`` with
     ``K_e = norm * exp(-coef |d_e|^2) * (W_F . h_e + B_F)`` and ``h_e`` the trunk of the kernel MLP on
     ``inp_e = [d_e, a_e]`` (``d_e`` its first ``ndim`` columns). Edges come in receiver order (the graph's CSR:
-    ``rowptr`` (n_dst + 1,), ``src`` (E,)). ``hidden`` (optional, never differentiated) is the last hidden
-    activation of this program on ``inp``, given by the statistics pass, so that the trunk is not evaluated twice.
-``conv_backward(grad, <the inputs of conv but hidden>) -> [dx, dinp, *dweights, *dbiases, dfinal_weight,
-dfinal_bias, dcoef]``
-    The vector-Jacobian product of ``conv`` (the Fourier matrices are constants and get no gradient).
-``trunk_moments(inp, weights, biases, fourier, fourier_inv, with_activation=False, with_grid=False) -> ((2, H_k),
-(E, H_k), (G_k, C_k, E))``
-    Column means and sums of squared deviations of the last given layer's activation over all edges (the batch
-    statistics of the batch norm after that layer; the program finishes them, :meth:`BatchNorm.finish`); with
-    ``with_activation`` also the activation, with ``with_grid`` also its Fourier ELU output on the grid,
-    ``ELU(y_k A_k^T)`` (empty otherwise, and for a pointwise layer). An implementation that keeps no grids raises
-    ``NotImplementedError`` when asked for one.
+    ``rowptr`` (n_dst + 1,), ``src`` (E,)). ``hidden`` (optional, never differentiated) is the last hidden layer's
+    activation *before its batch norm* on ``inp``, as the statistics pass gives it, so that the trunk is not
+    evaluated twice.
+``conv_backward(grad, <the inputs of conv but hidden>) -> [dx, dinp, *dweights, *dbiases, *dbn_factor, *dbn_shift,
+dfinal_weight, dfinal_bias, dcoef]``
+    The vector-Jacobian product of ``conv`` (the Fourier matrices are constants and get no gradient; a layer without
+    batch norm gets empty ``dbn_factor`` / ``dbn_shift``).
+``trunk_moments(inp, weights, biases, fourier, fourier_inv, in_factor, in_shift, with_activation=False,
+with_grid=False) -> ((2, H_k), (E, H_k), (G_k, C_k, E))``
+    The statistics pass of the batch norm after the last given layer: column means and sums of squared deviations of
+    that layer's activation (before its batch norm) over all edges (the program finishes them,
+    :meth:`~ik_fast.program.BatchNorm.finish`); with ``with_activation`` also the activation, with ``with_grid`` also
+    its Fourier ELU output on the grid, ``ELU(y_k A_k^T)`` (empty otherwise, and for a pointwise layer). An
+    implementation that keeps no grids raises ``NotImplementedError`` when asked for one. ``in_factor[i]`` /
+    ``in_shift[i]`` is the batch norm applied to the *input* of given layer i: for i > 0 the batch norm after layer
+    i - 1; for i = 0 empty when ``inp`` is the MLP input, or, when the pass starts from a previous pass's activation,
+    that activation's batch norm.
 
-**The tensors** are the lowered program's with every batch norm folded (:meth:`KernelProgram.packed`), unpadded:
-hidden layer ``k`` is ``h_k = act_k(h_{k-1} W_k^T + b_k)`` with ``W_k`` (H_k, H_{k-1}), or (D, C, C) for a Linear
-that only mixes the channels' equal components (:func:`linear_reference_form`: the program states that structure
-through the shape; it is never found from the data); ``act_k`` is the Fourier ELU ``ELU(y A_k^T) A_k^+^T`` on each
-channel of ``D_k = A_k.shape[1]`` components (``fourier[k]`` = A_k (G, D), ``fourier_inv[k]`` = A_k^+ (D, G)) or a
-pointwise ELU when ``fourier[k]`` is empty; ``final_weight`` W_F (R, H, C_in), ``final_bias`` B_F (R, C_in) (zeros
-without bias), ``coef`` = 1 / (2 sigma^2) (shape (1,)). ``final_mask`` (optional, bool (R, H, C_in), on the CPU) is
-W_F's structure: the op computes with ``W_F * final_mask``, so entries outside it are ignored and get a zero gradient.
-For an equivariant layer it is the last Linear's structural non-zero pattern, so nothing changes numerically and an
-implementation may skip everything outside it; on the CPU it can be planned without a device sync, and the plan
-cached for the tensor. No tile size, precision mode or other implementation detail appears in a schema.
+**The tensors** are the kernel MLP's, unpadded. Hidden layer ``k`` is::
+
+    y_k = h_{k-1} W_k^T + b_k
+    a_k = act_k(y_k)
+    h_k = a_k[:, c, i] * bn_factor[k][c] + bn_shift[k][c D_k + i]      (h_k = a_k where bn_factor[k] is empty)
+
+with ``W_k`` (H_k, H_{k-1}), or (D, C, C) for a Linear that only mixes the channels' equal components
+(:func:`linear_reference_form`: the program states that structure through the shape; it is never found from the
+data); ``act_k`` the Fourier ELU ``ELU(y A_k^T) A_k^+^T`` on each channel of ``D_k = A_k.shape[1]`` components
+(``fourier[k]`` = A_k (G, D), ``fourier_inv[k]`` = A_k^+ (D, G)) or a pointwise ELU when ``fourier[k]`` is empty; the
+batch norm's affine map (escnn's IIDBatchNorm1d with its statistics known: ``factor = weight / sqrt(var + eps)``
+(C_k,), ``shift = bias - mean * factor`` flattened channel-major (H_k,); ``D_k = H_k / C_k``); ``final_weight`` W_F
+(R, H, C_in), ``final_bias`` B_F (R, C_in) (zeros without bias), ``coef`` = 1 / (2 sigma^2) (shape (1,)).
+``final_mask`` (optional, bool (R, H, C_in), on the CPU) is W_F's structure: the op computes with
+``W_F * final_mask``, so entries outside it are ignored and get a zero gradient. For an equivariant layer it is the
+last Linear's structural non-zero pattern, so nothing changes numerically and an implementation may skip everything
+outside it; on the CPU it can be planned without a device sync, and the plan cached for the tensor. No tile size,
+precision mode or other implementation detail appears in a schema.
 
 **The tape** (optional, never differentiated): ``[act_1, grid_1, ..., act_L, grid_L]``, every hidden layer's
-activation and grid as ``trunk_moments(..., with_activation=True, with_grid=True)`` gives them (the statistics passes
-of training compute them anyway). An implementation may read it in ``conv_backward`` instead of evaluating the trunk
-again, or ignore it; the result is the same to rounding. It holds E x (H_k + G_k C_k) numbers per layer from the
-forward to the backward, so the host passes one only to implementations that use it and within
+activation (before its batch norm) and grid as ``trunk_moments(..., with_activation=True, with_grid=True)`` gives them
+(the statistics passes of training compute them anyway). An implementation may read it in ``conv_backward`` instead of
+evaluating the trunk again, or ignore it; the result is the same to rounding. It holds E x (H_k + G_k C_k) numbers per
+layer from the forward to the backward, so the host passes one only to implementations that use it and within
 :data:`ik_fast.backends.fused.TAPE_LIMIT_BYTES`.
 
 **One op per implementation.** Several implementations run on one device (Triton and native CUDA on CUDA tensors),
@@ -49,7 +61,7 @@ from Python (``torch.library.register_kernel``) or C++ (``TORCH_LIBRARY_IMPL(ik_
 **Autograd** is registered on the forward op (its backward is ``conv_backward``) and on the backward op, so a double
 backward (forces) goes through registered ops; the backward op's derivative differentiates :func:`conv_reference_form`,
 the op's plain-PyTorch statement (the reference backend's memory: one (E, R, C_in) kernel tensor, never
-(E, H, C_in)).
+(E, H, C_in)), which the ``reference`` backend runs.
 
 **Availability.** :func:`register_implementation` takes a loader; :func:`status` imports it once and keeps the reason
 of a failure (the exception text), which ``ik_fast.available_backends`` and the ``auto`` warning report.
@@ -65,8 +77,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .program import PackedProgram
-
 __all__ = [
     "define",
     "Implementation",
@@ -78,14 +88,20 @@ __all__ = [
     "conv",
     "trunk_moments",
     "conv_reference_form",
-    "PackedProgram",
+    "messages_reference_form",
+    "kernels_reference_form",
+    "trunk_reference_form",
+    "linear_reference_form",
+    "activation_reference_form",
+    "affine_reference_form",
+    "OpProgram",
 ]
 
 _LIB = torch.library.Library("ik_fast", "FRAGMENT")
 
 _PROGRAM = (
-    "Tensor[] weights, Tensor[] biases, Tensor[] fourier, Tensor[] fourier_inv, Tensor final_weight, "
-    "Tensor final_bias, Tensor coef, float norm, int ndim, Tensor? final_mask"
+    "Tensor[] weights, Tensor[] biases, Tensor[] fourier, Tensor[] fourier_inv, Tensor[] bn_factor, "
+    "Tensor[] bn_shift, Tensor final_weight, Tensor final_bias, Tensor coef, float norm, int ndim, Tensor? final_mask"
 )
 SCHEMAS = {
     "conv": f"(Tensor x, Tensor inp, Tensor src, Tensor rowptr, {_PROGRAM}, Tensor? hidden, Tensor[]? tape=None) "
@@ -95,20 +111,85 @@ SCHEMAS = {
     ),
     "trunk_moments": (
         "(Tensor inp, Tensor[] weights, Tensor[] biases, Tensor[] fourier, Tensor[] fourier_inv, "
-        "bool with_activation=False, bool with_grid=False) -> (Tensor, Tensor, Tensor)"
+        "Tensor[] in_factor, Tensor[] in_shift, bool with_activation=False, bool with_grid=False) "
+        "-> (Tensor, Tensor, Tensor)"
     ),
 }
 
+# conv's arguments by name, in schema order; the lists of per-hidden-layer tensors; those that get gradients
+CONV_ARGS = (
+    "x",
+    "inp",
+    "src",
+    "rowptr",
+    "weights",
+    "biases",
+    "fourier",
+    "fourier_inv",
+    "bn_factor",
+    "bn_shift",
+    "final_weight",
+    "final_bias",
+    "coef",
+    "norm",
+    "ndim",
+    "final_mask",
+)
+LAYER_LISTS = ("weights", "biases", "fourier", "fourier_inv", "bn_factor", "bn_shift")
+GRAD_ARGS = ("x", "inp", "weights", "biases", "bn_factor", "bn_shift", "final_weight", "final_bias", "coef")
+
+
+@dataclass(frozen=True)
+class OpProgram:
+    """The kernel MLP as the ops take it (see the module docstring), by name: per hidden layer its weight (dense or
+    componentwise), bias, Fourier matrices and batch-norm affine (empty tensors without batch norm); the last Linear in
+    kernel layout; the radial coefficient; ``final_mask`` the structure of ``final_weight``, or None."""
+
+    weights: List[Tensor]
+    biases: List[Tensor]
+    fourier: List[Tensor]
+    fourier_inv: List[Tensor]
+    bn_factor: List[Tensor]
+    bn_shift: List[Tensor]
+    final_weight: Tensor
+    final_bias: Tensor
+    coef: Tensor
+    norm: float
+    ndim: int
+    final_mask: Optional[Tensor] = None
+
+    def args(self) -> tuple:
+        """The program's arguments of ``conv`` in schema order (from ``weights`` to ``final_mask``)."""
+        return tuple(getattr(self, name) for name in CONV_ARGS[4:])
+
+    def grad_inputs(self) -> list:
+        """The tensors that get gradients, in the order of ``conv_backward``'s outputs after dx and dinp."""
+        return [
+            *self.weights, *self.biases, *self.bn_factor, *self.bn_shift, self.final_weight, self.final_bias, self.coef
+        ]  # fmt: skip
+
 
 # ----------------------------------------------------------------------------------------------------------------
-# the ops' semantics in plain PyTorch
+# the ops' semantics in plain PyTorch: the one statement of the layer
 # ----------------------------------------------------------------------------------------------------------------
-def _act(y: Tensor, A: Tensor, Ainv: Tensor) -> Tensor:
+def activation_reference_form(y: Tensor, A: Tensor, Ainv: Tensor) -> Tensor:
+    """The Fourier ELU ``ELU(y_c A^T) Ainv^T`` on each channel of ``A.shape[1]`` components, or a pointwise ELU when
+    ``A`` is empty."""
     if A.numel() == 0:
         return F.elu(y)
+    A, Ainv = A.to(y.dtype), Ainv.to(y.dtype)
     D = A.shape[1]
     u = y.reshape(y.shape[0], -1, D) @ A.t()
     return (F.elu(u) @ Ainv.t()).reshape(y.shape[0], -1)
+
+
+def affine_reference_form(a: Tensor, factor: Optional[Tensor], shift: Optional[Tensor]) -> Tensor:
+    """A batch norm with known statistics: ``a[:, c, i] * factor[c] + shift[c D + i]`` on the channel-major view
+    (D = H / C); ``a`` itself where ``factor`` is None or empty."""
+    if factor is None or factor.numel() == 0:
+        return a
+    C = factor.shape[0]
+    return (a.reshape(a.shape[0], C, -1) * factor[:, None]).reshape(a.shape[0], -1) + shift
 
 
 def linear_reference_form(h: Tensor, w: Tensor, b: Tensor) -> Tensor:
@@ -126,12 +207,43 @@ def hidden_width(w: Tensor) -> int:
     return w.shape[0] if w.dim() == 2 else w.shape[0] * w.shape[1]
 
 
-def trunk_reference_form(inp, weights, biases, fourier, fourier_inv) -> Tensor:
-    """The activation of the last given hidden layer (the input itself without layers)."""
+def _at(seq, k):
+    return seq[k] if seq is not None and k < len(seq) else None
+
+
+def trunk_reference_form(inp, weights, biases, fourier, fourier_inv, bn_factor=None, bn_shift=None, affines=None):
+    """The trunk of the kernel MLP on ``inp``: every hidden layer's Linear, activation and batch norm (see the module
+    docstring); the input itself without layers. ``bn_factor`` / ``bn_shift`` shorter than the layers (or None):
+    the layers past them without batch norm. ``affines``: ``(k, a_k) -> (factor, shift)`` in their place, for a
+    caller that forms each batch norm from the batch's statistics of ``a_k`` (training)."""
     h = inp
-    for w, b, A, Ainv in zip(weights, biases, fourier, fourier_inv):
-        h = _act(linear_reference_form(h, w, b), A.to(h.dtype), Ainv.to(h.dtype))
+    for k, (w, b, A, Ainv) in enumerate(zip(weights, biases, fourier, fourier_inv)):
+        a = activation_reference_form(linear_reference_form(h, w, b), A, Ainv)
+        f, s = affines(k, a) if affines is not None else (_at(bn_factor, k), _at(bn_shift, k))
+        h = affine_reference_form(a, f, s)
     return h
+
+
+def kernels_reference_form(
+    inp, weights, biases, fourier, fourier_inv, bn_factor, bn_shift, final_weight, final_bias, coef, norm, ndim,
+    final_mask=None, affines=None,
+) -> Tensor:  # fmt: skip
+    """The per-edge kernels (E, R, C_in) of the module docstring."""
+    E = inp.shape[0]
+    R, H, C = final_weight.shape
+    if final_mask is not None:
+        final_weight = final_weight * final_mask.to(final_weight.device)
+    h = trunk_reference_form(inp, weights, biases, fourier, fourier_inv, bn_factor, bn_shift, affines)
+    s = torch.exp(-coef * inp[:, :ndim].square().sum(1)) * norm
+    k = (h @ final_weight.permute(1, 0, 2).reshape(H, R * C) + final_bias.reshape(-1)) * s[:, None]
+    return k.reshape(E, R, C)
+
+
+def messages_reference_form(x_src: Tensor, inp: Tensor, *program, affines=None) -> Tensor:
+    """Each edge's message ``K_e x_src[e]`` (E, R): :func:`kernels_reference_form` (its arguments after ``inp``)
+    applied to the sources' features gathered per edge."""
+    k = kernels_reference_form(inp, *program, affines=affines)
+    return torch.bmm(k, x_src.unsqueeze(-1).to(k.dtype)).squeeze(-1)
 
 
 def receivers(rowptr: Tensor, num_edges: int) -> Tensor:
@@ -141,78 +253,48 @@ def receivers(rowptr: Tensor, num_edges: int) -> Tensor:
 
 
 def conv_reference_form(
-    x,
-    inp,
-    src,
-    rowptr,
-    weights,
-    biases,
-    fourier,
-    fourier_inv,
-    final_weight,
-    final_bias,
-    coef,
-    norm,
-    ndim,
-    final_mask=None,
-    hidden=None,
-) -> Tensor:
+    x, inp, src, rowptr, weights, biases, fourier, fourier_inv, bn_factor, bn_shift, final_weight, final_bias, coef,
+    norm, ndim, final_mask=None, hidden=None,
+) -> Tensor:  # fmt: skip
     """``conv`` as plain differentiable PyTorch (per-edge kernels, the reference backend's memory). ``hidden`` is
     ignored: it only spares an implementation recomputing the trunk (see the module docstring)."""
-    E = inp.shape[0]
-    R, H, C = final_weight.shape
-    if final_mask is not None:
-        final_weight = final_weight * final_mask.to(final_weight.device)
-    h = trunk_reference_form(inp, weights, biases, fourier, fourier_inv)
-    s = torch.exp(-coef * inp[:, :ndim].square().sum(1)) * norm
-    k = (h @ final_weight.permute(1, 0, 2).reshape(H, R * C) + final_bias.reshape(-1)) * s[:, None]
-    msg = torch.bmm(k.reshape(E, R, C), x[src].unsqueeze(-1)).squeeze(-1)
-    return msg.new_zeros(rowptr.shape[0] - 1, R).index_add(0, receivers(rowptr, E), msg)
+    msg = messages_reference_form(
+        x[src], inp, weights, biases, fourier, fourier_inv, bn_factor, bn_shift, final_weight, final_bias, coef,
+        norm, ndim, final_mask,
+    )  # fmt: skip
+    return msg.new_zeros(rowptr.shape[0] - 1, final_weight.shape[0]).index_add(0, receivers(rowptr, inp.shape[0]), msg)
+
+
+def trunk_moments_reference_form(inp, weights, biases, fourier, fourier_inv, in_factor, in_shift):
+    """``trunk_moments``' statement: (moments (2, H), activation (E, H)) of the last given layer before its batch
+    norm."""
+    h = inp
+    for k, (w, b, A, Ainv) in enumerate(zip(weights, biases, fourier, fourier_inv)):
+        h = affine_reference_form(h, _at(in_factor, k), _at(in_shift, k))
+        h = activation_reference_form(linear_reference_form(h, w, b), A, Ainv)
+    mean = h.mean(0)
+    return torch.stack([mean, (h - mean).square().sum(0)]), h
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # fakes and autograd, written once for every implementation
 # ----------------------------------------------------------------------------------------------------------------
-def _fake_conv(
-    x,
-    inp,
-    src,
-    rowptr,
-    weights,
-    biases,
-    fourier,
-    fourier_inv,
-    final_weight,
-    final_bias,
-    coef,
-    norm,
-    ndim,
-    final_mask=None,
-    hidden=None,
-    tape=None,
-):
+def _fake_conv(x, inp, src, rowptr, *program_hidden_tape):
+    final_weight = program_hidden_tape[CONV_ARGS.index("final_weight") - 4]
     return x.new_empty(rowptr.shape[0] - 1, final_weight.shape[0])
 
 
-def _fake_conv_backward(
-    grad,
-    x,
-    inp,
-    src,
-    rowptr,
-    weights,
-    biases,
-    fourier,
-    fourier_inv,
-    final_weight,
-    final_bias,
-    coef,
-    norm,
-    ndim,
-    final_mask=None,
-    tape=None,
-):
-    return [torch.empty_like(t) for t in (x, inp, *weights, *biases, final_weight, final_bias, coef)]
+def _fake_conv_backward(grad, *args):
+    a = dict(zip(CONV_ARGS, args))
+    return [torch.empty_like(t) for t in _grad_inputs(a)]
+
+
+def _grad_inputs(a: dict) -> list:
+    """The tensors of conv's arguments ``a`` (by name) that get gradients, in conv_backward's output order."""
+    out = []
+    for name in GRAD_ARGS:
+        out += list(a[name]) if name in LAYER_LISTS else [a[name]]
+    return out
 
 
 def grid_shape(fourier: Sequence[Tensor], H: int, E: int) -> tuple:
@@ -223,58 +305,60 @@ def grid_shape(fourier: Sequence[Tensor], H: int, E: int) -> tuple:
     return (G, H // D, E)
 
 
-def _fake_trunk_moments(inp, weights, biases, fourier, fourier_inv, with_activation=False, with_grid=False):
+def _fake_trunk_moments(
+    inp, weights, biases, fourier, fourier_inv, in_factor, in_shift, with_activation=False, with_grid=False
+):
     H = hidden_width(weights[-1]) if weights else inp.shape[1]
     grid = grid_shape(fourier, H, inp.shape[0]) if with_grid else (0,)
     return inp.new_empty(2, H), inp.new_empty(inp.shape[0] if with_activation else 0, H), inp.new_empty(grid)
 
 
-_CONV_ARGS = (
-    "x",
-    "inp",
-    "src",
-    "rowptr",
-    "weights",
-    "biases",
-    "fourier",
-    "fourier_inv",
-    "final_weight",
-    "final_bias",
-    "coef",
-    "norm",
-    "ndim",
-    "final_mask",
-)
-
-
 def _split_grads(flat: Sequence[Optional[Tensor]], n_layers: int) -> dict:
-    """[dx, dinp, *dweights, *dbiases, dfinal_weight, dfinal_bias, dcoef] -> by argument name."""
-    L = n_layers
-    return dict(
-        x=flat[0],
-        inp=flat[1],
-        weights=list(flat[2 : 2 + L]),
-        biases=list(flat[2 + L : 2 + 2 * L]),
-        final_weight=flat[2 + 2 * L],
-        final_bias=flat[3 + 2 * L],
-        coef=flat[4 + 2 * L],
-    )
+    """conv_backward's outputs (or their gradients) by argument name (lists for the per-layer ones)."""
+    out, i = {}, 0
+    for name in GRAD_ARGS:
+        if name in LAYER_LISTS:
+            out[name] = list(flat[i : i + n_layers])
+            i += n_layers
+        else:
+            out[name] = flat[i]
+            i += 1
+    return out
+
+
+def _conv_input_grads(g: dict, n_layers: int) -> list:
+    """Gradients by name -> one per conv argument in schema order (None for the non-differentiable ones)."""
+    out = []
+    for name in CONV_ARGS:
+        if name in GRAD_ARGS:
+            out.append(g[name])
+        elif name in LAYER_LISTS:
+            out.append([None] * n_layers)
+        else:
+            out.append(None)
+    return out
 
 
 def _save_conv_inputs(ctx, inputs, tape, *extra) -> None:
-    """Save conv's inputs and its tape (``hidden`` is not saved: without a tape the backward recomputes the trunk,
-    keeping one (E, H) tensor less alive; with one, the tape holds it)."""
-    tensors = [t for t in inputs[:13] if isinstance(t, Tensor)]
-    mask = inputs[13]
-    ctx.n_layers = len(inputs[4])
-    ctx.has_mask = mask is not None
+    """Save conv's inputs (``inputs``: its arguments in schema order up to ``final_mask``) and its tape (``hidden`` is
+    not saved: without a tape the backward recomputes the trunk, keeping one (E, H) tensor less alive; with one, the
+    tape holds it)."""
+    a = dict(zip(CONV_ARGS, inputs))
+    ctx.n_layers = len(a["weights"])
+    ctx.has_mask = a["final_mask"] is not None
     ctx.tape_given = tape is not None  # (autograd wants a list of Nones back for a list)
     tape = list(tape) if tape else []
     ctx.n_tape = len(tape)
-    ctx.save_for_backward(
-        *tensors, *inputs[4], *inputs[5], *inputs[6], *inputs[7], *([mask] if ctx.has_mask else []), *tape, *extra
-    )
-    ctx.norm, ctx.ndim = inputs[11], inputs[12]
+    tensors = []
+    for name in CONV_ARGS:
+        if name in LAYER_LISTS:
+            tensors += list(a[name])
+        elif name in ("norm", "ndim") or (name == "final_mask" and not ctx.has_mask):
+            continue
+        else:
+            tensors.append(a[name])
+    ctx.save_for_backward(*tensors, *tape, *extra)
+    ctx.norm, ctx.ndim = a["norm"], a["ndim"]
 
 
 def _no_grads(ctx) -> tuple:
@@ -284,20 +368,29 @@ def _no_grads(ctx) -> tuple:
 
 
 def _conv_setup_context(ctx, inputs, output):
-    _save_conv_inputs(ctx, inputs, inputs[15] if len(inputs) > 15 else None)
+    n = len(CONV_ARGS)
+    _save_conv_inputs(ctx, inputs[:n], inputs[n + 1] if len(inputs) > n + 1 else None)
 
 
-def _saved_conv_inputs(ctx) -> list:
+def _saved_conv_inputs(ctx, tensors=None) -> list:
     """conv_backward's arguments after ``grad``: conv's inputs but ``hidden``, then the tape (None without one)."""
-    t = ctx.saved_tensors
-    x, inp, src, rowptr, final_weight, final_bias, coef = t[:7]
-    L = ctx.n_layers
-    lists = [list(t[7 + i * L : 7 + (i + 1) * L]) for i in range(4)]
-    m = 7 + 4 * L
-    mask = t[m] if ctx.has_mask else None
-    m += int(ctx.has_mask)
-    tape = list(t[m : m + ctx.n_tape]) if ctx.n_tape else None
-    return [x, inp, src, rowptr, *lists, final_weight, final_bias, coef, ctx.norm, ctx.ndim, mask, tape]
+    t = list(ctx.saved_tensors if tensors is None else tensors)
+    L, i, out = ctx.n_layers, 0, []
+    for name in CONV_ARGS:
+        if name in LAYER_LISTS:
+            out.append(t[i : i + L])
+            i += L
+        elif name == "norm":
+            out.append(ctx.norm)
+        elif name == "ndim":
+            out.append(ctx.ndim)
+        elif name == "final_mask" and not ctx.has_mask:
+            out.append(None)
+        else:
+            out.append(t[i])
+            i += 1
+    out.append(t[i : i + ctx.n_tape] if ctx.n_tape else None)
+    return out
 
 
 def _conv_grads(impl: str, ctx, grad) -> dict:
@@ -310,58 +403,29 @@ def _conv_grads(impl: str, ctx, grad) -> dict:
 def _conv_backward_formula(impl: str):
     def backward(ctx, grad):
         g = _conv_grads(impl, ctx, grad)
-        L = ctx.n_layers
-        return (
-            g["x"],
-            g["inp"],
-            None,
-            None,
-            g["weights"],
-            g["biases"],
-            [None] * L,
-            [None] * L,
-            g["final_weight"],
-            g["final_bias"],
-            g["coef"],
-            None,
-            None,
-            None,
-            None,
-        ) + _no_grads(ctx)
+        return (*_conv_input_grads(g, ctx.n_layers), None) + _no_grads(ctx)  # (None: hidden)
 
     return backward
 
 
 def _bwd_setup_context(ctx, inputs, output):
-    _save_conv_inputs(ctx, inputs[1:15], inputs[15] if len(inputs) > 15 else None, inputs[0])
+    n = len(CONV_ARGS)
+    _save_conv_inputs(ctx, inputs[1 : n + 1], inputs[n + 1] if len(inputs) > n + 1 else None, inputs[0])
 
 
 def _double_backward(ctx, grads):
     """Derivative of the backward op: the plain-PyTorch form of conv, differentiated twice."""
     saved = ctx.saved_tensors
     grad = saved[-1]
-    ctx_tensors = saved[:-1]
-
-    class _View:  # what _saved_conv_inputs reads
-        saved_tensors = ctx_tensors
-        n_layers = ctx.n_layers
-        has_mask = ctx.has_mask
-        n_tape = ctx.n_tape
-        norm = ctx.norm
-        ndim = ctx.ndim
-
-    args = _saved_conv_inputs(_View)
+    args = dict(zip(CONV_ARGS, _saved_conv_inputs(ctx, saved[:-1])))
     L = ctx.n_layers
     with torch.enable_grad():
-        x, inp = args[0].detach().requires_grad_(), args[1].detach().requires_grad_()
-        ws = [w.detach().requires_grad_() for w in args[4]]
-        bs = [b.detach().requires_grad_() for b in args[5]]
-        fw, fb, coef = (t.detach().requires_grad_() for t in args[8:11])
-        g0 = grad.detach().requires_grad_()
-        leaves = [x, inp, *ws, *bs, fw, fb, coef]
-        out = conv_reference_form(
-            x, inp, args[2], args[3], ws, bs, args[6], args[7], fw, fb, coef, ctx.norm, ctx.ndim, args[13]
-        )
+        leaf = lambda t: t.detach().requires_grad_()  # noqa: E731
+        for name in GRAD_ARGS:
+            args[name] = [leaf(t) for t in args[name]] if name in LAYER_LISTS else leaf(args[name])
+        g0 = leaf(grad)
+        leaves = _grad_inputs(args)
+        out = conv_reference_form(*(args[name] for name in CONV_ARGS))
         first = torch.autograd.grad(out, leaves, g0, create_graph=True, allow_unused=True)
         pairs = [(f, v) for f, v in zip(first, grads) if f is not None and v is not None]
         if not pairs:
@@ -370,24 +434,7 @@ def _double_backward(ctx, grads):
             total = sum((f * v).sum() for f, v in pairs)
             second = torch.autograd.grad(total, [g0, *leaves], allow_unused=True)
     dgrad, rest = second[0], second[1:]
-    g = _split_grads(list(rest), L)
-    return (
-        dgrad,
-        g["x"],
-        g["inp"],
-        None,
-        None,
-        g["weights"],
-        g["biases"],
-        [None] * L,
-        [None] * L,
-        g["final_weight"],
-        g["final_bias"],
-        g["coef"],
-        None,
-        None,
-        None,
-    ) + _no_grads(ctx)
+    return (dgrad, *_conv_input_grads(_split_grads(list(rest), L), L)) + _no_grads(ctx)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -447,21 +494,15 @@ def register_implementation(decl: Implementation) -> Implementation:
     return decl
 
 
-def _declare_implementations() -> None:
-    """Import the backends, which import the rooms that declare the implementations: ``import ik_fast`` loads its
-    names on first use, so a caller that imported only this module still sees every implementation."""
-    from . import backends  # noqa: F401
-
-
 def implementations() -> List[Implementation]:
-    """Every declared implementation, in declaration order."""
-    _declare_implementations()
+    """Every declared implementation, in declaration order. The package's own are declared by their rooms, which
+    :mod:`ik_fast.backends` imports (as does the first use of any public name of ``ik_fast``); the op layer imports
+    no implementation."""
     return list(_IMPLS.values())
 
 
 def implementation(name: str) -> Implementation:
     """The declaration of implementation ``name``."""
-    _declare_implementations()
     if name not in _IMPLS:
         raise ValueError(f"no implementation named {name!r} (known: {list(_IMPLS)})")
     return _IMPLS[name]
@@ -482,7 +523,6 @@ def _load(impl: str) -> Optional[str]:
 
 def status(impl: str, device: str = "cpu") -> Optional[str]:
     """None when implementation ``impl`` runs on ``device``, else the reason it does not."""
-    _declare_implementations()
     if impl not in _IMPLS:
         return f"no implementation named {impl!r} (known: {implementation_names()})"
     why = _load(impl)
@@ -517,13 +557,18 @@ class _EagerConv(torch.autograd.Function):
     ``conv_backward`` op's own registered derivative, called here with autograd on."""
 
     @staticmethod
-    def forward(
-        ctx, impl, L, n_tape, x, inp, src, rowptr, final_weight, final_bias, coef, norm, ndim, final_mask, hidden, *flat
-    ):
-        lists = [list(flat[i * L : (i + 1) * L]) for i in range(4)]
-        tape = list(flat[4 * L : 4 * L + n_tape]) if n_tape >= 0 else None
-        inputs = [x, inp, src, rowptr, *lists, final_weight, final_bias, coef, norm, ndim, final_mask, hidden, tape]
-        out = _below_autograd(_op(impl, "conv"), *inputs)
+    def forward(ctx, impl, L, n_tape, hidden, *flat):
+        # flat: conv's arguments in schema order with each per-layer list spliced in (L tensors), then the tape
+        inputs, i = [], 0
+        for name in CONV_ARGS:
+            if name in LAYER_LISTS:
+                inputs.append(list(flat[i : i + L]))
+                i += L
+            else:
+                inputs.append(flat[i])
+                i += 1
+        tape = list(flat[i : i + n_tape]) if n_tape >= 0 else None
+        out = _below_autograd(_op(impl, "conv"), *inputs, hidden, tape)
         _save_conv_inputs(ctx, inputs, tape)
         ctx.impl = impl
         return out
@@ -531,26 +576,10 @@ class _EagerConv(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         g = _conv_grads(ctx.impl, ctx, grad)
-        L = ctx.n_layers
-        return (
-            None,
-            None,
-            None,
-            g["x"],
-            g["inp"],
-            None,
-            None,
-            g["final_weight"],
-            g["final_bias"],
-            g["coef"],
-            None,
-            None,
-            None,
-            None,
-            *g["weights"],
-            *g["biases"],
-            *([None] * (2 * L + max(ctx.n_tape, 0))),
-        )
+        flat = []
+        for name, value in zip(CONV_ARGS, _conv_input_grads(g, ctx.n_layers)):
+            flat += value if name in LAYER_LISTS else [value]
+        return (None, None, None, None, *flat, *([None] * max(ctx.n_tape, 0)))
 
 
 def conv(
@@ -559,55 +588,44 @@ def conv(
     inp: Tensor,
     src: Tensor,
     rowptr: Tensor,
-    program: PackedProgram,
+    program: OpProgram,
     hidden: Optional[Tensor] = None,
     tape: Optional[List[Tensor]] = None,
 ) -> Tensor:
-    args = (x, inp, src, rowptr, *program.args(), hidden, tape)
+    """``ik_fast::<impl>_conv`` on ``program`` (see the module docstring), with autograd."""
+    args = (x, inp, src, rowptr, *program.args())
     if not torch.is_grad_enabled() or torch.compiler.is_compiling():
-        return _op(impl, "conv")(*args)
-    L = len(program.weights)
-    return _EagerConv.apply(
-        impl,
-        L,
-        -1 if tape is None else len(tape),
-        x,
-        inp,
-        src,
-        rowptr,
-        program.final_weight,
-        program.final_bias,
-        program.coef,
-        program.norm,
-        program.ndim,
-        program.final_mask,
-        hidden,
-        *program.weights,
-        *program.biases,
-        *program.fourier,
-        *program.fourier_inv,
-        *(tape or ()),
-    )
+        return _op(impl, "conv")(*args, hidden, tape)
+    flat = []
+    for name, value in zip(CONV_ARGS, args):
+        flat += value if name in LAYER_LISTS else [value]
+    return _EagerConv.apply(impl, len(program.weights), -1 if tape is None else len(tape), hidden, *flat, *(tape or ()))
 
 
 def trunk_moments(
     impl: str,
     inp: Tensor,
-    program: PackedProgram,
+    program: OpProgram,
     upto: int,
     with_activation: bool = False,
     start: int = 0,
     with_grid: bool = False,
 ):
     """(moments (2, H_k), the activation (E, H_k) when ``with_activation`` else an empty tensor) of hidden layer
-    ``upto``, and with ``with_grid`` its grid as a third element (see the module docstring); with ``start``, ``inp``
-    is the activation of hidden layer ``start`` and only the layers after it run."""
+    ``upto`` (1-based) before its batch norm, and with ``with_grid`` its grid as a third element (see the module
+    docstring); with ``start``, ``inp`` is the activation of hidden layer ``start`` before its batch norm and only the
+    layers after it run."""
+    empty = inp.new_empty(0)
+    first = program.bn_factor[start - 1] if start > 0 else empty
+    first_shift = program.bn_shift[start - 1] if start > 0 else empty
     out = _op(impl, "trunk_moments")(
         inp,
         program.weights[start:upto],
         program.biases[start:upto],
         program.fourier[start:upto],
         program.fourier_inv[start:upto],
+        [first, *program.bn_factor[start : upto - 1]],
+        [first_shift, *program.bn_shift[start : upto - 1]],
         with_activation,
         with_grid,
     )

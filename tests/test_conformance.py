@@ -135,20 +135,29 @@ class OpInputs:
     inp: torch.Tensor
     src: torch.Tensor
     rowptr: torch.Tensor
-    program: ops.PackedProgram
+    program: ops.OpProgram
 
     @classmethod
     def of(cls, conv, pos, ei, x, a, grad=True) -> "OpInputs":
-        prog = conv.kernel.program()
+        """The program of ``conv``'s kernel with its running statistics (randomised: every batch norm a non-trivial
+        affine map), whatever the layer's mode."""
+        was = conv.kernel.training
+        conv.kernel.eval()
+        try:
+            prog = conv.kernel.program()
+            with torch.no_grad():
+                p = prog.op_program([], x.dtype)
+        finally:
+            conv.kernel.train(was)
         g = prepare_graph(ei, x.shape[0], x.shape[0], x.device)
         inp = prog.mlp_input(pos[g.src] - pos[g.dst], a)[g.perm].contiguous()
-        with torch.no_grad():
-            p = prog.packed([], x.dtype)
         leaf = (lambda t: t.detach().clone().requires_grad_()) if grad else (lambda t: t.detach().clone())  # noqa
         p = replace(
             p,
             weights=[leaf(w) for w in p.weights],
             biases=[leaf(b) for b in p.biases],
+            bn_factor=[leaf(f) for f in p.bn_factor],
+            bn_shift=[leaf(s) for s in p.bn_shift],
             final_weight=leaf(p.final_weight),
             final_bias=leaf(p.final_bias),
             coef=leaf(p.coef),
@@ -160,17 +169,18 @@ class OpInputs:
         return [self.x, self.inp, self.src, self.rowptr, *self.program.args(), hidden, tape]
 
     def leaves(self) -> List[torch.Tensor]:
-        p = self.program
-        return [
-            t
-            for t in (self.x, self.inp, *p.weights, *p.biases, p.final_weight, p.final_bias, p.coef)
-            if t.requires_grad
-        ]
+        return [t for t in (self.x, self.inp, *self.program.grad_inputs()) if t.requires_grad and t.numel()]
 
     def detached(self) -> list:
         """The arguments of ``conv_backward`` after ``grad`` (no hidden), without autograd."""
         d = lambda t: t.detach() if torch.is_tensor(t) else [u.detach() for u in t] if isinstance(t, list) else t  # noqa
         return [d(t) for t in self.args()[:-2]]
+
+    def plain(self) -> ops.OpProgram:
+        """The program without autograd (for the statistics op)."""
+        p = self.program
+        d = lambda ts: [t.detach() for t in ts]  # noqa: E731
+        return replace(p, weights=d(p.weights), biases=d(p.biases), bn_factor=d(p.bn_factor), bn_shift=d(p.bn_shift))
 
     def out_shape(self):
         return (self.rowptr.shape[0] - 1, self.program.final_weight.shape[0])
@@ -243,29 +253,42 @@ def test_final_mask_semantics_on_a_weight_outside_the_structure(impl, device):
 # ----------------------------------------------------------------------------------------------------------------
 def _trunk_inputs(device, name="SO3", n_channels=2):
     conv, gs, attr_t = _layer(name, "mixed_attr", device=device, n_channels=n_channels)
-    conv.train()
     pos, ei, x, a = _graph(conv, gs, attr_t, n=12, e=70, device=device)
-    prog = conv.kernel.program()
-    inp = prog.mlp_input(pos[ei[0]] - pos[ei[1]], a)
-    with torch.no_grad():
-        return conv, inp, prog.packed([], x.dtype)
+    inputs = OpInputs.of(conv, pos, ei, x, a, grad=False)
+    return conv, inputs.inp, inputs.plain()
+
+
+def _moments_statement(inp, p, upto, start=0):
+    """trunk_moments' statement for hidden layers start+1 .. upto of ``p`` (their batch norms between them, and the
+    one of layer ``start`` on ``inp`` when the pass starts from its activation)."""
+    empty = inp.new_empty(0)
+    first = (p.bn_factor[start - 1], p.bn_shift[start - 1]) if start else (empty, empty)
+    return ops.trunk_moments_reference_form(
+        inp,
+        p.weights[start:upto],
+        p.biases[start:upto],
+        p.fourier[start:upto],
+        p.fourier_inv[start:upto],
+        [first[0], *p.bn_factor[start : upto - 1]],
+        [first[1], *p.bn_shift[start : upto - 1]],
+    )
 
 
 @IMPL
 @pytest.mark.parametrize("upto", [1, 2])
 def test_moments_and_activation_match_the_trunk(impl, device, upto):
+    """The statistics pass of hidden layer ``upto``: its activation before its batch norm, the batch norms of the
+    layers before it applied; chained from the previous layer's activation where the implementation chains."""
     _, inp, p = _trunk_inputs(device)
     m, act = ops.trunk_moments(impl, inp, p, upto, with_activation=True)
-    h = ops.trunk_reference_form(inp, p.weights[:upto], p.biases[:upto], p.fourier[:upto], p.fourier_inv[:upto])
+    want_m, h = _moments_statement(inp, p, upto)
     bound = _tol("forward", F64, impl)
-    assert rel(m[0], h.mean(0)) <= bound
-    assert rel(m[1], (h - h.mean(0)).square().sum(0)) <= bound
+    assert rel(m[0], want_m[0]) <= bound
+    assert rel(m[1], want_m[1]) <= bound
     assert rel(act, h) <= bound
     assert ops.trunk_moments(impl, inp, p, upto)[1].numel() == 0
     if upto > 1 and ops.implementation(impl).chained_statistics:  # from the previous layer's activation
-        prev = ops.trunk_reference_form(
-            inp, p.weights[: upto - 1], p.biases[: upto - 1], p.fourier[: upto - 1], p.fourier_inv[: upto - 1]
-        )
+        _, prev = _moments_statement(inp, p, upto - 1)
         m2, act2 = ops.trunk_moments(impl, prev, p, upto, with_activation=True, start=upto - 1)
         assert rel(act2, h) <= bound and rel(m2[1], m[1]) <= bound
 
@@ -290,8 +313,9 @@ def test_grid_matches_its_statement(impl, device, upto):
         return
     _, act, grid = res
     h = ops.trunk_reference_form(
-        inp, p.weights[: upto - 1], p.biases[: upto - 1], p.fourier[: upto - 1], p.fourier_inv[: upto - 1]
-    )
+        inp, p.weights[: upto - 1], p.biases[: upto - 1], p.fourier[: upto - 1], p.fourier_inv[: upto - 1],
+        p.bn_factor, p.bn_shift,
+    )  # fmt: skip
     y = ops.linear_reference_form(h, p.weights[upto - 1], p.biases[upto - 1])
     A = p.fourier[upto - 1]
     u = torch.nn.functional.elu(y.reshape(y.shape[0], -1, A.shape[1]) @ A.t())  # (E, C, G)
@@ -307,7 +331,7 @@ def test_tape_gives_what_recomputation_gives(impl, device):
     conv.train()
     inputs = OpInputs.of(conv, *_graph(conv, gs, attr_t, n=12, e=70, device=device))
     p = inputs.program
-    plain = replace(p, weights=[w.detach() for w in p.weights], biases=[b.detach() for b in p.biases])
+    plain = inputs.plain()
     tape = []
     for k in range(1, len(p.weights) + 1):
         res = _grids_or_none(impl, inputs.inp.detach(), plain, k)
@@ -513,12 +537,13 @@ def test_opcheck(impl, device):
     torch.library.opcheck(_op(impl, "conv"), inputs.args())
     grad = torch.randn(inputs.out_shape(), dtype=F64, device=device, requires_grad=True)
     torch.library.opcheck(_op(impl, "conv_backward"), (grad, *inputs.args()[:-2]))
-    p = inputs.program
-    plain = [w.detach() for w in p.weights], [b.detach() for b in p.biases]
+    p = inputs.plain()
+    L = len(p.weights)
+    empty = inputs.inp.new_empty(0)
+    in_factor, in_shift = [empty, *p.bn_factor[: L - 1]], [empty, *p.bn_shift[: L - 1]]
     for with_act in (False, True):
-        torch.library.opcheck(
-            _op(impl, "trunk_moments"), (inputs.inp.detach(), *plain, p.fourier, p.fourier_inv, with_act)
-        )
+        args = (inputs.inp.detach(), p.weights, p.biases, p.fourier, p.fourier_inv, in_factor, in_shift, with_act)
+        torch.library.opcheck(_op(impl, "trunk_moments"), args)
     _, act = ops.trunk_moments(impl, inputs.inp.detach(), p, len(p.weights), with_activation=True)
     torch.library.opcheck(_op(impl, "conv"), inputs.args(hidden=act))
 

@@ -15,10 +15,93 @@ in backward. Without autograd and batch statistics (inference), the trunk too is
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..graph import Graph
-from ..program import KernelProgram
+from ..program import KernelProgram, Linear
+
+
+def _fold(lin: Linear, scale, shift, inner: int = 1) -> Linear:
+    """``lin`` applied after the affine map ``h -> h * scale + shift`` on its input (scale, shift (H,)), where each
+    input column index is ``h * inner + k`` (``inner`` > 1 for the kernel-layout last layer): this backend folds each
+    batch norm into the Linear after it (a product over the weight instead of a pass over the activations)."""
+    R = lin.weight.shape[0]
+    w3 = lin.weight.reshape(R, -1, inner)
+    weight = (w3 * scale[None, :, None]).reshape(R, -1)
+    extra = (w3.reshape(R, -1) @ shift) if inner == 1 else torch.matmul(shift, w3).reshape(-1)
+    return Linear(weight, extra if lin.bias is None else lin.bias + extra, lin.plan)
+
+
+def _apply(lin: Linear, x):
+    """``x W^T + b`` through the block plan where there is one."""
+    if lin.plan is None:
+        # x @ W^T with W^T materialised: autograd then forms the weight gradient as x^T @ grad, a GEMM shape that
+        # BLAS runs ~15x faster than grad^T @ x when the input is narrow (the first layer's n + A columns)
+        y = x @ lin.weight.t().contiguous()
+    else:
+        y = lin.plan.apply(x, lin.plan.gather(lin.weight))
+    return y if lin.bias is None else y + lin.bias
+
+
+class _FourierELU(torch.autograd.Function):
+    """``ELU(x A^T) Ainv^T`` per channel, saving only its input x (E, C, d): the backward recomputes ``x A^T`` (one
+    small GEMM) instead of keeping the activation on the grid, which is grid/d times larger (2.4x for O(3)'s
+    120-point grid). Both directions go over edge chunks so that the grid activation exists for one chunk at a time.
+    The backward is made of differentiable operations, so double backward works."""
+
+    CHUNK = 8192
+
+    @staticmethod
+    def forward(ctx, x, A, Ainv):
+        ctx.save_for_backward(x, A, Ainv)
+        n = _FourierELU.CHUNK
+        if x.shape[0] <= n:
+            return F.elu(x @ A.t(), inplace=True) @ Ainv.t()
+        out = x.new_empty(*x.shape[:-1], Ainv.shape[0])
+        for s in range(0, x.shape[0], n):
+            torch.matmul(F.elu(x[s : s + n] @ A.t(), inplace=True), Ainv.t(), out=out[s : s + n])
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, A, Ainv = ctx.saved_tensors
+        # the backward runs outside autocast: compute in the dtype the forward saw (bfloat16 under autocast)
+        A, Ainv, grad = A.to(x.dtype), Ainv.to(x.dtype), grad.to(x.dtype)
+        parts = []
+        for s in range(0, x.shape[0], _FourierELU.CHUNK):
+            u = x[s : s + _FourierELU.CHUNK] @ A.t()
+            g = grad[s : s + _FourierELU.CHUNK] @ Ainv
+            g = torch.ops.aten.elu_backward(g, 1.0, 1, 1, False, u)  # g * ELU'(u), itself differentiable
+            parts.append(g @ A)
+        return (parts[0] if len(parts) == 1 else torch.cat(parts)), None, None
+
+
+def _activate(layer, y):
+    """Linear output (E, C * D) -> activation (E, C * D): the Fourier ELU through :class:`_FourierELU`."""
+    if layer.A is None:
+        return F.elu(y)
+    x = y.reshape(y.shape[0], layer.channels, layer.dim)
+    return _FourierELU.apply(x, layer.A, layer.Ainv).reshape(y.shape[0], -1)
+
+
+def _trunk(program: KernelProgram, delta, attr):
+    """(a, stats, pending): the last hidden activation *before* its batch norm, the batch statistics used, and that
+    batch norm's (scale, shift) (None without one) for the caller to fold into the last Linear; every Linear through
+    its block plan, each batch norm folded into the Linear after it."""
+    h = program.mlp_input(delta, attr)
+    used, pending = [], None
+    for layer in program.hidden:
+        lin = layer.linear if pending is None else _fold(layer.linear, *pending)
+        a = _activate(layer, _apply(lin, h))
+        pending = None
+        if layer.bn is not None:
+            st = layer.bn.batch_stats(a) if program.training else None
+            if st is not None:
+                used.append(st)
+            pending = layer.bn.affine(st)
+        h = a
+    return h, used, pending
 
 
 def _input_groups(program: KernelProgram, x):
@@ -38,7 +121,7 @@ def _input_groups(program: KernelProgram, x):
     return out
 
 
-def _contract(program: KernelProgram, final, chunk, h, s, x):
+def _contract(program: KernelProgram, final, blocks, chunk, h, s, x):
     """Outputs (n_r, C_out) of a chunk's receivers from its edges' hidden activations h, radial factors s and source
     features x, in the chunk's edge order."""
     n_r, D = chunk.receivers.numel(), chunk.degree
@@ -55,7 +138,7 @@ def _contract(program: KernelProgram, final, chunk, h, s, x):
         zs = []  # per field group, Z (n_r, H * d_i, F_i): component-major as the plan expects
         for xg, f_i in _input_groups(program, x.reshape(n_r * D, -1)):
             zs.append(torch.bmm(hsT, xg.reshape(n_r, D, -1)).reshape(n_r, -1, f_i))
-        y = final.plan.merge(final.plan.apply_split(zs, final.blocks))
+        y = final.plan.merge(final.plan.apply_split(zs, blocks))
     if final.bias is not None:
         z = torch.bmm(s.reshape(n_r, 1, D), x).squeeze(1)  # (n_r, C_in)
         y = y + z @ final.bias.reshape(program.out_size, program.in_size).t()
@@ -63,17 +146,17 @@ def _contract(program: KernelProgram, final, chunk, h, s, x):
 
 
 def _final_layer(program: KernelProgram, pending):
-    """The last Linear, with the last hidden layer's batch norm folded in."""
-    if pending is None:
-        return program.final.with_blocks()
-    return program.final.fold(*pending, inner=program.in_size).with_blocks()
+    """The last Linear, with the last hidden layer's batch norm folded in, and its plan's blocks (gathered before a
+    checkpointed region reads them: recomputation must see the same operations as the first pass)."""
+    final = program.final if pending is None else _fold(program.final, *pending, inner=program.in_size)
+    return final, (None if final.plan is None else final.plan.gather(final.weight))
 
 
-def _chunk_inference(program: KernelProgram, final, chunk, x_src, src, delta, attr):
+def _chunk_inference(program: KernelProgram, final, blocks, chunk, x_src, src, delta, attr):
     d = delta[chunk.eid]
-    h, _, _ = program.trunk(d, None if attr is None else attr[chunk.eid], structured=True)
+    h, _, _ = _trunk(program, d, None if attr is None else attr[chunk.eid])
     s = program.shell(d)
-    return _contract(program, final, chunk, h, s, x_src[src[chunk.eid]])
+    return _contract(program, final, blocks, chunk, h, s, x_src[src[chunk.eid]])
 
 
 def implicit_conv_torch(program: KernelProgram, x_src, graph: Graph, delta, attr):
@@ -89,19 +172,19 @@ def implicit_conv_torch(program: KernelProgram, x_src, graph: Graph, delta, attr
         # all edges in chunk order, so that each chunk's edges are one piece of a split (whose backward is one cat)
         order = graph.chunk_order(program.hidden_size, program.in_size)
         delta, attr = delta[order], None if attr is None else attr[order]
-        h, stats, pending = program.trunk(delta, attr, structured=True)
-        final = _final_layer(program, pending)
+        h, stats, pending = _trunk(program, delta, attr)
+        final, blocks = _final_layer(program, pending)
         s = program.shell(delta)
         sizes = chunks.sizes()
         pieces = zip(chunks, h.split(sizes), s.split(sizes), x_src[graph.src[order]].split(sizes))
         for chunk, h_c, s_c, x_c in pieces:
             if grad:
-                ys.append(checkpoint(_contract, program, final, chunk, h_c, s_c, x_c, use_reentrant=False))
+                ys.append(checkpoint(_contract, program, final, blocks, chunk, h_c, s_c, x_c, use_reentrant=False))
             else:
-                ys.append(_contract(program, final, chunk, h_c, s_c, x_c))
+                ys.append(_contract(program, final, blocks, chunk, h_c, s_c, x_c))
     else:  # inference: the trunk too goes chunk by chunk; eval-mode batch norm is a fixed affine map
         last_bn = program.hidden[-1].bn if program.hidden else None
-        final = _final_layer(program, None if last_bn is None else last_bn.affine(None))
-        ys = [_chunk_inference(program, final, chunk, x_src, graph.src, delta, attr) for chunk in chunks]
+        final, blocks = _final_layer(program, None if last_bn is None else last_bn.affine(None))
+        ys = [_chunk_inference(program, final, blocks, chunk, x_src, graph.src, delta, attr) for chunk in chunks]
     recv = chunks.receivers  # every receiver with edges, chunk after chunk
     return out.index_copy(0, recv, torch.cat(ys).to(out.dtype)), stats  # (bfloat16 under autocast)

@@ -6,12 +6,13 @@ does what every implementation shares, on the lowered program and the prepared g
 
 1. the MLP inputs ``[d, a]`` and the sources in receiver order (the graph's CSR);
 2. in training, the batch statistics layer after layer: ``trunk_moments`` of layer k with the batch norms before it
-   folded (:meth:`KernelProgram.packed` with ``upto=k``), finished by :meth:`BatchNorm.finish`, detached (escnn's
-   rule); the last layer's pass also returns its activation;
-3. ``conv`` on the program with every batch norm folded (and, in training, that activation, so the trunk is not
-   evaluated again, and for the implementations that declare a tape on the device the tape: every pass's activation
-   and, within a budget, its Fourier grid, so that the backward does not evaluate the trunk again either); its autograd
-   (:func:`ik_fast.ops.conv`) reaches escnn's parameters through the differentiable packing.
+   as affine maps (:meth:`KernelProgram.op_program` with the statistics known so far), finished by
+   :meth:`BatchNorm.finish`, detached (escnn's rule); the last layer's pass also returns its activation;
+3. ``conv`` on the MLP as written, every batch norm an affine map from its statistics (and, in training, that
+   activation, so the trunk is not evaluated again, and for the implementations that declare a tape on the device the
+   tape: every pass's activation and, within a budget, its Fourier grid, so that the backward does not evaluate the
+   trunk again either); its autograd (:func:`ik_fast.ops.conv`) reaches escnn's parameters through the program's
+   expansion and the batch norms' affine maps. The host folds nothing.
 """
 
 from __future__ import annotations
@@ -99,11 +100,9 @@ def implicit_conv_fused(impl: str, program: KernelProgram, x_src, graph: Graph, 
             if layer.bn is None:
                 continue
             with torch.no_grad():
-                # the program memoises the folds (without autograd), and conv's packing below reuses them
-                packed = program.packed(stats, dtype, upto=k)
+                packed = program.op_program(stats, dtype)
                 # the last layer's statistics pass also gives the activation that conv contracts; a chaining
-                # implementation starts each pass from the previous one's activation (the layers before it are the
-                # same in both packings: a batch norm folds into the Linear after it)
+                # implementation starts each pass from the previous one's activation (and its batch norm)
                 keep = k == last or chain
                 start_from = (prev_act, prev) if chain and prev_act is not None else (inp, 0)
                 res = ops.trunk_moments(
@@ -112,11 +111,11 @@ def implicit_conv_fused(impl: str, program: KernelProgram, x_src, graph: Graph, 
                 moments, act = res[0], res[1]
                 if taped:
                     tape += [act, res[2] if grids else act.new_empty(0)]
-                stats.append(program.finish_stats(k - 1, moments, graph.num_edges))
+                stats.append(layer.bn.finish(moments, graph.num_edges))
             prev, prev_act = k, (act if chain else None)
             hidden = act if k == last else None
     x_src = x_src if x_src.is_contiguous() else x_src.contiguous()
-    out = ops.conv(impl, x_src, inp, src, graph.rowptr, program.packed(stats, dtype), hidden, tape)
+    out = ops.conv(impl, x_src, inp, src, graph.rowptr, program.op_program(stats, dtype), hidden, tape)
     return out, stats
 
 

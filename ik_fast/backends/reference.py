@@ -9,30 +9,30 @@ from __future__ import annotations
 
 import torch
 
+from .. import ops
 from ..graph import Graph
 from ..program import KernelProgram
 
 EVAL_CHUNK = 16384
 
 
-def _messages(program: KernelProgram, x_src, graph: Graph, delta, attr, sl=slice(None)):
-    h, stats = program.trunk(delta[sl], None if attr is None else attr[sl])
-    k = program.kernel_from_hidden(h, program.shell(delta[sl]))  # (E, C_out, C_in)
-    msg = torch.bmm(k, x_src[graph.src[sl]].unsqueeze(-1)).squeeze(-1)
-    return msg, stats
-
-
 def implicit_conv_reference(program: KernelProgram, x_src, graph: Graph, delta, attr):
-    """out (n_dst, C_out) = sum over edges j -> i of K(delta_e, attr_e) x_j, and the batch statistics used."""
+    """out (n_dst, C_out) = sum over edges j -> i of K(delta_e, attr_e) x_j, and the batch statistics used: the op
+    layer's statement of the layer (:func:`ik_fast.ops.messages_reference_form`)."""
     out = x_src.new_zeros(graph.n_dst, program.out_size)
     E = graph.num_edges
     if E == 0:
         return out, []
     chunked = not torch.is_grad_enabled() and not program.needs_batch_stats
     step = EVAL_CHUNK if chunked else E
-    stats = []
+    stats: list = []
+    args = list(program.op_program([], dense=True).args())
+    args[-1] = None  # (the lowered weight is zero outside its structure: no mask to apply)
+    inp = program.mlp_input(delta, attr)
     for start in range(0, E, step):
         sl = slice(start, start + step)
-        msg, stats = _messages(program, x_src, graph, delta, attr, sl)
+        msg = ops.messages_reference_form(
+            x_src[graph.src[sl]], inp[sl], *args, affines=program.batch_affines(None, stats)
+        )
         out = out.index_add(0, graph.dst[sl], msg.to(out.dtype))  # (bfloat16 under autocast)
     return out, stats
