@@ -102,7 +102,7 @@ def build(args) -> int:
     """Time the native extension's loading as the package does it on first use (prebuilt or compiled now)."""
     import torch  # noqa: F401  (imported before the clock starts: the build, not torch's import, is timed)
 
-    from ik_fast import _native, bench, ops, records
+    from ik_fast import _native, backends, bench, ops, records  # noqa: F401  (backends declares the implementations)
 
     prov = bench.provenance(args.device)
     err = io.StringIO()
