@@ -211,14 +211,19 @@ def _at(seq, k):
     return seq[k] if seq is not None and k < len(seq) else None
 
 
-def trunk_reference_form(inp, weights, biases, fourier, fourier_inv, bn_factor=None, bn_shift=None, affines=None):
+def trunk_reference_form(
+    inp, weights, biases, fourier, fourier_inv, bn_factor=None, bn_shift=None, affines=None,
+    linear=linear_reference_form, activation=activation_reference_form,
+):  # fmt: skip
     """The trunk of the kernel MLP on ``inp``: every hidden layer's Linear, activation and batch norm (see the module
     docstring); the input itself without layers. ``bn_factor`` / ``bn_shift`` shorter than the layers (or None):
     the layers past them without batch norm. ``affines``: ``(k, a_k) -> (factor, shift)`` in their place, for a
-    caller that forms each batch norm from the batch's statistics of ``a_k`` (training)."""
+    caller that forms each batch norm from the batch's statistics of ``a_k`` (training). ``linear`` and
+    ``activation``: the same maps computed another way (the ``torch`` backend's block plans and its Fourier ELU that
+    keeps no grid for the backward)."""
     h = inp
     for k, (w, b, A, Ainv) in enumerate(zip(weights, biases, fourier, fourier_inv)):
-        a = activation_reference_form(linear_reference_form(h, w, b), A, Ainv)
+        a = activation(linear(h, w, b), A, Ainv)
         f, s = affines(k, a) if affines is not None else (_at(bn_factor, k), _at(bn_shift, k))
         h = affine_reference_form(a, f, s)
     return h

@@ -18,23 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from .. import ops
 from ..graph import Graph
 from ..program import KernelProgram, Linear
 
 
-def _fold(lin: Linear, scale, shift, inner: int = 1) -> Linear:
-    """``lin`` applied after the affine map ``h -> h * scale + shift`` on its input (scale, shift (H,)), where each
-    input column index is ``h * inner + k`` (``inner`` > 1 for the kernel-layout last layer): this backend folds each
-    batch norm into the Linear after it (a product over the weight instead of a pass over the activations)."""
-    R = lin.weight.shape[0]
-    w3 = lin.weight.reshape(R, -1, inner)
-    weight = (w3 * scale[None, :, None]).reshape(R, -1)
-    extra = (w3.reshape(R, -1) @ shift) if inner == 1 else torch.matmul(shift, w3).reshape(-1)
-    return Linear(weight, extra if lin.bias is None else lin.bias + extra, lin.plan)
-
-
-def _apply(lin: Linear, x):
-    """``x W^T + b`` through the block plan where there is one."""
+def _apply(x, lin: Linear, _bias=None):
+    """``x W^T + b`` through the block plan where there is one (``_bias``: unused, the Linear holds its own)."""
     if lin.plan is None:
         # x @ W^T with W^T materialised: autograd then forms the weight gradient as x^T @ grad, a GEMM shape that
         # BLAS runs ~15x faster than grad^T @ x when the input is narrow (the first layer's n + A columns)
@@ -77,31 +67,30 @@ class _FourierELU(torch.autograd.Function):
         return (parts[0] if len(parts) == 1 else torch.cat(parts)), None, None
 
 
-def _activate(layer, y):
+def _activate(y, A, Ainv):
     """Linear output (E, C * D) -> activation (E, C * D): the Fourier ELU through :class:`_FourierELU`."""
-    if layer.A is None:
+    if A is None:
         return F.elu(y)
-    x = y.reshape(y.shape[0], layer.channels, layer.dim)
-    return _FourierELU.apply(x, layer.A, layer.Ainv).reshape(y.shape[0], -1)
+    x = y.reshape(y.shape[0], -1, A.shape[1])
+    return _FourierELU.apply(x, A, Ainv).reshape(y.shape[0], -1)
 
 
 def _trunk(program: KernelProgram, delta, attr):
-    """(a, stats, pending): the last hidden activation *before* its batch norm, the batch statistics used, and that
-    batch norm's (scale, shift) (None without one) for the caller to fold into the last Linear; every Linear through
-    its block plan, each batch norm folded into the Linear after it."""
-    h = program.mlp_input(delta, attr)
-    used, pending = [], None
-    for layer in program.hidden:
-        lin = layer.linear if pending is None else _fold(layer.linear, *pending)
-        a = _activate(layer, _apply(lin, h))
-        pending = None
-        if layer.bn is not None:
-            st = layer.bn.batch_stats(a) if program.training else None
-            if st is not None:
-                used.append(st)
-            pending = layer.bn.affine(st)
-        h = a
-    return h, used, pending
+    """(h, stats): the last hidden activation and the batch statistics used — the op layer's statement of the trunk
+    (:func:`ik_fast.ops.trunk_reference_form`) with this backend's Linears (block plans) and Fourier ELU."""
+    used: list = []
+    hid = program.hidden
+    h = ops.trunk_reference_form(
+        program.mlp_input(delta, attr),
+        [layer.linear for layer in hid],
+        [None] * len(hid),
+        [layer.A for layer in hid],
+        [layer.Ainv for layer in hid],
+        affines=program.batch_affines(None, used),
+        linear=_apply,
+        activation=_activate,
+    )
+    return h, used
 
 
 def _input_groups(program: KernelProgram, x):
@@ -145,16 +134,16 @@ def _contract(program: KernelProgram, final, blocks, chunk, h, s, x):
     return y
 
 
-def _final_layer(program: KernelProgram, pending):
-    """The last Linear, with the last hidden layer's batch norm folded in, and its plan's blocks (gathered before a
-    checkpointed region reads them: recomputation must see the same operations as the first pass)."""
-    final = program.final if pending is None else _fold(program.final, *pending, inner=program.in_size)
+def _final_layer(program: KernelProgram):
+    """The last Linear and its plan's blocks (gathered before a checkpointed region reads them: recomputation must
+    see the same operations as the first pass)."""
+    final = program.final
     return final, (None if final.plan is None else final.plan.gather(final.weight))
 
 
 def _chunk_inference(program: KernelProgram, final, blocks, chunk, x_src, src, delta, attr):
     d = delta[chunk.eid]
-    h, _, _ = _trunk(program, d, None if attr is None else attr[chunk.eid])
+    h, _ = _trunk(program, d, None if attr is None else attr[chunk.eid])
     s = program.shell(d)
     return _contract(program, final, blocks, chunk, h, s, x_src[src[chunk.eid]])
 
@@ -172,8 +161,8 @@ def implicit_conv_torch(program: KernelProgram, x_src, graph: Graph, delta, attr
         # all edges in chunk order, so that each chunk's edges are one piece of a split (whose backward is one cat)
         order = graph.chunk_order(program.hidden_size, program.in_size)
         delta, attr = delta[order], None if attr is None else attr[order]
-        h, stats, pending = _trunk(program, delta, attr)
-        final, blocks = _final_layer(program, pending)
+        h, stats = _trunk(program, delta, attr)
+        final, blocks = _final_layer(program)
         s = program.shell(delta)
         sizes = chunks.sizes()
         pieces = zip(chunks, h.split(sizes), s.split(sizes), x_src[graph.src[order]].split(sizes))
@@ -183,8 +172,7 @@ def implicit_conv_torch(program: KernelProgram, x_src, graph: Graph, delta, attr
             else:
                 ys.append(_contract(program, final, blocks, chunk, h_c, s_c, x_c))
     else:  # inference: the trunk too goes chunk by chunk; eval-mode batch norm is a fixed affine map
-        last_bn = program.hidden[-1].bn if program.hidden else None
-        final, blocks = _final_layer(program, None if last_bn is None else last_bn.affine(None))
+        final, blocks = _final_layer(program)
         ys = [_chunk_inference(program, final, blocks, chunk, x_src, graph.src, delta, attr) for chunk in chunks]
     recv = chunks.receivers  # every receiver with edges, chunk after chunk
     return out.index_copy(0, recv, torch.cat(ys).to(out.dtype)), stats  # (bfloat16 under autocast)
