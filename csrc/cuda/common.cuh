@@ -1,8 +1,9 @@
 // Shared pieces of ik_fast's CUDA kernels (csrc/cuda/*.cu): the block-level small-GEMM helper every stage is written
 // with, the ELU, the layer descriptors of the trunk, and host-side helpers (checks, dtype, shared-memory opt-in).
 //
-// Everything here is plain CUDA C++ (no tensor-core instructions): the custom kernels compute in IEEE FFMA in the
-// tensors' own dtype (float32 or float64). See conv_cuda.cu's header for the algorithm and the precision paths.
+// The custom kernels compute in IEEE FFMA in the compute dtype (float32 or float64), or, for float32 under TF32
+// matmul precision, their GEMMs on TF32 tensor cores (block_mm_tf32). See conv_cuda.cu's header for the algorithm and
+// the precision paths.
 #pragma once
 
 // Only ATen and c10's CUDA headers: ATen/cuda/CUDAContext.h would pull in cuBLAS / cuSPARSE / cuSOLVER headers,
@@ -215,13 +216,18 @@ __device__ __forceinline__ void mm(int nb, int M, int N, int K, const T* A, AOff
 //         (D, cout, cin) weight with its last two dimensions swapped (cin = hin / D, cout = hout / D)
 //   b     (hout,)
 //   at    Fourier ELU (fd > 0): A^T (fd, g); ainvt: (A^+)^T (g, fd); unused for a pointwise ELU (fd == 0)
-//   save_y, save_a: when not null, the layer's pre-activation y and activation a are written there, (E, hout)
+//   bnf, bns: the affine map after the activation (a batch norm with known statistics), or null:
+//         h[:, j] = a[:, j] * bnf[j / bnd] + bns[j] (channel-major: bnf (hout / bnd,), bns (hout,))
+//   save_y, save_a: when not null, the layer's pre-activation y and activation a (before the affine) are written
+//         there, (E, hout)
 template <typename T>
 struct LayerDesc {
   const T* w;
   const T* b;
   const T* at;
   const T* ainvt;
+  const T* bnf;
+  const T* bns;
   T* save_y;
   T* save_a;
   int hin;
@@ -229,16 +235,20 @@ struct LayerDesc {
   int cw_d;
   int fd;
   int g;
+  int bnd;
 };
 
 template <typename T>
 struct TrunkArgs {
   LayerDesc<T> layer[kMaxLayers];
-  const T* in;   // (E, hin0) the MLP input (or the activation of the previous launch's last layer)
-  T* out;        // (E, hout of the last layer)
+  const T* in;    // (E, hin0) the MLP input (or the output of the previous launch's last layer)
+  const T* in_f;  // the affine map applied to `in` as it is loaded (in_f[j / in_d], in_s[j]), or null
+  const T* in_s;
+  T* out;         // (E, hout of the last layer), after the last layer's affine
   int64_t E;
-  int nl;        // layers in this launch, 1 .. kMaxLayers
+  int nl;         // layers in this launch, 1 .. kMaxLayers
   int hin0;
+  int in_d;
   int be;        // edges per tile (block)
   int ld;        // row stride of the shared-memory tiles (>= every width, odd)
   int gc;        // grid points of the Fourier ELU per chunk

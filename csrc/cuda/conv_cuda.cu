@@ -10,12 +10,14 @@
 // Forward, conv(x, inp, ...):
 //  1. radial shell s_e = norm exp(-coef |d_e|^2)                          ATen, (E,)
 //  2. trunk per tile of edges, fused on chip (trunk_cuda.cu, ik_trunk_forward_kernel): input tile -> every hidden
-//     layer (Linear, then Fourier / pointwise ELU) in shared memory -> h (E, H) written once. The Fourier ELU's
-//     sampled values u = y A^T (E, C_k, G) exist only per chunk (<= 256 rows x 32 grid points) in shared memory.
+//     layer (Linear, then Fourier / pointwise ELU, then its batch norm's affine map a f[c] + s in the tile) in shared
+//     memory -> h (E, H) written once. The Fourier ELU's sampled values u = y A^T (E, C_k, G) exist only per chunk
+//     (<= 256 rows x 32 grid points) in shared memory.
 //       shared memory per block: 2 be (Hmax | 1) + 32 min(be C_k, 256)   (X / Y tiles + Fourier scratch)
 //       e.g. config M (H = 152, C_k = 8, fp32): be = 16, 19.6 KB + 16 KB; config H (H = 816, C_k = 16, fp32):
 //       be = 8, 52.3 KB + 16 KB (three blocks per SM on sm_90)
-//     Skipped when the caller passes `hidden` (the statistics pass's activation).
+//     Skipped when the caller passes `hidden` (the statistics pass's activation, before the last batch norm: the Z
+//     kernel applies that affine map as it stages h).
 //  3. contraction once per receiver, receivers in chunks of nr (Z of a chunk <= 256 MB):
 //       Z_i = sum_{e -> i} s_e [h_e, 1] (x) x_src(e)        ((H + 1) x C per receiver; row H is z_i = sum s_e x_e)
 //       out_i = W_aug vec(Z_i),  W_aug = [W_F * mask | B_F] as (R, (H + 1) C)
@@ -25,8 +27,9 @@
 //     Z chunk (nr (H + 1) C), W_aug (R (H + 1) C). Never per-edge kernels (E, R, C) nor (E, C_k, G) activations.
 //
 // Backward, conv_backward(grad, ...):
-//  1. trunk forward again (same kernel) saving every layer's pre-activation y_k and activation a_k (E, H_k)
-//     (global memory: 2 E sum_k H_k), and s.
+//  1. trunk forward again (same kernel) saving every layer's pre-activation y_k and activation a_k (E, H_k) before
+//     its batch norm, and h = the last layer's output after it (global memory: 2 E sum_k H_k, + E H when the last
+//     layer has a batch norm), and s.
 //  2. per receiver chunk: Z again (kernel above); dW_aug += grad_c^T Z_c (cuBLAS addmm); dZ_c = grad_c W_aug
 //     (cuBLAS, into Z's buffer); then ik_contract_edge_backward_kernel, one block per tile of <= te edges of ONE
 //     receiver (tiles listed by a device-side prefix sum over ceil(deg / te): a receiver with 10^4 edges spreads
@@ -35,16 +38,20 @@
 //     no atomics: each output element has one writer; then with ATen: ds_e = G_e . [h_e, 1], dh_e = s_e G_e[:H],
 //     dx = index_add_(src, dxe) (deterministic under torch.use_deterministic_algorithms).
 //     shared memory: te (C|1) x 2 + 32 (C|1) + te 33   (x tile, dx accumulator, dZ rows, h rows)
-//  3. trunk backward layer by layer (trunk_cuda.cu): dy_k from (y_k, da_k) by ik_fourier_elu_backward_kernel
-//     (u = y A^T and du recomputed per chunk in shared memory, 3 (be, H|1) tiles + scratch) or the pointwise ELU's;
-//     dW_k = dy_k^T a_{k-1}, db_k = sum_e dy_k, da_{k-1} = dy_k W_k through ATen (cuBLAS mm / bmm for componentwise
-//     weights): deterministic weight gradients, no atomics.
-//  4. d inp = da_0 + the radial term (-2 coef s_e ds_e d_e on the first ndim columns);
+//  3. trunk backward layer by layer (trunk_cuda.cu), from dh_k, the gradient of layer k's output h_k = a_k f + s:
+//     the batch norm's d f[c] = sum_{e,i} dh_k a_k, d s = sum_e dh_k (ATen reductions, like the bias gradient);
+//     dy_k from (y_k, da_k = dh_k f) by ik_fourier_elu_backward_kernel (da_k formed as dh_k is loaded; u = y A^T and
+//     du recomputed per chunk in shared memory, 3 (be, H|1) tiles + scratch) or the pointwise ELU's (likewise);
+//     dW_k = dy_k^T h_{k-1} = (dy_k^T a_{k-1}) diag(f_{k-1}) + db_k s_{k-1}^T (from the saved a_{k-1}: no h_{k-1}),
+//     db_k = sum_e dy_k, dh_{k-1} = dy_k W_k through ATen (cuBLAS mm / bmm for componentwise weights):
+//     deterministic weight gradients, no atomics.
+//  4. d inp = dh_0 + the radial term (-2 coef s_e ds_e d_e on the first ndim columns);
 //     d coef = -sum_e s_e ds_e |d_e|^2;
 //     dW_F = dW_aug[:, :H C] * mask (zero outside the structure), dB_F = dW_aug[:, H C:].
 //  Global memory of the backward, beyond inputs and outputs: 2 E sum_k H_k (saved y_k, a_k) + E (H + 2) (G, ds)
-//  + E C (dxe) + nr (H + 1) C (Z / dZ chunk, <= 256 MB) + 2 R (H + 1) C (W_aug, dW_aug); at config H (float32,
-//  197k edges) about 2.6 GB + 0.7 GB + 0.1 GB + 0.25 GB + 0.14 GB.
+//  + E C (dxe) + nr (H + 1) C (Z / dZ chunk, <= 256 MB) + 2 R (H + 1) C (W_aug, dW_aug), + E H (h after the last
+//  batch norm, when there is one); at config H (float32, 197k edges) about 2.6 GB + 0.7 GB + 0.1 GB + 0.25 GB
+//  + 0.14 GB (+ 0.6 GB).
 //
 // WHERE THIS DIFFERS FROM A FULLY FUSED DESIGN (first version; correctness first):
 //  - Z goes through global memory in bounded receiver chunks so that W_aug is applied by cuBLAS (dense: the block
@@ -53,8 +60,9 @@
 //  - The channel-major <-> component-major change needs no explicit transpose: the tiles live in shared memory and
 //    the componentwise Linear reads them through strided indices (block_mm's aoff), batch = component.
 //
-// trunk_moments(inp, ...): step 2 of the forward (writing the activation), then column mean and sum of squared
-// deviations with ATen (deterministic).
+// trunk_moments(inp, ...): step 2 of the forward (writing the last activation before its batch norm; in_factor[0]
+// applied as the input tile is loaded, in_factor[k > 0] as layer k - 1's affine map in the tile), then column mean
+// and sum of squared deviations with ATen (deterministic).
 //
 // PRECISION: float64 inputs compute in float64 (IEEE FFMA throughout). float32 inputs follow PyTorch's matmul switch
 // as ATen's cuBLAS matmuls read it, at::globalContext().allowTF32CuBLAS() (torch.set_float32_matmul_precision):
@@ -91,12 +99,13 @@ namespace ik_fast_cuda {
 // kernels
 // ------------------------------------------------------------------------------------------------------------------
 
-// Z chunk (nr, H + 1, C): block (i, hb, cb) computes rows hb*64 .. and columns cb*32 .. of Z_{r0 + i}.
+// Z chunk (nr, H + 1, C): block (i, hb, cb) computes rows hb*64 .. and columns cb*32 .. of Z_{r0 + i}. With hf not
+// null, h is the last activation before its affine map, applied as it is staged: h[e, j] hf[j / hd] + hsh[j].
 template <typename T>
 __global__ void __launch_bounds__(kZThreads)
-    ik_contract_z_kernel(const T* __restrict__ h, const T* __restrict__ s, const T* __restrict__ x,
-                         const int64_t* __restrict__ src, const int64_t* __restrict__ rowptr, T* __restrict__ Z,
-                         int64_t r0, int H, int C) {
+    ik_contract_z_kernel(const T* __restrict__ h, const T* __restrict__ hf, const T* __restrict__ hsh, int hd,
+                         const T* __restrict__ s, const T* __restrict__ x, const int64_t* __restrict__ src,
+                         const int64_t* __restrict__ rowptr, T* __restrict__ Z, int64_t r0, int H, int C) {
   __shared__ T hs[kZEdges][kZTileH];
   __shared__ T xs[kZEdges][kZTileC];
   const int64_t i = r0 + blockIdx.x;
@@ -119,9 +128,11 @@ __global__ void __launch_bounds__(kZThreads)
       T v = T(0);
       if (k < nk) {
         const int64_t e = eb + k;
-        if (hh < H)
-          v = s[e] * h[e * H + hh];
-        else if (hh == H)
+        if (hh < H) {
+          T hv = h[e * H + hh];
+          if (hf != nullptr) hv = fma(hv, hf[hh / hd], hsh[hh]);
+          v = s[e] * hv;
+        } else if (hh == H)
           v = s[e];
       }
       hs[k][idx % kZTileH] = v;
@@ -280,8 +291,9 @@ struct ConvInputs {
 
 ConvInputs check_conv(const at::Tensor& x, const at::Tensor& inp, const at::Tensor& src, const at::Tensor& rowptr,
                       at::TensorList weights, at::TensorList biases, at::TensorList fourier, at::TensorList fourier_inv,
-                      const at::Tensor& final_weight, const at::Tensor& final_bias, const at::Tensor& coef,
-                      int64_t ndim, const std::optional<at::Tensor>& final_mask) {
+                      at::TensorList bn_factor, at::TensorList bn_shift, const at::Tensor& final_weight,
+                      const at::Tensor& final_bias, const at::Tensor& coef, int64_t ndim,
+                      const std::optional<at::Tensor>& final_mask) {
   const at::Device dev = x.device();
   TORCH_CHECK(dev.is_cuda(), "ik_fast native CUDA: x must be a CUDA tensor, got ", dev);
   check_float(x, "x");
@@ -326,6 +338,14 @@ ConvInputs check_conv(const at::Tensor& x, const at::Tensor& inp, const at::Tens
   c.P0 = inp.size(1);
   c.ndim = ndim;
   c.layers = prepare_trunk(weights, biases, fourier, fourier_inv, c.P0, c.st, dev, &c.H);
+  TORCH_CHECK(bn_factor.size() == weights.size() && bn_shift.size() == weights.size(),
+              "ik_fast native CUDA: bn_factor and bn_shift must have one entry per hidden layer (", weights.size(),
+              "), got ", bn_factor.size(), " and ", bn_shift.size());
+  for (size_t k = 0; k < c.layers.size(); ++k) {
+    const std::string i = "[" + std::to_string(k) + "]";
+    c.layers[k].bn =
+        prepare_affine(bn_factor[k], bn_shift[k], c.layers[k].hout, "bn_factor" + i, "bn_shift" + i, c.st, dev);
+  }
   TORCH_CHECK(final_weight.size(1) == c.H, "ik_fast native CUDA: final_weight has H = ", final_weight.size(1),
               " but the last hidden layer has ", c.H, " units");
   if (final_mask.has_value()) {
@@ -364,13 +384,17 @@ int64_t chunk_receivers(const ConvInputs& c) {
   return std::max<int64_t>(1, std::min<int64_t>(c.n_dst, static_cast<int64_t>(kZChunkBytes) / per));
 }
 
+// Z of receivers r0 .. r0 + nr - 1 from h (E, H), mapped by h_map first (the last activation before its batch norm,
+// `hidden`) or by none (h after it)
 template <typename T>
-void launch_z(const ConvInputs& c, const at::Tensor& h, const at::Tensor& s, at::Tensor& Z, int64_t r0, int64_t nr) {
+void launch_z(const ConvInputs& c, const at::Tensor& h, const Affine& h_map, const at::Tensor& s, at::Tensor& Z,
+              int64_t r0, int64_t nr) {
   const dim3 grid(static_cast<unsigned>(nr), static_cast<unsigned>(ceil_div(c.H + 1, kZTileH)),
                   static_cast<unsigned>(ceil_div(c.C, kZTileC)));
   ik_contract_z_kernel<T><<<grid, kZThreads, 0, current_stream()>>>(
-      h.data_ptr<T>(), s.data_ptr<T>(), c.x.data_ptr<T>(), c.src.data_ptr<int64_t>(), c.rowptr.data_ptr<int64_t>(),
-      Z.data_ptr<T>(), r0, static_cast<int>(c.H), static_cast<int>(c.C));
+      h.data_ptr<T>(), h_map.on() ? h_map.f.data_ptr<T>() : nullptr, h_map.on() ? h_map.s.data_ptr<T>() : nullptr,
+      h_map.on() ? static_cast<int>(h_map.d) : 1, s.data_ptr<T>(), c.x.data_ptr<T>(), c.src.data_ptr<int64_t>(),
+      c.rowptr.data_ptr<int64_t>(), Z.data_ptr<T>(), r0, static_cast<int>(c.H), static_cast<int>(c.C));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -407,16 +431,21 @@ void launch_edge_backward(const ConvInputs& c, const at::Tensor& dZ, const at::T
 
 at::Tensor native_conv_cuda(const at::Tensor& x, const at::Tensor& inp, const at::Tensor& src, const at::Tensor& rowptr,
                             at::TensorList weights, at::TensorList biases, at::TensorList fourier,
-                            at::TensorList fourier_inv, const at::Tensor& final_weight, const at::Tensor& final_bias,
-                            const at::Tensor& coef, double norm, int64_t ndim,
-                            const std::optional<at::Tensor>& final_mask, const std::optional<at::Tensor>& hidden,
+                            at::TensorList fourier_inv, at::TensorList bn_factor, at::TensorList bn_shift,
+                            const at::Tensor& final_weight, const at::Tensor& final_bias, const at::Tensor& coef,
+                            double norm, int64_t ndim, const std::optional<at::Tensor>& final_mask,
+                            const std::optional<at::Tensor>& hidden,
                             std::optional<at::TensorList> /*tape: not used, see native_conv_backward_cuda*/) {
   const c10::cuda::CUDAGuard guard(x.device());
-  ConvInputs c = check_conv(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, final_weight, final_bias, coef,
-                            ndim, final_mask);
+  ConvInputs c = check_conv(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, bn_factor, bn_shift,
+                            final_weight, final_bias, coef, ndim, final_mask);
   at::Tensor out = at::zeros({c.n_dst, c.R}, c.x.options());
   if (c.E == 0 || c.n_dst == 0 || c.R == 0 || c.C == 0) return out.to(x.scalar_type());
+  // h: the last layer's output after its batch norm (the trunk), or `hidden`, the activation before it, with the
+  // batch norm applied as the Z kernel stages it
   at::Tensor h;
+  const Affine none;
+  const Affine* h_map = &none;
   if (hidden.has_value()) {
     check_cuda(*hidden, "hidden", x.device());
     check_float(*hidden, "hidden");
@@ -424,8 +453,9 @@ at::Tensor native_conv_cuda(const at::Tensor& x, const at::Tensor& inp, const at
                 "ik_fast native CUDA: hidden must be the last activation (E, H) = (", c.E, ", ", c.H, "), got ",
                 hidden->sizes());
     h = prep(*hidden, c.st);
+    if (!c.layers.empty()) h_map = &c.layers.back().bn;
   } else {
-    h = trunk_forward(c.inp, c.layers, nullptr, nullptr);
+    h = trunk_forward(c.inp, none, c.layers, nullptr, nullptr);
   }
   const at::Tensor s = radial(c, norm).second;
   const at::Tensor W = waug(c);
@@ -434,7 +464,7 @@ at::Tensor native_conv_cuda(const at::Tensor& x, const at::Tensor& inp, const at
   for (int64_t r0 = 0; r0 < c.n_dst; r0 += nr) {
     const int64_t n = std::min(nr, c.n_dst - r0);
     at::Tensor Zc = Z.narrow(0, 0, n);
-    AT_DISPATCH_FLOATING_TYPES(c.st, "ik_contract_z", [&] { launch_z<scalar_t>(c, h, s, Zc, r0, n); });
+    AT_DISPATCH_FLOATING_TYPES(c.st, "ik_contract_z", [&] { launch_z<scalar_t>(c, h, *h_map, s, Zc, r0, n); });
     at::Tensor o = out.narrow(0, r0, n);
     gemm_into(o, Zc, W.t(), false);
   }
@@ -444,14 +474,15 @@ at::Tensor native_conv_cuda(const at::Tensor& x, const at::Tensor& inp, const at
 std::vector<at::Tensor> native_conv_backward_cuda(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& inp,
                                                   const at::Tensor& src, const at::Tensor& rowptr,
                                                   at::TensorList weights, at::TensorList biases, at::TensorList fourier,
-                                                  at::TensorList fourier_inv, const at::Tensor& final_weight,
+                                                  at::TensorList fourier_inv, at::TensorList bn_factor,
+                                                  at::TensorList bn_shift, const at::Tensor& final_weight,
                                                   const at::Tensor& final_bias, const at::Tensor& coef, double norm,
                                                   int64_t ndim, const std::optional<at::Tensor>& final_mask,
                                                   std::optional<at::TensorList> /*tape*/) {
   // a tape (ik_fast/ops.py) is not used: the backward re-evaluates the trunk (GPU memory holds no per-layer grids)
   const c10::cuda::CUDAGuard guard(x.device());
-  ConvInputs c = check_conv(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, final_weight, final_bias, coef,
-                            ndim, final_mask);
+  ConvInputs c = check_conv(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, bn_factor, bn_shift,
+                            final_weight, final_bias, coef, ndim, final_mask);
   check_cuda(grad, "grad", x.device());
   check_float(grad, "grad");
   TORCH_CHECK(grad.dim() == 2 && grad.size(0) == c.n_dst && grad.size(1) == c.R,
@@ -460,7 +491,7 @@ std::vector<at::Tensor> native_conv_backward_cuda(const at::Tensor& grad, const 
   // the gradients in the compute dtype, zero where nothing contributes
   at::Tensor dx = at::zeros({c.n_src, c.C}, c.x.options());
   at::Tensor dinp;
-  std::vector<at::Tensor> dweights, dbiases;
+  std::vector<at::Tensor> dweights, dbiases, dbnf, dbns;
   at::Tensor dW = at::zeros({c.R, (c.H + 1) * c.C}, c.x.options());
   at::Tensor dcoef = at::zeros({1}, c.x.options());
   const bool empty = c.E == 0 || c.n_dst == 0 || c.R == 0 || c.C == 0;
@@ -469,11 +500,14 @@ std::vector<at::Tensor> native_conv_backward_cuda(const at::Tensor& grad, const 
     for (const TrunkLayer& t : c.layers) {
       dweights.push_back(at::zeros_like(t.w));
       dbiases.push_back(at::zeros_like(t.b));
+      dbnf.push_back(t.bn.on() ? at::zeros_like(t.bn.f) : at::Tensor());
+      dbns.push_back(t.bn.on() ? at::zeros_like(t.bn.s) : at::Tensor());
     }
   } else {
     const at::Tensor g = prep(grad, c.st);
     std::vector<at::Tensor> ys, as;
-    const at::Tensor h = trunk_forward(c.inp, c.layers, L > 0 ? &ys : nullptr, L > 0 ? &as : nullptr);
+    // h: the last layer's output after its batch norm (a separate tensor from as.back() when it has one)
+    const at::Tensor h = trunk_forward(c.inp, Affine(), c.layers, L > 0 ? &ys : nullptr, L > 0 ? &as : nullptr);
     at::Tensor r2, s;
     std::tie(r2, s) = radial(c, norm);
     const at::Tensor W = waug(c);
@@ -494,7 +528,7 @@ std::vector<at::Tensor> native_conv_backward_cuda(const at::Tensor& grad, const 
       const int64_t n = std::min(nr, c.n_dst - r0);
       at::Tensor Zc = Z.narrow(0, 0, n);
       const at::Tensor gc = g.narrow(0, r0, n);
-      AT_DISPATCH_FLOATING_TYPES(c.st, "ik_contract_z", [&] { launch_z<scalar_t>(c, h, s, Zc, r0, n); });
+      AT_DISPATCH_FLOATING_TYPES(c.st, "ik_contract_z", [&] { launch_z<scalar_t>(c, h, Affine(), s, Zc, r0, n); });
       gemm_into(dW, gc.t(), Zc, true);  // dW_aug += grad_c^T Z_c
       gemm_into(Zc, gc, W, false);  // dZ_c = grad_c W_aug (over Z, which is consumed)
       AT_DISPATCH_FLOATING_TYPES(c.st, "ik_contract_edge_backward", [&] {
@@ -509,7 +543,7 @@ std::vector<at::Tensor> native_conv_backward_cuda(const at::Tensor& grad, const 
     dh.mul_(s.unsqueeze(1));
     dx.index_add_(0, c.src, dxe);
     // the trunk's backward from dh, then the radial shell s = norm exp(-coef r2)
-    dinp = trunk_backward(c.inp, c.layers, ys, as, dh, &dweights, &dbiases);
+    dinp = trunk_backward(c.inp, c.layers, ys, as, dh, &dweights, &dbiases, &dbnf, &dbns);
     const at::Tensor wds = ds * s;
     dcoef = -(wds * r2).sum().reshape({1});
     if (c.ndim > 0) {
@@ -520,11 +554,17 @@ std::vector<at::Tensor> native_conv_backward_cuda(const at::Tensor& grad, const 
   if (c.mask.has_value()) dfw = dfw * *c.mask;
   at::Tensor dfb = dW.narrow(1, c.H * c.C, c.C).contiguous();
   std::vector<at::Tensor> out;
-  out.reserve(5 + 2 * L);
+  out.reserve(5 + 4 * L);
   out.push_back(dx.to(x.scalar_type()));
   out.push_back(dinp.to(inp.scalar_type()));
   for (size_t k = 0; k < L; ++k) out.push_back(dweights[k].to(weights[k].scalar_type()).contiguous());
   for (size_t k = 0; k < L; ++k) out.push_back(dbiases[k].to(biases[k].scalar_type()).contiguous());
+  // a layer without batch norm: zeros shaped as its (empty) factor / shift, an ignored shift included
+  for (size_t k = 0; k < L; ++k)
+    out.push_back(dbnf[k].defined() ? dbnf[k].to(bn_factor[k].scalar_type()).contiguous()
+                                    : at::zeros_like(bn_factor[k]));
+  for (size_t k = 0; k < L; ++k)
+    out.push_back(dbns[k].defined() ? dbns[k].to(bn_shift[k].scalar_type()).contiguous() : at::zeros_like(bn_shift[k]));
   out.push_back(dfw.to(final_weight.scalar_type()).contiguous());
   out.push_back(dfb.to(final_bias.scalar_type()));
   out.push_back(dcoef.to(coef.scalar_type()).reshape(coef.sizes()));
@@ -534,7 +574,9 @@ std::vector<at::Tensor> native_conv_backward_cuda(const at::Tensor& grad, const 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> native_trunk_moments_cuda(const at::Tensor& inp, at::TensorList weights,
                                                                          at::TensorList biases, at::TensorList fourier,
                                                                          at::TensorList fourier_inv,
-                                                                         bool with_activation, bool with_grid) {
+                                                                         at::TensorList in_factor,
+                                                                         at::TensorList in_shift, bool with_activation,
+                                                                         bool with_grid) {
   TORCH_CHECK_NOT_IMPLEMENTED(!with_grid, "ik_fast native CUDA keeps no Fourier grids (the tape of ik_fast.ops)");
   TORCH_CHECK(inp.device().is_cuda(), "ik_fast native CUDA: inp must be a CUDA tensor, got ", inp.device());
   check_float(inp, "inp");
@@ -542,14 +584,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> native_trunk_moments_cuda(const a
   const c10::cuda::CUDAGuard guard(inp.device());
   const at::ScalarType st = compute_dtype(inp);
   int64_t H = 0;
-  const std::vector<TrunkLayer> layers =
+  std::vector<TrunkLayer> layers =
       prepare_trunk(weights, biases, fourier, fourier_inv, inp.size(1), st, inp.device(), &H);
+  TORCH_CHECK(in_factor.size() == weights.size() && in_shift.size() == weights.size(),
+              "ik_fast native CUDA: in_factor and in_shift must have one entry per given layer (", weights.size(),
+              "), got ", in_factor.size(), " and ", in_shift.size());
+  // in_factor[k] maps layer k's input: entry 0 maps inp, entry k > 0 is the affine map after layer k - 1 (the last
+  // layer's activation, the output, is before its batch norm)
+  Affine in_map;
+  for (size_t k = 0; k < layers.size(); ++k) {
+    const std::string i = "[" + std::to_string(k) + "]";
+    Affine m = prepare_affine(in_factor[k], in_shift[k], k == 0 ? inp.size(1) : layers[k - 1].hout, "in_factor" + i,
+                              "in_shift" + i, st, inp.device());
+    if (k == 0)
+      in_map = std::move(m);
+    else
+      layers[k - 1].bn = std::move(m);
+  }
   const int64_t E = inp.size(0);
   const at::Tensor x = prep(inp, st);
   if (E == 0) {
     return {at::zeros({2, H}, inp.options()), at::empty({0, H}, inp.options()), at::empty({0}, inp.options())};
   }
-  at::Tensor h = trunk_forward(x, layers, nullptr, nullptr);
+  at::Tensor h = trunk_forward(x, in_map, layers, nullptr, nullptr);
   const at::Tensor mean = h.mean(0);
   const at::Tensor m2 = (h - mean).square().sum(0);
   at::Tensor moments = at::stack({mean, m2}).to(inp.scalar_type());

@@ -13,10 +13,17 @@
 //                                                       edge and channel); per chunk of rows and of gc grid points
 //                                                       U = elu(Y_rows A^T[:, chunk]) (in U, never in global memory),
 //                                                       X_rows += U (A^+)^T[chunk, :]; pointwise ELU elementwise.
-//                                     Writes h (E, H_L), and, for the backward, each layer's y and a.
+//                                       affine X -> X   the batch norm's map with known statistics, in the tile
+//                                                       (X[e, c D + i] = X[e, c D + i] factor[c] + shift[c D + i]),
+//                                                       fused with the save of a and, for a pointwise ELU, with it.
+//                                     An affine map on the input (trunk_moments from a previous pass's activation)
+//                                     is applied as the input tile is loaded.
+//                                     Writes h (E, H_L) after the last layer's affine, and, for the backward, each
+//                                     layer's y and a (a before its affine).
 //   ik_fourier_elu_backward_kernel<T> one block per tile: dY of a Fourier ELU from the saved Y and dA, per chunk of
 //                                     rows and grid points: U = Y A^T, P = (dA A^+) * elu'(U) (in U), dY += P A.
-//   ik_elu_backward_kernel<T>         pointwise ELU's backward, elementwise.
+//                                     dA = dH * factor (the affine's backward) is formed as the tile is loaded.
+//   ik_elu_backward_kernel<T>         pointwise ELU's backward, elementwise (dA = dH * factor likewise).
 #include "common.cuh"
 #include "gemm_cuda.h"
 #include "trunk_cuda.h"
@@ -99,13 +106,21 @@ __device__ __forceinline__ void store_rows(const T* S, int ld, T* out, int64_t e
   }
 }
 
+// global (E, width) rows e0 .. e0 + ne - 1 -> rows 0 .. ne - 1 of a shared-memory tile (rows ne .. be - 1 zero), each
+// value v mapped to v f[j / d] + s[j] on the way when f is not null (v f[j / d] when s is null)
 template <typename T>
-__device__ __forceinline__ void load_rows(T* S, int ld, const T* __restrict__ in, int64_t e0, int ne, int be,
-                                          int width) {
+__device__ __forceinline__ void load_rows(T* S, int ld, const T* __restrict__ in, int64_t e0, int ne, int be, int width,
+                                          const T* __restrict__ f = nullptr, const T* __restrict__ s = nullptr,
+                                          int d = 1) {
   for (int idx = threadIdx.x; idx < be * width; idx += blockDim.x) {
     const int e = idx / width;
     const int j = idx - e * width;
-    S[e * ld + j] = e < ne ? in[(e0 + e) * width + j] : T(0);
+    T v = T(0);
+    if (e < ne) {
+      v = in[(e0 + e) * width + j];
+      if (f != nullptr) v = s != nullptr ? fma(v, f[j / d], s[j]) : v * f[j / d];
+    }
+    S[e * ld + j] = v;
   }
 }
 
@@ -120,7 +135,8 @@ __global__ void __launch_bounds__(kTrunkThreads) ik_trunk_forward_kernel(const _
   T* U = Y + a.be * a.ld;
   const int64_t e0 = static_cast<int64_t>(blockIdx.x) * a.be;
   const int ne = static_cast<int>(min(static_cast<int64_t>(a.be), a.E - e0));
-  load_rows(X, a.ld, a.in, e0, ne, a.be, a.hin0);  // padding rows are zeros (computed on, never stored)
+  // padding rows are zeros (computed on, never stored)
+  load_rows(X, a.ld, a.in, e0, ne, a.be, a.hin0, a.in_f, a.in_s, a.in_d);
   __syncthreads();
   int width = a.hin0;
   for (int k = 0; k < a.nl; ++k) {
@@ -129,27 +145,35 @@ __global__ void __launch_bounds__(kTrunkThreads) ik_trunk_forward_kernel(const _
     __syncthreads();
     width = L.hout;
     if (L.save_y != nullptr) store_rows(Y, a.ld, L.save_y, e0, ne, width);
-    if (L.fd > 0) {
-      fourier_elu_tile<TC>(L, Y, X, U, a.be, a.ld, a.gc, a.su);  // ends with a barrier
-    } else {
+    const bool fourier = L.fd > 0;
+    if (fourier) fourier_elu_tile<TC>(L, Y, X, U, a.be, a.ld, a.gc, a.su);  // ends with a barrier
+    // the activation a (pointwise ELU: formed here; Fourier ELU: in X), its save, then the affine map in place. Each
+    // element is read and written by one thread (the same one that wrote it above for a pointwise ELU)
+    if (!fourier || L.save_a != nullptr || L.bnf != nullptr) {
+      const T* __restrict__ f = L.bnf;
+      const T* __restrict__ sh = L.bns;
       for (int idx = threadIdx.x; idx < a.be * width; idx += blockDim.x) {
         const int e = idx / width;
         const int j = idx - e * width;
-        X[e * a.ld + j] = elu(Y[e * a.ld + j]);
+        const int p = e * a.ld + j;
+        const T v = fourier ? X[p] : elu(Y[p]);
+        if (L.save_a != nullptr && e < ne) L.save_a[(e0 + e) * width + j] = v;
+        X[p] = f != nullptr ? fma(v, f[j / L.bnd], sh[j]) : v;
       }
-      __syncthreads();
+      __syncthreads();  // X complete before the next layer's Linear (or the final store) reads it
     }
-    if (L.save_a != nullptr) store_rows(X, a.ld, L.save_a, e0, ne, width);
   }
   store_rows(X, a.ld, a.out, e0, ne, width);
 }
 
-// dy (E, H) of a Fourier ELU of fd-component channels given its input y and the gradient da of its output.
+// dy (E, H) of a Fourier ELU of fd-component channels given its input y and the gradient dh of the layer's output:
+// the activation's gradient is da = dh bnf[j / bnd] when the layer has an affine map (bnf not null), else dh.
 template <typename T, bool TC>
 __global__ void __launch_bounds__(kTrunkThreads)
-    ik_fourier_elu_backward_kernel(const T* __restrict__ y, const T* __restrict__ da, T* __restrict__ dy,
+    ik_fourier_elu_backward_kernel(const T* __restrict__ y, const T* __restrict__ dh, T* __restrict__ dy,
                                    const T* __restrict__ at, const T* __restrict__ ainv, const T* __restrict__ A,
-                                   int64_t E, int H, int fd, int G, int be, int ld, int gc, int su) {
+                                   const T* __restrict__ bnf, int bnd, int64_t E, int H, int fd, int G, int be, int ld,
+                                   int gc, int su) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* Yt = reinterpret_cast<T*>(smem_raw);
   T* dAt = Yt + be * ld;
@@ -158,7 +182,7 @@ __global__ void __launch_bounds__(kTrunkThreads)
   const int64_t e0 = static_cast<int64_t>(blockIdx.x) * be;
   const int ne = static_cast<int>(min(static_cast<int64_t>(be), E - e0));
   load_rows(Yt, ld, y, e0, ne, be, H);
-  load_rows(dAt, ld, da, e0, ne, be, H);
+  load_rows(dAt, ld, dh, e0, ne, be, H, bnf, static_cast<const T*>(nullptr), bnd);  // dA = dH factor (or dH)
   __syncthreads();
   const int C = H / fd;
   const int M = be * C;
@@ -195,12 +219,18 @@ __global__ void __launch_bounds__(kTrunkThreads)
   store_rows(dYt, ld, dy, e0, ne, H);
 }
 
+// dy (E, H) of a pointwise ELU given its input y and the gradient dh of the layer's output (da = dh bnf[j / bnd] with
+// an affine map, as above).
 template <typename T>
 __global__ void __launch_bounds__(256)
-    ik_elu_backward_kernel(const T* __restrict__ y, const T* __restrict__ da, T* __restrict__ dy, int64_t n) {
+    ik_elu_backward_kernel(const T* __restrict__ y, const T* __restrict__ dh, T* __restrict__ dy,
+                           const T* __restrict__ bnf, int bnd, int H, int64_t n) {
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
-    dy[i] = da[i] * elu_grad(y[i]);
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    T da = dh[i];
+    if (bnf != nullptr) da *= bnf[static_cast<int>(i % H) / bnd];
+    dy[i] = da * elu_grad(y[i]);
+  }
 }
 
 // ------------------------------------------------------------------------------------------------------------------
@@ -208,7 +238,7 @@ __global__ void __launch_bounds__(256)
 // ------------------------------------------------------------------------------------------------------------------
 namespace {
 
-constexpr int kGridChunk = 32;       // grid points of the Fourier ELU per chunk (gc)
+constexpr int kGridChunk = 32;  // grid points of the Fourier ELU per chunk (gc)
 constexpr int kMaxScratchRows = 256;  // rows (edge, channel) of the Fourier scratch per chunk
 
 int odd(int64_t n) {
@@ -232,8 +262,9 @@ int pick_tile(F bytes_for, const char* what) {
 }
 
 template <typename T, bool TC>
-void launch_trunk_group(const at::Tensor& in, at::Tensor& out, const std::vector<TrunkLayer>& layers, size_t k0,
-                        size_t k1, std::vector<at::Tensor>* ys, std::vector<at::Tensor>* as) {
+void launch_trunk_group(const at::Tensor& in, const Affine& in_map, at::Tensor& out,
+                        const std::vector<TrunkLayer>& layers, size_t k0, size_t k1, std::vector<at::Tensor>* ys,
+                        std::vector<at::Tensor>* as) {
   TrunkArgs<T> a{};
   const int64_t E = in.size(0);
   int64_t hmax = in.size(1);
@@ -245,8 +276,12 @@ void launch_trunk_group(const at::Tensor& in, at::Tensor& out, const std::vector
     L.b = t.b.data_ptr<T>();
     L.at = t.fd > 0 ? t.At.data_ptr<T>() : nullptr;
     L.ainvt = t.fd > 0 ? t.Ainvt.data_ptr<T>() : nullptr;
+    L.bnf = t.bn.on() ? t.bn.f.data_ptr<T>() : nullptr;
+    L.bns = t.bn.on() ? t.bn.s.data_ptr<T>() : nullptr;
+    L.bnd = t.bn.on() ? static_cast<int>(t.bn.d) : 1;
     L.save_y = ys != nullptr ? (*ys)[k].data_ptr<T>() : nullptr;
-    L.save_a = (as != nullptr && k + 1 < layers.size()) ? (*as)[k].data_ptr<T>() : nullptr;
+    // (the last layer's activation is the output itself when no affine map follows it)
+    L.save_a = (as != nullptr && (k + 1 < layers.size() || t.bn.on())) ? (*as)[k].data_ptr<T>() : nullptr;
     L.hin = static_cast<int>(t.hin);
     L.hout = static_cast<int>(t.hout);
     L.cw_d = static_cast<int>(t.cw_d);
@@ -256,6 +291,9 @@ void launch_trunk_group(const at::Tensor& in, at::Tensor& out, const std::vector
     if (t.fd > 0) rows = std::max(rows, t.hout / t.fd);
   }
   a.in = in.data_ptr<T>();
+  a.in_f = in_map.on() ? in_map.f.data_ptr<T>() : nullptr;
+  a.in_s = in_map.on() ? in_map.s.data_ptr<T>() : nullptr;
+  a.in_d = in_map.on() ? static_cast<int>(in_map.d) : 1;
   a.out = out.data_ptr<T>();
   a.E = E;
   a.nl = static_cast<int>(k1 - k0);
@@ -273,16 +311,19 @@ void launch_trunk_group(const at::Tensor& in, at::Tensor& out, const std::vector
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// dy of layer t's activation from its saved input y and dh, the gradient of the layer's output (after its affine map)
 template <typename T, bool TC>
-void launch_act_backward(const TrunkLayer& t, const at::Tensor& y, const at::Tensor& da, at::Tensor& dy) {
+void launch_act_backward(const TrunkLayer& t, const at::Tensor& y, const at::Tensor& dh, at::Tensor& dy) {
   const int64_t E = y.size(0);
   const int64_t H = t.hout;
+  const T* bnf = t.bn.on() ? t.bn.f.data_ptr<T>() : nullptr;
+  const int bnd = t.bn.on() ? static_cast<int>(t.bn.d) : 1;
   auto stream = current_stream();
   if (t.fd == 0) {
     const int64_t n = E * H;
     const int64_t blocks = std::min<int64_t>(ceil_div(n, 256), 65535 * 8);
-    ik_elu_backward_kernel<T>
-        <<<static_cast<unsigned>(blocks), 256, 0, stream>>>(y.data_ptr<T>(), da.data_ptr<T>(), dy.data_ptr<T>(), n);
+    ik_elu_backward_kernel<T><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(
+        y.data_ptr<T>(), dh.data_ptr<T>(), dy.data_ptr<T>(), bnf, bnd, static_cast<int>(H), n);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }
@@ -294,8 +335,8 @@ void launch_act_backward(const TrunkLayer& t, const at::Tensor& y, const at::Ten
   const size_t smem = bytes(be);
   allow_smem(ik_fourier_elu_backward_kernel<T, TC>, smem);
   ik_fourier_elu_backward_kernel<T, TC><<<static_cast<unsigned>(ceil_div(E, be)), kTrunkThreads, smem, stream>>>(
-      y.data_ptr<T>(), da.data_ptr<T>(), dy.data_ptr<T>(), t.At.data_ptr<T>(), t.Ainv.data_ptr<T>(), t.A.data_ptr<T>(),
-      E, static_cast<int>(H), static_cast<int>(t.fd), static_cast<int>(t.g), be, ld, kGridChunk, su_for(be));
+      y.data_ptr<T>(), dh.data_ptr<T>(), dy.data_ptr<T>(), t.At.data_ptr<T>(), t.Ainv.data_ptr<T>(), t.A.data_ptr<T>(),
+      bnf, bnd, E, static_cast<int>(H), static_cast<int>(t.fd), static_cast<int>(t.g), be, ld, kGridChunk, su_for(be));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -367,8 +408,27 @@ std::vector<TrunkLayer> prepare_trunk(at::TensorList weights, at::TensorList bia
   return out;
 }
 
-at::Tensor trunk_forward(const at::Tensor& inp, const std::vector<TrunkLayer>& layers, std::vector<at::Tensor>* ys,
-                         std::vector<at::Tensor>* as) {
+Affine prepare_affine(const at::Tensor& factor, const at::Tensor& shift, int64_t width, const std::string& fname,
+                      const std::string& sname, at::ScalarType st, const at::Device& dev) {
+  Affine m;
+  if (factor.numel() == 0) return m;  // no map (its shift is ignored, as in ops.affine_reference_form)
+  check_cuda(factor, fname.c_str(), dev);
+  check_cuda(shift, sname.c_str(), dev);
+  check_float(factor, fname.c_str());
+  check_float(shift, sname.c_str());
+  const int64_t C = factor.size(0);
+  TORCH_CHECK(factor.dim() == 1 && width % C == 0, "ik_fast native CUDA: ", fname, " has shape ", factor.sizes(),
+              ", expected (C,) for channels of the ", width, " units it scales");
+  TORCH_CHECK(shift.dim() == 1 && shift.size(0) == width, "ik_fast native CUDA: ", sname, " has shape ", shift.sizes(),
+              ", expected (", width, ",)");
+  m.f = prep(factor, st);
+  m.s = prep(shift, st);
+  m.d = width / C;
+  return m;
+}
+
+at::Tensor trunk_forward(const at::Tensor& inp, const Affine& in_map, const std::vector<TrunkLayer>& layers,
+                         std::vector<at::Tensor>* ys, std::vector<at::Tensor>* as) {
   const int64_t E = inp.size(0);
   if (layers.empty()) return inp;
   const bool tc = use_tf32(inp.scalar_type());
@@ -383,13 +443,15 @@ at::Tensor trunk_forward(const at::Tensor& inp, const std::vector<TrunkLayer>& l
   at::Tensor cur = inp;
   for (size_t k0 = 0; k0 < layers.size(); k0 += kMaxLayers) {
     const size_t k1 = std::min(layers.size(), k0 + kMaxLayers);
-    // the last layer's activation goes straight into as.back() when saving
-    at::Tensor out =
-        (as != nullptr && k1 == layers.size()) ? as->back() : at::empty({E, layers[k1 - 1].hout}, inp.options());
+    // the last layer's output goes straight into as.back() when saving and no affine map follows the activation
+    const bool into_as = as != nullptr && k1 == layers.size() && !layers.back().bn.on();
+    at::Tensor out = into_as ? as->back() : at::empty({E, layers[k1 - 1].hout}, inp.options());
+    const Affine none;
+    const Affine& first = k0 == 0 ? in_map : none;  // (later launches start from an output, after its map)
     if (E > 0) {
       AT_DISPATCH_FLOATING_TYPES(inp.scalar_type(), "ik_trunk_forward", [&] {
         dispatch_tc<scalar_t>(tc, [&](auto tcv) {
-          launch_trunk_group<scalar_t, decltype(tcv)::value>(cur, out, layers, k0, k1, ys, as);
+          launch_trunk_group<scalar_t, decltype(tcv)::value>(cur, first, out, layers, k0, k1, ys, as);
         });
       });
     }
@@ -400,38 +462,62 @@ at::Tensor trunk_forward(const at::Tensor& inp, const std::vector<TrunkLayer>& l
 
 at::Tensor trunk_backward(const at::Tensor& inp, const std::vector<TrunkLayer>& layers,
                           const std::vector<at::Tensor>& ys, const std::vector<at::Tensor>& as, at::Tensor dh,
-                          std::vector<at::Tensor>* dweights, std::vector<at::Tensor>* dbiases) {
+                          std::vector<at::Tensor>* dweights, std::vector<at::Tensor>* dbiases,
+                          std::vector<at::Tensor>* dbn_factor, std::vector<at::Tensor>* dbn_shift) {
   const size_t L = layers.size();
   dweights->assign(L, at::Tensor());
   dbiases->assign(L, at::Tensor());
+  dbn_factor->assign(L, at::Tensor());
+  dbn_shift->assign(L, at::Tensor());
   const int64_t E = inp.size(0);
   const bool tc = use_tf32(inp.scalar_type());
-  at::Tensor da = dh;  // gradient of the current layer's activation
+  // dh: the gradient of the current layer's output h_k (after its affine map)
   for (size_t kk = 0; kk < L; ++kk) {
     const size_t k = L - 1 - kk;
     const TrunkLayer& t = layers[k];
-    at::Tensor dy = at::empty_like(da);
+    if (t.bn.on()) {
+      // h = a f[c] + s: df[c] = sum_{e, i} dh[e, c D + i] a[e, c D + i], ds = sum_e dh (da = dh f: in the kernels)
+      (*dbn_factor)[k] = (dh * as[k]).sum(0).view({t.hout / t.bn.d, t.bn.d}).sum(1);
+      (*dbn_shift)[k] = dh.sum(0);
+    }
+    at::Tensor dy = at::empty_like(dh);
     if (E > 0) {
       AT_DISPATCH_FLOATING_TYPES(inp.scalar_type(), "ik_act_backward", [&] {
         dispatch_tc<scalar_t>(tc,
-                              [&](auto tcv) { launch_act_backward<scalar_t, decltype(tcv)::value>(t, ys[k], da, dy); });
+                              [&](auto tcv) { launch_act_backward<scalar_t, decltype(tcv)::value>(t, ys[k], dh, dy); });
       });
     }
-    const at::Tensor& ain = k == 0 ? inp : as[k - 1];  // the layer's input (E, hin)
-    (*dbiases)[k] = dy.sum(0);
+    // the layer's input h_{k-1} (E, hin) is a_{k-1} f + s when layer k - 1 has an affine map: its weight gradient is
+    // formed from the saved a_{k-1} as dW = (dy^T a_{k-1}) diag(f) + db s^T (no (E, hin) tensor for h_{k-1})
+    const at::Tensor& ain = k == 0 ? inp : as[k - 1];
+    const Affine none;
+    const Affine& pm = k == 0 ? none : layers[k - 1].bn;
+    const at::Tensor db = dy.sum(0);
+    (*dbiases)[k] = db;
+    // f per unit of the input (hin,)
+    const at::Tensor fexp = pm.on() ? pm.f.unsqueeze(1).expand({t.hin / pm.d, pm.d}).reshape({t.hin}) : at::Tensor();
     if (t.cw_d == 0) {
-      (*dweights)[k] = gemm(dy.t(), ain);  // (hout, hin)
-      da = gemm(dy, t.w);                  // (E, hin)
+      at::Tensor dw = gemm(dy.t(), ain);  // (hout, hin)
+      if (pm.on()) dw.mul_(fexp.unsqueeze(0)).add_(db.unsqueeze(1) * pm.s.unsqueeze(0));  // (elementwise, no BLAS)
+      (*dweights)[k] = dw;
+      dh = gemm(dy, t.w);  // (E, hin)
     } else {
       const int64_t D = t.cw_d, cout = t.hout / D, cin = t.hin / D;
       const at::Tensor dyv = dy.view({E, cout, D});
       // dW[a, co, ci] = sum_e dy[e, co D + a] ain[e, ci D + a]
-      (*dweights)[k] = gemm(dyv.permute({2, 1, 0}), ain.view({E, cin, D}).permute({2, 0, 1}));
+      at::Tensor dw = gemm(dyv.permute({2, 1, 0}), ain.view({E, cin, D}).permute({2, 0, 1}));
+      if (pm.on()) {
+        // dW[a, co, ci] = f_u dW'[a, co, ci] + db[co D + a] s[u] with u = ci D + a
+        auto by_component = [&](const at::Tensor& v, int64_t c) { return v.view({c, D}).t(); };  // (D, c)
+        dw.mul_(by_component(fexp, cin).unsqueeze(1))
+            .add_(by_component(db, cout).unsqueeze(2) * by_component(pm.s, cin).unsqueeze(1));
+      }
+      (*dweights)[k] = dw;
       // da[e, ci D + a] = sum_co dy[e, co D + a] W[a, co, ci]
-      da = gemm(dyv.permute({2, 0, 1}), t.w).permute({1, 2, 0}).reshape({E, t.hin});
+      dh = gemm(dyv.permute({2, 0, 1}), t.w).permute({1, 2, 0}).reshape({E, t.hin});
     }
   }
-  return da;
+  return dh;
 }
 
 }  // namespace ik_fast_cuda

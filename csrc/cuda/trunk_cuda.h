@@ -5,9 +5,24 @@
 
 #include <ATen/ATen.h>
 
+#include <string>
 #include <vector>
 
 namespace ik_fast_cuda {
+
+// An affine map on a layer's units (a batch norm with known statistics), channel-major:
+// v[:, j] -> v[:, j] f[j / d] + s[j], f (C,), s (C d,); no map when f is undefined.
+struct Affine {
+  at::Tensor f;
+  at::Tensor s;
+  int64_t d = 0;
+  bool on() const { return f.defined(); }
+};
+
+// Checks factor (C,) and shift (width,) (named fname / sname in errors) and converts them; an empty factor is no map
+// (its shift is then ignored, as ops.affine_reference_form ignores it).
+Affine prepare_affine(const at::Tensor& factor, const at::Tensor& shift, int64_t width, const std::string& fname,
+                      const std::string& sname, at::ScalarType st, const at::Device& dev);
 
 // The program's hidden layers in the layout the trunk kernels read (built per call, in the compute dtype).
 struct TrunkLayer {
@@ -18,24 +33,30 @@ struct TrunkLayer {
   at::Tensor Ainv;   // (D, G) as given
   at::Tensor At;     // A^T (D, G)
   at::Tensor Ainvt;  // Ainv^T (G, D)
+  Affine bn;         // the affine map after the activation (set by the caller after prepare_trunk), or none
   int64_t hin = 0, hout = 0, cw_d = 0, fd = 0, g = 0;
 };
 
 // Checks the hidden layers of a program against the MLP input width p0 and converts them (names the argument in
-// every error). Returns the layers; *h_last is the width of the last activation (p0 without layers).
+// every error). Returns the layers (without affine maps); *h_last is the width of the last activation (p0 without
+// layers).
 std::vector<TrunkLayer> prepare_trunk(at::TensorList weights, at::TensorList biases, at::TensorList fourier,
                                       at::TensorList fourier_inv, int64_t p0, at::ScalarType st, const at::Device& dev,
                                       int64_t* h_last);
 
-// The last activation h (E, H_L) of the trunk on inp (E, p0) (inp itself, contiguous, without layers). With saves,
-// ys[k] / as[k] receive every layer's pre-activation and activation (as.back() is h).
-at::Tensor trunk_forward(const at::Tensor& inp, const std::vector<TrunkLayer>& layers, std::vector<at::Tensor>* ys,
-                         std::vector<at::Tensor>* as);
+// The last layer's output h (E, H_L), after its affine map, of the trunk on inp (E, p0) mapped by in_map first (inp
+// itself, contiguous, without layers). With saves, ys[k] / as[k] receive every layer's pre-activation y_k and
+// activation a_k before its affine map (as.back() is h when the last layer has none).
+at::Tensor trunk_forward(const at::Tensor& inp, const Affine& in_map, const std::vector<TrunkLayer>& layers,
+                         std::vector<at::Tensor>* ys, std::vector<at::Tensor>* as);
 
-// Backward of the trunk given dh (E, H_L) and the saved ys / as: d inp (E, p0) and each layer's weight and bias
-// gradient (in the op's layouts). dh is consumed (overwritten).
+// Backward of the trunk (on inp without an input map) given dh (E, H_L), the gradient of the last layer's output
+// after its affine map, and the saved ys / as: d inp (E, p0), each layer's weight and bias gradient (in the op's
+// layouts) and, for the layers with an affine map, the gradients of its factor (C,) and shift (H_k,) (undefined
+// tensors for the others).
 at::Tensor trunk_backward(const at::Tensor& inp, const std::vector<TrunkLayer>& layers,
                           const std::vector<at::Tensor>& ys, const std::vector<at::Tensor>& as, at::Tensor dh,
-                          std::vector<at::Tensor>* dweights, std::vector<at::Tensor>* dbiases);
+                          std::vector<at::Tensor>* dweights, std::vector<at::Tensor>* dbiases,
+                          std::vector<at::Tensor>* dbn_factor, std::vector<at::Tensor>* dbn_shift);
 
 }  // namespace ik_fast_cuda

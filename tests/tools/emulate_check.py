@@ -1,14 +1,18 @@
 """A CPU emulation of the CUDA kernels of csrc/cuda, block by block, with the kernels' own index expressions, checked
-against the op layer's plain-PyTorch statement (ik_fast.ops.conv_reference_form and autograd).
+against the op layer's plain-PyTorch statements (ik_fast.ops.conv_reference_form and autograd: conv with and without
+``hidden``, conv_backward's 4L + 5 gradients; ik_fast.ops.trunk_moments_reference_form: trunk_moments from the MLP
+input and chained from each layer's activation).
 
 No GPU was available when the kernels were written, so this is how their *index arithmetic and host orchestration*
 were checked: every shared-memory tile is a NumPy array of exactly the size the host code allocates (an index out of
 range raises), every ``block_mm`` call is replayed with the same ``aoff`` / ``boff`` / strides / store, and the host
 steps (receiver chunks, tile prefix sums and the binary search, the augmented W', the trunk's backward through
-ATen-equivalent calls, the radial term) are repeated, through both tilings of the block GEMMs (IEEE register tiles
-and the TF32 path's warp fragments, in exact arithmetic). What it cannot check: races and barriers, the device's own
-arithmetic (TF32 rounding included), launch configuration, anything CUDA-runtime. Run with ik_fast importable (float64,
-about half a minute)::
+ATen-equivalent calls with the batch norms' gradients, the radial term, the trunk's launches of at most kMaxLayers
+layers) are repeated, with the batch norms' affine maps where the kernels apply them (in the tile after each
+activation, on the input tile, in the Z kernel for ``hidden``, on the loaded gradient in the activations' backward),
+through both tilings of the block GEMMs (IEEE register tiles and the TF32 path's warp fragments, in exact
+arithmetic). What it cannot check: races and barriers, the device's own arithmetic (TF32 rounding included), launch
+configuration, anything CUDA-runtime. Run with ik_fast importable (float64, about half a minute)::
 
     PYTHONPATH=. python tests/tools/emulate_check.py
 """
@@ -119,11 +123,20 @@ def pick_tile(bytes_for):
 # ------------------------------------------------------------------------------------------------------------------
 # trunk_cuda.cu
 # ------------------------------------------------------------------------------------------------------------------
+def prepare_affine(factor, shift, width):
+    """trunk_cuda.cu's prepare_affine: None for an empty factor (its shift ignored), else dict(f, s, d)."""
+    if factor is None or factor.numel() == 0:
+        return None
+    C = factor.shape[0]
+    assert factor.dim() == 1 and width % C == 0 and tuple(shift.shape) == (width,)
+    return dict(f=factor.detach().numpy().copy(), s=shift.detach().numpy().copy(), d=width // C)
+
+
 def prepare_trunk(weights, biases, fourier, fourier_inv, p0):
     layers, hin = [], p0
     for w, b, A, Ai in zip(weights, biases, fourier, fourier_inv):
         w = w.detach().numpy()
-        t = dict(w=w, b=b.detach().numpy().copy(), hin=hin, cw_d=0, fd=0, g=0)
+        t = dict(w=w, b=b.detach().numpy().copy(), hin=hin, cw_d=0, fd=0, g=0, bn=None)
         if w.ndim == 2:
             t["hout"] = w.shape[0]
             t["wk"] = np.ascontiguousarray(w.T).reshape(-1)
@@ -188,50 +201,88 @@ def fourier_elu_tile(L, Y, X, U, be, ld, gc, su):
             block_mm(1, mc, fd, gcc, U, lambda bi, m: m * gc, 1, ainvt, lambda bi, n, g0=g0: g0 * fd + n, fd, st2)
 
 
-def trunk_forward_kernel(inp, layers, out, saves, be, ld, gc, su):
+def load_rows(S, ld, src, e0, ne, be, width, f=None, s=None, d=1):
+    """trunk_cuda.cu's load_rows: src flat (E * width), each value mapped to v f[j / d] + s[j] when f is given (v f[j /
+    d] when s is None); rows ne .. be - 1 zero."""
+    idx = np.arange(be * width)
+    e, j = idx // width, idx % width
+    live = e < ne
+    v = np.zeros(be * width)
+    v[live] = src[(e0 + e[live]) * width + j[live]]
+    if f is not None:
+        v[live] = v[live] * f[j[live] // d] + (s[j[live]] if s is not None else 0.0)
+    S[e * ld + j] = v
+
+
+def trunk_forward_kernel(inp, in_map, layers, out, saves, be, ld, gc, su):
+    """ik_trunk_forward_kernel, block by block. inp / out / saves: flat global arrays ((E, width) row-major)."""
     E, hin0 = inp.shape
-    inp = inp.reshape(-1)
+    inp, outf = inp.reshape(-1), out.reshape(-1)
+    fi, si, di = (in_map["f"], in_map["s"], in_map["d"]) if in_map is not None else (None, None, 1)
     for blk in range(-(-E // be)):
         X, Y, U = np.zeros(be * ld), np.zeros(be * ld), np.zeros(su)
         e0 = blk * be
         ne = min(be, E - e0)
-        for idx in range(be * hin0):
-            e, p = divmod(idx, hin0)
-            X[e * ld + p] = inp[(e0 + e) * hin0 + p] if e < ne else 0.0
+        load_rows(X, ld, inp, e0, ne, be, hin0, fi, si, di)
         width = hin0
-        for k, L in enumerate(layers):
+        for L, (save_y, save_a) in zip(layers, saves):
             linear_tile(L, X, Y, be, ld)
             width = L["hout"]
-            if saves is not None:
-                saves[0][k][e0 : e0 + ne] = Y.reshape(be, ld)[:ne, :width]
-            if L["fd"] > 0:
+            if save_y is not None:
+                save_y.reshape(-1)[e0 * width : (e0 + ne) * width] = Y.reshape(be, ld)[:ne, :width].reshape(-1)
+            fourier = L["fd"] > 0
+            if fourier:
                 fourier_elu_tile(L, Y, X, U, be, ld, gc, su)
-            else:
-                Xv, Yv = X.reshape(be, ld), Y.reshape(be, ld)
-                Xv[:, :width] = elu(Yv[:, :width])
-            if saves is not None and k + 1 < len(layers):
-                saves[1][k][e0 : e0 + ne] = X.reshape(be, ld)[:ne, :width]
-        out[e0 : e0 + ne] = X.reshape(be, ld)[:ne, :width]
+            bn = L["bn"]
+            if not fourier or save_a is not None or bn is not None:
+                idx = np.arange(be * width)
+                e, j = idx // width, idx % width
+                p = e * ld + j
+                v = X[p] if fourier else elu(Y[p])
+                if save_a is not None:
+                    live = e < ne
+                    save_a.reshape(-1)[(e0 + e[live]) * width + j[live]] = v[live]
+                X[p] = v * bn["f"][j // bn["d"]] + bn["s"][j] if bn is not None else v
+        idx = np.arange(ne * width)
+        e, j = idx // width, idx % width
+        outf[(e0 + e) * width + j] = X[e * ld + j]
 
 
-def trunk_forward(inp, layers, save=False):
-    E = inp.shape[0]
-    if not layers:
-        return inp, None
-    hmax = max([inp.shape[1]] + [L["hout"] for L in layers])
-    rows = max([1] + [L["hout"] // L["fd"] for L in layers if L["fd"] > 0])
+MAX_LAYERS = 16  # common.cuh's kMaxLayers (main() also runs the chained launches with a smaller value)
+
+
+def launch_trunk_group(cur, in_map, out, layers, k0, k1, saves):
+    hmax = max([cur.shape[1]] + [L["hout"] for L in layers[k0:k1]])
+    rows = max([1] + [L["hout"] // L["fd"] for L in layers[k0:k1] if L["fd"] > 0])
     ld = odd(hmax)
     su_for = lambda be: GRID_CHUNK * min(be * rows, MAX_SCRATCH_ROWS)  # noqa: E731
     be = pick_tile(lambda be: (2 * be * ld + su_for(be)) * 8)
+    group = []
+    for k in range(k0, k1):
+        save_y = saves[0][k] if saves is not None else None
+        # (the last layer's activation is the output itself when no affine map follows it)
+        keep_a = saves is not None and (k + 1 < len(layers) or layers[k]["bn"] is not None)
+        group.append((save_y, saves[1][k] if keep_a else None))
+    trunk_forward_kernel(cur, in_map, layers[k0:k1], out, group, be, ld, GRID_CHUNK, su_for(be))
+
+
+def trunk_forward(inp, in_map, layers, save=False):
+    """trunk_cuda.cu's trunk_forward: (h after the last layer's affine map, (ys, as) or None)."""
+    E = inp.shape[0]
+    if not layers:
+        return inp, None
     saves = ([np.zeros((E, L["hout"])) for L in layers], [np.zeros((E, L["hout"])) for L in layers]) if save else None
-    out = np.zeros((E, layers[-1]["hout"]))
-    trunk_forward_kernel(inp, layers, out, saves, be, ld, GRID_CHUNK, su_for(be))
-    if save:
-        saves[1][-1] = out
-    return out, saves
+    cur = inp
+    for k0 in range(0, len(layers), MAX_LAYERS):
+        k1 = min(len(layers), k0 + MAX_LAYERS)
+        into_as = save and k1 == len(layers) and layers[-1]["bn"] is None
+        out = saves[1][-1] if into_as else np.zeros((E, layers[k1 - 1]["hout"]))
+        launch_trunk_group(cur, in_map if k0 == 0 else None, out, layers, k0, k1, saves)
+        cur = out
+    return cur, saves
 
 
-def fourier_backward_kernel(y, da, L):
+def fourier_backward_kernel(y, dh, L):
     E, H = y.shape
     fd, G = L["fd"], L["g"]
     ld = odd(H)
@@ -240,13 +291,15 @@ def fourier_backward_kernel(y, da, L):
     be = pick_tile(lambda be: (3 * be * ld + su_for(be)) * 8)
     gc, su = GRID_CHUNK, su_for(be)
     at, ainv, A = L["At"], L["Ainv"], L["A"]
-    dy = np.zeros_like(y)
+    bn = L["bn"]
+    dy = np.zeros(E * H)
+    yf, dhf = y.reshape(-1), dh.reshape(-1)
     for blk in range(-(-E // be)):
         e0 = blk * be
         ne = min(be, E - e0)
         Yt, dAt, dYt, U = np.zeros(be * ld), np.zeros(be * ld), np.zeros(be * ld), np.zeros(su)
-        Yt.reshape(be, ld)[:ne, :H] = y[e0 : e0 + ne]
-        dAt.reshape(be, ld)[:ne, :H] = da[e0 : e0 + ne]
+        load_rows(Yt, ld, yf, e0, ne, be, H)
+        load_rows(dAt, ld, dhf, e0, ne, be, H, *((bn["f"], None, bn["d"]) if bn is not None else ()))
         C = H // fd
         M = be * C
         mr = su // gc
@@ -272,40 +325,92 @@ def fourier_backward_kernel(y, da, L):
                     dYt[p] = (0.0 if g0 == 0 else dYt[p]) + v
 
                 block_mm(1, mc, fd, gcc, U, lambda bi, m: m * gc, 1, A, lambda bi, n, g0=g0: g0 * fd + n, fd, s3)
-        dy[e0 : e0 + ne] = dYt.reshape(be, ld)[:ne, :H]
-    return dy
+        idx = np.arange(ne * H)
+        e, j = idx // H, idx % H
+        dy[(e0 + e) * H + j] = dYt[e * ld + j]
+    return dy.reshape(E, H)
+
+
+def elu_backward_kernel(y, dh, L):
+    """ik_elu_backward_kernel: one element per i of the flat (E, H) arrays."""
+    E, H = y.shape
+    i = np.arange(E * H)
+    da = dh.reshape(-1)[i]
+    if L["bn"] is not None:
+        da = da * L["bn"]["f"][(i % H) // L["bn"]["d"]]
+    return (da * elu_grad(y.reshape(-1)[i])).reshape(E, H)
 
 
 def trunk_backward(inp, layers, ys, as_, dh):
-    """trunk_cuda.cu's trunk_backward with torch in place of ATen."""
-    dws, dbs = [None] * len(layers), [None] * len(layers)
-    da = torch.from_numpy(dh)
+    """trunk_cuda.cu's trunk_backward with torch in place of ATen: (dinp, dweights, dbiases, dbn_factor, dbn_shift),
+    None for a layer without an affine map."""
+    n = len(layers)
+    dws, dbs, dfs, dss = [None] * n, [None] * n, [None] * n, [None] * n
+    dh = torch.from_numpy(dh)
     E = inp.shape[0]
-    for k in reversed(range(len(layers))):
+    for k in reversed(range(n)):
         L = layers[k]
+        bn = L["bn"]
+        if bn is not None:
+            dfs[k] = (dh * torch.from_numpy(as_[k])).sum(0).view(L["hout"] // bn["d"], bn["d"]).sum(1)
+            dss[k] = dh.sum(0)
         if L["fd"] > 0:
-            dy = torch.from_numpy(fourier_backward_kernel(ys[k], da.numpy(), L))
+            dy = torch.from_numpy(fourier_backward_kernel(ys[k], dh.numpy(), L))
         else:
-            dy = da * torch.from_numpy(elu_grad(ys[k]))
+            dy = torch.from_numpy(elu_backward_kernel(ys[k], dh.numpy(), L))
         ain = torch.from_numpy(inp if k == 0 else as_[k - 1])
-        dbs[k] = dy.sum(0)
+        pm = layers[k - 1]["bn"] if k > 0 else None
+        db = dy.sum(0)
+        dbs[k] = db
+        hin = L["hin"]
+        if pm is not None:
+            pf, ps = torch.from_numpy(pm["f"]), torch.from_numpy(pm["s"])
+            fexp = pf.unsqueeze(1).expand(hin // pm["d"], pm["d"]).reshape(hin)
         w = torch.from_numpy(L["w"])
         if L["cw_d"] == 0:
-            dws[k] = dy.t() @ ain
-            da = dy @ w
+            dw = dy.t() @ ain
+            if pm is not None:
+                dw = (dw * fexp.unsqueeze(0)).addr(db, ps)
+            dws[k] = dw
+            dh = dy @ w
         else:
             D = L["cw_d"]
-            cout, cin = L["hout"] // D, L["hin"] // D
+            cout, cin = L["hout"] // D, hin // D
             dyv = dy.view(E, cout, D)
-            dws[k] = torch.bmm(dyv.permute(2, 1, 0), ain.view(E, cin, D).permute(2, 0, 1))
-            da = torch.bmm(dyv.permute(2, 0, 1), w).permute(1, 2, 0).reshape(E, L["hin"])
-    return da.numpy(), dws, dbs
+            dw = torch.bmm(dyv.permute(2, 1, 0), ain.view(E, cin, D).permute(2, 0, 1))
+            if pm is not None:
+
+                def by_component(v, c, D=D):
+                    return v.view(c, D).t()
+
+                outer = by_component(db, cout).unsqueeze(2) * by_component(ps, cin).unsqueeze(1)
+                dw = dw * by_component(fexp, cin).unsqueeze(1) + outer
+            dws[k] = dw
+            dh = torch.bmm(dyv.permute(2, 0, 1), w).permute(1, 2, 0).reshape(E, hin)
+    return dh.numpy(), dws, dbs, dfs, dss
+
+
+def trunk_moments(inp, weights, biases, fourier, fourier_inv, in_factor, in_shift):
+    """conv_cuda.cu's native_trunk_moments_cuda: (moments (2, H), the last activation before its batch norm)."""
+    layers, H = prepare_trunk(weights, biases, fourier, fourier_inv, inp.shape[1])
+    assert len(in_factor) == len(layers) and len(in_shift) == len(layers)
+    in_map = None
+    for k in range(len(layers)):
+        m = prepare_affine(in_factor[k], in_shift[k], inp.shape[1] if k == 0 else layers[k - 1]["hout"])
+        if k == 0:
+            in_map = m
+        else:
+            layers[k - 1]["bn"] = m
+    h, _ = trunk_forward(inp.detach().numpy(), in_map, layers)
+    mean = h.mean(0)
+    return np.stack([mean, ((h - mean) ** 2).sum(0)]), h
 
 
 # ------------------------------------------------------------------------------------------------------------------
 # conv_cuda.cu
 # ------------------------------------------------------------------------------------------------------------------
-def z_kernel(h, s, x, src, rowptr, Z, r0, nr, H, C):
+def z_kernel(h, h_map, s, x, src, rowptr, Z, r0, nr, H, C):
+    """ik_contract_z_kernel; h_map (the last layer's affine map, for `hidden`) applied as h is staged, or None."""
     h, x = h.reshape(-1), x.reshape(-1)
     for bx in range(nr):
         i = r0 + bx
@@ -321,7 +426,13 @@ def z_kernel(h, s, x, src, rowptr, Z, r0, nr, H, C):
                         e = eb + k
                         for j in range(Z_TILE_H):
                             hh = h0 + j
-                            hs[k, j] = s[e] * h[e * H + hh] if hh < H else (s[e] if hh == H else 0.0)
+                            if hh < H:
+                                hv = h[e * H + hh]
+                                if h_map is not None:
+                                    hv = hv * h_map["f"][hh // h_map["d"]] + h_map["s"][hh]
+                                hs[k, j] = s[e] * hv
+                            else:
+                                hs[k, j] = s[e] if hh == H else 0.0
                         for j in range(Z_TILE_C):
                             if c0 + j < C:
                                 xs[k, j] = x[src[e] * C + c0 + j]
@@ -395,8 +506,12 @@ def edge_kernel(dZ, h, s, x, src, rowptr, tile_ptr, dG, gz, dxe, r0, r1, H, C, t
     return seen
 
 
-def conv_inputs(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, fw, fb, coef, norm, ndim, mask):
+def conv_inputs(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, bn_factor, bn_shift, fw, fb, coef, norm,
+                ndim, mask):  # fmt: skip
     layers, H = prepare_trunk(weights, biases, fourier, fourier_inv, inp.shape[1])
+    assert len(bn_factor) == len(layers) and len(bn_shift) == len(layers)
+    for L, f, sh in zip(layers, bn_factor, bn_shift):
+        L["bn"] = prepare_affine(f, sh, L["hout"])
     w = fw.detach() * mask if mask is not None else fw.detach()
     R, _, C = fw.shape
     W = torch.cat([w, fb.detach().unsqueeze(1)], 1).reshape(R, (H + 1) * C).numpy()
@@ -406,28 +521,35 @@ def conv_inputs(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, fw, 
     return layers, H, R, C, W, inpn, r2, s
 
 
-def conv(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, fw, fb, coef, norm, ndim, mask, nr):
-    layers, H, R, C, W, inpn, r2, s = conv_inputs(
-        x, inp, src, rowptr, weights, biases, fourier, fourier_inv, fw, fb, coef, norm, ndim, mask
-    )
+def conv(x, inp, src, rowptr, *program, nr, hidden=None):
+    """native_conv_cuda; ``hidden``: the last activation before its batch norm (the Z kernel applies the map)."""
+    layers, H, R, C, W, inpn, r2, s = conv_inputs(x, inp, src, rowptr, *program)
     n_dst = rowptr.shape[0] - 1
-    h, _ = trunk_forward(inpn, layers)
+    if hidden is not None:
+        h, h_map = hidden, (layers[-1]["bn"] if layers else None)
+    else:
+        h, h_map = trunk_forward(inpn, None, layers)[0], None
     out = np.zeros((n_dst, R))
     for r0 in range(0, n_dst, nr):
         n = min(nr, n_dst - r0)
         Z = np.zeros((n, (H + 1) * C))
-        z_kernel(h, s, x.detach().numpy(), src.numpy(), rowptr.numpy(), Z, r0, n, H, C)
+        z_kernel(h, h_map, s, x.detach().numpy(), src.numpy(), rowptr.numpy(), Z, r0, n, H, C)
         out[r0 : r0 + n] = Z @ W.T
     return out
 
 
-def conv_backward(grad, x, inp, src, rowptr, weights, biases, fourier, fourier_inv, fw, fb, coef, norm, ndim, mask, nr):
-    layers, H, R, C, W, inpn, r2, s = conv_inputs(
-        x, inp, src, rowptr, weights, biases, fourier, fourier_inv, fw, fb, coef, norm, ndim, mask
-    )
+def conv_backward(grad, x, inp, src, rowptr, *program, nr):
+    """native_conv_backward_cuda: [dx, dinp, *dweights, *dbiases, *dbn_factor, *dbn_shift, dfw, dfb, dcoef], empty
+    arrays shaped as the factor / shift of a layer without batch norm."""
+    bn_factor, bn_shift, mask = program[4], program[5], program[-1]
+    layers, H, R, C, W, inpn, r2, s = conv_inputs(x, inp, src, rowptr, *program)
+    coef = program[8]
+    ndim = program[10]
     E, n_dst = inp.shape[0], rowptr.shape[0] - 1
     xn, srcn, rp = x.detach().numpy(), src.numpy(), rowptr.numpy()
-    h, saves = trunk_forward(inpn, layers, save=True)
+    h, saves = trunk_forward(inpn, None, layers, save=True)
+    if saves is not None and layers[-1]["bn"] is None:
+        assert h is saves[1][-1]  # the output went straight into as.back()
     te = edge_tile(C)
     deg = rp[1:] - rp[:-1]
     tile_ptr = np.concatenate([[0], np.cumsum((deg + te - 1) // te)])
@@ -438,7 +560,7 @@ def conv_backward(grad, x, inp, src, rowptr, weights, biases, fourier, fourier_i
     for r0 in range(0, n_dst, nr):
         n = min(nr, n_dst - r0)
         Z = np.zeros((n, (H + 1) * C))
-        z_kernel(h, s, xn, srcn, rp, Z, r0, n, H, C)
+        z_kernel(h, None, s, xn, srcn, rp, Z, r0, n, H, C)
         dW += g[r0 : r0 + n].T @ Z
         dZ = g[r0 : r0 + n] @ W
         tiles += edge_kernel(
@@ -450,9 +572,9 @@ def conv_backward(grad, x, inp, src, rowptr, weights, biases, fourier, fourier_i
     dx = np.zeros_like(xn)
     np.add.at(dx, srcn, dxe)
     if layers:
-        dinp, dws, dbs = trunk_backward(inpn, layers, saves[0], saves[1], dh)
+        dinp, dws, dbs, dfs, dss = trunk_backward(inpn, layers, saves[0], saves[1], dh)
     else:
-        dinp, dws, dbs = dh, [], []
+        dinp, dws, dbs, dfs, dss = dh, [], [], [], []
     wds = ds * s
     dcoef = -(wds * r2).sum()
     dinp = dinp.copy()
@@ -460,19 +582,27 @@ def conv_backward(grad, x, inp, src, rowptr, weights, biases, fourier, fourier_i
     dfw = dW[:, : H * C].reshape(R, H, C)
     if mask is not None:
         dfw = dfw * mask.numpy()
-    return [dx, dinp, *[d.numpy() for d in dws], *[d.numpy() for d in dbs], dfw, dW[:, H * C :], np.array([dcoef])]
+    dfs = [d.numpy() if d is not None else np.zeros(tuple(f.shape)) for d, f in zip(dfs, bn_factor)]
+    dss = [d.numpy() if d is not None else np.zeros(tuple(t.shape)) for d, t in zip(dss, bn_shift)]
+    return [
+        dx, dinp, *[d.numpy() for d in dws], *[d.numpy() for d in dbs], *dfs, *dss, dfw, dW[:, H * C :],
+        np.array([dcoef]),
+    ]  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------------------------
 # a random program and graph
 # ------------------------------------------------------------------------------------------------------------------
 def random_case(seed, spec, P0=5, ndim=3, C=6, R=5, n_src=9, n_dst=11, degrees=None, with_mask=True):
-    """spec: per hidden layer (kind, width args, fourier (G, D) or None); kind "dense" (H_out) or "cw" (D, C_out)."""
+    """spec: per hidden layer (kind, width args, fourier (G, D) or None[, batch-norm channels]); kind "dense" (H_out)
+    or "cw" (D, C_out); the batch norm's channels: 0 for none, by default one per Fourier channel (per unit for a
+    pointwise ELU)."""
     g = torch.Generator().manual_seed(seed)
     rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
-    weights, biases, fourier, fourier_inv = [], [], [], []
+    empty = lambda: torch.zeros(0, dtype=torch.float64, requires_grad=True)  # noqa: E731
+    weights, biases, fourier, fourier_inv, bn_factor, bn_shift = [], [], [], [], [], []
     hin = P0
-    for kind, shape, four in spec:
+    for kind, shape, four, *bn in spec:
         if kind == "dense":
             w = rnd(shape, hin) / hin**0.5
             hout = shape
@@ -490,6 +620,13 @@ def random_case(seed, spec, P0=5, ndim=3, C=6, R=5, n_src=9, n_dst=11, degrees=N
             A = rnd(G, D) / D**0.5
             fourier.append(A)
             fourier_inv.append(torch.linalg.pinv(A))
+        channels = bn[0] if bn else (hout // four[1] if four is not None else hout)
+        if channels:
+            bn_factor.append((1.0 + 0.5 * rnd(channels)).requires_grad_())
+            bn_shift.append((0.3 * rnd(hout)).requires_grad_())
+        else:
+            bn_factor.append(empty())
+            bn_shift.append(empty())
         hin = hout
     H = hin
     if degrees is None:
@@ -506,37 +643,70 @@ def random_case(seed, spec, P0=5, ndim=3, C=6, R=5, n_src=9, n_dst=11, degrees=N
     fb = rnd(R, C).requires_grad_()
     coef = torch.tensor([0.7], dtype=torch.float64, requires_grad=True)
     mask = (torch.rand(R, H, C, generator=g) < 0.4) if with_mask else None
-    return [x, inp, src, rowptr, weights, biases, fourier, fourier_inv, fw, fb, coef, 0.5, ndim, mask]
+    return [
+        x, inp, src, rowptr, weights, biases, fourier, fourier_inv, bn_factor, bn_shift, fw, fb, coef, 0.5, ndim, mask,
+    ]  # fmt: skip
 
 
-def check(name, args, nr):
+def rel(a, b) -> float:
+    """max |a - b| / max |b| (0 for empty tensors)."""
+    b = b.detach()
+    if b.numel() == 0:
+        assert np.asarray(a).size == 0, np.asarray(a).shape
+        return 0.0
+    return float(np.abs(np.asarray(a).reshape(b.shape) - b.numpy()).max()) / max(1e-30, float(b.abs().max()))
+
+
+def check(name, args, nr, tol=1e-10):
+    """conv (without and with `hidden`), conv_backward and trunk_moments (from inp and chained from each layer's
+    activation) of the emulation against the op layer's plain-PyTorch statements."""
+    x, inp, src, rowptr, weights, biases, fourier, fourier_inv, bn_factor, bn_shift, fw, fb, coef = args[:13]
+    L = len(weights)
+    empty = torch.zeros(0, dtype=torch.float64)
     ref = ops.conv_reference_form(*args)
-    out = conv(*args, nr=nr)
-    err = float(np.abs(out - ref.detach().numpy()).max() / max(1e-30, float(ref.detach().abs().max())))
+    errs = {"forward": rel(conv(*args, nr=nr), ref)}
+    # trunk_moments from inp, and chained: from the activation a_j of layer j (before its batch norm), with its batch
+    # norm as in_factor[0]
+    moments = []
+    acts = [inp.detach()]
+    for upto in range(1, L + 1):
+        lists = (weights[:upto], biases[:upto], fourier[:upto], fourier_inv[:upto])
+        in_f, in_s = [empty, *bn_factor[: upto - 1]], [empty, *bn_shift[: upto - 1]]
+        with torch.no_grad():
+            want = ops.trunk_moments_reference_form(inp.detach(), *lists, in_f, in_s)
+        got = trunk_moments(inp, *lists, in_f, in_s)
+        moments += [rel(got[0], want[0]), rel(got[1], want[1])]
+        acts.append(want[1])
+        for j in range(1, upto):  # from a_j (j = 1 .. upto - 1), through layers j + 1 .. upto
+            rest = (weights[j:upto], biases[j:upto], fourier[j:upto], fourier_inv[j:upto])
+            got = trunk_moments(acts[j], *rest, bn_factor[j - 1 : upto - 1], bn_shift[j - 1 : upto - 1])
+            moments += [rel(got[0], want[0]), rel(got[1], want[1])]
+    errs["trunk_moments"] = max(moments, default=0.0)
+    if L:
+        errs["forward with hidden"] = rel(conv(*args, nr=nr, hidden=acts[-1].numpy()), ref)
     grad = torch.randn(ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    leaves = [args[0], args[1], *args[4], *args[5], args[8], args[9], args[10]]
+    leaves = [x, inp, *weights, *biases, *bn_factor, *bn_shift, fw, fb, coef]
     ref_g = torch.autograd.grad(ref, leaves, grad, allow_unused=True)
     ours = conv_backward(grad, *args, nr=nr)
-    errs = []
-    for a, b in zip(ours, ref_g):
-        b = torch.zeros_like(leaves[len(errs)]) if b is None else b
-        scale = max(1e-30, float(b.abs().max()))
-        errs.append(float(np.abs(a.reshape(b.shape) - b.detach().numpy()).max()) / scale if b.numel() else 0.0)
-    worst = max([err] + errs)
-    print(
-        f"{name:40s} forward {err:.1e}  gradients max {max(errs) if errs else 0:.1e}  "
-        f"{'ok' if worst < 1e-10 else 'FAIL'}"
-    )
-    return worst < 1e-10
+    assert len(ours) == 4 * L + 5 == len(leaves)
+    gerrs = [rel(a, torch.zeros_like(leaf) if b is None else b) for a, b, leaf in zip(ours, ref_g, leaves)]
+    errs["gradients"] = max(gerrs)
+    worst = max(errs.values())
+    print(f"{name:44s} " + "  ".join(f"{k} {v:.1e}" for k, v in errs.items()) + f"  {'ok' if worst < tol else 'FAIL'}")
+    return worst < tol
 
 
 def main():
-    global TC
+    global TC, MAX_LAYERS
     ok = True
     for TC in (False, True):
         path = "block_mm_tf32 (TF32 path's tiling, exact arithmetic)" if TC else "block_mm (IEEE path)"
         print("block GEMMs as", path)
         ok &= cases()
+    TC = False
+    MAX_LAYERS = 2
+    print(f"trunk launches of at most {MAX_LAYERS} layers (kMaxLayers lowered: the chained launches)")
+    ok &= chained_cases()
     print("all ok" if ok else "FAILURES")
     return 0 if ok else 1
 
@@ -557,6 +727,20 @@ def cases():
     ok &= check(
         "skew (one receiver with 70 edges), isolated", random_case(6, fourier_cw, degrees=[0, 70, 0, 3, 0, 33, 1]), nr=2
     )
+    # batch norms: none at all; only on some layers (the last one's missing, or only the last one's); channels
+    # other than the Fourier ELU's or the componentwise Linear's components (D = 6 before a componentwise Linear of
+    # D = 3; D = 2 on a pointwise layer)
+    ok &= check("no batch norm", random_case(8, [("dense", 12, (10, 3), 0), ("cw", (3, 4), (10, 3), 0)]), nr=4)
+    ok &= check(
+        "batch norm on the first layer only",
+        random_case(9, [("dense", 12, (10, 3), 2), ("cw", (3, 4), (10, 3), 0)]),
+        nr=4,
+    )
+    ok &= check(
+        "batch norm on the last layer only, pointwise",
+        random_case(10, [("dense", 7, None, 0), ("dense", 8, None, 4)]),
+        nr=3,
+    )
     # wide enough that the tiles, Fourier chunks and Z tiles have several pieces: H = 70 hidden (> 64 Z rows),
     # C = 40 inputs (> 32 Z columns), G = 70 grid points (> 32 per chunk)
     ok &= check(
@@ -564,6 +748,14 @@ def cases():
         random_case(7, [("dense", 70, (70, 7)), ("cw", (7, 10), (70, 7))], C=40, R=3, degrees=[20, 0, 35, 2]),
         nr=3,
     )
+    return ok
+
+
+def chained_cases():
+    ok = True
+    spec = [("dense", 8, (12, 4)), ("dense", 6, None, 3), ("cw", (2, 3), None, 0), ("dense", 8, (12, 4))]
+    ok &= check("4 layers in launches of 2", random_case(11, spec), nr=4)
+    ok &= check("3 layers, last without batch norm", random_case(12, spec[:2] + [("dense", 5, None, 0)]), nr=4)
     return ok
 
 
