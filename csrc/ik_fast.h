@@ -6,12 +6,20 @@
 // C++ signatures (Tensor[] -> at::TensorList, Tensor? -> const std::optional<at::Tensor>&, Tensor[]? ->
 // std::optional<at::TensorList>, float -> double, int -> int64_t):
 //
-//   at::Tensor native_conv(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, final_weight, final_bias,
-//                          coef, double norm, int64_t ndim, final_mask, hidden, tape)
+//   at::Tensor native_conv(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, bn_factor, bn_shift,
+//                          final_weight, final_bias, coef, double norm, int64_t ndim, final_mask, hidden, tape)
 //   std::vector<at::Tensor> native_conv_backward(grad, x, inp, src, rowptr, weights, biases, fourier, fourier_inv,
-//                          final_weight, final_bias, coef, double norm, int64_t ndim, final_mask, tape)
+//                          bn_factor, bn_shift, final_weight, final_bias, coef, double norm, int64_t ndim, final_mask,
+//                          tape)
+//       -> [dx, dinp, *dweights, *dbiases, *dbn_factor, *dbn_shift, dfinal_weight, dfinal_bias, dcoef] (4L + 5;
+//          empty tensors for the batch norm of a layer without one)
 //   std::tuple<at::Tensor, at::Tensor, at::Tensor> native_trunk_moments(inp, weights, biases, fourier, fourier_inv,
-//                          bool with_activation, bool with_grid)
+//                          in_factor, in_shift, bool with_activation, bool with_grid)
+//
+// The kernel MLP comes as written (ik_fast/ops.py, op contract v2): bn_factor[k] / bn_shift[k] is hidden layer k's
+// batch norm as an affine map on its activation (empty: none), applied by the kernels; `hidden` and the tape's
+// activations are taken before their batch norms; in_factor[i] / in_shift[i] is the batch norm on the input of
+// trunk_moments' layer i.
 //
 // Build macros (ik_fast/_build.py): IK_FAST_WITH_CUDA when the CUDA part is compiled in; CPU_CAPABILITY_AVX2 when the
 // CPU part is compiled for AVX2 + FMA (ATen's at::vec::Vectorized is then 256 bits wide, else scalar);
@@ -34,7 +42,7 @@ using at::Tensor;
 using at::TensorList;
 using OptTensor = std::optional<at::Tensor>;
 
-// The host packing's entry passes (csrc/cpu/packing_cpu.cpp; module functions, see ik_fast/packing.py)
+// Shared by the CPU kernels (csrc/cpu/*.cpp)
 namespace cpu {
 // t zeroed in place and returned; below 4 MB by the calling thread: Tensor::zero_ fills from 32768 elements up in a
 // parallel region, whose fork and join cost more than a memset of that size on small graphs
@@ -46,31 +54,6 @@ inline at::Tensor zero_filled(at::Tensor t) {
   }
   return t;
 }
-
-std::vector<at::Tensor> pack_expand(const std::vector<at::Tensor>& sources, const at::Tensor& cols,
-                                    const at::Tensor& vals, const at::Tensor& tgt, int64_t size,
-                                    const at::Tensor& fcols, const at::Tensor& fvals,
-                                    const std::vector<std::vector<int64_t>>& shapes,
-                                    const std::vector<int64_t>& offsets);
-std::vector<at::Tensor> pack_final(const at::Tensor& contrib, const at::Tensor& t, const at::Tensor& h,
-                                   const at::Tensor& ch, const at::Tensor& rc, const OptTensor& factor,
-                                   const OptTensor& shift, const OptTensor& bias, int64_t R, int64_t H, int64_t C,
-                                   int64_t channels);
-std::vector<at::Tensor> pack_bn(const at::Tensor& moments, int64_t count, const at::Tensor& avg,
-                                const at::Tensor& scale, const at::Tensor& shift, double eps);
-std::vector<at::Tensor> pack_fold(const at::Tensor& W, const OptTensor& bias, const at::Tensor& factor,
-                                  const at::Tensor& shift, bool componentwise);
-std::vector<at::Tensor> pack_vjp(const std::vector<OptTensor>& grads, const std::vector<at::Tensor>& weights,
-                                 const std::vector<int64_t>& componentwise, const std::vector<OptTensor>& factors,
-                                 const std::vector<OptTensor>& shifts, const std::vector<OptTensor>& means,
-                                 const std::vector<OptTensor>& vars, const std::vector<double>& eps,
-                                 const std::vector<int64_t>& bn_layers, const std::vector<int64_t>& off_w,
-                                 const std::vector<int64_t>& off_b, const std::vector<int64_t>& off_shift,
-                                 int64_t flat_size, const at::Tensor& contrib, const at::Tensor& t, const at::Tensor& h,
-                                 const at::Tensor& ch, const at::Tensor& rc, int64_t R, int64_t H, int64_t C,
-                                 int64_t channels, const at::Tensor& tgt, const at::Tensor& cols,
-                                 const at::Tensor& vals, const std::vector<std::vector<int64_t>>& shapes,
-                                 const at::Tensor& coef, const at::Tensor& sigma);
 }  // namespace cpu
 
 }  // namespace ik_fast

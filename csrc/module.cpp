@@ -63,10 +63,4 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_capability", &cpu_capability, "the vector ISA of at::vec::Vectorized in the CPU kernels");
   m.def("num_threads", &at::get_num_threads, "ATen's intra-op thread count (torch.set_num_threads sets it)");
   m.def("source_hash", &source_hash, "hash of the csrc/ sources this module was built from");
-  // the host packing's entry passes on CPU tensors (ik_fast/packing.py states each in PyTorch)
-  m.def("pack_expand", &ik_fast::cpu::pack_expand, "the small pieces (views of one flat array), the final entries");
-  m.def("pack_final", &ik_fast::cpu::pack_final, "the final weight (R, H, C) and bias (R, C) from its entries");
-  m.def("pack_bn", &ik_fast::cpu::pack_bn, "batch statistics (mean, var) and the fold's (factor, shift) from moments");
-  m.def("pack_fold", &ik_fast::cpu::pack_fold, "a hidden Linear (weight, bias) with the batch norm before it folded");
-  m.def("pack_vjp", &ik_fast::cpu::pack_vjp, "the packing's vector-Jacobian product: sources, sigma, scales");
 }

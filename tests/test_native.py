@@ -48,13 +48,15 @@ def _inputs(conv, gs, attr_t, n=10, e=40, dtype=torch.float64, seed=0):
 
 
 def _op_args(conv, pos, ei, x, a, grad=True):
-    """native_conv's arguments for a layer and a graph, as the fused backend builds them (leaves that require
-    gradients where the op has one)."""
+    """native_conv's arguments for a layer and a graph, as the fused backend builds them (op contract v2: the kernel
+    MLP as written, each batch norm an affine map; in eval mode from the running statistics), in schema order up to
+    ``hidden`` (None): x, inp, src, rowptr, weights, biases, fourier, fourier_inv, bn_factor, bn_shift, final_weight,
+    final_bias, coef, norm, ndim, final_mask, hidden. Leaves that require gradients where the op has one."""
     prog = conv.kernel.program()
     n = x.shape[0]
     g = prepare_graph(ei, n, n)
     inp = prog.mlp_input(pos[ei[0]] - pos[ei[1]], a)[g.perm].contiguous()
-    p = prog.packed([], x.dtype)
+    p = prog.op_program([], x.dtype)
     leaf = (lambda t: t.detach().clone().requires_grad_()) if grad else (lambda t: t.detach().clone())  # noqa: E731
     return [
         leaf(x),
@@ -65,6 +67,8 @@ def _op_args(conv, pos, ei, x, a, grad=True):
         [leaf(b) for b in p.biases],
         p.fourier,
         p.fourier_inv,
+        [leaf(f) for f in p.bn_factor],
+        [leaf(s) for s in p.bn_shift],
         leaf(p.final_weight),
         leaf(p.final_bias),
         leaf(p.coef),

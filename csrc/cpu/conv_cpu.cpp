@@ -7,17 +7,20 @@
 // (t chosen so a tile's Fourier-sampled activation, G*C*t numbers, stays within L2), feature-major (H x t):
 //   trunk      every Linear one GEMM (componentwise: the small kernel below per component, too small for a BLAS
 //              call), every Fourier ELU two GEMMs through the G grid points with the ELU in between (vectorised
-//              expm1), all on the tile; the batch statistics of a tile in interleaved double sums;
+//              expm1), every batch norm's affine map as the tile's activation is written (the next Linear reads
+//              the affine's output, the backward also the activation before it), all on the tile; the batch
+//              statistics of a tile in interleaved double sums;
 //   contract   Z_i = sum_e s_e h_e (x) x_src(e), only on the blocks of the last Linear's plan (plan_for): per pair
 //              a (nh x nc) block per receiver, accumulated by a small outer-product loop;
 //   weight     out_i = W' vec(Z_i) + B' z_i as one GEMM per pair over the item's receivers (W' gathered into the
 //              plan's dense blocks once per call).
 // The backward reads the trunk's tiles from the tape when the host passes one (ik_fast/ops.py: the statistics passes'
-// activations, and their Fourier grids on small graphs; a grid not in the tape is re-evaluated from the layer's input,
-// half the layer's forward work) and otherwise recomputes the trunk per tile; it forms dZ_i = W'^T dout_i per pair,
-// and goes back through the contraction and the trunk; weight gradients accumulate in fixed slots summed in order;
-// dx accumulates per slot over source nodes. Nothing of size E x R x C_in or E x H x C_in exists, nor E x G x C beyond
-// the grids of a tape: per thread, memory is a few tiles' buffers plus one item's Z.
+// activations before their batch norms, which it applies again, and their Fourier grids on small graphs; a grid not in
+// the tape is re-evaluated from the layer's input, half the layer's forward work) and otherwise recomputes the trunk
+// per tile; it forms dZ_i = W'^T dout_i per pair, and goes back through the contraction and the trunk; weight, bias
+// and batch-norm gradients accumulate in fixed slots summed in order; dx accumulates per slot over source nodes.
+// Nothing of size E x R x C_in or E x H x C_in exists, nor E x G x C beyond the grids of a tape: per thread, memory is
+// a few tiles' buffers plus one item's Z.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
@@ -213,11 +216,14 @@ int64_t tile_edges(int64_t max_rows, int64_t E) {
 // ----------------------------------------------------------------------------------------------------------------
 template <typename T>
 struct TrunkTile {
-  std::vector<std::vector<T>> X;  // X[k]: input of layer k (hin x t); X[L]: the last activation
-  std::vector<std::vector<T>> V;  // V[k]: Fourier ELU output on the grid (G*C x t)
+  std::vector<std::vector<T>> X;  // X[k]: input of layer k (hin x t), after the batch norm; X[L]: the trunk's output
+  std::vector<std::vector<T>> Apre;  // Apre[k]: layer k's activation before its batch norm (where it has one)
+  std::vector<std::vector<T>> V;     // V[k]: Fourier ELU output on the grid (G*C x t)
   std::vector<const T*> Vp;  // Vp[k]: where the backward reads layer k's grid, rows of Vld[k]: V[k], or the tape's
   std::vector<int64_t> Vld;
   std::vector<T> Y, dA, dB;  // scratch
+  // layer k's activation before its batch norm (hout x t)
+  const T* act(const Layer<T>& l, int64_t k) const { return l.bn ? Apre[k].data() : X[k + 1].data(); }
 };
 
 template <typename T>
@@ -265,30 +271,51 @@ void layer_grid(const Layer<T>& l, const T* y, int64_t t, std::vector<T>& V, T* 
   }
 }
 
-// rows of the MLP input in the tile layout: x0 (n_in x t) from inp[0:t] (rows of ld_inp)
+// h = a * f + s row by row (rows x t; f, s per row): a batch norm's affine map on a tile
 template <typename T>
-void load_input(const Trunk<T>& tr, const T* inp, int64_t ld_inp, int64_t t, TrunkTile<T>& S) {
-  T* x0 = grow(S.X[0], tr.n_in * t);
-  for (int64_t i = 0; i < tr.n_in; ++i) {
-    const int64_t col = tr.in_perm[i];
-    for (int64_t e = 0; e < t; ++e) x0[i * t + e] = inp[e * ld_inp + col];
+void affine_rows(const T* a, const T* f, const T* s, int64_t rows, int64_t t, T* h) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const T fi = f[i], si = s[i];
+    const T* ar = a + i * t;
+    T* hr = h + i * t;
+    for (int64_t e = 0; e < t; ++e) hr[e] = ar[e] * fi + si;
   }
 }
 
-// the trunk of t edges, inputs inp[0:t] (rows of n_in, ld n_in); fills S.X and S.V; with grid_out, the last layer's
-// grid is also written there (rows G*C of ld_grid)
+// rows of the MLP input in the tile layout: x0 (n_in x t) from inp[0:t] (rows of ld_inp), through the input's batch
+// norm where the trunk has one
+template <typename T>
+void load_input(const Trunk<T>& tr, const T* inp, int64_t ld_inp, int64_t t, TrunkTile<T>& S) {
+  T* x0 = grow(S.X[0], tr.n_in * t);
+  const bool bn = !tr.in_f.empty();
+  for (int64_t i = 0; i < tr.n_in; ++i) {
+    const int64_t col = tr.in_perm[i];
+    T* row = x0 + i * t;
+    if (bn) {
+      const T f = tr.in_f[i], s = tr.in_s[i];
+      for (int64_t e = 0; e < t; ++e) row[e] = inp[e * ld_inp + col] * f + s;
+    } else {
+      for (int64_t e = 0; e < t; ++e) row[e] = inp[e * ld_inp + col];
+    }
+  }
+}
+
+// the trunk of t edges, inputs inp[0:t] (rows of n_in, ld n_in); fills S.X, S.Apre and S.V; with grid_out, the last
+// layer's grid is also written there (rows G*C of ld_grid)
 template <typename T>
 void trunk_forward(const Trunk<T>& tr, const T* inp, int64_t ld_inp, int64_t t, TrunkTile<T>& S, T* grid_out = nullptr,
                    int64_t ld_grid = 0) {
   const int64_t L = static_cast<int64_t>(tr.layers.size());
   S.X.resize(L + 1);
+  S.Apre.resize(L);
   S.V.resize(L);
   S.Vp.assign(L, nullptr);
   S.Vld.assign(L, t);
   load_input(tr, inp, ld_inp, t, S);
   for (int64_t k = 0; k < L; ++k) {
     const Layer<T>& l = tr.layers[k];
-    T* out = grow(S.X[k + 1], l.hout * t);
+    T* h = grow(S.X[k + 1], l.hout * t);
+    T* out = l.bn ? grow(S.Apre[k], l.hout * t) : h;  // the activation, before the batch norm
     T* y = l.G > 0 ? grow(S.Y, l.hout * t) : out;
     layer_linear(l, S.X[k].data(), t, y);
     if (l.G > 0) {
@@ -299,11 +326,12 @@ void trunk_forward(const Trunk<T>& tr, const T* inp, int64_t ld_inp, int64_t t, 
     } else {
       elu_inplace(out, l.hout * t);
     }
+    if (l.bn) affine_rows(out, l.bnf.data(), l.bns.data(), l.hout, t, h);
   }
 }
 
-// the checked tape of ik_fast/ops.py: per hidden layer its activation (E, H_k) and, for a Fourier ELU, its grid
-// (G, C, E); empty when the caller passed none
+// the checked tape of ik_fast/ops.py: per hidden layer its activation before its batch norm (E, H_k) and, for a
+// Fourier ELU, its grid (G, C, E); empty when the caller passed none
 template <typename T>
 struct Tape {
   std::vector<const T*> act, grid;
@@ -357,16 +385,19 @@ void trunk_from_tape(const Trunk<T>& tr, const Tape<T>& tp, const T* inp, int64_
                      TrunkTile<T>& S) {
   const int64_t L = static_cast<int64_t>(tr.layers.size());
   S.X.resize(L + 1);
+  S.Apre.resize(L);
   S.V.resize(L);
   S.Vp.assign(L, nullptr);
   S.Vld.assign(L, t);
   load_input(tr, inp, ld_inp, t, S);
   for (int64_t k = 0; k < L; ++k) {
     const Layer<T>& l = tr.layers[k];
-    T* x = grow(S.X[k + 1], l.hout * t);
+    T* h = grow(S.X[k + 1], l.hout * t);
+    T* x = l.bn ? grow(S.Apre[k], l.hout * t) : h;
     const T* a = tp.act[k] + e0 * l.hout;
     for (int64_t e = 0; e < t; ++e)
       for (int64_t i = 0; i < l.hout; ++i) x[i * t + e] = a[e * l.hout + l.out_perm[i]];
+    if (l.bn) affine_rows(x, l.bnf.data(), l.bns.data(), l.hout, t, h);
     if (l.G == 0) continue;
     if (tp.grid[k] != nullptr) {  // read where it is (trunk_backward reads it once)
       S.Vp[k] = tp.grid[k] + e0;
@@ -392,20 +423,23 @@ void elu_grad_rows(T* g, const T* v, int64_t rows, int64_t t, int64_t ld_v) {
 }
 
 // per-thread gradient accumulators of the trunk, in the tile layout
+// (dbnf, dbns: per layout row of a layer with a batch norm, the sums over edges of dh * a and of dh; empty without)
 template <typename T>
 struct TrunkGrads {
-  std::vector<std::vector<T>> dW, db;
+  std::vector<std::vector<T>> dW, db, dbnf, dbns;
   void init(const Trunk<T>& tr) {
     if (!dW.empty() || tr.layers.empty()) return;
     for (const auto& l : tr.layers) {
       dW.emplace_back(l.W.size(), T(0));
       db.emplace_back(l.hout, T(0));
+      dbnf.emplace_back(l.bn ? l.hout : 0, T(0));
+      dbns.emplace_back(l.bn ? l.hout : 0, T(0));
     }
   }
 };
 
-// back through the trunk of a tile (S from trunk_forward): dact (width x t) is consumed; d(inp) (n_in x t, layout
-// order) is left in the returned buffer
+// back through the trunk of a tile (S from trunk_forward): dact (width x t, the gradient of the trunk's output, after
+// the last batch norm) is consumed; d(inp) (n_in x t, layout order) is left in the returned buffer
 template <typename T>
 T* trunk_backward(const Trunk<T>& tr, TrunkTile<T>& S, T* dact, int64_t t, TrunkGrads<T>& G) {
   const int64_t L = static_cast<int64_t>(tr.layers.size());
@@ -413,6 +447,19 @@ T* trunk_backward(const Trunk<T>& tr, TrunkTile<T>& S, T* dact, int64_t t, Trunk
   T* d = dact;
   for (int64_t k = L - 1; k >= 0; --k) {
     const Layer<T>& l = tr.layers[k];
+    if (l.bn) {  // h = a f + s: df += sum_e dh a, ds += sum_e dh (per row, to channels in trunk_grads_out), da = dh f
+      const T* a = S.Apre[k].data();
+      T* dbf = G.dbnf[k].data();
+      T* dbs = G.dbns[k].data();
+      for (int64_t i = 0; i < l.hout; ++i) {
+        T* row = d + i * t;
+        const T* ar = a + i * t;
+        dbf[i] += lane_sum<T>(t, [row, ar](int64_t e) { return row[e] * ar[e]; });
+        dbs[i] += lane_sum<T>(t, [row](int64_t e) { return row[e]; });
+        const T f = l.bnf[i];
+        for (int64_t e = 0; e < t; ++e) row[e] *= f;
+      }
+    }
     T* dy;
     if (l.G > 0) {
       const int64_t ct = l.C * t;
@@ -422,7 +469,7 @@ T* trunk_backward(const Trunk<T>& tr, TrunkTile<T>& S, T* dact, int64_t t, Trunk
       dy = d;  // (Df x C t) = hout x t, overwrites d
       gemm<T>(true, false, l.Df, ct, l.G, T(1), l.A.data(), l.Df, dv, ct, T(0), dy, ct);
     } else {
-      elu_grad_inplace(d, S.X[k + 1].data(), l.hout * t);
+      elu_grad_inplace(d, S.act(l, k), l.hout * t);
       dy = d;
     }
     T* db = G.db[k].data();
@@ -456,13 +503,14 @@ T* trunk_backward(const Trunk<T>& tr, TrunkTile<T>& S, T* dact, int64_t t, Trunk
   return d;
 }
 
-// the trunk's gradients in the op's layout (weights as given: dense channel-major or componentwise)
+// the trunk's gradients in the op's layout (weights as given: dense channel-major or componentwise), in
+// conv_backward's order: dweights, dbiases, dbn_factor, dbn_shift (empty tensors for a layer without batch norm)
 template <typename T>
 void trunk_grads_out(const Trunk<T>& tr, const TrunkGrads<T>& G, TensorList weights, TensorList biases,
-                     std::vector<Tensor>& out) {
+                     TensorList bn_factor, TensorList bn_shift, std::vector<Tensor>& out) {
   const int64_t L = static_cast<int64_t>(tr.layers.size());
   auto opt = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
-  std::vector<Tensor> dws, dbs;
+  std::vector<Tensor> dws, dbs, dfs, dss;
   for (int64_t k = 0; k < L; ++k) {
     const Layer<T>& l = tr.layers[k];
     Tensor dw = at::zeros(weights[k].sizes(), opt);
@@ -481,9 +529,25 @@ void trunk_grads_out(const Trunk<T>& tr, const TrunkGrads<T>& G, TensorList weig
     }
     dws.push_back(dw.to(weights[k].scalar_type()));
     dbs.push_back(db.view(biases[k].sizes()).to(biases[k].scalar_type()));
+    if (!l.bn) {
+      dfs.push_back(at::empty({0}, bn_factor[k].options()));
+      dss.push_back(at::empty({0}, bn_shift[k].options()));
+      continue;
+    }
+    Tensor df = at::zeros({l.bn_C}, opt);
+    Tensor ds = at::zeros({l.hout}, opt);
+    if (!G.dbnf.empty()) {
+      T* pf = df.data_ptr<T>();
+      T* ps = ds.data_ptr<T>();
+      for (int64_t i = 0; i < l.hout; ++i) {  // rows in layout order: a fixed summation order per channel
+        pf[l.bn_ch[i]] += G.dbnf[k][i];
+        ps[l.out_perm[i]] = G.dbns[k][i];
+      }
+    }
+    dfs.push_back(df.view(bn_factor[k].sizes()).to(bn_factor[k].scalar_type()));
+    dss.push_back(ds.view(bn_shift[k].sizes()).to(bn_shift[k].scalar_type()));
   }
-  out.insert(out.end(), dws.begin(), dws.end());
-  out.insert(out.end(), dbs.begin(), dbs.end());
+  for (auto* v : {&dws, &dbs, &dfs, &dss}) out.insert(out.end(), v->begin(), v->end());
 }
 
 template <typename T>
@@ -605,6 +669,7 @@ struct Conv {
   std::vector<T> B;  // packed W' (the plan's dense blocks)
   std::vector<T> Bb;  // B' (R x C)
   std::vector<int64_t> act_row;  // plan position -> row of the last activation (tile layout)
+  std::vector<T> hf, hs;  // plan position -> the last batch norm's factor and shift (empty: none)
   const T* x = nullptr;
   const T* inp = nullptr;
   const int64_t* src = nullptr;
@@ -649,10 +714,16 @@ void load_chunk(const Conv<T>& cv, Chunk<T>& W, int64_t c0, int64_t c1, const T*
   T* hp = grow(W.hp, P * t);  // (t x P), edge-major
   T* hs = grow(W.hs, P * t);
   const int64_t* hid = cv.plan->hidden.data();
-  if (hidden != nullptr) {
+  if (hidden != nullptr) {  // the last activation before its batch norm: the batch norm applied here
+    const T* hf = cv.hf.empty() ? nullptr : cv.hf.data();
+    const T* hb = cv.hs.data();
     for (int64_t e = 0; e < t; ++e) {
       const T* row = hidden + (c0 + e) * ld_hidden;
-      for (int64_t i = 0; i < P; ++i) hp[e * P + i] = row[hid[i]];
+      if (hf == nullptr) {
+        for (int64_t i = 0; i < P; ++i) hp[e * P + i] = row[hid[i]];
+      } else {
+        for (int64_t i = 0; i < P; ++i) hp[e * P + i] = row[hid[i]] * hf[i] + hb[i];
+      }
     }
   } else {
     if (tape != nullptr && !tape->empty()) {
@@ -707,9 +778,11 @@ void accumulate_z(const Conv<T>& cv, const Chunk<T>& W, T* Z, T* z, const Item& 
   }
 }
 
-// every floating argument in the compute dtype (the gradients keep their inputs' dtypes, so none is converted)
-void check_same_dtype(const Tensor& x, const Tensor& inp, TensorList weights, TensorList biases,
-                      const Tensor& final_weight, const Tensor& final_bias, const Tensor& coef) {
+// every floating argument in the compute dtype (the gradients keep their inputs' dtypes, so none is converted);
+// a batch norm's tensors where it has one (an empty entry stands for none)
+void check_same_dtype(const Tensor& x, const Tensor& inp, TensorList weights, TensorList biases, TensorList factors,
+                      TensorList shifts, const char* factor_name, const char* shift_name, const Tensor& final_weight,
+                      const Tensor& final_bias, const Tensor& coef) {
   const auto dt = x.scalar_type();
   auto check = [&](const Tensor& t, const std::string& name) {
     TORCH_CHECK(t.scalar_type() == dt, "ik_fast native: ", name, " must have x's dtype ", dt, ", got ",
@@ -718,6 +791,10 @@ void check_same_dtype(const Tensor& x, const Tensor& inp, TensorList weights, Te
   if (inp.defined()) check(inp, "inp");
   for (size_t k = 0; k < weights.size(); ++k) check(weights[k], "weights[" + std::to_string(k) + "]");
   for (size_t k = 0; k < biases.size(); ++k) check(biases[k], "biases[" + std::to_string(k) + "]");
+  for (size_t k = 0; k < factors.size(); ++k)
+    if (factors[k].numel() > 0) check(factors[k], factor_name + ("[" + std::to_string(k) + "]"));
+  for (size_t k = 0; k < shifts.size(); ++k)
+    if (shifts[k].numel() > 0) check(shifts[k], shift_name + ("[" + std::to_string(k) + "]"));
   if (final_weight.defined()) check(final_weight, "final_weight");
   if (final_bias.defined()) check(final_bias, "final_bias");
   if (coef.defined()) check(coef, "coef");
@@ -725,9 +802,9 @@ void check_same_dtype(const Tensor& x, const Tensor& inp, TensorList weights, Te
 
 template <typename T>
 Conv<T> make_conv(const Tensor& x, const Tensor& inp, const Tensor& src, const Tensor& rowptr, TensorList weights,
-                  TensorList biases, TensorList fourier, TensorList fourier_inv, const Tensor& final_weight,
-                  const Tensor& final_bias, const Tensor& coef, double norm, int64_t ndim,
-                  const c10::optional<Tensor>& final_mask) {
+                  TensorList biases, TensorList fourier, TensorList fourier_inv, TensorList bn_factor,
+                  TensorList bn_shift, const Tensor& final_weight, const Tensor& final_bias, const Tensor& coef,
+                  double norm, int64_t ndim, const c10::optional<Tensor>& final_mask) {
   Conv<T> cv;
   const int64_t E = inp.size(0);
   TORCH_CHECK(x.dim() == 2, "ik_fast native: x must be (n_src, C_in), got shape ", x.sizes());
@@ -750,7 +827,8 @@ Conv<T> make_conv(const Tensor& x, const Tensor& inp, const Tensor& src, const T
   TORCH_CHECK(ndim >= 0 && ndim <= inp.size(1), "ik_fast native: ndim = ", ndim, " is outside [0, ", inp.size(1), "]");
   for (const Tensor* t : {&x, &inp, &src, &rowptr, &final_weight, &final_bias, &coef})
     TORCH_CHECK(t->device().is_cpu(), "ik_fast native: the CPU kernels got a tensor on ", t->device());
-  check_same_dtype(x, inp, weights, biases, final_weight, final_bias, coef);
+  check_same_dtype(x, inp, weights, biases, bn_factor, bn_shift, "bn_factor", "bn_shift", final_weight, final_bias,
+                   coef);
   {  // the CSR: every edge of a receiver row, sources inside x (the kernels index with them unchecked)
     const int64_t* rp = rowptr.data_ptr<int64_t>();
     const int64_t n = rowptr.size(0) - 1;
@@ -766,7 +844,10 @@ Conv<T> make_conv(const Tensor& x, const Tensor& inp, const Tensor& src, const T
   }
   cv.n_in = inp.size(1);
   cv.ndim = ndim;
-  cv.tr = make_trunk<T>(cv.n_in, weights, biases, fourier, fourier_inv);
+  Affines bn;
+  bn.factor.assign(bn_factor.begin(), bn_factor.end());
+  bn.shift.assign(bn_shift.begin(), bn_shift.end());
+  cv.tr = make_trunk<T>(cv.n_in, weights, biases, fourier, fourier_inv, bn);
   const int64_t H = final_weight.size(1);
   TORCH_CHECK(cv.tr.width() == H, "ik_fast native: final_weight has H = ", H, " hidden units but the trunk gives ",
               cv.tr.width());
@@ -776,6 +857,13 @@ Conv<T> make_conv(const Tensor& x, const Tensor& inp, const Tensor& src, const T
   const auto& lp = cv.tr.last_perm();
   for (int64_t i = 0; i < H; ++i) row_of[lp[i]] = i;
   for (int64_t h : cv.plan->hidden) cv.act_row.push_back(row_of[h]);
+  if (!cv.tr.layers.empty() && cv.tr.layers.back().bn) {  // for a `hidden` given before the last batch norm
+    const Layer<T>& last = cv.tr.layers.back();
+    for (int64_t r : cv.act_row) {
+      cv.hf.push_back(last.bnf[r]);
+      cv.hs.push_back(last.bns[r]);
+    }
+  }
   Tensor fw = final_weight.to(c10::CppTypeToScalarType<T>::value).contiguous();
   const T* pw = fw.data_ptr<T>();
   cv.B.resize(cv.plan->widx.size());
@@ -797,14 +885,14 @@ std::vector<Item> conv_items(const Conv<T>& cv, int64_t n_dst) {
 
 template <typename T>
 Tensor conv_impl(const Tensor& x_, const Tensor& inp_, const Tensor& src_, const Tensor& rowptr_, TensorList weights,
-                 TensorList biases, TensorList fourier, TensorList fourier_inv, const Tensor& final_weight,
-                 const Tensor& final_bias, const Tensor& coef, double norm, int64_t ndim,
-                 const c10::optional<Tensor>& final_mask, const c10::optional<Tensor>& hidden_,
-                 const c10::optional<TensorList>& tape) {
+                 TensorList biases, TensorList fourier, TensorList fourier_inv, TensorList bn_factor,
+                 TensorList bn_shift, const Tensor& final_weight, const Tensor& final_bias, const Tensor& coef,
+                 double norm, int64_t ndim, const c10::optional<Tensor>& final_mask,
+                 const c10::optional<Tensor>& hidden_, const c10::optional<TensorList>& tape) {
   const auto dt = c10::CppTypeToScalarType<T>::value;
   Tensor x = x_.contiguous(), inp = inp_.to(dt).contiguous(), src = src_.contiguous(), rowptr = rowptr_.contiguous();
-  Conv<T> cv = make_conv<T>(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, final_weight, final_bias, coef,
-                            norm, ndim, final_mask);
+  Conv<T> cv = make_conv<T>(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, bn_factor, bn_shift,
+                            final_weight, final_bias, coef, norm, ndim, final_mask);
   const int64_t n_dst = rowptr.size(0) - 1, E = inp.size(0);
   Tensor out = at::zeros({n_dst, cv.R}, x.options());
   if (E == 0 || n_dst == 0) return out;
@@ -880,13 +968,14 @@ struct alignas(64) ConvGrads {  // one per slot, on its own cache lines
 template <typename T>
 std::vector<Tensor> conv_backward_impl(const Tensor& grad_, const Tensor& x_, const Tensor& inp_, const Tensor& src_,
                                        const Tensor& rowptr_, TensorList weights, TensorList biases, TensorList fourier,
-                                       TensorList fourier_inv, const Tensor& final_weight, const Tensor& final_bias,
-                                       const Tensor& coef, double norm, int64_t ndim,
-                                       const c10::optional<Tensor>& final_mask, const c10::optional<TensorList>& tape) {
+                                       TensorList fourier_inv, TensorList bn_factor, TensorList bn_shift,
+                                       const Tensor& final_weight, const Tensor& final_bias, const Tensor& coef,
+                                       double norm, int64_t ndim, const c10::optional<Tensor>& final_mask,
+                                       const c10::optional<TensorList>& tape) {
   const auto dt = c10::CppTypeToScalarType<T>::value;
   Tensor x = x_.contiguous(), inp = inp_.to(dt).contiguous(), src = src_.contiguous(), rowptr = rowptr_.contiguous();
-  Conv<T> cv = make_conv<T>(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, final_weight, final_bias, coef,
-                            norm, ndim, final_mask);
+  Conv<T> cv = make_conv<T>(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, bn_factor, bn_shift,
+                            final_weight, final_bias, coef, norm, ndim, final_mask);
   const int64_t n_dst = rowptr.size(0) - 1, E = inp.size(0), n_src = x.size(0);
   const int64_t R = cv.R, C = cv.C, zs = cv.plan->zsize, P = cv.P(), H = cv.tr.width();
   TORCH_CHECK(grad_.dim() == 2 && grad_.size(0) == n_dst && grad_.size(1) == R,
@@ -1045,6 +1134,8 @@ std::vector<Tensor> conv_backward_impl(const Tensor& grad_, const Tensor& x_, co
     for (size_t k = 0; k < a.trunk.dW.size(); ++k) {
       sum_into(tot.trunk.dW[k], a.trunk.dW[k]);
       sum_into(tot.trunk.db[k], a.trunk.db[k]);
+      sum_into(tot.trunk.dbnf[k], a.trunk.dbnf[k]);
+      sum_into(tot.trunk.dbns[k], a.trunk.dbns[k]);
     }
     for (size_t i = 0; i < dB.size(); ++i) dB[i] += a.dB[i];
     for (int64_t i = 0; i < R * C; ++i) dBb[i] += a.dBb[i];
@@ -1052,7 +1143,7 @@ std::vector<Tensor> conv_backward_impl(const Tensor& grad_, const Tensor& x_, co
     dcoef += a.dcoef;
   }
   std::vector<Tensor> out{dx.to(x_.scalar_type()), dinp.to(inp_.scalar_type())};
-  trunk_grads_out(cv.tr, tot.trunk, weights, biases, out);
+  trunk_grads_out(cv.tr, tot.trunk, weights, biases, bn_factor, bn_shift, out);
   Tensor dfw = zeros_large(final_weight.sizes(), x.options());
   T* pfw = dfw.data_ptr<T>();
   for (size_t i = 0; i < dB.size(); ++i) pfw[cv.plan->widx[i]] = dB[i];
@@ -1068,15 +1159,34 @@ std::vector<Tensor> conv_backward_impl(const Tensor& grad_, const Tensor& x_, co
 // ----------------------------------------------------------------------------------------------------------------
 template <typename T>
 std::tuple<Tensor, Tensor, Tensor> trunk_moments_impl(const Tensor& inp_, TensorList weights, TensorList biases,
-                                                      TensorList fourier, TensorList fourier_inv, bool with_activation,
-                                                      bool with_grid) {
+                                                      TensorList fourier, TensorList fourier_inv, TensorList in_factor,
+                                                      TensorList in_shift, bool with_activation, bool with_grid) {
   const auto dt = c10::CppTypeToScalarType<T>::value;
   TORCH_CHECK(inp_.dim() == 2, "ik_fast native: inp must be (E, n_in), got shape ", inp_.sizes());
   TORCH_CHECK(inp_.device().is_cpu(), "ik_fast native: the CPU kernels got inp on ", inp_.device());
-  check_same_dtype(inp_, Tensor(), weights, biases, Tensor(), Tensor(), Tensor());
+  check_same_dtype(inp_, Tensor(), weights, biases, in_factor, in_shift, "in_factor", "in_shift", Tensor(), Tensor(),
+                   Tensor());
   Tensor inp = inp_.to(dt).contiguous();
   const int64_t E = inp.size(0), n_in = inp.size(1);
-  Trunk<T> tr = make_trunk<T>(n_in, weights, biases, fourier, fourier_inv);
+  // in_factor[i] is the batch norm on layer i's input: in_factor[0] the trunk's input's, in_factor[k + 1] the one
+  // after layer k; the last layer's output has none (its statistics are those before its batch norm)
+  const int64_t L = static_cast<int64_t>(weights.size());
+  TORCH_CHECK(static_cast<int64_t>(in_factor.size()) == L && static_cast<int64_t>(in_shift.size()) == L,
+              "ik_fast native: in_factor and in_shift must have one entry per given layer (", L, "), got ",
+              in_factor.size(), " and ", in_shift.size());
+  Affines bn;
+  bn.factor_name = "in_factor";
+  bn.shift_name = "in_shift";
+  bn.offset = 1;
+  for (int64_t k = 0; k < L; ++k) {
+    bn.factor.push_back(k + 1 < L ? in_factor[k + 1] : Tensor());
+    bn.shift.push_back(k + 1 < L ? in_shift[k + 1] : Tensor());
+  }
+  if (L > 0) {
+    bn.in_factor = in_factor[0];
+    bn.in_shift = in_shift[0];
+  }
+  Trunk<T> tr = make_trunk<T>(n_in, weights, biases, fourier, fourier_inv, bn);
   const int64_t H = tr.width();
   const int64_t t = tile_edges(tr.max_rows(), E);
   const int64_t n_tiles = (E + t - 1) / t;
@@ -1143,38 +1253,41 @@ void check_dtype(const Tensor& t, const char* name) {
 }
 
 Tensor conv_cpu(const Tensor& x, const Tensor& inp, const Tensor& src, const Tensor& rowptr, TensorList weights,
-                TensorList biases, TensorList fourier, TensorList fourier_inv, const Tensor& final_weight,
-                const Tensor& final_bias, const Tensor& coef, double norm, int64_t ndim,
-                const c10::optional<Tensor>& final_mask, const c10::optional<Tensor>& hidden,
+                TensorList biases, TensorList fourier, TensorList fourier_inv, TensorList bn_factor,
+                TensorList bn_shift, const Tensor& final_weight, const Tensor& final_bias, const Tensor& coef,
+                double norm, int64_t ndim, const c10::optional<Tensor>& final_mask, const c10::optional<Tensor>& hidden,
                 c10::optional<TensorList> tape) {
   check_dtype(x, "x");
   if (x.scalar_type() == at::kDouble)
-    return conv_impl<double>(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, final_weight, final_bias, coef,
-                             norm, ndim, final_mask, hidden, tape);
-  return conv_impl<float>(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, final_weight, final_bias, coef,
-                          norm, ndim, final_mask, hidden, tape);
+    return conv_impl<double>(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, bn_factor, bn_shift,
+                             final_weight, final_bias, coef, norm, ndim, final_mask, hidden, tape);
+  return conv_impl<float>(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, bn_factor, bn_shift, final_weight,
+                          final_bias, coef, norm, ndim, final_mask, hidden, tape);
 }
 
 std::vector<Tensor> conv_backward_cpu(const Tensor& grad, const Tensor& x, const Tensor& inp, const Tensor& src,
                                       const Tensor& rowptr, TensorList weights, TensorList biases, TensorList fourier,
-                                      TensorList fourier_inv, const Tensor& final_weight, const Tensor& final_bias,
-                                      const Tensor& coef, double norm, int64_t ndim,
-                                      const c10::optional<Tensor>& final_mask, c10::optional<TensorList> tape) {
+                                      TensorList fourier_inv, TensorList bn_factor, TensorList bn_shift,
+                                      const Tensor& final_weight, const Tensor& final_bias, const Tensor& coef,
+                                      double norm, int64_t ndim, const c10::optional<Tensor>& final_mask,
+                                      c10::optional<TensorList> tape) {
   check_dtype(x, "x");
   if (x.scalar_type() == at::kDouble)
-    return conv_backward_impl<double>(grad, x, inp, src, rowptr, weights, biases, fourier, fourier_inv, final_weight,
-                                      final_bias, coef, norm, ndim, final_mask, tape);
-  return conv_backward_impl<float>(grad, x, inp, src, rowptr, weights, biases, fourier, fourier_inv, final_weight,
-                                   final_bias, coef, norm, ndim, final_mask, tape);
+    return conv_backward_impl<double>(grad, x, inp, src, rowptr, weights, biases, fourier, fourier_inv, bn_factor,
+                                      bn_shift, final_weight, final_bias, coef, norm, ndim, final_mask, tape);
+  return conv_backward_impl<float>(grad, x, inp, src, rowptr, weights, biases, fourier, fourier_inv, bn_factor,
+                                   bn_shift, final_weight, final_bias, coef, norm, ndim, final_mask, tape);
 }
 
 std::tuple<Tensor, Tensor, Tensor> trunk_moments_cpu(const Tensor& inp, TensorList weights, TensorList biases,
-                                                     TensorList fourier, TensorList fourier_inv, bool with_activation,
-                                                     bool with_grid) {
+                                                     TensorList fourier, TensorList fourier_inv, TensorList in_factor,
+                                                     TensorList in_shift, bool with_activation, bool with_grid) {
   check_dtype(inp, "inp");
   if (inp.scalar_type() == at::kDouble)
-    return trunk_moments_impl<double>(inp, weights, biases, fourier, fourier_inv, with_activation, with_grid);
-  return trunk_moments_impl<float>(inp, weights, biases, fourier, fourier_inv, with_activation, with_grid);
+    return trunk_moments_impl<double>(inp, weights, biases, fourier, fourier_inv, in_factor, in_shift, with_activation,
+                                      with_grid);
+  return trunk_moments_impl<float>(inp, weights, biases, fourier, fourier_inv, in_factor, in_shift, with_activation,
+                                   with_grid);
 }
 
 }  // namespace

@@ -28,6 +28,40 @@ std::vector<int64_t> component_major(int64_t H, int64_t D) {
   return p;
 }
 
+// a batch norm's affine map on H units (channel-major unit u in channel u / D, D = H / C) per layout row (perm:
+// layout position -> unit): its factor, shift and channel; false where there is none (an empty factor)
+template <typename T>
+bool parse_affine(const at::Tensor& factor, const at::Tensor& shift, const std::vector<int64_t>& perm, int64_t H,
+                  const std::string& fname, const std::string& sname, std::vector<T>& f, std::vector<T>& s,
+                  std::vector<int64_t>* ch = nullptr, int64_t* n_ch = nullptr) {
+  const bool has_f = factor.defined() && factor.numel() > 0, has_s = shift.defined() && shift.numel() > 0;
+  TORCH_CHECK(has_f == has_s, "ik_fast native: ", fname, " and ", sname,
+              " must both be empty (no batch norm) or both be given, got shapes ",
+              factor.defined() ? factor.sizes() : at::IntArrayRef{}, " and ",
+              shift.defined() ? shift.sizes() : at::IntArrayRef{});
+  if (!has_f) return false;
+  TORCH_CHECK(factor.dim() == 1 && H % factor.size(0) == 0, "ik_fast native: ", fname,
+              " must be (C,) with C dividing the ", H, " units it scales, got shape ", factor.sizes());
+  TORCH_CHECK(shift.numel() == H, "ik_fast native: ", sname, " must have the ", H,
+              " entries of the units it shifts, got shape ", shift.sizes());
+  const int64_t C = factor.size(0), D = H / C;
+  const std::vector<T> fv = to_vec<T>(factor), sv = to_vec<T>(shift);
+  f.resize(H);
+  s.resize(H);
+  if (ch != nullptr) ch->resize(H);
+  for (int64_t i = 0; i < H; ++i) {
+    f[i] = fv[perm[i] / D];
+    s[i] = sv[perm[i]];
+    if (ch != nullptr) (*ch)[i] = perm[i] / D;
+  }
+  if (n_ch != nullptr) *n_ch = C;
+  return true;
+}
+
+std::string indexed(const char* name, int64_t i) {
+  return std::string(name) + "[" + std::to_string(i) + "]";
+}
+
 }  // namespace
 
 template <typename T>
@@ -39,12 +73,16 @@ int64_t Trunk<T>::max_rows() const {
 
 template <typename T>
 Trunk<T> make_trunk(int64_t n_in, at::TensorList weights, at::TensorList biases, at::TensorList fourier,
-                    at::TensorList fourier_inv) {
+                    at::TensorList fourier_inv, const Affines& bn) {
   const int64_t L = static_cast<int64_t>(weights.size());
   TORCH_CHECK(static_cast<int64_t>(biases.size()) == L && static_cast<int64_t>(fourier.size()) == L &&
                   static_cast<int64_t>(fourier_inv.size()) == L,
               "ik_fast native: weights, biases, fourier and fourier_inv must have one entry per hidden layer, got ", L,
               ", ", biases.size(), ", ", fourier.size(), ", ", fourier_inv.size());
+  TORCH_CHECK(static_cast<int64_t>(bn.factor.size()) == L && static_cast<int64_t>(bn.shift.size()) == L,
+              "ik_fast native: ", bn.factor_name, " and ", bn.shift_name,
+              " must have one entry per hidden layer (empty without a batch norm), got ", bn.factor.size() + bn.offset,
+              " and ", bn.shift.size() + bn.offset, " for ", L + bn.offset, " layers");
   Trunk<T> tr;
   tr.n_in = n_in;
   // the component count of each layer's output layout (1: channel-major order kept)
@@ -68,6 +106,8 @@ Trunk<T> make_trunk(int64_t n_in, at::TensorList weights, at::TensorList biases,
   TORCH_CHECK(hin % Dl[0] == 0, "ik_fast native: weights[0] is componentwise on ", Dl[0],
               " components but the input has ", hin, " columns");
   tr.in_perm = component_major(hin, Dl[0]);
+  parse_affine<T>(bn.in_factor, bn.in_shift, tr.in_perm, hin, indexed(bn.factor_name, 0), indexed(bn.shift_name, 0),
+                  tr.in_f, tr.in_s);
   for (int64_t k = 0; k < L; ++k) {
     const at::Tensor& w = weights[k];
     Layer<T> l;
@@ -117,14 +157,18 @@ Trunk<T> make_trunk(int64_t n_in, at::TensorList weights, at::TensorList biases,
       l.A = to_vec<T>(fourier[k]);
       l.Ainv = to_vec<T>(fourier_inv[k]);
     }
+    l.bn = parse_affine<T>(bn.factor[k], bn.shift[k], l.out_perm, l.hout, indexed(bn.factor_name, k + bn.offset),
+                           indexed(bn.shift_name, k + bn.offset), l.bnf, l.bns, &l.bn_ch, &l.bn_C);
     hin = l.hout;
     tr.layers.push_back(std::move(l));
   }
   return tr;
 }
 
-template Trunk<float> make_trunk<float>(int64_t, at::TensorList, at::TensorList, at::TensorList, at::TensorList);
-template Trunk<double> make_trunk<double>(int64_t, at::TensorList, at::TensorList, at::TensorList, at::TensorList);
+template Trunk<float> make_trunk<float>(int64_t, at::TensorList, at::TensorList, at::TensorList, at::TensorList,
+                                        const Affines&);
+template Trunk<double> make_trunk<double>(int64_t, at::TensorList, at::TensorList, at::TensorList, at::TensorList,
+                                          const Affines&);
 template int64_t Trunk<float>::max_rows() const;
 template int64_t Trunk<double>::max_rows() const;
 

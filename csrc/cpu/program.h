@@ -27,6 +27,11 @@ struct Layer {
   std::vector<T> W, b;               // W in the tile layout: dense (hout x hin), componentwise (D, cout, cin)
   std::vector<T> A, Ainv;            // (G x Df), (Df x G)
   std::vector<int64_t> out_perm;     // layout position -> channel-major unit (size hout)
+  // the batch norm after the activation (bn: there is one): per layout row its factor, shift and channel
+  bool bn = false;
+  int64_t bn_C = 0;  // its channels
+  std::vector<T> bnf, bns;
+  std::vector<int64_t> bn_ch;
   int64_t fourier_rows() const { return G * C; }
 };
 
@@ -34,6 +39,7 @@ template <typename T>
 struct Trunk {
   int64_t n_in = 0;
   std::vector<int64_t> in_perm;  // layout position of the input rows -> input column
+  std::vector<T> in_f, in_s;     // a batch norm on the input, per layout row (empty: none)
   std::vector<Layer<T>> layers;
   int64_t width() const { return layers.empty() ? n_in : layers.back().hout; }
   // layout position -> channel-major unit of the last activation
@@ -41,10 +47,23 @@ struct Trunk {
   int64_t max_rows() const;  // the widest per-edge buffer of a layer (for the tile size)
 };
 
-// Parses and checks weights/biases/fourier/fourier_inv (names in errors are the op's argument names).
+// The batch norms of a trunk as the op gives them: factor[k] / shift[k] after hidden layer k (an empty or undefined
+// factor: none), in_factor / in_shift on the input; in errors, factor_name[k + offset] and shift_name[k + offset]
+// (conv: bn_factor[k]; trunk_moments, whose in_factor[0] is the input's and in_factor[k + 1] the one after layer k:
+// in_factor[k + 1]), the input's factor_name[0].
+struct Affines {
+  std::vector<at::Tensor> factor, shift;
+  at::Tensor in_factor, in_shift;
+  const char* factor_name = "bn_factor";
+  const char* shift_name = "bn_shift";
+  int64_t offset = 0;
+};
+
+// Parses and checks weights/biases/fourier/fourier_inv and the batch norms (names in errors are the op's argument
+// names).
 template <typename T>
 Trunk<T> make_trunk(int64_t n_in, at::TensorList weights, at::TensorList biases, at::TensorList fourier,
-                    at::TensorList fourier_inv);
+                    at::TensorList fourier_inv, const Affines& bn);
 
 // The block plan of W' (R, H, C) from its structural mask: hidden units with the same (R x C) pattern form a group;
 // within a group, input columns with the same row pattern form a column group; each (group, column group) with a
