@@ -71,7 +71,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -87,6 +87,7 @@ __all__ = [
     "implementation_names",
     "conv",
     "trunk_moments",
+    "TrunkPass",
     "conv_reference_form",
     "messages_reference_form",
     "kernels_reference_form",
@@ -607,6 +608,16 @@ def conv(
     return _EagerConv.apply(impl, len(program.weights), -1 if tape is None else len(tape), hidden, *flat, *(tape or ()))
 
 
+class TrunkPass(NamedTuple):
+    """What a statistics pass returns (:func:`trunk_moments`): ``moments`` (2, H) (column means and sums of squared
+    deviations of the activation before its batch norm), ``activation`` (E, H) (empty unless asked for) and ``grid``
+    (G, C, E) (empty unless asked for, and for a pointwise layer)."""
+
+    moments: Tensor
+    activation: Tensor
+    grid: Tensor
+
+
 def trunk_moments(
     impl: str,
     inp: Tensor,
@@ -616,10 +627,10 @@ def trunk_moments(
     start: int = 0,
     with_grid: bool = False,
 ):
-    """(moments (2, H_k), the activation (E, H_k) when ``with_activation`` else an empty tensor) of hidden layer
-    ``upto`` (1-based) before its batch norm, and with ``with_grid`` its grid as a third element (see the module
-    docstring); with ``start``, ``inp`` is the activation of hidden layer ``start`` before its batch norm and only the
-    layers after it run."""
+    """The statistics pass of hidden layer ``upto`` (1-based): a :class:`TrunkPass` of its activation before its batch
+    norm (the activation itself with ``with_activation``, its grid with ``with_grid``; see the module docstring); with
+    ``start``, ``inp`` is the activation of hidden layer ``start`` before its batch norm and only the layers after it
+    run."""
     empty = inp.new_empty(0)
     first = program.bn_factor[start - 1] if start > 0 else empty
     first_shift = program.bn_shift[start - 1] if start > 0 else empty
@@ -634,4 +645,4 @@ def trunk_moments(
         with_activation,
         with_grid,
     )
-    return tuple(out) if with_grid else tuple(out[:2])
+    return TrunkPass(*out)

@@ -108,10 +108,10 @@ def implicit_conv_fused(impl: str, program: KernelProgram, x_src, graph: Graph, 
                 res = ops.trunk_moments(
                     impl, start_from[0], packed, k, with_activation=keep, start=start_from[1], with_grid=grids
                 )
-                moments, act = res[0], res[1]
+                act = res.activation
                 if taped:
-                    tape += [act, res[2] if grids else act.new_empty(0)]
-                stats.append(layer.bn.finish(moments, graph.num_edges))
+                    tape += [act, res.grid]
+                stats.append(layer.bn.finish(res.moments, graph.num_edges))
             prev, prev_act = k, (act if chain else None)
             hidden = act if k == last else None
     x_src = x_src if x_src.is_contiguous() else x_src.contiguous()
