@@ -273,7 +273,8 @@ void layer_grid(const Layer<T>& l, const T* y, int64_t t, std::vector<T>& V, T* 
 
 // h = a * f + s row by row (rows x t; f, s per row): a batch norm's affine map on a tile
 template <typename T>
-void affine_rows(const T* a, const T* f, const T* s, int64_t rows, int64_t t, T* h) {
+void affine_rows(const T* __restrict a, const T* __restrict f, const T* __restrict s, int64_t rows, int64_t t,
+                 T* __restrict h) {
   for (int64_t i = 0; i < rows; ++i) {
     const T fi = f[i], si = s[i];
     const T* ar = a + i * t;
@@ -397,7 +398,7 @@ void trunk_from_tape(const Trunk<T>& tr, const Tape<T>& tp, const T* inp, int64_
     const T* a = tp.act[k] + e0 * l.hout;
     for (int64_t e = 0; e < t; ++e)
       for (int64_t i = 0; i < l.hout; ++i) x[i * t + e] = a[e * l.hout + l.out_perm[i]];
-    if (l.bn) affine_rows(x, l.bnf.data(), l.bns.data(), l.hout, t, h);
+    if (l.bn) affine_rows(x, l.bnf.data(), l.bns.data(), l.hout, t, h);  // a pass of its own: vectorised
     if (l.G == 0) continue;
     if (tp.grid[k] != nullptr) {  // read where it is (trunk_backward reads it once)
       S.Vp[k] = tp.grid[k] + e0;
@@ -438,6 +439,44 @@ struct TrunkGrads {
   }
 };
 
+// back through a batch norm h = a f + s on a tile (rows x t, f per row), one vectorised pass per row: df += sum_e dh a
+// and ds += sum_e dh (per row; to channels in trunk_grads_out), dh *= f in place (da)
+template <typename T>
+void bn_backward_rows(T* __restrict d, const T* __restrict a, const T* __restrict f, int64_t rows, int64_t t,
+                      T* __restrict df, T* __restrict ds) {
+  using Vec = at::vec::Vectorized<T>;
+  constexpr int64_t V = Vec::size();
+  for (int64_t i = 0; i < rows; ++i) {
+    T* row = d + i * t;
+    const T* ar = a + i * t;
+    const Vec fv(f[i]);
+    Vec sf(T(0)), ss(T(0));
+    int64_t e = 0;
+    for (; e + V <= t; e += V) {
+      const Vec g = Vec::loadu(row + e);
+      sf = at::vec::fmadd(g, Vec::loadu(ar + e), sf);
+      ss = ss + g;
+      (g * fv).store(row + e);
+    }
+    T a_sum = 0, g_sum = 0;
+    for (; e < t; ++e) {
+      const T g = row[e];
+      a_sum += g * ar[e];
+      g_sum += g;
+      row[e] = g * f[i];
+    }
+    T lf[V], ls[V];
+    sf.store(lf);
+    ss.store(ls);
+    for (int64_t j = 0; j < V; ++j) {
+      a_sum += lf[j];
+      g_sum += ls[j];
+    }
+    df[i] += a_sum;
+    ds[i] += g_sum;
+  }
+}
+
 // back through the trunk of a tile (S from trunk_forward): dact (width x t, the gradient of the trunk's output, after
 // the last batch norm) is consumed; d(inp) (n_in x t, layout order) is left in the returned buffer
 template <typename T>
@@ -447,19 +486,7 @@ T* trunk_backward(const Trunk<T>& tr, TrunkTile<T>& S, T* dact, int64_t t, Trunk
   T* d = dact;
   for (int64_t k = L - 1; k >= 0; --k) {
     const Layer<T>& l = tr.layers[k];
-    if (l.bn) {  // h = a f + s: df += sum_e dh a, ds += sum_e dh (per row, to channels in trunk_grads_out), da = dh f
-      const T* a = S.Apre[k].data();
-      T* dbf = G.dbnf[k].data();
-      T* dbs = G.dbns[k].data();
-      for (int64_t i = 0; i < l.hout; ++i) {
-        T* row = d + i * t;
-        const T* ar = a + i * t;
-        dbf[i] += lane_sum<T>(t, [row, ar](int64_t e) { return row[e] * ar[e]; });
-        dbs[i] += lane_sum<T>(t, [row](int64_t e) { return row[e]; });
-        const T f = l.bnf[i];
-        for (int64_t e = 0; e < t; ++e) row[e] *= f;
-      }
-    }
+    if (l.bn) bn_backward_rows(d, S.Apre[k].data(), l.bnf.data(), l.hout, t, G.dbnf[k].data(), G.dbns[k].data());
     T* dy;
     if (l.G > 0) {
       const int64_t ct = l.C * t;
