@@ -7,6 +7,7 @@ from escnn import nn as enn
 from test_native import _conv, _inputs, _op_args, needs_native
 
 import ik_fast
+from ik_fast import ops
 
 ERRORS = (RuntimeError, ValueError, TypeError, IndexError)  # what TORCH_CHECK and its variants raise
 
@@ -185,33 +186,53 @@ def test_layer_errors_name_the_argument():
         conv(x.double(), ei, edge_attr=a, pos=pos)
 
 
+_AT = {name: i for i, name in enumerate((*ops.CONV_ARGS, "hidden"))}  # conv's arguments by name
+
+
 def _bad_args():
     """(argument name, a function that breaks a copy of the op's arguments)."""
 
-    def setitem(i, f):
+    def setitem(name, f):
         def g(args):
-            args[i] = f(args)
+            args[_AT[name]] = f(args[_AT[name]], args)
 
         return g
 
     cases = [
-        ("x", setitem(0, lambda a: a[0][:, :-1])),  # columns != final_weight's C_in
-        ("x", setitem(0, lambda a: a[0].float())),  # dtype != the program's
-        (r"inp|weights\[0\]", setitem(1, lambda a: a[1][:, :-1])),  # width != first weight's H_in
-        ("src", setitem(2, lambda a: a[2][:-1])),  # length != inp's rows
-        ("src", setitem(2, lambda a: a[2].int())),  # not int64
-        ("rowptr", setitem(3, lambda a: a[3][:-1].clone().fill_(0))),  # does not end at E
-        ("biases", setitem(5, lambda a: a[5][:-1])),  # one list shorter
-        ("final_weight", setitem(8, lambda a: a[8][:, :-1])),  # H != last hidden width
-        ("final_bias", setitem(9, lambda a: a[9][:-1])),  # R != final_weight's
-        ("final_mask", setitem(13, lambda a: a[13][:, :1])),  # shape != final_weight's
-        ("hidden", setitem(14, lambda a: torch.zeros(3, 2, dtype=a[0].dtype))),  # shape != (E, H)
+        ("x", setitem("x", lambda t, a: t[:, :-1])),  # columns != final_weight's C_in
+        ("x", setitem("x", lambda t, a: t.float())),  # dtype != the program's
+        (r"inp|weights\[0\]", setitem("inp", lambda t, a: t[:, :-1])),  # width != first weight's H_in
+        ("src", setitem("src", lambda t, a: t[:-1])),  # length != inp's rows
+        ("src", setitem("src", lambda t, a: t.int())),  # not int64
+        ("rowptr", setitem("rowptr", lambda t, a: t[:-1].clone().fill_(0))),  # does not end at E
+        ("biases", setitem("biases", lambda t, a: t[:-1])),  # one list shorter
+        ("bn_factor", setitem("bn_factor", lambda t, a: t[:-1])),  # one list shorter
+        ("bn_shift", setitem("bn_shift", lambda t, a: [u[:-1] for u in t])),  # not C * D entries
+        ("bn_factor", setitem("bn_factor", lambda t, a: [u.float() for u in t])),  # dtype != the program's
+        ("final_weight", setitem("final_weight", lambda t, a: t[:, :-1])),  # H != last hidden width
+        ("final_bias", setitem("final_bias", lambda t, a: t[:-1])),  # R != final_weight's
+        ("final_mask", setitem("final_mask", lambda t, a: t[:, :1])),  # shape != final_weight's
+        ("hidden", setitem("hidden", lambda t, a: torch.zeros(3, 2, dtype=a[0].dtype))),  # shape != (E, H)
     ]
     return [(name, f) for name, f in cases]
 
 
+def _no_hidden(args):
+    """conv_backward's arguments after ``grad``: conv's but ``hidden``."""
+    return args[: _AT["hidden"]]
+
+
+def _moments_args(args, upto=None):
+    """trunk_moments' lists for the first ``upto`` hidden layers of conv's arguments ``args``: each layer's input
+    batch norm (none on the MLP input)."""
+    L = len(args[_AT["weights"]]) if upto is None else upto
+    lists = [args[_AT[n]][:L] for n in ("weights", "biases", "fourier", "fourier_inv")]
+    empty = args[_AT["inp"]].new_empty(0)
+    return [*lists, [empty, *args[_AT["bn_factor"]][: L - 1]], [empty, *args[_AT["bn_shift"]][: L - 1]]]
+
+
 @needs_native
-@pytest.mark.parametrize("which", range(11))
+@pytest.mark.parametrize("which", range(14))
 def test_raw_op_errors_name_the_argument(which):
     """The kernels check what Python does not (they are reachable as torch.ops.ik_fast.native_*): each faulty
     argument gives an error (a TORCH_CHECK) whose message names it (or, for a mismatch between two arguments, the
@@ -224,30 +245,38 @@ def test_raw_op_errors_name_the_argument(which):
     with pytest.raises(ERRORS, match=rf"\b({name})"):
         torch.ops.ik_fast.native_conv(*args)
     if name != "hidden":
-        grad = torch.randn(args[3].shape[0] - 1, args[8].shape[0], dtype=torch.float64)
+        grad = torch.randn(args[3].shape[0] - 1, args[_AT["final_weight"]].shape[0], dtype=torch.float64)
         with pytest.raises(ERRORS, match=rf"\b({name})"):
-            torch.ops.ik_fast.native_conv_backward(grad, *args[:14])
+            torch.ops.ik_fast.native_conv_backward(grad, *_no_hidden(args))
 
 
 @needs_native
 def test_raw_moments_op_errors_name_the_argument():
     conv, gs, attr_t = _conv()
-    conv.train()
+    conv.eval()
     args = _op_args(conv, *_inputs(conv, gs, attr_t), grad=False)
-    inp, ws, bs, A, Ai = args[1], args[4], args[5], args[6], args[7]
+    inp = args[_AT["inp"]]
+    ws, bs, A, Ai, f, s = _moments_args(args)
     with pytest.raises(ERRORS, match=r"\binp\b|\bweights\[0\]"):  # the width of inp against the first weight
-        torch.ops.ik_fast.native_trunk_moments(inp[:, :-1], ws, bs, A, Ai, False)
+        torch.ops.ik_fast.native_trunk_moments(inp[:, :-1], ws, bs, A, Ai, f, s, False)
     with pytest.raises(ERRORS, match=r"\bbiases\b"):
-        torch.ops.ik_fast.native_trunk_moments(inp, ws, bs[:-1], A, Ai, False)
+        torch.ops.ik_fast.native_trunk_moments(inp, ws, bs[:-1], A, Ai, f, s, False)
+    with pytest.raises(ERRORS, match=r"\bin_factor\b"):
+        torch.ops.ik_fast.native_trunk_moments(inp, ws, bs, A, Ai, f[:-1], s, False)
+    with pytest.raises(ERRORS, match=r"\bin_shift\b"):
+        torch.ops.ik_fast.native_trunk_moments(inp, ws, bs, A, Ai, f, [u[:-1] for u in s], False)
 
 
 @needs_native
 def test_raw_moments_op_checks_dtypes():
     conv, gs, attr_t = _conv()
-    conv.train()
+    conv.eval()
     args = _op_args(conv, *_inputs(conv, gs, attr_t), grad=False)
+    ws, bs, A, Ai, f, s = _moments_args(args)
     with pytest.raises(ERRORS, match=r"\bweights\b"):
-        torch.ops.ik_fast.native_trunk_moments(args[1], [w.float() for w in args[4]], args[5], args[6], args[7], False)
+        torch.ops.ik_fast.native_trunk_moments(args[1], [w.float() for w in ws], bs, A, Ai, f, s, False)
+    with pytest.raises(ERRORS, match=r"\bin_factor\b"):
+        torch.ops.ik_fast.native_trunk_moments(args[1], ws, bs, A, Ai, [u.float() for u in f], s, False)
 
 
 @needs_native
@@ -256,13 +285,13 @@ def test_raw_op_tape_errors_name_the_tape():
     conv, gs, attr_t = _conv()
     conv.train()
     args = _op_args(conv, *_inputs(conv, gs, attr_t), grad=False)
-    inp, p = args[1], args[4:8]
-    L = len(p[0])
+    inp = args[_AT["inp"]]
+    L = len(args[_AT["weights"]])
     tape = []
     for k in range(1, L + 1):
-        _, act, grid = torch.ops.ik_fast.native_trunk_moments(inp, p[0][:k], p[1][:k], p[2][:k], p[3][:k], True, True)
+        _, act, grid = torch.ops.ik_fast.native_trunk_moments(inp, *_moments_args(args, k), True, True)
         tape += [act, grid]
-    grad = torch.randn(args[3].shape[0] - 1, args[8].shape[0], dtype=torch.float64)
+    grad = torch.randn(args[3].shape[0] - 1, args[_AT["final_weight"]].shape[0], dtype=torch.float64)
     bad = {
         "length": tape[:-1],
         "activation shape": [tape[0][:-1]] + tape[1:],
@@ -271,8 +300,8 @@ def test_raw_op_tape_errors_name_the_tape():
     }
     for what, t in bad.items():
         with pytest.raises(ERRORS, match=r"\btape\b"):
-            torch.ops.ik_fast.native_conv_backward(grad, *args[:14], t)
+            torch.ops.ik_fast.native_conv_backward(grad, *_no_hidden(args), t)
             pytest.fail(f"a tape with the wrong {what} passed conv_backward")
         with pytest.raises(ERRORS, match=r"\btape\b"):
-            torch.ops.ik_fast.native_conv(*args[:15], t)
+            torch.ops.ik_fast.native_conv(*args[: _AT["hidden"] + 1], t)
             pytest.fail(f"a tape with the wrong {what} passed conv")
