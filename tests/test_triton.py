@@ -179,7 +179,7 @@ def test_wide_features_span_several_blocks():
     torch.manual_seed(0)
     conv = ik_fast.ImplicitPointConv(in_t, out_t, attr_t, n_layers=3, n_channels=6).double().train()
     pos, ei, x, a = _inputs(conv, gs, attr_t, n=12, e=50)
-    p = conv.kernel.program().packed([], x.dtype)
+    p = conv.kernel.program().op_program([], x.dtype)
     lay = launch.layout(torch.zeros(1, 3 + attr_t.size), p.weights, p.fourier, out_t.size, 3)
     assert lay.HP // lay.GW > 1 and in_t.size > 16
     state = {k: v.clone() for k, v in conv.state_dict().items()}
@@ -194,6 +194,103 @@ def test_wide_features_span_several_blocks():
         res[b] = [out.detach(), xg.grad] + [p.grad for p in conv.parameters() if p.grad is not None]
     for r, f in zip(res["reference"], res["triton"]):
         assert rel(f, r) <= tolerance("backward", torch.float64)
+
+
+def _raw_inputs(name, n_layers=4, dense=False, n=12, e=40):
+    """The raw ops' inputs of a layer with randomised batch norms (their running statistics: eval mode):
+    (x, inp, src, rowptr, program)."""
+    from ik_fast.graph import prepare_graph
+
+    conv, gs, attr_t = _conv(name, n_layers=n_layers)
+    ik_fast.testing.randomize_(conv).eval()
+    pos, ei, x, a = _inputs(conv, gs, attr_t, n=n, e=e)
+    prog = conv.kernel.program()
+    with torch.no_grad():
+        p = prog.op_program([], x.dtype, dense=dense)
+    g = prepare_graph(ei, n, n, x.device)
+    inp = prog.mlp_input(pos[g.src] - pos[g.dst], a)[g.perm].contiguous()
+    return x, inp, g.src[g.perm].contiguous(), g.rowptr, p
+
+
+@pytest.mark.parametrize("name", ["O3", "Oh"])  # Fourier ELUs (componentwise Linears), pointwise ELUs
+def test_batch_norm_on_some_layers_with_a_zero_factor(name):
+    """The batch norms as the kernels apply them: three hidden layers, the middle one without batch norm (empty
+    factor and shift: the identity, and empty gradients), a factor with a zero entry (its gradient is no division by
+    it); forward (with and without the statistics pass's pre-batch-norm activation) and every gradient against the
+    op's statement."""
+    from dataclasses import replace
+
+    x, inp, src, rowptr, p = _raw_inputs(name)
+    f0 = p.bn_factor[0].clone()
+    f0[0] = 0.0
+    none = f0.new_empty(0)
+    p = replace(p, bn_factor=[f0, none, p.bn_factor[2]], bn_shift=[p.bn_shift[0], none, p.bn_shift[2]])
+    act = ops.trunk_moments("triton", inp, p, len(p.weights), with_activation=True)[1]
+    leaf = lambda t: t.detach().clone().requires_grad_()  # noqa: E731
+    x, inp = leaf(x), leaf(inp)
+    p = replace(
+        p,
+        **{k: [leaf(t) for t in getattr(p, k)] for k in ("weights", "biases", "bn_factor", "bn_shift")},
+        **{k: leaf(getattr(p, k)) for k in ("final_weight", "final_bias", "coef")},
+    )
+    leaves = [x, inp, *(t for t in p.grad_inputs() if t.numel())]
+    ref = ops.conv_reference_form(x, inp, src, rowptr, *p.args())
+    w = torch.randn_like(ref)
+    want = torch.autograd.grad((ref * w).sum(), leaves)
+    for hidden in (None, act):
+        out = torch.ops.ik_fast.triton_conv(x, inp, src, rowptr, *p.args(), hidden, None)
+        assert rel(out, ref) <= tolerance("forward", torch.float64)
+        got = torch.autograd.grad((out * w).sum(), leaves)
+        for i, (g, r) in enumerate(zip(got, want)):
+            assert rel(g, r) <= tolerance("backward", torch.float64), i
+    flat = torch.ops.ik_fast.triton_conv_backward(w, *(t.detach() if torch.is_tensor(t) else t for t in (x, inp)),
+                                                  src, rowptr, *p.args())  # fmt: skip
+    L = len(p.weights)
+    dfac, dshift = flat[2 + 2 * L : 2 + 3 * L], flat[2 + 3 * L : 2 + 4 * L]
+    assert [tuple(t.shape) for t in dfac] == [tuple(f.shape) for f in p.bn_factor] and dfac[1].numel() == 0
+    assert [tuple(t.shape) for t in dshift] == [tuple(t.shape) for t in p.bn_shift] and dshift[1].numel() == 0
+
+
+def test_statistics_pass_from_a_previous_activation():
+    """trunk_moments' affine map on its input (in_factor[0], in_shift[0]: the batch norm of the layer that gave the
+    input, as a chained statistics pass takes it) and on each given layer's input."""
+    _, inp, _, _, p = _raw_inputs("O3", dense=True)
+    empty = inp.new_empty(0)
+    for start, upto in ((1, 3), (0, 3)):
+        f = [p.bn_factor[start - 1] if start else empty, *p.bn_factor[start : upto - 1]]
+        t = [p.bn_shift[start - 1] if start else empty, *p.bn_shift[start : upto - 1]]
+        h = inp
+        if start:
+            _, h = ops.trunk_moments_reference_form(
+                inp, p.weights[:start], p.biases[:start], p.fourier[:start], p.fourier_inv[:start],
+                [empty, *p.bn_factor[: start - 1]], [empty, *p.bn_shift[: start - 1]],
+            )  # fmt: skip
+        layers = [getattr(p, k)[start:upto] for k in ("weights", "biases", "fourier", "fourier_inv")]
+        want_m, want_a = ops.trunk_moments_reference_form(h, *layers, f, t)
+        m, act, _ = torch.ops.ik_fast.triton_trunk_moments(h, *layers, f, t, True, False)
+        assert rel(act, want_a) <= tolerance("forward", torch.float64)
+        assert rel(m, want_m) <= tolerance("forward", torch.float64)
+
+
+def test_fourier_padding_is_kept_for_aliases_of_the_same_matrices():
+    """The padded Fourier matrices are kept per storage, view and version: a program that passes new aliases of its
+    constant matrices each call (``A.detach()``) pads them once; other matrices, or the same ones changed in place,
+    are padded again."""
+    _, inp, _, _, p = _raw_inputs("O3", n_layers=3)
+    none = inp.new_empty(0)
+    lay = launch.layout(inp, p.weights, p.fourier, p.final_weight.shape[0], 3)
+    args = (p.weights, p.biases, p.bn_factor, p.bn_shift, (none, none))
+    pack = launch.packing(lay, *args, p.fourier, p.fourier_inv, "cpu")
+    fourier, fourier_inv = [a.clone() for a in p.fourier], [a.clone() for a in p.fourier_inv]
+    first = pack.pad_fourier(fourier, fourier_inv, inp.dtype, "cpu")
+    alias = lambda ts: [t.detach() for t in ts]  # noqa: E731
+    assert pack.pad_fourier(alias(fourier), alias(fourier_inv), inp.dtype, "cpu") is first
+    other = pack.pad_fourier([a.clone() for a in fourier], fourier_inv, inp.dtype, "cpu")
+    assert other is not first and torch.equal(other, first)
+    with torch.no_grad():
+        fourier[0].mul_(2.0)
+    changed = pack.pad_fourier(alias(fourier), alias(fourier_inv), inp.dtype, "cpu")
+    assert changed is not first and not torch.equal(changed, first)
 
 
 def test_hub_over_many_edge_chunks_and_tile_sizes(monkeypatch):

@@ -13,7 +13,10 @@ its structural non-zeros fall into few 16 x 16 x 16 blocks, listed per (hidden b
 pair, Z's (``HB`` hidden x ``CB`` input) block is formed as a dot batched over the block's receivers (their edges
 padded to chunks of ``KP``) and contracted at once with each of the pair's non-zero W' blocks for all ``BN``
 receivers (one (BN, HB * CB) x (HB * CB, RB) dot per block), so W' is read once per receiver block, and only its
-non-zero blocks (6% of them at config H). Everything is blocked by 16 (the smallest ``tl.dot``).
+non-zero blocks (6% of them at config H). Everything is blocked by 16 (the smallest ``tl.dot``). Given the last
+hidden activation *before* its batch norm (the statistics pass's, in training), the forward applies that batch norm
+as it reads h (``AFF``: a factor and a shift per hidden column, read once per column block), so that no pass over
+(E, H) is added.
 
 The backward has three kernels:
 
@@ -64,11 +67,14 @@ def _cols(perm_ptr, b, n, NB: tl.constexpr):
 
 
 @triton.jit
-def _load_hs(h_ptr, s_ptr, e, emask, hcol, hval, H):
-    """hs = s h (BN, KP, HB): hidden columns ``hcol`` of the chunk's edges (h (E, H), s (E,))."""
+def _load_hs(h_ptr, s_ptr, e, emask, hcol, hval, H, f=None, t=None, AFF: tl.constexpr = False):
+    """hs = s h (BN, KP, HB): hidden columns ``hcol`` of the chunk's edges (h (E, H), s (E,)); with AFF,
+    hs = s (h f + t), f and t (HB,) the batch norm's factor and shift of those columns."""
     h = tl.load(
         h_ptr + e[:, :, None] * H + hcol[None, None, :], mask=emask[:, :, None] & hval[None, None, :], other=0.0
     )
+    if AFF:
+        h = h * f[None, None, :] + t[None, None, :]
     return h * tl.load(s_ptr + e, mask=emask, other=0.0)[:, :, None]
 
 
@@ -101,12 +107,25 @@ def _z_block(
     HB: tl.constexpr,
     CB: tl.constexpr,
     PREC: tl.constexpr,
+    bnf_ptr=None,
+    bns_ptr=None,
+    DL=1,
+    AFF: tl.constexpr = False,
 ):
-    """Z block (BN, HB * CB) of the receivers: sum over their edges of hs (x) x, one chunk of KP edges at a time."""
+    """Z block (BN, HB * CB) of the receivers: sum over their edges of hs (x) x, one chunk of KP edges at a time. With
+    AFF, h holds the last hidden activation *before* its batch norm, which is applied here as it is read: hidden
+    unit j is ``h_j f[j // DL] + t[j]`` (``bnf_ptr`` (H / DL,) per channel of DL components, ``bns_ptr`` (H,)), the
+    factor and shift of the block's columns read once."""
     z = tl.zeros((BN, HB, CB), dtype=h_ptr.dtype.element_ty)
+    if AFF:
+        f = tl.load(bnf_ptr + hcol // DL, mask=hval, other=0.0).to(z.dtype)
+        t = tl.load(bns_ptr + hcol, mask=hval, other=0.0).to(z.dtype)
     for t0 in range(0, nmax, KP):
         e, emask = _edges(start, deg, t0, KP)
-        a = _load_hs(h_ptr, s_ptr, e, emask, hcol, hval, H)
+        if AFF:
+            a = _load_hs(h_ptr, s_ptr, e, emask, hcol, hval, H, f, t, True)
+        else:
+            a = _load_hs(h_ptr, s_ptr, e, emask, hcol, hval, H)
         xt = _load_x(x_ptr, src_ptr, e, emask, ccol, cval, CIN)
         z += _mm(tl.permute(a, (0, 2, 1)), xt, PREC)
     return tl.reshape(z, (BN, HB * CB))
@@ -168,7 +187,7 @@ def _load_g(g_ptr, i, imask, rcol, rval, R, dt):
     return g.to(dt)
 
 
-@triton.jit(do_not_specialize=["n_dst", "n_pairs", "H", "CIN", "CINC", "R", "RC"])
+@triton.jit(do_not_specialize=["n_dst", "n_pairs", "H", "CIN", "CINC", "R", "RC", "DL"])
 def contract_forward_kernel(
     h_ptr,
     s_ptr,
@@ -186,6 +205,8 @@ def contract_forward_kernel(
     perm_h,
     perm_c,
     perm_r,
+    bnf_ptr,
+    bns_ptr,
     n_dst,
     n_pairs,
     H,
@@ -193,21 +214,25 @@ def contract_forward_kernel(
     CINC,
     R,
     RC,
+    DL,
     BN: tl.constexpr,
     KP: tl.constexpr,
     HB: tl.constexpr,
     CB: tl.constexpr,
     RB: tl.constexpr,
     PREC: tl.constexpr,
+    AFF: tl.constexpr,
 ):
-    """out (n_dst, R), zero on entry; h (E, H) the last hidden activation, s (E,) the radial shell; W' as the compact
-    blocks of its plan (wc), B' permuted and padded (bf (CINC, RC))."""
+    """out (n_dst, R), zero on entry; h (E, H) the last hidden layer's output (with AFF its activation before its batch
+    norm ``bnf`` (H / DL,), ``bns`` (H,), applied as it is read: :func:`_z_block`), s (E,) the radial shell; W' as the
+    compact blocks of its plan (wc), B' permuted and padded (bf (CINC, RC))."""
     i, imask, start, deg, nmax = _receivers(rowptr_ptr, tl.program_id(0), n_dst, BN)
     for p in range(0, n_pairs):
         hcol, hval, ccol, cval, q0, q1 = _pair(pairs_ptr, pair_ptr, perm_h, perm_c, p, H, CIN, HB, CB)
         z = _z_block(
-            h_ptr, s_ptr, x_ptr, src_ptr, start, deg, nmax, hcol, hval, ccol, cval, H, CIN, BN, KP, HB, CB, PREC
-        )
+            h_ptr, s_ptr, x_ptr, src_ptr, start, deg, nmax, hcol, hval, ccol, cval, H, CIN, BN, KP, HB, CB, PREC,
+            bnf_ptr, bns_ptr, DL, AFF,
+        )  # fmt: skip
         for q in range(q0, q1):
             rcol, rval = _cols(perm_r, tl.load(blk_r + q), R, RB)
             o = _mm(z, _w_block(wc_ptr, wi_ptr, q, HB, CB, RB), PREC)

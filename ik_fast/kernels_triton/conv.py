@@ -3,19 +3,23 @@ features is :mod:`.contract`, per receiver block).
 
 One program takes a tile of ``BE`` consecutive edges of the receiver-sorted edge list and evaluates the MLP on chip:
 ``a_0 = [d, attr]``, ``a_k = act(a_{k-1} W_k + b_k)``, where ``act`` is the Fourier ELU (per channel:
-``ELU(y A^T) Ainv^T``, two small GEMMs on the (edge x channel, component) view of the tile) or a pointwise ELU, and
-every batch norm is already folded into the Linear that follows it (host side). Kernels:
+``ELU(y A^T) Ainv^T``, two small GEMMs on the (edge x channel, component) view of the tile) or a pointwise ELU,
+followed by the layer's batch norm as an affine map ``h_k = a_k f_k + t_k`` (per channel factor, per component
+shift, expanded per hidden unit by the host's packing and read once per program like the bias; ``BNM``: bit k set
+where hidden layer k + 1 has a batch norm). The next Linear reads h_k. Kernels:
 
-* :func:`trunk_forward_kernel`: the last activation ``h`` in the compact hidden layout (E, H) that the contraction
-  reads, and the radial shell ``s = norm exp(-coef |d|^2)``;
+* :func:`trunk_forward_kernel`: the last hidden layer's output ``h`` (after its batch norm) in the compact hidden
+  layout (E, H) that the contraction reads, and the radial shell ``s = norm exp(-coef |d|^2)``;
 * :func:`fused_stats_kernel`: for batch norm in training mode, per-component mean and sum of squared deviations of
-  one hidden layer's activations (per persistent program, merged with Chan's formula), the trunk recomputed up to that
-  layer with the earlier batch norms folded; for the last layer it also writes the activation, which the forward's
-  contraction then reads instead of evaluating the trunk again;
+  one hidden layer's activations before its batch norm (per persistent program, merged with Chan's formula), the
+  trunk recomputed up to that layer with the earlier batch norms applied (and, ``IAFF``, an affine map on the input);
+  for the last layer it also writes the activation, which the forward's contraction then reads (applying the last
+  batch norm itself) instead of evaluating the trunk again;
 * :func:`trunk_backward_kernel`: from ``d hs`` (written by the contraction's backward), the gradients of the MLP
-  input and of the trunk's parameters; parameter gradients are accumulated per program (a persistent grid, one
-  accumulator row each): deterministic, the host adds the rows in a fixed order. It keeps no whole tile in registers:
-  each layer's activations and gradients go through a small per-program scratch in global memory, a block at a time.
+  input and of the trunk's parameters (the batch norms' factors and shifts included); parameter gradients are
+  accumulated per program (a persistent grid, one accumulator row each): deterministic, the host adds the rows in a
+  fixed order. It keeps no whole tile in registers: each layer's activations and gradients go through a small
+  per-program scratch in global memory, a block at a time.
 
 Every hidden GEMM works on blocks of ``GW`` hidden units (the host picks ``GW`` so that no operand exceeds 32 KB in
 float32). Register tiles cannot be sliced in Triton: in the forward kernels a block is taken out of (and put back
@@ -53,6 +57,15 @@ def _elu(u):
 @triton.jit
 def _elu_grad(u):
     return tl.where(u > 0, 1.0, tl.exp(tl.minimum(u, 0.0)))
+
+
+@triton.jit
+def _affine(a, f_ptr, s_ptr, N: tl.constexpr):
+    """A batch norm with known statistics on a (BE, N) tile: a f + s, f and s (N,) per column (loaded once)."""
+    n = tl.arange(0, N)
+    f = tl.load(f_ptr + n).to(a.dtype)
+    s = tl.load(s_ptr + n).to(a.dtype)
+    return a * f[None, :] + s[None, :]
 
 
 @triton.jit
@@ -186,16 +199,21 @@ def _params(
     GP: tl.constexpr,
     CWF: tl.constexpr,
 ):
-    """Pointers to w1, b1, wh, bh in the padded parameter buffer the host builds (launch.Packing), ``[w1 (P0P, HP) |
-    b1 (HP,) | wh (NH, WS) | bh (NH, HP)]``, and to at, ait in its constant Fourier buffer ``[at (NA, DP, GP) | ait
-    (NA, GP, DP)]``; NH = max(NL - 1, 1), NA = max(NL, 1)."""
+    """Pointers to w1, b1, wh, bh, bf, bs, f0, s0 in the padded parameter buffer the host builds (launch.Packing),
+    ``[w1 (P0P, HP) | b1 (HP,) | wh (NH, WS) | bh (NH, HP) | bf (NA, HP) | bs (NA, HP) | f0 (P0P,) | s0 (P0P,)]``
+    (bf, bs: each hidden layer's batch-norm factor and shift per hidden unit; f0, s0: an affine map on the input), and
+    to at, ait in its constant Fourier buffer ``[at (NA, DP, GP) | ait (NA, GP, DP)]``; NH = max(NL - 1, 1),
+    NA = max(NL, 1)."""
     HP: tl.constexpr = CP * DP
     NH: tl.constexpr = max(NL - 1, 1)
     NA: tl.constexpr = max(NL, 1)
     b1 = prm + P0P * HP
     wh = b1 + HP
     bh = wh + NH * _wstride(CP, DP, CWF)
-    return prm, b1, wh, bh, fou, fou + NA * DP * GP
+    bf = bh + NH * HP
+    bs = bf + NA * HP
+    f0 = bs + NA * HP
+    return prm, b1, wh, bh, bf, bs, f0, f0 + P0P, fou, fou + NA * DP * GP
 
 
 @triton.jit
@@ -257,6 +275,8 @@ def _forward_to(
     b1,
     wh,
     bh,
+    bf,
+    bs,
     at,
     ait,
     K: tl.constexpr,
@@ -269,15 +289,18 @@ def _forward_to(
     FOURIER: tl.constexpr,
     PREC: tl.constexpr,
     CWF: tl.constexpr,
+    BNM: tl.constexpr,
 ):
-    """(a_{K-1}, y_K): the input of layer K (1-based) and its pre-activation, recomputed from the MLP input."""
+    """y_K, the pre-activation of layer K (1-based), recomputed from the MLP input (each layer before it followed by
+    its batch norm where it has one)."""
     HP: tl.constexpr = CP * DP
     y = _linear_in(inp, w1, b1, P0P, HP, PREC)
-    a = tl.zeros((BE, HP), dtype=inp.dtype)
     for j in tl.static_range(1, K):  # layer j + 1 of the MLP
         a = _act(y, at + (j - 1) * DP * GP, ait + (j - 1) * GP * DP, BE, CP, DP, GP, GW, FOURIER, PREC)
+        if (BNM >> (j - 1)) & 1:  # (constexpr arithmetic: a compile-time branch)
+            a = _affine(a, bf + (j - 1) * HP, bs + (j - 1) * HP, HP)
         y = _linear_hidden(a, wh + (j - 1) * _wstride(CP, DP, CWF), bh + (j - 1) * HP, BE, CP, DP, GW, CWF, PREC)
-    return a, y
+    return y
 
 
 @triton.jit
@@ -287,6 +310,8 @@ def _trunk(
     b1,
     wh,
     bh,
+    bf,
+    bs,
     at,
     ait,
     NL: tl.constexpr,
@@ -299,12 +324,13 @@ def _trunk(
     FOURIER: tl.constexpr,
     PREC: tl.constexpr,
     CWF: tl.constexpr,
+    BNM: tl.constexpr,
 ):
-    """a_NL, the last hidden activation before its (folded) batch norm; the input itself without hidden layers."""
+    """a_NL, the last hidden activation before its batch norm; the input itself without hidden layers."""
     if NL == 0:
         return inp
     else:
-        _, y = _forward_to(inp, w1, b1, wh, bh, at, ait, NL, P0P, BE, CP, DP, GP, GW, FOURIER, PREC, CWF)
+        y = _forward_to(inp, w1, b1, wh, bh, bf, bs, at, ait, NL, P0P, BE, CP, DP, GP, GW, FOURIER, PREC, CWF, BNM)
         return _act(y, at + (NL - 1) * DP * GP, ait + (NL - 1) * GP * DP, BE, CP, DP, GP, GW, FOURIER, PREC)
 
 
@@ -370,14 +396,18 @@ def trunk_forward_kernel(
     BE: tl.constexpr,
     PREC: tl.constexpr,
     CWF: tl.constexpr,
+    BNM: tl.constexpr,
 ):
-    """The MLP trunk of a tile of BE edges: h (E, C * D), the last activation in the compact layout (unit c * D + d),
-    and the radial shell s (E,)."""
+    """The MLP trunk of a tile of BE edges: h (E, C * D), the last hidden layer's output after its batch norm in the
+    compact layout (unit c * D + d), and the radial shell s (E,)."""
     HP: tl.constexpr = CP * DP
     t = tl.program_id(0)
     offs, emask, inp, s, _, _ = _load_tile(inp_ptr, coef_ptr, norm, t, E, P0, P0P, NDIM, BE)
-    w1, b1, wh, bh, at, ait = _params(prm_ptr, fou_ptr, NL, P0P, CP, DP, GP, CWF)
-    h = _trunk(inp, w1, b1, wh, bh, at, ait, NL, P0P, BE, CP, DP, GP, GW, FOURIER, PREC, CWF)
+    w1, b1, wh, bh, bf, bs, _f0, _s0, at, ait = _params(prm_ptr, fou_ptr, NL, P0P, CP, DP, GP, CWF)
+    h = _trunk(inp, w1, b1, wh, bh, bf, bs, at, ait, NL, P0P, BE, CP, DP, GP, GW, FOURIER, PREC, CWF, BNM)
+    if NL > 0:
+        if (BNM >> (NL - 1)) & 1:
+            h = _affine(h, bf + (NL - 1) * HP, bs + (NL - 1) * HP, HP)
     col, real = _compact_columns(HP, PD, C, D)
     tl.store(h_ptr + offs[:, None] * (C * D) + col[None, :], h, mask=emask[:, None] & real[None, :])
     tl.store(s_ptr + offs, s, mask=emask)
@@ -409,6 +439,8 @@ def fused_stats_kernel(
     D: tl.constexpr,
     PD: tl.constexpr,
     WRITE: tl.constexpr,
+    BNM: tl.constexpr,
+    IAFF: tl.constexpr,
 ):
     """Per program: (count, mean (HP), M2 (HP)) of layer K's activation over its tiles -> out (NPROG, 1 + 2 HP); with
     WRITE also the activation itself, act (E, C * D) in the compact layout.
@@ -422,11 +454,13 @@ def fused_stats_kernel(
     kk = tl.arange(0, GW)
     dt = inp_ptr.dtype.element_ty
     row = out_ptr + pid * (1 + 2 * HP)
-    w1, b1, wh, bh, at, ait = _params(prm_ptr, fou_ptr, K, P0P, CP, DP, GP, CWF)
+    w1, b1, wh, bh, bf, bs, f0, s0, at, ait = _params(prm_ptr, fou_ptr, K, P0P, CP, DP, GP, CWF)
     n_a = tl.sum(tl.zeros((BE,), dtype=dt), 0)
     for t in range(pid, n_tiles, nprog):
         offs, emask, inp, _, _, _ = _load_tile(inp_ptr, coef_ptr, 1.0, t, E, P0, P0P, NDIM, BE)
-        a = _trunk(inp, w1, b1, wh, bh, at, ait, K, P0P, BE, CP, DP, GP, GW, FOURIER, PREC, CWF)
+        if IAFF:  # the batch norm of the layer that gave the input (a chained pass)
+            inp = _affine(inp, f0, s0, P0P)
+        a = _trunk(inp, w1, b1, wh, bh, bf, bs, at, ait, K, P0P, BE, CP, DP, GP, GW, FOURIER, PREC, CWF, BNM)
         if WRITE:
             col, real = _compact_columns(HP, PD, C, D)
             tl.store(act_ptr + offs[:, None] * (C * D) + col[None, :], a, mask=emask[:, None] & real[None, :])
@@ -567,6 +601,18 @@ def _act_bwd_blk(
         return tl.reshape(v, (BE, GW)), tl.reshape(dy, (BE, GW))
     else:
         return _elu(y), dv * _elu_grad(y)
+
+
+@triton.jit
+def _factor_grad(dh, a, GW: tl.constexpr, DP: tl.constexpr, FOURIER: tl.constexpr):
+    """This tile's part of a batch norm factor's gradient on one block (BE, GW), sum_e dh a: per hidden unit (GW,)
+    for a pointwise ELU; for a Fourier ELU per channel (the factor is one per channel), on its first component (the
+    host reads it there: launch.Packing)."""
+    g = tl.sum(dh * a, 0)
+    if FOURIER:
+        gch = tl.sum(tl.reshape(g, (GW // DP, DP)), 1)
+        g = tl.reshape(tl.where((tl.arange(0, DP) == 0)[None, :], gch[:, None], 0.0), (GW,))
+    return g
 
 
 @triton.jit
@@ -740,38 +786,51 @@ def trunk_backward_kernel(
     PREC: tl.constexpr,
     NH: tl.constexpr,
     CWF: tl.constexpr,
+    BNM: tl.constexpr,
 ):
     """Backward of :func:`trunk_forward_kernel` given d hs (E, C D, compact) and the bias term's d s (E,): d of the MLP
     input (E, P0) and the trunk's parameter gradients, accumulated per program (a persistent grid, one accumulator
     row per program: deterministic, the host adds the rows in a fixed order). A row of ``acc_ptr`` is laid out as the
-    padded parameters, ``[w1 (P0P, HP) | b1 (HP,) | wh (NH, WS) | bh (NH, HP) | coef (1,)]``. On the way it writes
-    ``h`` over ``d hs`` (each block of a tile read before it is written) and ``s``, which the contraction's remaining
-    backward kernels read, so no separate forward pass of the trunk is needed.
+    padded parameters (:func:`_params`), ``[w1 | b1 | wh | bh | bf | bs | f0 | s0 | coef (1,)]`` (f0, s0 unused). On
+    the way it writes ``h`` (after the last batch norm) over ``d hs`` (each block of a tile read before it is written)
+    and ``s``, which the contraction's remaining backward kernels read, so no separate forward pass of the trunk is
+    needed.
 
     Per tile, a block of GW hidden units (or DC components of a componentwise Linear) at a time, through the program's
-    scratch ``scr_ptr`` (NPROG, NL, BE, HP) (see above): the forward stores a_1 .. a_{NL-1} and y_NL; the last layer
-    gives h, d s and dy_NL; each hidden Linear's backward turns a_k into d a_k in place, y_k is recomputed from
-    a_{k-1} (y_1 from the input, per block) and turned into dy_k. The GEMMs are those of a forward and a backward
-    pass plus the recomputed y_1 .. y_{NL-1} (for NL = 2 only the narrow first Linear)."""
+    scratch ``scr_ptr`` (NPROG, NS, BE, HP) (see above): the forward stores h_1 .. h_{NL-1} (each layer's output after
+    its batch norm: the next Linear's input, and what its weight gradient needs) and y_NL, and with batch norms
+    a_1 .. a_{NL-1} (before them: what their factors' gradients need) in slots NL .. 2 NL - 2; the last layer gives h,
+    d s and dy_NL; each hidden Linear's backward turns h_k into d h_k in place, the batch norm's gradients are read off
+    d h_k and a_k, and y_k is recomputed from h_{k-1} (y_1 from the input, per block) and turned into dy_k. The GEMMs
+    are those of a forward and a backward pass plus the recomputed y_1 .. y_{NL-1} (for NL = 2 only the narrow first
+    Linear). With a batch norm anywhere (BNM != 0) every layer takes the affine path; the host gives a layer without
+    one the identity (its gradients are computed, and dropped)."""
     HP: tl.constexpr = CP * DP
     NG: tl.constexpr = HP // GW
     TILE: tl.constexpr = BE * HP
     # (plain constexpr arithmetic: Triton 3.6 does not fold a jit helper's result into a constexpr)
     WS: tl.constexpr = DP * (CP * CWF) * (CP * CWF) if CWF > 0 else HP * HP  # = _wstride(CP, DP, CWF)
+    NA: tl.constexpr = max(NL, 1)
+    ROW: tl.constexpr = P0P * HP + HP + NH * WS + NH * HP + 2 * NA * HP + 2 * P0P  # the padded parameters
     FG: tl.constexpr = DP * GP  # elements of one layer's Fourier matrix
+    BN: tl.constexpr = BNM != 0
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    w1, b1, wh, bh, at, ait = _params(prm_ptr, fou_ptr, NL, P0P, CP, DP, GP, CWF)
+    w1, b1, wh, bh, bf, bs, _f0, _s0, at, ait = _params(prm_ptr, fou_ptr, NL, P0P, CP, DP, GP, CWF)
     dt = inp_ptr.dtype.element_ty
     gg = tl.arange(0, GW)
     pp = tl.arange(0, P0P)
-    gw1 = acc_ptr + pid.to(tl.int64) * (P0P * HP + HP + NH * WS + NH * HP + 1)
+    gw1 = acc_ptr + pid.to(tl.int64) * (ROW + 1)
     gb1 = gw1 + P0P * HP
     gwh = gb1 + HP
     gbh = gwh + NH * WS
-    gcoef = gbh + NH * HP
-    scr = scr_ptr + pid.to(tl.int64) * (max(NL, 1) * TILE)
+    gbf = gbh + NH * HP
+    gbs = gbf + NA * HP
+    gcoef = gw1 + ROW
+    NS: tl.constexpr = 2 * NL - 1 if BN and NL > 1 else max(NL, 1)  # scratch slots (as launch.conv_backward allocates)
+    scr = scr_ptr + pid.to(tl.int64) * (NS * TILE)
     ys = scr + (NL - 1) * TILE  # the slot of y_k / dy_k
+    pre = scr + NL * TILE  # a_1 .. a_{NL-1}, before their batch norms
     gcoef_acc = tl.sum(tl.zeros((BE,), dtype=dt), 0)
     for t in range(pid, n_tiles, nprog):
         offs, emask, inp, s, r2, coef = _load_tile(inp_ptr, coef_ptr, norm, t, E, P0, P0P, NDIM, BE)
@@ -785,12 +844,17 @@ def trunk_backward_kernel(
             dmlp = dhs * s[:, None]
         else:
             tl.debug_barrier()  # the previous tile is done with the scratch
-            # forward: a_1 .. a_{NL-1} into slots 0 .. NL-2, y_NL into the last slot
+            # forward: h_1 .. h_{NL-1} into slots 0 .. NL-2, y_NL into the last slot
             if NL > 1:
                 for g in range(NG):
-                    y1 = _linear_in_blk(inp, w1, b1, g, P0P, HP, GW, PREC)
-                    tl.store(scr + _blk(g, BE, HP, GW), _act_blk(y1, at, ait, BE, GW, DP, GP, FOURIER, PREC))
-                for k in range(1, NL - 1):  # a_{k+1} = act(y_{k+1}), y_{k+1} = a_k W_k + b_k (hidden Linear k)
+                    a = _act_blk(
+                        _linear_in_blk(inp, w1, b1, g, P0P, HP, GW, PREC), at, ait, BE, GW, DP, GP, FOURIER, PREC
+                    )
+                    if BN:
+                        tl.store(pre + _blk(g, BE, HP, GW), a)
+                        a = _affine(a, bf + g * GW, bs + g * GW, GW)
+                    tl.store(scr + _blk(g, BE, HP, GW), a)
+                for k in range(1, NL - 1):  # h_{k+1} = bn(act(y_{k+1})), y_{k+1} = h_k W_k + b_k (hidden Linear k)
                     tl.debug_barrier()
                     _linear_scr(
                         scr + (k - 1) * TILE, ys, wh + (k - 1) * WS, bh + (k - 1) * HP, BE, CP, DP, GW, CWF, PREC
@@ -799,9 +863,11 @@ def trunk_backward_kernel(
                     atk, aitk = at + k * FG, ait + k * FG
                     for g in range(NG):
                         blk = _blk(g, BE, HP, GW)
-                        tl.store(
-                            scr + k * TILE + blk, _act_blk(tl.load(ys + blk), atk, aitk, BE, GW, DP, GP, FOURIER, PREC)
-                        )
+                        a = _act_blk(tl.load(ys + blk), atk, aitk, BE, GW, DP, GP, FOURIER, PREC)
+                        if BN:
+                            tl.store(pre + k * TILE + blk, a)
+                            a = _affine(a, bf + k * HP + g * GW, bs + k * HP + g * GW, GW)
+                        tl.store(scr + k * TILE + blk, a)
                 tl.debug_barrier()
                 _linear_scr(
                     scr + (NL - 2) * TILE, ys, wh + (NL - 2) * WS, bh + (NL - 2) * HP, BE, CP, DP, GW, CWF, PREC
@@ -823,7 +889,17 @@ def trunk_backward_kernel(
                     y = _linear_in_blk(inp, w1, b1, g, P0P, HP, GW, PREC)
                 else:
                     y = tl.load(ys + _blk(g, BE, HP, GW))
-                h, dy = _act_bwd_blk(y, dhs * s[:, None], atl, aitl, BE, GW, DP, GP, FOURIER, PREC, True)
+                if BN:  # h = a f + t: d a = d h f (d h = d hs s formed again after the activation's backward,
+                    # which is where the registers run short: nothing of this block but d hs is kept across it)
+                    fl = bf + (NL - 1) * HP + g * GW
+                    sf = s[:, None] * tl.load(fl + gg).to(dt)[None, :]
+                    h, dy = _act_bwd_blk(y, dhs * sf, atl, aitl, BE, GW, DP, GP, FOURIER, PREC, True)
+                    dh = dhs * s[:, None]
+                    _accumulate(gbf + (NL - 1) * HP, j, _factor_grad(dh, h, GW, DP, FOURIER), j >= 0)
+                    _accumulate(gbs + (NL - 1) * HP, j, tl.sum(dh, 0), j >= 0)
+                    h = _affine(h, fl, bs + (NL - 1) * HP + g * GW, GW)
+                else:
+                    h, dy = _act_bwd_blk(y, dhs * s[:, None], atl, aitl, BE, GW, DP, GP, FOURIER, PREC, True)
                 ds += tl.sum(dhs * h, 1)
                 tl.debug_barrier()
                 tl.store(dhs_ptr + hoffs, h, mask=hmask)
@@ -833,7 +909,7 @@ def trunk_backward_kernel(
                     _accumulate(gbh + (NL - 2) * HP, j, tl.sum(dy, 0), j >= 0)
                     tl.store(ys + _blk(g, BE, HP, GW), dy)
             if NL > 1:
-                # hidden layers NL-1 .. 2: d a_k = dy_{k+1} W_k^T (in a_k's slot), then dy_k from the recomputed y_k
+                # hidden layers NL-1 .. 2: d h_k = dy_{k+1} W_k^T (in h_k's slot), then dy_k from the recomputed y_k
                 for kk in range(0, NL - 2):
                     k = NL - 1 - kk
                     tl.debug_barrier()
@@ -849,6 +925,12 @@ def trunk_backward_kernel(
                     for g in range(NG):
                         blk = _blk(g, BE, HP, GW)
                         da = tl.load(scr + (k - 1) * TILE + blk)
+                        if BN:  # da holds d h_k: the batch norm's gradients, then d a_k
+                            gk = g * GW + gg
+                            a = tl.load(pre + (k - 1) * TILE + blk)
+                            _accumulate(gbf + (k - 1) * HP, gk, _factor_grad(da, a, GW, DP, FOURIER), gg >= 0)
+                            _accumulate(gbs + (k - 1) * HP, gk, tl.sum(da, 0), gg >= 0)
+                            da = da * tl.load(bf + (k - 1) * HP + gk).to(dt)[None, :]
                         _, dy = _act_bwd_blk(tl.load(ys + blk), da, atk, aitk, BE, GW, DP, GP, FOURIER, PREC, False)
                         _accumulate(gbh + (k - 2) * HP, g * GW + gg, tl.sum(dy, 0), gg >= 0)
                         tl.debug_barrier()
@@ -860,6 +942,12 @@ def trunk_backward_kernel(
                 for g in range(NG):
                     y1 = _linear_in_blk(inp, w1, b1, g, P0P, HP, GW, PREC)
                     da = tl.load(scr + _blk(g, BE, HP, GW))
+                    if BN:  # as above, for layer 1
+                        gk = g * GW + gg
+                        a = tl.load(pre + _blk(g, BE, HP, GW))
+                        _accumulate(gbf, gk, _factor_grad(da, a, GW, DP, FOURIER), gg >= 0)
+                        _accumulate(gbs, gk, tl.sum(da, 0), gg >= 0)
+                        da = da * tl.load(bf + gk).to(dt)[None, :]
                     _, dy = _act_bwd_blk(y1, da, at, ait, BE, GW, DP, GP, FOURIER, PREC, False)
                     dmlp += _linear_in_bwd_blk(inp, dy, g, w1, gw1, gb1, P0P, HP, GW, PREC)
         tl.store(s_ptr + offs, s, mask=emask)

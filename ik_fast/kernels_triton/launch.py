@@ -11,6 +11,9 @@ Everything Triton-specific happens here, behind the neutral schemas:
   are ``rowptr`` itself, so a step does not synchronise with the host;
 * **precision**: float64 in IEEE arithmetic; float32 follows ``torch.get_float32_matmul_precision()`` ("highest" ->
   IEEE, otherwise TF32); under ``torch.autocast(dtype=torch.bfloat16)`` bfloat16 operands with float32 accumulation;
+* **batch norms**: applied by the trunk kernels where they write each layer's activation (an affine map per hidden
+  unit, packed with the weights; the last one by the contraction when the forward is given that layer's activation
+  before it, ``hidden``), their gradients accumulated with the biases';
 * **backward**: the contraction's backward gives ``d hs`` (E, H), the per-edge gradient of the gathered features and
   the bias term's ``d s``; W''s gradient is summed per (hidden block, input block) over splits of the receivers; the
   trunk's backward then runs per tile;
@@ -21,6 +24,7 @@ Everything Triton-specific happens here, behind the neutral schemas:
 
 from __future__ import annotations
 
+import collections
 import functools
 import math
 import os
@@ -30,6 +34,7 @@ from typing import List, Tuple
 import numpy as np
 import torch
 from torch import Tensor
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ik_fast.ops import hidden_width
@@ -49,7 +54,15 @@ def _c(t: Tensor) -> Tensor:
     return t if t.is_contiguous() else t.contiguous()
 
 
-_FOURIER: "WeakIdKeyDictionary" = WeakIdKeyDictionary()
+# the padded Fourier matrices by their storages: key -> (weak references to the storages, padded buffer)
+_FOURIER: "collections.OrderedDict" = collections.OrderedDict()
+FOURIER_CACHE = 8  # entries (one per program and dtype in use; a few KB to a few hundred KB each)
+
+
+def _storage_key(t: Tensor):
+    """What identifies ``t``'s values while its storage lives: the storage, the view of it and the version (a
+    detached alias of a tensor, as a program may pass afresh each call, has the same key)."""
+    return (t.untyped_storage()._cdata, t.storage_offset(), tuple(t.shape), tuple(t.stride()), t._version)
 
 
 @functools.lru_cache(maxsize=32)
@@ -63,6 +76,13 @@ def _zeros(n: int, dtype: torch.dtype, device: str) -> Tensor:
 def _zero(dtype: torch.dtype, device: str) -> Tensor:
     """A cached one-element zero (made without an operator on the CPU)."""
     z = torch.from_numpy(np.zeros(1)).to(dtype)
+    return z if device == "cpu" else z.to(device)
+
+
+@functools.lru_cache(maxsize=32)
+def _zero_one(dtype: torch.dtype, device: str) -> Tensor:
+    """A cached [0, 1] (the padding and the identity factor of the packed parameters)."""
+    z = torch.from_numpy(np.array([0.0, 1.0])).to(dtype)
     return z if device == "cpu" else z.to(device)
 
 
@@ -167,71 +187,95 @@ def layout(inp: Tensor, weights, fourier, R: int, ndim: int) -> Layout:
 @dataclass(frozen=True)
 class Packing:
     """How the op's unpadded hidden-layer tensors become the kernels' padded ones, as index tensors built once per
-    layout (with NumPy: no PyTorch operator), so that a call pads with one gather and unpads gradients with one.
+    layout (with NumPy: no PyTorch operator), so that a call pads with one gather and unpads gradients with one per
+    tensor.
 
-    The padded buffer is ``[w1 (P0P, HP) | b1 (HP,) | wh (NH, ...) | bh (NH, HP) | at (NA, DP, GP) | ait (NA, GP,
-    DP)]`` (x @ W layouts; ``wh`` (NH, DP, KC, KC) per component for componentwise kernels, else (NH, HP, HP)); the
-    sources are the op's weights, biases, Fourier matrices and their inverses, flattened and concatenated, with one
-    zero appended. ``src`` (buffer size,): source position of each buffer entry (the appended zero for padding);
-    ``pos``: per weight, then per bias, the buffer position of each of its entries, so a gradient of the buffer's
-    first four parts gives each weight's and bias's gradient with one index_select; ``hidden`` (H,): padded
-    position of each real hidden unit."""
+    The padded buffer is ``[w1 (P0P, HP) | b1 (HP,) | wh (NH, ...) | bh (NH, HP) | bf (NA, HP) | bs (NA, HP) | f0
+    (P0P,) | s0 (P0P,) | at (NA, DP, GP) | ait (NA, GP, DP)]`` (x @ W layouts; ``wh`` (NH, DP, KC, KC) per component
+    for componentwise kernels, else (NH, HP, HP); ``bf`` / ``bs`` each hidden layer's batch-norm factor and shift per
+    hidden unit, the factor repeated over its channel's components, the identity for a layer without batch norm;
+    ``f0`` / ``s0`` an affine map on the MLP input, per input column). The trainable part (up to ``s0``) gathers from
+    the op's weights, biases, batch-norm factors and shifts and the input map's factor and shift, flattened and
+    concatenated, then ``[0, 1]``; the constant part from the Fourier matrices and their inverses, then a zero.
+    ``src`` / ``fsrc``: the source position of each entry; ``pos``: per weight, bias, factor and shift (in that
+    order), the buffer positions of its entries' gradients (a factor's: one per channel where the kernels give it
+    per Fourier channel, else those of its hidden units, channel-major, summed per channel here: ``factor_sums``);
+    ``hidden`` (H,): padded position of each real hidden unit."""
 
-    src: Tensor  # the trainable part [w1 | b1 | wh | bh]
+    src: Tensor  # the trainable part [w1 | b1 | wh | bh | bf | bs | f0 | s0]
     fsrc: Tensor  # the constant part [at | ait]
     pos: Tuple[Tensor, ...]
     hidden: Tensor
-    shapes: Tuple[Tuple[int, ...], ...]  # of w1, b1, wh, bh, at, ait
-    trainable: Tuple[Tuple[int, ...], ...]  # shapes of the weights, then the biases
+    shapes: Tuple[Tuple[int, ...], ...]  # of w1, b1, wh, bh, bf, bs, f0, s0, at, ait
+    trainable: Tuple[Tuple[int, ...], ...]  # shapes of the weights, the biases, the factors and the shifts
+    factor_sums: Tuple[bool, ...]  # per layer: whether its factor's gradient is summed over its units
 
-    def pad(self, weights, biases, dtype, device) -> Tensor:
-        """The trainable part of the padded buffer, flat (the kernels find its parts, conv._params)."""
-        parts = [t.view(-1) if t.is_contiguous() else t.reshape(-1) for t in (*weights, *biases)]
-        if not parts:  # no hidden layer: every kernel weight is zero
+    def pad(self, weights, biases, bn_factor, bn_shift, in_affine, dtype, device) -> Tensor:
+        """The trainable part of the padded buffer, flat (the kernels find its parts, conv._params); ``in_affine``:
+        (factor, shift) of the map on the input, or empty tensors."""
+        if not weights:  # no hidden layer: every kernel weight is zero
             return torch.zeros(self.src.shape[0], dtype=dtype, device=device)
-        flat = torch.cat(parts + [_zero(parts[0].dtype, str(parts[0].device))]).index_select(0, self.src)
+        parts = [  # (no empty tensor: torch.cat on the CPU takes a slower path, 3 more operators a tensor)
+            t.view(-1) if t.is_contiguous() else t.reshape(-1)
+            for t in (*weights, *biases, *bn_factor, *bn_shift, *in_affine)
+            if t.numel()
+        ]
+        flat = torch.cat(parts + [_zero_one(parts[0].dtype, str(parts[0].device))]).index_select(0, self.src)
         return flat if flat.dtype == dtype else flat.to(dtype)
 
     def pad_fourier(self, fourier, fourier_inv, dtype, device) -> Tensor:
-        """The constant part [at | ait], kept per Fourier tensor (identity and version) while it lives: the program
-        passes the same constant matrices to every call."""
-        tensors = (*fourier, *fourier_inv)
-        key = (tuple((id(t), t._version) for t in tensors), dtype, str(device), self.fsrc.shape[0])
-        hit = _FOURIER.get(tensors[0]) if tensors else None
-        if hit is not None and hit[0] == key:
-            return hit[1]
-        parts = [t.reshape(-1) for t in tensors if t.numel()]
-        if not parts:  # pointwise ELUs: the matrices are not read
+        """The constant part [at | ait], kept per Fourier matrices (their storages, views and versions) while their
+        storages live: the program passes the same constant matrices to every call (the same storages, even where
+        the tensors are new aliases)."""
+        tensors = [t for t in (*fourier, *fourier_inv) if t.numel()]
+        if not tensors:  # pointwise ELUs: the matrices are not read
             return _zeros(self.fsrc.shape[0], dtype, str(torch.device(device)))
+        key = (tuple(_storage_key(t) for t in tensors), dtype, str(device), self.fsrc.shape[0])
+        hit = _FOURIER.get(key)
+        if hit is not None and not any(r.expired() for r in hit[0]):  # (a live storage is the one of the key)
+            _FOURIER.move_to_end(key)
+            return hit[1]
+        parts = [t.reshape(-1) for t in tensors]
         flat = torch.cat(parts + [_zero(parts[0].dtype, str(parts[0].device))]).index_select(0, self.fsrc)
         flat = flat if flat.dtype == dtype else flat.to(dtype)
-        _FOURIER[tensors[0]] = (key, flat)
+        _FOURIER[key] = (tuple(StorageWeakRef(t.untyped_storage()) for t in tensors), flat)
+        while len(_FOURIER) > FOURIER_CACHE:
+            _FOURIER.popitem(last=False)
         return flat
 
     @property
     def gradient_size(self) -> int:
-        """Elements of the buffer's trainable part (w1, b1, wh, bh)."""
-        return sum(math.prod(sh) for sh in self.shapes[:4])
+        """Elements of the buffer's trainable part (w1 .. s0)."""
+        return sum(math.prod(sh) for sh in self.shapes[:8])
 
     def unpad_grads(self, flat: Tensor) -> List[Tensor]:
-        """The gradient of the padded buffer's first four parts (w1, b1, wh, bh; flat, anything may follow) -> those
-        of the op's weights and biases (in their order), one gather each (separate tensors: an op's outputs must not
+        """The gradient of the padded buffer's trainable part (flat, anything may follow) -> those of the op's
+        weights, biases, batch-norm factors and shifts (in that order; empty for a layer without batch norm), one
+        gather each and a sum over each channel's components for a factor (separate tensors: an op's outputs must not
         alias each other)."""
-        return [flat.index_select(0, p).view(sh) for p, sh in zip(self.pos, self.trainable)]
+        L = len(self.factor_sums)
+        out = []
+        for i, (p, sh) in enumerate(zip(self.pos, self.trainable)):
+            g = flat.index_select(0, p)
+            if 2 * L <= i < 3 * L and self.factor_sums[i - 2 * L]:  # a factor: its units' gradients summed
+                g = g.view(sh[0], -1).sum(1)
+            out.append(g.view(sh))
+        return out
 
 
 def _shape(t: Tensor) -> Tuple[int, ...]:
     return tuple(int(n) for n in t.shape)
 
 
-def packing(lay: Layout, weights, biases, fourier, fourier_inv, device) -> Packing:
-    shapes = tuple(tuple(_shape(t) for t in group) for group in (weights, biases, fourier, fourier_inv))
+def packing(lay: Layout, weights, biases, bn_factor, bn_shift, in_affine, fourier, fourier_inv, device) -> Packing:
+    groups = (weights, biases, bn_factor, bn_shift, in_affine, fourier, fourier_inv)
+    shapes = tuple(tuple(_shape(t) for t in group) for group in groups)
     return _packing(lay, shapes, str(torch.device(device)))
 
 
 @functools.lru_cache(maxsize=256)
 def _packing(lay: Layout, shapes, device: str) -> Packing:
-    wsh, bsh, ash, aish = shapes
+    wsh, bsh, fsh, ssh, ish, ash, aish = shapes
     NL, HP, DP, GP, P0, P0P = lay.NL, lay.HP, lay.DP, lay.GP, lay.P0, lay.P0P
     H = lay.C * lay.D
     hm = (np.arange(H) // lay.D) * lay.PD + np.arange(H) % lay.D  # padded position of each hidden unit
@@ -239,34 +283,38 @@ def _packing(lay: Layout, shapes, device: str) -> Packing:
     na = max(NL, 1)
     KC = lay.CP * lay.CWF
     wh_shape = (nh, DP, KC, KC) if lay.CWF else (nh, HP, HP)
-    out_shapes = ((P0P, HP), (HP,), wh_shape, (nh, HP), (na, DP, GP), (na, GP, DP))
+    out_shapes = ((P0P, HP), (HP,), wh_shape, (nh, HP), (na, HP), (na, HP), (P0P,), (P0P,), (na, DP, GP), (na, GP, DP))
     base = np.cumsum([0] + [math.prod(sh) for sh in out_shapes])
-    src_sizes = [math.prod(sh) for group in shapes for sh in group]
-    src_off = np.cumsum([0] + src_sizes)
-    n_src = int(src_off[-1])
-    buf = np.full(int(base[-1]), n_src, dtype=np.int64)  # every entry the appended zero, unless written below
-    pos = np.empty(sum(math.prod(sh) for sh in (*wsh, *bsh)), dtype=np.int64)
-    w_off = src_off[:NL]
-    b_off = src_off[NL : 2 * NL]
-    a_off = src_off[2 * NL : 3 * NL]
-    ai_off = src_off[3 * NL : 4 * NL]
-    t_off = np.cumsum([0] + [math.prod(sh) for sh in (*wsh, *bsh)])
+    # the sources: the trainable ones (weights, biases, factors, shifts, the input map), then [0, 1]; the Fourier
+    # matrices, then a zero
+    train_sizes = [math.prod(sh) for group in (wsh, bsh, fsh, ssh, ish) for sh in group]
+    n_train = int(sum(train_sizes))
+    ZERO, ONE = n_train, n_train + 1
+    toff = np.cumsum([0] + train_sizes)
+    w_off, b_off, f_off, s_off = (toff[k * NL : (k + 1) * NL] for k in range(4))
+    i_off = toff[4 * NL : 4 * NL + 2]
+    four_sizes = [math.prod(sh) for group in (ash, aish) for sh in group]
+    foff = np.cumsum([0] + four_sizes)
+    a_off, ai_off = foff[:NL], foff[NL : 2 * NL]
+    n_four = int(foff[-1])
+    split = int(base[8])
+    buf = np.full(split, ZERO, dtype=np.int64)  # every entry the appended zero, unless written below
+    fbuf = np.full(int(base[-1]) - split, n_four, dtype=np.int64)
 
-    def put(src_start: int, dst: np.ndarray, trainable: int = -1):
-        idx = src_start + np.arange(dst.size)
-        buf[dst.reshape(-1)] = idx
-        if trainable >= 0:
-            pos[t_off[trainable] + np.arange(dst.size)] = dst.reshape(-1)
+    def put(dst: np.ndarray, src: np.ndarray, trainable: bool = True):
+        (buf if trainable else fbuf)[dst.reshape(-1) - (0 if trainable else split)] = src.reshape(-1)
+        return dst.reshape(-1)
 
     if NL > 0:
         if len(wsh[0]) != 2:
             raise ValueError(f"the first hidden Linear's weight must be dense (H, P0), got {wsh[0]}")
-        j, p = np.meshgrid(np.arange(H), np.arange(P0), indexing="ij")  # W1[j, p] -> w1[p, hm[j]]
-        put(w_off[0], base[0] + p * HP + hm[j], 0)
-        put(b_off[0], base[1] + hm, NL)
-    for k in range(1, NL):
+    w_pos, b_pos = [], []
+    for k in range(NL):
         sh = wsh[k]
-        if len(sh) == 3 and lay.CWF:  # W[d, co, ci] -> wh[k-1, d, ci F, co F]
+        if k == 0:  # W1[j, p] -> w1[p, hm[j]]
+            j, p = np.meshgrid(np.arange(H), np.arange(P0), indexing="ij")
+            dst = base[0] + p * HP + hm[j]
+        elif len(sh) == 3 and lay.CWF:  # W[d, co, ci] -> wh[k-1, d, ci F, co F]
             d, co, ci = np.meshgrid(*(np.arange(n) for n in sh), indexing="ij")
             F_ = lay.CWF
             dst = base[2] + (k - 1) * DP * KC * KC + (d * KC + ci * F_) * KC + co * F_
@@ -277,24 +325,48 @@ def _packing(lay: Layout, shapes, device: str) -> Packing:
         else:  # W[jo, ji] -> wh[k-1, hm[ji], hm[jo]]
             jo, ji = np.meshgrid(np.arange(sh[0]), np.arange(sh[1]), indexing="ij")
             dst = base[2] + (k - 1) * HP * HP + hm[ji] * HP + hm[jo]
-        put(w_off[k], dst, k)
-        put(b_off[k], base[3] + (k - 1) * HP + hm, NL + k)
+        w_pos.append(put(dst, w_off[k] + np.arange(dst.size)))
+        dst = base[1] + hm if k == 0 else base[3] + (k - 1) * HP + hm
+        b_pos.append(put(dst, b_off[k] + np.arange(H)))
+    f_pos, s_pos, f_sum = [], [], []
+    for k in range(NL):  # the batch norms per hidden unit (the identity without one)
+        fdst, sdst = base[4] + k * HP + hm, base[5] + k * HP + hm
+        if fsh[k] and fsh[k][0]:
+            n_ch = fsh[k][0]
+            if lay.FOURIER and (H // n_ch) % lay.D:
+                # (the backward's Fourier ELU takes the factor as one per channel of its own: conv._act_bwd_blk)
+                raise NotImplementedError(
+                    f"backend 'triton' needs each batch norm channel to hold whole Fourier channels ({H // n_ch} "
+                    f"components per batch norm channel, {lay.D} per Fourier channel)"
+                )
+            put(fdst, f_off[k] + np.arange(H) // (H // n_ch))
+            s_pos.append(put(sdst, s_off[k] + np.arange(H)))
+            # the kernels' gradient of a factor: per hidden unit for pointwise ELUs, per Fourier channel (on its
+            # first component) for Fourier ELUs; a batch norm channel's is read at once where it is one Fourier
+            # channel, else summed over its units
+            direct = lay.FOURIER and H // n_ch == lay.D
+            f_pos.append(fdst[:: lay.D] if direct else fdst)
+            f_sum.append(not direct)
+        else:
+            buf[fdst] = ONE
+            f_pos.append(np.zeros(0, dtype=np.int64))
+            s_pos.append(np.zeros(0, dtype=np.int64))
+            f_sum.append(False)
+    if ish and ish[0] and ish[0][0]:  # the map on the input: C0 channels of P0 / C0 components
+        n_ch = ish[0][0]
+        put(base[6] + np.arange(P0), i_off[0] + np.arange(P0) // (P0 // n_ch))
+        put(base[7] + np.arange(P0), i_off[1] + np.arange(P0))
     if lay.FOURIER:
         for k in range(NL):
             G, D = ash[k]
             g, a = np.meshgrid(np.arange(G), np.arange(D), indexing="ij")  # A[g, a] -> at[k, a, g]
-            put(a_off[k], base[4] + k * DP * GP + a * GP + g)
+            put(base[8] + k * DP * GP + a * GP + g, a_off[k] + np.arange(G * D), False)
             a, g = np.meshgrid(np.arange(D), np.arange(G), indexing="ij")  # Ainv[a, g] -> ait[k, g, a]
-            put(ai_off[k], base[5] + k * GP * DP + g * DP + a)
+            put(base[9] + k * GP * DP + g * DP + a, ai_off[k] + np.arange(G * D), False)
     tens = lambda a: torch.from_numpy(a) if device == "cpu" else torch.from_numpy(a).to(device)  # noqa: E731
-    per = tuple(tens(pos[t_off[i] : t_off[i + 1]].copy()) for i in range(len(t_off) - 1))
-    # two buffers: the trainable part (sources: weights and biases, then a zero) and the constant Fourier part
-    # (sources: the matrices, then a zero)
-    n_wb = int(a_off[0]) if NL else 0
-    wsrc = buf[: base[4]].copy()
-    wsrc[wsrc == n_src] = n_wb
-    fsrc = buf[base[4] :] - n_wb
-    return Packing(tens(wsrc), tens(fsrc), per, tens(hm), out_shapes, tuple(wsh) + tuple(bsh))
+    per = tuple(tens(np.ascontiguousarray(p)) for p in (*w_pos, *b_pos, *f_pos, *s_pos))
+    trainable = tuple(wsh) + tuple(bsh) + tuple(fsh) + tuple(ssh)
+    return Packing(tens(buf), tens(fbuf), per, tens(hm), out_shapes, trainable, tuple(f_sum))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -363,11 +435,24 @@ def wgrad_splits(n_blocks: int, n_wblocks: int, w_floats: int, device) -> int:
 _SETUPS: "WeakIdKeyDictionary" = WeakIdKeyDictionary()
 
 
-def _setup(x, inp, weights, biases, fourier, fourier_inv, final_weight, final_bias, coef, ndim, final_mask):
+def _empty(dtype: torch.dtype, device) -> Tensor:
+    """A cached empty tensor (read-only use)."""
+    return _zeros(0, dtype, str(torch.device(device)))
+
+
+def _bn_mask(factors) -> int:
+    """The kernels' BNM: bit k set where hidden layer k + 1 has a batch norm (a non-empty factor)."""
+    return sum(1 << k for k, f in enumerate(factors) if f is not None and f.numel() > 0)
+
+
+def _setup(
+    x, inp, weights, biases, fourier, fourier_inv, bn_factor, bn_shift, final_weight, final_bias, coef, ndim,
+    final_mask,
+):  # fmt: skip
     """The kernels' padded tensors and launch constants for one call. The forward's are kept (per final weight tensor,
     while it lives) for the backward of the same inputs: identical tensors (by identity and version), dtype,
     precision and device, so the backward does not pad again."""
-    args = (*weights, *biases, *fourier, *fourier_inv, final_weight, final_bias, coef)
+    args = (*weights, *biases, *fourier, *fourier_inv, *bn_factor, *bn_shift, final_weight, final_bias, coef)
     key = (
         tuple((id(t), t._version) for t in args),
         x.dtype,
@@ -380,22 +465,36 @@ def _setup(x, inp, weights, biases, fourier, fourier_inv, final_weight, final_bi
     hit = _SETUPS.get(final_weight)
     if hit is not None and hit[0] == key:
         return hit[1]
-    out = _make_setup(x, inp, weights, biases, fourier, fourier_inv, final_weight, final_bias, coef, ndim, final_mask)
+    out = _make_setup(
+        x, inp, weights, biases, fourier, fourier_inv, bn_factor, bn_shift, final_weight, final_bias, coef, ndim,
+        final_mask,
+    )  # fmt: skip
     _SETUPS[final_weight] = (key, out)
     return out
 
 
-def _make_setup(x, inp, weights, biases, fourier, fourier_inv, final_weight, final_bias, coef, ndim, final_mask):
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return _c(t if t.dtype == dtype else t.to(dtype))
+
+
+def _make_setup(
+    x, inp, weights, biases, fourier, fourier_inv, bn_factor, bn_shift, final_weight, final_bias, coef, ndim,
+    final_mask,
+):  # fmt: skip
     dtype = x.dtype
     R, H, C = final_weight.shape
     lay = layout(inp, weights, fourier, R, ndim)
-    pack = packing(lay, weights, biases, fourier, fourier_inv, x.device)
-    hidden = (pack.pad(weights, biases, dtype, x.device), pack.pad_fourier(fourier, fourier_inv, dtype, x.device))
+    none = (_empty(dtype, x.device), _empty(dtype, x.device))  # no map on the input
+    pack = packing(lay, weights, biases, bn_factor, bn_shift, none, fourier, fourier_inv, x.device)
+    hidden = (
+        pack.pad(weights, biases, bn_factor, bn_shift, none, dtype, x.device),
+        pack.pad_fourier(fourier, fourier_inv, dtype, x.device),
+    )
     plan = blocks(final_mask, final_weight.shape, lay.D, x.device)
     # W' and B' as they are: the kernels read them through the plan's indices
-    wc = _c(final_weight if final_weight.dtype == dtype else final_weight.to(dtype))
-    bf = _c(final_bias if final_bias.dtype == dtype else final_bias.to(dtype))
+    wc, bf = _as(final_weight, dtype), _as(final_bias, dtype)
     prec = PREC_NAMES[precision(dtype, x.device)]
+    bnm = _bn_mask(bn_factor)
     trunk = dict(
         P0=lay.P0,
         P0P=lay.P0P,
@@ -412,6 +511,7 @@ def _make_setup(x, inp, weights, biases, fourier, fourier_inv, final_weight, fin
         BE=tile_size(x.device, lay.HP),
         PREC=prec,
         CWF=lay.CWF,
+        BNM=bnm,
     )
     consts = dict(BN=BLOCK, KP=BLOCK, HB=BLOCK, CB=BLOCK, RB=BLOCK, PREC=prec)
     # the plan's tensors and sizes, in the contraction kernels' argument order
@@ -419,11 +519,17 @@ def _make_setup(x, inp, weights, biases, fourier, fourier_inv, final_weight, fin
     wc, bf = (wc, plan.w_idx), (bf, plan.b_idx)  # (tensor, index) pairs in the kernels' argument order
     sizes = (H, C, _ceil(C), R, _ceil(R))  # H, CIN, CINC, R, RC
     coef = coef if coef.dtype == dtype and coef.dim() == 1 else coef.to(dtype).reshape(1)
-    return lay, pack, hidden, plan, wc, bf, coef, trunk, consts, walk, sizes
+    # the last batch norm, for a forward given the last activation before it: (factor, shift, components per channel)
+    last_bn = None
+    if lay.NL and bnm >> (lay.NL - 1) & 1:
+        f = bn_factor[-1]
+        last_bn = (_as(f, dtype), _as(bn_shift[-1], dtype), H // f.shape[0])
+    return lay, pack, hidden, plan, wc, bf, coef, trunk, consts, walk, sizes, last_bn
 
 
 def _trunk_forward(inp, hidden, coef, norm, H, trunk):
-    """h (E, H), the last hidden activation in the compact layout, and the radial shell s (E,)."""
+    """h (E, H), the last hidden layer's output (after its batch norm) in the compact layout, and the radial shell s
+    (E,)."""
     E = inp.shape[0]
     h = inp.new_empty(E, H)
     s = inp.new_empty(E)
@@ -441,6 +547,8 @@ def conv(
     biases,
     fourier,
     fourier_inv,
+    bn_factor,
+    bn_shift,
     final_weight,
     final_bias,
     coef,
@@ -457,17 +565,22 @@ def conv(
     if E == 0:
         return out
     inp = _c(inp)
-    lay, _, mlp, plan, wc, bf, coefp, trunk, consts, walk, sizes = _setup(
-        x, inp, weights, biases, fourier, fourier_inv, final_weight, final_bias, coef, ndim, final_mask
-    )
+    lay, _, mlp, plan, wc, bf, coefp, trunk, consts, walk, sizes, last_bn = _setup(
+        x, inp, weights, biases, fourier, fourier_inv, bn_factor, bn_shift, final_weight, final_bias, coef, ndim,
+        final_mask,
+    )  # fmt: skip
+    aff = (coefp, coefp, 1, False)  # (factor, shift, components per channel, applied by the contraction)
     if hidden is None:
         h, s = _trunk_forward(inp, mlp, coefp, norm, sizes[0], trunk)
-    else:  # the activation from the statistics pass of the last layer: only the radial shell is left to compute
-        h = _c(hidden if hidden.dtype == x.dtype else hidden.to(x.dtype))
+    else:  # the activation from the statistics pass of the last layer, before its batch norm: only the radial shell
+        # is left to compute, and the contraction applies the batch norm as it reads h
+        h = _as(hidden, x.dtype)
         s = inp.new_empty(E)
         K.shell_kernel[(-(-E // 128),)](
             inp, coefp, s, E, float(norm), P0=lay.P0, P0P=lay.P0P, NDIM=ndim, BE=128, num_warps=4
         )
+        if last_bn is not None:
+            aff = (*last_bn, True)
     K2.contract_forward_kernel[(-(-n_dst // BLOCK),)](
         h,
         s,
@@ -478,10 +591,14 @@ def conv(
         *bf,
         out,
         *walk,
+        aff[0],
+        aff[1],
         n_dst,
         plan.n_pairs,
         *sizes,
+        aff[2],
         num_warps=warps("contract", 0),
+        AFF=aff[3],
         **consts,
     )
     return out
@@ -497,6 +614,8 @@ def conv_backward(
     biases,
     fourier,
     fourier_inv,
+    bn_factor,
+    bn_shift,
     final_weight,
     final_bias,
     coef,
@@ -509,13 +628,15 @@ def conv_backward(
     R, H, C = final_weight.shape
     E = inp.shape[0]
     n_dst = rowptr.shape[0] - 1
+    like = [x, inp, *weights, *biases, *bn_factor, *bn_shift, final_weight, final_bias, coef]
     if E == 0:
-        return [torch.zeros_like(t) for t in (x, inp, *weights, *biases, final_weight, final_bias, coef)]
+        return [torch.zeros_like(t) for t in like]
     x, inp, src = _c(x), _c(inp), _c(src)
-    lay, pack, hidden, plan, wc, bf, coefp, trunk, consts, walk, sizes = _setup(
-        x, inp, weights, biases, fourier, fourier_inv, final_weight, final_bias, coef, ndim, final_mask
-    )
-    grad = _c(grad if grad.dtype == x.dtype else grad.to(x.dtype))
+    lay, pack, hidden, plan, wc, bf, coefp, trunk, consts, walk, sizes, _ = _setup(
+        x, inp, weights, biases, fourier, fourier_inv, bn_factor, bn_shift, final_weight, final_bias, coef, ndim,
+        final_mask,
+    )  # fmt: skip
+    grad = _as(grad, x.dtype)
     n_blocks = -(-n_dst // BLOCK)
     HP, nh = lay.HP, pack.shapes[2][0]
     n_tiles = -(-E // BACKWARD_TILE)
@@ -548,7 +669,10 @@ def conv_backward(
     # parameters, then coef's); it leaves h in dhs's place, and s
     dinp = torch.zeros_like(inp)
     s = x.new_empty(E)
-    scratch = x.new_empty(nprog, max(lay.NL, 1), BACKWARD_TILE, HP)  # per-program staging of the trunk's layers
+    # per-program staging of the trunk's layers (conv.trunk_backward_kernel): NL slots, and with batch norms the
+    # activations before them
+    slots = 2 * lay.NL - 1 if trunk["BNM"] and lay.NL > 1 else max(lay.NL, 1)
+    scratch = x.new_empty(nprog, slots, BACKWARD_TILE, HP)
     K.trunk_backward_kernel[(nprog,)](
         dhs,
         dsb,
@@ -593,10 +717,10 @@ def conv_backward(
     )
     del hs, dhs
     dx = torch.zeros_like(x).index_add_(0, src, dxe)
-    # the hidden parameters' gradients: the programs' rows summed, then unpadded with one gather
+    # the hidden parameters' gradients (batch norms included): the programs' rows summed, then unpadded with one
+    # gather each
     acc = acc.sum(0)
-    grads = pack.unpad_grads(acc) if weights else []
-    dweights, dbiases = grads[: len(weights)], grads[len(weights) :]
+    grads = pack.unpad_grads(acc)
     # W''s and B''s gradients: the splits' partial sums added (in order) and put back in their own layout (zero
     # outside the structure)
     dfw, dfb = x.new_zeros(R, H, C), x.new_zeros(R, C)
@@ -608,12 +732,17 @@ def conv_backward(
             K2.split_sum_scatter_kernel[(-(-srcs.shape[0] // 1024),)](
                 part, srcs, dsts, out, srcs.shape[0], nsplit, n, BV=1024, num_warps=4
             )
-    out = [dx, dinp, *dweights, *dbiases, dfw, dfb, acc[-1:].clone()]  # (outputs are not views)
-    like = [x, inp, *weights, *biases, final_weight, final_bias, coef]
+    out = [dx, dinp, *grads, dfw, dfb, acc[-1:].clone()]  # (outputs are not views)
     return [g if g.dtype == t.dtype else g.to(t.dtype) for g, t in zip(out, like)]
 
 
-def trunk_moments(inp, weights, biases, fourier, fourier_inv, with_activation=False, with_grid=False):
+def _at(seq, k):
+    return seq[k] if seq is not None and k < len(seq) else None
+
+
+def trunk_moments(
+    inp, weights, biases, fourier, fourier_inv, in_factor, in_shift, with_activation=False, with_grid=False
+):
     if with_grid:
         raise NotImplementedError("backend 'triton' keeps no Fourier grids (the tape of ik_fast.ops)")
     E = inp.shape[0]
@@ -623,8 +752,17 @@ def trunk_moments(inp, weights, biases, fourier, fourier_inv, with_activation=Fa
     grid = inp.new_empty(0)
     if E == 0:
         return inp.new_zeros(2, H), act, grid
-    pack = packing(lay, weights, biases, fourier, fourier_inv, inp.device)
-    prm = pack.pad(weights, biases, inp.dtype, inp.device)
+    NL = len(weights)
+    none = _empty(inp.dtype, inp.device)
+    # the batch norm after each given layer but the last (the input's of the next), and the map on the input
+    bn_factor = [_at(in_factor, k + 1) if k + 1 < NL else None for k in range(NL)]
+    bn_shift = [_at(in_shift, k + 1) if k + 1 < NL else None for k in range(NL)]
+    bn_factor = [none if f is None else f for f in bn_factor]
+    bn_shift = [none if t is None else t for t in bn_shift]
+    f0, s0 = _at(in_factor, 0), _at(in_shift, 0)
+    in_affine = (none, none) if f0 is None or f0.numel() == 0 else (f0, s0)
+    pack = packing(lay, weights, biases, bn_factor, bn_shift, in_affine, fourier, fourier_inv, inp.device)
+    prm = pack.pad(weights, biases, bn_factor, bn_shift, in_affine, inp.dtype, inp.device)
     fou = pack.pad_fourier(fourier, fourier_inv, inp.dtype, inp.device)
     HP = lay.HP
     n_tiles = (E + STATS_TILE - 1) // STATS_TILE
@@ -655,6 +793,8 @@ def trunk_moments(inp, weights, biases, fourier, fourier_inv, with_activation=Fa
         D=lay.D,
         PD=lay.PD,
         WRITE=bool(with_activation),
+        BNM=_bn_mask(bn_factor),
+        IAFF=in_affine[0].numel() > 0,
         num_warps=warps("trunk", HP),
     )
     # merge the programs' partial moments (Chan et al.), in program order, straight into the real hidden units
