@@ -1,4 +1,4 @@
-"""The Python steps of benchmarks/run_gpu.sh (the bench steps are ``python -m ik_fast.bench``):
+"""The Python steps of benchmarks/run_gpu.sh (the bench steps are ``python -m ik_fast.tools.bench``):
 
 ``versions``  the device and the stack: Python, torch (its CUDA), Triton, NumPy, escnn, lie_learn, nvcc, the GPU,
               where ik_fast is imported from and the commit the records will carry.
@@ -9,7 +9,7 @@
               junit XML per pytest process and one ``test`` record per test (outcome, seconds, message).
 ``table``     the short table of a run: the build, the tests, each timing case.
 
-Every results file goes through :mod:`ik_fast.records` to ``<results>/<kind>/<device>/<date>-<name>.json`` and,
+Every results file goes through :mod:`ik_fast.tools.records` to ``<results>/<kind>/<device>/<date>-<name>.json`` and,
 with ``--copy-to``, to the same path under that folder the moment it is written.
 """
 
@@ -31,7 +31,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _write(kind: str, name: str, recs, prov, args) -> str:
-    from ik_fast import bench
+    from ik_fast.tools import bench
 
     path = bench.results_path(kind, name, prov, args.results)
     bench.write_results(path, recs, args.copy_to, args.results)
@@ -75,7 +75,7 @@ def versions(args) -> int:
     import torch
 
     import ik_fast
-    from ik_fast import bench
+    from ik_fast.tools import bench
 
     print(f"ik_fast          {ik_fast.__version__} from {os.path.dirname(ik_fast.__file__)}")
     print(f"torch CUDA       {torch.version.cuda}, available: {torch.cuda.is_available()}")
@@ -176,7 +176,7 @@ def _read_progress(path):
 
 def tests(args) -> int:
     """pytest in a child process, again on the tests not yet run when one dies in a hung test."""
-    from ik_fast import bench, records
+    from ik_fast.tools import bench, records
 
     os.makedirs(args.out_dir, exist_ok=True)
     prov = bench.provenance(args.device)
@@ -262,7 +262,7 @@ def tests(args) -> int:
 
 def table(args) -> int:
     """The short table of the results files under the given folders."""
-    from ik_fast import records
+    from ik_fast.tools import records
 
     recs = []
     paths = [

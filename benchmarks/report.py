@@ -1,4 +1,4 @@
-"""Tables and plots from the measurement records in ``benchmarks/results/`` (schema: ``ik_fast/records.py``).
+"""Tables and plots from the measurement records in ``benchmarks/results/`` (schema: ``ik_fast/tools/records.py``).
 
     python benchmarks/report.py                 # every section as Markdown on stdout
     python benchmarks/report.py timing          # one section (SECTIONS: summary, timing, spread, compile, ...)
@@ -44,8 +44,10 @@ SECTIONS = (
 
 
 def _records_module():
-    """ik_fast/records.py loaded by path: the report needs neither torch nor escnn."""
-    spec = importlib.util.spec_from_file_location("_ik_fast_records", os.path.join(ROOT, "ik_fast", "records.py"))
+    """ik_fast/tools/records.py loaded by path: the report needs neither torch nor escnn."""
+    spec = importlib.util.spec_from_file_location(
+        "_ik_fast_records", os.path.join(ROOT, "ik_fast", "tools", "records.py")
+    )
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -560,7 +562,7 @@ def compile_section(recs: List[Dict]) -> str:
     comp = [r for r in recs if r["kind"] == "compile" and "entry" in r["extra"]]
     out = []
     first = newest(r for r in recs if r["kind"] == "compile" and "entry" not in r["extra"])
-    if first:  # python -m ik_fast.bench --precompile: one step's time per problem, precision and mode
+    if first:  # python -m ik_fast.tools.bench --precompile: one step's time per problem, precision and mode
         rows = [
             [
                 f"`{r['problem']}`",

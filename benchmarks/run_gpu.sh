@@ -11,13 +11,13 @@
 #   1 versions    the device and the stack (benchmarks/gpu_run.py versions)
 #   2 build       the native extension as the package builds it on first use: seconds, or why it failed
 #   3 tests       pytest -m gpu -rs, a time limit per test, never stopping at the first failure; junit XML
-#   4 precompile  Triton's kernels of M and H (python -m ik_fast.bench --precompile)
+#   4 precompile  Triton's kernels of M and H (python -m ik_fast.tools.bench --precompile)
 #   5 bench       M and H, training step, providers reference, torch, triton, native, escnn, IEEE then TF32
 #   6 sweep       the edge sweeps of M and H (then P, which is skipped without its QM9 data), while time is left
 #   7 table       a short table of everything above
 # The budget is wall-clock from the start: each step has a deadline (a share of the budget, the rest to the next
 # step when it ends early), and a benchmark case still running at its deadline is stopped (its process killed).
-# Every results file (ik_fast.records: commit, versions, GPU name) is written to $OUT/results/ the moment it is
+# Every results file (ik_fast.tools.records: commit, versions, GPU name) is written to $OUT/results/ the moment it is
 # written to the checkout's benchmarks/results/. $OUT defaults to build/gpu-run/<time>.
 #
 # Environment: OUT, IK_FAST_PYTHON (the interpreter; default python3, or in the rehearsal .venv/bin/python, else a
@@ -95,7 +95,7 @@ else
   export IK_FAST_TEST_DEVICE=cuda   # the gpu-marked tests fail, not skip, where CUDA does not work
   OUT=${OUT:-$ROOT/build/gpu-run/$(date -u +%Y%m%dT%H%M%SZ)}
   MAIN=M,H
-  SWEEP=$("$PY" -c 'from ik_fast.problems import sweep_problems; print(",".join(sweep_problems("gpu")))' || echo M@313),P
+  SWEEP=$("$PY" -c 'from ik_fast.tools.problems import sweep_problems; print(",".join(sweep_problems("gpu")))' || echo M@313),P
   PRECOMPILE=M,H
   PER_TEST=60 PER_CASE=90 REPEATS=5
   # the first-use CPU+CUDA build took 674 s on 2 busy cores here (16 there, 7 files in parallel); the tests end by
@@ -153,12 +153,12 @@ if [ $BUILD_RC != 0 ]; then
 fi
 step tests "$TESTS_END" "$PY" benchmarks/gpu_run.py tests --device $DEVICE --per-test $PER_TEST \
   --deadline "$TESTS_END" --out-dir "$OUT/tests" --copy-to "$OUT/results" -- tests "${SELECT[@]}" -rs -v
-step precompile "$PRE_END" "$PY" -m ik_fast.bench --precompile --problems $PRECOMPILE --device $DEVICE \
+step precompile "$PRE_END" "$PY" -m ik_fast.tools.bench --precompile --problems $PRECOMPILE --device $DEVICE \
   --precision highest,high --budget-s "$(until_ "$PRE_END")" --copy-to "$OUT/results"
-step bench "$END" "$PY" -m ik_fast.bench --problems "$MAIN" --providers $PROVIDERS --modes train --device $DEVICE \
+step bench "$END" "$PY" -m ik_fast.tools.bench --problems "$MAIN" --providers $PROVIDERS --modes train --device $DEVICE \
   --precision highest,high --repeats $REPEATS --timeout $PER_CASE --budget-s "$(until_ "$END")" \
   --name gpu --copy-to "$OUT/results"
-step sweep "$END" "$PY" -m ik_fast.bench --problems "$SWEEP" --providers $PROVIDERS --modes train --device $DEVICE \
+step sweep "$END" "$PY" -m ik_fast.tools.bench --problems "$SWEEP" --providers $PROVIDERS --modes train --device $DEVICE \
   --repeats $REPEATS --timeout $PER_CASE --budget-s "$(until_ "$END")" --name gpu-sweep \
   --copy-to "$OUT/results"
 step table $(( START + BUDGET + 30 )) "$PY" benchmarks/gpu_run.py table "$OUT/results"

@@ -1,9 +1,10 @@
-"""pytest-benchmark entry to the shared problems (``ik_fast.problems``): ``pytest benchmarks/ --benchmark-json=...``.
+"""pytest-benchmark entry to the shared problems (``ik_fast.tools.problems``): ``pytest benchmarks/
+--benchmark-json=...``.
 
 These are benchmarks, not tests: the test suite does not collect them (``testpaths = ["tests"]``). By default they
 take the CPU-sized problems; ``IK_FAST_BENCH=gpu`` takes the GPU sizes on a CUDA device, and
 ``IK_FAST_BENCH_PROBLEMS=cpu,M@1024`` picks problems by name. Peak memory per case needs a process per case: use
-``python -m ik_fast.bench`` (same problems, same step) for that.
+``python -m ik_fast.tools.bench`` (same problems, same step) for that.
 """
 
 import os
@@ -12,8 +13,8 @@ import pytest
 import torch
 
 from ik_fast.backends import FUSED, available_backends
-from ik_fast.bench import setup_case
-from ik_fast.problems import sweep_problems
+from ik_fast.tools.bench import setup_case
+from ik_fast.tools.problems import sweep_problems
 
 GPU = os.environ.get("IK_FAST_BENCH") == "gpu" and torch.cuda.is_available()
 DEVICE = "cuda" if GPU else "cpu"

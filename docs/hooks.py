@@ -21,16 +21,16 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODULES = [
     "ik_fast.models",
-    "ik_fast.nbody",
-    "ik_fast.data",
-    "ik_fast.qm9",
-    "ik_fast.convert",
-    "ik_fast.sync_bn",
+    "ik_fast.models.nbody",
+    "ik_fast.models.data",
+    "ik_fast.models.qm9",
+    "ik_fast.nn.convert",
+    "ik_fast.nn.sync_bn",
     "ik_fast.testing",
     "ik_fast.backends",
     "ik_fast.ops",
-    "ik_fast.problems",
-    "ik_fast.records",
+    "ik_fast.tools.problems",
+    "ik_fast.tools.records",
 ]
 MARKER = re.compile(r"^<!-- report:(\w+) -->$", re.M)
 README = os.path.join(ROOT, "README.md")

@@ -1,6 +1,6 @@
 """ik_fast demo: train the paper's O(3) QM9 model on real molecules (or compare the backends on one layer).
 
-Part 1 trains the quick preset of ``python -m ik_fast.train qm9 --quick`` (HOMO, 1,024 training molecules, two
+Part 1 trains the quick preset of ``python -m ik_fast.models.train qm9 --quick`` (HOMO, 1,024 training molecules, two
 epochs; a progress bar per epoch, the validation MAE after each, the test MAE at the end) and ends with
 ``val_mae_meV=<x> baseline_meV=<y>``. Extra arguments go to the trainer (e.g. ``--edge-attrs atom``).
 Part 2 (``--layers``, instead of training) builds the research model's layer (8 fields of the O(3) sphere type
@@ -20,15 +20,15 @@ import torch
 warnings.filterwarnings("ignore", message=".*py3nj.*")
 
 import ik_fast  # noqa: E402
-from ik_fast.bench import run_child  # noqa: E402
-from ik_fast.problems import build_inputs, build_layer, get_problem  # noqa: E402
 from ik_fast.testing import equivariance_error  # noqa: E402
+from ik_fast.tools.bench import run_child  # noqa: E402
+from ik_fast.tools.problems import build_inputs, build_layer, get_problem  # noqa: E402
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--layers" not in argv:
-        from ik_fast.train import main as train_main
+        from ik_fast.models.train import main as train_main
 
         return train_main(["qm9", "--quick", *argv])
     return compare_layers()

@@ -21,7 +21,7 @@ def main(argv=None) -> int:
     plot_only = "--plot-only" in argv
     argv = [a for a in argv if a != "--plot-only"]
     if not plot_only:
-        from ik_fast.train import main as train_main
+        from ik_fast.models.train import main as train_main
 
         for kind in KINDS:
             rc = train_main(["qm9", "--quick", "--edge-attrs", kind, "--out", os.path.join(out, kind), *argv])

@@ -31,7 +31,7 @@ from typing import Optional
 
 import torch
 
-from . import _build
+from ik_fast import _build
 
 __all__ = ["load", "module", "runs_on", "cache_dir", "info"]
 
@@ -68,7 +68,7 @@ def _prebuilt(root: Optional[str]):
         if built != now:
             return None, f"the prebuilt {spec.origin} was built from other sources ({built}) than {root} ({now})"
     try:
-        from . import _C
+        from ik_fast import _C
     except ImportError as e:
         return None, f"the prebuilt ik_fast._C does not import ({e})"
     return _C, None

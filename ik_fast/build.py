@@ -34,8 +34,8 @@ def main(argv=None) -> int:
     )
     args = ap.parse_args(argv)
 
-    from . import _build, _native
-    from .backends import native as _registers_the_op_schemas  # noqa: F401  (the module's kernels need them)
+    from ik_fast import _build, _native
+    from ik_fast.backends import native as _registers_the_op_schemas  # noqa: F401  (the module's kernels need them)
 
     try:
         mod = _native.load(rebuild=args.rebuild)

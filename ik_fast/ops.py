@@ -20,8 +20,8 @@ dfinal_weight, dfinal_bias, dcoef]``
 with_grid=False) -> ((2, H_k), (E, H_k), (G_k, C_k, E))``
     The statistics pass of the batch norm after the last given layer: column means and sums of squared deviations of
     that layer's activation (before its batch norm) over all edges (the program finishes them,
-    :meth:`~ik_fast.program.BatchNorm.finish`); with ``with_activation`` also the activation, with ``with_grid`` also
-    its Fourier ELU output on the grid, ``ELU(y_k A_k^T)`` (empty otherwise, and for a pointwise layer). An
+    :meth:`~ik_fast.spec.program.BatchNorm.finish`); with ``with_activation`` also the activation, with ``with_grid``
+    also its Fourier ELU output on the grid, ``ELU(y_k A_k^T)`` (empty otherwise, and for a pointwise layer). An
     implementation that keeps no grids raises ``NotImplementedError`` when asked for one. ``in_factor[i]`` /
     ``in_shift[i]`` is the batch norm applied to the *input* of given layer i: for i > 0 the batch norm after layer
     i - 1; for i = 0 empty when ``inp`` is the MLP input, or, when the pass starts from a previous pass's activation,

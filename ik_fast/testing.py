@@ -68,7 +68,7 @@ _TABLE = {
     ("equivariance", torch.float64, "SO2"): 3e-4,
     ("equivariance", torch.float32, "SO3"): 1e-2,  # (SO(3))
     ("equivariance", torch.float64, "SO3"): 1e-2,
-    # "research": ik_fast.convert's layer against the outputs saved from the research code (tests/fixtures/research),
+    # "research": ik_fast.nn.convert's layer against the outputs saved from the research code (tests/fixtures/research),
     # both float32: 3.8e-7 the largest measured (O(3) vector fields, torch backend)
     ("research", torch.float32): 1e-6,
     # "own_error" is a factor, not a bound: a low-precision result against float64 within this many times the error
@@ -248,7 +248,7 @@ def equivariance_error(module, g, pos, x=None, edge_index=None, edge_attr=None) 
     constraint K(g d) = rho_out(g) K(d) rho_in(g)^T is checked) or an :class:`~ik_fast.ImplicitPointConv`
     (then ``pos`` are node positions, ``x`` node features and ``edge_index`` the graph).
     """
-    from .kernel import ImplicitKernel
+    from ik_fast.spec.kernel import ImplicitKernel
 
     kern = module if isinstance(module, ImplicitKernel) else module.kernel
     gs = kern.in_type.gspace
@@ -280,7 +280,7 @@ def exact_elements(module, n: int = 4, seed: int = 0) -> list:
 
 def _inputs(graph, module):
     if isinstance(graph, KernelGraph):
-        from .kernel import ImplicitKernel
+        from ik_fast.spec.kernel import ImplicitKernel
 
         if isinstance(module, ImplicitKernel):
             return graph.delta, None, None, graph.edge_attr

@@ -14,7 +14,7 @@ import warnings
 
 import torch
 
-from ik_fast.problems import build_inputs, build_layer, get_problem
+from ik_fast.tools.problems import build_inputs, build_layer, get_problem
 
 warnings.filterwarnings("ignore")
 

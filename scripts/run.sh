@@ -38,7 +38,7 @@ setup() {
   $pip install --no-deps "qm9pack==1.0.3"   # QM9 data only; its pandas requirement would pull NumPy 2
   # escnn's R3PointConv (the benchmarks' escnn provider) needs torch_geometric; plots need matplotlib
   $pip install "torch_geometric>=2.5,<2.9" "matplotlib>=3.7,<3.10" "pytest>=8" "pytest-benchmark>=4" "hypothesis>=6" "numpy<2"
-  $pip install "tqdm>=4.60"   # the trainer's progress bar (python -m ik_fast.train)
+  $pip install "tqdm>=4.60"   # the trainer's progress bar (python -m ik_fast.models.train)
   # the fused backend's kernels; without a GPU the tests run them in Triton's interpreter (TRITON_INTERPRET=1)
   $pip install "triton>=3.6,<3.10"
   # the native extension: torch.utils.cpp_extension builds it with ninja; setuptools builds it in place (editable)
@@ -55,6 +55,6 @@ case "$cmd" in
   setup) ;;
   demo)  exec "$VENV/bin/python" examples/demo.py "$@" ;;
   test)  exec "$VENV/bin/python" -m pytest tests -q "$@" ;;
-  bench) "$VENV/bin/python" -m ik_fast.bench --suite cpu "$@" && exec "$VENV/bin/python" benchmarks/report.py ;;
+  bench) "$VENV/bin/python" -m ik_fast.tools.bench --suite cpu "$@" && exec "$VENV/bin/python" benchmarks/report.py ;;
   *) echo "usage: bash scripts/run.sh {demo|test|bench|setup}" >&2; exit 2 ;;
 esac

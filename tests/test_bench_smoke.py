@@ -5,8 +5,8 @@ import time
 import pytest
 import torch
 
-from ik_fast import bench
-from ik_fast.problems import PROBLEMS, get_problem
+from ik_fast.tools import bench
+from ik_fast.tools.problems import PROBLEMS, get_problem
 
 
 @pytest.mark.parametrize("provider", ["escnn", "reference", "torch", "triton"])
@@ -20,7 +20,7 @@ def test_measure_tiny(mode, provider):
 
 
 def test_suites_share_the_problem_list():
-    from ik_fast.problems import get_problem
+    from ik_fast.tools.problems import get_problem
 
     for suite in bench.suites().values():
         for name in suite["problems"]:
@@ -28,7 +28,7 @@ def test_suites_share_the_problem_list():
 
 
 def test_skewed_graph_has_a_hub():
-    from ik_fast.data import skewed_graph
+    from ik_fast.models.data import skewed_graph
 
     pos, ei = skewed_graph(3000, 8, hub_degree=2000)
     deg = ei[1].bincount(minlength=3000)
@@ -38,7 +38,7 @@ def test_skewed_graph_has_a_hub():
 def test_cli_child_process(tmp_path):
     """The command line: each case in a child process, the results file in the records schema (a step_time and a
     peak_memory record per case, with the commit, device and stack), written again under --copy-to."""
-    from ik_fast import records
+    from ik_fast.tools import records
 
     out, copy = tmp_path / "r.json", tmp_path / "copy"
     assert (
@@ -104,7 +104,7 @@ def test_cli_budget_stops_a_running_case_and_skips_the_rest(tmp_path, monkeypatc
         == 0
     )
     assert time.time() - t < 60
-    from ik_fast import records
+    from ik_fast.tools import records
 
     recs = records.load(str(out))
     assert [(r["provider"], r["error"].split(":")[0].split(" after")[0]) for r in recs] == [
@@ -143,14 +143,14 @@ def test_cli_rejects_bad_options_naming_them(capsys):
 
 
 def test_help_is_fast_and_lists_every_problem():
-    """``python -m ik_fast.bench --help`` imports neither torch nor escnn, describes every option and lists the
+    """``python -m ik_fast.tools.bench --help`` imports neither torch nor escnn, describes every option and lists the
     problem names."""
     import subprocess
     import sys
 
     t = time.time()
     res = subprocess.run(
-        [sys.executable, "-X", "importtime", "-m", "ik_fast.bench", "--help"],
+        [sys.executable, "-X", "importtime", "-m", "ik_fast.tools.bench", "--help"],
         capture_output=True,
         text=True,
         timeout=120,
@@ -174,7 +174,7 @@ def test_problem_list():
 
 
 def test_field_dims_match_the_field_types():
-    from ik_fast.problems import field_types
+    from ik_fast.tools.problems import field_types
 
     for name in ("cpu", "P", "planar", "tiny"):
         p = get_problem(name)
@@ -182,7 +182,7 @@ def test_field_dims_match_the_field_types():
 
 
 def test_qm9_batch_is_real_data():
-    from ik_fast.data import molecule_batch, qm9_molecules
+    from ik_fast.models.data import molecule_batch, qm9_molecules
 
     mols = qm9_molecules(3)
     assert [m[0].shape[0] for m in mols] == [5, 4, 3]  # CH4, NH3, H2O: the first QM9 entries
@@ -216,6 +216,6 @@ def test_records_of_a_cuda_run_without_cuda_name_the_reason():
         pytest.skip("CUDA works here")
     prov = bench.provenance("cuda")
     assert prov["device"]["type"] == "cuda" and prov["device"]["name"].startswith("CUDA unavailable: ")
-    from ik_fast import records
+    from ik_fast.tools import records
 
     records.record("timing", "tiny", "torch", "step_time", None, "s", error="no CUDA", prov=prov)  # validates

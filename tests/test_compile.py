@@ -11,7 +11,7 @@ from conftest import TOL, rel, so2_layer
 
 import ik_fast
 from ik_fast.backends import FUSED
-from ik_fast.data import knn_graph
+from ik_fast.models.data import knn_graph
 from ik_fast.testing import tolerance
 
 # every backend that runs on this CPU (under the suite, TRITON_INTERPRET=1 puts "triton" here) and the default

@@ -1,4 +1,4 @@
-"""ik_fast.convert against the research code: fixtures (state dicts, inputs, outputs) produced once by running
+"""ik_fast.nn.convert against the research code: fixtures (state dicts, inputs, outputs) produced once by running
 github.com/maxxxzdn/implicit-steerable-kernels (see tests/fixtures/research/make_fixtures.py)."""
 
 import os
@@ -10,7 +10,7 @@ from escnn import gspaces
 from escnn import nn as enn
 
 import ik_fast
-from ik_fast.convert import from_research_state_dict
+from ik_fast.nn.convert import from_research_state_dict
 from ik_fast.testing import tolerance
 
 HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "research")

@@ -2,7 +2,7 @@
 
 import torch
 
-from ik_fast.data import knn_graph, molecule_batch, radius_graph
+from ik_fast.models.data import knn_graph, molecule_batch, radius_graph
 
 
 def test_knn_graph_matches_brute_force():

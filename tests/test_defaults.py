@@ -13,7 +13,7 @@ import torch
 from escnn import group
 
 import ik_fast
-from ik_fast import _groups
+from ik_fast.spec import _groups
 
 cg = pytest.importorskip("escnn.group._clebsh_gordan")
 num = pytest.importorskip("escnn.group._numerical")
@@ -111,7 +111,7 @@ def test_kernel_is_built_inside_the_scope(monkeypatch):
 
 
 def test_stable_order_is_torchs():
-    from ik_fast.kernel import _stable_order
+    from ik_fast.spec.kernel import _stable_order
 
     keys = torch.randint(0, 50, (5000,))
     assert torch.equal(_stable_order(keys), torch.argsort(keys, stable=True))
@@ -234,7 +234,7 @@ def test_learning_curve_log_scale_and_zoom_where_curves_overlap():
     pytest.importorskip("matplotlib")
     import matplotlib.pyplot as plt
 
-    from ik_fast.train import learning_curve_figure
+    from ik_fast.models.train import learning_curve_figure
 
     # N-body-like: the first steps' MSE ~100x the last; validation between the two baselines' neighbourhood
     train = np.geomspace(30, 0.18, 240)

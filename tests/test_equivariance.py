@@ -14,7 +14,7 @@ from escnn import gspaces
 from escnn import nn as enn
 
 import ik_fast
-from ik_fast import _groups
+from ik_fast.spec import _groups
 from ik_fast.testing import check_equivariance, equivariance_error, group_family, kernel_graph, randomize_, tolerance
 
 KINDS = ["uniform", "mixed", "uniform_attr", "mixed_attr"]

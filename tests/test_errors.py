@@ -142,7 +142,7 @@ def test_kernel_call_errors(conv):
 
 def test_unsupported_pseudo_irrep_raises_clear_error():
     """A hidden field that cannot carry a needed irrep is an error, not a silent drop."""
-    from ik_fast import _groups
+    from ik_fast.spec import _groups
 
     G = get_gspace("O3").fibergroup
     with pytest.raises(ValueError, match=r"cannot carry the irreps \[\(1, 0\)\]"):

@@ -178,7 +178,7 @@ def test_block_plans_equal_dense(name):
 
 def test_structure_is_sparse_at_config_h():
     """Lever 2: the expanded matrices are mostly zeros and the plans exploit it."""
-    from ik_fast.problems import build_layer, get_problem
+    from ik_fast.tools.problems import build_layer, get_problem
 
     layer = build_layer(get_problem("cpu"), backend="torch")
     prog = layer.kernel.program()

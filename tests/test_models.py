@@ -1,4 +1,5 @@
-"""ik_fast.models, ik_fast.qm9 and ik_fast.nbody: shapes, invariance/equivariance of whole models, data handling."""
+"""ik_fast.models, ik_fast.models.qm9 and ik_fast.models.nbody: shapes, invariance/equivariance of whole models, data
+handling."""
 
 import importlib.util
 
@@ -8,8 +9,8 @@ import torch
 from escnn import gspaces
 
 from ik_fast.models import NBodyModel, QM9Model, field_activation
-from ik_fast.nbody import nbody_dataset, nbody_graph, simulate
-from ik_fast.qm9 import collate, edge_attr_size, load_qm9, qm9_splits
+from ik_fast.models.nbody import nbody_dataset, nbody_graph, simulate
+from ik_fast.models.qm9 import collate, edge_attr_size, load_qm9, qm9_splits
 from ik_fast.testing import group_family, tolerance
 
 if importlib.util.find_spec("qm9pack") is None:  # its __init__ needs pkg_resources: look it up without importing

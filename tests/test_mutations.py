@@ -12,7 +12,7 @@ from conftest import field_types, get_gspace
 from escnn import nn as enn
 
 import ik_fast
-from ik_fast.program import Hidden, KernelProgram
+from ik_fast.spec.program import Hidden, KernelProgram
 from ik_fast.testing import check_equivariance, kernel_graph, randomize_
 
 FAMILIES = {"SO3": "O3", "SO2": "O2", "finite": "D6"}

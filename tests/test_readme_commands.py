@@ -39,7 +39,7 @@ from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
-FAST_HELP = {"ik_fast.bench", "ik_fast.build"}
+FAST_HELP = {"ik_fast.tools.bench", "ik_fast.build"}
 BASH_BLOCK = re.compile(r"^```bash\n(.*?)^```$", re.S | re.M)
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
 
@@ -266,7 +266,7 @@ def test_the_checks_catch_what_they_are_for():
     _check_bash("x", ["bash", "scripts/run.sh", "test", "-k", "nosuchtestword"], problems)
     _check_bash("x", ["bash", "benchmarks/run_gpu.sh", "--no-such-option"], problems)
     _check_python("x", ["python", "-m", "ik_fast.no_such_module"], problems, helps)
-    _check_python("x", ["python", "-m", "ik_fast.bench", "--no-such-option"], problems, helps)
+    _check_python("x", ["python", "-m", "ik_fast.tools.bench", "--no-such-option"], problems, helps)
     _check_python("x", ["python", "benchmarks/no_such_file.py"], problems, helps)
     _check_pip("x", ["pip", "install", "./no-such-folder", "numpy>>1"], problems)
     assert len(problems) == 10, "\n".join(problems)

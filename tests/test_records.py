@@ -1,4 +1,4 @@
-"""Measurement records: every file under benchmarks/results/ follows the one schema (ik_fast/records.py), sits in
+"""Measurement records: every file under benchmarks/results/ follows the one schema (ik_fast/tools/records.py), sits in
 <kind>/<device slug>/ and names the commit that measured it; the report renders every section from them."""
 
 import importlib.util
@@ -180,7 +180,7 @@ def test_precision_records_a_failing_case_without_a_value(tmp_path):
 
 
 def test_workcount_writes_records_and_the_report_renders_them(tmp_path):
-    from ik_fast import workcount
+    from ik_fast.tools import workcount
 
     out = tmp_path / "work.json"
     assert workcount.main(["--problems", "tiny", "--backend", "torch", "--cached", "--json", str(out)]) == 0
@@ -195,7 +195,7 @@ def test_workcount_writes_records_and_the_report_renders_them(tmp_path):
 
 
 def test_trainer_writes_a_training_record_the_report_renders(tmp_path):
-    from ik_fast.train import main
+    from ik_fast.models.train import main
 
     out = tmp_path / "nb"
     assert (

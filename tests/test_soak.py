@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import so2_layer
 
-from ik_fast.data import knn_graph
+from ik_fast.models.data import knn_graph
 
 STEPS = int(os.environ.get("IK_FAST_SOAK_STEPS", "1000"))
 

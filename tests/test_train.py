@@ -1,5 +1,6 @@
-"""python -m ik_fast.train end to end on tiny budgets: outputs, checkpoints and --resume, N-body, two gloo processes
-(DDP keeps the replicas identical), synchronised batch norms equal to one process's on the union of the batches."""
+"""python -m ik_fast.models.train end to end on tiny budgets: outputs, checkpoints and --resume, N-body, two gloo
+processes (DDP keeps the replicas identical), synchronised batch norms equal to one process's on the union of the
+batches."""
 
 import importlib.util
 import json
@@ -46,8 +47,8 @@ def _env(tmp_path):
 
 @pytest.fixture
 def in_process(tmp_path, monkeypatch, capsys):
-    """Run ``python -m ik_fast.train ...`` in this process (no interpreter start-up); returns its stdout."""
-    from ik_fast.train import main
+    """Run ``python -m ik_fast.models.train ...`` in this process (no interpreter start-up); returns its stdout."""
+    from ik_fast.models.train import main
 
     monkeypatch.setenv("IK_FAST_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("WORLD_SIZE", raising=False)
@@ -107,7 +108,7 @@ def test_qm9_train_and_resume(tmp_path, in_process):
 
 
 def test_train_errors(capsys):
-    from ik_fast.train import main
+    from ik_fast.models.train import main
 
     with pytest.raises(SystemExit, match="--batch-size must be positive"):
         main(["qm9", "--batch-size", "0"])
@@ -164,7 +165,7 @@ def test_torchrun_two_gloo_processes(tmp_path):
             "--nproc_per_node",
             "2",
             "-m",
-            "ik_fast.train",
+            "ik_fast.models.train",
             "qm9",
             "--limit",
             "150",
@@ -200,7 +201,7 @@ def _sync_bn_worker(rank, world, init_file, result_file):
     from escnn import gspaces
     from escnn import nn as enn
 
-    from ik_fast.sync_bn import SyncBatchNorm1d, SyncIIDBatchNorm1d
+    from ik_fast.nn.sync_bn import SyncBatchNorm1d, SyncIIDBatchNorm1d
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.manual_seed(0)
@@ -217,7 +218,7 @@ def _sync_bn_worker(rank, world, init_file, result_file):
     fy = iid(enn.GeometricTensor(f[rank::world], ft)).tensor
     # an implicit layer whose kernel MLP normalises over the union of both processes' edges
     import ik_fast
-    from ik_fast.sync_bn import convert_sync_batchnorm
+    from ik_fast.nn.sync_bn import convert_sync_batchnorm
 
     gs3 = gspaces.flipRot3dOnR3()
     ft3 = enn.FieldType(gs3, [gs3.fibergroup.bl_sphere_representation(L=1)])

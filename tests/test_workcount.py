@@ -1,5 +1,5 @@
-"""The work counter (ik_fast.workcount): tl.dot counted at its padded shape in Triton's interpreter, host GEMMs and
-aten events from torch.profiler, and the structured floor."""
+"""The work counter (ik_fast.tools.workcount): tl.dot counted at its padded shape in Triton's interpreter, host GEMMs
+and aten events from torch.profiler, and the structured floor."""
 
 import os
 
@@ -8,7 +8,7 @@ import torch
 from conftest import rel
 
 from ik_fast.testing import tolerance
-from ik_fast.workcount import floor_terms, profile_step
+from ik_fast.tools.workcount import floor_terms, profile_step
 
 
 def test_floor_matches_the_worked_numbers():
@@ -19,8 +19,8 @@ def test_floor_matches_the_worked_numbers():
 
 
 def test_floor_reads_the_program():
-    from ik_fast.problems import build_layer, get_problem
-    from ik_fast.workcount import floor_per_edge
+    from ik_fast.tools.problems import build_layer, get_problem
+    from ik_fast.tools.workcount import floor_per_edge
 
     prog = build_layer(get_problem("tiny"), backend="torch").kernel.program()
     f = floor_per_edge(prog)
@@ -66,7 +66,7 @@ else:
 
 @pytest.mark.skipif(_one_dot is None, reason="needs triton and TRITON_INTERPRET=1 (conftest sets it without a GPU)")
 def test_dot_counter_counts_padded_shape():
-    from ik_fast.workcount import DotCounter
+    from ik_fast.tools.workcount import DotCounter
 
     # a 5 x 3 by 3 x 3 product in 16 x 16 by 16 x 32 blocks: the count is the padded one, per program instance
     a, b = torch.randn(5, 3), torch.randn(3, 3)

@@ -11,11 +11,11 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from .. import kernels_triton, ops
-from . import native
-from .factorized import implicit_conv_torch
-from .fused import fused_backend
-from .reference import implicit_conv_reference
+from ik_fast import kernels_triton, ops
+from ik_fast.backends import native
+from ik_fast.backends.factorized import implicit_conv_torch
+from ik_fast.backends.fused import fused_backend
+from ik_fast.backends.reference import implicit_conv_reference
 
 __all__ = [
     "available_backends",

@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .. import ops
-from ..graph import Graph
-from ..program import KernelProgram, Linear
+from ik_fast import ops
+from ik_fast.nn.graph import Graph
+from ik_fast.spec.program import KernelProgram, Linear
 
 
 def _apply(x, lin: Linear, _bias=None):

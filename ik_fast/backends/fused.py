@@ -21,9 +21,9 @@ import warnings
 
 import torch
 
-from .. import ops
-from ..graph import Graph
-from ..program import KernelProgram
+from ik_fast import ops
+from ik_fast.nn.graph import Graph
+from ik_fast.spec.program import KernelProgram
 
 __all__ = [
     "implicit_conv_fused",
@@ -129,7 +129,7 @@ def fused_backend(impl: str):
                 RuntimeWarning,
                 stacklevel=4,
             )
-            from .factorized import implicit_conv_torch
+            from ik_fast.backends.factorized import implicit_conv_torch
 
             return implicit_conv_torch(program, x_src, graph, delta, attr)
         return implicit_conv_fused(impl, program, x_src, graph, delta, attr)

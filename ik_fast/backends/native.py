@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import ops
+from ik_fast import ops
 
 __all__ = ["NATIVE", "DECLARATION", "native_available"]
 
@@ -19,13 +19,13 @@ NATIVE = "native"
 
 
 def _load_native():
-    from .. import _native
+    from ik_fast import _native
 
     _native.load()
 
 
 def _native_runs_on(device: torch.device):
-    from .. import _native
+    from ik_fast import _native
 
     return _native.runs_on(device)
 

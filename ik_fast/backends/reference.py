@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from .. import ops
-from ..graph import Graph
-from ..program import KernelProgram
+from ik_fast import ops
+from ik_fast.nn.graph import Graph
+from ik_fast.spec.program import KernelProgram
 
 EVAL_CHUNK = 16384
 

@@ -10,17 +10,17 @@ from __future__ import annotations
 
 import torch
 
-from .. import ops
+from ik_fast import ops
 
 __all__ = ["DECLARATION"]
 
 
 def _load() -> None:
-    from . import launch  # noqa: F401  (registers the kernels)
+    from ik_fast.kernels_triton import launch  # noqa: F401  (registers the kernels)
 
 
 def _runs_on(device: torch.device):
-    from . import launch
+    from ik_fast.kernels_triton import launch
 
     return launch.runs_on(device)
 

@@ -36,7 +36,7 @@ read-modify-written in memory that only the owning program touches.
 import triton
 import triton.language as tl
 
-from .conv import _mm
+from ik_fast.kernels_triton.conv import _mm
 
 
 @triton.jit

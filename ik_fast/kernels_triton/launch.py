@@ -37,11 +37,10 @@ from torch import Tensor
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils.weak import WeakIdKeyDictionary
 
+from ik_fast.kernels_triton import contract as K2
+from ik_fast.kernels_triton import conv as K
+from ik_fast.kernels_triton.blocks import blocks
 from ik_fast.ops import hidden_width
-
-from . import contract as K2
-from . import conv as K
-from .blocks import blocks
 
 PREC_NAMES = ("ieee", "tf32", "bf16", "bf16-emulated")
 OPERAND_BUDGET = 8192  # no GEMM operand above this many elements (32 KB in float32)

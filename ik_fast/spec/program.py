@@ -26,7 +26,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from . import ops
+from ik_fast import ops
 
 __all__ = ["BlockPlan", "Linear", "BatchNorm", "Hidden", "KernelProgram", "build_plan"]
 

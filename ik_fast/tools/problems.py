@@ -194,7 +194,7 @@ def build_layer(p: Problem, backend: str = "auto", device="cpu", seed: int = 0):
     """The ImplicitPointConv of a problem (same weights for the same seed, whatever the backend)."""
     import torch
 
-    from .layers import ImplicitPointConv
+    from ik_fast.nn.layers import ImplicitPointConv
 
     ft, attr = field_types(p)
     torch.manual_seed(seed)
@@ -220,7 +220,7 @@ def build_inputs(p: Problem, device="cpu", seed: int = 0, dtype: Optional[torch.
     """(x (N, C), pos (N, 3), edge_index (2, E), edge_attr (E, A)) of a problem."""
     import torch
 
-    from .data import molecule_batch, qm9_molecules, random_geometric_graph, skewed_graph
+    from ik_fast.models.data import molecule_batch, qm9_molecules, random_geometric_graph, skewed_graph
 
     dtype = dtype or torch.get_default_dtype()
     g = torch.Generator().manual_seed(seed)

@@ -16,7 +16,7 @@ from escnn import gspaces
 from escnn import nn as enn
 from escnn.group import O2, O3, SO2, SO3, CyclicGroup, DihedralGroup
 
-from .layers import ImplicitPointConv, _bias_expansion
+from ik_fast.nn.layers import ImplicitPointConv, _bias_expansion
 
 __all__ = ["field_activation", "QM9Model", "NBodyModel", "build_gspace", "GSPACES"]
 

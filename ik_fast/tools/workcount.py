@@ -17,7 +17,7 @@ module) is recorded with its grid, and :func:`triton_kernels` lists the jitted f
 
 The structured floor (docs/design.md, "The work model") per edge of one training step, with C channels of D hidden
 components, G grid points, ``n_layers`` layers (``n_layers - 1`` hidden layers) and C_in input components, read from
-the lowered program (:class:`ik_fast.program.KernelProgram`), not from the problem's name::
+the lowered program (:class:`ik_fast.spec.program.KernelProgram`), not from the problem's name::
 
     felu = 2 C D G;  trunk = (n_layers-1) felu + (n_layers-2) C^2 D + 8 C D;  fwd = trunk + C D C_in
     floor = 3 fwd + trunk
@@ -26,9 +26,9 @@ The per-edge *slope* between two graphs of the same degree (:func:`slope`) remov
 gradients, statistics merges, W' contractions per receiver block when the receiver count scales with the edges
 anyway).
 
-``python -m ik_fast.workcount --json OUT.json`` (and ``benchmarks/count_work.py``) writes the counts as records
-(:mod:`ik_fast.records`, kind ``work``; :func:`work_records`), per problem and provider: ``macs_per_edge`` (the slope,
-with the floor, the ratio and both graphs' counts per kernel in ``extra``; no value under ``--aten-only``),
+``python -m ik_fast.tools.workcount --json OUT.json`` (and ``benchmarks/count_work.py``) writes the counts as records
+(:mod:`ik_fast.tools.records`, kind ``work``; :func:`work_records`), per problem and provider: ``macs_per_edge`` (the
+slope, with the floor, the ratio and both graphs' counts per kernel in ``extra``; no value under ``--aten-only``),
 ``aten_ops`` (the smaller graph's count, both graphs' in ``extra.aten_ops_at_edges``) and, with ``--cached``,
 ``aten_ops_cached``. Under the interpreter the device is named ``<CPU> (<n> threads), Triton interpreter``.
 """
@@ -48,7 +48,7 @@ from typing import Dict, List
 
 import torch
 
-from .cases import floor_per_edge, floor_terms, program_sizes  # noqa: F401  (the floor, counted against)
+from ik_fast.tools.cases import floor_per_edge, floor_terms, program_sizes  # noqa: F401  (the floor, counted against)
 
 __all__ = [
     "floor_terms",
@@ -291,7 +291,7 @@ def graph_sizes(problem: str) -> List[str]:
     """The two graphs of a problem's full degree used for the slope: 40 and 80 nodes at k = 32 (M-like), 32 and 64
     at k = 24 (H-like); in general 5k/4 and 5k/2 rounded to a multiple of 8 nodes (so every node has its k nearest
     neighbours). Molecule problems (P): 2 and 4 molecules."""
-    from .problems import get_problem
+    from ik_fast.tools.problems import get_problem
 
     p = get_problem(problem)
     base = p.name.partition("@")[0]
@@ -302,8 +302,9 @@ def graph_sizes(problem: str) -> List[str]:
 
 
 def _problem(name: str):
-    """A problem name, with ``@nodes`` (ik_fast.problems) or ``#molecules`` (molecule graphs) for the graph size."""
-    from .problems import get_problem
+    """A problem name, with ``@nodes`` (ik_fast.tools.problems) or ``#molecules`` (molecule graphs) for the graph
+    size."""
+    from ik_fast.tools.problems import get_problem
 
     base, hash_, mols = name.partition("#")
     p = get_problem(base)
@@ -316,10 +317,10 @@ def _train_step(p, provider: str, seed: int, dtype: str):
     """``step()``: one training step (forward, backward with every gradient) of ``provider`` on problem ``p``. The
     layer gets a fresh copy of the edge index, so its first call prepares a new graph (the graph cache is per tensor)
     and later calls reuse it."""
-    from .problems import build_inputs, build_layer
+    from ik_fast.tools.problems import build_inputs, build_layer
 
     if provider == "escnn":
-        from .cases import setup_case
+        from ik_fast.tools.cases import setup_case
 
         step, rec = setup_case(p.name, provider, "train", device="cpu", dtype=dtype, seed=seed)
         step.nodes, step.edges, step.program = rec["nodes"], rec["edges"], None
@@ -351,7 +352,7 @@ def count_step(
     counted. ``steps`` > 1 runs the step again on the same inputs (a cached graph) and reports its aten count as
     ``aten_ops_cached``; the work is that of the first step. ``execute=False`` records the Triton launches without
     running them: the aten count of the host side in seconds, but no tl.dot count (and kernel outputs left unset)."""
-    from . import problems as _problems
+    from ik_fast.tools import problems as _problems
 
     p = _problem(problem)
     if p.name not in _problems.PROBLEMS:  # make the variant known to setup_case
@@ -454,9 +455,9 @@ def _step_details(step: Dict) -> Dict[str, object]:
 def work_records(
     problem: str, provider: str, s: Dict, steps: List[Dict], prov: Dict, command: str, execute: bool = True, ok=None
 ) -> List[Dict]:
-    """The records (:mod:`ik_fast.records`, kind ``work``) of one problem and provider: :func:`slope` ``s`` of the
+    """The records (:mod:`ik_fast.tools.records`, kind ``work``) of one problem and provider: :func:`slope` ``s`` of the
     counted ``steps`` (:func:`count_step` of the two graphs); ``ok``: whether they pass ``--check``'s bounds."""
-    from . import records
+    from ik_fast.tools import records
 
     edges = list(s["edges"])
     common = dict(mode="train", precision="ieee", prov=prov)
@@ -545,7 +546,7 @@ def slope_rows(recs: List[Dict]) -> List[Dict]:
 
 def provenance() -> Dict[str, object]:
     """The provenance of a count on this CPU; under the interpreter, the device says so."""
-    from . import records
+    from ik_fast.tools import records
 
     prov = records.provenance("cpu")
     if interpreting():
@@ -554,7 +555,7 @@ def provenance() -> Dict[str, object]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# command line (benchmarks/count_work.py; ik_fast.bench --work runs it in a child under the interpreter)
+# command line (benchmarks/count_work.py; ik_fast.tools.bench --work runs it in a child under the interpreter)
 # ----------------------------------------------------------------------------------------------------------------
 ATEN_MAX = 600
 ATEN_SPREAD = 0.10
@@ -563,13 +564,13 @@ RATIO_MAX = 2.0
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
-        prog="python -m ik_fast.workcount",
+        prog="python -m ik_fast.tools.workcount",
         description="the work of one training step per edge against the structured floor "
         "(TRITON_INTERPRET=1 for the triton provider; see "
         "benchmarks/count_work.py)",
     )
     ap.add_argument("--problems", default="M,H")
-    ap.add_argument("--backend", default="triton", help="providers of ik_fast.bench, comma separated")
+    ap.add_argument("--backend", default="triton", help="providers of ik_fast.tools.bench, comma separated")
     ap.add_argument(
         "--sizes", default=None, help="two graphs per problem instead of the defaults, e.g. 'M@40,M@80;H@32,H@64'"
     )
@@ -587,7 +588,7 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--json",
         default=None,
-        help="write the records (ik_fast/records.py, kind work; per kernel counts too) to this file",
+        help="write the records (ik_fast/tools/records.py, kind work; per kernel counts too) to this file",
     )
     ap.add_argument("--name", default=None, help="also write them to benchmarks/results/work/<device>/<date>-NAME.json")
     ap.add_argument(
@@ -607,7 +608,7 @@ def main(argv=None) -> int:
     if argv is None and sys.argv[0].endswith(".py"):  # benchmarks/count_work.py
         command = " ".join(["python", os.path.relpath(sys.argv[0]), *sys.argv[1:]])
     else:
-        command = "python -m ik_fast.workcount " + " ".join(sys.argv[1:] if argv is None else argv)
+        command = "python -m ik_fast.tools.workcount " + " ".join(sys.argv[1:] if argv is None else argv)
     prov = provenance() if args.json or args.name else None
     records, rows, recs, failed = [], [], [], False
     for problem in args.problems.split(","):
@@ -668,7 +669,7 @@ def main(argv=None) -> int:
 
 
 def _save(recs: List[Dict], json_out, name) -> List[str]:
-    from . import records
+    from ik_fast.tools import records
 
     paths = [json_out] if json_out else []
     if name and recs:

@@ -101,7 +101,7 @@ def from_research_state_dict(state_dict: Dict[str, torch.Tensor], layer, tol: fl
 
     Raises ``ValueError`` naming what does not match (missing keys, sizes, irreps).
     """
-    from .layers import ImplicitPointConv
+    from ik_fast.nn.layers import ImplicitPointConv
 
     if not isinstance(layer, ImplicitPointConv):
         raise TypeError(f"layer must be an ik_fast.ImplicitPointConv, got {type(layer).__name__}")

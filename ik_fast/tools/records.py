@@ -12,7 +12,7 @@ dirty         whether the working tree differed from ``commit`` (tracked files)
 date          when it was measured, ISO 8601 in UTC
 device        ``{"type": "cpu" | "cuda", "name": ...}`` (the CPU model, or the GPU's name)
 stack         versions: ``{"python", "torch", "triton", "escnn", "numpy", "cuda"}`` (None where absent)
-problem       the problem measured (:mod:`ik_fast.problems` names, a test file, a kernel, ...)
+problem       the problem measured (:mod:`ik_fast.tools.problems` names, a test file, a kernel, ...)
 provider      who computed it: a backend (``reference``, ``torch``, ``native``, ``triton``), ``escnn``, ``nvcc``, ...
 mode          ``train``, ``eval``, ``inference``, ... or ``""`` where it does not apply
 precision     ``ieee``, ``tf32``, ``tf32x3``, ``bf16``, ``float64``, ... or ``""``

@@ -15,7 +15,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import numpy as np
 import torch
 
-from .data import ELEMENTS, _qm9_files, radius_graph
+from ik_fast.models.data import ELEMENTS, _qm9_files, radius_graph
 
 __all__ = [
     "QM9Data",
@@ -170,7 +170,7 @@ def collate(
     data: QM9Data, idx, target: str, cutoff: float = 2.0, edge_attrs: str = "bond", pos_scale: float = 1.7415
 ) -> QM9Batch:
     """Disjoint union of the molecules ``idx``: a radius graph per molecule (every ordered pair of distinct atoms
-    within ``cutoff`` Angstrom, :func:`ik_fast.data.radius_graph`) and edge attributes of kind ``edge_attrs``:
+    within ``cutoff`` Angstrom, :func:`ik_fast.models.data.radius_graph`) and edge attributes of kind ``edge_attrs``:
 
     - ``none``: no attributes (the kernel sees only the edge vector);
     - ``bond``: 4 scalars: covalent-bond indicator (distance < 1.2 x sum of covalent radii) and 3 Gaussian
@@ -190,7 +190,7 @@ def collate(
     pos = torch.from_numpy(data.pos[atom_idx].astype(np.float32))
     z = torch.from_numpy(data.z[atom_idx].astype(np.int64))
     batch = torch.repeat_interleave(torch.arange(len(idx)), torch.from_numpy(counts))
-    # the radius graph of each molecule (a k-d tree pair query, ik_fast.data.radius_graph), in (source, receiver)
+    # the radius graph of each molecule (a k-d tree pair query, ik_fast.models.data.radius_graph), in (source, receiver)
     # order within the batch
     ei = radius_graph(pos, cutoff, batch=batch, self_loops=False)
     ei = ei[:, torch.argsort(ei[0] * max(len(pos), 1) + ei[1])]

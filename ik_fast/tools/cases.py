@@ -1,7 +1,8 @@
 """One benchmark case (a problem, a provider, a mode) built as a step function, with what it costs on paper: the
 providers' modelled FLOPs and the structured floor of the layer (the multiply-adds the structured algorithm cannot
-avoid). Shared by the benchmark harness (:mod:`ik_fast.bench`) and the work counter (:mod:`ik_fast.workcount`);
-it imports neither, and nothing heavy at import (torch and escnn where a case is built)."""
+avoid). Shared by the benchmark harness (:mod:`ik_fast.tools.bench`) and the work counter
+(:mod:`ik_fast.tools.workcount`); it imports neither, and nothing heavy at import (torch and escnn where a case is
+built)."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ def floor_terms(C: int, D: int, G: int, C_in: int, n_layers: int) -> Dict[str, i
 
 
 def program_sizes(program) -> Dict[str, int]:
-    """(C, D, G, C_in, n_layers) of a lowered :class:`~ik_fast.program.KernelProgram`, as built: C and D from the
+    """(C, D, G, C_in, n_layers) of a lowered :class:`~ik_fast.spec.program.KernelProgram`, as built: C and D from the
     last hidden layer, G from its Fourier grid (``A.shape[0]``; 0 for a pointwise nonlinearity), C_in the layer's
     input size, n_layers = hidden layers + 1."""
     if not program.hidden:
@@ -98,7 +99,7 @@ def _triton_flops(prog, num_edges: int, num_receivers: int, mode: str, BE: int =
     and the statistics passes of training mode. Stale since the v2 kernels (contraction per receiver block,
     componentwise hidden Linears, one trunk pass per direction), which execute fewer: ``--work`` counts what runs
     (M: 1.84x the floor against this model's v1 6x); records label this column ``flops_source: "model"``."""
-    from .kernels_triton.launch import _pow2, layout
+    from ik_fast.kernels_triton.launch import _pow2, layout
 
     packed = prog.op_program([])
     lay = layout(
@@ -129,7 +130,7 @@ def _triton_flops(prog, num_edges: int, num_receivers: int, mode: str, BE: int =
 def _floor_macs(p, num_edges: int, mode: str, seed: int = 0, layer=None):
     """The structured floor of one step on ``num_edges`` edges, in multiply-adds: the training step's floor
     per edge (forward, backward, statistics), or the forward's for inference. None when the layer has no floor."""
-    from .problems import build_layer
+    from ik_fast.tools.problems import build_layer
 
     try:
         f = floor_per_edge((layer or build_layer(p, backend="torch", seed=seed)).kernel.program())
@@ -144,8 +145,8 @@ def setup_case(problem: str, provider: str, mode: str, device: str = "cpu", dtyp
     import torch
     from escnn import nn as enn
 
-    from .graph import prepare_graph
-    from .problems import build_escnn_layer, build_inputs, build_layer, field_types, get_problem
+    from ik_fast.nn.graph import prepare_graph
+    from ik_fast.tools.problems import build_escnn_layer, build_inputs, build_layer, field_types, get_problem
 
     p = get_problem(problem)
     if mode not in MODES:

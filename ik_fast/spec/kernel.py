@@ -10,9 +10,9 @@ import numpy as np
 import torch
 from escnn import nn as enn
 
-from . import _groups
-from ._serialize import reduce_module
-from .program import BatchNorm, BlockPlan, Hidden, KernelProgram, Linear, _as, build_plan, scalar
+from ik_fast.nn._serialize import reduce_module
+from ik_fast.spec import _groups
+from ik_fast.spec.program import BatchNorm, BlockPlan, Hidden, KernelProgram, Linear, _as, build_plan, scalar
 
 __all__ = ["ImplicitKernel", "check_field_type"]
 
@@ -232,7 +232,7 @@ class _IIDBatchNormParams(torch.nn.Module):
         for v in (eps, momentum, 1 - momentum):  # the 0-d factors of finish and update, made now rather than in a pass
             scalar(v, dt)
 
-    sync_stats = False  # set by ik_fast.sync_bn.convert_sync_batchnorm: statistics over every process's edges
+    sync_stats = False  # set by ik_fast.nn.sync_bn.convert_sync_batchnorm: statistics over every process's edges
 
     def lower(self, training: bool, shift: torch.Tensor) -> BatchNorm:
         """The program's batch norm, with the expanded bias ``shift`` (C, d) (the kernel's one expansion map)."""
@@ -272,10 +272,10 @@ class ImplicitKernel(torch.nn.Module):
             making the nonlinearity more equivariant. A rank-deficient or ill-conditioned non-default grid warns.
         hidden: ``"full"`` (default): the hidden field carries every irrep the inputs, attributes and outputs need;
             ``"paper"``: exactly the research code's band-limited hidden field (for loading its checkpoints with
-            :func:`ik_fast.convert.from_research_state_dict`); warns naming the irreps the output then cannot get.
+            :func:`ik_fast.nn.convert.from_research_state_dict`); warns naming the irreps the output then cannot get.
 
     Calling it on positions (E, n) and attributes (E, A) returns the kernels (E, out_type.size, in_type.size).
-    :meth:`program` returns the lowered :class:`~ik_fast.program.KernelProgram` that the backends evaluate.
+    :meth:`program` returns the lowered :class:`~ik_fast.spec.program.KernelProgram` that the backends evaluate.
     """
 
     @_groups.escnn_build()  # escnn's debug prints to a logger, its Clebsch-Gordan constraints built faster
@@ -605,7 +605,7 @@ class ImplicitKernel(torch.nn.Module):
 
     def forward(self, pos: torch.Tensor, attr: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Kernels (E, out_type.size, in_type.size) at relative positions ``pos`` (E, n) with attributes ``attr``."""
-        from .graph import check_edge_inputs
+        from ik_fast.nn.graph import check_edge_inputs
 
         prog = self.program()
         check_edge_inputs(

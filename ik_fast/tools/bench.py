@@ -1,20 +1,20 @@
-"""Benchmark harness: time, peak memory and FLOPs of one layer on the shared problems (``ik_fast.problems``).
+"""Benchmark harness: time, peak memory and FLOPs of one layer on the shared problems (``ik_fast.tools.problems``).
 
-``python -m ik_fast.bench --problems cpu --providers reference,torch --modes train`` runs every case in a child
+``python -m ik_fast.tools.bench --problems cpu --providers reference,torch --modes train`` runs every case in a child
 process (so that each has its own peak resident set on CPU), prints a table and writes the records
-(:mod:`ik_fast.records`: one ``step_time`` and one ``peak_memory`` record per case, each with the commit, the device
-and the stack's versions) to ``benchmarks/results/timing/<device>/<date>-<name>.json``, rewritten after every case, and
-to the same path under ``--copy-to`` (e.g. a folder that a lent GPU machine returns). ``--budget-s`` bounds the whole
-run: a case still running when it is spent is stopped (its child killed) and recorded as such, and the cases not
-started are recorded as skipped. Problems whose data is not installed (QM9 needs ``qm9pack``) are recorded as
+(:mod:`ik_fast.tools.records`: one ``step_time`` and one ``peak_memory`` record per case, each with the commit, the
+device and the stack's versions) to ``benchmarks/results/timing/<device>/<date>-<name>.json``, rewritten after every
+case, and to the same path under ``--copy-to`` (e.g. a folder that a lent GPU machine returns). ``--budget-s`` bounds
+the whole run: a case still running when it is spent is stopped (its child killed) and recorded as such, and the cases
+not started are recorded as skipped. Problems whose data is not installed (QM9 needs ``qm9pack``) are recorded as
 skipped with the reason.
 
 Work: each record carries ``flops``, a *model* of the FLOPs (2 x multiply-adds) the provider's algorithm runs (from
 the shapes; for ``triton``, a model of the padded kernels), used for the achieved FLOP/s, and ``floor_macs``, the
-structured floor (the docs' design page) for the record's edges (``ik_fast.workcount``). ``--work`` instead *counts* the
-multiply-adds each provider executes in one training step (every ``tl.dot`` at its padded shape in Triton's
+structured floor (the docs' design page) for the record's edges (``ik_fast.tools.workcount``). ``--work`` instead
+*counts* the multiply-adds each provider executes in one training step (every ``tl.dot`` at its padded shape in Triton's
 interpreter, host GEMMs from torch.profiler) on two small graphs of each problem's full degree, and prints their
-per-edge slope next to the floor (``python -m ik_fast.bench --work --problems P,M,H --providers
+per-edge slope next to the floor (``python -m ik_fast.tools.bench --work --problems P,M,H --providers
 reference,torch,triton``; each problem in a child process under ``TRITON_INTERPRET=1``).
 
 Modes: ``train`` / ``eval`` — forward + backward (gradients for the node features, positions, attributes and all
@@ -37,7 +37,7 @@ import sys
 import time
 from typing import Dict, List, Optional
 
-from .cases import MODES, model_flops, setup_case  # noqa: F401  (the harness's names)
+from ik_fast.tools.cases import MODES, model_flops, setup_case  # noqa: F401  (the harness's names)
 
 # torch.set_float32_matmul_precision's names and the records' names for them (float32 cases)
 PRECISIONS = {"highest": "ieee", "high": "tf32"}
@@ -55,9 +55,9 @@ def _sync(device):
 
 
 def provenance(device: str = "cpu") -> Dict:
-    """:func:`ik_fast.records.provenance` of ``device``; where CUDA is named but cannot be used (a CPU build of torch,
-    no driver), the records still get written: the device is then ``cuda`` named by the reason."""
-    from . import records
+    """:func:`ik_fast.tools.records.provenance` of ``device``; where CUDA is named but cannot be used (a CPU build of
+    torch, no driver), the records still get written: the device is then ``cuda`` named by the reason."""
+    from ik_fast.tools import records
 
     try:
         return records.provenance(device)
@@ -70,7 +70,7 @@ def provenance(device: str = "cpu") -> Dict:
 def problem_unavailable(name: str) -> Optional[str]:
     """Why problem ``name`` cannot be built here (its data is not installed), else None. Raises ValueError for an
     unknown name."""
-    from .problems import get_problem
+    from ik_fast.tools.problems import get_problem
 
     p = get_problem(name.partition("#")[0])
     if p.graph == "qm9" and importlib.util.find_spec("qm9pack") is None:
@@ -79,14 +79,14 @@ def problem_unavailable(name: str) -> Optional[str]:
 
 
 def count_work(problems: List[str], providers: List[str], timeout: float = 3600.0, out_records=None) -> List[Dict]:
-    """Counted work per edge of one training step for each problem and provider (``python -m ik_fast.workcount`` in a
-    child process under Triton's interpreter): rows of :func:`ik_fast.workcount.slope` with problem and provider, or
-    ``{"problem", "error"}`` for a problem whose count failed. The children's ``work`` records are appended to
-    ``out_records`` when given."""
+    """Counted work per edge of one training step for each problem and provider (``python -m ik_fast.tools.workcount``
+    in a child process under Triton's interpreter): rows of :func:`ik_fast.tools.workcount.slope` with problem and
+    provider, or ``{"problem", "error"}`` for a problem whose count failed. The children's ``work`` records are
+    appended to ``out_records`` when given."""
     import tempfile
 
-    from . import records
-    from .workcount import slope_rows
+    from ik_fast.tools import records
+    from ik_fast.tools.workcount import slope_rows
 
     rows = []
     env = dict(os.environ, TRITON_INTERPRET="1")
@@ -97,7 +97,7 @@ def count_work(problems: List[str], providers: List[str], timeout: float = 3600.
             cmd = [
                 sys.executable,
                 "-m",
-                "ik_fast.workcount",
+                "ik_fast.tools.workcount",
                 "--problems",
                 problem,
                 "--backend",
@@ -241,7 +241,7 @@ def run_child(case: Dict, timeout: float) -> Dict:
     """Run one case in a fresh interpreter (its own peak RSS) in its own process group; failures come back as
     records with an error. After ``timeout`` seconds the child and everything it started are killed."""
     global _CHILD
-    cmd = [sys.executable, "-m", "ik_fast.bench", "--child", json.dumps(case)]
+    cmd = [sys.executable, "-m", "ik_fast.tools.bench", "--child", json.dumps(case)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     _CHILD = proc
     try:
@@ -290,8 +290,8 @@ def format_table(records: List[Dict]) -> str:
 def suites() -> Dict[str, Dict]:
     """The named runs: ``cpu`` (the default; minutes on 2 cores) and ``gpu`` (configs P, M, H at full size, the
     10^4..10^7-edge sweep, degree skew)."""
-    from .backends import FUSED
-    from .problems import sweep_problems
+    from ik_fast.backends import FUSED
+    from ik_fast.tools.problems import sweep_problems
 
     # every declared implementation of the ops that runs on the suite's device (Triton on CPU only in its
     # interpreter, under TRITON_INTERPRET=1: not a benchmark)
@@ -314,7 +314,7 @@ def suites() -> Dict[str, Dict]:
 
 
 def _available(device=None):
-    from .backends import available_backends
+    from ik_fast.backends import available_backends
 
     return available_backends(device)
 
@@ -434,7 +434,7 @@ def run_rounds(
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# results files (ik_fast.records)
+# results files (ik_fast.tools.records)
 # ----------------------------------------------------------------------------------------------------------------
 _EXTRA = (
     "description",
@@ -472,7 +472,7 @@ def case_records(rec: Dict, prov: Dict, command: str) -> List[Dict]:
     """The schema records of one case's result: ``step_time`` (median, with p20 / p80 and the sample count as its
     spread) and ``peak_memory`` (the CUDA caching allocator's peak on a GPU, the peak resident set on CPU); a case
     without a result gives one ``step_time`` record with its error."""
-    from . import records
+    from ik_fast.tools import records
 
     extra = {k: rec[k] for k in _EXTRA if k in rec}
     extra.update(matmul_precision=rec.get("precision", "highest"), command=command)
@@ -513,7 +513,7 @@ def results_root() -> str:
 
 def results_path(kind: str, name: str, prov: Dict, root: Optional[str] = None) -> str:
     """``<root>/<kind>/<device slug>/<date>-<name>.json`` (root: :func:`results_root`)."""
-    from . import records
+    from ik_fast.tools import records
 
     return os.path.join(root or results_root(), kind, records.device_slug(prov), f"{prov['date'][:10]}-{name}.json")
 
@@ -521,7 +521,7 @@ def results_path(kind: str, name: str, prov: Dict, root: Optional[str] = None) -
 def write_results(path: str, recs: List[Dict], copy_to: Optional[str] = None, root: Optional[str] = None) -> str:
     """Write a results file (atomically) and, with ``copy_to``, the same file under that folder at the same path
     relative to the results root (or by its name when it lies elsewhere). Returns ``path``."""
-    from . import records
+    from ik_fast.tools import records
 
     records.write(path, recs)
     if copy_to:
@@ -549,8 +549,8 @@ def precompile(
 
     import torch
 
-    from . import problems as _problems
-    from .workcount import _problem, graph_sizes
+    from ik_fast.tools import problems as _problems
+    from ik_fast.tools.workcount import _problem, graph_sizes
 
     out = []
     t0 = time.time()
@@ -598,7 +598,7 @@ def _last_line(exc: BaseException) -> str:
 
 
 def _problem_help() -> str:
-    from .problems import PROBLEMS, SWEEPS, sweep_problems
+    from ik_fast.tools.problems import PROBLEMS, SWEEPS, sweep_problems
 
     rows = [f"  {name:<8} {p.description}" for name, p in PROBLEMS.items()]
     sweeps = "; ".join(f"{kind}: {','.join(sweep_problems(kind))}" for kind in SWEEPS)
@@ -611,7 +611,7 @@ def _problem_help() -> str:
 
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
-        prog="python -m ik_fast.bench",
+        prog="python -m ik_fast.tools.bench",
         description=__doc__.split("\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=_problem_help(),
@@ -702,13 +702,13 @@ def _parser() -> argparse.ArgumentParser:
 def _split(value: str, option: str) -> List[str]:
     items = [v.strip() for v in value.split(",") if v.strip()]
     if not items:
-        raise SystemExit(f"python -m ik_fast.bench: error: {option} is empty")
+        raise SystemExit(f"python -m ik_fast.tools.bench: error: {option} is empty")
     return items
 
 
 def _check(args, ap) -> None:
     """Refuse bad values with a message naming the option."""
-    from .problems import get_problem
+    from ik_fast.tools.problems import get_problem
 
     if args.child:
         return
@@ -747,7 +747,7 @@ def main(argv=None) -> int:
     ap = _parser()
     args = ap.parse_args(argv)
     _check(args, ap)
-    command = "python -m ik_fast.bench " + " ".join(
+    command = "python -m ik_fast.tools.bench " + " ".join(
         a for a in (sys.argv[1:] if argv is None else argv) if a != "--resume"
     )
     if args.child:
@@ -764,7 +764,7 @@ def main(argv=None) -> int:
             print(json.dumps({**case, "error": "out of memory"}))
         return 0
     signal.signal(signal.SIGTERM, _stop_child)
-    from . import records
+    from ik_fast.tools import records
 
     if args.precompile:
         precs = (
@@ -811,7 +811,7 @@ def main(argv=None) -> int:
             print(f"results: {out}", file=sys.stderr)
         return 0 if all(err is None or err.startswith("skipped") for *_, err in rows) else 1
     if args.work:
-        from .workcount import work_table
+        from ik_fast.tools.workcount import work_table
 
         recs = []
         rows = count_work(

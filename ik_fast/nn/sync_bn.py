@@ -11,8 +11,8 @@ of the union of all processes' batches:
   they are all-reduced without autograd.
 
 The batch norms inside the implicit kernels' MLPs (``ImplicitKernel.bn``) are switched to synchronised statistics
-too: every backend finishes its batch statistics in :meth:`ik_fast.program.BatchNorm.finish`, which then all-reduces
-the per-process moments (detached, as escnn's).
+too: every backend finishes its batch statistics in :meth:`ik_fast.spec.program.BatchNorm.finish`, which then
+all-reduces the per-process moments (detached, as escnn's).
 Without an initialised process group (or with one process) all behave exactly like the modules they replace.
 """
 
@@ -102,7 +102,7 @@ def convert_sync_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
     """Swap (in place) every ``torch.nn.BatchNorm1d`` and ``escnn.nn.IIDBatchNorm1d`` of ``module`` for its
     synchronised version (same parameters and buffers), and makes the implicit kernels' batch norms synchronise their
     statistics; returns ``module``."""
-    from .kernel import _IIDBatchNormParams
+    from ik_fast.spec.kernel import _IIDBatchNormParams
 
     for m in module.modules():
         if isinstance(m, _IIDBatchNormParams):

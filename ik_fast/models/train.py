@@ -1,8 +1,9 @@
 """Training on real QM9 molecules and on the charged-particle N-body task.
 
-    python -m ik_fast.train qm9 --target homo [--quick] [--epochs E] [--steps S] [--edge-attrs none|bond|atom] ...
-    python -m ik_fast.train nbody [--quick] ...
-    torchrun --nproc_per_node 2 -m ik_fast.train qm9 --quick      # DistributedDataParallel (gloo on CPU, NCCL on GPU)
+    python -m ik_fast.models.train qm9 --target homo [--quick] [--epochs E] [--steps S] [--edge-attrs none|bond|atom]
+    ... python -m ik_fast.models.train nbody [--quick] ...
+    torchrun --nproc_per_node 2 -m ik_fast.models.train qm9 --quick      # DistributedDataParallel (gloo on CPU, NCCL
+    on GPU)
 
 QM9: fixed train/validation/test split by ``--seed`` (the research code's proportions; ``--n-train`` etc. take
 subsets of the same split), targets standardised with the training mean and standard deviation, L1 loss, AdamW with
@@ -190,9 +191,9 @@ def _peak_rss_mb() -> float:
 def _save_record(
     out: str, d: Dist, problem: str, backend: str, metric: str, value: float, unit: str, extra: Dict
 ) -> None:
-    """``<out>/records.json``: the run's validation error as a measurement record (:mod:`ik_fast.records`, kind
+    """``<out>/records.json``: the run's validation error as a measurement record (:mod:`ik_fast.tools.records`, kind
     ``training``), ready for ``benchmarks/results/training/<device>/`` and ``benchmarks/report.py``."""
-    from . import records
+    from ik_fast.tools import records
 
     precision = {"highest": "ieee", "high": "tf32", "medium": "bf16"}.get(torch.get_float32_matmul_precision(), "")
     rec = records.record(
@@ -297,7 +298,7 @@ def _save_plot(
 
 def _wrap_ddp(model: torch.nn.Module, d: Dist, sync_bn: bool):
     if sync_bn:
-        from .sync_bn import convert_sync_batchnorm
+        from ik_fast.nn.sync_bn import convert_sync_batchnorm
 
         model = convert_sync_batchnorm(model)
     if not d.enabled:
@@ -436,9 +437,11 @@ def _progress(total: int, enabled: bool, desc: str):
 # ----------------------------------------------------------------------------------------------------------------
 def train_qm9(argv: List[str]) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m ik_fast.train qm9", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m ik_fast.models.train qm9",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    from .qm9 import EDGE_ATTRS, TARGETS
+    from ik_fast.models.qm9 import EDGE_ATTRS, TARGETS
 
     p.add_argument("--target", default="homo", choices=sorted(TARGETS))
     p.add_argument("--edge-attrs", dest="edge_attrs", choices=EDGE_ATTRS, default=None)
@@ -458,8 +461,8 @@ def train_qm9(argv: List[str]) -> int:
 
 def _run_qm9(args, d: Dist) -> int:
 
-    from .models import QM9Model, build_gspace
-    from .qm9 import TARGETS, collate, edge_attr_size, load_qm9, qm9_splits
+    from ik_fast.models import QM9Model, build_gspace
+    from ik_fast.models.qm9 import TARGETS, collate, edge_attr_size, load_qm9, qm9_splits
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -633,7 +636,7 @@ def _run_qm9(args, d: Dist) -> int:
 
 # ----------------------------------------------------------------------------------------------------------------
 def train_nbody(argv: List[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m ik_fast.train nbody")
+    p = argparse.ArgumentParser(prog="python -m ik_fast.models.train nbody")
     p.add_argument("--horizon", type=int, default=1000, help="simulation steps between input and target")
     _common_args(p)
     args = p.parse_args(argv)
@@ -648,8 +651,8 @@ def train_nbody(argv: List[str]) -> int:
 
 def _run_nbody(args, d: Dist) -> int:
 
-    from .models import NBodyModel, build_gspace
-    from .nbody import nbody_dataset, nbody_graph
+    from ik_fast.models import NBodyModel, build_gspace
+    from ik_fast.models.nbody import nbody_dataset, nbody_graph
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -818,7 +821,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     tasks = {"qm9": train_qm9, "nbody": train_nbody}
     if not argv or argv[0] not in tasks:
         print(
-            "usage: python -m ik_fast.train {qm9|nbody} [options]   (--help after the task for options)",
+            "usage: python -m ik_fast.models.train {qm9|nbody} [options]   (--help after the task for options)",
             file=sys.stderr,
         )
         return 2

@@ -1,0 +1,2 @@
+"""The kernel's specification and lowering: the escnn MLP (:class:`ImplicitKernel`) and the lowered
+program every implementation evaluates (:class:`KernelProgram`). Imports no implementation."""
