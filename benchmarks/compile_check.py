@@ -40,7 +40,7 @@ Headers that need the CUDA math libraries' own headers (``ATen/cuda/CUDAContext.
 cusparse.h) compile only where those are installed; ``c10/cuda/CUDAStream.h``, ``CUDAGuard.h``, ``CUDAException.h``,
 ``ATen/ATen.h``, ``torch/library.h``, ``mma.h``, ``cuda_bf16.h`` and ``cub`` need only the toolkit.
 
-**Records** (both modes): ``--json OUT.json`` writes the results file (``ik_fast/tools/records.py``, kind ``compile``),
+**Records** (both modes): ``--json OUT.json`` writes the results file (``ik_fast/records.py``, kind ``compile``),
 rewritten after every kernel (Triton) or source file (nvcc); ``--name NAME`` also writes
 ``benchmarks/results/compile/sm-<arch>/<date>-NAME.json``, one file per architecture. The device of a record is the
 architecture compiled for (``sm_90 (compiled only, not run)``), the machine that compiled it is ``extra.host``; the
@@ -407,7 +407,7 @@ def kernel_records(
     ``mma_instructions`` one from ``mma`` (a Counter by opcode, or an error string); ``ident`` goes into every
     record's extra, ``details`` into the registers record's. A compile that failed (``error``): one registers record
     without a value."""
-    from ik_fast.tools import records
+    from ik_fast import records
 
     def rec(metric, value, extra, err=None):
         return records.record(
@@ -440,7 +440,7 @@ def kernel_records(
 def save_records(recs: list, json_out=None, name=None) -> list:
     """Write the records to ``json_out`` and, with ``name``, to ``benchmarks/results/compile/<arch>/<date>-NAME.json``
     (one file per architecture). Returns the paths written."""
-    from ik_fast.tools import records
+    from ik_fast import records
 
     paths = []
     if json_out:
@@ -575,7 +575,7 @@ def _short_name(demangled: str) -> str:
 def cuda_check(sources: list, arches: list, json_out=None, name=None, command: str = "") -> int:
     """Compile each .cu for each architecture; print a table, write the records (after every file); 1 on a spill or
     a failure."""
-    from ik_fast.tools import records as _records
+    from ik_fast import records as _records
 
     nvcc = _nvcc()
     lines = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout.strip().splitlines()
@@ -708,9 +708,7 @@ def main(argv=None) -> int:
         default=None,
         help=f"exit 1 if a kernel's stack exceeds this (B/thread) or shared memory {SHARED_LIMIT} B",
     )
-    ap.add_argument(
-        "--json", default=None, help="write the records (ik_fast/tools/records.py, kind compile) to this file"
-    )
+    ap.add_argument("--json", default=None, help="write the records (ik_fast/records.py, kind compile) to this file")
     ap.add_argument(
         "--name",
         default=None,
@@ -753,7 +751,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     import triton
 
-    from ik_fast.tools import records as _records
+    from ik_fast import records as _records
     from ik_fast.tools import workcount
 
     scoped = []  # (precision or None, constexpr, values)

@@ -14,7 +14,7 @@ Any provider of ``ik_fast.tools.bench`` can be counted (``--backend torch,refere
 kernels the count is the host GEMMs alone. The interpreter runs the kernels with the tile sizes the host picks for CPU
 tensors, which may differ from those it picks on a GPU (the per-kernel table shows the launches).
 
-``--json OUT.json`` writes the counts as records of ``ik_fast/tools/records.py`` (kind ``work``: ``macs_per_edge``,
+``--json OUT.json`` writes the counts as records of ``ik_fast/records.py`` (kind ``work``: ``macs_per_edge``,
 with the floor, the ratio and the per-kernel counts of both graphs in ``extra``, and ``aten_ops``); ``--name NAME``
 also writes them to ``benchmarks/results/work/<device>/<date>-NAME.json``, which ``benchmarks/report.py`` renders.
 """

@@ -9,7 +9,7 @@
               junit XML per pytest process and one ``test`` record per test (outcome, seconds, message).
 ``table``     the short table of a run: the build, the tests, each timing case.
 
-Every results file goes through :mod:`ik_fast.tools.records` to ``<results>/<kind>/<device>/<date>-<name>.json`` and,
+Every results file goes through :mod:`ik_fast.records` to ``<results>/<kind>/<device>/<date>-<name>.json`` and,
 with ``--copy-to``, to the same path under that folder the moment it is written.
 """
 
@@ -102,7 +102,8 @@ def build(args) -> int:
     """Time the native extension's loading as the package does it on first use (prebuilt or compiled now)."""
     import torch  # noqa: F401  (imported before the clock starts: the build, not torch's import, is timed)
 
-    from ik_fast import _native, backends, bench, ops, records  # noqa: F401  (backends declares the implementations)
+    from ik_fast import _native, backends, ops, records  # noqa: F401  (backends declares the implementations)
+    from ik_fast.tools import bench
 
     prov = bench.provenance(args.device)
     err = io.StringIO()
@@ -176,7 +177,8 @@ def _read_progress(path):
 
 def tests(args) -> int:
     """pytest in a child process, again on the tests not yet run when one dies in a hung test."""
-    from ik_fast.tools import bench, records
+    from ik_fast import records
+    from ik_fast.tools import bench
 
     os.makedirs(args.out_dir, exist_ok=True)
     prov = bench.provenance(args.device)
@@ -262,7 +264,7 @@ def tests(args) -> int:
 
 def table(args) -> int:
     """The short table of the results files under the given folders."""
-    from ik_fast.tools import records
+    from ik_fast import records
 
     recs = []
     paths = [

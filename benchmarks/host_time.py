@@ -7,7 +7,7 @@ Run from a checkout (``PYTHONPATH`` picks which one: the same file times an olde
     python benchmarks/host_time.py --problem qm9-400 --backend native --rounds 3 [--json OUT.json]
 
 Prints one line per round and the medians; ``--json`` writes ``host_time`` and ``step_time`` records
-(:mod:`ik_fast.tools.records`). Time it on a quiet machine.
+(:mod:`ik_fast.records`). Time it on a quiet machine.
 """
 
 from __future__ import annotations
@@ -66,8 +66,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from ik_fast import ops
-    from ik_fast.tools import records
+    from ik_fast import ops, records
     from ik_fast.tools.bench import setup_case
 
     step, rec = setup_case(args.problem, args.backend, "train")

@@ -11,7 +11,7 @@ and of the gradients to the node features and to the kernel MLP's parameters (al
 the measurement that decides whether a faster mode (e.g. 3xTF32) may serve ``"highest"``: its errors must stay within
 2x of IEEE float32's. It measures no speed.
 
-``--json OUT.json`` writes the records (``ik_fast/tools/records.py``, kind ``precision``; rewritten after every case),
+``--json OUT.json`` writes the records (``ik_fast/records.py``, kind ``precision``; rewritten after every case),
 and ``--name NAME`` also ``benchmarks/results/precision/<device>/<date>-NAME.json``: per backend (the record's
 provider), float32 mode (its precision: ``ieee``, ``tf32``, ``bf16``) and training / eval mode (its mode), the metrics
 ``rel_error_out``, ``rel_error_grad_x`` and ``rel_error_grad_params`` (unit ``1``). On CPU under the interpreter
@@ -121,7 +121,7 @@ def measure(problem: str, backends, modes, device: str, seed: int = 0, on_result
 
 def provenance(device: str) -> dict:
     """The records' provenance; on CPU under Triton's interpreter (``TRITON_INTERPRET=1``), the device says so."""
-    from ik_fast.tools import records
+    from ik_fast import records
 
     prov = records.provenance(device)
     if prov["device"]["type"] == "cpu" and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -131,7 +131,7 @@ def provenance(device: str) -> dict:
 
 def to_records(rows, prov: dict, command: str, seed: int) -> list:
     """The schema records of :func:`measure`'s dicts: three per case (each without a value where the case failed)."""
-    from ik_fast.tools import records
+    from ik_fast import records
 
     out = []
     for r in rows:
@@ -170,12 +170,12 @@ def main(argv=None) -> int:
     ap.add_argument("--modes", default="ieee,tf32,bf16")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--json", default=None, help="write the records (ik_fast/tools/records.py, kind precision) here")
+    ap.add_argument("--json", default=None, help="write the records (ik_fast/records.py, kind precision) here")
     ap.add_argument(
         "--name", default=None, help="also write them to benchmarks/results/precision/<device>/<date>-NAME.json"
     )
     args = ap.parse_args(argv)
-    from ik_fast.tools import records
+    from ik_fast import records
 
     backends, modes = args.backends.split(","), args.modes.split(",")
     command = "python benchmarks/precision.py " + " ".join(sys.argv[1:] if argv is None else argv)

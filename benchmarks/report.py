@@ -1,4 +1,4 @@
-"""Tables and plots from the measurement records in ``benchmarks/results/`` (schema: ``ik_fast/tools/records.py``).
+"""Tables and plots from the measurement records in ``benchmarks/results/`` (schema: ``ik_fast/records.py``).
 
     python benchmarks/report.py                 # every section as Markdown on stdout
     python benchmarks/report.py timing          # one section (SECTIONS: summary, timing, spread, compile, ...)
@@ -44,10 +44,8 @@ SECTIONS = (
 
 
 def _records_module():
-    """ik_fast/tools/records.py loaded by path: the report needs neither torch nor escnn."""
-    spec = importlib.util.spec_from_file_location(
-        "_ik_fast_records", os.path.join(ROOT, "ik_fast", "tools", "records.py")
-    )
+    """ik_fast/records.py loaded by path: the report needs neither torch nor escnn."""
+    spec = importlib.util.spec_from_file_location("_ik_fast_records", os.path.join(ROOT, "ik_fast", "records.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod

@@ -17,7 +17,7 @@
 #   7 table       a short table of everything above
 # The budget is wall-clock from the start: each step has a deadline (a share of the budget, the rest to the next
 # step when it ends early), and a benchmark case still running at its deadline is stopped (its process killed).
-# Every results file (ik_fast.tools.records: commit, versions, GPU name) is written to $OUT/results/ the moment it is
+# Every results file (ik_fast.records: commit, versions, GPU name) is written to $OUT/results/ the moment it is
 # written to the checkout's benchmarks/results/. $OUT defaults to build/gpu-run/<time>.
 #
 # Environment: OUT, IK_FAST_PYTHON (the interpreter; default python3, or in the rehearsal .venv/bin/python, else a

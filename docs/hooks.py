@@ -30,7 +30,7 @@ MODULES = [
     "ik_fast.backends",
     "ik_fast.ops",
     "ik_fast.tools.problems",
-    "ik_fast.tools.records",
+    "ik_fast.records",
 ]
 MARKER = re.compile(r"^<!-- report:(\w+) -->$", re.M)
 README = os.path.join(ROOT, "README.md")

@@ -21,7 +21,7 @@ _EXPORTS = {
     "KernelProgram": "spec.program",
     "available_backends": "backends",
     "implicit_point_conv": "nn.functional",
-    "prepare_graph": "nn.graph",
+    "prepare_graph": "graph",
     "assert_equivariant": "testing",
 }
 

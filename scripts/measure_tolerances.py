@@ -5,7 +5,7 @@ ik_fast.testing's tolerance table (the docs' equivariance page). One-off; not pa
     PYTHONPATH=. python scripts/measure_tolerances.py --o3-mixed [--seeds 3] [--json OUT.json]
 
 Each line: gspace, family, seed, dtype, mode, worst error on exact elements (8 of them) and on 8 random elements.
-``--json`` also writes the records (``ik_fast/tools/records.py``, kind ``equivariance``) that ``benchmarks/report.py``
+``--json`` also writes the records (``ik_fast/records.py``, kind ``equivariance``) that ``benchmarks/report.py``
 renders: per gspace (the record's problem, its escnn name) and dtype (its precision), ``rel_error_random_elements``
 and ``rel_error_exact_elements``, each the largest over the seeds, elements and both modes (mode ``train+eval``), with
 the range over seeds as spread; with ``--o3-mixed``, one ``rel_error_random_elements`` record per sampling grid
@@ -94,7 +94,7 @@ def _worst(values):
 
 
 def error_records(rows, kind, seeds, command):
-    from ik_fast.tools import records
+    from ik_fast import records
 
     prov = records.provenance("cpu")
     out = []
@@ -180,7 +180,7 @@ def o3_mixed(seeds=3):
 
 
 def grid_records(rows, command):
-    from ik_fast.tools import records
+    from ik_fast import records
 
     prov = records.provenance("cpu")
     out = []
@@ -233,7 +233,7 @@ def main(argv=None):
         rows = errors(seeds, args.groups.split(","), args.kind)
         recs = error_records(rows, args.kind, seeds, command)
     if args.json:
-        from ik_fast.tools import records
+        from ik_fast import records
 
         records.write(args.json, recs)
         print(f"records: {args.json}", file=sys.stderr)

@@ -38,7 +38,7 @@ def test_skewed_graph_has_a_hub():
 def test_cli_child_process(tmp_path):
     """The command line: each case in a child process, the results file in the records schema (a step_time and a
     peak_memory record per case, with the commit, device and stack), written again under --copy-to."""
-    from ik_fast.tools import records
+    from ik_fast import records
 
     out, copy = tmp_path / "r.json", tmp_path / "copy"
     assert (
@@ -104,7 +104,7 @@ def test_cli_budget_stops_a_running_case_and_skips_the_rest(tmp_path, monkeypatc
         == 0
     )
     assert time.time() - t < 60
-    from ik_fast.tools import records
+    from ik_fast import records
 
     recs = records.load(str(out))
     assert [(r["provider"], r["error"].split(":")[0].split(" after")[0]) for r in recs] == [
@@ -216,6 +216,6 @@ def test_records_of_a_cuda_run_without_cuda_name_the_reason():
         pytest.skip("CUDA works here")
     prov = bench.provenance("cuda")
     assert prov["device"]["type"] == "cuda" and prov["device"]["name"].startswith("CUDA unavailable: ")
-    from ik_fast.tools import records
+    from ik_fast import records
 
     records.record("timing", "tiny", "torch", "step_time", None, "s", error="no CUDA", prov=prov)  # validates

@@ -31,7 +31,7 @@ from conftest import GPU_TEST_DEVICE, field_types, get_gspace, rel, small_graph
 import ik_fast
 from ik_fast import ops
 from ik_fast.backends import FUSED
-from ik_fast.nn.graph import prepare_graph
+from ik_fast.graph import prepare_graph
 from ik_fast.testing import tolerance
 
 REQUIRE_NATIVE = os.environ.get("IK_FAST_REQUIRE_NATIVE", "") == "1"

@@ -58,7 +58,7 @@ def test_checkout_on_pythonpath_imports_every_module_and_collects_the_gpu_tests(
         "ik_fast.kernels_triton",
         "ik_fast.kernels_triton.launch",
         "ik_fast.tools.bench",
-        "ik_fast.tools.records",
+        "ik_fast.records",
     } <= set(mods), mods
     collected = set(res.stdout.split())
     assert "tests/test_gpu.py::test_corner_cases_match_reference_on_cuda[native-wide-tf32]" in collected
@@ -203,7 +203,7 @@ def test_tests_step_goes_on_past_a_test_hung_in_native_code(tmp_path):
     assert time.time() - t < 120
     assert res.returncode == 1, res.stdout + res.stderr  # a hung test is a failure of the step
     assert "Timeout" in res.stderr or "Timeout" in res.stdout  # faulthandler's stacks
-    from ik_fast.tools import records
+    from ik_fast import records
 
     (path,) = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path / "results") for f in fs]
     assert path.endswith("-limits.json") and os.sep + "test" + os.sep in path

@@ -11,8 +11,8 @@ from escnn import gspaces
 from escnn import nn as enn
 
 import ik_fast
+from ik_fast.graph import INT32_LIMIT, check_int32_extents, padded_degrees, prepare_graph
 from ik_fast.models.data import knn_graph
-from ik_fast.nn.graph import INT32_LIMIT, check_int32_extents, padded_degrees, prepare_graph
 from ik_fast.testing import tolerance
 
 

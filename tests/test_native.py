@@ -22,7 +22,7 @@ from torch.utils import cpp_extension as _cpp_ext
 import ik_fast
 import ik_fast.backends  # noqa: F401  (registers the native implementation before WHY asks for its status)
 from ik_fast import _build, _native, ops
-from ik_fast.nn.graph import prepare_graph
+from ik_fast.graph import prepare_graph
 from ik_fast.testing import tolerance
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

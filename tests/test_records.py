@@ -1,4 +1,4 @@
-"""Measurement records: every file under benchmarks/results/ follows the one schema (ik_fast/tools/records.py), sits in
+"""Measurement records: every file under benchmarks/results/ follows the one schema (ik_fast/records.py), sits in
 <kind>/<device slug>/ and names the commit that measured it; the report renders every section from them."""
 
 import importlib.util

@@ -199,7 +199,7 @@ def test_wide_features_span_several_blocks():
 def _raw_inputs(name, n_layers=4, dense=False, n=12, e=40):
     """The raw ops' inputs of a layer with randomised batch norms (their running statistics: eval mode):
     (x, inp, src, rowptr, program)."""
-    from ik_fast.nn.graph import prepare_graph
+    from ik_fast.graph import prepare_graph
 
     conv, gs, attr_t = _conv(name, n_layers=n_layers)
     ik_fast.testing.randomize_(conv).eval()

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ik_fast import ops
-from ik_fast.nn.graph import Graph
+from ik_fast.graph import Graph
 from ik_fast.spec.program import KernelProgram, Linear
 
 

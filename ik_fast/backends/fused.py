@@ -22,7 +22,7 @@ import warnings
 import torch
 
 from ik_fast import ops
-from ik_fast.nn.graph import Graph
+from ik_fast.graph import Graph
 from ik_fast.spec.program import KernelProgram
 
 __all__ = [

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ik_fast import ops
-from ik_fast.nn.graph import Graph
+from ik_fast.graph import Graph
 from ik_fast.spec.program import KernelProgram
 
 EVAL_CHUNK = 16384

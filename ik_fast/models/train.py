@@ -191,9 +191,9 @@ def _peak_rss_mb() -> float:
 def _save_record(
     out: str, d: Dist, problem: str, backend: str, metric: str, value: float, unit: str, extra: Dict
 ) -> None:
-    """``<out>/records.json``: the run's validation error as a measurement record (:mod:`ik_fast.tools.records`, kind
+    """``<out>/records.json``: the run's validation error as a measurement record (:mod:`ik_fast.records`, kind
     ``training``), ready for ``benchmarks/results/training/<device>/`` and ``benchmarks/report.py``."""
-    from ik_fast.tools import records
+    from ik_fast import records
 
     precision = {"highest": "ieee", "high": "tf32", "medium": "bf16"}.get(torch.get_float32_matmul_precision(), "")
     rec = records.record(

@@ -1,1 +1,1 @@
-"""The torch.nn layer and its functional form, graph preparation, pickling and conversion of checkpoints."""
+"""The torch.nn layer, its functional form and the conversion of research checkpoints."""

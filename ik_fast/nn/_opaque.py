@@ -106,8 +106,8 @@ def _program(key: int, training: bool, tensors: List[Tensor]):
 
 
 def _forward(tensors, x, edge_index, pos_src, pos_dst, delta, attr, n_dst, key, training, backend):
+    from ik_fast.graph import check_positions, prepare_graph
     from ik_fast.nn.functional import implicit_point_conv
-    from ik_fast.nn.graph import check_positions, prepare_graph
 
     program = _program(key, training, tensors)
     graph = prepare_graph(edge_index, x.shape[0], n_dst, x.device)

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from ik_fast.backends import compiled_backend, get_backend, resolve_backend
-from ik_fast.nn.graph import Graph, check_edge_inputs, check_node_features, prepare_graph
+from ik_fast.graph import Graph, check_edge_inputs, check_node_features, prepare_graph
 from ik_fast.spec.program import KernelProgram
 
 __all__ = ["implicit_point_conv"]

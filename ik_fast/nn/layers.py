@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 from escnn import nn as enn
 
+from ik_fast.graph import check_node_features, check_positions, prepare_graph
 from ik_fast.nn import _opaque
-from ik_fast.nn._serialize import reduce_module
 from ik_fast.nn.functional import implicit_point_conv
-from ik_fast.nn.graph import check_node_features, check_positions, prepare_graph
+from ik_fast.spec._serialize import reduce_module
 from ik_fast.spec.kernel import ImplicitKernel, check_field_type
 
 __all__ = ["ImplicitPointConv", "ImplicitConv"]
@@ -86,7 +86,7 @@ class ImplicitPointConv(_ImplicitConvBase):
 
     Returns the receivers' features in the container type of ``x`` (a GeometricTensor carries the receivers' coords).
     A NaN or an infinity in the source features, the positions, ``edge_delta`` or ``edge_attr`` raises a
-    ``ValueError`` naming the argument (why, unlike ``torch.nn`` layers: :func:`ik_fast.nn.graph.check_node_features`).
+    ``ValueError`` naming the argument (why, unlike ``torch.nn`` layers: :func:`ik_fast.graph.check_node_features`).
     """
 
     def __init__(
@@ -220,7 +220,7 @@ class ImplicitPointConv(_ImplicitConvBase):
         The fused backends ("native", "triton") are traced through their registered ops: the kernel's lowering and
         packing in plain PyTorch, the data-dependent part of graph preparation (the checks of the inputs' values:
         edge_index, positions, edge inputs; and the receiver sort) in the registered op ``ik_fast::graph_csr``
-        (:func:`ik_fast.nn.graph.prepare_graph`), then the host of :mod:`ik_fast.backends.fused` (statistics passes,
+        (:func:`ik_fast.graph.prepare_graph`), then the host of :mod:`ik_fast.backends.fused` (statistics passes,
         ``conv``). The compiled step does the work of the eager one, and a double backward goes through the ops'
         registered derivatives wherever the compiled graph's backward allows one (with Dynamo's graph run by autograd,
         ``backend="eager"``; AOTAutograd's compiled backward has none, whatever the model).

@@ -10,8 +10,8 @@ import numpy as np
 import torch
 from escnn import nn as enn
 
-from ik_fast.nn._serialize import reduce_module
 from ik_fast.spec import _groups
+from ik_fast.spec._serialize import reduce_module
 from ik_fast.spec.program import BatchNorm, BlockPlan, Hidden, KernelProgram, Linear, _as, build_plan, scalar
 
 __all__ = ["ImplicitKernel", "check_field_type"]
@@ -605,7 +605,7 @@ class ImplicitKernel(torch.nn.Module):
 
     def forward(self, pos: torch.Tensor, attr: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Kernels (E, out_type.size, in_type.size) at relative positions ``pos`` (E, n) with attributes ``attr``."""
-        from ik_fast.nn.graph import check_edge_inputs
+        from ik_fast.graph import check_edge_inputs
 
         prog = self.program()
         check_edge_inputs(

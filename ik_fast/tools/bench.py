@@ -2,7 +2,7 @@
 
 ``python -m ik_fast.tools.bench --problems cpu --providers reference,torch --modes train`` runs every case in a child
 process (so that each has its own peak resident set on CPU), prints a table and writes the records
-(:mod:`ik_fast.tools.records`: one ``step_time`` and one ``peak_memory`` record per case, each with the commit, the
+(:mod:`ik_fast.records`: one ``step_time`` and one ``peak_memory`` record per case, each with the commit, the
 device and the stack's versions) to ``benchmarks/results/timing/<device>/<date>-<name>.json``, rewritten after every
 case, and to the same path under ``--copy-to`` (e.g. a folder that a lent GPU machine returns). ``--budget-s`` bounds
 the whole run: a case still running when it is spent is stopped (its child killed) and recorded as such, and the cases
@@ -55,9 +55,9 @@ def _sync(device):
 
 
 def provenance(device: str = "cpu") -> Dict:
-    """:func:`ik_fast.tools.records.provenance` of ``device``; where CUDA is named but cannot be used (a CPU build of
+    """:func:`ik_fast.records.provenance` of ``device``; where CUDA is named but cannot be used (a CPU build of
     torch, no driver), the records still get written: the device is then ``cuda`` named by the reason."""
-    from ik_fast.tools import records
+    from ik_fast import records
 
     try:
         return records.provenance(device)
@@ -85,7 +85,7 @@ def count_work(problems: List[str], providers: List[str], timeout: float = 3600.
     appended to ``out_records`` when given."""
     import tempfile
 
-    from ik_fast.tools import records
+    from ik_fast import records
     from ik_fast.tools.workcount import slope_rows
 
     rows = []
@@ -434,7 +434,7 @@ def run_rounds(
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# results files (ik_fast.tools.records)
+# results files (ik_fast.records)
 # ----------------------------------------------------------------------------------------------------------------
 _EXTRA = (
     "description",
@@ -472,7 +472,7 @@ def case_records(rec: Dict, prov: Dict, command: str) -> List[Dict]:
     """The schema records of one case's result: ``step_time`` (median, with p20 / p80 and the sample count as its
     spread) and ``peak_memory`` (the CUDA caching allocator's peak on a GPU, the peak resident set on CPU); a case
     without a result gives one ``step_time`` record with its error."""
-    from ik_fast.tools import records
+    from ik_fast import records
 
     extra = {k: rec[k] for k in _EXTRA if k in rec}
     extra.update(matmul_precision=rec.get("precision", "highest"), command=command)
@@ -513,7 +513,7 @@ def results_root() -> str:
 
 def results_path(kind: str, name: str, prov: Dict, root: Optional[str] = None) -> str:
     """``<root>/<kind>/<device slug>/<date>-<name>.json`` (root: :func:`results_root`)."""
-    from ik_fast.tools import records
+    from ik_fast import records
 
     return os.path.join(root or results_root(), kind, records.device_slug(prov), f"{prov['date'][:10]}-{name}.json")
 
@@ -521,7 +521,7 @@ def results_path(kind: str, name: str, prov: Dict, root: Optional[str] = None) -
 def write_results(path: str, recs: List[Dict], copy_to: Optional[str] = None, root: Optional[str] = None) -> str:
     """Write a results file (atomically) and, with ``copy_to``, the same file under that folder at the same path
     relative to the results root (or by its name when it lies elsewhere). Returns ``path``."""
-    from ik_fast.tools import records
+    from ik_fast import records
 
     records.write(path, recs)
     if copy_to:
@@ -764,7 +764,7 @@ def main(argv=None) -> int:
             print(json.dumps({**case, "error": "out of memory"}))
         return 0
     signal.signal(signal.SIGTERM, _stop_child)
-    from ik_fast.tools import records
+    from ik_fast import records
 
     if args.precompile:
         precs = (

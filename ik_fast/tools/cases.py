@@ -145,7 +145,7 @@ def setup_case(problem: str, provider: str, mode: str, device: str = "cpu", dtyp
     import torch
     from escnn import nn as enn
 
-    from ik_fast.nn.graph import prepare_graph
+    from ik_fast.graph import prepare_graph
     from ik_fast.tools.problems import build_escnn_layer, build_inputs, build_layer, field_types, get_problem
 
     p = get_problem(problem)

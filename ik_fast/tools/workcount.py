@@ -27,7 +27,7 @@ gradients, statistics merges, W' contractions per receiver block when the receiv
 anyway).
 
 ``python -m ik_fast.tools.workcount --json OUT.json`` (and ``benchmarks/count_work.py``) writes the counts as records
-(:mod:`ik_fast.tools.records`, kind ``work``; :func:`work_records`), per problem and provider: ``macs_per_edge`` (the
+(:mod:`ik_fast.records`, kind ``work``; :func:`work_records`), per problem and provider: ``macs_per_edge`` (the
 slope, with the floor, the ratio and both graphs' counts per kernel in ``extra``; no value under ``--aten-only``),
 ``aten_ops`` (the smaller graph's count, both graphs' in ``extra.aten_ops_at_edges``) and, with ``--cached``,
 ``aten_ops_cached``. Under the interpreter the device is named ``<CPU> (<n> threads), Triton interpreter``.
@@ -455,9 +455,9 @@ def _step_details(step: Dict) -> Dict[str, object]:
 def work_records(
     problem: str, provider: str, s: Dict, steps: List[Dict], prov: Dict, command: str, execute: bool = True, ok=None
 ) -> List[Dict]:
-    """The records (:mod:`ik_fast.tools.records`, kind ``work``) of one problem and provider: :func:`slope` ``s`` of the
+    """The records (:mod:`ik_fast.records`, kind ``work``) of one problem and provider: :func:`slope` ``s`` of the
     counted ``steps`` (:func:`count_step` of the two graphs); ``ok``: whether they pass ``--check``'s bounds."""
-    from ik_fast.tools import records
+    from ik_fast import records
 
     edges = list(s["edges"])
     common = dict(mode="train", precision="ieee", prov=prov)
@@ -546,7 +546,7 @@ def slope_rows(recs: List[Dict]) -> List[Dict]:
 
 def provenance() -> Dict[str, object]:
     """The provenance of a count on this CPU; under the interpreter, the device says so."""
-    from ik_fast.tools import records
+    from ik_fast import records
 
     prov = records.provenance("cpu")
     if interpreting():
@@ -588,7 +588,7 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--json",
         default=None,
-        help="write the records (ik_fast/tools/records.py, kind work; per kernel counts too) to this file",
+        help="write the records (ik_fast/records.py, kind work; per kernel counts too) to this file",
     )
     ap.add_argument("--name", default=None, help="also write them to benchmarks/results/work/<device>/<date>-NAME.json")
     ap.add_argument(
@@ -669,7 +669,7 @@ def main(argv=None) -> int:
 
 
 def _save(recs: List[Dict], json_out, name) -> List[str]:
-    from ik_fast.tools import records
+    from ik_fast import records
 
     paths = [json_out] if json_out else []
     if name and recs:
