@@ -477,7 +477,7 @@ def test_compile_error_is_a_clear_reason(tmp_path):
         "import ik_fast._native as N, ik_fast._build as Bd\n"
         f"Bd.source_root = lambda: {str(src)!r}\n"
         "N._prebuilt = lambda root: (None, 'hidden')\n"
-        "from ik_fast import ops\nprint('WHY:', ops.status('native', 'cpu'))\n"
+        "import ik_fast.backends\nfrom ik_fast import ops\nprint('WHY:', ops.status('native', 'cpu'))\n"
     )
     env = dict(
         os.environ,
