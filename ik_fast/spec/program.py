@@ -293,13 +293,6 @@ class Hidden:
     Ainv: Optional[Tensor]  # (dim, grid)
     bn: Optional[BatchNorm]
 
-    def activate(self, x: Tensor) -> Tensor:
-        """Linear output (E, channels * dim) -> activation (E, channels * dim) (:func:`ik_fast.ops.
-        activation_reference_form`)."""
-        if self.A is None:
-            return torch.nn.functional.elu(x)
-        return ops.activation_reference_form(x, self.A, self.Ainv)
-
 
 def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
     """``t.to(dtype)`` without an operator when it already is."""
