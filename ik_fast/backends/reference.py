@@ -26,8 +26,7 @@ def implicit_conv_reference(program: KernelProgram, x_src, graph: Graph, delta, 
     chunked = not torch.is_grad_enabled() and not program.needs_batch_stats
     step = EVAL_CHUNK if chunked else E
     stats: list = []
-    args = list(program.op_program([], dense=True).args())
-    args[-1] = None  # (the lowered weight is zero outside its structure: no mask to apply)
+    args = program.op_program([], dense=True).args()
     inp = program.mlp_input(delta, attr)
     for start in range(0, E, step):
         sl = slice(start, start + step)

@@ -258,11 +258,6 @@ class BatchNorm:
         factor = self.scale / torch.sqrt(var + scalar(self.eps, var.dtype))
         return factor, self.shift - mean * factor.view(-1, 1)
 
-    def affine(self, stats: Optional[Tuple[Tensor, Tensor]]) -> Tuple[Tensor, Tensor]:
-        """(scale, shift), each (C * d,), such that the batch norm is h -> h * scale + shift."""
-        factor, shift = self.factors(stats)
-        return factor[:, None].expand_as(shift).reshape(-1), shift.reshape(-1)
-
 
 def _all_reduce_moments(moments: Tensor, count: int) -> Tuple[Tensor, int]:
     """Moments (2, K) over ``count`` local edges -> the moments of the union of every process's edges (one
@@ -393,8 +388,9 @@ class KernelProgram:
         """The program as the ops take it (:class:`ik_fast.ops.OpProgram`): the MLP as written, in ``dtype``, each
         batch norm's affine from its statistics (``stats``, one per batch norm, in training; the running ones in eval
         mode; empty where a training batch norm's statistics are not given yet, as in a statistics pass).
-        Differentiable with respect to the escnn parameters. ``dense``: every hidden weight dense (the componentwise
-        Linears too)."""
+        Differentiable with respect to the escnn parameters. ``dense``: the plain statement's form, every hidden weight
+        dense (the componentwise Linears too) and no ``final_mask`` (the lowered weight is zero outside its
+        structure)."""
         dtype = self.sigma.dtype if dtype is None else dtype
         empty = self.sigma.new_zeros(0, dtype=dtype)
         weights, biases, fourier, fourier_inv, factors, shifts = [], [], [], [], [], []
@@ -420,7 +416,7 @@ class KernelProgram:
         fb = fw.new_zeros(R, C) if self.final.bias is None else _as(self.final.bias, dtype).view(R, C)
         return ops.OpProgram(
             weights, biases, fourier, fourier_inv, factors, shifts, fw, fb, self._coef(dtype), float(self.norm),
-            self.dim, self.final_mask,
+            self.dim, None if dense else self.final_mask,
         )  # fmt: skip
 
     def _coef(self, dtype: torch.dtype) -> Tensor:
@@ -434,9 +430,7 @@ class KernelProgram:
         (:func:`ik_fast.ops.kernels_reference_form`), each batch norm with the batch's statistics in training
         (``stats``, or computed from this batch where None), the running ones in eval mode."""
         used: list = []
-        p = self.op_program([], dense=True)
-        args = list(p.args())
-        args[-1] = None  # (the lowered weight is zero outside its structure: no mask to apply)
+        args = self.op_program([], dense=True).args()
         k = ops.kernels_reference_form(self.mlp_input(delta, attr), *args, affines=self.batch_affines(stats, used))
         return k, used
 
