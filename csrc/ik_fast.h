@@ -3,13 +3,13 @@
 // The ops' schemas are defined once, in Python (ik_fast/ops.py: ops.define("native") makes ik_fast::native_conv,
 // ik_fast::native_conv_backward and ik_fast::native_trunk_moments, with their fakes and autograd). The sources only
 // add kernels per dispatch key, TORCH_LIBRARY_IMPL(ik_fast, CPU, m) / TORCH_LIBRARY_IMPL(ik_fast, CUDA, m), with these
-// C++ signatures (Tensor[] -> at::TensorList, Tensor? -> const std::optional<at::Tensor>&, Tensor[]? ->
-// std::optional<at::TensorList>, float -> double, int -> int64_t):
+// C++ signatures (Tensor[] -> at::TensorList, Tensor? -> const std::optional<at::Tensor>&, str? ->
+// const std::optional<c10::string_view>&, Tensor[]? -> std::optional<at::TensorList>, float -> double, int -> int64_t):
 //
 //   at::Tensor native_conv(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, bn_factor, bn_shift,
-//                          final_weight, final_bias, coef, double norm, int64_t ndim, final_mask, hidden, tape)
+//                          final_weight, final_bias, coef, double norm, int64_t ndim, structure, hidden, tape)
 //   std::vector<at::Tensor> native_conv_backward(grad, x, inp, src, rowptr, weights, biases, fourier, fourier_inv,
-//                          bn_factor, bn_shift, final_weight, final_bias, coef, double norm, int64_t ndim, final_mask,
+//                          bn_factor, bn_shift, final_weight, final_bias, coef, double norm, int64_t ndim, structure,
 //                          tape)
 //       -> [dx, dinp, *dweights, *dbiases, *dbn_factor, *dbn_shift, dfinal_weight, dfinal_bias, dcoef] (4L + 5;
 //          empty tensors for the batch norm of a layer without one)

@@ -5,7 +5,7 @@ A fused backend evaluates the implicit convolution without materialising per-edg
 live here and nowhere else. The ops take the kernel MLP **as written**: nothing is folded on the host.
 
 ``conv(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, bn_factor, bn_shift, final_weight, final_bias,
-coef, norm, ndim, final_mask, hidden, tape) -> out`` (n_dst, R)
+coef, norm, ndim, structure, hidden, tape) -> out`` (n_dst, R)
     For every receiver i, ``sum_{e in rowptr[i]:rowptr[i+1]} K_e x[src_e]`` with
     ``K_e = norm * exp(-coef |d_e|^2) * (W_F . h_e + B_F)`` and ``h_e`` the trunk of the kernel MLP on
     ``inp_e = [d_e, a_e]`` (``d_e`` its first ``ndim`` columns). Edges come in receiver order (the graph's CSR:
@@ -40,11 +40,14 @@ data); ``act_k`` the Fourier ELU ``ELU(y A_k^T) A_k^+^T`` on each channel of ``D
 batch norm's affine map (escnn's IIDBatchNorm1d with its statistics known: ``factor = weight / sqrt(var + eps)``
 (C_k,), ``shift = bias - mean * factor`` flattened channel-major (H_k,); ``D_k = H_k / C_k``); ``final_weight`` W_F
 (R, H, C_in), ``final_bias`` B_F (R, C_in) (zeros without bias), ``coef`` = 1 / (2 sigma^2) (shape (1,)).
-``final_mask`` (optional, bool (R, H, C_in), on the CPU) is W_F's structure: the op computes with
-``W_F * final_mask``, so entries outside it are ignored and get a zero gradient. For an equivariant layer it is the
-last Linear's structural non-zero pattern, so nothing changes numerically and an implementation may skip everything
-outside it; on the CPU it can be planned without a device sync, and the plan cached for the tensor. No tile size,
-precision mode or other implementation detail appears in a schema.
+``structure`` (optional) is the kernel's structure as one frozen value, a :class:`~ik_fast.spec.structure.ConvSpec`
+encoded as a string: the sizes, every hidden layer's layout, and W_F's blocks as escnn's basis knows them (output
+field group x hidden component x input field group). The op computes with ``W_F * mask(structure)``, so entries
+outside the blocks are ignored and get a zero gradient; without it W_F is dense. For an equivariant layer the blocks
+are the last Linear's structural non-zeros, so nothing changes numerically and an implementation may skip everything
+outside them. It is a structural constant (a string: constant to ``torch.compile``, known on the host without a
+device sync, its content its hash): every implementation derives its own tiling from it and keys its caches on it.
+No tile size, precision mode or other implementation detail appears in a schema.
 
 **The tape** (optional, never differentiated): ``[act_1, grid_1, ..., act_L, grid_L]``, every hidden layer's
 activation (before its batch norm) and grid as ``trunk_moments(..., with_activation=True, with_grid=True)`` gives them
@@ -102,7 +105,7 @@ _LIB = torch.library.Library("ik_fast", "FRAGMENT")
 
 _PROGRAM = (
     "Tensor[] weights, Tensor[] biases, Tensor[] fourier, Tensor[] fourier_inv, Tensor[] bn_factor, "
-    "Tensor[] bn_shift, Tensor final_weight, Tensor final_bias, Tensor coef, float norm, int ndim, Tensor? final_mask"
+    "Tensor[] bn_shift, Tensor final_weight, Tensor final_bias, Tensor coef, float norm, int ndim, str? structure"
 )
 SCHEMAS = {
     "conv": f"(Tensor x, Tensor inp, Tensor src, Tensor rowptr, {_PROGRAM}, Tensor? hidden, Tensor[]? tape=None) "
@@ -134,7 +137,7 @@ CONV_ARGS = (
     "coef",
     "norm",
     "ndim",
-    "final_mask",
+    "structure",
 )
 LAYER_LISTS = ("weights", "biases", "fourier", "fourier_inv", "bn_factor", "bn_shift")
 GRAD_ARGS = ("x", "inp", "weights", "biases", "bn_factor", "bn_shift", "final_weight", "final_bias", "coef")
@@ -144,7 +147,8 @@ GRAD_ARGS = ("x", "inp", "weights", "biases", "bn_factor", "bn_shift", "final_we
 class OpProgram:
     """The kernel MLP as the ops take it (see the module docstring), by name: per hidden layer its weight (dense or
     componentwise), bias, Fourier matrices and batch-norm affine (empty tensors without batch norm); the last Linear in
-    kernel layout; the radial coefficient; ``final_mask`` the structure of ``final_weight``, or None."""
+    kernel layout; the radial coefficient; ``structure`` the kernel's encoded
+    :class:`~ik_fast.spec.structure.ConvSpec`, or None (``final_weight`` dense)."""
 
     weights: List[Tensor]
     biases: List[Tensor]
@@ -157,10 +161,10 @@ class OpProgram:
     coef: Tensor
     norm: float
     ndim: int
-    final_mask: Optional[Tensor] = None
+    structure: Optional[str] = None
 
     def args(self) -> tuple:
-        """The program's arguments of ``conv`` in schema order (from ``weights`` to ``final_mask``)."""
+        """The program's arguments of ``conv`` in schema order (from ``weights`` to ``structure``)."""
         return tuple(getattr(self, name) for name in CONV_ARGS[4:])
 
     def grad_inputs(self) -> list:
@@ -230,15 +234,34 @@ def trunk_reference_form(
     return h
 
 
+def structure_mask(structure: str, shape, device) -> Tensor:
+    """The bool mask (R, H, C_in) of an encoded structure on ``device`` (:func:`ik_fast.spec.structure.mask`, cached
+    by the string's content); a ValueError naming ``structure`` when it does not describe a W' of ``shape``. While a
+    trace runs (torch.compile, fake tensors), made afresh in it."""
+    from ik_fast.spec import structure as st  # (the spec's value type: it imports nothing of the package)
+
+    st.check_shape(structure, shape)
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:  # tracing (fake tensors, AOT):
+        return torch.from_numpy(st.mask(structure).copy()).to(device)  # made in the trace, never a cached one
+    return _mask_tensor(structure, str(torch.device(device)))
+
+
+@functools.lru_cache(maxsize=64)
+def _mask_tensor(structure: str, device: str) -> Tensor:
+    from ik_fast.spec import structure as st
+
+    return torch.from_numpy(st.mask(structure).copy()).to(device)
+
+
 def kernels_reference_form(
     inp, weights, biases, fourier, fourier_inv, bn_factor, bn_shift, final_weight, final_bias, coef, norm, ndim,
-    final_mask=None, affines=None,
+    structure=None, affines=None,
 ) -> Tensor:  # fmt: skip
     """The per-edge kernels (E, R, C_in) of the module docstring."""
     E = inp.shape[0]
     R, H, C = final_weight.shape
-    if final_mask is not None:
-        final_weight = final_weight * final_mask.to(final_weight.device)
+    if structure is not None:
+        final_weight = final_weight * structure_mask(structure, final_weight.shape, final_weight.device)
     h = trunk_reference_form(inp, weights, biases, fourier, fourier_inv, bn_factor, bn_shift, affines)
     s = torch.exp(-coef * inp[:, :ndim].square().sum(1)) * norm
     k = (h @ final_weight.permute(1, 0, 2).reshape(H, R * C) + final_bias.reshape(-1)) * s[:, None]
@@ -260,13 +283,13 @@ def receivers(rowptr: Tensor, num_edges: int) -> Tensor:
 
 def conv_reference_form(
     x, inp, src, rowptr, weights, biases, fourier, fourier_inv, bn_factor, bn_shift, final_weight, final_bias, coef,
-    norm, ndim, final_mask=None, hidden=None,
+    norm, ndim, structure=None, hidden=None,
 ) -> Tensor:  # fmt: skip
     """``conv`` as plain differentiable PyTorch (per-edge kernels, the reference backend's memory). ``hidden`` is
     ignored: it only spares an implementation recomputing the trunk (see the module docstring)."""
     msg = messages_reference_form(
         x[src], inp, weights, biases, fourier, fourier_inv, bn_factor, bn_shift, final_weight, final_bias, coef,
-        norm, ndim, final_mask,
+        norm, ndim, structure,
     )  # fmt: skip
     return msg.new_zeros(rowptr.shape[0] - 1, final_weight.shape[0]).index_add(0, receivers(rowptr, inp.shape[0]), msg)
 
@@ -346,12 +369,11 @@ def _conv_input_grads(g: dict, n_layers: int) -> list:
 
 
 def _save_conv_inputs(ctx, inputs, tape, *extra) -> None:
-    """Save conv's inputs (``inputs``: its arguments in schema order up to ``final_mask``) and its tape (``hidden`` is
+    """Save conv's inputs (``inputs``: its arguments in schema order up to ``structure``) and its tape (``hidden`` is
     not saved: without a tape the backward recomputes the trunk, keeping one (E, H) tensor less alive; with one, the
     tape holds it)."""
     a = dict(zip(CONV_ARGS, inputs))
     ctx.n_layers = len(a["weights"])
-    ctx.has_mask = a["final_mask"] is not None
     ctx.tape_given = tape is not None  # (autograd wants a list of Nones back for a list)
     tape = list(tape) if tape else []
     ctx.n_tape = len(tape)
@@ -359,12 +381,12 @@ def _save_conv_inputs(ctx, inputs, tape, *extra) -> None:
     for name in CONV_ARGS:
         if name in LAYER_LISTS:
             tensors += list(a[name])
-        elif name in ("norm", "ndim") or (name == "final_mask" and not ctx.has_mask):
+        elif name in ("norm", "ndim", "structure"):
             continue
         else:
             tensors.append(a[name])
     ctx.save_for_backward(*tensors, *tape, *extra)
-    ctx.norm, ctx.ndim = a["norm"], a["ndim"]
+    ctx.norm, ctx.ndim, ctx.structure = a["norm"], a["ndim"], a["structure"]
 
 
 def _no_grads(ctx) -> tuple:
@@ -390,8 +412,8 @@ def _saved_conv_inputs(ctx, tensors=None) -> list:
             out.append(ctx.norm)
         elif name == "ndim":
             out.append(ctx.ndim)
-        elif name == "final_mask" and not ctx.has_mask:
-            out.append(None)
+        elif name == "structure":
+            out.append(ctx.structure)
         else:
             out.append(t[i])
             i += 1

@@ -224,17 +224,19 @@ def test_op_matches_its_statement_in_forward_backward_and_double_backward(impl, 
 
 
 @IMPL
-def test_final_mask_semantics_on_a_weight_outside_the_structure(impl, device):
-    """The op computes with ``final_weight * final_mask``: W''s gradient is zero outside the mask; without a mask the
-    whole dense weight is used."""
+def test_structure_semantics_on_a_weight_outside_the_structure(impl, device):
+    """The op computes with ``final_weight * mask(structure)``: W''s gradient is zero outside the structure's blocks;
+    without a structure the whole dense weight is used."""
     conv, gs, attr_t = _layer(device=device)
     conv.eval()
     inputs = OpInputs.of(conv, *_graph(conv, gs, attr_t, device=device))
-    mask = inputs.program.final_mask
-    assert mask is not None and not bool(mask.all())
+    structure = inputs.program.structure
+    assert isinstance(structure, str)
+    mask = ops.structure_mask(structure, inputs.program.final_weight.shape, device)
+    assert not bool(mask.all())
     W = torch.randn_like(inputs.program.final_weight).requires_grad_()
-    for m in (mask, None):
-        inputs.program = replace(inputs.program, final_weight=W, final_mask=m)
+    for st in (structure, None):
+        inputs.program = replace(inputs.program, final_weight=W, structure=st)
         out = _op(impl, "conv")(*inputs.args())
         ref = _statement(inputs)
         assert rel(out, ref) <= _tol("forward", F64, impl)
@@ -242,10 +244,10 @@ def test_final_mask_semantics_on_a_weight_outside_the_structure(impl, device):
         (g1,) = torch.autograd.grad((out * w).sum(), W)
         (g2,) = torch.autograd.grad((ref * w).sum(), W)
         assert rel(g1, g2) <= _tol("backward", F64, impl)
-        if m is not None:
-            assert bool((g1[~m.to(g1.device)] == 0).all())
+        if st is not None:
+            assert bool((g1[~mask] == 0).all())
         else:
-            assert bool((g1[~mask.to(g1.device)] != 0).any())
+            assert bool((g1[~mask] != 0).any())
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -211,7 +211,8 @@ def _bad_args():
         ("bn_factor", setitem("bn_factor", lambda t, a: [u.float() for u in t])),  # dtype != the program's
         ("final_weight", setitem("final_weight", lambda t, a: t[:, :-1])),  # H != last hidden width
         ("final_bias", setitem("final_bias", lambda t, a: t[:-1])),  # R != final_weight's
-        ("final_mask", setitem("final_mask", lambda t, a: t[:, :1])),  # shape != final_weight's
+        ("structure", setitem("structure", lambda t, a: t.replace("ik1 ", "ik1 1", 1))),  # R != final_weight's
+        ("structure", setitem("structure", lambda t, a: t.rsplit(" ", 1)[0])),  # truncated
         ("hidden", setitem("hidden", lambda t, a: torch.zeros(3, 2, dtype=a[0].dtype))),  # shape != (E, H)
     ]
     return [(name, f) for name, f in cases]
@@ -232,7 +233,7 @@ def _moments_args(args, upto=None):
 
 
 @needs_native
-@pytest.mark.parametrize("which", range(14))
+@pytest.mark.parametrize("which", range(15))
 def test_raw_op_errors_name_the_argument(which):
     """The kernels check what Python does not (they are reachable as torch.ops.ik_fast.native_*): each faulty
     argument gives an error (a TORCH_CHECK) whose message names it (or, for a mismatch between two arguments, the

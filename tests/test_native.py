@@ -51,7 +51,7 @@ def _op_args(conv, pos, ei, x, a, grad=True):
     """native_conv's arguments for a layer and a graph, as the fused backend builds them (op contract v2: the kernel
     MLP as written, each batch norm an affine map; in eval mode from the running statistics), in schema order up to
     ``hidden`` (None): x, inp, src, rowptr, weights, biases, fourier, fourier_inv, bn_factor, bn_shift, final_weight,
-    final_bias, coef, norm, ndim, final_mask, hidden. Leaves that require gradients where the op has one."""
+    final_bias, coef, norm, ndim, structure, hidden. Leaves that require gradients where the op has one."""
     prog = conv.kernel.program()
     n = x.shape[0]
     g = prepare_graph(ei, n, n)
@@ -74,7 +74,7 @@ def _op_args(conv, pos, ei, x, a, grad=True):
         leaf(p.coef),
         p.norm,
         p.ndim,
-        p.final_mask,
+        p.structure,
         None,
     ]
 

@@ -41,17 +41,19 @@ def _inputs(conv, gs, attr_t, n=10, e=40, dtype=torch.float64, seed=0):
 
 
 def test_block_plan_covers_exactly_the_structure():
-    """W''s block plan (kernels_triton/blocks.py): its compact blocks hold exactly the structural entries at their
-    permuted positions (a round trip through gather and scatter is the identity on masked weights), the blocks are
-    few for an equivariant layer, and without a mask every block is listed."""
+    """W''s block plan (kernels_triton/blocks.py), derived from the kernel's structure: its compact blocks hold
+    exactly the structural entries at their permuted positions (a round trip through gather and scatter is the
+    identity on masked weights), the blocks are few for an equivariant layer, and without a structure every block is
+    listed."""
     from ik_fast.kernels_triton import blocks as KB
+    from ik_fast.spec import structure as ST
 
     conv, _, _ = _conv("O3", "mixed_attr")
     kern = conv.kernel
-    mask = kern._final_mask
+    mask = torch.from_numpy(ST.mask(kern.structure).copy())
     R, H, C = mask.shape
-    plan = KB.blocks(mask, mask.shape, kern._rho_size, "cpu")
-    assert plan is KB.blocks(mask, mask.shape, kern._rho_size, "cpu")  # cached per mask tensor
+    plan = KB.blocks(kern.structure, mask.shape, kern._rho_size, "cpu")
+    assert plan is KB.blocks(str(kern.structure), mask.shape, kern._rho_size, "cpu")  # cached by content
     W = torch.randn(R, H, C, dtype=torch.float64).reshape(-1)
     compact = torch.where(plan.w_idx >= 0, W[plan.w_idx.clamp(min=0)], 0.0)  # what the kernels read
     back = torch.zeros_like(W).index_copy_(0, plan.w_src, compact[plan.w_dst])  # how the gradient goes back
@@ -65,8 +67,8 @@ def test_block_plan_covers_exactly_the_structure():
     assert dense.n_blocks == n(R) * n(H) * n(C) and plan.n_blocks < dense.n_blocks
     for p in (plan.perm_h[:H], plan.perm_c[:C], plan.perm_r[:R]):
         assert torch.equal(p.sort().values, torch.arange(p.numel(), dtype=p.dtype))
-    with pytest.raises(ValueError, match="final_mask has shape"):
-        KB.blocks(mask[:, :1], mask.shape, kern._rho_size, "cpu")
+    with pytest.raises(ValueError, match="structure describes"):
+        KB.blocks(kern.structure, (R, H - 1, C), kern._rho_size, "cpu")
 
 
 def test_float32_and_bfloat16_errors_against_float64():

@@ -831,7 +831,7 @@ template <typename T>
 Conv<T> make_conv(const Tensor& x, const Tensor& inp, const Tensor& src, const Tensor& rowptr, TensorList weights,
                   TensorList biases, TensorList fourier, TensorList fourier_inv, TensorList bn_factor,
                   TensorList bn_shift, const Tensor& final_weight, const Tensor& final_bias, const Tensor& coef,
-                  double norm, int64_t ndim, const c10::optional<Tensor>& final_mask) {
+                  double norm, int64_t ndim, const std::optional<c10::string_view>& structure) {
   Conv<T> cv;
   const int64_t E = inp.size(0);
   TORCH_CHECK(x.dim() == 2, "ik_fast native: x must be (n_src, C_in), got shape ", x.sizes());
@@ -878,7 +878,7 @@ Conv<T> make_conv(const Tensor& x, const Tensor& inp, const Tensor& src, const T
   const int64_t H = final_weight.size(1);
   TORCH_CHECK(cv.tr.width() == H, "ik_fast native: final_weight has H = ", H, " hidden units but the trunk gives ",
               cv.tr.width());
-  cv.plan = plan_for(final_mask, cv.R, H, cv.C);
+  cv.plan = plan_for(structure, cv.R, H, cv.C);
   // the last activation's layout row of each plan position
   std::vector<int64_t> row_of(H);
   const auto& lp = cv.tr.last_perm();
@@ -914,12 +914,12 @@ template <typename T>
 Tensor conv_impl(const Tensor& x_, const Tensor& inp_, const Tensor& src_, const Tensor& rowptr_, TensorList weights,
                  TensorList biases, TensorList fourier, TensorList fourier_inv, TensorList bn_factor,
                  TensorList bn_shift, const Tensor& final_weight, const Tensor& final_bias, const Tensor& coef,
-                 double norm, int64_t ndim, const c10::optional<Tensor>& final_mask,
+                 double norm, int64_t ndim, const std::optional<c10::string_view>& structure,
                  const c10::optional<Tensor>& hidden_, const c10::optional<TensorList>& tape) {
   const auto dt = c10::CppTypeToScalarType<T>::value;
   Tensor x = x_.contiguous(), inp = inp_.to(dt).contiguous(), src = src_.contiguous(), rowptr = rowptr_.contiguous();
   Conv<T> cv = make_conv<T>(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, bn_factor, bn_shift,
-                            final_weight, final_bias, coef, norm, ndim, final_mask);
+                            final_weight, final_bias, coef, norm, ndim, structure);
   const int64_t n_dst = rowptr.size(0) - 1, E = inp.size(0);
   Tensor out = at::zeros({n_dst, cv.R}, x.options());
   if (E == 0 || n_dst == 0) return out;
@@ -997,12 +997,12 @@ std::vector<Tensor> conv_backward_impl(const Tensor& grad_, const Tensor& x_, co
                                        const Tensor& rowptr_, TensorList weights, TensorList biases, TensorList fourier,
                                        TensorList fourier_inv, TensorList bn_factor, TensorList bn_shift,
                                        const Tensor& final_weight, const Tensor& final_bias, const Tensor& coef,
-                                       double norm, int64_t ndim, const c10::optional<Tensor>& final_mask,
+                                       double norm, int64_t ndim, const std::optional<c10::string_view>& structure,
                                        const c10::optional<TensorList>& tape) {
   const auto dt = c10::CppTypeToScalarType<T>::value;
   Tensor x = x_.contiguous(), inp = inp_.to(dt).contiguous(), src = src_.contiguous(), rowptr = rowptr_.contiguous();
   Conv<T> cv = make_conv<T>(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, bn_factor, bn_shift,
-                            final_weight, final_bias, coef, norm, ndim, final_mask);
+                            final_weight, final_bias, coef, norm, ndim, structure);
   const int64_t n_dst = rowptr.size(0) - 1, E = inp.size(0), n_src = x.size(0);
   const int64_t R = cv.R, C = cv.C, zs = cv.plan->zsize, P = cv.P(), H = cv.tr.width();
   TORCH_CHECK(grad_.dim() == 2 && grad_.size(0) == n_dst && grad_.size(1) == R,
@@ -1282,28 +1282,28 @@ void check_dtype(const Tensor& t, const char* name) {
 Tensor conv_cpu(const Tensor& x, const Tensor& inp, const Tensor& src, const Tensor& rowptr, TensorList weights,
                 TensorList biases, TensorList fourier, TensorList fourier_inv, TensorList bn_factor,
                 TensorList bn_shift, const Tensor& final_weight, const Tensor& final_bias, const Tensor& coef,
-                double norm, int64_t ndim, const c10::optional<Tensor>& final_mask, const c10::optional<Tensor>& hidden,
-                c10::optional<TensorList> tape) {
+                double norm, int64_t ndim, const std::optional<c10::string_view>& structure,
+                const c10::optional<Tensor>& hidden, c10::optional<TensorList> tape) {
   check_dtype(x, "x");
   if (x.scalar_type() == at::kDouble)
     return conv_impl<double>(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, bn_factor, bn_shift,
-                             final_weight, final_bias, coef, norm, ndim, final_mask, hidden, tape);
+                             final_weight, final_bias, coef, norm, ndim, structure, hidden, tape);
   return conv_impl<float>(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, bn_factor, bn_shift, final_weight,
-                          final_bias, coef, norm, ndim, final_mask, hidden, tape);
+                          final_bias, coef, norm, ndim, structure, hidden, tape);
 }
 
 std::vector<Tensor> conv_backward_cpu(const Tensor& grad, const Tensor& x, const Tensor& inp, const Tensor& src,
                                       const Tensor& rowptr, TensorList weights, TensorList biases, TensorList fourier,
                                       TensorList fourier_inv, TensorList bn_factor, TensorList bn_shift,
                                       const Tensor& final_weight, const Tensor& final_bias, const Tensor& coef,
-                                      double norm, int64_t ndim, const c10::optional<Tensor>& final_mask,
+                                      double norm, int64_t ndim, const std::optional<c10::string_view>& structure,
                                       c10::optional<TensorList> tape) {
   check_dtype(x, "x");
   if (x.scalar_type() == at::kDouble)
     return conv_backward_impl<double>(grad, x, inp, src, rowptr, weights, biases, fourier, fourier_inv, bn_factor,
-                                      bn_shift, final_weight, final_bias, coef, norm, ndim, final_mask, tape);
+                                      bn_shift, final_weight, final_bias, coef, norm, ndim, structure, tape);
   return conv_backward_impl<float>(grad, x, inp, src, rowptr, weights, biases, fourier, fourier_inv, bn_factor,
-                                   bn_shift, final_weight, final_bias, coef, norm, ndim, final_mask, tape);
+                                   bn_shift, final_weight, final_bias, coef, norm, ndim, structure, tape);
 }
 
 std::tuple<Tensor, Tensor, Tensor> trunk_moments_cpu(const Tensor& inp, TensorList weights, TensorList biases,

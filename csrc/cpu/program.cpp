@@ -309,9 +309,8 @@ std::shared_ptr<Plan> build_plan(const uint8_t* m, int64_t R, int64_t H, int64_t
 }
 
 struct CacheEntry {
-  uint64_t hash;
+  std::string key;  // the structure's encoding ("" for a dense W')
   std::vector<int64_t> sizes;
-  std::vector<uint8_t> bytes;
   std::shared_ptr<const Plan> plan;
 };
 
@@ -321,38 +320,28 @@ constexpr size_t kCacheSize = 16;
 
 }  // namespace
 
-std::shared_ptr<const Plan> plan_for(const c10::optional<at::Tensor>& mask, int64_t R, int64_t H, int64_t C) {
-  std::vector<uint8_t> ones;
-  const uint8_t* m;
-  at::Tensor mc;
-  if (mask.has_value() && mask->defined()) {
-    TORCH_CHECK(mask->device().is_cpu(), "ik_fast native: final_mask must be a CPU tensor, got one on ",
-                mask->device());
-    TORCH_CHECK(mask->scalar_type() == at::kBool, "ik_fast native: final_mask must be bool, got ", mask->scalar_type());
-    TORCH_CHECK(mask->dim() == 3 && mask->size(0) == R && mask->size(1) == H && mask->size(2) == C,
-                "ik_fast native: final_mask must have final_weight's shape (", R, ", ", H, ", ", C, "), got ",
-                mask->sizes());
-    mc = mask->contiguous();
-    m = reinterpret_cast<const uint8_t*>(mc.data_ptr<bool>());
-  } else {
-    ones.assign(R * H * C, 1);
-    m = ones.data();
-  }
-  const int64_t n = R * H * C;
-  const uint64_t h = hash_bytes(m, n);
+std::shared_ptr<const Plan> plan_for(const std::optional<c10::string_view>& structure, int64_t R, int64_t H,
+                                     int64_t C) {
+  std::string key = structure.has_value() ? std::string(structure->data(), structure->size()) : std::string();
   std::vector<int64_t> sizes{R, H, C};
   {
     std::lock_guard<std::mutex> lock(cache_mutex);
     for (auto it = cache.begin(); it != cache.end(); ++it) {
-      if (it->hash == h && it->sizes == sizes && std::memcmp(it->bytes.data(), m, n) == 0) {
+      if (it->sizes == sizes && it->key == key) {
         cache.splice(cache.begin(), cache, it);
         return cache.front().plan;
       }
     }
   }
-  auto plan = build_plan(m, R, H, C);
+  std::vector<uint8_t> m;
+  if (structure.has_value()) {
+    m = parse_structure(*structure, R, H, C, "ik_fast native")->mask();
+  } else {
+    m.assign(static_cast<size_t>(R * H * C), 1);
+  }
+  auto plan = build_plan(m.data(), R, H, C);
   std::lock_guard<std::mutex> lock(cache_mutex);
-  cache.push_front(CacheEntry{h, sizes, std::vector<uint8_t>(m, m + n), plan});
+  cache.push_front(CacheEntry{std::move(key), sizes, plan});
   if (cache.size() > kCacheSize) cache.pop_back();
   return plan;
 }

@@ -10,9 +10,13 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/util/string_view.h>
+
+#include "../structure.h"
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <vector>
 
 namespace ik_fast {
@@ -97,8 +101,8 @@ struct Plan {
   int64_t zsize = 0;
 };
 
-// The plan of a mask (cached by content); of the all-ones mask when `mask` is undefined.
-std::shared_ptr<const Plan> plan_for(const c10::optional<at::Tensor>& mask, int64_t R, int64_t H, int64_t C);
+// The plan of the op's structure (cached by its content); of a dense W' when it is not given.
+std::shared_ptr<const Plan> plan_for(const std::optional<c10::string_view>& structure, int64_t R, int64_t H, int64_t C);
 
 }  // namespace cpu
 }  // namespace ik_fast

@@ -55,7 +55,7 @@
 //
 // WHERE THIS DIFFERS FROM A FULLY FUSED DESIGN (first version; correctness first):
 //  - Z goes through global memory in bounded receiver chunks so that W_aug is applied by cuBLAS (dense: the block
-//    sparsity of final_mask is not exploited; the mask only zeroes W_F and its gradient).
+//    sparsity of the structure is not exploited; the mask only zeroes W_F and its gradient).
 //  - The trunk's backward is layer by layer through global (E, H_k) tensors and cuBLAS, not fused per tile.
 //  - The channel-major <-> component-major change needs no explicit transpose: the tiles live in shared memory and
 //    the componentwise Linear reads them through strided indices (block_mm's aoff), batch = component.
@@ -82,6 +82,7 @@
 // non-decreasing with rowptr[0] = 0 and rowptr[n_dst] = E; every src entry lies in [0, x.size(0)). rowptr and src
 // may be int32 or int64 (converted to int64). Tensors may be non-contiguous (copied).
 // =====================================================================================================================
+#include "../structure.h"
 #include "common.cuh"
 #include "gemm_cuda.h"
 #include "trunk_cuda.h"
@@ -89,6 +90,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 #include <mutex>
 #include <optional>
 #include <tuple>
@@ -257,26 +259,26 @@ namespace {
 constexpr size_t kZChunkBytes = size_t(256) << 20;  // Z of one receiver chunk
 constexpr int kEdgeRows = 32;  // rows of dZ_i per step of the edge backward (hb)
 
-// The mask on the device, per mask tensor (identity and version) and device: the mask is a structural constant of
-// the layer, so it is copied once, not per call. A few entries; each holds its CPU tensor (so the key stays valid).
+// The structure's mask on the device, per structure (by content) and device: a structural constant of the layer,
+// so it is expanded and copied once, not per call. A few entries.
 struct MaskEntry {
-  at::Tensor cpu;
-  int64_t version;
+  std::string key;
   at::Device device;
   at::Tensor dev;
 };
 std::mutex g_mask_mutex;
 std::vector<MaskEntry> g_masks;
 
-at::Tensor device_mask(const at::Tensor& mask, const at::Device& dev) {
+at::Tensor device_mask(const ik_fast::Structure& st, const at::Device& dev) {
   std::lock_guard<std::mutex> lock(g_mask_mutex);
-  const int64_t version = mask._version();
   for (const MaskEntry& m : g_masks)
-    if (m.cpu.unsafeGetTensorImpl() == mask.unsafeGetTensorImpl() && m.version == version && m.device == dev)
-      return m.dev;
-  at::Tensor d = mask.to(dev);
+    if (m.device == dev && m.key == st.key) return m.dev;
+  std::vector<uint8_t> bytes = st.mask();
+  at::Tensor cpu = at::empty({st.R, st.H(), st.C}, at::TensorOptions().dtype(at::kBool));
+  std::memcpy(cpu.data_ptr(), bytes.data(), bytes.size());
+  at::Tensor d = cpu.to(dev);
   if (g_masks.size() >= 8) g_masks.erase(g_masks.begin());
-  g_masks.push_back(MaskEntry{mask, version, dev, d});
+  g_masks.push_back(MaskEntry{st.key, dev, d});
   return d;
 }
 
@@ -293,7 +295,7 @@ ConvInputs check_conv(const at::Tensor& x, const at::Tensor& inp, const at::Tens
                       at::TensorList weights, at::TensorList biases, at::TensorList fourier, at::TensorList fourier_inv,
                       at::TensorList bn_factor, at::TensorList bn_shift, const at::Tensor& final_weight,
                       const at::Tensor& final_bias, const at::Tensor& coef, int64_t ndim,
-                      const std::optional<at::Tensor>& final_mask) {
+                      const std::optional<c10::string_view>& structure) {
   const at::Device dev = x.device();
   TORCH_CHECK(dev.is_cuda(), "ik_fast native CUDA: x must be a CUDA tensor, got ", dev);
   check_float(x, "x");
@@ -348,13 +350,11 @@ ConvInputs check_conv(const at::Tensor& x, const at::Tensor& inp, const at::Tens
   }
   TORCH_CHECK(final_weight.size(1) == c.H, "ik_fast native CUDA: final_weight has H = ", final_weight.size(1),
               " but the last hidden layer has ", c.H, " units");
-  if (final_mask.has_value()) {
-    const at::Tensor& m = *final_mask;
-    TORCH_CHECK(m.device().is_cpu(), "ik_fast native CUDA: final_mask must be a CPU tensor, got ", m.device());
-    TORCH_CHECK(m.scalar_type() == at::kBool, "ik_fast native CUDA: final_mask must be bool, got ", m.scalar_type());
-    TORCH_CHECK(m.sizes() == final_weight.sizes(), "ik_fast native CUDA: final_mask has shape ", m.sizes(),
-                ", but final_weight is ", final_weight.sizes());
-    c.mask = device_mask(m, dev);
+  if (structure.has_value()) {
+    TORCH_CHECK(final_weight.dim() == 3, "ik_fast native CUDA: final_weight must be (R, H, C_in)");
+    auto st = ik_fast::parse_structure(*structure, final_weight.size(0), final_weight.size(1), final_weight.size(2),
+                                       "ik_fast native CUDA");
+    c.mask = device_mask(*st, dev);
   }
   c.x = prep(x, c.st);
   c.inp = prep(inp, c.st);
@@ -433,12 +433,12 @@ at::Tensor native_conv_cuda(const at::Tensor& x, const at::Tensor& inp, const at
                             at::TensorList weights, at::TensorList biases, at::TensorList fourier,
                             at::TensorList fourier_inv, at::TensorList bn_factor, at::TensorList bn_shift,
                             const at::Tensor& final_weight, const at::Tensor& final_bias, const at::Tensor& coef,
-                            double norm, int64_t ndim, const std::optional<at::Tensor>& final_mask,
+                            double norm, int64_t ndim, const std::optional<c10::string_view>& structure,
                             const std::optional<at::Tensor>& hidden,
                             std::optional<at::TensorList> /*tape: not used, see native_conv_backward_cuda*/) {
   const c10::cuda::CUDAGuard guard(x.device());
   ConvInputs c = check_conv(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, bn_factor, bn_shift,
-                            final_weight, final_bias, coef, ndim, final_mask);
+                            final_weight, final_bias, coef, ndim, structure);
   at::Tensor out = at::zeros({c.n_dst, c.R}, c.x.options());
   if (c.E == 0 || c.n_dst == 0 || c.R == 0 || c.C == 0) return out.to(x.scalar_type());
   // h: the last layer's output after its batch norm (the trunk), or `hidden`, the activation before it, with the
@@ -477,12 +477,12 @@ std::vector<at::Tensor> native_conv_backward_cuda(const at::Tensor& grad, const 
                                                   at::TensorList fourier_inv, at::TensorList bn_factor,
                                                   at::TensorList bn_shift, const at::Tensor& final_weight,
                                                   const at::Tensor& final_bias, const at::Tensor& coef, double norm,
-                                                  int64_t ndim, const std::optional<at::Tensor>& final_mask,
+                                                  int64_t ndim, const std::optional<c10::string_view>& structure,
                                                   std::optional<at::TensorList> /*tape*/) {
   // a tape (ik_fast/ops.py) is not used: the backward re-evaluates the trunk (GPU memory holds no per-layer grids)
   const c10::cuda::CUDAGuard guard(x.device());
   ConvInputs c = check_conv(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, bn_factor, bn_shift,
-                            final_weight, final_bias, coef, ndim, final_mask);
+                            final_weight, final_bias, coef, ndim, structure);
   check_cuda(grad, "grad", x.device());
   check_float(grad, "grad");
   TORCH_CHECK(grad.dim() == 2 && grad.size(0) == c.n_dst && grad.size(1) == c.R,

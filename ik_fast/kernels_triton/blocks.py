@@ -13,9 +13,10 @@ only the work of the non-zero blocks:
 * the non-zero blocks listed per (hidden block, input block) *pair*: a pair's Z block is formed once per receiver
   block and contracted with every output block of the pair's list.
 
-The plan is computed on the host from the op's ``final_mask`` (a CPU tensor: no device synchronisation) with NumPy,
-so building it dispatches no PyTorch operator, and is cached per mask tensor (a structural constant of the layer).
-Without a mask every block is listed (a dense W').
+The plan is derived on the host from the op's ``structure`` (the kernel's
+:class:`~ik_fast.spec.structure.ConvSpec`: its field groups and hidden components are the classes ordered here, its
+blocks the non-zeros) with NumPy, so building it dispatches no PyTorch operator and synchronises no device, and is
+cached by the structure's content. Without a structure every block is listed (a dense W').
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from typing import Optional
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.weak import WeakIdKeyDictionary
 
 B = 16  # the block edge: hidden, input and output blocks of W' and the smallest tl.dot
 
@@ -67,19 +67,51 @@ class Blocks:
     n_cblocks: int
 
 
-def _group_order(rows: np.ndarray, first: Optional[np.ndarray] = None) -> np.ndarray:
-    """Indices ordered by pattern group: rows (n, m) bool; equal rows stay together, groups in lexicographic order of
-    their pattern (or, with ``first``, by the smallest ``first`` of their members), members in index order (or by
-    ``first``)."""
-    packed = np.packbits(rows, axis=1)
-    _, inverse = np.unique(packed, axis=0, return_inverse=True)
-    inverse = inverse.reshape(-1)
-    own = np.arange(rows.shape[0]) if first is None else first
-    if first is not None:  # a group's rank: its first member in the given order
-        lead = np.full(inverse.max() + 1, np.iinfo(np.int64).max)
-        np.minimum.at(lead, inverse, first)
-        inverse = lead[inverse]
-    return np.lexsort((own, inverse))
+def _lex_order(keys: np.ndarray) -> np.ndarray:
+    """Indices of the rows of ``keys`` (n, m) bool in lexicographic order of the rows (ties in index order)."""
+    packed = np.packbits(keys, axis=1)
+    return np.lexsort((np.arange(keys.shape[0]), *packed.T[::-1])) if packed.shape[1] else np.arange(keys.shape[0])
+
+
+def _classes(spec, mask: np.ndarray, side: str) -> np.ndarray:
+    """One side's order from the spec: its indices grouped by *class*, the sets of indices that W' couples alike.
+    ``side`` "c" (inputs: component j of every field of an input group), "r" (outputs, likewise) or "h" (hidden:
+    component a of every channel, component-major). Classes with the same blocks are merged; classes in
+    lexicographic order of their pattern in W' (so that similar patterns fall into the same 16-block), members in
+    index order (hidden: channels of a component together)."""
+    keyed: dict = {}
+    if side == "h":
+        for b in spec.blocks:
+            keyed.setdefault(b.component, set()).add((b.out_group, b.in_group, b.entries))
+        members = {a: a + np.arange(spec.channels) * spec.components for a in range(spec.components)}
+        rows = lambda a: mask[:, a, :].reshape(-1)  # noqa: E731  (channel 0 of component a)
+    else:
+        groups = spec.in_groups if side == "c" else spec.out_groups
+        members = {}
+        for g, fg in enumerate(groups):
+            for j in range(fg.d):
+                members[(g, j)] = fg.indices()[:, j]
+        for b in spec.blocks:
+            own, other = (b.in_group, b.out_group) if side == "c" else (b.out_group, b.in_group)
+            d_in = spec.in_groups[b.in_group].d
+            for e in b.entries:
+                i, j = divmod(e, d_in)
+                mine, theirs = (j, i) if side == "c" else (i, j)
+                keyed.setdefault((own, mine), set()).add((other, b.component, theirs))
+        if side == "c":
+            rows = lambda k: mask[:, :, members[k][0]].reshape(-1)  # noqa: E731
+        else:
+            rows = lambda k: mask[members[k][0]].reshape(-1)  # noqa: E731
+    merged: dict = {}
+    for k in members:  # classes with the same blocks (unkeyed: coupled to nothing) together
+        merged.setdefault(frozenset(keyed.get(k, ())), []).append(k)
+    classes = list(merged.values())
+    pattern = np.stack([rows(ks[0]) for ks in classes])
+    if side == "h":  # component-major within a class: component a's channels, then the next component's
+        out = [np.concatenate([members[k] for k in sorted(classes[q])]) for q in _lex_order(pattern)]
+    else:
+        out = [np.sort(np.concatenate([members[k] for k in classes[q]])) for q in _lex_order(pattern)]
+    return np.concatenate(out).astype(np.int64)
 
 
 def _padded(perm: np.ndarray) -> np.ndarray:
@@ -88,19 +120,19 @@ def _padded(perm: np.ndarray) -> np.ndarray:
     return out
 
 
-def build(mask: np.ndarray, D: int) -> dict:
-    """The plan of :class:`Blocks` (as NumPy arrays) for a structural mask (R, H, C_in) and hidden channels of D
-    components (channel-major, H = C D)."""
+def build(spec) -> dict:
+    """The plan of :class:`Blocks` (as NumPy arrays) for a kernel's structure (a
+    :class:`~ik_fast.spec.structure.ConvSpec`): its inputs, outputs and hidden components in class order
+    (:func:`_classes`), then the non-zero 16-blocks of its blocks."""
+    mask = spec.dense_mask()
     R, H, C = mask.shape
+    D = spec.components
     cm = np.arange(H).reshape(-1, D).T.reshape(-1)  # component-major order of the hidden units
-    rank = np.empty(H, dtype=np.int64)
-    rank[cm] = np.arange(H)
-    pc = _group_order(mask.transpose(2, 0, 1).reshape(C, -1))
-    pr = _group_order(mask.reshape(R, -1))
+    pc, pr = _classes(spec, mask, "c"), _classes(spec, mask, "r")
     HC, CC, RC = _ceil(H), _ceil(C), _ceil(R)
     best = None
-    # hidden orders: component-major, or pattern groups in component-major order (fewest blocks wins)
-    for ph in (cm, _group_order(mask.transpose(1, 0, 2).reshape(H, -1), first=rank)):
+    # hidden orders: component-major, or components of equal blocks together (fewest 16-blocks wins)
+    for ph in (cm, _classes(spec, mask, "h")):
         m = np.zeros((RC, HC, CC), dtype=bool)
         m[:R, :H, :C] = mask[pr][:, ph][:, :, pc]
         blk = m.reshape(RC // B, B, HC // B, B, CC // B, B).any(axis=(1, 3, 5))  # (nr, nh, nc)
@@ -167,29 +199,31 @@ def _to_device(plan: dict, device: str) -> Blocks:
     return Blocks(**{k: tens(v) if isinstance(v, np.ndarray) else v for k, v in plan.items()})
 
 
-_BY_MASK: "WeakIdKeyDictionary" = WeakIdKeyDictionary()
+def _dense_spec(R: int, H: int, C: int, D: int):
+    """The structure of a dense W' (R, H, C): one field of each size, every entry coupled."""
+    from ik_fast.spec.structure import Block, ConvSpec, FieldGroup
+
+    D = D if D > 0 and H % D == 0 else H
+    blocks = tuple(Block(0, a, 0, tuple(range(R * C))) for a in range(D))
+    return ConvSpec(R, C, H // D, D, (), (FieldGroup(R, (0,)),), (FieldGroup(C, (0,)),), blocks)
 
 
 @functools.lru_cache(maxsize=64)
-def _dense(R: int, H: int, C: int, D: int, device: str) -> Blocks:
-    return _to_device(build(np.ones((R, H, C), dtype=bool), D), device)
+def _planned(structure: Optional[str], shape: tuple, D: int, device: str) -> Blocks:
+    from ik_fast.spec.structure import decode
+
+    spec = _dense_spec(*shape, D) if structure is None else decode(structure)
+    return _to_device(build(spec), device)
 
 
-def blocks(final_mask: Optional[Tensor], shape, D: int, device) -> Blocks:
-    """The block plan of W' of ``shape`` (R, H, C_in) on ``device``, for the op's structural mask (None: dense);
-    cached per mask tensor, device and D."""
-    R, H, C = (int(n) for n in shape)
-    dev = str(torch.device(device))
-    if final_mask is None:
-        return _dense(R, H, C, D, dev)
-    if tuple(final_mask.shape) != (R, H, C):
-        raise ValueError(f"final_mask has shape {tuple(final_mask.shape)}, but final_weight is {(R, H, C)}")
-    if final_mask.device.type != "cpu":
-        raise ValueError(f"final_mask must be a CPU tensor (it is planned on the host), got {final_mask.device}")
-    per = _BY_MASK.get(final_mask)
-    if per is None:
-        per = _BY_MASK[final_mask] = {}
-    key = (dev, D, final_mask._version)
-    if key not in per:
-        per[key] = _to_device(build(final_mask.numpy().astype(bool, copy=False), D), dev)
-    return per[key]
+def blocks(structure: Optional[str], shape, D: int, device) -> Blocks:
+    """The block plan of W' of ``shape`` (R, H, C_in) on ``device`` for the op's ``structure`` (an encoded
+    :class:`~ik_fast.spec.structure.ConvSpec`; None: dense, hidden channels of ``D`` components); cached by the
+    structure's content, the shape and the device."""
+    from ik_fast.spec.structure import check_shape, decode
+
+    shape = tuple(int(n) for n in shape)
+    if structure is not None:
+        check_shape(structure, shape)
+        D = decode(structure).components
+    return _planned(structure, shape, int(D), str(torch.device(device)))

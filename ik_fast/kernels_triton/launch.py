@@ -446,7 +446,7 @@ def _bn_mask(factors) -> int:
 
 def _setup(
     x, inp, weights, biases, fourier, fourier_inv, bn_factor, bn_shift, final_weight, final_bias, coef, ndim,
-    final_mask,
+    structure,
 ):  # fmt: skip
     """The kernels' padded tensors and launch constants for one call. The forward's are kept (per final weight tensor,
     while it lives) for the backward of the same inputs: identical tensors (by identity and version), dtype,
@@ -459,14 +459,14 @@ def _setup(
         precision(x.dtype, x.device),
         inp.shape[1],
         ndim,
-        id(final_mask),
+        structure,
     )
     hit = _SETUPS.get(final_weight)
     if hit is not None and hit[0] == key:
         return hit[1]
     out = _make_setup(
         x, inp, weights, biases, fourier, fourier_inv, bn_factor, bn_shift, final_weight, final_bias, coef, ndim,
-        final_mask,
+        structure,
     )  # fmt: skip
     _SETUPS[final_weight] = (key, out)
     return out
@@ -478,7 +478,7 @@ def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
 
 def _make_setup(
     x, inp, weights, biases, fourier, fourier_inv, bn_factor, bn_shift, final_weight, final_bias, coef, ndim,
-    final_mask,
+    structure,
 ):  # fmt: skip
     dtype = x.dtype
     R, H, C = final_weight.shape
@@ -489,7 +489,7 @@ def _make_setup(
         pack.pad(weights, biases, bn_factor, bn_shift, none, dtype, x.device),
         pack.pad_fourier(fourier, fourier_inv, dtype, x.device),
     )
-    plan = blocks(final_mask, final_weight.shape, lay.D, x.device)
+    plan = blocks(structure, final_weight.shape, lay.D, x.device)
     # W' and B' as they are: the kernels read them through the plan's indices
     wc, bf = _as(final_weight, dtype), _as(final_bias, dtype)
     prec = PREC_NAMES[precision(dtype, x.device)]
@@ -553,7 +553,7 @@ def conv(
     coef,
     norm,
     ndim,
-    final_mask=None,
+    structure=None,
     hidden=None,
     tape=None,
 ):
@@ -566,7 +566,7 @@ def conv(
     inp = _c(inp)
     lay, _, mlp, plan, wc, bf, coefp, trunk, consts, walk, sizes, last_bn = _setup(
         x, inp, weights, biases, fourier, fourier_inv, bn_factor, bn_shift, final_weight, final_bias, coef, ndim,
-        final_mask,
+        structure,
     )  # fmt: skip
     aff = (coefp, coefp, 1, False)  # (factor, shift, components per channel, applied by the contraction)
     if hidden is None:
@@ -620,7 +620,7 @@ def conv_backward(
     coef,
     norm,
     ndim,
-    final_mask=None,
+    structure=None,
     tape=None,
 ) -> List[Tensor]:
     # a tape (ik_fast.ops) is not used: the kernels re-evaluate the trunk from the narrow MLP input
@@ -633,7 +633,7 @@ def conv_backward(
     x, inp, src = _c(x), _c(inp), _c(src)
     lay, pack, hidden, plan, wc, bf, coefp, trunk, consts, walk, sizes, _ = _setup(
         x, inp, weights, biases, fourier, fourier_inv, bn_factor, bn_shift, final_weight, final_bias, coef, ndim,
-        final_mask,
+        structure,
     )  # fmt: skip
     grad = _as(grad, x.dtype)
     n_blocks = -(-n_dst // BLOCK)

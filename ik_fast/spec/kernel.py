@@ -13,6 +13,7 @@ from escnn import nn as enn
 from ik_fast.spec import _groups
 from ik_fast.spec._serialize import reduce_module
 from ik_fast.spec.program import BatchNorm, BlockPlan, Hidden, KernelProgram, Linear, _as, build_plan, scalar
+from ik_fast.spec.structure import ConvSpec, FieldGroup, HiddenLayout
 
 __all__ = ["ImplicitKernel", "check_field_type"]
 
@@ -46,6 +47,18 @@ def _field_groups(field_type):
         groups.setdefault(rep.name, []).append(list(range(pos, pos + rep.size)))
         pos += rep.size
     return [torch.tensor(v, dtype=torch.long) for v in groups.values()]
+
+
+def _field_group_specs(field_type):
+    """The fields of each representation as :class:`~ik_fast.spec.structure.FieldGroup` (size, offsets), grouped by
+    representation name in order of first appearance (as :func:`_field_groups`)."""
+    groups, sizes = {}, {}
+    pos = 0
+    for rep in field_type.representations:
+        groups.setdefault(rep.name, []).append(pos)
+        sizes[rep.name] = rep.size
+        pos += rep.size
+    return [FieldGroup(sizes[name], tuple(offs)) for name, offs in groups.items()]
 
 
 def _stable_order(keys: torch.Tensor) -> torch.Tensor:
@@ -427,9 +440,20 @@ class ImplicitKernel(torch.nn.Module):
         last = self.mlp[-1]
         C = self.in_type.size
         mask = self._kernel_layout(last.structural_mask(), None)[0]  # (R, H * C)
-        # the fused ops' view of the same structure, (R, H, C); kept on the CPU (not a buffer: never moved) so that
-        # a backend can plan from it without a device synchronisation
-        self._final_mask = mask.reshape(mask.shape[0], -1, C).cpu()
+        # the ops' view of the same structure: one frozen spec, encoded once (a structural constant of the layer)
+        layers = []
+        for k, lin in enumerate(self.mlp[:-1]):
+            plan = lin.plan()
+            cw = k > 0 and plan is not None and plan.componentwise is not None
+            grid = 0 if self.act_A is None else int(self.act_A.shape[0])
+            layers.append(HiddenLayout(self.n_channels, self._rho_size, grid, cw, bool(self.batch_norm)))
+        self.structure = ConvSpec.from_mask(
+            mask.reshape(mask.shape[0], -1, C).cpu().numpy(),
+            _field_group_specs(self.out_type),
+            _field_group_specs(self.in_type),
+            c_h,
+            layers,
+        ).encode()
         rows = _field_groups(self.out_type)
         cols = []
         for g in _field_groups(self.in_type):  # (F_i, d_i) -> fields: input fields f, components (c, t, b)
@@ -581,7 +605,7 @@ class ImplicitKernel(torch.nn.Module):
             self.sigma,
             self.norm,
             self.training,
-            final_mask=self._final_mask,
+            structure=self.structure,
         )
         self._cache = (self._cache_key(), prog) if cacheable else None
         return prog

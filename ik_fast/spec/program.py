@@ -20,7 +20,7 @@ zeros).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -326,8 +326,9 @@ class KernelProgram:
     sigma: Tensor  # () learnable width of the radial shell
     norm: float  # 1 / sqrt(number of output fields)
     training: bool
-    # bool (R, H, C_in) on the CPU: where the last Linear's weight (kernel layout) can be non-zero, from its basis
-    final_mask: Optional[Tensor] = field(default=None, compare=False)
+    # the kernel's structure (an encoded :class:`~ik_fast.spec.structure.ConvSpec`): among others where the last
+    # Linear's weight (kernel layout) can be non-zero, from its basis; None: no structure is known (dense)
+    structure: Optional[str] = None
 
     @property
     def hidden_size(self) -> int:
@@ -389,8 +390,7 @@ class KernelProgram:
         batch norm's affine from its statistics (``stats``, one per batch norm, in training; the running ones in eval
         mode; empty where a training batch norm's statistics are not given yet, as in a statistics pass).
         Differentiable with respect to the escnn parameters. ``dense``: the plain statement's form, every hidden weight
-        dense (the componentwise Linears too) and no ``final_mask`` (the lowered weight is zero outside its
-        structure)."""
+        dense (the componentwise Linears too) and no ``structure`` (the lowered weight is zero outside it)."""
         dtype = self.sigma.dtype if dtype is None else dtype
         empty = self.sigma.new_zeros(0, dtype=dtype)
         weights, biases, fourier, fourier_inv, factors, shifts = [], [], [], [], [], []
@@ -416,7 +416,7 @@ class KernelProgram:
         fb = fw.new_zeros(R, C) if self.final.bias is None else _as(self.final.bias, dtype).view(R, C)
         return ops.OpProgram(
             weights, biases, fourier, fourier_inv, factors, shifts, fw, fb, self._coef(dtype), float(self.norm),
-            self.dim, None if dense else self.final_mask,
+            self.dim, None if dense else self.structure,
         )  # fmt: skip
 
     def _coef(self, dtype: torch.dtype) -> Tensor:
