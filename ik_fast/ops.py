@@ -40,7 +40,7 @@ data); ``act_k`` the Fourier ELU ``ELU(y A_k^T) A_k^+^T`` on each channel of ``D
 batch norm's affine map (escnn's IIDBatchNorm1d with its statistics known: ``factor = weight / sqrt(var + eps)``
 (C_k,), ``shift = bias - mean * factor`` flattened channel-major (H_k,); ``D_k = H_k / C_k``); ``final_weight`` W_F
 (R, H, C_in), ``final_bias`` B_F (R, C_in) (zeros without bias), ``coef`` = 1 / (2 sigma^2) (shape (1,)).
-``structure`` (optional) is the kernel's structure as one frozen value, a :class:`~ik_fast.spec.structure.ConvSpec`
+``structure`` (optional) is the kernel's structure as one frozen value, a :class:`~ik_fast.structure.ConvSpec`
 encoded as a string: the sizes, every hidden layer's layout, and W_F's blocks as escnn's basis knows them (output
 field group x hidden component x input field group). The op computes with ``W_F * mask(structure)``, so entries
 outside the blocks are ignored and get a zero gradient; without it W_F is dense. For an equivariant layer the blocks
@@ -79,6 +79,8 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from ik_fast import structure as st
 
 __all__ = [
     "define",
@@ -148,7 +150,7 @@ class OpProgram:
     """The kernel MLP as the ops take it (see the module docstring), by name: per hidden layer its weight (dense or
     componentwise), bias, Fourier matrices and batch-norm affine (empty tensors without batch norm); the last Linear in
     kernel layout; the radial coefficient; ``structure`` the kernel's encoded
-    :class:`~ik_fast.spec.structure.ConvSpec`, or None (``final_weight`` dense)."""
+    :class:`~ik_fast.structure.ConvSpec`, or None (``final_weight`` dense)."""
 
     weights: List[Tensor]
     biases: List[Tensor]
@@ -235,11 +237,9 @@ def trunk_reference_form(
 
 
 def structure_mask(structure: str, shape, device) -> Tensor:
-    """The bool mask (R, H, C_in) of an encoded structure on ``device`` (:func:`ik_fast.spec.structure.mask`, cached
+    """The bool mask (R, H, C_in) of an encoded structure on ``device`` (:func:`ik_fast.structure.mask`, cached
     by the string's content); a ValueError naming ``structure`` when it does not describe a W' of ``shape``. While a
     trace runs (torch.compile, fake tensors), made afresh in it."""
-    from ik_fast.spec import structure as st  # (the spec's value type: it imports nothing of the package)
-
     st.check_shape(structure, shape)
     if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:  # tracing (fake tensors, AOT):
         return torch.from_numpy(st.mask(structure).copy()).to(device)  # made in the trace, never a cached one
@@ -248,8 +248,6 @@ def structure_mask(structure: str, shape, device) -> Tensor:
 
 @functools.lru_cache(maxsize=64)
 def _mask_tensor(structure: str, device: str) -> Tensor:
-    from ik_fast.spec import structure as st
-
     return torch.from_numpy(st.mask(structure).copy()).to(device)
 
 

@@ -145,6 +145,18 @@ class ConvSpec:
             m[r.reshape(-1), :, b.component, c.reshape(-1)] = True
         return m.reshape(R, H, C)
 
+    def field_pattern(self, out_group: int, in_group: int) -> np.ndarray:
+        """The pattern that every field pair of the two groups shares: bool (d_out, channels * components * d_in),
+        entry (i, (c, a, j)) where W'[i-th component of an output field, unit c D + a, j-th of an input field] can be
+        non-zero."""
+        go, gi = self.out_groups[out_group], self.in_groups[in_group]
+        p = np.zeros((go.d, self.channels, self.components, gi.d), dtype=bool)
+        for b in self.blocks:
+            if b.out_group == out_group and b.in_group == in_group:
+                e = np.asarray(b.entries, dtype=np.int64)
+                p[e // gi.d, :, b.component, e % gi.d] = True
+        return p.reshape(go.d, -1)
+
     # ------------------------------------------------------------------------------------------------------------
     def encode(self) -> str:
         """The spec as the ops take it (see the module docstring)."""

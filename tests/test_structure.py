@@ -1,4 +1,4 @@
-"""The kernel's structure (ik_fast/spec/structure.py): the frozen spec that the ops take as ``structure``.
+"""The kernel's structure (ik_fast/structure.py): the frozen spec that the ops take as ``structure``.
 
 Built once per kernel from escnn's basis; these tests check it against what the lowering produces (the non-zeros of a
 randomly initialised last Linear, the program's hidden layers), its encoding, and that malformed encodings give an
@@ -10,7 +10,7 @@ import torch
 from conftest import field_types, get_gspace
 
 import ik_fast
-from ik_fast.spec import structure as ST
+from ik_fast import structure as ST
 
 CASES = [
     ("O3", "mixed_attr", 3),

@@ -45,8 +45,8 @@ def test_block_plan_covers_exactly_the_structure():
     exactly the structural entries at their permuted positions (a round trip through gather and scatter is the
     identity on masked weights), the blocks are few for an equivariant layer, and without a structure every block is
     listed."""
+    from ik_fast import structure as ST
     from ik_fast.kernels_triton import blocks as KB
-    from ik_fast.spec import structure as ST
 
     conv, _, _ = _conv("O3", "mixed_attr")
     kern = conv.kernel

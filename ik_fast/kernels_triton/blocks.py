@@ -14,7 +14,7 @@ only the work of the non-zero blocks:
   block and contracted with every output block of the pair's list.
 
 The plan is derived on the host from the op's ``structure`` (the kernel's
-:class:`~ik_fast.spec.structure.ConvSpec`: its field groups and hidden components are the classes ordered here, its
+:class:`~ik_fast.structure.ConvSpec`: its field groups and hidden components are the classes ordered here, its
 blocks the non-zeros) with NumPy, so building it dispatches no PyTorch operator and synchronises no device, and is
 cached by the structure's content. Without a structure every block is listed (a dense W').
 """
@@ -122,7 +122,7 @@ def _padded(perm: np.ndarray) -> np.ndarray:
 
 def build(spec) -> dict:
     """The plan of :class:`Blocks` (as NumPy arrays) for a kernel's structure (a
-    :class:`~ik_fast.spec.structure.ConvSpec`): its inputs, outputs and hidden components in class order
+    :class:`~ik_fast.structure.ConvSpec`): its inputs, outputs and hidden components in class order
     (:func:`_classes`), then the non-zero 16-blocks of its blocks."""
     mask = spec.dense_mask()
     R, H, C = mask.shape
@@ -201,7 +201,7 @@ def _to_device(plan: dict, device: str) -> Blocks:
 
 def _dense_spec(R: int, H: int, C: int, D: int):
     """The structure of a dense W' (R, H, C): one field of each size, every entry coupled."""
-    from ik_fast.spec.structure import Block, ConvSpec, FieldGroup
+    from ik_fast.structure import Block, ConvSpec, FieldGroup
 
     D = D if D > 0 and H % D == 0 else H
     blocks = tuple(Block(0, a, 0, tuple(range(R * C))) for a in range(D))
@@ -210,7 +210,7 @@ def _dense_spec(R: int, H: int, C: int, D: int):
 
 @functools.lru_cache(maxsize=64)
 def _planned(structure: Optional[str], shape: tuple, D: int, device: str) -> Blocks:
-    from ik_fast.spec.structure import decode
+    from ik_fast.structure import decode
 
     spec = _dense_spec(*shape, D) if structure is None else decode(structure)
     return _to_device(build(spec), device)
@@ -218,9 +218,9 @@ def _planned(structure: Optional[str], shape: tuple, D: int, device: str) -> Blo
 
 def blocks(structure: Optional[str], shape, D: int, device) -> Blocks:
     """The block plan of W' of ``shape`` (R, H, C_in) on ``device`` for the op's ``structure`` (an encoded
-    :class:`~ik_fast.spec.structure.ConvSpec`; None: dense, hidden channels of ``D`` components); cached by the
+    :class:`~ik_fast.structure.ConvSpec`; None: dense, hidden channels of ``D`` components); cached by the
     structure's content, the shape and the device."""
-    from ik_fast.spec.structure import check_shape, decode
+    from ik_fast.structure import check_shape, decode
 
     shape = tuple(int(n) for n in shape)
     if structure is not None:

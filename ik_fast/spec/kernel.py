@@ -13,7 +13,7 @@ from escnn import nn as enn
 from ik_fast.spec import _groups
 from ik_fast.spec._serialize import reduce_module
 from ik_fast.spec.program import BatchNorm, BlockPlan, Hidden, KernelProgram, Linear, _as, build_plan, scalar
-from ik_fast.spec.structure import ConvSpec, FieldGroup, HiddenLayout
+from ik_fast.structure import ConvSpec, FieldGroup, HiddenLayout, decode
 
 __all__ = ["ImplicitKernel", "check_field_type"]
 
@@ -50,7 +50,7 @@ def _field_groups(field_type):
 
 
 def _field_group_specs(field_type):
-    """The fields of each representation as :class:`~ik_fast.spec.structure.FieldGroup` (size, offsets), grouped by
+    """The fields of each representation as :class:`~ik_fast.structure.FieldGroup` (size, offsets), grouped by
     representation name in order of first appearance (as :func:`_field_groups`)."""
     groups, sizes = {}, {}
     pos = 0
@@ -459,7 +459,10 @@ class ImplicitKernel(torch.nn.Module):
         for g in _field_groups(self.in_type):  # (F_i, d_i) -> fields: input fields f, components (c, t, b)
             idx = (hidden_fields[None, :, :, None] * C) + g[:, None, None, :]  # (F_i, c_h, d_h, d_i)
             cols.append(idx.reshape(g.shape[0], -1))
-        last.set_plan(build_plan(mask, rows, cols))
+        # the last Linear's plan from the structure's blocks (the groups are the spec's, in its order)
+        spec = decode(self.structure)
+        pattern = lambda r, g: torch.from_numpy(spec.field_pattern(r, g))  # noqa: E731
+        last.set_plan(build_plan(None, rows, cols, pattern=pattern, shape=tuple(mask.shape)))
 
     def _sources(self):
         """The learnable tensors that :meth:`_build_expansion`'s map reads, in its order: each Linear's weights and

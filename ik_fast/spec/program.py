@@ -21,7 +21,7 @@ zeros).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -133,23 +133,34 @@ class BlockPlan:
 
 
 def build_plan(
-    mask: Tensor, row_groups: Sequence[Tensor], col_groups: Sequence[Tensor], min_saving: float = 2.0
+    mask: Optional[Tensor],
+    row_groups: Sequence[Tensor],
+    col_groups: Sequence[Tensor],
+    min_saving: float = 2.0,
+    pattern: Optional[Callable[[int, int], Tensor]] = None,
+    shape: Optional[Tuple[int, int]] = None,
 ) -> Optional[BlockPlan]:
     """Plan for a matrix whose structural non-zeros are ``mask`` (R, C).
 
     ``row_groups``: index tensors (F_out, d_out) of output rows, one per field type (the fields of a group share a
     representation, so they share a sparsity pattern up to their offsets); ``col_groups`` likewise (F_in, d_in) for
-    the input columns. Returns None when the structured product would save less than ``min_saving`` x.
+    the input columns. ``pattern(r, g)``: instead of a mask (then None, and ``shape`` (R, C) given), the bool
+    (d_out, d_in) pattern that every field pair of row group r and column group g shares, as the kernel's structure
+    states it (:meth:`ik_fast.structure.ConvSpec.field_pattern`). Returns None when the structured product would
+    save less than ``min_saving`` x.
     """
-    R, C = mask.shape
+    R, C = mask.shape if mask is not None else shape
     rows_out, terms_out = [], []
-    for rg in row_groups:
+    for r, rg in enumerate(row_groups):
         f_out, d_out = rg.shape
         terms = []
         for g, cg in enumerate(col_groups):
             f_in, d_in = cg.shape
-            sub = mask[rg.t().reshape(-1)[:, None], cg.reshape(-1)[None, :]]  # (d_out * F_out, F_in * d_in)
-            pat = sub.reshape(d_out, f_out, f_in, d_in).any(1).any(1)  # (d_out, d_in)
+            if pattern is not None:
+                pat = pattern(r, g)
+            else:
+                sub = mask[rg.t().reshape(-1)[:, None], cg.reshape(-1)[None, :]]  # (d_out * F_out, F_in * d_in)
+                pat = sub.reshape(d_out, f_out, f_in, d_in).any(1).any(1)  # (d_out, d_in)
             J = int(pat.sum(1).max())
             if J == 0:
                 continue
@@ -326,7 +337,7 @@ class KernelProgram:
     sigma: Tensor  # () learnable width of the radial shell
     norm: float  # 1 / sqrt(number of output fields)
     training: bool
-    # the kernel's structure (an encoded :class:`~ik_fast.spec.structure.ConvSpec`): among others where the last
+    # the kernel's structure (an encoded :class:`~ik_fast.structure.ConvSpec`): among others where the last
     # Linear's weight (kernel layout) can be non-zero, from its basis; None: no structure is known (dense)
     structure: Optional[str] = None
 
