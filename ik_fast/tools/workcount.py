@@ -595,7 +595,7 @@ def main(argv=None) -> int:
         "--check",
         action="store_true",
         help=f"exit 1 unless the slope is at most {RATIO_MAX}x the floor and the aten counts are within "
-        f"{ATEN_SPREAD:.0%} of each other and at most {ATEN_MAX}",
+        f"{ATEN_SPREAD:.0%}% of each other and at most {ATEN_MAX}",
     )
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") in ("", "0") and "triton" in args.backend:
