@@ -1,4 +1,4 @@
-// The kernel's structure as the ops take it: `str? structure`, an encoded ik_fast.spec.structure.ConvSpec (its
+// The kernel's structure as the ops take it: `str? structure`, an encoded ik_fast.structure.ConvSpec (its
 // docstring has the format). Parsed once per distinct string (cached by content: the string is its own hash key) and
 // shared by the CPU and CUDA kernels, which derive their tiling of W' (R, H, C_in) from its blocks.
 #pragma once
@@ -42,5 +42,9 @@ struct Structure {
 // The parsed structure (cached by content); a c10::Error naming `structure` (and `what`, the op) when it is malformed
 // or does not describe a W' of shape (R, H, C).
 std::shared_ptr<const Structure> parse_structure(c10::string_view s, int64_t R, int64_t H, int64_t C, const char* what);
+
+// The structure of a dense W' (R, H, C): H channels of one component, coupled to every entry of the one field pair
+// (one output field of size R, one input field of size C). Without a key; no blocks when a size is 0.
+Structure dense_structure(int64_t R, int64_t H, int64_t C);
 
 }  // namespace ik_fast

@@ -1,12 +1,11 @@
 #include "program.h"
 
 #include <algorithm>
-#include <cstring>
+#include <iterator>
 #include <list>
 #include <map>
 #include <mutex>
 #include <string>
-#include <unordered_map>
 
 namespace ik_fast {
 namespace cpu {
@@ -177,107 +176,79 @@ template int64_t Trunk<double>::max_rows() const;
 // ----------------------------------------------------------------------------------------------------------------
 namespace {
 
-uint64_t hash_bytes(const uint8_t* p, int64_t n, int64_t stride = 1, uint64_t h = 1469598103934665603ull) {
-  if (stride == 1) {
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-      uint64_t w;
-      std::memcpy(&w, p + i, 8);
-      h = (h ^ w) * 1099511628211ull;
-      h ^= h >> 29;
-    }
-    for (; i < n; ++i) h = (h ^ p[i]) * 1099511628211ull;
-    return h;
-  }
-  for (int64_t i = 0; i < n; ++i) h = (h ^ p[i * stride]) * 1099511628211ull;
-  return h;
-}
+// a component's couplings: (in_group, out_group) -> the entries it reaches (blocks naming the same triple merged)
+using Couplings = std::map<std::pair<int64_t, int64_t>, std::vector<int64_t>>;
 
-std::shared_ptr<Plan> build_plan(const uint8_t* m, int64_t R, int64_t H, int64_t C) {
+std::shared_ptr<Plan> build_plan(const Structure& st) {
   auto plan = std::make_shared<Plan>();
+  const int64_t R = st.R, H = st.H(), C = st.C, D = st.components;
   plan->R = R;
   plan->H = H;
   plan->C = C;
   const int64_t HC = H * C;
-  // hidden groups: equal (R x C) slices
-  auto slice_eq = [&](int64_t h1, int64_t h2) {
-    for (int64_t r = 0; r < R; ++r)
-      if (std::memcmp(m + r * HC + h1 * C, m + r * HC + h2 * C, C) != 0) return false;
-    return true;
-  };
-  std::unordered_map<uint64_t, std::vector<int64_t>> by_hash;  // hash -> representatives
-  std::vector<std::vector<int64_t>> groups;
-  std::vector<int64_t> rep;
-  for (int64_t h = 0; h < H; ++h) {
-    uint64_t hh = 1469598103934665603ull;
-    bool any = false;
-    for (int64_t r = 0; r < R; ++r) {
-      hh = hash_bytes(m + r * HC + h * C, C, 1, hh);
-      if (!any)
-        for (int64_t c = 0; c < C; ++c) any |= m[r * HC + h * C + c] != 0;
-    }
-    if (!any) continue;  // reaches no output
-    auto& cands = by_hash[hh];
-    int64_t found = -1;
-    for (int64_t g : cands)
-      if (slice_eq(rep[g], h)) {
-        found = g;
-        break;
-      }
-    if (found < 0) {
-      found = static_cast<int64_t>(groups.size());
-      groups.emplace_back();
-      rep.push_back(h);
-      cands.push_back(found);
-    }
-    groups[found].push_back(h);
+  std::vector<Couplings> coupling(static_cast<size_t>(D));
+  for (const Block& b : st.blocks) {
+    std::vector<int64_t>& e = coupling[b.component][{b.in_group, b.out_group}];
+    std::vector<int64_t> u;
+    std::set_union(e.begin(), e.end(), b.entries.begin(), b.entries.end(), std::back_inserter(u));
+    e = std::move(u);
+  }
+  // hidden groups: components with the same couplings (in order of their first component; components coupled to
+  // nothing reach no output); a group's units are every channel of its components, in increasing unit order
+  std::map<Couplings, int64_t> class_index;
+  std::vector<std::vector<int64_t>> classes;
+  for (int64_t a = 0; a < D; ++a) {
+    if (coupling[a].empty()) continue;
+    auto it = class_index.emplace(coupling[a], static_cast<int64_t>(classes.size())).first;
+    if (it->second == static_cast<int64_t>(classes.size())) classes.emplace_back();
+    classes[it->second].push_back(a);
   }
   std::map<std::vector<int64_t>, int64_t> perm_index;
   int64_t hoff = 0, zoff = 0, boff = 0;
-  for (size_t g = 0; g < groups.size(); ++g) {
-    const int64_t h0 = rep[g];
-    // column groups of this hidden group: equal row patterns over r
-    std::unordered_map<uint64_t, std::vector<int64_t>> col_hash;
-    std::vector<std::vector<int64_t>> cgroups;
-    auto col_eq = [&](int64_t c1, int64_t c2) {
-      for (int64_t r = 0; r < R; ++r)
-        if (m[r * HC + h0 * C + c1] != m[r * HC + h0 * C + c2]) return false;
-      return true;
-    };
-    for (int64_t c = 0; c < C; ++c) {
-      bool any = false;
-      for (int64_t r = 0; r < R && !any; ++r) any = m[r * HC + h0 * C + c] != 0;
-      if (!any) continue;
-      uint64_t ch = hash_bytes(m + h0 * C + c, R, HC);
-      auto& cands = col_hash[ch];
-      int64_t found = -1;
-      for (int64_t cg : cands)
-        if (col_eq(cgroups[cg][0], c)) {
-          found = cg;
-          break;
-        }
-      if (found < 0) {
-        found = static_cast<int64_t>(cgroups.size());
-        cgroups.emplace_back();
-        cands.push_back(found);
+  for (size_t g = 0; g < classes.size(); ++g) {
+    std::vector<int64_t> units;
+    for (int64_t ch = 0; ch < st.channels; ++ch)
+      for (int64_t a : classes[g]) units.push_back(ch * D + a);
+    // column groups: the input classes (in_group, j) (column offset + j of each of its fields) with the same row set
+    // {offset of a field of out_group + i : (i, j) an entry of the coupling (in_group, out_group)}, merged
+    const Couplings& cp = coupling[classes[g][0]];
+    std::map<std::vector<int64_t>, int64_t> col_index;  // row set -> column group
+    std::vector<std::vector<int64_t>> cgroups, crows;
+    for (auto it = cp.begin(); it != cp.end();) {
+      const int64_t ig = it->first.first;
+      const FieldGroup& gi = st.in_groups[ig];
+      std::vector<std::vector<int64_t>> rows(static_cast<size_t>(gi.d));
+      for (; it != cp.end() && it->first.first == ig; ++it) {
+        const FieldGroup& go = st.out_groups[it->first.second];
+        for (int64_t e : it->second)
+          for (int64_t fo : go.offsets) rows[e % gi.d].push_back(fo + e / gi.d);
       }
-      cgroups[found].push_back(c);
+      for (int64_t j = 0; j < gi.d; ++j) {
+        if (rows[j].empty()) continue;
+        std::sort(rows[j].begin(), rows[j].end());
+        auto cit = col_index.emplace(rows[j], static_cast<int64_t>(cgroups.size())).first;
+        if (cit->second == static_cast<int64_t>(cgroups.size())) {
+          cgroups.emplace_back();
+          crows.push_back(std::move(rows[j]));
+        }
+        for (int64_t fi : gi.offsets) cgroups[cit->second].push_back(fi + j);
+      }
     }
+    // columns in increasing order within a column group, column groups in order of their first column
+    for (auto& cg : cgroups) std::sort(cg.begin(), cg.end());
+    std::vector<size_t> order(cgroups.size());
+    for (size_t k = 0; k < order.size(); ++k) order[k] = k;
+    std::sort(order.begin(), order.end(), [&](size_t x, size_t y) { return cgroups[x][0] < cgroups[y][0]; });
     std::vector<int64_t> perm;
-    for (const auto& cg : cgroups) perm.insert(perm.end(), cg.begin(), cg.end());
-    auto it = perm_index.find(perm);
-    int64_t q;
-    if (it == perm_index.end()) {
-      q = static_cast<int64_t>(plan->perms.size());
-      perm_index.emplace(perm, q);
-      plan->perms.push_back(perm);
-    } else {
-      q = it->second;
-    }
-    const int64_t nh = static_cast<int64_t>(groups[g].size());
+    for (size_t k : order) perm.insert(perm.end(), cgroups[k].begin(), cgroups[k].end());
+    auto pit = perm_index.emplace(perm, static_cast<int64_t>(plan->perms.size())).first;
+    const int64_t q = pit->second;
+    if (q == static_cast<int64_t>(plan->perms.size())) plan->perms.push_back(std::move(perm));
+    const int64_t nh = static_cast<int64_t>(units.size());
     plan->groups.push_back(Group{hoff, nh, q, zoff});
     int64_t coff = 0;
-    for (const auto& cg : cgroups) {
+    for (size_t k : order) {
+      const std::vector<int64_t>& cg = cgroups[k];
       Pair p;
       p.g = static_cast<int64_t>(g);
       p.hoff = hoff;
@@ -286,22 +257,19 @@ std::shared_ptr<Plan> build_plan(const uint8_t* m, int64_t R, int64_t H, int64_t
       p.coff = coff;
       p.nc = static_cast<int64_t>(cg.size());
       p.roff = static_cast<int64_t>(plan->rows.size());
-      for (int64_t r = 0; r < R; ++r)
-        if (m[r * HC + h0 * C + cg[0]]) plan->rows.push_back(r);
-      p.nr = static_cast<int64_t>(plan->rows.size()) - p.roff;
+      p.nr = static_cast<int64_t>(crows[k].size());
+      plan->rows.insert(plan->rows.end(), crows[k].begin(), crows[k].end());
       p.zoff = zoff + coff * nh;
       p.boff = boff;
-      for (int64_t ri = 0; ri < p.nr; ++ri) {
-        const int64_t r = plan->rows[p.roff + ri];
-        for (int64_t ci = 0; ci < p.nc; ++ci)
-          for (int64_t hi = 0; hi < nh; ++hi) plan->widx.push_back(r * HC + groups[g][hi] * C + cg[ci]);
-      }
+      for (int64_t r : crows[k])
+        for (int64_t c : cg)
+          for (int64_t h : units) plan->widx.push_back(r * HC + h * C + c);
       boff += p.nr * nh * p.nc;
       coff += p.nc;
       plan->pairs.push_back(p);
     }
     zoff += coff * nh;
-    plan->hidden.insert(plan->hidden.end(), groups[g].begin(), groups[g].end());
+    plan->hidden.insert(plan->hidden.end(), units.begin(), units.end());
     hoff += nh;
   }
   plan->zsize = zoff;
@@ -333,13 +301,8 @@ std::shared_ptr<const Plan> plan_for(const std::optional<c10::string_view>& stru
       }
     }
   }
-  std::vector<uint8_t> m;
-  if (structure.has_value()) {
-    m = parse_structure(*structure, R, H, C, "ik_fast native")->mask();
-  } else {
-    m.assign(static_cast<size_t>(R * H * C), 1);
-  }
-  auto plan = build_plan(m.data(), R, H, C);
+  auto plan = structure.has_value() ? build_plan(*parse_structure(*structure, R, H, C, "ik_fast native"))
+                                    : build_plan(dense_structure(R, H, C));
   std::lock_guard<std::mutex> lock(cache_mutex);
   cache.push_front(CacheEntry{std::move(key), sizes, plan});
   if (cache.size() > kCacheSize) cache.pop_back();

@@ -1,5 +1,5 @@
 // The lowered kernel program as the CPU kernels use it: the op layer's tensors (ik_fast/ops.py) checked, converted to
-// the compute dtype and put in the tile layout, and the block plan of the last Linear's structural mask.
+// the compute dtype and put in the tile layout, and the block plan of the last Linear's structure.
 //
 // Tile layout. A tile of t edges keeps every activation feature-major, (H x t) with the edges along the rows, so the
 // GEMMs of the trunk run over C*t columns at once. The rows of hidden layer k are in *component-major* order
@@ -69,9 +69,10 @@ template <typename T>
 Trunk<T> make_trunk(int64_t n_in, at::TensorList weights, at::TensorList biases, at::TensorList fourier,
                     at::TensorList fourier_inv, const Affines& bn);
 
-// The block plan of W' (R, H, C) from its structural mask: hidden units with the same (R x C) pattern form a group;
-// within a group, input columns with the same row pattern form a column group; each (group, column group) with a
-// non-empty row set is a *pair*, whose block W'[rows, group, columns] is dense. Everything outside the pairs is zero.
+// The block plan of W' (R, H, C), derived from the blocks of its structure (csrc/structure.h), never from a mask:
+// hidden components with the same couplings (blocks) form a group, whose units are every channel of them; within a
+// group, the input columns with the same row set form a column group; each (group, column group) with a non-empty
+// row set is a *pair*, whose block W'[rows, group, columns] is dense. Everything outside the pairs is zero.
 //
 // A receiver's Z is stored per group, transposed: group g's block is (n_cols x nh) (its columns in permutation q's
 // order, then its hidden units), so that every pair's (nc x nh) block is contiguous.
@@ -101,7 +102,7 @@ struct Plan {
   int64_t zsize = 0;
 };
 
-// The plan of the op's structure (cached by its content); of a dense W' when it is not given.
+// The plan of the op's structure (cached by its content); of a dense W' (dense_structure) when it is not given.
 std::shared_ptr<const Plan> plan_for(const std::optional<c10::string_view>& structure, int64_t R, int64_t H, int64_t C);
 
 }  // namespace cpu

@@ -151,4 +151,21 @@ std::shared_ptr<const Structure> parse_structure(c10::string_view s, int64_t R, 
   return st;
 }
 
+Structure dense_structure(int64_t R, int64_t H, int64_t C) {
+  Structure st;
+  st.R = R;
+  st.C = C;
+  st.channels = H;
+  st.components = 1;
+  if (R > 0) st.out_groups.push_back(FieldGroup{R, {0}});
+  if (C > 0) st.in_groups.push_back(FieldGroup{C, {0}});
+  if (R > 0 && H > 0 && C > 0) {
+    Block b;
+    b.entries.resize(static_cast<size_t>(R * C));
+    for (int64_t e = 0; e < R * C; ++e) b.entries[e] = e;
+    st.blocks.push_back(std::move(b));
+  }
+  return st;
+}
+
 }  // namespace ik_fast
