@@ -33,13 +33,11 @@ namespace ik_fast_cuda {
 // its micro-tiles over whatever blockDim.x is, so this is a tuning constant, not a correctness one.
 constexpr int kTrunkThreads = 256;
 constexpr int kEdgeThreads = 256;
-// Receiver-block tile of the Z kernel: 16 x 8 threads, each a 4 x 4 micro-tile of Z (hidden x input).
-constexpr int kZThreadsH = 16;
-constexpr int kZThreadsC = 8;
-constexpr int kZThreads = kZThreadsH * kZThreadsC;
-constexpr int kZTileH = 4 * kZThreadsH;  // 64 hidden rows of Z (the augmented row H included)
-constexpr int kZTileC = 4 * kZThreadsC;  // 32 input columns
-constexpr int kZEdges = 16;              // edges staged in shared memory per step
+// Receiver-block tile of the Z kernel: 128 threads, each a 4 x 4 micro-tile of Z (hidden x input); the tile is TH
+// hidden rows x kZTileArea / TH input columns, TH = 16, 32 or 64 (picked per structure, see conv_cuda.cu).
+constexpr int kZThreads = 128;
+constexpr int kZTileArea = 16 * kZThreads;  // elements of Z per tile (TH x TC)
+constexpr int kZEdges = 16;                 // edges staged in shared memory per step
 // Layers one trunk launch evaluates (the host chains launches for deeper MLPs).
 constexpr int kMaxLayers = 16;
 

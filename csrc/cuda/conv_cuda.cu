@@ -18,26 +18,48 @@
 //       be = 8, 52.3 KB + 16 KB (three blocks per SM on sm_90)
 //     Skipped when the caller passes `hidden` (the statistics pass's activation, before the last batch norm: the Z
 //     kernel applies that affine map as it stages h).
-//  3. contraction once per receiver, receivers in chunks of nr (Z of a chunk <= 256 MB):
-//       Z_i = sum_{e -> i} s_e [h_e, 1] (x) x_src(e)        ((H + 1) x C per receiver; row H is z_i = sum s_e x_e)
-//       out_i = W_aug vec(Z_i),  W_aug = [W_F * mask | B_F] as (R, (H + 1) C)
-//     Z per chunk by ik_contract_z_kernel (one block per receiver x 64 x 32 tile of Z, edges staged 16 at a time in
-//     shared memory: 16 (64 + 32) elements static; degree skew costs one block's loop, isolated receivers write
-//     zeros), then one GEMM per chunk (cuBLAS via ATen, into the chunk's rows of out). Global memory: h (E H),
-//     Z chunk (nr (H + 1) C), W_aug (R (H + 1) C). Never per-edge kernels (E, R, C) nor (E, C_k, G) activations.
+//  3. contraction once per receiver, on the blocks of W' only, receivers in chunks of nr (a chunk's Z and pair
+//     slots <= 256 MB). The block plan of W' (ik_fast::cpu::plan_for, csrc/cpu/program.h, shared with the CPU
+//     kernels; dense without a structure): hidden units with equal (R x C) patterns form a group g, the group's
+//     columns with equal row sets a column group; each (group, column group) is a pair p whose block
+//     W'[rows_p, units_g, cols_p] is dense; nothing outside the pairs is non-zero. A receiver's compact Z holds
+//     only the (group, column) entries, group by group ((columns x units), each pair's (nc x nh) block contiguous),
+//     then the bias row:
+//       Z_i[g: c, j] = sum_{e -> i} s_e h_e[unit_g,j] x_src(e)[col_g,c]      (zsize per receiver)
+//       Z_i[bias]    = sum_{e -> i} s_e x_src(e)                           (C)
+//       out_i[rows_p] += B_p vec(Z_i[p]) for every pair p,  out_i += B_F Z_i[bias]
+//     with B the packed W' (nnz: every pair's (nr, nc nh) block, gathered from W_F through the plan's widx once per
+//     call). The plan's index arrays (units, column permutations, groups, Z tiles, rows, widx) live on the device,
+//     uploaded once per structure, sizes and device (device_plan, cached by the structure's content).
+//     Z per chunk by ik_contract_z_kernel<T, TH> (one block per receiver x tile of TH units x 2048 / TH columns of
+//     one group, TH = 16, 32 or 64 picked per structure for the least padding; edges staged 16 at a time in shared
+//     memory, 16 (TH + 2048 / TH) elements static; warps past a tile's columns skip the products; degree skew costs
+//     one block's loop, isolated receivers write zeros); then per pair one GEMM of the chunk, T[:, slots_p] =
+//     Z_c[p] B_p^T (cuBLAS via ATen), the bias row's GEMM into out, and out[:, rows] += T (index_add_ over the
+//     pairs' output rows). Global memory: h (E H), Z chunk (nr (zsize + C)), T (nr S, S = sum_p nr_p), B (nnz).
+//     Never per-edge kernels (E, R, C) nor (E, C_k, G) activations.
+//     Multiply-adds at config H (R = 144, H = 816, C = 144; 32 groups of 16 / 32 units, 161 pairs, nnz = 999,424,
+//     zsize = 56,832): Z 63,488 per edge (TH = 16, padding included; 56,976 structural; dense Z: 133,120),
+//     contraction 1,020,160 per receiver (nnz + R C; dense W_aug: R (H + 1) C = 16,941,312).
 //
 // Backward, conv_backward(grad, ...):
 //  1. trunk forward again (same kernel) saving every layer's pre-activation y_k and activation a_k (E, H_k) before
 //     its batch norm, and h = the last layer's output after it (global memory: 2 E sum_k H_k, + E H when the last
 //     layer has a batch norm), and s.
-//  2. per receiver chunk: Z again (kernel above); dW_aug += grad_c^T Z_c (cuBLAS addmm); dZ_c = grad_c W_aug
-//     (cuBLAS, into Z's buffer); then ik_contract_edge_backward_kernel, one block per tile of <= te edges of ONE
-//     receiver (tiles listed by a device-side prefix sum over ceil(deg / te): a receiver with 10^4 edges spreads
-//     over many blocks; the grid is an upper bound, blocks past the chunk's tiles exit), dZ_i read once per tile:
-//       G_e = dZ_i x_e (written: G[:H] into dh (E, H), G[H] into ds (E,)),  dxe_e = s_e dZ_i^T [h_e, 1] (E, C)
-//     no atomics: each output element has one writer; then with ATen: ds_e = G_e . [h_e, 1], dh_e = s_e G_e[:H],
-//     dx = index_add_(src, dxe) (deterministic under torch.use_deterministic_algorithms).
-//     shared memory: te (C|1) x 2 + 32 (C|1) + te 33   (x tile, dx accumulator, dZ rows, h rows)
+//  2. per receiver chunk: Z again (kernel above); dB_F += grad_c^T Z_c[bias]; per pair, with Gp = grad_c[:, rows]
+//     (index_select, (nr, S)): dB_p += Gp[:, p]^T Z_c[p], then dZ_c[p] = Gp[:, p] B_p over Z_c[p] (cuBLAS; each pair
+//     reads and overwrites only its block); dZ_c[bias] = grad_c B_F; then ik_contract_edge_backward_kernel, one
+//     block per tile of <= te edges of ONE receiver (tiles listed by a device-side prefix sum over ceil(deg / te): a
+//     receiver with 10^4 edges spreads over many blocks; the grid is an upper bound, blocks past the chunk's tiles
+//     exit), dZ_i read once per tile, group by group (the bias row last, as a group of one unit of value 1 on every
+//     column) in chunks of 32 units:
+//       G_e[unit_g,j] = sum_c dZ_i[g: c, j] x_e[col_g,c]   (into dh (E, H); the bias row's into ds (E,); units
+//                                                           outside the plan stay zero)
+//       dxe_e[col_g,c] += s_e sum_j dZ_i[g: c, j] [h_e, 1][unit_g,j]      (E, C)
+//     2 (zsize + C) multiply-adds per edge (at config H 113,952; dense: 2 (H + 1) C = 235,296); no atomics: each
+//     output element has one writer (a group's columns are distinct); then with ATen: ds_e = G_e . [h_e, 1],
+//     dh_e = s_e G_e[:H], dx = index_add_(src, dxe) (deterministic under torch.use_deterministic_algorithms).
+//     shared memory: te (C|1) x 3 + 32 (C|1) + te 33   (x tile, its group's columns, dx accumulator, dZ rows, h rows)
 //  3. trunk backward layer by layer (trunk_cuda.cu), from dh_k, the gradient of layer k's output h_k = a_k f + s:
 //     the batch norm's d f[c] = sum_{e,i} dh_k a_k, d s = sum_e dh_k (ATen reductions, like the bias gradient);
 //     dy_k from (y_k, da_k = dh_k f) by ik_fourier_elu_backward_kernel (da_k formed as dh_k is loaded; u = y A^T and
@@ -47,15 +69,16 @@
 //     deterministic weight gradients, no atomics.
 //  4. d inp = dh_0 + the radial term (-2 coef s_e ds_e d_e on the first ndim columns);
 //     d coef = -sum_e s_e ds_e |d_e|^2;
-//     dW_F = dW_aug[:, :H C] * mask (zero outside the structure), dB_F = dW_aug[:, H C:].
+//     dW_F = dB scattered back through widx (index_copy_: zero outside the structure), dB_F as accumulated.
 //  Global memory of the backward, beyond inputs and outputs: 2 E sum_k H_k (saved y_k, a_k) + E (H + 2) (G, ds)
-//  + E C (dxe) + nr (H + 1) C (Z / dZ chunk, <= 256 MB) + 2 R (H + 1) C (W_aug, dW_aug), + E H (h after the last
+//  + E C (dxe) + nr (zsize + C + S) (Z / dZ chunk and Gp, <= 256 MB) + 2 nnz (B, dB), + E H (h after the last
 //  batch norm, when there is one); at config H (float32, 197k edges) about 2.6 GB + 0.7 GB + 0.1 GB + 0.25 GB
-//  + 0.14 GB (+ 0.6 GB).
+//  + 8 MB (+ 0.6 GB).
 //
 // WHERE THIS DIFFERS FROM A FULLY FUSED DESIGN (first version; correctness first):
-//  - Z goes through global memory in bounded receiver chunks so that W_aug is applied by cuBLAS (dense: the block
-//    sparsity of the structure is not exploited; the mask only zeroes W_F and its gradient).
+//  - Z goes through global memory in bounded receiver chunks so that the pairs' blocks are applied by cuBLAS, one
+//    GEMM per pair and chunk (161 per chunk at config H, three times that in the backward; a grouped GEMM would
+//    launch once), and the pairs' outputs are summed into out's rows by index_add_.
 //  - The trunk's backward is layer by layer through global (E, H_k) tensors and cuBLAS, not fused per tile.
 //  - The channel-major <-> component-major change needs no explicit transpose: the tiles live in shared memory and
 //    the componentwise Linear reads them through strided indices (block_mm's aoff), batch = component.
@@ -71,10 +94,10 @@
 //     backward's two GEMMs on TF32 tensor cores (mma.sync.m16n8k8, operands rounded with cvt.rna, float32
 //     accumulation; block_mm_tf32 in common.cuh). The ELU, the Z kernel (a rank-1 update per edge) and every
 //     reduction stay IEEE float32.
-// The plain GEMMs (contraction with W_aug, the trunk's weight gradients; gemm_cuda.h) are cuBLAS through ATen and
-// follow the same switch; under torch.use_deterministic_algorithms(True) (where ATen refuses cuBLAS without
-// CUBLAS_WORKSPACE_CONFIG) they run in ik_gemm_kernel instead, IEEE FFMA, bit-reproducible. With no atomics anywhere
-// (the gradient to x goes through index_add_), the backward is then deterministic.
+// The plain GEMMs (the contraction's pair blocks and bias row, the trunk's weight gradients; gemm_cuda.h) are cuBLAS
+// through ATen and follow the same switch; under torch.use_deterministic_algorithms(True) (where ATen refuses cuBLAS
+// without CUBLAS_WORKSPACE_CONFIG) they run in ik_gemm_kernel instead, IEEE FFMA, bit-reproducible. With no atomics
+// anywhere (the gradient to x and the pairs' outputs go through index_add_), the ops are then deterministic.
 // bf16 / half inputs are computed in float32 (under the same switch) and the results cast back; there is
 // no bf16-operand path.
 //
@@ -82,7 +105,7 @@
 // non-decreasing with rowptr[0] = 0 and rowptr[n_dst] = E; every src entry lies in [0, x.size(0)). rowptr and src
 // may be int32 or int64 (converted to int64). Tensors may be non-contiguous (copied).
 // =====================================================================================================================
-#include "../structure.h"
+#include "../cpu/program.h"
 #include "common.cuh"
 #include "gemm_cuda.h"
 #include "trunk_cuda.h"
@@ -90,10 +113,14 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cstring>
+#include <memory>
 #include <mutex>
 #include <optional>
+#include <string>
 #include <tuple>
+#include <vector>
 
 namespace ik_fast_cuda {
 
@@ -101,20 +128,33 @@ namespace ik_fast_cuda {
 // kernels
 // ------------------------------------------------------------------------------------------------------------------
 
-// Z chunk (nr, H + 1, C): block (i, hb, cb) computes rows hb*64 .. and columns cb*32 .. of Z_{r0 + i}. With hf not
-// null, h is the last activation before its affine map, applied as it is staged: h[e, j] hf[j / hd] + hsh[j].
-template <typename T>
+// Compact Z of a receiver chunk (nr, zs), zs = zsize + C: block (i, t) computes tile t of Z_{r0 + i}. A tile is
+// (up to TH hidden rows of one plan group) x (up to TC = kZTileArea / TH of its columns), described by 6 ints:
+//   hrow  plan position of its first hidden row (its units are hidden[hrow ..]); -1: the bias row (values s_e)
+//   nh    its valid rows;  ld: the group's hidden units (Z's stride from one column to the next)
+//   pcol  offset in perm of its first column;  nc: its valid columns;  zoff: Z offset of its (column 0, row 0)
+// Z_i[zoff + c ld + j] = sum_{e -> i} s_e h_e[hidden[hrow + j]] x_src(e)[perm[pcol + c]]. With hf not null, h is
+// the last activation before its affine map, applied as it is staged: h[e, u] hf[u / hd] + hsh[u].
+template <typename T, int TH>
 __global__ void __launch_bounds__(kZThreads)
     ik_contract_z_kernel(const T* __restrict__ h, const T* __restrict__ hf, const T* __restrict__ hsh, int hd,
                          const T* __restrict__ s, const T* __restrict__ x, const int64_t* __restrict__ src,
-                         const int64_t* __restrict__ rowptr, T* __restrict__ Z, int64_t r0, int H, int C) {
-  __shared__ T hs[kZEdges][kZTileH];
-  __shared__ T xs[kZEdges][kZTileC];
+                         const int64_t* __restrict__ rowptr, const int* __restrict__ hidden,
+                         const int* __restrict__ perm, const int* __restrict__ tiles, T* __restrict__ Z, int64_t r0,
+                         int H, int C, int64_t zs) {
+  constexpr int TC = kZTileArea / TH;
+  constexpr int kThreadsH = TH / 4;
+  static_assert(kThreadsH * (TC / 4) == kZThreads, "a 4 x 4 micro-tile per thread");
+  __shared__ T hs[kZEdges][TH];
+  __shared__ T xs[kZEdges][TC];
   const int64_t i = r0 + blockIdx.x;
-  const int h0 = blockIdx.y * kZTileH;
-  const int c0 = blockIdx.z * kZTileC;
-  const int th = threadIdx.x / kZThreadsC;
-  const int tc = threadIdx.x % kZThreadsC;
+  const int* tile = tiles + static_cast<int64_t>(blockIdx.y) * 6;
+  const int hrow = tile[0], nh = tile[1], pcol = tile[3], nc = tile[4];  // (ld, zoff read at the end)
+  // rows fastest: a warp covers all TH rows of 512 / TH columns, so that the warps wholly past the tile's columns
+  // skip the products (a group's columns are rarely a multiple of TC)
+  const int th = threadIdx.x % kThreadsH;
+  const int tc = threadIdx.x / kThreadsH;
+  const bool live = tc * 4 < nc;
   const int64_t beg = rowptr[i];
   const int64_t end = rowptr[i + 1];
   T acc[4][4];
@@ -124,66 +164,77 @@ __global__ void __launch_bounds__(kZThreads)
     for (int b = 0; b < 4; ++b) acc[a][b] = T(0);
   for (int64_t eb = beg; eb < end; eb += kZEdges) {
     const int nk = static_cast<int>(min(static_cast<int64_t>(kZEdges), end - eb));
-    for (int idx = threadIdx.x; idx < kZEdges * kZTileH; idx += kZThreads) {
-      const int k = idx / kZTileH;
-      const int hh = h0 + idx % kZTileH;
+    for (int idx = threadIdx.x; idx < kZEdges * TH; idx += kZThreads) {
+      const int k = idx / TH;
+      const int j = idx % TH;
       T v = T(0);
-      if (k < nk) {
+      if (k < nk && j < nh) {
         const int64_t e = eb + k;
-        if (hh < H) {
-          T hv = h[e * H + hh];
-          if (hf != nullptr) hv = fma(hv, hf[hh / hd], hsh[hh]);
+        if (hrow >= 0) {
+          const int u = hidden[hrow + j];
+          T hv = h[e * H + u];
+          if (hf != nullptr) hv = fma(hv, hf[u / hd], hsh[u]);
           v = s[e] * hv;
-        } else if (hh == H)
+        } else {
           v = s[e];
+        }
       }
-      hs[k][idx % kZTileH] = v;
+      hs[k][j] = v;
     }
-    for (int idx = threadIdx.x; idx < kZEdges * kZTileC; idx += kZThreads) {
-      const int k = idx / kZTileC;
-      const int cc = c0 + idx % kZTileC;
-      xs[k][idx % kZTileC] = (k < nk && cc < C) ? x[src[eb + k] * C + cc] : T(0);
+    for (int idx = threadIdx.x; idx < kZEdges * TC; idx += kZThreads) {
+      const int k = idx / TC;
+      const int j = idx % TC;
+      xs[k][j] = (k < nk && j < nc) ? x[src[eb + k] * C + perm[pcol + j]] : T(0);
     }
     __syncthreads();
+    if (live) {
 #pragma unroll 4
-    for (int k = 0; k < kZEdges; ++k) {
-      T hv[4], xv[4];
+      for (int k = 0; k < kZEdges; ++k) {
+        T hv[4], xv[4];
 #pragma unroll
-      for (int a = 0; a < 4; ++a) hv[a] = hs[k][th * 4 + a];
+        for (int a = 0; a < 4; ++a) hv[a] = hs[k][th * 4 + a];
 #pragma unroll
-      for (int b = 0; b < 4; ++b) xv[b] = xs[k][tc * 4 + b];
+        for (int b = 0; b < 4; ++b) xv[b] = xs[k][tc * 4 + b];
 #pragma unroll
-      for (int a = 0; a < 4; ++a)
+        for (int a = 0; a < 4; ++a)
 #pragma unroll
-        for (int b = 0; b < 4; ++b) acc[a][b] = fma(hv[a], xv[b], acc[a][b]);
+          for (int b = 0; b < 4; ++b) acc[a][b] = fma(hv[a], xv[b], acc[a][b]);
+      }
     }
     __syncthreads();
   }
-  T* Zi = Z + static_cast<int64_t>(blockIdx.x) * (H + 1) * C;
+  const int ld = tile[2];
+  T* Zi = Z + static_cast<int64_t>(blockIdx.x) * zs + tile[5];
 #pragma unroll
   for (int a = 0; a < 4; ++a) {
-    const int hh = h0 + th * 4 + a;
+    const int j = th * 4 + a;
 #pragma unroll
     for (int b = 0; b < 4; ++b) {
-      const int cc = c0 + tc * 4 + b;
-      if (hh <= H && cc < C) Zi[static_cast<int64_t>(hh) * C + cc] = acc[a][b];
+      const int c = tc * 4 + b;
+      if (j < nh && c < nc) Zi[static_cast<int64_t>(c) * ld + j] = acc[a][b];
     }
   }
 }
 
 // Per-edge backward of the contraction for one tile of <= te edges of one receiver i (receivers r0 .. r1 - 1 of the
-// chunk, dZ (nr, H + 1, C) their gradient of Z). For each edge e of the tile, with G_e = dZ_i x_src(e) (H + 1,):
-//   dG (E, H)  <- G_e[:H]                          (the host scales it by s_e and reduces it with h_e for ds_e)
-//   gz (E,)    <- G_e[H]
-//   dxe (E, C) <- s_e dZ_i^T [h_e, 1]              (the host adds it into dx[src_e] with index_add_)
-// Every output element is written by exactly one thread of one block: no atomics, deterministic.
+// chunk, dZ (nr, zs) their gradient of the compact Z). Group by group (ng entries of 5 ints: hoff, the plan position
+// of its first hidden unit, -1 for the bias row; nh, its units; poff, lq: its columns perm[poff .. poff + lq); zoff:
+// its (lq x nh) block in Z), for each edge e of the tile, with G_e[u] = sum_c dZ_i[zoff + c nh + j] x_e[perm[poff + c]]
+// for unit u = hidden[hoff + j]:
+//   dG (E, H)  <- G_e[u]                          (the host scales it by s_e and reduces it with h_e for ds_e)
+//   gz (E,)    <- G_e of the bias row
+//   dxe (E, C) <- s_e sum_j dZ_i[zoff + c nh + j] [h_e, 1][u] at column perm[poff + c]   (index_add_ on the host)
+// Units outside the plan are never written (dG is zero there). Every output element is written by exactly one thread
+// of one block (a group's columns are distinct): no atomics, deterministic.
 template <typename T, bool TC>
 __global__ void __launch_bounds__(kEdgeThreads)
     ik_contract_edge_backward_kernel(const T* __restrict__ dZ, const T* __restrict__ h, const T* __restrict__ s,
                                      const T* __restrict__ x, const int64_t* __restrict__ src,
                                      const int64_t* __restrict__ rowptr, const int64_t* __restrict__ tile_ptr,
-                                     T* __restrict__ dG, T* __restrict__ gz, T* __restrict__ dxe, int64_t r0,
-                                     int64_t r1, int H, int C, int te, int hb) {
+                                     const int* __restrict__ hidden, const int* __restrict__ perm,
+                                     const int* __restrict__ groups, int ng, T* __restrict__ dG, T* __restrict__ gz,
+                                     T* __restrict__ dxe, int64_t r0, int64_t r1, int H, int C, int64_t zs, int te,
+                                     int hb) {
   const int64_t t = tile_ptr[r0] + blockIdx.x;
   if (t >= tile_ptr[r1]) return;  // past the chunk's tiles (the grid is an upper bound): the whole block leaves
   // the receiver: the largest i in [r0, r1) with tile_ptr[i] <= t (it owns tile t: receivers without edges have no
@@ -204,44 +255,59 @@ __global__ void __launch_bounds__(kEdgeThreads)
   const int ldc = C | 1;  // odd row strides: the micro-tiles' rows fall into different banks
   const int ldh = hb | 1;
   T* xs = reinterpret_cast<T*>(smem_raw);  // (te, ldc) source features
-  T* dxa = xs + te * ldc;  // (te, ldc) dx accumulator
-  T* dz = dxa + te * ldc;  // (hb, ldc) rows of dZ_i
-  T* hr = dz + hb * ldc;  // (te, ldh) rows of [h_e, 1]
+  T* xg = xs + te * ldc;  // (te, ldc) the group's columns of them, in perm order
+  T* dxa = xg + te * ldc;  // (te, ldc) dx accumulator
+  T* dz = dxa + te * ldc;  // (hb, ldc) the group's dZ_i, unit-major: dz[j ldc + c]
+  T* hr = dz + hb * ldc;  // (te, ldh) rows of [h_e, 1] on the group's units
   for (int idx = threadIdx.x; idx < ne * C; idx += blockDim.x) {
     const int k = idx / C;
     const int c = idx - k * C;
     xs[k * ldc + c] = x[src[eb + k] * C + c];
     dxa[k * ldc + c] = T(0);
   }
-  const T* dZi = dZ + (i - r0) * static_cast<int64_t>(H + 1) * C;
-  for (int j0 = 0; j0 < H + 1; j0 += hb) {
-    const int hc = min(hb, H + 1 - j0);
-    __syncthreads();  // the previous rows are consumed (and, the first time, xs / dxa are written)
-    for (int idx = threadIdx.x; idx < hc * C; idx += blockDim.x) {
-      const int j = idx / C;
-      const int c = idx - j * C;
-      dz[j * ldc + c] = dZi[static_cast<int64_t>(j0 + j) * C + c];
+  const T* dZi = dZ + (i - r0) * zs;
+  T* dGt = dG + eb * H;  // the tile's rows of dG, gz
+  T* gzt = gz + eb;
+  for (int g = 0; g < ng; ++g) {
+    const int hoff = groups[g * 5], nh = groups[g * 5 + 1], poff = groups[g * 5 + 2], lq = groups[g * 5 + 3];
+    const int64_t zoff = groups[g * 5 + 4];
+    const int* pg = perm + poff;
+    const int* hu = hoff >= 0 ? hidden + hoff : nullptr;  // the group's units (none: the bias row)
+    const T* dZg = dZi + zoff;
+    __syncthreads();  // the previous group's xg is consumed (and, the first time, xs / dxa are written)
+    for (int idx = threadIdx.x; idx < ne * lq; idx += blockDim.x) {
+      const int k = idx / lq;
+      const int c = idx - k * lq;
+      xg[k * ldc + c] = xs[k * ldc + pg[c]];
     }
-    for (int idx = threadIdx.x; idx < ne * hc; idx += blockDim.x) {
-      const int k = idx / hc;
-      const int j = idx - k * hc;
-      hr[k * ldh + j] = j0 + j < H ? h[(eb + k) * H + j0 + j] : T(1);
+    for (int j0 = 0; j0 < nh; j0 += hb) {
+      const int hc = min(hb, nh - j0);
+      __syncthreads();  // the previous rows are consumed (and xg is written)
+      for (int idx = threadIdx.x; idx < hc * lq; idx += blockDim.x) {
+        const int c = idx / hc;
+        const int j = idx - c * hc;
+        dz[j * ldc + c] = dZg[c * nh + j0 + j];
+      }
+      for (int idx = threadIdx.x; idx < ne * hc; idx += blockDim.x) {
+        const int k = idx / hc;
+        const int j = idx - k * hc;
+        hr[k * ldh + j] = hu != nullptr ? h[(eb + k) * H + hu[j0 + j]] : T(1);
+      }
+      __syncthreads();
+      // G (ne x hc) = xg (ne x lq) . dz^T (lq x hc)
+      mm<TC, 2, 2>(
+          1, ne, hc, lq, xg, [=](int, int m) { return m * ldc; }, 1, dz, [=](int, int n) { return n * ldc; }, 1,
+          [=](int, int m, int n, T v) {
+            if (hu != nullptr)
+              dGt[m * H + hu[j0 + n]] = v;
+            else
+              gzt[m] = v;
+          });
+      // dx accumulator (ne x C) at the group's columns += hr (ne x hc) . dz (hc x lq)
+      mm<TC, 2, 2>(
+          1, ne, lq, hc, hr, [=](int, int m) { return m * ldh; }, 1, dz, [=](int, int n) { return n; }, ldc,
+          [=](int, int m, int n, T v) { dxa[m * ldc + pg[n]] += v; });
     }
-    __syncthreads();
-    // G (ne x hc) = xs (ne x C) . dz^T (C x hc)
-    mm<TC, 2, 2>(
-        1, ne, hc, C, xs, [=](int, int m) { return m * ldc; }, 1, dz, [=](int, int n) { return n * ldc; }, 1,
-        [=](int, int m, int n, T v) {
-          const int j = j0 + n;
-          if (j < H)
-            dG[(eb + m) * H + j] = v;
-          else
-            gz[eb + m] = v;
-        });
-    // dx accumulator (ne x C) += hr (ne x hc) . dz (hc x C)
-    mm<TC, 2, 2>(
-        1, ne, C, hc, hr, [=](int, int m) { return m * ldh; }, 1, dz, [=](int, int n) { return n; }, ldc,
-        [=](int, int m, int n, T v) { dxa[m * ldc + n] += v; });
   }
   __syncthreads();
   for (int idx = threadIdx.x; idx < ne * C; idx += blockDim.x) {
@@ -259,27 +325,111 @@ namespace {
 constexpr size_t kZChunkBytes = size_t(256) << 20;  // Z of one receiver chunk
 constexpr int kEdgeRows = 32;  // rows of dZ_i per step of the edge backward (hb)
 
-// The structure's mask on the device, per structure (by content) and device: a structural constant of the layer,
-// so it is expanded and copied once, not per call. A few entries.
-struct MaskEntry {
-  std::string key;
-  at::Device device;
-  at::Tensor dev;
+// The block plan of W' (ik_fast::cpu::plan_for, csrc/cpu/program.h: hidden groups, column permutations, dense
+// pairs, widx) as the kernels read it, on the device, per structure (by content), sizes and device: a structural
+// constant of the layer, so it is laid out and copied once, not per call. A few entries.
+struct DevicePlan {
+  std::shared_ptr<const ik_fast::cpu::Plan> plan;
+  int64_t zs = 0;  // a receiver's compact Z: plan->zsize, then the bias row's C
+  int64_t S = 0;  // pair output slots (plan->rows.size())
+  int th = 64;  // the Z kernel's tile rows (16, 32 or 64)
+  int64_t nz = 0;  // Z tiles
+  int ng = 0;  // groups, the bias row's included (last)
+  at::Tensor widx;  // int64 (nnz,): packed W' slot -> flat index of W'
+  at::Tensor rows;  // int64 (S,): pair slot -> output row
+  at::Tensor hidden;  // int32 (P,): plan position -> hidden unit
+  at::Tensor perm;  // int32: the column permutations concatenated, then the identity (the bias row's)
+  at::Tensor groups;  // int32 (ng, 5): hoff (-1: bias), nh, poff, lq, zoff
+  at::Tensor ztiles;  // int32 (nz, 6): hrow (-1: bias), nh, ld, pcol, nc, zoff (ik_contract_z_kernel)
 };
-std::mutex g_mask_mutex;
-std::vector<MaskEntry> g_masks;
 
-at::Tensor device_mask(const ik_fast::Structure& st, const at::Device& dev) {
-  std::lock_guard<std::mutex> lock(g_mask_mutex);
-  for (const MaskEntry& m : g_masks)
-    if (m.device == dev && m.key == st.key) return m.dev;
-  std::vector<uint8_t> bytes = st.mask();
-  at::Tensor cpu = at::empty({st.R, st.H(), st.C}, at::TensorOptions().dtype(at::kBool));
-  std::memcpy(cpu.data_ptr(), bytes.data(), bytes.size());
-  at::Tensor d = cpu.to(dev);
-  if (g_masks.size() >= 8) g_masks.erase(g_masks.begin());
-  g_masks.push_back(MaskEntry{st.key, dev, d});
-  return d;
+struct PlanEntry {
+  std::string key;
+  int64_t R, H, C;
+  at::Device device;
+  std::shared_ptr<const DevicePlan> dp;
+};
+std::mutex g_plan_mutex;
+std::vector<PlanEntry> g_plans;
+
+template <typename V>
+at::Tensor upload(const std::vector<V>& v, at::ScalarType st, const at::Device& dev) {
+  at::Tensor cpu = at::empty({static_cast<int64_t>(v.size())}, at::TensorOptions().dtype(st));
+  if (!v.empty()) std::memcpy(cpu.data_ptr(), v.data(), v.size() * sizeof(V));
+  return cpu.to(dev);
+}
+
+// The Z kernel's multiply-adds per edge for tile rows th, padding included (rows to th, columns to a warp's 512 / th:
+// warps past a tile's columns skip the products); the host picks the th with the least.
+int64_t z_area(const std::vector<std::array<int64_t, 5>>& groups, int th) {
+  const int64_t wc = 32 * 16 / th;
+  int64_t a = 0;
+  for (const auto& g : groups) a += ceil_div(g[1], th) * th * ceil_div(g[3], wc) * wc;
+  return a;
+}
+
+std::shared_ptr<const DevicePlan> device_plan(const std::optional<c10::string_view>& structure, int64_t R, int64_t H,
+                                              int64_t C, const at::Device& dev) {
+  const std::string key = structure.has_value() ? std::string(structure->data(), structure->size()) : std::string();
+  std::lock_guard<std::mutex> lock(g_plan_mutex);
+  for (const PlanEntry& e : g_plans)
+    if (e.device == dev && e.R == R && e.H == H && e.C == C && e.key == key) return e.dp;
+  auto dp = std::make_shared<DevicePlan>();
+  dp->plan = ik_fast::cpu::plan_for(structure, R, H, C);
+  const ik_fast::cpu::Plan& p = *dp->plan;
+  dp->zs = p.zsize + C;
+  dp->S = static_cast<int64_t>(p.rows.size());
+  TORCH_CHECK(dp->zs < (int64_t(1) << 31) && H < (int64_t(1) << 31),
+              "ik_fast native CUDA: the structure's compact Z is too large (", dp->zs, " elements per receiver)");
+  std::vector<int32_t> perm, hidden(p.hidden.begin(), p.hidden.end());
+  std::vector<int64_t> poffs;
+  for (const auto& q : p.perms) {
+    poffs.push_back(static_cast<int64_t>(perm.size()));
+    perm.insert(perm.end(), q.begin(), q.end());
+  }
+  const int64_t ident = static_cast<int64_t>(perm.size());
+  for (int64_t c = 0; c < C; ++c) perm.push_back(static_cast<int32_t>(c));
+  // groups (hoff, nh, poff, lq, zoff), the bias row last: one unit of value 1, every column in order, after zsize
+  std::vector<std::array<int64_t, 5>> gs;
+  for (const ik_fast::cpu::Group& g : p.groups)
+    gs.push_back({g.hoff, g.nh, poffs[g.q], static_cast<int64_t>(p.perms[g.q].size()), g.zoff});
+  gs.push_back({-1, 1, ident, C, p.zsize});
+  int64_t best = -1;
+  for (int th : {64, 32, 16}) {
+    const int64_t a = z_area(gs, th);
+    if (best < 0 || a < best) {
+      best = a;
+      dp->th = th;
+    }
+  }
+  const int th = dp->th, tc = kZTileArea / th;
+  std::vector<int32_t> groups, ztiles;
+  for (const auto& g : gs) {
+    for (int64_t v : g) groups.push_back(static_cast<int32_t>(v));
+    for (int64_t h0 = 0; h0 < g[1]; h0 += th)
+      for (int64_t c0 = 0; c0 < g[3]; c0 += tc) {
+        const int64_t t[6] = {g[0] >= 0 ? g[0] + h0 : -1,
+                              std::min<int64_t>(th, g[1] - h0),
+                              g[1],
+                              g[2] + c0,
+                              std::min<int64_t>(tc, g[3] - c0),
+                              g[4] + c0 * g[1] + h0};
+        for (int64_t v : t) ztiles.push_back(static_cast<int32_t>(v));
+      }
+  }
+  dp->ng = static_cast<int>(gs.size());
+  dp->nz = static_cast<int64_t>(ztiles.size()) / 6;
+  TORCH_CHECK(dp->nz <= 65535, "ik_fast native CUDA: the structure needs ", dp->nz,
+              " Z tiles per receiver, more than a grid dimension holds");
+  dp->widx = upload(p.widx, at::kLong, dev);
+  dp->rows = upload(p.rows, at::kLong, dev);
+  dp->hidden = upload(hidden, at::kInt, dev);
+  dp->perm = upload(perm, at::kInt, dev);
+  dp->groups = upload(groups, at::kInt, dev);
+  dp->ztiles = upload(ztiles, at::kInt, dev);
+  if (g_plans.size() >= 8) g_plans.erase(g_plans.begin());
+  g_plans.push_back(PlanEntry{key, R, H, C, dev, dp});
+  return dp;
 }
 
 // The inputs of conv / conv_backward, checked and converted to the compute dtype.
@@ -287,7 +437,7 @@ struct ConvInputs {
   at::ScalarType st;
   at::Tensor x, inp, src, rowptr, fw, fb, coef;
   std::vector<TrunkLayer> layers;
-  std::optional<at::Tensor> mask;  // on the device, bool
+  std::shared_ptr<const DevicePlan> dp;  // the block plan of W' (dense without a structure)
   int64_t E, n_dst, n_src, R, H, C, P0, ndim;
 };
 
@@ -350,12 +500,7 @@ ConvInputs check_conv(const at::Tensor& x, const at::Tensor& inp, const at::Tens
   }
   TORCH_CHECK(final_weight.size(1) == c.H, "ik_fast native CUDA: final_weight has H = ", final_weight.size(1),
               " but the last hidden layer has ", c.H, " units");
-  if (structure.has_value()) {
-    TORCH_CHECK(final_weight.dim() == 3, "ik_fast native CUDA: final_weight must be (R, H, C_in)");
-    auto st = ik_fast::parse_structure(*structure, final_weight.size(0), final_weight.size(1), final_weight.size(2),
-                                       "ik_fast native CUDA");
-    c.mask = device_mask(*st, dev);
-  }
+  c.dp = device_plan(structure, c.R, c.H, c.C, dev);  // (parses the structure: its errors name the op)
   c.x = prep(x, c.st);
   c.inp = prep(inp, c.st);
   c.src = src.to(at::kLong).contiguous();
@@ -373,34 +518,69 @@ std::pair<at::Tensor, at::Tensor> radial(const ConvInputs& c, double norm) {
   return {r2, s};
 }
 
-// W_aug (R, (H + 1) C): the masked final weight with the bias as the extra hidden row.
-at::Tensor waug(const ConvInputs& c) {
-  at::Tensor w = c.mask.has_value() ? c.fw * *c.mask : c.fw;
-  return at::cat({w, c.fb.unsqueeze(1)}, 1).view({c.R, (c.H + 1) * c.C});
+// The packed W' (nnz,): the plan's dense blocks, pair by pair (nr, nc, nh), gathered through widx.
+at::Tensor packed_weight(const ConvInputs& c) {
+  return c.fw.reshape({-1}).index_select(0, c.dp->widx);
 }
 
+// Receivers per chunk: their compact Z and the pairs' output slots (T forward, the gathered grad backward).
 int64_t chunk_receivers(const ConvInputs& c) {
-  const int64_t per = (c.H + 1) * c.C * static_cast<int64_t>(c.st == at::kDouble ? 8 : 4);
+  const int64_t per = (c.dp->zs + c.dp->S) * static_cast<int64_t>(c.st == at::kDouble ? 8 : 4);
   return std::max<int64_t>(1, std::min<int64_t>(c.n_dst, static_cast<int64_t>(kZChunkBytes) / per));
 }
 
 // Z of receivers r0 .. r0 + nr - 1 from h (E, H), mapped by h_map first (the last activation before its batch norm,
 // `hidden`) or by none (h after it)
+template <typename T, int TH>
+void launch_z_tiles(const ConvInputs& c, const at::Tensor& h, const Affine& h_map, const at::Tensor& s, at::Tensor& Z,
+                    int64_t r0, int64_t nr) {
+  const DevicePlan& d = *c.dp;
+  const dim3 grid(static_cast<unsigned>(nr), static_cast<unsigned>(d.nz));
+  ik_contract_z_kernel<T, TH><<<grid, kZThreads, 0, current_stream()>>>(
+      h.data_ptr<T>(), h_map.on() ? h_map.f.data_ptr<T>() : nullptr, h_map.on() ? h_map.s.data_ptr<T>() : nullptr,
+      h_map.on() ? static_cast<int>(h_map.d) : 1, s.data_ptr<T>(), c.x.data_ptr<T>(), c.src.data_ptr<int64_t>(),
+      c.rowptr.data_ptr<int64_t>(), d.hidden.data_ptr<int>(), d.perm.data_ptr<int>(), d.ztiles.data_ptr<int>(),
+      Z.data_ptr<T>(), r0, static_cast<int>(c.H), static_cast<int>(c.C), d.zs);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 template <typename T>
 void launch_z(const ConvInputs& c, const at::Tensor& h, const Affine& h_map, const at::Tensor& s, at::Tensor& Z,
               int64_t r0, int64_t nr) {
-  const dim3 grid(static_cast<unsigned>(nr), static_cast<unsigned>(ceil_div(c.H + 1, kZTileH)),
-                  static_cast<unsigned>(ceil_div(c.C, kZTileC)));
-  ik_contract_z_kernel<T><<<grid, kZThreads, 0, current_stream()>>>(
-      h.data_ptr<T>(), h_map.on() ? h_map.f.data_ptr<T>() : nullptr, h_map.on() ? h_map.s.data_ptr<T>() : nullptr,
-      h_map.on() ? static_cast<int>(h_map.d) : 1, s.data_ptr<T>(), c.x.data_ptr<T>(), c.src.data_ptr<int64_t>(),
-      c.rowptr.data_ptr<int64_t>(), Z.data_ptr<T>(), r0, static_cast<int>(c.H), static_cast<int>(c.C));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (c.dp->th == 16)
+    launch_z_tiles<T, 16>(c, h, h_map, s, Z, r0, nr);
+  else if (c.dp->th == 32)
+    launch_z_tiles<T, 32>(c, h, h_map, s, Z, r0, nr);
+  else
+    launch_z_tiles<T, 64>(c, h, h_map, s, Z, r0, nr);
+}
+
+// The pair blocks' forward: T[:, roff .. roff + nr) = Z[:, zoff .. zoff + nc nh) . B_p^T for each pair (B_p the
+// pair's (nr, nc nh) block of the packed W'): the structural multiply-adds only, one GEMM per pair.
+void pairs_forward(const ConvInputs& c, const at::Tensor& Zc, const at::Tensor& B, at::Tensor& T) {
+  for (const ik_fast::cpu::Pair& p : c.dp->plan->pairs) {
+    const int64_t K = p.nc * p.nh;
+    at::Tensor t = T.narrow(1, p.roff, p.nr);
+    gemm_into(t, Zc.narrow(1, p.zoff, K), B.narrow(0, p.boff, p.nr * K).view({p.nr, K}).t(), false);
+  }
+}
+
+// The pair blocks' backward: dB_p += Gp[:, pair]^T Z[:, pair], then dZ[:, pair] = Gp[:, pair] B_p over Z's own block
+// (each pair reads and overwrites only its block), Gp = grad_c[:, rows] (n, S).
+void pairs_backward(const ConvInputs& c, at::Tensor& Zc, const at::Tensor& Gp, const at::Tensor& B, at::Tensor& dB) {
+  for (const ik_fast::cpu::Pair& p : c.dp->plan->pairs) {
+    const int64_t K = p.nc * p.nh;
+    at::Tensor z = Zc.narrow(1, p.zoff, K);
+    const at::Tensor gp = Gp.narrow(1, p.roff, p.nr);
+    at::Tensor db = dB.narrow(0, p.boff, p.nr * K).view({p.nr, K});
+    gemm_into(db, gp.t(), z, true);
+    gemm_into(z, gp, B.narrow(0, p.boff, p.nr * K).view({p.nr, K}), false);
+  }
 }
 
 size_t edge_smem(int te, int64_t C, size_t elem) {
   const size_t ldc = static_cast<size_t>(C | 1), ldh = static_cast<size_t>(kEdgeRows | 1);
-  return (2 * te * ldc + kEdgeRows * ldc + te * ldh) * elem;
+  return (3 * te * ldc + kEdgeRows * ldc + te * ldh) * elem;
 }
 
 int edge_tile(int64_t C, size_t elem) {
@@ -422,8 +602,9 @@ void launch_edge_backward(const ConvInputs& c, const at::Tensor& dZ, const at::T
   const int64_t blocks = ceil_div(c.E, te) + nr;
   ik_contract_edge_backward_kernel<T, TC><<<static_cast<unsigned>(blocks), kEdgeThreads, smem, current_stream()>>>(
       dZ.data_ptr<T>(), h.data_ptr<T>(), s.data_ptr<T>(), c.x.data_ptr<T>(), c.src.data_ptr<int64_t>(),
-      c.rowptr.data_ptr<int64_t>(), tile_ptr.data_ptr<int64_t>(), dG.data_ptr<T>(), gz.data_ptr<T>(), dxe.data_ptr<T>(),
-      r0, r0 + nr, static_cast<int>(c.H), static_cast<int>(c.C), te, kEdgeRows);
+      c.rowptr.data_ptr<int64_t>(), tile_ptr.data_ptr<int64_t>(), c.dp->hidden.data_ptr<int>(),
+      c.dp->perm.data_ptr<int>(), c.dp->groups.data_ptr<int>(), c.dp->ng, dG.data_ptr<T>(), gz.data_ptr<T>(),
+      dxe.data_ptr<T>(), r0, r0 + nr, static_cast<int>(c.H), static_cast<int>(c.C), c.dp->zs, te, kEdgeRows);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -458,15 +639,22 @@ at::Tensor native_conv_cuda(const at::Tensor& x, const at::Tensor& inp, const at
     h = trunk_forward(c.inp, none, c.layers, nullptr, nullptr);
   }
   const at::Tensor s = radial(c, norm).second;
-  const at::Tensor W = waug(c);
+  const DevicePlan& d = *c.dp;
+  const at::Tensor B = packed_weight(c);
   const int64_t nr = chunk_receivers(c);
-  at::Tensor Z = at::empty({nr, (c.H + 1) * c.C}, c.x.options());
+  at::Tensor Z = at::empty({nr, d.zs}, c.x.options());
+  at::Tensor T = at::empty({nr, d.S}, c.x.options());
   for (int64_t r0 = 0; r0 < c.n_dst; r0 += nr) {
     const int64_t n = std::min(nr, c.n_dst - r0);
     at::Tensor Zc = Z.narrow(0, 0, n);
     AT_DISPATCH_FLOATING_TYPES(c.st, "ik_contract_z", [&] { launch_z<scalar_t>(c, h, *h_map, s, Zc, r0, n); });
     at::Tensor o = out.narrow(0, r0, n);
-    gemm_into(o, Zc, W.t(), false);
+    gemm_into(o, Zc.narrow(1, d.plan->zsize, c.C), c.fb.t(), false);  // the bias row: out_c = Z_c[bias] B_F^T
+    if (d.S > 0) {
+      at::Tensor Tc = T.narrow(0, 0, n);
+      pairs_forward(c, Zc, B, Tc);
+      o.index_add_(1, d.rows, Tc);  // each pair's rows (deterministic under use_deterministic_algorithms)
+    }
   }
   return out.to(x.scalar_type());
 }
@@ -492,7 +680,9 @@ std::vector<at::Tensor> native_conv_backward_cuda(const at::Tensor& grad, const 
   at::Tensor dx = at::zeros({c.n_src, c.C}, c.x.options());
   at::Tensor dinp;
   std::vector<at::Tensor> dweights, dbiases, dbnf, dbns;
-  at::Tensor dW = at::zeros({c.R, (c.H + 1) * c.C}, c.x.options());
+  const DevicePlan& d = *c.dp;
+  at::Tensor dB = at::zeros({static_cast<int64_t>(d.plan->widx.size())}, c.x.options());  // the packed W''s
+  at::Tensor dfb = at::zeros({c.R, c.C}, c.x.options());
   at::Tensor dcoef = at::zeros({1}, c.x.options());
   const bool empty = c.E == 0 || c.n_dst == 0 || c.R == 0 || c.C == 0;
   if (empty) {
@@ -510,7 +700,7 @@ std::vector<at::Tensor> native_conv_backward_cuda(const at::Tensor& grad, const 
     const at::Tensor h = trunk_forward(c.inp, Affine(), c.layers, L > 0 ? &ys : nullptr, L > 0 ? &as : nullptr);
     at::Tensor r2, s;
     std::tie(r2, s) = radial(c, norm);
-    const at::Tensor W = waug(c);
+    const at::Tensor B = packed_weight(c);
     const size_t elem = c.st == at::kDouble ? 8 : 4;
     const bool tc = use_tf32(c.st);
     const int te = edge_tile(c.C, elem);
@@ -523,14 +713,16 @@ std::vector<at::Tensor> native_conv_backward_cuda(const at::Tensor& grad, const 
     at::Tensor ds = at::zeros({c.E}, c.x.options());  // G[:, H], then ds
     at::Tensor dxe = at::zeros({c.E, c.C}, c.x.options());
     const int64_t nr = chunk_receivers(c);
-    at::Tensor Z = at::empty({nr, (c.H + 1) * c.C}, c.x.options());
+    at::Tensor Z = at::empty({nr, d.zs}, c.x.options());
     for (int64_t r0 = 0; r0 < c.n_dst; r0 += nr) {
       const int64_t n = std::min(nr, c.n_dst - r0);
       at::Tensor Zc = Z.narrow(0, 0, n);
       const at::Tensor gc = g.narrow(0, r0, n);
       AT_DISPATCH_FLOATING_TYPES(c.st, "ik_contract_z", [&] { launch_z<scalar_t>(c, h, Affine(), s, Zc, r0, n); });
-      gemm_into(dW, gc.t(), Zc, true);  // dW_aug += grad_c^T Z_c
-      gemm_into(Zc, gc, W, false);  // dZ_c = grad_c W_aug (over Z, which is consumed)
+      at::Tensor zb = Zc.narrow(1, d.plan->zsize, c.C);
+      gemm_into(dfb, gc.t(), zb, true);  // dB_F += grad_c^T Z_c[bias]
+      if (d.S > 0) pairs_backward(c, Zc, gc.index_select(1, d.rows), B, dB);  // dW' blocks, dZ_c over Z_c's
+      gemm_into(zb, gc, c.fb, false);  // dZ_c[bias] = grad_c B_F (over Z_c[bias], consumed)
       AT_DISPATCH_FLOATING_TYPES(c.st, "ik_contract_edge_backward", [&] {
         dispatch_tc<scalar_t>(tc, [&](auto tcv) {
           launch_edge_backward<scalar_t, decltype(tcv)::value>(c, Zc, h, s, tile_ptr, dh, ds, dxe, r0, n, te);
@@ -550,9 +742,8 @@ std::vector<at::Tensor> native_conv_backward_cuda(const at::Tensor& grad, const 
       dinp.narrow(1, 0, c.ndim).add_(c.inp.narrow(1, 0, c.ndim) * wds.unsqueeze(1) * (c.coef * -2.0));
     }
   }
-  at::Tensor dfw = dW.narrow(1, 0, c.H * c.C).reshape({c.R, c.H, c.C});
-  if (c.mask.has_value()) dfw = dfw * *c.mask;
-  at::Tensor dfb = dW.narrow(1, c.H * c.C, c.C).contiguous();
+  // dW_F: the packed gradient scattered back through widx (zero outside the structure)
+  at::Tensor dfw = at::zeros({c.R * c.H * c.C}, c.x.options()).index_copy_(0, d.widx, dB).view({c.R, c.H, c.C});
   std::vector<at::Tensor> out;
   out.reserve(5 + 4 * L);
   out.push_back(dx.to(x.scalar_type()));

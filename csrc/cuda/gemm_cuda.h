@@ -1,6 +1,7 @@
-// The plain GEMMs of the native CUDA ops (the contraction with W_aug, the trunk's Linear gradients): cuBLAS through
-// ATen, except under torch.use_deterministic_algorithms(True), where ATen refuses cuBLAS unless CUBLAS_WORKSPACE_CONFIG
-// is set: there ik_gemm_kernel (gemm_cuda.cu) computes them, each output element by one thread in a fixed order.
+// The plain GEMMs of the native CUDA ops (the contraction's pair blocks of W', the trunk's Linear gradients): cuBLAS
+// through ATen, except under torch.use_deterministic_algorithms(True), where ATen refuses cuBLAS unless
+// CUBLAS_WORKSPACE_CONFIG is set: there ik_gemm_kernel (gemm_cuda.cu) computes them, each output element by one thread
+// in a fixed order.
 #pragma once
 
 #include <ATen/ATen.h>

@@ -6,13 +6,20 @@ input and chained from each layer's activation).
 No GPU was available when the kernels were written, so this is how their *index arithmetic and host orchestration*
 were checked: every shared-memory tile is a NumPy array of exactly the size the host code allocates (an index out of
 range raises), every ``block_mm`` call is replayed with the same ``aoff`` / ``boff`` / strides / store, and the host
-steps (receiver chunks, tile prefix sums and the binary search, the augmented W', the trunk's backward through
-ATen-equivalent calls with the batch norms' gradients, the radial term, the trunk's launches of at most kMaxLayers
-layers) are repeated, with the batch norms' affine maps where the kernels apply them (in the tile after each
-activation, on the input tile, in the Z kernel for ``hidden``, on the loaded gradient in the activations' backward),
-through both tilings of the block GEMMs (IEEE register tiles and the TF32 path's warp fragments, in exact
-arithmetic). What it cannot check: races and barriers, the device's own arithmetic (TF32 rounding included), launch
-configuration, anything CUDA-runtime. Run with ik_fast importable (float64, about half a minute)::
+steps (receiver chunks, tile prefix sums and the binary search, the block plan of W' as the device holds it: groups,
+column permutations, Z tiles, the packed W' gathered through widx, one GEMM per pair, the pairs' rows summed into out,
+dW' scattered back through widx; the trunk's backward through ATen-equivalent calls with the batch norms' gradients,
+the radial term, the trunk's launches of at most kMaxLayers layers) are repeated, with the batch norms' affine maps
+where the kernels apply them (in the tile after each activation, on the input tile, in the Z kernel for ``hidden``,
+on the loaded gradient in the activations' backward), through both tilings of the block GEMMs (IEEE register tiles
+and the TF32 path's warp fragments, in exact arithmetic). Buffers the host leaves uninitialised (``at::empty``: Z, the
+pairs' slots) start as NaN, and the Z tiles must write each element of a receiver's compact Z exactly once. The cases
+use random structures (``ik_fast.structure.ConvSpec``: field groups, blocks, components that reach no output, no
+blocks at all) and none (a dense plan), and each of the Z kernel's tile shapes. What it cannot check: races and
+barriers, the device's own arithmetic (TF32 rounding included), launch configuration, anything CUDA-runtime. The
+plan itself is derived here from the structure's mask with the fields of csrc/cpu/program.h's Plan; the C++
+derivation (from the blocks) may order groups otherwise, which the CUDA code does not depend on. Run with ik_fast
+importable (float64, about half a minute)::
 
     PYTHONPATH=. python tests/tools/emulate_check.py
 """
@@ -26,8 +33,16 @@ import torch
 
 from ik_fast import ops
 
+try:  # the structure's value type (ik_fast/structure.py; formerly ik_fast/spec/structure.py)
+    from ik_fast.structure import Block, ConvSpec, FieldGroup
+    from ik_fast.structure import mask as structure_mask
+except ImportError:
+    from ik_fast.spec.structure import Block, ConvSpec, FieldGroup
+    from ik_fast.spec.structure import mask as structure_mask
+
 # the kernels' constants (common.cuh / trunk_cuda.cu / conv_cuda.cu)
-Z_TILE_H, Z_TILE_C, Z_EDGES = 64, 32, 16
+Z_THREADS, Z_TILE_AREA, Z_EDGES = 128, 2048, 16
+FORCE_TH = None  # the Z kernel's tile rows when set (main() runs a case with each of 16, 32, 64)
 GRID_CHUNK, MAX_SCRATCH_ROWS = 32, 256
 EDGE_ROWS = 32
 SMEM_LIMIT = 227 * 1024
@@ -409,44 +424,140 @@ def trunk_moments(inp, weights, biases, fourier, fourier_inv, in_factor, in_shif
 # ------------------------------------------------------------------------------------------------------------------
 # conv_cuda.cu
 # ------------------------------------------------------------------------------------------------------------------
-def z_kernel(h, h_map, s, x, src, rowptr, Z, r0, nr, H, C):
-    """ik_contract_z_kernel; h_map (the last layer's affine map, for `hidden`) applied as h is staged, or None."""
+def build_plan(m):
+    """The block plan of W' from its structural mask (R, H, C), with the fields of csrc/cpu/program.h's Plan: hidden
+    units with equal (R x C) patterns form a group (units that reach no output are left out), within a group the
+    columns with equal row sets a column group, each (group, column group) a pair whose block W'[rows, group,
+    columns] is dense; a receiver's Z per group (columns x units), widx pair by pair (nr, nc, nh). The C++ plan may
+    order groups and columns otherwise (program.cpp derives it from the structure's blocks): the CUDA code reads
+    only this contract, which the emulation asserts (device_plan)."""
+    R, H, C = m.shape
+    groups, keys = [], {}
+    for h in range(H):
+        if m[:, h, :].any():
+            k = keys.setdefault(m[:, h, :].tobytes(), len(groups))
+            if k == len(groups):
+                groups.append([])
+            groups[k].append(h)
+    plan = dict(hidden=[h for g in groups for h in g], perms=[], pairs=[], groups=[], rows=[], widx=[])
+    perm_index = {}
+    hoff = zoff = boff = 0
+    for hs in groups:
+        cgroups, ckeys = [], {}
+        for c in range(C):
+            col = m[:, hs[0], c]
+            if col.any():
+                k = ckeys.setdefault(col.tobytes(), len(cgroups))
+                if k == len(cgroups):
+                    cgroups.append([])
+                cgroups[k].append(c)
+        perm = tuple(c for cg in cgroups for c in cg)
+        q = perm_index.setdefault(perm, len(plan["perms"]))
+        if q == len(plan["perms"]):
+            plan["perms"].append(perm)
+        nh = len(hs)
+        plan["groups"].append(dict(hoff=hoff, nh=nh, q=q, zoff=zoff))
+        coff = 0
+        for cg in cgroups:
+            rs = [r for r in range(R) if m[r, hs[0], cg[0]]]
+            nc = len(cg)
+            plan["pairs"].append(
+                dict(hoff=hoff, nh=nh, q=q, coff=coff, nc=nc, roff=len(plan["rows"]), nr=len(rs), zoff=zoff + coff * nh,
+                     boff=boff)
+            )  # fmt: skip
+            plan["rows"] += rs
+            plan["widx"] += [r * H * C + h * C + c for r in rs for c in cg for h in hs]
+            boff += len(rs) * nc * nh
+            coff += nc
+        zoff += coff * nh
+        hoff += nh
+    plan["zsize"] = zoff
+    plan["widx"] = np.array(plan["widx"], dtype=np.int64)
+    return plan
+
+
+def device_plan(plan, C):
+    """conv_cuda.cu's device_plan: the flat column permutations (the identity last, for the bias row), the groups
+    (hoff, nh, poff, lq, zoff) with the bias row's last, the Z kernel's tile rows th (the least padded area of 64,
+    32, 16; FORCE_TH overrides) and its tiles (hrow, nh, ld, pcol, nc, zoff)."""
+    perm, poffs = [], []
+    for q in plan["perms"]:
+        assert len(set(q)) == len(q) and all(0 <= c < C for c in q)  # a group's columns are distinct
+        poffs.append(len(perm))
+        perm += list(q)
+    ident = len(perm)
+    perm += list(range(C))
+    gs = [(g["hoff"], g["nh"], poffs[g["q"]], len(plan["perms"][g["q"]]), g["zoff"]) for g in plan["groups"]]
+    gs.append((-1, 1, ident, C, plan["zsize"]))
+
+    def area(th):  # multiply-adds per edge: rows padded to th, columns to a warp's 512 / th
+        wc = 32 * 16 // th
+        return sum(-(-g[1] // th) * th * -(-g[3] // wc) * wc for g in gs)
+
+    best, th = -1, 64
+    for t in (64, 32, 16):
+        if best < 0 or area(t) < best:
+            best, th = area(t), t
+    th = FORCE_TH or th
+    tc = Z_TILE_AREA // th
+    tiles = []
+    for hoff, nh, poff, lq, zoff in gs:
+        for h0 in range(0, nh, th):
+            for c0 in range(0, lq, tc):
+                hrow = hoff + h0 if hoff >= 0 else -1
+                tiles.append((hrow, min(th, nh - h0), nh, poff + c0, min(tc, lq - c0), zoff + c0 * nh + h0))
+    assert len(tiles) <= 65535
+    return dict(
+        plan=plan, zsize=plan["zsize"], zs=plan["zsize"] + C, S=len(plan["rows"]), th=th, tiles=tiles, groups=gs,
+        perm=np.array(perm, dtype=np.int64), hidden=np.array(plan["hidden"], dtype=np.int64),
+        rows=np.array(plan["rows"], dtype=np.int64), widx=plan["widx"],
+    )  # fmt: skip
+
+
+def z_kernel(h, h_map, s, x, src, rowptr, Z, r0, nr, H, C, dp):
+    """ik_contract_z_kernel<T, th>, block (bx, tile); h_map (the last layer's affine map, for `hidden`) applied as h
+    is staged, or None. Asserts that the tiles write every element of each receiver's Z exactly once."""
     h, x = h.reshape(-1), x.reshape(-1)
+    TH = dp["th"]
+    TC = Z_TILE_AREA // TH
+    assert (TH // 4) * (TC // 4) == Z_THREADS
+    hidden, perm = dp["hidden"], dp["perm"]
     for bx in range(nr):
         i = r0 + bx
-        for by in range(-(-(H + 1) // Z_TILE_H)):
-            for bz in range(-(-C // Z_TILE_C)):
-                h0, c0 = by * Z_TILE_H, bz * Z_TILE_C
-                acc = np.zeros((Z_TILE_H, Z_TILE_C))
-                for eb in range(rowptr[i], rowptr[i + 1], Z_EDGES):
-                    nk = min(Z_EDGES, rowptr[i + 1] - eb)
-                    hs = np.zeros((Z_EDGES, Z_TILE_H))
-                    xs = np.zeros((Z_EDGES, Z_TILE_C))
-                    for k in range(nk):
-                        e = eb + k
-                        for j in range(Z_TILE_H):
-                            hh = h0 + j
-                            if hh < H:
-                                hv = h[e * H + hh]
-                                if h_map is not None:
-                                    hv = hv * h_map["f"][hh // h_map["d"]] + h_map["s"][hh]
-                                hs[k, j] = s[e] * hv
-                            else:
-                                hs[k, j] = s[e] if hh == H else 0.0
-                        for j in range(Z_TILE_C):
-                            if c0 + j < C:
-                                xs[k, j] = x[src[e] * C + c0 + j]
-                    acc += hs.T @ xs
-                Zi = Z[bx]
-                for a in range(Z_TILE_H):
-                    for b in range(Z_TILE_C):
-                        if h0 + a <= H and c0 + b < C:
-                            Zi[(h0 + a) * C + c0 + b] = acc[a, b]
+        written = np.zeros(dp["zs"], dtype=np.int64)
+        for hrow, nh, ld, pcol, nc, zoff in dp["tiles"]:
+            acc = np.zeros((TH, TC))
+            for eb in range(rowptr[i], rowptr[i + 1], Z_EDGES):
+                nk = min(Z_EDGES, rowptr[i + 1] - eb)
+                hs = np.zeros((Z_EDGES, TH))
+                xs = np.zeros((Z_EDGES, TC))
+                j, c = np.arange(nh), np.arange(nc)
+                for k in range(nk):
+                    e = eb + k
+                    if hrow >= 0:
+                        u = hidden[hrow + j]
+                        hv = h[e * H + u]
+                        if h_map is not None:
+                            hv = hv * h_map["f"][u // h_map["d"]] + h_map["s"][u]
+                        hs[k, j] = s[e] * hv
+                    else:
+                        hs[k, j] = s[e]
+                    xs[k, c] = x[src[e] * C + perm[pcol + c]]
+                # thread (th, tc) accumulates rows th * 4 + a and columns tc * 4 + b when live (tc * 4 < nc)
+                live_c = (np.arange(TC) // 4) * 4 < nc
+                acc[:, live_c] += hs.T @ xs[:, live_c]
+            # and stores its micro-tile's rows < nh, columns < nc
+            jj, cc = np.meshgrid(np.arange(TH), np.arange(TC), indexing="ij")
+            live = (jj < nh) & (cc < nc)
+            idx = zoff + cc[live] * ld + jj[live]
+            Z[bx][idx] = acc[live]
+            np.add.at(written, idx, 1)
+        assert (written == 1).all(), "Z tiles do not cover the compact Z exactly once"
 
 
 def edge_smem(te, C):
     ldc, ldh = odd(C), odd(EDGE_ROWS)
-    return (2 * te * ldc + EDGE_ROWS * ldc + te * ldh) * 8
+    return (3 * te * ldc + EDGE_ROWS * ldc + te * ldh) * 8
 
 
 def edge_tile(C):
@@ -456,8 +567,9 @@ def edge_tile(C):
     return te
 
 
-def edge_kernel(dZ, h, s, x, src, rowptr, tile_ptr, dG, gz, dxe, r0, r1, H, C, te, hb, n_blocks):
+def edge_kernel(dZ, h, s, x, src, rowptr, tile_ptr, dG, gz, dxe, r0, r1, H, C, te, hb, n_blocks, dp):
     h, x, dGf, dxef = h.reshape(-1), x.reshape(-1), dG.reshape(-1), dxe.reshape(-1)
+    hidden, perm = dp["hidden"], dp["perm"]
     seen = 0
     for bx in range(n_blocks):
         t = tile_ptr[r0] + bx
@@ -476,73 +588,98 @@ def edge_kernel(dZ, h, s, x, src, rowptr, tile_ptr, dG, gz, dxe, r0, r1, H, C, t
         ne = min(te, rowptr[i + 1] - eb)
         assert ne >= 1
         ldc, ldh = C | 1, hb | 1
-        xs, dxa, dz, hr = np.zeros(te * ldc), np.zeros(te * ldc), np.zeros(hb * ldc), np.zeros(te * ldh)
+        xs, xg, dxa = np.zeros(te * ldc), np.zeros(te * ldc), np.zeros(te * ldc)
+        dz, hr = np.zeros(hb * ldc), np.zeros(te * ldh)
         for k in range(ne):
             xs[k * ldc : k * ldc + C] = x[src[eb + k] * C : src[eb + k] * C + C]
         dZi = dZ[i - r0]
-        for j0 in range(0, H + 1, hb):
-            hc = min(hb, H + 1 - j0)
-            for j in range(hc):
-                dz[j * ldc : j * ldc + C] = dZi[(j0 + j) * C : (j0 + j) * C + C]
-            for k in range(ne):
-                for j in range(hc):
-                    hr[k * ldh + j] = h[(eb + k) * H + j0 + j] if j0 + j < H else 1.0
+        dGt, gzt = eb * H, eb  # the tile's rows of dG, gz
+        for hoff, nh, poff, lq, zoff in dp["groups"]:
+            k, c = np.divmod(np.arange(ne * lq), lq)
+            xg[k * ldc + c] = xs[k * ldc + perm[poff + c]]
+            for j0 in range(0, nh, hb):
+                hc = min(hb, nh - j0)
+                c, j = np.divmod(np.arange(hc * lq), hc)
+                dz[j * ldc + c] = dZi[zoff + c * nh + j0 + j]
+                k, j = np.divmod(np.arange(ne * hc), hc)
+                hr[k * ldh + j] = h[(eb + k) * H + hidden[hoff + j0 + j]] if hoff >= 0 else 1.0
 
-            def st1(bi, m, n, v, j0=j0, eb=eb):
-                j = j0 + n
-                sel = j < H
-                dGf[(eb + m[sel]) * H + j[sel]] = v[sel]
-                gz[eb + m[~sel]] = v[~sel]
+                def st1(bi, m, n, v, hoff=hoff, j0=j0, dGt=dGt, gzt=gzt):
+                    if hoff >= 0:
+                        dGf[dGt + m * H + hidden[hoff + j0 + n]] = v
+                    else:
+                        gz[gzt + m] = v
 
-            block_mm(1, ne, hc, C, xs, lambda bi, m: m * ldc, 1, dz, lambda bi, n: n * ldc, 1, st1)
+                block_mm(1, ne, hc, lq, xg, lambda bi, m: m * ldc, 1, dz, lambda bi, n: n * ldc, 1, st1)
 
-            def st2(bi, m, n, v):
-                dxa[m * ldc + n] += v
+                def st2(bi, m, n, v, poff=poff):
+                    dxa[m * ldc + perm[poff + n]] += v  # (distinct (m, n), distinct columns: no repeated index)
 
-            block_mm(1, ne, C, hc, hr, lambda bi, m: m * ldh, 1, dz, lambda bi, n: n, ldc, st2)
+                block_mm(1, ne, lq, hc, hr, lambda bi, m: m * ldh, 1, dz, lambda bi, n: n, ldc, st2)
         for k in range(ne):
             for c in range(C):
                 dxef[(eb + k) * C + c] = s[eb + k] * dxa[k * ldc + c]
     return seen
 
 
+_PLANS = {}
+
+
 def conv_inputs(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, bn_factor, bn_shift, fw, fb, coef, norm,
-                ndim, mask):  # fmt: skip
+                ndim, structure):  # fmt: skip
     layers, H = prepare_trunk(weights, biases, fourier, fourier_inv, inp.shape[1])
     assert len(bn_factor) == len(layers) and len(bn_shift) == len(layers)
     for L, f, sh in zip(layers, bn_factor, bn_shift):
         L["bn"] = prepare_affine(f, sh, L["hout"])
-    w = fw.detach() * mask if mask is not None else fw.detach()
     R, _, C = fw.shape
-    W = torch.cat([w, fb.detach().unsqueeze(1)], 1).reshape(R, (H + 1) * C).numpy()
+    key = (structure, R, H, C)
+    if key not in _PLANS:  # device_plan's cache (by the structure's content and the sizes)
+        m = structure_mask(structure) if structure is not None else np.ones((R, H, C), dtype=bool)
+        _PLANS[key] = build_plan(np.asarray(m, dtype=bool))
+    dp = device_plan(_PLANS[key], C)
+    B = fw.detach().numpy().reshape(-1)[dp["widx"]]  # packed_weight: gathered through widx
     inpn = inp.detach().numpy()
     r2 = (inpn[:, :ndim] ** 2).sum(1)
     s = np.exp(-float(coef.detach()) * r2) * norm
-    return layers, H, R, C, W, inpn, r2, s
+    return layers, H, R, C, dp, B, fb.detach().numpy(), inpn, r2, s
+
+
+def pair_block(B, p):
+    K = p["nc"] * p["nh"]
+    return B[p["boff"] : p["boff"] + p["nr"] * K].reshape(p["nr"], K), K
 
 
 def conv(x, inp, src, rowptr, *program, nr, hidden=None):
     """native_conv_cuda; ``hidden``: the last activation before its batch norm (the Z kernel applies the map)."""
-    layers, H, R, C, W, inpn, r2, s = conv_inputs(x, inp, src, rowptr, *program)
+    layers, H, R, C, dp, B, fb, inpn, r2, s = conv_inputs(x, inp, src, rowptr, *program)
     n_dst = rowptr.shape[0] - 1
     if hidden is not None:
         h, h_map = hidden, (layers[-1]["bn"] if layers else None)
     else:
         h, h_map = trunk_forward(inpn, None, layers)[0], None
     out = np.zeros((n_dst, R))
+    zsize, rows = dp["zsize"], dp["rows"]
     for r0 in range(0, n_dst, nr):
         n = min(nr, n_dst - r0)
-        Z = np.zeros((n, (H + 1) * C))
-        z_kernel(h, h_map, s, x.detach().numpy(), src.numpy(), rowptr.numpy(), Z, r0, n, H, C)
-        out[r0 : r0 + n] = Z @ W.T
+        Z = np.full((n, dp["zs"]), np.nan)  # at::empty: a slot no tile writes poisons the result
+        z_kernel(h, h_map, s, x.detach().numpy(), src.numpy(), rowptr.numpy(), Z, r0, n, H, C, dp)
+        o = Z[:, zsize : zsize + C] @ fb.T  # the bias row
+        if dp["S"] > 0:
+            T = np.full((n, dp["S"]), np.nan)
+            for p in dp["plan"]["pairs"]:  # pairs_forward
+                Bp, K = pair_block(B, p)
+                T[:, p["roff"] : p["roff"] + p["nr"]] = Z[:, p["zoff"] : p["zoff"] + K] @ Bp.T
+            for slot, r in enumerate(rows):  # index_add_(1, rows, T)
+                o[:, r] += T[:, slot]
+        out[r0 : r0 + n] = o
     return out
 
 
 def conv_backward(grad, x, inp, src, rowptr, *program, nr):
     """native_conv_backward_cuda: [dx, dinp, *dweights, *dbiases, *dbn_factor, *dbn_shift, dfw, dfb, dcoef], empty
     arrays shaped as the factor / shift of a layer without batch norm."""
-    bn_factor, bn_shift, mask = program[4], program[5], program[-1]
-    layers, H, R, C, W, inpn, r2, s = conv_inputs(x, inp, src, rowptr, *program)
+    bn_factor, bn_shift = program[4], program[5]
+    layers, H, R, C, dp, B, fb, inpn, r2, s = conv_inputs(x, inp, src, rowptr, *program)
     coef = program[8]
     ndim = program[10]
     E, n_dst = inp.shape[0], rowptr.shape[0] - 1
@@ -554,17 +691,27 @@ def conv_backward(grad, x, inp, src, rowptr, *program, nr):
     deg = rp[1:] - rp[:-1]
     tile_ptr = np.concatenate([[0], np.cumsum((deg + te - 1) // te)])
     dh, ds, dxe = np.zeros((E, H)), np.zeros(E), np.zeros((E, C))
-    dW = np.zeros((R, (H + 1) * C))
+    dB, dfb = np.zeros(len(dp["widx"])), np.zeros((R, C))
+    zsize = dp["zsize"]
     g = grad.detach().numpy()
     tiles = 0
     for r0 in range(0, n_dst, nr):
         n = min(nr, n_dst - r0)
-        Z = np.zeros((n, (H + 1) * C))
-        z_kernel(h, None, s, xn, srcn, rp, Z, r0, n, H, C)
-        dW += g[r0 : r0 + n].T @ Z
-        dZ = g[r0 : r0 + n] @ W
+        Z = np.full((n, dp["zs"]), np.nan)
+        z_kernel(h, None, s, xn, srcn, rp, Z, r0, n, H, C, dp)
+        gc = g[r0 : r0 + n]
+        dfb += gc.T @ Z[:, zsize:]  # dB_F += grad_c^T Z_c[bias]
+        if dp["S"] > 0:  # pairs_backward
+            Gp = gc[:, dp["rows"]]
+            for p in dp["plan"]["pairs"]:
+                Bp, K = pair_block(B, p)
+                gp = Gp[:, p["roff"] : p["roff"] + p["nr"]]
+                z = Z[:, p["zoff"] : p["zoff"] + K]
+                dB[p["boff"] : p["boff"] + p["nr"] * K] += (gp.T @ z).reshape(-1)
+                Z[:, p["zoff"] : p["zoff"] + K] = gp @ Bp  # dZ over the pair's own block
+        Z[:, zsize:] = gc @ fb  # dZ_c[bias]
         tiles += edge_kernel(
-            dZ, h, s, xn, srcn, rp, tile_ptr, dh, ds, dxe, r0, r0 + n, H, C, te, EDGE_ROWS, -(-E // te) + n
+            Z, h, s, xn, srcn, rp, tile_ptr, dh, ds, dxe, r0, r0 + n, H, C, te, EDGE_ROWS, -(-E // te) + n, dp
         )
     assert tiles == tile_ptr[-1], (tiles, tile_ptr[-1])
     ds = ds + (dh * h).sum(1)
@@ -579,13 +726,12 @@ def conv_backward(grad, x, inp, src, rowptr, *program, nr):
     dcoef = -(wds * r2).sum()
     dinp = dinp.copy()
     dinp[:, :ndim] += inpn[:, :ndim] * wds[:, None] * (-2.0 * float(coef.detach()))
-    dfw = dW[:, : H * C].reshape(R, H, C)
-    if mask is not None:
-        dfw = dfw * mask.numpy()
+    dfw = np.zeros(R * H * C)
+    dfw[dp["widx"]] = dB  # index_copy_(0, widx, dB): zero outside the structure
     dfs = [d.numpy() if d is not None else np.zeros(tuple(f.shape)) for d, f in zip(dfs, bn_factor)]
     dss = [d.numpy() if d is not None else np.zeros(tuple(t.shape)) for d, t in zip(dss, bn_shift)]
     return [
-        dx, dinp, *[d.numpy() for d in dws], *[d.numpy() for d in dbs], *dfs, *dss, dfw, dW[:, H * C :],
+        dx, dinp, *[d.numpy() for d in dws], *[d.numpy() for d in dbs], *dfs, *dss, dfw.reshape(R, H, C), dfb,
         np.array([dcoef]),
     ]  # fmt: skip
 
@@ -593,7 +739,9 @@ def conv_backward(grad, x, inp, src, rowptr, *program, nr):
 # ------------------------------------------------------------------------------------------------------------------
 # a random program and graph
 # ------------------------------------------------------------------------------------------------------------------
-def random_case(seed, spec, P0=5, ndim=3, C=6, R=5, n_src=9, n_dst=11, degrees=None, with_mask=True):
+def random_case(
+    seed, spec, P0=5, ndim=3, C=6, R=5, n_src=9, n_dst=11, degrees=None, with_structure=True, couple=0.5, uncoupled=()
+):
     """spec: per hidden layer (kind, width args, fourier (G, D) or None[, batch-norm channels]); kind "dense" (H_out)
     or "cw" (D, C_out); the batch norm's channels: 0 for none, by default one per Fourier channel (per unit for a
     pointwise ELU)."""
@@ -642,10 +790,40 @@ def random_case(seed, spec, P0=5, ndim=3, C=6, R=5, n_src=9, n_dst=11, degrees=N
     fw = rnd(R, H, C).requires_grad_()
     fb = rnd(R, C).requires_grad_()
     coef = torch.tensor([0.7], dtype=torch.float64, requires_grad=True)
-    mask = (torch.rand(R, H, C, generator=g) < 0.4) if with_mask else None
+    structure = random_structure(g, R, H, C, couple, uncoupled) if with_structure else None
     return [
-        x, inp, src, rowptr, weights, biases, fourier, fourier_inv, bn_factor, bn_shift, fw, fb, coef, 0.5, ndim, mask,
+        x, inp, src, rowptr, weights, biases, fourier, fourier_inv, bn_factor, bn_shift, fw, fb, coef, 0.5, ndim,
+        structure,
     ]  # fmt: skip
+
+
+def random_structure(g, R, H, C, couple=0.5, uncoupled=()):
+    """A random encoded structure of W' (R, H, C): fields of sizes 1 to 3 grouped by size (offsets interleaved), H as
+    channels x components (D = 3, 2 or 1), a fraction ``couple`` of the (output group, component, input group)
+    triples coupled (none of the components in ``uncoupled``: their units reach no output), each on a random
+    non-empty set of its field pair's entries."""
+    rand = lambda: float(torch.rand(1, generator=g))  # noqa: E731
+
+    def fields(n):
+        sizes = []
+        while sum(sizes) < n:
+            sizes.append(min(int(torch.randint(1, 4, (1,), generator=g)), n - sum(sizes)))
+        by_size = {}
+        for d, o in zip(sizes, np.cumsum([0] + sizes[:-1])):
+            by_size.setdefault(d, []).append(int(o))
+        return tuple(FieldGroup(d, tuple(o)) for d, o in sorted(by_size.items()))
+
+    D = next(d for d in (3, 2, 1) if H % d == 0)
+    out_groups, in_groups = fields(R), fields(C)
+    blocks = []
+    for og, go in enumerate(out_groups):
+        for a in range(D):
+            for ig, gi in enumerate(in_groups):
+                if rand() < couple and a not in uncoupled:
+                    n = go.d * gi.d
+                    entries = [e for e in range(n) if rand() < 0.6] or [int(torch.randint(0, n, (1,), generator=g))]
+                    blocks.append(Block(og, a, ig, tuple(entries)))
+    return ConvSpec(R, C, H // D, D, (), out_groups, in_groups, tuple(blocks)).encode()
 
 
 def rel(a, b) -> float:
@@ -697,13 +875,18 @@ def check(name, args, nr, tol=1e-10):
 
 
 def main():
-    global TC, MAX_LAYERS
+    global TC, MAX_LAYERS, FORCE_TH
     ok = True
     for TC in (False, True):
         path = "block_mm_tf32 (TF32 path's tiling, exact arithmetic)" if TC else "block_mm (IEEE path)"
         print("block GEMMs as", path)
         ok &= cases()
     TC = False
+    for FORCE_TH in (16, 32, 64):
+        print(f"Z kernel tiles of {FORCE_TH} hidden rows x {Z_TILE_AREA // FORCE_TH} columns")
+        ok &= check("several tiles, groups of 35 units", several_tiles(), nr=3)
+        ok &= check("several tiles, dense", several_tiles(with_structure=False), nr=3)
+    FORCE_TH = None
     MAX_LAYERS = 2
     print(f"trunk launches of at most {MAX_LAYERS} layers (kMaxLayers lowered: the chained launches)")
     ok &= chained_cases()
@@ -714,8 +897,12 @@ def main():
 def cases():
     ok = True
     fourier_cw = [("dense", 12, (10, 3)), ("cw", (3, 4), (10, 3))]  # H = 12: 4 channels of 3 components
-    ok &= check("fourier, dense + componentwise, mask", random_case(0, fourier_cw), nr=4)
-    ok &= check("fourier, no mask, one chunk", random_case(1, fourier_cw, with_mask=False), nr=100)
+    ok &= check("fourier, dense + componentwise, structure", random_case(0, fourier_cw), nr=4)
+    ok &= check(
+        "structure: component 1 reaches no output", random_case(13, fourier_cw, couple=0.8, uncoupled=(1,)), nr=4
+    )
+    ok &= check("structure without blocks (W' zero)", random_case(14, fourier_cw, couple=0.0), nr=4)
+    ok &= check("fourier, no structure (dense), one chunk", random_case(1, fourier_cw, with_structure=False), nr=100)
     ok &= check("pointwise, dense + dense", random_case(2, [("dense", 7, None), ("dense", 9, None)]), nr=3)
     ok &= check(
         "mixed: fourier then pointwise, 3 layers",
@@ -741,14 +928,18 @@ def cases():
         random_case(10, [("dense", 7, None, 0), ("dense", 8, None, 4)]),
         nr=3,
     )
-    # wide enough that the tiles, Fourier chunks and Z tiles have several pieces: H = 70 hidden (> 64 Z rows),
-    # C = 40 inputs (> 32 Z columns), G = 70 grid points (> 32 per chunk)
-    ok &= check(
-        "several tiles of every kind",
-        random_case(7, [("dense", 70, (70, 7)), ("cw", (7, 10), (70, 7))], C=40, R=3, degrees=[20, 0, 35, 2]),
-        nr=3,
-    )
+    # wide enough that the tiles, Fourier chunks and Z tiles have several pieces: H = 70 hidden (35 channels x 2
+    # components: groups of 35 units, > 32 rows of the edge backward), C = 40 inputs (columns of a group up to 40, >
+    # 32 Z columns), G = 70 grid points (> 32 per chunk); and the same without a structure (one group of 70 units,
+    # > 64 Z rows)
+    ok &= check("several tiles of every kind", several_tiles(), nr=3)
+    ok &= check("several tiles, dense", several_tiles(with_structure=False), nr=3)
     return ok
+
+
+def several_tiles(with_structure=True):
+    spec = [("dense", 70, (70, 7)), ("cw", (7, 10), (70, 7))]
+    return random_case(7, spec, C=40, R=3, degrees=[20, 0, 35, 2], with_structure=with_structure)
 
 
 def chained_cases():
