@@ -84,7 +84,11 @@ def implicit_conv_fused(impl: str, program: KernelProgram, x_src, graph: Graph, 
     stats = []
     hidden = None
     tape = None
+    base, affines = None, []
     if program.needs_batch_stats:
+        # the MLP's tensors once, and each batch norm's map once its statistics are known (with autograd): the
+        # passes and conv take them from there
+        base = program.op_program([], dtype)
         last = len(program.hidden)
         decl = ops.implementation(impl)
         chain = decl.chained_statistics
@@ -100,7 +104,7 @@ def implicit_conv_fused(impl: str, program: KernelProgram, x_src, graph: Graph, 
             if layer.bn is None:
                 continue
             with torch.no_grad():
-                packed = program.op_program(stats, dtype)
+                packed = program.op_program(stats, dtype, base=base, affines=affines)
                 # the last layer's statistics pass also gives the activation that conv contracts; a chaining
                 # implementation starts each pass from the previous one's activation (and its batch norm)
                 keep = k == last or chain
@@ -112,10 +116,13 @@ def implicit_conv_fused(impl: str, program: KernelProgram, x_src, graph: Graph, 
                 if taped:
                     tape += [act, res.grid]
                 stats.append(layer.bn.finish(res.moments, graph.num_edges))
+            affines.append(program.bn_affine(layer, stats[-1], dtype))
             prev, prev_act = k, (act if chain else None)
             hidden = act if k == last else None
     x_src = x_src if x_src.is_contiguous() else x_src.contiguous()
-    out = ops.conv(impl, x_src, inp, src, graph.rowptr, program.op_program(stats, dtype), hidden, tape)
+    out = ops.conv(
+        impl, x_src, inp, src, graph.rowptr, program.op_program(stats, dtype, base=base, affines=affines), hidden, tape
+    )
     return out, stats
 
 

@@ -112,11 +112,12 @@ class _Expand(torch.autograd.Function):
     works."""
 
     @staticmethod
-    def forward(ctx, cols, values, lengths, targets, shapes, bounds, *srcs):
+    def forward(ctx, cols, values, lengths, targets, shapes, bounds, local, *srcs):
         ctx.set_materialize_grads(False)
         src = torch.cat([t if t.dim() == 1 else t.view(-1) if t.is_contiguous() else t.reshape(-1) for t in srcs])
-        ctx.save_for_backward(cols, values, targets)
+        ctx.save_for_backward(cols, values)
         ctx.src_shapes, ctx.shapes, ctx.entry_bounds = [t.shape for t in srcs], shapes, bounds
+        ctx.local = local  # (constants of the kernel: each piece's entries' targets within the piece)
         contrib = src.index_select(0, cols) * values
         if contrib.device.type == "cpu":
             # the same sums in the same order; segment_reduce's CPU kernel loops over every (mostly empty) segment
@@ -129,28 +130,23 @@ class _Expand(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        cols, values, targets = ctx.saved_tensors
+        cols, values = ctx.saved_tensors
         ref = next((g for g in grads if g is not None), None)
         if ref is None:
-            return (None,) * (6 + len(ctx.src_shapes))
+            return (None,) * (7 + len(ctx.src_shapes))
         # each entry's target's gradient, read from its piece's gradient (the entries are sorted by target, so a
-        # piece's entries are one run of them): no concatenation of the pieces' gradients, which at problem `cpu`
-        # are 35M numbers (the dense final weight twice) for 2M entries
-        bounds = ctx.entry_bounds  # (first entry, first target) of each piece, then (entries, targets)
+        # piece's entries are one run of them, at the targets ctx.local holds): no concatenation of the pieces'
+        # gradients, which at problem `cpu` are 35M numbers (the dense final weight twice) for 2M entries
         contrib = []
-        for i, g in enumerate(grads):
-            (lo, start), (hi, _) = bounds[i], bounds[i + 1]
-            if hi == lo:
+        for g, local in zip(grads, ctx.local):
+            if local.numel() == 0:
                 continue
-            if g is None:
-                contrib.append(ref.new_zeros(hi - lo))
-            else:
-                flat = g.view(-1) if g.is_contiguous() else g.reshape(-1)
-                contrib.append(flat.index_select(0, targets[lo:hi] - start))
+            # (take: the flat gather without a view of each piece's gradient)
+            contrib.append(ref.new_zeros(local.numel()) if g is None else torch.take(g, local))
         contrib = (torch.cat(contrib) if len(contrib) > 1 else contrib[0]) * values
         g = ref.new_zeros(sum(_numel(s) for s in ctx.src_shapes)).index_add(0, cols, contrib)
         parts = torch.split(g, [_numel(s) for s in ctx.src_shapes])
-        return (None,) * 6 + tuple(p if len(s) == 1 else p.view(s) for p, s in zip(parts, ctx.src_shapes))
+        return (None,) * 7 + tuple(p if len(s) == 1 else p.view(s) for p, s in zip(parts, ctx.src_shapes))
 
 
 def _numel(shape) -> int:
@@ -546,6 +542,9 @@ class ImplicitKernel(torch.nn.Module):
         starts = torch.tensor([0] + [_numel(shape) for _, shape in pieces]).cumsum(0)
         first = torch.searchsorted(self.expand_targets, starts)
         self._entry_bounds = tuple(zip(first.tolist(), starts.tolist()))
+        # each piece's entries' targets within the piece (what the backward reads its gradient at), made once
+        for i, ((lo, start), (hi, _)) in enumerate(zip(self._entry_bounds, self._entry_bounds[1:])):
+            self.register_buffer(f"expand_local_{i}", self.expand_targets[lo:hi] - start, persistent=False)
 
     def _expand_all(self) -> dict:
         """Every lowered tensor of :meth:`_build_expansion`, by key (differentiable)."""
@@ -557,6 +556,7 @@ class ImplicitKernel(torch.nn.Module):
             self.expand_targets,
             tuple(shape for _, shape in self._pieces),
             self._entry_bounds,
+            tuple(getattr(self, f"expand_local_{i}") for i in range(len(self._pieces))),
             *srcs,
         )
         return {key: p for (key, _), p in zip(self._pieces, parts)}

@@ -20,7 +20,7 @@ zeros).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
@@ -396,32 +396,49 @@ class KernelProgram:
 
         return affines
 
-    def op_program(self, stats: Sequence, dtype: Optional[torch.dtype] = None, dense: bool = False) -> ops.OpProgram:
+    def op_program(
+        self,
+        stats: Sequence,
+        dtype: Optional[torch.dtype] = None,
+        dense: bool = False,
+        base: Optional[ops.OpProgram] = None,
+        affines: Sequence = (),
+    ) -> ops.OpProgram:
         """The program as the ops take it (:class:`ik_fast.ops.OpProgram`): the MLP as written, in ``dtype``, each
         batch norm's affine from its statistics (``stats``, one per batch norm, in training; the running ones in eval
         mode; empty where a training batch norm's statistics are not given yet, as in a statistics pass).
         Differentiable with respect to the escnn parameters. ``dense``: the plain statement's form, every hidden weight
-        dense (the componentwise Linears too) and no ``structure`` (the lowered weight is zero outside it)."""
+        dense (the componentwise Linears too) and no ``structure`` (the lowered weight is zero outside it).
+        ``base``: a program this one made in the same dtype and form, whose tensors other than the batch norms'
+        are reused (a forward's statistics passes and its ``conv`` differ only in those); ``affines``: the first
+        batch norms' maps as :meth:`bn_affine` formed them in this forward, reused."""
         dtype = self.sigma.dtype if dtype is None else dtype
-        empty = self.sigma.new_zeros(0, dtype=dtype)
-        weights, biases, fourier, fourier_inv, factors, shifts = [], [], [], [], [], []
+        reuse = base is not None and len(base.bn_factor) > 0 and base.bn_factor[0].numel() == 0
+        empty = base.bn_factor[0] if reuse else self.sigma.new_zeros(0, dtype=dtype)
+        factors, shifts = [], []
         j = 0
+        for layer in self.hidden:
+            f = s = empty
+            if layer.bn is not None:
+                if j < len(affines):
+                    f, s = affines[j]
+                elif not self.training or j < len(stats):
+                    f, s = self.bn_affine(layer, stats[j] if self.training else None, dtype)
+                j += 1
+            factors.append(f)
+            shifts.append(s)
+        if base is not None:
+            return replace(base, bn_factor=factors, bn_shift=shifts)
+        weights, biases, fourier, fourier_inv = [], [], [], []
         for k, layer in enumerate(self.hidden):
             lin = layer.linear
             w = lin.cw if not dense and self.componentwise(k) else lin.weight
             weights.append(_as(w, dtype))
             R = layer.channels * layer.dim
             biases.append(self.sigma.new_zeros(R, dtype=dtype) if lin.bias is None else _as(lin.bias, dtype))
-            fourier.append(empty.view(0, 0) if layer.A is None else _as(layer.A.detach(), dtype))
-            fourier_inv.append(empty.view(0, 0) if layer.Ainv is None else _as(layer.Ainv.detach(), dtype))
-            f = s = empty
-            if layer.bn is not None:
-                if not self.training or j < len(stats):
-                    f, s = layer.bn.factors(stats[j] if self.training else None)
-                    f, s = _as(f, dtype), _as(s.reshape(-1), dtype)
-                j += 1
-            factors.append(f)
-            shifts.append(s)
+            # (the Fourier matrices are buffers: constants, no gradient)
+            fourier.append(empty.view(0, 0) if layer.A is None else _as(layer.A, dtype))
+            fourier_inv.append(empty.view(0, 0) if layer.Ainv is None else _as(layer.Ainv, dtype))
         R, C, H = self.out_size, self.in_size, self.hidden_size
         fw = _as(self.final.weight.view(R, H, C), dtype)
         fb = fw.new_zeros(R, C) if self.final.bias is None else _as(self.final.bias, dtype).view(R, C)
@@ -429,6 +446,13 @@ class KernelProgram:
             weights, biases, fourier, fourier_inv, factors, shifts, fw, fb, self._coef(dtype), float(self.norm),
             self.dim, None if dense else self.structure,
         )  # fmt: skip
+
+    @staticmethod
+    def bn_affine(layer: Hidden, stats, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+        """(factor (C,), shift (C D,)) of ``layer``'s batch norm as the ops take it, from ``stats`` (None: the
+        running statistics), in ``dtype``; differentiable with respect to its parameters."""
+        f, s = layer.bn.factors(stats)
+        return _as(f, dtype), _as(s.reshape(-1), dtype)
 
     def _coef(self, dtype: torch.dtype) -> Tensor:
         """(1,) 1 / (2 sigma^2): the value (and gradient) of 0.5 / sigma^2, which torch evaluates as 0.5 / x =
