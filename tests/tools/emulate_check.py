@@ -32,13 +32,8 @@ import numpy as np
 import torch
 
 from ik_fast import ops
-
-try:  # the structure's value type (ik_fast/structure.py; formerly ik_fast/spec/structure.py)
-    from ik_fast.structure import Block, ConvSpec, FieldGroup
-    from ik_fast.structure import mask as structure_mask
-except ImportError:
-    from ik_fast.spec.structure import Block, ConvSpec, FieldGroup
-    from ik_fast.spec.structure import mask as structure_mask
+from ik_fast.structure import Block, ConvSpec, FieldGroup
+from ik_fast.structure import mask as structure_mask
 
 # the kernels' constants (common.cuh / trunk_cuda.cu / conv_cuda.cu)
 Z_THREADS, Z_TILE_AREA, Z_EDGES = 128, 2048, 16
