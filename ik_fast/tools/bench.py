@@ -43,7 +43,7 @@ from ik_fast.tools.cases import MODES, model_flops, setup_case  # noqa: F401  (t
 PRECISIONS = {"highest": "ieee", "high": "tf32"}
 _PRECISION_ALIASES = {"highest": "highest", "ieee": "highest", "high": "high", "tf32": "high"}
 PRECOMPILE_PRECISIONS = ("highest", "high", "bf16")
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout
 _T0 = time.time()  # about when this process started (this module imports nothing heavy): --budget-s counts from it
 
 
