@@ -241,14 +241,17 @@ def structure_mask(structure: str, shape, device) -> Tensor:
     by the string's content); a ValueError naming ``structure`` when it does not describe a W' of ``shape``. While a
     trace runs (torch.compile, fake tensors), made afresh in it."""
     st.check_shape(structure, shape)
+    device = str(torch.device(device))
     if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:  # tracing (fake tensors, AOT):
-        return torch.from_numpy(st.mask(structure).copy()).to(device)  # made in the trace, never a cached one
-    return _mask_tensor(structure, str(torch.device(device)))
+        return _new_mask(structure, device)  # made in the trace, never a cached one
+    return _cached_mask(structure, device)
 
 
-@functools.lru_cache(maxsize=64)
-def _mask_tensor(structure: str, device: str) -> Tensor:
+def _new_mask(structure: str, device: str) -> Tensor:
     return torch.from_numpy(st.mask(structure).copy()).to(device)
+
+
+_cached_mask = functools.lru_cache(maxsize=64)(_new_mask)
 
 
 def kernels_reference_form(

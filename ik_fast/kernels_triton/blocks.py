@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ik_fast.structure import Block, ConvSpec, FieldGroup, check_shape, decode
+
 B = 16  # the block edge: hidden, input and output blocks of W' and the smallest tl.dot
 
 
@@ -201,8 +203,6 @@ def _to_device(plan: dict, device: str) -> Blocks:
 
 def _dense_spec(R: int, H: int, C: int, D: int):
     """The structure of a dense W' (R, H, C): one field of each size, every entry coupled."""
-    from ik_fast.structure import Block, ConvSpec, FieldGroup
-
     D = D if D > 0 and H % D == 0 else H
     blocks = tuple(Block(0, a, 0, tuple(range(R * C))) for a in range(D))
     return ConvSpec(R, C, H // D, D, (), (FieldGroup(R, (0,)),), (FieldGroup(C, (0,)),), blocks)
@@ -210,8 +210,6 @@ def _dense_spec(R: int, H: int, C: int, D: int):
 
 @functools.lru_cache(maxsize=64)
 def _planned(structure: Optional[str], shape: tuple, D: int, device: str) -> Blocks:
-    from ik_fast.structure import decode
-
     spec = _dense_spec(*shape, D) if structure is None else decode(structure)
     return _to_device(build(spec), device)
 
@@ -220,8 +218,6 @@ def blocks(structure: Optional[str], shape, D: int, device) -> Blocks:
     """The block plan of W' of ``shape`` (R, H, C_in) on ``device`` for the op's ``structure`` (an encoded
     :class:`~ik_fast.structure.ConvSpec`; None: dense, hidden channels of ``D`` components); cached by the
     structure's content, the shape and the device."""
-    from ik_fast.structure import check_shape, decode
-
     shape = tuple(int(n) for n in shape)
     if structure is not None:
         check_shape(structure, shape)

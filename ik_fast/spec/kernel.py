@@ -13,7 +13,7 @@ from escnn import nn as enn
 from ik_fast.spec import _groups
 from ik_fast.spec._serialize import reduce_module
 from ik_fast.spec.program import BatchNorm, BlockPlan, Hidden, KernelProgram, Linear, _as, build_plan, scalar
-from ik_fast.structure import ConvSpec, FieldGroup, HiddenLayout, decode
+from ik_fast.structure import ConvSpec, FieldGroup, HiddenLayout
 
 __all__ = ["ImplicitKernel", "check_field_type"]
 
@@ -41,17 +41,12 @@ def _non_persistent(module: torch.nn.Module) -> None:
 
 def _field_groups(field_type):
     """Index tensors (F, d) of the fields of each representation, grouped by representation name."""
-    groups = {}
-    pos = 0
-    for rep in field_type.representations:
-        groups.setdefault(rep.name, []).append(list(range(pos, pos + rep.size)))
-        pos += rep.size
-    return [torch.tensor(v, dtype=torch.long) for v in groups.values()]
+    return [torch.from_numpy(g.indices()) for g in _field_group_specs(field_type)]
 
 
 def _field_group_specs(field_type):
     """The fields of each representation as :class:`~ik_fast.structure.FieldGroup` (size, offsets), grouped by
-    representation name in order of first appearance (as :func:`_field_groups`)."""
+    representation name in order of first appearance."""
     groups, sizes = {}, {}
     pos = 0
     for rep in field_type.representations:
@@ -112,11 +107,11 @@ class _Expand(torch.autograd.Function):
     works."""
 
     @staticmethod
-    def forward(ctx, cols, values, lengths, targets, shapes, bounds, local, *srcs):
+    def forward(ctx, cols, values, lengths, targets, shapes, local, *srcs):
         ctx.set_materialize_grads(False)
         src = torch.cat([t if t.dim() == 1 else t.view(-1) if t.is_contiguous() else t.reshape(-1) for t in srcs])
         ctx.save_for_backward(cols, values)
-        ctx.src_shapes, ctx.shapes, ctx.entry_bounds = [t.shape for t in srcs], shapes, bounds
+        ctx.src_shapes = [t.shape for t in srcs]
         ctx.local = local  # (constants of the kernel: each piece's entries' targets within the piece)
         contrib = src.index_select(0, cols) * values
         if contrib.device.type == "cpu":
@@ -133,7 +128,7 @@ class _Expand(torch.autograd.Function):
         cols, values = ctx.saved_tensors
         ref = next((g for g in grads if g is not None), None)
         if ref is None:
-            return (None,) * (7 + len(ctx.src_shapes))
+            return (None,) * (6 + len(ctx.src_shapes))
         # each entry's target's gradient, read from its piece's gradient (the entries are sorted by target, so a
         # piece's entries are one run of them, at the targets ctx.local holds): no concatenation of the pieces'
         # gradients, which at problem `cpu` are 35M numbers (the dense final weight twice) for 2M entries
@@ -146,7 +141,7 @@ class _Expand(torch.autograd.Function):
         contrib = (torch.cat(contrib) if len(contrib) > 1 else contrib[0]) * values
         g = ref.new_zeros(sum(_numel(s) for s in ctx.src_shapes)).index_add(0, cols, contrib)
         parts = torch.split(g, [_numel(s) for s in ctx.src_shapes])
-        return (None,) * 7 + tuple(p if len(s) == 1 else p.view(s) for p, s in zip(parts, ctx.src_shapes))
+        return (None,) * 6 + tuple(p if len(s) == 1 else p.view(s) for p, s in zip(parts, ctx.src_shapes))
 
 
 def _numel(shape) -> int:
@@ -443,20 +438,20 @@ class ImplicitKernel(torch.nn.Module):
             cw = k > 0 and plan is not None and plan.componentwise is not None
             grid = 0 if self.act_A is None else int(self.act_A.shape[0])
             layers.append(HiddenLayout(self.n_channels, self._rho_size, grid, cw, bool(self.batch_norm)))
-        self.structure = ConvSpec.from_mask(
+        spec = ConvSpec.from_mask(
             mask.reshape(mask.shape[0], -1, C).cpu().numpy(),
             _field_group_specs(self.out_type),
             _field_group_specs(self.in_type),
             c_h,
             layers,
-        ).encode()
+        )
+        self.structure = spec.encode()
         rows = _field_groups(self.out_type)
         cols = []
         for g in _field_groups(self.in_type):  # (F_i, d_i) -> fields: input fields f, components (c, t, b)
             idx = (hidden_fields[None, :, :, None] * C) + g[:, None, None, :]  # (F_i, c_h, d_h, d_i)
             cols.append(idx.reshape(g.shape[0], -1))
         # the last Linear's plan from the structure's blocks (the groups are the spec's, in its order)
-        spec = decode(self.structure)
         pattern = lambda r, g: torch.from_numpy(spec.field_pattern(r, g))  # noqa: E731
         last.set_plan(build_plan(None, rows, cols, pattern=pattern, shape=tuple(mask.shape)))
 
@@ -541,9 +536,9 @@ class ImplicitKernel(torch.nn.Module):
         # (first entry, first target) of each piece and the totals: a piece's entries are one run of the sorted ones
         starts = torch.tensor([0] + [_numel(shape) for _, shape in pieces]).cumsum(0)
         first = torch.searchsorted(self.expand_targets, starts)
-        self._entry_bounds = tuple(zip(first.tolist(), starts.tolist()))
+        bounds = list(zip(first.tolist(), starts.tolist()))
         # each piece's entries' targets within the piece (what the backward reads its gradient at), made once
-        for i, ((lo, start), (hi, _)) in enumerate(zip(self._entry_bounds, self._entry_bounds[1:])):
+        for i, ((lo, start), (hi, _)) in enumerate(zip(bounds, bounds[1:])):
             self.register_buffer(f"expand_local_{i}", self.expand_targets[lo:hi] - start, persistent=False)
 
     def _expand_all(self) -> dict:
@@ -555,7 +550,6 @@ class ImplicitKernel(torch.nn.Module):
             self.expand_lengths,
             self.expand_targets,
             tuple(shape for _, shape in self._pieces),
-            self._entry_bounds,
             tuple(getattr(self, f"expand_local_{i}") for i in range(len(self._pieces))),
             *srcs,
         )
