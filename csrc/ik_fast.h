@@ -6,15 +6,21 @@
 // C++ signatures (Tensor[] -> at::TensorList, Tensor? -> const std::optional<at::Tensor>&, str? ->
 // const std::optional<c10::string_view>&, Tensor[]? -> std::optional<at::TensorList>, float -> double, int -> int64_t):
 //
-//   at::Tensor native_conv(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, bn_factor, bn_shift,
+//   at::Tensor native_conv(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, act_bias, bn_factor, bn_shift,
 //                          final_weight, final_bias, coef, double norm, int64_t ndim, structure, hidden, tape)
 //   std::vector<at::Tensor> native_conv_backward(grad, x, inp, src, rowptr, weights, biases, fourier, fourier_inv,
-//                          bn_factor, bn_shift, final_weight, final_bias, coef, double norm, int64_t ndim, structure,
-//                          tape)
-//       -> [dx, dinp, *dweights, *dbiases, *dbn_factor, *dbn_shift, dfinal_weight, dfinal_bias, dcoef] (4L + 5;
-//          empty tensors for the batch norm of a layer without one)
+//                          act_bias, bn_factor, bn_shift, final_weight, final_bias, coef, double norm, int64_t ndim,
+//                          structure, tape)
+//       -> [dx, dinp, *dweights, *dbiases, *dact_bias, *dbn_factor, *dbn_shift, dfinal_weight, dfinal_bias, dcoef]
+//          (5L + 5; empty tensors for the act_bias of a layer that is not `norm` and the batch norm of a layer
+//          without one)
 //   std::tuple<at::Tensor, at::Tensor, at::Tensor> native_trunk_moments(inp, weights, biases, fourier, fourier_inv,
-//                          in_factor, in_shift, bool with_activation, bool with_grid)
+//                          act_bias, in_factor, in_shift, structure, int64_t first_layer, bool with_activation,
+//                          bool with_grid)    (the given layers are structure's layers[first_layer : first_layer + L])
+//
+// Each hidden layer's nonlinearity is the structure's (csrc/structure.h; without one: fourier_elu where fourier[k] is
+// non-empty, else elu); the kernels do elu and fourier_elu and raise a NotImplementedError for gated and norm
+// (check_activations).
 //
 // The kernel MLP comes as written (ik_fast/ops.py, op contract v2): bn_factor[k] / bn_shift[k] is hidden layer k's
 // batch norm as an affine map on its activation (empty: none), applied by the kernels; `hidden` and the tape's

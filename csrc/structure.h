@@ -3,6 +3,7 @@
 // shared by the CPU and CUDA kernels, which derive their tiling of W' (R, H, C_in) from its blocks.
 #pragma once
 
+#include <ATen/core/Tensor.h>
 #include <c10/util/string_view.h>
 
 #include <cstdint>
@@ -18,9 +19,25 @@ struct FieldGroup {
   std::vector<int64_t> offsets;  // each field's first index
 };
 
+// Activation kinds of a hidden layer, by their code in the encoding (ik_fast.structure.ACTIVATIONS)
+enum Activation : int64_t { kElu = 0, kFourierElu = 1, kGated = 2, kNorm = 3 };
+const char* activation_name(int64_t activation);
+
 struct HiddenLayout {
   int64_t channels = 0, components = 0, grid = 0;
   bool componentwise = false, batch_norm = false;
+  int64_t activation = kFourierElu;
+  // gated and norm: each channel's field as a direct sum of irreps, in order (sizes add up to components)
+  std::vector<int64_t> irrep_sizes;
+  std::vector<uint8_t> irrep_trivial;
+  // the non-trivial irreps (per channel: a gated layer's gates, a norm layer's biases)
+  int64_t n_nontrivial() const {
+    int64_t n = 0;
+    for (uint8_t t : irrep_trivial) n += t == 0;
+    return n;
+  }
+  // the units per channel of the Linear into the layer (a gated layer's gates after its components)
+  int64_t linear_components() const { return activation == kGated ? components + n_nontrivial() : components; }
 };
 
 struct Block {
@@ -42,6 +59,17 @@ struct Structure {
 // The parsed structure (cached by content); a c10::Error naming `structure` (and `what`, the op) when it is malformed
 // or does not describe a W' of shape (R, H, C).
 std::shared_ptr<const Structure> parse_structure(c10::string_view s, int64_t R, int64_t H, int64_t C, const char* what);
+
+// The parsed structure (cached by content) without a shape check (trunk_moments, which has no final_weight).
+std::shared_ptr<const Structure> parse_structure(c10::string_view s, const char* what);
+
+// The activations of the hidden layers layers[first : first + L] of the structure (parsed; every one fourier_elu or
+// elu without a structure) against act_bias (L entries, empty where a layer is not norm): a kind that the kernels do
+// not do (gated, norm) raises a NotImplementedError "<impl>: nonlinearity '<kind>' is not implemented"; a c10::Error
+// (prefixed `what`) naming structure when it is malformed or has no such layers, naming act_bias when an entry does
+// not fit. Called before the layers' shapes are checked (a gated layer's Linear has its gates too).
+void check_activations(const std::optional<c10::string_view>& structure, int64_t first, int64_t L,
+                       at::TensorList act_bias, const char* impl, const char* what);
 
 // The structure of a dense W' (R, H, C): H channels of one component, coupled to every entry of the one field pair
 // (one output field of size R, one input field of size C). Without a key; no blocks when a size is 0.

@@ -4,20 +4,20 @@ A fused backend evaluates the implicit convolution without materialising per-edg
 (Triton, C++ or CUDA), it implements the same stages, whose schemas, fake (meta) implementations and autograd formulas
 live here and nowhere else. The ops take the kernel MLP **as written**: nothing is folded on the host.
 
-``conv(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, bn_factor, bn_shift, final_weight, final_bias,
-coef, norm, ndim, structure, hidden, tape) -> out`` (n_dst, R)
+``conv(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, act_bias, bn_factor, bn_shift, final_weight,
+final_bias, coef, norm, ndim, structure, hidden, tape) -> out`` (n_dst, R)
     For every receiver i, ``sum_{e in rowptr[i]:rowptr[i+1]} K_e x[src_e]`` with
     ``K_e = norm * exp(-coef |d_e|^2) * (W_F . h_e + B_F)`` and ``h_e`` the trunk of the kernel MLP on
     ``inp_e = [d_e, a_e]`` (``d_e`` its first ``ndim`` columns). Edges come in receiver order (the graph's CSR:
     ``rowptr`` (n_dst + 1,), ``src`` (E,)). ``hidden`` (optional, never differentiated) is the last hidden layer's
     activation *before its batch norm* on ``inp``, as the statistics pass gives it, so that the trunk is not
     evaluated twice.
-``conv_backward(grad, <the inputs of conv but hidden>) -> [dx, dinp, *dweights, *dbiases, *dbn_factor, *dbn_shift,
-dfinal_weight, dfinal_bias, dcoef]``
+``conv_backward(grad, <the inputs of conv but hidden>) -> [dx, dinp, *dweights, *dbiases, *dact_bias, *dbn_factor,
+*dbn_shift, dfinal_weight, dfinal_bias, dcoef]``
     The vector-Jacobian product of ``conv`` (the Fourier matrices are constants and get no gradient; a layer without
     batch norm gets empty ``dbn_factor`` / ``dbn_shift``).
-``trunk_moments(inp, weights, biases, fourier, fourier_inv, in_factor, in_shift, with_activation=False,
-with_grid=False) -> ((2, H_k), (E, H_k), (G_k, C_k, E))``
+``trunk_moments(inp, weights, biases, fourier, fourier_inv, act_bias, in_factor, in_shift, structure, first_layer,
+with_activation=False, with_grid=False) -> ((2, H_k), (E, H_k), (G_k, C_k, E))``
     The statistics pass of the batch norm after the last given layer: column means and sums of squared deviations of
     that layer's activation (before its batch norm) over all edges (the program finishes them,
     :meth:`~ik_fast.spec.program.BatchNorm.finish`); with ``with_activation`` also the activation, with ``with_grid``
@@ -25,7 +25,7 @@ with_grid=False) -> ((2, H_k), (E, H_k), (G_k, C_k, E))``
     implementation that keeps no grids raises ``NotImplementedError`` when asked for one. ``in_factor[i]`` /
     ``in_shift[i]`` is the batch norm applied to the *input* of given layer i: for i > 0 the batch norm after layer
     i - 1; for i = 0 empty when ``inp`` is the MLP input, or, when the pass starts from a previous pass's activation,
-    that activation's batch norm.
+    that activation's batch norm. The given layers are the structure's hidden layers ``first_layer ..``.
 
 **The tensors** are the kernel MLP's, unpadded. Hidden layer ``k`` is::
 
@@ -35,9 +35,20 @@ with_grid=False) -> ((2, H_k), (E, H_k), (G_k, C_k, E))``
 
 with ``W_k`` (H_k, H_{k-1}), or (D, C, C) for a Linear that only mixes the channels' equal components
 (:func:`linear_reference_form`: the program states that structure through the shape; it is never found from the
-data); ``act_k`` the Fourier ELU ``ELU(y A_k^T) A_k^+^T`` on each channel of ``D_k = A_k.shape[1]`` components
-(``fourier[k]`` = A_k (G, D), ``fourier_inv[k]`` = A_k^+ (D, G)) or a pointwise ELU when ``fourier[k]`` is empty; the
-batch norm's affine map (escnn's IIDBatchNorm1d with its statistics known: ``factor = weight / sqrt(var + eps)``
+data); ``act_k`` the layer's activation, its kind stated by the structure (``HiddenLayout.activation``; without a
+structure a Fourier ELU where ``fourier[k]`` is non-empty, else a pointwise ELU):
+
+* ``fourier_elu``: ``ELU(y A_k^T) A_k^+^T`` on each channel of ``D_k = A_k.shape[1]`` components (``fourier[k]`` =
+  A_k (G, D), ``fourier_inv[k]`` = A_k^+ (D, G)); ``elu``: a pointwise ELU;
+* ``gated`` and ``norm`` act on each channel's field as a direct sum of irreps (``HiddenLayout.irreps``, in order):
+  a trivial irrep's components go through an ELU; a non-trivial irrep's components ``v`` are scaled, for ``gated`` by
+  ``sigmoid`` of its gate (the Linear into a gated layer makes ``D_k + g_k`` units per channel, the components then
+  one gate per non-trivial irrep in order; its componentwise form (D_k + g_k, C, C) reads, for a gate, the first
+  trivial component of the previous layer's field: :func:`linear_source`), for ``norm`` by
+  ``sigmoid(|v| - act_bias[k][c g_k + j])`` (the j-th non-trivial irrep of channel c; the derivative of ``|v|`` taken
+  as 0 where it is 0). ``act_bias[k]`` is empty for every other kind.
+
+The batch norm's affine map (escnn's IIDBatchNorm1d with its statistics known: ``factor = weight / sqrt(var + eps)``
 (C_k,), ``shift = bias - mean * factor`` flattened channel-major (H_k,); ``D_k = H_k / C_k``); ``final_weight`` W_F
 (R, H, C_in), ``final_bias`` B_F (R, C_in) (zeros without bias), ``coef`` = 1 / (2 sigma^2) (shape (1,)).
 ``structure`` (optional) is the kernel's structure as one frozen value, a :class:`~ik_fast.structure.ConvSpec`
@@ -76,6 +87,7 @@ import functools
 from dataclasses import dataclass
 from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -106,8 +118,9 @@ __all__ = [
 _LIB = torch.library.Library("ik_fast", "FRAGMENT")
 
 _PROGRAM = (
-    "Tensor[] weights, Tensor[] biases, Tensor[] fourier, Tensor[] fourier_inv, Tensor[] bn_factor, "
-    "Tensor[] bn_shift, Tensor final_weight, Tensor final_bias, Tensor coef, float norm, int ndim, str? structure"
+    "Tensor[] weights, Tensor[] biases, Tensor[] fourier, Tensor[] fourier_inv, Tensor[] act_bias, "
+    "Tensor[] bn_factor, Tensor[] bn_shift, Tensor final_weight, Tensor final_bias, Tensor coef, float norm, int ndim, "
+    "str? structure"
 )
 SCHEMAS = {
     "conv": f"(Tensor x, Tensor inp, Tensor src, Tensor rowptr, {_PROGRAM}, Tensor? hidden, Tensor[]? tape=None) "
@@ -116,9 +129,9 @@ SCHEMAS = {
         f"(Tensor grad, Tensor x, Tensor inp, Tensor src, Tensor rowptr, {_PROGRAM}, Tensor[]? tape=None) -> Tensor[]"
     ),
     "trunk_moments": (
-        "(Tensor inp, Tensor[] weights, Tensor[] biases, Tensor[] fourier, Tensor[] fourier_inv, "
-        "Tensor[] in_factor, Tensor[] in_shift, bool with_activation=False, bool with_grid=False) "
-        "-> (Tensor, Tensor, Tensor)"
+        "(Tensor inp, Tensor[] weights, Tensor[] biases, Tensor[] fourier, Tensor[] fourier_inv, Tensor[] act_bias, "
+        "Tensor[] in_factor, Tensor[] in_shift, str? structure, int first_layer, bool with_activation=False, "
+        "bool with_grid=False) -> (Tensor, Tensor, Tensor)"
     ),
 }
 
@@ -132,6 +145,7 @@ CONV_ARGS = (
     "biases",
     "fourier",
     "fourier_inv",
+    "act_bias",
     "bn_factor",
     "bn_shift",
     "final_weight",
@@ -141,8 +155,8 @@ CONV_ARGS = (
     "ndim",
     "structure",
 )
-LAYER_LISTS = ("weights", "biases", "fourier", "fourier_inv", "bn_factor", "bn_shift")
-GRAD_ARGS = ("x", "inp", "weights", "biases", "bn_factor", "bn_shift", "final_weight", "final_bias", "coef")
+LAYER_LISTS = ("weights", "biases", "fourier", "fourier_inv", "act_bias", "bn_factor", "bn_shift")
+GRAD_ARGS = ("x", "inp", "weights", "biases", "act_bias", "bn_factor", "bn_shift", "final_weight", "final_bias", "coef")
 
 
 @dataclass(frozen=True)
@@ -156,6 +170,7 @@ class OpProgram:
     biases: List[Tensor]
     fourier: List[Tensor]
     fourier_inv: List[Tensor]
+    act_bias: List[Tensor]
     bn_factor: List[Tensor]
     bn_shift: List[Tensor]
     final_weight: Tensor
@@ -172,22 +187,82 @@ class OpProgram:
     def grad_inputs(self) -> list:
         """The tensors that get gradients, in the order of ``conv_backward``'s outputs after dx and dinp."""
         return [
-            *self.weights, *self.biases, *self.bn_factor, *self.bn_shift, self.final_weight, self.final_bias, self.coef
+            *self.weights, *self.biases, *self.act_bias, *self.bn_factor, *self.bn_shift, self.final_weight,
+            self.final_bias, self.coef,
         ]  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # the ops' semantics in plain PyTorch: the one statement of the layer
 # ----------------------------------------------------------------------------------------------------------------
-def activation_reference_form(y: Tensor, A: Tensor, Ainv: Tensor) -> Tensor:
-    """The Fourier ELU ``ELU(y_c A^T) Ainv^T`` on each channel of ``A.shape[1]`` components, or a pointwise ELU when
-    ``A`` is empty."""
-    if A.numel() == 0:
+def _tracing() -> bool:
+    return torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
+
+
+def _layout_tensors(layout: st.HiddenLayout, device) -> Tuple[Tensor, Tensor, Tensor]:
+    """(trivial (D,) bool, irrep index (D,) long, membership (D, n_nt) of each component in its non-trivial irrep)
+    of a gated or norm layer, on ``device`` (cached; made afresh while a trace runs)."""
+    device = str(torch.device(device))
+    return _new_layout_tensors(layout, device) if _tracing() else _cached_layout_tensors(layout, device)
+
+
+def _new_layout_tensors(layout: st.HiddenLayout, device: str):
+    triv, idx = layout.component_irreps()
+    member = np.zeros((layout.components, layout.nontrivial))
+    member[np.flatnonzero(~triv), idx[~triv]] = 1.0
+    return (
+        torch.from_numpy(triv).to(device),
+        torch.from_numpy(idx).to(device),
+        torch.from_numpy(member).to(device),
+    )
+
+
+_cached_layout_tensors = functools.lru_cache(maxsize=64)(_new_layout_tensors)
+
+
+def linear_source(layout: st.HiddenLayout, prev: st.HiddenLayout, device) -> Optional[Tensor]:
+    """For a componentwise Linear into ``layout`` from ``prev``'s field: the input component each output component
+    reads (the components themselves, then every gate the first trivial component of ``prev``); None where they are
+    the components themselves (not a gated layer)."""
+    if layout.gates == 0:
+        return None
+    t0 = prev.trivial_source()
+    if t0 < 0:
+        raise ValueError("a componentwise Linear into a gated layer needs a trivial irrep in its input field")
+    src = list(range(layout.components)) + [t0] * layout.gates
+    return torch.tensor(src, dtype=torch.long, device=device)
+
+
+def activation_reference_form(
+    y: Tensor, A: Tensor, Ainv: Tensor, bias: Optional[Tensor] = None, layout: Optional[st.HiddenLayout] = None
+) -> Tensor:
+    """The hidden activation of the module docstring: the Fourier ELU ``ELU(y_c A^T) Ainv^T`` on each channel of
+    ``A.shape[1]`` components, or a pointwise ELU when ``A`` is empty; for a ``layout`` of a ``"gated"`` or
+    ``"norm"`` layer its irrep-wise map (``bias``: the norm layer's ``act_bias``)."""
+    kind = layout.activation if layout is not None else ("fourier_elu" if A.numel() else "elu")
+    if kind == "elu":
         return F.elu(y)
-    A, Ainv = A.to(y.dtype), Ainv.to(y.dtype)
-    D = A.shape[1]
-    u = y.reshape(y.shape[0], -1, D) @ A.t()
-    return (F.elu(u) @ Ainv.t()).reshape(y.shape[0], -1)
+    if kind == "fourier_elu":
+        A, Ainv = A.to(y.dtype), Ainv.to(y.dtype)
+        D = A.shape[1]
+        u = y.reshape(y.shape[0], -1, D) @ A.t()
+        return (F.elu(u) @ Ainv.t()).reshape(y.shape[0], -1)
+    E, D, G = y.shape[0], layout.components, layout.gates
+    y = y.reshape(E, -1, D + G)
+    v = y[..., :D] if G else y
+    if layout.nontrivial == 0:
+        return F.elu(v).reshape(E, -1)
+    triv, idx, member = _layout_tensors(layout, y.device)
+    if kind == "gated":
+        m = torch.sigmoid(y[..., D:])
+    else:
+        # |v| per non-trivial irrep; its derivative taken as 0 where it is 0 (an irrep that the Linear cannot
+        # reach is exactly zero): the inner where keeps sqrt's backward away from 0
+        sq = (v * v) @ member.to(v.dtype)
+        pos = sq > 0
+        nrm = torch.where(pos, torch.where(pos, sq, 1).sqrt(), 0)
+        m = torch.sigmoid(nrm - bias.to(v.dtype).view(1, -1, layout.nontrivial))
+    return torch.where(triv, F.elu(v), v * m.index_select(2, idx)).reshape(E, -1)
 
 
 def affine_reference_form(a: Tensor, factor: Optional[Tensor], shift: Optional[Tensor]) -> Tensor:
@@ -199,19 +274,27 @@ def affine_reference_form(a: Tensor, factor: Optional[Tensor], shift: Optional[T
     return (a.reshape(a.shape[0], C, -1) * factor[:, None]).reshape(a.shape[0], -1) + shift
 
 
-def linear_reference_form(h: Tensor, w: Tensor, b: Tensor) -> Tensor:
-    """``h W^T + b`` for a dense W (H_out, H_in), or for a componentwise one (D, C_out, C_in) on the channel-major
-    (C_in, D) view of h: ``y[:, c, a] = sum_c' W[a, c, c'] h[:, c', a]``."""
+def linear_reference_form(h: Tensor, w: Tensor, b: Tensor, source: Optional[Tensor] = None) -> Tensor:
+    """``h W^T + b`` for a dense W (H_out, H_in), or for a componentwise one (D_out, C_out, C_in) on the
+    channel-major (C_in, D_in) view of h: ``y[:, c, a] = sum_c' W[a, c, c'] h[:, c', source[a]]`` (``source``
+    (D_out,): :func:`linear_source`; None: ``a`` itself)."""
     if w.dim() == 2:
         return h @ w.t() + b
     D, C_out, C_in = w.shape
-    y = torch.bmm(h.reshape(-1, C_in, D).permute(2, 0, 1), w.transpose(1, 2))  # (D, E, C_out)
+    hv = h.reshape(h.shape[0], C_in, -1)
+    if source is not None:
+        hv = hv.index_select(2, source)
+    y = torch.bmm(hv.permute(2, 0, 1), w.transpose(1, 2))  # (D, E, C_out)
     return y.permute(1, 2, 0).reshape(h.shape[0], C_out * D) + b
 
 
-def hidden_width(w: Tensor) -> int:
-    """H_out of a hidden Linear's weight, dense or componentwise."""
-    return w.shape[0] if w.dim() == 2 else w.shape[0] * w.shape[1]
+def hidden_width(w: Tensor, layout: Optional[st.HiddenLayout] = None) -> int:
+    """H_k, the width of a hidden layer's activation, from its Linear's weight (dense or componentwise) and, for a
+    gated layer, its ``layout`` (the Linear also makes the gates)."""
+    n = w.shape[0] if w.dim() == 2 else w.shape[0] * w.shape[1]
+    if layout is not None and layout.gates:
+        return n // layout.linear_components * layout.components
+    return n
 
 
 def _at(seq, k):
@@ -220,17 +303,23 @@ def _at(seq, k):
 
 def trunk_reference_form(
     inp, weights, biases, fourier, fourier_inv, bn_factor=None, bn_shift=None, affines=None,
-    linear=linear_reference_form, activation=activation_reference_form,
+    linear=linear_reference_form, activation=activation_reference_form, act_bias=None, layouts=None,
 ):  # fmt: skip
     """The trunk of the kernel MLP on ``inp``: every hidden layer's Linear, activation and batch norm (see the module
     docstring); the input itself without layers. ``bn_factor`` / ``bn_shift`` shorter than the layers (or None):
     the layers past them without batch norm. ``affines``: ``(k, a_k) -> (factor, shift)`` in their place, for a
     caller that forms each batch norm from the batch's statistics of ``a_k`` (training). ``linear`` and
     ``activation``: the same maps computed another way (the ``torch`` backend's block plans and its Fourier ELU that
-    keeps no grid for the backward)."""
+    keeps no grid for the backward). ``act_bias``: the norm layers' biases; ``layouts``: every layer's
+    :class:`~ik_fast.structure.HiddenLayout` (:func:`ik_fast.structure.layers_of`; None: from ``fourier``)."""
+    layouts = st.layers_of(None, fourier) if layouts is None else layouts
     h = inp
     for k, (w, b, A, Ainv) in enumerate(zip(weights, biases, fourier, fourier_inv)):
-        a = activation(linear(h, w, b), A, Ainv)
+        src = None
+        if k > 0 and getattr(w, "dim", lambda: 2)() == 3:
+            src = linear_source(layouts[k], layouts[k - 1], w.device)
+        y = linear(h, w, b) if src is None else linear(h, w, b, src)
+        a = activation(y, A, Ainv, _at(act_bias, k), layouts[k])
         f, s = affines(k, a) if affines is not None else (_at(bn_factor, k), _at(bn_shift, k))
         h = affine_reference_form(a, f, s)
     return h
@@ -242,8 +331,8 @@ def structure_mask(structure: str, shape, device) -> Tensor:
     trace runs (torch.compile, fake tensors), made afresh in it."""
     st.check_shape(structure, shape)
     device = str(torch.device(device))
-    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:  # tracing (fake tensors, AOT):
-        return _new_mask(structure, device)  # made in the trace, never a cached one
+    if _tracing():  # (fake tensors, AOT): made in the trace, never a cached one
+        return _new_mask(structure, device)
     return _cached_mask(structure, device)
 
 
@@ -255,24 +344,29 @@ _cached_mask = functools.lru_cache(maxsize=64)(_new_mask)
 
 
 def kernels_reference_form(
-    inp, weights, biases, fourier, fourier_inv, bn_factor, bn_shift, final_weight, final_bias, coef, norm, ndim,
-    structure=None, affines=None,
+    inp, weights, biases, fourier, fourier_inv, act_bias, bn_factor, bn_shift, final_weight, final_bias, coef, norm,
+    ndim, structure=None, affines=None, masked=True,
 ) -> Tensor:  # fmt: skip
-    """The per-edge kernels (E, R, C_in) of the module docstring."""
+    """The per-edge kernels (E, R, C_in) of the module docstring. ``masked=False``: ``final_weight`` is known to be
+    zero outside the structure's blocks (a lowered program), so the product with the mask is skipped; the structure
+    still states the layers' activations."""
     E = inp.shape[0]
     R, H, C = final_weight.shape
-    if structure is not None:
+    if structure is not None and masked:
         final_weight = final_weight * structure_mask(structure, final_weight.shape, final_weight.device)
-    h = trunk_reference_form(inp, weights, biases, fourier, fourier_inv, bn_factor, bn_shift, affines)
+    h = trunk_reference_form(
+        inp, weights, biases, fourier, fourier_inv, bn_factor, bn_shift, affines, act_bias=act_bias,
+        layouts=st.layers_of(structure, fourier),
+    )  # fmt: skip
     s = torch.exp(-coef * inp[:, :ndim].square().sum(1)) * norm
     k = (h @ final_weight.permute(1, 0, 2).reshape(H, R * C) + final_bias.reshape(-1)) * s[:, None]
     return k.reshape(E, R, C)
 
 
-def messages_reference_form(x_src: Tensor, inp: Tensor, *program, affines=None) -> Tensor:
+def messages_reference_form(x_src: Tensor, inp: Tensor, *program, affines=None, masked=True) -> Tensor:
     """Each edge's message ``K_e x_src[e]`` (E, R): :func:`kernels_reference_form` (its arguments after ``inp``)
     applied to the sources' features gathered per edge."""
-    k = kernels_reference_form(inp, *program, affines=affines)
+    k = kernels_reference_form(inp, *program, affines=affines, masked=masked)
     return torch.bmm(k, x_src.unsqueeze(-1).to(k.dtype)).squeeze(-1)
 
 
@@ -283,25 +377,31 @@ def receivers(rowptr: Tensor, num_edges: int) -> Tensor:
 
 
 def conv_reference_form(
-    x, inp, src, rowptr, weights, biases, fourier, fourier_inv, bn_factor, bn_shift, final_weight, final_bias, coef,
-    norm, ndim, structure=None, hidden=None,
+    x, inp, src, rowptr, weights, biases, fourier, fourier_inv, act_bias, bn_factor, bn_shift, final_weight,
+    final_bias, coef, norm, ndim, structure=None, hidden=None,
 ) -> Tensor:  # fmt: skip
     """``conv`` as plain differentiable PyTorch (per-edge kernels, the reference backend's memory). ``hidden`` is
     ignored: it only spares an implementation recomputing the trunk (see the module docstring)."""
     msg = messages_reference_form(
-        x[src], inp, weights, biases, fourier, fourier_inv, bn_factor, bn_shift, final_weight, final_bias, coef,
-        norm, ndim, structure,
+        x[src], inp, weights, biases, fourier, fourier_inv, act_bias, bn_factor, bn_shift, final_weight, final_bias,
+        coef, norm, ndim, structure,
     )  # fmt: skip
     return msg.new_zeros(rowptr.shape[0] - 1, final_weight.shape[0]).index_add(0, receivers(rowptr, inp.shape[0]), msg)
 
 
-def trunk_moments_reference_form(inp, weights, biases, fourier, fourier_inv, in_factor, in_shift):
+def trunk_moments_reference_form(
+    inp, weights, biases, fourier, fourier_inv, act_bias, in_factor, in_shift, structure=None, first_layer=0
+):
     """``trunk_moments``' statement: (moments (2, H), activation (E, H)) of the last given layer before its batch
     norm."""
+    layouts = st.layers_of(structure, fourier, first_layer)
+    prev = st.decode(structure).layers[first_layer - 1] if structure is not None and first_layer > 0 else None
     h = inp
     for k, (w, b, A, Ainv) in enumerate(zip(weights, biases, fourier, fourier_inv)):
         h = affine_reference_form(h, _at(in_factor, k), _at(in_shift, k))
-        h = activation_reference_form(linear_reference_form(h, w, b), A, Ainv)
+        before = layouts[k - 1] if k > 0 else prev
+        src = linear_source(layouts[k], before, w.device) if w.dim() == 3 and before is not None else None
+        h = activation_reference_form(linear_reference_form(h, w, b, src), A, Ainv, _at(act_bias, k), layouts[k])
     mean = h.mean(0)
     return torch.stack([mean, (h - mean).square().sum(0)]), h
 
@@ -336,9 +436,10 @@ def grid_shape(fourier: Sequence[Tensor], H: int, E: int) -> tuple:
 
 
 def _fake_trunk_moments(
-    inp, weights, biases, fourier, fourier_inv, in_factor, in_shift, with_activation=False, with_grid=False
-):
-    H = hidden_width(weights[-1]) if weights else inp.shape[1]
+    inp, weights, biases, fourier, fourier_inv, act_bias, in_factor, in_shift, structure, first_layer,
+    with_activation=False, with_grid=False,
+):  # fmt: skip
+    H = hidden_width(weights[-1], st.layers_of(structure, fourier, first_layer)[-1]) if weights else inp.shape[1]
     grid = grid_shape(fourier, H, inp.shape[0]) if with_grid else (0,)
     return inp.new_empty(2, H), inp.new_empty(inp.shape[0] if with_activation else 0, H), inp.new_empty(grid)
 
@@ -491,6 +592,16 @@ class Implementation:
     tape_devices: Tuple[str, ...] = ()
     grids: bool = False
     measured_faster_on: Tuple[str, ...] = ()
+    # the hidden activations (:data:`ik_fast.structure.ACTIVATIONS`) its kernels evaluate, per device type; on
+    # another it raises NotImplementedError naming the kind, and "auto" goes around it
+    activations: Tuple[Tuple[str, Tuple[str, ...]], ...] = (
+        ("cpu", ("elu", "fourier_elu")),
+        ("cuda", ("elu", "fourier_elu")),
+    )
+
+    def evaluates(self, activation: str, device_type: str) -> bool:
+        """Whether its kernels evaluate hidden layers of kind ``activation`` on ``device_type``."""
+        return activation in dict(self.activations).get(device_type, ())
 
 
 _IMPLS: Dict[str, Implementation] = {}
@@ -663,8 +774,11 @@ def trunk_moments(
         program.biases[start:upto],
         program.fourier[start:upto],
         program.fourier_inv[start:upto],
+        program.act_bias[start:upto],
         [first, *program.bn_factor[start : upto - 1]],
         [first_shift, *program.bn_shift[start : upto - 1]],
+        program.structure,
+        start,
         with_activation,
         with_grid,
     )

@@ -19,11 +19,15 @@ string is a constant to ``torch.compile`` and to every dispatcher, and its conte
 implementation keys its caches on the string itself (:func:`decode` and :func:`mask` here; the native module's
 ``structure.cpp``). Every implementation derives its own tiling from it; none infers structure from data.
 
-Format (``ik1`` then space-separated integers)::
+Format (``ik2`` then space-separated integers)::
 
-    R C channels components L  [channels components grid componentwise batch_norm] * L
+    R C channels components L  [channels components grid componentwise batch_norm activation n_irreps
+                                [size trivial] * n_irreps] * L
     n_out_groups [d F offset * F] * n_out_groups   n_in_groups [d F offset * F] * n_in_groups
     n_blocks [out_group component in_group n entry * n] * n_blocks          (entry = i * d_in + j)
+
+``activation`` is the index of the layer's kind in :data:`ACTIVATIONS` (0 ``elu``, 1 ``fourier_elu``, 2 ``gated``,
+3 ``norm``); ``n_irreps`` is 0 for the first two.
 """
 
 from __future__ import annotations
@@ -34,9 +38,12 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-__all__ = ["ConvSpec", "FieldGroup", "HiddenLayout", "Block", "decode", "mask"]
+__all__ = ["ConvSpec", "FieldGroup", "HiddenLayout", "Block", "ACTIVATIONS", "decode", "mask", "layers_of"]
 
-_MAGIC = "ik1"
+_MAGIC = "ik2"
+
+# activation kinds of a hidden layer, by their code in the encoding
+ACTIVATIONS = ("elu", "fourier_elu", "gated", "norm")
 
 
 @dataclass(frozen=True)
@@ -55,13 +62,61 @@ class FieldGroup:
 class HiddenLayout:
     """One hidden layer: ``channels`` x ``components`` units (channel-major), its Fourier ELU's ``grid`` points (0 for
     a pointwise ELU), whether its Linear is ``componentwise`` (the (D, C, C) form) and whether a ``batch_norm``
-    follows."""
+    follows; its ``activation`` (one of :data:`ACTIVATIONS`) and, for ``"gated"`` and ``"norm"``, the ``irreps`` of
+    each channel's field in order, as (size, trivial) (the field is their direct sum, identity change of basis)."""
 
     channels: int
     components: int
     grid: int
     componentwise: bool
     batch_norm: bool
+    activation: str = "fourier_elu"
+    irreps: Tuple[Tuple[int, bool], ...] = ()
+
+    @property
+    def nontrivial(self) -> int:
+        """Number of non-trivial irreps of a channel's field (the gates of a gated layer, the biases of a norm
+        layer, per channel)."""
+        return sum(1 for _, t in self.irreps if not t)
+
+    @property
+    def gates(self) -> int:
+        """Gate scalars per channel that the Linear into a gated layer adds after the field's components."""
+        return self.nontrivial if self.activation == "gated" else 0
+
+    @property
+    def linear_components(self) -> int:
+        """Units per channel of the Linear into this layer: the components, and the gates of a gated layer."""
+        return self.components + self.gates
+
+    @property
+    def bias_size(self) -> int:
+        """Size of the layer's ``act_bias``: channels x non-trivial irreps for ``"norm"``, else 0."""
+        return self.channels * self.nontrivial if self.activation == "norm" else 0
+
+    def trivial_source(self) -> int:
+        """The first trivial component of a channel's field (what a componentwise Linear's gate rows read when this
+        layer is its input); -1 without one."""
+        p = 0
+        for size, trivial in self.irreps:
+            if trivial:
+                return p
+            p += size
+        return -1
+
+    def component_irreps(self) -> Tuple[np.ndarray, np.ndarray]:
+        """(trivial (D,) bool, index (D,) int64): per component whether its irrep is trivial and, for a non-trivial
+        one, the irrep's number among the non-trivial irreps (its gate / bias index; 0 for trivial ones)."""
+        triv = np.zeros(self.components, dtype=bool)
+        idx = np.zeros(self.components, dtype=np.int64)
+        p, g = 0, 0
+        for size, trivial in self.irreps:
+            triv[p : p + size] = trivial
+            if not trivial:
+                idx[p : p + size] = g
+                g += 1
+            p += size
+        return triv, idx
 
 
 @dataclass(frozen=True)
@@ -163,6 +218,9 @@ class ConvSpec:
         v: List[int] = [self.out_size, self.in_size, self.channels, self.components, len(self.layers)]
         for h in self.layers:
             v += [h.channels, h.components, h.grid, int(h.componentwise), int(h.batch_norm)]
+            v += [ACTIVATIONS.index(h.activation), len(h.irreps)]
+            for size, trivial in h.irreps:
+                v += [size, int(trivial)]
         for groups in (self.out_groups, self.in_groups):
             v.append(len(groups))
             for g in groups:
@@ -216,6 +274,16 @@ def _check(spec: ConvSpec) -> None:
         n = spec.out_groups[b.out_group].d * spec.in_groups[b.in_group].d
         if not b.entries or min(b.entries) < 0 or max(b.entries) >= n or list(b.entries) != sorted(set(b.entries)):
             raise ValueError("structure: a block's entries are empty, unsorted or outside its field pair")
+    for h in spec.layers:
+        if h.activation in ("gated", "norm"):
+            if h.grid != 0 or not h.irreps or sum(size for size, _ in h.irreps) != h.components:
+                raise ValueError(f"structure: a {h.activation} layer needs irreps that add up to its components")
+            if any(size <= 0 for size, _ in h.irreps):
+                raise ValueError("structure: an irrep of non-positive size")
+        elif h.irreps or (h.grid > 0) != (h.activation == "fourier_elu"):
+            raise ValueError(f"structure: an {h.activation} layer with grid {h.grid} and {len(h.irreps)} irreps")
+    if len({h.activation for h in spec.layers}) > 1:
+        raise ValueError("structure: the hidden layers mix activation kinds")
     if spec.layers:
         last = spec.layers[-1]
         if (last.channels, last.components) != (spec.channels, spec.components):
@@ -229,7 +297,14 @@ def decode(structure: str) -> ConvSpec:
         raise TypeError(f"structure must be a str, got {type(structure).__name__}")
     r = _Reader(structure)
     R, C, ch, D, L = r.take(5)
-    layers = tuple(HiddenLayout(a, b, g, bool(cw), bool(bn)) for a, b, g, cw, bn in (r.take(5) for _ in range(L)))
+    layers = []
+    for _ in range(L):
+        a, b, g, cw, bn, kind, n = r.take(7)
+        if not 0 <= kind < len(ACTIVATIONS):
+            raise ValueError(f"structure: activation code {kind} is not one of 0..{len(ACTIVATIONS) - 1}")
+        irreps = tuple((size, bool(t)) for size, t in (r.take(2) for _ in range(n)))
+        layers.append(HiddenLayout(a, b, g, bool(cw), bool(bn), ACTIVATIONS[kind], irreps))
+    layers = tuple(layers)
     groups = []
     for _ in range(2):
         gs = []
@@ -265,3 +340,18 @@ def check_shape(structure: Optional[str], shape: Sequence[int], what: str = "fin
     got = decode(structure).shape
     if tuple(int(n) for n in shape) != got:
         raise ValueError(f"structure describes a last Linear of shape {got}, but {what} is {tuple(shape)}")
+
+
+def layers_of(structure: Optional[str], fourier: Sequence, first: int = 0) -> Tuple[HiddenLayout, ...]:
+    """The layouts of the hidden layers ``first ..`` that ``fourier`` (one per layer) lists: from ``structure`` where
+    given, else today's rule (a Fourier ELU where the layer's Fourier matrix is non-empty, a pointwise ELU otherwise;
+    no sizes known: 0)."""
+    if structure is not None:
+        layers = decode(structure).layers[first : first + len(fourier)]
+        if len(layers) != len(fourier):
+            raise ValueError(
+                f"structure states {len(decode(structure).layers)} hidden layers, but the program gives "
+                f"{len(fourier)} from layer {first}"
+            )
+        return layers
+    return tuple(HiddenLayout(0, 0, 0, False, False, "fourier_elu" if f.numel() else "elu", ()) for f in fourier)

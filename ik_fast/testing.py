@@ -198,7 +198,8 @@ def kernel_graph(
 
 @torch.no_grad()
 def randomize_(module, seed: int = 0):
-    """Give every bias (the layer's, each Linear's), batch-norm scale and shift and running statistic of ``module``
+    """Give every bias (the layer's, each Linear's, the norm nonlinearity's), batch-norm scale and shift and running
+    statistic of ``module``
     a random value, as after training (escnn initialises biases at zero and running statistics at 0 and 1).
     Running means stay on the trivial irreps, where escnn's batch norm keeps them. Returns ``module``."""
     g = torch.Generator().manual_seed(seed)
@@ -220,6 +221,8 @@ def randomize_(module, seed: int = 0):
         bn.running_var.copy_(
             0.5 + torch.rand(bn.running_var.shape, generator=g, dtype=torch.float64).to(bn.running_var.dtype)
         )
+    for b in getattr(kern, "act_bias", ()):  # the norm nonlinearity's biases
+        normal_(b, 0.5)
     return module
 
 
@@ -299,6 +302,9 @@ def check_equivariance(
     """The suite's equivariance check. Measures the relative error on exact elements (see :func:`exact_elements`)
     and on ``n_random`` random elements (continuous groups) and compares them with :func:`tolerance`.
 
+    A kernel that is equivariant under every element (``ImplicitKernel.exactly_equivariant``: the gated and norm
+    nonlinearities, or no Fourier ELU) is held to the exact bound on random elements too.
+
     ``graph``: a :class:`KernelGraph` (use :func:`kernel_graph`) or a tuple ``(pos, x, edge_index, edge_attr)``.
     Returns ``{"exact": worst error or None, "random": worst error or None, "exact_bound", "random_bound",
     "passed"}``.
@@ -314,6 +320,8 @@ def check_equivariance(
         "exact_bound": tolerance("exact", dtype, backend=backend),
         "random_bound": tolerance("equivariance", dtype, fam, backend=backend),
     }
+    if getattr(kern, "exactly_equivariant", False):
+        res["random_bound"] = res["exact_bound"]
     ex = exact_elements(module, n_exact, seed)
     if ex:
         res["exact"] = max(equivariance_error(module, g, pos, x, ei, attr) for g in ex)

@@ -3,6 +3,7 @@ ik_fast.testing's tolerance table (the docs' equivariance page). One-off; not pa
 
     PYTHONPATH=. python scripts/measure_tolerances.py --seeds 10 [--json OUT.json] > errors.jsonl
     PYTHONPATH=. python scripts/measure_tolerances.py --o3-mixed [--seeds 3] [--json OUT.json]
+    PYTHONPATH=. python scripts/measure_tolerances.py --nonlinearity gated --groups O3,SO3,SO2,O2 --seeds 3 ...
 
 Each line: gspace, family, seed, dtype, mode, worst error on exact elements (8 of them) and on 8 random elements.
 ``--json`` also writes the records (``ik_fast/records.py``, kind ``equivariance``) that ``benchmarks/report.py``
@@ -45,7 +46,7 @@ def builder(name):
     return m.group(1) + (f"({m.group(2)})" if m.group(2) not in ("", "-1") else "")
 
 
-def errors(seeds, groups, kind):
+def errors(seeds, groups, kind, nonlinearity="fourier_elu"):
     """One dict per gspace, seed, dtype and mode (printed as a JSON line as it is measured)."""
     rows = []
     for name in groups:
@@ -53,7 +54,9 @@ def errors(seeds, groups, kind):
         for seed in range(seeds):
             in_t, out_t, attr_t = field_types(gs, kind)
             torch.manual_seed(seed)
-            conv = ik_fast.ImplicitPointConv(in_t, out_t, attr_t, n_layers=3, n_channels=3, backend="torch")
+            conv = ik_fast.ImplicitPointConv(
+                in_t, out_t, attr_t, n_layers=3, n_channels=3, backend="torch", nonlinearity=nonlinearity
+            )
             randomize_(conv, seed)
             for dtype in (torch.float32, torch.float64):
                 conv = conv.to(dtype)
@@ -66,7 +69,8 @@ def errors(seeds, groups, kind):
                     rows.append(
                         {
                             "gspace": name,
-                            "escnn": builder(name),
+                            "escnn": builder(name) + ("" if nonlinearity == "fourier_elu" else f"+{nonlinearity}"),
+                            "nonlinearity": nonlinearity,
                             "group": gs.fibergroup.name,
                             "family": group_family(gs),
                             "seed": seed,
@@ -123,6 +127,7 @@ def error_records(rows, kind, seeds, command):
                         "group": rs[0]["group"],
                         "gspace": name,
                         "family": rs[0]["family"],
+                        "nonlinearity": rs[0].get("nonlinearity", "fourier_elu"),
                         "seeds": seeds,
                         "elements": 8,
                         "layer": f"field_types(gs, {kind!r}) of tests/conftest.py, MLP 3 x 3, random "
@@ -220,6 +225,9 @@ def main(argv=None):
     ap.add_argument("--groups", default=",".join(GSPACES))
     ap.add_argument("--kind", default="mixed_attr")
     ap.add_argument(
+        "--nonlinearity", default="fourier_elu", help="the kernel MLP's (records name the gspace BUILDER+NONLINEARITY)"
+    )
+    ap.add_argument(
         "--o3-mixed", dest="o3_mixed", action="store_true", help="the O(3) mixed case on three sampling grids instead"
     )
     ap.add_argument("--json", default=None, help="also write the records (kind equivariance) to this file")
@@ -230,7 +238,7 @@ def main(argv=None):
         recs = grid_records(rows, command)
     else:
         seeds = args.seeds or 10
-        rows = errors(seeds, args.groups.split(","), args.kind)
+        rows = errors(seeds, args.groups.split(","), args.kind, args.nonlinearity)
         recs = error_records(rows, args.kind, seeds, command)
     if args.json:
         from ik_fast import records

@@ -30,6 +30,7 @@ from conftest import GPU_TEST_DEVICE, field_types, get_gspace, rel, small_graph
 
 import ik_fast
 from ik_fast import ops
+from ik_fast import structure as st
 from ik_fast.backends import FUSED
 from ik_fast.graph import prepare_graph
 from ik_fast.testing import tolerance
@@ -156,6 +157,7 @@ class OpInputs:
             p,
             weights=[leaf(w) for w in p.weights],
             biases=[leaf(b) for b in p.biases],
+            act_bias=[leaf(b) for b in p.act_bias],
             bn_factor=[leaf(f) for f in p.bn_factor],
             bn_shift=[leaf(s) for s in p.bn_shift],
             final_weight=leaf(p.final_weight),
@@ -180,7 +182,14 @@ class OpInputs:
         """The program without autograd (for the statistics op)."""
         p = self.program
         d = lambda ts: [t.detach() for t in ts]  # noqa: E731
-        return replace(p, weights=d(p.weights), biases=d(p.biases), bn_factor=d(p.bn_factor), bn_shift=d(p.bn_shift))
+        return replace(
+            p,
+            weights=d(p.weights),
+            biases=d(p.biases),
+            act_bias=d(p.act_bias),
+            bn_factor=d(p.bn_factor),
+            bn_shift=d(p.bn_shift),
+        )
 
     def out_shape(self):
         return (self.rowptr.shape[0] - 1, self.program.final_weight.shape[0])
@@ -205,8 +214,38 @@ def _grads(out, leaves, w, create_graph=False):
 @pytest.mark.parametrize("name,kind", CASES)
 def test_op_matches_its_statement_in_forward_backward_and_double_backward(impl, device, name, kind):
     conv, gs, attr_t = _layer(name, kind, device=device)
+    _statement_check(impl, conv, _graph(conv, gs, attr_t, device=device))
+
+
+# the exactly equivariant nonlinearities: sphere, circle, cylinder (mixed types, attributes) and a finite group
+EXACT_CASES = [("O3", "mixed_attr"), ("SO2", "mixed"), ("cylinder", "mixed_attr"), ("Oh", "uniform")]
+
+
+@IMPL
+@pytest.mark.parametrize("nonlinearity", ["gated", "norm"])
+@pytest.mark.parametrize("name,kind", EXACT_CASES)
+def test_exact_nonlinearities_match_their_statement(impl, device, name, kind, nonlinearity):
+    """conv with the gated and norm nonlinearities against its statement (forward, every gradient, double backward)
+    and the layer's training and eval steps against the reference; an implementation that does not evaluate the
+    kind yet raises NotImplementedError naming it from the op, and the layer refuses the backend by name."""
+    conv, gs, attr_t = _layer(name, kind, device=device, nonlinearity=nonlinearity)
+    graph = _graph(conv, gs, attr_t, device=device)
+    if not ops.implementation(impl).evaluates(nonlinearity, torch.device(device).type):
+        inputs = OpInputs.of(conv, *graph)
+        with pytest.raises(NotImplementedError, match=nonlinearity):
+            _op(impl, "conv")(*inputs.args())
+        with pytest.raises(ValueError, match=nonlinearity):
+            _agree(conv.train(), impl, *graph)
+        return
+    _statement_check(impl, conv, graph)
+    for mode in ("train", "eval"):
+        getattr(conv, mode)()
+        _agree(conv, impl, *graph)
+
+
+def _statement_check(impl, conv, graph):
     conv.eval()
-    inputs = OpInputs.of(conv, *_graph(conv, gs, attr_t, device=device))
+    inputs = OpInputs.of(conv, *graph)
     out = _op(impl, "conv")(*inputs.args())
     ref = _statement(inputs)
     assert rel(out, ref) <= _tol("forward", F64, impl)
@@ -235,8 +274,8 @@ def test_structure_semantics_on_a_weight_outside_the_structure(impl, device):
     mask = ops.structure_mask(structure, inputs.program.final_weight.shape, device)
     assert not bool(mask.all())
     W = torch.randn_like(inputs.program.final_weight).requires_grad_()
-    for st in (structure, None):
-        inputs.program = replace(inputs.program, final_weight=W, structure=st)
+    for given in (structure, None):
+        inputs.program = replace(inputs.program, final_weight=W, structure=given)
         out = _op(impl, "conv")(*inputs.args())
         ref = _statement(inputs)
         assert rel(out, ref) <= _tol("forward", F64, impl)
@@ -244,7 +283,7 @@ def test_structure_semantics_on_a_weight_outside_the_structure(impl, device):
         (g1,) = torch.autograd.grad((out * w).sum(), W)
         (g2,) = torch.autograd.grad((ref * w).sum(), W)
         assert rel(g1, g2) <= _tol("backward", F64, impl)
-        if st is not None:
+        if given is not None:
             assert bool((g1[~mask] == 0).all())
         else:
             assert bool((g1[~mask] != 0).any())
@@ -271,8 +310,11 @@ def _moments_statement(inp, p, upto, start=0):
         p.biases[start:upto],
         p.fourier[start:upto],
         p.fourier_inv[start:upto],
+        p.act_bias[start:upto],
         [first[0], *p.bn_factor[start : upto - 1]],
         [first[1], *p.bn_shift[start : upto - 1]],
+        p.structure,
+        start,
     )
 
 
@@ -316,7 +358,7 @@ def test_grid_matches_its_statement(impl, device, upto):
     _, act, grid = res
     h = ops.trunk_reference_form(
         inp, p.weights[: upto - 1], p.biases[: upto - 1], p.fourier[: upto - 1], p.fourier_inv[: upto - 1],
-        p.bn_factor, p.bn_shift,
+        p.bn_factor, p.bn_shift, act_bias=p.act_bias, layouts=st.layers_of(p.structure, p.fourier[: upto - 1]),
     )  # fmt: skip
     y = ops.linear_reference_form(h, p.weights[upto - 1], p.biases[upto - 1])
     A = p.fourier[upto - 1]

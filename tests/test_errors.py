@@ -211,7 +211,7 @@ def _bad_args():
         ("bn_factor", setitem("bn_factor", lambda t, a: [u.float() for u in t])),  # dtype != the program's
         ("final_weight", setitem("final_weight", lambda t, a: t[:, :-1])),  # H != last hidden width
         ("final_bias", setitem("final_bias", lambda t, a: t[:-1])),  # R != final_weight's
-        ("structure", setitem("structure", lambda t, a: t.replace("ik1 ", "ik1 1", 1))),  # R != final_weight's
+        ("structure", setitem("structure", lambda t, a: t.replace("ik2 ", "ik2 1", 1))),  # R != final_weight's
         ("structure", setitem("structure", lambda t, a: t.rsplit(" ", 1)[0])),  # truncated
         ("hidden", setitem("hidden", lambda t, a: torch.zeros(3, 2, dtype=a[0].dtype))),  # shape != (E, H)
     ]
@@ -227,9 +227,10 @@ def _moments_args(args, upto=None):
     """trunk_moments' lists for the first ``upto`` hidden layers of conv's arguments ``args``: each layer's input
     batch norm (none on the MLP input)."""
     L = len(args[_AT["weights"]]) if upto is None else upto
-    lists = [args[_AT[n]][:L] for n in ("weights", "biases", "fourier", "fourier_inv")]
+    lists = [args[_AT[n]][:L] for n in ("weights", "biases", "fourier", "fourier_inv", "act_bias")]
     empty = args[_AT["inp"]].new_empty(0)
-    return [*lists, [empty, *args[_AT["bn_factor"]][: L - 1]], [empty, *args[_AT["bn_shift"]][: L - 1]]]
+    bn = [[empty, *args[_AT["bn_factor"]][: L - 1]], [empty, *args[_AT["bn_shift"]][: L - 1]]]
+    return [*lists, *bn, args[_AT["structure"]], 0]
 
 
 @needs_native
@@ -257,15 +258,15 @@ def test_raw_moments_op_errors_name_the_argument():
     conv.eval()
     args = _op_args(conv, *_inputs(conv, gs, attr_t), grad=False)
     inp = args[_AT["inp"]]
-    ws, bs, A, Ai, f, s = _moments_args(args)
+    ws, bs, A, Ai, ab, f, s, st, k0 = _moments_args(args)
     with pytest.raises(ERRORS, match=r"\binp\b|\bweights\[0\]"):  # the width of inp against the first weight
-        torch.ops.ik_fast.native_trunk_moments(inp[:, :-1], ws, bs, A, Ai, f, s, False)
+        torch.ops.ik_fast.native_trunk_moments(inp[:, :-1], ws, bs, A, Ai, ab, f, s, st, k0, False)
     with pytest.raises(ERRORS, match=r"\bbiases\b"):
-        torch.ops.ik_fast.native_trunk_moments(inp, ws, bs[:-1], A, Ai, f, s, False)
+        torch.ops.ik_fast.native_trunk_moments(inp, ws, bs[:-1], A, Ai, ab, f, s, st, k0, False)
     with pytest.raises(ERRORS, match=r"\bin_factor\b"):
-        torch.ops.ik_fast.native_trunk_moments(inp, ws, bs, A, Ai, f[:-1], s, False)
+        torch.ops.ik_fast.native_trunk_moments(inp, ws, bs, A, Ai, ab, f[:-1], s, st, k0, False)
     with pytest.raises(ERRORS, match=r"\bin_shift\b"):
-        torch.ops.ik_fast.native_trunk_moments(inp, ws, bs, A, Ai, f, [u[:-1] for u in s], False)
+        torch.ops.ik_fast.native_trunk_moments(inp, ws, bs, A, Ai, ab, f, [u[:-1] for u in s], st, k0, False)
 
 
 @needs_native
@@ -273,11 +274,11 @@ def test_raw_moments_op_checks_dtypes():
     conv, gs, attr_t = _conv()
     conv.eval()
     args = _op_args(conv, *_inputs(conv, gs, attr_t), grad=False)
-    ws, bs, A, Ai, f, s = _moments_args(args)
+    ws, bs, A, Ai, ab, f, s, st, k0 = _moments_args(args)
     with pytest.raises(ERRORS, match=r"\bweights\b"):
-        torch.ops.ik_fast.native_trunk_moments(args[1], [w.float() for w in ws], bs, A, Ai, f, s, False)
+        torch.ops.ik_fast.native_trunk_moments(args[1], [w.float() for w in ws], bs, A, Ai, ab, f, s, st, k0, False)
     with pytest.raises(ERRORS, match=r"\bin_factor\b"):
-        torch.ops.ik_fast.native_trunk_moments(args[1], ws, bs, A, Ai, [u.float() for u in f], s, False)
+        torch.ops.ik_fast.native_trunk_moments(args[1], ws, bs, A, Ai, ab, [u.float() for u in f], s, st, k0, False)
 
 
 @needs_native

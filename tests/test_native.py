@@ -67,6 +67,7 @@ def _op_args(conv, pos, ei, x, a, grad=True):
         [leaf(b) for b in p.biases],
         p.fourier,
         p.fourier_inv,
+        [leaf(t) for t in p.act_bias],
         [leaf(f) for f in p.bn_factor],
         [leaf(s) for s in p.bn_shift],
         leaf(p.final_weight),

@@ -69,11 +69,11 @@ def test_a_mask_that_is_not_a_union_of_blocks_is_refused():
 @pytest.mark.parametrize(
     "breaker,match",
     [
-        (lambda s: s.replace("ik1", "ik0", 1), "structure must be"),
+        (lambda s: s.replace("ik2", "ik0", 1), "structure must be"),
         (lambda s: s.rsplit(" ", 1)[0], "structure"),
         (lambda s: s + " 7", "structure has trailing"),
         (lambda s: s + " x", "non-integer"),
-        (lambda s: s.replace("ik1 ", "ik1 1", 1), "structure"),
+        (lambda s: s.replace("ik2 ", "ik2 1", 1), "structure"),
     ],
 )
 def test_malformed_structures_name_the_argument(breaker, match):

@@ -265,11 +265,12 @@ def test_statistics_pass_from_a_previous_activation():
         if start:
             _, h = ops.trunk_moments_reference_form(
                 inp, p.weights[:start], p.biases[:start], p.fourier[:start], p.fourier_inv[:start],
-                [empty, *p.bn_factor[: start - 1]], [empty, *p.bn_shift[: start - 1]],
+                p.act_bias[:start], [empty, *p.bn_factor[: start - 1]], [empty, *p.bn_shift[: start - 1]],
+                p.structure, 0,
             )  # fmt: skip
-        layers = [getattr(p, k)[start:upto] for k in ("weights", "biases", "fourier", "fourier_inv")]
-        want_m, want_a = ops.trunk_moments_reference_form(h, *layers, f, t)
-        m, act, _ = torch.ops.ik_fast.triton_trunk_moments(h, *layers, f, t, True, False)
+        layers = [getattr(p, k)[start:upto] for k in ("weights", "biases", "fourier", "fourier_inv", "act_bias")]
+        want_m, want_a = ops.trunk_moments_reference_form(h, *layers, f, t, p.structure, start)
+        m, act, _ = torch.ops.ik_fast.triton_trunk_moments(h, *layers, f, t, p.structure, start, True, False)
         assert rel(act, want_a) <= tolerance("forward", torch.float64)
         assert rel(m, want_m) <= tolerance("forward", torch.float64)
 

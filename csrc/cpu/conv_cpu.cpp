@@ -534,12 +534,13 @@ T* trunk_backward(const Trunk<T>& tr, TrunkTile<T>& S, T* dact, int64_t t, Trunk
 // conv_backward's order: dweights, dbiases, dbn_factor, dbn_shift (empty tensors for a layer without batch norm)
 template <typename T>
 void trunk_grads_out(const Trunk<T>& tr, const TrunkGrads<T>& G, TensorList weights, TensorList biases,
-                     TensorList bn_factor, TensorList bn_shift, std::vector<Tensor>& out) {
+                     TensorList act_bias, TensorList bn_factor, TensorList bn_shift, std::vector<Tensor>& out) {
   const int64_t L = static_cast<int64_t>(tr.layers.size());
   auto opt = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
-  std::vector<Tensor> dws, dbs, dfs, dss;
+  std::vector<Tensor> dws, dbs, das, dfs, dss;
   for (int64_t k = 0; k < L; ++k) {
     const Layer<T>& l = tr.layers[k];
+    das.push_back(at::empty({0}, act_bias[k].options()));  // (every layer is elu or fourier_elu: no act_bias)
     Tensor dw = at::zeros(weights[k].sizes(), opt);
     Tensor db = at::zeros({l.hout}, opt);
     if (!G.dW.empty()) {
@@ -574,7 +575,7 @@ void trunk_grads_out(const Trunk<T>& tr, const TrunkGrads<T>& G, TensorList weig
     dfs.push_back(df.view(bn_factor[k].sizes()).to(bn_factor[k].scalar_type()));
     dss.push_back(ds.view(bn_shift[k].sizes()).to(bn_shift[k].scalar_type()));
   }
-  for (auto* v : {&dws, &dbs, &dfs, &dss}) out.insert(out.end(), v->begin(), v->end());
+  for (auto* v : {&dws, &dbs, &das, &dfs, &dss}) out.insert(out.end(), v->begin(), v->end());
 }
 
 template <typename T>
@@ -829,9 +830,11 @@ void check_same_dtype(const Tensor& x, const Tensor& inp, TensorList weights, Te
 
 template <typename T>
 Conv<T> make_conv(const Tensor& x, const Tensor& inp, const Tensor& src, const Tensor& rowptr, TensorList weights,
-                  TensorList biases, TensorList fourier, TensorList fourier_inv, TensorList bn_factor,
-                  TensorList bn_shift, const Tensor& final_weight, const Tensor& final_bias, const Tensor& coef,
-                  double norm, int64_t ndim, const std::optional<c10::string_view>& structure) {
+                  TensorList biases, TensorList fourier, TensorList fourier_inv, TensorList act_bias,
+                  TensorList bn_factor, TensorList bn_shift, const Tensor& final_weight, const Tensor& final_bias,
+                  const Tensor& coef, double norm, int64_t ndim, const std::optional<c10::string_view>& structure) {
+  // the layers' kinds first: a gated layer's weights have its gates too
+  check_activations(structure, 0, static_cast<int64_t>(weights.size()), act_bias, "native", "ik_fast native");
   Conv<T> cv;
   const int64_t E = inp.size(0);
   TORCH_CHECK(x.dim() == 2, "ik_fast native: x must be (n_src, C_in), got shape ", x.sizes());
@@ -912,13 +915,13 @@ std::vector<Item> conv_items(const Conv<T>& cv, int64_t n_dst) {
 
 template <typename T>
 Tensor conv_impl(const Tensor& x_, const Tensor& inp_, const Tensor& src_, const Tensor& rowptr_, TensorList weights,
-                 TensorList biases, TensorList fourier, TensorList fourier_inv, TensorList bn_factor,
-                 TensorList bn_shift, const Tensor& final_weight, const Tensor& final_bias, const Tensor& coef,
-                 double norm, int64_t ndim, const std::optional<c10::string_view>& structure,
+                 TensorList biases, TensorList fourier, TensorList fourier_inv, TensorList act_bias,
+                 TensorList bn_factor, TensorList bn_shift, const Tensor& final_weight, const Tensor& final_bias,
+                 const Tensor& coef, double norm, int64_t ndim, const std::optional<c10::string_view>& structure,
                  const c10::optional<Tensor>& hidden_, const c10::optional<TensorList>& tape) {
   const auto dt = c10::CppTypeToScalarType<T>::value;
   Tensor x = x_.contiguous(), inp = inp_.to(dt).contiguous(), src = src_.contiguous(), rowptr = rowptr_.contiguous();
-  Conv<T> cv = make_conv<T>(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, bn_factor, bn_shift,
+  Conv<T> cv = make_conv<T>(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, act_bias, bn_factor, bn_shift,
                             final_weight, final_bias, coef, norm, ndim, structure);
   const int64_t n_dst = rowptr.size(0) - 1, E = inp.size(0);
   Tensor out = at::zeros({n_dst, cv.R}, x.options());
@@ -995,13 +998,14 @@ struct alignas(64) ConvGrads {  // one per slot, on its own cache lines
 template <typename T>
 std::vector<Tensor> conv_backward_impl(const Tensor& grad_, const Tensor& x_, const Tensor& inp_, const Tensor& src_,
                                        const Tensor& rowptr_, TensorList weights, TensorList biases, TensorList fourier,
-                                       TensorList fourier_inv, TensorList bn_factor, TensorList bn_shift,
-                                       const Tensor& final_weight, const Tensor& final_bias, const Tensor& coef,
-                                       double norm, int64_t ndim, const std::optional<c10::string_view>& structure,
+                                       TensorList fourier_inv, TensorList act_bias, TensorList bn_factor,
+                                       TensorList bn_shift, const Tensor& final_weight, const Tensor& final_bias,
+                                       const Tensor& coef, double norm, int64_t ndim,
+                                       const std::optional<c10::string_view>& structure,
                                        const c10::optional<TensorList>& tape) {
   const auto dt = c10::CppTypeToScalarType<T>::value;
   Tensor x = x_.contiguous(), inp = inp_.to(dt).contiguous(), src = src_.contiguous(), rowptr = rowptr_.contiguous();
-  Conv<T> cv = make_conv<T>(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, bn_factor, bn_shift,
+  Conv<T> cv = make_conv<T>(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, act_bias, bn_factor, bn_shift,
                             final_weight, final_bias, coef, norm, ndim, structure);
   const int64_t n_dst = rowptr.size(0) - 1, E = inp.size(0), n_src = x.size(0);
   const int64_t R = cv.R, C = cv.C, zs = cv.plan->zsize, P = cv.P(), H = cv.tr.width();
@@ -1170,7 +1174,7 @@ std::vector<Tensor> conv_backward_impl(const Tensor& grad_, const Tensor& x_, co
     dcoef += a.dcoef;
   }
   std::vector<Tensor> out{dx.to(x_.scalar_type()), dinp.to(inp_.scalar_type())};
-  trunk_grads_out(cv.tr, tot.trunk, weights, biases, bn_factor, bn_shift, out);
+  trunk_grads_out(cv.tr, tot.trunk, weights, biases, act_bias, bn_factor, bn_shift, out);
   Tensor dfw = zeros_large(final_weight.sizes(), x.options());
   T* pfw = dfw.data_ptr<T>();
   for (size_t i = 0; i < dB.size(); ++i) pfw[cv.plan->widx[i]] = dB[i];
@@ -1186,9 +1190,12 @@ std::vector<Tensor> conv_backward_impl(const Tensor& grad_, const Tensor& x_, co
 // ----------------------------------------------------------------------------------------------------------------
 template <typename T>
 std::tuple<Tensor, Tensor, Tensor> trunk_moments_impl(const Tensor& inp_, TensorList weights, TensorList biases,
-                                                      TensorList fourier, TensorList fourier_inv, TensorList in_factor,
-                                                      TensorList in_shift, bool with_activation, bool with_grid) {
+                                                      TensorList fourier, TensorList fourier_inv, TensorList act_bias,
+                                                      TensorList in_factor, TensorList in_shift,
+                                                      const std::optional<c10::string_view>& structure,
+                                                      int64_t first_layer, bool with_activation, bool with_grid) {
   const auto dt = c10::CppTypeToScalarType<T>::value;
+  check_activations(structure, first_layer, static_cast<int64_t>(weights.size()), act_bias, "native", "ik_fast native");
   TORCH_CHECK(inp_.dim() == 2, "ik_fast native: inp must be (E, n_in), got shape ", inp_.sizes());
   TORCH_CHECK(inp_.device().is_cpu(), "ik_fast native: the CPU kernels got inp on ", inp_.device());
   check_same_dtype(inp_, Tensor(), weights, biases, in_factor, in_shift, "in_factor", "in_shift", Tensor(), Tensor(),
@@ -1280,41 +1287,44 @@ void check_dtype(const Tensor& t, const char* name) {
 }
 
 Tensor conv_cpu(const Tensor& x, const Tensor& inp, const Tensor& src, const Tensor& rowptr, TensorList weights,
-                TensorList biases, TensorList fourier, TensorList fourier_inv, TensorList bn_factor,
-                TensorList bn_shift, const Tensor& final_weight, const Tensor& final_bias, const Tensor& coef,
-                double norm, int64_t ndim, const std::optional<c10::string_view>& structure,
+                TensorList biases, TensorList fourier, TensorList fourier_inv, TensorList act_bias,
+                TensorList bn_factor, TensorList bn_shift, const Tensor& final_weight, const Tensor& final_bias,
+                const Tensor& coef, double norm, int64_t ndim, const std::optional<c10::string_view>& structure,
                 const c10::optional<Tensor>& hidden, c10::optional<TensorList> tape) {
   check_dtype(x, "x");
   if (x.scalar_type() == at::kDouble)
-    return conv_impl<double>(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, bn_factor, bn_shift,
+    return conv_impl<double>(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, act_bias, bn_factor, bn_shift,
                              final_weight, final_bias, coef, norm, ndim, structure, hidden, tape);
-  return conv_impl<float>(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, bn_factor, bn_shift, final_weight,
-                          final_bias, coef, norm, ndim, structure, hidden, tape);
+  return conv_impl<float>(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, act_bias, bn_factor, bn_shift,
+                          final_weight, final_bias, coef, norm, ndim, structure, hidden, tape);
 }
 
 std::vector<Tensor> conv_backward_cpu(const Tensor& grad, const Tensor& x, const Tensor& inp, const Tensor& src,
                                       const Tensor& rowptr, TensorList weights, TensorList biases, TensorList fourier,
-                                      TensorList fourier_inv, TensorList bn_factor, TensorList bn_shift,
-                                      const Tensor& final_weight, const Tensor& final_bias, const Tensor& coef,
-                                      double norm, int64_t ndim, const std::optional<c10::string_view>& structure,
+                                      TensorList fourier_inv, TensorList act_bias, TensorList bn_factor,
+                                      TensorList bn_shift, const Tensor& final_weight, const Tensor& final_bias,
+                                      const Tensor& coef, double norm, int64_t ndim,
+                                      const std::optional<c10::string_view>& structure,
                                       c10::optional<TensorList> tape) {
   check_dtype(x, "x");
   if (x.scalar_type() == at::kDouble)
-    return conv_backward_impl<double>(grad, x, inp, src, rowptr, weights, biases, fourier, fourier_inv, bn_factor,
-                                      bn_shift, final_weight, final_bias, coef, norm, ndim, structure, tape);
-  return conv_backward_impl<float>(grad, x, inp, src, rowptr, weights, biases, fourier, fourier_inv, bn_factor,
-                                   bn_shift, final_weight, final_bias, coef, norm, ndim, structure, tape);
+    return conv_backward_impl<double>(grad, x, inp, src, rowptr, weights, biases, fourier, fourier_inv, act_bias,
+                                      bn_factor, bn_shift, final_weight, final_bias, coef, norm, ndim, structure, tape);
+  return conv_backward_impl<float>(grad, x, inp, src, rowptr, weights, biases, fourier, fourier_inv, act_bias,
+                                   bn_factor, bn_shift, final_weight, final_bias, coef, norm, ndim, structure, tape);
 }
 
 std::tuple<Tensor, Tensor, Tensor> trunk_moments_cpu(const Tensor& inp, TensorList weights, TensorList biases,
-                                                     TensorList fourier, TensorList fourier_inv, TensorList in_factor,
-                                                     TensorList in_shift, bool with_activation, bool with_grid) {
+                                                     TensorList fourier, TensorList fourier_inv, TensorList act_bias,
+                                                     TensorList in_factor, TensorList in_shift,
+                                                     const std::optional<c10::string_view>& structure,
+                                                     int64_t first_layer, bool with_activation, bool with_grid) {
   check_dtype(inp, "inp");
   if (inp.scalar_type() == at::kDouble)
-    return trunk_moments_impl<double>(inp, weights, biases, fourier, fourier_inv, in_factor, in_shift, with_activation,
-                                      with_grid);
-  return trunk_moments_impl<float>(inp, weights, biases, fourier, fourier_inv, in_factor, in_shift, with_activation,
-                                   with_grid);
+    return trunk_moments_impl<double>(inp, weights, biases, fourier, fourier_inv, act_bias, in_factor, in_shift,
+                                      structure, first_layer, with_activation, with_grid);
+  return trunk_moments_impl<float>(inp, weights, biases, fourier, fourier_inv, act_bias, in_factor, in_shift, structure,
+                                   first_layer, with_activation, with_grid);
 }
 
 }  // namespace

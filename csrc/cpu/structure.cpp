@@ -47,7 +47,7 @@ std::shared_ptr<Structure> parse(const std::string& s, const char* what) {
   std::istringstream in(s);
   std::string magic;
   in >> magic;
-  TORCH_CHECK_VALUE(magic == "ik1", what, ": structure must be an encoded ik_fast ConvSpec (starting 'ik1')");
+  TORCH_CHECK_VALUE(magic == "ik2", what, ": structure must be an encoded ik_fast ConvSpec (starting 'ik2')");
   Reader r;
   r.what = what;
   std::string tok;
@@ -73,7 +73,32 @@ std::shared_ptr<Structure> parse(const std::string& s, const char* what) {
     h.grid = r.take();
     h.componentwise = r.take() != 0;
     h.batch_norm = r.take() != 0;
-    st->layers.push_back(h);
+    h.activation = r.take();
+    TORCH_CHECK_VALUE(h.activation >= kElu && h.activation <= kNorm, what, ": structure's hidden layer ", k,
+                      " has activation code ", h.activation, ", not one of 0..3");
+    const int64_t n = r.count();
+    int64_t total = 0;
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t size = r.take();
+      const int64_t trivial = r.take();
+      TORCH_CHECK_VALUE(size > 0 && (trivial == 0 || trivial == 1), what, ": structure's hidden layer ", k,
+                        " has an irrep of size ", size, " and trivial flag ", trivial);
+      total += size;
+      h.irrep_sizes.push_back(size);
+      h.irrep_trivial.push_back(static_cast<uint8_t>(trivial));
+    }
+    if (h.activation == kGated || h.activation == kNorm) {
+      TORCH_CHECK_VALUE(n > 0 && total == h.components && h.grid == 0, what, ": structure's ",
+                        activation_name(h.activation), " hidden layer ", k,
+                        " needs irreps that add up to its components and grid 0");
+    } else {
+      TORCH_CHECK_VALUE(n == 0 && (h.grid > 0) == (h.activation == kFourierElu), what, ": structure's ",
+                        activation_name(h.activation), " hidden layer ", k, " has grid ", h.grid, " and ", n,
+                        " irreps");
+    }
+    TORCH_CHECK_VALUE(st->layers.empty() || st->layers.front().activation == h.activation, what,
+                      ": structure's hidden layers mix activation kinds");
+    st->layers.push_back(std::move(h));
   }
   for (int side = 0; side < 2; ++side) {
     auto& groups = side == 0 ? st->out_groups : st->in_groups;
@@ -130,6 +155,13 @@ constexpr size_t kCacheSize = 32;
 
 std::shared_ptr<const Structure> parse_structure(c10::string_view s, int64_t R, int64_t H, int64_t C,
                                                  const char* what) {
+  std::shared_ptr<const Structure> st = parse_structure(s, what);
+  TORCH_CHECK_VALUE(st->R == R && st->H() == H && st->C == C, what, ": structure describes a last Linear of shape (",
+                    st->R, ", ", st->H(), ", ", st->C, "), but final_weight is (", R, ", ", H, ", ", C, ")");
+  return st;
+}
+
+std::shared_ptr<const Structure> parse_structure(c10::string_view s, const char* what) {
   std::shared_ptr<const Structure> st;
   {
     std::lock_guard<std::mutex> lock(g_mutex);
@@ -146,9 +178,40 @@ std::shared_ptr<const Structure> parse_structure(c10::string_view s, int64_t R, 
     g_cache.push_front(st);
     if (g_cache.size() > kCacheSize) g_cache.pop_back();
   }
-  TORCH_CHECK_VALUE(st->R == R && st->H() == H && st->C == C, what, ": structure describes a last Linear of shape (",
-                    st->R, ", ", st->H(), ", ", st->C, "), but final_weight is (", R, ", ", H, ", ", C, ")");
   return st;
+}
+
+const char* activation_name(int64_t activation) {
+  switch (activation) {
+    case kElu:
+      return "elu";
+    case kFourierElu:
+      return "fourier_elu";
+    case kGated:
+      return "gated";
+    case kNorm:
+      return "norm";
+    default:
+      return "unknown";
+  }
+}
+
+void check_activations(const std::optional<c10::string_view>& structure, int64_t first, int64_t L,
+                       at::TensorList act_bias, const char* impl, const char* what) {
+  const std::shared_ptr<const Structure> st = structure.has_value() ? parse_structure(*structure, what) : nullptr;
+  TORCH_CHECK(static_cast<int64_t>(act_bias.size()) == L, what, ": act_bias must have one entry per hidden layer (", L,
+              "), got ", act_bias.size());
+  if (st != nullptr) {
+    TORCH_CHECK_VALUE(first >= 0 && first + L <= static_cast<int64_t>(st->layers.size()), what, ": structure has ",
+                      st->layers.size(), " hidden layers, the program gives ", L, " from layer ", first);
+  }
+  for (int64_t k = 0; k < L; ++k) {
+    const int64_t kind = st != nullptr ? st->layers[first + k].activation : kFourierElu;
+    TORCH_CHECK_NOT_IMPLEMENTED(kind != kGated && kind != kNorm, impl, ": nonlinearity '", activation_name(kind),
+                                "' is not implemented");
+    TORCH_CHECK(!act_bias[k].defined() || act_bias[k].numel() == 0, what, ": act_bias[", k,
+                "] must be empty for a layer whose nonlinearity is not 'norm', got shape ", act_bias[k].sizes());
+  }
 }
 
 Structure dense_structure(int64_t R, int64_t H, int64_t C) {

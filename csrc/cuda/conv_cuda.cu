@@ -443,9 +443,9 @@ struct ConvInputs {
 
 ConvInputs check_conv(const at::Tensor& x, const at::Tensor& inp, const at::Tensor& src, const at::Tensor& rowptr,
                       at::TensorList weights, at::TensorList biases, at::TensorList fourier, at::TensorList fourier_inv,
-                      at::TensorList bn_factor, at::TensorList bn_shift, const at::Tensor& final_weight,
-                      const at::Tensor& final_bias, const at::Tensor& coef, int64_t ndim,
-                      const std::optional<c10::string_view>& structure) {
+                      at::TensorList act_bias, at::TensorList bn_factor, at::TensorList bn_shift,
+                      const at::Tensor& final_weight, const at::Tensor& final_bias, const at::Tensor& coef,
+                      int64_t ndim, const std::optional<c10::string_view>& structure) {
   const at::Device dev = x.device();
   TORCH_CHECK(dev.is_cuda(), "ik_fast native CUDA: x must be a CUDA tensor, got ", dev);
   check_float(x, "x");
@@ -489,7 +489,8 @@ ConvInputs check_conv(const at::Tensor& x, const at::Tensor& inp, const at::Tens
   c.C = final_weight.size(2);
   c.P0 = inp.size(1);
   c.ndim = ndim;
-  c.layers = prepare_trunk(weights, biases, fourier, fourier_inv, c.P0, c.st, dev, &c.H);
+  // (each layer's kind from the structure: a gated layer's Linear has its gates too)
+  c.layers = prepare_trunk(weights, biases, fourier, fourier_inv, act_bias, structure, 0, c.P0, c.st, dev, &c.H);
   TORCH_CHECK(bn_factor.size() == weights.size() && bn_shift.size() == weights.size(),
               "ik_fast native CUDA: bn_factor and bn_shift must have one entry per hidden layer (", weights.size(),
               "), got ", bn_factor.size(), " and ", bn_shift.size());
@@ -612,13 +613,13 @@ void launch_edge_backward(const ConvInputs& c, const at::Tensor& dZ, const at::T
 
 at::Tensor native_conv_cuda(const at::Tensor& x, const at::Tensor& inp, const at::Tensor& src, const at::Tensor& rowptr,
                             at::TensorList weights, at::TensorList biases, at::TensorList fourier,
-                            at::TensorList fourier_inv, at::TensorList bn_factor, at::TensorList bn_shift,
-                            const at::Tensor& final_weight, const at::Tensor& final_bias, const at::Tensor& coef,
-                            double norm, int64_t ndim, const std::optional<c10::string_view>& structure,
-                            const std::optional<at::Tensor>& hidden,
+                            at::TensorList fourier_inv, at::TensorList act_bias, at::TensorList bn_factor,
+                            at::TensorList bn_shift, const at::Tensor& final_weight, const at::Tensor& final_bias,
+                            const at::Tensor& coef, double norm, int64_t ndim,
+                            const std::optional<c10::string_view>& structure, const std::optional<at::Tensor>& hidden,
                             std::optional<at::TensorList> /*tape: not used, see native_conv_backward_cuda*/) {
   const c10::cuda::CUDAGuard guard(x.device());
-  ConvInputs c = check_conv(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, bn_factor, bn_shift,
+  ConvInputs c = check_conv(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, act_bias, bn_factor, bn_shift,
                             final_weight, final_bias, coef, ndim, structure);
   at::Tensor out = at::zeros({c.n_dst, c.R}, c.x.options());
   if (c.E == 0 || c.n_dst == 0 || c.R == 0 || c.C == 0) return out.to(x.scalar_type());
@@ -659,17 +660,15 @@ at::Tensor native_conv_cuda(const at::Tensor& x, const at::Tensor& inp, const at
   return out.to(x.scalar_type());
 }
 
-std::vector<at::Tensor> native_conv_backward_cuda(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& inp,
-                                                  const at::Tensor& src, const at::Tensor& rowptr,
-                                                  at::TensorList weights, at::TensorList biases, at::TensorList fourier,
-                                                  at::TensorList fourier_inv, at::TensorList bn_factor,
-                                                  at::TensorList bn_shift, const at::Tensor& final_weight,
-                                                  const at::Tensor& final_bias, const at::Tensor& coef, double norm,
-                                                  int64_t ndim, const std::optional<c10::string_view>& structure,
-                                                  std::optional<at::TensorList> /*tape*/) {
+std::vector<at::Tensor> native_conv_backward_cuda(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& inp, const at::Tensor& src, const at::Tensor& rowptr,
+    at::TensorList weights, at::TensorList biases, at::TensorList fourier, at::TensorList fourier_inv,
+    at::TensorList act_bias, at::TensorList bn_factor, at::TensorList bn_shift, const at::Tensor& final_weight,
+    const at::Tensor& final_bias, const at::Tensor& coef, double norm, int64_t ndim,
+    const std::optional<c10::string_view>& structure, std::optional<at::TensorList> /*tape*/) {
   // a tape (ik_fast/ops.py) is not used: the backward re-evaluates the trunk (GPU memory holds no per-layer grids)
   const c10::cuda::CUDAGuard guard(x.device());
-  ConvInputs c = check_conv(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, bn_factor, bn_shift,
+  ConvInputs c = check_conv(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, act_bias, bn_factor, bn_shift,
                             final_weight, final_bias, coef, ndim, structure);
   check_cuda(grad, "grad", x.device());
   check_float(grad, "grad");
@@ -679,7 +678,7 @@ std::vector<at::Tensor> native_conv_backward_cuda(const at::Tensor& grad, const 
   // the gradients in the compute dtype, zero where nothing contributes
   at::Tensor dx = at::zeros({c.n_src, c.C}, c.x.options());
   at::Tensor dinp;
-  std::vector<at::Tensor> dweights, dbiases, dbnf, dbns;
+  std::vector<at::Tensor> dweights, dbiases, dab, dbnf, dbns;
   const DevicePlan& d = *c.dp;
   at::Tensor dB = at::zeros({static_cast<int64_t>(d.plan->widx.size())}, c.x.options());  // the packed W''s
   at::Tensor dfb = at::zeros({c.R, c.C}, c.x.options());
@@ -690,6 +689,7 @@ std::vector<at::Tensor> native_conv_backward_cuda(const at::Tensor& grad, const 
     for (const TrunkLayer& t : c.layers) {
       dweights.push_back(at::zeros_like(t.w));
       dbiases.push_back(at::zeros_like(t.b));
+      dab.push_back(t.act == kActNorm ? at::zeros({t.hout / t.id * t.nnt}, c.x.options()) : at::Tensor());
       dbnf.push_back(t.bn.on() ? at::zeros_like(t.bn.f) : at::Tensor());
       dbns.push_back(t.bn.on() ? at::zeros_like(t.bn.s) : at::Tensor());
     }
@@ -735,7 +735,7 @@ std::vector<at::Tensor> native_conv_backward_cuda(const at::Tensor& grad, const 
     dh.mul_(s.unsqueeze(1));
     dx.index_add_(0, c.src, dxe);
     // the trunk's backward from dh, then the radial shell s = norm exp(-coef r2)
-    dinp = trunk_backward(c.inp, c.layers, ys, as, dh, &dweights, &dbiases, &dbnf, &dbns);
+    dinp = trunk_backward(c.inp, c.layers, ys, as, dh, &dweights, &dbiases, &dab, &dbnf, &dbns);
     const at::Tensor wds = ds * s;
     dcoef = -(wds * r2).sum().reshape({1});
     if (c.ndim > 0) {
@@ -745,11 +745,15 @@ std::vector<at::Tensor> native_conv_backward_cuda(const at::Tensor& grad, const 
   // dW_F: the packed gradient scattered back through widx (zero outside the structure)
   at::Tensor dfw = at::zeros({c.R * c.H * c.C}, c.x.options()).index_copy_(0, d.widx, dB).view({c.R, c.H, c.C});
   std::vector<at::Tensor> out;
-  out.reserve(5 + 4 * L);
+  out.reserve(5 + 5 * L);
   out.push_back(dx.to(x.scalar_type()));
   out.push_back(dinp.to(inp.scalar_type()));
   for (size_t k = 0; k < L; ++k) out.push_back(dweights[k].to(weights[k].scalar_type()).contiguous());
   for (size_t k = 0; k < L; ++k) out.push_back(dbiases[k].to(biases[k].scalar_type()).contiguous());
+  // a norm layer's act_bias gradient (C nnt,); the others' act_bias is empty, and so is its gradient
+  for (size_t k = 0; k < L; ++k)
+    out.push_back(dab[k].defined() ? dab[k].to(act_bias[k].scalar_type()).view(act_bias[k].sizes()).contiguous()
+                                   : at::zeros_like(act_bias[k]));
   // a layer without batch norm: zeros shaped as its (empty) factor / shift, an ignored shift included
   for (size_t k = 0; k < L; ++k)
     out.push_back(dbnf[k].defined() ? dbnf[k].to(bn_factor[k].scalar_type()).contiguous()
@@ -762,12 +766,10 @@ std::vector<at::Tensor> native_conv_backward_cuda(const at::Tensor& grad, const 
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> native_trunk_moments_cuda(const at::Tensor& inp, at::TensorList weights,
-                                                                         at::TensorList biases, at::TensorList fourier,
-                                                                         at::TensorList fourier_inv,
-                                                                         at::TensorList in_factor,
-                                                                         at::TensorList in_shift, bool with_activation,
-                                                                         bool with_grid) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> native_trunk_moments_cuda(
+    const at::Tensor& inp, at::TensorList weights, at::TensorList biases, at::TensorList fourier,
+    at::TensorList fourier_inv, at::TensorList act_bias, at::TensorList in_factor, at::TensorList in_shift,
+    const std::optional<c10::string_view>& structure, int64_t first_layer, bool with_activation, bool with_grid) {
   TORCH_CHECK_NOT_IMPLEMENTED(!with_grid, "ik_fast native CUDA keeps no Fourier grids (the tape of ik_fast.ops)");
   TORCH_CHECK(inp.device().is_cuda(), "ik_fast native CUDA: inp must be a CUDA tensor, got ", inp.device());
   check_float(inp, "inp");
@@ -776,7 +778,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> native_trunk_moments_cuda(const a
   const at::ScalarType st = compute_dtype(inp);
   int64_t H = 0;
   std::vector<TrunkLayer> layers =
-      prepare_trunk(weights, biases, fourier, fourier_inv, inp.size(1), st, inp.device(), &H);
+      prepare_trunk(weights, biases, fourier, fourier_inv, act_bias, structure, first_layer, inp.size(1), st,
+                    inp.device(), &H);
   TORCH_CHECK(in_factor.size() == weights.size() && in_shift.size() == weights.size(),
               "ik_fast native CUDA: in_factor and in_shift must have one entry per given layer (", weights.size(),
               "), got ", in_factor.size(), " and ", in_shift.size());

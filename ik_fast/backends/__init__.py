@@ -76,11 +76,18 @@ def available_backends(device=None) -> List[str]:
     return [name for name in BACKENDS if not unavailable_reason(name, dev)]
 
 
-def resolve_backend(name, device, num_edges: Optional[int] = None) -> str:
+def _evaluates(name: str, activation: str, device) -> bool:
+    """Whether backend ``name``'s kernels evaluate hidden layers of kind ``activation`` on ``device`` (the unfused
+    backends evaluate every kind)."""
+    return name not in _FUSED or ops.implementation(name).evaluates(activation, torch.device(device).type)
+
+
+def resolve_backend(name, device, num_edges: Optional[int] = None, activation: str = "fourier_elu") -> str:
     """The backend to run: ``name``, else $IK_FAST_BACKEND, else "auto": the first fused backend measured faster
-    than "torch" on the device that runs here, else "torch" — on CPU "reference" for graphs of fewer than
-    :data:`CPU_SMALL_GRAPH_EDGES` edges when ``num_edges`` is given. Warns once per device type when "auto" falls
-    back from the fused backends, saying why each was not taken."""
+    than "torch" on the device that runs here and evaluating the kernel's hidden ``activation`` there, else "torch"
+    — on CPU "reference" for graphs of fewer than :data:`CPU_SMALL_GRAPH_EDGES` edges when ``num_edges`` is given.
+    Warns once per device type when "auto" falls back from the fused backends, saying why each was not taken. A named
+    fused backend that does not evaluate ``activation`` raises a ValueError naming both."""
     if name is None:
         name = os.environ.get("IK_FAST_BACKEND", "auto")
     if not isinstance(name, str):
@@ -88,6 +95,7 @@ def resolve_backend(name, device, num_edges: Optional[int] = None) -> str:
     if name == "auto":
         dev = torch.device(device)
         fast = [n for n in _MEASURED_FASTER.get(dev.type, ()) if not unavailable_reason(n, dev)]
+        fast = [n for n in fast if _evaluates(n, activation, dev)]
         if fast:
             return fast[0]
         small = dev.type == "cpu" and num_edges is not None and num_edges < CPU_SMALL_GRAPH_EDGES
@@ -103,6 +111,12 @@ def resolve_backend(name, device, num_edges: Optional[int] = None) -> str:
         return choice
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {['auto'] + list(BACKENDS)}, got {name!r}")
+    if not _evaluates(name, activation, device):
+        others = [n for n in BACKENDS if _evaluates(n, activation, device)]
+        raise ValueError(
+            f"backend {name!r} does not evaluate the kernel's {activation!r} nonlinearity on "
+            f"{torch.device(device).type} yet; use one of {others} or 'auto'"
+        )
     return name
 
 
@@ -118,7 +132,9 @@ def _compile_error(message: str) -> Exception:
 
 
 @torch.compiler.assume_constant_result
-def compiled_backend(name, device: str, dtype: torch.dtype, traced: bool = False) -> str:
+def compiled_backend(
+    name, device: str, dtype: torch.dtype, traced: bool = False, activation: str = "fourier_elu"
+) -> str:
     """The backend that runs a layer's call inside ``torch.compile``: :func:`resolve_backend` without the edge count
     (unknown while tracing), checked to run on ``device`` for ``dtype`` (the fused backends have no float16 path:
     "torch" then, with the warning eager calls give).
@@ -130,7 +146,7 @@ def compiled_backend(name, device: str, dtype: torch.dtype, traced: bool = False
     traced (:data:`TRACEABLE`) when ``traced`` (the caller traces the backend's code itself, as
     :func:`ik_fast.implicit_point_conv` does; :class:`ik_fast.ImplicitPointConv` runs the others as one op)."""
     try:
-        chosen = resolve_backend(name, device)
+        chosen = resolve_backend(name, device, activation=activation)
     except (TypeError, ValueError) as e:
         raise _compile_error(str(e)) from None
     why = unavailable_reason(chosen, device)

@@ -67,8 +67,11 @@ class _FourierELU(torch.autograd.Function):
         return (parts[0] if len(parts) == 1 else torch.cat(parts)), None, None
 
 
-def _activate(y, A, Ainv):
-    """Linear output (E, C * D) -> activation (E, C * D): the Fourier ELU through :class:`_FourierELU`."""
+def _activate(y, A, Ainv, bias=None, layout=None):
+    """Linear output -> activation (E, C * D): the Fourier ELU through :class:`_FourierELU`; the gated and norm
+    nonlinearities (elementwise, no grid) as the op layer states them."""
+    if layout is not None and layout.activation in ("gated", "norm"):
+        return ops.activation_reference_form(y, A, Ainv, bias, layout)
     if A is None:
         return F.elu(y)
     x = y.reshape(y.shape[0], -1, A.shape[1])
@@ -89,6 +92,8 @@ def _trunk(program: KernelProgram, delta, attr):
         affines=program.batch_affines(None, used),
         linear=_apply,
         activation=_activate,
+        act_bias=[layer.act_bias for layer in hid],
+        layouts=program.layouts,
     )
     return h, used
 

@@ -31,7 +31,7 @@ def implicit_conv_reference(program: KernelProgram, x_src, graph: Graph, delta, 
     for start in range(0, E, step):
         sl = slice(start, start + step)
         msg = ops.messages_reference_form(
-            x_src[graph.src[sl]], inp[sl], *args, affines=program.batch_affines(None, stats)
+            x_src[graph.src[sl]], inp[sl], *args, affines=program.batch_affines(None, stats), masked=False
         )
         out = out.index_add(0, graph.dst[sl], msg.to(out.dtype))  # (bfloat16 under autocast)
     return out, stats

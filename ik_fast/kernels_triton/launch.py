@@ -29,7 +29,7 @@ import functools
 import math
 import os
 from dataclasses import dataclass
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -41,6 +41,7 @@ from ik_fast.kernels_triton import contract as K2
 from ik_fast.kernels_triton import conv as K
 from ik_fast.kernels_triton.blocks import blocks
 from ik_fast.ops import hidden_width
+from ik_fast.structure import decode
 
 PREC_NAMES = ("ieee", "tf32", "bf16", "bf16-emulated")
 OPERAND_BUDGET = 8192  # no GEMM operand above this many elements (32 KB in float32)
@@ -546,6 +547,7 @@ def conv(
     biases,
     fourier,
     fourier_inv,
+    act_bias,
     bn_factor,
     bn_shift,
     final_weight,
@@ -557,6 +559,7 @@ def conv(
     hidden=None,
     tape=None,
 ):
+    _check_activations(structure, act_bias)
     R = final_weight.shape[0]
     n_dst = rowptr.shape[0] - 1
     E = inp.shape[0]
@@ -613,6 +616,7 @@ def conv_backward(
     biases,
     fourier,
     fourier_inv,
+    act_bias,
     bn_factor,
     bn_shift,
     final_weight,
@@ -624,12 +628,16 @@ def conv_backward(
     tape=None,
 ) -> List[Tensor]:
     # a tape (ik_fast.ops) is not used: the kernels re-evaluate the trunk from the narrow MLP input
+    _check_activations(structure, act_bias)
     R, H, C = final_weight.shape
     E = inp.shape[0]
     n_dst = rowptr.shape[0] - 1
     like = [x, inp, *weights, *biases, *bn_factor, *bn_shift, final_weight, final_bias, coef]
+    nab = [torch.zeros_like(t) for t in act_bias]  # (empty: only a norm layer has one)
+    L = len(weights)
     if E == 0:
-        return [torch.zeros_like(t) for t in like]
+        z = [torch.zeros_like(t) for t in like]
+        return z[: 2 + 2 * L] + nab + z[2 + 2 * L :]
     x, inp, src = _c(x), _c(inp), _c(src)
     lay, pack, hidden, plan, wc, bf, coefp, trunk, consts, walk, sizes, _ = _setup(
         x, inp, weights, biases, fourier, fourier_inv, bn_factor, bn_shift, final_weight, final_bias, coef, ndim,
@@ -732,16 +740,31 @@ def conv_backward(
                 part, srcs, dsts, out, srcs.shape[0], nsplit, n, BV=1024, num_warps=4
             )
     out = [dx, dinp, *grads, dfw, dfb, acc[-1:].clone()]  # (outputs are not views)
-    return [g if g.dtype == t.dtype else g.to(t.dtype) for g, t in zip(out, like)]
+    out = [g if g.dtype == t.dtype else g.to(t.dtype) for g, t in zip(out, like)]
+    return out[: 2 + 2 * L] + nab + out[2 + 2 * L :]
 
 
 def _at(seq, k):
     return seq[k] if seq is not None and k < len(seq) else None
 
 
+def _check_activations(structure, act_bias=(), first: int = 0, n: Optional[int] = None) -> None:
+    """Raise NotImplementedError naming the kind where the structure states a hidden activation these kernels do
+    not evaluate (the gated and norm nonlinearities)."""
+    if structure is not None:
+        layers = decode(structure).layers[first:] if n is None else decode(structure).layers[first : first + n]
+        for h in layers:
+            if h.activation not in ("elu", "fourier_elu"):
+                raise NotImplementedError(f"backend 'triton': nonlinearity {h.activation!r} is not implemented")
+    if any(t.numel() for t in act_bias):
+        raise ValueError("act_bias: backend 'triton' evaluates no layer with an activation bias")
+
+
 def trunk_moments(
-    inp, weights, biases, fourier, fourier_inv, in_factor, in_shift, with_activation=False, with_grid=False
-):
+    inp, weights, biases, fourier, fourier_inv, act_bias, in_factor, in_shift, structure=None, first_layer=0,
+    with_activation=False, with_grid=False,
+):  # fmt: skip
+    _check_activations(structure, act_bias, first_layer, len(weights))
     if with_grid:
         raise NotImplementedError("backend 'triton' keeps no Fourier grids (the tape of ik_fast.ops)")
     E = inp.shape[0]

@@ -64,7 +64,7 @@ def implicit_point_conv(
     if edge_attr is not None and program.attr_size == 0:
         edge_attr = None
     if compiling:
-        name = compiled_backend(backend, str(device), dtype, traced=True)
+        name = compiled_backend(backend, str(device), dtype, traced=True, activation=program.activation)
     else:
-        name = resolve_backend(backend, x_src.device, graph.num_edges)
+        name = resolve_backend(backend, x_src.device, graph.num_edges, program.activation)
     return get_backend(name)(program, x_src, graph, edge_delta, edge_attr)

@@ -235,7 +235,7 @@ class ImplicitPointConv(_ImplicitConvBase):
         k = self.kernel
         device, dtype = k.sigma.device, k.sigma.dtype
         check_node_features(x_src, "x", self.in_type.size, device, dtype)
-        name = compiled_backend(self.backend, str(device), dtype)
+        name = compiled_backend(self.backend, str(device), dtype, activation=k.activation)
         if name in FUSED:
             prog = k.program()
             n, n_src = self.in_type.gspace.dimensionality, x_src.shape[0]

@@ -15,7 +15,11 @@ from ik_fast.spec._serialize import reduce_module
 from ik_fast.spec.program import BatchNorm, BlockPlan, Hidden, KernelProgram, Linear, _as, build_plan, scalar
 from ik_fast.structure import ConvSpec, FieldGroup, HiddenLayout
 
-__all__ = ["ImplicitKernel", "check_field_type"]
+__all__ = ["ImplicitKernel", "check_field_type", "NONLINEARITIES"]
+
+# the kernel MLP's hidden nonlinearities: the paper's Fourier ELU (a pointwise ELU on finite groups' regular fields),
+# and the exactly equivariant gated and norm nonlinearities on a direct sum of irreps
+NONLINEARITIES = ("fourier_elu", "gated", "norm")
 
 _BASIS_TOL = 1e-4  # relative; escnn's float32 bases carry numerical noise below ~1e-5 of each element's maximum
 
@@ -54,6 +58,29 @@ def _field_group_specs(field_type):
         sizes[rep.name] = rep.size
         pos += rep.size
     return [FieldGroup(sizes[name], tuple(offs)) for name, offs in groups.items()]
+
+
+_IRREP_FIELDS: dict = {}
+
+
+def _irrep_field(G, irreps, gates: bool):
+    """(rho, rho_lin): the direct sum of ``irreps`` (identity change of basis) and the Linear's output field of a
+    layer (rho, then one trivial gate per non-trivial irrep when ``gates``), made once per group and irreps."""
+    from escnn.group import directsum
+
+    def make(ids, name):
+        key = (id(G), G.name, name)
+        if key not in _IRREP_FIELDS:
+            _IRREP_FIELDS[key] = directsum([G.irrep(*i) for i in ids], name=name)
+        return _IRREP_FIELDS[key]
+
+    key = "_".join(str(i) for i in irreps)
+    rho = make(list(irreps), f"ik_fast_irreps[{key}]")
+    if not gates:
+        return rho, rho
+    triv = G.trivial_representation.irreps[0]
+    extra = [triv] * sum(1 for i in irreps if not G.irrep(*i).is_trivial())
+    return rho, make(list(irreps) + extra, f"ik_fast_gated[{key}]")
 
 
 def _stable_order(keys: torch.Tensor) -> torch.Tensor:
@@ -277,6 +304,13 @@ class ImplicitKernel(torch.nn.Module):
         hidden: ``"full"`` (default): the hidden field carries every irrep the inputs, attributes and outputs need;
             ``"paper"``: exactly the research code's band-limited hidden field (for loading its checkpoints with
             :func:`ik_fast.nn.convert.from_research_state_dict`); warns naming the irreps the output then cannot get.
+        nonlinearity: of the hidden layers. ``"fourier_elu"`` (default, the paper's): the Fourier ELU on the hidden
+            field's sampling grid (a pointwise ELU on a finite group's regular field), exactly equivariant only under
+            the grid's symmetries on a continuous group. ``"gated"`` and ``"norm"``: exactly equivariant under every
+            element of every group; the hidden field is the same irreps as a direct sum, scalars (trivial irreps)
+            through an ELU and every non-trivial irrep ``v`` scaled by ``sigmoid(gate)`` (``"gated"``: one invariant
+            gate per irrep, made by the preceding Linear) or by ``sigmoid(|v| - b)`` (``"norm"``: ``b`` a learned
+            bias per channel and irrep, :attr:`act_bias`). No grid: ``grid`` must be None.
 
     Calling it on positions (E, n) and attributes (E, A) returns the kernels (E, out_type.size, in_type.size).
     :meth:`program` returns the lowered :class:`~ik_fast.spec.program.KernelProgram` that the backends evaluate.
@@ -297,10 +331,17 @@ class ImplicitKernel(torch.nn.Module):
         bn_eps: float = 1e-5,
         bn_momentum: float = 0.1,
         hidden: str = "full",
+        nonlinearity: str = "fourier_elu",
     ):
         super().__init__()
         if hidden not in ("full", "paper"):
             raise ValueError(f"hidden must be 'full' or 'paper', got {hidden!r}")
+        if nonlinearity not in NONLINEARITIES:
+            raise ValueError(f"nonlinearity must be one of {list(NONLINEARITIES)}, got {nonlinearity!r}")
+        if nonlinearity != "fourier_elu" and grid is not None:
+            raise ValueError(
+                f"grid samples the Fourier ELU; nonlinearity={nonlinearity!r} has no grid (pass grid=None)"
+            )
         check_field_type(in_type, "in_type")
         check_field_type(out_type, "out_type", in_type.gspace)
         gspace = in_type.gspace
@@ -336,10 +377,12 @@ class ImplicitKernel(torch.nn.Module):
                 bn_eps=bn_eps,
                 bn_momentum=bn_momentum,
                 hidden=hidden,
+                nonlinearity=nonlinearity,
             ),
         )
         self.in_type, self.out_type, self.edge_attr_type = in_type, out_type, edge_attr_type
         self.n_layers, self.n_channels, self.batch_norm = n_layers, n_channels, batch_norm
+        self.nonlinearity = nonlinearity
         attr_reps = list(edge_attr_type.representations) if edge_attr_type is not None else []
         reps = [*in_type.representations, *out_type.representations, *attr_reps, gspace.basespace_action]
         fmax_io = _groups.max_frequency(G, reps)
@@ -362,7 +405,11 @@ class ImplicitKernel(torch.nn.Module):
         # elements of G under which the kernel is exactly equivariant (the nonlinearity's grid maps onto itself):
         # every element without a Fourier nonlinearity, the grid's symmetry group with one (ik_fast.testing uses them)
         self.grid_symmetries = list(G.testing_elements()) if not G.continuous else [G.identity]
+        # whether the kernel is equivariant under every element of G, not only the grid's symmetries
+        self.exactly_equivariant = not G.continuous or n_layers == 1 or nonlinearity != "fourier_elu"
         self.grid_quality = (None, None)
+        self._irreps = ()
+        act_bias = []
         self.hidden_description = "none (a single Linear)"
         if n_layers > 1:
             needed = {irr for rep in (*mlp_in.representations, *pair_reps) for irr in rep.irreps}
@@ -380,6 +427,25 @@ class ImplicitKernel(torch.nn.Module):
             self.grid_symmetries = spec.grid_symmetries
             self.grid_quality = (spec.grid_rank, spec.grid_condition)
             rho = spec.hidden_type.representations[0]
+            lin_type = spec.hidden_type
+            if nonlinearity != "fourier_elu":
+                # the same irreps as the Fourier ELU's field, as a direct sum (identity change of basis), so that
+                # the nonlinearity acts irrep by irrep; a gated layer's Linear adds one trivial gate per
+                # non-trivial irrep after each channel's components
+                rho, rho_lin = _irrep_field(G, rho.irreps, nonlinearity == "gated")
+                spec.hidden_type = g0.type(*[rho] * n_channels)
+                lin_type = g0.type(*[rho_lin] * n_channels)
+                self._irreps = tuple((G.irrep(*i).size, G.irrep(*i).is_trivial()) for i in rho.irreps)
+                spec.A = spec.Ainv = None
+                self.escnn_activation = None
+                self.grid_symmetries = list(G.testing_elements()) if not G.continuous else [G.identity]
+                self.grid_quality = (None, None)
+                n_nt = sum(1 for _, t in self._irreps if not t)
+                self.hidden_description = (
+                    f"{n_channels} x {rho.size} ({len(self._irreps)} irreps, {n_nt} non-trivial), {nonlinearity}"
+                )
+                if nonlinearity == "norm":
+                    act_bias = [torch.nn.Parameter(torch.zeros(n_channels * n_nt)) for _ in range(n_layers - 1)]
             self._rho_size = rho.size
             if spec.A is not None:
                 self.register_buffer("act_A", spec.A.to(torch.get_default_dtype()), persistent=False)
@@ -388,7 +454,7 @@ class ImplicitKernel(torch.nn.Module):
                 self.act_A = self.act_Ainv = None
             bns = []
             for _ in range(n_layers - 1):
-                linears.append(_EquivariantLinear(hidden_type, spec.hidden_type, init_scheme))
+                linears.append(_EquivariantLinear(hidden_type, lin_type, init_scheme))
                 if batch_norm:
                     bns.append(_IIDBatchNormParams(G, rho, n_channels, bn_eps, bn_momentum))
                 hidden_type = spec.hidden_type
@@ -397,6 +463,8 @@ class ImplicitKernel(torch.nn.Module):
             self.bn = torch.nn.ModuleList()
         linears.append(_EquivariantLinear(hidden_type, mlp_out, init_scheme))
         self.mlp = torch.nn.ModuleList(linears)
+        # the norm nonlinearity's learned bias per hidden layer (channels x non-trivial irreps), empty otherwise
+        self.act_bias = torch.nn.ParameterList(act_bias)
         self.sigma = torch.nn.Parameter(torch.tensor(0.5))
         self.norm = 1.0 / math.sqrt(len(out_type))
 
@@ -424,20 +492,39 @@ class ImplicitKernel(torch.nn.Module):
         d_h = self._rho_size if hid else last_hidden_type.size
         c_h = self.n_channels if hid else 1
         hidden_fields = torch.arange(c_h * d_h).reshape(c_h, d_h)
+        kind = (
+            self.nonlinearity
+            if self._irreps
+            else ("fourier_elu" if getattr(self, "act_A", None) is not None else "elu")
+        )
+        proto = HiddenLayout(c_h, d_h, 0, False, False, kind, self._irreps)
+        d_lin = proto.linear_components if hid else d_h
+        lin_fields = torch.arange(c_h * d_lin).reshape(c_h, d_lin)
         for k, lin in enumerate(self.mlp[:-1]):
             mask = lin.structural_mask()
             cols = [hidden_fields] if k > 0 else [torch.arange(mask.shape[1]).reshape(1, -1)]
-            lin.set_plan(build_plan(mask, [hidden_fields], cols))
+            lin.set_plan(build_plan(mask, [lin_fields], cols))
+            lin.cw_form = None
+            if k > 0 and proto.gates:
+                # componentwise with the gates reading the field's first trivial component, where the basis is
+                src = torch.tensor(list(range(d_h)) + [proto.trivial_source()] * proto.gates)
+                r, c = torch.nonzero(mask, as_tuple=True)
+                if proto.trivial_source() >= 0 and bool((c % d_h == src[r % d_lin]).all()):
+                    lin.cw_form = (c_h, d_lin, d_h, src)
+            elif k > 0 and lin.plan() is not None and lin.plan().componentwise is not None:
+                f, d = lin.plan().componentwise
+                lin.cw_form = (f, d, d, torch.arange(d))
         last = self.mlp[-1]
         C = self.in_type.size
         mask = self._kernel_layout(last.structural_mask(), None)[0]  # (R, H * C)
         # the ops' view of the same structure: one frozen spec, encoded once (a structural constant of the layer)
         layers = []
-        for k, lin in enumerate(self.mlp[:-1]):
-            plan = lin.plan()
-            cw = k > 0 and plan is not None and plan.componentwise is not None
+        for lin in self.mlp[:-1]:
+            cw = lin.cw_form is not None
             grid = 0 if self.act_A is None else int(self.act_A.shape[0])
-            layers.append(HiddenLayout(self.n_channels, self._rho_size, grid, cw, bool(self.batch_norm)))
+            layers.append(
+                HiddenLayout(self.n_channels, self._rho_size, grid, cw, bool(self.batch_norm), kind, self._irreps)
+            )
         spec = ConvSpec.from_mask(
             mask.reshape(mask.shape[0], -1, C).cpu().numpy(),
             _field_group_specs(self.out_type),
@@ -445,6 +532,7 @@ class ImplicitKernel(torch.nn.Module):
             c_h,
             layers,
         )
+        self.spec = spec
         self.structure = spec.encode()
         rows = _field_groups(self.out_type)
         cols = []
@@ -454,6 +542,12 @@ class ImplicitKernel(torch.nn.Module):
         # the last Linear's plan from the structure's blocks (the groups are the spec's, in its order)
         pattern = lambda r, g: torch.from_numpy(spec.field_pattern(r, g))  # noqa: E731
         last.set_plan(build_plan(None, rows, cols, pattern=pattern, shape=tuple(mask.shape)))
+
+    @property
+    def activation(self) -> str:
+        """The hidden layers' activation kind as the ops see it ("elu": a finite group's pointwise ELU, or no hidden
+        layer)."""
+        return self.spec.layers[0].activation if self.spec.layers else "elu"
 
     def _sources(self):
         """The learnable tensors that :meth:`_build_expansion`'s map reads, in its order: each Linear's weights and
@@ -499,12 +593,12 @@ class ImplicitKernel(torch.nn.Module):
             if k < last:
                 base = piece(("w", k), lin.shape)
                 add(flat, mc, mv, base)
-                cw = None if k == 0 or lin.plan() is None else lin.plan().componentwise
-                if cw is not None:  # P[a, c, c'] = W[c * d + a, c' * d + a]
-                    f, d = cw
-                    assert bool((row % d == col % d).all())
-                    base = piece(("cw", k), (d, f, f))
-                    add((row % d) * f * f + (row // d) * f + col // d, mc, mv, base)
+                cw = getattr(lin, "cw_form", None)
+                if cw is not None:  # P[a, c, c'] = W[c * d_out + a, c' * d_in + src[a]]
+                    f, d_out, d_in, src = cw
+                    assert bool((col % d_in == src[row % d_out]).all())
+                    base = piece(("cw", k), (d_out, f, f))
+                    add((row % d_out) * f * f + (row // d_out) * f + col // d_in, mc, mv, base)
             else:
                 H = lin.shape[1]
                 base = piece(("w", k), (R, H * C))
@@ -584,11 +678,15 @@ class ImplicitKernel(torch.nn.Module):
         ex = self._expand_all()
         hidden = []
         # (lists, not slices and indexing of the ModuleLists: a slice builds a new ModuleList each forward)
-        mlp, bns = list(self.mlp), list(self.bn)
+        mlp, bns, act_bias = list(self.mlp), list(self.bn), list(self.act_bias)
+        layouts = self.spec.layers
         for k, lin in enumerate(mlp[:-1]):
             bn = bns[k].lower(self.training, ex[("shift", k)]) if self.batch_norm else None
             linear = Linear(ex[("w", k)], ex.get(("b", k)), lin.plan(), ex.get(("cw", k)))
-            hidden.append(Hidden(linear, self.n_channels, self._rho_size, self.act_A, self.act_Ainv, bn))
+            ab = act_bias[k] if act_bias else None
+            hidden.append(
+                Hidden(linear, self.n_channels, self._rho_size, self.act_A, self.act_Ainv, bn, layouts[k], ab)
+            )
         last = len(mlp) - 1
         final = Linear(ex[("w", last)], ex.get(("b", last)), mlp[last].plan())
         attr = 0 if self.edge_attr_type is None else self.edge_attr_type.size

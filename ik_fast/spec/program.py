@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from ik_fast import ops
+from ik_fast.structure import HiddenLayout
 
 __all__ = ["BlockPlan", "Linear", "BatchNorm", "Hidden", "KernelProgram", "build_plan"]
 
@@ -290,7 +291,7 @@ def _all_reduce_moments(moments: Tensor, count: int) -> Tuple[Tensor, int]:
 
 @dataclass(frozen=True)
 class Hidden:
-    """One hidden layer: Linear -> Fourier ELU (or pointwise ELU) -> batch norm."""
+    """One hidden layer: Linear -> activation (Fourier ELU, pointwise ELU, gated or norm) -> batch norm."""
 
     linear: Linear
     channels: int
@@ -298,6 +299,8 @@ class Hidden:
     A: Optional[Tensor]  # (grid, dim)
     Ainv: Optional[Tensor]  # (dim, grid)
     bn: Optional[BatchNorm]
+    layout: Optional[HiddenLayout] = None  # the structure's statement of the layer (its activation kind, irreps)
+    act_bias: Optional[Tensor] = None  # (channels * non-trivial irreps,) of a norm layer
 
 
 def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
@@ -306,6 +309,7 @@ def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 _SCALARS: dict = {}
+_EMPTY = torch.zeros(0)
 
 
 def scalar(value, dtype: torch.dtype):
@@ -354,6 +358,20 @@ class KernelProgram:
         if self.hidden:
             return self.hidden[-1].channels, self.hidden[-1].dim
         return 1, self.dim + self.attr_size
+
+    @property
+    def activation(self) -> str:
+        """The hidden layers' activation kind (:data:`ik_fast.structure.ACTIVATIONS`); "elu" without hidden layers."""
+        return self.layouts[0].activation if self.hidden else "elu"
+
+    @property
+    def layouts(self) -> Tuple[HiddenLayout, ...]:
+        """Every hidden layer's statement (:class:`~ik_fast.structure.HiddenLayout`: activation kind, irreps)."""
+        if all(h.layout is not None for h in self.hidden):
+            return tuple(h.layout for h in self.hidden)
+        from ik_fast.structure import layers_of
+
+        return layers_of(self.structure, [h.A if h.A is not None else _EMPTY for h in self.hidden])
 
     @property
     def batch_norms(self) -> List[BatchNorm]:
@@ -408,7 +426,8 @@ class KernelProgram:
         batch norm's affine from its statistics (``stats``, one per batch norm, in training; the running ones in eval
         mode; empty where a training batch norm's statistics are not given yet, as in a statistics pass).
         Differentiable with respect to the escnn parameters. ``dense``: the plain statement's form, every hidden weight
-        dense (the componentwise Linears too) and no ``structure`` (the lowered weight is zero outside it).
+        dense (the componentwise Linears too); the lowered last weight is zero outside the structure's blocks, so the
+        statement need not mask it (``masked=False``).
         ``base``: a program this one made in the same dtype and form, whose tensors other than the batch norms'
         are reused (a forward's statistics passes and its ``conv`` differ only in those); ``affines``: the first
         batch norms' maps as :meth:`bn_affine` formed them in this forward, reused."""
@@ -429,12 +448,13 @@ class KernelProgram:
             shifts.append(s)
         if base is not None:
             return replace(base, bn_factor=factors, bn_shift=shifts)
-        weights, biases, fourier, fourier_inv = [], [], [], []
+        weights, biases, fourier, fourier_inv, act_bias = [], [], [], [], []
         for k, layer in enumerate(self.hidden):
             lin = layer.linear
             w = lin.cw if not dense and self.componentwise(k) else lin.weight
             weights.append(_as(w, dtype))
-            R = layer.channels * layer.dim
+            R = lin.weight.shape[0]
+            act_bias.append(empty if layer.act_bias is None else _as(layer.act_bias, dtype))
             biases.append(self.sigma.new_zeros(R, dtype=dtype) if lin.bias is None else _as(lin.bias, dtype))
             # (the Fourier matrices are buffers: constants, no gradient)
             fourier.append(empty.view(0, 0) if layer.A is None else _as(layer.A, dtype))
@@ -443,8 +463,8 @@ class KernelProgram:
         fw = _as(self.final.weight.view(R, H, C), dtype)
         fb = fw.new_zeros(R, C) if self.final.bias is None else _as(self.final.bias, dtype).view(R, C)
         return ops.OpProgram(
-            weights, biases, fourier, fourier_inv, factors, shifts, fw, fb, self._coef(dtype), float(self.norm),
-            self.dim, None if dense else self.structure,
+            weights, biases, fourier, fourier_inv, act_bias, factors, shifts, fw, fb, self._coef(dtype),
+            float(self.norm), self.dim, self.structure,
         )  # fmt: skip
 
     @staticmethod
@@ -466,7 +486,9 @@ class KernelProgram:
         (``stats``, or computed from this batch where None), the running ones in eval mode."""
         used: list = []
         args = self.op_program([], dense=True).args()
-        k = ops.kernels_reference_form(self.mlp_input(delta, attr), *args, affines=self.batch_affines(stats, used))
+        k = ops.kernels_reference_form(
+            self.mlp_input(delta, attr), *args, affines=self.batch_affines(stats, used), masked=False
+        )
         return k, used
 
     def trunk(self, delta: Tensor, attr: Optional[Tensor], stats: Optional[Sequence] = None):
@@ -476,6 +498,6 @@ class KernelProgram:
         p = self.op_program([], dense=True)
         h = ops.trunk_reference_form(
             self.mlp_input(delta, attr), p.weights, p.biases, p.fourier, p.fourier_inv,
-            affines=self.batch_affines(stats, used),
+            affines=self.batch_affines(stats, used), act_bias=p.act_bias, layouts=self.layouts,
         )  # fmt: skip
         return h, used

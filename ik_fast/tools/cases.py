@@ -16,11 +16,22 @@ MODES = ("train", "eval", "inference")
 # ----------------------------------------------------------------------------------------------------------------
 # the structured floor
 # ----------------------------------------------------------------------------------------------------------------
-def floor_terms(C: int, D: int, G: int, C_in: int, n_layers: int) -> Dict[str, int]:
-    """The structured floor per edge, term by term (multiply-adds): the structured algorithm's forward (Fourier ELUs,
-    componentwise hidden Linears, the last layer's contraction) and a backward of twice the forward's work."""
-    felu = 2 * C * D * G
-    trunk = (n_layers - 1) * felu + (n_layers - 2) * C * C * D + 8 * C * D
+def floor_terms(
+    C: int, D: int, G: int, C_in: int, n_layers: int, activation: str = "fourier_elu", gates: int = 0
+) -> Dict[str, int]:
+    """The structured floor per edge, term by term (multiply-adds): the structured algorithm's forward (hidden
+    activations, componentwise hidden Linears, the last layer's contraction) and a backward of twice the forward's
+    work. The activation's term ``felu`` (named for the Fourier ELU, whose two grid products cost 2 C D G) is C D for
+    the gated nonlinearity (each component times its gate) and 2 C D for the norm one (the squares summed, each
+    component scaled); the Linear into a gated layer also makes its ``gates`` per channel (D' = D + gates)."""
+    if activation == "gated":
+        felu = C * D
+    elif activation == "norm":
+        felu = 2 * C * D
+    else:
+        felu = 2 * C * D * G
+    Dl = D + (gates if activation == "gated" else 0)
+    trunk = (n_layers - 1) * felu + (n_layers - 2) * C * C * Dl + 8 * C * Dl
     fwd = trunk + C * D * C_in
     return {"felu": felu, "trunk": trunk, "fwd": fwd, "floor": 3 * fwd + trunk}
 
@@ -36,19 +47,22 @@ def program_sizes(program) -> Dict[str, int]:
     if len(shapes) != 1:
         raise ValueError(f"hidden layers of different sizes {sorted(shapes)}: the floor formula assumes one size")
     G = 0 if last.A is None else int(last.A.shape[0])
+    lay = program.layouts[-1]
     return {
         "C": int(last.channels),
         "D": int(last.dim),
         "G": G,
         "C_in": int(program.in_size),
         "n_layers": len(program.hidden) + 1,
+        "activation": lay.activation,
+        "gates": lay.gates,
     }
 
 
 def floor_per_edge(program) -> Dict[str, int]:
     """Sizes and floor terms of a program (see :func:`floor_terms`)."""
     s = program_sizes(program)
-    return {**s, **floor_terms(s["C"], s["D"], s["G"], s["C_in"], s["n_layers"])}
+    return {**s, **floor_terms(s["C"], s["D"], s["G"], s["C_in"], s["n_layers"], s["activation"], s["gates"])}
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -41,6 +41,9 @@ class Problem:
     graph: str = "knn"  # "knn" (random geometric graph), "qm9" (batches of real molecules), "skew" (hubs)
     molecules: int = 32
     description: str = ""
+    nonlinearity: str = (
+        "fourier_elu"  # the kernel MLP's (ImplicitKernel's nonlinearity); "M+gated" names M with "gated"
+    )
 
     def with_nodes(self, nodes: int) -> "Problem":
         return replace(self, name=f"{self.name}@{nodes}", nodes=nodes)
@@ -165,10 +168,19 @@ def sweep_problems(kind: str = "cpu"):
 
 
 def get_problem(name: str) -> Problem:
+    """A problem by name: ``BASE``, ``BASE+NONLINEARITY`` (the kernel MLP's, e.g. ``H+gated``), either with
+    ``@NODES``."""
     base, _, nodes = name.partition("@")
+    base, _, kind = base.partition("+")
     if base not in PROBLEMS:
         raise ValueError(f"unknown problem {name!r}; known: {sorted(PROBLEMS)}")
     p = PROBLEMS[base]
+    if kind:
+        from ik_fast.spec.kernel import NONLINEARITIES
+
+        if kind not in NONLINEARITIES:
+            raise ValueError(f"unknown nonlinearity {kind!r} in problem {name!r}; known: {list(NONLINEARITIES)}")
+        p = replace(p, name=f"{base}+{kind}", nonlinearity=kind)
     return p.with_nodes(int(nodes)) if nodes else p
 
 
@@ -198,7 +210,9 @@ def build_layer(p: Problem, backend: str = "auto", device="cpu", seed: int = 0):
 
     ft, attr = field_types(p)
     torch.manual_seed(seed)
-    return ImplicitPointConv(ft, ft, attr, n_layers=p.n_layers, n_channels=p.channels, backend=backend).to(device)
+    return ImplicitPointConv(
+        ft, ft, attr, n_layers=p.n_layers, n_channels=p.channels, backend=backend, nonlinearity=p.nonlinearity
+    ).to(device)
 
 
 def build_escnn_layer(p: Problem, device="cpu", seed: int = 0):

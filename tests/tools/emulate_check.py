@@ -1,6 +1,6 @@
 """A CPU emulation of the CUDA kernels of csrc/cuda, block by block, with the kernels' own index expressions, checked
 against the op layer's plain-PyTorch statements (ik_fast.ops.conv_reference_form and autograd: conv with and without
-``hidden``, conv_backward's 4L + 5 gradients; ik_fast.ops.trunk_moments_reference_form: trunk_moments from the MLP
+``hidden``, conv_backward's 5L + 5 gradients; ik_fast.ops.trunk_moments_reference_form: trunk_moments from the MLP
 input and chained from each layer's activation).
 
 No GPU was available when the kernels were written, so this is how their *index arithmetic and host orchestration*
@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from ik_fast import ops
-from ik_fast.structure import Block, ConvSpec, FieldGroup
+from ik_fast.structure import Block, ConvSpec, FieldGroup, HiddenLayout, decode
 from ik_fast.structure import mask as structure_mask
 
 # the kernels' constants (common.cuh / trunk_cuda.cu / conv_cuda.cu)
@@ -400,8 +400,9 @@ def trunk_backward(inp, layers, ys, as_, dh):
     return dh.numpy(), dws, dbs, dfs, dss
 
 
-def trunk_moments(inp, weights, biases, fourier, fourier_inv, in_factor, in_shift):
+def trunk_moments(inp, weights, biases, fourier, fourier_inv, act_bias, in_factor, in_shift, structure, first_layer):
     """conv_cuda.cu's native_trunk_moments_cuda: (moments (2, H), the last activation before its batch norm)."""
+    check_activations(structure, first_layer, len(weights), act_bias)
     layers, H = prepare_trunk(weights, biases, fourier, fourier_inv, inp.shape[1])
     assert len(in_factor) == len(layers) and len(in_shift) == len(layers)
     in_map = None
@@ -620,8 +621,17 @@ def edge_kernel(dZ, h, s, x, src, rowptr, tile_ptr, dG, gz, dxe, r0, r1, H, C, t
 _PLANS = {}
 
 
-def conv_inputs(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, bn_factor, bn_shift, fw, fb, coef, norm,
-                ndim, structure):  # fmt: skip
+def check_activations(structure, first, L, act_bias):
+    """structure.cpp's check_activations: the CUDA kernels do elu and fourier_elu (no act_bias)."""
+    assert len(act_bias) == L and all(b.numel() == 0 for b in act_bias)
+    if structure is not None:
+        kinds = [h.activation for h in decode(structure).layers[first : first + L]]
+        assert len(kinds) == L and set(kinds) <= {"elu", "fourier_elu"}, kinds
+
+
+def conv_inputs(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, act_bias, bn_factor, bn_shift, fw, fb,
+                coef, norm, ndim, structure):  # fmt: skip
+    check_activations(structure, 0, len(weights), act_bias)
     layers, H = prepare_trunk(weights, biases, fourier, fourier_inv, inp.shape[1])
     assert len(bn_factor) == len(layers) and len(bn_shift) == len(layers)
     for L, f, sh in zip(layers, bn_factor, bn_shift):
@@ -671,12 +681,13 @@ def conv(x, inp, src, rowptr, *program, nr, hidden=None):
 
 
 def conv_backward(grad, x, inp, src, rowptr, *program, nr):
-    """native_conv_backward_cuda: [dx, dinp, *dweights, *dbiases, *dbn_factor, *dbn_shift, dfw, dfb, dcoef], empty
-    arrays shaped as the factor / shift of a layer without batch norm."""
-    bn_factor, bn_shift = program[4], program[5]
+    """native_conv_backward_cuda: [dx, dinp, *dweights, *dbiases, *dact_bias, *dbn_factor, *dbn_shift, dfw, dfb,
+    dcoef], empty arrays shaped as the act_bias of a layer that is not norm and the factor / shift of a layer without
+    batch norm."""
+    act_bias, bn_factor, bn_shift = program[4], program[5], program[6]
     layers, H, R, C, dp, B, fb, inpn, r2, s = conv_inputs(x, inp, src, rowptr, *program)
-    coef = program[8]
-    ndim = program[10]
+    coef = program[9]
+    ndim = program[11]
     E, n_dst = inp.shape[0], rowptr.shape[0] - 1
     xn, srcn, rp = x.detach().numpy(), src.numpy(), rowptr.numpy()
     h, saves = trunk_forward(inpn, None, layers, save=True)
@@ -725,8 +736,9 @@ def conv_backward(grad, x, inp, src, rowptr, *program, nr):
     dfw[dp["widx"]] = dB  # index_copy_(0, widx, dB): zero outside the structure
     dfs = [d.numpy() if d is not None else np.zeros(tuple(f.shape)) for d, f in zip(dfs, bn_factor)]
     dss = [d.numpy() if d is not None else np.zeros(tuple(t.shape)) for d, t in zip(dss, bn_shift)]
+    das = [np.zeros(tuple(b.shape)) for b in act_bias]
     return [
-        dx, dinp, *[d.numpy() for d in dws], *[d.numpy() for d in dbs], *dfs, *dss, dfw.reshape(R, H, C), dfb,
+        dx, dinp, *[d.numpy() for d in dws], *[d.numpy() for d in dbs], *das, *dfs, *dss, dfw.reshape(R, H, C), dfb,
         np.array([dcoef]),
     ]  # fmt: skip
 
@@ -743,7 +755,8 @@ def random_case(
     g = torch.Generator().manual_seed(seed)
     rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
     empty = lambda: torch.zeros(0, dtype=torch.float64, requires_grad=True)  # noqa: E731
-    weights, biases, fourier, fourier_inv, bn_factor, bn_shift = [], [], [], [], [], []
+    weights, biases, fourier, fourier_inv, act_bias, bn_factor, bn_shift = [], [], [], [], [], [], []
+    layouts = []  # the structure's hidden layers (elu / fourier_elu: no act_bias)
     hin = P0
     for kind, shape, four, *bn in spec:
         if kind == "dense":
@@ -763,7 +776,12 @@ def random_case(
             A = rnd(G, D) / D**0.5
             fourier.append(A)
             fourier_inv.append(torch.linalg.pinv(A))
+        act_bias.append(empty())
+        D_k = four[1] if four is not None else 1
+        kind_k = "fourier_elu" if four is not None else "elu"
+        grid = four[0] if four is not None else 0
         channels = bn[0] if bn else (hout // four[1] if four is not None else hout)
+        layouts.append(HiddenLayout(hout // D_k, D_k, grid, kind == "cw", bool(channels), kind_k))
         if channels:
             bn_factor.append((1.0 + 0.5 * rnd(channels)).requires_grad_())
             bn_shift.append((0.3 * rnd(hout)).requires_grad_())
@@ -785,18 +803,18 @@ def random_case(
     fw = rnd(R, H, C).requires_grad_()
     fb = rnd(R, C).requires_grad_()
     coef = torch.tensor([0.7], dtype=torch.float64, requires_grad=True)
-    structure = random_structure(g, R, H, C, couple, uncoupled) if with_structure else None
+    structure = random_structure(g, R, H, C, couple, uncoupled, layouts) if with_structure else None
     return [
-        x, inp, src, rowptr, weights, biases, fourier, fourier_inv, bn_factor, bn_shift, fw, fb, coef, 0.5, ndim,
-        structure,
+        x, inp, src, rowptr, weights, biases, fourier, fourier_inv, act_bias, bn_factor, bn_shift, fw, fb, coef, 0.5,
+        ndim, structure,
     ]  # fmt: skip
 
 
-def random_structure(g, R, H, C, couple=0.5, uncoupled=()):
+def random_structure(g, R, H, C, couple=0.5, uncoupled=(), layouts=()):
     """A random encoded structure of W' (R, H, C): fields of sizes 1 to 3 grouped by size (offsets interleaved), H as
     channels x components (D = 3, 2 or 1), a fraction ``couple`` of the (output group, component, input group)
     triples coupled (none of the components in ``uncoupled``: their units reach no output), each on a random
-    non-empty set of its field pair's entries."""
+    non-empty set of its field pair's entries. ``layouts``: the hidden layers (the last one's layout set to H's)."""
     rand = lambda: float(torch.rand(1, generator=g))  # noqa: E731
 
     def fields(n):
@@ -818,7 +836,12 @@ def random_structure(g, R, H, C, couple=0.5, uncoupled=()):
                     n = go.d * gi.d
                     entries = [e for e in range(n) if rand() < 0.6] or [int(torch.randint(0, n, (1,), generator=g))]
                     blocks.append(Block(og, a, ig, tuple(entries)))
-    return ConvSpec(R, C, H // D, D, (), out_groups, in_groups, tuple(blocks)).encode()
+    layers = tuple(layouts)
+    if layers:
+        last = layers[-1]
+        last = HiddenLayout(H // D, D, last.grid, last.componentwise, last.batch_norm, last.activation)
+        layers = layers[:-1] + (last,)
+    return ConvSpec(R, C, H // D, D, layers, out_groups, in_groups, tuple(blocks)).encode()
 
 
 def rel(a, b) -> float:
@@ -833,7 +856,8 @@ def rel(a, b) -> float:
 def check(name, args, nr, tol=1e-10):
     """conv (without and with `hidden`), conv_backward and trunk_moments (from inp and chained from each layer's
     activation) of the emulation against the op layer's plain-PyTorch statements."""
-    x, inp, src, rowptr, weights, biases, fourier, fourier_inv, bn_factor, bn_shift, fw, fb, coef = args[:13]
+    x, inp, src, rowptr, weights, biases, fourier, fourier_inv, act_bias, bn_factor, bn_shift, fw, fb, coef = args[:14]
+    structure = args[16]
     L = len(weights)
     empty = torch.zeros(0, dtype=torch.float64)
     ref = ops.conv_reference_form(*args)
@@ -843,25 +867,25 @@ def check(name, args, nr, tol=1e-10):
     moments = []
     acts = [inp.detach()]
     for upto in range(1, L + 1):
-        lists = (weights[:upto], biases[:upto], fourier[:upto], fourier_inv[:upto])
+        lists = (weights[:upto], biases[:upto], fourier[:upto], fourier_inv[:upto], act_bias[:upto])
         in_f, in_s = [empty, *bn_factor[: upto - 1]], [empty, *bn_shift[: upto - 1]]
         with torch.no_grad():
-            want = ops.trunk_moments_reference_form(inp.detach(), *lists, in_f, in_s)
-        got = trunk_moments(inp, *lists, in_f, in_s)
+            want = ops.trunk_moments_reference_form(inp.detach(), *lists, in_f, in_s, structure, 0)
+        got = trunk_moments(inp, *lists, in_f, in_s, structure, 0)
         moments += [rel(got[0], want[0]), rel(got[1], want[1])]
         acts.append(want[1])
         for j in range(1, upto):  # from a_j (j = 1 .. upto - 1), through layers j + 1 .. upto
-            rest = (weights[j:upto], biases[j:upto], fourier[j:upto], fourier_inv[j:upto])
-            got = trunk_moments(acts[j], *rest, bn_factor[j - 1 : upto - 1], bn_shift[j - 1 : upto - 1])
+            rest = (weights[j:upto], biases[j:upto], fourier[j:upto], fourier_inv[j:upto], act_bias[j:upto])
+            got = trunk_moments(acts[j], *rest, bn_factor[j - 1 : upto - 1], bn_shift[j - 1 : upto - 1], structure, j)
             moments += [rel(got[0], want[0]), rel(got[1], want[1])]
     errs["trunk_moments"] = max(moments, default=0.0)
     if L:
         errs["forward with hidden"] = rel(conv(*args, nr=nr, hidden=acts[-1].numpy()), ref)
     grad = torch.randn(ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    leaves = [x, inp, *weights, *biases, *bn_factor, *bn_shift, fw, fb, coef]
+    leaves = [x, inp, *weights, *biases, *act_bias, *bn_factor, *bn_shift, fw, fb, coef]
     ref_g = torch.autograd.grad(ref, leaves, grad, allow_unused=True)
     ours = conv_backward(grad, *args, nr=nr)
-    assert len(ours) == 4 * L + 5 == len(leaves)
+    assert len(ours) == 5 * L + 5 == len(leaves)
     gerrs = [rel(a, torch.zeros_like(leaf) if b is None else b) for a, b, leaf in zip(ours, ref_g, leaves)]
     errs["gradients"] = max(gerrs)
     worst = max(errs.values())
@@ -899,9 +923,10 @@ def cases():
     ok &= check("structure without blocks (W' zero)", random_case(14, fourier_cw, couple=0.0), nr=4)
     ok &= check("fourier, no structure (dense), one chunk", random_case(1, fourier_cw, with_structure=False), nr=100)
     ok &= check("pointwise, dense + dense", random_case(2, [("dense", 7, None), ("dense", 9, None)]), nr=3)
+    # (a structure does not mix activation kinds: the mixed trunks go without one)
     ok &= check(
-        "mixed: fourier then pointwise, 3 layers",
-        random_case(3, [("dense", 8, (40, 4)), ("cw", (4, 2), (40, 4)), ("dense", 6, None)]),
+        "mixed: fourier, pointwise, 3 layers (dense)",
+        random_case(3, [("dense", 8, (40, 4)), ("cw", (4, 2), (40, 4)), ("dense", 6, None)], with_structure=False),
         nr=5,
     )
     ok &= check("no hidden layer", random_case(4, []), nr=2)
@@ -940,8 +965,13 @@ def several_tiles(with_structure=True):
 def chained_cases():
     ok = True
     spec = [("dense", 8, (12, 4)), ("dense", 6, None, 3), ("cw", (2, 3), None, 0), ("dense", 8, (12, 4))]
-    ok &= check("4 layers in launches of 2", random_case(11, spec), nr=4)
-    ok &= check("3 layers, last without batch norm", random_case(12, spec[:2] + [("dense", 5, None, 0)]), nr=4)
+    # (mixed activation kinds: without a structure)
+    ok &= check("4 layers in launches of 2 (dense)", random_case(11, spec, with_structure=False), nr=4)
+    ok &= check(
+        "3 layers, last without batch norm (dense)",
+        random_case(12, spec[:2] + [("dense", 5, None, 0)], with_structure=False),
+        nr=4,
+    )
     return ok
 
 
