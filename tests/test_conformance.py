@@ -574,8 +574,11 @@ def test_training_step_is_bitwise_deterministic(impl, device):
 # the registration: opcheck and torch.compile
 # ----------------------------------------------------------------------------------------------------------------
 @IMPL
-def test_opcheck(impl, device):
-    conv, gs, attr_t = _layer(device=device)
+@pytest.mark.parametrize("nonlinearity", ["fourier_elu", "norm"])
+def test_opcheck(impl, device, nonlinearity):
+    if not ops.implementation(impl).evaluates(nonlinearity, torch.device(device).type):
+        pytest.skip(f"{impl} does not evaluate {nonlinearity!r} on {device}")
+    conv, gs, attr_t = _layer(device=device, nonlinearity=nonlinearity)
     conv.eval()
     inputs = OpInputs.of(conv, *_graph(conv, gs, attr_t, device=device))
     torch.library.opcheck(_op(impl, "conv"), inputs.args())
@@ -586,7 +589,10 @@ def test_opcheck(impl, device):
     empty = inputs.inp.new_empty(0)
     in_factor, in_shift = [empty, *p.bn_factor[: L - 1]], [empty, *p.bn_shift[: L - 1]]
     for with_act in (False, True):
-        args = (inputs.inp.detach(), p.weights, p.biases, p.fourier, p.fourier_inv, in_factor, in_shift, with_act)
+        args = (
+            inputs.inp.detach(), p.weights, p.biases, p.fourier, p.fourier_inv, p.act_bias, in_factor, in_shift,
+            p.structure, 0, with_act,
+        )  # fmt: skip
         torch.library.opcheck(_op(impl, "trunk_moments"), args)
     act = ops.trunk_moments(impl, inputs.inp.detach(), p, len(p.weights), with_activation=True).activation
     torch.library.opcheck(_op(impl, "conv"), inputs.args(hidden=act))
