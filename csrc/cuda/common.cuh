@@ -50,6 +50,10 @@ template <typename T>
 __device__ __forceinline__ T elu_grad(T u) {
   return u > T(0) ? T(1) : exp(u);
 }
+template <typename T>
+__device__ __forceinline__ T sigmoid(T u) {
+  return T(1) / (T(1) + exp(-u));
+}
 
 // C (M x N) = A (M x K) . B (K x N), batched over nb independent products, computed by the whole block: each thread
 // takes TM x TN micro-tiles of (batch, M, N) in turn (N fastest, so that a warp's B loads are consecutive when B's
@@ -208,33 +212,75 @@ __device__ __forceinline__ void mm(int nb, int M, int N, int K, const T* A, AOff
   }
 }
 
+// A hidden layer's nonlinearity, by its code in the structure's encoding (ik_fast::Activation, csrc/structure.h)
+enum ActKind : int { kActElu = 0, kActFourierElu = 1, kActGated = 2, kActNorm = 3 };
+
 // One hidden layer of the kernel MLP as the trunk kernels read it (pointers into tensors the host prepared in the
 // compute dtype, contiguous):
-//   w     dense (cw_d == 0): W^T (hin, hout) row-major; componentwise (cw_d = D > 0): (D, cin, cout), i.e. the op's
-//         (D, cout, cin) weight with its last two dimensions swapped (cin = hin / D, cout = hout / D)
-//   b     (hout,)
-//   at    Fourier ELU (fd > 0): A^T (fd, g); ainvt: (A^+)^T (g, fd); unused for a pointwise ELU (fd == 0)
+//   act   its nonlinearity (ActKind)
+//   w     dense (cw_d == 0): W^T (hin, lout) row-major; componentwise (cw_d > 0 output components per channel, the
+//         gates included): (cw_d, cin, cout), i.e. the op's (cw_d, cout, cin) weight with its last two dimensions
+//         swapped (cin = hin / cw_din, cout = lout / cw_d); output component a reads input component a for a < cw_dm,
+//         else cw_t0 (a gated layer's gates: the previous field's first trivial component)
+//   b     (lout,)
+//   lout  the Linear's outputs: C (D + gates) for a gated layer (channel-major, each channel's D components, then its
+//         gates), else hout; hout: the activation's units, C D
+//   at    Fourier ELU (fd > 0): A^T (fd, g); ainvt: (A^+)^T (g, fd); unused for the other kinds (fd == 0)
+//   tab   gated / norm: per component a of a channel's D = id its non-trivial irrep's number (-1: trivial), then per
+//         non-trivial irrep (first component, size); ab: norm's act_bias (C nnt,); dl: the Linear's units per
+//         channel (D + nnt for gated, D for norm)
 //   bnf, bns: the affine map after the activation (a batch norm with known statistics), or null:
 //         h[:, j] = a[:, j] * bnf[j / bnd] + bns[j] (channel-major: bnf (hout / bnd,), bns (hout,))
-//   save_y, save_a: when not null, the layer's pre-activation y and activation a (before the affine) are written
-//         there, (E, hout)
+//   save_y, save_a: when not null, the layer's pre-activation y (E, lout) and activation a (E, hout) (before the
+//         affine) are written there
 template <typename T>
 struct LayerDesc {
   const T* w;
   const T* b;
   const T* at;
   const T* ainvt;
+  const int* tab;
+  const T* ab;
   const T* bnf;
   const T* bns;
   T* save_y;
   T* save_a;
+  int act;
   int hin;
+  int lout;
   int hout;
   int cw_d;
+  int cw_din;
+  int cw_dm;
+  int cw_t0;
   int fd;
   int g;
+  int id;
+  int dl;
+  int nnt;
   int bnd;
 };
+
+// A gated or norm layer's activation at unit j = c D + a of one edge, from yr, that edge's row of the layer's Linear
+// output (channel c at yr[c dl ..]): a trivial irrep's component ELU(y); a non-trivial irrep's y times sigmoid of its
+// gate (gated) or of |v| - act_bias[c nnt + g] (norm; |v| over the irrep's components).
+template <typename T>
+__device__ __forceinline__ T irrep_act(int act, const int* __restrict__ tab, const T* __restrict__ ab, int D, int dl,
+                                       int nnt, const T* yr, int j) {
+  const int c = j / D;
+  const int a = j - c * D;
+  const T* yc = yr + c * dl;
+  const int g = tab[a];
+  const T v = yc[a];
+  if (g < 0) return elu(v);
+  if (act == kActGated) return v * sigmoid(yc[D + g]);
+  const int s0 = tab[D + 2 * g];
+  const int sz = tab[D + 2 * g + 1];
+  T sq = T(0);
+  for (int i = 0; i < sz; ++i) sq = fma(yc[s0 + i], yc[s0 + i], sq);
+  const T n = sq > T(0) ? sqrt(sq) : T(0);
+  return v * sigmoid(n - ab[c * nnt + g]);
+}
 
 template <typename T>
 struct TrunkArgs {

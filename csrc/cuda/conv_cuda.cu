@@ -10,7 +10,8 @@
 // Forward, conv(x, inp, ...):
 //  1. radial shell s_e = norm exp(-coef |d_e|^2)                          ATen, (E,)
 //  2. trunk per tile of edges, fused on chip (trunk_cuda.cu, ik_trunk_forward_kernel): input tile -> every hidden
-//     layer (Linear, then Fourier / pointwise ELU, then its batch norm's affine map a f[c] + s in the tile) in shared
+//     layer (Linear, then its activation: Fourier ELU, pointwise ELU, gated or norm, each layer's kind from the
+//     structure; then its batch norm's affine map a f[c] + s in the tile) in shared
 //     memory -> h (E, H) written once. The Fourier ELU's sampled values u = y A^T (E, C_k, G) exist only per chunk
 //     (<= 256 rows x 32 grid points) in shared memory.
 //       shared memory per block: 2 be (Hmax | 1) + 32 min(be C_k, 256)   (X / Y tiles + Fourier scratch)
@@ -63,10 +64,14 @@
 //  3. trunk backward layer by layer (trunk_cuda.cu), from dh_k, the gradient of layer k's output h_k = a_k f + s:
 //     the batch norm's d f[c] = sum_{e,i} dh_k a_k, d s = sum_e dh_k (ATen reductions, like the bias gradient);
 //     dy_k from (y_k, da_k = dh_k f) by ik_fourier_elu_backward_kernel (da_k formed as dh_k is loaded; u = y A^T and
-//     du recomputed per chunk in shared memory, 3 (be, H|1) tiles + scratch) or the pointwise ELU's (likewise);
+//     du recomputed per chunk in shared memory, 3 (be, H|1) tiles + scratch), the pointwise ELU's (likewise) or
+//     ik_irrep_act_backward_kernel (gated / norm, elementwise; a norm layer's d act_bias = the sum over the edges of
+//     its per-edge terms (E, C nnt), ATen);
 //     dW_k = dy_k^T h_{k-1} = (dy_k^T a_{k-1}) diag(f_{k-1}) + db_k s_{k-1}^T (from the saved a_{k-1}: no h_{k-1}),
 //     db_k = sum_e dy_k, dh_{k-1} = dy_k W_k through ATen (cuBLAS mm / bmm for componentwise weights):
-//     deterministic weight gradients, no atomics.
+//     deterministic weight gradients, no atomics. (A gated layer's y_k and dy_k are (E, C (D + gates)), each
+//     channel's gates after its components; its componentwise Linear's gate rows read the previous field's first
+//     trivial component t0, so their part of dh_{k-1} is summed into component t0.)
 //  4. d inp = dh_0 + the radial term (-2 coef s_e ds_e d_e on the first ndim columns);
 //     d coef = -sum_e s_e ds_e |d_e|^2;
 //     dW_F = dB scattered back through widx (index_copy_: zero outside the structure), dB_F as accumulated.
@@ -777,9 +782,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> native_trunk_moments_cuda(
   const c10::cuda::CUDAGuard guard(inp.device());
   const at::ScalarType st = compute_dtype(inp);
   int64_t H = 0;
-  std::vector<TrunkLayer> layers =
-      prepare_trunk(weights, biases, fourier, fourier_inv, act_bias, structure, first_layer, inp.size(1), st,
-                    inp.device(), &H);
+  std::vector<TrunkLayer> layers = prepare_trunk(weights, biases, fourier, fourier_inv, act_bias, structure,
+                                                 first_layer, inp.size(1), st, inp.device(), &H);
   TORCH_CHECK(in_factor.size() == weights.size() && in_shift.size() == weights.size(),
               "ik_fast native CUDA: in_factor and in_shift must have one entry per given layer (", weights.size(),
               "), got ", in_factor.size(), " and ", in_shift.size());

@@ -15,13 +15,19 @@ on the loaded gradient in the activations' backward), through both tilings of th
 and the TF32 path's warp fragments, in exact arithmetic). Buffers the host leaves uninitialised (``at::empty``: Z, the
 pairs' slots) start as NaN, and the Z tiles must write each element of a receiver's compact Z exactly once. The cases
 use random structures (``ik_fast.structure.ConvSpec``: field groups, blocks, components that reach no output, no
-blocks at all) and none (a dense plan), and each of the Z kernel's tile shapes. What it cannot check: races and
+blocks at all) and none (a dense plan), and each of the Z kernel's tile shapes. Every hidden activation kind: the
+Fourier and pointwise ELU, and the gated and norm nonlinearities (the structure's fields of irreps: mixed sizes,
+one-dimensional non-trivial irreps, the first trivial component elsewhere than first, fields of scalars only, irreps
+that are exactly zero so that |v| = 0; dense and componentwise Linears, a gated one's gates reading the previous
+field's first trivial component, between fields of different sizes; batch norm on and off; attributes in the MLP
+input; chained launches), on random programs and on ik_fast's own ImplicitPointConv on O(3) and SO(2) (escnn's
+field types and basis); the elementwise kernels' outputs start as NaN too. What it cannot check: races and
 barriers, the device's own arithmetic (TF32 rounding included), launch configuration, anything CUDA-runtime. The
 plan itself is derived here from the structure's mask with the fields of csrc/cpu/program.h's Plan; the C++
 derivation (from the blocks) may order groups otherwise, which the CUDA code does not depend on. Run with ik_fast
-importable (float64, about half a minute)::
+importable (float64, about a minute)::
 
-    PYTHONPATH=. python tests/tools/emulate_check.py
+    PYTHONPATH=. python tests/tools/emulate_check.py [--only irreps]
 """
 
 from __future__ import annotations
@@ -142,19 +148,82 @@ def prepare_affine(factor, shift, width):
     return dict(f=factor.detach().numpy().copy(), s=shift.detach().numpy().copy(), d=width // C)
 
 
-def prepare_trunk(weights, biases, fourier, fourier_inv, p0):
+ELU, FOURIER, GATED, NORM = 0, 1, 2, 3  # common.cuh's ActKind (the structure's activation codes)
+KINDS = {"elu": ELU, "fourier_elu": FOURIER, "gated": GATED, "norm": NORM}
+
+
+def irrep_table(h):
+    """trunk_cuda.cu's irrep_table: per component its non-trivial irrep's number (-1: trivial), then per non-trivial
+    irrep (first component, size)."""
+    tab, irr, p, g = [], [], 0, 0
+    for size, trivial in h.irreps:
+        tab += [-1 if trivial else g] * size
+        if not trivial:
+            irr += [p, size]
+            g += 1
+        p += size
+    return np.array(tab + irr, dtype=np.int64)
+
+
+def trivial_source(h):
+    p = 0
+    for size, trivial in h.irreps:
+        if trivial:
+            return p
+        p += size
+    return -1
+
+
+def prepare_trunk(weights, biases, fourier, fourier_inv, act_bias, structure, first, p0):
+    """trunk_cuda.cu's prepare_trunk: each layer's kind from the structure's layers[first ..] (without one: Fourier
+    ELU where fourier[k] is non-empty, else ELU), a gated / norm layer's table and act_bias, a componentwise Linear's
+    source components."""
+    L = len(weights)
+    assert len(biases) == len(fourier) == len(fourier_inv) == len(act_bias) == L
+    lay = decode(structure).layers if structure is not None else None
+    if lay is not None:
+        assert 0 <= first and first + L <= len(lay)
     layers, hin = [], p0
-    for w, b, A, Ai in zip(weights, biases, fourier, fourier_inv):
+    for k, (w, b, A, Ai, ab) in enumerate(zip(weights, biases, fourier, fourier_inv, act_bias)):
+        h = lay[first + k] if lay is not None else None
+        prev = lay[first + k - 1] if lay is not None and first + k > 0 else None
+        act = KINDS[h.activation] if h is not None else (FOURIER if A.numel() else ELU)
+        irreps = act in (GATED, NORM)
+        assert act == NORM or ab.numel() == 0
         w = w.detach().numpy()
-        t = dict(w=w, b=b.detach().numpy().copy(), hin=hin, cw_d=0, fd=0, g=0, bn=None)
+        t = dict(w=w, act=act, hin=hin, cw_d=0, cw_din=0, cw_dm=0, cw_t0=0, fd=0, g=0, id=0, dl=0, nnt=0, bn=None)
+        if irreps:
+            t.update(id=h.components, nnt=h.nontrivial, dl=h.linear_components)
         if w.ndim == 2:
-            t["hout"] = w.shape[0]
+            assert w.shape[1] == hin
+            t["lout"] = w.shape[0]
             t["wk"] = np.ascontiguousarray(w.T).reshape(-1)
         else:
-            t["cw_d"] = w.shape[0]
-            t["hout"] = w.shape[0] * w.shape[1]
+            t["cw_d"], cin = w.shape[0], w.shape[2]
+            if act == GATED and t["nnt"] > 0 and prev is not None:
+                t0 = trivial_source(prev)
+                assert t0 >= 0
+                din = hin // cin
+                assert t["cw_d"] == t["dl"] and din * cin == hin and din > t0 and din >= t["id"]
+                t.update(cw_t0=t0, cw_din=din, cw_dm=t["id"])
+            else:
+                assert cin * t["cw_d"] == hin
+                t.update(cw_din=t["cw_d"], cw_dm=t["cw_d"])
+            t["lout"] = w.shape[0] * w.shape[1]
             t["wk"] = np.ascontiguousarray(w.transpose(0, 2, 1)).reshape(-1)
-        if A.numel():
+        assert tuple(b.shape) == (t["lout"],)
+        t["b"] = b.detach().numpy().copy()
+        t["hout"] = t["lout"]
+        if irreps:
+            assert t["lout"] % t["dl"] == 0
+            C = t["lout"] // t["dl"]
+            t["hout"] = C * t["id"]
+            t["tab"] = irrep_table(h)
+            if act == NORM:
+                assert tuple(ab.shape) == (C * t["nnt"],)
+                t["ab"] = ab.detach().numpy().copy()
+        elif act == FOURIER:
+            assert A.numel() > 0
             A, Ai = A.numpy(), Ai.numpy()
             t.update(
                 g=A.shape[0],
@@ -170,21 +239,54 @@ def prepare_trunk(weights, biases, fourier, fourier_inv, p0):
 
 
 def linear_tile(L, X, Y, be, ld):
-    w, b, hin, hout = L["wk"], L["b"], L["hin"], L["hout"]
+    w, b, hin, lout = L["wk"], L["b"], L["hin"], L["lout"]
     if L["cw_d"] == 0:
 
         def st(bi, m, n, v):
             Y[m * ld + n] = v + b[n]
 
-        block_mm(1, be, hout, hin, X, lambda bi, m: m * ld, 1, w, lambda bi, n: n, hout, st)
+        block_mm(1, be, lout, hin, X, lambda bi, m: m * ld, 1, w, lambda bi, n: n, lout, st)
     else:
-        D = L["cw_d"]
-        cin, cout = hin // D, hout // D
+        D, Din, dm, t0 = L["cw_d"], L["cw_din"], L["cw_dm"], L["cw_t0"]
+        cin, cout = hin // Din, lout // D
 
         def st(a, m, n, v):
             Y[m * ld + n * D + a] = v + b[n * D + a]
 
-        block_mm(D, be, cout, cin, X, lambda a, m: m * ld + a, D, w, lambda a, n: a * cin * cout + n, cout, st)
+        def aoff(a, m):
+            return m * ld + (a if a < dm else t0)
+
+        block_mm(D, be, cout, cin, X, aoff, Din, w, lambda a, n: a * cin * cout + n, cout, st)
+
+
+def sigmoid(u):
+    return 1.0 / (1.0 + np.exp(-u))
+
+
+def irrep_act(L, Y, yr, j):
+    """common.cuh's irrep_act, vectorised over the elements (yr: each one's row offset into Y, j its unit)."""
+    tab, D, dl, nnt = L["tab"], L["id"], L["dl"], L["nnt"]
+    c = j // D
+    a = j - c * D
+    yc = yr + c * dl
+    g = tab[a]
+    v = Y[yc + a]
+    out = np.empty_like(v)
+    triv = g < 0
+    out[triv] = elu(v[triv])
+    nt = ~triv
+    if L["act"] == GATED:
+        out[nt] = v[nt] * sigmoid(Y[yc[nt] + D + g[nt]])
+        return out
+    gi = g[nt]
+    s0, sz = tab[D + 2 * gi], tab[D + 2 * gi + 1]
+    sq = np.zeros(nt.sum())
+    for i in range(int(sz.max(initial=0))):
+        live = i < sz
+        sq[live] += Y[yc[nt][live] + s0[live] + i] ** 2
+    n = np.where(sq > 0, np.sqrt(np.where(sq > 0, sq, 1.0)), 0.0)
+    out[nt] = v[nt] * sigmoid(n - L["ab"][c[nt] * nnt + gi])
+    return out
 
 
 def fourier_elu_tile(L, Y, X, U, be, ld, gc, su):
@@ -237,10 +339,11 @@ def trunk_forward_kernel(inp, in_map, layers, out, saves, be, ld, gc, su):
         width = hin0
         for L, (save_y, save_a) in zip(layers, saves):
             linear_tile(L, X, Y, be, ld)
-            width = L["hout"]
+            lout = L["lout"]
             if save_y is not None:
-                save_y.reshape(-1)[e0 * width : (e0 + ne) * width] = Y.reshape(be, ld)[:ne, :width].reshape(-1)
-            fourier = L["fd"] > 0
+                save_y.reshape(-1)[e0 * lout : (e0 + ne) * lout] = Y.reshape(be, ld)[:ne, :lout].reshape(-1)
+            width = L["hout"]
+            fourier = L["act"] == FOURIER
             if fourier:
                 fourier_elu_tile(L, Y, X, U, be, ld, gc, su)
             bn = L["bn"]
@@ -248,7 +351,12 @@ def trunk_forward_kernel(inp, in_map, layers, out, saves, be, ld, gc, su):
                 idx = np.arange(be * width)
                 e, j = idx // width, idx % width
                 p = e * ld + j
-                v = X[p] if fourier else elu(Y[p])
+                if fourier:
+                    v = X[p]
+                elif L["act"] == ELU:
+                    v = elu(Y[p])
+                else:
+                    v = irrep_act(L, Y, e * ld, j)
                 if save_a is not None:
                     live = e < ne
                     save_a.reshape(-1)[(e0 + e[live]) * width + j[live]] = v[live]
@@ -262,7 +370,7 @@ MAX_LAYERS = 16  # common.cuh's kMaxLayers (main() also runs the chained launche
 
 
 def launch_trunk_group(cur, in_map, out, layers, k0, k1, saves):
-    hmax = max([cur.shape[1]] + [L["hout"] for L in layers[k0:k1]])
+    hmax = max([cur.shape[1]] + [max(L["lout"], L["hout"]) for L in layers[k0:k1]])
     rows = max([1] + [L["hout"] // L["fd"] for L in layers[k0:k1] if L["fd"] > 0])
     ld = odd(hmax)
     su_for = lambda be: GRID_CHUNK * min(be * rows, MAX_SCRATCH_ROWS)  # noqa: E731
@@ -281,7 +389,7 @@ def trunk_forward(inp, in_map, layers, save=False):
     E = inp.shape[0]
     if not layers:
         return inp, None
-    saves = ([np.zeros((E, L["hout"])) for L in layers], [np.zeros((E, L["hout"])) for L in layers]) if save else None
+    saves = ([np.zeros((E, L["lout"])) for L in layers], [np.zeros((E, L["hout"])) for L in layers]) if save else None
     cur = inp
     for k0 in range(0, len(layers), MAX_LAYERS):
         k1 = min(len(layers), k0 + MAX_LAYERS)
@@ -351,11 +459,68 @@ def elu_backward_kernel(y, dh, L):
     return (da * elu_grad(y.reshape(-1)[i])).reshape(E, H)
 
 
+def irrep_act_backward_kernel(y, dh, L):
+    """ik_irrep_act_backward_kernel: one element i of dy (E, C dl) per thread; (dy, dab (E, C nnt) or None)."""
+    E = y.shape[0]
+    tab, D, dl, nnt, act = L["tab"], L["id"], L["dl"], L["nnt"], L["act"]
+    C = L["hout"] // D
+    bn = L["bn"]
+    yf, dhf = y.reshape(-1), dh.reshape(-1)
+    n = E * C * dl
+    dy = np.full(n, np.nan)  # (at::empty)
+    dab = np.full(E * C * nnt, np.nan) if act == NORM and C * nnt > 0 else None
+    i = np.arange(n)
+    e = i // (C * dl)
+    r = i - e * (C * dl)
+    c = r // dl
+    u = r - c * dl
+    yc = e * (C * dl) + c * dl
+    dc = e * (C * D) + c * D
+
+    def da(a, sel):
+        v = dhf[dc[sel] + a]
+        return v * bn["f"][(c[sel] * D + a) // bn["d"]] if bn is not None else v
+
+    g = np.where(u < D, tab[np.minimum(u, D - 1)], u - D)
+    triv = g < 0
+    dy[triv] = da(u[triv], triv) * elu_grad(yf[yc[triv] + u[triv]])
+    rest = ~triv
+    s0, sz = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)  # (read by the non-trivial elements only)
+    s0[rest], sz[rest] = tab[D + 2 * g[rest]], tab[D + 2 * g[rest] + 1]
+    if act == GATED:
+        comp = rest & (u < D)
+        dy[comp] = da(u[comp], comp) * sigmoid(yf[yc[comp] + D + g[comp]])
+        rest = rest & ~comp
+    dot, sq = np.zeros(n), np.zeros(n)
+    for k in range(int(sz[rest].max(initial=0))):
+        live = rest & (k < sz)
+        v = yf[yc[live] + s0[live] + k]
+        dot[live] += da(s0[live] + k, live) * v
+        sq[live] += v * v
+    if act == GATED:  # the gates
+        sg = sigmoid(yf[yc[rest] + u[rest]])
+        dy[rest] = dot[rest] * sg * (1 - sg)
+    elif rest.any():
+        nrm = np.where(sq > 0, np.sqrt(np.where(sq > 0, sq, 1.0)), 0.0)[rest]
+        sg = sigmoid(nrm - L["ab"][c[rest] * nnt + g[rest]])
+        sp = dot[rest] * sg * (1 - sg)
+        safe = np.where(nrm > 0, nrm, 1.0)
+        dy[rest] = da(u[rest], rest) * sg + np.where(nrm > 0, sp * yf[yc[rest] + u[rest]] / safe, 0.0)
+        first = u[rest] == s0[rest]
+        er, cr, gr = e[rest][first], c[rest][first], g[rest][first]
+        idx = er * (C * nnt) + cr * nnt + gr
+        assert len(np.unique(idx)) == len(idx)
+        dab[idx] = -sp[first]
+    assert not np.isnan(dy).any(), "an element of dy is not written"
+    assert dab is None or not np.isnan(dab).any(), "an edge's act_bias term is not written"
+    return dy.reshape(E, C * dl), (dab.reshape(E, C * nnt) if dab is not None else None)
+
+
 def trunk_backward(inp, layers, ys, as_, dh):
-    """trunk_cuda.cu's trunk_backward with torch in place of ATen: (dinp, dweights, dbiases, dbn_factor, dbn_shift),
-    None for a layer without an affine map."""
+    """trunk_cuda.cu's trunk_backward with torch in place of ATen: (dinp, dweights, dbiases, dact_bias, dbn_factor,
+    dbn_shift), None for a layer that is not norm (dact_bias) or has no affine map (dbn_*)."""
     n = len(layers)
-    dws, dbs, dfs, dss = [None] * n, [None] * n, [None] * n, [None] * n
+    dws, dbs, das, dfs, dss = [None] * n, [None] * n, [None] * n, [None] * n, [None] * n
     dh = torch.from_numpy(dh)
     E = inp.shape[0]
     for k in reversed(range(n)):
@@ -364,10 +529,16 @@ def trunk_backward(inp, layers, ys, as_, dh):
         if bn is not None:
             dfs[k] = (dh * torch.from_numpy(as_[k])).sum(0).view(L["hout"] // bn["d"], bn["d"]).sum(1)
             dss[k] = dh.sum(0)
-        if L["fd"] > 0:
+        if L["act"] in (GATED, NORM):
+            dy, dab = irrep_act_backward_kernel(ys[k], dh.numpy(), L)
+            dy = torch.from_numpy(dy)
+            if L["act"] == NORM:
+                das[k] = torch.from_numpy(dab).sum(0) if dab is not None else torch.zeros(0, dtype=torch.float64)
+        elif L["fd"] > 0:
             dy = torch.from_numpy(fourier_backward_kernel(ys[k], dh.numpy(), L))
         else:
             dy = torch.from_numpy(elu_backward_kernel(ys[k], dh.numpy(), L))
+        assert tuple(dy.shape) == (E, L["lout"])
         ain = torch.from_numpy(inp if k == 0 else as_[k - 1])
         pm = layers[k - 1]["bn"] if k > 0 else None
         db = dy.sum(0)
@@ -384,26 +555,38 @@ def trunk_backward(inp, layers, ys, as_, dh):
             dws[k] = dw
             dh = dy @ w
         else:
-            D = L["cw_d"]
-            cout, cin = L["hout"] // D, hin // D
+            D, Din, dm, t0 = L["cw_d"], L["cw_din"], L["cw_dm"], L["cw_t0"]
+            cout, cin = L["lout"] // D, hin // Din
             dyv = dy.view(E, cout, D)
-            dw = torch.bmm(dyv.permute(2, 1, 0), ain.view(E, cin, D).permute(2, 0, 1))
+
+            def sel(m, D=D, dm=dm, t0=t0):
+                if dm == D:
+                    return m
+                return torch.cat([m.narrow(0, 0, dm), m.narrow(0, t0, 1).expand(D - dm, *m.shape[1:])], 0)
+
+            def by_component(v, c, Din=Din, sel=sel):
+                return sel(v.view(c, Din).t())
+
+            av = sel(ain.view(E, cin, Din).permute(2, 0, 1))
+            dw = torch.bmm(dyv.permute(2, 1, 0), av)
             if pm is not None:
-
-                def by_component(v, c, D=D):
-                    return v.view(c, D).t()
-
-                outer = by_component(db, cout).unsqueeze(2) * by_component(ps, cin).unsqueeze(1)
+                outer = db.view(cout, D).t().unsqueeze(2) * by_component(ps, cin).unsqueeze(1)
                 dw = dw * by_component(fexp, cin).unsqueeze(1) + outer
             dws[k] = dw
-            dh = torch.bmm(dyv.permute(2, 0, 1), w).permute(1, 2, 0).reshape(E, hin)
-    return dh.numpy(), dws, dbs, dfs, dss
+            dsel = torch.bmm(dyv.permute(2, 0, 1), w)  # (D, E, cin)
+            if dm == D:
+                dh = dsel.permute(1, 2, 0).reshape(E, hin)
+            else:
+                d3 = torch.zeros(E, cin, Din, dtype=dy.dtype)
+                d3.narrow(2, 0, dm).copy_(dsel.narrow(0, 0, dm).permute(1, 2, 0))
+                d3.select(2, t0).add_(dsel.narrow(0, dm, D - dm).sum(0))
+                dh = d3.view(E, hin)
+    return dh.numpy(), dws, dbs, das, dfs, dss
 
 
 def trunk_moments(inp, weights, biases, fourier, fourier_inv, act_bias, in_factor, in_shift, structure, first_layer):
     """conv_cuda.cu's native_trunk_moments_cuda: (moments (2, H), the last activation before its batch norm)."""
-    check_activations(structure, first_layer, len(weights), act_bias)
-    layers, H = prepare_trunk(weights, biases, fourier, fourier_inv, inp.shape[1])
+    layers, H = prepare_trunk(weights, biases, fourier, fourier_inv, act_bias, structure, first_layer, inp.shape[1])
     assert len(in_factor) == len(layers) and len(in_shift) == len(layers)
     in_map = None
     for k in range(len(layers)):
@@ -621,18 +804,9 @@ def edge_kernel(dZ, h, s, x, src, rowptr, tile_ptr, dG, gz, dxe, r0, r1, H, C, t
 _PLANS = {}
 
 
-def check_activations(structure, first, L, act_bias):
-    """structure.cpp's check_activations: the CUDA kernels do elu and fourier_elu (no act_bias)."""
-    assert len(act_bias) == L and all(b.numel() == 0 for b in act_bias)
-    if structure is not None:
-        kinds = [h.activation for h in decode(structure).layers[first : first + L]]
-        assert len(kinds) == L and set(kinds) <= {"elu", "fourier_elu"}, kinds
-
-
 def conv_inputs(x, inp, src, rowptr, weights, biases, fourier, fourier_inv, act_bias, bn_factor, bn_shift, fw, fb,
                 coef, norm, ndim, structure):  # fmt: skip
-    check_activations(structure, 0, len(weights), act_bias)
-    layers, H = prepare_trunk(weights, biases, fourier, fourier_inv, inp.shape[1])
+    layers, H = prepare_trunk(weights, biases, fourier, fourier_inv, act_bias, structure, 0, inp.shape[1])
     assert len(bn_factor) == len(layers) and len(bn_shift) == len(layers)
     for L, f, sh in zip(layers, bn_factor, bn_shift):
         L["bn"] = prepare_affine(f, sh, L["hout"])
@@ -725,9 +899,9 @@ def conv_backward(grad, x, inp, src, rowptr, *program, nr):
     dx = np.zeros_like(xn)
     np.add.at(dx, srcn, dxe)
     if layers:
-        dinp, dws, dbs, dfs, dss = trunk_backward(inpn, layers, saves[0], saves[1], dh)
+        dinp, dws, dbs, das, dfs, dss = trunk_backward(inpn, layers, saves[0], saves[1], dh)
     else:
-        dinp, dws, dbs, dfs, dss = dh, [], [], [], []
+        dinp, dws, dbs, das, dfs, dss = dh, [], [], [], [], []
     wds = ds * s
     dcoef = -(wds * r2).sum()
     dinp = dinp.copy()
@@ -736,7 +910,9 @@ def conv_backward(grad, x, inp, src, rowptr, *program, nr):
     dfw[dp["widx"]] = dB  # index_copy_(0, widx, dB): zero outside the structure
     dfs = [d.numpy() if d is not None else np.zeros(tuple(f.shape)) for d, f in zip(dfs, bn_factor)]
     dss = [d.numpy() if d is not None else np.zeros(tuple(t.shape)) for d, t in zip(dss, bn_shift)]
-    das = [np.zeros(tuple(b.shape)) for b in act_bias]
+    das = [
+        d.numpy().reshape(tuple(b.shape)) if d is not None else np.zeros(tuple(b.shape)) for d, b in zip(das, act_bias)
+    ]
     return [
         dx, dinp, *[d.numpy() for d in dws], *[d.numpy() for d in dbs], *das, *dfs, *dss, dfw.reshape(R, H, C), dfb,
         np.array([dcoef]),
@@ -747,41 +923,78 @@ def conv_backward(grad, x, inp, src, rowptr, *program, nr):
 # a random program and graph
 # ------------------------------------------------------------------------------------------------------------------
 def random_case(
-    seed, spec, P0=5, ndim=3, C=6, R=5, n_src=9, n_dst=11, degrees=None, with_structure=True, couple=0.5, uncoupled=()
-):
-    """spec: per hidden layer (kind, width args, fourier (G, D) or None[, batch-norm channels]); kind "dense" (H_out)
-    or "cw" (D, C_out); the batch norm's channels: 0 for none, by default one per Fourier channel (per unit for a
-    pointwise ELU)."""
+    seed, spec, P0=5, ndim=3, C=6, R=5, n_src=9, n_dst=11, degrees=None, with_structure=True, couple=0.5, uncoupled=(),
+    zero=(),
+):  # fmt: skip
+    """spec: per hidden layer (kind, width args, activation[, batch-norm channels]); kind "dense" or "cw"
+    (componentwise); activation None (pointwise ELU), (G, D) (Fourier ELU) or ("gated" | "norm", irreps) with irreps
+    ((size, trivial), ...); width args: H_out (dense) or (D, C_out) (cw) for ELU and Fourier ELU, the channels C_out
+    for gated and norm (a gated layer's Linear makes C_out (D + gates) units, a componentwise one reads the gates from
+    the previous field's first trivial component); the batch norm's channels: 0 for none, by default one per channel
+    (per unit for a pointwise ELU). The first ``ndim`` of the P0 MLP inputs are the edge vector, the others
+    attributes. ``zero``: (layer, channel, non-trivial irrep) triples whose Linear rows and biases are zero, so that
+    the irrep is exactly zero on every edge (|v| = 0)."""
     g = torch.Generator().manual_seed(seed)
     rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
     empty = lambda: torch.zeros(0, dtype=torch.float64, requires_grad=True)  # noqa: E731
     weights, biases, fourier, fourier_inv, act_bias, bn_factor, bn_shift = [], [], [], [], [], [], []
-    layouts = []  # the structure's hidden layers (elu / fourier_elu: no act_bias)
-    hin = P0
-    for kind, shape, four, *bn in spec:
-        if kind == "dense":
+    layouts = []  # the structure's hidden layers
+    hin, prev_d = P0, P0
+    for k, (kind, shape, act, *bn) in enumerate(spec):
+        irreps = act is not None and isinstance(act[0], str)
+        if irreps:
+            name, irr = act
+            D = sum(size for size, _ in irr)
+            lay = HiddenLayout(shape, D, 0, kind == "cw", True, name, tuple(irr))
+            dl, co = lay.linear_components, shape
+            if kind == "dense":
+                w = rnd(co * dl, hin) / hin**0.5
+            else:
+                w = rnd(dl, co, hin // prev_d) / (hin // prev_d) ** 0.5
+            lout, hout = co * dl, co * D
+        elif kind == "dense":
             w = rnd(shape, hin) / hin**0.5
-            hout = shape
+            lout = hout = shape
         else:
             D, co = shape
             w = rnd(D, co, hin // D) / (hin // D) ** 0.5
-            hout = D * co
+            lout = hout = D * co
+        b = 0.3 * rnd(lout)
+        for kz, cz, gz in zero:
+            if kz == k:  # the rows of non-trivial irrep gz of channel cz
+                triv, idx = lay.component_irreps()
+                rows = [cz * dl + a for a in range(D) if not triv[a] and idx[a] == gz]
+                if w.dim() == 2:
+                    w[rows] = 0.0
+                else:
+                    w[[r % dl for r in rows], cz] = 0.0
+                b[rows] = 0.0
         weights.append(w.requires_grad_())
-        biases.append((0.3 * rnd(hout)).requires_grad_())
-        if four is None:
+        biases.append(b.requires_grad_())
+        if act is None or irreps:
             fourier.append(torch.zeros(0, dtype=torch.float64))
             fourier_inv.append(torch.zeros(0, dtype=torch.float64))
         else:
-            G, D = four
+            G, D = act
             A = rnd(G, D) / D**0.5
             fourier.append(A)
             fourier_inv.append(torch.linalg.pinv(A))
-        act_bias.append(empty())
-        D_k = four[1] if four is not None else 1
-        kind_k = "fourier_elu" if four is not None else "elu"
-        grid = four[0] if four is not None else 0
-        channels = bn[0] if bn else (hout // four[1] if four is not None else hout)
-        layouts.append(HiddenLayout(hout // D_k, D_k, grid, kind == "cw", bool(channels), kind_k))
+        if irreps:
+            channels = bn[0] if bn else shape
+            layouts.append(HiddenLayout(shape, lay.components, 0, kind == "cw", bool(channels), name, lay.irreps))
+            prev_d = lay.components
+            if name == "norm":
+                act_bias.append((0.5 * rnd(lay.bias_size)).requires_grad_())
+            else:
+                act_bias.append(empty())
+        else:
+            act_bias.append(empty())
+            D_k = act[1] if act is not None else 1
+            kind_k = "fourier_elu" if act is not None else "elu"
+            grid = act[0] if act is not None else 0
+            channels = bn[0] if bn else (hout // act[1] if act is not None else hout)
+            layouts.append(HiddenLayout(hout // D_k, D_k, grid, kind == "cw", bool(channels), kind_k))
+            prev_d = D_k
         if channels:
             bn_factor.append((1.0 + 0.5 * rnd(channels)).requires_grad_())
             bn_shift.append((0.3 * rnd(hout)).requires_grad_())
@@ -812,9 +1025,10 @@ def random_case(
 
 def random_structure(g, R, H, C, couple=0.5, uncoupled=(), layouts=()):
     """A random encoded structure of W' (R, H, C): fields of sizes 1 to 3 grouped by size (offsets interleaved), H as
-    channels x components (D = 3, 2 or 1), a fraction ``couple`` of the (output group, component, input group)
-    triples coupled (none of the components in ``uncoupled``: their units reach no output), each on a random
-    non-empty set of its field pair's entries. ``layouts``: the hidden layers (the last one's layout set to H's)."""
+    channels x components (D = 3, 2 or 1; a gated / norm last layer's own), a fraction ``couple`` of the (output
+    group, component, input group) triples coupled (none of the components in ``uncoupled``: their units reach no
+    output), each on a random non-empty set of its field pair's entries. ``layouts``: the hidden layers (the last
+    one's layout set to H's unless it is gated / norm)."""
     rand = lambda: float(torch.rand(1, generator=g))  # noqa: E731
 
     def fields(n):
@@ -826,7 +1040,9 @@ def random_structure(g, R, H, C, couple=0.5, uncoupled=(), layouts=()):
             by_size.setdefault(d, []).append(int(o))
         return tuple(FieldGroup(d, tuple(o)) for d, o in sorted(by_size.items()))
 
-    D = next(d for d in (3, 2, 1) if H % d == 0)
+    layers = tuple(layouts)
+    fixed = bool(layers) and layers[-1].activation in ("gated", "norm")
+    D = layers[-1].components if fixed else next(d for d in (3, 2, 1) if H % d == 0)
     out_groups, in_groups = fields(R), fields(C)
     blocks = []
     for og, go in enumerate(out_groups):
@@ -836,8 +1052,7 @@ def random_structure(g, R, H, C, couple=0.5, uncoupled=(), layouts=()):
                     n = go.d * gi.d
                     entries = [e for e in range(n) if rand() < 0.6] or [int(torch.randint(0, n, (1,), generator=g))]
                     blocks.append(Block(og, a, ig, tuple(entries)))
-    layers = tuple(layouts)
-    if layers:
+    if layers and not fixed:
         last = layers[-1]
         last = HiddenLayout(H // D, D, last.grid, last.componentwise, last.batch_norm, last.activation)
         layers = layers[:-1] + (last,)
@@ -893,13 +1108,32 @@ def check(name, args, nr, tol=1e-10):
     return worst < tol
 
 
-def main():
+def main(argv=None):
     global TC, MAX_LAYERS, FORCE_TH
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--only",
+        choices=("irreps",),
+        help="irreps: only the gated and norm cases (random fields through both GEMM tilings, ik_fast's layers)",
+    )
+    args = parser.parse_args(argv)
     ok = True
+    if args.only == "irreps":
+        for tc in (False, True):
+            TC = tc
+            ok &= irreps_cases()
+        TC = False
+        ok &= layer_cases()
+        print("all ok" if ok else "FAILURES")
+        return 0 if ok else 1
     for TC in (False, True):
         path = "block_mm_tf32 (TF32 path's tiling, exact arithmetic)" if TC else "block_mm (IEEE path)"
         print("block GEMMs as", path)
         ok &= cases()
+        ok &= irreps_cases()
+    ok &= layer_cases()
     TC = False
     for FORCE_TH in (16, 32, 64):
         print(f"Z kernel tiles of {FORCE_TH} hidden rows x {Z_TILE_AREA // FORCE_TH} columns")
@@ -957,6 +1191,107 @@ def cases():
     return ok
 
 
+# fields as direct sums of irreps (size, trivial): mixed sizes, a one-dimensional non-trivial irrep, the first trivial
+# component not the first component (what a componentwise Linear's gates read), only trivial irreps (no gates / bias)
+IRR_A = ((1, True), (3, False), (1, False), (2, False))  # D = 7, 3 non-trivial
+IRR_B = ((2, False), (1, True), (3, False))  # D = 6, 2 non-trivial, first trivial component 2
+IRR_T = ((1, True), (1, True))  # D = 2, no non-trivial irrep
+
+
+def irreps_cases():
+    """gated and norm: dense and componentwise Linears, batch norm on / off, attributes, an irrep that is exactly
+    zero (|v| = 0), a componentwise Linear between fields of different sizes, fields without non-trivial irreps."""
+    ok = True
+    for k in ("gated", "norm"):
+        ok &= check(
+            f"{k}: dense + cw, batch norm, t0 = 2",
+            random_case(20, [("dense", 3, (k, IRR_B)), ("cw", 2, (k, IRR_B))]),
+            nr=4,
+        )
+        ok &= check(
+            f"{k}: dense + dense, no batch norm, a zero irrep",
+            random_case(21, [("dense", 2, (k, IRR_A), 0), ("dense", 3, (k, IRR_A), 0)], zero=[(0, 1, 1), (1, 0, 2)]),
+            nr=3,
+        )
+        # (a componentwise Linear between different fields: a gated layer's, whose components read their own and
+        # whose gates read t0; a norm layer's Linear into another field is dense)
+        third = ("cw", 2, (k, IRR_B), 2) if k == "gated" else ("dense", 2, (k, IRR_B), 2)
+        ok &= check(
+            f"{k}: 3 layers, attributes, 7 then 6 components",
+            random_case(22, [("dense", 3, (k, IRR_A), 3), ("cw", 3, (k, IRR_A), 0), third], P0=7, zero=[(1, 2, 0)]),
+            nr=5,
+        )
+        ok &= check(
+            f"{k}: only trivial irreps", random_case(23, [("dense", 3, (k, IRR_T)), ("cw", 4, (k, IRR_T))]), nr=4
+        )
+        # wide: Linear outputs past a micro-tile's and a warp tile's width (gated: 10 channels x 10 units), edge
+        # tiles of 16, Z tiles of several pieces
+        ok &= check(
+            f"{k}: several tiles",
+            random_case(25, [("dense", 10, (k, IRR_A)), ("cw", 10, (k, IRR_A), 5)], C=40, R=3, degrees=[20, 0, 35, 2]),
+            nr=3,
+        )
+        ok &= check(
+            f"{k}: no structure reaches component 1",
+            random_case(24, [("dense", 2, (k, IRR_B)), ("cw", 2, (k, IRR_B))], couple=0.8, uncoupled=(1,)),
+            nr=4,
+        )
+    return ok
+
+
+def layer_case(group, nonlinearity, n_nodes=6, n_edges=16, seed=0):
+    """The op arguments of an ik_fast.ImplicitPointConv (n_layers=3, n_channels=2, eval mode: every batch norm an
+    affine map from random running statistics) with escnn's own field types (mixed fields in and out, scalar, vector
+    and pseudoscalar attributes) and the structure its basis gives, on a small random graph."""
+    import escnn.nn as enn
+    from escnn import gspaces
+
+    import ik_fast
+    from ik_fast.graph import prepare_graph
+    from ik_fast.testing import randomize_
+
+    gs = {"O3": gspaces.flipRot3dOnR3, "SO2": gspaces.rot2dOnR3}[group]()
+    G, std = gs.fibergroup, gs.basespace_action
+    base = (
+        G.bl_sphere_representation(L=1) if hasattr(G, "bl_sphere_representation") else G.bl_regular_representation(L=1)
+    )
+    odd = [irr for irr in G.irreps() if irr.size == 1 and not irr.is_trivial()][:1]
+    in_t = enn.FieldType(gs, [G.trivial_representation, std, base])
+    out_t = enn.FieldType(gs, [base, std, G.trivial_representation] + odd)
+    attr_t = enn.FieldType(gs, [G.trivial_representation, std] + odd)
+    torch.manual_seed(seed)
+    conv = ik_fast.ImplicitPointConv(in_t, out_t, attr_t, n_layers=3, n_channels=2, nonlinearity=nonlinearity)
+    conv = randomize_(conv, seed).double().eval()
+    g = torch.Generator().manual_seed(seed)
+    pos = torch.randn(n_nodes, 3, generator=g, dtype=torch.float64)
+    ei = torch.randint(0, n_nodes, (2, n_edges), generator=g)
+    a = torch.randn(n_edges, attr_t.size, generator=g, dtype=torch.float64)
+    x = torch.randn(n_nodes, in_t.size, generator=g, dtype=torch.float64)
+    prog = conv.kernel.program()
+    gr = prepare_graph(ei, n_nodes, n_nodes)
+    inp = prog.mlp_input(pos[ei[0]] - pos[ei[1]], a)[gr.perm].contiguous()
+    p = prog.op_program([], torch.float64)
+    leaf = lambda t: t.detach().clone().requires_grad_()  # noqa: E731
+    return [
+        leaf(x), leaf(inp), gr.src[gr.perm].contiguous(), gr.rowptr, [leaf(w) for w in p.weights],
+        [leaf(b) for b in p.biases], p.fourier, p.fourier_inv, [leaf(t) for t in p.act_bias],
+        [leaf(f) for f in p.bn_factor], [leaf(t) for t in p.bn_shift], leaf(p.final_weight), leaf(p.final_bias),
+        leaf(p.coef), p.norm, p.ndim, p.structure,
+    ]  # fmt: skip
+
+
+def layer_cases():
+    """gated and norm programs as ik_fast's layers make them: O(3) (a componentwise hidden Linear, irreps of sizes 1,
+    3, 5, 7, pseudoscalars) and SO(2) on R^3 (dense)."""
+    ok = True
+    for group in ("O3", "SO2"):
+        for k in ("gated", "norm"):
+            args = layer_case(group, k)
+            shapes = [tuple(w.shape) for w in args[4]]
+            ok &= check(f"{k}: ImplicitPointConv {group} {shapes}", args, nr=4)
+    return ok
+
+
 def several_tiles(with_structure=True):
     spec = [("dense", 70, (70, 7)), ("cw", (7, 10), (70, 7))]
     return random_case(7, spec, C=40, R=3, degrees=[20, 0, 35, 2], with_structure=with_structure)
@@ -972,6 +1307,9 @@ def chained_cases():
         random_case(12, spec[:2] + [("dense", 5, None, 0)], with_structure=False),
         nr=4,
     )
+    for k in ("gated", "norm"):
+        spec = [("dense", 2, (k, IRR_B), 2), ("cw", 2, (k, IRR_B), 0), ("cw", 3, (k, IRR_B)), ("dense", 2, (k, IRR_A))]
+        ok &= check(f"{k}: 4 layers in launches of 2", random_case(26, spec, zero=[(0, 0, 1)]), nr=4)
     return ok
 
 
