@@ -19,8 +19,8 @@
 //                          bool with_grid)    (the given layers are structure's layers[first_layer : first_layer + L])
 //
 // Each hidden layer's nonlinearity is the structure's (csrc/structure.h; without one: fourier_elu where fourier[k] is
-// non-empty, else elu); the kernels do elu and fourier_elu and raise a NotImplementedError for gated and norm
-// (check_activations).
+// non-empty, else elu): elu, fourier_elu, gated and norm (ik_fast/ops.py states them; a gated layer's Linear also
+// makes one gate per non-trivial irrep after each channel's components, a norm layer has act_bias[k] (C * n_nt,)).
 //
 // The kernel MLP comes as written (ik_fast/ops.py, op contract v2): bn_factor[k] / bn_shift[k] is hidden layer k's
 // batch norm as an affine map on its activation (empty: none), applied by the kernels; `hidden` and the tape's
