@@ -248,7 +248,8 @@ def test_batch_norm_on_some_layers_with_a_zero_factor(name):
     flat = torch.ops.ik_fast.triton_conv_backward(w, *(t.detach() if torch.is_tensor(t) else t for t in (x, inp)),
                                                   src, rowptr, *p.args())  # fmt: skip
     L = len(p.weights)
-    dfac, dshift = flat[2 + 2 * L : 2 + 3 * L], flat[2 + 3 * L : 2 + 4 * L]
+    dab, dfac, dshift = flat[2 + 2 * L : 2 + 3 * L], flat[2 + 3 * L : 2 + 4 * L], flat[2 + 4 * L : 2 + 5 * L]
+    assert all(t.numel() == 0 for t in dab)  # (no norm layer: empty activation biases)
     assert [tuple(t.shape) for t in dfac] == [tuple(f.shape) for f in p.bn_factor] and dfac[1].numel() == 0
     assert [tuple(t.shape) for t in dshift] == [tuple(t.shape) for t in p.bn_shift] and dshift[1].numel() == 0
 
@@ -380,3 +381,134 @@ def test_auto_uses_torch_until_a_gpu_benchmark_shows_a_fused_backend_faster():
     with pytest.warns(RuntimeWarning, match="'auto' uses 'torch' on cuda .*triton: "):
         assert B.resolve_backend("auto", "cuda") == "torch"
     assert B.resolve_backend("auto", "cpu") == ("native" if "native" in ik_fast.available_backends("cpu") else "torch")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the gated and norm nonlinearities (kernels_triton/irreps.py)
+# ----------------------------------------------------------------------------------------------------------------
+def _irrep_inputs(kind, n_channels, dense=False, n_layers=4, n=12, e=40, dtype=torch.float64):
+    """The raw ops' inputs of a gated or norm layer with randomised batch norms and norm biases: (x, inp, src,
+    rowptr, program)."""
+    from ik_fast.graph import prepare_graph
+
+    conv, gs, attr_t = _conv("O3", n_layers=n_layers, n_channels=n_channels, nonlinearity=kind, dtype=dtype)
+    ik_fast.testing.randomize_(conv).eval()
+    if kind == "norm":
+        with torch.no_grad():
+            for b in conv.kernel.act_bias:
+                b.copy_(torch.randn_like(b))
+    pos, ei, x, a = _inputs(conv, gs, attr_t, n=n, e=e, dtype=dtype)
+    prog = conv.kernel.program()
+    with torch.no_grad():
+        p = prog.op_program([], x.dtype, dense=dense)
+    g = prepare_graph(ei, n, n, x.device)
+    inp = prog.mlp_input(pos[g.src] - pos[g.dst], a)[g.perm].contiguous()
+    return x, inp, g.src[g.perm].contiguous(), g.rowptr, p
+
+
+def _check_conv_against_statement(x, inp, src, rowptr, p, hidden=None):
+    """conv (given the last layer's activation or not) and every gradient of the op against its statement."""
+    from dataclasses import replace
+
+    leaf = lambda t: t.detach().clone().requires_grad_()  # noqa: E731
+    x, inp = leaf(x), leaf(inp)
+    p = replace(
+        p,
+        **{k: [leaf(t) for t in getattr(p, k)] for k in ("weights", "biases", "act_bias", "bn_factor", "bn_shift")},
+        **{k: leaf(getattr(p, k)) for k in ("final_weight", "final_bias", "coef")},
+    )
+    leaves = [x, inp, *(t for t in p.grad_inputs() if t.numel())]
+    ref = ops.conv_reference_form(x, inp, src, rowptr, *p.args())
+    w = torch.randn_like(ref)
+    want = torch.autograd.grad((ref * w).sum(), leaves)
+    out = torch.ops.ik_fast.triton_conv(x, inp, src, rowptr, *p.args(), hidden, None)
+    assert rel(out, ref) <= tolerance("forward", torch.float64)
+    got = torch.autograd.grad((out * w).sum(), leaves)
+    for i, (g, r) in enumerate(zip(got, want)):
+        assert torch.isfinite(g).all() and rel(g, r) <= tolerance("backward", torch.float64), i
+    return got
+
+
+@pytest.mark.parametrize("kind", ["gated", "norm"])
+@pytest.mark.parametrize("n_channels,dense", [(3, False), (8, False), (16, False), (2, True)])
+def test_gated_and_norm_kernels_match_the_statement(kind, n_channels, dense):
+    """Three hidden layers, the middle one without batch norm and a zero batch-norm factor; componentwise Linears
+    over 3 channels (padded to 4), 8 (two components per block-diagonal dot) and 16, and dense ones: the statistics
+    pass of every layer, conv (with and without the last activation) and every gradient (the norm biases' included)
+    against the op's statement."""
+    from dataclasses import replace
+
+    x, inp, src, rowptr, p = _irrep_inputs(kind, n_channels, dense=dense)
+    layers = ik_fast.structure.decode(p.structure).layers
+    assert all(h.activation == kind for h in layers) and all(w.dim() == (2 if dense else 3) for w in p.weights[1:])
+    f0 = p.bn_factor[0].clone()
+    f0[0] = 0.0
+    none = f0.new_empty(0)
+    p = replace(p, bn_factor=[f0, none, p.bn_factor[2]], bn_shift=[p.bn_shift[0], none, p.bn_shift[2]])
+    for upto in (1, 2, 3):
+        m, act, grid = ops.trunk_moments("triton", inp, p, upto, with_activation=True)
+        want_m, want_a = ops.trunk_moments_reference_form(
+            inp, *(getattr(p, k)[:upto] for k in ("weights", "biases", "fourier", "fourier_inv", "act_bias")),
+            [none, *p.bn_factor[: upto - 1]], [none, *p.bn_shift[: upto - 1]], p.structure, 0,
+        )  # fmt: skip
+        assert rel(act, want_a) <= tolerance("forward", torch.float64)
+        assert rel(m, want_m) <= tolerance("forward", torch.float64) and grid.numel() == 0
+    for hidden in (None, act):
+        grads = _check_conv_against_statement(x, inp, src, rowptr, p, hidden)
+    if kind == "norm":  # the norm biases' gradients (after the weights' and biases': every one non-empty)
+        L = len(p.weights)
+        assert all(float(g.abs().sum()) > 0 for g in grads[2 + 2 * L : 2 + 3 * L])
+
+
+def test_norm_of_an_unreachable_irrep_has_a_finite_gradient():
+    """An irrep that the first Linear cannot reach is exactly zero: d|v|/dv is taken as 0 there (the Jacobian is
+    sigmoid(-bias)), so no gradient is NaN and all agree with the statement."""
+    x, inp, src, rowptr, p = _irrep_inputs("norm", 3)
+    h = ik_fast.structure.decode(p.structure).layers[0]
+    start = next(sum(s for s, _ in h.irreps[:i]) for i, (s, t) in enumerate(h.irreps) if not t)
+    size = next(s for s, t in h.irreps if not t)
+    rows = torch.cat([torch.arange(start, start + size) + c * h.components for c in range(h.channels)])
+    w0, b0 = p.weights[0].clone(), p.biases[0].clone()
+    w0[rows] = 0.0
+    b0[rows] = 0.0
+    from dataclasses import replace
+
+    p = replace(p, weights=[w0, *p.weights[1:]], biases=[b0, *p.biases[1:]])
+    _check_conv_against_statement(x, inp, src, rowptr, p)
+
+
+def test_gated_and_norm_refusals_name_what_is_missing():
+    _, inp, _, _, p = _irrep_inputs("gated", 2, n_layers=3)
+    with pytest.raises(NotImplementedError, match="chained statistics.*'gated'"):
+        ops.trunk_moments("triton", inp.new_zeros(inp.shape[0], p.bn_shift[0].numel()), p, 2, start=1)
+    from dataclasses import replace
+
+    bad = replace(p, act_bias=[inp.new_zeros(3), *p.act_bias[1:]])
+    with pytest.raises(ValueError, match=r"act_bias\[0\] has 3 elements"):
+        ops.trunk_moments("triton", inp, bad, 1)
+
+
+@pytest.mark.parametrize("kind", ["gated", "norm"])
+def test_gated_and_norm_training_steps_are_bitwise_deterministic(monkeypatch, kind):
+    """As test_training_step_is_bitwise_deterministic_whatever_the_program_order, through the gated and norm
+    kernels (componentwise Linears of 8 channels)."""
+    conv, gs, attr_t = _conv(dtype=torch.float32, n_channels=8, nonlinearity=kind)
+    conv.train()
+    conv.backend = "triton"
+    pos, ei, x, a = _inputs(conv, gs, attr_t, n=14, e=90, dtype=torch.float32)
+    state = {k: v.clone() for k, v in conv.state_dict().items()}
+
+    def step():
+        conv.load_state_dict(state)
+        conv.zero_grad()
+        xg = x.clone().requires_grad_()
+        out = conv(xg, ei, edge_attr=a, pos=pos)
+        out.square().sum().backward()
+        return [out.detach(), xg.grad] + [p.grad.clone() for p in conv.parameters() if p.grad is not None]
+
+    first = step()
+    reversed_grids = _grid_in_reverse(monkeypatch)
+    second = step()
+    assert len(reversed_grids) >= 3 and max(reversed_grids) > 1
+    for g1, g2 in zip(first, second):
+        assert torch.equal(g1, g2)

@@ -26,12 +26,17 @@ def _runs_on(device: torch.device):
 
 
 # The statistics passes start from the MLP input (the kernels take the narrow input and keep GPU memory at one
-# activation), no tape, no grids; no GPU has measured it faster than "torch" yet.
+# activation), no tape, no grids; no GPU has measured it faster than "torch" yet. The gated and norm nonlinearities
+# have kernels of their own (irreps.py).
 DECLARATION = ops.register_implementation(
     ops.Implementation(
         name="triton",
         load=_load,
         runs_on=_runs_on,
         summary="fused Triton kernels (CUDA; CPU only in Triton's interpreter)",
+        activations=(
+            ("cpu", ("elu", "fourier_elu", "gated", "norm")),
+            ("cuda", ("elu", "fourier_elu", "gated", "norm")),
+        ),
     )
 )

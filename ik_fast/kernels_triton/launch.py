@@ -39,6 +39,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from ik_fast.kernels_triton import contract as K2
 from ik_fast.kernels_triton import conv as K
+from ik_fast.kernels_triton import irreps as KI
 from ik_fast.kernels_triton.blocks import blocks
 from ik_fast.ops import hidden_width
 from ik_fast.structure import decode
@@ -210,14 +211,15 @@ class Packing:
     trainable: Tuple[Tuple[int, ...], ...]  # shapes of the weights, the biases, the factors and the shifts
     factor_sums: Tuple[bool, ...]  # per layer: whether its factor's gradient is summed over its units
 
-    def pad(self, weights, biases, bn_factor, bn_shift, in_affine, dtype, device) -> Tensor:
+    def pad(self, weights, biases, bn_factor, bn_shift, in_affine, dtype, device, act_bias=()) -> Tensor:
         """The trainable part of the padded buffer, flat (the kernels find its parts, conv._params); ``in_affine``:
-        (factor, shift) of the map on the input, or empty tensors."""
+        (factor, shift) of the map on the input, or empty tensors; ``act_bias``: the norm layers' biases (the gated
+        and norm kernels' packing, :func:`irrep_packing`)."""
         if not weights:  # no hidden layer: every kernel weight is zero
             return torch.zeros(self.src.shape[0], dtype=dtype, device=device)
         parts = [  # (no empty tensor: torch.cat on the CPU takes a slower path, 3 more operators a tensor)
             t.view(-1) if t.is_contiguous() else t.reshape(-1)
-            for t in (*weights, *biases, *bn_factor, *bn_shift, *in_affine)
+            for t in (*weights, *biases, *bn_factor, *bn_shift, *in_affine, *act_bias)
             if t.numel()
         ]
         flat = torch.cat(parts + [_zero_one(parts[0].dtype, str(parts[0].device))]).index_select(0, self.src)
@@ -245,14 +247,14 @@ class Packing:
 
     @property
     def gradient_size(self) -> int:
-        """Elements of the buffer's trainable part (w1 .. s0)."""
+        """Elements of the buffer's trainable part (w1 .. s0; w1 .. ab for :func:`irrep_packing`)."""
         return sum(math.prod(sh) for sh in self.shapes[:8])
 
     def unpad_grads(self, flat: Tensor) -> List[Tensor]:
         """The gradient of the padded buffer's trainable part (flat, anything may follow) -> those of the op's
-        weights, biases, batch-norm factors and shifts (in that order; empty for a layer without batch norm), one
-        gather each and a sum over each channel's components for a factor (separate tensors: an op's outputs must not
-        alias each other)."""
+        weights, biases, batch-norm factors and shifts (in that order; empty for a layer without batch norm; then the
+        activation biases where the packing has them), one gather each and a sum over each channel's components for a
+        factor (separate tensors: an op's outputs must not alias each other)."""
         L = len(self.factor_sums)
         out = []
         for i, (p, sh) in enumerate(zip(self.pos, self.trainable)):
@@ -370,6 +372,219 @@ def _packing(lay: Layout, shapes, device: str) -> Packing:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# layout of the gated and norm kernels (.irreps)
+# ----------------------------------------------------------------------------------------------------------------
+IRREP_KINDS = ("gated", "norm")
+IRREP_CHUNK = 1024  # elements of one operand block of a componentwise Linear (DC groups of KC channels, BE edges)
+
+
+@dataclass(frozen=True)
+class IrrepLayout:
+    """The gated and norm kernels' sizes (:mod:`.irreps`): ``NL`` given hidden layers of ``C`` channels (``CP``
+    padded) of ``D`` components, their Linears making ``DL`` (the gates after the components); a slot row of ``UL``
+    units (unit ``a CP + c``), in chunks of ``DC`` groups of ``PC`` components; ``T0`` the first trivial component
+    (a gate's source); ``table`` the activation's entries (start, size, gate / bias index): ``NTR`` runs of trivial
+    components, then ``NNT`` non-trivial irreps, each at most ``SP`` components."""
+
+    NL: int
+    P0: int
+    P0P: int
+    C: int
+    CP: int
+    D: int
+    DL: int
+    T0: int
+    PC: int
+    DC: int
+    UL: int
+    CW: bool
+    GATED: bool
+    NTR: int
+    NNT: int
+    SP: int
+    table: Tuple[Tuple[int, int, int], ...]
+
+    @property
+    def KC(self) -> int:
+        return self.PC * self.CP
+
+    @property
+    def GW(self) -> int:
+        return self.DC * self.KC
+
+    @property
+    def WS(self) -> int:
+        """Elements of one hidden Linear's packed weight."""
+        return self.UL * self.KC if self.CW else self.UL * self.UL
+
+    @property
+    def H(self) -> int:
+        return self.C * self.D
+
+    def constexprs(self) -> dict:
+        names = ("P0", "P0P", "CP", "C", "PC", "DC", "D", "DL", "T0", "UL", "CW", "GATED", "NTR", "NNT", "SP")
+        return {n: getattr(self, n) for n in names}
+
+
+def irrep_kind(structure: Optional[str], first: int = 0, n: Optional[int] = None) -> Optional[str]:
+    """The kind, "gated" or "norm", where the structure states that kind for the given hidden layers, else None."""
+    if structure is None:
+        return None
+    layers = decode(structure).layers
+    layers = layers[first:] if n is None else layers[first : first + n]
+    kinds = {h.activation for h in layers}
+    found = kinds & set(IRREP_KINDS)
+    return next(iter(found)) if found else None
+
+
+@functools.lru_cache(maxsize=64)
+def irrep_layout(structure: str, first: int, n: int, P0: int, weight_dims: Tuple[int, ...]) -> IrrepLayout:
+    """The layout of hidden layers ``first .. first + n`` of ``structure`` (gated or norm) for an MLP input of ``P0``
+    columns; ``weight_dims``: each given Linear's weight's number of dimensions (3: componentwise)."""
+    layers = decode(structure).layers[first : first + n]
+    h = layers[0]
+    if any((x.channels, x.components, x.irreps, x.activation) != (h.channels, h.components, h.irreps, h.activation)
+           for x in layers):  # fmt: skip
+        raise NotImplementedError(
+            "backend 'triton' needs every hidden layer of the kernel MLP to have the same field type (as "
+            "ImplicitKernel builds them)"
+        )
+    if first > 0:
+        raise NotImplementedError(
+            f"backend 'triton': a statistics pass from a previous activation (chained statistics) is not implemented "
+            f"for nonlinearity {h.activation!r}"
+        )
+    if weight_dims and weight_dims[0] != 2:
+        raise ValueError(f"the first hidden Linear's weight must be dense (H, P0), got {weight_dims[0]} dimensions")
+    hidden = weight_dims[1:]
+    cw = bool(hidden) and all(d == 3 for d in hidden)
+    if hidden and not cw and any(d == 3 for d in hidden):
+        raise NotImplementedError("backend 'triton' needs every hidden Linear componentwise, or every one dense")
+    C, D = h.channels, h.components
+    DL = h.linear_components
+    t0 = h.trivial_source()
+    if h.gates and cw and t0 < 0:
+        raise ValueError("a componentwise Linear into a gated layer needs a trivial irrep in its input field")
+    CP = _pow2(C, 1)
+    PC = max(1, 16 // CP)
+    KC = PC * CP
+    DC = max(1, IRREP_CHUNK // (STATS_TILE * KC))
+    UL = -(-DL // (PC * DC)) * DC * KC
+    sizes = [size for size, trivial in h.irreps if not trivial]
+    SP = max(2, _pow2(max(sizes), 1)) if sizes else 16
+    runs, p = [], 0
+    for size, trivial in h.irreps:  # consecutive trivial components as runs of at most SP
+        if trivial:
+            if runs and runs[-1][0] + runs[-1][1] == p and runs[-1][1] + size <= SP:
+                runs[-1] = (runs[-1][0], runs[-1][1] + size, 0)
+            else:
+                for q in range(0, size, SP):
+                    runs.append((p + q, min(SP, size - q), 0))
+        p += size
+    nontrivial, p, g = [], 0, 0
+    for size, trivial in h.irreps:
+        if not trivial:
+            nontrivial.append((p, size, g))
+            g += 1
+        p += size
+    return IrrepLayout(
+        len(layers), P0, _pow2(P0), C, CP, D, DL, max(t0, 0), PC, DC, UL, cw, h.activation == "gated", len(runs),
+        len(nontrivial), SP, tuple(runs + nontrivial),
+    )  # fmt: skip
+
+
+def irrep_packing(il: IrrepLayout, weights, biases, bn_factor, bn_shift, act_bias, device) -> Packing:
+    groups = (weights, biases, bn_factor, bn_shift, act_bias)
+    shapes = tuple(tuple(_shape(t) for t in group) for group in groups)
+    return _irrep_packing(il, shapes, str(torch.device(device)))
+
+
+@functools.lru_cache(maxsize=256)
+def _irrep_packing(il: IrrepLayout, shapes, device: str) -> Packing:
+    """The gated and norm kernels' parameters (:func:`.irreps._offsets`): ``[w1 (P0, UL) | b1 (UL,) | wh (NH, WS) |
+    bh (NH, UL) | bf (NL, UL) | bs (NL, UL) | ab (NL, UL)]``, each Linear's output unit (channel c, component a) at
+    ``a CP + c``; a componentwise weight as (groups, KC, KC) blocks (x @ W), block-diagonal over a group's PC
+    components; a norm layer's bias j of channel c at ``j CP + c``. The sources as :class:`Packing`'s, in the order
+    weights, biases, factors, shifts, (no input map,) activation biases."""
+    wsh, bsh, fsh, ssh, absh = shapes
+    NL, UL, CP, C, D, DL, P0, KC, PC = il.NL, il.UL, il.CP, il.C, il.D, il.DL, il.P0, il.KC, il.PC
+    H = C * D
+    nh = max(NL - 1, 1)
+    out_shapes = ((P0, UL), (UL,), (nh, il.WS), (nh, UL), (NL, UL), (NL, UL), (NL, UL))
+    base = np.cumsum([0] + [math.prod(sh) for sh in out_shapes])
+    train_sizes = [math.prod(sh) for group in (wsh, bsh, fsh, ssh, absh) for sh in group]
+    n_train = int(sum(train_sizes))
+    ZERO, ONE = n_train, n_train + 1
+    toff = np.cumsum([0] + train_sizes)
+    w_off, b_off, f_off, s_off, a_off = (toff[k * NL : (k + 1) * NL] for k in range(5))
+    buf = np.full(int(base[-1]), ZERO, dtype=np.int64)
+
+    def put(dst: np.ndarray, src: np.ndarray):
+        buf[dst.reshape(-1)] = src.reshape(-1)
+        return dst.reshape(-1)
+
+    def unit(c, a):
+        return a * CP + c
+
+    lin = np.arange(C * DL)
+    lc, la = lin // DL, lin % DL  # the Linears' outputs, channel-major
+    hid = np.arange(H)
+    hc, ha = hid // D, hid % D  # the field's units, channel-major
+    w_pos, b_pos, f_pos, s_pos, a_pos = [], [], [], [], []
+    for k in range(NL):
+        sh = wsh[k]
+        if k == 0:  # W1[r, p] -> w1[p, unit(r)]
+            if sh != (C * DL, P0):
+                raise ValueError(f"the first hidden Linear's weight must be ({C * DL}, {P0}), got {sh}")
+            r, p = np.meshgrid(lin, np.arange(P0), indexing="ij")
+            dst = base[0] + p * UL + unit(lc[r], la[r])
+        elif il.CW:  # W[a, co, ci] -> wh[k-1, a // PC, q CP + ci, q CP + co], q = a % PC
+            if sh != (DL, C, C):
+                raise ValueError(f"hidden Linear {k}'s componentwise weight must be ({DL}, {C}, {C}), got {sh}")
+            a, co, ci = np.meshgrid(np.arange(DL), np.arange(C), np.arange(C), indexing="ij")
+            q = a % PC
+            dst = base[2] + (k - 1) * il.WS + (a // PC) * KC * KC + (q * CP + ci) * KC + q * CP + co
+        else:  # W[co DL + a, ci D + b] -> wh[k-1, unit(ci, b), unit(co, a)]
+            if sh != (C * DL, H):
+                raise ValueError(f"hidden Linear {k}'s weight must be ({C * DL}, {H}), got {sh}")
+            r, j = np.meshgrid(lin, hid, indexing="ij")
+            dst = base[2] + (k - 1) * il.WS + unit(hc[j], ha[j]) * UL + unit(lc[r], la[r])
+        w_pos.append(put(dst, w_off[k] + np.arange(dst.size)))
+        dst = (base[1] if k == 0 else base[3] + (k - 1) * UL) + unit(lc, la)
+        b_pos.append(put(dst, b_off[k] + np.arange(C * DL)))
+        fdst, sdst = base[4] + k * UL + unit(hc, ha), base[5] + k * UL + unit(hc, ha)
+        if fsh[k] and fsh[k][0]:
+            if fsh[k][0] != C:
+                raise NotImplementedError(f"backend 'triton': a batch norm of {fsh[k][0]} channels on {C} channels")
+            put(fdst, f_off[k] + hc)  # (channel-major units: the host sums each channel's D gradients)
+            f_pos.append(fdst)
+            s_pos.append(put(sdst, s_off[k] + hid))
+        else:
+            buf[fdst] = ONE
+            f_pos.append(np.zeros(0, dtype=np.int64))
+            s_pos.append(np.zeros(0, dtype=np.int64))
+        n_ab = absh[k][0] if absh[k] else 0
+        if n_ab:
+            nt = n_ab // C
+            j = np.arange(n_ab)
+            a_pos.append(put(base[6] + k * UL + (j % nt) * CP + j // nt, a_off[k] + j))
+        else:
+            a_pos.append(np.zeros(0, dtype=np.int64))
+    tens = lambda a: torch.from_numpy(a) if device == "cpu" else torch.from_numpy(a).to(device)  # noqa: E731
+    per = tuple(tens(np.ascontiguousarray(p)) for p in (*w_pos, *b_pos, *f_pos, *s_pos, *a_pos))
+    trainable = tuple(wsh) + tuple(bsh) + tuple(fsh) + tuple(ssh) + tuple(absh)
+    hm = unit(hc, ha)
+    f_sum = tuple(bool(fsh[k] and fsh[k][0]) for k in range(NL))
+    return Packing(tens(buf), tens(np.zeros(0, dtype=np.int64)), per, tens(hm), out_shapes, trainable, f_sum)
+
+
+@functools.lru_cache(maxsize=64)
+def _irrep_table(table, device: str) -> Tensor:
+    t = torch.from_numpy(np.array(table, dtype=np.int32).reshape(-1, 3))
+    return t if device == "cpu" else t.to(device)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # tiles and blocks
 # ----------------------------------------------------------------------------------------------------------------
 BLOCK = 16  # receivers per contraction program, edges per chunk of a receiver, and the H / C_in / R blocks of W'
@@ -401,6 +616,8 @@ def warps(kind: str, hidden: int) -> int:
     if kind == "trunk_forward":  # 4 warps spill at M in IEEE float32 on sm_90; 8 do not
         return 8 if hidden <= 512 else 16
     if kind == "trunk_backward":  # blocks of a tile through its scratch, Fourier grid chunks: no wide tile live
+        return 8
+    if kind == "irreps":  # the gated and norm kernels: blocks of a tile through their scratch
         return 8
     return 4 if hidden <= 256 else 8 if hidden <= 512 else 16
 
@@ -447,12 +664,12 @@ def _bn_mask(factors) -> int:
 
 def _setup(
     x, inp, weights, biases, fourier, fourier_inv, bn_factor, bn_shift, final_weight, final_bias, coef, ndim,
-    structure,
+    structure, act_bias=(),
 ):  # fmt: skip
     """The kernels' padded tensors and launch constants for one call. The forward's are kept (per final weight tensor,
     while it lives) for the backward of the same inputs: identical tensors (by identity and version), dtype,
     precision and device, so the backward does not pad again."""
-    args = (*weights, *biases, *fourier, *fourier_inv, *bn_factor, *bn_shift, final_weight, final_bias, coef)
+    args = (*weights, *biases, *fourier, *fourier_inv, *bn_factor, *bn_shift, *act_bias, final_weight, final_bias, coef)
     key = (
         tuple((id(t), t._version) for t in args),
         x.dtype,
@@ -467,7 +684,7 @@ def _setup(
         return hit[1]
     out = _make_setup(
         x, inp, weights, biases, fourier, fourier_inv, bn_factor, bn_shift, final_weight, final_bias, coef, ndim,
-        structure,
+        structure, act_bias,
     )  # fmt: skip
     _SETUPS[final_weight] = (key, out)
     return out
@@ -479,40 +696,32 @@ def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
 
 def _make_setup(
     x, inp, weights, biases, fourier, fourier_inv, bn_factor, bn_shift, final_weight, final_bias, coef, ndim,
-    structure,
+    structure, act_bias,
 ):  # fmt: skip
     dtype = x.dtype
     R, H, C = final_weight.shape
-    lay = layout(inp, weights, fourier, R, ndim)
     none = (_empty(dtype, x.device), _empty(dtype, x.device))  # no map on the input
-    pack = packing(lay, weights, biases, bn_factor, bn_shift, none, fourier, fourier_inv, x.device)
-    hidden = (
-        pack.pad(weights, biases, bn_factor, bn_shift, none, dtype, x.device),
-        pack.pad_fourier(fourier, fourier_inv, dtype, x.device),
-    )
+    prec = PREC_NAMES[precision(dtype, x.device)]
+    bnm = _bn_mask(bn_factor)
+    if irrep_kind(structure) is not None:  # the gated and norm kernels (.irreps)
+        lay = irrep_layout(structure, 0, len(weights), inp.shape[1], tuple(w.dim() for w in weights))
+        pack = irrep_packing(lay, weights, biases, bn_factor, bn_shift, act_bias, x.device)
+        hidden = (
+            pack.pad(weights, biases, bn_factor, bn_shift, none, dtype, x.device, act_bias),
+            _irrep_table(lay.table, str(torch.device(x.device))),
+        )
+        trunk = dict(NDIM=ndim, BE=BACKWARD_TILE, PREC=prec, BNM=bnm, **lay.constexprs())
+    else:
+        lay = layout(inp, weights, fourier, R, ndim)
+        pack = packing(lay, weights, biases, bn_factor, bn_shift, none, fourier, fourier_inv, x.device)
+        hidden = (
+            pack.pad(weights, biases, bn_factor, bn_shift, none, dtype, x.device),
+            pack.pad_fourier(fourier, fourier_inv, dtype, x.device),
+        )
+        trunk = _fourier_constexprs(lay, ndim, prec, bnm, x.device)
     plan = blocks(structure, final_weight.shape, lay.D, x.device)
     # W' and B' as they are: the kernels read them through the plan's indices
     wc, bf = _as(final_weight, dtype), _as(final_bias, dtype)
-    prec = PREC_NAMES[precision(dtype, x.device)]
-    bnm = _bn_mask(bn_factor)
-    trunk = dict(
-        P0=lay.P0,
-        P0P=lay.P0P,
-        NDIM=ndim,
-        NL=lay.NL,
-        CP=lay.CP,
-        DP=lay.DP,
-        GP=lay.GP,
-        GW=lay.GW,
-        FOURIER=lay.FOURIER,
-        C=lay.C,
-        D=lay.D,
-        PD=lay.PD,
-        BE=tile_size(x.device, lay.HP),
-        PREC=prec,
-        CWF=lay.CWF,
-        BNM=bnm,
-    )
     consts = dict(BN=BLOCK, KP=BLOCK, HB=BLOCK, CB=BLOCK, RB=BLOCK, PREC=prec)
     # the plan's tensors and sizes, in the contraction kernels' argument order
     walk = (plan.pairs, plan.pair_ptr, plan.blk_r, plan.perm_h, plan.perm_c, plan.perm_r)
@@ -527,6 +736,28 @@ def _make_setup(
     return lay, pack, hidden, plan, wc, bf, coef, trunk, consts, walk, sizes, last_bn
 
 
+def _fourier_constexprs(lay: Layout, ndim: int, prec: str, bnm: int, device) -> dict:
+    """The Fourier and pointwise ELU trunk kernels' constexprs (.conv)."""
+    return dict(
+        P0=lay.P0,
+        P0P=lay.P0P,
+        NDIM=ndim,
+        NL=lay.NL,
+        CP=lay.CP,
+        DP=lay.DP,
+        GP=lay.GP,
+        GW=lay.GW,
+        FOURIER=lay.FOURIER,
+        C=lay.C,
+        D=lay.D,
+        PD=lay.PD,
+        BE=tile_size(device, lay.HP),
+        PREC=prec,
+        CWF=lay.CWF,
+        BNM=bnm,
+    )
+
+
 def _trunk_forward(inp, hidden, coef, norm, H, trunk):
     """h (E, H), the last hidden layer's output (after its batch norm) in the compact layout, and the radial shell s
     (E,)."""
@@ -535,6 +766,21 @@ def _trunk_forward(inp, hidden, coef, norm, H, trunk):
     s = inp.new_empty(E)
     nw = warps("trunk_forward", trunk["CP"] * trunk["DP"])
     K.trunk_forward_kernel[(-(-E // trunk["BE"]),)](inp, *hidden, coef, h, s, E, float(norm), num_warps=nw, **trunk)
+    return h, s
+
+
+def _irrep_trunk_forward(inp, hidden, coef, norm, lay: "IrrepLayout", trunk):
+    """h (E, H) and s (E,) of the gated and norm kernels (.irreps.irrep_trunk_kernel)."""
+    E = inp.shape[0]
+    h = inp.new_empty(E, lay.H)
+    s = inp.new_empty(E)
+    n_tiles = -(-E // trunk["BE"])
+    nprog = num_programs(n_tiles, inp.device, 2 * trunk["BE"] * lay.UL)
+    scratch = inp.new_empty(nprog, 2, trunk["BE"], lay.UL)
+    KI.irrep_trunk_kernel[(nprog,)](
+        inp, *hidden, coef, h, h, s, scratch, E, n_tiles, float(norm), K=lay.NL, STATS=False, WRITE=False,
+        num_warps=warps("irreps", 0), **trunk,
+    )  # fmt: skip
     return h, s
 
 
@@ -569,10 +815,12 @@ def conv(
     inp = _c(inp)
     lay, _, mlp, plan, wc, bf, coefp, trunk, consts, walk, sizes, last_bn = _setup(
         x, inp, weights, biases, fourier, fourier_inv, bn_factor, bn_shift, final_weight, final_bias, coef, ndim,
-        structure,
+        structure, act_bias,
     )  # fmt: skip
     aff = (coefp, coefp, 1, False)  # (factor, shift, components per channel, applied by the contraction)
-    if hidden is None:
+    if hidden is None and isinstance(lay, IrrepLayout):
+        h, s = _irrep_trunk_forward(inp, mlp, coefp, norm, lay, trunk)
+    elif hidden is None:
         h, s = _trunk_forward(inp, mlp, coefp, norm, sizes[0], trunk)
     else:  # the activation from the statistics pass of the last layer, before its batch norm: only the radial shell
         # is left to compute, and the contraction applies the batch norm as it reads h
@@ -633,19 +881,19 @@ def conv_backward(
     E = inp.shape[0]
     n_dst = rowptr.shape[0] - 1
     like = [x, inp, *weights, *biases, *bn_factor, *bn_shift, final_weight, final_bias, coef]
-    nab = [torch.zeros_like(t) for t in act_bias]  # (empty: only a norm layer has one)
     L = len(weights)
+    nab = [torch.zeros_like(t) for t in act_bias] if E == 0 or irrep_kind(structure) is None else []
     if E == 0:
         z = [torch.zeros_like(t) for t in like]
         return z[: 2 + 2 * L] + nab + z[2 + 2 * L :]
     x, inp, src = _c(x), _c(inp), _c(src)
     lay, pack, hidden, plan, wc, bf, coefp, trunk, consts, walk, sizes, _ = _setup(
         x, inp, weights, biases, fourier, fourier_inv, bn_factor, bn_shift, final_weight, final_bias, coef, ndim,
-        structure,
+        structure, act_bias,
     )  # fmt: skip
+    irreps = isinstance(lay, IrrepLayout)
     grad = _as(grad, x.dtype)
     n_blocks = -(-n_dst // BLOCK)
-    HP, nh = lay.HP, pack.shapes[2][0]
     n_tiles = -(-E // BACKWARD_TILE)
     per_program = pack.gradient_size + 1
     nprog = num_programs(n_tiles, x.device, per_program)
@@ -676,27 +924,35 @@ def conv_backward(
     # parameters, then coef's); it leaves h in dhs's place, and s
     dinp = torch.zeros_like(inp)
     s = x.new_empty(E)
-    # per-program staging of the trunk's layers (conv.trunk_backward_kernel): NL slots, and with batch norms the
-    # activations before them
-    slots = 2 * lay.NL - 1 if trunk["BNM"] and lay.NL > 1 else max(lay.NL, 1)
-    scratch = x.new_empty(nprog, slots, BACKWARD_TILE, HP)
-    K.trunk_backward_kernel[(nprog,)](
-        dhs,
-        dsb,
-        s,
-        inp,
-        *hidden,
-        coefp,
-        dinp,
-        acc,
-        scratch,
-        E,
-        n_tiles,
-        float(norm),
-        NH=nh,
-        num_warps=warps("trunk_backward", HP),
-        **dict(trunk, BE=BACKWARD_TILE),
-    )
+    if irreps:  # (.irreps.irrep_backward_kernel: 2 NL slots of (BE, UL) per program)
+        scratch = x.new_empty(nprog, 2 * lay.NL, BACKWARD_TILE, lay.UL)
+        KI.irrep_backward_kernel[(nprog,)](
+            dhs, dsb, s, inp, *hidden, coefp, dinp, acc, scratch, E, n_tiles, float(norm), NL=lay.NL,
+            num_warps=warps("irreps", 0), **trunk,
+        )  # fmt: skip
+    else:
+        # per-program staging of the trunk's layers (conv.trunk_backward_kernel): NL slots, and with batch norms the
+        # activations before them
+        HP, nh = lay.HP, pack.shapes[2][0]
+        slots = 2 * lay.NL - 1 if trunk["BNM"] and lay.NL > 1 else max(lay.NL, 1)
+        scratch = x.new_empty(nprog, slots, BACKWARD_TILE, HP)
+        K.trunk_backward_kernel[(nprog,)](
+            dhs,
+            dsb,
+            s,
+            inp,
+            *hidden,
+            coefp,
+            dinp,
+            acc,
+            scratch,
+            E,
+            n_tiles,
+            float(norm),
+            NH=nh,
+            num_warps=warps("trunk_backward", HP),
+            **dict(trunk, BE=BACKWARD_TILE),
+        )
     hs = dhs  # now h
     # 3. d x per edge, per receiver block ...
     K2.contract_dx_kernel[(n_blocks,)](
@@ -739,6 +995,9 @@ def conv_backward(
             K2.split_sum_scatter_kernel[(-(-srcs.shape[0] // 1024),)](
                 part, srcs, dsts, out, srcs.shape[0], nsplit, n, BV=1024, num_warps=4
             )
+    if irreps:  # (the packing's activation biases after the shifts)
+        nab = [g if g.dtype == t.dtype else g.to(t.dtype) for g, t in zip(grads[4 * L :], act_bias)]
+        grads = grads[: 4 * L]
     out = [dx, dinp, *grads, dfw, dfb, acc[-1:].clone()]  # (outputs are not views)
     out = [g if g.dtype == t.dtype else g.to(t.dtype) for g, t in zip(out, like)]
     return out[: 2 + 2 * L] + nab + out[2 + 2 * L :]
@@ -748,25 +1007,27 @@ def _at(seq, k):
     return seq[k] if seq is not None and k < len(seq) else None
 
 
-def _check_activations(structure, act_bias=(), first: int = 0, n: Optional[int] = None) -> None:
-    """Raise NotImplementedError naming the kind where the structure states a hidden activation these kernels do
-    not evaluate (the gated and norm nonlinearities)."""
-    if structure is not None:
-        layers = decode(structure).layers[first:] if n is None else decode(structure).layers[first : first + n]
-        for h in layers:
-            if h.activation not in ("elu", "fourier_elu"):
-                raise NotImplementedError(f"backend 'triton': nonlinearity {h.activation!r} is not implemented")
-    if any(t.numel() for t in act_bias):
-        raise ValueError("act_bias: backend 'triton' evaluates no layer with an activation bias")
+def _check_activations(structure, act_bias=(), first: int = 0) -> None:
+    """A ValueError where an activation bias is not what the structure states (a norm layer's, channels x non-trivial
+    irreps; empty for every other kind)."""
+    layers = decode(structure).layers[first:] if structure is not None else ()
+    for k, t in enumerate(act_bias):
+        want = layers[k].bias_size if k < len(layers) else 0
+        if t.numel() != want:
+            raise ValueError(f"act_bias[{k}] has {t.numel()} elements, but its layer takes {want}")
 
 
 def trunk_moments(
     inp, weights, biases, fourier, fourier_inv, act_bias, in_factor, in_shift, structure=None, first_layer=0,
     with_activation=False, with_grid=False,
 ):  # fmt: skip
-    _check_activations(structure, act_bias, first_layer, len(weights))
+    _check_activations(structure, act_bias, first_layer)
     if with_grid:
         raise NotImplementedError("backend 'triton' keeps no Fourier grids (the tape of ik_fast.ops)")
+    if irrep_kind(structure, first_layer, len(weights)) is not None:
+        return _irrep_trunk_moments(
+            inp, weights, biases, act_bias, in_factor, in_shift, structure, first_layer, with_activation
+        )
     E = inp.shape[0]
     lay = layout(inp, weights, fourier, 1, 0)
     H = lay.C * lay.D
@@ -823,6 +1084,41 @@ def trunk_moments(
     moments = inp.new_empty(2, H)
     K.stats_merge_kernel[(-(-H // 128),)](parts, pack.hidden, moments, nprog, H, HP, BH=128, num_warps=4)
     return moments, act, grid
+
+
+def _irrep_trunk_moments(inp, weights, biases, act_bias, in_factor, in_shift, structure, first_layer, with_activation):
+    """trunk_moments for gated and norm layers (.irreps.irrep_trunk_kernel, STATS)."""
+    E = inp.shape[0]
+    NL = len(weights)
+    lay = irrep_layout(structure, first_layer, NL, inp.shape[1], tuple(w.dim() for w in weights))
+    H = lay.H
+    act = inp.new_empty(E if with_activation else 0, H)
+    if E == 0:
+        return inp.new_zeros(2, H), act, inp.new_empty(0)
+    none = _empty(inp.dtype, inp.device)
+    # the batch norm after each given layer but the last (the input of the next)
+    bn_factor = [_at(in_factor, k + 1) if k + 1 < NL else None for k in range(NL)]
+    bn_shift = [_at(in_shift, k + 1) if k + 1 < NL else None for k in range(NL)]
+    bn_factor = [none if f is None else f for f in bn_factor]
+    bn_shift = [none if t is None else t for t in bn_shift]
+    pack = irrep_packing(lay, weights, biases, bn_factor, bn_shift, act_bias, inp.device)
+    prm = pack.pad(weights, biases, bn_factor, bn_shift, (none, none), inp.dtype, inp.device, act_bias)
+    tab = _irrep_table(lay.table, str(torch.device(inp.device)))
+    n_tiles = (E + STATS_TILE - 1) // STATS_TILE
+    nprog = num_programs(n_tiles, inp.device, 1 + 2 * lay.UL + 2 * STATS_TILE * lay.UL)
+    # the per-program moments, then the scratch, in one allocation (the moments' rows start at zero)
+    buf = inp.new_empty(nprog * (1 + 2 * lay.UL + 2 * STATS_TILE * lay.UL))
+    parts = buf[: nprog * (1 + 2 * lay.UL)].view(nprog, 1 + 2 * lay.UL).zero_()
+    scratch = buf[nprog * (1 + 2 * lay.UL) :]
+    prec = PREC_NAMES[precision(inp.dtype, inp.device)]
+    KI.irrep_trunk_kernel[(nprog,)](
+        _c(inp), prm, tab, _zero(inp.dtype, str(inp.device)), parts, act, parts, scratch, E, n_tiles, 1.0, K=NL,
+        NDIM=0, BE=STATS_TILE, PREC=prec, BNM=_bn_mask(bn_factor), STATS=True, WRITE=bool(with_activation),
+        num_warps=warps("irreps", 0), **lay.constexprs(),
+    )  # fmt: skip
+    moments = inp.new_empty(2, H)
+    K.stats_merge_kernel[(-(-H // 128),)](parts, pack.hidden, moments, nprog, H, lay.UL, BH=128, num_warps=4)
+    return moments, act, inp.new_empty(0)
 
 
 def _register():
