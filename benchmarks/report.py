@@ -4,6 +4,7 @@
     python benchmarks/report.py timing          # one section (SECTIONS: summary, timing, spread, compile, ...)
     python benchmarks/report.py --plots DIR     # also write the timing plots (PNG) into DIR
     python benchmarks/report.py --readme        # README.md's block between the results markers := the summary
+                                                # (timing, then the kernel nonlinearities' table)
 
 The documentation's benchmark pages are made from these sections when the site is built (``docs/hooks.py``), so a
 figure on a page always comes from a record, and every row names the commit that measured it. Timing tables take the
@@ -39,6 +40,7 @@ SECTIONS = (
     "work",
     "equivariance",
     "training",
+    "nonlinearities",
     "tests",
 )
 
@@ -167,10 +169,10 @@ def _stack(r: Dict) -> str:
 
 
 def _provenance_note(recs: List[Dict]) -> str:
-    """One line per distinct (commit, date, file) behind a table."""
+    """One line per distinct (commit, day, file) behind a table."""
     seen = {}
     for r in recs:
-        seen.setdefault((r["commit"], r["dirty"], r["date"], r["_file"]), r)
+        seen.setdefault((r["commit"], r["dirty"], r["date"][:10], r["_file"]), r)
     lines = []
     for (commit, dirty, date, path), r in sorted(seen.items(), key=lambda kv: (kv[0][2], kv[0][3])):
         how = r["extra"].get("commit_recovered")
@@ -307,7 +309,12 @@ def summary_section(recs: List[Dict]) -> str:
             "in the same run:\n"
         )
         out.append(_table(["problem", "edges", *[f"`{p}`" for p in providers]], rows) + "\n")
-    return "\n".join(out) if out else "No timing records.\n"
+    if not out:
+        return "No timing records.\n"
+    nl = nonlinearities_section(recs)
+    if not nl.startswith("No "):
+        out.append(nl)
+    return "\n".join(out)
 
 
 def spread_section(recs: List[Dict]) -> str:
@@ -847,11 +854,11 @@ def equivariance_section(recs: List[Dict]) -> str:
 
 def training_section(recs: List[Dict]) -> str:
     """Validation error against the baseline, and cost, of the trainer's runs."""
-    tr = newest(r for r in recs if r["kind"] == "training")
+    tr = newest((r for r in recs if r["kind"] == "training"), extra_key=("seed",))
     if not tr:
         return "No training records.\n"
     rows, cost, other = [], [], []
-    for r in sorted(tr, key=lambda r: (r["problem"], r["provider"], r["metric"])):
+    for r in sorted(tr, key=lambda r: (r["problem"], r["provider"], r["metric"], r["extra"].get("seed", -1))):
         ex = r["extra"]
         if r["metric"] in ("val_mae", "val_mse"):
             test = ex.get("test_mae", ex.get("test_mse"))
@@ -861,6 +868,7 @@ def training_section(recs: List[Dict]) -> str:
                     f"`{r['problem']}`",
                     f"`{r['provider']}`",
                     r["metric"],
+                    "" if ex.get("seed") is None else str(ex["seed"]),
                     value,
                     _g(ex.get("baseline"), 4),
                     f"{r['value'] / ex['baseline']:.2f}" if ex.get("baseline") else "",
@@ -887,7 +895,18 @@ def training_section(recs: List[Dict]) -> str:
             )
     out = [
         _table(
-            ["run", "backend", "metric", "value", "baseline", "value / baseline", "test", "test baseline", "commit"],
+            [
+                "run",
+                "backend",
+                "metric",
+                "seed",
+                "value",
+                "baseline",
+                "value / baseline",
+                "test",
+                "test baseline",
+                "commit",
+            ],
             rows,
         )
     ]
@@ -898,6 +917,140 @@ def training_section(recs: List[Dict]) -> str:
         out.append("\n" + "\n".join(other))
     out.append("\nMeasured by:\n\n" + _provenance_note(tr) + "\n")
     return "\n".join(out) + "\n" + DIRTY + "\n"
+
+
+# ----------------------------------------------------------------------------------------------------- nonlinearities
+
+# the implicit kernels' hidden nonlinearities (ik_fast.spec.kernel.NONLINEARITIES; the report imports no torch), the
+# default first. A problem names its nonlinearity as BASE+KIND (``M+gated``, ``qm9-homo-quick+norm``), the default
+# none (or a record's ``extra.nonlinearity`` says which).
+NONLINEARITIES = ("fourier_elu", "gated", "norm")
+# the trainer's quick presets: (problem, metric, column); their records carry ``extra.seed`` and ``extra.nonlinearity``
+NL_TRAINING = (
+    ("qm9-homo-quick", "val_mae", "QM9 quick: val MAE (meV)"),
+    ("nbody-quick", "val_mse", "N-body quick: val MSE"),
+)
+NL_EQUIVARIANCE = "flipRot3dOnR3"  # the equivariance records' problem (the gspace): O(3), random elements
+NL_KERNEL_PROBLEMS = ("M", "H")  # counted work and CPU step time of one layer (ik_fast.tools.problems)
+
+
+def _nl_problem(base: str, kind: str) -> str:
+    return base if kind == NONLINEARITIES[0] else f"{base}+{kind}"
+
+
+def _nl_is(r: Dict, base: str, kind: str) -> bool:
+    """Whether record ``r`` measures problem ``base`` with the nonlinearity ``kind``."""
+    named = r["extra"].get("nonlinearity")
+    if r["problem"] == base:
+        return (named or NONLINEARITIES[0]) == kind
+    return r["problem"] == _nl_problem(base, kind) and named in (None, kind)
+
+
+def _commits(rs: List[Dict]) -> str:
+    return ", ".join(f"`{c}`" for c in sorted({_commit(r) for r in rs}))
+
+
+def _nl_training_cell(recs: List[Dict], base: str, metric: str, kind: str) -> str:
+    """Mean ± half the range (max - min) / 2 over seeds of the newest record per seed; only records that name
+    their seed and nonlinearity (a seed series), so that older single runs are not mixed in."""
+    rs = [
+        r
+        for r in recs
+        if r["kind"] == "training"
+        and r["metric"] == metric
+        and r["value"] is not None
+        and "seed" in r["extra"]
+        and "nonlinearity" in r["extra"]
+        and _nl_is(r, base, kind)
+    ]
+    rs = newest(rs, key=("problem", "metric"), extra_key=("seed",))
+    if not rs:
+        return "–"
+    v = [r["value"] for r in rs]
+    mean, half = sum(v) / len(v), (max(v) - min(v)) / 2
+    f = ".4f" if metric == "val_mse" else ".1f"
+    return f"{mean:{f}} ± {half:{f}} (n={len(v)}) {_commits(rs)}"
+
+
+def _nl_best_cell(recs: List[Dict], base: str, kind: str, want, fmt, precision: Optional[str] = None) -> str:
+    """The smallest value among the newest records per provider that ``want`` accepts, with its provider; of
+    ``precision`` where records of it exist (then named)."""
+    rs = newest(
+        r for r in recs if want(r) and r["value"] is not None and "series" not in r["extra"] and _nl_is(r, base, kind)
+    )
+    if precision is not None:
+        rs = [r for r in rs if r["precision"] == precision] or rs
+    if not rs:
+        return "–"
+    r = min(rs, key=lambda r: r["value"])
+    how = f"`{r['provider']}`" + (f", {r['precision']}" if precision is not None else "")
+    return f"{fmt(r['value'])} ({how}) `{_commit(r)}`"
+
+
+def nonlinearities_section(recs: List[Dict]) -> str:
+    """Per hidden nonlinearity of the implicit kernels: the quick presets' validation errors over seeds, the
+    equivariance error, the counted work per edge and the CPU step time (each "–" until a record measures it)."""
+    if not any(r["kind"] == "training" and "nonlinearity" in r["extra"] and "seed" in r["extra"] for r in recs):
+        return "No training records per nonlinearity.\n"
+    head = [
+        "kernel nonlinearity",
+        *[col for _, _, col in NL_TRAINING],
+        "equivariance error (O(3), random elements)",
+        *[f"MACs / edge, `{p}`" for p in NL_KERNEL_PROBLEMS],
+        *[f"CPU step (s), `{p}`" for p in NL_KERNEL_PROBLEMS],
+    ]
+    rows = []
+    for kind in NONLINEARITIES:
+        row = [kind + (" (default)" if kind == NONLINEARITIES[0] else "")]
+        row += [_nl_training_cell(recs, base, metric, kind) for base, metric, _ in NL_TRAINING]
+        row.append(
+            _nl_best_cell(
+                recs,
+                NL_EQUIVARIANCE,
+                kind,
+                lambda r: (
+                    r["kind"] == "equivariance"
+                    and r["metric"] == "rel_error_random_elements"
+                    and "grid" not in r["extra"]
+                ),
+                lambda v: f"{v:.1e}",
+                precision="float64",
+            )
+        )
+        row += [
+            _nl_best_cell(
+                recs,
+                p,
+                kind,
+                lambda r: r["kind"] == "work" and r["metric"] == "macs_per_edge",
+                lambda v: f"{v:,.0f}",
+            )
+            for p in NL_KERNEL_PROBLEMS
+        ]
+        row += [
+            _nl_best_cell(
+                recs,
+                p,
+                kind,
+                lambda r: (
+                    r["kind"] == "timing"
+                    and r["metric"] == "step_time"
+                    and r["mode"] == "train"
+                    and r["device"]["type"] == "cpu"
+                ),
+                _g,
+            )
+            for p in NL_KERNEL_PROBLEMS
+        ]
+        rows.append(row)
+    lead = (
+        "Per hidden nonlinearity of the implicit kernels (`nonlinearity=`; `gated` and `norm` exactly equivariant): "
+        "the quick presets' validation error, mean ± half the range (max − min) / 2 over seeds (n), "
+        "`python -m ik_fast.models.train {qm9|nbody} --quick --seed S --nonlinearity K`; the equivariance error, the "
+        "counted multiply-adds per edge of a training step and the CPU training step of one layer, the smallest over "
+        "backends; each figure with the commits that measured it, – where no record has it yet:\n"
+    )
+    return lead + "\n" + _table(head, rows) + "\n"
 
 
 # ----------------------------------------------------------------------------------------------------- entry
@@ -918,6 +1071,7 @@ def render(
         "work": work_section,
         "equivariance": equivariance_section,
         "training": training_section,
+        "nonlinearities": nonlinearities_section,
         "threads": threads_section,
         "compile_timing": compile_timing_section,
         "tests": tests_section,

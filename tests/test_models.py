@@ -170,3 +170,21 @@ def test_nbody_model_equivariant():
         y1 = m(pos @ R.T, vel @ R.T, q, g_idx)
     err = (y1 - y0 @ R.T).norm() / y0.norm()
     assert float(err) <= tolerance("equivariance", y0.dtype, group_family(gs))
+
+
+@pytest.mark.parametrize("kind", ["gated", "norm"])
+def test_models_pass_the_nonlinearity_to_every_kernel(kind):
+    """``nonlinearity=`` (the trainer's ``--nonlinearity``) reaches every implicit convolution of both models."""
+    from ik_fast.nn.layers import ImplicitPointConv
+
+    gs = gspaces.flipRot3dOnR3()
+    small = dict(kernel_n_layers=2, kernel_n_channels=2, backend="reference", nonlinearity=kind)
+    for model in (
+        QM9Model(gs, num_layers=1, num_features=2, num_inv_features=2, **small),
+        NBodyModel(gs, num_layers=2, num_features=2, **small),
+    ):
+        convs = [m for m in model.modules() if isinstance(m, ImplicitPointConv)]
+        assert len(convs) == 3  # QM9: the block's two and the invariant one; N-body: two and the readout
+        assert all(c.kernel.nonlinearity == kind for c in convs)
+        # the norm nonlinearity learns a bias per hidden layer; the others none
+        assert all((len(c.kernel.act_bias) > 0) == (kind == "norm") for c in convs)

@@ -153,6 +153,37 @@ def test_nbody_train(tmp_path, in_process):
     assert m and float(m.group(2)) > 0
 
 
+def test_nonlinearity_reaches_the_kernels_and_the_record(tmp_path, in_process):
+    """--nonlinearity: every implicit convolution of the model is built with it (the checkpoint holds the norm
+    nonlinearity's biases of each kernel), and the configuration and the record name it."""
+    from ik_fast.models import train
+    from ik_fast.spec.kernel import NONLINEARITIES
+
+    assert train.NONLINEARITIES == NONLINEARITIES and train.DEFAULT_NONLINEARITY == NONLINEARITIES[0]
+    out = tmp_path / "nb"
+    args = ["nbody", "--n-train", "10", "--n-val", "5", "--n-test", "5", "--batch-size", "5", "--epochs", "1"]
+    args += ["--horizon", "20", "--num-layers", "1", "--num-features", "2", "--kernel-layers", "2"]
+    args += ["--kernel-channels", "2", "--backend", "reference", "--no-progress", "--out", str(out)]
+    log = in_process(args + ["--nonlinearity", "norm"])
+    assert "kernel MLP 2 x 2 (norm)" in log
+    ck = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert ck["config"]["nonlinearity"] == "norm"
+    kernels = {k.split(".kernel.")[0] for k in ck["model"] if ".kernel." in k}
+    assert kernels == {"convs.0", "readout"}
+    assert all(f"{k}.kernel.act_bias.0" in ck["model"] for k in kernels)
+    (rec,) = json.loads((out / "records.json").read_text())["records"]
+    assert rec["problem"] == "nbody+norm" and rec["extra"]["nonlinearity"] == "norm"
+    assert rec["extra"]["config"]["nonlinearity"] == "norm"
+    assert rec["extra"]["backend_first_batch"] == "reference (125 edges)"
+    # a checkpoint resumes only with its own nonlinearity
+    with pytest.raises(SystemExit, match="--nonlinearity norm"):
+        in_process(args + ["--nonlinearity", "gated", "--resume", "--epochs", "2"])
+    # the default is the paper's, and its record's problem is the task's plain name
+    in_process(args + ["--out", str(tmp_path / "default")])
+    (rec,) = json.loads((tmp_path / "default" / "records.json").read_text())["records"]
+    assert rec["problem"] == "nbody" and rec["extra"]["nonlinearity"] == "fourier_elu"
+
+
 @needs_qm9
 def test_torchrun_two_gloo_processes(tmp_path):
     """Two processes with gloo, a few steps on different shards: DDP keeps the parameters identical."""

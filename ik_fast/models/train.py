@@ -2,6 +2,7 @@
 
     python -m ik_fast.models.train qm9 --target homo [--quick] [--epochs E] [--steps S] [--edge-attrs none|bond|atom]
     ... python -m ik_fast.models.train nbody [--quick] ...
+    ... [--nonlinearity fourier_elu|gated|norm]      # the implicit kernels' hidden nonlinearity (both tasks)
     torchrun --nproc_per_node 2 -m ik_fast.models.train qm9 --quick      # DistributedDataParallel (gloo on CPU, NCCL
     on GPU)
 
@@ -17,6 +18,12 @@ no GPU was available to the session that wrote this). Under torchrun every proce
 epoch (``DistributedSampler``; ``--batch-size`` molecules per process), gradients are averaged by DDP, only rank 0
 prints and writes files, and the validation/test errors are summed over all processes' shards. Batch norms under DDP:
 see ``--sync-bn`` and the docs' training page, "Multi-process training".
+
+``--nonlinearity`` is passed to every :class:`ik_fast.ImplicitPointConv` of the model (its kernel MLP's hidden
+nonlinearity, :class:`ik_fast.ImplicitKernel`'s ``nonlinearity``): ``fourier_elu`` (default, the paper's; approximately
+equivariant on continuous groups), ``gated`` or ``norm`` (exactly equivariant). The run's configuration, history and
+record name it; a record's problem is ``<task>[+<nonlinearity>]`` (``qm9-homo-quick+gated``; none for the default), as
+the benchmark problems name theirs (``M+gated``).
 """
 
 from __future__ import annotations
@@ -102,6 +109,9 @@ NBODY_DEFAULT = dict(
     lr=5e-4,
     threads=None,
 )
+# the kernel MLP's hidden nonlinearities (ik_fast.spec.kernel.NONLINEARITIES, restated so that --help imports no escnn)
+NONLINEARITIES = ("fourier_elu", "gated", "norm")
+DEFAULT_NONLINEARITY = "fourier_elu"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -180,6 +190,20 @@ def _cosine(step: int, total: int, warmup: int) -> float:
     if step < warmup:
         return (step + 1) / warmup
     return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+
+def _problem(task: str, nonlinearity: str) -> str:
+    """A training record's problem: the task, with ``+<nonlinearity>`` unless it is the default (``M+gated``'s
+    convention in :func:`ik_fast.tools.problems.get_problem`)."""
+    return task if nonlinearity == DEFAULT_NONLINEARITY else f"{task}+{nonlinearity}"
+
+
+def _resolved(args, d: "Dist", edges: int) -> str:
+    """The backend that ``--backend`` (``auto``: by device, edge count and nonlinearity) runs on a batch of
+    ``edges`` edges."""
+    from ik_fast.backends import resolve_backend
+
+    return resolve_backend(args.backend, d.device, edges, activation=args.nonlinearity)
 
 
 def _peak_rss_mb() -> float:
@@ -336,6 +360,13 @@ def _common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=10, help="linear warm-up steps before the cosine decay")
     p.add_argument("--seed", type=int, default=0, help="seed of the split, the initialisation and the order")
     p.add_argument("--backend", default="auto", help="ik_fast backend: auto, torch, reference")
+    p.add_argument(
+        "--nonlinearity",
+        choices=NONLINEARITIES,
+        default=DEFAULT_NONLINEARITY,
+        help="hidden nonlinearity of every implicit kernel's MLP: fourier_elu (the paper's; approximately "
+        "equivariant on continuous groups), gated or norm (exactly equivariant)",
+    )
     p.add_argument("--out", default=None, help="output folder (default build/runs/<task>, git-ignored)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
     p.add_argument(
@@ -394,6 +425,13 @@ def _setup_training(model, args, d: Dist, n_train: int, what: str, out: str):
     if args.resume:
         if not os.path.exists(ckpt):
             raise SystemExit(f"error: --resume given but {ckpt} does not exist")
+        ck = torch.load(ckpt, map_location="cpu", weights_only=False)
+        saved = ck.get("config", {}).get("nonlinearity", DEFAULT_NONLINEARITY)
+        if saved != args.nonlinearity:
+            raise SystemExit(
+                f"error: {ckpt} was trained with --nonlinearity {saved}, not {args.nonlinearity}: pass "
+                f"--nonlinearity {saved} to resume it"
+            )
         ck = _load_checkpoint(ckpt, ddp_model, opt, sched, d)
         step, start_epoch, history = ck["step"], ck["epoch"], ck["history"]
     return ddp_model, core, sampler, steps_per_epoch, total, epochs, opt, sched, ckpt, history, step, start_epoch
@@ -500,14 +538,15 @@ def _run_qm9(args, d: Dist) -> int:
         kernel_n_layers=args.kernel_layers,
         kernel_n_channels=args.kernel_channels,
         backend=args.backend,
+        nonlinearity=args.nonlinearity,
     ).to(d.device)
     n_params = sum(p.numel() for p in model.parameters())
     _log(
         d,
         f"model: {args.gspace} gspace, {args.num_layers} residual blocks, {args.num_features} fields L<={args.L}, "
-        f"kernel MLP {args.kernel_layers} x {args.kernel_channels}, edge attributes {args.edge_attrs} ({A}), "
-        f"cutoff {args.cutoff} A, {n_params} parameters, backend {args.backend}, {d.world} process(es), "
-        f"{torch.get_num_threads()} thread(s) each",
+        f"kernel MLP {args.kernel_layers} x {args.kernel_channels} ({args.nonlinearity}), edge attributes "
+        f"{args.edge_attrs} ({A}), cutoff {args.cutoff} A, {n_params} parameters, backend {args.backend}, "
+        f"{d.world} process(es), {torch.get_num_threads()} thread(s) each",
     )
     config = {k: v for k, v in vars(args).items()}
     config.update(task="qm9", target_mean=mean, target_std=std)
@@ -533,6 +572,7 @@ def _run_qm9(args, d: Dist) -> int:
 
     val_mae = history["val_metric"][-1] if history["val_metric"] else float("nan")
     train_idx = splits["train"]
+    backend_train = None  # what --backend runs on the first training batch
     for epoch in range(start_epoch, epochs):
         if step >= total:
             break
@@ -547,6 +587,8 @@ def _run_qm9(args, d: Dist) -> int:
             b = collate(
                 data, train_idx[order[k * args.batch_size : (k + 1) * args.batch_size]], args.target, **ck_kw
             ).to(d.device)
+            if backend_train is None:
+                backend_train = f"{_resolved(args, d, b.edge_index.shape[1])} ({b.edge_index.shape[1]} edges)"
             pred = ddp_model(b.x, b.pos, b.edge_index, b.edge_attr, b.batch, b.n_graphs)
             loss = (pred - (b.y - mean) / std).abs().mean()
             opt.zero_grad(set_to_none=True)
@@ -603,7 +645,7 @@ def _run_qm9(args, d: Dist) -> int:
         _save_record(
             out,
             d,
-            f"qm9-{args.target}" + ("-quick" if args.quick else ""),
+            _problem(f"qm9-{args.target}" + ("-quick" if args.quick else ""), args.nonlinearity),
             args.backend,
             "val_mae",
             val_mae,
@@ -614,6 +656,8 @@ def _run_qm9(args, d: Dist) -> int:
                 test_baseline=baseline_test,
                 baseline_is="the training mean",
                 seed=args.seed,
+                nonlinearity=args.nonlinearity,
+                backend_first_batch=backend_train,
                 steps=step,
                 wall_s=round(wall, 1),
                 peak_rss_mb=round(_peak_rss_mb()),
@@ -687,16 +731,21 @@ def _run_nbody(args, d: Dist) -> int:
         kernel_n_layers=args.kernel_layers,
         kernel_n_channels=args.kernel_channels,
         backend=args.backend,
+        nonlinearity=args.nonlinearity,
     ).to(d.device)
     _log(
         d,
         f"model: {args.gspace}, {args.num_layers} layers of {args.num_features} fields L<={args.L}, kernel MLP "
-        f"{args.kernel_layers} x {args.kernel_channels}, {sum(p.numel() for p in model.parameters())} parameters",
+        f"{args.kernel_layers} x {args.kernel_channels} ({args.nonlinearity}), "
+        f"{sum(p.numel() for p in model.parameters())} parameters, backend {args.backend}",
     )
     config = dict(vars(args), task="nbody")
     (ddp_model, core, sampler, steps_per_epoch, total, epochs, opt, sched, ckpt, history, step, start_epoch) = (
         _setup_training(model, args, d, args.n_train, "systems", out)
     )
+
+    edges_per_batch = int(nbody_graph(args.batch_size).shape[1])
+    backend_train = f"{_resolved(args, d, edges_per_batch)} ({edges_per_batch} edges)"  # on every training batch
 
     def batch(s, idx):
         g = nbody_graph(len(idx))
@@ -790,7 +839,7 @@ def _run_nbody(args, d: Dist) -> int:
         _save_record(
             out,
             d,
-            "nbody" + ("-quick" if args.quick else ""),
+            _problem("nbody" + ("-quick" if args.quick else ""), args.nonlinearity),
             args.backend,
             "val_mse",
             val_mse,
@@ -801,6 +850,8 @@ def _run_nbody(args, d: Dist) -> int:
                 baseline_is="the constant-position prediction",
                 baseline_linear=b_lin,
                 seed=args.seed,
+                nonlinearity=args.nonlinearity,
+                backend_first_batch=backend_train,
                 steps=step,
                 wall_s=round(wall, 1),
                 peak_rss_mb=round(_peak_rss_mb()),
