@@ -64,12 +64,13 @@ std::shared_ptr<const Structure> parse_structure(c10::string_view s, int64_t R, 
 std::shared_ptr<const Structure> parse_structure(c10::string_view s, const char* what);
 
 // The activations of the hidden layers layers[first : first + L] of the structure (parsed; every one fourier_elu or
-// elu without a structure) against act_bias (L entries, empty where a layer is not norm): a kind that the kernels do
-// not do (gated, norm) raises a NotImplementedError "<impl>: nonlinearity '<kind>' is not implemented"; a c10::Error
-// (prefixed `what`) naming structure when it is malformed or has no such layers, naming act_bias when an entry does
-// not fit. Called before the layers' shapes are checked (a gated layer's Linear has its gates too).
+// elu without a structure) against act_bias (L entries: (channels x non-trivial irreps,) for a norm layer, empty for
+// the others): a kind that the kernels do not do (gated and norm, unless the caller's kernels do them:
+// `gated_and_norm`, per device) raises a NotImplementedError "<impl>: nonlinearity '<kind>' is not implemented"; a
+// c10::Error (prefixed `what`) naming structure when it is malformed or has no such layers, naming act_bias when an
+// entry does not fit. Called before the layers' shapes are checked (a gated layer's Linear has its gates too).
 void check_activations(const std::optional<c10::string_view>& structure, int64_t first, int64_t L,
-                       at::TensorList act_bias, const char* impl, const char* what);
+                       at::TensorList act_bias, const char* impl, const char* what, bool gated_and_norm = false);
 
 // The structure of a dense W' (R, H, C): H channels of one component, coupled to every entry of the one field pair
 // (one output field of size R, one input field of size C). Without a key; no blocks when a size is 0.

@@ -492,14 +492,19 @@ def test_compile_error_is_a_clear_reason(tmp_path):
 
 
 @needs_native
-@pytest.mark.parametrize("name", ["O3", "Oh"])  # Fourier ELUs; pointwise ELUs (Oh's hidden field)
-def test_tape_matches_recomputation_and_reference(monkeypatch, name):
+@pytest.mark.parametrize(
+    "name,nonlinearity",
+    # Fourier ELUs; pointwise ELUs (Oh's hidden field); the gated and norm layers (no grids: their Linears' outputs
+    # evaluated again from the tape's activations)
+    [("O3", "fourier_elu"), ("Oh", "fourier_elu"), ("O3", "gated"), ("O3", "norm")],
+)
+def test_tape_matches_recomputation_and_reference(monkeypatch, name, nonlinearity):
     """Training with a tape of activations and grids, of activations only (grids re-evaluated), and without one
     (the trunk re-evaluated): the same numbers, and those of the reference, forward and every gradient; the host
     passes a tape of the expected form."""
     from ik_fast.backends import fused
 
-    conv, gs, attr_t = _conv(name, "mixed_attr", n_channels=3)
+    conv, gs, attr_t = _conv(name, "mixed_attr", n_channels=3, nonlinearity=nonlinearity)
     conv.train()
     pos, ei, x, a = _inputs(conv, gs, attr_t, n=20, e=150)
     state = {k: v.clone() for k, v in conv.state_dict().items()}
@@ -519,13 +524,61 @@ def test_tape_matches_recomputation_and_reference(monkeypatch, name):
         conv.load_state_dict(state)
         res[case] = _layer_step(conv, "native", pos, ei, x, a)
     L = len(conv.kernel.program().hidden)
-    pointwise = name == "Oh"
+    pointwise = name == "Oh" or nonlinearity != "fourier_elu"
     assert seen == [[True, not pointwise] * L, [True, False] * L, None]
     for case, got in res.items():
         for i, (g, r) in enumerate(zip(got, ref)):
             assert rel(g, r) <= tolerance("backward", F64) or r.norm() == g.norm() == 0, (case, i)
         for i, (g, r) in enumerate(zip(got, res["none"])):
             assert rel(g, r) <= tolerance("reorder", F64) or r.norm() == g.norm() == 0, (case, i)
+
+
+@needs_native
+@pytest.mark.parametrize("kind", ["gated", "norm"])
+def test_gated_and_norm_componentwise_layers_and_chained_statistics(kind):
+    """Many channels make the hidden Linears componentwise (a gated one's gate rows read the previous field's trivial
+    component): conv, every gradient and the statistics passes, chained from any layer, against their statements;
+    the passes' grids are empty for these layers."""
+    conv, gs, attr_t = _conv("SO3", "mixed", n_channels=8, nonlinearity=kind)
+    ik_fast.testing.randomize_(conv)
+    conv.eval()
+    prog = conv.kernel.program()
+    assert prog.componentwise(1)
+    pos, ei, x, a = _inputs(conv, gs, attr_t, n=12, e=60)
+    args = _op_args(conv, pos, ei, x, a)
+    out = ops._op("native", "conv")(*args)
+    ref = ops.conv_reference_form(*args[:-1])
+    assert rel(out, ref) <= tolerance("forward", F64)
+    w = torch.randn_like(out)
+    leaves = _leaves(args)
+    g1 = torch.autograd.grad((out * w).sum(), leaves, allow_unused=True)
+    g2 = torch.autograd.grad((ref * w).sum(), leaves, allow_unused=True)
+    for i, (u, v) in enumerate(zip(g1, g2)):
+        if v is None:  # (an empty act_bias, unused by the statement)
+            assert u is None or u.numel() == 0, i
+            continue
+        assert rel(u, v) <= tolerance("backward", F64) or u.norm() == v.norm() == 0, i
+    p = prog.op_program([], F64)
+    inp = args[1].detach()
+    L = len(p.weights)
+    # (leaves: x, inp, weights, biases, act_bias, ...): a norm layer's biases get their gradient
+    assert all((g.numel() > 0) == (kind == "norm") for g in g1[2 + 2 * L : 2 + 3 * L])
+
+    def given(start, upto):
+        empty = inp.new_empty(0)
+        f = [p.bn_factor[start - 1] if start else empty, *p.bn_factor[start : upto - 1]]
+        s = [p.bn_shift[start - 1] if start else empty, *p.bn_shift[start : upto - 1]]
+        lists = (p.weights, p.biases, p.fourier, p.fourier_inv, p.act_bias)
+        return [t[start:upto] for t in lists] + [f, s, p.structure, start]
+
+    acts = [inp] + [ops.trunk_moments_reference_form(inp, *given(0, k))[1] for k in range(1, L + 1)]
+    for upto in range(1, L + 1):
+        for start in range(upto):
+            mom, act = ops.trunk_moments_reference_form(acts[start], *given(start, upto))
+            got = ops.trunk_moments("native", acts[start], p, upto, with_activation=True, start=start, with_grid=True)
+            assert rel(got.moments, mom) <= tolerance("forward", F64), (start, upto)
+            assert rel(got.activation, act) <= tolerance("forward", F64), (start, upto)
+            assert got.grid.numel() == 0
 
 
 @needs_native

@@ -14,6 +14,9 @@
 //              a (nh x nc) block per receiver, accumulated by a small outer-product loop;
 //   weight     out_i = W' vec(Z_i) + B' z_i as one GEMM per pair over the item's receivers (W' gathered into the
 //              plan's dense blocks once per call).
+// A gated or norm layer (program.h, Irreps) keeps its Linear's output on the tile where a Fourier ELU keeps its grid,
+// and applies its activation irrep by irrep on the component-major rows (ELU, or a scale by a sigmoid per channel
+// and edge); a Fourier ELU or pointwise ELU layer does exactly what it did before.
 // The backward reads the trunk's tiles from the tape when the host passes one (ik_fast/ops.py: the statistics passes'
 // activations before their batch norms, which it applies again, and their Fourier grids on small graphs; a grid not in
 // the tape is re-evaluated from the layer's input, half the layer's forward work) and otherwise recomputes the trunk
@@ -111,6 +114,16 @@ void elu_grad_inplace(T* g, const T* v, int64_t n) {
     (Vec::loadu(g + i) * d).store(g + i);
   }
   for (; i < n; ++i) g[i] *= v[i] > T(0) ? T(1) : v[i] + T(1);
+}
+
+// s = sigmoid(x - b) on n entries (the gates' and the norms' factors; s may be x)
+template <typename T>
+void sigmoid_into(const T* x, T b, int64_t n, T* s) {
+  using Vec = at::vec::Vectorized<T>;
+  const Vec one(T(1)), bv(b);
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) (one / (one + (bv - Vec::loadu(x + i)).exp())).store(s + i);
+  for (; i < n; ++i) s[i] = T(1) / (T(1) + std::exp(b - x[i]));
 }
 
 // ----------------------------------------------------------------------------------------------------------------
@@ -236,18 +249,24 @@ template <typename T>
 inline void mk_gemm(int64_t m, int64_t n, int64_t k, const T* __restrict A, int64_t sam, int64_t sak,
                     const T* __restrict B, int64_t ldb, T* __restrict C, int64_t ldc);
 
-// y = W x + b of layer l on a tile (x: hin x t, y: hout x t, both in the tile layout)
+// the input component that component a of a componentwise Linear reads (a gated layer's gates: a trivial one)
+template <typename T>
+inline int64_t cw_source(const Layer<T>& l, int64_t a) {
+  return l.src.empty() ? a : l.src[a];
+}
+
+// y = W x + b of layer l on a tile (x: hin x t, y: hlin x t, both in the tile layout)
 template <typename T>
 void layer_linear(const Layer<T>& l, const T* x, int64_t t, T* y) {
   if (l.cw) {  // D products of (C_out x C_in) by (C_in x t): too small for a BLAS call each; onto the bias
-    for (int64_t i = 0; i < l.hout; ++i) std::fill_n(y + i * t, t, l.b[i]);
+    for (int64_t i = 0; i < l.hlin; ++i) std::fill_n(y + i * t, t, l.b[i]);
     for (int64_t a = 0; a < l.D; ++a)
-      mk_gemm<T>(l.cout, t, l.cin, l.W.data() + a * l.cout * l.cin, l.cin, 1, x + a * l.cin * t, t, y + a * l.cout * t,
-                 t);
+      mk_gemm<T>(l.cout, t, l.cin, l.W.data() + a * l.cout * l.cin, l.cin, 1, x + cw_source(l, a) * l.cin * t, t,
+                 y + a * l.cout * t, t);
     return;
   }
-  gemm<T>(false, false, l.hout, t, l.hin, T(1), l.W.data(), l.hin, x, t, T(0), y, t);
-  for (int64_t i = 0; i < l.hout; ++i) {
+  gemm<T>(false, false, l.hlin, t, l.hin, T(1), l.W.data(), l.hin, x, t, T(0), y, t);
+  for (int64_t i = 0; i < l.hlin; ++i) {
     const T bi = l.b[i];
     T* row = y + i * t;
     for (int64_t e = 0; e < t; ++e) row[e] += bi;
@@ -268,6 +287,106 @@ void layer_grid(const Layer<T>& l, const T* y, int64_t t, std::vector<T>& V, T* 
   for (int64_t r = 0; r < l.G * l.C; ++r) {
     elu_inplace(v + r * t, t);
     std::copy_n(v + r * t, t, out + r * ld_out);
+  }
+}
+
+// A gated or norm layer's activation on a tile: out (hout x t) from its Linear's y (hlin x t), irrep by irrep (the
+// rows of a component, every channel's, are C t contiguous numbers; program.h, Irreps). Trivial irreps: ELU;
+// non-trivial ones scaled by m = sigmoid(gate) (gated) or sigmoid(|v| - act_bias) (norm), per channel and edge.
+template <typename T>
+void irreps_forward(const Layer<T>& l, const T* __restrict y, int64_t t, T* __restrict out) {
+  const Irreps& ir = l.ir;
+  const int64_t ct = ir.C * t;
+  thread_local std::vector<T> buf;
+  T* m = grow(buf, ct);
+  for (size_t j = 0; j < ir.off.size(); ++j) {
+    const T* yj = y + ir.off[j] * ct;
+    T* oj = out + ir.off[j] * ct;
+    const int64_t n = ir.size[j];
+    if (ir.trivial[j]) {
+      std::copy_n(yj, n * ct, oj);
+      elu_inplace(oj, n * ct);
+      continue;
+    }
+    const int64_t g = ir.nt_index[j];
+    if (l.kind == kGated) {
+      sigmoid_into(y + (ir.D + g) * ct, T(0), ct, m);
+    } else {
+      std::fill_n(m, ct, T(0));
+      for (int64_t a = 0; a < n; ++a) {
+        const T* v = yj + a * ct;
+        for (int64_t i = 0; i < ct; ++i) m[i] += v[i] * v[i];
+      }
+      for (int64_t i = 0; i < ct; ++i) m[i] = std::sqrt(m[i]);
+      for (int64_t c = 0; c < ir.C; ++c) sigmoid_into(m + c * t, l.nb[c * ir.n_nt + g], t, m + c * t);
+    }
+    for (int64_t a = 0; a < n; ++a) {
+      const T* v = yj + a * ct;
+      T* o = oj + a * ct;
+      for (int64_t i = 0; i < ct; ++i) o[i] = v[i] * m[i];
+    }
+  }
+}
+
+// back through irreps_forward: dy (hlin x t) from d (hout x t, the gradient of out), y and out; a norm layer's
+// act_bias gradient added to dnb (C * n_nt). For v scaled by m = sigmoid(u): dv = m d + (d . v) m (1 - m) du/dv, with
+// u the gate (gated) or |v| - b (norm: du/dv = v / |v|, taken as 0 where |v| = 0; du/db = -1).
+template <typename T>
+void irreps_backward(const Layer<T>& l, const T* __restrict d, const T* __restrict y, const T* __restrict out,
+                     int64_t t, T* __restrict dy, T* __restrict dnb) {
+  const Irreps& ir = l.ir;
+  const int64_t ct = ir.C * t;
+  thread_local std::vector<T> buf;
+  T* m = grow(buf, 3 * ct);
+  T* dot = m + ct;
+  T* nrm = m + 2 * ct;
+  for (size_t j = 0; j < ir.off.size(); ++j) {
+    const T* dj = d + ir.off[j] * ct;
+    const T* yj = y + ir.off[j] * ct;
+    T* dyj = dy + ir.off[j] * ct;
+    const int64_t n = ir.size[j];
+    if (ir.trivial[j]) {
+      std::copy_n(dj, n * ct, dyj);
+      elu_grad_inplace(dyj, out + ir.off[j] * ct, n * ct);
+      continue;
+    }
+    const int64_t g = ir.nt_index[j];
+    std::fill_n(dot, ct, T(0));
+    for (int64_t a = 0; a < n; ++a) {
+      const T* da = dj + a * ct;
+      const T* v = yj + a * ct;
+      for (int64_t i = 0; i < ct; ++i) dot[i] += da[i] * v[i];
+    }
+    if (l.kind == kGated) {
+      sigmoid_into(y + (ir.D + g) * ct, T(0), ct, m);
+      T* dgate = dy + (ir.D + g) * ct;
+      for (int64_t i = 0; i < ct; ++i) dgate[i] = dot[i] * m[i] * (T(1) - m[i]);
+    } else {
+      std::fill_n(nrm, ct, T(0));
+      for (int64_t a = 0; a < n; ++a) {
+        const T* v = yj + a * ct;
+        for (int64_t i = 0; i < ct; ++i) nrm[i] += v[i] * v[i];
+      }
+      for (int64_t i = 0; i < ct; ++i) nrm[i] = std::sqrt(nrm[i]);
+      for (int64_t c = 0; c < ir.C; ++c) sigmoid_into(nrm + c * t, l.nb[c * ir.n_nt + g], t, m + c * t);
+      // dot becomes (d . v) m (1 - m), the gradient of u; dnb -= its sum; then its factor on v, 1 / |v| (0 at 0)
+      for (int64_t i = 0; i < ct; ++i) dot[i] *= m[i] * (T(1) - m[i]);
+      for (int64_t c = 0; c < ir.C; ++c) {
+        const T* r = dot + c * t;
+        dnb[c * ir.n_nt + g] -= lane_sum<T>(t, [r](int64_t e) { return r[e]; });
+      }
+      for (int64_t i = 0; i < ct; ++i) dot[i] = nrm[i] > T(0) ? dot[i] / nrm[i] : T(0);
+    }
+    for (int64_t a = 0; a < n; ++a) {
+      const T* da = dj + a * ct;
+      const T* v = yj + a * ct;
+      T* o = dyj + a * ct;
+      if (l.kind == kGated) {
+        for (int64_t i = 0; i < ct; ++i) o[i] = da[i] * m[i];
+      } else {
+        for (int64_t i = 0; i < ct; ++i) o[i] = da[i] * m[i] + v[i] * dot[i];
+      }
+    }
   }
 }
 
@@ -317,9 +436,13 @@ void trunk_forward(const Trunk<T>& tr, const T* inp, int64_t ld_inp, int64_t t, 
     const Layer<T>& l = tr.layers[k];
     T* h = grow(S.X[k + 1], l.hout * t);
     T* out = l.bn ? grow(S.Apre[k], l.hout * t) : h;  // the activation, before the batch norm
-    T* y = l.G > 0 ? grow(S.Y, l.hout * t) : out;
+    // (gated, norm: the Linear's output kept for the backward where the grid would be)
+    T* y = l.G > 0 ? grow(S.Y, l.hout * t) : l.irreps() ? grow(S.V[k], l.hlin * t) : out;
     layer_linear(l, S.X[k].data(), t, y);
-    if (l.G > 0) {
+    if (l.irreps()) {
+      irreps_forward(l, y, t, out);
+      S.Vp[k] = y;
+    } else if (l.G > 0) {
       const int64_t ct = l.C * t;
       layer_grid(l, y, t, S.V[k], k + 1 == L ? grid_out : nullptr, ld_grid);
       S.Vp[k] = S.V[k].data();
@@ -368,7 +491,7 @@ Tape<T> check_tape(const Trunk<T>& tr, const c10::optional<TensorList>& tape, in
                   ") or empty, got shape ", g.sizes());
     } else if (l.G == 0) {
       TORCH_CHECK(g.numel() == 0, "ik_fast native: tape[", 2 * k + 1, "] must be empty (hidden layer ", k + 1,
-                  " has a pointwise ELU), got shape ", g.sizes());
+                  " has no Fourier grid), got shape ", g.sizes());
     }
     keep.push_back(a.contiguous());
     tp.act.push_back(keep.back().data_ptr<T>());
@@ -399,6 +522,12 @@ void trunk_from_tape(const Trunk<T>& tr, const Tape<T>& tp, const T* inp, int64_
     for (int64_t e = 0; e < t; ++e)
       for (int64_t i = 0; i < l.hout; ++i) x[i * t + e] = a[e * l.hout + l.out_perm[i]];
     if (l.bn) affine_rows(x, l.bnf.data(), l.bns.data(), l.hout, t, h);  // a pass of its own: vectorised
+    if (l.irreps()) {  // its Linear's output again (the tape keeps no gates)
+      T* y = grow(S.V[k], l.hlin * t);
+      layer_linear(l, S.X[k].data(), t, y);
+      S.Vp[k] = y;
+      continue;
+    }
     if (l.G == 0) continue;
     if (tp.grid[k] != nullptr) {  // read where it is (trunk_backward reads it once)
       S.Vp[k] = tp.grid[k] + e0;
@@ -424,15 +553,17 @@ void elu_grad_rows(T* g, const T* v, int64_t rows, int64_t t, int64_t ld_v) {
 }
 
 // per-thread gradient accumulators of the trunk, in the tile layout
-// (dbnf, dbns: per layout row of a layer with a batch norm, the sums over edges of dh * a and of dh; empty without)
+// (dbnf, dbns: per layout row of a layer with a batch norm, the sums over edges of dh * a and of dh; empty without;
+// dnb: a norm layer's act_bias gradient, empty for other layers)
 template <typename T>
 struct TrunkGrads {
-  std::vector<std::vector<T>> dW, db, dbnf, dbns;
+  std::vector<std::vector<T>> dW, db, dnb, dbnf, dbns;
   void init(const Trunk<T>& tr) {
     if (!dW.empty() || tr.layers.empty()) return;
     for (const auto& l : tr.layers) {
       dW.emplace_back(l.W.size(), T(0));
-      db.emplace_back(l.hout, T(0));
+      db.emplace_back(l.hlin, T(0));
+      dnb.emplace_back(l.nb.size(), T(0));
       dbnf.emplace_back(l.bn ? l.hout : 0, T(0));
       dbns.emplace_back(l.bn ? l.hout : 0, T(0));
     }
@@ -488,7 +619,10 @@ T* trunk_backward(const Trunk<T>& tr, TrunkTile<T>& S, T* dact, int64_t t, Trunk
     const Layer<T>& l = tr.layers[k];
     if (l.bn) bn_backward_rows(d, S.Apre[k].data(), l.bnf.data(), l.hout, t, G.dbnf[k].data(), G.dbns[k].data());
     T* dy;
-    if (l.G > 0) {
+    if (l.irreps()) {  // (hlin x t: a gated layer's gates too)
+      dy = grow(S.Y, l.hlin * t);
+      irreps_backward(l, d, S.Vp[k], S.act(l, k), t, dy, G.dnb[k].data());
+    } else if (l.G > 0) {
       const int64_t ct = l.C * t;
       T* dv = grow(S.Y, l.G * ct);
       gemm<T>(true, false, l.G, ct, l.Df, T(1), l.Ainv.data(), l.G, d, ct, T(0), dv, ct);
@@ -500,7 +634,7 @@ T* trunk_backward(const Trunk<T>& tr, TrunkTile<T>& S, T* dact, int64_t t, Trunk
       dy = d;
     }
     T* db = G.db[k].data();
-    for (int64_t i = 0; i < l.hout; ++i) {
+    for (int64_t i = 0; i < l.hlin; ++i) {
       const T* row = dy + i * t;
       db[i] += lane_sum<T>(t, [row](int64_t e) { return row[e]; });
     }
@@ -511,7 +645,7 @@ T* trunk_backward(const Trunk<T>& tr, TrunkTile<T>& S, T* dact, int64_t t, Trunk
       std::fill_n(dx, l.hin * t, T(0));
       for (int64_t a = 0; a < l.D; ++a) {
         const T* dya = dy + a * l.cout * t;
-        const T* xa = x + a * l.cin * t;
+        const T* xa = x + cw_source(l, a) * l.cin * t;
         T* dW = G.dW[k].data() + a * l.cout * l.cin;
         for (int64_t i = 0; i < l.cout; ++i)
           for (int64_t j = 0; j < l.cin; ++j) {
@@ -519,11 +653,12 @@ T* trunk_backward(const Trunk<T>& tr, TrunkTile<T>& S, T* dact, int64_t t, Trunk
             const T* v = xa + j * t;
             dW[i * l.cin + j] += lane_sum<T>(t, [u, v](int64_t e) { return u[e] * v[e]; });
           }
-        mk_gemm<T>(l.cin, t, l.cout, l.W.data() + a * l.cout * l.cin, 1, l.cin, dya, t, dx + a * l.cin * t, t);
+        mk_gemm<T>(l.cin, t, l.cout, l.W.data() + a * l.cout * l.cin, 1, l.cin, dya, t,
+                   dx + cw_source(l, a) * l.cin * t, t);
       }
     } else {
-      gemm<T>(false, true, l.hout, l.hin, t, T(1), dy, t, x, t, T(1), G.dW[k].data(), l.hin);
-      gemm<T>(true, false, l.hin, t, l.hout, T(1), l.W.data(), l.hin, dy, t, T(0), dx, t);
+      gemm<T>(false, true, l.hlin, l.hin, t, T(1), dy, t, x, t, T(1), G.dW[k].data(), l.hin);
+      gemm<T>(true, false, l.hin, t, l.hlin, T(1), l.W.data(), l.hin, dy, t, T(0), dx, t);
     }
     d = dx;
   }
@@ -531,7 +666,8 @@ T* trunk_backward(const Trunk<T>& tr, TrunkTile<T>& S, T* dact, int64_t t, Trunk
 }
 
 // the trunk's gradients in the op's layout (weights as given: dense channel-major or componentwise), in
-// conv_backward's order: dweights, dbiases, dbn_factor, dbn_shift (empty tensors for a layer without batch norm)
+// conv_backward's order: dweights, dbiases, dact_bias, dbn_factor, dbn_shift (empty tensors for a layer that is not
+// norm, and for a layer without batch norm)
 template <typename T>
 void trunk_grads_out(const Trunk<T>& tr, const TrunkGrads<T>& G, TensorList weights, TensorList biases,
                      TensorList act_bias, TensorList bn_factor, TensorList bn_shift, std::vector<Tensor>& out) {
@@ -540,20 +676,26 @@ void trunk_grads_out(const Trunk<T>& tr, const TrunkGrads<T>& G, TensorList weig
   std::vector<Tensor> dws, dbs, das, dfs, dss;
   for (int64_t k = 0; k < L; ++k) {
     const Layer<T>& l = tr.layers[k];
-    das.push_back(at::empty({0}, act_bias[k].options()));  // (every layer is elu or fourier_elu: no act_bias)
+    if (l.kind == kNorm) {
+      Tensor da = at::zeros({static_cast<int64_t>(l.nb.size())}, opt);
+      if (!G.dnb.empty()) std::copy(G.dnb[k].begin(), G.dnb[k].end(), da.data_ptr<T>());
+      das.push_back(da.view(act_bias[k].sizes()).to(act_bias[k].scalar_type()));
+    } else {
+      das.push_back(at::empty({0}, act_bias[k].options()));
+    }
     Tensor dw = at::zeros(weights[k].sizes(), opt);
-    Tensor db = at::zeros({l.hout}, opt);
+    Tensor db = at::zeros({l.hlin}, opt);
     if (!G.dW.empty()) {
       T* pw = dw.data_ptr<T>();
       if (l.cw) {
         std::copy(G.dW[k].begin(), G.dW[k].end(), pw);
       } else {
         const auto& in_perm = k == 0 ? tr.in_perm : tr.layers[k - 1].out_perm;
-        for (int64_t i = 0; i < l.hout; ++i)
-          for (int64_t j = 0; j < l.hin; ++j) pw[l.out_perm[i] * l.hin + in_perm[j]] = G.dW[k][i * l.hin + j];
+        for (int64_t i = 0; i < l.hlin; ++i)
+          for (int64_t j = 0; j < l.hin; ++j) pw[l.lin_perm[i] * l.hin + in_perm[j]] = G.dW[k][i * l.hin + j];
       }
       T* pb = db.data_ptr<T>();
-      for (int64_t i = 0; i < l.hout; ++i) pb[l.out_perm[i]] = G.db[k][i];
+      for (int64_t i = 0; i < l.hlin; ++i) pb[l.lin_perm[i]] = G.db[k][i];
     }
     dws.push_back(dw.to(weights[k].scalar_type()));
     dbs.push_back(db.view(biases[k].sizes()).to(biases[k].scalar_type()));
@@ -834,7 +976,8 @@ Conv<T> make_conv(const Tensor& x, const Tensor& inp, const Tensor& src, const T
                   TensorList bn_factor, TensorList bn_shift, const Tensor& final_weight, const Tensor& final_bias,
                   const Tensor& coef, double norm, int64_t ndim, const std::optional<c10::string_view>& structure) {
   // the layers' kinds first: a gated layer's weights have its gates too
-  check_activations(structure, 0, static_cast<int64_t>(weights.size()), act_bias, "native", "ik_fast native");
+  check_activations(structure, 0, static_cast<int64_t>(weights.size()), act_bias, "native", "ik_fast native",
+                    /*gated_and_norm=*/true);
   Conv<T> cv;
   const int64_t E = inp.size(0);
   TORCH_CHECK(x.dim() == 2, "ik_fast native: x must be (n_src, C_in), got shape ", x.sizes());
@@ -877,7 +1020,8 @@ Conv<T> make_conv(const Tensor& x, const Tensor& inp, const Tensor& src, const T
   Affines bn;
   bn.factor.assign(bn_factor.begin(), bn_factor.end());
   bn.shift.assign(bn_shift.begin(), bn_shift.end());
-  cv.tr = make_trunk<T>(cv.n_in, weights, biases, fourier, fourier_inv, bn);
+  const auto st = structure.has_value() ? parse_structure(*structure, "ik_fast native") : nullptr;
+  cv.tr = make_trunk<T>(cv.n_in, weights, biases, fourier, fourier_inv, act_bias, bn, st.get(), 0);
   const int64_t H = final_weight.size(1);
   TORCH_CHECK(cv.tr.width() == H, "ik_fast native: final_weight has H = ", H, " hidden units but the trunk gives ",
               cv.tr.width());
@@ -1165,6 +1309,7 @@ std::vector<Tensor> conv_backward_impl(const Tensor& grad_, const Tensor& x_, co
     for (size_t k = 0; k < a.trunk.dW.size(); ++k) {
       sum_into(tot.trunk.dW[k], a.trunk.dW[k]);
       sum_into(tot.trunk.db[k], a.trunk.db[k]);
+      sum_into(tot.trunk.dnb[k], a.trunk.dnb[k]);
       sum_into(tot.trunk.dbnf[k], a.trunk.dbnf[k]);
       sum_into(tot.trunk.dbns[k], a.trunk.dbns[k]);
     }
@@ -1195,7 +1340,8 @@ std::tuple<Tensor, Tensor, Tensor> trunk_moments_impl(const Tensor& inp_, Tensor
                                                       const std::optional<c10::string_view>& structure,
                                                       int64_t first_layer, bool with_activation, bool with_grid) {
   const auto dt = c10::CppTypeToScalarType<T>::value;
-  check_activations(structure, first_layer, static_cast<int64_t>(weights.size()), act_bias, "native", "ik_fast native");
+  check_activations(structure, first_layer, static_cast<int64_t>(weights.size()), act_bias, "native", "ik_fast native",
+                    /*gated_and_norm=*/true);
   TORCH_CHECK(inp_.dim() == 2, "ik_fast native: inp must be (E, n_in), got shape ", inp_.sizes());
   TORCH_CHECK(inp_.device().is_cpu(), "ik_fast native: the CPU kernels got inp on ", inp_.device());
   check_same_dtype(inp_, Tensor(), weights, biases, in_factor, in_shift, "in_factor", "in_shift", Tensor(), Tensor(),
@@ -1220,7 +1366,8 @@ std::tuple<Tensor, Tensor, Tensor> trunk_moments_impl(const Tensor& inp_, Tensor
     bn.in_factor = in_factor[0];
     bn.in_shift = in_shift[0];
   }
-  Trunk<T> tr = make_trunk<T>(n_in, weights, biases, fourier, fourier_inv, bn);
+  const auto st = structure.has_value() ? parse_structure(*structure, "ik_fast native") : nullptr;
+  Trunk<T> tr = make_trunk<T>(n_in, weights, biases, fourier, fourier_inv, act_bias, bn, st.get(), first_layer);
   const int64_t H = tr.width();
   const int64_t t = tile_edges(tr.max_rows(), E);
   const int64_t n_tiles = (E + t - 1) / t;

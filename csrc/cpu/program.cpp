@@ -66,43 +66,65 @@ std::string indexed(const char* name, int64_t i) {
 template <typename T>
 int64_t Trunk<T>::max_rows() const {
   int64_t m = n_in;
-  for (const auto& l : layers) m = std::max({m, l.hout, l.fourier_rows()});
+  for (const auto& l : layers) m = std::max({m, l.hout, l.hlin, l.fourier_rows()});
   return m;
 }
 
 template <typename T>
 Trunk<T> make_trunk(int64_t n_in, at::TensorList weights, at::TensorList biases, at::TensorList fourier,
-                    at::TensorList fourier_inv, const Affines& bn) {
+                    at::TensorList fourier_inv, at::TensorList act_bias, const Affines& bn, const Structure* structure,
+                    int64_t first) {
   const int64_t L = static_cast<int64_t>(weights.size());
   TORCH_CHECK(static_cast<int64_t>(biases.size()) == L && static_cast<int64_t>(fourier.size()) == L &&
-                  static_cast<int64_t>(fourier_inv.size()) == L,
-              "ik_fast native: weights, biases, fourier and fourier_inv must have one entry per hidden layer, got ", L,
-              ", ", biases.size(), ", ", fourier.size(), ", ", fourier_inv.size());
+                  static_cast<int64_t>(fourier_inv.size()) == L && static_cast<int64_t>(act_bias.size()) == L,
+              "ik_fast native: weights, biases, fourier, fourier_inv and act_bias must have one entry per hidden "
+              "layer, got ",
+              L, ", ", biases.size(), ", ", fourier.size(), ", ", fourier_inv.size(), ", ", act_bias.size());
   TORCH_CHECK(static_cast<int64_t>(bn.factor.size()) == L && static_cast<int64_t>(bn.shift.size()) == L,
               "ik_fast native: ", bn.factor_name, " and ", bn.shift_name,
               " must have one entry per hidden layer (empty without a batch norm), got ", bn.factor.size() + bn.offset,
               " and ", bn.shift.size() + bn.offset, " for ", L + bn.offset, " layers");
+  TORCH_CHECK(structure == nullptr || (first >= 0 && first + L <= static_cast<int64_t>(structure->layers.size())),
+              "ik_fast native: structure has no hidden layers ", first, " .. ", first + L - 1);
   Trunk<T> tr;
   tr.n_in = n_in;
+  // each layer's layout in the structure (gated and norm: their irreps; nullptr without a structure)
+  auto layout = [&](int64_t k) -> const HiddenLayout* {
+    return structure != nullptr && first + k >= 0 ? &structure->layers[first + k] : nullptr;
+  };
+  auto kind = [&](int64_t k) -> int64_t {
+    const HiddenLayout* h = layout(k);
+    if (h != nullptr && (h->activation == kGated || h->activation == kNorm)) return h->activation;
+    return fourier[k].numel() > 0 ? kFourierElu : kElu;
+  };
+  auto irreps = [&](int64_t k) { return kind(k) == kGated || kind(k) == kNorm; };
+  auto gates = [&](int64_t k) { return kind(k) == kGated ? layout(k)->n_nontrivial() : int64_t(0); };
   // the component count of each layer's output layout (1: channel-major order kept)
   std::vector<int64_t> Dl(L + 1, 1);  // Dl[k + 1]: output of layer k; Dl[0]: the input
   auto cw = [&](int64_t k) { return weights[k].dim() == 3; };
+  // the input components of a componentwise Linear (a gated layer's gate rows read one of them)
+  auto cw_in = [&](int64_t k) { return weights[k].size(0) - gates(k); };
   for (int64_t k = 0; k < L; ++k) {
     const at::Tensor& w = weights[k];
     TORCH_CHECK(w.dim() == 2 || w.dim() == 3, "ik_fast native: weights[", k,
                 "] must be (H_out, H_in) or componentwise (D, C_out, C_in), got shape ", w.sizes());
-    if (fourier[k].numel() > 0) {
+    if (irreps(k)) {
+      TORCH_CHECK(fourier[k].numel() == 0 && fourier_inv[k].numel() == 0, "ik_fast native: fourier[", k,
+                  "] and fourier_inv[", k, "] must be empty for a ", activation_name(kind(k)), " layer, got ",
+                  fourier[k].sizes(), " and ", fourier_inv[k].sizes());
+      Dl[k + 1] = layout(k)->components;
+    } else if (fourier[k].numel() > 0) {
       TORCH_CHECK(fourier[k].dim() == 2, "ik_fast native: fourier[", k, "] must be (G, D), got ", fourier[k].sizes());
       Dl[k + 1] = fourier[k].size(1);
     } else if (cw(k)) {
       Dl[k + 1] = w.size(0);
     } else if (k + 1 < L && cw(k + 1)) {
-      Dl[k + 1] = weights[k + 1].size(0);
+      Dl[k + 1] = cw_in(k + 1);
     }
   }
-  if (L > 0 && cw(0)) Dl[0] = weights[0].size(0);
+  if (L > 0 && cw(0)) Dl[0] = cw_in(0);
   int64_t hin = n_in;
-  TORCH_CHECK(hin % Dl[0] == 0, "ik_fast native: weights[0] is componentwise on ", Dl[0],
+  TORCH_CHECK(Dl[0] > 0 && hin % Dl[0] == 0, "ik_fast native: weights[0] is componentwise on ", Dl[0],
               " components but the input has ", hin, " columns");
   tr.in_perm = component_major(hin, Dl[0]);
   parse_affine<T>(bn.in_factor, bn.in_shift, tr.in_perm, hin, indexed(bn.factor_name, 0), indexed(bn.shift_name, 0),
@@ -110,42 +132,86 @@ Trunk<T> make_trunk(int64_t n_in, at::TensorList weights, at::TensorList biases,
   for (int64_t k = 0; k < L; ++k) {
     const at::Tensor& w = weights[k];
     Layer<T> l;
+    l.kind = kind(k);
     l.cw = cw(k);
     l.hin = hin;
+    // the Linear's units per channel (a gated layer's gates after its components) and the activation's
+    const int64_t ng = gates(k);
+    const int64_t Dout = Dl[k + 1], Dlin = irreps(k) ? Dout + ng : Dout;
     if (l.cw) {
       l.D = w.size(0);
       l.cout = w.size(1);
       l.cin = w.size(2);
-      l.hout = l.D * l.cout;
-      TORCH_CHECK(l.D * l.cin == hin, "ik_fast native: weights[", k, "] is componentwise ", w.sizes(),
+      l.hlin = l.D * l.cout;
+      const int64_t Din = cw_in(k);
+      TORCH_CHECK(Din > 0 && Din * l.cin == hin, "ik_fast native: weights[", k, "] is componentwise ", w.sizes(),
                   " but its input has ", hin, " units");
-      TORCH_CHECK(Dl[k] == l.D && Dl[k + 1] == l.D, "ik_fast native: weights[", k, "] mixes ", l.D,
-                  " components but the layers around it use ", Dl[k], " and ", Dl[k + 1],
+      TORCH_CHECK(Dl[k] == Din && (irreps(k) ? l.D == Dlin : Dout == l.D), "ik_fast native: weights[", k, "] mixes ",
+                  l.D, " components but the layers around it use ", Dl[k], " and ", Dout,
                   " (a layout this implementation does not support)");
+      if (ng > 0) {  // the gates read the previous layer's first trivial component (ik_fast.ops.linear_source)
+        const HiddenLayout* prev = first + k > 0 ? &structure->layers[first + k - 1] : nullptr;
+        int64_t t0 = -1, p = 0;
+        for (size_t j = 0; prev != nullptr && j < prev->irrep_sizes.size() && t0 < 0; ++j) {
+          if (prev->irrep_trivial[j]) t0 = p;
+          p += prev->irrep_sizes[j];
+        }
+        TORCH_CHECK_VALUE(t0 >= 0 && t0 < Din, "ik_fast native: weights[", k,
+                          "] is a componentwise Linear into a gated layer, which needs a trivial irrep in its input "
+                          "field");
+        for (int64_t a = 0; a < Dout; ++a) l.src.push_back(a);
+        for (int64_t g = 0; g < ng; ++g) l.src.push_back(t0);
+      }
       l.W = to_vec<T>(w);
     } else {
-      l.hout = w.size(0);
-      l.cout = l.hout;
+      l.hlin = w.size(0);
+      l.cout = l.hlin;
       l.cin = hin;
       TORCH_CHECK(w.size(1) == hin, "ik_fast native: weights[", k, "] has ", w.size(1), " input columns, expected ",
                   hin);
     }
-    TORCH_CHECK(l.hout % Dl[k + 1] == 0, "ik_fast native: layer ", k, " has ", l.hout, " units, not a multiple of its ",
-                Dl[k + 1], " components");
-    l.out_perm = component_major(l.hout, Dl[k + 1]);
+    TORCH_CHECK(l.hlin % Dlin == 0, "ik_fast native: layer ", k, " has ", l.hlin, " units, not a multiple of its ",
+                Dlin, " components", ng > 0 ? " and gates" : "");
+    l.hout = l.hlin / Dlin * Dout;
+    l.out_perm = component_major(l.hout, Dout);
+    l.lin_perm = irreps(k) ? component_major(l.hlin, Dlin) : l.out_perm;
     const auto& in_perm = k == 0 ? tr.in_perm : tr.layers.back().out_perm;
     if (!l.cw) {
       std::vector<T> wd = to_vec<T>(w);
-      l.W.resize(l.hout * hin);
-      for (int64_t i = 0; i < l.hout; ++i)
-        for (int64_t j = 0; j < hin; ++j) l.W[i * hin + j] = wd[l.out_perm[i] * hin + in_perm[j]];
+      l.W.resize(l.hlin * hin);
+      for (int64_t i = 0; i < l.hlin; ++i)
+        for (int64_t j = 0; j < hin; ++j) l.W[i * hin + j] = wd[l.lin_perm[i] * hin + in_perm[j]];
     }
-    TORCH_CHECK(biases[k].numel() == l.hout, "ik_fast native: biases[", k, "] must have ", l.hout,
+    TORCH_CHECK(biases[k].numel() == l.hlin, "ik_fast native: biases[", k, "] must have ", l.hlin,
                 " entries, got shape ", biases[k].sizes());
     std::vector<T> bd = to_vec<T>(biases[k]);
-    l.b.resize(l.hout);
-    for (int64_t i = 0; i < l.hout; ++i) l.b[i] = bd[l.out_perm[i]];
-    if (fourier[k].numel() > 0) {
+    l.b.resize(l.hlin);
+    for (int64_t i = 0; i < l.hlin; ++i) l.b[i] = bd[l.lin_perm[i]];
+    if (irreps(k)) {
+      const HiddenLayout& h = *layout(k);
+      Irreps& ir = l.ir;
+      ir.D = Dout;
+      ir.C = l.hout / Dout;
+      TORCH_CHECK(ir.C == h.channels, "ik_fast native: layer ", k, " has ", ir.C, " channels, its structure ",
+                  h.channels);
+      int64_t p = 0;
+      for (size_t j = 0; j < h.irrep_sizes.size(); ++j) {
+        ir.off.push_back(p);
+        ir.size.push_back(h.irrep_sizes[j]);
+        ir.trivial.push_back(h.irrep_trivial[j]);
+        ir.nt_index.push_back(h.irrep_trivial[j] ? -1 : ir.n_nt++);
+        p += h.irrep_sizes[j];
+      }
+      l.C = ir.C;
+      if (l.kind == kNorm) {
+        TORCH_CHECK(act_bias[k].numel() == ir.C * ir.n_nt, "ik_fast native: act_bias[", k, "] must have ",
+                    ir.C * ir.n_nt, " entries (channels x non-trivial irreps), got shape ", act_bias[k].sizes());
+        TORCH_CHECK(act_bias[k].scalar_type() == c10::CppTypeToScalarType<T>::value, "ik_fast native: act_bias[", k,
+                    "] must have the weights' dtype ", c10::CppTypeToScalarType<T>::value, ", got ",
+                    act_bias[k].scalar_type());
+        l.nb = to_vec<T>(act_bias[k]);
+      }
+    } else if (fourier[k].numel() > 0) {
       l.G = fourier[k].size(0);
       l.Df = fourier[k].size(1);
       TORCH_CHECK(fourier_inv[k].dim() == 2 && fourier_inv[k].size(0) == l.Df && fourier_inv[k].size(1) == l.G,
@@ -165,9 +231,9 @@ Trunk<T> make_trunk(int64_t n_in, at::TensorList weights, at::TensorList biases,
 }
 
 template Trunk<float> make_trunk<float>(int64_t, at::TensorList, at::TensorList, at::TensorList, at::TensorList,
-                                        const Affines&);
+                                        at::TensorList, const Affines&, const Structure*, int64_t);
 template Trunk<double> make_trunk<double>(int64_t, at::TensorList, at::TensorList, at::TensorList, at::TensorList,
-                                          const Affines&);
+                                          at::TensorList, const Affines&, const Structure*, int64_t);
 template int64_t Trunk<float>::max_rows() const;
 template int64_t Trunk<double>::max_rows() const;
 

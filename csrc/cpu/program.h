@@ -22,21 +22,40 @@
 namespace ik_fast {
 namespace cpu {
 
+// A gated or norm layer's activation on the tile layout (component-major on its D components, C channels): per
+// component its irrep's rows, the irreps in order. The Linear into a gated layer makes (D + n_nt) C rows,
+// component-major on D + n_nt: its first D C rows are the components in the activation's order, then the n_nt C gates
+// (gate g of channel c at row (D + g) C + c).
+struct Irreps {
+  int64_t D = 0, C = 0, n_nt = 0;
+  std::vector<int64_t> off, size;  // per irrep, its first component and its size
+  std::vector<uint8_t> trivial;
+  std::vector<int64_t> nt_index;  // per irrep, its number among the non-trivial ones (-1: trivial)
+};
+
 template <typename T>
 struct Layer {
+  int64_t kind = kElu;     // its activation (csrc/structure.h); kElu or kFourierElu without a structure
   bool cw = false;         // componentwise weight (D, C_out, C_in)
   int64_t hin = 0, hout = 0;
-  int64_t D = 1, cout = 0, cin = 0;  // componentwise dims (D = 1, cout = hout, cin = hin when dense)
+  int64_t hlin = 0;        // rows of the Linear (hout, and a gated layer's gates too)
+  int64_t D = 1, cout = 0, cin = 0;  // componentwise dims (D = 1, cout = hlin, cin = hin when dense)
   int64_t G = 0, Df = 1, C = 0;      // Fourier ELU: grid points, components, channels (G = 0: pointwise ELU)
-  std::vector<T> W, b;               // W in the tile layout: dense (hout x hin), componentwise (D, cout, cin)
+  std::vector<T> W, b;               // W in the tile layout: dense (hlin x hin), componentwise (D, cout, cin)
+  std::vector<int64_t> src;          // componentwise into a gated layer: the input component of each of the D
+                                     // (empty: component a reads component a)
   std::vector<T> A, Ainv;            // (G x Df), (Df x G)
+  Irreps ir;                         // gated and norm
+  std::vector<T> nb;                 // norm: act_bias, (C * n_nt) channel-major
   std::vector<int64_t> out_perm;     // layout position -> channel-major unit (size hout)
+  std::vector<int64_t> lin_perm;     // the Linear's layout position -> its channel-major unit (size hlin)
   // the batch norm after the activation (bn: there is one): per layout row its factor, shift and channel
   bool bn = false;
   int64_t bn_C = 0;  // its channels
   std::vector<T> bnf, bns;
   std::vector<int64_t> bn_ch;
   int64_t fourier_rows() const { return G * C; }
+  bool irreps() const { return kind == kGated || kind == kNorm; }
 };
 
 template <typename T>
@@ -63,11 +82,13 @@ struct Affines {
   int64_t offset = 0;
 };
 
-// Parses and checks weights/biases/fourier/fourier_inv and the batch norms (names in errors are the op's argument
-// names).
+// Parses and checks weights/biases/fourier/fourier_inv/act_bias and the batch norms (names in errors are the op's
+// argument names). The given layers are `structure`'s hidden layers first .. first + L - 1 (their kinds and irreps;
+// nullptr: each one fourier_elu where fourier[k] is non-empty, else elu); check_activations ran before.
 template <typename T>
 Trunk<T> make_trunk(int64_t n_in, at::TensorList weights, at::TensorList biases, at::TensorList fourier,
-                    at::TensorList fourier_inv, const Affines& bn);
+                    at::TensorList fourier_inv, at::TensorList act_bias, const Affines& bn, const Structure* structure,
+                    int64_t first);
 
 // The block plan of W' (R, H, C), derived from the blocks of its structure (csrc/structure.h), never from a mask:
 // hidden components with the same couplings (blocks) form a group, whose units are every channel of them; within a

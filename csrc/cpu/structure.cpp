@@ -197,7 +197,7 @@ const char* activation_name(int64_t activation) {
 }
 
 void check_activations(const std::optional<c10::string_view>& structure, int64_t first, int64_t L,
-                       at::TensorList act_bias, const char* impl, const char* what) {
+                       at::TensorList act_bias, const char* impl, const char* what, bool gated_and_norm) {
   const std::shared_ptr<const Structure> st = structure.has_value() ? parse_structure(*structure, what) : nullptr;
   TORCH_CHECK(static_cast<int64_t>(act_bias.size()) == L, what, ": act_bias must have one entry per hidden layer (", L,
               "), got ", act_bias.size());
@@ -206,11 +206,22 @@ void check_activations(const std::optional<c10::string_view>& structure, int64_t
                       st->layers.size(), " hidden layers, the program gives ", L, " from layer ", first);
   }
   for (int64_t k = 0; k < L; ++k) {
-    const int64_t kind = st != nullptr ? st->layers[first + k].activation : kFourierElu;
-    TORCH_CHECK_NOT_IMPLEMENTED(kind != kGated && kind != kNorm, impl, ": nonlinearity '", activation_name(kind),
-                                "' is not implemented");
-    TORCH_CHECK(!act_bias[k].defined() || act_bias[k].numel() == 0, what, ": act_bias[", k,
-                "] must be empty for a layer whose nonlinearity is not 'norm', got shape ", act_bias[k].sizes());
+    const HiddenLayout* h = st != nullptr ? &st->layers[first + k] : nullptr;
+    const int64_t kind = h != nullptr ? h->activation : kFourierElu;
+    TORCH_CHECK_NOT_IMPLEMENTED(gated_and_norm || (kind != kGated && kind != kNorm), impl, ": nonlinearity '",
+                                activation_name(kind), "' is not implemented");
+    const int64_t n = kind == kNorm ? h->channels * h->n_nontrivial() : 0;
+    const bool fits = act_bias[k].defined() ? (kind == kNorm ? act_bias[k].dim() == 1 && act_bias[k].numel() == n
+                                                             : act_bias[k].numel() == 0)
+                                            : n == 0;
+    if (kind == kNorm) {
+      TORCH_CHECK(fits, what, ": act_bias[", k, "] must be (", n,
+                  ",) (channels x non-trivial irreps of its norm layer), got shape ",
+                  act_bias[k].defined() ? act_bias[k].sizes() : at::IntArrayRef{});
+    } else {
+      TORCH_CHECK(fits, what, ": act_bias[", k,
+                  "] must be empty for a layer whose nonlinearity is not 'norm', got shape ", act_bias[k].sizes());
+    }
   }
 }
 
