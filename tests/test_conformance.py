@@ -422,8 +422,12 @@ def _agree(conv, impl, pos, ei, x, a, dtype=F64):
     ref_state = {k: v.clone() for k, v in conv.state_dict().items()}
     conv.load_state_dict(state)
     got = _layer_step(conv, impl, pos, ei, x, a)
+    scale = max(float(r.norm()) for r in ref[1:])
     for i, (g, r) in enumerate(zip(got, ref)):
-        assert _close(g, r, _tol("forward" if i == 0 else "backward", dtype, impl)), i
+        bound = _tol("forward" if i == 0 else "backward", dtype, impl)
+        # a gradient at rounding level where the others are of order one (a training batch norm's scale on a
+        # field whose normalised values the loss barely sees) is compared against the largest gradient
+        assert _close(g, r, bound) or float((g - r).norm()) <= bound * 1e-6 * scale, i
     for k, v in conv.state_dict().items():  # running statistics updated identically
         assert _close(v.double(), ref_state[k].double(), _tol("forward", dtype, impl)), k
 

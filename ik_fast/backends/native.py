@@ -41,7 +41,10 @@ DECLARATION = ops.register_implementation(
         summary="C++ kernels (CPU, OpenMP) and CUDA kernels, csrc/",
         chained_statistics=True,
         tape_devices=("cpu",),
-        activations=(("cpu", ("elu", "fourier_elu", "gated", "norm")), ("cuda", ("elu", "fourier_elu"))),
+        activations=(
+            ("cpu", ("elu", "fourier_elu", "gated", "norm")),
+            ("cuda", ("elu", "fourier_elu", "gated", "norm")),
+        ),
         grids=True,
         measured_faster_on=("cpu",),
     )
