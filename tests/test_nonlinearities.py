@@ -247,3 +247,141 @@ def test_layer_runs_by_default(kind):
     out.square().sum().backward()
     assert all(p.grad is None or torch.isfinite(p.grad).all() for p in conv.parameters())
     assert math.isfinite(float(out.sum()))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the fused backends on every group (the conformance suite checks them in depth on four)
+# ----------------------------------------------------------------------------------------------------------------
+# Triton's interpreter takes seconds a case: a spread of groups; native runs every gspace of the suite
+_TRITON_GROUPS = ("SO3", "O2", "full_cylinder", "C8", "inversion")
+
+
+def _fused_cases():
+    out = []
+    for impl in FUSED:
+        names = list(GSPACES) if impl != "triton" else list(_TRITON_GROUPS)
+        for name in names:
+            for kind in KINDS:
+                why = ops.status(impl, "cpu")
+                marks = [pytest.mark.skip(reason=f"{impl}: {why}")] if why else []
+                out.append(pytest.param(impl, name, kind, id=f"{impl}-{name}-{kind}", marks=marks))
+    return out
+
+
+@pytest.mark.parametrize("impl,name,kind", _fused_cases())
+def test_fused_backend_matches_the_reference_on_every_group(impl, name, kind):
+    """A training step (output, input and parameter gradients, running statistics) and an eval step of ``impl``
+    against the reference, mixed field types with attributes, float64."""
+    assert ops.implementation(impl).evaluates(kind, "cpu")
+    gs = get_gspace(name)
+    in_t, out_t, attr_t = field_types(gs, "mixed_attr")
+    torch.manual_seed(0)
+    conv = randomize_(
+        ik_fast.ImplicitPointConv(in_t, out_t, attr_t, n_layers=3, n_channels=2, nonlinearity=kind)
+    ).double()
+    pos, ei = small_graph(10, 40, gs.dimensionality, dtype=F64)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(10, in_t.size, generator=g, dtype=F64)
+    a = None if attr_t is None else torch.randn(40, attr_t.size, generator=g, dtype=F64)
+    for mode in ("train", "eval"):
+        getattr(conv, mode)()
+        state = {k: v.clone() for k, v in conv.state_dict().items()}
+        w = torch.randn(10, out_t.size, generator=g, dtype=F64)
+        ref, gref = _step(conv, "reference", pos, ei, x, a, w)
+        after = {k: v.clone() for k, v in conv.state_dict().items()}
+        conv.load_state_dict(state)
+        got, ggot = _step(conv, impl, pos, ei, x, a, w)
+        assert rel(got, ref) <= tolerance("forward", F64, backend=impl), mode
+        scale = max(float(v.norm()) for v in gref if v is not None)
+        for i, (u, v) in enumerate(zip(ggot, gref)):
+            if u is None and v is None:
+                continue
+            err = float((u - v).norm())
+            assert err <= tolerance("backward", F64, backend=impl) * max(float(v.norm()), 1e-6 * scale), (mode, i)
+        for k, v in conv.state_dict().items():
+            assert torch.allclose(v.double(), after[k].double(), rtol=1e-9, atol=1e-12), k
+        conv.load_state_dict(state)
+
+
+VARIANTS = {
+    "one_hidden": dict(n_layers=2),
+    "four_layers": dict(n_layers=4),
+    "no_batch_norm": dict(batch_norm=False),
+    "one_channel": dict(n_channels=1),
+    "paper_hidden": dict(hidden="paper"),
+    "no_bias_no_attr": dict(bias=False, types="mixed"),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("impl", ["torch", *FUSED])
+def test_variants_match_the_reference(impl, variant):
+    """The layer's options with the gated (and, alternating, norm) nonlinearity: train and eval steps against the
+    reference."""
+    if impl in FUSED and ops.status(impl, "cpu"):
+        pytest.skip(ops.status(impl, "cpu"))
+    kw = dict(VARIANTS[variant])
+    types = kw.pop("types", "mixed_attr")
+    kind = "norm" if list(VARIANTS).index(variant) % 2 else "gated"
+    gs = get_gspace("SO3")
+    in_t, out_t, attr_t = field_types(gs, types)
+    kw = {"n_layers": 3, "n_channels": 3, **kw}
+    torch.manual_seed(0)
+    conv = randomize_(ik_fast.ImplicitPointConv(in_t, out_t, attr_t, nonlinearity=kind, **kw)).double()
+    pos, ei = small_graph(10, 40, 3, dtype=F64)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(10, in_t.size, generator=g, dtype=F64)
+    a = None if attr_t is None else torch.randn(40, attr_t.size, generator=g, dtype=F64)
+    for mode in ("train", "eval"):
+        getattr(conv, mode)()
+        state = {k: v.clone() for k, v in conv.state_dict().items()}
+        w = torch.randn(10, out_t.size, generator=g, dtype=F64)
+        ref, gref = _step(conv, "reference", pos, ei, x, a, w)
+        conv.load_state_dict(state)
+        got, ggot = _step(conv, impl, pos, ei, x, a, w)
+        conv.load_state_dict(state)
+        assert rel(got, ref) <= tolerance("forward", F64, backend=impl), mode
+        scale = max(float(v.norm()) for v in gref if v is not None)
+        for i, (u, v) in enumerate(zip(ggot, gref)):
+            assert (u is None) == (v is None), (mode, i)
+            if u is not None:
+                err = float((u - v).norm())
+                assert err <= tolerance("backward", F64, backend=impl) * max(float(v.norm()), 1e-6 * scale), (mode, i)
+        if mode == "eval":  # inference without autograd (the torch and reference backends go over edge chunks)
+            conv.backend = impl
+            with torch.no_grad():
+                assert rel(conv(x, ei, edge_attr=a, pos=pos), got) <= tolerance("forward", F64, backend=impl)
+
+
+def test_compiled_layer_on_the_default_backend():
+    """What a user gets by default: torch.compile of a gated layer on backend "auto", one compilation for two graph
+    sizes, equal to the eager layer."""
+    gs = get_gspace("O3")
+    in_t, out_t, attr_t = field_types(gs, "mixed_attr")
+    torch.manual_seed(0)
+    conv = randomize_(ik_fast.ImplicitPointConv(in_t, out_t, attr_t, n_layers=3, n_channels=2, nonlinearity="gated"))
+    conv = conv.double().eval()
+    compiled = torch.compile(conv, fullgraph=True, dynamic=True)
+    for n, e in ((10, 40), (14, 70)):
+        pos, ei = small_graph(n, e, 3, dtype=F64)
+        x = torch.randn(n, in_t.size, dtype=F64)
+        a = torch.randn(e, attr_t.size, dtype=F64)
+        with torch.no_grad():
+            want = conv(x, ei, edge_attr=a, pos=pos)
+            got = compiled(x, ei, edge_attr=a, pos=pos)
+        assert rel(got, want) <= tolerance("forward", F64)
+
+
+def test_grid_convolution_takes_the_nonlinearity():
+    """ImplicitConv (a kernel sampled on the filter grid) with the norm nonlinearity: its kernel is exactly
+    equivariant and it runs forward and backward."""
+    gs = get_gspace("SO2")
+    in_t, out_t, _ = field_types(gs, "mixed")
+    conv = ik_fast.ImplicitConv(in_t, out_t, kernel_size=5, n_layers=3, n_channels=2, nonlinearity="norm")
+    assert conv.kernel.nonlinearity == "norm" and conv.kernel.exactly_equivariant
+    from escnn import nn as enn
+
+    x = enn.GeometricTensor(torch.randn(2, in_t.size, 9, 9), in_t)
+    y = conv(x)
+    y.tensor.square().sum().backward()
+    assert all(b.grad is not None for b in conv.kernel.act_bias)

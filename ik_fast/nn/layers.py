@@ -61,12 +61,13 @@ class ImplicitPointConv(_ImplicitConvBase):
     r"""G-steerable point convolution with an implicit kernel: ``out_i = bias + sum_{e: j -> i} K(d_e, a_e) x_j``.
 
     A drop-in for the research code's layer; the kernel options are those of :class:`ImplicitKernel`
-    (``band_limit``, ``grid``, ... may be passed as keywords).
+    (``nonlinearity``, ``band_limit``, ``grid``, ... may be passed as keywords).
 
     ``backend``, the algorithm that evaluates the convolution (the registry ``ik_fast.backends.BACKENDS``; the docs'
     backends page); ``ik_fast.available_backends()`` lists those that run here:
 
-    - ``"auto"`` (default): the fastest one measured on the call's device among those that run there
+    - ``"auto"`` (default): the fastest one measured on the call's device among those that run there and evaluate
+      the kernel's nonlinearity
       (:func:`ik_fast.backends.resolve_backend`; on CPU ``"native"`` where its extension is built);
     - ``"reference"``: the research code's algorithm, a kernel per edge (the tests' oracle);
     - ``"torch"``: the factorised algorithm in plain PyTorch, no per-edge kernel;

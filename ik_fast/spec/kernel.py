@@ -444,7 +444,7 @@ class ImplicitKernel(torch.nn.Module):
                 self.hidden_description = (
                     f"{n_channels} x {rho.size} ({len(self._irreps)} irreps, {n_nt} non-trivial), {nonlinearity}"
                 )
-                if nonlinearity == "norm":
+                if nonlinearity == "norm" and n_nt > 0:  # (no parameter of size 0: a group without such irreps)
                     act_bias = [torch.nn.Parameter(torch.zeros(n_channels * n_nt)) for _ in range(n_layers - 1)]
             self._rho_size = rho.size
             if spec.A is not None:
