@@ -25,7 +25,11 @@ MUTATIONS = [
     "wrong_position_rep",
     "pseudoscalar_as_scalar",
     "pointwise_elu_on_fourier",
+    "gate_per_component",
+    "norm_per_component",
 ]
+# the layer's hidden nonlinearity per mutation (the Fourier ELU where not named)
+NONLINEARITY = {"gate_per_component": "gated", "norm_per_component": "norm"}
 
 
 def _odd_scalar_index(attr_t):
@@ -39,9 +43,9 @@ def _odd_scalar_index(attr_t):
 _BUILT = {}
 
 
-def _build(name, scalar_for_odd=False):
+def _build(name, scalar_for_odd=False, nonlinearity="fourier_elu"):
     """The randomised float64 layer of a gspace (built once per module; its initial state restored on every call)."""
-    key = (name, scalar_for_odd)
+    key = (name, scalar_for_odd, nonlinearity)
     if key not in _BUILT:
         gs = get_gspace(name)
         in_t, out_t, attr_t = field_types(gs, "mixed_attr")
@@ -51,7 +55,9 @@ def _build(name, scalar_for_odd=False):
             reps[_odd_scalar_index(attr_t)] = gs.fibergroup.trivial_representation
             layer_attr = enn.FieldType(gs, reps)
         torch.manual_seed(0)
-        conv = ik_fast.ImplicitPointConv(in_t, out_t, layer_attr, n_layers=3, n_channels=3, backend="torch")
+        conv = ik_fast.ImplicitPointConv(
+            in_t, out_t, layer_attr, n_layers=3, n_channels=3, backend="torch", nonlinearity=nonlinearity
+        )
         conv = randomize_(conv).double()
         _BUILT[key] = (conv, attr_t, {k: v.clone() for k, v in conv.state_dict().items()})
     conv, attr_t, state = _BUILT[key]
@@ -70,7 +76,7 @@ def _mutate(mutation, name, monkeypatch):
         # the data are pseudoscalars (and the check transforms them so); the layer was built for scalars
         monkeypatch.setattr(conv.kernel, "edge_attr_type", attr_t)
         return conv
-    conv, _ = _build(name)
+    conv, _ = _build(name, nonlinearity=NONLINEARITY.get(mutation, "fourier_elu"))
     if mutation == "bias_expansion":  # the bias spread over every output component, not only the trivial irreps
         be = conv.bias_expansion
         wrong = be + 0.3 * torch.randn(be.shape, generator=torch.Generator().manual_seed(1), dtype=be.dtype)
@@ -106,8 +112,18 @@ def _mutate(mutation, name, monkeypatch):
         if not G.continuous:
             return None
 
-        def activate(y, A, Ainv):  # (the layer runs the torch backend, whose trunk takes its activation from here)
-            return F.elu(y)
+        def activate(y, A, Ainv, bias=None, layout=None):  # (the layer runs the torch backend, whose trunk takes
+            return F.elu(y)  # its activation from here)
+
+        monkeypatch.setattr(factorized, "_activate", activate)
+    elif mutation in ("gate_per_component", "norm_per_component"):
+        # every component of an irrep scaled by a function of itself (a gate or a norm per component, not per irrep)
+
+        def activate(y, A, Ainv, bias=None, layout=None):
+            D = layout.components
+            v = y.reshape(y.shape[0], -1, layout.linear_components)[..., :D]
+            m = torch.sigmoid(v) if mutation == "gate_per_component" else torch.sigmoid(v.abs() - 0.5)
+            return (v * m).reshape(y.shape[0], -1)
 
         monkeypatch.setattr(factorized, "_activate", activate)
     return conv
