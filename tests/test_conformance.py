@@ -218,7 +218,7 @@ def test_op_matches_its_statement_in_forward_backward_and_double_backward(impl, 
 
 
 # the exactly equivariant nonlinearities: sphere, circle, cylinder (mixed types, attributes) and a finite group
-EXACT_CASES = [("O3", "mixed_attr"), ("SO2", "mixed"), ("cylinder", "mixed_attr"), ("Oh", "uniform")]
+EXACT_CASES = [("O3", "mixed_attr"), ("SO2", "mixed"), ("cylinder", "mixed_attr"), ("D6", "uniform")]
 
 
 @IMPL
@@ -485,12 +485,13 @@ def test_hub_receivers_without_edges_and_wide_features(impl, device, mode):
 
 @IMPL
 @pytest.mark.parametrize("mode", ["train", "eval"])
-@pytest.mark.parametrize("name", ["O3", "SO2", "Oh"])
+@pytest.mark.parametrize("name", ["O3", "SO2", "Oh", "O3:gated", "SO2:norm"])
 def test_float32_against_the_float64_reference(impl, device, name, mode):
     """float32 within the table's float32 bounds of the float64 reference, forward and every gradient — or, where a
     sum with cancellation puts even the float32 reference further off, within ``tolerance("own_error", float32)``
-    times that reference's error."""
-    conv, gs, attr_t = _layer(name, device=device, n_channels=3)
+    times that reference's error. ``GROUP:KIND``: with that hidden nonlinearity."""
+    name, _, kind = name.partition(":")
+    conv, gs, attr_t = _layer(name, device=device, n_channels=3, nonlinearity=kind or "fourier_elu")
     getattr(conv, mode)()
     pos, ei, x, a = _graph(conv, gs, attr_t, n=16, e=80, device=device)
     state = {k: v.clone() for k, v in conv.state_dict().items()}
@@ -582,6 +583,11 @@ def test_training_step_is_bitwise_deterministic(impl, device):
 def test_opcheck(impl, device, nonlinearity):
     if not ops.implementation(impl).evaluates(nonlinearity, torch.device(device).type):
         pytest.skip(f"{impl} does not evaluate {nonlinearity!r} on {device}")
+    if nonlinearity != "fourier_elu" and impl == "triton" and device == "cpu":
+        pytest.skip(
+            "the registration (schemas, fakes, autograd) is the op layer's for every kind; the norm kernel's "
+            "opcheck runs on native here (28 s in Triton's interpreter) and on CUDA in the GPU run"
+        )
     conv, gs, attr_t = _layer(device=device, nonlinearity=nonlinearity)
     conv.eval()
     inputs = OpInputs.of(conv, *_graph(conv, gs, attr_t, device=device))

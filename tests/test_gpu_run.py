@@ -65,7 +65,7 @@ def test_checkout_on_pythonpath_imports_every_module_and_collects_the_gpu_tests(
     # the conformance suite on CUDA, every case of it, for every declared implementation; none of its CPU cases
     conformance = {t for t in collected if t.startswith("tests/test_conformance.py::")}
     for impl in FUSED:
-        assert f"tests/test_conformance.py::test_opcheck[{impl}-cuda]" in conformance
+        assert f"tests/test_conformance.py::test_opcheck[fourier_elu-{impl}-cuda]" in conformance
         assert f"tests/test_conformance.py::test_layer_variants_match_the_reference[eval-four_layers-{impl}-cuda]" in (
             conformance
         )

@@ -86,8 +86,14 @@ def test_norm_gradient_where_an_irrep_is_zero():
 # ----------------------------------------------------------------------------------------------------------------
 # exact equivariance, every group of the suite
 # ----------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("name", list(GSPACES))
+# continuous groups with both kinds; finite groups (exact with any nonlinearity, and both kinds in every fused
+# backend below) with one, alternating
+_EXACT = [(n, k) for n in CONTINUOUS for k in KINDS] + [
+    (n, KINDS[i % 2]) for i, n in enumerate(n for n in GSPACES if n not in CONTINUOUS)
+]
+
+
+@pytest.mark.parametrize("name,kind", _EXACT)
 def test_kernel_is_exactly_equivariant(name, kind):
     """On random elements of continuous groups the exact bound holds (the Fourier ELU's is the grid's sampling
     error); on finite groups on every element."""
@@ -101,7 +107,7 @@ def test_kernel_is_exactly_equivariant(name, kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("name", ["SO3", "O3", "SO2", "O2", "cylinder", "full_cylinder", "cone_O2", "SO2_R3"])
+@pytest.mark.parametrize("name", ["SO3", "O3", "SO2", "O2", "cylinder", "full_cylinder"])
 def test_layer_is_exactly_equivariant_in_train_and_eval(name, kind):
     gs = get_gspace(name)
     in_t, out_t, attr_t = field_types(gs, "mixed_attr")
@@ -137,6 +143,42 @@ def _step(conv, backend, pos, ei, x, a, w):
     return out, grads
 
 
+def _inputs(gs, conv, n, e, seed=1):
+    pos, ei = small_graph(n, e, gs.dimensionality, dtype=F64)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, conv.in_type.size, generator=g, dtype=F64)
+    attr_t = conv.kernel.edge_attr_type
+    a = None if attr_t is None else torch.randn(e, attr_t.size, generator=g, dtype=F64)
+    return pos, ei, x, a, g
+
+
+def _agree(conv, impl, pos, ei, x, a, g, inference=False):
+    """A training and an eval step of ``impl`` against the reference from the same state: the output, the input and
+    every parameter gradient (one at rounding level, as a training batch norm's scale can be, against the largest
+    gradient) and the running statistics; with ``inference`` also the eval output without autograd."""
+    for mode in ("train", "eval"):
+        getattr(conv, mode)()
+        state = {k: v.clone() for k, v in conv.state_dict().items()}
+        w = torch.randn(x.shape[0], conv.out_type.size, generator=g, dtype=F64)
+        ref, gref = _step(conv, "reference", pos, ei, x, a, w)
+        after = {k: v.clone() for k, v in conv.state_dict().items()}
+        conv.load_state_dict(state)
+        got, ggot = _step(conv, impl, pos, ei, x, a, w)
+        assert rel(got, ref) <= tolerance("forward", F64, backend=impl), mode
+        scale = max(float(v.norm()) for v in gref if v is not None)
+        for i, (u, v) in enumerate(zip(ggot, gref)):
+            assert (u is None) == (v is None), (mode, i)
+            if u is not None:
+                err = float((u - v).norm())
+                assert err <= tolerance("backward", F64, backend=impl) * max(float(v.norm()), 1e-6 * scale), (mode, i)
+        for k, v in conv.state_dict().items():
+            assert torch.allclose(v.double(), after[k].double(), rtol=1e-9, atol=1e-12), k
+        if inference and mode == "eval":  # (the torch and reference backends go over edge chunks)
+            with torch.no_grad():
+                assert rel(conv(x, ei, edge_attr=a, pos=pos), got) <= tolerance("forward", F64, backend=impl)
+        conv.load_state_dict(state)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize(
     "name,types", [("O3", "mixed_attr"), ("SO2", "mixed"), ("cylinder", "mixed_attr"), ("Ih", "uniform")]
@@ -148,26 +190,7 @@ def test_torch_backend_matches_the_reference(name, types, kind):
     conv = randomize_(
         ik_fast.ImplicitPointConv(in_t, out_t, attr_t, n_layers=3, n_channels=2, nonlinearity=kind)
     ).double()
-    pos, ei = small_graph(12, 60, gs.dimensionality, dtype=F64)
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(12, in_t.size, generator=g, dtype=F64)
-    a = None if attr_t is None else torch.randn(60, attr_t.size, generator=g, dtype=F64)
-    for mode in ("train", "eval"):
-        getattr(conv, mode)()
-        state = {k: v.clone() for k, v in conv.state_dict().items()}
-        w = torch.randn(12, out_t.size, generator=g, dtype=F64)
-        ref, gref = _step(conv, "reference", pos, ei, x, a, w)
-        conv.load_state_dict(state)
-        got, ggot = _step(conv, "torch", pos, ei, x, a, w)
-        conv.load_state_dict(state)
-        assert rel(got, ref) <= tolerance("forward", F64), mode
-        scale = max(float(v.norm()) for v in gref if v is not None)
-        for i, (u, v) in enumerate(zip(ggot, gref)):
-            if u is None and v is None:
-                continue
-            # (a gradient that is zero up to rounding, as a batch norm's in training, against the largest one)
-            err = float((u - v).norm())
-            assert err <= tolerance("backward", F64) * max(float(v.norm()), 1e-6 * scale), (mode, i, err)
+    _agree(conv, "torch", *_inputs(gs, conv, 12, 60), inference=True)
     if kind == "norm":  # the norm's biases learn
         assert all(b.numel() > 0 for b in conv.kernel.act_bias)
 
@@ -253,7 +276,7 @@ def test_layer_runs_by_default(kind):
 # the fused backends on every group (the conformance suite checks them in depth on four)
 # ----------------------------------------------------------------------------------------------------------------
 # Triton's interpreter takes seconds a case: a spread of groups; native runs every gspace of the suite
-_TRITON_GROUPS = ("SO3", "O2", "full_cylinder", "C8", "inversion")
+_TRITON_GROUPS = ("SO3", "O2", "C8")
 
 
 def _fused_cases():
@@ -279,28 +302,7 @@ def test_fused_backend_matches_the_reference_on_every_group(impl, name, kind):
     conv = randomize_(
         ik_fast.ImplicitPointConv(in_t, out_t, attr_t, n_layers=3, n_channels=2, nonlinearity=kind)
     ).double()
-    pos, ei = small_graph(10, 40, gs.dimensionality, dtype=F64)
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(10, in_t.size, generator=g, dtype=F64)
-    a = None if attr_t is None else torch.randn(40, attr_t.size, generator=g, dtype=F64)
-    for mode in ("train", "eval"):
-        getattr(conv, mode)()
-        state = {k: v.clone() for k, v in conv.state_dict().items()}
-        w = torch.randn(10, out_t.size, generator=g, dtype=F64)
-        ref, gref = _step(conv, "reference", pos, ei, x, a, w)
-        after = {k: v.clone() for k, v in conv.state_dict().items()}
-        conv.load_state_dict(state)
-        got, ggot = _step(conv, impl, pos, ei, x, a, w)
-        assert rel(got, ref) <= tolerance("forward", F64, backend=impl), mode
-        scale = max(float(v.norm()) for v in gref if v is not None)
-        for i, (u, v) in enumerate(zip(ggot, gref)):
-            if u is None and v is None:
-                continue
-            err = float((u - v).norm())
-            assert err <= tolerance("backward", F64, backend=impl) * max(float(v.norm()), 1e-6 * scale), (mode, i)
-        for k, v in conv.state_dict().items():
-            assert torch.allclose(v.double(), after[k].double(), rtol=1e-9, atol=1e-12), k
-        conv.load_state_dict(state)
+    _agree(conv, impl, *_inputs(gs, conv, 10, 40))
 
 
 VARIANTS = {
@@ -328,29 +330,7 @@ def test_variants_match_the_reference(impl, variant):
     kw = {"n_layers": 3, "n_channels": 3, **kw}
     torch.manual_seed(0)
     conv = randomize_(ik_fast.ImplicitPointConv(in_t, out_t, attr_t, nonlinearity=kind, **kw)).double()
-    pos, ei = small_graph(10, 40, 3, dtype=F64)
-    g = torch.Generator().manual_seed(2)
-    x = torch.randn(10, in_t.size, generator=g, dtype=F64)
-    a = None if attr_t is None else torch.randn(40, attr_t.size, generator=g, dtype=F64)
-    for mode in ("train", "eval"):
-        getattr(conv, mode)()
-        state = {k: v.clone() for k, v in conv.state_dict().items()}
-        w = torch.randn(10, out_t.size, generator=g, dtype=F64)
-        ref, gref = _step(conv, "reference", pos, ei, x, a, w)
-        conv.load_state_dict(state)
-        got, ggot = _step(conv, impl, pos, ei, x, a, w)
-        conv.load_state_dict(state)
-        assert rel(got, ref) <= tolerance("forward", F64, backend=impl), mode
-        scale = max(float(v.norm()) for v in gref if v is not None)
-        for i, (u, v) in enumerate(zip(ggot, gref)):
-            assert (u is None) == (v is None), (mode, i)
-            if u is not None:
-                err = float((u - v).norm())
-                assert err <= tolerance("backward", F64, backend=impl) * max(float(v.norm()), 1e-6 * scale), (mode, i)
-        if mode == "eval":  # inference without autograd (the torch and reference backends go over edge chunks)
-            conv.backend = impl
-            with torch.no_grad():
-                assert rel(conv(x, ei, edge_attr=a, pos=pos), got) <= tolerance("forward", F64, backend=impl)
+    _agree(conv, impl, *_inputs(gs, conv, 10, 40, seed=2), inference=True)
 
 
 def test_compiled_layer_on_the_default_backend():
