@@ -984,7 +984,9 @@ def _nl_best_cell(recs: List[Dict], base: str, kind: str, want, fmt, precision: 
         return "–"
     r = min(rs, key=lambda r: r["value"])
     how = f"`{r['provider']}`" + (f", {r['precision']}" if precision is not None else "")
-    return f"{fmt(r['value'])} ({how}) `{_commit(r)}`"
+    floor = r["extra"].get("floor_per_edge") if r["kind"] == "work" else None
+    of = "" if floor is None else f" / floor {floor:,.0f}"  # (the structured floor of its kind: ik_fast.tools.cases)
+    return f"{fmt(r['value'])}{of} ({how}) `{_commit(r)}`"
 
 
 def nonlinearities_section(recs: List[Dict]) -> str:
@@ -996,7 +998,7 @@ def nonlinearities_section(recs: List[Dict]) -> str:
         "kernel nonlinearity",
         *[col for _, _, col in NL_TRAINING],
         "equivariance error (O(3), random elements)",
-        *[f"MACs / edge, `{p}`" for p in NL_KERNEL_PROBLEMS],
+        *[f"MACs / edge / floor, `{p}`" for p in NL_KERNEL_PROBLEMS],
         *[f"CPU step (s), `{p}`" for p in NL_KERNEL_PROBLEMS],
     ]
     rows = []
@@ -1047,8 +1049,9 @@ def nonlinearities_section(recs: List[Dict]) -> str:
         "Per hidden nonlinearity of the implicit kernels (`nonlinearity=`; `gated` and `norm` exactly equivariant): "
         "the quick presets' validation error, mean ± half the range (max − min) / 2 over seeds (n), "
         "`python -m ik_fast.models.train {qm9|nbody} --quick --seed S --nonlinearity K`; the equivariance error, the "
-        "counted multiply-adds per edge of a training step and the CPU training step of one layer, the smallest over "
-        "backends; each figure with the commits that measured it, – where no record has it yet:\n"
+        "counted multiply-adds per edge of a training step (with the structured floor of its nonlinearity, "
+        "docs/design.md) and the CPU training step of one layer, the smallest over backends; each figure with the "
+        "commits that measured it, – where no record has it yet:\n"
     )
     return lead + "\n" + _table(head, rows) + "\n"
 
