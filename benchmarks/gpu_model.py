@@ -465,20 +465,23 @@ def innermost_loop(insn_addr: int, ls: List[dict]) -> Optional[int]:
 
 
 class SourceLoops:
-    """The dynamic ``for`` loops of the kernel sources: per file, [(header line, last line, first body line)]."""
+    """The dynamic ``for`` loops of the kernel sources: per file, [(header line, last line, header line, static)] and
+    the loops' AST nodes by header line (for their executed iterations)."""
 
     def __init__(self):
         self.files: Dict[str, list] = {}
+        self.nodes: Dict[str, Dict[int, ast.AST]] = {}
 
     def of(self, path: str) -> list:
         base = os.path.basename(path)
         if base not in self.files:
             try:
-                tree = ast.parse(open(path).read())
+                with open(path) as f:
+                    tree = ast.parse(f.read())
             except (OSError, SyntaxError):
                 self.files[base] = []
                 return []
-            found = []
+            found, nodes = [], {}
             for node in ast.walk(tree):
                 if isinstance(node, ast.For):
                     it = node.iter
@@ -486,14 +489,35 @@ class SourceLoops:
                     if isinstance(it, ast.Call):
                         fname = it.func.attr if isinstance(it.func, ast.Attribute) else getattr(it.func, "id", "")
                     static = fname == "static_range"
-                    found.append((node.lineno, node.end_lineno, node.body[0].lineno, static))
+                    found.append((node.lineno, node.end_lineno, node.lineno, static))
+                    nodes[node.lineno] = node
             self.files[base] = found
+            self.nodes[base] = nodes
         return self.files[base]
+
+    def iterations(self, key: str, lines: Dict[str, int]) -> Optional[int]:
+        """How often the body of the loop ``key`` (``"file:header<call site<..."``) executed: the count of its first
+        statement's line, or, when that statement is a loop, how often that loop was entered (a ``for`` header's
+        line executes once per entry and once per iteration)."""
+        head, _, rest = key.partition("<")
+        base, _, ln = head.rpartition(":")
+        node = self.nodes.get(base, {}).get(int(ln))
+        if node is None:
+            return None
+        suffix = "<" + rest if rest else ""
+
+        def iters(loop) -> int:
+            first = loop.body[0]
+            if isinstance(first, (ast.For, ast.While)):
+                return lines.get(f"{base}:{first.lineno}{suffix}", 0) - iters(first)
+            return lines.get(f"{base}:{first.lineno}{suffix}", 0)
+
+        return iters(node)
 
     def enclosing(self, ctx: str, paths: Dict[str, str]) -> List[tuple]:
         """The dynamic source loops enclosing ``ctx``'s line, innermost first (in its function, then at each call
-        site outwards): [(key of the loop body's first line in that context, header "file:line", is the line the
-        header itself)]."""
+        site outwards): [(key ``"file:header<call site<..."``, header ``"file:line"``, whether the line is that
+        header)]."""
         chain = ctx.split("<")
         out = []
         for level, loc in enumerate(chain):
@@ -501,10 +525,9 @@ class SourceLoops:
             ln = int(ln)
             cands = [f for f in self.of(paths.get(base, base)) if not f[3] and f[0] <= ln <= f[1]]
             for hdr in sorted(cands, key=lambda f: -f[0]):
-                key = "<".join([f"{base}:{hdr[2]}"] + chain[level + 1 :])
+                key = "<".join([f"{base}:{hdr[0]}"] + chain[level + 1 :])
                 out.append((key, f"{base}:{hdr[0]}", level == 0 and hdr[0] == ln))
         return out
-
 
 VOTE = 0.85  # share of a SASS loop's own instructions a source loop must enclose to be taken as that loop
 
@@ -551,7 +574,7 @@ def dynamic_counts(insns: List[dict], lines: Dict[str, int], programs: int, path
         own[innermost_loop(it["addr"], ls)].append(it)
     map_loops(ls, own, paths, src)
     for lp in ls:
-        lp["trips"] = lines.get(lp["key"], 0) if lp["key"] else None
+        lp["trips"] = src.iterations(lp["key"], lines) if lp["key"] else None
     # unrolled source loops: several SASS loops on one source loop in one context
     bykey = collections.defaultdict(list)
     for j, lp in enumerate(ls):
@@ -762,6 +785,7 @@ def model(
                     "num_warps": None,
                     "per_graph": [collections.Counter() for _ in per_graph],
                     "configs": set(),
+                    "constexprs": {k: v for k, v in lc["constexprs"].items() if k != "PREC"},
                 },
             )
             row["configs"].add(key)
@@ -807,6 +831,7 @@ def model(
             {
                 "label": label,
                 "kernel": row["kernel"],
+                "constexprs": row["constexprs"],
                 "num_warps": row["num_warps"],
                 "registers": row.get("registers"),
                 "stack_bytes": row.get("stack_bytes"),
@@ -852,6 +877,114 @@ def _resources(cubin: str, cuobjdump: str) -> dict:
         if m:
             res[field] = int(m.group(1))
     return res
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# calibration against the committed prediction (GPU-PREDICTION.md, main at 606a722, Triton 3.6)
+# ----------------------------------------------------------------------------------------------------------------
+PREDICTION_COMMIT = "606a722"
+# warp-instructions per step (tables 3.1 and 3.2: "SASS x trips"), per (problem, precision, kernel)
+PREDICTED_WARP_INSTR = {
+    ("M", "ieee"): {
+        "stats K=1": 3.71e9,
+        "stats K=2": 7.12e9,
+        "contract_forward_kernel": 6.0e8,
+        "contract_dhs_kernel": 5.6e8,
+        "trunk_backward_kernel": 2.02e10,
+        "contract_dx_kernel": 5.9e8,
+        "contract_wgrad_kernel": 5.2e8,
+    },
+    ("M", "tf32"): {
+        "stats K=1": 1.73e9,
+        "stats K=2": 3.27e9,
+        "contract_forward_kernel": 4.1e8,
+        "contract_dhs_kernel": 3.8e8,
+        "trunk_backward_kernel": 1.48e10,
+        "contract_dx_kernel": 4.2e8,
+        "contract_wgrad_kernel": 3.1e8,
+    },
+    ("H", "ieee"): {
+        "stats K=1": 5.05e9,
+        "stats K=2": 8.24e9,
+        "contract_forward_kernel": 2.74e9,
+        "contract_dhs_kernel": 2.55e9,
+        "trunk_backward_kernel": 1.45e10,
+        "contract_dx_kernel": 2.69e9,
+        "contract_wgrad_kernel": 2.37e9,
+    },
+    ("H", "tf32"): {
+        "stats K=1": 1.99e9,
+        "stats K=2": 3.23e9,
+        "contract_forward_kernel": 1.80e9,
+        "contract_dhs_kernel": 1.70e9,
+        "trunk_backward_kernel": 4.81e9,
+        "contract_dx_kernel": 1.90e9,
+        "contract_wgrad_kernel": 1.34e9,
+    },
+}
+# L2 sectors per step of the contraction kernels (appendix B), per (problem, kernel)
+PREDICTED_SECTORS = {
+    "M": {
+        "contract_forward_kernel": 0.37e9,
+        "contract_dhs_kernel": 0.49e9,
+        "contract_dx_kernel": 0.49e9,
+        "contract_wgrad_kernel": 0.27e9,
+    },
+    "H": {
+        "contract_forward_kernel": 2.06e9,
+        "contract_dhs_kernel": 2.76e9,
+        "contract_dx_kernel": 2.79e9,
+        "contract_wgrad_kernel": 1.55e9,
+    },
+}
+
+
+def _pred_name(row: dict) -> str:
+    if row["kernel"] == "fused_stats_kernel":
+        return f"stats K={row['constexprs'].get('K')}"
+    return row["kernel"]
+
+
+def calibration(models: List[dict]) -> List[dict]:
+    """Model / prediction per kernel: warp-instructions (IEEE and TF32) and contraction sectors."""
+    rows = []
+    for m in models:
+        pw = PREDICTED_WARP_INSTR.get((m["problem"], m["precision"]), {})
+        ps = PREDICTED_SECTORS.get(m["problem"], {}) if m["precision"] == "ieee" else {}
+        for r in m["kernels"]:
+            name = _pred_name(r)
+            for what, pred, got in (
+                ("warp-instructions", pw.get(name), r["warp_instructions"]),
+                ("sectors", ps.get(name), r["sectors"]),
+            ):
+                if pred:
+                    rows.append(
+                        {
+                            "problem": m["problem"],
+                            "precision": m["precision"],
+                            "kernel": name,
+                            "what": what,
+                            "predicted": pred,
+                            "model": got,
+                            "ratio": got / pred,
+                            "triton": m["triton"],
+                        }
+                    )
+    return rows
+
+
+def calibration_table(rows: List[dict]) -> str:
+    lines = [
+        "| problem | precision | kernel | quantity | prediction | model | model / prediction |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        flag = "" if abs(r["ratio"] - 1) <= 0.3 else " **(outside ±30%)**"
+        lines.append(
+            f"| {r['problem']} | {r['precision']} | {r['kernel']} | {r['what']} | {r['predicted']:.3g} | "
+            f"{r['model']:.3g} | {r['ratio']:.2f}{flag} |"
+        )
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -943,6 +1076,40 @@ def model_records(models: List[dict], command: str, device_name: str) -> List[di
     return out
 
 
+def calibration_records(rows: List[dict], command: str, device_name: str) -> List[dict]:
+    from ik_fast import records
+
+    if not rows:
+        return []
+    prov = records.provenance("cpu")
+    out = []
+    for r in rows:
+        pv = dict(prov, device={"type": "cpu", "name": device_name}, stack=dict(prov["stack"], triton=r["triton"]))
+        out.append(
+            records.record(
+                "model",
+                r["problem"],
+                "triton",
+                "calibration_ratio",
+                r["ratio"],
+                "1",
+                mode="train",
+                precision=r["precision"],
+                prov=pv,
+                extra={
+                    "kernel": r["kernel"],
+                    "quantity": r["what"],
+                    "predicted": r["predicted"],
+                    "model": r["model"],
+                    "prediction": f"GPU-PREDICTION.md (main at {PREDICTION_COMMIT}, Triton 3.6): tables 3.1, 3.2 and "
+                    "appendix B",
+                    "command": command,
+                },
+            )
+        )
+    return out
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "--trace-child":
@@ -973,6 +1140,12 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None)
     ap.add_argument("--name", default=None, help="also write benchmarks/results/model/<device>/<date>-NAME.json")
     ap.add_argument("--markdown", default=None, help="write the tables to this file")
+    ap.add_argument(
+        "--calibrate",
+        action="store_true",
+        help=f"compare with the committed prediction (GPU-PREDICTION.md, made on {PREDICTION_COMMIT} with Triton 3.6; "
+        f"run with --tree on a checkout of {PREDICTION_COMMIT})",
+    )
     args = ap.parse_args(argv)
     workdir = args.workdir or tempfile.mkdtemp(prefix="gpu_model-")
     os.makedirs(workdir, exist_ok=True)
@@ -997,12 +1170,25 @@ def main(argv=None) -> int:
                 print(f"# {problem} {prec} Triton {m['triton']}: {time.time() - t:.0f} s", file=sys.stderr, flush=True)
                 for n in m["notes"]:
                     print(f"#   note: {n}", file=sys.stderr)
+    cal = calibration(models) if args.calibrate else []
+    if cal:
+        print(calibration_table(cal))
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write("\n\n".join(table(m) for m in models) + "\n")
+            if cal:
+                f.write("\n" + calibration_table(cal) + "\n")
     if args.json or args.name:
         from ik_fast import records
 
+        if tree != ROOT:  # the records name the modelled tree's commit
+            head = subprocess.run(["git", "-C", tree, "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+            status = subprocess.run(
+                ["git", "-C", tree, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True
+            ).stdout
+            if head.strip():
+                os.environ["IK_FAST_COMMIT"] = head.strip()
+                os.environ["IK_FAST_DIRTY"] = "1" if status.strip() else "0"
         cpu = records.provenance("cpu")["device"]["name"]
         cpu = re.sub(r"\s*\(.*\)", "", cpu)
         command = "python benchmarks/gpu_model.py " + " ".join(argv)
@@ -1010,6 +1196,7 @@ def main(argv=None) -> int:
         for tv in sorted({m["triton"] for m in models}):
             dev = f"H100 SXM static model (sm_90 SASS, Triton {tv}), computed on a {os.cpu_count()}-core {cpu}"
             recs += model_records([m for m in models if m["triton"] == tv], command, dev)
+            recs += calibration_records([c for c in cal if c["triton"] == tv], command, dev)
         paths = [args.json] if args.json else []
         if args.name:
             paths.append(
