@@ -529,6 +529,7 @@ class SourceLoops:
                 out.append((key, f"{base}:{hdr[0]}", level == 0 and hdr[0] == ln))
         return out
 
+
 VOTE = 0.85  # share of a SASS loop's own instructions a source loop must enclose to be taken as that loop
 
 
