@@ -506,11 +506,18 @@ class SourceLoops:
             return None
         suffix = "<" + rest if rest else ""
 
+        def get(k: str) -> int:
+            # the SASS's inlining chain may stop short of the kernel (a location without its call sites): every
+            # executed context that extends it
+            if k in lines:
+                return lines[k]
+            return sum(v for kk, v in lines.items() if kk.startswith(k + "<"))
+
         def iters(loop) -> int:
             first = loop.body[0]
             if isinstance(first, (ast.For, ast.While)):
-                return lines.get(f"{base}:{first.lineno}{suffix}", 0) - iters(first)
-            return lines.get(f"{base}:{first.lineno}{suffix}", 0)
+                return get(f"{base}:{first.lineno}{suffix}") - iters(first)
+            return get(f"{base}:{first.lineno}{suffix}")
 
         return iters(node)
 
@@ -598,9 +605,14 @@ def dynamic_counts(insns: List[dict], lines: Dict[str, int], programs: int, path
                 sizes = {g: len(own[g]) for g in group}
                 big = max(group, key=lambda g: sizes[g])
                 u = max(1, round(sizes[big] / max(1, min(sizes.values()))))
-                lp["mult"] = lp["trips"] / u if j == big else parent * (u - 1) / 2
-                if j == big:
-                    notes.append(f"{lp['source']}: {len(group)} SASS loops, taken as unrolled x{u}")
+                if u == 1:  # alike loops: one source loop at several call sites the line info does not tell apart
+                    lp["mult"] = lp["trips"] / len(group)
+                    if j == big:
+                        notes.append(f"{lp['source']}: {len(group)} SASS loops alike, its trips shared among them")
+                else:
+                    lp["mult"] = lp["trips"] / u if j == big else parent * (u - 1) / 2
+                    if j == big:
+                        notes.append(f"{lp['source']}: {len(group)} SASS loops, taken as unrolled x{u}")
             else:
                 lp["mult"] = lp["trips"]
         return lp["mult"]
@@ -707,16 +719,30 @@ def run_trace(problem: str, precision: str, tree: str, workdir: str, graphs=None
 
 
 def run_compile(configs: List[dict], tree: str, triton_path: Optional[str], workdir: str, tag: str) -> List[dict]:
-    cfg_path = os.path.join(workdir, f"configs-{tag}.json")
-    res_path = os.path.join(workdir, f"compiled-{tag}.json")
-    cub = os.path.join(workdir, f"cubins-{tag}")
-    os.makedirs(cub, exist_ok=True)
-    if not os.path.exists(res_path):
+    """The compile results of ``configs`` (in order), compiling those not in ``workdir``'s cache for ``tag``."""
+    import hashlib
+
+    cache_path = os.path.join(workdir, f"compiled-{tag}.json")
+    cache = {}
+    if os.path.exists(cache_path):
+        with open(cache_path) as f:
+            cache = json.load(f)
+    keys = [_cfg_key(c) for c in configs]
+    todo = [c for c, k in zip(configs, keys) if k not in cache]
+    if todo:
+        h = hashlib.sha1("".join(sorted(_cfg_key(c) for c in todo)).encode()).hexdigest()[:10]
+        cub = os.path.join(workdir, f"cubins-{tag}-{h}")
+        os.makedirs(cub, exist_ok=True)
+        cfg_path, res_path = os.path.join(cub, "configs.json"), os.path.join(cub, "compiled.json")
         with open(cfg_path, "w") as f:
-            json.dump(configs, f)
+            json.dump(todo, f)
         _child(["--compile-child", cfg_path, cub, res_path], tree, triton_path, False)
-    with open(res_path) as f:
-        return json.load(f)
+        with open(res_path) as f:
+            for c, r in zip(todo, json.load(f)):
+                cache[_cfg_key(c)] = r
+        with open(cache_path, "w") as f:
+            json.dump(cache, f)
+    return [cache[k] for k in keys]
 
 
 def model(
@@ -753,9 +779,7 @@ def model(
             configs.setdefault(_cfg_key(lp), lp)
         per_graph.append({"edges": g["edges"], "launches": launches})
     keys = list(configs)
-    compiled = dict(
-        zip(keys, run_compile([configs[k] for k in keys], tree, triton_path, workdir, f"{tag}-{problem}-{precision}"))
-    )
+    compiled = dict(zip(keys, run_compile([configs[k] for k in keys], tree, triton_path, workdir, tag)))
     tdir = None
     if triton_path:
         tdir = os.path.join(triton_path, "triton")
@@ -815,13 +839,21 @@ def model(
             acc["sectors"] += lc["sectors"]
             acc["useful_bytes"] += lc["useful_bytes"]
     # scale to the full problem
-    e0, e1 = per_graph[0]["edges"], per_graph[1]["edges"]
+    e0, e1 = per_graph[0]["edges"], per_graph[-1]["edges"]
+    if len(per_graph) == 1:
+        notes.add(
+            f"one graph traced ({e0:,} edges): figures scaled in proportion to the edges (per-step constants scaled "
+            "too: an overestimate for kernels with per-program or per-step work)"
+        )
     passes = 3 if precision == "tf32x3" else 1
     out_rows = []
     for label, row in rows.items():
-        a, b = row["per_graph"]
+        a, b = row["per_graph"][0], row["per_graph"][-1]
         fig = {}
         for k in set(a) | set(b):
+            if e1 == e0:
+                fig[k] = a[k] * full_edges / e0
+                continue
             slope = (b[k] - a[k]) / (e1 - e0)
             fig[k] = max(0.0, a[k] + slope * (full_edges - e0))
         fig["launches"] = b["launches"]
@@ -842,7 +874,7 @@ def model(
                 "tc_ratio": tc / ideal if ideal and tc else None,
                 "ffma_ratio": fig["ffma"] * 32 / fig["macs"] if fig["macs"] and precision == "ieee" else None,
                 "efficiency": fig["useful_bytes"] / (SECTOR * fig["sectors"]) if fig["sectors"] else None,
-                "at_graphs": {str(e0): dict(a), str(e1): dict(b)},
+                "at_graphs": {str(g["edges"]): dict(c) for g, c in zip(per_graph, row["per_graph"])},
             }
         )
     step = {
@@ -854,7 +886,7 @@ def model(
         "precision": precision,
         "edges": full_edges,
         "graphs": [g["graph"] for g in ieee],
-        "graph_edges": [e0, e1],
+        "graph_edges": sorted({e0, e1}),
         "kernels": out_rows,
         "step": step,
         "notes": sorted(notes),
@@ -1002,7 +1034,7 @@ def _ms(v) -> str:
 def table(m: dict) -> str:
     head = (
         f"**{m['problem']} {m['precision']}** (Triton {m['triton']}; E = {m['edges']:,}, extrapolated from "
-        f"{m['graph_edges'][0]:,} and {m['graph_edges'][1]:,} edges) — model, not a measurement\n\n"
+        f"{' and '.join(f'{e:,}' for e in m['graph_edges'])} edges) — model, not a measurement\n\n"
         "| kernel | warps | regs / stack | warp-instr / step | FFMA share | MMA vs ideal | sectors / step | "
         "efficiency | issue ms | L2 ms | tensor ms | bound ms |\n|---|---|---|---|---|---|---|---|---|---|---|---|"
     )
@@ -1060,7 +1092,8 @@ def model_records(models: List[dict], command: str, device_name: str) -> List[di
             )
         )
         for r in m["kernels"]:
-            ex = {k: v for k, v in r.items() if k not in ("label",)}
+            ex = {k: v for k, v in r.items() if k not in ("label", "kernel")}
+            ex["kernel_name"] = r["kernel"]
             out.append(
                 records.record(
                     "model",
@@ -1069,7 +1102,7 @@ def model_records(models: List[dict], command: str, device_name: str) -> List[di
                     "kernel_time_bound",
                     r["t_bound"] if r.get("error") is None else None,
                     "s",
-                    extra={**base, "kernel": r["label"], **ex},
+                    extra={**base, **ex, "kernel": r["label"]},
                     error=r.get("error"),
                     **common,
                 )

@@ -41,6 +41,7 @@ SECTIONS = (
     "equivariance",
     "training",
     "nonlinearities",
+    "gpu_model",
     "tests",
 )
 
@@ -314,6 +315,9 @@ def summary_section(recs: List[Dict]) -> str:
     nl = nonlinearities_section(recs)
     if not nl.startswith("No "):
         out.append(nl)
+    gm = gpu_model_section(recs, kernels=False)
+    if not gm.startswith("No "):
+        out.append("\n" + gm)
     return "\n".join(out)
 
 
@@ -1059,6 +1063,147 @@ def nonlinearities_section(recs: List[Dict]) -> str:
 # ----------------------------------------------------------------------------------------------------- entry
 
 
+# the issue's goals for the model's lower bound per fused backend and step (M and H alike)
+MODEL_GOALS = {"tf32": 5e-3, "tf32x3": 12e-3}
+MODEL_CALIBRATION_COMMIT = "606a722"  # the tree GPU-PREDICTION.md read
+
+
+def gpu_model_section(recs: List[Dict], kernels: bool = True) -> str:
+    """The static GPU model (``benchmarks/gpu_model.py``, kind ``model``): lower-bound step time on an H100 per problem
+    and precision beside the goals, per kernel (``kernels``), and the calibration against the prediction."""
+    model = [r for r in recs if r["kind"] == "model"]
+    if not model:
+        return "No model records.\n"
+    today = newest(
+        r for r in model if r["metric"] == "step_time_bound" and not r["commit"].startswith(MODEL_CALIBRATION_COMMIT)
+    )
+    out = [
+        "**Static GPU model — a model, not a measurement**: lower-bound time of one training step (one layer, "
+        "forward + backward, Triton backend) on an H100 SXM, from the sm_90 SASS of every kernel with trip counts "
+        "from execution (`benchmarks/gpu_model.py`): per kernel the larger of issue (4 warp-instructions per clock "
+        "per SM at 1.98 GHz), L2 (32-byte sectors at 5.5 TB/s) and tensor-core time, summed; ATen passes not "
+        "counted. Computed on a CPU; replaced by measurements when a GPU runs.\n"
+    ]
+    rows = []
+    for r in sorted(today, key=lambda r: (r["problem"], r["precision"], r["stack"].get("triton") or "")):
+        st = r["extra"]["step"]
+        goal = MODEL_GOALS.get(r["precision"])
+        met = "" if goal is None else (" ✓" if r["value"] <= goal else " ✗")
+        rows.append(
+            [
+                r["problem"],
+                r["precision"],
+                r["stack"].get("triton") or "",
+                f"{st['t_issue'] * 1e3:.2f}",
+                f"{st['t_memory'] * 1e3:.2f}",
+                f"{st['t_tensor'] * 1e3:.2f}",
+                f"**{r['value'] * 1e3:.2f}**",
+                "–" if goal is None else f"≤ {goal * 1e3:g}{met}",
+                f"`{_commit(r)}`",
+            ]
+        )
+    out.append(
+        _table(
+            ["problem", "precision", "Triton", "issue ms", "L2 ms", "tensor ms", "bound ms", "goal ms", "commit"],
+            rows,
+        )
+        + "\n"
+    )
+    if kernels:
+        krecs = newest(
+            (
+                r
+                for r in model
+                if r["metric"] == "kernel_time_bound" and not r["commit"].startswith(MODEL_CALIBRATION_COMMIT)
+            ),
+            extra_key=("kernel",),
+        )
+        krows = []
+        for r in sorted(
+            krecs,
+            key=lambda r: (r["problem"], r["precision"], r["stack"].get("triton") or "", -(r["value"] or 0)),
+        ):
+            e = r["extra"]
+            krows.append(
+                [
+                    r["problem"],
+                    r["precision"],
+                    r["stack"].get("triton") or "",
+                    e["kernel"],
+                    "" if e.get("registers") is None else f"{e['registers']} / {e.get('stack_bytes', 0)}",
+                    f"{e['warp_instructions']:.3g}",
+                    "–" if e.get("tc_ratio") is None else f"{e['tc_ratio']:.2f}×",
+                    f"{e['sectors']:.3g}",
+                    "–" if e.get("efficiency") is None else f"{e['efficiency']:.0%}",
+                    "" if r["value"] is None else f"{r['value'] * 1e3:.2f}",
+                    f"`{_commit(r)}`",
+                ]
+            )
+        out.append(
+            "Per kernel (warp-instructions and 32-byte sectors per step at the full problem; MMA vs ideal: the "
+            "tensor-core instructions' multiply-adds over the dots' M x N x K, x3 in 3xTF32; efficiency: useful "
+            "bytes over sectors x 32 B):\n"
+        )
+        out.append(
+            _table(
+                [
+                    "problem",
+                    "precision",
+                    "Triton",
+                    "kernel",
+                    "regs / stack B",
+                    "warp-instr",
+                    "MMA vs ideal",
+                    "sectors",
+                    "efficiency",
+                    "bound ms",
+                    "commit",
+                ],
+                krows,
+            )
+            + "\n"
+        )
+        cal = newest((r for r in model if r["metric"] == "calibration_ratio"), extra_key=("kernel", "quantity"))
+        if cal:
+            crows = [
+                [
+                    r["problem"],
+                    r["precision"],
+                    r["extra"]["kernel"],
+                    r["extra"]["quantity"],
+                    f"{r['extra']['predicted']:.3g}",
+                    f"{r['extra']['model']:.3g}",
+                    f"{r['value']:.2f}" + ("" if abs(r["value"] - 1) <= 0.3 else " (outside ±30 %)"),
+                    f"`{_commit(r)}`",
+                ]
+                for r in sorted(
+                    cal, key=lambda r: (r["problem"], r["precision"], r["extra"]["quantity"], r["extra"]["kernel"])
+                )
+            ]
+            out.append(
+                "Calibration: the model run on the kernels the static prediction read (its commit, Triton 3.6) "
+                "against the prediction's per-kernel warp-instructions (its tables 3.1 and 3.2) and contraction "
+                "sectors (its appendix B):\n"
+            )
+            out.append(
+                _table(
+                    [
+                        "problem",
+                        "precision",
+                        "kernel",
+                        "quantity",
+                        "prediction",
+                        "model",
+                        "model / prediction",
+                        "commit",
+                    ],
+                    crows,
+                )
+                + "\n"
+            )
+    return "\n".join(out)
+
+
 def render(
     section: str, recs: Optional[List[Dict]] = None, plot_dir: Optional[str] = None, plot_prefix: str = ""
 ) -> str:
@@ -1078,6 +1223,7 @@ def render(
         "threads": threads_section,
         "compile_timing": compile_timing_section,
         "tests": tests_section,
+        "gpu_model": gpu_model_section,
     }.get(section)
     if fn is None:
         raise ValueError(f"unknown section {section!r}; one of {SECTIONS}")
