@@ -312,6 +312,8 @@ struct TrunkArgs {
   const T* in_f;  // the affine map applied to `in` as it is loaded (in_f[j / in_d], in_s[j]), or null
   const T* in_s;
   T* out;         // (E, hout of the last layer), after the last layer's affine
+  T* part;        // or null: per block (tile), the output's column sums and squared deviations about the tile's own
+                  // mean, (blocks, 2, hout) (trunk_moments' statistics without another pass over out)
   int64_t E;
   int nl;         // layers in this launch, 1 .. kMaxLayers
   int hin0;

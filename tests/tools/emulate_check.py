@@ -376,8 +376,9 @@ def load_rows(S, ld, src, e0, ne, be, width, f=None, s=None, d=1):
     S[e * ld + j] = v
 
 
-def trunk_forward_kernel(inp, in_map, layers, out, saves, be, ld, gc, su):
-    """ik_trunk_forward_kernel, block by block. inp / out / saves: flat global arrays ((E, width) row-major)."""
+def trunk_forward_kernel(inp, in_map, layers, out, saves, be, ld, gc, su, part=None):
+    """ik_trunk_forward_kernel, block by block. inp / out / saves: flat global arrays ((E, width) row-major); part
+    (blocks, 2, width) or None: each tile's column sums and squared deviations about its mean."""
     E, hin0 = inp.shape
     inp, outf = inp.reshape(-1), out.reshape(-1)
     fi, si, di = (in_map["f"], in_map["s"], in_map["d"]) if in_map is not None else (None, None, 1)
@@ -414,12 +415,17 @@ def trunk_forward_kernel(inp, in_map, layers, out, saves, be, ld, gc, su):
         idx = np.arange(ne * width)
         e, j = idx // width, idx % width
         outf[(e0 + e) * width + j] = X[e * ld + j]
+        if part is not None:  # one thread per column j, over the tile's ne rows of X
+            rows = X[(np.arange(ne)[:, None] * ld + np.arange(width)[None, :])]
+            sums = rows.sum(0)
+            part[blk, 0, :width] = sums
+            part[blk, 1, :width] = ((rows - sums / ne) ** 2).sum(0)
 
 
 MAX_LAYERS = 16  # common.cuh's kMaxLayers (main() also runs the chained launches with a smaller value)
 
 
-def launch_trunk_group(cur, in_map, out, layers, k0, k1, saves):
+def launch_trunk_group(cur, in_map, out, layers, k0, k1, saves, moments=None):
     hmax = max([cur.shape[1]] + [max(L["lout"], L["hout"]) for L in layers[k0:k1]])
     rows = max([1] + [L["hout"] // L["fd"] for L in layers[k0:k1] if L["fd"] > 0])
     ld = odd(hmax)
@@ -431,11 +437,27 @@ def launch_trunk_group(cur, in_map, out, layers, k0, k1, saves):
         # (the last layer's activation is the output itself when no affine map follows it)
         keep_a = saves is not None and (k + 1 < len(layers) or layers[k]["bn"] is not None)
         group.append((save_y, saves[1][k] if keep_a else None))
-    trunk_forward_kernel(cur, in_map, layers[k0:k1], out, group, be, ld, GRID_CHUNK, su_for(be))
+    part = None
+    if moments is not None:  # at::empty
+        part = np.full((-(-cur.shape[0] // be), 2, layers[k1 - 1]["hout"]), np.nan)
+    trunk_forward_kernel(cur, in_map, layers[k0:k1], out, group, be, ld, GRID_CHUNK, su_for(be), part)
+    if moments is not None:
+        moments.append(merge_moments(part, cur.shape[0], be))
 
 
-def trunk_forward(inp, in_map, layers, save=False):
-    """trunk_cuda.cu's trunk_forward: (h after the last layer's affine map, (ys, as) or None)."""
+def merge_moments(part, E, be):
+    """trunk_cuda.cu's merge_moments: (2, H) mean and sum of squared deviations from the tiles' partials."""
+    nb = part.shape[0]
+    n = np.full((nb, 1), float(be))
+    n[nb - 1] = E - (nb - 1) * be
+    sums = part[:, 0]
+    mean = sums.sum(0) / E
+    return np.stack([mean, part[:, 1].sum(0) + ((sums / n - mean) ** 2 * n).sum(0)])
+
+
+def trunk_forward(inp, in_map, layers, save=False, moments=None):
+    """trunk_cuda.cu's trunk_forward: (h after the last layer's affine map, (ys, as) or None); moments: a list that
+    receives h's (2, H) moments from the last launch's partials (left empty without layers or edges)."""
     E = inp.shape[0]
     if not layers:
         return inp, None
@@ -445,7 +467,8 @@ def trunk_forward(inp, in_map, layers, save=False):
         k1 = min(len(layers), k0 + MAX_LAYERS)
         into_as = save and k1 == len(layers) and layers[-1]["bn"] is None
         out = saves[1][-1] if into_as else np.zeros((E, layers[k1 - 1]["hout"]))
-        launch_trunk_group(cur, in_map if k0 == 0 else None, out, layers, k0, k1, saves)
+        last = moments if k1 == len(layers) and E > 0 else None
+        launch_trunk_group(cur, in_map if k0 == 0 else None, out, layers, k0, k1, saves, last)
         cur = out
     return cur, saves
 
@@ -648,9 +671,12 @@ def trunk_moments(inp, weights, biases, fourier, fourier_inv, act_bias, in_facto
         else:
             layers[k - 1]["bn"] = m
     stage("trunk forward (statistics passes)")
-    h, _ = trunk_forward(inp.detach().numpy(), in_map, layers)
-    mean = h.mean(0)
-    return np.stack([mean, ((h - mean) ** 2).sum(0)]), h
+    mom = []
+    h, _ = trunk_forward(inp.detach().numpy(), in_map, layers, moments=mom)
+    if not mom:  # no layers (or no edges): ATen on h
+        mean = h.mean(0)
+        mom = [np.stack([mean, ((h - mean) ** 2).sum(0)])]
+    return mom[0], h
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -790,7 +816,7 @@ def z_kernel(h, h_map, s, x, src, rowptr, Z, r0, nr, H, C, dp):
 
 def edge_smem(te, C):
     ldc, ldh = odd(C), odd(EDGE_ROWS)
-    return (3 * te * ldc + EDGE_ROWS * ldc + te * ldh) * ELEM
+    return (3 * te * ldc + EDGE_ROWS * ldc + 2 * te * ldh + te) * ELEM  # (x, xg, dx; dZ rows; h and G rows; s)
 
 
 def edge_tile(C):
@@ -800,8 +826,10 @@ def edge_tile(C):
     return te
 
 
-def edge_kernel(dZ, h, s, x, src, rowptr, tile_ptr, dG, gz, dxe, r0, r1, H, C, te, hb, n_blocks, dp):
-    h, x, dGf, dxef = h.reshape(-1), x.reshape(-1), dG.reshape(-1), dxe.reshape(-1)
+def edge_kernel(dZ, h, s, x, src, rowptr, tile_ptr, dh, ds, dxe, r0, r1, H, C, te, hb, n_blocks, dp):
+    """ik_contract_edge_backward_kernel, block by block: dh = s_e G_e, ds_e = G_e . [h_e, 1] (thread k's register,
+    summed from the shared G rows after each chunk), dxe. Returns the tiles it ran; asserts one write of each ds."""
+    h, x, dhf, dxef = h.reshape(-1), x.reshape(-1), dh.reshape(-1), dxe.reshape(-1)
     hidden, perm = dp["hidden"], dp["perm"]
     seen = 0
     for bx in range(n_blocks):
@@ -822,11 +850,13 @@ def edge_kernel(dZ, h, s, x, src, rowptr, tile_ptr, dG, gz, dxe, r0, r1, H, C, t
         assert ne >= 1
         ldc, ldh = C | 1, hb | 1
         xs, xg, dxa = np.zeros(te * ldc), np.zeros(te * ldc), np.zeros(te * ldc)
-        dz, hr = np.zeros(hb * ldc), np.zeros(te * ldh)
+        dz, hr, gt, ss = np.zeros(hb * ldc), np.zeros(te * ldh), np.full(te * ldh, np.nan), np.zeros(te)
         for k in range(ne):
             xs[k * ldc : k * ldc + C] = x[src[eb + k] * C : src[eb + k] * C + C]
+        ss[:ne] = s[eb : eb + ne]
         dZi = dZ[i - r0]
-        dGt, gzt = eb * H, eb  # the tile's rows of dG, gz
+        dht = eb * H  # the tile's rows of dh
+        dsum = np.zeros(te)  # thread k's register (k < ne)
         for hoff, nh, poff, lq, zoff in dp["groups"]:
             k, c = np.divmod(np.arange(ne * lq), lq)
             xg[k * ldc + c] = xs[k * ldc + perm[poff + c]]
@@ -837,11 +867,10 @@ def edge_kernel(dZ, h, s, x, src, rowptr, tile_ptr, dG, gz, dxe, r0, r1, H, C, t
                 k, j = np.divmod(np.arange(ne * hc), hc)
                 hr[k * ldh + j] = h[(eb + k) * H + hidden[hoff + j0 + j]] if hoff >= 0 else 1.0
 
-                def st1(bi, m, n, v, hoff=hoff, j0=j0, dGt=dGt, gzt=gzt):
+                def st1(bi, m, n, v, hoff=hoff, j0=j0, dht=dht):
+                    gt[m * ldh + n] = v
                     if hoff >= 0:
-                        dGf[dGt + m * H + hidden[hoff + j0 + n]] = v
-                    else:
-                        gz[gzt + m] = v
+                        dhf[dht + m * H + hidden[hoff + j0 + n]] = ss[m] * v
 
                 block_mm(1, ne, hc, lq, xg, lambda bi, m: m * ldc, 1, dz, lambda bi, n: n * ldc, 1, st1, tile=(2, 2))
 
@@ -849,6 +878,13 @@ def edge_kernel(dZ, h, s, x, src, rowptr, tile_ptr, dG, gz, dxe, r0, r1, H, C, t
                     dxa[m * ldc + perm[poff + n]] += v  # (distinct (m, n), distinct columns: no repeated index)
 
                 block_mm(1, ne, lq, hc, hr, lambda bi, m: m * ldh, 1, dz, lambda bi, n: n, ldc, st2, tile=(2, 2))
+                # (barrier) thread k < ne: its edge's ds over the chunk's units, in order
+                count(up(ne, 32) * hc)  # (one warp-wide FMA per unit for the tile's <= 32 edges)
+                for k in range(ne):
+                    for jj in range(hc):
+                        dsum[k] += gt[k * ldh + jj] * hr[k * ldh + jj]
+        assert np.isnan(ds[eb : eb + ne]).all(), "an edge's ds written twice"
+        ds[eb : eb + ne] = dsum[:ne]
         for k in range(ne):
             for c in range(C):
                 dxef[(eb + k) * C + c] = s[eb + k] * dxa[k * ldc + c]
@@ -928,7 +964,8 @@ def conv_backward(grad, x, inp, src, rowptr, *program, nr):
     te = edge_tile(C)
     deg = rp[1:] - rp[:-1]
     tile_ptr = np.concatenate([[0], np.cumsum((deg + te - 1) // te)])
-    dh, ds, dxe = np.zeros((E, H)), np.zeros(E), np.zeros((E, C))
+    # (ds: written once per edge by its tile, NaN here to check that; dh zero outside the plan's units)
+    dh, ds, dxe = np.zeros((E, H)), np.full(E, np.nan), np.zeros((E, C))
     dB, dfb = np.zeros(len(dp["widx"])), np.zeros((R, C))
     zsize = dp["zsize"]
     g = grad.detach().numpy()
@@ -955,8 +992,8 @@ def conv_backward(grad, x, inp, src, rowptr, *program, nr):
             Z, h, s, xn, srcn, rp, tile_ptr, dh, ds, dxe, r0, r0 + n, H, C, te, EDGE_ROWS, -(-E // te) + n, dp
         )
     assert tiles == tile_ptr[-1], (tiles, tile_ptr[-1])
-    ds = ds + (dh * h).sum(1)
-    dh = dh * s[:, None]
+    assert not np.isnan(ds[rp[0] : rp[-1]]).any(), "an edge's ds is not written"
+    ds = np.nan_to_num(ds, nan=0.0)  # edges outside rowptr's range: the host's zeros
     dx = np.zeros_like(xn)
     np.add.at(dx, srcn, dxe)
     if layers:
