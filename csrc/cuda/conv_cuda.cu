@@ -64,8 +64,8 @@
 //     2 (zsize + C) multiply-adds per edge (at config H 113,952; dense: 2 (H + 1) C = 235,296); no atomics: each
 //     output element has one writer (a group's columns are distinct); then dx = index_add_(src, dxe) (deterministic
 //     under torch.use_deterministic_algorithms). No ATen pass over (E, H) for ds or the scaling by s.
-//     shared memory: te (C|1) x 3 + 32 (C|1) + 2 te 33 + te   (x tile, its group's columns, dx accumulator, dZ rows,
-//     h rows, G rows, s)
+//     shared memory: te (C|1) x 3 + 32 (C|1) + 2 te 33 + 2 te   (x tile, its group's columns, dx accumulator, dZ
+//     rows, h rows, G rows, s, ds)
 //  3. trunk backward layer by layer (trunk_cuda.cu), from dh_k, the gradient of layer k's output h_k = a_k f + s:
 //     the batch norm's d f[c] = sum_{e,i} dh_k a_k, d s = sum_e dh_k (ATen reductions, like the bias gradient);
 //     dy_k from (y_k, da_k = dh_k f) by ik_fourier_elu_backward_kernel (da_k formed as dh_k is loaded; u = y A^T and
@@ -239,9 +239,9 @@ __global__ void __launch_bounds__(kZThreads)
 //   ds (E,)    <- sum over the groups' units of G_e[u] h_e[u], plus G_e of the bias row  (the gradient of s_e)
 //   dxe (E, C) <- s_e sum_j dZ_i[zoff + c nh + j] [h_e, 1][u] at column perm[poff + c]   (index_add_ on the host)
 // G of a chunk of units goes through shared memory (gt) so that thread k < ne sums edge k's ds in a fixed order
-// (groups, chunks, units in turn) in a register. Units outside the plan are never written (dh is zero there). Every
-// output element is written by exactly one thread of one block (a group's columns are distinct): no atomics,
-// deterministic.
+// (groups, chunks, units in turn) into its own shared slot. Units outside the plan are never written (dh is zero
+// there). Every output element is written by exactly one thread of one block (a group's columns are distinct): no
+// atomics, deterministic.
 template <typename T, bool TC>
 __global__ void __launch_bounds__(kEdgeThreads)
     ik_contract_edge_backward_kernel(const T* __restrict__ dZ, const T* __restrict__ h, const T* __restrict__ s,
@@ -277,16 +277,19 @@ __global__ void __launch_bounds__(kEdgeThreads)
   T* hr = dz + hb * ldc;  // (te, ldh) rows of [h_e, 1] on the group's units
   T* gt = hr + te * ldh;  // (te, ldh) G on them
   T* ss = gt + te * ldh;  // (te) s_e
+  T* dsa = ss + te;  // (te) ds_e so far, edge k's by thread k only (shared, not a register live across the loops)
   for (int idx = threadIdx.x; idx < ne * C; idx += blockDim.x) {
     const int k = idx / C;
     const int c = idx - k * C;
     xs[k * ldc + c] = x[src[eb + k] * C + c];
     dxa[k * ldc + c] = T(0);
   }
-  for (int k = threadIdx.x; k < ne; k += blockDim.x) ss[k] = s[eb + k];
+  for (int k = threadIdx.x; k < ne; k += blockDim.x) {
+    ss[k] = s[eb + k];
+    dsa[k] = T(0);
+  }
   const T* dZi = dZ + (i - r0) * zs;
   T* dht = dh + eb * H;  // the tile's rows of dh
-  T dsum = T(0);  // ds of edge threadIdx.x (< ne)
   for (int g = 0; g < ng; ++g) {
     const int hoff = groups[g * 5], nh = groups[g * 5 + 1], poff = groups[g * 5 + 2], lq = groups[g * 5 + 3];
     const int64_t zoff = groups[g * 5 + 4];
@@ -328,11 +331,13 @@ __global__ void __launch_bounds__(kEdgeThreads)
       if (threadIdx.x < ne) {
         const T* g = gt + threadIdx.x * ldh;
         const T* hv = hr + threadIdx.x * ldh;
-        for (int j = 0; j < hc; ++j) dsum = fma(g[j], hv[j], dsum);
+        T acc = dsa[threadIdx.x];
+        for (int j = 0; j < hc; ++j) acc = fma(g[j], hv[j], acc);
+        dsa[threadIdx.x] = acc;
       }
     }
   }
-  if (threadIdx.x < ne) ds[eb + threadIdx.x] = dsum;
+  if (threadIdx.x < ne) ds[eb + threadIdx.x] = dsa[threadIdx.x];
   __syncthreads();
   for (int idx = threadIdx.x; idx < ne * C; idx += blockDim.x) {
     const int k = idx / C;
@@ -605,7 +610,7 @@ void pairs_backward(const ConvInputs& c, at::Tensor& Zc, const at::Tensor& Gp, c
 
 size_t edge_smem(int te, int64_t C, size_t elem) {
   const size_t ldc = static_cast<size_t>(C | 1), ldh = static_cast<size_t>(kEdgeRows | 1);
-  return (3 * te * ldc + kEdgeRows * ldc + 2 * te * ldh + te) * elem;
+  return (3 * te * ldc + kEdgeRows * ldc + 2 * te * ldh + 2 * te) * elem;
 }
 
 int edge_tile(int64_t C, size_t elem) {

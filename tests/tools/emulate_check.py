@@ -816,7 +816,7 @@ def z_kernel(h, h_map, s, x, src, rowptr, Z, r0, nr, H, C, dp):
 
 def edge_smem(te, C):
     ldc, ldh = odd(C), odd(EDGE_ROWS)
-    return (3 * te * ldc + EDGE_ROWS * ldc + 2 * te * ldh + te) * ELEM  # (x, xg, dx; dZ rows; h and G rows; s)
+    return (3 * te * ldc + EDGE_ROWS * ldc + 2 * te * ldh + 2 * te) * ELEM  # (x, xg, dx; dZ rows; h, G rows; s, ds)
 
 
 def edge_tile(C):
@@ -827,7 +827,7 @@ def edge_tile(C):
 
 
 def edge_kernel(dZ, h, s, x, src, rowptr, tile_ptr, dh, ds, dxe, r0, r1, H, C, te, hb, n_blocks, dp):
-    """ik_contract_edge_backward_kernel, block by block: dh = s_e G_e, ds_e = G_e . [h_e, 1] (thread k's register,
+    """ik_contract_edge_backward_kernel, block by block: dh = s_e G_e, ds_e = G_e . [h_e, 1] (thread k's shared slot,
     summed from the shared G rows after each chunk), dxe. Returns the tiles it ran; asserts one write of each ds."""
     h, x, dhf, dxef = h.reshape(-1), x.reshape(-1), dh.reshape(-1), dxe.reshape(-1)
     hidden, perm = dp["hidden"], dp["perm"]
@@ -856,7 +856,7 @@ def edge_kernel(dZ, h, s, x, src, rowptr, tile_ptr, dh, ds, dxe, r0, r1, H, C, t
         ss[:ne] = s[eb : eb + ne]
         dZi = dZ[i - r0]
         dht = eb * H  # the tile's rows of dh
-        dsum = np.zeros(te)  # thread k's register (k < ne)
+        dsum = np.zeros(te)  # dsa: edge k's ds so far, in shared memory (k < ne)
         for hoff, nh, poff, lq, zoff in dp["groups"]:
             k, c = np.divmod(np.arange(ne * lq), lq)
             xg[k * ldc + c] = xs[k * ldc + perm[poff + c]]
