@@ -57,15 +57,13 @@
 //     receiver with 10^4 edges spreads over many blocks; the grid is an upper bound, blocks past the chunk's tiles
 //     exit), dZ_i read once per tile, group by group (the bias row last, as a group of one unit of value 1 on every
 //     column) in chunks of 32 units:
-//       G_e[unit_g,j] = sum_c dZ_i[g: c, j] x_e[col_g,c]   (dh_e = s_e G_e written as it is formed, units outside
-//                                                           the plan stay zero; ds_e = G_e . [h_e, 1] summed in the
-//                                                           kernel, the bias row's G included, in a fixed order)
+//       G_e[unit_g,j] = sum_c dZ_i[g: c, j] x_e[col_g,c]   (into dh (E, H); the bias row's into ds (E,); units
+//                                                           outside the plan stay zero)
 //       dxe_e[col_g,c] += s_e sum_j dZ_i[g: c, j] [h_e, 1][unit_g,j]      (E, C)
 //     2 (zsize + C) multiply-adds per edge (at config H 113,952; dense: 2 (H + 1) C = 235,296); no atomics: each
-//     output element has one writer (a group's columns are distinct); then dx = index_add_(src, dxe) (deterministic
-//     under torch.use_deterministic_algorithms). No ATen pass over (E, H) for ds or the scaling by s.
-//     shared memory: te (C|1) x 3 + 32 (C|1) + 2 te 33 + 2 te   (x tile, its group's columns, dx accumulator, dZ
-//     rows, h rows, G rows, s, ds)
+//     output element has one writer (a group's columns are distinct); then with ATen: ds_e = G_e . [h_e, 1],
+//     dh_e = s_e G_e[:H], dx = index_add_(src, dxe) (deterministic under torch.use_deterministic_algorithms).
+//     shared memory: te (C|1) x 3 + 32 (C|1) + te 33   (x tile, its group's columns, dx accumulator, dZ rows, h rows)
 //  3. trunk backward layer by layer (trunk_cuda.cu), from dh_k, the gradient of layer k's output h_k = a_k f + s:
 //     the batch norm's d f[c] = sum_{e,i} dh_k a_k, d s = sum_e dh_k (ATen reductions, like the bias gradient);
 //     dy_k from (y_k, da_k = dh_k f) by ik_fourier_elu_backward_kernel (da_k formed as dh_k is loaded; u = y A^T and
@@ -235,20 +233,18 @@ __global__ void __launch_bounds__(kZThreads)
 // of its first hidden unit, -1 for the bias row; nh, its units; poff, lq: its columns perm[poff .. poff + lq); zoff:
 // its (lq x nh) block in Z), for each edge e of the tile, with G_e[u] = sum_c dZ_i[zoff + c nh + j] x_e[perm[poff + c]]
 // for unit u = hidden[hoff + j]:
-//   dh (E, H)  <- s_e G_e[u]                      (the gradient of h; the bias row has no unit)
-//   ds (E,)    <- sum over the groups' units of G_e[u] h_e[u], plus G_e of the bias row  (the gradient of s_e)
+//   dG (E, H)  <- G_e[u]                          (the host scales it by s_e and reduces it with h_e for ds_e)
+//   gz (E,)    <- G_e of the bias row
 //   dxe (E, C) <- s_e sum_j dZ_i[zoff + c nh + j] [h_e, 1][u] at column perm[poff + c]   (index_add_ on the host)
-// G of a chunk of units goes through shared memory (gt) so that thread k < ne sums edge k's ds in a fixed order
-// (groups, chunks, units in turn) into its own shared slot. Units outside the plan are never written (dh is zero
-// there). Every output element is written by exactly one thread of one block (a group's columns are distinct): no
-// atomics, deterministic.
+// Units outside the plan are never written (dG is zero there). Every output element is written by exactly one thread
+// of one block (a group's columns are distinct): no atomics, deterministic.
 template <typename T, bool TC>
 __global__ void __launch_bounds__(kEdgeThreads)
     ik_contract_edge_backward_kernel(const T* __restrict__ dZ, const T* __restrict__ h, const T* __restrict__ s,
                                      const T* __restrict__ x, const int64_t* __restrict__ src,
                                      const int64_t* __restrict__ rowptr, const int64_t* __restrict__ tile_ptr,
                                      const int* __restrict__ hidden, const int* __restrict__ perm,
-                                     const int* __restrict__ groups, int ng, T* __restrict__ dh, T* __restrict__ ds,
+                                     const int* __restrict__ groups, int ng, T* __restrict__ dG, T* __restrict__ gz,
                                      T* __restrict__ dxe, int64_t r0, int64_t r1, int H, int C, int64_t zs, int te,
                                      int hb) {
   const int64_t t = tile_ptr[r0] + blockIdx.x;
@@ -275,21 +271,15 @@ __global__ void __launch_bounds__(kEdgeThreads)
   T* dxa = xg + te * ldc;  // (te, ldc) dx accumulator
   T* dz = dxa + te * ldc;  // (hb, ldc) the group's dZ_i, unit-major: dz[j ldc + c]
   T* hr = dz + hb * ldc;  // (te, ldh) rows of [h_e, 1] on the group's units
-  T* gt = hr + te * ldh;  // (te, ldh) G on them
-  T* ss = gt + te * ldh;  // (te) s_e
-  T* dsa = ss + te;  // (te) ds_e so far, edge k's by thread k only (shared, not a register live across the loops)
   for (int idx = threadIdx.x; idx < ne * C; idx += blockDim.x) {
     const int k = idx / C;
     const int c = idx - k * C;
     xs[k * ldc + c] = x[src[eb + k] * C + c];
     dxa[k * ldc + c] = T(0);
   }
-  for (int k = threadIdx.x; k < ne; k += blockDim.x) {
-    ss[k] = s[eb + k];
-    dsa[k] = T(0);
-  }
   const T* dZi = dZ + (i - r0) * zs;
-  T* dht = dh + eb * H;  // the tile's rows of dh
+  T* dGt = dG + eb * H;  // the tile's rows of dG, gz
+  T* gzt = gz + eb;
   for (int g = 0; g < ng; ++g) {
     const int hoff = groups[g * 5], nh = groups[g * 5 + 1], poff = groups[g * 5 + 2], lq = groups[g * 5 + 3];
     const int64_t zoff = groups[g * 5 + 4];
@@ -320,24 +310,17 @@ __global__ void __launch_bounds__(kEdgeThreads)
       mm<TC, 2, 2>(
           1, ne, hc, lq, xg, [=](int, int m) { return m * ldc; }, 1, dz, [=](int, int n) { return n * ldc; }, 1,
           [=](int, int m, int n, T v) {
-            gt[m * ldh + n] = v;
-            if (hu != nullptr) dht[m * H + hu[j0 + n]] = ss[m] * v;
+            if (hu != nullptr)
+              dGt[m * H + hu[j0 + n]] = v;
+            else
+              gzt[m] = v;
           });
       // dx accumulator (ne x C) at the group's columns += hr (ne x hc) . dz (hc x lq)
       mm<TC, 2, 2>(
           1, ne, lq, hc, hr, [=](int, int m) { return m * ldh; }, 1, dz, [=](int, int n) { return n; }, ldc,
           [=](int, int m, int n, T v) { dxa[m * ldc + pg[n]] += v; });
-      __syncthreads();  // gt is complete
-      if (threadIdx.x < ne) {
-        const T* g = gt + threadIdx.x * ldh;
-        const T* hv = hr + threadIdx.x * ldh;
-        T acc = dsa[threadIdx.x];
-        for (int j = 0; j < hc; ++j) acc = fma(g[j], hv[j], acc);
-        dsa[threadIdx.x] = acc;
-      }
     }
   }
-  if (threadIdx.x < ne) ds[eb + threadIdx.x] = dsa[threadIdx.x];
   __syncthreads();
   for (int idx = threadIdx.x; idx < ne * C; idx += blockDim.x) {
     const int k = idx / C;
@@ -610,7 +593,7 @@ void pairs_backward(const ConvInputs& c, at::Tensor& Zc, const at::Tensor& Gp, c
 
 size_t edge_smem(int te, int64_t C, size_t elem) {
   const size_t ldc = static_cast<size_t>(C | 1), ldh = static_cast<size_t>(kEdgeRows | 1);
-  return (3 * te * ldc + kEdgeRows * ldc + 2 * te * ldh + 2 * te) * elem;
+  return (3 * te * ldc + kEdgeRows * ldc + te * ldh) * elem;
 }
 
 int edge_tile(int64_t C, size_t elem) {
@@ -624,7 +607,7 @@ int edge_tile(int64_t C, size_t elem) {
 
 template <typename T, bool TC>
 void launch_edge_backward(const ConvInputs& c, const at::Tensor& dZ, const at::Tensor& h, const at::Tensor& s,
-                          const at::Tensor& tile_ptr, at::Tensor& dh, at::Tensor& ds, at::Tensor& dxe, int64_t r0,
+                          const at::Tensor& tile_ptr, at::Tensor& dG, at::Tensor& gz, at::Tensor& dxe, int64_t r0,
                           int64_t nr, int te) {
   const size_t smem = edge_smem(te, c.C, sizeof(T));
   allow_smem(ik_contract_edge_backward_kernel<T, TC>, smem);
@@ -633,7 +616,7 @@ void launch_edge_backward(const ConvInputs& c, const at::Tensor& dZ, const at::T
   ik_contract_edge_backward_kernel<T, TC><<<static_cast<unsigned>(blocks), kEdgeThreads, smem, current_stream()>>>(
       dZ.data_ptr<T>(), h.data_ptr<T>(), s.data_ptr<T>(), c.x.data_ptr<T>(), c.src.data_ptr<int64_t>(),
       c.rowptr.data_ptr<int64_t>(), tile_ptr.data_ptr<int64_t>(), c.dp->hidden.data_ptr<int>(),
-      c.dp->perm.data_ptr<int>(), c.dp->groups.data_ptr<int>(), c.dp->ng, dh.data_ptr<T>(), ds.data_ptr<T>(),
+      c.dp->perm.data_ptr<int>(), c.dp->groups.data_ptr<int>(), c.dp->ng, dG.data_ptr<T>(), gz.data_ptr<T>(),
       dxe.data_ptr<T>(), r0, r0 + nr, static_cast<int>(c.H), static_cast<int>(c.C), c.dp->zs, te, kEdgeRows);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -738,8 +721,8 @@ std::vector<at::Tensor> native_conv_backward_cuda(
     const at::Tensor tile_ptr =
         at::cat({at::zeros({1}, c.rowptr.options()), at::floor_divide(deg + (te - 1), te).cumsum(0)}).contiguous();
     // the edge kernel's outputs (every element written by one thread; zeros for edges outside rowptr's range)
-    at::Tensor dh = at::zeros({c.E, c.H}, c.x.options());  // s_e G_e (zero on units outside the plan)
-    at::Tensor ds = at::zeros({c.E}, c.x.options());  // G_e . [h_e, 1]
+    at::Tensor dh = at::zeros({c.E, c.H}, c.x.options());  // G[:, :H], then s G[:, :H]
+    at::Tensor ds = at::zeros({c.E}, c.x.options());  // G[:, H], then ds
     at::Tensor dxe = at::zeros({c.E, c.C}, c.x.options());
     const int64_t nr = chunk_receivers(c);
     at::Tensor Z = at::empty({nr, d.zs}, c.x.options());
@@ -758,7 +741,10 @@ std::vector<at::Tensor> native_conv_backward_cuda(
         });
       });
     }
-    // dx[src_e] += dxe_e (deterministic under torch.use_deterministic_algorithms, as index_add_ is)
+    // ds_e = G_e . [h_e, 1], dh_e = s_e G_e[:H], dx[src_e] += dxe_e (deterministic under
+    // torch.use_deterministic_algorithms, as index_add_ is)
+    ds.add_((dh * h).sum(1));
+    dh.mul_(s.unsqueeze(1));
     dx.index_add_(0, c.src, dxe);
     // the trunk's backward from dh, then the radial shell s = norm exp(-coef r2)
     dinp = trunk_backward(c.inp, c.layers, ys, as, dh, &dweights, &dbiases, &dab, &dbnf, &dbns);

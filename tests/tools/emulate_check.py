@@ -816,7 +816,7 @@ def z_kernel(h, h_map, s, x, src, rowptr, Z, r0, nr, H, C, dp):
 
 def edge_smem(te, C):
     ldc, ldh = odd(C), odd(EDGE_ROWS)
-    return (3 * te * ldc + EDGE_ROWS * ldc + 2 * te * ldh + 2 * te) * ELEM  # (x, xg, dx; dZ rows; h, G rows; s, ds)
+    return (3 * te * ldc + EDGE_ROWS * ldc + te * ldh) * ELEM
 
 
 def edge_tile(C):
@@ -826,10 +826,8 @@ def edge_tile(C):
     return te
 
 
-def edge_kernel(dZ, h, s, x, src, rowptr, tile_ptr, dh, ds, dxe, r0, r1, H, C, te, hb, n_blocks, dp):
-    """ik_contract_edge_backward_kernel, block by block: dh = s_e G_e, ds_e = G_e . [h_e, 1] (thread k's shared slot,
-    summed from the shared G rows after each chunk), dxe. Returns the tiles it ran; asserts one write of each ds."""
-    h, x, dhf, dxef = h.reshape(-1), x.reshape(-1), dh.reshape(-1), dxe.reshape(-1)
+def edge_kernel(dZ, h, s, x, src, rowptr, tile_ptr, dG, gz, dxe, r0, r1, H, C, te, hb, n_blocks, dp):
+    h, x, dGf, dxef = h.reshape(-1), x.reshape(-1), dG.reshape(-1), dxe.reshape(-1)
     hidden, perm = dp["hidden"], dp["perm"]
     seen = 0
     for bx in range(n_blocks):
@@ -850,13 +848,11 @@ def edge_kernel(dZ, h, s, x, src, rowptr, tile_ptr, dh, ds, dxe, r0, r1, H, C, t
         assert ne >= 1
         ldc, ldh = C | 1, hb | 1
         xs, xg, dxa = np.zeros(te * ldc), np.zeros(te * ldc), np.zeros(te * ldc)
-        dz, hr, gt, ss = np.zeros(hb * ldc), np.zeros(te * ldh), np.full(te * ldh, np.nan), np.zeros(te)
+        dz, hr = np.zeros(hb * ldc), np.zeros(te * ldh)
         for k in range(ne):
             xs[k * ldc : k * ldc + C] = x[src[eb + k] * C : src[eb + k] * C + C]
-        ss[:ne] = s[eb : eb + ne]
         dZi = dZ[i - r0]
-        dht = eb * H  # the tile's rows of dh
-        dsum = np.zeros(te)  # dsa: edge k's ds so far, in shared memory (k < ne)
+        dGt, gzt = eb * H, eb  # the tile's rows of dG, gz
         for hoff, nh, poff, lq, zoff in dp["groups"]:
             k, c = np.divmod(np.arange(ne * lq), lq)
             xg[k * ldc + c] = xs[k * ldc + perm[poff + c]]
@@ -867,10 +863,11 @@ def edge_kernel(dZ, h, s, x, src, rowptr, tile_ptr, dh, ds, dxe, r0, r1, H, C, t
                 k, j = np.divmod(np.arange(ne * hc), hc)
                 hr[k * ldh + j] = h[(eb + k) * H + hidden[hoff + j0 + j]] if hoff >= 0 else 1.0
 
-                def st1(bi, m, n, v, hoff=hoff, j0=j0, dht=dht):
-                    gt[m * ldh + n] = v
+                def st1(bi, m, n, v, hoff=hoff, j0=j0, dGt=dGt, gzt=gzt):
                     if hoff >= 0:
-                        dhf[dht + m * H + hidden[hoff + j0 + n]] = ss[m] * v
+                        dGf[dGt + m * H + hidden[hoff + j0 + n]] = v
+                    else:
+                        gz[gzt + m] = v
 
                 block_mm(1, ne, hc, lq, xg, lambda bi, m: m * ldc, 1, dz, lambda bi, n: n * ldc, 1, st1, tile=(2, 2))
 
@@ -878,13 +875,6 @@ def edge_kernel(dZ, h, s, x, src, rowptr, tile_ptr, dh, ds, dxe, r0, r1, H, C, t
                     dxa[m * ldc + perm[poff + n]] += v  # (distinct (m, n), distinct columns: no repeated index)
 
                 block_mm(1, ne, lq, hc, hr, lambda bi, m: m * ldh, 1, dz, lambda bi, n: n, ldc, st2, tile=(2, 2))
-                # (barrier) thread k < ne: its edge's ds over the chunk's units, in order
-                count(up(ne, 32) * hc)  # (one warp-wide FMA per unit for the tile's <= 32 edges)
-                for k in range(ne):
-                    for jj in range(hc):
-                        dsum[k] += gt[k * ldh + jj] * hr[k * ldh + jj]
-        assert np.isnan(ds[eb : eb + ne]).all(), "an edge's ds written twice"
-        ds[eb : eb + ne] = dsum[:ne]
         for k in range(ne):
             for c in range(C):
                 dxef[(eb + k) * C + c] = s[eb + k] * dxa[k * ldc + c]
@@ -964,8 +954,7 @@ def conv_backward(grad, x, inp, src, rowptr, *program, nr):
     te = edge_tile(C)
     deg = rp[1:] - rp[:-1]
     tile_ptr = np.concatenate([[0], np.cumsum((deg + te - 1) // te)])
-    # (ds: written once per edge by its tile, NaN here to check that; dh zero outside the plan's units)
-    dh, ds, dxe = np.zeros((E, H)), np.full(E, np.nan), np.zeros((E, C))
+    dh, ds, dxe = np.zeros((E, H)), np.zeros(E), np.zeros((E, C))
     dB, dfb = np.zeros(len(dp["widx"])), np.zeros((R, C))
     zsize = dp["zsize"]
     g = grad.detach().numpy()
@@ -992,8 +981,8 @@ def conv_backward(grad, x, inp, src, rowptr, *program, nr):
             Z, h, s, xn, srcn, rp, tile_ptr, dh, ds, dxe, r0, r0 + n, H, C, te, EDGE_ROWS, -(-E // te) + n, dp
         )
     assert tiles == tile_ptr[-1], (tiles, tile_ptr[-1])
-    assert not np.isnan(ds[rp[0] : rp[-1]]).any(), "an edge's ds is not written"
-    ds = np.nan_to_num(ds, nan=0.0)  # edges outside rowptr's range: the host's zeros
+    ds = ds + (dh * h).sum(1)
+    dh = dh * s[:, None]
     dx = np.zeros_like(xn)
     np.add.at(dx, srcn, dxe)
     if layers:
