@@ -55,6 +55,29 @@ __device__ __forceinline__ T sigmoid(T u) {
   return T(1) / (T(1) + exp(-u));
 }
 
+// float32's exponentials on the fast hardware path (MUFU.EX2 through __expf, a handful of instructions; IEEE expm1f
+// / expf take ~29 / ~10): these non-template overloads take precedence over the templates above for float (float64
+// keeps the IEEE functions). expm1(u) for u <= 0 is __expf(u) - 1 for u <= -1/4 (|result| >= 0.22: the subtraction
+// is exact, __expf errs by 2 + 1.17 |u| ulp of e^u, so a few ulp of the result) and its Taylor polynomial of degree 6
+// above (truncation below |u|^7 / 5040 <= 1.2e-8, under one ulp of |result| >= |u| / 1.2; Horner's rounding one or
+// two ulp), chosen without a branch. tests/tools/emulate_check.py (fast_expm1) bounds the formula's error on a dense
+// grid with __expf at its documented worst case; the tolerance table's float32 bounds are 2e-5 / 1e-4.
+__device__ __forceinline__ float fast_expm1_nonpositive(float u) {
+  const float p =
+      u * fmaf(u, fmaf(u, fmaf(u, fmaf(u, fmaf(u, 1.f / 720.f, 1.f / 120.f), 1.f / 24.f), 1.f / 6.f), 0.5f), 1.f);
+  const float e = __expf(u) - 1.f;
+  return u > -0.25f ? p : e;
+}
+__device__ __forceinline__ float elu(float u) {
+  return u > 0.f ? u : fast_expm1_nonpositive(u);
+}
+__device__ __forceinline__ float elu_grad(float u) {
+  return u > 0.f ? 1.f : __expf(u);
+}
+__device__ __forceinline__ float sigmoid(float u) {
+  return 1.f / (1.f + __expf(-u));
+}
+
 // C (M x N) = A (M x K) . B (K x N), batched over nb independent products, computed by the whole block: each thread
 // takes TM x TN micro-tiles of (batch, M, N) in turn (N fastest, so that a warp's B loads are consecutive when B's
 // columns are) and accumulates over K in registers, then hands every element to store(batch, m, n, value).
@@ -289,6 +312,8 @@ struct TrunkArgs {
   const T* in_f;  // the affine map applied to `in` as it is loaded (in_f[j / in_d], in_s[j]), or null
   const T* in_s;
   T* out;         // (E, hout of the last layer), after the last layer's affine
+  T* part;        // or null: per block (tile), the output's column sums and squared deviations about the tile's own
+                  // mean, (blocks, 2, hout) (trunk_moments' statistics without another pass over out)
   int64_t E;
   int nl;         // layers in this launch, 1 .. kMaxLayers
   int hin0;

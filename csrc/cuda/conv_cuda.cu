@@ -34,14 +34,17 @@
 //     uploaded once per structure, sizes and device (device_plan, cached by the structure's content).
 //     Z per chunk by ik_contract_z_kernel<T, TH> (one block per receiver x tile of TH units x 2048 / TH columns of
 //     one group, TH = 16, 32 or 64 picked per structure for the least padding; edges staged 16 at a time in shared
-//     memory, 16 (TH + 2048 / TH) elements static; warps past a tile's columns skip the products; degree skew costs
+//     memory, 16 (TH + 2048 / TH) elements static, products over the staged edges only (a receiver of degree 24 costs
+//     24 rank-1 updates, not 32); warps past a tile's columns skip the products; degree skew costs
 //     one block's loop, isolated receivers write zeros); then per pair one GEMM of the chunk, T[:, slots_p] =
 //     Z_c[p] B_p^T (cuBLAS via ATen), the bias row's GEMM into out, and out[:, rows] += T (index_add_ over the
 //     pairs' output rows). Global memory: h (E H), Z chunk (nr (zsize + C)), T (nr S, S = sum_p nr_p), B (nnz).
 //     Never per-edge kernels (E, R, C) nor (E, C_k, G) activations.
 //     Multiply-adds at config H (R = 144, H = 816, C = 144; 32 groups of 16 / 32 units, 161 pairs, nnz = 999,424,
 //     zsize = 56,832): Z 63,488 per edge (TH = 16, padding included; 56,976 structural; dense Z: 133,120),
-//     contraction 1,020,160 per receiver (nnz + R C; dense W_aug: R (H + 1) C = 16,941,312).
+//     contraction 1,020,160 per receiver (nnz + R C; dense W_aug: R (H + 1) C = 16,941,312). A whole training step
+//     counted in the emulation's replay (tests/tools/emulate_check.py --count H): 1,826,064 per edge, 0.91x the
+//     structured floor (TF32 warp tiles: 1.09x).
 //
 // Backward, conv_backward(grad, ...):
 //  1. trunk forward again (same kernel) saving every layer's pre-activation y_k and activation a_k (E, H_k) before
@@ -89,16 +92,20 @@
 //    the componentwise Linear reads them through strided indices (block_mm's aoff), batch = component.
 //
 // trunk_moments(inp, ...): step 2 of the forward (writing the last activation before its batch norm; in_factor[0]
-// applied as the input tile is loaded, in_factor[k > 0] as layer k - 1's affine map in the tile), then column mean
-// and sum of squared deviations with ATen (deterministic).
+// applied as the input tile is loaded, in_factor[k > 0] as layer k - 1's affine map in the tile); the kernel also
+// writes each tile's column sums and squared deviations about the tile's mean ((E / be) x 2 x H), merged with ATen
+// (Chan et al.; deterministic): no pass over the (E, H) activation for the statistics.
 //
 // PRECISION: float64 inputs compute in float64 (IEEE FFMA throughout). float32 inputs follow PyTorch's matmul switch
 // as ATen's cuBLAS matmuls read it, at::globalContext().allowTF32CuBLAS() (torch.set_float32_matmul_precision):
 //   "highest" (the default): every custom-kernel GEMM in IEEE float32 FFMA (block_mm, 4 x 4 / 2 x 2 register tiles);
 //   "high" / "medium": the trunk's GEMMs (Linears, both Fourier GEMMs forward and backward) and the per-edge
 //     backward's two GEMMs on TF32 tensor cores (mma.sync.m16n8k8, operands rounded with cvt.rna, float32
-//     accumulation; block_mm_tf32 in common.cuh). The ELU, the Z kernel (a rank-1 update per edge) and every
-//     reduction stay IEEE float32.
+//     accumulation; block_mm_tf32 in common.cuh). The Z kernel (a rank-1 update per edge) and every reduction stay
+//     IEEE float32.
+// float32's exponentials (ELU, its derivative, the sigmoid of gated / norm) take the fast hardware path under every
+// setting (common.cuh: __expf; expm1 below -1/4 as __expf - 1, a degree-6 polynomial above): within ~1e-6 relative
+// of IEEE expm1f / expf (bounded in tests/tools/emulate_check.py's fast_expm1), far inside float32's 2e-5 / 1e-4.
 // The plain GEMMs (the contraction's pair blocks and bias row, the trunk's weight gradients; gemm_cuda.h) are cuBLAS
 // through ATen and follow the same switch; under torch.use_deterministic_algorithms(True) (where ATen refuses cuBLAS
 // without CUBLAS_WORKSPACE_CONFIG) they run in ik_gemm_kernel instead, IEEE FFMA, bit-reproducible. With no atomics
@@ -194,7 +201,7 @@ __global__ void __launch_bounds__(kZThreads)
     __syncthreads();
     if (live) {
 #pragma unroll 4
-      for (int k = 0; k < kZEdges; ++k) {
+      for (int k = 0; k < nk; ++k) {  // the staged edges only (nk is uniform over the block)
         T hv[4], xv[4];
 #pragma unroll
         for (int a = 0; a < 4; ++a) hv[a] = hs[k][th * 4 + a];
@@ -804,10 +811,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> native_trunk_moments_cuda(
   if (E == 0) {
     return {at::zeros({2, H}, inp.options()), at::empty({0, H}, inp.options()), at::empty({0}, inp.options())};
   }
-  at::Tensor h = trunk_forward(x, in_map, layers, nullptr, nullptr);
-  const at::Tensor mean = h.mean(0);
-  const at::Tensor m2 = (h - mean).square().sum(0);
-  at::Tensor moments = at::stack({mean, m2}).to(inp.scalar_type());
+  // the moments from the trunk kernel's per-tile partials (no pass over h), or with ATen when there are no layers
+  at::Tensor mom;
+  at::Tensor h = trunk_forward(x, in_map, layers, nullptr, nullptr, &mom);
+  if (!mom.defined()) {
+    const at::Tensor mean = h.mean(0);
+    mom = at::stack({mean, (h - mean).square().sum(0)});
+  }
+  at::Tensor moments = mom.to(inp.scalar_type());
   at::Tensor act;
   if (with_activation) {
     act = h.to(inp.scalar_type());

@@ -189,6 +189,21 @@ __global__ void __launch_bounds__(kTrunkThreads) ik_trunk_forward_kernel(const _
     }
   }
   store_rows(X, a.ld, a.out, e0, ne, width);
+  if (a.part != nullptr) {  // (X is complete: the last layer ended with a barrier) one thread per column
+    T* ps = a.part + static_cast<int64_t>(blockIdx.x) * 2 * width;
+    for (int j = threadIdx.x; j < width; j += blockDim.x) {
+      T sum = T(0);
+      for (int e = 0; e < ne; ++e) sum += X[e * a.ld + j];
+      const T mean = sum / static_cast<T>(ne);
+      T m2 = T(0);
+      for (int e = 0; e < ne; ++e) {
+        const T d = X[e * a.ld + j] - mean;
+        m2 = fma(d, d, m2);
+      }
+      ps[j] = sum;
+      ps[width + j] = m2;
+    }
+  }
 }
 
 // dy (E, H) of a Fourier ELU of fd-component channels given its input y and the gradient dh of the layer's output:
@@ -344,7 +359,7 @@ int pick_tile(F bytes_for, const char* what) {
 template <typename T, bool TC>
 void launch_trunk_group(const at::Tensor& in, const Affine& in_map, at::Tensor& out,
                         const std::vector<TrunkLayer>& layers, size_t k0, size_t k1, std::vector<at::Tensor>* ys,
-                        std::vector<at::Tensor>* as) {
+                        std::vector<at::Tensor>* as, at::Tensor* part, int* part_be) {
   TrunkArgs<T> a{};
   const int64_t E = in.size(0);
   int64_t hmax = in.size(1);
@@ -397,6 +412,11 @@ void launch_trunk_group(const at::Tensor& in, const Affine& in_map, at::Tensor& 
   const size_t smem = bytes(a.be);
   allow_smem(ik_trunk_forward_kernel<T, TC>, smem);
   const int64_t blocks = ceil_div(E, a.be);
+  if (part != nullptr) {
+    *part = at::empty({blocks, 2, layers[k1 - 1].hout}, in.options());
+    *part_be = a.be;
+    a.part = part->data_ptr<T>();
+  }
   ik_trunk_forward_kernel<T, TC><<<static_cast<unsigned>(blocks), kTrunkThreads, smem, current_stream()>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -640,8 +660,24 @@ Affine prepare_affine(const at::Tensor& factor, const at::Tensor& shift, int64_t
   return m;
 }
 
+namespace {
+// The column mean and sum of squared deviations (2, H) of the output of E rows from its tiles' partials part (nb, 2,
+// H): each tile's column sums and squared deviations about its own mean, be rows a tile (the last one's the rest),
+// merged as in Chan, Golub and LeVeque: M2 = sum_b M2_b + sum_b n_b (mean_b - mean)^2 (ATen reductions over the
+// tiles, deterministic; nb x H, a be-th of the output).
+at::Tensor merge_moments(const at::Tensor& part, int64_t E, int be) {
+  const int64_t nb = part.size(0);
+  at::Tensor n = at::full({nb, 1}, static_cast<double>(be), part.options());
+  n.narrow(0, nb - 1, 1).fill_(static_cast<double>(E - (nb - 1) * be));
+  const at::Tensor sums = part.select(1, 0);
+  const at::Tensor mean = sums.sum(0) / static_cast<double>(E);
+  const at::Tensor m2 = part.select(1, 1).sum(0) + ((sums / n - mean).square() * n).sum(0);
+  return at::stack({mean, m2});
+}
+}  // namespace
+
 at::Tensor trunk_forward(const at::Tensor& inp, const Affine& in_map, const std::vector<TrunkLayer>& layers,
-                         std::vector<at::Tensor>* ys, std::vector<at::Tensor>* as) {
+                         std::vector<at::Tensor>* ys, std::vector<at::Tensor>* as, at::Tensor* moments) {
   const int64_t E = inp.size(0);
   if (layers.empty()) return inp;
   const bool tc = use_tf32(inp.scalar_type());
@@ -661,12 +697,17 @@ at::Tensor trunk_forward(const at::Tensor& inp, const Affine& in_map, const std:
     at::Tensor out = into_as ? as->back() : at::empty({E, layers[k1 - 1].hout}, inp.options());
     const Affine none;
     const Affine& first = k0 == 0 ? in_map : none;  // (later launches start from an output, after its map)
+    // the last launch's kernel also gives its tiles' moments when asked for
+    at::Tensor part;
+    int be = 0;
+    at::Tensor* pp = moments != nullptr && k1 == layers.size() ? &part : nullptr;
     if (E > 0) {
       AT_DISPATCH_FLOATING_TYPES(inp.scalar_type(), "ik_trunk_forward", [&] {
         dispatch_tc<scalar_t>(tc, [&](auto tcv) {
-          launch_trunk_group<scalar_t, decltype(tcv)::value>(cur, first, out, layers, k0, k1, ys, as);
+          launch_trunk_group<scalar_t, decltype(tcv)::value>(cur, first, out, layers, k0, k1, ys, as, pp, &be);
         });
       });
+      if (pp != nullptr) *moments = merge_moments(part, E, be);
     }
     cur = out;
   }

@@ -62,8 +62,10 @@ std::vector<TrunkLayer> prepare_trunk(at::TensorList weights, at::TensorList bia
 // The last layer's output h (E, H_L), after its affine map, of the trunk on inp (E, p0) mapped by in_map first (inp
 // itself, contiguous, without layers). With saves, ys[k] / as[k] receive every layer's pre-activation y_k (E, L_k)
 // and activation a_k (E, H_k) before its affine map (as.back() is h when the last layer has none).
+// With moments, also the column mean and sum of squared deviations of h (2, H_L), from the kernel's per-tile partials
+// (no pass over h; left undefined without layers or edges).
 at::Tensor trunk_forward(const at::Tensor& inp, const Affine& in_map, const std::vector<TrunkLayer>& layers,
-                         std::vector<at::Tensor>* ys, std::vector<at::Tensor>* as);
+                         std::vector<at::Tensor>* ys, std::vector<at::Tensor>* as, at::Tensor* moments = nullptr);
 
 // Backward of the trunk (on inp without an input map) given dh (E, H_L), the gradient of the last layer's output
 // after its affine map, and the saved ys (E, L_k) / as (E, H_k): d inp (E, p0), each layer's weight and bias gradient

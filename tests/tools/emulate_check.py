@@ -47,6 +47,35 @@ FORCE_TH = None  # the Z kernel's tile rows when set (main() runs a case with ea
 GRID_CHUNK, MAX_SCRATCH_ROWS = 32, 256
 EDGE_ROWS = 32
 SMEM_LIMIT = 227 * 1024
+ELEM = 8  # bytes per element the host sizes its tiles for (float64 here; --count sizes them as float32 does)
+
+# --count: the multiply-adds the replayed kernels and host GEMMs execute, per stage (COUNT[stage] = [IEEE, TF32]:
+# block_mm's padded micro-tiles / block_mm_tf32's padded 16 x 16 x 8 warp tiles; the Z kernel's 16-edge batches
+# and warps; cuBLAS's GEMMs at their exact shapes). None: not counting.
+COUNT = None
+STAGE = "?"
+
+
+def count(ieee, tf32=None):
+    if COUNT is not None:
+        c = COUNT.setdefault(STAGE, [0, 0])
+        c[0] += int(ieee)
+        c[1] += int(ieee if tf32 is None else tf32)
+
+
+def stage(name):
+    global STAGE
+    STAGE = name
+
+
+def up(n, m):
+    return -(-n // m) * m
+
+
+def gemm(a, b):
+    """A host GEMM (cuBLAS through ATen, or ik_gemm_kernel): a @ b, counted at its shape ((batched) M N K)."""
+    count(np.prod(a.shape[:-1]) * b.shape[-1] * a.shape[-1])
+    return a @ b
 
 
 def odd(n):
@@ -56,8 +85,10 @@ def odd(n):
 TC = False  # emulate the TF32 path's tiling (block_mm_tf32) instead of block_mm's (in exact arithmetic)
 
 
-def block_mm(nb, M, N, K, A, aoff, aks, B, boff, bks, store):
-    """common.cuh's block_mm, vectorised: C[bi, m, n] = sum_k A[aoff(bi, m) + k aks] B[boff(bi, n) + k bks]."""
+def block_mm(nb, M, N, K, A, aoff, aks, B, boff, bks, store, tile=(4, 4)):
+    """common.cuh's block_mm, vectorised: C[bi, m, n] = sum_k A[aoff(bi, m) + k aks] B[boff(bi, n) + k bks]; tile:
+    the call's (TM, TN) micro-tile (what the IEEE path computes, padding included, for --count)."""
+    count(nb * up(M, tile[0]) * up(N, tile[1]) * K, nb * up(M, 16) * up(N, 16) * up(K, 8))
     if TC:
         return block_mm_tf32(nb, M, N, K, A, aoff, aks, B, boff, bks, store)
     k = np.arange(K)
@@ -124,6 +155,25 @@ def elu(u):
 
 def elu_grad(u):
     return np.where(u > 0, 1.0, np.exp(np.minimum(u, 0)))
+
+
+def fast_expm1(u, expf_ulps=None):
+    """common.cuh's fast_expm1_nonpositive (float32's ELU below zero) in float32 arithmetic, u <= 0: the degree-6
+    Taylor polynomial by Horner with fmaf (one rounding per step) above -1/4, else __expf(u) - 1, with __expf modelled
+    as e^u rounded to float32 and then off by ``expf_ulps(u)`` ulps (the CUDA guide's bound for __expf is
+    2 + floor(1.173 |u|) ulps: pass it with a sign to put the error at its worst). (The device's own rounding of the
+    fmaf chain cannot be replayed exactly; float64 fma rounded to float32 per step is the same as fmaf.)"""
+    f32 = np.float32
+    u = np.asarray(u, dtype=f32)
+    p = f32(1.0 / 720.0)
+    for c in (1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0):
+        p = (u.astype(np.float64) * p + f32(c)).astype(f32)  # fmaf(u, p, c)
+    p = (u * p).astype(f32)
+    e = np.exp(u.astype(np.float64)).astype(f32)
+    if expf_ulps is not None:
+        e = (e.astype(np.float64) + expf_ulps(u) * np.spacing(e).astype(np.float64)).astype(f32)
+    e = (e - f32(1)).astype(f32)
+    return np.where(u > f32(-0.25), p, e)
 
 
 def pick_tile(bytes_for):
@@ -326,8 +376,9 @@ def load_rows(S, ld, src, e0, ne, be, width, f=None, s=None, d=1):
     S[e * ld + j] = v
 
 
-def trunk_forward_kernel(inp, in_map, layers, out, saves, be, ld, gc, su):
-    """ik_trunk_forward_kernel, block by block. inp / out / saves: flat global arrays ((E, width) row-major)."""
+def trunk_forward_kernel(inp, in_map, layers, out, saves, be, ld, gc, su, part=None):
+    """ik_trunk_forward_kernel, block by block. inp / out / saves: flat global arrays ((E, width) row-major); part
+    (blocks, 2, width) or None: each tile's column sums and squared deviations about its mean."""
     E, hin0 = inp.shape
     inp, outf = inp.reshape(-1), out.reshape(-1)
     fi, si, di = (in_map["f"], in_map["s"], in_map["d"]) if in_map is not None else (None, None, 1)
@@ -364,28 +415,49 @@ def trunk_forward_kernel(inp, in_map, layers, out, saves, be, ld, gc, su):
         idx = np.arange(ne * width)
         e, j = idx // width, idx % width
         outf[(e0 + e) * width + j] = X[e * ld + j]
+        if part is not None:  # one thread per column j, over the tile's ne rows of X
+            rows = X[(np.arange(ne)[:, None] * ld + np.arange(width)[None, :])]
+            sums = rows.sum(0)
+            part[blk, 0, :width] = sums
+            part[blk, 1, :width] = ((rows - sums / ne) ** 2).sum(0)
 
 
 MAX_LAYERS = 16  # common.cuh's kMaxLayers (main() also runs the chained launches with a smaller value)
 
 
-def launch_trunk_group(cur, in_map, out, layers, k0, k1, saves):
+def launch_trunk_group(cur, in_map, out, layers, k0, k1, saves, moments=None):
     hmax = max([cur.shape[1]] + [max(L["lout"], L["hout"]) for L in layers[k0:k1]])
     rows = max([1] + [L["hout"] // L["fd"] for L in layers[k0:k1] if L["fd"] > 0])
     ld = odd(hmax)
     su_for = lambda be: GRID_CHUNK * min(be * rows, MAX_SCRATCH_ROWS)  # noqa: E731
-    be = pick_tile(lambda be: (2 * be * ld + su_for(be)) * 8)
+    be = pick_tile(lambda be: (2 * be * ld + su_for(be)) * ELEM)
     group = []
     for k in range(k0, k1):
         save_y = saves[0][k] if saves is not None else None
         # (the last layer's activation is the output itself when no affine map follows it)
         keep_a = saves is not None and (k + 1 < len(layers) or layers[k]["bn"] is not None)
         group.append((save_y, saves[1][k] if keep_a else None))
-    trunk_forward_kernel(cur, in_map, layers[k0:k1], out, group, be, ld, GRID_CHUNK, su_for(be))
+    part = None
+    if moments is not None:  # at::empty
+        part = np.full((-(-cur.shape[0] // be), 2, layers[k1 - 1]["hout"]), np.nan)
+    trunk_forward_kernel(cur, in_map, layers[k0:k1], out, group, be, ld, GRID_CHUNK, su_for(be), part)
+    if moments is not None:
+        moments.append(merge_moments(part, cur.shape[0], be))
 
 
-def trunk_forward(inp, in_map, layers, save=False):
-    """trunk_cuda.cu's trunk_forward: (h after the last layer's affine map, (ys, as) or None)."""
+def merge_moments(part, E, be):
+    """trunk_cuda.cu's merge_moments: (2, H) mean and sum of squared deviations from the tiles' partials."""
+    nb = part.shape[0]
+    n = np.full((nb, 1), float(be))
+    n[nb - 1] = E - (nb - 1) * be
+    sums = part[:, 0]
+    mean = sums.sum(0) / E
+    return np.stack([mean, part[:, 1].sum(0) + ((sums / n - mean) ** 2 * n).sum(0)])
+
+
+def trunk_forward(inp, in_map, layers, save=False, moments=None):
+    """trunk_cuda.cu's trunk_forward: (h after the last layer's affine map, (ys, as) or None); moments: a list that
+    receives h's (2, H) moments from the last launch's partials (left empty without layers or edges)."""
     E = inp.shape[0]
     if not layers:
         return inp, None
@@ -395,7 +467,8 @@ def trunk_forward(inp, in_map, layers, save=False):
         k1 = min(len(layers), k0 + MAX_LAYERS)
         into_as = save and k1 == len(layers) and layers[-1]["bn"] is None
         out = saves[1][-1] if into_as else np.zeros((E, layers[k1 - 1]["hout"]))
-        launch_trunk_group(cur, in_map if k0 == 0 else None, out, layers, k0, k1, saves)
+        last = moments if k1 == len(layers) and E > 0 else None
+        launch_trunk_group(cur, in_map if k0 == 0 else None, out, layers, k0, k1, saves, last)
         cur = out
     return cur, saves
 
@@ -406,7 +479,7 @@ def fourier_backward_kernel(y, dh, L):
     ld = odd(H)
     rows = H // fd
     su_for = lambda be: GRID_CHUNK * min(be * rows, MAX_SCRATCH_ROWS)  # noqa: E731
-    be = pick_tile(lambda be: (3 * be * ld + su_for(be)) * 8)
+    be = pick_tile(lambda be: (3 * be * ld + su_for(be)) * ELEM)
     gc, su = GRID_CHUNK, su_for(be)
     at, ainv, A = L["At"], L["Ainv"], L["A"]
     bn = L["bn"]
@@ -529,6 +602,7 @@ def trunk_backward(inp, layers, ys, as_, dh):
         if bn is not None:
             dfs[k] = (dh * torch.from_numpy(as_[k])).sum(0).view(L["hout"] // bn["d"], bn["d"]).sum(1)
             dss[k] = dh.sum(0)
+        stage("activation backward kernels")
         if L["act"] in (GATED, NORM):
             dy, dab = irrep_act_backward_kernel(ys[k], dh.numpy(), L)
             dy = torch.from_numpy(dy)
@@ -539,6 +613,7 @@ def trunk_backward(inp, layers, ys, as_, dh):
         else:
             dy = torch.from_numpy(elu_backward_kernel(ys[k], dh.numpy(), L))
         assert tuple(dy.shape) == (E, L["lout"])
+        stage("trunk Linear gradients (cuBLAS)")
         ain = torch.from_numpy(inp if k == 0 else as_[k - 1])
         pm = layers[k - 1]["bn"] if k > 0 else None
         db = dy.sum(0)
@@ -549,11 +624,11 @@ def trunk_backward(inp, layers, ys, as_, dh):
             fexp = pf.unsqueeze(1).expand(hin // pm["d"], pm["d"]).reshape(hin)
         w = torch.from_numpy(L["w"])
         if L["cw_d"] == 0:
-            dw = dy.t() @ ain
+            dw = gemm(dy.t(), ain)
             if pm is not None:
                 dw = (dw * fexp.unsqueeze(0)).addr(db, ps)
             dws[k] = dw
-            dh = dy @ w
+            dh = gemm(dy, w)
         else:
             D, Din, dm, t0 = L["cw_d"], L["cw_din"], L["cw_dm"], L["cw_t0"]
             cout, cin = L["lout"] // D, hin // Din
@@ -568,12 +643,12 @@ def trunk_backward(inp, layers, ys, as_, dh):
                 return sel(v.view(c, Din).t())
 
             av = sel(ain.view(E, cin, Din).permute(2, 0, 1))
-            dw = torch.bmm(dyv.permute(2, 1, 0), av)
+            dw = gemm(dyv.permute(2, 1, 0), av)
             if pm is not None:
                 outer = db.view(cout, D).t().unsqueeze(2) * by_component(ps, cin).unsqueeze(1)
                 dw = dw * by_component(fexp, cin).unsqueeze(1) + outer
             dws[k] = dw
-            dsel = torch.bmm(dyv.permute(2, 0, 1), w)  # (D, E, cin)
+            dsel = gemm(dyv.permute(2, 0, 1), w)  # (D, E, cin)
             if dm == D:
                 dh = dsel.permute(1, 2, 0).reshape(E, hin)
             else:
@@ -595,9 +670,13 @@ def trunk_moments(inp, weights, biases, fourier, fourier_inv, act_bias, in_facto
             in_map = m
         else:
             layers[k - 1]["bn"] = m
-    h, _ = trunk_forward(inp.detach().numpy(), in_map, layers)
-    mean = h.mean(0)
-    return np.stack([mean, ((h - mean) ** 2).sum(0)]), h
+    stage("trunk forward (statistics passes)")
+    mom = []
+    h, _ = trunk_forward(inp.detach().numpy(), in_map, layers, moments=mom)
+    if not mom:  # no layers (or no edges): ATen on h
+        mean = h.mean(0)
+        mom = [np.stack([mean, ((h - mean) ** 2).sum(0)])]
+    return mom[0], h
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -708,6 +787,7 @@ def z_kernel(h, h_map, s, x, src, rowptr, Z, r0, nr, H, C, dp):
             acc = np.zeros((TH, TC))
             for eb in range(rowptr[i], rowptr[i + 1], Z_EDGES):
                 nk = min(Z_EDGES, rowptr[i + 1] - eb)
+                count(nk * TH * up(nc, 512 // TH))  # every warp with a live column, over the staged edges
                 hs = np.zeros((Z_EDGES, TH))
                 xs = np.zeros((Z_EDGES, TC))
                 j, c = np.arange(nh), np.arange(nc)
@@ -724,7 +804,7 @@ def z_kernel(h, h_map, s, x, src, rowptr, Z, r0, nr, H, C, dp):
                     xs[k, c] = x[src[e] * C + perm[pcol + c]]
                 # thread (th, tc) accumulates rows th * 4 + a and columns tc * 4 + b when live (tc * 4 < nc)
                 live_c = (np.arange(TC) // 4) * 4 < nc
-                acc[:, live_c] += hs.T @ xs[:, live_c]
+                acc[:, live_c] += hs[:nk].T @ xs[:nk, live_c]  # the products of the staged edges (k < nk)
             # and stores its micro-tile's rows < nh, columns < nc
             jj, cc = np.meshgrid(np.arange(TH), np.arange(TC), indexing="ij")
             live = (jj < nh) & (cc < nc)
@@ -736,7 +816,7 @@ def z_kernel(h, h_map, s, x, src, rowptr, Z, r0, nr, H, C, dp):
 
 def edge_smem(te, C):
     ldc, ldh = odd(C), odd(EDGE_ROWS)
-    return (3 * te * ldc + EDGE_ROWS * ldc + te * ldh) * 8
+    return (3 * te * ldc + EDGE_ROWS * ldc + te * ldh) * ELEM
 
 
 def edge_tile(C):
@@ -789,12 +869,12 @@ def edge_kernel(dZ, h, s, x, src, rowptr, tile_ptr, dG, gz, dxe, r0, r1, H, C, t
                     else:
                         gz[gzt + m] = v
 
-                block_mm(1, ne, hc, lq, xg, lambda bi, m: m * ldc, 1, dz, lambda bi, n: n * ldc, 1, st1)
+                block_mm(1, ne, hc, lq, xg, lambda bi, m: m * ldc, 1, dz, lambda bi, n: n * ldc, 1, st1, tile=(2, 2))
 
                 def st2(bi, m, n, v, poff=poff):
                     dxa[m * ldc + perm[poff + n]] += v  # (distinct (m, n), distinct columns: no repeated index)
 
-                block_mm(1, ne, lq, hc, hr, lambda bi, m: m * ldh, 1, dz, lambda bi, n: n, ldc, st2)
+                block_mm(1, ne, lq, hc, hr, lambda bi, m: m * ldh, 1, dz, lambda bi, n: n, ldc, st2, tile=(2, 2))
         for k in range(ne):
             for c in range(C):
                 dxef[(eb + k) * C + c] = s[eb + k] * dxa[k * ldc + c]
@@ -835,19 +915,22 @@ def conv(x, inp, src, rowptr, *program, nr, hidden=None):
     if hidden is not None:
         h, h_map = hidden, (layers[-1]["bn"] if layers else None)
     else:
+        stage("trunk forward (conv)")
         h, h_map = trunk_forward(inpn, None, layers)[0], None
     out = np.zeros((n_dst, R))
     zsize, rows = dp["zsize"], dp["rows"]
     for r0 in range(0, n_dst, nr):
         n = min(nr, n_dst - r0)
         Z = np.full((n, dp["zs"]), np.nan)  # at::empty: a slot no tile writes poisons the result
+        stage("Z kernel")
         z_kernel(h, h_map, s, x.detach().numpy(), src.numpy(), rowptr.numpy(), Z, r0, n, H, C, dp)
-        o = Z[:, zsize : zsize + C] @ fb.T  # the bias row
+        stage("W' pair GEMMs + bias row")
+        o = gemm(Z[:, zsize : zsize + C], fb.T)  # the bias row
         if dp["S"] > 0:
             T = np.full((n, dp["S"]), np.nan)
             for p in dp["plan"]["pairs"]:  # pairs_forward
                 Bp, K = pair_block(B, p)
-                T[:, p["roff"] : p["roff"] + p["nr"]] = Z[:, p["zoff"] : p["zoff"] + K] @ Bp.T
+                T[:, p["roff"] : p["roff"] + p["nr"]] = gemm(Z[:, p["zoff"] : p["zoff"] + K], Bp.T)
             for slot, r in enumerate(rows):  # index_add_(1, rows, T)
                 o[:, r] += T[:, slot]
         out[r0 : r0 + n] = o
@@ -864,6 +947,7 @@ def conv_backward(grad, x, inp, src, rowptr, *program, nr):
     ndim = program[11]
     E, n_dst = inp.shape[0], rowptr.shape[0] - 1
     xn, srcn, rp = x.detach().numpy(), src.numpy(), rowptr.numpy()
+    stage("trunk forward (backward's recompute)")
     h, saves = trunk_forward(inpn, None, layers, save=True)
     if saves is not None and layers[-1]["bn"] is None:
         assert h is saves[1][-1]  # the output went straight into as.back()
@@ -878,18 +962,21 @@ def conv_backward(grad, x, inp, src, rowptr, *program, nr):
     for r0 in range(0, n_dst, nr):
         n = min(nr, n_dst - r0)
         Z = np.full((n, dp["zs"]), np.nan)
+        stage("Z kernel")
         z_kernel(h, None, s, xn, srcn, rp, Z, r0, n, H, C, dp)
         gc = g[r0 : r0 + n]
-        dfb += gc.T @ Z[:, zsize:]  # dB_F += grad_c^T Z_c[bias]
+        stage("W' pair GEMMs + bias row")
+        dfb += gemm(gc.T, Z[:, zsize:])  # dB_F += grad_c^T Z_c[bias]
         if dp["S"] > 0:  # pairs_backward
             Gp = gc[:, dp["rows"]]
             for p in dp["plan"]["pairs"]:
                 Bp, K = pair_block(B, p)
                 gp = Gp[:, p["roff"] : p["roff"] + p["nr"]]
                 z = Z[:, p["zoff"] : p["zoff"] + K]
-                dB[p["boff"] : p["boff"] + p["nr"] * K] += (gp.T @ z).reshape(-1)
-                Z[:, p["zoff"] : p["zoff"] + K] = gp @ Bp  # dZ over the pair's own block
-        Z[:, zsize:] = gc @ fb  # dZ_c[bias]
+                dB[p["boff"] : p["boff"] + p["nr"] * K] += gemm(gp.T, z).reshape(-1)
+                Z[:, p["zoff"] : p["zoff"] + K] = gemm(gp, Bp)  # dZ over the pair's own block
+        Z[:, zsize:] = gemm(gc, fb)  # dZ_c[bias]
+        stage("edge backward")
         tiles += edge_kernel(
             Z, h, s, xn, srcn, rp, tile_ptr, dh, ds, dxe, r0, r0 + n, H, C, te, EDGE_ROWS, -(-E // te) + n, dp
         )
@@ -899,6 +986,7 @@ def conv_backward(grad, x, inp, src, rowptr, *program, nr):
     dx = np.zeros_like(xn)
     np.add.at(dx, srcn, dxe)
     if layers:
+        stage("trunk backward")
         dinp, dws, dbs, das, dfs, dss = trunk_backward(inpn, layers, saves[0], saves[1], dh)
     else:
         dinp, dws, dbs, das, dfs, dss = dh, [], [], [], [], []
@@ -1118,7 +1206,17 @@ def main(argv=None):
         choices=("irreps",),
         help="irreps: only the gated and norm cases (random fields through both GEMM tilings, ik_fast's layers)",
     )
+    parser.add_argument(
+        "--count",
+        metavar="PROBLEMS",
+        help="instead of the checks: the multiply-adds per edge of a training step on these problems (e.g. M,H), "
+        "stage by stage, counted from the replay",
+    )
+    parser.add_argument("--json", help="with --count: write the counts as work records (ik_fast.records) there")
     args = parser.parse_args(argv)
+    if args.count:
+        count_main(args.count.split(","), args.json)
+        return 0
     ok = True
     if args.only == "irreps":
         for tc in (False, True):
@@ -1311,6 +1409,130 @@ def chained_cases():
         spec = [("dense", 2, (k, IRR_B), 2), ("cw", 2, (k, IRR_B), 0), ("cw", 3, (k, IRR_B)), ("dense", 2, (k, IRR_A))]
         ok &= check(f"{k}: 4 layers in launches of 2", random_case(26, spec, zero=[(0, 0, 1)]), nr=4)
     return ok
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# --count: the multiply-adds of a training step per edge, from the replay
+# ------------------------------------------------------------------------------------------------------------------
+def step_args(problem, seed=0):
+    """(lowered program, op arguments) of a problem's layer (ik_fast.tools.problems: field types, MLP, graph;
+    ``H@32`` names its graph's nodes), float64; the batch norms' maps from the running statistics (only the sizes
+    matter to a count)."""
+    from ik_fast.graph import prepare_graph
+    from ik_fast.tools.problems import build_inputs, build_layer, get_problem
+
+    p = get_problem(problem)
+    layer = build_layer(p, backend="torch", seed=seed).double().eval()
+    x, pos, ei, attr = build_inputs(p, seed=seed, dtype=torch.float64)
+    prog = layer.kernel.program()
+    n = x.shape[0]
+    gr = prepare_graph(ei, n, n)
+    inp = prog.mlp_input(pos[ei[0]] - pos[ei[1]], attr)[gr.perm].contiguous()
+    op = prog.op_program([], torch.float64)
+    return prog, [
+        x, inp, gr.src[gr.perm].contiguous(), gr.rowptr, list(op.weights), list(op.biases), list(op.fourier),
+        list(op.fourier_inv), list(op.act_bias), list(op.bn_factor), list(op.bn_shift), op.final_weight,
+        op.final_bias, op.coef, op.norm, op.ndim, op.structure,
+    ]  # fmt: skip
+
+
+def count_step(args):
+    """The multiply-adds per stage ({stage: [IEEE, TF32]}) of one training step on the CUDA device as the native
+    backend runs it (ik_fast.backends.fused: chained statistics passes, one per layer with a batch norm, no tape on
+    CUDA; conv with the last pass's activation; conv_backward), replayed here with float32's tile sizes."""
+    global COUNT, ELEM
+    x, inp, src, rowptr, weights, biases, fourier, fourier_inv, act_bias, bn_factor, bn_shift = args[:11]
+    structure = args[16]
+    assert all(f.numel() > 0 for f in bn_factor), "a batch norm after every hidden layer (as in ik_fast's layers)"
+    empty = torch.zeros(0, dtype=torch.float64)
+    COUNT, ELEM = {}, 4
+    try:
+        cur = inp.detach()
+        for k in range(len(weights)):  # the statistics passes, chained
+            lists = [t[k : k + 1] for t in (weights, biases, fourier, fourier_inv, act_bias)]
+            in_f = [empty] if k == 0 else [bn_factor[k - 1]]
+            in_s = [empty] if k == 0 else [bn_shift[k - 1]]
+            cur = torch.from_numpy(trunk_moments(cur, *lists, in_f, in_s, structure, k)[1])
+        n_dst = rowptr.shape[0] - 1
+        out = conv(*args, nr=n_dst, hidden=cur.numpy() if len(weights) else None)
+        conv_backward(torch.ones(out.shape, dtype=torch.float64), *args, nr=n_dst)
+        return COUNT
+    finally:
+        COUNT, ELEM = None, 8
+
+
+def count_problem(problem):
+    """The slope per edge of count_step between the two graphs ik_fast.tools.workcount.graph_sizes names for
+    ``problem`` (the same degree: per-receiver work scales with the edges too), per stage, with the floor."""
+    from ik_fast.tools.cases import floor_per_edge
+    from ik_fast.tools.workcount import graph_sizes
+
+    steps = []
+    for name in graph_sizes(problem):
+        prog, args = step_args(name)
+        steps.append((int(args[1].shape[0]), count_step(args)))
+    (e0, c0), (e1, c1) = steps
+    per = {k: [(c1[k][i] - c0.get(k, [0, 0])[i]) / (e1 - e0) for i in (0, 1)] for k in c1}
+    floor = floor_per_edge(prog)
+    total = [sum(v[i] for v in per.values()) for i in (0, 1)]
+    return dict(
+        problem=problem, graphs=graph_sizes(problem), edges=[e0, e1], stages=per, ieee=total[0], tf32=total[1],
+        floor=floor["floor"], counts=[c0, c1],
+    )  # fmt: skip
+
+
+def count_main(problems, json_out=None):
+    rows = []
+    for problem in problems:
+        r = count_problem(problem)
+        rows.append(r)
+        print(f"{problem}: graphs {r['graphs']} ({r['edges'][0]:,} -> {r['edges'][1]:,} edges), multiply-adds per edge")
+        for k, (a, b) in sorted(r["stages"].items(), key=lambda kv: -kv[1][0]):
+            print(f"  {k:42s} {a:>12,.0f}  (TF32 tiles {b:,.0f})")
+        print(
+            f"  {'total':42s} {r['ieee']:>12,.0f}  (TF32 tiles {r['tf32']:,.0f});  floor {r['floor']:,}: "
+            f"{r['ieee'] / r['floor']:.2f}x (TF32 {r['tf32'] / r['floor']:.2f}x)"
+        )
+    if json_out:
+        from ik_fast import records
+
+        prov = records.provenance("cpu")
+        prov["device"] = {"type": "cpu", "name": "native CUDA kernels replayed in NumPy"}
+        out = []
+        for r in rows:
+            extra = {
+                "edges": r["edges"],
+                "graphs": r["graphs"],
+                "floor_per_edge": r["floor"],
+                "ratio_to_floor": r["ieee"] / r["floor"],
+                "tf32_macs_per_edge": r["tf32"],
+                "stages_per_edge": {k: {"ieee": v[0], "tf32": v[1]} for k, v in r["stages"].items()},
+                "counts": r["counts"],
+                "what": "multiply-adds of a training step (chained statistics passes, conv, conv_backward) that the "
+                "native CUDA kernels and their host GEMMs execute, counted while tests/tools/emulate_check.py replays "
+                "every launch with the host's float32 tile choices: block_mm at its micro-tiles' padded shape (TF32: "
+                "16 x 16 x 8 warp tiles), the Z kernel per warp and 16-edge batch, cuBLAS GEMMs at their shapes; the "
+                "slope per edge between the two graphs",
+                "command": "PYTHONPATH=. python tests/tools/emulate_check.py --count "
+                + ",".join(x["problem"] for x in rows),
+            }
+            out.append(
+                records.record(
+                    "work",
+                    r["problem"],
+                    "native-cuda",
+                    "macs_per_edge",
+                    r["ieee"],
+                    "MAC",
+                    mode="train",
+                    precision="ieee",
+                    extra=extra,
+                    prov=prov,
+                )  # fmt: skip
+            )
+        records.write(json_out, out)
+        print("wrote", json_out)
+    return rows
 
 
 if __name__ == "__main__":
