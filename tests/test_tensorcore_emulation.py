@@ -41,17 +41,23 @@ def test_emulated_triton_dot_3xtf32_within_bound_tf32_not(k):
     assert e["tf32"] > 100 * e["ieee"], e
 
 
-def test_precision_mapping_highest_is_3xtf32_on_cuda_only(monkeypatch):
+@pytest.mark.parametrize("default", ["tf32x3", "ieee"])
+def test_precision_mapping_highest_is_3xtf32_on_cuda_only(monkeypatch, default):
+    """ "highest" on CUDA: launch.HIGHEST_ON_CUDA (the policy; both values tested) unless IK_FAST_HIGHEST says; on
+    CPU and for float64 always IEEE; "high" TF32."""
     pytest.importorskip("triton")
     from ik_fast.kernels_triton import launch
 
     name = lambda dtype, dev: launch.PREC_NAMES[launch.precision(dtype, dev)]  # noqa: E731
     monkeypatch.delenv("IK_FAST_HIGHEST", raising=False)
+    monkeypatch.setattr(launch, "HIGHEST_ON_CUDA", default)
     old = torch.get_float32_matmul_precision()
     try:
         torch.set_float32_matmul_precision("highest")
-        assert name(torch.float32, "cuda") == "tf32x3"
+        assert name(torch.float32, "cuda") == default
         assert name(torch.float32, "cpu") == "ieee" and name(torch.float64, "cuda") == "ieee"
+        monkeypatch.setenv("IK_FAST_HIGHEST", "tf32x3")
+        assert name(torch.float32, "cuda") == "tf32x3" and name(torch.float32, "cpu") == "ieee"
         monkeypatch.setenv("IK_FAST_HIGHEST", "ieee")
         assert name(torch.float32, "cuda") == "ieee"
         monkeypatch.setenv("IK_FAST_HIGHEST", "fp16")
@@ -85,7 +91,8 @@ else:
 
 
 @pytest.mark.skipif(_mm32 is None, reason="needs triton and TRITON_INTERPRET=1 (conftest sets it without a GPU)")
-def test_emulation_rounds_interpreter_dots_and_restores():
+def test_emulation_rounds_interpreter_dots_and_restores(monkeypatch):
+    monkeypatch.setenv("IK_FAST_HIGHEST", "tf32x3")
     from ik_fast.kernels_triton import launch
     from ik_fast.tools.tensorcore_emulation import TensorCoreEmulation
 

@@ -171,52 +171,57 @@ __device__ __forceinline__ void block_mm_tf32(int nb, int M, int N, int K, const
     const int r1 = r0 + 8;
     const int ao0 = aoff(bi, r0 < M ? r0 : 0);
     const int ao1 = aoff(bi, r1 < M ? r1 : 0);
-    int bo[2];
+    // n8 halves of the tile per pass over K: both (sharing the A fragment) for TF32; one at a time for 3xTF32, whose
+    // second accumulator and low halves would otherwise spill (the A fragment is then loaded once per half)
+    constexpr int JN = Split ? 1 : 2;
+    for (int j0 = 0; j0 < 2; j0 += JN) {
+      int bo[JN];
 #pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      const int n = ni * 16 + 8 * j + g;
-      bo[j] = boff(bi, n < N ? n : 0);
-    }
-    float acc[2][4];
-    float accs[2][4];  // (Split) the small products
-#pragma unroll
-    for (int j = 0; j < 2; ++j)
-#pragma unroll
-      for (int q = 0; q < 4; ++q) acc[j][q] = accs[j][q] = 0.f;
-    for (int k0 = 0; k0 < K; k0 += 8) {
-      const int ka = k0 + t;
-      const int kb = ka + 4;
-      const bool va = ka < K;
-      const bool vb = kb < K;
-      const float fa0 = va ? A[ao0 + ka * aks] : 0.f;
-      const float fa1 = va ? A[ao1 + ka * aks] : 0.f;
-      const float fa2 = vb ? A[ao0 + kb * aks] : 0.f;
-      const float fa3 = vb ? A[ao1 + kb * aks] : 0.f;
-      const uint32_t a0 = to_tf32(fa0);
-      const uint32_t a1 = to_tf32(fa1);
-      const uint32_t a2 = to_tf32(fa2);
-      const uint32_t a3 = to_tf32(fa3);
-#pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        const float fb0 = va ? B[bo[j] + ka * bks] : 0.f;
-        const float fb1 = vb ? B[bo[j] + kb * bks] : 0.f;
-        const uint32_t b0 = to_tf32(fb0);
-        const uint32_t b1 = to_tf32(fb1);
-        if constexpr (Split) {
-          mma_tf32(accs[j], tf32_lo(fa0, a0), tf32_lo(fa1, a1), tf32_lo(fa2, a2), tf32_lo(fa3, a3), b0, b1);
-          mma_tf32(accs[j], a0, a1, a2, a3, tf32_lo(fb0, b0), tf32_lo(fb1, b1));
-        }
-        mma_tf32(acc[j], a0, a1, a2, a3, b0, b1);
+      for (int j = 0; j < JN; ++j) {
+        const int n = ni * 16 + 8 * (j0 + j) + g;
+        bo[j] = boff(bi, n < N ? n : 0);
       }
-    }
+      float acc[JN][4];
+      float accs[JN][4];  // (Split) the small products
 #pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      const int c0 = ni * 16 + 8 * j + 2 * t;
+      for (int j = 0; j < JN; ++j)
 #pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        const int m = q < 2 ? r0 : r1;
-        const int n = c0 + (q & 1);
-        if (m < M && n < N) store(bi, m, n, Split ? acc[j][q] + accs[j][q] : acc[j][q]);
+        for (int q = 0; q < 4; ++q) acc[j][q] = accs[j][q] = 0.f;
+      for (int k0 = 0; k0 < K; k0 += 8) {
+        const int ka = k0 + t;
+        const int kb = ka + 4;
+        const bool va = ka < K;
+        const bool vb = kb < K;
+        const float fa0 = va ? A[ao0 + ka * aks] : 0.f;
+        const float fa1 = va ? A[ao1 + ka * aks] : 0.f;
+        const float fa2 = vb ? A[ao0 + kb * aks] : 0.f;
+        const float fa3 = vb ? A[ao1 + kb * aks] : 0.f;
+        const uint32_t a0 = to_tf32(fa0);
+        const uint32_t a1 = to_tf32(fa1);
+        const uint32_t a2 = to_tf32(fa2);
+        const uint32_t a3 = to_tf32(fa3);
+#pragma unroll
+        for (int j = 0; j < JN; ++j) {
+          const float fb0 = va ? B[bo[j] + ka * bks] : 0.f;
+          const float fb1 = vb ? B[bo[j] + kb * bks] : 0.f;
+          const uint32_t b0 = to_tf32(fb0);
+          const uint32_t b1 = to_tf32(fb1);
+          if constexpr (Split) {
+            mma_tf32(accs[j], tf32_lo(fa0, a0), tf32_lo(fa1, a1), tf32_lo(fa2, a2), tf32_lo(fa3, a3), b0, b1);
+            mma_tf32(accs[j], a0, a1, a2, a3, tf32_lo(fb0, b0), tf32_lo(fb1, b1));
+          }
+          mma_tf32(acc[j], a0, a1, a2, a3, b0, b1);
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < JN; ++j) {
+        const int c0 = ni * 16 + 8 * (j0 + j) + 2 * t;
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          const int m = q < 2 ? r0 : r1;
+          const int n = c0 + (q & 1);
+          if (m < M && n < N) store(bi, m, n, Split ? acc[j][q] + accs[j][q] : acc[j][q]);
+        }
       }
     }
   }
@@ -230,9 +235,17 @@ enum GemmMode : int { kGemmFfma = 0, kGemmTf32 = 1, kGemm3xTf32 = 2 };
 template <int TC, int TM, int TN, typename T, typename AOff, typename BOff, typename Store>
 __device__ __forceinline__ void mm(int nb, int M, int N, int K, const T* A, AOff aoff, int aks, const T* __restrict__ B,
                                    BOff boff, int bks, Store store) {
-  if constexpr (TC != kGemmFfma) {
+  if constexpr (TC == kGemm3xTf32) {
     static_assert(std::is_same<T, float>::value, "the TF32 paths are for float32 operands");
-    block_mm_tf32<TC == kGemm3xTf32>(nb, M, N, K, A, aoff, aks, B, boff, bks, store);
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+    // sm_8x: gemm_mode never picks 3xTF32 there (it spills in the trunk's forward kernel on sm_80): FFMA
+    block_mm<TM, TN>(nb, M, N, K, A, aoff, aks, B, boff, bks, store);
+#else
+    block_mm_tf32<true>(nb, M, N, K, A, aoff, aks, B, boff, bks, store);
+#endif
+  } else if constexpr (TC == kGemmTf32) {
+    static_assert(std::is_same<T, float>::value, "the TF32 paths are for float32 operands");
+    block_mm_tf32<false>(nb, M, N, K, A, aoff, aks, B, boff, bks, store);
   } else {
     block_mm<TM, TN>(nb, M, N, K, A, aoff, aks, B, boff, bks, store);
   }
@@ -354,6 +367,19 @@ inline at::ScalarType compute_dtype(const at::Tensor& t) {
   return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// The current device's compute capability major, cached per device.
+inline int compute_major() {
+  static int cached[64] = {0};
+  const int dev = c10::cuda::current_device();
+  if (dev < 0 || dev >= 64) return 0;
+  if (cached[dev] == 0) {
+    int v = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrComputeCapabilityMajor, dev));
+    cached[dev] = v;
+  }
+  return cached[dev];
+}
+
 // Whether float32 GEMMs of the custom kernels may use TF32 tensor cores: the switch ATen's own cuBLAS matmuls read,
 // allowTF32CuBLAS() (torch.set_float32_matmul_precision "highest" -> IEEE FFMA; "high" / "medium" -> TF32; the newer
 // torch.backends.cuda.matmul.fp32_precision likewise), so the custom kernels and the cuBLAS GEMMs of one call agree.
@@ -362,12 +388,13 @@ inline bool use_tf32(at::ScalarType st) {
 }
 
 // The block GEMMs' GemmMode for the compute dtype st: float64 in FFMA; float32 under TF32 (use_tf32) on TF32 tensor
-// cores; float32 under "highest" as 3xTF32 (its error against float64 measured within 2x of IEEE float32's, emulated
-// on CPU: the docs' precision table), or IEEE FFMA when the environment variable IK_FAST_HIGHEST is "ieee" (read per
-// call, as the Triton backend reads it).
+// cores; float32 under "highest" on sm_90 and newer as 3xTF32 (its error against float64 measured within 2x of IEEE
+// float32's, emulated on CPU: the docs' precision table), or IEEE FFMA when the environment variable IK_FAST_HIGHEST is
+// "ieee" (read per call, as the Triton backend reads it).
 inline int gemm_mode(at::ScalarType st) {
   if (st != at::kFloat) return kGemmFfma;
   if (use_tf32(st)) return kGemmTf32;
+  if (compute_major() < 9) return kGemmFfma;  // (3xTF32 is compiled for sm_90 and newer only)
   const char* env = std::getenv("IK_FAST_HIGHEST");
   if (env != nullptr && *env != '\0') {
     const std::string v(env);

@@ -94,7 +94,8 @@
 //
 // PRECISION: float64 inputs compute in float64 (IEEE FFMA throughout). float32 inputs follow PyTorch's matmul switch
 // as ATen's cuBLAS matmuls read it, at::globalContext().allowTF32CuBLAS() (torch.set_float32_matmul_precision):
-//   "highest" (the default): the block GEMMs below as 3xTF32 (block_mm_tf32<true>: each operand split into two
+//   "highest" (the default): on sm_90 and newer the block GEMMs below as 3xTF32 (block_mm_tf32<true>: each operand
+//   split into two
 //     TF32 halves, three mma.sync per fragment; its error against float64 measured within 2x of IEEE float32's,
 //     emulated on CPU), or, with the environment variable IK_FAST_HIGHEST=ieee, in IEEE float32 FFMA (block_mm,
 //     4 x 4 / 2 x 2 register tiles); gemm_mode in common.cuh;
