@@ -350,10 +350,12 @@ inline void dispatch_tc(int mode, F&& f) {
       f(std::integral_constant<int, kGemmTf32>{});
       return;
     }
+#ifdef IK_FAST_3XTF32
     if (mode == kGemm3xTf32) {
       f(std::integral_constant<int, kGemm3xTf32>{});
       return;
     }
+#endif
   }
   f(std::integral_constant<int, kGemmFfma>{});
 }
@@ -388,20 +390,24 @@ inline bool use_tf32(at::ScalarType st) {
 }
 
 // The block GEMMs' GemmMode for the compute dtype st: float64 in FFMA; float32 under TF32 (use_tf32) on TF32 tensor
-// cores; float32 under "highest" on sm_90 and newer as 3xTF32 (its error against float64 measured within 2x of IEEE
-// float32's, emulated on CPU: the docs' precision table), or IEEE FFMA when the environment variable IK_FAST_HIGHEST is
-// "ieee" (read per call, as the Triton backend reads it).
+// cores; float32 under "highest" in IEEE FFMA, or, in a build with -DIK_FAST_3XTF32 (today its split spills 12-32 B
+// in one kernel per architecture: off by default), on sm_90 and newer as 3xTF32 (its error against float64 measured
+// within 2x of IEEE float32's, emulated on CPU: the docs' precision table), or IEEE FFMA when the environment variable
+// IK_FAST_HIGHEST is "ieee" (read per call, as the Triton backend reads it).
 inline int gemm_mode(at::ScalarType st) {
   if (st != at::kFloat) return kGemmFfma;
   if (use_tf32(st)) return kGemmTf32;
-  if (compute_major() < 9) return kGemmFfma;  // (3xTF32 is compiled for sm_90 and newer only)
   const char* env = std::getenv("IK_FAST_HIGHEST");
-  if (env != nullptr && *env != '\0') {
-    const std::string v(env);
-    TORCH_CHECK(v == "ieee" || v == "tf32x3", "IK_FAST_HIGHEST must be 'ieee' or 'tf32x3', got '", v, "'");
-    return v == "ieee" ? kGemmFfma : kGemm3xTf32;
-  }
-  return kGemm3xTf32;
+  const std::string v(env != nullptr ? env : "");
+  TORCH_CHECK(v.empty() || v == "ieee" || v == "tf32x3", "IK_FAST_HIGHEST must be 'ieee' or 'tf32x3', got '", v, "'");
+#ifdef IK_FAST_3XTF32
+  if (compute_major() < 9) return kGemmFfma;  // (3xTF32 is compiled for sm_90 and newer only)
+  return v == "ieee" ? kGemmFfma : kGemm3xTf32;
+#else
+  TORCH_CHECK(v != "tf32x3", "IK_FAST_HIGHEST=tf32x3: this build of the native CUDA kernels has no 3xTF32 path ",
+              "(build with -DIK_FAST_3XTF32)");
+  return kGemmFfma;
+#endif
 }
 
 // t in dtype st, contiguous, on t's device (no copy when it already is).

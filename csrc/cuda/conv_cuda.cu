@@ -94,11 +94,10 @@
 //
 // PRECISION: float64 inputs compute in float64 (IEEE FFMA throughout). float32 inputs follow PyTorch's matmul switch
 // as ATen's cuBLAS matmuls read it, at::globalContext().allowTF32CuBLAS() (torch.set_float32_matmul_precision):
-//   "highest" (the default): on sm_90 and newer the block GEMMs below as 3xTF32 (block_mm_tf32<true>: each operand
-//   split into two
-//     TF32 halves, three mma.sync per fragment; its error against float64 measured within 2x of IEEE float32's,
-//     emulated on CPU), or, with the environment variable IK_FAST_HIGHEST=ieee, in IEEE float32 FFMA (block_mm,
-//     4 x 4 / 2 x 2 register tiles); gemm_mode in common.cuh;
+//   "highest" (the default): the block GEMMs below in IEEE float32 FFMA (block_mm, 4 x 4 / 2 x 2 register tiles),
+//     or, in a build with -DIK_FAST_3XTF32, on sm_90 and newer, as 3xTF32 (block_mm_tf32<true>: each operand split
+//     into two TF32 halves, three mma.sync per fragment; its error against float64 measured within 2x of IEEE
+//     float32's, emulated on CPU; IK_FAST_HIGHEST=ieee keeps FFMA); gemm_mode in common.cuh;
 //   "high" / "medium": the trunk's GEMMs (Linears, both Fourier GEMMs forward and backward) and the per-edge
 //     backward's two GEMMs on TF32 tensor cores (mma.sync.m16n8k8, operands rounded with cvt.rna, float32
 //     accumulation; block_mm_tf32 in common.cuh). The ELU, the Z kernel (a rank-1 update per edge) and every
