@@ -14,7 +14,8 @@ with the compile time, its spills from ptxas's own report, and its tensor-core i
 ``--max-stack N`` makes the exit status non-zero when a kernel's stack exceeds N bytes per thread, its shared memory
 exceeds the H100/H200 limit (227 KB = 232448 B), or a compile fails.
 
-Precisions are set as a user would: ``ieee`` float32 under ``torch.set_float32_matmul_precision("highest")``, ``tf32``
+Precisions are set as a user would: ``ieee`` float32 under ``torch.set_float32_matmul_precision("highest")`` with
+``IK_FAST_HIGHEST=ieee``, ``tf32x3`` under ``"highest"`` (3xTF32, what "highest" runs as on CUDA), ``tf32``
 under ``"high"``, ``bf16`` under ``torch.autocast(dtype=torch.bfloat16)``. The capture runs on CPU tensors, so the
 launch parameters are those the host picks for the interpreter; the child sets ``IK_FAST_TARGET_DEVICE=cuda`` for a
 backend that can pick its GPU choices while interpreting, and ``--set NAME=V1,V2`` replaces (and multiplies) captured
@@ -73,7 +74,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 SHARED_LIMIT = 232448  # bytes of shared memory per block on sm_90 (227 KB)
-PRECISIONS = ("ieee", "tf32", "bf16")
+PRECISIONS = ("ieee", "tf32", "tf32x3", "bf16")
 _DTYPES = {
     "torch.float32": "fp32",
     "torch.float64": "fp64",
@@ -125,6 +126,8 @@ def capture(problem: str, precision: str, graphs, execute: bool = False) -> list
     from ik_fast.tools.bench import setup_case
 
     torch.set_float32_matmul_precision("high" if precision == "tf32" else "highest")
+    # "highest" is 3xTF32 on CUDA (IK_FAST_TARGET_DEVICE=cuda: the GPU's choices): ieee asks for IEEE explicitly
+    os.environ["IK_FAST_HIGHEST"] = "tf32x3" if precision == "tf32x3" else "ieee"
     seen = {}
     records = []
     for name in graphs:
@@ -686,7 +689,7 @@ def main(argv=None) -> int:
         help="compute capabilities x 10, comma-separated (90: H100/H200, 80: "
         "A100); default 90, with --cuda the extension's (ik_fast._build.CUDA_ARCHS)",
     )
-    ap.add_argument("--precision", default="ieee", help="comma-separated: ieee, tf32, bf16")
+    ap.add_argument("--precision", default="ieee", help="comma-separated: ieee, tf32, tf32x3, bf16")
     ap.add_argument(
         "--graphs",
         default=None,

@@ -96,7 +96,9 @@ def test_precision_follows_pytorch_switches():
     old = torch.get_float32_matmul_precision()
     try:
         torch.set_float32_matmul_precision("highest")
-        assert launch.precision(torch.float32, "cuda") == 0
+        # "highest" on CUDA: launch.HIGHEST_ON_CUDA (IEEE, or 3xTF32: test_tensorcore_emulation), IEEE on the CPU
+        assert launch.PREC_NAMES[launch.precision(torch.float32, "cuda")] == launch.HIGHEST_ON_CUDA
+        assert launch.precision(torch.float32, "cpu") == 0
         torch.set_float32_matmul_precision("high")
         assert launch.precision(torch.float32, "cuda") == 1
         assert launch.precision(torch.float64, "cuda") == 0

@@ -1,9 +1,9 @@
 // Shared pieces of ik_fast's CUDA kernels (csrc/cuda/*.cu): the block-level small-GEMM helper every stage is written
 // with, the ELU, the layer descriptors of the trunk, and host-side helpers (checks, dtype, shared-memory opt-in).
 //
-// The custom kernels compute in IEEE FFMA in the compute dtype (float32 or float64), or, for float32 under TF32
-// matmul precision, their GEMMs on TF32 tensor cores (block_mm_tf32). See conv_cuda.cu's header for the algorithm and
-// the precision paths.
+// The custom kernels compute in IEEE FFMA in the compute dtype (float32 or float64), or, for float32, their GEMMs on
+// the tensor cores (block_mm_tf32): TF32 under TF32 matmul precision, 3xTF32 (split TF32) under "highest" (gemm_mode).
+// See conv_cuda.cu's header for the algorithm and the precision paths.
 #pragma once
 
 // Only ATen and c10's CUDA headers: ATen/cuda/CUDAContext.h would pull in cuBLAS / cuSPARSE / cuSOLVER headers,
@@ -23,6 +23,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -152,6 +153,11 @@ __device__ __forceinline__ uint32_t to_tf32(float x) {
   return r;
 }
 
+// The low TF32 half of x whose high half is hi = to_tf32(x): cvt.rna of x - hi (exact in float32).
+__device__ __forceinline__ uint32_t tf32_lo(float x, uint32_t hi) {
+  return to_tf32(x - __uint_as_float(hi));
+}
+
 __device__ __forceinline__ void mma_tf32(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
                                          uint32_t b1) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
@@ -165,7 +171,12 @@ __device__ __forceinline__ void mma_tf32(float (&c)[4], uint32_t a0, uint32_t a1
 #endif
 }
 
-template <typename AOff, typename BOff, typename Store>
+// Split (3xTF32, float32 accuracy on the tensor cores): each operand x is split into hi = cvt.rna(x) and lo =
+// cvt.rna(x - hi) (x - hi is exact in float32), and each fragment takes three mma: hi_a hi_b into acc, lo_a hi_b and
+// hi_a lo_b into a second accumulator accs (so the small terms are not absorbed step by step into the large sum);
+// stored is acc + accs. lo_a lo_b (below float32's rounding of the result) is dropped. tests/tools/emulate_check.py
+// (--precision tf32x3) replays this rounding fragment by fragment.
+template <bool Split = false, typename AOff, typename BOff, typename Store>
 __device__ __forceinline__ void block_mm_tf32(int nb, int M, int N, int K, const float* A, AOff aoff, int aks,
                                               const float* __restrict__ B, BOff boff, int bks, Store store) {
   const int lane = threadIdx.x & 31;
@@ -183,53 +194,81 @@ __device__ __forceinline__ void block_mm_tf32(int nb, int M, int N, int K, const
     const int r1 = r0 + 8;
     const int ao0 = aoff(bi, r0 < M ? r0 : 0);
     const int ao1 = aoff(bi, r1 < M ? r1 : 0);
-    int bo[2];
+    // n8 halves of the tile per pass over K: both (sharing the A fragment) for TF32; one at a time for 3xTF32, whose
+    // second accumulator and low halves would otherwise spill (the A fragment is then loaded once per half)
+    constexpr int JN = Split ? 1 : 2;
+    for (int j0 = 0; j0 < 2; j0 += JN) {
+      int bo[JN];
 #pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      const int n = ni * 16 + 8 * j + g;
-      bo[j] = boff(bi, n < N ? n : 0);
-    }
-    float acc[2][4];
-#pragma unroll
-    for (int j = 0; j < 2; ++j)
-#pragma unroll
-      for (int q = 0; q < 4; ++q) acc[j][q] = 0.f;
-    for (int k0 = 0; k0 < K; k0 += 8) {
-      const int ka = k0 + t;
-      const int kb = ka + 4;
-      const bool va = ka < K;
-      const bool vb = kb < K;
-      const uint32_t a0 = to_tf32(va ? A[ao0 + ka * aks] : 0.f);
-      const uint32_t a1 = to_tf32(va ? A[ao1 + ka * aks] : 0.f);
-      const uint32_t a2 = to_tf32(vb ? A[ao0 + kb * aks] : 0.f);
-      const uint32_t a3 = to_tf32(vb ? A[ao1 + kb * aks] : 0.f);
-#pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        const uint32_t b0 = to_tf32(va ? B[bo[j] + ka * bks] : 0.f);
-        const uint32_t b1 = to_tf32(vb ? B[bo[j] + kb * bks] : 0.f);
-        mma_tf32(acc[j], a0, a1, a2, a3, b0, b1);
+      for (int j = 0; j < JN; ++j) {
+        const int n = ni * 16 + 8 * (j0 + j) + g;
+        bo[j] = boff(bi, n < N ? n : 0);
       }
-    }
+      float acc[JN][4];
+      float accs[JN][4];  // (Split) the small products
 #pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      const int c0 = ni * 16 + 8 * j + 2 * t;
+      for (int j = 0; j < JN; ++j)
 #pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        const int m = q < 2 ? r0 : r1;
-        const int n = c0 + (q & 1);
-        if (m < M && n < N) store(bi, m, n, acc[j][q]);
+        for (int q = 0; q < 4; ++q) acc[j][q] = accs[j][q] = 0.f;
+      for (int k0 = 0; k0 < K; k0 += 8) {
+        const int ka = k0 + t;
+        const int kb = ka + 4;
+        const bool va = ka < K;
+        const bool vb = kb < K;
+        const float fa0 = va ? A[ao0 + ka * aks] : 0.f;
+        const float fa1 = va ? A[ao1 + ka * aks] : 0.f;
+        const float fa2 = vb ? A[ao0 + kb * aks] : 0.f;
+        const float fa3 = vb ? A[ao1 + kb * aks] : 0.f;
+        const uint32_t a0 = to_tf32(fa0);
+        const uint32_t a1 = to_tf32(fa1);
+        const uint32_t a2 = to_tf32(fa2);
+        const uint32_t a3 = to_tf32(fa3);
+#pragma unroll
+        for (int j = 0; j < JN; ++j) {
+          const float fb0 = va ? B[bo[j] + ka * bks] : 0.f;
+          const float fb1 = vb ? B[bo[j] + kb * bks] : 0.f;
+          const uint32_t b0 = to_tf32(fb0);
+          const uint32_t b1 = to_tf32(fb1);
+          if constexpr (Split) {
+            mma_tf32(accs[j], tf32_lo(fa0, a0), tf32_lo(fa1, a1), tf32_lo(fa2, a2), tf32_lo(fa3, a3), b0, b1);
+            mma_tf32(accs[j], a0, a1, a2, a3, tf32_lo(fb0, b0), tf32_lo(fb1, b1));
+          }
+          mma_tf32(acc[j], a0, a1, a2, a3, b0, b1);
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < JN; ++j) {
+        const int c0 = ni * 16 + 8 * (j0 + j) + 2 * t;
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          const int m = q < 2 ? r0 : r1;
+          const int n = c0 + (q & 1);
+          if (m < M && n < N) store(bi, m, n, Split ? acc[j][q] + accs[j][q] : acc[j][q]);
+        }
       }
     }
   }
 }
 
-// block_mm in IEEE FFMA (TC = false, any T) or on TF32 tensor cores (TC = true, T = float).
-template <bool TC, int TM, int TN, typename T, typename AOff, typename BOff, typename Store>
+// The block GEMMs' arithmetic, the kernels' TC template argument: IEEE FFMA in T, TF32 tensor cores, or 3xTF32
+// (split TF32: float32 accuracy on the tensor cores).
+enum GemmMode : int { kGemmFfma = 0, kGemmTf32 = 1, kGemm3xTf32 = 2 };
+
+// block_mm in IEEE FFMA (TC = kGemmFfma, any T) or on the tensor cores (kGemmTf32 / kGemm3xTf32, T = float).
+template <int TC, int TM, int TN, typename T, typename AOff, typename BOff, typename Store>
 __device__ __forceinline__ void mm(int nb, int M, int N, int K, const T* A, AOff aoff, int aks, const T* __restrict__ B,
                                    BOff boff, int bks, Store store) {
-  if constexpr (TC) {
-    static_assert(std::is_same<T, float>::value, "the TF32 path is for float32 operands");
-    block_mm_tf32(nb, M, N, K, A, aoff, aks, B, boff, bks, store);
+  if constexpr (TC == kGemm3xTf32) {
+    static_assert(std::is_same<T, float>::value, "the TF32 paths are for float32 operands");
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+    // sm_8x: gemm_mode never picks 3xTF32 there (it spills in the trunk's forward kernel on sm_80): FFMA
+    block_mm<TM, TN>(nb, M, N, K, A, aoff, aks, B, boff, bks, store);
+#else
+    block_mm_tf32<true>(nb, M, N, K, A, aoff, aks, B, boff, bks, store);
+#endif
+  } else if constexpr (TC == kGemmTf32) {
+    static_assert(std::is_same<T, float>::value, "the TF32 paths are for float32 operands");
+    block_mm_tf32<false>(nb, M, N, K, A, aoff, aks, B, boff, bks, store);
   } else {
     block_mm<TM, TN>(nb, M, N, K, A, aoff, aks, B, boff, bks, store);
   }
@@ -327,16 +366,23 @@ struct TrunkArgs {
 // ------------------------------------------------------------------------------------------------------------------
 // host helpers
 // ------------------------------------------------------------------------------------------------------------------
-// f(std::true_type) for float when tc (the TF32 kernels), else f(std::false_type) (IEEE FFMA in T).
+// f(std::integral_constant<int, mode>) for float (mode a GemmMode: the TF32 / 3xTF32 kernels), else
+// f(std::integral_constant<int, kGemmFfma>) (IEEE FFMA in T).
 template <typename T, typename F>
-inline void dispatch_tc(bool tc, F&& f) {
+inline void dispatch_tc(int mode, F&& f) {
   if constexpr (std::is_same<T, float>::value) {
-    if (tc) {
-      f(std::true_type{});
+    if (mode == kGemmTf32) {
+      f(std::integral_constant<int, kGemmTf32>{});
       return;
     }
+#ifdef IK_FAST_3XTF32
+    if (mode == kGemm3xTf32) {
+      f(std::integral_constant<int, kGemm3xTf32>{});
+      return;
+    }
+#endif
   }
-  f(std::false_type{});
+  f(std::integral_constant<int, kGemmFfma>{});
 }
 
 inline int64_t ceil_div(int64_t a, int64_t b) {
@@ -348,11 +394,45 @@ inline at::ScalarType compute_dtype(const at::Tensor& t) {
   return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// The current device's compute capability major, cached per device.
+inline int compute_major() {
+  static int cached[64] = {0};
+  const int dev = c10::cuda::current_device();
+  if (dev < 0 || dev >= 64) return 0;
+  if (cached[dev] == 0) {
+    int v = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrComputeCapabilityMajor, dev));
+    cached[dev] = v;
+  }
+  return cached[dev];
+}
+
 // Whether float32 GEMMs of the custom kernels may use TF32 tensor cores: the switch ATen's own cuBLAS matmuls read,
 // allowTF32CuBLAS() (torch.set_float32_matmul_precision "highest" -> IEEE FFMA; "high" / "medium" -> TF32; the newer
 // torch.backends.cuda.matmul.fp32_precision likewise), so the custom kernels and the cuBLAS GEMMs of one call agree.
 inline bool use_tf32(at::ScalarType st) {
   return st == at::kFloat && at::globalContext().allowTF32CuBLAS();
+}
+
+// The block GEMMs' GemmMode for the compute dtype st: float64 in FFMA; float32 under TF32 (use_tf32) on TF32 tensor
+// cores; float32 under "highest" in IEEE FFMA, or, in a build with -DIK_FAST_3XTF32 (today its split spills 12-32 B
+// in one kernel per architecture: off by default), on sm_90 and newer as 3xTF32 (its error against float64 measured
+// within 2x of IEEE float32's, emulated on CPU: the docs' precision table), or IEEE FFMA when the environment variable
+// IK_FAST_HIGHEST is "ieee" (read per call, as the Triton backend reads it).
+inline int gemm_mode(at::ScalarType st) {
+  if (st != at::kFloat) return kGemmFfma;
+  if (use_tf32(st)) return kGemmTf32;
+  const char* env = std::getenv("IK_FAST_HIGHEST");
+  const std::string v(env != nullptr ? env : "");
+  TORCH_CHECK(v.empty() || v == "ieee" || v == "tf32x3", "IK_FAST_HIGHEST must be 'ieee' or 'tf32x3', got '", v, "'");
+#ifdef IK_FAST_3XTF32
+  if (compute_major() < 9) return kGemmFfma;  // (3xTF32 is compiled for sm_90 and newer only)
+  return v == "ieee" ? kGemmFfma : kGemm3xTf32;
+#else
+  TORCH_CHECK(v != "tf32x3", "IK_FAST_HIGHEST=tf32x3: this build of the native CUDA kernels has no 3xTF32 path ",
+              "(build with -DIK_FAST_3XTF32)");
+  return kGemmFfma;
+#endif
 }
 
 // t in dtype st, contiguous, on t's device (no copy when it already is).

@@ -98,7 +98,10 @@
 //
 // PRECISION: float64 inputs compute in float64 (IEEE FFMA throughout). float32 inputs follow PyTorch's matmul switch
 // as ATen's cuBLAS matmuls read it, at::globalContext().allowTF32CuBLAS() (torch.set_float32_matmul_precision):
-//   "highest" (the default): every custom-kernel GEMM in IEEE float32 FFMA (block_mm, 4 x 4 / 2 x 2 register tiles);
+//   "highest" (the default): the block GEMMs below in IEEE float32 FFMA (block_mm, 4 x 4 / 2 x 2 register tiles),
+//     or, in a build with -DIK_FAST_3XTF32, on sm_90 and newer, as 3xTF32 (block_mm_tf32<true>: each operand split
+//     into two TF32 halves, three mma.sync per fragment; its error against float64 measured within 2x of IEEE
+//     float32's, emulated on CPU; IK_FAST_HIGHEST=ieee keeps FFMA); gemm_mode in common.cuh;
 //   "high" / "medium": the trunk's GEMMs (Linears, both Fourier GEMMs forward and backward) and the per-edge
 //     backward's two GEMMs on TF32 tensor cores (mma.sync.m16n8k8, operands rounded with cvt.rna, float32
 //     accumulation; block_mm_tf32 in common.cuh). The Z kernel (a rank-1 update per edge) and every reduction stay
@@ -238,7 +241,7 @@ __global__ void __launch_bounds__(kZThreads)
 //   dxe (E, C) <- s_e sum_j dZ_i[zoff + c nh + j] [h_e, 1][u] at column perm[poff + c]   (index_add_ on the host)
 // Units outside the plan are never written (dG is zero there). Every output element is written by exactly one thread
 // of one block (a group's columns are distinct): no atomics, deterministic.
-template <typename T, bool TC>
+template <typename T, int TC>
 __global__ void __launch_bounds__(kEdgeThreads)
     ik_contract_edge_backward_kernel(const T* __restrict__ dZ, const T* __restrict__ h, const T* __restrict__ s,
                                      const T* __restrict__ x, const int64_t* __restrict__ src,
@@ -605,7 +608,7 @@ int edge_tile(int64_t C, size_t elem) {
   return te;
 }
 
-template <typename T, bool TC>
+template <typename T, int TC>
 void launch_edge_backward(const ConvInputs& c, const at::Tensor& dZ, const at::Tensor& h, const at::Tensor& s,
                           const at::Tensor& tile_ptr, at::Tensor& dG, at::Tensor& gz, at::Tensor& dxe, int64_t r0,
                           int64_t nr, int te) {
@@ -714,7 +717,7 @@ std::vector<at::Tensor> native_conv_backward_cuda(
     std::tie(r2, s) = radial(c, norm);
     const at::Tensor B = packed_weight(c);
     const size_t elem = c.st == at::kDouble ? 8 : 4;
-    const bool tc = use_tf32(c.st);
+    const int tc = gemm_mode(c.st);
     const int te = edge_tile(c.C, elem);
     // tiles of te edges per receiver, and their prefix sum (on the device: no synchronisation)
     const at::Tensor deg = c.rowptr.narrow(0, 1, c.n_dst) - c.rowptr.narrow(0, 0, c.n_dst);

@@ -51,7 +51,7 @@ namespace ik_fast_cuda {
 // ------------------------------------------------------------------------------------------------------------------
 
 // Y = X W^T + b on the tile (rows 0 .. be-1, row stride ld; lout columns).
-template <bool TC, typename T>
+template <int TC, typename T>
 __device__ __forceinline__ void linear_tile(const LayerDesc<T>& L, const T* X, T* Y, int be, int ld) {
   const T* __restrict__ w = L.w;
   const T* __restrict__ b = L.b;
@@ -78,7 +78,7 @@ __device__ __forceinline__ void linear_tile(const LayerDesc<T>& L, const T* X, T
 }
 
 // X = FourierELU(Y) per channel of fd components: X_c = elu(Y_c A^T) (A^+)^T, through the scratch U.
-template <bool TC, typename T>
+template <int TC, typename T>
 __device__ __forceinline__ void fourier_elu_tile(const LayerDesc<T>& L, const T* Y, T* X, T* U, int be, int ld, int gc,
                                                  int su) {
   const T* __restrict__ at = L.at;
@@ -145,7 +145,7 @@ __device__ __forceinline__ void load_rows(T* S, int ld, const T* __restrict__ in
 // ------------------------------------------------------------------------------------------------------------------
 // kernels
 // ------------------------------------------------------------------------------------------------------------------
-template <typename T, bool TC>
+template <typename T, int TC>
 __global__ void __launch_bounds__(kTrunkThreads) ik_trunk_forward_kernel(const __grid_constant__ TrunkArgs<T> a) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* X = reinterpret_cast<T*>(smem_raw);
@@ -208,7 +208,7 @@ __global__ void __launch_bounds__(kTrunkThreads) ik_trunk_forward_kernel(const _
 
 // dy (E, H) of a Fourier ELU of fd-component channels given its input y and the gradient dh of the layer's output:
 // the activation's gradient is da = dh bnf[j / bnd] when the layer has an affine map (bnf not null), else dh.
-template <typename T, bool TC>
+template <typename T, int TC>
 __global__ void __launch_bounds__(kTrunkThreads)
     ik_fourier_elu_backward_kernel(const T* __restrict__ y, const T* __restrict__ dh, T* __restrict__ dy,
                                    const T* __restrict__ at, const T* __restrict__ ainv, const T* __restrict__ A,
@@ -356,7 +356,7 @@ int pick_tile(F bytes_for, const char* what) {
   return be;
 }
 
-template <typename T, bool TC>
+template <typename T, int TC>
 void launch_trunk_group(const at::Tensor& in, const Affine& in_map, at::Tensor& out,
                         const std::vector<TrunkLayer>& layers, size_t k0, size_t k1, std::vector<at::Tensor>* ys,
                         std::vector<at::Tensor>* as, at::Tensor* part, int* part_be) {
@@ -423,7 +423,7 @@ void launch_trunk_group(const at::Tensor& in, const Affine& in_map, at::Tensor& 
 
 // dy (E, L_k) of layer t's activation from its saved input y and dh, the gradient of the layer's output (after its
 // affine map); a norm layer's per-edge act_bias terms into dab (E, C nnt)
-template <typename T, bool TC>
+template <typename T, int TC>
 void launch_act_backward(const TrunkLayer& t, const at::Tensor& y, const at::Tensor& dh, at::Tensor& dy,
                          at::Tensor& dab) {
   const int64_t E = y.size(0);
@@ -680,7 +680,7 @@ at::Tensor trunk_forward(const at::Tensor& inp, const Affine& in_map, const std:
                          std::vector<at::Tensor>* ys, std::vector<at::Tensor>* as, at::Tensor* moments) {
   const int64_t E = inp.size(0);
   if (layers.empty()) return inp;
-  const bool tc = use_tf32(inp.scalar_type());
+  const int tc = gemm_mode(inp.scalar_type());
   if (ys != nullptr) {
     ys->clear();
     as->clear();
@@ -726,7 +726,7 @@ at::Tensor trunk_backward(const at::Tensor& inp, const std::vector<TrunkLayer>& 
   dbn_factor->assign(L, at::Tensor());
   dbn_shift->assign(L, at::Tensor());
   const int64_t E = inp.size(0);
-  const bool tc = use_tf32(inp.scalar_type());
+  const int tc = gemm_mode(inp.scalar_type());
   // dh: the gradient of the current layer's output h_k (after its affine map)
   for (size_t kk = 0; kk < L; ++kk) {
     const size_t k = L - 1 - kk;

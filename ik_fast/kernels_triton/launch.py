@@ -10,7 +10,9 @@ Everything Triton-specific happens here, behind the neutral schemas:
   per block of 16 receivers through the op's CSR (:mod:`.contract`). No plan is built per graph: the receiver blocks
   are ``rowptr`` itself, so a step does not synchronise with the host;
 * **precision**: float64 in IEEE arithmetic; float32 follows ``torch.get_float32_matmul_precision()`` ("highest" ->
-  IEEE, otherwise TF32); under ``torch.autocast(dtype=torch.bfloat16)`` bfloat16 operands with float32 accumulation;
+  IEEE, or 3xTF32 on CUDA with ``IK_FAST_HIGHEST=tf32x3`` (split TF32, within 2x of IEEE float32's error as
+  measured; :data:`HIGHEST_ON_CUDA`); otherwise TF32); under ``torch.autocast(dtype=torch.bfloat16)`` bfloat16
+  operands with float32 accumulation;
 * **batch norms**: applied by the trunk kernels where they write each layer's activation (an affine map per hidden
   unit, packed with the weights; the last one by the contraction when the forward is given that layer's activation
   before it, ``hidden``), their gradients accumulated with the biases';
@@ -44,7 +46,17 @@ from ik_fast.kernels_triton.blocks import blocks
 from ik_fast.ops import hidden_width
 from ik_fast.structure import decode
 
-PREC_NAMES = ("ieee", "tf32", "bf16", "bf16-emulated")
+PREC_NAMES = ("ieee", "tf32", "bf16", "bf16-emulated", "tf32x3")
+# What "highest" runs on CUDA when IK_FAST_HIGHEST does not say: "ieee", or "tf32x3" (each float32 operand split into
+# two TF32 halves, three tensor-core products accumulated in float32). Emulated on CPU (benchmarks/precision.py
+# --emulate, the docs' precision table), 3xTF32's error against float64 stayed within 2x of IEEE float32's on every
+# case but one (planar@16, eval, the parameters' gradient at 2.23x), and today's kernels spill under it
+# (benchmarks/compile_check.py --precision tf32x3: the trunk kernels' and the contraction's forward register tiles,
+# up to 2.5 KB of stack at M), so it is opt-in (IK_FAST_HIGHEST=tf32x3) until both hold; then this becomes "tf32x3".
+HIGHEST_ON_CUDA = "ieee"
+# Set by ik_fast.tools.tensorcore_emulation while it emulates the tensor cores' rounding in the interpreter: CPU
+# tensors then take the precisions CUDA would (the interpreter itself ignores input_precision).
+EMULATE_CUDA_PRECISION = False
 OPERAND_BUDGET = 8192  # no GEMM operand above this many elements (32 KB in float32)
 STATS_TILE = 16  # edges per tile of the statistics kernel
 BACKWARD_TILE = 16  # edges per tile of the trunk's backward (its register tiles are the largest)
@@ -118,7 +130,23 @@ def precision(dtype, device) -> int:
     dev = torch.device(device).type
     if torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) == torch.bfloat16:
         return 3 if dev == "cpu" else 2
-    return 0 if torch.get_float32_matmul_precision() == "highest" else 1
+    if torch.get_float32_matmul_precision() != "highest":
+        return 1
+    # (CPU tensors take CUDA's mapping while the tensor cores are emulated, or when the interpreter runs the GPU's
+    # choices for benchmarks/compile_check.py)
+    on_cuda = dev == "cuda" or (
+        dev == "cpu" and (EMULATE_CUDA_PRECISION or os.environ.get("IK_FAST_TARGET_DEVICE") == "cuda")
+    )
+    return PREC_NAMES.index(highest_on_cuda()) if on_cuda else 0
+
+
+def highest_on_cuda() -> str:
+    """What "highest" runs as on CUDA: ``IK_FAST_HIGHEST`` ("ieee" or "tf32x3", read per call; the native CUDA
+    kernels read it too) or :data:`HIGHEST_ON_CUDA`."""
+    name = os.environ.get("IK_FAST_HIGHEST", "") or HIGHEST_ON_CUDA
+    if name not in ("ieee", "tf32x3"):
+        raise ValueError(f"IK_FAST_HIGHEST must be 'ieee' or 'tf32x3', got {name!r}")
+    return name
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -89,6 +89,8 @@ def block_mm(nb, M, N, K, A, aoff, aks, B, boff, bks, store, tile=(4, 4)):
     """common.cuh's block_mm, vectorised: C[bi, m, n] = sum_k A[aoff(bi, m) + k aks] B[boff(bi, n) + k bks]; tile:
     the call's (TM, TN) micro-tile (what the IEEE path computes, padding included, for --count)."""
     count(nb * up(M, tile[0]) * up(N, tile[1]) * K, nb * up(M, 16) * up(N, 16) * up(K, 8))
+    if GEMM_PREC is not None:
+        return block_mm_prec(nb, M, N, K, A, aoff, aks, B, boff, bks, store)
     if TC:
         return block_mm_tf32(nb, M, N, K, A, aoff, aks, B, boff, bks, store)
     k = np.arange(K)
@@ -147,6 +149,202 @@ def block_mm_tf32(nb, M, N, K, A, aoff, aks, B, boff, bks, store):
                         vs.append(acc[j, fm, fn])
         if ms:
             store(bi, np.array(ms), np.array(ns), np.array(vs))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# the float32 GEMM modes' rounding (--precision): the block GEMMs in IEEE float32, TF32 or 3xTF32, everything else in
+# exact (float64) arithmetic, so that the modes' errors against float64 compare the GEMMs' arithmetic alone
+# ------------------------------------------------------------------------------------------------------------------
+GEMM_PREC = None  # None: exact arithmetic (the checks above); "ieee", "tf32", "tf32x3": block_mm_prec
+
+
+def block_mm_prec(nb, M, N, K, A, aoff, aks, B, boff, bks, store):
+    """common.cuh's block GEMMs in a float32 mode, on the float32 operands the kernels hold (the float64 values rounded
+    to float32): ``ieee`` block_mm (float32 products and sums); ``tf32`` / ``tf32x3`` block_mm_tf32 / its Split variant,
+    k-step by k-step of 8 as each m16n8k8 fragment runs them (every output element lies in one fragment, so the
+    fragment's k-steps are its arithmetic): operands hi = cvt.rna(x), lo = cvt.rna(x - hi); TF32 one mma (hi hi) per
+    step, 3xTF32 hi hi into acc and lo hi, then hi lo, into accs, stored acc + accs in float32. Each mma is modelled as
+    its exact products added to the accumulator and rounded once to float32 (the tensor core's internal alignment of
+    the addends is not modelled)."""
+    from ik_fast.tools.tensorcore_emulation import tf32_rna
+
+    f32 = np.float32
+    k = np.arange(K)
+    for bi in range(nb):
+        ao = np.array([aoff(bi, m) for m in range(M)], dtype=np.int64)
+        bo = np.array([boff(bi, n) for n in range(N)], dtype=np.int64)
+        a = A[ao[:, None] + k[None, :] * aks].astype(f32) if K else np.zeros((M, 0), f32)
+        b = B[bo[None, :] + k[:, None] * bks].astype(f32) if K else np.zeros((0, N), f32)
+        if GEMM_PREC == "ieee":
+            C = a @ b
+        else:
+            ah, bh = tf32_rna(a).astype(np.float64), tf32_rna(b).astype(np.float64)
+            al = tf32_rna(a - ah.astype(f32)).astype(np.float64)
+            bl = tf32_rna(b - bh.astype(f32)).astype(np.float64)
+            acc = np.zeros((M, N), f32)
+            accs = np.zeros((M, N), f32)
+            for k0 in range(0, K, 8):
+                s_ = slice(k0, k0 + 8)
+                acc = (acc + ah[:, s_] @ bh[s_]).astype(f32)
+                if GEMM_PREC == "tf32x3":
+                    accs = (accs + al[:, s_] @ bh[s_]).astype(f32)
+                    accs = (accs + ah[:, s_] @ bl[s_]).astype(f32)
+            C = (acc + accs) if GEMM_PREC == "tf32x3" else acc
+        m, n = np.meshgrid(np.arange(M), np.arange(N), indexing="ij")
+        store(bi, m.reshape(-1), n.reshape(-1), C.reshape(-1))
+
+
+def frob(a, b) -> float:
+    """|a - b|_F / |b|_F."""
+    a, b = np.asarray(a, dtype=np.float64).reshape(-1), np.asarray(b, dtype=np.float64).reshape(-1)
+    return float(np.linalg.norm(a - b) / max(1e-300, np.linalg.norm(b)))
+
+
+class _Float32Numpy:
+    """numpy with float32 as the default dtype of new arrays (zeros, empty, ones, full): the replay, given float32
+    inputs, then computes in float32 throughout, as the kernels do for float32 tensors (float32 operands stay float32
+    in NumPy's arithmetic and in torch's)."""
+
+    def __getattr__(self, name):
+        return getattr(_numpy, name)
+
+    @staticmethod
+    def _f32(fn):
+        return lambda shape, dtype=None, **kw: fn(shape, dtype=_numpy.float32 if dtype is None else dtype, **kw)
+
+    def __init__(self):
+        for name in ("zeros", "empty", "ones"):
+            setattr(self, name, self._f32(getattr(_numpy, name)))
+
+    @staticmethod
+    def full(shape, fill, dtype=None, **kw):
+        return _numpy.full(shape, fill, dtype=_numpy.float32 if dtype is None else dtype, **kw)
+
+
+_numpy = np
+
+
+def problem_case(name, dtype, seed=0):
+    """The op arguments of a benchmark problem's layer (ik_fast.tools.problems: build_layer, build_inputs; eval mode,
+    the batch norms as affine maps) in ``dtype``, the MLP input formed from the positions in that dtype as the layer
+    does (so a float32 run carries float32's rounding of the edge vectors, as on the device)."""
+    from ik_fast.graph import prepare_graph
+    from ik_fast.tools.problems import build_inputs, build_layer, get_problem
+
+    p = get_problem(name)
+    conv = build_layer(p, backend="reference", seed=seed).double().eval()
+    x, pos, ei, attr = build_inputs(p, seed=seed, dtype=torch.float64)
+    conv, x, pos, attr = conv.to(dtype), x.to(dtype), pos.to(dtype), attr.to(dtype)
+    n = x.shape[0]
+    prog = conv.kernel.program()
+    gr = prepare_graph(ei, n, n)
+    inp = prog.mlp_input(pos[ei[0]] - pos[ei[1]], attr)[gr.perm].contiguous()
+    q = prog.op_program([], dtype)
+    leaf = lambda t: t.detach().clone().requires_grad_()  # noqa: E731
+    return [
+        leaf(x), leaf(inp), gr.src[gr.perm].contiguous(), gr.rowptr, [leaf(w) for w in q.weights],
+        [leaf(b) for b in q.biases], q.fourier, q.fourier_inv, [leaf(t) for t in q.act_bias],
+        [leaf(f) for f in q.bn_factor], [leaf(t) for t in q.bn_shift], leaf(q.final_weight), leaf(q.final_bias),
+        leaf(q.coef), q.norm, q.ndim, q.structure,
+    ]  # fmt: skip
+
+
+def precision_errors(ref_args, run_args, nr):
+    """Relative errors (Frobenius) against the float64 statement (``ref_args``) of the replay in float32 (``run_args``
+    float32 tensors; every array of the replay float32): the forward and conv_backward's gradients (x, the MLP input,
+    the parameters concatenated), for each GEMM mode."""
+    global GEMM_PREC, np
+    L = len(ref_args[4])
+    ref = ops.conv_reference_form(*ref_args)
+    grad = torch.randn(ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    leaves = [ref_args[0], ref_args[1], *ref_args[4], *ref_args[5], *ref_args[8], *ref_args[9], *ref_args[10]]
+    leaves += list(ref_args[11:14])
+    ref_g = [
+        torch.zeros_like(leaf) if g is None else g
+        for g, leaf in zip(torch.autograd.grad(ref, leaves, grad, allow_unused=True), leaves)
+    ]
+    cat = lambda ts: np.concatenate([np.asarray(t, dtype=np.float64).reshape(-1) for t in ts])  # noqa: E731
+    out = {}
+    try:
+        np = _Float32Numpy()
+        for mode in ("ieee", "tf32", "tf32x3"):
+            GEMM_PREC = mode
+            fwd = conv(*run_args, nr=nr)
+            gs = conv_backward(grad.float(), *run_args, nr=nr)
+            assert len(gs) == 5 * L + 5 and np.asarray(fwd).dtype == np.float32
+            out[mode] = {
+                "out": frob(fwd, ref.detach().numpy()),
+                "grad_x": frob(gs[0], ref_g[0].numpy()),
+                "grad_inp": frob(gs[1], ref_g[1].numpy()),
+                "grad_params": frob(cat(gs[2:]), cat([g.numpy() for g in ref_g[2:]])),
+            }
+    finally:
+        GEMM_PREC, np = None, _numpy
+    return out
+
+
+PRECISION_BOUND = 2.0  # 3xTF32's error at most this many times IEEE float32's
+PRECISION_PROBLEMS = ("tiny@16", "tiny+gated@16", "tiny+norm@16", "planar@8")
+
+
+def precision_cases(json_out=None, names=PRECISION_PROBLEMS):
+    """--precision: the native kernels replayed in float32 with the block GEMMs in each mode, against float64, on
+    benchmark problems' layers (several groups, field types and nonlinearities; small graphs); fails where 3xTF32's
+    error exceeds PRECISION_BOUND times IEEE float32's. TF32's errors beside."""
+    ok, rows = True, []
+    for name in names:
+        errs = precision_errors(problem_case(name, torch.float64), problem_case(name, torch.float32), nr=4)
+        for metric in errs["ieee"]:
+            e = {m: errs[m][metric] for m in errs}
+            ratio = e["tf32x3"] / max(e["ieee"], 1e-300)
+            good = ratio <= PRECISION_BOUND
+            ok &= good
+            rows.append(dict(case=name, metric=metric, **e, ratio=ratio))
+            print(
+                f"{name:14s} {metric:11s} ieee {e['ieee']:.2e}  tf32 {e['tf32']:.2e}  tf32x3 {e['tf32x3']:.2e}  "
+                f"3xTF32/IEEE {ratio:.2f}  {'ok' if good else f'OVER {PRECISION_BOUND}x'}",
+                flush=True,
+            )
+    if json_out:
+        write_precision_records(rows, json_out)
+    return ok
+
+
+def write_precision_records(rows, path):
+    """The --precision rows as ik_fast.records (kind precision, provider native, device '<CPU>, native CUDA kernels
+    emulated in NumPy'): one record per case, metric and mode."""
+    from ik_fast import records
+
+    prov = records.provenance("cpu")
+    prov = dict(prov, device={**prov["device"], "name": prov["device"]["name"] + ", native CUDA kernels emulated"})
+    recs = []
+    for r in rows:
+        for mode in ("ieee", "tf32", "tf32x3"):
+            extra = {
+                "case": r["case"],
+                "against": "float64 evaluation of the op's statement (ik_fast.ops.conv_reference_form, autograd) "
+                "on the same layer and graph",
+                "emulated": "csrc/cuda's kernels and host steps replayed in float32 NumPy "
+                "(tests/tools/emulate_check.py), the block GEMMs in this mode (block_mm_prec: operand rounding "
+                "per fragment, each mma rounded once to float32); ATen's GEMMs as NumPy float32 matmuls",
+                "command": "python tests/tools/emulate_check.py --precision --json PATH",
+            }
+            recs.append(
+                records.record(
+                    "precision",
+                    r["case"],
+                    "native",
+                    "rel_error_" + r["metric"],
+                    r[mode],
+                    "1",
+                    mode="eval",
+                    precision=mode,
+                    extra=extra,
+                    prov=prov,
+                )
+            )
+    records.write(path, recs)
+    print(f"records: {path}")
 
 
 def elu(u):
@@ -1212,11 +1410,21 @@ def main(argv=None):
         help="instead of the checks: the multiply-adds per edge of a training step on these problems (e.g. M,H), "
         "stage by stage, counted from the replay",
     )
-    parser.add_argument("--json", help="with --count: write the counts as work records (ik_fast.records) there")
+    parser.add_argument(
+        "--precision",
+        action="store_true",
+        help="the block GEMMs' float32 modes (IEEE, TF32, 3xTF32) against float64 on ik_fast's layers; exit 1 where "
+        f"3xTF32's error exceeds {PRECISION_BOUND}x IEEE float32's",
+    )
+    parser.add_argument("--json", help="with --count: the counts as work records; with --precision: its records")
     args = parser.parse_args(argv)
     if args.count:
         count_main(args.count.split(","), args.json)
         return 0
+    if args.precision:
+        ok = precision_cases(args.json)
+        print("all ok" if ok else "FAILURES")
+        return 0 if ok else 1
     ok = True
     if args.only == "irreps":
         for tc in (False, True):
