@@ -13,7 +13,7 @@
 #   3 tests       pytest -m gpu -rs, a time limit per test, never stopping at the first failure; junit XML
 #   4 precompile  Triton's kernels of M and H (python -m ik_fast.tools.bench --precompile)
 #   5 bench       M and H, training step, providers reference, torch, triton, native, escnn, IEEE then TF32
-#   6 bench-3xtf32  M and H, training step, the fused providers (triton, native) in 3xTF32: what "highest" runs as
+#   6 bench-3xtf32  M and H, training step, the fused providers (triton, native) in 3xTF32 (IK_FAST_HIGHEST=tf32x3)
 #   7 sweep       the edge sweeps of M and H (then P, which is skipped without its QM9 data), while time is left
 #   8 table       a short table of everything above
 # The budget is wall-clock from the start: each step has a deadline (a share of the budget, the rest to the next

@@ -40,8 +40,9 @@ from typing import Dict, List, Optional
 from ik_fast.tools.cases import MODES, model_flops, setup_case  # noqa: F401  (the harness's names)
 
 # A pass's precision name -> (torch.set_float32_matmul_precision, $IK_FAST_HIGHEST): "highest" is PyTorch's switch
-# as a user leaves it (on CUDA the fused backends run it as 3xTF32, every other provider as IEEE); "ieee" and
-# "tf32x3" pin what "highest" runs as in the fused backends; "high" is TF32 (every provider alike).
+# as a user leaves it (IEEE float32; the fused backends' choice on CUDA is ik_fast.kernels_triton.launch's
+# HIGHEST_ON_CUDA); "ieee" and "tf32x3" pin what "highest" runs as in the fused backends (3xTF32: split TF32 on
+# tensor cores, opt-in); "high" is TF32 (every provider alike).
 _PASSES = {
     "highest": ("highest", None),
     "ieee": ("highest", "ieee"),
@@ -490,9 +491,8 @@ def record_precision(case: Dict) -> str:
     if dtype != "float32":
         return dtype
     prec = case.get("precision", "highest")
-    if prec in ("highest", "tf32x3"):
-        # 3xTF32 is what "highest" runs as in the fused backends on CUDA (unless $IK_FAST_HIGHEST says otherwise);
-        # everything else, and everything on CPU, runs it as IEEE
+    if prec == "tf32x3":
+        # only the fused backends on CUDA run 3xTF32; everything else, and everything on CPU, runs the pass as IEEE
         cuda_fused = str(case.get("device", "cpu")).startswith("cuda") and case.get("provider") in _FUSED
         return "tf32x3" if cuda_fused else "ieee"
     return PRECISIONS.get(prec, prec)
@@ -687,8 +687,8 @@ def _parser() -> argparse.ArgumentParser:
         "--precision",
         default=None,
         help="float32 passes over the cases, comma separated: highest (torch.set_float32_matmul_precision's "
-        "default: IEEE float32, on CUDA 3xTF32 in the fused backends), ieee or tf32x3 (what highest runs as in the "
-        "fused backends, pinned with $IK_FAST_HIGHEST), high (= tf32: TF32, every provider alike); with "
+        "default: IEEE float32), ieee or tf32x3 (what highest runs as in the fused backends, pinned with "
+        "$IK_FAST_HIGHEST; tf32x3: split TF32 on CUDA), high (= tf32: TF32, every provider alike); with "
         "--precompile: which of these and bf16 to compile (default highest, high, bf16)",
     )
     ap.add_argument("--timeout", type=float, default=240, help="seconds per case: its child is killed after that")
