@@ -254,10 +254,11 @@ def test_batch_norm_on_some_layers_with_a_zero_factor(name):
     assert [tuple(t.shape) for t in dshift] == [tuple(t.shape) for t in p.bn_shift] and dshift[1].numel() == 0
 
 
-def test_statistics_pass_from_a_previous_activation():
+@pytest.mark.parametrize("dense", [True, False])
+def test_statistics_pass_from_a_previous_activation(dense):
     """trunk_moments' affine map on its input (in_factor[0], in_shift[0]: the batch norm of the layer that gave the
-    input, as a chained statistics pass takes it) and on each given layer's input."""
-    _, inp, _, _, p = _raw_inputs("O3", dense=True)
+    input, as a chained statistics pass takes it) and on each given layer's input; dense and componentwise Linears."""
+    _, inp, _, _, p = _raw_inputs("O3", dense=dense)
     empty = inp.new_empty(0)
     for start, upto in ((1, 3), (0, 3)):
         f = [p.bn_factor[start - 1] if start else empty, *p.bn_factor[start : upto - 1]]
