@@ -917,15 +917,15 @@ def trunk_backward_kernel(
             tl.debug_barrier()  # the previous tile is done with the scratch
             # forward: h_1 .. h_{NL-1} into slots 0 .. NL-2, y_NL into the last slot
             if NL > 1 and TAPE:  # a_1 .. a_{NL-1} from the tape: only y_NL is computed
-                for k in tl.static_range(0, NL - 1):
-                    tk = _tape_at(k + 1, t1_ptr, t2_ptr, t3_ptr)
+                for kt in tl.static_range(0, NL - 1):  # (a name of its own: k is a loop variable below)
+                    tk = _tape_at(kt + 1, t1_ptr, t2_ptr, t3_ptr)
                     for g in range(NG):
                         blk = _blk(g, BE, HP, GW)
                         a = _tape_blk(tk, offs, emask, g, GW, PD, C, D)
                         if BN:
-                            tl.store(pre + k * TILE + blk, a)
-                            a = _affine(a, bf + k * HP + g * GW, bs + k * HP + g * GW, GW)
-                        tl.store(scr + k * TILE + blk, a)
+                            tl.store(pre + kt * TILE + blk, a)
+                            a = _affine(a, bf + kt * HP + g * GW, bs + kt * HP + g * GW, GW)
+                        tl.store(scr + kt * TILE + blk, a)
                 tl.debug_barrier()
                 _linear_scr(
                     scr + (NL - 2) * TILE, ys, wh + (NL - 2) * WS, bh + (NL - 2) * HP, BE, CP, DP, GW, CWF, PREC
