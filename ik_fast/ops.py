@@ -85,7 +85,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -579,8 +579,9 @@ class Implementation:
     ``load`` imports the kernels (they register themselves for ``ik_fast::<name>_*``) and raises when they cannot be
     loaded; ``runs_on(device)`` is None where they run on ``device``, else the reason. Capabilities the shared host
     uses: ``chained_statistics`` (``trunk_moments`` with ``start`` > 0: a statistics pass from the previous pass's
-    activation), ``tape_devices`` (device types where ``conv`` uses a tape, bounded by
-    :data:`ik_fast.backends.fused.TAPE_LIMIT_BYTES`) and ``grids`` (``trunk_moments(..., with_grid=True)``).
+    activation; True, or the activation kinds it chains for), ``tape_devices`` (device types where ``conv`` uses a
+    tape, bounded by :data:`ik_fast.backends.fused.TAPE_LIMIT_BYTES`, on CUDA ``TAPE_LIMIT_BYTES_CUDA``) and
+    ``grids`` (``trunk_moments(..., with_grid=True)``).
     ``measured_faster_on``: device types where a committed benchmark (``benchmarks/results/``) measured it faster than
     the ``"torch"`` backend, which is where ``"auto"`` picks it."""
 
@@ -588,7 +589,7 @@ class Implementation:
     load: Callable[[], object]
     runs_on: Callable[[torch.device], Optional[str]]
     summary: str = ""
-    chained_statistics: bool = False
+    chained_statistics: Union[bool, Tuple[str, ...]] = False
     tape_devices: Tuple[str, ...] = ()
     grids: bool = False
     measured_faster_on: Tuple[str, ...] = ()

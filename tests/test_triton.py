@@ -256,10 +256,37 @@ def test_batch_norm_on_some_layers_with_a_zero_factor(name):
     assert [tuple(t.shape) for t in dshift] == [tuple(t.shape) for t in p.bn_shift] and dshift[1].numel() == 0
 
 
-def test_statistics_pass_from_a_previous_activation():
+@pytest.mark.parametrize("middle_bn", [True, False])
+def test_backward_from_the_tape_of_three_layers(middle_bn):
+    """conv_backward given a tape (each of three hidden layers' activation before its batch norm, chained statistics
+    passes as the host takes them; the middle layer with or without a batch norm) gives every gradient it gives
+    without one, where it evaluates the trunk again from the input."""
+    from dataclasses import replace
+
+    x, inp, src, rowptr, p = _raw_inputs("O3")
+    if not middle_bn:
+        none = inp.new_empty(0)
+        p = replace(p, bn_factor=[p.bn_factor[0], none, p.bn_factor[2]], bn_shift=[p.bn_shift[0], none, p.bn_shift[2]])
+    tape, prev = [], (inp, 0)
+    for k in range(1, len(p.weights) + 1):
+        act = ops.trunk_moments("triton", prev[0], p, k, with_activation=True, start=prev[1]).activation
+        tape += [act, act.new_empty(0)]
+        prev = (act, k)
+    w = torch.randn(rowptr.shape[0] - 1, p.final_weight.shape[0], dtype=x.dtype)
+    without = torch.ops.ik_fast.triton_conv_backward(w, x, inp, src, rowptr, *p.args())
+    with_tape = torch.ops.ik_fast.triton_conv_backward(w, x, inp, src, rowptr, *p.args(), tape)
+    for i, (u, v) in enumerate(zip(with_tape, without)):
+        assert rel(u, v) <= tolerance("backward", torch.float64), i
+    tape[0] = tape[0] * 2.0  # (the tape is read: another first activation, other gradients)
+    other = torch.ops.ik_fast.triton_conv_backward(w, x, inp, src, rowptr, *p.args(), tape)
+    assert rel(other[1], without[1]) > 1e-3
+
+
+@pytest.mark.parametrize("dense", [True, False])
+def test_statistics_pass_from_a_previous_activation(dense):
     """trunk_moments' affine map on its input (in_factor[0], in_shift[0]: the batch norm of the layer that gave the
-    input, as a chained statistics pass takes it) and on each given layer's input."""
-    _, inp, _, _, p = _raw_inputs("O3", dense=True)
+    input, as a chained statistics pass takes it) and on each given layer's input; dense and componentwise Linears."""
+    _, inp, _, _, p = _raw_inputs("O3", dense=dense)
     empty = inp.new_empty(0)
     for start, upto in ((1, 3), (0, 3)):
         f = [p.bn_factor[start - 1] if start else empty, *p.bn_factor[start : upto - 1]]

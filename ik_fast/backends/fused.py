@@ -30,6 +30,7 @@ __all__ = [
     "fused_backend",
     "TAPE_LIMIT_BYTES",
     "TAPE_GRID_LIMIT_BYTES",
+    "TAPE_LIMIT_BYTES_CUDA",
 ]
 
 # The most bytes of activations a tape keeps alive to the backward (those of the last layer are kept anyway); above
@@ -42,14 +43,26 @@ TAPE_LIMIT_BYTES = 256 << 20
 # and read the grids through memory: 16 MiB, about what stays in the caches between the passes and the backward
 # (measured on 2 cores: grids at problem P, 100 MB, cost more in page faults and memory traffic than they save).
 TAPE_GRID_LIMIT_BYTES = 16 << 20
+# On CUDA devices: 2 GiB of activations (configs M and H keep one E x H activation, 637 and 642 MB in float32, beside
+# the one the forward keeps anyway: a few percent of a 80 GB device), so that the trunk's backward reads them instead
+# of evaluating the trunk again from the input (a third of the counted work at config M).
+TAPE_LIMIT_BYTES_CUDA = 2 << 30
 
 
-def _tape_plan(program: KernelProgram, num_edges: int, dtype: torch.dtype):
+def _tape_plan(program: KernelProgram, num_edges: int, dtype: torch.dtype, device: torch.device):
     """(whether to tape, whether the tape takes the grids)."""
     size = dtype.itemsize * num_edges
     acts = sum(h.channels * h.dim for h in program.hidden[:-1]) * size
     grids = sum(0 if h.A is None or h.A.numel() == 0 else h.A.shape[0] * h.channels for h in program.hidden) * size
-    return acts <= TAPE_LIMIT_BYTES, grids <= TAPE_GRID_LIMIT_BYTES
+    limit = TAPE_LIMIT_BYTES_CUDA if device.type == "cuda" else TAPE_LIMIT_BYTES
+    return acts <= limit, grids <= TAPE_GRID_LIMIT_BYTES
+
+
+def _chains(decl, program: KernelProgram) -> bool:
+    """Whether the implementation's statistics passes chain for this program (``chained_statistics``: every kind, or
+    the activation kinds named)."""
+    chain = decl.chained_statistics
+    return chain if isinstance(chain, bool) else program.activation in chain
 
 
 def _receiver_order(graph: Graph):
@@ -91,12 +104,12 @@ def implicit_conv_fused(impl: str, program: KernelProgram, x_src, graph: Graph, 
         base = program.op_program([], dtype)
         last = len(program.hidden)
         decl = ops.implementation(impl)
-        chain = decl.chained_statistics
+        chain = _chains(decl, program)
         # a tape needs every layer to be a pass of its own (a batch norm after each hidden layer, as in every
         # ImplicitKernel with batch norms) and the chained passes
         taped, grids = False, False
         if chain and x_src.device.type in decl.tape_devices and all(h.bn is not None for h in program.hidden):
-            taped, grids = _tape_plan(program, graph.num_edges, dtype)
+            taped, grids = _tape_plan(program, graph.num_edges, dtype, x_src.device)
             grids = grids and taped and decl.grids
         tape = [] if taped else None
         prev, prev_act = 0, None

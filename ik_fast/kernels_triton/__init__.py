@@ -25,15 +25,18 @@ def _runs_on(device: torch.device):
     return launch.runs_on(device)
 
 
-# The statistics passes start from the MLP input (the kernels take the narrow input and keep GPU memory at one
-# activation), no tape, no grids; no GPU has measured it faster than "torch" yet. The gated and norm nonlinearities
-# have kernels of their own (irreps.py).
+# The statistics passes of Fourier and pointwise ELU trunks chain (each starts from the previous pass's activation),
+# and the trunk's backward reads their tape (every layer's activation, within the host's budget; no grids) instead of
+# evaluating the trunk again; no GPU has measured it faster than "torch" yet. The gated and norm nonlinearities have
+# kernels of their own (irreps.py), whose passes start from the MLP input.
 DECLARATION = ops.register_implementation(
     ops.Implementation(
         name="triton",
         load=_load,
         runs_on=_runs_on,
         summary="fused Triton kernels (CUDA; CPU only in Triton's interpreter)",
+        chained_statistics=("elu", "fourier_elu"),
+        tape_devices=("cpu", "cuda"),
         activations=(
             ("cpu", ("elu", "fourier_elu", "gated", "norm")),
             ("cuda", ("elu", "fourier_elu", "gated", "norm")),

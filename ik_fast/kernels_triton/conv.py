@@ -335,6 +335,37 @@ def _trunk(
 
 
 @triton.jit
+def _trunk_chain(
+    a,
+    wh,
+    bh,
+    bf,
+    bs,
+    at,
+    ait,
+    K: tl.constexpr,
+    BE: tl.constexpr,
+    CP: tl.constexpr,
+    DP: tl.constexpr,
+    GP: tl.constexpr,
+    GW: tl.constexpr,
+    FOURIER: tl.constexpr,
+    PREC: tl.constexpr,
+    CWF: tl.constexpr,
+    BNM: tl.constexpr,
+):
+    """a_K from a_1 (BE, HP), the activation of layer 1 before its batch norm (a chained statistics pass: a_1 is the
+    previous pass's activation; the trunk is not evaluated again up to it)."""
+    HP: tl.constexpr = CP * DP
+    for j in tl.static_range(1, K):  # layer j + 1 of the MLP
+        if (BNM >> (j - 1)) & 1:
+            a = _affine(a, bf + (j - 1) * HP, bs + (j - 1) * HP, HP)
+        y = _linear_hidden(a, wh + (j - 1) * _wstride(CP, DP, CWF), bh + (j - 1) * HP, BE, CP, DP, GW, CWF, PREC)
+        a = _act(y, at + j * DP * GP, ait + j * GP * DP, BE, CP, DP, GP, GW, FOURIER, PREC)
+    return a
+
+
+@triton.jit
 def _tile_edges(t, BE: tl.constexpr):
     """Edge ids (BE,) of tile t, in int64 (no overflow past 2^31 edges or elements)."""
     return (t + tl.zeros((BE,), dtype=tl.int64)) * BE + tl.arange(0, BE)
@@ -441,9 +472,12 @@ def fused_stats_kernel(
     WRITE: tl.constexpr,
     BNM: tl.constexpr,
     IAFF: tl.constexpr,
+    CHAIN: tl.constexpr,
 ):
     """Per program: (count, mean (HP), M2 (HP)) of layer K's activation over its tiles -> out (NPROG, 1 + 2 HP); with
-    WRITE also the activation itself, act (E, C * D) in the compact layout.
+    WRITE also the activation itself, act (E, C * D) in the compact layout. With CHAIN (a chained statistics pass)
+    ``inp_ptr`` is a previous pass's activation (E, C * D), compact, taken as layer 1's activation of the packing
+    (whose first Linear is then not read): its batch norm, and layers 2 .. K, run from it (:func:`_trunk_chain`).
 
     The running moments live in the program's own output row (zeros at the start) and are merged block by block of
     GW columns (Chan et al.'s pairwise formula), so that only one block's statistics are in registers at a time."""
@@ -457,10 +491,19 @@ def fused_stats_kernel(
     w1, b1, wh, bh, bf, bs, f0, s0, at, ait = _params(prm_ptr, fou_ptr, K, P0P, CP, DP, GP, CWF)
     n_a = tl.sum(tl.zeros((BE,), dtype=dt), 0)
     for t in range(pid, n_tiles, nprog):
-        offs, emask, inp, _, _, _ = _load_tile(inp_ptr, coef_ptr, 1.0, t, E, P0, P0P, NDIM, BE)
-        if IAFF:  # the batch norm of the layer that gave the input (a chained pass)
-            inp = _affine(inp, f0, s0, P0P)
-        a = _trunk(inp, w1, b1, wh, bh, bf, bs, at, ait, K, P0P, BE, CP, DP, GP, GW, FOURIER, PREC, CWF, BNM)
+        if CHAIN:  # the previous pass's activation (E, C * D), compact, as layer 1's of this packing
+            offs = _tile_edges(t, BE)
+            emask = offs < E
+            col, real = _compact_columns(HP, PD, C, D)
+            a1 = tl.load(
+                inp_ptr + offs[:, None] * (C * D) + col[None, :], mask=emask[:, None] & real[None, :], other=0.0
+            )
+            a = _trunk_chain(a1, wh, bh, bf, bs, at, ait, K, BE, CP, DP, GP, GW, FOURIER, PREC, CWF, BNM)
+        else:
+            offs, emask, inp, _, _, _ = _load_tile(inp_ptr, coef_ptr, 1.0, t, E, P0, P0P, NDIM, BE)
+            if IAFF:  # an affine map on the MLP input
+                inp = _affine(inp, f0, s0, P0P)
+            a = _trunk(inp, w1, b1, wh, bh, bf, bs, at, ait, K, P0P, BE, CP, DP, GP, GW, FOURIER, PREC, CWF, BNM)
         if WRITE:
             col, real = _compact_columns(HP, PD, C, D)
             tl.store(act_ptr + offs[:, None] * (C * D) + col[None, :], a, mask=emask[:, None] & real[None, :])
@@ -755,6 +798,26 @@ def stats_merge_kernel(parts_ptr, hidden_ptr, out_ptr, n_prog, H, HP, BH: tl.con
     tl.store(out_ptr + H + j, m2, mask=jm)
 
 
+@triton.jit
+def _tape_at(k: tl.constexpr, t1, t2, t3):
+    """The tape's activation of hidden layer k (1-based, k <= 3)."""
+    if k == 1:
+        return t1
+    elif k == 2:
+        return t2
+    else:
+        return t3
+
+
+@triton.jit
+def _tape_blk(tp, offs, emask, g, GW: tl.constexpr, PD: tl.constexpr, C: tl.constexpr, D: tl.constexpr):
+    """Block g (BE, GW) of a taped activation (E, C D), compact (zero on padding units and edges)."""
+    j = g * GW + tl.arange(0, GW)
+    col = j // PD * D + j % PD
+    real = (j // PD < C) & (j % PD < D)
+    return tl.load(tp + offs[:, None] * (C * D) + col[None, :], mask=emask[:, None] & real[None, :], other=0.0)
+
+
 @triton.jit(do_not_specialize=["E", "n_tiles"])
 def trunk_backward_kernel(
     dhs_ptr,
@@ -767,6 +830,9 @@ def trunk_backward_kernel(
     dinp_ptr,
     acc_ptr,
     scr_ptr,
+    t1_ptr,
+    t2_ptr,
+    t3_ptr,
     E,
     n_tiles,
     norm,
@@ -787,6 +853,7 @@ def trunk_backward_kernel(
     NH: tl.constexpr,
     CWF: tl.constexpr,
     BNM: tl.constexpr,
+    TAPE: tl.constexpr,
 ):
     """Backward of :func:`trunk_forward_kernel` given d hs (E, C D, compact) and the bias term's d s (E,): d of the MLP
     input (E, P0) and the trunk's parameter gradients, accumulated per program (a persistent grid, one accumulator
@@ -804,7 +871,11 @@ def trunk_backward_kernel(
     d h_k and a_k, and y_k is recomputed from h_{k-1} (y_1 from the input, per block) and turned into dy_k. The GEMMs
     are those of a forward and a backward pass plus the recomputed y_1 .. y_{NL-1} (for NL = 2 only the narrow first
     Linear). With a batch norm anywhere (BNM != 0) every layer takes the affine path; the host gives a layer without
-    one the identity (its gradients are computed, and dropped)."""
+    one the identity (its gradients are computed, and dropped).
+
+    With TAPE (NL <= 3) the forward part reads the statistics passes' activations a_1 .. a_NL before their batch
+    norms (``t1_ptr`` .. ``t3_ptr``, (E, C D) compact, as the tape of :mod:`ik_fast.ops` holds them) instead of
+    evaluating them: it computes y_NL alone, and the last layer's activation is not evaluated again either."""
     HP: tl.constexpr = CP * DP
     NG: tl.constexpr = HP // GW
     TILE: tl.constexpr = BE * HP
@@ -845,7 +916,22 @@ def trunk_backward_kernel(
         else:
             tl.debug_barrier()  # the previous tile is done with the scratch
             # forward: h_1 .. h_{NL-1} into slots 0 .. NL-2, y_NL into the last slot
-            if NL > 1:
+            if NL > 1 and TAPE:  # a_1 .. a_{NL-1} from the tape: only y_NL is computed
+                for kt in tl.static_range(0, NL - 1):  # (a name of its own: k is a loop variable below)
+                    tk = _tape_at(kt + 1, t1_ptr, t2_ptr, t3_ptr)
+                    for g in range(NG):
+                        blk = _blk(g, BE, HP, GW)
+                        a = _tape_blk(tk, offs, emask, g, GW, PD, C, D)
+                        if BN:
+                            tl.store(pre + kt * TILE + blk, a)
+                            a = _affine(a, bf + kt * HP + g * GW, bs + kt * HP + g * GW, GW)
+                        tl.store(scr + kt * TILE + blk, a)
+                tl.debug_barrier()
+                _linear_scr(
+                    scr + (NL - 2) * TILE, ys, wh + (NL - 2) * WS, bh + (NL - 2) * HP, BE, CP, DP, GW, CWF, PREC
+                )
+                tl.debug_barrier()
+            elif NL > 1:
                 for g in range(NG):
                     a = _act_blk(
                         _linear_in_blk(inp, w1, b1, g, P0P, HP, GW, PREC), at, ait, BE, GW, DP, GP, FOURIER, PREC
@@ -893,11 +979,18 @@ def trunk_backward_kernel(
                     # which is where the registers run short: nothing of this block but d hs is kept across it)
                     fl = bf + (NL - 1) * HP + g * GW
                     sf = s[:, None] * tl.load(fl + gg).to(dt)[None, :]
-                    h, dy = _act_bwd_blk(y, dhs * sf, atl, aitl, BE, GW, DP, GP, FOURIER, PREC, True)
+                    if TAPE:  # a_NL from the tape
+                        _, dy = _act_bwd_blk(y, dhs * sf, atl, aitl, BE, GW, DP, GP, FOURIER, PREC, False)
+                        h = _tape_blk(_tape_at(NL, t1_ptr, t2_ptr, t3_ptr), offs, emask, g, GW, PD, C, D)
+                    else:
+                        h, dy = _act_bwd_blk(y, dhs * sf, atl, aitl, BE, GW, DP, GP, FOURIER, PREC, True)
                     dh = dhs * s[:, None]
                     _accumulate(gbf + (NL - 1) * HP, j, _factor_grad(dh, h, GW, DP, FOURIER), j >= 0)
                     _accumulate(gbs + (NL - 1) * HP, j, tl.sum(dh, 0), j >= 0)
                     h = _affine(h, fl, bs + (NL - 1) * HP + g * GW, GW)
+                elif TAPE:
+                    _, dy = _act_bwd_blk(y, dhs * s[:, None], atl, aitl, BE, GW, DP, GP, FOURIER, PREC, False)
+                    h = _tape_blk(_tape_at(NL, t1_ptr, t2_ptr, t3_ptr), offs, emask, g, GW, PD, C, D)
                 else:
                     h, dy = _act_bwd_blk(y, dhs * s[:, None], atl, aitl, BE, GW, DP, GP, FOURIER, PREC, True)
                 ds += tl.sum(dhs * h, 1)

@@ -60,6 +60,7 @@ EMULATE_CUDA_PRECISION = False
 OPERAND_BUDGET = 8192  # no GEMM operand above this many elements (32 KB in float32)
 STATS_TILE = 16  # edges per tile of the statistics kernel
 BACKWARD_TILE = 16  # edges per tile of the trunk's backward (its register tiles are the largest)
+TAPE_LAYERS = 3  # the most hidden layers whose tape the trunk's backward reads (conv.trunk_backward_kernel)
 
 
 def _c(t: Tensor) -> Tensor:
@@ -182,7 +183,10 @@ def _block_width(DP: int, HP: int, RP: int) -> int:
 
 
 def layout(inp: Tensor, weights, fourier, R: int, ndim: int) -> Layout:
-    P0 = inp.shape[1]
+    return _layout(inp.shape[1], weights, fourier, R, ndim)
+
+
+def _layout(P0: int, weights, fourier, R: int, ndim: int) -> Layout:
     NL = len(weights)
     if NL == 0:
         CP, DP, GP, fourier_act = 1, _pow2(P0), 16, False
@@ -903,7 +907,8 @@ def conv_backward(
     structure=None,
     tape=None,
 ) -> List[Tensor]:
-    # a tape (ik_fast.ops) is not used: the kernels re-evaluate the trunk from the narrow MLP input
+    # a tape (ik_fast.ops) gives the trunk's backward every layer's activation (TAPE_LAYERS at most); without one it
+    # evaluates the trunk again from the narrow MLP input
     _check_activations(structure, act_bias)
     R, H, C = final_weight.shape
     E = inp.shape[0]
@@ -964,6 +969,9 @@ def conv_backward(
         HP, nh = lay.HP, pack.shapes[2][0]
         slots = 2 * lay.NL - 1 if trunk["BNM"] and lay.NL > 1 else max(lay.NL, 1)
         scratch = x.new_empty(nprog, slots, BACKWARD_TILE, HP)
+        taped = tape is not None and 1 <= lay.NL <= TAPE_LAYERS and len(tape) == 2 * lay.NL
+        acts = [_as(tape[2 * k], x.dtype) for k in range(lay.NL)] if taped else []
+        acts += [scratch] * (TAPE_LAYERS - len(acts))  # (not read)
         K.trunk_backward_kernel[(nprog,)](
             dhs,
             dsb,
@@ -974,10 +982,12 @@ def conv_backward(
             dinp,
             acc,
             scratch,
+            *acts,
             E,
             n_tiles,
             float(norm),
             NH=nh,
+            TAPE=taped,
             num_warps=warps("trunk_backward", HP),
             **dict(trunk, BE=BACKWARD_TILE),
         )
@@ -1057,12 +1067,6 @@ def trunk_moments(
             inp, weights, biases, act_bias, in_factor, in_shift, structure, first_layer, with_activation
         )
     E = inp.shape[0]
-    lay = layout(inp, weights, fourier, 1, 0)
-    H = lay.C * lay.D
-    act = inp.new_empty(E if with_activation else 0, H)
-    grid = inp.new_empty(0)
-    if E == 0:
-        return inp.new_zeros(2, H), act, grid
     NL = len(weights)
     none = _empty(inp.dtype, inp.device)
     # the batch norm after each given layer but the last (the input's of the next), and the map on the input
@@ -1072,6 +1076,23 @@ def trunk_moments(
     bn_shift = [none if t is None else t for t in bn_shift]
     f0, s0 = _at(in_factor, 0), _at(in_shift, 0)
     in_affine = (none, none) if f0 is None or f0.numel() == 0 else (f0, s0)
+    chain = first_layer > 0 and NL > 0
+    if chain:
+        # a chained pass: inp is layer `first_layer`'s activation (E, H). The kernels take it as the activation of a
+        # first layer of their own, whose batch norm is the map on the input; that layer's Linear is never read (a
+        # cached zero weight (H, 1) and bias stand for it), and its Fourier matrices are the next layer's (same shape)
+        H0 = inp.shape[1]
+        zero = _zeros(H0, inp.dtype, str(torch.device(inp.device)))
+        weights, biases = [zero.view(H0, 1), *weights], [zero, *biases]
+        fourier, fourier_inv = [fourier[0], *fourier], [fourier_inv[0], *fourier_inv]
+        bn_factor, bn_shift = [in_affine[0], *bn_factor], [in_affine[1], *bn_shift]
+        in_affine = (none, none)
+    lay = _layout(1 if chain else inp.shape[1], weights, fourier, 1, 0)
+    H = lay.C * lay.D
+    act = inp.new_empty(E if with_activation else 0, H)
+    grid = inp.new_empty(0)
+    if E == 0:
+        return inp.new_zeros(2, H), act, grid
     pack = packing(lay, weights, biases, bn_factor, bn_shift, in_affine, fourier, fourier_inv, inp.device)
     prm = pack.pad(weights, biases, bn_factor, bn_shift, in_affine, inp.dtype, inp.device)
     fou = pack.pad_fourier(fourier, fourier_inv, inp.dtype, inp.device)
@@ -1106,6 +1127,7 @@ def trunk_moments(
         WRITE=bool(with_activation),
         BNM=_bn_mask(bn_factor),
         IAFF=in_affine[0].numel() > 0,
+        CHAIN=chain,
         num_warps=warps("trunk", HP),
     )
     # merge the programs' partial moments (Chan et al.), in program order, straight into the real hidden units
