@@ -16,10 +16,12 @@ RC), packed once per step; the host applies the permutations once per step at th
 For each pair, Z's (``HB`` hidden x ``CB`` input) block is formed as a dot batched over the block's receivers (their
 edges padded to chunks of ``KP``) and contracted at once with each of the pair's non-zero W' blocks for all ``BN``
 receivers (one (BN, HB * CB) x (HB * CB, RB) dot per block), so W' is read once per receiver block, and only its
-non-zero blocks (6% of them at config H). Everything is blocked by 16 (the smallest ``tl.dot``). Given the last
-hidden activation *before* its batch norm (the statistics pass's, in training), the forward applies that batch norm
-as it reads h (``AFF``: a factor and a shift per hidden column in the plan's order, read once per column block), so
-that no pass over (E, H) is added.
+non-zero blocks (6% of them at config H). A program's "receivers" are receiver *segments* of at most 64 edges
+(:func:`split_receivers_kernel`, once per graph): a hub's edges are spread over several programs instead of
+serialising its block, and the forward adds a receiver's segments in order (:func:`segment_sum_kernel`).
+Everything is blocked by 16 (the smallest ``tl.dot``). Given the last hidden activation *before* its batch norm (the
+statistics pass's, in training), the forward applies that batch norm as it reads h (``AFF``: a factor and a shift per
+hidden column in the plan's order, read once per column block), so that no pass over (E, H) is added.
 
 The backward has three kernels:
 
@@ -52,6 +54,61 @@ def _receivers(rowptr_ptr, blk, n_dst, BN: tl.constexpr):
     end = tl.load(rowptr_ptr + i + 1, mask=imask, other=0).to(tl.int64)
     deg = end - start
     return i.to(tl.int64), imask, start, deg, tl.max(deg, 0)
+
+
+@triton.jit
+def _segments(vptr_ptr, rid_ptr, blk, n_v, n_dst, BN: tl.constexpr):
+    """Segments of block ``blk`` (:func:`split_receivers_kernel`): their own ids (BN,), their receivers' ids, validity,
+    first edge and length, max length."""
+    v, vmask, start, deg, nmax = _receivers(vptr_ptr, blk, n_v, BN)
+    r = tl.load(rid_ptr + v, mask=vmask, other=0).to(tl.int64)
+    return v, r, vmask & (r < n_dst), start, deg, nmax
+
+
+@triton.jit(do_not_specialize=["n_dst", "n_v", "E"])
+def split_receivers_kernel(
+    rowptr_ptr, vptr_ptr, rid_ptr, segptr_ptr, n_dst, n_v, E, SEG: tl.constexpr, BV: tl.constexpr
+):
+    """Every receiver's in-edges cut into *segments* of at most SEG consecutive edges (a receiver without edges: one
+    empty segment), so that a hub is spread over many programs instead of serialising its block: ``vptr`` (n_v + 1,)
+    the segments' CSR, ``rid`` (n_v,) each segment's receiver, ``segptr`` (n_dst + 1,) each receiver's range of
+    segments. n_v >= the segment count (the host's bound n_dst + E // SEG); the unused tail is empty segments of
+    receiver n_dst (masked by the kernels). One program, receivers in blocks of BV (a running offset)."""
+    total = (n_dst * 0).to(tl.int64)
+    for b0 in range(0, n_dst, BV):
+        r = b0 + tl.arange(0, BV)
+        m = r < n_dst
+        st = tl.load(rowptr_ptr + r, mask=m, other=0).to(tl.int64)
+        en = tl.load(rowptr_ptr + r + 1, mask=m, other=0).to(tl.int64)
+        nseg = tl.where(m, tl.maximum((en - st + SEG - 1) // SEG, 1), 0)
+        off = total + tl.cumsum(nseg, 0) - nseg
+        tl.store(segptr_ptr + r, off, mask=m)
+        for j in range(0, tl.max(nseg, 0)):
+            mj = m & (j < nseg)
+            tl.store(vptr_ptr + off + j, st + j * SEG, mask=mj)
+            tl.store(rid_ptr + off + j, r, mask=mj)
+        total += tl.sum(nseg, 0)
+    tl.store(segptr_ptr + n_dst, total)
+    for v0 in range(total, n_v + 1, BV):
+        v = v0 + tl.arange(0, BV)
+        tl.store(vptr_ptr + v, tl.zeros((BV,), dtype=tl.int64) + E, mask=v <= n_v)
+        tl.store(rid_ptr + v, tl.zeros((BV,), dtype=tl.int64) + n_dst, mask=v < n_v)
+
+
+@triton.jit(do_not_specialize=["n_dst", "RC"])
+def segment_sum_kernel(part_ptr, segptr_ptr, out_ptr, n_dst, RC, BN: tl.constexpr, RB: tl.constexpr):
+    """out[i] = sum over receiver i's segments (in order) of part's rows (n_v, RC): the forward's per-segment outputs
+    added per receiver (deterministic). Program (receiver block, column block)."""
+    i = tl.program_id(0) * BN + tl.arange(0, BN)
+    col = tl.program_id(1) * RB + tl.arange(0, RB)
+    m = i < n_dst
+    s0 = tl.load(segptr_ptr + i, mask=m, other=0).to(tl.int64)
+    n = tl.load(segptr_ptr + i + 1, mask=m, other=0).to(tl.int64) - s0
+    acc = tl.zeros((BN, RB), dtype=part_ptr.dtype.element_ty)
+    for j in range(0, tl.max(n, 0)):
+        mj = m & (j < n)
+        acc += tl.load(part_ptr + (s0 + j)[:, None] * RC + col[None, :], mask=mj[:, None], other=0.0)
+    tl.store(out_ptr + i.to(tl.int64)[:, None] * RC + col[None, :], acc, mask=m[:, None])
 
 
 @triton.jit
@@ -188,13 +245,14 @@ def _load_g(g_ptr, i, imask, rb, R, RC, RB: tl.constexpr, dt):
     return g.to(dt)
 
 
-@triton.jit(do_not_specialize=["n_dst", "n_pairs", "H", "CIN", "HC", "CINC", "R", "RC"])
+@triton.jit(do_not_specialize=["n_v", "n_dst", "n_pairs", "H", "CIN", "HC", "CINC", "R", "RC"])
 def contract_forward_kernel(
     h_ptr,
     s_ptr,
     x_ptr,
     src_ptr,
     rowptr_ptr,
+    rid_ptr,
     wp_ptr,
     bp_ptr,
     out_ptr,
@@ -203,6 +261,7 @@ def contract_forward_kernel(
     blk_r,
     bnf_ptr,
     bns_ptr,
+    n_v,
     n_dst,
     n_pairs,
     H,
@@ -219,11 +278,12 @@ def contract_forward_kernel(
     PREC: tl.constexpr,
     AFF: tl.constexpr,
 ):
-    """out (n_dst, RC) in the plan's output order, zero on entry; h (E, HC) the last hidden layer's output in the
+    """out (n_v, RC) per receiver *segment* (:func:`split_receivers_kernel`; ``rowptr`` the segments' CSR, ``rid``
+    their receivers) in the plan's output order, zero on entry; h (E, HC) the last hidden layer's output in the
     plan's hidden order (with AFF its activation before its batch norm, ``bnf``/``bns`` (HC,), applied as it is
     read: :func:`_z_block`), s (E,) the radial shell, x (N, CINC); W' and B' packed (wp, bp)."""
-    i, imask, start, deg, nmax = _receivers(rowptr_ptr, tl.program_id(0), n_dst, BN)
-    orow = i[:, None] * RC + tl.arange(0, RB)[None, :]
+    v, i, imask, start, deg, nmax = _segments(rowptr_ptr, rid_ptr, tl.program_id(0), n_v, n_dst, BN)
+    orow = v[:, None] * RC + tl.arange(0, RB)[None, :]
     for p in range(0, n_pairs):
         hcol, hval, ccol, cval, q0, q1 = _pair(pairs_ptr, pair_ptr, p, H, CIN, HB, CB)
         z = _z_block(
@@ -291,12 +351,13 @@ def _dzb_block(
     return dzb
 
 
-@triton.jit(do_not_specialize=["n_dst", "n_pairs", "H", "CIN", "HC", "CINC", "R", "RC"])
+@triton.jit(do_not_specialize=["n_v", "n_dst", "n_pairs", "H", "CIN", "HC", "CINC", "R", "RC"])
 def contract_dhs_kernel(
     g_ptr,
     x_ptr,
     src_ptr,
     rowptr_ptr,
+    rid_ptr,
     wp_ptr,
     bp_ptr,
     dhs_ptr,
@@ -304,6 +365,7 @@ def contract_dhs_kernel(
     pairs_ptr,
     pair_ptr,
     blk_r,
+    n_v,
     n_dst,
     n_pairs,
     H,
@@ -322,7 +384,7 @@ def contract_dhs_kernel(
     """Given dout (n_dst, RC) in the plan's order: d hs_e = dZ_i x_e (E, HC, plan order) and the bias term's d s_e =
     d zb_i . x_e (E,), zero on entry. Needs neither hs nor s: it runs before the trunk's backward, which recomputes
     hs."""
-    i, imask, start, deg, nmax = _receivers(rowptr_ptr, tl.program_id(0), n_dst, BN)
+    _, i, imask, start, deg, nmax = _segments(rowptr_ptr, rid_ptr, tl.program_id(0), n_v, n_dst, BN)
     for p in range(0, n_pairs):
         hcol, hval, ccol, cval, q0, q1 = _pair(pairs_ptr, pair_ptr, p, H, CIN, HB, CB)
         dzt = tl.permute(_dz_block(g_ptr, wp_ptr, blk_r, i, imask, q0, q1, R, RC, BN, HB, CB, RB, PREC), (0, 2, 1))
@@ -344,18 +406,20 @@ def contract_dhs_kernel(
             _rmw(ds_ptr, e, tl.sum(xt * dzb[:, None, :], 2), emask)
 
 
-@triton.jit(do_not_specialize=["n_dst", "n_pairs", "H", "CIN", "HC", "CINC", "R", "RC"])
+@triton.jit(do_not_specialize=["n_v", "n_dst", "n_pairs", "H", "CIN", "HC", "CINC", "R", "RC"])
 def contract_dx_kernel(
     g_ptr,
     h_ptr,
     s_ptr,
     rowptr_ptr,
+    rid_ptr,
     wp_ptr,
     bp_ptr,
     dxe_ptr,
     pairs_ptr,
     pair_ptr,
     blk_r,
+    n_v,
     n_dst,
     n_pairs,
     H,
@@ -374,7 +438,7 @@ def contract_dx_kernel(
     """Given dout (n_dst, RC) and h (E, HC) in the plan's order: the gradient of each edge's gathered source
     features, d x_e = dZ_i^T hs_e + s_e d zb_i (E, CINC, plan order), zero on entry (the host adds it into the
     sources)."""
-    i, imask, start, deg, nmax = _receivers(rowptr_ptr, tl.program_id(0), n_dst, BN)
+    _, i, imask, start, deg, nmax = _segments(rowptr_ptr, rid_ptr, tl.program_id(0), n_v, n_dst, BN)
     for p in range(0, n_pairs):
         hcol, hval, ccol, cval, q0, q1 = _pair(pairs_ptr, pair_ptr, p, H, CIN, HB, CB)
         dz = _dz_block(g_ptr, wp_ptr, blk_r, i, imask, q0, q1, R, RC, BN, HB, CB, RB, PREC)
@@ -402,7 +466,7 @@ def contract_dx_kernel(
             )
 
 
-@triton.jit(do_not_specialize=["n_dst", "n_blocks", "n_pairs", "NB", "H", "CIN", "HC", "CINC", "R", "RC"])
+@triton.jit(do_not_specialize=["n_v", "n_dst", "n_blocks", "n_pairs", "NB", "H", "CIN", "HC", "CINC", "R", "RC"])
 def contract_wgrad_kernel(
     g_ptr,
     h_ptr,
@@ -410,11 +474,13 @@ def contract_wgrad_kernel(
     x_ptr,
     src_ptr,
     rowptr_ptr,
+    rid_ptr,
     dwc_ptr,
     dbf_ptr,
     pairs_ptr,
     pair_ptr,
     blk_r,
+    n_v,
     n_dst,
     n_blocks,
     n_pairs,
@@ -432,7 +498,7 @@ def contract_wgrad_kernel(
     RB: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    """Partial sums over one split (axis 1) of the receiver blocks: program p < n_pairs (axis 0) owns the W' blocks of
+    """Partial sums over one split (axis 1) of the segment blocks: program p < n_pairs (axis 0) owns the W' blocks of
     pair p in dW' (NSPLIT, NB, HB * CB, RB); program n_pairs + j owns input block j of dB' (NSPLIT, CINC, RC) (x @ B
     layout, permuted). Zero on entry. Operands in the plan's order, as :func:`contract_dx_kernel`'s."""
     pid = tl.program_id(0)
@@ -444,7 +510,7 @@ def contract_wgrad_kernel(
         dwc = dwc_ptr + split.to(tl.int64) * NB * (HB * CB * RB)
         rows = tl.arange(0, HB * CB)
         for blk in range(split, n_blocks, nsplit):
-            i, imask, start, deg, nmax = _receivers(rowptr_ptr, blk, n_dst, BN)
+            _, i, imask, start, deg, nmax = _segments(rowptr_ptr, rid_ptr, blk, n_v, n_dst, BN)
             z = _z_block(
                 h_ptr, s_ptr, x_ptr, src_ptr, start, deg, nmax, hcol, hval, ccol, cval, HC, CINC, BN, KP, HB, CB, PREC
             )  # fmt: skip
@@ -462,7 +528,7 @@ def contract_wgrad_kernel(
         ccol, cval = _span(cb, CIN, CB)
         dbf = dbf_ptr + split.to(tl.int64) * CINC * RC
         for blk in range(split, n_blocks, nsplit):
-            i, imask, start, deg, nmax = _receivers(rowptr_ptr, blk, n_dst, BN)
+            _, i, imask, start, deg, nmax = _segments(rowptr_ptr, rid_ptr, blk, n_v, n_dst, BN)
             zbt = tl.trans(_zb(s_ptr, x_ptr, src_ptr, start, deg, nmax, ccol, cval, CINC, BN, KP, CB, dt))
             for rb in range(0, RC, RB):
                 g = _load_g(g_ptr, i, imask, rb, R, RC, RB, dt)

@@ -737,6 +737,29 @@ def _make_setup(
     return lay, pack, hidden, plan, wc, bf, coef, trunk, consts, walk, sizes, last_bn
 
 
+SEGMENT = 4 * BLOCK  # the most edges of one receiver that one contraction program walks (a hub: several programs)
+_SEGMENTS: "WeakIdKeyDictionary" = WeakIdKeyDictionary()
+
+
+def _segments(rowptr: Tensor, E: int):
+    """The receivers' in-edges cut into segments of at most SEGMENT edges (.contract.split_receivers_kernel): (vptr
+    (n_v + 1,), rid (n_v,), segptr (n_dst + 1,), n_v) with n_v = n_dst + E // SEGMENT, a bound on the segment count
+    known without reading the graph back (no host synchronisation). Kept per CSR tensor (identity and version), so
+    that a backward reuses its forward's."""
+    key = (rowptr._version, E)
+    hit = _SEGMENTS.get(rowptr)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    n_dst = rowptr.shape[0] - 1
+    n_v = n_dst + E // SEGMENT
+    vptr, segptr = rowptr.new_empty(n_v + 1), rowptr.new_empty(n_dst + 1)
+    rid = torch.empty(n_v, dtype=torch.int32, device=rowptr.device)
+    K2.split_receivers_kernel[(1,)](rowptr, vptr, rid, segptr, n_dst, n_v, E, SEG=SEGMENT, BV=1024, num_warps=4)
+    out = (vptr, rid, segptr, n_v)
+    _SEGMENTS[rowptr] = (key, out)
+    return out
+
+
 def _pack(t: Tensor, gather: Tensor) -> Tensor:
     """``t`` flattened with a zero appended, gathered at ``gather`` (the plan's packed order; the zero for padding)."""
     return torch.cat([t.reshape(-1), t.new_zeros(1)]).index_select(0, gather)
@@ -848,20 +871,25 @@ def conv(
         )
         if last_bn is not None:
             aff = (*last_bn, True)
-    # h, x and out in the plan's order (one column permutation each at the trunk's boundary)
-    outp = x.new_zeros(n_dst, sizes[-1])
-    K2.contract_forward_kernel[(-(-n_dst // BLOCK),)](
+    # h, x and out in the plan's order (one column permutation each at the trunk's boundary); one output row per
+    # receiver segment, the segments added per receiver in order
+    vptr, rid, segptr, n_v = _segments(rowptr, E)
+    RC = sizes[-1]
+    outv = x.new_zeros(n_v, RC)
+    K2.contract_forward_kernel[(-(-n_v // BLOCK),)](
         _to_plan(h, plan.perm_h),
         s,
         _to_plan(x, plan.perm_c),
         _c(src),
-        rowptr,
+        vptr,
+        rid,
         wc,
         bf,
-        outp,
+        outv,
         *walk,
         aff[0],
         aff[1],
+        n_v,
         n_dst,
         plan.n_pairs,
         *sizes,
@@ -869,6 +897,8 @@ def conv(
         AFF=aff[2],
         **consts,
     )
+    outp = x.new_empty(n_dst, RC)
+    K2.segment_sum_kernel[(-(-n_dst // BLOCK), RC // BLOCK)](outv, segptr, outp, n_dst, RC, BN=BLOCK, RB=BLOCK)
     return _from_plan(outp, plan.inv_r)
 
 
@@ -911,7 +941,8 @@ def conv_backward(
     )  # fmt: skip
     irreps = isinstance(lay, IrrepLayout)
     grad = _as(grad, x.dtype)
-    n_blocks = -(-n_dst // BLOCK)
+    vptr, rid, _, n_v = _segments(rowptr, E)
+    n_blocks = -(-n_v // BLOCK)  # blocks of receiver segments
     n_tiles = -(-E // BACKWARD_TILE)
     per_program = pack.gradient_size + 1
     nprog = num_programs(n_tiles, x.device, per_program)
@@ -928,12 +959,14 @@ def conv_backward(
         gp,
         xp,
         src,
-        rowptr,
+        vptr,
+        rid,
         wc,
         bf,
         dhsp,
         dsb,
         *walk,
+        n_v,
         n_dst,
         plan.n_pairs,
         *sizes,
@@ -979,8 +1012,9 @@ def conv_backward(
     del dhs
     # 3. d x per edge, per receiver block ...
     K2.contract_dx_kernel[(n_blocks,)](
-        gp, hs, s, rowptr, wc, bf, dxe, *walk, n_dst, plan.n_pairs, *sizes, num_warps=warps("contract", 0), **consts
-    )
+        gp, hs, s, vptr, rid, wc, bf, dxe, *walk, n_v, n_dst, plan.n_pairs, *sizes, num_warps=warps("contract", 0),
+        **consts,
+    )  # fmt: skip
     # 4. ... and dW', dB' per pair of the plan (and per input block), in splits of the receivers summed in a fixed
     # order
     K2.contract_wgrad_kernel[(plan.n_pairs + plan.n_cblocks, nsplit)](
@@ -989,10 +1023,12 @@ def conv_backward(
         s,
         xp,
         src,
-        rowptr,
+        vptr,
+        rid,
         dwc,
         dbf,
         *walk,
+        n_v,
         n_dst,
         n_blocks,
         plan.n_pairs,
