@@ -13,8 +13,9 @@
 #   3 tests       pytest -m gpu -rs, a time limit per test, never stopping at the first failure; junit XML
 #   4 precompile  Triton's kernels of M and H (python -m ik_fast.tools.bench --precompile)
 #   5 bench       M and H, training step, providers reference, torch, triton, native, escnn, IEEE then TF32
-#   6 sweep       the edge sweeps of M and H (then P, which is skipped without its QM9 data), while time is left
-#   7 table       a short table of everything above
+#   6 bench-3xtf32  M and H, training step, the fused providers (triton, native) in 3xTF32: what "highest" runs as
+#   7 sweep       the edge sweeps of M and H (then P, which is skipped without its QM9 data), while time is left
+#   8 table       a short table of everything above
 # The budget is wall-clock from the start: each step has a deadline (a share of the budget, the rest to the next
 # step when it ends early), and a benchmark case still running at its deadline is stopped (its process killed).
 # Every results file (ik_fast.records: commit, versions, GPU name) is written to $OUT/results/ the moment it is
@@ -154,10 +155,14 @@ fi
 step tests "$TESTS_END" "$PY" benchmarks/gpu_run.py tests --device $DEVICE --per-test $PER_TEST \
   --deadline "$TESTS_END" --out-dir "$OUT/tests" --copy-to "$OUT/results" -- tests "${SELECT[@]}" -rs -v
 step precompile "$PRE_END" "$PY" -m ik_fast.tools.bench --precompile --problems $PRECOMPILE --device $DEVICE \
-  --precision highest,high --budget-s "$(until_ "$PRE_END")" --copy-to "$OUT/results"
+  --precision ieee,high,tf32x3 --budget-s "$(until_ "$PRE_END")" --copy-to "$OUT/results"
 step bench "$END" "$PY" -m ik_fast.tools.bench --problems "$MAIN" --providers $PROVIDERS --modes train --device $DEVICE \
-  --precision highest,high --repeats $REPEATS --timeout $PER_CASE --budget-s "$(until_ "$END")" \
+  --precision ieee,high --repeats $REPEATS --timeout $PER_CASE --budget-s "$(until_ "$END")" \
   --name gpu --copy-to "$OUT/results"
+FUSED_PROVIDERS=$(echo "$PROVIDERS" | tr ',' '\n' | grep -E '^(triton|native)$' | paste -sd, -)
+step bench-3xtf32 "$END" "$PY" -m ik_fast.tools.bench --problems "$MAIN" --providers "$FUSED_PROVIDERS" --modes train \
+  --device $DEVICE --precision tf32x3 --repeats $REPEATS --timeout $PER_CASE --budget-s "$(until_ "$END")" \
+  --name gpu-3xtf32 --copy-to "$OUT/results"
 step sweep "$END" "$PY" -m ik_fast.tools.bench --problems "$SWEEP" --providers $PROVIDERS --modes train --device $DEVICE \
   --repeats $REPEATS --timeout $PER_CASE --budget-s "$(until_ "$END")" --name gpu-sweep \
   --copy-to "$OUT/results"

@@ -22,6 +22,7 @@ _EXPORTS = {
     "available_backends": "backends",
     "implicit_point_conv": "nn.functional",
     "prepare_graph": "graph",
+    "set_value_checks": "graph",
     "assert_equivariant": "testing",
 }
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ __all__ = [
     "padded_degrees",
     "check_int32_extents",
     "INT32_LIMIT",
+    "set_value_checks",
+    "value_checks_enabled",
 ]
 
 # edges per chunk of the factorised backend; bounds the per-chunk activations (E_chunk x hidden) and Z (n_r x H x C)
@@ -173,6 +176,55 @@ def _make_chunks(g: Graph, hidden: int, in_size: int) -> ChunkPlan:
     )
 
 
+class _ValueChecks(threading.local):
+    enabled = True
+
+
+_VALUE_CHECKS = _ValueChecks()
+
+
+class set_value_checks:
+    """Turn the checks that read input values on the host on or off (on by default; per thread), as a function or as
+    a context manager, like ``torch.set_grad_enabled``::
+
+        ik_fast.graph.set_value_checks(False)          # from here on
+        with ik_fast.graph.set_value_checks(False):    # in this block only
+            loss = model(batch).sum()
+
+    The checks are: node features, positions, ``edge_delta`` and ``edge_attr`` finite, and ``edge_index``'s entries
+    in range when a graph is first prepared. Each reads one number on the host, a synchronisation on a GPU (four per
+    training step of a layer); shapes, dtypes and devices are always checked. Without the value checks a NaN passes
+    through as it does in ``torch.nn`` layers, and an out-of-range ``edge_index`` is undefined behaviour.
+
+    They are skipped by themselves where values cannot be read: while ``torch.compile`` traces (the compiled step
+    checks them in its registered ops) and while a CUDA graph is being captured (``torch.cuda.graph``): a captured
+    step replays with no host synchronisation. A graph is then taken from the cache of :func:`prepare_graph`, so the
+    warm-up steps a capture needs anyway must have prepared it (the same ``edge_index`` tensor)."""
+
+    def __init__(self, enabled: bool):
+        if not isinstance(enabled, bool):
+            raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
+        self.prev = _VALUE_CHECKS.enabled
+        _VALUE_CHECKS.enabled = enabled
+
+    def __enter__(self) -> "set_value_checks":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _VALUE_CHECKS.enabled = self.prev
+
+
+def _capturing() -> bool:
+    """Whether the current CUDA stream is capturing a graph (never on a machine without CUDA)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def value_checks_enabled() -> bool:
+    """Whether the checks of input values run here: :class:`set_value_checks` is on, and neither ``torch.compile``
+    is tracing nor a CUDA graph capturing."""
+    return _VALUE_CHECKS.enabled and not torch.compiler.is_compiling() and not _capturing()
+
+
 _CACHE: "OrderedDict[tuple, Tuple[weakref.ref, Graph]]" = OrderedDict()
 _CACHE_SIZE = 16
 
@@ -207,9 +259,14 @@ def prepare_graph(
     if hit is not None and hit[0]() is edge_index:
         _CACHE.move_to_end(key)
         return hit[1]
+    if _capturing():
+        raise RuntimeError(
+            "edge_index was not prepared before this CUDA graph capture: run the step once outside the capture with "
+            "the same edge_index tensor (the warm-up a capture needs) so that its graph is cached"
+        )
     ei = edge_index.long()
     E = ei.shape[1]
-    if E > 0:
+    if E > 0 and value_checks_enabled():
         # (one read on the host: amin and amax take 5 operators, aminmax 9 and its min and item 5 more)
         min_src, min_dst, hi_src, hi_dst = torch.cat([ei.amin(1), ei.amax(1)]).tolist()
         lo = min(min_src, min_dst)
@@ -249,6 +306,8 @@ def _check_edge_index(edge_index, device) -> None:
 
 
 def _check_finite(finite) -> None:
+    if not value_checks_enabled():
+        return
     for name, t in finite:
         if t is not None and not all_finite(t):
             raise ValueError(f"{name} contains NaN or infinite values")
@@ -308,7 +367,7 @@ def _check_float(t: Tensor, name: str, shape: tuple, device, dtype, finite: bool
         raise ValueError(f"{name} is on {t.device} but the layer's parameters are on {device}")
     if t.dtype != dtype:
         raise TypeError(f"{name} has dtype {t.dtype} but the layer's parameters are {dtype}")
-    if finite and not all_finite(t):
+    if finite and value_checks_enabled() and not all_finite(t):
         raise ValueError(f"{name} contains NaN or infinite values")
 
 
@@ -336,7 +395,7 @@ def check_node_features(x: Tensor, name: str, size: int, device, dtype, finite: 
             f"their node indices), got a batched tensor of shape {tuple(x.shape)}"
         )
     _check_float(x, name, (None, size), device, dtype, finite=False)
-    if finite and not torch.compiler.is_compiling() and not all_finite(x):
+    if finite and value_checks_enabled() and not all_finite(x):
         node, channel = (~torch.isfinite(x)).nonzero()[0].tolist()
         raise ValueError(
             f"{name} contains NaN or infinite values (first at node {node}, channel {channel}: "
@@ -349,7 +408,7 @@ def check_positions(pos, name: str, rows: int, dim: int, finite: bool = True) ->
     if not isinstance(pos, Tensor) or pos.dim() != 2 or tuple(pos.shape) != (rows, dim):
         got = tuple(pos.shape) if isinstance(pos, Tensor) else type(pos).__name__
         raise ValueError(f"{name} must have shape ({rows}, {dim}), got {got}")
-    if finite and not all_finite(pos):
+    if finite and value_checks_enabled() and not all_finite(pos):
         raise ValueError(f"{name} contains NaN or infinite values")
 
 

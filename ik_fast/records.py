@@ -42,7 +42,7 @@ from typing import Dict, Iterable, List, Optional
 __all__ = ["SCHEMA", "KINDS", "provenance", "record", "write", "load", "validate", "device_slug"]
 
 SCHEMA = "ik_fast-results/1"
-KINDS = ("timing", "compile", "work", "precision", "training", "equivariance", "test")
+KINDS = ("timing", "compile", "work", "precision", "training", "equivariance", "test", "sectors", "model")
 _FIELDS = (
     "kind",
     "commit",

@@ -39,10 +39,34 @@ from typing import Dict, List, Optional
 
 from ik_fast.tools.cases import MODES, model_flops, setup_case  # noqa: F401  (the harness's names)
 
-# torch.set_float32_matmul_precision's names and the records' names for them (float32 cases)
-PRECISIONS = {"highest": "ieee", "high": "tf32"}
-_PRECISION_ALIASES = {"highest": "highest", "ieee": "highest", "high": "high", "tf32": "high"}
+# A pass's precision name -> (torch.set_float32_matmul_precision, $IK_FAST_HIGHEST): "highest" is PyTorch's switch
+# as a user leaves it (on CUDA the fused backends run it as 3xTF32, every other provider as IEEE); "ieee" and
+# "tf32x3" pin what "highest" runs as in the fused backends; "high" is TF32 (every provider alike).
+_PASSES = {
+    "highest": ("highest", None),
+    "ieee": ("highest", "ieee"),
+    "tf32x3": ("highest", "tf32x3"),
+    "high": ("high", None),
+}
+# the records' names for the passes (float32 cases)
+PRECISIONS = {"highest": "ieee", "ieee": "ieee", "tf32x3": "tf32x3", "high": "tf32"}
+_PRECISION_ALIASES = {"highest": "highest", "ieee": "ieee", "tf32x3": "tf32x3", "high": "high", "tf32": "high"}
 PRECOMPILE_PRECISIONS = ("highest", "high", "bf16")
+_FUSED = ("triton", "native")
+
+
+def set_precision(name: str) -> None:
+    """Set up this process for a float32 pass named as in :data:`_PASSES` (``bf16`` and unknown names: "highest")."""
+    import torch
+
+    matmul, highest = _PASSES.get(name, ("highest", None))
+    if highest is None:
+        os.environ.pop("IK_FAST_HIGHEST", None)
+    else:
+        os.environ["IK_FAST_HIGHEST"] = highest
+    torch.set_float32_matmul_precision(matmul)
+
+
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout
 _T0 = time.time()  # about when this process started (this module imports nothing heavy): --budget-s counts from it
 
@@ -164,7 +188,7 @@ def measure(
     (steps of milliseconds: their median over a second of them, at most ``max_repeats``, not over a handful)."""
     import torch
 
-    torch.set_float32_matmul_precision(precision)  # "highest": IEEE float32; "high": TF32 (every provider alike)
+    set_precision(precision)
     step, rec = setup_case(problem, provider, mode, device, dtype, seed)
     rec["precision"] = precision
     call, (x, pos, attr) = step.call, step.inputs
@@ -465,7 +489,13 @@ def record_precision(case: Dict) -> str:
     dtype = case.get("dtype", "float32")
     if dtype != "float32":
         return dtype
-    return PRECISIONS.get(case.get("precision", "highest"), case.get("precision", "highest"))
+    prec = case.get("precision", "highest")
+    if prec in ("highest", "tf32x3"):
+        # 3xTF32 is what "highest" runs as in the fused backends on CUDA (unless $IK_FAST_HIGHEST says otherwise);
+        # everything else, and everything on CPU, runs it as IEEE
+        cuda_fused = str(case.get("device", "cpu")).startswith("cuda") and case.get("provider") in _FUSED
+        return "tf32x3" if cuda_fused else "ieee"
+    return PRECISIONS.get(prec, prec)
 
 
 def case_records(rec: Dict, prov: Dict, command: str) -> List[Dict]:
@@ -573,7 +603,7 @@ def precompile(
                 small = _problem(graph_sizes(problem)[0])
                 _problems.PROBLEMS.setdefault(small.name, small)
                 t = time.perf_counter()
-                torch.set_float32_matmul_precision("high" if prec == "high" else "highest")
+                set_precision(prec)
                 amp = (
                     torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
                     if prec == "bf16"
@@ -588,7 +618,7 @@ def precompile(
                     add((problem, prec, mode, None, _last_line(exc)))
                     continue
                 add((problem, prec, mode, time.perf_counter() - t, None))
-    torch.set_float32_matmul_precision("highest")
+    set_precision("highest")
     return out
 
 
@@ -656,9 +686,10 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--precision",
         default=None,
-        help="torch.set_float32_matmul_precision, comma separated for several passes over the cases: "
-        "highest (= ieee: IEEE float32, the default) and/or high (= tf32: TF32, every provider "
-        "alike); with --precompile: which of highest, high, bf16 to compile (default all three)",
+        help="float32 passes over the cases, comma separated: highest (torch.set_float32_matmul_precision's "
+        "default: IEEE float32, on CUDA 3xTF32 in the fused backends), ieee or tf32x3 (what highest runs as in the "
+        "fused backends, pinned with $IK_FAST_HIGHEST), high (= tf32: TF32, every provider alike); with "
+        "--precompile: which of these and bf16 to compile (default highest, high, bf16)",
     )
     ap.add_argument("--timeout", type=float, default=240, help="seconds per case: its child is killed after that")
     ap.add_argument(
@@ -730,7 +761,7 @@ def _check(args, ap) -> None:
         if bad:
             ap.error(f"--modes: unknown mode(s) {bad}; known: {list(MODES)}")
     if args.precision is not None:
-        known = set(PRECOMPILE_PRECISIONS) | {"ieee", "tf32"} if args.precompile else set(_PRECISION_ALIASES)
+        known = set(PRECOMPILE_PRECISIONS) | set(_PRECISION_ALIASES) if args.precompile else set(_PRECISION_ALIASES)
         bad = [p for p in _split(args.precision, "--precision") if p not in known]
         if bad:
             ap.error(f"--precision: unknown value(s) {bad}; known: {sorted(known)}")
@@ -768,7 +799,7 @@ def main(argv=None) -> int:
 
     if args.precompile:
         precs = (
-            [{"ieee": "highest", "tf32": "high"}.get(p, p) for p in _split(args.precision, "--precision")]
+            [_PRECISION_ALIASES.get(p, p) for p in _split(args.precision, "--precision")]
             if args.precision
             else list(PRECOMPILE_PRECISIONS)
         )
