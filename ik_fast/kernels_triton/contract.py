@@ -61,7 +61,7 @@ def _segments(vptr_ptr, rid_ptr, blk, n_v, n_dst, BN: tl.constexpr):
     """Segments of block ``blk`` (:func:`split_receivers_kernel`): their own ids (BN,), their receivers' ids, validity,
     first edge and length, max length."""
     v, vmask, start, deg, nmax = _receivers(vptr_ptr, blk, n_v, BN)
-    r = tl.load(rid_ptr + v, mask=vmask, other=0).to(tl.int64)
+    r = tl.load(rid_ptr + v, mask=vmask, other=0)  # int32 (fewer live registers); widened where it is an offset
     return v, r, vmask & (r < n_dst), start, deg, nmax
 
 
@@ -241,7 +241,7 @@ def _zb(
 def _load_g(g_ptr, i, imask, rb, R, RC, RB: tl.constexpr, dt):
     """dout (BN, RB) of the receivers on output positions rb .. rb + RB (``g_ptr`` (n_dst, RC), plan order)."""
     r, rval = _span(rb, R, RB)
-    g = tl.load(g_ptr + i[:, None] * RC + r[None, :], mask=imask[:, None] & rval[None, :], other=0.0)
+    g = tl.load(g_ptr + i.to(tl.int64)[:, None] * RC + r[None, :], mask=imask[:, None] & rval[None, :], other=0.0)
     return g.to(dt)
 
 

@@ -949,10 +949,11 @@ def conv_backward(
     w_floats, b_floats = wc.shape[0], bf.shape[0]
     nsplit = wgrad_splits(n_blocks, plan.n_pairs + plan.n_cblocks, w_floats, x.device)
     HC, CC = sizes[2], sizes[3]
-    # every zero-initialised buffer of the backward in one allocation; the contraction's in the plan's order
-    shapes = [(E, HC), (E,), (nprog, per_program), (E, CC), (nsplit, w_floats), (nsplit, b_floats)]
+    # every zero-initialised buffer of the backward in one allocation; the contraction's in the plan's order, first,
+    # each a multiple of 16 elements (rows of 16-element blocks on whole 32-byte sectors)
+    shapes = [(E, HC), (E, CC), (nsplit, w_floats), (nsplit, b_floats), (E,), (nprog, per_program)]
     zeros = x.new_zeros(sum(math.prod(sh) for sh in shapes)).split([math.prod(sh) for sh in shapes])
-    dhsp, dsb, acc, dxe, dwc, dbf = (z.view(sh) for z, sh in zip(zeros, shapes))
+    dhsp, dxe, dwc, dbf, dsb, acc = (z.view(sh) for z, sh in zip(zeros, shapes))
     gp, xp = _to_plan(grad, plan.perm_r), _to_plan(x, plan.perm_c)  # dout and x in the plan's order
     # 1. the contraction's d hs and the bias term's d s, per receiver block (no trunk needed)
     K2.contract_dhs_kernel[(n_blocks,)](
