@@ -65,6 +65,12 @@ def _segments(vptr_ptr, rid_ptr, blk, n_v, n_dst, BN: tl.constexpr):
     return v, r, vmask & (r < n_dst), start, deg, nmax
 
 
+@triton.jit
+def _live(imask):
+    """1 when the block has a receiver segment, 0 for a block of the unused tail (its loops then run no dot)."""
+    return tl.max(imask.to(tl.int32), 0)
+
+
 @triton.jit(do_not_specialize=["n_dst", "n_v", "E"])
 def split_receivers_kernel(
     rowptr_ptr, vptr_ptr, rid_ptr, segptr_ptr, n_dst, n_v, E, SEG: tl.constexpr, BV: tl.constexpr
@@ -283,8 +289,9 @@ def contract_forward_kernel(
     plan's hidden order (with AFF its activation before its batch norm, ``bnf``/``bns`` (HC,), applied as it is
     read: :func:`_z_block`), s (E,) the radial shell, x (N, CINC); W' and B' packed (wp, bp)."""
     v, i, imask, start, deg, nmax = _segments(rowptr_ptr, rid_ptr, tl.program_id(0), n_v, n_dst, BN)
+    live = _live(imask)
     orow = v[:, None] * RC + tl.arange(0, RB)[None, :]
-    for p in range(0, n_pairs):
+    for p in range(0, n_pairs * live):
         hcol, hval, ccol, cval, q0, q1 = _pair(pairs_ptr, pair_ptr, p, H, CIN, HB, CB)
         z = _z_block(
             h_ptr, s_ptr, x_ptr, src_ptr, start, deg, nmax, hcol, hval, ccol, cval, HC, CINC, BN, KP, HB, CB, PREC,
@@ -295,7 +302,7 @@ def contract_forward_kernel(
             _rmw(out_ptr, orow + tl.load(blk_r + q), o, imask[:, None])
     tl.debug_barrier()  # the bias loop read-modify-writes the same elements in another register layout
     # the bias term: zb = sum_e s_e x_e per receiver, times B'
-    for cb in range(0, CINC, CB):
+    for cb in range(0, CINC * live, CB):
         ccol, cval = _span(cb, CIN, CB)
         zb = _zb(s_ptr, x_ptr, src_ptr, start, deg, nmax, ccol, cval, CINC, BN, KP, CB, h_ptr.dtype.element_ty)
         for rb in range(0, RC, RB):
@@ -385,7 +392,8 @@ def contract_dhs_kernel(
     d zb_i . x_e (E,), zero on entry. Needs neither hs nor s: it runs before the trunk's backward, which recomputes
     hs."""
     _, i, imask, start, deg, nmax = _segments(rowptr_ptr, rid_ptr, tl.program_id(0), n_v, n_dst, BN)
-    for p in range(0, n_pairs):
+    live = _live(imask)
+    for p in range(0, n_pairs * live):
         hcol, hval, ccol, cval, q0, q1 = _pair(pairs_ptr, pair_ptr, p, H, CIN, HB, CB)
         dzt = tl.permute(_dz_block(g_ptr, wp_ptr, blk_r, i, imask, q0, q1, R, RC, BN, HB, CB, RB, PREC), (0, 2, 1))
         for t0 in range(0, nmax, KP):
@@ -397,7 +405,7 @@ def contract_dhs_kernel(
                 _mm(xt, dzt, PREC),
                 emask[:, :, None] & hval[None, None, :],
             )
-    for cb in range(0, CINC, CB):
+    for cb in range(0, CINC * live, CB):
         ccol, cval = _span(cb, CIN, CB)
         dzb = _dzb_block(g_ptr, bp_ptr, i, imask, cb, R, RC, BN, CB, RB, PREC)
         for t0 in range(0, nmax, KP):
@@ -439,7 +447,8 @@ def contract_dx_kernel(
     features, d x_e = dZ_i^T hs_e + s_e d zb_i (E, CINC, plan order), zero on entry (the host adds it into the
     sources)."""
     _, i, imask, start, deg, nmax = _segments(rowptr_ptr, rid_ptr, tl.program_id(0), n_v, n_dst, BN)
-    for p in range(0, n_pairs):
+    live = _live(imask)
+    for p in range(0, n_pairs * live):
         hcol, hval, ccol, cval, q0, q1 = _pair(pairs_ptr, pair_ptr, p, H, CIN, HB, CB)
         dz = _dz_block(g_ptr, wp_ptr, blk_r, i, imask, q0, q1, R, RC, BN, HB, CB, RB, PREC)
         for t0 in range(0, nmax, KP):
@@ -452,7 +461,7 @@ def contract_dx_kernel(
                 emask[:, :, None] & cval[None, None, :],
             )
     tl.debug_barrier()  # the bias loop read-modify-writes the same elements in another register layout
-    for cb in range(0, CINC, CB):
+    for cb in range(0, CINC * live, CB):
         ccol, cval = _span(cb, CIN, CB)
         dzb = _dzb_block(g_ptr, bp_ptr, i, imask, cb, R, RC, BN, CB, RB, PREC)
         for t0 in range(0, nmax, KP):
@@ -515,7 +524,7 @@ def contract_wgrad_kernel(
                 h_ptr, s_ptr, x_ptr, src_ptr, start, deg, nmax, hcol, hval, ccol, cval, HC, CINC, BN, KP, HB, CB, PREC
             )  # fmt: skip
             zt = tl.trans(z)  # (HB * CB, BN)
-            for q in range(q0, q1):
+            for q in range(q0, q0 + (q1 - q0) * _live(imask)):
                 g = _load_g(g_ptr, i, imask, tl.load(blk_r + q), R, RC, RB, dt)
                 _rmw(
                     dwc,
@@ -530,7 +539,7 @@ def contract_wgrad_kernel(
         for blk in range(split, n_blocks, nsplit):
             _, i, imask, start, deg, nmax = _segments(rowptr_ptr, rid_ptr, blk, n_v, n_dst, BN)
             zbt = tl.trans(_zb(s_ptr, x_ptr, src_ptr, start, deg, nmax, ccol, cval, CINC, BN, KP, CB, dt))
-            for rb in range(0, RC, RB):
+            for rb in range(0, RC * _live(imask), RB):
                 g = _load_g(g_ptr, i, imask, rb, R, RC, RB, dt)
                 r = rb + tl.arange(0, RB)
                 _rmw(dbf, ccol[:, None] * RC + r[None, :], _mm(zbt, g, PREC), ccol[:, None] >= 0)
