@@ -352,14 +352,33 @@ def test_hub_over_many_edge_chunks_and_tile_sizes(monkeypatch):
             assert rel(f, r) <= tolerance("backward", torch.float64)
 
 
+def test_receiver_segments_cover_every_receiver_and_split_hubs():
+    """The contraction's receiver segments (kernels_triton/contract.split_receivers_kernel): each receiver's edges
+    exactly, in order, in pieces of at most SEGMENT (a hub over several programs), one empty segment per receiver
+    without edges, the unused tail empty and masked."""
+    deg = torch.tensor([0, 3, 150, 64, 65, 0, 1, 200, 0])
+    rowptr = torch.cat([torch.zeros(1, dtype=torch.long), deg.cumsum(0)])
+    E, S = int(rowptr[-1]), launch.SEGMENT
+    vptr, rid, segptr, n_v = launch._segments(rowptr, E)
+    assert n_v == deg.shape[0] + E // S and launch._segments(rowptr, E)[0] is vptr  # kept for the backward
+    lengths = vptr.diff()
+    for r, d in enumerate(deg.tolist()):
+        a, b = int(segptr[r]), int(segptr[r + 1])
+        assert b - a == max(1, -(-d // S))
+        assert int(vptr[a]) == int(rowptr[r]) and int(vptr[b]) == int(rowptr[r + 1])
+        assert bool((rid[a:b] == r).all()) and bool((lengths[a:b] <= S).all())
+    tail = int(segptr[-1])
+    assert bool((rid[tail:] == deg.shape[0]).all()) and bool((vptr[tail:] == E).all())
+
+
 @triton.jit
-def _offsets_probe(out_ptr, rowptr_ptr, t, HC, CINC, RC, BE: tl.constexpr, BN: tl.constexpr):
+def _offsets_probe(out_ptr, rowptr_ptr, rid_ptr, t, HC, CINC, RC, BE: tl.constexpr, BN: tl.constexpr):
     """The kernels' own index arithmetic, stored instead of dereferenced: trunk tile edges and their (E, H) row
     offsets, a receiver block's edge ids and their row offsets."""
     offs = KC._tile_edges(t, BE)
     tl.store(out_ptr + tl.arange(0, BE), offs)
     tl.store(out_ptr + BE + tl.arange(0, BE), offs * 1024)  # a row offset into an (E, 1024) buffer
-    i, imask, start, deg, nmax = KK._receivers(rowptr_ptr, 0, 1, BN)
+    v, i, imask, start, deg, nmax = KK._segments(rowptr_ptr, rid_ptr, 0, 1, 1, BN)
     e, emask = KK._edges(start, deg, 0, BN)
     tl.store(out_ptr + 2 * BE + tl.arange(0, BN), tl.sum(tl.where(emask, e, 0), 0))
     tl.store(out_ptr + 2 * BE + BN + tl.arange(0, BN), tl.sum(tl.where(emask, e * HC, 0), 0))
@@ -372,7 +391,7 @@ def test_index_arithmetic_is_int64_past_2_31():
     big = 3 * 2**31
     rowptr = torch.tensor([big, big + 5] + [big + 5] * BN, dtype=torch.int64)
     out = torch.zeros(2 * BE + 2 * BN, dtype=torch.int64)
-    _offsets_probe[(1,)](out, rowptr, 2**31 // BE, 1024, 16, 16, BE=BE, BN=BN)
+    _offsets_probe[(1,)](out, rowptr, torch.zeros(BN, dtype=torch.int32), 2**31 // BE, 1024, 16, 16, BE=BE, BN=BN)
     first = torch.arange(BE, dtype=torch.int64) + 2**31
     assert torch.equal(out[:BE], first)
     assert torch.equal(out[BE : 2 * BE], first * 1024)

@@ -49,12 +49,22 @@ class Blocks:
     (NB, 16 * 16, 16) of its structural non-zeros (the gradient's partial sums are put back with them);
     ``b_src`` / ``b_dst`` (R C_in,) int64 likewise for B' (R, C_in) and its permuted, padded form (CINC, RC);
     ``w_idx`` (NB 16^3,) and ``b_idx`` (CINC RC,): the same maps as the kernels read them, the flat position in W'
-    (B') of each entry of the compact blocks (the padded bias), -1 where it is structurally zero or padding.
+    (B') of each entry of the compact blocks (the padded bias), -1 where it is structurally zero or padding;
+    ``w_gather`` / ``b_gather`` int64: the same with R H C_in (R C_in) in place of -1, the position of a zero appended
+    to the flattened W' (B'), so that packing them is one gather.
+
+    ``inv_h`` (H,), ``inv_c`` (C_in,), ``inv_r`` (R,): the permuted position of each original index (the inverse of
+    ``perm_*``). The contraction kernels read and write every per-edge and per-receiver operand in the plan's order
+    (h and d hs as (E, HC), x and d x as (., CINC), dout and out as (., RC)); ``perm_*`` and ``inv_*`` are the one
+    statement of that order, applied once per step at the trunk's boundary (:mod:`.launch`).
     """
 
     perm_h: Tensor
     perm_c: Tensor
     perm_r: Tensor
+    inv_h: Tensor
+    inv_c: Tensor
+    inv_r: Tensor
     pairs: Tensor
     pair_ptr: Tensor
     blk_r: Tensor
@@ -64,6 +74,8 @@ class Blocks:
     b_src: Tensor
     b_dst: Tensor
     b_idx: Tensor
+    w_gather: Tensor
+    b_gather: Tensor
     n_pairs: int
     n_blocks: int
     n_cblocks: int
@@ -174,10 +186,19 @@ def build(spec) -> dict:
     b_idx[b_dst] = b_src
     if nb == 0:  # one all-padding block, so that the kernels get a valid pointer
         w_idx = np.full(B**3, -1, dtype=np.int64)
+
+    def inverse(perm: np.ndarray) -> np.ndarray:
+        inv = np.empty(perm.shape[0], dtype=np.int32)
+        inv[perm] = np.arange(perm.shape[0], dtype=np.int32)
+        return inv
+
     return dict(
         perm_h=ph_,
         perm_c=pc_,
         perm_r=pr_,
+        inv_h=inverse(ph),
+        inv_c=inverse(pc),
+        inv_r=inverse(pr),
         pairs=pairs,
         pair_ptr=pair_ptr,
         blk_r=blk_r,
@@ -187,6 +208,8 @@ def build(spec) -> dict:
         b_src=b_src,
         b_dst=b_dst,
         b_idx=b_idx,
+        w_gather=np.where(w_idx >= 0, w_idx, R * H * C),
+        b_gather=np.where(b_idx >= 0, b_idx, R * C),
         n_pairs=int(pairs.shape[0]),
         n_blocks=nb,
         n_cblocks=CC // B,

@@ -8,15 +8,20 @@ hidden activations scaled by the radial shell ``hs_e = s_e h_e`` (H,) and gather
     out_i = vec(Z_i) . W'  +  zb_i . B'    W' (H * C_in, R), B' (C_in, R)
 
 One program owns a block of ``BN`` receivers. W' is walked through its block plan (:mod:`.blocks`): hidden units,
-inputs and outputs are permuted (the kernels gather and scatter through ``perm_h``, ``perm_c``, ``perm_r``) so that
-its structural non-zeros fall into few 16 x 16 x 16 blocks, listed per (hidden block, input block) pair. For each
-pair, Z's (``HB`` hidden x ``CB`` input) block is formed as a dot batched over the block's receivers (their edges
-padded to chunks of ``KP``) and contracted at once with each of the pair's non-zero W' blocks for all ``BN``
+inputs and outputs are permuted so that its structural non-zeros fall into few 16 x 16 x 16 blocks, listed per
+(hidden block, input block) pair. Every operand is read and written *in the plan's order*, so that each block access
+is contiguous rows (whole 32-byte sectors): h and d hs as (E, HC), x as (N, CINC) and d x as (E, CINC), dout and out
+as (n_dst, RC) with columns permuted and padded to 16, W' as its compact blocks (NB, HB * CB, RB) and B' as (CINC,
+RC), packed once per step; the host applies the permutations once per step at the trunk's boundary (:mod:`.launch`).
+For each pair, Z's (``HB`` hidden x ``CB`` input) block is formed as a dot batched over the block's receivers (their
+edges padded to chunks of ``KP``) and contracted at once with each of the pair's non-zero W' blocks for all ``BN``
 receivers (one (BN, HB * CB) x (HB * CB, RB) dot per block), so W' is read once per receiver block, and only its
-non-zero blocks (6% of them at config H). Everything is blocked by 16 (the smallest ``tl.dot``). Given the last
-hidden activation *before* its batch norm (the statistics pass's, in training), the forward applies that batch norm
-as it reads h (``AFF``: a factor and a shift per hidden column, read once per column block), so that no pass over
-(E, H) is added.
+non-zero blocks (6% of them at config H). A program's "receivers" are receiver *segments* of at most 64 edges
+(:func:`split_receivers_kernel`, once per graph): a hub's edges are spread over several programs instead of
+serialising its block, and the forward adds a receiver's segments in order (:func:`segment_sum_kernel`).
+Everything is blocked by 16 (the smallest ``tl.dot``). Given the last hidden activation *before* its batch norm (the
+statistics pass's, in training), the forward applies that batch norm as it reads h (``AFF``: a factor and a shift per
+hidden column in the plan's order, read once per column block), so that no pass over (E, H) is added.
 
 The backward has three kernels:
 
@@ -30,7 +35,8 @@ The backward has three kernels:
   two programs write the same memory (deterministic; the host adds the splits in a fixed order).
 
 Accumulators wider than a register tile (the output's R columns, the per-edge gradients summed over blocks) are
-read-modify-written in memory that only the owning program touches.
+read-modify-written in memory that only the owning program touches; where two loops of a kernel (the pairs', the bias
+term's) read-modify-write the same elements with different register layouts, a CTA barrier separates them.
 """
 
 import triton
@@ -51,6 +57,67 @@ def _receivers(rowptr_ptr, blk, n_dst, BN: tl.constexpr):
 
 
 @triton.jit
+def _segments(vptr_ptr, rid_ptr, blk, n_v, n_dst, BN: tl.constexpr):
+    """Segments of block ``blk`` (:func:`split_receivers_kernel`): their own ids (BN,), their receivers' ids, validity,
+    first edge and length, max length."""
+    v, vmask, start, deg, nmax = _receivers(vptr_ptr, blk, n_v, BN)
+    r = tl.load(rid_ptr + v, mask=vmask, other=0)  # int32 (fewer live registers); widened where it is an offset
+    return v, r, vmask & (r < n_dst), start, deg, nmax
+
+
+@triton.jit
+def _live(imask):
+    """1 when the block has a receiver segment, 0 for a block of the unused tail (its loops then run no dot)."""
+    return tl.max(imask.to(tl.int32), 0)
+
+
+@triton.jit(do_not_specialize=["n_dst", "n_v", "E"])
+def split_receivers_kernel(
+    rowptr_ptr, vptr_ptr, rid_ptr, segptr_ptr, n_dst, n_v, E, SEG: tl.constexpr, BV: tl.constexpr
+):
+    """Every receiver's in-edges cut into *segments* of at most SEG consecutive edges (a receiver without edges: one
+    empty segment), so that a hub is spread over many programs instead of serialising its block: ``vptr`` (n_v + 1,)
+    the segments' CSR, ``rid`` (n_v,) each segment's receiver, ``segptr`` (n_dst + 1,) each receiver's range of
+    segments. n_v >= the segment count (the host's bound n_dst + E // SEG); the unused tail is empty segments of
+    receiver n_dst (masked by the kernels). One program, receivers in blocks of BV (a running offset)."""
+    total = (n_dst * 0).to(tl.int64)
+    for b0 in range(0, n_dst, BV):
+        r = b0 + tl.arange(0, BV)
+        m = r < n_dst
+        st = tl.load(rowptr_ptr + r, mask=m, other=0).to(tl.int64)
+        en = tl.load(rowptr_ptr + r + 1, mask=m, other=0).to(tl.int64)
+        nseg = tl.where(m, tl.maximum((en - st + SEG - 1) // SEG, 1), 0)
+        off = total + tl.cumsum(nseg, 0) - nseg
+        tl.store(segptr_ptr + r, off, mask=m)
+        for j in range(0, tl.max(nseg, 0)):
+            mj = m & (j < nseg)
+            tl.store(vptr_ptr + off + j, st + j * SEG, mask=mj)
+            tl.store(rid_ptr + off + j, r, mask=mj)
+        total += tl.sum(nseg, 0)
+    tl.store(segptr_ptr + n_dst, total)
+    for v0 in range(total, n_v + 1, BV):
+        v = v0 + tl.arange(0, BV)
+        tl.store(vptr_ptr + v, tl.zeros((BV,), dtype=tl.int64) + E, mask=v <= n_v)
+        tl.store(rid_ptr + v, tl.zeros((BV,), dtype=tl.int64) + n_dst, mask=v < n_v)
+
+
+@triton.jit(do_not_specialize=["n_dst", "RC"])
+def segment_sum_kernel(part_ptr, segptr_ptr, out_ptr, n_dst, RC, BN: tl.constexpr, RB: tl.constexpr):
+    """out[i] = sum over receiver i's segments (in order) of part's rows (n_v, RC): the forward's per-segment outputs
+    added per receiver (deterministic). Program (receiver block, column block)."""
+    i = tl.program_id(0) * BN + tl.arange(0, BN)
+    col = tl.program_id(1) * RB + tl.arange(0, RB)
+    m = i < n_dst
+    s0 = tl.load(segptr_ptr + i, mask=m, other=0).to(tl.int64)
+    n = tl.load(segptr_ptr + i + 1, mask=m, other=0).to(tl.int64) - s0
+    acc = tl.zeros((BN, RB), dtype=part_ptr.dtype.element_ty)
+    for j in range(0, tl.max(n, 0)):
+        mj = m & (j < n)
+        acc += tl.load(part_ptr + (s0 + j)[:, None] * RC + col[None, :], mask=mj[:, None], other=0.0)
+    tl.store(out_ptr + i.to(tl.int64)[:, None] * RC + col[None, :], acc, mask=m[:, None])
+
+
+@triton.jit
 def _edges(start, deg, t0, KP: tl.constexpr):
     """Edge ids (BN, KP) of chunk ``t0`` of each receiver's edges and their validity."""
     k = t0 + tl.arange(0, KP)
@@ -59,19 +126,19 @@ def _edges(start, deg, t0, KP: tl.constexpr):
 
 
 @triton.jit
-def _cols(perm_ptr, b, n, NB: tl.constexpr):
-    """Original indices (NB,) of permuted positions b .. b + NB of a dimension of size n, and their validity (the
-    permutation is padded to a multiple of NB)."""
+def _span(b, n, NB: tl.constexpr):
+    """Positions b .. b + NB of a permuted dimension of true size n (padded to a multiple of NB), and their
+    validity."""
     k = b + tl.arange(0, NB)
-    return tl.load(perm_ptr + k).to(tl.int64), k < n
+    return k, k < n
 
 
 @triton.jit
-def _load_hs(h_ptr, s_ptr, e, emask, hcol, hval, H, f=None, t=None, AFF: tl.constexpr = False):
-    """hs = s h (BN, KP, HB): hidden columns ``hcol`` of the chunk's edges (h (E, H), s (E,)); with AFF,
+def _load_hs(h_ptr, s_ptr, e, emask, hcol, hval, HC, f=None, t=None, AFF: tl.constexpr = False):
+    """hs = s h (BN, KP, HB): hidden columns ``hcol`` (plan order) of the chunk's edges (h (E, HC), s (E,)); with AFF,
     hs = s (h f + t), f and t (HB,) the batch norm's factor and shift of those columns."""
     h = tl.load(
-        h_ptr + e[:, :, None] * H + hcol[None, None, :], mask=emask[:, :, None] & hval[None, None, :], other=0.0
+        h_ptr + e[:, :, None] * HC + hcol[None, None, :], mask=emask[:, :, None] & hval[None, None, :], other=0.0
     )
     if AFF:
         h = h * f[None, None, :] + t[None, None, :]
@@ -79,11 +146,12 @@ def _load_hs(h_ptr, s_ptr, e, emask, hcol, hval, H, f=None, t=None, AFF: tl.cons
 
 
 @triton.jit
-def _load_x(x_ptr, src_ptr, e, emask, ccol, cval, CIN):
-    """Gathered source features (BN, KP, CB): input columns ``ccol`` of the chunk's edges."""
+def _load_x(x_ptr, src_ptr, e, emask, ccol, cval, CINC):
+    """Gathered source features (BN, KP, CB): input columns ``ccol`` (plan order) of the chunk's edges (x (N,
+    CINC))."""
     sr = tl.load(src_ptr + e, mask=emask, other=0).to(tl.int64)
     return tl.load(
-        x_ptr + sr[:, :, None] * CIN + ccol[None, None, :], mask=emask[:, :, None] & cval[None, None, :], other=0.0
+        x_ptr + sr[:, :, None] * CINC + ccol[None, None, :], mask=emask[:, :, None] & cval[None, None, :], other=0.0
     )
 
 
@@ -100,8 +168,8 @@ def _z_block(
     hval,
     ccol,
     cval,
-    H,
-    CIN,
+    HC,
+    CINC,
     BN: tl.constexpr,
     KP: tl.constexpr,
     HB: tl.constexpr,
@@ -109,55 +177,49 @@ def _z_block(
     PREC: tl.constexpr,
     bnf_ptr=None,
     bns_ptr=None,
-    DL=1,
     AFF: tl.constexpr = False,
 ):
     """Z block (BN, HB * CB) of the receivers: sum over their edges of hs (x) x, one chunk of KP edges at a time. With
     AFF, h holds the last hidden activation *before* its batch norm, which is applied here as it is read: hidden
-    unit j is ``h_j f[j // DL] + t[j]`` (``bnf_ptr`` (H / DL,) per channel of DL components, ``bns_ptr`` (H,)), the
-    factor and shift of the block's columns read once."""
+    column k (plan order) is ``h_k f[k] + t[k]`` (``bnf_ptr``, ``bns_ptr`` (HC,) in the plan's order), the factor and
+    shift of the block's columns read once."""
     z = tl.zeros((BN, HB, CB), dtype=h_ptr.dtype.element_ty)
     if AFF:
-        f = tl.load(bnf_ptr + hcol // DL, mask=hval, other=0.0).to(z.dtype)
+        f = tl.load(bnf_ptr + hcol, mask=hval, other=0.0).to(z.dtype)
         t = tl.load(bns_ptr + hcol, mask=hval, other=0.0).to(z.dtype)
     for t0 in range(0, nmax, KP):
         e, emask = _edges(start, deg, t0, KP)
         if AFF:
-            a = _load_hs(h_ptr, s_ptr, e, emask, hcol, hval, H, f, t, True)
+            a = _load_hs(h_ptr, s_ptr, e, emask, hcol, hval, HC, f, t, True)
         else:
-            a = _load_hs(h_ptr, s_ptr, e, emask, hcol, hval, H)
-        xt = _load_x(x_ptr, src_ptr, e, emask, ccol, cval, CIN)
+            a = _load_hs(h_ptr, s_ptr, e, emask, hcol, hval, HC)
+        xt = _load_x(x_ptr, src_ptr, e, emask, ccol, cval, CINC)
         z += _mm(tl.permute(a, (0, 2, 1)), xt, PREC)
     return tl.reshape(z, (BN, HB * CB))
 
 
 @triton.jit
-def _pair(pairs_ptr, pair_ptr, perm_h, perm_c, p, H, CIN, HB: tl.constexpr, CB: tl.constexpr):
-    """Pair ``p`` of the plan: its hidden and input columns with validity, and its range of W' blocks."""
-    hb = tl.load(pairs_ptr + 2 * p)
-    cb = tl.load(pairs_ptr + 2 * p + 1)
-    hcol, hval = _cols(perm_h, hb, H, HB)
-    ccol, cval = _cols(perm_c, cb, CIN, CB)
+def _pair(pairs_ptr, pair_ptr, p, H, CIN, HB: tl.constexpr, CB: tl.constexpr):
+    """Pair ``p`` of the plan: its hidden and input positions with validity, and its range of W' blocks."""
+    hcol, hval = _span(tl.load(pairs_ptr + 2 * p), H, HB)
+    ccol, cval = _span(tl.load(pairs_ptr + 2 * p + 1), CIN, CB)
     return hcol, hval, ccol, cval, tl.load(pair_ptr + p), tl.load(pair_ptr + p + 1)
 
 
 @triton.jit
-def _w_block(wc_ptr, wi_ptr, q, HB: tl.constexpr, CB: tl.constexpr, RB: tl.constexpr):
-    """Block ``q`` (HB * CB, RB) of W' in the plan's order, read from W' (R, H, C_in) through the plan's index of it
-    (``wi_ptr`` (NB, HB * CB, RB): the flat position in W' of each entry, -1 outside the structure; NB HB CB RB <
-    2^31, checked by the host)."""
+def _w_block(wp_ptr, q, HB: tl.constexpr, CB: tl.constexpr, RB: tl.constexpr):
+    """Block ``q`` (HB * CB, RB) of W' packed in the plan's order (``wp_ptr`` (NB, HB * CB, RB), zero outside the
+    structure; NB HB CB RB < 2^31, checked by the host): one contiguous 16 KB read."""
     rows = tl.arange(0, HB * CB)
-    idx = tl.load(wi_ptr + q * (HB * CB * RB) + rows[:, None] * RB + tl.arange(0, RB)[None, :])
-    return tl.load(wc_ptr + idx, mask=idx >= 0, other=0.0)
+    return tl.load(wp_ptr + q * (HB * CB * RB) + rows[:, None] * RB + tl.arange(0, RB)[None, :])
 
 
 @triton.jit
-def _b_block(bf_ptr, bi_ptr, cb, rb, RC, CB: tl.constexpr, RB: tl.constexpr):
-    """B' (CB, RB) at permuted input positions cb.. and output positions rb.., read from B' (R, C_in) through the
-    plan's index (``bi_ptr`` (CINC, RC): flat position in B', -1 for padding)."""
+def _b_block(bp_ptr, cb, rb, RC, CB: tl.constexpr, RB: tl.constexpr):
+    """B' (CB, RB) at permuted input positions cb.. and output positions rb.. (``bp_ptr`` (CINC, RC), B' packed in
+    the plan's order, zero padding)."""
     c = cb + tl.arange(0, CB)
-    idx = tl.load(bi_ptr + c[:, None] * RC + (rb + tl.arange(0, RB))[None, :])
-    return tl.load(bf_ptr + idx, mask=idx >= 0, other=0.0)
+    return tl.load(bp_ptr + c[:, None] * RC + (rb + tl.arange(0, RB))[None, :])
 
 
 @triton.jit
@@ -169,52 +231,51 @@ def _rmw(ptr, offs, value, mask):
 
 @triton.jit
 def _zb(
-    s_ptr, x_ptr, src_ptr, start, deg, nmax, ccol, cval, CIN, BN: tl.constexpr, KP: tl.constexpr, CB: tl.constexpr, dt
-):
+    s_ptr, x_ptr, src_ptr, start, deg, nmax, ccol, cval, CINC, BN: tl.constexpr, KP: tl.constexpr, CB: tl.constexpr,
+    dt,
+):  # fmt: skip
     """The bias term's zb = sum_e s_e x_e (BN, CB) on input columns ``ccol``."""
     zb = tl.zeros((BN, CB), dtype=dt)
     for t0 in range(0, nmax, KP):
         e, emask = _edges(start, deg, t0, KP)
         s = tl.load(s_ptr + e, mask=emask, other=0.0)
-        zb += tl.sum(s[:, :, None] * _load_x(x_ptr, src_ptr, e, emask, ccol, cval, CIN), 1)
+        zb += tl.sum(s[:, :, None] * _load_x(x_ptr, src_ptr, e, emask, ccol, cval, CINC), 1)
     return zb
 
 
 @triton.jit
-def _load_g(g_ptr, i, imask, rcol, rval, R, dt):
-    """dout (BN, RB) of the receivers on output columns ``rcol``."""
-    g = tl.load(g_ptr + i[:, None] * R + rcol[None, :], mask=imask[:, None] & rval[None, :], other=0.0)
+def _load_g(g_ptr, i, imask, rb, R, RC, RB: tl.constexpr, dt):
+    """dout (BN, RB) of the receivers on output positions rb .. rb + RB (``g_ptr`` (n_dst, RC), plan order)."""
+    r, rval = _span(rb, R, RB)
+    g = tl.load(g_ptr + i.to(tl.int64)[:, None] * RC + r[None, :], mask=imask[:, None] & rval[None, :], other=0.0)
     return g.to(dt)
 
 
-@triton.jit(do_not_specialize=["n_dst", "n_pairs", "H", "CIN", "CINC", "R", "RC", "DL"])
+@triton.jit(do_not_specialize=["n_v", "n_dst", "n_pairs", "H", "CIN", "HC", "CINC", "R", "RC"])
 def contract_forward_kernel(
     h_ptr,
     s_ptr,
     x_ptr,
     src_ptr,
     rowptr_ptr,
-    wc_ptr,
-    wi_ptr,
-    bf_ptr,
-    bi_ptr,
+    rid_ptr,
+    wp_ptr,
+    bp_ptr,
     out_ptr,
     pairs_ptr,
     pair_ptr,
     blk_r,
-    perm_h,
-    perm_c,
-    perm_r,
     bnf_ptr,
     bns_ptr,
+    n_v,
     n_dst,
     n_pairs,
     H,
     CIN,
+    HC,
     CINC,
     R,
     RC,
-    DL,
     BN: tl.constexpr,
     KP: tl.constexpr,
     HB: tl.constexpr,
@@ -223,42 +284,42 @@ def contract_forward_kernel(
     PREC: tl.constexpr,
     AFF: tl.constexpr,
 ):
-    """out (n_dst, R), zero on entry; h (E, H) the last hidden layer's output (with AFF its activation before its batch
-    norm ``bnf`` (H / DL,), ``bns`` (H,), applied as it is read: :func:`_z_block`), s (E,) the radial shell; W' as the
-    compact blocks of its plan (wc), B' permuted and padded (bf (CINC, RC))."""
-    i, imask, start, deg, nmax = _receivers(rowptr_ptr, tl.program_id(0), n_dst, BN)
-    for p in range(0, n_pairs):
-        hcol, hval, ccol, cval, q0, q1 = _pair(pairs_ptr, pair_ptr, perm_h, perm_c, p, H, CIN, HB, CB)
+    """out (n_v, RC) per receiver *segment* (:func:`split_receivers_kernel`; ``rowptr`` the segments' CSR, ``rid``
+    their receivers) in the plan's output order, zero on entry; h (E, HC) the last hidden layer's output in the
+    plan's hidden order (with AFF its activation before its batch norm, ``bnf``/``bns`` (HC,), applied as it is
+    read: :func:`_z_block`), s (E,) the radial shell, x (N, CINC); W' and B' packed (wp, bp)."""
+    v, i, imask, start, deg, nmax = _segments(rowptr_ptr, rid_ptr, tl.program_id(0), n_v, n_dst, BN)
+    live = _live(imask)
+    orow = v[:, None] * RC + tl.arange(0, RB)[None, :]
+    for p in range(0, n_pairs * live):
+        hcol, hval, ccol, cval, q0, q1 = _pair(pairs_ptr, pair_ptr, p, H, CIN, HB, CB)
         z = _z_block(
-            h_ptr, s_ptr, x_ptr, src_ptr, start, deg, nmax, hcol, hval, ccol, cval, H, CIN, BN, KP, HB, CB, PREC,
-            bnf_ptr, bns_ptr, DL, AFF,
+            h_ptr, s_ptr, x_ptr, src_ptr, start, deg, nmax, hcol, hval, ccol, cval, HC, CINC, BN, KP, HB, CB, PREC,
+            bnf_ptr, bns_ptr, AFF,
         )  # fmt: skip
         for q in range(q0, q1):
-            rcol, rval = _cols(perm_r, tl.load(blk_r + q), R, RB)
-            o = _mm(z, _w_block(wc_ptr, wi_ptr, q, HB, CB, RB), PREC)
-            _rmw(out_ptr, i[:, None] * R + rcol[None, :], o, imask[:, None] & rval[None, :])
+            o = _mm(z, _w_block(wp_ptr, q, HB, CB, RB), PREC)
+            _rmw(out_ptr, orow + tl.load(blk_r + q), o, imask[:, None])
+    tl.debug_barrier()  # the bias loop read-modify-writes the same elements in another register layout
     # the bias term: zb = sum_e s_e x_e per receiver, times B'
-    for cb in range(0, CINC, CB):
-        ccol, cval = _cols(perm_c, cb, CIN, CB)
-        zb = _zb(s_ptr, x_ptr, src_ptr, start, deg, nmax, ccol, cval, CIN, BN, KP, CB, h_ptr.dtype.element_ty)
+    for cb in range(0, CINC * live, CB):
+        ccol, cval = _span(cb, CIN, CB)
+        zb = _zb(s_ptr, x_ptr, src_ptr, start, deg, nmax, ccol, cval, CINC, BN, KP, CB, h_ptr.dtype.element_ty)
         for rb in range(0, RC, RB):
-            rcol, rval = _cols(perm_r, rb, R, RB)
-            b = _b_block(bf_ptr, bi_ptr, cb, rb, RC, CB, RB)
-            _rmw(out_ptr, i[:, None] * R + rcol[None, :], _mm(zb, b, PREC), imask[:, None] & rval[None, :])
+            _rmw(out_ptr, orow + rb, _mm(zb, _b_block(bp_ptr, cb, rb, RC, CB, RB), PREC), imask[:, None])
 
 
 @triton.jit
 def _dz_block(
     g_ptr,
-    wc_ptr,
-    wi_ptr,
+    wp_ptr,
     blk_r,
-    perm_r,
     i,
     imask,
     q0,
     q1,
     R,
+    RC,
     BN: tl.constexpr,
     HB: tl.constexpr,
     CB: tl.constexpr,
@@ -266,21 +327,18 @@ def _dz_block(
     PREC: tl.constexpr,
 ):
     """dZ block (BN, HB, CB) = dout . W'^T over the pair's W' blocks q0 .. q1."""
-    dt = wc_ptr.dtype.element_ty
+    dt = wp_ptr.dtype.element_ty
     dz = tl.zeros((BN, HB * CB), dtype=dt)
     for q in range(q0, q1):
-        rcol, rval = _cols(perm_r, tl.load(blk_r + q), R, RB)
-        g = _load_g(g_ptr, i, imask, rcol, rval, R, dt)
-        dz += _mm(g, tl.trans(_w_block(wc_ptr, wi_ptr, q, HB, CB, RB)), PREC)
+        g = _load_g(g_ptr, i, imask, tl.load(blk_r + q), R, RC, RB, dt)
+        dz += _mm(g, tl.trans(_w_block(wp_ptr, q, HB, CB, RB)), PREC)
     return tl.reshape(dz, (BN, HB, CB))
 
 
 @triton.jit
 def _dzb_block(
     g_ptr,
-    bf_ptr,
-    bi_ptr,
-    perm_r,
+    bp_ptr,
     i,
     imask,
     cb,
@@ -292,37 +350,34 @@ def _dzb_block(
     PREC: tl.constexpr,
 ):
     """d zb block (BN, CB) = dout . B'^T on permuted input positions cb .. cb + CB."""
-    dt = bf_ptr.dtype.element_ty
+    dt = bp_ptr.dtype.element_ty
     dzb = tl.zeros((BN, CB), dtype=dt)
     for rb in range(0, RC, RB):
-        rcol, rval = _cols(perm_r, rb, R, RB)
-        g = _load_g(g_ptr, i, imask, rcol, rval, R, dt)
-        dzb += _mm(g, tl.trans(_b_block(bf_ptr, bi_ptr, cb, rb, RC, CB, RB)), PREC)
+        g = _load_g(g_ptr, i, imask, rb, R, RC, RB, dt)
+        dzb += _mm(g, tl.trans(_b_block(bp_ptr, cb, rb, RC, CB, RB)), PREC)
     return dzb
 
 
-@triton.jit(do_not_specialize=["n_dst", "n_pairs", "H", "CIN", "CINC", "R", "RC"])
+@triton.jit(do_not_specialize=["n_v", "n_dst", "n_pairs", "H", "CIN", "HC", "CINC", "R", "RC"])
 def contract_dhs_kernel(
     g_ptr,
     x_ptr,
     src_ptr,
     rowptr_ptr,
-    wc_ptr,
-    wi_ptr,
-    bf_ptr,
-    bi_ptr,
+    rid_ptr,
+    wp_ptr,
+    bp_ptr,
     dhs_ptr,
     ds_ptr,
     pairs_ptr,
     pair_ptr,
     blk_r,
-    perm_h,
-    perm_c,
-    perm_r,
+    n_v,
     n_dst,
     n_pairs,
     H,
     CIN,
+    HC,
     CINC,
     R,
     RC,
@@ -333,53 +388,51 @@ def contract_dhs_kernel(
     RB: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    """Given dout (n_dst, R): d hs_e = dZ_i x_e (E, H) and the bias term's d s_e = d zb_i . x_e (E,), zero on entry.
-    Needs neither hs nor s: it runs before the trunk's backward, which recomputes hs."""
-    i, imask, start, deg, nmax = _receivers(rowptr_ptr, tl.program_id(0), n_dst, BN)
-    for p in range(0, n_pairs):
-        hcol, hval, ccol, cval, q0, q1 = _pair(pairs_ptr, pair_ptr, perm_h, perm_c, p, H, CIN, HB, CB)
-        dzt = tl.permute(
-            _dz_block(g_ptr, wc_ptr, wi_ptr, blk_r, perm_r, i, imask, q0, q1, R, BN, HB, CB, RB, PREC), (0, 2, 1)
-        )
+    """Given dout (n_dst, RC) in the plan's order: d hs_e = dZ_i x_e (E, HC, plan order) and the bias term's d s_e =
+    d zb_i . x_e (E,), zero on entry. Needs neither hs nor s: it runs before the trunk's backward, which recomputes
+    hs."""
+    _, i, imask, start, deg, nmax = _segments(rowptr_ptr, rid_ptr, tl.program_id(0), n_v, n_dst, BN)
+    live = _live(imask)
+    for p in range(0, n_pairs * live):
+        hcol, hval, ccol, cval, q0, q1 = _pair(pairs_ptr, pair_ptr, p, H, CIN, HB, CB)
+        dzt = tl.permute(_dz_block(g_ptr, wp_ptr, blk_r, i, imask, q0, q1, R, RC, BN, HB, CB, RB, PREC), (0, 2, 1))
         for t0 in range(0, nmax, KP):
             e, emask = _edges(start, deg, t0, KP)
-            xt = _load_x(x_ptr, src_ptr, e, emask, ccol, cval, CIN)
+            xt = _load_x(x_ptr, src_ptr, e, emask, ccol, cval, CINC)
             _rmw(
                 dhs_ptr,
-                e[:, :, None] * H + hcol[None, None, :],
+                e[:, :, None] * HC + hcol[None, None, :],
                 _mm(xt, dzt, PREC),
                 emask[:, :, None] & hval[None, None, :],
             )
-    for cb in range(0, CINC, CB):
-        ccol, cval = _cols(perm_c, cb, CIN, CB)
-        dzb = _dzb_block(g_ptr, bf_ptr, bi_ptr, perm_r, i, imask, cb, R, RC, BN, CB, RB, PREC)
+    for cb in range(0, CINC * live, CB):
+        ccol, cval = _span(cb, CIN, CB)
+        dzb = _dzb_block(g_ptr, bp_ptr, i, imask, cb, R, RC, BN, CB, RB, PREC)
         for t0 in range(0, nmax, KP):
             e, emask = _edges(start, deg, t0, KP)
-            xt = _load_x(x_ptr, src_ptr, e, emask, ccol, cval, CIN)
+            xt = _load_x(x_ptr, src_ptr, e, emask, ccol, cval, CINC)
             _rmw(ds_ptr, e, tl.sum(xt * dzb[:, None, :], 2), emask)
 
 
-@triton.jit(do_not_specialize=["n_dst", "n_pairs", "H", "CIN", "CINC", "R", "RC"])
+@triton.jit(do_not_specialize=["n_v", "n_dst", "n_pairs", "H", "CIN", "HC", "CINC", "R", "RC"])
 def contract_dx_kernel(
     g_ptr,
     h_ptr,
     s_ptr,
     rowptr_ptr,
-    wc_ptr,
-    wi_ptr,
-    bf_ptr,
-    bi_ptr,
+    rid_ptr,
+    wp_ptr,
+    bp_ptr,
     dxe_ptr,
     pairs_ptr,
     pair_ptr,
     blk_r,
-    perm_h,
-    perm_c,
-    perm_r,
+    n_v,
     n_dst,
     n_pairs,
     H,
     CIN,
+    HC,
     CINC,
     R,
     RC,
@@ -390,36 +443,39 @@ def contract_dx_kernel(
     RB: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    """Given dout (n_dst, R): the gradient of each edge's gathered source features, d x_e = dZ_i^T hs_e + s_e d zb_i
-    (E, C_in), zero on entry (the host adds it into the sources)."""
-    i, imask, start, deg, nmax = _receivers(rowptr_ptr, tl.program_id(0), n_dst, BN)
-    for p in range(0, n_pairs):
-        hcol, hval, ccol, cval, q0, q1 = _pair(pairs_ptr, pair_ptr, perm_h, perm_c, p, H, CIN, HB, CB)
-        dz = _dz_block(g_ptr, wc_ptr, wi_ptr, blk_r, perm_r, i, imask, q0, q1, R, BN, HB, CB, RB, PREC)
+    """Given dout (n_dst, RC) and h (E, HC) in the plan's order: the gradient of each edge's gathered source
+    features, d x_e = dZ_i^T hs_e + s_e d zb_i (E, CINC, plan order), zero on entry (the host adds it into the
+    sources)."""
+    _, i, imask, start, deg, nmax = _segments(rowptr_ptr, rid_ptr, tl.program_id(0), n_v, n_dst, BN)
+    live = _live(imask)
+    for p in range(0, n_pairs * live):
+        hcol, hval, ccol, cval, q0, q1 = _pair(pairs_ptr, pair_ptr, p, H, CIN, HB, CB)
+        dz = _dz_block(g_ptr, wp_ptr, blk_r, i, imask, q0, q1, R, RC, BN, HB, CB, RB, PREC)
         for t0 in range(0, nmax, KP):
             e, emask = _edges(start, deg, t0, KP)
-            a = _load_hs(h_ptr, s_ptr, e, emask, hcol, hval, H)
+            a = _load_hs(h_ptr, s_ptr, e, emask, hcol, hval, HC)
             _rmw(
                 dxe_ptr,
-                e[:, :, None] * CIN + ccol[None, None, :],
+                e[:, :, None] * CINC + ccol[None, None, :],
                 _mm(a, dz, PREC),
                 emask[:, :, None] & cval[None, None, :],
             )
-    for cb in range(0, CINC, CB):
-        ccol, cval = _cols(perm_c, cb, CIN, CB)
-        dzb = _dzb_block(g_ptr, bf_ptr, bi_ptr, perm_r, i, imask, cb, R, RC, BN, CB, RB, PREC)
+    tl.debug_barrier()  # the bias loop read-modify-writes the same elements in another register layout
+    for cb in range(0, CINC * live, CB):
+        ccol, cval = _span(cb, CIN, CB)
+        dzb = _dzb_block(g_ptr, bp_ptr, i, imask, cb, R, RC, BN, CB, RB, PREC)
         for t0 in range(0, nmax, KP):
             e, emask = _edges(start, deg, t0, KP)
             s = tl.load(s_ptr + e, mask=emask, other=0.0)
             _rmw(
                 dxe_ptr,
-                e[:, :, None] * CIN + ccol[None, None, :],
+                e[:, :, None] * CINC + ccol[None, None, :],
                 s[:, :, None] * dzb[:, None, :],
                 emask[:, :, None] & cval[None, None, :],
             )
 
 
-@triton.jit(do_not_specialize=["n_dst", "n_blocks", "n_pairs", "NB", "H", "CIN", "CINC", "R", "RC"])
+@triton.jit(do_not_specialize=["n_v", "n_dst", "n_blocks", "n_pairs", "NB", "H", "CIN", "HC", "CINC", "R", "RC"])
 def contract_wgrad_kernel(
     g_ptr,
     h_ptr,
@@ -427,20 +483,20 @@ def contract_wgrad_kernel(
     x_ptr,
     src_ptr,
     rowptr_ptr,
+    rid_ptr,
     dwc_ptr,
     dbf_ptr,
     pairs_ptr,
     pair_ptr,
     blk_r,
-    perm_h,
-    perm_c,
-    perm_r,
+    n_v,
     n_dst,
     n_blocks,
     n_pairs,
     NB,
     H,
     CIN,
+    HC,
     CINC,
     R,
     RC,
@@ -451,27 +507,25 @@ def contract_wgrad_kernel(
     RB: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    """Partial sums over one split (axis 1) of the receiver blocks: program p < n_pairs (axis 0) owns the W' blocks of
+    """Partial sums over one split (axis 1) of the segment blocks: program p < n_pairs (axis 0) owns the W' blocks of
     pair p in dW' (NSPLIT, NB, HB * CB, RB); program n_pairs + j owns input block j of dB' (NSPLIT, CINC, RC) (x @ B
-    layout, permuted). Zero on entry."""
+    layout, permuted). Zero on entry. Operands in the plan's order, as :func:`contract_dx_kernel`'s."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
     nsplit = tl.num_programs(1)
     dt = h_ptr.dtype.element_ty
     if pid < n_pairs:
-        hcol, hval, ccol, cval, q0, q1 = _pair(pairs_ptr, pair_ptr, perm_h, perm_c, pid, H, CIN, HB, CB)
+        hcol, hval, ccol, cval, q0, q1 = _pair(pairs_ptr, pair_ptr, pid, H, CIN, HB, CB)
         dwc = dwc_ptr + split.to(tl.int64) * NB * (HB * CB * RB)
         rows = tl.arange(0, HB * CB)
         for blk in range(split, n_blocks, nsplit):
-            i, imask, start, deg, nmax = _receivers(rowptr_ptr, blk, n_dst, BN)
-            zt = tl.trans(
-                _z_block(
-                    h_ptr, s_ptr, x_ptr, src_ptr, start, deg, nmax, hcol, hval, ccol, cval, H, CIN, BN, KP, HB, CB, PREC
-                )
-            )  # (HB * CB, BN)
-            for q in range(q0, q1):
-                rcol, rval = _cols(perm_r, tl.load(blk_r + q), R, RB)
-                g = _load_g(g_ptr, i, imask, rcol, rval, R, dt)
+            _, i, imask, start, deg, nmax = _segments(rowptr_ptr, rid_ptr, blk, n_v, n_dst, BN)
+            z = _z_block(
+                h_ptr, s_ptr, x_ptr, src_ptr, start, deg, nmax, hcol, hval, ccol, cval, HC, CINC, BN, KP, HB, CB, PREC
+            )  # fmt: skip
+            zt = tl.trans(z)  # (HB * CB, BN)
+            for q in range(q0, q0 + (q1 - q0) * _live(imask)):
+                g = _load_g(g_ptr, i, imask, tl.load(blk_r + q), R, RC, RB, dt)
                 _rmw(
                     dwc,
                     q * (HB * CB * RB) + rows[:, None] * RB + tl.arange(0, RB)[None, :],
@@ -480,28 +534,27 @@ def contract_wgrad_kernel(
                 )
     else:  # the bias weight's gradient for one input block: sum_i zb_i (x) dout_i
         cb = (pid - n_pairs) * CB
-        ccol, cval = _cols(perm_c, cb, CIN, CB)
-        c = cb + tl.arange(0, CB)
+        ccol, cval = _span(cb, CIN, CB)
         dbf = dbf_ptr + split.to(tl.int64) * CINC * RC
         for blk in range(split, n_blocks, nsplit):
-            i, imask, start, deg, nmax = _receivers(rowptr_ptr, blk, n_dst, BN)
-            zbt = tl.trans(_zb(s_ptr, x_ptr, src_ptr, start, deg, nmax, ccol, cval, CIN, BN, KP, CB, dt))
-            for rb in range(0, RC, RB):
-                rcol, rval = _cols(perm_r, rb, R, RB)
-                g = _load_g(g_ptr, i, imask, rcol, rval, R, dt)
+            _, i, imask, start, deg, nmax = _segments(rowptr_ptr, rid_ptr, blk, n_v, n_dst, BN)
+            zbt = tl.trans(_zb(s_ptr, x_ptr, src_ptr, start, deg, nmax, ccol, cval, CINC, BN, KP, CB, dt))
+            for rb in range(0, RC * _live(imask), RB):
+                g = _load_g(g_ptr, i, imask, rb, R, RC, RB, dt)
                 r = rb + tl.arange(0, RB)
-                _rmw(dbf, c[:, None] * RC + r[None, :], _mm(zbt, g, PREC), c[:, None] >= 0)
+                _rmw(dbf, ccol[:, None] * RC + r[None, :], _mm(zbt, g, PREC), ccol[:, None] >= 0)
 
 
 @triton.jit(do_not_specialize=["n", "nsplit", "stride"])
-def split_sum_scatter_kernel(part_ptr, src_ptr, dst_ptr, out_ptr, n, nsplit, stride, BV: tl.constexpr):
-    """out[dst[v]] = sum over splits s (in order) of part[s * stride + src[v]], for v < n: the W' (or B') gradient's
-    partial sums in the plan's order added and put back into W''s own layout (nsplit * stride < 2^31: the host's
-    split count bounds it)."""
+def split_sum_kernel(part_ptr, src_ptr, out_ptr, n, nsplit, stride, BV: tl.constexpr):
+    """out[v] = sum over splits s (in order) of part[s * stride + src[v]], for v < n: the W' (or B') gradient's
+    partial sums added at its structural non-zeros (``src`` ascending positions in the packed blocks), contiguous in
+    ``out`` for the host's one scatter back into W''s own layout (nsplit * stride < 2^31: the host's split count
+    bounds it)."""
     v = tl.program_id(0) * BV + tl.arange(0, BV)
     m = v < n
     src = tl.load(src_ptr + v, mask=m, other=0)
     acc = tl.zeros((BV,), dtype=part_ptr.dtype.element_ty)
     for s in range(0, nsplit):
         acc += tl.load(part_ptr + s * stride + src, mask=m, other=0.0)
-    tl.store(out_ptr + tl.load(dst_ptr + v, mask=m, other=0), acc, mask=m)
+    tl.store(out_ptr + v, acc, mask=m)

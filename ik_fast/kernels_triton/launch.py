@@ -752,20 +752,60 @@ def _make_setup(
         )
         trunk = _fourier_constexprs(lay, ndim, prec, bnm, x.device)
     plan = blocks(structure, final_weight.shape, lay.D, x.device)
-    # W' and B' as they are: the kernels read them through the plan's indices
-    wc, bf = _as(final_weight, dtype), _as(final_bias, dtype)
+    # W' and B' packed once per step in the plan's order: W''s non-zero blocks contiguous (NB, 16 * 16, 16), B' (CINC,
+    # RC); each is one gather from the flattened tensor with a zero appended (the plan's index of the padding)
+    wc, bf = _pack(_as(final_weight, dtype), plan.w_gather), _pack(_as(final_bias, dtype), plan.b_gather)
     consts = dict(BN=BLOCK, KP=BLOCK, HB=BLOCK, CB=BLOCK, RB=BLOCK, PREC=prec)
     # the plan's tensors and sizes, in the contraction kernels' argument order
-    walk = (plan.pairs, plan.pair_ptr, plan.blk_r, plan.perm_h, plan.perm_c, plan.perm_r)
-    wc, bf = (wc, plan.w_idx), (bf, plan.b_idx)  # (tensor, index) pairs in the kernels' argument order
-    sizes = (H, C, _ceil(C), R, _ceil(R))  # H, CIN, CINC, R, RC
+    walk = (plan.pairs, plan.pair_ptr, plan.blk_r)
+    sizes = (H, C, _ceil(H), _ceil(C), R, _ceil(R))  # H, CIN, HC, CINC, R, RC
     coef = coef if coef.dtype == dtype and coef.dim() == 1 else coef.to(dtype).reshape(1)
     # the last batch norm, for a forward given the last activation before it: (factor, shift, components per channel)
     last_bn = None
-    if lay.NL and bnm >> (lay.NL - 1) & 1:
+    if lay.NL and bnm >> (lay.NL - 1) & 1:  # per hidden column in the plan's order (HC,)
         f = bn_factor[-1]
-        last_bn = (_as(f, dtype), _as(bn_shift[-1], dtype), H // f.shape[0])
+        col = plan.perm_h.long()
+        last_bn = (_as(f, dtype)[col // (H // f.shape[0])].contiguous(), _as(bn_shift[-1], dtype)[col].contiguous())
     return lay, pack, hidden, plan, wc, bf, coef, trunk, consts, walk, sizes, last_bn
+
+
+SEGMENT = 4 * BLOCK  # the most edges of one receiver that one contraction program walks (a hub: several programs)
+_SEGMENTS: "WeakIdKeyDictionary" = WeakIdKeyDictionary()
+
+
+def _segments(rowptr: Tensor, E: int):
+    """The receivers' in-edges cut into segments of at most SEGMENT edges (.contract.split_receivers_kernel): (vptr
+    (n_v + 1,), rid (n_v,), segptr (n_dst + 1,), n_v) with n_v = n_dst + E // SEGMENT, a bound on the segment count
+    known without reading the graph back (no host synchronisation). Kept per CSR tensor (identity and version), so
+    that a backward reuses its forward's."""
+    key = (rowptr._version, E)
+    hit = _SEGMENTS.get(rowptr)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    n_dst = rowptr.shape[0] - 1
+    n_v = n_dst + E // SEGMENT
+    vptr, segptr = rowptr.new_empty(n_v + 1), rowptr.new_empty(n_dst + 1)
+    rid = torch.empty(n_v, dtype=torch.int32, device=rowptr.device)
+    K2.split_receivers_kernel[(1,)](rowptr, vptr, rid, segptr, n_dst, n_v, E, SEG=SEGMENT, BV=1024, num_warps=4)
+    out = (vptr, rid, segptr, n_v)
+    _SEGMENTS[rowptr] = (key, out)
+    return out
+
+
+def _pack(t: Tensor, gather: Tensor) -> Tensor:
+    """``t`` flattened with a zero appended, gathered at ``gather`` (the plan's packed order; the zero for padding)."""
+    return torch.cat([t.reshape(-1), t.new_zeros(1)]).index_select(0, gather)
+
+
+def _to_plan(t: Tensor, perm: Tensor) -> Tensor:
+    """Columns of ``t`` (n, m) in the plan's order, padded to a multiple of 16 (n, len(perm)): the contraction
+    kernels' layout of h, x and dout (padding columns are masked by the kernels)."""
+    return t.index_select(1, perm)
+
+
+def _from_plan(t: Tensor, inv: Tensor) -> Tensor:
+    """The inverse of :func:`_to_plan`: columns back in their own order (n, len(inv))."""
+    return t.index_select(1, inv)
 
 
 def _fourier_constexprs(lay: Layout, ndim: int, prec: str, bnm: int, device) -> dict:
@@ -849,7 +889,7 @@ def conv(
         x, inp, weights, biases, fourier, fourier_inv, bn_factor, bn_shift, final_weight, final_bias, coef, ndim,
         structure, act_bias,
     )  # fmt: skip
-    aff = (coefp, coefp, 1, False)  # (factor, shift, components per channel, applied by the contraction)
+    aff = (coefp, coefp, False)  # (factor, shift per hidden column in the plan's order, applied by the contraction)
     if hidden is None and isinstance(lay, IrrepLayout):
         h, s = _irrep_trunk_forward(inp, mlp, coefp, norm, lay, trunk)
     elif hidden is None:
@@ -863,27 +903,35 @@ def conv(
         )
         if last_bn is not None:
             aff = (*last_bn, True)
-    K2.contract_forward_kernel[(-(-n_dst // BLOCK),)](
-        h,
+    # h, x and out in the plan's order (one column permutation each at the trunk's boundary); one output row per
+    # receiver segment, the segments added per receiver in order
+    vptr, rid, segptr, n_v = _segments(rowptr, E)
+    RC = sizes[-1]
+    outv = x.new_zeros(n_v, RC)
+    K2.contract_forward_kernel[(-(-n_v // BLOCK),)](
+        _to_plan(h, plan.perm_h),
         s,
-        _c(x),
+        _to_plan(x, plan.perm_c),
         _c(src),
-        rowptr,
-        *wc,
-        *bf,
-        out,
+        vptr,
+        rid,
+        wc,
+        bf,
+        outv,
         *walk,
         aff[0],
         aff[1],
+        n_v,
         n_dst,
         plan.n_pairs,
         *sizes,
-        aff[2],
         num_warps=warps("contract", 0),
-        AFF=aff[3],
+        AFF=aff[2],
         **consts,
     )
-    return out
+    outp = x.new_empty(n_dst, RC)
+    K2.segment_sum_kernel[(-(-n_dst // BLOCK), RC // BLOCK)](outv, segptr, outp, n_dst, RC, BN=BLOCK, RB=BLOCK)
+    return _from_plan(outp, plan.inv_r)
 
 
 def conv_backward(
@@ -926,27 +974,33 @@ def conv_backward(
     )  # fmt: skip
     irreps = isinstance(lay, IrrepLayout)
     grad = _as(grad, x.dtype)
-    n_blocks = -(-n_dst // BLOCK)
+    vptr, rid, _, n_v = _segments(rowptr, E)
+    n_blocks = -(-n_v // BLOCK)  # blocks of receiver segments
     n_tiles = -(-E // BACKWARD_TILE)
     per_program = pack.gradient_size + 1
     nprog = num_programs(n_tiles, x.device, per_program)
-    w_floats, b_floats = plan.w_idx.shape[0], plan.b_idx.shape[0]
+    w_floats, b_floats = wc.shape[0], bf.shape[0]
     nsplit = wgrad_splits(n_blocks, plan.n_pairs + plan.n_cblocks, w_floats, x.device)
-    # every zero-initialised buffer of the backward in one allocation
-    shapes = [(E, H), (E,), (nprog, per_program), (E, C), (nsplit, w_floats), (nsplit, b_floats)]
+    HC, CC = sizes[2], sizes[3]
+    # every zero-initialised buffer of the backward in one allocation; the contraction's in the plan's order, first,
+    # each a multiple of 16 elements (rows of 16-element blocks on whole 32-byte sectors)
+    shapes = [(E, HC), (E, CC), (nsplit, w_floats), (nsplit, b_floats), (E,), (nprog, per_program)]
     zeros = x.new_zeros(sum(math.prod(sh) for sh in shapes)).split([math.prod(sh) for sh in shapes])
-    dhs, dsb, acc, dxe, dwc, dbf = (z.view(sh) for z, sh in zip(zeros, shapes))
+    dhsp, dxe, dwc, dbf, dsb, acc = (z.view(sh) for z, sh in zip(zeros, shapes))
+    gp, xp = _to_plan(grad, plan.perm_r), _to_plan(x, plan.perm_c)  # dout and x in the plan's order
     # 1. the contraction's d hs and the bias term's d s, per receiver block (no trunk needed)
     K2.contract_dhs_kernel[(n_blocks,)](
-        grad,
-        x,
+        gp,
+        xp,
         src,
-        rowptr,
-        *wc,
-        *bf,
-        dhs,
+        vptr,
+        rid,
+        wc,
+        bf,
+        dhsp,
         dsb,
         *walk,
+        n_v,
         n_dst,
         plan.n_pairs,
         *sizes,
@@ -955,6 +1009,8 @@ def conv_backward(
     )
     # 2. the trunk's backward per tile (per-program parameter-gradient rows in acc, laid out as the padded
     # parameters, then coef's); it leaves h in dhs's place, and s
+    dhs = _from_plan(dhsp, plan.inv_h)  # d hs in the trunk's layout
+    del dhsp
     dinp = torch.zeros_like(inp)
     s = x.new_empty(E)
     if irreps:  # (.irreps.irrep_backward_kernel: 2 NL slots of (BE, UL) per program)
@@ -991,23 +1047,27 @@ def conv_backward(
             num_warps=warps("trunk_backward", HP),
             **dict(trunk, BE=BACKWARD_TILE),
         )
-    hs = dhs  # now h
+    hs = _to_plan(dhs, plan.perm_h)  # now h, in the plan's order
+    del dhs
     # 3. d x per edge, per receiver block ...
     K2.contract_dx_kernel[(n_blocks,)](
-        grad, hs, s, rowptr, *wc, *bf, dxe, *walk, n_dst, plan.n_pairs, *sizes, num_warps=warps("contract", 0), **consts
-    )
+        gp, hs, s, vptr, rid, wc, bf, dxe, *walk, n_v, n_dst, plan.n_pairs, *sizes, num_warps=warps("contract", 0),
+        **consts,
+    )  # fmt: skip
     # 4. ... and dW', dB' per pair of the plan (and per input block), in splits of the receivers summed in a fixed
     # order
     K2.contract_wgrad_kernel[(plan.n_pairs + plan.n_cblocks, nsplit)](
-        grad,
+        gp,
         hs,
         s,
-        x,
+        xp,
         src,
-        rowptr,
+        vptr,
+        rid,
         dwc,
         dbf,
         *walk,
+        n_v,
         n_dst,
         n_blocks,
         plan.n_pairs,
@@ -1016,23 +1076,25 @@ def conv_backward(
         num_warps=warps("contract", 0),
         **consts,
     )
-    del hs, dhs
-    dx = torch.zeros_like(x).index_add_(0, src, dxe)
+    del hs
+    dx = _from_plan(x.new_zeros(x.shape[0], CC).index_add_(0, src, dxe), plan.inv_c)
     # the hidden parameters' gradients (batch norms included): the programs' rows summed, then unpadded with one
     # gather each
     acc = acc.sum(0)
     grads = pack.unpad_grads(acc)
-    # W''s and B''s gradients: the splits' partial sums added (in order) and put back in their own layout (zero
-    # outside the structure)
+    # W''s and B''s gradients: the splits' partial sums added (in order) at the structural non-zeros, then put back
+    # in their own layout with one scatter each (zero outside the structure)
     dfw, dfb = x.new_zeros(R, H, C), x.new_zeros(R, C)
     for part, srcs, dsts, out, n in (
         (dwc, plan.w_dst, plan.w_src, dfw, w_floats),
         (dbf, plan.b_dst, plan.b_src, dfb, b_floats),
     ):
         if srcs.shape[0]:
-            K2.split_sum_scatter_kernel[(-(-srcs.shape[0] // 1024),)](
-                part, srcs, dsts, out, srcs.shape[0], nsplit, n, BV=1024, num_warps=4
+            vals = x.new_empty(srcs.shape[0])
+            K2.split_sum_kernel[(-(-srcs.shape[0] // 1024),)](
+                part, srcs, vals, srcs.shape[0], nsplit, n, BV=1024, num_warps=4
             )
+            out.view(-1).index_copy_(0, dsts, vals)
     if irreps:  # (the packing's activation biases after the shifts)
         nab = [g if g.dtype == t.dtype else g.to(t.dtype) for g, t in zip(grads[4 * L :], act_bias)]
         grads = grads[: 4 * L]
