@@ -466,6 +466,36 @@ def _save_checkpoint(
     os.replace(tmp, path)
 
 
+def _run_task(p: argparse.ArgumentParser, argv: List[str], quick: Dict, default: Dict, run) -> int:
+    """Parse a task's arguments (its own plus the common ones), then run it in this process's distributed context."""
+    _common_args(p)
+    args = p.parse_args(argv)
+    _apply_preset(args, quick, default)
+    _check_args(args)
+    d = Dist()
+    try:
+        return run(args, d)
+    finally:
+        d.close()
+
+
+def _epoch_start(ddp_model, sampler, epoch: int, epochs: int, steps_per_epoch: int, steps_left: int, d: Dist, args):
+    """A training epoch's sample order, its number of steps, its progress bar and its start time."""
+    ddp_model.train()
+    sampler.set_epoch(epoch)
+    order = np.fromiter(iter(sampler), dtype=np.int64)
+    n_steps = min(steps_per_epoch, steps_left)
+    return order, n_steps, _progress(n_steps, d.main and args.progress, f"epoch {epoch + 1}/{epochs}"), time.time()
+
+
+def _optimizer_step(loss, ddp_model, opt, sched, clip: float) -> None:
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(ddp_model.parameters(), clip)
+    opt.step()
+    sched.step()
+
+
 def _progress(total: int, enabled: bool, desc: str):
     from tqdm import tqdm
 
@@ -486,15 +516,7 @@ def train_qm9(argv: List[str]) -> int:
     p.add_argument("--num-inv-features", dest="num_inv_features", type=int, default=None)
     p.add_argument("--cutoff", type=float, default=None, help="radius graph cutoff in Angstrom")
     p.add_argument("--limit", type=int, default=None, help="use only the first LIMIT molecules of QM9 (tests)")
-    _common_args(p)
-    args = p.parse_args(argv)
-    _apply_preset(args, QM9_QUICK, QM9_DEFAULT)
-    _check_args(args)
-    d = Dist()
-    try:
-        return _run_qm9(args, d)
-    finally:
-        d.close()
+    return _run_task(p, argv, QM9_QUICK, QM9_DEFAULT, _run_qm9)
 
 
 def _run_qm9(args, d: Dist) -> int:
@@ -576,12 +598,9 @@ def _run_qm9(args, d: Dist) -> int:
     for epoch in range(start_epoch, epochs):
         if step >= total:
             break
-        ddp_model.train()
-        sampler.set_epoch(epoch)
-        order = np.fromiter(iter(sampler), dtype=np.int64)
-        n_steps = min(steps_per_epoch, total - step)
-        bar = _progress(n_steps, d.main and args.progress, f"epoch {epoch + 1}/{epochs}")
-        t0 = time.time()
+        order, n_steps, bar, t0 = _epoch_start(
+            ddp_model, sampler, epoch, epochs, steps_per_epoch, total - step, d, args
+        )
         mols = 0
         for k in range(n_steps):
             b = collate(
@@ -591,11 +610,7 @@ def _run_qm9(args, d: Dist) -> int:
                 backend_train = f"{_resolved(args, d, b.edge_index.shape[1])} ({b.edge_index.shape[1]} edges)"
             pred = ddp_model(b.x, b.pos, b.edge_index, b.edge_attr, b.batch, b.n_graphs)
             loss = (pred - (b.y - mean) / std).abs().mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(ddp_model.parameters(), args.clip)
-            opt.step()
-            sched.step()
+            _optimizer_step(loss, ddp_model, opt, sched, args.clip)
             step += 1
             mols += b.n_graphs * d.world
             mae = loss.item() * std
@@ -682,15 +697,7 @@ def _run_qm9(args, d: Dist) -> int:
 def train_nbody(argv: List[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m ik_fast.models.train nbody")
     p.add_argument("--horizon", type=int, default=1000, help="simulation steps between input and target")
-    _common_args(p)
-    args = p.parse_args(argv)
-    _apply_preset(args, NBODY_QUICK, NBODY_DEFAULT)
-    _check_args(args)
-    d = Dist()
-    try:
-        return _run_nbody(args, d)
-    finally:
-        d.close()
+    return _run_task(p, argv, NBODY_QUICK, NBODY_DEFAULT, _run_nbody)
 
 
 def _run_nbody(args, d: Dist) -> int:
@@ -773,20 +780,13 @@ def _run_nbody(args, d: Dist) -> int:
     for epoch in range(start_epoch, epochs):
         if step >= total:
             break
-        ddp_model.train()
-        sampler.set_epoch(epoch)
-        order = np.fromiter(iter(sampler), dtype=np.int64)
-        n_steps = min(steps_per_epoch, total - step)
-        bar = _progress(n_steps, d.main and args.progress, f"epoch {epoch + 1}/{epochs}")
-        t0 = time.time()
+        order, n_steps, bar, t0 = _epoch_start(
+            ddp_model, sampler, epoch, epochs, steps_per_epoch, total - step, d, args
+        )
         for k in range(n_steps):
             pos, vel, q, tgt, g = batch(sets["train"], order[k * args.batch_size : (k + 1) * args.batch_size])
             loss = ((ddp_model(pos, vel, q, g) - tgt) ** 2).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(ddp_model.parameters(), args.clip)
-            opt.step()
-            sched.step()
+            _optimizer_step(loss, ddp_model, opt, sched, args.clip)
             step += 1
             history["train_step"].append(step)
             history["train_metric"].append(loss.item())
