@@ -101,20 +101,24 @@ def split_receivers_kernel(
         tl.store(rid_ptr + v, tl.zeros((BV,), dtype=tl.int64) + n_dst, mask=v < n_v)
 
 
-@triton.jit(do_not_specialize=["n_dst", "RC"])
-def segment_sum_kernel(part_ptr, segptr_ptr, out_ptr, n_dst, RC, BN: tl.constexpr, RB: tl.constexpr):
+@triton.jit(do_not_specialize=["n_dst", "R", "RC"])
+def segment_sum_kernel(part_ptr, segptr_ptr, permr_ptr, out_ptr, n_dst, R, RC, BN: tl.constexpr, RB: tl.constexpr):
     """out[i] = sum over receiver i's segments (in order) of part's rows (n_v, RC): the forward's per-segment outputs
-    added per receiver (deterministic). Program (receiver block, column block)."""
+    added per receiver (deterministic), each row put back in the outputs' own order as it is stored (``out`` (n_dst,
+    R), column perm_r[k] (``permr_ptr``) from the plan's column k < R). Program: a block of BN receivers, whole rows
+    (RB >= RC), so that the permuted stores still fill whole sectors."""
     i = tl.program_id(0) * BN + tl.arange(0, BN)
-    col = tl.program_id(1) * RB + tl.arange(0, RB)
+    col = tl.arange(0, RB)
+    cm = col < R
     m = i < n_dst
     s0 = tl.load(segptr_ptr + i, mask=m, other=0).to(tl.int64)
     n = tl.load(segptr_ptr + i + 1, mask=m, other=0).to(tl.int64) - s0
     acc = tl.zeros((BN, RB), dtype=part_ptr.dtype.element_ty)
     for j in range(0, tl.max(n, 0)):
         mj = m & (j < n)
-        acc += tl.load(part_ptr + (s0 + j)[:, None] * RC + col[None, :], mask=mj[:, None], other=0.0)
-    tl.store(out_ptr + i.to(tl.int64)[:, None] * RC + col[None, :], acc, mask=m[:, None])
+        acc += tl.load(part_ptr + (s0 + j)[:, None] * RC + col[None, :], mask=mj[:, None] & cm[None, :], other=0.0)
+    dst = tl.load(permr_ptr + col, mask=cm, other=0)
+    tl.store(out_ptr + i.to(tl.int64)[:, None] * R + dst[None, :], acc, mask=m[:, None] & cm[None, :])
 
 
 @triton.jit
@@ -177,16 +181,20 @@ def _z_block(
     PREC: tl.constexpr,
     bnf_ptr=None,
     bns_ptr=None,
+    permh_ptr=None,
+    bnk=1,
     AFF: tl.constexpr = False,
 ):
     """Z block (BN, HB * CB) of the receivers: sum over their edges of hs (x) x, one chunk of KP edges at a time. With
     AFF, h holds the last hidden activation *before* its batch norm, which is applied here as it is read: hidden
-    column k (plan order) is ``h_k f[k] + t[k]`` (``bnf_ptr``, ``bns_ptr`` (HC,) in the plan's order), the factor and
-    shift of the block's columns read once."""
+    column k (plan order) is hidden unit u = perm_h[k] (``permh_ptr``), ``h_k f[u // bnk] + t[u]`` (``bnf_ptr`` the
+    factor per batch-norm channel of ``bnk`` units, ``bns_ptr`` (H,) the shift per unit, in their own order), the
+    factor and shift of the block's columns read once."""
     z = tl.zeros((BN, HB, CB), dtype=h_ptr.dtype.element_ty)
     if AFF:
-        f = tl.load(bnf_ptr + hcol, mask=hval, other=0.0).to(z.dtype)
-        t = tl.load(bns_ptr + hcol, mask=hval, other=0.0).to(z.dtype)
+        u = tl.load(permh_ptr + hcol).to(tl.int64)  # (perm_h is padded to HC: every hcol is inside it)
+        f = tl.load(bnf_ptr + u // bnk, mask=hval, other=0.0).to(z.dtype)
+        t = tl.load(bns_ptr + u, mask=hval, other=0.0).to(z.dtype)
     for t0 in range(0, nmax, KP):
         e, emask = _edges(start, deg, t0, KP)
         if AFF:
@@ -251,7 +259,7 @@ def _load_g(g_ptr, i, imask, rb, R, RC, RB: tl.constexpr, dt):
     return g.to(dt)
 
 
-@triton.jit(do_not_specialize=["n_v", "n_dst", "n_pairs", "H", "CIN", "HC", "CINC", "R", "RC"])
+@triton.jit(do_not_specialize=["bnk", "n_v", "n_dst", "n_pairs", "H", "CIN", "HC", "CINC", "R", "RC"])
 def contract_forward_kernel(
     h_ptr,
     s_ptr,
@@ -267,6 +275,8 @@ def contract_forward_kernel(
     blk_r,
     bnf_ptr,
     bns_ptr,
+    permh_ptr,
+    bnk,
     n_v,
     n_dst,
     n_pairs,
@@ -285,28 +295,32 @@ def contract_forward_kernel(
     AFF: tl.constexpr,
 ):
     """out (n_v, RC) per receiver *segment* (:func:`split_receivers_kernel`; ``rowptr`` the segments' CSR, ``rid``
-    their receivers) in the plan's output order, zero on entry; h (E, HC) the last hidden layer's output in the
-    plan's hidden order (with AFF its activation before its batch norm, ``bnf``/``bns`` (HC,), applied as it is
-    read: :func:`_z_block`), s (E,) the radial shell, x (N, CINC); W' and B' packed (wp, bp)."""
+    their receivers) in the plan's output order (every row of a segment written: any values on entry); h (E, HC) the
+    last hidden layer's output in the plan's hidden order (with AFF its activation before its batch norm, ``bnf`` per
+    channel of ``bnk`` units and ``bns`` (H,) per unit in their own order, ``permh`` the plan's hidden order, applied
+    as it is read: :func:`_z_block`), s (E,) the radial shell, x (N, CINC); W' and B' packed (wp, bp)."""
     v, i, imask, start, deg, nmax = _segments(rowptr_ptr, rid_ptr, tl.program_id(0), n_v, n_dst, BN)
     live = _live(imask)
     orow = v[:, None] * RC + tl.arange(0, RB)[None, :]
-    for p in range(0, n_pairs * live):
-        hcol, hval, ccol, cval, q0, q1 = _pair(pairs_ptr, pair_ptr, p, H, CIN, HB, CB)
-        z = _z_block(
-            h_ptr, s_ptr, x_ptr, src_ptr, start, deg, nmax, hcol, hval, ccol, cval, HC, CINC, BN, KP, HB, CB, PREC,
-            bnf_ptr, bns_ptr, AFF,
-        )  # fmt: skip
-        for q in range(q0, q1):
-            o = _mm(z, _w_block(wp_ptr, q, HB, CB, RB), PREC)
-            _rmw(out_ptr, orow + tl.load(blk_r + q), o, imask[:, None])
-    tl.debug_barrier()  # the bias loop read-modify-writes the same elements in another register layout
-    # the bias term: zb = sum_e s_e x_e per receiver, times B'
+    # the bias term first: zb = sum_e s_e x_e per receiver, times B'; its first input block stores every column of
+    # the block's segments (out need not be zeroed), the later ones add
     for cb in range(0, CINC * live, CB):
         ccol, cval = _span(cb, CIN, CB)
         zb = _zb(s_ptr, x_ptr, src_ptr, start, deg, nmax, ccol, cval, CINC, BN, KP, CB, h_ptr.dtype.element_ty)
         for rb in range(0, RC, RB):
-            _rmw(out_ptr, orow + rb, _mm(zb, _b_block(bp_ptr, cb, rb, RC, CB, RB), PREC), imask[:, None])
+            o = _mm(zb, _b_block(bp_ptr, cb, rb, RC, CB, RB), PREC)
+            old = tl.load(out_ptr + orow + rb, mask=imask[:, None] & (cb > 0), other=0.0)
+            tl.store(out_ptr + orow + rb, old + o.to(old.dtype), mask=imask[:, None])
+    tl.debug_barrier()  # the pairs' loop read-modify-writes the same elements in another register layout
+    for p in range(0, n_pairs * live):
+        hcol, hval, ccol, cval, q0, q1 = _pair(pairs_ptr, pair_ptr, p, H, CIN, HB, CB)
+        z = _z_block(
+            h_ptr, s_ptr, x_ptr, src_ptr, start, deg, nmax, hcol, hval, ccol, cval, HC, CINC, BN, KP, HB, CB, PREC,
+            bnf_ptr, bns_ptr, permh_ptr, bnk, AFF,
+        )  # fmt: skip
+        for q in range(q0, q1):
+            o = _mm(z, _w_block(wp_ptr, q, HB, CB, RB), PREC)
+            _rmw(out_ptr, orow + tl.load(blk_r + q), o, imask[:, None])
 
 
 @triton.jit
