@@ -49,10 +49,11 @@ from ik_fast.structure import decode
 PREC_NAMES = ("ieee", "tf32", "bf16", "bf16-emulated", "tf32x3")
 # What "highest" runs on CUDA when IK_FAST_HIGHEST does not say: "ieee", or "tf32x3" (each float32 operand split into
 # two TF32 halves, three tensor-core products accumulated in float32). Emulated on CPU (benchmarks/precision.py
-# --emulate, the docs' precision table), 3xTF32's error against float64 stayed within 2x of IEEE float32's on every
-# case but one (planar@16, eval, the parameters' gradient at 2.23x), and today's kernels spill under it
-# (benchmarks/compile_check.py --precision tf32x3: the trunk kernels' and the contraction's forward register tiles,
-# up to 2.5 KB of stack at M), so it is opt-in (IK_FAST_HIGHEST=tf32x3) until both hold; then this becomes "tf32x3".
+# --emulate, the docs' precision table), 3xTF32's error against float64 stays within 2x of IEEE float32's on the
+# cases measured (planar@16 eval's parameters' gradient at 1.89x, with the coefficient's gradient accumulated in
+# float64), but some trunk kernels still spill under it (benchmarks/compile_check.py --precision tf32x3: the trunk
+# backward without a tape, 624 B of stack at M under Triton 3.9; the contraction's kernels stay within 512 B), so it is
+# opt-in (IK_FAST_HIGHEST=tf32x3) until both hold; then this becomes "tf32x3".
 HIGHEST_ON_CUDA = "ieee"
 # Set by ik_fast.tools.tensorcore_emulation while it emulates the tensor cores' rounding in the interpreter: CPU
 # tensors then take the precisions CUDA would (the interpreter itself ignores input_precision).
