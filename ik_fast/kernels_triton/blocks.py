@@ -50,8 +50,8 @@ class Blocks:
     ``b_src`` / ``b_dst`` (R C_in,) int64 likewise for B' (R, C_in) and its permuted, padded form (CINC, RC);
     ``w_idx`` (NB 16^3,) and ``b_idx`` (CINC RC,): the same maps as the kernels read them, the flat position in W'
     (B') of each entry of the compact blocks (the padded bias), -1 where it is structurally zero or padding;
-    ``w_gather`` / ``b_gather`` int64: the same with R H C_in (R C_in) in place of -1, the position of a zero appended
-    to the flattened W' (B'), so that packing them is one gather.
+    ``w_take`` / ``b_take`` int64: the same with 0 in place of -1 and ``w_pad`` / ``b_pad`` bool: where it was -1, so
+    that packing them is one ``take`` and one ``masked_fill_`` (the padding exactly zero, whatever W''s values).
 
     ``inv_h`` (H,), ``inv_c`` (C_in,), ``inv_r`` (R,): the permuted position of each original index (the inverse of
     ``perm_*``). The contraction kernels read and write every per-edge and per-receiver operand in the plan's order
@@ -74,8 +74,10 @@ class Blocks:
     b_src: Tensor
     b_dst: Tensor
     b_idx: Tensor
-    w_gather: Tensor
-    b_gather: Tensor
+    w_take: Tensor
+    b_take: Tensor
+    w_pad: Tensor
+    b_pad: Tensor
     n_pairs: int
     n_blocks: int
     n_cblocks: int
@@ -208,8 +210,10 @@ def build(spec) -> dict:
         b_src=b_src,
         b_dst=b_dst,
         b_idx=b_idx,
-        w_gather=np.where(w_idx >= 0, w_idx, R * H * C),
-        b_gather=np.where(b_idx >= 0, b_idx, R * C),
+        w_take=np.maximum(w_idx, 0),
+        b_take=np.maximum(b_idx, 0),
+        w_pad=w_idx < 0,
+        b_pad=b_idx < 0,
         n_pairs=int(pairs.shape[0]),
         n_blocks=nb,
         n_cblocks=CC // B,

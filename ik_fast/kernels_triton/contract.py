@@ -15,10 +15,11 @@ as (n_dst, RC) with columns permuted and padded to 16, W' as its compact blocks 
 RC), packed once per step; the host applies the permutations once per step at the trunk's boundary (:mod:`.launch`).
 For each pair, Z's (``HB`` hidden x ``CB`` input) block is formed as a dot batched over the block's receivers (their
 edges padded to chunks of ``KP``) and contracted at once with each of the pair's non-zero W' blocks for all ``BN``
-receivers (one (BN, HB * CB) x (HB * CB, RB) dot per block), so W' is read once per receiver block, and only its
-non-zero blocks (6% of them at config H). A program's "receivers" are receiver *segments* of at most 64 edges
-(:func:`split_receivers_kernel`, once per graph): a hub's edges are spread over several programs instead of
-serialising its block, and the forward adds a receiver's segments in order (:func:`segment_sum_kernel`).
+receivers (per block, HB dots (BN, CB) x (CB, RB) batched over its hidden rows and summed: the K of HB * CB split
+across the warps), so W' is read once per receiver block, and only its non-zero blocks (6% of them at config H). A
+program's "receivers" are receiver *segments* of at most 64 edges (:func:`split_receivers_kernel`, once per graph): a
+hub's edges are spread over several programs instead of serialising its block, and the forward adds a receiver's
+segments in order (:func:`segment_sum_kernel`).
 Everything is blocked by 16 (the smallest ``tl.dot``). Given the last hidden activation *before* its batch norm (the
 statistics pass's, in training), the forward applies that batch norm as it reads h (``AFF``: a factor and a shift per
 hidden column in the plan's order, read once per column block), so that no pass over (E, H) is added.
@@ -101,20 +102,24 @@ def split_receivers_kernel(
         tl.store(rid_ptr + v, tl.zeros((BV,), dtype=tl.int64) + n_dst, mask=v < n_v)
 
 
-@triton.jit(do_not_specialize=["n_dst", "RC"])
-def segment_sum_kernel(part_ptr, segptr_ptr, out_ptr, n_dst, RC, BN: tl.constexpr, RB: tl.constexpr):
+@triton.jit(do_not_specialize=["n_dst", "R", "RC"])
+def segment_sum_kernel(part_ptr, segptr_ptr, permr_ptr, out_ptr, n_dst, R, RC, BN: tl.constexpr, RB: tl.constexpr):
     """out[i] = sum over receiver i's segments (in order) of part's rows (n_v, RC): the forward's per-segment outputs
-    added per receiver (deterministic). Program (receiver block, column block)."""
+    added per receiver (deterministic), each row put back in the outputs' own order as it is stored (``out`` (n_dst,
+    R), column perm_r[k] (``permr_ptr``) from the plan's column k < R). Program: a block of BN receivers, whole rows
+    (RB >= RC), so that the permuted stores still fill whole sectors."""
     i = tl.program_id(0) * BN + tl.arange(0, BN)
-    col = tl.program_id(1) * RB + tl.arange(0, RB)
+    col = tl.arange(0, RB)
+    cm = col < R
     m = i < n_dst
     s0 = tl.load(segptr_ptr + i, mask=m, other=0).to(tl.int64)
     n = tl.load(segptr_ptr + i + 1, mask=m, other=0).to(tl.int64) - s0
     acc = tl.zeros((BN, RB), dtype=part_ptr.dtype.element_ty)
     for j in range(0, tl.max(n, 0)):
         mj = m & (j < n)
-        acc += tl.load(part_ptr + (s0 + j)[:, None] * RC + col[None, :], mask=mj[:, None], other=0.0)
-    tl.store(out_ptr + i.to(tl.int64)[:, None] * RC + col[None, :], acc, mask=m[:, None])
+        acc += tl.load(part_ptr + (s0 + j)[:, None] * RC + col[None, :], mask=mj[:, None] & cm[None, :], other=0.0)
+    dst = tl.load(permr_ptr + col, mask=cm, other=0)
+    tl.store(out_ptr + i.to(tl.int64)[:, None] * R + dst[None, :], acc, mask=m[:, None] & cm[None, :])
 
 
 @triton.jit
@@ -177,16 +182,20 @@ def _z_block(
     PREC: tl.constexpr,
     bnf_ptr=None,
     bns_ptr=None,
+    permh_ptr=None,
+    bnk=1,
     AFF: tl.constexpr = False,
 ):
-    """Z block (BN, HB * CB) of the receivers: sum over their edges of hs (x) x, one chunk of KP edges at a time. With
+    """Z block (BN, HB, CB) of the receivers: sum over their edges of hs (x) x, one chunk of KP edges at a time. With
     AFF, h holds the last hidden activation *before* its batch norm, which is applied here as it is read: hidden
-    column k (plan order) is ``h_k f[k] + t[k]`` (``bnf_ptr``, ``bns_ptr`` (HC,) in the plan's order), the factor and
-    shift of the block's columns read once."""
+    column k (plan order) is hidden unit u = perm_h[k] (``permh_ptr``), ``h_k f[u // bnk] + t[u]`` (``bnf_ptr`` the
+    factor per batch-norm channel of ``bnk`` units, ``bns_ptr`` (H,) the shift per unit, in their own order), the
+    factor and shift of the block's columns read once."""
     z = tl.zeros((BN, HB, CB), dtype=h_ptr.dtype.element_ty)
     if AFF:
-        f = tl.load(bnf_ptr + hcol, mask=hval, other=0.0).to(z.dtype)
-        t = tl.load(bns_ptr + hcol, mask=hval, other=0.0).to(z.dtype)
+        u = tl.load(permh_ptr + hcol).to(tl.int64)  # (perm_h is padded to HC: every hcol is inside it)
+        f = tl.load(bnf_ptr + u // bnk, mask=hval, other=0.0).to(z.dtype)
+        t = tl.load(bns_ptr + u, mask=hval, other=0.0).to(z.dtype)
     for t0 in range(0, nmax, KP):
         e, emask = _edges(start, deg, t0, KP)
         if AFF:
@@ -195,7 +204,7 @@ def _z_block(
             a = _load_hs(h_ptr, s_ptr, e, emask, hcol, hval, HC)
         xt = _load_x(x_ptr, src_ptr, e, emask, ccol, cval, CINC)
         z += _mm(tl.permute(a, (0, 2, 1)), xt, PREC)
-    return tl.reshape(z, (BN, HB * CB))
+    return z
 
 
 @triton.jit
@@ -212,6 +221,15 @@ def _w_block(wp_ptr, q, HB: tl.constexpr, CB: tl.constexpr, RB: tl.constexpr):
     structure; NB HB CB RB < 2^31, checked by the host): one contiguous 16 KB read."""
     rows = tl.arange(0, HB * CB)
     return tl.load(wp_ptr + q * (HB * CB * RB) + rows[:, None] * RB + tl.arange(0, RB)[None, :])
+
+
+@triton.jit
+def _w_block3(wp_ptr, q, HB: tl.constexpr, CB: tl.constexpr, RB: tl.constexpr):
+    """:func:`_w_block` as (HB, CB, RB): one (CB, RB) slice per hidden row of the block."""
+    h = tl.arange(0, HB)[:, None, None]
+    c = tl.arange(0, CB)[None, :, None]
+    r = tl.arange(0, RB)[None, None, :]
+    return tl.load(wp_ptr + q * (HB * CB * RB) + (h * CB + c) * RB + r)
 
 
 @triton.jit
@@ -251,7 +269,7 @@ def _load_g(g_ptr, i, imask, rb, R, RC, RB: tl.constexpr, dt):
     return g.to(dt)
 
 
-@triton.jit(do_not_specialize=["n_v", "n_dst", "n_pairs", "H", "CIN", "HC", "CINC", "R", "RC"])
+@triton.jit(do_not_specialize=["bnk", "n_v", "n_dst", "n_pairs", "H", "CIN", "HC", "CINC", "R", "RC"])
 def contract_forward_kernel(
     h_ptr,
     s_ptr,
@@ -267,6 +285,8 @@ def contract_forward_kernel(
     blk_r,
     bnf_ptr,
     bns_ptr,
+    permh_ptr,
+    bnk,
     n_v,
     n_dst,
     n_pairs,
@@ -285,28 +305,36 @@ def contract_forward_kernel(
     AFF: tl.constexpr,
 ):
     """out (n_v, RC) per receiver *segment* (:func:`split_receivers_kernel`; ``rowptr`` the segments' CSR, ``rid``
-    their receivers) in the plan's output order, zero on entry; h (E, HC) the last hidden layer's output in the
-    plan's hidden order (with AFF its activation before its batch norm, ``bnf``/``bns`` (HC,), applied as it is
-    read: :func:`_z_block`), s (E,) the radial shell, x (N, CINC); W' and B' packed (wp, bp)."""
+    their receivers) in the plan's output order (every row of a segment written: any values on entry); h (E, HC) the
+    last hidden layer's output in the plan's hidden order (with AFF its activation before its batch norm, ``bnf`` per
+    channel of ``bnk`` units and ``bns`` (H,) per unit in their own order, ``permh`` the plan's hidden order, applied
+    as it is read: :func:`_z_block`), s (E,) the radial shell, x (N, CINC); W' and B' packed (wp, bp)."""
     v, i, imask, start, deg, nmax = _segments(rowptr_ptr, rid_ptr, tl.program_id(0), n_v, n_dst, BN)
     live = _live(imask)
     orow = v[:, None] * RC + tl.arange(0, RB)[None, :]
-    for p in range(0, n_pairs * live):
-        hcol, hval, ccol, cval, q0, q1 = _pair(pairs_ptr, pair_ptr, p, H, CIN, HB, CB)
-        z = _z_block(
-            h_ptr, s_ptr, x_ptr, src_ptr, start, deg, nmax, hcol, hval, ccol, cval, HC, CINC, BN, KP, HB, CB, PREC,
-            bnf_ptr, bns_ptr, AFF,
-        )  # fmt: skip
-        for q in range(q0, q1):
-            o = _mm(z, _w_block(wp_ptr, q, HB, CB, RB), PREC)
-            _rmw(out_ptr, orow + tl.load(blk_r + q), o, imask[:, None])
-    tl.debug_barrier()  # the bias loop read-modify-writes the same elements in another register layout
-    # the bias term: zb = sum_e s_e x_e per receiver, times B'
+    # the bias term first: zb = sum_e s_e x_e per receiver, times B'; its first input block stores every column of
+    # the block's segments (out need not be zeroed), the later ones add
     for cb in range(0, CINC * live, CB):
         ccol, cval = _span(cb, CIN, CB)
         zb = _zb(s_ptr, x_ptr, src_ptr, start, deg, nmax, ccol, cval, CINC, BN, KP, CB, h_ptr.dtype.element_ty)
         for rb in range(0, RC, RB):
-            _rmw(out_ptr, orow + rb, _mm(zb, _b_block(bp_ptr, cb, rb, RC, CB, RB), PREC), imask[:, None])
+            o = _mm(zb, _b_block(bp_ptr, cb, rb, RC, CB, RB), PREC)
+            old = tl.load(out_ptr + orow + rb, mask=imask[:, None] & (cb > 0), other=0.0)
+            tl.store(out_ptr + orow + rb, old + o.to(old.dtype), mask=imask[:, None])
+    tl.debug_barrier()  # the pairs' loop read-modify-writes the same elements in another register layout
+    for p in range(0, n_pairs * live):
+        hcol, hval, ccol, cval, q0, q1 = _pair(pairs_ptr, pair_ptr, p, H, CIN, HB, CB)
+        z = _z_block(
+            h_ptr, s_ptr, x_ptr, src_ptr, start, deg, nmax, hcol, hval, ccol, cval, HC, CINC, BN, KP, HB, CB, PREC,
+            bnf_ptr, bns_ptr, permh_ptr, bnk, AFF,
+        )  # fmt: skip
+        zh = tl.permute(z, (1, 0, 2))  # (HB, BN, CB)
+        for q in range(q0, q1):
+            # out += vec(Z) . W' as HB dots of (BN, CB) x (CB, RB), one per hidden row, then summed: the dot's K of
+            # HB * CB split across the warps (a (BN, HB * CB) operand whole in every warp would spill, 3xTF32's split
+            # halves doubling it)
+            o = tl.sum(_mm(zh, _w_block3(wp_ptr, q, HB, CB, RB), PREC), 0)
+            _rmw(out_ptr, orow + tl.load(blk_r + q), o, imask[:, None])
 
 
 @triton.jit
@@ -445,21 +473,18 @@ def contract_dx_kernel(
 ):
     """Given dout (n_dst, RC) and h (E, HC) in the plan's order: the gradient of each edge's gathered source
     features, d x_e = dZ_i^T hs_e + s_e d zb_i (E, CINC, plan order), zero on entry (the host adds it into the
-    sources)."""
+    sources). Padding input columns (k >= CIN, inside the padded rows) are written too, unmasked: dZ and d zb are zero
+    there (W' and B' are packed with zero padding), and the host drops them (fewer live masks)."""
     _, i, imask, start, deg, nmax = _segments(rowptr_ptr, rid_ptr, tl.program_id(0), n_v, n_dst, BN)
     live = _live(imask)
     for p in range(0, n_pairs * live):
         hcol, hval, ccol, cval, q0, q1 = _pair(pairs_ptr, pair_ptr, p, H, CIN, HB, CB)
-        dz = _dz_block(g_ptr, wp_ptr, blk_r, i, imask, q0, q1, R, RC, BN, HB, CB, RB, PREC)
+        dzt = tl.permute(_dz_block(g_ptr, wp_ptr, blk_r, i, imask, q0, q1, R, RC, BN, HB, CB, RB, PREC), (0, 2, 1))
         for t0 in range(0, nmax, KP):
             e, emask = _edges(start, deg, t0, KP)
             a = _load_hs(h_ptr, s_ptr, e, emask, hcol, hval, HC)
-            _rmw(
-                dxe_ptr,
-                e[:, :, None] * CINC + ccol[None, None, :],
-                _mm(a, dz, PREC),
-                emask[:, :, None] & cval[None, None, :],
-            )
+            o = tl.permute(_mm(dzt, tl.permute(a, (0, 2, 1)), PREC), (0, 2, 1))
+            _rmw(dxe_ptr, e[:, :, None] * CINC + ccol[None, None, :], o, emask[:, :, None])
     tl.debug_barrier()  # the bias loop read-modify-writes the same elements in another register layout
     for cb in range(0, CINC * live, CB):
         ccol, cval = _span(cb, CIN, CB)
@@ -468,10 +493,7 @@ def contract_dx_kernel(
             e, emask = _edges(start, deg, t0, KP)
             s = tl.load(s_ptr + e, mask=emask, other=0.0)
             _rmw(
-                dxe_ptr,
-                e[:, :, None] * CINC + ccol[None, None, :],
-                s[:, :, None] * dzb[:, None, :],
-                emask[:, :, None] & cval[None, None, :],
+                dxe_ptr, e[:, :, None] * CINC + ccol[None, None, :], s[:, :, None] * dzb[:, None, :], emask[:, :, None]
             )
 
 
@@ -523,7 +545,7 @@ def contract_wgrad_kernel(
             z = _z_block(
                 h_ptr, s_ptr, x_ptr, src_ptr, start, deg, nmax, hcol, hval, ccol, cval, HC, CINC, BN, KP, HB, CB, PREC
             )  # fmt: skip
-            zt = tl.trans(z)  # (HB * CB, BN)
+            zt = tl.trans(tl.reshape(z, (BN, HB * CB)))  # (HB * CB, BN)
             for q in range(q0, q0 + (q1 - q0) * _live(imask)):
                 g = _load_g(g_ptr, i, imask, tl.load(blk_r + q), R, RC, RB, dt)
                 _rmw(

@@ -902,7 +902,9 @@ def trunk_backward_kernel(
     scr = scr_ptr + pid.to(tl.int64) * (NS * TILE)
     ys = scr + (NL - 1) * TILE  # the slot of y_k / dy_k
     pre = scr + NL * TILE  # a_1 .. a_{NL-1}, before their batch norms
-    gcoef_acc = tl.sum(tl.zeros((BE,), dtype=dt), 0)
+    # (coef's gradient, a sum over every edge of the program, accumulated in float64: in float32 its rounding, not the
+    # dots', set its error, up to 3 ulps of a scalar that dominates the parameters' gradient)
+    gcoef_acc = tl.sum(tl.zeros((BE,), dtype=tl.float64), 0)
     for t in range(pid, n_tiles, nprog):
         offs, emask, inp, s, r2, coef = _load_tile(inp_ptr, coef_ptr, norm, t, E, P0, P0P, NDIM, BE)
         if NL == 0:  # h is the input itself (HP = P0P): one small tile
@@ -1047,7 +1049,7 @@ def trunk_backward_kernel(
         ds += tl.load(dsb_ptr + offs, mask=emask, other=0.0)
         # radial shell s = norm * exp(-coef r^2)
         dsr = ds * s
-        gcoef_acc += tl.sum(-dsr * r2, 0)
+        gcoef_acc += tl.sum((-dsr * r2).to(tl.float64), 0)
         dinp = tl.where((pp < NDIM)[None, :], (-2.0 * coef * dsr)[:, None] * inp, 0.0) + dmlp
         tl.store(dinp_ptr + offs[:, None] * P0 + pp[None, :], dinp, mask=emask[:, None] & (pp < P0)[None, :])
-    tl.store(gcoef, gcoef_acc)
+    tl.store(gcoef, gcoef_acc.to(dt))

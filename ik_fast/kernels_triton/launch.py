@@ -49,10 +49,11 @@ from ik_fast.structure import decode
 PREC_NAMES = ("ieee", "tf32", "bf16", "bf16-emulated", "tf32x3")
 # What "highest" runs on CUDA when IK_FAST_HIGHEST does not say: "ieee", or "tf32x3" (each float32 operand split into
 # two TF32 halves, three tensor-core products accumulated in float32). Emulated on CPU (benchmarks/precision.py
-# --emulate, the docs' precision table), 3xTF32's error against float64 stayed within 2x of IEEE float32's on every
-# case but one (planar@16, eval, the parameters' gradient at 2.23x), and today's kernels spill under it
-# (benchmarks/compile_check.py --precision tf32x3: the trunk kernels' and the contraction's forward register tiles,
-# up to 2.5 KB of stack at M), so it is opt-in (IK_FAST_HIGHEST=tf32x3) until both hold; then this becomes "tf32x3".
+# --emulate, the docs' precision table), 3xTF32's error against float64 stays within 2x of IEEE float32's on the
+# cases measured (planar@16 eval's parameters' gradient at 1.89x, with the coefficient's gradient accumulated in
+# float64), but some trunk kernels still spill under it (benchmarks/compile_check.py --precision tf32x3: the trunk
+# backward without a tape, 624 B of stack at M under Triton 3.9; the contraction's kernels stay within 512 B), so it is
+# opt-in (IK_FAST_HIGHEST=tf32x3) until both hold; then this becomes "tf32x3".
 HIGHEST_ON_CUDA = "ieee"
 # Set by ik_fast.tools.tensorcore_emulation while it emulates the tensor cores' rounding in the interpreter: CPU
 # tensors then take the precisions CUDA would (the interpreter itself ignores input_precision).
@@ -753,8 +754,9 @@ def _make_setup(
         trunk = _fourier_constexprs(lay, ndim, prec, bnm, x.device)
     plan = blocks(structure, final_weight.shape, lay.D, x.device)
     # W' and B' packed once per step in the plan's order: W''s non-zero blocks contiguous (NB, 16 * 16, 16), B' (CINC,
-    # RC); each is one gather from the flattened tensor with a zero appended (the plan's index of the padding)
-    wc, bf = _pack(_as(final_weight, dtype), plan.w_gather), _pack(_as(final_bias, dtype), plan.b_gather)
+    # RC); each is one gather, its padding then zeroed
+    wc = _pack(_as(final_weight, dtype), plan.w_take, plan.w_pad)
+    bf = _pack(_as(final_bias, dtype), plan.b_take, plan.b_pad)
     consts = dict(BN=BLOCK, KP=BLOCK, HB=BLOCK, CB=BLOCK, RB=BLOCK, PREC=prec)
     # the plan's tensors and sizes, in the contraction kernels' argument order
     walk = (plan.pairs, plan.pair_ptr, plan.blk_r)
@@ -762,10 +764,9 @@ def _make_setup(
     coef = coef if coef.dtype == dtype and coef.dim() == 1 else coef.to(dtype).reshape(1)
     # the last batch norm, for a forward given the last activation before it: (factor, shift, components per channel)
     last_bn = None
-    if lay.NL and bnm >> (lay.NL - 1) & 1:  # per hidden column in the plan's order (HC,)
+    if lay.NL and bnm >> (lay.NL - 1) & 1:  # in their own order: the kernel reads them through the plan's (no operator)
         f = bn_factor[-1]
-        col = plan.perm_h.long()
-        last_bn = (_as(f, dtype)[col // (H // f.shape[0])].contiguous(), _as(bn_shift[-1], dtype)[col].contiguous())
+        last_bn = (_c(f), _c(bn_shift[-1]), H // f.shape[0])
     return lay, pack, hidden, plan, wc, bf, coef, trunk, consts, walk, sizes, last_bn
 
 
@@ -792,15 +793,39 @@ def _segments(rowptr: Tensor, E: int):
     return out
 
 
-def _pack(t: Tensor, gather: Tensor) -> Tensor:
-    """``t`` flattened with a zero appended, gathered at ``gather`` (the plan's packed order; the zero for padding)."""
-    return torch.cat([t.reshape(-1), t.new_zeros(1)]).index_select(0, gather)
+def _pack(t: Tensor, take: Tensor, pad: Tensor) -> Tensor:
+    """``t`` flattened, gathered at ``take`` (the plan's packed order), zero where ``pad`` (structural zeros and
+    padding): two operators (``take`` reads any strides)."""
+    if t.numel() == 0:
+        return t.new_zeros(take.shape[0])
+    return torch.take(t, take).masked_fill_(pad, 0)
 
 
 def _to_plan(t: Tensor, perm: Tensor) -> Tensor:
     """Columns of ``t`` (n, m) in the plan's order, padded to a multiple of 16 (n, len(perm)): the contraction
     kernels' layout of h, x and dout (padding columns are masked by the kernels)."""
     return t.index_select(1, perm)
+
+
+# x in the plan's order by x's storage (key -> (weak reference to the storage, the plan's order, the permuted copy)):
+# the forward's, for the backward of the same inputs (the same storage, view and version), so that x is permuted once
+# per step
+_XPLAN: "collections.OrderedDict" = collections.OrderedDict()
+XPLAN_CACHE = 8  # entries (one per layer of a model between its forward and its backward: N x C_in each)
+
+
+def _x_to_plan(x: Tensor, perm: Tensor) -> Tensor:
+    """:func:`_to_plan` of the source features, kept while x's storage lives and its version is the same."""
+    key = (_storage_key(x), x.dtype, str(x.device), id(perm))
+    hit = _XPLAN.get(key)
+    if hit is not None and not hit[0].expired() and hit[1] is perm:  # (a live storage is the one of the key)
+        _XPLAN.move_to_end(key)
+        return hit[2]
+    xp = _to_plan(x, perm)
+    _XPLAN[key] = (StorageWeakRef(x.untyped_storage()), perm, xp)
+    while len(_XPLAN) > XPLAN_CACHE:
+        _XPLAN.popitem(last=False)
+    return xp
 
 
 def _from_plan(t: Tensor, inv: Tensor) -> Tensor:
@@ -881,15 +906,16 @@ def conv(
     R = final_weight.shape[0]
     n_dst = rowptr.shape[0] - 1
     E = inp.shape[0]
-    out = x.new_zeros(n_dst, R)
     if E == 0:
-        return out
+        return x.new_zeros(n_dst, R)
     inp = _c(inp)
     lay, _, mlp, plan, wc, bf, coefp, trunk, consts, walk, sizes, last_bn = _setup(
         x, inp, weights, biases, fourier, fourier_inv, bn_factor, bn_shift, final_weight, final_bias, coef, ndim,
         structure, act_bias,
     )  # fmt: skip
-    aff = (coefp, coefp, False)  # (factor, shift per hidden column in the plan's order, applied by the contraction)
+    # (the last batch norm's factor per channel, its shift per unit and the units per channel, applied by the
+    # contraction)
+    aff = (coefp, coefp, 1, False)
     if hidden is None and isinstance(lay, IrrepLayout):
         h, s = _irrep_trunk_forward(inp, mlp, coefp, norm, lay, trunk)
     elif hidden is None:
@@ -903,15 +929,15 @@ def conv(
         )
         if last_bn is not None:
             aff = (*last_bn, True)
-    # h, x and out in the plan's order (one column permutation each at the trunk's boundary); one output row per
-    # receiver segment, the segments added per receiver in order
+    # h and x in the plan's order (one column permutation each at the trunk's boundary); one output row per receiver
+    # segment
     vptr, rid, segptr, n_v = _segments(rowptr, E)
     RC = sizes[-1]
-    outv = x.new_zeros(n_v, RC)
+    outv = x.new_empty(n_v, RC)  # (every segment's row is written)
     K2.contract_forward_kernel[(-(-n_v // BLOCK),)](
         _to_plan(h, plan.perm_h),
         s,
-        _to_plan(x, plan.perm_c),
+        _x_to_plan(x, plan.perm_c),
         _c(src),
         vptr,
         rid,
@@ -921,17 +947,22 @@ def conv(
         *walk,
         aff[0],
         aff[1],
+        plan.perm_h,
+        aff[2],
         n_v,
         n_dst,
         plan.n_pairs,
         *sizes,
         num_warps=warps("contract", 0),
-        AFF=aff[2],
+        AFF=aff[3],
         **consts,
     )
-    outp = x.new_empty(n_dst, RC)
-    K2.segment_sum_kernel[(-(-n_dst // BLOCK), RC // BLOCK)](outv, segptr, outp, n_dst, RC, BN=BLOCK, RB=BLOCK)
-    return _from_plan(outp, plan.inv_r)
+    # the segments added per receiver, the columns put back in their own order as they are stored
+    out = x.new_empty(n_dst, R)
+    rb = _pow2(RC)
+    bn = max(2, min(BLOCK, 4096 // rb))  # (at most 4096 elements of a register tile)
+    K2.segment_sum_kernel[(-(-n_dst // bn),)](outv, segptr, plan.perm_r, out, n_dst, R, RC, BN=bn, RB=rb, num_warps=4)
+    return out
 
 
 def conv_backward(
@@ -963,7 +994,11 @@ def conv_backward(
     n_dst = rowptr.shape[0] - 1
     like = [x, inp, *weights, *biases, *bn_factor, *bn_shift, final_weight, final_bias, coef]
     L = len(weights)
-    nab = [torch.zeros_like(t) for t in act_bias] if E == 0 or irrep_kind(structure) is None else []
+    nab = (  # (an empty activation bias, every kind's but the norm layers': an empty gradient, no zeroing)
+        [torch.zeros_like(t) if t.numel() else torch.empty_like(t) for t in act_bias]
+        if E == 0 or irrep_kind(structure) is None
+        else []
+    )
     if E == 0:
         z = [torch.zeros_like(t) for t in like]
         return z[: 2 + 2 * L] + nab + z[2 + 2 * L :]
@@ -987,7 +1022,8 @@ def conv_backward(
     shapes = [(E, HC), (E, CC), (nsplit, w_floats), (nsplit, b_floats), (E,), (nprog, per_program)]
     zeros = x.new_zeros(sum(math.prod(sh) for sh in shapes)).split([math.prod(sh) for sh in shapes])
     dhsp, dxe, dwc, dbf, dsb, acc = (z.view(sh) for z, sh in zip(zeros, shapes))
-    gp, xp = _to_plan(grad, plan.perm_r), _to_plan(x, plan.perm_c)  # dout and x in the plan's order
+    # dout and x in the plan's order (x: the forward's permuted copy)
+    gp, xp = _to_plan(grad, plan.perm_r), _x_to_plan(x, plan.perm_c)
     # 1. the contraction's d hs and the bias term's d s, per receiver block (no trunk needed)
     K2.contract_dhs_kernel[(n_blocks,)](
         gp,
