@@ -365,7 +365,7 @@ def compile_configs(configs: List[dict], outdir: str) -> List[dict]:
 # ----------------------------------------------------------------------------------------------------------------
 _LINE = re.compile(r'//## File "([^"]+)", line (\d+)((?: inlined at "[^"]+", line \d+)*)')
 _INL = re.compile(r'inlined at "([^"]+)", line (\d+)')
-_INSN = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
+_INSN = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*(?:x[0-9][A-Z0-9_.x]*)?)([^;]*);")
 _TARGET = re.compile(r"`\(\.(L_x_\d+)\)")
 
 
