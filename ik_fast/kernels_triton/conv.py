@@ -24,9 +24,9 @@ where hidden layer k + 1 has a batch norm). The next Linear reads h_k. Kernels:
 Every hidden GEMM works on blocks of ``GW`` hidden units (the host picks ``GW`` so that no operand exceeds 32 KB in
 float32; on the tensor cores the statistics and backward kernels take wider blocks, ``launch.stats_blocks`` and
 ``launch.backward_blocks``: Triton lays all the warps of a chain of dots along M, so a Fourier GEMM needs 16 rows of
-(edge x channel) per warp not to compute the same MMA on several warps). Register tiles cannot be sliced in Triton: in the forward kernels a block is taken out of (and put back
-into) the (BE, NG, GW) view of a tile by a masked sum (``_group``, ``_add_group``); the backward loads and stores
-blocks of its scratch instead.
+(edge x channel) per warp not to compute the same MMA on several warps). Register tiles cannot be sliced in
+Triton: in the forward kernels a block is taken out of (and put back into) the (BE, NG, GW) view of a tile by a
+masked sum (``_group``, ``_add_group``); the backward loads and stores blocks of its scratch instead.
 
 Edge and tile counts are not specialised on (one compilation serves every graph size); edge offsets are int64. Shapes
 are padded on the host to powers of two (at least 16, for ``tl.dot``): ``P0P`` the MLP input, ``CP x DP`` the hidden
