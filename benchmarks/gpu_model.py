@@ -365,7 +365,7 @@ def compile_configs(configs: List[dict], outdir: str) -> List[dict]:
 # ----------------------------------------------------------------------------------------------------------------
 _LINE = re.compile(r'//## File "([^"]+)", line (\d+)((?: inlined at "[^"]+", line \d+)*)')
 _INL = re.compile(r'inlined at "([^"]+)", line (\d+)')
-_INSN = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
+_INSN = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*(?:x[0-9][A-Z0-9_.x]*)?)([^;]*);")
 _TARGET = re.compile(r"`\(\.(L_x_\d+)\)")
 
 
@@ -711,7 +711,9 @@ def run_trace(problem: str, precision: str, tree: str, workdir: str, graphs=None
     graphs = graphs or graph_sizes(problem)  # (this checkout's rule; the child builds them with the tree's problems)
     out = os.path.join(workdir, f"trace-{problem}-{precision}.json")
     if not os.path.exists(out):
-        execute = precision == "ieee"
+        # every precision executes its own trace: a precision may launch other block shapes (the Triton trunk's
+        # tensor-core blocks in TF32), so the IEEE launch's trip counts, dots and sectors need not be its own
+        execute = True
         args = ["--trace-child", ",".join(graphs), precision, out] + (["--execute"] if execute else [])
         _child(args, tree, None, True, precision)
     with open(out) as f:
@@ -765,7 +767,8 @@ def model(
     precs = {lc["constexprs"].get("PREC") for g in mine for lc in g["launches"]} - {None}
     if precision != "ieee" and precs and precision not in precs:
         return {"problem": problem, "precision": precision, "skipped": f"the tree's kernels run {sorted(precs)} here"}
-    # the configurations of this precision's launches, each with the IEEE launch's trip counts at its position
+    # the configurations of this precision's launches, each with its own trip counts (or, from a trace that did not
+    # execute, the IEEE launch's at its position)
     configs, per_graph = {}, []
     for g_ieee, g in zip(ieee, mine):
         assert len(g_ieee["launches"]) == len(g["launches"]), "the precisions launch different kernels"
@@ -773,8 +776,10 @@ def model(
         for li, lp in zip(g_ieee["launches"], g["launches"]):
             if li["qualname"] != lp["qualname"]:
                 raise RuntimeError(f"launch order differs between precisions: {li['qualname']} / {lp['qualname']}")
-            lc = dict(lp, lines=li["lines"], macs=li["macs"], sectors=li["sectors"], useful_bytes=li["useful_bytes"])
-            lc["programs"] = li["programs"]
+            src = lp if "lines" in lp else li  # (its own execution where traced; an older trace: the IEEE one's)
+            lc = dict(lp, lines=src["lines"], macs=src["macs"], sectors=src["sectors"])
+            lc["useful_bytes"] = src["useful_bytes"]
+            lc["programs"] = src["programs"]
             launches.append(lc)
             configs.setdefault(_cfg_key(lp), lp)
         per_graph.append({"edges": g["edges"], "launches": launches})

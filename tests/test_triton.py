@@ -200,6 +200,45 @@ def test_wide_features_span_several_blocks():
         assert rel(f, r) <= tolerance("backward", torch.float64)
 
 
+def test_tensor_core_blocks_of_the_trunk_match_the_reference():
+    """In TF32 the statistics and backward trunk kernels take wider hidden blocks than the layout's (so that their
+    Fourier GEMMs have 16 rows per warp; the first Linear's blocks run transposed): forward and every gradient of a
+    training step in float32 under matmul precision "high" (the interpreter computes the dots in float32) against the
+    reference in float64."""
+    gs = get_gspace("O3")
+    G = gs.fibergroup
+    in_t = gs.type(G.bl_sphere_representation(L=1), G.irrep(0, 0))
+    out_t = gs.type(G.bl_sphere_representation(L=1), G.irrep(1, 0))
+    attr_t = gs.type(G.irrep(0, 0))
+    torch.manual_seed(0)
+    conv = ik_fast.ImplicitPointConv(in_t, out_t, attr_t, n_layers=3, n_channels=4).double().train()
+    pos, ei, x, a = _inputs(conv, gs, attr_t, n=10, e=40)
+    p = conv.kernel.program().op_program([], x.dtype)
+    lay = launch.layout(torch.zeros(1, 3 + attr_t.size), p.weights, p.fourier, out_t.size, 3)
+    assert lay.FOURIER and lay.NL == 2 and launch.backward_blocks(lay, "tf32")[0] > lay.GW
+    assert launch.stats_blocks(lay, "tf32")[0] > lay.GW and launch.backward_blocks(lay, "ieee")[0] == lay.GW
+    state = {k: v.clone() for k, v in conv.state_dict().items()}
+    res = {}
+    for b in ("reference", "triton"):
+        conv.load_state_dict(state)
+        conv.backend = b
+        dt = torch.float64 if b == "reference" else torch.float32
+        conv.to(dt).zero_grad()
+        xg = x.to(dt).clone().requires_grad_()
+        old = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("high")
+        try:
+            out = conv(xg, ei, edge_attr=a.to(dt), pos=pos.to(dt))
+            w = torch.cos(torch.arange(out.numel(), dtype=dt)).reshape(out.shape)
+            (out * w).sum().backward()
+        finally:
+            torch.set_float32_matmul_precision(old)
+        res[b] = [out.detach(), xg.grad] + [q.grad for q in conv.parameters() if q.grad is not None]
+    assert len(res["reference"]) == len(res["triton"]) > 4
+    for r, f in zip(res["reference"], res["triton"]):
+        assert rel(f.double(), r) <= tolerance("backward", torch.float32)
+
+
 def _raw_inputs(name, n_layers=4, dense=False, n=12, e=40):
     """The raw ops' inputs of a layer with randomised batch norms (their running statistics: eval mode):
     (x, inp, src, rowptr, program)."""

@@ -22,9 +22,11 @@ where hidden layer k + 1 has a batch norm). The next Linear reads h_k. Kernels:
   per-program scratch in global memory, a block at a time.
 
 Every hidden GEMM works on blocks of ``GW`` hidden units (the host picks ``GW`` so that no operand exceeds 32 KB in
-float32). Register tiles cannot be sliced in Triton: in the forward kernels a block is taken out of (and put back
-into) the (BE, NG, GW) view of a tile by a masked sum (``_group``, ``_add_group``); the backward loads and stores
-blocks of its scratch instead.
+float32; on the tensor cores the statistics and backward kernels take wider blocks, ``launch.stats_blocks`` and
+``launch.backward_blocks``: Triton lays all the warps of a chain of dots along M, so a Fourier GEMM needs 16 rows of
+(edge x channel) per warp not to compute the same MMA on several warps). Register tiles cannot be sliced in
+Triton: in the forward kernels a block is taken out of (and put back into) the (BE, NG, GW) view of a tile by a
+masked sum (``_group``, ``_add_group``); the backward loads and stores blocks of its scratch instead.
 
 Edge and tile counts are not specialised on (one compilation serves every graph size); edge offsets are int64. Shapes
 are padded on the host to powers of two (at least 16, for ``tl.dot``): ``P0P`` the MLP input, ``CP x DP`` the hidden
@@ -550,12 +552,14 @@ def _blk(g, BE: tl.constexpr, HP: tl.constexpr, GW: tl.constexpr):
 
 @triton.jit
 def _linear_in_blk(inp, w_ptr, b_ptr, g, P0P: tl.constexpr, HP: tl.constexpr, GW: tl.constexpr, PREC: tl.constexpr):
-    """Block g (BE, GW) of the first Linear."""
+    """Block g (BE, GW) of the first Linear, computed transposed, (W^T inp^T)^T: its GW rows (not BE) are the
+    GEMM's M, so that the tile's warps do not all compute the same rows (Triton lays the warps of every dot of a
+    chain along M)."""
     k = tl.arange(0, P0P)
     n = g * GW + tl.arange(0, GW)
-    w = tl.load(w_ptr + k[:, None] * HP + n[None, :])
+    wt = tl.load(w_ptr + k[None, :] * HP + n[:, None])
     b = tl.load(b_ptr + n)
-    return _mm(inp, w.to(inp.dtype), PREC) + b[None, :].to(inp.dtype)
+    return tl.trans(_mm(wt.to(inp.dtype), tl.trans(inp), PREC)) + b[None, :].to(inp.dtype)
 
 
 @triton.jit
@@ -567,7 +571,8 @@ def _linear_in_bwd_blk(
     k = tl.arange(0, P0P)
     n = g * GW + tl.arange(0, GW)
     offs = k[:, None] * HP + n[None, :]
-    _accumulate(gw_ptr, offs, _mm(tl.trans(inp), dy, PREC), offs >= 0)
+    offs_t = k[None, :] * HP + n[:, None]  # the weight gradient as dy^T inp (GW, P0P): GW rows, as above
+    _accumulate(gw_ptr, offs_t, _mm(tl.trans(dy), inp, PREC), offs_t >= 0)
     _accumulate(gb_ptr, n, tl.sum(dy, 0), n >= 0)
     w = tl.load(w_ptr + offs).to(inp.dtype)
     return _mm(dy, tl.trans(w), PREC)

@@ -655,6 +655,47 @@ def warps(kind: str, hidden: int) -> int:
     return 4 if hidden <= 256 else 8 if hidden <= 512 else 16
 
 
+BACKWARD_MMA_ROWS = 64  # rows of the trunk backward's Fourier GEMMs when its layout allows (one wgmma on sm_90)
+BACKWARD_MMA_ELEMENTS = 2048  # ... and at most this many elements in one of their (rows, DP) operands (no spills)
+
+
+MMA_PRECISIONS = ("tf32",)  # the precisions whose trunk blocks are shaped for the tensor cores (IEEE float32 runs its
+# dots on the FMA pipes, whose register tiles spill at these blocks; bf16 is not compile-checked at them yet: the
+# layout's blocks for both)
+
+
+def backward_blocks(lay: "Layout", prec: str, tile: int = BACKWARD_TILE) -> Tuple[int, int]:
+    """(GW, num_warps) of conv.trunk_backward_kernel. Triton lays the warps of chained dots (the Fourier ELU's) all
+    along M, so a dot of fewer than 16 rows per warp computes the same rows on several warps. Where a block of
+    BACKWARD_MMA_ROWS (edge x channel) rows fits (4 warps: one warpgroup, a wgmma on sm_90; at config M, 16 edges x
+    4 channels of 32 components), the backward takes blocks of that many channels; else blocks of half as many rows
+    on 8 warps (config H, whose D = 64 makes a 64-row operand twice as large: it spills under Triton 3.6; 2 channels
+    per block there, which halves the Fourier matrices' reads per tile, and the GEMMs still run twice per row); the
+    layout's blocks for IEEE float32."""
+    if lay.FOURIER and prec in MMA_PRECISIONS:
+        dense = lay.NL > 1 and lay.CWF == 0  # (a dense hidden Linear's weight operand is (GW, GW))
+        for rows, nw in ((BACKWARD_MMA_ROWS, 4), (BACKWARD_MMA_ROWS // 2, warps("trunk_backward", lay.HP))):
+            gw = min(lay.HP, rows * lay.DP // tile)  # (all of a narrower layer's channels at once)
+            fits = rows * lay.DP <= BACKWARD_MMA_ELEMENTS and (not dense or gw * gw <= OPERAND_BUDGET)
+            if gw >= lay.GW and gw % lay.DP == 0 and lay.HP % gw == 0 and fits:
+                return gw, nw
+    return lay.GW, warps("trunk_backward", lay.HP)
+
+
+def stats_blocks(lay: "Layout", prec: str, tile: int = STATS_TILE) -> Tuple[int, int]:
+    """(GW, num_warps) of conv.fused_stats_kernel: its Fourier GEMMs on blocks of 16 (edge x channel) rows per warp
+    (no MMA computed twice; 64 or 128 rows, a wgmma on sm_90): 4 warps up to 256 hidden units (config M: blocks of 4
+    channels), else 8 (config H: 8 channels, a (BE, 1024) tile over 8 warps does not spill; 16 warps would need more
+    than the shared memory); the layout's blocks where a dense hidden Linear would get too large an operand."""
+    nw = 4 if lay.HP <= 256 else 8
+    if lay.FOURIER and prec in MMA_PRECISIONS:
+        gw = min(lay.HP, 16 * nw * lay.DP // tile)
+        dense = lay.NL > 1 and lay.CWF == 0
+        if gw >= lay.GW and gw % lay.DP == 0 and lay.HP % gw == 0 and (not dense or gw * gw <= OPERAND_BUDGET):
+            return gw, nw
+    return lay.GW, warps("trunk", lay.HP)
+
+
 def num_programs(n_tiles: int, device, per_program_floats: int) -> int:
     """Persistent programs of the backward and statistics kernels (each owns an accumulator row)."""
     dev = torch.device(device)
@@ -1061,6 +1102,7 @@ def conv_backward(
         HP, nh = lay.HP, pack.shapes[2][0]
         slots = 2 * lay.NL - 1 if trunk["BNM"] and lay.NL > 1 else max(lay.NL, 1)
         scratch = x.new_empty(nprog, slots, BACKWARD_TILE, HP)
+        bgw, bwarps = backward_blocks(lay, trunk["PREC"])
         taped = tape is not None and 1 <= lay.NL <= TAPE_LAYERS and len(tape) == 2 * lay.NL
         acts = [_as(tape[2 * k], x.dtype) for k in range(lay.NL)] if taped else []
         acts += [scratch] * (TAPE_LAYERS - len(acts))  # (not read)
@@ -1080,8 +1122,8 @@ def conv_backward(
             float(norm),
             NH=nh,
             TAPE=taped,
-            num_warps=warps("trunk_backward", HP),
-            **dict(trunk, BE=BACKWARD_TILE),
+            num_warps=bwarps,
+            **dict(trunk, BE=BACKWARD_TILE, GW=bgw),
         )
     hs = _to_plan(dhs, plan.perm_h)  # now h, in the plan's order
     del dhs
@@ -1195,6 +1237,8 @@ def trunk_moments(
     prm = pack.pad(weights, biases, bn_factor, bn_shift, in_affine, inp.dtype, inp.device)
     fou = pack.pad_fourier(fourier, fourier_inv, inp.dtype, inp.device)
     HP = lay.HP
+    prec = PREC_NAMES[precision(inp.dtype, inp.device)]
+    sgw, swarps = stats_blocks(lay, prec)
     n_tiles = (E + STATS_TILE - 1) // STATS_TILE
     nprog = num_programs(n_tiles, inp.device, 1 + 2 * HP)
     parts = inp.new_zeros(nprog, 1 + 2 * HP)
@@ -1214,10 +1258,10 @@ def trunk_moments(
         CP=lay.CP,
         DP=lay.DP,
         GP=lay.GP,
-        GW=lay.GW,
+        GW=sgw,
         FOURIER=lay.FOURIER,
         BE=STATS_TILE,
-        PREC=PREC_NAMES[precision(inp.dtype, inp.device)],
+        PREC=prec,
         CWF=lay.CWF,
         C=lay.C,
         D=lay.D,
@@ -1226,7 +1270,7 @@ def trunk_moments(
         BNM=_bn_mask(bn_factor),
         IAFF=in_affine[0].numel() > 0,
         CHAIN=chain,
-        num_warps=warps("trunk", HP),
+        num_warps=swarps,
     )
     # merge the programs' partial moments (Chan et al.), in program order, straight into the real hidden units
     moments = inp.new_empty(2, H)
