@@ -848,27 +848,6 @@ def _to_plan(t: Tensor, perm: Tensor) -> Tensor:
     return t.index_select(1, perm)
 
 
-# x in the plan's order by x's storage (key -> (weak reference to the storage, the plan's order, the permuted copy)):
-# the forward's, for the backward of the same inputs (the same storage, view and version), so that x is permuted once
-# per step
-_XPLAN: "collections.OrderedDict" = collections.OrderedDict()
-XPLAN_CACHE = 8  # entries (one per layer of a model between its forward and its backward: N x C_in each)
-
-
-def _x_to_plan(x: Tensor, perm: Tensor) -> Tensor:
-    """:func:`_to_plan` of the source features, kept while x's storage lives and its version is the same."""
-    key = (_storage_key(x), x.dtype, str(x.device), id(perm))
-    hit = _XPLAN.get(key)
-    if hit is not None and not hit[0].expired() and hit[1] is perm:  # (a live storage is the one of the key)
-        _XPLAN.move_to_end(key)
-        return hit[2]
-    xp = _to_plan(x, perm)
-    _XPLAN[key] = (StorageWeakRef(x.untyped_storage()), perm, xp)
-    while len(_XPLAN) > XPLAN_CACHE:
-        _XPLAN.popitem(last=False)
-    return xp
-
-
 def _from_plan(t: Tensor, inv: Tensor) -> Tensor:
     """The inverse of :func:`_to_plan`: columns back in their own order (n, len(inv))."""
     return t.index_select(1, inv)
@@ -978,7 +957,7 @@ def conv(
     K2.contract_forward_kernel[(-(-n_v // BLOCK),)](
         _to_plan(h, plan.perm_h),
         s,
-        _x_to_plan(x, plan.perm_c),
+        _to_plan(x, plan.perm_c),
         _c(src),
         vptr,
         rid,
@@ -1064,7 +1043,7 @@ def conv_backward(
     zeros = x.new_zeros(sum(math.prod(sh) for sh in shapes)).split([math.prod(sh) for sh in shapes])
     dhsp, dxe, dwc, dbf, dsb, acc = (z.view(sh) for z, sh in zip(zeros, shapes))
     # dout and x in the plan's order (x: the forward's permuted copy)
-    gp, xp = _to_plan(grad, plan.perm_r), _x_to_plan(x, plan.perm_c)
+    gp, xp = _to_plan(grad, plan.perm_r), _to_plan(x, plan.perm_c)
     # 1. the contraction's d hs and the bias term's d s, per receiver block (no trunk needed)
     K2.contract_dhs_kernel[(n_blocks,)](
         gp,
