@@ -260,11 +260,15 @@ def _act(
     if FOURIER:
         HP: tl.constexpr = CP * DP
         NG: tl.constexpr = HP // GW
-        at, ait = _load_fourier(at_ptr, ait_ptr, DP, GP, y.dtype)
         y3 = tl.reshape(y, (BE, NG, GW))
         v3 = tl.zeros((BE, NG, GW), dtype=y.dtype)
-        for g in range(NG):
-            v3 = _add_group(v3, _felu(_group(y3, g, NG), at, ait, BE, GW // DP, DP, PREC), g, NG)
+        if PREC == "tf32x3":  # the grid in chunks (_act_blk): whole Fourier matrices split in three spill
+            for g in range(NG):
+                v3 = _add_group(v3, _act_blk(_group(y3, g, NG), at_ptr, ait_ptr, BE, GW, DP, GP, True, PREC), g, NG)
+        else:
+            at, ait = _load_fourier(at_ptr, ait_ptr, DP, GP, y.dtype)
+            for g in range(NG):
+                v3 = _add_group(v3, _felu(_group(y3, g, NG), at, ait, BE, GW // DP, DP, PREC), g, NG)
         return tl.reshape(v3, (BE, HP))
     else:
         return _elu(y)
