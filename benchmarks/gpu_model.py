@@ -704,10 +704,26 @@ def _child(args: List[str], tree: str, triton_path: Optional[str], interpret: bo
         raise RuntimeError(f"{' '.join(args[:3])} failed:\n{res.stderr[-4000:]}")
 
 
-def run_trace(problem: str, precision: str, tree: str, workdir: str, graphs=None) -> List[dict]:
+RECEIVER_BLOCK = 16  # receivers per program of the Triton contraction kernels (BN)
+
+
+def model_graphs(problem: str) -> List[str]:
+    """The two graphs the Triton model is traced on: :func:`ik_fast.tools.workcount.graph_sizes`' pair with each node
+    count rounded up to a multiple of :data:`RECEIVER_BLOCK` (M: 48 and 80 nodes, H: 32 and 64). A partial block of
+    receivers costs a whole program (its loops run to the block's largest degree), so a graph with one (M@40: three
+    programs for two and a half blocks' receivers) would put part of a program's work into the per-step constant and
+    take it out of the per-edge slope (0.8x the programs at M)."""
     from ik_fast.tools.workcount import graph_sizes
 
-    graphs = graphs or graph_sizes(problem)  # (this checkout's rule; the child builds them with the tree's problems)
+    out = []
+    for g in graph_sizes(problem):
+        base, at, n = g.partition("@")
+        out.append(f"{base}@{-(-int(n) // RECEIVER_BLOCK) * RECEIVER_BLOCK}" if at and n.isdigit() else g)
+    return out
+
+
+def run_trace(problem: str, precision: str, tree: str, workdir: str, graphs=None) -> List[dict]:
+    graphs = graphs or model_graphs(problem)  # (this checkout's rule; the child builds them with the tree's problems)
     out = os.path.join(workdir, f"trace-{problem}-{precision}.json")
     if not os.path.exists(out):
         execute = precision == "ieee"
@@ -874,20 +890,26 @@ def model(
                 "at_graphs": {str(g["edges"]): dict(c) for g, c in zip(per_graph, row["per_graph"])},
             }
         )
-    step = {
-        k: sum(r.get(k, 0) for r in out_rows)
-        for k in ("warp_instructions", "sectors", "warp_sectors", "macs", "t_issue", "t_memory", "t_tensor", "t_bound")
+    return {
+        **_summary(problem, precision, full_edges, [g["graph"] for g in ieee], (e0, e1), out_rows),
+        "notes": sorted(notes),
+        "triton": next((c.get("triton") for c in compiled.values()), None),
     }
+
+
+STEP_SUMS = ("warp_instructions", "sectors", "warp_sectors", "macs", "t_issue", "t_memory", "t_tensor", "t_bound")
+
+
+def _summary(problem: str, precision: str, edges: int, graphs: List[str], graph_edges, rows: List[dict]) -> dict:
+    """One problem and precision of a model: its kernels' rows and the step's sums of them."""
     return {
         "problem": problem,
         "precision": precision,
-        "edges": full_edges,
-        "graphs": [g["graph"] for g in ieee],
-        "graph_edges": sorted({e0, e1}),
-        "kernels": out_rows,
-        "step": step,
-        "notes": sorted(notes),
-        "triton": next((c.get("triton") for c in compiled.values()), None),
+        "edges": edges,
+        "graphs": graphs,
+        "graph_edges": sorted(set(graph_edges)),
+        "kernels": rows,
+        "step": {k: sum(r.get(k) or 0 for r in rows) for k in STEP_SUMS},
     }
 
 
@@ -1172,18 +1194,7 @@ def native_model(problem: str, precisions: List[str], graphs=None, sass: Optiona
                     "at_graphs": {str(r["edges"]): r["stages"].get(st) for r in runs},
                 }
             )
-        keys = ("macs", "sectors", "warp_instructions", "t_issue", "t_tensor", "t_memory", "t_bound")
-        out.append(
-            {
-                "problem": problem,
-                "precision": prec,
-                "edges": full,
-                "graphs": [r["graph"] for r in runs],
-                "graph_edges": sorted({e0, e1}),
-                "kernels": rows,
-                "step": {k: sum(r[k] for r in rows) for k in keys},
-            }
-        )
+        out.append(_summary(problem, prec, full, [r["graph"] for r in runs], (e0, e1), rows))
     return out
 
 

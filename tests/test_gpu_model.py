@@ -139,3 +139,13 @@ def test_row_sectors_average_over_the_row_alignments():
     assert gm._row_sectors(np.arange(16) * 8, 1 << 20) == 16  # one float per sector
     # 8 floats from rows of 4 floats: half the rows start mid-sector and straddle two
     assert gm._row_sectors(np.arange(8), 4) == pytest.approx(1.5)
+
+
+def test_model_graphs_hold_whole_receiver_blocks():
+    from ik_fast.tools.problems import get_problem
+
+    for problem in ("M", "H"):
+        graphs = gm.model_graphs(problem)
+        nodes = [int(g.partition("@")[2]) for g in graphs]
+        assert len(graphs) == 2 and nodes[0] < nodes[1]
+        assert all(n % gm.RECEIVER_BLOCK == 0 and n > get_problem(problem).k for n in nodes)
