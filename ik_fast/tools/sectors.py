@@ -14,8 +14,10 @@ lanes and its mask; :class:`SectorCounter` wraps those builder calls and counts,
 * ``warp_sectors``: the sectors requested **per warp-wide instruction** (:func:`warp_sectors`): the block's elements
   laid on the program's warps as Triton's default blocked layout lays them (:func:`blocked_layout`), each warp's
   step coalesced on its own; the same sector in two warps or two instructions counts twice (an SM's load/store unit
-  coalesces one instruction's 32 lanes, not the warps of a program). This is the L1/L2 request count a GPU sees
-  (before any L1 hits), and what the static GPU model (``benchmarks/gpu_model.py``) takes for L2 traffic.
+  coalesces one instruction's 32 lanes, not the warps of a program); warps that hold copies of a small block load
+  the same sectors with one instruction at once, which the L1 merges into one request, so a copy counts once. This is
+  the request stream a GPU's L1 sends on when it holds nothing from earlier instructions, and what the static GPU
+  model (``benchmarks/gpu_model.py``) takes for L2 traffic.
 
 Per kernel (found by its launches, as :mod:`ik_fast.tools.workcount` does) the counts are summed over every access of
 every program; the *efficiency* is ``useful / (32 x sectors)``: 1.0 when every touched sector is read or written in
@@ -212,9 +214,7 @@ class SectorCounter(DotCounter):
         lanes = int(addr.size)
         distinct, sectors = access_sectors(addr, self._starts, self._ends)
         warps = self._warps[-1] if self._warps else 4
-        per_warp = warp_sectors(
-            full, None if mask is None else mask.data, self._starts, self._ends, warps, copies=op == "load"
-        )
+        per_warp = warp_sectors(full, None if mask is None else mask.data, self._starts, self._ends, warps, copies=False)
         c = self.access[name][op]
         c["accesses"] += 1
         c["lanes"] += lanes
