@@ -214,7 +214,9 @@ class SectorCounter(DotCounter):
         lanes = int(addr.size)
         distinct, sectors = access_sectors(addr, self._starts, self._ends)
         warps = self._warps[-1] if self._warps else 4
-        per_warp = warp_sectors(full, None if mask is None else mask.data, self._starts, self._ends, warps, copies=False)
+        per_warp = warp_sectors(
+            full, None if mask is None else mask.data, self._starts, self._ends, warps, copies=False
+        )
         c = self.access[name][op]
         c["accesses"] += 1
         c["lanes"] += lanes
