@@ -54,6 +54,8 @@ import tempfile
 import time
 from typing import Dict, List, Optional
 
+import numpy as np
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
@@ -208,46 +210,34 @@ class LineTracer:
         return dict(self.counts)
 
 
-def _arg_type(v):
-    import torch
+def _compile_check():
+    """benchmarks/compile_check.py (its argument types and JSON values), loaded by path; it puts this checkout first on
+    ``sys.path``, which would shadow a ``--tree``'s package: the path is restored."""
+    import importlib.util
 
-    dt = {
-        "torch.float32": "fp32",
-        "torch.float64": "fp64",
-        "torch.float16": "fp16",
-        "torch.bfloat16": "bf16",
-        "torch.int64": "i64",
-        "torch.int32": "i32",
-        "torch.int16": "i16",
-        "torch.int8": "i8",
-        "torch.uint8": "u8",
-        "torch.bool": "i1",
-    }
-    if isinstance(v, torch.Tensor):
-        return "*" + dt[str(v.dtype)]
-    if isinstance(v, bool):
-        return "i1"
-    if isinstance(v, int):
-        return "i32" if -(2**31) <= v < 2**31 else "i64"
-    if isinstance(v, float):
-        return "fp32"
-    return None
-
-
-def _jsonable(v):
-    return v if v is None or isinstance(v, (bool, int, float, str)) else str(v)
+    if "_gm_compile_check" not in sys.modules:
+        saved = list(sys.path)
+        spec = importlib.util.spec_from_file_location("_gm_compile_check", os.path.join(HERE, "compile_check.py"))
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["_gm_compile_check"] = mod
+        try:
+            spec.loader.exec_module(mod)
+        finally:
+            sys.path[:] = saved
+    return sys.modules["_gm_compile_check"]
 
 
 def _config(rec) -> dict:
+    cc = _compile_check()
     fn = rec["fn"].fn
     ann = inspect.get_annotations(fn)
     sig, const = {}, {}
     for arg in rec["fn"].arg_names:
         v = rec["args"].get(arg, inspect.signature(fn).parameters[arg].default)
         if "constexpr" in str(ann.get(arg, "")) or v is None:
-            const[arg] = _jsonable(v)
+            const[arg] = cc._jsonable(v)
         else:
-            sig[arg] = _arg_type(v)
+            sig[arg] = cc._arg_type(v)
     return {
         "kernel": fn.__name__,
         "module": fn.__module__,
@@ -255,7 +245,7 @@ def _config(rec) -> dict:
         "file": os.path.abspath(inspect.getsourcefile(fn)),
         "signature": sig,
         "constexprs": const,
-        "options": {k: _jsonable(v) for k, v in rec.get("options", {}).items()},
+        "options": {k: cc._jsonable(v) for k, v in rec.get("options", {}).items()},
         "programs": rec["grid"][0] * rec["grid"][1] * rec["grid"][2],
     }
 
@@ -269,14 +259,14 @@ def _traced_run(inner, sc, tracer, launches: list, execute: bool):
         fn = fn_self.fn
         kname = f"{fn.__module__}.{fn.__qualname__}"
         before_macs = sc.kernels[kname]["macs"]
-        fields = ("sectors", "useful_bytes")
-        before = {f: sum(sc.access[kname][op][f] for op in sc.access[kname]) for f in fields}
+        fields = ("sectors", "warp_sectors", "useful_bytes")
+        before = {f: sum(sc.access[kname][op].get(f, 0) for op in sc.access[kname]) for f in fields}
         tracer.start()
         try:
             return inner(fn_self, *args, grid=grid, warmup=warmup, **kwargs)
         finally:
             lines = tracer.stop()
-            after = {f: sum(sc.access[kname][op][f] for op in sc.access[kname]) for f in fields}
+            after = {f: sum(sc.access[kname][op].get(f, 0) for op in sc.access[kname]) for f in fields}
             delta = {f: after[f] - before[f] for f in fields}
             launches.append({"lines": lines, "macs": sc.kernels[kname]["macs"] - before_macs, **delta})
 
@@ -669,10 +659,19 @@ def kernel_figures(ops: collections.Counter, warps: int) -> dict:
 
 def times(fig: dict, bf16: bool = False) -> dict:
     issue = fig["warp_instructions"] / (SMS * ISSUE_PER_CLOCK * CLOCK)
-    mem = fig.get("sectors", 0) * SECTOR / L2_BW
+    # the requests per warp-wide instruction (what the load/store units send); a trace without them: per block access
+    mem = fig.get("warp_sectors", fig.get("sectors", 0)) * SECTOR / L2_BW
     peak = TF32_PEAK_MACS * (2 if bf16 else 1)
     tc = fig["tc_macs_wgmma"] / peak + fig["tc_macs_mma_sync"] / (peak * MMA_SYNC_SHARE)
     return {"t_issue": issue, "t_memory": mem, "t_tensor": tc, "t_bound": max(issue, mem, tc)}
+
+
+def extrapolate(v0: float, v1: float, e0: int, e1: int, edges: int) -> float:
+    """A figure at ``edges`` from its values at two graphs of ``e0`` and ``e1`` edges: per-step constant plus per-edge
+    slope (in proportion to the edges when the two are one graph)."""
+    if e1 == e0:
+        return v0 * edges / e0
+    return max(0.0, v0 + (v1 - v0) / (e1 - e0) * (edges - e0))
 
 
 def _cfg_key(c: dict) -> str:
@@ -705,10 +704,26 @@ def _child(args: List[str], tree: str, triton_path: Optional[str], interpret: bo
         raise RuntimeError(f"{' '.join(args[:3])} failed:\n{res.stderr[-4000:]}")
 
 
-def run_trace(problem: str, precision: str, tree: str, workdir: str, graphs=None) -> List[dict]:
+RECEIVER_BLOCK = 16  # receivers per program of the Triton contraction kernels (BN)
+
+
+def model_graphs(problem: str) -> List[str]:
+    """The two graphs the Triton model is traced on: :func:`ik_fast.tools.workcount.graph_sizes`' pair with each node
+    count rounded up to a multiple of :data:`RECEIVER_BLOCK` (M: 48 and 80 nodes, H: 32 and 64). A partial block of
+    receivers costs a whole program (its loops run to the block's largest degree), so a graph with one (M@40: three
+    programs for two and a half blocks' receivers) would put part of a program's work into the per-step constant and
+    take it out of the per-edge slope (0.8x the programs at M)."""
     from ik_fast.tools.workcount import graph_sizes
 
-    graphs = graphs or graph_sizes(problem)  # (this checkout's rule; the child builds them with the tree's problems)
+    out = []
+    for g in graph_sizes(problem):
+        base, at, n = g.partition("@")
+        out.append(f"{base}@{-(-int(n) // RECEIVER_BLOCK) * RECEIVER_BLOCK}" if at and n.isdigit() else g)
+    return out
+
+
+def run_trace(problem: str, precision: str, tree: str, workdir: str, graphs=None) -> List[dict]:
+    graphs = graphs or model_graphs(problem)  # (this checkout's rule; the child builds them with the tree's problems)
     out = os.path.join(workdir, f"trace-{problem}-{precision}.json")
     if not os.path.exists(out):
         # every precision executes its own trace: a precision may launch other block shapes (the Triton trunk's
@@ -779,6 +794,8 @@ def model(
             src = lp if "lines" in lp else li  # (its own execution where traced; an older trace: the IEEE one's)
             lc = dict(lp, lines=src["lines"], macs=src["macs"], sectors=src["sectors"])
             lc["useful_bytes"] = src["useful_bytes"]
+            if "warp_sectors" in src:
+                lc["warp_sectors"] = src["warp_sectors"]
             lc["programs"] = src["programs"]
             launches.append(lc)
             configs.setdefault(_cfg_key(lp), lp)
@@ -842,6 +859,8 @@ def model(
             acc["launches"] += 1
             acc["macs"] += lc["macs"]
             acc["sectors"] += lc["sectors"]
+            if "warp_sectors" in lc:
+                acc["warp_sectors"] += lc["warp_sectors"]
             acc["useful_bytes"] += lc["useful_bytes"]
     # scale to the full problem
     e0, e1 = per_graph[0]["edges"], per_graph[-1]["edges"]
@@ -854,13 +873,7 @@ def model(
     out_rows = []
     for label, row in rows.items():
         a, b = row["per_graph"][0], row["per_graph"][-1]
-        fig = {}
-        for k in set(a) | set(b):
-            if e1 == e0:
-                fig[k] = a[k] * full_edges / e0
-                continue
-            slope = (b[k] - a[k]) / (e1 - e0)
-            fig[k] = max(0.0, a[k] + slope * (full_edges - e0))
+        fig = {k: extrapolate(a[k], b[k], e0, e1, full_edges) for k in set(a) | set(b)}
         fig["launches"] = b["launches"]
         t = times(fig)
         tc = fig["tc_macs_mma_sync"] + fig["tc_macs_wgmma"]
@@ -882,20 +895,26 @@ def model(
                 "at_graphs": {str(g["edges"]): dict(c) for g, c in zip(per_graph, row["per_graph"])},
             }
         )
-    step = {
-        k: sum(r[k] for r in out_rows)
-        for k in ("warp_instructions", "sectors", "macs", "t_issue", "t_memory", "t_tensor", "t_bound")
+    return {
+        **_summary(problem, precision, full_edges, [g["graph"] for g in ieee], (e0, e1), out_rows),
+        "notes": sorted(notes),
+        "triton": next((c.get("triton") for c in compiled.values()), None),
     }
+
+
+STEP_SUMS = ("warp_instructions", "sectors", "warp_sectors", "macs", "t_issue", "t_memory", "t_tensor", "t_bound")
+
+
+def _summary(problem: str, precision: str, edges: int, graphs: List[str], graph_edges, rows: List[dict]) -> dict:
+    """One problem and precision of a model: its kernels' rows and the step's sums of them."""
     return {
         "problem": problem,
         "precision": precision,
-        "edges": full_edges,
-        "graphs": [g["graph"] for g in ieee],
-        "graph_edges": sorted({e0, e1}),
-        "kernels": out_rows,
-        "step": step,
-        "notes": sorted(notes),
-        "triton": next((c.get("triton") for c in compiled.values()), None),
+        "edges": edges,
+        "graphs": graphs,
+        "graph_edges": sorted(set(graph_edges)),
+        "kernels": rows,
+        "step": {k: sum(r.get(k) or 0 for r in rows) for k in STEP_SUMS},
     }
 
 
@@ -915,6 +934,342 @@ def _resources(cubin: str, cuobjdump: str) -> dict:
         if m:
             res[field] = int(m.group(1))
     return res
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the native CUDA backend (coarse): replayed work and traffic, no per-loop SASS
+# ----------------------------------------------------------------------------------------------------------------
+FFMA_MACS_PER_S = SMS * ISSUE_PER_CLOCK * 32 * CLOCK  # one FFMA warp-instruction (32 multiply-adds) per issue slot
+# the replay's stages (tests/tools/emulate_check.py) -> the native kernel that runs them; "cuBLAS": ATen's GEMMs
+NATIVE_STAGES = {
+    "trunk forward (statistics passes)": "ik_trunk_forward_kernel (statistics passes)",
+    "trunk forward (conv)": "ik_trunk_forward_kernel (conv)",
+    "trunk forward (backward's recompute)": "ik_trunk_forward_kernel (backward's recompute)",
+    "Z kernel": "ik_contract_z_kernel",
+    "W' pair GEMMs + bias row": "cuBLAS: W' pair GEMMs + bias row",
+    "edge backward": "ik_contract_edge_backward_kernel",
+    "activation backward kernels": "ik_*_backward_kernel (activations)",
+    "trunk Linear gradients (cuBLAS)": "cuBLAS: trunk Linear gradients",
+}
+FFMA_ONLY_STAGES = {"Z kernel"}  # ik_contract_z_kernel has no tensor-core path (FFMA micro-tiles in every precision)
+NATIVE_METHOD = (
+    "coarse lower bound per native kernel: multiply-adds from the NumPy replay of the native step "
+    "(tests/tools/emulate_check.py count_step: block_mm at its padded micro-tiles, TF32 at 16 x 16 x 8 warp tiles, the "
+    "Z kernel per warp and 16-edge batch, cuBLAS at its shapes); issue = the FFMA (IEEE; the Z kernel in every "
+    "precision; 32 multiply-adds each) or HMMA (TF32 m16n8k8, three per product in 3xTF32) warp-instructions those "
+    "imply, divided by their largest share in any one region (a loop's own instructions, or the straight-line code) "
+    "of the kernel's sm_90 SASS (csrc/cuda by nvcc with -DIK_FAST_3XTF32), at 132 SMs x 4 per clock x 1.98 GHz; "
+    "tensor = the TF32 multiply-adds at the mma.sync rate (half the wgmma peak), cuBLAS's at wgmma (IEEE cuBLAS and "
+    "cuBLAS under 'highest': FFMA issue only); L2 sectors: each operand element read or written once (contiguous rows "
+    "at 32 B a sector, the layer weights once per trunk tile), the contraction's gathers per staged row in distinct "
+    "sectors (h through the plan's hidden order, x through its column permutation, h / dG in the edge backward); "
+    "per kernel the largest of the three; ATen's passes (moments, scalings, permutes) and launch gaps not counted"
+)
+
+
+def _row_sectors(cols: np.ndarray, row_elems: int) -> float:
+    """Mean distinct 32-byte sectors of one row's gather ``base + cols`` (4-byte elements) over the row bases'
+    alignments (``row_elems`` elements a row)."""
+    cols = np.asarray(cols, dtype=np.int64)
+    if cols.size == 0:
+        return 0.0
+    shifts = {(r * row_elems) % 8 for r in range(8)}
+    return float(np.mean([np.unique((cols + s) // 8).size for s in shifts]))
+
+
+class NativeTraffic:
+    """Wraps the replay's kernels and GEMMs (module attributes of emulate_check) and sums their sectors per stage."""
+
+    def __init__(self, ec):
+        self.ec = ec
+        self.sectors = collections.Counter()
+        self.th = None  # the Z kernel's tile rows (its template argument)
+        self._undo = []
+
+    def add(self, n: float) -> None:
+        self.sectors[self.ec.STAGE] += n
+
+    def wrap(self, name: str, count) -> None:
+        orig = getattr(self.ec, name)
+
+        def wrapper(*a, **k):
+            out = orig(*a, **k)
+            count(out, *a, **k)
+            return out
+
+        setattr(self.ec, name, wrapper)
+        self._undo.append(lambda: setattr(self.ec, name, orig))
+
+    def __enter__(self):
+        sec = lambda n: n * 4 / SECTOR  # noqa: E731  (contiguous float32 elements)
+
+        def layer_elems(L) -> int:
+            n = sum(v.size for k, v in L.items() if isinstance(v, np.ndarray) and k != "w")
+            return n + (sum(v.size for v in L["bn"].values() if isinstance(v, np.ndarray)) if L.get("bn") else 0)
+
+        def trunk(out, inp, in_map, layers, outa, saves, be, *rest):
+            blocks = -(-inp.shape[0] // be)
+            saved = sum(t.size for pair in saves for t in pair if t is not None)
+            self.add(sec(inp.size + outa.size + saved) + blocks * sec(sum(layer_elems(L) for L in layers)))
+
+        def act_bw(out, y, dh, L):
+            outs = out if isinstance(out, tuple) else (out,)
+            self.add(sec(y.size + dh.size + sum(o.size for o in outs if o is not None)))
+
+        def z(out, h, h_map, s, x, src, rowptr, Z, r0, nr, H, C, dp):
+            self.th = dp["th"]
+            deg = np.diff(rowptr[r0 : r0 + nr + 1]).astype(np.float64)
+            per_edge = 0.0
+            for hrow, nh, _ld, pcol, nc, _zoff in dp["tiles"]:
+                hs = _row_sectors(dp["hidden"][hrow : hrow + nh], H) if hrow >= 0 else 0.0
+                per_edge += hs + _row_sectors(dp["perm"][pcol : pcol + nc], C) + 2 * sec(1)  # (+ s, src)
+            self.add(deg.sum() * per_edge + sec(Z.size))
+
+        def edge(out, dZ, h, s, x, src, rowptr, tile_ptr, dG, gz, dxe, r0, r1, H, C, te, hb, n_blocks, dp):
+            edges = float(rowptr[r1] - rowptr[r0])
+            per_edge = 2 * _row_sectors(np.arange(C), C) + 2 * sec(1)  # x row in, dxe row out, s, src
+            for hoff, nh, _poff, _lq, _zoff in dp["groups"]:
+                for j0 in range(0, nh, hb):
+                    hc = min(hb, nh - j0)
+                    if hoff >= 0:  # h in, dG out: the group's hidden units
+                        per_edge += 2 * _row_sectors(dp["hidden"][hoff + j0 : hoff + j0 + hc], H)
+            tiles = float(tile_ptr[r1] - tile_ptr[r0])
+            self.add(edges * per_edge + tiles * sec(dZ.shape[1]))  # each tile reads its receiver's dZ once
+
+        def gemm(out, a, b):
+            size = lambda t: int(t.numel()) if hasattr(t, "numel") else int(np.size(t))  # noqa: E731
+            self.add(sec(size(a) + size(b) + size(out)))
+
+        self.wrap("trunk_forward_kernel", trunk)
+        for name in ("fourier_backward_kernel", "elu_backward_kernel", "irrep_act_backward_kernel"):
+            self.wrap(name, act_bw)
+        self.wrap("z_kernel", z)
+        self.wrap("edge_kernel", edge)
+        self.wrap("gemm", gemm)
+        return self
+
+    def __exit__(self, *exc):
+        while self._undo:
+            self._undo.pop()()
+        return False
+
+
+def _emulate_check():
+    import importlib.util
+
+    if "_gm_emulate_check" not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            "_gm_emulate_check", os.path.join(ROOT, "tests", "tools", "emulate_check.py")
+        )
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["_gm_emulate_check"] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules["_gm_emulate_check"]
+
+
+# the replay's stages that run one native kernel: (mangled-name pattern, {precision: template argument TC})
+NATIVE_SASS = {
+    "trunk forward (statistics passes)": r"ik_trunk_forward_kernelIfLi{tc}E",
+    "trunk forward (conv)": r"ik_trunk_forward_kernelIfLi{tc}E",
+    "trunk forward (backward's recompute)": r"ik_trunk_forward_kernelIfLi{tc}E",
+    "activation backward kernels": r"ik_fourier_elu_backward_kernelIfLi{tc}E",
+    "Z kernel": r"ik_contract_z_kernelIfLi{th}E",
+    "edge backward": r"ik_contract_edge_backward_kernelIfLi{tc}E",
+}
+NATIVE_TC = {"ieee": 0, "tf32": 1, "tf32x3": 2}  # common.cuh's GemmMode
+HMMA_MACS = 16 * 8 * 8  # mma.sync.m16n8k8 (TF32)
+
+
+def native_sass(workdir: str) -> Dict[str, List[dict]]:
+    """The native kernels' SASS for sm_90 (csrc/cuda/*.cu by nvcc with the extension's flags and -DIK_FAST_3XTF32, so
+    that the 3xTF32 instantiations exist too), by mangled name; cached in ``workdir``. {} without nvcc."""
+    import glob
+
+    cc = _compile_check()
+    cache = os.path.join(workdir, "native-sass.json")
+    if os.path.exists(cache):
+        with open(cache) as f:
+            return json.load(f)
+    try:
+        nvcc = cc._nvcc()
+    except FileNotFoundError:
+        return {}
+    out = {}
+    for src in sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu"))):
+        obj = os.path.join(workdir, os.path.basename(src) + ".o")
+        if not os.path.exists(obj):  # (an object already in the workdir is taken as it is)
+            cmd = cc.nvcc_command(nvcc, src, obj, [90])
+            cmd.insert(2, "-DIK_FAST_3XTF32")
+            if subprocess.run(cmd, capture_output=True, text=True).returncode != 0:
+                continue
+        xdir = os.path.join(workdir, os.path.basename(src) + ".cubins")
+        os.makedirs(xdir, exist_ok=True)
+        subprocess.run([_bin("cuobjdump"), "-xelf", "all", obj], cwd=xdir, capture_output=True)
+        for cubin in glob.glob(os.path.join(xdir, "*.cubin")):
+            text = subprocess.run([_bin("nvdisasm"), "-c", cubin], capture_output=True, text=True).stdout
+            parts = re.split(r"^\.text\.(\S+):\s*$", text, flags=re.M)
+            for name, body in zip(parts[1::2], parts[2::2]):
+                out[name] = parse_sass(body)
+    with open(cache, "w") as f:
+        json.dump(out, f)
+    return out
+
+
+def mma_density(insns: List[dict], op: str) -> Optional[float]:
+    """The largest share of ``op`` (FFMA, HMMA) among the instructions of one region of the kernel: a SASS loop's own
+    instructions (those in no nested loop) or the straight-line code. Every execution of a region's body issues all
+    its instructions (branches inside it aside), so N such instructions take at least N / density issue slots."""
+    ls = loops(insns)
+    own = collections.defaultdict(list)
+    for it in insns:
+        own[innermost_loop(it["addr"], ls)].append(it)
+    best = None
+    for its in own.values():
+        n = sum(it["op"].startswith(op) for it in its)
+        if n and (best is None or n / len(its) > best):
+            best = n / len(its)
+    return best
+
+
+def native_counts(graph: str) -> dict:
+    """One replayed native training step on ``graph``: {edges, stages: {stage: {macs, macs_tf32, sectors}}}."""
+    ec = _emulate_check()
+    _, args = ec.step_args(graph)
+    with NativeTraffic(ec) as tr:
+        macs = ec.count_step(args)
+    stages = {}
+    for st in set(macs) | set(tr.sectors):
+        m = macs.get(st, [0, 0])
+        stages[st] = {"macs": m[0], "macs_tf32": m[1], "sectors": tr.sectors.get(st, 0.0)}
+    return {"graph": graph, "edges": int(args[1].shape[0]), "stages": stages, "th": tr.th}
+
+
+def native_model(problem: str, precisions: List[str], graphs=None, sass: Optional[Dict] = None) -> List[dict]:
+    """The coarse model of the native backend (:data:`NATIVE_METHOD`) for each precision, extrapolated in the edges
+    from two graphs (per-step constants drop out); ``sass``: :func:`native_sass` (issue from the replayed FFMA / HMMA
+    only without it)."""
+    from ik_fast.tools.problems import get_problem
+    from ik_fast.tools.workcount import graph_sizes
+
+    p = get_problem(problem)
+    full = p.nodes * p.k
+    runs = [native_counts(g) for g in (graphs or graph_sizes(problem))]
+    a, b = runs[0], runs[-1]
+    e0, e1 = a["edges"], b["edges"]
+    out = []
+    for prec in precisions:
+        rows = []
+        for st in sorted(set(a["stages"]) | set(b["stages"])):
+            fig = {}
+            for k in ("macs", "macs_tf32", "sectors"):
+                v0, v1 = a["stages"].get(st, {}).get(k, 0), b["stages"].get(st, {}).get(k, 0)
+                fig[k] = extrapolate(v0, v1, e0, e1, full)
+            cublas = "cuBLAS" in NATIVE_STAGES.get(st, st)
+            tc = prec != "ieee" and st not in FFMA_ONLY_STAGES and not (cublas and prec == "tf32x3")
+            passes = 3 if prec == "tf32x3" else 1
+            if not tc:  # FFMA: 32 multiply-adds a warp-instruction
+                op, n_op, t_tensor = "FFMA", fig["macs"] / 32, 0.0
+            elif cublas:  # wgmma: issue not counted
+                op, n_op, t_tensor = None, 0.0, fig["macs"] / TF32_PEAK_MACS
+            else:
+                op, n_op = "HMMA", passes * fig["macs_tf32"] / HMMA_MACS
+                t_tensor = passes * fig["macs_tf32"] / (TF32_PEAK_MACS * MMA_SYNC_SHARE)
+            kernel, density = None, None
+            if sass and st in NATIVE_SASS and op:
+                pat = re.compile(NATIVE_SASS[st].format(tc=NATIVE_TC[prec] if tc else 0, th=b.get("th")))
+                kernel = next((k for k in sass if pat.search(k)), None)
+                density = mma_density(sass[kernel], op) if kernel else None
+            warp_instr = n_op / density if density else n_op
+            t_issue = warp_instr / (SMS * ISSUE_PER_CLOCK * CLOCK)
+            t_mem = fig["sectors"] * SECTOR / L2_BW
+            rows.append(
+                {
+                    "label": NATIVE_STAGES.get(st, st),
+                    "stage": st,
+                    **fig,
+                    "mma_op": op,
+                    "mma_instructions": n_op,
+                    "sass_function": kernel,
+                    "mma_density": density,
+                    "warp_instructions": warp_instr,
+                    "t_issue": t_issue,
+                    "t_tensor": t_tensor,
+                    "t_memory": t_mem,
+                    "t_bound": max(t_issue, t_tensor, t_mem),
+                    "at_graphs": {str(r["edges"]): r["stages"].get(st) for r in runs},
+                }
+            )
+        out.append(_summary(problem, prec, full, [r["graph"] for r in runs], (e0, e1), rows))
+    return out
+
+
+def native_table(m: dict) -> str:
+    lines = [
+        f"**native CUDA, {m['problem']} {m['precision']}** (coarse, see the method; E = {m['edges']:,}, extrapolated "
+        f"from {' and '.join(f'{e:,}' for e in m['graph_edges'])} edges) — model, not a measurement\n",
+        "| kernel | multiply-adds / step | FFMA / HMMA per step | their densest SASS share | warp-instr / step | "
+        "issue ms | tensor ms | sectors / step | L2 ms | bound ms |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(m["kernels"], key=lambda r: -r["t_bound"]):
+        op = f"{_e(r['mma_instructions'])} {r['mma_op']}" if r["mma_op"] else "– (wgmma)"
+        dens = "–" if r["mma_density"] is None else f"{r['mma_density']:.1%}"
+        lines.append(
+            f"| {r['label']} | {_e(r['macs'])} | {op} | {dens} | {_e(r['warp_instructions'])} | {_ms(r['t_issue'])} | "
+            f"{_ms(r['t_tensor'])} | {_e(r['sectors'])} | {_ms(r['t_memory'])} | {_ms(r['t_bound'])} |"
+        )
+    s = m["step"]
+    lines.append(
+        f"| **step** | {_e(s['macs'])} | | | {_e(s['warp_instructions'])} | {_ms(s['t_issue'])} | "
+        f"{_ms(s['t_tensor'])} | {_e(s['sectors'])} | {_ms(s['t_memory'])} | **{_ms(s['t_bound'])}** |"
+    )
+    return "\n".join(lines)
+
+
+def native_records(models: List[dict], command: str) -> List[dict]:
+    from ik_fast import records
+
+    prov = records.provenance("cpu")
+    cpu = re.sub(r"\s*\(.*\)", "", prov["device"]["name"])
+    name = f"H100 SXM static model (native CUDA, replayed in NumPy), computed on a {os.cpu_count()}-core {cpu}"
+    pv = dict(prov, device={"type": "cpu", "name": name})
+    out = []
+    for m in models:
+        base = {
+            "edges": m["edges"],
+            "graphs": m["graphs"],
+            "graph_edges": m["graph_edges"],
+            "constants": dict(CONSTANTS, ffma_macs_per_s=FFMA_MACS_PER_S),
+            "command": command,
+            "what": "model, not a measurement: " + NATIVE_METHOD,
+        }
+        common = dict(mode="train", precision=m["precision"], prov=pv)
+        out.append(
+            records.record(
+                "model",
+                m["problem"],
+                "native",
+                "step_time_bound",
+                m["step"]["t_bound"],
+                "s",
+                extra={**base, "step": m["step"]},
+                **common,
+            )  # fmt: skip
+        )
+        for r in m["kernels"]:
+            out.append(
+                records.record(
+                    "model",
+                    m["problem"],
+                    "native",
+                    "kernel_time_bound",
+                    r["t_bound"],
+                    "s",
+                    extra={**base, **{k: v for k, v in r.items() if k != "label"}, "kernel": r["label"]},
+                    **common,
+                )  # fmt: skip
+            )
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -993,9 +1348,10 @@ def calibration(models: List[dict]) -> List[dict]:
             name = _pred_name(r)
             for what, pred, got in (
                 ("warp-instructions", pw.get(name), r["warp_instructions"]),
-                ("sectors", ps.get(name), r["sectors"]),
+                ("sectors per block access", ps.get(name), r["sectors"]),
+                ("sectors per warp instruction", ps.get(name), r.get("warp_sectors")),
             ):
-                if pred:
+                if pred and got is not None:
                     rows.append(
                         {
                             "problem": m["problem"],
@@ -1040,8 +1396,9 @@ def table(m: dict) -> str:
     head = (
         f"**{m['problem']} {m['precision']}** (Triton {m['triton']}; E = {m['edges']:,}, extrapolated from "
         f"{' and '.join(f'{e:,}' for e in m['graph_edges'])} edges) — model, not a measurement\n\n"
-        "| kernel | warps | regs / stack | warp-instr / step | FFMA share | MMA vs ideal | sectors / step | "
-        "efficiency | issue ms | L2 ms | tensor ms | bound ms |\n|---|---|---|---|---|---|---|---|---|---|---|---|"
+        "| kernel | warps | regs / stack | warp-instr / step | FFMA share | MMA vs ideal | sectors / step (block "
+        "access) | efficiency | sectors / step (warp instr.) | issue ms | L2 ms | tensor ms | bound ms |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     )
     lines = [head]
 
@@ -1054,11 +1411,13 @@ def table(m: dict) -> str:
         lines.append(
             f"| {r['label']} | {r['num_warps']} | {regs} | {_e(r['warp_instructions'])} | {pct(ffma)} | "
             f"{pct(r['tc_ratio'], '{:.2f}×')} | {_e(r['sectors'])} | {pct(r['efficiency'])} | "
+            f"{_e(r.get('warp_sectors'))} | "
             f"{_ms(r['t_issue'])} | {_ms(r['t_memory'])} | {_ms(r['t_tensor'])} | {_ms(r['t_bound'])} |"
         )
     s = m["step"]
     lines.append(
-        f"| **step** | | | {_e(s['warp_instructions'])} | | | {_e(s['sectors'])} | | {_ms(s['t_issue'])} | "
+        f"| **step** | | | {_e(s['warp_instructions'])} | | | {_e(s['sectors'])} | | {_e(s.get('warp_sectors'))} | "
+        f"{_ms(s['t_issue'])} | "
         f"{_ms(s['t_memory'])} | {_ms(s['t_tensor'])} | **{_ms(s['t_bound'])}** |"
     )
     return "\n".join(lines)
@@ -1174,6 +1533,12 @@ def main(argv=None) -> int:
         help="Triton versions to compile with, comma separated: VERSION (this environment's) or VERSION=PATH "
         "(a --target install, e.g. 3.6=/tmp/tri36)",
     )
+    ap.add_argument(
+        "--backends",
+        default="triton,native",
+        help="triton (SASS x trip counts) and/or native (the coarse model of the native CUDA kernels: replayed "
+        "multiply-adds and sectors, this tree only)",
+    )
     ap.add_argument("--tree", default=ROOT, help="the source tree whose kernels are modelled (default: this one)")
     ap.add_argument("--workdir", default=None, help="keep traces and cubins here (reused when present)")
     ap.add_argument("--json", default=None)
@@ -1194,8 +1559,21 @@ def main(argv=None) -> int:
         for part in args.graphs.split(";"):
             pair = part.split(",")
             graphs[pair[0].partition("@")[0]] = pair
-    models = []
-    for tv in args.triton.split(","):
+    backends = args.backends.split(",")
+    models, natives = [], []
+    if "native" in backends and tree == ROOT:
+        sass = native_sass(workdir)
+        if not sass:
+            print("# native: no nvcc / no SASS: issue from the replayed FFMA / HMMA alone", file=sys.stderr)
+        for problem in args.problems.split(","):
+            t = time.time()
+            pair = graphs.get(problem)
+            ms = native_model(problem, args.precision.split(","), pair, sass)
+            natives += ms
+            for m in ms:
+                print(native_table(m), "\n", flush=True)
+            print(f"# native {problem}: {time.time() - t:.0f} s", file=sys.stderr, flush=True)
+    for tv in args.triton.split(",") if "triton" in backends else []:
         version, _, tpath = tv.partition("=")
         for problem in args.problems.split(","):
             for prec in args.precision.split(","):
@@ -1214,7 +1592,7 @@ def main(argv=None) -> int:
         print(calibration_table(cal))
     if args.markdown:
         with open(args.markdown, "w") as f:
-            f.write("\n\n".join(table(m) for m in models) + "\n")
+            f.write("\n\n".join([table(m) for m in models] + [native_table(m) for m in natives]) + "\n")
             if cal:
                 f.write("\n" + calibration_table(cal) + "\n")
     if args.json or args.name:
@@ -1236,15 +1614,10 @@ def main(argv=None) -> int:
             dev = f"H100 SXM static model (sm_90 SASS, Triton {tv}), computed on a {os.cpu_count()}-core {cpu}"
             recs += model_records([m for m in models if m["triton"] == tv], command, dev)
             recs += calibration_records([c for c in cal if c["triton"] == tv], command, dev)
-        paths = [args.json] if args.json else []
-        if args.name:
-            paths.append(
-                os.path.join(
-                    HERE, "results", "model", records.device_slug(recs[0]), f"{recs[0]['date'][:10]}-{args.name}.json"
-                )
-            )
-        for p in paths:
-            records.write(p, recs)
+        recs += native_records(natives, command)
+        from ik_fast.tools.workcount import _save
+
+        for p in _save(recs, args.json, args.name, "model"):
             print(f"records: {p}", file=sys.stderr)
     return 0
 

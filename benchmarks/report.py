@@ -1079,13 +1079,20 @@ def gpu_model_section(recs: List[Dict], kernels: bool = True) -> str:
     )
     out = [
         "**Static GPU model — a model, not a measurement**: lower-bound time of one training step (one layer, "
-        "forward + backward, Triton backend) on an H100 SXM, from the sm_90 SASS of every kernel with trip counts "
-        "from execution (`benchmarks/gpu_model.py`): per kernel the larger of issue (4 warp-instructions per clock "
-        "per SM at 1.98 GHz), L2 (32-byte sectors at 5.5 TB/s) and tensor-core time, summed; ATen passes not "
-        "counted. Computed on a CPU; replaced by measurements when a GPU runs.\n"
+        "forward + backward) on an H100 SXM (`benchmarks/gpu_model.py`). Triton backend: from the sm_90 SASS of "
+        "every kernel with trip counts from execution, per kernel the larger of issue (4 warp-instructions per clock "
+        "per SM at 1.98 GHz), L2 (32-byte sectors per warp-wide request at 5.5 TB/s) and tensor-core time, summed. "
+        "Native backend (coarse, no per-loop trip counts): per kernel the largest of issue (its replayed FFMA / HMMA "
+        "over their densest share of its SASS), tensor-core time of its replayed multiply-adds and its compulsory L2 "
+        "sectors. ATen passes not counted. "
+        "Computed on a CPU; replaced by measurements when a GPU runs.\n"
     ]
     rows = []
-    for r in sorted(today, key=lambda r: (r["problem"], r["precision"], r["stack"].get("triton") or "")):
+
+    def backend(r):
+        return "native" if r["provider"] == "native" else f"triton {r['stack'].get('triton') or ''}".strip()
+
+    for r in sorted(today, key=lambda r: (r["problem"], r["precision"], backend(r))):
         st = r["extra"]["step"]
         goal = MODEL_GOALS.get(r["precision"])
         met = "" if goal is None else (" ✓" if r["value"] <= goal else " ✗")
@@ -1093,7 +1100,7 @@ def gpu_model_section(recs: List[Dict], kernels: bool = True) -> str:
             [
                 r["problem"],
                 r["precision"],
-                r["stack"].get("triton") or "",
+                backend(r),
                 f"{st['t_issue'] * 1e3:.2f}",
                 f"{st['t_memory'] * 1e3:.2f}",
                 f"{st['t_tensor'] * 1e3:.2f}",
@@ -1104,7 +1111,7 @@ def gpu_model_section(recs: List[Dict], kernels: bool = True) -> str:
         )
     out.append(
         _table(
-            ["problem", "precision", "Triton", "issue ms", "L2 ms", "tensor ms", "bound ms", "goal ms", "commit"],
+            ["problem", "precision", "backend", "issue ms", "L2 ms", "tensor ms", "bound ms", "goal ms", "commit"],
             rows,
         )
         + "\n"
@@ -1121,35 +1128,36 @@ def gpu_model_section(recs: List[Dict], kernels: bool = True) -> str:
         krows = []
         for r in sorted(
             krecs,
-            key=lambda r: (r["problem"], r["precision"], r["stack"].get("triton") or "", -(r["value"] or 0)),
+            key=lambda r: (r["problem"], r["precision"], backend(r), -(r["value"] or 0)),
         ):
             e = r["extra"]
             krows.append(
                 [
                     r["problem"],
                     r["precision"],
-                    r["stack"].get("triton") or "",
+                    backend(r),
                     e["kernel"],
                     "" if e.get("registers") is None else f"{e['registers']} / {e.get('stack_bytes', 0)}",
-                    f"{e['warp_instructions']:.3g}",
+                    "–" if e.get("warp_instructions") is None else f"{e['warp_instructions']:.3g}",
                     "–" if e.get("tc_ratio") is None else f"{e['tc_ratio']:.2f}×",
-                    f"{e['sectors']:.3g}",
+                    f"{e.get('warp_sectors', e['sectors']):.3g}",
                     "–" if e.get("efficiency") is None else f"{e['efficiency']:.0%}",
                     "" if r["value"] is None else f"{r['value'] * 1e3:.2f}",
                     f"`{_commit(r)}`",
                 ]
             )
         out.append(
-            "Per kernel (warp-instructions and 32-byte sectors per step at the full problem; MMA vs ideal: the "
-            "tensor-core instructions' multiply-adds over the dots' M x N x K, x3 in 3xTF32; efficiency: useful "
-            "bytes over sectors x 32 B):\n"
+            "Per kernel (warp-instructions and 32-byte sectors per step at the full problem, sectors per warp-wide "
+            "request where the record has them; MMA vs ideal: the tensor-core instructions' multiply-adds over the "
+            "dots' M x N x K, x3 in 3xTF32; efficiency: useful bytes over sectors x 32 B per block access; native: "
+            "its replayed stages):\n"
         )
         out.append(
             _table(
                 [
                     "problem",
                     "precision",
-                    "Triton",
+                    "backend",
                     "kernel",
                     "regs / stack B",
                     "warp-instr",

@@ -5,6 +5,7 @@ import importlib.util
 import os
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -119,3 +120,32 @@ def test_dynamic_counts_follow_the_executed_trip_counts(tmp_path):
     assert d1 > 0 and abs(d2 - d1) <= 0.05 * d1, totals
     fig = gm.kernel_figures(ops, 4)
     assert fig["warp_instructions"] == 4 * totals[10] and fig["ffma"] > 0 and fig["hmma"] == 0
+
+
+def test_two_graphs_separate_the_per_step_constant_from_the_per_edge_slope():
+    # 1,000 per step + 3 per edge, seen at 100 and 300 edges: the full problem's figure, not 1,300 / 100 per edge
+    assert gm.extrapolate(1300, 1900, 100, 300, 10_000) == pytest.approx(31_000)
+    assert gm.extrapolate(1300, 1300, 100, 100, 10_000) == pytest.approx(130_000)  # one graph: in proportion
+
+
+def test_mma_density_is_the_densest_region_of_the_kernel():
+    insns = gm.parse_sass(SASS)  # straight-line: MOV, EXIT, BRA (no FFMA); the loop: FFMA, FFMA, BRA
+    assert gm.mma_density(insns, "FFMA") == pytest.approx(2 / 3)
+    assert gm.mma_density(insns, "HMMA") is None
+
+
+def test_row_sectors_average_over_the_row_alignments():
+    assert gm._row_sectors(np.arange(8), 8) == 1  # rows of 8 floats: always one aligned sector
+    assert gm._row_sectors(np.arange(16) * 8, 1 << 20) == 16  # one float per sector
+    # 8 floats from rows of 4 floats: half the rows start mid-sector and straddle two
+    assert gm._row_sectors(np.arange(8), 4) == pytest.approx(1.5)
+
+
+def test_model_graphs_hold_whole_receiver_blocks():
+    from ik_fast.tools.problems import get_problem
+
+    for problem in ("M", "H"):
+        graphs = gm.model_graphs(problem)
+        nodes = [int(g.partition("@")[2]) for g in graphs]
+        assert len(graphs) == 2 and nodes[0] < nodes[1]
+        assert all(n % gm.RECEIVER_BLOCK == 0 and n > get_problem(problem).k for n in nodes)

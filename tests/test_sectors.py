@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from ik_fast.tools.sectors import access_sectors
+from ik_fast.tools.sectors import access_sectors, blocked_layout, warp_sectors
 
 try:
     import triton
@@ -25,6 +25,32 @@ def test_sectors_are_counted_from_the_storage_start():
     assert access_sectors(np.array([5000, 5032, 5064, 5096, 5096], dtype=np.uint64), starts, ends) == (4, 4)
     # the same offsets in two storages are two sectors
     assert access_sectors(np.array([1000, 5000], dtype=np.uint64), starts, ends) == (2, 2)
+
+
+def test_blocked_layout_lays_lanes_then_warps_fastest_dimension_first():
+    # (lanes, warps) per dimension, as Triton's BlockedEncodingAttr builder with one element per thread
+    assert blocked_layout((16, 32, 16), 4) == [(1, 1), (2, 4), (16, 1)]
+    assert blocked_layout((64, 64), 8) == [(1, 4), (32, 2)]
+    assert blocked_layout((2, 16), 4) == [(2, 4), (16, 1)]  # 2 x 16 < 128 threads: the slow dimension holds copies
+
+
+def test_warp_sectors_count_each_warp_instruction_on_its_own():
+    none = np.zeros(0, dtype=np.uint64)
+    rows = np.arange(0, 128, 4, dtype=np.uint64)  # 32 floats: 4 sectors
+    # 8 rows reading the same 32 floats: one block access touches 4 distinct sectors, but each of the 4 warps reads
+    # 2 rows in 2 instructions, every one of them requesting the 4 sectors
+    block = np.broadcast_to(rows, (8, 32))
+    assert access_sectors(block, none, none)[1] == 4
+    assert warp_sectors(block, None, none, none, num_warps=4) == 8 * 4
+    # masked lanes request nothing; an instruction whose lanes are all masked off requests no sector
+    mask = np.zeros((8, 32), dtype=bool)
+    mask[0, :8] = True
+    assert warp_sectors(block, mask, none, none, num_warps=4) == 1
+    # a 2 x 16 block on 4 warps: one instruction's worth of elements, held (and loaded) by every warp
+    small = np.arange(0, 128, 4, dtype=np.uint64).reshape(2, 16)
+    assert warp_sectors(small, None, none, none, num_warps=4) == 4 * 4
+    assert warp_sectors(small, None, none, none, num_warps=4, copies=False) == 4
+    assert warp_sectors(small, None, none, none, num_warps=1) == 4
 
 
 if triton is not None and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -60,10 +86,14 @@ def test_counter_traces_loads_stores_and_atomics_per_program(stride):
         "lane_bytes": 4 * (n - 1),
         "useful_bytes": 4 * (n - 1),
         "sectors": want_load,
+        # per warp-wide instruction: a 32-element block on 4 warps is held by every warp; the copies' requests are
+        # one instruction's at once (merged by the L1), so the count is one warp's
+        "warp_sectors": want_load,
     }
     assert k["store"]["sectors"] == sum(
         len({(4 * (p * block + i)) // 32 for i in range(a)}) for p, a in enumerate(active)
     )
+    assert k["store"]["warp_sectors"] == k["store"]["sectors"]  # (stores from one copy only)
     assert k["atomic"]["sectors"] == 2 and k["atomic"]["useful_bytes"] == 8 and k["atomic"]["lanes"] == n - 1
     assert torch.equal(y[1 : n - 1], x[stride : (n - 1) * stride : stride])  # the kernel ran (y[0]: the atomics')
     assert k["efficiency"] == pytest.approx(k["useful_bytes"] / (32 * k["sectors"]))

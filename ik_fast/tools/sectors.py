@@ -11,6 +11,14 @@ lanes and its mask; :class:`SectorCounter` wraps those builder calls and counts,
   32-byte aligned; CUDA allocations are aligned to at least 256 bytes, so the storage-relative segment is the one a
   GPU would touch).
 
+* ``warp_sectors``: the sectors requested **per warp-wide instruction** (:func:`warp_sectors`): the block's elements
+  laid on the program's warps as Triton's default blocked layout lays them (:func:`blocked_layout`), each warp's
+  step coalesced on its own; the same sector in two warps or two instructions counts twice (an SM's load/store unit
+  coalesces one instruction's 32 lanes, not the warps of a program); warps that hold copies of a small block load
+  the same sectors with one instruction at once, which the L1 merges into one request, so a copy counts once. This is
+  the request stream a GPU's L1 sends on when it holds nothing from earlier instructions, and what the static GPU
+  model (``benchmarks/gpu_model.py``) takes for L2 traffic.
+
 Per kernel (found by its launches, as :mod:`ik_fast.tools.workcount` does) the counts are summed over every access of
 every program; the *efficiency* is ``useful / (32 x sectors)``: 1.0 when every touched sector is read or written in
 full by one access, 0.125 for one 4-byte element per sector. This is the coalescing of one warp-wide (block-wide)
@@ -38,16 +46,39 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from ik_fast.tools.workcount import DotCounter, _problem, _train_step, graph_sizes, interpreting
+from ik_fast.tools.workcount import DotCounter, _problem, _save, _train_step, graph_sizes, interpreting
 
-__all__ = ["SectorCounter", "access_sectors", "count_step", "slope", "sector_table", "sector_records", "main"]
+__all__ = [
+    "SectorCounter",
+    "access_sectors",
+    "blocked_layout",
+    "warp_sectors",
+    "count_step",
+    "slope",
+    "sector_table",
+    "sector_records",
+    "main",
+]
 
 SECTOR = 32  # bytes
-_FIELDS = ("accesses", "lanes", "lane_bytes", "useful_bytes", "sectors")
+_FIELDS = ("accesses", "lanes", "lane_bytes", "useful_bytes", "sectors", "warp_sectors")
 
 
 def _empty():
     return {op: dict.fromkeys(_FIELDS, 0) for op in ("load", "store", "atomic")}
+
+
+def _sector_keys(a: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """The 32-byte sector of each address (uint64), relative to the storage range ``[starts[i], ends[i])`` it falls
+    in (``starts`` sorted; the range's index in the key's high bits); an address in no range by its absolute value."""
+    if not starts.size:
+        return a // np.uint64(SECTOR)
+    idx = np.searchsorted(starts, a, side="right").astype(np.int64) - 1
+    inside = idx >= 0
+    inside[inside] = a[inside] < ends[idx[inside]]
+    base = np.where(inside, starts[np.maximum(idx, 0)], np.uint64(0))
+    region = np.where(inside, idx + 1, 0).astype(np.uint64)
+    return (region << np.uint64(48)) | ((a - base) // np.uint64(SECTOR))
 
 
 def access_sectors(addresses: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> Tuple[int, int]:
@@ -57,16 +88,65 @@ def access_sectors(addresses: np.ndarray, starts: np.ndarray, ends: np.ndarray) 
     a = np.unique(np.asarray(addresses, dtype=np.uint64).ravel())
     if a.size == 0:
         return 0, 0
-    if starts.size:
-        idx = np.searchsorted(starts, a, side="right").astype(np.int64) - 1
-        inside = idx >= 0
-        inside[inside] = a[inside] < ends[idx[inside]]
-        base = np.where(inside, starts[np.maximum(idx, 0)], np.uint64(0))
-        region = np.where(inside, idx + 1, 0).astype(np.uint64)
-        key = (region << np.uint64(48)) | ((a - base) // np.uint64(SECTOR))
-    else:
-        key = a // np.uint64(SECTOR)
+    key = _sector_keys(a, starts, ends)
     return int(a.size), int(np.unique(key).size)
+
+
+def blocked_layout(shape: Tuple[int, ...], num_warps: int, lanes: int = 32) -> List[Tuple[int, int]]:
+    """Per dimension ``(lanes, warps)`` of Triton's default blocked layout of a block of ``shape`` (row-major: the last
+    dimension fastest), one element per thread per step: the lanes and then the warps are laid along the dimensions
+    fastest first, each taking at most the dimension's size, and the slowest dimension takes what is left (it then
+    holds copies: replicated lanes or warps). As ``BlockedEncodingAttr``'s builder lays out ``sizePerThread = 1``; a
+    vectorised layout (several contiguous elements per thread, one wide instruction) touches the same sectors per
+    warp-wide step, so the sector count does not depend on it."""
+    rank = len(shape)
+    out = [(1, 1)] * rank
+    left_lanes, left_warps = lanes, num_warps
+    for d in range(rank - 1, 0, -1):
+        threads = max(1, min(left_lanes * left_warps, shape[d]))
+        tl_ = max(1, min(threads, left_lanes))
+        tw = max(1, threads // tl_)
+        out[d] = (tl_, tw)
+        left_lanes //= tl_
+        left_warps //= tw
+    out[0] = (left_lanes, left_warps)
+    return out
+
+
+def warp_sectors(
+    addresses: np.ndarray, active, starts: np.ndarray, ends: np.ndarray, num_warps: int, copies: bool = True
+) -> int:
+    """32-byte sectors that one block access requests **per warp-wide instruction**: the block's elements (``addresses``
+    shaped as the block, ``active`` its mask broadcast to it or None) assigned to (warp, step) by
+    :func:`blocked_layout`, and the distinct sectors of each warp's step summed over the warps and steps, the same
+    sector in two warps or two steps counting twice (the requests an SM's load/store unit sends: it coalesces the 32
+    lanes of one instruction, not across instructions). Warps holding copies of the block (a block smaller than the
+    program's threads) each load their copy (``copies``); Triton predicates the copies off for stores and atomics
+    (``copies=False``)."""
+    a = np.asarray(addresses, dtype=np.uint64)
+    shape = a.shape if a.ndim else (1,)
+    a = a.reshape(shape)
+    lay = blocked_layout(shape, num_warps)
+    inst = np.zeros(shape, dtype=np.int64)  # the instruction id: (warp, step), dimension by dimension
+    n_copies = 1
+    for d, (n, (tl_, tw)) in enumerate(zip(shape, lay)):
+        i = np.arange(n, dtype=np.int64)
+        tile = tl_ * tw
+        warp, step = (i // tl_) % tw, i // tile
+        nsteps = max(1, -(-n // tile))
+        n_copies *= max(1, tile // max(n, tl_))
+        idx = (warp * nsteps + step).reshape([-1 if k == d else 1 for k in range(len(shape))])
+        inst = inst * (tw * nsteps) + idx
+    if active is not None:
+        m = np.broadcast_to(np.asarray(active, dtype=bool), shape)
+        a, inst = a[m], inst[m]
+    else:
+        a, inst = a.ravel(), inst.ravel()
+    if a.size == 0:
+        return 0
+    key = _sector_keys(a, starts, ends)
+    pairs = np.stack([inst.astype(np.uint64), key], axis=1)
+    return int(np.unique(pairs, axis=0).shape[0]) * (n_copies if copies else 1)
 
 
 class SectorCounter(DotCounter):
@@ -78,10 +158,11 @@ class SectorCounter(DotCounter):
     def __init__(self, sites: bool = True):
         super().__init__(profile_ranges=False)
         self.access: Dict[str, Dict[str, Dict[str, int]]] = defaultdict(_empty)
-        self.sites: Dict[str, Dict[str, Dict[str, int]]] = defaultdict(lambda: defaultdict(lambda: [0, 0, 0]))
+        self.sites: Dict[str, Dict[str, Dict[str, int]]] = defaultdict(lambda: defaultdict(lambda: [0, 0, 0, 0]))
         self.with_sites = sites
         self._starts = np.zeros(0, dtype=np.uint64)
         self._ends = np.zeros(0, dtype=np.uint64)
+        self._warps: List[int] = []  # the running launch's num_warps (for warp_sectors)
 
     # the storages of a launch's tensor arguments (host copies), sorted by address
     def _set_ranges(self, args, kwargs):
@@ -125,23 +206,30 @@ class SectorCounter(DotCounter):
 
     def _record(self, op: str, ptrs, mask, elsize: int) -> None:
         name = self._current[-1] if self._current else "<outside a launch>"
-        addr = np.asarray(ptrs.data)
+        full = np.asarray(ptrs.data)
+        addr = full
         if mask is not None:
-            m = np.broadcast_to(np.asarray(mask.data, dtype=bool), addr.shape)
-            addr = addr[m]
+            m = np.broadcast_to(np.asarray(mask.data, dtype=bool), full.shape)
+            addr = full[m]
         lanes = int(addr.size)
         distinct, sectors = access_sectors(addr, self._starts, self._ends)
+        warps = self._warps[-1] if self._warps else 4
+        per_warp = warp_sectors(
+            full, None if mask is None else mask.data, self._starts, self._ends, warps, copies=False
+        )
         c = self.access[name][op]
         c["accesses"] += 1
         c["lanes"] += lanes
         c["lane_bytes"] += lanes * elsize
         c["useful_bytes"] += distinct * elsize
         c["sectors"] += sectors
+        c["warp_sectors"] += per_warp
         if self.with_sites:
             s = self.sites[name][f"{op} {self._site()}"]
             s[0] += 1
             s[1] += distinct * elsize
             s[2] += sectors
+            s[3] += per_warp
 
     def __enter__(self):
         super().__enter__()
@@ -199,6 +287,18 @@ class SectorCounter(DotCounter):
 
         GE._init_args_hst = _init_args_hst
         self._undo.append(lambda: setattr(GE, "_init_args_hst", orig_init))
+        IF = ti.InterpretedFunction
+        counted_run = IF.run
+
+        def run(fn_self, *args, grid, warmup, **kwargs):
+            counter._warps.append(int(kwargs.get("num_warps") or 4))
+            try:
+                return counted_run(fn_self, *args, grid=grid, warmup=warmup, **kwargs)
+            finally:
+                counter._warps.pop()
+
+        IF.run = run
+        self._undo.append(lambda: setattr(IF, "run", counted_run))
         return self
 
     def per_kernel(self) -> Dict[str, Dict[str, object]]:
@@ -213,7 +313,7 @@ class SectorCounter(DotCounter):
             k["efficiency"] = tot["useful_bytes"] / (SECTOR * tot["sectors"]) if tot["sectors"] else None
             if self.with_sites:
                 k["sites"] = {
-                    s: {"accesses": v[0], "useful_bytes": v[1], "sectors": v[2]}
+                    s: {"accesses": v[0], "useful_bytes": v[1], "sectors": v[2], "warp_sectors": v[3]}
                     for s, v in sorted(self.sites.get(name, {}).items(), key=lambda kv: -kv[1][2])
                 }
             out[name] = k
@@ -434,24 +534,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                 failed = True
             if prov is not None:
                 recs += sector_records(problem, provider, steps, s, prov, command, threshold=args.check)
-                _save_sectors(recs, args.json, args.name)
-    for path in _save_sectors(recs, args.json, args.name) if prov is not None else []:
+                _save(recs, args.json, args.name, "sectors")
+    for path in _save(recs, args.json, args.name, "sectors") if prov is not None else []:
         print(f"records: {path}", file=sys.stderr)
     return 1 if failed else 0
-
-
-def _save_sectors(recs: List[Dict], json_out, name) -> List[str]:
-    from ik_fast import records
-
-    paths = [json_out] if json_out else []
-    if name and recs:
-        root = os.path.join(
-            os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "benchmarks", "results"
-        )
-        paths.append(os.path.join(root, "sectors", records.device_slug(recs[0]), f"{recs[0]['date'][:10]}-{name}.json"))
-    for path in paths:
-        records.write(path, recs)
-    return paths
 
 
 if __name__ == "__main__":

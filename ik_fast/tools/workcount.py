@@ -674,7 +674,10 @@ def main(argv=None) -> int:
     return 1 if args.check and failed else 0
 
 
-def _save(recs: List[Dict], json_out, name) -> List[str]:
+def _save(recs: List[Dict], json_out, name, kind: str = "work") -> List[str]:
+    """Write ``recs`` to ``json_out`` and, with ``name``, to ``benchmarks/results/<kind>/<device folder of the first
+    record>/<date>-<name>.json``; the paths written. (The record-saving tail of the tools that count or model a step:
+    this module, :mod:`ik_fast.tools.sectors`, ``benchmarks/gpu_model.py``.)"""
     from ik_fast import records
 
     paths = [json_out] if json_out else []
@@ -682,7 +685,7 @@ def _save(recs: List[Dict], json_out, name) -> List[str]:
         root = os.path.join(
             os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "benchmarks", "results"
         )
-        paths.append(os.path.join(root, "work", records.device_slug(recs[0]), f"{recs[0]['date'][:10]}-{name}.json"))
+        paths.append(os.path.join(root, kind, records.device_slug(recs[0]), f"{recs[0]['date'][:10]}-{name}.json"))
     for path in paths:
         records.write(path, recs)
     return paths
