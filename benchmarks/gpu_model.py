@@ -777,8 +777,10 @@ def model(
 
     p = get_problem(problem)
     full_edges = p.nodes * p.k
-    ieee = ieee_trace or run_trace(problem, "ieee", tree, workdir, graphs)
-    mine = ieee if precision == "ieee" else run_trace(problem, precision, tree, workdir, graphs)
+    mine = run_trace(problem, precision, tree, workdir, graphs)
+    executed = all("lines" in lc for g in mine for lc in g["launches"])
+    # the IEEE trace only for a trace that did not execute (an older one: its trip counts are the IEEE launch's)
+    ieee = mine if executed else (ieee_trace or run_trace(problem, "ieee", tree, workdir, graphs))
     precs = {lc["constexprs"].get("PREC") for g in mine for lc in g["launches"]} - {None}
     if precision != "ieee" and precs and precision not in precs:
         return {"problem": problem, "precision": precision, "skipped": f"the tree's kernels run {sorted(precs)} here"}
