@@ -51,9 +51,10 @@ PREC_NAMES = ("ieee", "tf32", "bf16", "bf16-emulated", "tf32x3")
 # two TF32 halves, three tensor-core products accumulated in float32). Emulated on CPU (benchmarks/precision.py
 # --emulate, the docs' precision table), 3xTF32's error against float64 stays within 2x of IEEE float32's on the
 # cases measured (planar@16 eval's parameters' gradient at 1.89x, with the coefficient's gradient accumulated in
-# float64), but some trunk kernels still spill under it (benchmarks/compile_check.py --precision tf32x3: the trunk
-# backward without a tape, 624 B of stack at M under Triton 3.9; the contraction's kernels stay within 512 B), so it is
-# opt-in (IK_FAST_HIGHEST=tf32x3) until both hold; then this becomes "tf32x3".
+# float64), and no Triton kernel spills under it (benchmarks/compile_check.py --precision tf32x3, Triton 3.6 and 3.9).
+# It stays opt-in (IK_FAST_HIGHEST=tf32x3) because it is not yet faster: the static GPU model (benchmarks/gpu_model.py)
+# puts the Triton step in 3xTF32 above the IEEE one (its trunk blocks are the layout's, not the tensor-core ones), and
+# the native kernels' split spills (compiled only with -DIK_FAST_3XTF32).
 HIGHEST_ON_CUDA = "ieee"
 # Set by ik_fast.tools.tensorcore_emulation while it emulates the tensor cores' rounding in the interpreter: CPU
 # tensors then take the precisions CUDA would (the interpreter itself ignores input_precision).
