@@ -54,8 +54,7 @@ PREC_NAMES = ("ieee", "tf32", "bf16", "bf16-emulated", "tf32x3")
 # float64), and no Triton kernel spills under it (benchmarks/compile_check.py --precision tf32x3, Triton 3.6 and 3.9).
 # It stays opt-in (IK_FAST_HIGHEST=tf32x3) because it is not yet faster: the static GPU model (benchmarks/gpu_model.py)
 # puts the Triton step in 3xTF32 no faster than IEEE (37 against 26 ms at M; its trunk blocks are not the tensor-core
-# ones), and
-# the native kernels' split spills (compiled only with -DIK_FAST_3XTF32).
+# ones), and the native kernels' split spills (compiled only with -DIK_FAST_3XTF32).
 HIGHEST_ON_CUDA = "ieee"
 # Set by ik_fast.tools.tensorcore_emulation while it emulates the tensor cores' rounding in the interpreter: CPU
 # tensors then take the precisions CUDA would (the interpreter itself ignores input_precision).
