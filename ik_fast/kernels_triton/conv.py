@@ -545,7 +545,10 @@ def fused_stats_kernel(
 # the Fourier ELU's GEMMs run on chunks of the grid (the same multiply-adds, in K / N pieces), the componentwise
 # Linear on chunks of components. benchmarks/compile_check.py reports what stack remains per thread (compile records).
 CW_CHUNK = tl.constexpr(1024)  # elements of one operand block of the componentwise Linear (DC components at a time)
-FOURIER_CHUNK = tl.constexpr(32)  # grid points of the Fourier ELU at a time
+FOURIER_CHUNK = tl.constexpr(32)  # grid points of the Fourier ELU at a time, ...
+FOURIER_CHUNK_ELEMENTS = tl.constexpr(1024)  # ... at most this many elements of a Fourier matrix (16 points at D = 64,
+# config H: at 32 the trunk backward's 32-row blocks on 2 warps spill, 424 B of stack with the tape and 632 B without
+# under Triton 3.6)
 FOURIER_CHUNK_X3 = tl.constexpr(16)  # ... in 3xTF32, whose split operands are three times as many registers (at 32 the
 # trunk backward spills without its tape: 816 B of stack at config M under Triton 3.6, 624 B under 3.9)
 
@@ -610,7 +613,9 @@ def _act_blk(
     GEMMs, in K / N chunks: no operand of a whole grid in registers)."""
     if FOURIER:
         G: tl.constexpr = GW // DP
-        GC: tl.constexpr = min(GP, FOURIER_CHUNK_X3 if PREC == "tf32x3" else FOURIER_CHUNK)
+        GC: tl.constexpr = min(
+            GP, FOURIER_CHUNK_X3 if PREC == "tf32x3" else min(FOURIER_CHUNK, max(16, FOURIER_CHUNK_ELEMENTS // DP))
+        )
         y2 = tl.reshape(y, (BE * G, DP))
         v = tl.zeros((BE * G, DP), dtype=y.dtype)
         for c0 in range(0, GP, GC):
@@ -640,7 +645,9 @@ def _act_bwd_blk(
     GC grid points at a time."""
     if FOURIER:
         G: tl.constexpr = GW // DP
-        GC: tl.constexpr = min(GP, FOURIER_CHUNK_X3 if PREC == "tf32x3" else FOURIER_CHUNK)
+        GC: tl.constexpr = min(
+            GP, FOURIER_CHUNK_X3 if PREC == "tf32x3" else min(FOURIER_CHUNK, max(16, FOURIER_CHUNK_ELEMENTS // DP))
+        )
         y2 = tl.reshape(y, (BE * G, DP))
         dv2 = tl.reshape(dv, (BE * G, DP))
         v = tl.zeros((BE * G, DP), dtype=y.dtype)
