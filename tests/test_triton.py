@@ -206,7 +206,7 @@ def test_tensor_core_blocks_of_the_trunk_match_the_reference(L):
     Fourier GEMMs have 16 rows per warp; the first Linear's blocks run transposed): forward and every gradient of a
     training step in float32 under matmul precision "high" (the interpreter computes the dots in float32) against the
     reference in float64. With 64 components per channel (config H's) the backward's blocks are 32 rows on 2 warps
-    and its Fourier ELU runs in chunks of 16 grid points."""
+    and its Fourier ELU runs in chunks of 16 grid points; there also in eval mode."""
     gs = get_gspace("O3")
     G = gs.fibergroup
     in_t = gs.type(G.bl_sphere_representation(L=L), G.irrep(0, 0))
@@ -223,25 +223,28 @@ def test_tensor_core_blocks_of_the_trunk_match_the_reference(L):
     assert launch.BACKWARD_TILE * (gw // lay.DP) == 16 * nw and nw == (4 if L == 1 else 2)
     assert launch.stats_blocks(lay, "tf32")[0] > lay.GW and launch.backward_blocks(lay, "ieee")[0] == lay.GW
     state = {k: v.clone() for k, v in conv.state_dict().items()}
-    res = {}
-    for b in ("reference", "triton"):
-        conv.load_state_dict(state)
-        conv.backend = b
-        dt = torch.float64 if b == "reference" else torch.float32
-        conv.to(dt).zero_grad()
-        xg = x.to(dt).clone().requires_grad_()
-        old = torch.get_float32_matmul_precision()
-        torch.set_float32_matmul_precision("high")
-        try:
-            out = conv(xg, ei, edge_attr=a.to(dt), pos=pos.to(dt))
-            w = torch.cos(torch.arange(out.numel(), dtype=dt)).reshape(out.shape)
-            (out * w).sum().backward()
-        finally:
-            torch.set_float32_matmul_precision(old)
-        res[b] = [out.detach(), xg.grad] + [q.grad for q in conv.parameters() if q.grad is not None]
-    assert len(res["reference"]) == len(res["triton"]) > 4
-    for r, f in zip(res["reference"], res["triton"]):
-        assert rel(f.double(), r) <= tolerance("backward", torch.float32)
+    # training (the backward reads the statistics passes' tape) and, at D = 51, eval mode (no tape: the last layer's
+    # activation is evaluated apart from its backward on the 2-warp blocks)
+    for train in (True, False) if L == 2 else (True,):
+        res = {}
+        for b in ("reference", "triton"):
+            conv.load_state_dict(state)
+            conv.backend = b
+            dt = torch.float64 if b == "reference" else torch.float32
+            conv.to(dt).train(train).zero_grad()
+            xg = x.to(dt).clone().requires_grad_()
+            old = torch.get_float32_matmul_precision()
+            torch.set_float32_matmul_precision("high")
+            try:
+                out = conv(xg, ei, edge_attr=a.to(dt), pos=pos.to(dt))
+                w = torch.cos(torch.arange(out.numel(), dtype=dt)).reshape(out.shape)
+                (out * w).sum().backward()
+            finally:
+                torch.set_float32_matmul_precision(old)
+            res[b] = [out.detach(), xg.grad] + [q.grad for q in conv.parameters() if q.grad is not None]
+        assert len(res["reference"]) == len(res["triton"]) > 4
+        for r, f in zip(res["reference"], res["triton"]):
+            assert rel(f.double(), r) <= tolerance("backward", torch.float32)
 
 
 def _raw_inputs(name, n_layers=4, dense=False, n=12, e=40):

@@ -665,6 +665,29 @@ def _act_bwd_blk(
 
 
 @triton.jit
+def _act_and_bwd(
+    y,
+    dv,
+    at_ptr,
+    ait_ptr,
+    BE: tl.constexpr,
+    GW: tl.constexpr,
+    DP: tl.constexpr,
+    GP: tl.constexpr,
+    FOURIER: tl.constexpr,
+    PREC: tl.constexpr,
+    APART: tl.constexpr,
+):
+    """(act(y), d y) of one block as :func:`_act_bwd_blk`; APART: the activation after, on its own (y A^T twice, one
+    GEMM more per grid chunk; one accumulator less live across the backward's: the trunk backward's 2-warp blocks)."""
+    if APART:
+        _, dy = _act_bwd_blk(y, dv, at_ptr, ait_ptr, BE, GW, DP, GP, FOURIER, PREC, False)
+        return _act_blk(y, at_ptr, ait_ptr, BE, GW, DP, GP, FOURIER, PREC), dy
+    else:
+        return _act_bwd_blk(y, dv, at_ptr, ait_ptr, BE, GW, DP, GP, FOURIER, PREC, True)
+
+
+@triton.jit
 def _factor_grad(dh, a, GW: tl.constexpr, DP: tl.constexpr, FOURIER: tl.constexpr):
     """This tile's part of a batch norm factor's gradient on one block (BE, GW), sum_e dh a: per hidden unit (GW,)
     for a pointwise ELU; for a Fourier ELU per channel (the factor is one per channel), on its first component (the
@@ -872,6 +895,7 @@ def trunk_backward_kernel(
     CWF: tl.constexpr,
     BNM: tl.constexpr,
     TAPE: tl.constexpr,
+    ACT_APART: tl.constexpr,
 ):
     """Backward of :func:`trunk_forward_kernel` given d hs (E, C D, compact) and the bias term's d s (E,): d of the MLP
     input (E, P0) and the trunk's parameter gradients, accumulated per program (a persistent grid, one accumulator
@@ -893,7 +917,8 @@ def trunk_backward_kernel(
 
     With TAPE (NL <= 3) the forward part reads the statistics passes' activations a_1 .. a_NL before their batch
     norms (``t1_ptr`` .. ``t3_ptr``, (E, C D) compact, as the tape of :mod:`ik_fast.ops` holds them) instead of
-    evaluating them: it computes y_NL alone, and the last layer's activation is not evaluated again either."""
+    evaluating them: it computes y_NL alone, and the last layer's activation is not evaluated again either. Without
+    it, ACT_APART evaluates the last layer's activation apart from its backward (:func:`_act_and_bwd`)."""
     HP: tl.constexpr = CP * DP
     NG: tl.constexpr = HP // GW
     TILE: tl.constexpr = BE * HP
@@ -1003,7 +1028,7 @@ def trunk_backward_kernel(
                         _, dy = _act_bwd_blk(y, dhs * sf, atl, aitl, BE, GW, DP, GP, FOURIER, PREC, False)
                         h = _tape_blk(_tape_at(NL, t1_ptr, t2_ptr, t3_ptr), offs, emask, g, GW, PD, C, D)
                     else:
-                        h, dy = _act_bwd_blk(y, dhs * sf, atl, aitl, BE, GW, DP, GP, FOURIER, PREC, True)
+                        h, dy = _act_and_bwd(y, dhs * sf, atl, aitl, BE, GW, DP, GP, FOURIER, PREC, ACT_APART)
                     dh = dhs * s[:, None]
                     _accumulate(gbf + (NL - 1) * HP, j, _factor_grad(dh, h, GW, DP, FOURIER), j >= 0)
                     _accumulate(gbs + (NL - 1) * HP, j, tl.sum(dh, 0), j >= 0)
@@ -1012,7 +1037,7 @@ def trunk_backward_kernel(
                     _, dy = _act_bwd_blk(y, dhs * s[:, None], atl, aitl, BE, GW, DP, GP, FOURIER, PREC, False)
                     h = _tape_blk(_tape_at(NL, t1_ptr, t2_ptr, t3_ptr), offs, emask, g, GW, PD, C, D)
                 else:
-                    h, dy = _act_bwd_blk(y, dhs * s[:, None], atl, aitl, BE, GW, DP, GP, FOURIER, PREC, True)
+                    h, dy = _act_and_bwd(y, dhs * s[:, None], atl, aitl, BE, GW, DP, GP, FOURIER, PREC, ACT_APART)
                 ds += tl.sum(dhs * h, 1)
                 tl.debug_barrier()
                 tl.store(dhs_ptr + hoffs, h, mask=hmask)

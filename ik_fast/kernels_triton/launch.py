@@ -665,7 +665,10 @@ MMA_PRECISIONS = ("tf32",)  # the precisions whose trunk blocks are shaped for t
 # layout's blocks for both)
 
 
-def backward_blocks(lay: "Layout", prec: str, tile: int = BACKWARD_TILE, taped: bool = True) -> Tuple[int, int]:
+BACKWARD_NARROW_WARPS = 2  # warps of the trunk backward's 32-row tensor-core blocks (backward_blocks)
+
+
+def backward_blocks(lay: "Layout", prec: str, tile: int = BACKWARD_TILE) -> Tuple[int, int]:
     """(GW, num_warps) of conv.trunk_backward_kernel. Triton lays the warps of chained dots (the Fourier ELU's) all
     along M, so a dot of fewer than 16 rows per warp computes the same rows on several warps. Where a block of
     BACKWARD_MMA_ROWS (edge x channel) rows fits (4 warps: one warpgroup, a wgmma on sm_90; at config M, 16 edges x
@@ -674,14 +677,12 @@ def backward_blocks(lay: "Layout", prec: str, tile: int = BACKWARD_TILE, taped: 
     layouts spill, 792-880 B of stack under Triton 3.6; 2 channels per block there, mma.sync). On 8 warps those
     blocks computed two of the Fourier ELU's three GEMMs twice (1.78x the ideal MMA count at H in the static GPU
     model; 1.02x on 2 warps, the first Linear's d inp of 16 rows being the rest), and :func:`num_programs`' 4
-    programs per SM at 255 registers fill an SM's registers as one 8-warp program did. Without the tape (``taped``)
-    the backward evaluates the trunk's activations again, which spills on 2 warps (648 B of stack at config H under
-    Triton 3.9): there the 32-row blocks take :func:`warps`' 8 warps, as before. The layout's blocks for IEEE
-    float32."""
+    programs per SM at 255 registers fill an SM's registers as one 8-warp program did. Without the tape, 2 warps
+    fit only with the last layer's activation evaluated apart from its backward (the kernel's ACT_APART: 648 B of
+    stack at config H under Triton 3.9 otherwise, 432 B with it). The layout's blocks for IEEE float32."""
     if lay.FOURIER and prec in MMA_PRECISIONS:
         dense = lay.NL > 1 and lay.CWF == 0  # (a dense hidden Linear's weight operand is (GW, GW))
-        narrow = 2 if taped else warps("trunk_backward", lay.HP)
-        for rows, nw in ((BACKWARD_MMA_ROWS, 4), (BACKWARD_MMA_ROWS // 2, narrow)):
+        for rows, nw in ((BACKWARD_MMA_ROWS, 4), (BACKWARD_MMA_ROWS // 2, BACKWARD_NARROW_WARPS)):
             gw = min(lay.HP, rows * lay.DP // tile)  # (all of a narrower layer's channels at once)
             fits = rows * lay.DP <= BACKWARD_MMA_ELEMENTS and (not dense or gw * gw <= OPERAND_BUDGET)
             if gw >= lay.GW and gw % lay.DP == 0 and lay.HP % gw == 0 and fits:
@@ -1091,7 +1092,7 @@ def conv_backward(
         slots = 2 * lay.NL - 1 if trunk["BNM"] and lay.NL > 1 else max(lay.NL, 1)
         scratch = x.new_empty(nprog, slots, BACKWARD_TILE, HP)
         taped = tape is not None and 1 <= lay.NL <= TAPE_LAYERS and len(tape) == 2 * lay.NL
-        bgw, bwarps = backward_blocks(lay, trunk["PREC"], taped=taped)
+        bgw, bwarps = backward_blocks(lay, trunk["PREC"])
         acts = [_as(tape[2 * k], x.dtype) for k in range(lay.NL)] if taped else []
         acts += [scratch] * (TAPE_LAYERS - len(acts))  # (not read)
         K.trunk_backward_kernel[(nprog,)](
@@ -1110,6 +1111,7 @@ def conv_backward(
             float(norm),
             NH=nh,
             TAPE=taped,
+            ACT_APART=not taped and bwarps == BACKWARD_NARROW_WARPS,
             num_warps=bwarps,
             **dict(trunk, BE=BACKWARD_TILE, GW=bgw),
         )
