@@ -670,23 +670,37 @@ def _factor_grad(dh, a, GW: tl.constexpr, DP: tl.constexpr, FOURIER: tl.constexp
 
 
 @triton.jit
-def _cw_view(c0, BE: tl.constexpr, CP: tl.constexpr, DP: tl.constexpr, F: tl.constexpr, DC: tl.constexpr):
-    """Components c0 .. c0 + DC of every channel of a (BE, CP DP) tile in the batched-dot view of a componentwise
-    Linear, (DC, BE, CP F) with channel c at column c F: offsets into the tile, and the mask of the real columns."""
-    d = c0 + tl.arange(0, DC)
+def _cw_chunk(c0, BE: tl.constexpr, CP: tl.constexpr, DP: tl.constexpr, DC: tl.constexpr):
+    """Offsets (BE, CP, DC) of components c0 .. c0 + DC of every channel of a (BE, CP DP) tile, in the tile's own
+    order (runs of DC contiguous elements: the batched-dot view of a componentwise Linear is formed in registers,
+    :func:`_cw_operand`, not gathered from memory one strided element at a time)."""
     e = tl.arange(0, BE)
-    k = tl.arange(0, CP * F)
-    offs = d[:, None, None] + e[None, :, None] * (CP * DP) + (k // F)[None, None, :] * DP
-    real = (k % F == 0)[None, None, :] & (e >= 0)[None, :, None] & (d >= 0)[:, None, None]
-    return offs, real
+    c = tl.arange(0, CP)
+    d = c0 + tl.arange(0, DC)
+    return e[:, None, None] * (CP * DP) + c[None, :, None] * DP + d[None, None, :]
 
 
 @triton.jit
-def _cw_weight(c0, DC: tl.constexpr, KC: tl.constexpr):
-    """Offsets (DC, KC, KC) of components c0 .. c0 + DC of a componentwise weight (DP, KC, KC)."""
+def _cw_operand(a, F: tl.constexpr):
+    """A chunk (BE, CP, DC) -> the batched-dot view (DC, BE, CP F) of a componentwise Linear."""
+    return _pad_k(tl.permute(a, (2, 0, 1)), F)
+
+
+@triton.jit
+def _cw_result(y, F: tl.constexpr):
+    """Inverse of :func:`_cw_operand`: (DC, BE, CP F) -> (BE, CP, DC)."""
+    return tl.permute(_unpad_k(y, F), (1, 2, 0))
+
+
+@triton.jit
+def _cw_weight(c0, DC: tl.constexpr, KC: tl.constexpr, F: tl.constexpr):
+    """Offsets (DC, KC, KC) of components c0 .. c0 + DC of a componentwise weight (DP, KC, KC), and the mask of its
+    real entries (rows and columns at multiples of F)."""
     d = c0 + tl.arange(0, DC)
     k = tl.arange(0, KC)
-    return d[:, None, None] * (KC * KC) + k[None, :, None] * KC + k[None, None, :]
+    offs = d[:, None, None] * (KC * KC) + k[None, :, None] * KC + k[None, None, :]
+    real = (d >= 0)[:, None, None] & (k % F == 0)[None, :, None] & (k % F == 0)[None, None, :]
+    return offs, real
 
 
 @triton.jit
@@ -709,11 +723,12 @@ def _linear_scr(
         KC: tl.constexpr = CP * CWF
         DC: tl.constexpr = max(1, min(DP, CW_CHUNK // (BE * KC)))
         for c0 in range(0, DP, DC):
-            offs, real = _cw_view(c0, BE, CP, DP, CWF, DC)
-            a = tl.load(src + offs, mask=real, other=0.0)
-            w = tl.load(w_ptr + _cw_weight(c0, DC, KC)).to(a.dtype)
-            b = tl.load(b_ptr + (offs % HP), mask=real, other=0.0).to(a.dtype)
-            tl.store(dst + offs, _mm(a, w, PREC) + b, mask=real)
+            offs = _cw_chunk(c0, BE, CP, DP, DC)
+            a = tl.load(src + offs)
+            woffs, _ = _cw_weight(c0, DC, KC, CWF)
+            w = tl.load(w_ptr + woffs).to(a.dtype)
+            b = tl.load(b_ptr + _cw_chunk(c0, 1, CP, DP, DC)).to(a.dtype)  # (1, CP, DC)
+            tl.store(dst + offs, _cw_result(_mm(_cw_operand(a, CWF), w, PREC), CWF) + b)
     else:
         NG: tl.constexpr = HP // GW
         k = tl.arange(0, GW)
@@ -747,15 +762,16 @@ def _linear_bwd_scr(
         KC: tl.constexpr = CP * CWF
         DC: tl.constexpr = max(1, min(DP, CW_CHUNK // (BE * KC)))
         for c0 in range(0, DP, DC):
-            offs, real = _cw_view(c0, BE, CP, DP, CWF, DC)
-            a = tl.load(a_src + offs, mask=real, other=0.0)
-            dy = tl.load(dy_src + offs, mask=real, other=0.0)
-            woffs = _cw_weight(c0, DC, KC)
+            offs = _cw_chunk(c0, BE, CP, DP, DC)
+            a = _cw_operand(tl.load(a_src + offs), CWF)
+            dy = _cw_operand(tl.load(dy_src + offs), CWF)
+            woffs, wreal = _cw_weight(c0, DC, KC, CWF)
             w = tl.load(w_ptr + woffs).to(a.dtype)
             da = _mm(dy, tl.permute(w, (0, 2, 1)), PREC)
-            _accumulate(gw_ptr, woffs, _mm(tl.permute(a, (0, 2, 1)), dy, PREC), woffs >= 0)
+            # (only the real entries: the padding rows and columns of the weight get no gradient)
+            _accumulate(gw_ptr, woffs, _mm(tl.permute(a, (0, 2, 1)), dy, PREC), wreal)
             tl.debug_barrier()
-            tl.store(a_src + offs, da, mask=real)
+            tl.store(a_src + offs, _cw_result(da, CWF))
     else:
         NG: tl.constexpr = HP // GW
         k = tl.arange(0, GW)
