@@ -151,10 +151,15 @@ def _from_component(y, BE: tl.constexpr, CP: tl.constexpr, DP: tl.constexpr, F: 
 
 
 @triton.jit
-def _load_cw(w_ptr, DP: tl.constexpr, KC: tl.constexpr):
+def _load_cw(w_ptr, DP: tl.constexpr, KC: tl.constexpr, F: tl.constexpr):
+    """A componentwise weight (DP, KC, KC), its real entries only (rows and columns at multiples of F; the padding
+    between them is zero in the packing, and not read)."""
     d = tl.arange(0, DP)
     k = tl.arange(0, KC)
-    return tl.load(w_ptr + d[:, None, None] * (KC * KC) + k[None, :, None] * KC + k[None, None, :])
+    real = (d >= 0)[:, None, None] & (k % F == 0)[None, :, None] & (k % F == 0)[None, None, :]
+    return tl.load(
+        w_ptr + d[:, None, None] * (KC * KC) + k[None, :, None] * KC + k[None, None, :], mask=real, other=0.0
+    )
 
 
 @triton.jit
@@ -165,7 +170,7 @@ def _linear_cw(
     output channel mixes component d of the input channels, one (CP F x CP F) block per component (weight
     (DP, CP F, CP F), x @ W layout, channel c at row/column c F): a dot batched over the components, CP^2 DP
     multiply-adds per edge (padded), against (CP DP)^2 for the dense Linear."""
-    w = _load_cw(w_ptr, DP, CP * F).to(a.dtype)
+    w = _load_cw(w_ptr, DP, CP * F, F).to(a.dtype)
     y = _from_component(_mm(_by_component(a, BE, CP, DP, F), w, PREC), BE, CP, DP, F)
     b = tl.load(b_ptr + tl.arange(0, CP * DP)).to(a.dtype)
     return y + b[None, :]
@@ -725,8 +730,8 @@ def _linear_scr(
         for c0 in range(0, DP, DC):
             offs = _cw_chunk(c0, BE, CP, DP, DC)
             a = tl.load(src + offs)
-            woffs, _ = _cw_weight(c0, DC, KC, CWF)
-            w = tl.load(w_ptr + woffs).to(a.dtype)
+            woffs, wreal = _cw_weight(c0, DC, KC, CWF)
+            w = tl.load(w_ptr + woffs, mask=wreal, other=0.0).to(a.dtype)
             b = tl.load(b_ptr + _cw_chunk(c0, 1, CP, DP, DC)).to(a.dtype)  # (1, CP, DC)
             tl.store(dst + offs, _cw_result(_mm(_cw_operand(a, CWF), w, PREC), CWF) + b)
     else:
@@ -766,7 +771,7 @@ def _linear_bwd_scr(
             a = _cw_operand(tl.load(a_src + offs), CWF)
             dy = _cw_operand(tl.load(dy_src + offs), CWF)
             woffs, wreal = _cw_weight(c0, DC, KC, CWF)
-            w = tl.load(w_ptr + woffs).to(a.dtype)
+            w = tl.load(w_ptr + woffs, mask=wreal, other=0.0).to(a.dtype)
             da = _mm(dy, tl.permute(w, (0, 2, 1)), PREC)
             # (only the real entries: the padding rows and columns of the weight get no gradient)
             _accumulate(gw_ptr, woffs, _mm(tl.permute(a, (0, 2, 1)), dy, PREC), wreal)
