@@ -562,30 +562,44 @@ def _blk(g, BE: tl.constexpr, HP: tl.constexpr, GW: tl.constexpr):
 
 
 @triton.jit
-def _linear_in_blk(inp, w_ptr, b_ptr, g, P0P: tl.constexpr, HP: tl.constexpr, GW: tl.constexpr, PREC: tl.constexpr):
+def _linear_in_blk(
+    inp, w_ptr, b_ptr, g, P0: tl.constexpr, P0P: tl.constexpr, HP: tl.constexpr, GW: tl.constexpr, PREC: tl.constexpr
+):
     """Block g (BE, GW) of the first Linear, computed transposed, (W^T inp^T)^T: its GW rows (not BE) are the
     GEMM's M, so that the tile's warps do not all compute the same rows (Triton lays the warps of every dot of a
-    chain along M)."""
+    chain along M). The weight's rows are read as they lie (P0 of them: the padding rows are zero), then
+    transposed in registers."""
     k = tl.arange(0, P0P)
     n = g * GW + tl.arange(0, GW)
-    wt = tl.load(w_ptr + k[None, :] * HP + n[:, None])
+    w = tl.load(w_ptr + k[:, None] * HP + n[None, :], mask=(k < P0)[:, None] & (n >= 0)[None, :], other=0.0)
     b = tl.load(b_ptr + n)
-    return tl.trans(_mm(wt.to(inp.dtype), tl.trans(inp), PREC)) + b[None, :].to(inp.dtype)
+    return tl.trans(_mm(tl.trans(w).to(inp.dtype), tl.trans(inp), PREC)) + b[None, :].to(inp.dtype)
 
 
 @triton.jit
 def _linear_in_bwd_blk(
-    inp, dy, g, w_ptr, gw_ptr, gb_ptr, P0P: tl.constexpr, HP: tl.constexpr, GW: tl.constexpr, PREC: tl.constexpr
+    inp,
+    dy,
+    g,
+    w_ptr,
+    gw_ptr,
+    gb_ptr,
+    P0: tl.constexpr,
+    P0P: tl.constexpr,
+    HP: tl.constexpr,
+    GW: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     """Backward of block g of the first Linear: adds inp^T dy and the bias gradient to this program's rows, returns the
     block's part of d inp (BE, P0P)."""
     k = tl.arange(0, P0P)
     n = g * GW + tl.arange(0, GW)
     offs = k[:, None] * HP + n[None, :]
-    offs_t = k[None, :] * HP + n[:, None]  # the weight gradient as dy^T inp (GW, P0P): GW rows, as above
-    _accumulate(gw_ptr, offs_t, _mm(tl.trans(dy), inp, PREC), offs_t >= 0)
+    real = (k < P0)[:, None] & (n >= 0)[None, :]  # (the padding rows of the weight get no gradient)
+    # the weight gradient as dy^T inp (GW, P0P): GW rows, as above; added to the accumulator in its own row order
+    _accumulate(gw_ptr, offs, tl.trans(_mm(tl.trans(dy), inp, PREC)), real)
     _accumulate(gb_ptr, n, tl.sum(dy, 0), n >= 0)
-    w = tl.load(w_ptr + offs).to(inp.dtype)
+    w = tl.load(w_ptr + offs, mask=real, other=0.0).to(inp.dtype)
     return _mm(dy, tl.trans(w), PREC)
 
 
@@ -968,7 +982,7 @@ def trunk_backward_kernel(
             elif NL > 1:
                 for g in range(NG):
                     a = _act_blk(
-                        _linear_in_blk(inp, w1, b1, g, P0P, HP, GW, PREC), at, ait, BE, GW, DP, GP, FOURIER, PREC
+                        _linear_in_blk(inp, w1, b1, g, P0, P0P, HP, GW, PREC), at, ait, BE, GW, DP, GP, FOURIER, PREC
                     )
                     if BN:
                         tl.store(pre + _blk(g, BE, HP, GW), a)
@@ -1006,7 +1020,7 @@ def trunk_backward_kernel(
                 hmask = emask[:, None] & real[None, :]
                 dhs = tl.load(dhs_ptr + hoffs, mask=hmask, other=0.0)
                 if NL == 1:
-                    y = _linear_in_blk(inp, w1, b1, g, P0P, HP, GW, PREC)
+                    y = _linear_in_blk(inp, w1, b1, g, P0, P0P, HP, GW, PREC)
                 else:
                     y = tl.load(ys + _blk(g, BE, HP, GW))
                 if BN:  # h = a f + t: d a = d h f (d h = d hs s formed again after the activation's backward,
@@ -1031,7 +1045,7 @@ def trunk_backward_kernel(
                 tl.debug_barrier()
                 tl.store(dhs_ptr + hoffs, h, mask=hmask)
                 if NL == 1:
-                    dmlp += _linear_in_bwd_blk(inp, dy, g, w1, gw1, gb1, P0P, HP, GW, PREC)
+                    dmlp += _linear_in_bwd_blk(inp, dy, g, w1, gw1, gb1, P0, P0P, HP, GW, PREC)
                 else:
                     _accumulate(gbh + (NL - 2) * HP, j, tl.sum(dy, 0), j >= 0)
                     tl.store(ys + _blk(g, BE, HP, GW), dy)
@@ -1067,7 +1081,7 @@ def trunk_backward_kernel(
                 _linear_bwd_scr(scr, ys, wh, gwh, BE, CP, DP, GW, CWF, PREC)
                 tl.debug_barrier()
                 for g in range(NG):
-                    y1 = _linear_in_blk(inp, w1, b1, g, P0P, HP, GW, PREC)
+                    y1 = _linear_in_blk(inp, w1, b1, g, P0, P0P, HP, GW, PREC)
                     da = tl.load(scr + _blk(g, BE, HP, GW))
                     if BN:  # as above, for layer 1
                         gk = g * GW + gg
@@ -1076,7 +1090,7 @@ def trunk_backward_kernel(
                         _accumulate(gbs, gk, tl.sum(da, 0), gg >= 0)
                         da = da * tl.load(bf + gk).to(dt)[None, :]
                     _, dy = _act_bwd_blk(y1, da, at, ait, BE, GW, DP, GP, FOURIER, PREC, False)
-                    dmlp += _linear_in_bwd_blk(inp, dy, g, w1, gw1, gb1, P0P, HP, GW, PREC)
+                    dmlp += _linear_in_bwd_blk(inp, dy, g, w1, gw1, gb1, P0, P0P, HP, GW, PREC)
         tl.store(s_ptr + offs, s, mask=emask)
         ds += tl.load(dsb_ptr + offs, mask=emask, other=0.0)
         # radial shell s = norm * exp(-coef r^2)
