@@ -83,11 +83,12 @@ def _add_group(v3, blk, g, NG: tl.constexpr):
 
 
 @triton.jit
-def _linear_in(inp, w_ptr, b_ptr, P0P: tl.constexpr, HP: tl.constexpr, PREC: tl.constexpr):
-    """The first Linear: the MLP input (BE, P0P) is narrow, so its weight (P0P, HP) is one GEMM operand."""
+def _linear_in(inp, w_ptr, b_ptr, P0: tl.constexpr, P0P: tl.constexpr, HP: tl.constexpr, PREC: tl.constexpr):
+    """The first Linear: the MLP input (BE, P0P) is narrow, so its weight (P0P, HP) is one GEMM operand (its P0 real
+    rows read, the padding rows zero)."""
     k = tl.arange(0, P0P)
     n = tl.arange(0, HP)
-    w = tl.load(w_ptr + k[:, None] * HP + n[None, :])
+    w = tl.load(w_ptr + k[:, None] * HP + n[None, :], mask=(k < P0)[:, None] & (n >= 0)[None, :], other=0.0)
     b = tl.load(b_ptr + n)
     return _mm(inp, w.to(inp.dtype), PREC) + b[None, :].to(inp.dtype)
 
@@ -291,6 +292,7 @@ def _forward_to(
     at,
     ait,
     K: tl.constexpr,
+    P0: tl.constexpr,
     P0P: tl.constexpr,
     BE: tl.constexpr,
     CP: tl.constexpr,
@@ -305,7 +307,7 @@ def _forward_to(
     """y_K, the pre-activation of layer K (1-based), recomputed from the MLP input (each layer before it followed by
     its batch norm where it has one)."""
     HP: tl.constexpr = CP * DP
-    y = _linear_in(inp, w1, b1, P0P, HP, PREC)
+    y = _linear_in(inp, w1, b1, P0, P0P, HP, PREC)
     for j in tl.static_range(1, K):  # layer j + 1 of the MLP
         a = _act(y, at + (j - 1) * DP * GP, ait + (j - 1) * GP * DP, BE, CP, DP, GP, GW, FOURIER, PREC)
         if (BNM >> (j - 1)) & 1:  # (constexpr arithmetic: a compile-time branch)
@@ -326,6 +328,7 @@ def _trunk(
     at,
     ait,
     NL: tl.constexpr,
+    P0: tl.constexpr,
     P0P: tl.constexpr,
     BE: tl.constexpr,
     CP: tl.constexpr,
@@ -341,7 +344,7 @@ def _trunk(
     if NL == 0:
         return inp
     else:
-        y = _forward_to(inp, w1, b1, wh, bh, bf, bs, at, ait, NL, P0P, BE, CP, DP, GP, GW, FOURIER, PREC, CWF, BNM)
+        y = _forward_to(inp, w1, b1, wh, bh, bf, bs, at, ait, NL, P0, P0P, BE, CP, DP, GP, GW, FOURIER, PREC, CWF, BNM)
         return _act(y, at + (NL - 1) * DP * GP, ait + (NL - 1) * GP * DP, BE, CP, DP, GP, GW, FOURIER, PREC)
 
 
@@ -446,7 +449,7 @@ def trunk_forward_kernel(
     t = tl.program_id(0)
     offs, emask, inp, s, _, _ = _load_tile(inp_ptr, coef_ptr, norm, t, E, P0, P0P, NDIM, BE)
     w1, b1, wh, bh, bf, bs, _f0, _s0, at, ait = _params(prm_ptr, fou_ptr, NL, P0P, CP, DP, GP, CWF)
-    h = _trunk(inp, w1, b1, wh, bh, bf, bs, at, ait, NL, P0P, BE, CP, DP, GP, GW, FOURIER, PREC, CWF, BNM)
+    h = _trunk(inp, w1, b1, wh, bh, bf, bs, at, ait, NL, P0, P0P, BE, CP, DP, GP, GW, FOURIER, PREC, CWF, BNM)
     if NL > 0:
         if (BNM >> (NL - 1)) & 1:
             h = _affine(h, bf + (NL - 1) * HP, bs + (NL - 1) * HP, HP)
@@ -514,7 +517,7 @@ def fused_stats_kernel(
             offs, emask, inp, _, _, _ = _load_tile(inp_ptr, coef_ptr, 1.0, t, E, P0, P0P, NDIM, BE)
             if IAFF:  # an affine map on the MLP input
                 inp = _affine(inp, f0, s0, P0P)
-            a = _trunk(inp, w1, b1, wh, bh, bf, bs, at, ait, K, P0P, BE, CP, DP, GP, GW, FOURIER, PREC, CWF, BNM)
+            a = _trunk(inp, w1, b1, wh, bh, bf, bs, at, ait, K, P0, P0P, BE, CP, DP, GP, GW, FOURIER, PREC, CWF, BNM)
         if WRITE:
             col, real = _compact_columns(HP, PD, C, D)
             tl.store(act_ptr + offs[:, None] * (C * D) + col[None, :], a, mask=emask[:, None] & real[None, :])
