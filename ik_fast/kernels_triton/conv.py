@@ -553,6 +553,7 @@ def fused_stats_kernel(
 # the Fourier ELU's GEMMs run on chunks of the grid (the same multiply-adds, in K / N pieces), the componentwise
 # Linear on chunks of components. benchmarks/compile_check.py reports what stack remains per thread (compile records).
 CW_CHUNK = tl.constexpr(1024)  # elements of one operand block of the componentwise Linear (DC components at a time)
+CW_CHUNK_TF32 = tl.constexpr(2048)  # ... in TF32 (8 components at M and H: whole 32-byte sectors of the scratch)
 FOURIER_CHUNK = tl.constexpr(32)  # grid points of the Fourier ELU at a time
 FOURIER_CHUNK_X3 = tl.constexpr(16)  # ... in 3xTF32, whose split operands are three times as many registers (at 32 the
 # trunk backward spills without its tape: 816 B of stack at config M under Triton 3.6, 624 B under 3.9)
@@ -743,7 +744,7 @@ def _linear_scr(
     HP: tl.constexpr = CP * DP
     if CWF > 0:
         KC: tl.constexpr = CP * CWF
-        DC: tl.constexpr = max(1, min(DP, CW_CHUNK // (BE * KC)))
+        DC: tl.constexpr = max(1, min(DP, (CW_CHUNK_TF32 if PREC == "tf32" else CW_CHUNK) // (BE * KC)))
         for c0 in range(0, DP, DC):
             offs = _cw_chunk(c0, BE, CP, DP, DC)
             a = tl.load(src + offs)
@@ -782,7 +783,7 @@ def _linear_bwd_scr(
     HP: tl.constexpr = CP * DP
     if CWF > 0:
         KC: tl.constexpr = CP * CWF
-        DC: tl.constexpr = max(1, min(DP, CW_CHUNK // (BE * KC)))
+        DC: tl.constexpr = max(1, min(DP, (CW_CHUNK_TF32 if PREC == "tf32" else CW_CHUNK) // (BE * KC)))
         for c0 in range(0, DP, DC):
             offs = _cw_chunk(c0, BE, CP, DP, DC)
             a = _cw_operand(tl.load(a_src + offs), CWF)
