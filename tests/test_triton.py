@@ -200,11 +200,15 @@ def test_wide_features_span_several_blocks():
         assert rel(f, r) <= tolerance("backward", torch.float64)
 
 
-def test_tensor_core_blocks_of_the_trunk_match_the_reference():
+@pytest.mark.parametrize("matmul,highest", [("high", None), ("highest", "tf32x3")])
+def test_tensor_core_blocks_of_the_trunk_match_the_reference(monkeypatch, matmul, highest):
     """In TF32 the statistics and backward trunk kernels take wider hidden blocks than the layout's (so that their
-    Fourier GEMMs have 16 rows per warp; the first Linear's blocks run transposed): forward and every gradient of a
-    training step in float32 under matmul precision "high" (the interpreter computes the dots in float32) against the
-    reference in float64."""
+    Fourier GEMMs have 16 rows per warp; the first Linear's blocks run transposed), in 3xTF32 the statistics kernel:
+    forward and every gradient of a training step in float32 under matmul precision "high" (or "highest" as 3xTF32,
+    the GPU's mapping) against the reference in float64 (the interpreter computes the dots in float32)."""
+    if highest:
+        monkeypatch.setenv("IK_FAST_TARGET_DEVICE", "cuda")
+        monkeypatch.setenv("IK_FAST_HIGHEST", highest)
     gs = get_gspace("O3")
     G = gs.fibergroup
     in_t = gs.type(G.bl_sphere_representation(L=1), G.irrep(0, 0))
@@ -217,6 +221,7 @@ def test_tensor_core_blocks_of_the_trunk_match_the_reference():
     lay = launch.layout(torch.zeros(1, 3 + attr_t.size), p.weights, p.fourier, out_t.size, 3)
     assert lay.FOURIER and lay.NL == 2 and launch.backward_blocks(lay, "tf32")[0] > lay.GW
     assert launch.stats_blocks(lay, "tf32")[0] > lay.GW and launch.backward_blocks(lay, "ieee")[0] == lay.GW
+    assert launch.stats_blocks(lay, "tf32x3")[0] > lay.GW
     state = {k: v.clone() for k, v in conv.state_dict().items()}
     res = {}
     for b in ("reference", "triton"):
@@ -226,7 +231,7 @@ def test_tensor_core_blocks_of_the_trunk_match_the_reference():
         conv.to(dt).zero_grad()
         xg = x.to(dt).clone().requires_grad_()
         old = torch.get_float32_matmul_precision()
-        torch.set_float32_matmul_precision("high")
+        torch.set_float32_matmul_precision(matmul)
         try:
             out = conv(xg, ei, edge_attr=a.to(dt), pos=pos.to(dt))
             w = torch.cos(torch.arange(out.numel(), dtype=dt)).reshape(out.shape)
