@@ -200,13 +200,19 @@ def test_wide_features_span_several_blocks():
         assert rel(f, r) <= tolerance("backward", torch.float64)
 
 
-@pytest.mark.parametrize("L", [1, 2])  # D = 19 (DP = 32, as config M), D = 51 (DP = 64, as H)
-def test_tensor_core_blocks_of_the_trunk_match_the_reference(L):
+@pytest.mark.parametrize(
+    "L,matmul,highest", [(1, "high", None), (1, "highest", "tf32x3"), (2, "high", None)]
+)  # D = 19 (DP = 32, as config M), D = 51 (DP = 64, as H)
+def test_tensor_core_blocks_of_the_trunk_match_the_reference(monkeypatch, L, matmul, highest):
     """In TF32 the statistics and backward trunk kernels take wider hidden blocks than the layout's (so that their
-    Fourier GEMMs have 16 rows per warp; the first Linear's blocks run transposed): forward and every gradient of a
-    training step in float32 under matmul precision "high" (the interpreter computes the dots in float32) against the
-    reference in float64. With 64 components per channel (config H's) the backward's blocks are 32 rows on 2 warps
-    and its Fourier ELU runs in chunks of 16 grid points; there also in eval mode."""
+    Fourier GEMMs have 16 rows per warp; the first Linear's blocks run transposed), in 3xTF32 the statistics kernel:
+    forward and every gradient of a training step in float32 under matmul precision "high" (or "highest" as 3xTF32,
+    the GPU's mapping) against the reference in float64 (the interpreter computes the dots in float32). With 64
+    components per channel (config H's) the backward's blocks are 32 rows on 2 warps and its Fourier ELU runs in
+    chunks of 16 grid points; there also in eval mode."""
+    if highest:
+        monkeypatch.setenv("IK_FAST_TARGET_DEVICE", "cuda")
+        monkeypatch.setenv("IK_FAST_HIGHEST", highest)
     gs = get_gspace("O3")
     G = gs.fibergroup
     in_t = gs.type(G.bl_sphere_representation(L=L), G.irrep(0, 0))
@@ -222,6 +228,7 @@ def test_tensor_core_blocks_of_the_trunk_match_the_reference(L):
     # 16 (edge x channel) rows per warp: no MMA computed on two warps
     assert launch.BACKWARD_TILE * (gw // lay.DP) == 16 * nw and nw == (4 if L == 1 else 2)
     assert launch.stats_blocks(lay, "tf32")[0] > lay.GW and launch.backward_blocks(lay, "ieee")[0] == lay.GW
+    assert launch.stats_blocks(lay, "tf32x3")[0] > lay.GW
     state = {k: v.clone() for k, v in conv.state_dict().items()}
     # training (the backward reads the statistics passes' tape) and, at D = 51, eval mode (no tape: the last layer's
     # activation is evaluated apart from its backward on the 2-warp blocks)
@@ -234,7 +241,7 @@ def test_tensor_core_blocks_of_the_trunk_match_the_reference(L):
             conv.to(dt).train(train).zero_grad()
             xg = x.to(dt).clone().requires_grad_()
             old = torch.get_float32_matmul_precision()
-            torch.set_float32_matmul_precision("high")
+            torch.set_float32_matmul_precision(matmul)
             try:
                 out = conv(xg, ei, edge_attr=a.to(dt), pos=pos.to(dt))
                 w = torch.cos(torch.arange(out.numel(), dtype=dt)).reshape(out.shape)

@@ -83,11 +83,12 @@ def _add_group(v3, blk, g, NG: tl.constexpr):
 
 
 @triton.jit
-def _linear_in(inp, w_ptr, b_ptr, P0P: tl.constexpr, HP: tl.constexpr, PREC: tl.constexpr):
-    """The first Linear: the MLP input (BE, P0P) is narrow, so its weight (P0P, HP) is one GEMM operand."""
+def _linear_in(inp, w_ptr, b_ptr, P0: tl.constexpr, P0P: tl.constexpr, HP: tl.constexpr, PREC: tl.constexpr):
+    """The first Linear: the MLP input (BE, P0P) is narrow, so its weight (P0P, HP) is one GEMM operand (its P0 real
+    rows read, the padding rows zero)."""
     k = tl.arange(0, P0P)
     n = tl.arange(0, HP)
-    w = tl.load(w_ptr + k[:, None] * HP + n[None, :])
+    w = tl.load(w_ptr + k[:, None] * HP + n[None, :], mask=(k < P0)[:, None] & (n >= 0)[None, :], other=0.0)
     b = tl.load(b_ptr + n)
     return _mm(inp, w.to(inp.dtype), PREC) + b[None, :].to(inp.dtype)
 
@@ -151,10 +152,15 @@ def _from_component(y, BE: tl.constexpr, CP: tl.constexpr, DP: tl.constexpr, F: 
 
 
 @triton.jit
-def _load_cw(w_ptr, DP: tl.constexpr, KC: tl.constexpr):
+def _load_cw(w_ptr, DP: tl.constexpr, KC: tl.constexpr, F: tl.constexpr):
+    """A componentwise weight (DP, KC, KC), its real entries only (rows and columns at multiples of F; the padding
+    between them is zero in the packing, and not read)."""
     d = tl.arange(0, DP)
     k = tl.arange(0, KC)
-    return tl.load(w_ptr + d[:, None, None] * (KC * KC) + k[None, :, None] * KC + k[None, None, :])
+    real = (d >= 0)[:, None, None] & (k % F == 0)[None, :, None] & (k % F == 0)[None, None, :]
+    return tl.load(
+        w_ptr + d[:, None, None] * (KC * KC) + k[None, :, None] * KC + k[None, None, :], mask=real, other=0.0
+    )
 
 
 @triton.jit
@@ -165,7 +171,7 @@ def _linear_cw(
     output channel mixes component d of the input channels, one (CP F x CP F) block per component (weight
     (DP, CP F, CP F), x @ W layout, channel c at row/column c F): a dot batched over the components, CP^2 DP
     multiply-adds per edge (padded), against (CP DP)^2 for the dense Linear."""
-    w = _load_cw(w_ptr, DP, CP * F).to(a.dtype)
+    w = _load_cw(w_ptr, DP, CP * F, F).to(a.dtype)
     y = _from_component(_mm(_by_component(a, BE, CP, DP, F), w, PREC), BE, CP, DP, F)
     b = tl.load(b_ptr + tl.arange(0, CP * DP)).to(a.dtype)
     return y + b[None, :]
@@ -286,6 +292,7 @@ def _forward_to(
     at,
     ait,
     K: tl.constexpr,
+    P0: tl.constexpr,
     P0P: tl.constexpr,
     BE: tl.constexpr,
     CP: tl.constexpr,
@@ -300,7 +307,7 @@ def _forward_to(
     """y_K, the pre-activation of layer K (1-based), recomputed from the MLP input (each layer before it followed by
     its batch norm where it has one)."""
     HP: tl.constexpr = CP * DP
-    y = _linear_in(inp, w1, b1, P0P, HP, PREC)
+    y = _linear_in(inp, w1, b1, P0, P0P, HP, PREC)
     for j in tl.static_range(1, K):  # layer j + 1 of the MLP
         a = _act(y, at + (j - 1) * DP * GP, ait + (j - 1) * GP * DP, BE, CP, DP, GP, GW, FOURIER, PREC)
         if (BNM >> (j - 1)) & 1:  # (constexpr arithmetic: a compile-time branch)
@@ -321,6 +328,7 @@ def _trunk(
     at,
     ait,
     NL: tl.constexpr,
+    P0: tl.constexpr,
     P0P: tl.constexpr,
     BE: tl.constexpr,
     CP: tl.constexpr,
@@ -336,7 +344,7 @@ def _trunk(
     if NL == 0:
         return inp
     else:
-        y = _forward_to(inp, w1, b1, wh, bh, bf, bs, at, ait, NL, P0P, BE, CP, DP, GP, GW, FOURIER, PREC, CWF, BNM)
+        y = _forward_to(inp, w1, b1, wh, bh, bf, bs, at, ait, NL, P0, P0P, BE, CP, DP, GP, GW, FOURIER, PREC, CWF, BNM)
         return _act(y, at + (NL - 1) * DP * GP, ait + (NL - 1) * GP * DP, BE, CP, DP, GP, GW, FOURIER, PREC)
 
 
@@ -441,7 +449,7 @@ def trunk_forward_kernel(
     t = tl.program_id(0)
     offs, emask, inp, s, _, _ = _load_tile(inp_ptr, coef_ptr, norm, t, E, P0, P0P, NDIM, BE)
     w1, b1, wh, bh, bf, bs, _f0, _s0, at, ait = _params(prm_ptr, fou_ptr, NL, P0P, CP, DP, GP, CWF)
-    h = _trunk(inp, w1, b1, wh, bh, bf, bs, at, ait, NL, P0P, BE, CP, DP, GP, GW, FOURIER, PREC, CWF, BNM)
+    h = _trunk(inp, w1, b1, wh, bh, bf, bs, at, ait, NL, P0, P0P, BE, CP, DP, GP, GW, FOURIER, PREC, CWF, BNM)
     if NL > 0:
         if (BNM >> (NL - 1)) & 1:
             h = _affine(h, bf + (NL - 1) * HP, bs + (NL - 1) * HP, HP)
@@ -509,7 +517,7 @@ def fused_stats_kernel(
             offs, emask, inp, _, _, _ = _load_tile(inp_ptr, coef_ptr, 1.0, t, E, P0, P0P, NDIM, BE)
             if IAFF:  # an affine map on the MLP input
                 inp = _affine(inp, f0, s0, P0P)
-            a = _trunk(inp, w1, b1, wh, bh, bf, bs, at, ait, K, P0P, BE, CP, DP, GP, GW, FOURIER, PREC, CWF, BNM)
+            a = _trunk(inp, w1, b1, wh, bh, bf, bs, at, ait, K, P0, P0P, BE, CP, DP, GP, GW, FOURIER, PREC, CWF, BNM)
         if WRITE:
             col, real = _compact_columns(HP, PD, C, D)
             tl.store(act_ptr + offs[:, None] * (C * D) + col[None, :], a, mask=emask[:, None] & real[None, :])
@@ -545,6 +553,7 @@ def fused_stats_kernel(
 # the Fourier ELU's GEMMs run on chunks of the grid (the same multiply-adds, in K / N pieces), the componentwise
 # Linear on chunks of components. benchmarks/compile_check.py reports what stack remains per thread (compile records).
 CW_CHUNK = tl.constexpr(1024)  # elements of one operand block of the componentwise Linear (DC components at a time)
+CW_CHUNK_TF32 = tl.constexpr(2048)  # ... in TF32 (8 components at M and H: whole 32-byte sectors of the scratch)
 FOURIER_CHUNK = tl.constexpr(32)  # grid points of the Fourier ELU at a time, ...
 FOURIER_CHUNK_ELEMENTS = tl.constexpr(1024)  # ... at most this many elements of a Fourier matrix (16 points at D = 64,
 # config H: at 32 the trunk backward's 32-row blocks on 2 warps spill, 424 B of stack with the tape and 632 B without
@@ -560,30 +569,44 @@ def _blk(g, BE: tl.constexpr, HP: tl.constexpr, GW: tl.constexpr):
 
 
 @triton.jit
-def _linear_in_blk(inp, w_ptr, b_ptr, g, P0P: tl.constexpr, HP: tl.constexpr, GW: tl.constexpr, PREC: tl.constexpr):
+def _linear_in_blk(
+    inp, w_ptr, b_ptr, g, P0: tl.constexpr, P0P: tl.constexpr, HP: tl.constexpr, GW: tl.constexpr, PREC: tl.constexpr
+):
     """Block g (BE, GW) of the first Linear, computed transposed, (W^T inp^T)^T: its GW rows (not BE) are the
     GEMM's M, so that the tile's warps do not all compute the same rows (Triton lays the warps of every dot of a
-    chain along M)."""
+    chain along M). The weight's rows are read as they lie (P0 of them: the padding rows are zero), then
+    transposed in registers."""
     k = tl.arange(0, P0P)
     n = g * GW + tl.arange(0, GW)
-    wt = tl.load(w_ptr + k[None, :] * HP + n[:, None])
+    w = tl.load(w_ptr + k[:, None] * HP + n[None, :], mask=(k < P0)[:, None] & (n >= 0)[None, :], other=0.0)
     b = tl.load(b_ptr + n)
-    return tl.trans(_mm(wt.to(inp.dtype), tl.trans(inp), PREC)) + b[None, :].to(inp.dtype)
+    return tl.trans(_mm(tl.trans(w).to(inp.dtype), tl.trans(inp), PREC)) + b[None, :].to(inp.dtype)
 
 
 @triton.jit
 def _linear_in_bwd_blk(
-    inp, dy, g, w_ptr, gw_ptr, gb_ptr, P0P: tl.constexpr, HP: tl.constexpr, GW: tl.constexpr, PREC: tl.constexpr
+    inp,
+    dy,
+    g,
+    w_ptr,
+    gw_ptr,
+    gb_ptr,
+    P0: tl.constexpr,
+    P0P: tl.constexpr,
+    HP: tl.constexpr,
+    GW: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     """Backward of block g of the first Linear: adds inp^T dy and the bias gradient to this program's rows, returns the
     block's part of d inp (BE, P0P)."""
     k = tl.arange(0, P0P)
     n = g * GW + tl.arange(0, GW)
     offs = k[:, None] * HP + n[None, :]
-    offs_t = k[None, :] * HP + n[:, None]  # the weight gradient as dy^T inp (GW, P0P): GW rows, as above
-    _accumulate(gw_ptr, offs_t, _mm(tl.trans(dy), inp, PREC), offs_t >= 0)
+    real = (k < P0)[:, None] & (n >= 0)[None, :]  # (the padding rows of the weight get no gradient)
+    # the weight gradient as dy^T inp (GW, P0P): GW rows, as above; added to the accumulator in its own row order
+    _accumulate(gw_ptr, offs, tl.trans(_mm(tl.trans(dy), inp, PREC)), real)
     _accumulate(gb_ptr, n, tl.sum(dy, 0), n >= 0)
-    w = tl.load(w_ptr + offs).to(inp.dtype)
+    w = tl.load(w_ptr + offs, mask=real, other=0.0).to(inp.dtype)
     return _mm(dy, tl.trans(w), PREC)
 
 
@@ -700,23 +723,37 @@ def _factor_grad(dh, a, GW: tl.constexpr, DP: tl.constexpr, FOURIER: tl.constexp
 
 
 @triton.jit
-def _cw_view(c0, BE: tl.constexpr, CP: tl.constexpr, DP: tl.constexpr, F: tl.constexpr, DC: tl.constexpr):
-    """Components c0 .. c0 + DC of every channel of a (BE, CP DP) tile in the batched-dot view of a componentwise
-    Linear, (DC, BE, CP F) with channel c at column c F: offsets into the tile, and the mask of the real columns."""
-    d = c0 + tl.arange(0, DC)
+def _cw_chunk(c0, BE: tl.constexpr, CP: tl.constexpr, DP: tl.constexpr, DC: tl.constexpr):
+    """Offsets (BE, CP, DC) of components c0 .. c0 + DC of every channel of a (BE, CP DP) tile, in the tile's own
+    order (runs of DC contiguous elements: the batched-dot view of a componentwise Linear is formed in registers,
+    :func:`_cw_operand`, not gathered from memory one strided element at a time)."""
     e = tl.arange(0, BE)
-    k = tl.arange(0, CP * F)
-    offs = d[:, None, None] + e[None, :, None] * (CP * DP) + (k // F)[None, None, :] * DP
-    real = (k % F == 0)[None, None, :] & (e >= 0)[None, :, None] & (d >= 0)[:, None, None]
-    return offs, real
+    c = tl.arange(0, CP)
+    d = c0 + tl.arange(0, DC)
+    return e[:, None, None] * (CP * DP) + c[None, :, None] * DP + d[None, None, :]
 
 
 @triton.jit
-def _cw_weight(c0, DC: tl.constexpr, KC: tl.constexpr):
-    """Offsets (DC, KC, KC) of components c0 .. c0 + DC of a componentwise weight (DP, KC, KC)."""
+def _cw_operand(a, F: tl.constexpr):
+    """A chunk (BE, CP, DC) -> the batched-dot view (DC, BE, CP F) of a componentwise Linear."""
+    return _pad_k(tl.permute(a, (2, 0, 1)), F)
+
+
+@triton.jit
+def _cw_result(y, F: tl.constexpr):
+    """Inverse of :func:`_cw_operand`: (DC, BE, CP F) -> (BE, CP, DC)."""
+    return tl.permute(_unpad_k(y, F), (1, 2, 0))
+
+
+@triton.jit
+def _cw_weight(c0, DC: tl.constexpr, KC: tl.constexpr, F: tl.constexpr):
+    """Offsets (DC, KC, KC) of components c0 .. c0 + DC of a componentwise weight (DP, KC, KC), and the mask of its
+    real entries (rows and columns at multiples of F)."""
     d = c0 + tl.arange(0, DC)
     k = tl.arange(0, KC)
-    return d[:, None, None] * (KC * KC) + k[None, :, None] * KC + k[None, None, :]
+    offs = d[:, None, None] * (KC * KC) + k[None, :, None] * KC + k[None, None, :]
+    real = (d >= 0)[:, None, None] & (k % F == 0)[None, :, None] & (k % F == 0)[None, None, :]
+    return offs, real
 
 
 @triton.jit
@@ -737,13 +774,14 @@ def _linear_scr(
     HP: tl.constexpr = CP * DP
     if CWF > 0:
         KC: tl.constexpr = CP * CWF
-        DC: tl.constexpr = max(1, min(DP, CW_CHUNK // (BE * KC)))
+        DC: tl.constexpr = max(1, min(DP, (CW_CHUNK_TF32 if PREC == "tf32" else CW_CHUNK) // (BE * KC)))
         for c0 in range(0, DP, DC):
-            offs, real = _cw_view(c0, BE, CP, DP, CWF, DC)
-            a = tl.load(src + offs, mask=real, other=0.0)
-            w = tl.load(w_ptr + _cw_weight(c0, DC, KC)).to(a.dtype)
-            b = tl.load(b_ptr + (offs % HP), mask=real, other=0.0).to(a.dtype)
-            tl.store(dst + offs, _mm(a, w, PREC) + b, mask=real)
+            offs = _cw_chunk(c0, BE, CP, DP, DC)
+            a = tl.load(src + offs)
+            woffs, wreal = _cw_weight(c0, DC, KC, CWF)
+            w = tl.load(w_ptr + woffs, mask=wreal, other=0.0).to(a.dtype)
+            b = tl.load(b_ptr + _cw_chunk(c0, 1, CP, DP, DC)).to(a.dtype)  # (1, CP, DC)
+            tl.store(dst + offs, _cw_result(_mm(_cw_operand(a, CWF), w, PREC), CWF) + b)
     else:
         NG: tl.constexpr = HP // GW
         k = tl.arange(0, GW)
@@ -775,17 +813,18 @@ def _linear_bwd_scr(
     HP: tl.constexpr = CP * DP
     if CWF > 0:
         KC: tl.constexpr = CP * CWF
-        DC: tl.constexpr = max(1, min(DP, CW_CHUNK // (BE * KC)))
+        DC: tl.constexpr = max(1, min(DP, (CW_CHUNK_TF32 if PREC == "tf32" else CW_CHUNK) // (BE * KC)))
         for c0 in range(0, DP, DC):
-            offs, real = _cw_view(c0, BE, CP, DP, CWF, DC)
-            a = tl.load(a_src + offs, mask=real, other=0.0)
-            dy = tl.load(dy_src + offs, mask=real, other=0.0)
-            woffs = _cw_weight(c0, DC, KC)
-            w = tl.load(w_ptr + woffs).to(a.dtype)
+            offs = _cw_chunk(c0, BE, CP, DP, DC)
+            a = _cw_operand(tl.load(a_src + offs), CWF)
+            dy = _cw_operand(tl.load(dy_src + offs), CWF)
+            woffs, wreal = _cw_weight(c0, DC, KC, CWF)
+            w = tl.load(w_ptr + woffs, mask=wreal, other=0.0).to(a.dtype)
             da = _mm(dy, tl.permute(w, (0, 2, 1)), PREC)
-            _accumulate(gw_ptr, woffs, _mm(tl.permute(a, (0, 2, 1)), dy, PREC), woffs >= 0)
+            # (only the real entries: the padding rows and columns of the weight get no gradient)
+            _accumulate(gw_ptr, woffs, _mm(tl.permute(a, (0, 2, 1)), dy, PREC), wreal)
             tl.debug_barrier()
-            tl.store(a_src + offs, da, mask=real)
+            tl.store(a_src + offs, _cw_result(da, CWF))
     else:
         NG: tl.constexpr = HP // GW
         k = tl.arange(0, GW)
@@ -979,7 +1018,7 @@ def trunk_backward_kernel(
             elif NL > 1:
                 for g in range(NG):
                     a = _act_blk(
-                        _linear_in_blk(inp, w1, b1, g, P0P, HP, GW, PREC), at, ait, BE, GW, DP, GP, FOURIER, PREC
+                        _linear_in_blk(inp, w1, b1, g, P0, P0P, HP, GW, PREC), at, ait, BE, GW, DP, GP, FOURIER, PREC
                     )
                     if BN:
                         tl.store(pre + _blk(g, BE, HP, GW), a)
@@ -1017,7 +1056,7 @@ def trunk_backward_kernel(
                 hmask = emask[:, None] & real[None, :]
                 dhs = tl.load(dhs_ptr + hoffs, mask=hmask, other=0.0)
                 if NL == 1:
-                    y = _linear_in_blk(inp, w1, b1, g, P0P, HP, GW, PREC)
+                    y = _linear_in_blk(inp, w1, b1, g, P0, P0P, HP, GW, PREC)
                 else:
                     y = tl.load(ys + _blk(g, BE, HP, GW))
                 if BN:  # h = a f + t: d a = d h f (d h = d hs s formed again after the activation's backward,
@@ -1042,7 +1081,7 @@ def trunk_backward_kernel(
                 tl.debug_barrier()
                 tl.store(dhs_ptr + hoffs, h, mask=hmask)
                 if NL == 1:
-                    dmlp += _linear_in_bwd_blk(inp, dy, g, w1, gw1, gb1, P0P, HP, GW, PREC)
+                    dmlp += _linear_in_bwd_blk(inp, dy, g, w1, gw1, gb1, P0, P0P, HP, GW, PREC)
                 else:
                     _accumulate(gbh + (NL - 2) * HP, j, tl.sum(dy, 0), j >= 0)
                     tl.store(ys + _blk(g, BE, HP, GW), dy)
@@ -1078,7 +1117,7 @@ def trunk_backward_kernel(
                 _linear_bwd_scr(scr, ys, wh, gwh, BE, CP, DP, GW, CWF, PREC)
                 tl.debug_barrier()
                 for g in range(NG):
-                    y1 = _linear_in_blk(inp, w1, b1, g, P0P, HP, GW, PREC)
+                    y1 = _linear_in_blk(inp, w1, b1, g, P0, P0P, HP, GW, PREC)
                     da = tl.load(scr + _blk(g, BE, HP, GW))
                     if BN:  # as above, for layer 1
                         gk = g * GW + gg
@@ -1087,7 +1126,7 @@ def trunk_backward_kernel(
                         _accumulate(gbs, gk, tl.sum(da, 0), gg >= 0)
                         da = da * tl.load(bf + gk).to(dt)[None, :]
                     _, dy = _act_bwd_blk(y1, da, at, ait, BE, GW, DP, GP, FOURIER, PREC, False)
-                    dmlp += _linear_in_bwd_blk(inp, dy, g, w1, gw1, gb1, P0P, HP, GW, PREC)
+                    dmlp += _linear_in_bwd_blk(inp, dy, g, w1, gw1, gb1, P0, P0P, HP, GW, PREC)
         tl.store(s_ptr + offs, s, mask=emask)
         ds += tl.load(dsb_ptr + offs, mask=emask, other=0.0)
         # radial shell s = norm * exp(-coef r^2)

@@ -665,6 +665,8 @@ MMA_PRECISIONS = ("tf32",)  # the precisions whose trunk blocks are shaped for t
 # layout's blocks for both)
 
 
+STATS_MMA_PRECISIONS = MMA_PRECISIONS + ("tf32x3",)  # ... and of the statistics kernel (3xTF32 does not spill there;
+# in the backward it does, at the wider blocks)
 BACKWARD_NARROW_WARPS = 2  # warps of the trunk backward's 32-row tensor-core blocks (backward_blocks)
 
 
@@ -696,7 +698,7 @@ def stats_blocks(lay: "Layout", prec: str, tile: int = STATS_TILE) -> Tuple[int,
     channels), else 8 (config H: 8 channels, a (BE, 1024) tile over 8 warps does not spill; 16 warps would need more
     than the shared memory); the layout's blocks where a dense hidden Linear would get too large an operand."""
     nw = 4 if lay.HP <= 256 else 8
-    if lay.FOURIER and prec in MMA_PRECISIONS:
+    if lay.FOURIER and prec in STATS_MMA_PRECISIONS:
         gw = min(lay.HP, 16 * nw * lay.DP // tile)
         dense = lay.NL > 1 and lay.CWF == 0
         if gw >= lay.GW and gw % lay.DP == 0 and lay.HP % gw == 0 and (not dense or gw * gw <= OPERAND_BUDGET):
