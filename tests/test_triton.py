@@ -200,48 +200,58 @@ def test_wide_features_span_several_blocks():
         assert rel(f, r) <= tolerance("backward", torch.float64)
 
 
-@pytest.mark.parametrize("matmul,highest", [("high", None), ("highest", "tf32x3")])
-def test_tensor_core_blocks_of_the_trunk_match_the_reference(monkeypatch, matmul, highest):
+@pytest.mark.parametrize(
+    "L,matmul,highest", [(1, "high", None), (1, "highest", "tf32x3"), (2, "high", None)]
+)  # D = 19 (DP = 32, as config M), D = 51 (DP = 64, as H)
+def test_tensor_core_blocks_of_the_trunk_match_the_reference(monkeypatch, L, matmul, highest):
     """In TF32 the statistics and backward trunk kernels take wider hidden blocks than the layout's (so that their
     Fourier GEMMs have 16 rows per warp; the first Linear's blocks run transposed), in 3xTF32 the statistics kernel:
     forward and every gradient of a training step in float32 under matmul precision "high" (or "highest" as 3xTF32,
-    the GPU's mapping) against the reference in float64 (the interpreter computes the dots in float32)."""
+    the GPU's mapping) against the reference in float64 (the interpreter computes the dots in float32). With 64
+    components per channel (config H's) the backward's blocks are 32 rows on 2 warps and its Fourier ELU runs in
+    chunks of 16 grid points; there also in eval mode."""
     if highest:
         monkeypatch.setenv("IK_FAST_TARGET_DEVICE", "cuda")
         monkeypatch.setenv("IK_FAST_HIGHEST", highest)
     gs = get_gspace("O3")
     G = gs.fibergroup
-    in_t = gs.type(G.bl_sphere_representation(L=1), G.irrep(0, 0))
-    out_t = gs.type(G.bl_sphere_representation(L=1), G.irrep(1, 0))
+    in_t = gs.type(G.bl_sphere_representation(L=L), G.irrep(0, 0))
+    out_t = gs.type(G.bl_sphere_representation(L=L), G.irrep(1, 0))
     attr_t = gs.type(G.irrep(0, 0))
     torch.manual_seed(0)
     conv = ik_fast.ImplicitPointConv(in_t, out_t, attr_t, n_layers=3, n_channels=4).double().train()
     pos, ei, x, a = _inputs(conv, gs, attr_t, n=10, e=40)
     p = conv.kernel.program().op_program([], x.dtype)
     lay = launch.layout(torch.zeros(1, 3 + attr_t.size), p.weights, p.fourier, out_t.size, 3)
-    assert lay.FOURIER and lay.NL == 2 and launch.backward_blocks(lay, "tf32")[0] > lay.GW
+    gw, nw = launch.backward_blocks(lay, "tf32")
+    assert lay.FOURIER and lay.NL == 2 and lay.DP == 16 * 2**L and gw > lay.GW and (L == 1 or lay.HP // gw == 2)
+    # 16 (edge x channel) rows per warp: no MMA computed on two warps
+    assert launch.BACKWARD_TILE * (gw // lay.DP) == 16 * nw and nw == (4 if L == 1 else 2)
     assert launch.stats_blocks(lay, "tf32")[0] > lay.GW and launch.backward_blocks(lay, "ieee")[0] == lay.GW
     assert launch.stats_blocks(lay, "tf32x3")[0] > lay.GW
     state = {k: v.clone() for k, v in conv.state_dict().items()}
-    res = {}
-    for b in ("reference", "triton"):
-        conv.load_state_dict(state)
-        conv.backend = b
-        dt = torch.float64 if b == "reference" else torch.float32
-        conv.to(dt).zero_grad()
-        xg = x.to(dt).clone().requires_grad_()
-        old = torch.get_float32_matmul_precision()
-        torch.set_float32_matmul_precision(matmul)
-        try:
-            out = conv(xg, ei, edge_attr=a.to(dt), pos=pos.to(dt))
-            w = torch.cos(torch.arange(out.numel(), dtype=dt)).reshape(out.shape)
-            (out * w).sum().backward()
-        finally:
-            torch.set_float32_matmul_precision(old)
-        res[b] = [out.detach(), xg.grad] + [q.grad for q in conv.parameters() if q.grad is not None]
-    assert len(res["reference"]) == len(res["triton"]) > 4
-    for r, f in zip(res["reference"], res["triton"]):
-        assert rel(f.double(), r) <= tolerance("backward", torch.float32)
+    # training (the backward reads the statistics passes' tape) and, at D = 51, eval mode (no tape: the last layer's
+    # activation is evaluated apart from its backward on the 2-warp blocks)
+    for train in (True, False) if L == 2 else (True,):
+        res = {}
+        for b in ("reference", "triton"):
+            conv.load_state_dict(state)
+            conv.backend = b
+            dt = torch.float64 if b == "reference" else torch.float32
+            conv.to(dt).train(train).zero_grad()
+            xg = x.to(dt).clone().requires_grad_()
+            old = torch.get_float32_matmul_precision()
+            torch.set_float32_matmul_precision(matmul)
+            try:
+                out = conv(xg, ei, edge_attr=a.to(dt), pos=pos.to(dt))
+                w = torch.cos(torch.arange(out.numel(), dtype=dt)).reshape(out.shape)
+                (out * w).sum().backward()
+            finally:
+                torch.set_float32_matmul_precision(old)
+            res[b] = [out.detach(), xg.grad] + [q.grad for q in conv.parameters() if q.grad is not None]
+        assert len(res["reference"]) == len(res["triton"]) > 4
+        for r, f in zip(res["reference"], res["triton"]):
+            assert rel(f.double(), r) <= tolerance("backward", torch.float32)
 
 
 def _raw_inputs(name, n_layers=4, dense=False, n=12, e=40):

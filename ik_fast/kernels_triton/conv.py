@@ -554,7 +554,10 @@ def fused_stats_kernel(
 # Linear on chunks of components. benchmarks/compile_check.py reports what stack remains per thread (compile records).
 CW_CHUNK = tl.constexpr(1024)  # elements of one operand block of the componentwise Linear (DC components at a time)
 CW_CHUNK_TF32 = tl.constexpr(2048)  # ... in TF32 (8 components at M and H: whole 32-byte sectors of the scratch)
-FOURIER_CHUNK = tl.constexpr(32)  # grid points of the Fourier ELU at a time
+FOURIER_CHUNK = tl.constexpr(32)  # grid points of the Fourier ELU at a time, ...
+FOURIER_CHUNK_ELEMENTS = tl.constexpr(1024)  # ... at most this many elements of a Fourier matrix (16 points at D = 64,
+# config H: at 32 the trunk backward's 32-row blocks on 2 warps spill, 424 B of stack with the tape and 632 B without
+# under Triton 3.6)
 FOURIER_CHUNK_X3 = tl.constexpr(16)  # ... in 3xTF32, whose split operands are three times as many registers (at 32 the
 # trunk backward spills without its tape: 816 B of stack at config M under Triton 3.6, 624 B under 3.9)
 
@@ -633,7 +636,9 @@ def _act_blk(
     GEMMs, in K / N chunks: no operand of a whole grid in registers)."""
     if FOURIER:
         G: tl.constexpr = GW // DP
-        GC: tl.constexpr = min(GP, FOURIER_CHUNK_X3 if PREC == "tf32x3" else FOURIER_CHUNK)
+        GC: tl.constexpr = min(
+            GP, FOURIER_CHUNK_X3 if PREC == "tf32x3" else min(FOURIER_CHUNK, max(16, FOURIER_CHUNK_ELEMENTS // DP))
+        )
         y2 = tl.reshape(y, (BE * G, DP))
         v = tl.zeros((BE * G, DP), dtype=y.dtype)
         for c0 in range(0, GP, GC):
@@ -663,7 +668,9 @@ def _act_bwd_blk(
     GC grid points at a time."""
     if FOURIER:
         G: tl.constexpr = GW // DP
-        GC: tl.constexpr = min(GP, FOURIER_CHUNK_X3 if PREC == "tf32x3" else FOURIER_CHUNK)
+        GC: tl.constexpr = min(
+            GP, FOURIER_CHUNK_X3 if PREC == "tf32x3" else min(FOURIER_CHUNK, max(16, FOURIER_CHUNK_ELEMENTS // DP))
+        )
         y2 = tl.reshape(y, (BE * G, DP))
         dv2 = tl.reshape(dv, (BE * G, DP))
         v = tl.zeros((BE * G, DP), dtype=y.dtype)
@@ -678,6 +685,29 @@ def _act_bwd_blk(
         return tl.reshape(v, (BE, GW)), tl.reshape(dy, (BE, GW))
     else:
         return _elu(y), dv * _elu_grad(y)
+
+
+@triton.jit
+def _act_and_bwd(
+    y,
+    dv,
+    at_ptr,
+    ait_ptr,
+    BE: tl.constexpr,
+    GW: tl.constexpr,
+    DP: tl.constexpr,
+    GP: tl.constexpr,
+    FOURIER: tl.constexpr,
+    PREC: tl.constexpr,
+    APART: tl.constexpr,
+):
+    """(act(y), d y) of one block as :func:`_act_bwd_blk`; APART: the activation after, on its own (y A^T twice, one
+    GEMM more per grid chunk; one accumulator less live across the backward's: the trunk backward's 2-warp blocks)."""
+    if APART:
+        _, dy = _act_bwd_blk(y, dv, at_ptr, ait_ptr, BE, GW, DP, GP, FOURIER, PREC, False)
+        return _act_blk(y, at_ptr, ait_ptr, BE, GW, DP, GP, FOURIER, PREC), dy
+    else:
+        return _act_bwd_blk(y, dv, at_ptr, ait_ptr, BE, GW, DP, GP, FOURIER, PREC, True)
 
 
 @triton.jit
@@ -904,6 +934,7 @@ def trunk_backward_kernel(
     CWF: tl.constexpr,
     BNM: tl.constexpr,
     TAPE: tl.constexpr,
+    ACT_APART: tl.constexpr,
 ):
     """Backward of :func:`trunk_forward_kernel` given d hs (E, C D, compact) and the bias term's d s (E,): d of the MLP
     input (E, P0) and the trunk's parameter gradients, accumulated per program (a persistent grid, one accumulator
@@ -925,7 +956,8 @@ def trunk_backward_kernel(
 
     With TAPE (NL <= 3) the forward part reads the statistics passes' activations a_1 .. a_NL before their batch
     norms (``t1_ptr`` .. ``t3_ptr``, (E, C D) compact, as the tape of :mod:`ik_fast.ops` holds them) instead of
-    evaluating them: it computes y_NL alone, and the last layer's activation is not evaluated again either."""
+    evaluating them: it computes y_NL alone, and the last layer's activation is not evaluated again either. Without
+    it, ACT_APART evaluates the last layer's activation apart from its backward (:func:`_act_and_bwd`)."""
     HP: tl.constexpr = CP * DP
     NG: tl.constexpr = HP // GW
     TILE: tl.constexpr = BE * HP
@@ -1035,7 +1067,7 @@ def trunk_backward_kernel(
                         _, dy = _act_bwd_blk(y, dhs * sf, atl, aitl, BE, GW, DP, GP, FOURIER, PREC, False)
                         h = _tape_blk(_tape_at(NL, t1_ptr, t2_ptr, t3_ptr), offs, emask, g, GW, PD, C, D)
                     else:
-                        h, dy = _act_bwd_blk(y, dhs * sf, atl, aitl, BE, GW, DP, GP, FOURIER, PREC, True)
+                        h, dy = _act_and_bwd(y, dhs * sf, atl, aitl, BE, GW, DP, GP, FOURIER, PREC, ACT_APART)
                     dh = dhs * s[:, None]
                     _accumulate(gbf + (NL - 1) * HP, j, _factor_grad(dh, h, GW, DP, FOURIER), j >= 0)
                     _accumulate(gbs + (NL - 1) * HP, j, tl.sum(dh, 0), j >= 0)
@@ -1044,7 +1076,7 @@ def trunk_backward_kernel(
                     _, dy = _act_bwd_blk(y, dhs * s[:, None], atl, aitl, BE, GW, DP, GP, FOURIER, PREC, False)
                     h = _tape_blk(_tape_at(NL, t1_ptr, t2_ptr, t3_ptr), offs, emask, g, GW, PD, C, D)
                 else:
-                    h, dy = _act_bwd_blk(y, dhs * s[:, None], atl, aitl, BE, GW, DP, GP, FOURIER, PREC, True)
+                    h, dy = _act_and_bwd(y, dhs * s[:, None], atl, aitl, BE, GW, DP, GP, FOURIER, PREC, ACT_APART)
                 ds += tl.sum(dhs * h, 1)
                 tl.debug_barrier()
                 tl.store(dhs_ptr + hoffs, h, mask=hmask)

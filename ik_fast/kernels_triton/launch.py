@@ -667,6 +667,7 @@ MMA_PRECISIONS = ("tf32",)  # the precisions whose trunk blocks are shaped for t
 
 STATS_MMA_PRECISIONS = MMA_PRECISIONS + ("tf32x3",)  # ... and of the statistics kernel (3xTF32 does not spill there;
 # in the backward it does, at the wider blocks)
+BACKWARD_NARROW_WARPS = 2  # warps of the trunk backward's 32-row tensor-core blocks (backward_blocks)
 
 
 def backward_blocks(lay: "Layout", prec: str, tile: int = BACKWARD_TILE) -> Tuple[int, int]:
@@ -674,12 +675,16 @@ def backward_blocks(lay: "Layout", prec: str, tile: int = BACKWARD_TILE) -> Tupl
     along M, so a dot of fewer than 16 rows per warp computes the same rows on several warps. Where a block of
     BACKWARD_MMA_ROWS (edge x channel) rows fits (4 warps: one warpgroup, a wgmma on sm_90; at config M, 16 edges x
     4 channels of 32 components), the backward takes blocks of that many channels; else blocks of half as many rows
-    on 8 warps (config H, whose D = 64 makes a 64-row operand twice as large: it spills under Triton 3.6; 2 channels
-    per block there, which halves the Fourier matrices' reads per tile, and the GEMMs still run twice per row); the
-    layout's blocks for IEEE float32."""
+    on 2 warps, 16 rows each (config H, whose D = 64 makes a 64-row operand twice as large: 4 warps with wgmma's
+    layouts spill, 792-880 B of stack under Triton 3.6; 2 channels per block there, mma.sync). On 8 warps those
+    blocks computed two of the Fourier ELU's three GEMMs twice (1.78x the ideal MMA count at H in the static GPU
+    model; 1.02x on 2 warps, the first Linear's d inp of 16 rows being the rest), and :func:`num_programs`' 4
+    programs per SM at 255 registers fill an SM's registers as one 8-warp program did. Without the tape, 2 warps
+    fit only with the last layer's activation evaluated apart from its backward (the kernel's ACT_APART: 648 B of
+    stack at config H under Triton 3.9 otherwise, 432 B with it). The layout's blocks for IEEE float32."""
     if lay.FOURIER and prec in MMA_PRECISIONS:
         dense = lay.NL > 1 and lay.CWF == 0  # (a dense hidden Linear's weight operand is (GW, GW))
-        for rows, nw in ((BACKWARD_MMA_ROWS, 4), (BACKWARD_MMA_ROWS // 2, warps("trunk_backward", lay.HP))):
+        for rows, nw in ((BACKWARD_MMA_ROWS, 4), (BACKWARD_MMA_ROWS // 2, BACKWARD_NARROW_WARPS)):
             gw = min(lay.HP, rows * lay.DP // tile)  # (all of a narrower layer's channels at once)
             fits = rows * lay.DP <= BACKWARD_MMA_ELEMENTS and (not dense or gw * gw <= OPERAND_BUDGET)
             if gw >= lay.GW and gw % lay.DP == 0 and lay.HP % gw == 0 and fits:
@@ -702,7 +707,9 @@ def stats_blocks(lay: "Layout", prec: str, tile: int = STATS_TILE) -> Tuple[int,
 
 
 def num_programs(n_tiles: int, device, per_program_floats: int) -> int:
-    """Persistent programs of the backward and statistics kernels (each owns an accumulator row)."""
+    """Persistent programs of the backward and statistics kernels (each owns an accumulator row): 4 per SM, all
+    resident where a program has 2 warps at 255 registers (the trunk backward's tensor-core blocks at config H; at 8
+    warps one per SM is), so the narrow programs keep an 8-warp program's occupancy."""
     dev = torch.device(device)
     if dev.type == "cuda":
         sms = torch.cuda.get_device_properties(dev).multi_processor_count
@@ -1086,8 +1093,8 @@ def conv_backward(
         HP, nh = lay.HP, pack.shapes[2][0]
         slots = 2 * lay.NL - 1 if trunk["BNM"] and lay.NL > 1 else max(lay.NL, 1)
         scratch = x.new_empty(nprog, slots, BACKWARD_TILE, HP)
-        bgw, bwarps = backward_blocks(lay, trunk["PREC"])
         taped = tape is not None and 1 <= lay.NL <= TAPE_LAYERS and len(tape) == 2 * lay.NL
+        bgw, bwarps = backward_blocks(lay, trunk["PREC"])
         acts = [_as(tape[2 * k], x.dtype) for k in range(lay.NL)] if taped else []
         acts += [scratch] * (TAPE_LAYERS - len(acts))  # (not read)
         K.trunk_backward_kernel[(nprog,)](
@@ -1106,6 +1113,7 @@ def conv_backward(
             float(norm),
             NH=nh,
             TAPE=taped,
+            ACT_APART=not taped and bwarps == BACKWARD_NARROW_WARPS,
             num_warps=bwarps,
             **dict(trunk, BE=BACKWARD_TILE, GW=bgw),
         )
