@@ -553,7 +553,8 @@ def fused_stats_kernel(
 # the Fourier ELU's GEMMs run on chunks of the grid (the same multiply-adds, in K / N pieces), the componentwise
 # Linear on chunks of components. benchmarks/compile_check.py reports what stack remains per thread (compile records).
 CW_CHUNK = tl.constexpr(1024)  # elements of one operand block of the componentwise Linear (DC components at a time)
-CW_CHUNK_TF32 = tl.constexpr(2048)  # ... in TF32 (8 components at M and H: whole 32-byte sectors of the scratch)
+CW_CHUNK_TF32 = tl.constexpr(2048)  # ... in TF32 up to DP = 32 (8 components at M: whole 32-byte sectors of the
+# scratch; at DP = 64, config H's 2-warp blocks, 8 components take the stack to 496 B under Triton 3.9, 4 to 432 B)
 FOURIER_CHUNK = tl.constexpr(32)  # grid points of the Fourier ELU at a time, ...
 FOURIER_CHUNK_ELEMENTS = tl.constexpr(1024)  # ... at most this many elements of a Fourier matrix (16 points at D = 64,
 # config H: at 32 the trunk backward's 32-row blocks on 2 warps spill, 424 B of stack with the tape and 632 B without
@@ -774,7 +775,7 @@ def _linear_scr(
     HP: tl.constexpr = CP * DP
     if CWF > 0:
         KC: tl.constexpr = CP * CWF
-        DC: tl.constexpr = max(1, min(DP, (CW_CHUNK_TF32 if PREC == "tf32" else CW_CHUNK) // (BE * KC)))
+        DC: tl.constexpr = max(1, min(DP, (CW_CHUNK_TF32 if PREC == "tf32" and DP <= 32 else CW_CHUNK) // (BE * KC)))
         for c0 in range(0, DP, DC):
             offs = _cw_chunk(c0, BE, CP, DP, DC)
             a = tl.load(src + offs)
@@ -813,7 +814,7 @@ def _linear_bwd_scr(
     HP: tl.constexpr = CP * DP
     if CWF > 0:
         KC: tl.constexpr = CP * CWF
-        DC: tl.constexpr = max(1, min(DP, (CW_CHUNK_TF32 if PREC == "tf32" else CW_CHUNK) // (BE * KC)))
+        DC: tl.constexpr = max(1, min(DP, (CW_CHUNK_TF32 if PREC == "tf32" and DP <= 32 else CW_CHUNK) // (BE * KC)))
         for c0 in range(0, DP, DC):
             offs = _cw_chunk(c0, BE, CP, DP, DC)
             a = _cw_operand(tl.load(a_src + offs), CWF)
