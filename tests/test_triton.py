@@ -205,7 +205,8 @@ def test_wide_features_span_several_blocks():
 )  # D = 19 (DP = 32, as config M), D = 51 (DP = 64, as H)
 def test_tensor_core_blocks_of_the_trunk_match_the_reference(monkeypatch, L, matmul, highest):
     """In TF32 the statistics and backward trunk kernels take wider hidden blocks than the layout's (so that their
-    Fourier GEMMs have 16 rows per warp; the first Linear's blocks run transposed), in 3xTF32 the statistics kernel:
+    Fourier GEMMs have 16 rows per warp; the first Linear's blocks run transposed), in 3xTF32 the statistics kernel
+    and, at 32 components per channel, the backward on its 2-warp blocks:
     forward and every gradient of a training step in float32 under matmul precision "high" (or "highest" as 3xTF32,
     the GPU's mapping) against the reference in float64 (the interpreter computes the dots in float32). With 64
     components per channel (config H's) the backward's blocks are 32 rows on 2 warps and its Fourier ELU runs in
@@ -229,6 +230,11 @@ def test_tensor_core_blocks_of_the_trunk_match_the_reference(monkeypatch, L, mat
     assert launch.BACKWARD_TILE * (gw // lay.DP) == 16 * nw and nw == (4 if L == 1 else 2)
     assert launch.stats_blocks(lay, "tf32")[0] > lay.GW and launch.backward_blocks(lay, "ieee")[0] == lay.GW
     assert launch.stats_blocks(lay, "tf32x3")[0] > lay.GW
+    # 3xTF32's backward: the narrow blocks where they fit (DP = 32), else the layout's
+    x3 = launch.backward_blocks(lay, "tf32x3")
+    assert x3 == (
+        (16 * launch.BACKWARD_NARROW_WARPS * lay.DP // launch.BACKWARD_TILE, 2) if L == 1 else (lay.GW, x3[1])
+    )
     state = {k: v.clone() for k, v in conv.state_dict().items()}
     # training (the backward reads the statistics passes' tape) and, at D = 51, eval mode (no tape: the last layer's
     # activation is evaluated apart from its backward on the 2-warp blocks)

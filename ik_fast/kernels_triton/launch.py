@@ -670,6 +670,10 @@ STATS_MMA_PRECISIONS = MMA_PRECISIONS + ("tf32x3",)  # ... and of the statistics
 BACKWARD_NARROW_WARPS = 2  # warps of the trunk backward's 32-row tensor-core blocks (backward_blocks)
 
 
+BACKWARD_X3_MAX_DP = 32  # 3xTF32 takes the narrow blocks (2 warps, 16 rows each) up to this DP: at config M they do
+# not spill (352 / 328 B of stack with / without the tape under Triton 3.9); at config H's DP = 64 they spill 1.2 KB
+
+
 def backward_blocks(lay: "Layout", prec: str, tile: int = BACKWARD_TILE) -> Tuple[int, int]:
     """(GW, num_warps) of conv.trunk_backward_kernel. Triton lays the warps of chained dots (the Fourier ELU's) all
     along M, so a dot of fewer than 16 rows per warp computes the same rows on several warps. Where a block of
@@ -681,10 +685,12 @@ def backward_blocks(lay: "Layout", prec: str, tile: int = BACKWARD_TILE) -> Tupl
     model; 1.02x on 2 warps, the first Linear's d inp of 16 rows being the rest), and :func:`num_programs`' 4
     programs per SM at 255 registers fill an SM's registers as one 8-warp program did. Without the tape, 2 warps
     fit only with the last layer's activation evaluated apart from its backward (the kernel's ACT_APART: 648 B of
-    stack at config H under Triton 3.9 otherwise, 432 B with it). The layout's blocks for IEEE float32."""
-    if lay.FOURIER and prec in MMA_PRECISIONS:
+    stack at config H under Triton 3.9 otherwise, 432 B with it). 3xTF32 takes the narrow blocks up to DP =
+    BACKWARD_X3_MAX_DP (its split operands spill at the wider ones), IEEE float32 the layout's blocks."""
+    if lay.FOURIER and (prec in MMA_PRECISIONS or (prec == "tf32x3" and lay.DP <= BACKWARD_X3_MAX_DP)):
         dense = lay.NL > 1 and lay.CWF == 0  # (a dense hidden Linear's weight operand is (GW, GW))
-        for rows, nw in ((BACKWARD_MMA_ROWS, 4), (BACKWARD_MMA_ROWS // 2, BACKWARD_NARROW_WARPS)):
+        narrow = ((BACKWARD_MMA_ROWS // 2, BACKWARD_NARROW_WARPS),)
+        for rows, nw in (((BACKWARD_MMA_ROWS, 4),) if prec in MMA_PRECISIONS else ()) + narrow:
             gw = min(lay.HP, rows * lay.DP // tile)  # (all of a narrower layer's channels at once)
             fits = rows * lay.DP <= BACKWARD_MMA_ELEMENTS and (not dense or gw * gw <= OPERAND_BUDGET)
             if gw >= lay.GW and gw % lay.DP == 0 and lay.HP % gw == 0 and fits:
