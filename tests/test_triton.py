@@ -386,6 +386,86 @@ def test_fourier_padding_is_kept_for_aliases_of_the_same_matrices():
     assert changed is not first and not torch.equal(changed, first)
 
 
+def _step_results(conv, state, x, ei, a, pos, backend, dt):
+    conv.load_state_dict(state)
+    conv.backend = backend
+    conv.to(dt).train().zero_grad()
+    xg = x.to(dt).clone().requires_grad_()
+    out = conv(xg, ei, edge_attr=a.to(dt), pos=pos.to(dt))
+    w = torch.cos(torch.arange(out.numel(), dtype=dt)).reshape(out.shape)
+    (out * w).sum().backward()
+    return [out.detach(), xg.grad] + [q.grad for q in conv.parameters() if q.grad is not None]
+
+
+@pytest.mark.parametrize("L", [1, 2])  # D = 19 (DP = 32, as config M), D = 51 (DP = 64, as H)
+def test_fourier_matrices_stored_as_the_dots_read_them(monkeypatch, L):
+    """The Fourier matrices are only dot operands, so the kernels read them with the bits the dot uses: float16 in TF32
+    on tensor cores (here the interpreter under the tensor-core emulation), bfloat16 in bf16. A training step in TF32
+    with float16 matrices is as accurate against float64 as with float32 ones (nearest rounding where the tensor core
+    truncates), in bf16 likewise; elsewhere the compute dtype is kept, and matrices outside float16's range stay
+    float32."""
+    from ik_fast.tools.tensorcore_emulation import TensorCoreEmulation
+
+    f16, bf16, f32, f64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
+    assert launch.fourier_storage(f32, "tf32", "cpu") == f32  # the interpreter's dots are IEEE
+    assert launch.fourier_storage(f32, "tf32", "cuda") == f16
+    assert launch.fourier_storage(f32, "bf16", "cuda") == launch.fourier_storage(f32, "bf16-emulated", "cpu") == bf16
+    assert all(launch.fourier_storage(f32, p, "cuda") == f32 for p in ("ieee", "tf32x3"))
+    assert launch.fourier_storage(f64, "ieee", "cuda") == f64
+    ok = torch.linspace(-3.0, 3.0, 97)
+    assert launch._as_float16(ok).dtype == f16
+    for scale in (1e5, 1e-6):  # beyond float16's range, or all of it below its normal numbers
+        assert launch._as_float16(ok * scale).dtype == f32
+
+    gs = get_gspace("O3")
+    G = gs.fibergroup
+    in_t = gs.type(G.bl_sphere_representation(L=L), G.irrep(0, 0))
+    out_t = gs.type(G.bl_sphere_representation(L=L), G.irrep(1, 0))
+    attr_t = gs.type(G.irrep(0, 0))
+    torch.manual_seed(0)
+    conv = ik_fast.ImplicitPointConv(in_t, out_t, attr_t, n_layers=3, n_channels=4).double()
+    pos, ei, x, a = _inputs(conv, gs, attr_t, n=10, e=40)
+    state = {k: v.clone() for k, v in conv.state_dict().items()}
+    ref = _step_results(conv, state, x, ei, a, pos, "reference", f64)
+
+    def triton_step(store):
+        launch._FOURIER.clear()
+        if store is not None:  # force the matrices' storage
+            monkeypatch.setattr(launch, "fourier_storage", lambda *args: store)
+        try:
+            res = _step_results(conv, state, x, ei, a, pos, "triton", f32)
+        finally:
+            monkeypatch.undo()
+        return res, {v[1].dtype for v in launch._FOURIER.values()}
+
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        with TensorCoreEmulation():
+            half, kinds = triton_step(None)
+            assert kinds == {f16, f32}  # (the forward-only trunk kernel reads float32 ones)
+            full, kinds = triton_step(f32)
+            assert kinds == {f32}
+    finally:
+        torch.set_float32_matmul_precision(old)
+    e_half = [rel(f.double(), r) for f, r in zip(half, ref)]
+    e_full = [rel(f.double(), r) for f, r in zip(full, ref)]
+    assert len(e_half) == len(ref) > 4
+    assert max(e_half) <= tolerance("own_error", "tf32") * max(e_full), (e_half, e_full)
+    assert sum(e_half) <= 1.25 * sum(e_full), (e_half, e_full)
+    assert any(h != f for h, f in zip(e_half, e_full))  # the float16 matrices were read
+    if L == 1:  # bf16 (CPU autocast): the operands the dots read (rounded to nearest; the interpreter's own
+        # conversion truncates, a GPU's rounds to nearest as here), so the step is as accurate
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            b16, kinds = triton_step(None)
+            assert kinds == {bf16, f32}
+            b32, kinds = triton_step(f32)
+            assert kinds == {f32}
+        e16 = [rel(f.double(), r) for f, r in zip(b16, ref)]
+        e32 = [rel(f.double(), r) for f, r in zip(b32, ref)]
+        assert sum(e16) <= 1.25 * sum(e32), (e16, e32)
+
+
 def test_hub_over_many_edge_chunks_and_tile_sizes(monkeypatch):
     """A receiver with 150 in-edges (10 chunks of 16 in the contraction kernels, in a block with degree-0 and
     degree-1 receivers), receivers without edges, and trunk tiles of 16 and 32 edges."""

@@ -75,6 +75,39 @@ _FOURIER: "collections.OrderedDict" = collections.OrderedDict()
 FOURIER_CACHE = 8  # entries (one per program and dtype in use; a few KB to a few hundred KB each)
 
 
+def fourier_storage(dtype: torch.dtype, prec: str, device) -> torch.dtype:
+    """The dtype the kernels read the Fourier matrices in. They are only ever ``tl.dot`` operands (the Fourier ELU's
+    GEMMs), so where the dot reads fewer mantissa bits than float32 holds they are stored with those bits only, in
+    half the bytes (half the trunk kernels' sectors for them):
+
+    * bf16: bfloat16, the dot's own rounding of them (the same operands);
+    * TF32 where the dots run on tensor cores (CUDA; the interpreter under the tensor-core emulation or
+      ``IK_FAST_TARGET_DEVICE=cuda``): float16, whose 10 mantissa bits are TF32's (rounded to nearest, where the
+      tensor core would truncate the float32 values), when the matrices fit its range (:func:`_as_float16`);
+    * anything else (IEEE, 3xTF32, whose split needs every bit, float64, TF32 on the interpreter's IEEE dots): the
+      compute dtype."""
+    if dtype != torch.float32:
+        return dtype
+    if prec in ("bf16", "bf16-emulated"):
+        return torch.bfloat16
+    if prec == "tf32" and (target(device) == "cuda" or EMULATE_CUDA_PRECISION):
+        return torch.float16
+    return dtype
+
+
+def _as_float16(flat: Tensor) -> Tensor:
+    """``flat`` (float32) in float16 when no entry moves by more than TF32's rounding at the matrices' scale (2^-11
+    of the largest magnitude: true for any matrix whose largest entry lies in [2^-14, 65504)), else unchanged. One read
+    of a device value, when the buffer is made (never while a CUDA graph is captured: then it stays float32)."""
+    from ik_fast.graph import _capturing
+
+    if flat.numel() == 0 or _capturing():
+        return flat
+    half = flat.to(torch.float16)
+    err = (half.to(flat.dtype) - flat).abs().nan_to_num(float("inf")).max()
+    return half if bool(err <= 2.0**-11 * flat.abs().max()) else flat
+
+
 def _storage_key(t: Tensor):
     """What identifies ``t``'s values while its storage lives: the storage, the view of it and the version (a
     detached alias of a tensor, as a program may pass afresh each call, has the same key)."""
@@ -259,14 +292,16 @@ class Packing:
         flat = torch.cat(parts + [_zero_one(parts[0].dtype, str(parts[0].device))]).index_select(0, self.src)
         return flat if flat.dtype == dtype else flat.to(dtype)
 
-    def pad_fourier(self, fourier, fourier_inv, dtype, device) -> Tensor:
+    def pad_fourier(self, fourier, fourier_inv, dtype, device, prec: str = "ieee") -> Tensor:
         """The constant part [at | ait], kept per Fourier matrices (their storages, views and versions) while their
         storages live: the program passes the same constant matrices to every call (the same storages, even where
-        the tensors are new aliases)."""
+        the tensors are new aliases). Stored as :func:`fourier_storage` says for ``prec`` (a float16 copy only where
+        the matrices fit its range: checked once, when the buffer is made)."""
         tensors = [t for t in (*fourier, *fourier_inv) if t.numel()]
         if not tensors:  # pointwise ELUs: the matrices are not read
             return _zeros(self.fsrc.shape[0], dtype, str(torch.device(device)))
-        key = (tuple(_storage_key(t) for t in tensors), dtype, str(device), self.fsrc.shape[0])
+        store = fourier_storage(dtype, prec, device)
+        key = (tuple(_storage_key(t) for t in tensors), dtype, store, str(device), self.fsrc.shape[0])
         hit = _FOURIER.get(key)
         if hit is not None and not any(r.expired() for r in hit[0]):  # (a live storage is the one of the key)
             _FOURIER.move_to_end(key)
@@ -274,6 +309,10 @@ class Packing:
         parts = [t.reshape(-1) for t in tensors]
         flat = torch.cat(parts + [_zero(parts[0].dtype, str(parts[0].device))]).index_select(0, self.fsrc)
         flat = flat if flat.dtype == dtype else flat.to(dtype)
+        if store == torch.float16:
+            flat = _as_float16(flat)
+        elif store != dtype:
+            flat = flat.to(store)
         _FOURIER[key] = (tuple(StorageWeakRef(t.untyped_storage()) for t in tensors), flat)
         while len(_FOURIER) > FOURIER_CACHE:
             _FOURIER.popitem(last=False)
@@ -1103,6 +1142,9 @@ def conv_backward(
         bgw, bwarps = backward_blocks(lay, trunk["PREC"])
         acts = [_as(tape[2 * k], x.dtype) for k in range(lay.NL)] if taped else []
         acts += [scratch] * (TAPE_LAYERS - len(acts))  # (not read)
+        if taped:  # the Fourier matrices as the dots read them (fourier_storage); the untaped backward, like the
+            # forward-only trunk kernel, reads them in the compute dtype (float16's loads spill both on sm_90)
+            hidden = (hidden[0], pack.pad_fourier(fourier, fourier_inv, x.dtype, x.device, trunk["PREC"]))
         K.trunk_backward_kernel[(nprog,)](
             dhs,
             dsb,
@@ -1233,9 +1275,9 @@ def trunk_moments(
         return inp.new_zeros(2, H), act, grid
     pack = packing(lay, weights, biases, bn_factor, bn_shift, in_affine, fourier, fourier_inv, inp.device)
     prm = pack.pad(weights, biases, bn_factor, bn_shift, in_affine, inp.dtype, inp.device)
-    fou = pack.pad_fourier(fourier, fourier_inv, inp.dtype, inp.device)
     HP = lay.HP
     prec = PREC_NAMES[precision(inp.dtype, inp.device)]
+    fou = pack.pad_fourier(fourier, fourier_inv, inp.dtype, inp.device, prec)
     sgw, swarps = stats_blocks(lay, prec)
     n_tiles = (E + STATS_TILE - 1) // STATS_TILE
     nprog = num_programs(n_tiles, inp.device, 1 + 2 * HP)
