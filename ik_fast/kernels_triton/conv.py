@@ -153,14 +153,10 @@ def _from_component(y, BE: tl.constexpr, CP: tl.constexpr, DP: tl.constexpr, F: 
 
 @triton.jit
 def _load_cw(w_ptr, DP: tl.constexpr, KC: tl.constexpr, F: tl.constexpr):
-    """A componentwise weight (DP, KC, KC), its real entries only (rows and columns at multiples of F; the padding
-    between them is zero in the packing, and not read)."""
-    d = tl.arange(0, DP)
-    k = tl.arange(0, KC)
-    real = (d >= 0)[:, None, None] & (k % F == 0)[None, :, None] & (k % F == 0)[None, None, :]
-    return tl.load(
-        w_ptr + d[:, None, None] * (KC * KC) + k[None, :, None] * KC + k[None, None, :], mask=real, other=0.0
-    )
+    """A componentwise weight as the dots take it, (DP, KC, KC) with zeros between the real rows and columns (those at
+    multiples of F), from its compact packing (DP, KC / F, KC / F) (:func:`_cw_weight`)."""
+    offs, real = _cw_weight(0, DP, KC, F)
+    return tl.load(w_ptr + offs, mask=real, other=0.0)
 
 
 @triton.jit
@@ -227,8 +223,8 @@ def _params(
 @triton.jit
 def _wstride(CP: tl.constexpr, DP: tl.constexpr, CWF: tl.constexpr):
     """Elements of one hidden Linear's weight as the kernels read it."""
-    if CWF > 0:
-        return DP * CP * CWF * CP * CWF
+    if CWF > 0:  # (DP, CP, CP), compact (_cw_weight)
+        return DP * CP * CP
     else:
         return CP * DP * CP * DP
 
@@ -748,11 +744,14 @@ def _cw_result(y, F: tl.constexpr):
 
 @triton.jit
 def _cw_weight(c0, DC: tl.constexpr, KC: tl.constexpr, F: tl.constexpr):
-    """Offsets (DC, KC, KC) of components c0 .. c0 + DC of a componentwise weight (DP, KC, KC), and the mask of its
-    real entries (rows and columns at multiples of F)."""
+    """Offsets (DC, KC, KC) of components c0 .. c0 + DC of a componentwise weight as the dots take it, (DP, KC, KC)
+    with zeros between its real rows and columns (those at multiples of F), and the mask of those real entries. The
+    weight (and its gradient) is packed compact, (DP, CP, CP) with CP = KC / F: a real row of a component is CP
+    contiguous values, where the padded layout spread them over F times the bytes."""
+    CP: tl.constexpr = KC // F
     d = c0 + tl.arange(0, DC)
     k = tl.arange(0, KC)
-    offs = d[:, None, None] * (KC * KC) + k[None, :, None] * KC + k[None, None, :]
+    offs = d[:, None, None] * (CP * CP) + (k // F)[None, :, None] * CP + (k // F)[None, None, :]
     real = (d >= 0)[:, None, None] & (k % F == 0)[None, :, None] & (k % F == 0)[None, None, :]
     return offs, real
 
@@ -957,13 +956,14 @@ def trunk_backward_kernel(
 
     With TAPE (NL <= 3) the forward part reads the statistics passes' activations a_1 .. a_NL before their batch
     norms (``t1_ptr`` .. ``t3_ptr``, (E, C D) compact, as the tape of :mod:`ik_fast.ops` holds them) instead of
-    evaluating them: it computes y_NL alone, and the last layer's activation is not evaluated again either. Without
+    evaluating them: it computes y_NL alone, and the last layer's activation is not evaluated again either; layer 1's
+    batch-norm gradients read a_1 from the tape again instead of staging it (its slot is not written). Without
     it, ACT_APART evaluates the last layer's activation apart from its backward (:func:`_act_and_bwd`)."""
     HP: tl.constexpr = CP * DP
     NG: tl.constexpr = HP // GW
     TILE: tl.constexpr = BE * HP
     # (plain constexpr arithmetic: Triton 3.6 does not fold a jit helper's result into a constexpr)
-    WS: tl.constexpr = DP * (CP * CWF) * (CP * CWF) if CWF > 0 else HP * HP  # = _wstride(CP, DP, CWF)
+    WS: tl.constexpr = DP * CP * CP if CWF > 0 else HP * HP  # = _wstride(CP, DP, CWF)
     NA: tl.constexpr = max(NL, 1)
     ROW: tl.constexpr = P0P * HP + HP + NH * WS + NH * HP + 2 * NA * HP + 2 * P0P  # the padded parameters
     FG: tl.constexpr = DP * GP  # elements of one layer's Fourier matrix
@@ -1008,7 +1008,8 @@ def trunk_backward_kernel(
                         blk = _blk(g, BE, HP, GW)
                         a = _tape_blk(tk, offs, emask, g, GW, PD, C, D)
                         if BN:
-                            tl.store(pre + kt * TILE + blk, a)
+                            if kt > 0:  # (a_1's batch-norm gradients read it from the tape again)
+                                tl.store(pre + kt * TILE + blk, a)
                             a = _affine(a, bf + kt * HP + g * GW, bs + kt * HP + g * GW, GW)
                         tl.store(scr + kt * TILE + blk, a)
                 tl.debug_barrier()
@@ -1120,9 +1121,12 @@ def trunk_backward_kernel(
                 for g in range(NG):
                     y1 = _linear_in_blk(inp, w1, b1, g, P0, P0P, HP, GW, PREC)
                     da = tl.load(scr + _blk(g, BE, HP, GW))
-                    if BN:  # as above, for layer 1
+                    if BN:  # as above, for layer 1 (a_1 from the tape where there is one)
                         gk = g * GW + gg
-                        a = tl.load(pre + _blk(g, BE, HP, GW))
+                        if TAPE:
+                            a = _tape_blk(t1_ptr, offs, emask, g, GW, PD, C, D)
+                        else:
+                            a = tl.load(pre + _blk(g, BE, HP, GW))
                         _accumulate(gbf, gk, _factor_grad(da, a, GW, DP, FOURIER), gg >= 0)
                         _accumulate(gbs, gk, tl.sum(da, 0), gg >= 0)
                         da = da * tl.load(bf + gk).to(dt)[None, :]

@@ -259,9 +259,10 @@ class Packing:
     tensor.
 
     The padded buffer is ``[w1 (P0P, HP) | b1 (HP,) | wh (NH, ...) | bh (NH, HP) | bf (NA, HP) | bs (NA, HP) | f0
-    (P0P,) | s0 (P0P,) | at (NA, DP, GP) | ait (NA, GP, DP)]`` (x @ W layouts; ``wh`` (NH, DP, KC, KC) per component
-    for componentwise kernels, else (NH, HP, HP); ``bf`` / ``bs`` each hidden layer's batch-norm factor and shift per
-    hidden unit, the factor repeated over its channel's components, the identity for a layer without batch norm;
+    (P0P,) | s0 (P0P,) | at (NA, DP, GP) | ait (NA, GP, DP)]`` (x @ W layouts; ``wh`` (NH, DP, CP, CP) per component
+    for componentwise kernels (the kernels' dots spread each over (KC, KC), KC = CP F), else (NH, HP, HP); ``bf`` /
+    ``bs`` each hidden layer's batch-norm factor and shift per hidden unit, the factor repeated over its channel's
+    components, the identity for a layer without batch norm;
     ``f0`` / ``s0`` an affine map on the MLP input, per input column). The trainable part (up to ``s0``) gathers from
     the op's weights, biases, batch-norm factors and shifts and the input map's factor and shift, flattened and
     concatenated, then ``[0, 1]``; the constant part from the Fourier matrices and their inverses, then a zero.
@@ -356,8 +357,8 @@ def _packing(lay: Layout, shapes, device: str) -> Packing:
     hm = (np.arange(H) // lay.D) * lay.PD + np.arange(H) % lay.D  # padded position of each hidden unit
     nh = max(NL - 1, 1)
     na = max(NL, 1)
-    KC = lay.CP * lay.CWF
-    wh_shape = (nh, DP, KC, KC) if lay.CWF else (nh, HP, HP)
+    CP = lay.CP
+    wh_shape = (nh, DP, CP, CP) if lay.CWF else (nh, HP, HP)
     out_shapes = ((P0P, HP), (HP,), wh_shape, (nh, HP), (na, HP), (na, HP), (P0P,), (P0P,), (na, DP, GP), (na, GP, DP))
     base = np.cumsum([0] + [math.prod(sh) for sh in out_shapes])
     # the sources: the trainable ones (weights, biases, factors, shifts, the input map), then [0, 1]; the Fourier
@@ -389,10 +390,9 @@ def _packing(lay: Layout, shapes, device: str) -> Packing:
         if k == 0:  # W1[j, p] -> w1[p, hm[j]]
             j, p = np.meshgrid(np.arange(H), np.arange(P0), indexing="ij")
             dst = base[0] + p * HP + hm[j]
-        elif len(sh) == 3 and lay.CWF:  # W[d, co, ci] -> wh[k-1, d, ci F, co F]
+        elif len(sh) == 3 and lay.CWF:  # W[d, co, ci] -> wh[k-1, d, ci, co] (compact: conv._cw_weight)
             d, co, ci = np.meshgrid(*(np.arange(n) for n in sh), indexing="ij")
-            F_ = lay.CWF
-            dst = base[2] + (k - 1) * DP * KC * KC + (d * KC + ci * F_) * KC + co * F_
+            dst = base[2] + (k - 1) * DP * CP * CP + (d * CP + ci) * CP + co
         elif len(sh) == 3:  # componentwise, in the dense layout: W[d, co, ci] is entry (co D + d, ci D + d)
             d, co, ci = np.meshgrid(*(np.arange(n) for n in sh), indexing="ij")
             D = sh[0]
