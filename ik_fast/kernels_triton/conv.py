@@ -552,9 +552,9 @@ CW_CHUNK = tl.constexpr(1024)  # elements of one operand block of the componentw
 CW_CHUNK_TF32 = tl.constexpr(2048)  # ... in TF32 up to DP = 32 (8 components at M: whole 32-byte sectors of the
 # scratch; at DP = 64, config H's 2-warp blocks, 8 components take the stack to 496 B under Triton 3.9, 4 to 432 B)
 FOURIER_CHUNK = tl.constexpr(32)  # grid points of the Fourier ELU at a time, ...
-FOURIER_CHUNK_ELEMENTS = tl.constexpr(1024)  # ... at most this many elements of a Fourier matrix (16 points at D = 64,
-# config H: at 32 the trunk backward's 32-row blocks on 2 warps spill, 424 B of stack with the tape and 632 B without
-# under Triton 3.6)
+FOURIER_CHUNK_ELEMENTS = tl.constexpr(1024)  # ... in TF32 at most this many elements of a Fourier matrix (16 points at
+# D = 64, config H: at 32 the trunk backward's 32-row blocks on 2 warps spill, 424 B of stack with the tape and 632 B
+# without under Triton 3.6; the other precisions' blocks are the layout's, whose stack allows 32 points)
 FOURIER_CHUNK_X3 = tl.constexpr(16)  # ... in 3xTF32, whose split operands are three times as many registers (at 32 the
 # trunk backward spills without its tape: 816 B of stack at config M under Triton 3.6, 624 B under 3.9)
 
@@ -634,7 +634,12 @@ def _act_blk(
     if FOURIER:
         G: tl.constexpr = GW // DP
         GC: tl.constexpr = min(
-            GP, FOURIER_CHUNK_X3 if PREC == "tf32x3" else min(FOURIER_CHUNK, max(16, FOURIER_CHUNK_ELEMENTS // DP))
+            GP,
+            FOURIER_CHUNK_X3
+            if PREC == "tf32x3"
+            else min(FOURIER_CHUNK, max(16, FOURIER_CHUNK_ELEMENTS // DP))
+            if PREC == "tf32"
+            else FOURIER_CHUNK,
         )
         y2 = tl.reshape(y, (BE * G, DP))
         v = tl.zeros((BE * G, DP), dtype=y.dtype)
@@ -666,7 +671,12 @@ def _act_bwd_blk(
     if FOURIER:
         G: tl.constexpr = GW // DP
         GC: tl.constexpr = min(
-            GP, FOURIER_CHUNK_X3 if PREC == "tf32x3" else min(FOURIER_CHUNK, max(16, FOURIER_CHUNK_ELEMENTS // DP))
+            GP,
+            FOURIER_CHUNK_X3
+            if PREC == "tf32x3"
+            else min(FOURIER_CHUNK, max(16, FOURIER_CHUNK_ELEMENTS // DP))
+            if PREC == "tf32"
+            else FOURIER_CHUNK,
         )
         y2 = tl.reshape(y, (BE * G, DP))
         dv2 = tl.reshape(dv, (BE * G, DP))
