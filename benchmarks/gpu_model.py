@@ -1600,7 +1600,9 @@ def main(argv=None) -> int:
     if args.json or args.name:
         from ik_fast import records
 
-        if tree != ROOT:  # the records name the modelled tree's commit
+        if "IK_FAST_COMMIT" not in os.environ:
+            # the records name the modelled tree's commit (the installed ik_fast, which would name its own, may be
+            # another checkout's: this script run from a clone beside an editable install)
             head = subprocess.run(["git", "-C", tree, "rev-parse", "HEAD"], capture_output=True, text=True).stdout
             status = subprocess.run(
                 ["git", "-C", tree, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True
