@@ -549,8 +549,8 @@ def fused_stats_kernel(
 # the Fourier ELU's GEMMs run on chunks of the grid (the same multiply-adds, in K / N pieces), the componentwise
 # Linear on chunks of components. benchmarks/compile_check.py reports what stack remains per thread (compile records).
 CW_CHUNK = tl.constexpr(1024)  # elements of one operand block of the componentwise Linear (DC components at a time)
-CW_CHUNK_TF32 = tl.constexpr(2048)  # ... in TF32 up to DP = 32 (8 components at M: whole 32-byte sectors of the
-# scratch; at DP = 64, config H's 2-warp blocks, 8 components take the stack to 496 B under Triton 3.9, 4 to 432 B)
+CW_CHUNK_TF32 = tl.constexpr(2048)  # ... in TF32 where the stack allows (8 components at M and, with the tape, at H:
+# whole 32-byte sectors of the scratch; trunk_backward_kernel's CWC)
 FOURIER_CHUNK = tl.constexpr(32)  # grid points of the Fourier ELU at a time, ...
 FOURIER_CHUNK_ELEMENTS = tl.constexpr(1024)  # ... in TF32 at most this many elements of a Fourier matrix (16 points at
 # D = 64, config H: at 32 the trunk backward's 32-row blocks on 2 warps spill, 424 B of stack with the tape and 632 B
@@ -778,13 +778,14 @@ def _linear_scr(
     GW: tl.constexpr,
     CWF: tl.constexpr,
     PREC: tl.constexpr,
+    CWC: tl.constexpr,
 ):
     """dst = src W + b for two (BE, HP) scratch tiles: componentwise DC components at a time (CWF > 0), else dense in
     (GW x GW) blocks."""
     HP: tl.constexpr = CP * DP
     if CWF > 0:
         KC: tl.constexpr = CP * CWF
-        DC: tl.constexpr = max(1, min(DP, (CW_CHUNK_TF32 if PREC == "tf32" and DP <= 32 else CW_CHUNK) // (BE * KC)))
+        DC: tl.constexpr = max(1, min(DP, CWC // (BE * KC)))
         for c0 in range(0, DP, DC):
             offs = _cw_chunk(c0, BE, CP, DP, DC)
             a = tl.load(src + offs)
@@ -817,13 +818,14 @@ def _linear_bwd_scr(
     GW: tl.constexpr,
     CWF: tl.constexpr,
     PREC: tl.constexpr,
+    CWC: tl.constexpr,
 ):
     """Backward of :func:`_linear_scr`: d a (= dy W^T) over a in its own tile, and a^T dy added to this program's
     weight-gradient row."""
     HP: tl.constexpr = CP * DP
     if CWF > 0:
         KC: tl.constexpr = CP * CWF
-        DC: tl.constexpr = max(1, min(DP, (CW_CHUNK_TF32 if PREC == "tf32" and DP <= 32 else CW_CHUNK) // (BE * KC)))
+        DC: tl.constexpr = max(1, min(DP, CWC // (BE * KC)))
         for c0 in range(0, DP, DC):
             offs = _cw_chunk(c0, BE, CP, DP, DC)
             a = _cw_operand(tl.load(a_src + offs), CWF)
@@ -978,6 +980,10 @@ def trunk_backward_kernel(
     ROW: tl.constexpr = P0P * HP + HP + NH * WS + NH * HP + 2 * NA * HP + 2 * P0P  # the padded parameters
     FG: tl.constexpr = DP * GP  # elements of one layer's Fourier matrix
     BN: tl.constexpr = BNM != 0
+    # elements of a componentwise Linear's operand chunk (_linear_scr): TF32's larger chunks (whole sectors of the
+    # scratch) where the stack allows them, up to DP = 32 and with the tape (at DP = 64 the untaped 2-warp blocks
+    # take 488 B of stack with them under Triton 3.9, 464 B without)
+    CWC: tl.constexpr = CW_CHUNK_TF32 if PREC == "tf32" and (DP <= 32 or TAPE) else CW_CHUNK
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     w1, b1, wh, bh, bf, bs, _f0, _s0, at, ait = _params(prm_ptr, fou_ptr, NL, P0P, CP, DP, GP, CWF)
@@ -1024,7 +1030,7 @@ def trunk_backward_kernel(
                         tl.store(scr + kt * TILE + blk, a)
                 tl.debug_barrier()
                 _linear_scr(
-                    scr + (NL - 2) * TILE, ys, wh + (NL - 2) * WS, bh + (NL - 2) * HP, BE, CP, DP, GW, CWF, PREC
+                    scr + (NL - 2) * TILE, ys, wh + (NL - 2) * WS, bh + (NL - 2) * HP, BE, CP, DP, GW, CWF, PREC, CWC
                 )
                 tl.debug_barrier()
             elif NL > 1:
@@ -1039,7 +1045,7 @@ def trunk_backward_kernel(
                 for k in range(1, NL - 1):  # h_{k+1} = bn(act(y_{k+1})), y_{k+1} = h_k W_k + b_k (hidden Linear k)
                     tl.debug_barrier()
                     _linear_scr(
-                        scr + (k - 1) * TILE, ys, wh + (k - 1) * WS, bh + (k - 1) * HP, BE, CP, DP, GW, CWF, PREC
+                        scr + (k - 1) * TILE, ys, wh + (k - 1) * WS, bh + (k - 1) * HP, BE, CP, DP, GW, CWF, PREC, CWC
                     )
                     tl.debug_barrier()
                     atk, aitk = at + k * FG, ait + k * FG
@@ -1052,7 +1058,7 @@ def trunk_backward_kernel(
                         tl.store(scr + k * TILE + blk, a)
                 tl.debug_barrier()
                 _linear_scr(
-                    scr + (NL - 2) * TILE, ys, wh + (NL - 2) * WS, bh + (NL - 2) * HP, BE, CP, DP, GW, CWF, PREC
+                    scr + (NL - 2) * TILE, ys, wh + (NL - 2) * WS, bh + (NL - 2) * HP, BE, CP, DP, GW, CWF, PREC, CWC
                 )
                 tl.debug_barrier()
             # the last layer, block by block: h (over d hs), d s and dy_NL (into the last slot; for a single layer
@@ -1103,11 +1109,11 @@ def trunk_backward_kernel(
                     k = NL - 1 - kk
                     tl.debug_barrier()
                     _linear_bwd_scr(
-                        scr + (k - 1) * TILE, ys, wh + (k - 1) * WS, gwh + (k - 1) * WS, BE, CP, DP, GW, CWF, PREC
+                        scr + (k - 1) * TILE, ys, wh + (k - 1) * WS, gwh + (k - 1) * WS, BE, CP, DP, GW, CWF, PREC, CWC
                     )
                     tl.debug_barrier()
                     _linear_scr(
-                        scr + (k - 2) * TILE, ys, wh + (k - 2) * WS, bh + (k - 2) * HP, BE, CP, DP, GW, CWF, PREC
+                        scr + (k - 2) * TILE, ys, wh + (k - 2) * WS, bh + (k - 2) * HP, BE, CP, DP, GW, CWF, PREC, CWC
                     )
                     tl.debug_barrier()
                     atk, aitk = at + (k - 1) * FG, ait + (k - 1) * FG
@@ -1126,7 +1132,7 @@ def trunk_backward_kernel(
                         tl.store(ys + blk, dy)
                 # the first hidden Linear's backward, then layer 1 per block from y_1 recomputed from the input
                 tl.debug_barrier()
-                _linear_bwd_scr(scr, ys, wh, gwh, BE, CP, DP, GW, CWF, PREC)
+                _linear_bwd_scr(scr, ys, wh, gwh, BE, CP, DP, GW, CWF, PREC, CWC)
                 tl.debug_barrier()
                 for g in range(NG):
                     y1 = _linear_in_blk(inp, w1, b1, g, P0, P0P, HP, GW, PREC)
