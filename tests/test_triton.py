@@ -200,6 +200,19 @@ def test_wide_features_span_several_blocks():
         assert rel(f, r) <= tolerance("backward", torch.float64)
 
 
+def _sphere_conv(L):
+    """An O(3) layer on band-limited sphere features of degree <= L (D = 19 at L = 1, as config M; 51 at L = 2, as
+    H), 4 channels, 3 MLP layers, in float64, with its attribute type and inputs (pos, edge_index, x, edge_attr)."""
+    gs = get_gspace("O3")
+    G = gs.fibergroup
+    in_t = gs.type(G.bl_sphere_representation(L=L), G.irrep(0, 0))
+    out_t = gs.type(G.bl_sphere_representation(L=L), G.irrep(1, 0))
+    attr_t = gs.type(G.irrep(0, 0))
+    torch.manual_seed(0)
+    conv = ik_fast.ImplicitPointConv(in_t, out_t, attr_t, n_layers=3, n_channels=4).double()
+    return conv, attr_t, _inputs(conv, gs, attr_t, n=10, e=40)
+
+
 @pytest.mark.parametrize(
     "L,matmul,highest", [(1, "high", None), (1, "highest", "tf32x3"), (2, "high", None)]
 )  # D = 19 (DP = 32, as config M), D = 51 (DP = 64, as H)
@@ -214,14 +227,9 @@ def test_tensor_core_blocks_of_the_trunk_match_the_reference(monkeypatch, L, mat
     if highest:
         monkeypatch.setenv("IK_FAST_TARGET_DEVICE", "cuda")
         monkeypatch.setenv("IK_FAST_HIGHEST", highest)
-    gs = get_gspace("O3")
-    G = gs.fibergroup
-    in_t = gs.type(G.bl_sphere_representation(L=L), G.irrep(0, 0))
-    out_t = gs.type(G.bl_sphere_representation(L=L), G.irrep(1, 0))
-    attr_t = gs.type(G.irrep(0, 0))
-    torch.manual_seed(0)
-    conv = ik_fast.ImplicitPointConv(in_t, out_t, attr_t, n_layers=3, n_channels=4).double().train()
-    pos, ei, x, a = _inputs(conv, gs, attr_t, n=10, e=40)
+    conv, attr_t, (pos, ei, x, a) = _sphere_conv(L)
+    conv.train()
+    out_t = conv.out_type
     p = conv.kernel.program().op_program([], x.dtype)
     lay = launch.layout(torch.zeros(1, 3 + attr_t.size), p.weights, p.fourier, out_t.size, 3)
     gw, nw = launch.backward_blocks(lay, "tf32")
@@ -417,14 +425,7 @@ def test_fourier_matrices_stored_as_the_dots_read_them(monkeypatch, L):
     for scale in (1e5, 1e-6):  # beyond float16's range, or all of it below its normal numbers
         assert launch._as_float16(ok * scale).dtype == f32
 
-    gs = get_gspace("O3")
-    G = gs.fibergroup
-    in_t = gs.type(G.bl_sphere_representation(L=L), G.irrep(0, 0))
-    out_t = gs.type(G.bl_sphere_representation(L=L), G.irrep(1, 0))
-    attr_t = gs.type(G.irrep(0, 0))
-    torch.manual_seed(0)
-    conv = ik_fast.ImplicitPointConv(in_t, out_t, attr_t, n_layers=3, n_channels=4).double()
-    pos, ei, x, a = _inputs(conv, gs, attr_t, n=10, e=40)
+    conv, _, (pos, ei, x, a) = _sphere_conv(L)
     state = {k: v.clone() for k, v in conv.state_dict().items()}
     ref = _step_results(conv, state, x, ei, a, pos, "reference", f64)
 
