@@ -37,7 +37,9 @@ setup() {
   $pip install --no-deps "escnn==1.0.11" "lie_learn==0.0.2"
   $pip install --no-deps "qm9pack==1.0.3"   # QM9 data only; its pandas requirement would pull NumPy 2
   # escnn's R3PointConv (the benchmarks' escnn provider) needs torch_geometric; plots need matplotlib
-  $pip install "torch_geometric>=2.5,<2.9" "matplotlib>=3.7,<3.10" "pytest>=8" "pytest-benchmark>=4" "hypothesis>=6" "numpy<2"
+  # (pytest-xdist: the suite runs on every core, one worker each; see test below)
+  $pip install "torch_geometric>=2.5,<2.9" "matplotlib>=3.7,<3.10" "pytest>=8" "pytest-benchmark>=4" "hypothesis>=6" \
+    "pytest-xdist>=3.5" "numpy<2"
   $pip install "tqdm>=4.60"   # the trainer's progress bar (python -m ik_fast.models.train)
   # the fused backend's kernels; without a GPU the tests run them in Triton's interpreter (TRITON_INTERPRET=1)
   $pip install "triton>=3.6,<3.10"
@@ -54,7 +56,16 @@ export PYTHONWARNINGS=${PYTHONWARNINGS:-"ignore::UserWarning:escnn.group.groups.
 case "$cmd" in
   setup) ;;
   demo)  exec "$VENV/bin/python" examples/demo.py "$@" ;;
-  test)  exec "$VENV/bin/python" -m pytest tests -q "$@" ;;
+  test)
+    # one pytest-xdist worker per core, at most 4 (each imports the whole stack; IK_FAST_TEST_WORKERS overrides, 1:
+    # in one process); most tests run Triton's interpreter on one core, so two workers take about half the time on
+    # CI's 2 cores. A venv set up before pytest-xdist was added runs in one process.
+    workers=${IK_FAST_TEST_WORKERS:-$(nproc 2>/dev/null || echo 1)}
+    [ "$workers" -le 4 ] || workers=4
+    if [ "$workers" -gt 1 ] && "$VENV/bin/python" -c "import xdist" 2>/dev/null; then
+      set -- -n "$workers" "$@"
+    fi
+    exec "$VENV/bin/python" -m pytest tests -q "$@" ;;
   bench) "$VENV/bin/python" -m ik_fast.tools.bench --suite cpu "$@" && exec "$VENV/bin/python" benchmarks/report.py ;;
   *) echo "usage: bash scripts/run.sh {demo|test|bench|setup}" >&2; exit 2 ;;
 esac

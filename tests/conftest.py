@@ -18,6 +18,12 @@ os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 warnings.filterwarnings("ignore", message=".*py3nj.*")
 
+# Under pytest-xdist (scripts/run.sh test runs one worker per core), each worker takes its share of the cores for
+# PyTorch's intra-op threads instead of every worker taking them all
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 0)
+if _WORKERS > 1:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _WORKERS))
+
 from escnn import gspaces  # noqa: E402
 from escnn import nn as enn  # noqa: E402
 
