@@ -200,6 +200,42 @@ def test_wide_features_span_several_blocks():
         assert rel(f, r) <= tolerance("backward", torch.float64)
 
 
+def test_contraction_backward_stores_each_per_edge_gradient_once():
+    """The contraction's backward sums d hs over a hidden block's pairs and d x over an input block's in registers
+    (kernels_triton/contract.py): traced in the interpreter, its kernels store each per-edge gradient element once,
+    whatever the number of pairs that share its block. d hs: every edge times every hidden column a pair covers, plus
+    the bias term's d s once per input block; d x: every input column a pair covers, plus the bias term's
+    read-modify-write of every padded column."""
+    import numpy as np
+
+    from ik_fast import structure as ST
+    from ik_fast.kernels_triton import blocks as KB
+    from ik_fast.tools.sectors import SectorCounter
+
+    gs = get_gspace("O3")
+    G = gs.fibergroup
+    sphere = G.bl_sphere_representation(L=1)
+    in_t = gs.type(*[sphere] * 5 + [G.irrep(1, 0)])  # 21 components: two input blocks
+    out_t = gs.type(*[sphere] * 2 + [G.irrep(0, 0)] * 3)
+    attr_t = gs.type(G.irrep(0, 0))
+    torch.manual_seed(0)
+    conv = ik_fast.ImplicitPointConv(in_t, out_t, attr_t, n_layers=3, n_channels=6, backend="triton").double().train()
+    pos, ei, x, a = _inputs(conv, gs, attr_t, n=12, e=50)
+    kern = conv.kernel
+    shape = ST.mask(kern.structure).shape
+    plan = KB.blocks(kern.structure, shape, kern._rho_size, "cpu")
+    _, H, C = shape
+    pairs = plan.pairs.numpy()
+    assert np.bincount(pairs[:, 0]).max() >= 2 and np.bincount(pairs[:, 1]).max() >= 2  # blocks shared by pairs
+    cover = lambda offsets, n: sum(min(16, n - o) for o in np.unique(offsets))  # noqa: E731
+    with SectorCounter(sites=False) as sc:
+        conv(x.clone().requires_grad_(), ei, edge_attr=a, pos=pos).sum().backward()
+    stored = {name.rsplit(".", 1)[-1]: k["store"]["useful_bytes"] for name, k in sc.per_kernel().items()}
+    E, b = ei.shape[1], x.element_size()
+    assert stored["contract_dhs_kernel"] == b * E * (cover(pairs[:, 0], H) + plan.n_cblocks)
+    assert stored["contract_dx_kernel"] == b * E * (cover(pairs[:, 1], C) + 16 * plan.n_cblocks)
+
+
 def _sphere_conv(L):
     """An O(3) layer on band-limited sphere features of degree <= L (D = 19 at L = 1, as config M; 51 at L = 2, as
     H), 4 channels, 3 MLP layers, in float64, with its attribute type and inputs (pos, edge_index, x, edge_attr)."""
@@ -468,7 +504,7 @@ def test_fourier_matrices_stored_as_the_dots_read_them(monkeypatch, L):
 
 
 def test_hub_over_many_edge_chunks_and_tile_sizes(monkeypatch):
-    """A receiver with 150 in-edges (10 chunks of 16 in the contraction kernels, in a block with degree-0 and
+    """A receiver with 150 in-edges (5 segments of 32 in the contraction kernels, in a block with degree-0 and
     degree-1 receivers), receivers without edges, and trunk tiles of 16 and 32 edges."""
     conv, gs, attr_t = _conv("C8", "mixed_attr")
     conv.train()

@@ -44,7 +44,9 @@ class Blocks:
 
     ``perm_h`` (HC,), ``perm_c`` (CINC,), ``perm_r`` (RC,): the original index at each permuted position (padding
     positions hold 0 and are masked by the true sizes); ``pairs`` (NP, 2): the (hidden, input) block offsets that
-    have a non-zero block; ``pair_ptr`` (NP + 1,): each pair's range in ``blk_r``, the output block offsets;
+    have a non-zero block, hidden block outer (a hidden block's pairs consecutive); ``cperm`` (NP,): the pairs in
+    input-block-outer order (an input block's pairs consecutive); ``pair_ptr`` (NP + 1,): each pair's range in
+    ``blk_r``, the output block offsets; ``blk_p`` (NB,): the pair of each block;
     ``w_src`` / ``w_dst`` (nnz,) int64: flat positions in W' (R, H, C_in) and in the compact block tensor
     (NB, 16 * 16, 16) of its structural non-zeros (the gradient's partial sums are put back with them);
     ``b_src`` / ``b_dst`` (R C_in,) int64 likewise for B' (R, C_in) and its permuted, padded form (CINC, RC);
@@ -66,8 +68,10 @@ class Blocks:
     inv_c: Tensor
     inv_r: Tensor
     pairs: Tensor
+    cperm: Tensor
     pair_ptr: Tensor
     blk_r: Tensor
+    blk_p: Tensor
     w_src: Tensor
     w_dst: Tensor
     w_idx: Tensor
@@ -160,6 +164,7 @@ def build(spec) -> dict:
     pairs = np.stack([hb * B, cb * B], 1).astype(np.int32).reshape(-1, 2)
     counts = blk[:, hb, cb].sum(0)
     pair_ptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+    cperm = np.lexsort((hb, cb)).astype(np.int32)  # input block outer, hidden block inner
     rb = [np.nonzero(blk[:, h, c])[0] for h, c in zip(hb, cb)]
     blk_r = (np.concatenate(rb) * B).astype(np.int32) if rb else np.zeros(0, dtype=np.int32)
     nb = int(blk_r.shape[0])
@@ -202,8 +207,10 @@ def build(spec) -> dict:
         inv_c=inverse(pc),
         inv_r=inverse(pr),
         pairs=pairs,
+        cperm=cperm,
         pair_ptr=pair_ptr,
         blk_r=blk_r,
+        blk_p=np.repeat(np.arange(pairs.shape[0]), counts).astype(np.int32),
         w_src=w_src,
         w_dst=w_dst,
         w_idx=w_idx,

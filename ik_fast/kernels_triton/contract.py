@@ -14,12 +14,13 @@ is contiguous rows (whole 32-byte sectors): h and d hs as (E, HC), x as (N, CINC
 as (n_dst, RC) with columns permuted and padded to 16, W' as its compact blocks (NB, HB * CB, RB) and B' as (CINC,
 RC), packed once per step; the host applies the permutations once per step at the trunk's boundary (:mod:`.launch`).
 For each pair, Z's (``HB`` hidden x ``CB`` input) block is formed as a dot batched over the block's receivers (their
-edges padded to chunks of ``KP``) and contracted at once with each of the pair's non-zero W' blocks for all ``BN``
-receivers (per block, HB dots (BN, CB) x (CB, RB) batched over its hidden rows and summed: the K of HB * CB split
-across the warps), so W' is read once per receiver block, and only its non-zero blocks (6% of them at config H). A
-program's "receivers" are receiver *segments* of at most 64 edges (:func:`split_receivers_kernel`, once per graph): a
-hub's edges are spread over several programs instead of serialising its block, and the forward adds a receiver's
-segments in order (:func:`segment_sum_kernel`).
+edges padded to one chunk of ``KP``; the pairs of a hidden block are consecutive, and its hs block is read once for
+them) and contracted at once with each of the pair's non-zero W' blocks for all ``BN`` receivers (per block, HB
+dots (BN, CB) x (CB, RB) batched over its hidden rows and summed: the K of HB * CB split across the warps), so W' is
+read once per receiver block, and only its non-zero blocks (6% of them at config H). A
+program's "receivers" are receiver *segments* of at most ``KP`` edges (:func:`split_receivers_kernel`, once per
+graph), so that a segment's edges are one chunk of the per-edge dots: a hub's edges are spread over several programs
+instead of serialising its block, and the forward adds a receiver's segments in order (:func:`segment_sum_kernel`).
 Everything is blocked by 16 (the smallest ``tl.dot``). Given the last hidden activation *before* its batch norm (the
 statistics pass's, in training), the forward applies that batch norm as it reads h (``AFF``: a factor and a shift per
 hidden column in the plan's order, read once per column block), so that no pass over (E, H) is added.
@@ -27,13 +28,16 @@ hidden column in the plan's order, read once per column block), so that no pass 
 The backward has three kernels:
 
 * :func:`contract_dhs_kernel`, per receiver block: dZ_i = dout_i . W'^T one block at a time, then per edge
-  ``d hs_e = dZ_i x_e`` (batched dots) and the bias term's ``d s_e``; it needs neither hs nor s, so it runs first and
-  the trunk's backward (which recomputes h anyway) writes hs and s for the next two;
+  ``d hs_e = dZ_i x_e`` (batched dots) summed in registers over a hidden block's pairs and stored once, and the bias
+  term's ``d s_e``; it needs neither hs nor s, so it runs first and the trunk's backward (which recomputes h anyway)
+  writes hs and s for the next two;
 * :func:`contract_dx_kernel`, per receiver block: dZ again (cheap next to the trunk it saves recomputing) and
-  ``d x_e = dZ_i^T hs_e + s_e d zb_i``;
-* :func:`contract_wgrad_kernel`, per pair of W''s plan (and per input block for B') and per split of the receivers:
-  dW' = sum_i vec(Z_i) (x) dout_i with Z recomputed; each program owns its blocks of one split's partial sum, so no
-  two programs write the same memory (deterministic; the host adds the splits in a fixed order).
+  ``d x_e = dZ_i^T hs_e + s_e d zb_i``, the pairs walked input block outer (the plan's ``cperm``) so that an input
+  block's sum is stored once;
+* :func:`contract_wgrad_kernel`, per non-zero block of W' (and per input block for B') and per split of the
+  receivers: dW' = sum_i vec(Z_i) (x) dout_i with Z recomputed, summed in registers and stored once; each program
+  owns its block of one split's partial sum, so no two programs write the same memory (deterministic; the host adds
+  the splits in a fixed order).
 
 Accumulators wider than a register tile (the output's R columns, the per-edge gradients summed over blocks) are
 read-modify-written in memory that only the owning program touches; where two loops of a kernel (the pairs', the bias
@@ -161,50 +165,23 @@ def _load_x(x_ptr, src_ptr, e, emask, ccol, cval, CINC):
 
 
 @triton.jit
-def _z_block(
-    h_ptr,
-    s_ptr,
-    x_ptr,
-    src_ptr,
-    start,
-    deg,
-    nmax,
-    hcol,
-    hval,
-    ccol,
-    cval,
-    HC,
-    CINC,
-    BN: tl.constexpr,
-    KP: tl.constexpr,
-    HB: tl.constexpr,
-    CB: tl.constexpr,
-    PREC: tl.constexpr,
-    bnf_ptr=None,
-    bns_ptr=None,
-    permh_ptr=None,
-    bnk=1,
-    AFF: tl.constexpr = False,
-):
-    """Z block (BN, HB, CB) of the receivers: sum over their edges of hs (x) x, one chunk of KP edges at a time. With
-    AFF, h holds the last hidden activation *before* its batch norm, which is applied here as it is read: hidden
-    column k (plan order) is hidden unit u = perm_h[k] (``permh_ptr``), ``h_k f[u // bnk] + t[u]`` (``bnf_ptr`` the
-    factor per batch-norm channel of ``bnk`` units, ``bns_ptr`` (H,) the shift per unit, in their own order), the
-    factor and shift of the block's columns read once."""
-    z = tl.zeros((BN, HB, CB), dtype=h_ptr.dtype.element_ty)
+def _hs_block(h_ptr, s_ptr, e, emask, hcol, hval, HC, bnf_ptr, bns_ptr, permh_ptr, bnk, AFF: tl.constexpr):
+    """hs (BN, KP, HB) of the chunk's edges on hidden columns ``hcol``. With AFF, h holds the last hidden activation
+    *before* its batch norm, which is applied here as it is read: hidden column k (plan order) is hidden unit u =
+    perm_h[k] (``permh_ptr``), ``h_k f[u // bnk] + t[u]`` (``bnf_ptr`` the factor per batch-norm channel of ``bnk``
+    units, ``bns_ptr`` (H,) the shift per unit, in their own order)."""
     if AFF:
         u = tl.load(permh_ptr + hcol).to(tl.int64)  # (perm_h is padded to HC: every hcol is inside it)
-        f = tl.load(bnf_ptr + u // bnk, mask=hval, other=0.0).to(z.dtype)
-        t = tl.load(bns_ptr + u, mask=hval, other=0.0).to(z.dtype)
-    for t0 in range(0, nmax, KP):
-        e, emask = _edges(start, deg, t0, KP)
-        if AFF:
-            a = _load_hs(h_ptr, s_ptr, e, emask, hcol, hval, HC, f, t, True)
-        else:
-            a = _load_hs(h_ptr, s_ptr, e, emask, hcol, hval, HC)
-        xt = _load_x(x_ptr, src_ptr, e, emask, ccol, cval, CINC)
-        z += _mm(tl.permute(a, (0, 2, 1)), xt, PREC)
-    return z
+        f = tl.load(bnf_ptr + u // bnk, mask=hval, other=0.0).to(h_ptr.dtype.element_ty)
+        t = tl.load(bns_ptr + u, mask=hval, other=0.0).to(h_ptr.dtype.element_ty)
+        return _load_hs(h_ptr, s_ptr, e, emask, hcol, hval, HC, f, t, True)
+    return _load_hs(h_ptr, s_ptr, e, emask, hcol, hval, HC)
+
+
+@triton.jit
+def _first(pairs_ptr, p):
+    """Whether pair ``p`` of the plan is the first of its hidden block."""
+    return tl.load(pairs_ptr + 2 * p - 2, mask=p > 0, other=-1) != tl.load(pairs_ptr + 2 * p)
 
 
 @triton.jit
@@ -213,6 +190,20 @@ def _pair(pairs_ptr, pair_ptr, p, H, CIN, HB: tl.constexpr, CB: tl.constexpr):
     hcol, hval = _span(tl.load(pairs_ptr + 2 * p), H, HB)
     ccol, cval = _span(tl.load(pairs_ptr + 2 * p + 1), CIN, CB)
     return hcol, hval, ccol, cval, tl.load(pair_ptr + p), tl.load(pair_ptr + p + 1)
+
+
+@triton.jit
+def _last(pairs_ptr, order_ptr, k, n_pairs, SIDE: tl.constexpr, ORDERED: tl.constexpr):
+    """Whether the k-th pair of the walk (the plan's order, or ``order_ptr``'s with ORDERED) is the last of its hidden
+    block (SIDE 0) or input block (SIDE 1)."""
+    end = k + 1 >= n_pairs
+    a = k
+    b = k + 1
+    if ORDERED:
+        a = tl.load(order_ptr + k)
+        b = tl.load(order_ptr + k + 1, mask=k + 1 < n_pairs, other=0)
+    nxt = tl.load(pairs_ptr + 2 * b + SIDE, mask=k + 1 < n_pairs, other=-1)
+    return end | (nxt != tl.load(pairs_ptr + 2 * a + SIDE))
 
 
 @triton.jit
@@ -308,7 +299,7 @@ def contract_forward_kernel(
     their receivers) in the plan's output order (every row of a segment written: any values on entry); h (E, HC) the
     last hidden layer's output in the plan's hidden order (with AFF its activation before its batch norm, ``bnf`` per
     channel of ``bnk`` units and ``bns`` (H,) per unit in their own order, ``permh`` the plan's hidden order, applied
-    as it is read: :func:`_z_block`), s (E,) the radial shell, x (N, CINC); W' and B' packed (wp, bp)."""
+    as it is read: :func:`_hs_block`), s (E,) the radial shell, x (N, CINC); W' and B' packed (wp, bp)."""
     v, i, imask, start, deg, nmax = _segments(rowptr_ptr, rid_ptr, tl.program_id(0), n_v, n_dst, BN)
     live = _live(imask)
     orow = v[:, None] * RC + tl.arange(0, RB)[None, :]
@@ -322,12 +313,17 @@ def contract_forward_kernel(
             old = tl.load(out_ptr + orow + rb, mask=imask[:, None] & (cb > 0), other=0.0)
             tl.store(out_ptr + orow + rb, old + o.to(old.dtype), mask=imask[:, None])
     tl.debug_barrier()  # the pairs' loop read-modify-writes the same elements in another register layout
+    # a segment's edges are one chunk: the hs block of a hidden block is read once and kept over its pairs
+    # (consecutive in the plan)
+    e, emask = _edges(start, deg, 0, KP)
+    a = tl.zeros((BN, HB, KP), dtype=h_ptr.dtype.element_ty)
     for p in range(0, n_pairs * live):
         hcol, hval, ccol, cval, q0, q1 = _pair(pairs_ptr, pair_ptr, p, H, CIN, HB, CB)
-        z = _z_block(
-            h_ptr, s_ptr, x_ptr, src_ptr, start, deg, nmax, hcol, hval, ccol, cval, HC, CINC, BN, KP, HB, CB, PREC,
-            bnf_ptr, bns_ptr, permh_ptr, bnk, AFF,
-        )  # fmt: skip
+        if _first(pairs_ptr, p):
+            a = tl.permute(
+                _hs_block(h_ptr, s_ptr, e, emask, hcol, hval, HC, bnf_ptr, bns_ptr, permh_ptr, bnk, AFF), (0, 2, 1)
+            )
+        z = _mm(a, _load_x(x_ptr, src_ptr, e, emask, ccol, cval, CINC), PREC)  # Z (BN, HB, CB)
         zh = tl.permute(z, (1, 0, 2))  # (HB, BN, CB)
         for q in range(q0, q1):
             # out += vec(Z) . W' as HB dots of (BN, CB) x (CB, RB), one per hidden row, then summed: the dot's K of
@@ -418,28 +414,25 @@ def contract_dhs_kernel(
 ):
     """Given dout (n_dst, RC) in the plan's order: d hs_e = dZ_i x_e (E, HC, plan order) and the bias term's d s_e =
     d zb_i . x_e (E,), zero on entry. Needs neither hs nor s: it runs before the trunk's backward, which recomputes
-    hs."""
+    hs. A segment's edges are one chunk (KP >= the segment length), so the pairs of a hidden block (consecutive in
+    the plan) add into one register tile, stored once per hidden block: d hs is written, never read."""
     _, i, imask, start, deg, nmax = _segments(rowptr_ptr, rid_ptr, tl.program_id(0), n_v, n_dst, BN)
     live = _live(imask)
+    e, emask = _edges(start, deg, 0, KP)
+    acc = tl.zeros((BN, KP, HB), dtype=wp_ptr.dtype.element_ty)
     for p in range(0, n_pairs * live):
         hcol, hval, ccol, cval, q0, q1 = _pair(pairs_ptr, pair_ptr, p, H, CIN, HB, CB)
         dzt = tl.permute(_dz_block(g_ptr, wp_ptr, blk_r, i, imask, q0, q1, R, RC, BN, HB, CB, RB, PREC), (0, 2, 1))
-        for t0 in range(0, nmax, KP):
-            e, emask = _edges(start, deg, t0, KP)
-            xt = _load_x(x_ptr, src_ptr, e, emask, ccol, cval, CINC)
-            _rmw(
-                dhs_ptr,
-                e[:, :, None] * HC + hcol[None, None, :],
-                _mm(xt, dzt, PREC),
-                emask[:, :, None] & hval[None, None, :],
-            )
+        acc += _mm(_load_x(x_ptr, src_ptr, e, emask, ccol, cval, CINC), dzt, PREC)
+        if _last(pairs_ptr, pairs_ptr, p, n_pairs, 0, False):  # the hidden block's last pair
+            dst = e[:, :, None] * HC + hcol[None, None, :]
+            tl.store(dhs_ptr + dst, acc.to(dhs_ptr.dtype.element_ty), mask=emask[:, :, None] & hval[None, None, :])
+            acc = tl.zeros((BN, KP, HB), dtype=wp_ptr.dtype.element_ty)
     for cb in range(0, CINC * live, CB):
         ccol, cval = _span(cb, CIN, CB)
         dzb = _dzb_block(g_ptr, bp_ptr, i, imask, cb, R, RC, BN, CB, RB, PREC)
-        for t0 in range(0, nmax, KP):
-            e, emask = _edges(start, deg, t0, KP)
-            xt = _load_x(x_ptr, src_ptr, e, emask, ccol, cval, CINC)
-            _rmw(ds_ptr, e, tl.sum(xt * dzb[:, None, :], 2), emask)
+        xt = _load_x(x_ptr, src_ptr, e, emask, ccol, cval, CINC)
+        _rmw(ds_ptr, e, tl.sum(xt * dzb[:, None, :], 2), emask)
 
 
 @triton.jit(do_not_specialize=["n_v", "n_dst", "n_pairs", "H", "CIN", "HC", "CINC", "R", "RC"])
@@ -455,6 +448,7 @@ def contract_dx_kernel(
     pairs_ptr,
     pair_ptr,
     blk_r,
+    cperm_ptr,
     n_v,
     n_dst,
     n_pairs,
@@ -473,31 +467,32 @@ def contract_dx_kernel(
 ):
     """Given dout (n_dst, RC) and h (E, HC) in the plan's order: the gradient of each edge's gathered source
     features, d x_e = dZ_i^T hs_e + s_e d zb_i (E, CINC, plan order), zero on entry (the host adds it into the
-    sources). Padding input columns (k >= CIN, inside the padded rows) are written too, unmasked: dZ and d zb are zero
-    there (W' and B' are packed with zero padding), and the host drops them (fewer live masks)."""
+    sources). The pairs are walked input block outer (``cperm``), so that an input block's pairs add into one register
+    tile (a segment's edges are one chunk), stored once per input block; the bias term then adds to every block.
+    Padding input columns (k >= CIN, inside the padded rows) are written by the bias term, unmasked: d zb is zero
+    there (B' is packed with zero padding), and the host drops them (fewer live masks)."""
     _, i, imask, start, deg, nmax = _segments(rowptr_ptr, rid_ptr, tl.program_id(0), n_v, n_dst, BN)
     live = _live(imask)
-    for p in range(0, n_pairs * live):
+    e, emask = _edges(start, deg, 0, KP)
+    acc = tl.zeros((BN, KP, CB), dtype=wp_ptr.dtype.element_ty)
+    for pc in range(0, n_pairs * live):
+        p = tl.load(cperm_ptr + pc)
         hcol, hval, ccol, cval, q0, q1 = _pair(pairs_ptr, pair_ptr, p, H, CIN, HB, CB)
-        dzt = tl.permute(_dz_block(g_ptr, wp_ptr, blk_r, i, imask, q0, q1, R, RC, BN, HB, CB, RB, PREC), (0, 2, 1))
-        for t0 in range(0, nmax, KP):
-            e, emask = _edges(start, deg, t0, KP)
-            a = _load_hs(h_ptr, s_ptr, e, emask, hcol, hval, HC)
-            o = tl.permute(_mm(dzt, tl.permute(a, (0, 2, 1)), PREC), (0, 2, 1))
-            _rmw(dxe_ptr, e[:, :, None] * CINC + ccol[None, None, :], o, emask[:, :, None])
+        dz = _dz_block(g_ptr, wp_ptr, blk_r, i, imask, q0, q1, R, RC, BN, HB, CB, RB, PREC)
+        acc += _mm(_load_hs(h_ptr, s_ptr, e, emask, hcol, hval, HC), dz, PREC)
+        if _last(pairs_ptr, cperm_ptr, pc, n_pairs, 1, True):  # the input block's last pair
+            dst = e[:, :, None] * CINC + ccol[None, None, :]
+            tl.store(dxe_ptr + dst, acc.to(dxe_ptr.dtype.element_ty), mask=emask[:, :, None] & cval[None, None, :])
+            acc = tl.zeros((BN, KP, CB), dtype=wp_ptr.dtype.element_ty)
     tl.debug_barrier()  # the bias loop read-modify-writes the same elements in another register layout
+    s = tl.load(s_ptr + e, mask=emask, other=0.0)
     for cb in range(0, CINC * live, CB):
         ccol, cval = _span(cb, CIN, CB)
         dzb = _dzb_block(g_ptr, bp_ptr, i, imask, cb, R, RC, BN, CB, RB, PREC)
-        for t0 in range(0, nmax, KP):
-            e, emask = _edges(start, deg, t0, KP)
-            s = tl.load(s_ptr + e, mask=emask, other=0.0)
-            _rmw(
-                dxe_ptr, e[:, :, None] * CINC + ccol[None, None, :], s[:, :, None] * dzb[:, None, :], emask[:, :, None]
-            )
+        _rmw(dxe_ptr, e[:, :, None] * CINC + ccol[None, None, :], s[:, :, None] * dzb[:, None, :], emask[:, :, None])
 
 
-@triton.jit(do_not_specialize=["n_v", "n_dst", "n_blocks", "n_pairs", "NB", "H", "CIN", "HC", "CINC", "R", "RC"])
+@triton.jit(do_not_specialize=["n_v", "n_dst", "n_blocks", "n_w", "NB", "H", "CIN", "HC", "CINC", "R", "RC"])
 def contract_wgrad_kernel(
     g_ptr,
     h_ptr,
@@ -511,10 +506,11 @@ def contract_wgrad_kernel(
     pairs_ptr,
     pair_ptr,
     blk_r,
+    blk_p,
     n_v,
     n_dst,
     n_blocks,
-    n_pairs,
+    n_w,
     NB,
     H,
     CIN,
@@ -529,33 +525,31 @@ def contract_wgrad_kernel(
     RB: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    """Partial sums over one split (axis 1) of the segment blocks: program p < n_pairs (axis 0) owns the W' blocks of
-    pair p in dW' (NSPLIT, NB, HB * CB, RB); program n_pairs + j owns input block j of dB' (NSPLIT, CINC, RC) (x @ B
-    layout, permuted). Zero on entry. Operands in the plan's order, as :func:`contract_dx_kernel`'s."""
+    """Partial sums over one split (axis 1) of the segment blocks: program q < n_w (axis 0) owns W' block q of dW'
+    (NSPLIT, NB, HB * CB, RB), summed in registers over the split's blocks and stored once (Z of its pair recomputed
+    per block: dW'_q = sum_i vec(Z_i) (x) dout_i, chunk by chunk); program n_w + j owns input block j of dB' (NSPLIT,
+    CINC, RC) (x @ B layout, permuted), zero on entry. Operands in the plan's order, as :func:`contract_dx_kernel`'s."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
     nsplit = tl.num_programs(1)
     dt = h_ptr.dtype.element_ty
-    if pid < n_pairs:
-        hcol, hval, ccol, cval, q0, q1 = _pair(pairs_ptr, pair_ptr, pid, H, CIN, HB, CB)
-        dwc = dwc_ptr + split.to(tl.int64) * NB * (HB * CB * RB)
-        rows = tl.arange(0, HB * CB)
+    if pid < n_w:
+        hcol, hval, ccol, cval, q0, q1 = _pair(pairs_ptr, pair_ptr, tl.load(blk_p + pid), H, CIN, HB, CB)
+        rb = tl.load(blk_r + pid)
+        acc = tl.zeros((HB * CB, RB), dtype=dt)
         for blk in range(split, n_blocks, nsplit):
-            _, i, imask, start, deg, nmax = _segments(rowptr_ptr, rid_ptr, blk, n_v, n_dst, BN)
-            z = _z_block(
-                h_ptr, s_ptr, x_ptr, src_ptr, start, deg, nmax, hcol, hval, ccol, cval, HC, CINC, BN, KP, HB, CB, PREC
-            )  # fmt: skip
-            zt = tl.trans(tl.reshape(z, (BN, HB * CB)))  # (HB * CB, BN)
-            for q in range(q0, q0 + (q1 - q0) * _live(imask)):
-                g = _load_g(g_ptr, i, imask, tl.load(blk_r + q), R, RC, RB, dt)
-                _rmw(
-                    dwc,
-                    q * (HB * CB * RB) + rows[:, None] * RB + tl.arange(0, RB)[None, :],
-                    _mm(zt, g, PREC),
-                    rows[:, None] >= 0,
-                )
+            v, i, imask, start, deg, nmax = _segments(rowptr_ptr, rid_ptr, blk, n_v, n_dst, BN)
+            g = _load_g(g_ptr, i, imask, rb, R, RC, RB, dt)
+            for t0 in range(0, nmax, KP):  # (Z is linear in the chunks: each chunk's part times dout)
+                e, emask = _edges(start, deg, t0, KP)
+                a = _load_hs(h_ptr, s_ptr, e, emask, hcol, hval, HC)
+                z = _mm(tl.permute(a, (0, 2, 1)), _load_x(x_ptr, src_ptr, e, emask, ccol, cval, CINC), PREC)
+                acc += _mm(tl.trans(tl.reshape(z, (BN, HB * CB))), g, PREC)
+        rows = tl.arange(0, HB * CB)
+        dst = (split.to(tl.int64) * NB + pid) * (HB * CB * RB) + rows[:, None] * RB + tl.arange(0, RB)[None, :]
+        tl.store(dwc_ptr + dst, acc.to(dwc_ptr.dtype.element_ty))
     else:  # the bias weight's gradient for one input block: sum_i zb_i (x) dout_i
-        cb = (pid - n_pairs) * CB
+        cb = (pid - n_w) * CB
         ccol, cval = _span(cb, CIN, CB)
         dbf = dbf_ptr + split.to(tl.int64) * CINC * RC
         for blk in range(split, n_blocks, nsplit):

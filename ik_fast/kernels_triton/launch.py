@@ -868,7 +868,9 @@ def _make_setup(
     return lay, pack, hidden, plan, wc, bf, coef, trunk, consts, walk, sizes, last_bn
 
 
-SEGMENT = 4 * BLOCK  # the most edges of one receiver that one contraction program walks (a hub: several programs)
+SEGMENT = 2 * BLOCK  # the most edges of one receiver that one contraction program walks (a hub: several programs),
+# and the edges per chunk: a segment is one chunk, so that the backward's d hs and d x add in registers over a hidden
+# (input) block's pairs and are stored once
 _SEGMENTS: "WeakIdKeyDictionary" = WeakIdKeyDictionary()
 
 
@@ -1032,7 +1034,7 @@ def conv(
         *sizes,
         num_warps=warps("contract", 0),
         AFF=aff[3],
-        **consts,
+        **dict(consts, KP=SEGMENT),  # (a segment is one chunk)
     )
     # the segments added per receiver, the columns put back in their own order as they are stored
     out = x.new_empty(n_dst, R)
@@ -1092,7 +1094,7 @@ def conv_backward(
     per_program = pack.gradient_size + 1
     nprog = num_programs(n_tiles, x.device, per_program)
     w_floats, b_floats = wc.shape[0], bf.shape[0]
-    nsplit = wgrad_splits(n_blocks, plan.n_pairs + plan.n_cblocks, w_floats, x.device)
+    nsplit = wgrad_splits(n_blocks, plan.n_blocks + plan.n_cblocks, w_floats, x.device)
     HC, CC = sizes[2], sizes[3]
     # every zero-initialised buffer of the backward in one allocation; the contraction's in the plan's order, first,
     # each a multiple of 16 elements (rows of 16-element blocks on whole 32-byte sectors)
@@ -1118,7 +1120,7 @@ def conv_backward(
         plan.n_pairs,
         *sizes,
         num_warps=warps("contract", 0),
-        **consts,
+        **dict(consts, KP=SEGMENT),  # (a segment is one chunk)
     )
     # 2. the trunk's backward per tile (per-program parameter-gradient rows in acc, laid out as the padded
     # parameters, then coef's); it leaves h in dhs's place, and s
@@ -1169,12 +1171,12 @@ def conv_backward(
     del dhs
     # 3. d x per edge, per receiver block ...
     K2.contract_dx_kernel[(n_blocks,)](
-        gp, hs, s, vptr, rid, wc, bf, dxe, *walk, n_v, n_dst, plan.n_pairs, *sizes, num_warps=warps("contract", 0),
-        **consts,
+        gp, hs, s, vptr, rid, wc, bf, dxe, *walk, plan.cperm, n_v, n_dst, plan.n_pairs, *sizes,
+        num_warps=warps("contract", 0), **dict(consts, KP=SEGMENT),
     )  # fmt: skip
-    # 4. ... and dW', dB' per pair of the plan (and per input block), in splits of the receivers summed in a fixed
+    # 4. ... and dW', dB' per block of the plan (and per input block), in splits of the receivers summed in a fixed
     # order
-    K2.contract_wgrad_kernel[(plan.n_pairs + plan.n_cblocks, nsplit)](
+    K2.contract_wgrad_kernel[(plan.n_blocks + plan.n_cblocks, nsplit)](
         gp,
         hs,
         s,
@@ -1185,10 +1187,11 @@ def conv_backward(
         dwc,
         dbf,
         *walk,
+        plan.blk_p,
         n_v,
         n_dst,
         n_blocks,
-        plan.n_pairs,
+        plan.n_blocks,
         max(plan.n_blocks, 1),
         *sizes,
         num_warps=warps("contract", 0),
