@@ -444,10 +444,10 @@ def _step_results(conv, state, x, ei, a, pos, backend, dt):
 @pytest.mark.parametrize("L", [1, 2])  # D = 19 (DP = 32, as config M), D = 51 (DP = 64, as H)
 def test_fourier_matrices_stored_as_the_dots_read_them(monkeypatch, L):
     """The Fourier matrices are only dot operands, so the kernels read them with the bits the dot uses: float16 in TF32
-    on tensor cores (here the interpreter under the tensor-core emulation), bfloat16 in bf16. A training step in TF32
-    with float16 matrices is as accurate against float64 as with float32 ones (nearest rounding where the tensor core
-    truncates), in bf16 likewise; elsewhere the compute dtype is kept, and matrices outside float16's range stay
-    float32."""
+    on tensor cores (here the interpreter under the tensor-core emulation), bfloat16 in bf16. Each copy is the float32
+    matrices rounded to nearest, and a training step with it stays within its precision's bound against float64 (TF32:
+    its own-error factor of the step with float32 matrices); elsewhere the compute dtype is kept, and matrices outside
+    float16's range stay float32."""
     from ik_fast.tools.tensorcore_emulation import TensorCoreEmulation
 
     f16, bf16, f32, f64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
@@ -473,31 +473,33 @@ def test_fourier_matrices_stored_as_the_dots_read_them(monkeypatch, L):
             res = _step_results(conv, state, x, ei, a, pos, "triton", f32)
         finally:
             monkeypatch.undo()
-        return res, {v[1].dtype for v in launch._FOURIER.values()}
+        return res, {v[1].dtype: v[1] for v in launch._FOURIER.values()}  # the matrices, per storage dtype
 
     old = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("high")
     try:
         with TensorCoreEmulation():
-            half, kinds = triton_step(None)
-            assert kinds == {f16, f32}  # (the forward-only trunk kernel reads float32 ones)
+            half, bufs = triton_step(None)
+            assert set(bufs) == {f16, f32}  # (the forward-only trunk kernel reads float32 ones)
             full, kinds = triton_step(f32)
-            assert kinds == {f32}
+            assert set(kinds) == {f32}
     finally:
         torch.set_float32_matmul_precision(old)
+    # the float16 copy is the float32 matrices rounded to nearest (exactly), and the step with it is within TF32's
+    # own-error factor of the step with float32 matrices (not a ratio of summed errors: that depends on how many of
+    # the matrices' entries fall below float16's normal numbers, which escnn's numerical bases do not fix)
+    assert torch.equal(bufs[f16], bufs[f32].to(f16))
     e_half = [rel(f.double(), r) for f, r in zip(half, ref)]
     e_full = [rel(f.double(), r) for f, r in zip(full, ref)]
     assert len(e_half) == len(ref) > 4
     assert max(e_half) <= tolerance("own_error", "tf32") * max(e_full), (e_half, e_full)
-    assert sum(e_half) <= 1.25 * sum(e_full), (e_half, e_full)
     assert any(h != f for h, f in zip(e_half, e_full))  # the float16 matrices were read
     if L == 1:  # bf16 (CPU autocast): the bfloat16 copy is the float32 matrices rounded to nearest, as a GPU's dot
         # rounds its float32 operands (so there the step is bitwise the same; the interpreter's conversion truncates,
         # so here it is not), and the step stays within bf16's bound
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            b16, kinds = triton_step(None)
-            assert kinds == {bf16, f32}
-        bufs = {v[1].dtype: v[1] for v in launch._FOURIER.values()}
+            b16, bufs = triton_step(None)
+            assert set(bufs) == {bf16, f32}
         assert torch.equal(bufs[bf16], bufs[f32].to(bf16))
         e16 = [rel(f.double(), r) for f, r in zip(b16, ref)]
         assert max(e16) <= tolerance("forward", torch.bfloat16), e16
