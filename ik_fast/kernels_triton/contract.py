@@ -17,10 +17,10 @@ For each pair, Z's (``HB`` hidden x ``CB`` input) block is formed as a dot batch
 edges padded to one chunk of ``KP``; the pairs of a hidden block are consecutive, and its hs block is read once for
 them) and contracted at once with each of the pair's non-zero W' blocks for all ``BN`` receivers (per block, HB
 dots (BN, CB) x (CB, RB) batched over its hidden rows and summed: the K of HB * CB split across the warps), so W' is
-read once per receiver block, and only its non-zero blocks (6% of them at config H). A
-program's "receivers" are receiver *segments* of at most ``KP`` edges (:func:`split_receivers_kernel`, once per
-graph), so that a segment's edges are one chunk of the per-edge dots: a hub's edges are spread over several programs
-instead of serialising its block, and the forward adds a receiver's segments in order (:func:`segment_sum_kernel`).
+read once per receiver block, and only its non-zero blocks (6% of them at config H). A program's "receivers" are
+receiver *segments* of at most ``KP`` edges (:func:`split_receivers_kernel`, once per graph), so that a segment's
+edges are one chunk of the per-edge dots: a hub's edges are spread over several programs instead of serialising its
+block, and the forward adds a receiver's segments in order (:func:`segment_sum_kernel`).
 Everything is blocked by 16 (the smallest ``tl.dot``). Given the last hidden activation *before* its batch norm (the
 statistics pass's, in training), the forward applies that batch norm as it reads h (``AFF``: a factor and a shift per
 hidden column in the plan's order, read once per column block), so that no pass over (E, H) is added.
@@ -39,9 +39,9 @@ The backward has three kernels:
   owns its block of one split's partial sum, so no two programs write the same memory (deterministic; the host adds
   the splits in a fixed order).
 
-Accumulators wider than a register tile (the output's R columns, the per-edge gradients summed over blocks) are
+Accumulators wider than a register tile (the output's R columns, the bias term's additions to d s and d x) are
 read-modify-written in memory that only the owning program touches; where two loops of a kernel (the pairs', the bias
-term's) read-modify-write the same elements with different register layouts, a CTA barrier separates them.
+term's) write the same elements with different register layouts, a CTA barrier separates them.
 """
 
 import triton
